@@ -1,0 +1,565 @@
+"""Reading any layer of any PyTorch model, safely.
+
+Everything in ``captum_inn`` that needs a layer's activation ``z = Φ(x)`` reads it through this
+module. It does three things and promises one:
+
+* :func:`resolve_layer` turns a module object or a dotted name (``"layer3.1.relu"``,
+  ``"features.8"``) into ``(name, module)``, with error messages that suggest close names.
+* :class:`LayerHooks` is a context manager that hooks one or several layers (their outputs, or
+  their inputs with pre-hooks), picks a tensor out of any output type (tensor, tuple, list, dict,
+  dataclass) with a *selector*, and clones it so that later in-place operations
+  (``nn.ReLU(inplace=True)``) cannot change it.
+* :func:`capture` runs one forward pass and returns the captured tensor(s).
+
+The promise (DESIGN.md, Captum contract item 7): after any call, normal or failed (including a
+``KeyboardInterrupt`` inside the forward pass), no hook is left on the model and every module's
+``training`` flag is what it was.
+
+Examples::
+
+    >>> import torch, torchvision
+    >>> model = torchvision.models.resnet18()
+    >>> x = torch.randn(2, 3, 64, 64)
+    >>> z = capture(model, "layer3", x)              # (2, 256, 4, 4)
+    >>> zs = capture(model, ["layer1", model.fc], x)  # {"layer1": (2, 64, 16, 16), "fc": (2, 1000)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["LayerSpec", "Selector", "resolve_layer", "LayerHooks", "capture"]
+
+#: A layer: the module object itself or its dotted name in ``model.named_modules()``.
+LayerSpec = Union[str, nn.Module]
+
+#: Picks one tensor out of a layer's output (or input tuple): ``None`` (the default rule), an
+#: ``int`` index, a ``str`` key / attribute name, or a callable ``output -> Tensor``.
+Selector = Union[None, int, str, Callable[[Any], Tensor]]
+
+_HOW_TO_LIST = "list all names with [n for n, _ in model.named_modules()]"
+
+
+class _StopForward(Exception):
+    """Raised from a hook to abort the rest of a forward pass (``stop_early=True``).
+
+    It carries the :class:`LayerHooks` that raised it so that only that instance swallows it; a
+    nested ``LayerHooks`` never silences another one's signal. It derives from ``Exception`` (not
+    ``BaseException``) so that wrappers such as ``nn.DataParallel`` re-raise it faithfully.
+    """
+
+    def __init__(self, owner: LayerHooks) -> None:
+        super().__init__("forward pass stopped early by captum_inn.capture.LayerHooks")
+        self.owner = owner
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving layers
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
+    """Find a layer of ``model`` by module object or dotted name.
+
+    Args:
+        model: The model that contains the layer.
+        layer: The layer itself (an ``nn.Module`` that is a submodule of ``model``, or ``model``
+            itself), or its dotted name as in ``model.named_modules()``, e.g.
+            ``"layer3.1.relu"`` or ``"features.8"``. The empty string ``""`` names ``model``.
+
+    Returns:
+        ``(name, module)``: the dotted name (the first one ``named_modules()`` gives when a module
+        is registered under several names; ``""`` for ``model``) and the module.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module`` or ``layer`` is neither a ``str`` nor an
+            ``nn.Module``.
+        ValueError: If ``layer`` is a module that is not part of ``model``, or a name that does
+            not exist (the message lists close matches).
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten())
+        >>> resolve_layer(model, "0")
+        ('0', Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1)))
+        >>> resolve_layer(model, model[1])[0]
+        '1'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return name, module
+        raise ValueError(
+            f"the module {type(layer).__name__} passed as layer is not a submodule of the model "
+            f"{type(model).__name__} (was it taken from a copy of the model?); pass a module "
+            f"of this model or its dotted name ({_HOW_TO_LIST})"
+        )
+    if isinstance(layer, str):
+        try:
+            return layer, model.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(_unknown_name_message(model, layer)) from None
+    raise TypeError(
+        f"layer must be an nn.Module or a dotted name (str) such as 'layer3.1.relu', "
+        f"got {type(layer).__name__}: {layer!r}"
+    )
+
+
+def _unknown_name_message(model: nn.Module, name: str) -> str:
+    """Build the error message for a layer name that ``model`` does not have."""
+    names = [n for n, _ in model.named_modules() if n]
+    msg = f"layer {name!r} not found in {type(model).__name__}"
+    matches = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    if matches:
+        msg += "; did you mean " + ", ".join(repr(m) for m in matches) + "?"
+    # Say where the path stops resolving: "features.20" -> "'features' has children 0..9".
+    parts = name.split(".")
+    parent, parent_name = model, ""
+    for i, part in enumerate(parts[:-1]):
+        child = parent._modules.get(part)
+        if child is None:
+            break
+        parent, parent_name = child, ".".join(parts[: i + 1])
+    children = list(parent._modules)
+    if children:
+        shown = ", ".join(children[:10]) + (", ..." if len(children) > 10 else "")
+        where = repr(parent_name) if parent_name else "the model"
+        msg += f" ({where} has children: {shown})"
+    return msg + f"; {_HOW_TO_LIST}"
+
+
+def _as_layer_list(layers: Union[LayerSpec, Sequence[LayerSpec]]) -> Tuple[List[LayerSpec], bool]:
+    """Return ``(list of layers, single)`` where ``single`` says one layer was given bare."""
+    if isinstance(layers, (str, nn.Module)):
+        return [layers], True
+    if isinstance(layers, (list, tuple)):
+        if len(layers) == 0:
+            raise ValueError("layers is empty; pass a layer (module or dotted name) or a list")
+        return list(layers), False
+    raise TypeError(
+        "layers must be a layer (nn.Module or dotted name) or a list/tuple of layers, "
+        f"got {type(layers).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Selecting a tensor from any output type
+# --------------------------------------------------------------------------------------------
+
+
+def _select(
+    value: Any, selector: Selector, name: str, what: str, kwargs: Optional[Dict[str, Any]] = None
+) -> Tensor:
+    """Apply ``selector`` to a layer's output (or input tuple) and check it yields a tensor.
+
+    Args:
+        value: The layer output, or the positional-argument tuple for inputs.
+        selector: See :data:`Selector`.
+        name: The layer name, for error messages.
+        what: ``"output"`` or ``"input"``, for error messages.
+        kwargs: Keyword arguments of the call (inputs only); a ``str`` selector may name one.
+    """
+    hint = (
+        "pass selector= with an int index, a str key/attribute name, or a callable "
+        "output -> tensor (a dict {layer name: selector} sets one per layer)"
+    )
+    if selector is None:
+        if isinstance(value, Tensor):
+            selected = value
+        elif isinstance(value, (tuple, list)) and len(value) == 1:
+            selected = value[0]
+        else:
+            extra = f" (keyword arguments: {sorted(kwargs)})" if kwargs else ""
+            raise ValueError(
+                f"layer {name!r}: cannot pick a tensor from its {what} of type "
+                f"{_describe(value)}{extra}; {hint}"
+            )
+    elif callable(selector) and not isinstance(selector, (int, str)):
+        selected = selector(value)
+    elif isinstance(selector, bool):
+        raise TypeError(f"layer {name!r}: selector must not be a bool; {hint}")
+    elif isinstance(selector, int):
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(
+                f"layer {name!r}: int selector {selector} needs a tuple/list {what}, got "
+                f"{_describe(value)}; {hint}"
+            )
+        if not -len(value) <= selector < len(value):
+            raise ValueError(
+                f"layer {name!r}: selector index {selector} is out of range for its {what} "
+                f"of length {len(value)}"
+            )
+        selected = value[selector]
+    elif isinstance(selector, str):
+        if kwargs is not None and selector in kwargs:
+            selected = kwargs[selector]
+        elif isinstance(value, Mapping):
+            if selector not in value:
+                raise ValueError(
+                    f"layer {name!r}: key {selector!r} not in its {what}; keys: {list(value)}"
+                )
+            selected = value[selector]
+        elif hasattr(value, selector):
+            selected = getattr(value, selector)
+        else:
+            raise ValueError(
+                f"layer {name!r}: its {what} of type {_describe(value)} has no key or "
+                f"attribute {selector!r}" + (f" (keyword arguments: {sorted(kwargs)})" if kwargs else "")
+            )
+    else:
+        raise TypeError(
+            f"layer {name!r}: selector must be None, an int, a str or a callable, "
+            f"got {type(selector).__name__}"
+        )
+    if not isinstance(selected, Tensor):
+        raise TypeError(
+            f"layer {name!r}: the selected {what} value is a {type(selected).__name__}, "
+            f"not a tensor; {hint}"
+        )
+    return selected
+
+
+def _describe(value: Any) -> str:
+    """Short type description for error messages (tuple/list lengths, dict keys, dataclasses)."""
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of length {len(value)}"
+    if isinstance(value, Mapping):
+        return f"{type(value).__name__} with keys {list(value)}"
+    if dataclasses.is_dataclass(value):
+        fields = [f.name for f in dataclasses.fields(value)]
+        return f"dataclass {type(value).__name__} with fields {fields}"
+    return type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks as a managed resource
+# --------------------------------------------------------------------------------------------
+
+
+class LayerHooks:
+    """Context manager that captures the outputs (or inputs) of layers during forward passes.
+
+    On entering, it registers one forward hook per layer (a forward pre-hook when
+    ``attribute_to_layer_input=True``) plus one pre-hook on ``model`` that resets the captured
+    values at the start of every call of ``model``; with ``eval_mode=True`` it records the
+    ``training`` flag of every module and calls ``model.eval()``. On leaving, in a ``finally``
+    (also on errors and ``KeyboardInterrupt``), it removes every handle and restores every
+    module's flag. Captured values stay readable after the ``with`` block.
+
+    Entering an instance that is already active raises ``RuntimeError`` (hooks are never
+    registered twice); an instance may be entered again after it has been left.
+
+    A module that runs several times in one forward pass (a reused block) keeps the value of its
+    **last** call; ``calls[name]`` counts the calls. With ``stop_early=True`` the forward pass is
+    aborted as soon as every hooked layer has run once (a private exception is raised from the
+    hook), so a reused module then keeps its *first* value. The ``with`` statement (and
+    :meth:`run`) swallow exactly that exception; all others propagate.
+
+    Args:
+        model: The model whose layers are hooked.
+        layers: One layer or a list/tuple of layers, each an ``nn.Module`` of ``model`` or a
+            dotted name (see :func:`resolve_layer`). Duplicates are dropped.
+        attribute_to_layer_input: Capture each layer's input (its positional arguments, as a
+            tuple) instead of its output.
+        selector: How to pick a tensor from the output (or input tuple): ``None`` takes a tensor
+            as is and a tuple/list of length 1 as its element, an ``int`` indexes a tuple/list,
+            a ``str`` is a dict key or attribute name (for inputs, also a keyword argument), a
+            callable maps the output to a tensor. A dict ``{layer: selector}`` (keys are names
+            or modules) sets one per layer; layers missing from it use ``None``.
+        clone: Clone captured tensors, so that later in-place operations in the forward pass
+            (``nn.ReLU(inplace=True)``) cannot change them.
+        detach: Detach captured tensors from the autograd graph. Pass ``False`` to keep the
+            graph (gradient methods need it).
+        eval_mode: Put the model in eval mode while active (BatchNorm uses its running
+            statistics and does not update them; dropout is off).
+        stop_early: Abort the forward pass once every hooked layer has produced a value.
+
+    Attributes:
+        names: The hooked layer names, in the order given (duplicates dropped).
+        calls: ``{name: number of calls}`` in the latest forward pass of ``model``.
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.Flatten())
+        >>> x = torch.randn(4, 3, 8, 8)
+        >>> with LayerHooks(model, ["0", "2"]) as hooks:
+        ...     _ = model(x)
+        >>> hooks["0"].shape          # conv output before the in-place ReLU
+        torch.Size([4, 8, 6, 6])
+        >>> list(hooks.values)        # in the order the layers were given
+        ['0', '2']
+        >>> with LayerHooks(model, model[1], attribute_to_layer_input=True) as hooks:
+        ...     _ = model(x)
+        >>> hooks.values["1"].shape   # the ReLU's input (selector None takes args[0])
+        torch.Size([4, 8, 6, 6])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Union[LayerSpec, Sequence[LayerSpec]],
+        *,
+        attribute_to_layer_input: bool = False,
+        selector: Union[Selector, Mapping[LayerSpec, Selector]] = None,
+        clone: bool = True,
+        detach: bool = True,
+        eval_mode: bool = True,
+        stop_early: bool = False,
+    ) -> None:
+        layer_list, _ = _as_layer_list(layers)
+        resolved: Dict[str, nn.Module] = {}
+        for layer in layer_list:
+            name, module = resolve_layer(model, layer)
+            resolved.setdefault(name, module)  # dicts keep insertion order: order as given
+        self.model = model
+        self.names: List[str] = list(resolved)
+        self._modules = resolved
+        self._selectors = self._per_layer_selectors(selector)
+        self.attribute_to_layer_input = attribute_to_layer_input
+        self.clone = clone
+        self.detach = detach
+        self.eval_mode = eval_mode
+        self.stop_early = stop_early
+        self.calls: Dict[str, int] = {}
+        self._values: Dict[str, Tensor] = {}
+        self._handles: List[RemovableHandle] = []
+        self._flags: List[Tuple[nn.Module, bool]] = []
+        self._active = False
+
+    def _per_layer_selectors(self, selector: Any) -> Dict[str, Selector]:
+        """Expand ``selector`` (one for all, or a ``{layer: selector}`` dict) to every name."""
+        if not isinstance(selector, Mapping):
+            return {name: selector for name in self.names}
+        per_layer: Dict[str, Selector] = {name: None for name in self.names}
+        for key, sel in selector.items():
+            name, _ = resolve_layer(self.model, key)
+            if name not in per_layer:
+                raise ValueError(
+                    f"selector dict has an entry for layer {name!r}, which is not among the "
+                    f"hooked layers {self.names}"
+                )
+            per_layer[name] = sel
+        return per_layer
+
+    # -- context management -------------------------------------------------------------------
+
+    def __enter__(self) -> LayerHooks:
+        if self._active:
+            raise RuntimeError("this LayerHooks is already active; hooks are registered once")
+        self._active = True
+        self.clear()
+        try:
+            if self.eval_mode:
+                # Record every module's own flag: model.train(flag) would overwrite submodules
+                # that the user had set differently (e.g. a frozen BatchNorm in eval mode).
+                self._flags = [(m, m.training) for m in self.model.modules()]
+                self.model.eval()
+            # Registered first, so it runs before any pre-hook on the model itself.
+            self._handles.append(self.model.register_forward_pre_hook(self._reset_hook))
+            for name, module in self._modules.items():
+                if self.attribute_to_layer_input:
+                    handle = module.register_forward_pre_hook(
+                        self._make_pre_hook(name), with_kwargs=True
+                    )
+                else:
+                    handle = module.register_forward_hook(self._make_hook(name))
+                self._handles.append(handle)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> bool:
+        self._release()
+        # Swallow only our own early-stop signal; everything else propagates.
+        return isinstance(exc, _StopForward) and exc.owner is self
+
+    def _release(self) -> None:
+        """Remove every handle and restore every training flag (safe to call repeatedly)."""
+        try:
+            while self._handles:
+                self._handles.pop().remove()
+        finally:
+            for module, flag in self._flags:
+                pass  # not module.train(flag): that would recurse
+            self._flags = []
+            self._active = False
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _reset_hook(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        # Each call of the model starts a fresh capture (and a fresh stop_early countdown).
+        self.clear()
+
+    def _make_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+            self._store(name, _select(output, self._selectors[name], name, "output"))
+
+        return hook
+
+    def _make_pre_hook(self, name: str) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+            self._store(name, _select(args, self._selectors[name], name, "input", kwargs))
+
+        return pre_hook
+
+    def _store(self, name: str, value: Tensor) -> None:
+        if self.detach:
+            value = value.detach()
+        if self.clone:
+            # Clone now: an in-place op later in the forward pass would overwrite the storage.
+            value = value.clone()
+        self._values[name] = value
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.stop_early and len(self._values) == len(self.names):
+            raise _StopForward(self)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def values(self) -> Dict[str, Tensor]:
+        """``{name: tensor}`` of the layers captured so far, in the order the layers were given.
+
+        Returns:
+            A new dict; layers that have not run are absent.
+        """
+        return {name: self._values[name] for name in self.names if name in self._values}
+
+    def __getitem__(self, layer: LayerSpec) -> Tensor:
+        """Return the captured value of ``layer`` (a hooked name or module).
+
+        Raises:
+            KeyError: If the layer is not hooked or has not run yet.
+        """
+        name = resolve_layer(self.model, layer)[0] if isinstance(layer, nn.Module) else layer
+        if name not in self._modules:
+            raise KeyError(f"layer {name!r} is not hooked; hooked layers: {self.names}")
+        if name not in self._values:
+            raise KeyError(f"layer {name!r} has not run yet (run a forward pass of the model)")
+        return self._values[name]
+
+    def clear(self) -> None:
+        """Forget captured values and call counts (done automatically at each call of model)."""
+        self._values = {}
+        self.calls = {}
+
+    def missing(self) -> List[str]:
+        """Return the hooked layer names that have not produced a value yet."""
+        return [name for name in self.names if name not in self._values]
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Call ``model(*args, **kwargs)``, swallowing this instance's early-stop signal.
+
+        Returns:
+            The model's output, or ``None`` if the pass was stopped early.
+
+        Examples::
+
+            >>> with LayerHooks(model, "0", stop_early=True) as hooks:
+            ...     hooks.run(x)      # returns None: stopped after layer "0"
+        """
+        try:
+            return self.model(*args, **kwargs)
+        except _StopForward as exc:
+            if exc.owner is not self:
+                raise
+            return None
+
+    def __repr__(self) -> str:
+        kind = "inputs" if self.attribute_to_layer_input else "outputs"
+        state = "active" if self._active else "inactive"
+        return f"LayerHooks({type(self.model).__name__}, {kind} of {self.names}, {state})"
+
+
+# --------------------------------------------------------------------------------------------
+# One-call capture
+# --------------------------------------------------------------------------------------------
+
+
+def capture(
+    model: nn.Module,
+    layers: Union[LayerSpec, Sequence[LayerSpec]],
+    inputs: Union[Tensor, Tuple[Any, ...]],
+    *,
+    additional_forward_args: Any = None,
+    attribute_to_layer_input: bool = False,
+    selector: Union[Selector, Mapping[LayerSpec, Selector]] = None,
+    eval_mode: bool = True,
+    stop_early: bool = True,
+    grad: bool = False,
+) -> Union[Tensor, Dict[str, Tensor]]:
+    """Run one forward pass ``model(*inputs, *additional_forward_args)`` and return activations.
+
+    Args:
+        model: The model.
+        layers: One layer, or a list/tuple of layers (modules of ``model`` or dotted names).
+        inputs: A tensor or a tuple of tensors; dim 0 is the batch.
+        additional_forward_args: ``None``, one value, or a tuple of values passed after
+            ``inputs`` (Captum's convention: anything that is not a tuple is one argument).
+        attribute_to_layer_input: Capture each layer's input instead of its output.
+        selector: Picks a tensor from non-tensor outputs; see :class:`LayerHooks`.
+        eval_mode: Run the model in eval mode (training flags are restored afterwards).
+        stop_early: Stop the forward pass once every layer has run (saves compute when the
+            layers are early). A module that runs several times then yields its first call's
+            value; pass ``False`` to run the whole model and get the last call's.
+        grad: Run with gradients enabled and keep the graph (values are not detached);
+            otherwise run under ``torch.no_grad()``.
+
+    Returns:
+        The captured tensor if ``layers`` is a single layer, else ``{name: tensor}`` in the order
+        the layers were given (duplicates dropped). Shapes are the layer's, e.g. ``(N, C, H, W)``.
+
+    Raises:
+        ValueError: If a layer name is unknown, or a hooked layer did not run.
+        TypeError: If ``layers``, ``inputs`` or a selected value has the wrong type.
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.Flatten())
+        >>> x = torch.randn(4, 3, 8, 8)
+        >>> capture(model, "0", x).shape
+        torch.Size([4, 8, 6, 6])
+        >>> {k: v.shape for k, v in capture(model, ["0", model[2]], x).items()}
+        {'0': torch.Size([4, 8, 6, 6]), '2': torch.Size([4, 288])}
+    """
+    _, single = _as_layer_list(layers)
+    if isinstance(inputs, Tensor):
+        args: Tuple[Any, ...] = (inputs,)
+    elif isinstance(inputs, tuple):
+        args = inputs
+    else:
+        raise TypeError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    if additional_forward_args is None:
+        extra: Tuple[Any, ...] = ()
+    elif isinstance(additional_forward_args, tuple):
+        extra = additional_forward_args
+    else:
+        extra = (additional_forward_args,)
+
+    hooks = LayerHooks(
+        model,
+        layers,
+        attribute_to_layer_input=attribute_to_layer_input,
+        selector=selector,
+        detach=not grad,
+        eval_mode=eval_mode,
+        stop_early=stop_early,
+    )
+    with torch.set_grad_enabled(grad), hooks:
+        hooks.run(*args, *extra)
+    missing = hooks.missing()
+    if missing:
+        raise ValueError(
+            f"layer {missing[0]!r} did not run during the forward pass; check that it is used "
+            f"in model.forward" + (f" (layers that did not run: {missing})" if len(missing) > 1 else "")
+        )
+    values = hooks.values
+    return values[hooks.names[0]] if single else values

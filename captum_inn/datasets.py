@@ -1,0 +1,516 @@
+"""ColorDigits: the embedded default dataset, and concept-pair sampling.
+
+``ColorDigits`` colours the 1,797 handwritten 8×8 digits that ship with scikit-learn
+(:func:`sklearn.datasets.load_digits`), so nothing is ever downloaded. Every image is upsampled
+bilinearly to ``image_size × image_size`` (32 by default), its ``[0, 1]`` intensity becomes a mask
+``m``, and the pixel is ``m · fg + (1 − m) · bg`` with a foreground colour ``fg`` and a background
+colour ``bg`` drawn independently and uniformly from ``[0, 1]³`` for every sample. The three
+generative factors, :data:`FACTORS`, are therefore known exactly:
+
+* ``"digit"``: the digit class ``0…9`` (and the handwritten image behind it);
+* ``"foreground"``: the RGB colour of the stroke;
+* ``"background"``: the RGB colour of the rest.
+
+That makes ``ColorDigits`` the test bed for the factor INN (DESIGN.md §2): :meth:`ColorDigits.pairs`
+samples pairs that share one named factor (or that share every factor but one), which is what the
+concept loss consumes. The colouring formula lives in one place, :func:`colour_digits`.
+
+Examples::
+
+    >>> from captum_inn.datasets import ColorDigits
+    >>> train = ColorDigits("train", seed=0)
+    >>> image, label = train[0]
+    >>> image.shape, image.dtype, type(label)
+    (torch.Size([3, 32, 32]), torch.float32, <class 'int'>)
+    >>> a, b = train.pairs("background", n=8, generator=0)   # a[i], b[i] share the background
+    >>> a.shape, b.shape
+    (torch.Size([8, 3, 32, 32]), torch.Size([8, 3, 32, 32]))
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["FACTORS", "SPLITS", "ColorDigits", "colour_digits"]
+
+#: The generative factors of :class:`ColorDigits`, in the order concept INNs use them.
+FACTORS: Tuple[str, ...] = ("digit", "foreground", "background")
+
+#: The valid values of ``ColorDigits(split=...)``.
+SPLITS: Tuple[str, ...] = ("train", "test", "all")
+
+#: Number of digit classes.
+NUM_CLASSES = 10
+
+# Independent random streams derived from the user's seed (never the global RNGs).
+_STREAM_SPLIT = 0
+_STREAM_COLOURS = {"train": 1, "test": 2, "all": 3}
+_STREAM_PAIRS = {"train": 11, "test": 12, "all": 13}
+
+GeneratorLike = Union[None, int, torch.Generator]
+
+
+def colour_digits(masks: Tensor, foreground: Tensor, background: Tensor) -> Tensor:
+    """Colour intensity masks: ``pixel = m · foreground + (1 − m) · background``.
+
+    The single place the ColorDigits colouring formula lives. A pixel whose mask is exactly 1
+    equals the foreground colour, one whose mask is exactly 0 equals the background colour. The
+    result is clamped to ``[0, 1]`` (a no-op for masks and colours in ``[0, 1]`` up to rounding).
+
+    Args:
+        masks: Intensities in ``[0, 1]``, shape ``(N, H, W)`` or ``(N, 1, H, W)``.
+        foreground: Stroke colours, shape ``(N, 3)`` (or ``(3,)``, shared by all ``N``).
+        background: Background colours, shape ``(N, 3)`` (or ``(3,)``, shared by all ``N``).
+
+    Returns:
+        Tensor: Images of shape ``(N, 3, H, W)``, the dtype of ``masks``.
+
+    Raises:
+        ValueError: If the shapes do not fit together.
+
+    Examples::
+
+        >>> masks = torch.zeros(2, 4, 4)
+        >>> masks[:, 1:3, 1:3] = 1.0                      # a bright square
+        >>> fg = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        >>> bg = torch.tensor([0.0, 0.0, 1.0])            # one background for both
+        >>> x = colour_digits(masks, fg, bg)
+        >>> x.shape, x[0, :, 1, 1].tolist(), x[1, :, 0, 0].tolist()
+        (torch.Size([2, 3, 4, 4]), [1.0, 0.0, 0.0], [0.0, 0.0, 1.0])
+    """
+    if masks.dim() == 3:
+        masks = masks.unsqueeze(1)
+    if masks.dim() != 4 or masks.shape[1] != 1:
+        raise ValueError(
+            f"`masks` must have shape (N, H, W) or (N, 1, H, W), got {tuple(masks.shape)}."
+        )
+    n = masks.shape[0]
+    colours = []
+    for name, colour in (("foreground", foreground), ("background", background)):
+        colour = torch.as_tensor(colour, dtype=masks.dtype, device=masks.device)
+        if colour.dim() == 1:
+            colour = colour.unsqueeze(0).expand(n, -1)
+        if colour.dim() != 2 or colour.shape[1] != 3 or colour.shape[0] not in (1, n):
+            raise ValueError(
+                f"`{name}` must have shape ({n}, 3) or (3,) to match {n} masks, "
+                f"got {tuple(colour.shape)}."
+            )
+        colours.append(colour[:, :, None, None])
+    fg, bg = colours
+    return (masks * fg + (1.0 - masks) * bg).clamp_(0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """The bundled scikit-learn digits: intensities in ``[0, 1]`` (1797, 8, 8) and labels."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (np.asarray(bunch.images, dtype=np.float32) / 16.0).clip(0.0, 1.0)
+    targets = np.asarray(bunch.target, dtype=np.int64)
+    images.setflags(write=False)
+    targets.setflags(write=False)
+    return images, targets
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    """A 63-bit seed for ``torch.Generator.manual_seed`` from ``(seed, stream)``."""
+    state = np.random.SeedSequence([seed, stream]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _upsample(images: np.ndarray, size: int) -> Tensor:
+    """Bilinear resize of ``(N, 8, 8)`` intensities to ``(N, size, size)`` float32 in ``[0, 1]``."""
+    x = torch.from_numpy(np.array(images, dtype=np.float32)).unsqueeze(1)
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.squeeze(1).clamp_(0.0, 1.0).contiguous()
+
+
+class ColorDigits(Dataset):
+    """Coloured handwritten digits with known factors, built from scikit-learn's bundled digits.
+
+    Each of the 1,797 8×8 digits is upsampled bilinearly to ``image_size × image_size``; its
+    ``[0, 1]`` intensity ``m`` colours the pixel as ``m · fg + (1 − m) · bg`` (see
+    :func:`colour_digits`), with ``fg`` and ``bg`` independent uniform RGB colours per sample.
+
+    The train/test split is by handwritten image (no image appears in both) and stratified by
+    digit class; ``recolorings=k`` makes ``k`` independently coloured copies of every image in the
+    split, sample ``r · n_images + j`` being copy ``r`` of image ``j``. Everything is computed in
+    the constructor, deterministically from ``seed`` with local generators (global RNGs are never
+    touched); train, test and ``"all"`` use different colour streams.
+
+    ``dataset[i]`` is ``(image, label)`` with ``image`` of shape ``(3, image_size, image_size)``,
+    float32 in ``[0, 1]``, and ``label`` the digit as an ``int``, so the dataset plugs into
+    standard classification loops and :class:`torch.utils.data.DataLoader`.
+
+    Args:
+        split: ``"train"``, ``"test"`` or ``"all"`` (every image, no split).
+        recolorings: Number ``k >= 1`` of independently coloured copies of each image.
+        seed: Non-negative integer; fixes the split, the colours and the default pair stream.
+        test_fraction: Share of each digit class that goes to the test split, in ``(0, 1)``.
+            Every class keeps at least one image on each side.
+        image_size: Side length of the square images (the 8×8 originals are resized to it).
+
+    Attributes:
+        images (Tensor): ``(N, 3, S, S)`` float32 in ``[0, 1]``, ``N = k · n_images``.
+        digits (Tensor): ``(N,)`` long, the digit classes (same as :attr:`targets`).
+        foreground (Tensor): ``(N, 3)`` float32, the stroke colours.
+        background (Tensor): ``(N, 3)`` float32, the background colours.
+        source_index (Tensor): ``(N,)`` long, the index of the underlying handwritten image in
+            ``sklearn.datasets.load_digits()`` (0…1796).
+        masks (Tensor): ``(N, S, S)`` float32, the upsampled intensity masks.
+        n_images (int): Number of distinct handwritten images in the split.
+
+    Raises:
+        ValueError: On an unknown ``split``, ``recolorings < 1``, ``test_fraction`` outside
+            ``(0, 1)``, a negative ``seed`` or ``image_size < 1``.
+
+    Examples::
+
+        >>> train = ColorDigits("train", recolorings=2, seed=0)
+        >>> len(train) == 2 * train.n_images
+        True
+        >>> x, y = train[3]
+        >>> x.shape, 0 <= y <= 9
+        (torch.Size([3, 32, 32]), True)
+        >>> f = train.factors(3)
+        >>> torch.allclose(x, colour_digits(train.masks[3:4], f["foreground"], f["background"])[0])
+        True
+        >>> loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
+        >>> xb, yb = next(iter(loader))
+        >>> xb.shape, yb.dtype
+        (torch.Size([64, 3, 32, 32]), torch.int64)
+    """
+
+    num_classes: int = NUM_CLASSES
+
+    def __init__(
+        self,
+        split: str = "train",
+        recolorings: int = 1,
+        seed: int = 0,
+        test_fraction: float = 0.2,
+        image_size: int = 32,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
+        if isinstance(recolorings, bool) or not isinstance(recolorings, (int, np.integer)):
+            raise TypeError(f"`recolorings` must be an int, got {type(recolorings).__name__}.")
+        if recolorings < 1:
+            raise ValueError(
+                f"`recolorings` must be >= 1 (copies of each image), got {recolorings}."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+        if seed < 0:
+            raise ValueError(f"`seed` must be a non-negative int, got {seed}.")
+        test_fraction = float(test_fraction)
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(
+                f"`test_fraction` must lie strictly between 0 and 1, got {test_fraction}."
+            )
+        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
+            raise TypeError(f"`image_size` must be an int, got {type(image_size).__name__}.")
+        if image_size < 1:
+            raise ValueError(f"`image_size` must be >= 1, got {image_size}.")
+
+        self.split = split
+        self.recolorings = int(recolorings)
+        self.seed = int(seed)
+        self.test_fraction = test_fraction
+        self.image_size = int(image_size)
+
+        raw_images, raw_targets = _load_digits()
+        sources = self._split_indices(raw_targets, split, self.seed, test_fraction)
+        self._sources = torch.from_numpy(sources)  # (n_images,) global indices, sorted
+        self._image_masks = _upsample(raw_images[sources], self.image_size)  # (n_images, S, S)
+        self._image_digits = torch.from_numpy(raw_targets[sources].copy())  # (n_images,)
+        self.n_images = int(sources.shape[0])
+
+        # Per-class member tables for vectorised pair sampling (local image indices).
+        members = [torch.nonzero(self._image_digits == c).flatten() for c in range(NUM_CLASSES)]
+        self._class_sizes = torch.tensor([len(m) for m in members], dtype=torch.long)
+        width = int(self._class_sizes.max())
+        self._class_members = torch.zeros(NUM_CLASSES, width, dtype=torch.long)
+        self._position_in_class = torch.zeros(self.n_images, dtype=torch.long)
+        for c, m in enumerate(members):
+            self._class_members[c, : len(m)] = m
+            self._position_in_class[m] = torch.arange(len(m))
+
+        # Samples: copy r of image j sits at r * n_images + j.
+        n = self.recolorings * self.n_images
+        self._local = torch.arange(self.n_images).repeat(self.recolorings)  # (N,)
+        colour_gen = torch.Generator().manual_seed(_derived_seed(self.seed, _STREAM_COLOURS[split]))
+        self._foreground = torch.rand(n, 3, generator=colour_gen)
+        self._background = torch.rand(n, 3, generator=colour_gen)
+        self._digits = self._image_digits[self._local]
+        self._source_index = self._sources[self._local]
+        self._images = colour_digits(
+            self._image_masks[self._local], self._foreground, self._background
+        )
+        self._pair_generator = torch.Generator().manual_seed(
+            _derived_seed(self.seed, _STREAM_PAIRS[split])
+        )
+
+    # ------------------------------------------------------------------ split
+
+    @staticmethod
+    def _split_indices(
+        targets: np.ndarray, split: str, seed: int, test_fraction: float
+    ) -> np.ndarray:
+        """Sorted global image indices of ``split``, stratified by class."""
+        if split == "all":
+            return np.arange(targets.shape[0], dtype=np.int64)
+        rng = np.random.default_rng([seed, _STREAM_SPLIT])
+        chosen = []
+        for c in range(NUM_CLASSES):
+            idx = rng.permutation(np.flatnonzero(targets == c))
+            n_test = int(round(test_fraction * len(idx)))
+            n_test = min(max(n_test, 1), len(idx) - 1)
+            chosen.append(idx[:n_test] if split == "test" else idx[n_test:])
+        return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+    # --------------------------------------------------------------- Dataset
+
+    def __len__(self) -> int:
+        return int(self._images.shape[0])
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, int]:
+        """Return ``(image, label)``: a ``(3, S, S)`` float32 image and its digit as an int."""
+        i = self._check_index(index)
+        return self._images[i], int(self._digits[i])
+
+    def _check_index(self, index: int) -> int:
+        i = int(index)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"Index {index} is out of range for a ColorDigits of length {n}.")
+        return i % n
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(split={self.split!r}, recolorings={self.recolorings}, "
+            f"seed={self.seed}, test_fraction={self.test_fraction}, "
+            f"image_size={self.image_size}; {len(self)} samples of {self.n_images} images)"
+        )
+
+    # -------------------------------------------------------------- tensors
+
+    @property
+    def images(self) -> Tensor:
+        """``(N, 3, S, S)`` float32 in ``[0, 1]``: every image of the split."""
+        return self._images
+
+    @property
+    def digits(self) -> Tensor:
+        """``(N,)`` long: the digit class of every sample."""
+        return self._digits
+
+    @property
+    def targets(self) -> Tensor:
+        """``(N,)`` long: alias of :attr:`digits` (torchvision's name for labels)."""
+        return self._digits
+
+    @property
+    def foreground(self) -> Tensor:
+        """``(N, 3)`` float32 in ``[0, 1]``: the stroke colour of every sample."""
+        return self._foreground
+
+    @property
+    def background(self) -> Tensor:
+        """``(N, 3)`` float32 in ``[0, 1]``: the background colour of every sample."""
+        return self._background
+
+    @property
+    def source_index(self) -> Tensor:
+        """``(N,)`` long: index of each sample's handwritten image in ``load_digits()``."""
+        return self._source_index
+
+    @property
+    def masks(self) -> Tensor:
+        """``(N, S, S)`` float32 in ``[0, 1]``: the upsampled intensity mask of every sample."""
+        return self._image_masks[self._local]
+
+    def factors(self, index: int) -> Dict[str, Union[int, Tensor]]:
+        """The generative factors of sample ``index``.
+
+        Args:
+            index: Sample index (negative indices count from the end).
+
+        Returns:
+            dict: ``digit`` (int), ``foreground`` and ``background`` (``(3,)`` float32 tensors)
+            and ``source_index`` (int, the handwritten image in ``load_digits()``).
+
+        Examples::
+
+            >>> ds = ColorDigits("test")
+            >>> f = ds.factors(0)
+            >>> sorted(f), f["foreground"].shape
+            (['background', 'digit', 'foreground', 'source_index'], torch.Size([3]))
+        """
+        i = self._check_index(index)
+        return {
+            "digit": int(self._digits[i]),
+            "foreground": self._foreground[i].clone(),
+            "background": self._background[i].clone(),
+            "source_index": int(self._source_index[i]),
+        }
+
+    # ---------------------------------------------------------------- pairs
+
+    def _resolve_generator(self, generator: GeneratorLike) -> torch.Generator:
+        if generator is None:
+            return self._pair_generator
+        if isinstance(generator, torch.Generator):
+            return generator
+        if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+            return torch.Generator().manual_seed(int(generator))
+        raise TypeError(
+            "`generator` must be None, an int seed or a torch.Generator, "
+            f"got {type(generator).__name__}."
+        )
+
+    def _pick(self, classes: Tensor, u: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """Uniform local image of each class in ``classes``, optionally not ``exclude``."""
+        sizes = self._class_sizes[classes]
+        if exclude is None:
+            r = (u * sizes).long().clamp_(max=sizes - 1)
+        else:
+            choices = (sizes - 1).clamp(min=1)
+            r = (u * choices).long().clamp_(max=choices - 1)
+            skip = (sizes > 1) & (r >= self._position_in_class[exclude])
+            r = r + skip.long()
+        return self._class_members[classes, r]
+
+    def pairs(
+        self,
+        factor: str | None = None,
+        n: int = 16,
+        generator: GeneratorLike = None,
+        *,
+        differ_in: str | None = None,
+        return_factors: bool = False,
+    ) -> Union[
+        Tuple[Tensor, Tensor],
+        Tuple[Tensor, Tensor, Dict[str, Tensor], Dict[str, Tensor]],
+    ]:
+        """Sample ``n`` concept pairs ``(a, b)`` for the factor INN.
+
+        Exactly one of ``factor`` and ``differ_in`` is given.
+
+        * ``factor=F``: ``a[i]`` and ``b[i]`` share factor ``F``; every other factor of ``b[i]`` is
+          drawn independently. Sharing ``"digit"`` means the same class but a different
+          handwritten image (when the class has more than one) with independent colours;
+          sharing ``"foreground"`` (``"background"``) means an identical colour with an
+          independent handwritten image and independent other colour.
+        * ``differ_in=F``: ``b[i]`` shares every factor of ``a[i]`` but ``F``. For
+          ``"digit"`` it is the same colours on an image of a different class; for a colour, the
+          same handwritten image and other colour with a freshly drawn colour ``F``.
+
+        ``a`` are samples of this dataset (uniform indices); ``b`` are synthesised from the split's
+        masks with :func:`colour_digits`, so shared colours are exactly equal. Only images of this
+        split are used.
+
+        Args:
+            factor: The shared factor, one of :data:`FACTORS`.
+            n: Number of pairs, ``>= 1``.
+            generator: ``None`` (the dataset's own stream, seeded from ``seed``, which advances
+                with every call), an int seed or a ``torch.Generator``. The same seed gives the
+                same pairs.
+            differ_in: The only factor in which ``a`` and ``b`` differ, one of :data:`FACTORS`.
+            return_factors: Also return the factors of ``a`` and ``b``.
+
+        Returns:
+            ``(a, b)``, two ``(n, 3, S, S)`` float32 tensors; with ``return_factors=True``,
+            ``(a, b, factors_a, factors_b)`` where each dict holds ``digit`` ``(n,)`` long,
+            ``foreground`` and ``background`` ``(n, 3)`` float32 and ``source_index`` ``(n,)``
+            long; ``factors_a`` also holds ``index`` ``(n,)`` long, the dataset indices of ``a``.
+
+        Raises:
+            ValueError: On an unknown factor, both or neither of ``factor``/``differ_in``, or
+                ``n < 1``.
+
+        Examples::
+
+            >>> ds = ColorDigits("train")
+            >>> a, b, fa, fb = ds.pairs("foreground", n=4, generator=0, return_factors=True)
+            >>> a.shape, bool((fa["foreground"] == fb["foreground"]).all())
+            (torch.Size([4, 3, 32, 32]), True)
+            >>> a, b = ds.pairs(differ_in="digit", n=4, generator=0)
+            >>> b.shape
+            torch.Size([4, 3, 32, 32])
+        """
+        if (factor is None) == (differ_in is None):
+            raise ValueError(
+                "Give exactly one of `factor` (the shared factor) and `differ_in` (the only "
+                f"differing factor); got factor={factor!r}, differ_in={differ_in!r}."
+            )
+        name, value = ("factor", factor) if factor is not None else ("differ_in", differ_in)
+        if value not in FACTORS:
+            raise ValueError(f"`{name}` must be one of {FACTORS}, got {value!r}.")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"`n` must be an int, got {type(n).__name__}.")
+        if n < 1:
+            raise ValueError(f"`n` (number of pairs) must be >= 1, got {n}.")
+        n = int(n)
+        g = self._resolve_generator(generator)
+
+        # Draw every random stream every time, so results depend only on the generator state.
+        index = torch.randint(len(self), (n,), generator=g)
+        u_image = torch.rand(n, generator=g)
+        u_class = torch.rand(n, generator=g)
+        fresh_fg = torch.rand(n, 3, generator=g)
+        fresh_bg = torch.rand(n, 3, generator=g)
+
+        a_local = self._local[index]
+        a_digit = self._digits[index]
+        a_fg = self._foreground[index]
+        a_bg = self._background[index]
+
+        if factor is not None:
+            b_fg, b_bg = fresh_fg, fresh_bg
+            if factor == "digit":
+                b_local = self._pick(a_digit, u_image, exclude=a_local)
+            else:
+                b_local = (u_image * self.n_images).long().clamp_(max=self.n_images - 1)
+                if factor == "foreground":
+                    b_fg = a_fg.clone()
+                else:
+                    b_bg = a_bg.clone()
+        else:
+            b_local, b_fg, b_bg = a_local, a_fg.clone(), a_bg.clone()
+            if differ_in == "digit":
+                offset = (u_class * (NUM_CLASSES - 1)).long().clamp_(max=NUM_CLASSES - 2)
+                other = (a_digit + 1 + offset) % NUM_CLASSES
+                b_local = self._pick(other, u_image)
+            elif differ_in == "foreground":
+                b_fg = fresh_fg
+            else:
+                b_bg = fresh_bg
+
+        a = self._images[index]
+        b = colour_digits(self._image_masks[b_local], b_fg, b_bg)
+        if not return_factors:
+            return a, b
+        factors_a = {
+            "digit": a_digit,
+            "foreground": a_fg,
+            "background": a_bg,
+            "source_index": self._sources[a_local],
+            "index": index,
+        }
+        factors_b = {
+            "digit": self._image_digits[b_local],
+            "foreground": b_fg,
+            "background": b_bg,
+            "source_index": self._sources[b_local],
+        }
+        return a, b, factors_a, factors_b

@@ -1,0 +1,105 @@
+"""Activation normalisation (Glow's ActNorm) with data-dependent initialisation."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from captum_inn.inn.base import InvertibleModule, NotInitializedError
+
+__all__ = ["ActNorm"]
+
+
+class ActNorm(InvertibleModule):
+    """Per-channel affine normalisation ``y = (x + loc) · exp(log_scale)``.
+
+    ``loc`` and ``log_scale`` are initialised from the first forward batch so that each channel of
+    ``y`` has zero mean and unit variance on that batch (Kingma & Dhariwal, 2018). The
+    ``initialized`` buffer records that this happened, so a state dict restores it. Channels are
+    dim 1; any trailing (spatial) dims share the channel's parameters.
+
+    Args:
+        num_features: Number of channels ``C`` (dim 1 of the input).
+        eps: Added to the standard deviation at initialisation.
+
+    Examples::
+
+        >>> norm = ActNorm(4)
+        >>> y, logdet = norm(torch.randn(16, 4) * 3 + 1)   # initialises on this batch
+        >>> bool(norm.initialized), y.shape, logdet.shape
+        (True, torch.Size([16, 4]), torch.Size([16]))
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if int(num_features) < 1:
+            raise ValueError(f"`num_features` must be >= 1, got {num_features}.")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.loc = nn.Parameter(torch.zeros(self.num_features))
+        self.log_scale = nn.Parameter(torch.zeros(self.num_features))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _view(self, p: Tensor, x: Tensor) -> Tensor:
+        return p.view(1, -1, *([1] * (x.dim() - 2)))
+
+    def _check(self, x: Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ActNorm input must be a torch.Tensor, got {type(x).__name__}.")
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"ActNorm was built for {self.num_features} channels (dim 1), "
+                f"got input of shape {tuple(x.shape)}."
+            )
+
+    @torch.no_grad()
+    def initialize(self, batch: Tensor) -> None:
+        """Set ``loc`` and ``log_scale`` so that ``batch`` maps to zero mean, unit variance.
+
+        Args:
+            batch: ``(N, C, *)`` with ``N >= 2`` real samples (not a reverse-direction input).
+
+        Raises:
+            ValueError: for a batch of one, whose variance is undefined.
+        """
+        self._check(batch)
+        if batch.shape[0] < 2:
+            raise ValueError(
+                "ActNorm initialises from the statistics of its first forward batch and needs at "
+                f"least 2 samples, got a batch of {batch.shape[0]}. Run one forward pass with a "
+                "larger batch (or call .initialize(batch)), or load a fitted checkpoint."
+            )
+        dims = [d for d in range(batch.dim()) if d != 1]
+        mean = batch.mean(dim=dims)
+        std = batch.std(dim=dims)
+        self.loc.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + self.eps))
+        self.initialized.fill_(True)
+
+    def forward(
+        self, x: Tensor, c: Optional[Tensor] = None, rev: bool = False, jac: bool = True
+    ) -> Tuple[Tensor, Tensor]:
+        self._check(x)
+        if not bool(self.initialized):
+            if rev:
+                raise NotInitializedError(
+                    "ActNorm is not initialised: its first call must be a forward pass on real "
+                    "data (N >= 2), not a reverse call. Fit the flow or load a checkpoint first."
+                )
+            self.initialize(x.detach())
+        loc = self._view(self.loc, x)
+        log_scale = self._view(self.log_scale, x)
+        if rev:
+            y = x * torch.exp(-log_scale) - loc
+        else:
+            y = (x + loc) * torch.exp(log_scale)
+        if not jac:
+            return y, x.new_zeros(x.shape[0])
+        positions = x[0, 0].numel()  # spatial positions sharing each channel's scale
+        logdet = (self.log_scale.sum() * positions).expand(x.shape[0])
+        return y, (-logdet if rev else logdet)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}"

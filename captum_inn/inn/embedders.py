@@ -1,0 +1,172 @@
+"""Condition embedders: turn a layer activation of any shape into one vector per sample.
+
+The conditional INN embeds the hooked layer's activation ``z = Φ(x)`` once per sample and feeds
+the embedding ``h(z)`` to every coupling. The embedder is trained jointly with the flow.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from captum_inn.inn.coupling import mlp
+
+__all__ = ["ConditionEmbedder", "MLPEmbedder", "ConvEmbedder", "make_embedder"]
+
+
+class ConditionEmbedder(nn.Module):
+    """Base class: standardises the condition, then embeds it to ``(N, out_dim)``.
+
+    Activations of different layers live on very different scales (logits in the tens, early
+    features near zero), so the input is standardised with per-feature (vectors) or per-channel
+    (feature maps) statistics stored as buffers. :meth:`set_input_statistics` sets them from the
+    data (the fit functions do this from their feature cache); the default is the identity.
+
+    Args:
+        in_shape: Shape of one condition sample (without the batch dim).
+        out_dim: Width of the embedding.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_dim: int) -> None:
+        super().__init__()
+        self.in_shape: Tuple[int, ...] = tuple(int(s) for s in in_shape)
+        if not self.in_shape or any(s < 1 for s in self.in_shape):
+            raise ValueError(f"`in_shape` must be a non-empty shape of positive sizes, got {in_shape}.")
+        self.out_dim = int(out_dim)
+        stat_shape = self._statistics_shape()
+        self.register_buffer("in_mean", torch.zeros(stat_shape))
+        self.register_buffer("in_std", torch.ones(stat_shape))
+
+    def _statistics_shape(self) -> Tuple[int, ...]:
+        return self.in_shape
+
+    def _statistics_dims(self, batch: Tensor) -> Tuple[int, ...]:
+        return (0,)
+
+    @torch.no_grad()
+    def set_input_statistics(self, batch: Tensor, eps: float = 1e-5) -> None:
+        """Standardise future inputs with the mean and standard deviation of ``batch``.
+
+        Args:
+            batch: ``(N, *in_shape)`` condition samples, ``N >= 2``.
+            eps: Floor of the standard deviation (dead units stay finite).
+        """
+        self._check(batch)
+        if batch.shape[0] < 2:
+            raise ValueError(f"`batch` needs at least 2 samples to estimate statistics, got {batch.shape[0]}.")
+        dims = self._statistics_dims(batch)
+        mean = batch.mean(dim=dims).reshape(self.in_mean.shape)
+        std = batch.std(dim=dims).reshape(self.in_std.shape)
+        self.in_mean.copy_(mean)
+        self.in_std.copy_(std.clamp_min(eps))
+
+    def _check(self, c: Tensor) -> None:
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"The condition must be a torch.Tensor, got {type(c).__name__}.")
+        if tuple(c.shape[1:]) != self.in_shape:
+            raise ValueError(
+                f"The condition has per-sample shape {tuple(c.shape[1:])}, but this INN was built "
+                f"for a layer of shape {self.in_shape}: it was fitted for another layer (or another "
+                "input size). Use the INN fitted for this layer."
+            )
+
+    def standardize(self, c: Tensor) -> Tensor:
+        """``(c - mean) / std`` with the stored statistics."""
+        return (c - self.in_mean) / self.in_std
+
+    def forward(self, c: Tensor) -> Tensor:
+        """Embed a batch of conditions.
+
+        Args:
+            c: ``(N, *in_shape)``.
+
+        Returns:
+            ``(N, out_dim)``.
+        """
+        self._check(c)
+        return self.net(self.standardize(c))
+
+
+class MLPEmbedder(ConditionEmbedder):
+    """Embed an activation of any shape by flattening it and applying an MLP.
+
+    Args:
+        in_shape: Per-sample shape, e.g. ``(512,)`` for a fully connected layer.
+        out_dim: Width of the embedding.
+        hidden: Hidden width of the MLP.
+        depth: Hidden layers of the MLP.
+
+    Examples::
+
+        >>> MLPEmbedder((10,), out_dim=8, hidden=32)(torch.randn(5, 10)).shape
+        torch.Size([5, 8])
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_dim: int = 128, hidden: int = 512, depth: int = 2) -> None:
+        super().__init__(in_shape, out_dim)
+        self.net = nn.Sequential(nn.Flatten(), mlp(math.prod(self.in_shape), self.out_dim, hidden, depth))
+
+
+class ConvEmbedder(ConditionEmbedder):
+    """Embed a feature map ``(C, H, W)`` of any spatial size with strided convolutions.
+
+    A 1×1 convolution first maps the ``C`` channels to ``width``; then 4×4 stride-2 convolutions
+    halve the resolution (doubling the width up to ``max_width``) until the map is at most 4×4; a
+    linear layer maps the flattened result to ``out_dim``. Statistics are per channel.
+
+    Args:
+        in_shape: ``(C, H, W)``.
+        out_dim: Width of the embedding.
+        width: Channels after the first 1×1 convolution.
+        max_width: Largest number of channels.
+
+    Examples::
+
+        >>> ConvEmbedder((16, 13, 9), out_dim=8)(torch.randn(2, 16, 13, 9)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_dim: int = 128, width: int = 64, max_width: int = 256) -> None:
+        if len(in_shape) != 3:
+            raise ValueError(f"ConvEmbedder needs a (C, H, W) feature map shape, got {tuple(in_shape)}.")
+        super().__init__(in_shape, out_dim)
+        channels, height, width_px = self.in_shape
+        layers = [nn.Conv2d(channels, width, kernel_size=1), nn.LeakyReLU(0.2)]
+        ch = width
+        while max(height, width_px) > 4 and min(height, width_px) >= 2:
+            out_ch = min(2 * ch, max_width)
+            layers += [nn.Conv2d(ch, out_ch, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            ch, height, width_px = out_ch, height // 2, width_px // 2
+        layers += [nn.Flatten(), nn.Linear(ch * height * width_px, self.out_dim)]
+        self.net = nn.Sequential(*layers)
+
+    def _statistics_shape(self) -> Tuple[int, ...]:
+        return (self.in_shape[0], 1, 1)
+
+    def _statistics_dims(self, batch: Tensor) -> Tuple[int, ...]:
+        return (0, 2, 3)
+
+
+def make_embedder(in_shape: Sequence[int], out_dim: int = 128, hidden: int = 512) -> ConditionEmbedder:
+    """Pick the embedder for an activation shape: convolutions for ``(C, H, W)``, else an MLP.
+
+    Args:
+        in_shape: Per-sample activation shape.
+        out_dim: Width of the embedding.
+        hidden: Hidden width (MLP) or first-layer channels cap (conv).
+
+    Returns:
+        A :class:`ConvEmbedder` for 3-d shapes with a spatial extent, else an :class:`MLPEmbedder`.
+
+    Examples::
+
+        >>> type(make_embedder((64, 8, 8))).__name__, type(make_embedder((10,))).__name__
+        ('ConvEmbedder', 'MLPEmbedder')
+    """
+    in_shape = tuple(int(s) for s in in_shape)
+    if len(in_shape) == 3 and in_shape[1] * in_shape[2] > 1:
+        return ConvEmbedder(in_shape, out_dim, width=min(64, hidden), max_width=max(64, min(256, hidden)))
+    return MLPEmbedder(in_shape, out_dim, hidden)

@@ -1,0 +1,297 @@
+"""The two networks of the method: the conditional INN ``t`` and the factor INN ``e``."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from captum_inn.inn.base import InvertibleModule, check_vector_batch
+from captum_inn.inn.embedders import make_embedder
+from captum_inn.inn.sequential import SequentialFlow, flow_blocks
+
+__all__ = ["ConditionalINN", "FactorINN", "factor_sizes_from_scores"]
+
+
+class ConditionalINN(InvertibleModule):
+    """``v = t(z̄ | z)``: a bijection of the autoencoder code ``z̄`` conditioned on a layer's activation.
+
+    Trained by maximum likelihood under a standard normal prior, ``v`` becomes independent of ``z``
+    and so carries exactly what the layer discarded: its invariances (DESIGN.md §2). The condition
+    ``z`` (any per-sample shape) is embedded once per call by :func:`make_embedder` and the
+    embedding is concatenated into every coupling.
+
+    Args:
+        dim: Size ``d`` of the code ``z̄``.
+        cond_shape: Per-sample shape of the layer activation ``z``, e.g. ``(64, 8, 8)`` or ``(10,)``.
+        n_blocks: Number of flow blocks (each ActNorm, two couplings, a permutation).
+        hidden: Width of the coupling subnets.
+        depth: Hidden layers of the coupling subnets.
+        embed_dim: Width of the condition embedding.
+        clamp: Bound on each coupling log-scale.
+        seed: Seed of the permutations.
+
+    Examples::
+
+        >>> t = ConditionalINN(dim=8, cond_shape=(16, 4, 4), n_blocks=2, hidden=32, embed_dim=16)
+        >>> zbar, z = torch.randn(5, 8), torch.randn(5, 16, 4, 4)
+        >>> v, logdet = t(zbar, z)                  # (5, 8), (5,)
+        >>> torch.allclose(t(v, z, rev=True)[0], zbar, atol=1e-5)
+        True
+        >>> t.sample(z, temperature=0.5).shape      # invariance samples of z̄
+        torch.Size([5, 8])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        cond_shape: Sequence[int],
+        n_blocks: int = 20,
+        hidden: int = 512,
+        depth: int = 2,
+        embed_dim: int = 128,
+        clamp: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.cond_shape = tuple(int(s) for s in cond_shape)
+        self.config: Dict[str, Any] = dict(
+            dim=self.dim, cond_shape=list(self.cond_shape), n_blocks=int(n_blocks), hidden=int(hidden),
+            depth=int(depth), embed_dim=int(embed_dim), clamp=float(clamp), seed=int(seed),
+        )
+        self.embedder = make_embedder(self.cond_shape, embed_dim, hidden)
+        self.flow = SequentialFlow(flow_blocks(self.dim, n_blocks, hidden, depth, embed_dim, clamp, seed))
+
+    def embed(self, c: Tensor) -> Tensor:
+        """The condition embedding ``h(z)``, ``(N, embed_dim)``; reuse it across many samples."""
+        return self.embedder(c)
+
+    def forward(
+        self,
+        x: Tensor,
+        c: Optional[Tensor] = None,
+        rev: bool = False,
+        jac: bool = True,
+        embedding: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """Map ``z̄ → v`` (or ``v → z̄`` with ``rev=True``) given the layer activation ``c``.
+
+        Args:
+            x: ``(N, dim)`` codes (``rev=False``) or invariances ``v`` (``rev=True``).
+            c: ``(N, *cond_shape)`` activations of the hooked layer.
+            rev: Direction.
+            jac: Whether to compute the log-determinant.
+            embedding: A precomputed ``self.embed(c)`` (then ``c`` may be ``None``).
+
+        Returns:
+            ``(y, log_jac_det)`` of shapes ``(N, dim)`` and ``(N,)``.
+        """
+        check_vector_batch(x, self.dim)
+        if embedding is None:
+            if c is None:
+                raise ValueError(
+                    "ConditionalINN needs the condition `c`: the hooked layer's activation for "
+                    f"each sample, shape (N, {', '.join(map(str, self.cond_shape))})."
+                )
+            if c.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"`x` and `c` must have the same batch size, got {x.shape[0]} and {c.shape[0]}."
+                )
+            embedding = self.embed(c)
+        return self.flow(x, embedding, rev=rev, jac=jac)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        c: Tensor,
+        temperature: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Draw ``z̄ = t⁻¹(v | c)`` with ``v ~ N(0, temperature² I)``: one invariance sample per row.
+
+        Args:
+            c: ``(N, *cond_shape)`` activations.
+            temperature: Scale of ``v``; ``> 0``.
+            generator: Optional ``torch.Generator`` for reproducible samples.
+
+        Returns:
+            ``(N, dim)`` codes.
+        """
+        if not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+        v = torch.randn(c.shape[0], self.dim, generator=generator, device=c.device, dtype=c.dtype)
+        return self(v * temperature, c, rev=True, jac=False)[0]
+
+
+def factor_sizes_from_scores(
+    scores: Mapping[str, float],
+    dim: int,
+    residual: str = "residual",
+    residual_score: float = 1.0,
+) -> Dict[str, int]:
+    """Split ``dim`` among factors in proportion to ``softmax(scores)`` (DESIGN.md §2).
+
+    Each named factor gets its score (e.g. the summed covariance of pair members over the total
+    variance), the residual gets ``residual_score``; sizes are ``softmax · dim`` rounded by largest
+    remainder so that they sum to ``dim`` and every factor has at least one dimension.
+
+    Args:
+        scores: Factor name to score, in the order the factors should appear.
+        dim: Total size to split; at least ``len(scores) + 1``.
+        residual: Name of the residual factor (appended last).
+        residual_score: Score of the residual.
+
+    Returns:
+        Ordered ``{name: size}`` including the residual, summing to ``dim``.
+
+    Examples::
+
+        >>> factor_sizes_from_scores({"digit": 2.0, "colour": 0.5}, dim=16)
+        {'digit': 9, 'colour': 3, 'residual': 4}
+    """
+    if residual in scores:
+        raise ValueError(f"`scores` must not contain the residual name {residual!r}.")
+    names = list(scores) + [residual]
+    if dim < len(names):
+        raise ValueError(f"`dim`={dim} is too small for {len(names)} factors (one dimension each).")
+    values = torch.tensor([float(scores[n]) for n in scores] + [float(residual_score)], dtype=torch.float64)
+    if not torch.isfinite(values).all():
+        raise ValueError(f"`scores` must be finite, got {dict(scores)}.")
+    share = torch.softmax(values, dim=0) * (dim - len(names))  # one dimension each is reserved
+    sizes = share.floor().long() + 1
+    remainder = (share - share.floor()).tolist()
+    order = sorted(range(len(names)), key=lambda i: -remainder[i])
+    for i in order[: dim - int(sizes.sum())]:
+        sizes[i] += 1
+    return {name: int(size) for name, size in zip(names, sizes)}
+
+
+class FactorINN(InvertibleModule):
+    """``e``: an unconditional bijection whose output is split into named factors plus a residual.
+
+    The output ``(e_1, …, e_K, e_res)`` is laid out in the order of ``factor_sizes``, the residual
+    last. Each factor is standard normal under the pair likelihood of DESIGN.md §2;
+    :meth:`split` and :meth:`merge` convert between the flat output and named factors.
+
+    Args:
+        dim: Size of the representation (the code ``z̄`` or a vector layer).
+        factor_sizes: ``{name: size}`` of the named factors, in order. A key equal to ``residual``
+            fixes the residual's size; otherwise the residual takes what is left (at least 1).
+        residual: Name of the residual factor.
+        n_blocks: Number of flow blocks.
+        hidden: Width of the coupling subnets.
+        depth: Hidden layers of the coupling subnets.
+        clamp: Bound on each coupling log-scale.
+        seed: Seed of the permutations.
+
+    Examples::
+
+        >>> e = FactorINN(8, {"digit": 3, "colour": 2}, n_blocks=2, hidden=32)
+        >>> e.factor_sizes
+        {'digit': 3, 'colour': 2, 'residual': 3}
+        >>> y, logdet = e(torch.randn(4, 8))
+        >>> {k: v.shape[1] for k, v in e.split(y).items()}
+        {'digit': 3, 'colour': 2, 'residual': 3}
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        factor_sizes: Mapping[str, int],
+        residual: str = "residual",
+        n_blocks: int = 12,
+        hidden: int = 512,
+        depth: int = 2,
+        clamp: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        if not isinstance(factor_sizes, Mapping) or not factor_sizes:
+            raise TypeError(
+                "`factor_sizes` must be a non-empty mapping {name: size}; to derive sizes from "
+                "concept scores use factor_sizes_from_scores(scores, dim)."
+            )
+        sizes = {str(k): int(v) for k, v in factor_sizes.items()}
+        bad = {k: v for k, v in sizes.items() if v < 1}
+        if bad:
+            raise ValueError(f"Every factor needs size >= 1, got {bad}.")
+        if residual not in sizes:
+            sizes[residual] = self.dim - sum(sizes.values())
+        else:
+            sizes[residual] = sizes.pop(residual)  # residual last
+        if sum(sizes.values()) != self.dim or sizes[residual] < 1:
+            raise ValueError(
+                f"Factor sizes {sizes} must sum to dim={self.dim} with a residual of at least 1."
+            )
+        self.residual = residual
+        self.factor_sizes: Dict[str, int] = sizes
+        self.config: Dict[str, Any] = dict(
+            dim=self.dim, factor_sizes=dict(sizes), residual=residual, n_blocks=int(n_blocks),
+            hidden=int(hidden), depth=int(depth), clamp=float(clamp), seed=int(seed),
+        )
+        self.flow = SequentialFlow(flow_blocks(self.dim, n_blocks, hidden, depth, 0, clamp, seed))
+
+    @property
+    def factor_names(self) -> List[str]:
+        """Names of all factors, the residual last."""
+        return list(self.factor_sizes)
+
+    @property
+    def factor_slices(self) -> Dict[str, slice]:
+        """``{name: slice}`` into the flat output."""
+        slices, start = {}, 0
+        for name, size in self.factor_sizes.items():
+            slices[name] = slice(start, start + size)
+            start += size
+        return slices
+
+    def forward(
+        self, x: Tensor, c: Optional[Tensor] = None, rev: bool = False, jac: bool = True
+    ) -> Tuple[Tensor, Tensor]:
+        """Map a representation to the flat factors (or back with ``rev=True``).
+
+        Args:
+            x: ``(N, dim)``.
+            c: Must be ``None``: the factor INN is unconditional.
+            rev: Direction.
+            jac: Whether to compute the log-determinant.
+
+        Returns:
+            ``(y, log_jac_det)`` of shapes ``(N, dim)`` and ``(N,)``.
+        """
+        if c is not None:
+            raise ValueError("FactorINN is unconditional; call it without `c`.")
+        check_vector_batch(x, self.dim)
+        return self.flow(x, None, rev=rev, jac=jac)
+
+    def split(self, y: Tensor) -> Dict[str, Tensor]:
+        """Named factors ``{name: (N, size)}`` of a flat output ``(N, dim)``."""
+        check_vector_batch(y, self.dim, "y")
+        return {name: y[:, s] for name, s in self.factor_slices.items()}
+
+    def merge(self, factors: Mapping[str, Tensor]) -> Tensor:
+        """Inverse of :meth:`split`: ``{name: (N, size)}`` → ``(N, dim)``."""
+        missing = [n for n in self.factor_sizes if n not in factors]
+        if missing:
+            raise ValueError(f"`factors` is missing {missing}; expected keys {self.factor_names}.")
+        return torch.cat([factors[n] for n in self.factor_sizes], dim=1)
+
+    @classmethod
+    def from_scores(cls, dim: int, scores: Mapping[str, float], **kwargs: Any) -> FactorINN:
+        """Build a factor INN whose sizes come from concept scores (:func:`factor_sizes_from_scores`).
+
+        Args:
+            dim: Size of the representation.
+            scores: ``{concept: score}``.
+            **kwargs: Further arguments of :class:`FactorINN`.
+
+        Returns:
+            A :class:`FactorINN`.
+        """
+        residual = kwargs.get("residual", "residual")
+        return cls(dim, factor_sizes_from_scores(scores, dim, residual=residual), **kwargs)
+
+

@@ -1,0 +1,27 @@
+"""Root pytest configuration: shared by the test suite and the docstring examples."""
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="torch device for the tests (e.g. cuda, cuda:1); tests that need one take the `device` fixture.",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    name = request.config.getoption("--device")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"--device {name} requested but CUDA is not available")
+    return dev
+
+
+@pytest.fixture(autouse=True)
+def _doctest_torch(doctest_namespace):
+    # Docstring examples use `torch` without importing it.
+    doctest_namespace["torch"] = torch

@@ -1,0 +1,539 @@
+"""Tests of captum_inn.capture: layer resolution, hooks as a managed resource, selectors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers_hooks import assert_no_hooks, training_flags
+from torch import nn
+
+from captum_inn.capture import LayerHooks, capture, resolve_layer
+
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Small models
+# --------------------------------------------------------------------------------------------
+
+
+class CountingCNN(nn.Module):
+    """conv -> in-place ReLU -> conv -> in-place ReLU -> pool -> fc; counts forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(4, 6, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 5)
+        self.n_forward = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n_forward += 1
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class Counter(nn.Module):
+    """Identity that counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n += 1
+        return x
+
+
+class Residual(nn.Module):
+    """x + f(x), where f ends in an in-place ReLU, followed by an in-place ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.relu1(self.conv1(x)))
+        out += x  # in place on conv2's output
+        return self.relu2(out)
+
+
+class TwoOut(nn.Module):
+    """A layer that returns a tuple (features, scale)."""
+
+    def forward(self, x: torch.Tensor):
+        return x * 2, x.mean(dim=1)
+
+
+@dataclasses.dataclass
+class Out:
+    feat: torch.Tensor
+    score: torch.Tensor
+    note: str = "not a tensor"
+
+
+class DataclassLayer(nn.Module):
+    def forward(self, x: torch.Tensor) -> Out:
+        return Out(feat=x + 1, score=x.sum(dim=1))
+
+
+class DictModel(nn.Module):
+    """Layers returning a tuple and a dataclass; the model returns a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.two = TwoOut()
+        self.dc = DataclassLayer()
+        self.after = Counter()
+
+    def forward(self, x: torch.Tensor, bias: float = 0.0, *, scale: float = 1.0) -> dict:
+        h, m = self.two(self.lin(x) + bias)
+        o = self.dc(h * scale)
+        return {"logits": self.after(o.feat), "mean": m}
+
+
+class BNModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.drop(self.bn(self.conv(x))))
+
+
+class Reused(nn.Module):
+    """Calls the same block twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.block(x))
+
+
+class Raiser(nn.Module):
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__()
+        self.exc = exc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise self.exc
+
+
+def seeded(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)  # nonzero biases too, so the checks are not vacuous
+    return model
+
+
+@pytest.fixture
+def cnn() -> CountingCNN:
+    return seeded(CountingCNN())
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 5, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# Values equal a step-by-step manual forward
+# --------------------------------------------------------------------------------------------
+
+
+def test_conv_output_before_inplace_relu(cnn, x):
+    conv0, conv2 = cnn.features[0], cnn.features[2]
+    z0 = F.conv2d(x, conv0.weight, conv0.bias, padding=1)
+    z2 = F.conv2d(z0.relu(), conv2.weight, conv2.bias, padding=1)
+    assert (z0 < 0).any()  # the in-place ReLU would change it if we did not clone
+
+    got = capture(cnn, ["features.0", "features.1", "features.2"], x, stop_early=False)
+    assert torch.equal(got["features.0"], z0)
+    assert torch.equal(got["features.1"], z0.relu())
+    assert torch.equal(got["features.2"], z2)
+    # The ReLU's input, read with a pre-hook, is the conv output too.
+    assert torch.equal(capture(cnn, "features.1", x, attribute_to_layer_input=True), z0)
+    assert_no_hooks(cnn)
+
+
+def test_residual_block_with_inplace_ops():
+    model = seeded(Residual())
+    torch.manual_seed(2)
+    x = torch.randn(1, 4, 4, 4)
+    a = F.conv2d(x, model.conv1.weight, model.conv1.bias, padding=1)
+    b = F.conv2d(a.relu(), model.conv2.weight, model.conv2.bias, padding=1)
+    got = capture(model, ["conv1", "conv2", "relu2", ""], x, stop_early=False)
+    assert torch.equal(got["conv1"], a)
+    assert torch.equal(got["conv2"], b)  # before `out += x`
+    assert torch.equal(got["relu2"], (b + x).relu())
+    assert torch.equal(got[""], (b + x).relu())
+    relu2_in = capture(model, model.relu2, x, attribute_to_layer_input=True)
+    assert torch.equal(relu2_in, b + x)  # before the in-place ReLU
+    assert_no_hooks(model)
+
+
+def test_many_layers_one_forward_pass_in_given_order(cnn, x):
+    layers = ["fc", cnn.features[0], "pool", "features.3"]
+    got = capture(cnn, layers, x)
+    assert cnn.n_forward == 1
+    assert list(got) == ["fc", "features.0", "pool", "features.3"]
+    assert torch.allclose(got["fc"], cnn(x), atol=0, rtol=0)
+    assert got["pool"].shape == (2, 6, 1, 1)
+
+
+def test_batch_size_one(cnn):
+    x1 = torch.randn(1, 3, 5, 5)
+    z = capture(cnn, "features.2", x1)
+    assert z.shape == (1, 6, 5, 5)
+    assert capture(cnn, "fc", x1).shape == (1, 5)
+
+
+def test_additional_forward_args_and_multiple_inputs():
+    model = seeded(DictModel())
+    x = torch.randn(3, 3)
+    lin = model.lin(x)
+    # One value (not a tuple) is one extra argument.
+    got = capture(model, "two", x, additional_forward_args=0.5, selector=0)
+    assert torch.equal(got, (lin + 0.5) * 2)
+    # A tuple spreads; `inputs` may be a tuple too.
+    got = capture(model, "two", (x,), additional_forward_args=(0.5,), selector=0)
+    assert torch.equal(got, (lin + 0.5) * 2)
+    with pytest.raises(TypeError, match="inputs must be a tensor or a tuple"):
+        capture(model, "two", [x])
+
+
+# --------------------------------------------------------------------------------------------
+# Selectors
+# --------------------------------------------------------------------------------------------
+
+
+def test_selectors_of_each_kind():
+    model = seeded(DictModel())
+    x = torch.randn(3, 3)
+    h = model.lin(x)
+    assert torch.equal(capture(model, "two", x, selector=0), h * 2)
+    assert torch.equal(capture(model, "two", x, selector=-1), h.mean(dim=1))
+    assert torch.equal(capture(model, "two", x, selector=lambda o: o[0] + o[1][:, None]),
+                       h * 2 + h.mean(dim=1)[:, None])
+    assert torch.equal(capture(model, "dc", x, selector="feat"), h * 2 + 1)  # dataclass field
+    assert torch.equal(capture(model, "", x, selector="logits"), h * 2 + 1)  # dict key
+    assert_no_hooks(model)
+
+
+def test_input_keyword_argument_by_name():
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = DictModel()
+
+        def forward(self, t: torch.Tensor) -> dict:
+            return self.inner(t, scale=torch.tensor(3.0))
+
+    model = seeded(Wrap())
+    x = torch.randn(2, 3)
+    got = capture(model, "inner", x, attribute_to_layer_input=True, selector="scale")
+    assert torch.equal(got, torch.tensor(3.0))
+    # Positional input with the default selector.
+    assert torch.equal(capture(model, "inner", x, attribute_to_layer_input=True), x)
+
+
+def test_per_layer_selector_dict():
+    model = seeded(DictModel())
+    x = torch.randn(3, 3)
+    h = model.lin(x)
+    got = capture(
+        model, ["lin", "two", "dc", ""], x, selector={"two": 1, model.dc: "score", "": "mean"}
+    )
+    assert torch.equal(got["lin"], h)  # no entry: default selector
+    assert torch.equal(got["two"], h.mean(dim=1))
+    assert torch.equal(got["dc"], (h * 2).sum(dim=1))
+    assert torch.equal(got[""], h.mean(dim=1))
+    with pytest.raises(ValueError, match="not among the hooked layers"):
+        capture(model, ["lin"], x, selector={"two": 0})
+    assert_no_hooks(model)
+
+
+@pytest.mark.parametrize(
+    "layer, selector, exc, match",
+    [
+        ("two", None, ValueError, r"'two'.*tuple of length 2.*selector="),
+        ("dc", None, ValueError, r"'dc'.*dataclass Out.*selector="),
+        ("", None, ValueError, r"dict with keys \['logits', 'mean'\]"),
+        ("two", 5, ValueError, "out of range"),
+        ("dc", 0, ValueError, "needs a tuple/list"),
+        ("dc", "nope", ValueError, "no key or attribute 'nope'"),
+        ("", "nope", ValueError, "key 'nope' not in"),
+        ("dc", "note", TypeError, r"layer 'dc'.*str, not a tensor"),
+        ("two", lambda o: 3, TypeError, r"layer 'two'.*int, not a tensor"),
+        ("two", 1.5, TypeError, "selector must be None, an int"),
+    ],
+)
+def test_selector_errors(layer, selector, exc, match):
+    model = seeded(DictModel())
+    before = training_flags(model.train())
+    with pytest.raises(exc, match=match):
+        capture(model, layer, torch.randn(2, 3), selector=selector)
+    assert_no_hooks(model)
+    assert training_flags(model) == before
+
+
+# --------------------------------------------------------------------------------------------
+# stop_early, reuse, eval mode
+# --------------------------------------------------------------------------------------------
+
+
+def test_stop_early_really_stops():
+    model = nn.Sequential(nn.Linear(3, 3), Counter(), nn.Linear(3, 2), Counter())
+    x = torch.randn(2, 3)
+    z = capture(model, "0", x)  # stop_early=True by default
+    assert model[1].n == 0 and model[3].n == 0
+    assert torch.equal(z, model[0](x))
+    # All layers must have run before stopping: "2" is after "1".
+    capture(model, ["2", "0"], x)
+    assert model[1].n == 1 and model[3].n == 0
+    capture(model, "0", x, stop_early=False)
+    assert model[1].n == 2 and model[3].n == 1
+    assert_no_hooks(model)
+
+
+def test_layer_hooks_stop_early_in_with_block_is_swallowed():
+    model = nn.Sequential(nn.Linear(3, 3), Counter())
+    x = torch.randn(2, 3)
+    reached = False
+    with LayerHooks(model, "0", stop_early=True) as hooks:
+        model(x)
+        reached = True  # skipped: the forward pass raised the stop signal
+    assert not reached and model[1].n == 0
+    assert torch.equal(hooks["0"], model[0](x))
+    # run() swallows it and returns None; several passes in one context each stop early.
+    with LayerHooks(model, "0", stop_early=True) as hooks:
+        assert hooks.run(x) is None
+        assert hooks.run(x + 1) is None
+        assert torch.equal(hooks["0"], model[0](x + 1))
+    assert model[1].n == 0
+    # A nested instance's signal is not swallowed by the outer one's run().
+    with LayerHooks(model, "1") as outer, LayerHooks(model, "0", stop_early=True):
+        outer.run(x)
+    assert model[1].n == 0
+    assert_no_hooks(model)
+
+
+def test_reused_module_keeps_last_value_and_counts_calls():
+    model = seeded(Reused())
+    x = torch.randn(2, 3)
+    with LayerHooks(model, "block") as hooks:
+        model(x)
+        assert hooks.calls == {"block": 2}
+        assert torch.equal(hooks["block"], model.block(model.block(x)))
+        model(x)  # a new call of the model resets the counts
+        assert hooks.calls == {"block": 2}
+    # capture with stop_early stops at the first call.
+    assert torch.equal(capture(model, "block", x), model.block(x))
+    assert torch.equal(capture(model, "block", x, stop_early=False), model(x))
+
+
+def test_batchnorm_train_mode_is_captured_in_eval_and_flags_restored():
+    model = seeded(BNModel()).train()
+    model.drop.eval()  # a mixed state that model.train(True) would destroy
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    stats = (model.bn.running_mean.clone(), model.bn.running_var.clone(),
+             model.bn.num_batches_tracked.clone())
+    before = training_flags(model)
+    x = torch.randn(4, 3, 5, 5)
+
+    z = capture(model, ["bn", "relu"], x)
+    assert training_flags(model) == before
+    assert torch.equal(model.bn.running_mean, stats[0])
+    assert torch.equal(model.bn.running_var, stats[1])
+    assert torch.equal(model.bn.num_batches_tracked, stats[2])
+    conv = model.conv(x)
+    bn = F.batch_norm(conv, stats[0], stats[1], model.bn.weight, model.bn.bias, False,
+                      0.0, model.bn.eps)
+    assert torch.allclose(z["bn"], bn, atol=1e-6)
+    assert torch.equal(z["relu"], z["bn"].relu())  # dropout off in eval mode
+
+    # eval_mode=False leaves the model as it is: batch statistics, running stats updated.
+    capture(model, "bn", x, eval_mode=False)
+    assert not torch.equal(model.bn.running_mean, stats[0])
+    assert training_flags(model) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Hook hygiene after every kind of call
+# --------------------------------------------------------------------------------------------
+
+
+def _raising_model(exc: BaseException) -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Raiser(exc), nn.ReLU())
+    return seeded(model)
+
+
+@pytest.mark.parametrize("input_side", [False, True])
+@pytest.mark.parametrize(
+    "case", ["normal", "bad_name", "runtime_error", "keyboard_interrupt", "not_run"]
+)
+def test_no_hook_left_and_flags_unchanged(case, input_side):
+    x = torch.randn(2, 3, 5, 5)
+    if case in ("runtime_error", "keyboard_interrupt"):
+        exc = RuntimeError("boom") if case == "runtime_error" else KeyboardInterrupt()
+        model = _raising_model(exc)
+    else:
+        model = seeded(CountingCNN())
+        model.extra = nn.Linear(2, 2)  # registered but unused by forward
+    model.train()
+    model[1].eval() if isinstance(model, nn.Sequential) else model.features[1].eval()
+    before = training_flags(model)
+    assert_no_hooks(model)
+
+    kwargs = {"attribute_to_layer_input": input_side, "stop_early": False}
+    if case == "normal":
+        capture(model, ["features.0", "fc", ""], x, **kwargs)
+        with LayerHooks(model, "features.2", attribute_to_layer_input=input_side) as hooks:
+            model(x)
+        assert hooks.values["features.2"].shape[0] == 2
+    elif case == "bad_name":
+        with pytest.raises(ValueError, match="did you mean"):
+            capture(model, ["features.0", "featurs.2"], x, **kwargs)
+    elif case == "runtime_error":
+        with pytest.raises(RuntimeError, match="boom"):
+            capture(model, ["0", "1", "3"], x, **kwargs)
+    elif case == "keyboard_interrupt":
+        with pytest.raises(KeyboardInterrupt):
+            capture(model, ["0", "3"], x, **kwargs)
+        with pytest.raises(KeyboardInterrupt), LayerHooks(model, ["0", "3"]):
+            model(x)
+    else:
+        with pytest.raises(ValueError, match=r"'extra' did not run.*model\.forward"):
+            capture(model, ["fc", "extra"], x, **kwargs)
+    assert_no_hooks(model)
+    assert training_flags(model) == before
+
+
+def test_user_hooks_survive(cnn, x):
+    seen = []
+    handle = cnn.fc.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    capture(cnn, "fc", x)
+    assert seen == [(2, 5)]
+    assert len(cnn.fc._forward_hooks) == 1
+    handle.remove()
+    assert_no_hooks(cnn)
+
+
+@pytest.mark.parametrize(
+    "register",
+    [
+        lambda m: m.register_forward_hook(lambda *a: None),
+        lambda m: m.register_forward_pre_hook(lambda *a: None),
+        lambda m: m.register_full_backward_hook(lambda *a: None),
+        lambda m: m.register_full_backward_pre_hook(lambda *a: None),
+    ],
+)
+def test_assert_no_hooks_detects_each_kind(register):
+    model = nn.Sequential(nn.Linear(2, 2))
+    handle = register(model[0])
+    with pytest.raises(AssertionError, match="hooks left"):
+        assert_no_hooks(model)
+    handle.remove()
+    assert_no_hooks(model)
+
+
+def test_layer_hooks_reentry_and_reuse(cnn, x):
+    hooks = LayerHooks(cnn, ["fc", "fc", cnn.fc, "pool"])  # duplicates dropped
+    assert hooks.names == ["fc", "pool"]
+    with hooks:
+        with pytest.raises(RuntimeError, match="already active"):
+            hooks.__enter__()
+        cnn(x)
+    assert_no_hooks(cnn)
+    assert list(hooks.values) == ["fc", "pool"]
+    assert torch.equal(hooks[cnn.fc], hooks["fc"])  # values stay readable after the block
+    with pytest.raises(KeyError, match="not hooked"):
+        hooks["features.0"]
+    with hooks:  # may be entered again after leaving; values start empty
+        assert hooks.values == {} and hooks.missing() == ["fc", "pool"]
+        with pytest.raises(KeyError, match="has not run yet"):
+            hooks["fc"]
+        cnn(x)
+    assert_no_hooks(cnn)
+    assert "inactive" in repr(hooks)
+
+
+# --------------------------------------------------------------------------------------------
+# resolve_layer and argument errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_resolve_layer(cnn):
+    assert resolve_layer(cnn, "features.2") == ("features.2", cnn.features[2])
+    assert resolve_layer(cnn, cnn.features[1]) == ("features.1", cnn.features[1])
+    assert resolve_layer(cnn, "") == ("", cnn)
+    assert resolve_layer(cnn, cnn) == ("", cnn)
+
+
+def test_unknown_name_suggests_close_matches(cnn):
+    with pytest.raises(ValueError, match=r"'features\.20'.*did you mean 'features\.2'") as info:
+        resolve_layer(cnn, "features.20")
+    msg = str(info.value)
+    assert "'features' has children: 0, 1, 2, 3" in msg
+    assert "[n for n, _ in model.named_modules()]" in msg
+    with pytest.raises(ValueError, match="did you mean 'pool'"):
+        capture(cnn, "pol", torch.randn(1, 3, 5, 5))
+
+
+def test_module_not_in_model(cnn):
+    other = nn.Conv2d(3, 4, 3, padding=1)
+    with pytest.raises(ValueError, match="not a submodule of the model CountingCNN"):
+        resolve_layer(cnn, other)
+    with pytest.raises(ValueError, match="not a submodule"):
+        capture(cnn, [other], torch.randn(1, 3, 5, 5))
+    assert_no_hooks(cnn)
+
+
+@pytest.mark.parametrize("bad", [3, None, 1.0, torch.zeros(1)])
+def test_bad_layer_type(cnn, bad):
+    with pytest.raises(TypeError, match="layer must be an nn.Module or a dotted name"):
+        resolve_layer(cnn, bad)
+    with pytest.raises(TypeError, match="layer"):
+        capture(cnn, bad, torch.randn(1, 3, 5, 5))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        resolve_layer(lambda t: t, "fc")
+    with pytest.raises(ValueError, match="layers is empty"):
+        LayerHooks(cnn, [])
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+# --------------------------------------------------------------------------------------------
+
+
+def test_grad_keeps_graph(cnn, x):
+    xg = x.clone().requires_grad_(True)
+    z = capture(cnn, "features.0", xg, grad=True)
+    assert z.grad_fn is not None
+    with torch.no_grad():  # grad=True re-enables gradients inside (Captum contract item 6)
+        z2 = capture(cnn, "features.2", xg, grad=True)
+    z2.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    assert cnn.features[0].weight.grad is not None
+    # The default detaches, and runs without building a graph.
+    assert capture(cnn, "features.0", xg).grad_fn is None
+    assert not capture(cnn, "features.0", xg).requires_grad
+    assert_no_hooks(cnn)

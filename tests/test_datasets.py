@@ -1,0 +1,255 @@
+"""Tests of captum_inn.datasets: ColorDigits, colour_digits and concept-pair sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_inn.datasets import FACTORS, ColorDigits, colour_digits
+
+torch.set_num_threads(1)
+
+N_DIGITS = 1797
+
+
+@pytest.fixture(scope="module")
+def train() -> ColorDigits:
+    return ColorDigits("train", seed=0)
+
+
+@pytest.fixture(scope="module")
+def test_split() -> ColorDigits:
+    return ColorDigits("test", seed=0)
+
+
+# ----------------------------------------------------------------- basics
+
+
+def test_shapes_dtypes_range(train: ColorDigits) -> None:
+    n = len(train)
+    assert train.images.shape == (n, 3, 32, 32)
+    assert train.images.dtype == torch.float32
+    assert float(train.images.min()) >= 0.0 and float(train.images.max()) <= 1.0
+    assert train.digits.shape == (n,) and train.digits.dtype == torch.long
+    assert train.foreground.shape == (n, 3) and train.background.shape == (n, 3)
+    assert train.source_index.shape == (n,) and train.source_index.dtype == torch.long
+    assert train.masks.shape == (n, 32, 32)
+    assert set(train.digits.tolist()) == set(range(10))
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert isinstance(y, int) and y == int(train.digits[0])
+    torch.testing.assert_close(train[-1][0], train.images[n - 1])
+    assert "train" in repr(train)
+
+
+def test_image_size_option() -> None:
+    ds = ColorDigits("test", image_size=16, test_fraction=0.1)
+    assert ds.images.shape[1:] == (3, 16, 16)
+    assert float(ds.images.min()) >= 0.0 and float(ds.images.max()) <= 1.0
+
+
+def test_determinism_and_seeds(train: ColorDigits) -> None:
+    again = ColorDigits("train", seed=0)
+    assert torch.equal(again.images, train.images)
+    assert torch.equal(again.source_index, train.source_index)
+    other = ColorDigits("train", seed=1)
+    assert not torch.equal(other.source_index, train.source_index)
+    assert not torch.allclose(other.foreground, train.foreground)
+
+
+def test_global_rng_untouched() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ds = ColorDigits("test", seed=5)
+    ds.pairs("digit", n=4)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_split_disjoint_and_covering(train: ColorDigits, test_split: ColorDigits) -> None:
+    tr = set(train.source_index.tolist())
+    te = set(test_split.source_index.tolist())
+    assert not tr & te
+    assert tr | te == set(range(N_DIGITS))
+    assert len(train) + len(test_split) == N_DIGITS
+    assert 0.15 < len(test_split) / N_DIGITS < 0.25
+    # stratified: every class is on both sides
+    assert set(test_split.digits.tolist()) == set(range(10))
+    # train and test colour streams differ
+    assert not torch.allclose(train.foreground[:5], test_split.foreground[:5])
+    everything = ColorDigits("all")
+    assert len(everything) == N_DIGITS
+    assert sorted(everything.source_index.tolist()) == list(range(N_DIGITS))
+
+
+def test_recolorings() -> None:
+    ds = ColorDigits("test", recolorings=3)
+    assert len(ds) == 3 * ds.n_images
+    m = ds.n_images
+    assert torch.equal(ds.source_index[:m], ds.source_index[m : 2 * m])
+    assert torch.equal(ds.digits[:m], ds.digits[2 * m :])
+    assert not torch.allclose(ds.foreground[:m], ds.foreground[m : 2 * m])
+    assert ds.source_index.unique().numel() == m
+
+
+# ------------------------------------------------------------- colouring
+
+
+def test_colour_formula_endpoints() -> None:
+    masks = torch.zeros(2, 5, 5)
+    masks[:, 2, 2] = 1.0
+    masks[:, 0, 0] = 0.25
+    fg = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.7, 0.4]])
+    bg = torch.tensor([[0.0, 0.5, 1.0], [0.6, 0.6, 0.1]])
+    x = colour_digits(masks, fg, bg)
+    assert x.shape == (2, 3, 5, 5)
+    torch.testing.assert_close(x[:, :, 2, 2], fg, rtol=0, atol=0)
+    torch.testing.assert_close(x[:, :, 4, 4], bg, rtol=0, atol=0)
+    torch.testing.assert_close(x[:, :, 0, 0], 0.25 * fg + 0.75 * bg)
+    # (N, 1, H, W) masks and a shared (3,) colour
+    y = colour_digits(masks.unsqueeze(1), fg, bg[0])
+    torch.testing.assert_close(y[:, :, 4, 4], bg[0].expand(2, 3), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="foreground"):
+        colour_digits(masks, torch.rand(3, 3), bg)
+    with pytest.raises(ValueError, match="masks"):
+        colour_digits(torch.rand(5, 5), fg, bg)
+
+
+def test_reconstruct_from_factors(train: ColorDigits) -> None:
+    for i in (0, 17, len(train) - 1):
+        f = train.factors(i)
+        assert set(f) >= set(FACTORS)
+        assert f["digit"] == train[i][1]
+        rebuilt = colour_digits(train.masks[i : i + 1], f["foreground"], f["background"])[0]
+        torch.testing.assert_close(rebuilt, train[i][0], rtol=0, atol=0)
+    # masks are the bilinearly upsampled sklearn digits
+    from sklearn.datasets import load_digits
+
+    raw = torch.from_numpy(load_digits().images[train.factors(0)["source_index"]]).float() / 16
+    up = torch.nn.functional.interpolate(raw[None, None], size=(32, 32), mode="bilinear")
+    torch.testing.assert_close(train.masks[0], up[0, 0])
+
+
+# ----------------------------------------------------------------- pairs
+
+
+@pytest.mark.parametrize("factor", FACTORS)
+def test_pairs_share_exactly_named_factor(train: ColorDigits, factor: str) -> None:
+    n = 200
+    a, b, fa, fb = train.pairs(factor, n=n, generator=0, return_factors=True)
+    assert a.shape == b.shape == (n, 3, 32, 32)
+    assert float(b.min()) >= 0.0 and float(b.max()) <= 1.0
+    torch.testing.assert_close(a, train.images[fa["index"]], rtol=0, atol=0)
+    same_digit = fa["digit"] == fb["digit"]
+    same_fg = (fa["foreground"] == fb["foreground"]).all(dim=1)
+    same_bg = (fa["background"] == fb["background"]).all(dim=1)
+    same_image = fa["source_index"] == fb["source_index"]
+    shared = {"digit": same_digit, "foreground": same_fg, "background": same_bg}
+    assert bool(shared[factor].all())
+    for other in FACTORS:
+        if other != factor:
+            # independent: a digit matches by chance ~10% of the time, a colour never
+            assert float(shared[other].float().mean()) < 0.3, other
+    assert float(same_image.float().mean()) < 0.05  # a different handwritten image
+    # b is exactly its factors, coloured
+    b_masks = train.masks[: train.n_images][_local(train, fb["source_index"])]
+    torch.testing.assert_close(
+        b, colour_digits(b_masks, fb["foreground"], fb["background"]), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("differ_in", FACTORS)
+def test_pairs_differ_in_one_factor(train: ColorDigits, differ_in: str) -> None:
+    a, b, fa, fb = train.pairs(differ_in=differ_in, n=100, generator=3, return_factors=True)
+    same = {
+        "digit": fa["digit"] == fb["digit"],
+        "foreground": (fa["foreground"] == fb["foreground"]).all(dim=1),
+        "background": (fa["background"] == fb["background"]).all(dim=1),
+    }
+    assert not bool(same[differ_in].any())
+    for other in FACTORS:
+        if other != differ_in:
+            assert bool(same[other].all()), other
+    same_image = fa["source_index"] == fb["source_index"]
+    if differ_in == "digit":
+        assert not bool(same_image.any())
+    else:
+        assert bool(same_image.all())
+        # only the differing colour changed the picture
+        torch.testing.assert_close(
+            b, colour_digits(train.masks[fa["index"]], fb["foreground"], fb["background"])
+        )
+
+
+def test_pairs_stay_in_split(test_split: ColorDigits) -> None:
+    allowed = set(test_split.source_index.tolist())
+    for factor in FACTORS:
+        _, _, fa, fb = test_split.pairs(factor, n=64, generator=1, return_factors=True)
+        assert set(fb["source_index"].tolist()) <= allowed
+        assert set(fa["source_index"].tolist()) <= allowed
+
+
+def test_pairs_deterministic(train: ColorDigits) -> None:
+    a1, b1 = train.pairs("foreground", n=8, generator=7)
+    a2, b2 = train.pairs("foreground", n=8, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    a3, _ = train.pairs("foreground", n=8, generator=8)
+    assert not torch.equal(a1, a3)
+    # the default stream is seeded from the dataset seed and advances between calls
+    fresh = ColorDigits("train", seed=0)
+    c1, d1 = fresh.pairs("digit", n=8)
+    c2, _ = fresh.pairs("digit", n=8)
+    assert not torch.equal(c1, c2)
+    e1, f1 = ColorDigits("train", seed=0).pairs("digit", n=8)
+    assert torch.equal(c1, e1) and torch.equal(d1, f1)
+    a, b = train.pairs("digit", n=1, generator=0)  # a batch of one works
+    assert a.shape == b.shape == (1, 3, 32, 32)
+
+
+def _local(ds: ColorDigits, source_index: torch.Tensor) -> torch.Tensor:
+    """Position of each global source index among the split's sorted images."""
+    sources = ds.source_index[: ds.n_images]
+    return torch.searchsorted(sources, source_index)
+
+
+# ------------------------------------------------------------ DataLoader
+
+
+def test_dataloader(train: ColorDigits) -> None:
+    loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True)
+    x, y = next(iter(loader))
+    assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32
+    assert y.shape == (32,) and y.dtype == torch.long
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_inputs(train: ColorDigits) -> None:
+    with pytest.raises(ValueError, match=r"`split`.*'train', 'test', 'all'.*'val'"):
+        ColorDigits("val")
+    with pytest.raises(ValueError, match="recolorings.*>= 1"):
+        ColorDigits(recolorings=0)
+    with pytest.raises(TypeError, match="recolorings"):
+        ColorDigits(recolorings=1.5)
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="test_fraction"):
+            ColorDigits(test_fraction=bad)
+    with pytest.raises(ValueError, match="seed"):
+        ColorDigits(seed=-1)
+    with pytest.raises(ValueError, match="image_size"):
+        ColorDigits(image_size=0)
+    with pytest.raises(ValueError, match=r"'digit', 'foreground', 'background'.*'colour'"):
+        train.pairs("colour", n=4)
+    with pytest.raises(ValueError, match="differ_in.*'digit'"):
+        train.pairs(differ_in="shape", n=4)
+    with pytest.raises(ValueError, match="exactly one"):
+        train.pairs("digit", n=4, differ_in="background")
+    with pytest.raises(ValueError, match="exactly one"):
+        train.pairs(n=4)
+    with pytest.raises(ValueError, match=r"`n`.*>= 1"):
+        train.pairs("digit", n=0)
+    with pytest.raises(TypeError, match="generator"):
+        train.pairs("digit", n=2, generator="zero")
+    with pytest.raises(IndexError, match="out of range"):
+        train[len(train)]

@@ -1,0 +1,328 @@
+"""Deep tests of every invertible component (DESIGN.md §6, the zuko habit).
+
+Every case randomises all parameters first (a zero-initialised subnet makes a coupling the
+identity and the test vacuous), then checks in float64: inversion, the log-determinant against
+``slogdet`` of the autograd Jacobian, forward = −reverse log-determinant, gradients for every
+parameter, exact save/load (through safetensors, the checkpoint format) and batch size 1.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from captum_inn.inn import (
+    ActNorm,
+    AffineCoupling,
+    ConditionalINN,
+    FactorINN,
+    NotInitializedError,
+    Permutation,
+    SequentialFlow,
+    factor_sizes_from_scores,
+    flow_blocks,
+)
+
+torch.set_num_threads(1)
+
+EMBED = 6
+
+
+def _embedding(n, gen):
+    return torch.randn(n, EMBED, generator=gen, dtype=torch.float64)
+
+
+def _vector_condition(n, gen):
+    return torch.randn(n, 7, generator=gen, dtype=torch.float64) * 3 + 1
+
+
+def _map_condition(n, gen):
+    return torch.randn(n, 3, 9, 6, generator=gen, dtype=torch.float64)
+
+
+# name -> (factory(dim) -> module, condition(n, gen) -> tensor or None, input shape(dim))
+COMPONENTS = {
+    "actnorm": (lambda d: ActNorm(d), None, lambda d: (d,)),
+    # channels share their scale over the spatial positions: (2, d/2, 1) or (1, d, 1) maps
+    "actnorm_feature_map": (lambda d: ActNorm(2 - d % 2), None, lambda d: (2 - d % 2, d // (2 - d % 2), 1)),
+    "coupling": (lambda d: AffineCoupling(d, hidden=16, parity=0), None, lambda d: (d,)),
+    "coupling_other_half": (lambda d: AffineCoupling(d, hidden=16, parity=1, clamp=2.0), None, lambda d: (d,)),
+    "coupling_conditional": (
+        lambda d: AffineCoupling(d, hidden=16, cond_dim=EMBED), _embedding, lambda d: (d,)
+    ),
+    "permutation": (lambda d: Permutation(d, seed=1), None, lambda d: (d,)),
+    "sequential": (lambda d: SequentialFlow(flow_blocks(d, 2, hidden=16, cond_dim=EMBED)), _embedding, lambda d: (d,)),
+    "conditional_inn_vector": (
+        lambda d: ConditionalINN(d, (7,), n_blocks=2, hidden=16, embed_dim=5), _vector_condition, lambda d: (d,)
+    ),
+    "conditional_inn_feature_map": (
+        lambda d: ConditionalINN(d, (3, 9, 6), n_blocks=2, hidden=16, embed_dim=5), _map_condition, lambda d: (d,)
+    ),
+    "factor_inn": (lambda d: FactorINN(d, {"a": 1}, n_blocks=2, hidden=16), None, lambda d: (d,)),
+}
+
+
+def _randomise_(module: torch.nn.Module, gen: torch.Generator, std: float = 0.4) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+def _build(name, dim, device, seed=0):
+    factory, condition, shape = COMPONENTS[name]
+    gen = torch.Generator().manual_seed(seed)
+    module = factory(dim).double().to(device)
+    init_x = (torch.randn(16, *shape(dim), generator=gen, dtype=torch.float64) * 2 + 0.5).to(device)
+    init_c = condition(16, gen).to(device) if condition else None
+    module(init_x, init_c)  # data-dependent initialisation on a real forward batch
+    _randomise_(module, gen)
+    x = torch.randn(5, *shape(dim), generator=gen, dtype=torch.float64).to(device)
+    c = condition(5, gen).to(device) if condition else None
+    return module, x, c
+
+
+def _one(c, i):
+    return None if c is None else c[i : i + 1]
+
+
+@pytest.mark.parametrize("dim", [2, 3, 5, 8])
+@pytest.mark.parametrize("name", list(COMPONENTS))
+def test_invertible_component(name, dim, device):
+    module, x, c = _build(name, dim, device)
+    y, logdet = module(x, c)
+    assert logdet.shape == (x.shape[0],)
+    if name != "permutation":
+        assert (y - x).abs().max() > 1e-3, "randomised component must not be the identity"
+
+    # inverse(forward(x)) == x
+    x_back, logdet_rev = module(y, c, rev=True)
+    assert (x_back - x).abs().max() < 1e-10
+
+    # forward log-det == −reverse log-det at matching points
+    assert torch.allclose(logdet, -logdet_rev, rtol=0, atol=1e-10)
+
+    # log-det == slogdet of the autograd Jacobian, per sample, both directions (batch of one)
+    for i in range(x.shape[0]):
+        def fwd(xi, i=i):
+            return module(xi.unsqueeze(0), _one(c, i))[0].reshape(-1)
+
+        def rev(yi, i=i):
+            return module(yi.unsqueeze(0), _one(c, i), rev=True)[0].reshape(-1)
+
+        jac = torch.autograd.functional.jacobian(fwd, x[i])
+        jac = jac.reshape(jac.shape[0], -1)
+        sign, logabs = torch.linalg.slogdet(jac)
+        assert sign != 0
+        assert abs(float(logabs) - float(logdet[i].detach())) < 1e-8
+        jac_rev = torch.autograd.functional.jacobian(rev, y[i]).reshape(jac.shape)
+        assert abs(float(torch.linalg.slogdet(jac_rev)[1]) - float(logdet_rev[i].detach())) < 1e-8
+
+    # batch size 1 after initialisation gives the same as within a batch
+    y0, ld0 = module(x[:1], _one(c, 0))
+    assert torch.allclose(y0, y[:1], rtol=0, atol=1e-12)
+    assert torch.allclose(ld0, logdet[:1], rtol=0, atol=1e-12)
+
+    # every parameter receives a gradient from the likelihood loss
+    module.zero_grad()
+    x_grad = x.clone().requires_grad_(True)  # lets parameter-free blocks backpropagate too
+    y, logdet = module(x_grad, c)
+    nll = (0.5 * y.reshape(y.shape[0], -1).pow(2).sum(1) - logdet).mean()
+    nll.backward()
+    assert x_grad.grad is not None and torch.isfinite(x_grad.grad).all()
+    for pname, p in module.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{pname} got a zero gradient"
+
+    # the condition matters for conditional components
+    if c is not None:
+        y_other, _ = module(x, c.flip(0) + 1.0)
+        assert (y_other - y).abs().max() > 1e-6
+
+    # save/load of the state dict (through safetensors, the checkpoint format) reproduces exactly
+    blob = save({k: v.contiguous() for k, v in module.state_dict().items()})
+    fresh = COMPONENTS[name][0](dim).double().to(device)
+    fresh.load_state_dict(load(blob))
+    with torch.no_grad():
+        y1, ld1 = module(x, c)
+        y2, ld2 = fresh(x, c)
+    assert torch.equal(y1, y2) and torch.equal(ld1, ld2)
+
+
+def test_jac_false_skips_logdet_but_not_the_transform():
+    module, x, c = _build("conditional_inn_vector", 4, "cpu")
+    y, _ = module(x, c)
+    y_nojac, logdet = module(x, c, jac=False)
+    assert torch.equal(y, y_nojac)
+    assert torch.equal(logdet, torch.zeros(5, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- ActNorm
+def test_actnorm_initialises_on_first_forward_batch():
+    norm = ActNorm(3)
+    x = torch.randn(64, 3, 4, 4) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1) + 7
+    assert not bool(norm.initialized)
+    y, _ = norm(x)
+    assert bool(norm.initialized)
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(y.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-3)
+    # a second batch does not re-initialise
+    before = norm.loc.detach().clone()
+    norm(torch.randn(8, 3, 4, 4))
+    assert torch.equal(norm.loc, before)
+
+
+def test_actnorm_reverse_before_initialisation_is_an_error():
+    with pytest.raises(NotInitializedError, match="not initialised.*reverse"):
+        ActNorm(4)(torch.randn(8, 4), rev=True)
+
+
+def test_actnorm_batch_of_one_before_initialisation_is_an_error():
+    norm = ActNorm(4)
+    with pytest.raises(ValueError, match="at least 2 samples.*batch of 1"):
+        norm(torch.randn(1, 4))
+    assert not bool(norm.initialized)
+    norm.initialize(torch.randn(10, 4))
+    assert bool(norm.initialized)
+    assert norm(torch.randn(1, 4))[0].shape == (1, 4)
+
+
+def test_actnorm_initialized_flag_travels_with_the_state_dict():
+    norm = ActNorm(4)
+    norm(torch.randn(10, 4) * 3)
+    fresh = ActNorm(4)
+    fresh.load_state_dict(norm.state_dict())
+    assert bool(fresh.initialized)
+    x = torch.randn(1, 4)
+    assert torch.equal(fresh(x, rev=True)[0], norm(x, rev=True)[0])
+
+
+def test_actnorm_wrong_channels():
+    with pytest.raises(ValueError, match="built for 4 channels"):
+        ActNorm(4)(torch.randn(3, 5))
+
+
+# ---------------------------------------------------------------- couplings and permutations
+def test_coupling_scales_are_bounded():
+    block = AffineCoupling(6, hidden=8, clamp=0.5)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.fill_(50.0)
+    _, logdet = block(torch.randn(4, 6) * 100)
+    assert torch.isfinite(logdet).all()
+    assert logdet.abs().max() <= 0.5 * 3 + 1e-6
+
+
+def test_coupling_starts_as_identity_for_stable_training():
+    block = AffineCoupling(6, hidden=8)
+    x = torch.randn(4, 6)
+    y, logdet = block(x)
+    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(4))
+
+
+def test_conditional_coupling_needs_its_condition():
+    block = AffineCoupling(4, hidden=8, cond_dim=3)
+    with pytest.raises(ValueError, match="pass the condition"):
+        block(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"`c` must have shape \(2, 3\)"):
+        block(torch.randn(2, 4), torch.randn(2, 5))
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
+        Permutation(4)(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="floating-point"):
+        Permutation(4)(torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="dim` >= 2"):
+        AffineCoupling(1)
+    with pytest.raises(TypeError, match="InvertibleModule"):
+        SequentialFlow([torch.nn.Linear(2, 2)])
+
+
+def test_permutation_is_seeded_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, b, c = Permutation(32, seed=1), Permutation(32, seed=1), Permutation(32, seed=2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.perm, b.perm) and not torch.equal(a.perm, c.perm)
+    assert torch.equal(a.perm[a.inverse_perm], torch.arange(32))
+
+
+# ---------------------------------------------------------------- the two networks
+def test_conditional_inn_20_blocks_dim_128_round_trips_float32():
+    torch.manual_seed(0)
+    t = ConditionalINN(128, (64, 8, 8), n_blocks=20, hidden=512, embed_dim=128)
+    for module in t.modules():  # leave the identity start: give every coupling a real transform
+        if isinstance(module, AffineCoupling):
+            module.subnet[-1].reset_parameters()
+    x = torch.randn(32, 128)
+    c = torch.randn(32, 64, 8, 8)
+    with torch.no_grad():
+        v, _ = t(x, c)
+        x_back, _ = t(v, c, rev=True)
+    assert (v - x).abs().max() > 0.1
+    rel = (x_back - x).abs().max() / x.abs().max()
+    assert rel <= 1e-4, f"max relative round-trip error {rel:.2e}"
+
+
+def test_conditional_inn_rejects_a_condition_of_another_layer():
+    t = ConditionalINN(4, (10,), n_blocks=1, hidden=8)
+    with pytest.raises(ValueError, match="fitted for another layer"):
+        t(torch.randn(3, 4), torch.randn(3, 12))
+    with pytest.raises(ValueError, match="needs the condition"):
+        t(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="same batch size"):
+        t(torch.randn(3, 4), torch.randn(2, 10))
+
+
+def test_conditional_inn_sampling_is_reproducible_and_checks_temperature():
+    t = ConditionalINN(4, (10,), n_blocks=1, hidden=8)
+    c = torch.randn(6, 10)
+    t(torch.randn(6, 4), c)
+    a = t.sample(c, 0.7, generator=torch.Generator().manual_seed(3))
+    b = t.sample(c, 0.7, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (6, 4)
+    with pytest.raises(ValueError, match="temperature"):
+        t.sample(c, 0.0)
+
+
+def test_condition_statistics_standardise_the_input():
+    t = ConditionalINN(4, (3, 5, 5), n_blocks=1, hidden=8)
+    c = torch.randn(20, 3, 5, 5) * 10 + 4
+    t.embedder.set_input_statistics(c)
+    z = t.embedder.standardize(c)
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+
+
+def test_factor_inn_split_merge_and_sizes():
+    e = FactorINN(10, {"digit": 4, "colour": 3}, n_blocks=1, hidden=8)
+    assert e.factor_sizes == {"digit": 4, "colour": 3, "residual": 3}
+    y = torch.randn(2, 10)
+    parts = e.split(y)
+    assert list(parts) == ["digit", "colour", "residual"]
+    assert torch.equal(e.merge(parts), y)
+    with pytest.raises(ValueError, match="missing"):
+        e.merge({"digit": parts["digit"]})
+    with pytest.raises(ValueError, match="sum to dim=10"):
+        FactorINN(10, {"digit": 8, "colour": 3})
+    with pytest.raises(ValueError, match="unconditional"):
+        e(y, torch.randn(2, 3))
+    explicit = FactorINN(10, {"residual": 2, "digit": 8})
+    assert list(explicit.factor_sizes) == ["digit", "residual"]
+
+
+@pytest.mark.parametrize("dim", [4, 16, 128])
+def test_factor_sizes_from_scores(dim):
+    scores = {"digit": 2.0, "foreground": 0.3, "background": -1.0}
+    sizes = factor_sizes_from_scores(scores, dim)
+    assert list(sizes) == ["digit", "foreground", "background", "residual"]
+    assert sum(sizes.values()) == dim and min(sizes.values()) >= 1
+    assert sizes["digit"] >= sizes["foreground"] >= sizes["background"]
+    assert FactorINN.from_scores(dim, scores, n_blocks=1, hidden=8).factor_sizes == sizes
+
+
+def test_factor_sizes_need_room():
+    with pytest.raises(ValueError, match="too small"):
+        factor_sizes_from_scores({"a": 1.0, "b": 1.0}, dim=2)

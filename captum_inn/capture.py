@@ -212,7 +212,8 @@ def _select(
         else:
             raise ValueError(
                 f"layer {name!r}: its {what} of type {_describe(value)} has no key or "
-                f"attribute {selector!r}" + (f" (keyword arguments: {sorted(kwargs)})" if kwargs else "")
+                f"attribute {selector!r}"
+                + (f" (keyword arguments: {sorted(kwargs)})" if kwargs else "")
             )
     else:
         raise TypeError(
@@ -389,7 +390,7 @@ class LayerHooks:
                 self._handles.pop().remove()
         finally:
             for module, flag in self._flags:
-                pass  # not module.train(flag): that would recurse
+                module.training = flag  # not module.train(flag): that would recurse
             self._flags = []
             self._active = False
 
@@ -536,7 +537,9 @@ def capture(
     elif isinstance(inputs, tuple):
         args = inputs
     else:
-        raise TypeError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+        raise TypeError(
+            f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}"
+        )
     if additional_forward_args is None:
         extra: Tuple[Any, ...] = ()
     elif isinstance(additional_forward_args, tuple):
@@ -559,7 +562,8 @@ def capture(
     if missing:
         raise ValueError(
             f"layer {missing[0]!r} did not run during the forward pass; check that it is used "
-            f"in model.forward" + (f" (layers that did not run: {missing})" if len(missing) > 1 else "")
+            f"in model.forward"
+            + (f" (layers that did not run: {missing})" if len(missing) > 1 else "")
         )
     values = hooks.values
     return values[hooks.names[0]] if single else values

@@ -230,8 +230,10 @@ def test_selectors_of_each_kind():
     h = model.lin(x)
     assert torch.equal(capture(model, "two", x, selector=0), h * 2)
     assert torch.equal(capture(model, "two", x, selector=-1), h.mean(dim=1))
-    assert torch.equal(capture(model, "two", x, selector=lambda o: o[0] + o[1][:, None]),
-                       h * 2 + h.mean(dim=1)[:, None])
+    assert torch.equal(
+        capture(model, "two", x, selector=lambda o: o[0] + o[1][:, None]),
+        h * 2 + h.mean(dim=1)[:, None],
+    )
     assert torch.equal(capture(model, "dc", x, selector="feat"), h * 2 + 1)  # dataclass field
     assert torch.equal(capture(model, "", x, selector="logits"), h * 2 + 1)  # dict key
     assert_no_hooks(model)
@@ -354,8 +356,11 @@ def test_batchnorm_train_mode_is_captured_in_eval_and_flags_restored():
     model.drop.eval()  # a mixed state that model.train(True) would destroy
     model.bn.running_mean.normal_()
     model.bn.running_var.uniform_(0.5, 2.0)
-    stats = (model.bn.running_mean.clone(), model.bn.running_var.clone(),
-             model.bn.num_batches_tracked.clone())
+    stats = (
+        model.bn.running_mean.clone(),
+        model.bn.running_var.clone(),
+        model.bn.num_batches_tracked.clone(),
+    )
     before = training_flags(model)
     x = torch.randn(4, 3, 5, 5)
 
@@ -365,8 +370,9 @@ def test_batchnorm_train_mode_is_captured_in_eval_and_flags_restored():
     assert torch.equal(model.bn.running_var, stats[1])
     assert torch.equal(model.bn.num_batches_tracked, stats[2])
     conv = model.conv(x)
-    bn = F.batch_norm(conv, stats[0], stats[1], model.bn.weight, model.bn.bias, False,
-                      0.0, model.bn.eps)
+    bn = F.batch_norm(
+        conv, stats[0], stats[1], model.bn.weight, model.bn.bias, False, 0.0, model.bn.eps
+    )
     assert torch.allclose(z["bn"], bn, atol=1e-6)
     assert torch.equal(z["relu"], z["bn"].relu())  # dropout off in eval mode
 
@@ -399,7 +405,8 @@ def test_no_hook_left_and_flags_unchanged(case, input_side):
         model = seeded(CountingCNN())
         model.extra = nn.Linear(2, 2)  # registered but unused by forward
     model.train()
-    model[1].eval() if isinstance(model, nn.Sequential) else model.features[1].eval()
+    # A submodule in eval mode inside a model in train mode: a mixed state to restore exactly.
+    (model[1] if isinstance(model, nn.Sequential) else model.features[1]).eval()
     before = training_flags(model)
     assert_no_hooks(model)
 

@@ -8,8 +8,6 @@ parameter, exact save/load (through safetensors, the checkpoint format) and batc
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from safetensors.torch import load, save

@@ -464,8 +464,11 @@ class LayerHooks:
 
         Examples::
 
+            >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
             >>> with LayerHooks(model, "0", stop_early=True) as hooks:
-            ...     hooks.run(x)      # returns None: stopped after layer "0"
+            ...     out = hooks.run(torch.randn(5, 4))   # stopped after layer "0"
+            >>> out is None, hooks["0"].shape
+            (True, torch.Size([5, 3]))
         """
         try:
             return self.model(*args, **kwargs)

@@ -1,0 +1,226 @@
+"""The encode/decode protocol and a default convolutional autoencoder with a Gaussian posterior.
+
+The autoencoder ``E, D`` gives every image a code ``z̄ = E(x)`` and ``x̂ = D(z̄)``. It is independent
+of the analysed network: trained once per dataset and shared by every layer being analysed.
+Bring your own by giving any object ``encode(x)`` (returning a code tensor ``(N, d)`` or a
+distribution with ``.mean`` and ``.sample()``/``.rsample()``) and ``decode(code)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Autoencoder",
+    "DiagonalGaussian",
+    "ConvAutoencoder",
+    "check_autoencoder",
+    "encode_mean",
+    "encode_posterior",
+]
+
+
+@runtime_checkable
+class Autoencoder(Protocol):
+    """What ``captum_inn`` needs of an autoencoder: ``encode`` and ``decode``.
+
+    ``encode(x)`` maps images ``(N, C, H, W)`` to a code ``(N, d)`` or to a distribution object
+    with ``mean`` ``(N, d)`` (and ``sample``/``rsample`` for posterior samples); ``decode(code)``
+    maps ``(N, d)`` back to images.
+    """
+
+    def encode(self, x: Tensor) -> Any:  # pragma: no cover - protocol
+        ...
+
+    def decode(self, code: Tensor) -> Tensor:  # pragma: no cover - protocol
+        ...
+
+
+def check_autoencoder(autoencoder: Any, name: str = "autoencoder") -> None:
+    """Raise a clear ``TypeError`` unless ``autoencoder`` has callable ``encode`` and ``decode``.
+
+    Args:
+        autoencoder: The object to check.
+        name: Argument name used in the message.
+
+    Examples::
+
+        >>> check_autoencoder(ConvAutoencoder(latent_dim=8))
+        >>> check_autoencoder(torch.nn.Linear(2, 2))
+        Traceback (most recent call last):
+        ...
+        TypeError: `autoencoder` must have callable `encode(x)` and `decode(code)` methods; Linear lacks encode, decode. ...
+    """
+    missing = [m for m in ("encode", "decode") if not callable(getattr(autoencoder, m, None))]
+    if missing:
+        raise TypeError(
+            f"`{name}` must have callable `encode(x)` and `decode(code)` methods; "
+            f"{type(autoencoder).__name__} lacks {', '.join(missing)}. Wrap your model in a class "
+            "with these two methods, or train the default with captum_inn.training.fit_autoencoder."
+        )
+
+
+class DiagonalGaussian:
+    """A diagonal Gaussian posterior ``N(mean, exp(logvar))`` over codes ``(N, d)``.
+
+    Unlike ``torch.distributions.Normal`` its :meth:`sample` takes a ``torch.Generator``, so cached
+    posterior samples are reproducible.
+
+    Args:
+        mean: ``(N, d)``.
+        logvar: ``(N, d)``.
+
+    Examples::
+
+        >>> q = DiagonalGaussian(torch.zeros(2, 3), torch.zeros(2, 3))
+        >>> q.sample(generator=torch.Generator().manual_seed(0)).shape, q.kl().shape
+        (torch.Size([2, 3]), torch.Size([2]))
+    """
+
+    def __init__(self, mean: Tensor, logvar: Tensor) -> None:
+        self.mean = mean
+        self.logvar = logvar.clamp(-30.0, 20.0)
+
+    @property
+    def std(self) -> Tensor:
+        """Standard deviation ``(N, d)``."""
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        """A reparametrised sample ``mean + std · ε`` (differentiable in mean and logvar)."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    rsample = sample
+
+    def kl(self) -> Tensor:
+        """``KL(q ‖ N(0, I))`` per sample, ``(N,)``."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=1)
+
+
+def encode_posterior(autoencoder: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Encode ``x`` and return the posterior as ``(mean, std)``, both ``(N, d)``.
+
+    A deterministic encoder (one that returns a tensor) has ``std = 0``.
+
+    Args:
+        autoencoder: Any object following :class:`Autoencoder`.
+        x: ``(N, C, H, W)`` images.
+
+    Returns:
+        ``(mean, std)``.
+    """
+    out = autoencoder.encode(x)
+    if isinstance(out, Tensor):
+        mean, std = out, torch.zeros_like(out)
+    elif hasattr(out, "mean"):
+        mean = out.mean
+        std = out.std if hasattr(out, "std") else torch.zeros_like(mean)
+        if callable(std):  # torch.distributions expose .stddev; a few objects expose std()
+            std = std()
+    else:
+        raise TypeError(
+            f"`autoencoder.encode` returned {type(out).__name__}; it must return a code tensor "
+            "(N, d) or a distribution with a `.mean` of shape (N, d)."
+        )
+    if mean.dim() != 2:
+        raise ValueError(
+            f"`autoencoder.encode` must give codes of shape (N, d), got {tuple(mean.shape)}; "
+            "flatten the code inside encode()."
+        )
+    return mean, std
+
+
+def encode_mean(autoencoder: Any, x: Tensor) -> Tensor:
+    """The posterior mean code ``(N, d)`` of images ``x`` (the code itself for deterministic encoders)."""
+    return encode_posterior(autoencoder, x)[0]
+
+
+class ConvAutoencoder(nn.Module):
+    """The default autoencoder: a convolutional encoder with a Gaussian posterior and a decoder.
+
+    Stride-2 convolutions halve the image ``n_down`` times to a 4×4 map; a linear layer gives the
+    posterior mean and log-variance of the ``latent_dim`` code; the decoder mirrors the encoder with
+    transposed convolutions. Train it with :func:`captum_inn.training.fit_autoencoder`.
+
+    Args:
+        image_shape: ``(C, H, W)`` of the images; ``H`` and ``W`` divisible by 4 after halving,
+            e.g. ``(3, 32, 32)`` or ``(3, 64, 64)``.
+        latent_dim: Size ``d`` of the code ``z̄``.
+        width: Channels of the first convolution (doubling per halving, capped at ``8 · width``).
+        output: ``"sigmoid"`` for images in ``[0, 1]``, ``"identity"`` for normalised images.
+
+    Examples::
+
+        >>> ae = ConvAutoencoder((3, 32, 32), latent_dim=16)
+        >>> q = ae.encode(torch.rand(2, 3, 32, 32))
+        >>> q.mean.shape, ae.decode(q.sample()).shape
+        (torch.Size([2, 16]), torch.Size([2, 3, 32, 32]))
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int] = (3, 32, 32),
+        latent_dim: int = 64,
+        width: int = 32,
+        output: str = "sigmoid",
+    ) -> None:
+        super().__init__()
+        channels, height, width_px = (int(s) for s in image_shape)
+        if output not in ("sigmoid", "identity"):
+            raise ValueError(f"`output` must be 'sigmoid' or 'identity', got {output!r}.")
+        if height != width_px or height < 8 or 2 ** round(math.log2(height)) != height:
+            raise ValueError(
+                f"ConvAutoencoder needs square images with a power-of-two side >= 8, got {tuple(image_shape)}; "
+                "resize the images or bring your own autoencoder."
+            )
+        if int(latent_dim) < 1:
+            raise ValueError(f"`latent_dim` must be >= 1, got {latent_dim}.")
+        self.image_shape = (channels, height, width_px)
+        self.latent_dim = int(latent_dim)
+        self.config: Dict[str, Any] = dict(
+            image_shape=list(self.image_shape), latent_dim=self.latent_dim, width=int(width), output=output
+        )
+        n_down = int(math.log2(height)) - 2  # down to 4×4
+        widths = [min(width * 2**i, 8 * width) for i in range(n_down)]
+        enc, ch = [], channels
+        for w in widths:
+            enc += [nn.Conv2d(ch, w, 4, stride=2, padding=1), nn.BatchNorm2d(w), nn.LeakyReLU(0.2)]
+            ch = w
+        self.encoder = nn.Sequential(*enc, nn.Flatten())
+        self.to_posterior = nn.Linear(ch * 16, 2 * self.latent_dim)
+        self.from_code = nn.Sequential(nn.Linear(self.latent_dim, ch * 16), nn.LeakyReLU(0.2))
+        dec = []
+        for w in widths[-2::-1] + [width]:  # mirror of the encoder, ending at full resolution
+            dec += [nn.ConvTranspose2d(ch, w, 4, stride=2, padding=1), nn.BatchNorm2d(w), nn.LeakyReLU(0.2)]
+            ch = w
+        dec.append(nn.Conv2d(ch, channels, 3, padding=1))
+        if output == "sigmoid":
+            dec.append(nn.Sigmoid())
+        self.decoder = nn.Sequential(*dec)
+        self._top = widths[-1]
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        """Posterior ``q(z̄ | x)`` of images ``(N, C, H, W)``; ``.mean`` is ``(N, latent_dim)``."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"This autoencoder was built for images of shape (N, {', '.join(map(str, self.image_shape))}), "
+                f"got {tuple(x.shape)}."
+            )
+        mean, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=1)
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, code: Tensor) -> Tensor:
+        """Images ``(N, C, H, W)`` from codes ``(N, latent_dim)``."""
+        if code.dim() != 2 or code.shape[1] != self.latent_dim:
+            raise ValueError(f"`code` must have shape (N, {self.latent_dim}), got {tuple(code.shape)}.")
+        h = self.from_code(code).view(code.shape[0], self._top, 4, 4)
+        return self.decoder(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruct through the posterior mean: ``D(mean E(x))``."""
+        return self.decode(self.encode(x).mean)

@@ -1,0 +1,33 @@
+"""Fitting flows to hooked layers: feature caches, ``fit_*`` functions, checkpoints.
+
+The public entry points are :func:`fit_autoencoder` and :func:`fit_invariances`; both read like a
+plain loop (:func:`~captum_inn.training.loop.train_loop`), show a progress bar, are seeded, and
+write atomic safetensors checkpoints that a later call resumes.
+"""
+
+from captum_inn.training.autoencoder import AutoencoderConfig, fit_autoencoder, load_autoencoder
+from captum_inn.training.cache import FeatureCache, cache_features
+from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from captum_inn.training.invariances import (
+    InvarianceConfig,
+    fit_invariances,
+    load_invariance_inn,
+    save_invariance_inn,
+)
+from captum_inn.training.loop import train_loop
+
+__all__ = [
+    "AutoencoderConfig",
+    "CheckpointError",
+    "FeatureCache",
+    "InvarianceConfig",
+    "cache_features",
+    "fit_autoencoder",
+    "fit_invariances",
+    "load_autoencoder",
+    "load_checkpoint",
+    "load_invariance_inn",
+    "save_checkpoint",
+    "save_invariance_inn",
+    "train_loop",
+]

@@ -1,0 +1,166 @@
+"""Checkpoints that are written atomically and never unpickled.
+
+One checkpoint is one ``.safetensors`` file: the tensors (module state, optimiser state, RNG state)
+plus a JSON document in the file's metadata (format version, what the module is, its config, the
+step). Writing goes to a temporary file in the same folder, is fsynced, then renamed over the old
+file, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint"]
+
+FORMAT_VERSION = 1
+_META_KEY = "captum_inn"
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupted, newer, or for something else."""
+
+
+def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """Write ``tensors`` and the JSON-serialisable ``meta`` to ``path`` atomically.
+
+    Args:
+        path: Target file (conventionally ``*.safetensors``); its folder is created.
+        tensors: Name to tensor (moved to CPU, made contiguous).
+        meta: JSON-serialisable description; ``format_version`` is added.
+
+    Returns:
+        The path written.
+
+    Examples::
+
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "ck.safetensors")
+        >>> _ = save_checkpoint(p, {"w": torch.ones(2)}, {"kind": "demo"})
+        >>> tensors, meta = load_checkpoint(p, kind="demo")
+        >>> tensors["w"].tolist(), meta["format_version"]
+        ([1.0, 1.0], 1)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = dict(meta)
+    document["format_version"] = FORMAT_VERSION
+    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    blob = save(payload, metadata={_META_KEY: json.dumps(document)})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # some file systems cannot fsync a directory; the data itself is synced
+        pass
+    return path
+
+
+def load_checkpoint(
+    path: PathLike, kind: Optional[str] = None, map_location: Union[str, torch.device] = "cpu"
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`, checking it before returning.
+
+    Args:
+        path: The ``.safetensors`` file.
+        kind: If given, the ``kind`` the metadata must declare (e.g. ``"invariance_inn"``).
+        map_location: Device for the tensors.
+
+    Returns:
+        ``(tensors, meta)``.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupted file; no captum_inn metadata; a newer
+            format version; another kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No checkpoint at {str(path)!r}.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get(_META_KEY)
+        tensors = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} is truncated or corrupted ({exc}); delete it to start over, "
+            "or restore it from a copy."
+        ) from exc
+    if raw_meta is None:
+        raise CheckpointError(f"{str(path)!r} is a safetensors file but not a captum_inn checkpoint.")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"Checkpoint {str(path)!r} has corrupted metadata ({exc}).") from exc
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} has format version {version!r}; this captum_inn reads versions "
+            f"up to {FORMAT_VERSION}. Upgrade captum_inn to load it."
+        )
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} holds a {meta.get('kind')!r}, expected a {kind!r}."
+        )
+    return tensors, meta
+
+
+def module_tensors(module: torch.nn.Module, prefix: str = "model.") -> Dict[str, torch.Tensor]:
+    """The module's state dict under ``prefix`` (safetensors cannot hold shared storage: clone)."""
+    return {prefix + k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def strip_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The entries of ``tensors`` under ``prefix``, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Split an optimiser's state dict into tensors and a JSON-serialisable rest (no pickle)."""
+    state = optimizer.state_dict()
+    tensors: Dict[str, torch.Tensor] = {}
+    scalars: Dict[str, Dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}{pid}.{key}"] = value.detach().clone()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], prefix: str = "optim."
+) -> None:
+    """Inverse of :func:`optimizer_tensors`."""
+    state: Dict[int, Dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix):
+            pid, key = name[len(prefix) :].split(".", 1)
+            state.setdefault(int(pid), {})[key] = value
+    for pid, scalars in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(scalars)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

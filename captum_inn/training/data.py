@@ -1,0 +1,80 @@
+"""Turning what users pass as training data into batches of images."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["iter_image_batches", "count_images"]
+
+
+def _images_of(batch: Any) -> Tensor:
+    """The image tensor of a batch: the batch itself, or the first element of ``(x, y, …)``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and "image" in batch:
+        return batch["image"]
+    raise TypeError(
+        f"Cannot find images in a batch of type {type(batch).__name__}; yield tensors, "
+        "(image, label) tuples, or dicts with an 'image' key."
+    )
+
+
+def count_images(data: Any) -> Optional[int]:
+    """Number of images in ``data`` when it is known without iterating, else ``None``."""
+    if isinstance(data, Tensor):
+        return data.shape[0]
+    if isinstance(data, DataLoader):
+        return len(data.dataset) if hasattr(data.dataset, "__len__") else None
+    return len(data) if hasattr(data, "__len__") else None
+
+
+def iter_image_batches(
+    data: Any,
+    batch_size: int = 256,
+    shuffle: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[Tensor]:
+    """Yield image batches ``(B, C, H, W)`` from a tensor, a ``Dataset`` or a ``DataLoader``.
+
+    Args:
+        data: ``(N, C, H, W)`` tensor; a map-style ``Dataset`` yielding images or ``(image, label)``;
+            or a ``DataLoader`` (used as it is, ``batch_size`` and ``shuffle`` ignored).
+        batch_size: Images per batch.
+        shuffle: Shuffle (tensor and ``Dataset`` input) with ``generator``.
+        generator: Seeded generator for shuffling.
+
+    Returns:
+        An iterator of image tensors.
+
+    Examples::
+
+        >>> [b.shape[0] for b in iter_image_batches(torch.rand(10, 3, 4, 4), batch_size=4)]
+        [4, 4, 2]
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    if isinstance(data, Tensor):
+        if data.dim() < 2 or data.shape[0] == 0:
+            raise ValueError(f"`data` must be a non-empty batch of images (N, C, H, W), got shape {tuple(data.shape)}.")
+        order = torch.randperm(data.shape[0], generator=generator) if shuffle else torch.arange(data.shape[0])
+        for start in range(0, data.shape[0], batch_size):
+            yield data[order[start : start + batch_size]]
+        return
+    if isinstance(data, DataLoader):
+        loader = data
+    elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
+        if hasattr(data, "__len__") and len(data) == 0:
+            raise ValueError("`data` is empty.")
+        loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    else:
+        raise TypeError(
+            f"`data` must be an image tensor, a Dataset or a DataLoader, got {type(data).__name__}."
+        )
+    for batch in loader:
+        yield _images_of(batch)

@@ -1,0 +1,246 @@
+"""``fit_invariances``: fit the conditional INN ``t(z̄ | Φ(x))`` of hooked layers by maximum likelihood.
+
+    L_t = E_x [ ½‖t(z̄ | Φ(x))‖² − log|det ∂t/∂z̄| ],   z̄ ~ q(z̄ | x)
+
+Minimising it makes ``v = t(z̄ | z)`` standard normal and independent of ``z``: ``v`` carries what
+the layer discarded (DESIGN.md §2). The network and the encoder run once per image (a
+:class:`~captum_inn.training.cache.FeatureCache`); every layer's INN then trains from the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from captum_inn.inn import ConditionalINN
+from captum_inn.training.cache import FeatureCache, cache_features
+from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
+from captum_inn.training.loop import train_loop
+
+__all__ = [
+    "InvarianceConfig",
+    "fit_invariances",
+    "save_invariance_inn",
+    "load_invariance_inn",
+    "checkpoint_name",
+]
+
+
+@dataclass
+class InvarianceConfig:
+    """Settings of :func:`fit_invariances` (the architecture of ``t`` and its optimisation).
+
+    Attributes:
+        n_blocks: Flow blocks (each ActNorm, two couplings, a permutation).
+        hidden: Width of the coupling subnets.
+        depth: Hidden layers of the coupling subnets.
+        embed_dim: Width of the condition embedding.
+        clamp: Bound on each coupling log-scale.
+        steps: Optimiser steps per layer.
+        batch_size: Cached samples per step.
+        lr: Adam learning rate.
+        code_noise: Standard deviation of extra Gaussian noise added to the posterior samples.
+        seed: Seed of the initialisation and the minibatches.
+        checkpoint_every: Steps between checkpoints.
+    """
+
+    n_blocks: int = 8
+    hidden: int = 256
+    depth: int = 2
+    embed_dim: int = 64
+    clamp: float = 1.0
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 5e-4
+    code_noise: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 500
+
+
+def checkpoint_name(layer: str) -> str:
+    """File name of a layer's INN checkpoint, e.g. ``invariance_layer3.1.relu.safetensors``."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", layer) or "model"
+    return f"invariance_{safe}.safetensors"
+
+
+def _train_one(
+    cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device,
+    checkpoint: Optional[str], resume: bool, progress: bool,
+) -> ConditionalINN:
+    conditions = cache.layers[name]
+    torch.manual_seed(config.seed)  # only the weight initialisation draws from the global RNG
+    inn = ConditionalINN(
+        cache.latent_dim, cache.layer_shape(name), n_blocks=config.n_blocks, hidden=config.hidden,
+        depth=config.depth, embed_dim=config.embed_dim, clamp=config.clamp, seed=config.seed,
+    ).to(device)
+    init = torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:1024]
+    inn.embedder.set_input_statistics(conditions[init].to(device))
+    with torch.no_grad():  # ActNorm's data-dependent initialisation, on a large real batch
+        init_gen = torch.Generator().manual_seed(config.seed)
+        inn(cache.sample_codes(init, init_gen).to(device), conditions[init].to(device))
+    fit_info = {
+        "layer": name, "layer_shape": list(cache.layer_shape(name)), "latent_dim": cache.latent_dim,
+        "model_class": cache.model_class,
+    }
+    train = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every")}
+    meta = {"kind": "invariance_inn", "config": {"inn": inn.config, "train": train, **fit_info}}
+    n = len(cache)
+
+    def loss_fn(generator: torch.Generator) -> Tensor:
+        index = torch.randint(n, (min(config.batch_size, n),), generator=generator)
+        codes = cache.sample_codes(index, generator)
+        if config.code_noise > 0:
+            codes = codes + config.code_noise * torch.randn(codes.shape, generator=generator)
+        v, logdet = inn(codes.to(device), conditions[index].to(device))
+        return (0.5 * v.pow(2).sum(1) - logdet).mean() / cache.latent_dim
+
+    history = train_loop(
+        inn, loss_fn, steps=config.steps, lr=config.lr, seed=config.seed, checkpoint=checkpoint,
+        checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
+        desc=f"INN {name}",
+    )
+    inn.fit_info = {**fit_info, "steps": config.steps, "final_nll_per_dim": _tail_mean(history)}
+    inn.history = history
+    return inn
+
+
+def _tail_mean(history: Sequence[float], n: int = 100) -> float:
+    tail = list(history[-n:])
+    return float(sum(tail) / len(tail)) if tail else math.nan
+
+
+def fit_invariances(
+    model: nn.Module,
+    layers: Union[str, nn.Module, Sequence[Union[str, nn.Module]]],
+    autoencoder: Any = None,
+    data: Any = None,
+    config: Optional[InvarianceConfig] = None,
+    *,
+    cache: Optional[FeatureCache] = None,
+    device: Union[str, torch.device] = "cpu",
+    checkpoint_dir: Optional[str] = None,
+    resume: bool = True,
+    progress: bool = True,
+    **overrides: Any,
+) -> Union[ConditionalINN, Dict[str, ConditionalINN]]:
+    """Fit the conditional INN ``t(z̄ | Φ(x))`` of one or several hooked layers.
+
+    Args:
+        model: The analysed network (frozen; run in eval mode, its mode restored).
+        layers: One layer or a list (modules or dotted names such as ``"layer3.1.relu"``).
+        autoencoder: Gives the codes ``z̄`` (``encode``/``decode``); shared by all layers.
+        data: Training images (tensor, ``Dataset`` or ``DataLoader``); read once for all layers.
+        config: Architecture and optimisation (:class:`InvarianceConfig`); keyword ``overrides``
+            replace fields.
+        cache: A precomputed :func:`~captum_inn.training.cache.cache_features` result (then
+            ``autoencoder`` and ``data`` are not needed).
+        device: Where the INNs train.
+        checkpoint_dir: Folder for one checkpoint per layer (:func:`checkpoint_name`); an
+            existing checkpoint is resumed when ``resume``.
+        resume: Continue from existing checkpoints.
+        progress: Show progress bars.
+        **overrides: Fields of :class:`InvarianceConfig`.
+
+    Returns:
+        The fitted :class:`~captum_inn.inn.ConditionalINN` (eval mode) for a single layer, or
+        ``{layer name: INN}`` for a list. Each INN carries ``fit_info`` (layer, layer shape, latent
+        size, model class, final NLL per dimension) and ``history``.
+
+    Examples::
+
+        >>> from captum_inn.autoencoders import ConvAutoencoder
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+        >>> ae = ConvAutoencoder((3, 8, 8), latent_dim=6)
+        >>> inns = fit_invariances(model, ["1", "3"], ae, torch.rand(64, 3, 8, 8), steps=3,
+        ...                        n_blocks=2, hidden=16, progress=False)
+        >>> sorted(inns), inns["3"].fit_info["layer_shape"]
+        (['1', '3'], [10])
+    """
+    config = InvarianceConfig(**{**asdict(config or InvarianceConfig()), **overrides})
+    single = not isinstance(layers, (list, tuple))
+    layer_list = [layers] if single else list(layers)
+    if cache is None:
+        if autoencoder is None or data is None:
+            raise ValueError("Pass `autoencoder` and `data` (or a precomputed `cache`).")
+        cache = cache_features(model, layer_list, autoencoder, data, device=device, progress=progress)
+    from captum_inn.capture import resolve_layer
+
+    names = [resolve_layer(model, layer)[0] for layer in layer_list]
+    missing = [n for n in names if n not in cache.layers]
+    if missing:
+        raise ValueError(f"The cache holds layers {sorted(cache.layers)}, not {missing}; cache them first.")
+    if len(cache) < 2:
+        raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}.")
+    device = torch.device(device)
+    inns = {}
+    for name in names:
+        path = str(Path(checkpoint_dir) / checkpoint_name(name)) if checkpoint_dir else None
+        inns[name] = _train_one(cache, name, config, device, path, resume, progress)
+    return inns[names[0]] if single else inns
+
+
+def save_invariance_inn(path: str, inn: ConditionalINN) -> Path:
+    """Save a fitted INN (weights, architecture, layer description) to one safetensors file.
+
+    Args:
+        path: Target ``.safetensors`` file (written atomically).
+        inn: A fitted INN with ``fit_info`` (as returned by :func:`fit_invariances`).
+
+    Returns:
+        The path written.
+    """
+    from captum_inn.training.checkpoint import module_tensors, save_checkpoint
+
+    info = getattr(inn, "fit_info", None)
+    if info is None:
+        raise ValueError("`inn` has no `fit_info`; save INNs returned by fit_invariances.")
+    meta = {"kind": "invariance_inn", "config": {"inn": inn.config, **{k: info[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")}}, "fit_info": info}
+    return save_checkpoint(path, module_tensors(inn), meta)
+
+
+def load_invariance_inn(
+    path: str,
+    *,
+    layer_shape: Optional[Sequence[int]] = None,
+    latent_dim: Optional[int] = None,
+    map_location: Union[str, torch.device] = "cpu",
+) -> ConditionalINN:
+    """Load a fitted INN, refusing one for another layer shape or latent size before any computation.
+
+    Args:
+        path: A file from :func:`save_invariance_inn` or a ``fit_invariances`` checkpoint.
+        layer_shape: Expected per-sample activation shape of the hooked layer.
+        latent_dim: Expected size of the autoencoder's code.
+        map_location: Device of the loaded INN.
+
+    Returns:
+        The INN in eval mode with ``fit_info``.
+
+    Raises:
+        CheckpointError: unreadable file, or a layer shape / latent size that does not match.
+    """
+    tensors, meta = load_checkpoint(path, kind="invariance_inn", map_location=map_location)
+    config = meta["config"]
+    saved_shape = tuple(config["layer_shape"])
+    if layer_shape is not None and tuple(int(s) for s in layer_shape) != saved_shape:
+        raise CheckpointError(
+            f"{path!r} was fitted for layer {config['layer']!r} with activations of shape {saved_shape}, "
+            f"but this layer gives {tuple(layer_shape)}. Fit an INN for this layer (fit_invariances)."
+        )
+    if latent_dim is not None and int(latent_dim) != int(config["latent_dim"]):
+        raise CheckpointError(
+            f"{path!r} was fitted on autoencoder codes of size {config['latent_dim']}, but this "
+            f"autoencoder's codes have size {latent_dim}. Use the autoencoder it was fitted with."
+        )
+    inn_config = dict(config["inn"])
+    inn = ConditionalINN(**inn_config).to(map_location)
+    inn.load_state_dict(strip_prefix(tensors, "model."))
+    info = meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")}
+    inn.fit_info = {**info, "step": meta.get("step", info.get("steps"))}
+    return inn.eval()

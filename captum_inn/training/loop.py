@@ -1,0 +1,114 @@
+"""The one training loop behind every ``fit_*`` function: Adam, a progress bar, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from captum_inn.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_optimizer,
+    module_tensors,
+    optimizer_tensors,
+    save_checkpoint,
+    strip_prefix,
+)
+
+__all__ = ["train_loop"]
+
+
+def train_loop(
+    module: nn.Module,
+    loss_fn: Callable[[torch.Generator], Tensor],
+    *,
+    steps: int,
+    lr: float,
+    betas: tuple = (0.9, 0.999),
+    seed: int = 0,
+    grad_clip: Optional[float] = 10.0,
+    checkpoint: Optional[str] = None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    meta: Optional[Dict[str, Any]] = None,
+    progress: bool = True,
+    desc: str = "fit",
+) -> List[float]:
+    """Minimise ``loss_fn`` over ``module``'s parameters for ``steps`` Adam steps.
+
+    ``loss_fn(generator)`` draws its own minibatch with ``generator`` and returns a scalar loss. All
+    randomness of a fit flows through that one generator, so a fit resumed from a checkpoint (which
+    stores the model, the optimiser and the generator state) continues exactly where it stopped.
+
+    Args:
+        module: The model being fitted (switched to train mode, left in eval mode).
+        loss_fn: ``generator -> scalar loss``.
+        steps: Total number of steps, counting those done before a resume.
+        lr: Adam learning rate.
+        betas: Adam betas.
+        seed: Seed of the minibatch generator.
+        grad_clip: Clip the gradient norm to this value (``None``: no clipping).
+        checkpoint: Path of the checkpoint file; ``None`` keeps nothing on disk.
+        checkpoint_every: Steps between checkpoints (the last step is always saved).
+        resume: Continue from ``checkpoint`` when it exists.
+        meta: JSON metadata stored in the checkpoint (must contain ``kind`` and ``config``;
+            a resume refuses a checkpoint whose ``config`` differs).
+        progress: Show a progress bar.
+        desc: Label of the progress bar.
+
+    Returns:
+        The loss of every step (including those of the run that was resumed).
+
+    Raises:
+        FloatingPointError: the loss became NaN or infinite; the last checkpoint is left intact.
+    """
+    meta = dict(meta or {"kind": "module", "config": {}})
+    generator = torch.Generator().manual_seed(int(seed))
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
+    start, history = 0, []
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
+        if saved.get("config") != meta.get("config"):
+            raise CheckpointError(
+                f"Checkpoint {checkpoint!r} was written by a fit with another configuration "
+                f"({saved.get('config')} vs {meta.get('config')}); pass resume=False or another path."
+            )
+        module.load_state_dict(strip_prefix(tensors, "model."))
+        load_optimizer(optimizer, tensors, saved["optimizer"])
+        generator.set_state(tensors["rng.generator"])
+        start, history = int(saved["step"]), list(saved["history"])
+
+    def write(step: int) -> None:
+        optim_tensors, optim_meta = optimizer_tensors(optimizer)
+        tensors = {**module_tensors(module), **optim_tensors, "rng.generator": generator.get_state()}
+        save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta})
+
+    module.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        loss = loss_fn(generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{desc}: the loss became {float(loss)} at step {step}. Lower the learning rate "
+                f"(now {lr}), clamp the coupling scales more strongly (smaller `clamp`), or check the "
+                "inputs for NaN/inf. The last checkpoint was left as it was."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        optimizer.step()
+        history.append(float(loss.detach()))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.3f}")
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            write(step + 1)
+    module.eval()
+    if history and not math.isfinite(history[-1]):  # pragma: no cover - guarded above
+        raise FloatingPointError(desc)
+    return history

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LayerSpec", "Selector", "resolve_layer", "LayerHooks", "capture"]
+__all__ = ["LayerSpec", "Selector", "resolve_layer", "LayerHooks", "capture", "eval_mode"]
 
 #: A layer: the module object itself or its dotted name in ``model.named_modules()``.
 LayerSpec = Union[str, nn.Module]
@@ -570,3 +571,32 @@ def capture(
         )
     values = hooks.values
     return values[hooks.names[0]] if single else values
+
+
+@contextmanager
+def eval_mode(*modules: Any) -> Iterator[None]:
+    """Put modules in eval mode for the block, then restore every submodule's own flag.
+
+    Non-module arguments (e.g. a user's autoencoder that is a plain object) are ignored.
+
+    Args:
+        *modules: Modules (or other objects) to switch.
+
+    Examples::
+
+        >>> net = nn.Sequential(nn.BatchNorm1d(3)).train()
+        >>> with eval_mode(net):
+        ...     net.training
+        False
+        >>> net.training
+        True
+    """
+    flags = [(m, m.training) for mod in modules if isinstance(mod, nn.Module) for m in mod.modules()]
+    try:
+        for mod in modules:
+            if isinstance(mod, nn.Module):
+                mod.eval()
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag

@@ -150,13 +150,21 @@ class ConvEmbedder(ConditionEmbedder):
         return (0, 2, 3)
 
 
-def make_embedder(in_shape: Sequence[int], out_dim: int = 128, hidden: int = 512) -> ConditionEmbedder:
+def make_embedder(
+    in_shape: Sequence[int],
+    out_dim: int = 128,
+    hidden: int = 512,
+    conv_width: int = 64,
+    conv_max_width: int = 256,
+) -> ConditionEmbedder:
     """Pick the embedder for an activation shape: convolutions for ``(C, H, W)``, else an MLP.
 
     Args:
         in_shape: Per-sample activation shape.
         out_dim: Width of the embedding.
-        hidden: Hidden width (MLP) or first-layer channels cap (conv).
+        hidden: Hidden width of the MLP embedder.
+        conv_width: Channels of the conv embedder's first layer.
+        conv_max_width: Largest number of channels of the conv embedder (cost grows with its square).
 
     Returns:
         A :class:`ConvEmbedder` for 3-d shapes with a spatial extent, else an :class:`MLPEmbedder`.
@@ -168,5 +176,5 @@ def make_embedder(in_shape: Sequence[int], out_dim: int = 128, hidden: int = 512
     """
     in_shape = tuple(int(s) for s in in_shape)
     if len(in_shape) == 3 and in_shape[1] * in_shape[2] > 1:
-        return ConvEmbedder(in_shape, out_dim, width=min(64, hidden), max_width=max(64, min(256, hidden)))
+        return ConvEmbedder(in_shape, out_dim, width=conv_width, max_width=max(conv_width, conv_max_width))
     return MLPEmbedder(in_shape, out_dim, hidden)

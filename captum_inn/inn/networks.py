@@ -31,6 +31,8 @@ class ConditionalINN(InvertibleModule):
         embed_dim: Width of the condition embedding.
         clamp: Bound on each coupling log-scale.
         seed: Seed of the permutations.
+        conv_width: First-layer channels of the embedder for feature-map conditions.
+        conv_max_width: Largest channel count of that embedder.
 
     Examples::
 
@@ -53,6 +55,8 @@ class ConditionalINN(InvertibleModule):
         embed_dim: int = 128,
         clamp: float = 1.0,
         seed: int = 0,
+        conv_width: int = 64,
+        conv_max_width: int = 256,
     ) -> None:
         super().__init__()
         self.dim = int(dim)
@@ -60,8 +64,9 @@ class ConditionalINN(InvertibleModule):
         self.config: Dict[str, Any] = dict(
             dim=self.dim, cond_shape=list(self.cond_shape), n_blocks=int(n_blocks), hidden=int(hidden),
             depth=int(depth), embed_dim=int(embed_dim), clamp=float(clamp), seed=int(seed),
+            conv_width=int(conv_width), conv_max_width=int(conv_max_width),
         )
-        self.embedder = make_embedder(self.cond_shape, embed_dim, hidden)
+        self.embedder = make_embedder(self.cond_shape, embed_dim, hidden, conv_width, conv_max_width)
         self.flow = SequentialFlow(flow_blocks(self.dim, n_blocks, hidden, depth, embed_dim, clamp, seed))
 
     def embed(self, c: Tensor) -> Tensor:

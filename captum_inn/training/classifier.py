@@ -17,7 +17,7 @@ from captum_inn.training.loop import train_loop
 __all__ = ["fit_classifier", "accuracy"]
 
 
-def _as_labelled(data: Any) -> "tuple[Tensor, Tensor]":
+def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         return data[0], data[1]
     if hasattr(data, "images") and hasattr(data, "targets"):  # e.g. ColorDigits

@@ -41,6 +41,8 @@ class InvarianceConfig:
         hidden: Width of the coupling subnets.
         depth: Hidden layers of the coupling subnets.
         embed_dim: Width of the condition embedding.
+        conv_width: First-layer channels of the embedder of feature-map layers.
+        conv_max_width: Largest channel count of that embedder.
         clamp: Bound on each coupling log-scale.
         steps: Optimiser steps per layer.
         batch_size: Cached samples per step.
@@ -54,6 +56,8 @@ class InvarianceConfig:
     hidden: int = 256
     depth: int = 2
     embed_dim: int = 64
+    conv_width: int = 32
+    conv_max_width: int = 128
     clamp: float = 1.0
     steps: int = 2000
     batch_size: int = 128
@@ -78,6 +82,7 @@ def _train_one(
     inn = ConditionalINN(
         cache.latent_dim, cache.layer_shape(name), n_blocks=config.n_blocks, hidden=config.hidden,
         depth=config.depth, embed_dim=config.embed_dim, clamp=config.clamp, seed=config.seed,
+        conv_width=config.conv_width, conv_max_width=config.conv_max_width,
     ).to(device)
     init = torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:1024]
     inn.embedder.set_input_statistics(conditions[init].to(device))

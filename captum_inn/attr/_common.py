@@ -1,0 +1,100 @@
+"""Input checks and layer reading shared by the Captum-style classes."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from captum_inn._captum_compat import _format_additional_forward_args, _format_tensor_into_tuples
+from captum_inn.capture import LayerHooks, resolve_layer
+
+__all__ = ["format_inputs", "resolve_model_layer", "layer_activation", "check_positive_int"]
+
+
+def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tuple[Tensor, ...]:
+    """Captum's input convention (tensor or tuple of tensors, dim 0 the batch), checked.
+
+    Raises ``TypeError``/``ValueError`` naming ``name`` for non-tensors, empty batches, mismatched
+    batch sizes, non-floating or non-4-d image tensors and NaN/inf values.
+    """
+    if isinstance(inputs, Tensor):
+        inputs_tuple = (inputs,)
+    elif isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, Tensor) for t in inputs):
+        inputs_tuple = tuple(inputs)
+    else:
+        raise TypeError(
+            f"`{name}` must be a tensor (N, C, H, W) or a tuple of tensors with the batch in dim 0, "
+            f"got {type(inputs).__name__}."
+        )
+    inputs_tuple = _format_tensor_into_tuples(inputs_tuple)
+    sizes = {t.shape[0] if t.dim() else -1 for t in inputs_tuple}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(f"Every tensor in `{name}` needs the same batch size in dim 0, got {sorted(sizes)}.")
+    if 0 in sizes:
+        raise ValueError(f"`{name}` is an empty batch; pass at least one example.")
+    if not 0 <= image_index < len(inputs_tuple):
+        raise ValueError(f"`image_index`={image_index} is out of range for {len(inputs_tuple)} input tensors.")
+    image = inputs_tuple[image_index]
+    if not image.is_floating_point():
+        raise TypeError(f"`{name}` images must be floating point, got dtype {image.dtype}; convert with .float().")
+    if image.dim() != 4:
+        raise ValueError(f"`{name}` images must have shape (N, C, H, W), got {tuple(image.shape)}.")
+    for t in inputs_tuple:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values; clean or clamp the inputs first.")
+    return inputs_tuple
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an int ``>= 1`` or a ``ValueError``/``TypeError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value}.")
+    return value
+
+
+def resolve_model_layer(forward_func: Callable, layer: Union[str, nn.Module]) -> Tuple[str, nn.Module]:
+    """The layer's name and module; a dotted name needs ``forward_func`` to be the model itself."""
+    if isinstance(forward_func, nn.Module):
+        return resolve_layer(forward_func, layer)
+    if isinstance(layer, nn.Module):
+        return type(layer).__name__, layer
+    raise TypeError(
+        "`layer` given by name needs `forward_func` to be an nn.Module; pass the layer module itself "
+        "when forward_func is a plain function."
+    )
+
+
+def layer_activation(
+    forward_func: Callable,
+    layer: nn.Module,
+    inputs: Tuple[Tensor, ...],
+    additional_forward_args: Any = None,
+    attribute_to_layer_input: bool = False,
+    selector: Any = None,
+) -> Tensor:
+    """Run ``forward_func(*inputs, *additional_forward_args)`` once and return the layer's activation.
+
+    The pass stops after the layer; hooks are removed and training flags restored afterwards.
+    """
+    extra = _format_additional_forward_args(additional_forward_args) or ()
+    owner = forward_func if isinstance(forward_func, nn.Module) else layer
+    with LayerHooks(owner, layer, attribute_to_layer_input=attribute_to_layer_input,
+                    selector=selector, stop_early=True) as hooks:
+        forward_func(*inputs, *extra)
+    values = hooks.values
+    if not values:
+        raise ValueError(
+            "The hooked layer did not run during the forward pass; check that it is used by forward_func."
+        )
+    return next(iter(values.values()))
+
+
+def as_optional_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """Check that ``generator`` is ``None`` or a ``torch.Generator``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
+    return generator

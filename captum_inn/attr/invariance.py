@@ -1,0 +1,306 @@
+"""``LayerInvariance``: what a hooked layer is invariant to, as samples and as an input-shaped map."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from captum_inn._captum_compat import (
+    LayerAttribution,
+    TargetType,
+    _format_output,
+    _is_tuple,
+    log_usage,
+)
+from captum_inn.attr._common import (
+    as_optional_generator,
+    check_positive_int,
+    format_inputs,
+    layer_activation,
+    resolve_model_layer,
+)
+from captum_inn.autoencoders import check_autoencoder, encode_mean
+from captum_inn.capture import eval_mode
+from captum_inn.inn import ConditionalINN
+
+__all__ = ["LayerInvariance"]
+
+
+class LayerInvariance(LayerAttribution):
+    r"""Invariances of a layer, recovered by a conditional INN ``t(z̄ | Φ(x))`` (Rombach et al., 2020).
+
+    With ``z = Φ(x)`` the hooked layer's activation and ``z̄ = E(x)`` the autoencoder's code, the
+    fitted INN makes ``v = t(z̄ | z)`` standard normal and independent of ``z``: ``v`` holds what
+    the layer discarded. Decoding ``D(t⁻¹(v | z))`` for random ``v`` gives images the layer cannot
+    tell apart from ``x``; what varies across them is what the layer is invariant to. The model is
+    never changed.
+
+    Args:
+        forward_func: The analysed model (an ``nn.Module``) or a function that runs it.
+        layer: The hooked layer: a module, or a dotted name such as ``"layer3.1.relu"`` when
+            ``forward_func`` is the model.
+        inn: The :class:`~captum_inn.inn.ConditionalINN` fitted for this layer
+            (:func:`captum_inn.training.fit_invariances`).
+        autoencoder: The autoencoder the INN was fitted with (``encode``/``decode``).
+        device_ids: Captum's argument for ``DataParallel`` models (unused here, kept for the API).
+        attribute_to_layer_input: Whether the INN was fitted on the layer's input.
+        selector: Picks the tensor from a non-tensor layer output (see :class:`captum_inn.capture.LayerHooks`).
+        image_input: Which of the (tuple) inputs is the image the autoencoder encodes.
+
+    Examples::
+
+        >>> from captum_inn.models import SmallCNN
+        >>> from captum_inn.autoencoders import ConvAutoencoder
+        >>> model, ae = SmallCNN().eval(), ConvAutoencoder((3, 32, 32), latent_dim=8).eval()
+        >>> inn = ConditionalINN(8, (10,), n_blocks=2, hidden=16)
+        >>> _ = inn(torch.randn(4, 8), torch.randn(4, 10))          # (normally: fit_invariances)
+        >>> explainer = LayerInvariance(model, "logits", inn, ae)
+        >>> x = torch.rand(2, 3, 32, 32)
+        >>> explainer.attribute(x, n_samples=4).shape                 # invariance map, like x
+        torch.Size([2, 3, 32, 32])
+        >>> explainer.sample(x, n_samples=5).shape                    # (N, S, C, H, W)
+        torch.Size([2, 5, 3, 32, 32])
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Union[str, nn.Module],
+        inn: ConditionalINN,
+        autoencoder: Any,
+        device_ids: Optional[List[int]] = None,
+        *,
+        attribute_to_layer_input: bool = False,
+        selector: Any = None,
+        image_input: int = 0,
+    ) -> None:
+        if not callable(forward_func):
+            raise TypeError(f"`forward_func` must be a model or a callable, got {type(forward_func).__name__}.")
+        name, module = resolve_model_layer(forward_func, layer)
+        if not isinstance(inn, ConditionalINN):
+            raise TypeError(
+                f"`inn` must be a captum_inn.inn.ConditionalINN (fitted with fit_invariances), got "
+                f"{type(inn).__name__}."
+            )
+        check_autoencoder(autoencoder)
+        latent = getattr(autoencoder, "latent_dim", None)
+        if latent is not None and int(latent) != inn.dim:
+            raise ValueError(
+                f"`inn` transforms codes of size {inn.dim}, but `autoencoder` has latent_dim={latent}; "
+                "pass the autoencoder the INN was fitted with."
+            )
+        super().__init__(forward_func, module, device_ids)
+        self.layer_name = name
+        self.inn = inn
+        self.autoencoder = autoencoder
+        self.attribute_to_layer_input = attribute_to_layer_input
+        self.selector = selector
+        self.image_input = image_input
+
+    # ------------------------------------------------------------------ Captum's protocol
+    def has_convergence_delta(self) -> bool:
+        """``False``: the invariance map has no completeness property to check."""
+        return False
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """``False``: the map is a spread of samples, not a product with the input."""
+        return False
+
+    # ------------------------------------------------------------------ the pieces
+    def _activation(self, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
+                    attribute_to_layer_input: Optional[bool] = None) -> Tensor:
+        to_input = self.attribute_to_layer_input if attribute_to_layer_input is None else attribute_to_layer_input
+        z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args, to_input, self.selector)
+        if tuple(z.shape[1:]) != self.inn.cond_shape:
+            fitted = getattr(self.inn, "fit_info", {}).get("layer", "another layer")
+            raise ValueError(
+                f"`inn` was fitted for layer {fitted!r} with activations of shape {self.inn.cond_shape}, "
+                f"but layer {self.layer_name!r} gives {tuple(z.shape[1:])}. Fit an INN for this layer."
+            )
+        return z
+
+    def _code(self, images: Tensor) -> Tensor:
+        code = encode_mean(self.autoencoder, images)
+        if code.shape[1] != self.inn.dim:
+            raise ValueError(
+                f"`autoencoder` gives codes of size {code.shape[1]}, but `inn` was fitted on codes of "
+                f"size {self.inn.dim}; pass the autoencoder the INN was fitted with."
+            )
+        return code
+
+    def _decode(self, code: Tensor) -> Tensor:
+        return self.autoencoder.decode(code)
+
+    def _chunks(self, n: int, size: Optional[int]) -> List[slice]:
+        size = n if size is None else check_positive_int(size, "internal_batch_size")
+        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+    # ------------------------------------------------------------------ public methods
+    @torch.no_grad()
+    def invariances(self, inputs: Union[Tensor, Tuple[Tensor, ...]], additional_forward_args: Any = None) -> Tensor:
+        """``v = t(E(x) | Φ(x))``: the part of each input's code that the layer discards.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images (or a tuple whose ``image_input`` entry is the image).
+            additional_forward_args: Extra arguments of ``forward_func``.
+
+        Returns:
+            ``(N, d)``.
+        """
+        inputs = format_inputs(inputs, self.image_input)
+        with eval_mode(self.inn, self.autoencoder):
+            z = self._activation(inputs, additional_forward_args)
+            return self.inn(self._code(inputs[self.image_input]), z, jac=False)[0]
+
+    @torch.no_grad()
+    def reconstruct(self, inputs: Union[Tensor, Tuple[Tensor, ...]]) -> Tensor:
+        """``D(E(x))``: the autoencoder's reconstruction, the reference for every sample.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
+
+        Returns:
+            ``(N, C, H, W)``.
+        """
+        inputs = format_inputs(inputs, self.image_input)
+        with eval_mode(self.autoencoder):
+            return self._decode(self._code(inputs[self.image_input]))
+
+    @torch.no_grad()
+    def transfer(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        donors: Union[Tensor, Tuple[Tensor, ...]],
+        additional_forward_args: Any = None,
+    ) -> Tensor:
+        """Keep the layer's view of ``donors`` and the invariances of ``inputs``.
+
+        ``D(t⁻¹(t(E(x) | Φ(x)) | Φ(donor)))``: the network sees (at this layer) the donor, the
+        picture keeps the input's nuisances (DESIGN.md §2, mixing).
+
+        Args:
+            inputs: ``(N, C, H, W)`` images whose invariances are kept.
+            donors: ``(N, C, H, W)`` images whose layer representation is kept.
+            additional_forward_args: Extra arguments of ``forward_func`` (same for both).
+
+        Returns:
+            ``(N, C, H, W)``.
+        """
+        v = self.invariances(inputs, additional_forward_args)
+        donors = format_inputs(donors, self.image_input, name="donors")
+        if donors[0].shape[0] != v.shape[0]:
+            raise ValueError(f"`donors` needs one image per input ({v.shape[0]}), got {donors[0].shape[0]}.")
+        with eval_mode(self.inn, self.autoencoder):
+            z = self._activation(donors, additional_forward_args)
+            return self._decode(self.inn(v, z, rev=True, jac=False)[0])
+
+    @torch.no_grad()
+    def sample(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        n_samples: int = 8,
+        temperature: float = 1.0,
+        additional_forward_args: Any = None,
+        internal_batch_size: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        attribute_to_layer_input: Optional[bool] = None,
+    ) -> Tensor:
+        """Invariance samples ``D(t⁻¹(v | Φ(x)))``, ``v ~ N(0, temperature² I)``.
+
+        What stays fixed across a row is what the layer encodes; what varies is what it ignores.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
+            n_samples: Samples per input ``S >= 1``.
+            temperature: Scale of ``v`` (``> 0``; below 1 gives more typical samples).
+            additional_forward_args: Extra arguments of ``forward_func``.
+            internal_batch_size: Samples decoded per pass (results equal the unbatched run).
+            generator: ``torch.Generator`` for reproducible samples.
+            attribute_to_layer_input: Override the constructor's choice.
+
+        Returns:
+            ``(N, S, C, H, W)``.
+        """
+        n_samples = check_positive_int(n_samples, "n_samples")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}.")
+        as_optional_generator(generator)
+        inputs = format_inputs(inputs, self.image_input)
+        n = inputs[0].shape[0]
+        device = inputs[self.image_input].device
+        dtype = inputs[self.image_input].dtype
+        # All noise is drawn up front, so any internal_batch_size gives the same samples.
+        noise = torch.randn(n * n_samples, self.inn.dim, generator=generator, dtype=dtype)
+        noise = noise.to(device) * float(temperature)
+        outputs = []
+        with eval_mode(self.inn, self.autoencoder):
+            for part in self._chunks(n, None if internal_batch_size is None else max(1, internal_batch_size // n_samples)):
+                chunk = tuple(t[part] for t in inputs)
+                extra = _slice_args(additional_forward_args, part, n)
+                z = self._activation(chunk, extra, attribute_to_layer_input)
+                embedding = self.inn.embed(z).repeat_interleave(n_samples, dim=0)
+                rows = slice(part.start * n_samples, part.stop * n_samples)
+                for sub in self._chunks(rows.stop - rows.start, internal_batch_size):
+                    code = self.inn(noise[rows][sub], None, rev=True, jac=False, embedding=embedding[sub])[0]
+                    outputs.append(self._decode(code))
+        images = torch.cat(outputs)
+        return images.view(n, n_samples, *images.shape[1:])
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        n_samples: int = 16,
+        temperature: float = 1.0,
+        internal_batch_size: Optional[int] = None,
+        attribute_to_layer_input: Optional[bool] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Union[Tensor, Tuple[Tensor, ...]]:
+        """The invariance map: how much each pixel varies across the layer's invariance samples.
+
+        The per-pixel, per-channel standard deviation of ``n_samples`` samples of
+        :meth:`sample`. High values: the layer is invariant to that pixel's content; low values:
+        the layer pins it down. The map has the input's shape, so Captum's
+        ``visualize_image_attr`` shows it as it shows Grad-CAM or Integrated Gradients.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images, or a tuple of tensors whose ``image_input`` entry is the image.
+            target: Accepted for Captum compatibility (every ``TargetType`` form) and not used:
+                the map describes the layer, not one output.
+            additional_forward_args: Extra arguments of ``forward_func``.
+            n_samples: Samples per input (``>= 2``).
+            temperature: Scale of the invariances ``v`` (``> 0``).
+            internal_batch_size: Samples decoded per pass; the result equals the unbatched run.
+            attribute_to_layer_input: Override the constructor's choice.
+            generator: ``torch.Generator`` for a reproducible map.
+
+        Returns:
+            ``(N, C, H, W)`` (tensor in) or a tuple mirroring the inputs, with the map at
+            ``image_input`` and zeros elsewhere (tuple in).
+        """
+        is_tuple = _is_tuple(inputs)
+        n_samples = check_positive_int(n_samples, "n_samples")
+        if n_samples < 2:
+            raise ValueError(f"`n_samples` must be >= 2 for a spread, got {n_samples}.")
+        formatted = format_inputs(inputs, self.image_input)
+        samples = self.sample(formatted, n_samples, temperature, additional_forward_args,
+                              internal_batch_size, generator, attribute_to_layer_input)
+        spread = samples.std(dim=1)
+        result = tuple(
+            spread if i == self.image_input else torch.zeros_like(t) for i, t in enumerate(formatted)
+        )
+        return _format_output(is_tuple, result)
+
+
+def _slice_args(additional_forward_args: Any, part: slice, n: int) -> Any:
+    """Slice per-example additional arguments (tensors with batch ``n``) along with the inputs."""
+    if additional_forward_args is None:
+        return None
+    args = additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
+    sliced = tuple(a[part] if isinstance(a, Tensor) and a.dim() and a.shape[0] == n else a for a in args)
+    return sliced

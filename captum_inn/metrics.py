@@ -1,0 +1,216 @@
+"""Quantitative checks of invariances: do samples keep what the layer encodes, and drop the rest?
+
+- :func:`prediction_agreement`: the network (or an independent judge) predicts the same class on
+  invariance samples as on the original.
+- :func:`reencode_similarity`: samples re-encode, at the layer, closer to the original activation
+  than random image pairs do.
+- :func:`variance_explained_by_v`: the share of the code's variance carried by the invariances
+  ``v`` (DESIGN.md §2): near 0 the layer keeps everything, near 1 it keeps nothing.
+- :func:`probe_r2`: how well a known factor (e.g. colour) is linearly predictable from features
+  (``v`` or ``z``), on held-out data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from captum_inn.capture import capture, eval_mode
+from captum_inn.inn import ConditionalINN
+
+__all__ = ["prediction_agreement", "reencode_similarity", "variance_explained_by_v", "probe_r2"]
+
+
+def _predict(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    with torch.no_grad(), eval_mode(model):
+        return torch.cat([model(images[s : s + batch_size]).argmax(1) for s in range(0, images.shape[0], batch_size)])
+
+
+def _check_samples(originals: Tensor, samples: Tensor) -> None:
+    if samples.dim() != originals.dim() + 1 or samples.shape[0] != originals.shape[0] or samples.shape[2:] != originals.shape[1:]:
+        raise ValueError(
+            f"`samples` must have shape (N, S, *image) matching `originals` {tuple(originals.shape)}, "
+            f"got {tuple(samples.shape)}."
+        )
+
+
+def prediction_agreement(
+    model: nn.Module, originals: Tensor, samples: Tensor, batch_size: int = 512
+) -> float:
+    """Fraction of samples on which ``model`` predicts the class it predicts on their original.
+
+    Args:
+        model: A classifier returning logits ``(N, K)`` (the analysed model, or an independently
+            trained judge).
+        originals: ``(N, C, H, W)``.
+        samples: ``(N, S, C, H, W)``, e.g. from :meth:`captum_inn.LayerInvariance.sample`.
+        batch_size: Images per forward pass.
+
+    Returns:
+        Agreement in ``[0, 1]``.
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        >>> x = torch.rand(4, 3, 2, 2)
+        >>> prediction_agreement(model, x, x.unsqueeze(1).repeat(1, 5, 1, 1, 1))
+        1.0
+    """
+    _check_samples(originals, samples)
+    reference = _predict(model, originals, batch_size)
+    n, s = samples.shape[:2]
+    predicted = _predict(model, samples.reshape(n * s, *samples.shape[2:]), batch_size).view(n, s)
+    return float((predicted == reference.unsqueeze(1)).float().mean())
+
+
+def reencode_similarity(
+    model: nn.Module,
+    layer: Any,
+    originals: Tensor,
+    samples: Tensor,
+    *,
+    n_null_pairs: int = 2000,
+    quantile: float = 0.99,
+    generator: Optional[torch.Generator] = None,
+    batch_size: int = 512,
+) -> Dict[str, float]:
+    """Do samples re-encode at ``layer`` closer to their original than random pairs of images do?
+
+    Similarity is the cosine similarity of flattened activations. The null distribution is the
+    similarity of random pairs of different originals; a sample *beats the null* when its
+    similarity to its own original exceeds the null's ``quantile`` (by default: it is more
+    similar than 99% of random pairs).
+
+    Args:
+        model: The analysed network.
+        layer: The layer (module or dotted name).
+        originals: ``(N, C, H, W)``, ``N >= 2``.
+        samples: ``(N, S, C, H, W)``.
+        n_null_pairs: Random pairs in the null distribution.
+        quantile: Quantile of the null a sample must exceed.
+        generator: Seeds the random pairs.
+        batch_size: Images per forward pass.
+
+    Returns:
+        ``{"beats_null": fraction of samples, "similarity": mean sample similarity,
+        "null_quantile": the threshold, "null_mean": mean random-pair similarity}``.
+    """
+    _check_samples(originals, samples)
+    if originals.shape[0] < 2:
+        raise ValueError("`originals` needs at least 2 images to form random pairs.")
+
+    def encode(images: Tensor) -> Tensor:
+        return torch.cat([capture(model, layer, images[s : s + batch_size]).flatten(1)
+                          for s in range(0, images.shape[0], batch_size)])
+
+    n, s = samples.shape[:2]
+    z = encode(originals)
+    z_samples = encode(samples.reshape(n * s, *samples.shape[2:])).view(n, s, -1)
+    similarity = nn.functional.cosine_similarity(z_samples, z.unsqueeze(1), dim=-1, eps=1e-8)
+    i = torch.randint(n, (n_null_pairs,), generator=generator)
+    j = (i + torch.randint(1, n, (n_null_pairs,), generator=generator)) % n  # j != i
+    null = nn.functional.cosine_similarity(z[i], z[j], dim=-1, eps=1e-8)
+    threshold = torch.quantile(null, quantile)
+    return {
+        "beats_null": float((similarity > threshold).float().mean()),
+        "similarity": float(similarity.mean()),
+        "null_quantile": float(threshold),
+        "null_mean": float(null.mean()),
+    }
+
+
+@torch.no_grad()
+def variance_explained_by_v(
+    inn: ConditionalINN,
+    codes: Tensor,
+    conditions: Tensor,
+    n_samples: int = 16,
+    generator: Optional[torch.Generator] = None,
+    batch_size: int = 256,
+) -> float:
+    """Share of the code's variance carried by the invariances ``v`` (DESIGN.md §2).
+
+    ``VE_v = Σ_d E_x[Var_v(z̄_d | z)] / Σ_d Var_x(z̄_d)``: the variance of ``z̄ = t⁻¹(v | z)`` over
+    ``v ~ N(0, I)`` with ``z`` fixed, averaged over inputs, relative to the total variance of the
+    codes. Near 0 the layer keeps almost everything of ``z̄``; near 1 it is invariant to almost
+    everything.
+
+    Args:
+        inn: The fitted conditional INN of the layer.
+        codes: ``(N, d)`` codes ``z̄`` of the inputs (posterior means or samples).
+        conditions: ``(N, *layer shape)`` activations ``z`` of the same inputs.
+        n_samples: Samples of ``v`` per input (``>= 2``).
+        generator: Seeds ``v``.
+        batch_size: Inputs per pass.
+
+    Returns:
+        ``VE_v``, a float (near ``[0, 1]``; slightly above 1 is possible for a poorly fitted INN).
+    """
+    if n_samples < 2:
+        raise ValueError(f"`n_samples` must be >= 2, got {n_samples}.")
+    if codes.shape[0] != conditions.shape[0] or codes.shape[0] < 2:
+        raise ValueError("`codes` and `conditions` need the same number of rows, at least 2.")
+    within = []
+    with eval_mode(inn):
+        for start in range(0, codes.shape[0], batch_size):
+            c = conditions[start : start + batch_size]
+            emb = inn.embed(c).repeat_interleave(n_samples, dim=0)
+            v = torch.randn(emb.shape[0], inn.dim, generator=generator).to(emb)
+            zbar = inn(v, None, rev=True, jac=False, embedding=emb)[0].view(c.shape[0], n_samples, -1)
+            within.append(zbar.var(dim=1).sum(dim=1))
+    return float(torch.cat(within).mean() / codes.var(dim=0).sum())
+
+
+def probe_r2(
+    features: Tensor,
+    targets: Tensor,
+    *,
+    train_fraction: float = 0.5,
+    ridge: float = 1e-2,
+    generator: Optional[torch.Generator] = None,
+    per_target: bool = False,
+) -> Union[float, Tensor]:
+    """Held-out R² of a ridge-regression probe from ``features`` to ``targets``.
+
+    Features are flattened and standardised on the training half; the probe is fitted in closed
+    form; R² is measured on the other half, averaged over target columns. Values near 1: the
+    factor is (linearly) readable from the features; near 0 (or below): it is not.
+
+    Args:
+        features: ``(N, ...)``, e.g. ``v`` or a layer's activations ``z``.
+        targets: ``(N,)`` or ``(N, T)``, e.g. RGB colours.
+        train_fraction: Share of rows used to fit the probe.
+        ridge: L2 penalty (relative to the number of training rows).
+        generator: Seeds the split.
+        per_target: Return the R² of every target column instead of their mean.
+
+    Returns:
+        Mean R² (float), or ``(T,)`` R² values with ``per_target``.
+
+    Examples::
+
+        >>> x = torch.randn(400, 5)
+        >>> round(probe_r2(x, x[:, :2] * 3 + 1), 3)
+        1.0
+    """
+    x = features.reshape(features.shape[0], -1).double()
+    y = targets.reshape(targets.shape[0], -1).double()
+    n = x.shape[0]
+    if y.shape[0] != n or n < 4:
+        raise ValueError(f"`features` and `targets` need the same number of rows (>= 4), got {n} and {y.shape[0]}.")
+    order = torch.randperm(n, generator=generator)
+    n_train = max(2, min(n - 2, int(round(train_fraction * n))))
+    tr, te = order[:n_train], order[n_train:]
+    mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-8)
+    xs = (x - mean) / std
+    xs = torch.cat([xs, torch.ones(n, 1, dtype=xs.dtype)], dim=1)
+    a = xs[tr]
+    reg = ridge * n_train * torch.eye(a.shape[1], dtype=a.dtype)
+    reg[-1, -1] = 0.0  # do not shrink the intercept
+    w = torch.linalg.solve(a.T @ a + reg, a.T @ y[tr])
+    residual = y[te] - xs[te] @ w
+    total = (y[te] - y[te].mean(0)).pow(2).sum(0).clamp_min(1e-12)
+    r2 = 1.0 - residual.pow(2).sum(0) / total
+    return r2.float() if per_target else float(r2.mean())

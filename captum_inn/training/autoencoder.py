@@ -11,7 +11,7 @@ from torch import Tensor
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.training.checkpoint import load_checkpoint, strip_prefix
 from captum_inn.training.data import iter_image_batches
-from captum_inn.training.loop import train_loop
+from captum_inn.training.loop import resume_key, train_loop
 
 __all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "images_as_tensor"]
 
@@ -108,7 +108,7 @@ def fit_autoencoder(
         l1 = (recon - x).abs().flatten(1).sum(1)
         return (l1 + config.kl_weight * posterior.kl()).mean() / x[0].numel()
 
-    meta = {"kind": "autoencoder", "config": asdict(config), "model": model.config}
+    meta = {"kind": "autoencoder", "config": resume_key(asdict(config)), "model": model.config}
     model.history = train_loop(
         model, loss_fn, steps=config.steps, lr=config.lr, seed=config.seed, checkpoint=checkpoint,
         checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,

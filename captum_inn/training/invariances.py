@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import FeatureCache, cache_features
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
-from captum_inn.training.loop import train_loop
+from captum_inn.training.loop import resume_key, train_loop
 
 __all__ = [
     "InvarianceConfig",
@@ -93,8 +93,7 @@ def _train_one(
         "layer": name, "layer_shape": list(cache.layer_shape(name)), "latent_dim": cache.latent_dim,
         "model_class": cache.model_class,
     }
-    train = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every")}
-    meta = {"kind": "invariance_inn", "config": {"inn": inn.config, "train": train, **fit_info}}
+    meta = {"kind": "invariance_inn", "config": {"inn": inn.config, "train": resume_key(asdict(config)), **fit_info}}
     n = len(cache)
 
     def loss_fn(generator: torch.Generator) -> Tensor:

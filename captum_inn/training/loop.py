@@ -20,7 +20,15 @@ from captum_inn.training.checkpoint import (
     strip_prefix,
 )
 
-__all__ = ["train_loop"]
+__all__ = ["train_loop", "resume_key"]
+
+# Settings that may change between a fit and its resumption (train longer, save more often).
+_RESUMABLE = ("steps", "checkpoint_every")
+
+
+def resume_key(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The part of a fit's settings that a resumed fit must share with the checkpoint."""
+    return {k: v for k, v in config.items() if k not in _RESUMABLE}
 
 
 def train_loop(
@@ -94,7 +102,7 @@ def train_loop(
         loss = loss_fn(generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"{desc}: the loss became {float(loss)} at step {step}. Lower the learning rate "
+                f"{desc}: the loss became {float(loss.detach())} at step {step}. Lower the learning rate "
                 f"(now {lr}), clamp the coupling scales more strongly (smaller `clamp`), or check the "
                 "inputs for NaN/inf. The last checkpoint was left as it was."
             )

@@ -1,0 +1,266 @@
+"""LayerInvariance: Captum's conventions (DESIGN.md §3), the maths of its methods, bad input, hooks."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+from helpers_hooks import assert_no_hooks, training_flags
+from torch import nn
+
+from captum_inn import LayerInvariance
+from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.capture import capture
+from captum_inn.inn import AffineCoupling, ConditionalINN
+from captum_inn.models import SmallCNN
+
+torch.set_num_threads(1)
+
+
+def _inn(cond_shape, dim=6, seed=0):
+    torch.manual_seed(seed)
+    inn = ConditionalINN(dim, cond_shape, n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16)
+    for m in inn.modules():  # a non-trivial flow (fresh couplings are the identity)
+        if isinstance(m, AffineCoupling):
+            m.subnet[-1].reset_parameters()
+    inn(torch.randn(16, dim), torch.randn(16, *cond_shape))  # ActNorm initialisation
+    return inn.eval()
+
+
+class LinearAutoencoder(nn.Module):
+    """A deterministic linear autoencoder: every change of the code shows in the image."""
+
+    latent_dim = 6
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(3 * 32 * 32, 6), nn.Linear(6, 3 * 32 * 32)
+
+    def encode(self, x):
+        return self.enc(x.flatten(1))
+
+    def decode(self, code):
+        return self.dec(code).view(-1, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = SmallCNN(width=4).eval()
+    ae = LinearAutoencoder().eval()
+    inn_logits, inn_map = _inn((10,)), _inn((8, 8, 8))
+    # standardise the conditions as fit_invariances does, so that the condition matters
+    images = torch.rand(32, 3, 32, 32)
+    inn_logits.embedder.set_input_statistics(capture(model, "logits", images))
+    inn_map.embedder.set_input_statistics(capture(model, "relu3", images))
+    return model, ae, inn_logits, inn_map
+
+
+@pytest.fixture
+def x():
+    return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_attribute_is_input_shaped_and_reproducible(setup, x):
+    model, ae, inn, _ = setup
+    explainer = LayerInvariance(model, "logits", inn, ae)
+    a = explainer.attribute(x, n_samples=6, generator=torch.Generator().manual_seed(0))
+    b = explainer.attribute(x, n_samples=6, generator=torch.Generator().manual_seed(0))
+    c = explainer.attribute(x, n_samples=6, generator=torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert (a >= 0).all() and a.sum() > 0
+    assert explainer.has_convergence_delta() is False and explainer.multiplies_by_inputs is False
+
+
+def test_internal_batch_size_equals_the_unbatched_run(setup, x):
+    model, ae, _, inn_map = setup
+    explainer = LayerInvariance(model, "relu3", inn_map, ae)
+    full = explainer.attribute(x, n_samples=5, generator=torch.Generator().manual_seed(3))
+    for size in (1, 4, 7, 100):
+        part = explainer.attribute(x, n_samples=5, internal_batch_size=size, generator=torch.Generator().manual_seed(3))
+        assert torch.allclose(part, full, atol=1e-5), size
+
+
+def test_the_map_is_the_spread_of_the_samples(setup, x):
+    model, ae, inn, _ = setup
+    explainer = LayerInvariance(model, "logits", inn, ae)
+    samples = explainer.sample(x, n_samples=7, temperature=0.8, generator=torch.Generator().manual_seed(2))
+    assert samples.shape == (3, 7, 3, 32, 32)
+    attr = explainer.attribute(x, n_samples=7, temperature=0.8, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(attr, samples.std(dim=1), atol=1e-6)
+    cold = explainer.attribute(x, n_samples=7, temperature=0.05, generator=torch.Generator().manual_seed(2))
+    assert cold.mean() < attr.mean()  # lower temperature, less spread
+
+
+def test_invariances_reconstruct_and_transfer_are_consistent(setup, x):
+    model, ae, _, inn = setup
+    explainer = LayerInvariance(model, model.relu3, inn, ae)
+    v = explainer.invariances(x)
+    assert v.shape == (3, 6)
+    with torch.no_grad():
+        code = ae.encode(x)
+        z = model.relu3(model.conv3(model.relu2(model.conv2(model.relu1(model.conv1(x))))))
+        assert torch.allclose(inn(v, z, rev=True)[0], code, atol=1e-5)
+        recon = ae.decode(code)
+    assert torch.allclose(explainer.reconstruct(x), recon, atol=1e-6)
+    # transferring to oneself keeps the image; to a donor, it changes
+    assert torch.allclose(explainer.transfer(x, x), recon, atol=1e-4)
+    assert (explainer.transfer(x, x.flip(0)) - recon).abs().max() > 1e-3
+
+
+def test_batch_of_one_and_tuple_inputs(setup, x):
+    model, ae, inn, _ = setup
+    explainer = LayerInvariance(model, "logits", inn, ae)
+    assert explainer.attribute(x[:1], n_samples=3).shape == (1, 3, 32, 32)
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, image, scale):
+            return self.net(image * scale)
+
+    two = TwoInputs().eval()
+    explainer2 = LayerInvariance(two, "net.logits", inn, ae)
+    scale = torch.ones(3, 1, 1, 1)
+    out = explainer2.attribute((x, scale), n_samples=3)
+    assert isinstance(out, tuple) and out[0].shape == x.shape and torch.equal(out[1], torch.zeros_like(scale))
+
+
+def test_additional_forward_args_and_plain_functions(setup, x):
+    model, ae, inn, _ = setup
+
+    class WithArg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, image, shift):
+            return self.net(image + shift)
+
+    wrapped = WithArg().eval()
+    explainer = LayerInvariance(wrapped, "net.logits", inn, ae)
+    g = torch.Generator
+    a = explainer.attribute(x, additional_forward_args=(0.0,), n_samples=3, generator=g().manual_seed(0))
+    b = LayerInvariance(model, "logits", inn, ae).attribute(x, n_samples=3, generator=g().manual_seed(0))
+    assert torch.allclose(a, b, atol=1e-6)
+    # per-example tensor arguments are sliced with internal batching
+    shift = torch.zeros(3, 1, 1, 1)
+    c = explainer.attribute(x, additional_forward_args=(shift,), n_samples=3, internal_batch_size=3,
+                            generator=g().manual_seed(0))
+    assert torch.allclose(c, b, atol=1e-5)
+    # a plain function needs the layer module
+    fn_explainer = LayerInvariance(lambda inp: model(inp), model.logits, inn, ae)
+    assert torch.allclose(fn_explainer.attribute(x, n_samples=3, generator=g().manual_seed(0)), b, atol=1e-6)
+    with pytest.raises(TypeError, match="needs `forward_func` to be an nn.Module"):
+        LayerInvariance(lambda inp: model(inp), "logits", inn, ae)
+
+
+@pytest.mark.parametrize("target", [None, 3, [1, 2, 3], torch.tensor([0, 1, 2]), (0,)])
+def test_every_target_form_is_accepted(setup, x, target):
+    model, ae, inn, _ = setup
+    out = LayerInvariance(model, "logits", inn, ae).attribute(x, target=target, n_samples=2)
+    assert out.shape == x.shape
+
+
+def test_composes_with_noise_tunnel_and_visualisation(setup, x):
+    from captum.attr import NoiseTunnel
+    from captum.attr import visualization as viz
+
+    model, ae, inn, _ = setup
+    explainer = LayerInvariance(model, "logits", inn, ae)
+    with torch.no_grad():  # NoiseTunnel and sensitivity_max call attribute under no_grad
+        smooth = NoiseTunnel(explainer).attribute(x, nt_type="smoothgrad", nt_samples=2, stdevs=0.05, n_samples=3)
+    assert smooth.shape == x.shape
+    attr = explainer.attribute(x, n_samples=3)
+    fig, _ = viz.visualize_image_attr(attr[0].permute(1, 2, 0).numpy(), x[0].permute(1, 2, 0).numpy(),
+                                      method="blended_heat_map", sign="absolute_value", use_pyplot=False)
+    assert fig is not None
+
+
+def test_user_tensors_and_model_state_are_left_alone(setup, x):
+    model, ae, inn, _ = setup
+    model.train()
+    ae.train()
+    flags, ae_flags = training_flags(model), training_flags(ae)
+    x = x.clone().requires_grad_(True)
+    try:
+        LayerInvariance(model, "logits", inn, ae).attribute(x, n_samples=2)
+        assert x.requires_grad and x.grad is None
+        assert training_flags(model) == flags and training_flags(ae) == ae_flags
+    finally:
+        model.eval()
+        ae.eval()
+    assert_no_hooks(model)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_input_is_named(setup, x):
+    model, ae, inn, inn_map = setup
+    explainer = LayerInvariance(model, "logits", inn, ae)
+    with pytest.raises(ValueError, match="did you mean"):
+        LayerInvariance(model, "logit", inn, ae)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        explainer.attribute(torch.rand(3, 32, 32))
+    with pytest.raises(TypeError, match="floating point"):
+        explainer.attribute((x * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        explainer.attribute(torch.full_like(x, float("nan")))
+    with pytest.raises(ValueError, match="empty batch"):
+        explainer.attribute(x[:0])
+    with pytest.raises(TypeError, match="must be a tensor"):
+        explainer.attribute([[1.0]])
+    for n in (0, -3):
+        with pytest.raises(ValueError, match="`n_samples` must be >= 1"):
+            explainer.sample(x, n_samples=n)
+    with pytest.raises(ValueError, match="`n_samples` must be >= 2"):
+        explainer.attribute(x, n_samples=1)
+    with pytest.raises(TypeError, match="`n_samples` must be an int"):
+        explainer.attribute(x, n_samples=2.5)
+    for t in (0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            explainer.attribute(x, temperature=t)
+    with pytest.raises(ValueError, match="`internal_batch_size` must be >= 1"):
+        explainer.attribute(x, internal_batch_size=0)
+    with pytest.raises(ValueError, match="fitted for layer .*Fit an INN for this layer"):
+        LayerInvariance(model, "relu3", inn, ae).attribute(x)
+    with pytest.raises(ValueError, match="latent_dim=8"):
+        LayerInvariance(model, "logits", inn, ConvAutoencoder((3, 32, 32), latent_dim=8, width=4))
+    with pytest.raises(TypeError, match="lacks encode"):
+        LayerInvariance(model, "logits", inn, nn.Identity())
+    with pytest.raises(TypeError, match="ConditionalINN"):
+        LayerInvariance(model, "logits", nn.Linear(6, 6), ae)
+    with pytest.raises(ValueError, match="one image per input"):
+        explainer.transfer(x, x[:2])
+    with pytest.raises(TypeError, match="generator"):
+        explainer.attribute(x, generator=0)
+    assert_no_hooks(model)
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [RuntimeError("layer failed"), KeyboardInterrupt()])
+def test_no_hook_survives_a_layer_that_raises(setup, x, error):
+    model, ae, _, inn_map = setup
+    model.train()
+    flags = training_flags(model)
+
+    def explode(module, args):
+        raise error
+
+    handle = model.conv2.register_forward_pre_hook(explode)
+    try:
+        with pytest.raises(type(error)):
+            LayerInvariance(model, "relu3", inn_map, ae).attribute(x, n_samples=2)
+    finally:
+        handle.remove()
+        model_flags = training_flags(model)
+        model.eval()
+    assert model_flags == flags
+    assert_no_hooks(model)

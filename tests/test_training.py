@@ -1,0 +1,234 @@
+"""fit_autoencoder, the feature cache, fit_invariances, checkpoints and resume."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers_hooks import assert_no_hooks, training_flags
+from torch import nn
+
+from captum_inn.autoencoders import (
+    ConvAutoencoder,
+    DiagonalGaussian,
+    check_autoencoder,
+    encode_posterior,
+)
+from captum_inn.models import SmallCNN
+from captum_inn.training import (
+    CheckpointError,
+    FeatureCache,
+    cache_features,
+    fit_autoencoder,
+    fit_invariances,
+    load_autoencoder,
+    load_checkpoint,
+    load_invariance_inn,
+    save_checkpoint,
+    save_invariance_inn,
+)
+from captum_inn.training.invariances import checkpoint_name
+
+torch.set_num_threads(1)
+
+TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16, batch_size=16)
+
+
+class CountingCNN(SmallCNN):
+    def __init__(self):
+        super().__init__(width=4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += x.shape[0]
+        return super().forward(x)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def autoencoder():
+    torch.manual_seed(0)
+    return ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
+
+
+# ------------------------------------------------------------------ autoencoders
+def test_autoencoder_protocol_and_posterior():
+    ae = ConvAutoencoder((3, 16, 16), latent_dim=5, width=4)
+    mean, std = encode_posterior(ae, torch.rand(3, 3, 16, 16))
+    assert mean.shape == std.shape == (3, 5) and (std > 0).all()
+
+    class Deterministic:
+        def encode(self, x):
+            return x.flatten(1)[:, :4]
+
+        def decode(self, code):
+            return code
+
+    mean, std = encode_posterior(Deterministic(), torch.rand(2, 3, 4, 4))
+    assert torch.equal(std, torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="lacks encode, decode"):
+        check_autoencoder(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="power-of-two"):
+        ConvAutoencoder((3, 30, 30))
+    with pytest.raises(ValueError, match=r"shape \(N, 5\)"):
+        ae.decode(torch.zeros(2, 6))
+
+
+def test_diagonal_gaussian_kl_matches_torch():
+    q = DiagonalGaussian(torch.randn(4, 3), torch.randn(4, 3))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(q.mean, q.std), torch.distributions.Normal(0.0, 1.0)
+    ).sum(1)
+    assert torch.allclose(q.kl(), ref, atol=1e-6)
+
+
+def test_fit_autoencoder_learns_and_resumes_exactly(tmp_path, images):
+    path = str(tmp_path / "ae.safetensors")
+    full = fit_autoencoder(images, latent_dim=8, width=4, steps=30, batch_size=8, checkpoint_every=10, progress=False)
+    assert full.history[-1] < full.history[0]
+    # A fit interrupted after 20 steps resumes from its checkpoint and ends where the full run ends.
+    fit_autoencoder(images, latent_dim=8, width=4, steps=20, batch_size=8, checkpoint_every=10, checkpoint=path, progress=False)
+    resumed = fit_autoencoder(images, latent_dim=8, width=4, steps=30, batch_size=8, checkpoint_every=10, checkpoint=path, progress=False)
+    assert len(resumed.history) == 30
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    loaded = load_autoencoder(path)
+    x = images[:4]
+    assert torch.allclose(loaded(x), resumed(x), atol=1e-6)
+
+
+def test_fit_autoencoder_rejects_bad_data():
+    with pytest.raises(ValueError, match="NaN"):
+        fit_autoencoder(torch.full((4, 3, 8, 8), float("nan")), latent_dim=2, steps=1, progress=False)
+    with pytest.raises(TypeError, match="`data` must be"):
+        fit_autoencoder(42, latent_dim=2, steps=1, progress=False)
+
+
+# ------------------------------------------------------------------ feature cache
+def test_cache_runs_the_model_once_per_image_for_all_layers(images, autoencoder):
+    model = CountingCNN().eval()
+    cache = cache_features(model, ["relu1", "relu3", "fc", "logits"], autoencoder, images, batch_size=16, progress=False)
+    assert model.calls == len(images)  # one pass for four layers
+    assert cache.layer_shape("relu1") == (4, 16, 16) and cache.layer_shape("logits") == (10,)
+    with torch.no_grad():
+        expected = model.conv1(images).relu()
+    assert torch.allclose(cache.layers["relu1"], expected, atol=1e-6)
+    assert cache.code_mean.shape == (40, 6) and (cache.code_std > 0).all()
+    assert_no_hooks(model)
+
+
+def test_cache_restores_modes_and_reports_missing_layers(images, autoencoder):
+    model = CountingCNN().train()
+    flags = training_flags(model)
+    cache_features(model, "relu2", autoencoder, images[:4], progress=False)
+    assert training_flags(model) == flags
+    with pytest.raises(ValueError, match="did you mean"):
+        cache_features(model, "relu9", autoencoder, images[:4], progress=False)
+    assert_no_hooks(model)
+
+
+# ------------------------------------------------------------------ fit_invariances
+def test_fit_invariances_for_several_layers_from_one_pass(images, autoencoder, tmp_path):
+    model = CountingCNN().eval()
+    inns = fit_invariances(model, ["relu2", "logits"], autoencoder, images, steps=5, checkpoint_dir=str(tmp_path),
+                           progress=False, **TINY)
+    assert model.calls == len(images)
+    assert set(inns) == {"relu2", "logits"}
+    assert inns["relu2"].cond_shape == (8, 8, 8) and inns["logits"].cond_shape == (10,)
+    assert inns["logits"].fit_info["layer"] == "logits" and inns["logits"].fit_info["latent_dim"] == 6
+    for name in inns:
+        assert os.path.exists(tmp_path / checkpoint_name(name))
+    assert_no_hooks(model)
+
+
+def test_fitting_learns_the_conditional_density():
+    # Codes that the layer determines up to small noise: a conditional INN must learn to
+    # explain them by the condition, driving the NLL far below that of an unconditional fit.
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(512, 10, generator=gen)
+    codes = torch.tanh(z[:, :6]) * 2 + 0.05 * torch.randn(512, 6, generator=gen)
+    cache = FeatureCache(code_mean=codes, code_std=torch.zeros_like(codes), layers={"logits": z})
+    inn = fit_invariances(SmallCNN(width=4), "logits", cache=cache, steps=150, lr=3e-3, progress=False,
+                          **{**TINY, "batch_size": 64})
+    first, last = sum(inn.history[:10]) / 10, sum(inn.history[-10:]) / 10
+    assert last < first - 1.0, (first, last)
+
+
+def test_fit_invariances_is_seeded(images, autoencoder):
+    model = SmallCNN(width=4).eval()
+    a = fit_invariances(model, "fc", autoencoder, images, steps=3, seed=5, progress=False, **TINY)
+    b = fit_invariances(model, "fc", autoencoder, images, steps=3, seed=5, progress=False, **TINY)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_interrupted_fit_resumes_to_the_uninterrupted_result(images, autoencoder, tmp_path):
+    model = SmallCNN(width=4).eval()
+    cache = cache_features(model, "logits", autoencoder, images, progress=False)
+    full = fit_invariances(model, "logits", cache=cache, steps=12, checkpoint_every=4, progress=False, **TINY)
+    fit_invariances(model, "logits", cache=cache, steps=8, checkpoint_every=4, checkpoint_dir=str(tmp_path),
+                    progress=False, **TINY)
+    resumed = fit_invariances(model, "logits", cache=cache, steps=12, checkpoint_every=4,
+                              checkpoint_dir=str(tmp_path), progress=False, **TINY)
+    assert len(resumed.history) == 12
+    for x, y in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-5)
+    with pytest.raises(CheckpointError, match="another configuration"):
+        fit_invariances(model, "logits", cache=cache, steps=12, checkpoint_dir=str(tmp_path), progress=False,
+                        **{**TINY, "hidden": 32})
+
+
+def test_save_load_and_refusals(images, autoencoder, tmp_path):
+    model = SmallCNN(width=4).eval()
+    inn = fit_invariances(model, "relu3", autoencoder, images, steps=2, progress=False, **TINY)
+    path = str(tmp_path / "t.safetensors")
+    save_invariance_inn(path, inn)
+    loaded = load_invariance_inn(path, layer_shape=(8, 8, 8), latent_dim=6)
+    z, code = torch.randn(3, 8, 8, 8), torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(code, z)[0], inn(code, z)[0])
+    with pytest.raises(CheckpointError, match=r"fitted for layer 'relu3'.*\(8, 8, 8\)"):
+        load_invariance_inn(path, layer_shape=(10,))
+    with pytest.raises(CheckpointError, match="codes of size 6"):
+        load_invariance_inn(path, latent_dim=64)
+
+
+def test_checkpoint_format_is_checked_before_use(tmp_path):
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, {"w": torch.ones(3)}, {"kind": "invariance_inn"})
+    raw = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(tmp_path / "trunc.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(tmp_path / "garbage.safetensors")
+    with pytest.raises(CheckpointError, match="expected a 'autoencoder'"):
+        load_checkpoint(path, kind="autoencoder")
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    import captum_inn.training.checkpoint as ck
+
+    newer = tmp_path / "newer.safetensors"
+    old = ck.FORMAT_VERSION
+    ck.FORMAT_VERSION = old + 1
+    try:
+        save_checkpoint(newer, {"w": torch.ones(1)}, {"kind": "x"})
+    finally:
+        ck.FORMAT_VERSION = old
+    with pytest.raises(CheckpointError, match="format version 2"):
+        load_checkpoint(newer)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # no temporary files left
+
+
+def test_divergence_stops_with_a_clear_error(images, autoencoder, tmp_path):
+    model = SmallCNN(width=4).eval()
+    cache = cache_features(model, "logits", autoencoder, images, progress=False)
+    cache.code_mean[3] = float("inf")
+    with pytest.raises(FloatingPointError, match="at step .*Lower the learning rate"):
+        fit_invariances(model, "logits", cache=cache, steps=50, checkpoint_dir=str(tmp_path), progress=False, **TINY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import List, Optional
@@ -70,6 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    demo.add_argument("--check", action="store_true",
+                      help="exit with status 1 unless the metrics meet the demo's bounds (looser with --quick)")
     sub.add_parser("selfcheck", help="check the installation in a few seconds")
     return parser
 
@@ -96,8 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         start = time.perf_counter()
         report = run_demo(out=args.out, quick=args.quick, seed=args.seed, device=args.device)
-        print(f"report written to {report} in {time.perf_counter() - start:.0f} s")
-        return 0
+        print(f"report written to {report} in {time.perf_counter() - start:.0f} s (open it in a browser)")
+        failures = json.loads((report.parent / "metrics.json").read_text())["failures"]
+        for failure in failures:
+            print(f"  bound not met: {failure}")
+        if not failures:
+            print("  every bound of the demo holds")
+        return 1 if (failures and args.check) else 0
     raise AssertionError(args.command)  # argparse rejects unknown commands before this
 
 

@@ -4,7 +4,8 @@
 (:func:`sklearn.datasets.load_digits`), so nothing is ever downloaded. Every image is upsampled
 bilinearly to ``image_size × image_size`` (32 by default), its ``[0, 1]`` intensity becomes a mask
 ``m``, and the pixel is ``m · fg + (1 − m) · bg`` with a foreground colour ``fg`` and a background
-colour ``bg`` drawn independently and uniformly from ``[0, 1]³`` for every sample. The three
+colour ``bg`` drawn independently and uniformly from ``[0, 1]³`` for every sample (redrawn when
+they are closer than ``min_contrast``, so that no digit is invisible). The three
 generative factors, :data:`FACTORS`, are therefore known exactly:
 
 * ``"digit"``: the digit class ``0…9`` (and the handwritten image behind it);
@@ -108,6 +109,30 @@ def colour_digits(masks: Tensor, foreground: Tensor, background: Tensor) -> Tens
 
 
 @functools.lru_cache(maxsize=1)
+def _ensure_contrast(
+    foreground: Tensor, background: Tensor, generator: torch.Generator, min_contrast: float, redraw: str
+) -> Tuple[Tensor, Tensor]:
+    """Redraw colours (uniform in ``[0, 1]³``) until every digit differs from its background.
+
+    Rows whose RGB distance ``‖fg − bg‖`` is below ``min_contrast`` get the colour(s) named by
+    ``redraw`` (``"both"``, ``"foreground"``, ``"background"`` or ``"none"``) drawn again; an
+    invisible digit has no digit concept to interpret.
+    """
+    foreground, background = foreground.clone(), background.clone()
+    if redraw == "none" or min_contrast <= 0:
+        return foreground, background
+    for _ in range(10_000):
+        low = (foreground - background).norm(dim=1) < min_contrast
+        if not low.any():
+            return foreground, background
+        k = int(low.sum())
+        if redraw in ("both", "foreground"):
+            foreground[low] = torch.rand(k, 3, generator=generator)
+        if redraw in ("both", "background"):
+            background[low] = torch.rand(k, 3, generator=generator)
+    raise RuntimeError("could not draw colours with the requested contrast")  # pragma: no cover
+
+
 def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
     """The bundled scikit-learn digits: intensities in ``[0, 1]`` (1797, 8, 8) and labels."""
     from sklearn.datasets import load_digits
@@ -158,6 +183,9 @@ class ColorDigits(Dataset):
         test_fraction: Share of each digit class that goes to the test split, in ``(0, 1)``.
             Every class keeps at least one image on each side.
         image_size: Side length of the square images (the 8×8 originals are resized to it).
+        min_contrast: Smallest RGB distance ``‖fg − bg‖`` between a digit and its background;
+            pairs closer than this are redrawn so every digit stays visible (``0``: fully
+            independent colours).
 
     Attributes:
         images (Tensor): ``(N, 3, S, S)`` float32 in ``[0, 1]``, ``N = k · n_images``.
@@ -199,6 +227,7 @@ class ColorDigits(Dataset):
         seed: int = 0,
         test_fraction: float = 0.2,
         image_size: int = 32,
+        min_contrast: float = 0.4,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
@@ -222,6 +251,9 @@ class ColorDigits(Dataset):
         if image_size < 1:
             raise ValueError(f"`image_size` must be >= 1, got {image_size}.")
 
+        if not 0.0 <= float(min_contrast) < 1.0:
+            raise ValueError(f"`min_contrast` must lie in [0, 1), got {min_contrast}.")
+        self.min_contrast = float(min_contrast)
         self.split = split
         self.recolorings = int(recolorings)
         self.seed = int(seed)
@@ -249,8 +281,10 @@ class ColorDigits(Dataset):
         n = self.recolorings * self.n_images
         self._local = torch.arange(self.n_images).repeat(self.recolorings)  # (N,)
         colour_gen = torch.Generator().manual_seed(_derived_seed(self.seed, _STREAM_COLOURS[split]))
-        self._foreground = torch.rand(n, 3, generator=colour_gen)
-        self._background = torch.rand(n, 3, generator=colour_gen)
+        self._foreground, self._background = _ensure_contrast(
+            torch.rand(n, 3, generator=colour_gen), torch.rand(n, 3, generator=colour_gen),
+            colour_gen, self.min_contrast, redraw="both",
+        )
         self._digits = self._image_digits[self._local]
         self._source_index = self._sources[self._local]
         self._images = colour_digits(
@@ -496,6 +530,10 @@ class ColorDigits(Dataset):
             else:
                 b_bg = fresh_bg
 
+        # Keep b's digit visible: redraw only the colour that b does not share with a.
+        redraw = {"digit": "both", "foreground": "background", "background": "foreground"}[factor] \
+            if factor is not None else {"digit": "none", "foreground": "foreground", "background": "background"}[differ_in]
+        b_fg, b_bg = _ensure_contrast(b_fg, b_bg, g, self.min_contrast, redraw)
         a = self._images[index]
         b = colour_digits(self._image_masks[b_local], b_fg, b_bg)
         if not return_factors:

@@ -207,9 +207,13 @@ def probe_r2(
     xs = (x - mean) / std
     xs = torch.cat([xs, torch.ones(n, 1, dtype=xs.dtype)], dim=1)
     a = xs[tr]
-    reg = ridge * n_train * torch.eye(a.shape[1], dtype=a.dtype)
-    reg[-1, -1] = 0.0  # do not shrink the intercept
-    w = torch.linalg.solve(a.T @ a + reg, a.T @ y[tr])
+    if a.shape[1] <= a.shape[0]:  # primal ridge: (d × d) system
+        reg = ridge * n_train * torch.eye(a.shape[1], dtype=a.dtype)
+        reg[-1, -1] = 0.0  # do not shrink the intercept
+        w = torch.linalg.solve(a.T @ a + reg, a.T @ y[tr])
+    else:  # wide features (e.g. a conv layer): the dual (n × n) system gives the same ridge solution
+        gram = a @ a.T + ridge * n_train * torch.eye(a.shape[0], dtype=a.dtype)
+        w = a.T @ torch.linalg.solve(gram, y[tr])
     residual = y[te] - xs[te] @ w
     total = (y[te] - y[te].mean(0)).pow(2).sum(0).clamp_min(1e-12)
     r2 = 1.0 - residual.pow(2).sum(0) / total

@@ -1,0 +1,346 @@
+"""The main job (``captum-inn demo``): what does each layer of a CNN ignore?
+
+On ColorDigits (digits with random foreground and background colours) it trains a small CNN, a
+second independently trained CNN as a judge, the autoencoder and one conditional INN per layer for
+four layers (early conv, late conv, fully connected, logits) from one pass over the data; then
+measures the invariances on held-out images and writes a report folder: ``index.html``, PNG
+figures and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+
+from captum_inn.attr import LayerInvariance
+from captum_inn.capture import capture
+from captum_inn.datasets import ColorDigits
+from captum_inn.metrics import (
+    prediction_agreement,
+    probe_r2,
+    reencode_similarity,
+    variance_explained_by_v,
+)
+from captum_inn.models import SmallCNN
+from captum_inn.training import (
+    cache_features,
+    fit_autoencoder,
+    fit_invariances,
+    save_invariance_inn,
+)
+from captum_inn.training.classifier import accuracy, fit_classifier
+
+__all__ = ["DemoSettings", "LAYERS", "BOUNDS", "QUICK_BOUNDS", "check_metrics", "run_demo"]
+
+#: The analysed layers, input side first: early conv, late conv, fully connected, logits.
+LAYERS = ("relu1", "relu3", "relu4", "logits")
+
+
+#: What the full demo must show (the acceptance criteria of the invariances issue).
+BOUNDS = {
+    "reconstruction_agreement_min": 0.95,
+    "logits_agreement_min": 0.85,
+    "logits_agreement_random_condition_max": 0.30,
+    "logits_colour_r2_from_v_min": 0.6,
+    "logits_colour_r2_from_z_max": 0.2,
+    "variance_explained_ratio_logits_to_early_min": 3.0,
+    "reencode_beats_null_min": 0.90,
+}
+#: Looser bounds for ``--quick`` (smaller models, fewer steps), used as a CI smoke test.
+QUICK_BOUNDS = {
+    "reconstruction_agreement_min": 0.80,
+    "logits_agreement_min": 0.60,
+    "logits_agreement_random_condition_max": 0.40,
+    "logits_colour_r2_from_v_min": 0.3,
+    "logits_colour_r2_from_z_max": 0.3,
+    "variance_explained_ratio_logits_to_early_min": 1.5,
+    "reencode_beats_null_min": 0.60,
+}
+
+
+def check_metrics(metrics: Dict[str, Any], bounds: Dict[str, float] = None) -> list:
+    """Compare a demo's ``metrics.json`` content with ``bounds``; return the failures as sentences.
+
+    Args:
+        metrics: The dictionary written to ``metrics.json``.
+        bounds: :data:`BOUNDS` (default) or :data:`QUICK_BOUNDS`.
+
+    Returns:
+        A list of failure messages (empty when every bound holds).
+
+    Examples::
+
+        >>> check_metrics({"reconstruction_agreement": 0.5, "layers": {}}, {"reconstruction_agreement_min": 0.9})
+        ['reconstruction agreement 0.500 < 0.9']
+    """
+    bounds = BOUNDS if bounds is None else bounds
+    layers = metrics["layers"]
+    ordered = sorted(layers, key=lambda n: layers[n]["depth"])
+    failures = []
+
+    def at_least(value: float, bound_key: str, what: str) -> None:
+        if bound_key in bounds and not value >= bounds[bound_key]:
+            failures.append(f"{what} {value:.3f} < {bounds[bound_key]}")
+
+    def at_most(value: float, bound_key: str, what: str) -> None:
+        if bound_key in bounds and not value <= bounds[bound_key]:
+            failures.append(f"{what} {value:.3f} > {bounds[bound_key]}")
+
+    at_least(metrics["reconstruction_agreement"], "reconstruction_agreement_min", "reconstruction agreement")
+    if ordered:
+        top, early = layers[ordered[-1]], layers[ordered[0]]
+        at_least(top["agreement"], "logits_agreement_min", f"{ordered[-1]} agreement")
+        at_most(top["agreement_random_condition"], "logits_agreement_random_condition_max",
+                f"{ordered[-1]} agreement with a random condition")
+        at_least(top["colour_r2_from_v"], "logits_colour_r2_from_v_min", f"{ordered[-1]} colour R² from v")
+        at_most(top["colour_r2_from_z"], "logits_colour_r2_from_z_max", f"{ordered[-1]} colour R² from z")
+        ratio = top["variance_explained_by_v"] / max(early["variance_explained_by_v"], 1e-12)
+        at_least(ratio, "variance_explained_ratio_logits_to_early_min",
+                 f"variance explained by v, {ordered[-1]} / {ordered[0]}")
+        for name in ordered[:-1]:
+            at_least(layers[name]["reencode_beats_null"], "reencode_beats_null_min", f"{name} re-encoding beats null")
+    return failures
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of the demo run (``quick`` shrinks them for smoke tests)."""
+
+    recolorings: int = 4
+    test_recolorings: int = 2
+    cnn_steps: int = 3000
+    judge_steps: int = 2000
+    ae_steps: int = 3000
+    ae_width: int = 32
+    latent_dim: int = 64
+    kl_weight: float = 0.01
+    inn_steps: int = 2000
+    inn_blocks: int = 8
+    inn_hidden: int = 256
+    inn_lr: float = 1e-3
+    n_eval: int = 718
+    n_samples: int = 10
+    n_figure_rows: int = 6
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        """Small settings that finish in about a minute (looser results)."""
+        return cls(recolorings=2, test_recolorings=2, cnn_steps=600, judge_steps=300, ae_steps=500,
+                   ae_width=16, latent_dim=32, inn_steps=300, inn_blocks=4, inn_hidden=128,
+                   n_eval=500, n_samples=6, n_figure_rows=4)
+
+
+def _stage(message: str, start: float) -> None:
+    print(f"[{time.perf_counter() - start:6.1f} s] {message}", flush=True)
+
+
+def _colours(data: ColorDigits) -> torch.Tensor:
+    return torch.cat([data.foreground, data.background], dim=1)
+
+
+def run_demo(
+    out: Union[str, Path] = "captum_inn_report",
+    quick: bool = False,
+    seed: int = 0,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = True,
+    settings: DemoSettings = None,
+) -> Path:
+    """Run the demo and write the report folder.
+
+    Args:
+        out: Report folder (created; existing files are overwritten).
+        quick: Use :meth:`DemoSettings.quick`.
+        seed: Seed of data, models and samples.
+        device: Where to train and evaluate.
+        progress: Show progress bars.
+        settings: Explicit sizes (overrides ``quick``).
+
+    Returns:
+        The path of ``index.html``.
+    """
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    start = time.perf_counter()
+    timings: Dict[str, float] = {}
+
+    def timed(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+
+    _stage("ColorDigits: scikit-learn's digits with random foreground/background colours", start)
+    train = ColorDigits("train", recolorings=settings.recolorings, seed=seed)
+    test = ColorDigits("test", recolorings=settings.test_recolorings, seed=seed)
+    n_eval = min(settings.n_eval, len(test))
+    x_eval = test.images[:n_eval].to(device)
+
+    t0 = time.perf_counter()
+    _stage(f"training the CNN to analyse ({settings.cnn_steps} steps) and an independent judge", start)
+    torch.manual_seed(seed)
+    cnn = fit_classifier(SmallCNN(), train, steps=settings.cnn_steps, seed=seed, device=device, progress=progress)
+    torch.manual_seed(seed + 1000)
+    judge = fit_classifier(SmallCNN(width=24), train, steps=settings.judge_steps, seed=seed + 1000,
+                           device=device, progress=progress)
+    cnn_acc = accuracy(cnn, x_eval, test.digits[:n_eval])
+    judge_acc = accuracy(judge, x_eval, test.digits[:n_eval])
+    timed("classifiers", t0)
+    _stage(f"  test accuracy: CNN {cnn_acc:.3f}, judge {judge_acc:.3f}", start)
+
+    t0 = time.perf_counter()
+    _stage(f"training the autoencoder (latent {settings.latent_dim}, {settings.ae_steps} steps)", start)
+    ae = fit_autoencoder(train, latent_dim=settings.latent_dim, steps=settings.ae_steps, width=settings.ae_width,
+                         kl_weight=settings.kl_weight, seed=seed, device=device, progress=progress,
+                         checkpoint=str(out / "checkpoints" / "autoencoder.safetensors"), resume=False)
+    timed("autoencoder", t0)
+
+    t0 = time.perf_counter()
+    _stage(f"one pass over {len(train)} images caches {len(LAYERS)} layers and the codes; fitting INNs", start)
+    cache = cache_features(cnn, list(LAYERS), ae, train, device=device, progress=progress)
+    inns = fit_invariances(cnn, list(LAYERS), cache=cache, device=device, steps=settings.inn_steps,
+                           n_blocks=settings.inn_blocks, hidden=settings.inn_hidden, lr=settings.inn_lr,
+                           seed=seed, progress=progress)
+    for name, inn in inns.items():
+        save_invariance_inn(str(out / "checkpoints" / f"invariance_{name}.safetensors"), inn)
+    timed("invariance_inns", t0)
+
+    t0 = time.perf_counter()
+    _stage(f"measuring invariances on {n_eval} held-out images × {settings.n_samples} samples", start)
+    with torch.no_grad():
+        recon = ae(x_eval)
+    reconstruction_agreement = prediction_agreement(cnn, x_eval, recon.unsqueeze(1))
+    colours = _colours(test)[:n_eval]
+    gen = torch.Generator().manual_seed(seed)
+    derangement = (torch.arange(n_eval) + torch.randint(1, n_eval, (1,), generator=gen)) % n_eval
+    codes = ae.encode(x_eval).mean.detach()
+    layers: Dict[str, Any] = {}
+    samples_for_figures, maps = {}, {}
+    rows = min(settings.n_figure_rows, n_eval)
+    for depth, name in enumerate(LAYERS):
+        explainer = LayerInvariance(cnn, name, inns[name], ae)
+        samples = explainer.sample(x_eval, settings.n_samples, generator=torch.Generator().manual_seed(seed + depth),
+                                   internal_batch_size=2048)
+        z = capture(cnn, name, x_eval)
+        v = explainer.invariances(x_eval)
+        # samples conditioned on another image, judged against this image's prediction
+        random_condition = samples[derangement]
+        reencode = reencode_similarity(cnn, name, x_eval, samples, generator=torch.Generator().manual_seed(seed))
+        layers[name] = {
+            "depth": depth,
+            "shape": list(z.shape[1:]),
+            "agreement": prediction_agreement(cnn, x_eval, samples),
+            "agreement_random_condition": prediction_agreement(cnn, x_eval, random_condition),
+            "judge_agreement": prediction_agreement(judge, x_eval, samples),
+            "variance_explained_by_v": variance_explained_by_v(inns[name], codes, z, n_samples=16,
+                                                               generator=torch.Generator().manual_seed(seed)),
+            "colour_r2_from_v": probe_r2(v, colours, generator=torch.Generator().manual_seed(seed)),
+            "colour_r2_from_z": probe_r2(z, colours, generator=torch.Generator().manual_seed(seed)),
+            "reencode_beats_null": reencode["beats_null"],
+            "reencode_similarity": reencode["similarity"],
+            "reencode_null_q99": reencode["null_quantile"],
+            "final_nll_per_dim": inns[name].fit_info["final_nll_per_dim"],
+        }
+        samples_for_figures[name] = samples[:rows, :8]
+        maps[name] = explainer.attribute(x_eval[:rows], n_samples=16, generator=torch.Generator().manual_seed(seed))
+        summary = ", ".join(f"{k} {v:.3f}" for k, v in layers[name].items() if isinstance(v, float))
+        _stage(f"  {name}: {summary}", start)
+    timed("evaluation", t0)
+
+    _stage("drawing figures", start)
+    figures = _draw(out, x_eval[:rows], recon[:rows], samples_for_figures, maps, layers)
+    metrics = {
+        "reconstruction_agreement": reconstruction_agreement,
+        "cnn_test_accuracy": cnn_acc,
+        "judge_test_accuracy": judge_acc,
+        "n_eval_images": n_eval,
+        "n_samples": settings.n_samples,
+        "quick": bool(quick),
+        "seed": seed,
+        "settings": asdict(settings),
+        "timings_s": timings,
+        "layers": layers,
+    }
+    timings["total"] = round(time.perf_counter() - start, 1)
+    bounds = QUICK_BOUNDS if quick else BOUNDS
+    metrics["bounds"] = bounds
+    metrics["failures"] = check_metrics(metrics, bounds)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    index = out / "index.html"
+    index.write_text(_html(metrics, figures))
+    _stage(f"reconstruction agreement {reconstruction_agreement:.3f}; report: {index}", start)
+    return index
+
+
+def _draw(out: Path, originals, recon, samples: Dict[str, torch.Tensor], maps, layers) -> Dict[str, str]:
+    from captum_inn.visualization import (
+        plot_by_depth,
+        plot_invariance_maps,
+        plot_invariance_samples,
+        save_figure,
+    )
+
+    figures = {}
+    for name, s in samples.items():
+        fig, _ = plot_invariance_samples(originals, recon, s, title=f"invariance samples at {name}")
+        figures[f"samples_{name}"] = save_figure(fig, str(out / "figures" / f"samples_{name}.png"))
+    fig, _ = plot_invariance_maps(originals, maps)
+    figures["maps"] = save_figure(fig, str(out / "figures" / "invariance_maps.png"))
+    names = list(layers)
+    fig, _ = plot_by_depth(names, {
+        "variance of z̄ explained by v": [layers[n]["variance_explained_by_v"] for n in names],
+        "prediction agreement": [layers[n]["agreement"] for n in names],
+        "colour R² from v": [layers[n]["colour_r2_from_v"] for n in names],
+        "colour R² from z": [layers[n]["colour_r2_from_z"] for n in names],
+    })
+    figures["depth"] = save_figure(fig, str(out / "figures" / "by_depth.png"))
+    return {k: str(Path(v).relative_to(out)) for k, v in figures.items()}
+
+
+def _html(metrics: Dict[str, Any], figures: Dict[str, str]) -> str:
+    layers = metrics["layers"]
+    keys = ["agreement", "agreement_random_condition", "judge_agreement", "variance_explained_by_v",
+            "colour_r2_from_v", "colour_r2_from_z", "reencode_beats_null"]
+    header = "".join(f"<th>{html.escape(k.replace('_', ' '))}</th>" for k in keys)
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(tuple(m['shape'])))}</td>"
+        + "".join(f"<td>{m[k]:.3f}</td>" for k in keys) + "</tr>"
+        for name, m in layers.items()
+    )
+    sample_figs = "".join(
+        f"<h3>{html.escape(name)}</h3><img src='{figures['samples_' + name]}' alt='invariance samples at {html.escape(name)}'>"
+        for name in layers
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>captum_inn report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
+<h1>What does each layer of the CNN ignore?</h1>
+<p>A small CNN was trained on ColorDigits (digits with random foreground and background colours);
+its test accuracy is {metrics['cnn_test_accuracy']:.3f}. For four layers, a conditional INN learned
+the distribution of the autoencoder's code given the layer's activation. Its samples are images that
+the layer cannot tell apart from the input: what stays fixed is what the layer encodes, what varies
+is what it is invariant to. Measured on {metrics['n_eval_images']} held-out images,
+{metrics['n_samples']} samples each. The autoencoder's reconstructions keep the CNN's prediction for
+{metrics['reconstruction_agreement']:.1%} of the images.</p>
+<h2>Metrics by layer</h2>
+<table><tr><th>layer</th><th>shape</th>{header}</tr>{body}</table>
+<p><b>agreement</b>: share of samples on which the CNN predicts what it predicts on the input;
+<b>agreement random condition</b>: the same with samples conditioned on another image (a control);
+<b>judge agreement</b>: the same for an independently trained CNN; <b>variance explained by v</b>:
+share of the code's variance the layer discards; <b>colour R²</b>: how well a linear probe reads the
+foreground and background colours from the invariances v or from the activation z;
+<b>reencode beats null</b>: share of samples whose activation is closer (cosine) to the input's than
+99% of random image pairs.</p>
+<img src="{figures['depth']}" alt="metrics by depth">
+<h2>Invariance samples</h2>{sample_figs}
+<h2>Invariance maps</h2><img src="{figures['maps']}" alt="invariance maps">
+<p>Raw numbers: <a href="metrics.json">metrics.json</a>. Timings (s): {html.escape(json.dumps(metrics['timings_s']))}.</p>
+</body></html>
+"""

@@ -1,0 +1,163 @@
+"""Figures: invariance samples per layer, invariance maps, metrics by depth.
+
+matplotlib is imported lazily; every function accepts an optional ``ax``/``fig`` and returns
+``(fig, ax)``; nothing calls ``plt.show()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence, Tuple
+
+from torch import Tensor
+
+__all__ = ["to_numpy_image", "plot_invariance_samples", "plot_invariance_maps", "plot_by_depth", "save_figure"]
+
+
+def _plt():
+    import matplotlib.pyplot as plt  # lazily: matplotlib picks a headless backend without a display
+
+    return plt
+
+
+def to_numpy_image(image: Tensor):
+    """``(C, H, W)`` tensor in ``[0, 1]`` → ``(H, W, C)`` numpy array (grayscale stays 2-d)."""
+    image = image.detach().float().cpu().clamp(0, 1)
+    if image.shape[0] == 1:
+        return image[0].numpy()
+    return image.permute(1, 2, 0).numpy()
+
+
+def plot_invariance_samples(
+    originals: Tensor,
+    reconstructions: Tensor,
+    samples: Tensor,
+    title: str = "",
+    fig: Any = None,
+) -> Tuple[Any, Any]:
+    """A grid: one row per input — the input, its reconstruction, then its invariance samples.
+
+    Args:
+        originals: ``(N, C, H, W)`` in ``[0, 1]``.
+        reconstructions: ``(N, C, H, W)``.
+        samples: ``(N, S, C, H, W)``.
+        title: Figure title.
+        fig: Optional figure to draw into.
+
+    Returns:
+        ``(fig, axes)`` with ``axes`` of shape ``(N, S + 2)``.
+
+    Examples::
+
+        >>> fig, axes = plot_invariance_samples(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 4, 3, 8, 8))
+        >>> axes.shape
+        (2, 6)
+    """
+    plt = _plt()
+    n, s = samples.shape[:2]
+    if fig is None:
+        fig = plt.figure(figsize=(1.1 * (s + 2), 1.15 * n + 0.4))
+    axes = fig.subplots(n, s + 2, squeeze=False)
+    for i in range(n):
+        row = [originals[i], reconstructions[i]] + [samples[i, j] for j in range(s)]
+        for j, image in enumerate(row):
+            ax = axes[i, j]
+            ax.imshow(to_numpy_image(image), cmap="gray" if image.shape[0] == 1 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(["input", "recon."][j] if j < 2 else f"sample {j - 1}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig, axes
+
+
+def plot_invariance_maps(
+    originals: Tensor,
+    maps: Dict[str, Tensor],
+    fig: Any = None,
+) -> Tuple[Any, Any]:
+    """Inputs next to their invariance maps for several layers (channels averaged, shared scale per row).
+
+    Args:
+        originals: ``(N, C, H, W)``.
+        maps: ``{layer name: (N, C, H, W)}`` from :meth:`captum_inn.LayerInvariance.attribute`.
+        fig: Optional figure.
+
+    Returns:
+        ``(fig, axes)`` with ``axes`` of shape ``(N, 1 + len(maps))``.
+
+    Examples::
+
+        >>> fig, axes = plot_invariance_maps(torch.rand(2, 3, 8, 8), {"a": torch.rand(2, 3, 8, 8)})
+        >>> axes.shape
+        (2, 2)
+    """
+    plt = _plt()
+    n = originals.shape[0]
+    if fig is None:
+        fig = plt.figure(figsize=(1.5 * (len(maps) + 1), 1.5 * n + 0.4))
+    axes = fig.subplots(n, len(maps) + 1, squeeze=False)
+    for i in range(n):
+        heat = [m[i].detach().float().cpu().mean(0) for m in maps.values()]
+        vmax = max(float(h.max()) for h in heat) or 1.0
+        axes[i, 0].imshow(to_numpy_image(originals[i]))
+        for j, (name, h) in enumerate(zip(maps, heat), start=1):
+            axes[i, j].imshow(h.numpy(), cmap="magma", vmin=0, vmax=vmax)
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=8)
+        if i == 0:
+            axes[i, 0].set_title("input", fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("invariance maps (bright: the layer ignores it)", fontsize=9)
+    fig.tight_layout()
+    return fig, axes
+
+
+def plot_by_depth(
+    layers: Sequence[str],
+    values: Dict[str, Sequence[float]],
+    ylabel: str = "",
+    ax: Any = None,
+) -> Tuple[Any, Any]:
+    """Lines of one or more metrics against layer depth.
+
+    Args:
+        layers: Layer names, input side first.
+        values: ``{label: one value per layer}``.
+        ylabel: Label of the y axis.
+        ax: Optional axes.
+
+    Returns:
+        ``(fig, ax)``.
+
+    Examples::
+
+        >>> fig, ax = plot_by_depth(["conv", "fc"], {"VE": [0.1, 0.8]})
+    """
+    plt = _plt()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+    else:
+        fig = ax.figure
+    for label, ys in values.items():
+        ax.plot(range(len(layers)), list(ys), marker="o", label=label)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers)
+    ax.set_xlabel("layer (input → output)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, ax
+
+
+def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
+    """Save ``fig`` as PNG and close it (figures in loops would otherwise pile up in memory)."""
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+

@@ -1,0 +1,71 @@
+"""The main job end to end at a tiny scale, and the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from captum_inn import __version__
+from captum_inn.cli import main
+from captum_inn.demo import LAYERS, QUICK_BOUNDS, DemoSettings, check_metrics, run_demo
+
+torch.set_num_threads(1)
+
+TINY = DemoSettings(recolorings=1, test_recolorings=1, cnn_steps=60, judge_steps=20, ae_steps=30, ae_width=8,
+                    latent_dim=8, inn_steps=20, inn_blocks=2, inn_hidden=32, n_eval=60, n_samples=3,
+                    n_figure_rows=2)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return run_demo(out=out, settings=TINY, progress=False)
+
+
+def test_report_folder_has_the_page_the_figures_and_the_metrics(report):
+    out = report.parent
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["layers"]) == set(LAYERS)
+    assert [metrics["layers"][n]["depth"] for n in LAYERS] == [0, 1, 2, 3]
+    required = {"depth", "agreement", "agreement_random_condition", "variance_explained_by_v",
+                "colour_r2_from_v", "colour_r2_from_z", "reencode_beats_null"}
+    for layer in metrics["layers"].values():
+        assert required <= set(layer)
+        assert 0.0 <= layer["agreement"] <= 1.0 and 0.0 <= layer["reencode_beats_null"] <= 1.0
+    assert 0.0 <= metrics["reconstruction_agreement"] <= 1.0
+    page = report.read_text()
+    for name in ["by_depth.png", "invariance_maps.png"] + [f"samples_{n}.png" for n in LAYERS]:
+        assert (out / "figures" / name).stat().st_size > 1000
+        assert f"figures/{name}" in page
+    for name in LAYERS:
+        assert (out / "checkpoints" / f"invariance_{name}.safetensors").exists()
+    assert isinstance(metrics["failures"], list)
+
+
+def test_check_metrics_reports_each_broken_bound():
+    layers = {
+        "early": {"depth": 0, "variance_explained_by_v": 0.5, "reencode_beats_null": 0.1},
+        "logits": {"depth": 1, "agreement": 0.2, "agreement_random_condition": 0.9, "colour_r2_from_v": 0.0,
+                   "colour_r2_from_z": 0.9, "variance_explained_by_v": 0.6, "reencode_beats_null": 0.0},
+    }
+    failures = check_metrics({"reconstruction_agreement": 0.1, "layers": layers}, QUICK_BOUNDS)
+    assert len(failures) == 7
+    good = {
+        "early": {"depth": 0, "variance_explained_by_v": 0.1, "reencode_beats_null": 1.0},
+        "logits": {"depth": 1, "agreement": 0.99, "agreement_random_condition": 0.1, "colour_r2_from_v": 0.9,
+                   "colour_r2_from_z": 0.0, "variance_explained_by_v": 0.9, "reencode_beats_null": 0.0},
+    }
+    assert check_metrics({"reconstruction_agreement": 0.99, "layers": good}) == []
+
+
+def test_cli_selfcheck_and_version(capsys):
+    assert main(["selfcheck"]) == 0
+    assert "round trip" in capsys.readouterr().out
+    result = subprocess.run([sys.executable, "-m", "captum_inn", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and __version__ in result.stdout
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])

@@ -1,0 +1,87 @@
+"""The metrics against cases whose answer is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from captum_inn.inn import ConditionalINN
+from captum_inn.metrics import prediction_agreement, probe_r2, reencode_similarity, variance_explained_by_v
+from captum_inn.models import SmallCNN
+from captum_inn.training import FeatureCache, fit_invariances
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SmallCNN(width=4).eval()
+
+
+def test_prediction_agreement_counts_matching_predictions(model):
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert prediction_agreement(model, x, x.unsqueeze(1).repeat(1, 3, 1, 1, 1)) == 1.0
+    samples = torch.stack([x, x.flip(0)], dim=1)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    expected = (0.5 + 0.5 * (pred == pred.flip(0)).float()).mean().item()
+    assert prediction_agreement(model, x, samples) == pytest.approx(expected)
+    with pytest.raises(ValueError, match=r"\(N, S, \*image\)"):
+        prediction_agreement(model, x, x)
+
+
+def test_reencode_similarity_separates_copies_from_strangers(model):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(40, 3, 32, 32, generator=gen)
+    same = reencode_similarity(model, "relu3", x, (x + 0.001 * torch.randn(x.shape, generator=gen)).unsqueeze(1))
+    assert same["beats_null"] == 1.0 and same["similarity"] > 0.99
+    other = reencode_similarity(model, "relu3", x, x.roll(1, 0).unsqueeze(1), generator=gen)
+    assert other["beats_null"] < 0.2
+    assert other["null_quantile"] >= other["null_mean"]
+
+
+def test_variance_explained_is_one_when_the_condition_is_ignored():
+    # A fresh INN (couplings start as the identity) maps v to z̄ whatever the condition: it
+    # explains all of the codes' variance by v.
+    codes = torch.randn(500, 4) * torch.tensor([1.0, 2.0, 0.5, 3.0])
+    cond = torch.randn(500, 7)
+    inn = ConditionalINN(4, (7,), n_blocks=2, hidden=8)
+    inn(codes, cond)  # ActNorm sees the codes
+    ve = variance_explained_by_v(inn, codes, cond, n_samples=32, generator=torch.Generator().manual_seed(0))
+    assert ve == pytest.approx(1.0, abs=0.1)
+
+
+def test_variance_explained_is_small_when_the_layer_determines_the_code():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(512, 10, generator=gen)
+    codes = torch.tanh(z[:, :4]) * 2 + 0.05 * torch.randn(512, 4, generator=gen)
+    cache = FeatureCache(code_mean=codes, code_std=torch.zeros_like(codes), layers={"logits": z})
+    inn = fit_invariances(SmallCNN(width=4), "logits", cache=cache, steps=300, lr=3e-3, n_blocks=2, hidden=32,
+                          embed_dim=16, batch_size=64, progress=False)
+    ve = variance_explained_by_v(inn, codes, z, generator=torch.Generator().manual_seed(0))
+    assert ve < 0.1
+
+
+def test_probe_r2():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=gen)
+    assert probe_r2(x, x[:, :3] @ torch.randn(3, 2, generator=gen)) > 0.99
+    assert probe_r2(x, torch.randn(600, 3, generator=gen)) < 0.05
+    per = probe_r2(x, torch.stack([x[:, 0], torch.randn(600, generator=gen)], 1), per_target=True)
+    assert per.shape == (2,) and per[0] > 0.99 and per[1] < 0.05
+    wide = probe_r2(torch.randn(100, 500, generator=gen), torch.randn(100, 1, generator=gen))  # dual form
+    assert wide == wide and wide < 0.2
+    with pytest.raises(ValueError, match="same number of rows"):
+        probe_r2(x, x[:10])
+
+
+def test_metrics_leave_no_hooks(model):
+    from helpers_hooks import assert_no_hooks
+
+    x = torch.rand(5, 3, 32, 32)
+    reencode_similarity(model, "fc", x, x.unsqueeze(1))
+    prediction_agreement(model, x, x.unsqueeze(1))
+    assert_no_hooks(model)
+    assert isinstance(model, nn.Module)

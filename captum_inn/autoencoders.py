@@ -145,7 +145,7 @@ class ConvAutoencoder(nn.Module):
 
     Stride-2 convolutions halve the image ``n_down`` times to a 4×4 map; a linear layer gives the
     posterior mean and log-variance of the ``latent_dim`` code; the decoder mirrors the encoder with
-    transposed convolutions. Train it with :func:`captum_inn.training.fit_autoencoder`.
+    nearest-neighbour upsampling and convolutions. Train it with :func:`captum_inn.training.fit_autoencoder`.
 
     Args:
         image_shape: ``(C, H, W)`` of the images; ``H`` and ``W`` divisible by 4 after halving,
@@ -196,7 +196,10 @@ class ConvAutoencoder(nn.Module):
         self.from_code = nn.Sequential(nn.Linear(self.latent_dim, ch * 16), nn.LeakyReLU(0.2))
         dec = []
         for w in widths[-2::-1] + [width]:  # mirror of the encoder, ending at full resolution
-            dec += [nn.ConvTranspose2d(ch, w, 4, stride=2, padding=1), nn.BatchNorm2d(w), nn.LeakyReLU(0.2)]
+            # upsample + conv rather than transposed conv: no checkerboard artefacts, which a
+            # CNN with strided convolutions would notice
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, w, 3, padding=1),
+                    nn.BatchNorm2d(w), nn.LeakyReLU(0.2)]
             ch = w
         dec.append(nn.Conv2d(ch, channels, 3, padding=1))
         if output == "sigmoid":

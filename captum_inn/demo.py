@@ -34,7 +34,8 @@ from captum_inn.training import (
     fit_invariances,
     save_invariance_inn,
 )
-from captum_inn.training.classifier import accuracy, fit_classifier
+from captum_inn.training.checkpoint import module_tensors, save_checkpoint
+from captum_inn.training.classifier import Jitter, accuracy, fit_classifier
 
 __all__ = ["DemoSettings", "LAYERS", "BOUNDS", "QUICK_BOUNDS", "check_metrics", "run_demo"]
 
@@ -112,28 +113,32 @@ def check_metrics(metrics: Dict[str, Any], bounds: Dict[str, float] = None) -> l
 class DemoSettings:
     """Sizes of the demo run (``quick`` shrinks them for smoke tests)."""
 
-    recolorings: int = 4
+    recolorings: int = 8
     test_recolorings: int = 2
-    cnn_steps: int = 3000
-    judge_steps: int = 2000
-    ae_steps: int = 3000
+    cnn_steps: int = 5000
+    cnn_width: int = 48
+    cnn_noise: float = 0.05
+    judge_steps: int = 1500
+    ae_steps: int = 3500
     ae_width: int = 32
     latent_dim: int = 64
-    kl_weight: float = 0.01
-    inn_steps: int = 2000
+    kl_weight: float = 0.001
+    inn_steps: int = 1800
     inn_blocks: int = 8
     inn_hidden: int = 256
+    inn_conv_max_width: int = 64
     inn_lr: float = 1e-3
     n_eval: int = 718
+    n_probe: int = 3000
     n_samples: int = 10
     n_figure_rows: int = 6
 
     @classmethod
     def quick(cls) -> DemoSettings:
         """Small settings that finish in about a minute (looser results)."""
-        return cls(recolorings=2, test_recolorings=2, cnn_steps=600, judge_steps=300, ae_steps=500,
+        return cls(recolorings=2, test_recolorings=2, cnn_steps=600, cnn_width=32, judge_steps=300, ae_steps=500,
                    ae_width=16, latent_dim=32, inn_steps=300, inn_blocks=4, inn_hidden=128,
-                   n_eval=500, n_samples=6, n_figure_rows=4)
+                   n_eval=500, n_probe=1000, n_samples=6, n_figure_rows=4)
 
 
 def _stage(message: str, start: float) -> None:
@@ -184,10 +189,14 @@ def run_demo(
     t0 = time.perf_counter()
     _stage(f"training the CNN to analyse ({settings.cnn_steps} steps) and an independent judge", start)
     torch.manual_seed(seed)
-    cnn = fit_classifier(SmallCNN(), train, steps=settings.cnn_steps, seed=seed, device=device, progress=progress)
+    cnn = fit_classifier(SmallCNN(width=settings.cnn_width), train, steps=settings.cnn_steps, seed=seed,
+                         device=device, augment=Jitter(2, settings.cnn_noise, seed=seed), progress=progress)
     torch.manual_seed(seed + 1000)
-    judge = fit_classifier(SmallCNN(width=24), train, steps=settings.judge_steps, seed=seed + 1000,
-                           device=device, progress=progress)
+    judge = fit_classifier(SmallCNN(width=24), train, steps=settings.judge_steps, seed=seed + 1000, device=device,
+                           augment=Jitter(2, settings.cnn_noise, seed=seed + 1000), progress=progress)
+    for name, net in (("cnn", cnn), ("judge", judge)):
+        save_checkpoint(out / "checkpoints" / f"{name}.safetensors", module_tensors(net),
+                        {"kind": "classifier", "config": {"class": "SmallCNN", "width": net.conv1.out_channels}})
     cnn_acc = accuracy(cnn, x_eval, test.digits[:n_eval])
     judge_acc = accuracy(judge, x_eval, test.digits[:n_eval])
     timed("classifiers", t0)
@@ -205,6 +214,7 @@ def run_demo(
     cache = cache_features(cnn, list(LAYERS), ae, train, device=device, progress=progress)
     inns = fit_invariances(cnn, list(LAYERS), cache=cache, device=device, steps=settings.inn_steps,
                            n_blocks=settings.inn_blocks, hidden=settings.inn_hidden, lr=settings.inn_lr,
+                           conv_max_width=settings.inn_conv_max_width,
                            seed=seed, progress=progress)
     for name, inn in inns.items():
         save_invariance_inn(str(out / "checkpoints" / f"invariance_{name}.safetensors"), inn)
@@ -216,6 +226,9 @@ def run_demo(
         recon = ae(x_eval)
     reconstruction_agreement = prediction_agreement(cnn, x_eval, recon.unsqueeze(1))
     colours = _colours(test)[:n_eval]
+    # colour probes are fitted on training images and measured on the held-out ones
+    x_probe = train.images[: settings.n_probe].to(device)
+    colours_probe = _colours(train)[: settings.n_probe]
     gen = torch.Generator().manual_seed(seed)
     derangement = (torch.arange(n_eval) + torch.randint(1, n_eval, (1,), generator=gen)) % n_eval
     codes = ae.encode(x_eval).mean.detach()
@@ -239,8 +252,10 @@ def run_demo(
             "judge_agreement": prediction_agreement(judge, x_eval, samples),
             "variance_explained_by_v": variance_explained_by_v(inns[name], codes, z, n_samples=16,
                                                                generator=torch.Generator().manual_seed(seed)),
-            "colour_r2_from_v": probe_r2(v, colours, generator=torch.Generator().manual_seed(seed)),
-            "colour_r2_from_z": probe_r2(z, colours, generator=torch.Generator().manual_seed(seed)),
+            "colour_r2_from_v": probe_r2(explainer.invariances(x_probe), colours_probe,
+                                         test_features=v, test_targets=colours),
+            "colour_r2_from_z": probe_r2(capture(cnn, name, x_probe), colours_probe,
+                                         test_features=z, test_targets=colours),
             "reencode_beats_null": reencode["beats_null"],
             "reencode_similarity": reencode["similarity"],
             "reencode_null_q99": reencode["null_quantile"],

@@ -94,8 +94,9 @@ def reencode_similarity(
         batch_size: Images per forward pass.
 
     Returns:
-        ``{"beats_null": fraction of samples, "similarity": mean sample similarity,
-        "null_quantile": the threshold, "null_mean": mean random-pair similarity}``.
+        A dict: ``beats_null`` (fraction of samples above the threshold), ``similarity`` (mean
+        sample similarity), ``null_quantile`` (the threshold) and ``null_mean`` (mean random-pair
+        similarity).
     """
     _check_samples(originals, samples)
     if originals.shape[0] < 2:
@@ -171,20 +172,26 @@ def probe_r2(
     ridge: float = 1e-2,
     generator: Optional[torch.Generator] = None,
     per_target: bool = False,
+    test_features: Optional[Tensor] = None,
+    test_targets: Optional[Tensor] = None,
 ) -> Union[float, Tensor]:
     """Held-out R² of a ridge-regression probe from ``features`` to ``targets``.
 
-    Features are flattened and standardised on the training half; the probe is fitted in closed
-    form; R² is measured on the other half, averaged over target columns. Values near 1: the
-    factor is (linearly) readable from the features; near 0 (or below): it is not.
+    Features are flattened and standardised on the training rows; the probe is fitted in closed
+    form; R² is measured on held-out rows, averaged over target columns. Values near 1: the
+    factor is (linearly) readable from the features; near 0 (or below): it is not. By default the
+    rows are split at random; pass ``test_features``/``test_targets`` to fit on all of
+    ``features`` (e.g. training images) and measure on a separate set (e.g. test images).
 
     Args:
         features: ``(N, ...)``, e.g. ``v`` or a layer's activations ``z``.
         targets: ``(N,)`` or ``(N, T)``, e.g. RGB colours.
-        train_fraction: Share of rows used to fit the probe.
+        train_fraction: Share of rows used to fit the probe (without a separate test set).
         ridge: L2 penalty (relative to the number of training rows).
         generator: Seeds the split.
         per_target: Return the R² of every target column instead of their mean.
+        test_features: Optional ``(M, ...)`` held-out features.
+        test_targets: Optional ``(M, T)`` held-out targets.
 
     Returns:
         Mean R² (float), or ``(T,)`` R² values with ``per_target``.
@@ -197,12 +204,22 @@ def probe_r2(
     """
     x = features.reshape(features.shape[0], -1).double()
     y = targets.reshape(targets.shape[0], -1).double()
+    if y.shape[0] != x.shape[0] or x.shape[0] < 4:
+        raise ValueError(
+            f"`features` and `targets` need the same number of rows (>= 4), got {x.shape[0]} and {y.shape[0]}."
+        )
+    if (test_features is None) != (test_targets is None):
+        raise ValueError("Pass both `test_features` and `test_targets`, or neither.")
+    if test_features is not None:
+        n_train = x.shape[0]
+        x = torch.cat([x, test_features.reshape(test_features.shape[0], -1).double()])
+        y = torch.cat([y, test_targets.reshape(test_targets.shape[0], -1).double()])
+        tr, te = torch.arange(n_train), torch.arange(n_train, x.shape[0])
+    else:
+        order = torch.randperm(x.shape[0], generator=generator)
+        n_train = max(2, min(x.shape[0] - 2, int(round(train_fraction * x.shape[0]))))
+        tr, te = order[:n_train], order[n_train:]
     n = x.shape[0]
-    if y.shape[0] != n or n < 4:
-        raise ValueError(f"`features` and `targets` need the same number of rows (>= 4), got {n} and {y.shape[0]}.")
-    order = torch.randperm(n, generator=generator)
-    n_train = max(2, min(n - 2, int(round(train_fraction * n))))
-    tr, te = order[:n_train], order[n_train:]
     mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-8)
     xs = (x - mean) / std
     xs = torch.cat([xs, torch.ones(n, 1, dtype=xs.dtype)], dim=1)

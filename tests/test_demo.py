@@ -15,8 +15,8 @@ from captum_inn.demo import LAYERS, QUICK_BOUNDS, DemoSettings, check_metrics, r
 
 torch.set_num_threads(1)
 
-TINY = DemoSettings(recolorings=1, test_recolorings=1, cnn_steps=60, judge_steps=20, ae_steps=30, ae_width=8,
-                    latent_dim=8, inn_steps=20, inn_blocks=2, inn_hidden=32, n_eval=60, n_samples=3,
+TINY = DemoSettings(recolorings=1, test_recolorings=1, cnn_steps=60, cnn_width=8, judge_steps=20, ae_steps=30, ae_width=8,
+                    latent_dim=8, inn_steps=20, inn_blocks=2, inn_hidden=32, n_eval=60, n_probe=100, n_samples=3,
                     n_figure_rows=2)
 
 

@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from captum_inn.inn import ConditionalINN
-from captum_inn.metrics import prediction_agreement, probe_r2, reencode_similarity, variance_explained_by_v
+from captum_inn.metrics import (
+    prediction_agreement,
+    probe_r2,
+    reencode_similarity,
+    variance_explained_by_v,
+)
 from captum_inn.models import SmallCNN
 from captum_inn.training import FeatureCache, fit_invariances
 

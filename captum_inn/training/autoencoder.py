@@ -27,6 +27,7 @@ class AutoencoderConfig:
         steps: Optimiser steps.
         batch_size: Images per step.
         lr: Adam learning rate.
+        schedule: ``"cosine"`` decay of the learning rate or ``"constant"``.
         kl_weight: Weight of ``KL(q(z̄|x) ‖ N(0, I))`` against the summed L1 reconstruction error;
             small values give sharp reconstructions and a narrow posterior.
         seed: Seed of initialisation and minibatches.
@@ -39,7 +40,8 @@ class AutoencoderConfig:
     steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
-    kl_weight: float = 0.05
+    schedule: str = "cosine"
+    kl_weight: float = 0.01
     seed: int = 0
     checkpoint_every: int = 500
 
@@ -110,7 +112,7 @@ def fit_autoencoder(
 
     meta = {"kind": "autoencoder", "config": resume_key(asdict(config)), "model": model.config}
     model.history = train_loop(
-        model, loss_fn, steps=config.steps, lr=config.lr, seed=config.seed, checkpoint=checkpoint,
+        model, loss_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed, checkpoint=checkpoint,
         checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
         desc="autoencoder",
     )

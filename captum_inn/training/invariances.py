@@ -47,6 +47,7 @@ class InvarianceConfig:
         steps: Optimiser steps per layer.
         batch_size: Cached samples per step.
         lr: Adam learning rate.
+        schedule: ``"constant"`` (as the reference implementation) or ``"cosine"`` decay.
         code_noise: Standard deviation of extra Gaussian noise added to the posterior samples.
         seed: Seed of the initialisation and the minibatches.
         checkpoint_every: Steps between checkpoints.
@@ -62,6 +63,7 @@ class InvarianceConfig:
     steps: int = 2000
     batch_size: int = 128
     lr: float = 5e-4
+    schedule: str = "constant"
     code_noise: float = 0.0
     seed: int = 0
     checkpoint_every: int = 500
@@ -105,7 +107,7 @@ def _train_one(
         return (0.5 * v.pow(2).sum(1) - logdet).mean() / cache.latent_dim
 
     history = train_loop(
-        inn, loss_fn, steps=config.steps, lr=config.lr, seed=config.seed, checkpoint=checkpoint,
+        inn, loss_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed, checkpoint=checkpoint,
         checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
         desc=f"INN {name}",
     )

@@ -55,13 +55,13 @@ BOUNDS = {
 }
 #: Looser bounds for ``--quick`` (smaller models, fewer steps), used as a CI smoke test.
 QUICK_BOUNDS = {
-    "reconstruction_agreement_min": 0.80,
-    "logits_agreement_min": 0.60,
-    "logits_agreement_random_condition_max": 0.40,
-    "logits_colour_r2_from_v_min": 0.3,
+    "reconstruction_agreement_min": 0.75,
+    "logits_agreement_min": 0.30,
+    "logits_agreement_random_condition_max": 0.20,
+    "logits_colour_r2_from_v_min": 0.5,
     "logits_colour_r2_from_z_max": 0.3,
-    "variance_explained_ratio_logits_to_early_min": 1.5,
-    "reencode_beats_null_min": 0.60,
+    "variance_explained_ratio_logits_to_early_min": 3.0,
+    "reencode_beats_null_min": 0.5,
 }
 
 
@@ -128,6 +128,7 @@ class DemoSettings:
     inn_hidden: int = 256
     inn_conv_max_width: int = 64
     inn_lr: float = 1e-3
+    inn_schedule: str = "constant"
     n_eval: int = 718
     n_probe: int = 3000
     n_samples: int = 10
@@ -135,9 +136,9 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """Small settings that finish in about a minute (looser results)."""
-        return cls(recolorings=2, test_recolorings=2, cnn_steps=600, cnn_width=32, judge_steps=300, ae_steps=500,
-                   ae_width=16, latent_dim=32, inn_steps=300, inn_blocks=4, inn_hidden=128,
+        """Small settings that finish in under two minutes on 2 cores (looser results)."""
+        return cls(recolorings=4, test_recolorings=2, cnn_steps=1000, cnn_width=32, judge_steps=400, ae_steps=1200,
+                   ae_width=24, latent_dim=64, inn_steps=600, inn_blocks=4, inn_hidden=128,
                    n_eval=500, n_probe=1000, n_samples=6, n_figure_rows=4)
 
 
@@ -214,7 +215,7 @@ def run_demo(
     cache = cache_features(cnn, list(LAYERS), ae, train, device=device, progress=progress)
     inns = fit_invariances(cnn, list(LAYERS), cache=cache, device=device, steps=settings.inn_steps,
                            n_blocks=settings.inn_blocks, hidden=settings.inn_hidden, lr=settings.inn_lr,
-                           conv_max_width=settings.inn_conv_max_width,
+                           conv_max_width=settings.inn_conv_max_width, schedule=settings.inn_schedule,
                            seed=seed, progress=progress)
     for name, inn in inns.items():
         save_invariance_inn(str(out / "checkpoints" / f"invariance_{name}.safetensors"), inn)

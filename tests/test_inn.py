@@ -324,3 +324,15 @@ def test_factor_sizes_from_scores(dim):
 def test_factor_sizes_need_room():
     with pytest.raises(ValueError, match="too small"):
         factor_sizes_from_scores({"a": 1.0, "b": 1.0}, dim=2)
+
+
+def test_rarely_active_units_do_not_explode_the_standardised_condition():
+    # A ReLU unit that is zero on all but one statistics sample must not be divided by ~0.
+    c = torch.randn(200, 6).abs()
+    c[:, 0] = 0.0
+    c[7, 0] = 1e-3
+    emb = ConditionalINN(4, (6,), n_blocks=1, hidden=8).embedder
+    emb.set_input_statistics(c)
+    active = torch.zeros(1, 6)
+    active[0, 0] = 1.0  # the unit fires on a test input
+    assert emb.standardize(active).abs().max() < 100

@@ -52,7 +52,8 @@ class ConditionEmbedder(nn.Module):
 
         Args:
             batch: ``(N, *in_shape)`` condition samples, ``N >= 2``.
-            eps: Floor of the standard deviation (dead units stay finite).
+            eps: Added to the floor of the standard deviation (10% of the mean spread), so
+                rarely active units stay on the scale of the others.
         """
         self._check(batch)
         if batch.shape[0] < 2:
@@ -60,8 +61,11 @@ class ConditionEmbedder(nn.Module):
         dims = self._statistics_dims(batch)
         mean = batch.mean(dim=dims).reshape(self.in_mean.shape)
         std = batch.std(dim=dims).reshape(self.in_std.shape)
+        # Floor at 10% of the typical spread: a unit that is almost always zero (a dead ReLU on
+        # these samples) must not turn its rare activations into huge standardised values.
+        floor = 0.1 * float(std.mean()) + eps
         self.in_mean.copy_(mean)
-        self.in_std.copy_(std.clamp_min(eps))
+        self.in_std.copy_(std.clamp_min(floor))
 
     def _check(self, c: Tensor) -> None:
         if not isinstance(c, torch.Tensor):

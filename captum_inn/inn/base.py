@@ -45,7 +45,8 @@ class InvertibleModule(nn.Module):
     def forward(  # noqa: D401 - the contract is documented on the class
         self, x: Tensor, c: Optional[Tensor] = None, rev: bool = False, jac: bool = True
     ) -> Tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        # An abstract method: every concrete block overrides it (the contract is on the class).
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x, c, rev, jac).")
 
     def inverse(self, y: Tensor, c: Optional[Tensor] = None, jac: bool = True) -> Tuple[Tensor, Tensor]:
         """Shorthand for ``self(y, c, rev=True, jac=jac)``.

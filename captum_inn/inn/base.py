@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional, Tuple
 
 import torch
@@ -14,7 +15,7 @@ class NotInitializedError(RuntimeError):
     """Raised when a block with data-dependent initialisation is used before it has seen data."""
 
 
-class InvertibleModule(nn.Module):
+class InvertibleModule(nn.Module, ABC):
     """Base class of every invertible block.
 
     **The block contract.** Every block implements::
@@ -42,11 +43,11 @@ class InvertibleModule(nn.Module):
         (True, torch.Size([8]))
     """
 
-    def forward(  # noqa: D401 - the contract is documented on the class
+    @abstractmethod
+    def forward(
         self, x: Tensor, c: Optional[Tensor] = None, rev: bool = False, jac: bool = True
     ) -> Tuple[Tensor, Tensor]:
-        # An abstract method: every concrete block overrides it (the contract is on the class).
-        raise NotImplementedError(f"{type(self).__name__} must implement forward(x, c, rev, jac).")
+        """Apply the block (``rev=False``) or its inverse (``rev=True``); see the class docstring."""
 
     def inverse(self, y: Tensor, c: Optional[Tensor] = None, jac: bool = True) -> Tuple[Tensor, Tensor]:
         """Shorthand for ``self(y, c, rev=True, jac=jac)``.

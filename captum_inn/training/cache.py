@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from captum_inn._captum_compat import _format_additional_forward_args
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
-from captum_inn.capture import LayerHooks, resolve_layer
+from captum_inn.capture import LayerHooks, eval_mode, resolve_layer
 from captum_inn.training.data import count_images, iter_image_batches
 
 __all__ = ["FeatureCache", "cache_features"]
@@ -98,16 +99,10 @@ def cache_features(
     check_autoencoder(autoencoder)
     layer_list = list(layers) if isinstance(layers, (list, tuple)) else [layers]
     names = [resolve_layer(model, layer)[0] for layer in layer_list]
-    extra = () if additional_forward_args is None else (
-        additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
-    )
-    ae_modes = [m.training for m in autoencoder.modules()] if isinstance(autoencoder, nn.Module) else None
-    if isinstance(autoencoder, nn.Module):
-        autoencoder.eval()
+    extra = _format_additional_forward_args(additional_forward_args) or ()
     means, stds, acts = [], [], {name: [] for name in names}
-    total = count_images(data)
-    bar = tqdm(total=total, desc="caching features", disable=not progress, leave=False, unit="img")
-    try:
+    bar = tqdm(total=count_images(data), desc="caching features", disable=not progress, leave=False, unit="img")
+    with eval_mode(autoencoder), bar:
         for images in iter_image_batches(data, batch_size):
             images = images.to(device)
             with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
@@ -125,11 +120,6 @@ def cache_features(
             means.append(mean.cpu())
             stds.append(std.cpu())
             bar.update(images.shape[0])
-    finally:
-        bar.close()
-        if ae_modes is not None:
-            for m, mode in zip(autoencoder.modules(), ae_modes):
-                m.training = mode
     return FeatureCache(
         code_mean=torch.cat(means),
         code_std=torch.cat(stds),

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LayerSpec", "Selector", "resolve_layer", "LayerHooks", "capture", "eval_mode"]
+__all__ = ["LayerSpec", "Selector", "resolve_layer", "LayerHooks", "capture", "eval_mode", "replace_activation"]
 
 #: A layer: the module object itself or its dotted name in ``model.named_modules()``.
 LayerSpec = Union[str, nn.Module]
@@ -600,3 +600,40 @@ def eval_mode(*modules: Any) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@contextmanager
+def replace_activation(module: nn.Module, value: Tensor, attribute_to_layer_input: bool = False) -> Iterator[None]:
+    """Within the block, ``module``'s output (or first input) is replaced by ``value``.
+
+    The rest of the model then runs on ``value``: this is how a representation given in another
+    coordinate system (for example ``e⁻¹`` of edited factors) is fed back through the model. The
+    hook is removed when the block ends, normally or not.
+
+    Args:
+        module: The layer.
+        value: The replacement, shaped like the layer's activation ``(N, ...)``.
+        attribute_to_layer_input: Replace the layer's input instead of its output.
+
+    Examples::
+
+        >>> net = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> with replace_activation(net[1], torch.zeros(4, 2)):
+        ...     torch.equal(net(torch.rand(4, 3)), net[2](torch.zeros(4, 2)))
+        True
+    """
+
+    def output_hook(_module: nn.Module, _args: Any, output: Any) -> Tensor:
+        if isinstance(output, Tensor) and output.shape != value.shape:
+            raise ValueError(f"replacement of shape {tuple(value.shape)} for an activation of shape {tuple(output.shape)}")
+        return value
+
+    def input_hook(_module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        return (value, *args[1:])
+
+    handle = (module.register_forward_pre_hook(input_hook) if attribute_to_layer_input
+              else module.register_forward_hook(output_hook))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -412,6 +412,48 @@ class ColorDigits(Dataset):
             f"got {type(generator).__name__}."
         )
 
+    def concept(self, factor: str, relation: str = "share"):
+        """One generative factor as a :class:`captum_inn.concepts.ConceptPairs` for the factor INN.
+
+        Args:
+            factor: One of :data:`FACTORS`.
+            relation: ``"share"`` (pairs share ``factor``, see :meth:`pairs` with ``factor=``) or
+                ``"differ"`` (pairs differ only in ``factor``, ``differ_in=``).
+
+        Returns:
+            A :class:`~captum_inn.concepts.ConceptPairs` named ``factor``.
+
+        Examples::
+
+            >>> digit = ColorDigits("train").concept("digit")
+            >>> a, b = digit.sample(4, torch.Generator().manual_seed(0))
+            >>> a.shape, digit.relation
+            (torch.Size([4, 3, 32, 32]), 'share')
+        """
+        from captum_inn.concepts import ConceptPairs
+
+        if factor not in FACTORS:
+            raise ValueError(f"`factor` must be one of {FACTORS}, got {factor!r}.")
+        if relation not in ("share", "differ"):
+            raise ValueError(f"`relation` must be 'share' or 'differ', got {relation!r}.")
+        key = "factor" if relation == "share" else "differ_in"
+
+        def sampler(n: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+            return self.pairs(n=n, generator=generator, **{key: factor})
+
+        return ConceptPairs(factor, sampler, relation)
+
+    def concepts(self, relation: str = "share") -> list:
+        """All of :data:`FACTORS` as concepts (see :meth:`concept`).
+
+        Args:
+            relation: ``"share"`` or ``"differ"``.
+
+        Returns:
+            ``[ConceptPairs, ...]`` for digit, foreground and background.
+        """
+        return [self.concept(f, relation) for f in FACTORS]
+
     def _pick(self, classes: Tensor, u: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Uniform local image of each class in ``classes``, optionally not ``exclude``."""
         sizes = self._class_sizes[classes]

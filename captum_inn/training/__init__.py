@@ -1,6 +1,6 @@
 """Fitting flows to hooked layers: feature caches, ``fit_*`` functions, checkpoints.
 
-The public entry points are :func:`fit_autoencoder` and :func:`fit_invariances`; both read like a
+The public entry points are :func:`fit_autoencoder`, :func:`fit_invariances` and :func:`fit_concepts`; each reads like a
 plain loop (:func:`~captum_inn.training.loop.train_loop`), show a progress bar, are seeded, and
 write atomic safetensors checkpoints that a later call resumes.
 """
@@ -8,6 +8,15 @@ write atomic safetensors checkpoints that a later call resumes.
 from captum_inn.training.autoencoder import AutoencoderConfig, fit_autoencoder, load_autoencoder
 from captum_inn.training.cache import FeatureCache, cache_features
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from captum_inn.training.concepts import (
+    ConceptConfig,
+    LayerRepresentation,
+    concept_scores,
+    estimate_factor_sizes,
+    fit_concepts,
+    load_concept_inn,
+    save_concept_inn,
+)
 from captum_inn.training.invariances import (
     InvarianceConfig,
     fit_invariances,
@@ -19,6 +28,13 @@ from captum_inn.training.loop import train_loop
 __all__ = [
     "AutoencoderConfig",
     "CheckpointError",
+    "ConceptConfig",
+    "LayerRepresentation",
+    "concept_scores",
+    "estimate_factor_sizes",
+    "fit_concepts",
+    "load_concept_inn",
+    "save_concept_inn",
     "FeatureCache",
     "InvarianceConfig",
     "cache_features",

@@ -1,0 +1,408 @@
+"""``LayerConcepts``: a representation split into named concepts that can be scored, measured and edited."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from captum_inn._captum_compat import (
+    LayerAttribution,
+    TargetType,
+    _format_additional_forward_args,
+    log_usage,
+)
+from captum_inn.attr._common import (
+    as_optional_generator,
+    check_positive_int,
+    format_inputs,
+    layer_activation,
+    resolve_model_layer,
+)
+from captum_inn.autoencoders import check_autoencoder, encode_mean
+from captum_inn.capture import eval_mode, replace_activation
+from captum_inn.inn import ConditionalINN, FactorINN
+
+__all__ = ["LayerConcepts"]
+
+_CODE, _LAYER = "autoencoder_code", "layer"
+
+
+class LayerConcepts(LayerAttribution):
+    r"""Named concepts of a representation, found by the factor INN ``e`` (Esser et al., 2020).
+
+    ``e`` maps a representation to factors ``(e_1, …, e_K, e_res)``, one per concept and a residual
+    (:func:`captum_inn.training.fit_concepts`). The representation is either the autoencoder code
+    ``z̄`` (the default: factors decode to images, so concepts can be edited and attributed through
+    the model) or the hooked vector layer itself (the IIN setting: the model's output through
+    ``e⁻¹(e(z))`` equals its output through ``z``). With the layer's invariance INN ``t``,
+    :meth:`encoded` measures how much of each concept the layer fixes at each input.
+
+    Args:
+        forward_func: The analysed model (an ``nn.Module``) or a function that runs it.
+        layer: The hooked layer (module or dotted name); with a layer-fitted ``concept_inn`` the
+            layer that ``e`` acts on.
+        concept_inn: The :class:`~captum_inn.inn.FactorINN` from ``fit_concepts``.
+        autoencoder: The autoencoder whose code ``e`` acts on (needed unless ``e`` acts on the layer).
+        invariance_inn: The layer's :class:`~captum_inn.inn.ConditionalINN` from
+            ``fit_invariances`` (needed by :meth:`encoded`).
+        device_ids: Captum's argument for ``DataParallel`` models (unused, kept for the API).
+        attribute_to_layer_input: Hook the layer's input instead of its output.
+        selector: Picks the tensor from a non-tensor layer output.
+        image_input: Which of the (tuple) inputs is the image.
+
+    Examples::
+
+        >>> from captum_inn.models import SmallCNN
+        >>> from captum_inn.autoencoders import ConvAutoencoder
+        >>> model, ae = SmallCNN().eval(), ConvAutoencoder((3, 32, 32), latent_dim=8).eval()
+        >>> e = FactorINN(8, {"digit": 3, "colour": 2}, n_blocks=2, hidden=16)
+        >>> _ = e(torch.randn(16, 8))                                  # (normally: fit_concepts)
+        >>> concepts = LayerConcepts(model, "logits", e, ae)
+        >>> x = torch.rand(2, 3, 32, 32)
+        >>> concepts.attribute(x, target=3).shape                      # one score per concept
+        torch.Size([2, 3])
+        >>> concepts.edit(x, "colour").shape                           # images, colour resampled
+        torch.Size([2, 3, 32, 32])
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Union[str, nn.Module],
+        concept_inn: FactorINN,
+        autoencoder: Any = None,
+        invariance_inn: Optional[ConditionalINN] = None,
+        device_ids: Optional[List[int]] = None,
+        *,
+        attribute_to_layer_input: bool = False,
+        selector: Any = None,
+        image_input: int = 0,
+    ) -> None:
+        if not callable(forward_func):
+            raise TypeError(f"`forward_func` must be a model or a callable, got {type(forward_func).__name__}.")
+        name, module = resolve_model_layer(forward_func, layer)
+        if not isinstance(concept_inn, FactorINN):
+            raise TypeError(f"`concept_inn` must be a captum_inn.inn.FactorINN (from fit_concepts), got {type(concept_inn).__name__}.")
+        representation = (getattr(concept_inn, "fit_info", None) or {}).get("representation", {"kind": _CODE})
+        self.representation = representation.get("kind", _CODE)
+        if self.representation == _LAYER:
+            fitted = representation.get("layer")
+            if fitted is not None and fitted != name:
+                raise ValueError(
+                    f"`concept_inn` was fitted on layer {fitted!r}, not {name!r}; pass that layer or fit "
+                    "a concept INN for this one."
+                )
+        else:
+            if autoencoder is None:
+                raise ValueError("`autoencoder` is needed: `concept_inn` acts on autoencoder codes.")
+            check_autoencoder(autoencoder)
+            latent = getattr(autoencoder, "latent_dim", None)
+            if latent is not None and int(latent) != concept_inn.dim:
+                raise ValueError(
+                    f"`concept_inn` acts on codes of size {concept_inn.dim}, but `autoencoder` has "
+                    f"latent_dim={latent}; pass the autoencoder it was fitted with."
+                )
+        if invariance_inn is not None:
+            if not isinstance(invariance_inn, ConditionalINN):
+                raise TypeError(f"`invariance_inn` must be a ConditionalINN, got {type(invariance_inn).__name__}.")
+            if self.representation != _CODE or invariance_inn.dim != concept_inn.dim:
+                raise ValueError(
+                    f"`invariance_inn` models codes of size {invariance_inn.dim}; `concept_inn` must act on the "
+                    f"same autoencoder codes (it acts on a {self.representation} of size {concept_inn.dim})."
+                )
+        super().__init__(forward_func, module, device_ids)
+        self.layer_name = name
+        self.concept_inn = concept_inn
+        self.autoencoder = autoencoder
+        self.invariance_inn = invariance_inn
+        self.attribute_to_layer_input = attribute_to_layer_input
+        self.selector = selector
+        self.image_input = image_input
+
+    # ------------------------------------------------------------------ Captum's protocol
+    def has_convergence_delta(self) -> bool:
+        """``True``: :meth:`attribute` is Integrated Gradients, complete up to the returned delta."""
+        return True
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """``True``: attributions are multiplied by (factors − baseline), as in Integrated Gradients."""
+        return True
+
+    @property
+    def concept_names(self) -> List[str]:
+        """The factors' names in order, the residual last (the columns of :meth:`attribute`)."""
+        return self.concept_inn.factor_names
+
+    # ------------------------------------------------------------------ the pieces
+    def _concept_index(self, concept: str) -> slice:
+        if concept not in self.concept_inn.factor_sizes:
+            raise ValueError(f"Unknown concept {concept!r}; this concept INN has {self.concept_names}.")
+        return self.concept_inn.factor_slices[concept]
+
+    def _representation(self, inputs: Tuple[Tensor, ...], additional_forward_args: Any) -> Tensor:
+        if self.representation == _LAYER:
+            z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args,
+                                 self.attribute_to_layer_input, self.selector)
+            if z.dim() != 2 or z.shape[1] != self.concept_inn.dim:
+                raise ValueError(
+                    f"Layer {self.layer_name!r} gives activations of shape {tuple(z.shape[1:])}, but `concept_inn` "
+                    f"acts on vectors of size {self.concept_inn.dim}."
+                )
+            return z
+        code = encode_mean(self.autoencoder, inputs[self.image_input])
+        if code.shape[1] != self.concept_inn.dim:
+            raise ValueError(
+                f"`autoencoder` gives codes of size {code.shape[1]}, but `concept_inn` acts on codes of size "
+                f"{self.concept_inn.dim}; pass the autoencoder it was fitted with."
+            )
+        return code
+
+    def _to_representation(self, factors: Tensor) -> Tensor:
+        return self.concept_inn(factors, rev=True, jac=False)[0]
+
+    def _check_factors(self, factors: Tensor, n: int, name: str = "factors") -> Tensor:
+        if not isinstance(factors, Tensor) or not factors.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating-point tensor (N, {self.concept_inn.dim}).")
+        if factors.dim() == 1:
+            factors = factors.unsqueeze(0)
+        if factors.dim() != 2 or factors.shape[1] != self.concept_inn.dim or factors.shape[0] not in (1, n):
+            raise ValueError(
+                f"`{name}` must have shape ({n}, {self.concept_inn.dim}) or ({self.concept_inn.dim},), got {tuple(factors.shape)}."
+            )
+        if not torch.isfinite(factors).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values.")
+        return factors.expand(n, -1)
+
+    # ------------------------------------------------------------------ public methods
+    @torch.no_grad()
+    def factors(self, inputs: Union[Tensor, Tuple[Tensor, ...]], additional_forward_args: Any = None) -> Tensor:
+        """The flat factors ``e(·)`` of the inputs' representation.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
+            additional_forward_args: Extra arguments of ``forward_func`` (layer representations).
+
+        Returns:
+            ``(N, d)``; :meth:`decompose` names the blocks.
+        """
+        inputs = format_inputs(inputs, self.image_input)
+        with eval_mode(self.concept_inn, self.autoencoder):
+            return self.concept_inn(self._representation(inputs, additional_forward_args), jac=False)[0]
+
+    def decompose(self, inputs: Union[Tensor, Tuple[Tensor, ...]], additional_forward_args: Any = None) -> Dict[str, Tensor]:
+        """The inputs' factors by concept.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
+            additional_forward_args: Extra arguments of ``forward_func`` (layer representations).
+
+        Returns:
+            ``{concept: (N, size)}`` in factor order, the residual last.
+        """
+        return self.concept_inn.split(self.factors(inputs, additional_forward_args))
+
+    @torch.no_grad()
+    def edit(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        concept: str,
+        donors: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Images with one concept replaced and every other factor kept: ``D(e⁻¹(…))``.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
+            concept: The concept to replace (one of :attr:`concept_names`).
+            donors: ``(N, C, H, W)`` (or ``(1, C, H, W)``) images whose ``concept`` factor is taken.
+            value: ``(N, size)`` or ``(size,)`` factor values to put in instead.
+            generator: Seeds a fresh draw ``N(0, I)`` when neither ``donors`` nor ``value`` is given.
+
+        Returns:
+            ``(N, C, H, W)`` decoded edits (re-run the model on them to see what it makes of the edit).
+        """
+        if self.representation != _CODE:
+            raise ValueError(
+                "`edit` decodes images, which needs a concept INN fitted on autoencoder codes; with a layer "
+                "representation use output_from_factors(inputs, factors) on edited factors."
+            )
+        block = self._concept_index(concept)
+        if donors is not None and value is not None:
+            raise ValueError("Give at most one of `donors` and `value`.")
+        as_optional_generator(generator)
+        inputs = format_inputs(inputs, self.image_input)
+        n = inputs[0].shape[0]
+        factors = self.factors(inputs).clone()
+        size = block.stop - block.start
+        if donors is not None:
+            donor_factors = self.factors(format_inputs(donors, 0, "donors"))
+            if donor_factors.shape[0] not in (1, n):
+                raise ValueError(f"`donors` must hold 1 or {n} images (one per input), got {donor_factors.shape[0]}.")
+            new = donor_factors[:, block].expand(n, -1)
+        elif value is not None:
+            if not isinstance(value, Tensor) or value.shape[-1] != size or value.dim() > 2:
+                raise ValueError(f"`value` for concept {concept!r} must have shape ({n}, {size}) or ({size},).")
+            new = value.to(factors).reshape(-1, size).expand(n, -1)
+        else:
+            new = torch.randn(n, size, generator=generator, dtype=factors.dtype).to(factors.device)
+        factors[:, block] = new
+        with eval_mode(self.concept_inn, self.autoencoder):
+            return self.autoencoder.decode(self._to_representation(factors))
+
+    def output_from_factors(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        factors: Optional[Tensor] = None,
+        additional_forward_args: Any = None,
+    ) -> Any:
+        """The model's output when the representation is ``e⁻¹(factors)``.
+
+        With a concept INN on autoencoder codes this is ``forward_func(D(e⁻¹(factors)))``; on a layer
+        it runs ``forward_func(inputs)`` with the layer's activation replaced by ``e⁻¹(factors)``.
+        With ``factors=None`` the inputs' own factors are used: on a layer that reproduces the
+        model's output up to float error, since ``e`` is a bijection.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images (or a tuple).
+            factors: ``(N, d)`` factors, e.g. :meth:`factors` of the inputs after an edit.
+            additional_forward_args: Extra arguments of ``forward_func``.
+
+        Returns:
+            Whatever ``forward_func`` returns.
+        """
+        inputs = format_inputs(inputs, self.image_input)
+        n = inputs[0].shape[0]
+        factors = self.factors(inputs, additional_forward_args) if factors is None else self._check_factors(factors, n)
+        return self._forward_from_factors(factors, inputs, additional_forward_args)
+
+    def _forward_from_factors(self, factors: Tensor, inputs: Tuple[Tensor, ...], additional_forward_args: Any) -> Any:
+        extra = _format_additional_forward_args(additional_forward_args) or ()
+        with eval_mode(self.concept_inn, self.autoencoder):
+            representation = self._to_representation(factors)
+            if self.representation == _LAYER:
+                with replace_activation(self.layer, representation, self.attribute_to_layer_input):
+                    return self.forward_func(*inputs, *extra)
+            images = self.autoencoder.decode(representation)
+            model_inputs = tuple(images if i == self.image_input else t for i, t in enumerate(inputs))
+            return self.forward_func(*model_inputs, *extra)
+
+    @torch.no_grad()
+    def encoded(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        n_samples: int = 32,
+        additional_forward_args: Any = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Share of each concept that the hooked layer fixes at each input (DESIGN.md §2).
+
+        For ``v ~ N(0, I)``, ``z̄_s = t⁻¹(v | Φ(x))`` are codes the layer cannot tell apart from
+        ``x``'s; the share of concept ``k`` the layer encodes is ``1 − Σ Var_v(e_k(z̄_s)) / size_k``
+        (each factor has unit variance under ``e``'s prior). Near 1: the layer pins the concept
+        down; near 0: the layer is invariant to it. Estimates from ``n_samples`` draws can fall
+        slightly outside ``[0, 1]``.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images (or a tuple).
+            n_samples: Draws of ``v`` per input (``>= 2``).
+            additional_forward_args: Extra arguments of ``forward_func``.
+            generator: Seeds the draws.
+
+        Returns:
+            ``(N, K)``, columns in :attr:`concept_names` order.
+        """
+        if self.invariance_inn is None:
+            raise ValueError("`encoded` needs the layer's invariance INN: pass `invariance_inn=` (from fit_invariances).")
+        n_samples = check_positive_int(n_samples, "n_samples")
+        if n_samples < 2:
+            raise ValueError(f"`n_samples` must be >= 2 for a variance, got {n_samples}.")
+        as_optional_generator(generator)
+        inputs = format_inputs(inputs, self.image_input)
+        n = inputs[0].shape[0]
+        z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args,
+                             self.attribute_to_layer_input, self.selector)
+        if tuple(z.shape[1:]) != self.invariance_inn.cond_shape:
+            raise ValueError(
+                f"`invariance_inn` was fitted for activations of shape {self.invariance_inn.cond_shape}, but layer "
+                f"{self.layer_name!r} gives {tuple(z.shape[1:])}."
+            )
+        v = torch.randn(n * n_samples, self.invariance_inn.dim, generator=generator, dtype=z.dtype).to(z.device)
+        with eval_mode(self.invariance_inn, self.concept_inn):
+            embedding = self.invariance_inn.embed(z).repeat_interleave(n_samples, dim=0)
+            codes = self.invariance_inn(v, None, rev=True, jac=False, embedding=embedding)[0]
+            factors = self.concept_inn(codes, jac=False)[0].view(n, n_samples, -1)
+        variance = factors.var(dim=1)
+        shares = [1.0 - variance[:, s].sum(1) / (s.stop - s.start) for s in self.concept_inn.factor_slices.values()]
+        return torch.stack(shares, dim=1)
+
+    def encoded_summary(self, inputs: Union[Tensor, Tuple[Tensor, ...]], **kwargs: Any) -> Dict[str, float]:
+        """Dataset-level share of each concept the layer encodes: :meth:`encoded` averaged over inputs.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images.
+            **kwargs: Passed to :meth:`encoded`.
+
+        Returns:
+            ``{concept: share}``.
+        """
+        mean = self.encoded(inputs, **kwargs).mean(0)
+        return {name: float(value) for name, value in zip(self.concept_names, mean)}
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        baselines: Optional[Tensor] = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: Optional[int] = None,
+        return_convergence_delta: bool = False,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Concept attributions: Integrated Gradients in factor space, summed per concept.
+
+        The path runs from ``baselines`` (the prior mean, zeros, by default) to the inputs' factors;
+        the model sees ``e⁻¹`` of each point (decoded for code representations, in place of the layer
+        for layer representations). Captum's :class:`~captum.attr.IntegratedGradients` computes it,
+        so the attributions are complete: their sum over concepts equals the change of the target
+        output from the baseline's output to the inputs' (reconstructed) output, up to the delta.
+
+        Args:
+            inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
+            target: The output to explain, any of Captum's ``TargetType`` forms.
+            additional_forward_args: Extra arguments of ``forward_func``.
+            baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``; for an image
+                baseline pass :meth:`factors` of it.
+            n_steps: Integration steps.
+            method: Captum's integration method.
+            internal_batch_size: Path points per forward pass.
+            return_convergence_delta: Also return the per-input completeness error.
+
+        Returns:
+            ``(N, K)`` attributions (columns :attr:`concept_names`), and with
+            ``return_convergence_delta`` the ``(N,)`` delta.
+        """
+        from captum.attr import IntegratedGradients
+
+        inputs = format_inputs(inputs, self.image_input)
+        n = inputs[0].shape[0]
+        start = self.factors(inputs, additional_forward_args)
+        base = torch.zeros_like(start) if baselines is None else self._check_factors(baselines.to(start), n, "baselines").contiguous()
+        extra = _format_additional_forward_args(additional_forward_args) or ()
+
+        def through_factors(factors: Tensor, *rest: Any) -> Any:
+            model_inputs, model_extra = rest[: len(inputs)], rest[len(inputs):]
+            return self._forward_from_factors(factors, tuple(model_inputs), model_extra or None)
+
+        with torch.enable_grad():
+            attributions, delta = IntegratedGradients(through_factors).attribute(
+                start, baselines=base, target=target, additional_forward_args=(*inputs, *extra), n_steps=n_steps,
+                method=method, internal_batch_size=internal_batch_size, return_convergence_delta=True,
+            )
+        per_concept = torch.stack([attributions[:, s].sum(1) for s in self.concept_inn.factor_slices.values()], dim=1)
+        return (per_concept, delta) if return_convergence_delta else per_concept

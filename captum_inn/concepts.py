@@ -1,0 +1,244 @@
+"""Concepts as data: a name plus a way to draw pairs of inputs related through that concept.
+
+The factor INN (:func:`captum_inn.training.fit_concepts`) learns one factor per concept from pairs
+(DESIGN.md §2). A :class:`ConceptPairs` either
+
+* ``relation="share"``: draws pairs ``(a, b)`` that **share** the concept (same digit, same colour,
+  two examples of a Captum :class:`captum.concept.Concept`) and are otherwise independent; or
+* ``relation="differ"``: draws pairs that share **everything but** the concept (an image and the
+  same image after a colour jitter: they differ only in colour).
+
+Build one from labels (:meth:`ConceptPairs.from_labels`), from a transformation
+(:meth:`ConceptPairs.from_transform`), from a Captum concept (:meth:`ConceptPairs.from_captum`), from
+:meth:`captum_inn.datasets.ColorDigits.concept`, or from any sampler ``(n, generator) -> (a, b)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["ConceptPairs", "RELATIONS", "RESIDUAL", "as_concepts"]
+
+#: How the two members of a pair relate through the concept.
+RELATIONS: Tuple[str, ...] = ("share", "differ")
+
+#: Name of the factor that holds everything no concept names.
+RESIDUAL = "residual"
+
+PairSampler = Callable[[int, torch.Generator], Tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class ConceptPairs:
+    """A named concept and a sampler of input pairs related through it.
+
+    Args:
+        name: The concept's name (the factor's name in the factor INN); not ``"residual"``.
+        sampler: ``sampler(n, generator) -> (a, b)``, two batches of ``n`` inputs each (same
+            shape), reproducible for a seeded ``torch.Generator``.
+        relation: ``"share"`` (``a[i]`` and ``b[i]`` share the concept, all else independent) or
+            ``"differ"`` (they share everything but the concept).
+
+    Examples::
+
+        >>> images, labels = torch.rand(6, 3, 8, 8), torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> digit = ConceptPairs.from_labels("digit", images, labels)
+        >>> a, b = digit.sample(4, torch.Generator().manual_seed(0))
+        >>> a.shape, digit.relation
+        (torch.Size([4, 3, 8, 8]), 'share')
+    """
+
+    name: str
+    sampler: PairSampler
+    relation: str = "share"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"A concept `name` must be a non-empty str, got {self.name!r}.")
+        if self.name == RESIDUAL:
+            raise ValueError(f"{RESIDUAL!r} is reserved for the factor that no concept names; rename the concept.")
+        if not callable(self.sampler):
+            raise TypeError(f"`sampler` of concept {self.name!r} must be callable (n, generator) -> (a, b).")
+        if self.relation not in RELATIONS:
+            raise ValueError(f"`relation` of concept {self.name!r} must be one of {RELATIONS}, got {self.relation!r}.")
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """Draw ``n`` pairs ``(a, b)`` and check them.
+
+        Args:
+            n: Number of pairs, ``>= 1``.
+            generator: Seeds the draw.
+
+        Returns:
+            ``(a, b)``, tensors of equal shape with ``n`` rows.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`n` (number of pairs) must be an int >= 1, got {n!r}.")
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        pair = self.sampler(n, generator)
+        if not (isinstance(pair, (tuple, list)) and len(pair) >= 2 and all(isinstance(t, Tensor) for t in pair[:2])):
+            raise TypeError(f"The sampler of concept {self.name!r} must return a pair of tensors (a, b).")
+        a, b = pair[0], pair[1]
+        if a.shape != b.shape:
+            raise ValueError(
+                f"Concept {self.name!r}: pair members must have the same shape, got a {tuple(a.shape)} "
+                f"and b {tuple(b.shape)}."
+            )
+        if a.shape[0] != n:
+            raise ValueError(f"Concept {self.name!r}: the sampler returned {a.shape[0]} pairs, {n} were asked for.")
+        return a, b
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_labels(cls, name: str, inputs: Tensor, labels: Union[Tensor, Sequence[Any]]) -> ConceptPairs:
+        """Pairs of inputs with equal labels (``relation="share"``).
+
+        Args:
+            name: The concept (for example ``"species"``).
+            inputs: ``(M, ...)`` examples.
+            labels: ``(M,)`` labels of any hashable kind; every label needs two examples for pairs
+                of distinct examples (a label with one example pairs with itself).
+
+        Returns:
+            A :class:`ConceptPairs`.
+        """
+        if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 2:
+            raise ValueError("`inputs` must be a tensor with at least 2 examples in dim 0.")
+        keys = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+        if len(keys) != inputs.shape[0]:
+            raise ValueError(f"`labels` has {len(keys)} entries for {inputs.shape[0]} inputs; give one label per input.")
+        groups: Dict[Any, List[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        members = [torch.tensor(g) for g in groups.values()]
+        group_of = _group_index(len(keys), groups)
+
+        def sampler(n: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+            a = torch.randint(inputs.shape[0], (n,), generator=generator)
+            u = torch.rand(n, generator=generator)
+            b = torch.empty_like(a)
+            for k in range(n):
+                group = members[int(group_of[a[k]])]
+                if len(group) == 1:
+                    b[k] = a[k]
+                    continue
+                # uniform over the other members of a's group
+                pick = int(u[k] * (len(group) - 1))
+                others = group[group != a[k]]
+                b[k] = others[min(pick, len(others) - 1)]
+            return inputs[a], inputs[b]
+
+        return cls(name, sampler, "share")
+
+    @classmethod
+    def from_transform(cls, name: str, inputs: Tensor, transform: Callable[[Tensor], Tensor]) -> ConceptPairs:
+        """Pairs ``(x, transform(x))`` that differ only in what the transform changes (``relation="differ"``).
+
+        Args:
+            name: The concept the transform changes (for example ``"colour"`` for a colour jitter).
+            inputs: ``(M, ...)`` examples.
+            transform: Batch in, batch of the same shape out (random transforms draw their own
+                randomness; seed them for reproducible pairs).
+
+        Returns:
+            A :class:`ConceptPairs`.
+        """
+        if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
+            raise ValueError("`inputs` must be a non-empty tensor with examples in dim 0.")
+        if not callable(transform):
+            raise TypeError(f"`transform` must be callable (batch -> batch), got {type(transform).__name__}.")
+
+        def sampler(n: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+            a = inputs[torch.randint(inputs.shape[0], (n,), generator=generator)]
+            return a, transform(a)
+
+        return cls(name, sampler, "differ")
+
+    @classmethod
+    def from_captum(cls, concept: Any, sampler: Optional[PairSampler] = None, max_examples: int = 10_000) -> ConceptPairs:
+        """A Captum :class:`captum.concept.Concept` as a concept: two of its examples share it.
+
+        Args:
+            concept: A ``captum.concept.Concept`` (its ``name`` and ``data_iter``).
+            sampler: An explicit pair sampler; without it pairs are two examples drawn from the
+                concept's ``data_iter`` (read once, up to ``max_examples``).
+            max_examples: Most examples read from ``data_iter``.
+
+        Returns:
+            A :class:`ConceptPairs` named ``concept.name``.
+        """
+        name = getattr(concept, "name", None)
+        if name is None or not hasattr(concept, "data_iter"):
+            raise TypeError(f"`concept` must be a captum.concept.Concept (with name and data_iter), got {type(concept).__name__}.")
+        if sampler is not None:
+            return cls(str(name), sampler, "share")
+        if concept.data_iter is None:
+            raise ValueError(f"Captum concept {name!r} has no data_iter; give a pair `sampler`.")
+        examples = _read_examples(concept.data_iter, max_examples)
+        if examples.shape[0] < 2:
+            raise ValueError(f"Captum concept {name!r} has {examples.shape[0]} example(s); pairs need at least 2.")
+        return cls.from_labels(str(name), examples, [0] * examples.shape[0])
+
+
+def _group_index(n: int, groups: Mapping[Any, List[int]]) -> Tensor:
+    index = torch.empty(n, dtype=torch.long)
+    for j, members in enumerate(groups.values()):
+        index[members] = j
+    return index
+
+
+def _read_examples(data_iter: Iterable[Any], limit: int) -> Tensor:
+    chunks, count = [], 0
+    for batch in data_iter:
+        tensor = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"A concept's data_iter must yield tensors, got {type(tensor).__name__}.")
+        chunks.append(tensor if tensor.dim() > 1 else tensor.unsqueeze(0))
+        count += chunks[-1].shape[0]
+        if count >= limit:
+            break
+    if not chunks:
+        return torch.empty(0)
+    return torch.cat(chunks)[:limit]
+
+
+def as_concepts(concepts: Any) -> List[ConceptPairs]:
+    """Normalise the ways a user can give concepts into a list of :class:`ConceptPairs`.
+
+    Accepted: one or a sequence of :class:`ConceptPairs` or ``captum.concept.Concept`` objects, or
+    a mapping ``{name: sampler}`` (``relation="share"``). Names must be unique.
+
+    Args:
+        concepts: The concepts.
+
+    Returns:
+        ``[ConceptPairs, ...]`` in the given order.
+    """
+    if isinstance(concepts, Mapping):
+        items = [ConceptPairs(str(k), v) if not isinstance(v, ConceptPairs) else v for k, v in concepts.items()]
+    else:
+        raw = [concepts] if isinstance(concepts, ConceptPairs) or hasattr(concepts, "data_iter") else concepts
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise TypeError(
+                "`concepts` must be a ConceptPairs, a captum.concept.Concept, a non-empty list of them, "
+                f"or a mapping {{name: sampler}}; got {type(concepts).__name__}."
+            )
+        items = []
+        for c in raw:
+            if isinstance(c, ConceptPairs):
+                items.append(c)
+            elif hasattr(c, "data_iter") and hasattr(c, "name"):
+                items.append(ConceptPairs.from_captum(c))
+            else:
+                raise TypeError(f"Each concept must be a ConceptPairs or a captum.concept.Concept, got {type(c).__name__}.")
+    if not items:
+        raise ValueError("`concepts` is empty; give at least one concept.")
+    names = [c.name for c in items]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"Concept names must be unique, got {duplicates} more than once.")
+    return items

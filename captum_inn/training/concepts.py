@@ -1,0 +1,475 @@
+"""``fit_concepts``: the factor INN ``e`` that splits a representation into named concepts.
+
+``e`` is fitted by maximum likelihood on pairs of inputs (DESIGN.md §2). For a pair ``(a, b)``
+that shares concept ``F`` the factor ``e_F(b)`` is correlated with ``e_F(a)`` by a fixed ``ρ`` and
+every other factor is independent; for a pair that differs *only* in ``F``, every factor but
+``F`` is correlated (the residual included). The residual factor, which holds everything no
+concept names, is always **last**.
+
+The representation is the autoencoder code ``z̄`` by default (edits then decode to images), or a
+vector layer of the analysed model (:class:`LayerRepresentation`, the IIN setting: ``e`` is a
+bijection, so the model's output through ``e⁻¹(e(z))`` is unchanged). As for the invariance INNs,
+the encoder runs once per pair member: a pool of pairs per concept is drawn and encoded up front,
+then ``e`` trains from that pool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from captum_inn.autoencoders import check_autoencoder, encode_posterior
+from captum_inn.capture import capture, resolve_layer
+from captum_inn.concepts import RESIDUAL, ConceptPairs, as_concepts
+from captum_inn.inn import FactorINN, factor_sizes_from_scores
+from captum_inn.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    module_tensors,
+    save_checkpoint,
+    strip_prefix,
+)
+from captum_inn.training.loop import resume_key, train_loop
+
+__all__ = [
+    "ConceptConfig",
+    "LayerRepresentation",
+    "concept_scores",
+    "estimate_factor_sizes",
+    "fit_concepts",
+    "load_concept_inn",
+    "save_concept_inn",
+]
+
+
+@dataclass
+class ConceptConfig:
+    """Settings of :func:`fit_concepts`.
+
+    Attributes:
+        n_blocks: Flow blocks of ``e``.
+        hidden: Width of the coupling subnets.
+        depth: Hidden layers of the coupling subnets.
+        clamp: Bound on each coupling log-scale.
+        rho: Correlation of a shared factor between the members of a pair (0.975 as in the
+            reference code); must lie in ``(0, 1)``.
+        pool_size: Pairs per concept drawn and encoded once before training.
+        batch_size: Pairs per concept per step.
+        steps: Optimiser steps.
+        lr: Adam learning rate.
+        schedule: ``"constant"`` or ``"cosine"``.
+        feature_noise: For deterministic representations (a model layer), Gaussian noise of this
+            fraction of each dimension's standard deviation is added to the features (dead ReLU
+            units would otherwise give a degenerate density).
+        seed: Seed of the pair pools, initialisation and minibatches.
+        checkpoint_every: Steps between checkpoints.
+    """
+
+    n_blocks: int = 8
+    hidden: int = 256
+    depth: int = 2
+    clamp: float = 1.0
+    rho: float = 0.975
+    pool_size: int = 4096
+    batch_size: int = 64
+    steps: int = 2000
+    lr: float = 5e-4
+    schedule: str = "constant"
+    feature_noise: float = 0.02
+    seed: int = 0
+    checkpoint_every: int = 500
+
+
+@dataclass
+class LayerRepresentation:
+    """A vector layer of the analysed model as the representation ``e`` acts on (the IIN setting).
+
+    Args:
+        model: The analysed network.
+        layer: A module or dotted name whose activation is a vector ``(N, d)`` per batch.
+        attribute_to_layer_input: Use the layer's input instead of its output.
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> rep = LayerRepresentation(model, "2")
+        >>> rep.encode(torch.rand(4, 3, 2, 2))[0].shape
+        torch.Size([4, 6])
+    """
+
+    model: nn.Module
+    layer: Union[str, nn.Module]
+    attribute_to_layer_input: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(self.model).__name__}.")
+        self.layer_name = resolve_layer(self.model, self.layer)[0]
+
+    def encode(self, inputs: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(features, zeros)``: the layer's activation ``(N, d)`` (deterministic, so zero spread)."""
+        z = capture(self.model, self.layer, inputs, attribute_to_layer_input=self.attribute_to_layer_input)
+        if z.dim() != 2:
+            raise ValueError(
+                f"Layer {self.layer_name!r} gives activations of shape {tuple(z.shape[1:])}; the factor INN "
+                "needs a vector layer (N, d). Use a fully connected layer, or the autoencoder code."
+            )
+        return z, torch.zeros_like(z)
+
+    def describe(self, dim: int) -> Dict[str, Any]:
+        """What a checkpoint records about this representation."""
+        return {"kind": "layer", "dim": int(dim), "layer": self.layer_name,
+                "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}"}
+
+
+def _as_encoder(representation: Any) -> Tuple[Callable[[Tensor], Tuple[Tensor, Tensor]], Callable[[int], Dict[str, Any]]]:
+    """``(encode: inputs -> (mean, std), describe: dim -> dict)`` of an autoencoder or a layer."""
+    if isinstance(representation, LayerRepresentation):
+        return representation.encode, representation.describe
+    if isinstance(representation, tuple) and len(representation) == 2 and isinstance(representation[0], nn.Module):
+        layer_rep = LayerRepresentation(*representation)
+        return layer_rep.encode, layer_rep.describe
+    try:
+        check_autoencoder(representation)
+    except TypeError as error:
+        raise TypeError(
+            "`representation` must be an autoencoder (encode/decode), a LayerRepresentation(model, layer) "
+            f"or a (model, layer) tuple; {error}"
+        ) from None
+    return (lambda x: encode_posterior(representation, x)), (lambda dim: {"kind": "autoencoder_code", "dim": int(dim)})
+
+
+@dataclass
+class _PairPool:
+    """Encoded pairs of one concept: posterior means and spreads of both members."""
+
+    concept: ConceptPairs
+    mean_a: Tensor
+    std_a: Tensor
+    mean_b: Tensor
+    std_b: Tensor
+
+
+@torch.no_grad()
+def _encode_pools(
+    encode: Callable[[Tensor], Tuple[Tensor, Tensor]], concepts: Sequence[ConceptPairs], n_pairs: int,
+    seed: int, device: torch.device, progress: bool, chunk: int = 512,
+) -> List[_PairPool]:
+    pools = []
+    bar = tqdm(total=n_pairs * len(concepts), desc="encoding concept pairs", disable=not progress, leave=False, unit="pair")
+    with bar:
+        for k, concept in enumerate(concepts):
+            generator = torch.Generator().manual_seed(seed * 1009 + k)
+            parts: Dict[str, List[Tensor]] = {"ma": [], "sa": [], "mb": [], "sb": []}
+            for start in range(0, n_pairs, chunk):
+                a, b = concept.sample(min(chunk, n_pairs - start), generator)
+                for member, key in ((a, "a"), (b, "b")):
+                    if not torch.isfinite(member).all():
+                        raise ValueError(f"Concept {concept.name!r} produced pairs with NaN or infinite values.")
+                    mean, std = encode(member.to(device))
+                    parts["m" + key].append(mean.flatten(1).float().cpu())
+                    parts["s" + key].append(std.flatten(1).float().cpu())
+                bar.update(a.shape[0])
+            pools.append(_PairPool(concept, *(torch.cat(parts[k]) for k in ("ma", "sa", "mb", "sb"))))
+    dims = {p.mean_a.shape[1] for p in pools}
+    if len(dims) != 1:
+        raise ValueError(f"The concepts' pairs encode to different sizes {sorted(dims)}; all must come from one representation.")
+    return pools
+
+
+def _score(pool: _PairPool) -> float:
+    """Summed covariance of pair members over the total variance (1 − that for ``differ`` pairs)."""
+    both = torch.cat([pool.mean_a, pool.mean_b]).double()
+    centre = both.mean(0)
+    total = both.var(0, unbiased=False).sum()
+    if total <= 0:
+        raise ValueError(f"Concept {pool.concept.name!r}: the representation does not vary over its pairs.")
+    cov = ((pool.mean_a.double() - centre) * (pool.mean_b.double() - centre)).mean(0).sum()
+    shared = float(cov / total)
+    return shared if pool.concept.relation == "share" else 1.0 - shared
+
+
+def concept_scores(
+    representation: Any, concepts: Any, *, n_pairs: int = 2000, seed: int = 0,
+    device: Union[str, torch.device] = "cpu", progress: bool = False,
+) -> Dict[str, float]:
+    """Each concept's share of the representation's variance, estimated from its pairs (DESIGN.md §2).
+
+    For ``share`` pairs: the summed covariance of the two members over the total variance; for
+    ``differ`` pairs: one minus that (the variance that changes with the concept).
+
+    Args:
+        representation: An autoencoder, a :class:`LayerRepresentation` or ``(model, layer)``.
+        concepts: Concepts (see :func:`captum_inn.concepts.as_concepts`).
+        n_pairs: Pairs drawn per concept.
+        seed: Seeds the pairs.
+        device: Where the encoder runs.
+        progress: Show a progress bar.
+
+    Returns:
+        ``{concept: score}`` in the concepts' order.
+    """
+    encode, _ = _as_encoder(representation)
+    pools = _encode_pools(encode, as_concepts(concepts), n_pairs, seed, torch.device(device), progress)
+    return {pool.concept.name: _score(pool) for pool in pools}
+
+
+def estimate_factor_sizes(
+    representation: Any, concepts: Any, *, n_pairs: int = 2000, seed: int = 0,
+    device: Union[str, torch.device] = "cpu", progress: bool = False,
+) -> Tuple[Dict[str, int], Dict[str, float]]:
+    """Factor sizes from the data: ``softmax(scores, residual score 1) · d`` (DESIGN.md §2).
+
+    Args:
+        representation: An autoencoder, a :class:`LayerRepresentation` or ``(model, layer)``.
+        concepts: Concepts (see :func:`captum_inn.concepts.as_concepts`).
+        n_pairs: Pairs drawn per concept.
+        seed: Seeds the pairs.
+        device: Where the encoder runs.
+        progress: Show a progress bar.
+
+    Returns:
+        ``(sizes, scores)``: ``{concept: size, ..., "residual": size}`` summing to ``d`` and the
+        :func:`concept_scores` they came from.
+
+    Examples::
+
+        >>> from captum_inn.concepts import ConceptPairs
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+        >>> x, y = torch.rand(20, 3, 2, 2), torch.arange(20) % 2
+        >>> sizes, scores = estimate_factor_sizes((model, "1"), [ConceptPairs.from_labels("parity", x, y)], n_pairs=64)
+        >>> sum(sizes.values()), list(sizes)
+        (6, ['parity', 'residual'])
+    """
+    encode, _ = _as_encoder(representation)
+    pools = _encode_pools(encode, as_concepts(concepts), n_pairs, seed, torch.device(device), progress)
+    scores = {pool.concept.name: _score(pool) for pool in pools}
+    return factor_sizes_from_scores(scores, pools[0].mean_a.shape[1], residual=RESIDUAL), scores
+
+
+def _check_sizes(factor_sizes: Mapping[str, int], names: Sequence[str], dim: int) -> Dict[str, int]:
+    if not isinstance(factor_sizes, Mapping):
+        raise TypeError(f"`factor_sizes` must be a mapping {{concept: size}}, got {type(factor_sizes).__name__}.")
+    unknown = [k for k in factor_sizes if k not in names and k != RESIDUAL]
+    missing = [n for n in names if n not in factor_sizes]
+    if unknown or missing:
+        raise ValueError(
+            f"`factor_sizes` must name exactly the concepts {list(names)} (and optionally {RESIDUAL!r}); "
+            f"unknown: {unknown}, missing: {missing}."
+        )
+    sizes = {n: int(factor_sizes[n]) for n in names}
+    total = sum(sizes.values()) + int(factor_sizes.get(RESIDUAL, 0))
+    if RESIDUAL in factor_sizes and total != dim:
+        raise ValueError(f"`factor_sizes` {dict(factor_sizes)} sum to {total}, but the representation has {dim} dimensions.")
+    if RESIDUAL not in factor_sizes and total >= dim:
+        raise ValueError(
+            f"`factor_sizes` {dict(factor_sizes)} sum to {total}, leaving no residual in a representation of "
+            f"{dim} dimensions; they must sum to at most {dim - 1} (or include {RESIDUAL!r} and sum to {dim})."
+        )
+    if RESIDUAL in factor_sizes:
+        sizes[RESIDUAL] = int(factor_sizes[RESIDUAL])
+    return sizes
+
+
+def _pair_masks(inn: FactorINN, concepts: Sequence[ConceptPairs]) -> Tensor:
+    """``(K, d)`` bool: which output dimensions of ``e`` are correlated within a pair of concept k."""
+    masks = torch.zeros(len(concepts), inn.dim, dtype=torch.bool)
+    for k, concept in enumerate(concepts):
+        block = inn.factor_slices[concept.name]
+        if concept.relation == "share":
+            masks[k, block] = True
+        else:
+            masks[k] = True
+            masks[k, block] = False
+    return masks
+
+
+def pair_nll(y_a: Tensor, logdet_a: Tensor, y_b: Tensor, logdet_b: Tensor, shared: Tensor, rho: float) -> Tensor:
+    """Negative log-likelihood per pair of the factor model (DESIGN.md §2), without the 2π constant.
+
+    Args:
+        y_a: ``(P, d)`` factors of the first members; ``logdet_a``: ``(P,)``.
+        y_b: ``(P, d)`` factors of the second members; ``logdet_b``: ``(P,)``.
+        shared: ``(P, d)`` bool, the dimensions correlated within each pair.
+        rho: The correlation.
+
+    Returns:
+        ``(P,)``.
+    """
+    residual = torch.where(shared, (y_b - rho * y_a) ** 2 / (1 - rho**2) + math.log(1 - rho**2), y_b**2)
+    return 0.5 * y_a.pow(2).sum(1) - logdet_a + 0.5 * residual.sum(1) - logdet_b
+
+
+def fit_concepts(
+    representation: Any,
+    concepts: Any,
+    config: Optional[ConceptConfig] = None,
+    *,
+    factor_sizes: Optional[Mapping[str, int]] = None,
+    device: Union[str, torch.device] = "cpu",
+    checkpoint: Optional[str] = None,
+    resume: bool = True,
+    progress: bool = True,
+    **overrides: Any,
+) -> FactorINN:
+    """Fit the factor INN ``e`` on concept pairs (DESIGN.md §2).
+
+    Args:
+        representation: The autoencoder whose code ``z̄`` ``e`` acts on (the default setting:
+            edits decode to images), or a :class:`LayerRepresentation` / ``(model, layer)`` for a
+            vector layer of the model (the IIN setting).
+        concepts: One or more :class:`~captum_inn.concepts.ConceptPairs` (or
+            ``captum.concept.Concept`` objects, or ``{name: sampler}``), in factor order.
+        config: :class:`ConceptConfig`; keyword ``overrides`` replace its fields.
+        factor_sizes: ``{concept: size}`` (optionally with ``"residual"``); ``None`` estimates them
+            from the pairs (:func:`estimate_factor_sizes`).
+        device: Where ``e`` trains and the encoder runs.
+        checkpoint: Checkpoint file (atomic safetensors + JSON); resumed when ``resume``.
+        resume: Continue from an existing checkpoint.
+        progress: Show progress bars.
+        **overrides: Fields of :class:`ConceptConfig`.
+
+    Returns:
+        The fitted :class:`~captum_inn.inn.FactorINN` (eval mode, factors in concept order, the
+        residual last). ``fit_info`` holds the representation, the concepts and their relations,
+        the ``factor_sizes``, the ``scores`` they were estimated from (``None`` when given) and the
+        final loss; ``history`` the loss per step.
+
+    Examples::
+
+        >>> from captum_inn.concepts import ConceptPairs
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+        >>> x, y = torch.rand(20, 3, 2, 2), torch.arange(20) % 2
+        >>> e = fit_concepts((model, "1"), [ConceptPairs.from_labels("parity", x, y)], steps=3,
+        ...                  pool_size=32, n_blocks=2, hidden=16, progress=False)
+        >>> e.factor_names, e.fit_info["representation"]["kind"]
+        (['parity', 'residual'], 'layer')
+    """
+    config = ConceptConfig(**{**asdict(config or ConceptConfig()), **overrides})
+    if not 0.0 < config.rho < 1.0:
+        raise ValueError(f"`rho` must lie strictly between 0 and 1, got {config.rho}.")
+    concept_list = as_concepts(concepts)
+    names = [c.name for c in concept_list]
+    device = torch.device(device)
+    encode, describe = _as_encoder(representation)
+    pools = _encode_pools(encode, concept_list, config.pool_size, config.seed, device, progress)
+    dim = pools[0].mean_a.shape[1]
+    if dim < len(names) + 1:
+        raise ValueError(f"The representation has {dim} dimensions, too few for {len(names)} concepts and a residual.")
+    scores = None
+    if factor_sizes is None:
+        scores = {pool.concept.name: _score(pool) for pool in pools}
+        sizes = factor_sizes_from_scores(scores, dim, residual=RESIDUAL)
+    else:
+        sizes = _check_sizes(factor_sizes, names, dim)
+    # deterministic features get a small noise floor (fraction of each dimension's spread)
+    for pool in pools:
+        if not (pool.std_a.any() or pool.std_b.any()):
+            spread = torch.cat([pool.mean_a, pool.mean_b]).std(0).clamp_min(1e-6) * config.feature_noise
+            pool.std_a, pool.std_b = spread.expand_as(pool.mean_a), spread.expand_as(pool.mean_b)
+
+    torch.manual_seed(config.seed)  # only the weight initialisation draws from the global RNG
+    inn = FactorINN(dim, sizes, residual=RESIDUAL, n_blocks=config.n_blocks, hidden=config.hidden,
+                    depth=config.depth, clamp=config.clamp, seed=config.seed).to(device)
+    masks = _pair_masks(inn, concept_list).to(device)
+    with torch.no_grad():  # ActNorm's data-dependent initialisation on real codes
+        inn(torch.cat([p.mean_a[:256] for p in pools]).to(device))
+
+    info = {
+        "representation": describe(dim),
+        "concepts": names,
+        "relations": [c.relation for c in concept_list],
+        "factor_sizes": dict(inn.factor_sizes),
+        "scores": scores,
+        "rho": config.rho,
+    }
+    meta = {"kind": "concept_inn", "config": {"inn": inn.config, "train": resume_key(asdict(config)), **info}}
+    batch = config.batch_size
+
+    def loss_fn(generator: torch.Generator) -> Tensor:
+        a_rows, b_rows, shared = [], [], []
+        for k, pool in enumerate(pools):
+            index = torch.randint(pool.mean_a.shape[0], (batch,), generator=generator)
+            eps = torch.randn(2, batch, dim, generator=generator)
+            a_rows.append(pool.mean_a[index] + pool.std_a[index] * eps[0])
+            b_rows.append(pool.mean_b[index] + pool.std_b[index] * eps[1])
+            shared.append(masks[k].expand(batch, dim))
+        x = torch.cat(a_rows + b_rows).to(device)
+        y, logdet = inn(x)
+        half = len(pools) * batch
+        nll = pair_nll(y[:half], logdet[:half], y[half:], logdet[half:], torch.cat(shared), config.rho)
+        return nll.mean() / (2 * dim)
+
+    history = train_loop(
+        inn, loss_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed,
+        checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta,
+        progress=progress, desc="concept INN",
+    )
+    tail = history[-100:]
+    inn.fit_info = {**info, "steps": config.steps, "final_loss": float(sum(tail) / len(tail))}
+    inn.history = history
+    return inn
+
+
+def save_concept_inn(path: str, inn: FactorINN) -> Any:
+    """Save a fitted factor INN (weights, architecture, representation, concepts) to one safetensors file.
+
+    Args:
+        path: Target ``.safetensors`` file (written atomically).
+        inn: A :class:`~captum_inn.inn.FactorINN` from :func:`fit_concepts`.
+
+    Returns:
+        The written path.
+    """
+    if not isinstance(inn, FactorINN):
+        raise TypeError(f"`inn` must be a FactorINN from fit_concepts, got {type(inn).__name__}.")
+    info = getattr(inn, "fit_info", None) or {}
+    return save_checkpoint(path, module_tensors(inn), {"kind": "concept_inn", "config": {"inn": inn.config, **info}})
+
+
+def load_concept_inn(path: str, representation: Any = None, map_location: Union[str, torch.device] = "cpu") -> FactorINN:
+    """Load a factor INN saved by :func:`save_concept_inn`, refusing one fitted on another representation.
+
+    Args:
+        path: The ``.safetensors`` file.
+        representation: When given (an autoencoder, :class:`LayerRepresentation` or ``(model,
+            layer)``), the checkpoint must have been fitted on the same kind of representation,
+            the same layer and size.
+        map_location: Device of the loaded tensors.
+
+    Returns:
+        The :class:`~captum_inn.inn.FactorINN` in eval mode, with ``fit_info``.
+
+    Raises:
+        CheckpointError: The file is not a concept INN, or was fitted on another representation.
+    """
+    tensors, meta = load_checkpoint(path, map_location=map_location, kind="concept_inn")
+    config = dict(meta["config"])
+    config.pop("train", None)  # present in checkpoints written during a fit
+    inn = FactorINN(**config.pop("inn"))
+    inn.load_state_dict(strip_prefix(tensors, "model."))
+    if representation is not None:
+        expected = _as_encoder(representation)[1](inn.dim)
+        saved = config.get("representation", {})
+        if isinstance(representation, (LayerRepresentation, tuple)):
+            keys = ("kind", "dim", "layer")
+        else:
+            keys = ("kind",)
+            latent = getattr(representation, "latent_dim", None)
+            if latent is not None and int(latent) != saved.get("dim"):
+                raise CheckpointError(
+                    f"{path}: concept INN fitted on codes of size {saved.get('dim')}, but the autoencoder has "
+                    f"latent_dim={latent}."
+                )
+        mismatch = {k: (saved.get(k), expected[k]) for k in keys if saved.get(k) != expected[k]}
+        if mismatch:
+            raise CheckpointError(
+                f"{path}: concept INN fitted on another representation; (saved, given) differ in {mismatch}."
+            )
+    inn.fit_info = config
+    return inn.to(map_location).eval()

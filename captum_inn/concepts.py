@@ -222,7 +222,9 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
         items = [ConceptPairs(str(k), v) if not isinstance(v, ConceptPairs) else v for k, v in concepts.items()]
     else:
         raw = [concepts] if isinstance(concepts, ConceptPairs) or hasattr(concepts, "data_iter") else concepts
-        if not isinstance(raw, (list, tuple)) or not raw:
+        if isinstance(raw, (list, tuple)) and not raw:
+            raise ValueError("`concepts` is empty; give at least one concept.")
+        if not isinstance(raw, (list, tuple)):
             raise TypeError(
                 "`concepts` must be a ConceptPairs, a captum.concept.Concept, a non-empty list of them, "
                 f"or a mapping {{name: sampler}}; got {type(concepts).__name__}."

@@ -301,10 +301,11 @@ class LayerConcepts(LayerAttribution):
         """Share of each concept that the hooked layer fixes at each input (DESIGN.md §2).
 
         For ``v ~ N(0, I)``, ``z̄_s = t⁻¹(v | Φ(x))`` are codes the layer cannot tell apart from
-        ``x``'s; the share of concept ``k`` the layer encodes is ``1 − Σ Var_v(e_k(z̄_s)) / size_k``
-        (each factor has unit variance under ``e``'s prior). Near 1: the layer pins the concept
-        down; near 0: the layer is invariant to it. Estimates from ``n_samples`` draws can fall
-        slightly outside ``[0, 1]``.
+        ``x``'s; the share of concept ``k`` the layer encodes is
+        ``1 − Σ_d Var_v(e_kd(z̄_s)) / Σ_d Var_x(e_kd)``, the variance over the data ``Var_x`` taken
+        from the concept INN's fit (``fit_info["factor_variance"]``; 1, the prior's, if absent).
+        Near 1: the layer pins the concept down; near 0: the layer is invariant to it. Estimates
+        from ``n_samples`` draws can fall slightly outside ``[0, 1]``.
 
         Args:
             inputs: ``(N, C, H, W)`` images (or a tuple).
@@ -336,8 +337,14 @@ class LayerConcepts(LayerAttribution):
             codes = self.invariance_inn(v, None, rev=True, jac=False, embedding=embedding)[0]
             factors = self.concept_inn(codes, jac=False)[0].view(n, n_samples, -1)
         variance = factors.var(dim=1)
-        shares = [1.0 - variance[:, s].sum(1) / (s.stop - s.start) for s in self.concept_inn.factor_slices.values()]
+        reference = self._factor_variance().to(variance)
+        shares = [1.0 - variance[:, s].sum(1) / reference[s].sum() for s in self.concept_inn.factor_slices.values()]
         return torch.stack(shares, dim=1)
+
+    def _factor_variance(self) -> Tensor:
+        """Per-dimension variance of ``e`` over the fitting data (1, the prior's, if unknown)."""
+        stored = (getattr(self.concept_inn, "fit_info", None) or {}).get("factor_variance")
+        return torch.tensor(stored) if stored is not None else torch.ones(self.concept_inn.dim)
 
     def encoded_summary(self, inputs: Union[Tensor, Tuple[Tensor, ...]], **kwargs: Any) -> Dict[str, float]:
         """Dataset-level share of each concept the layer encodes: :meth:`encoded` averaged over inputs.

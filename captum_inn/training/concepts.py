@@ -411,7 +411,10 @@ def fit_concepts(
         progress=progress, desc="concept INN",
     )
     tail = history[-100:]
-    inn.fit_info = {**info, "steps": config.steps, "final_loss": float(sum(tail) / len(tail))}
+    with torch.no_grad():  # each factor's spread over the data, the reference of LayerConcepts.encoded
+        factors = torch.cat([inn(p.mean_a[:1024].to(device), jac=False)[0] for p in pools])
+    inn.fit_info = {**info, "steps": config.steps, "final_loss": float(sum(tail) / len(tail)),
+                    "factor_variance": factors.var(0).cpu().tolist()}
     inn.history = history
     return inn
 

@@ -1,0 +1,335 @@
+"""Concepts: pair sampling, factor sizes, the pair likelihood, fit_concepts, LayerConcepts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from captum.concept import Concept
+from helpers_hooks import assert_no_hooks, training_flags
+from torch import nn
+
+from captum_inn import LayerConcepts
+from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.concepts import ConceptPairs, as_concepts
+from captum_inn.datasets import ColorDigits
+from captum_inn.inn import ConditionalINN, FactorINN
+from captum_inn.training import (
+    CheckpointError,
+    LayerRepresentation,
+    concept_scores,
+    estimate_factor_sizes,
+    fit_concepts,
+    load_concept_inn,
+    save_concept_inn,
+)
+from captum_inn.training.concepts import pair_nll
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- synthetic data with known concepts
+def synthetic(n: int = 400, seed: int = 0):
+    """Vectors ``[c (2 dims), s (2 dims), noise (2 dims)]``: concept ``c`` takes 4 values, ``s`` 4."""
+    g = torch.Generator().manual_seed(seed)
+    c_label, s_label = torch.randint(4, (n,), generator=g), torch.randint(4, (n,), generator=g)
+    angle_c, angle_s = c_label.float() * math.pi / 2, s_label.float() * math.pi / 2
+    x = torch.cat([
+        torch.stack([angle_c.cos(), angle_c.sin()], 1) * 1.5 + 0.1 * torch.randn(n, 2, generator=g),
+        torch.stack([angle_s.cos(), angle_s.sin()], 1) * 1.5 + 0.1 * torch.randn(n, 2, generator=g),
+        torch.randn(n, 2, generator=g),
+    ], dim=1)
+    return x, c_label, s_label
+
+
+IDENTITY = nn.Sequential(nn.Identity())  # its layer "0" hands the vectors through as the representation
+
+
+def test_from_labels_pairs_share_the_label_and_are_distinct():
+    x, c, _ = synthetic(60)
+    concept = ConceptPairs.from_labels("c", x, c)
+    a, b = concept.sample(200, torch.Generator().manual_seed(0))
+    index = {tuple(row.tolist()): i for i, row in enumerate(x)}
+    ia = torch.tensor([index[tuple(r.tolist())] for r in a])
+    ib = torch.tensor([index[tuple(r.tolist())] for r in b])
+    assert torch.equal(c[ia], c[ib])
+    assert (ia != ib).all()
+    a2, _ = concept.sample(200, torch.Generator().manual_seed(0))
+    assert torch.equal(a, a2)  # seeded
+
+
+def test_from_transform_and_from_captum():
+    x = torch.rand(10, 3, 4, 4)
+    jitter = ConceptPairs.from_transform("brightness", x, lambda batch: batch * 0.5)
+    a, b = jitter.sample(5)
+    assert jitter.relation == "differ" and torch.allclose(b, a * 0.5)
+    batches = [torch.rand(4, 3, 4, 4), torch.rand(4, 3, 4, 4)]  # Captum's data_iter: any re-iterable
+    captum_concept = Concept(0, "stripes", batches)
+    pairs = ConceptPairs.from_captum(captum_concept)
+    a, b = pairs.sample(6)
+    assert pairs.name == "stripes" and a.shape == (6, 3, 4, 4)
+    assert [c.name for c in as_concepts([captum_concept])] == ["stripes"]
+
+
+def test_colordigits_concepts():
+    ds = ColorDigits("train", seed=0)
+    concepts = ds.concepts()
+    assert [c.name for c in concepts] == ["digit", "foreground", "background"]
+    a, b = ds.concept("foreground").sample(4, torch.Generator().manual_seed(0))
+    assert a.shape == b.shape == (4, 3, 32, 32)
+    assert ds.concept("digit", "differ").relation == "differ"
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    ([], ValueError, "empty|non-empty"),
+    ("digit", TypeError, "ConceptPairs"),
+    ([ConceptPairs("a", lambda n, g: (torch.rand(n, 2),) * 2)] * 2, ValueError, "unique"),
+])
+def test_as_concepts_rejects(bad, error, match):
+    with pytest.raises(error, match=match):
+        as_concepts(bad)
+
+
+def test_concept_definition_errors():
+    with pytest.raises(ValueError, match="reserved"):
+        ConceptPairs("residual", lambda n, g: None)
+    with pytest.raises(ValueError, match="relation"):
+        ConceptPairs("x", lambda n, g: None, relation="similar")
+    mismatched = ConceptPairs("x", lambda n, g: (torch.rand(n, 3), torch.rand(n, 4)))
+    with pytest.raises(ValueError, match="same shape"):
+        mismatched.sample(2)
+
+
+# ---------------------------------------------------------------- scores and sizes
+def test_scores_measure_the_share_of_variance():
+    x, c, s = synthetic(2000)
+    concepts = [ConceptPairs.from_labels("c", x, c), ConceptPairs.from_labels("s", x, s)]
+    scores = concept_scores((IDENTITY, "0"), concepts, n_pairs=2000)
+    variance = x.var(0)
+    expected = float(variance[:2].sum() / variance.sum())  # c fixes its two dimensions (up to noise)
+    assert scores["c"] == pytest.approx(expected, abs=0.05)
+    assert scores["s"] == pytest.approx(float(variance[2:4].sum() / variance.sum()), abs=0.05)
+    sizes, _ = estimate_factor_sizes((IDENTITY, "0"), concepts, n_pairs=500)
+    assert list(sizes) == ["c", "s", "residual"] and sum(sizes.values()) == 6
+
+
+def test_differ_pairs_score_what_changes():
+    x, _, _ = synthetic(500)
+
+    def change_last_two(batch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([batch[:, :4], torch.randn(batch.shape[0], 2)], 1)
+
+    scores = concept_scores((IDENTITY, "0"), [ConceptPairs.from_transform("noise", x, change_last_two)], n_pairs=2000)
+    variance = x.var(0)
+    assert scores["noise"] == pytest.approx(float(variance[4:].sum() / variance.sum()), abs=0.05)
+
+
+# ---------------------------------------------------------------- the pair likelihood
+def test_pair_nll_matches_the_bivariate_gaussian():
+    rho = 0.9
+    y_a, y_b = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    shared = torch.tensor([True, False, False]).expand(5, 3)
+    zeros = torch.zeros(5, dtype=torch.float64)
+    ours = pair_nll(y_a, zeros, y_b, zeros, shared, rho)
+    joint = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64),
+                                                   torch.tensor([[1, rho], [rho, 1]], dtype=torch.float64))
+    normal = torch.distributions.Normal(0.0, 1.0)
+    reference = -(joint.log_prob(torch.stack([y_a[:, 0], y_b[:, 0]], 1))
+                  + normal.log_prob(y_a[:, 1:]).sum(1) + normal.log_prob(y_b[:, 1:]).sum(1))
+    constant = 3 * math.log(2 * math.pi)  # the 2π terms pair_nll leaves out (6 dimensions)
+    assert torch.allclose(ours, reference - constant, atol=1e-10)
+
+
+# ---------------------------------------------------------------- fit_concepts
+@pytest.fixture(scope="module")
+def fitted():
+    x, c, s = synthetic(1000)
+    concepts = [ConceptPairs.from_labels("c", x, c), ConceptPairs.from_labels("s", x, s)]
+    e = fit_concepts((IDENTITY, "0"), concepts, factor_sizes={"c": 2, "s": 2}, steps=600, n_blocks=4, hidden=64,
+                     lr=2e-3, pool_size=1024, feature_noise=0.05, progress=False)
+    return e, x, c, s, concepts
+
+
+def test_fit_concepts_separates_the_concepts(fitted):
+    e, x, c, s, concepts = fitted
+    a, b = concepts[0].sample(500, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fa, fb = e.split(e(a)[0]), e.split(e(b)[0])
+
+    def corr(u, v):
+        u, v = u - u.mean(0), v - v.mean(0)
+        return float(((u * v).sum(0) / (u.norm(dim=0) * v.norm(dim=0))).mean())
+
+    assert corr(fa["c"], fb["c"]) > 0.8          # the shared concept's factor agrees within pairs
+    assert abs(corr(fa["s"], fb["s"])) < 0.2     # the other concept's does not
+    assert e.fit_info["factor_sizes"] == {"c": 2, "s": 2, "residual": 2}
+    assert e.fit_info["scores"] is None and len(e.fit_info["factor_variance"]) == 6
+    assert e.history[-1] < e.history[0]
+
+
+def test_fit_concepts_estimates_sizes_when_not_given():
+    x, c, _ = synthetic(200)
+    e = fit_concepts((IDENTITY, "0"), [ConceptPairs.from_labels("c", x, c)], steps=2, n_blocks=1, hidden=8,
+                     pool_size=64, progress=False)
+    assert set(e.fit_info["scores"]) == {"c"} and sum(e.factor_sizes.values()) == 6
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(factor_sizes={"c": 3, "residual": 4}), "sum to 7"),
+    (dict(factor_sizes={"c": 6}), "leaving no residual"),
+    (dict(factor_sizes={"colour": 2}), "unknown"),
+    (dict(rho=1.0), "rho"),
+])
+def test_fit_concepts_rejects(kwargs, match):
+    x, c, _ = synthetic(50)
+    with pytest.raises(ValueError, match=match):
+        fit_concepts((IDENTITY, "0"), [ConceptPairs.from_labels("c", x, c)], steps=1, pool_size=16, progress=False, **kwargs)
+
+
+def test_fit_concepts_rejects_feature_maps_and_non_representations():
+    conv = nn.Sequential(nn.Conv2d(3, 2, 3))
+    pairs = ConceptPairs("x", lambda n, g: (torch.rand(n, 3, 6, 6), torch.rand(n, 3, 6, 6)))
+    with pytest.raises(ValueError, match="vector layer"):
+        fit_concepts((conv, "0"), [pairs], steps=1, pool_size=8, progress=False)
+    with pytest.raises(TypeError, match="representation"):
+        fit_concepts("my model", [pairs], steps=1, pool_size=8, progress=False)
+
+
+def test_concept_checkpoint_round_trip_and_refusal(fitted, tmp_path):
+    e = fitted[0]
+    path = save_concept_inn(str(tmp_path / "e.safetensors"), e)
+    loaded = load_concept_inn(str(path), representation=(IDENTITY, "0"))
+    x = torch.randn(4, 6)
+    assert torch.equal(loaded(x)[0], e(x)[0])
+    assert loaded.fit_info["factor_sizes"] == e.fit_info["factor_sizes"]
+    other = nn.Sequential(nn.Identity(), nn.Identity())
+    with pytest.raises(CheckpointError, match="another representation"):
+        load_concept_inn(str(path), representation=(other, "1"))
+    with pytest.raises(CheckpointError, match="another representation"):
+        load_concept_inn(str(path), representation=ConvAutoencoder((3, 8, 8), 6))
+
+
+# ---------------------------------------------------------------- LayerConcepts
+class VectorModel(nn.Module):
+    """A classifier with a vector layer ``hidden`` (the IIN setting)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(3 * 8 * 8, 6)
+        self.hidden = nn.ReLU()
+        self.bn = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.out(self.bn(self.hidden(self.fc(self.flatten(x)))))
+
+
+def test_layer_representation_keeps_the_model_exact():
+    torch.manual_seed(0)
+    model = VectorModel().eval()
+    images = torch.rand(64, 3, 8, 8)
+    labels = model(images).argmax(1)
+    pairs = ConceptPairs.from_labels("label", images, labels)
+    e = fit_concepts(LayerRepresentation(model, "hidden"), [pairs], steps=30, n_blocks=3, hidden=32,
+                     pool_size=64, progress=False)
+    explainer = LayerConcepts(model, "hidden", e)
+    through = explainer.output_from_factors(images)
+    assert (through - model(images)).abs().max() <= 1e-4
+    assert torch.equal(through.argmax(1), model(images).argmax(1))
+    assert_no_hooks(model)
+    with pytest.raises(ValueError, match="fitted on layer"):
+        LayerConcepts(model, "fc", e)
+    with pytest.raises(ValueError, match="autoencoder codes"):
+        explainer.edit(images, "label")
+
+
+@pytest.fixture(scope="module")
+def code_setup():
+    torch.manual_seed(0)
+    model = VectorModel().eval()
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
+    e(torch.randn(32, 6))
+    for p in e.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    t = ConditionalINN(6, (6,), n_blocks=2, hidden=16)
+    t(torch.randn(32, 6), torch.rand(32, 6))
+    return model, ae, e.eval(), t.eval()
+
+
+def test_attribute_is_complete(code_setup):
+    model, ae, e, _ = code_setup
+    explainer = LayerConcepts(model, "hidden", e, ae)
+    x = torch.rand(5, 3, 8, 8)
+    attributions, delta = explainer.attribute(x, target=2, return_convergence_delta=True)
+    assert attributions.shape == (5, 3)
+    with torch.no_grad():
+        decoded = model(ae.decode(ae.encode(x).mean))[:, 2]
+        base = model(ae.decode(e(torch.zeros(5, 6), rev=True)[0]))[:, 2]
+    change = decoded - base
+    assert torch.allclose(attributions.sum(1) - change, delta, atol=1e-5)
+    assert ((attributions.sum(1) - change).abs() <= 1e-2 * change.abs() + 1e-6).all()
+    assert explainer.has_convergence_delta() and explainer.multiplies_by_inputs
+    assert not x.requires_grad
+    # every TargetType form, as Captum's methods accept
+    for target in (torch.tensor(1), [0, 1, 2, 3, 0], torch.tensor([0, 1, 2, 3, 0])):
+        assert explainer.attribute(x, target=target).shape == (5, 3)
+
+
+def test_edit_decompose_encoded(code_setup):
+    model, ae, e, t = code_setup
+    flags = training_flags(model)
+    explainer = LayerConcepts(model, "hidden", e, ae, invariance_inn=t)
+    x, donors = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    factors = explainer.decompose(x)
+    assert list(factors) == ["a", "b", "residual"] and factors["a"].shape == (4, 2)
+    edited = explainer.edit(x, "a", donors=donors)
+    after = explainer.decompose(edited)
+    assert edited.shape == x.shape
+    # the encoder of a random autoencoder does not re-encode its decodings exactly; check in code space
+    with torch.no_grad():
+        code = e(ae.encode(x).mean)[0]
+        code[:, :2] = e(ae.encode(donors).mean)[0][:, :2]
+        expected = ae.decode(e(code, rev=True)[0])
+    assert torch.allclose(edited, expected, atol=1e-5)
+    assert after["a"].shape == (4, 2)
+    same = explainer.edit(x, "b", value=torch.zeros(2))
+    assert same.shape == x.shape
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(explainer.edit(x, "residual", generator=g1), explainer.edit(x, "residual", generator=g2))
+    shares = explainer.encoded(x, n_samples=8, generator=torch.Generator().manual_seed(0))
+    assert shares.shape == (4, 3) and torch.isfinite(shares).all()
+    assert set(explainer.encoded_summary(x, n_samples=4)) == {"a", "b", "residual"}
+    assert training_flags(model) == flags
+    assert_no_hooks(model)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda ex, x: ex.edit(x, "colour"), ValueError, "Unknown concept"),
+    (lambda ex, x: ex.edit(x, "a", donors=torch.rand(3, 3, 8, 8)), ValueError, "1 or 4"),
+    (lambda ex, x: ex.edit(x, "a", value=torch.zeros(3)), ValueError, "shape"),
+    (lambda ex, x: ex.edit(x, "a", donors=x, value=torch.zeros(2)), ValueError, "at most one"),
+    (lambda ex, x: ex.attribute(x, target=0, baselines=torch.zeros(5)), ValueError, "baselines"),
+    (lambda ex, x: ex.encoded(x), ValueError, "invariance INN"),
+    (lambda ex, x: ex.attribute(x * float("nan"), target=0), ValueError, "NaN"),
+])
+def test_layer_concepts_bad_input(code_setup, call, error, match):
+    model, ae, e, _ = code_setup
+    explainer = LayerConcepts(model, "hidden", e, ae)
+    with pytest.raises(error, match=match):
+        call(explainer, torch.rand(4, 3, 8, 8))
+    assert_no_hooks(model)
+
+
+def test_layer_concepts_constructor_checks(code_setup):
+    model, ae, e, t = code_setup
+    with pytest.raises(ValueError, match="autoencoder"):
+        LayerConcepts(model, "hidden", e)
+    with pytest.raises(ValueError, match="latent_dim"):
+        LayerConcepts(model, "hidden", e, ConvAutoencoder((3, 8, 8), latent_dim=5))
+    with pytest.raises(TypeError, match="FactorINN"):
+        LayerConcepts(model, "hidden", t, ae)
+    with pytest.raises(ValueError, match="not found"):
+        LayerConcepts(model, "hiden", e, ae)

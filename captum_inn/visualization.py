@@ -1,4 +1,4 @@
-"""Figures: invariance samples per layer, invariance maps, metrics by depth.
+"""Figures: invariance samples per layer, invariance maps, metrics by depth, concept bars, edits and dynamics.
 
 matplotlib is imported lazily; every function accepts an optional ``ax``/``fig`` and returns
 ``(fig, ax)``; nothing calls ``plt.show()``.
@@ -10,7 +10,16 @@ from typing import Any, Dict, Sequence, Tuple
 
 from torch import Tensor
 
-__all__ = ["to_numpy_image", "plot_invariance_samples", "plot_invariance_maps", "plot_by_depth", "save_figure"]
+__all__ = [
+    "to_numpy_image",
+    "plot_invariance_samples",
+    "plot_invariance_maps",
+    "plot_by_depth",
+    "plot_concept_bars",
+    "plot_concept_edits",
+    "plot_concept_dynamics",
+    "save_figure",
+]
 
 
 def _plt():
@@ -148,6 +157,143 @@ def plot_by_depth(
     ax.set_xticklabels(layers)
     ax.set_xlabel("layer (input → output)")
     ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, ax
+
+
+def plot_concept_bars(
+    scores: Any,
+    names: Sequence[str] = None,
+    title: str = "",
+    ylabel: str = "",
+    ax: Any = None,
+) -> Tuple[Any, Any]:
+    """Bars per concept: one input's scores, or the mean (± standard deviation) over a batch.
+
+    Args:
+        scores: ``(K,)`` or ``(N, K)`` tensor (e.g. :meth:`captum_inn.LayerConcepts.attribute` or
+            ``encoded``), or a ``{concept: value}`` dict, or ``{group: {concept: value}}`` for
+            grouped bars (e.g. one group per layer).
+        names: Concept names for tensor scores.
+        title: Axes title.
+        ylabel: Label of the y axis.
+        ax: Optional axes.
+
+    Returns:
+        ``(fig, ax)``.
+
+    Examples::
+
+        >>> fig, ax = plot_concept_bars(torch.rand(4, 3), ["digit", "colour", "residual"])
+        >>> fig, ax = plot_concept_bars({"relu1": {"digit": 0.9, "colour": 0.8}, "fc": {"digit": 0.7, "colour": 0.2}})
+    """
+    import numpy as np
+
+    plt = _plt()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+    else:
+        fig = ax.figure
+    if isinstance(scores, dict) and scores and all(isinstance(v, dict) for v in scores.values()):
+        groups = list(scores)
+        concepts = list(next(iter(scores.values())))
+        width = 0.8 / len(groups)
+        for g, group in enumerate(groups):
+            ax.bar(np.arange(len(concepts)) + (g - (len(groups) - 1) / 2) * width,
+                   [scores[group][c] for c in concepts], width, label=str(group))
+        ax.legend(fontsize=8)
+    else:
+        if isinstance(scores, dict):
+            concepts, values, errors = list(scores), [float(v) for v in scores.values()], None
+        else:
+            values_t = scores.detach().float().cpu()
+            if values_t.dim() == 2:
+                values, errors = values_t.mean(0).tolist(), (values_t.std(0).tolist() if values_t.shape[0] > 1 else None)
+            else:
+                values, errors = values_t.tolist(), None
+            concepts = list(names) if names is not None else [str(k) for k in range(len(values))]
+        ax.bar(range(len(concepts)), values, yerr=errors, capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(concepts)))
+    ax.set_xticklabels(concepts)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig, ax
+
+
+def plot_concept_edits(
+    originals: Tensor,
+    donors: Tensor,
+    edits: Dict[str, Tensor],
+    title: str = "",
+    fig: Any = None,
+) -> Tuple[Any, Any]:
+    """A grid: one row per input — the input, the donor, then the input with each concept taken from the donor.
+
+    Args:
+        originals: ``(N, C, H, W)`` in ``[0, 1]``.
+        donors: ``(N, C, H, W)``.
+        edits: ``{concept: (N, C, H, W)}`` edited images (:meth:`captum_inn.LayerConcepts.edit`).
+        title: Figure title.
+        fig: Optional figure to draw into.
+
+    Returns:
+        ``(fig, axes)`` with ``axes`` of shape ``(N, 2 + len(edits))``.
+
+    Examples::
+
+        >>> fig, axes = plot_concept_edits(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), {"digit": torch.rand(2, 3, 8, 8)})
+        >>> axes.shape
+        (2, 3)
+    """
+    plt = _plt()
+    n, columns = originals.shape[0], 2 + len(edits)
+    if fig is None:
+        fig = plt.figure(figsize=(1.3 * columns, 1.2 * n + 0.5))
+    axes = fig.subplots(n, columns, squeeze=False)
+    headers = ["input a", "donor b", *(f"a with b's {c}" for c in edits)]
+    for i in range(n):
+        row = [originals[i], donors[i], *(e[i] for e in edits.values())]
+        for j, image in enumerate(row):
+            axes[i, j].imshow(to_numpy_image(image))
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title(headers[j], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig, axes
+
+
+def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
+    """Each concept's encoded share over training checkpoints, with the test accuracy when known.
+
+    Args:
+        dynamics: A :class:`captum_inn.training.dynamics.ConceptDynamics`.
+        ax: Optional axes.
+
+    Returns:
+        ``(fig, ax)``.
+    """
+    plt = _plt()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    else:
+        fig = ax.figure
+    x = range(len(dynamics.labels))
+    for concept, shares in dynamics.encoded.items():
+        ax.plot(x, shares, marker="o", label=concept)
+    if all(a is not None for a in dynamics.accuracy):
+        ax.plot(x, dynamics.accuracy, color="black", ls="--", marker="x", label="test accuracy")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(dynamics.labels)
+    ax.set_xlabel("checkpoint (training step)")
+    ax.set_ylabel("share encoded by the layer")
+    ax.set_title(f"what {dynamics.layer} encodes during training", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

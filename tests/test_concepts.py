@@ -333,3 +333,29 @@ def test_layer_concepts_constructor_checks(code_setup):
         LayerConcepts(model, "hidden", t, ae)
     with pytest.raises(ValueError, match="not found"):
         LayerConcepts(model, "hiden", e, ae)
+
+
+# ---------------------------------------------------------------- training dynamics
+def test_snapshots_and_concept_dynamics():
+    from captum_inn.training.classifier import fit_classifier
+    from captum_inn.training.dynamics import Snapshots, concept_dynamics
+
+    torch.manual_seed(0)
+    model = VectorModel()
+    images, labels = torch.rand(48, 3, 8, 8), torch.randint(4, (48,))
+    snaps = Snapshots([0, 5], model)
+    fit_classifier(model, (images, labels), steps=5, callback=snaps, progress=False)
+    assert sorted(snaps.models) == [0, 5]
+    assert not torch.equal(snaps.models[0].fc.weight, snaps.models[5].fc.weight)  # copies, not the live model
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
+    e(torch.randn(32, 6))
+    dynamics = concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], labels[:10],
+                                steps=3, n_blocks=2, hidden=16, n_samples=4, progress=False)
+    assert dynamics.labels == ["0", "5"] and len(dynamics.accuracy) == 2
+    assert set(dynamics.encoded) == {"a", "b", "residual"} and all(len(v) == 2 for v in dynamics.encoded.values())
+    assert "checkpoint" in dynamics.table() and dynamics.as_dict()["layer"] == "hidden"
+    fig, ax = dynamics.plot()
+    assert len(ax.lines) == 4  # three concepts and the accuracy
+    for snapshot in snaps.models.values():
+        assert_no_hooks(snapshot)

@@ -6,7 +6,7 @@ tests and the tutorials can train their own models offline.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,8 @@ def fit_classifier(
     device: Union[str, torch.device] = "cpu",
     augment: Optional[Any] = None,
     progress: bool = True,
+    weight_decay: float = 0.0,
+    callback: Optional[Callable[[int, nn.Module], None]] = None,
 ) -> nn.Module:
     """Train ``model`` with cross-entropy on labelled images held in memory.
 
@@ -86,6 +88,9 @@ def fit_classifier(
         device: Where to train.
         augment: Optional callable applied to each image batch during training.
         progress: Show a progress bar.
+        weight_decay: Decoupled weight decay (AdamW).
+        callback: ``callback(step, model)`` after every step, e.g. to snapshot the model for
+            :func:`captum_inn.training.dynamics.concept_dynamics`.
 
     Returns:
         The model, in eval mode, with ``history`` attached.
@@ -112,7 +117,7 @@ def fit_classifier(
 
     model.history = train_loop(
         model, loss_fn, steps=steps, lr=lr, schedule="cosine", seed=seed, progress=progress, desc="classifier",
-        meta={"kind": "classifier", "config": {}},
+        meta={"kind": "classifier", "config": {}}, weight_decay=weight_decay, callback=callback,
     )
     return model
 

@@ -43,6 +43,7 @@ __all__ = [
     "estimate_factor_sizes",
     "fit_concepts",
     "load_concept_inn",
+    "pair_nll",
     "save_concept_inn",
 ]
 

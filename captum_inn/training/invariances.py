@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +133,7 @@ def fit_invariances(
     checkpoint_dir: Optional[str] = None,
     resume: bool = True,
     progress: bool = True,
+    layer_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
     **overrides: Any,
 ) -> Union[ConditionalINN, Dict[str, ConditionalINN]]:
     """Fit the conditional INN ``t(z̄ | Φ(x))`` of one or several hooked layers.
@@ -151,6 +152,8 @@ def fit_invariances(
             existing checkpoint is resumed when ``resume``.
         resume: Continue from existing checkpoints.
         progress: Show progress bars.
+        layer_overrides: ``{layer name: {field: value}}``, settings for single layers on top of
+            ``config`` and ``overrides`` (e.g. a lower learning rate for a low-dimensional layer).
         **overrides: Fields of :class:`InvarianceConfig`.
 
     Returns:
@@ -178,6 +181,10 @@ def fit_invariances(
     from captum_inn.capture import resolve_layer
 
     names = [resolve_layer(model, layer)[0] for layer in layer_list]
+    layer_overrides = dict(layer_overrides or {})
+    unknown = sorted(set(layer_overrides) - set(names))
+    if unknown:
+        raise ValueError(f"`layer_overrides` names layers {unknown} that are not fitted here ({names}).")
     missing = [n for n in names if n not in cache.layers]
     if missing:
         raise ValueError(f"The cache holds layers {sorted(cache.layers)}, not {missing}; cache them first.")
@@ -187,7 +194,8 @@ def fit_invariances(
     inns = {}
     for name in names:
         path = str(Path(checkpoint_dir) / checkpoint_name(name)) if checkpoint_dir else None
-        inns[name] = _train_one(cache, name, config, device, path, resume, progress)
+        layer_config = InvarianceConfig(**{**asdict(config), **layer_overrides.get(name, {})})
+        inns[name] = _train_one(cache, name, layer_config, device, path, resume, progress)
     return inns[names[0]] if single else inns
 
 

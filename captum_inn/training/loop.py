@@ -47,6 +47,8 @@ def train_loop(
     meta: Optional[Dict[str, Any]] = None,
     progress: bool = True,
     desc: str = "fit",
+    weight_decay: float = 0.0,
+    callback: Optional[Callable[[int, nn.Module], None]] = None,
 ) -> List[float]:
     """Minimise ``loss_fn`` over ``module``'s parameters for ``steps`` Adam steps.
 
@@ -71,6 +73,9 @@ def train_loop(
             a resume refuses a checkpoint whose ``config`` differs).
         progress: Show a progress bar.
         desc: Label of the progress bar.
+        weight_decay: Decoupled weight decay (AdamW); 0 gives plain Adam.
+        callback: ``callback(step, module)`` after every step (``step`` counts completed steps),
+            e.g. to keep snapshots of a model over its training.
 
     Returns:
         The loss of every step (including those of the run that was resumed).
@@ -82,7 +87,8 @@ def train_loop(
         raise ValueError(f"`schedule` must be 'constant' or 'cosine', got {schedule!r}.")
     meta = dict(meta or {"kind": "module", "config": {}})
     generator = torch.Generator().manual_seed(int(seed))
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
+    optimizer = (torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay) if weight_decay
+                 else torch.optim.Adam(module.parameters(), lr=lr, betas=betas))
     start, history = 0, []
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
@@ -120,6 +126,8 @@ def train_loop(
             nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
         optimizer.step()
         history.append(float(loss.detach()))
+        if callback is not None:
+            callback(step + 1, module)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.3f}")
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):

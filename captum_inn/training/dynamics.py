@@ -1,0 +1,198 @@
+"""What a layer learns as the network trains: encoded concept shares over training checkpoints.
+
+The experiment of Esser et al. (2020, Fig. 4): for each checkpoint of the analysed model, fit the
+layer's invariance INN ``t`` and measure, with a fixed concept INN ``e`` on the autoencoder code,
+the share of each concept the layer encodes (:meth:`captum_inn.LayerConcepts.encoded`). On
+ColorDigits a digit classifier's late layers learn the digit and shed the colours as it trains.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from captum_inn.attr.concepts import LayerConcepts
+from captum_inn.capture import LayerHooks, resolve_layer
+from captum_inn.inn import FactorINN
+from captum_inn.training.cache import FeatureCache, cache_features
+from captum_inn.training.classifier import accuracy
+from captum_inn.training.data import iter_image_batches
+from captum_inn.training.invariances import InvarianceConfig, fit_invariances
+
+__all__ = ["ConceptDynamics", "Snapshots", "concept_dynamics"]
+
+
+class Snapshots:
+    """A ``callback`` for :func:`~captum_inn.training.classifier.fit_classifier` (or ``train_loop``)
+    that keeps a frozen copy of the model after chosen steps.
+
+    Args:
+        steps: Steps (counted from 1) after which to copy the model; ``0`` copies the model as
+            it is now (before training).
+        model: The model, needed only for a step-0 snapshot.
+
+    Examples::
+
+        >>> from captum_inn.training.classifier import fit_classifier
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        >>> snaps = Snapshots([0, 2, 4], model)
+        >>> _ = fit_classifier(model, (torch.rand(8, 3, 2, 2), torch.randint(3, (8,))), steps=4,
+        ...                    callback=snaps, progress=False)
+        >>> sorted(snaps.models)
+        [0, 2, 4]
+    """
+
+    def __init__(self, steps: Sequence[int], model: Optional[nn.Module] = None) -> None:
+        self.steps = sorted({int(s) for s in steps})
+        if any(s < 0 for s in self.steps):
+            raise ValueError(f"`steps` must be >= 0, got {self.steps}.")
+        self.models: Dict[int, nn.Module] = {}
+        if 0 in self.steps:
+            if model is None:
+                raise ValueError("A step-0 snapshot needs `model`.")
+            self.models[0] = _frozen_copy(model)
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if step in self.steps:
+            self.models[step] = _frozen_copy(model)
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(model).eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+@dataclass
+class ConceptDynamics:
+    """Encoded concept shares per checkpoint (the result of :func:`concept_dynamics`).
+
+    Attributes:
+        layer: The analysed layer.
+        labels: Checkpoint labels, in order (e.g. training steps).
+        accuracy: Test accuracy per checkpoint (``None`` without labels).
+        encoded: ``{concept: [share per checkpoint]}``.
+        fit_nll: Final NLL per dimension of each checkpoint's invariance INN.
+    """
+
+    layer: str
+    labels: List[str]
+    accuracy: List[Optional[float]]
+    encoded: Dict[str, List[float]] = field(default_factory=dict)
+    fit_nll: List[float] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """A plain-text table: one row per checkpoint, accuracy and the share of each concept."""
+        concepts = list(self.encoded)
+        head = ["checkpoint", "accuracy", *concepts]
+        rows = [head]
+        for i, label in enumerate(self.labels):
+            acc = self.accuracy[i]
+            rows.append([label, "-" if acc is None else f"{acc:.3f}", *(f"{self.encoded[c][i]:.3f}" for c in concepts)])
+        widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
+        return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+    def plot(self, ax: Any = None) -> Tuple[Any, Any]:
+        """Lines of each concept's encoded share over the checkpoints.
+
+        Args:
+            ax: Optional matplotlib axes.
+
+        Returns:
+            ``(fig, ax)``.
+        """
+        from captum_inn.visualization import plot_concept_dynamics
+
+        return plot_concept_dynamics(self, ax=ax)
+
+
+def _layer_features(model: nn.Module, layer: str, data: Any, device: torch.device, batch_size: int = 256) -> Tensor:
+    chunks = []
+    was_training = model.training
+    model.eval()
+    try:
+        for images in iter_image_batches(data, batch_size):
+            with LayerHooks(model, layer, stop_early=True) as hooks, torch.no_grad():
+                hooks.run(images.to(device))
+                chunks.append(hooks[layer].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
+def concept_dynamics(
+    models: Union[Mapping[Any, nn.Module], Sequence[Tuple[Any, nn.Module]]],
+    layer: Union[str, nn.Module],
+    autoencoder: Any,
+    concept_inn: FactorINN,
+    data: Any,
+    eval_inputs: Tensor,
+    eval_labels: Optional[Tensor] = None,
+    config: Optional[InvarianceConfig] = None,
+    *,
+    n_samples: int = 16,
+    seed: int = 0,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = True,
+    **overrides: Any,
+) -> ConceptDynamics:
+    """Fit the layer's invariance INN for every checkpoint and measure the encoded concept shares.
+
+    The autoencoder encodes ``data`` once; each checkpoint runs over ``data`` once to cache its
+    layer, then its INN trains from the cache.
+
+    Args:
+        models: ``{label: model}`` or ``[(label, model), ...]``, in training order (e.g.
+            :attr:`Snapshots.models`).
+        layer: The layer (module of the first model, or a dotted name; names are safer).
+        autoencoder: The autoencoder ``concept_inn`` was fitted on.
+        concept_inn: A :class:`~captum_inn.inn.FactorINN` from ``fit_concepts`` on autoencoder codes.
+        data: Training images for the invariance INNs.
+        eval_inputs: ``(N, C, H, W)`` images where the shares are measured.
+        eval_labels: ``(N,)`` labels for each checkpoint's accuracy (optional).
+        config: :class:`~captum_inn.training.invariances.InvarianceConfig` of the INNs;
+            ``overrides`` replace fields.
+        n_samples: Invariance samples per input for :meth:`LayerConcepts.encoded`.
+        seed: Seeds the INN fits and the samples.
+        device: Where to fit.
+        progress: Show progress bars.
+        **overrides: Fields of ``InvarianceConfig``.
+
+    Returns:
+        A :class:`ConceptDynamics` (``.table()``, ``.plot()``, ``.as_dict()``).
+    """
+    items = list(models.items()) if isinstance(models, Mapping) else list(models)
+    if not items or not all(isinstance(m, nn.Module) for _, m in items):
+        raise TypeError("`models` must be a non-empty {label: nn.Module} mapping or a list of (label, nn.Module).")
+    name = layer if isinstance(layer, str) else resolve_layer(items[0][1], layer)[0]
+    device = torch.device(device)
+    base: Optional[FeatureCache] = None
+    result = ConceptDynamics(layer=name, labels=[], accuracy=[], encoded={c: [] for c in concept_inn.factor_names})
+    for label, model in items:
+        model = model.to(device)
+        if base is None:
+            base = cache_features(model, [name], autoencoder, data, device=device, progress=progress)
+            cache = base
+        else:
+            cache = FeatureCache(base.code_mean, base.code_std, {name: _layer_features(model, name, data, device)},
+                                 base.model_class)
+        inn = fit_invariances(model, name, cache=cache, config=config, device=device, seed=seed, progress=progress,
+                              **overrides)
+        explainer = LayerConcepts(model, name, concept_inn, autoencoder, invariance_inn=inn)
+        shares = explainer.encoded_summary(eval_inputs.to(device), n_samples=n_samples,
+                                           generator=torch.Generator().manual_seed(seed))
+        result.labels.append(str(label))
+        result.accuracy.append(None if eval_labels is None else accuracy(model, eval_inputs.to(device), eval_labels.to(device)))
+        result.fit_nll.append(inn.fit_info["final_nll_per_dim"])
+        for concept, share in shares.items():
+            result.encoded[concept].append(share)
+    return result

@@ -3,8 +3,10 @@
 On ColorDigits (digits with random foreground and background colours) it trains a small CNN, a
 second independently trained CNN as a judge, the autoencoder and one conditional INN per layer for
 four layers (early conv, late conv, fully connected, logits) from one pass over the data; then
-measures the invariances on held-out images and writes a report folder: ``index.html``, PNG
-figures and ``metrics.json``.
+measures the invariances on held-out images. Its concepts section fits the factor INN on the
+autoencoder code (digit, foreground colour, background colour), edits images concept by concept,
+measures how much of each concept every layer encodes and how that changes while the CNN trains.
+It writes a report folder: ``index.html``, PNG figures and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any, Dict, Union
 
 import torch
 
-from captum_inn.attr import LayerInvariance
+from captum_inn.attr import LayerConcepts, LayerInvariance
 from captum_inn.capture import capture
 from captum_inn.datasets import ColorDigits
 from captum_inn.metrics import (
+    estimate_colours,
     prediction_agreement,
     probe_r2,
     reencode_similarity,
@@ -30,12 +33,16 @@ from captum_inn.metrics import (
 from captum_inn.models import SmallCNN
 from captum_inn.training import (
     cache_features,
+    estimate_factor_sizes,
     fit_autoencoder,
+    fit_concepts,
     fit_invariances,
+    save_concept_inn,
     save_invariance_inn,
 )
 from captum_inn.training.checkpoint import module_tensors, save_checkpoint
 from captum_inn.training.classifier import Jitter, accuracy, fit_classifier
+from captum_inn.training.dynamics import Snapshots, concept_dynamics
 
 __all__ = ["DemoSettings", "LAYERS", "BOUNDS", "QUICK_BOUNDS", "check_metrics", "run_demo"]
 
@@ -52,6 +59,14 @@ BOUNDS = {
     "logits_colour_r2_from_z_max": 0.2,
     "variance_explained_ratio_logits_to_early_min": 3.0,
     "reencode_beats_null_min": 0.90,
+    # the concepts issue
+    "swap_digit_judge_donor_min": 0.70,
+    "swap_digit_colours_kept_min": 0.80,
+    "swap_fg_digit_kept_min": 0.90,
+    "swap_fg_colour_moved_min": 0.80,
+    "attribution_completeness_max_rel_error_max": 0.01,
+    "dynamics_early_accuracy_max": 0.30,
+    "factor_sizes_order": True,
 }
 #: Looser bounds for ``--quick`` (smaller models, fewer steps), used as a CI smoke test.
 QUICK_BOUNDS = {
@@ -62,6 +77,9 @@ QUICK_BOUNDS = {
     "logits_colour_r2_from_z_max": 0.3,
     "variance_explained_ratio_logits_to_early_min": 3.0,
     "reencode_beats_null_min": 0.5,
+    "swap_digit_colours_kept_min": 0.6,
+    "swap_fg_colour_moved_min": 0.6,
+    "attribution_completeness_max_rel_error_max": 0.05,
 }
 
 
@@ -106,6 +124,37 @@ def check_metrics(metrics: Dict[str, Any], bounds: Dict[str, float] = None) -> l
                  f"variance explained by v, {ordered[-1]} / {ordered[0]}")
         for name in ordered[:-1]:
             at_least(layers[name]["reencode_beats_null"], "reencode_beats_null_min", f"{name} re-encoding beats null")
+    concepts = metrics.get("concepts")
+    if concepts:
+        for key in ("swap_digit_judge_donor", "swap_digit_colours_kept", "swap_fg_digit_kept", "swap_fg_colour_moved"):
+            at_least(concepts[key], f"{key}_min", key.replace("_", " "))
+        key = "attribution_completeness_max_rel_error"
+        at_most(concepts[key], f"{key}_max", "concept attribution completeness error")
+        if "dynamics_early_accuracy_max" in bounds:
+            failures += _dynamics_failures(concepts["dynamics"], bounds["dynamics_early_accuracy_max"])
+        if bounds.get("factor_sizes_order"):
+            fc, code = concepts["factor_sizes"]["fc"], concepts["factor_sizes"]["code"]
+            if not fc["digit"] > fc["foreground"] + fc["background"]:
+                failures.append(f"estimated factor sizes at fc: digit {fc['digit']} <= colours "
+                                f"{fc['foreground'] + fc['background']}")
+            if not code["foreground"] + code["background"] >= code["digit"]:
+                failures.append(f"estimated factor sizes on the code: colours {code['foreground'] + code['background']} "
+                                f"< digit {code['digit']}")
+    return failures
+
+
+def _dynamics_failures(dynamics: list, early_accuracy_max: float) -> list:
+    """The digit's encoded share must rise and the background's fall from an early checkpoint to the last."""
+    early = [point for point in dynamics[:-1] if point["accuracy"] is not None and point["accuracy"] <= early_accuracy_max]
+    if not early:
+        return [f"training dynamics: no checkpoint with test accuracy <= {early_accuracy_max}"]
+    first, last = early[0]["encoded"], dynamics[-1]["encoded"]
+    failures = []
+    if not last["digit"] > first["digit"]:
+        failures.append(f"training dynamics: digit share did not rise ({first['digit']:.3f} -> {last['digit']:.3f})")
+    if not last["background"] < first["background"]:
+        failures.append(f"training dynamics: background share did not fall ({first['background']:.3f} -> "
+                        f"{last['background']:.3f})")
     return failures
 
 
@@ -115,11 +164,11 @@ class DemoSettings:
 
     recolorings: int = 8
     test_recolorings: int = 2
-    cnn_steps: int = 5000
+    cnn_steps: int = 4000
     cnn_width: int = 48
     cnn_noise: float = 0.05
     judge_steps: int = 1500
-    ae_steps: int = 3500
+    ae_steps: int = 3000
     ae_width: int = 32
     latent_dim: int = 64
     kl_weight: float = 0.001
@@ -138,13 +187,26 @@ class DemoSettings:
     n_probe: int = 3000
     n_samples: int = 10
     n_figure_rows: int = 6
+    #: Factor sizes of the concept INN on the 64-d code: each colour is 3-d; the residual keeps the
+    #: handwriting (estimated sizes are reported beside them in ``factor_sizes``).
+    concept_sizes: Dict[str, int] = field(default_factory=lambda: {"digit": 16, "foreground": 3, "background": 3})
+    concept_steps: int = 1200
+    concept_lr: float = 2e-3
+    concept_blocks: int = 8
+    concept_hidden: int = 256
+    n_concept_eval: int = 718
+    #: CNN training steps after which a snapshot is kept for the training-dynamics experiment.
+    dynamics_steps: tuple = (100, 300, 1000)
+    dynamics_inn_steps: int = 400
+    dynamics_inn_hidden: int = 128
 
     @classmethod
     def quick(cls) -> DemoSettings:
         """Small settings that finish in under two minutes on 2 cores (looser results)."""
         return cls(recolorings=4, test_recolorings=2, cnn_steps=1000, cnn_width=32, judge_steps=400, ae_steps=1200,
                    ae_width=24, latent_dim=64, inn_steps=600, inn_blocks=4, inn_hidden=128,
-                   n_eval=500, n_probe=1000, n_samples=6, n_figure_rows=4)
+                   n_eval=500, n_probe=1000, n_samples=6, n_figure_rows=4, concept_steps=400, concept_blocks=4,
+                   n_concept_eval=300, dynamics_steps=(100, 300), dynamics_inn_steps=200, dynamics_inn_hidden=64)
 
 
 def _stage(message: str, start: float) -> None:
@@ -195,8 +257,10 @@ def run_demo(
     t0 = time.perf_counter()
     _stage(f"training the CNN to analyse ({settings.cnn_steps} steps) and an independent judge", start)
     torch.manual_seed(seed)
+    snapshots = Snapshots(settings.dynamics_steps)  # copies of the CNN early in training, for the dynamics
     cnn = fit_classifier(SmallCNN(width=settings.cnn_width), train, steps=settings.cnn_steps, seed=seed,
-                         device=device, augment=Jitter(2, settings.cnn_noise, seed=seed), progress=progress)
+                         device=device, augment=Jitter(2, settings.cnn_noise, seed=seed), progress=progress,
+                         callback=snapshots)
     torch.manual_seed(seed + 1000)
     judge = fit_classifier(SmallCNN(width=24), train, steps=settings.judge_steps, seed=seed + 1000, device=device,
                            augment=Jitter(2, settings.cnn_noise, seed=seed + 1000), progress=progress)
@@ -274,6 +338,11 @@ def run_demo(
         _stage(f"  {name}: {summary}", start)
     timed("evaluation", t0)
 
+    t0 = time.perf_counter()
+    concepts = _concepts_section(out, settings, cnn, judge, ae, inns, train, test, snapshots, seed, device,
+                                 progress, start)
+    timed("concepts", t0)
+
     _stage("drawing figures", start)
     figures = _draw(out, x_eval[:rows], recon[:rows], samples_for_figures, maps, layers)
     metrics = {
@@ -287,6 +356,7 @@ def run_demo(
         "settings": asdict(settings),
         "timings_s": timings,
         "layers": layers,
+        "concepts": concepts,
     }
     timings["total"] = round(time.perf_counter() - start, 1)
     bounds = QUICK_BOUNDS if quick else BOUNDS
@@ -297,6 +367,125 @@ def run_demo(
     index.write_text(_html(metrics, figures))
     _stage(f"reconstruction agreement {reconstruction_agreement:.3f}; report: {index}", start)
     return index
+
+
+def _contrasting_donors(receiver: torch.Tensor, donor_colour: torch.Tensor, min_contrast: float,
+                        generator: torch.Generator) -> torch.Tensor:
+    """A random other image per row whose colour differs from ``receiver`` by at least ``min_contrast``.
+
+    A swapped colour must keep the digit visible, as every ColorDigits image does; otherwise no
+    judge could read the digit of the edit.
+    """
+    n = receiver.shape[0]
+    valid = torch.cdist(receiver, donor_colour) >= min_contrast
+    valid.fill_diagonal_(False)
+    scores = torch.rand(n, n, generator=generator).masked_fill(~valid, -1.0)
+    return scores.argmax(dim=1)
+
+
+def _concepts_section(out: Path, settings: DemoSettings, cnn, judge, ae, inns, train: ColorDigits, test: ColorDigits,
+                      snapshots: Snapshots, seed: int, device, progress: bool, start: float) -> Dict[str, Any]:
+    """Fit the factor INN on the autoencoder code and measure edits, encoded shares and dynamics."""
+    n = min(settings.n_concept_eval, len(test))
+    x = test.images[:n].to(device)
+    digits, fg, bg = test.digits[:n], test.foreground[:n], test.background[:n]
+    _stage("concepts: factor sizes estimated from pairs (autoencoder code and the CNN's fc/logits)", start)
+    factor_sizes, factor_scores = {}, {}
+    for name, representation in (("code", ae), ("fc", (cnn, "fc")), ("logits", (cnn, "logits"))):
+        sizes, scores = estimate_factor_sizes(representation, train.concepts(), n_pairs=1000, seed=seed, device=device)
+        factor_sizes[name], factor_scores[name] = sizes, scores
+    # digit pairs share the class (so the digit factor cannot hold colour); colour pairs differ only
+    # in that colour (so each colour factor is exactly what changes with it)
+    concepts = [train.concept("digit"), train.concept("foreground", "differ"), train.concept("background", "differ")]
+    _stage(f"concepts: fitting the factor INN on the code ({settings.concept_steps} steps, sizes "
+           f"{settings.concept_sizes})", start)
+    e = fit_concepts(ae, concepts, factor_sizes=settings.concept_sizes, steps=settings.concept_steps,
+                     lr=settings.concept_lr, schedule="cosine", n_blocks=settings.concept_blocks,
+                     hidden=settings.concept_hidden, seed=seed, device=device, progress=progress,
+                     checkpoint=str(out / "checkpoints" / "concepts.safetensors"), resume=False)
+    save_concept_inn(str(out / "checkpoints" / "concepts.safetensors"), e)
+
+    _stage("concepts: swapping digit, foreground and background between held-out images", start)
+    gen = torch.Generator().manual_seed(seed)
+    explainer = LayerConcepts(cnn, "logits", e, ae)
+    donors = {
+        "digit": (torch.arange(n) + torch.randint(1, n, (n,), generator=gen)) % n,
+        "foreground": _contrasting_donors(bg, fg, train.min_contrast, gen),
+        "background": _contrasting_donors(fg, bg, train.min_contrast, gen),
+    }
+    edits, results = {}, {}
+    with torch.no_grad():
+        for concept, donor in donors.items():
+            edits[concept] = explainer.edit(x, concept, donors=x[donor])
+            judged = judge(edits[concept]).argmax(1).cpu()
+            est_fg, est_bg = (c.cpu() for c in estimate_colours(edits[concept]))
+            colours_a, colours_b = torch.cat([fg, bg], 1), torch.cat([fg, bg], 1)[donor]
+            estimated = torch.cat([est_fg, est_bg], 1)
+            own = {"digit": None, "foreground": (est_fg, fg), "background": (est_bg, bg)}[concept]
+            key = {"digit": "digit", "foreground": "fg", "background": "bg"}[concept]
+            results[f"swap_{key}_judge_donor"] = float((judged == digits[donor]).float().mean())
+            if concept == "digit":
+                closer_a = (estimated - colours_a).norm(dim=1) < (estimated - colours_b).norm(dim=1)
+                results["swap_digit_colours_kept"] = float(closer_a.float().mean())
+            else:
+                results[f"swap_{key}_digit_kept"] = float((judged == digits).float().mean())
+                est, true = own
+                moved = (est - true[donor]).norm(dim=1) < (est - true).norm(dim=1)
+                results[f"swap_{key}_colour_moved"] = float(moved.float().mean())
+        recon_judged = judge(ae(x)).argmax(1).cpu()
+    results["judge_on_reconstructions"] = float((recon_judged == digits).float().mean())
+
+    _stage("concepts: share of each concept encoded by every layer", start)
+    encoded = {}
+    for name, inn in inns.items():
+        layer_concepts = LayerConcepts(cnn, name, e, ae, invariance_inn=inn)
+        encoded[name] = layer_concepts.encoded_summary(x, n_samples=16, generator=torch.Generator().manual_seed(seed))
+
+    rows = min(settings.n_figure_rows, n)
+    predicted = cnn(x[:rows]).argmax(1)
+    attributions, delta = explainer.attribute(x[:rows], target=predicted, return_convergence_delta=True)
+    change = attributions.sum(1) - delta
+    completeness = float((delta.abs() / change.abs().clamp_min(1e-6)).max())
+
+    _stage(f"concepts: training dynamics at the logits over {len(snapshots.models) + 1} CNN checkpoints", start)
+    checkpoints = {**snapshots.models, settings.cnn_steps: cnn}
+    dynamics = concept_dynamics(
+        checkpoints, "logits", ae, e, train, x, digits.to(device), steps=settings.dynamics_inn_steps,
+        n_blocks=settings.inn_blocks, hidden=settings.dynamics_inn_hidden, lr=1e-3, n_samples=16, seed=seed,
+        device=device, progress=progress,
+    )
+    _stage("  " + dynamics.table().replace("\n", "\n  "), start)
+
+    from captum_inn.visualization import plot_concept_bars, plot_concept_edits, save_figure
+
+    figures = {}
+    fig, _ = plot_concept_edits(x[:rows], x[donors["digit"][:rows]], {"digit": edits["digit"][:rows]},
+                                title="swap the digit factor")
+    figures["edit_digit"] = save_figure(fig, str(out / "figures" / "edit_digit.png"))
+    for concept in ("foreground", "background"):
+        fig, _ = plot_concept_edits(x[:rows], x[donors[concept][:rows]], {concept: edits[concept][:rows]},
+                                    title=f"swap the {concept} factor")
+        figures[f"edit_{concept}"] = save_figure(fig, str(out / "figures" / f"edit_{concept}.png"))
+    fig, _ = plot_concept_bars(encoded, title="share of each concept the layer encodes", ylabel="share encoded")
+    figures["encoded"] = save_figure(fig, str(out / "figures" / "concepts_encoded.png"))
+    fig, _ = plot_concept_bars(attributions, e.factor_names, title="concept attributions (IG) for the predicted class",
+                               ylabel="attribution")
+    figures["attributions"] = save_figure(fig, str(out / "figures" / "concept_attributions.png"))
+    fig, _ = dynamics.plot()
+    figures["dynamics"] = save_figure(fig, str(out / "figures" / "concept_dynamics.png"))
+    return {
+        **results,
+        "factor_sizes": factor_sizes,
+        "factor_scores": factor_scores,
+        "fitted_factor_sizes": dict(e.factor_sizes),
+        "encoded": encoded,
+        "attribution_completeness_max_rel_error": completeness,
+        "dynamics": [
+            {"step": label, "accuracy": acc, "encoded": {c: dynamics.encoded[c][i] for c in dynamics.encoded}}
+            for i, (label, acc) in enumerate(zip(dynamics.labels, dynamics.accuracy))
+        ],
+        "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
+    }
 
 
 def _draw(out: Path, originals, recon, samples: Dict[str, torch.Tensor], maps, layers) -> Dict[str, str]:

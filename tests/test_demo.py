@@ -17,7 +17,9 @@ torch.set_num_threads(1)
 
 TINY = DemoSettings(recolorings=1, test_recolorings=1, cnn_steps=60, cnn_width=8, judge_steps=20, ae_steps=30, ae_width=8,
                     latent_dim=8, inn_steps=20, inn_blocks=2, inn_hidden=32, n_eval=60, n_probe=100, n_samples=3,
-                    n_figure_rows=2)
+                    n_figure_rows=2, concept_sizes={"digit": 2, "foreground": 2, "background": 2}, concept_steps=10,
+                    concept_blocks=2, concept_hidden=16, n_concept_eval=40, dynamics_steps=(10, 30),
+                    dynamics_inn_steps=10, dynamics_inn_hidden=16)
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    demo.add_argument("--concepts", action="store_true",
+                      help="add the concepts section (work in progress; about 80 s more)")
     demo.add_argument("--check", action="store_true",
                       help="exit with status 1 unless the metrics meet the demo's bounds (looser with --quick)")
     sub.add_parser("selfcheck", help="check the installation in a few seconds")
@@ -98,7 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from captum_inn.demo import run_demo
 
         start = time.perf_counter()
-        report = run_demo(out=args.out, quick=args.quick, seed=args.seed, device=args.device)
+        report = run_demo(out=args.out, quick=args.quick, seed=args.seed, device=args.device, concepts=args.concepts)
         print(f"report written to {report} in {time.perf_counter() - start:.0f} s (open it in a browser)")
         failures = json.loads((report.parent / "metrics.json").read_text())["failures"]
         for failure in failures:

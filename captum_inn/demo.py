@@ -14,9 +14,9 @@ from __future__ import annotations
 import html
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -164,11 +164,11 @@ class DemoSettings:
 
     recolorings: int = 8
     test_recolorings: int = 2
-    cnn_steps: int = 4000
+    cnn_steps: int = 5000
     cnn_width: int = 48
     cnn_noise: float = 0.05
     judge_steps: int = 1500
-    ae_steps: int = 3000
+    ae_steps: int = 3500
     ae_width: int = 32
     latent_dim: int = 64
     kl_weight: float = 0.001
@@ -187,9 +187,12 @@ class DemoSettings:
     n_probe: int = 3000
     n_samples: int = 10
     n_figure_rows: int = 6
-    #: Factor sizes of the concept INN on the 64-d code: each colour is 3-d; the residual keeps the
-    #: handwriting (estimated sizes are reported beside them in ``factor_sizes``).
-    concept_sizes: Dict[str, int] = field(default_factory=lambda: {"digit": 16, "foreground": 3, "background": 3})
+    #: Run the concepts section (work in progress: it does not meet its bounds yet and adds about
+    #: 80 s, so it is opt-in with ``captum-inn demo --concepts``).
+    concepts: bool = False
+    #: Factor sizes of the concept INN on the 64-d code: each colour is 3-d, the digit image (class
+    #: and handwriting) the rest but a 2-d residual (estimated sizes are reported in ``factor_sizes``).
+    concept_sizes: Dict[str, int] = field(default_factory=lambda: {"digit": 56, "foreground": 3, "background": 3})
     concept_steps: int = 1200
     concept_lr: float = 2e-3
     concept_blocks: int = 8
@@ -224,6 +227,7 @@ def run_demo(
     device: Union[str, torch.device] = "cpu",
     progress: bool = True,
     settings: DemoSettings = None,
+    concepts: Optional[bool] = None,
 ) -> Path:
     """Run the demo and write the report folder.
 
@@ -234,11 +238,14 @@ def run_demo(
         device: Where to train and evaluate.
         progress: Show progress bars.
         settings: Explicit sizes (overrides ``quick``).
+        concepts: Run the concepts section (overrides ``settings.concepts``).
 
     Returns:
         The path of ``index.html``.
     """
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    if concepts is not None:
+        settings = replace(settings, concepts=bool(concepts))
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
@@ -338,10 +345,12 @@ def run_demo(
         _stage(f"  {name}: {summary}", start)
     timed("evaluation", t0)
 
-    t0 = time.perf_counter()
-    concepts = _concepts_section(out, settings, cnn, judge, ae, inns, train, test, snapshots, seed, device,
-                                 progress, start)
-    timed("concepts", t0)
+    concepts = None
+    if settings.concepts:
+        t0 = time.perf_counter()
+        concepts = _concepts_section(out, settings, cnn, judge, ae, inns, train, test, snapshots, seed, device,
+                                     progress, start)
+        timed("concepts", t0)
 
     _stage("drawing figures", start)
     figures = _draw(out, x_eval[:rows], recon[:rows], samples_for_figures, maps, layers)
@@ -356,8 +365,9 @@ def run_demo(
         "settings": asdict(settings),
         "timings_s": timings,
         "layers": layers,
-        "concepts": concepts,
     }
+    if concepts is not None:
+        metrics["concepts"] = concepts
     timings["total"] = round(time.perf_counter() - start, 1)
     bounds = QUICK_BOUNDS if quick else BOUNDS
     metrics["bounds"] = bounds
@@ -394,9 +404,9 @@ def _concepts_section(out: Path, settings: DemoSettings, cnn, judge, ae, inns, t
     for name, representation in (("code", ae), ("fc", (cnn, "fc")), ("logits", (cnn, "logits"))):
         sizes, scores = estimate_factor_sizes(representation, train.concepts(), n_pairs=1000, seed=seed, device=device)
         factor_sizes[name], factor_scores[name] = sizes, scores
-    # digit pairs share the class (so the digit factor cannot hold colour); colour pairs differ only
-    # in that colour (so each colour factor is exactly what changes with it)
-    concepts = [train.concept("digit"), train.concept("foreground", "differ"), train.concept("background", "differ")]
+    # pairs that differ in exactly one factor: each factor is what changes with its concept and
+    # nothing else (with shared-factor pairs the digit factor also carried colour and swaps failed)
+    concepts = train.concepts("differ")
     _stage(f"concepts: fitting the factor INN on the code ({settings.concept_steps} steps, sizes "
            f"{settings.concept_sizes})", start)
     e = fit_concepts(ae, concepts, factor_sizes=settings.concept_sizes, steps=settings.concept_steps,
@@ -513,6 +523,47 @@ def _draw(out: Path, originals, recon, samples: Dict[str, torch.Tensor], maps, l
     return {k: str(Path(v).relative_to(out)) for k, v in figures.items()}
 
 
+def _concepts_html(concepts: Any) -> str:
+    if not concepts:
+        return ""
+    figures = concepts["figures"]
+    swaps = "".join(
+        f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td>{concepts[k]:.3f}</td></tr>"
+        for k in sorted(concepts) if k.startswith("swap_") or k == "judge_on_reconstructions"
+    )
+    sizes = "".join(
+        f"<tr><td>{html.escape(rep)}</td><td>{html.escape(json.dumps(s))}</td></tr>"
+        for rep, s in concepts["factor_sizes"].items()
+    )
+    dynamics = "".join(
+        f"<tr><td>{p['step']}</td><td>{p['accuracy']:.3f}</td>"
+        + "".join(f"<td>{v:.3f}</td>" for v in p["encoded"].values()) + "</tr>"
+        for p in concepts["dynamics"]
+    )
+    names = "".join(f"<th>{html.escape(c)}</th>" for c in concepts["dynamics"][0]["encoded"]) if concepts["dynamics"] else ""
+    return f"""<h2>Concepts</h2>
+<p>A factor INN on the autoencoder code splits it into a digit factor, a foreground-colour factor, a
+background-colour factor and a residual (sizes {html.escape(json.dumps(concepts['fitted_factor_sizes']))}).
+Swapping one factor between two images and decoding edits one concept and keeps the others; the
+independent judge CNN reads the digit of the edit and the colours are read from its pixels.</p>
+<table><tr><th>edit measure</th><th>value</th></tr>{swaps}</table>
+<img src="{figures['edit_digit']}" alt="digit swaps"><img src="{figures['edit_foreground']}" alt="foreground swaps">
+<img src="{figures['edit_background']}" alt="background swaps">
+<h3>Factor sizes estimated from pairs</h3>
+<p>Softmax of each concept's share of the variance (residual score 1), times the representation size.</p>
+<table><tr><th>representation</th><th>sizes</th></tr>{sizes}</table>
+<h3>How much of each concept every layer encodes</h3>
+<p>1 − the variance of the concept's factor across the layer's invariance samples over its variance
+in the data: near 1 the layer pins the concept down, near 0 it ignores it.</p>
+<img src="{figures['encoded']}" alt="encoded share per layer">
+<img src="{figures['attributions']}" alt="concept attributions">
+<h3>What the logits learn while the CNN trains</h3>
+<table><tr><th>step</th><th>accuracy</th>{names}</tr>{dynamics}</table>
+<img src="{figures['dynamics']}" alt="concept dynamics">
+<p>Completeness of the concept attributions (largest relative error): {concepts['attribution_completeness_max_rel_error']:.4f}.</p>
+"""
+
+
 def _html(metrics: Dict[str, Any], figures: Dict[str, str]) -> str:
     layers = metrics["layers"]
     keys = ["agreement", "agreement_random_condition", "judge_agreement", "variance_explained_by_v",
@@ -552,6 +603,7 @@ foreground and background colours from the invariances v or from the activation 
 <img src="{figures['depth']}" alt="metrics by depth">
 <h2>Invariance samples</h2>{sample_figs}
 <h2>Invariance maps</h2><img src="{figures['maps']}" alt="invariance maps">
+{_concepts_html(metrics.get("concepts"))}
 <p>Raw numbers: <a href="metrics.json">metrics.json</a>. Timings (s): {html.escape(json.dumps(metrics['timings_s']))}.</p>
 </body></html>
 """

@@ -25,7 +25,7 @@ TINY = DemoSettings(recolorings=1, test_recolorings=1, cnn_steps=60, cnn_width=8
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    return run_demo(out=out, settings=TINY, progress=False)
+    return run_demo(out=out, settings=TINY, progress=False, concepts=True)
 
 
 def test_report_folder_has_the_page_the_figures_and_the_metrics(report):
@@ -46,6 +46,16 @@ def test_report_folder_has_the_page_the_figures_and_the_metrics(report):
     for name in LAYERS:
         assert (out / "checkpoints" / f"invariance_{name}.safetensors").exists()
     assert isinstance(metrics["failures"], list)
+    concepts = metrics["concepts"]
+    for key in ("swap_digit_judge_donor", "swap_digit_colours_kept", "swap_fg_digit_kept", "swap_fg_colour_moved"):
+        assert 0.0 <= concepts[key] <= 1.0
+    assert set(concepts["factor_sizes"]) == {"code", "fc", "logits"}
+    assert sum(concepts["factor_sizes"]["fc"].values()) == 128
+    assert set(concepts["encoded"]) == set(LAYERS)
+    assert [p["step"] for p in concepts["dynamics"]] == ["10", "30", "60"]
+    for name in ("edit_digit", "edit_foreground", "concepts_encoded", "concept_dynamics", "concept_attributions"):
+        assert f"figures/{name}.png" in page
+    assert (out / "checkpoints" / "concepts.safetensors").exists()
 
 
 def test_check_metrics_reports_each_broken_bound():
@@ -62,6 +72,19 @@ def test_check_metrics_reports_each_broken_bound():
                    "colour_r2_from_z": 0.0, "variance_explained_by_v": 0.9, "reencode_beats_null": 0.0},
     }
     assert check_metrics({"reconstruction_agreement": 0.99, "layers": good}) == []
+    concepts = {
+        "swap_digit_judge_donor": 0.9, "swap_digit_colours_kept": 0.9, "swap_fg_digit_kept": 0.95,
+        "swap_fg_colour_moved": 0.9, "attribution_completeness_max_rel_error": 0.001,
+        "factor_sizes": {"fc": {"digit": 60, "foreground": 10, "background": 10},
+                         "code": {"digit": 10, "foreground": 10, "background": 10}},
+        "dynamics": [{"accuracy": 0.2, "encoded": {"digit": 0.1, "background": 0.6}},
+                     {"accuracy": 0.99, "encoded": {"digit": 0.5, "background": 0.1}}],
+    }
+    assert check_metrics({"reconstruction_agreement": 0.99, "layers": good, "concepts": concepts}) == []
+    concepts["dynamics"][1]["encoded"]["background"] = 0.7
+    concepts["swap_digit_judge_donor"] = 0.1
+    failures = check_metrics({"reconstruction_agreement": 0.99, "layers": good, "concepts": concepts})
+    assert len(failures) == 2 and "background share did not fall" in failures[1]
 
 
 def test_cli_selfcheck_and_version(capsys):

@@ -258,7 +258,7 @@ def estimate_colours(images: Tensor, border: int = 2, fraction: float = 0.1) -> 
     Examples::
 
         >>> from captum_inn.datasets import colour_digits
-        >>> masks = torch.zeros(1, 8, 8); masks[:, 3:5, 3:5] = 1
+        >>> masks = torch.zeros(1, 8, 8); masks[:, 2:6, 2:6] = 1
         >>> fg, bg = estimate_colours(colour_digits(masks, torch.tensor([[1.0, 0, 0]]), torch.tensor([[0, 0, 1.0]])))
         >>> fg.tolist(), bg.tolist()
         ([[1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0]])

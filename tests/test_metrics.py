@@ -90,3 +90,15 @@ def test_metrics_leave_no_hooks(model):
     prediction_agreement(model, x, x.unsqueeze(1))
     assert_no_hooks(model)
     assert isinstance(model, nn.Module)
+
+
+def test_estimate_colours_reads_colordigits():
+    from captum_inn.datasets import ColorDigits
+    from captum_inn.metrics import estimate_colours
+
+    test = ColorDigits("test", seed=0)
+    fg, bg = estimate_colours(test.images[:300])
+    assert (bg - test.background[:300]).abs().max() < 1e-5
+    assert (fg - test.foreground[:300]).norm(dim=1).median() < 0.15
+    with pytest.raises(ValueError, match="N, 3, H, W"):
+        estimate_colours(torch.rand(2, 1, 8, 8))

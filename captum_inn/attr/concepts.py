@@ -297,6 +297,7 @@ class LayerConcepts(LayerAttribution):
         n_samples: int = 32,
         additional_forward_args: Any = None,
         generator: Optional[torch.Generator] = None,
+        reencode: bool = True,
     ) -> Tensor:
         """Share of each concept that the hooked layer fixes at each input (DESIGN.md §2).
 
@@ -305,13 +306,20 @@ class LayerConcepts(LayerAttribution):
         ``1 − Σ_d Var_v(e_kd(z̄_s)) / Σ_d Var_x(e_kd)``, the variance over the data ``Var_x`` taken
         from the concept INN's fit (``fit_info["factor_variance"]``; 1, the prior's, if absent).
         Near 1: the layer pins the concept down; near 0: the layer is invariant to it. Estimates
-        from ``n_samples`` draws can fall slightly outside ``[0, 1]``.
+        from ``n_samples`` draws can fall outside ``[0, 1]``: below 0 the samples vary the
+        concept more than the data does.
+
+        With ``reencode`` (the default) each sampled code is decoded and encoded again,
+        ``E(D(z̄_s))``, before ``e`` reads it: the concept content is read from the images the
+        samples stand for, which keeps ``e`` on the codes it was fitted on (sampled codes can lie
+        off that set, where ``e``'s factors are not meaningful).
 
         Args:
             inputs: ``(N, C, H, W)`` images (or a tuple).
             n_samples: Draws of ``v`` per input (``>= 2``).
             additional_forward_args: Extra arguments of ``forward_func``.
             generator: Seeds the draws.
+            reencode: Read the factors from ``E(D(z̄_s))`` instead of ``z̄_s``.
 
         Returns:
             ``(N, K)``, columns in :attr:`concept_names` order.
@@ -335,6 +343,9 @@ class LayerConcepts(LayerAttribution):
         with eval_mode(self.invariance_inn, self.concept_inn):
             embedding = self.invariance_inn.embed(z).repeat_interleave(n_samples, dim=0)
             codes = self.invariance_inn(v, None, rev=True, jac=False, embedding=embedding)[0]
+            if reencode:
+                with eval_mode(self.autoencoder):
+                    codes = encode_mean(self.autoencoder, self.autoencoder.decode(codes))
             factors = self.concept_inn(codes, jac=False)[0].view(n, n_samples, -1)
         variance = factors.var(dim=1)
         reference = self._factor_variance().to(variance)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
@@ -10,7 +11,14 @@ from torch import Tensor, nn
 from captum_inn._captum_compat import _format_additional_forward_args, _format_tensor_into_tuples
 from captum_inn.capture import LayerHooks, resolve_layer
 
-__all__ = ["format_inputs", "resolve_model_layer", "layer_activation", "check_positive_int"]
+__all__ = [
+    "format_inputs",
+    "resolve_model_layer",
+    "layer_activation",
+    "check_positive_int",
+    "check_same_device",
+    "warn_if_training",
+]
 
 
 def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tuple[Tensor, ...]:
@@ -42,7 +50,7 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
     if image.dim() != 4:
         raise ValueError(f"`{name}` images must have shape (N, C, H, W), got {tuple(image.shape)}.")
     for t in inputs_tuple:
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
             raise ValueError(f"`{name}` contains NaN or infinite values; clean or clamp the inputs first.")
     return inputs_tuple
 
@@ -81,6 +89,7 @@ def layer_activation(
     The pass stops after the layer; hooks are removed and training flags restored afterwards.
     """
     extra = _format_additional_forward_args(additional_forward_args) or ()
+    warn_if_training(forward_func)
     owner = forward_func if isinstance(forward_func, nn.Module) else layer
     with LayerHooks(owner, layer, attribute_to_layer_input=attribute_to_layer_input,
                     selector=selector, stop_early=True) as hooks:
@@ -91,6 +100,33 @@ def layer_activation(
             "The hooked layer did not run during the forward pass; check that it is used by forward_func."
         )
     return next(iter(values.values()))
+
+
+_BATCH_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d, nn.Dropout3d)
+
+
+def warn_if_training(forward_func: Callable) -> None:
+    """Warn when the model is in training mode with batch norm or dropout (activations then
+    depend on the batch and on chance, so the layer's view of one input is not well defined)."""
+    if isinstance(forward_func, nn.Module) and forward_func.training:
+        if any(isinstance(m, _BATCH_DEPENDENT) and m.training for m in forward_func.modules()):
+            warnings.warn(
+                f"{type(forward_func).__name__} is in training mode: its batch norm uses batch statistics "
+                "and its dropout is random, so a layer's activation depends on the batch. Call model.eval() "
+                "before explaining it.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def check_same_device(tensor: Tensor, module: nn.Module, name: str = "inputs") -> None:
+    """``ValueError`` naming ``name`` when ``tensor`` is not on the device of ``module``'s parameters."""
+    parameter = next(module.parameters(), None)
+    if parameter is not None and tensor.device != parameter.device:
+        raise ValueError(
+            f"`{name}` is on {tensor.device} but the INN is on {parameter.device}; move one of them "
+            f"(e.g. {name}.to('{parameter.device}'))."
+        )
 
 
 def as_optional_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:

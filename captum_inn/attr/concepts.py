@@ -16,6 +16,7 @@ from captum_inn._captum_compat import (
 from captum_inn.attr._common import (
     as_optional_generator,
     check_positive_int,
+    check_same_device,
     format_inputs,
     layer_activation,
     resolve_model_layer,
@@ -189,6 +190,7 @@ class LayerConcepts(LayerAttribution):
             ``(N, d)``; :meth:`decompose` names the blocks.
         """
         inputs = format_inputs(inputs, self.image_input)
+        check_same_device(inputs[self.image_input], self.concept_inn)
         with eval_mode(self.concept_inn, self.autoencoder):
             return self.concept_inn(self._representation(inputs, additional_forward_args), jac=False)[0]
 
@@ -417,10 +419,15 @@ class LayerConcepts(LayerAttribution):
             model_inputs, model_extra = rest[: len(inputs)], rest[len(inputs):]
             return self._forward_from_factors(factors, tuple(model_inputs), model_extra or None)
 
-        with torch.enable_grad():
-            attributions, delta = IntegratedGradients(through_factors).attribute(
-                start, baselines=base, target=target, additional_forward_args=(*inputs, *extra), n_steps=n_steps,
-                method=method, internal_batch_size=internal_batch_size, return_convergence_delta=True,
-            )
+        try:
+            with torch.enable_grad():
+                attributions, delta = IntegratedGradients(through_factors).attribute(
+                    start, baselines=base, target=target, additional_forward_args=(*inputs, *extra), n_steps=n_steps,
+                    method=method, internal_batch_size=internal_batch_size, return_convergence_delta=True,
+                )
+        except (IndexError, RuntimeError) as error:
+            if "out of bounds" not in str(error) and "out of range" not in str(error):
+                raise
+            raise ValueError(f"`target` {target!r} is out of range for the model's output ({error}).") from None
         per_concept = torch.stack([attributions[:, s].sum(1) for s in self.concept_inn.factor_slices.values()], dim=1)
         return (per_concept, delta) if return_convergence_delta else per_concept

@@ -17,6 +17,7 @@ from captum_inn._captum_compat import (
 from captum_inn.attr._common import (
     as_optional_generator,
     check_positive_int,
+    check_same_device,
     format_inputs,
     layer_activation,
     resolve_model_layer,
@@ -151,6 +152,7 @@ class LayerInvariance(LayerAttribution):
             ``(N, d)``.
         """
         inputs = format_inputs(inputs, self.image_input)
+        check_same_device(inputs[self.image_input], self.inn)
         with eval_mode(self.inn, self.autoencoder):
             z = self._activation(inputs, additional_forward_args)
             return self.inn(self._code(inputs[self.image_input]), z, jac=False)[0]
@@ -191,6 +193,7 @@ class LayerInvariance(LayerAttribution):
         """
         v = self.invariances(inputs, additional_forward_args)
         donors = format_inputs(donors, self.image_input, name="donors")
+        check_same_device(donors[self.image_input], self.inn, "donors")
         if donors[0].shape[0] != v.shape[0]:
             raise ValueError(f"`donors` needs one image per input ({v.shape[0]}), got {donors[0].shape[0]}.")
         with eval_mode(self.inn, self.autoencoder):
@@ -229,6 +232,7 @@ class LayerInvariance(LayerAttribution):
             raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}.")
         as_optional_generator(generator)
         inputs = format_inputs(inputs, self.image_input)
+        check_same_device(inputs[self.image_input], self.inn)
         n = inputs[0].shape[0]
         device = inputs[self.image_input].device
         dtype = inputs[self.image_input].dtype

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Sequence, Union
 
 import torch
@@ -50,6 +51,39 @@ class FeatureCache:
         mean, std = self.code_mean[index], self.code_std[index]
         eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
         return mean + std * eps
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the cache to one safetensors file, atomically (a resumed fit reads it back).
+
+        Args:
+            path: Target ``.safetensors`` file.
+
+        Returns:
+            The written path.
+        """
+        from captum_inn.training.checkpoint import save_checkpoint
+
+        tensors = {"code_mean": self.code_mean, "code_std": self.code_std,
+                   **{f"layer.{name}": value for name, value in self.layers.items()}}
+        meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), "model_class": self.model_class}}
+        return save_checkpoint(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> FeatureCache:
+        """Read a cache written by :meth:`save` (checked like every checkpoint, never unpickled).
+
+        Args:
+            path: The ``.safetensors`` file.
+
+        Returns:
+            The :class:`FeatureCache`.
+        """
+        from captum_inn.training.checkpoint import load_checkpoint
+
+        tensors, meta = load_checkpoint(path, kind="feature_cache")
+        names = meta["config"]["layers"]
+        return cls(tensors["code_mean"], tensors["code_std"], {n: tensors[f"layer.{n}"] for n in names},
+                   meta["config"]["model_class"])
 
 
 @torch.no_grad()

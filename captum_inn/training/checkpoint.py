@@ -8,6 +8,7 @@ file, so a crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -56,6 +57,9 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
     document["format_version"] = FORMAT_VERSION
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     blob = save(payload, metadata={_META_KEY: json.dumps(document)})
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed mid-write
+        with contextlib.suppress(OSError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -69,6 +69,10 @@ class InvarianceConfig:
     checkpoint_every: int = 500
 
 
+#: File name of the feature cache that :func:`fit_invariances` keeps in ``checkpoint_dir``.
+CACHE_FILE = "features.safetensors"
+
+
 def checkpoint_name(layer: str) -> str:
     """File name of a layer's INN checkpoint, e.g. ``invariance_layer3.1.relu.safetensors``."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", layer) or "model"
@@ -148,8 +152,10 @@ def fit_invariances(
         cache: A precomputed :func:`~captum_inn.training.cache.cache_features` result (then
             ``autoencoder`` and ``data`` are not needed).
         device: Where the INNs train.
-        checkpoint_dir: Folder for one checkpoint per layer (:func:`checkpoint_name`); an
-            existing checkpoint is resumed when ``resume``.
+        checkpoint_dir: Folder for one checkpoint per layer (:func:`checkpoint_name`) and the
+            feature cache (``features.safetensors``, when computed here); existing checkpoints and
+            the cache are reused when ``resume``, so a resumed fit neither reruns the network nor
+            changes its data.
         resume: Continue from existing checkpoints.
         progress: Show progress bars.
         layer_overrides: ``{layer name: {field: value}}``, settings for single layers on top of
@@ -174,13 +180,20 @@ def fit_invariances(
     config = InvarianceConfig(**{**asdict(config or InvarianceConfig()), **overrides})
     single = not isinstance(layers, (list, tuple))
     layer_list = [layers] if single else list(layers)
+    from captum_inn.capture import resolve_layer
+
+    names = [resolve_layer(model, layer)[0] for layer in layer_list]
+    cache_path = Path(checkpoint_dir) / CACHE_FILE if checkpoint_dir else None
+    if cache is None and resume and cache_path is not None and cache_path.exists():
+        cache = FeatureCache.load(cache_path)  # a resumed fit continues on the very same features
+        if not set(names) <= set(cache.layers):
+            cache = None  # cached for other layers: compute afresh below
     if cache is None:
         if autoencoder is None or data is None:
             raise ValueError("Pass `autoencoder` and `data` (or a precomputed `cache`).")
         cache = cache_features(model, layer_list, autoencoder, data, device=device, progress=progress)
-    from captum_inn.capture import resolve_layer
-
-    names = [resolve_layer(model, layer)[0] for layer in layer_list]
+        if cache_path is not None:
+            cache.save(cache_path)
     layer_overrides = dict(layer_overrides or {})
     unknown = sorted(set(layer_overrides) - set(names))
     if unknown:

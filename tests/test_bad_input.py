@@ -1,0 +1,203 @@
+"""The bad-input battery: every public entry point rejects bad input with a clear exception (or a
+documented warning) that names the argument; and hooks never outlive a call — normal, failing, or
+interrupted with KeyboardInterrupt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_hooks import assert_no_hooks, training_flags
+from torch import nn
+
+from captum_inn import LayerConcepts, LayerInvariance
+from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.capture import capture
+from captum_inn.concepts import ConceptPairs
+from captum_inn.datasets import ColorDigits
+from captum_inn.inn import ActNorm, ConditionalINN, FactorINN
+from captum_inn.metrics import prediction_agreement, reencode_similarity
+from captum_inn.models import SmallCNN
+from captum_inn.training import (
+    LayerRepresentation,
+    cache_features,
+    fit_autoencoder,
+    fit_concepts,
+    fit_invariances,
+)
+
+torch.set_num_threads(1)
+
+
+class Gate(nn.Module):
+    """Passes its input through, or raises what it is armed with (mid-forward, hooks registered)."""
+
+    def __init__(self):
+        super().__init__()
+        self.error = None
+
+    def forward(self, x):
+        if self.error is not None:
+            raise self.error
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+        self.cnn = SmallCNN(width=4)
+        self.never = nn.Linear(2, 2)  # registered, never called
+
+    def forward(self, x):
+        return self.cnn(self.gate(x))
+
+
+def _fitted_inn(dim, cond_shape):
+    inn = ConditionalINN(dim, cond_shape, n_blocks=2, hidden=16, embed_dim=4, conv_width=4, conv_max_width=8)
+    with torch.no_grad():
+        inn(torch.randn(16, dim), torch.randn(16, *cond_shape))
+    return inn.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = Net().eval()
+    ae = ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
+    inn = _fitted_inn(6, (10,))
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
+    with torch.no_grad():
+        e(torch.randn(16, 6))
+    return model, ae, inn, e.eval()
+
+
+X = torch.rand(3, 3, 32, 32)
+
+
+def _cases():
+    """(id, call(model, ae, inn, e), exception, message pattern)."""
+    inv = lambda m, ae, inn: LayerInvariance(m, "cnn.logits", inn, ae)  # noqa: E731
+    con = lambda m, ae, e: LayerConcepts(m, "cnn.logits", e, ae)  # noqa: E731
+    return [
+        ("inputs a list of ints", lambda m, ae, inn, e: inv(m, ae, inn).attribute([1, 2]), TypeError, "`inputs` must be a tensor"),
+        ("inputs 3-d", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X[0]), ValueError, r"\(N, C, H, W\)"),
+        ("inputs integer dtype", lambda m, ae, inn, e: inv(m, ae, inn).sample((X * 255).long()), TypeError, "floating point"),
+        ("inputs empty batch", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X[:0]), ValueError, "empty batch"),
+        ("inputs NaN", lambda m, ae, inn, e: inv(m, ae, inn).sample(X * float("nan")), ValueError, "NaN"),
+        ("inputs infinite", lambda m, ae, inn, e: inv(m, ae, inn).invariances(X / 0), ValueError, "NaN or infinite"),
+        ("inputs on another device", lambda m, ae, inn, e: inv(m, ae, inn).sample(X.to("meta")), ValueError, "is on meta"),
+        ("tuple inputs with two batch sizes", lambda m, ae, inn, e: inv(m, ae, inn).attribute((X, X[:2])), ValueError, "same batch size"),
+        ("n_samples 0", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, n_samples=0), ValueError, "`n_samples` must be >= 1"),
+        ("n_samples -3", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, n_samples=-3), ValueError, "`n_samples`"),
+        ("n_samples 1 for a map", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, n_samples=1), ValueError, ">= 2 for a spread"),
+        ("n_samples a float", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, n_samples=2.5), TypeError, "`n_samples` must be an int"),
+        ("temperature 0", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, temperature=0), ValueError, "`temperature`"),
+        ("temperature negative", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, temperature=-1.0), ValueError, "`temperature`"),
+        ("internal_batch_size 0", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, internal_batch_size=0), ValueError, "internal_batch_size"),
+        ("generator not a Generator", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, generator=0), TypeError, "`generator`"),
+        ("unknown layer name", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logit", inn, ae), ValueError, "did you mean 'cnn.logits'"),
+        ("layer never runs", lambda m, ae, inn, e: capture(m, "never", X), ValueError, "did not run"),
+        ("INN for another layer", lambda m, ae, inn, e: LayerInvariance(m, "cnn.relu3", inn, ae).sample(X), ValueError, "Fit an INN for this layer"),
+        ("INN not an INN", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", e, ae), TypeError, "ConditionalINN"),
+        ("autoencoder of another latent size", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ConvAutoencoder((3, 32, 32), 5)), ValueError, "latent_dim=5"),
+        ("autoencoder without decode", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, object()), TypeError, "encode"),
+        ("donors of another batch size", lambda m, ae, inn, e: inv(m, ae, inn).transfer(X, X[:2]), ValueError, "one image per input"),
+        ("concept target out of range", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=99), ValueError, "out of range"),
+        ("unknown concept name", lambda m, ae, inn, e: con(m, ae, e).edit(X, "colour"), ValueError, "Unknown concept 'colour'"),
+        ("concept baselines of another size", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=0, baselines=torch.zeros(4)), ValueError, "`baselines`"),
+        ("concept INN on another representation", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ConvAutoencoder((3, 32, 32), 4)), ValueError, "latent_dim=4"),
+        ("pairs with mismatched shapes", lambda m, ae, inn, e: fit_concepts(ae, [ConceptPairs("x", lambda n, g: (torch.rand(n, 3, 32, 32), torch.rand(n, 3, 16, 16)))], steps=1, pool_size=4, progress=False), ValueError, "same shape"),
+        ("factor sizes not summing", lambda m, ae, inn, e: fit_concepts(ae, [ColorDigits("test").concept("digit")], factor_sizes={"digit": 4, "residual": 4}, steps=1, pool_size=4, progress=False), ValueError, "sum to 8"),
+        ("factor INN on a conv layer", lambda m, ae, inn, e: LayerRepresentation(m, "cnn.relu3").encode(X), ValueError, "vector layer"),
+        ("ActNorm batch of one", lambda m, ae, inn, e: ActNorm(4)(torch.randn(1, 4)), ValueError, "batch"),
+        ("autoencoder data with NaN", lambda m, ae, inn, e: fit_autoencoder(X * float("nan"), latent_dim=4, steps=1, progress=False), ValueError, "NaN"),
+        ("fit without data or cache", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", steps=1, progress=False), ValueError, "`autoencoder` and `data`"),
+        ("layer_overrides for a layer not fitted", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, progress=False, layer_overrides={"cnn.fc": {}}), ValueError, "layer_overrides"),
+        ("re-encoding with one original", lambda m, ae, inn, e: reencode_similarity(m, "cnn.fc", X[:1], X[:1, None]), ValueError, "at least 2"),
+        ("agreement with mismatched samples", lambda m, ae, inn, e: prediction_agreement(m, X, X[:2, None]), ValueError, r"`samples` must have shape \(N, S"),
+    ]
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name, call, error, match", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_rejected_clearly(setup, name, call, error, match):
+    model, ae, inn, e = setup
+    flags = training_flags(model)
+    with pytest.raises(error, match=match):
+        call(model, ae, inn, e)
+    assert_no_hooks(model)
+    assert training_flags(model) == flags
+
+
+def test_the_battery_has_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+def test_batch_of_one_works(setup):
+    model, ae, inn, e = setup
+    explainer = LayerInvariance(model, "cnn.logits", inn, ae)
+    assert explainer.attribute(X[:1], n_samples=3).shape == (1, 3, 32, 32)
+    assert LayerConcepts(model, "cnn.logits", e, ae).attribute(X[:1], target=0).shape == (1, 3)
+
+
+def test_a_model_in_training_mode_with_batch_norm_warns(setup):
+    _, ae, _, _ = setup
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.rand(2, 3, 32, 32))
+    inn = _fitted_inn(6, (10,))
+    model.train()
+    with pytest.warns(UserWarning, match="training mode.*model.eval"):
+        LayerInvariance(model, "3", inn, ae).sample(X, n_samples=2)
+    assert model.training  # warned, not changed
+
+
+# ---------------------------------------------------------------- no hook outlives any call
+ENTRY_POINTS = {
+    "LayerInvariance.attribute": lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(X, n_samples=2),
+    "LayerInvariance.sample": lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).sample(X, n_samples=2),
+    "LayerInvariance.invariances": lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).invariances(X),
+    "LayerInvariance.transfer": lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).transfer(X, X),
+    "LayerConcepts.attribute": lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae).attribute(X, target=1, n_steps=4),
+    "LayerConcepts.encoded": lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae, invariance_inn=inn).encoded(X, n_samples=2),
+    "LayerConcepts.edit": lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae).edit(X, "a"),
+    "LayerConcepts.output_from_factors (layer)": lambda m, ae, inn, e: LayerConcepts(m, "cnn.fc", _layer_e(m), None).output_from_factors(X),
+    "capture": lambda m, ae, inn, e: capture(m, ["cnn.relu1", "cnn.logits"], X),
+    "cache_features": lambda m, ae, inn, e: cache_features(m, ["cnn.relu3", "cnn.logits"], ae, X, progress=False),
+    "fit_invariances": lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, n_blocks=1, hidden=8, progress=False),
+    "reencode_similarity": lambda m, ae, inn, e: reencode_similarity(m, "cnn.fc", X, X[:, None]),
+    "LayerRepresentation.encode": lambda m, ae, inn, e: LayerRepresentation(m, "cnn.fc").encode(X),
+}
+
+
+def _layer_e(model):
+    e = FactorINN(128, {"x": 4}, n_blocks=1, hidden=8, seed=0)
+    e.fit_info = {"representation": {"kind": "layer", "layer": "cnn.fc", "dim": 128}}
+    with torch.no_grad():
+        e(torch.randn(16, 128))
+    return e.eval()
+
+
+MODEL_FREE = {"LayerConcepts.edit"}  # decodes edited codes; the model does not run, so it cannot fail mid-call
+
+
+@pytest.mark.parametrize("how", ["normal", "error", "keyboard_interrupt"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS), ids=list(ENTRY_POINTS))
+def test_no_hook_survives(setup, entry, how):
+    if how != "normal" and entry in MODEL_FREE:
+        pytest.skip("the model does not run in this call")
+    model, ae, inn, e = setup
+    flags = training_flags(model)
+    call = ENTRY_POINTS[entry]
+    try:
+        if how == "normal":
+            call(model, ae, inn, e)
+        else:
+            model.gate.error = RuntimeError("a layer failed") if how == "error" else KeyboardInterrupt()
+            with pytest.raises(RuntimeError if how == "error" else KeyboardInterrupt):
+                call(model, ae, inn, e)
+    finally:
+        model.gate.error = None
+    assert_no_hooks(model)
+    assert training_flags(model) == flags

@@ -35,6 +35,9 @@ def _check_samples(originals: Tensor, samples: Tensor) -> None:
             f"`samples` must have shape (N, S, *image) matching `originals` {tuple(originals.shape)}, "
             f"got {tuple(samples.shape)}."
         )
+    for name, t in (("originals", originals), ("samples", samples)):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values.")
 
 
 def prediction_agreement(

@@ -24,6 +24,7 @@ from captum_inn.training import (
     fit_concepts,
     fit_invariances,
 )
+from captum_inn.training.classifier import fit_classifier
 
 torch.set_num_threads(1)
 
@@ -111,6 +112,9 @@ def _cases():
         ("factor INN on a conv layer", lambda m, ae, inn, e: LayerRepresentation(m, "cnn.relu3").encode(X), ValueError, "vector layer"),
         ("ActNorm batch of one", lambda m, ae, inn, e: ActNorm(4)(torch.randn(1, 4)), ValueError, "batch"),
         ("autoencoder data with NaN", lambda m, ae, inn, e: fit_autoencoder(X * float("nan"), latent_dim=4, steps=1, progress=False), ValueError, "NaN"),
+        ("cached data with NaN", lambda m, ae, inn, e: cache_features(m, "cnn.logits", ae, X * float("nan"), progress=False), ValueError, "NaN or infinite pixels"),
+        ("classifier data with inf", lambda m, ae, inn, e: fit_classifier(m, (X / 0, torch.zeros(3)), steps=1, progress=False), ValueError, "NaN or infinite"),
+        ("metric samples with NaN", lambda m, ae, inn, e: prediction_agreement(m, X, X[:, None] * float("nan")), ValueError, "`samples` contains NaN"),
         ("fit without data or cache", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", steps=1, progress=False), ValueError, "`autoencoder` and `data`"),
         ("layer_overrides for a layer not fitted", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, progress=False, layer_overrides={"cnn.fc": {}}), ValueError, "layer_overrides"),
         ("re-encoding with one original", lambda m, ae, inn, e: reencode_similarity(m, "cnn.fc", X[:1], X[:1, None]), ValueError, "at least 2"),

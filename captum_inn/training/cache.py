@@ -138,6 +138,8 @@ def cache_features(
     bar = tqdm(total=count_images(data), desc="caching features", disable=not progress, leave=False, unit="img")
     with eval_mode(autoencoder), bar:
         for images in iter_image_batches(data, batch_size):
+            if images.is_floating_point() and not torch.isfinite(images).all():
+                raise ValueError("`data` contains NaN or infinite pixels; clean the images before caching features.")
             images = images.to(device)
             with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
                             selector=selector, stop_early=True) as hooks:

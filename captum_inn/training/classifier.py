@@ -104,6 +104,8 @@ def fit_classifier(
     """
     images, labels = _as_labelled(data)
     images, labels = images.to(device), labels.to(device).long()
+    if images.is_floating_point() and not torch.isfinite(images).all():
+        raise ValueError("`data` contains NaN or infinite pixels; clean the images before training.")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"`data` has {images.shape[0]} images but {labels.shape[0]} labels.")
     model.to(device)

@@ -53,6 +53,11 @@ class LayerConcepts(LayerAttribution):
         selector: Picks the tensor from a non-tensor layer output.
         image_input: Which of the (tuple) inputs is the image.
 
+    Every method reads the layer with hooks that are removed when the call ends, normally or not,
+    and leaves the model's training flags as they were. A model in training mode with batch norm or
+    dropout triggers a ``UserWarning`` (its activations would depend on the batch): call
+    ``model.eval()`` first. Inputs must be on the device of the fitted INN.
+
     Examples::
 
         >>> from captum_inn.models import SmallCNN

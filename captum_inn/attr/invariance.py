@@ -50,6 +50,11 @@ class LayerInvariance(LayerAttribution):
         selector: Picks the tensor from a non-tensor layer output (see :class:`captum_inn.capture.LayerHooks`).
         image_input: Which of the (tuple) inputs is the image the autoencoder encodes.
 
+    Every method reads the layer with hooks that are removed when the call ends, normally or not,
+    and leaves the model's training flags as they were. A model in training mode with batch norm or
+    dropout triggers a ``UserWarning`` (its activations would depend on the batch): call
+    ``model.eval()`` first. Inputs must be on the device of the fitted INN.
+
     Examples::
 
         >>> from captum_inn.models import SmallCNN

@@ -384,9 +384,9 @@ class LayerConcepts(LayerAttribution):
         target: TargetType = None,
         additional_forward_args: Any = None,
         baselines: Optional[Tensor] = None,
-        n_steps: int = 50,
-        method: str = "gausslegendre",
-        internal_batch_size: Optional[int] = None,
+        n_steps: int = 512,
+        method: str = "riemann_trapezoid",
+        internal_batch_size: Optional[int] = 256,
         return_convergence_delta: bool = False,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """Concept attributions: Integrated Gradients in factor space, summed per concept.
@@ -403,9 +403,13 @@ class LayerConcepts(LayerAttribution):
             additional_forward_args: Extra arguments of ``forward_func``.
             baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``; for an image
                 baseline pass :meth:`factors` of it.
-            n_steps: Integration steps.
+            n_steps: Integration steps. The path runs through the decoder and the model, whose ReLUs
+                put kinks on it; Gauss–Legendre quadrature is erratic there (50 steps left up to
+                2.6% completeness error on ColorDigits, 200 steps still 2.6%), so the default is
+                512 trapezoid steps (at most 0.4%).
             method: Captum's integration method.
-            internal_batch_size: Path points per forward pass.
+            internal_batch_size: Path points per forward pass (``None``: all at once, which for
+                512 steps can need gigabytes).
             return_convergence_delta: Also return the per-input completeness error.
 
         Returns:

@@ -20,6 +20,7 @@ from captum_inn.models import SmallCNN
 from captum_inn.training import (
     LayerRepresentation,
     cache_features,
+    estimate_factor_sizes,
     fit_autoencoder,
     fit_concepts,
     fit_invariances,
@@ -172,6 +173,13 @@ ENTRY_POINTS = {
     "fit_invariances": lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, n_blocks=1, hidden=8, progress=False),
     "reencode_similarity": lambda m, ae, inn, e: reencode_similarity(m, "cnn.fc", X, X[:, None]),
     "LayerRepresentation.encode": lambda m, ae, inn, e: LayerRepresentation(m, "cnn.fc").encode(X),
+    "LayerInvariance.reconstruct": lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).reconstruct(X),
+    "LayerConcepts.factors (layer)": lambda m, ae, inn, e: LayerConcepts(m, "cnn.fc", _layer_e(m), None).factors(X),
+    "LayerConcepts.decompose": lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae).decompose(X),
+    "LayerConcepts.encoded_summary": lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae, invariance_inn=inn).encoded_summary(X, n_samples=2),
+    "fit_concepts (layer)": lambda m, ae, inn, e: fit_concepts((m, "cnn.fc"), [ConceptPairs.from_labels("x", X, [0, 0, 1])], steps=1, pool_size=4, n_blocks=1, hidden=8, progress=False),
+    "estimate_factor_sizes (layer)": lambda m, ae, inn, e: estimate_factor_sizes((m, "cnn.fc"), [ConceptPairs.from_labels("x", X, [0, 0, 1])], n_pairs=4),
+    "prediction_agreement": lambda m, ae, inn, e: prediction_agreement(m, X, X[:, None]),
 }
 
 
@@ -183,7 +191,7 @@ def _layer_e(model):
     return e.eval()
 
 
-MODEL_FREE = {"LayerConcepts.edit"}  # decodes edited codes; the model does not run, so it cannot fail mid-call
+MODEL_FREE = {"LayerConcepts.edit", "LayerInvariance.reconstruct", "LayerConcepts.decompose"}  # decodes edited codes; the model does not run, so it cannot fail mid-call
 
 
 @pytest.mark.parametrize("how", ["normal", "error", "keyboard_interrupt"])

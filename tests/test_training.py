@@ -233,5 +233,9 @@ def test_divergence_stops_with_a_clear_error(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     cache = cache_features(model, "logits", autoencoder, images, progress=False)
     cache.code_mean[3] = float("inf")
-    with pytest.raises(FloatingPointError, match="at step .*Lower the learning rate"):
+    with pytest.raises(ValueError, match="code_mean contains NaN or infinite"):  # rejected before training
         fit_invariances(model, "logits", cache=cache, steps=50, checkpoint_dir=str(tmp_path), progress=False, **TINY)
+    cache.code_mean[3] = 0.0
+    with pytest.raises(FloatingPointError, match=r"at step \d+\. Lower the learning rate \(now inf\)"):
+        fit_invariances(model, "logits", cache=cache, steps=50, checkpoint_dir=str(tmp_path), progress=False,
+                        **{**TINY, "lr": float("inf")})

@@ -201,6 +201,11 @@ def fit_invariances(
     missing = [n for n in names if n not in cache.layers]
     if missing:
         raise ValueError(f"The cache holds layers {sorted(cache.layers)}, not {missing}; cache them first.")
+    for label, values in (("code_mean", cache.code_mean), ("code_std", cache.code_std),
+                          *((f"layer {n!r}", cache.layers[n]) for n in names)):
+        if not torch.isfinite(values).all():
+            raise ValueError(f"The feature cache's {label} contains NaN or infinite values; check the images, "
+                             "the model and the encoder.")
     if len(cache) < 2:
         raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}.")
     device = torch.device(device)

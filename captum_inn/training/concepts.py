@@ -195,6 +195,16 @@ def _score(pool: _PairPool) -> float:
     return shared if pool.concept.relation == "share" else 1.0 - shared
 
 
+def _scores(pools: Sequence[_PairPool]) -> Dict[str, float]:
+    return {pool.concept.name: _score(pool) for pool in pools}
+
+
+def _pools_for(representation: Any, concepts: Any, n_pairs: int, seed: int, device: Union[str, torch.device],
+               progress: bool) -> List[_PairPool]:
+    encode, _ = _as_encoder(representation)
+    return _encode_pools(encode, as_concepts(concepts), n_pairs, seed, torch.device(device), progress)
+
+
 def concept_scores(
     representation: Any, concepts: Any, *, n_pairs: int = 2000, seed: int = 0,
     device: Union[str, torch.device] = "cpu", progress: bool = False,
@@ -215,9 +225,7 @@ def concept_scores(
     Returns:
         ``{concept: score}`` in the concepts' order.
     """
-    encode, _ = _as_encoder(representation)
-    pools = _encode_pools(encode, as_concepts(concepts), n_pairs, seed, torch.device(device), progress)
-    return {pool.concept.name: _score(pool) for pool in pools}
+    return _scores(_pools_for(representation, concepts, n_pairs, seed, device, progress))
 
 
 def estimate_factor_sizes(
@@ -247,9 +255,8 @@ def estimate_factor_sizes(
         >>> sum(sizes.values()), list(sizes)
         (6, ['parity', 'residual'])
     """
-    encode, _ = _as_encoder(representation)
-    pools = _encode_pools(encode, as_concepts(concepts), n_pairs, seed, torch.device(device), progress)
-    scores = {pool.concept.name: _score(pool) for pool in pools}
+    pools = _pools_for(representation, concepts, n_pairs, seed, device, progress)
+    scores = _scores(pools)
     return factor_sizes_from_scores(scores, pools[0].mean_a.shape[1], residual=RESIDUAL), scores
 
 
@@ -364,7 +371,7 @@ def fit_concepts(
         raise ValueError(f"The representation has {dim} dimensions, too few for {len(names)} concepts and a residual.")
     scores = None
     if factor_sizes is None:
-        scores = {pool.concept.name: _score(pool) for pool in pools}
+        scores = _scores(pools)
         sizes = factor_sizes_from_scores(scores, dim, residual=RESIDUAL)
     else:
         sizes = _check_sizes(factor_sizes, names, dim)

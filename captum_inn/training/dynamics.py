@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn.attr.concepts import LayerConcepts
-from captum_inn.capture import LayerHooks, resolve_layer
+from captum_inn.capture import capture, resolve_layer
 from captum_inn.inn import FactorINN
 from captum_inn.training.cache import FeatureCache, cache_features
 from captum_inn.training.classifier import accuracy
@@ -116,17 +116,8 @@ class ConceptDynamics:
 
 
 def _layer_features(model: nn.Module, layer: str, data: Any, device: torch.device, batch_size: int = 256) -> Tensor:
-    chunks = []
-    was_training = model.training
-    model.eval()
-    try:
-        for images in iter_image_batches(data, batch_size):
-            with LayerHooks(model, layer, stop_early=True) as hooks, torch.no_grad():
-                hooks.run(images.to(device))
-                chunks.append(hooks[layer].cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(chunks)
+    """The layer's activations over ``data`` (model in eval mode, its mode restored)."""
+    return torch.cat([capture(model, layer, images.to(device)).cpu() for images in iter_image_batches(data, batch_size)])
 
 
 def concept_dynamics(

@@ -1,10 +1,15 @@
-"""Feature caches: run the analysed network and the encoder once per image, train flows from the cache."""
+"""Feature caches: run the analysed network and the encoder once per image, train flows from the cache.
+
+A cache lives in memory (tensors) or, for datasets larger than memory, in a folder of ``.npy``
+files read by rows (:class:`~captum_inn.training.disk.DiskArray`), so the memory of a fit does
+not grow with the number of images.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -14,13 +19,20 @@ from captum_inn._captum_compat import _format_additional_forward_args
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import LayerHooks, eval_mode, resolve_layer
 from captum_inn.training.data import count_images, iter_image_batches
+from captum_inn.training.disk import DiskArray, DiskArrayWriter, iter_rows, read_manifest, write_manifest
 
 __all__ = ["FeatureCache", "cache_features"]
+
+Array = Union[Tensor, DiskArray]
+_DISK_FORMAT = 1
 
 
 @dataclass
 class FeatureCache:
     """What flows train on: per image, the code posterior and the activations of hooked layers.
+
+    Every array is a tensor or a :class:`~captum_inn.training.disk.DiskArray` (see
+    :meth:`open`); both are indexed by rows in the same way.
 
     Attributes:
         code_mean: ``(N, d)`` posterior means of ``z̄ = E(x)``.
@@ -29,9 +41,9 @@ class FeatureCache:
         model_class: Qualified class name of the analysed model.
     """
 
-    code_mean: Tensor
-    code_std: Tensor
-    layers: Dict[str, Tensor] = field(default_factory=dict)
+    code_mean: Array
+    code_std: Array
+    layers: Dict[str, Array] = field(default_factory=dict)
     model_class: str = ""
 
     def __len__(self) -> int:
@@ -46,6 +58,20 @@ class FeatureCache:
         """Per-sample shape of layer ``name``."""
         return tuple(self.layers[name].shape[1:])
 
+    @property
+    def on_disk(self) -> bool:
+        """Whether the arrays are read from disk (:meth:`open`) rather than held in memory."""
+        return isinstance(self.code_mean, DiskArray)
+
+    def check_finite(self, layers: Optional[Sequence[str]] = None) -> None:
+        """Raise ``ValueError`` when the codes or the given layers hold NaN or inf (scanned in blocks)."""
+        names = list(self.layers) if layers is None else list(layers)
+        for label, values in (("code_mean", self.code_mean), ("code_std", self.code_std),
+                              *((f"layer {n!r}", self.layers[n]) for n in names)):
+            if not all(torch.isfinite(block).all() for block in iter_rows(values)):
+                raise ValueError(f"The feature cache's {label} contains NaN or infinite values; check the images, "
+                                 "the model and the encoder.")
+
     def sample_codes(self, index: Tensor, generator: torch.Generator) -> Tensor:
         """Posterior samples ``mean + std · ε`` of the codes at ``index`` (DESIGN.md §5: not the mean)."""
         mean, std = self.code_mean[index], self.code_std[index]
@@ -55,6 +81,8 @@ class FeatureCache:
     def save(self, path: Union[str, Path]) -> Path:
         """Write the cache to one safetensors file, atomically (a resumed fit reads it back).
 
+        This loads every array into memory; a cache on disk is already saved (see :meth:`open`).
+
         Args:
             path: Target ``.safetensors`` file.
 
@@ -63,8 +91,8 @@ class FeatureCache:
         """
         from captum_inn.training.checkpoint import save_checkpoint
 
-        tensors = {"code_mean": self.code_mean, "code_std": self.code_std,
-                   **{f"layer.{name}": value for name, value in self.layers.items()}}
+        tensors = {"code_mean": self.code_mean[:], "code_std": self.code_std[:],
+                   **{f"layer.{name}": value[:] for name, value in self.layers.items()}}
         meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), "model_class": self.model_class}}
         return save_checkpoint(path, tensors, meta)
 
@@ -85,6 +113,76 @@ class FeatureCache:
         return cls(tensors["code_mean"], tensors["code_std"], {n: tensors[f"layer.{n}"] for n in names},
                    meta["config"]["model_class"])
 
+    @classmethod
+    def open(cls, folder: Union[str, Path]) -> Optional[FeatureCache]:
+        """Open a cache that :func:`cache_features` wrote to ``memmap_dir``; ``None`` if it is incomplete.
+
+        Args:
+            folder: The folder (``manifest.json`` plus one ``.npy`` file per array).
+
+        Returns:
+            A :class:`FeatureCache` whose arrays are :class:`~captum_inn.training.disk.DiskArray`,
+            or ``None`` when the folder holds no finished cache (the manifest is written last).
+        """
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        if manifest is None:
+            return None
+        if manifest.get("kind") != "feature_cache" or manifest.get("format_version", 0) > _DISK_FORMAT:
+            raise ValueError(f"{str(folder)!r} does not hold a feature cache this version can read ({manifest.get('kind')}, "
+                             f"format {manifest.get('format_version')}); delete it to recompute.")
+        arrays = {key: DiskArray(folder / file) for key, file in manifest["files"].items()}
+        if {len(a) for a in arrays.values()} != {manifest["n"]}:
+            raise ValueError(f"The arrays in {str(folder)!r} do not all have {manifest['n']} rows; delete it to recompute.")
+        return cls(arrays.pop("code_mean"), arrays.pop("code_std"),
+                   {name: arrays[f"layer.{name}"] for name in manifest["layers"]}, manifest["model_class"])
+
+
+class _MemorySink:
+    """Collects per-batch arrays in memory."""
+
+    def __init__(self) -> None:
+        self.parts: Dict[str, List[Tensor]] = {}
+
+    def append(self, key: str, rows: Tensor) -> None:
+        self.parts.setdefault(key, []).append(rows.cpu())
+
+    def finish(self, model_class: str, layers: Sequence[str]) -> FeatureCache:
+        arrays = {key: torch.cat(parts) for key, parts in self.parts.items()}
+        return FeatureCache(arrays["code_mean"], arrays["code_std"], {n: arrays[f"layer.{n}"] for n in layers}, model_class)
+
+    def abort(self) -> None:
+        self.parts.clear()
+
+
+class _DiskSink:
+    """Streams per-batch arrays into ``.npy`` files; the manifest, written last, marks the cache complete."""
+
+    def __init__(self, folder: Union[str, Path], n_rows: Optional[int]) -> None:
+        if n_rows is None:
+            raise ValueError("`memmap_dir` needs data of known length (a tensor, a sized Dataset or a DataLoader over "
+                             "one), because the files are sized up front.")
+        self.folder, self.n_rows = Path(folder), n_rows
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "manifest.json").unlink(missing_ok=True)  # the old cache is being replaced
+        self.writers: Dict[str, DiskArrayWriter] = {}
+
+    def append(self, key: str, rows: Tensor) -> None:
+        if key not in self.writers:
+            file = "".join(c if c.isalnum() or c in "._-" else "_" for c in key) + ".npy"
+            self.writers[key] = DiskArrayWriter(self.folder / file, self.n_rows, rows.shape[1:])
+        self.writers[key].append(rows)
+
+    def finish(self, model_class: str, layers: Sequence[str]) -> FeatureCache:
+        files = {key: writer.close().name for key, writer in self.writers.items()}
+        write_manifest(self.folder, {"kind": "feature_cache", "format_version": _DISK_FORMAT, "n": self.n_rows,
+                                     "layers": list(layers), "model_class": model_class, "files": files})
+        return FeatureCache.open(self.folder)
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
 
 @torch.no_grad()
 def cache_features(
@@ -98,6 +196,7 @@ def cache_features(
     attribute_to_layer_input: bool = False,
     selector: Any = None,
     additional_forward_args: Any = None,
+    memmap_dir: Optional[Union[str, Path]] = None,
     progress: bool = True,
 ) -> FeatureCache:
     """One pass over ``data``: hooked activations of every layer and the code posterior per image.
@@ -116,6 +215,9 @@ def cache_features(
         attribute_to_layer_input: Hook layer inputs instead of outputs.
         selector: Picks a tensor from non-tensor layer outputs (see :class:`captum_inn.capture.LayerHooks`).
         additional_forward_args: Extra arguments of ``model`` after the images.
+        memmap_dir: Write the cache to this folder (one ``.npy`` file per array) instead of
+            memory, for datasets whose features do not fit in memory; reopen it later with
+            :meth:`FeatureCache.open`. ``data`` must have a known length.
         progress: Show a progress bar.
 
     Returns:
@@ -134,31 +236,32 @@ def cache_features(
     layer_list = list(layers) if isinstance(layers, (list, tuple)) else [layers]
     names = [resolve_layer(model, layer)[0] for layer in layer_list]
     extra = _format_additional_forward_args(additional_forward_args) or ()
-    means, stds, acts = [], [], {name: [] for name in names}
-    bar = tqdm(total=count_images(data), desc="caching features", disable=not progress, leave=False, unit="img")
-    with eval_mode(autoencoder), bar:
-        for images in iter_image_batches(data, batch_size):
-            if images.is_floating_point() and not torch.isfinite(images).all():
-                raise ValueError("`data` contains NaN or infinite pixels; clean the images before caching features.")
-            images = images.to(device)
-            with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
-                            selector=selector, stop_early=True) as hooks:
-                hooks.run(images, *extra)
-                values = dict(hooks.values)
-            for name in names:
-                if name not in values:
-                    raise ValueError(
-                        f"layer {name!r} did not run during the forward pass; check that it is used "
-                        "in model.forward."
-                    )
-                acts[name].append(values[name].cpu())
-            mean, std = encode_posterior(autoencoder, images)
-            means.append(mean.cpu())
-            stds.append(std.cpu())
-            bar.update(images.shape[0])
-    return FeatureCache(
-        code_mean=torch.cat(means),
-        code_std=torch.cat(stds),
-        layers={name: torch.cat(chunks) for name, chunks in acts.items()},
-        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
-    )
+    n_images = count_images(data)
+    sink = _MemorySink() if memmap_dir is None else _DiskSink(memmap_dir, n_images)
+    bar = tqdm(total=n_images, desc="caching features", disable=not progress, leave=False, unit="img")
+    try:
+        with eval_mode(autoencoder), bar:
+            for images in iter_image_batches(data, batch_size):
+                if images.is_floating_point() and not torch.isfinite(images).all():
+                    raise ValueError("`data` contains NaN or infinite pixels; clean the images before caching features.")
+                images = images.to(device)
+                with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
+                                selector=selector, stop_early=True) as hooks:
+                    hooks.run(images, *extra)
+                    values = dict(hooks.values)
+                for name in names:
+                    if name not in values:
+                        raise ValueError(
+                            f"layer {name!r} did not run during the forward pass; check that it is used "
+                            "in model.forward."
+                        )
+                    sink.append(f"layer.{name}", values[name])
+                mean, std = encode_posterior(autoencoder, images)
+                sink.append("code_mean", mean)
+                sink.append("code_std", std)
+                bar.update(images.shape[0])
+    except BaseException:
+        sink.abort()  # no half-written cache is left behind
+        raise
+    return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names)
+

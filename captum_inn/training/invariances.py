@@ -9,8 +9,10 @@ the layer discarded (DESIGN.md §2). The network and the encoder run once per im
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
@@ -71,6 +73,8 @@ class InvarianceConfig:
 
 #: File name of the feature cache that :func:`fit_invariances` keeps in ``checkpoint_dir``.
 CACHE_FILE = "features.safetensors"
+#: Folder of the on-disk feature cache (``memmap=True``) in ``checkpoint_dir``.
+CACHE_DIR = "features"
 
 
 def checkpoint_name(layer: str) -> str:
@@ -138,6 +142,7 @@ def fit_invariances(
     resume: bool = True,
     progress: bool = True,
     layer_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    memmap: bool = False,
     **overrides: Any,
 ) -> Union[ConditionalINN, Dict[str, ConditionalINN]]:
     """Fit the conditional INN ``t(z̄ | Φ(x))`` of one or several hooked layers.
@@ -160,6 +165,9 @@ def fit_invariances(
         progress: Show progress bars.
         layer_overrides: ``{layer name: {field: value}}``, settings for single layers on top of
             ``config`` and ``overrides`` (e.g. a lower learning rate for a low-dimensional layer).
+        memmap: Keep the feature cache on disk (``checkpoint_dir/features/``, or a temporary
+            folder without ``checkpoint_dir``) and read minibatches from it, so memory does not
+            grow with the dataset (see :func:`~captum_inn.training.cache.cache_features`).
         **overrides: Fields of :class:`InvarianceConfig`.
 
     Returns:
@@ -183,38 +191,51 @@ def fit_invariances(
     from captum_inn.capture import resolve_layer
 
     names = [resolve_layer(model, layer)[0] for layer in layer_list]
-    cache_path = Path(checkpoint_dir) / CACHE_FILE if checkpoint_dir else None
-    if cache is None and resume and cache_path is not None and cache_path.exists():
-        cache = FeatureCache.load(cache_path)  # a resumed fit continues on the very same features
-        if not set(names) <= set(cache.layers):
-            cache = None  # cached for other layers: compute afresh below
-    if cache is None:
-        if autoencoder is None or data is None:
-            raise ValueError("Pass `autoencoder` and `data` (or a precomputed `cache`).")
-        cache = cache_features(model, layer_list, autoencoder, data, device=device, progress=progress)
-        if cache_path is not None:
-            cache.save(cache_path)
-    layer_overrides = dict(layer_overrides or {})
-    unknown = sorted(set(layer_overrides) - set(names))
-    if unknown:
-        raise ValueError(f"`layer_overrides` names layers {unknown} that are not fitted here ({names}).")
-    missing = [n for n in names if n not in cache.layers]
-    if missing:
-        raise ValueError(f"The cache holds layers {sorted(cache.layers)}, not {missing}; cache them first.")
-    for label, values in (("code_mean", cache.code_mean), ("code_std", cache.code_std),
-                          *((f"layer {n!r}", cache.layers[n]) for n in names)):
-        if not torch.isfinite(values).all():
-            raise ValueError(f"The feature cache's {label} contains NaN or infinite values; check the images, "
-                             "the model and the encoder.")
-    if len(cache) < 2:
-        raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}.")
-    device = torch.device(device)
-    inns = {}
-    for name in names:
-        path = str(Path(checkpoint_dir) / checkpoint_name(name)) if checkpoint_dir else None
-        layer_config = InvarianceConfig(**{**asdict(config), **layer_overrides.get(name, {})})
-        inns[name] = _train_one(cache, name, layer_config, device, path, resume, progress)
+    with contextlib.ExitStack() as stack:
+        cache = _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device,
+                           progress, stack)
+        layer_overrides = dict(layer_overrides or {})
+        unknown = sorted(set(layer_overrides) - set(names))
+        if unknown:
+            raise ValueError(f"`layer_overrides` names layers {unknown} that are not fitted here ({names}).")
+        missing = [n for n in names if n not in cache.layers]
+        if missing:
+            raise ValueError(f"The cache holds layers {sorted(cache.layers)}, not {missing}; cache them first.")
+        cache.check_finite(names)
+        if len(cache) < 2:
+            raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}.")
+        device = torch.device(device)
+        inns = {}
+        for name in names:
+            path = str(Path(checkpoint_dir) / checkpoint_name(name)) if checkpoint_dir else None
+            layer_config = InvarianceConfig(**{**asdict(config), **layer_overrides.get(name, {})})
+            inns[name] = _train_one(cache, name, layer_config, device, path, resume, progress)
     return inns[names[0]] if single else inns
+
+
+def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device, progress,
+               stack: contextlib.ExitStack) -> FeatureCache:
+    """The given cache, the one a resumed fit left in ``checkpoint_dir``, or a fresh one (saved there)."""
+    if cache is not None:
+        return cache
+    if memmap:
+        folder = Path(checkpoint_dir) / CACHE_DIR if checkpoint_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        reused = FeatureCache.open(folder) if resume else None
+        if reused is not None and set(names) <= set(reused.layers):
+            return reused  # a resumed fit continues on the very same features
+    else:
+        cache_path = Path(checkpoint_dir) / CACHE_FILE if checkpoint_dir else None
+        if resume and cache_path is not None and cache_path.exists():
+            reused = FeatureCache.load(cache_path)
+            if set(names) <= set(reused.layers):
+                return reused
+    if autoencoder is None or data is None:
+        raise ValueError("Pass `autoencoder` and `data` (or a precomputed `cache`).")
+    cache = cache_features(model, layer_list, autoencoder, data, device=device, progress=progress,
+                           memmap_dir=folder if memmap else None)
+    if not memmap and cache_path is not None:
+        cache.save(cache_path)
+    return cache
 
 
 def save_invariance_inn(path: str, inn: ConditionalINN) -> Path:

@@ -1,0 +1,209 @@
+"""Arrays on disk that are read by rows, so a fit's memory does not grow with its dataset.
+
+A :class:`DiskArray` is a float32 ``.npy`` file (NumPy's documented format, read with
+``allow_pickle`` off). Indexing it reads just the requested rows with plain file reads into a
+fresh tensor. Rows are not memory-mapped into the process: pages touched through a mapping count
+towards the process's resident memory until the kernel reclaims them, so a fit that samples every
+row would grow with the file. The kernel's page cache still keeps hot rows fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["DiskArray", "DiskArrayWriter", "iter_rows", "read_manifest", "write_manifest"]
+
+_DTYPE = np.dtype("<f4")
+
+
+class DiskArray:
+    """A read-only float32 ``.npy`` array on disk, indexed by rows like a tensor.
+
+    Supports ``len``, ``shape``, ``array[i]``, ``array[a:b]`` and ``array[index_tensor]`` (any
+    order, repeats allowed); each returns a new CPU tensor. Also usable as a map-style ``Dataset``
+    of images (``array[i]`` is one image).
+
+    Args:
+        path: A C-ordered little-endian float32 ``.npy`` file (as :class:`DiskArrayWriter` writes).
+
+    Examples::
+
+        >>> import tempfile, os, numpy as np
+        >>> p = os.path.join(tempfile.mkdtemp(), "a.npy")
+        >>> np.save(p, np.arange(12, dtype="<f4").reshape(4, 3))
+        >>> a = DiskArray(p)
+        >>> a.shape, a[torch.tensor([3, 0, 3])][:, 0].tolist()
+        (torch.Size([4, 3]), [9.0, 0.0, 9.0])
+    """
+
+    def __init__(self, path: Union[str, os.PathLike]) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+            except ValueError as error:
+                raise ValueError(f"{str(self.path)!r} is not a readable .npy file ({error}).") from None
+            self._offset = f.tell()
+        if fortran or np.dtype(dtype) != _DTYPE or len(shape) < 1:
+            raise ValueError(f"{str(self.path)!r} must hold a C-ordered float32 array, found {dtype} "
+                             f"{'Fortran' if fortran else 'C'}-ordered with shape {shape}.")
+        self.shape = torch.Size(shape)
+        self._row_shape = tuple(shape[1:])
+        self._row_bytes = int(np.prod(self._row_shape, dtype=np.int64)) * _DTYPE.itemsize
+        expected = self._offset + self._row_bytes * shape[0]
+        if self.path.stat().st_size < expected:
+            raise ValueError(f"{str(self.path)!r} is truncated: {self.path.stat().st_size} bytes, "
+                             f"{expected} expected for shape {shape}. Recompute it.")
+        self._file = open(self.path, "rb", buffering=0)
+        self._lock = threading.Lock()  # seek + read must not interleave between threads
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def __getitem__(self, index: Any) -> Tensor:
+        if isinstance(index, (int, np.integer)):
+            return self[torch.tensor([int(index)])][0]
+        if isinstance(index, slice):
+            return self[torch.arange(len(self))[index]]
+        rows = np.asarray(index.cpu() if isinstance(index, Tensor) else index, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"Row index out of range for {len(self)} rows.")
+        rows = np.where(rows < 0, rows + len(self), rows)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        buffer = np.empty((unique.size, *self._row_shape), dtype=_DTYPE)
+        # read runs of consecutive rows with one call each
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+        with self._lock:
+            for run in np.split(np.arange(unique.size), breaks):
+                if run.size == 0:
+                    continue
+                self._file.seek(self._offset + int(unique[run[0]]) * self._row_bytes)
+                view = memoryview(buffer[run[0] : run[-1] + 1].reshape(-1).view(np.uint8))
+                if self._file.readinto(view) != len(view):
+                    raise ValueError(f"{str(self.path)!r} ended early; it was changed or truncated.")
+        return torch.from_numpy(buffer if np.array_equal(unique, rows) else buffer[inverse.reshape(-1)])
+
+    def close(self) -> None:
+        """Close the file (the array cannot be read afterwards)."""
+        self._file.close()
+
+    def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen the file
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+    def __repr__(self) -> str:
+        return f"DiskArray({str(self.path)!r}, shape={tuple(self.shape)})"
+
+
+class DiskArrayWriter:
+    """Write a float32 ``.npy`` file row block by row block (the rows never sit in memory together).
+
+    The file is written under a temporary name and renamed when :meth:`close` finds all rows
+    written, so a half-written array is never mistaken for a complete one.
+
+    Args:
+        path: Target ``.npy`` file.
+        n_rows: Total number of rows.
+        row_shape: Shape of one row.
+
+    Examples::
+
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "a.npy")
+        >>> with DiskArrayWriter(p, 3, (2,)) as w:
+        ...     w.append(torch.ones(2, 2)); w.append(torch.zeros(1, 2))
+        >>> DiskArray(p)[:].sum().item()
+        4.0
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], n_rows: int, row_shape: Sequence[int]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.n_rows, self.row_shape, self.written = int(n_rows), tuple(int(s) for s in row_shape), 0
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._file = open(self._tmp, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(_DTYPE), "fortran_order": False,
+                  "shape": (self.n_rows, *self.row_shape)}
+        np.lib.format.write_array_header_2_0(self._file, header)
+
+    def append(self, rows: Tensor) -> None:
+        """Append a block of rows ``(B, *row_shape)``."""
+        if tuple(rows.shape[1:]) != self.row_shape:
+            raise ValueError(f"Rows of shape {tuple(rows.shape[1:])} do not match {self.row_shape} in {str(self.path)!r}.")
+        if self.written + rows.shape[0] > self.n_rows:
+            raise ValueError(f"More than the announced {self.n_rows} rows written to {str(self.path)!r}.")
+        self._file.write(rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        self.written += rows.shape[0]
+
+    def close(self) -> Path:
+        """Finish the file (fsync, rename into place) and return its path."""
+        if self._file.closed:
+            return self.path
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if self.written != self.n_rows:
+            self._tmp.unlink(missing_ok=True)
+            raise ValueError(f"{str(self.path)!r}: {self.written} rows written, {self.n_rows} announced.")
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> DiskArrayWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def iter_rows(array: Union[Tensor, DiskArray], chunk: int = 4096) -> Iterator[Tensor]:
+    """Blocks of ``chunk`` rows of a tensor or a :class:`DiskArray` (for scans that must not load it all)."""
+    for start in range(0, len(array), chunk):
+        yield array[start : start + chunk]
+
+
+def write_manifest(folder: Union[str, os.PathLike], document: Dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (it is written last: its presence marks a complete folder)."""
+    path = Path(folder) / "manifest.json"
+    tmp = path.with_name(".manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(folder: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
+    """The folder's ``manifest.json``, or ``None`` when the folder is incomplete."""
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is unreadable ({error}); delete the folder to recompute it.") from None

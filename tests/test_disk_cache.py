@@ -1,0 +1,134 @@
+"""Feature caches on disk: row reads equal the in-memory cache, fits are identical, incomplete or
+damaged folders are never used, and a resumed fit reuses the folder without rerunning the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.models import SmallCNN
+from captum_inn.training import FeatureCache, cache_features, fit_invariances
+from captum_inn.training.disk import DiskArray, DiskArrayWriter
+from captum_inn.training.invariances import CACHE_DIR
+
+torch.set_num_threads(1)
+
+TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16, batch_size=16)
+LAYERS = ["relu1", "fc", "logits"]
+
+
+class CountingCNN(SmallCNN):
+    def __init__(self):
+        super().__init__(width=4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += x.shape[0]
+        return super().forward(x)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def autoencoder():
+    torch.manual_seed(0)
+    return ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
+
+
+def test_disk_array_indexes_like_a_tensor(tmp_path):
+    data = torch.randn(50, 3, 4)
+    np.save(tmp_path / "a.npy", data.numpy())
+    array = DiskArray(tmp_path / "a.npy")
+    assert array.shape == data.shape and len(array) == 50
+    index = torch.tensor([7, 3, 3, 49, 0, 8, 9, 10, -1])
+    assert torch.equal(array[index], data[index])
+    assert torch.equal(array[5], data[5]) and torch.equal(array[10:20:3], data[10:20:3]) and torch.equal(array[:], data)
+    with pytest.raises(IndexError, match="out of range"):
+        array[torch.tensor([50])]
+
+
+def test_disk_array_refuses_other_dtypes_and_truncated_files(tmp_path):
+    np.save(tmp_path / "int.npy", np.arange(10))
+    with pytest.raises(ValueError, match="float32"):
+        DiskArray(tmp_path / "int.npy")
+    np.save(tmp_path / "ok.npy", np.zeros((10, 4), dtype="<f4"))
+    blob = (tmp_path / "ok.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(blob[:-20])
+    with pytest.raises(ValueError, match="truncated"):
+        DiskArray(tmp_path / "cut.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not an array at all")
+    with pytest.raises(ValueError, match="not a readable .npy"):
+        DiskArray(tmp_path / "junk.npy")
+
+
+def test_writer_refuses_wrong_rows_and_leaves_no_partial_file(tmp_path):
+    writer = DiskArrayWriter(tmp_path / "w.npy", 3, (2,))
+    with pytest.raises(ValueError, match="do not match"):
+        writer.append(torch.zeros(1, 3))
+    writer.append(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="2 rows written, 3 announced"):
+        writer.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_cache_equals_memory_cache(images, autoencoder, tmp_path):
+    model = SmallCNN(width=4).eval()
+    memory = cache_features(model, LAYERS, autoencoder, images, batch_size=16, progress=False)
+    disk = cache_features(model, LAYERS, autoencoder, images, batch_size=16, progress=False,
+                          memmap_dir=tmp_path / "cache")
+    assert disk.on_disk and not memory.on_disk
+    assert len(disk) == 40 and disk.latent_dim == 6 and disk.layer_shape("relu1") == memory.layer_shape("relu1")
+    for name in LAYERS:
+        assert torch.equal(disk.layers[name][:], memory.layers[name])
+    assert torch.equal(disk.code_mean[:], memory.code_mean) and torch.equal(disk.code_std[:], memory.code_std)
+    reopened = FeatureCache.open(tmp_path / "cache")
+    assert reopened.model_class == memory.model_class and list(reopened.layers) == LAYERS
+
+
+def test_fit_from_disk_equals_fit_from_memory(images, autoencoder, tmp_path):
+    torch.manual_seed(0)
+    model = SmallCNN(width=4).eval()
+    from_memory = fit_invariances(model, LAYERS[1:], autoencoder, images, steps=4, progress=False, **TINY)
+    from_disk = fit_invariances(model, LAYERS[1:], autoencoder, images, steps=4, progress=False, memmap=True, **TINY)
+    for name in LAYERS[1:]:
+        for a, b in zip(from_memory[name].state_dict().values(), from_disk[name].state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_interrupted_cache_pass_leaves_no_cache(images, autoencoder, tmp_path):
+    poisoned = images.clone()
+    poisoned[30] = float("nan")  # the third batch of 16 fails
+    with pytest.raises(ValueError, match="NaN or infinite pixels"):
+        cache_features(SmallCNN(width=4).eval(), LAYERS, autoencoder, poisoned, batch_size=16, progress=False,
+                       memmap_dir=tmp_path / "cache")
+    assert FeatureCache.open(tmp_path / "cache") is None
+    assert not list((tmp_path / "cache").glob("*.npy"))
+
+
+def test_resumed_fit_reuses_the_disk_cache(images, autoencoder, tmp_path):
+    model = CountingCNN().eval()
+    fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=str(tmp_path), memmap=True,
+                    progress=False, **TINY)
+    assert model.calls == 40 and FeatureCache.open(tmp_path / CACHE_DIR) is not None
+    fit_invariances(model, "fc", autoencoder, images, steps=4, checkpoint_dir=str(tmp_path), memmap=True,
+                    progress=False, **TINY)
+    assert model.calls == 40  # the network did not run again
+
+
+def test_disk_cache_needs_data_of_known_length(autoencoder, tmp_path):
+    stream = (torch.rand(4, 3, 32, 32) for _ in range(2))
+    with pytest.raises((ValueError, TypeError), match="known length|must be an image tensor"):
+        cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, stream, progress=False, memmap_dir=tmp_path)
+
+
+def test_disk_array_serves_as_an_image_dataset(images, autoencoder, tmp_path):
+    np.save(tmp_path / "images.npy", images.numpy())
+    model = SmallCNN(width=4).eval()
+    on_disk = cache_features(model, "fc", autoencoder, DiskArray(tmp_path / "images.npy"), batch_size=16, progress=False)
+    in_memory = cache_features(model, "fc", autoencoder, images, batch_size=16, progress=False)
+    assert torch.allclose(on_disk.layers["fc"], in_memory.layers["fc"], atol=1e-6)

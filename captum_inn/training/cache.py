@@ -19,7 +19,13 @@ from captum_inn._captum_compat import _format_additional_forward_args
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import LayerHooks, eval_mode, resolve_layer
 from captum_inn.training.data import count_images, iter_image_batches
-from captum_inn.training.disk import DiskArray, DiskArrayWriter, iter_rows, read_manifest, write_manifest
+from captum_inn.training.disk import (
+    DiskArray,
+    DiskArrayWriter,
+    iter_rows,
+    read_manifest,
+    write_manifest,
+)
 
 __all__ = ["FeatureCache", "cache_features"]
 

@@ -47,7 +47,7 @@ class Permutation(InvertibleModule):
     ) -> Tuple[Tensor, Tensor]:
         check_vector_batch(x, self.dim)
         index = self.inverse_perm if rev else self.perm
-        return x[:, index], x.new_zeros(x.shape[0])
+        return torch.index_select(x, 1, index), x.new_zeros(x.shape[0])  # = x[:, index], faster
 
     def extra_repr(self) -> str:
         return f"{self.dim}"

@@ -1,0 +1,127 @@
+"""The oneDNN evaluation of coupling subnets (captum_inn/inn/_fast.py) computes what the modules
+compute: outputs, log-determinants and every gradient agree with the module path in float32, and
+it steps aside where it does not apply."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from captum_inn.inn import AffineCoupling, SequentialFlow, _fast, flow_blocks
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.skipif(not _fast.fast_path_enabled(), reason="oneDNN linear kernel not available here")
+
+
+@pytest.fixture
+def module_path():
+    """Switch the fast path off inside the block (restored afterwards)."""
+    class Switch:
+        def __enter__(self):
+            _fast._STATE["enabled"] = False
+
+        def __exit__(self, *exc):
+            _fast._STATE["enabled"] = True
+
+    yield Switch()
+    _fast._STATE["enabled"] = True
+
+
+def _randomise(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _run(module, x, c, c_grad):
+    x = x.clone().requires_grad_()
+    c = None if c is None else c.clone().requires_grad_(c_grad)
+    module.zero_grad(set_to_none=True)
+    y, logdet = module(x) if c is None else module(x, c)
+    weights = torch.linspace(-1, 1, y.shape[1])
+    (0.3 * y.pow(2).sum() + logdet.sum() + (y * weights).sum()).backward()
+    return y, logdet, x.grad, None if c is None else c.grad, [p.grad for p in module.parameters()]
+
+
+def _assert_same(fast, reference):
+    """Equal up to float32 rounding, measured against each tensor's largest entry (summation order
+    differs between the BLAS libraries, and random flows have gradients spanning many magnitudes)."""
+    pairs = list(zip(fast[:4], reference[:4])) + list(zip(fast[4], reference[4]))
+    for a, b in pairs:
+        assert (a is None) == (b is None)
+        if a is not None:
+            error = float((a - b).abs().max())
+            assert error <= 1e-4 * float(b.abs().max()) + 1e-6, error
+
+
+@pytest.mark.parametrize("parity", [0, 1])
+@pytest.mark.parametrize("dim,cond_dim,clamp", [(2, 0, 1.0), (5, 3, 1.5), (8, 3, 1.0), (8, 0, 0.7)])
+@pytest.mark.parametrize("c_grad", [True, False])
+def test_coupling_matches_the_module_path(module_path, parity, dim, cond_dim, clamp, c_grad):
+    coupling = AffineCoupling(dim, hidden=16, cond_dim=cond_dim, parity=parity, clamp=clamp)
+    _randomise(coupling)
+    x = torch.randn(7, dim, generator=torch.Generator().manual_seed(1))
+    c = torch.randn(7, cond_dim, generator=torch.Generator().manual_seed(2)) if cond_dim else None
+    fast = _run(coupling, x, c, c_grad)
+    with module_path:
+        reference = _run(copy.deepcopy(coupling), x, c, c_grad)
+    _assert_same(fast, reference)
+
+
+@pytest.mark.parametrize("depth,batch,cond_dim", [(3, 9, 5), (1, 1, 0), (2, 64, 4)])
+def test_flow_matches_the_module_path(module_path, depth, batch, cond_dim):
+    flow = SequentialFlow(flow_blocks(16, 3, hidden=32, depth=depth, cond_dim=cond_dim))
+    args = (torch.randn(32, cond_dim),) if cond_dim else ()
+    with torch.no_grad():
+        flow(torch.randn(32, 16), *args)  # ActNorm initialisation
+    _randomise(flow)
+    x = torch.randn(batch, 16, generator=torch.Generator().manual_seed(3))
+    c = torch.randn(batch, cond_dim, generator=torch.Generator().manual_seed(4)) if cond_dim else None
+    fast = _run(flow, x, c, True)
+    with module_path:
+        reference = _run(copy.deepcopy(flow), x, c, True)
+    _assert_same(fast, reference)
+
+
+def test_frozen_parameters_and_inverse(module_path):
+    flow = SequentialFlow(flow_blocks(16, 2, hidden=32, cond_dim=4))
+    c = torch.randn(6, 4)
+    with torch.no_grad():
+        flow(torch.randn(32, 16), torch.randn(32, 4))
+    _randomise(flow)
+    flow.requires_grad_(False)
+    x = torch.randn(6, 16, requires_grad=True)
+    y, logdet = flow(x, c)
+    logdet.sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in flow.parameters())
+    with torch.no_grad():
+        back, logdet_rev = flow(y, c, rev=True)
+    scale = max(1.0, float(y.abs().max()))
+    assert torch.allclose(back, x, atol=2e-4 * scale) and torch.allclose(logdet, -logdet_rev, atol=1e-3)
+
+
+def test_steps_aside_for_hooks_float64_and_when_switched_off(monkeypatch):
+    coupling = AffineCoupling(6, hidden=8, cond_dim=2)
+    calls = []
+    coupling.subnet[0].register_forward_hook(lambda *args: calls.append(1))
+    coupling(torch.randn(3, 6), torch.randn(3, 2))
+    assert calls == [1]  # a hooked subnet runs as a module, so its hooks fire
+    plain = AffineCoupling(6, hidden=8).double()
+    y, _ = plain(torch.randn(3, 6, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    monkeypatch.setenv("CAPTUM_INN_ONEDNN", "0")
+    assert _fast._probe() is False
+
+
+def test_double_backward_raises_instead_of_a_wrong_result():
+    coupling = AffineCoupling(6, hidden=8, cond_dim=2)
+    _randomise(coupling)
+    x = torch.randn(4, 6, requires_grad=True)
+    y, _ = coupling(x, torch.randn(4, 2))
+    (grad,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()

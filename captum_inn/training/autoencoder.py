@@ -11,6 +11,7 @@ from torch import Tensor
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.training.checkpoint import load_checkpoint, strip_prefix
 from captum_inn.training.data import iter_image_batches
+from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import resume_key, train_loop
 
 __all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "images_as_tensor"]
@@ -69,7 +70,8 @@ def fit_autoencoder(
     """Train a :class:`~captum_inn.autoencoders.ConvAutoencoder` with a Gaussian posterior.
 
     The loss per image is the summed L1 reconstruction error of a posterior sample plus
-    ``kl_weight · KL(q(z̄|x) ‖ N(0, I))``. The images are held in memory.
+    ``kl_weight · KL(q(z̄|x) ‖ N(0, I))``. The images are held in memory (under ``torchrun``, each
+    process holds its shard; see :mod:`captum_inn.training.distributed`).
 
     Args:
         data: Images ``(N, C, H, W)``: a tensor, ``Dataset`` (``(image, label)`` items) or ``DataLoader``.
@@ -93,16 +95,19 @@ def fit_autoencoder(
     config = AutoencoderConfig(**{**asdict(config or AutoencoderConfig()), **overrides})
     if latent_dim is not None:
         config.latent_dim = int(latent_dim)
-    images = images_as_tensor(data).to(device)
+    world(device)  # joins torchrun's process group, if any, before the data is sharded
+    images = images_as_tensor(data)
     if images.dim() != 4 or images.shape[0] < 2:
         raise ValueError(f"`data` must hold at least 2 images (N, C, H, W), got shape {tuple(images.shape)}.")
+    images = shard_data(images).to(device)
+    batch = local_batch_size(config.batch_size, images.shape[0])
     if not torch.isfinite(images).all():
         raise ValueError("`data` contains NaN or infinite pixels; clean the images first.")
     torch.manual_seed(config.seed)  # only the weight initialisation draws from the global RNG
     model = ConvAutoencoder(tuple(images.shape[1:]), config.latent_dim, config.width, config.output).to(device)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
-        index = torch.randint(images.shape[0], (min(config.batch_size, images.shape[0]),), generator=generator)
+        index = torch.randint(images.shape[0], (batch,), generator=generator)
         x = images[index.to(images.device)]
         posterior = model.encode(x)
         eps = torch.randn(posterior.mean.shape, generator=generator).to(device)

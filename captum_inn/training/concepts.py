@@ -34,6 +34,7 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
     strip_prefix,
 )
+from captum_inn.training.distributed import gather_rows, local_batch_size, world
 from captum_inn.training.loop import resume_key, train_loop
 
 __all__ = [
@@ -284,6 +285,10 @@ def _check_sizes(factor_sizes: Mapping[str, int], names: Sequence[str], dim: int
     return sizes
 
 
+# Rank r encodes its pairs with seed + stride · r, so the ranks' pairs differ.
+_RANK_POOL_SEED = 7919
+
+
 def _pair_masks(inn: FactorINN, concepts: Sequence[ConceptPairs]) -> Tensor:
     """``(K, d)`` bool: which output dimensions of ``e`` are correlated within a pair of concept k."""
     masks = torch.zeros(len(concepts), inn.dim, dtype=torch.bool)
@@ -365,7 +370,13 @@ def fit_concepts(
     names = [c.name for c in concept_list]
     device = torch.device(device)
     encode, describe = _as_encoder(representation)
-    pools = _encode_pools(encode, concept_list, config.pool_size, config.seed, device, progress)
+    rank, n_ranks = world(device)
+    # under torchrun each process encodes its share of the pairs; all then train on the union
+    pools = _encode_pools(encode, concept_list, config.pool_size // n_ranks, config.seed + _RANK_POOL_SEED * rank,
+                          device, progress and rank == 0)
+    for pool in pools:
+        for key in ("mean_a", "std_a", "mean_b", "std_b"):
+            setattr(pool, key, gather_rows(getattr(pool, key)))
     dim = pools[0].mean_a.shape[1]
     if dim < len(names) + 1:
         raise ValueError(f"The representation has {dim} dimensions, too few for {len(names)} concepts and a residual.")
@@ -397,7 +408,7 @@ def fit_concepts(
         "rho": config.rho,
     }
     meta = {"kind": "concept_inn", "config": {"inn": inn.config, "train": resume_key(asdict(config)), **info}}
-    batch = config.batch_size
+    batch = local_batch_size(config.batch_size, config.batch_size)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
         a_rows, b_rows, shared = [], [], []

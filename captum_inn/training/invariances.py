@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import FeatureCache, cache_features
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
+from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import resume_key, train_loop
 
 __all__ = [
@@ -105,9 +106,10 @@ def _train_one(
     }
     meta = {"kind": "invariance_inn", "config": {"inn": inn.config, "train": resume_key(asdict(config)), **fit_info}}
     n = len(cache)
+    batch = local_batch_size(config.batch_size, n)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
-        index = torch.randint(n, (min(config.batch_size, n),), generator=generator)
+        index = torch.randint(n, (batch,), generator=generator)
         codes = cache.sample_codes(index, generator)
         if config.code_noise > 0:
             codes = codes + config.code_noise * torch.randn(codes.shape, generator=generator)
@@ -218,21 +220,24 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
     """The given cache, the one a resumed fit left in ``checkpoint_dir``, or a fresh one (saved there)."""
     if cache is not None:
         return cache
+    rank, n_ranks = world(device)
+    suffix = f".rank{rank}" if n_ranks > 1 else ""  # under torchrun each process caches its shard
     if memmap:
-        folder = Path(checkpoint_dir) / CACHE_DIR if checkpoint_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        folder = (Path(checkpoint_dir) / f"{CACHE_DIR}{suffix}" if checkpoint_dir
+                  else Path(stack.enter_context(tempfile.TemporaryDirectory())))
         reused = FeatureCache.open(folder) if resume else None
         if reused is not None and set(names) <= set(reused.layers):
             return reused  # a resumed fit continues on the very same features
     else:
-        cache_path = Path(checkpoint_dir) / CACHE_FILE if checkpoint_dir else None
+        cache_path = Path(checkpoint_dir) / CACHE_FILE.replace(".", f"{suffix}.", 1) if checkpoint_dir else None
         if resume and cache_path is not None and cache_path.exists():
             reused = FeatureCache.load(cache_path)
             if set(names) <= set(reused.layers):
                 return reused
     if autoencoder is None or data is None:
         raise ValueError("Pass `autoencoder` and `data` (or a precomputed `cache`).")
-    cache = cache_features(model, layer_list, autoencoder, data, device=device, progress=progress,
-                           memmap_dir=folder if memmap else None)
+    cache = cache_features(model, layer_list, autoencoder, shard_data(data), device=device,
+                           progress=progress and rank == 0, memmap_dir=folder if memmap else None)
     if not memmap and cache_path is not None:
         cache.save(cache_path)
     return cache

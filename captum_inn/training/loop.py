@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -19,11 +20,26 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
     strip_prefix,
 )
+from captum_inn.training.distributed import (
+    average_buffers,
+    average_gradients,
+    gather_generator_states,
+    sync_module,
+    world,
+)
 
 __all__ = ["train_loop", "resume_key"]
 
 # Settings that may change between a fit and its resumption (train longer, save more often).
 _RESUMABLE = ("steps", "checkpoint_every")
+
+
+# Rank r's minibatch generator is seeded with seed + stride · r (rank 0: the single-process seed).
+_RANK_SEED_STRIDE = 1_000_003
+
+
+def _generator_key(rank: int) -> str:
+    return "rng.generator" if rank == 0 else f"rng.generator.{rank}"
 
 
 def resume_key(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -56,6 +72,11 @@ def train_loop(
     randomness of a fit flows through that one generator, so a fit resumed from a checkpoint (which
     stores the model, the optimiser and the generator state) continues exactly where it stopped.
 
+    Under ``torchrun`` (:mod:`captum_inn.training.distributed`) each rank has its own generator,
+    rank 0's parameters are copied to all ranks before the first step, gradients and losses are
+    averaged after each backward pass, and only rank 0 writes the checkpoint (with every rank's
+    generator state).
+
     Args:
         module: The model being fitted (switched to train mode, left in eval mode).
         loss_fn: ``generator -> scalar loss``.
@@ -86,7 +107,8 @@ def train_loop(
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"`schedule` must be 'constant' or 'cosine', got {schedule!r}.")
     meta = dict(meta or {"kind": "module", "config": {}})
-    generator = torch.Generator().manual_seed(int(seed))
+    rank, n_ranks = world()
+    generator = torch.Generator().manual_seed(int(seed) + _RANK_SEED_STRIDE * rank)
     optimizer = (torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay) if weight_decay
                  else torch.optim.Adam(module.parameters(), lr=lr, betas=betas))
     start, history = 0, []
@@ -99,29 +121,44 @@ def train_loop(
             )
         module.load_state_dict(strip_prefix(tensors, "model."))
         load_optimizer(optimizer, tensors, saved["optimizer"])
-        generator.set_state(tensors["rng.generator"])
         start, history = int(saved["step"]), list(saved["history"])
+        if int(saved.get("world_size", 1)) == n_ranks:
+            generator.set_state(tensors[_generator_key(rank)])
+        else:
+            warnings.warn(f"{checkpoint!r} was written by a fit with {saved.get('world_size', 1)} processes, this one "
+                          f"has {n_ranks}: the minibatch order after step {start} differs from an uninterrupted run.",
+                          stacklevel=2)
+            generator.manual_seed(int(seed) + _RANK_SEED_STRIDE * rank + start)
+    sync_module(module)
 
     def write(step: int) -> None:
+        average_buffers(module)  # collectives: every rank takes part
+        states = gather_generator_states(generator)
+        if rank != 0:
+            return
         optim_tensors, optim_meta = optimizer_tensors(optimizer)
-        tensors = {**module_tensors(module), **optim_tensors, "rng.generator": generator.get_state()}
-        save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta})
+        tensors = {**module_tensors(module), **optim_tensors, **{_generator_key(r): s for r, s in enumerate(states)}}
+        save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta,
+                                              "world_size": n_ranks})
 
     module.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress or rank != 0,
+               leave=False)
     for step in bar:
         if schedule == "cosine":
             for group in optimizer.param_groups:
                 group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))
         loss = loss_fn(generator)
+        optimizer.zero_grad(set_to_none=True)
+        if torch.isfinite(loss) or n_ranks > 1:  # all ranks must join the gradient all-reduce
+            loss.backward()
+        loss = average_gradients(module, loss)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{desc}: the loss became {float(loss.detach())} at step {step}. Lower the learning rate "
                 f"(now {lr}), clamp the coupling scales more strongly (smaller `clamp`), or check the "
                 "inputs for NaN/inf. The last checkpoint was left as it was."
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
         optimizer.step()
@@ -132,5 +169,6 @@ def train_loop(
             bar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.3f}")
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             write(step + 1)
+    average_buffers(module)
     module.eval()
     return history

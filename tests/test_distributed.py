@@ -1,0 +1,75 @@
+"""Distributed fitting under ``torchrun`` on the CPU (gloo): two processes reach the loss of one,
+replicas stay identical, and an interrupted two-process fit resumes to the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_fit_script.py")
+FITS = ("autoencoder", "invariance", "concepts")
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """An autoencoder fitted in this process, for the INN fits of every torchrun run."""
+    from captum_inn.datasets import ColorDigits
+    from captum_inn.training import fit_autoencoder
+
+    path = tmp_path_factory.mktemp("encoder") / "ae.safetensors"
+    fit_autoencoder(ColorDigits("train", recolorings=1, seed=0).images[:512], latent_dim=8, width=8, steps=150,
+                    lr=2e-3, checkpoint=str(path), progress=False)
+    return path
+
+
+def torchrun(n_processes: int, out: Path, encoder: Path, steps: int = 120) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}",
+               str(SCRIPT), str(out), "--steps", str(steps), "--encoder", str(encoder)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # includes "replicas diverged"
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, encoder):
+    return {n: torchrun(n, tmp_path_factory.mktemp(f"ddp{n}"), encoder) for n in (1, 2)}
+
+
+def _tail(history, n=30):
+    tail = history[-n:]
+    return statistics.mean(tail), statistics.stdev(tail) / math.sqrt(n)
+
+
+@pytest.mark.parametrize("fit", FITS)
+def test_two_processes_reach_the_loss_of_one(runs, fit):
+    assert runs[2]["world_size"] == 2 and runs[1]["world_size"] == 1
+    one, two = runs[1]["history"][fit], runs[2]["history"][fit]
+    assert len(one) == len(two) == 120
+    (mean1, se1), (mean2, se2) = _tail(one), _tail(two)
+    learned = one[0] - mean1
+    assert learned > 0 and two[0] - mean2 > 0, "both fits must make progress"
+    # the two runs draw different minibatches: equal within the tail's noise (4 standard errors)
+    # plus 5% of what the fit learned
+    assert abs(mean1 - mean2) <= 4 * math.hypot(se1, se2) + 0.05 * learned, (fit, mean1, mean2, se1, se2, learned)
+
+
+def test_interrupted_two_process_fit_resumes_exactly(runs, encoder, tmp_path):
+    torchrun(2, tmp_path, encoder, steps=80)  # stopped after the checkpoint at step 80 ...
+    resumed = torchrun(2, tmp_path, encoder, steps=120)  # ... and resumed to 120
+    for fit in FITS:
+        assert resumed["history"][fit] == pytest.approx(runs[2]["history"][fit], rel=1e-5, abs=1e-6)
+        assert resumed["weights"][fit] == pytest.approx(runs[2]["weights"][fit], rel=1e-5, abs=1e-5)
+    written = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
+    assert "features.rank0.safetensors" in written and "features.rank1.safetensors" in written
+    assert not list(tmp_path.rglob("*.tmp")), "only complete checkpoints remain"

@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict
 
 import torch
+from fitting import FITTING_COMPARISONS
+from flow_vs_freia import bench_flow_step_vs_freia
+from measure import alternate, peak_rss_mib, reset_peak, rss_mib, threads
 
 HERE = Path(__file__).resolve().parent
 
@@ -85,30 +86,7 @@ def explanation_methods(s: Dict[str, Any]) -> Dict[str, Callable[[], Any]]:
     }
 
 
-# ---------------------------------------------------------------- measuring
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def alternate(fns: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, Dict[str, float]]:
-    """Median and spread of each function's time, calls interleaved, after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn))
-    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "runs": len(t)}
-            for name, t in times.items()}
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
+# ---------------------------------------------------------------- memory probes
 def memory_probe(setup: str, method: str) -> float:
     """Peak RSS growth (MiB) of one call of ``method``, in a fresh process."""
     out = subprocess.run([sys.executable, __file__, "--probe", setup, method], capture_output=True, text=True,
@@ -117,27 +95,14 @@ def memory_probe(setup: str, method: str) -> float:
 
 
 def _probe_main(setup: str, method: str) -> None:
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(threads())
     s = SETUPS[setup]()
     fn = explanation_methods(s)[method]
     fn()  # warm-up: lazily created state (thread pools, captum's caches) is not the method's cost
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
-    before = _rss_mb()
+    reset_peak()
+    before = rss_mib()
     fn()
-    print(_peak_rss_mb() - before)
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
-
-
-def _threads() -> int:
-    return int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1)))
+    print(peak_rss_mib() - before)
 
 
 # ---------------------------------------------------------------- comparisons
@@ -155,57 +120,6 @@ def bench_explanations(setup: str, repeats: int) -> Dict[str, Any]:
         "gradcam_median_s": times["gradcam"]["median_s"],
         "times": times,
         "peak_memory_growth_mib": memory,
-    }
-
-
-def bench_cached_vs_recompute(repeats: int) -> Dict[str, Any]:
-    """``fit_invariances`` from the cache vs recomputing network and encoder every step, 5 epochs."""
-    from captum_inn.attr._common import layer_activation
-    from captum_inn.autoencoders import ConvAutoencoder, encode_posterior
-    from captum_inn.datasets import ColorDigits
-    from captum_inn.inn import ConditionalINN
-    from captum_inn.models import SmallCNN
-    from captum_inn.training import cache_features, fit_invariances
-
-    torch.manual_seed(0)
-    model = SmallCNN(width=48).eval()
-    ae = ConvAutoencoder((3, 32, 32), latent_dim=64, width=32).eval()
-    images = ColorDigits("train", seed=0, recolorings=2).images[:2048]
-    batch, epochs = 128, 5
-    steps = epochs * images.shape[0] // batch
-    settings = dict(n_blocks=8, hidden=256, embed_dim=128, batch_size=batch)
-
-    def cached() -> None:
-        cache = cache_features(model, "fc", ae, images, progress=False)
-        fit_invariances(model, "fc", cache=cache, steps=steps, progress=False, **settings)
-
-    def recompute() -> None:  # the reference implementation's way: features computed inside every step
-        inn = ConditionalINN(64, (128,), n_blocks=8, hidden=256, embed_dim=128)
-        optimizer = torch.optim.Adam(inn.parameters(), lr=5e-4)
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(steps):
-            index = torch.randint(images.shape[0], (batch,), generator=generator)
-            x = images[index]
-            with torch.no_grad():
-                z = layer_activation(model, model.fc, (x,))
-                mean, std = encode_posterior(ae, x)
-            code = mean + std * torch.randn(mean.shape, generator=generator)
-            v, logdet = inn(code, z)
-            loss = (0.5 * v.pow(2).sum(1) - logdet).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-    times = alternate({"cached": cached, "recompute": recompute}, repeats)
-    ours, baseline = times["cached"]["median_s"], times["recompute"]["median_s"]
-    return {
-        "what": f"fit_invariances at fc, {images.shape[0]} images, {epochs} epochs ({steps} steps of {batch}), "
-                "cache built inside the timing",
-        "ours_median_s": ours,
-        "baseline_median_s": baseline,
-        "ratio": ours / baseline,
-        "speedup": baseline / ours,
-        "times": times,
     }
 
 
@@ -237,8 +151,9 @@ def bench_sampling(repeats: int) -> Dict[str, Any]:
 COMPARISONS = {
     "invariance_vs_ig_small_cnn": lambda r: bench_explanations("small_cnn", r),
     "invariance_vs_ig_resnet18": lambda r: bench_explanations("resnet18", r),
-    "cached_vs_recompute": bench_cached_vs_recompute,
     "sampling_throughput": bench_sampling,
+    "flow_step_vs_freia": bench_flow_step_vs_freia,
+    **FITTING_COMPARISONS,
 }
 
 
@@ -269,7 +184,7 @@ def main(argv=None) -> int:
     if args.probe:
         _probe_main(*args.probe)
         return 0
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(threads())
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     results["environment"] = environment()

@@ -1,0 +1,58 @@
+"""How the benchmarks measure: interleaved timing with medians, and peak resident memory."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from typing import Any, Callable, Dict
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(fns: Dict[str, Callable[[], Any]], repeats: int, warm_up: bool = True) -> Dict[str, Dict[str, float]]:
+    """Median and spread of each function's time, calls interleaved, after one warm-up call each."""
+    if warm_up:
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    return summarise(times)
+
+
+def summarise(times: Dict[str, list]) -> Dict[str, Dict[str, float]]:
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "runs": len(t)}
+            for name, t in times.items()}
+
+
+def rss_mib() -> float:
+    """Current resident set size."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak() -> None:
+    """Reset the peak resident set (VmHWM) to the current one (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size since the start or the last :func:`reset_peak`."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def threads() -> int:
+    """Torch threads of every measurement (``BENCH_THREADS``, default: all cores)."""
+    return int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1)))

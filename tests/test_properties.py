@@ -13,7 +13,8 @@ from captum_inn.inn import ConditionalINN, FactorINN, SequentialFlow, flow_block
 torch.set_num_threads(1)
 
 TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-9}
-COMMON = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples on every run, so CI never fails on a draw nobody can reproduce
+COMMON = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _scale(*tensors: torch.Tensor) -> float:

@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+# the `images` and `autoencoder` fixtures of the training tests (tests/ is on the pythonpath)
+pytest_plugins = ["helpers_training"]
+
 
 def pytest_addoption(parser):
     parser.addoption(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers_training import TINY, CountingCNN
 
-from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.models import SmallCNN
 from captum_inn.training import FeatureCache, cache_features, fit_invariances
 from captum_inn.training.disk import DiskArray, DiskArrayWriter
@@ -15,29 +15,7 @@ from captum_inn.training.invariances import CACHE_DIR
 
 torch.set_num_threads(1)
 
-TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16, batch_size=16)
 LAYERS = ["relu1", "fc", "logits"]
-
-
-class CountingCNN(SmallCNN):
-    def __init__(self):
-        super().__init__(width=4)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += x.shape[0]
-        return super().forward(x)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def autoencoder():
-    torch.manual_seed(0)
-    return ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
 
 
 def test_disk_array_indexes_like_a_tensor(tmp_path):

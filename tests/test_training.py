@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from helpers_hooks import assert_no_hooks, training_flags
+from helpers_training import TINY, CountingCNN
 from torch import nn
 
 from captum_inn.autoencoders import (
@@ -32,28 +33,6 @@ from captum_inn.training.invariances import checkpoint_name
 
 torch.set_num_threads(1)
 
-TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16, batch_size=16)
-
-
-class CountingCNN(SmallCNN):
-    def __init__(self):
-        super().__init__(width=4)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += x.shape[0]
-        return super().forward(x)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def autoencoder():
-    torch.manual_seed(0)
-    return ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
 
 
 # ------------------------------------------------------------------ autoencoders

@@ -1,0 +1,33 @@
+"""Shared by the training tests: a CNN that counts the images it sees, tiny INN settings, and the
+`images` and `autoencoder` fixtures (registered in the root conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.models import SmallCNN
+
+TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16, batch_size=16)
+
+
+class CountingCNN(SmallCNN):
+    def __init__(self):
+        super().__init__(width=4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += x.shape[0]
+        return super().forward(x)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def autoencoder():
+    torch.manual_seed(0)
+    return ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()

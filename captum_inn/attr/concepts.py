@@ -20,6 +20,7 @@ from captum_inn.attr._common import (
     format_inputs,
     layer_activation,
     resolve_model_layer,
+    warn_if_training,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean
 from captum_inn.capture import eval_mode, replace_activation
@@ -283,6 +284,9 @@ class LayerConcepts(LayerAttribution):
         """
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
+        if self.representation == _CODE or factors is not None:
+            # The model runs here without a layer read (which warns by itself): warn as promised.
+            warn_if_training(self.forward_func)
         factors = self.factors(inputs, additional_forward_args) if factors is None else self._check_factors(factors, n)
         return self._forward_from_factors(factors, inputs, additional_forward_args)
 
@@ -383,7 +387,7 @@ class LayerConcepts(LayerAttribution):
         inputs: Union[Tensor, Tuple[Tensor, ...]],
         target: TargetType = None,
         additional_forward_args: Any = None,
-        baselines: Optional[Tensor] = None,
+        baselines: Union[None, Tensor, Tuple[Tensor]] = None,
         n_steps: int = 512,
         method: str = "riemann_trapezoid",
         internal_batch_size: Optional[int] = 256,
@@ -397,12 +401,20 @@ class LayerConcepts(LayerAttribution):
         so the attributions are complete: their sum over concepts equals the change of the target
         output from the baseline's output to the inputs' (reconstructed) output, up to the delta.
 
+        Column ``k`` is also Integrated Gradients with respect to a gate ``g_k`` that scales concept
+        ``k``'s block of ``factors − baselines`` (from ``g = 0``, the baseline, to ``g = 1``, the
+        inputs): the scores are attributions of the function
+        ``g ↦ output_from_factors(inputs, baselines + g·(factors − baselines))`` at ``g = 1``, the
+        ``(N, K)`` space where Captum's ``infidelity`` applies to them.
+
         Args:
             inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
             target: The output to explain, any of Captum's ``TargetType`` forms.
             additional_forward_args: Extra arguments of ``forward_func``.
-            baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``; for an image
-                baseline pass :meth:`factors` of it.
+            baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``, or Captum's
+                one-element tuple of one; for an image baseline pass :meth:`factors` of it. Under
+                ``NoiseTunnel`` give ``(1, d)`` (Captum checks baselines against the image inputs
+                and only lets a batch of one through).
             n_steps: Integration steps. The path runs through the decoder and the model, whose ReLUs
                 put kinks on it; Gauss–Legendre quadrature is erratic there (50 steps left up to
                 2.6% completeness error on ColorDigits, 200 steps still 2.6%), so the default is
@@ -414,14 +426,26 @@ class LayerConcepts(LayerAttribution):
 
         Returns:
             ``(N, K)`` attributions (columns :attr:`concept_names`), and with
-            ``return_convergence_delta`` the ``(N,)`` delta.
+            ``return_convergence_delta`` the ``(N,)`` delta. One tensor whatever the input format:
+            like Captum's layer methods, the result lives in its own space, not the inputs'.
+            Captum metrics that expect a tuple back for tuple inputs (``sensitivity_max``
+            always passes a tuple) need a one-line adapter:
+            ``sensitivity_max(lambda inp, **kw: (concepts.attribute(inp, **kw),), x, target=3)``.
         """
         from captum.attr import IntegratedGradients
 
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
+        if self.representation == _CODE:
+            # factors() of codes never runs the model, so nothing else warns about training mode.
+            warn_if_training(self.forward_func)
         start = self.factors(inputs, additional_forward_args)
-        base = torch.zeros_like(start) if baselines is None else self._check_factors(baselines.to(start), n, "baselines").contiguous()
+        if isinstance(baselines, tuple) and len(baselines) == 1:
+            # NoiseTunnel passes baselines on in Captum's tuple form: (1, d) arrives as ((1, d),).
+            baselines = baselines[0]
+        if isinstance(baselines, Tensor):
+            baselines = baselines.to(start)
+        base = torch.zeros_like(start) if baselines is None else self._check_factors(baselines, n, "baselines").contiguous()
         extra = _format_additional_forward_args(additional_forward_args) or ()
 
         def through_factors(factors: Tensor, *rest: Any) -> Any:

@@ -290,9 +290,11 @@ class LayerInvariance(LayerAttribution):
 
         Returns:
             ``(N, C, H, W)`` (tensor in) or a tuple mirroring the inputs, with the map at
-            ``image_input`` and zeros elsewhere (tuple in).
+            ``image_input`` and zeros elsewhere (tuple or list in).
         """
-        is_tuple = _is_tuple(inputs)
+        # format_inputs accepts a list of tensors too; it comes back as a tuple (Captum's
+        # _format_output would otherwise fail an internal assert on a list of several tensors).
+        is_tuple = _is_tuple(inputs) or isinstance(inputs, list)
         n_samples = check_positive_int(n_samples, "n_samples")
         if n_samples < 2:
             raise ValueError(f"`n_samples` must be >= 2 for a spread, got {n_samples}.")

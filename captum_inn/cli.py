@@ -12,6 +12,8 @@ from captum_inn._version import __version__
 
 __all__ = ["main", "selfcheck"]
 
+_DEFAULT_OUT = "captum_inn_report"
+
 
 def selfcheck(verbose: bool = True) -> bool:
     """Check the installation in a few seconds: capture a layer, round-trip a conditional INN.
@@ -66,13 +68,17 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"captum_inn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a CNN on ColorDigits, fit INNs for four layers, write a report")
-    demo.add_argument("--out", default="captum_inn_report", help="report folder (default: %(default)s)")
+    demo.add_argument("--out", default=_DEFAULT_OUT,
+                      help="report folder (default: %(default)s; captum_inn_photo_report with --images)")
     demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (< 2 minutes)")
     demo.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     demo.add_argument("--concepts", action="store_true",
                       help="add the concepts section (work in progress; about 80 s more)")
+    demo.add_argument("--images", metavar="PATH", default=None,
+                      help="run the photo demo instead: a folder with one sub-folder of images per class "
+                           "(ImageFolder layout); ResNet-18, Grad-CAM, IG and invariances (about 15 minutes)")
     demo.add_argument("--check", action="store_true",
                       help="exit with status 1 unless the metrics meet the demo's bounds (looser with --quick)")
     sub.add_parser("selfcheck", help="check the installation in a few seconds")
@@ -97,10 +103,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        from captum_inn.demo import run_demo
-
         start = time.perf_counter()
-        report = run_demo(out=args.out, quick=args.quick, seed=args.seed, device=args.device, concepts=args.concepts)
+        if args.images is not None:
+            from captum_inn.photo_demo import run_photo_demo
+
+            out = args.out if args.out != _DEFAULT_OUT else "captum_inn_photo_report"
+            report = run_photo_demo(args.images, out=out, quick=args.quick, seed=args.seed, device=args.device)
+        else:
+            from captum_inn.demo import run_demo
+
+            report = run_demo(out=args.out, quick=args.quick, seed=args.seed, device=args.device,
+                              concepts=args.concepts)
         print(f"report written to {report} in {time.perf_counter() - start:.0f} s (open it in a browser)")
         failures = json.loads((report.parent / "metrics.json").read_text())["failures"]
         for failure in failures:

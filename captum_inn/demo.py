@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
+from captum_inn.analysis import AdversarialViews, adversarial_views, mix_images, plot_mixing
 from captum_inn.attr import LayerConcepts, LayerInvariance
 from captum_inn.capture import capture
 from captum_inn.datasets import ColorDigits
@@ -67,6 +68,9 @@ BOUNDS = {
     "attribution_completeness_max_rel_error_max": 0.01,
     "dynamics_early_accuracy_max": 0.30,
     "factor_sizes_order": True,
+    # the pipeline issue: FGSM attacks act on the semantics of deep layers
+    "adversarial_logits_judged_adversarial_min": 0.60,
+    "adversarial_early_judged_original_min": 0.80,
 }
 #: Looser bounds for ``--quick`` (smaller models, fewer steps), used as a CI smoke test.
 QUICK_BOUNDS = {
@@ -80,6 +84,8 @@ QUICK_BOUNDS = {
     "swap_digit_colours_kept_min": 0.6,
     "swap_fg_colour_moved_min": 0.6,
     "attribution_completeness_max_rel_error_max": 0.05,
+    "adversarial_logits_judged_adversarial_min": 0.30,
+    "adversarial_early_judged_original_min": 0.60,
 }
 
 
@@ -124,6 +130,12 @@ def check_metrics(metrics: Dict[str, Any], bounds: Dict[str, float] = None) -> l
                  f"variance explained by v, {ordered[-1]} / {ordered[0]}")
         for name in ordered[:-1]:
             at_least(layers[name]["reencode_beats_null"], "reencode_beats_null_min", f"{name} re-encoding beats null")
+    adversarial = metrics.get("adversarial")
+    if adversarial and ordered:
+        at_least(adversarial["layers"][ordered[-1]]["judged_adversarial"], "adversarial_logits_judged_adversarial_min",
+                 f"FGSM: {ordered[-1]} view judged as the adversarial class")
+        at_least(adversarial["layers"][ordered[0]]["judged_original"], "adversarial_early_judged_original_min",
+                 f"FGSM: {ordered[0]} view judged as the original class")
     concepts = metrics.get("concepts")
     if concepts:
         for key in ("swap_digit_judge_donor", "swap_digit_colours_kept", "swap_fg_digit_kept", "swap_fg_colour_moved"):
@@ -187,6 +199,8 @@ class DemoSettings:
     n_probe: int = 3000
     n_samples: int = 10
     n_figure_rows: int = 6
+    #: FGSM step of the adversarial analysis (pixels in [0, 1]).
+    fgsm_epsilon: float = 0.1
     #: Run the concepts section (work in progress: it does not meet its bounds yet and adds about
     #: 80 s, so it is opt-in with ``captum-inn demo --concepts``).
     concepts: bool = False
@@ -311,10 +325,11 @@ def run_demo(
     derangement = (torch.arange(n_eval) + torch.randint(1, n_eval, (1,), generator=gen)) % n_eval
     codes = ae.encode(x_eval).mean.detach()
     layers: Dict[str, Any] = {}
+    explainers: Dict[str, LayerInvariance] = {}
     samples_for_figures, maps = {}, {}
     rows = min(settings.n_figure_rows, n_eval)
     for depth, name in enumerate(LAYERS):
-        explainer = LayerInvariance(cnn, name, inns[name], ae)
+        explainer = explainers[name] = LayerInvariance(cnn, name, inns[name], ae)
         samples = explainer.sample(x_eval, settings.n_samples, generator=torch.Generator().manual_seed(seed + depth),
                                    internal_batch_size=2048)
         z = capture(cnn, name, x_eval)
@@ -345,6 +360,16 @@ def run_demo(
         _stage(f"  {name}: {summary}", start)
     timed("evaluation", t0)
 
+    t0 = time.perf_counter()
+    _stage(f"FGSM (epsilon {settings.fgsm_epsilon}): what each layer sees in the attack, judged", start)
+    attack = adversarial_views(cnn, explainers, x_eval, test.digits[:n_eval], judge, epsilon=settings.fgsm_epsilon)
+    adversarial = {"epsilon": settings.fgsm_epsilon, "fooled_rate": attack.summary["fooled_rate"],
+                   "n_fooled": attack.summary["n_fooled"], "layers": {n: attack.summary[n] for n in LAYERS}}
+    _stage("  fooled {:.3f}; ".format(adversarial["fooled_rate"]) + ", ".join(
+        f"{n}: adversarial {v['judged_adversarial']:.3f} / original {v['judged_original']:.3f}"
+        for n, v in adversarial["layers"].items()), start)
+    timed("adversarial", t0)
+
     concepts = None
     if settings.concepts:
         t0 = time.perf_counter()
@@ -354,6 +379,7 @@ def run_demo(
 
     _stage("drawing figures", start)
     figures = _draw(out, x_eval[:rows], recon[:rows], samples_for_figures, maps, layers)
+    figures.update(_draw_analyses(out, attack, explainers, x_eval, rows))
     metrics = {
         "reconstruction_agreement": reconstruction_agreement,
         "cnn_test_accuracy": cnn_acc,
@@ -365,6 +391,7 @@ def run_demo(
         "settings": asdict(settings),
         "timings_s": timings,
         "layers": layers,
+        "adversarial": adversarial,
     }
     if concepts is not None:
         metrics["concepts"] = concepts
@@ -523,6 +550,18 @@ def _draw(out: Path, originals, recon, samples: Dict[str, torch.Tensor], maps, l
     return {k: str(Path(v).relative_to(out)) for k, v in figures.items()}
 
 
+def _draw_analyses(out: Path, attack: AdversarialViews, explainers: Dict[str, LayerInvariance], images: torch.Tensor,
+                   rows: int) -> Dict[str, str]:
+    from captum_inn.visualization import save_figure
+
+    fig, _ = attack.plot(rows)
+    figures = {"adversarial": save_figure(fig, str(out / "figures" / "adversarial.png"))}
+    a, b = images[:rows], images[rows : 2 * rows]
+    fig, _ = plot_mixing(a, b, mix_images(explainers, a, b))
+    figures["mixing"] = save_figure(fig, str(out / "figures" / "mixing.png"))
+    return {k: str(Path(v).relative_to(out)) for k, v in figures.items()}
+
+
 def _concepts_html(concepts: Any) -> str:
     if not concepts:
         return ""
@@ -603,6 +642,18 @@ foreground and background colours from the invariances v or from the activation 
 <img src="{figures['depth']}" alt="metrics by depth">
 <h2>Invariance samples</h2>{sample_figs}
 <h2>Invariance maps</h2><img src="{figures['maps']}" alt="invariance maps">
+<h2>What each layer sees in an adversarial attack</h2>
+<p>FGSM (epsilon {metrics['adversarial']['epsilon']}) fools the CNN on
+{metrics['adversarial']['fooled_rate']:.1%} of the held-out images. For each fooled image, each
+layer's representation of the attacked image is decoded with the clean image's invariances, and the
+independent judge names the digit it shows:</p>
+<table><tr><th>layer</th><th>judged as the adversarial class</th><th>judged as the original class</th></tr>
+{"".join(f"<tr><td>{html.escape(n)}</td><td>{v['judged_adversarial']:.3f}</td><td>{v['judged_original']:.3f}</td></tr>"
+         for n, v in metrics['adversarial']['layers'].items())}</table>
+<img src="{figures['adversarial']}" alt="adversarial views per layer">
+<h2>Image mixing</h2>
+<p>Image b's representation at each layer, decoded with image a's invariances.</p>
+<img src="{figures['mixing']}" alt="image mixing">
 {_concepts_html(metrics.get("concepts"))}
 <p>Raw numbers: <a href="metrics.json">metrics.json</a>. Timings (s): {html.escape(json.dumps(metrics['timings_s']))}.</p>
 </body></html>

@@ -18,6 +18,8 @@ __all__ = [
     "plot_concept_bars",
     "plot_concept_edits",
     "plot_concept_dynamics",
+    "plot_comparison",
+    "plot_image_grid",
     "save_figure",
 ]
 
@@ -298,6 +300,138 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig, ax
+
+
+def _heat(ax: Any, values: Any, title: str, cmap: str, vmin: Any = None, vmax: Any = None, base: Any = None) -> None:
+    if base is not None:
+        ax.imshow(base, alpha=0.35)
+    ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.75 if base is not None else 1.0)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def plot_comparison(
+    comparison: Any,
+    index: int = 0,
+    class_names: Sequence[str] = None,
+    n_strip: int = 6,
+    fig: Any = None,
+) -> Tuple[Any, Any]:
+    """One input's row: input | Grad-CAM | Integrated Gradients | invariance map | samples | concept bars.
+
+    Grad-CAM is drawn over the input; IG as the absolute value summed over channels; the
+    invariance map averaged over channels (bright: the layer ignores that pixel); then ``n_strip``
+    invariance samples; then the concept scores when the comparison has them.
+
+    Args:
+        comparison: A :class:`captum_inn.compare.Comparison`.
+        index: Which input.
+        class_names: Names of the classes, for the titles.
+        n_strip: Invariance samples shown (at most the number computed).
+        fig: Optional figure to draw into.
+
+    Returns:
+        ``(fig, axes)``: a list of the axes, left to right.
+
+    Examples::
+
+        >>> from types import SimpleNamespace
+        >>> c = SimpleNamespace(inputs=torch.rand(1, 3, 8, 8), gradcam=torch.rand(1, 1, 8, 8),
+        ...     integrated_gradients=torch.randn(1, 3, 8, 8), invariance_map=torch.rand(1, 3, 8, 8),
+        ...     samples=torch.rand(1, 4, 3, 8, 8), concept_scores=None, concept_names=[], targets=torch.tensor([1]),
+        ...     predictions=torch.tensor([1]), layer="fc", gradcam_layer="layer4")
+        >>> fig, axes = plot_comparison(c)
+        >>> len(axes)
+        8
+    """
+    plt = _plt()
+    n = comparison.inputs.shape[0]
+    if not 0 <= index < n:
+        raise ValueError(f"`index` must be in 0…{n - 1}, got {index}.")
+    strip = min(int(n_strip), comparison.samples.shape[1])
+    has_concepts = comparison.concept_scores is not None
+    columns = 4 + strip + (1 if has_concepts else 0)
+    if fig is None:
+        fig = plt.figure(figsize=(1.55 * columns + (1.5 if has_concepts else 0), 2.2))
+    widths = [1] * (4 + strip) + ([2.2] if has_concepts else [])
+    axes = list(fig.subplots(1, columns, gridspec_kw={"width_ratios": widths}))
+
+    def name(k: int) -> str:
+        return class_names[k] if class_names is not None else str(k)
+
+    image = to_numpy_image(comparison.inputs[index])
+    target, predicted = int(comparison.targets[index]), int(comparison.predictions[index])
+    axes[0].imshow(image)
+    axes[0].set_title(f"input\npred. {name(predicted)}", fontsize=8)
+    axes[0].axis("off")
+    _heat(axes[1], comparison.gradcam[index, 0].detach().cpu().numpy(), f"Grad-CAM\n{comparison.gradcam_layer}, "
+          f"{name(target)}", "jet", vmin=0, base=image)
+    ig = comparison.integrated_gradients[index].detach().abs().sum(0).cpu()
+    _heat(axes[2], ig.numpy(), f"Integrated\nGradients, {name(target)}", "viridis", vmin=0,
+          vmax=float(ig.quantile(0.99)) or None)
+    _heat(axes[3], comparison.invariance_map[index].detach().mean(0).cpu().numpy(),
+          f"invariance map\n{comparison.layer}", "magma", vmin=0)
+    for j in range(strip):
+        ax = axes[4 + j]
+        ax.imshow(to_numpy_image(comparison.samples[index, j]))
+        ax.axis("off")
+        if j == 0:
+            ax.set_title(f"what {comparison.layer}\nignores: samples", fontsize=8, loc="left")
+    if has_concepts:
+        plot_concept_bars(comparison.concept_scores[index], comparison.concept_names,
+                          title=f"concepts → {name(target)}", ax=axes[-1])
+        axes[-1].tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig, axes
+
+
+def plot_image_grid(
+    columns: Dict[str, Tensor],
+    row_labels: Sequence[str] = None,
+    title: str = "",
+    fig: Any = None,
+) -> Tuple[Any, Any]:
+    """Images side by side: one column per entry of ``columns``, one row per image.
+
+    Used for the adversarial and image-mixing analyses (input | attacked | decoded view per layer).
+
+    Args:
+        columns: ``{column title: (N, C, H, W)}`` in ``[0, 1]``, all with the same ``N``.
+        row_labels: Optional ``N`` labels written left of each row.
+        title: Figure title.
+        fig: Optional figure.
+
+    Returns:
+        ``(fig, axes)`` with ``axes`` of shape ``(N, len(columns))``.
+
+    Examples::
+
+        >>> fig, axes = plot_image_grid({"a": torch.rand(2, 3, 8, 8), "b": torch.rand(2, 3, 8, 8)})
+        >>> axes.shape
+        (2, 2)
+    """
+    plt = _plt()
+    sizes = {t.shape[0] for t in columns.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"Every column of `columns` needs the same number of images, got {sorted(sizes)}.")
+    n, m = sizes.pop(), len(columns)
+    if fig is None:
+        fig = plt.figure(figsize=(1.35 * m + (0.8 if row_labels else 0), 1.35 * n + 0.5))
+    axes = fig.subplots(n, m, squeeze=False)
+    for j, (header, images) in enumerate(columns.items()):
+        for i in range(n):
+            ax = axes[i, j]
+            ax.imshow(to_numpy_image(images[i]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(header, fontsize=7)
+            if j == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig, axes
 
 
 def save_figure(fig: Any, path: str, dpi: int = 110) -> str:

@@ -27,7 +27,7 @@ def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
 
 
 class Jitter:
-    """Augmentation: shift a batch by up to ``pixels`` (edges replicated) and add Gaussian noise, seeded.
+    """Augmentation: shift a batch by up to ``pixels`` (edges replicated), flip, add Gaussian noise; seeded.
 
     Small shifts and noise make a classifier of centred digits far less brittle, which keeps its
     predictions stable on faithful reconstructions.
@@ -35,6 +35,7 @@ class Jitter:
     Args:
         pixels: Largest shift in x and y.
         noise: Standard deviation of the added noise (0: none).
+        flip: Mirror a random half of the images left-right (for photos, not for digits).
         value_range: The result is clamped to this range (``None``: no clamping).
         seed: Seed of the shifts and the noise.
 
@@ -44,8 +45,9 @@ class Jitter:
         torch.Size([4, 3, 8, 8])
     """
 
-    def __init__(self, pixels: int = 2, noise: float = 0.0, value_range=(0.0, 1.0), seed: int = 0) -> None:
-        self.pixels, self.noise, self.value_range = int(pixels), float(noise), value_range
+    def __init__(self, pixels: int = 2, noise: float = 0.0, value_range=(0.0, 1.0), seed: int = 0,
+                 flip: bool = False) -> None:
+        self.pixels, self.noise, self.value_range, self.flip = int(pixels), float(noise), value_range, bool(flip)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, images: Tensor) -> Tensor:
@@ -54,6 +56,9 @@ class Jitter:
             padded = F.pad(images, (p, p, p, p), mode="replicate")
             dx, dy = torch.randint(0, 2 * p + 1, (2,), generator=self.generator).tolist()
             images = padded[:, :, dy : dy + images.shape[2], dx : dx + images.shape[3]]
+        if self.flip:
+            mirrored = torch.rand(images.shape[0], generator=self.generator) < 0.5
+            images = torch.where(mirrored.to(images.device)[:, None, None, None], images.flip(-1), images)
         if self.noise > 0:
             images = images + self.noise * torch.randn(images.shape, generator=self.generator).to(images)
         if self.value_range is not None:

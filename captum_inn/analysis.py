@@ -1,0 +1,229 @@
+"""The paper's analyses as functions: what the network sees in an adversarial input, and image mixing.
+
+Both decode one image's layer representation with another image's invariances,
+``D(t⁻¹(v_a | Φ(b)))`` (:meth:`captum_inn.LayerInvariance.transfer`), layer by layer:
+
+* :func:`adversarial_views`: ``a`` the clean image, ``b`` its FGSM-attacked copy
+  (:class:`captum.robust.FGSM`). Each layer's view shows what that layer "sees" in the attack;
+  an independent judge classifier says which class each view shows. Rombach et al. found that
+  early layers still see the original class and deep layers the adversarial one: the attack acts
+  on the semantics of deep layers.
+* :func:`mix_images`: ``a`` gives the invariances (what the layer ignores), ``b`` the
+  representation (what it encodes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from captum_inn.attr import LayerInvariance
+from captum_inn.attr._common import check_positive_int, format_inputs
+from captum_inn.capture import eval_mode
+
+__all__ = ["AdversarialViews", "adversarial_views", "mix_images", "plot_mixing"]
+
+
+def _check_explainers(explainers: Mapping[str, LayerInvariance], model: Optional[nn.Module] = None) -> None:
+    if not isinstance(explainers, Mapping) or not explainers:
+        raise TypeError("`explainers` must be a non-empty dict {layer name: LayerInvariance}, input side first.")
+    for name, explainer in explainers.items():
+        if not isinstance(explainer, LayerInvariance):
+            raise TypeError(f"`explainers[{name!r}]` must be a LayerInvariance, got {type(explainer).__name__}.")
+        if model is not None and explainer.forward_func is not model:
+            raise ValueError(f"`explainers[{name!r}]` explains another model than `model`.")
+
+
+def _predict(model: nn.Module, images: Tensor, batch: int = 256) -> Tensor:
+    with torch.no_grad(), eval_mode(model):
+        return torch.cat([model(images[s : s + batch]).argmax(1) for s in range(0, images.shape[0], batch)])
+
+
+def _cross_entropy(outputs: Tensor, labels: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(outputs, labels, reduction="none")
+
+
+def _transfer(explainer: LayerInvariance, inputs: Tensor, donors: Tensor, batch: int) -> Tensor:
+    return torch.cat([explainer.transfer(inputs[s : s + batch], donors[s : s + batch])
+                      for s in range(0, inputs.shape[0], batch)])
+
+
+@dataclass
+class AdversarialViews:
+    """Result of :func:`adversarial_views` for ``N`` images.
+
+    Attributes:
+        images: ``(N, C, H, W)`` clean images.
+        adversarial: ``(N, C, H, W)`` their FGSM-attacked copies.
+        labels: ``(N,)`` true classes.
+        clean_predictions: ``(N,)`` the model's classes on ``images``.
+        adversarial_predictions: ``(N,)`` the model's classes on ``adversarial``.
+        fooled: ``(N,)`` bool, the model was right on the clean image and wrong on the attacked one.
+        views: ``{layer: (N, C, H, W)}`` the attacked image's representation at that layer,
+            decoded with the clean image's invariances.
+        judged: ``{layer: (N,)}`` the judge's class for each view.
+        summary: ``{layer: {"judged_adversarial": share, "judged_original": share}}`` over the
+            fooled images (``nan`` when none was fooled), plus ``"fooled_rate"`` and ``"n_fooled"``.
+    """
+
+    images: Tensor
+    adversarial: Tensor
+    labels: Tensor
+    clean_predictions: Tensor
+    adversarial_predictions: Tensor
+    fooled: Tensor
+    views: Dict[str, Tensor]
+    judged: Dict[str, Tensor]
+    summary: Dict[str, Any]
+
+    def plot(self, n: int = 6, class_names: Optional[Sequence[str]] = None, fig: Any = None) -> Tuple[Any, Any]:
+        """Rows of fooled images: clean | attacked | each layer's view, titled with the judge's verdicts."""
+        from captum_inn.visualization import plot_image_grid
+
+        rows = torch.nonzero(self.fooled).flatten()[:n]
+        if rows.numel() == 0:
+            rows = torch.arange(min(n, self.images.shape[0]))
+
+        def name(k: int) -> str:
+            return class_names[k] if class_names is not None else str(k)
+
+        columns = {"clean": self.images[rows], "attacked": self.adversarial[rows]}
+        columns.update({f"view at {layer}": views[rows] for layer, views in self.views.items()})
+        labels = [f"{name(int(self.clean_predictions[i]))}→{name(int(self.adversarial_predictions[i]))}\n"
+                  + " ".join(name(int(self.judged[layer][i])) for layer in self.views) for i in rows]
+        return plot_image_grid(columns, labels, title="what each layer sees in the attack "
+                               "(row label: model clean→attacked, then the judge per view)", fig=fig)
+
+
+def adversarial_views(
+    model: nn.Module,
+    explainers: Mapping[str, LayerInvariance],
+    images: Tensor,
+    labels: Tensor,
+    judge: nn.Module,
+    epsilon: float = 0.1,
+    lower_bound: float = 0.0,
+    upper_bound: float = 1.0,
+    batch_size: int = 256,
+) -> AdversarialViews:
+    """Attack ``images`` with FGSM and decode each layer's view of the attack with the clean invariances.
+
+    Args:
+        model: The attacked classifier ``(N, C, H, W) → (N, K)``; run in eval mode, mode restored.
+        explainers: ``{layer name: LayerInvariance}`` for ``model``, input side first.
+        images: ``(N, C, H, W)`` clean images.
+        labels: ``(N,)`` their true classes (the attack's target to move away from).
+        judge: An independently trained classifier that names the class each view shows.
+        epsilon: FGSM step size (in the units of the pixels).
+        lower_bound: Smallest pixel value of the attacked image.
+        upper_bound: Largest pixel value.
+        batch_size: Images per pass.
+
+    Returns:
+        :class:`AdversarialViews`.
+
+    Examples::
+
+        >>> views = adversarial_views(cnn, {"relu1": early, "logits": late}, x, y, judge)  # doctest: +SKIP
+        >>> views.summary["logits"]["judged_adversarial"]                                    # doctest: +SKIP
+        0.7
+    """
+    from captum.robust import FGSM
+
+    _check_explainers(explainers, model)
+    (images,) = format_inputs(images, name="images")
+    labels = torch.as_tensor(labels, device=images.device).long()
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"`labels` must have shape ({images.shape[0]},), one class per image, got {tuple(labels.shape)}.")
+    if not isinstance(judge, nn.Module):
+        raise TypeError(f"`judge` must be an nn.Module classifier, got {type(judge).__name__}.")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+        raise ValueError(f"`epsilon` must be a number > 0, got {epsilon!r}.")
+    batch = check_positive_int(batch_size, "batch_size")
+    # Captum's default loss is -log(output), meant for probabilities: on logits it reverses the
+    # attack wherever the true class's logit is negative. The classifier gives logits: cross entropy.
+    attack = FGSM(model, loss_func=_cross_entropy, lower_bound=lower_bound, upper_bound=upper_bound)
+    # The whole analysis in eval mode (also the explainers' passes, which would otherwise warn).
+    with eval_mode(model):
+        adversarial = torch.cat([
+            # a copy that requires grad: else Captum sets the flag itself and warns on every call
+            attack.perturb(images[s : s + batch].detach().clone().requires_grad_(), float(epsilon),
+                           labels[s : s + batch]).detach()
+            for s in range(0, images.shape[0], batch)
+        ])
+        clean_pred, adv_pred = _predict(model, images, batch), _predict(model, adversarial, batch)
+        fooled = (clean_pred == labels) & (adv_pred != labels)
+        views, judged, summary = {}, {}, {}
+        for layer, explainer in explainers.items():
+            views[layer] = _transfer(explainer, images, adversarial, batch)
+            judged[layer] = _predict(judge, views[layer], batch)
+            if fooled.any():
+                summary[layer] = {
+                    "judged_adversarial": float((judged[layer][fooled] == adv_pred[fooled]).float().mean()),
+                    "judged_original": float((judged[layer][fooled] == labels[fooled]).float().mean()),
+                }
+            else:
+                summary[layer] = {"judged_adversarial": float("nan"), "judged_original": float("nan")}
+    summary["fooled_rate"] = float(fooled.float().mean())
+    summary["n_fooled"] = int(fooled.sum())
+    return AdversarialViews(images, adversarial, labels, clean_pred, adv_pred, fooled, views, judged, summary)
+
+
+def mix_images(
+    explainers: Mapping[str, LayerInvariance],
+    invariance_source: Tensor,
+    representation_source: Tensor,
+    batch_size: int = 256,
+) -> Dict[str, Tensor]:
+    """Per layer: the representation of ``representation_source`` decoded with the invariances of ``invariance_source``.
+
+    Args:
+        explainers: ``{layer name: LayerInvariance}``.
+        invariance_source: ``(N, C, H, W)`` images ``a`` whose invariances (what the layer ignores) are kept.
+        representation_source: ``(N, C, H, W)`` images ``b`` whose layer representation is kept.
+        batch_size: Images per pass.
+
+    Returns:
+        ``{layer: (N, C, H, W)}`` mixed images.
+
+    Examples::
+
+        >>> mixed = mix_images({"fc": explainer}, a, b)   # doctest: +SKIP
+        >>> mixed["fc"].shape                              # doctest: +SKIP
+        torch.Size([8, 3, 32, 32])
+    """
+    _check_explainers(explainers)
+    (a,) = format_inputs(invariance_source, name="invariance_source")
+    (b,) = format_inputs(representation_source, name="representation_source")
+    if a.shape != b.shape:
+        raise ValueError(f"`invariance_source` {tuple(a.shape)} and `representation_source` {tuple(b.shape)} "
+                         "must have the same shape (one pair per row).")
+    batch = check_positive_int(batch_size, "batch_size")
+    return {layer: _transfer(explainer, a, b, batch) for layer, explainer in explainers.items()}
+
+
+def plot_mixing(
+    invariance_source: Tensor,
+    representation_source: Tensor,
+    mixed: Dict[str, Tensor],
+    fig: Any = None,
+) -> Tuple[Any, Any]:
+    """Rows of pairs: ``a`` (invariances) | ``b`` (representation) | the mix at each layer.
+
+    Args:
+        invariance_source: ``(N, C, H, W)``.
+        representation_source: ``(N, C, H, W)``.
+        mixed: :func:`mix_images`'s result.
+        fig: Optional figure.
+
+    Returns:
+        ``(fig, axes)``.
+    """
+    from captum_inn.visualization import plot_image_grid
+
+    columns: Dict[str, Union[Tensor, List]] = {"a: invariances": invariance_source, "b: representation": representation_source}
+    columns.update({f"mix at {layer}": images for layer, images in mixed.items()})
+    return plot_image_grid(columns, title="image mixing: b as each layer sees it, with a's invariances", fig=fig)

@@ -1,0 +1,278 @@
+"""One pipeline with Captum's saliency methods and the invariances: ``compare_attributions``.
+
+For each input it computes, with one batching control:
+
+* Grad-CAM (:class:`captum.attr.LayerGradCam`, upsampled to the input with
+  :meth:`captum.attr.LayerAttribution.interpolate`): *where* the target class's evidence is;
+* Integrated Gradients (:class:`captum.attr.IntegratedGradients`): which pixels move the target;
+* the invariance map (:meth:`captum_inn.LayerInvariance.attribute`): which pixels the layer ignores;
+* a strip of invariance samples (:meth:`captum_inn.LayerInvariance.sample`): what it ignores;
+* optionally concept scores (:meth:`captum_inn.LayerConcepts.attribute`).
+
+:meth:`Comparison.plot` draws one figure per input: input | Grad-CAM | IG | invariance map |
+samples | concept bars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from captum_inn.attr import LayerConcepts, LayerInvariance
+from captum_inn.attr._common import check_positive_int, format_inputs
+from captum_inn.capture import eval_mode, resolve_layer
+
+__all__ = ["Comparison", "compare_attributions", "last_spatial_layer"]
+
+
+@dataclass
+class Comparison:
+    """Every map of :func:`compare_attributions` for ``N`` inputs of shape ``(C, H, W)``.
+
+    Attributes:
+        inputs: ``(N, C, H, W)``.
+        targets: ``(N,)`` the explained class of each input.
+        predictions: ``(N,)`` the model's predicted class.
+        gradcam: ``(N, 1, H, W)`` Grad-CAM at ``gradcam_layer``, upsampled to the input.
+        integrated_gradients: ``(N, C, H, W)``.
+        invariance_map: ``(N, C, H, W)`` spread of the invariance samples at ``layer``.
+        samples: ``(N, S, C, H, W)`` invariance samples at ``layer``.
+        reconstructions: ``(N, C, H, W)`` the autoencoder's reconstructions ``D(E(x))``.
+        concept_scores: ``(N, K)`` concept attributions, or ``None`` without a concept explainer.
+        concept_names: The ``K`` concept names (empty without concepts).
+        layer: Name of the layer whose invariances are shown.
+        gradcam_layer: Name of the layer Grad-CAM reads.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    predictions: Tensor
+    gradcam: Tensor
+    integrated_gradients: Tensor
+    invariance_map: Tensor
+    samples: Tensor
+    reconstructions: Tensor
+    concept_scores: Optional[Tensor]
+    concept_names: List[str]
+    layer: str
+    gradcam_layer: str
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def plot(self, index: int = 0, class_names: Optional[Sequence[str]] = None, n_strip: int = 6,
+             fig: Any = None) -> Tuple[Any, Any]:
+        """One figure for input ``index`` (see :func:`captum_inn.visualization.plot_comparison`)."""
+        from captum_inn.visualization import plot_comparison
+
+        return plot_comparison(self, index, class_names=class_names, n_strip=n_strip, fig=fig)
+
+    def save_figures(self, folder: Union[str, Path], class_names: Optional[Sequence[str]] = None,
+                     prefix: str = "comparison", indices: Optional[Sequence[int]] = None) -> List[str]:
+        """Write one PNG per input (``<prefix>_<index>.png``) into ``folder``; return the paths."""
+        from captum_inn.visualization import save_figure
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in range(len(self)) if indices is None else indices:
+            fig, _ = self.plot(i, class_names=class_names)
+            paths.append(save_figure(fig, str(folder / f"{prefix}_{i}.png")))
+        return paths
+
+
+def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
+    """Name of the last module (in execution order) whose output is a feature map larger than 1×1.
+
+    The default layer of Grad-CAM: for a torchvision ResNet it is ``"layer4"``.
+
+    Args:
+        model: The model.
+        example: ``(N, C, H, W)`` inputs for one forward pass (one image is enough).
+
+    Returns:
+        A dotted module name.
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> last_spatial_layer(model, torch.rand(1, 3, 8, 8))
+        '1'
+    """
+    order: List[str] = []
+    handles = []
+
+    def record(name: str):
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+                order.append(name)
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(record(name)))
+        with torch.no_grad(), eval_mode(model):
+            model(example[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not order:
+        raise ValueError("The model has no layer with a spatial feature map; pass `gradcam_layer` explicitly.")
+    return order[-1]
+
+
+def _predict(model: nn.Module, images: Tensor, batch: int) -> Tensor:
+    with torch.no_grad(), eval_mode(model):
+        return torch.cat([model(images[s : s + batch]).argmax(1) for s in range(0, images.shape[0], batch)])
+
+
+def compare_attributions(
+    model: nn.Module,
+    inputs: Tensor,
+    invariance: LayerInvariance,
+    target: Union[None, int, Tensor, Sequence[int]] = None,
+    *,
+    gradcam_layer: Union[None, str, nn.Module] = None,
+    concepts: Optional[LayerConcepts] = None,
+    n_samples: int = 16,
+    ig_steps: int = 50,
+    ig_baselines: Union[None, float, Tensor] = None,
+    internal_batch_size: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Comparison:
+    """Grad-CAM, Integrated Gradients, the invariance map, invariance samples and concept scores at once.
+
+    Args:
+        model: The classifier, ``(N, C, H, W) → (N, K)`` logits. It is run in eval mode (batch
+            norm uses its running statistics) and its mode is restored.
+        inputs: ``(N, C, H, W)`` images.
+        invariance: A :class:`~captum_inn.LayerInvariance` for ``model`` (its layer's INN fitted).
+        target: The explained class: ``None`` (each input's predicted class), an int for all,
+            or ``(N,)`` classes.
+        gradcam_layer: Layer for Grad-CAM (module or dotted name). Default: the invariance layer
+            if it is a feature map, else :func:`last_spatial_layer` (``layer4`` of a ResNet).
+        concepts: Optional :class:`~captum_inn.LayerConcepts` whose scores are added.
+        n_samples: Invariance samples per input (``>= 2``; the map is their spread).
+        ig_steps: Integrated Gradients steps.
+        ig_baselines: IG baseline: ``None`` (black image), a float or a tensor like ``inputs``.
+        internal_batch_size: The most rows any method sends through a network at once (IG's
+            interpolation steps, decoded samples, Grad-CAM and concept passes); ``None``: all at
+            once. Results do not depend on it.
+        generator: ``torch.Generator`` for reproducible samples.
+
+    Returns:
+        A :class:`Comparison`; every map has the input's spatial size.
+
+    Examples::
+
+        >>> from captum_inn.models import SmallCNN
+        >>> from captum_inn.autoencoders import ConvAutoencoder
+        >>> from captum_inn.inn import ConditionalINN
+        >>> model, ae = SmallCNN().eval(), ConvAutoencoder((3, 32, 32), latent_dim=8).eval()
+        >>> inn = ConditionalINN(8, (10,), n_blocks=2, hidden=16)
+        >>> _ = inn(torch.randn(4, 8), torch.randn(4, 10))          # (normally: fit_invariances)
+        >>> result = compare_attributions(model, torch.rand(2, 3, 32, 32), LayerInvariance(model, "logits", inn, ae),
+        ...                               n_samples=4, ig_steps=8)
+        >>> result.gradcam.shape, result.integrated_gradients.shape, result.samples.shape
+        (torch.Size([2, 1, 32, 32]), torch.Size([2, 3, 32, 32]), torch.Size([2, 4, 3, 32, 32]))
+    """
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+    if not isinstance(invariance, LayerInvariance):
+        raise TypeError(f"`invariance` must be a captum_inn.LayerInvariance, got {type(invariance).__name__}.")
+    if invariance.forward_func is not model:
+        raise ValueError("`invariance` explains another model; build it with LayerInvariance(model, layer, inn, ae).")
+    if concepts is not None and not isinstance(concepts, LayerConcepts):
+        raise TypeError(f"`concepts` must be a captum_inn.LayerConcepts or None, got {type(concepts).__name__}.")
+    (images,) = format_inputs(inputs)
+    n = images.shape[0]
+    batch = n if internal_batch_size is None else check_positive_int(internal_batch_size, "internal_batch_size")
+    check_positive_int(ig_steps, "ig_steps")
+    if check_positive_int(n_samples, "n_samples") < 2:
+        raise ValueError(f"`n_samples` must be >= 2 for an invariance map (their spread), got {n_samples}.")
+    predictions = _predict(model, images, batch)
+    targets = _targets(target, predictions, model, images)
+
+    # Everything below runs in eval mode, not only Captum's passes: the invariance and concept
+    # explainers would otherwise warn about a model in training mode (they use eval mode anyway).
+    with eval_mode(model):
+        if gradcam_layer is None:
+            z = invariance._activation((images[:1],), None)
+            gradcam_layer = invariance.layer_name if z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
+                else last_spatial_layer(model, images)
+        gradcam_name, gradcam_module = resolve_layer(model, gradcam_layer)
+        if ig_baselines is None:
+            ig_baselines = torch.zeros_like(images)
+
+        gradcam_parts, ig_parts, concept_parts = [], [], []
+        gradcam = LayerGradCam(model, gradcam_module)
+        ig = IntegratedGradients(model)
+        rows = max(1, batch // ig_steps)  # IG expands each input to ig_steps rows
+        for start in range(0, n, batch):
+            part = slice(start, min(start + batch, n))
+            cam = gradcam.attribute(images[part], target=targets[part], relu_attributions=True)
+            gradcam_parts.append(LayerAttribution.interpolate(cam.detach(), tuple(images.shape[2:]), "bilinear"))
+        for start in range(0, n, rows):
+            part = slice(start, min(start + rows, n))
+            # a per-input baseline is sliced with the inputs; a (1, C, H, W) one broadcasts
+            per_input = isinstance(ig_baselines, Tensor) and ig_baselines.dim() == 4 and ig_baselines.shape[0] == n
+            base = ig_baselines[part] if per_input else ig_baselines
+            ig_parts.append(ig.attribute(images[part], baselines=base, target=targets[part], n_steps=ig_steps,
+                                         internal_batch_size=batch).detach())
+        if concepts is not None:
+            # LayerConcepts.attribute runs its own IG over 512 steps in passes of 256 rows by default;
+            # with internal_batch_size its passes must be bounded too (Captum then takes
+            # internal_batch_size // images steps per pass, at least one: <= batch rows).
+            concept_batch = 256 if internal_batch_size is None else batch
+            for start in range(0, n, batch):
+                part = slice(start, min(start + batch, n))
+                concept_parts.append(concepts.attribute(images[part], target=targets[part],
+                                                        internal_batch_size=concept_batch).detach())
+        samples = invariance.sample(images, n_samples, internal_batch_size=internal_batch_size, generator=generator)
+        # the reconstructions in chunks too: the autoencoder is a network like the others
+        reconstructions = torch.cat([invariance.reconstruct(images[s : s + batch]) for s in range(0, n, batch)])
+    return Comparison(
+        inputs=images.detach(),
+        targets=targets,
+        predictions=predictions,
+        gradcam=torch.cat(gradcam_parts),
+        integrated_gradients=torch.cat(ig_parts),
+        invariance_map=samples.std(dim=1),  # what LayerInvariance.attribute returns, from the same samples
+        samples=samples,
+        reconstructions=reconstructions,
+        concept_scores=torch.cat(concept_parts) if concepts is not None else None,
+        concept_names=list(concepts.concept_names) if concepts is not None else [],
+        layer=invariance.layer_name,
+        gradcam_layer=gradcam_name,
+    )
+
+
+def _targets(target: Any, predictions: Tensor, model: nn.Module, images: Tensor) -> Tensor:
+    n = predictions.shape[0]
+    if target is None:
+        return predictions
+    if isinstance(target, bool):
+        raise TypeError("`target` must be None, an int or N class indices, got a bool.")
+    if isinstance(target, int):
+        targets = torch.full((n,), target, dtype=torch.long, device=predictions.device)
+    else:
+        targets = torch.as_tensor(target, device=predictions.device)
+        if targets.dim() == 0 and not targets.is_floating_point():
+            # a scalar tensor (or numpy int) is one class for all, as in Captum's TargetType
+            targets = targets.expand(n)
+        if targets.dim() != 1 or targets.shape[0] != n or targets.is_floating_point():
+            raise ValueError(f"`target` must be None, an int or {n} class indices (one per input), got shape "
+                             f"{tuple(targets.shape)}.")
+        targets = targets.long()
+    with torch.no_grad(), eval_mode(model):
+        classes = model(images[:1]).shape[1]
+    if targets.min() < 0 or targets.max() >= classes:
+        raise ValueError(f"`target` holds classes outside 0…{classes - 1}: {sorted(set(targets.tolist()))[:10]}.")
+    return targets

@@ -1,0 +1,323 @@
+"""The paper's analyses as functions (issue 5, item 4): ``adversarial_views`` (FGSM through
+``captum.robust.FGSM``, each layer's view of the attack decoded with the clean image's invariances,
+and a judge's verdict on each) and ``mix_images``/``plot_mixing``.
+
+Nothing is fitted: He-initialised SmallCNNs (a batch norm in front of the attacked one, to see
+that eval mode is used), a random ``ConvAutoencoder`` and flows whose couplings are randomised.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from helpers_hooks import assert_no_hooks, training_flags
+from torch import nn
+
+from captum_inn import LayerInvariance
+from captum_inn.analysis import AdversarialViews, adversarial_views, mix_images, plot_mixing
+from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.inn import AffineCoupling, ConditionalINN
+from captum_inn.models import SmallCNN
+
+torch.set_num_threads(1)
+
+TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16)
+LAYERS = {"cnn.relu1": (4, 16, 16), "cnn.logits": (10,)}  # input side first
+N = 8
+
+
+def _he(module: nn.Module) -> nn.Module:
+    for m in module.modules():  # PyTorch's default init gives a SmallCNN almost constant logits
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return module
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.cnn = _he(SmallCNN(width=4))
+        with torch.no_grad():
+            self.bn.running_mean.fill_(0.5)
+            self.bn.running_var.fill_(0.1)
+
+    def forward(self, x):
+        return self.cnn(self.bn(x))
+
+
+def _inn(cond_shape) -> ConditionalINN:
+    inn = ConditionalINN(6, cond_shape, **TINY)
+    for m in inn.modules():  # fresh couplings are the identity
+        if isinstance(m, AffineCoupling):
+            m.subnet[-1].reset_parameters()
+    with torch.no_grad():
+        inn(torch.randn(16, 6), torch.randn(16, *cond_shape))  # ActNorm initialisation
+    return inn.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = Net().eval()
+    judge = _he(SmallCNN(width=4)).eval()
+    ae = ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
+    explainers = {layer: LayerInvariance(model, layer, _inn(shape), ae) for layer, shape in LAYERS.items()}
+    return model, judge, explainers
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(N, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _predict(model, x):
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+@pytest.fixture(scope="module")
+def labels(setup, images):
+    """The model's own predictions for the first half (right), another class for the second (wrong)."""
+    predicted = _predict(setup[0], images)
+    return torch.cat([predicted[: N // 2], (predicted[N // 2 :] + 1) % 10])
+
+
+@pytest.fixture(scope="module")
+def attacked(setup, images, labels):
+    model, judge, explainers = setup
+    return adversarial_views(model, explainers, images, labels, judge, epsilon=0.3)
+
+
+# ---------------------------------------------------------------- adversarial_views
+def test_shapes_and_attack(attacked, setup, images, labels):
+    model = setup[0]
+    assert isinstance(attacked, AdversarialViews)
+    assert attacked.images.shape == attacked.adversarial.shape == images.shape
+    assert torch.equal(attacked.images, images) and torch.equal(attacked.labels, labels)
+    for t in (attacked.labels, attacked.clean_predictions, attacked.adversarial_predictions, attacked.fooled):
+        assert t.shape == (N,)
+    assert attacked.fooled.dtype == torch.bool
+    # FGSM: one signed step of size epsilon, clamped to the pixel range
+    delta = attacked.adversarial - images
+    assert delta.abs().max() <= 0.3 + 1e-6 and delta.abs().max() > 0.1
+    assert attacked.adversarial.min() >= 0 and attacked.adversarial.max() <= 1
+    assert torch.equal(attacked.clean_predictions, _predict(model, images))
+    assert torch.equal(attacked.adversarial_predictions, _predict(model, attacked.adversarial))
+    assert list(attacked.views) == list(attacked.judged) == list(LAYERS)
+    for layer in LAYERS:
+        assert attacked.views[layer].shape == images.shape
+        assert attacked.judged[layer].shape == (N,)
+
+
+def test_fooled_means_clean_right_and_attacked_wrong(attacked):
+    right = attacked.clean_predictions == attacked.labels
+    wrong_after = attacked.adversarial_predictions != attacked.labels
+    assert torch.equal(attacked.fooled, right & wrong_after)
+    assert right[: N // 2].all() and not right[N // 2 :].any()  # the labels fixture
+    assert not attacked.fooled[N // 2 :].any()  # wrong on the clean image: never "fooled"
+    assert attacked.fooled.any()  # epsilon 0.3 moves some predictions of the random CNN
+
+
+def test_views_and_verdicts(attacked, setup):
+    _, judge, explainers = setup
+    for layer, explainer in explainers.items():
+        # the attacked image's representation with the clean image's invariances, not the reverse
+        expected = explainer.transfer(attacked.images, attacked.adversarial)
+        assert torch.allclose(attacked.views[layer], expected, atol=1e-5)
+        assert not torch.allclose(attacked.views[layer], explainer.transfer(attacked.adversarial, attacked.images))
+        assert torch.equal(attacked.judged[layer], _predict(judge, attacked.views[layer]))
+
+
+def test_summary(attacked):
+    fooled = attacked.fooled
+    assert set(attacked.summary) == {*LAYERS, "fooled_rate", "n_fooled"}
+    assert attacked.summary["n_fooled"] == int(fooled.sum())
+    assert attacked.summary["fooled_rate"] == pytest.approx(float(fooled.float().mean()))
+    for layer in LAYERS:
+        shares = attacked.summary[layer]
+        assert set(shares) == {"judged_adversarial", "judged_original"}
+        judged = attacked.judged[layer][fooled]
+        assert shares["judged_adversarial"] == pytest.approx(
+            float((judged == attacked.adversarial_predictions[fooled]).float().mean()))
+        assert shares["judged_original"] == pytest.approx(float((judged == attacked.labels[fooled]).float().mean()))
+        assert 0 <= shares["judged_adversarial"] + shares["judged_original"] <= 1  # the two classes differ
+
+
+class Shifted(nn.Module):
+    """The same classifier with every logit lowered by 100 (all negative): softmax is unchanged."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) - 100.0
+
+
+def test_the_attack_follows_the_cross_entropy_of_the_logits(setup, images, labels, attacked):
+    model, judge, explainers = setup
+    # the loss grows on every image (one signed gradient step of size 0.3 on a random CNN)
+    with torch.no_grad():
+        before = nn.functional.cross_entropy(model(images), labels, reduction="none")
+        after = nn.functional.cross_entropy(model(attacked.adversarial), labels, reduction="none")
+    assert (after > before).all()
+    # a constant shift of the logits changes no probability, so it must not change the attack
+    # (Captum's default loss, -log(output), would push negative logits the wrong way)
+    shifted = Shifted(model)
+    moved = {layer: LayerInvariance(shifted, "model." + layer, e.inn, e.autoencoder) for layer, e in explainers.items()}
+    result = adversarial_views(shifted, moved, images, labels, judge, epsilon=0.3)
+    assert torch.allclose(result.adversarial, attacked.adversarial, atol=1e-6)
+    assert torch.equal(result.fooled, attacked.fooled)
+
+
+def test_nothing_fooled_gives_nan(setup, images, labels):
+    model, judge, explainers = setup
+    all_wrong = (labels + torch.arange(1, N + 1)) % 10
+    all_wrong[all_wrong == _predict(model, images)] += 1
+    all_wrong %= 10
+    tiny = adversarial_views(model, explainers, images, _predict(model, images), judge, epsilon=1e-9)
+    never_right = adversarial_views(model, explainers, images, all_wrong, judge, epsilon=0.3)
+    for result in (tiny, never_right):
+        assert not result.fooled.any()
+        assert result.summary["n_fooled"] == 0 and result.summary["fooled_rate"] == 0.0
+        for layer in LAYERS:
+            assert math.isnan(result.summary[layer]["judged_adversarial"])
+            assert math.isnan(result.summary[layer]["judged_original"])
+        fig, axes = result.plot(n=3)  # falls back to the first images
+        assert axes.shape == (3, 2 + len(LAYERS))
+    plt.close("all")
+
+
+def test_batch_size_does_not_change_the_result(attacked, setup, images, labels):
+    model, judge, explainers = setup
+    batched = adversarial_views(model, explainers, images, labels, judge, epsilon=0.3, batch_size=3)
+    assert torch.allclose(batched.adversarial, attacked.adversarial, atol=1e-6)
+    assert torch.equal(batched.fooled, attacked.fooled)
+    for layer in LAYERS:
+        assert torch.allclose(batched.views[layer], attacked.views[layer], atol=1e-5)
+
+
+def test_eval_mode_used_and_restored_no_hooks_no_gradients(setup, images, labels, attacked):
+    model, judge, explainers = setup
+    model.train()
+    judge.train()
+    try:
+        flags, judge_flags = training_flags(model), training_flags(judge)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # runs in eval mode itself: no training-mode warning (nor Captum's)
+            result = adversarial_views(model, explainers, images, labels, judge, epsilon=0.3)
+        assert training_flags(model) == flags and training_flags(judge) == judge_flags
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]), k  # batch norm statistics not updated by the attack
+        assert_no_hooks(model)
+        assert_no_hooks(judge)
+        assert all(p.grad is None for p in model.parameters())  # FGSM differentiates the input only
+        assert not images.requires_grad
+    finally:
+        model.eval()
+        judge.eval()
+    assert torch.allclose(result.adversarial, attacked.adversarial, atol=1e-6)  # eval mode was used
+
+
+def test_plot(attacked):
+    fig, axes = attacked.plot(n=2, class_names=[f"c{k}" for k in range(10)])
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert axes.shape == (min(2, int(attacked.fooled.sum())), 2 + len(LAYERS))
+    own = plt.figure(figsize=(6, 6))
+    fig, _ = attacked.plot(fig=own)
+    assert fig is own
+    plt.close("all")
+
+
+def test_adversarial_views_errors(setup, images, labels):
+    model, judge, explainers = setup
+    other = Net().eval()
+    foreign = {"cnn.logits": LayerInvariance(other, "cnn.logits", explainers["cnn.logits"].inn,
+                                             explainers["cnn.logits"].autoencoder)}
+
+    def call(**changes):
+        kwargs = dict(model=model, explainers=explainers, images=images, labels=labels, judge=judge, epsilon=0.1)
+        kwargs.update(changes)
+        return adversarial_views(**kwargs)
+
+    for epsilon in (0, -0.1, True, "0.1", float("nan")):
+        with pytest.raises(ValueError, match="`epsilon` must be a number > 0"):
+            call(epsilon=epsilon)
+    with pytest.raises(ValueError, match=rf"`labels` must have shape \({N},\)"):
+        call(labels=labels[:-1])
+    with pytest.raises(ValueError, match="`labels` must have shape"):
+        call(labels=labels[:, None])
+    with pytest.raises(TypeError, match="`judge` must be an nn.Module"):
+        call(judge=lambda x: x)
+    with pytest.raises(TypeError, match="non-empty dict"):
+        call(explainers={})
+    with pytest.raises(TypeError, match="non-empty dict"):
+        call(explainers=list(explainers.values()))
+    with pytest.raises(TypeError, match=r"`explainers\['x'\]` must be a LayerInvariance"):
+        call(explainers={"x": judge})
+    with pytest.raises(ValueError, match="another model"):
+        call(explainers=foreign)
+    with pytest.raises(ValueError, match="batch_size"):
+        call(batch_size=0)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        call(images=images[0])
+    assert_no_hooks(model)
+
+
+# ---------------------------------------------------------------- image mixing
+def test_mix_images(setup, images):
+    _, _, explainers = setup
+    a, b = images[:4], images[4:]
+    mixed = mix_images(explainers, a, b)
+    assert list(mixed) == list(LAYERS)
+    for layer, explainer in explainers.items():
+        assert mixed[layer].shape == a.shape
+        # a's invariances, b's representation: exactly explainer.transfer(a, b)
+        assert torch.allclose(mixed[layer], explainer.transfer(a, b), atol=1e-6)
+        assert not torch.allclose(mixed[layer], explainer.transfer(b, a))
+    batched = mix_images(explainers, a, b, batch_size=3)
+    for layer in LAYERS:
+        assert torch.allclose(batched[layer], mixed[layer], atol=1e-5)
+
+
+def test_mixing_an_image_with_itself_gives_its_reconstruction(setup, images):
+    _, _, explainers = setup
+    mixed = mix_images(explainers, images[:3], images[:3])
+    for layer, explainer in explainers.items():  # t⁻¹(t(E(x) | Φ(x)) | Φ(x)) = E(x)
+        assert torch.allclose(mixed[layer], explainer.reconstruct(images[:3]), atol=1e-4)
+
+
+def test_mix_images_errors(setup, images):
+    model, _, explainers = setup
+    with pytest.raises(ValueError, match="must have the same shape"):
+        mix_images(explainers, images[:3], images[:4])
+    with pytest.raises(ValueError, match="must have the same shape"):
+        mix_images(explainers, images[:2], images[:2, :, :16, :16])
+    with pytest.raises(TypeError, match="non-empty dict"):
+        mix_images({}, images[:2], images[2:4])
+    with pytest.raises(TypeError, match="must be a LayerInvariance"):
+        mix_images({"fc": model}, images[:2], images[2:4])
+    with pytest.raises(TypeError, match="invariance_source"):
+        mix_images(explainers, images[:2].numpy(), images[2:4])
+    assert_no_hooks(model)
+
+
+def test_plot_mixing(setup, images):
+    _, _, explainers = setup
+    a, b = images[:3], images[3:6]
+    fig, axes = plot_mixing(a, b, mix_images(explainers, a, b))
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert axes.shape == (3, 2 + len(LAYERS))
+    assert [ax.get_title() for ax in axes[0]] == ["a: invariances", "b: representation",
+                                                  *(f"mix at {layer}" for layer in LAYERS)]
+    plt.close("all")

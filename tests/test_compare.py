@@ -1,0 +1,512 @@
+"""The comparison pipeline (issue 5, items 1–2): ``compare_attributions`` puts Captum's Grad-CAM and
+Integrated Gradients beside the invariance map, invariance samples and concept scores, with one
+batching control; ``Comparison.plot``/``save_figures`` draw it; ``last_spatial_layer`` picks
+Grad-CAM's default layer; and ``capture`` hooks a torchvision ResNet-18 by name.
+
+Nothing is fitted: a He-initialised SmallCNN behind a gate (that raises on a chosen forward call)
+and a batch norm (to see that eval mode is used and running statistics are left alone), a random
+``ConvAutoencoder`` and flows whose couplings are randomised.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+import torchvision
+from helpers_hooks import assert_no_hooks, training_flags
+from torch import nn
+
+from captum_inn import LayerConcepts, LayerInvariance
+from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.capture import capture
+from captum_inn.compare import Comparison, compare_attributions, last_spatial_layer
+from captum_inn.datasets import ColorDigits
+from captum_inn.inn import AffineCoupling, ConditionalINN, FactorINN
+from captum_inn.models import SmallCNN
+from captum_inn.visualization import plot_comparison, plot_image_grid
+
+torch.set_num_threads(1)
+
+TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16)
+FAST = dict(n_samples=3, ig_steps=4)  # small settings for the behaviour tests
+
+
+# ---------------------------------------------------------------- models
+class Gate(nn.Module):
+    """Counts its calls; raises ``error`` on call number ``fail_at`` (0-based) when armed."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.fail_at, self.error = 0, None, RuntimeError("gate: boom")
+
+    def forward(self, x):
+        if self.fail_at is not None and self.calls == self.fail_at:
+            self.calls += 1
+            raise self.error
+        self.calls += 1
+        return x
+
+
+class Net(nn.Module):
+    """gate → BatchNorm2d → SmallCNN(width=4). The batch norm has non-trivial running statistics,
+    so batch statistics (training mode) would give other outputs than eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+        self.bn = nn.BatchNorm2d(3)
+        self.cnn = SmallCNN(width=4)
+        for m in self.cnn.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        with torch.no_grad():
+            self.bn.running_mean.fill_(0.4)
+            self.bn.running_var.fill_(0.09)
+
+    def forward(self, x):
+        return self.cnn(self.bn(self.gate(x)))
+
+
+def _randomise(flow: nn.Module) -> nn.Module:
+    for m in flow.modules():  # fresh couplings are the identity
+        if isinstance(m, AffineCoupling):
+            m.subnet[-1].reset_parameters()
+    return flow
+
+
+def _inn(cond_shape) -> ConditionalINN:
+    inn = _randomise(ConditionalINN(6, cond_shape, **TINY))
+    with torch.no_grad():
+        inn(torch.randn(16, 6), torch.randn(16, *cond_shape))  # ActNorm initialisation
+    return inn.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = Net().eval()
+    ae = ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
+    inns = {"cnn.logits": _inn((10,)), "cnn.fc": _inn((128,)), "cnn.relu2": _inn((8, 8, 8))}
+    e = _randomise(FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16))
+    with torch.no_grad():
+        e(torch.randn(16, 6))
+    return model, ae, inns, e.eval()
+
+
+def _invariance(setup, layer="cnn.logits"):
+    model, ae, inns, _ = setup
+    return LayerInvariance(model, layer, inns[layer], ae)
+
+
+def _concepts(setup):
+    model, ae, _, e = setup
+    return LayerConcepts(model, "cnn.logits", e, ae)
+
+
+@pytest.fixture
+def x():
+    return torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- 64 ColorDigits images
+@pytest.fixture(scope="module")
+def digits64():
+    return ColorDigits("test").images[:64]
+
+
+@pytest.fixture(scope="module")
+def comparisons(setup, digits64):
+    """The same call with all rows at once and with internal_batch_size=7."""
+    model, explainer = setup[0], _invariance(setup)
+    kwargs = dict(n_samples=4, ig_steps=8)
+    whole = compare_attributions(model, digits64, explainer, generator=_gen(), **kwargs)
+    batched = compare_attributions(model, digits64, explainer, internal_batch_size=7, generator=_gen(), **kwargs)
+    return whole, batched
+
+
+def test_every_map_has_the_input_size_on_64_colordigits(comparisons, digits64):
+    n, c, h, w = digits64.shape
+    result = comparisons[0]
+    assert isinstance(result, Comparison) and len(result) == n == 64
+    assert result.gradcam.shape == (n, 1, h, w)
+    assert result.integrated_gradients.shape == (n, c, h, w)
+    assert result.invariance_map.shape == (n, c, h, w)
+    assert result.samples.shape == (n, 4, c, h, w)
+    assert result.reconstructions.shape == (n, c, h, w)
+    assert result.targets.shape == result.predictions.shape == (n,)
+    assert result.concept_scores is None and result.concept_names == []
+    assert result.layer == "cnn.logits" and result.gradcam_layer == "cnn.relu3"
+    assert torch.equal(result.inputs, digits64)
+    for t in (result.gradcam, result.integrated_gradients, result.invariance_map, result.samples):
+        assert torch.isfinite(t).all()
+        assert not t.requires_grad
+    assert (result.gradcam >= 0).all() and result.gradcam.amax() > 0  # relu_attributions, not all zero
+    assert result.integrated_gradients.abs().amax() > 0
+    assert torch.allclose(result.invariance_map, result.samples.std(dim=1))
+    assert result.invariance_map.amax() > 0  # randomised flow: the samples differ
+
+
+def test_targets_default_to_the_predictions(comparisons, setup, digits64):
+    result = comparisons[0]
+    with torch.no_grad():
+        expected = setup[0](digits64).argmax(1)
+    assert torch.equal(result.predictions, expected)
+    assert torch.equal(result.targets, expected)
+
+
+def test_internal_batch_size_does_not_change_the_results(comparisons):
+    whole, batched = comparisons
+    assert torch.equal(whole.targets, batched.targets) and torch.equal(whole.predictions, batched.predictions)
+    # different batch shapes may round differently, nothing more
+    for name in ("gradcam", "integrated_gradients", "invariance_map", "samples", "reconstructions"):
+        a, b = getattr(whole, name), getattr(batched, name)
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
+def test_same_generator_seed_gives_the_same_samples(setup, x):
+    model, explainer = setup[0], _invariance(setup)
+    a = compare_attributions(model, x, explainer, generator=_gen(3), **FAST)
+    b = compare_attributions(model, x, explainer, generator=_gen(3), **FAST)
+    c = compare_attributions(model, x, explainer, generator=_gen(4), **FAST)
+    assert torch.equal(a.samples, b.samples)
+    assert not torch.equal(a.samples, c.samples)
+
+
+@pytest.mark.parametrize("form", ["int", "list", "tensor", "scalar tensor"])
+def test_int_and_tensor_targets(setup, x, form):
+    model, explainer = setup[0], _invariance(setup)
+    n = x.shape[0]
+    target = {"int": 3, "list": [3] * n, "tensor": torch.full((n,), 3), "scalar tensor": torch.tensor(3)}[form]
+    result = compare_attributions(model, x, explainer, target=target, generator=_gen(), **FAST)
+    assert torch.equal(result.targets, torch.full((n,), 3))
+    reference = compare_attributions(model, x, explainer, target=3, generator=_gen(), **FAST)
+    assert torch.allclose(result.integrated_gradients, reference.integrated_gradients)
+    assert torch.allclose(result.gradcam, reference.gradcam)
+
+
+def test_per_input_targets_are_explained_per_input(setup, x):
+    model, explainer = setup[0], _invariance(setup)
+    targets = torch.tensor([0, 5, 9, 2])
+    result = compare_attributions(model, x, explainer, target=targets, generator=_gen(), **FAST)
+    assert torch.equal(result.targets, targets)
+    for i, t in enumerate(targets.tolist()):
+        one = compare_attributions(model, x[i : i + 1], explainer, target=t, generator=_gen(), **FAST)
+        assert torch.allclose(one.integrated_gradients[0], result.integrated_gradients[i], atol=1e-6)
+        assert torch.allclose(one.gradcam[0], result.gradcam[i], atol=1e-6)
+
+
+def test_concept_scores_present_with_concepts_and_absent_without(setup, x):
+    model, explainer, concepts = setup[0], _invariance(setup), _concepts(setup)
+    result = compare_attributions(model, x, explainer, concepts=concepts, generator=_gen(), **FAST)
+    assert result.concept_names == ["a", "b", concepts.concept_names[-1]] == concepts.concept_names
+    assert result.concept_scores.shape == (x.shape[0], 3)
+    assert torch.allclose(result.concept_scores, concepts.attribute(x, target=result.targets), atol=1e-5)
+    without = compare_attributions(model, x, explainer, generator=_gen(), **FAST)
+    assert without.concept_scores is None and without.concept_names == []
+
+
+def test_concept_scores_do_not_depend_on_internal_batch_size(setup, x):
+    model, explainer, concepts = setup[0], _invariance(setup), _concepts(setup)
+    x = x[:3]
+    whole = compare_attributions(model, x, explainer, concepts=concepts, generator=_gen(), **FAST)
+    batched = compare_attributions(model, x, explainer, concepts=concepts, internal_batch_size=7,
+                                   generator=_gen(), **FAST)
+    assert torch.allclose(whole.concept_scores, batched.concept_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_internal_batch_size_bounds_every_pass(setup, x):
+    """The documented promise: no network sees more than internal_batch_size rows at once."""
+    model, ae = setup[0], setup[1]
+    explainer, concepts = _invariance(setup), _concepts(setup)
+    seen = []
+
+    def record(_module, args):
+        seen.append(args[0].shape[0])
+
+    handles = [model.register_forward_pre_hook(record), ae.register_forward_pre_hook(record),
+               ae.encoder.register_forward_pre_hook(record), ae.from_code.register_forward_pre_hook(record)]
+    try:
+        compare_attributions(model, x[:3], explainer, concepts=concepts, internal_batch_size=5,
+                             generator=_gen(), **FAST)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and max(seen) <= 5, sorted(set(seen))
+
+
+@pytest.mark.parametrize(
+    "layer, expected",
+    [("cnn.relu2", "cnn.relu2"),  # a feature map: Grad-CAM reads the invariance layer itself
+     ("cnn.logits", "cnn.relu3"),  # a vector: the last spatial layer
+     ("cnn.fc", "cnn.relu3")],
+)
+def test_gradcam_layer_default(setup, x, layer, expected):
+    model = setup[0]
+    result = compare_attributions(model, x, _invariance(setup, layer), generator=_gen(), **FAST)
+    assert result.layer == layer and result.gradcam_layer == expected
+    assert result.gradcam.shape == (x.shape[0], 1, 32, 32)
+
+
+@pytest.mark.parametrize("given", ["name", "module"])
+def test_gradcam_layer_given(setup, x, given):
+    model = setup[0]
+    layer = "cnn.relu1" if given == "name" else model.cnn.relu1
+    result = compare_attributions(model, x, _invariance(setup), gradcam_layer=layer, generator=_gen(), **FAST)
+    assert result.gradcam_layer == "cnn.relu1"
+    assert result.gradcam.shape == (x.shape[0], 1, 32, 32)  # 16×16 upsampled
+
+
+def test_ig_baselines(setup, x):
+    model, explainer = setup[0], _invariance(setup)
+    black = compare_attributions(model, x, explainer, target=1, generator=_gen(), **FAST)
+    zero = compare_attributions(model, x, explainer, target=1, ig_baselines=0.0, generator=_gen(), **FAST)
+    tensor = compare_attributions(model, x, explainer, target=1, ig_baselines=torch.zeros_like(x),
+                                  generator=_gen(), **FAST)
+    grey = compare_attributions(model, x, explainer, target=1, ig_baselines=0.5, generator=_gen(), **FAST)
+    assert torch.allclose(black.integrated_gradients, zero.integrated_gradients)
+    assert torch.allclose(black.integrated_gradients, tensor.integrated_gradients)
+    assert not torch.allclose(black.integrated_gradients, grey.integrated_gradients)
+
+
+# ---------------------------------------------------------------- modes and hooks
+def test_model_mode_restored_batch_norm_untouched_no_hooks(setup, x):
+    model, explainer, concepts = setup[0], _invariance(setup), _concepts(setup)
+    reference = compare_attributions(model, x, explainer, concepts=concepts, generator=_gen(), **FAST)
+    model.train()
+    try:
+        flags = training_flags(model)
+        buffers = {k: v.clone() for k, v in model.state_dict().items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the pipeline runs eval mode itself: nothing to warn about
+            result = compare_attributions(model, x, explainer, concepts=concepts, generator=_gen(), **FAST)
+        assert training_flags(model) == flags
+        assert_no_hooks(model)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, buffers[k]), k  # running statistics not updated
+    finally:
+        model.eval()
+    # eval mode was used: the same results as from the model in eval mode
+    assert torch.equal(result.predictions, reference.predictions)
+    assert torch.allclose(result.integrated_gradients, reference.integrated_gradients, atol=1e-6)
+    assert torch.allclose(result.concept_scores, reference.concept_scores, atol=1e-5)
+    assert not x.requires_grad
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_no_hook_left_and_mode_restored_when_a_forward_pass_fails(setup, x, mode):
+    """Arm the gate to fail on each forward call of a normal run in turn."""
+    model, explainer, concepts = setup[0], _invariance(setup), _concepts(setup)
+    gate = model.gate
+    x = x[:2]
+    run = dict(concepts=concepts, generator=_gen(), **FAST)
+    gate.calls = 0
+    compare_attributions(model, x, explainer, **run)
+    n_calls = gate.calls
+    assert n_calls > 5
+    model.train(mode == "train")
+    flags = training_flags(model)
+    try:
+        for k in sorted({0, 1, 2, 3, n_calls // 3, n_calls // 2, n_calls - 2, n_calls - 1}):
+            gate.calls, gate.fail_at = 0, k
+            with pytest.raises(RuntimeError, match="gate: boom"):
+                compare_attributions(model, x, explainer, **run)
+            assert_no_hooks(model)
+            assert training_flags(model) == flags, k
+    finally:
+        gate.fail_at = None
+        model.eval()
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_errors(setup, x):
+    model, explainer = setup[0], _invariance(setup)
+    other = Net().eval()
+    other_explainer = LayerInvariance(other, "cnn.logits", setup[2]["cnn.logits"], setup[1])
+    cases = [
+        (TypeError, "must be an nn.Module", lambda: compare_attributions(lambda t: t, x, explainer)),
+        (TypeError, "LayerInvariance", lambda: compare_attributions(model, x, _concepts(setup))),
+        (TypeError, "LayerInvariance", lambda: compare_attributions(model, x, None)),
+        (ValueError, "another model", lambda: compare_attributions(model, x, other_explainer)),
+        (TypeError, "LayerConcepts", lambda: compare_attributions(model, x, explainer, concepts=explainer)),
+        (ValueError, r"outside 0…9", lambda: compare_attributions(model, x, explainer, target=10)),
+        (ValueError, r"outside 0…9", lambda: compare_attributions(model, x, explainer, target=-1)),
+        (ValueError, r"outside 0…9", lambda: compare_attributions(model, x, explainer, target=[0, 1, 2, 12])),
+        (ValueError, "one per input", lambda: compare_attributions(model, x, explainer, target=[0, 1])),
+        (ValueError, "one per input", lambda: compare_attributions(model, x, explainer, target=torch.zeros(4, 1))),
+        (ValueError, "one per input", lambda: compare_attributions(model, x, explainer, target=torch.zeros(4))),
+        (TypeError, "bool", lambda: compare_attributions(model, x, explainer, target=True)),
+        (ValueError, r"`n_samples` must be >= 2", lambda: compare_attributions(model, x, explainer, n_samples=1)),
+        (ValueError, r"`ig_steps` must be >= 1", lambda: compare_attributions(model, x, explainer, ig_steps=0)),
+        (ValueError, "internal_batch_size", lambda: compare_attributions(model, x, explainer, internal_batch_size=0)),
+        (ValueError, r"\(N, C, H, W\)", lambda: compare_attributions(model, x[0], explainer)),
+        (ValueError, "empty batch", lambda: compare_attributions(model, x[:0], explainer)),
+        (ValueError, "NaN", lambda: compare_attributions(model, x * float("nan"), explainer)),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
+        assert_no_hooks(model)
+        assert not model.training
+
+
+# ---------------------------------------------------------------- figures
+@pytest.fixture
+def no_show(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("plt.show() was called")
+
+    monkeypatch.setattr(plt, "show", refuse)
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def with_concepts(setup):
+    x = torch.rand(2, 3, 32, 32, generator=_gen(5))
+    return compare_attributions(setup[0], x, _invariance(setup), concepts=_concepts(setup), n_samples=8,
+                                ig_steps=4, generator=_gen())
+
+
+def test_plot_returns_fig_and_axes(comparisons, with_concepts, no_show):
+    fig, axes = comparisons[0].plot(1)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert len(axes) == 4 + 4  # input, Grad-CAM, IG, map, then all 4 samples (fewer than n_strip=6)
+    fig, axes = with_concepts.plot(0, class_names=[f"class {k}" for k in range(10)])
+    assert len(axes) == 4 + 6 + 1  # n_strip=6 of 8 samples, and the concept bars
+    fig, axes = with_concepts.plot(1, n_strip=2)
+    assert len(axes) == 4 + 2 + 1
+    own = plt.figure(figsize=(16, 2.5))
+    fig, _ = plot_comparison(with_concepts, 0, fig=own)
+    assert fig is own
+
+
+def test_save_figures_writes_pngs(with_concepts, tmp_path, no_show):
+    paths = with_concepts.save_figures(tmp_path / "figures", prefix="cmp")
+    assert [p.rsplit("/", 1)[-1] for p in map(str, paths)] == ["cmp_0.png", "cmp_1.png"]
+    for path in paths:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        assert head == b"\x89PNG\r\n\x1a\n"
+    assert all((tmp_path / "figures" / f"cmp_{i}.png").stat().st_size > 1000 for i in range(2))
+    assert plt.get_fignums() == []  # save_figure closes them
+    only = with_concepts.save_figures(tmp_path, indices=[1])
+    assert len(only) == 1 and str(only[0]).endswith("comparison_1.png")
+
+
+def test_plot_errors(with_concepts, no_show):
+    with pytest.raises(ValueError, match="index"):
+        with_concepts.plot(2)
+    with pytest.raises(ValueError, match="same number of images"):
+        plot_image_grid({"a": torch.rand(2, 3, 8, 8), "b": torch.rand(3, 3, 8, 8)})
+
+
+# ---------------------------------------------------------------- last_spatial_layer and ResNet-18
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def test_last_spatial_layer_of_resnet18(resnet):
+    resnet.train()
+    flags = training_flags(resnet)
+    assert last_spatial_layer(resnet, torch.rand(2, 3, 64, 64)) == "layer4"  # 2×2
+    assert last_spatial_layer(resnet, torch.rand(1, 3, 32, 32)) == "layer3"  # layer4 is 1×1 there
+    assert_no_hooks(resnet)
+    assert training_flags(resnet) == flags
+    resnet.eval()
+
+
+def test_last_spatial_layer_of_small_models():
+    assert last_spatial_layer(SmallCNN(width=4), torch.rand(1, 3, 32, 32)) == "relu3"
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(ValueError, match="gradcam_layer"):
+        last_spatial_layer(mlp, torch.rand(1, 3, 2, 2))
+    assert_no_hooks(mlp)
+
+
+RESNET_LAYERS = ["layer1", "layer2", "layer3", "layer4", "avgpool", "fc"]
+
+
+def _manual_forward(model, x):
+    out = {}
+    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    for name in RESNET_LAYERS[:4]:
+        h = out[name] = getattr(model, name)(h)
+    out["avgpool"] = model.avgpool(h)
+    out["fc"] = model.fc(torch.flatten(out["avgpool"], 1))
+    return out
+
+
+def test_capture_hooks_resnet18_by_name_in_one_pass(resnet):
+    x = torch.rand(2, 3, 64, 64, generator=_gen(2))
+    resnet.eval()
+    with torch.no_grad():
+        expected = _manual_forward(resnet, x)
+        logits = resnet(x)
+    calls = []
+    handle = resnet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        values = capture(resnet, RESNET_LAYERS, x)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # one forward pass for all six layers
+    assert list(values) == RESNET_LAYERS
+    shapes = {"layer1": (64, 16, 16), "layer2": (128, 8, 8), "layer3": (256, 4, 4), "layer4": (512, 2, 2),
+              "avgpool": (512, 1, 1), "fc": (10,)}
+    for name in RESNET_LAYERS:
+        assert values[name].shape == (2, *shapes[name])
+        # the in-place ReLUs of later blocks did not overwrite what was captured
+        assert torch.allclose(values[name], expected[name], atol=1e-6), name
+    assert torch.allclose(values["fc"], logits, atol=1e-6)
+    assert (values["layer4"] >= 0).all()  # a block ends with its ReLU
+    assert_no_hooks(resnet)
+
+
+def test_capture_from_resnet18_in_train_mode_uses_eval_mode_and_restores_it(resnet):
+    x = torch.rand(3, 3, 64, 64, generator=_gen(3))
+    resnet.eval()
+    with torch.no_grad():
+        expected = _manual_forward(resnet, x)
+    resnet.train()
+    resnet.layer2[0].bn1.eval()  # a user's own mixed setting must survive too
+    flags = training_flags(resnet)
+    state = {k: v.clone() for k, v in resnet.state_dict().items()}
+    try:
+        values = capture(resnet, RESNET_LAYERS, x)
+        assert training_flags(resnet) == flags
+        assert resnet.training and not resnet.layer2[0].bn1.training
+        for k, v in resnet.state_dict().items():
+            assert torch.equal(v, state[k]), k  # running_mean/var and num_batches_tracked untouched
+        for name in RESNET_LAYERS:
+            assert torch.allclose(values[name], expected[name], atol=1e-6), name  # running statistics used
+        assert_no_hooks(resnet)
+        # capture(eval_mode=False) is the opt-out: batch statistics, and running stats move
+        capture(resnet, "layer1", x, eval_mode=False)
+        assert not torch.equal(resnet.bn1.running_mean, state["bn1.running_mean"])
+        assert training_flags(resnet) == flags
+    finally:
+        resnet.load_state_dict(state)
+        resnet.eval()
+
+
+def test_ig_baseline_of_one_image_broadcasts(setup, x):
+    model, explainer = setup[0], _invariance(setup)
+    grey = torch.full((1, 3, 32, 32), 0.5)
+    one = compare_attributions(model, x, explainer, target=1, ig_baselines=grey, internal_batch_size=5,
+                               generator=_gen(), **FAST)
+    full = compare_attributions(model, x, explainer, target=1, ig_baselines=grey.expand_as(x).clone(),
+                                generator=_gen(), **FAST)
+    assert torch.allclose(one.integrated_gradients, full.integrated_gradients, atol=1e-6)

@@ -237,6 +237,8 @@ def run_photo_demo(
     explainers = {name: LayerInvariance(model, name, inns[name], ae) for name in PHOTO_LAYERS}
     layers: Dict[str, Any] = {}
     rows = min(settings.n_figures, n)
+    # the figures show one held-out photo per class (the test set is ordered by class)
+    shown = _one_per_class(y_test.cpu(), rows)
     strips = {}
     for depth, (name, explainer) in enumerate(explainers.items()):
         samples = explainer.sample(x_test, settings.n_samples, generator=torch.Generator().manual_seed(seed + depth),
@@ -255,14 +257,14 @@ def run_photo_demo(
             "reencode_null_q99": reencode["null_quantile"],
             "final_nll_per_dim": inns[name].fit_info["final_nll_per_dim"],
         }
-        strips[name] = samples[:rows, :8]
+        strips[name] = samples[shown, :8]
         summary = ", ".join(f"{k} {v:.3f}" for k, v in layers[name].items() if isinstance(v, float))
         _stage(f"  {name}: {summary}", start)
     timings["evaluation"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
     _stage(f"comparison figures: Grad-CAM, IG and invariances for {rows} held-out photos; image mixing", start)
-    figures = _draw(out, model, explainers, x_test, recon, strips, classes, rows, seed)
+    figures = _draw(out, model, explainers, x_test[shown], recon[shown], strips, classes, seed)
     timings["figures"] = round(time.perf_counter() - t0, 1)
     timings["total"] = round(time.perf_counter() - start, 1)
     bounds = PHOTO_QUICK_BOUNDS if quick else PHOTO_BOUNDS
@@ -290,25 +292,30 @@ def run_photo_demo(
     return index
 
 
-def _draw(out: Path, model, explainers: Dict[str, LayerInvariance], x_test, recon, strips, classes, rows: int,
+def _one_per_class(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of ``count`` examples, the first of each class in turn (then the next of each, ...)."""
+    order = sorted(range(len(labels)), key=lambda i: (int((labels[:i] == labels[i]).sum()), int(labels[i])))
+    return torch.tensor(order[:count])
+
+
+def _draw(out: Path, model, explainers: Dict[str, LayerInvariance], shown, recon, strips, classes,
           seed: int) -> Dict[str, Any]:
     from captum_inn.visualization import plot_invariance_maps, plot_invariance_samples, save_figure
 
     figures: Dict[str, Any] = {}
-    comparison = compare_attributions(model, x_test[:rows], explainers["fc"], n_samples=16, internal_batch_size=256,
+    comparison = compare_attributions(model, shown, explainers["fc"], n_samples=16, internal_batch_size=256,
                                       generator=torch.Generator().manual_seed(seed))
     figures["comparisons"] = [str(Path(p).relative_to(out)) for p in
                               comparison.save_figures(out / "figures", class_names=classes)]
     for name, strip in strips.items():
-        fig, _ = plot_invariance_samples(x_test[:rows], recon[:rows], strip, title=f"invariance samples at {name}")
+        fig, _ = plot_invariance_samples(shown, recon, strip, title=f"invariance samples at {name}")
         figures[f"samples_{name}"] = str(Path(save_figure(fig, str(out / "figures" / f"samples_{name}.png")))
                                          .relative_to(out))
-    maps = {name: e.attribute(x_test[:rows], n_samples=16, generator=torch.Generator().manual_seed(seed))
+    maps = {name: e.attribute(shown, n_samples=16, generator=torch.Generator().manual_seed(seed))
             for name, e in explainers.items()}
-    fig, _ = plot_invariance_maps(x_test[:rows], maps)
+    fig, _ = plot_invariance_maps(shown, maps)
     figures["maps"] = str(Path(save_figure(fig, str(out / "figures" / "invariance_maps.png"))).relative_to(out))
-    pairs = min(rows, x_test.shape[0] // 2)
-    a, b = x_test[:pairs], x_test.flip(0)[:pairs]
+    a, b = shown, shown.roll(1, dims=0)  # pairs of photos of different classes
     fig, _ = plot_mixing(a, b, mix_images(explainers, a, b))
     figures["mixing"] = str(Path(save_figure(fig, str(out / "figures" / "mixing.png"))).relative_to(out))
     return figures

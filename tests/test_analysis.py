@@ -321,3 +321,29 @@ def test_plot_mixing(setup, images):
     assert [ax.get_title() for ax in axes[0]] == ["a: invariances", "b: representation",
                                                   *(f"mix at {layer}" for layer in LAYERS)]
     plt.close("all")
+
+
+def test_fit_classifier_adversarial_training_attacks_half_of_each_batch():
+    """With ``adversarial_epsilon`` the model first sees half a batch, then that half moved by ±epsilon."""
+    from captum_inn.training.classifier import fit_classifier
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = 0.2 + 0.6 * torch.rand(16, 3, 2, 2)  # away from the [0, 1] clamp
+    y = torch.randint(3, (16,))
+    seen = []
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    try:
+        fit_classifier(model, (x, y), steps=1, batch_size=8, progress=False, adversarial_epsilon=0.1)
+    finally:
+        handle.remove()
+    assert [t.shape[0] for t in seen] == [4, 8]  # the attack's pass on half the batch, then the step
+    moved = (seen[1][:4] - seen[0]).abs()
+    assert torch.allclose(moved, torch.full_like(moved, 0.1), atol=1e-6)
+    seen.clear()
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    try:
+        fit_classifier(model, (x, y), steps=1, batch_size=8, progress=False)
+    finally:
+        handle.remove()
+    assert [t.shape[0] for t in seen] == [8]

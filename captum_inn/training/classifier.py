@@ -79,6 +79,7 @@ def fit_classifier(
     progress: bool = True,
     weight_decay: float = 0.0,
     callback: Optional[Callable[[int, nn.Module], None]] = None,
+    adversarial_epsilon: float = 0.0,
 ) -> nn.Module:
     """Train ``model`` with cross-entropy on labelled images held in memory.
 
@@ -96,6 +97,10 @@ def fit_classifier(
         weight_decay: Decoupled weight decay (AdamW).
         callback: ``callback(step, model)`` after every step, e.g. to snapshot the model for
             :func:`captum_inn.training.dynamics.concept_dynamics`.
+        adversarial_epsilon: With ``> 0``, adversarial training (Goodfellow et al., 2015): half
+            of each batch is replaced by its FGSM attack of this size against the current model
+            (pixels clamped to ``[0, 1]``). Gives a judge that reads shapes, not the pixel patterns
+            an attack on another CNN leaves (see :func:`captum_inn.analysis.adversarial_views`).
 
     Returns:
         The model, in eval mode, with ``history`` attached.
@@ -120,7 +125,13 @@ def fit_classifier(
         x = images[index.to(images.device)]
         if augment is not None:
             x = augment(x)
-        return F.cross_entropy(model(x), labels[index.to(labels.device)])
+        y = labels[index.to(labels.device)]
+        if adversarial_epsilon > 0:
+            half = x.shape[0] // 2
+            x_attacked = x[:half].detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(F.cross_entropy(model(x_attacked), y[:half]), x_attacked)
+            x = torch.cat([(x[:half] + adversarial_epsilon * gradient.sign()).clamp(0, 1), x[half:]])
+        return F.cross_entropy(model(x), y)
 
     model.history = train_loop(
         model, loss_fn, steps=steps, lr=lr, schedule="cosine", seed=seed, progress=progress, desc="classifier",

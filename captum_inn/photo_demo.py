@@ -294,8 +294,12 @@ def run_photo_demo(
 
 def _one_per_class(labels: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of ``count`` examples, the first of each class in turn (then the next of each, ...)."""
-    order = sorted(range(len(labels)), key=lambda i: (int((labels[:i] == labels[i]).sum()), int(labels[i])))
-    return torch.tensor(order[:count])
+    seen: Dict[int, int] = {}
+    ranked = []  # (rank within its class, class, index)
+    for index, label in enumerate(labels.tolist()):
+        ranked.append((seen.get(label, 0), label, index))
+        seen[label] = seen.get(label, 0) + 1
+    return torch.tensor([index for _, _, index in sorted(ranked)[:count]])
 
 
 def _draw(out: Path, model, explainers: Dict[str, LayerInvariance], shown, recon, strips, classes,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["HOOK_DICTS", "assert_no_hooks", "training_flags"]
+__all__ = ["HOOK_DICTS", "Gate", "assert_no_hooks", "training_flags"]
 
 #: The per-module hook registries of ``nn.Module`` that a capture could leave behind. The
 #: ``*_with_kwargs`` / ``*_always_called`` dicts are bookkeeping keyed by the same handles.
@@ -44,3 +44,16 @@ def assert_no_hooks(model: nn.Module) -> None:
 def training_flags(model: nn.Module) -> dict:
     """Return ``{module name: training flag}`` for every module, to compare before and after."""
     return {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+
+
+class Gate(nn.Module):
+    """Passes its input through, or raises what it is armed with (mid-forward, hooks registered)."""
+
+    def __init__(self):
+        super().__init__()
+        self.error = None
+
+    def forward(self, x):
+        if self.error is not None:
+            raise self.error
+        return x

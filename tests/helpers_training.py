@@ -7,9 +7,27 @@ import pytest
 import torch
 
 from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.inn import AffineCoupling, ConditionalINN
 from captum_inn.models import SmallCNN
 
 TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16, batch_size=16)
+
+
+def randomise_couplings(flow):
+    """Give every coupling's last subnet layer random weights (fresh couplings are the identity)."""
+    for m in flow.modules():
+        if isinstance(m, AffineCoupling):
+            m.subnet[-1].reset_parameters()
+    return flow
+
+
+def random_conditional_inn(cond_shape, dim=6):
+    """A tiny ConditionalINN with random couplings and ActNorm initialised."""
+    inn = ConditionalINN(dim, cond_shape, n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16)
+    randomise_couplings(inn)
+    with torch.no_grad():
+        inn(torch.randn(16, dim), torch.randn(16, *cond_shape))  # ActNorm initialisation
+    return inn.eval()
 
 
 class CountingCNN(SmallCNN):

@@ -19,17 +19,16 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 from helpers_hooks import assert_no_hooks, training_flags
+from helpers_training import random_conditional_inn
 from torch import nn
 
 from captum_inn import LayerInvariance
 from captum_inn.analysis import AdversarialViews, adversarial_views, mix_images, plot_mixing
 from captum_inn.autoencoders import ConvAutoencoder
-from captum_inn.inn import AffineCoupling, ConditionalINN
 from captum_inn.models import SmallCNN
 
 torch.set_num_threads(1)
 
-TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16)
 LAYERS = {"cnn.relu1": (4, 16, 16), "cnn.logits": (10,)}  # input side first
 N = 8
 
@@ -54,23 +53,13 @@ class Net(nn.Module):
         return self.cnn(self.bn(x))
 
 
-def _inn(cond_shape) -> ConditionalINN:
-    inn = ConditionalINN(6, cond_shape, **TINY)
-    for m in inn.modules():  # fresh couplings are the identity
-        if isinstance(m, AffineCoupling):
-            m.subnet[-1].reset_parameters()
-    with torch.no_grad():
-        inn(torch.randn(16, 6), torch.randn(16, *cond_shape))  # ActNorm initialisation
-    return inn.eval()
-
-
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
     model = Net().eval()
     judge = _he(SmallCNN(width=4)).eval()
     ae = ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
-    explainers = {layer: LayerInvariance(model, layer, _inn(shape), ae) for layer, shape in LAYERS.items()}
+    explainers = {layer: LayerInvariance(model, layer, random_conditional_inn(shape), ae) for layer, shape in LAYERS.items()}
     return model, judge, explainers
 
 

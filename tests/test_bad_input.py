@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_hooks import assert_no_hooks, training_flags
+from helpers_hooks import Gate, assert_no_hooks, training_flags
 from torch import nn
 
 from captum_inn import LayerConcepts, LayerInvariance
@@ -28,19 +28,6 @@ from captum_inn.training import (
 from captum_inn.training.classifier import fit_classifier
 
 torch.set_num_threads(1)
-
-
-class Gate(nn.Module):
-    """Passes its input through, or raises what it is armed with (mid-forward, hooks registered)."""
-
-    def __init__(self):
-        super().__init__()
-        self.error = None
-
-    def forward(self, x):
-        if self.error is not None:
-            raise self.error
-        return x
 
 
 class Net(nn.Module):

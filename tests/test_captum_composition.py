@@ -27,12 +27,13 @@ import torch
 from captum.attr import IntegratedGradients, NoiseTunnel
 from captum.attr import visualization as viz
 from captum.metrics import infidelity, sensitivity_max
-from helpers_hooks import assert_no_hooks, training_flags
+from helpers_hooks import Gate, assert_no_hooks, training_flags
+from helpers_training import randomise_couplings
 from torch import nn
 
 from captum_inn import LayerConcepts, LayerInvariance
 from captum_inn.capture import capture
-from captum_inn.inn import AffineCoupling, ConditionalINN, FactorINN
+from captum_inn.inn import ConditionalINN, FactorINN
 from captum_inn.models import SmallCNN
 
 torch.set_num_threads(1)
@@ -42,19 +43,6 @@ NT_TYPES = ["smoothgrad", "smoothgrad_sq", "vargrad"]
 
 
 # ---------------------------------------------------------------- models
-class Gate(nn.Module):
-    """Passes its input through, or raises what it is armed with (mid-forward, hooks registered)."""
-
-    def __init__(self):
-        super().__init__()
-        self.error = None
-
-    def forward(self, x):
-        if self.error is not None:
-            raise self.error
-        return x
-
-
 class Net(nn.Module):
     """SmallCNN behind a gate and a ``Dropout(0)``: in training mode the dropout triggers the
     library's training-mode warning while the outputs stay deterministic. ``scale`` makes it a
@@ -95,12 +83,6 @@ class SmoothAutoencoder(nn.Module):
         return (0.5 + self.scale * code @ self.basis).view(-1, 3, 32, 32)
 
 
-def _randomise(flow: nn.Module) -> None:
-    for m in flow.modules():  # fresh couplings are the identity: the tests would be vacuous
-        if isinstance(m, AffineCoupling):
-            m.subnet[-1].reset_parameters()
-
-
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
@@ -109,13 +91,13 @@ def setup():
     images = ae.decode(torch.randn(32, 6, generator=torch.Generator().manual_seed(2)))
 
     inn = ConditionalINN(6, (10,), n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16)
-    _randomise(inn)
+    randomise_couplings(inn)
     with torch.no_grad():
         inn(torch.randn(16, 6), torch.randn(16, 10))  # ActNorm initialisation
     inn.embedder.set_input_statistics(capture(model, "cnn.logits", images))
 
     e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
-    _randomise(e)
+    randomise_couplings(e)
     with torch.no_grad():
         e(torch.randn(16, 6))
 

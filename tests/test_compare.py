@@ -21,6 +21,7 @@ import pytest
 import torch
 import torchvision
 from helpers_hooks import assert_no_hooks, training_flags
+from helpers_training import random_conditional_inn, randomise_couplings
 from torch import nn
 
 from captum_inn import LayerConcepts, LayerInvariance
@@ -28,13 +29,12 @@ from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.capture import capture
 from captum_inn.compare import Comparison, compare_attributions, last_spatial_layer
 from captum_inn.datasets import ColorDigits
-from captum_inn.inn import AffineCoupling, ConditionalINN, FactorINN
+from captum_inn.inn import FactorINN
 from captum_inn.models import SmallCNN
 from captum_inn.visualization import plot_comparison, plot_image_grid
 
 torch.set_num_threads(1)
 
-TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16)
 FAST = dict(n_samples=3, ig_steps=4)  # small settings for the behaviour tests
 
 
@@ -74,27 +74,13 @@ class Net(nn.Module):
         return self.cnn(self.bn(self.gate(x)))
 
 
-def _randomise(flow: nn.Module) -> nn.Module:
-    for m in flow.modules():  # fresh couplings are the identity
-        if isinstance(m, AffineCoupling):
-            m.subnet[-1].reset_parameters()
-    return flow
-
-
-def _inn(cond_shape) -> ConditionalINN:
-    inn = _randomise(ConditionalINN(6, cond_shape, **TINY))
-    with torch.no_grad():
-        inn(torch.randn(16, 6), torch.randn(16, *cond_shape))  # ActNorm initialisation
-    return inn.eval()
-
-
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
     model = Net().eval()
     ae = ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
-    inns = {"cnn.logits": _inn((10,)), "cnn.fc": _inn((128,)), "cnn.relu2": _inn((8, 8, 8))}
-    e = _randomise(FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16))
+    inns = {"cnn.logits": random_conditional_inn((10,)), "cnn.fc": random_conditional_inn((128,)), "cnn.relu2": random_conditional_inn((8, 8, 8))}
+    e = randomise_couplings(FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16))
     with torch.no_grad():
         e(torch.randn(16, 6))
     return model, ae, inns, e.eval()

@@ -1,6 +1,7 @@
 """Sphinx configuration of the captum_inn documentation."""
 
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
@@ -16,6 +17,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "sphinx.ext.mathjax",
+    "myst_nb",
 ]
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -26,4 +28,14 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 nitpicky = False
 html_theme = "furo"
 html_title = f"captum_inn {__version__}"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints"]
+
+# The tutorials live in ../tutorials (where users look for them); the site renders copies of
+# them with their committed outputs. They are executed by CI (tutorials/run.py), never here.
+nb_execution_mode = "off"
+_TUTORIALS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "tutorials"))
+_RENDERED = os.path.join(os.path.dirname(__file__), "tutorials")
+os.makedirs(_RENDERED, exist_ok=True)
+for _name in sorted(os.listdir(_TUTORIALS)):
+    if _name.endswith(".ipynb"):
+        shutil.copyfile(os.path.join(_TUTORIALS, _name), os.path.join(_RENDERED, _name))

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn.training.checkpoint import (
     CheckpointError,

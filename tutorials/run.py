@@ -1,0 +1,95 @@
+"""Execute the tutorial notebooks top to bottom and report how long each took.
+
+    python tutorials/run.py --ci              # CI: small settings, outputs kept in tutorial_runs/
+    python tutorials/run.py --inplace         # full settings, outputs written into the notebooks
+    python tutorials/run.py --ci 01_what_does_my_cnn_ignore.ipynb
+
+Each notebook reads ``CAPTUM_INN_TUTORIAL_SETTINGS`` (``ci`` or ``full``) in its first code cell
+and shrinks its step counts under ``ci``; the code path is the same. The photo tutorial reads its
+ImageFolder from ``CAPTUM_INN_IMAGES`` (default: ``../shared/data/animalfaces10`` beside the
+repository); without one it is skipped with a message, since the package never needs that folder.
+A notebook that raises, or runs past ``--limit`` seconds, fails the run (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+#: Tutorials that need an ImageFolder of photos (``CAPTUM_INN_IMAGES``).
+NEEDS_IMAGES = {"03_gradcam_ig_and_invariances_on_photos.ipynb"}
+
+
+def _image_folder() -> Path | None:
+    given = os.environ.get("CAPTUM_INN_IMAGES")
+    folder = Path(given) if given else HERE.parent.parent / "shared" / "data" / "animalfaces10"
+    return folder.resolve() if folder.is_dir() else None
+
+
+def run_notebook(path: Path, settings: str, out: Path, limit: float) -> float:
+    """Execute ``path`` in a fresh kernel with ``settings``; write the executed copy to ``out``; return seconds."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    os.environ["CAPTUM_INN_TUTORIAL_SETTINGS"] = settings
+    client = NotebookClient(notebook, timeout=int(limit), kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    start = time.perf_counter()
+    try:
+        client.execute()
+    finally:
+        seconds = time.perf_counter() - start
+        out.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(notebook, out)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("notebooks", nargs="*", help="notebook file names (default: every tutorial)")
+    parser.add_argument("--ci", action="store_true", help="small settings (the CI run)")
+    parser.add_argument("--inplace", action="store_true",
+                        help="write the outputs into the notebooks themselves (for committing a full run)")
+    parser.add_argument("--limit", type=float, default=600.0, help="seconds a notebook may take (default 600)")
+    parser.add_argument("--out", type=Path, default=Path("tutorial_runs"),
+                        help="folder for the executed copies when not --inplace (default tutorial_runs/)")
+    args = parser.parse_args(argv)
+
+    names = args.notebooks or sorted(p.name for p in HERE.glob("*.ipynb"))
+    images = _image_folder()
+    if images is not None:
+        os.environ["CAPTUM_INN_IMAGES"] = str(images)
+    failures, times = [], {}
+    for name in names:
+        path = HERE / Path(name).name
+        if not path.is_file():
+            parser.error(f"no tutorial named {name!r} in {HERE}; choose from "
+                         f"{', '.join(sorted(p.name for p in HERE.glob('*.ipynb')))}")
+        if path.name in NEEDS_IMAGES and images is None:
+            print(f"skip {path.name}: set CAPTUM_INN_IMAGES to an ImageFolder of photos", flush=True)
+            continue
+        target = path if args.inplace else args.out / path.name
+        print(f"run  {path.name} ({'ci' if args.ci else 'full'} settings)", flush=True)
+        try:
+            seconds = run_notebook(path, "ci" if args.ci else "full", target, args.limit)
+        except Exception as error:  # noqa: BLE001 - report every notebook, then fail
+            failures.append(f"{path.name}: {type(error).__name__}: {str(error)[-2000:]}")
+            print(f"FAIL {path.name}\n{failures[-1]}", flush=True)
+            continue
+        times[path.name] = seconds
+        print(f"ok   {path.name} in {seconds:.0f} s -> {target}", flush=True)
+    for name, seconds in times.items():
+        print(f"{seconds:7.0f} s  {name}")
+    if failures:
+        print(f"{len(failures)} tutorial(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

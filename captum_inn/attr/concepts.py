@@ -130,17 +130,32 @@ class LayerConcepts(LayerAttribution):
 
     # ------------------------------------------------------------------ Captum's protocol
     def has_convergence_delta(self) -> bool:
-        """``True``: :meth:`attribute` is Integrated Gradients, complete up to the returned delta."""
+        """``True``: :meth:`attribute` is Integrated Gradients, complete up to the returned delta.
+
+        Examples::
+
+            concepts.has_convergence_delta()     # True: attribute(..., return_convergence_delta=True)
+        """
         return True
 
     @property
     def multiplies_by_inputs(self) -> bool:
-        """``True``: attributions are multiplied by (factors − baseline), as in Integrated Gradients."""
+        """``True``: attributions are multiplied by (factors − baseline), as in Integrated Gradients.
+
+        Examples::
+
+            concepts.multiplies_by_inputs        # True
+        """
         return True
 
     @property
     def concept_names(self) -> List[str]:
-        """The factors' names in order, the residual last (the columns of :meth:`attribute`)."""
+        """The factors' names in order, the residual last (the columns of :meth:`attribute`).
+
+        Examples::
+
+            concepts.concept_names               # ['digit', 'colour', 'residual']
+        """
         return self.concept_inn.factor_names
 
     # ------------------------------------------------------------------ the pieces
@@ -194,6 +209,11 @@ class LayerConcepts(LayerAttribution):
 
         Returns:
             ``(N, d)``; :meth:`decompose` names the blocks.
+
+        Examples::
+
+            # concepts and x = torch.rand(2, 3, 32, 32) as in the class example
+            f = concepts.factors(x)              # (2, 8): d = 8 factor dimensions
         """
         inputs = format_inputs(inputs, self.image_input)
         check_same_device(inputs[self.image_input], self.concept_inn)
@@ -209,6 +229,10 @@ class LayerConcepts(LayerAttribution):
 
         Returns:
             ``{concept: (N, size)}`` in factor order, the residual last.
+
+        Examples::
+
+            parts = concepts.decompose(x)        # {'digit': (2, 3), 'colour': (2, 2), 'residual': (2, 3)}
         """
         return self.concept_inn.split(self.factors(inputs, additional_forward_args))
 
@@ -232,6 +256,11 @@ class LayerConcepts(LayerAttribution):
 
         Returns:
             ``(N, C, H, W)`` decoded edits (re-run the model on them to see what it makes of the edit).
+
+        Examples::
+
+            recoloured = concepts.edit(x, "colour", donors=x[:1])    # (2, 3, 32, 32): x[0]'s colour
+            resampled = concepts.edit(x, "colour", generator=torch.Generator().manual_seed(0))
         """
         if self.representation != _CODE:
             raise ValueError(
@@ -281,6 +310,12 @@ class LayerConcepts(LayerAttribution):
 
         Returns:
             Whatever ``forward_func`` returns.
+
+        Examples::
+
+            f = concepts.factors(x)                                  # (2, 8)
+            f[:, :3] = 0.0                                           # reset the 'digit' block
+            logits = concepts.output_from_factors(x, f)              # (2, 10)
         """
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
@@ -334,6 +369,11 @@ class LayerConcepts(LayerAttribution):
 
         Returns:
             ``(N, K)``, columns in :attr:`concept_names` order.
+
+        Examples::
+
+            # needs the layer's invariance INN: LayerConcepts(..., invariance_inn=inn)
+            shares = concepts.encoded(x, n_samples=32)               # (2, 3): digit, colour, residual
         """
         if self.invariance_inn is None:
             raise ValueError("`encoded` needs the layer's invariance INN: pass `invariance_inn=` (from fit_invariances).")
@@ -377,6 +417,10 @@ class LayerConcepts(LayerAttribution):
 
         Returns:
             ``{concept: share}``.
+
+        Examples::
+
+            concepts.encoded_summary(x, n_samples=32)  # e.g. {'digit': 0.9, 'colour': 0.1, 'residual': 0.4}
         """
         mean = self.encoded(inputs, **kwargs).mean(0)
         return {name: float(value) for name, value in zip(self.concept_names, mean)}
@@ -431,6 +475,12 @@ class LayerConcepts(LayerAttribution):
             Captum metrics that expect a tuple back for tuple inputs (``sensitivity_max``
             always passes a tuple) need a one-line adapter:
             ``sensitivity_max(lambda inp, **kw: (concepts.attribute(inp, **kw),), x, target=3)``.
+
+        Examples::
+
+            scores, delta = concepts.attribute(x, target=3, return_convergence_delta=True)
+            scores.shape, delta.shape                # (2, 3) per concept, (2,)
+            dict(zip(concepts.concept_names, scores[0].tolist()))
         """
         from captum.attr import IntegratedGradients
 

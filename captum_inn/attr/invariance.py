@@ -107,12 +107,22 @@ class LayerInvariance(LayerAttribution):
 
     # ------------------------------------------------------------------ Captum's protocol
     def has_convergence_delta(self) -> bool:
-        """``False``: the invariance map has no completeness property to check."""
+        """``False``: the invariance map has no completeness property to check.
+
+        Examples::
+
+            explainer.has_convergence_delta()    # False
+        """
         return False
 
     @property
     def multiplies_by_inputs(self) -> bool:
-        """``False``: the map is a spread of samples, not a product with the input."""
+        """``False``: the map is a spread of samples, not a product with the input.
+
+        Examples::
+
+            explainer.multiplies_by_inputs       # False
+        """
         return False
 
     # ------------------------------------------------------------------ the pieces
@@ -155,6 +165,11 @@ class LayerInvariance(LayerAttribution):
 
         Returns:
             ``(N, d)``.
+
+        Examples::
+
+            # explainer and x = torch.rand(2, 3, 32, 32) as in the class example
+            v = explainer.invariances(x)         # (2, d): d = the autoencoder's latent_dim
         """
         inputs = format_inputs(inputs, self.image_input)
         check_same_device(inputs[self.image_input], self.inn)
@@ -171,6 +186,10 @@ class LayerInvariance(LayerAttribution):
 
         Returns:
             ``(N, C, H, W)``.
+
+        Examples::
+
+            x_hat = explainer.reconstruct(x)     # (2, 3, 32, 32), like x
         """
         inputs = format_inputs(inputs, self.image_input)
         with eval_mode(self.autoencoder):
@@ -195,6 +214,11 @@ class LayerInvariance(LayerAttribution):
 
         Returns:
             ``(N, C, H, W)``.
+
+        Examples::
+
+            # x[1]'s nuisances, as the layer sees x[0]
+            mixed = explainer.transfer(x[1:], donors=x[:1])   # (1, 3, 32, 32)
         """
         v = self.invariances(inputs, additional_forward_args)
         donors = format_inputs(donors, self.image_input, name="donors")
@@ -231,6 +255,11 @@ class LayerInvariance(LayerAttribution):
 
         Returns:
             ``(N, S, C, H, W)``.
+
+        Examples::
+
+            g = torch.Generator().manual_seed(0)
+            samples = explainer.sample(x, n_samples=5, generator=g)   # (2, 5, 3, 32, 32)
         """
         n_samples = check_positive_int(n_samples, "n_samples")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
@@ -291,6 +320,12 @@ class LayerInvariance(LayerAttribution):
         Returns:
             ``(N, C, H, W)`` (tensor in) or a tuple mirroring the inputs, with the map at
             ``image_input`` and zeros elsewhere (tuple or list in).
+
+        Examples::
+
+            inv_map = explainer.attribute(x, n_samples=16)   # (2, 3, 32, 32), like x
+            from captum.attr import visualization as viz
+            viz.visualize_image_attr(inv_map[0].permute(1, 2, 0).numpy(), sign="absolute_value")
         """
         # format_inputs accepts a list of tensors too; it comes back as a tuple (Captum's
         # _format_output would otherwise fail an internal assert on a list of several tensors).

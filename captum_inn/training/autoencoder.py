@@ -37,6 +37,12 @@ class AutoencoderConfig:
         perceptual_layers: Layers (dotted names) of ``perceptual_model`` whose activations the
             reconstruction must match (empty: pixel loss only).
         perceptual_weight: Weight of the feature-matching loss against the per-pixel L1.
+
+    Examples::
+
+        config = AutoencoderConfig(latent_dim=128, steps=5000, kl_weight=0.001)
+        ae = fit_autoencoder(images, config=config, checkpoint="ae.safetensors")
+        ae = fit_autoencoder(images, steps=5000)   # or override single fields
     """
 
     latent_dim: int = 64
@@ -54,7 +60,22 @@ class AutoencoderConfig:
 
 
 def images_as_tensor(data: Any) -> Tensor:
-    """All images of ``data`` (tensor, ``Dataset`` or ``DataLoader``) as one ``(N, C, H, W)`` tensor."""
+    """All images of ``data`` (tensor, ``Dataset`` or ``DataLoader``) as one ``(N, C, H, W)`` tensor.
+
+    Args:
+        data: Images as in :func:`~captum_inn.training.data.iter_image_batches` (a ``Dataset`` may
+            yield ``(image, label)`` pairs); a tensor or an object with an ``images`` tensor
+            (e.g. :class:`~captum_inn.datasets.ColorDigits`) is returned as it is.
+
+    Returns:
+        ``(N, C, H, W)``.
+
+    Examples::
+
+        >>> from torch.utils.data import TensorDataset
+        >>> images_as_tensor(TensorDataset(torch.rand(5, 3, 4, 4), torch.zeros(5))).shape
+        torch.Size([5, 3, 4, 4])
+    """
     if isinstance(data, Tensor):
         return data
     if hasattr(data, "images") and isinstance(data.images, Tensor):  # e.g. ColorDigits
@@ -186,6 +207,12 @@ def load_autoencoder(path: str, map_location: Union[str, torch.device] = "cpu") 
 
     Returns:
         The autoencoder in eval mode.
+
+    Examples::
+
+        ae = fit_autoencoder(images, latent_dim=64, checkpoint="ae.safetensors")
+        ae = load_autoencoder("ae.safetensors")                  # in a later session
+        ae.encode(images[:2]).mean.shape                         # (2, 64)
     """
     tensors, meta = load_checkpoint(path, kind="autoencoder", map_location=map_location)
     model = ConvAutoencoder(**meta["model"]).to(map_location)

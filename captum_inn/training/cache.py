@@ -45,6 +45,14 @@ class FeatureCache:
         code_std: ``(N, d)`` posterior standard deviations (zeros for deterministic encoders).
         layers: ``{name: (N, *shape)}`` activations ``z = Φ(x)`` of every hooked layer.
         model_class: Qualified class name of the analysed model.
+
+    Examples::
+
+        >>> cache = FeatureCache(torch.zeros(5, 6), torch.ones(5, 6), {"fc": torch.randn(5, 10)})
+        >>> len(cache), cache.latent_dim, cache.layer_shape("fc")
+        (5, 6, (10,))
+        >>> cache.sample_codes(torch.tensor([0, 2]), torch.Generator().manual_seed(0)).shape
+        torch.Size([2, 6])
     """
 
     code_mean: Array

@@ -28,7 +28,17 @@ PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, corrupted, newer, or for something else."""
+    """A checkpoint that cannot be used: unreadable, corrupted, newer, or for something else.
+
+    A subclass of ``ValueError``.
+
+    Examples::
+
+        >>> load_checkpoint("no/such/file.safetensors")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ...
+        CheckpointError: No checkpoint at 'no/such/file.safetensors'.
+    """
 
 
 def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
@@ -36,7 +46,7 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
 
     Args:
         path: Target file (conventionally ``*.safetensors``); its folder is created.
-        tensors: Name to tensor (moved to CPU, made contiguous).
+        tensors: Name to tensor, each of any shape (moved to CPU, made contiguous).
         meta: JSON-serialisable description; ``format_version`` is added.
 
     Returns:
@@ -93,11 +103,18 @@ def load_checkpoint(
         map_location: Device for the tensors.
 
     Returns:
-        ``(tensors, meta)``.
+        ``(tensors, meta)``: ``{name: tensor}`` with the shapes and dtypes they were saved with,
+        and the metadata dict.
 
     Raises:
         CheckpointError: missing, truncated or corrupted file; no captum_inn metadata; a newer
             format version; another kind.
+
+    Examples::
+
+        tensors, meta = load_checkpoint("ae.safetensors", kind="autoencoder")   # CheckpointError if not
+        meta["config"]["latent_dim"]                     # the fit's settings
+        {name: t.shape for name, t in tensors.items()}   # as saved
     """
     path = Path(path)
     if not path.is_file():

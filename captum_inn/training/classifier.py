@@ -142,7 +142,26 @@ def fit_classifier(
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on ``images`` ``(N, C, H, W)`` with ``labels`` ``(N,)``."""
+    """Top-1 accuracy of ``model`` on ``images`` ``(N, C, H, W)`` with ``labels`` ``(N,)``.
+
+    The model runs in eval mode without gradients; its training flag is restored.
+
+    Args:
+        model: A classifier returning logits ``(N, K)``.
+        images: ``(N, C, H, W)``.
+        labels: ``(N,)`` class indices.
+        batch_size: Images per forward pass.
+
+    Returns:
+        The fraction of correct predictions, in ``[0, 1]``.
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        >>> x = torch.rand(8, 3, 2, 2)
+        >>> accuracy(model, x, model(x).argmax(1))
+        1.0
+    """
     was_training = model.training
     model.eval()
     try:

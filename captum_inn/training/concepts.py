@@ -70,6 +70,11 @@ class ConceptConfig:
             units would otherwise give a degenerate density).
         seed: Seed of the pair pools, initialisation and minibatches.
         checkpoint_every: Steps between checkpoints.
+
+    Examples::
+
+        config = ConceptConfig(n_blocks=12, steps=4000, rho=0.95)
+        e = fit_concepts(ae, [digit, colour], config, checkpoint="concepts.safetensors")
     """
 
     n_blocks: int = 8
@@ -225,6 +230,15 @@ def concept_scores(
 
     Returns:
         ``{concept: score}`` in the concepts' order.
+
+    Examples::
+
+        >>> from captum_inn.concepts import ConceptPairs
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+        >>> x, y = torch.rand(20, 3, 2, 2), torch.arange(20) % 2
+        >>> scores = concept_scores((model, "1"), [ConceptPairs.from_labels("parity", x, y)], n_pairs=64)
+        >>> list(scores)
+        ['parity']
     """
     return _scores(_pools_for(representation, concepts, n_pairs, seed, device, progress))
 
@@ -306,13 +320,23 @@ def pair_nll(y_a: Tensor, logdet_a: Tensor, y_b: Tensor, logdet_b: Tensor, share
     """Negative log-likelihood per pair of the factor model (DESIGN.md §2), without the 2π constant.
 
     Args:
-        y_a: ``(P, d)`` factors of the first members; ``logdet_a``: ``(P,)``.
-        y_b: ``(P, d)`` factors of the second members; ``logdet_b``: ``(P,)``.
+        y_a: ``(P, d)`` factors of the first members.
+        logdet_a: ``(P,)`` log-determinants of ``e`` at the first members.
+        y_b: ``(P, d)`` factors of the second members.
+        logdet_b: ``(P,)`` log-determinants of ``e`` at the second members.
         shared: ``(P, d)`` bool, the dimensions correlated within each pair.
         rho: The correlation.
 
     Returns:
         ``(P,)``.
+
+    Examples::
+
+        >>> y = torch.randn(4, 6)
+        >>> shared = torch.zeros(4, 6, dtype=torch.bool)
+        >>> shared[:, :2] = True                   # the first factor (2 dims) is shared
+        >>> pair_nll(y, torch.zeros(4), y, torch.zeros(4), shared, rho=0.975).shape
+        torch.Size([4])
     """
     residual = torch.where(shared, (y_b - rho * y_a) ** 2 / (1 - rho**2) + math.log(1 - rho**2), y_b**2)
     return 0.5 * y_a.pow(2).sum(1) - logdet_a + 0.5 * residual.sum(1) - logdet_b
@@ -447,6 +471,11 @@ def save_concept_inn(path: str, inn: FactorINN) -> Any:
 
     Returns:
         The written path.
+
+    Examples::
+
+        e = fit_concepts(ae, [digit, colour])
+        save_concept_inn("concepts.safetensors", e)
     """
     if not isinstance(inn, FactorINN):
         raise TypeError(f"`inn` must be a FactorINN from fit_concepts, got {type(inn).__name__}.")
@@ -469,6 +498,11 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
 
     Raises:
         CheckpointError: The file is not a concept INN, or was fitted on another representation.
+
+    Examples::
+
+        e = load_concept_inn("concepts.safetensors", representation=ae)   # refuses another representation
+        concepts = LayerConcepts(model, "layer4", e, ae)
     """
     tensors, meta = load_checkpoint(path, map_location=map_location, kind="concept_inn")
     config = dict(meta["config"])

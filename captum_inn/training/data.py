@@ -26,7 +26,20 @@ def _images_of(batch: Any) -> Tensor:
 
 
 def count_images(data: Any) -> Optional[int]:
-    """Number of images in ``data`` when it is known without iterating, else ``None``."""
+    """Number of images in ``data`` when it is known without iterating, else ``None``.
+
+    Args:
+        data: A tensor (its first dimension counts), a sized ``Dataset``, a ``DataLoader`` (its
+            dataset's length) or any iterable.
+
+    Returns:
+        The number of images, or ``None`` for an unsized iterable.
+
+    Examples::
+
+        >>> count_images(torch.rand(5, 3, 4, 4)), count_images(iter([]))
+        (5, None)
+    """
     if isinstance(data, Tensor):
         return data.shape[0]
     if isinstance(data, DataLoader):
@@ -50,7 +63,8 @@ def iter_image_batches(
         generator: Seeded generator for shuffling.
 
     Returns:
-        An iterator of image tensors.
+        An iterator of ``(B, C, H, W)`` image tensors (``B = batch_size``, the last batch may be
+        smaller).
 
     Examples::
 

@@ -181,13 +181,43 @@ class DiskArrayWriter:
 
 
 def iter_rows(array: Union[Tensor, DiskArray], chunk: int = 4096) -> Iterator[Tensor]:
-    """Blocks of ``chunk`` rows of a tensor or a :class:`DiskArray` (for scans that must not load it all)."""
+    """Blocks of ``chunk`` rows of a tensor or a :class:`DiskArray` (for scans that must not load it all).
+
+    Args:
+        array: ``(N, *row_shape)`` tensor or :class:`DiskArray`.
+        chunk: Rows per block.
+
+    Yields:
+        ``(B, *row_shape)`` CPU tensors with ``B = chunk`` (the last block may be shorter).
+
+    Examples::
+
+        >>> [tuple(block.shape) for block in iter_rows(torch.zeros(10, 3), chunk=4)]
+        [(4, 3), (4, 3), (2, 3)]
+    """
     for start in range(0, len(array), chunk):
         yield array[start : start + chunk]
 
 
 def write_manifest(folder: Union[str, os.PathLike], document: Dict[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (it is written last: its presence marks a complete folder)."""
+    """Write ``manifest.json`` atomically (it is written last: its presence marks a complete folder).
+
+    Args:
+        folder: An existing folder.
+        document: JSON-serialisable content.
+
+    Returns:
+        The path of ``manifest.json``.
+
+    Examples::
+
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> write_manifest(folder, {"rows": 10}).name
+        'manifest.json'
+        >>> read_manifest(folder)
+        {'rows': 10}
+    """
     path = Path(folder) / "manifest.json"
     tmp = path.with_name(".manifest.json.tmp")
     with open(tmp, "w") as f:
@@ -199,7 +229,23 @@ def write_manifest(folder: Union[str, os.PathLike], document: Dict[str, Any]) ->
 
 
 def read_manifest(folder: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
-    """The folder's ``manifest.json``, or ``None`` when the folder is incomplete."""
+    """The folder's ``manifest.json``, or ``None`` when the folder is incomplete.
+
+    Args:
+        folder: The folder to read.
+
+    Returns:
+        The manifest's content, or ``None`` when there is no ``manifest.json``.
+
+    Raises:
+        ValueError: The manifest exists but cannot be read or parsed.
+
+    Examples::
+
+        >>> import tempfile
+        >>> read_manifest(tempfile.mkdtemp()) is None       # nothing written yet
+        True
+    """
     path = Path(folder) / "manifest.json"
     if not path.exists():
         return None

@@ -62,12 +62,33 @@ def _comm(tensor: Tensor) -> Tensor:
 
 
 def is_main() -> bool:
-    """Whether this process writes files and shows progress (rank 0, or no distributed run)."""
+    """Whether this process writes files and shows progress (rank 0, or no distributed run).
+
+    Examples::
+
+        >>> is_main()
+        True
+    """
     return world()[0] == 0
 
 
 def local_batch_size(batch_size: int, n_local: int) -> int:
-    """This rank's share of a global ``batch_size`` (at most its number of samples)."""
+    """This rank's share of a global ``batch_size`` (at most its number of samples).
+
+    Args:
+        batch_size: The global batch size (summed over ranks), at least the number of processes.
+        n_local: Number of samples this rank holds.
+
+    Returns:
+        ``batch_size // world size``, capped at ``n_local``.
+
+    Examples::
+
+        >>> local_batch_size(128, n_local=1000)    # 64 on each of 2 ranks under torchrun
+        128
+        >>> local_batch_size(128, n_local=50)
+        50
+    """
     _, size = world()
     if batch_size < size:
         raise ValueError(f"`batch_size` {batch_size} is smaller than the number of processes {size}; "
@@ -82,7 +103,13 @@ def shard_data(data: Any) -> Any:
         data: Images as a tensor or a map-style ``Dataset`` (a ``DataLoader`` cannot be resharded).
 
     Returns:
-        ``data`` itself outside a distributed run.
+        ``data`` itself outside a distributed run; under torchrun ``data[rank::world]`` for a
+        tensor (``(N, C, H, W)`` becomes about ``(N / world, C, H, W)``) or a ``Subset``.
+
+    Examples::
+
+        >>> shard_data(torch.rand(10, 3, 4, 4)).shape   # rank 1 of 2 would get rows 1, 3, 5, 7, 9
+        torch.Size([10, 3, 4, 4])
     """
     rank, size = world()
     if size == 1:
@@ -96,7 +123,16 @@ def shard_data(data: Any) -> Any:
 
 
 def sync_module(module: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank (after a data-dependent initialisation)."""
+    """Copy rank 0's parameters and buffers to every rank (after a data-dependent initialisation).
+
+    Args:
+        module: The replica to overwrite in place with rank 0's values (a no-op outside torchrun).
+
+    Examples::
+
+        >>> flow = torch.nn.Linear(3, 3)
+        >>> sync_module(flow)       # every rank now holds rank 0's weights
+    """
     if world()[1] == 1:
         return
     with torch.no_grad():
@@ -107,8 +143,20 @@ def sync_module(module: nn.Module) -> None:
 def average_gradients(module: nn.Module, loss: Tensor) -> Tensor:
     """Average the gradients of ``module`` and the ``loss`` over ranks in one all-reduce.
 
+    Args:
+        module: The replica whose ``.grad`` tensors are replaced by their average over ranks.
+        loss: This rank's scalar loss, shape ``()`` (after ``loss.backward()``).
+
     Returns:
-        The averaged loss (``loss`` itself outside a distributed run).
+        The averaged loss, shape ``()`` (``loss`` itself outside a distributed run).
+
+    Examples::
+
+        >>> lin = torch.nn.Linear(3, 1)
+        >>> loss = lin(torch.randn(8, 3)).pow(2).mean()
+        >>> loss.backward()
+        >>> average_gradients(lin, loss) is loss      # outside torchrun
+        True
     """
     _, size = world()
     if size == 1:
@@ -129,6 +177,14 @@ def average_buffers(module: nn.Module) -> None:
 
     Each rank's running statistics follow its own minibatches; averaging them at every checkpoint
     and at the end keeps the replicas identical, and a resumed fit equal to an uninterrupted one.
+
+    Args:
+        module: The replica whose floating-point buffers are averaged (a no-op outside torchrun).
+
+    Examples::
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> average_buffers(net)    # running_mean / running_var: the mean over ranks
     """
     if world()[1] == 1:
         return
@@ -140,7 +196,19 @@ def average_buffers(module: nn.Module) -> None:
 
 
 def gather_rows(rows: Tensor) -> Tensor:
-    """Concatenate every rank's ``rows`` (equal shapes) in rank order; ``rows`` outside a distributed run."""
+    """Concatenate every rank's ``rows`` (equal shapes) in rank order; ``rows`` outside a distributed run.
+
+    Args:
+        rows: ``(M, *shape)``, the same shape on every rank.
+
+    Returns:
+        ``(world · M, *shape)``, rank 0's rows first (``rows`` itself outside torchrun).
+
+    Examples::
+
+        >>> gather_rows(torch.zeros(4, 8)).shape      # (8, 8) on 2 ranks
+        torch.Size([4, 8])
+    """
     _, size = world()
     if size == 1:
         return rows
@@ -151,7 +219,21 @@ def gather_rows(rows: Tensor) -> Tensor:
 
 
 def gather_generator_states(generator: torch.Generator) -> List[Tensor]:
-    """Every rank's minibatch RNG state, in rank order (so rank 0 can checkpoint them all)."""
+    """Every rank's minibatch RNG state, in rank order (so rank 0 can checkpoint them all).
+
+    Args:
+        generator: This rank's minibatch generator.
+
+    Returns:
+        One ``uint8`` state per rank, each of shape ``(L,)`` as ``generator.get_state()`` gives
+        (``L = 5056`` for a CPU generator).
+
+    Examples::
+
+        >>> states = gather_generator_states(torch.Generator().manual_seed(0))
+        >>> len(states), states[0].dtype
+        (1, torch.uint8)
+    """
     state = generator.get_state()
     _, size = world()
     if size == 1:
@@ -163,6 +245,13 @@ def gather_generator_states(generator: torch.Generator) -> List[Tensor]:
 
 
 def barrier() -> None:
-    """Wait for every rank (no-op outside a distributed run)."""
+    """Wait for every rank (no-op outside a distributed run).
+
+    Examples::
+
+        >>> if is_main():
+        ...     pass                # e.g. write a shared file once
+        >>> barrier()               # the other ranks wait here until it exists
+    """
     if world()[1] > 1:
         torch.distributed.barrier()

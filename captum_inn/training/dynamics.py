@@ -78,6 +78,13 @@ class ConceptDynamics:
         accuracy: Test accuracy per checkpoint (``None`` without labels).
         encoded: ``{concept: [share per checkpoint]}``.
         fit_nll: Final NLL per dimension of each checkpoint's invariance INN.
+
+    Examples::
+
+        dynamics = concept_dynamics(snaps.models, "layer3", ae, e, images, x_test, y_test)
+        dynamics.labels, dynamics.encoded["colour"]   # ['0', '100', '1000'], one share per checkpoint
+        print(dynamics.table())
+        fig, ax = dynamics.plot()
     """
 
     layer: str
@@ -160,6 +167,13 @@ def concept_dynamics(
 
     Returns:
         A :class:`ConceptDynamics` (``.table()``, ``.plot()``, ``.as_dict()``).
+
+    Examples::
+
+        snaps = Snapshots([0, 100, 1000], model)
+        fit_classifier(model, (images, labels), steps=1000, callback=snaps)
+        dynamics = concept_dynamics(snaps.models, "layer3", ae, e, images, x_test, y_test)  # x_test: (N, C, H, W)
+        dynamics.as_dict()["encoded"]                 # {concept: [share per checkpoint]}
     """
     items = list(models.items()) if isinstance(models, Mapping) else list(models)
     if not items or not all(isinstance(m, nn.Module) for _, m in items):

@@ -54,6 +54,12 @@ class InvarianceConfig:
         code_noise: Standard deviation of extra Gaussian noise added to the posterior samples.
         seed: Seed of the initialisation and the minibatches.
         checkpoint_every: Steps between checkpoints.
+
+    Examples::
+
+        config = InvarianceConfig(n_blocks=12, hidden=512, steps=5000, schedule="cosine")
+        inns = fit_invariances(model, ["layer2", "layer4"], ae, images, config, checkpoint_dir="inns")
+        inn = fit_invariances(model, "layer4", ae, images, steps=5000)   # or override single fields
     """
 
     n_blocks: int = 8
@@ -79,7 +85,20 @@ CACHE_DIR = "features"
 
 
 def checkpoint_name(layer: str) -> str:
-    """File name of a layer's INN checkpoint, e.g. ``invariance_layer3.1.relu.safetensors``."""
+    """File name of a layer's INN checkpoint, e.g. ``invariance_layer3.1.relu.safetensors``.
+
+    Args:
+        layer: The layer's dotted name; characters other than letters, digits, ``_``, ``.`` and
+            ``-`` become ``_``.
+
+    Returns:
+        The file name (without folder) that ``fit_invariances(checkpoint_dir=...)`` writes.
+
+    Examples::
+
+        >>> checkpoint_name("layer3.1.relu"), checkpoint_name("")
+        ('invariance_layer3.1.relu.safetensors', 'invariance_model.safetensors')
+    """
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", layer) or "model"
     return f"invariance_{safe}.safetensors"
 
@@ -252,6 +271,11 @@ def save_invariance_inn(path: str, inn: ConditionalINN) -> Path:
 
     Returns:
         The path written.
+
+    Examples::
+
+        inn = fit_invariances(model, "layer4", ae, images)
+        save_invariance_inn("layer4.safetensors", inn)
     """
     from captum_inn.training.checkpoint import module_tensors, save_checkpoint
 
@@ -282,6 +306,11 @@ def load_invariance_inn(
 
     Raises:
         CheckpointError: unreadable file, or a layer shape / latent size that does not match.
+
+    Examples::
+
+        inn = load_invariance_inn("layer4.safetensors", layer_shape=(512, 2, 2), latent_dim=64)
+        explainer = LayerInvariance(model, "layer4", inn, ae)
     """
     tensors, meta = load_checkpoint(path, kind="invariance_inn", map_location=map_location)
     config = meta["config"]

@@ -43,7 +43,21 @@ def _generator_key(rank: int) -> str:
 
 
 def resume_key(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The part of a fit's settings that a resumed fit must share with the checkpoint."""
+    """The part of a fit's settings that a resumed fit must share with the checkpoint.
+
+    ``steps`` and ``checkpoint_every`` may change between runs (a resume can train longer).
+
+    Args:
+        config: The fit's settings as a dict (e.g. ``dataclasses.asdict(config)``).
+
+    Returns:
+        ``config`` without the resumable keys.
+
+    Examples::
+
+        >>> resume_key({"steps": 2000, "lr": 0.001, "checkpoint_every": 500})
+        {'lr': 0.001}
+    """
     return {k: v for k, v in config.items() if k not in _RESUMABLE}
 
 
@@ -103,6 +117,17 @@ def train_loop(
 
     Raises:
         FloatingPointError: the loss became NaN or infinite; the last checkpoint is left intact.
+
+    Examples::
+
+        >>> lin = nn.Linear(3, 1)
+        >>> x = torch.randn(64, 3)
+        >>> def loss_fn(generator):                # draws its own minibatch of 16 rows
+        ...     rows = torch.randint(64, (16,), generator=generator)
+        ...     return (lin(x[rows]).squeeze(1) - x[rows].sum(1)).pow(2).mean()
+        >>> losses = train_loop(lin, loss_fn, steps=50, lr=0.05, progress=False)
+        >>> len(losses), losses[-1] < losses[0]
+        (50, True)
     """
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"`schedule` must be 'constant' or 'cosine', got {schedule!r}.")

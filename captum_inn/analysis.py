@@ -67,6 +67,14 @@ class AdversarialViews:
         judged: ``{layer: (N,)}`` the judge's class for each view.
         summary: ``{layer: {"judged_adversarial": share, "judged_original": share}}`` over the
             fooled images (``nan`` when none was fooled), plus ``"fooled_rate"`` and ``"n_fooled"``.
+
+    Examples::
+
+        views = adversarial_views(cnn, {"relu1": early, "logits": late}, x, y, judge)
+        views.adversarial.shape               # (N, C, H, W), like x
+        views.fooled.float().mean()           # share of images the attack fooled
+        views.judged["logits"]                # (N,) the judge's class for the view at "logits"
+        fig, axes = views.plot(n=4)
     """
 
     images: Tensor
@@ -214,13 +222,19 @@ def plot_mixing(
     """Rows of pairs: ``a`` (invariances) | ``b`` (representation) | the mix at each layer.
 
     Args:
-        invariance_source: ``(N, C, H, W)``.
-        representation_source: ``(N, C, H, W)``.
-        mixed: :func:`mix_images`'s result.
+        invariance_source: ``(N, C, H, W)`` images ``a``.
+        representation_source: ``(N, C, H, W)`` images ``b``.
+        mixed: :func:`mix_images`'s result, ``{layer: (N, C, H, W)}``.
         fig: Optional figure.
 
     Returns:
         ``(fig, axes)``.
+
+    Examples::
+
+        mixed = mix_images({"relu1": early, "logits": late}, a, b)   # a, b: (N, C, H, W)
+        fig, axes = plot_mixing(a, b, mixed)                         # N rows, 2 + 2 columns
+        fig.savefig("mixing.png")
     """
     from captum_inn.visualization import plot_image_grid
 

@@ -31,6 +31,18 @@ class Autoencoder(Protocol):
     ``encode(x)`` maps images ``(N, C, H, W)`` to a code ``(N, d)`` or to a distribution object
     with ``mean`` ``(N, d)`` (and ``sample``/``rsample`` for posterior samples); ``decode(code)``
     maps ``(N, d)`` back to images.
+
+    Examples::
+
+        >>> class Flat:                        # a deterministic "autoencoder" of 1×4×4 images
+        ...     def encode(self, x):           # (N, 1, 4, 4) -> (N, 16)
+        ...         return x.flatten(1)
+        ...     def decode(self, code):        # (N, 16) -> (N, 1, 4, 4)
+        ...         return code.view(-1, 1, 4, 4)
+        >>> isinstance(Flat(), Autoencoder)
+        True
+        >>> encode_mean(Flat(), torch.rand(2, 1, 4, 4)).shape
+        torch.Size([2, 16])
     """
 
     def encode(self, x: Tensor) -> Any:  # pragma: no cover - protocol
@@ -112,7 +124,14 @@ def encode_posterior(autoencoder: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         x: ``(N, C, H, W)`` images.
 
     Returns:
-        ``(mean, std)``.
+        ``(mean, std)``, both ``(N, d)``.
+
+    Examples::
+
+        >>> ae = ConvAutoencoder((3, 32, 32), latent_dim=16)
+        >>> mean, std = encode_posterior(ae, torch.rand(2, 3, 32, 32))
+        >>> mean.shape, std.shape
+        (torch.Size([2, 16]), torch.Size([2, 16]))
     """
     out = autoencoder.encode(x)
     if isinstance(out, Tensor):
@@ -136,7 +155,21 @@ def encode_posterior(autoencoder: Any, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def encode_mean(autoencoder: Any, x: Tensor) -> Tensor:
-    """The posterior mean code ``(N, d)`` of images ``x`` (the code itself for deterministic encoders)."""
+    """The posterior mean code ``(N, d)`` of images ``x`` (the code itself for deterministic encoders).
+
+    Args:
+        autoencoder: Any object following :class:`Autoencoder`.
+        x: ``(N, C, H, W)`` images.
+
+    Returns:
+        ``(N, d)`` codes.
+
+    Examples::
+
+        >>> ae = ConvAutoencoder((3, 32, 32), latent_dim=16).eval()
+        >>> encode_mean(ae, torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 16])
+    """
     return encode_posterior(autoencoder, x)[0]
 
 

@@ -506,7 +506,7 @@ def capture(
     Args:
         model: The model.
         layers: One layer, or a list/tuple of layers (modules of ``model`` or dotted names).
-        inputs: A tensor or a tuple of tensors; dim 0 is the batch.
+        inputs: A tensor or a tuple of tensors, each ``(N, ...)``: dim 0 is the batch.
         additional_forward_args: ``None``, one value, or a tuple of values passed after
             ``inputs`` (Captum's convention: anything that is not a tuple is one argument).
         attribute_to_layer_input: Capture each layer's input instead of its output.

@@ -93,6 +93,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     Returns:
         The process exit code.
+
+    Examples::
+
+        main(["selfcheck"])                    # 0, as `captum-inn selfcheck` in a shell
+        main(["demo", "--quick", "--check"])   # 1 if a bound of the quick demo is missed, else 0
     """
     args = _build_parser().parse_args(argv)
     if args.command == "selfcheck":

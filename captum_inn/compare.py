@@ -46,6 +46,13 @@ class Comparison:
         concept_names: The ``K`` concept names (empty without concepts).
         layer: Name of the layer whose invariances are shown.
         gradcam_layer: Name of the layer Grad-CAM reads.
+
+    Examples::
+
+        result = compare_attributions(model, x, explainer, n_samples=8)   # x: (N, C, H, W)
+        result.gradcam.shape, result.invariance_map.shape   # (N, 1, H, W), (N, C, H, W)
+        fig, axes = result.plot(0, class_names=classes)     # one input's maps side by side
+        paths = result.save_figures("figures")              # figures/comparison_<i>.png
     """
 
     inputs: Tensor
@@ -159,7 +166,8 @@ def compare_attributions(
         concepts: Optional :class:`~captum_inn.LayerConcepts` whose scores are added.
         n_samples: Invariance samples per input (``>= 2``; the map is their spread).
         ig_steps: Integrated Gradients steps.
-        ig_baselines: IG baseline: ``None`` (black image), a float or a tensor like ``inputs``.
+        ig_baselines: IG baseline: ``None`` (black image), a float, or a tensor ``(N, C, H, W)``
+            like ``inputs`` (one baseline per input) or ``(1, C, H, W)`` (one for all).
         internal_batch_size: The most rows any method sends through a network at once (IG's
             interpolation steps, decoded samples, Grad-CAM and concept passes); ``None``: all at
             once. Results do not depend on it.

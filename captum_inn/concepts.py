@@ -217,6 +217,15 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
 
     Returns:
         ``[ConceptPairs, ...]`` in the given order.
+
+    Examples::
+
+        >>> images, labels = torch.rand(6, 3, 8, 8), torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> digit = ConceptPairs.from_labels("digit", images, labels)
+        >>> [c.name for c in as_concepts(digit)]
+        ['digit']
+        >>> [(c.name, c.relation) for c in as_concepts({"same digit": digit.sampler})]
+        [('same digit', 'share')]
     """
     if isinstance(concepts, Mapping):
         items = [ConceptPairs(str(k), v) if not isinstance(v, ConceptPairs) else v for k, v in concepts.items()]

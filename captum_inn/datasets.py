@@ -609,6 +609,12 @@ class ImageFolderSplit:
         test_labels: ``(N_test,)``.
         classes: Folder names, in class-index order (sorted, as ``torchvision.datasets.ImageFolder``).
         root: The folder the images came from.
+
+    Examples::
+
+        split = load_image_folder("path/to/animalfaces10", size=64)
+        split.train_images.shape               # (N_train, 3, 64, 64)
+        split.classes[int(split.train_labels[0])]
     """
 
     train_images: Tensor

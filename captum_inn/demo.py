@@ -171,7 +171,14 @@ def _dynamics_failures(dynamics: list, early_accuracy_max: float) -> list:
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo run (``quick`` shrinks them for smoke tests)."""
+    """Sizes of the demo run (``quick`` shrinks them for smoke tests).
+
+    Examples::
+
+        import dataclasses
+        settings = dataclasses.replace(DemoSettings.quick(), inn_steps=1200)
+        index = run_demo(out="captum_inn_report", settings=settings)
+    """
 
     recolorings: int = 8
     test_recolorings: int = 2
@@ -257,6 +264,13 @@ def run_demo(
 
     Returns:
         The path of ``index.html``.
+
+    Examples::
+
+        import json
+        index = run_demo(out="captum_inn_report", quick=True)   # about two minutes on 2 cores
+        print(index)                                            # captum_inn_report/index.html
+        failures = check_metrics(json.loads((index.parent / "metrics.json").read_text()), QUICK_BOUNDS)
     """
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     if concepts is not None:

@@ -101,6 +101,15 @@ def reencode_similarity(
         A dict: ``beats_null`` (fraction of samples above the threshold), ``similarity`` (mean
         sample similarity), ``null_quantile`` (the threshold) and ``null_mean`` (mean random-pair
         similarity).
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten())
+        >>> x = torch.rand(6, 3, 8, 8)
+        >>> same = x.unsqueeze(1).repeat(1, 4, 1, 1, 1)        # (6, 4, 3, 8, 8): "samples" equal to x
+        >>> scores = reencode_similarity(model, "0", x, same, generator=torch.Generator().manual_seed(0))
+        >>> sorted(scores), round(scores["similarity"], 4)
+        (['beats_null', 'null_mean', 'null_quantile', 'similarity'], 1.0)
     """
     _check_samples(originals, samples)
     if originals.shape[0] < 2:
@@ -152,6 +161,14 @@ def variance_explained_by_v(
 
     Returns:
         ``VE_v``, a float (near ``[0, 1]``; slightly above 1 is possible for a poorly fitted INN).
+
+    Examples::
+
+        >>> inn = ConditionalINN(8, (10,), n_blocks=2, hidden=16)
+        >>> _ = inn(torch.randn(4, 8), torch.randn(4, 10))          # (normally: fit_invariances)
+        >>> ve = variance_explained_by_v(inn, torch.randn(32, 8), torch.randn(32, 10), n_samples=4)
+        >>> isinstance(ve, float)
+        True
     """
     if n_samples < 2:
         raise ValueError(f"`n_samples` must be >= 2, got {n_samples}.")

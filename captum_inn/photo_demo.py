@@ -64,7 +64,14 @@ PHOTO_QUICK_BOUNDS = {
 
 @dataclass
 class PhotoDemoSettings:
-    """Sizes of the photo demo (``quick`` shrinks them for smoke tests)."""
+    """Sizes of the photo demo (``quick`` shrinks them for smoke tests).
+
+    Examples::
+
+        import dataclasses
+        settings = dataclasses.replace(PhotoDemoSettings(), size=128, inn_steps=5000)
+        index = run_photo_demo("path/to/animalfaces10", settings=settings)
+    """
 
     size: int = 64
     test_fraction: float = 0.2
@@ -178,6 +185,11 @@ def run_photo_demo(
 
     Returns:
         The path of ``index.html``.
+
+    Examples::
+
+        index = run_photo_demo("path/to/animalfaces10", quick=True)   # a few minutes on CPU
+        print(index)                                                  # captum_inn_photo_report/index.html
     """
     settings = settings or (PhotoDemoSettings.quick() if quick else PhotoDemoSettings())
     out = Path(out)

@@ -31,7 +31,19 @@ def _plt():
 
 
 def to_numpy_image(image: Tensor):
-    """``(C, H, W)`` tensor in ``[0, 1]`` → ``(H, W, C)`` numpy array (grayscale stays 2-d)."""
+    """``(C, H, W)`` tensor in ``[0, 1]`` → ``(H, W, C)`` numpy array (grayscale stays 2-d).
+
+    Args:
+        image: ``(C, H, W)`` image; values are clamped to ``[0, 1]``.
+
+    Returns:
+        A float32 numpy array ``(H, W, C)``, or ``(H, W)`` for one channel.
+
+    Examples::
+
+        >>> to_numpy_image(torch.rand(3, 8, 8)).shape, to_numpy_image(torch.rand(1, 8, 8)).shape
+        ((8, 8, 3), (8, 8))
+    """
     image = image.detach().float().cpu().clamp(0, 1)
     if image.shape[0] == 1:
         return image[0].numpy()
@@ -280,6 +292,12 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
 
     Returns:
         ``(fig, ax)``.
+
+    Examples::
+
+        >>> from captum_inn.training.dynamics import ConceptDynamics
+        >>> dynamics = ConceptDynamics("fc", ["0", "100"], [0.1, 0.9], {"digit": [0.2, 0.8], "colour": [0.5, 0.3]})
+        >>> fig, ax = plot_concept_dynamics(dynamics)
     """
     plt = _plt()
     if ax is None:
@@ -435,7 +453,23 @@ def plot_image_grid(
 
 
 def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
-    """Save ``fig`` as PNG and close it (figures in loops would otherwise pile up in memory)."""
+    """Save ``fig`` as PNG and close it (figures in loops would otherwise pile up in memory).
+
+    Args:
+        fig: A matplotlib figure (e.g. the ``fig`` of any function here).
+        path: Target ``.png`` file.
+        dpi: Resolution.
+
+    Returns:
+        ``path``.
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> fig, ax = plot_by_depth(["conv", "fc"], {"VE": [0.1, 0.8]})
+        >>> save_figure(fig, os.path.join(tempfile.mkdtemp(), "ve.png")).endswith("ve.png")
+        True
+    """
     fig.savefig(path, dpi=dpi)
     _plt().close(fig)
     return path

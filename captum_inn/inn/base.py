@@ -12,7 +12,16 @@ __all__ = ["InvertibleModule", "NotInitializedError"]
 
 
 class NotInitializedError(RuntimeError):
-    """Raised when a block with data-dependent initialisation is used before it has seen data."""
+    """Raised when a block with data-dependent initialisation is used before it has seen data.
+
+    Examples::
+
+        >>> from captum_inn.inn import ActNorm
+        >>> ActNorm(4)(torch.randn(2, 4), rev=True)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ...
+        NotInitializedError: ActNorm is not initialised: its first call must be a forward pass ...
+    """
 
 
 class InvertibleModule(nn.Module, ABC):

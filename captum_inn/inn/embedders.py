@@ -28,6 +28,13 @@ class ConditionEmbedder(nn.Module):
     Args:
         in_shape: Shape of one condition sample (without the batch dim).
         out_dim: Width of the embedding.
+
+    Examples::
+
+        >>> embedder = MLPEmbedder((10,), out_dim=8, hidden=32)   # a ConditionEmbedder subclass
+        >>> embedder.set_input_statistics(torch.randn(100, 10) * 5 + 3)
+        >>> embedder(torch.randn(5, 10)).shape                    # (N, *in_shape) -> (N, out_dim)
+        torch.Size([5, 8])
     """
 
     def __init__(self, in_shape: Sequence[int], out_dim: int) -> None:

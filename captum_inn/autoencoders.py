@@ -138,9 +138,11 @@ def encode_posterior(autoencoder: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         mean, std = out, torch.zeros_like(out)
     elif hasattr(out, "mean"):
         mean = out.mean
-        std = out.std if hasattr(out, "std") else torch.zeros_like(mean)
-        if callable(std):  # torch.distributions expose .stddev; a few objects expose std()
-            std = std()
+        # DiagonalGaussian has .std, torch.distributions have .stddev, a few objects a std() method
+        std = getattr(out, "std", None)
+        std = getattr(out, "stddev", None) if std is None else std
+        std = std() if callable(std) else std
+        std = torch.zeros_like(mean) if std is None else std.expand_as(mean)
     else:
         raise TypeError(
             f"`autoencoder.encode` returned {type(out).__name__}; it must return a code tensor "

@@ -50,6 +50,16 @@ def test_autoencoder_protocol_and_posterior():
 
     mean, std = encode_posterior(Deterministic(), torch.rand(2, 3, 4, 4))
     assert torch.equal(std, torch.zeros(2, 4))
+
+    class TorchNormal:  # torch.distributions.Normal has .stddev, not .std
+        def encode(self, x):
+            return torch.distributions.Normal(x.flatten(1)[:, :4], torch.full((x.shape[0], 4), 0.3))
+
+        def decode(self, code):
+            return code
+
+    mean, std = encode_posterior(TorchNormal(), torch.rand(2, 3, 4, 4))
+    assert torch.allclose(std, torch.full((2, 4), 0.3))
     with pytest.raises(TypeError, match="lacks encode, decode"):
         check_autoencoder(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="power-of-two"):

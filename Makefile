@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs clean
+.PHONY: demo test lint docs tutorials clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# executes every notebook in tutorials/ (ARGS=--ci: small settings; --inplace: write the outputs back)
+tutorials: $(STAMP)
+	$(PY) tutorials/run.py $(ARGS)
+
 docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) docs/_build captum_inn_report .pytest_cache
+	rm -rf $(VENV) docs/_build docs/tutorials tutorial_runs captum_inn_report .pytest_cache

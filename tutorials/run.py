@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL {path.name}\n{failures[-1]}", flush=True)
             continue
         times[path.name] = seconds
+        if seconds > args.limit:  # each cell is bounded by the limit too; this bounds the whole notebook
+            failures.append(f"{path.name}: ran {seconds:.0f} s, over the limit of {args.limit:.0f} s")
+            print(f"FAIL {failures[-1]}", flush=True)
+            continue
         print(f"ok   {path.name} in {seconds:.0f} s -> {target}", flush=True)
     for name, seconds in times.items():
         print(f"{seconds:7.0f} s  {name}")

@@ -100,10 +100,12 @@ class AdversarialViews:
 
         columns = {"clean": self.images[rows], "attacked": self.adversarial[rows]}
         columns.update({f"view at {layer}": views[rows] for layer, views in self.views.items()})
-        labels = [f"{name(int(self.clean_predictions[i]))}→{name(int(self.adversarial_predictions[i]))}\n"
-                  + " ".join(name(int(self.judged[layer][i])) for layer in self.views) for i in rows]
-        return plot_image_grid(columns, labels, title="what each layer sees in the attack "
-                               "(row label: model clean→attacked, then the judge per view)", fig=fig)
+        captions = {"clean": [f"model: {name(int(self.clean_predictions[i]))}" for i in rows],
+                    "attacked": [f"model: {name(int(self.adversarial_predictions[i]))}" for i in rows]}
+        captions.update({f"view at {layer}": [f"judge: {name(int(self.judged[layer][i]))}" for i in rows]
+                         for layer in self.views})
+        return plot_image_grid(columns, title="what each layer sees in the attack (captions: the model's class, "
+                               "then the judge's for each layer's view)", fig=fig, captions=captions)
 
 
 def adversarial_views(

@@ -6,7 +6,7 @@ matplotlib is imported lazily; every function accepts an optional ``ax``/``fig``
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -408,6 +408,7 @@ def plot_image_grid(
     row_labels: Sequence[str] = None,
     title: str = "",
     fig: Any = None,
+    captions: Optional[Dict[str, Sequence[str]]] = None,
 ) -> Tuple[Any, Any]:
     """Images side by side: one column per entry of ``columns``, one row per image.
 
@@ -418,13 +419,15 @@ def plot_image_grid(
         row_labels: Optional ``N`` labels written left of each row.
         title: Figure title.
         fig: Optional figure.
+        captions: Optional ``{column title: N captions}`` written under that column's images.
 
     Returns:
         ``(fig, axes)`` with ``axes`` of shape ``(N, len(columns))``.
 
     Examples::
 
-        >>> fig, axes = plot_image_grid({"a": torch.rand(2, 3, 8, 8), "b": torch.rand(2, 3, 8, 8)})
+        >>> fig, axes = plot_image_grid({"a": torch.rand(2, 3, 8, 8), "b": torch.rand(2, 3, 8, 8)},
+        ...                             captions={"b": ["cat", "dog"]})
         >>> axes.shape
         (2, 2)
     """
@@ -433,8 +436,12 @@ def plot_image_grid(
     if len(sizes) != 1:
         raise ValueError(f"Every column of `columns` needs the same number of images, got {sorted(sizes)}.")
     n, m = sizes.pop(), len(columns)
+    captions = captions or {}
+    unknown = sorted(set(captions) - set(columns))
+    if unknown or any(len(c) != n for c in captions.values()):
+        raise ValueError(f"`captions` needs {n} captions per column title of `columns`; got {unknown or 'other counts'}.")
     if fig is None:
-        fig = plt.figure(figsize=(1.35 * m + (0.8 if row_labels else 0), 1.35 * n + 0.5))
+        fig = plt.figure(figsize=(1.35 * m + (0.8 if row_labels else 0), (1.35 + 0.2 * bool(captions)) * n + 0.5))
     axes = fig.subplots(n, m, squeeze=False)
     for j, (header, images) in enumerate(columns.items()):
         for i in range(n):
@@ -446,6 +453,8 @@ def plot_image_grid(
                 ax.set_title(header, fontsize=7)
             if j == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[i], fontsize=7)
+            if header in captions:
+                ax.set_xlabel(captions[header][i], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

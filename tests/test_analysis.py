@@ -221,7 +221,13 @@ def test_eval_mode_used_and_restored_no_hooks_no_gradients(setup, images, labels
 def test_plot(attacked):
     fig, axes = attacked.plot(n=2, class_names=[f"c{k}" for k in range(10)])
     assert isinstance(fig, matplotlib.figure.Figure)
-    assert axes.shape == (min(2, int(attacked.fooled.sum())), 2 + len(LAYERS))
+    rows = min(2, int(attacked.fooled.sum()))
+    assert axes.shape == (rows, 2 + len(LAYERS))
+    first = int(torch.nonzero(attacked.fooled).flatten()[0])
+    # each image is captioned with the model's class (clean, attacked) or the judge's (each view)
+    assert axes[0, 0].get_xlabel() == f"model: c{int(attacked.clean_predictions[first])}"
+    assert axes[0, 1].get_xlabel() == f"model: c{int(attacked.adversarial_predictions[first])}"
+    assert axes[0, 2].get_xlabel() == f"judge: c{int(attacked.judged[next(iter(attacked.views))][first])}"
     own = plt.figure(figsize=(6, 6))
     fig, _ = attacked.plot(fig=own)
     assert fig is own

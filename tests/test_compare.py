@@ -396,6 +396,10 @@ def test_plot_errors(with_concepts, no_show):
         with_concepts.plot(2)
     with pytest.raises(ValueError, match="same number of images"):
         plot_image_grid({"a": torch.rand(2, 3, 8, 8), "b": torch.rand(3, 3, 8, 8)})
+    with pytest.raises(ValueError, match="captions"):
+        plot_image_grid({"a": torch.rand(2, 3, 8, 8)}, captions={"a": ["only one"]})
+    with pytest.raises(ValueError, match="captions"):
+        plot_image_grid({"a": torch.rand(2, 3, 8, 8)}, captions={"z": ["x", "y"]})
 
 
 # ---------------------------------------------------------------- last_spatial_layer and ResNet-18

@@ -28,6 +28,7 @@ from captum_inn.training import (
     load_invariance_inn,
     save_checkpoint,
     save_invariance_inn,
+    source_fingerprint,
 )
 from captum_inn.training.invariances import checkpoint_name
 
@@ -173,6 +174,38 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_result(images, autoencoder
     with pytest.raises(CheckpointError, match="another configuration"):
         fit_invariances(model, "logits", cache=cache, steps=12, checkpoint_dir=str(tmp_path), progress=False,
                         **{**TINY, "hidden": 32})
+
+
+@pytest.mark.parametrize("memmap", [False, True])
+def test_resume_refuses_a_cache_of_another_model_or_other_images(images, autoencoder, tmp_path, memmap):
+    model = SmallCNN(width=4).eval()
+    settings = dict(checkpoint_dir=str(tmp_path), memmap=memmap, progress=False, **TINY)
+    fit_invariances(model, "fc", autoencoder, images, steps=2, **settings)
+    resumed = fit_invariances(model, "fc", autoencoder, images.clone(), steps=3, **settings)  # same sources
+    assert len(resumed.history) == 3
+    retrained = SmallCNN(width=4).eval()
+    with torch.no_grad():
+        retrained.load_state_dict(model.state_dict())
+        retrained.fc.weight.add_(0.01)
+    changed_images = images.clone()
+    changed_images[0] = 1 - changed_images[0]
+    for other_model, other_images in ((retrained, images), (model, changed_images), (model, images[:-1])):
+        with pytest.raises(CheckpointError, match="another model, autoencoder or set of images.*resume=False"):
+            fit_invariances(other_model, "fc", autoencoder, other_images, steps=4, **settings)
+    # resume=False recomputes the cache from the new model and fits afresh
+    fresh = fit_invariances(retrained, "fc", autoencoder, images, steps=2, **{**settings, "resume": False})
+    assert len(fresh.history) == 2
+    fit_invariances(retrained, "fc", autoencoder, images, steps=3, **settings)  # and resumes from it
+
+
+def test_source_fingerprint_reads_datasets_and_loaders(images, autoencoder):
+    model = SmallCNN(width=4).eval()
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(len(images)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=7)
+    reference = source_fingerprint(model, autoencoder, images)
+    assert source_fingerprint(model, autoencoder, dataset) == reference
+    assert source_fingerprint(model, autoencoder, loader) == reference
+    assert cache_features(model, "fc", autoencoder, images, progress=False).source == reference
 
 
 def test_save_load_and_refusals(images, autoencoder, tmp_path):

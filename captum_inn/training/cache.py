@@ -7,18 +7,20 @@ not grow with the number of images.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._captum_compat import _format_additional_forward_args
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import LayerHooks, eval_mode, resolve_layer
-from captum_inn.training.data import count_images, iter_image_batches
+from captum_inn.training.data import _images_of, count_images, iter_image_batches
 from captum_inn.training.disk import (
     DiskArray,
     DiskArrayWriter,
@@ -27,7 +29,7 @@ from captum_inn.training.disk import (
     write_manifest,
 )
 
-__all__ = ["FeatureCache", "cache_features"]
+__all__ = ["FeatureCache", "cache_features", "source_fingerprint"]
 
 Array = Union[Tensor, DiskArray]
 _DISK_FORMAT = 1
@@ -45,6 +47,8 @@ class FeatureCache:
         code_std: ``(N, d)`` posterior standard deviations (zeros for deterministic encoders).
         layers: ``{name: (N, *shape)}`` activations ``z = Φ(x)`` of every hooked layer.
         model_class: Qualified class name of the analysed model.
+        source: :func:`source_fingerprint` of the model, autoencoder and images the cache was
+            computed from (``""`` when unknown); a resumed fit checks it.
 
     Examples::
 
@@ -59,6 +63,7 @@ class FeatureCache:
     code_std: Array
     layers: Dict[str, Array] = field(default_factory=dict)
     model_class: str = ""
+    source: str = ""
 
     def __len__(self) -> int:
         return self.code_mean.shape[0]
@@ -107,7 +112,8 @@ class FeatureCache:
 
         tensors = {"code_mean": self.code_mean[:], "code_std": self.code_std[:],
                    **{f"layer.{name}": value[:] for name, value in self.layers.items()}}
-        meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), "model_class": self.model_class}}
+        meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), "model_class": self.model_class,
+                                                    "source": self.source}}
         return save_checkpoint(path, tensors, meta)
 
     @classmethod
@@ -125,7 +131,7 @@ class FeatureCache:
         tensors, meta = load_checkpoint(path, kind="feature_cache")
         names = meta["config"]["layers"]
         return cls(tensors["code_mean"], tensors["code_std"], {n: tensors[f"layer.{n}"] for n in names},
-                   meta["config"]["model_class"])
+                   meta["config"]["model_class"], meta["config"].get("source", ""))
 
     @classmethod
     def open(cls, folder: Union[str, Path]) -> Optional[FeatureCache]:
@@ -149,7 +155,8 @@ class FeatureCache:
         if {len(a) for a in arrays.values()} != {manifest["n"]}:
             raise ValueError(f"The arrays in {str(folder)!r} do not all have {manifest['n']} rows; delete it to recompute.")
         return cls(arrays.pop("code_mean"), arrays.pop("code_std"),
-                   {name: arrays[f"layer.{name}"] for name in manifest["layers"]}, manifest["model_class"])
+                   {name: arrays[f"layer.{name}"] for name in manifest["layers"]}, manifest["model_class"],
+                   manifest.get("source", ""))
 
 
 class _MemorySink:
@@ -161,9 +168,10 @@ class _MemorySink:
     def append(self, key: str, rows: Tensor) -> None:
         self.parts.setdefault(key, []).append(rows.cpu())
 
-    def finish(self, model_class: str, layers: Sequence[str]) -> FeatureCache:
+    def finish(self, model_class: str, layers: Sequence[str], source: str) -> FeatureCache:
         arrays = {key: torch.cat(parts) for key, parts in self.parts.items()}
-        return FeatureCache(arrays["code_mean"], arrays["code_std"], {n: arrays[f"layer.{n}"] for n in layers}, model_class)
+        return FeatureCache(arrays["code_mean"], arrays["code_std"], {n: arrays[f"layer.{n}"] for n in layers},
+                            model_class, source)
 
     def abort(self) -> None:
         self.parts.clear()
@@ -187,15 +195,70 @@ class _DiskSink:
             self.writers[key] = DiskArrayWriter(self.folder / file, self.n_rows, rows.shape[1:])
         self.writers[key].append(rows)
 
-    def finish(self, model_class: str, layers: Sequence[str]) -> FeatureCache:
+    def finish(self, model_class: str, layers: Sequence[str], source: str) -> FeatureCache:
         files = {key: writer.close().name for key, writer in self.writers.items()}
         write_manifest(self.folder, {"kind": "feature_cache", "format_version": _DISK_FORMAT, "n": self.n_rows,
-                                     "layers": list(layers), "model_class": model_class, "files": files})
+                                     "layers": list(layers), "model_class": model_class, "source": source,
+                                     "files": files})
         return FeatureCache.open(self.folder)
 
     def abort(self) -> None:
         for writer in self.writers.values():
             writer.abort()
+
+
+def _tensor_bytes(tensor: Tensor) -> bytes:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+@torch.no_grad()
+def source_fingerprint(model: nn.Module, autoencoder: Any, data: Any, n_probe: int = 32) -> str:
+    """A short hash of what a feature cache is computed from, so that a resumed fit notices a change.
+
+    It covers every tensor of the model's and the autoencoder's state (weights and buffers), the
+    number of images, and ``n_probe`` images spread evenly over ``data`` (all of them for
+    smaller sets). Reading a few images keeps it cheap for datasets on disk; a change that
+    touches none of the probed images and keeps their number goes unnoticed.
+
+    Args:
+        model: The analysed network.
+        autoencoder: The autoencoder (an ``nn.Module``, or any object: its tensor attributes count).
+        data: Images: tensor ``(N, C, H, W)``, ``Dataset`` or ``DataLoader`` (an unsized iterable
+            contributes no images).
+        n_probe: How many images to read.
+
+    Returns:
+        16 hexadecimal digits.
+
+    Examples::
+
+        >>> from captum_inn.autoencoders import ConvAutoencoder
+        >>> model, ae = nn.Linear(4, 2), ConvAutoencoder((3, 8, 8), 4)
+        >>> images = torch.rand(10, 3, 8, 8)
+        >>> source_fingerprint(model, ae, images) == source_fingerprint(model, ae, images.clone())
+        True
+        >>> source_fingerprint(model, ae, images) == source_fingerprint(model, ae, images[:9])
+        False
+    """
+    digest = hashlib.sha256()
+    for label, part in (("model", model), ("autoencoder", autoencoder)):
+        state = part.state_dict() if isinstance(part, nn.Module) else {
+            key: value for key, value in vars(part).items() if isinstance(value, Tensor)}
+        digest.update(label.encode())
+        for key in sorted(state):
+            digest.update(key.encode())
+            digest.update(_tensor_bytes(state[key]))
+    n = count_images(data)
+    digest.update(f"images:{n}".encode())
+    items = data.dataset if isinstance(data, DataLoader) else data
+    if n and hasattr(items, "__getitem__"):
+        for i in torch.linspace(0, n - 1, min(n, n_probe)).round().long().tolist():
+            try:
+                digest.update(_tensor_bytes(_images_of(items[i])))
+            except TypeError:  # items that are not tensors (e.g. PIL images): counted, not hashed
+                digest.update(b"?")
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -251,6 +314,7 @@ def cache_features(
     names = [resolve_layer(model, layer)[0] for layer in layer_list]
     extra = _format_additional_forward_args(additional_forward_args) or ()
     n_images = count_images(data)
+    source = source_fingerprint(model, autoencoder, data)
     sink = _MemorySink() if memmap_dir is None else _DiskSink(memmap_dir, n_images)
     bar = tqdm(total=n_images, desc="caching features", disable=not progress, leave=False, unit="img")
     try:
@@ -277,5 +341,5 @@ def cache_features(
     except BaseException:
         sink.abort()  # no half-written cache is left behind
         raise
-    return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names)
+    return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names, source)
 

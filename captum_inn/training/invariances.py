@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn.inn import ConditionalINN
-from captum_inn.training.cache import FeatureCache, cache_features
+from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
 from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import resume_key, train_loop
@@ -241,18 +241,25 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
         return cache
     rank, n_ranks = world(device)
     suffix = f".rank{rank}" if n_ranks > 1 else ""  # under torchrun each process caches its shard
+    reused, where = None, None
     if memmap:
         folder = (Path(checkpoint_dir) / f"{CACHE_DIR}{suffix}" if checkpoint_dir
                   else Path(stack.enter_context(tempfile.TemporaryDirectory())))
-        reused = FeatureCache.open(folder) if resume else None
-        if reused is not None and set(names) <= set(reused.layers):
-            return reused  # a resumed fit continues on the very same features
+        reused, where = (FeatureCache.open(folder) if resume else None), folder
     else:
         cache_path = Path(checkpoint_dir) / CACHE_FILE.replace(".", f"{suffix}.", 1) if checkpoint_dir else None
         if resume and cache_path is not None and cache_path.exists():
-            reused = FeatureCache.load(cache_path)
-            if set(names) <= set(reused.layers):
-                return reused
+            reused, where = FeatureCache.load(cache_path), cache_path
+    if reused is not None and set(names) <= set(reused.layers):
+        # a resumed fit continues on the very same features, unless what they came from changed
+        if reused.source and autoencoder is not None and data is not None:
+            if source_fingerprint(model, autoencoder, shard_data(data)) != reused.source:
+                raise CheckpointError(
+                    f"The feature cache {str(where)!r} was computed from another model, autoencoder or set of "
+                    "images than the ones given now, so the checkpoints in `checkpoint_dir` do not belong to "
+                    "them; pass resume=False to start afresh there, or use another `checkpoint_dir`."
+                )
+        return reused
     if autoencoder is None or data is None:
         raise ValueError("Pass `autoencoder` and `data` (or a precomputed `cache`).")
     cache = cache_features(model, layer_list, autoencoder, shard_data(data), device=device,

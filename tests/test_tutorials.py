@@ -1,0 +1,62 @@
+"""The tutorial notebooks as committed: run in full, with their figures, stating what they promise.
+
+CI executes every notebook with small settings (``tutorials/run.py --ci``); these tests check
+the committed copies, which readers see on the code host and in the docs: every code cell ran,
+in order, without an error, the figures are in the outputs, and the first cell states the
+runtime, the data and what the reader should see.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
+NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _text(cell: dict, key: str = "source") -> str:
+    value = cell.get(key, "")
+    return "".join(value) if isinstance(value, list) else value
+
+
+def test_there_are_four_tutorials():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"], [p.name for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_with_the_outputs_of_a_full_run(path):
+    cells = _load(path)["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    counts = [c.get("execution_count") for c in code]
+    assert None not in counts, f"{path.name}: cells {[i for i, n in enumerate(counts) if n is None]} never ran"
+    assert counts == list(range(1, len(code) + 1)), f"{path.name}: cells ran out of order or in pieces: {counts}"
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o["output_type"] == "error"]
+    assert not errors, f"{path.name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} shows no figure"
+    settings = "".join(_text(o, "text") for o in code[0].get("outputs", []))
+    assert "settings: full" in settings, f"{path.name}: the committed outputs must come from the full settings"
+    warnings = [o for o in outputs if o["output_type"] == "stream" and o["name"] == "stderr"]
+    assert not warnings, f"{path.name} writes to stderr: {_text(warnings[0], 'text')[:300]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_cell_states_runtime_data_and_what_to_see(path):
+    first = _load(path)["cells"][0]
+    assert first["cell_type"] == "markdown"
+    text = _text(first)
+    for promise in ("**Runtime**", "**Data**", "**You should see**"):
+        assert promise in text, f"{path.name}: the first cell does not state {promise}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_reads_the_ci_switch(path):
+    code = [_text(c) for c in _load(path)["cells"] if c["cell_type"] == "code"]
+    assert "CAPTUM_INN_TUTORIAL_SETTINGS" in code[0], f"{path.name}: the first code cell must read the CI switch"

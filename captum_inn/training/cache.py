@@ -244,7 +244,7 @@ def source_fingerprint(model: nn.Module, autoencoder: Any, data: Any, n_probe: i
     digest = hashlib.sha256()
     for label, part in (("model", model), ("autoencoder", autoencoder)):
         state = part.state_dict() if isinstance(part, nn.Module) else {
-            key: value for key, value in vars(part).items() if isinstance(value, Tensor)}
+            key: value for key, value in getattr(part, "__dict__", {}).items() if isinstance(value, Tensor)}
         digest.update(label.encode())
         for key in sorted(state):
             digest.update(key.encode())

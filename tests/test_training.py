@@ -139,6 +139,60 @@ def test_fit_invariances_for_several_layers_from_one_pass(images, autoencoder, t
     assert_no_hooks(model)
 
 
+@pytest.mark.parametrize("memmap", [False, True])
+def test_layers_fitted_side_by_side_equal_those_fitted_one_after_another(images, autoencoder, tmp_path, memmap):
+    model = SmallCNN(width=4).eval()
+    threads = torch.get_num_threads()
+    settings = dict(steps=6, progress=False, memmap=memmap, **TINY)
+    apart = fit_invariances(model, ["relu2", "fc", "logits"], autoencoder, images, workers=1, **settings)
+    side = fit_invariances(model, ["relu2", "fc", "logits"], autoencoder, images, workers=3,
+                           checkpoint_dir=str(tmp_path), **settings)
+    assert torch.get_num_threads() == threads  # the workers' thread settings do not leak out
+    for name in apart:
+        assert side[name].history == pytest.approx(apart[name].history, rel=1e-4, abs=1e-5)
+        for x, y in zip(apart[name].state_dict().values(), side[name].state_dict().values()):
+            assert torch.allclose(x.float(), y.float(), atol=1e-4)
+        assert os.path.exists(tmp_path / checkpoint_name(name))
+    # and a concurrent fit resumes from its checkpoints, one layer trained longer than the others
+    resumed = fit_invariances(model, ["relu2", "fc", "logits"], autoencoder, images, workers=3,
+                              checkpoint_dir=str(tmp_path), layer_overrides={"fc": {"steps": 9}},
+                              **{**settings, "steps": 6})
+    assert [len(resumed[n].history) for n in ("relu2", "fc", "logits")] == [6, 9, 6]
+    assert resumed["fc"].history[:6] == side["fc"].history
+
+
+def test_a_failing_concurrent_fit_stops_the_others_and_raises_its_error():
+    from captum_inn.training.loop import run_concurrently
+
+    steps_taken = []
+
+    def failing(check):
+        for _ in range(3):
+            check()
+        raise FloatingPointError("diverged")
+
+    def long_fit(check):
+        import time
+
+        for step in range(10_000):
+            check()
+            steps_taken.append(step)
+            time.sleep(0.001)
+        return "finished"
+
+    with pytest.raises(FloatingPointError, match="diverged"):
+        run_concurrently([long_fit, failing], workers=2)
+    assert 0 < len(steps_taken) < 10_000  # cancelled at a step boundary, not run to the end
+    assert run_concurrently([lambda check: 1, lambda check: 2, lambda check: 3], workers=2) == [1, 2, 3]
+
+
+def test_workers_must_be_a_positive_int(images, autoencoder):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="`workers` must be a positive int"):
+            fit_invariances(SmallCNN(width=4).eval(), ["fc", "logits"], autoencoder, images, steps=1, workers=bad,
+                            progress=False, **TINY)
+
+
 def test_fitting_learns_the_conditional_density():
     # Codes that the layer determines up to small noise: a conditional INN must learn to
     # explain them by the condition, driving the NLL far below that of an unconditional fit.
@@ -261,3 +315,30 @@ def test_divergence_stops_with_a_clear_error(images, autoencoder, tmp_path):
     with pytest.raises(FloatingPointError, match=r"at step \d+\. Lower the learning rate \(now inf\)"):
         fit_invariances(model, "logits", cache=cache, steps=50, checkpoint_dir=str(tmp_path), progress=False,
                         **{**TINY, "lr": float("inf")})
+
+
+def test_fused_adam_only_for_parameters_in_the_default_layout():
+    from captum_inn.training.loop import make_adam
+
+    assert make_adam(SmallCNN(width=4).parameters(), lr=1e-3).defaults["fused"]
+    assert not make_adam(SmallCNN(width=4).parameters(), lr=1e-3, fused=False).defaults["fused"]
+    # channels-last weights: the fused kernel would pair their elements with another layout's
+    assert not make_adam(ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).parameters(), lr=1e-3).defaults["fused"]
+    assert make_adam(SmallCNN(width=4).parameters(), lr=1e-3, weight_decay=0.1).defaults["weight_decay"] == 0.1
+
+
+def test_restored_adam_moments_take_their_parameters_memory_layout():
+    from captum_inn.training.checkpoint import load_optimizer, optimizer_tensors
+
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(conv.parameters(), lr=0.1)
+    conv(torch.rand(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    tensors, meta = optimizer_tensors(optimizer)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}  # as a safetensors file gives them back
+    restored = torch.optim.Adam(conv.parameters(), lr=0.1)
+    load_optimizer(restored, tensors, meta)
+    moments = restored.state[conv.weight]
+    assert moments["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(moments["exp_avg"], optimizer.state[conv.weight]["exp_avg"])
+    assert torch.equal(moments["exp_avg_sq"], optimizer.state[conv.weight]["exp_avg_sq"])

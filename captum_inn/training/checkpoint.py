@@ -184,4 +184,12 @@ def load_optimizer(
             state.setdefault(int(pid), {})[key] = value
     for pid, scalars in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(scalars)
+    # Moments in their parameter's memory layout (channels-last convolutions): the fused Adam
+    # kernel walks parameter, gradient and moments in memory order and assumes one layout.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for pid, pstate in state.items():
+        param = params[pid] if 0 <= pid < len(params) else None
+        for key, value in pstate.items():
+            if param is not None and isinstance(value, torch.Tensor) and value.shape == param.shape:
+                pstate[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

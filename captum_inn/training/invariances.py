@@ -13,18 +13,20 @@ import contextlib
 import math
 import re
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
 from captum_inn.training.distributed import local_batch_size, shard_data, world
-from captum_inn.training.loop import resume_key, train_loop
+from captum_inn.training.loop import resume_key, run_concurrently, train_loop
 
 __all__ = [
     "InvarianceConfig",
@@ -103,10 +105,8 @@ def checkpoint_name(layer: str) -> str:
     return f"invariance_{safe}.safetensors"
 
 
-def _train_one(
-    cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device,
-    checkpoint: Optional[str], resume: bool, progress: bool,
-) -> ConditionalINN:
+def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device) -> ConditionalINN:
+    """A fresh INN for one cached layer, its embedder statistics and ActNorms initialised from the data."""
     conditions = cache.layers[name]
     torch.manual_seed(config.seed)  # only the weight initialisation draws from the global RNG
     inn = ConditionalINN(
@@ -119,6 +119,14 @@ def _train_one(
     with torch.no_grad():  # ActNorm's data-dependent initialisation, on a large real batch
         init_gen = torch.Generator().manual_seed(config.seed)
         inn(cache.sample_codes(init, init_gen).to(device), conditions[init].to(device))
+    return inn
+
+
+def _train(
+    inn: ConditionalINN, cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device,
+    checkpoint: Optional[str], resume: bool, progress: bool, callback: Optional[Callable[[int, nn.Module], None]] = None,
+) -> ConditionalINN:
+    conditions = cache.layers[name]
     fit_info = {
         "layer": name, "layer_shape": list(cache.layer_shape(name)), "latent_dim": cache.latent_dim,
         "model_class": cache.model_class,
@@ -138,11 +146,51 @@ def _train_one(
     history = train_loop(
         inn, loss_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed, checkpoint=checkpoint,
         checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
-        desc=f"INN {name}",
+        desc=f"INN {name}", callback=callback, fused=True,
     )
     inn.fit_info = {**fit_info, "steps": config.steps, "final_nll_per_dim": _tail_mean(history)}
     inn.history = history
     return inn
+
+
+def _auto_workers(workers: Optional[int], n_layers: int, device: torch.device) -> int:
+    if workers is not None:
+        return workers
+    if device.type != "cpu" or world(device)[1] > 1:
+        return 1  # accelerators queue their own work; ranks must issue collectives in one order
+    return max(1, min(n_layers, torch.get_num_threads()))
+
+
+def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str, InvarianceConfig],
+                device: torch.device, checkpoint_dir: Optional[str], resume: bool, progress: bool,
+                workers: int) -> Dict[str, ConditionalINN]:
+    """Train one INN per layer, ``workers`` at a time, under one progress bar when concurrent."""
+    paths = {n: str(Path(checkpoint_dir) / checkpoint_name(n)) if checkpoint_dir else None for n in names}
+    built = {n: _build(cache, n, configs[n], device) for n in names}  # in order: the global RNG is not thread-safe
+    if workers <= 1 or len(names) <= 1:
+        return {n: _train(built[n], cache, n, configs[n], device, paths[n], resume, progress) for n in names}
+    done = dict.fromkeys(names, 0)
+    bar = tqdm(total=sum(configs[n].steps for n in names), desc=f"INNs for {len(names)} layers ({workers} at a time)",
+               disable=not progress, leave=False)
+    lock = threading.Lock()
+
+    def task_for(name: str) -> Callable[[Callable[[], None]], ConditionalINN]:
+        def task(check: Callable[[], None]) -> ConditionalINN:
+            def after_step(step: int, module: nn.Module) -> None:
+                with lock:
+                    done[name] = step
+                    bar.n = sum(done.values())
+                    if step % 10 == 0:
+                        bar.refresh()
+                check()
+            return _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step)
+        return task
+
+    try:
+        results = run_concurrently([task_for(n) for n in names], workers)
+    finally:
+        bar.close()
+    return dict(zip(names, results))
 
 
 def _tail_mean(history: Sequence[float], n: int = 100) -> float:
@@ -164,6 +212,7 @@ def fit_invariances(
     progress: bool = True,
     layer_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
     memmap: bool = False,
+    workers: Optional[int] = None,
     **overrides: Any,
 ) -> Union[ConditionalINN, Dict[str, ConditionalINN]]:
     """Fit the conditional INN ``t(z̄ | Φ(x))`` of one or several hooked layers.
@@ -189,6 +238,12 @@ def fit_invariances(
         memmap: Keep the feature cache on disk (``checkpoint_dir/features/``, or a temporary
             folder without ``checkpoint_dir``) and read minibatches from it, so memory does not
             grow with the dataset (see :func:`~captum_inn.training.cache.cache_features`).
+        workers: How many layers' INNs train at the same time, each on an equal share of torch's
+            CPU threads. ``None``: on the CPU, as many as there are layers and threads (an INN step
+            is many small ops that leave a second core idle; several fits side by side finish
+            sooner); one at a time on accelerators and under ``torchrun``. Each fit computes the
+            same either way; only the thread count differs, which changes floating-point rounding
+            (over thousands of steps: a different, equally good fit).
         **overrides: Fields of :class:`InvarianceConfig`.
 
     Returns:
@@ -207,6 +262,8 @@ def fit_invariances(
         (['1', '3'], [10])
     """
     config = InvarianceConfig(**{**asdict(config or InvarianceConfig()), **overrides})
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"`workers` must be a positive int (or None for automatic), got {workers!r}.")
     single = not isinstance(layers, (list, tuple))
     layer_list = [layers] if single else list(layers)
     from captum_inn.capture import resolve_layer
@@ -226,11 +283,9 @@ def fit_invariances(
         if len(cache) < 2:
             raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}.")
         device = torch.device(device)
-        inns = {}
-        for name in names:
-            path = str(Path(checkpoint_dir) / checkpoint_name(name)) if checkpoint_dir else None
-            layer_config = InvarianceConfig(**{**asdict(config), **layer_overrides.get(name, {})})
-            inns[name] = _train_one(cache, name, layer_config, device, path, resume, progress)
+        configs = {n: InvarianceConfig(**{**asdict(config), **layer_overrides.get(n, {})}) for n in names}
+        inns = _fit_layers(cache, names, configs, device, checkpoint_dir, resume, progress,
+                           _auto_workers(workers, len(names), device))
     return inns[names[0]] if single else inns
 
 

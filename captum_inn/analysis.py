@@ -66,7 +66,9 @@ class AdversarialViews:
             decoded with the clean image's invariances.
         judged: ``{layer: (N,)}`` the judge's class for each view.
         summary: ``{layer: {"judged_adversarial": share, "judged_original": share}}`` over the
-            fooled images (``nan`` when none was fooled), plus ``"fooled_rate"`` and ``"n_fooled"``.
+            fooled images (``nan`` when none was fooled), plus ``"fooled_rate"``, ``"n_fooled"`` and
+            ``"judge_on_attacked"`` (the share of fooled attacked images the judge itself reads as
+            their true class: well below its clean accuracy means the attack transfers to the judge).
 
     Examples::
 
@@ -177,6 +179,11 @@ def adversarial_views(
                 }
             else:
                 summary[layer] = {"judged_adversarial": float("nan"), "judged_original": float("nan")}
+        # the judge on the attacked images themselves: a judge the attack transfers to would mix
+        # what a layer sees with what the judge sees
+        judged_attack = _predict(judge, adversarial, batch)
+    summary["judge_on_attacked"] = (float((judged_attack[fooled] == labels[fooled]).float().mean()) if fooled.any()
+                                    else float("nan"))
     summary["fooled_rate"] = float(fooled.float().mean())
     summary["n_fooled"] = int(fooled.sum())
     return AdversarialViews(images, adversarial, labels, clean_pred, adv_pred, fooled, views, judged, summary)

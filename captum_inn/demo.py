@@ -1,7 +1,7 @@
 """The main job (``captum-inn demo``): what does each layer of a CNN ignore?
 
-On ColorDigits (digits with random foreground and background colours) it trains a small CNN, a
-second independently trained CNN as a judge, the autoencoder and one conditional INN per layer for
+On ColorDigits (digits with random foreground and background colours) it trains a small CNN, an
+independently trained judge that reads the digit's shape (:class:`~captum_inn.models.ShapeCNN`), the autoencoder and one conditional INN per layer for
 four layers (early conv, late conv, fully connected, logits) from one pass over the data; then
 measures the invariances on held-out images. Its concepts section fits the factor INN on the
 autoencoder code (digit, foreground colour, background colour), edits images concept by concept,
@@ -11,7 +11,6 @@ It writes a report folder: ``index.html``, PNG figures and ``metrics.json``.
 
 from __future__ import annotations
 
-import copy
 import html
 import json
 import time
@@ -32,7 +31,7 @@ from captum_inn.metrics import (
     reencode_similarity,
     variance_explained_by_v,
 )
-from captum_inn.models import SmallCNN
+from captum_inn.models import ShapeCNN, SmallCNN
 from captum_inn.training import (
     cache_features,
     estimate_factor_sizes,
@@ -297,19 +296,17 @@ def run_demo(
     cnn = fit_classifier(SmallCNN(width=settings.cnn_width), train, steps=settings.cnn_steps, seed=seed,
                          device=device, augment=Jitter(2, settings.cnn_noise, seed=seed), progress=progress,
                          callback=snapshots)
+    # The judge reads the digit's shape from colour distances (ShapeCNN): colour edits are judged
+    # by the shape they leave, and the FGSM perturbation aimed at the CNN's colour channels does
+    # not carry over to it (a colour CNN judge, even fine-tuned on FGSM attacks of itself, was
+    # fooled by 28% of the attacked images: a transfer attack, measured).
     torch.manual_seed(seed + 1000)
-    judge = fit_classifier(SmallCNN(width=24), train, steps=settings.judge_steps, seed=seed + 1000, device=device,
+    judge = fit_classifier(ShapeCNN(width=24), train, steps=settings.judge_steps, seed=seed + 1000, device=device,
                            augment=Jitter(2, settings.cnn_noise, seed=seed + 1000), progress=progress)
-    # The FGSM section's judge: the judge fine-tuned on FGSM attacks of itself. A judge trained
-    # like the CNN is fooled by the same perturbation (a transfer attack: 30% of the attacked
-    # images, measured), which would mix what a layer sees with what the judge sees.
-    robust_judge = fit_classifier(copy.deepcopy(judge), train, steps=settings.judge_steps, lr=3e-4,
-                                  seed=seed + 1001, device=device, progress=progress,
-                                  augment=Jitter(2, settings.cnn_noise, seed=seed + 1001),
-                                  adversarial_epsilon=settings.fgsm_epsilon)
-    for name, net in (("cnn", cnn), ("judge", judge), ("robust_judge", robust_judge)):
-        save_checkpoint(out / "checkpoints" / f"{name}.safetensors", module_tensors(net),
-                        {"kind": "classifier", "config": {"class": "SmallCNN", "width": net.conv1.out_channels}})
+    save_checkpoint(out / "checkpoints" / "cnn.safetensors", module_tensors(cnn),
+                    {"kind": "classifier", "config": {"class": "SmallCNN", "width": cnn.conv1.out_channels}})
+    save_checkpoint(out / "checkpoints" / "judge.safetensors", module_tensors(judge),
+                    {"kind": "classifier", "config": {"class": "ShapeCNN", "width": judge.cnn.conv1.out_channels}})
     cnn_acc = accuracy(cnn, x_eval, test.digits[:n_eval])
     judge_acc = accuracy(judge, x_eval, test.digits[:n_eval])
     timed("classifiers", t0)
@@ -384,10 +381,8 @@ def run_demo(
 
     t0 = time.perf_counter()
     _stage(f"FGSM (epsilon {settings.fgsm_epsilon}): what each layer sees in the attack, judged", start)
-    attack = adversarial_views(cnn, explainers, x_eval, test.digits[:n_eval], robust_judge,
-                               epsilon=settings.fgsm_epsilon)
-    adversarial = {"epsilon": settings.fgsm_epsilon, "robust_judge_test_accuracy": accuracy(robust_judge, x_eval,
-                                                                                              test.digits[:n_eval]),
+    attack = adversarial_views(cnn, explainers, x_eval, test.digits[:n_eval], judge, epsilon=settings.fgsm_epsilon)
+    adversarial = {"epsilon": settings.fgsm_epsilon, "judge_on_attacked_images": attack.summary["judge_on_attacked"],
                    "fooled_rate": attack.summary["fooled_rate"],
                    "n_fooled": attack.summary["n_fooled"], "layers": {n: attack.summary[n] for n in LAYERS}}
     _stage("  fooled {:.3f}; ".format(adversarial["fooled_rate"]) + ", ".join(
@@ -671,9 +666,9 @@ foreground and background colours from the invariances v or from the activation 
 <p>FGSM (epsilon {metrics['adversarial']['epsilon']}) fools the CNN on
 {metrics['adversarial']['fooled_rate']:.1%} of the held-out images. For each fooled image, each
 layer's representation of the attacked image is decoded with the clean image's invariances, and an
-independent judge names the digit it shows (the judge fine-tuned on FGSM attacks of itself, so that
-it reads the digit's shape rather than the attack's pixel pattern; held-out accuracy
-{metrics['adversarial']['robust_judge_test_accuracy']:.3f}):</p>
+independent judge names the digit it shows. The judge reads the digit's shape from colour
+distances, so the attack's pixel pattern, aimed at the CNN, barely moves it: it names the true digit
+of {metrics['adversarial']['judge_on_attacked_images']:.1%} of the attacked images themselves.</p>
 <table><tr><th>layer</th><th>judged as the adversarial class</th><th>judged as the original class</th></tr>
 {"".join(f"<tr><td>{html.escape(n)}</td><td>{v['judged_adversarial']:.3f}</td><td>{v['judged_original']:.3f}</td></tr>"
          for n, v in metrics['adversarial']['layers'].items())}</table>

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from captum_inn.capture import capture, eval_mode
 from captum_inn.inn import ConditionalINN
 
-__all__ = ["prediction_agreement", "reencode_similarity", "variance_explained_by_v", "probe_r2", "estimate_colours"]
+__all__ = ["prediction_agreement", "reencode_similarity", "variance_explained_by_v", "probe_r2", "estimate_colours",
+           "border_colour"]
 
 
 def _predict(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
@@ -259,6 +260,30 @@ def probe_r2(
 
 
 @torch.no_grad()
+def border_colour(images: Tensor, border: int = 2) -> Tensor:
+    """The median colour of each image's ``border``-pixel frame: the background of centred objects.
+
+    Args:
+        images: ``(N, C, H, W)``.
+        border: Width of the frame.
+
+    Returns:
+        ``(N, C)``.
+
+    Examples::
+
+        >>> images = torch.zeros(1, 3, 8, 8); images[:, 0] = 1.0; images[:, :, 3:5, 3:5] = 0.5
+        >>> border_colour(images).tolist()
+        [[1.0, 0.0, 0.0]]
+    """
+    if images.dim() != 4 or not 0 < border <= min(images.shape[2:]) // 2:
+        raise ValueError(f"`images` must be (N, C, H, W) at least 2·`border` pixels wide, got {tuple(images.shape)} "
+                         f"and border={border}.")
+    frame = torch.cat([images[:, :, :border].flatten(2), images[:, :, -border:].flatten(2),
+                       images[:, :, :, :border].flatten(2), images[:, :, :, -border:].flatten(2)], dim=2)
+    return frame.median(dim=2).values
+
+
 def estimate_colours(images: Tensor, border: int = 2, fraction: float = 0.1) -> Tuple[Tensor, Tensor]:
     """Foreground and background colours of two-colour images such as ColorDigits and their edits.
 
@@ -285,9 +310,7 @@ def estimate_colours(images: Tensor, border: int = 2, fraction: float = 0.1) -> 
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"`images` must have shape (N, 3, H, W), got {tuple(images.shape)}.")
-    frame = torch.cat([images[:, :, :border].flatten(2), images[:, :, -border:].flatten(2),
-                       images[:, :, :, :border].flatten(2), images[:, :, :, -border:].flatten(2)], dim=2)
-    background = frame.median(dim=2).values
+    background = border_colour(images, border)
     distance = (images - background[:, :, None, None]).norm(dim=1).flatten(1)
     k = max(1, int(distance.shape[1] * fraction))
     index = distance.topk(k, dim=1).indices

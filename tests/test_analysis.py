@@ -126,9 +126,12 @@ def test_views_and_verdicts(attacked, setup):
         assert torch.equal(attacked.judged[layer], _predict(judge, attacked.views[layer]))
 
 
-def test_summary(attacked):
+def test_summary(attacked, setup):
     fooled = attacked.fooled
-    assert set(attacked.summary) == {*LAYERS, "fooled_rate", "n_fooled"}
+    assert set(attacked.summary) == {*LAYERS, "fooled_rate", "n_fooled", "judge_on_attacked"}
+    judged_attack = _predict(setup[1], attacked.adversarial)
+    assert attacked.summary["judge_on_attacked"] == pytest.approx(
+        float((judged_attack[fooled] == attacked.labels[fooled]).float().mean()))
     assert attacked.summary["n_fooled"] == int(fooled.sum())
     assert attacked.summary["fooled_rate"] == pytest.approx(float(fooled.float().mean()))
     for layer in LAYERS:

@@ -102,3 +102,32 @@ def test_estimate_colours_reads_colordigits():
     assert (fg - test.foreground[:300]).norm(dim=1).median() < 0.15
     with pytest.raises(ValueError, match="N, 3, H, W"):
         estimate_colours(torch.rand(2, 1, 8, 8))
+
+
+def test_border_colour_is_the_frame_median():
+    from captum_inn.metrics import border_colour
+
+    images = torch.rand(3, 3, 16, 16)
+    images[:, :, :2] = images[:, :, -2:] = images[:, :, :, :2] = images[:, :, :, -2:] = 0.25
+    images[0, :, 0, :5] = 0.9  # a few odd frame pixels do not move the median
+    assert torch.allclose(border_colour(images), torch.full((3, 3), 0.25))
+    with pytest.raises(ValueError, match="border"):
+        border_colour(images, border=9)
+
+
+def test_shape_cnn_reads_the_same_map_whatever_the_colours():
+    from captum_inn.datasets import colour_digits
+    from captum_inn.models import ShapeCNN
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(8, 32, 32, generator=gen)
+    masks[:, :4] = masks[:, -4:] = masks[:, :, :4] = masks[:, :, -4:] = 0  # centred strokes
+    masks[:, 16, 16] = 1
+    colours = [torch.rand(8, 3, generator=gen) for _ in range(2)]
+    a = colour_digits(masks, colours[0], (colours[0] + 0.5) % 1.0)
+    b = colour_digits(masks, colours[1], (colours[1] + 0.5) % 1.0)
+    judge = ShapeCNN(width=4).eval()
+    # each pixel's distance to the background over the largest: the mask itself, for any colours
+    assert torch.allclose(judge.shape_map(a)[:, 0], masks, atol=1e-3)
+    assert torch.allclose(judge(a), judge(b), atol=1e-3)
+    assert not torch.allclose(judge(a), judge(colour_digits(masks.flip(1), colours[0], (colours[0] + 0.5) % 1.0)))

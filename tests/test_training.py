@@ -317,16 +317,6 @@ def test_divergence_stops_with_a_clear_error(images, autoencoder, tmp_path):
                         **{**TINY, "lr": float("inf")})
 
 
-def test_fused_adam_only_for_parameters_in_the_default_layout():
-    from captum_inn.training.loop import make_adam
-
-    assert make_adam(SmallCNN(width=4).parameters(), lr=1e-3).defaults["fused"]
-    assert not make_adam(SmallCNN(width=4).parameters(), lr=1e-3, fused=False).defaults["fused"]
-    # channels-last weights: the fused kernel would pair their elements with another layout's
-    assert not make_adam(ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).parameters(), lr=1e-3).defaults["fused"]
-    assert make_adam(SmallCNN(width=4).parameters(), lr=1e-3, weight_decay=0.1).defaults["weight_decay"] == 0.1
-
-
 def test_restored_adam_moments_take_their_parameters_memory_layout():
     from captum_inn.training.checkpoint import load_optimizer, optimizer_tensors
 

@@ -184,8 +184,9 @@ def load_optimizer(
             state.setdefault(int(pid), {})[key] = value
     for pid, scalars in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(scalars)
-    # Moments in their parameter's memory layout (channels-last convolutions): the fused Adam
-    # kernel walks parameter, gradient and moments in memory order and assumes one layout.
+    # Moments in their parameter's memory layout (channels-last convolutions), not the file's
+    # contiguous one: Adam's update then pairs like with like without copies, and PyTorch's fused
+    # Adam kernel, which walks memory in order, would pair the wrong elements otherwise.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for pid, pstate in state.items():
         param = params[pid] if 0 <= pid < len(params) else None

@@ -451,7 +451,7 @@ def fit_concepts(
     history = train_loop(
         inn, loss_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed,
         checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta,
-        progress=progress, desc="concept INN", fused=True,
+        progress=progress, desc="concept INN",
     )
     tail = history[-100:]
     with torch.no_grad():  # each factor's spread over the data, the reference of LayerConcepts.encoded

@@ -146,7 +146,7 @@ def _train(
     history = train_loop(
         inn, loss_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed, checkpoint=checkpoint,
         checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
-        desc=f"INN {name}", callback=callback, fused=True,
+        desc=f"INN {name}", callback=callback,
     )
     inn.fit_info = {**fit_info, "steps": config.steps, "final_nll_per_dim": _tail_mean(history)}
     inn.history = history

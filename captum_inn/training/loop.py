@@ -7,7 +7,7 @@ import threading
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -63,47 +63,6 @@ def resume_key(config: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _RESUMABLE}
 
 
-def make_adam(params: Iterable[Tensor], lr: float, betas: tuple = (0.9, 0.999),
-              weight_decay: float = 0.0, fused: bool = True) -> torch.optim.Optimizer:
-    """Adam (AdamW with ``weight_decay``), in its fused single-kernel form where it applies (``fused``).
-
-    The default Adam on the CPU updates each parameter tensor with a chain of small ops; a flow
-    has over a hundred of them, and the fused kernel makes an INN training step about 13% faster
-    (3.8 ms → 1.1 ms per step for the benchmark's 2.4M-parameter INN). The arithmetic is Adam's.
-
-    Args:
-        params: The parameters to optimise.
-        lr: Learning rate.
-        betas: Adam betas.
-        weight_decay: Decoupled weight decay; 0 gives plain Adam.
-        fused: ``False`` always gives the per-tensor kernel.
-
-    Returns:
-        The optimiser.
-
-    Examples::
-
-        >>> make_adam(nn.Linear(3, 1).parameters(), lr=1e-3).defaults["lr"]
-        0.001
-    """
-    params = list(params)
-    # Only for parameters in the default layout: the fused kernel walks parameter, gradient and
-    # moments in memory order, so a channels-last weight whose moments or gradient come in
-    # another layout is updated wrongly (measured: 0.59 off after three steps). The autoencoder's
-    # channels-last convolutions keep the per-tensor Adam.
-    fusable = fused and bool(params) and all(
-        p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
-        and not p.is_sparse and p.is_contiguous() for p in params)
-    kind = torch.optim.AdamW if weight_decay else torch.optim.Adam
-    extra = {"weight_decay": weight_decay} if weight_decay else {}
-    if fusable:
-        try:
-            return kind(params, lr=lr, betas=betas, fused=True, **extra)
-        except (RuntimeError, ValueError):  # a build without the fused kernel for this device
-            pass
-    return kind(params, lr=lr, betas=betas, **extra)
-
-
 def train_loop(
     module: nn.Module,
     loss_fn: Callable[[torch.Generator], Tensor],
@@ -122,7 +81,6 @@ def train_loop(
     desc: str = "fit",
     weight_decay: float = 0.0,
     callback: Optional[Callable[[int, nn.Module], None]] = None,
-    fused: bool = False,
 ) -> List[float]:
     """Minimise ``loss_fn`` over ``module``'s parameters for ``steps`` Adam steps.
 
@@ -155,9 +113,6 @@ def train_loop(
         weight_decay: Decoupled weight decay (AdamW); 0 gives plain Adam.
         callback: ``callback(step, module)`` after every step (``step`` counts completed steps),
             e.g. to keep snapshots of a model over its training.
-        fused: Use the fused Adam kernel where it applies (:func:`make_adam`). The INN fits do: a
-            flow has over a hundred small parameter tensors. Same maths, other rounding, so a
-            fit's trajectory differs from the per-tensor kernel's after many steps.
 
     Returns:
         The loss of every step (including those of the run that was resumed).
@@ -181,7 +136,8 @@ def train_loop(
     meta = dict(meta or {"kind": "module", "config": {}})
     rank, n_ranks = world()
     generator = torch.Generator().manual_seed(int(seed) + _RANK_SEED_STRIDE * rank)
-    optimizer = make_adam(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+    optimizer = (torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay) if weight_decay
+                 else torch.optim.Adam(module.parameters(), lr=lr, betas=betas))
     start, history = 0, []
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -93,6 +93,11 @@ class PhotoDemoSettings:
     inn_conv_max_width: int = 64
     inn_embed_dim: int = 128
     inn_lr: float = 2e-3
+    #: layer4 (512 channels at 2×2) needs a wider first embedder convolution than the default 32
+    #: channels: with 128 its held-out re-encoding beat the random-pair q99 for 0.826/0.802/0.823 of
+    #: samples over seeds 0/1/2, against 0.813/0.761/0.779 (the other layers already reach 1.000).
+    inn_layer_overrides: Dict[str, Dict[str, Any]] = field(
+        default_factory=lambda: {"layer4": {"conv_width": 128, "conv_max_width": 128}})
     n_samples: int = 10
     n_figures: int = 6
 
@@ -236,7 +241,8 @@ def run_photo_demo(
     inns = fit_invariances(model, list(PHOTO_LAYERS), cache=cache, device=device, steps=settings.inn_steps,
                            n_blocks=settings.inn_blocks, hidden=settings.inn_hidden, lr=settings.inn_lr,
                            conv_max_width=settings.inn_conv_max_width, embed_dim=settings.inn_embed_dim,
-                           schedule="cosine", seed=seed, progress=progress)
+                           layer_overrides=settings.inn_layer_overrides, schedule="cosine", seed=seed,
+                           progress=progress)
     for name, inn in inns.items():
         save_invariance_inn(str(out / "checkpoints" / f"invariance_{name}.safetensors"), inn)
     timings["invariance_inns"] = round(time.perf_counter() - t0, 1)

@@ -93,10 +93,8 @@ class PhotoDemoSettings:
     inn_conv_max_width: int = 64
     inn_embed_dim: int = 128
     inn_lr: float = 2e-3
-    #: layer4 (512 channels at 2×2) needs a wider first embedder convolution than the default 32
-    #: channels: with 128 its held-out re-encoding beat the random-pair q99 for 0.826/0.802/0.823 of
-    #: samples over INN seeds 0/1/2 (same ResNet and autoencoder), against 0.813/0.761/0.779 (the
-    #: other layers already reach 1.000).
+    #: layer4's 512 channels need a wider first embedder convolution than the default 32: its
+    #: re-encoding bound otherwise holds on one INN seed in three (figures in docs/pitfalls.rst).
     inn_layer_overrides: Dict[str, Dict[str, Any]] = field(
         default_factory=lambda: {"layer4": {"conv_width": 128, "conv_max_width": 128}})
     n_samples: int = 10

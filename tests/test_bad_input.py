@@ -18,6 +18,7 @@ from captum_inn.inn import ActNorm, ConditionalINN, FactorINN
 from captum_inn.metrics import prediction_agreement, reencode_similarity
 from captum_inn.models import SmallCNN
 from captum_inn.training import (
+    InvarianceConfig,
     LayerRepresentation,
     cache_features,
     estimate_factor_sizes,
@@ -105,6 +106,13 @@ def _cases():
         ("metric samples with NaN", lambda m, ae, inn, e: prediction_agreement(m, X, X[:, None] * float("nan")), ValueError, "`samples` contains NaN"),
         ("fit without data or cache", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", steps=1, progress=False), ValueError, "`autoencoder` and `data`"),
         ("layer_overrides for a layer not fitted", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, progress=False, layer_overrides={"cnn.fc": {}}), ValueError, "layer_overrides"),
+        ("float batch size", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, batch_size=8.0, progress=False), TypeError, "`batch_size` must be an int, got 8.0"),
+        ("negative steps", lambda m, ae, inn, e: fit_concepts(ae, [ColorDigits("test").concept("digit")], steps=-5, pool_size=4, progress=False), ValueError, "`steps` must be >= 1, got -5"),
+        ("zero learning rate", lambda m, ae, inn, e: fit_autoencoder(X, latent_dim=4, steps=1, lr=0.0, progress=False), ValueError, "`lr` must be > 0"),
+        ("NaN noise level", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, code_noise=float("nan"), progress=False), ValueError, "`code_noise` must be finite"),
+        ("misspelt setting", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, stpes=1, progress=False), TypeError, "did you mean 'steps'"),
+        ("bad setting in layer_overrides", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, progress=False, layer_overrides={"cnn.logits": {"hidden": 0}}), ValueError, "`hidden` must be >= 1"),
+        ("config of another fit", lambda m, ae, inn, e: fit_autoencoder(X, latent_dim=4, config=InvarianceConfig(), progress=False), TypeError, "`config` must be an instance of AutoencoderConfig"),
         ("re-encoding with one original", lambda m, ae, inn, e: reencode_similarity(m, "cnn.fc", X[:1], X[:1, None]), ValueError, "at least 2"),
         ("agreement with mismatched samples", lambda m, ae, inn, e: prediction_agreement(m, X, X[:2, None]), ValueError, r"`samples` must have shape \(N, S"),
     ]

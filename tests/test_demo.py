@@ -94,3 +94,14 @@ def test_cli_selfcheck_and_version(capsys):
     assert result.returncode == 0 and __version__ in result.stdout
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+
+
+def test_layer_steps_factor_scales_inn_steps(report):
+    from captum_inn.demo import _layer_overrides
+    from captum_inn.training import load_checkpoint
+
+    resolved = _layer_overrides(DemoSettings.quick())
+    assert resolved["logits"]["steps"] == 800 and "steps_factor" not in resolved["logits"]
+    checkpoints = report.parent / "checkpoints"
+    steps = {n: load_checkpoint(str(checkpoints / f"invariance_{n}.safetensors"))[1]["fit_info"]["steps"] for n in ("fc", "logits")}
+    assert steps == {"fc": TINY.inn_steps, "logits": round(TINY.inn_steps * 4 / 3)}

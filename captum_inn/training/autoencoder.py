@@ -13,7 +13,7 @@ from captum_inn.capture import LayerHooks
 from captum_inn.training.checkpoint import load_checkpoint, strip_prefix
 from captum_inn.training.data import iter_image_batches
 from captum_inn.training.distributed import local_batch_size, shard_data, world
-from captum_inn.training.loop import resume_key, train_loop
+from captum_inn.training.loop import merged_config, resume_key, train_loop
 
 __all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "images_as_tensor"]
 
@@ -131,9 +131,9 @@ def fit_autoencoder(
         >>> ae.encode(torch.rand(2, 3, 8, 8)).mean.shape
         torch.Size([2, 4])
     """
-    config = AutoencoderConfig(**{**asdict(config or AutoencoderConfig()), **overrides})
     if latent_dim is not None:
-        config.latent_dim = int(latent_dim)
+        overrides["latent_dim"] = latent_dim
+    config = merged_config(AutoencoderConfig, config, overrides)
     world(device)  # joins torchrun's process group, if any, before the data is sharded
     images = images_as_tensor(data)
     if images.dim() != 4 or images.shape[0] < 2:

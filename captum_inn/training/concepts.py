@@ -35,7 +35,7 @@ from captum_inn.training.checkpoint import (
     strip_prefix,
 )
 from captum_inn.training.distributed import gather_rows, local_batch_size, world
-from captum_inn.training.loop import resume_key, train_loop
+from captum_inn.training.loop import merged_config, resume_key, train_loop
 
 __all__ = [
     "ConceptConfig",
@@ -387,7 +387,7 @@ def fit_concepts(
         >>> e.factor_names, e.fit_info["representation"]["kind"]
         (['parity', 'residual'], 'layer')
     """
-    config = ConceptConfig(**{**asdict(config or ConceptConfig()), **overrides})
+    config = merged_config(ConceptConfig, config, overrides)
     if not 0.0 < config.rho < 1.0:
         raise ValueError(f"`rho` must lie strictly between 0 and 1, got {config.rho}.")
     concept_list = as_concepts(concepts)

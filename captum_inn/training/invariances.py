@@ -26,7 +26,7 @@ from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
 from captum_inn.training.distributed import local_batch_size, shard_data, world
-from captum_inn.training.loop import resume_key, run_concurrently, train_loop
+from captum_inn.training.loop import merged_config, resume_key, run_concurrently, train_loop
 
 __all__ = [
     "InvarianceConfig",
@@ -261,7 +261,7 @@ def fit_invariances(
         >>> sorted(inns), inns["3"].fit_info["layer_shape"]
         (['1', '3'], [10])
     """
-    config = InvarianceConfig(**{**asdict(config or InvarianceConfig()), **overrides})
+    config = merged_config(InvarianceConfig, config, overrides)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"`workers` must be a positive int (or None for automatic), got {workers!r}.")
     single = not isinstance(layers, (list, tuple))
@@ -283,7 +283,7 @@ def fit_invariances(
         if len(cache) < 2:
             raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}.")
         device = torch.device(device)
-        configs = {n: InvarianceConfig(**{**asdict(config), **layer_overrides.get(n, {})}) for n in names}
+        configs = {n: merged_config(InvarianceConfig, config, layer_overrides.get(n, {})) for n in names}
         inns = _fit_layers(cache, names, configs, device, checkpoint_dir, resume, progress,
                            _auto_workers(workers, len(names), device))
     return inns[names[0]] if single else inns

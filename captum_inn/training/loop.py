@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import threading
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +32,78 @@ from captum_inn.training.distributed import (
     world,
 )
 
-__all__ = ["train_loop", "resume_key"]
+__all__ = ["train_loop", "resume_key", "merged_config"]
 
 # Settings that may change between a fit and its resumption (train longer, save more often).
 _RESUMABLE = ("steps", "checkpoint_every")
+
+
+# Range rules of the numeric settings shared by the ``*Config`` classes; every other int must be
+# >= 1 (sizes, counts, steps) and every other float >= 0 (noise levels, loss weights).
+_ANY_INT = ("seed",)
+_POSITIVE_FLOATS = ("lr", "clamp")
+
+_Config = TypeVar("_Config")
+
+
+def merged_config(cls: Type[_Config], config: Optional[_Config], overrides: Mapping[str, Any]) -> _Config:
+    """``config`` (or ``cls()``) with ``overrides`` applied, every numeric setting checked.
+
+    Args:
+        cls: A settings dataclass such as :class:`~captum_inn.training.InvarianceConfig`.
+        config: Base settings, or ``None`` for the defaults.
+        overrides: Field values that replace the base ones (the ``**overrides`` of a ``fit_*``).
+
+    Returns:
+        A new ``cls`` instance.
+
+    Raises:
+        TypeError: an unknown setting, or a value of the wrong type (``batch_size=64.0``).
+        ValueError: a value out of range (``steps=0``, ``lr=-1``, ``code_noise=nan``).
+
+    Examples::
+
+        >>> from captum_inn.training import InvarianceConfig
+        >>> merged_config(InvarianceConfig, None, {"steps": 50}).steps
+        50
+        >>> merged_config(InvarianceConfig, None, {"stpes": 50})
+        Traceback (most recent call last):
+        ...
+        TypeError: Unknown setting 'stpes' for InvarianceConfig (did you mean 'steps'?).
+    """
+    base = cls() if config is None else config
+    if not isinstance(base, cls):
+        raise TypeError(f"`config` must be an instance of {cls.__name__}, got {type(base).__name__}.")
+    names = [f.name for f in fields(cls)]
+    for key in overrides:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid settings: {', '.join(names)}"
+            raise TypeError(f"Unknown setting {key!r} for {cls.__name__} ({hint}).")
+    merged, defaults = replace(base, **overrides), cls()
+    for f in fields(cls):
+        _check_setting(f.name, getattr(merged, f.name), getattr(defaults, f.name))
+    return merged
+
+
+def _check_setting(name: str, value: Any, default: Any) -> None:
+    """Raise if a numeric setting has another type than its default or lies out of range."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
+        if name not in _ANY_INT and value < 1:
+            raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    if name in _POSITIVE_FLOATS and value <= 0:
+        raise ValueError(f"`{name}` must be > 0, got {value}.")
+    if value < 0:
+        raise ValueError(f"`{name}` must be >= 0, got {value}.")
 
 
 # Rank r's minibatch generator is seeded with seed + stride · r (rank 0: the single-process seed).

@@ -20,6 +20,7 @@ from captum_inn.models import SmallCNN
 from captum_inn.training import (
     CheckpointError,
     FeatureCache,
+    InvarianceConfig,
     cache_features,
     fit_autoencoder,
     fit_invariances,
@@ -334,3 +335,13 @@ def test_restored_adam_moments_take_their_parameters_memory_layout():
     assert moments["exp_avg"].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(moments["exp_avg"], optimizer.state[conv.weight]["exp_avg"])
     assert torch.equal(moments["exp_avg_sq"], optimizer.state[conv.weight]["exp_avg_sq"])
+
+
+def test_merged_config_takes_numpy_scalars_as_plain_numbers():
+    import numpy as np
+
+    from captum_inn.training.loop import merged_config
+
+    config = merged_config(InvarianceConfig, InvarianceConfig(hidden=32), {"steps": np.int64(7), "lr": np.float32(0.5)})
+    assert (config.steps, config.lr, config.hidden) == (7, 0.5, 32)
+    assert type(config.steps) is int and type(config.lr) is float  # JSON-safe in checkpoints

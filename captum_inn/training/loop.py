@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import threading
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -80,23 +81,23 @@ def merged_config(cls: Type[_Config], config: Optional[_Config], overrides: Mapp
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"valid settings: {', '.join(names)}"
             raise TypeError(f"Unknown setting {key!r} for {cls.__name__} ({hint}).")
-    merged, defaults = replace(base, **overrides), cls()
-    for f in fields(cls):
-        _check_setting(f.name, getattr(merged, f.name), getattr(defaults, f.name))
-    return merged
+    defaults = cls()
+    merged = replace(base, **overrides)
+    checked = {f.name: _checked_setting(f.name, getattr(merged, f.name), getattr(defaults, f.name)) for f in fields(cls)}
+    return replace(merged, **checked)
 
 
-def _check_setting(name: str, value: Any, default: Any) -> None:
-    """Raise if a numeric setting has another type than its default or lies out of range."""
+def _checked_setting(name: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of its numeric ``default`` (NumPy scalars included), or an error if out of range."""
     if isinstance(default, bool) or not isinstance(default, (int, float)):
-        return
+        return value
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
         if name not in _ANY_INT and value < 1:
             raise ValueError(f"`{name}` must be >= 1, got {value}.")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite, got {value}.")
@@ -104,6 +105,7 @@ def _check_setting(name: str, value: Any, default: Any) -> None:
         raise ValueError(f"`{name}` must be > 0, got {value}.")
     if value < 0:
         raise ValueError(f"`{name}` must be >= 0, got {value}.")
+    return float(value)
 
 
 # Rank r's minibatch generator is seeded with seed + stride · r (rank 0: the single-process seed).

@@ -1,7 +1,9 @@
-"""Input checks and layer reading shared by the Captum-style classes."""
+"""Input checks (shared by the Captum-style classes, the analyses and the ``fit_*`` functions) and layer reading."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Any, Callable, Optional, Tuple, Union
 
@@ -55,13 +57,30 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
     return inputs_tuple
 
 
+def check_int(value: Any, name: str) -> int:
+    """``value`` as a plain int (NumPy integers included) or a ``TypeError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
+    return int(value)
+
+
 def check_positive_int(value: Any, name: str) -> int:
     """``value`` as an int ``>= 1`` or a ``ValueError``/``TypeError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    value = check_int(value, name)
     if value < 1:
         raise ValueError(f"`{name}` must be >= 1, got {value}.")
     return value
+
+
+def check_number(value: Any, name: str, *, positive: bool = False) -> float:
+    """``value`` as a finite float ``>= 0`` (``> 0`` if ``positive``) or an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"`{name}` must be {'> 0' if positive else '>= 0'}, got {value}.")
+    return float(value)
 
 
 def resolve_model_layer(forward_func: Callable, layer: Union[str, nn.Module]) -> Tuple[str, nn.Module]:

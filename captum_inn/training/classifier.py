@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from captum_inn.attr._common import check_number, check_positive_int
 from captum_inn.training.loop import train_loop
 
 __all__ = ["fit_classifier", "accuracy", "Jitter"]
@@ -112,6 +113,8 @@ def fit_classifier(
         >>> fit_classifier(model, (x, y), steps=3, progress=False) is model
         True
     """
+    batch_size = check_positive_int(batch_size, "batch_size")
+    adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
     images, labels = _as_labelled(data)
     images, labels = images.to(device), labels.to(device).long()
     if images.is_floating_point() and not torch.isfinite(images).all():

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from captum_inn.attr._common import check_positive_int
+
 __all__ = ["iter_image_batches", "count_images"]
 
 
@@ -71,8 +73,7 @@ def iter_image_batches(
         >>> [b.shape[0] for b in iter_image_batches(torch.rand(10, 3, 4, 4), batch_size=4)]
         [4, 4, 2]
     """
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    batch_size = check_positive_int(batch_size, "batch_size")
     if isinstance(data, Tensor):
         if data.dim() < 2 or data.shape[0] == 0:
             raise ValueError(f"`data` must be a non-empty batch of images (N, C, H, W), got shape {tuple(data.shape)}.")

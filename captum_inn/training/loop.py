@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import numbers
 import threading
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
+from captum_inn.attr._common import check_int, check_number, check_positive_int
 from captum_inn.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -92,20 +92,8 @@ def _checked_setting(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool) or not isinstance(default, (int, float)):
         return value
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
-        if name not in _ANY_INT and value < 1:
-            raise ValueError(f"`{name}` must be >= 1, got {value}.")
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}.")
-    if name in _POSITIVE_FLOATS and value <= 0:
-        raise ValueError(f"`{name}` must be > 0, got {value}.")
-    if value < 0:
-        raise ValueError(f"`{name}` must be >= 0, got {value}.")
-    return float(value)
+        return check_int(value, name) if name in _ANY_INT else check_positive_int(value, name)
+    return check_number(value, name, positive=name in _POSITIVE_FLOATS)
 
 
 # Rank r's minibatch generator is seeded with seed + stride · r (rank 0: the single-process seed).
@@ -205,6 +193,8 @@ def train_loop(
     """
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"`schedule` must be 'constant' or 'cosine', got {schedule!r}.")
+    steps, checkpoint_every = check_positive_int(steps, "steps"), check_positive_int(checkpoint_every, "checkpoint_every")
+    lr, weight_decay = check_number(lr, "lr", positive=True), check_number(weight_decay, "weight_decay")
     meta = dict(meta or {"kind": "module", "config": {}})
     rank, n_ranks = world()
     generator = torch.Generator().manual_seed(int(seed) + _RANK_SEED_STRIDE * rank)
@@ -255,8 +245,8 @@ def train_loop(
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{desc}: the loss became {float(loss.detach())} at step {step}. Lower the learning rate "
-                f"(now {lr}), clamp the coupling scales more strongly (smaller `clamp`), or check the "
-                "inputs for NaN/inf. The last checkpoint was left as it was."
+                f"(now {lr}) or check the inputs for NaN/inf; for an INN, a smaller `clamp` (bound on the "
+                "coupling scales) also helps. The last checkpoint was left as it was."
             )
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(module.parameters(), grad_clip)

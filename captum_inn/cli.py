@@ -75,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     demo.add_argument("--concepts", action="store_true",
-                      help="add the concepts section (work in progress; about 150 s more)")
+                      help="add the concepts section (work in progress; about 140 s more)")
     demo.add_argument("--images", metavar="PATH", default=None,
                       help="run the photo demo instead: a folder with one sub-folder of images per class "
                            "(ImageFolder layout); ResNet-18, Grad-CAM, IG and invariances (about 15 minutes)")

@@ -211,7 +211,7 @@ class DemoSettings:
     #: attacked image itself unlike the training images, so even the early layer's view degrades.
     fgsm_epsilon: float = 0.03
     #: Run the concepts section (work in progress: one of its bounds, the fc factor sizes, is not
-    #: met yet, and it adds about 150 s, so it is opt-in with ``captum-inn demo --concepts``).
+    #: met yet, and it adds about 140 s, so it is opt-in with ``captum-inn demo --concepts``).
     concepts: bool = False
     #: Factor sizes of the concept INN on the 64-d code: each colour is 3-d, the digit image (class
     #: and handwriting) the rest but a 2-d residual (estimated sizes are reported in ``factor_sizes``).

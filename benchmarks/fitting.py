@@ -15,7 +15,7 @@ from typing import Any, Dict
 
 import numpy as np
 import torch
-from measure import alternate, peak_rss_mib, reset_peak, rss_mib, summarise, threads
+from measure import alternate, device, peak_rss_mib, reset_peak, rss_mib, summarise, threads
 
 HERE = Path(__file__).resolve().parent
 INN = dict(n_blocks=8, hidden=256, embed_dim=128, batch_size=128)
@@ -23,7 +23,8 @@ EPOCHS = 5
 
 
 def fit_setup(name: str) -> Dict[str, Any]:
-    """The analysed network, its autoencoder and training images of one benchmark setting."""
+    """The analysed network and its autoencoder (on the benchmark's device) and training images
+    (on the CPU, as a user's dataset is) of one benchmark setting."""
     from captum_inn.autoencoders import ConvAutoencoder
 
     torch.manual_seed(0)
@@ -33,13 +34,15 @@ def fit_setup(name: str) -> Dict[str, Any]:
 
         model = SmallCNN(width=48).eval()
         images = ColorDigits("train", seed=0, recolorings=2).images[:2048]
-        return dict(model=model, ae=ConvAutoencoder((3, 32, 32), latent_dim=64, width=32).eval(), images=images,
+        return dict(model=model.to(device()), ae=ConvAutoencoder((3, 32, 32), latent_dim=64, width=32).eval().to(device()),
+                    images=images,
                     layer="fc", layers=["relu1", "relu3", "fc", "logits"], label="SmallCNN, ColorDigits 32×32")
     import torchvision
 
     model = torchvision.models.resnet18(num_classes=10).eval()
     images = torch.rand(1024, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    return dict(model=model, ae=ConvAutoencoder((3, 64, 64), latent_dim=128, width=32).eval(), images=images,
+    return dict(model=model.to(device()), ae=ConvAutoencoder((3, 64, 64), latent_dim=128, width=32).eval().to(device()),
+                images=images,
                 layer="layer4", layers=["layer1", "layer2", "layer3", "layer4"], label="ResNet-18, 64×64")
 
 
@@ -56,31 +59,33 @@ def _cached_vs_recompute(name: str, repeats: int) -> Dict[str, Any]:
 
     s = fit_setup(name)
     model, ae, images, layer = s["model"], s["ae"], s["images"], s["layer"]
-    steps, batch = _steps(images.shape[0]), INN["batch_size"]
+    steps, batch, dev = _steps(images.shape[0]), INN["batch_size"], device()
     module = resolve_layer(model, layer)[1]
-    cond_shape = cache_features(model, layer, ae, images[:2], progress=False).layer_shape(layer)
+    cond_shape = cache_features(model, layer, ae, images[:2], progress=False, device=dev).layer_shape(layer)
     latent = ae.latent_dim
+    on_device = images.to(dev)  # the baseline's best case: its images wait on the device
 
     def cached() -> None:
-        cache = cache_features(model, layer, ae, images, progress=False)
-        fit_invariances(model, layer, cache=cache, steps=steps, progress=False, **INN)
+        cache = cache_features(model, layer, ae, images, progress=False, device=dev)
+        fit_invariances(model, layer, cache=cache, steps=steps, progress=False, device=dev, **INN)
 
     def recompute() -> None:  # the reference implementation's way: features computed inside every step
-        inn = ConditionalINN(latent, cond_shape, n_blocks=INN["n_blocks"], hidden=INN["hidden"], embed_dim=INN["embed_dim"])
+        inn = ConditionalINN(latent, cond_shape, n_blocks=INN["n_blocks"], hidden=INN["hidden"],
+                             embed_dim=INN["embed_dim"]).to(dev)
         optimizer = torch.optim.Adam(inn.parameters(), lr=5e-4)
         generator = torch.Generator().manual_seed(0)
         for _ in range(steps):
-            x = images[torch.randint(images.shape[0], (batch,), generator=generator)]
+            x = on_device[torch.randint(images.shape[0], (batch,), generator=generator).to(dev)]
             with torch.no_grad():
                 z = layer_activation(model, module, (x,))
                 mean, std = encode_posterior(ae, x)
-            v, logdet = inn(mean + std * torch.randn(mean.shape, generator=generator), z)
+            v, logdet = inn(mean + std * torch.randn(mean.shape, generator=generator).to(dev), z)
             loss = (0.5 * v.pow(2).sum(1) - logdet).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
-    times = alternate({"cached": cached, "recompute": recompute}, repeats, warm_up=False)
+    times = alternate({"cached": cached, "recompute": recompute}, repeats, warm_up=dev.type != "cpu")
     ours, baseline = times["cached"]["median_s"], times["recompute"]["median_s"]
     return {"what": f"{s['label']}: fit_invariances at {layer}, {images.shape[0]} images, {EPOCHS} epochs "
                     f"({steps} steps of {batch}), cache built inside the timing",
@@ -104,25 +109,29 @@ def bench_multi_layer(repeats: int) -> Dict[str, Any]:
     from captum_inn.training import fit_invariances
 
     s = fit_setup("resnet18")
-    model, ae, images = s["model"], s["ae"], s["images"]
+    model, ae, images, dev = s["model"], s["ae"], s["images"], device()
     steps = _steps(images.shape[0])
 
     def fit(layers, workers=None):
-        return lambda: fit_invariances(model, layers, ae, images, steps=steps, progress=False, workers=workers, **INN)
+        return lambda: fit_invariances(model, layers, ae, images, steps=steps, progress=False, workers=workers,
+                                       device=dev, **INN)
 
-    # the default trains the four INNs side by side; one after another is recorded beside it
-    times = alternate({"four_layers": fit(s["layers"]), "one_layer": fit(s["layer"]),
-                       "four_layers_one_at_a_time": fit(s["layers"], workers=1)}, repeats, warm_up=False)
+    # on the CPU the default trains the four INNs side by side; one after another is recorded beside
+    # it (on a GPU the default is one after another already)
+    fits = {"four_layers": fit(s["layers"]), "one_layer": fit(s["layer"])}
+    if dev.type == "cpu":
+        fits["four_layers_one_at_a_time"] = fit(s["layers"], workers=1)
+    times = alternate(fits, repeats, warm_up=dev.type != "cpu")  # on a GPU, the first call pays for cuDNN's set-up
     from captum_inn.training import cache_features
 
     start = time.perf_counter()
-    cache_features(model, s["layers"], ae, images, progress=False)
+    cache_features(model, s["layers"], ae, images, progress=False, device=dev)
     pass_s = time.perf_counter() - start
     ours, baseline = times["four_layers"]["median_s"], times["one_layer"]["median_s"]
     return {"what": f"{s['label']}: fit_invariances for {s['layers']} from one pass vs for {s['layer']} alone, "
                     f"{images.shape[0]} images, {steps} steps per layer ({EPOCHS} epochs)",
             "ours_median_s": ours, "baseline_median_s": baseline, "ratio": ours / baseline,
-            "ratio_one_at_a_time": times["four_layers_one_at_a_time"]["median_s"] / baseline,
+            "ratio_one_at_a_time": times.get("four_layers_one_at_a_time", times["four_layers"])["median_s"] / baseline,
             "network_pass_s": pass_s, "times": times}
 
 
@@ -143,9 +152,10 @@ def _memory_probe_main(images_path: str, mode: str) -> None:
 
     torch.set_num_threads(threads())
     torch.manual_seed(0)
-    model, ae = SmallCNN(width=48).eval(), ConvAutoencoder((3, 32, 32), latent_dim=64, width=32).eval()
+    dev = device()
+    model, ae = SmallCNN(width=48).eval().to(dev), ConvAutoencoder((3, 32, 32), latent_dim=64, width=32).eval().to(dev)
     images = DiskArray(images_path)  # read on demand: the dataset is not in memory either
-    settings = dict(steps=100, progress=False, **INN)
+    settings = dict(steps=100, progress=False, device=dev, **INN)
     with tempfile.TemporaryDirectory() as warm:  # warm-up on a few images: thread pools, allocator
         fit_invariances(model, ["relu3", "fc"], ae, images[:256], memmap=True, checkpoint_dir=warm, **{**settings, "steps": 2})
     reset_peak()
@@ -212,8 +222,12 @@ def _ddp_worker_main(folder: str) -> None:
     torch.manual_seed(0)
     model, ae = SmallCNN(width=48).eval(), ConvAutoencoder((3, 32, 32), latent_dim=64, width=32).eval()
     images = ColorDigits("train", seed=0, recolorings=2).images[:2048]
+    dev = device()
+    if dev.type == "cuda":  # one GPU per process
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        model, ae = model.to(dev), ae.to(dev)
     start = time.perf_counter()
-    inns = fit_invariances(model, ["relu3", "fc"], ae, images, steps=_steps(2048), progress=False, **INN)
+    inns = fit_invariances(model, ["relu3", "fc"], ae, images, steps=_steps(2048), progress=False, device=dev, **INN)
     elapsed = time.perf_counter() - start
     rank, size = world()
     if rank == 0:
@@ -227,6 +241,8 @@ def _ddp_worker_main(folder: str) -> None:
 
 def bench_ddp(repeats: int) -> Dict[str, Any]:
     """fit_invariances under torchrun with 2 processes vs 1 (same total threads), time and final loss."""
+    if device().type == "cuda" and torch.cuda.device_count() < 2:
+        return {"skipped": f"two processes need two GPUs (NCCL), this machine has {torch.cuda.device_count()}"}
     times: Dict[str, list] = {"two_processes": [], "one_process": []}
     losses: Dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as folder:

@@ -65,7 +65,7 @@ if str(HERE) not in sys.path:
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from measure import alternate, threads  # noqa: E402
+from measure import alternate, device, threads  # noqa: E402
 
 DIM, COND, HIDDEN, DEPTH, CLAMP, BATCH = 128, 128, 512, 2, 1.0, 256
 BLOCKS = (8, 20)
@@ -95,7 +95,9 @@ def batches(data: Dict[str, Tensor], n: int) -> List[Tuple[Tensor, Tensor]]:
     """``n`` consecutive training batches ``(x, c)``: every step sees fresh samples, as from a stream."""
     if n * BATCH > data["x"].shape[0]:
         raise ValueError(f"{n} batches need {n * BATCH} training pairs, got {data['x'].shape[0]}.")
-    return [(data["x"][i * BATCH:(i + 1) * BATCH], data["c"][i * BATCH:(i + 1) * BATCH]) for i in range(n)]
+    dev = device()
+    return [(data["x"][i * BATCH:(i + 1) * BATCH].to(dev), data["c"][i * BATCH:(i + 1) * BATCH].to(dev))
+            for i in range(n)]
 
 
 # ---------------------------------------------------------------- the two flows
@@ -190,8 +192,8 @@ def _call_freia(flow: nn.Module, x: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _pair(n_blocks: int, data: List[Tuple[Tensor, Tensor]]) -> Dict[str, Trainer]:
-    ours = build_ours(n_blocks)
-    freia = build_freia(ours)
+    ours = build_ours(n_blocks).to(device())
+    freia = build_freia(ours).to(device())
     with torch.no_grad():  # data-dependent ActNorm initialisation on the same first batch
         x, c = data[0]
         v_ours, _ = ours(x, c)
@@ -218,7 +220,7 @@ def bench_config(n_blocks: int, repeats: int, chunk: int = 20, steps: int = 300)
         wall[name] = time.perf_counter() - start
     nll = {name: {"train_last20": statistics.fmean(t.losses[-20:]),
                   "train_first": t.losses[0],
-                  "test": t.test_nll(data["x_test"], data["c_test"])}
+                  "test": t.test_nll(data["x_test"].to(device()), data["c_test"].to(device()))}
            for name, t in pair.items()}
     ours_s, freia_s = per_step["ours"]["median_s"], per_step["freia"]["median_s"]
     return {

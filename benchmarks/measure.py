@@ -8,10 +8,25 @@ import statistics
 import time
 from typing import Any, Callable, Dict
 
+import torch
+
+
+def device() -> torch.device:
+    """Device of every measurement (``BENCH_DEVICE``, set by ``run.py --device``; default the CPU)."""
+    return torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so a timer sees the work, not its launch."""
+    if device().type == "cuda":
+        torch.cuda.synchronize(device())
+
 
 def timed(fn: Callable[[], Any]) -> float:
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -51,6 +66,19 @@ def peak_rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def reset_peak_gpu() -> float:
+    """Reset the GPU's peak allocation to the current one and return the current one (MiB)."""
+    synchronize()
+    torch.cuda.reset_peak_memory_stats(device())
+    return torch.cuda.memory_allocated(device()) / 2**20
+
+
+def peak_gpu_mib() -> float:
+    """Peak GPU memory allocated by PyTorch since the last :func:`reset_peak_gpu` (MiB)."""
+    synchronize()
+    return torch.cuda.max_memory_allocated(device()) / 2**20
 
 
 def threads() -> int:

@@ -2,12 +2,15 @@
 
     python benchmarks/run.py                 # every comparison, 5 repeats, writes results.json
     python benchmarks/run.py --only invariance_vs_ig_small_cnn --repeats 7
+    python benchmarks/run.py --device cuda   # on a GPU; writes results_cuda.json
 
 Each comparison times ``ours`` and ``baseline`` alternately (so drifts of a shared machine hit both),
 reports medians over the repeats and their ratio ``ours / baseline`` (lower is better for us),
 and peak memory where it matters (measured in a fresh subprocess per method, as the growth of the
-peak resident set over the set-up). Results go to ``benchmarks/results.json``; the README next to
-this file records them with the machine and versions.
+peak resident set over the set-up; on a GPU, of PyTorch's peak GPU allocation). Results go to
+``benchmarks/results.json`` (``results_cuda.json`` with ``--device cuda``); the README next to this
+file records them with the machine and versions. A comparison that fails is recorded with its
+error and the run goes on (the exit status is then 1).
 """
 
 from __future__ import annotations
@@ -19,13 +22,23 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict
 
 import torch
 from fitting import FITTING_COMPARISONS
 from flow_vs_freia import bench_flow_step_vs_freia
-from measure import alternate, peak_rss_mib, reset_peak, rss_mib, threads
+from measure import (
+    alternate,
+    device,
+    peak_gpu_mib,
+    peak_rss_mib,
+    reset_peak,
+    reset_peak_gpu,
+    rss_mib,
+    threads,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,7 +58,9 @@ def small_cnn_setup() -> Dict[str, Any]:
     inn = ConditionalINN(64, (128,), n_blocks=8, hidden=256, embed_dim=128)
     with torch.no_grad():
         inn(torch.randn(256, 64), torch.randn(256, 128))  # ActNorm initialisation; speed does not depend on training
-    return dict(model=model.eval(), x=x, ae=ae, inn=inn.eval(), layer="fc", gradcam_layer=model.conv3)
+    dev = device()
+    return dict(model=model.to(dev), x=x.to(dev), ae=ae.to(dev), inn=inn.eval().to(dev), layer="fc",
+                gradcam_layer=model.conv3)
 
 
 def resnet18_setup() -> Dict[str, Any]:
@@ -62,7 +77,9 @@ def resnet18_setup() -> Dict[str, Any]:
     inn = ConditionalINN(128, (512, 2, 2), n_blocks=8, hidden=256, embed_dim=128, conv_width=64, conv_max_width=128)
     with torch.no_grad():
         inn(torch.randn(256, 128), torch.randn(256, 512, 2, 2))
-    return dict(model=model, x=x, ae=ae, inn=inn.eval(), layer="layer4", gradcam_layer=model.layer4)
+    dev = device()
+    return dict(model=model.to(dev), x=x.to(dev), ae=ae.to(dev), inn=inn.eval().to(dev), layer="layer4",
+                gradcam_layer=model.layer4)
 
 
 SETUPS = {"small_cnn": small_cnn_setup, "resnet18": resnet18_setup}
@@ -88,7 +105,8 @@ def explanation_methods(s: Dict[str, Any]) -> Dict[str, Callable[[], Any]]:
 
 # ---------------------------------------------------------------- memory probes
 def memory_probe(setup: str, method: str) -> float:
-    """Peak RSS growth (MiB) of one call of ``method``, in a fresh process."""
+    """Peak memory growth (MiB) of one call of ``method``, in a fresh process: resident set on the
+    CPU, PyTorch's GPU allocation on a GPU."""
     out = subprocess.run([sys.executable, __file__, "--probe", setup, method], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     return float(out.stdout.strip().splitlines()[-1])
@@ -99,6 +117,11 @@ def _probe_main(setup: str, method: str) -> None:
     s = SETUPS[setup]()
     fn = explanation_methods(s)[method]
     fn()  # warm-up: lazily created state (thread pools, captum's caches) is not the method's cost
+    if device().type == "cuda":
+        before = reset_peak_gpu()
+        fn()
+        print(peak_gpu_mib() - before)
+        return
     reset_peak()
     before = rss_mib()
     fn()
@@ -120,6 +143,7 @@ def bench_explanations(setup: str, repeats: int) -> Dict[str, Any]:
         "gradcam_median_s": times["gradcam"]["median_s"],
         "times": times,
         "peak_memory_growth_mib": memory,
+        "memory_measured": "GPU allocation" if device().type == "cuda" else "resident set",
     }
 
 
@@ -128,7 +152,7 @@ def bench_sampling(repeats: int) -> Dict[str, Any]:
     s = small_cnn_setup()
     inn, ae = s["inn"], s["ae"]
     n = 4096
-    cond = torch.randn(n, 128)
+    cond = torch.randn(n, 128).to(device())
 
     @torch.no_grad()
     def codes() -> None:
@@ -162,7 +186,9 @@ def environment() -> Dict[str, Any]:
 
     import captum_inn
 
+    dev = device()
     return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -178,23 +204,37 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=list(COMPARISONS), help="run only these comparisons")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method (default 5)")
-    parser.add_argument("--out", default=str(HERE / "results.json"))
+    parser.add_argument("--device", default="cpu", help="torch device of every measurement, e.g. cuda (default cpu)")
+    parser.add_argument("--out", help="results file (default results.json, or results_cuda.json on a GPU)")
     parser.add_argument("--probe", nargs=2, metavar=("SETUP", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
         _probe_main(*args.probe)
         return 0
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine; leave --device out for the CPU.")
+    os.environ["BENCH_DEVICE"] = str(dev)  # read by measure.device(), here and in the probes' processes
     torch.set_num_threads(threads())
-    out = Path(args.out)
+    out = Path(args.out or HERE / ("results.json" if dev.type == "cpu" else f"results_{dev.type}.json"))
     results = json.loads(out.read_text()) if out.exists() else {}
     results["environment"] = environment()
+    failed = []
     for name in args.only or list(COMPARISONS):
         print(f"running {name} ...", flush=True)
-        results[name] = COMPARISONS[name](args.repeats)
+        start = time.perf_counter()
+        try:
+            results[name] = COMPARISONS[name](args.repeats)
+        except Exception as error:  # record it and go on: one broken comparison must not lose the others
+            traceback.print_exc()
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            failed.append(name)
         summary = {k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)}
-        print(f"  {summary}", flush=True)
+        print(f"  {summary} ({time.perf_counter() - start:.0f} s)", flush=True)
         out.write_text(json.dumps(results, indent=2))
-    return 0
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

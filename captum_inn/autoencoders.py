@@ -14,6 +14,8 @@ from typing import Any, Dict, Optional, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from captum_inn._random import normal
+
 __all__ = [
     "Autoencoder",
     "DiagonalGaussian",
@@ -104,7 +106,7 @@ class DiagonalGaussian:
 
     def sample(self, generator: Optional[torch.Generator] = None) -> Tensor:
         """A reparametrised sample ``mean + std · ε`` (differentiable in mean and logvar)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        eps = normal(self.mean.shape, generator, self.mean.device, self.mean.dtype)
         return self.mean + self.std * eps
 
     rsample = sample

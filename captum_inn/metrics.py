@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from captum_inn._random import generator_device, normal
 from captum_inn.capture import capture, eval_mode
 from captum_inn.inn import ConditionalINN
 
@@ -124,8 +125,9 @@ def reencode_similarity(
     z = encode(originals)
     z_samples = encode(samples.reshape(n * s, *samples.shape[2:])).view(n, s, -1)
     similarity = nn.functional.cosine_similarity(z_samples, z.unsqueeze(1), dim=-1, eps=1e-8)
-    i = torch.randint(n, (n_null_pairs,), generator=generator)
-    j = (i + torch.randint(1, n, (n_null_pairs,), generator=generator)) % n  # j != i
+    where = generator_device(generator)
+    i = torch.randint(n, (n_null_pairs,), generator=generator, device=where).to(z.device)
+    j = (i + torch.randint(1, n, (n_null_pairs,), generator=generator, device=where).to(z.device)) % n  # j != i
     null = nn.functional.cosine_similarity(z[i], z[j], dim=-1, eps=1e-8)
     threshold = torch.quantile(null, quantile)
     return {
@@ -180,7 +182,7 @@ def variance_explained_by_v(
         for start in range(0, codes.shape[0], batch_size):
             c = conditions[start : start + batch_size]
             emb = inn.embed(c).repeat_interleave(n_samples, dim=0)
-            v = torch.randn(emb.shape[0], inn.dim, generator=generator).to(emb)
+            v = normal((emb.shape[0], inn.dim), generator, emb.device).to(emb.dtype)
             zbar = inn(v, None, rev=True, jac=False, embedding=emb)[0].view(c.shape[0], n_samples, -1)
             within.append(zbar.var(dim=1).sum(dim=1))
     return float(torch.cat(within).mean() / codes.var(dim=0).sum())
@@ -224,8 +226,9 @@ def probe_r2(
         >>> round(probe_r2(x, x[:, :2] * 3 + 1), 3)
         1.0
     """
-    x = features.reshape(features.shape[0], -1).double()
-    y = targets.reshape(targets.shape[0], -1).double()
+    # a small ridge regression, solved on the CPU in double precision wherever the features live
+    x = features.reshape(features.shape[0], -1).detach().cpu().double()
+    y = targets.reshape(targets.shape[0], -1).detach().cpu().double()
     if y.shape[0] != x.shape[0] or x.shape[0] < 4:
         raise ValueError(
             f"`features` and `targets` need the same number of rows (>= 4), got {x.shape[0]} and {y.shape[0]}."
@@ -234,11 +237,11 @@ def probe_r2(
         raise ValueError("Pass both `test_features` and `test_targets`, or neither.")
     if test_features is not None:
         n_train = x.shape[0]
-        x = torch.cat([x, test_features.reshape(test_features.shape[0], -1).double()])
-        y = torch.cat([y, test_targets.reshape(test_targets.shape[0], -1).double()])
+        x = torch.cat([x, test_features.reshape(test_features.shape[0], -1).detach().cpu().double()])
+        y = torch.cat([y, test_targets.reshape(test_targets.shape[0], -1).detach().cpu().double()])
         tr, te = torch.arange(n_train), torch.arange(n_train, x.shape[0])
     else:
-        order = torch.randperm(x.shape[0], generator=generator)
+        order = torch.randperm(x.shape[0], generator=generator, device=generator_device(generator)).cpu()
         n_train = max(2, min(x.shape[0] - 2, int(round(train_fraction * x.shape[0]))))
         tr, te = order[:n_train], order[n_train:]
     n = x.shape[0]

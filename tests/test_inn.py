@@ -336,3 +336,14 @@ def test_rarely_active_units_do_not_explode_the_standardised_condition():
     active = torch.zeros(1, 6)
     active[0, 0] = 1.0  # the unit fires on a test input
     assert emb.standardize(active).abs().max() < 100
+
+
+def test_actnorm_loading_an_uninitialised_state_makes_it_uninitialised_again():
+    norm = ActNorm(4)
+    norm(torch.randn(10, 4))  # initialised, and remembered without reading the buffer
+    norm.load_state_dict(ActNorm(4).state_dict())
+    assert not bool(norm.initialized)
+    with pytest.raises(NotInitializedError):
+        norm(torch.randn(3, 4), rev=True)
+    y, _ = norm(torch.randn(32, 4) * 5 + 2)  # initialises on this batch again
+    assert torch.allclose(y.mean(0), torch.zeros(4), atol=1e-4)

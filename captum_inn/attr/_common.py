@@ -148,6 +148,23 @@ def check_same_device(tensor: Tensor, module: nn.Module, name: str = "inputs") -
         )
 
 
+def check_module_device(module: Any, device: Union[str, torch.device], name: str) -> None:
+    """``ValueError`` naming ``name`` when ``module``'s parameters are not on ``device`` (the fit's
+    ``device=`` argument): the analysed model and encoder stay where the user put them."""
+    if not isinstance(module, nn.Module):
+        return
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    want = torch.device(device)
+    if tensor is None or (tensor.device.type == want.type and want.index in (None, tensor.device.index)):
+        return
+    raise ValueError(
+        f"`{name}` is on {tensor.device} but `device` is {want}; move it first ({name}.to('{want}')) "
+        f"or pass device='{tensor.device}'."
+    )
+
+
 def as_optional_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
     """Check that ``generator`` is ``None`` or a ``torch.Generator``."""
     if generator is not None and not isinstance(generator, torch.Generator):

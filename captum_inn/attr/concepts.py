@@ -13,6 +13,7 @@ from captum_inn._captum_compat import (
     _format_additional_forward_args,
     log_usage,
 )
+from captum_inn._random import normal
 from captum_inn.attr._common import (
     as_optional_generator,
     check_positive_int,
@@ -285,7 +286,7 @@ class LayerConcepts(LayerAttribution):
                 raise ValueError(f"`value` for concept {concept!r} must have shape ({n}, {size}) or ({size},).")
             new = value.to(factors).reshape(-1, size).expand(n, -1)
         else:
-            new = torch.randn(n, size, generator=generator, dtype=factors.dtype).to(factors.device)
+            new = normal((n, size), generator, factors.device, factors.dtype)
         factors[:, block] = new
         with eval_mode(self.concept_inn, self.autoencoder):
             return self.autoencoder.decode(self._to_representation(factors))
@@ -390,7 +391,7 @@ class LayerConcepts(LayerAttribution):
                 f"`invariance_inn` was fitted for activations of shape {self.invariance_inn.cond_shape}, but layer "
                 f"{self.layer_name!r} gives {tuple(z.shape[1:])}."
             )
-        v = torch.randn(n * n_samples, self.invariance_inn.dim, generator=generator, dtype=z.dtype).to(z.device)
+        v = normal((n * n_samples, self.invariance_inn.dim), generator, z.device, z.dtype)
         with eval_mode(self.invariance_inn, self.concept_inn):
             embedding = self.invariance_inn.embed(z).repeat_interleave(n_samples, dim=0)
             codes = self.invariance_inn(v, None, rev=True, jac=False, embedding=embedding)[0]

@@ -14,6 +14,7 @@ from captum_inn._captum_compat import (
     _is_tuple,
     log_usage,
 )
+from captum_inn._random import normal
 from captum_inn.attr._common import (
     as_optional_generator,
     check_positive_int,
@@ -271,8 +272,7 @@ class LayerInvariance(LayerAttribution):
         device = inputs[self.image_input].device
         dtype = inputs[self.image_input].dtype
         # All noise is drawn up front, so any internal_batch_size gives the same samples.
-        noise = torch.randn(n * n_samples, self.inn.dim, generator=generator, dtype=dtype)
-        noise = noise.to(device) * float(temperature)
+        noise = normal((n * n_samples, self.inn.dim), generator, device, dtype) * float(temperature)
         outputs = []
         with eval_mode(self.inn, self.autoencoder):
             for part in self._chunks(n, None if internal_batch_size is None else max(1, internal_batch_size // n_samples)):

@@ -41,6 +41,13 @@ class ActNorm(InvertibleModule):
         self.loc = nn.Parameter(torch.zeros(self.num_features))
         self.log_scale = nn.Parameter(torch.zeros(self.num_features))
         self.register_buffer("initialized", torch.tensor(False))
+        # the buffer's value, once it is known to be True: reading the buffer of a GPU module
+        # every forward would wait for the GPU each time
+        self._initialized_seen = False
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._initialized_seen = False  # a loaded state may be uninitialised; read the buffer again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _view(self, p: Tensor, x: Tensor) -> Tensor:
         return p.view(1, -1, *([1] * (x.dim() - 2)))
@@ -77,18 +84,20 @@ class ActNorm(InvertibleModule):
         self.loc.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
+        self._initialized_seen = True
 
     def forward(
         self, x: Tensor, c: Optional[Tensor] = None, rev: bool = False, jac: bool = True
     ) -> Tuple[Tensor, Tensor]:
         self._check(x)
-        if not bool(self.initialized):
+        if not self._initialized_seen and not bool(self.initialized):
             if rev:
                 raise NotInitializedError(
                     "ActNorm is not initialised: its first call must be a forward pass on real "
                     "data (N >= 2), not a reverse call. Fit the flow or load a checkpoint first."
                 )
             self.initialize(x.detach())
+        self._initialized_seen = True
         loc = self._view(self.loc, x)
         log_scale = self._view(self.log_scale, x)
         if rev:

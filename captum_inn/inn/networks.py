@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from captum_inn._random import normal
 from captum_inn.inn.base import InvertibleModule, check_vector_batch
 from captum_inn.inn.embedders import make_embedder
 from captum_inn.inn.sequential import SequentialFlow, flow_blocks
@@ -126,7 +127,7 @@ class ConditionalINN(InvertibleModule):
         """
         if not temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-        v = torch.randn(c.shape[0], self.dim, generator=generator, device=c.device, dtype=c.dtype)
+        v = normal((c.shape[0], self.dim), generator, c.device, c.dtype)
         return self(v * temperature, c, rev=True, jac=False)[0]
 
 

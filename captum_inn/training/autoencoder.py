@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from captum_inn.attr._common import check_module_device
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.capture import LayerHooks
 from captum_inn.training.checkpoint import load_checkpoint, strip_prefix
@@ -152,6 +153,7 @@ def fit_autoencoder(
     model = ConvAutoencoder(tuple(images.shape[1:]), config.latent_dim, config.width, config.output).to(device)
     hooks = None
     if perceptual_model is not None:
+        check_module_device(perceptual_model, device, "perceptual_model")
         # gradients flow through the frozen network to the reconstruction, never into its weights
         hooks = LayerHooks(perceptual_model, list(config.perceptual_layers), detach=False, stop_early=True)
         frozen = [p for p in perceptual_model.parameters() if p.requires_grad]

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._captum_compat import _format_additional_forward_args
+from captum_inn._random import normal
+from captum_inn.attr._common import check_module_device
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import LayerHooks, eval_mode, resolve_layer
 from captum_inn.training.data import _images_of, count_images, iter_image_batches
@@ -94,7 +96,7 @@ class FeatureCache:
     def sample_codes(self, index: Tensor, generator: torch.Generator) -> Tensor:
         """Posterior samples ``mean + std · ε`` of the codes at ``index`` (DESIGN.md §5: not the mean)."""
         mean, std = self.code_mean[index], self.code_std[index]
-        eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+        eps = normal(mean.shape, generator, mean.device).to(mean.dtype)
         return mean + std * eps
 
     def save(self, path: Union[str, Path]) -> Path:
@@ -312,6 +314,8 @@ def cache_features(
         (torch.Size([5, 6]), (4, 6, 6), (10,))
     """
     check_autoencoder(autoencoder)
+    check_module_device(model, device, "model")
+    check_module_device(autoencoder, device, "autoencoder")
     layer_list = list(layers) if isinstance(layers, (list, tuple)) else [layers]
     names = [resolve_layer(model, layer)[0] for layer in layer_list]
     extra = _format_additional_forward_args(additional_forward_args) or ()

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from captum_inn.attr._common import check_number, check_positive_int
+from captum_inn.training.distributed import world
 from captum_inn.training.loop import train_loop
 
 __all__ = ["fit_classifier", "accuracy", "Jitter"]
@@ -115,6 +116,7 @@ def fit_classifier(
     """
     batch_size = check_positive_int(batch_size, "batch_size")
     adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
+    world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving
     images, labels = _as_labelled(data)
     images, labels = images.to(device), labels.to(device).long()
     if images.is_floating_point() and not torch.isfinite(images).all():

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
+from captum_inn.attr._common import check_module_device
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import capture, resolve_layer
 from captum_inn.concepts import RESIDUAL, ConceptPairs, as_concepts
@@ -134,8 +135,14 @@ class LayerRepresentation:
                 "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}"}
 
 
-def _as_encoder(representation: Any) -> Tuple[Callable[[Tensor], Tuple[Tensor, Tensor]], Callable[[int], Dict[str, Any]]]:
-    """``(encode: inputs -> (mean, std), describe: dim -> dict)`` of an autoencoder or a layer."""
+def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] = None,
+                ) -> Tuple[Callable[[Tensor], Tuple[Tensor, Tensor]], Callable[[int], Dict[str, Any]]]:
+    """``(encode: inputs -> (mean, std), describe: dim -> dict)`` of an autoencoder or a layer;
+    with ``device``, its network must be there."""
+    if device is not None:
+        network = representation.model if isinstance(representation, LayerRepresentation) else (
+            representation[0] if isinstance(representation, tuple) and representation else representation)
+        check_module_device(network, device, "representation")
     if isinstance(representation, LayerRepresentation):
         return representation.encode, representation.describe
     if isinstance(representation, tuple) and len(representation) == 2 and isinstance(representation[0], nn.Module):
@@ -207,7 +214,7 @@ def _scores(pools: Sequence[_PairPool]) -> Dict[str, float]:
 
 def _pools_for(representation: Any, concepts: Any, n_pairs: int, seed: int, device: Union[str, torch.device],
                progress: bool) -> List[_PairPool]:
-    encode, _ = _as_encoder(representation)
+    encode, _ = _as_encoder(representation, device)
     return _encode_pools(encode, as_concepts(concepts), n_pairs, seed, torch.device(device), progress)
 
 
@@ -393,7 +400,7 @@ def fit_concepts(
     concept_list = as_concepts(concepts)
     names = [c.name for c in concept_list]
     device = torch.device(device)
-    encode, describe = _as_encoder(representation)
+    encode, describe = _as_encoder(representation, device)
     rank, n_ranks = world(device)
     # under torchrun each process encodes its share of the pairs; all then train on the union
     pools = _encode_pools(encode, concept_list, config.pool_size // n_ranks, config.seed + _RANK_POOL_SEED * rank,

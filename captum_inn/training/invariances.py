@@ -139,7 +139,7 @@ def _train(
         index = torch.randint(n, (batch,), generator=generator)
         codes = cache.sample_codes(index, generator)
         if config.code_noise > 0:
-            codes = codes + config.code_noise * torch.randn(codes.shape, generator=generator)
+            codes = codes + config.code_noise * torch.randn(codes.shape, generator=generator).to(codes)
         v, logdet = inn(codes.to(device), conditions[index].to(device))
         return (0.5 * v.pow(2).sum(1) - logdet).mean() / cache.latent_dim
 
@@ -264,6 +264,7 @@ def fit_invariances(
     config = merged_config(InvarianceConfig, config, overrides)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"`workers` must be a positive int (or None for automatic), got {workers!r}.")
+    world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) first
     single = not isinstance(layers, (list, tuple))
     layer_list = [layers] if single else list(layers)
     from captum_inn.capture import resolve_layer

@@ -196,7 +196,8 @@ def train_loop(
     steps, checkpoint_every = check_positive_int(steps, "steps"), check_positive_int(checkpoint_every, "checkpoint_every")
     lr, weight_decay = check_number(lr, "lr", positive=True), check_number(weight_decay, "weight_decay")
     meta = dict(meta or {"kind": "module", "config": {}})
-    rank, n_ranks = world()
+    parameter = next(module.parameters(), None)  # under torchrun on GPUs the process group is NCCL's
+    rank, n_ranks = world(None if parameter is None else parameter.device)
     generator = torch.Generator().manual_seed(int(seed) + _RANK_SEED_STRIDE * rank)
     optimizer = (torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay) if weight_decay
                  else torch.optim.Adam(module.parameters(), lr=lr, betas=betas))

@@ -8,7 +8,7 @@
 # Needs python3 with torch (CUDA), torchvision, captum and FrEIA; runs the package from this checkout.
 set -u
 out=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [BENCH_SECONDS]}
-bench_seconds=${2:-360}
+bench_seconds=${2:-300}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
@@ -30,9 +30,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/
     [ $rc -eq 0 ] || status=1
 }
 
-step device_tests 120 python3 -m pytest tests/test_device.py --device cuda -q -p no:cacheprovider
+step device_tests 110 python3 -m pytest tests/test_device.py --device cuda -q -p no:cacheprovider
 step benchmarks "$bench_seconds" python3 benchmarks/run.py --device cuda --out "$out/results_cuda.json"
 report=$(mktemp -d)
-step demo_quick 200 python3 -m captum_inn demo --quick --concepts --device cuda --check --out "$report"
+step demo_quick 160 python3 -m captum_inn demo --quick --concepts --device cuda --check --out "$report"
 cp "$report/metrics.json" "$out/demo_metrics.json" 2>/dev/null
 exit $status

@@ -15,9 +15,17 @@ from typing import Any, Dict
 
 import numpy as np
 import torch
-from measure import alternate, device, peak_rss_mib, reset_peak, rss_mib, summarise, threads
+from measure import (
+    alternate,
+    child_env,
+    device,
+    peak_rss_mib,
+    reset_peak,
+    rss_mib,
+    summarise,
+    threads,
+)
 
-HERE = Path(__file__).resolve().parent
 INN = dict(n_blocks=8, hidden=256, embed_dim=128, batch_size=128)
 EPOCHS = 5
 
@@ -167,7 +175,7 @@ def _memory_probe_main(images_path: str, mode: str) -> None:
 
 def _probe(images_path: Path, mode: str) -> Dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "--memory-probe", str(images_path), mode], capture_output=True,
-                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+                         text=True, check=True, env=child_env())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -200,8 +208,8 @@ def bench_memory_growth(repeats: int) -> Dict[str, Any]:
 
 # ------------------------------------------------------------ torchrun: two processes vs one
 def _ddp_run(n_processes: int, folder: Path) -> Dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": str(max(1, threads() // n_processes)),
-           "BENCH_THREADS": str(max(1, threads() // n_processes))}
+    env = child_env(OMP_NUM_THREADS=str(max(1, threads() // n_processes)),
+                    BENCH_THREADS=str(max(1, threads() // n_processes)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}",
                str(Path(__file__)), "--ddp-worker", str(folder)]
     start = time.perf_counter()

@@ -81,6 +81,14 @@ def peak_gpu_mib() -> float:
     return torch.cuda.max_memory_allocated(device()) / 2**20
 
 
+def child_env(**extra: str) -> Dict[str, str]:
+    """Environment of a measuring subprocess: this checkout first on ``PYTHONPATH``, the caller's
+    entries (packages installed elsewhere) kept after it."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def threads() -> int:
     """Torch threads of every measurement (``BENCH_THREADS``, default: all cores)."""
     return int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1)))

@@ -31,6 +31,7 @@ from fitting import FITTING_COMPARISONS
 from flow_vs_freia import bench_flow_step_vs_freia
 from measure import (
     alternate,
+    child_env,
     device,
     peak_gpu_mib,
     peak_rss_mib,
@@ -108,7 +109,7 @@ def memory_probe(setup: str, method: str) -> float:
     """Peak memory growth (MiB) of one call of ``method``, in a fresh process: resident set on the
     CPU, PyTorch's GPU allocation on a GPU."""
     out = subprocess.run([sys.executable, __file__, "--probe", setup, method], capture_output=True, text=True,
-                         check=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+                         check=True, env=child_env())
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -139,15 +139,12 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
                 ) -> Tuple[Callable[[Tensor], Tuple[Tensor, Tensor]], Callable[[int], Dict[str, Any]]]:
     """``(encode: inputs -> (mean, std), describe: dim -> dict)`` of an autoencoder or a layer;
     with ``device``, its network must be there."""
-    if device is not None:
-        network = representation.model if isinstance(representation, LayerRepresentation) else (
-            representation[0] if isinstance(representation, tuple) and representation else representation)
-        check_module_device(network, device, "representation")
-    if isinstance(representation, LayerRepresentation):
-        return representation.encode, representation.describe
     if isinstance(representation, tuple) and len(representation) == 2 and isinstance(representation[0], nn.Module):
-        layer_rep = LayerRepresentation(*representation)
-        return layer_rep.encode, layer_rep.describe
+        representation = LayerRepresentation(*representation)
+    if isinstance(representation, LayerRepresentation):
+        if device is not None:
+            check_module_device(representation.model, device, "representation")
+        return representation.encode, representation.describe
     try:
         check_autoencoder(representation)
     except TypeError as error:
@@ -155,6 +152,8 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
             "`representation` must be an autoencoder (encode/decode), a LayerRepresentation(model, layer) "
             f"or a (model, layer) tuple; {error}"
         ) from None
+    if device is not None:
+        check_module_device(representation, device, "representation")
     return (lambda x: encode_posterior(representation, x)), (lambda dim: {"kind": "autoencoder_code", "dim": int(dim)})
 
 

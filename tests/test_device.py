@@ -129,3 +129,30 @@ def test_networks_elsewhere_than_device_are_a_clear_error(fitted):
         fit_concepts(fitted["ae"], fitted["data"].concepts(), steps=1, device=other, progress=False)
     with pytest.raises(ValueError, match=r"`representation` is on .* but `device` is meta"):
         fit_concepts((fitted["cnn"], "fc"), fitted["data"].concepts(), steps=1, device=other, progress=False)
+
+
+@pytest.mark.parametrize("where", ["cpu", "device"])
+def test_a_generator_on_either_device_drives_every_sampler(device, fitted, where):
+    from captum_inn.metrics import reencode_similarity, variance_explained_by_v
+
+    def gen(seed):
+        return torch.Generator(device="cpu" if where == "cpu" else device).manual_seed(seed)
+
+    x = fitted["images"][:6].to(device)
+    cnn, ae, inn, e = fitted["cnn"], fitted["ae"], fitted["inns"]["fc"], fitted["e"]
+    explainer = LayerInvariance(cnn, "fc", inn, ae)
+    concepts = LayerConcepts(cnn, "fc", e, ae, invariance_inn=inn)
+    with torch.no_grad():
+        samples = explainer.sample(x, n_samples=3, generator=gen(0))
+        assert torch.equal(samples, explainer.sample(x, n_samples=3, generator=gen(0)))  # seeded
+        assert on(device, explainer.attribute(x, n_samples=2, generator=gen(1)))
+        assert on(device, concepts.edit(x, "digit", generator=gen(2)))
+        assert on(device, concepts.encoded(x, n_samples=2, generator=gen(3)))
+        code = ae.encode(x)
+        assert on(device, code.sample(gen(4)))
+        assert on(device, inn.sample(torch.randn(6, 128, device=device), generator=gen(5)))
+        scores = reencode_similarity(cnn, "fc", x, samples, n_null_pairs=50, generator=gen(6))
+        assert 0.0 <= scores["beats_null"] <= 1.0
+        share = variance_explained_by_v(inn, code.mean, torch.randn(6, 128, device=device), n_samples=2,
+                                        generator=gen(7))
+        assert share >= 0.0

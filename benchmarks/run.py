@@ -192,6 +192,8 @@ def environment() -> Dict[str, Any]:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
+        # the vector instructions torch's CPU kernels use (AVX2, AVX512): ratios move with them
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -17,7 +17,8 @@ The fast path is taken only where it computes exactly what the modules would, fo
 tensors without autocast, functorch transforms, tracing, module hooks or a changed subnet structure.
 Otherwise the subnet runs as a normal module. Its backward is once-differentiable: double backward
 (``create_graph=True``) through it raises. Set ``CAPTUM_INN_ONEDNN=0`` to turn it off (then every
-call takes the module path).
+call takes the module path): on a CPU without AVX-512 (an AVX2-only AMD EPYC) oneDNN's products
+were slower than MKL's and a flow step took 11% longer (``benchmarks/README.md``).
 """
 
 from __future__ import annotations

@@ -186,6 +186,7 @@ def environment() -> Dict[str, Any]:
     import captum
 
     import captum_inn
+    from captum_inn.inn._fast import fast_path_enabled
 
     dev = device()
     return {
@@ -194,6 +195,7 @@ def environment() -> Dict[str, Any]:
         "cpus": os.cpu_count(),
         # the vector instructions torch's CPU kernels use (AVX2, AVX512): ratios move with them
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_subnets": fast_path_enabled(),  # which path the coupling subnets took
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -13,12 +13,21 @@ from captum_inn.inn import AffineCoupling, SequentialFlow, _fast, flow_blocks
 
 torch.set_num_threads(1)
 
-pytestmark = pytest.mark.skipif(not _fast.fast_path_enabled(), reason="oneDNN linear kernel not available here")
+pytestmark = pytest.mark.skipif(not _fast.kernel_available(), reason="oneDNN linear kernel not available here")
+
+
+@pytest.fixture(autouse=True)
+def fast_path():
+    """The fast path on for every test here, also on CPUs where it is not the default."""
+    before = _fast._STATE.get("enabled")
+    _fast._STATE["enabled"] = True
+    yield
+    _fast._STATE["enabled"] = before
 
 
 @pytest.fixture
 def module_path():
-    """Switch the fast path off inside the block (restored afterwards)."""
+    """Switch the fast path off inside the block (back on afterwards)."""
     class Switch:
         def __enter__(self):
             _fast._STATE["enabled"] = False
@@ -27,7 +36,6 @@ def module_path():
             _fast._STATE["enabled"] = True
 
     yield Switch()
-    _fast._STATE["enabled"] = True
 
 
 def _randomise(module, seed=0):
@@ -115,6 +123,16 @@ def test_steps_aside_for_hooks_float64_and_when_switched_off(monkeypatch):
     assert y.dtype == torch.float64
     monkeypatch.setenv("CAPTUM_INN_ONEDNN", "0")
     assert _fast._probe() is False
+
+
+@pytest.mark.parametrize("capability, setting, expected", [
+    ("AVX512", "", True), ("AVX2", "", False), ("DEFAULT", "", False),  # by default: AVX-512 only
+    ("AVX2", "1", True), ("AVX512", "0", False), ("AVX512", "off", False),  # the environment overrides
+])
+def test_default_follows_the_cpu_and_the_environment_overrides(monkeypatch, capability, setting, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setenv("CAPTUM_INN_ONEDNN", setting)
+    assert _fast._probe() is expected
 
 
 def test_double_backward_raises_instead_of_a_wrong_result():

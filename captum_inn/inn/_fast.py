@@ -16,9 +16,12 @@ LeakyReLU fused as a post-op) inside one autograd node with a hand-written backw
 The fast path is taken only where it computes exactly what the modules would, for float32 CPU
 tensors without autocast, functorch transforms, tracing, module hooks or a changed subnet structure.
 Otherwise the subnet runs as a normal module. Its backward is once-differentiable: double backward
-(``create_graph=True``) through it raises. Set ``CAPTUM_INN_ONEDNN=0`` to turn it off (then every
-call takes the module path): on a CPU without AVX-512 (an AVX2-only AMD EPYC) oneDNN's products
-were slower than MKL's and a flow step took 11% longer (``benchmarks/README.md``).
+(``create_graph=True``) through it raises.
+
+The path is the default only on CPUs with AVX-512 (``torch.backends.cpu.get_cpu_capability()``):
+on an AVX2-only AMD EPYC oneDNN's products were slower than MKL's and a flow step took 11% longer
+(``benchmarks/README.md``). The environment variable ``CAPTUM_INN_ONEDNN`` overrides the choice:
+``1`` takes the path wherever the kernel works, ``0`` never takes it.
 """
 
 from __future__ import annotations
@@ -32,22 +35,44 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
-__all__ = ["subnet_forward", "fast_path_enabled"]
+__all__ = ["subnet_forward", "fast_path_enabled", "kernel_available"]
 
 _STATE: dict = {}
 
 
 def fast_path_enabled() -> bool:
-    """Whether the oneDNN path is available here and not switched off (checked once)."""
+    """Whether subnets take the oneDNN path here: the kernel works and the CPU or the environment
+    asks for it (checked once)."""
     enabled = _STATE.get("enabled")
     if enabled is None:
         enabled = _STATE["enabled"] = _probe()
     return enabled
 
 
+def kernel_available() -> bool:
+    """Whether this PyTorch build has a working oneDNN linear kernel (checked once)."""
+    available = _STATE.get("available")
+    if available is None:
+        available = _STATE["available"] = _kernel_works()
+    return available
+
+
+def _cpu_favours_onednn() -> bool:
+    # measured (benchmarks/README.md): with AVX-512 a flow step on oneDNN is 1.5x FrEIA's on MKL;
+    # with AVX2 only, 11% slower than the module path
+    return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+
+
 def _probe() -> bool:
-    if os.environ.get("CAPTUM_INN_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
+    setting = os.environ.get("CAPTUM_INN_ONEDNN", "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
         return False
+    if setting not in ("1", "true", "yes", "on") and not _cpu_favours_onednn():
+        return False
+    return kernel_available()
+
+
+def _kernel_works() -> bool:
     try:
         if not torch.backends.mkldnn.is_available():
             return False

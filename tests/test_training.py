@@ -345,3 +345,37 @@ def test_merged_config_takes_numpy_scalars_as_plain_numbers():
     config = merged_config(InvarianceConfig, InvarianceConfig(hidden=32), {"steps": np.int64(7), "lr": np.float32(0.5)})
     assert (config.steps, config.lr, config.hidden) == (7, 0.5, 32)
     assert type(config.steps) is int and type(config.lr) is float  # JSON-safe in checkpoints
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_train_loop_adam_matches_the_per_tensor_adam_bit_for_bit(weight_decay, monkeypatch):
+    """train_loop's multi-tensor (foreach) Adam: the same arithmetic as PyTorch's per-tensor loop."""
+    from captum_inn.training.loop import train_loop
+
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
+
+    def fit() -> list:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+
+        def loss_fn(generator):
+            rows = torch.randint(64, (16,), generator=generator)
+            return (net(x[rows]).squeeze(1) - x[rows].sum(1)).pow(2).mean()
+
+        train_loop(net, loss_fn, steps=30, lr=0.01, weight_decay=weight_decay, progress=False)
+        return [p.detach().clone() for p in net.parameters()]
+
+    multi_tensor = fit()
+    requested = []
+
+    def per_tensor_adam(cls):  # PyTorch's per-tensor loop, whatever train_loop asks for
+        def init(self, params, **kwargs):
+            requested.append(kwargs.get("foreach"))
+            cls.__init__(self, params, **{**kwargs, "foreach": False})
+        return type(cls.__name__, (cls,), {"__init__": init})
+
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        monkeypatch.setattr(torch.optim, cls.__name__, per_tensor_adam(cls))
+    per_tensor = fit()
+    assert requested == [True]  # train_loop asked for the multi-tensor path
+    assert all(torch.equal(a, b) for a, b in zip(multi_tensor, per_tensor))

@@ -199,8 +199,10 @@ def train_loop(
     parameter = next(module.parameters(), None)  # under torchrun on GPUs the process group is NCCL's
     rank, n_ranks = world(None if parameter is None else parameter.device)
     generator = torch.Generator().manual_seed(int(seed) + _RANK_SEED_STRIDE * rank)
-    optimizer = (torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay) if weight_decay
-                 else torch.optim.Adam(module.parameters(), lr=lr, betas=betas))
+    # foreach: the same per-element arithmetic as the per-tensor loop (bit for bit), in fewer calls;
+    # an INN has over a hundred small parameters, so on the CPU a step is ~10% faster
+    optimizer = (torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
+                 if weight_decay else torch.optim.Adam(module.parameters(), lr=lr, betas=betas, foreach=True))
     start, history = 0, []
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])

@@ -228,7 +228,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """Small settings that finish in under two minutes on 2 cores (looser results)."""
+        """Small settings that finish in two to four minutes on 2 cores (looser results)."""
         return cls(recolorings=4, test_recolorings=2, cnn_steps=1000, cnn_width=32, judge_steps=400, ae_steps=1200,
                    ae_width=24, latent_dim=64, inn_steps=600, inn_blocks=4, inn_hidden=128,
                    n_eval=500, n_probe=1000, n_samples=6, n_figure_rows=4, concept_steps=400, concept_blocks=4,
@@ -281,7 +281,7 @@ def run_demo(
     Examples::
 
         import json
-        index = run_demo(out="captum_inn_report", quick=True)   # about two minutes on 2 cores
+        index = run_demo(out="captum_inn_report", quick=True)   # two to four minutes on 2 cores
         print(index)                                            # captum_inn_report/index.html
         failures = check_metrics(json.loads((index.parent / "metrics.json").read_text()), QUICK_BOUNDS)
     """

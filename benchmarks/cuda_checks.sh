@@ -3,12 +3,15 @@
 # the quick ColorDigits demo (with concepts) on CUDA with its bounds. Each step has its own time
 # limit and its log lands in OUT_DIR, so a step that breaks or overruns leaves the others' results.
 #
-#     bash benchmarks/cuda_checks.sh OUT_DIR [BENCH_SECONDS]
+#     bash benchmarks/cuda_checks.sh OUT_DIR [BENCH_SECONDS] [COMPARISON...]
+#
+# COMPARISON names (as run.py's --only) limit the benchmark step to those comparisons.
 #
 # Needs python3 with torch (CUDA), torchvision, captum and FrEIA; runs the package from this checkout.
 set -u
-out=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [BENCH_SECONDS]}
+out=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [BENCH_SECONDS] [COMPARISON...]}
 bench_seconds=${2:-300}
+shift $(( $# < 2 ? $# : 2 ))
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
@@ -30,8 +33,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/
     [ $rc -eq 0 ] || status=1
 }
 
-step device_tests 110 python3 -m pytest tests/test_device.py --device cuda -q -p no:cacheprovider
-step benchmarks "$bench_seconds" python3 benchmarks/run.py --device cuda --out "$out/results_cuda.json"
+step device_tests 150 python3 -m pytest tests/test_device.py --device cuda -q -p no:cacheprovider
+step benchmarks "$bench_seconds" python3 benchmarks/run.py --device cuda --out "$out/results_cuda.json" ${1:+--only "$@"}
 report=$(mktemp -d)
 step demo_quick 160 python3 -m captum_inn demo --quick --concepts --device cuda --check --out "$report"
 cp "$report/metrics.json" "$out/demo_metrics.json" 2>/dev/null

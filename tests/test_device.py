@@ -9,6 +9,7 @@ computation on the CPU (cuDNN may use TF32 convolutions, hence the tolerances of
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -156,3 +157,145 @@ def test_a_generator_on_either_device_drives_every_sampler(device, fitted, where
         share = variance_explained_by_v(inn, code.mean, torch.randn(6, 128, device=device), n_samples=2,
                                         generator=gen(7))
         assert share >= 0.0
+
+
+# ---------------------------------------------------------------- the captured training step (CUDA only)
+@pytest.fixture
+def cuda(device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need --device cuda")
+    return device
+
+
+def _regression(device, seed=0, width=64):
+    """A small net and a split loss (``batch_fn`` draws on the CPU and moves, ``loss_of`` computes)."""
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).to(device)
+
+    def batch_fn(generator):
+        rows = torch.randint(512, (64,), generator=generator)
+        return x[rows].to(device), x[rows].sum(1).to(device)
+
+    def loss_of(inputs, targets):
+        return (net(inputs).squeeze(1) - targets).pow(2).mean()
+
+    return net, batch_fn, loss_of
+
+
+def _count_replays(monkeypatch):
+    from captum_inn.training.loop import CapturedStep
+
+    counts = {"captures": 0, "updates": 0}
+    init, update = CapturedStep.__init__, CapturedStep.update
+
+    def counting_init(self, *args, **kwargs):
+        counts["captures"] += 1
+        init(self, *args, **kwargs)
+
+    def counting_update(self):
+        counts["updates"] += 1
+        update(self)
+
+    monkeypatch.setattr(CapturedStep, "__init__", counting_init)
+    monkeypatch.setattr(CapturedStep, "update", counting_update)
+    return counts
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_captured_step_trains_as_the_eager_step_does(cuda, schedule, monkeypatch):
+    from captum_inn.training.loop import CapturedStep, train_loop
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    net, batch_fn, loss_of = _regression(cuda)
+    eager = train_loop(net, loss_of, batch_fn=batch_fn, steps=40, lr=0.01, schedule=schedule, progress=False,
+                       cuda_graph=False)
+    counts = _count_replays(monkeypatch)
+    graph_net, batch_fn, loss_of = _regression(cuda)
+    graphed = train_loop(graph_net, loss_of, batch_fn=batch_fn, steps=40, lr=0.01, schedule=schedule, progress=False,
+                         cuda_graph=True)
+    assert counts == {"captures": 1, "updates": 40 - CapturedStep.WARMUP_STEPS}
+    assert graphed[-1] < 0.5 * graphed[0]
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-3, atol=1e-4)
+    for a, b in zip(graph_net.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_a_captured_fit_resumes_from_its_checkpoint_and_on_the_cpu(cuda, tmp_path):
+    from captum_inn.training.loop import train_loop
+
+    path = str(tmp_path / "fit.safetensors")
+    net, batch_fn, loss_of = _regression(cuda)
+    whole = train_loop(net, loss_of, batch_fn=batch_fn, steps=30, lr=0.01, progress=False)
+    first_net, batch_fn, loss_of = _regression(cuda)
+    train_loop(first_net, loss_of, batch_fn=batch_fn, steps=12, lr=0.01, progress=False, checkpoint=path)
+    cpu_path = str(tmp_path / "for_the_cpu.safetensors")
+    shutil.copy(path, cpu_path)
+    resumed_net, batch_fn, loss_of = _regression(cuda, seed=5)  # other weights: the checkpoint's must win
+    resumed = train_loop(resumed_net, loss_of, batch_fn=batch_fn, steps=30, lr=0.01, progress=False, checkpoint=path)
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(whole), rtol=1e-3, atol=1e-4)
+
+    cpu_net, cpu_batch, cpu_loss = _regression(torch.device("cpu"), seed=5)  # the GPU fit's checkpoint, on the CPU
+    on_cpu = train_loop(cpu_net, cpu_loss, batch_fn=cpu_batch, steps=30, lr=0.01, progress=False, checkpoint=cpu_path)
+    torch.testing.assert_close(torch.tensor(on_cpu), torch.tensor(whole), rtol=1e-2, atol=1e-3)
+
+
+def test_a_nonfinite_loss_stops_a_captured_fit_before_its_update(cuda):
+    from captum_inn.training.loop import train_loop
+
+    net, batch_fn, loss_of = _regression(cuda)
+    calls = {"n": 0}
+
+    def poisoned_batch(generator):  # the 9th batch (step 8, captured) has NaN targets
+        inputs, targets = batch_fn(generator)
+        calls["n"] += 1
+        return inputs, targets * float("nan") if calls["n"] == 9 else targets
+
+    with pytest.raises(FloatingPointError, match="at step 8"):
+        train_loop(net, loss_of, batch_fn=poisoned_batch, steps=20, lr=0.01, progress=False, cuda_graph=True)
+    # a NaN gradient applied by Adam would have made every parameter NaN
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_a_batch_of_another_shape_under_a_captured_step_is_a_clear_error(cuda):
+    from captum_inn.training.loop import train_loop
+
+    net, batch_fn, loss_of = _regression(cuda)
+    calls = {"n": 0}
+
+    def shrinking(generator):
+        calls["n"] += 1
+        inputs, targets = batch_fn(generator)
+        return (inputs, targets) if calls["n"] < 10 else (inputs[:32], targets[:32])
+
+    with pytest.raises(ValueError, match="the same shapes every step"):
+        train_loop(net, loss_of, batch_fn=shrinking, steps=20, lr=0.01, progress=False)
+
+
+def test_a_loss_that_cannot_be_captured_warns_and_trains_on_unless_insisted(cuda):
+    from captum_inn.training.loop import train_loop
+
+    net, batch_fn, loss_of = _regression(cuda)
+
+    def host_reading_loss(inputs, targets):  # .item() inside: not allowed in a graph
+        loss = loss_of(inputs, targets)
+        return loss * (1.0 if loss.item() >= 0 else 1.0)
+
+    with pytest.warns(UserWarning, match="Could not capture the training step"):
+        history = train_loop(net, host_reading_loss, batch_fn=batch_fn, steps=12, lr=0.01, progress=False)
+    assert len(history) == 12 and history[-1] < history[0]
+    net, batch_fn, loss_of = _regression(cuda)
+    with pytest.raises(RuntimeError):
+        train_loop(net, host_reading_loss, batch_fn=batch_fn, steps=12, lr=0.01, progress=False, cuda_graph=True)
+    assert torch.isfinite(torch.randn(3, device=cuda).sum())  # the device still works after a failed capture
+
+
+def test_fit_invariances_and_fit_concepts_capture_their_steps_on_cuda(cuda, fitted, monkeypatch):
+    counts = _count_replays(monkeypatch)
+    inns = fit_invariances(fitted["cnn"], ["relu3", "fc"], fitted["ae"], fitted["images"], steps=10, device=cuda,
+                           progress=False, **TINY_INN)
+    assert counts["captures"] == 2 and counts["updates"] == 2 * 7
+    assert all(len(inn.history) == 10 and inn.history[-1] < inn.history[0] for inn in inns.values())
+    fit_concepts(fitted["ae"], fitted["data"].concepts("differ"), factor_sizes={"digit": 3, "foreground": 2,
+                 "background": 2}, steps=10, n_blocks=2, hidden=32, pool_size=64, device=cuda, progress=False)
+    assert counts["captures"] == 3

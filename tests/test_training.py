@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -379,3 +380,70 @@ def test_train_loop_adam_matches_the_per_tensor_adam_bit_for_bit(weight_decay, m
     per_tensor = fit()
     assert requested == [True]  # train_loop asked for the multi-tensor path
     assert all(torch.equal(a, b) for a, b in zip(multi_tensor, per_tensor))
+
+
+def _split_regression(seed: int = 0):
+    """A small net and its loss, as ``loss_fn(generator)`` and as ``batch_fn`` + ``loss_fn(*batch)``."""
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def batch_fn(generator):
+        rows = torch.randint(64, (16,), generator=generator)
+        return x[rows], x[rows].sum(1)
+
+    def loss_of(inputs, targets):
+        return (net(inputs).squeeze(1) - targets).pow(2).mean()
+
+    return net, (lambda generator: loss_of(*batch_fn(generator))), batch_fn, loss_of
+
+
+def test_train_loop_with_batch_fn_computes_what_the_single_loss_fn_computes():
+    """Splitting the minibatch from the loss (what a CUDA graph needs) changes nothing on the CPU."""
+    from captum_inn.training.loop import train_loop
+
+    net, loss_fn, _, _ = _split_regression()
+    whole = train_loop(net, loss_fn, steps=25, lr=0.01, schedule="cosine", progress=False)
+    split_net, _, batch_fn, loss_of = _split_regression()
+    split = train_loop(split_net, loss_of, batch_fn=batch_fn, steps=25, lr=0.01, schedule="cosine", progress=False)
+    assert split == whole
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), split_net.parameters()))
+
+
+def test_cuda_graph_true_where_none_can_be_captured_is_a_clear_error():
+    from captum_inn.training.loop import train_loop
+
+    net, loss_fn, batch_fn, loss_of = _split_regression()
+    with pytest.raises(ValueError, match=r"cuda_graph=True.*not on a CUDA device"):
+        train_loop(net, loss_of, batch_fn=batch_fn, steps=2, lr=0.01, progress=False, cuda_graph=True)
+    with pytest.raises(ValueError, match=r"cuda_graph=True.*needs `batch_fn`"):
+        train_loop(net, loss_fn, steps=2, lr=0.01, progress=False, cuda_graph=True)
+    with pytest.raises(TypeError, match="`cuda_graph` must be True, False or None"):
+        train_loop(net, loss_of, batch_fn=batch_fn, steps=2, lr=0.01, progress=False, cuda_graph="yes")
+
+
+def test_optimizer_checkpoints_keep_the_loading_optimizers_own_implementation():
+    """A checkpoint of a captured GPU fit (capturable Adam, rate in a tensor) resumes on the CPU, and back."""
+    from captum_inn.training.checkpoint import load_optimizer, optimizer_tensors
+
+    net = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(net.parameters(), lr=torch.tensor(0.02))
+    net(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    tensors, meta = optimizer_tensors(optimizer)
+    json.dumps(meta)  # the rate is stored as a number
+    assert meta["param_groups"][0]["lr"] == pytest.approx(0.02)
+    meta["param_groups"][0]["capturable"] = True  # as a captured fit writes it
+
+    plain = torch.optim.Adam(net.parameters(), lr=0.5, foreach=True)
+    load_optimizer(plain, tensors, meta)
+    group = plain.param_groups[0]
+    assert (group["capturable"], group["foreach"]) == (False, True)  # this optimiser's own way of running
+    assert group["lr"] == pytest.approx(0.02)  # the fit's rate
+    net(torch.randn(4, 3)).sum().backward()
+    plain.step()  # a capturable flag on CPU parameters would raise here
+
+    rate = torch.tensor(0.5)
+    held = torch.optim.Adam(net.parameters(), lr=rate)
+    load_optimizer(held, tensors, meta)
+    assert held.param_groups[0]["lr"] is rate and float(rate) == pytest.approx(0.02)  # the same tensor, refilled

@@ -170,7 +170,14 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") 
                 tensors[f"{prefix}{pid}.{key}"] = value.detach().clone()
             else:
                 scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    # a rate held in a tensor (a captured CUDA step reads it there) is stored as the number it holds
+    groups = [{k: float(v) if torch.is_tensor(v) else v for k, v in group.items()} for group in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+# How an optimiser runs, not what it learned: a resumed fit keeps its own (a checkpoint written by a
+# CUDA-graph fit, capturable=True, must load into a CPU fit, which cannot capture).
+_IMPLEMENTATION_FLAGS = ("capturable", "foreach", "fused", "differentiable")
 
 
 def load_optimizer(
@@ -193,4 +200,10 @@ def load_optimizer(
         for key, value in pstate.items():
             if param is not None and isinstance(value, torch.Tensor) and value.shape == param.shape:
                 pstate[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    groups = [{**saved, **{k: current[k] for k in _IMPLEMENTATION_FLAGS if k in current}}
+              for saved, current in zip(meta["param_groups"], optimizer.param_groups)]
+    rate_tensors = [group["lr"] if torch.is_tensor(group["lr"]) else None for group in optimizer.param_groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for group, rate in zip(optimizer.param_groups, rate_tensors):
+        if rate is not None:  # keep the tensor, with the stored value
+            group["lr"] = rate.fill_(float(group["lr"]))

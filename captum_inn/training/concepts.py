@@ -440,22 +440,25 @@ def fit_concepts(
     meta = {"kind": "concept_inn", "config": {"inn": inn.config, "train": resume_key(asdict(config)), **info}}
     batch = local_batch_size(config.batch_size, config.batch_size)
 
-    def loss_fn(generator: torch.Generator) -> Tensor:
-        a_rows, b_rows, shared = [], [], []
-        for k, pool in enumerate(pools):
+    shared = torch.cat([masks[k].expand(batch, dim) for k in range(len(pools))])
+
+    def batch_fn(generator: torch.Generator) -> Tuple[Tensor]:
+        a_rows, b_rows = [], []
+        for pool in pools:
             index = torch.randint(pool.mean_a.shape[0], (batch,), generator=generator)
             eps = torch.randn(2, batch, dim, generator=generator)
             a_rows.append(pool.mean_a[index] + pool.std_a[index] * eps[0])
             b_rows.append(pool.mean_b[index] + pool.std_b[index] * eps[1])
-            shared.append(masks[k].expand(batch, dim))
-        x = torch.cat(a_rows + b_rows).to(device)
+        return (torch.cat(a_rows + b_rows).to(device),)
+
+    def loss_fn(x: Tensor) -> Tensor:
         y, logdet = inn(x)
         half = len(pools) * batch
-        nll = pair_nll(y[:half], logdet[:half], y[half:], logdet[half:], torch.cat(shared), config.rho)
+        nll = pair_nll(y[:half], logdet[:half], y[half:], logdet[half:], shared, config.rho)
         return nll.mean() / (2 * dim)
 
     history = train_loop(
-        inn, loss_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed,
+        inn, loss_fn, batch_fn=batch_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed,
         checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta,
         progress=progress, desc="concept INN",
     )

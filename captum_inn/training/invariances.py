@@ -16,7 +16,7 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -135,17 +135,20 @@ def _train(
     n = len(cache)
     batch = local_batch_size(config.batch_size, n)
 
-    def loss_fn(generator: torch.Generator) -> Tensor:
+    def batch_fn(generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         index = torch.randint(n, (batch,), generator=generator)
         codes = cache.sample_codes(index, generator)
         if config.code_noise > 0:
             codes = codes + config.code_noise * torch.randn(codes.shape, generator=generator).to(codes)
-        v, logdet = inn(codes.to(device), conditions[index].to(device))
+        return codes.to(device), conditions[index].to(device)
+
+    def loss_fn(codes: Tensor, condition: Tensor) -> Tensor:
+        v, logdet = inn(codes, condition)
         return (0.5 * v.pow(2).sum(1) - logdet).mean() / cache.latent_dim
 
     history = train_loop(
-        inn, loss_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed, checkpoint=checkpoint,
-        checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
+        inn, loss_fn, batch_fn=batch_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed,
+        checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
         desc=f"INN {name}", callback=callback,
     )
     inn.fit_info = {**fit_info, "steps": config.steps, "final_nll_per_dim": _tail_mean(history)}
@@ -156,8 +159,12 @@ def _train(
 def _auto_workers(workers: Optional[int], n_layers: int, device: torch.device) -> int:
     if workers is not None:
         return workers
-    if device.type != "cpu" or world(device)[1] > 1:
-        return 1  # accelerators queue their own work; ranks must issue collectives in one order
+    if world(device)[1] > 1:
+        return 1  # ranks must issue their collectives in one order
+    if device.type == "cuda":  # each fit replays its captured steps on its own stream; they overlap
+        return n_layers
+    if device.type != "cpu":
+        return 1  # other accelerators queue their own work
     return max(1, min(n_layers, torch.get_num_threads()))
 
 
@@ -183,7 +190,13 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
                     if step % 10 == 0:
                         bar.refresh()
                 check()
-            return _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step)
+            if device.type != "cuda":
+                return _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step)
+            stream = torch.cuda.Stream(device)  # the current stream is per thread: this fit's own
+            with torch.cuda.stream(stream):
+                inn = _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step)
+            stream.synchronize()  # its last update is done before another stream reads the INN
+            return inn
         return task
 
     try:
@@ -241,9 +254,10 @@ def fit_invariances(
         workers: How many layers' INNs train at the same time, each on an equal share of torch's
             CPU threads. ``None``: on the CPU, as many as there are layers and threads (an INN step
             is many small ops that leave a second core idle; several fits side by side finish
-            sooner); one at a time on accelerators and under ``torchrun``. Each fit computes the
-            same either way; only the thread count differs, which changes floating-point rounding
-            (over thousands of steps: a different, equally good fit).
+            sooner); on a CUDA device, every layer at once, each on its own stream (their captured
+            steps overlap on the GPU); one at a time on other accelerators and under ``torchrun``.
+            Each fit computes the same either way; only the thread count differs, which changes
+            floating-point rounding (over thousands of steps: a different, equally good fit).
         **overrides: Fields of :class:`InvarianceConfig`.
 
     Returns:

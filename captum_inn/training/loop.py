@@ -9,7 +9,7 @@ import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -141,12 +141,20 @@ def train_loop(
     desc: str = "fit",
     weight_decay: float = 0.0,
     callback: Optional[Callable[[int, nn.Module], None]] = None,
+    batch_fn: Optional[Callable[[torch.Generator], Sequence[Tensor]]] = None,
+    cuda_graph: Optional[bool] = None,
 ) -> List[float]:
     """Minimise ``loss_fn`` over ``module``'s parameters for ``steps`` Adam steps.
 
     ``loss_fn(generator)`` draws its own minibatch with ``generator`` and returns a scalar loss. All
     randomness of a fit flows through that one generator, so a fit resumed from a checkpoint (which
     stores the model, the optimiser and the generator state) continues exactly where it stopped.
+
+    With ``batch_fn``, each step calls ``loss_fn(*batch_fn(generator))`` instead: ``batch_fn`` draws
+    the minibatch (and any noise) and moves it to the device; ``loss_fn`` only computes. On a GPU
+    this split lets the step be captured once as a CUDA graph and replayed (``cuda_graph``): an INN
+    step is a thousand small kernels, and replaying them costs a fraction of launching them one by
+    one (benchmarks/README.md, "GPU run"). On the CPU the split changes nothing.
 
     Under ``torchrun`` (:mod:`captum_inn.training.distributed`) each rank has its own generator,
     rank 0's parameters are copied to all ranks before the first step, gradients and losses are
@@ -173,12 +181,23 @@ def train_loop(
         weight_decay: Decoupled weight decay (AdamW); 0 gives plain Adam.
         callback: ``callback(step, module)`` after every step (``step`` counts completed steps),
             e.g. to keep snapshots of a model over its training.
+        batch_fn: ``generator -> tensors``, the minibatch of a step on ``module``'s device; the
+            tensors must have the same shapes every step. ``loss_fn`` then takes those tensors.
+        cuda_graph: Capture the step (``loss_fn``, backward, clipping, Adam) as CUDA graphs after
+            a few eager warm-up steps. ``None`` (default): when ``batch_fn`` is given, ``module``
+            is on a CUDA device and the fit runs in one process; should the capture fail (a
+            ``loss_fn`` that reads values on the host, say), the fit warns and goes on eagerly.
+            ``True``: the same, but a failed capture is an error. ``False``: never. The captured
+            step reads the loss on the host between the backward pass and the update, so a
+            non-finite loss still stops the fit before it changes any parameter.
 
     Returns:
         The loss of every step (including those of the run that was resumed).
 
     Raises:
         FloatingPointError: the loss became NaN or infinite; the last checkpoint is left intact.
+        ValueError: ``cuda_graph=True`` where no graph can be captured (no ``batch_fn``, not on a
+            CUDA device, or several processes).
 
     Examples::
 
@@ -197,12 +216,16 @@ def train_loop(
     lr, weight_decay = check_number(lr, "lr", positive=True), check_number(weight_decay, "weight_decay")
     meta = dict(meta or {"kind": "module", "config": {}})
     parameter = next(module.parameters(), None)  # under torchrun on GPUs the process group is NCCL's
-    rank, n_ranks = world(None if parameter is None else parameter.device)
+    device = torch.device("cpu") if parameter is None else parameter.device
+    rank, n_ranks = world(device)
+    graphed = _use_cuda_graph(cuda_graph, batch_fn, device, n_ranks)
     generator = torch.Generator().manual_seed(int(seed) + _RANK_SEED_STRIDE * rank)
     # foreach: the same per-element arithmetic as the per-tensor loop (bit for bit), in fewer calls;
-    # an INN has over a hundred small parameters, so on the CPU a step is ~10% faster
-    optimizer = (torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
-                 if weight_decay else torch.optim.Adam(module.parameters(), lr=lr, betas=betas, foreach=True))
+    # an INN has over a hundred small parameters, so on the CPU a step is ~10% faster. capturable:
+    # the step count and bias corrections stay on the GPU, so the update can be captured
+    adam = dict(lr=lr, betas=betas, foreach=True, capturable=graphed)
+    optimizer = (torch.optim.AdamW(module.parameters(), weight_decay=weight_decay, **adam)
+                 if weight_decay else torch.optim.Adam(module.parameters(), **adam))
     start, history = 0, []
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
@@ -233,37 +256,161 @@ def train_loop(
         save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta,
                                               "world_size": n_ranks})
 
+    if graphed:  # after the resume: the captured update reads the rate from this tensor
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+    def check_finite(loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"{desc}: the loss became {loss} at step {step}. Lower the learning rate "
+                f"(now {lr}) or check the inputs for NaN/inf; for an INN, a smaller `clamp` (bound on the "
+                "coupling scales) also helps. The last checkpoint was left as it was."
+            )
+
+    def eager_step(step: int, batch: Optional[Sequence[Tensor]] = None) -> float:
+        if batch is None and batch_fn is not None:
+            batch = batch_fn(generator)
+        loss = loss_fn(generator) if batch is None else loss_fn(*batch)
+        optimizer.zero_grad(set_to_none=True)
+        if torch.isfinite(loss) or n_ranks > 1:  # all ranks must join the gradient all-reduce
+            loss.backward()
+        value = float(average_gradients(module, loss).detach())
+        check_finite(value, step)
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        optimizer.step()
+        return value
+
+    captured: Optional[CapturedStep] = None
+    # CUDA graphs want the eager warm-up steps before a capture on a side stream
+    side = torch.cuda.Stream(device) if graphed else None
     module.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress or rank != 0,
                leave=False)
     for step in bar:
         if schedule == "cosine":
+            rate = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))
             for group in optimizer.param_groups:
-                group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))
-        loss = loss_fn(generator)
-        optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss) or n_ranks > 1:  # all ranks must join the gradient all-reduce
-            loss.backward()
-        loss = average_gradients(module, loss)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{desc}: the loss became {float(loss.detach())} at step {step}. Lower the learning rate "
-                f"(now {lr}) or check the inputs for NaN/inf; for an INN, a smaller `clamp` (bound on the "
-                "coupling scales) also helps. The last checkpoint was left as it was."
-            )
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
-        optimizer.step()
-        history.append(float(loss.detach()))
+                if torch.is_tensor(group["lr"]):
+                    group["lr"].fill_(rate)
+                else:
+                    group["lr"] = rate
+        batch = None
+        if graphed and captured is None and step >= start + CapturedStep.WARMUP_STEPS and step + 1 < steps:
+            batch = batch_fn(generator)
+            captured = _capture_or_warn(module, optimizer, loss_fn, batch, grad_clip, strict=cuda_graph is True)
+            graphed = captured is not None
+        if captured is not None:
+            loss = captured.forward_backward(batch_fn(generator) if batch is None else batch)
+            check_finite(loss, step)  # before the update: a bad step changes no parameter
+            captured.update()
+        elif graphed:  # a warm-up step
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                loss = eager_step(step)
+            torch.cuda.current_stream(device).wait_stream(side)
+        else:
+            loss = eager_step(step, batch)
+        history.append(loss)
         if callback is not None:
             callback(step + 1, module)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.3f}")
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             write(step + 1)
+    if captured is not None:
+        optimizer.zero_grad(set_to_none=True)  # the gradients live in the graphs' memory pool
     average_buffers(module)
     module.eval()
     return history
+
+
+def _use_cuda_graph(cuda_graph: Optional[bool], batch_fn: Optional[Callable], device: torch.device,
+                    n_ranks: int) -> bool:
+    """Whether :func:`train_loop` captures its step: ``cuda_graph=None`` decides, ``True`` insists."""
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"`cuda_graph` must be True, False or None, got {cuda_graph!r}.")
+    reasons = [why for why, failed in (
+        ("it needs `batch_fn` (the minibatch drawn apart from the loss)", batch_fn is None),
+        (f"the module is on {device}, not on a CUDA device", device.type != "cuda"),
+        (f"this fit runs in {n_ranks} processes (gradients are all-reduced eagerly)", n_ranks > 1),
+    ) if failed]
+    if cuda_graph and reasons:
+        raise ValueError(f"`cuda_graph=True` cannot capture this step: {'; '.join(reasons)}. "
+                         "Pass cuda_graph=None to capture where possible.")
+    return cuda_graph is not False and not reasons
+
+
+class CapturedStep:
+    """A training step captured as two CUDA graphs and replayed (internal to :func:`train_loop`).
+
+    The first graph computes the loss and its gradients from static copies of the batch, the
+    second clips the gradients and applies Adam (``capturable=True``); between the two the host
+    reads the loss, so a non-finite loss can stop the fit before the update. Replaying launches a
+    whole step at once instead of its thousand small kernels one by one.
+
+    Args:
+        module: The model (its warm-up steps done, so lazily built state exists).
+        optimizer: Its optimiser, built with ``capturable=True``.
+        loss_fn: ``*batch -> scalar loss`` (no host reads inside).
+        batch: A batch of the shapes every later batch has (copied, not kept).
+        grad_clip: As in :func:`train_loop`.
+    """
+
+    WARMUP_STEPS = 3  # eager steps before the capture (cuBLAS handles, Adam's state, autograd set-up)
+    _capture_lock = threading.Lock()  # one capture at a time when fits run in threads
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[..., Tensor],
+                 batch: Sequence[Tensor], grad_clip: Optional[float]) -> None:
+        self.inputs: Tuple[Tensor, ...] = tuple(t.detach().clone() for t in batch)
+        with CapturedStep._capture_lock:
+            optimizer.zero_grad(set_to_none=True)  # the capture allocates the gradients in its pool
+            self.loss_graph = torch.cuda.CUDAGraph()
+            # thread_local: fits in other threads may keep working (on their own streams) meanwhile
+            with torch.cuda.graph(self.loss_graph, capture_error_mode="thread_local"):
+                self.loss = loss_fn(*self.inputs)
+                self.loss.backward()
+            self.update_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.update_graph, pool=self.loss_graph.pool(), capture_error_mode="thread_local"):
+                if grad_clip is not None:
+                    nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+                optimizer.step()
+
+    def forward_backward(self, batch: Sequence[Tensor]) -> float:
+        """Copy ``batch`` into the static inputs, replay the loss and gradients, return the loss."""
+        if len(batch) != len(self.inputs):
+            raise ValueError(f"`batch_fn` returned {len(batch)} tensors, the captured step takes {len(self.inputs)}.")
+        for static, tensor in zip(self.inputs, batch):
+            if static.shape != tensor.shape:
+                raise ValueError(
+                    f"`batch_fn` returned a tensor of shape {tuple(tensor.shape)} where the captured step took "
+                    f"{tuple(static.shape)}; a CUDA graph needs the same shapes every step. Keep the batch "
+                    "size fixed, or pass cuda_graph=False."
+                )
+            static.copy_(tensor)
+        self.loss_graph.replay()
+        return float(self.loss.detach())
+
+    def update(self) -> None:
+        """Replay the gradient clipping and the Adam update."""
+        self.update_graph.replay()
+
+
+def _capture_or_warn(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[..., Tensor],
+                     batch: Sequence[Tensor], grad_clip: Optional[float], strict: bool) -> Optional[CapturedStep]:
+    """A :class:`CapturedStep`, or ``None`` with a warning when the capture fails and ``strict`` is off."""
+    torch.cuda.current_stream(batch[0].device).synchronize()  # the warm-up steps are done
+    try:
+        return CapturedStep(module, optimizer, loss_fn, batch, grad_clip)
+    except Exception as error:  # e.g. a loss_fn that reads a value on the host (not allowed in a graph)
+        if strict:
+            raise
+        optimizer.zero_grad(set_to_none=True)
+        warnings.warn(f"Could not capture the training step as a CUDA graph ({type(error).__name__}: "
+                      f"{str(error)[:300]}); training on without it. Pass cuda_graph=False to skip the attempt.",
+                      stacklevel=3)
+        return None
 
 
 T = TypeVar("T")

@@ -272,6 +272,17 @@ def test_a_batch_of_another_shape_under_a_captured_step_is_a_clear_error(cuda):
         train_loop(net, loss_of, batch_fn=shrinking, steps=20, lr=0.01, progress=False)
 
 
+def test_fit_invariances_and_fit_concepts_capture_their_steps_on_cuda(cuda, fitted, monkeypatch):
+    counts = _count_replays(monkeypatch)
+    inns = fit_invariances(fitted["cnn"], ["relu3", "fc"], fitted["ae"], fitted["images"], steps=10, device=cuda,
+                           progress=False, **TINY_INN)
+    assert counts["captures"] == 2 and counts["updates"] == 2 * 7
+    assert all(len(inn.history) == 10 and inn.history[-1] < inn.history[0] for inn in inns.values())
+    fit_concepts(fitted["ae"], fitted["data"].concepts("differ"), factor_sizes={"digit": 3, "foreground": 2,
+                 "background": 2}, steps=10, n_blocks=2, hidden=32, pool_size=64, device=cuda, progress=False)
+    assert counts["captures"] == 3
+
+
 def test_a_loss_that_cannot_be_captured_warns_and_trains_on_unless_insisted(cuda):
     from captum_inn.training.loop import train_loop
 
@@ -288,14 +299,3 @@ def test_a_loss_that_cannot_be_captured_warns_and_trains_on_unless_insisted(cuda
     with pytest.raises(RuntimeError):
         train_loop(net, host_reading_loss, batch_fn=batch_fn, steps=12, lr=0.01, progress=False, cuda_graph=True)
     assert torch.isfinite(torch.randn(3, device=cuda).sum())  # the device still works after a failed capture
-
-
-def test_fit_invariances_and_fit_concepts_capture_their_steps_on_cuda(cuda, fitted, monkeypatch):
-    counts = _count_replays(monkeypatch)
-    inns = fit_invariances(fitted["cnn"], ["relu3", "fc"], fitted["ae"], fitted["images"], steps=10, device=cuda,
-                           progress=False, **TINY_INN)
-    assert counts["captures"] == 2 and counts["updates"] == 2 * 7
-    assert all(len(inn.history) == 10 and inn.history[-1] < inn.history[0] for inn in inns.values())
-    fit_concepts(fitted["ae"], fitted["data"].concepts("differ"), factor_sizes={"digit": 3, "foreground": 2,
-                 "background": 2}, steps=10, n_blocks=2, hidden=32, pool_size=64, device=cuda, progress=False)
-    assert counts["captures"] == 3

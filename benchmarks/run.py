@@ -187,6 +187,7 @@ def environment() -> Dict[str, Any]:
 
     import captum_inn
     from captum_inn.inn._fast import fast_path_enabled
+    from captum_inn.training.loop import cuda_graphs_by_default
 
     dev = device()
     return {
@@ -196,6 +197,7 @@ def environment() -> Dict[str, Any]:
         # the vector instructions torch's CPU kernels use (AVX2, AVX512): ratios move with them
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_subnets": fast_path_enabled(),  # which path the coupling subnets took
+        "cuda_graphs": cuda_graphs_by_default(),  # whether fits on CUDA captured their steps
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -221,7 +221,23 @@ def test_the_captured_step_trains_as_the_eager_step_does(cuda, schedule, monkeyp
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
-def test_a_captured_fit_resumes_from_its_checkpoint_and_on_the_cpu(cuda, tmp_path):
+def test_fits_capture_only_when_asked_or_enabled(cuda, monkeypatch):
+    from captum_inn.training.loop import train_loop
+
+    monkeypatch.delenv("CAPTUM_INN_CUDA_GRAPHS", raising=False)
+    counts = _count_replays(monkeypatch)
+    net, batch_fn, loss_of = _regression(cuda)
+    train_loop(net, loss_of, batch_fn=batch_fn, steps=10, lr=0.01, progress=False)
+    assert counts["captures"] == 0
+    monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "1")
+    train_loop(net, loss_of, batch_fn=batch_fn, steps=10, lr=0.01, progress=False)
+    assert counts["captures"] == 1
+    train_loop(net, loss_of, batch_fn=batch_fn, steps=10, lr=0.01, progress=False, cuda_graph=False)
+    assert counts["captures"] == 1
+
+
+def test_a_captured_fit_resumes_from_its_checkpoint_and_on_the_cpu(cuda, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "1")  # captured by default
     from captum_inn.training.loop import train_loop
 
     path = str(tmp_path / "fit.safetensors")
@@ -257,7 +273,8 @@ def test_a_nonfinite_loss_stops_a_captured_fit_before_its_update(cuda):
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
-def test_a_batch_of_another_shape_under_a_captured_step_is_a_clear_error(cuda):
+def test_a_batch_of_another_shape_under_a_captured_step_is_a_clear_error(cuda, monkeypatch):
+    monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "1")  # captured by default
     from captum_inn.training.loop import train_loop
 
     net, batch_fn, loss_of = _regression(cuda)
@@ -273,6 +290,7 @@ def test_a_batch_of_another_shape_under_a_captured_step_is_a_clear_error(cuda):
 
 
 def test_fit_invariances_and_fit_concepts_capture_their_steps_on_cuda(cuda, fitted, monkeypatch):
+    monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "1")
     counts = _count_replays(monkeypatch)
     inns = fit_invariances(fitted["cnn"], ["relu3", "fc"], fitted["ae"], fitted["images"], steps=10, device=cuda,
                            progress=False, **TINY_INN)
@@ -283,7 +301,8 @@ def test_fit_invariances_and_fit_concepts_capture_their_steps_on_cuda(cuda, fitt
     assert counts["captures"] == 3
 
 
-def test_a_loss_that_cannot_be_captured_warns_and_trains_on_unless_insisted(cuda):
+def test_a_loss_that_cannot_be_captured_warns_and_trains_on_unless_insisted(cuda, monkeypatch):
+    monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "1")  # captured by default
     from captum_inn.training.loop import train_loop
 
     net, batch_fn, loss_of = _regression(cuda)

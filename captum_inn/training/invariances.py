@@ -26,7 +26,13 @@ from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
 from captum_inn.training.distributed import local_batch_size, shard_data, world
-from captum_inn.training.loop import merged_config, resume_key, run_concurrently, train_loop
+from captum_inn.training.loop import (
+    cuda_graphs_by_default,
+    merged_config,
+    resume_key,
+    run_concurrently,
+    train_loop,
+)
 
 __all__ = [
     "InvarianceConfig",
@@ -161,7 +167,7 @@ def _auto_workers(workers: Optional[int], n_layers: int, device: torch.device) -
         return workers
     if world(device)[1] > 1:
         return 1  # ranks must issue their collectives in one order
-    if device.type == "cuda":  # each fit replays its captured steps on its own stream; they overlap
+    if device.type == "cuda" and cuda_graphs_by_default():  # captured steps on their own streams overlap
         return n_layers
     if device.type != "cpu":
         return 1  # other accelerators queue their own work
@@ -254,8 +260,10 @@ def fit_invariances(
         workers: How many layers' INNs train at the same time, each on an equal share of torch's
             CPU threads. ``None``: on the CPU, as many as there are layers and threads (an INN step
             is many small ops that leave a second core idle; several fits side by side finish
-            sooner); on a CUDA device, every layer at once, each on its own stream (their captured
-            steps overlap on the GPU); one at a time on other accelerators and under ``torchrun``.
+            sooner); on a CUDA device with captured steps
+            (:func:`~captum_inn.training.loop.cuda_graphs_by_default`), every layer at once, each
+            on its own stream, where their replays overlap; otherwise one at a time on
+            accelerators, and under ``torchrun``.
             Each fit computes the same either way; only the thread count differs, which changes
             floating-point rounding (over thousands of steps: a different, equally good fit).
         **overrides: Fields of :class:`InvarianceConfig`.

@@ -66,6 +66,10 @@ def test_disk_cache_equals_memory_cache(images, autoencoder, tmp_path):
     assert torch.equal(disk.code_mean[:], memory.code_mean) and torch.equal(disk.code_std[:], memory.code_std)
     reopened = FeatureCache.open(tmp_path / "cache")
     assert reopened.model_class == memory.model_class and list(reopened.layers) == LAYERS
+    index = torch.tensor([3, 0, 39, 3])  # any order, repeats allowed: a minibatch's rows
+    for name in LAYERS:
+        assert torch.equal(memory.rows(name, index), memory.layers[name][index])
+        assert torch.equal(disk.rows(name, index), memory.layers[name][index])
 
 
 def test_fit_from_disk_equals_fit_from_memory(images, autoencoder, tmp_path):

@@ -93,6 +93,15 @@ class FeatureCache:
                 raise ValueError(f"The feature cache's {label} contains NaN or infinite values; check the images, "
                                  "the model and the encoder.")
 
+    def rows(self, name: str, index: Tensor) -> Tensor:
+        """Layer ``name``'s activations at the rows ``index`` (a 1-d tensor of row numbers)."""
+        values = self.layers[name]
+        if isinstance(values, DiskArray):
+            return values[index]
+        # index_select copies whole rows: a minibatch of 64x16x16 maps in 0.9 ms, against 2-3 ms
+        # for advanced indexing (one thread)
+        return values.index_select(0, index.to(values.device))
+
     def sample_codes(self, index: Tensor, generator: torch.Generator) -> Tensor:
         """Posterior samples ``mean + std · ε`` of the codes at ``index`` (DESIGN.md §5: not the mean)."""
         mean, std = self.code_mean[index], self.code_std[index]

@@ -113,7 +113,6 @@ def checkpoint_name(layer: str) -> str:
 
 def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device) -> ConditionalINN:
     """A fresh INN for one cached layer, its embedder statistics and ActNorms initialised from the data."""
-    conditions = cache.layers[name]
     torch.manual_seed(config.seed)  # only the weight initialisation draws from the global RNG
     inn = ConditionalINN(
         cache.latent_dim, cache.layer_shape(name), n_blocks=config.n_blocks, hidden=config.hidden,
@@ -121,10 +120,11 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
         conv_width=config.conv_width, conv_max_width=config.conv_max_width,
     ).to(device)
     init = torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:1024]
-    inn.embedder.set_input_statistics(conditions[init].to(device))
+    init_conditions = cache.rows(name, init).to(device)
+    inn.embedder.set_input_statistics(init_conditions)
     with torch.no_grad():  # ActNorm's data-dependent initialisation, on a large real batch
         init_gen = torch.Generator().manual_seed(config.seed)
-        inn(cache.sample_codes(init, init_gen).to(device), conditions[init].to(device))
+        inn(cache.sample_codes(init, init_gen).to(device), init_conditions)
     return inn
 
 
@@ -132,7 +132,6 @@ def _train(
     inn: ConditionalINN, cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device,
     checkpoint: Optional[str], resume: bool, progress: bool, callback: Optional[Callable[[int, nn.Module], None]] = None,
 ) -> ConditionalINN:
-    conditions = cache.layers[name]
     fit_info = {
         "layer": name, "layer_shape": list(cache.layer_shape(name)), "latent_dim": cache.latent_dim,
         "model_class": cache.model_class,
@@ -146,7 +145,7 @@ def _train(
         codes = cache.sample_codes(index, generator)
         if config.code_noise > 0:
             codes = codes + config.code_noise * torch.randn(codes.shape, generator=generator).to(codes)
-        return codes.to(device), conditions[index].to(device)
+        return codes.to(device), cache.rows(name, index).to(device)
 
     def loss_fn(codes: Tensor, condition: Tensor) -> Tensor:
         v, logdet = inn(codes, condition)

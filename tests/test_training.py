@@ -447,3 +447,21 @@ def test_optimizer_checkpoints_keep_the_loading_optimizers_own_implementation():
     held = torch.optim.Adam(net.parameters(), lr=rate)
     load_optimizer(held, tensors, meta)
     assert held.param_groups[0]["lr"] is rate and float(rate) == pytest.approx(0.02)  # the same tensor, refilled
+
+
+def test_when_train_loop_captures_its_step(monkeypatch):
+    """The decision alone (pure; the capture itself is tested on CUDA in tests/test_device.py)."""
+    from captum_inn.training.loop import _use_cuda_graph
+
+    cuda, cpu, batch_fn = torch.device("cuda"), torch.device("cpu"), (lambda generator: ())
+    monkeypatch.delenv("CAPTUM_INN_CUDA_GRAPHS", raising=False)
+    assert not _use_cuda_graph(None, batch_fn, cuda, 1)  # opt-in for now
+    assert _use_cuda_graph(True, batch_fn, cuda, 1)
+    monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "1")
+    assert _use_cuda_graph(None, batch_fn, cuda, 1)
+    assert not _use_cuda_graph(False, batch_fn, cuda, 1)
+    assert not _use_cuda_graph(None, None, cuda, 1)  # no batch_fn: nothing to capture
+    assert not _use_cuda_graph(None, batch_fn, cpu, 1)
+    assert not _use_cuda_graph(None, batch_fn, cuda, 2)  # torchrun: eager all-reduce
+    with pytest.raises(ValueError, match="2 processes"):
+        _use_cuda_graph(True, batch_fn, cuda, 2)

@@ -198,6 +198,7 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
             if device.type != "cuda":
                 return _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step)
             stream = torch.cuda.Stream(device)  # the current stream is per thread: this fit's own
+            stream.wait_stream(torch.cuda.default_stream(device))  # the INN's initialisation ran there
             with torch.cuda.stream(stream):
                 inn = _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step)
             stream.synchronize()  # its last update is done before another stream reads the INN

@@ -301,7 +301,7 @@ def train_loop(
         batch = None
         if graphed and captured is None and step >= start + CapturedStep.WARMUP_STEPS and step + 1 < steps:
             batch = batch_fn(generator)
-            captured = _capture_or_warn(module, optimizer, loss_fn, batch, grad_clip, strict=cuda_graph is True)
+            captured = _capture_or_warn(module, optimizer, loss_fn, batch, grad_clip, device, strict=cuda_graph is True)
             graphed = captured is not None
         if captured is not None:
             loss = captured.forward_backward(batch_fn(generator) if batch is None else batch)
@@ -418,9 +418,10 @@ class CapturedStep:
 
 
 def _capture_or_warn(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[..., Tensor],
-                     batch: Sequence[Tensor], grad_clip: Optional[float], strict: bool) -> Optional[CapturedStep]:
+                     batch: Sequence[Tensor], grad_clip: Optional[float], device: torch.device,
+                     strict: bool) -> Optional[CapturedStep]:
     """A :class:`CapturedStep`, or ``None`` with a warning when the capture fails and ``strict`` is off."""
-    torch.cuda.current_stream(batch[0].device).synchronize()  # the warm-up steps are done
+    torch.cuda.current_stream(device).synchronize()  # the warm-up steps are done
     try:
         return CapturedStep(module, optimizer, loss_fn, batch, grad_clip)
     except Exception as error:  # e.g. a loss_fn that reads a value on the host (not allowed in a graph)

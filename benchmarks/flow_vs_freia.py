@@ -227,7 +227,7 @@ def _pair(n_blocks: int, data: List[Tuple[Tensor, Tensor]]) -> Dict[str, Trainer
         v_freia, _ = freia(x, c=[c])
     assert torch.allclose(v_ours, v_freia, atol=1e-3), "the two flows must start from the same function"
     pair = {"ours": Trainer(ours, _call_ours, data), "freia": Trainer(freia, _call_freia, data)}
-    if device().type == "cuda":  # what fit_* run on a GPU: the captured step, on its own copy of ours
+    if device().type == "cuda":  # the captured step fit_* can run on a GPU, on its own copy of ours
         pair["ours_captured"] = CapturedTrainer(copy.deepcopy(ours), _call_ours, data)
     return pair
 
@@ -252,8 +252,10 @@ def bench_config(n_blocks: int, repeats: int, chunk: int = 20, steps: int = 300)
                   "train_first": t.losses[0],
                   "test": t.test_nll(data["x_test"].to(device()), data["c_test"].to(device()))}
            for name, t in pair.items()}
-    # the headline is the path the package trains with on this device (captured on CUDA)
-    path = "ours_captured" if "ours_captured" in pair else "ours"
+    # the headline is the path the package trains with here: captured only where fits capture
+    from captum_inn.training.loop import cuda_graphs_by_default
+
+    path = "ours_captured" if "ours_captured" in pair and cuda_graphs_by_default() else "ours"
     ours_s, freia_s = per_step[path]["median_s"], per_step["freia"]["median_s"]
     return {
         "n_blocks": n_blocks,

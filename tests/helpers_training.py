@@ -13,6 +13,23 @@ from captum_inn.models import SmallCNN
 TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16, batch_size=16)
 
 
+def split_regression(device="cpu", seed=0, width=64):
+    """A small net and its loss in ``train_loop``'s split form: ``batch_fn(generator)`` draws rows on
+    the CPU and moves them to ``device``, ``loss_of(inputs, targets)`` only computes."""
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).to(device)
+
+    def batch_fn(generator):
+        rows = torch.randint(512, (64,), generator=generator)
+        return x[rows].to(device), x[rows].sum(1).to(device)
+
+    def loss_of(inputs, targets):
+        return (net(inputs).squeeze(1) - targets).pow(2).mean()
+
+    return net, batch_fn, loss_of
+
+
 def randomise_couplings(flow):
     """Give every coupling's last subnet layer random weights (fresh couplings are the identity)."""
     for m in flow.modules():

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from helpers_training import split_regression
 
 from captum_inn import LayerConcepts, LayerInvariance
 from captum_inn.datasets import ColorDigits
@@ -167,22 +168,6 @@ def cuda(device):
     return device
 
 
-def _regression(device, seed=0, width=64):
-    """A small net and a split loss (``batch_fn`` draws on the CPU and moves, ``loss_of`` computes)."""
-    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).to(device)
-
-    def batch_fn(generator):
-        rows = torch.randint(512, (64,), generator=generator)
-        return x[rows].to(device), x[rows].sum(1).to(device)
-
-    def loss_of(inputs, targets):
-        return (net(inputs).squeeze(1) - targets).pow(2).mean()
-
-    return net, batch_fn, loss_of
-
-
 def _count_replays(monkeypatch):
     from captum_inn.training.loop import CapturedStep
 
@@ -207,11 +192,11 @@ def test_the_captured_step_trains_as_the_eager_step_does(cuda, schedule, monkeyp
     from captum_inn.training.loop import CapturedStep, train_loop
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    net, batch_fn, loss_of = _regression(cuda)
+    net, batch_fn, loss_of = split_regression(cuda)
     eager = train_loop(net, loss_of, batch_fn=batch_fn, steps=40, lr=0.01, schedule=schedule, progress=False,
                        cuda_graph=False)
     counts = _count_replays(monkeypatch)
-    graph_net, batch_fn, loss_of = _regression(cuda)
+    graph_net, batch_fn, loss_of = split_regression(cuda)
     graphed = train_loop(graph_net, loss_of, batch_fn=batch_fn, steps=40, lr=0.01, schedule=schedule, progress=False,
                          cuda_graph=True)
     assert counts == {"captures": 1, "updates": 40 - CapturedStep.WARMUP_STEPS}
@@ -226,7 +211,7 @@ def test_fits_capture_only_when_asked_or_enabled(cuda, monkeypatch):
 
     monkeypatch.delenv("CAPTUM_INN_CUDA_GRAPHS", raising=False)
     counts = _count_replays(monkeypatch)
-    net, batch_fn, loss_of = _regression(cuda)
+    net, batch_fn, loss_of = split_regression(cuda)
     train_loop(net, loss_of, batch_fn=batch_fn, steps=10, lr=0.01, progress=False)
     assert counts["captures"] == 0
     monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "1")
@@ -241,17 +226,17 @@ def test_a_captured_fit_resumes_from_its_checkpoint_and_on_the_cpu(cuda, tmp_pat
     from captum_inn.training.loop import train_loop
 
     path = str(tmp_path / "fit.safetensors")
-    net, batch_fn, loss_of = _regression(cuda)
+    net, batch_fn, loss_of = split_regression(cuda)
     whole = train_loop(net, loss_of, batch_fn=batch_fn, steps=30, lr=0.01, progress=False)
-    first_net, batch_fn, loss_of = _regression(cuda)
+    first_net, batch_fn, loss_of = split_regression(cuda)
     train_loop(first_net, loss_of, batch_fn=batch_fn, steps=12, lr=0.01, progress=False, checkpoint=path)
     cpu_path = str(tmp_path / "for_the_cpu.safetensors")
     shutil.copy(path, cpu_path)
-    resumed_net, batch_fn, loss_of = _regression(cuda, seed=5)  # other weights: the checkpoint's must win
+    resumed_net, batch_fn, loss_of = split_regression(cuda, seed=5)  # other weights: the checkpoint's must win
     resumed = train_loop(resumed_net, loss_of, batch_fn=batch_fn, steps=30, lr=0.01, progress=False, checkpoint=path)
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(whole), rtol=1e-3, atol=1e-4)
 
-    cpu_net, cpu_batch, cpu_loss = _regression(torch.device("cpu"), seed=5)  # the GPU fit's checkpoint, on the CPU
+    cpu_net, cpu_batch, cpu_loss = split_regression(torch.device("cpu"), seed=5)  # the GPU fit's checkpoint, on the CPU
     on_cpu = train_loop(cpu_net, cpu_loss, batch_fn=cpu_batch, steps=30, lr=0.01, progress=False, checkpoint=cpu_path)
     torch.testing.assert_close(torch.tensor(on_cpu), torch.tensor(whole), rtol=1e-2, atol=1e-3)
 
@@ -259,7 +244,7 @@ def test_a_captured_fit_resumes_from_its_checkpoint_and_on_the_cpu(cuda, tmp_pat
 def test_a_nonfinite_loss_stops_a_captured_fit_before_its_update(cuda):
     from captum_inn.training.loop import train_loop
 
-    net, batch_fn, loss_of = _regression(cuda)
+    net, batch_fn, loss_of = split_regression(cuda)
     calls = {"n": 0}
 
     def poisoned_batch(generator):  # the 9th batch (step 8, captured) has NaN targets
@@ -277,7 +262,7 @@ def test_a_batch_of_another_shape_under_a_captured_step_is_a_clear_error(cuda, m
     monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "1")  # captured by default
     from captum_inn.training.loop import train_loop
 
-    net, batch_fn, loss_of = _regression(cuda)
+    net, batch_fn, loss_of = split_regression(cuda)
     calls = {"n": 0}
 
     def shrinking(generator):
@@ -305,7 +290,7 @@ def test_a_loss_that_cannot_be_captured_warns_and_trains_on_unless_insisted(cuda
     monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "1")  # captured by default
     from captum_inn.training.loop import train_loop
 
-    net, batch_fn, loss_of = _regression(cuda)
+    net, batch_fn, loss_of = split_regression(cuda)
 
     def host_reading_loss(inputs, targets):  # .item() inside: not allowed in a graph
         loss = loss_of(inputs, targets)
@@ -314,7 +299,7 @@ def test_a_loss_that_cannot_be_captured_warns_and_trains_on_unless_insisted(cuda
     with pytest.warns(UserWarning, match="Could not capture the training step"):
         history = train_loop(net, host_reading_loss, batch_fn=batch_fn, steps=12, lr=0.01, progress=False)
     assert len(history) == 12 and history[-1] < history[0]
-    net, batch_fn, loss_of = _regression(cuda)
+    net, batch_fn, loss_of = split_regression(cuda)
     with pytest.raises(RuntimeError):
         train_loop(net, host_reading_loss, batch_fn=batch_fn, steps=12, lr=0.01, progress=False, cuda_graph=True)
     assert torch.isfinite(torch.randn(3, device=cuda).sum())  # the device still works after a failed capture

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from helpers_hooks import assert_no_hooks, training_flags
-from helpers_training import TINY, CountingCNN
+from helpers_training import TINY, CountingCNN, split_regression
 from torch import nn
 
 from captum_inn.autoencoders import (
@@ -382,29 +382,13 @@ def test_train_loop_adam_matches_the_per_tensor_adam_bit_for_bit(weight_decay, m
     assert all(torch.equal(a, b) for a, b in zip(multi_tensor, per_tensor))
 
 
-def _split_regression(seed: int = 0):
-    """A small net and its loss, as ``loss_fn(generator)`` and as ``batch_fn`` + ``loss_fn(*batch)``."""
-    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
-
-    def batch_fn(generator):
-        rows = torch.randint(64, (16,), generator=generator)
-        return x[rows], x[rows].sum(1)
-
-    def loss_of(inputs, targets):
-        return (net(inputs).squeeze(1) - targets).pow(2).mean()
-
-    return net, (lambda generator: loss_of(*batch_fn(generator))), batch_fn, loss_of
-
-
 def test_train_loop_with_batch_fn_computes_what_the_single_loss_fn_computes():
     """Splitting the minibatch from the loss (what a CUDA graph needs) changes nothing on the CPU."""
     from captum_inn.training.loop import train_loop
 
-    net, loss_fn, _, _ = _split_regression()
-    whole = train_loop(net, loss_fn, steps=25, lr=0.01, schedule="cosine", progress=False)
-    split_net, _, batch_fn, loss_of = _split_regression()
+    net, batch_fn, loss_of = split_regression()
+    whole = train_loop(net, lambda generator: loss_of(*batch_fn(generator)), steps=25, lr=0.01, schedule="cosine", progress=False)
+    split_net, batch_fn, loss_of = split_regression()
     split = train_loop(split_net, loss_of, batch_fn=batch_fn, steps=25, lr=0.01, schedule="cosine", progress=False)
     assert split == whole
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), split_net.parameters()))
@@ -413,11 +397,12 @@ def test_train_loop_with_batch_fn_computes_what_the_single_loss_fn_computes():
 def test_cuda_graph_true_where_none_can_be_captured_is_a_clear_error():
     from captum_inn.training.loop import train_loop
 
-    net, loss_fn, batch_fn, loss_of = _split_regression()
+    net, batch_fn, loss_of = split_regression()
     with pytest.raises(ValueError, match=r"cuda_graph=True.*not on a CUDA device"):
         train_loop(net, loss_of, batch_fn=batch_fn, steps=2, lr=0.01, progress=False, cuda_graph=True)
     with pytest.raises(ValueError, match=r"cuda_graph=True.*needs `batch_fn`"):
-        train_loop(net, loss_fn, steps=2, lr=0.01, progress=False, cuda_graph=True)
+        train_loop(net, lambda generator: loss_of(*batch_fn(generator)), steps=2, lr=0.01, progress=False,
+                   cuda_graph=True)
     with pytest.raises(TypeError, match="`cuda_graph` must be True, False or None"):
         train_loop(net, loss_of, batch_fn=batch_fn, steps=2, lr=0.01, progress=False, cuda_graph="yes")
 

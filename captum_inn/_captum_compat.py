@@ -14,10 +14,11 @@ from captum._utils.common import (  # noqa: F401 - re-exported
     _select_targets,
 )
 from captum._utils.typing import TargetType  # noqa: F401 - re-exported
-from captum.attr import LayerAttribution  # noqa: F401 - public base classes
+from captum.attr import GradientAttribution, LayerAttribution  # noqa: F401 - public base classes
 from captum.log import log_usage  # noqa: F401
 
 __all__ = [
+    "GradientAttribution",
     "LayerAttribution",
     "TargetType",
     "_expand_target",

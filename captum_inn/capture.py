@@ -26,6 +26,7 @@ Examples::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from contextlib import contextmanager
@@ -602,8 +603,43 @@ def eval_mode(*modules: Any) -> Iterator[None]:
             module.training = flag
 
 
+def _with_replaced(value: Any, selector: Selector, replacement: Tensor, name: str, what: str) -> Any:
+    """``value`` (a layer's output, or its positional-argument tuple) with the tensor that
+    ``selector`` picks (see :func:`_select`) swapped for ``replacement``; containers are copied,
+    never changed in place."""
+    _select(value, selector, name, what)  # the same checks, and errors, as reading the layer
+    if selector is None:
+        if isinstance(value, Tensor):
+            return replacement
+        selector = 0
+    if callable(selector) and not isinstance(selector, (int, str)):
+        raise TypeError(
+            f"layer {name!r}: a callable selector picks a tensor out of the {what} but cannot say where to "
+            "put a replacement back; pass an int index or a str key/attribute name instead"
+        )
+    if isinstance(selector, int):
+        items = list(value)
+        items[selector] = replacement
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # namedtuples keep their type
+    if isinstance(value, Mapping):
+        copied = dict(value) if type(value) is dict else copy.copy(value)
+        copied[selector] = replacement
+        return copied
+    if hasattr(value, "_fields"):  # a namedtuple field
+        return value._replace(**{selector: replacement})
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{selector: replacement})  # frozen ones too
+    copied = copy.copy(value)  # another object with the tensor as an attribute
+    setattr(copied, selector, replacement)
+    return copied
+
+
 @contextmanager
-def replace_activation(module: nn.Module, value: Tensor, attribute_to_layer_input: bool = False) -> Iterator[None]:
+def replace_activation(
+    module: nn.Module, value: Tensor, attribute_to_layer_input: bool = False, selector: Selector = None
+) -> Iterator[None]:
     """Within the block, ``module``'s output (or first input) is replaced by ``value``.
 
     The rest of the model then runs on ``value``: this is how a representation given in another
@@ -614,6 +650,10 @@ def replace_activation(module: nn.Module, value: Tensor, attribute_to_layer_inpu
         module: The layer.
         value: The replacement, shaped like the layer's activation ``(N, ...)``.
         attribute_to_layer_input: Replace the layer's input instead of its output.
+        selector: Which tensor of a non-tensor output (or of the inputs) to replace, as in
+            :class:`LayerHooks`: an ``int`` index or a ``str`` key, attribute or keyword-argument
+            name; everything else in the output passes through unchanged. A callable selector
+            cannot be inverted and is a ``TypeError``.
 
     Examples::
 
@@ -622,16 +662,22 @@ def replace_activation(module: nn.Module, value: Tensor, attribute_to_layer_inpu
         ...     torch.equal(net(torch.rand(4, 3)), net[2](torch.zeros(4, 2)))
         True
     """
+    name = type(module).__name__
 
-    def output_hook(_module: nn.Module, _args: Any, output: Any) -> Tensor:
-        if isinstance(output, Tensor) and output.shape != value.shape:
-            raise ValueError(f"replacement of shape {tuple(value.shape)} for an activation of shape {tuple(output.shape)}")
-        return value
+    def check_shape(current: Tensor) -> None:
+        if current.shape != value.shape:
+            raise ValueError(f"replacement of shape {tuple(value.shape)} for an activation of shape {tuple(current.shape)}")
 
-    def input_hook(_module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
-        return (value, *args[1:])
+    def output_hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        check_shape(_select(output, selector, name, "output"))
+        return _with_replaced(output, selector, value, name, "output")
 
-    handle = (module.register_forward_pre_hook(input_hook) if attribute_to_layer_input
+    def input_hook(_module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+        if isinstance(selector, str) and selector in kwargs:
+            return args, {**kwargs, selector: value}
+        return _with_replaced(args, selector, value, name, "input"), kwargs
+
+    handle = (module.register_forward_pre_hook(input_hook, with_kwargs=True) if attribute_to_layer_input
               else module.register_forward_hook(output_hook))
     try:
         yield

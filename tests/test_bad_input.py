@@ -49,6 +49,11 @@ def _fitted_inn(dim, cond_shape):
     return inn.eval()
 
 
+def _named(inn, layer):
+    inn.fit_info = {"layer": layer}
+    return inn
+
+
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
@@ -83,16 +88,20 @@ def _cases():
         ("n_samples a float", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, n_samples=2.5), TypeError, "`n_samples` must be an int"),
         ("temperature 0", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, temperature=0), ValueError, "`temperature`"),
         ("temperature negative", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, temperature=-1.0), ValueError, "`temperature`"),
+        ("temperature infinite", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, temperature=float("inf")), ValueError, "`temperature` must be finite"),
         ("internal_batch_size 0", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, internal_batch_size=0), ValueError, "internal_batch_size"),
         ("generator not a Generator", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, generator=0), TypeError, "`generator`"),
         ("unknown layer name", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logit", inn, ae), ValueError, "did you mean 'cnn.logits'"),
         ("layer never runs", lambda m, ae, inn, e: capture(m, "never", X), ValueError, "did not run"),
         ("INN for another layer", lambda m, ae, inn, e: LayerInvariance(m, "cnn.relu3", inn, ae).sample(X), ValueError, "Fit an INN for this layer"),
+        ("INN fitted on another layer", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", _named(_fitted_inn(6, (10,)), "cnn.fc"), ae), ValueError, "fitted on layer 'cnn.fc', not 'cnn.logits'"),
         ("INN not an INN", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", e, ae), TypeError, "ConditionalINN"),
         ("autoencoder of another latent size", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ConvAutoencoder((3, 32, 32), 5)), ValueError, "latent_dim=5"),
         ("autoencoder without decode", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, object()), TypeError, "encode"),
         ("donors of another batch size", lambda m, ae, inn, e: inv(m, ae, inn).transfer(X, X[:2]), ValueError, "one image per input"),
         ("concept target out of range", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=99), ValueError, "out of range"),
+        ("concept edit value of another shape", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.zeros(2, 2)), ValueError, r"`value` for concept 'a' must be a floating-point tensor of shape \(3, 2\)"),
+        ("concept edit value NaN", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.tensor([0.0, float("nan")])), ValueError, "`value` contains NaN"),
         ("unknown concept name", lambda m, ae, inn, e: con(m, ae, e).edit(X, "colour"), ValueError, "Unknown concept 'colour'"),
         ("concept baselines of another size", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=0, baselines=torch.zeros(4)), ValueError, "`baselines`"),
         ("concept INN on another representation", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ConvAutoencoder((3, 32, 32), 4)), ValueError, "latent_dim=4"),
@@ -143,6 +152,51 @@ def test_batch_of_one_works(setup):
     explainer = LayerInvariance(model, "cnn.logits", inn, ae)
     assert explainer.attribute(X[:1], n_samples=3).shape == (1, 3, 32, 32)
     assert LayerConcepts(model, "cnn.logits", e, ae).attribute(X[:1], target=0).shape == (1, 3)
+
+
+def test_an_error_of_the_model_is_not_reported_as_a_bad_target(setup):
+    model, ae, _, e = setup
+
+    class WithLabel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.embedding = model, nn.Embedding(5, 10)
+
+        def forward(self, image, label):
+            return self.net(image) + self.embedding(label)
+
+    concepts = LayerConcepts(WithLabel().eval(), "net.cnn.logits", e, ae)
+    with pytest.raises(IndexError, match="index out of range in self"):  # label 7 of 5, target 3 is fine
+        concepts.attribute(X, target=3, additional_forward_args=(torch.tensor([0, 1, 7]),), n_steps=4)
+
+
+def test_layer_names_are_checked_where_both_are_known(setup):
+    model, ae, _, _ = setup
+    inn = _named(_fitted_inn(6, (10,)), "cnn.logits")
+    wrapped = nn.Sequential(model).eval()  # the same layer is "0.cnn.logits" there
+    assert LayerInvariance(wrapped, "0.cnn.logits", inn, ae).sample(X, n_samples=2).shape == (3, 2, 3, 32, 32)
+    # a plain function has no layer names: the module itself is the layer
+    explainer = LayerInvariance(lambda images: model(images), model.cnn.logits, inn, ae)
+    assert explainer.sample(X, n_samples=2).shape == (3, 2, 3, 32, 32)
+
+
+def test_concept_edits_take_donors_when_the_image_is_not_the_first_input(setup):
+    model, ae, _, e = setup
+
+    class LabelFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, label, image):
+            return self.net(image)
+
+    labels = torch.arange(3)
+    concepts = LayerConcepts(LabelFirst().eval(), "net.cnn.logits", e, ae, image_input=1)
+    by_tensor = concepts.edit((labels, X), "a", donors=X[:1])
+    by_tuple = concepts.edit((labels, X), "a", donors=(labels[:1], X[:1]))
+    expected = LayerConcepts(model, "cnn.logits", e, ae).edit(X, "a", donors=X[:1])
+    assert torch.equal(by_tensor, expected) and torch.equal(by_tuple, expected)
 
 
 def test_a_model_in_training_mode_with_batch_norm_warns(setup):

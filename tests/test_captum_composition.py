@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from captum.attr import IntegratedGradients, NoiseTunnel
+from captum.attr import GradientAttribution, IntegratedGradients, NoiseTunnel
 from captum.attr import visualization as viz
 from captum.metrics import infidelity, sensitivity_max
 from helpers_hooks import Gate, assert_no_hooks, training_flags
@@ -257,6 +257,65 @@ def test_noise_tunnel_over_concept_attributions(setup, x, scale, layer, mode):
         from_tuple = NoiseTunnel(concepts).attribute((x, scale), nt_type="vargrad", nt_samples=2,
                                                      stdevs=(0.02, 0.0), target=1, n_steps=8)
     assert isinstance(from_tuple, torch.Tensor) and from_tuple.shape == (N, k)
+
+
+@pytest.mark.parametrize("layer", [False, True], ids=["code", "layer"])
+def test_concepts_are_a_gradient_attribution_with_their_own_convergence_delta(setup, x, layer):
+    """Captum's ``compute_convergence_delta(attributions, baselines, inputs, target)`` in factor space:
+    the delta that ``attribute`` returns, and it moves one for one with the attributions' sum."""
+    concepts = _concepts(setup, layer)
+    assert isinstance(concepts, GradientAttribution)
+    base = torch.full((concepts.concept_inn.dim,), 0.1)
+    scores, delta = concepts.attribute(x, target=2, baselines=base, n_steps=32, return_convergence_delta=True)
+    assert torch.allclose(concepts.compute_convergence_delta(scores, base, x, target=2), delta, atol=1e-5)
+    shifted = scores + 1.0 / scores.shape[1]  # the attributions now sum to 1 more per input
+    assert torch.allclose(concepts.compute_convergence_delta(shifted, base, x, target=2), delta + 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [False, True], ids=["code", "layer"])
+def test_concept_attributions_take_number_baselines_and_the_layer_input_switch(setup, x, layer):
+    concepts = _concepts(setup, layer)
+    kw = dict(target=1, n_steps=8)
+    plain = concepts.attribute(x, **kw)
+    assert torch.allclose(concepts.attribute(x, baselines=0, **kw), plain)  # Captum's scalar baseline
+    filled = concepts.attribute(x, baselines=torch.full((concepts.concept_inn.dim,), 0.5), **kw)
+    assert torch.allclose(concepts.attribute(x, baselines=0.5, **kw), filled)
+    assert torch.equal(concepts.attribute(x, attribute_to_layer_input=False, **kw), plain)
+    if layer:  # the input of cnn.fc is not the 128-d vector the concept INN was fitted on
+        with pytest.raises(ValueError, match="acts on vectors of size 128"):
+            concepts.attribute(x, attribute_to_layer_input=True, **kw)
+
+
+def test_concepts_on_a_layer_that_returns_a_tuple_replace_only_the_selected_tensor():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(12, 6)
+
+        def forward(self, v):
+            h = self.lin(v)
+            return h, h.abs().sum(1)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.head = Pair(), nn.Linear(6, 3)
+
+        def forward(self, image):
+            h, aux = self.pair(image.flatten(1))
+            return self.head(h) + aux[:, None]
+
+    torch.manual_seed(0)
+    net, images = TwoHeads().eval(), torch.rand(4, 3, 2, 2)
+    e = FactorINN(6, {"x": 2}, n_blocks=2, hidden=8)
+    randomise_couplings(e)
+    with torch.no_grad():
+        e(torch.randn(16, 6))
+    e.fit_info = {"representation": {"kind": "layer", "layer": "pair", "dim": 6}}
+    concepts = LayerConcepts(net, "pair", e.eval(), selector=0)
+    assert torch.allclose(concepts.output_from_factors(images), net(images), atol=1e-5)
+    scores, delta = concepts.attribute(images, target=0, n_steps=64, return_convergence_delta=True)
+    assert scores.shape == (4, 2) and delta.abs().max() < 1e-2
 
 
 # ---------------------------------------------------------------- sensitivity_max

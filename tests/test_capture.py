@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers_hooks import assert_no_hooks, training_flags
 from torch import nn
 
-from captum_inn.capture import LayerHooks, capture, resolve_layer
+from captum_inn.capture import LayerHooks, capture, replace_activation, resolve_layer
 
 torch.set_num_threads(1)
 
@@ -236,6 +236,60 @@ def test_selectors_of_each_kind():
     )
     assert torch.equal(capture(model, "dc", x, selector="feat"), h * 2 + 1)  # dataclass field
     assert torch.equal(capture(model, "", x, selector="logits"), h * 2 + 1)  # dict key
+    assert_no_hooks(model)
+
+
+def test_replace_activation_puts_the_value_where_the_selector_reads():
+    """The tensor a selector reads is the one replaced; the rest of the output passes through."""
+    model = seeded(DictModel())
+    x = torch.randn(3, 3)
+    h = model.lin(x)
+    value = torch.randn(3, 4)
+    with replace_activation(model.two, value, selector=0):  # tuple output: index 0
+        out = model(x)
+    assert torch.equal(out["logits"], value + 1) and torch.equal(out["mean"], h.mean(dim=1))
+    with replace_activation(model.dc, value, selector="feat"):  # dataclass field
+        assert torch.equal(model(x)["logits"], value)
+    with replace_activation(model.lin, value, attribute_to_layer_input=False):  # plain tensor output
+        assert torch.equal(model(x)["mean"], value.mean(dim=1))
+    with replace_activation(model.two, value, attribute_to_layer_input=True):  # the first positional input
+        assert torch.equal(model(x)["logits"], value * 2 + 1)
+    with pytest.raises(TypeError, match="callable selector .* int index or a str key"):
+        with replace_activation(model.two, value, selector=lambda o: o[0]):
+            model(x)
+    with pytest.raises(ValueError, match="replacement of shape"):
+        with replace_activation(model.two, torch.randn(3, 5), selector=0):
+            model(x)
+    assert_no_hooks(model)
+
+
+def test_replace_activation_keyword_input_and_namedtuple_output():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "features aux")
+
+    class Named(nn.Module):
+        def forward(self, x):
+            return Pair(x * 3, x.sum(1))
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.named, self.inner = Named(), DictModel()
+
+        def forward(self, t):
+            pair = self.named(t)
+            assert isinstance(pair, Pair)  # the replacement keeps the namedtuple type
+            return self.inner(pair.features, scale=torch.tensor(3.0))
+
+    model = seeded(Wrap())
+    x = torch.randn(2, 3)
+    value = torch.randn(2, 3)
+    with replace_activation(model.named, value, selector="features"):
+        expected = model.inner(value, scale=torch.tensor(3.0))["logits"]
+        assert torch.equal(model(x)["logits"], expected)
+    with replace_activation(model.inner, torch.tensor(5.0), attribute_to_layer_input=True, selector="scale"):
+        assert torch.equal(model(x)["logits"], model.inner(x * 3, scale=torch.tensor(5.0))["logits"])
     assert_no_hooks(model)
 
 

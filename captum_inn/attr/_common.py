@@ -19,6 +19,7 @@ __all__ = [
     "layer_activation",
     "check_positive_int",
     "check_same_device",
+    "check_fitted_layer",
     "warn_if_training",
 ]
 
@@ -92,6 +93,22 @@ def resolve_model_layer(forward_func: Callable, layer: Union[str, nn.Module]) ->
     raise TypeError(
         "`layer` given by name needs `forward_func` to be an nn.Module; pass the layer module itself "
         "when forward_func is a plain function."
+    )
+
+
+def check_fitted_layer(fitted: Optional[str], name: str, forward_func: Callable, what: str) -> None:
+    """``ValueError`` when an INN fitted on layer ``fitted`` is used for layer ``name``.
+
+    Names are compared only where both are known: ``fitted`` from the INN's ``fit_info`` and ``name``
+    from a model given as an ``nn.Module`` (a plain function has no layer names). A name that is a
+    dotted suffix of the other (``"fc"`` and ``"module.fc"``: the model wrapped) counts as the same.
+    """
+    if fitted is None or not isinstance(forward_func, nn.Module) or fitted == name:
+        return
+    if name.endswith("." + fitted) or fitted.endswith("." + name):
+        return
+    raise ValueError(
+        f"`{what}` was fitted on layer {fitted!r}, not {name!r}; pass that layer or fit an INN for this one."
     )
 
 

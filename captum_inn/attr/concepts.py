@@ -8,14 +8,17 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._captum_compat import (
+    GradientAttribution,
     LayerAttribution,
     TargetType,
     _format_additional_forward_args,
+    _select_targets,
     log_usage,
 )
 from captum_inn._random import normal
 from captum_inn.attr._common import (
     as_optional_generator,
+    check_fitted_layer,
     check_positive_int,
     check_same_device,
     format_inputs,
@@ -32,7 +35,7 @@ __all__ = ["LayerConcepts"]
 _CODE, _LAYER = "autoencoder_code", "layer"
 
 
-class LayerConcepts(LayerAttribution):
+class LayerConcepts(LayerAttribution, GradientAttribution):
     r"""Named concepts of a representation, found by the factor INN ``e`` (Esser et al., 2020).
 
     ``e`` maps a representation to factors ``(e_1, …, e_K, e_res)``, one per concept and a residual
@@ -96,12 +99,7 @@ class LayerConcepts(LayerAttribution):
         representation = (getattr(concept_inn, "fit_info", None) or {}).get("representation", {"kind": _CODE})
         self.representation = representation.get("kind", _CODE)
         if self.representation == _LAYER:
-            fitted = representation.get("layer")
-            if fitted is not None and fitted != name:
-                raise ValueError(
-                    f"`concept_inn` was fitted on layer {fitted!r}, not {name!r}; pass that layer or fit "
-                    "a concept INN for this one."
-                )
+            check_fitted_layer(representation.get("layer"), name, forward_func, "concept_inn")
         else:
             if autoencoder is None:
                 raise ValueError("`autoencoder` is needed: `concept_inn` acts on autoencoder codes.")
@@ -120,7 +118,8 @@ class LayerConcepts(LayerAttribution):
                     f"`invariance_inn` models codes of size {invariance_inn.dim}; `concept_inn` must act on the "
                     f"same autoencoder codes (it acts on a {self.representation} of size {concept_inn.dim})."
                 )
-        super().__init__(forward_func, module, device_ids)
+        LayerAttribution.__init__(self, forward_func, module, device_ids)
+        GradientAttribution.__init__(self, forward_func)
         self.layer_name = name
         self.concept_inn = concept_inn
         self.autoencoder = autoencoder
@@ -165,17 +164,21 @@ class LayerConcepts(LayerAttribution):
             raise ValueError(f"Unknown concept {concept!r}; this concept INN has {self.concept_names}.")
         return self.concept_inn.factor_slices[concept]
 
-    def _representation(self, inputs: Tuple[Tensor, ...], additional_forward_args: Any) -> Tensor:
+    def _to_input(self, attribute_to_layer_input: Optional[bool]) -> bool:
+        return self.attribute_to_layer_input if attribute_to_layer_input is None else bool(attribute_to_layer_input)
+
+    def _representation(self, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
+                        image_input: Optional[int] = None, attribute_to_layer_input: Optional[bool] = None) -> Tensor:
         if self.representation == _LAYER:
             z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args,
-                                 self.attribute_to_layer_input, self.selector)
+                                 self._to_input(attribute_to_layer_input), self.selector)
             if z.dim() != 2 or z.shape[1] != self.concept_inn.dim:
                 raise ValueError(
                     f"Layer {self.layer_name!r} gives activations of shape {tuple(z.shape[1:])}, but `concept_inn` "
                     f"acts on vectors of size {self.concept_inn.dim}."
                 )
             return z
-        code = encode_mean(self.autoencoder, inputs[self.image_input])
+        code = encode_mean(self.autoencoder, inputs[self.image_input if image_input is None else image_input])
         if code.shape[1] != self.concept_inn.dim:
             raise ValueError(
                 f"`autoencoder` gives codes of size {code.shape[1]}, but `concept_inn` acts on codes of size "
@@ -199,6 +202,21 @@ class LayerConcepts(LayerAttribution):
             raise ValueError(f"`{name}` contains NaN or infinite values.")
         return factors.expand(n, -1)
 
+    def _baseline_factors(self, baselines: Any, factors: Tensor) -> Tensor:
+        """The factor-space baseline of :meth:`attribute` for inputs with ``factors``."""
+        if isinstance(baselines, tuple) and len(baselines) == 1:
+            # NoiseTunnel passes baselines on in Captum's tuple form: (1, d) arrives as ((1, d),).
+            baselines = baselines[0]
+        if baselines is None:
+            return torch.zeros_like(factors)  # the prior mean
+        if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
+            baselines = torch.full((self.concept_inn.dim,), float(baselines))  # Captum's scalar baseline
+        if isinstance(baselines, Tensor) and baselines.dim() == 0 and baselines.is_floating_point():
+            baselines = baselines.expand(self.concept_inn.dim)
+        if isinstance(baselines, Tensor):
+            baselines = baselines.to(factors)
+        return self._check_factors(baselines, factors.shape[0], "baselines").contiguous()
+
     # ------------------------------------------------------------------ public methods
     @torch.no_grad()
     def factors(self, inputs: Union[Tensor, Tuple[Tensor, ...]], additional_forward_args: Any = None) -> Tensor:
@@ -216,10 +234,15 @@ class LayerConcepts(LayerAttribution):
             # concepts and x = torch.rand(2, 3, 32, 32) as in the class example
             f = concepts.factors(x)              # (2, 8): d = 8 factor dimensions
         """
-        inputs = format_inputs(inputs, self.image_input)
+        return self._factors(format_inputs(inputs, self.image_input), additional_forward_args)
+
+    @torch.no_grad()
+    def _factors(self, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
+                 attribute_to_layer_input: Optional[bool] = None) -> Tensor:
         check_same_device(inputs[self.image_input], self.concept_inn)
         with eval_mode(self.concept_inn, self.autoencoder):
-            return self.concept_inn(self._representation(inputs, additional_forward_args), jac=False)[0]
+            representation = self._representation(inputs, additional_forward_args, None, attribute_to_layer_input)
+            return self.concept_inn(representation, jac=False)[0]
 
     def decompose(self, inputs: Union[Tensor, Tuple[Tensor, ...]], additional_forward_args: Any = None) -> Dict[str, Tensor]:
         """The inputs' factors by concept.
@@ -251,8 +274,9 @@ class LayerConcepts(LayerAttribution):
         Args:
             inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
             concept: The concept to replace (one of :attr:`concept_names`).
-            donors: ``(N, C, H, W)`` (or ``(1, C, H, W)``) images whose ``concept`` factor is taken.
-            value: ``(N, size)`` or ``(size,)`` factor values to put in instead.
+            donors: ``(N, C, H, W)`` (or ``(1, C, H, W)``) images whose ``concept`` factor is taken,
+                or a tuple shaped like ``inputs`` (its ``image_input`` entry is used).
+            value: ``(N, size)``, ``(1, size)`` or ``(size,)`` factor values to put in instead.
             generator: Seeds a fresh draw ``N(0, I)`` when neither ``donors`` nor ``value`` is given.
 
         Returns:
@@ -277,13 +301,26 @@ class LayerConcepts(LayerAttribution):
         factors = self.factors(inputs).clone()
         size = block.stop - block.start
         if donors is not None:
-            donor_factors = self.factors(format_inputs(donors, 0, "donors"))
+            # the donors' images alone: a code representation never runs the model
+            index = 0 if isinstance(donors, Tensor) else self.image_input
+            donor_images = format_inputs(donors, index, "donors")[index]
+            check_same_device(donor_images, self.concept_inn, "donors")
+            with eval_mode(self.concept_inn, self.autoencoder):
+                donor_factors = self.concept_inn(self._representation((donor_images,), None, image_input=0), jac=False)[0]
             if donor_factors.shape[0] not in (1, n):
                 raise ValueError(f"`donors` must hold 1 or {n} images (one per input), got {donor_factors.shape[0]}.")
             new = donor_factors[:, block].expand(n, -1)
         elif value is not None:
-            if not isinstance(value, Tensor) or value.shape[-1] != size or value.dim() > 2:
-                raise ValueError(f"`value` for concept {concept!r} must have shape ({n}, {size}) or ({size},).")
+            shape_ok = isinstance(value, Tensor) and (
+                (value.dim() == 1 and value.shape[0] == size) or (value.dim() == 2 and value.shape[1] == size and value.shape[0] in (1, n)))
+            if not shape_ok or not value.is_floating_point():
+                got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"`value` for concept {concept!r} must be a floating-point tensor of shape ({n}, {size}), "
+                    f"(1, {size}) or ({size},); got {got}."
+                )
+            if not torch.isfinite(value).all():
+                raise ValueError("`value` contains NaN or infinite values.")
             new = value.to(factors).reshape(-1, size).expand(n, -1)
         else:
             new = normal((n, size), generator, factors.device, factors.dtype)
@@ -326,12 +363,14 @@ class LayerConcepts(LayerAttribution):
         factors = self.factors(inputs, additional_forward_args) if factors is None else self._check_factors(factors, n)
         return self._forward_from_factors(factors, inputs, additional_forward_args)
 
-    def _forward_from_factors(self, factors: Tensor, inputs: Tuple[Tensor, ...], additional_forward_args: Any) -> Any:
+    def _forward_from_factors(self, factors: Tensor, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
+                              attribute_to_layer_input: Optional[bool] = None) -> Any:
         extra = _format_additional_forward_args(additional_forward_args) or ()
         with eval_mode(self.concept_inn, self.autoencoder):
             representation = self._to_representation(factors)
             if self.representation == _LAYER:
-                with replace_activation(self.layer, representation, self.attribute_to_layer_input):
+                to_input = self._to_input(attribute_to_layer_input)
+                with replace_activation(self.layer, representation, to_input, self.selector):
                     return self.forward_func(*inputs, *extra)
             images = self.autoencoder.decode(representation)
             model_inputs = tuple(images if i == self.image_input else t for i, t in enumerate(inputs))
@@ -426,17 +465,73 @@ class LayerConcepts(LayerAttribution):
         mean = self.encoded(inputs, **kwargs).mean(0)
         return {name: float(value) for name, value in zip(self.concept_names, mean)}
 
+    def _target_fails(self, target: TargetType, factors: Tensor, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
+                      attribute_to_layer_input: Optional[bool]) -> bool:
+        """Whether picking ``target`` from the model's output is what fails (not the model itself)."""
+        try:
+            with torch.no_grad():
+                output = self._forward_from_factors(factors, inputs, additional_forward_args, attribute_to_layer_input)
+        except Exception:  # noqa: BLE001 - the model's own error: the caller re-raises the original
+            return False
+        try:
+            _select_targets(output, target)
+        except (IndexError, RuntimeError, ValueError, AssertionError):
+            return True
+        return False
+
+    def compute_convergence_delta(
+        self,
+        attributions: Tensor,
+        start_point: Union[None, int, float, Tensor, Tuple[Tensor]],
+        end_point: Union[Tensor, Tuple[Tensor, ...]],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+    ) -> Tensor:
+        """Completeness error of concept attributions: their sum minus the change of the target output.
+
+        Captum's method, in this class's spaces: the path starts at a factor-space baseline and ends
+        at the inputs' factors, and the output is the model's through ``e⁻¹`` (decoded for code
+        representations). :meth:`attribute` with ``return_convergence_delta=True`` returns the same.
+
+        Args:
+            attributions: ``(N, K)`` from :meth:`attribute` (or ``(N, d)`` per factor dimension).
+            start_point: The factor-space baseline, as ``baselines`` of :meth:`attribute`: ``(N, d)``,
+                ``(1, d)``, ``(d,)`` or a number (``None``: the prior mean, zeros).
+            end_point: The inputs, ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
+            target: The output explained, any of Captum's ``TargetType`` forms.
+            additional_forward_args: Extra arguments of ``forward_func``.
+
+        Returns:
+            ``(N,)``: ``Σ attributions − (output(inputs) − output(baseline))``.
+
+        Examples::
+
+            scores = concepts.attribute(x, target=3)
+            concepts.compute_convergence_delta(scores, None, x, target=3)   # (2,), near 0
+        """
+        inputs = format_inputs(end_point, self.image_input)
+        end = self.factors(inputs, additional_forward_args)
+        start = self._baseline_factors(start_point, end)
+        if not isinstance(attributions, Tensor) or attributions.shape[0] != end.shape[0]:
+            raise ValueError(f"`attributions` must be a tensor with one row per input ({end.shape[0]}).")
+        with torch.no_grad():
+            change = [_select_targets(self._forward_from_factors(f, inputs, additional_forward_args), target)
+                      for f in (start, end)]
+        total = attributions.reshape(end.shape[0], -1).sum(1)
+        return total - (change[1] - change[0]).reshape(end.shape[0], -1).sum(1).to(total)
+
     @log_usage()
     def attribute(
         self,
         inputs: Union[Tensor, Tuple[Tensor, ...]],
         target: TargetType = None,
         additional_forward_args: Any = None,
-        baselines: Union[None, Tensor, Tuple[Tensor]] = None,
+        baselines: Union[None, int, float, Tensor, Tuple[Tensor]] = None,
         n_steps: int = 512,
         method: str = "riemann_trapezoid",
         internal_batch_size: Optional[int] = 256,
         return_convergence_delta: bool = False,
+        attribute_to_layer_input: Optional[bool] = None,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """Concept attributions: Integrated Gradients in factor space, summed per concept.
 
@@ -456,8 +551,9 @@ class LayerConcepts(LayerAttribution):
             inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
             target: The output to explain, any of Captum's ``TargetType`` forms.
             additional_forward_args: Extra arguments of ``forward_func``.
-            baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``, or Captum's
-                one-element tuple of one; for an image baseline pass :meth:`factors` of it. Under
+            baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``, a number (every
+                factor at that value), or Captum's one-element tuple of one; for an image baseline
+                pass :meth:`factors` of it. Under
                 ``NoiseTunnel`` give ``(1, d)`` (Captum checks baselines against the image inputs
                 and only lets a batch of one through).
             n_steps: Integration steps. The path runs through the decoder and the model, whose ReLUs
@@ -468,6 +564,8 @@ class LayerConcepts(LayerAttribution):
             internal_batch_size: Path points per forward pass (``None``: all at once, which for
                 512 steps can need gigabytes).
             return_convergence_delta: Also return the per-input completeness error.
+            attribute_to_layer_input: Override the constructor's choice (layer representations:
+                read and replace the layer's input rather than its output).
 
         Returns:
             ``(N, K)`` attributions (columns :attr:`concept_names`), and with
@@ -490,18 +588,13 @@ class LayerConcepts(LayerAttribution):
         if self.representation == _CODE:
             # factors() of codes never runs the model, so nothing else warns about training mode.
             warn_if_training(self.forward_func)
-        start = self.factors(inputs, additional_forward_args)
-        if isinstance(baselines, tuple) and len(baselines) == 1:
-            # NoiseTunnel passes baselines on in Captum's tuple form: (1, d) arrives as ((1, d),).
-            baselines = baselines[0]
-        if isinstance(baselines, Tensor):
-            baselines = baselines.to(start)
-        base = torch.zeros_like(start) if baselines is None else self._check_factors(baselines, n, "baselines").contiguous()
+        start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)
+        base = self._baseline_factors(baselines, start)
         extra = _format_additional_forward_args(additional_forward_args) or ()
 
         def through_factors(factors: Tensor, *rest: Any) -> Any:
             model_inputs, model_extra = rest[: len(inputs)], rest[len(inputs):]
-            return self._forward_from_factors(factors, tuple(model_inputs), model_extra or None)
+            return self._forward_from_factors(factors, tuple(model_inputs), model_extra or None, attribute_to_layer_input)
 
         try:
             with torch.enable_grad():
@@ -510,7 +603,7 @@ class LayerConcepts(LayerAttribution):
                     method=method, internal_batch_size=internal_batch_size, return_convergence_delta=True,
                 )
         except (IndexError, RuntimeError) as error:
-            if "out of bounds" not in str(error) and "out of range" not in str(error):
+            if not self._target_fails(target, start, inputs, additional_forward_args, attribute_to_layer_input):
                 raise
             raise ValueError(f"`target` {target!r} is out of range for the model's output ({error}).") from None
         per_concept = torch.stack([attributions[:, s].sum(1) for s in self.concept_inn.factor_slices.values()], dim=1)

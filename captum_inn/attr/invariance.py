@@ -17,6 +17,8 @@ from captum_inn._captum_compat import (
 from captum_inn._random import normal
 from captum_inn.attr._common import (
     as_optional_generator,
+    check_fitted_layer,
+    check_number,
     check_positive_int,
     check_same_device,
     format_inputs,
@@ -91,6 +93,7 @@ class LayerInvariance(LayerAttribution):
                 f"`inn` must be a captum_inn.inn.ConditionalINN (fitted with fit_invariances), got "
                 f"{type(inn).__name__}."
             )
+        check_fitted_layer((getattr(inn, "fit_info", None) or {}).get("layer"), name, forward_func, "inn")
         check_autoencoder(autoencoder)
         latent = getattr(autoencoder, "latent_dim", None)
         if latent is not None and int(latent) != inn.dim:
@@ -132,10 +135,11 @@ class LayerInvariance(LayerAttribution):
         to_input = self.attribute_to_layer_input if attribute_to_layer_input is None else attribute_to_layer_input
         z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args, to_input, self.selector)
         if tuple(z.shape[1:]) != self.inn.cond_shape:
-            fitted = getattr(self.inn, "fit_info", {}).get("layer", "another layer")
+            fitted = (getattr(self.inn, "fit_info", None) or {}).get("layer", "another layer")
+            read = f"the input of layer {self.layer_name!r}" if to_input else f"layer {self.layer_name!r}"
             raise ValueError(
                 f"`inn` was fitted for layer {fitted!r} with activations of shape {self.inn.cond_shape}, "
-                f"but layer {self.layer_name!r} gives {tuple(z.shape[1:])}. Fit an INN for this layer."
+                f"but {read} gives {tuple(z.shape[1:])}. Fit an INN for this layer."
             )
         return z
 
@@ -263,8 +267,7 @@ class LayerInvariance(LayerAttribution):
             samples = explainer.sample(x, n_samples=5, generator=g)   # (2, 5, 3, 32, 32)
         """
         n_samples = check_positive_int(n_samples, "n_samples")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}.")
+        temperature = check_number(temperature, "temperature", positive=True)
         as_optional_generator(generator)
         inputs = format_inputs(inputs, self.image_input)
         check_same_device(inputs[self.image_input], self.inn)

@@ -7,7 +7,8 @@ generator then gives the same numbers whatever the device of the computation.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -25,3 +26,24 @@ def normal(shape: Sequence[int], generator: Optional[torch.Generator], device: U
     if generator is None:
         return torch.randn(tuple(shape), device=device, dtype=dtype)
     return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+@contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """PyTorch's global generators seeded with ``seed`` inside the block, the caller's states back after.
+
+    Module constructors draw their initial weights from the global generators, so a fit seeds them
+    for a reproducible start; restoring them afterwards leaves the user's own random stream as it was.
+
+    Examples::
+
+        >>> state = torch.random.get_rng_state()
+        >>> with seeded_global_rng(0):
+        ...     a = torch.rand(2)
+        >>> torch.equal(torch.random.get_rng_state(), state), torch.equal(a, torch.rand(2, generator=torch.Generator().manual_seed(0)))
+        (True, True)
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield

@@ -254,6 +254,91 @@ def test_resume_refuses_a_cache_of_another_model_or_other_images(images, autoenc
     fit_invariances(retrained, "fc", autoencoder, images, steps=3, **settings)  # and resumes from it
 
 
+def test_an_inn_checkpoint_of_another_models_features_is_refused_even_with_a_fresh_cache(images, autoencoder, tmp_path):
+    """A fit that caches again (another set of layers here) must not resume an INN trained on another
+    model's features: the INN checkpoint records where its features came from."""
+    model, other = SmallCNN(width=4).eval(), SmallCNN(width=4).eval()
+    settings = dict(checkpoint_dir=str(tmp_path), progress=False, **TINY)
+    fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_every=1, **settings)
+    with pytest.raises(CheckpointError, match="another configuration"):
+        fit_invariances(other, ["fc", "logits"], autoencoder, images, steps=3, **settings)
+
+
+def test_each_layer_is_listed_once(images, autoencoder):
+    model = SmallCNN(width=4).eval()
+    with pytest.raises(ValueError, match="`layers` lists layer 'fc' more than once"):
+        fit_invariances(model, ["fc", model.fc], autoencoder, images, steps=1, progress=False, **TINY)
+
+
+def test_fits_leave_the_global_random_stream_as_they_found_it(images, autoencoder):
+    model = SmallCNN(width=4).eval()
+    cache = cache_features(model, "fc", autoencoder, images, progress=False)
+    fits = [lambda: fit_invariances(model, "fc", cache=cache, steps=1, progress=False, **TINY),
+            lambda: fit_autoencoder(images, latent_dim=4, width=4, steps=1, progress=False)]
+    for fit in fits:
+        torch.manual_seed(1234)
+        expected = torch.rand(3, generator=torch.Generator().manual_seed(1234))
+        fit()
+        assert torch.equal(torch.rand(3), expected)
+    # and the fits stay seeded: the same initial weights whatever the global state
+    torch.manual_seed(1)
+    first = fit_invariances(model, "fc", cache=cache, steps=1, progress=False, **TINY)
+    torch.manual_seed(2)
+    second = fit_invariances(model, "fc", cache=cache, steps=1, progress=False, **TINY)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_checkpoint_problems_show_before_training_and_resumes_cannot_go_back(tmp_path, images):
+    from captum_inn.training import train_loop
+
+    lin = nn.Linear(3, 1)
+    x = torch.randn(32, 3)
+
+    def loss_fn(generator):
+        rows = torch.randint(32, (8,), generator=generator)
+        return lin(x[rows]).pow(2).mean()
+
+    (tmp_path / "afile").write_text("not a folder")
+    steps_taken = []
+    for bad, match in ((tmp_path / "afile" / "ck.safetensors", "No checkpoint can be written"),
+                       (tmp_path, "is a folder; pass a file path in it")):
+        with pytest.raises(ValueError, match=match):
+            train_loop(lin, loss_fn, steps=100, lr=0.01, checkpoint=str(bad), progress=False,
+                       callback=lambda step, module: steps_taken.append(step))
+    assert steps_taken == []  # refused before the first step
+    path = str(tmp_path / "fit" / "ck.safetensors")
+    train_loop(lin, loss_fn, steps=10, lr=0.01, checkpoint=path, progress=False)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())  # like any file the user writes
+    with pytest.raises(ValueError, match="already holds 10 steps, more than `steps`=4"):
+        train_loop(lin, loss_fn, steps=4, lr=0.01, checkpoint=path, progress=False)
+    # a resumed autoencoder fit on images of another shape is refused like any other change
+    ae_path = str(tmp_path / "ae.safetensors")
+    fit_autoencoder(images, latent_dim=4, width=4, steps=2, checkpoint=ae_path, progress=False)
+    bigger = torch.nn.functional.interpolate(images, scale_factor=2)
+    with pytest.raises(CheckpointError, match="another configuration"):
+        fit_autoencoder(bigger, latent_dim=4, width=4, steps=3, checkpoint=ae_path, progress=False)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_images_of_the_wrong_dtype_and_unlabelled_classifier_data_are_clear_errors(images, autoencoder):
+    from captum_inn.training.classifier import fit_classifier
+
+    model = SmallCNN(width=4).eval()
+    with pytest.raises(TypeError, match=r"must be floating point.*images.float\(\) / 255"):
+        fit_autoencoder((images * 255).to(torch.uint8), latent_dim=4, steps=1, progress=False)
+    with pytest.raises(TypeError, match="are torch.float64 but the network computes in torch.float32"):
+        fit_autoencoder(images.double(), latent_dim=4, steps=1, progress=False)
+    with pytest.raises(TypeError, match="must be floating point"):
+        cache_features(model, "fc", autoencoder, (images * 255).to(torch.uint8), progress=False)
+    with pytest.raises(TypeError, match="holds images but no labels"):
+        fit_classifier(model, images, steps=1, progress=False)
+
+
 def test_source_fingerprint_reads_datasets_and_loaders(images, autoencoder):
     model = SmallCNN(width=4).eval()
     dataset = torch.utils.data.TensorDataset(images, torch.zeros(len(images)))

@@ -584,7 +584,6 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         from captum.attr import IntegratedGradients
 
         inputs = format_inputs(inputs, self.image_input)
-        n = inputs[0].shape[0]
         if self.representation == _CODE:
             # factors() of codes never runs the model, so nothing else warns about training mode.
             warn_if_training(self.forward_func)

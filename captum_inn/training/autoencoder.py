@@ -8,11 +8,12 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import check_module_device
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.capture import LayerHooks
 from captum_inn.training.checkpoint import load_checkpoint, strip_prefix
-from captum_inn.training.data import iter_image_batches
+from captum_inn.training.data import check_image_dtype, iter_image_batches
 from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import merged_config, resume_key, train_loop
 
@@ -139,6 +140,7 @@ def fit_autoencoder(
     images = images_as_tensor(data)
     if images.dim() != 4 or images.shape[0] < 2:
         raise ValueError(f"`data` must hold at least 2 images (N, C, H, W), got shape {tuple(images.shape)}.")
+    check_image_dtype(images, torch.get_default_dtype())  # the autoencoder is built in the default dtype
     images = shard_data(images).to(device)
     batch = local_batch_size(config.batch_size, images.shape[0])
     if not torch.isfinite(images).all():
@@ -149,8 +151,8 @@ def fit_autoencoder(
             "A perceptual loss needs both `perceptual_model` and `perceptual_layers` (layer names of it); "
             f"got perceptual_model={type(perceptual_model).__name__} and perceptual_layers={config.perceptual_layers}."
         )
-    torch.manual_seed(config.seed)  # only the weight initialisation draws from the global RNG
-    model = ConvAutoencoder(tuple(images.shape[1:]), config.latent_dim, config.width, config.output).to(device)
+    with seeded_global_rng(config.seed):  # only the weight initialisation draws from the global RNG
+        model = ConvAutoencoder(tuple(images.shape[1:]), config.latent_dim, config.width, config.output).to(device)
     hooks = None
     if perceptual_model is not None:
         check_module_device(perceptual_model, device, "perceptual_model")
@@ -181,7 +183,9 @@ def fit_autoencoder(
         return loss
 
     settings = {**asdict(config), "perceptual_layers": list(config.perceptual_layers)}  # as JSON reads it back
-    meta = {"kind": "autoencoder", "config": resume_key(settings), "model": model.config}
+    # the image shape too: a resume on other images is refused like any other changed setting
+    meta = {"kind": "autoencoder", "config": {**resume_key(settings), "image_shape": list(images.shape[1:])},
+            "model": model.config}
     try:
         if hooks is not None:
             hooks.__enter__()

@@ -22,7 +22,7 @@ from captum_inn._random import normal
 from captum_inn.attr._common import check_module_device
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import LayerHooks, eval_mode, resolve_layer
-from captum_inn.training.data import _images_of, count_images, iter_image_batches
+from captum_inn.training.data import _images_of, check_image_dtype, count_images, iter_image_batches
 from captum_inn.training.disk import (
     DiskArray,
     DiskArrayWriter,
@@ -337,7 +337,8 @@ def cache_features(
     try:
         with eval_mode(autoencoder), bar:
             for images in iter_image_batches(data, batch_size):
-                if images.is_floating_point() and not torch.isfinite(images).all():
+                check_image_dtype(images)  # any floating dtype: the model and autoencoder may convert it
+                if not torch.isfinite(images).all():
                     raise ValueError("`data` contains NaN or infinite pixels; clean the images before caching features.")
                 images = images.to(device)
                 with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "check_checkpoint_path"]
 
 FORMAT_VERSION = 1
 _META_KEY = "captum_inn"
@@ -70,7 +70,9 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed mid-write
         with contextlib.suppress(OSError):
             stale.unlink()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # created with mode 0666 less the umask, like any other file the user writes (mkstemp would give 0600)
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
@@ -92,6 +94,45 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
     return path
 
 
+def check_checkpoint_path(path: PathLike, name: str = "checkpoint") -> Path:
+    """Fail before any training when no checkpoint can be written at ``path``.
+
+    A fit learns of an unwritable location otherwise only at its first checkpoint, after minutes
+    of work. The folder is created (as :func:`save_checkpoint` would) and a probe file written and
+    removed.
+
+    Args:
+        path: The checkpoint file.
+        name: The argument's name, for the error message.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        ValueError: ``path`` is a folder, or its folder cannot be created or written to.
+
+    Examples::
+
+        >>> import tempfile, os
+        >>> check_checkpoint_path(os.path.join(tempfile.mkdtemp(), "new", "fit.safetensors")).name
+        'fit.safetensors'
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"`{name}` {str(path)!r} is a folder; pass a file path in it, e.g. {str(path / 'fit.safetensors')!r}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.{secrets.token_hex(8)}.probe"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(
+            f"No checkpoint can be written at `{name}` {str(path)!r} ({error.strerror or error}); pass a path in a "
+            "folder you can write to."
+        ) from None
+    return path
+
+
 def load_checkpoint(
     path: PathLike, kind: Optional[str] = None, map_location: Union[str, torch.device] = "cpu"
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -107,8 +148,9 @@ def load_checkpoint(
         and the metadata dict.
 
     Raises:
-        CheckpointError: missing, truncated or corrupted file; no captum_inn metadata; a newer
-            format version; another kind.
+        CheckpointError: missing or truncated file, a damaged header or metadata; no captum_inn
+            metadata; a newer format version; another kind. (safetensors stores no checksum, so
+            bits flipped inside the tensor data itself load without an error.)
 
     Examples::
 

@@ -22,6 +22,9 @@ __all__ = ["fit_classifier", "accuracy", "Jitter"]
 def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         return data[0], data[1]
+    if isinstance(data, Tensor):
+        raise TypeError("`data` holds images but no labels; pass (images, labels), a Dataset of (image, label) "
+                        "pairs, or an object with `images` and `targets` (e.g. ColorDigits).")
     if hasattr(data, "images") and hasattr(data, "targets"):  # e.g. ColorDigits
         return data.images, torch.as_tensor(data.targets)
     xs, ys = zip(*(data[i] for i in range(len(data))))

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
+from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import check_module_device
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import capture, resolve_layer
@@ -422,9 +423,9 @@ def fit_concepts(
             spread = torch.cat([pool.mean_a, pool.mean_b]).std(0).clamp_min(1e-6) * config.feature_noise
             pool.std_a, pool.std_b = spread.expand_as(pool.mean_a), spread.expand_as(pool.mean_b)
 
-    torch.manual_seed(config.seed)  # only the weight initialisation draws from the global RNG
-    inn = FactorINN(dim, sizes, residual=RESIDUAL, n_blocks=config.n_blocks, hidden=config.hidden,
-                    depth=config.depth, clamp=config.clamp, seed=config.seed).to(device)
+    with seeded_global_rng(config.seed):  # only the weight initialisation draws from the global RNG
+        inn = FactorINN(dim, sizes, residual=RESIDUAL, n_blocks=config.n_blocks, hidden=config.hidden,
+                        depth=config.depth, clamp=config.clamp, seed=config.seed).to(device)
     masks = _pair_masks(inn, concept_list).to(device)
     with torch.no_grad():  # ActNorm's data-dependent initialisation on real codes
         inn(torch.cat([p.mean_a[:256] for p in pools]).to(device))

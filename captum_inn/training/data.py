@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captum_inn.attr._common import check_positive_int
 
-__all__ = ["iter_image_batches", "count_images"]
+__all__ = ["iter_image_batches", "count_images", "check_image_dtype"]
 
 
 def _images_of(batch: Any) -> Tensor:
@@ -25,6 +25,32 @@ def _images_of(batch: Any) -> Tensor:
         f"Cannot find images in a batch of type {type(batch).__name__}; yield tensors, "
         "(image, label) tuples, or dicts with an 'image' key."
     )
+
+
+def check_image_dtype(images: Tensor, dtype: Optional[torch.dtype] = None, name: str = "data") -> None:
+    """``TypeError`` naming ``name`` for images a network cannot take, with the conversion to use.
+
+    Args:
+        images: A batch of images ``(B, C, H, W)``.
+        dtype: The floating dtype the network computes in (``None``: any floating dtype).
+        name: The argument's name, for the message.
+
+    Examples::
+
+        >>> check_image_dtype(torch.rand(2, 3, 4, 4), torch.float32)       # fine: no error
+        >>> check_image_dtype(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ...
+        TypeError: `data` images must be floating point (pixels in [0, 1]), got torch.uint8; ...
+    """
+    if not images.is_floating_point():
+        raise TypeError(
+            f"`{name}` images must be floating point (pixels in [0, 1]), got {images.dtype}; convert them, "
+            "e.g. images.float() / 255 for 8-bit pixels."
+        )
+    if dtype is not None and images.dtype != dtype:
+        raise TypeError(f"`{name}` images are {images.dtype} but the network computes in {dtype}; convert them with "
+                        f"images.to({dtype}).")
 
 
 def count_images(data: Any) -> Optional[int]:

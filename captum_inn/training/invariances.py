@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from captum_inn._random import seeded_global_rng
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
@@ -113,12 +114,12 @@ def checkpoint_name(layer: str) -> str:
 
 def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device) -> ConditionalINN:
     """A fresh INN for one cached layer, its embedder statistics and ActNorms initialised from the data."""
-    torch.manual_seed(config.seed)  # only the weight initialisation draws from the global RNG
-    inn = ConditionalINN(
-        cache.latent_dim, cache.layer_shape(name), n_blocks=config.n_blocks, hidden=config.hidden,
-        depth=config.depth, embed_dim=config.embed_dim, clamp=config.clamp, seed=config.seed,
-        conv_width=config.conv_width, conv_max_width=config.conv_max_width,
-    ).to(device)
+    with seeded_global_rng(config.seed):  # only the weight initialisation draws from the global RNG
+        inn = ConditionalINN(
+            cache.latent_dim, cache.layer_shape(name), n_blocks=config.n_blocks, hidden=config.hidden,
+            depth=config.depth, embed_dim=config.embed_dim, clamp=config.clamp, seed=config.seed,
+            conv_width=config.conv_width, conv_max_width=config.conv_max_width,
+        ).to(device)
     init = torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:1024]
     init_conditions = cache.rows(name, init).to(device)
     inn.embedder.set_input_statistics(init_conditions)
@@ -136,7 +137,9 @@ def _train(
         "layer": name, "layer_shape": list(cache.layer_shape(name)), "latent_dim": cache.latent_dim,
         "model_class": cache.model_class,
     }
-    meta = {"kind": "invariance_inn", "config": {"inn": inn.config, "train": resume_key(asdict(config)), **fit_info}}
+    # the features' source: a checkpoint of an INN fitted to another model's features is refused
+    meta = {"kind": "invariance_inn",
+            "config": {"inn": inn.config, "train": resume_key(asdict(config)), **fit_info, "source": cache.source}}
     n = len(cache)
     batch = local_batch_size(config.batch_size, n)
 
@@ -292,6 +295,9 @@ def fit_invariances(
     from captum_inn.capture import resolve_layer
 
     names = [resolve_layer(model, layer)[0] for layer in layer_list]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"`layers` lists layer {twice[0]!r} more than once (by name or module); list each layer once.")
     with contextlib.ExitStack() as stack:
         cache = _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device,
                            progress, stack)

@@ -19,6 +19,7 @@ from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without i
 from captum_inn.attr._common import check_int, check_number, check_positive_int
 from captum_inn.training.checkpoint import (
     CheckpointError,
+    check_checkpoint_path,
     load_checkpoint,
     load_optimizer,
     module_tensors,
@@ -240,12 +241,19 @@ def train_loop(
     optimizer = (torch.optim.AdamW(module.parameters(), weight_decay=weight_decay, **adam)
                  if weight_decay else torch.optim.Adam(module.parameters(), **adam))
     start, history = 0, []
+    if checkpoint is not None and rank == 0:  # only rank 0 writes
+        check_checkpoint_path(checkpoint)
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
         if saved.get("config") != meta.get("config"):
             raise CheckpointError(
                 f"Checkpoint {checkpoint!r} was written by a fit with another configuration "
                 f"({saved.get('config')} vs {meta.get('config')}); pass resume=False or another path."
+            )
+        if int(saved["step"]) > steps:
+            raise ValueError(
+                f"Checkpoint {checkpoint!r} already holds {saved['step']} steps, more than `steps`={steps}; pass "
+                f"steps >= {saved['step']} to continue it, or resume=False to start afresh."
             )
         module.load_state_dict(strip_prefix(tensors, "model."))
         load_optimizer(optimizer, tensors, saved["optimizer"])

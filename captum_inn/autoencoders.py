@@ -3,12 +3,14 @@
 The autoencoder ``E, D`` gives every image a code ``z̄ = E(x)`` and ``x̂ = D(z̄)``. It is independent
 of the analysed network: trained once per dataset and shared by every layer being analysed.
 Bring your own by giving any object ``encode(x)`` (returning a code tensor ``(N, d)`` or a
-distribution with ``.mean`` and ``.sample()``/``.rsample()``) and ``decode(code)``.
+distribution with ``.mean`` and ``.std`` or ``.stddev``, e.g. a ``torch.distributions.Normal``) and
+``decode(code)``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -31,8 +33,8 @@ class Autoencoder(Protocol):
     """What ``captum_inn`` needs of an autoencoder: ``encode`` and ``decode``.
 
     ``encode(x)`` maps images ``(N, C, H, W)`` to a code ``(N, d)`` or to a distribution object
-    with ``mean`` ``(N, d)`` (and ``sample``/``rsample`` for posterior samples); ``decode(code)``
-    maps ``(N, d)`` back to images.
+    with ``mean`` ``(N, d)`` and ``std`` or ``stddev`` (the posterior's spread; the INNs train on
+    samples ``mean + std · ε``); ``decode(code)`` maps ``(N, d)`` back to images.
 
     Examples::
 
@@ -144,6 +146,10 @@ def encode_posterior(autoencoder: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         std = getattr(out, "std", None)
         std = getattr(out, "stddev", None) if std is None else std
         std = std() if callable(std) else std
+        if std is None:
+            warnings.warn(f"`encode` returned a {type(out).__name__} with `.mean` but no `.std` or `.stddev`: its codes "
+                          "are taken as deterministic (std 0). Give it a `std` to train on posterior samples.",
+                          UserWarning, stacklevel=2)
         std = torch.zeros_like(mean) if std is None else std.expand_as(mean)
     else:
         raise TypeError(

@@ -11,7 +11,7 @@ module. It does three things and promises one:
   (``nn.ReLU(inplace=True)``) cannot change it.
 * :func:`capture` runs one forward pass and returns the captured tensor(s).
 
-The promise (DESIGN.md, Captum contract item 7): after any call, normal or failed (including a
+The promise (docs/reliability.rst): after any call, normal or failed (including a
 ``KeyboardInterrupt`` inside the forward pass), no hook is left on the model and every module's
 ``training`` flag is what it was.
 

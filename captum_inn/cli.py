@@ -70,15 +70,15 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a CNN on ColorDigits, fit INNs for four layers, write a report")
     demo.add_argument("--out", default=_DEFAULT_OUT,
                       help="report folder (default: %(default)s; captum_inn_photo_report with --images)")
-    demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (2-4 minutes on 2 cores)")
+    demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (about 3 minutes on 2 cores with AVX-512, longer on AVX2-only CPUs)")
     demo.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     demo.add_argument("--concepts", action="store_true",
-                      help="add the concepts section (work in progress; about 140 s more)")
+                      help="add the concepts section (work in progress; about two minutes more)")
     demo.add_argument("--images", metavar="PATH", default=None,
                       help="run the photo demo instead: a folder with one sub-folder of images per class "
-                           "(ImageFolder layout); ResNet-18, Grad-CAM, IG and invariances (about 15 minutes)")
+                           "(ImageFolder layout); ResNet-18, Grad-CAM, IG and invariances (about 17 minutes on 2 cores)")
     demo.add_argument("--check", action="store_true",
                       help="exit with status 1 unless the metrics meet the demo's bounds (looser with --quick)")
     sub.add_parser("selfcheck", help="check the installation in a few seconds")

@@ -1,7 +1,7 @@
 """Concepts as data: a name plus a way to draw pairs of inputs related through that concept.
 
 The factor INN (:func:`captum_inn.training.fit_concepts`) learns one factor per concept from pairs
-(DESIGN.md §2). A :class:`ConceptPairs` either
+(docs/method.rst). A :class:`ConceptPairs` either
 
 * ``relation="share"``: draws pairs ``(a, b)`` that **share** the concept (same digit, same colour,
   two examples of a Captum :class:`captum.concept.Concept`) and are otherwise independent; or

@@ -12,7 +12,7 @@ generative factors, :data:`FACTORS`, are therefore known exactly:
 * ``"foreground"``: the RGB colour of the stroke;
 * ``"background"``: the RGB colour of the rest.
 
-That makes ``ColorDigits`` the test bed for the factor INN (DESIGN.md §2): :meth:`ColorDigits.pairs`
+That makes ``ColorDigits`` the test bed for the factor INN (docs/method.rst): :meth:`ColorDigits.pairs`
 samples pairs that share one named factor (or that share every factor but one), which is what the
 concept loss consumes. The colouring formula lives in one place, :func:`colour_digits`.
 

@@ -211,7 +211,7 @@ class DemoSettings:
     #: attacked image itself unlike the training images, so even the early layer's view degrades.
     fgsm_epsilon: float = 0.03
     #: Run the concepts section (work in progress: one of its bounds, the fc factor sizes, is not
-    #: met yet, and it adds about 140 s, so it is opt-in with ``captum-inn demo --concepts``).
+    #: met yet, and it adds about two minutes, so it is opt-in with ``captum-inn demo --concepts``).
     concepts: bool = False
     #: Factor sizes of the concept INN on the 64-d code: each colour is 3-d, the digit image (class
     #: and handwriting) the rest but a 2-d residual (estimated sizes are reported in ``factor_sizes``).
@@ -228,7 +228,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """Small settings that finish in two to four minutes on 2 cores (looser results)."""
+        """Small settings (looser results) for a smoke test: about 3 minutes on 2 cores with AVX-512, longer on AVX2-only CPUs."""
         return cls(recolorings=4, test_recolorings=2, cnn_steps=1000, cnn_width=32, judge_steps=400, ae_steps=1200,
                    ae_width=24, latent_dim=64, inn_steps=600, inn_blocks=4, inn_hidden=128,
                    n_eval=500, n_probe=1000, n_samples=6, n_figure_rows=4, concept_steps=400, concept_blocks=4,
@@ -281,7 +281,7 @@ def run_demo(
     Examples::
 
         import json
-        index = run_demo(out="captum_inn_report", quick=True)   # two to four minutes on 2 cores
+        index = run_demo(out="captum_inn_report", quick=True)   # a few minutes on 2 cores
         print(index)                                            # captum_inn_report/index.html
         failures = check_metrics(json.loads((index.parent / "metrics.json").read_text()), QUICK_BOUNDS)
     """

@@ -5,7 +5,7 @@
 - :func:`reencode_similarity`: samples re-encode, at the layer, closer to the original activation
   than random image pairs do.
 - :func:`variance_explained_by_v`: the share of the code's variance carried by the invariances
-  ``v`` (DESIGN.md §2): near 0 the layer keeps everything, near 1 it keeps nothing.
+  ``v`` (docs/method.rst): near 0 the layer keeps everything, near 1 it keeps nothing.
 - :func:`probe_r2`: how well a known factor (e.g. colour) is linearly predictable from features
   (``v`` or ``z``), on held-out data.
 - :func:`estimate_colours`: the two colours of a ColorDigits-like image, to judge concept edits.
@@ -147,7 +147,7 @@ def variance_explained_by_v(
     generator: Optional[torch.Generator] = None,
     batch_size: int = 256,
 ) -> float:
-    """Share of the code's variance carried by the invariances ``v`` (DESIGN.md §2).
+    """Share of the code's variance carried by the invariances ``v`` (docs/method.rst).
 
     ``VE_v = Σ_d E_x[Var_v(z̄_d | z)] / Σ_d Var_x(z̄_d)``: the variance of ``z̄ = t⁻¹(v | z)`` over
     ``v ~ N(0, I)`` with ``z`` fixed, averaged over inputs, relative to the total variance of the

@@ -7,7 +7,7 @@ from the frozen ResNet, and one conditional INN for each of ``layer2``, ``layer3
 ``fc`` from a single pass over the photos. It then measures the invariances on the held-out
 photos and writes a report folder with the comparison figures (input | Grad-CAM | IG | invariance
 map | invariance samples), invariance samples per layer, an image-mixing figure and
-``metrics.json``. About 15 minutes on 2 CPU cores for ~900 photos.
+``metrics.json``. About 17 minutes on 2 CPU cores for ~900 photos.
 """
 
 from __future__ import annotations

@@ -97,6 +97,20 @@ def test_fit_autoencoder_learns_and_resumes_exactly(tmp_path, images):
     assert torch.allclose(loaded(x), resumed(x), atol=1e-6)
 
 
+def test_a_resumed_fit_augments_as_the_uninterrupted_one(tmp_path, images):
+    """Jitter draws from its own generator; the checkpoint keeps its state, so a fresh Jitter in the
+    resumed run (as after a crash) continues the same shifts and noise."""
+    from captum_inn.training.classifier import Jitter
+
+    path = str(tmp_path / "ae.safetensors")
+    settings = dict(latent_dim=4, width=4, batch_size=8, checkpoint_every=3, schedule="constant", progress=False)
+    full = fit_autoencoder(images, steps=8, augment=Jitter(2, noise=0.05, seed=0), **settings)
+    fit_autoencoder(images, steps=5, checkpoint=path, augment=Jitter(2, noise=0.05, seed=0), **settings)
+    resumed = fit_autoencoder(images, steps=8, checkpoint=path, augment=Jitter(2, noise=0.05, seed=0), **settings)
+    assert resumed.history == full.history
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
 def test_fit_autoencoder_rejects_bad_data():
     with pytest.raises(ValueError, match="NaN"):
         fit_autoencoder(torch.full((4, 3, 8, 8), float("nan")), latent_dim=2, steps=1, progress=False)
@@ -347,6 +361,20 @@ def test_source_fingerprint_reads_datasets_and_loaders(images, autoencoder):
     assert source_fingerprint(model, autoencoder, dataset) == reference
     assert source_fingerprint(model, autoencoder, loader) == reference
     assert cache_features(model, "fc", autoencoder, images, progress=False).source == reference
+
+
+def test_a_loader_counts_and_fingerprints_the_images_it_yields(images, autoencoder, tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = SmallCNN(width=4).eval()
+    dataset = TensorDataset(images, torch.zeros(len(images)))
+    first, second = (DataLoader(dataset, batch_size=4, sampler=range(a, b)) for a, b in ((0, 10), (10, 20)))
+    assert source_fingerprint(model, autoencoder, first) != source_fingerprint(model, autoencoder, second)
+    assert source_fingerprint(model, autoencoder, first) == source_fingerprint(model, autoencoder, images[:10])
+    dropping = DataLoader(dataset, batch_size=7, drop_last=True)
+    cache = cache_features(model, "fc", autoencoder, dropping, memmap_dir=tmp_path / "cache", progress=False)
+    assert len(cache) == (len(images) // 7) * 7
+    assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
 def test_save_load_and_refusals(images, autoencoder, tmp_path):

@@ -385,7 +385,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         generator: Optional[torch.Generator] = None,
         reencode: bool = True,
     ) -> Tensor:
-        """Share of each concept that the hooked layer fixes at each input (DESIGN.md §2).
+        """Share of each concept that the hooked layer fixes at each input (docs/method.rst).
 
         For ``v ~ N(0, I)``, ``z̄_s = t⁻¹(v | Φ(x))`` are codes the layer cannot tell apart from
         ``x``'s; the share of concept ``k`` the layer encodes is

@@ -210,7 +210,7 @@ class LayerInvariance(LayerAttribution):
         """Keep the layer's view of ``donors`` and the invariances of ``inputs``.
 
         ``D(t⁻¹(t(E(x) | Φ(x)) | Φ(donor)))``: the network sees (at this layer) the donor, the
-        picture keeps the input's nuisances (DESIGN.md §2, mixing).
+        picture keeps the input's nuisances (docs/method.rst, mixing).
 
         Args:
             inputs: ``(N, C, H, W)`` images whose invariances are kept.

@@ -19,7 +19,7 @@ class ConditionalINN(InvertibleModule):
     """``v = t(z̄ | z)``: a bijection of the autoencoder code ``z̄`` conditioned on a layer's activation.
 
     Trained by maximum likelihood under a standard normal prior, ``v`` becomes independent of ``z``
-    and so carries exactly what the layer discarded: its invariances (DESIGN.md §2). The condition
+    and so carries exactly what the layer discarded: its invariances (docs/method.rst). The condition
     ``z`` (any per-sample shape) is embedded once per call by :func:`make_embedder` and the
     embedding is concatenated into every coupling.
 
@@ -137,7 +137,7 @@ def factor_sizes_from_scores(
     residual: str = "residual",
     residual_score: float = 1.0,
 ) -> Dict[str, int]:
-    """Split ``dim`` among factors in proportion to ``softmax(scores)`` (DESIGN.md §2).
+    """Split ``dim`` among factors in proportion to ``softmax(scores)`` (docs/method.rst).
 
     Each named factor gets its score (e.g. the summed covariance of pair members over the total
     variance), the residual gets ``residual_score``; sizes are ``softmax · dim`` rounded by largest
@@ -178,7 +178,7 @@ class FactorINN(InvertibleModule):
     """``e``: an unconditional bijection whose output is split into named factors plus a residual.
 
     The output ``(e_1, …, e_K, e_res)`` is laid out in the order of ``factor_sizes``, the residual
-    last. Each factor is standard normal under the pair likelihood of DESIGN.md §2;
+    last. Each factor is standard normal under the pair likelihood of docs/method.rst;
     :meth:`split` and :meth:`merge` convert between the flat output and named factors.
 
     Args:

@@ -13,6 +13,7 @@ from captum_inn.attr._common import check_module_device
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.capture import LayerHooks
 from captum_inn.training.checkpoint import load_checkpoint, strip_prefix
+from captum_inn.training.classifier import augment_generators
 from captum_inn.training.data import check_image_dtype, iter_image_batches
 from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import merged_config, resume_key, train_loop
@@ -121,7 +122,8 @@ def fit_autoencoder(
         progress: Show a progress bar.
         perceptual_model: Frozen network for the perceptual loss (see above); ``None``: pixels only.
         augment: Optional callable applied to each image batch (e.g.
-            :class:`~captum_inn.training.classifier.Jitter`); small datasets of photos need it.
+            :class:`~captum_inn.training.classifier.Jitter`); small datasets of photos need it. One
+            that draws from its own ``generator`` attribute, as ``Jitter`` does, resumes exactly.
         **overrides: Fields of :class:`AutoencoderConfig`.
 
     Returns:
@@ -194,7 +196,7 @@ def fit_autoencoder(
         model.history = train_loop(
             model, loss_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed,
             checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta,
-            progress=progress, desc="autoencoder",
+            progress=progress, desc="autoencoder", generators=augment_generators(augment),
         )
     finally:
         if hooks is not None:

@@ -22,7 +22,13 @@ from captum_inn._random import normal
 from captum_inn.attr._common import check_module_device
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import LayerHooks, eval_mode, resolve_layer
-from captum_inn.training.data import _images_of, check_image_dtype, count_images, iter_image_batches
+from captum_inn.training.data import (
+    _images_of,
+    check_image_dtype,
+    count_images,
+    iter_image_batches,
+    loader_indices,
+)
 from captum_inn.training.disk import (
     DiskArray,
     DiskArrayWriter,
@@ -103,7 +109,7 @@ class FeatureCache:
         return values.index_select(0, index.to(values.device))
 
     def sample_codes(self, index: Tensor, generator: torch.Generator) -> Tensor:
-        """Posterior samples ``mean + std · ε`` of the codes at ``index`` (DESIGN.md §5: not the mean)."""
+        """Posterior samples ``mean + std · ε`` of the codes at ``index`` (docs/method.rst: samples, not the mean)."""
         mean, std = self.code_mean[index], self.code_std[index]
         eps = normal(mean.shape, generator, mean.device).to(mean.dtype)
         return mean + std * eps
@@ -262,11 +268,13 @@ def source_fingerprint(model: nn.Module, autoencoder: Any, data: Any, n_probe: i
             digest.update(_tensor_bytes(state[key]))
     n = count_images(data)
     digest.update(f"images:{n}".encode())
-    items = data.dataset if isinstance(data, DataLoader) else data
-    if n and hasattr(items, "__getitem__"):
-        for i in torch.linspace(0, n - 1, min(n, n_probe)).round().long().tolist():
+    items, indices = data, range(n or 0)
+    if isinstance(data, DataLoader):  # the images the loader draws from, not its whole dataset
+        items, indices = data.dataset, loader_indices(data) or range(0)
+    if indices and hasattr(items, "__getitem__"):
+        for position in torch.linspace(0, len(indices) - 1, min(len(indices), n_probe)).round().long().tolist():
             try:
-                digest.update(_tensor_bytes(_images_of(items[i])))
+                digest.update(_tensor_bytes(_images_of(items[indices[position]])))
             except TypeError:  # items that are not tensors (e.g. PIL images): counted, not hashed
                 digest.update(b"?")
     return digest.hexdigest()[:16]
@@ -356,8 +364,8 @@ def cache_features(
                 sink.append("code_mean", mean)
                 sink.append("code_std", std)
                 bar.update(images.shape[0])
+        return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names, source)
     except BaseException:
         sink.abort()  # no half-written cache is left behind
         raise
-    return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names, source)
 

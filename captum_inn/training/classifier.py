@@ -6,7 +6,7 @@ tests and the tutorials can train their own models offline.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,26 @@ class Jitter:
         if self.value_range is not None:
             images = images.clamp(*self.value_range)
         return images
+
+
+def augment_generators(augment: Any) -> List[torch.Generator]:
+    """The generator an augmentation draws from, if it exposes one as ``generator`` (as
+    :class:`Jitter` does): a fit checkpoints its state, so a resumed fit augments as an
+    uninterrupted one would.
+
+    Args:
+        augment: The augmentation callable, or ``None``.
+
+    Returns:
+        ``[augment.generator]`` or ``[]``.
+
+    Examples::
+
+        >>> len(augment_generators(Jitter(2))), augment_generators(None)
+        (1, [])
+    """
+    generator = getattr(augment, "generator", None)
+    return [generator] if isinstance(generator, torch.Generator) and generator.device.type == "cpu" else []
 
 
 def fit_classifier(

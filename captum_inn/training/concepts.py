@@ -1,6 +1,6 @@
 """``fit_concepts``: the factor INN ``e`` that splits a representation into named concepts.
 
-``e`` is fitted by maximum likelihood on pairs of inputs (DESIGN.md §2). For a pair ``(a, b)``
+``e`` is fitted by maximum likelihood on pairs of inputs (docs/method.rst). For a pair ``(a, b)``
 that shares concept ``F`` the factor ``e_F(b)`` is correlated with ``e_F(a)`` by a fixed ``ρ`` and
 every other factor is independent; for a pair that differs *only* in ``F``, every factor but
 ``F`` is correlated (the residual included). The residual factor, which holds everything no
@@ -222,7 +222,7 @@ def concept_scores(
     representation: Any, concepts: Any, *, n_pairs: int = 2000, seed: int = 0,
     device: Union[str, torch.device] = "cpu", progress: bool = False,
 ) -> Dict[str, float]:
-    """Each concept's share of the representation's variance, estimated from its pairs (DESIGN.md §2).
+    """Each concept's share of the representation's variance, estimated from its pairs (docs/method.rst).
 
     For ``share`` pairs: the summed covariance of the two members over the total variance; for
     ``differ`` pairs: one minus that (the variance that changes with the concept).
@@ -254,7 +254,7 @@ def estimate_factor_sizes(
     representation: Any, concepts: Any, *, n_pairs: int = 2000, seed: int = 0,
     device: Union[str, torch.device] = "cpu", progress: bool = False,
 ) -> Tuple[Dict[str, int], Dict[str, float]]:
-    """Factor sizes from the data: ``softmax(scores, residual score 1) · d`` (DESIGN.md §2).
+    """Factor sizes from the data: ``softmax(scores, residual score 1) · d`` (docs/method.rst).
 
     Args:
         representation: An autoencoder, a :class:`LayerRepresentation` or ``(model, layer)``.
@@ -324,7 +324,7 @@ def _pair_masks(inn: FactorINN, concepts: Sequence[ConceptPairs]) -> Tensor:
 
 
 def pair_nll(y_a: Tensor, logdet_a: Tensor, y_b: Tensor, logdet_b: Tensor, shared: Tensor, rho: float) -> Tensor:
-    """Negative log-likelihood per pair of the factor model (DESIGN.md §2), without the 2π constant.
+    """Negative log-likelihood per pair of the factor model (docs/method.rst), without the 2π constant.
 
     Args:
         y_a: ``(P, d)`` factors of the first members.
@@ -361,7 +361,7 @@ def fit_concepts(
     progress: bool = True,
     **overrides: Any,
 ) -> FactorINN:
-    """Fit the factor INN ``e`` on concept pairs (DESIGN.md §2).
+    """Fit the factor INN ``e`` on concept pairs (docs/method.rst).
 
     Args:
         representation: The autoencoder whose code ``z̄`` ``e`` acts on (the default setting:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from captum_inn.attr._common import check_positive_int
 
-__all__ = ["iter_image_batches", "count_images", "check_image_dtype"]
+__all__ = ["iter_image_batches", "count_images", "check_image_dtype", "loader_indices"]
 
 
 def _images_of(batch: Any) -> Tensor:
@@ -57,8 +57,8 @@ def count_images(data: Any) -> Optional[int]:
     """Number of images in ``data`` when it is known without iterating, else ``None``.
 
     Args:
-        data: A tensor (its first dimension counts), a sized ``Dataset``, a ``DataLoader`` (its
-            dataset's length) or any iterable.
+        data: A tensor (its first dimension counts), a sized ``Dataset``, a ``DataLoader`` (the
+            images it yields: its sampler's length, less a dropped last batch) or any iterable.
 
     Returns:
         The number of images, or ``None`` for an unsized iterable.
@@ -71,8 +71,41 @@ def count_images(data: Any) -> Optional[int]:
     if isinstance(data, Tensor):
         return data.shape[0]
     if isinstance(data, DataLoader):
-        return len(data.dataset) if hasattr(data.dataset, "__len__") else None
+        # what the loader yields: its sampler's length, less a dropped last batch
+        if data.batch_size is None or not hasattr(data.sampler, "__len__"):
+            return None  # a custom batch sampler or an iterable dataset: batch sizes are unknown
+        n = len(data.sampler)
+        return (n // data.batch_size) * data.batch_size if data.drop_last else n
     return len(data) if hasattr(data, "__len__") else None
+
+
+def loader_indices(loader: DataLoader) -> Optional[Sequence[int]]:
+    """The dataset indices ``loader`` draws its images from, in ascending order, where the sampler
+    says so without drawing (sequential, random without replacement, a subset, a sequence).
+
+    Args:
+        loader: A ``DataLoader`` over a map-style dataset.
+
+    Returns:
+        The indices, or ``None`` when they cannot be known without iterating the sampler.
+
+    Examples::
+
+        >>> from torch.utils.data import TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.rand(10, 3)), sampler=range(4, 8))
+        >>> list(loader_indices(loader))
+        [4, 5, 6, 7]
+    """
+    sampler, dataset = loader.sampler, loader.dataset
+    if not hasattr(dataset, "__len__"):
+        return None
+    if isinstance(sampler, SequentialSampler) or (
+            isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(dataset)):
+        return range(len(dataset))
+    indices = getattr(sampler, "indices", sampler)  # SubsetRandomSampler keeps them in `indices`
+    if isinstance(indices, (range, list, tuple)) or (isinstance(indices, Tensor) and indices.dim() == 1):
+        return sorted(int(i) for i in indices)
+    return None
 
 
 def iter_image_batches(

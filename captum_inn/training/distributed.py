@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 __all__ = ["world", "is_main", "local_batch_size", "shard_data", "sync_module", "average_gradients", "average_buffers",
-           "gather_rows", "gather_generator_states", "barrier"]
+           "gather_rows", "gather_generator_states", "gather_texts", "barrier"]
 
 
 def _maybe_init(device: Any = None) -> None:
@@ -242,6 +242,36 @@ def gather_generator_states(generator: torch.Generator) -> List[Tensor]:
     parts = [torch.empty_like(state_comm) for _ in range(size)]
     torch.distributed.all_gather(parts, state_comm)
     return [part.cpu() for part in parts]
+
+
+def gather_texts(text: str) -> List[str]:
+    """Every rank's ``text``, in rank order (so every rank can agree on, e.g., all shards' sources).
+
+    Args:
+        text: This rank's string.
+
+    Returns:
+        One string per rank.
+
+    Examples::
+
+        >>> gather_texts("abc")                        # one process
+        ['abc']
+    """
+    _, size = world()
+    if size == 1:
+        return [text]
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    length = _comm(torch.tensor([data.numel()]))
+    lengths = [torch.empty_like(length) for _ in range(size)]
+    torch.distributed.all_gather(lengths, length)
+    longest = max(int(n) for n in lengths)
+    if longest == 0:
+        return [""] * size
+    padded = _comm(torch.cat([data, torch.zeros(longest - data.numel(), dtype=torch.uint8)]))
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    torch.distributed.all_gather(parts, padded)
+    return [bytes(part.cpu()[: int(n)].tolist()).decode() for part, n in zip(parts, lengths)]
 
 
 def barrier() -> None:

@@ -3,7 +3,7 @@
     L_t = E_x [ ½‖t(z̄ | Φ(x))‖² − log|det ∂t/∂z̄| ],   z̄ ~ q(z̄ | x)
 
 Minimising it makes ``v = t(z̄ | z)`` standard normal and independent of ``z``: ``v`` carries what
-the layer discarded (DESIGN.md §2). The network and the encoder run once per image (a
+the layer discarded (docs/method.rst). The network and the encoder run once per image (a
 :class:`~captum_inn.training.cache.FeatureCache`); every layer's INN then trains from the cache.
 """
 
@@ -26,7 +26,7 @@ from captum_inn._random import seeded_global_rng
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
-from captum_inn.training.distributed import local_batch_size, shard_data, world
+from captum_inn.training.distributed import gather_texts, local_batch_size, shard_data, world
 from captum_inn.training.loop import (
     cuda_graphs_by_default,
     merged_config,
@@ -132,6 +132,7 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
 def _train(
     inn: ConditionalINN, cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device,
     checkpoint: Optional[str], resume: bool, progress: bool, callback: Optional[Callable[[int, nn.Module], None]] = None,
+    source: str = "",
 ) -> ConditionalINN:
     fit_info = {
         "layer": name, "layer_shape": list(cache.layer_shape(name)), "latent_dim": cache.latent_dim,
@@ -139,7 +140,7 @@ def _train(
     }
     # the features' source: a checkpoint of an INN fitted to another model's features is refused
     meta = {"kind": "invariance_inn",
-            "config": {"inn": inn.config, "train": resume_key(asdict(config)), **fit_info, "source": cache.source}}
+            "config": {"inn": inn.config, "train": resume_key(asdict(config)), **fit_info, "source": source}}
     n = len(cache)
     batch = local_batch_size(config.batch_size, n)
 
@@ -182,8 +183,9 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
     """Train one INN per layer, ``workers`` at a time, under one progress bar when concurrent."""
     paths = {n: str(Path(checkpoint_dir) / checkpoint_name(n)) if checkpoint_dir else None for n in names}
     built = {n: _build(cache, n, configs[n], device) for n in names}  # in order: the global RNG is not thread-safe
+    source = "+".join(gather_texts(cache.source))  # under torchrun: every shard's, the same on every rank
     if workers <= 1 or len(names) <= 1:
-        return {n: _train(built[n], cache, n, configs[n], device, paths[n], resume, progress) for n in names}
+        return {n: _train(built[n], cache, n, configs[n], device, paths[n], resume, progress, source=source) for n in names}
     done = dict.fromkeys(names, 0)
     bar = tqdm(total=sum(configs[n].steps for n in names), desc=f"INNs for {len(names)} layers ({workers} at a time)",
                disable=not progress, leave=False)
@@ -199,11 +201,11 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
                         bar.refresh()
                 check()
             if device.type != "cuda":
-                return _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step)
+                return _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step, source)
             stream = torch.cuda.Stream(device)  # the current stream is per thread: this fit's own
             stream.wait_stream(torch.cuda.default_stream(device))  # the INN's initialisation ran there
             with torch.cuda.stream(stream):
-                inn = _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step)
+                inn = _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step, source)
             stream.synchronize()  # its last update is done before another stream reads the INN
             return inn
         return task

@@ -106,6 +106,10 @@ def _generator_key(rank: int) -> str:
     return "rng.generator" if rank == 0 else f"rng.generator.{rank}"
 
 
+def _extra_generator_key(index: int) -> str:
+    return f"rng.extra.{index}"
+
+
 def resume_key(config: Dict[str, Any]) -> Dict[str, Any]:
     """The part of a fit's settings that a resumed fit must share with the checkpoint.
 
@@ -145,6 +149,7 @@ def train_loop(
     callback: Optional[Callable[[int, nn.Module], None]] = None,
     batch_fn: Optional[Callable[[torch.Generator], Sequence[Tensor]]] = None,
     cuda_graph: Optional[bool] = None,
+    generators: Sequence[torch.Generator] = (),
 ) -> List[float]:
     """Minimise ``loss_fn`` over ``module``'s parameters for ``steps`` Adam steps.
 
@@ -193,6 +198,9 @@ def train_loop(
             ``True``: capture, and a failed capture is an error. ``False``: never. The captured
             step reads the loss on the host between the backward pass and the update, so a
             non-finite loss still stops the fit before it changes any parameter.
+        generators: Further CPU generators the step draws from (an augmentation's own, say). Their
+            states are saved in the checkpoint and restored on resume, so a resumed fit draws what
+            an uninterrupted one would (under ``torchrun``: rank 0's states, restored on every rank).
 
     Returns:
         The loss of every step (including those of the run that was resumed).
@@ -258,6 +266,9 @@ def train_loop(
         module.load_state_dict(strip_prefix(tensors, "model."))
         load_optimizer(optimizer, tensors, saved["optimizer"])
         start, history = int(saved["step"]), list(saved["history"])
+        for index, extra in enumerate(generators):
+            if _extra_generator_key(index) in tensors:  # absent in checkpoints of older versions
+                extra.set_state(tensors[_extra_generator_key(index)])
         if int(saved.get("world_size", 1)) == n_ranks:
             generator.set_state(tensors[_generator_key(rank)])
         else:
@@ -273,7 +284,8 @@ def train_loop(
         if rank != 0:
             return
         optim_tensors, optim_meta = optimizer_tensors(optimizer)
-        tensors = {**module_tensors(module), **optim_tensors, **{_generator_key(r): s for r, s in enumerate(states)}}
+        tensors = {**module_tensors(module), **optim_tensors, **{_generator_key(r): s for r, s in enumerate(states)},
+                   **{_extra_generator_key(i): g.get_state() for i, g in enumerate(generators)}}
         save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta,
                                               "world_size": n_ranks})
 

@@ -105,6 +105,7 @@ def _cases():
         ("unknown concept name", lambda m, ae, inn, e: con(m, ae, e).edit(X, "colour"), ValueError, "Unknown concept 'colour'"),
         ("concept baselines of another size", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=0, baselines=torch.zeros(4)), ValueError, "`baselines`"),
         ("concept INN on another representation", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ConvAutoencoder((3, 32, 32), 4)), ValueError, "latent_dim=4"),
+        ("concept pool of one pair", lambda m, ae, inn, e: fit_concepts(ae, [ColorDigits("test").concept("digit")], steps=1, pool_size=1, progress=False), ValueError, "`pool_size` must give each process at least 2 pairs"),
         ("pairs with mismatched shapes", lambda m, ae, inn, e: fit_concepts(ae, [ConceptPairs("x", lambda n, g: (torch.rand(n, 3, 32, 32), torch.rand(n, 3, 16, 16)))], steps=1, pool_size=4, progress=False), ValueError, "same shape"),
         ("factor sizes not summing", lambda m, ae, inn, e: fit_concepts(ae, [ColorDigits("test").concept("digit")], factor_sizes={"digit": 4, "residual": 4}, steps=1, pool_size=4, progress=False), ValueError, "sum to 8"),
         ("factor INN on a conv layer", lambda m, ae, inn, e: LayerRepresentation(m, "cnn.relu3").encode(X), ValueError, "vector layer"),
@@ -197,6 +198,27 @@ def test_concept_edits_take_donors_when_the_image_is_not_the_first_input(setup):
     by_tuple = concepts.edit((labels, X), "a", donors=(labels[:1], X[:1]))
     expected = LayerConcepts(model, "cnn.logits", e, ae).edit(X, "a", donors=X[:1])
     assert torch.equal(by_tensor, expected) and torch.equal(by_tuple, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_a_cuda_device_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="`device` is 'cuda', but PyTorch sees no CUDA GPU"):
+        fit_autoencoder(X, latent_dim=4, steps=1, device="cuda", progress=False)
+
+
+def test_a_layer_with_one_number_per_image_is_a_clear_error(setup):
+    _, ae, _, _ = setup
+
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cnn, self.total = SmallCNN(width=4), nn.Identity()
+
+        def forward(self, x):
+            return self.total(self.cnn(x).sum(1))
+
+    with pytest.raises(ValueError, match="Layer 'total' gives one number per image"):
+        fit_invariances(Scalar().eval(), "total", ae, X, steps=1, progress=False)
 
 
 def test_a_model_in_training_mode_with_batch_norm_warns(setup):

@@ -333,6 +333,19 @@ def test_checkpoint_problems_show_before_training_and_resumes_cannot_go_back(tmp
         fit_autoencoder(bigger, latent_dim=4, width=4, steps=3, checkpoint=ae_path, progress=False)
 
 
+def test_a_checkpoint_without_the_optimizer_state_is_a_clear_error(tmp_path):
+    from captum_inn.training import train_loop
+    from captum_inn.training.checkpoint import module_tensors
+
+    lin = nn.Linear(3, 1)
+    path = str(tmp_path / "ck.safetensors")
+    meta = {"kind": "module", "config": {}}
+    save_checkpoint(path, module_tensors(lin), {**meta, "step": 2, "history": [1.0, 0.5]})
+    with pytest.raises(CheckpointError, match="does not hold a whole fit of this module.*resume=False"):
+        train_loop(lin, lambda g: lin(torch.ones(1, 3)).sum(), steps=4, lr=0.1, checkpoint=path, meta=meta,
+                   progress=False)
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

@@ -403,6 +403,9 @@ def fit_concepts(
     encode, describe = _as_encoder(representation, device)
     rank, n_ranks = world(device)
     # under torchrun each process encodes its share of the pairs; all then train on the union
+    if config.pool_size // n_ranks < 2:
+        raise ValueError(f"`pool_size` must give each process at least 2 pairs per concept, got {config.pool_size} "
+                         f"for {n_ranks} process(es); the pools' statistics need more (the default is 4096).")
     pools = _encode_pools(encode, concept_list, config.pool_size // n_ranks, config.seed + _RANK_POOL_SEED * rank,
                           device, progress and rank == 0)
     for pool in pools:

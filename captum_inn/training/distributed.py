@@ -48,6 +48,9 @@ def world(device: Any = None) -> Tuple[int, int]:
         >>> world()
         (0, 1)
     """
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` is {str(device)!r}, but PyTorch sees no CUDA GPU here "
+                         "(torch.cuda.is_available() is False); pass device='cpu'.")
     _maybe_init(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -311,6 +311,10 @@ def fit_invariances(
         if missing:
             raise ValueError(f"The cache holds layers {sorted(cache.layers)}, not {missing}; cache them first.")
         cache.check_finite(names)
+        scalar = [n for n in names if not tuple(cache.layer_shape(n))]
+        if scalar:
+            raise ValueError(f"Layer {scalar[0]!r} gives one number per image (shape (N,)); an INN is conditioned on a "
+                             "vector or a map per image: pick a layer of shape (N, D) or (N, C, H, W).")
         if len(cache) < 2:
             raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}.")
         device = torch.device(device)

@@ -176,8 +176,9 @@ def train_loop(
         betas: Adam betas.
         seed: Seed of the minibatch generator.
         grad_clip: Clip the gradient norm to this value (``None``: no clipping).
-        schedule: ``"constant"`` or ``"cosine"`` (decay to 1% of ``lr`` at the last step; the rate
-            is a function of the step, so a resumed fit follows the same schedule).
+        schedule: ``"constant"`` or ``"cosine"`` (half a cosine from ``lr`` towards 1% of ``lr``,
+            reached at the end of the fit; the rate is a function of the step, so a resumed fit
+            follows the same schedule).
         checkpoint: Path of the checkpoint file; ``None`` keeps nothing on disk.
         checkpoint_every: Steps between checkpoints (the last step is always saved).
         resume: Continue from ``checkpoint`` when it exists.
@@ -263,14 +264,21 @@ def train_loop(
                 f"Checkpoint {checkpoint!r} already holds {saved['step']} steps, more than `steps`={steps}; pass "
                 f"steps >= {saved['step']} to continue it, or resume=False to start afresh."
             )
-        module.load_state_dict(strip_prefix(tensors, "model."))
-        load_optimizer(optimizer, tensors, saved["optimizer"])
-        start, history = int(saved["step"]), list(saved["history"])
+        try:
+            module.load_state_dict(strip_prefix(tensors, "model."))
+            load_optimizer(optimizer, tensors, saved["optimizer"])
+            start, history = int(saved["step"]), list(saved["history"])
+            main_state = tensors[_generator_key(rank)] if int(saved.get("world_size", 1)) == n_ranks else None
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            raise CheckpointError(
+                f"Checkpoint {checkpoint!r} does not hold a whole fit of this module ({type(error).__name__}: "
+                f"{error}); pass resume=False to start afresh, or another path."
+            ) from None
         for index, extra in enumerate(generators):
             if _extra_generator_key(index) in tensors:  # absent in checkpoints of older versions
                 extra.set_state(tensors[_extra_generator_key(index)])
-        if int(saved.get("world_size", 1)) == n_ranks:
-            generator.set_state(tensors[_generator_key(rank)])
+        if main_state is not None:
+            generator.set_state(main_state)
         else:
             warnings.warn(f"{checkpoint!r} was written by a fit with {saved.get('world_size', 1)} processes, this one "
                           f"has {n_ranks}: the minibatch order after step {start} differs from an uninterrupted run.",

@@ -70,7 +70,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a CNN on ColorDigits, fit INNs for four layers, write a report")
     demo.add_argument("--out", default=_DEFAULT_OUT,
                       help="report folder (default: %(default)s; captum_inn_photo_report with --images)")
-    demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (about 3 minutes on 2 cores with AVX-512, longer on AVX2-only CPUs)")
+    demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (about 4 minutes on 2 cores)")
     demo.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")

@@ -228,7 +228,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """Small settings (looser results) for a smoke test: about 3 minutes on 2 cores with AVX-512, longer on AVX2-only CPUs."""
+        """Small settings (looser results) for a smoke test: about four minutes on 2 cores."""
         return cls(recolorings=4, test_recolorings=2, cnn_steps=1000, cnn_width=32, judge_steps=400, ae_steps=1200,
                    ae_width=24, latent_dim=64, inn_steps=600, inn_blocks=4, inn_hidden=128,
                    n_eval=500, n_probe=1000, n_samples=6, n_figure_rows=4, concept_steps=400, concept_blocks=4,

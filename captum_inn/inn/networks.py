@@ -34,6 +34,8 @@ class ConditionalINN(InvertibleModule):
         seed: Seed of the permutations.
         conv_width: First-layer channels of the embedder for feature-map conditions.
         conv_max_width: Largest channel count of that embedder.
+        conv_patch_to: Largest side that embedder's first layer leaves: larger maps are cut into
+            patches first (:class:`~captum_inn.inn.ConvEmbedder`); ``None`` as in version 0.1.
 
     Examples::
 
@@ -58,6 +60,7 @@ class ConditionalINN(InvertibleModule):
         seed: int = 0,
         conv_width: int = 64,
         conv_max_width: int = 256,
+        conv_patch_to: Optional[int] = 8,
     ) -> None:
         super().__init__()
         self.dim = int(dim)
@@ -66,8 +69,9 @@ class ConditionalINN(InvertibleModule):
             dim=self.dim, cond_shape=list(self.cond_shape), n_blocks=int(n_blocks), hidden=int(hidden),
             depth=int(depth), embed_dim=int(embed_dim), clamp=float(clamp), seed=int(seed),
             conv_width=int(conv_width), conv_max_width=int(conv_max_width),
+            conv_patch_to=None if conv_patch_to is None else int(conv_patch_to),
         )
-        self.embedder = make_embedder(self.cond_shape, embed_dim, hidden, conv_width, conv_max_width)
+        self.embedder = make_embedder(self.cond_shape, embed_dim, hidden, conv_width, conv_max_width, conv_patch_to)
         self.flow = SequentialFlow(flow_blocks(self.dim, n_blocks, hidden, depth, embed_dim, clamp, seed))
 
     def embed(self, c: Tensor) -> Tensor:

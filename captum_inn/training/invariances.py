@@ -55,6 +55,8 @@ class InvarianceConfig:
         embed_dim: Width of the condition embedding.
         conv_width: First-layer channels of the embedder of feature-map layers.
         conv_max_width: Largest channel count of that embedder.
+        conv_patch_to: Largest side that embedder's first layer leaves (larger maps are cut into
+            patches, :class:`~captum_inn.inn.ConvEmbedder`); ``None`` convolves at full resolution.
         clamp: Bound on each coupling log-scale.
         steps: Optimiser steps per layer.
         batch_size: Cached samples per step.
@@ -77,6 +79,7 @@ class InvarianceConfig:
     embed_dim: int = 64
     conv_width: int = 32
     conv_max_width: int = 128
+    conv_patch_to: Optional[int] = 8
     clamp: float = 1.0
     steps: int = 2000
     batch_size: int = 128
@@ -118,7 +121,7 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
         inn = ConditionalINN(
             cache.latent_dim, cache.layer_shape(name), n_blocks=config.n_blocks, hidden=config.hidden,
             depth=config.depth, embed_dim=config.embed_dim, clamp=config.clamp, seed=config.seed,
-            conv_width=config.conv_width, conv_max_width=config.conv_max_width,
+            conv_width=config.conv_width, conv_max_width=config.conv_max_width, conv_patch_to=config.conv_patch_to,
         ).to(device)
     init = torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:1024]
     init_conditions = cache.rows(name, init).to(device)
@@ -423,6 +426,7 @@ def load_invariance_inn(
             f"autoencoder's codes have size {latent_dim}. Use the autoencoder it was fitted with."
         )
     inn_config = dict(config["inn"])
+    inn_config.setdefault("conv_patch_to", None)  # saved by version 0.1: full-resolution embedder
     inn = ConditionalINN(**inn_config).to(map_location)
     inn.load_state_dict(strip_prefix(tensors, "model."))
     info = meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")}

@@ -1,12 +1,14 @@
 """The condition embedders: large feature maps are cut into patches first, small ones are not."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from captum_inn.inn import ConditionalINN, ConvEmbedder, make_embedder
-from captum_inn.training import load_invariance_inn, save_invariance_inn
+from captum_inn.training import InvarianceConfig, load_invariance_inn, save_invariance_inn
 from captum_inn.training.checkpoint import load_checkpoint, module_tensors, save_checkpoint
+from captum_inn.training.loop import merged_config
 
 
 def _convs(embedder):
@@ -51,10 +53,20 @@ def test_odd_sides_are_padded_so_every_pixel_reaches_the_embedding(shape):
     assert bool(reached.all()), f"pixels without influence: {(~reached).nonzero().tolist()}"
 
 
-@pytest.mark.parametrize("bad", [3, 0, 2.5, True, "8"])
-def test_patch_to_must_be_an_int_of_at_least_4(bad):
-    with pytest.raises(ValueError, match="patch_to"):
+@pytest.mark.parametrize("bad, error", [(3, ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError),
+                                        ("8", TypeError)])
+def test_patch_to_must_be_an_int_of_at_least_4_named_as_the_caller_spells_it(bad, error):
+    with pytest.raises(error, match="`patch_to`"):
         ConvEmbedder((4, 16, 16), out_dim=8, patch_to=bad)
+    with pytest.raises(error, match="`conv_patch_to`"):
+        ConditionalINN(4, (4, 16, 16), n_blocks=1, hidden=8, embed_dim=8, conv_patch_to=bad)
+    with pytest.raises(error, match="`conv_patch_to`"):  # before any data is read
+        merged_config(InvarianceConfig, None, {"conv_patch_to": bad})
+
+
+def test_fit_settings_take_none_and_numpy_ints_for_conv_patch_to():
+    assert merged_config(InvarianceConfig, None, {"conv_patch_to": None}).conv_patch_to is None
+    assert merged_config(InvarianceConfig, None, {"conv_patch_to": np.int64(16)}).conv_patch_to == 16
 
 
 def test_make_embedder_and_the_inn_pass_patch_to_on():

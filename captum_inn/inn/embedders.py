@@ -7,6 +7,7 @@ the embedding ``h(z)`` to every coupling. The embedder is trained jointly with t
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -15,6 +16,23 @@ from torch import Tensor, nn
 from captum_inn.inn.coupling import mlp
 
 __all__ = ["ConditionEmbedder", "MLPEmbedder", "ConvEmbedder", "make_embedder"]
+
+
+def check_patch_to(value: object, name: str = "patch_to") -> Optional[int]:
+    """``value`` as ``None`` or an int ``>= 4`` (the conv embedder's ``patch_to``), else an error naming ``name``.
+
+    Examples::
+
+        >>> check_patch_to(8), check_patch_to(None)
+        (8, None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int >= 4 or None, got {value!r} ({type(value).__name__}).")
+    if value < 4:
+        raise ValueError(f"`{name}` must be an int >= 4 or None (the embedder stops at 4x4 maps), got {value}.")
+    return int(value)
 
 
 class ConditionEmbedder(nn.Module):
@@ -151,8 +169,7 @@ class ConvEmbedder(ConditionEmbedder):
                  patch_to: Optional[int] = 8) -> None:
         if len(in_shape) != 3:
             raise ValueError(f"ConvEmbedder needs a (C, H, W) feature map shape, got {tuple(in_shape)}.")
-        if patch_to is not None and (isinstance(patch_to, bool) or not isinstance(patch_to, int) or patch_to < 4):
-            raise ValueError(f"`patch_to` must be an int >= 4 or None, got {patch_to!r}.")
+        patch_to = check_patch_to(patch_to)
         super().__init__(in_shape, out_dim)
         channels, height, width_px = self.in_shape
         layers: list = []
@@ -205,6 +222,7 @@ def make_embedder(
         ('ConvEmbedder', 'MLPEmbedder')
     """
     in_shape = tuple(int(s) for s in in_shape)
+    conv_patch_to = check_patch_to(conv_patch_to, "conv_patch_to")
     if len(in_shape) == 3 and in_shape[1] * in_shape[2] > 1:
         return ConvEmbedder(in_shape, out_dim, width=conv_width, max_width=max(conv_width, conv_max_width),
                             patch_to=conv_patch_to)

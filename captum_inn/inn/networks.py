@@ -9,7 +9,7 @@ from torch import Tensor
 
 from captum_inn._random import normal
 from captum_inn.inn.base import InvertibleModule, check_vector_batch
-from captum_inn.inn.embedders import make_embedder
+from captum_inn.inn.embedders import check_patch_to, make_embedder
 from captum_inn.inn.sequential import SequentialFlow, flow_blocks
 
 __all__ = ["ConditionalINN", "FactorINN", "factor_sizes_from_scores"]
@@ -69,7 +69,7 @@ class ConditionalINN(InvertibleModule):
             dim=self.dim, cond_shape=list(self.cond_shape), n_blocks=int(n_blocks), hidden=int(hidden),
             depth=int(depth), embed_dim=int(embed_dim), clamp=float(clamp), seed=int(seed),
             conv_width=int(conv_width), conv_max_width=int(conv_max_width),
-            conv_patch_to=None if conv_patch_to is None else int(conv_patch_to),
+            conv_patch_to=check_patch_to(conv_patch_to, "conv_patch_to"),
         )
         self.embedder = make_embedder(self.cond_shape, embed_dim, hidden, conv_width, conv_max_width, conv_patch_to)
         self.flow = SequentialFlow(flow_blocks(self.dim, n_blocks, hidden, depth, embed_dim, clamp, seed))

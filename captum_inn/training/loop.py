@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn.attr._common import check_int, check_number, check_positive_int
+from captum_inn.inn.embedders import check_patch_to
 from captum_inn.training.checkpoint import (
     CheckpointError,
     check_checkpoint_path,
@@ -45,6 +46,8 @@ _RESUMABLE = ("steps", "checkpoint_every")
 # >= 1 (sizes, counts, steps) and every other float >= 0 (noise levels, loss weights).
 _ANY_INT = ("seed",)
 _POSITIVE_FLOATS = ("lr", "clamp")
+# settings with a rule of their own
+_OWN_CHECKS = {"conv_patch_to": check_patch_to}
 
 _Config = TypeVar("_Config")
 
@@ -91,6 +94,8 @@ def merged_config(cls: Type[_Config], config: Optional[_Config], overrides: Mapp
 
 def _checked_setting(name: str, value: Any, default: Any) -> Any:
     """``value`` as the type of its numeric ``default`` (NumPy scalars included), or an error if out of range."""
+    if name in _OWN_CHECKS:
+        return _OWN_CHECKS[name](value, name)
     if isinstance(default, bool) or not isinstance(default, (int, float)):
         return value
     if isinstance(default, int):

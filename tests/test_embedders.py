@@ -78,14 +78,14 @@ def test_make_embedder_and_the_inn_pass_patch_to_on():
     assert legacy.config["conv_patch_to"] is None and _convs(legacy.embedder)[0].stride == (1, 1)
 
 
-def test_an_inn_saved_by_version_0_1_loads_with_its_full_resolution_embedder(tmp_path):
+def test_an_inn_saved_before_conv_patch_to_existed_loads_with_its_full_resolution_embedder(tmp_path):
     torch.manual_seed(0)
     inn = ConditionalINN(4, (4, 16, 16), n_blocks=1, hidden=8, embed_dim=8, conv_width=8, conv_max_width=8,
                          conv_patch_to=None)
     inn.fit_info = {"layer": "conv", "layer_shape": [4, 16, 16], "latent_dim": 4, "model_class": "Net", "steps": 1}
     path = save_invariance_inn(str(tmp_path / "new.safetensors"), inn)
     tensors, meta = load_checkpoint(str(path), kind="invariance_inn")
-    del meta["config"]["inn"]["conv_patch_to"]  # what version 0.1 wrote
+    del meta["config"]["inn"]["conv_patch_to"]  # what fits before the setting wrote
     save_checkpoint(str(tmp_path / "old.safetensors"), tensors, meta)
     loaded = load_invariance_inn(str(tmp_path / "old.safetensors"))
     assert _convs(loaded.embedder)[0].kernel_size == (1, 1)

@@ -157,7 +157,8 @@ class ConvEmbedder(ConditionEmbedder):
         width: Channels after the first convolution.
         max_width: Largest number of channels.
         patch_to: Largest side the first convolution leaves (at least 4); ``None`` keeps every map
-            at full resolution there (a 1×1 convolution), as INNs saved by version 0.1 were built.
+            at full resolution there (a 1×1 convolution), as INNs saved before this setting were
+            built.
 
     Examples::
 

@@ -35,7 +35,8 @@ class ConditionalINN(InvertibleModule):
         conv_width: First-layer channels of the embedder for feature-map conditions.
         conv_max_width: Largest channel count of that embedder.
         conv_patch_to: Largest side that embedder's first layer leaves: larger maps are cut into
-            patches first (:class:`~captum_inn.inn.ConvEmbedder`); ``None`` as in version 0.1.
+            patches first (:class:`~captum_inn.inn.ConvEmbedder`); ``None`` convolves at full
+            resolution, as INNs saved before this setting were built.
 
     Examples::
 

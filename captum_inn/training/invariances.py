@@ -426,7 +426,7 @@ def load_invariance_inn(
             f"autoencoder's codes have size {latent_dim}. Use the autoencoder it was fitted with."
         )
     inn_config = dict(config["inn"])
-    inn_config.setdefault("conv_patch_to", None)  # saved by version 0.1: full-resolution embedder
+    inn_config.setdefault("conv_patch_to", None)  # saved before the setting existed: full-resolution embedder
     inn = ConditionalINN(**inn_config).to(map_location)
     inn.load_state_dict(strip_prefix(tensors, "model."))
     info = meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")}

@@ -172,11 +172,12 @@ def fit_autoencoder(
 
     def loss_fn(generator: torch.Generator) -> Tensor:
         index = torch.randint(images.shape[0], (batch,), generator=generator)
+        # drawn before the encoder is queued: copying it to a GPU afterwards would wait for the encoder
+        eps = torch.randn((batch, model.latent_dim), generator=generator).to(device)
         x = images[index.to(images.device)]
         if augment is not None:
             x = augment(x)
         posterior = model.encode(x)
-        eps = torch.randn(posterior.mean.shape, generator=generator).to(device)
         recon = model.decode(posterior.mean + posterior.std * eps)
         l1 = (recon - x).abs().flatten(1).sum(1)
         loss = (l1 + config.kl_weight * posterior.kl()).mean() / x[0].numel()

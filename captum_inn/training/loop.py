@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn.attr._common import check_int, check_number, check_positive_int
-from captum_inn.inn.embedders import check_patch_to
+from captum_inn.inn.embedders import check_patch_to, check_token_dim
 from captum_inn.training.checkpoint import (
     CheckpointError,
     check_checkpoint_path,
@@ -47,7 +47,7 @@ _RESUMABLE = ("steps", "checkpoint_every")
 _ANY_INT = ("seed",)
 _POSITIVE_FLOATS = ("lr", "clamp")
 # settings with a rule of their own
-_OWN_CHECKS = {"conv_patch_to": check_patch_to}
+_OWN_CHECKS = {"conv_patch_to": check_patch_to, "token_dim": check_token_dim}
 
 _Config = TypeVar("_Config")
 
@@ -319,8 +319,10 @@ def train_loop(
             batch = batch_fn(generator)
         loss = loss_fn(generator) if batch is None else loss_fn(*batch)
         optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss) or n_ranks > 1:  # all ranks must join the gradient all-reduce
-            loss.backward()
+        # backward even for a NaN loss: all ranks must join the all-reduce, and testing the loss
+        # first would make the host wait for the device every step; check_finite raises before
+        # the optimiser moves anything
+        loss.backward()
         value = float(average_gradients(module, loss).detach())
         check_finite(value, step)
         if grad_clip is not None:

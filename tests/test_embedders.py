@@ -1,11 +1,12 @@
-"""The condition embedders: large feature maps are cut into patches first, small ones are not."""
+"""The condition embedders: large feature maps are cut into patches first, small ones are not; token
+sequences are projected token by token."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from captum_inn.inn import ConditionalINN, ConvEmbedder, make_embedder
+from captum_inn.inn import ConditionalINN, ConvEmbedder, TokenEmbedder, make_embedder
 from captum_inn.training import InvarianceConfig, load_invariance_inn, save_invariance_inn
 from captum_inn.training.checkpoint import load_checkpoint, module_tensors, save_checkpoint
 from captum_inn.training.loop import merged_config
@@ -91,3 +92,83 @@ def test_an_inn_saved_before_conv_patch_to_existed_loads_with_its_full_resolutio
     assert _convs(loaded.embedder)[0].kernel_size == (1, 1)
     for key, value in module_tensors(inn).items():
         assert torch.equal(module_tensors(loaded)[key], value), key
+
+
+# ------------------------------------------------------------ token sequences (transformer layers)
+def test_token_sequences_get_the_token_embedder_and_other_shapes_do_not():
+    kinds = {shape: type(make_embedder(shape, 8, hidden=16)).__name__
+             for shape in [(65, 192), (5, 17), (65, 16), (1, 192), (192,), (64, 1, 1), (8, 4, 4)]}
+    assert kinds == {(65, 192): "TokenEmbedder", (5, 17): "TokenEmbedder",
+                     (65, 16): "MLPEmbedder",   # no more features than it would keep: nothing to save
+                     (1, 192): "MLPEmbedder", (192,): "MLPEmbedder", (64, 1, 1): "MLPEmbedder",
+                     (8, 4, 4): "ConvEmbedder"}
+    assert type(make_embedder((65, 192), 8, hidden=16, token_dim=None)).__name__ == "MLPEmbedder"
+
+
+def test_the_token_embedder_projects_each_token_with_one_shared_map():
+    embedder = TokenEmbedder((197, 768), out_dim=8, hidden=32, token_dim=16)
+    linears = [layer for layer in embedder.modules() if isinstance(layer, nn.Linear)]
+    assert linears[0].weight.shape == (16, 768) and linears[1].weight.shape == (32, 197 * 16)
+    # flattened into an MLP, the first layer alone would hold 197 * 768 * 32 = 4.8 M weights
+    assert sum(p.numel() for p in embedder.parameters()) < 0.25 * 197 * 768 * 32
+
+
+def test_every_token_and_feature_reaches_the_embedding_in_its_place():
+    torch.manual_seed(0)
+    embedder = TokenEmbedder((7, 24), out_dim=8, hidden=32, token_dim=4)
+    c = torch.randn(2, 7, 24, requires_grad=True)
+    out = embedder(c)
+    out.pow(2).sum().backward()
+    assert bool((c.grad.abs().sum(0) > 0).all())
+    with torch.no_grad():  # not a pooled bag of tokens: moving a token changes the embedding
+        assert not torch.allclose(embedder(c.flip(1)), out, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_token_dim_must_be_a_positive_int_named_as_the_caller_spells_it(bad, error):
+    with pytest.raises(error, match="`token_dim`"):
+        TokenEmbedder((5, 32), out_dim=8, token_dim=bad)
+    with pytest.raises(error, match="`token_dim`"):
+        ConditionalINN(4, (5, 32), n_blocks=1, hidden=8, embed_dim=8, token_dim=bad)
+    with pytest.raises(error, match="`token_dim`"):  # before any data is read
+        merged_config(InvarianceConfig, None, {"token_dim": bad})
+    with pytest.raises(ValueError, match="tokens, features"):
+        TokenEmbedder((5, 32, 2), out_dim=8)
+
+
+def test_an_inn_saved_before_token_dim_existed_loads_with_its_flattening_embedder(tmp_path):
+    torch.manual_seed(0)
+    inn = ConditionalINN(4, (5, 32), n_blocks=1, hidden=8, embed_dim=8, token_dim=None)
+    assert type(inn.embedder).__name__ == "MLPEmbedder"
+    inn.fit_info = {"layer": "blocks", "layer_shape": [5, 32], "latent_dim": 4, "model_class": "Net", "steps": 1}
+    path = save_invariance_inn(str(tmp_path / "new.safetensors"), inn)
+    tensors, meta = load_checkpoint(str(path), kind="invariance_inn")
+    del meta["config"]["inn"]["token_dim"]  # what fits before the setting wrote
+    save_checkpoint(str(tmp_path / "old.safetensors"), tensors, meta)
+    loaded = load_invariance_inn(str(tmp_path / "old.safetensors"))
+    assert type(loaded.embedder).__name__ == "MLPEmbedder"
+    for key, value in module_tensors(inn).items():
+        assert torch.equal(module_tensors(loaded)[key], value), key
+
+
+def test_a_vision_transformer_block_is_fitted_explained_saved_and_reloaded(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    from captum_inn import LayerInvariance
+    from captum_inn.autoencoders import ConvAutoencoder
+    from captum_inn.training import fit_invariances
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
+                                               hidden_dim=32, mlp_dim=32, num_classes=10).eval()
+    ae = ConvAutoencoder((3, 16, 16), latent_dim=8, width=8).eval()
+    images = torch.rand(64, 3, 16, 16)
+    inn = fit_invariances(vit, "encoder.layers.encoder_layer_0", ae, images, steps=3, n_blocks=1, hidden=16,
+                          embed_dim=8, batch_size=16, progress=False, checkpoint_dir=str(tmp_path))
+    assert type(inn.embedder).__name__ == "TokenEmbedder" and inn.cond_shape == (5, 32)
+    maps = LayerInvariance(vit, "encoder.layers.encoder_layer_0", inn, ae).attribute(images[:2], n_samples=3)
+    assert maps.shape == (2, 3, 16, 16) and bool(torch.isfinite(maps).all())
+    loaded = load_invariance_inn(str(tmp_path / "invariance_encoder.layers.encoder_layer_0.safetensors"))
+    assert type(loaded.embedder).__name__ == "TokenEmbedder" and loaded.config["token_dim"] == 16
+    z = torch.randn(4, 5, 32)
+    assert torch.equal(loaded.embed(z), inn.eval().embed(z))

@@ -8,7 +8,13 @@ Every block follows one contract (see :class:`InvertibleModule`)::
 from captum_inn.inn.actnorm import ActNorm
 from captum_inn.inn.base import InvertibleModule, NotInitializedError
 from captum_inn.inn.coupling import AffineCoupling, mlp
-from captum_inn.inn.embedders import ConditionEmbedder, ConvEmbedder, MLPEmbedder, make_embedder
+from captum_inn.inn.embedders import (
+    ConditionEmbedder,
+    ConvEmbedder,
+    MLPEmbedder,
+    TokenEmbedder,
+    make_embedder,
+)
 from captum_inn.inn.networks import ConditionalINN, FactorINN, factor_sizes_from_scores
 from captum_inn.inn.permutation import Permutation
 from captum_inn.inn.sequential import SequentialFlow, flow_blocks
@@ -22,6 +28,7 @@ __all__ = [
     "FactorINN",
     "InvertibleModule",
     "MLPEmbedder",
+    "TokenEmbedder",
     "NotInitializedError",
     "Permutation",
     "SequentialFlow",

@@ -15,7 +15,17 @@ from torch import Tensor, nn
 
 from captum_inn.inn.coupling import mlp
 
-__all__ = ["ConditionEmbedder", "MLPEmbedder", "ConvEmbedder", "make_embedder"]
+__all__ = ["ConditionEmbedder", "MLPEmbedder", "TokenEmbedder", "ConvEmbedder", "make_embedder"]
+
+
+def _optional_int(value: object, name: str, minimum: int, why: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int >= {minimum} or None, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum} or None ({why}), got {value}.")
+    return int(value)
 
 
 def check_patch_to(value: object, name: str = "patch_to") -> Optional[int]:
@@ -26,13 +36,18 @@ def check_patch_to(value: object, name: str = "patch_to") -> Optional[int]:
         >>> check_patch_to(8), check_patch_to(None)
         (8, None)
     """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int >= 4 or None, got {value!r} ({type(value).__name__}).")
-    if value < 4:
-        raise ValueError(f"`{name}` must be an int >= 4 or None (the embedder stops at 4x4 maps), got {value}.")
-    return int(value)
+    return _optional_int(value, name, 4, "the embedder stops at 4x4 maps")
+
+
+def check_token_dim(value: object, name: str = "token_dim") -> Optional[int]:
+    """``value`` as ``None`` or an int ``>= 1`` (the token embedder's ``token_dim``), else an error naming ``name``.
+
+    Examples::
+
+        >>> check_token_dim(16), check_token_dim(None)
+        (16, None)
+    """
+    return _optional_int(value, name, 1, "features kept per token")
 
 
 class ConditionEmbedder(nn.Module):
@@ -139,6 +154,45 @@ class MLPEmbedder(ConditionEmbedder):
         self.net = nn.Sequential(nn.Flatten(), mlp(math.prod(self.in_shape), self.out_dim, hidden, depth))
 
 
+class TokenEmbedder(ConditionEmbedder):
+    """Embed a sequence of tokens ``(T, D)``, such as a transformer block's output, without one
+    weight per (token, feature, hidden unit).
+
+    One linear map, shared by all tokens, keeps ``token_dim`` features of each token (followed by a
+    LeakyReLU: the 1×1 convolution of :class:`ConvEmbedder`, over tokens); an MLP embeds the
+    ``T · token_dim`` results. Flattening ``(197, 768)`` tokens of a ViT-B/16 into
+    :class:`MLPEmbedder` would put ``151,296 · hidden`` weights (and Adam's two buffers each) into
+    its first layer; here it has ``768 · token_dim + 197 · token_dim · hidden``
+    (docs/pitfalls.rst). The last axis is the one projected: ``(tokens, features)``, the layout of
+    batch-first transformers (torchvision, timm, Hugging Face). Statistics are per token and feature,
+    as in :class:`MLPEmbedder`.
+
+    Args:
+        in_shape: ``(T, D)``.
+        out_dim: Width of the embedding.
+        hidden: Hidden width of the MLP.
+        token_dim: Features kept per token.
+        depth: Hidden layers of the MLP.
+
+    Examples::
+
+        >>> TokenEmbedder((65, 192), out_dim=8, hidden=32)(torch.randn(2, 65, 192)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_dim: int = 128, hidden: int = 512, token_dim: int = 16,
+                 depth: int = 2) -> None:
+        if len(in_shape) != 2:
+            raise ValueError(f"TokenEmbedder needs a (tokens, features) shape, got {tuple(in_shape)}.")
+        token_dim = check_token_dim(token_dim)
+        if token_dim is None:
+            raise ValueError("`token_dim` must be an int >= 1 for a TokenEmbedder; use MLPEmbedder to flatten whole.")
+        super().__init__(in_shape, out_dim)
+        tokens, features = self.in_shape
+        self.net = nn.Sequential(nn.Linear(features, token_dim), nn.LeakyReLU(0.2), nn.Flatten(),
+                                 mlp(tokens * token_dim, self.out_dim, hidden, depth))
+
+
 class ConvEmbedder(ConditionEmbedder):
     """Embed a feature map ``(C, H, W)`` of any spatial size with strided convolutions.
 
@@ -203,28 +257,37 @@ def make_embedder(
     conv_width: int = 64,
     conv_max_width: int = 256,
     conv_patch_to: Optional[int] = 8,
+    token_dim: Optional[int] = 16,
 ) -> ConditionEmbedder:
-    """Pick the embedder for an activation shape: convolutions for ``(C, H, W)``, else an MLP.
+    """Pick the embedder for an activation shape: convolutions for ``(C, H, W)``, a token
+    projection for ``(T, D)``, else an MLP.
 
     Args:
         in_shape: Per-sample activation shape.
         out_dim: Width of the embedding.
-        hidden: Hidden width of the MLP embedder.
+        hidden: Hidden width of the MLP (also the MLP behind the token projection).
         conv_width: Channels of the conv embedder's first layer.
         conv_max_width: Largest number of channels of the conv embedder (cost grows with its square).
         conv_patch_to: Largest side the conv embedder's first layer leaves (see :class:`ConvEmbedder`).
+        token_dim: Features kept per token by :class:`TokenEmbedder`, used for ``(T, D)`` shapes
+            with ``T > 1`` and ``D > token_dim``; ``None`` flattens them into an :class:`MLPEmbedder`,
+            as INNs saved before this setting were built.
 
     Returns:
-        A :class:`ConvEmbedder` for 3-d shapes with a spatial extent, else an :class:`MLPEmbedder`.
+        A :class:`ConvEmbedder` for 3-d shapes with a spatial extent, a :class:`TokenEmbedder` for
+        token sequences, else an :class:`MLPEmbedder`.
 
     Examples::
 
-        >>> type(make_embedder((64, 8, 8))).__name__, type(make_embedder((10,))).__name__
-        ('ConvEmbedder', 'MLPEmbedder')
+        >>> [type(make_embedder(s)).__name__ for s in [(64, 8, 8), (65, 192), (10,)]]
+        ['ConvEmbedder', 'TokenEmbedder', 'MLPEmbedder']
     """
     in_shape = tuple(int(s) for s in in_shape)
     conv_patch_to = check_patch_to(conv_patch_to, "conv_patch_to")
+    token_dim = check_token_dim(token_dim, "token_dim")
     if len(in_shape) == 3 and in_shape[1] * in_shape[2] > 1:
         return ConvEmbedder(in_shape, out_dim, width=conv_width, max_width=max(conv_width, conv_max_width),
                             patch_to=conv_patch_to)
+    if len(in_shape) == 2 and in_shape[0] > 1 and token_dim is not None and in_shape[1] > token_dim:
+        return TokenEmbedder(in_shape, out_dim, hidden, token_dim)
     return MLPEmbedder(in_shape, out_dim, hidden)

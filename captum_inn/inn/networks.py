@@ -9,7 +9,7 @@ from torch import Tensor
 
 from captum_inn._random import normal
 from captum_inn.inn.base import InvertibleModule, check_vector_batch
-from captum_inn.inn.embedders import check_patch_to, make_embedder
+from captum_inn.inn.embedders import check_patch_to, check_token_dim, make_embedder
 from captum_inn.inn.sequential import SequentialFlow, flow_blocks
 
 __all__ = ["ConditionalINN", "FactorINN", "factor_sizes_from_scores"]
@@ -37,6 +37,9 @@ class ConditionalINN(InvertibleModule):
         conv_patch_to: Largest side that embedder's first layer leaves: larger maps are cut into
             patches first (:class:`~captum_inn.inn.ConvEmbedder`); ``None`` convolves at full
             resolution, as INNs saved before this setting were built.
+        token_dim: Features per token that the embedder of token-sequence conditions ``(T, D)``
+            keeps (:class:`~captum_inn.inn.TokenEmbedder`); ``None`` flattens the whole sequence
+            into an MLP, as INNs saved before this setting were built.
 
     Examples::
 
@@ -62,6 +65,7 @@ class ConditionalINN(InvertibleModule):
         conv_width: int = 64,
         conv_max_width: int = 256,
         conv_patch_to: Optional[int] = 8,
+        token_dim: Optional[int] = 16,
     ) -> None:
         super().__init__()
         self.dim = int(dim)
@@ -71,8 +75,10 @@ class ConditionalINN(InvertibleModule):
             depth=int(depth), embed_dim=int(embed_dim), clamp=float(clamp), seed=int(seed),
             conv_width=int(conv_width), conv_max_width=int(conv_max_width),
             conv_patch_to=check_patch_to(conv_patch_to, "conv_patch_to"),
+            token_dim=check_token_dim(token_dim, "token_dim"),
         )
-        self.embedder = make_embedder(self.cond_shape, embed_dim, hidden, conv_width, conv_max_width, conv_patch_to)
+        self.embedder = make_embedder(self.cond_shape, embed_dim, hidden, conv_width, conv_max_width, conv_patch_to,
+                                      token_dim)
         self.flow = SequentialFlow(flow_blocks(self.dim, n_blocks, hidden, depth, embed_dim, clamp, seed))
 
     def embed(self, c: Tensor) -> Tensor:

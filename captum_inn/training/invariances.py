@@ -57,6 +57,9 @@ class InvarianceConfig:
         conv_max_width: Largest channel count of that embedder.
         conv_patch_to: Largest side that embedder's first layer leaves (larger maps are cut into
             patches, :class:`~captum_inn.inn.ConvEmbedder`); ``None`` convolves at full resolution.
+        token_dim: Features per token kept by the embedder of token-sequence layers ``(T, D)``
+            (a transformer block's output, :class:`~captum_inn.inn.TokenEmbedder`); ``None``
+            flattens the whole sequence into an MLP.
         clamp: Bound on each coupling log-scale.
         steps: Optimiser steps per layer.
         batch_size: Cached samples per step.
@@ -80,6 +83,7 @@ class InvarianceConfig:
     conv_width: int = 32
     conv_max_width: int = 128
     conv_patch_to: Optional[int] = 8
+    token_dim: Optional[int] = 16
     clamp: float = 1.0
     steps: int = 2000
     batch_size: int = 128
@@ -122,6 +126,7 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
             cache.latent_dim, cache.layer_shape(name), n_blocks=config.n_blocks, hidden=config.hidden,
             depth=config.depth, embed_dim=config.embed_dim, clamp=config.clamp, seed=config.seed,
             conv_width=config.conv_width, conv_max_width=config.conv_max_width, conv_patch_to=config.conv_patch_to,
+            token_dim=config.token_dim,
         ).to(device)
     init = torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:1024]
     init_conditions = cache.rows(name, init).to(device)
@@ -427,6 +432,7 @@ def load_invariance_inn(
         )
     inn_config = dict(config["inn"])
     inn_config.setdefault("conv_patch_to", None)  # saved before the setting existed: full-resolution embedder
+    inn_config.setdefault("token_dim", None)  # likewise: token sequences flattened into an MLP
     inn = ConditionalINN(**inn_config).to(map_location)
     inn.load_state_dict(strip_prefix(tensors, "model."))
     info = meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")}

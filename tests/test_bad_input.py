@@ -102,6 +102,7 @@ def _cases():
         ("concept target out of range", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=99), ValueError, "out of range"),
         ("concept edit value of another shape", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.zeros(2, 2)), ValueError, r"`value` for concept 'a' must be a floating-point tensor of shape \(3, 2\)"),
         ("concept edit value NaN", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.tensor([0.0, float("nan")])), ValueError, "`value` contains NaN"),
+        ("concept shares of inputs on another device", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae, invariance_inn=inn).encoded(X.to("meta"), n_samples=2), ValueError, "is on meta"),
         ("unknown concept name", lambda m, ae, inn, e: con(m, ae, e).edit(X, "colour"), ValueError, "Unknown concept 'colour'"),
         ("concept baselines of another size", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=0, baselines=torch.zeros(4)), ValueError, "`baselines`"),
         ("concept INN on another representation", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ConvAutoencoder((3, 32, 32), 4)), ValueError, "latent_dim=4"),

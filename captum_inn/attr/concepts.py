@@ -422,6 +422,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             raise ValueError(f"`n_samples` must be >= 2 for a variance, got {n_samples}.")
         as_optional_generator(generator)
         inputs = format_inputs(inputs, self.image_input)
+        check_same_device(inputs[self.image_input], self.invariance_inn)
+        check_same_device(inputs[self.image_input], self.concept_inn)
         n = inputs[0].shape[0]
         z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args,
                              self.attribute_to_layer_input, self.selector)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from captum_inn.inn import ConditionalINN, ConvEmbedder, TokenEmbedder, make_embedder
+from captum_inn.inn.embedders import FLATTEN_TOKENS_UP_TO
 from captum_inn.training import InvarianceConfig, load_invariance_inn, save_invariance_inn
 from captum_inn.training.checkpoint import load_checkpoint, module_tensors, save_checkpoint
 from captum_inn.training.loop import merged_config
@@ -95,14 +96,18 @@ def test_an_inn_saved_before_conv_patch_to_existed_loads_with_its_full_resolutio
 
 
 # ------------------------------------------------------------ token sequences (transformer layers)
-def test_token_sequences_get_the_token_embedder_and_other_shapes_do_not():
+def test_long_token_sequences_get_the_token_embedder_and_other_shapes_do_not():
+    assert FLATTEN_TOKENS_UP_TO == 16_384
     kinds = {shape: type(make_embedder(shape, 8, hidden=16)).__name__
-             for shape in [(65, 192), (5, 17), (65, 16), (1, 192), (192,), (64, 1, 1), (8, 4, 4)]}
-    assert kinds == {(65, 192): "TokenEmbedder", (5, 17): "TokenEmbedder",
-                     (65, 16): "MLPEmbedder",   # no more features than it would keep: nothing to save
-                     (1, 192): "MLPEmbedder", (192,): "MLPEmbedder", (64, 1, 1): "MLPEmbedder",
+             for shape in [(197, 384), (65, 256), (65, 252), (17, 96), (2000, 16), (1, 20000), (20000,), (64, 1, 1),
+                           (8, 4, 4)]}
+    assert kinds == {(197, 384): "TokenEmbedder", (65, 256): "TokenEmbedder",  # 16,640 numbers
+                     (65, 252): "MLPEmbedder", (17, 96): "MLPEmbedder",  # 16,380 and fewer: flattened, as before
+                     (2000, 16): "MLPEmbedder",  # no more features than it would keep: nothing to save
+                     (1, 20000): "MLPEmbedder", (20000,): "MLPEmbedder", (64, 1, 1): "MLPEmbedder",
                      (8, 4, 4): "ConvEmbedder"}
-    assert type(make_embedder((65, 192), 8, hidden=16, token_dim=None)).__name__ == "MLPEmbedder"
+    assert type(make_embedder((197, 384), 8, hidden=16, token_dim=None)).__name__ == "MLPEmbedder"
+    assert type(make_embedder((197, 384), 8, hidden=16, token_dim=512)).__name__ == "MLPEmbedder"
 
 
 def test_the_token_embedder_projects_each_token_with_one_shared_map():
@@ -138,9 +143,9 @@ def test_token_dim_must_be_a_positive_int_named_as_the_caller_spells_it(bad, err
 
 def test_an_inn_saved_before_token_dim_existed_loads_with_its_flattening_embedder(tmp_path):
     torch.manual_seed(0)
-    inn = ConditionalINN(4, (5, 32), n_blocks=1, hidden=8, embed_dim=8, token_dim=None)
-    assert type(inn.embedder).__name__ == "MLPEmbedder"
-    inn.fit_info = {"layer": "blocks", "layer_shape": [5, 32], "latent_dim": 4, "model_class": "Net", "steps": 1}
+    inn = ConditionalINN(4, (65, 256), n_blocks=1, hidden=8, embed_dim=8, token_dim=None)
+    assert type(inn.embedder).__name__ == "MLPEmbedder"  # the default would project the tokens
+    inn.fit_info = {"layer": "blocks", "layer_shape": [65, 256], "latent_dim": 4, "model_class": "Net", "steps": 1}
     path = save_invariance_inn(str(tmp_path / "new.safetensors"), inn)
     tensors, meta = load_checkpoint(str(path), kind="invariance_inn")
     del meta["config"]["inn"]["token_dim"]  # what fits before the setting wrote
@@ -159,16 +164,16 @@ def test_a_vision_transformer_block_is_fitted_explained_saved_and_reloaded(tmp_p
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
-                                               hidden_dim=32, mlp_dim=32, num_classes=10).eval()
-    ae = ConvAutoencoder((3, 16, 16), latent_dim=8, width=8).eval()
-    images = torch.rand(64, 3, 16, 16)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=1, num_heads=2,
+                                               hidden_dim=256, mlp_dim=32, num_classes=10).eval()
+    ae = ConvAutoencoder((3, 32, 32), latent_dim=8, width=8).eval()
+    images = torch.rand(64, 3, 32, 32)
     inn = fit_invariances(vit, "encoder.layers.encoder_layer_0", ae, images, steps=3, n_blocks=1, hidden=16,
                           embed_dim=8, batch_size=16, progress=False, checkpoint_dir=str(tmp_path))
-    assert type(inn.embedder).__name__ == "TokenEmbedder" and inn.cond_shape == (5, 32)
+    assert type(inn.embedder).__name__ == "TokenEmbedder" and inn.cond_shape == (65, 256)
     maps = LayerInvariance(vit, "encoder.layers.encoder_layer_0", inn, ae).attribute(images[:2], n_samples=3)
-    assert maps.shape == (2, 3, 16, 16) and bool(torch.isfinite(maps).all())
+    assert maps.shape == (2, 3, 32, 32) and bool(torch.isfinite(maps).all())
     loaded = load_invariance_inn(str(tmp_path / "invariance_encoder.layers.encoder_layer_0.safetensors"))
     assert type(loaded.embedder).__name__ == "TokenEmbedder" and loaded.config["token_dim"] == 16
-    z = torch.randn(4, 5, 32)
+    z = torch.randn(4, 65, 256)
     assert torch.equal(loaded.embed(z), inn.eval().embed(z))

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 
 from captum_inn.inn.coupling import mlp
 
-__all__ = ["ConditionEmbedder", "MLPEmbedder", "TokenEmbedder", "ConvEmbedder", "make_embedder"]
+__all__ = ["ConditionEmbedder", "MLPEmbedder", "TokenEmbedder", "ConvEmbedder", "make_embedder", "FLATTEN_TOKENS_UP_TO"]
+
+#: Token sequences of at most this many numbers per sample are flattened into an MLP (whose first
+#: layer then has at most ``16,384 · hidden`` weights); longer ones get a :class:`TokenEmbedder`.
+#: On a small ViT neither embedder fitted clearly better (docs/pitfalls.rst), so the cheaper one
+#: takes over only where the flattened one gets expensive.
+FLATTEN_TOKENS_UP_TO = 16_384
 
 
 def _optional_int(value: object, name: str, minimum: int, why: str) -> Optional[int]:
@@ -156,7 +162,8 @@ class MLPEmbedder(ConditionEmbedder):
 
 class TokenEmbedder(ConditionEmbedder):
     """Embed a sequence of tokens ``(T, D)``, such as a transformer block's output, without one
-    weight per (token, feature, hidden unit).
+    weight per (token, feature, hidden unit). :func:`make_embedder` picks it for sequences of more
+    than ``FLATTEN_TOKENS_UP_TO`` (16,384) numbers.
 
     One linear map, shared by all tokens, keeps ``token_dim`` features of each token (followed by a
     LeakyReLU: the 1×1 convolution of :class:`ConvEmbedder`, over tokens); an MLP embeds the
@@ -270,17 +277,18 @@ def make_embedder(
         conv_max_width: Largest number of channels of the conv embedder (cost grows with its square).
         conv_patch_to: Largest side the conv embedder's first layer leaves (see :class:`ConvEmbedder`).
         token_dim: Features kept per token by :class:`TokenEmbedder`, used for ``(T, D)`` shapes
-            with ``T > 1`` and ``D > token_dim``; ``None`` flattens them into an :class:`MLPEmbedder`,
-            as INNs saved before this setting were built.
+            with ``T > 1``, ``D > token_dim`` and more than ``FLATTEN_TOKENS_UP_TO`` (16,384) numbers;
+            ``None`` flattens every sequence into an :class:`MLPEmbedder`, as INNs saved before this
+            setting were built.
 
     Returns:
         A :class:`ConvEmbedder` for 3-d shapes with a spatial extent, a :class:`TokenEmbedder` for
-        token sequences, else an :class:`MLPEmbedder`.
+        long token sequences, else an :class:`MLPEmbedder`.
 
     Examples::
 
-        >>> [type(make_embedder(s)).__name__ for s in [(64, 8, 8), (65, 192), (10,)]]
-        ['ConvEmbedder', 'TokenEmbedder', 'MLPEmbedder']
+        >>> [type(make_embedder(s)).__name__ for s in [(64, 8, 8), (197, 384), (17, 96), (10,)]]
+        ['ConvEmbedder', 'TokenEmbedder', 'MLPEmbedder', 'MLPEmbedder']
     """
     in_shape = tuple(int(s) for s in in_shape)
     conv_patch_to = check_patch_to(conv_patch_to, "conv_patch_to")
@@ -288,6 +296,7 @@ def make_embedder(
     if len(in_shape) == 3 and in_shape[1] * in_shape[2] > 1:
         return ConvEmbedder(in_shape, out_dim, width=conv_width, max_width=max(conv_width, conv_max_width),
                             patch_to=conv_patch_to)
-    if len(in_shape) == 2 and in_shape[0] > 1 and token_dim is not None and in_shape[1] > token_dim:
+    tokens_pay = len(in_shape) == 2 and math.prod(in_shape) > FLATTEN_TOKENS_UP_TO and in_shape[0] > 1
+    if tokens_pay and token_dim is not None and in_shape[1] > token_dim:
         return TokenEmbedder(in_shape, out_dim, hidden, token_dim)
     return MLPEmbedder(in_shape, out_dim, hidden)

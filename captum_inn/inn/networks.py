@@ -37,9 +37,9 @@ class ConditionalINN(InvertibleModule):
         conv_patch_to: Largest side that embedder's first layer leaves: larger maps are cut into
             patches first (:class:`~captum_inn.inn.ConvEmbedder`); ``None`` convolves at full
             resolution, as INNs saved before this setting were built.
-        token_dim: Features per token that the embedder of token-sequence conditions ``(T, D)``
-            keeps (:class:`~captum_inn.inn.TokenEmbedder`); ``None`` flattens the whole sequence
-            into an MLP, as INNs saved before this setting were built.
+        token_dim: Features per token that the embedder of long token-sequence conditions
+            ``(T, D)`` keeps (:class:`~captum_inn.inn.TokenEmbedder`); ``None`` flattens every
+            sequence into an MLP, as INNs saved before this setting were built.
 
     Examples::
 

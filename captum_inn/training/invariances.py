@@ -57,9 +57,9 @@ class InvarianceConfig:
         conv_max_width: Largest channel count of that embedder.
         conv_patch_to: Largest side that embedder's first layer leaves (larger maps are cut into
             patches, :class:`~captum_inn.inn.ConvEmbedder`); ``None`` convolves at full resolution.
-        token_dim: Features per token kept by the embedder of token-sequence layers ``(T, D)``
-            (a transformer block's output, :class:`~captum_inn.inn.TokenEmbedder`); ``None``
-            flattens the whole sequence into an MLP.
+        token_dim: Features per token kept by the embedder of long token-sequence layers
+            ``(T, D)`` (a ViT block's output, :class:`~captum_inn.inn.TokenEmbedder`); ``None``
+            flattens every sequence into an MLP.
         clamp: Bound on each coupling log-scale.
         steps: Optimiser steps per layer.
         batch_size: Cached samples per step.

@@ -208,8 +208,8 @@ def compare_attributions(
     predictions = _predict(model, images, batch)
     targets = _targets(target, predictions, model, images)
 
-    # Everything below runs in eval mode, not only Captum's passes: the invariance and concept
-    # explainers would otherwise warn about a model in training mode (they use eval mode anyway).
+    # Everything below runs in eval mode, like the explainers' own layer reads: Captum's passes
+    # and the concept attributions would otherwise run the model as it is.
     with eval_mode(model):
         if gradcam_layer is None:
             z = invariance._activation((images[:1],), None)

@@ -4,6 +4,8 @@ interrupted with KeyboardInterrupt."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers_hooks import Gate, assert_no_hooks, training_flags
@@ -222,15 +224,32 @@ def test_a_layer_with_one_number_per_image_is_a_clear_error(setup):
         fit_invariances(Scalar().eval(), "total", ae, X, steps=1, progress=False)
 
 
-def test_a_model_in_training_mode_with_batch_norm_warns(setup):
-    _, ae, _, _ = setup
+def test_training_mode_warns_only_where_the_model_runs_as_it_is(setup):
+    """Layer reads run in eval mode, so the invariance explainer gives its eval-mode results for a
+    model in training mode, silently; concept attributions run the model as it is and warn."""
+    _, ae, _, e = setup
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10))
     model(torch.rand(2, 3, 32, 32))
-    inn = _fitted_inn(6, (10,))
+    with torch.no_grad():  # running statistics unlike any batch's, so the two modes differ
+        model[1].running_mean.fill_(0.5)
+        model[1].running_var.fill_(4.0)
+    explainer = LayerInvariance(model, "3", _fitted_inn(6, (10,)), ae)
+
+    def samples(images):
+        return explainer.sample(images, n_samples=2, generator=torch.Generator().manual_seed(0))
+
+    expected, expected_one = samples(X), samples(X[:1])
     model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert torch.equal(samples(X), expected)
+        assert torch.equal(samples(X[:1]), expected_one)  # batch statistics of one image would differ
+    assert model.training and model[1].training  # flags left as they were
     with pytest.warns(UserWarning, match="training mode.*model.eval"):
-        LayerInvariance(model, "3", inn, ae).sample(X, n_samples=2)
-    assert model.training  # warned, not changed
+        LayerConcepts(model, "3", e, ae).attribute(X, target=0, n_steps=4)
+    with pytest.warns(UserWarning, match="training mode.*model.eval"):
+        LayerConcepts(model, "3", e, ae).output_from_factors(X)
+    assert model.training
 
 
 # ---------------------------------------------------------------- no hook outlives any call

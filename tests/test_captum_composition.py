@@ -14,7 +14,8 @@ that they are not the identity.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
+from typing import Optional
 
 import matplotlib
 
@@ -131,24 +132,21 @@ def _concepts(setup, layer: bool = False):
 
 
 @contextmanager
-def left_as_it_was(model: nn.Module, mode: str = "eval", warns: bool = True):
+def left_as_it_was(model: nn.Module, mode: str = "eval", warns: Optional[bool] = False):
     """Run the block with ``model`` in ``mode``; afterwards no hook may remain and every training
-    flag must be as before. In training mode a normal call must warn (``warns``); failing calls may
-    stop before the warning, so there warnings are only silenced."""
+    flag must be as before. Calls that run the model as it is (concept attributions) must warn in
+    training mode (``warns=True``); layer reads run in eval mode and must never warn
+    (``warns=False``); failing calls may stop before the warning (``warns=None``: not checked)."""
     was = model.training
     model.train(mode == "train")
     flags = training_flags(model)
-    if mode == "train" and warns:
-        expect = pytest.warns(UserWarning, match="training mode")
-    elif mode == "train":
-        expect = warnings.catch_warnings()
-    else:
-        expect = nullcontext()
     try:
-        with expect:
-            if mode == "train" and not warns:
-                warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             yield
+        training_warnings = [w for w in caught if "training mode" in str(w.message)]
+        if warns is not None:
+            assert bool(training_warnings) == (warns and mode == "train"), [str(w.message) for w in caught]
         assert_no_hooks(model)
         assert training_flags(model) == flags
     finally:
@@ -234,7 +232,7 @@ def test_noise_tunnel_over_concept_attributions(setup, x, scale, layer, mode):
     concepts = _concepts(setup, layer)
     k = len(concepts.concept_names)
     x_before = x.clone()
-    with left_as_it_was(setup[0], mode):
+    with left_as_it_was(setup[0], mode, warns=True):
         scores, delta = NoiseTunnel(concepts).attribute(
             x, nt_samples=3, stdevs=0.02, target=1, n_steps=16, return_convergence_delta=True,
         )
@@ -342,7 +340,7 @@ def _as_tuple(explain):
 def test_sensitivity_max_of_concept_attributions(setup, x, mode):
     concepts = _concepts(setup)
     kwargs = dict(n_perturb_samples=3, target=1, n_steps=16)
-    with left_as_it_was(setup[0], mode), torch.random.fork_rng():
+    with left_as_it_was(setup[0], mode, warns=True), torch.random.fork_rng():
         torch.manual_seed(0)
         near = sensitivity_max(_as_tuple(concepts.attribute), x, perturb_radius=1e-4, **kwargs)
         far = sensitivity_max(_as_tuple(concepts.attribute), x, perturb_radius=0.1, **kwargs)
@@ -553,7 +551,7 @@ FAILURES = {
 @pytest.mark.parametrize("case", list(FAILURES), ids=list(FAILURES))
 def test_a_failing_call_leaves_no_hook_and_the_mode_unchanged(setup, x, scale, case, mode):
     call, error, match = FAILURES[case]
-    with left_as_it_was(setup[0], mode, warns=False):
+    with left_as_it_was(setup[0], mode, warns=None):
         with pytest.raises(error, match=match):
             call(setup, x, scale)
     # and the explainers still work afterwards

@@ -122,10 +122,10 @@ def layer_activation(
 ) -> Tensor:
     """Run ``forward_func(*inputs, *additional_forward_args)`` once and return the layer's activation.
 
-    The pass stops after the layer; hooks are removed and training flags restored afterwards.
+    The pass runs in eval mode and stops after the layer; hooks are removed and training flags
+    restored afterwards.
     """
     extra = _format_additional_forward_args(additional_forward_args) or ()
-    warn_if_training(forward_func)
     owner = forward_func if isinstance(forward_func, nn.Module) else layer
     with LayerHooks(owner, layer, attribute_to_layer_input=attribute_to_layer_input,
                     selector=selector, stop_early=True) as hooks:
@@ -142,13 +142,14 @@ _BATCH_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d, n
 
 
 def warn_if_training(forward_func: Callable) -> None:
-    """Warn when the model is in training mode with batch norm or dropout (activations then
-    depend on the batch and on chance, so the layer's view of one input is not well defined)."""
+    """Warn when the model is in training mode with batch norm or dropout, for calls that run it as
+    it is (its outputs then depend on the batch and on chance). Layer reads need no warning: they
+    run in eval mode."""
     if isinstance(forward_func, nn.Module) and forward_func.training:
         if any(isinstance(m, _BATCH_DEPENDENT) and m.training for m in forward_func.modules()):
             warnings.warn(
                 f"{type(forward_func).__name__} is in training mode: its batch norm uses batch statistics "
-                "and its dropout is random, so a layer's activation depends on the batch. Call model.eval() "
+                "and its dropout is random, so its outputs depend on the batch. Call model.eval() "
                 "before explaining it.",
                 UserWarning,
                 stacklevel=3,

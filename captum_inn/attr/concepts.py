@@ -59,9 +59,10 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         image_input: Which of the (tuple) inputs is the image.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
-    and leaves the model's training flags as they were. A model in training mode with batch norm or
-    dropout triggers a ``UserWarning`` (its activations would depend on the batch): call
-    ``model.eval()`` first. Inputs must be on the device of the fitted INN.
+    and leaves the model's training flags as they were. Layer reads run the model in eval mode;
+    :meth:`attribute` and :meth:`output_from_factors` run it as it is, so there a model in training
+    mode with batch norm or dropout triggers a ``UserWarning`` (its outputs would depend on the
+    batch): call ``model.eval()`` first. Inputs must be on the device of the fitted INN.
 
     Examples::
 
@@ -357,9 +358,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         """
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
-        if self.representation == _CODE or factors is not None:
-            # The model runs here without a layer read (which warns by itself): warn as promised.
-            warn_if_training(self.forward_func)
+        warn_if_training(self.forward_func)  # the model runs as it is here, not in eval mode
         factors = self.factors(inputs, additional_forward_args) if factors is None else self._check_factors(factors, n)
         return self._forward_from_factors(factors, inputs, additional_forward_args)
 
@@ -586,9 +585,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         from captum.attr import IntegratedGradients
 
         inputs = format_inputs(inputs, self.image_input)
-        if self.representation == _CODE:
-            # factors() of codes never runs the model, so nothing else warns about training mode.
-            warn_if_training(self.forward_func)
+        warn_if_training(self.forward_func)  # gradients flow through the model as it is
         start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)
         base = self._baseline_factors(baselines, start)
         extra = _format_additional_forward_args(additional_forward_args) or ()

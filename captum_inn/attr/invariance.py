@@ -54,9 +54,9 @@ class LayerInvariance(LayerAttribution):
         image_input: Which of the (tuple) inputs is the image the autoencoder encodes.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
-    and leaves the model's training flags as they were. A model in training mode with batch norm or
-    dropout triggers a ``UserWarning`` (its activations would depend on the batch): call
-    ``model.eval()`` first. Inputs must be on the device of the fitted INN.
+    and leaves the model's training flags as they were. The model runs in eval mode (batch norm on
+    its running statistics, dropout off) whatever its flags, so a batch of one gives what it gives
+    in any batch. Inputs must be on the device of the fitted INN.
 
     Examples::
 

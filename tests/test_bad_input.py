@@ -96,6 +96,8 @@ def _cases():
         ("unknown layer name", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logit", inn, ae), ValueError, "did you mean 'cnn.logits'"),
         ("layer never runs", lambda m, ae, inn, e: capture(m, "never", X), ValueError, "did not run"),
         ("INN for another layer", lambda m, ae, inn, e: LayerInvariance(m, "cnn.relu3", inn, ae).sample(X), ValueError, "Fit an INN for this layer"),
+        ("INN fitted on the layer's input, read at its output", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", _named(_fitted_inn(6, (128,)), "cnn.logits"), ae).sample(X), ValueError, "fitted on the layer's input.*attribute_to_layer_input=True"),
+        ("images of another size than the autoencoder's", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(torch.rand(2, 3, 64, 64)), ValueError, r"decodes images of shape \(3, 32, 32\).*interpolate"),
         ("INN fitted on another layer", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", _named(_fitted_inn(6, (10,)), "cnn.fc"), ae), ValueError, "fitted on layer 'cnn.fc', not 'cnn.logits'"),
         ("INN not an INN", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", e, ae), TypeError, "ConditionalINN"),
         ("autoencoder of another latent size", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ConvAutoencoder((3, 32, 32), 5)), ValueError, "latent_dim=5"),
@@ -307,3 +309,26 @@ def test_no_hook_survives(setup, entry, how):
         model.gate.error = None
     assert_no_hooks(model)
     assert training_flags(model) == flags
+
+
+def test_an_autoencoder_of_another_image_size_is_refused_after_decoding(setup):
+    """An autoencoder without ``image_shape`` is checked on what it decodes: a model that takes any
+    size (adaptive pooling) must not yield 32x32 samples for 64x64 inputs."""
+    _, ae, inn, _ = setup
+
+    class Plain(nn.Module):  # encode/decode only, no image_shape
+        def __init__(self):
+            super().__init__()
+            self.ae = ae
+
+        def encode(self, x):
+            return self.ae.encode(x)
+
+        def decode(self, code):
+            return self.ae.decode(code)
+
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 10)).eval()
+    explainer = LayerInvariance(model, "2", inn, Plain())
+    assert explainer.attribute(X, n_samples=2).shape == X.shape
+    with pytest.raises(ValueError, match=r"`inputs` images have shape \(3, 64, 64\).*decodes images of shape \(3, 32, 32\)"):
+        explainer.attribute(torch.rand(2, 3, 64, 64), n_samples=2)

@@ -137,9 +137,14 @@ class LayerInvariance(LayerAttribution):
         if tuple(z.shape[1:]) != self.inn.cond_shape:
             fitted = (getattr(self.inn, "fit_info", None) or {}).get("layer", "another layer")
             read = f"the input of layer {self.layer_name!r}" if to_input else f"layer {self.layer_name!r}"
+            fix = "Fit an INN for this layer."
+            if fitted == self.layer_name or self.layer_name.endswith("." + fitted):
+                # the same layer: most likely fitted on its input and read at its output, or the reverse
+                fix = (f"Was it fitted on the layer's {'output' if to_input else 'input'}? Then pass "
+                       f"attribute_to_layer_input={not to_input}; otherwise fit an INN for this layer.")
             raise ValueError(
                 f"`inn` was fitted for layer {fitted!r} with activations of shape {self.inn.cond_shape}, "
-                f"but {read} gives {tuple(z.shape[1:])}. Fit an INN for this layer."
+                f"but {read} gives {tuple(z.shape[1:])}. {fix}"
             )
         return z
 
@@ -154,6 +159,21 @@ class LayerInvariance(LayerAttribution):
 
     def _decode(self, code: Tensor) -> Tensor:
         return self.autoencoder.decode(code)
+
+    def _check_image_shape(self, shape: Tuple[int, ...], decoded: Optional[Tuple[int, ...]] = None) -> None:
+        """``ValueError`` when the autoencoder decodes images (of shape ``decoded``, by default its
+        ``image_shape`` where it has one) of another shape than the inputs'.
+
+        Samples never encode the input, so a model that accepts any size (adaptive pooling) would
+        otherwise give maps and samples of the autoencoder's size, silently."""
+        decoded = getattr(self.autoencoder, "image_shape", None) if decoded is None else decoded
+        if decoded is not None and tuple(decoded) != tuple(shape):
+            raise ValueError(
+                f"`inputs` images have shape {tuple(shape)}, but the autoencoder decodes images of shape "
+                f"{tuple(decoded)}, so samples and maps could not match the inputs. Resize the inputs "
+                f"(torch.nn.functional.interpolate(x, size={tuple(decoded[-2:])})) or fit an autoencoder "
+                f"and INN for images of this size."
+            )
 
     def _chunks(self, n: int, size: Optional[int]) -> List[slice]:
         size = n if size is None else check_positive_int(size, "internal_batch_size")
@@ -271,6 +291,7 @@ class LayerInvariance(LayerAttribution):
         as_optional_generator(generator)
         inputs = format_inputs(inputs, self.image_input)
         check_same_device(inputs[self.image_input], self.inn)
+        self._check_image_shape(inputs[self.image_input].shape[1:])
         n = inputs[0].shape[0]
         device = inputs[self.image_input].device
         dtype = inputs[self.image_input].dtype
@@ -288,6 +309,7 @@ class LayerInvariance(LayerAttribution):
                     code = self.inn(noise[rows][sub], None, rev=True, jac=False, embedding=embedding[sub])[0]
                     outputs.append(self._decode(code))
         images = torch.cat(outputs)
+        self._check_image_shape(inputs[self.image_input].shape[1:], images.shape[1:])  # autoencoders without image_shape
         return images.view(n, n_samples, *images.shape[1:])
 
     @log_usage()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ __all__ = [
     "check_same_device",
     "check_fitted_layer",
     "warn_if_training",
+    "dtype_errors_named",
 ]
 
 
@@ -128,7 +130,8 @@ def layer_activation(
     extra = _format_additional_forward_args(additional_forward_args) or ()
     owner = forward_func if isinstance(forward_func, nn.Module) else layer
     with LayerHooks(owner, layer, attribute_to_layer_input=attribute_to_layer_input,
-                    selector=selector, stop_early=True) as hooks:
+                    selector=selector, stop_early=True) as hooks, \
+            dtype_errors_named(next((t for t in inputs if t.is_floating_point()), inputs[0]), owner):
         forward_func(*inputs, *extra)
     values = hooks.values
     if not values:
@@ -136,6 +139,24 @@ def layer_activation(
             "The hooked layer did not run during the forward pass; check that it is used by forward_func."
         )
     return next(iter(values.values()))
+
+
+@contextmanager
+def dtype_errors_named(images: Tensor, *modules: Any, name: str = "inputs") -> Iterator[None]:
+    """Turn the error of a network fed images of another floating dtype than its weights into a
+    ``TypeError`` naming ``name`` and the conversion. Only failures are rewritten: a model that
+    converts its input itself keeps working."""
+    try:
+        yield
+    except RuntimeError as error:
+        dtypes = {p.dtype for m in modules if isinstance(m, nn.Module) for p in m.parameters() if p.is_floating_point()}
+        if images.is_floating_point() and len(dtypes) == 1 and images.dtype not in dtypes:
+            want = str(next(iter(dtypes))).replace("torch.", "")
+            raise TypeError(
+                f"`{name}` images are {images.dtype} but the network computes in torch.{want}; convert them "
+                f"with images.to(torch.{want}). ({error})"
+            ) from error
+        raise
 
 
 _BATCH_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d, nn.Dropout3d)

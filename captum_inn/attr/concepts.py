@@ -21,6 +21,7 @@ from captum_inn.attr._common import (
     check_fitted_layer,
     check_positive_int,
     check_same_device,
+    dtype_errors_named,
     format_inputs,
     layer_activation,
     resolve_model_layer,
@@ -179,7 +180,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     f"acts on vectors of size {self.concept_inn.dim}."
                 )
             return z
-        code = encode_mean(self.autoencoder, inputs[self.image_input if image_input is None else image_input])
+        images = inputs[self.image_input if image_input is None else image_input]
+        with dtype_errors_named(images, self.autoencoder):
+            code = encode_mean(self.autoencoder, images)
         if code.shape[1] != self.concept_inn.dim:
             raise ValueError(
                 f"`autoencoder` gives codes of size {code.shape[1]}, but `concept_inn` acts on codes of size "

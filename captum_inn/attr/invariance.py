@@ -21,6 +21,7 @@ from captum_inn.attr._common import (
     check_number,
     check_positive_int,
     check_same_device,
+    dtype_errors_named,
     format_inputs,
     layer_activation,
     resolve_model_layer,
@@ -149,7 +150,8 @@ class LayerInvariance(LayerAttribution):
         return z
 
     def _code(self, images: Tensor) -> Tensor:
-        code = encode_mean(self.autoencoder, images)
+        with dtype_errors_named(images, self.autoencoder):
+            code = encode_mean(self.autoencoder, images)
         if code.shape[1] != self.inn.dim:
             raise ValueError(
                 f"`autoencoder` gives codes of size {code.shape[1]}, but `inn` was fitted on codes of "

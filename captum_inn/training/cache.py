@@ -19,7 +19,7 @@ from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without i
 
 from captum_inn._captum_compat import _format_additional_forward_args
 from captum_inn._random import normal
-from captum_inn.attr._common import check_module_device
+from captum_inn.attr._common import check_module_device, dtype_errors_named
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import LayerHooks, eval_mode, resolve_layer
 from captum_inn.training.data import (
@@ -350,7 +350,8 @@ def cache_features(
                     raise ValueError("`data` contains NaN or infinite pixels; clean the images before caching features.")
                 images = images.to(device)
                 with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
-                                selector=selector, stop_early=True) as hooks:
+                                selector=selector, stop_early=True) as hooks, \
+                        dtype_errors_named(images, model, name="data"):
                     hooks.run(images, *extra)
                     values = dict(hooks.values)
                 for name in names:
@@ -360,7 +361,8 @@ def cache_features(
                             "in model.forward."
                         )
                     sink.append(f"layer.{name}", values[name])
-                mean, std = encode_posterior(autoencoder, images)
+                with dtype_errors_named(images, autoencoder, name="data"):
+                    mean, std = encode_posterior(autoencoder, images)
                 sink.append("code_mean", mean)
                 sink.append("code_std", std)
                 bar.update(images.shape[0])

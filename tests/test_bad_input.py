@@ -119,6 +119,7 @@ def _cases():
         ("factor sizes not summing", lambda m, ae, inn, e: fit_concepts(ae, [ColorDigits("test").concept("digit")], factor_sizes={"digit": 4, "residual": 4}, steps=1, pool_size=4, progress=False), ValueError, "sum to 8"),
         ("factor INN on a conv layer", lambda m, ae, inn, e: LayerRepresentation(m, "cnn.relu3").encode(X), ValueError, "vector layer"),
         ("ActNorm batch of one", lambda m, ae, inn, e: ActNorm(4)(torch.randn(1, 4)), ValueError, "batch"),
+        ("8-bit pixel values for a sigmoid decoder", lambda m, ae, inn, e: fit_autoencoder(X * 255, latent_dim=4, steps=1, progress=False), ValueError, r"`data` pixels range over \[.*divide 8-bit pixels by 255"),
         ("autoencoder data with NaN", lambda m, ae, inn, e: fit_autoencoder(X * float("nan"), latent_dim=4, steps=1, progress=False), ValueError, "NaN"),
         ("cached data with NaN", lambda m, ae, inn, e: cache_features(m, "cnn.logits", ae, X * float("nan"), progress=False), ValueError, "NaN or infinite pixels"),
         ("classifier data with inf", lambda m, ae, inn, e: fit_classifier(m, (X / 0, torch.zeros(3)), steps=1, progress=False), ValueError, "NaN or infinite"),

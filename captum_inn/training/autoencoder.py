@@ -143,10 +143,16 @@ def fit_autoencoder(
     if images.dim() != 4 or images.shape[0] < 2:
         raise ValueError(f"`data` must hold at least 2 images (N, C, H, W), got shape {tuple(images.shape)}.")
     check_image_dtype(images, torch.get_default_dtype())  # the autoencoder is built in the default dtype
-    images = shard_data(images).to(device)
-    batch = local_batch_size(config.batch_size, images.shape[0])
+    # checked on all images before sharding, so every torchrun process agrees
     if not torch.isfinite(images).all():
         raise ValueError("`data` contains NaN or infinite pixels; clean the images first.")
+    if config.output == "sigmoid" and (images.min() < 0 or images.max() > 1):
+        raise ValueError(
+            f"`data` pixels range over [{float(images.min()):.3g}, {float(images.max()):.3g}], but output='sigmoid' "
+            "decodes to [0, 1]; divide 8-bit pixels by 255, or pass output='identity' for normalised images."
+        )
+    images = shard_data(images).to(device)
+    batch = local_batch_size(config.batch_size, images.shape[0])
     config.perceptual_layers = tuple(config.perceptual_layers)
     if bool(config.perceptual_layers) != (perceptual_model is not None):
         raise ValueError(

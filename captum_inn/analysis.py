@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from captum_inn.attr import LayerInvariance
 from captum_inn.attr._common import check_positive_int, format_inputs
 from captum_inn.capture import eval_mode
+from captum_inn.metrics import predict_classes
 
 __all__ = ["AdversarialViews", "adversarial_views", "mix_images", "plot_mixing"]
 
@@ -35,11 +36,6 @@ def _check_explainers(explainers: Mapping[str, LayerInvariance], model: Optional
             raise TypeError(f"`explainers[{name!r}]` must be a LayerInvariance, got {type(explainer).__name__}.")
         if model is not None and explainer.forward_func is not model:
             raise ValueError(f"`explainers[{name!r}]` explains another model than `model`.")
-
-
-def _predict(model: nn.Module, images: Tensor, batch: int = 256) -> Tensor:
-    with torch.no_grad(), eval_mode(model):
-        return torch.cat([model(images[s : s + batch]).argmax(1) for s in range(0, images.shape[0], batch)])
 
 
 def _cross_entropy(outputs: Tensor, labels: Tensor) -> Tensor:
@@ -166,12 +162,12 @@ def adversarial_views(
                            labels[s : s + batch]).detach()
             for s in range(0, images.shape[0], batch)
         ])
-        clean_pred, adv_pred = _predict(model, images, batch), _predict(model, adversarial, batch)
+        clean_pred, adv_pred = predict_classes(model, images, batch), predict_classes(model, adversarial, batch)
         fooled = (clean_pred == labels) & (adv_pred != labels)
         views, judged, summary = {}, {}, {}
         for layer, explainer in explainers.items():
             views[layer] = _transfer(explainer, images, adversarial, batch)
-            judged[layer] = _predict(judge, views[layer], batch)
+            judged[layer] = predict_classes(judge, views[layer], batch)
             if fooled.any():
                 summary[layer] = {
                     "judged_adversarial": float((judged[layer][fooled] == adv_pred[fooled]).float().mean()),
@@ -181,7 +177,7 @@ def adversarial_views(
                 summary[layer] = {"judged_adversarial": float("nan"), "judged_original": float("nan")}
         # the judge on the attacked images themselves: a judge the attack transfers to would mix
         # what a layer sees with what the judge sees
-        judged_attack = _predict(judge, adversarial, batch)
+        judged_attack = predict_classes(judge, adversarial, batch)
     summary["judge_on_attacked"] = (float((judged_attack[fooled] == labels[fooled]).float().mean()) if fooled.any()
                                     else float("nan"))
     summary["fooled_rate"] = float(fooled.float().mean())

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from captum_inn.attr import LayerConcepts, LayerInvariance
 from captum_inn.attr._common import check_positive_int, format_inputs
 from captum_inn.capture import eval_mode, resolve_layer
+from captum_inn.metrics import predict_classes
 
 __all__ = ["Comparison", "compare_attributions", "last_spatial_layer"]
 
@@ -133,11 +134,6 @@ def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
     return order[-1]
 
 
-def _predict(model: nn.Module, images: Tensor, batch: int) -> Tensor:
-    with torch.no_grad(), eval_mode(model):
-        return torch.cat([model(images[s : s + batch]).argmax(1) for s in range(0, images.shape[0], batch)])
-
-
 def compare_attributions(
     model: nn.Module,
     inputs: Tensor,
@@ -205,7 +201,7 @@ def compare_attributions(
     check_positive_int(ig_steps, "ig_steps")
     if check_positive_int(n_samples, "n_samples") < 2:
         raise ValueError(f"`n_samples` must be >= 2 for an invariance map (their spread), got {n_samples}.")
-    predictions = _predict(model, images, batch)
+    predictions = predict_classes(model, images, batch)
     targets = _targets(target, predictions, model, images)
 
     # Everything below runs in eval mode, like the explainers' own layer reads: Captum's passes

@@ -1,5 +1,6 @@
 """Quantitative checks of invariances: do samples keep what the layer encodes, and drop the rest?
 
+- :func:`predict_classes`: top-1 classes of a classifier (a tensor, tuple or dict output).
 - :func:`prediction_agreement`: the network (or an independent judge) predicts the same class on
   invariance samples as on the original.
 - :func:`reencode_similarity`: samples re-encode, at the layer, closer to the original activation
@@ -19,16 +20,40 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._random import generator_device, normal
-from captum_inn.capture import capture, eval_mode
+from captum_inn.attr._common import check_positive_int
+from captum_inn.capture import Selector, _select, capture, eval_mode
 from captum_inn.inn import ConditionalINN
 
-__all__ = ["prediction_agreement", "reencode_similarity", "variance_explained_by_v", "probe_r2", "estimate_colours",
+__all__ = ["predict_classes", "prediction_agreement", "reencode_similarity", "variance_explained_by_v", "probe_r2", "estimate_colours",
            "border_colour"]
 
 
-def _predict(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, selector: Selector = None) -> Tensor:
+    """Top-1 classes of ``model`` on ``images``, in eval mode and without gradients (each
+    module's training flag is restored).
+
+    Args:
+        model: A classifier returning logits ``(N, K)``, or a tuple, list or dict holding them.
+        images: ``(N, C, H, W)``.
+        batch_size: Images per forward pass.
+        selector: Picks the logits from a non-tensor output: an int index, a str key or attribute,
+            or a callable ``output -> (N, K)`` (as for :class:`captum_inn.capture.LayerHooks`).
+
+    Returns:
+        ``(N,)`` class indices, on the images' device.
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        >>> predict_classes(model, torch.rand(4, 3, 2, 2)).shape
+        torch.Size([4])
+    """
+    batch_size = check_positive_int(batch_size, "batch_size")
     with torch.no_grad(), eval_mode(model):
-        return torch.cat([model(images[s : s + batch_size]).argmax(1) for s in range(0, images.shape[0], batch_size)])
+        return torch.cat([
+            _select(model(images[s : s + batch_size]), selector, type(model).__name__, "output").argmax(1)
+            for s in range(0, images.shape[0], batch_size)
+        ])
 
 
 def _check_samples(originals: Tensor, samples: Tensor) -> None:
@@ -43,7 +68,7 @@ def _check_samples(originals: Tensor, samples: Tensor) -> None:
 
 
 def prediction_agreement(
-    model: nn.Module, originals: Tensor, samples: Tensor, batch_size: int = 512
+    model: nn.Module, originals: Tensor, samples: Tensor, batch_size: int = 512, selector: Selector = None
 ) -> float:
     """Fraction of samples on which ``model`` predicts the class it predicts on their original.
 
@@ -53,6 +78,7 @@ def prediction_agreement(
         originals: ``(N, C, H, W)``.
         samples: ``(N, S, C, H, W)``, e.g. from :meth:`captum_inn.LayerInvariance.sample`.
         batch_size: Images per forward pass.
+        selector: Picks the logits from a tuple or dict output (see :func:`predict_classes`).
 
     Returns:
         Agreement in ``[0, 1]``.
@@ -65,9 +91,9 @@ def prediction_agreement(
         1.0
     """
     _check_samples(originals, samples)
-    reference = _predict(model, originals, batch_size)
+    reference = predict_classes(model, originals, batch_size, selector)
     n, s = samples.shape[:2]
-    predicted = _predict(model, samples.reshape(n * s, *samples.shape[2:]), batch_size).view(n, s)
+    predicted = predict_classes(model, samples.reshape(n * s, *samples.shape[2:]), batch_size, selector).view(n, s)
     return float((predicted == reference.unsqueeze(1)).float().mean())
 
 

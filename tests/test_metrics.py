@@ -8,6 +8,7 @@ from torch import nn
 
 from captum_inn.inn import ConditionalINN
 from captum_inn.metrics import (
+    predict_classes,
     prediction_agreement,
     probe_r2,
     reencode_similarity,
@@ -35,6 +36,29 @@ def test_prediction_agreement_counts_matching_predictions(model):
     assert prediction_agreement(model, x, samples) == pytest.approx(expected)
     with pytest.raises(ValueError, match=r"\(N, S, \*image\)"):
         prediction_agreement(model, x, x)
+
+
+def test_predictions_of_a_model_with_a_dict_output(model):
+    """Tuple and dict outputs need a selector for the logits, and give what the tensor model gives."""
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return {"features": x.mean((2, 3)), "logits": self.net(x)}
+
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    samples = torch.stack([x, x.flip(0)], dim=1)
+    heads = Heads().train()
+    assert torch.equal(predict_classes(heads, x, batch_size=4, selector="logits"), model(x).argmax(1))
+    assert prediction_agreement(heads, x, samples, selector="logits") == prediction_agreement(model, x, samples)
+    assert heads.training  # eval mode only during the call
+    with pytest.raises(ValueError, match="cannot pick a tensor from its output of type dict.*pass selector="):
+        prediction_agreement(heads, x, samples)
+    with pytest.raises(ValueError, match="`batch_size` must be >= 1"):
+        predict_classes(model, x, batch_size=0)
 
 
 def test_reencode_similarity_separates_copies_from_strangers(model):

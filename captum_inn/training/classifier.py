@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from captum_inn.attr._common import check_number, check_positive_int
+from captum_inn.metrics import predict_classes
 from captum_inn.training.distributed import world
 from captum_inn.training.loop import train_loop
 
@@ -190,13 +191,5 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
         >>> accuracy(model, x, model(x).argmax(1))
         1.0
     """
-    was_training = model.training
-    model.eval()
-    try:
-        correct = 0
-        for start in range(0, images.shape[0], batch_size):
-            logits = model(images[start : start + batch_size])
-            correct += int((logits.argmax(1).cpu() == labels[start : start + batch_size].cpu()).sum())
-    finally:
-        model.train(was_training)
-    return correct / max(1, images.shape[0])
+    predicted = predict_classes(model, images, batch_size)
+    return int((predicted.cpu() == labels.cpu()).sum()) / max(1, images.shape[0])

@@ -69,6 +69,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
 
         >>> from captum_inn.models import SmallCNN
         >>> from captum_inn.autoencoders import ConvAutoencoder
+        >>> from captum_inn.inn import FactorINN
         >>> model, ae = SmallCNN().eval(), ConvAutoencoder((3, 32, 32), latent_dim=8).eval()
         >>> e = FactorINN(8, {"digit": 3, "colour": 2}, n_blocks=2, hidden=16)
         >>> _ = e(torch.randn(16, 8))                                  # (normally: fit_concepts)

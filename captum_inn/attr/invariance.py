@@ -63,6 +63,7 @@ class LayerInvariance(LayerAttribution):
 
         >>> from captum_inn.models import SmallCNN
         >>> from captum_inn.autoencoders import ConvAutoencoder
+        >>> from captum_inn.inn import ConditionalINN
         >>> model, ae = SmallCNN().eval(), ConvAutoencoder((3, 32, 32), latent_dim=8).eval()
         >>> inn = ConditionalINN(8, (10,), n_blocks=2, hidden=16)
         >>> _ = inn(torch.randn(4, 8), torch.randn(4, 10))          # (normally: fit_invariances)

@@ -134,6 +134,24 @@ def resume_key(config: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _RESUMABLE}
 
 
+def config_differences(saved: Any, current: Any, prefix: str = "") -> str:
+    """The settings in which two (nested) configurations differ, as ``"key: saved -> current"``
+    entries (dotted keys for nested dicts), so a refused resume says what changed.
+
+    Examples::
+
+        >>> config_differences({"inn": {"hidden": 32}, "lr": 1e-3}, {"inn": {"hidden": 64}, "lr": 1e-3})
+        'inn.hidden: 32 in the checkpoint, 64 now'
+    """
+    if isinstance(saved, dict) and isinstance(current, dict):
+        parts = [config_differences(saved.get(k, "unset"), current.get(k, "unset"), f"{prefix}{k}.")
+                 for k in sorted(set(saved) | set(current), key=str) if saved.get(k, "unset") != current.get(k, "unset")]
+        return "; ".join(p for p in parts if p)
+    if saved == current:
+        return ""
+    return f"{prefix.rstrip('.') or 'config'}: {saved!r} in the checkpoint, {current!r} now"
+
+
 def train_loop(
     module: nn.Module,
     loss_fn: Callable[[torch.Generator], Tensor],
@@ -262,7 +280,7 @@ def train_loop(
         if saved.get("config") != meta.get("config"):
             raise CheckpointError(
                 f"Checkpoint {checkpoint!r} was written by a fit with another configuration "
-                f"({saved.get('config')} vs {meta.get('config')}); pass resume=False or another path."
+                f"({config_differences(saved.get('config'), meta.get('config'))}); pass resume=False or another path."
             )
         if int(saved["step"]) > steps:
             raise ValueError(

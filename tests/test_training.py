@@ -230,6 +230,31 @@ def test_fit_invariances_is_seeded(images, autoencoder):
         assert torch.equal(x, y)
 
 
+def test_fit_invariances_reads_layers_as_cache_features_does(images, autoencoder):
+    """Layer inputs, selectors and extra forward arguments go to the cache the fit computes, so a
+    fit from the images equals one from a cache made with them; with `cache=` they are refused."""
+    model = SmallCNN(width=4).eval()
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, image, shift):
+            return self.net(image + shift)
+
+    read = dict(attribute_to_layer_input=True, selector=0, additional_forward_args=(0.25,))
+    cache = cache_features(Shifted().eval(), "net.logits", autoencoder, images, progress=False, **read)
+    assert tuple(cache.layer_shape("net.logits")) == (128,)  # the logits' input
+    a = fit_invariances(Shifted().eval(), "net.logits", autoencoder, images, steps=3, progress=False, **read, **TINY)
+    b = fit_invariances(Shifted().eval(), "net.logits", cache=cache, steps=3, progress=False, **TINY)
+    assert a.cond_shape == (128,)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="`selector`, `additional_forward_args`, `attribute_to_layer_input` only apply while"):
+        fit_invariances(Shifted().eval(), "net.logits", cache=cache, steps=1, progress=False, **read, **TINY)
+
+
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     cache = cache_features(model, "logits", autoencoder, images, progress=False)

@@ -245,6 +245,9 @@ def fit_invariances(
     layer_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
     memmap: bool = False,
     workers: Optional[int] = None,
+    attribute_to_layer_input: bool = False,
+    selector: Any = None,
+    additional_forward_args: Any = None,
     **overrides: Any,
 ) -> Union[ConditionalINN, Dict[str, ConditionalINN]]:
     """Fit the conditional INN ``t(z̄ | Φ(x))`` of one or several hooked layers.
@@ -279,6 +282,12 @@ def fit_invariances(
             accelerators, and under ``torchrun``.
             Each fit computes the same either way; only the thread count differs, which changes
             floating-point rounding (over thousands of steps: a different, equally good fit).
+        attribute_to_layer_input: Fit on the layers' inputs instead of their outputs (then pass
+            the same to :class:`~captum_inn.LayerInvariance`).
+        selector: Picks the tensor from a non-tensor layer output (see
+            :class:`~captum_inn.capture.LayerHooks`; a dict ``{layer name: selector}`` sets one per layer).
+        additional_forward_args: Extra arguments of ``model.forward`` after the images, the same
+            for every batch (``model(images, *additional_forward_args)``).
         **overrides: Fields of :class:`InvarianceConfig`.
 
     Returns:
@@ -308,9 +317,15 @@ def fit_invariances(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"`layers` lists layer {twice[0]!r} more than once (by name or module); list each layer once.")
+    read = {k: v for k, v in (("selector", selector), ("additional_forward_args", additional_forward_args)) if v is not None}
+    if attribute_to_layer_input:
+        read["attribute_to_layer_input"] = True
+    if cache is not None and read:
+        raise ValueError(f"{', '.join(f'`{k}`' for k in read)} only apply while features are cached; with `cache=` "
+                         "pass them to cache_features, which made the cache.")
     with contextlib.ExitStack() as stack:
         cache = _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device,
-                           progress, stack)
+                           progress, stack, read)
         layer_overrides = dict(layer_overrides or {})
         unknown = sorted(set(layer_overrides) - set(names))
         if unknown:
@@ -333,8 +348,11 @@ def fit_invariances(
 
 
 def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device, progress,
-               stack: contextlib.ExitStack) -> FeatureCache:
-    """The given cache, the one a resumed fit left in ``checkpoint_dir``, or a fresh one (saved there)."""
+               stack: contextlib.ExitStack, read: Dict[str, Any]) -> FeatureCache:
+    """The given cache, the one a resumed fit left in ``checkpoint_dir``, or a fresh one (saved there).
+
+    ``read``: how :func:`~captum_inn.training.cache.cache_features` reads the layers (hook inputs,
+    selector, extra forward arguments)."""
     if cache is not None:
         return cache
     rank, n_ranks = world(device)
@@ -361,7 +379,7 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
     if autoencoder is None or data is None:
         raise ValueError("Pass `autoencoder` and `data` (or a precomputed `cache`).")
     cache = cache_features(model, layer_list, autoencoder, shard_data(data), device=device,
-                           progress=progress and rank == 0, memmap_dir=folder if memmap else None)
+                           progress=progress and rank == 0, memmap_dir=folder if memmap else None, **read)
     if not memmap and cache_path is not None:
         cache.save(cache_path)
     return cache

@@ -101,6 +101,8 @@ def _cases():
         ("float64 images for a float32 autoencoder", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).reconstruct(X.double()), TypeError, r"`inputs` images are torch.float64"),
         ("float64 concept inputs", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae).decompose(X.double()), TypeError, r"`inputs` images are torch.float64"),
         ("float64 images to cache", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X.double(), steps=1, progress=False), TypeError, r"`data` images are torch.float64 .*images.to\(torch.float32\)"),
+        ("channels-last images", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).sample(X.permute(0, 2, 3, 1)), ValueError, r"channels come last: pass x.permute\(0, 3, 1, 2\)"),
+        ("a list of single images", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(list(X)), ValueError, r"got \(3, 32, 32\)\. A list is read as several model inputs.*torch.stack"),
         ("images of another size than the autoencoder's", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(torch.rand(2, 3, 64, 64)), ValueError, r"decodes images of shape \(3, 32, 32\).*interpolate"),
         ("INN fitted on another layer", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", _named(_fitted_inn(6, (10,)), "cnn.fc"), ae), ValueError, "fitted on layer 'cnn.fc', not 'cnn.logits'"),
         ("INN not an INN", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", e, ae), TypeError, "ConditionalINN"),

@@ -53,7 +53,11 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
     if not image.is_floating_point():
         raise TypeError(f"`{name}` images must be floating point, got dtype {image.dtype}; convert with .float().")
     if image.dim() != 4:
-        raise ValueError(f"`{name}` images must have shape (N, C, H, W), got {tuple(image.shape)}.")
+        hint = ""
+        if image.dim() == 3 and not isinstance(inputs, Tensor):
+            hint = (f" A {type(inputs).__name__} is read as several model inputs, each with the batch in dim 0; "
+                    "stack single images into one tensor with torch.stack.")
+        raise ValueError(f"`{name}` images must have shape (N, C, H, W), got {tuple(image.shape)}.{hint}")
     for t in inputs_tuple:
         if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
             raise ValueError(f"`{name}` contains NaN or infinite values; clean or clamp the inputs first.")

@@ -171,11 +171,13 @@ class LayerInvariance(LayerAttribution):
         otherwise give maps and samples of the autoencoder's size, silently."""
         decoded = getattr(self.autoencoder, "image_shape", None) if decoded is None else decoded
         if decoded is not None and tuple(decoded) != tuple(shape):
+            fix = (f"Resize the inputs (torch.nn.functional.interpolate(x, size={tuple(decoded[-2:])})) or fit an "
+                   "autoencoder and INN for images of this size.")
+            if tuple(shape) == (*decoded[1:], decoded[0]):
+                fix = "The channels come last: pass x.permute(0, 3, 1, 2)."
             raise ValueError(
                 f"`inputs` images have shape {tuple(shape)}, but the autoencoder decodes images of shape "
-                f"{tuple(decoded)}, so samples and maps could not match the inputs. Resize the inputs "
-                f"(torch.nn.functional.interpolate(x, size={tuple(decoded[-2:])})) or fit an autoencoder "
-                f"and INN for images of this size."
+                f"{tuple(decoded)}, so samples and maps could not match the inputs. {fix}"
             )
 
     def _chunks(self, n: int, size: Optional[int]) -> List[slice]:

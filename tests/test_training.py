@@ -11,6 +11,7 @@ from helpers_hooks import assert_no_hooks, training_flags
 from helpers_training import TINY, CountingCNN, split_regression
 from torch import nn
 
+from captum_inn import LayerInvariance
 from captum_inn.autoencoders import (
     ConvAutoencoder,
     DiagonalGaussian,
@@ -253,6 +254,40 @@ def test_fit_invariances_reads_layers_as_cache_features_does(images, autoencoder
         assert torch.equal(x, y)
     with pytest.raises(ValueError, match="`selector`, `additional_forward_args`, `attribute_to_layer_input` only apply while"):
         fit_invariances(Shifted().eval(), "net.logits", cache=cache, steps=1, progress=False, **read, **TINY)
+
+
+def test_the_side_of_the_layer_is_recorded_and_followed(images, autoencoder, tmp_path):
+    """A fit on a layer's input records it: in the cache (memory, file, disk), in ``fit_info`` and
+    in saved INNs; the explainer reads that side by default and refuses the other; a resumed fit
+    refuses a cache of the other side."""
+    model = SmallCNN(width=4).eval()
+    cache = cache_features(model, "logits", autoencoder, images[:16], attribute_to_layer_input=True, progress=False)
+    assert cache.layer_inputs and FeatureCache.load(cache.save(tmp_path / "c.safetensors")).layer_inputs
+    on_disk = cache_features(model, "logits", autoencoder, images[:16], attribute_to_layer_input=True,
+                             memmap_dir=tmp_path / "disk", progress=False)
+    assert on_disk.layer_inputs and FeatureCache.open(tmp_path / "disk").layer_inputs
+    inn = fit_invariances(model, "logits", cache=cache, steps=2, progress=False, **TINY)
+    assert inn.fit_info["attribute_to_layer_input"] is True
+    loaded = load_invariance_inn(save_invariance_inn(tmp_path / "inn.safetensors", inn))
+    assert loaded.fit_info["attribute_to_layer_input"] is True
+    x = images[:2]
+    by_default = LayerInvariance(model, "logits", loaded, autoencoder)
+    assert by_default.attribute_to_layer_input
+    g = torch.Generator
+    assert torch.equal(by_default.sample(x, n_samples=2, generator=g().manual_seed(0)),
+                       LayerInvariance(model, "logits", inn, autoencoder, attribute_to_layer_input=True)
+                       .sample(x, n_samples=2, generator=g().manual_seed(0)))
+    with pytest.raises(ValueError, match="fitted on the layer's input, but attribute_to_layer_input=False"):
+        LayerInvariance(model, "logits", inn, autoencoder, attribute_to_layer_input=False)
+    with pytest.raises(ValueError, match="fitted on the layer's input"):
+        by_default.sample(x, attribute_to_layer_input=False)
+    outputs = fit_invariances(model, "logits", autoencoder, images[:16], steps=2, checkpoint_dir=str(tmp_path / "run"),
+                              progress=False, **TINY)
+    assert outputs.fit_info["attribute_to_layer_input"] is False
+    assert not LayerInvariance(model, "logits", outputs, autoencoder).attribute_to_layer_input
+    with pytest.raises(CheckpointError, match="holds the layers' outputs, not their inputs"):
+        fit_invariances(model, "logits", autoencoder, images[:16], steps=2, checkpoint_dir=str(tmp_path / "run"),
+                        attribute_to_layer_input=True, progress=False, **TINY)
 
 
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(images, autoencoder, tmp_path):

@@ -50,7 +50,9 @@ class LayerInvariance(LayerAttribution):
             (:func:`captum_inn.training.fit_invariances`).
         autoencoder: The autoencoder the INN was fitted with (``encode``/``decode``).
         device_ids: Captum's argument for ``DataParallel`` models (unused here, kept for the API).
-        attribute_to_layer_input: Whether the INN was fitted on the layer's input.
+        attribute_to_layer_input: Whether to read the layer's input; ``None`` (default): as the INN
+            was fitted (``inn.fit_info["attribute_to_layer_input"]``; the output where unknown).
+            The other side than the fit's is refused.
         selector: Picks the tensor from a non-tensor layer output (see :class:`captum_inn.capture.LayerHooks`).
         image_input: Which of the (tuple) inputs is the image the autoencoder encodes.
 
@@ -83,7 +85,7 @@ class LayerInvariance(LayerAttribution):
         autoencoder: Any,
         device_ids: Optional[List[int]] = None,
         *,
-        attribute_to_layer_input: bool = False,
+        attribute_to_layer_input: Optional[bool] = None,
         selector: Any = None,
         image_input: int = 0,
     ) -> None:
@@ -107,7 +109,8 @@ class LayerInvariance(LayerAttribution):
         self.layer_name = name
         self.inn = inn
         self.autoencoder = autoencoder
-        self.attribute_to_layer_input = attribute_to_layer_input
+        self._fitted_on_input = (getattr(inn, "fit_info", None) or {}).get("attribute_to_layer_input")
+        self.attribute_to_layer_input = self._check_read(attribute_to_layer_input)
         self.selector = selector
         self.image_input = image_input
 
@@ -132,9 +135,25 @@ class LayerInvariance(LayerAttribution):
         return False
 
     # ------------------------------------------------------------------ the pieces
+    def _check_read(self, attribute_to_layer_input: Optional[bool]) -> bool:
+        """The side of the layer to read: as asked, or as fitted when not asked (outputs where the
+        INN does not say); asking for the other side than the fit's is refused."""
+        fitted = self._fitted_on_input
+        if attribute_to_layer_input is None:
+            return bool(fitted)
+        if fitted is not None and bool(attribute_to_layer_input) != bool(fitted):
+            side = "input" if fitted else "output"
+            raise ValueError(
+                f"`inn` was fitted on the layer's {side}, but attribute_to_layer_input={attribute_to_layer_input} "
+                f"reads its {'output' if fitted else 'input'}; pass attribute_to_layer_input={bool(fitted)} "
+                "(or leave it out), or fit an INN on that side."
+            )
+        return bool(attribute_to_layer_input)
+
     def _activation(self, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
                     attribute_to_layer_input: Optional[bool] = None) -> Tensor:
-        to_input = self.attribute_to_layer_input if attribute_to_layer_input is None else attribute_to_layer_input
+        to_input = self.attribute_to_layer_input if attribute_to_layer_input is None else self._check_read(
+            attribute_to_layer_input)
         z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args, to_input, self.selector)
         if tuple(z.shape[1:]) != self.inn.cond_shape:
             fitted = (getattr(self.inn, "fit_info", None) or {}).get("layer", "another layer")

@@ -57,6 +57,8 @@ class FeatureCache:
         model_class: Qualified class name of the analysed model.
         source: :func:`source_fingerprint` of the model, autoencoder and images the cache was
             computed from (``""`` when unknown); a resumed fit checks it.
+        layer_inputs: Whether the layers' inputs were read (``attribute_to_layer_input=True``)
+            rather than their outputs; the fitted INNs record it for the explainers.
 
     Examples::
 
@@ -72,6 +74,7 @@ class FeatureCache:
     layers: Dict[str, Array] = field(default_factory=dict)
     model_class: str = ""
     source: str = ""
+    layer_inputs: bool = False
 
     def __len__(self) -> int:
         return self.code_mean.shape[0]
@@ -130,7 +133,7 @@ class FeatureCache:
         tensors = {"code_mean": self.code_mean[:], "code_std": self.code_std[:],
                    **{f"layer.{name}": value[:] for name, value in self.layers.items()}}
         meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), "model_class": self.model_class,
-                                                    "source": self.source}}
+                                                    "source": self.source, "layer_inputs": self.layer_inputs}}
         return save_checkpoint(path, tensors, meta)
 
     @classmethod
@@ -148,7 +151,8 @@ class FeatureCache:
         tensors, meta = load_checkpoint(path, kind="feature_cache")
         names = meta["config"]["layers"]
         return cls(tensors["code_mean"], tensors["code_std"], {n: tensors[f"layer.{n}"] for n in names},
-                   meta["config"]["model_class"], meta["config"].get("source", ""))
+                   meta["config"]["model_class"], meta["config"].get("source", ""),
+                   bool(meta["config"].get("layer_inputs", False)))
 
     @classmethod
     def open(cls, folder: Union[str, Path]) -> Optional[FeatureCache]:
@@ -173,7 +177,7 @@ class FeatureCache:
             raise ValueError(f"The arrays in {str(folder)!r} do not all have {manifest['n']} rows; delete it to recompute.")
         return cls(arrays.pop("code_mean"), arrays.pop("code_std"),
                    {name: arrays[f"layer.{name}"] for name in manifest["layers"]}, manifest["model_class"],
-                   manifest.get("source", ""))
+                   manifest.get("source", ""), bool(manifest.get("layer_inputs", False)))
 
 
 class _MemorySink:
@@ -185,10 +189,10 @@ class _MemorySink:
     def append(self, key: str, rows: Tensor) -> None:
         self.parts.setdefault(key, []).append(rows.cpu())
 
-    def finish(self, model_class: str, layers: Sequence[str], source: str) -> FeatureCache:
+    def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool) -> FeatureCache:
         arrays = {key: torch.cat(parts) for key, parts in self.parts.items()}
         return FeatureCache(arrays["code_mean"], arrays["code_std"], {n: arrays[f"layer.{n}"] for n in layers},
-                            model_class, source)
+                            model_class, source, layer_inputs)
 
     def abort(self) -> None:
         self.parts.clear()
@@ -212,11 +216,11 @@ class _DiskSink:
             self.writers[key] = DiskArrayWriter(self.folder / file, self.n_rows, rows.shape[1:])
         self.writers[key].append(rows)
 
-    def finish(self, model_class: str, layers: Sequence[str], source: str) -> FeatureCache:
+    def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool) -> FeatureCache:
         files = {key: writer.close().name for key, writer in self.writers.items()}
         write_manifest(self.folder, {"kind": "feature_cache", "format_version": _DISK_FORMAT, "n": self.n_rows,
                                      "layers": list(layers), "model_class": model_class, "source": source,
-                                     "files": files})
+                                     "layer_inputs": layer_inputs, "files": files})
         return FeatureCache.open(self.folder)
 
     def abort(self) -> None:
@@ -366,7 +370,8 @@ def cache_features(
                 sink.append("code_mean", mean)
                 sink.append("code_std", std)
                 bar.update(images.shape[0])
-        return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names, source)
+        return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names, source,
+                           bool(attribute_to_layer_input))
     except BaseException:
         sink.abort()  # no half-written cache is left behind
         raise

@@ -149,6 +149,8 @@ def _train(
     # the features' source: a checkpoint of an INN fitted to another model's features is refused
     meta = {"kind": "invariance_inn",
             "config": {"inn": inn.config, "train": resume_key(asdict(config)), **fit_info, "source": source}}
+    if cache.layer_inputs:  # only then, so checkpoints of fits on outputs resume across versions
+        meta["config"]["layer_inputs"] = True
     n = len(cache)
     batch = local_batch_size(config.batch_size, n)
 
@@ -168,7 +170,8 @@ def _train(
         checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
         desc=f"INN {name}", callback=callback,
     )
-    inn.fit_info = {**fit_info, "steps": config.steps, "final_nll_per_dim": _tail_mean(history)}
+    inn.fit_info = {**fit_info, "attribute_to_layer_input": cache.layer_inputs, "steps": config.steps,
+                    "final_nll_per_dim": _tail_mean(history)}
     inn.history = history
     return inn
 
@@ -293,7 +296,7 @@ def fit_invariances(
     Returns:
         The fitted :class:`~captum_inn.inn.ConditionalINN` (eval mode) for a single layer, or
         ``{layer name: INN}`` for a list. Each INN carries ``fit_info`` (layer, layer shape, latent
-        size, model class, final NLL per dimension) and ``history``.
+        size, model class, whether the layer's input was read, final NLL per dimension) and ``history``.
 
     Examples::
 
@@ -366,6 +369,13 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
         cache_path = Path(checkpoint_dir) / CACHE_FILE.replace(".", f"{suffix}.", 1) if checkpoint_dir else None
         if resume and cache_path is not None and cache_path.exists():
             reused, where = FeatureCache.load(cache_path), cache_path
+    if reused is not None and set(names) <= set(reused.layers) \
+            and reused.layer_inputs != bool(read.get("attribute_to_layer_input", False)):
+        raise CheckpointError(
+            f"The feature cache {str(where)!r} holds the layers' {'inputs' if reused.layer_inputs else 'outputs'}, "
+            f"not their {'outputs' if reused.layer_inputs else 'inputs'}; pass "
+            f"attribute_to_layer_input={reused.layer_inputs}, or resume=False to start afresh there."
+        )
     if reused is not None and set(names) <= set(reused.layers):
         # a resumed fit continues on the very same features, unless what they came from changed
         if reused.source and autoencoder is not None and data is not None:

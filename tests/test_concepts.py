@@ -21,7 +21,9 @@ from captum_inn.training import (
     concept_scores,
     estimate_factor_sizes,
     fit_concepts,
+    load_checkpoint,
     load_concept_inn,
+    save_checkpoint,
     save_concept_inn,
 )
 from captum_inn.training.concepts import pair_nll
@@ -208,6 +210,27 @@ def test_concept_checkpoint_round_trip_and_refusal(fitted, tmp_path):
         load_concept_inn(str(path), representation=(other, "1"))
     with pytest.raises(CheckpointError, match="another representation"):
         load_concept_inn(str(path), representation=ConvAutoencoder((3, 8, 8), 6))
+
+
+def test_the_fit_checkpoint_loads_as_the_returned_inn(tmp_path):
+    """A finished fit's checkpoint holds its results (the factors' variance, LayerConcepts.encoded's
+    reference), so loading it gives the returned INN; an unfinished one warns."""
+    x, c, s = synthetic(200)
+    concepts = [ConceptPairs.from_labels("c", x, c), ConceptPairs.from_labels("s", x, s)]
+    path = str(tmp_path / "fit.safetensors")
+    settings = dict(factor_sizes={"c": 2, "s": 2}, n_blocks=2, hidden=16, pool_size=64, progress=False)
+    e = fit_concepts((IDENTITY, "0"), concepts, steps=6, checkpoint=path, checkpoint_every=4, **settings)
+    loaded = load_concept_inn(path, representation=(IDENTITY, "0"))
+    for key in ("factor_variance", "final_loss", "steps", "factor_sizes"):
+        assert loaded.fit_info[key] == e.fit_info[key], key
+    assert torch.equal(loaded(x[:4])[0], e(x[:4])[0])
+    resumed = fit_concepts((IDENTITY, "0"), concepts, steps=8, checkpoint=path, checkpoint_every=4, **settings)
+    assert load_concept_inn(path).fit_info["factor_variance"] == resumed.fit_info["factor_variance"]
+    tensors, meta = load_checkpoint(path)
+    del meta["fit_results"]  # as a fit interrupted before its end left it
+    save_checkpoint(path, tensors, meta)
+    with pytest.warns(UserWarning, match="unfinished fit_concepts \\(step 8\\).*prior's variance 1"):
+        assert "factor_variance" not in load_concept_inn(path).fit_info
 
 
 # ---------------------------------------------------------------- LayerConcepts

@@ -16,6 +16,7 @@ then ``e`` trains from that pool.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -469,9 +470,15 @@ def fit_concepts(
     tail = history[-100:]
     with torch.no_grad():  # each factor's spread over the data, the reference of LayerConcepts.encoded
         factors = torch.cat([inn(p.mean_a[:1024].to(device), jac=False)[0] for p in pools])
-    inn.fit_info = {**info, "steps": config.steps, "final_loss": float(sum(tail) / len(tail)),
-                    "factor_variance": factors.var(0).cpu().tolist()}
+    results = {"steps": config.steps, "final_loss": float(sum(tail) / len(tail)),
+               "factor_variance": factors.var(0).cpu().tolist()}
+    inn.fit_info = {**info, **results}
     inn.history = history
+    if checkpoint is not None and rank == 0:
+        # the finished fit's results (factor_variance: the reference of LayerConcepts.encoded) go into
+        # its checkpoint too, so load_concept_inn of it gives this INN; a resume reads only "config"
+        tensors, saved = load_checkpoint(checkpoint, kind="concept_inn")
+        save_checkpoint(checkpoint, tensors, {**saved, "fit_results": results})
     return inn
 
 
@@ -519,7 +526,15 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
     """
     tensors, meta = load_checkpoint(path, map_location=map_location, kind="concept_inn")
     config = dict(meta["config"])
-    config.pop("train", None)  # present in checkpoints written during a fit
+    if config.pop("train", None) is not None:  # a checkpoint written during a fit
+        if "fit_results" not in meta:
+            warnings.warn(
+                f"{path} is a checkpoint of an unfinished fit_concepts (step {meta.get('step')}): it lacks the "
+                "factors' variance over the data, so LayerConcepts.encoded would compare with the prior's "
+                "variance 1. Resume the fit to its end, or load a file written by save_concept_inn.",
+                UserWarning, stacklevel=2,
+            )
+        config.update(meta.get("fit_results", {}))
     inn = FactorINN(**config.pop("inn"))
     inn.load_state_dict(strip_prefix(tensors, "model."))
     if representation is not None:

@@ -134,6 +134,23 @@ def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
     return order[-1]
 
 
+def _check_baselines(baselines: Any, images: Tensor) -> None:
+    """``ig_baselines`` as Captum takes them for these images, or an error naming the shapes."""
+    if baselines is None or (isinstance(baselines, (int, float)) and not isinstance(baselines, bool)):
+        return
+    if not isinstance(baselines, Tensor):
+        raise TypeError(f"`ig_baselines` must be None, a number or a tensor, got {type(baselines).__name__}.")
+    n, image = images.shape[0], tuple(images.shape[1:])
+    if baselines.dim() != 4 or tuple(baselines.shape[1:]) != image or baselines.shape[0] not in (1, n):
+        raise ValueError(
+            f"`ig_baselines` must have shape ({n}, {', '.join(map(str, image))}) (one per input) or "
+            f"(1, {', '.join(map(str, image))}) (one for all), got {tuple(baselines.shape)}; for a single image "
+            "use baseline.unsqueeze(0)."
+        )
+    if baselines.device != images.device:
+        raise ValueError(f"`ig_baselines` is on {baselines.device} but the inputs are on {images.device}.")
+
+
 def compare_attributions(
     model: nn.Module,
     inputs: Tensor,
@@ -195,12 +212,15 @@ def compare_attributions(
         raise ValueError("`invariance` explains another model; build it with LayerInvariance(model, layer, inn, ae).")
     if concepts is not None and not isinstance(concepts, LayerConcepts):
         raise TypeError(f"`concepts` must be a captum_inn.LayerConcepts or None, got {type(concepts).__name__}.")
+    if concepts is not None and concepts.forward_func is not model:
+        raise ValueError("`concepts` explains another model; build it with LayerConcepts(model, layer, concept_inn, ae).")
     (images,) = format_inputs(inputs)
     n = images.shape[0]
     batch = n if internal_batch_size is None else check_positive_int(internal_batch_size, "internal_batch_size")
     check_positive_int(ig_steps, "ig_steps")
     if check_positive_int(n_samples, "n_samples") < 2:
         raise ValueError(f"`n_samples` must be >= 2 for an invariance map (their spread), got {n_samples}.")
+    _check_baselines(ig_baselines, images)
     predictions = predict_classes(model, images, batch)
     targets = _targets(target, predictions, model, images)
 

@@ -338,6 +338,12 @@ def test_bad_input_errors(setup, x):
         (ValueError, "internal_batch_size", lambda: compare_attributions(model, x, explainer, internal_batch_size=0)),
         (ValueError, r"\(N, C, H, W\)", lambda: compare_attributions(model, x[0], explainer)),
         (ValueError, "empty batch", lambda: compare_attributions(model, x[:0], explainer)),
+        (ValueError, "`concepts` explains another model",
+         lambda: compare_attributions(model, x, explainer, concepts=LayerConcepts(other, "cnn.logits", setup[3], setup[1]))),
+        (ValueError, r"`ig_baselines` must have shape \(4, 3, 32, 32\) .* got \(3, 32, 32\); .*unsqueeze\(0\)",
+         lambda: compare_attributions(model, x, explainer, ig_baselines=torch.zeros(3, 32, 32))),
+        (TypeError, "`ig_baselines` must be None, a number or a tensor",
+         lambda: compare_attributions(model, x, explainer, ig_baselines="black")),
         (ValueError, "NaN", lambda: compare_attributions(model, x * float("nan"), explainer)),
     ]
     for error, match, call in cases:

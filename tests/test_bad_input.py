@@ -27,7 +27,13 @@ from captum_inn.training import (
     fit_autoencoder,
     fit_concepts,
     fit_invariances,
+    load_concept_inn,
+    load_invariance_inn,
+    save_concept_inn,
+    save_invariance_inn,
+    weights_fingerprint,
 )
+from captum_inn.training.checkpoint import CheckpointError
 from captum_inn.training.classifier import fit_classifier
 
 torch.set_num_threads(1)
@@ -339,3 +345,34 @@ def test_an_autoencoder_of_another_image_size_is_refused_after_decoding(setup):
     assert explainer.attribute(X, n_samples=2).shape == X.shape
     with pytest.raises(ValueError, match=r"`inputs` images have shape \(3, 64, 64\).*decodes images of shape \(3, 32, 32\)"):
         explainer.attribute(torch.rand(2, 3, 64, 64), n_samples=2)
+
+
+def test_inns_refuse_a_network_of_the_same_shape_with_other_weights(setup, tmp_path):
+    """INNs record the autoencoder (or model) they were fitted with: another one of the same shape
+    (a retrained one) is refused by the explainers and by load_concept_inn, also after saving."""
+    model, ae, _, _ = setup
+    other_ae = ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
+    assert weights_fingerprint(other_ae) != weights_fingerprint(ae)
+    assert weights_fingerprint(nn.DataParallel(ae)) == weights_fingerprint(ae)  # names do not count
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    inn = fit_invariances(model, "cnn.logits", ae, images, steps=1, n_blocks=1, hidden=8, progress=False)
+    inn = load_invariance_inn(save_invariance_inn(str(tmp_path / "inn.safetensors"), inn))
+    LayerInvariance(model, "cnn.logits", inn, ae)
+    with pytest.raises(ValueError, match="`inn` was fitted with another `autoencoder` of the same shape"):
+        LayerInvariance(model, "cnn.logits", inn, other_ae)
+    pairs = [ConceptPairs.from_labels("x", images, [0, 1] * 8)]
+    e = fit_concepts(ae, pairs, steps=1, pool_size=4, n_blocks=1, hidden=8, progress=False)
+    path = str(save_concept_inn(str(tmp_path / "e.safetensors"), e))
+    LayerConcepts(model, "cnn.logits", load_concept_inn(path, representation=ae), ae, invariance_inn=inn)
+    with pytest.raises(ValueError, match="`concept_inn` was fitted with another `autoencoder`"):
+        LayerConcepts(model, "cnn.logits", e, other_ae)
+    with pytest.raises(CheckpointError, match="concept INN fitted on another autoencoder of the same shape"):
+        load_concept_inn(path, representation=other_ae)
+    e_other = fit_concepts(other_ae, pairs, steps=1, pool_size=4, n_blocks=1, hidden=8, progress=False)
+    with pytest.raises(ValueError, match="`invariance_inn` was fitted with another `autoencoder`"):
+        LayerConcepts(model, "cnn.logits", e_other, other_ae, invariance_inn=inn)
+    on_layer = fit_concepts((model, "cnn.fc"), pairs, steps=1, pool_size=4, n_blocks=1, hidden=8, progress=False)
+    LayerConcepts(model, "cnn.fc", on_layer)
+    retrained = Net().eval()
+    with pytest.raises(ValueError, match="`concept_inn` was fitted with another `forward_func`"):
+        LayerConcepts(retrained, "cnn.fc", on_layer)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,8 @@ __all__ = [
     "check_fitted_layer",
     "warn_if_training",
     "dtype_errors_named",
+    "weights_fingerprint",
+    "check_same_weights",
 ]
 
 
@@ -213,3 +216,58 @@ def as_optional_generator(generator: Optional[torch.Generator]) -> Optional[torc
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
     return generator
+
+
+def _tensor_bytes(tensor: Tensor) -> bytes:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def _tensor_attributes(obj: Any) -> Dict[str, Tensor]:
+    return {key: value for key, value in getattr(obj, "__dict__", {}).items() if isinstance(value, Tensor)}
+
+
+def _hash_tensors(digest: Any, tensors: Dict[str, Tensor]) -> None:
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(_tensor_bytes(tensors[key]))
+
+
+@torch.no_grad()
+def weights_fingerprint(network: Any) -> str:
+    """A short hash of a network's parameters, so an INN can tell the autoencoder or model it was
+    fitted with from another one of the same shape (a retrained one, another seed).
+
+    Buffers (batch norm's running statistics) do not count, and neither do the parameters' names,
+    the device or the memory layout: the same weights wrapped in ``DataParallel`` or on another
+    device give the same fingerprint.
+
+    Args:
+        network: An ``nn.Module`` (its parameters), or any object (its tensor attributes).
+
+    Returns:
+        16 hexadecimal digits.
+
+    Examples::
+
+        >>> a, b = nn.Linear(4, 2), nn.Linear(4, 2)
+        >>> weights_fingerprint(a) == weights_fingerprint(b), weights_fingerprint(a) == weights_fingerprint(a.eval())
+        (False, True)
+    """
+    digest = hashlib.sha256()
+    if isinstance(network, nn.Module):  # values in order, not names: a wrapped model ("module.") is the same
+        for parameter in network.parameters():
+            digest.update(_tensor_bytes(parameter))
+    else:
+        _hash_tensors(digest, _tensor_attributes(network))
+    return digest.hexdigest()[:16]
+
+
+def check_same_weights(network: Any, recorded: Optional[str], what: str, name: str) -> None:
+    """``ValueError`` when ``network`` (argument ``name``) has other weights than the one ``what``
+    was fitted with (``recorded``: its :func:`weights_fingerprint`; ``None`` or ``""``: unknown)."""
+    if recorded and weights_fingerprint(network) != recorded:
+        raise ValueError(
+            f"`{what}` was fitted with another `{name}` of the same shape (other weights: retrained, or another "
+            f"seed?); pass the one it was fitted with, or fit `{what}` again for this `{name}`."
+        )

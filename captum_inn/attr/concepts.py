@@ -21,6 +21,7 @@ from captum_inn.attr._common import (
     check_fitted_layer,
     check_positive_int,
     check_same_device,
+    check_same_weights,
     dtype_errors_named,
     format_inputs,
     layer_activation,
@@ -103,6 +104,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         self.representation = representation.get("kind", _CODE)
         if self.representation == _LAYER:
             check_fitted_layer(representation.get("layer"), name, forward_func, "concept_inn")
+            if isinstance(forward_func, nn.Module):
+                check_same_weights(forward_func, representation.get("weights"), "concept_inn", "forward_func")
         else:
             if autoencoder is None:
                 raise ValueError("`autoencoder` is needed: `concept_inn` acts on autoencoder codes.")
@@ -113,6 +116,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     f"`concept_inn` acts on codes of size {concept_inn.dim}, but `autoencoder` has "
                     f"latent_dim={latent}; pass the autoencoder it was fitted with."
                 )
+            check_same_weights(autoencoder, representation.get("weights"), "concept_inn", "autoencoder")
         if invariance_inn is not None:
             if not isinstance(invariance_inn, ConditionalINN):
                 raise TypeError(f"`invariance_inn` must be a ConditionalINN, got {type(invariance_inn).__name__}.")
@@ -121,6 +125,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     f"`invariance_inn` models codes of size {invariance_inn.dim}; `concept_inn` must act on the "
                     f"same autoencoder codes (it acts on a {self.representation} of size {concept_inn.dim})."
                 )
+            check_same_weights(autoencoder, (getattr(invariance_inn, "fit_info", None) or {}).get("autoencoder_weights"),
+                               "invariance_inn", "autoencoder")
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.layer_name = name

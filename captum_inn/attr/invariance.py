@@ -21,6 +21,7 @@ from captum_inn.attr._common import (
     check_number,
     check_positive_int,
     check_same_device,
+    check_same_weights,
     dtype_errors_named,
     format_inputs,
     layer_activation,
@@ -105,6 +106,8 @@ class LayerInvariance(LayerAttribution):
                 f"`inn` transforms codes of size {inn.dim}, but `autoencoder` has latent_dim={latent}; "
                 "pass the autoencoder the INN was fitted with."
             )
+        check_same_weights(autoencoder, (getattr(inn, "fit_info", None) or {}).get("autoencoder_weights"),
+                           "inn", "autoencoder")
         super().__init__(forward_func, module, device_ids)
         self.layer_name = name
         self.inn = inn

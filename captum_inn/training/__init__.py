@@ -6,7 +6,12 @@ write atomic safetensors checkpoints that a later call resumes.
 """
 
 from captum_inn.training.autoencoder import AutoencoderConfig, fit_autoencoder, load_autoencoder
-from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
+from captum_inn.training.cache import (
+    FeatureCache,
+    cache_features,
+    source_fingerprint,
+    weights_fingerprint,
+)
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captum_inn.training.concepts import (
     ConceptConfig,
@@ -39,6 +44,7 @@ __all__ = [
     "InvarianceConfig",
     "cache_features",
     "source_fingerprint",
+    "weights_fingerprint",
     "fit_autoencoder",
     "fit_invariances",
     "load_autoencoder",

@@ -19,7 +19,14 @@ from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without i
 
 from captum_inn._captum_compat import _format_additional_forward_args
 from captum_inn._random import normal
-from captum_inn.attr._common import check_module_device, dtype_errors_named
+from captum_inn.attr._common import (
+    _hash_tensors,
+    _tensor_attributes,
+    _tensor_bytes,
+    check_module_device,
+    dtype_errors_named,
+    weights_fingerprint,
+)
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import LayerHooks, eval_mode, resolve_layer
 from captum_inn.training.data import (
@@ -37,7 +44,7 @@ from captum_inn.training.disk import (
     write_manifest,
 )
 
-__all__ = ["FeatureCache", "cache_features", "source_fingerprint"]
+__all__ = ["FeatureCache", "cache_features", "source_fingerprint", "weights_fingerprint"]
 
 Array = Union[Tensor, DiskArray]
 _DISK_FORMAT = 1
@@ -59,6 +66,8 @@ class FeatureCache:
             computed from (``""`` when unknown); a resumed fit checks it.
         layer_inputs: Whether the layers' inputs were read (``attribute_to_layer_input=True``)
             rather than their outputs; the fitted INNs record it for the explainers.
+        autoencoder_weights: :func:`weights_fingerprint` of the autoencoder that gave the codes
+            (``""`` when unknown); the fitted INNs record it, and the explainers refuse another.
 
     Examples::
 
@@ -75,6 +84,7 @@ class FeatureCache:
     model_class: str = ""
     source: str = ""
     layer_inputs: bool = False
+    autoencoder_weights: str = ""
 
     def __len__(self) -> int:
         return self.code_mean.shape[0]
@@ -133,7 +143,8 @@ class FeatureCache:
         tensors = {"code_mean": self.code_mean[:], "code_std": self.code_std[:],
                    **{f"layer.{name}": value[:] for name, value in self.layers.items()}}
         meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), "model_class": self.model_class,
-                                                    "source": self.source, "layer_inputs": self.layer_inputs}}
+                                                    "source": self.source, "layer_inputs": self.layer_inputs,
+                                                    "autoencoder_weights": self.autoencoder_weights}}
         return save_checkpoint(path, tensors, meta)
 
     @classmethod
@@ -152,7 +163,7 @@ class FeatureCache:
         names = meta["config"]["layers"]
         return cls(tensors["code_mean"], tensors["code_std"], {n: tensors[f"layer.{n}"] for n in names},
                    meta["config"]["model_class"], meta["config"].get("source", ""),
-                   bool(meta["config"].get("layer_inputs", False)))
+                   bool(meta["config"].get("layer_inputs", False)), meta["config"].get("autoencoder_weights", ""))
 
     @classmethod
     def open(cls, folder: Union[str, Path]) -> Optional[FeatureCache]:
@@ -177,7 +188,8 @@ class FeatureCache:
             raise ValueError(f"The arrays in {str(folder)!r} do not all have {manifest['n']} rows; delete it to recompute.")
         return cls(arrays.pop("code_mean"), arrays.pop("code_std"),
                    {name: arrays[f"layer.{name}"] for name in manifest["layers"]}, manifest["model_class"],
-                   manifest.get("source", ""), bool(manifest.get("layer_inputs", False)))
+                   manifest.get("source", ""), bool(manifest.get("layer_inputs", False)),
+                   manifest.get("autoencoder_weights", ""))
 
 
 class _MemorySink:
@@ -189,10 +201,11 @@ class _MemorySink:
     def append(self, key: str, rows: Tensor) -> None:
         self.parts.setdefault(key, []).append(rows.cpu())
 
-    def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool) -> FeatureCache:
+    def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool,
+               autoencoder_weights: str) -> FeatureCache:
         arrays = {key: torch.cat(parts) for key, parts in self.parts.items()}
         return FeatureCache(arrays["code_mean"], arrays["code_std"], {n: arrays[f"layer.{n}"] for n in layers},
-                            model_class, source, layer_inputs)
+                            model_class, source, layer_inputs, autoencoder_weights)
 
     def abort(self) -> None:
         self.parts.clear()
@@ -216,21 +229,18 @@ class _DiskSink:
             self.writers[key] = DiskArrayWriter(self.folder / file, self.n_rows, rows.shape[1:])
         self.writers[key].append(rows)
 
-    def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool) -> FeatureCache:
+    def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool,
+               autoencoder_weights: str) -> FeatureCache:
         files = {key: writer.close().name for key, writer in self.writers.items()}
         write_manifest(self.folder, {"kind": "feature_cache", "format_version": _DISK_FORMAT, "n": self.n_rows,
                                      "layers": list(layers), "model_class": model_class, "source": source,
-                                     "layer_inputs": layer_inputs, "files": files})
+                                     "layer_inputs": layer_inputs, "autoencoder_weights": autoencoder_weights,
+                                     "files": files})
         return FeatureCache.open(self.folder)
 
     def abort(self) -> None:
         for writer in self.writers.values():
             writer.abort()
-
-
-def _tensor_bytes(tensor: Tensor) -> bytes:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 @torch.no_grad()
@@ -264,12 +274,8 @@ def source_fingerprint(model: nn.Module, autoencoder: Any, data: Any, n_probe: i
     """
     digest = hashlib.sha256()
     for label, part in (("model", model), ("autoencoder", autoencoder)):
-        state = part.state_dict() if isinstance(part, nn.Module) else {
-            key: value for key, value in getattr(part, "__dict__", {}).items() if isinstance(value, Tensor)}
         digest.update(label.encode())
-        for key in sorted(state):
-            digest.update(key.encode())
-            digest.update(_tensor_bytes(state[key]))
+        _hash_tensors(digest, part.state_dict() if isinstance(part, nn.Module) else _tensor_attributes(part))
     n = count_images(data)
     digest.update(f"images:{n}".encode())
     items, indices = data, range(n or 0)
@@ -371,7 +377,7 @@ def cache_features(
                 sink.append("code_std", std)
                 bar.update(images.shape[0])
         return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names, source,
-                           bool(attribute_to_layer_input))
+                           bool(attribute_to_layer_input), weights_fingerprint(autoencoder))
     except BaseException:
         sink.abort()  # no half-written cache is left behind
         raise

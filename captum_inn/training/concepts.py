@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import check_module_device
+from captum_inn.attr._common import check_module_device, weights_fingerprint
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import capture, resolve_layer
 from captum_inn.concepts import RESIDUAL, ConceptPairs, as_concepts
@@ -134,7 +134,8 @@ class LayerRepresentation:
     def describe(self, dim: int) -> Dict[str, Any]:
         """What a checkpoint records about this representation."""
         return {"kind": "layer", "dim": int(dim), "layer": self.layer_name,
-                "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}"}
+                "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "weights": weights_fingerprint(self.model)}
 
 
 def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] = None,
@@ -156,7 +157,8 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
         ) from None
     if device is not None:
         check_module_device(representation, device, "representation")
-    return (lambda x: encode_posterior(representation, x)), (lambda dim: {"kind": "autoencoder_code", "dim": int(dim)})
+    return (lambda x: encode_posterior(representation, x)), (lambda dim: {"kind": "autoencoder_code", "dim": int(dim),
+                                                                           "weights": weights_fingerprint(representation)})
 
 
 @dataclass
@@ -554,6 +556,11 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
         if mismatch:
             raise CheckpointError(
                 f"{path}: concept INN fitted on another representation; (saved, given) differ in {mismatch}."
+            )
+        if saved.get("weights") and saved["weights"] != expected["weights"]:
+            raise CheckpointError(
+                f"{path}: concept INN fitted on another {'model' if saved.get('kind') == 'layer' else 'autoencoder'} "
+                "of the same shape (other weights: retrained, or another seed?); pass the one it was fitted with."
             )
     inn.fit_info = config
     return inn.to(map_location).eval()

@@ -170,7 +170,8 @@ def _train(
         checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
         desc=f"INN {name}", callback=callback,
     )
-    inn.fit_info = {**fit_info, "attribute_to_layer_input": cache.layer_inputs, "steps": config.steps,
+    inn.fit_info = {**fit_info, "attribute_to_layer_input": cache.layer_inputs,
+                    "autoencoder_weights": cache.autoencoder_weights or None, "steps": config.steps,
                     "final_nll_per_dim": _tail_mean(history)}
     inn.history = history
     return inn

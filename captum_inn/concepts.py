@@ -15,6 +15,7 @@ Build one from labels (:meth:`ConceptPairs.from_labels`), from a transformation
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -107,7 +108,8 @@ class ConceptPairs:
             A :class:`ConceptPairs`.
         """
         if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 2:
-            raise ValueError("`inputs` must be a tensor with at least 2 examples in dim 0.")
+            raise ValueError(f"`inputs` must be a tensor with at least 2 examples in dim 0, got {_describe(inputs)}"
+                             f"{_dataset_hint(inputs)}.")
         keys = labels.tolist() if isinstance(labels, Tensor) else list(labels)
         if len(keys) != inputs.shape[0]:
             raise ValueError(f"`labels` has {len(keys)} entries for {inputs.shape[0]} inputs; give one label per input.")
@@ -141,20 +143,35 @@ class ConceptPairs:
         Args:
             name: The concept the transform changes (for example ``"colour"`` for a colour jitter).
             inputs: ``(M, ...)`` examples.
-            transform: Batch in, batch of the same shape out (random transforms draw their own
-                randomness; seed them for reproducible pairs).
+            transform: Batch in, batch of the same shape out. A random transform that takes a
+                second argument, ``transform(batch, generator)``, draws from the pair sampler's
+                ``torch.Generator``, so ``fit_concepts(..., seed=)`` makes its pairs reproducible;
+                one of one argument draws its own randomness.
+
+        Examples::
+
+            >>> x = torch.rand(8, 3, 4, 4)
+            >>> def jitter(batch, generator):       # per-image brightness, seeded by the sampler
+            ...     return batch * torch.rand(batch.shape[0], 1, 1, 1, generator=generator)
+            >>> pairs = ConceptPairs.from_transform("brightness", x, jitter)
+            >>> a1, b1 = pairs.sample(4, torch.Generator().manual_seed(0))
+            >>> a2, b2 = pairs.sample(4, torch.Generator().manual_seed(0))
+            >>> torch.equal(b1, b2)
+            True
 
         Returns:
             A :class:`ConceptPairs`.
         """
         if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
-            raise ValueError("`inputs` must be a non-empty tensor with examples in dim 0.")
+            raise ValueError(f"`inputs` must be a non-empty tensor with examples in dim 0, got {_describe(inputs)}"
+                             f"{_dataset_hint(inputs)}.")
         if not callable(transform):
             raise TypeError(f"`transform` must be callable (batch -> batch), got {type(transform).__name__}.")
+        seeded = _takes_generator(transform)
 
         def sampler(n: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
             a = inputs[torch.randint(inputs.shape[0], (n,), generator=generator)]
-            return a, transform(a)
+            return a, (transform(a, generator) if seeded else transform(a))
 
         return cls(name, sampler, "differ")
 
@@ -253,3 +270,25 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
     if duplicates:
         raise ValueError(f"Concept names must be unique, got {duplicates} more than once.")
     return items
+
+
+def _takes_generator(transform: Callable[..., Tensor]) -> bool:
+    """Whether ``transform`` takes a second positional argument (the sampler's generator)."""
+    try:
+        parameters = inspect.signature(transform).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
+
+
+def _describe(value: Any) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+
+def _dataset_hint(value: Any) -> str:
+    """For a dataset object passed where a tensor of examples is needed: where its tensor is."""
+    if isinstance(value, Tensor):
+        return ""
+    images = getattr(value, "images", None)
+    return "; pass its images tensor (e.g. dataset.images)" if isinstance(images, Tensor) else ""

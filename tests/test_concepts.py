@@ -74,6 +74,21 @@ def test_from_transform_and_from_captum():
     assert [c.name for c in as_concepts([captum_concept])] == ["stripes"]
 
 
+def test_a_transform_taking_the_generator_makes_seeded_fits_reproducible():
+    x, c, _ = synthetic(100)
+
+    def noise(batch, generator):
+        return batch + 0.3 * torch.randn(batch.shape, generator=generator)
+
+    concepts = [ConceptPairs.from_labels("c", x, c), ConceptPairs.from_transform("noise", x, noise)]
+    settings = dict(factor_sizes={"c": 2, "noise": 2}, steps=3, n_blocks=1, hidden=8, pool_size=32, progress=False)
+    a, b = (fit_concepts((IDENTITY, "0"), concepts, seed=4, **settings) for _ in range(2))
+    for u, v in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(u, v)
+    with pytest.raises(ValueError, match="got ColorDigits; pass its images tensor"):
+        ConceptPairs.from_labels("digit", ColorDigits("test"), ColorDigits("test").digits)
+
+
 def test_colordigits_concepts():
     ds = ColorDigits("train", seed=0)
     concepts = ds.concepts()

@@ -224,6 +224,12 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             baselines = torch.full((self.concept_inn.dim,), float(baselines))  # Captum's scalar baseline
         if isinstance(baselines, Tensor) and baselines.dim() == 0 and baselines.is_floating_point():
             baselines = baselines.expand(self.concept_inn.dim)
+        if isinstance(baselines, Tensor) and baselines.dim() > 2:
+            raise ValueError(
+                f"`baselines` are points in factor space, ({factors.shape[0]}, {self.concept_inn.dim}) or "
+                f"({self.concept_inn.dim},), got {tuple(baselines.shape)}; for an image baseline pass its factors, "
+                "baselines=concepts.factors(image)."
+            )
         if isinstance(baselines, Tensor):
             baselines = baselines.to(factors)
         return self._check_factors(baselines, factors.shape[0], "baselines").contiguous()
@@ -610,6 +616,13 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     start, baselines=base, target=target, additional_forward_args=(*inputs, *extra), n_steps=n_steps,
                     method=method, internal_batch_size=internal_batch_size, return_convergence_delta=True,
                 )
+        except AssertionError as error:
+            if target is None and "Target not provided" in str(error):
+                raise ValueError(
+                    "`target` is needed: the model gives several outputs per input; pass the class to explain "
+                    "(an int, or one per input), e.g. the prediction model(x).argmax(1)."
+                ) from None
+            raise
         except (IndexError, RuntimeError) as error:
             if not self._target_fails(target, start, inputs, additional_forward_args, attribute_to_layer_input):
                 raise

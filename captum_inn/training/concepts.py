@@ -16,6 +16,7 @@ then ``e`` trains from that pool.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -295,6 +296,9 @@ def _check_sizes(factor_sizes: Mapping[str, int], names: Sequence[str], dim: int
             f"`factor_sizes` must name exactly the concepts {list(names)} (and optionally {RESIDUAL!r}); "
             f"unknown: {unknown}, missing: {missing}."
         )
+    for key, size in factor_sizes.items():
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise ValueError(f"`factor_sizes`[{key!r}] must be a whole number of dimensions >= 1, got {size!r}.")
     sizes = {n: int(factor_sizes[n]) for n in names}
     total = sum(sizes.values()) + int(factor_sizes.get(RESIDUAL, 0))
     if RESIDUAL in factor_sizes and total != dim:

@@ -47,6 +47,9 @@ class Comparison:
         concept_names: The ``K`` concept names (empty without concepts).
         layer: Name of the layer whose invariances are shown.
         gradcam_layer: Name of the layer Grad-CAM reads.
+        integrated_gradients_delta: ``(N,)`` completeness gap of Integrated Gradients (Captum's
+            convergence delta: the attributions' sum minus the output change from the baseline).
+        concept_delta: ``(N,)`` the same for the concept scores, or ``None`` without concepts.
 
     Examples::
 
@@ -68,6 +71,8 @@ class Comparison:
     concept_names: List[str]
     layer: str
     gradcam_layer: str
+    integrated_gradients_delta: Optional[Tensor] = None
+    concept_delta: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -162,6 +167,7 @@ def compare_attributions(
     n_samples: int = 16,
     ig_steps: int = 50,
     ig_baselines: Union[None, float, Tensor] = None,
+    concept_steps: int = 512,
     internal_batch_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Comparison:
@@ -181,6 +187,8 @@ def compare_attributions(
         ig_steps: Integrated Gradients steps.
         ig_baselines: IG baseline: ``None`` (black image), a float, or a tensor ``(N, C, H, W)``
             like ``inputs`` (one baseline per input) or ``(1, C, H, W)`` (one for all).
+        concept_steps: Integrated Gradients steps of the concept scores (``LayerConcepts.attribute``'s
+            ``n_steps``; its default 512 keeps the completeness gap small through ReLU kinks).
         internal_batch_size: The most rows any method sends through a network at once (IG's
             interpolation steps, decoded samples, Grad-CAM and concept passes); ``None``: all at
             once. Results do not depend on it.
@@ -218,6 +226,7 @@ def compare_attributions(
     n = images.shape[0]
     batch = n if internal_batch_size is None else check_positive_int(internal_batch_size, "internal_batch_size")
     check_positive_int(ig_steps, "ig_steps")
+    check_positive_int(concept_steps, "concept_steps")
     if check_positive_int(n_samples, "n_samples") < 2:
         raise ValueError(f"`n_samples` must be >= 2 for an invariance map (their spread), got {n_samples}.")
     _check_baselines(ig_baselines, images)
@@ -235,7 +244,7 @@ def compare_attributions(
         if ig_baselines is None:
             ig_baselines = torch.zeros_like(images)
 
-        gradcam_parts, ig_parts, concept_parts = [], [], []
+        gradcam_parts, ig_parts, ig_deltas, concept_parts, concept_deltas = [], [], [], [], []
         gradcam = LayerGradCam(model, gradcam_module)
         ig = IntegratedGradients(model)
         rows = max(1, batch // ig_steps)  # IG expands each input to ig_steps rows
@@ -248,17 +257,21 @@ def compare_attributions(
             # a per-input baseline is sliced with the inputs; a (1, C, H, W) one broadcasts
             per_input = isinstance(ig_baselines, Tensor) and ig_baselines.dim() == 4 and ig_baselines.shape[0] == n
             base = ig_baselines[part] if per_input else ig_baselines
-            ig_parts.append(ig.attribute(images[part], baselines=base, target=targets[part], n_steps=ig_steps,
-                                         internal_batch_size=batch).detach())
+            attributions, delta = ig.attribute(images[part], baselines=base, target=targets[part], n_steps=ig_steps,
+                                               internal_batch_size=batch, return_convergence_delta=True)
+            ig_parts.append(attributions.detach())
+            ig_deltas.append(delta.detach())
         if concepts is not None:
-            # LayerConcepts.attribute runs its own IG over 512 steps in passes of 256 rows by default;
+            # LayerConcepts.attribute runs its own IG over concept_steps steps in passes of 256 rows by default;
             # with internal_batch_size its passes must be bounded too (Captum then takes
             # internal_batch_size // images steps per pass, at least one: <= batch rows).
             concept_batch = 256 if internal_batch_size is None else batch
             for start in range(0, n, batch):
                 part = slice(start, min(start + batch, n))
-                concept_parts.append(concepts.attribute(images[part], target=targets[part],
-                                                        internal_batch_size=concept_batch).detach())
+                scores, delta = concepts.attribute(images[part], target=targets[part], n_steps=concept_steps,
+                                                   internal_batch_size=concept_batch, return_convergence_delta=True)
+                concept_parts.append(scores.detach())
+                concept_deltas.append(delta.detach())
         samples = invariance.sample(images, n_samples, internal_batch_size=internal_batch_size, generator=generator)
         # the reconstructions in chunks too: the autoencoder is a network like the others
         reconstructions = torch.cat([invariance.reconstruct(images[s : s + batch]) for s in range(0, n, batch)])
@@ -275,6 +288,8 @@ def compare_attributions(
         concept_names=list(concepts.concept_names) if concepts is not None else [],
         layer=invariance.layer_name,
         gradcam_layer=gradcam_name,
+        integrated_gradients_delta=torch.cat(ig_deltas),
+        concept_delta=torch.cat(concept_deltas) if concepts is not None else None,
     )
 
 

@@ -396,8 +396,10 @@ def plot_comparison(
         if j == 0:
             ax.set_title(f"what {comparison.layer}\nignores: samples", fontsize=8, loc="left")
     if has_concepts:
+        delta = getattr(comparison, "concept_delta", None)
+        gap = "" if delta is None else f"\ncompleteness gap {float(delta[index]):.1e}"
         plot_concept_bars(comparison.concept_scores[index], comparison.concept_names,
-                          title=f"concepts → {name(target)}", ax=axes[-1])
+                          title=f"concepts → {name(target)}{gap}", ax=axes[-1])
         axes[-1].tick_params(labelsize=7)
     fig.tight_layout()
     return fig, axes

@@ -200,7 +200,24 @@ def test_concept_scores_present_with_concepts_and_absent_without(setup, x):
     assert result.concept_scores.shape == (x.shape[0], 3)
     assert torch.allclose(result.concept_scores, concepts.attribute(x, target=result.targets), atol=1e-5)
     without = compare_attributions(model, x, explainer, generator=_gen(), **FAST)
-    assert without.concept_scores is None and without.concept_names == []
+    assert without.concept_scores is None and without.concept_names == [] and without.concept_delta is None
+
+
+def test_completeness_gaps_are_the_methods_own(setup, x):
+    """Both IG deltas are Captum's: the attributions' sum minus the output change (returned per
+    input); ``concept_steps`` is passed on as the concept attributions' ``n_steps``."""
+    from captum.attr import IntegratedGradients
+
+    model, explainer, concepts = setup[0], _invariance(setup), _concepts(setup)
+    result = compare_attributions(model, x, explainer, concepts=concepts, concept_steps=32, generator=_gen(), **FAST)
+    _, ig_delta = IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), target=result.targets,
+                                                       n_steps=FAST["ig_steps"], return_convergence_delta=True)
+    assert torch.allclose(result.integrated_gradients_delta, ig_delta, atol=1e-5)
+    scores, delta = concepts.attribute(x, target=result.targets, n_steps=32, return_convergence_delta=True)
+    assert torch.allclose(result.concept_scores, scores, atol=1e-5)
+    assert torch.allclose(result.concept_delta, delta, atol=1e-5) and result.concept_delta.shape == (x.shape[0],)
+    with pytest.raises(ValueError, match="`concept_steps` must be >= 1"):
+        compare_attributions(model, x, explainer, concepts=concepts, concept_steps=0, **FAST)
 
 
 def test_concept_scores_do_not_depend_on_internal_batch_size(setup, x):

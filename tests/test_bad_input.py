@@ -130,6 +130,7 @@ def _cases():
         ("factor sizes not summing", lambda m, ae, inn, e: fit_concepts(ae, [ColorDigits("test").concept("digit")], factor_sizes={"digit": 4, "residual": 4}, steps=1, pool_size=4, progress=False), ValueError, "sum to 8"),
         ("factor INN on a conv layer", lambda m, ae, inn, e: LayerRepresentation(m, "cnn.relu3").encode(X), ValueError, "vector layer"),
         ("ActNorm batch of one", lambda m, ae, inn, e: ActNorm(4)(torch.randn(1, 4)), ValueError, "batch"),
+        ("normalised images to cache for a sigmoid decoder", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, (X - 0.5) / 0.2, steps=1, progress=False), ValueError, r"`data` pixels range over \[-2.5, 2.5\], but the autoencoder decodes images in \[0, 1\].*nn.Sequential\(normalise, model\)"),
         ("8-bit pixel values for a sigmoid decoder", lambda m, ae, inn, e: fit_autoencoder(X * 255, latent_dim=4, steps=1, progress=False), ValueError, r"`data` pixels range over \[.*divide 8-bit pixels by 255"),
         ("autoencoder data with NaN", lambda m, ae, inn, e: fit_autoencoder(X * float("nan"), latent_dim=4, steps=1, progress=False), ValueError, "NaN"),
         ("cached data with NaN", lambda m, ae, inn, e: cache_features(m, "cnn.logits", ae, X * float("nan"), progress=False), ValueError, "NaN or infinite pixels"),
@@ -379,3 +380,44 @@ def test_inns_refuse_a_network_of_the_same_shape_with_other_weights(setup, tmp_p
     retrained = Net().eval()
     with pytest.raises(ValueError, match="`concept_inn` was fitted with another `forward_func`"):
         LayerConcepts(retrained, "cnn.fc", on_layer)
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+    def __len__(self):
+        return len(self.items)
+
+
+def test_datasets_of_pil_images_or_mixed_sizes_say_how_to_fix_them():
+    from torchvision.transforms.functional import to_pil_image
+
+    pil = [to_pil_image(torch.rand(3, 8, 8)) for _ in range(4)]
+    mixed = [torch.rand(3, 8, 8), torch.rand(3, 9, 8), torch.rand(3, 8, 8), torch.rand(3, 8, 8)]
+    for fit in (lambda data: fit_autoencoder(data, latent_dim=4, steps=1, progress=False),
+                lambda data: fit_classifier(nn.Sequential(nn.Flatten(), nn.LazyLinear(2)), data, steps=1, progress=False)):
+        with pytest.raises(TypeError, match=r"`data` yields items that are not image tensors.*T.ToTensor\(\)"):
+            fit(_Items([(image, i % 2) for i, image in enumerate(pil)]))
+        with pytest.raises(ValueError, match=r"`data` yields images of different sizes.*T.CenterCrop\(size\)"):
+            fit(_Items([(image, i % 2) for i, image in enumerate(mixed)]))
+    labelled = _Items([(torch.rand(3, 8, 8), i % 2) for i in range(8)])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    fit_classifier(model, torch.utils.data.DataLoader(labelled, batch_size=4), steps=2, progress=False)  # its dataset
+    with pytest.raises(TypeError, match="`data` must be \\(images, labels\\), a Dataset"):
+        fit_classifier(nn.Linear(2, 2), 5, steps=1, progress=False)
+
+
+def test_explainers_warn_about_pixels_far_outside_the_decoders_range(setup):
+    model, ae, inn, _ = setup
+    explainer = LayerInvariance(model, "cnn.logits", inn, ae)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # NoiseTunnel-sized excursions pass silently
+        explainer.attribute((X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(0))).clamp(-0.4, 1.4),
+                            n_samples=2)
+    for call in (lambda x: explainer.attribute(x, n_samples=2), explainer.invariances, explainer.reconstruct):
+        with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[0, 255\].*8-bit pixels / 255"):
+            call((X * 255).round())

@@ -24,6 +24,8 @@ __all__ = [
     "check_fitted_layer",
     "warn_if_training",
     "dtype_errors_named",
+    "check_pixel_range",
+    "check_image_size",
     "weights_fingerprint",
     "check_same_weights",
 ]
@@ -65,6 +67,45 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
         if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
             raise ValueError(f"`{name}` contains NaN or infinite values; clean or clamp the inputs first.")
     return inputs_tuple
+
+
+def check_image_size(images: Tensor, autoencoder: Any, name: str = "inputs",
+                     decoded: Optional[Tuple[int, ...]] = None) -> None:
+    """``ValueError`` naming ``name`` when the autoencoder takes and decodes images (of shape
+    ``decoded``, by default its ``image_shape`` where it has one) of another shape than ``images``."""
+    shape = tuple(images.shape[1:])
+    decoded = getattr(autoencoder, "image_shape", None) if decoded is None else decoded
+    if decoded is None or tuple(decoded) == shape:
+        return
+    fix = (f"Resize the images (torch.nn.functional.interpolate(x, size={tuple(decoded[-2:])})) or fit an "
+           "autoencoder (and INNs) for images of this size.")
+    if shape == (*decoded[1:], decoded[0]):
+        fix = "The channels come last: pass x.permute(0, 3, 1, 2)."
+    raise ValueError(f"`{name}` images have shape {shape}, but the autoencoder takes and decodes images of shape "
+                     f"{tuple(decoded)}. {fix}")
+
+
+def check_pixel_range(images: Tensor, name: str, autoencoder: Any = None, fix: Optional[str] = None,
+                      margin: float = 0.0) -> None:
+    """Images outside ``[0, 1]`` although the autoencoder decodes to ``[0, 1]`` (a
+    ``ConvAutoencoder`` with ``output="sigmoid"``; ``autoencoder=None`` checks regardless): normalised
+    or 8-bit pixels would be compared with images they can never look like.
+
+    With ``margin == 0`` a ``ValueError`` naming ``name``; with ``margin > 0`` a ``UserWarning``,
+    only for pixels beyond ``[-margin, 1 + margin]`` (explainers: Captum's NoiseTunnel and
+    sensitivity metrics perturb inputs a little past the range, which is fine)."""
+    if autoencoder is not None and (getattr(autoencoder, "config", None) or {}).get("output") != "sigmoid":
+        return
+    low, high = float(images.min()), float(images.max())
+    if low >= -margin and high <= 1 + margin:
+        return
+    fix = fix or ("the autoencoder decodes images in [0, 1], like the ones it was fitted on; pass such images "
+                  "(8-bit pixels / 255) and normalise inside the model, nn.Sequential(normalise, model).")
+    message = f"`{name}` pixels range over [{low:.3g}, {high:.3g}], but {fix}"
+    if margin > 0:
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise ValueError(message)
 
 
 def check_int(value: Any, name: str) -> int:

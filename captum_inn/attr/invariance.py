@@ -18,7 +18,9 @@ from captum_inn._random import normal
 from captum_inn.attr._common import (
     as_optional_generator,
     check_fitted_layer,
+    check_image_size,
     check_number,
+    check_pixel_range,
     check_positive_int,
     check_same_device,
     check_same_weights,
@@ -185,22 +187,12 @@ class LayerInvariance(LayerAttribution):
     def _decode(self, code: Tensor) -> Tensor:
         return self.autoencoder.decode(code)
 
-    def _check_image_shape(self, shape: Tuple[int, ...], decoded: Optional[Tuple[int, ...]] = None) -> None:
-        """``ValueError`` when the autoencoder decodes images (of shape ``decoded``, by default its
-        ``image_shape`` where it has one) of another shape than the inputs'.
-
-        Samples never encode the input, so a model that accepts any size (adaptive pooling) would
-        otherwise give maps and samples of the autoencoder's size, silently."""
-        decoded = getattr(self.autoencoder, "image_shape", None) if decoded is None else decoded
-        if decoded is not None and tuple(decoded) != tuple(shape):
-            fix = (f"Resize the inputs (torch.nn.functional.interpolate(x, size={tuple(decoded[-2:])})) or fit an "
-                   "autoencoder and INN for images of this size.")
-            if tuple(shape) == (*decoded[1:], decoded[0]):
-                fix = "The channels come last: pass x.permute(0, 3, 1, 2)."
-            raise ValueError(
-                f"`inputs` images have shape {tuple(shape)}, but the autoencoder decodes images of shape "
-                f"{tuple(decoded)}, so samples and maps could not match the inputs. {fix}"
-            )
+    def _check_images(self, images: Tensor) -> None:
+        """Images the autoencoder can take: its size (samples never encode the input, so a model
+        that accepts any size would otherwise give maps of the autoencoder's size, silently) and,
+        for a decoder to [0, 1], a warning for pixels far outside [0, 1] (normalised or 8-bit)."""
+        check_image_size(images, self.autoencoder)
+        check_pixel_range(images, "inputs", self.autoencoder, margin=0.5)
 
     def _chunks(self, n: int, size: Optional[int]) -> List[slice]:
         size = n if size is None else check_positive_int(size, "internal_batch_size")
@@ -225,6 +217,7 @@ class LayerInvariance(LayerAttribution):
         """
         inputs = format_inputs(inputs, self.image_input)
         check_same_device(inputs[self.image_input], self.inn)
+        self._check_images(inputs[self.image_input])
         with eval_mode(self.inn, self.autoencoder):
             z = self._activation(inputs, additional_forward_args)
             return self.inn(self._code(inputs[self.image_input]), z, jac=False)[0]
@@ -244,6 +237,7 @@ class LayerInvariance(LayerAttribution):
             x_hat = explainer.reconstruct(x)     # (2, 3, 32, 32), like x
         """
         inputs = format_inputs(inputs, self.image_input)
+        self._check_images(inputs[self.image_input])
         with eval_mode(self.autoencoder):
             return self._decode(self._code(inputs[self.image_input]))
 
@@ -318,7 +312,7 @@ class LayerInvariance(LayerAttribution):
         as_optional_generator(generator)
         inputs = format_inputs(inputs, self.image_input)
         check_same_device(inputs[self.image_input], self.inn)
-        self._check_image_shape(inputs[self.image_input].shape[1:])
+        self._check_images(inputs[self.image_input])
         n = inputs[0].shape[0]
         device = inputs[self.image_input].device
         dtype = inputs[self.image_input].dtype
@@ -336,7 +330,7 @@ class LayerInvariance(LayerAttribution):
                     code = self.inn(noise[rows][sub], None, rev=True, jac=False, embedding=embedding[sub])[0]
                     outputs.append(self._decode(code))
         images = torch.cat(outputs)
-        self._check_image_shape(inputs[self.image_input].shape[1:], images.shape[1:])  # autoencoders without image_shape
+        check_image_size(inputs[self.image_input], self.autoencoder, decoded=images.shape[1:])  # any autoencoder
         return images.view(n, n_samples, *images.shape[1:])
 
     @log_usage()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import check_module_device
+from captum_inn.attr._common import check_module_device, check_pixel_range
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.capture import LayerHooks
 from captum_inn.training.checkpoint import load_checkpoint, strip_prefix
@@ -146,11 +146,9 @@ def fit_autoencoder(
     # checked on all images before sharding, so every torchrun process agrees
     if not torch.isfinite(images).all():
         raise ValueError("`data` contains NaN or infinite pixels; clean the images first.")
-    if config.output == "sigmoid" and (images.min() < 0 or images.max() > 1):
-        raise ValueError(
-            f"`data` pixels range over [{float(images.min()):.3g}, {float(images.max()):.3g}], but output='sigmoid' "
-            "decodes to [0, 1]; divide 8-bit pixels by 255, or pass output='identity' for normalised images."
-        )
+    if config.output == "sigmoid":
+        check_pixel_range(images, "data", fix="output='sigmoid' decodes to [0, 1]; divide 8-bit pixels by 255, or "
+                                              "pass output='identity' for normalised images.")
     images = shard_data(images).to(device)
     batch = local_batch_size(config.batch_size, images.shape[0])
     config.perceptual_layers = tuple(config.perceptual_layers)

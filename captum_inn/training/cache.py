@@ -23,7 +23,9 @@ from captum_inn.attr._common import (
     _hash_tensors,
     _tensor_attributes,
     _tensor_bytes,
+    check_image_size,
     check_module_device,
+    check_pixel_range,
     dtype_errors_named,
     weights_fingerprint,
 )
@@ -358,6 +360,8 @@ def cache_features(
                 check_image_dtype(images)  # any floating dtype: the model and autoencoder may convert it
                 if not torch.isfinite(images).all():
                     raise ValueError("`data` contains NaN or infinite pixels; clean the images before caching features.")
+                check_pixel_range(images, "data", autoencoder)
+                check_image_size(images, autoencoder, "data")
                 images = images.to(device)
                 with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
                                 selector=selector, stop_early=True) as hooks, \

@@ -11,9 +11,11 @@ from typing import Any, Callable, List, Optional, Union
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 from captum_inn.attr._common import check_number, check_positive_int
 from captum_inn.metrics import predict_classes
+from captum_inn.training.data import _batching_error
 from captum_inn.training.distributed import world
 from captum_inn.training.loop import train_loop
 
@@ -28,8 +30,19 @@ def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
                         "pairs, or an object with `images` and `targets` (e.g. ColorDigits).")
     if hasattr(data, "images") and hasattr(data, "targets"):  # e.g. ColorDigits
         return data.images, torch.as_tensor(data.targets)
+    if isinstance(data, DataLoader):
+        data = data.dataset  # the classifier draws its own minibatches
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise TypeError(f"`data` must be (images, labels), a Dataset of (image, label) pairs or a DataLoader over "
+                        f"one, got {type(data).__name__}.")
     xs, ys = zip(*(data[i] for i in range(len(data))))
-    return torch.stack(xs), torch.as_tensor(ys)
+    try:
+        return torch.stack(xs), torch.as_tensor(ys)
+    except (TypeError, RuntimeError) as error:
+        friendly = _batching_error(error)
+        if friendly is None:
+            raise
+        raise friendly from error
 
 
 class Jitter:

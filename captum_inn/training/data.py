@@ -150,5 +150,33 @@ def iter_image_batches(
         raise TypeError(
             f"`data` must be an image tensor, a Dataset or a DataLoader, got {type(data).__name__}."
         )
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (TypeError, RuntimeError) as error:
+            friendly = _batching_error(error)
+            if friendly is None:
+                raise
+            raise friendly from error
         yield _images_of(batch)
+
+
+_ONE_SIZE = ("transform=T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()]) to the dataset, or load "
+             "the folder with captum_inn.datasets.load_image_folder(root, size=...)")
+
+
+def _batching_error(error: Exception) -> Optional[Exception]:
+    """What went wrong when a ``Dataset``'s items could not be stacked into a batch, for the usual
+    causes (PIL images, images of several sizes); ``None`` for other errors."""
+    text = str(error)
+    if "default_collate" in text or "expected Tensor as element" in text:
+        found = text.rsplit("found", 1)[-1].rsplit("got", 1)[-1].strip(" .")
+        return TypeError(f"`data` yields items that are not image tensors ({found}); images must be tensors "
+                         f"(C, H, W) with pixels in [0, 1]: for PIL images pass {_ONE_SIZE}.")
+    if "stack expects each tensor to be equal size" in text:
+        return ValueError(f"`data` yields images of different sizes ({text.split('but got', 1)[-1].strip()}); "
+                          f"give them one size: pass {_ONE_SIZE}.")
+    return None

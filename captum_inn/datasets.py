@@ -16,6 +16,10 @@ That makes ``ColorDigits`` the test bed for the factor INN (docs/method.rst): :m
 samples pairs that share one named factor (or that share every factor but one), which is what the
 concept loss consumes. The colouring formula lives in one place, :func:`colour_digits`.
 
+For photos, :func:`load_image_folder` reads an image folder (one sub-folder per class) into
+memory at one size, split per class into training and test images (:class:`ImageFolderSplit`),
+ready for every ``fit_*`` function.
+
 Examples::
 
     >>> from captum_inn.datasets import ColorDigits

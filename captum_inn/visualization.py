@@ -377,6 +377,11 @@ def plot_comparison(
     def name(k: int) -> str:
         return class_names[k] if class_names is not None else str(k)
 
+    if class_names is not None:
+        largest = max(int(comparison.targets.max()), int(comparison.predictions.max()))
+        if len(class_names) <= largest:
+            raise ValueError(f"`class_names` has {len(class_names)} names, but class {largest} is shown; give one "
+                             "name per class of the model's output.")
     image = to_numpy_image(comparison.inputs[index])
     target, predicted = int(comparison.targets[index]), int(comparison.predictions[index])
     axes[0].imshow(image)

@@ -417,6 +417,9 @@ def test_save_figures_writes_pngs(with_concepts, tmp_path, no_show):
 def test_plot_errors(with_concepts, no_show):
     with pytest.raises(ValueError, match="index"):
         with_concepts.plot(2)
+    shown = max(int(with_concepts.targets.max()), int(with_concepts.predictions.max()))
+    with pytest.raises(ValueError, match=f"`class_names` has {shown} names, but class {shown} is shown"):
+        with_concepts.plot(0, class_names=[str(k) for k in range(shown)])
     with pytest.raises(ValueError, match="same number of images"):
         plot_image_grid({"a": torch.rand(2, 3, 8, 8), "b": torch.rand(3, 3, 8, 8)})
     with pytest.raises(ValueError, match="captions"):

@@ -328,12 +328,12 @@ def fit_invariances(
         raise ValueError(f"{', '.join(f'`{k}`' for k in read)} only apply while features are cached; with `cache=` "
                          "pass them to cache_features, which made the cache.")
     with contextlib.ExitStack() as stack:
-        cache = _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device,
-                           progress, stack, read)
         layer_overrides = dict(layer_overrides or {})
         unknown = sorted(set(layer_overrides) - set(names))
-        if unknown:
+        if unknown:  # before the pass over the data, which may take long
             raise ValueError(f"`layer_overrides` names layers {unknown} that are not fitted here ({names}).")
+        cache = _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device,
+                           progress, stack, read)
         missing = [n for n in names if n not in cache.layers]
         if missing:
             raise ValueError(f"The cache holds layers {sorted(cache.layers)}, not {missing}; cache them first.")

@@ -15,6 +15,7 @@ samples | concept bars.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -85,15 +86,17 @@ class Comparison:
         return plot_comparison(self, index, class_names=class_names, n_strip=n_strip, fig=fig)
 
     def save_figures(self, folder: Union[str, Path], class_names: Optional[Sequence[str]] = None,
-                     prefix: str = "comparison", indices: Optional[Sequence[int]] = None) -> List[str]:
-        """Write one PNG per input (``<prefix>_<index>.png``) into ``folder``; return the paths."""
+                     prefix: str = "comparison", indices: Optional[Sequence[int]] = None,
+                     n_strip: int = 6) -> List[str]:
+        """Write one PNG per input (``<prefix>_<index>.png``, samples shown: ``n_strip``) into
+        ``folder``; return the paths."""
         from captum_inn.visualization import save_figure
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for i in range(len(self)) if indices is None else indices:
-            fig, _ = self.plot(i, class_names=class_names)
+            fig, _ = self.plot(i, class_names=class_names, n_strip=n_strip)
             paths.append(save_figure(fig, str(folder / f"{prefix}_{i}.png")))
         return paths
 
@@ -236,7 +239,8 @@ def compare_attributions(
     # Everything below runs in eval mode, like the explainers' own layer reads: Captum's passes
     # and the concept attributions would otherwise run the model as it is.
     with eval_mode(model):
-        if gradcam_layer is None:
+        chosen = gradcam_layer is None
+        if chosen:
             z = invariance._activation((images[:1],), None)
             gradcam_layer = invariance.layer_name if z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
                 else last_spatial_layer(model, images)
@@ -251,6 +255,12 @@ def compare_attributions(
         for start in range(0, n, batch):
             part = slice(start, min(start + batch, n))
             cam = gradcam.attribute(images[part], target=targets[part], relu_attributions=True)
+            if chosen and start == 0 and cam.shape[2] * cam.shape[3] <= 4:
+                warnings.warn(
+                    f"Grad-CAM at {gradcam_name!r} is a {cam.shape[2]}×{cam.shape[3]} map at this input size, "
+                    "too coarse to show where; pass gradcam_layer= an earlier layer (e.g. 'layer3' of a ResNet).",
+                    UserWarning, stacklevel=2,
+                )
             gradcam_parts.append(LayerAttribution.interpolate(cam.detach(), tuple(images.shape[2:]), "bilinear"))
         for start in range(0, n, rows):
             part = slice(start, min(start + rows, n))

@@ -11,6 +11,7 @@ and a batch norm (to see that eval mode is used and running statistics are left 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import matplotlib
 
@@ -262,6 +263,18 @@ def test_gradcam_layer_default(setup, x, layer, expected):
     assert result.gradcam.shape == (x.shape[0], 1, 32, 32)
 
 
+def test_a_coarse_default_gradcam_layer_warns(setup, x):
+    """A default Grad-CAM layer of 2x2 (ResNet's layer4 at 64 px) shows nothing; say so, and not for
+    a layer the user chose."""
+    coarse = nn.Sequential(nn.Conv2d(3, 4, 3, stride=16, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16, 10)).eval()
+    explainer = LayerInvariance(coarse, "3", setup[2]["cnn.logits"], setup[1])
+    with pytest.warns(UserWarning, match=r"Grad-CAM at '1' is a 2×2 map at this input size.*gradcam_layer="):
+        compare_attributions(coarse, x, explainer, generator=_gen(), **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        compare_attributions(coarse, x, explainer, gradcam_layer="1", generator=_gen(), **FAST)
+
+
 @pytest.mark.parametrize("given", ["name", "module"])
 def test_gradcam_layer_given(setup, x, given):
     model = setup[0]
@@ -412,6 +425,8 @@ def test_save_figures_writes_pngs(with_concepts, tmp_path, no_show):
     assert plt.get_fignums() == []  # save_figure closes them
     only = with_concepts.save_figures(tmp_path, indices=[1])
     assert len(only) == 1 and str(only[0]).endswith("comparison_1.png")
+    narrow = with_concepts.save_figures(tmp_path / "narrow", indices=[1], n_strip=2)[0]
+    assert Path(narrow).stat().st_size < Path(only[0]).stat().st_size  # fewer samples drawn
 
 
 def test_plot_errors(with_concepts, no_show):

@@ -330,8 +330,9 @@ def _draw(out: Path, model, explainers: Dict[str, LayerInvariance], shown, recon
     from captum_inn.visualization import plot_invariance_maps, plot_invariance_samples, save_figure
 
     figures: Dict[str, Any] = {}
-    comparison = compare_attributions(model, shown, explainers["fc"], n_samples=16, internal_batch_size=256,
-                                      generator=torch.Generator().manual_seed(seed))
+    # layer3: ResNet's default Grad-CAM layer, layer4, has 2x2 cells at 64 px (too coarse to show where)
+    comparison = compare_attributions(model, shown, explainers["fc"], gradcam_layer="layer3", n_samples=16,
+                                      internal_batch_size=256, generator=torch.Generator().manual_seed(seed))
     figures["comparisons"] = [str(Path(p).relative_to(out)) for p in
                               comparison.save_figures(out / "figures", class_names=classes)]
     for name, strip in strips.items():

@@ -286,8 +286,8 @@ def fit_invariances(
             accelerators, and under ``torchrun``.
             Each fit computes the same either way; only the thread count differs, which changes
             floating-point rounding (over thousands of steps: a different, equally good fit).
-        attribute_to_layer_input: Fit on the layers' inputs instead of their outputs (then pass
-            the same to :class:`~captum_inn.LayerInvariance`).
+        attribute_to_layer_input: Fit on the layers' inputs instead of their outputs (recorded in
+            ``fit_info``; :class:`~captum_inn.LayerInvariance` reads the same side by default).
         selector: Picks the tensor from a non-tensor layer output (see
             :class:`~captum_inn.capture.LayerHooks`; a dict ``{layer name: selector}`` sets one per layer).
         additional_forward_args: Extra arguments of ``model.forward`` after the images, the same

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from captum_inn.attr._common import check_number, check_positive_int
 from captum_inn.metrics import predict_classes
-from captum_inn.training.data import _batching_error
+from captum_inn.training.data import batching_errors_explained
 from captum_inn.training.distributed import world
 from captum_inn.training.loop import train_loop
 
@@ -36,13 +36,8 @@ def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
         raise TypeError(f"`data` must be (images, labels), a Dataset of (image, label) pairs or a DataLoader over "
                         f"one, got {type(data).__name__}.")
     xs, ys = zip(*(data[i] for i in range(len(data))))
-    try:
+    with batching_errors_explained():
         return torch.stack(xs), torch.as_tensor(ys)
-    except (TypeError, RuntimeError) as error:
-        friendly = _batching_error(error)
-        if friendly is None:
-            raise
-        raise friendly from error
 
 
 class Jitter:

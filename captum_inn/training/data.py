@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -152,20 +153,28 @@ def iter_image_batches(
         )
     batches = iter(loader)
     while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
+        with batching_errors_explained():
+            batch = next(batches, None)
+        if batch is None:
             return
-        except (TypeError, RuntimeError) as error:
-            friendly = _batching_error(error)
-            if friendly is None:
-                raise
-            raise friendly from error
         yield _images_of(batch)
 
 
 _ONE_SIZE = ("transform=T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()]) to the dataset, or load "
              "the folder with captum_inn.datasets.load_image_folder(root, size=...)")
+
+
+@contextmanager
+def batching_errors_explained() -> Iterator[None]:
+    """Re-raise the error of stacking a ``Dataset``'s items into a batch as one that names ``data``
+    and the transform to use, for the usual causes (PIL images, images of several sizes)."""
+    try:
+        yield
+    except (TypeError, RuntimeError) as error:
+        friendly = _batching_error(error)
+        if friendly is None:
+            raise
+        raise friendly from error
 
 
 def _batching_error(error: Exception) -> Optional[Exception]:

@@ -301,6 +301,9 @@ def test_factor_inn_split_merge_and_sizes():
     parts = e.split(y)
     assert list(parts) == ["digit", "colour", "residual"]
     assert torch.equal(e.merge(parts), y)
+    with pytest.raises(KeyError, match=r"No factor named 'color'; the factors are \['digit', 'colour', 'residual'\]"):
+        parts["color"]
+    assert parts.get("color") is None and "colour" in parts
     with pytest.raises(ValueError, match="missing"):
         e.merge({"digit": parts["digit"]})
     with pytest.raises(ValueError, match="sum to dim=10"):

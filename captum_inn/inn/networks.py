@@ -185,6 +185,13 @@ def factor_sizes_from_scores(
     return {name: int(size) for name, size in zip(names, sizes)}
 
 
+class _Factors(dict):
+    """A plain dict of named factors whose missing key says which names there are."""
+
+    def __missing__(self, name: Any) -> Tensor:
+        raise KeyError(f"No factor named {name!r}; the factors are {list(self)}.")
+
+
 class FactorINN(InvertibleModule):
     """``e``: an unconditional bijection whose output is split into named factors plus a residual.
 
@@ -285,9 +292,10 @@ class FactorINN(InvertibleModule):
         return self.flow(x, None, rev=rev, jac=jac)
 
     def split(self, y: Tensor) -> Dict[str, Tensor]:
-        """Named factors ``{name: (N, size)}`` of a flat output ``(N, dim)``."""
+        """Named factors ``{name: (N, size)}`` of a flat output ``(N, dim)``; an unknown name's
+        ``KeyError`` lists the factors."""
         check_vector_batch(y, self.dim, "y")
-        return {name: y[:, s] for name, s in self.factor_slices.items()}
+        return _Factors((name, y[:, s]) for name, s in self.factor_slices.items())
 
     def merge(self, factors: Mapping[str, Tensor]) -> Tensor:
         """Inverse of :meth:`split`: ``{name: (N, size)}`` → ``(N, dim)``."""

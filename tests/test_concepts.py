@@ -283,6 +283,40 @@ def test_layer_representation_keeps_the_model_exact():
         explainer.edit(images, "label")
 
 
+def test_layer_concepts_read_the_side_of_the_layer_their_inns_were_fitted_on(tmp_path):
+    """The input and the output of a ReLU have the same shape, so reading the wrong side would go
+    unnoticed: the side a fit recorded is the default, and the other side is refused."""
+    torch.manual_seed(0)
+    model = VectorModel().eval()
+    images = torch.rand(64, 3, 8, 8)
+    pairs = ConceptPairs.from_labels("label", images, model(images).argmax(1))
+    on_input = LayerRepresentation(model, "hidden", attribute_to_layer_input=True)
+    e = fit_concepts(on_input, [pairs], steps=5, n_blocks=1, hidden=16, pool_size=64, progress=False)
+    assert e.fit_info["representation"]["attribute_to_layer_input"] is True
+    explainer = LayerConcepts(model, "hidden", e)
+    assert explainer.attribute_to_layer_input is True
+    pre_relu = model.fc(model.flatten(images[:4]))  # the hooked input; it has negative entries
+    assert torch.allclose(explainer.factors(images[:4]), e(pre_relu)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="`concept_inn` was fitted on the layer's input.*attribute_to_layer_input=True"):
+        LayerConcepts(model, "hidden", e, attribute_to_layer_input=False)
+    with pytest.raises(ValueError, match="fitted on the layer's input"):
+        explainer.attribute(images[:4], target=0, attribute_to_layer_input=False)
+    save_concept_inn(tmp_path / "e.safetensors", e)
+    assert load_concept_inn(tmp_path / "e.safetensors", on_input).fit_info["representation"]["layer"] == "hidden"
+    with pytest.raises(CheckpointError, match="attribute_to_layer_input"):
+        load_concept_inn(tmp_path / "e.safetensors", LayerRepresentation(model, "hidden"))
+
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    code_e = FactorINN(6, {"a": 2}, n_blocks=1, hidden=8)
+    t = ConditionalINN(6, (6,), n_blocks=1, hidden=8)
+    t.fit_info = {"layer": "hidden", "attribute_to_layer_input": True}
+    assert LayerConcepts(model, "hidden", code_e, ae, invariance_inn=t).attribute_to_layer_input is True
+    with pytest.raises(ValueError, match="`invariance_inn` was fitted on the layer's input"):
+        LayerConcepts(model, "hidden", code_e, ae, invariance_inn=t, attribute_to_layer_input=False)
+    with pytest.raises(ValueError, match="`invariance_inn` was fitted on layer 'hidden', not 'fc'"):
+        LayerConcepts(model, "fc", code_e, ae, invariance_inn=t)
+
+
 @pytest.fixture(scope="module")
 def code_setup():
     torch.manual_seed(0)

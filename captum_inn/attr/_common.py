@@ -22,6 +22,7 @@ __all__ = [
     "check_positive_int",
     "check_same_device",
     "check_fitted_layer",
+    "layer_side",
     "warn_if_training",
     "dtype_errors_named",
     "check_pixel_range",
@@ -160,6 +161,22 @@ def check_fitted_layer(fitted: Optional[str], name: str, forward_func: Callable,
     raise ValueError(
         f"`{what}` was fitted on layer {fitted!r}, not {name!r}; pass that layer or fit an INN for this one."
     )
+
+
+def layer_side(asked: Optional[bool], fitted: Optional[bool], what: str) -> bool:
+    """Whether to read the layer's input: as ``asked``, or as the INN ``what`` was ``fitted`` when not
+    asked (the output where the fit does not say); asking for the other side is a ``ValueError``,
+    since a layer's input and output often have the same shape and the mix-up would go unnoticed."""
+    if asked is None:
+        return bool(fitted)
+    if fitted is not None and bool(asked) != bool(fitted):
+        side = "input" if fitted else "output"
+        raise ValueError(
+            f"`{what}` was fitted on the layer's {side}, but attribute_to_layer_input={asked} reads its "
+            f"{'output' if fitted else 'input'}; pass attribute_to_layer_input={bool(fitted)} (or leave it out), "
+            "or fit an INN on that side."
+        )
+    return bool(asked)
 
 
 def layer_activation(

@@ -25,6 +25,7 @@ from captum_inn.attr._common import (
     dtype_errors_named,
     format_inputs,
     layer_activation,
+    layer_side,
     resolve_model_layer,
     warn_if_training,
 )
@@ -56,7 +57,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         invariance_inn: The layer's :class:`~captum_inn.inn.ConditionalINN` from
             ``fit_invariances`` (needed by :meth:`encoded`).
         device_ids: Captum's argument for ``DataParallel`` models (unused, kept for the API).
-        attribute_to_layer_input: Hook the layer's input instead of its output.
+        attribute_to_layer_input: Whether to read the layer's input; ``None`` (default): the side the
+            INN that reads the layer was fitted on (``concept_inn`` for a layer representation,
+            else ``invariance_inn``; the output where unknown). The other side is refused.
         selector: Picks the tensor from a non-tensor layer output.
         image_input: Which of the (tuple) inputs is the image.
 
@@ -91,7 +94,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         invariance_inn: Optional[ConditionalINN] = None,
         device_ids: Optional[List[int]] = None,
         *,
-        attribute_to_layer_input: bool = False,
+        attribute_to_layer_input: Optional[bool] = None,
         selector: Any = None,
         image_input: int = 0,
     ) -> None:
@@ -125,6 +128,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     f"`invariance_inn` models codes of size {invariance_inn.dim}; `concept_inn` must act on the "
                     f"same autoencoder codes (it acts on a {self.representation} of size {concept_inn.dim})."
                 )
+            check_fitted_layer((getattr(invariance_inn, "fit_info", None) or {}).get("layer"), name, forward_func,
+                               "invariance_inn")
             check_same_weights(autoencoder, (getattr(invariance_inn, "fit_info", None) or {}).get("autoencoder_weights"),
                                "invariance_inn", "autoencoder")
         LayerAttribution.__init__(self, forward_func, module, device_ids)
@@ -133,7 +138,13 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         self.concept_inn = concept_inn
         self.autoencoder = autoencoder
         self.invariance_inn = invariance_inn
-        self.attribute_to_layer_input = attribute_to_layer_input
+        # the INN that reads the layer (e itself on a layer, else t in `encoded`) names the side it was fitted on
+        if self.representation == _LAYER:
+            self._layer_reader, self._fitted_on_input = "concept_inn", representation.get("attribute_to_layer_input")
+        else:
+            self._layer_reader = "invariance_inn"
+            self._fitted_on_input = (getattr(invariance_inn, "fit_info", None) or {}).get("attribute_to_layer_input")
+        self.attribute_to_layer_input = layer_side(attribute_to_layer_input, self._fitted_on_input, self._layer_reader)
         self.selector = selector
         self.image_input = image_input
 
@@ -174,7 +185,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         return self.concept_inn.factor_slices[concept]
 
     def _to_input(self, attribute_to_layer_input: Optional[bool]) -> bool:
-        return self.attribute_to_layer_input if attribute_to_layer_input is None else bool(attribute_to_layer_input)
+        if attribute_to_layer_input is None:
+            return self.attribute_to_layer_input
+        return layer_side(attribute_to_layer_input, self._fitted_on_input, self._layer_reader)
 
     def _representation(self, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
                         image_input: Optional[int] = None, attribute_to_layer_input: Optional[bool] = None) -> Tensor:

@@ -27,6 +27,7 @@ from captum_inn.attr._common import (
     dtype_errors_named,
     format_inputs,
     layer_activation,
+    layer_side,
     resolve_model_layer,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean
@@ -141,19 +142,7 @@ class LayerInvariance(LayerAttribution):
 
     # ------------------------------------------------------------------ the pieces
     def _check_read(self, attribute_to_layer_input: Optional[bool]) -> bool:
-        """The side of the layer to read: as asked, or as fitted when not asked (outputs where the
-        INN does not say); asking for the other side than the fit's is refused."""
-        fitted = self._fitted_on_input
-        if attribute_to_layer_input is None:
-            return bool(fitted)
-        if fitted is not None and bool(attribute_to_layer_input) != bool(fitted):
-            side = "input" if fitted else "output"
-            raise ValueError(
-                f"`inn` was fitted on the layer's {side}, but attribute_to_layer_input={attribute_to_layer_input} "
-                f"reads its {'output' if fitted else 'input'}; pass attribute_to_layer_input={bool(fitted)} "
-                "(or leave it out), or fit an INN on that side."
-            )
-        return bool(attribute_to_layer_input)
+        return layer_side(attribute_to_layer_input, self._fitted_on_input, "inn")
 
     def _activation(self, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
                     attribute_to_layer_input: Optional[bool] = None) -> Tensor:

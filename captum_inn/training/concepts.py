@@ -135,6 +135,7 @@ class LayerRepresentation:
     def describe(self, dim: int) -> Dict[str, Any]:
         """What a checkpoint records about this representation."""
         return {"kind": "layer", "dim": int(dim), "layer": self.layer_name,
+                "attribute_to_layer_input": bool(self.attribute_to_layer_input),
                 "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                 "weights": weights_fingerprint(self.model)}
 
@@ -516,7 +517,7 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
         path: The ``.safetensors`` file.
         representation: When given (an autoencoder, :class:`LayerRepresentation` or ``(model,
             layer)``), the checkpoint must have been fitted on the same kind of representation,
-            the same layer and size.
+            the same layer, side of it (input or output) and size.
         map_location: Device of the loaded tensors.
 
     Returns:
@@ -548,6 +549,8 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
         saved = config.get("representation", {})
         if isinstance(representation, (LayerRepresentation, tuple)):
             keys = ("kind", "dim", "layer")
+            if "attribute_to_layer_input" in saved:  # absent in files from before it was recorded
+                keys += ("attribute_to_layer_input",)
         else:
             keys = ("kind",)
             latent = getattr(representation, "latent_dim", None)

@@ -80,7 +80,7 @@ def test_diagonal_gaussian_kl_matches_torch():
     assert torch.allclose(q.kl(), ref, atol=1e-6)
 
 
-def test_fit_autoencoder_learns_and_resumes_exactly(tmp_path, images):
+def test_fit_autoencoder_learns_and_resumes_exactly(tmp_path, images, capsys):
     path = str(tmp_path / "ae.safetensors")
     full = fit_autoencoder(images, latent_dim=8, width=4, steps=30, batch_size=8, checkpoint_every=10,
                            schedule="constant", progress=False)  # cosine depends on the total steps
@@ -96,6 +96,10 @@ def test_fit_autoencoder_learns_and_resumes_exactly(tmp_path, images):
     loaded = load_autoencoder(path)
     x = images[:4]
     assert torch.allclose(loaded(x), resumed(x), atol=1e-6)
+    capsys.readouterr()
+    fit_autoencoder(images, latent_dim=8, width=4, steps=32, batch_size=8, checkpoint_every=10, checkpoint=path,
+                    schedule="constant")  # the progress bar says where the fit went on from
+    assert "(resumed at step 30)" in capsys.readouterr().err
 
 
 def test_a_resumed_fit_augments_as_the_uninterrupted_one(tmp_path, images):

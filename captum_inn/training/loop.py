@@ -352,8 +352,8 @@ def train_loop(
     # CUDA graphs want the eager warm-up steps before a capture on a side stream
     side = torch.cuda.Stream(device) if graphed else None
     module.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress or rank != 0,
-               leave=False)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{desc} (resumed at step {start})" if start else desc,
+               disable=not progress or rank != 0, leave=False)
     for step in bar:
         if schedule == "cosine":
             rate = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))

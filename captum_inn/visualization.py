@@ -6,7 +6,7 @@ matplotlib is imported lazily; every function accepts an optional ``ax``/``fig``
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -189,7 +189,8 @@ def plot_concept_bars(
     Args:
         scores: ``(K,)`` or ``(N, K)`` tensor (e.g. :meth:`captum_inn.LayerConcepts.attribute` or
             ``encoded``), or a ``{concept: value}`` dict, or ``{group: {concept: value}}`` for
-            grouped bars (e.g. one group per layer).
+            grouped bars (e.g. one group per layer). Dicts with a ``standard_error``
+            (:meth:`~captum_inn.LayerConcepts.encoded_summary`) get it as error bars.
         names: Concept names for tensor scores.
         title: Axes title.
         ylabel: Label of the y axis.
@@ -216,11 +217,13 @@ def plot_concept_bars(
         width = 0.8 / len(groups)
         for g, group in enumerate(groups):
             ax.bar(np.arange(len(concepts)) + (g - (len(groups) - 1) / 2) * width,
-                   [scores[group][c] for c in concepts], width, label=str(group))
+                   [scores[group][c] for c in concepts], width, yerr=_standard_errors(scores[group], concepts),
+                   capsize=2, label=str(group))
         ax.legend(fontsize=8)
     else:
         if isinstance(scores, dict):
-            concepts, values, errors = list(scores), [float(v) for v in scores.values()], None
+            concepts, values = list(scores), [float(v) for v in scores.values()]
+            errors = _standard_errors(scores, concepts)
         else:
             values_t = scores.detach().float().cpu()
             if values_t.dim() == 2:
@@ -283,8 +286,15 @@ def plot_concept_edits(
     return fig, axes
 
 
+def _standard_errors(values: Any, concepts: Sequence[str]) -> Optional[List[float]]:
+    """The ``standard_error`` of an :class:`~captum_inn.attr.EncodedShares`, in ``concepts`` order."""
+    errors = getattr(values, "standard_error", None)
+    return None if errors is None else [errors[c] for c in concepts]
+
+
 def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
-    """Each concept's encoded share over training checkpoints, with the test accuracy when known.
+    """Each concept's encoded share over training checkpoints, with the test accuracy when known
+    and a band of ± 2 standard errors where the shares have them.
 
     Args:
         dynamics: A :class:`captum_inn.training.dynamics.ConceptDynamics`.
@@ -305,8 +315,13 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
     else:
         fig = ax.figure
     x = range(len(dynamics.labels))
+    errors = getattr(dynamics, "standard_error", None) or {}
     for concept, shares in dynamics.encoded.items():
-        ax.plot(x, shares, marker="o", label=concept)
+        line, = ax.plot(x, shares, marker="o", label=concept)
+        if concept in errors:  # a band of ± 2 standard errors of the mean share
+            low = [m - 2 * e for m, e in zip(shares, errors[concept])]
+            high = [m + 2 * e for m, e in zip(shares, errors[concept])]
+            ax.fill_between(list(x), low, high, color=line.get_color(), alpha=0.15, lw=0)
     if all(a is not None for a in dynamics.accuracy):
         ax.plot(x, dynamics.accuracy, color="black", ls="--", marker="x", label="test accuracy")
     ax.set_xticks(list(x))

@@ -373,7 +373,21 @@ def test_edit_decompose_encoded(code_setup):
     assert torch.equal(explainer.edit(x, "residual", generator=g1), explainer.edit(x, "residual", generator=g2))
     shares = explainer.encoded(x, n_samples=8, generator=torch.Generator().manual_seed(0))
     assert shares.shape == (4, 3) and torch.isfinite(shares).all()
-    assert set(explainer.encoded_summary(x, n_samples=4)) == {"a", "b", "residual"}
+    summary = explainer.encoded_summary(x, n_samples=8, generator=torch.Generator().manual_seed(0))
+    assert set(summary) == {"a", "b", "residual"}
+    for k, column in zip(summary, shares.unbind(1)):  # the same draws: mean and standard error of those shares
+        assert summary[k] == pytest.approx(float(column.mean()), abs=1e-6)
+        assert summary.standard_error[k] == pytest.approx(float(column.std() / 2), abs=1e-6)
+    assert summary.n_inputs == 4 and " ± " in str(summary)
+    from matplotlib.container import ErrorbarContainer
+
+    from captum_inn.visualization import plot_concept_bars
+
+    for bars in ({"hidden": summary}, summary):  # grouped (a layer each) and single: error bars drawn
+        _, ax = plot_concept_bars(bars)
+        assert any(isinstance(c, ErrorbarContainer) for c in ax.containers)
+    one = explainer.encoded_summary(x[:1], n_samples=4)
+    assert all(math.isnan(v) for v in one.standard_error.values())
     assert training_flags(model) == flags
     assert_no_hooks(model)
 
@@ -427,7 +441,11 @@ def test_snapshots_and_concept_dynamics():
     assert dynamics.labels == ["0", "5"] and len(dynamics.accuracy) == 2
     assert set(dynamics.encoded) == {"a", "b", "residual"} and all(len(v) == 2 for v in dynamics.encoded.values())
     assert "checkpoint" in dynamics.table() and dynamics.as_dict()["layer"] == "hidden"
+    errors = dynamics.as_dict()["standard_error"]
+    assert set(errors) == {"a", "b", "residual"} and all(len(v) == 2 and min(v) > 0 for v in errors.values())
+    assert f"{dynamics.encoded['a'][1]:.3f} ± {errors['a'][1]:.3f}" in dynamics.table().splitlines()[2]
     fig, ax = dynamics.plot()
     assert len(ax.lines) == 4  # three concepts and the accuracy
+    assert len(ax.collections) == 3  # a band of ± 2 standard errors per concept
     for snapshot in snaps.models.values():
         assert_no_hooks(snapshot)

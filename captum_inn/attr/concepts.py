@@ -33,7 +33,46 @@ from captum_inn.autoencoders import check_autoencoder, encode_mean
 from captum_inn.capture import eval_mode, replace_activation
 from captum_inn.inn import ConditionalINN, FactorINN
 
-__all__ = ["LayerConcepts"]
+__all__ = ["LayerConcepts", "EncodedShares"]
+
+
+class EncodedShares(dict):
+    """``{concept: mean share}`` over inputs, with each mean's standard error alongside.
+
+    What :meth:`LayerConcepts.encoded_summary` returns: a plain ``dict`` of floats (JSON-ready, as
+    before), plus :attr:`standard_error`, ``{concept: std / sqrt(N)}`` of the per-input shares (NaN
+    for one input). It covers both the spread over inputs and the Monte-Carlo noise of the samples,
+    so two shares that differ by less than about twice their errors are not told apart.
+
+    Attributes:
+        standard_error: ``{concept: standard error of the mean}``.
+        n_inputs: Number of inputs averaged.
+
+    Examples::
+
+        >>> shares = EncodedShares({"digit": 0.8, "colour": 0.1}, {"digit": 0.02, "colour": 0.03}, 50)
+        >>> shares["digit"], shares.standard_error["digit"], shares.n_inputs
+        (0.8, 0.02, 50)
+        >>> print(shares)
+        digit 0.800 ± 0.020, colour 0.100 ± 0.030 (50 inputs)
+    """
+
+    def __init__(self, shares: Dict[str, float], standard_error: Dict[str, float], n_inputs: int) -> None:
+        super().__init__(shares)
+        self.standard_error = dict(standard_error)
+        self.n_inputs = int(n_inputs)
+
+    @classmethod
+    def from_per_input(cls, names: List[str], per_input: Tensor) -> "EncodedShares":
+        """From an ``(N, K)`` tensor of per-input shares (columns in ``names`` order)."""
+        n = per_input.shape[0]
+        mean = per_input.mean(0)
+        error = per_input.std(0) / n ** 0.5 if n > 1 else torch.full_like(mean, float("nan"))
+        return cls({k: float(m) for k, m in zip(names, mean)}, {k: float(e) for k, e in zip(names, error)}, n)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {v:.3f} ± {self.standard_error.get(k, float('nan')):.3f}" for k, v in self.items())
+        return f"{parts} ({self.n_inputs} inputs)"
 
 _CODE, _LAYER = "autoencoder_code", "layer"
 
@@ -478,7 +517,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         stored = (getattr(self.concept_inn, "fit_info", None) or {}).get("factor_variance")
         return torch.tensor(stored) if stored is not None else torch.ones(self.concept_inn.dim)
 
-    def encoded_summary(self, inputs: Union[Tensor, Tuple[Tensor, ...]], **kwargs: Any) -> Dict[str, float]:
+    def encoded_summary(self, inputs: Union[Tensor, Tuple[Tensor, ...]], **kwargs: Any) -> EncodedShares:
         """Dataset-level share of each concept the layer encodes: :meth:`encoded` averaged over inputs.
 
         Args:
@@ -486,14 +525,16 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             **kwargs: Passed to :meth:`encoded`.
 
         Returns:
-            ``{concept: share}``.
+            :class:`EncodedShares`: ``{concept: share}`` with ``.standard_error``
+            ``{concept: standard error of the mean}``.
 
         Examples::
 
-            concepts.encoded_summary(x, n_samples=32)  # e.g. {'digit': 0.9, 'colour': 0.1, 'residual': 0.4}
+            summary = concepts.encoded_summary(x, n_samples=32)  # e.g. {'digit': 0.9, 'colour': 0.1, 'residual': 0.4}
+            summary.standard_error["digit"]                        # e.g. 0.02: the mean's uncertainty
+            print(summary)                                         # digit 0.900 ± 0.020, colour ...
         """
-        mean = self.encoded(inputs, **kwargs).mean(0)
-        return {name: float(value) for name, value in zip(self.concept_names, mean)}
+        return EncodedShares.from_per_input(self.concept_names, self.encoded(inputs, **kwargs))
 
     def _target_fails(self, target: TargetType, factors: Tensor, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
                       attribute_to_layer_input: Optional[bool]) -> bool:

@@ -79,6 +79,9 @@ class ConceptDynamics:
         accuracy: Test accuracy per checkpoint (``None`` without labels).
         encoded: ``{concept: [share per checkpoint]}``.
         fit_nll: Final NLL per dimension of each checkpoint's invariance INN.
+        standard_error: ``{concept: [standard error of the share per checkpoint]}`` over the
+            evaluation inputs (:class:`~captum_inn.attr.EncodedShares`); shares that differ by
+            less than about twice it are not told apart.
 
     Examples::
 
@@ -93,19 +96,27 @@ class ConceptDynamics:
     accuracy: List[Optional[float]]
     encoded: Dict[str, List[float]] = field(default_factory=dict)
     fit_nll: List[float] = field(default_factory=list)
+    standard_error: Dict[str, List[float]] = field(default_factory=dict)
 
     def as_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
 
     def table(self) -> str:
-        """A plain-text table: one row per checkpoint, accuracy and the share of each concept."""
+        """A plain-text table: one row per checkpoint, accuracy and the share of each concept
+        (± its standard error where known)."""
         concepts = list(self.encoded)
         head = ["checkpoint", "accuracy", *concepts]
         rows = [head]
+
+        def cell(concept: str, i: int) -> str:
+            errors = self.standard_error.get(concept)
+            share = f"{self.encoded[concept][i]:.3f}"
+            return share if not errors else f"{share} ± {errors[i]:.3f}"
+
         for i, label in enumerate(self.labels):
             acc = self.accuracy[i]
-            rows.append([label, "-" if acc is None else f"{acc:.3f}", *(f"{self.encoded[c][i]:.3f}" for c in concepts)])
+            rows.append([label, "-" if acc is None else f"{acc:.3f}", *(cell(c, i) for c in concepts)])
         widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
         return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
 
@@ -183,7 +194,8 @@ def concept_dynamics(
     device = torch.device(device)
     check_module_device(concept_inn, device, "concept_inn")  # the autoencoder is checked by cache_features
     base: Optional[FeatureCache] = None
-    result = ConceptDynamics(layer=name, labels=[], accuracy=[], encoded={c: [] for c in concept_inn.factor_names})
+    result = ConceptDynamics(layer=name, labels=[], accuracy=[], encoded={c: [] for c in concept_inn.factor_names},
+                             standard_error={c: [] for c in concept_inn.factor_names})
     for label, model in items:
         model = model.to(device)
         if base is None:
@@ -202,4 +214,5 @@ def concept_dynamics(
         result.fit_nll.append(inn.fit_info["final_nll_per_dim"])
         for concept, share in shares.items():
             result.encoded[concept].append(share)
+            result.standard_error[concept].append(shares.standard_error[concept])
     return result

@@ -550,9 +550,11 @@ def _concepts_section(out: Path, settings: DemoSettings, cnn, judge, ae, inns, t
         "factor_scores": factor_scores,
         "fitted_factor_sizes": dict(e.factor_sizes),
         "encoded": encoded,
+        "encoded_standard_error": {name: shares.standard_error for name, shares in encoded.items()},
         "attribution_completeness_max_rel_error": completeness,
         "dynamics": [
-            {"step": label, "accuracy": acc, "encoded": {c: dynamics.encoded[c][i] for c in dynamics.encoded}}
+            {"step": label, "accuracy": acc, "encoded": {c: dynamics.encoded[c][i] for c in dynamics.encoded},
+             "encoded_standard_error": {c: dynamics.standard_error[c][i] for c in dynamics.standard_error}}
             for i, (label, acc) in enumerate(zip(dynamics.labels, dynamics.accuracy))
         ],
         "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},

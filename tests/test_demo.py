@@ -53,6 +53,8 @@ def test_report_folder_has_the_page_the_figures_and_the_metrics(report):
     assert sum(concepts["factor_sizes"]["fc"].values()) == 128
     assert set(concepts["encoded"]) == set(LAYERS)
     assert [p["step"] for p in concepts["dynamics"]] == ["10", "30", "60"]
+    assert set(concepts["encoded_standard_error"]) == set(LAYERS)
+    assert all(set(p["encoded_standard_error"]) == set(p["encoded"]) for p in concepts["dynamics"])
     for name in ("edit_digit", "edit_foreground", "concepts_encoded", "concept_dynamics", "concept_attributions"):
         assert f"figures/{name}.png" in page
     assert (out / "checkpoints" / "concepts.safetensors").exists()

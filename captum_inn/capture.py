@@ -38,11 +38,11 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = ["LayerSpec", "Selector", "resolve_layer", "LayerHooks", "capture", "eval_mode", "replace_activation"]
 
-#: A layer: the module object itself or its dotted name in ``model.named_modules()``.
+#: A layer, given as the module object itself or as its dotted name in ``model.named_modules()``.
 LayerSpec = Union[str, nn.Module]
 
-#: Picks one tensor out of a layer's output (or input tuple): ``None`` (the default rule), an
-#: ``int`` index, a ``str`` key / attribute name, or a callable ``output -> Tensor``.
+#: Picks one tensor out of a layer's output (or input tuple), given as ``None`` (the default rule),
+#: an ``int`` index, a ``str`` key / attribute name, or a callable ``output -> Tensor``.
 Selector = Union[None, int, str, Callable[[Any], Tensor]]
 
 _HOW_TO_LIST = "list all names with [n for n, _ in model.named_modules()]"

@@ -200,6 +200,12 @@ def compare_attributions(
     Returns:
         A :class:`Comparison`; every map has the input's spatial size.
 
+    Raises:
+        TypeError: ``model``, ``invariance``, ``concepts`` or ``ig_baselines`` of the wrong type.
+        ValueError: explainers built for another model, ``n_samples`` < 2, a ``target`` of the
+            wrong shape or outside the classes, ``ig_baselines`` of the wrong shape or device, a
+            model without a spatial layer for Grad-CAM (pass ``gradcam_layer``).
+
     Examples::
 
         >>> from captum_inn.models import SmallCNN

@@ -47,7 +47,7 @@ from captum_inn.training.dynamics import Snapshots, concept_dynamics
 
 __all__ = ["DemoSettings", "LAYERS", "BOUNDS", "QUICK_BOUNDS", "check_metrics", "run_demo"]
 
-#: The analysed layers, input side first: early conv, late conv, fully connected, logits.
+#: The analysed layers from the input side on (early conv, late conv, fully connected, logits).
 LAYERS = ("relu1", "relu3", "fc", "logits")
 
 
@@ -210,10 +210,10 @@ class DemoSettings:
     #: 0.02/0.03/0.05/0.07 fool the CNN on 36/40/41/41% of held-out images; larger steps make the
     #: attacked image itself unlike the training images, so even the early layer's view degrades.
     fgsm_epsilon: float = 0.03
-    #: Run the concepts section (work in progress: one of its bounds, the fc factor sizes, is not
-    #: met yet, and it adds about two minutes, so it is opt-in with ``captum-inn demo --concepts``).
+    #: Whether to run the concepts section. It is work in progress (one of its bounds, the fc factor
+    #: sizes, is not met yet) and adds about two minutes, so it is opt-in (``captum-inn demo --concepts``).
     concepts: bool = False
-    #: Factor sizes of the concept INN on the 64-d code: each colour is 3-d, the digit image (class
+    #: The factor sizes of the concept INN on the 64-d code. Each colour is 3-d, the digit image (class
     #: and handwriting) the rest but a 2-d residual (estimated sizes are reported in ``factor_sizes``).
     concept_sizes: Dict[str, int] = field(default_factory=lambda: {"digit": 56, "foreground": 3, "background": 3})
     concept_steps: int = 1200

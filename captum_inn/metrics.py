@@ -126,7 +126,7 @@ def reencode_similarity(
         batch_size: Images per forward pass.
 
     Returns:
-        A dict: ``beats_null`` (fraction of samples above the threshold), ``similarity`` (mean
+        A dict with ``beats_null`` (fraction of samples above the threshold), ``similarity`` (mean
         sample similarity), ``null_quantile`` (the threshold) and ``null_mean`` (mean random-pair
         similarity).
 

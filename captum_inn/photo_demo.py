@@ -93,8 +93,8 @@ class PhotoDemoSettings:
     inn_conv_max_width: int = 64
     inn_embed_dim: int = 128
     inn_lr: float = 2e-3
-    #: layer4's 512 channels need a wider first embedder convolution than the default 32: its
-    #: re-encoding bound otherwise holds on one INN seed in three (figures in docs/pitfalls.rst).
+    #: Per-layer INN settings. ``layer4``'s 512 channels need a wider first embedder convolution than
+    #: the default 32; its re-encoding bound otherwise holds on one INN seed in three (docs/pitfalls.rst).
     inn_layer_overrides: Dict[str, Dict[str, Any]] = field(
         default_factory=lambda: {"layer4": {"conv_width": 128, "conv_max_width": 128}})
     n_samples: int = 10

@@ -39,8 +39,8 @@ __all__ = ["LayerConcepts", "EncodedShares"]
 class EncodedShares(dict):
     """``{concept: mean share}`` over inputs, with each mean's standard error alongside.
 
-    What :meth:`LayerConcepts.encoded_summary` returns: a plain ``dict`` of floats (JSON-ready, as
-    before), plus :attr:`standard_error`, ``{concept: std / sqrt(N)}`` of the per-input shares (NaN
+    What :meth:`~captum_inn.LayerConcepts.encoded_summary` returns: a plain ``dict`` of floats
+    (JSON-ready, as before), plus ``standard_error``, ``{concept: std / sqrt(N)}`` of the per-input shares (NaN
     for one input). It covers both the spread over inputs and the Monte-Carlo noise of the samples,
     so two shares that differ by less than about twice their errors are not told apart.
 
@@ -63,7 +63,7 @@ class EncodedShares(dict):
         self.n_inputs = int(n_inputs)
 
     @classmethod
-    def from_per_input(cls, names: List[str], per_input: Tensor) -> "EncodedShares":
+    def from_per_input(cls, names: List[str], per_input: Tensor) -> EncodedShares:
         """From an ``(N, K)`` tensor of per-input shares (columns in ``names`` order)."""
         n = per_input.shape[0]
         mean = per_input.mean(0)
@@ -525,7 +525,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             **kwargs: Passed to :meth:`encoded`.
 
         Returns:
-            :class:`EncodedShares`: ``{concept: share}`` with ``.standard_error``
+            :class:`~captum_inn.attr.EncodedShares`: ``{concept: share}`` with ``.standard_error``
             ``{concept: standard error of the mean}``.
 
         Examples::

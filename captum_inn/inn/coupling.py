@@ -54,7 +54,7 @@ class AffineCoupling(InvertibleModule):
     so ``log|det| = Σ s``. Bounding ``s`` keeps the exponential from diverging. The last layer of
     the subnet starts at zero, so a fresh coupling is the identity (stable start of training).
     On float32 tensors on a CPU with AVX-512 the subnet runs on oneDNN matmuls in one autograd
-    node, the same maths (see :mod:`captum_inn.inn._fast`; ``CAPTUM_INN_ONEDNN=0`` or ``1``
+    node, the same maths (see ``captum_inn/inn/_fast.py``; ``CAPTUM_INN_ONEDNN=0`` or ``1``
     overrides the choice).
 
     Args:

@@ -1,7 +1,7 @@
 """Fitting flows to hooked layers: feature caches, ``fit_*`` functions, checkpoints.
 
 The public entry points are :func:`fit_autoencoder`, :func:`fit_invariances` and :func:`fit_concepts`; each reads like a
-plain loop (:func:`~captum_inn.training.loop.train_loop`), show a progress bar, are seeded, and
+plain loop (:func:`~captum_inn.training.train_loop`), show a progress bar, are seeded, and
 write atomic safetensors checkpoints that a later call resumes.
 """
 

@@ -129,6 +129,12 @@ def fit_autoencoder(
     Returns:
         The trained autoencoder in eval mode, with ``history`` (loss per step) attached.
 
+    Raises:
+        ValueError: fewer than 2 images, NaN or infinite pixels, pixels outside [0, 1] for the
+            sigmoid decoder (8-bit values: divide by 255), bad settings (each named).
+        CheckpointError: ``resume`` found a checkpoint of another configuration.
+        FloatingPointError: the loss became NaN or infinite; the last checkpoint is left intact.
+
     Examples::
 
         >>> ae = fit_autoencoder(torch.rand(32, 3, 8, 8), latent_dim=4, steps=2, progress=False)

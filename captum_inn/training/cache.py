@@ -333,6 +333,12 @@ def cache_features(
     Returns:
         A :class:`FeatureCache` with ``layers`` keyed by layer name.
 
+    Raises:
+        ValueError: NaN or infinite pixels or features, ``memmap_dir`` for data of unknown
+            length, a folder holding an unreadable or incomplete cache, pixels far outside [0, 1]
+            or of another size than the autoencoder's, data the network refuses (explained).
+        TypeError: images of another dtype than the network's.
+
     Examples::
 
         >>> from captum_inn.autoencoders import ConvAutoencoder

@@ -98,7 +98,7 @@ def check_checkpoint_path(path: PathLike, name: str = "checkpoint") -> Path:
     """Fail before any training when no checkpoint can be written at ``path``.
 
     A fit learns of an unwritable location otherwise only at its first checkpoint, after minutes
-    of work. The folder is created (as :func:`save_checkpoint` would) and a probe file written and
+    of work. The folder is created (as :func:`~captum_inn.training.save_checkpoint` would) and a probe file written and
     removed.
 
     Args:
@@ -136,7 +136,7 @@ def check_checkpoint_path(path: PathLike, name: str = "checkpoint") -> Path:
 def load_checkpoint(
     path: PathLike, kind: Optional[str] = None, map_location: Union[str, torch.device] = "cpu"
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Read a checkpoint written by :func:`save_checkpoint`, checking it before returning.
+    """Read a checkpoint written by :func:`~captum_inn.training.save_checkpoint`, checking it before returning.
 
     Args:
         path: The ``.safetensors`` file.

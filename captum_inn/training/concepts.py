@@ -392,6 +392,15 @@ def fit_concepts(
         the ``factor_sizes``, the ``scores`` they were estimated from (``None`` when given) and the
         final loss; ``history`` the loss per step.
 
+    Raises:
+        ValueError: ``factor_sizes`` that are not whole numbers >= 1 or do not sum to the
+            representation's size, ``rho`` outside (0, 1), too few dimensions for the concepts and
+            a residual, pairs of mismatched shapes, concepts encoded to different sizes, a concept
+            whose pairs do not vary, NaN or infinite pairs, an unknown representation.
+        TypeError: a representation or ``factor_sizes`` of the wrong type.
+        CheckpointError: ``resume`` found a checkpoint of another configuration.
+        FloatingPointError: the loss became NaN or infinite; the last checkpoint is left intact.
+
     Examples::
 
         >>> from captum_inn.concepts import ConceptPairs

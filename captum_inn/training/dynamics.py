@@ -162,7 +162,7 @@ def concept_dynamics(
 
     Args:
         models: ``{label: model}`` or ``[(label, model), ...]``, in training order (e.g.
-            :attr:`Snapshots.models`).
+            ``Snapshots.models``).
         layer: The layer (module of the first model, or a dotted name; names are safer).
         autoencoder: The autoencoder ``concept_inn`` was fitted on.
         concept_inn: A :class:`~captum_inn.inn.FactorINN` from ``fit_concepts`` on autoencoder codes.
@@ -171,7 +171,7 @@ def concept_dynamics(
         eval_labels: ``(N,)`` labels for each checkpoint's accuracy (optional).
         config: :class:`~captum_inn.training.invariances.InvarianceConfig` of the INNs;
             ``overrides`` replace fields.
-        n_samples: Invariance samples per input for :meth:`LayerConcepts.encoded`.
+        n_samples: Invariance samples per input for :meth:`~captum_inn.LayerConcepts.encoded`.
         seed: Seeds the INN fits and the samples.
         device: Where to fit.
         progress: Show progress bars.

@@ -263,20 +263,21 @@ def fit_invariances(
         data: Training images (tensor, ``Dataset`` or ``DataLoader``); read once for all layers.
         config: Architecture and optimisation (:class:`InvarianceConfig`); keyword ``overrides``
             replace fields.
-        cache: A precomputed :func:`~captum_inn.training.cache.cache_features` result (then
+        cache: A precomputed :func:`~captum_inn.training.cache_features` result (then
             ``autoencoder`` and ``data`` are not needed).
         device: Where the INNs train.
-        checkpoint_dir: Folder for one checkpoint per layer (:func:`checkpoint_name`) and the
-            feature cache (``features.safetensors``, when computed here); existing checkpoints and
-            the cache are reused when ``resume``, so a resumed fit neither reruns the network nor
-            changes its data.
+        checkpoint_dir: Folder for one checkpoint per layer (:func:`~captum_inn.training.invariances.checkpoint_name`) and the
+            feature cache, when computed here (``features.safetensors``; with ``memmap=True`` the
+            folder ``features/``; under ``torchrun`` one per process, ``features.rank{r}...``);
+            existing checkpoints and the cache are reused when ``resume``, so a resumed fit neither
+            reruns the network nor changes its data.
         resume: Continue from existing checkpoints.
         progress: Show progress bars.
         layer_overrides: ``{layer name: {field: value}}``, settings for single layers on top of
             ``config`` and ``overrides`` (e.g. a lower learning rate for a low-dimensional layer).
         memmap: Keep the feature cache on disk (``checkpoint_dir/features/``, or a temporary
             folder without ``checkpoint_dir``) and read minibatches from it, so memory does not
-            grow with the dataset (see :func:`~captum_inn.training.cache.cache_features`).
+            grow with the dataset (see :func:`~captum_inn.training.cache_features`).
         workers: How many layers' INNs train at the same time, each on an equal share of torch's
             CPU threads. ``None``: on the CPU, as many as there are layers and threads (an INN step
             is many small ops that leave a second core idle; several fits side by side finish
@@ -297,7 +298,20 @@ def fit_invariances(
     Returns:
         The fitted :class:`~captum_inn.inn.ConditionalINN` (eval mode) for a single layer, or
         ``{layer name: INN}`` for a list. Each INN carries ``fit_info`` (layer, layer shape, latent
-        size, model class, whether the layer's input was read, final NLL per dimension) and ``history``.
+        size, model class, whether the layer's input was read, the autoencoder's
+        ``weights_fingerprint``, steps, final NLL per dimension) and ``history``.
+
+    Raises:
+        ValueError: bad settings, each named (a layer listed twice, ``layer_overrides`` for a layer
+            not fitted, ``workers`` < 1, read settings together with ``cache=``, a layer with one
+            number per image, fewer than 2 images, neither ``cache`` nor ``autoencoder`` and
+            ``data``), NaN or infinite pixels or features, and data the network refuses
+            (the message explains what the data loader gave).
+        TypeError: images of another dtype than the network's.
+        CheckpointError: ``resume`` found a checkpoint or feature cache of another configuration,
+            layer side, model, autoencoder or set of images (the message says which; pass
+            ``resume=False`` or another ``checkpoint_dir``).
+        FloatingPointError: the loss became NaN or infinite; the last checkpoint is left intact.
 
     Examples::
 
@@ -325,7 +339,8 @@ def fit_invariances(
     if attribute_to_layer_input:
         read["attribute_to_layer_input"] = True
     if cache is not None and read:
-        raise ValueError(f"{', '.join(f'`{k}`' for k in read)} only apply while features are cached; with `cache=` "
+        raise ValueError(f"{', '.join(f'`{k}`' for k in read)} only appl{'ies' if len(read) == 1 else 'y'} while "
+                         "features are cached; with `cache=` "
                          "pass them to cache_features, which made the cache.")
     with contextlib.ExitStack() as stack:
         layer_overrides = dict(layer_overrides or {})
@@ -355,7 +370,7 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
                stack: contextlib.ExitStack, read: Dict[str, Any]) -> FeatureCache:
     """The given cache, the one a resumed fit left in ``checkpoint_dir``, or a fresh one (saved there).
 
-    ``read``: how :func:`~captum_inn.training.cache.cache_features` reads the layers (hook inputs,
+    ``read``: how :func:`~captum_inn.training.cache_features` reads the layers (hook inputs,
     selector, extra forward arguments)."""
     if cache is not None:
         return cache

@@ -216,7 +216,7 @@ def train_loop(
             tensors must have the same shapes every step. ``loss_fn`` then takes those tensors.
         cuda_graph: Capture the step (``loss_fn``, backward, clipping, Adam) as CUDA graphs after
             a few eager warm-up steps. ``None`` (default): when ``batch_fn`` is given, ``module``
-            is on a CUDA device, the fit runs in one process and :func:`cuda_graphs_by_default`
+            is on a CUDA device, the fit runs in one process and :func:`~captum_inn.training.loop.cuda_graphs_by_default`
             (for now: only with ``CAPTUM_INN_CUDA_GRAPHS=1``); should the capture fail (a
             ``loss_fn`` that reads values on the host, say), the fit warns and goes on eagerly.
             ``True``: capture, and a failed capture is an error. ``False``: never. The captured

@@ -214,6 +214,15 @@ def test_workers_must_be_a_positive_int(images, autoencoder):
                             progress=False, **TINY)
 
 
+def test_workers_are_refused_under_torchrun(images, autoencoder, monkeypatch):
+    import captum_inn.training.invariances as invariances
+
+    monkeypatch.setattr(invariances, "world", lambda device=None: (0, 2))  # as rank 0 of two processes
+    with pytest.raises(ValueError, match="`workers`=2 under torchrun.*leave `workers` out"):
+        fit_invariances(SmallCNN(width=4).eval(), ["fc", "logits"], autoencoder, images, steps=1, workers=2,
+                        progress=False, **TINY)
+
+
 def test_fitting_learns_the_conditional_density():
     # Codes that the layer determines up to small noise: a conditional INN must learn to
     # explain them by the condition, driving the NLL far below that of an unconditional fit.

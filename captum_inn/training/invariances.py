@@ -284,7 +284,8 @@ def fit_invariances(
             sooner); on a CUDA device with captured steps
             (:func:`~captum_inn.training.loop.cuda_graphs_by_default`), every layer at once, each
             on its own stream, where their replays overlap; otherwise one at a time on
-            accelerators, and under ``torchrun``.
+            accelerators, and under ``torchrun`` (where more than 1 is refused: the processes must
+            all-reduce their gradients in one order).
             Each fit computes the same either way; only the thread count differs, which changes
             floating-point rounding (over thousands of steps: a different, equally good fit).
         attribute_to_layer_input: Fit on the layers' inputs instead of their outputs (recorded in
@@ -326,7 +327,9 @@ def fit_invariances(
     config = merged_config(InvarianceConfig, config, overrides)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"`workers` must be a positive int (or None for automatic), got {workers!r}.")
-    world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) first
+    if world(device)[1] > 1 and workers is not None and workers > 1:  # also joins torchrun's process group
+        raise ValueError(f"`workers`={workers} under torchrun: the processes must issue their gradient all-reduces "
+                         "in one order, so their layers train one after another; leave `workers` out (or pass 1).")
     single = not isinstance(layers, (list, tuple))
     layer_list = [layers] if single else list(layers)
     from captum_inn.capture import resolve_layer

@@ -301,6 +301,13 @@ def test_the_side_of_the_layer_is_recorded_and_followed(images, autoencoder, tmp
     with pytest.raises(CheckpointError, match="holds the layers' outputs, not their inputs"):
         fit_invariances(model, "logits", autoencoder, images[:16], steps=2, checkpoint_dir=str(tmp_path / "run"),
                         attribute_to_layer_input=True, progress=False, **TINY)
+    # the checkpoints a fit leaves in checkpoint_dir load with the same record as the INN it returned
+    inputs = fit_invariances(model, "logits", autoencoder, images[:16], steps=2, checkpoint_dir=str(tmp_path / "in"),
+                             attribute_to_layer_input=True, progress=False, **TINY)
+    from_checkpoint = load_invariance_inn(tmp_path / "in" / "invariance_logits.safetensors")
+    for key in ("attribute_to_layer_input", "autoencoder_weights", "layer"):
+        assert from_checkpoint.fit_info[key] == inputs.fit_info[key]
+    assert LayerInvariance(model, "logits", from_checkpoint, autoencoder).attribute_to_layer_input
 
 
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(images, autoencoder, tmp_path):

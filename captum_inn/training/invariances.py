@@ -151,6 +151,10 @@ def _train(
             "config": {"inn": inn.config, "train": resume_key(asdict(config)), **fit_info, "source": source}}
     if cache.layer_inputs:  # only then, so checkpoints of fits on outputs resume across versions
         meta["config"]["layer_inputs"] = True
+    # beside the config (not compared on resume): what load_invariance_inn gives the explainers
+    fit_info.update({"attribute_to_layer_input": cache.layer_inputs,
+                     "autoencoder_weights": cache.autoencoder_weights or None, "steps": config.steps})
+    meta["fit_info"] = fit_info
     n = len(cache)
     batch = local_batch_size(config.batch_size, n)
 
@@ -170,9 +174,7 @@ def _train(
         checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
         desc=f"INN {name}", callback=callback,
     )
-    inn.fit_info = {**fit_info, "attribute_to_layer_input": cache.layer_inputs,
-                    "autoencoder_weights": cache.autoencoder_weights or None, "steps": config.steps,
-                    "final_nll_per_dim": _tail_mean(history)}
+    inn.fit_info = {**fit_info, "final_nll_per_dim": _tail_mean(history)}
     inn.history = history
     return inn
 
@@ -482,6 +484,8 @@ def load_invariance_inn(
     inn_config.setdefault("token_dim", None)  # likewise: token sequences flattened into an MLP
     inn = ConditionalINN(**inn_config).to(map_location)
     inn.load_state_dict(strip_prefix(tensors, "model."))
-    info = meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")}
+    info = dict(meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")})
+    if "train" in config:  # a fit's checkpoint: its config says which side of the layer was read
+        info.setdefault("attribute_to_layer_input", bool(config.get("layer_inputs", False)))
     inn.fit_info = {**info, "step": meta.get("step", info.get("steps"))}
     return inn.eval()

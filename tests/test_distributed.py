@@ -73,3 +73,26 @@ def test_interrupted_two_process_fit_resumes_exactly(runs, encoder, tmp_path):
     written = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
     assert "features.rank0.safetensors" in written and "features.rank1.safetensors" in written
     assert not list(tmp_path.rglob("*.tmp")), "only complete checkpoints remain"
+
+
+def test_a_fit_resumes_with_another_number_of_processes(runs, encoder, tmp_path):
+    """Two processes stopped at step 80, resumed by one (with a warning that the minibatch order
+    differs from then on): every fit continues from its checkpoint rather than being refused."""
+    torchrun(2, tmp_path, encoder, steps=80)
+    resumed = torchrun(1, tmp_path, encoder, steps=120)
+    for fit in FITS:
+        history = resumed["history"][fit]
+        assert len(history) == 120 and history[:80] == pytest.approx(runs[2]["history"][fit][:80], rel=1e-5, abs=1e-6)
+
+
+def test_processes_with_different_networks_are_refused(monkeypatch):
+    """A network built in each process without a seed differs between them; its features would
+    differ per shard without any error, so a distributed fit refuses it (simulated: rank 0 of 2)."""
+    from captum_inn.training import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda device=None: (0, 2))
+    monkeypatch.setattr(distributed, "gather_texts", lambda text: [text, text])
+    distributed.check_replicas_agree({"model": torch.nn.Linear(2, 2), "autoencoder": None})  # the same: passes
+    monkeypatch.setattr(distributed, "gather_texts", lambda text: [text, "0123456789abcdef"])
+    with pytest.raises(ValueError, match=r"`model` has other weights in process\(es\) \[1\].*seed its construction"):
+        distributed.check_replicas_agree({"model": torch.nn.Linear(2, 2)})

@@ -382,6 +382,24 @@ def test_fits_leave_the_global_random_stream_as_they_found_it(images, autoencode
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
+def test_changed_settings_of_any_layer_are_refused_before_any_layer_trains(tmp_path, images, autoencoder, monkeypatch):
+    model = SmallCNN(width=4).eval()
+    layers, run = ["relu3", "fc", "logits"], str(tmp_path / "run")
+    fit_invariances(model, layers, autoencoder, images, steps=4, checkpoint_dir=run, progress=False, **TINY)
+    import captum_inn.training.invariances as invariances
+
+    passes = []
+    monkeypatch.setattr(invariances, "cache_features", lambda *a, **k: passes.append(1))
+    with pytest.raises(CheckpointError, match=r"invariance_logits.safetensors.*another configuration \(lr: 0.0005 in the checkpoint, 0.005 now\)"):
+        fit_invariances(model, layers, autoencoder, images, steps=8, checkpoint_dir=run, progress=False,
+                        layer_overrides={"logits": {"lr": 5e-3}}, **TINY)
+    with pytest.raises(ValueError, match="already holds 4 steps, more than `steps`=2"):
+        fit_invariances(model, layers, autoencoder, images, steps=2, checkpoint_dir=run, progress=False, **TINY)
+    assert passes == []  # refused before the pass over the data, and so before any layer trained
+    for name in layers:
+        assert load_checkpoint(tmp_path / "run" / f"invariance_{name}.safetensors")[1]["step"] == 4
+
+
 def test_checkpoint_problems_show_before_training_and_resumes_cannot_go_back(tmp_path, images):
     from captum_inn.training import train_loop
 

@@ -15,7 +15,12 @@ from captum_inn.capture import LayerHooks
 from captum_inn.training.checkpoint import load_checkpoint, strip_prefix
 from captum_inn.training.classifier import augment_generators
 from captum_inn.training.data import check_image_dtype, iter_image_batches
-from captum_inn.training.distributed import local_batch_size, shard_data, world
+from captum_inn.training.distributed import (
+    check_replicas_agree,
+    local_batch_size,
+    shard_data,
+    world,
+)
 from captum_inn.training.loop import merged_config, resume_key, train_loop
 
 __all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "images_as_tensor"]
@@ -145,6 +150,7 @@ def fit_autoencoder(
         overrides["latent_dim"] = latent_dim
     config = merged_config(AutoencoderConfig, config, overrides)
     world(device)  # joins torchrun's process group, if any, before the data is sharded
+    check_replicas_agree({"perceptual_model": perceptual_model})  # the autoencoder itself starts from rank 0's
     images = images_as_tensor(data)
     if images.dim() != 4 or images.shape[0] < 2:
         raise ValueError(f"`data` must hold at least 2 images (N, C, H, W), got shape {tuple(images.shape)}.")

@@ -38,7 +38,12 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
     strip_prefix,
 )
-from captum_inn.training.distributed import gather_rows, local_batch_size, world
+from captum_inn.training.distributed import (
+    check_replicas_agree,
+    gather_rows,
+    local_batch_size,
+    world,
+)
 from captum_inn.training.loop import merged_config, resume_key, train_loop
 
 __all__ = [
@@ -419,6 +424,9 @@ def fit_concepts(
     device = torch.device(device)
     encode, describe = _as_encoder(representation, device)
     rank, n_ranks = world(device)
+    network = representation.model if isinstance(representation, LayerRepresentation) else (
+        representation[0] if isinstance(representation, tuple) else representation)
+    check_replicas_agree({"representation": network})
     # under torchrun each process encodes its share of the pairs; all then train on the union
     if config.pool_size // n_ranks < 2:
         raise ValueError(f"`pool_size` must give each process at least 2 pairs per concept, got {config.pool_size} "

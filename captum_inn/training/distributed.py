@@ -15,14 +15,16 @@ Outside torchrun every function here is a no-op, so single-process fits are unch
 from __future__ import annotations
 
 import os
-from typing import Any, List, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from captum_inn.attr._common import weights_fingerprint
+
 __all__ = ["world", "is_main", "local_batch_size", "shard_data", "sync_module", "average_gradients", "average_buffers",
-           "gather_rows", "gather_generator_states", "gather_texts", "barrier"]
+           "gather_rows", "gather_generator_states", "gather_texts", "barrier", "check_replicas_agree"]
 
 
 def _maybe_init(device: Any = None) -> None:
@@ -288,3 +290,34 @@ def barrier() -> None:
     """
     if world()[1] > 1:
         torch.distributed.barrier()
+
+
+def check_replicas_agree(networks: Mapping[str, Optional[Any]]) -> None:
+    """``ValueError`` when the processes of a distributed fit hold different weights of a network
+    that the fit does not train (the analysed model, a given autoencoder): each process would
+    compute its shard's features with another network, and the fit would run without an error.
+
+    A network built in each process without a seed differs between them. No-op outside a
+    distributed run; ``None`` entries are skipped.
+
+    Args:
+        networks: ``{argument name: network}``, compared by
+            :func:`~captum_inn.training.weights_fingerprint`.
+
+    Examples::
+
+        >>> check_replicas_agree({"model": nn.Linear(2, 2)})     # one process: nothing to compare
+    """
+    if world()[1] == 1:
+        return
+    for name, network in networks.items():
+        if network is None:
+            continue
+        prints = gather_texts(weights_fingerprint(network))
+        if len(set(prints)) > 1:
+            odd = [rank for rank, p in enumerate(prints) if p != prints[0]]
+            raise ValueError(
+                f"`{name}` has other weights in process(es) {odd} than in process 0: every process of a torchrun "
+                "fit must hold the same network. Load its weights from one file in every process, or seed its "
+                "construction (torch.manual_seed) the same way in each."
+            )

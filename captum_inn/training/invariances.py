@@ -26,8 +26,15 @@ from captum_inn._random import seeded_global_rng
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
-from captum_inn.training.distributed import gather_texts, local_batch_size, shard_data, world
+from captum_inn.training.distributed import (
+    check_replicas_agree,
+    gather_texts,
+    local_batch_size,
+    shard_data,
+    world,
+)
 from captum_inn.training.loop import (
+    check_resumable,
     cuda_graphs_by_default,
     merged_config,
     resume_key,
@@ -193,11 +200,12 @@ def _auto_workers(workers: Optional[int], n_layers: int, device: torch.device) -
 
 def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str, InvarianceConfig],
                 device: torch.device, checkpoint_dir: Optional[str], resume: bool, progress: bool,
-                workers: int) -> Dict[str, ConditionalINN]:
-    """Train one INN per layer, ``workers`` at a time, under one progress bar when concurrent."""
+                workers: int, source: str) -> Dict[str, ConditionalINN]:
+    """Train one INN per layer, ``workers`` at a time, under one progress bar when concurrent.
+
+    ``source``: fingerprint of what the features came from, recorded in the checkpoints."""
     paths = {n: str(Path(checkpoint_dir) / checkpoint_name(n)) if checkpoint_dir else None for n in names}
     built = {n: _build(cache, n, configs[n], device) for n in names}  # in order: the global RNG is not thread-safe
-    source = "+".join(gather_texts(cache.source))  # under torchrun: every shard's, the same on every rank
     if workers <= 1 or len(names) <= 1:
         return {n: _train(built[n], cache, n, configs[n], device, paths[n], resume, progress, source=source) for n in names}
     done = dict.fromkeys(names, 0)
@@ -332,6 +340,8 @@ def fit_invariances(
     if world(device)[1] > 1 and workers is not None and workers > 1:  # also joins torchrun's process group
         raise ValueError(f"`workers`={workers} under torchrun: the processes must issue their gradient all-reduces "
                          "in one order, so their layers train one after another; leave `workers` out (or pass 1).")
+    if cache is None:  # the features come from these networks: every process must compute them alike
+        check_replicas_agree({"model": model, "autoencoder": autoencoder})
     single = not isinstance(layers, (list, tuple))
     layer_list = [layers] if single else list(layers)
     from captum_inn.capture import resolve_layer
@@ -352,6 +362,10 @@ def fit_invariances(
         unknown = sorted(set(layer_overrides) - set(names))
         if unknown:  # before the pass over the data, which may take long
             raise ValueError(f"`layer_overrides` names layers {unknown} that are not fitted here ({names}).")
+        configs = {n: merged_config(InvarianceConfig, config, layer_overrides.get(n, {})) for n in names}
+        if checkpoint_dir and resume:  # every layer's, before the pass over the data and any training
+            _check_checkpoints(checkpoint_dir, configs)
+        given = cache is not None
         cache = _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device,
                            progress, stack, read)
         missing = [n for n in names if n not in cache.layers]
@@ -365,10 +379,30 @@ def fit_invariances(
         if len(cache) < 2:
             raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}.")
         device = torch.device(device)
-        configs = {n: merged_config(InvarianceConfig, config, layer_overrides.get(n, {})) for n in names}
         inns = _fit_layers(cache, names, configs, device, checkpoint_dir, resume, progress,
-                           _auto_workers(workers, len(names), device))
+                           _auto_workers(workers, len(names), device), _checkpoint_source(model, autoencoder, data, cache, given))
     return inns[names[0]] if single else inns
+
+
+def _check_checkpoints(checkpoint_dir: str, configs: Mapping[str, InvarianceConfig]) -> None:
+    """Refuse, for all layers at once, checkpoints in ``checkpoint_dir`` of other training settings
+    (the rest of a checkpoint's record is compared when its layer's fit starts)."""
+    for name, config in configs.items():
+        path = Path(checkpoint_dir) / checkpoint_name(name)
+        if path.exists():
+            _, saved = load_checkpoint(path, kind="invariance_inn")
+            check_resumable(path, saved["config"].get("train"), resume_key(asdict(config)), int(saved["step"]),
+                            config.steps)
+
+
+def _checkpoint_source(model: nn.Module, autoencoder: Any, data: Any, cache: FeatureCache, given: bool) -> str:
+    """What the checkpoints record as the features' source: the model, autoencoder and images as a
+    whole, so that a fit resumes with another number of processes (each caches another shard)."""
+    if given or autoencoder is None or data is None:  # a cache made elsewhere: every process's own
+        return "+".join(gather_texts(cache.source))
+    if world()[1] == 1:
+        return cache.source  # computed from all of `data` (or reused: then checked against it)
+    return source_fingerprint(model, autoencoder, data)
 
 
 def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device, progress,

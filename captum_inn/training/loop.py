@@ -36,7 +36,7 @@ from captum_inn.training.distributed import (
     world,
 )
 
-__all__ = ["train_loop", "resume_key", "merged_config", "cuda_graphs_by_default"]
+__all__ = ["train_loop", "resume_key", "merged_config", "cuda_graphs_by_default", "check_resumable"]
 
 # Settings that may change between a fit and its resumption (train longer, save more often).
 _RESUMABLE = ("steps", "checkpoint_every")
@@ -150,6 +150,29 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> str:
     if saved == current:
         return ""
     return f"{prefix.rstrip('.') or 'config'}: {saved!r} in the checkpoint, {current!r} now"
+
+
+def check_resumable(checkpoint: Any, saved_config: Any, config: Any, saved_step: int, steps: int) -> None:
+    """Refuse to resume ``checkpoint`` with other settings, or with fewer ``steps`` than it holds.
+
+    Raises:
+        CheckpointError: the configurations differ (the message lists what changed).
+        ValueError: ``saved_step > steps``.
+
+    Examples::
+
+        >>> check_resumable("fit.safetensors", {"lr": 1e-3}, {"lr": 1e-3}, saved_step=100, steps=200)
+    """
+    if saved_config != config:
+        raise CheckpointError(
+            f"Checkpoint {str(checkpoint)!r} was written by a fit with another configuration "
+            f"({config_differences(saved_config, config)}); pass resume=False or another path."
+        )
+    if saved_step > steps:
+        raise ValueError(
+            f"Checkpoint {str(checkpoint)!r} already holds {saved_step} steps, more than `steps`={steps}; pass "
+            f"steps >= {saved_step} to continue it, or resume=False to start afresh."
+        )
 
 
 def train_loop(
@@ -277,16 +300,7 @@ def train_loop(
         check_checkpoint_path(checkpoint)
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
-        if saved.get("config") != meta.get("config"):
-            raise CheckpointError(
-                f"Checkpoint {checkpoint!r} was written by a fit with another configuration "
-                f"({config_differences(saved.get('config'), meta.get('config'))}); pass resume=False or another path."
-            )
-        if int(saved["step"]) > steps:
-            raise ValueError(
-                f"Checkpoint {checkpoint!r} already holds {saved['step']} steps, more than `steps`={steps}; pass "
-                f"steps >= {saved['step']} to continue it, or resume=False to start afresh."
-            )
+        check_resumable(checkpoint, saved.get("config"), meta.get("config"), int(saved["step"]), steps)
         try:
             module.load_state_dict(strip_prefix(tensors, "model."))
             load_optimizer(optimizer, tensors, saved["optimizer"])

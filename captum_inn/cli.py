@@ -60,6 +60,17 @@ def selfcheck(verbose: bool = True) -> bool:
     return True
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captum-inn",
@@ -72,7 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="report folder (default: %(default)s; captum_inn_photo_report with --images)")
     demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (about 4 minutes on 2 cores)")
     demo.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
-    demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    demo.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     demo.add_argument("--concepts", action="store_true",
                       help="add the concepts section (work in progress; about two minutes more)")
@@ -106,18 +117,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "demo":
         import torch
 
+        from captum_inn.demo import check_report_arguments
+
+        out = args.out if args.out != _DEFAULT_OUT or args.images is None else "captum_inn_photo_report"
+        try:  # before any work: a usage error, not a traceback
+            check_report_arguments(out, args.device, args.images)
+        except ValueError as error:
+            print(f"captum-inn demo: error: {error}", file=sys.stderr)
+            return 2
         if args.threads:
             torch.set_num_threads(args.threads)
         start = time.perf_counter()
         if args.images is not None:
             from captum_inn.photo_demo import run_photo_demo
 
-            out = args.out if args.out != _DEFAULT_OUT else "captum_inn_photo_report"
             report = run_photo_demo(args.images, out=out, quick=args.quick, seed=args.seed, device=args.device)
         else:
             from captum_inn.demo import run_demo
 
-            report = run_demo(out=args.out, quick=args.quick, seed=args.seed, device=args.device,
+            report = run_demo(out=out, quick=args.quick, seed=args.seed, device=args.device,
                               concepts=args.concepts)
         print(f"report written to {report} in {time.perf_counter() - start:.0f} s (open it in a browser)")
         failures = json.loads((report.parent / "metrics.json").read_text())["failures"]

@@ -22,6 +22,7 @@ import torch
 
 from captum_inn.analysis import AdversarialViews, adversarial_views, mix_images, plot_mixing
 from captum_inn.attr import LayerConcepts, LayerInvariance
+from captum_inn.attr._common import as_device
 from captum_inn.capture import capture
 from captum_inn.datasets import ColorDigits
 from captum_inn.metrics import (
@@ -251,6 +252,41 @@ def _stage(message: str, start: float) -> None:
     print(f"[{time.perf_counter() - start:6.1f} s] {message}", flush=True)
 
 
+def check_report_arguments(out: Union[str, Path], device: Union[str, torch.device],
+                           images: Optional[Union[str, Path]] = None) -> Path:
+    """``ValueError`` naming the argument for a demo's ``out`` that is a file, a ``device`` torch
+    does not know or has no GPU for, or photo ``images`` that are not a folder; else ``Path(out)``.
+
+    Examples::
+
+        >>> check_report_arguments("captum_inn_report", "cpu")
+        PosixPath('captum_inn_report')
+    """
+    as_device(device)
+    if images is not None and not Path(images).is_dir():
+        raise ValueError(f"`images` {str(images)!r} is not a folder; pass a folder with one sub-folder of images per "
+                         "class (ImageFolder layout).")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"`out` {str(out)!r} is a file; pass a folder for the report (it is created if needed).")
+    return out
+
+
+def report_folder(out: Union[str, Path], device: Union[str, torch.device],
+                  images: Optional[Union[str, Path]] = None) -> Path:
+    """:func:`check_report_arguments`, then create ``out/figures`` and ``out/checkpoints`` (a run
+    refused by the checks leaves no empty folder behind).
+
+    Examples::
+
+        out = report_folder("captum_inn_report", "cpu")   # Path('captum_inn_report'), with its sub-folders
+    """
+    out = check_report_arguments(out, device, images)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    return out
+
+
 def _colours(data: ColorDigits) -> torch.Tensor:
     return torch.cat([data.foreground, data.background], dim=1)
 
@@ -288,9 +324,7 @@ def run_demo(
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     if concepts is not None:
         settings = replace(settings, concepts=bool(concepts))
-    out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
+    out = report_folder(out, device)
     start = time.perf_counter()
     timings: Dict[str, float] = {}
 

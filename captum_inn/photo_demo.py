@@ -26,6 +26,7 @@ from captum_inn.attr import LayerInvariance
 from captum_inn.capture import capture
 from captum_inn.compare import compare_attributions
 from captum_inn.datasets import load_image_folder
+from captum_inn.demo import _stage, report_folder
 from captum_inn.metrics import prediction_agreement, reencode_similarity, variance_explained_by_v
 from captum_inn.training import (
     cache_features,
@@ -143,10 +144,6 @@ def check_photo_metrics(metrics: Dict[str, Any], bounds: Optional[Dict[str, floa
     return failures
 
 
-def _stage(message: str, start: float) -> None:
-    print(f"[{time.perf_counter() - start:6.1f} s] {message}", flush=True)
-
-
 def _resnet(path: Path, train: Tuple[torch.Tensor, torch.Tensor], n_classes: int, settings: PhotoDemoSettings,
             seed: int, device: Union[str, torch.device], progress: bool) -> Tuple[torch.nn.Module, bool]:
     """Load the ResNet-18 of an earlier run with the same settings, or train and save one."""
@@ -202,9 +199,7 @@ def run_photo_demo(
         print(index)                                                  # captum_inn_photo_report/index.html
     """
     settings = settings or (PhotoDemoSettings.quick() if quick else PhotoDemoSettings())
-    out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
+    out = report_folder(out, device, images)
     start = time.perf_counter()
     timings: Dict[str, float] = {}
 

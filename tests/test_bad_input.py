@@ -228,6 +228,18 @@ def test_a_cuda_device_without_a_gpu_is_a_clear_error():
         fit_autoencoder(X, latent_dim=4, steps=1, device="cuda", progress=False)
 
 
+def test_a_device_torch_does_not_know_is_a_clear_error(setup):
+    model, ae, _, _ = setup
+    from captum_inn.training import fit_invariances
+    from captum_inn.training.concepts import concept_scores
+
+    for call in (lambda: fit_autoencoder(X, latent_dim=4, steps=1, device="gpu", progress=False),
+                 lambda: fit_invariances(model, "cnn.logits", ae, X, steps=1, device="gpu", progress=False),
+                 lambda: concept_scores(ae, [ConceptPairs.from_labels("a", X, torch.arange(len(X)) % 2)], device="gpu")):
+        with pytest.raises(ValueError, match="`device`='gpu' is not a torch device; pass 'cpu', 'cuda'"):
+            call()
+
+
 def test_a_layer_with_one_number_per_image_is_a_clear_error(setup):
     _, ae, _, _ = setup
 

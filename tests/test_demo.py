@@ -98,6 +98,25 @@ def test_cli_selfcheck_and_version(capsys):
         main(["no-such-command"])
 
 
+def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch):
+    """Each is a usage error naming the argument (exit status 2), and no report folder is left behind."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    for args, message in ((["--device", "gpu"], "`device`='gpu' is not a torch device"),
+                          (["--out", "a_file"], "`out` 'a_file' is a file"),
+                          (["--images", "missing"], "`images` 'missing' is not a folder")):
+        assert main(["demo", "--quick", *args]) == 2
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["demo", "--quick", "--device", "cuda"]) == 2
+        assert "PyTorch sees no CUDA GPU here" in capsys.readouterr().err
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            main(["demo", "--threads", bad])
+        assert "argument --threads" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no empty report folders
+
+
 def test_layer_steps_factor_scales_inn_steps(report):
     from captum_inn.demo import _layer_overrides
     from captum_inn.training import load_checkpoint

@@ -23,6 +23,7 @@ __all__ = [
     "check_same_device",
     "check_fitted_layer",
     "layer_side",
+    "as_device",
     "warn_if_training",
     "dtype_errors_named",
     "check_pixel_range",
@@ -252,6 +253,26 @@ def check_same_device(tensor: Tensor, module: nn.Module, name: str = "inputs") -
         )
 
 
+def as_device(device: Any, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``, or a ``ValueError`` naming ``name``: for a string torch does
+    not know (``"gpu"``), and for CUDA where PyTorch sees no GPU (before any work starts).
+
+    Examples::
+
+        >>> as_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"`{name}`={device!r} is not a torch device; pass 'cpu', 'cuda', 'cuda:1', 'mps' or a "
+                         "torch.device.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`{name}` is {str(device)!r}, but PyTorch sees no CUDA GPU here "
+                         f"(torch.cuda.is_available() is False); pass {name}='cpu'.")
+    return parsed
+
+
 def check_module_device(module: Any, device: Union[str, torch.device], name: str) -> None:
     """``ValueError`` naming ``name`` when ``module``'s parameters are not on ``device`` (the fit's
     ``device=`` argument): the analysed model and encoder stay where the user put them."""
@@ -260,7 +281,7 @@ def check_module_device(module: Any, device: Union[str, torch.device], name: str
     tensor = next(module.parameters(), None)
     if tensor is None:
         tensor = next(module.buffers(), None)
-    want = torch.device(device)
+    want = as_device(device)
     if tensor is None or (tensor.device.type == want.type and want.index in (None, tensor.device.index)):
         return
     raise ValueError(

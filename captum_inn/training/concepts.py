@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import check_module_device, weights_fingerprint
+from captum_inn.attr._common import as_device, check_module_device, weights_fingerprint
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import capture, resolve_layer
 from captum_inn.concepts import RESIDUAL, ConceptPairs, as_concepts
@@ -225,7 +225,7 @@ def _scores(pools: Sequence[_PairPool]) -> Dict[str, float]:
 def _pools_for(representation: Any, concepts: Any, n_pairs: int, seed: int, device: Union[str, torch.device],
                progress: bool) -> List[_PairPool]:
     encode, _ = _as_encoder(representation, device)
-    return _encode_pools(encode, as_concepts(concepts), n_pairs, seed, torch.device(device), progress)
+    return _encode_pools(encode, as_concepts(concepts), n_pairs, seed, as_device(device), progress)
 
 
 def concept_scores(

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from captum_inn.attr._common import weights_fingerprint
+from captum_inn.attr._common import as_device, weights_fingerprint
 
 __all__ = ["world", "is_main", "local_batch_size", "shard_data", "sync_module", "average_gradients", "average_buffers",
            "gather_rows", "gather_generator_states", "gather_texts", "barrier", "check_replicas_agree"]
@@ -50,9 +50,8 @@ def world(device: Any = None) -> Tuple[int, int]:
         >>> world()
         (0, 1)
     """
-    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`device` is {str(device)!r}, but PyTorch sees no CUDA GPU here "
-                         "(torch.cuda.is_available() is False); pass device='cpu'.")
+    if device is not None:
+        as_device(device)  # an unknown device or CUDA without a GPU: a clear error before any work
     _maybe_init(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from captum_inn.attr._common import check_module_device
+from captum_inn.attr._common import as_device, check_module_device
 from captum_inn.attr.concepts import LayerConcepts
 from captum_inn.capture import capture, resolve_layer
 from captum_inn.inn import FactorINN
@@ -191,7 +191,7 @@ def concept_dynamics(
     if not items or not all(isinstance(m, nn.Module) for _, m in items):
         raise TypeError("`models` must be a non-empty {label: nn.Module} mapping or a list of (label, nn.Module).")
     name = layer if isinstance(layer, str) else resolve_layer(items[0][1], layer)[0]
-    device = torch.device(device)
+    device = as_device(device)
     check_module_device(concept_inn, device, "concept_inn")  # the autoencoder is checked by cache_features
     base: Optional[FeatureCache] = None
     result = ConceptDynamics(layer=name, labels=[], accuracy=[], encoded={c: [] for c in concept_inn.factor_names},

@@ -422,7 +422,7 @@ def test_layer_concepts_constructor_checks(code_setup):
 
 
 # ---------------------------------------------------------------- training dynamics
-def test_snapshots_and_concept_dynamics():
+def test_snapshots_and_concept_dynamics(tmp_path):
     from captum_inn.training.classifier import fit_classifier
     from captum_inn.training.dynamics import Snapshots, concept_dynamics
 
@@ -447,5 +447,20 @@ def test_snapshots_and_concept_dynamics():
     fig, ax = dynamics.plot()
     assert len(ax.lines) == 4  # three concepts and the accuracy
     assert len(ax.collections) == 3  # a band of ± 2 standard errors per concept
+    # each checkpoint's INN in its own folder; a rerun resumes them to the same result
+    kw = dict(steps=3, n_blocks=2, hidden=16, n_samples=4, progress=False)
+    first = concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], labels[:10],
+                             checkpoint_dir=str(tmp_path), **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "5"]
+    again = concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], labels[:10],
+                             checkpoint_dir=str(tmp_path), **kw)
+    assert again.encoded == first.encoded == dynamics.encoded
+    with pytest.raises(TypeError, match="Unknown setting 'memmap' for InvarianceConfig"):
+        concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], memmap=True, **kw)
+    from torch.utils.data import TensorDataset
+
+    from_dataset = concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, TensorDataset(images[:10]),
+                                    labels[:10], **kw)
+    assert from_dataset.encoded == dynamics.encoded
     for snapshot in snaps.models.values():
         assert_no_hooks(snapshot)

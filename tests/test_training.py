@@ -267,6 +267,8 @@ def test_fit_invariances_reads_layers_as_cache_features_does(images, autoencoder
         assert torch.equal(x, y)
     with pytest.raises(ValueError, match="`selector`, `additional_forward_args`, `attribute_to_layer_input` only apply while"):
         fit_invariances(Shifted().eval(), "net.logits", cache=cache, steps=1, progress=False, **read, **TINY)
+    with pytest.raises(ValueError, match="`memmap` only applies while features are cached.*memmap_dir="):
+        fit_invariances(Shifted().eval(), "net.logits", cache=cache, steps=1, memmap=True, progress=False, **TINY)
 
 
 def test_the_side_of_the_layer_is_recorded_and_followed(images, autoencoder, tmp_path):

@@ -9,7 +9,8 @@ ColorDigits a digit classifier's late layers learn the digit and shed the colour
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,10 +20,12 @@ from captum_inn.attr._common import as_device, check_module_device
 from captum_inn.attr.concepts import LayerConcepts
 from captum_inn.capture import capture, resolve_layer
 from captum_inn.inn import FactorINN
-from captum_inn.training.cache import FeatureCache, cache_features
+from captum_inn.training.autoencoder import images_as_tensor
+from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
 from captum_inn.training.classifier import accuracy
 from captum_inn.training.data import iter_image_batches
 from captum_inn.training.invariances import InvarianceConfig, fit_invariances
+from captum_inn.training.loop import merged_config
 
 __all__ = ["ConceptDynamics", "Snapshots", "concept_dynamics"]
 
@@ -152,6 +155,7 @@ def concept_dynamics(
     n_samples: int = 16,
     seed: int = 0,
     device: Union[str, torch.device] = "cpu",
+    checkpoint_dir: Optional[str] = None,
     progress: bool = True,
     **overrides: Any,
 ) -> ConceptDynamics:
@@ -167,15 +171,19 @@ def concept_dynamics(
         autoencoder: The autoencoder ``concept_inn`` was fitted on.
         concept_inn: A :class:`~captum_inn.inn.FactorINN` from ``fit_concepts`` on autoencoder codes.
         data: Training images for the invariance INNs.
-        eval_inputs: ``(N, C, H, W)`` images where the shares are measured.
+        eval_inputs: ``(N, C, H, W)`` images where the shares are measured (a tensor, or a
+            ``Dataset`` / ``DiskArray`` of images, read into memory).
         eval_labels: ``(N,)`` labels for each checkpoint's accuracy (optional).
         config: :class:`~captum_inn.training.invariances.InvarianceConfig` of the INNs;
             ``overrides`` replace fields.
         n_samples: Invariance samples per input for :meth:`~captum_inn.LayerConcepts.encoded`.
         seed: Seeds the INN fits and the samples.
         device: Where to fit.
+        checkpoint_dir: Folder for each checkpoint's INN, in a sub-folder per label
+            (``checkpoint_dir/<label>/``); a rerun resumes them (each model's features are
+            computed again, which is cheap next to the INN fits).
         progress: Show progress bars.
-        **overrides: Fields of ``InvarianceConfig``.
+        **overrides: Fields of ``InvarianceConfig`` (other settings are refused).
 
     Returns:
         A :class:`ConceptDynamics` (``.table()``, ``.plot()``, ``.as_dict()``).
@@ -192,7 +200,9 @@ def concept_dynamics(
         raise TypeError("`models` must be a non-empty {label: nn.Module} mapping or a list of (label, nn.Module).")
     name = layer if isinstance(layer, str) else resolve_layer(items[0][1], layer)[0]
     device = as_device(device)
+    config = merged_config(InvarianceConfig, config, {"seed": seed, **overrides})  # unknown settings: refused now
     check_module_device(concept_inn, device, "concept_inn")  # the autoencoder is checked by cache_features
+    eval_inputs = images_as_tensor(eval_inputs).to(device)
     base: Optional[FeatureCache] = None
     result = ConceptDynamics(layer=name, labels=[], accuracy=[], encoded={c: [] for c in concept_inn.factor_names},
                              standard_error={c: [] for c in concept_inn.factor_names})
@@ -201,16 +211,16 @@ def concept_dynamics(
         if base is None:
             base = cache_features(model, [name], autoencoder, data, device=device, progress=progress)
             cache = base
-        else:
-            cache = FeatureCache(base.code_mean, base.code_std, {name: _layer_features(model, name, data, device)},
-                                 base.model_class)
-        inn = fit_invariances(model, name, cache=cache, config=config, device=device, seed=seed, progress=progress,
-                              **overrides)
+        else:  # the same codes; this model's layer, and its own source for the checkpoint's record
+            cache = replace(base, layers={name: _layer_features(model, name, data, device)},
+                            source=source_fingerprint(model, autoencoder, data))
+        folder = str(Path(checkpoint_dir) / str(label)) if checkpoint_dir is not None else None
+        inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
+                              progress=progress)
         explainer = LayerConcepts(model, name, concept_inn, autoencoder, invariance_inn=inn)
-        shares = explainer.encoded_summary(eval_inputs.to(device), n_samples=n_samples,
-                                           generator=torch.Generator().manual_seed(seed))
+        shares = explainer.encoded_summary(eval_inputs, n_samples=n_samples, generator=torch.Generator().manual_seed(seed))
         result.labels.append(str(label))
-        result.accuracy.append(None if eval_labels is None else accuracy(model, eval_inputs.to(device), eval_labels.to(device)))
+        result.accuracy.append(None if eval_labels is None else accuracy(model, eval_inputs, eval_labels.to(device)))
         result.fit_nll.append(inn.fit_info["final_nll_per_dim"])
         for concept, share in shares.items():
             result.encoded[concept].append(share)

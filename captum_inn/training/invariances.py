@@ -353,10 +353,11 @@ def fit_invariances(
     read = {k: v for k, v in (("selector", selector), ("additional_forward_args", additional_forward_args)) if v is not None}
     if attribute_to_layer_input:
         read["attribute_to_layer_input"] = True
-    if cache is not None and read:
-        raise ValueError(f"{', '.join(f'`{k}`' for k in read)} only appl{'ies' if len(read) == 1 else 'y'} while "
-                         "features are cached; with `cache=` "
-                         "pass them to cache_features, which made the cache.")
+    caching = [*read, "memmap"] if memmap else list(read)
+    if cache is not None and caching:
+        raise ValueError(f"{', '.join(f'`{k}`' for k in caching)} only appl{'ies' if len(caching) == 1 else 'y'} while "
+                         "features are cached; with `cache=` pass them to cache_features, which made the cache "
+                         "(memmap_dir= there).")
     with contextlib.ExitStack() as stack:
         layer_overrides = dict(layer_overrides or {})
         unknown = sorted(set(layer_overrides) - set(names))

@@ -102,6 +102,21 @@ def test_resumed_fit_reuses_the_disk_cache(images, autoencoder, tmp_path):
     assert model.calls == 40  # the network did not run again
 
 
+@pytest.mark.parametrize("in_checkpoint_dir", [False, True], ids=["temporary", "checkpoint_dir"])
+def test_a_fit_closes_its_disk_cache(images, autoencoder, tmp_path, in_checkpoint_dir):
+    import gc
+    import warnings
+
+    folder, model = (str(tmp_path) if in_checkpoint_dir else None), SmallCNN(width=4).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for steps in ((2, 4) if in_checkpoint_dir else (2,)):  # the second run reuses the cache on disk
+            fit_invariances(model, ["fc", "logits"], autoencoder, images, steps=steps, memmap=True,
+                            checkpoint_dir=folder, progress=False, **TINY)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 def test_disk_cache_needs_data_of_known_length(autoencoder, tmp_path):
     stream = (torch.rand(4, 3, 32, 32) for _ in range(2))
     with pytest.raises((ValueError, TypeError), match="known length|must be an image tensor"):

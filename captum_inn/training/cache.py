@@ -105,6 +105,19 @@ class FeatureCache:
         """Whether the arrays are read from disk (:meth:`open`) rather than held in memory."""
         return isinstance(self.code_mean, DiskArray)
 
+    def close(self) -> None:
+        """Close the files of an on-disk cache (no-op in memory); it cannot be read afterwards.
+
+        Examples::
+
+            cache = FeatureCache.open("checkpoints/features")
+            ...
+            cache.close()
+        """
+        for values in (self.code_mean, self.code_std, *self.layers.values()):
+            if isinstance(values, DiskArray):
+                values.close()
+
     def check_finite(self, layers: Optional[Sequence[str]] = None) -> None:
         """Raise ``ValueError`` when the codes or the given layers hold NaN or inf (scanned in blocks)."""
         names = list(self.layers) if layers is None else list(layers)

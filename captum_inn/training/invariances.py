@@ -421,6 +421,8 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
         folder = (Path(checkpoint_dir) / f"{CACHE_DIR}{suffix}" if checkpoint_dir
                   else Path(stack.enter_context(tempfile.TemporaryDirectory())))
         reused, where = (FeatureCache.open(folder) if resume else None), folder
+        if reused is not None:
+            stack.callback(reused.close)
     else:
         cache_path = Path(checkpoint_dir) / CACHE_FILE.replace(".", f"{suffix}.", 1) if checkpoint_dir else None
         if resume and cache_path is not None and cache_path.exists():
@@ -446,7 +448,9 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
         raise ValueError("Pass `autoencoder` and `data` (or a precomputed `cache`).")
     cache = cache_features(model, layer_list, autoencoder, shard_data(data), device=device,
                            progress=progress and rank == 0, memmap_dir=folder if memmap else None, **read)
-    if not memmap and cache_path is not None:
+    if memmap:  # its files close when the fit ends (before a temporary folder is removed)
+        stack.callback(cache.close)
+    elif cache_path is not None:
         cache.save(cache_path)
     return cache
 

@@ -288,7 +288,8 @@ def compare_attributions(
                                                    internal_batch_size=concept_batch, return_convergence_delta=True)
                 concept_parts.append(scores.detach())
                 concept_deltas.append(delta.detach())
-        samples = invariance.sample(images, n_samples, internal_batch_size=internal_batch_size, generator=generator)
+        samples = invariance.sample(images, n_samples, internal_batch_size=internal_batch_size, generator=generator,
+                                    shared_noise=True)
         # the reconstructions in chunks too: the autoencoder is a network like the others
         reconstructions = torch.cat([invariance.reconstruct(images[s : s + batch]) for s in range(0, n, batch)])
     return Comparison(

@@ -87,12 +87,36 @@ def test_internal_batch_size_equals_the_unbatched_run(setup, x):
 def test_the_map_is_the_spread_of_the_samples(setup, x):
     model, ae, inn, _ = setup
     explainer = LayerInvariance(model, "logits", inn, ae)
-    samples = explainer.sample(x, n_samples=7, temperature=0.8, generator=torch.Generator().manual_seed(2))
+    samples = explainer.sample(x, n_samples=7, temperature=0.8, generator=torch.Generator().manual_seed(2),
+                               shared_noise=True)
     assert samples.shape == (3, 7, 3, 32, 32)
     attr = explainer.attribute(x, n_samples=7, temperature=0.8, generator=torch.Generator().manual_seed(2))
     assert torch.allclose(attr, samples.std(dim=1), atol=1e-6)
     cold = explainer.attribute(x, n_samples=7, temperature=0.05, generator=torch.Generator().manual_seed(2))
     assert cold.mean() < attr.mean()  # lower temperature, less spread
+
+
+def test_an_inputs_map_does_not_depend_on_the_rest_of_the_batch(setup, x):
+    """Common random numbers: the same image gets the same map wherever it stands in a batch, and
+    with `seed` in every call; without them the sampling noise would swamp what perturbation-based
+    tools (sensitivity_max, FeatureAblation) measure."""
+    model, ae, inn, _ = setup
+    explainer = LayerInvariance(model, "logits", inn, ae)
+    batch = torch.cat([x[:1], x[1:], x[:1]])  # x[0] first and last
+    maps = explainer.attribute(batch, n_samples=6, seed=4)
+    assert torch.allclose(maps[0], maps[-1], atol=1e-6)
+    alone = explainer.attribute(x[:1], n_samples=6, seed=4)
+    assert torch.allclose(alone[0], maps[0], atol=1e-6)
+    assert torch.equal(explainer.attribute(x, n_samples=6, seed=4), explainer.attribute(x, n_samples=6, seed=4))
+    assert not torch.equal(maps[0], explainer.attribute(x[:1], n_samples=6, seed=5)[0])
+    from captum.metrics import sensitivity_max
+
+    tiny = sensitivity_max(explainer.attribute, x, perturb_radius=1e-7, n_perturb_samples=3, n_samples=6, seed=0)
+    assert float(tiny.max()) < 1e-3  # a tiny perturbation barely moves the map
+    x_samples = explainer.sample(batch, n_samples=4, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(x_samples[0], x_samples[-1])  # sample() draws per input unless asked
+    with pytest.raises(ValueError, match="at most one of `generator` and `seed`"):
+        explainer.attribute(x, seed=0, generator=torch.Generator())
 
 
 def test_invariances_reconstruct_and_transfer_are_consistent(setup, x):

@@ -96,6 +96,26 @@ def test_the_map_is_the_spread_of_the_samples(setup, x):
     assert cold.mean() < attr.mean()  # lower temperature, less spread
 
 
+def test_float64_models_are_explained(setup, x):
+    """A model converted with .double() keeps its fingerprint (values hash as float32) and is read
+    by the float32 INN it was fitted for; an all-float64 setup works too."""
+    import copy
+
+    from captum_inn.training import weights_fingerprint
+
+    model, ae, inn, _ = setup
+    model64 = copy.deepcopy(model).double()
+    assert weights_fingerprint(model64) == weights_fingerprint(model)
+    plain = LayerInvariance(model, "logits", inn, ae).attribute(x, n_samples=4, seed=0)
+    mixed = LayerInvariance(model64, "logits", inn, ae).attribute(x.double(), n_samples=4, seed=0)
+    assert torch.allclose(mixed.float(), plain, atol=1e-4)
+    inn64, ae64 = copy.deepcopy(inn).double(), copy.deepcopy(ae).double()
+    inn64.fit_info = {"layer": "logits", "autoencoder_weights": weights_fingerprint(ae)}  # recorded in float32
+    everything = LayerInvariance(model64, "logits", inn64, ae64).attribute(x.double(), n_samples=4, seed=0)
+    # float64 draws of v differ from float32 ones of the same seed: the same kind of map, other numbers
+    assert everything.dtype == torch.float64 and everything.shape == x.shape and torch.isfinite(everything).all()
+
+
 def test_an_inputs_map_does_not_depend_on_the_rest_of_the_batch(setup, x):
     """Common random numbers: the same image gets the same map wherever it stands in a batch, and
     with `seed` in every call; without them the sampling noise would swamp what perturbation-based

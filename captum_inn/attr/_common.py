@@ -318,8 +318,9 @@ def weights_fingerprint(network: Any) -> str:
     fitted with from another one of the same shape (a retrained one, another seed).
 
     Buffers (batch norm's running statistics) do not count, and neither do the parameters' names,
-    the device or the memory layout: the same weights wrapped in ``DataParallel`` or on another
-    device give the same fingerprint.
+    the device, the memory layout or the floating dtype (values are hashed as float32): the same
+    weights wrapped in ``DataParallel``, on another device or converted with ``.double()`` give the
+    same fingerprint.
 
     Args:
         network: An ``nn.Module`` (its parameters), or any object (its tensor attributes).
@@ -336,10 +337,16 @@ def weights_fingerprint(network: Any) -> str:
     digest = hashlib.sha256()
     if isinstance(network, nn.Module):  # values in order, not names: a wrapped model ("module.") is the same
         for parameter in network.parameters():
-            digest.update(_tensor_bytes(parameter))
+            digest.update(_tensor_bytes(_as_float32(parameter)))
     else:
-        _hash_tensors(digest, _tensor_attributes(network))
+        _hash_tensors(digest, {k: _as_float32(v) for k, v in _tensor_attributes(network).items()})
     return digest.hexdigest()[:16]
+
+
+def _as_float32(tensor: Tensor) -> Tensor:
+    """Floating tensors as float32: float32 weights converted with ``.double()`` (exactly) hash
+    alike; float32 values hash as they are."""
+    return tensor.detach().float() if tensor.is_floating_point() else tensor
 
 
 def check_same_weights(network: Any, recorded: Optional[str], what: str, name: str) -> None:

@@ -493,7 +493,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         check_same_device(inputs[self.image_input], self.concept_inn)
         n = inputs[0].shape[0]
         z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args,
-                             self.attribute_to_layer_input, self.selector)
+                             self.attribute_to_layer_input, self.selector).to(next(self.invariance_inn.parameters()).dtype)
         if tuple(z.shape[1:]) != self.invariance_inn.cond_shape:
             raise ValueError(
                 f"`invariance_inn` was fitted for activations of shape {self.invariance_inn.cond_shape}, but layer "

@@ -2,8 +2,9 @@
 
 For each input it computes, with one batching control:
 
-* Grad-CAM (:class:`captum.attr.LayerGradCam`, upsampled to the input with
-  :meth:`captum.attr.LayerAttribution.interpolate`): *where* the target class's evidence is;
+* Grad-CAM (:class:`captum.attr.LayerGradCam` with ``relu_attributions=True``, as in the Grad-CAM
+  paper, upsampled bilinearly to the input with :meth:`captum.attr.LayerAttribution.interpolate`):
+  *where* the target class's evidence is;
 * Integrated Gradients (:class:`captum.attr.IntegratedGradients`): which pixels move the target;
 * the invariance map (:meth:`captum_inn.LayerInvariance.attribute`): which pixels the layer ignores;
 * a strip of invariance samples (:meth:`captum_inn.LayerInvariance.sample`): what it ignores;
@@ -39,7 +40,8 @@ class Comparison:
         inputs: ``(N, C, H, W)``.
         targets: ``(N,)`` the explained class of each input.
         predictions: ``(N,)`` the model's predicted class.
-        gradcam: ``(N, 1, H, W)`` Grad-CAM at ``gradcam_layer``, upsampled to the input.
+        gradcam: ``(N, 1, H, W)`` Grad-CAM at ``gradcam_layer`` (``relu_attributions=True``),
+            upsampled bilinearly to the input.
         integrated_gradients: ``(N, C, H, W)``.
         invariance_map: ``(N, C, H, W)`` spread of the invariance samples at ``layer``.
         samples: ``(N, S, C, H, W)`` invariance samples at ``layer``.

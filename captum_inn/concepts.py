@@ -182,7 +182,8 @@ class ConceptPairs:
         Args:
             concept: A ``captum.concept.Concept`` (its ``name`` and ``data_iter``).
             sampler: An explicit pair sampler; without it pairs are two examples drawn from the
-                concept's ``data_iter`` (read once, up to ``max_examples``).
+                concept's ``data_iter`` (read once, up to ``max_examples``; it may yield batches
+                ``(N, C, H, W)`` or single images ``(C, H, W)``, or vectors ``(N, d)`` / ``(d,)``).
             max_examples: Most examples read from ``data_iter``.
 
         Returns:
@@ -214,7 +215,8 @@ def _read_examples(data_iter: Iterable[Any], limit: int) -> Tensor:
         tensor = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(tensor, Tensor):
             raise TypeError(f"A concept's data_iter must yield tensors, got {type(tensor).__name__}.")
-        chunks.append(tensor if tensor.dim() > 1 else tensor.unsqueeze(0))
+        # batches (N, C, H, W) or (N, d); single examples (C, H, W) or (d,) from a loader without batching
+        chunks.append(tensor.unsqueeze(0) if tensor.dim() in (1, 3) else tensor)
         count += chunks[-1].shape[0]
         if count >= limit:
             break
@@ -228,6 +230,11 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
 
     Accepted: one or a sequence of :class:`ConceptPairs` or ``captum.concept.Concept`` objects, or
     a mapping ``{name: sampler}`` (``relation="share"``). Names must be unique.
+
+    TCAV's experimental sets (``[[stripes, random_0], [dots, random_0], ...]``, a list of lists)
+    are accepted too: the first concept of each set is the concept, and the others (the random or
+    contrast sets TCAV tests it against) are left out, since two random images share nothing a
+    factor could hold. A concept in several sets is taken once.
 
     Args:
         concepts: The concepts.
@@ -248,6 +255,9 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
         items = [ConceptPairs(str(k), v) if not isinstance(v, ConceptPairs) else v for k, v in concepts.items()]
     else:
         raw = [concepts] if isinstance(concepts, ConceptPairs) or hasattr(concepts, "data_iter") else concepts
+        if isinstance(raw, (list, tuple)) and raw and all(isinstance(c, (list, tuple)) and c for c in raw):
+            firsts = [experimental_set[0] for experimental_set in raw]  # TCAV experimental sets
+            raw = [c for i, c in enumerate(firsts) if all(c is not earlier for earlier in firsts[:i])]
         if isinstance(raw, (list, tuple)) and not raw:
             raise ValueError("`concepts` is empty; give at least one concept.")
         if not isinstance(raw, (list, tuple)):

@@ -72,6 +72,11 @@ def test_from_transform_and_from_captum():
     a, b = pairs.sample(6)
     assert pairs.name == "stripes" and a.shape == (6, 3, 4, 4)
     assert [c.name for c in as_concepts([captum_concept])] == ["stripes"]
+    singles = ConceptPairs.from_captum(Concept(1, "dots", list(torch.rand(5, 3, 4, 4))))  # one image per item
+    assert singles.sample(4)[0].shape == (4, 3, 4, 4)
+    random = Concept(2, "random_0", [torch.rand(4, 3, 4, 4)])
+    sets = [[captum_concept, random], [Concept(1, "dots", batches), random], [captum_concept, random]]
+    assert [c.name for c in as_concepts(sets)] == ["stripes", "dots"]  # TCAV's sets: their concepts, once each
 
 
 def test_a_transform_taking_the_generator_makes_seeded_fits_reproducible():
@@ -348,6 +353,10 @@ def test_attribute_is_complete(code_setup):
     # every TargetType form, as Captum's methods accept
     for target in (torch.tensor(1), [0, 1, 2, 3, 0], torch.tensor([0, 1, 2, 3, 0])):
         assert explainer.attribute(x, target=target).shape == (5, 3)
+    with pytest.raises(ValueError, match="`target` holds 3 entries for 5 inputs"):
+        explainer.attribute(x, target=[0, 1, 2])
+    with pytest.raises(TypeError, match="positional"):  # written for IG's order (inputs, baselines, target)
+        explainer.attribute(x, 0.0, 2)
 
 
 def test_edit_decompose_encoded(code_setup):
@@ -369,6 +378,8 @@ def test_edit_decompose_encoded(code_setup):
     assert after["a"].shape == (4, 2)
     same = explainer.edit(x, "b", value=torch.zeros(2))
     assert same.shape == x.shape
+    named = Concept(0, "a", None)  # Captum's concept objects stand for their name
+    assert torch.equal(explainer.edit(x, named, donors=donors), edited)
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     assert torch.equal(explainer.edit(x, "residual", generator=g1), explainer.edit(x, "residual", generator=g2))
     shares = explainer.encoded(x, n_samples=8, generator=torch.Generator().manual_seed(0))

@@ -218,7 +218,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         return self.concept_inn.factor_names
 
     # ------------------------------------------------------------------ the pieces
-    def _concept_index(self, concept: str) -> slice:
+    def _concept_index(self, concept: Any) -> slice:
+        if not isinstance(concept, str) and isinstance(getattr(concept, "name", None), str):
+            concept = concept.name  # a captum.concept.Concept or a ConceptPairs
         if concept not in self.concept_inn.factor_sizes:
             raise ValueError(f"Unknown concept {concept!r}; this concept INN has {self.concept_names}.")
         return self.concept_inn.factor_slices[concept]
@@ -333,7 +335,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
     def edit(
         self,
         inputs: Union[Tensor, Tuple[Tensor, ...]],
-        concept: str,
+        concept: Any,
         donors: Optional[Tensor] = None,
         value: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
@@ -342,7 +344,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
 
         Args:
             inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
-            concept: The concept to replace (one of :attr:`concept_names`).
+            concept: The concept to replace: one of :attr:`concept_names`, or a concept object with
+                that ``name`` (``captum.concept.Concept``, :class:`~captum_inn.concepts.ConceptPairs`).
             donors: ``(N, C, H, W)`` (or ``(1, C, H, W)``) images whose ``concept`` factor is taken,
                 or a tuple shaped like ``inputs`` (its ``image_input`` entry is used).
             value: ``(N, size)``, ``(1, size)`` or ``(size,)`` factor values to put in instead.
@@ -596,6 +599,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         self,
         inputs: Union[Tensor, Tuple[Tensor, ...]],
         target: TargetType = None,
+        *,
         additional_forward_args: Any = None,
         baselines: Union[None, int, float, Tensor, Tuple[Tensor]] = None,
         n_steps: int = 512,
@@ -620,7 +624,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
 
         Args:
             inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
-            target: The output to explain, any of Captum's ``TargetType`` forms.
+            target: The output to explain, any of Captum's ``TargetType`` forms. The arguments
+                after it are keyword-only: Integrated Gradients takes ``baselines`` second, so a
+                call written for it would otherwise pass its baseline as the target.
             additional_forward_args: Extra arguments of ``forward_func``.
             baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``, a number (every
                 factor at that value), or Captum's one-element tuple of one; for an image baseline
@@ -655,6 +661,11 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         from captum.attr import IntegratedGradients
 
         inputs = format_inputs(inputs, self.image_input)
+        n = inputs[0].shape[0]
+        count = target.numel() if isinstance(target, Tensor) else (len(target) if isinstance(target, list) else None)
+        if count not in (None, 1, n):  # Captum would fail an internal assert about shapes
+            raise ValueError(f"`target` holds {count} entries for {n} inputs; pass one target for all (an int or a "
+                             "tuple) or one per input.")
         warn_if_training(self.forward_func)  # gradients flow through the model as it is
         start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)
         base = self._baseline_factors(baselines, start)

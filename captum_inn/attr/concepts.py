@@ -40,9 +40,10 @@ class EncodedShares(dict):
     """``{concept: mean share}`` over inputs, with each mean's standard error alongside.
 
     What :meth:`~captum_inn.LayerConcepts.encoded_summary` returns: a plain ``dict`` of floats
-    (JSON-ready, as before), plus ``standard_error``, ``{concept: std / sqrt(N)}`` of the per-input shares (NaN
-    for one input). It covers both the spread over inputs and the Monte-Carlo noise of the samples,
-    so two shares that differ by less than about twice their errors are not told apart.
+    (JSON-ready, as before), plus ``standard_error``, ``{concept: std / sqrt(N)}`` of the
+    per-input shares (NaN for one input). It covers both the spread over inputs and the
+    Monte-Carlo noise of the samples, so two shares that differ by less than about twice their
+    errors are not told apart.
 
     Attributes:
         standard_error: ``{concept: standard error of the mean}``.
@@ -662,10 +663,13 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
 
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
-        count = target.numel() if isinstance(target, Tensor) else (len(target) if isinstance(target, list) else None)
-        if count not in (None, 1, n):  # Captum would fail an internal assert about shapes
-            raise ValueError(f"`target` holds {count} entries for {n} inputs; pass one target for all (an int or a "
-                             "tuple) or one per input.")
+        # Captum takes a tensor of one or N entries, or a list of N; it would fail an internal assert
+        wrong = ((isinstance(target, Tensor) and target.numel() not in (1, n))
+                 or (isinstance(target, list) and len(target) != n))
+        if wrong:
+            count = target.numel() if isinstance(target, Tensor) else len(target)
+            raise ValueError(f"`target` holds {count} entries for {n} inputs; pass one target for all (an int, a "
+                             "tuple or a one-element tensor) or one per input.")
         warn_if_training(self.forward_func)  # gradients flow through the model as it is
         start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)
         base = self._baseline_factors(baselines, start)

@@ -497,13 +497,13 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         check_same_device(inputs[self.image_input], self.concept_inn)
         n = inputs[0].shape[0]
         z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args,
-                             self.attribute_to_layer_input, self.selector).to(next(self.invariance_inn.parameters()).dtype)
+                             self.attribute_to_layer_input, self.selector)
         if tuple(z.shape[1:]) != self.invariance_inn.cond_shape:
             raise ValueError(
                 f"`invariance_inn` was fitted for activations of shape {self.invariance_inn.cond_shape}, but layer "
                 f"{self.layer_name!r} gives {tuple(z.shape[1:])}."
             )
-        v = normal((n * n_samples, self.invariance_inn.dim), generator, z.device, z.dtype)
+        v = normal((n * n_samples, self.invariance_inn.dim), generator, z.device, self.invariance_inn.dtype)
         with eval_mode(self.invariance_inn, self.concept_inn):
             embedding = self.invariance_inn.embed(z).repeat_interleave(n_samples, dim=0)
             codes = self.invariance_inn(v, None, rev=True, jac=False, embedding=embedding)[0]

@@ -150,7 +150,6 @@ class LayerInvariance(LayerAttribution):
         to_input = self.attribute_to_layer_input if attribute_to_layer_input is None else self._check_read(
             attribute_to_layer_input)
         z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args, to_input, self.selector)
-        z = z.to(next(self.inn.parameters()).dtype)  # a float64 model read by a float32 INN (as fitted)
         if tuple(z.shape[1:]) != self.inn.cond_shape:
             fitted = (getattr(self.inn, "fit_info", None) or {}).get("layer", "another layer")
             read = f"the input of layer {self.layer_name!r}" if to_input else f"layer {self.layer_name!r}"
@@ -311,7 +310,7 @@ class LayerInvariance(LayerAttribution):
         self._check_images(inputs[self.image_input])
         n = inputs[0].shape[0]
         device = inputs[self.image_input].device
-        dtype = next(self.inn.parameters()).dtype  # v lives in the INN's space, whatever the images' dtype
+        dtype = self.inn.dtype  # v lives in the INN's space, whatever the images' dtype
         # All noise is drawn up front, so any internal_batch_size gives the same samples.
         if shared_noise:  # row i * S + s holds draw s for every input i
             noise = normal((n_samples, self.inn.dim), generator, device, dtype).repeat(n, 1) * float(temperature)

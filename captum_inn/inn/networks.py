@@ -81,9 +81,15 @@ class ConditionalINN(InvertibleModule):
                                       token_dim)
         self.flow = SequentialFlow(flow_blocks(self.dim, n_blocks, hidden, depth, embed_dim, clamp, seed))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the INN's weights: its codes, invariances and embeddings."""
+        return next(self.parameters()).dtype
+
     def embed(self, c: Tensor) -> Tensor:
-        """The condition embedding ``h(z)``, ``(N, embed_dim)``; reuse it across many samples."""
-        return self.embedder(c)
+        """The condition embedding ``h(z)``, ``(N, embed_dim)``; reuse it across many samples.
+        Activations of another float dtype (a ``.double()`` model's) are cast to the INN's."""
+        return self.embedder(c.to(self.dtype))
 
     def forward(
         self,
@@ -138,7 +144,7 @@ class ConditionalINN(InvertibleModule):
         """
         if not temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-        v = normal((c.shape[0], self.dim), generator, c.device, c.dtype)
+        v = normal((c.shape[0], self.dim), generator, c.device, self.dtype)
         return self(v * temperature, c, rev=True, jac=False)[0]
 
 

@@ -83,7 +83,7 @@ class ConditionalINN(InvertibleModule):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the INN's weights: its codes, invariances and embeddings."""
+        """The dtype of the INN's weights, in which it takes codes and gives invariances and embeddings."""
         return next(self.parameters()).dtype
 
     def embed(self, c: Tensor) -> Tensor:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -33,6 +36,7 @@ from captum_inn.training import (
     save_invariance_inn,
     source_fingerprint,
 )
+from captum_inn.training.cache import source_changes
 from captum_inn.training.invariances import checkpoint_name
 
 torch.set_num_threads(1)
@@ -341,13 +345,33 @@ def test_resume_refuses_a_cache_of_another_model_or_other_images(images, autoenc
         retrained.fc.weight.add_(0.01)
     changed_images = images.clone()
     changed_images[0] = 1 - changed_images[0]
-    for other_model, other_images in ((retrained, images), (model, changed_images), (model, images[:-1])):
-        with pytest.raises(CheckpointError, match="another model, autoencoder or set of images.*resume=False"):
-            fit_invariances(other_model, "fc", autoencoder, other_images, steps=4, **settings)
+    other_autoencoder = copy.deepcopy(autoencoder)
+    with torch.no_grad():
+        next(other_autoencoder.parameters()).add_(0.01)
+    cases = {"the model's weights or buffers": (retrained, autoencoder, images),
+             "the images": (model, autoencoder, changed_images),
+             "the images (their number": (model, autoencoder, images[:-1]),
+             "the autoencoder changed": (model, other_autoencoder, images)}
+    for changed, (other_model, other_autoencoder, other_images) in cases.items():  # the error names what changed
+        with pytest.raises(CheckpointError, match=re.escape(changed) + ".*resume=False") as error:
+            fit_invariances(other_model, "fc", other_autoencoder, other_images, steps=4, **settings)
+        assert sum(part in str(error.value) for part in ("the model's", "the autoencoder", "the images")) == 1
     # resume=False recomputes the cache from the new model and fits afresh
     fresh = fit_invariances(retrained, "fc", autoencoder, images, steps=2, **{**settings, "resume": False})
     assert len(fresh.history) == 2
     fit_invariances(retrained, "fc", autoencoder, images, steps=3, **settings)  # and resumes from it
+
+
+def test_source_changes_names_parts_and_survives_caches_without_them(images, autoencoder, tmp_path):
+    model = SmallCNN(width=4).eval()
+    cache = cache_features(model, "fc", autoencoder, images, progress=False)
+    assert set(cache.source_parts) == {"model", "autoencoder", "images"}
+    assert cache.source == source_fingerprint(model, autoencoder, images)  # the whole, as before the parts
+    assert FeatureCache.load(cache.save(tmp_path / "c.safetensors")).source_parts == cache.source_parts
+    assert source_changes(cache, model, autoencoder, images.clone()) is None
+    assert source_changes(cache, model, autoencoder, images[:-1]) == "the images (their number or content)"
+    older = dataclasses.replace(cache, source_parts={})  # written by a version without the parts
+    assert source_changes(older, model, autoencoder, images[:-1]) == "the model, the autoencoder or the images"
 
 
 def test_an_inn_checkpoint_of_another_models_features_is_refused_even_with_a_fresh_cache(images, autoencoder, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,8 @@ class FeatureCache:
             rather than their outputs; the fitted INNs record it for the explainers.
         autoencoder_weights: :func:`weights_fingerprint` of the autoencoder that gave the codes
             (``""`` when unknown); the fitted INNs record it, and the explainers refuse another.
+        source_parts: Fingerprints of the parts of ``source`` (``"model"``, ``"autoencoder"``,
+            ``"images"``; empty when unknown), so that a refused resume says which one changed.
 
     Examples::
 
@@ -87,6 +89,7 @@ class FeatureCache:
     source: str = ""
     layer_inputs: bool = False
     autoencoder_weights: str = ""
+    source_parts: Dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.code_mean.shape[0]
@@ -159,7 +162,8 @@ class FeatureCache:
                    **{f"layer.{name}": value[:] for name, value in self.layers.items()}}
         meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), "model_class": self.model_class,
                                                     "source": self.source, "layer_inputs": self.layer_inputs,
-                                                    "autoencoder_weights": self.autoencoder_weights}}
+                                                    "autoencoder_weights": self.autoencoder_weights,
+                                                    "source_parts": self.source_parts}}
         return save_checkpoint(path, tensors, meta)
 
     @classmethod
@@ -178,7 +182,8 @@ class FeatureCache:
         names = meta["config"]["layers"]
         return cls(tensors["code_mean"], tensors["code_std"], {n: tensors[f"layer.{n}"] for n in names},
                    meta["config"]["model_class"], meta["config"].get("source", ""),
-                   bool(meta["config"].get("layer_inputs", False)), meta["config"].get("autoencoder_weights", ""))
+                   bool(meta["config"].get("layer_inputs", False)), meta["config"].get("autoencoder_weights", ""),
+                   dict(meta["config"].get("source_parts", {})))
 
     @classmethod
     def open(cls, folder: Union[str, Path]) -> Optional[FeatureCache]:
@@ -204,7 +209,7 @@ class FeatureCache:
         return cls(arrays.pop("code_mean"), arrays.pop("code_std"),
                    {name: arrays[f"layer.{name}"] for name in manifest["layers"]}, manifest["model_class"],
                    manifest.get("source", ""), bool(manifest.get("layer_inputs", False)),
-                   manifest.get("autoencoder_weights", ""))
+                   manifest.get("autoencoder_weights", ""), dict(manifest.get("source_parts", {})))
 
 
 class _MemorySink:
@@ -217,10 +222,10 @@ class _MemorySink:
         self.parts.setdefault(key, []).append(rows.cpu())
 
     def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool,
-               autoencoder_weights: str) -> FeatureCache:
+               autoencoder_weights: str, source_parts: Dict[str, str]) -> FeatureCache:
         arrays = {key: torch.cat(parts) for key, parts in self.parts.items()}
         return FeatureCache(arrays["code_mean"], arrays["code_std"], {n: arrays[f"layer.{n}"] for n in layers},
-                            model_class, source, layer_inputs, autoencoder_weights)
+                            model_class, source, layer_inputs, autoencoder_weights, source_parts)
 
     def abort(self) -> None:
         self.parts.clear()
@@ -245,12 +250,12 @@ class _DiskSink:
         self.writers[key].append(rows)
 
     def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool,
-               autoencoder_weights: str) -> FeatureCache:
+               autoencoder_weights: str, source_parts: Dict[str, str]) -> FeatureCache:
         files = {key: writer.close().name for key, writer in self.writers.items()}
         write_manifest(self.folder, {"kind": "feature_cache", "format_version": _DISK_FORMAT, "n": self.n_rows,
                                      "layers": list(layers), "model_class": model_class, "source": source,
                                      "layer_inputs": layer_inputs, "autoencoder_weights": autoencoder_weights,
-                                     "files": files})
+                                     "source_parts": source_parts, "files": files})
         return FeatureCache.open(self.folder)
 
     def abort(self) -> None:
@@ -287,10 +292,31 @@ def source_fingerprint(model: nn.Module, autoencoder: Any, data: Any, n_probe: i
         >>> source_fingerprint(model, ae, images) == source_fingerprint(model, ae, images[:9])
         False
     """
-    digest = hashlib.sha256()
+    return _source_digests(model, autoencoder, data, n_probe)[0]
+
+
+class _PartedDigest:
+    """One sha256 over everything (the fingerprint, unchanged across versions) and one per part."""
+
+    def __init__(self) -> None:
+        self.whole, self.parts, self.current = hashlib.sha256(), {}, None
+
+    def start(self, part: str) -> None:
+        self.current = self.parts[part] = hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        self.whole.update(data)
+        self.current.update(data)
+
+
+def _source_digests(model: nn.Module, autoencoder: Any, data: Any, n_probe: int = 32) -> Tuple[str, Dict[str, str]]:
+    """:func:`source_fingerprint` and the fingerprints of its parts ``{"model", "autoencoder", "images"}``."""
+    digest = _PartedDigest()
     for label, part in (("model", model), ("autoencoder", autoencoder)):
+        digest.start(label)
         digest.update(label.encode())
         _hash_tensors(digest, part.state_dict() if isinstance(part, nn.Module) else _tensor_attributes(part))
+    digest.start("images")
     n = count_images(data)
     digest.update(f"images:{n}".encode())
     items, indices = data, range(n or 0)
@@ -302,7 +328,22 @@ def source_fingerprint(model: nn.Module, autoencoder: Any, data: Any, n_probe: i
                 digest.update(_tensor_bytes(_images_of(items[indices[position]])))
             except TypeError:  # items that are not tensors (e.g. PIL images): counted, not hashed
                 digest.update(b"?")
-    return digest.hexdigest()[:16]
+    return digest.whole.hexdigest()[:16], {part: d.hexdigest()[:16] for part, d in digest.parts.items()}
+
+
+_PART_NAMES = {"model": "the model's weights or buffers (e.g. BatchNorm statistics)", "autoencoder": "the autoencoder",
+               "images": "the images (their number or content)"}
+
+
+def source_changes(cache: FeatureCache, model: nn.Module, autoencoder: Any, data: Any) -> Optional[str]:
+    """What differs between the source ``cache`` was computed from and ``model``, ``autoencoder``
+    and ``data``: ``None`` if nothing, else a phrase naming the changed parts (all three where the
+    cache does not record its parts)."""
+    source, parts = _source_digests(model, autoencoder, data)
+    if source == cache.source:
+        return None
+    changed = [_PART_NAMES[p] for p in _PART_NAMES if cache.source_parts and cache.source_parts.get(p) != parts[p]]
+    return " and ".join(changed) if changed else "the model, the autoencoder or the images"
 
 
 @torch.no_grad()
@@ -370,7 +411,7 @@ def cache_features(
     n_images = count_images(data)
     if batch_size is None:
         batch_size = 64 if torch.device(device).type == "cpu" else 256
-    source = source_fingerprint(model, autoencoder, data)
+    source, source_parts = _source_digests(model, autoencoder, data)
     sink = _MemorySink() if memmap_dir is None else _DiskSink(memmap_dir, n_images)
     bar = tqdm(total=n_images, desc="caching features", disable=not progress, leave=False, unit="img")
     try:
@@ -400,7 +441,7 @@ def cache_features(
                 sink.append("code_std", std)
                 bar.update(images.shape[0])
         return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names, source,
-                           bool(attribute_to_layer_input), weights_fingerprint(autoencoder))
+                           bool(attribute_to_layer_input), weights_fingerprint(autoencoder), source_parts)
     except BaseException:
         sink.abort()  # no half-written cache is left behind
         raise

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from captum_inn._random import seeded_global_rng
 from captum_inn.inn import ConditionalINN
-from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
+from captum_inn.training.cache import FeatureCache, cache_features, source_changes, source_fingerprint
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
 from captum_inn.training.distributed import (
     check_replicas_agree,
@@ -437,11 +437,12 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
     if reused is not None and set(names) <= set(reused.layers):
         # a resumed fit continues on the very same features, unless what they came from changed
         if reused.source and autoencoder is not None and data is not None:
-            if source_fingerprint(model, autoencoder, shard_data(data)) != reused.source:
+            changed = source_changes(reused, model, autoencoder, shard_data(data))
+            if changed:
                 raise CheckpointError(
-                    f"The feature cache {str(where)!r} was computed from another model, autoencoder or set of "
-                    "images than the ones given now, so the checkpoints in `checkpoint_dir` do not belong to "
-                    "them; pass resume=False to start afresh there, or use another `checkpoint_dir`."
+                    f"The feature cache {str(where)!r} was computed before {changed} changed: the ones given now "
+                    "differ, so the checkpoints in `checkpoint_dir` do not belong to them; pass resume=False to "
+                    "start afresh there, or use another `checkpoint_dir`."
                 )
         return reused
     if autoencoder is None or data is None:

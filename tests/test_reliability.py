@@ -148,7 +148,7 @@ def test_resume_refuses_a_checkpoint_of_another_kind(tmp_path):
 
     train_loop(module, loss_fn, steps=2, lr=1e-3, checkpoint=str(path), progress=False,
                meta={"kind": "autoencoder", "config": {}})
-    with pytest.raises(CheckpointError, match="expected a 'invariance_inn'"):
+    with pytest.raises(CheckpointError, match="expected 'invariance_inn'"):
         train_loop(module, loss_fn, steps=4, lr=1e-3, checkpoint=str(path), progress=False,
                    meta={"kind": "invariance_inn", "config": {}})
 

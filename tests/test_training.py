@@ -539,7 +539,7 @@ def test_checkpoint_format_is_checked_before_use(tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
         load_checkpoint(tmp_path / "garbage.safetensors")
-    with pytest.raises(CheckpointError, match="expected a 'autoencoder'"):
+    with pytest.raises(CheckpointError, match="holds kind 'invariance_inn', expected 'autoencoder'"):
         load_checkpoint(path, kind="autoencoder")
     with pytest.raises(CheckpointError, match="No checkpoint"):
         load_checkpoint(tmp_path / "missing.safetensors")

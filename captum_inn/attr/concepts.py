@@ -172,6 +172,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                                "invariance_inn")
             check_same_weights(autoencoder, (getattr(invariance_inn, "fit_info", None) or {}).get("autoencoder_weights"),
                                "invariance_inn", "autoencoder")
+            if isinstance(forward_func, nn.Module):
+                check_same_weights(forward_func, (getattr(invariance_inn, "fit_info", None) or {}).get("model_weights"),
+                                   "invariance_inn", "forward_func")
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.layer_name = name

@@ -112,6 +112,9 @@ class LayerInvariance(LayerAttribution):
             )
         check_same_weights(autoencoder, (getattr(inn, "fit_info", None) or {}).get("autoencoder_weights"),
                            "inn", "autoencoder")
+        if isinstance(forward_func, nn.Module):  # a retrained model's layer means something else
+            check_same_weights(forward_func, (getattr(inn, "fit_info", None) or {}).get("model_weights"),
+                               "inn", "forward_func")
         super().__init__(forward_func, module, device_ids)
         self.layer_name = name
         self.inn = inn

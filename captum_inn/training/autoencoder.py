@@ -9,10 +9,17 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import check_module_device, check_pixel_range
+from captum_inn.attr._common import check_module_device, check_pixel_range, weights_fingerprint
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.capture import LayerHooks
-from captum_inn.training.checkpoint import load_checkpoint, strip_prefix
+from captum_inn.training.cache import images_fingerprint
+from captum_inn.training.checkpoint import (
+    building_from,
+    load_checkpoint,
+    load_module_state,
+    recorded_config_has,
+    warn_if_unfinished,
+)
 from captum_inn.training.classifier import augment_generators
 from captum_inn.training.data import check_image_dtype, iter_image_batches
 from captum_inn.training.distributed import (
@@ -161,6 +168,10 @@ def fit_autoencoder(
     if config.output == "sigmoid":
         check_pixel_range(images, "data", fix="output='sigmoid' decodes to [0, 1]; divide 8-bit pixels by 255, or "
                                               "pass output='identity' for normalised images.")
+    # what the fit learns from, beyond its settings: a resume on other images or another perceptual
+    # model is refused (all images, before sharding: a resume may use another number of processes)
+    source = {"images": images_fingerprint(images),
+              "perceptual_model": weights_fingerprint(perceptual_model) if perceptual_model is not None else None}
     images = shard_data(images).to(device)
     batch = local_batch_size(config.batch_size, images.shape[0])
     config.perceptual_layers = tuple(config.perceptual_layers)
@@ -204,7 +215,9 @@ def fit_autoencoder(
     settings = {**asdict(config), "perceptual_layers": list(config.perceptual_layers)}  # as JSON reads it back
     # the image shape too: a resume on other images is refused like any other changed setting
     meta = {"kind": "autoencoder", "config": {**resume_key(settings), "image_shape": list(images.shape[1:])},
-            "model": model.config}
+            "model": model.config, "steps": config.steps}
+    if recorded_config_has(checkpoint if resume else None, "source", default=True):  # older checkpoints lack it
+        meta["config"]["source"] = source
     try:
         if hooks is not None:
             hooks.__enter__()
@@ -240,6 +253,8 @@ def load_autoencoder(path: str, map_location: Union[str, torch.device] = "cpu") 
         ae.encode(images[:2]).mean.shape                         # (2, 64)
     """
     tensors, meta = load_checkpoint(path, kind="autoencoder", map_location=map_location)
-    model = ConvAutoencoder(**meta["model"]).to(map_location)
-    model.load_state_dict(strip_prefix(tensors, "model."))
+    with building_from(path):
+        model = ConvAutoencoder(**meta["model"]).to(map_location)
+    load_module_state(model, tensors, path)
+    warn_if_unfinished(path, meta.get("step"), meta.get("steps"), "fit_autoencoder")
     return model.eval()

@@ -46,7 +46,7 @@ from captum_inn.training.disk import (
     write_manifest,
 )
 
-__all__ = ["FeatureCache", "cache_features", "source_fingerprint", "weights_fingerprint"]
+__all__ = ["FeatureCache", "cache_features", "source_fingerprint", "images_fingerprint", "weights_fingerprint"]
 
 Array = Union[Tensor, DiskArray]
 _DISK_FORMAT = 1
@@ -70,6 +70,8 @@ class FeatureCache:
             rather than their outputs; the fitted INNs record it for the explainers.
         autoencoder_weights: :func:`weights_fingerprint` of the autoencoder that gave the codes
             (``""`` when unknown); the fitted INNs record it, and the explainers refuse another.
+        model_weights: :func:`weights_fingerprint` of the model whose layers were read (``""`` when
+            unknown); the fitted INNs record it, and the explainers refuse another model.
         source_parts: Fingerprints of the parts of ``source`` (``"model"``, ``"autoencoder"``,
             ``"images"``; empty when unknown), so that a refused resume says which one changed.
 
@@ -90,6 +92,7 @@ class FeatureCache:
     layer_inputs: bool = False
     autoencoder_weights: str = ""
     source_parts: Dict[str, str] = field(default_factory=dict)
+    model_weights: str = ""
 
     def __len__(self) -> int:
         return self.code_mean.shape[0]
@@ -163,7 +166,8 @@ class FeatureCache:
         meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), "model_class": self.model_class,
                                                     "source": self.source, "layer_inputs": self.layer_inputs,
                                                     "autoencoder_weights": self.autoencoder_weights,
-                                                    "source_parts": self.source_parts}}
+                                                    "source_parts": self.source_parts,
+                                                    "model_weights": self.model_weights}}
         return save_checkpoint(path, tensors, meta)
 
     @classmethod
@@ -183,7 +187,7 @@ class FeatureCache:
         return cls(tensors["code_mean"], tensors["code_std"], {n: tensors[f"layer.{n}"] for n in names},
                    meta["config"]["model_class"], meta["config"].get("source", ""),
                    bool(meta["config"].get("layer_inputs", False)), meta["config"].get("autoencoder_weights", ""),
-                   dict(meta["config"].get("source_parts", {})))
+                   dict(meta["config"].get("source_parts", {})), meta["config"].get("model_weights", ""))
 
     @classmethod
     def open(cls, folder: Union[str, Path]) -> Optional[FeatureCache]:
@@ -209,7 +213,8 @@ class FeatureCache:
         return cls(arrays.pop("code_mean"), arrays.pop("code_std"),
                    {name: arrays[f"layer.{name}"] for name in manifest["layers"]}, manifest["model_class"],
                    manifest.get("source", ""), bool(manifest.get("layer_inputs", False)),
-                   manifest.get("autoencoder_weights", ""), dict(manifest.get("source_parts", {})))
+                   manifest.get("autoencoder_weights", ""), dict(manifest.get("source_parts", {})),
+                   manifest.get("model_weights", ""))
 
 
 class _MemorySink:
@@ -222,10 +227,10 @@ class _MemorySink:
         self.parts.setdefault(key, []).append(rows.cpu())
 
     def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool,
-               autoencoder_weights: str, source_parts: Dict[str, str]) -> FeatureCache:
+               autoencoder_weights: str, source_parts: Dict[str, str], model_weights: str) -> FeatureCache:
         arrays = {key: torch.cat(parts) for key, parts in self.parts.items()}
         return FeatureCache(arrays["code_mean"], arrays["code_std"], {n: arrays[f"layer.{n}"] for n in layers},
-                            model_class, source, layer_inputs, autoencoder_weights, source_parts)
+                            model_class, source, layer_inputs, autoencoder_weights, source_parts, model_weights)
 
     def abort(self) -> None:
         self.parts.clear()
@@ -250,12 +255,12 @@ class _DiskSink:
         self.writers[key].append(rows)
 
     def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool,
-               autoencoder_weights: str, source_parts: Dict[str, str]) -> FeatureCache:
+               autoencoder_weights: str, source_parts: Dict[str, str], model_weights: str) -> FeatureCache:
         files = {key: writer.close().name for key, writer in self.writers.items()}
         write_manifest(self.folder, {"kind": "feature_cache", "format_version": _DISK_FORMAT, "n": self.n_rows,
                                      "layers": list(layers), "model_class": model_class, "source": source,
                                      "layer_inputs": layer_inputs, "autoencoder_weights": autoencoder_weights,
-                                     "source_parts": source_parts, "files": files})
+                                     "source_parts": source_parts, "model_weights": model_weights, "files": files})
         return FeatureCache.open(self.folder)
 
     def abort(self) -> None:
@@ -317,6 +322,11 @@ def _source_digests(model: nn.Module, autoencoder: Any, data: Any, n_probe: int 
         digest.update(label.encode())
         _hash_tensors(digest, part.state_dict() if isinstance(part, nn.Module) else _tensor_attributes(part))
     digest.start("images")
+    _hash_images(digest, data, n_probe)
+    return digest.whole.hexdigest()[:16], {part: d.hexdigest()[:16] for part, d in digest.parts.items()}
+
+
+def _hash_images(digest: Any, data: Any, n_probe: int) -> None:
     n = count_images(data)
     digest.update(f"images:{n}".encode())
     items, indices = data, range(n or 0)
@@ -328,7 +338,22 @@ def _source_digests(model: nn.Module, autoencoder: Any, data: Any, n_probe: int 
                 digest.update(_tensor_bytes(_images_of(items[indices[position]])))
             except TypeError:  # items that are not tensors (e.g. PIL images): counted, not hashed
                 digest.update(b"?")
-    return digest.whole.hexdigest()[:16], {part: d.hexdigest()[:16] for part, d in digest.parts.items()}
+
+
+@torch.no_grad()
+def images_fingerprint(data: Any, n_probe: int = 32) -> str:
+    """A short hash of a set of images: their number and ``n_probe`` of them spread evenly over
+    ``data`` (the images part of :func:`source_fingerprint`), so a resumed fit notices other images.
+
+    Examples::
+
+        >>> images = torch.rand(10, 3, 8, 8)
+        >>> images_fingerprint(images) == images_fingerprint(images.clone()), images_fingerprint(images[:9]) == images_fingerprint(images)
+        (True, False)
+    """
+    digest = hashlib.sha256()
+    _hash_images(digest, data, n_probe)
+    return digest.hexdigest()[:16]
 
 
 _PART_NAMES = {"model": "the model's weights or buffers (e.g. BatchNorm statistics)", "autoencoder": "the autoencoder",
@@ -441,7 +466,8 @@ def cache_features(
                 sink.append("code_std", std)
                 bar.update(images.shape[0])
         return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names, source,
-                           bool(attribute_to_layer_input), weights_fingerprint(autoencoder), source_parts)
+                           bool(attribute_to_layer_input), weights_fingerprint(autoencoder), source_parts,
+                           weights_fingerprint(model))
     except BaseException:
         sink.abort()  # no half-written cache is left behind
         raise

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -19,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "check_checkpoint_path"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "check_checkpoint_path",
+           "building_from", "load_module_state", "warn_if_unfinished", "recorded_config_has"]
 
 FORMAT_VERSION = 1
 _META_KEY = "captum_inn"
@@ -178,6 +180,9 @@ def load_checkpoint(
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"Checkpoint {str(path)!r} has corrupted metadata ({exc}).") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"Checkpoint {str(path)!r} has corrupted metadata (a JSON {type(meta).__name__}, "
+                              "not an object).")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
@@ -186,9 +191,71 @@ def load_checkpoint(
         )
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} holds a {meta.get('kind')!r}, expected a {kind!r}."
+            f"Checkpoint {str(path)!r} holds kind {meta.get('kind')!r}, expected {kind!r}."
         )
     return tensors, meta
+
+
+@contextlib.contextmanager
+def building_from(path: PathLike):
+    """Turn the errors of building a module from a checkpoint's metadata (a missing or unknown
+    setting, a wrong value) into one :class:`CheckpointError` naming the file.
+
+    Examples::
+
+        >>> with building_from("ae.safetensors"):  # doctest: +IGNORE_EXCEPTION_DETAIL
+        ...     {}["model"]
+        Traceback (most recent call last):
+        ...
+        CheckpointError: Checkpoint 'ae.safetensors' does not describe a module this version can build ...
+    """
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} does not describe a module this version can build ({type(error).__name__}: "
+            f"{error}); it is damaged or was edited. Restore it from a copy, or fit again."
+        ) from None
+
+
+def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], path: PathLike,
+                      prefix: str = "model.") -> None:
+    """Load the tensors under ``prefix`` into ``module``, refusing missing, extra, misshapen or
+    non-finite ones with a :class:`CheckpointError` (a damaged file, not a silent NaN model)."""
+    state = strip_prefix(tensors, prefix)
+    bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"Checkpoint {str(path)!r} holds NaN or infinite values in {', '.join(bad[:3])}"
+                              f"{' …' if len(bad) > 3 else ''}; restore it from a copy, or fit again.")
+    with building_from(path):
+        module.load_state_dict(state)
+
+
+def warn_if_unfinished(path: PathLike, step: Any, steps: Any, fit: str) -> None:
+    """Warn when a fit's checkpoint holds fewer steps than the fit was asked for (it was stopped)."""
+    if isinstance(step, int) and isinstance(steps, int) and step < steps:
+        warnings.warn(
+            f"{str(path)!r} is a checkpoint of an unfinished {fit} (step {step} of {steps}); call {fit} again "
+            "with the same checkpoint to finish it.", UserWarning, stacklevel=3,
+        )
+
+
+def recorded_config_has(path: Optional[PathLike], key: str, default: bool) -> bool:
+    """Whether the checkpoint at ``path`` records ``key`` in its ``config`` (read from the header
+    alone); ``default`` where there is no readable checkpoint. A fit records a new entry only where
+    an older checkpoint it resumes has it too, so checkpoints of older versions still resume."""
+    if path is None or not Path(path).is_file():
+        return default
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(_META_KEY, "null"))
+        return key in meta["config"]
+    except Exception:  # unreadable: the resume itself reports it
+        return default
 
 
 def module_tensors(module: torch.nn.Module, prefix: str = "model.") -> Dict[str, torch.Tensor]:

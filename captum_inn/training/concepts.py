@@ -33,10 +33,11 @@ from captum_inn.concepts import RESIDUAL, ConceptPairs, as_concepts
 from captum_inn.inn import FactorINN, factor_sizes_from_scores
 from captum_inn.training.checkpoint import (
     CheckpointError,
+    building_from,
     load_checkpoint,
+    load_module_state,
     module_tensors,
     save_checkpoint,
-    strip_prefix,
 )
 from captum_inn.training.distributed import (
     check_replicas_agree,
@@ -549,7 +550,10 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
         concepts = LayerConcepts(model, "layer4", e, ae)
     """
     tensors, meta = load_checkpoint(path, map_location=map_location, kind="concept_inn")
-    config = dict(meta["config"])
+    with building_from(path):
+        config = dict(meta["config"])
+        inn = FactorINN(**config["inn"])
+    load_module_state(inn, tensors, path)
     if config.pop("train", None) is not None:  # a checkpoint written during a fit
         if "fit_results" not in meta:
             warnings.warn(
@@ -559,8 +563,7 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
                 UserWarning, stacklevel=2,
             )
         config.update(meta.get("fit_results", {}))
-    inn = FactorINN(**config.pop("inn"))
-    inn.load_state_dict(strip_prefix(tensors, "model."))
+    config.pop("inn")
     if representation is not None:
         expected = _as_encoder(representation)[1](inn.dim)
         saved = config.get("representation", {})

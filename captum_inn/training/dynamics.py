@@ -16,12 +16,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from captum_inn.attr._common import as_device, check_module_device
+from captum_inn.attr._common import as_device, check_module_device, weights_fingerprint
 from captum_inn.attr.concepts import LayerConcepts
 from captum_inn.capture import capture, resolve_layer
 from captum_inn.inn import FactorINN
 from captum_inn.training.autoencoder import images_as_tensor
-from captum_inn.training.cache import FeatureCache, cache_features, source_fingerprint
+from captum_inn.training.cache import FeatureCache, _source_digests, cache_features
 from captum_inn.training.classifier import accuracy
 from captum_inn.training.data import iter_image_batches
 from captum_inn.training.invariances import InvarianceConfig, fit_invariances
@@ -212,8 +212,9 @@ def concept_dynamics(
             base = cache_features(model, [name], autoencoder, data, device=device, progress=progress)
             cache = base
         else:  # the same codes; this model's layer, and its own source for the checkpoint's record
-            cache = replace(base, layers={name: _layer_features(model, name, data, device)},
-                            source=source_fingerprint(model, autoencoder, data))
+            source, parts = _source_digests(model, autoencoder, data)
+            cache = replace(base, layers={name: _layer_features(model, name, data, device)}, source=source,
+                            source_parts=parts, model_weights=weights_fingerprint(model))
         folder = str(Path(checkpoint_dir) / str(label)) if checkpoint_dir is not None else None
         inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
                               progress=progress)

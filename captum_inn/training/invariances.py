@@ -24,8 +24,19 @@ from tqdm import tqdm
 
 from captum_inn._random import seeded_global_rng
 from captum_inn.inn import ConditionalINN
-from captum_inn.training.cache import FeatureCache, cache_features, source_changes, source_fingerprint
-from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, strip_prefix
+from captum_inn.training.cache import (
+    FeatureCache,
+    cache_features,
+    source_changes,
+    source_fingerprint,
+)
+from captum_inn.training.checkpoint import (
+    CheckpointError,
+    building_from,
+    load_checkpoint,
+    load_module_state,
+    warn_if_unfinished,
+)
 from captum_inn.training.distributed import (
     check_replicas_agree,
     gather_texts,
@@ -160,7 +171,8 @@ def _train(
         meta["config"]["layer_inputs"] = True
     # beside the config (not compared on resume): what load_invariance_inn gives the explainers
     fit_info.update({"attribute_to_layer_input": cache.layer_inputs,
-                     "autoencoder_weights": cache.autoencoder_weights or None, "steps": config.steps})
+                     "autoencoder_weights": cache.autoencoder_weights or None,
+                     "model_weights": cache.model_weights or None, "steps": config.steps})
     meta["fit_info"] = fit_info
     n = len(cache)
     batch = local_batch_size(config.batch_size, n)
@@ -309,8 +321,8 @@ def fit_invariances(
     Returns:
         The fitted :class:`~captum_inn.inn.ConditionalINN` (eval mode) for a single layer, or
         ``{layer name: INN}`` for a list. Each INN carries ``fit_info`` (layer, layer shape, latent
-        size, model class, whether the layer's input was read, the autoencoder's
-        ``weights_fingerprint``, steps, final NLL per dimension) and ``history``.
+        size, model class, whether the layer's input was read, the ``weights_fingerprint`` of the
+        autoencoder and of the model, steps, final NLL per dimension) and ``history``.
 
     Raises:
         ValueError: bad settings, each named (a layer listed twice, ``layer_overrides`` for a layer
@@ -507,25 +519,28 @@ def load_invariance_inn(
         explainer = LayerInvariance(model, "layer4", inn, ae)
     """
     tensors, meta = load_checkpoint(path, kind="invariance_inn", map_location=map_location)
-    config = meta["config"]
-    saved_shape = tuple(config["layer_shape"])
+    with building_from(path):
+        config = meta["config"]
+        saved_shape = tuple(int(size) for size in config["layer_shape"])
+        saved_latent = int(config["latent_dim"])
+        inn_config = dict(config["inn"])
+        inn_config.setdefault("conv_patch_to", None)  # saved before the setting existed: full-resolution embedder
+        inn_config.setdefault("token_dim", None)  # likewise: token sequences flattened into an MLP
+        inn = ConditionalINN(**inn_config).to(map_location)
+        info = dict(meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")})
     if layer_shape is not None and tuple(int(s) for s in layer_shape) != saved_shape:
         raise CheckpointError(
-            f"{path!r} was fitted for layer {config['layer']!r} with activations of shape {saved_shape}, "
+            f"{path!r} was fitted for layer {config.get('layer')!r} with activations of shape {saved_shape}, "
             f"but this layer gives {tuple(layer_shape)}. Fit an INN for this layer (fit_invariances)."
         )
-    if latent_dim is not None and int(latent_dim) != int(config["latent_dim"]):
+    if latent_dim is not None and int(latent_dim) != saved_latent:
         raise CheckpointError(
-            f"{path!r} was fitted on autoencoder codes of size {config['latent_dim']}, but this "
+            f"{path!r} was fitted on autoencoder codes of size {saved_latent}, but this "
             f"autoencoder's codes have size {latent_dim}. Use the autoencoder it was fitted with."
         )
-    inn_config = dict(config["inn"])
-    inn_config.setdefault("conv_patch_to", None)  # saved before the setting existed: full-resolution embedder
-    inn_config.setdefault("token_dim", None)  # likewise: token sequences flattened into an MLP
-    inn = ConditionalINN(**inn_config).to(map_location)
-    inn.load_state_dict(strip_prefix(tensors, "model."))
-    info = dict(meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")})
+    load_module_state(inn, tensors, path)
     if "train" in config:  # a fit's checkpoint: its config says which side of the layer was read
         info.setdefault("attribute_to_layer_input", bool(config.get("layer_inputs", False)))
+        warn_if_unfinished(path, meta.get("step"), info.get("steps"), "fit_invariances")
     inn.fit_info = {**info, "step": meta.get("step", info.get("steps"))}
     return inn.eval()

@@ -1,0 +1,182 @@
+"""Loading fitted networks: damaged or edited checkpoints fail with a CheckpointError naming the file,
+checkpoints of stopped fits warn, an INN refuses a model with other weights, and a resumed
+autoencoder fit refuses other images."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from helpers_training import TINY
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from captum_inn import LayerConcepts, LayerInvariance
+from captum_inn.concepts import ConceptPairs
+from captum_inn.models import SmallCNN
+from captum_inn.training import (
+    CheckpointError,
+    fit_autoencoder,
+    fit_concepts,
+    fit_invariances,
+    load_autoencoder,
+    load_concept_inn,
+    load_invariance_inn,
+    save_invariance_inn,
+)
+from captum_inn.training.checkpoint import _META_KEY
+from captum_inn.training.invariances import checkpoint_name
+
+torch.set_num_threads(1)
+
+
+def _rewrite(path, out, edit_meta=None, edit_tensors=None):
+    """A copy of the checkpoint at ``path`` with its metadata or tensors edited (as a user or a
+    broken tool might), still a well-formed safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[_META_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_meta is not None:
+        meta = edit_meta(meta)
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    save_file(tensors, str(out), metadata={_META_KEY: json.dumps(meta)})
+    return out
+
+
+@pytest.fixture
+def fitted(images, autoencoder, tmp_path):
+    model = SmallCNN(width=4).eval()
+    inn = fit_invariances(model, "fc", autoencoder, images, steps=2, progress=False, **TINY)
+    return model, inn, save_invariance_inn(tmp_path / "fc.safetensors", inn)
+
+
+def _concept_inn(autoencoder, images, **settings):
+    labels = torch.arange(len(images)) % 2
+    return fit_concepts(autoencoder, [ConceptPairs.from_labels("a", images, labels)], factor_sizes={"a": 2}, steps=2,
+                        pool_size=16, progress=False, n_blocks=1, hidden=8, **settings)
+
+
+def _without(key):
+    def edit(meta):
+        meta.pop(key)
+        return meta
+    return edit
+
+
+def _config_edit(change):
+    def edit(meta):
+        change(meta["config"])
+        return meta
+    return edit
+
+
+def _inn_missing_tensor(tensors):
+    tensors.pop(sorted(k for k in tensors if k.startswith("model."))[0])
+
+
+def _inn_nan(tensors):
+    key = sorted(k for k in tensors if k.startswith("model.") and tensors[k].is_floating_point())[0]
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+
+
+def _inn_reshaped(tensors):
+    key = sorted(k for k in tensors if k.startswith("model.") and tensors[k].dim() == 2)[0]
+    tensors[key] = tensors[key][:, :-1].contiguous()
+
+
+@pytest.mark.parametrize("edit_meta, edit_tensors, message", [
+    (_without("config"), None, "KeyError"),
+    (_config_edit(lambda c: c.pop("inn")), None, "KeyError"),
+    (_config_edit(lambda c: c["inn"].update(bogus=1)), None, "bogus"),
+    (_config_edit(lambda c: c["inn"].update(dim=-3)), None, "does not describe a module"),
+    (_config_edit(lambda c: c["inn"].update(n_blocks=c["inn"]["n_blocks"] + 1)), None, "does not describe a module"),
+    (lambda meta: [meta], None, "corrupted metadata"),
+    (None, _inn_missing_tensor, "does not describe a module"),
+    (None, _inn_reshaped, "does not describe a module"),
+    (None, _inn_nan, "NaN or infinite"),
+])
+def test_a_damaged_invariance_inn_file_is_a_checkpoint_error(fitted, tmp_path, edit_meta, edit_tensors, message):
+    _, _, path = fitted
+    damaged = _rewrite(path, tmp_path / "damaged.safetensors", edit_meta, edit_tensors)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_invariance_inn(str(damaged))
+    assert "damaged.safetensors" in str(error.value)
+
+
+def test_damaged_autoencoder_and_concept_files_are_checkpoint_errors(images, autoencoder, tmp_path):
+    ae_path = tmp_path / "ae.safetensors"
+    fit_autoencoder(images, latent_dim=4, width=4, steps=2, checkpoint=str(ae_path), progress=False)
+    with pytest.raises(CheckpointError, match="KeyError"):
+        load_autoencoder(str(_rewrite(ae_path, tmp_path / "a1.safetensors", _without("model"))))
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_autoencoder(str(_rewrite(ae_path, tmp_path / "a2.safetensors", edit_tensors=_inn_nan)))
+    concepts = tmp_path / "concepts.safetensors"
+    _concept_inn(autoencoder, images, checkpoint=str(concepts))
+    with pytest.raises(CheckpointError, match="KeyError"):
+        load_concept_inn(str(_rewrite(concepts, tmp_path / "c1.safetensors", _config_edit(lambda c: c.pop("inn")))))
+
+
+def test_checkpoints_of_stopped_fits_warn_and_finished_ones_do_not(images, autoencoder, tmp_path):
+    model = SmallCNN(width=4).eval()
+    fit_invariances(model, "fc", autoencoder, images, steps=3, checkpoint_every=1, checkpoint_dir=str(tmp_path),
+                    progress=False, **TINY)
+    checkpoint = str(tmp_path / checkpoint_name("fc"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_invariance_inn(checkpoint).fit_info["step"] == 3  # a finished fit: no warning
+    stopped = _rewrite(checkpoint, tmp_path / "stopped.safetensors", lambda meta: {**meta, "step": 1})
+    with pytest.warns(UserWarning, match=r"unfinished fit_invariances \(step 1 of 3\)"):
+        load_invariance_inn(str(stopped))
+
+    ae_path = tmp_path / "ae.safetensors"
+    fit_autoencoder(images, latent_dim=4, width=4, steps=2, checkpoint=str(ae_path), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_autoencoder(str(ae_path))
+    fit_autoencoder(images, latent_dim=4, width=4, steps=2, checkpoint=str(ae_path), progress=False)
+    stopped_ae = _rewrite(ae_path, tmp_path / "stopped_ae.safetensors", lambda meta: {**meta, "steps": 5})
+    with pytest.warns(UserWarning, match=r"unfinished fit_autoencoder \(step 2 of 5\)"):
+        load_autoencoder(str(stopped_ae))
+
+
+def test_an_invariance_inn_refuses_a_model_with_other_weights(images, autoencoder, fitted):
+    model, inn, path = fitted
+    retrained = SmallCNN(width=4).eval()  # the same architecture, other weights
+    for candidate in (inn, load_invariance_inn(str(path))):
+        LayerInvariance(model, "fc", candidate, autoencoder)  # the model it was fitted with
+        LayerInvariance(torch.nn.DataParallel(model), "module.fc", candidate, autoencoder)  # wrapped: the same weights
+        with pytest.raises(ValueError, match="another `forward_func`.*fit `inn` again"):
+            LayerInvariance(retrained, "fc", candidate, autoencoder)
+
+
+def test_layer_concepts_refuses_an_invariance_inn_of_a_model_with_other_weights(images, autoencoder, fitted):
+    model, inn, _ = fitted
+    concept_inn = _concept_inn(autoencoder, images)
+    LayerConcepts(model, "fc", concept_inn, autoencoder, invariance_inn=inn)
+    with pytest.raises(ValueError, match="`invariance_inn` was fitted with another `forward_func`"):
+        LayerConcepts(SmallCNN(width=4).eval(), "fc", concept_inn, autoencoder, invariance_inn=inn)
+
+
+def test_a_resumed_autoencoder_fit_refuses_other_images_and_another_perceptual_model(images, tmp_path):
+    path = str(tmp_path / "ae.safetensors")
+    settings = dict(latent_dim=4, width=4, checkpoint=path, progress=False)
+    fit_autoencoder(images, steps=2, **settings)
+    assert len(fit_autoencoder(images.clone(), steps=3, **settings).history) == 3  # the same images resume
+    other = images.clone()
+    other[0] = 1 - other[0]
+    with pytest.raises(CheckpointError, match="source.images"):
+        fit_autoencoder(other, steps=4, **settings)
+    perceptual = SmallCNN(width=4).eval()
+    with pytest.raises(CheckpointError, match="source.perceptual_model"):
+        fit_autoencoder(images, steps=4, perceptual_model=perceptual, perceptual_layers=("relu1",), **settings)
+
+
+def test_an_autoencoder_checkpoint_of_an_older_version_still_resumes(images, tmp_path):
+    path = tmp_path / "ae.safetensors"
+    settings = dict(latent_dim=4, width=4, checkpoint=str(path), progress=False)
+    fit_autoencoder(images, steps=2, **settings)
+    _rewrite(path, path, _config_edit(lambda c: c.pop("source")))  # as written before the source was recorded
+    assert len(fit_autoencoder(images, steps=3, **settings).history) == 3

@@ -110,6 +110,10 @@ def test_float64_models_are_explained(setup, x):
     mixed = LayerInvariance(model64, "logits", inn, ae).attribute(x.double(), n_samples=4, seed=0)
     assert torch.allclose(mixed.float(), plain, atol=1e-4)
     inn64, ae64 = copy.deepcopy(inn).double(), copy.deepcopy(ae).double()
+    # a float64 autoencoder with the float32 INN: codes cross to the INN's dtype and back to the decoder's
+    bridged = LayerInvariance(model64, "logits", inn, ae64)
+    assert torch.allclose(bridged.attribute(x.double(), n_samples=4, seed=0).float(), plain, atol=1e-4)
+    assert bridged.transfer(x.double(), x.double().flip(0)).dtype == torch.float64
     inn64.fit_info = {"layer": "logits", "autoencoder_weights": weights_fingerprint(ae)}  # recorded in float32
     everything = LayerInvariance(model64, "logits", inn64, ae64).attribute(x.double(), n_samples=4, seed=0)
     # float64 draws of v differ from float32 ones of the same seed: the same kind of map, other numbers

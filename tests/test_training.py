@@ -362,6 +362,15 @@ def test_resume_refuses_a_cache_of_another_model_or_other_images(images, autoenc
     fit_invariances(retrained, "fc", autoencoder, images, steps=3, **settings)  # and resumes from it
 
 
+def test_float64_networks_are_fitted_with_a_float32_inn(images, autoencoder):
+    model = SmallCNN(width=4).double().eval()
+    ae64 = copy.deepcopy(autoencoder).double()
+    inn = fit_invariances(model, "fc", ae64, images.double(), steps=3, progress=False, **TINY)
+    assert inn.dtype == torch.float32 and torch.isfinite(torch.tensor(inn.history)).all()
+    explained = LayerInvariance(model, "fc", inn, ae64).attribute(images[:2].double(), n_samples=3, seed=0)
+    assert explained.dtype == torch.float64 and torch.isfinite(explained).all()
+
+
 def test_source_changes_names_parts_and_survives_caches_without_them(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     cache = cache_features(model, "fc", autoencoder, images, progress=False)

@@ -26,6 +26,7 @@ __all__ = [
     "as_device",
     "warn_if_training",
     "dtype_errors_named",
+    "network_dtype",
     "check_pixel_range",
     "check_image_size",
     "weights_fingerprint",
@@ -205,6 +206,15 @@ def layer_activation(
             "The hooked layer did not run during the forward pass; check that it is used by forward_func."
         )
     return next(iter(values.values()))
+
+
+def network_dtype(network: Any, default: torch.dtype) -> torch.dtype:
+    """The floating dtype of a network's weights (``default`` for one without floating parameters)."""
+    if isinstance(network, nn.Module):
+        for parameter in network.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+    return default
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from captum_inn.attr._common import (
     format_inputs,
     layer_activation,
     layer_side,
+    network_dtype,
     resolve_model_layer,
     warn_if_training,
 )
@@ -244,7 +245,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     f"Layer {self.layer_name!r} gives activations of shape {tuple(z.shape[1:])}, but `concept_inn` "
                     f"acts on vectors of size {self.concept_inn.dim}."
                 )
-            return z
+            return z.to(self._concept_dtype)
         images = inputs[self.image_input if image_input is None else image_input]
         with dtype_errors_named(images, self.autoencoder):
             code = encode_mean(self.autoencoder, images)
@@ -253,10 +254,18 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 f"`autoencoder` gives codes of size {code.shape[1]}, but `concept_inn` acts on codes of size "
                 f"{self.concept_inn.dim}; pass the autoencoder it was fitted with."
             )
-        return code
+        return code.to(self._concept_dtype)
+
+    @property
+    def _concept_dtype(self) -> torch.dtype:
+        return network_dtype(self.concept_inn, torch.get_default_dtype())
 
     def _to_representation(self, factors: Tensor) -> Tensor:
-        return self.concept_inn(factors, rev=True, jac=False)[0]
+        """The layer's activation or the code for ``factors``, in the dtype of the network it goes
+        to (a float32 INN's output for a float64 model or autoencoder)."""
+        representation = self.concept_inn(factors, rev=True, jac=False)[0]
+        network = self.forward_func if self.representation == _LAYER else self.autoencoder
+        return representation.to(network_dtype(network, representation.dtype))
 
     def _check_factors(self, factors: Tensor, n: int, name: str = "factors") -> Tensor:
         if not isinstance(factors, Tensor) or not factors.is_floating_point():
@@ -512,8 +521,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             codes = self.invariance_inn(v, None, rev=True, jac=False, embedding=embedding)[0]
             if reencode:
                 with eval_mode(self.autoencoder):
-                    codes = encode_mean(self.autoencoder, self.autoencoder.decode(codes))
-            factors = self.concept_inn(codes, jac=False)[0].view(n, n_samples, -1)
+                    images = self.autoencoder.decode(codes.to(network_dtype(self.autoencoder, codes.dtype)))
+                    codes = encode_mean(self.autoencoder, images)
+            factors = self.concept_inn(codes.to(self._concept_dtype), jac=False)[0].view(n, n_samples, -1)
         variance = factors.var(dim=1)
         reference = self._factor_variance().to(variance)
         shares = [1.0 - variance[:, s].sum(1) / reference[s].sum() for s in self.concept_inn.factor_slices.values()]

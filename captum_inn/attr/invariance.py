@@ -26,6 +26,7 @@ from captum_inn.attr._common import (
     check_same_device,
     check_same_weights,
     dtype_errors_named,
+    network_dtype,
     format_inputs,
     layer_activation,
     layer_side,
@@ -178,7 +179,8 @@ class LayerInvariance(LayerAttribution):
         return code
 
     def _decode(self, code: Tensor) -> Tensor:
-        return self.autoencoder.decode(code)
+        # codes from the INN (float32) go to the decoder in its own dtype (a float64 autoencoder)
+        return self.autoencoder.decode(code.to(network_dtype(self.autoencoder, code.dtype)))
 
     def _check_images(self, images: Tensor) -> None:
         """Images the autoencoder can take: its size (samples never encode the input, so a model
@@ -213,7 +215,7 @@ class LayerInvariance(LayerAttribution):
         self._check_images(inputs[self.image_input])
         with eval_mode(self.inn, self.autoencoder):
             z = self._activation(inputs, additional_forward_args)
-            return self.inn(self._code(inputs[self.image_input]), z, jac=False)[0]
+            return self.inn(self._code(inputs[self.image_input]).to(self.inn.dtype), z, jac=False)[0]
 
     @torch.no_grad()
     def reconstruct(self, inputs: Union[Tensor, Tuple[Tensor, ...]]) -> Tensor:

@@ -151,7 +151,7 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
     inn.embedder.set_input_statistics(init_conditions)
     with torch.no_grad():  # ActNorm's data-dependent initialisation, on a large real batch
         init_gen = torch.Generator().manual_seed(config.seed)
-        inn(cache.sample_codes(init, init_gen).to(device), init_conditions)
+        inn(cache.sample_codes(init, init_gen).to(device, inn.dtype), init_conditions)
     return inn
 
 
@@ -182,7 +182,8 @@ def _train(
         codes = cache.sample_codes(index, generator)
         if config.code_noise > 0:
             codes = codes + config.code_noise * torch.randn(codes.shape, generator=generator).to(codes)
-        return codes.to(device), cache.rows(name, index).to(device)
+        # the INN trains in its own dtype (float32) whatever the network's; embed casts the conditions
+        return codes.to(device, inn.dtype), cache.rows(name, index).to(device)
 
     def loss_fn(codes: Tensor, condition: Tensor) -> Tensor:
         v, logdet = inn(codes, condition)

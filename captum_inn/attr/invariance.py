@@ -26,10 +26,10 @@ from captum_inn.attr._common import (
     check_same_device,
     check_same_weights,
     dtype_errors_named,
-    network_dtype,
     format_inputs,
     layer_activation,
     layer_side,
+    network_dtype,
     resolve_model_layer,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean

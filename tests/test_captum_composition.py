@@ -134,9 +134,8 @@ def _concepts(setup, layer: bool = False):
 @contextmanager
 def left_as_it_was(model: nn.Module, mode: str = "eval", warns: Optional[bool] = False):
     """Run the block with ``model`` in ``mode``; afterwards no hook may remain and every training
-    flag must be as before. Calls that run the model as it is (concept attributions) must warn in
-    training mode (``warns=True``); layer reads run in eval mode and must never warn
-    (``warns=False``); failing calls may stop before the warning (``warns=None``: not checked)."""
+    flag must be as before. Every call runs the model in eval mode and must never warn about training
+    mode (``warns=False``; ``warns=None``: not checked)."""
     was = model.training
     model.train(mode == "train")
     flags = training_flags(model)
@@ -232,7 +231,7 @@ def test_noise_tunnel_over_concept_attributions(setup, x, scale, layer, mode):
     concepts = _concepts(setup, layer)
     k = len(concepts.concept_names)
     x_before = x.clone()
-    with left_as_it_was(setup[0], mode, warns=True):
+    with left_as_it_was(setup[0], mode):
         scores, delta = NoiseTunnel(concepts).attribute(
             x, nt_samples=3, stdevs=0.02, target=1, n_steps=16, return_convergence_delta=True,
         )
@@ -340,7 +339,7 @@ def _as_tuple(explain):
 def test_sensitivity_max_of_concept_attributions(setup, x, mode):
     concepts = _concepts(setup)
     kwargs = dict(n_perturb_samples=3, target=1, n_steps=16)
-    with left_as_it_was(setup[0], mode, warns=True), torch.random.fork_rng():
+    with left_as_it_was(setup[0], mode), torch.random.fork_rng():
         torch.manual_seed(0)
         near = sensitivity_max(_as_tuple(concepts.attribute), x, perturb_radius=1e-4, **kwargs)
         far = sensitivity_max(_as_tuple(concepts.attribute), x, perturb_radius=0.1, **kwargs)

@@ -24,7 +24,6 @@ __all__ = [
     "check_fitted_layer",
     "layer_side",
     "as_device",
-    "warn_if_training",
     "dtype_errors_named",
     "network_dtype",
     "check_pixel_range",
@@ -233,24 +232,6 @@ def dtype_errors_named(images: Tensor, *modules: Any, name: str = "inputs") -> I
                 f"with images.to(torch.{want}). ({error})"
             ) from error
         raise
-
-
-_BATCH_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d, nn.Dropout3d)
-
-
-def warn_if_training(forward_func: Callable) -> None:
-    """Warn when the model is in training mode with batch norm or dropout, for calls that run it as
-    it is (its outputs then depend on the batch and on chance). Layer reads need no warning: they
-    run in eval mode."""
-    if isinstance(forward_func, nn.Module) and forward_func.training:
-        if any(isinstance(m, _BATCH_DEPENDENT) and m.training for m in forward_func.modules()):
-            warnings.warn(
-                f"{type(forward_func).__name__} is in training mode: its batch norm uses batch statistics "
-                "and its dropout is random, so its outputs depend on the batch. Call model.eval() "
-                "before explaining it.",
-                UserWarning,
-                stacklevel=3,
-            )
 
 
 def check_same_device(tensor: Tensor, module: nn.Module, name: str = "inputs") -> None:

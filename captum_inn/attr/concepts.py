@@ -28,7 +28,6 @@ from captum_inn.attr._common import (
     layer_side,
     network_dtype,
     resolve_model_layer,
-    warn_if_training,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean
 from captum_inn.capture import eval_mode, replace_activation
@@ -442,14 +441,15 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         """
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
-        warn_if_training(self.forward_func)  # the model runs as it is here, not in eval mode
         factors = self.factors(inputs, additional_forward_args) if factors is None else self._check_factors(factors, n)
         return self._forward_from_factors(factors, inputs, additional_forward_args)
 
     def _forward_from_factors(self, factors: Tensor, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
                               attribute_to_layer_input: Optional[bool] = None) -> Any:
         extra = _format_additional_forward_args(additional_forward_args) or ()
-        with eval_mode(self.concept_inn, self.autoencoder):
+        # the model in eval mode too, as for every layer read: batch norm in training mode would
+        # give batch-dependent outputs and overwrite its running statistics
+        with eval_mode(self.concept_inn, self.autoencoder, self.forward_func):
             representation = self._to_representation(factors)
             if self.representation == _LAYER:
                 to_input = self._to_input(attribute_to_layer_input)
@@ -683,7 +683,6 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             count = target.numel() if isinstance(target, Tensor) else len(target)
             raise ValueError(f"`target` holds {count} entries for {n} inputs; pass one target for all (an int, a "
                              "tuple or a one-element tensor) or one per input.")
-        warn_if_training(self.forward_func)  # gradients flow through the model as it is
         start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)
         base = self._baseline_factors(baselines, start)
         extra = _format_additional_forward_args(additional_forward_args) or ()

@@ -161,6 +161,27 @@ def _check_baselines(baselines: Any, images: Tensor) -> None:
         raise ValueError(f"`ig_baselines` is on {baselines.device} but the inputs are on {images.device}.")
 
 
+def _check_gradcam_layer(model: nn.Module, name: str, module: nn.Module, example: Tensor) -> None:
+    """Grad-CAM weighs the channels of an ``(N, C, H, W)`` map; refuse other layers by name (Captum
+    would fail inside its upsampling with a message about spatial dimensions)."""
+    seen: List[Any] = []
+    handle = module.register_forward_hook(lambda _m, _a, output: seen.append(output))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        handle.remove()
+    output = seen[0] if seen else None
+    if not (isinstance(output, Tensor) and output.dim() == 4):
+        got = (f"activations of shape {tuple(output.shape[1:])} per image" if isinstance(output, Tensor)
+               else "no output (it did not run)" if output is None else f"a {type(output).__name__}")
+        raise ValueError(
+            f"Grad-CAM needs a layer with an (N, C, H, W) feature map, but `gradcam_layer` {name!r} gives {got}. "
+            "Pass a convolutional layer (for a vision transformer its patch embedding, e.g. 'conv_proj'), or "
+            "leave gradcam_layer=None to use the last one with a spatial map."
+        )
+
+
 def compare_attributions(
     model: nn.Module,
     inputs: Tensor,
@@ -253,6 +274,8 @@ def compare_attributions(
             gradcam_layer = invariance.layer_name if z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
                 else last_spatial_layer(model, images)
         gradcam_name, gradcam_module = resolve_layer(model, gradcam_layer)
+        if not chosen:
+            _check_gradcam_layer(model, gradcam_name, gradcam_module, images[:1])
         if ig_baselines is None:
             ig_baselines = torch.zeros_like(images)
 
@@ -266,7 +289,8 @@ def compare_attributions(
             if chosen and start == 0 and cam.shape[2] * cam.shape[3] <= 4:
                 warnings.warn(
                     f"Grad-CAM at {gradcam_name!r} is a {cam.shape[2]}×{cam.shape[3]} map at this input size, "
-                    "too coarse to show where; pass gradcam_layer= an earlier layer (e.g. 'layer3' of a ResNet).",
+                    "too coarse to show where; pass gradcam_layer= an earlier layer with a larger map (for a "
+                    "ResNet, 'layer3').",
                     UserWarning, stacklevel=2,
                 )
             gradcam_parts.append(LayerAttribution.interpolate(cam.detach(), tuple(images.shape[2:]), "bilinear"))

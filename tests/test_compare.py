@@ -284,6 +284,16 @@ def test_gradcam_layer_given(setup, x, given):
     assert result.gradcam.shape == (x.shape[0], 1, 32, 32)  # 16×16 upsampled
 
 
+@pytest.mark.parametrize("layer, got", [("cnn.fc", r"activations of shape \(\d+,\) per image"),
+                                       ("cnn.logits", r"activations of shape \(10,\) per image")])
+def test_a_gradcam_layer_without_a_feature_map_is_refused_by_name(setup, x, layer, got):
+    """A vector or token layer (a ViT's encoder blocks) has no channels × positions for Grad-CAM to
+    weigh; Captum would fail inside its upsampling."""
+    with pytest.raises(ValueError, match=rf"Grad-CAM needs a layer with an \(N, C, H, W\) feature map, but "
+                                         rf"`gradcam_layer` '{layer}' gives {got}.*conv_proj"):
+        compare_attributions(setup[0], x, _invariance(setup), gradcam_layer=layer, generator=_gen(), **FAST)
+
+
 def test_ig_baselines(setup, x):
     model, explainer = setup[0], _invariance(setup)
     black = compare_attributions(model, x, explainer, target=1, generator=_gen(), **FAST)

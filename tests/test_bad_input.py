@@ -106,6 +106,7 @@ def _cases():
         ("float64 images for a float32 model", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(X.double()), TypeError, r"`inputs` images are torch.float64 .*images.to\(torch.float32\)"),
         ("float64 images for a float32 autoencoder", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).reconstruct(X.double()), TypeError, r"`inputs` images are torch.float64"),
         ("float64 concept inputs", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae).decompose(X.double()), TypeError, r"`inputs` images are torch.float64"),
+        ("signals that are not images", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X[:, :, 0], steps=1, progress=False), ValueError, r"`data` images must have shape \(N, C, H, W\), got batches of shape \(\d+, 3, 32\)"),
         ("float64 images to cache", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X.double(), steps=1, progress=False), TypeError, r"`data` images are torch.float64 .*images.to\(torch.float32\)"),
         ("channels-last images", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).sample(X.permute(0, 2, 3, 1)), ValueError, r"channels come last: pass x.permute\(0, 3, 1, 2\)"),
         ("a list of single images", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(list(X)), ValueError, r"got \(3, 32, 32\)\. A list is read as several model inputs.*torch.stack"),

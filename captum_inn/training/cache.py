@@ -443,6 +443,11 @@ def cache_features(
         with eval_mode(autoencoder), bar:
             for images in iter_image_batches(data, batch_size):
                 check_image_dtype(images)  # any floating dtype: the model and autoencoder may convert it
+                if images.dim() != 4:  # refused now, not by every explainer after the fit
+                    raise ValueError(
+                        f"`data` images must have shape (N, C, H, W), got batches of shape {tuple(images.shape)}: "
+                        "the explainers read and draw images (a 1-D signal fits as (N, C, 1, L))."
+                    )
                 if not torch.isfinite(images).all():
                     raise ValueError("`data` contains NaN or infinite pixels; clean the images before caching features.")
                 check_pixel_range(images, "data", autoencoder)

@@ -215,6 +215,13 @@ def test_every_target_form_is_accepted(setup, x, target):
     assert out.shape == x.shape
 
 
+@pytest.mark.parametrize("target", [[1, 2], torch.tensor([0, 1])])
+def test_a_target_count_other_than_the_inputs_is_refused(setup, x, target):
+    model, ae, inn, _ = setup
+    with pytest.raises(ValueError, match="`target` holds 2 entries for 3 inputs"):
+        LayerInvariance(model, "logits", inn, ae).attribute(x, target=target, n_samples=2)
+
+
 def test_composes_with_noise_tunnel_and_visualisation(setup, x):
     from captum.attr import NoiseTunnel
     from captum.attr import visualization as viz

@@ -26,6 +26,7 @@ __all__ = [
     "as_device",
     "dtype_errors_named",
     "network_dtype",
+    "check_target_count",
     "check_pixel_range",
     "check_image_size",
     "weights_fingerprint",
@@ -205,6 +206,17 @@ def layer_activation(
             "The hooked layer did not run during the forward pass; check that it is used by forward_func."
         )
     return next(iter(values.values()))
+
+
+def check_target_count(target: Any, n: int) -> None:
+    """Captum's targets: a tensor of one or ``n`` entries, or a list of ``n`` (Captum would fail an
+    internal assert, or an unused target would hide a mistake)."""
+    wrong = ((isinstance(target, Tensor) and target.numel() not in (1, n))
+             or (isinstance(target, list) and len(target) != n))
+    if wrong:
+        count = target.numel() if isinstance(target, Tensor) else len(target)
+        raise ValueError(f"`target` holds {count} entries for {n} inputs; pass one target for all (an int, a "
+                         "tuple or a one-element tensor) or one per input.")
 
 
 def network_dtype(network: Any, default: torch.dtype) -> torch.dtype:

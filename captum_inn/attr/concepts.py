@@ -22,6 +22,7 @@ from captum_inn.attr._common import (
     check_positive_int,
     check_same_device,
     check_same_weights,
+    check_target_count,
     dtype_errors_named,
     format_inputs,
     layer_activation,
@@ -676,13 +677,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
 
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
-        # Captum takes a tensor of one or N entries, or a list of N; it would fail an internal assert
-        wrong = ((isinstance(target, Tensor) and target.numel() not in (1, n))
-                 or (isinstance(target, list) and len(target) != n))
-        if wrong:
-            count = target.numel() if isinstance(target, Tensor) else len(target)
-            raise ValueError(f"`target` holds {count} entries for {n} inputs; pass one target for all (an int, a "
-                             "tuple or a one-element tensor) or one per input.")
+        check_target_count(target, n)
         start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)
         base = self._baseline_factors(baselines, start)
         extra = _format_additional_forward_args(additional_forward_args) or ()

@@ -25,6 +25,7 @@ from captum_inn.attr._common import (
     check_positive_int,
     check_same_device,
     check_same_weights,
+    check_target_count,
     dtype_errors_named,
     format_inputs,
     layer_activation,
@@ -367,7 +368,8 @@ class LayerInvariance(LayerAttribution):
         Args:
             inputs: ``(N, C, H, W)`` images, or a tuple of tensors whose ``image_input`` entry is the image.
             target: Accepted for Captum compatibility (every ``TargetType`` form) and not used:
-                the map describes the layer, not one output.
+                the map describes the layer, not one output. A list or tensor of another length
+                than the inputs (or 1) is refused, as Captum's methods do.
             additional_forward_args: Extra arguments of ``forward_func``.
             n_samples: Samples per input (``>= 2``).
             temperature: Scale of the invariances ``v`` (``> 0``).
@@ -396,6 +398,7 @@ class LayerInvariance(LayerAttribution):
         if n_samples < 2:
             raise ValueError(f"`n_samples` must be >= 2 for a spread, got {n_samples}.")
         formatted = format_inputs(inputs, self.image_input)
+        check_target_count(target, formatted[0].shape[0])  # unused, but a wrong count is a caller's mistake
         if seed is not None:
             if generator is not None:
                 raise ValueError("Give at most one of `generator` and `seed`.")

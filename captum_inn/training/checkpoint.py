@@ -223,7 +223,22 @@ def building_from(path: PathLike):
 def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], path: PathLike,
                       prefix: str = "model.") -> None:
     """Load the tensors under ``prefix`` into ``module``, refusing missing, extra, misshapen or
-    non-finite ones with a :class:`CheckpointError` (a damaged file, not a silent NaN model)."""
+    non-finite ones with a :class:`CheckpointError` (a damaged file, not a silent NaN model).
+
+    Args:
+        module: The freshly built module.
+        tensors: ``{name: tensor}`` as :func:`load_checkpoint` returns them, each of the shape of
+            the module's entry.
+        path: The checkpoint, named in errors.
+        prefix: The prefix of the module's entries.
+
+    Examples::
+
+        >>> net = torch.nn.Linear(2, 1)
+        >>> load_module_state(net, {"model.weight": torch.ones(1, 2), "model.bias": torch.zeros(1)}, "ck.safetensors")
+        >>> net.weight.sum().item()
+        2.0
+    """
     state = strip_prefix(tensors, prefix)
     bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
@@ -234,7 +249,12 @@ def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tenso
 
 
 def warn_if_unfinished(path: PathLike, step: Any, steps: Any, fit: str) -> None:
-    """Warn when a fit's checkpoint holds fewer steps than the fit was asked for (it was stopped)."""
+    """Warn when a fit's checkpoint holds fewer steps than the fit was asked for (it was stopped).
+
+    Examples::
+
+        >>> warn_if_unfinished("ae.safetensors", 3000, 3000, "fit_autoencoder")   # finished: silent
+    """
     if isinstance(step, int) and isinstance(steps, int) and step < steps:
         warnings.warn(
             f"{str(path)!r} is a checkpoint of an unfinished {fit} (step {step} of {steps}); call {fit} again "
@@ -245,7 +265,13 @@ def warn_if_unfinished(path: PathLike, step: Any, steps: Any, fit: str) -> None:
 def recorded_config_has(path: Optional[PathLike], key: str, default: bool) -> bool:
     """Whether the checkpoint at ``path`` records ``key`` in its ``config`` (read from the header
     alone); ``default`` where there is no readable checkpoint. A fit records a new entry only where
-    an older checkpoint it resumes has it too, so checkpoints of older versions still resume."""
+    an older checkpoint it resumes has it too, so checkpoints of older versions still resume.
+
+    Examples::
+
+        >>> recorded_config_has(None, "source", default=True)   # no checkpoint yet: record it
+        True
+    """
     if path is None or not Path(path).is_file():
         return default
     try:

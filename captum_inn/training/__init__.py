@@ -9,6 +9,7 @@ from captum_inn.training.autoencoder import AutoencoderConfig, fit_autoencoder, 
 from captum_inn.training.cache import (
     FeatureCache,
     cache_features,
+    images_fingerprint,
     source_fingerprint,
     weights_fingerprint,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "FeatureCache",
     "InvarianceConfig",
     "cache_features",
+    "images_fingerprint",
     "source_fingerprint",
     "weights_fingerprint",
     "fit_autoencoder",

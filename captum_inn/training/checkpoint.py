@@ -20,8 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "check_checkpoint_path",
-           "building_from", "load_module_state", "warn_if_unfinished", "recorded_config_has"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "check_checkpoint_path"]
 
 FORMAT_VERSION = 1
 _META_KEY = "captum_inn"

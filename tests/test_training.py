@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -369,6 +370,18 @@ def test_float64_networks_are_fitted_with_a_float32_inn(images, autoencoder):
     assert inn.dtype == torch.float32 and torch.isfinite(torch.tensor(inn.history)).all()
     explained = LayerInvariance(model, "fc", inn, ae64).attribute(images[:2].double(), n_samples=3, seed=0)
     assert explained.dtype == torch.float64 and torch.isfinite(explained).all()
+
+
+def test_a_layer_that_gives_every_image_the_same_activations_warns(images, autoencoder):
+    collapsed = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8)).eval()
+    with torch.no_grad():
+        collapsed[1].weight.mul_(1e-6)  # the bias dominates: a collapsed model's head
+    with pytest.warns(UserWarning, match="Layer '1' gives almost the same activations for every image") as caught:
+        fit_invariances(collapsed, "1", autoencoder, images, steps=1, progress=False, **TINY)
+    assert caught[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_invariances(SmallCNN(width=4).eval(), "fc", autoencoder, images, steps=1, progress=False, **TINY)
 
 
 def test_source_changes_names_parts_and_survives_caches_without_them(images, autoencoder, tmp_path):

@@ -14,6 +14,7 @@ import math
 import re
 import tempfile
 import threading
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -148,11 +149,27 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
         ).to(device)
     init = torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:1024]
     init_conditions = cache.rows(name, init).to(device)
+    _warn_if_constant(init_conditions, name)
     inn.embedder.set_input_statistics(init_conditions)
     with torch.no_grad():  # ActNorm's data-dependent initialisation, on a large real batch
         init_gen = torch.Generator().manual_seed(config.seed)
         inn(cache.sample_codes(init, init_gen).to(device, inn.dtype), init_conditions)
     return inn
+
+
+def _warn_if_constant(conditions: Tensor, name: str) -> None:
+    """Warn when a layer gives (almost) the same activations for every image: a collapsed or
+    untrained model. The INN then finds that the layer ignores everything, which is true but
+    rarely what was meant to be explained."""
+    flat = conditions.detach().flatten(1).double()
+    spread = float(flat.std(dim=0).max()) / max(float(flat.abs().mean()), 1e-30)
+    if flat.shape[0] > 1 and spread < 1e-3:
+        warnings.warn(
+            f"Layer {name!r} gives almost the same activations for every image (largest spread across images "
+            f"{spread:.1e} of their mean size): its invariance maps will say it ignores everything. Check that "
+            "the model is trained and the images are what it expects (size, normalisation).",
+            UserWarning, stacklevel=6,  # the caller of fit_invariances
+        )
 
 
 def _train(

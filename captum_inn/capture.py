@@ -664,18 +664,20 @@ def replace_activation(
     """
     name = type(module).__name__
 
-    def check_shape(current: Tensor) -> None:
+    def matched(current: Tensor) -> Tensor:
+        """``value`` in the activation's floating dtype (a float32 INN's output in a float64 model)."""
         if current.shape != value.shape:
             raise ValueError(f"replacement of shape {tuple(value.shape)} for an activation of shape {tuple(current.shape)}")
+        both_floating = isinstance(current, Tensor) and current.is_floating_point() and value.is_floating_point()
+        return value.to(current.dtype) if both_floating else value
 
     def output_hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-        check_shape(_select(output, selector, name, "output"))
-        return _with_replaced(output, selector, value, name, "output")
+        return _with_replaced(output, selector, matched(_select(output, selector, name, "output")), name, "output")
 
     def input_hook(_module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
         if isinstance(selector, str) and selector in kwargs:
-            return args, {**kwargs, selector: value}
-        return _with_replaced(args, selector, value, name, "input"), kwargs
+            return args, {**kwargs, selector: matched(kwargs[selector])}
+        return _with_replaced(args, selector, matched(_select(args, selector, name, "input")), name, "input"), kwargs
 
     handle = (module.register_forward_pre_hook(input_hook, with_kwargs=True) if attribute_to_layer_input
               else module.register_forward_hook(output_hook))

@@ -265,8 +265,8 @@ def compare_attributions(
     predictions = predict_classes(model, images, batch)
     targets = _targets(target, predictions, model, images)
 
-    # Everything below runs in eval mode, like the explainers' own layer reads: Captum's passes
-    # and the concept attributions would otherwise run the model as it is.
+    # Everything below runs in eval mode, like the explainers' own calls: Captum's passes would
+    # otherwise run the model as it is (batch statistics, updated running statistics).
     with eval_mode(model):
         chosen = gradcam_layer is None
         if chosen:

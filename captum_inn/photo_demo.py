@@ -224,11 +224,19 @@ def run_photo_demo(
     mirrored = torch.cat([x_train, x_train.flip(-1)])  # a ResNet is nearly mirror-invariant: twice the data
     _stage(f"autoencoder (latent {settings.latent_dim}, {settings.ae_steps} steps, perceptual loss at "
            f"{', '.join(settings.perceptual_layers)})", start)
-    ae = fit_autoencoder(mirrored, latent_dim=settings.latent_dim, width=settings.ae_width, steps=settings.ae_steps,
-                         kl_weight=settings.kl_weight, seed=seed, device=device, progress=progress,
-                         perceptual_model=model, perceptual_layers=settings.perceptual_layers,
-                         perceptual_weight=settings.perceptual_weight, augment=Jitter(settings.size // 16, seed=seed),
-                         checkpoint=str(out / "checkpoints" / "autoencoder.safetensors"))
+    def autoencoder(resume: bool):
+        return fit_autoencoder(mirrored, latent_dim=settings.latent_dim, width=settings.ae_width,
+                               steps=settings.ae_steps, kl_weight=settings.kl_weight, seed=seed, device=device,
+                               progress=progress, perceptual_model=model, perceptual_layers=settings.perceptual_layers,
+                               perceptual_weight=settings.perceptual_weight,
+                               augment=Jitter(settings.size // 16, seed=seed),
+                               checkpoint=str(out / "checkpoints" / "autoencoder.safetensors"), resume=resume)
+
+    try:  # a rerun continues the last run's autoencoder, if it was fitted with this ResNet and these photos
+        ae = autoencoder(resume=loaded)
+    except CheckpointError as error:  # other settings, photos or ResNet: start afresh, as for the ResNet
+        _stage(f"  the last run's autoencoder does not fit this run ({str(error)[:120]}…); fitting afresh", start)
+        ae = autoencoder(resume=False)
     with torch.no_grad():
         recon = ae(x_test)
     reconstruction_agreement = prediction_agreement(model, x_test, recon.unsqueeze(1))

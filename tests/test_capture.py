@@ -263,6 +263,18 @@ def test_replace_activation_puts_the_value_where_the_selector_reads():
     assert_no_hooks(model)
 
 
+def test_replace_activation_takes_the_dtype_of_the_activation_it_replaces():
+    """A float32 INN's output in a float64 model, on either side of the layer."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    value = torch.rand(5, 4)  # float32, >= 0: the ReLU passes it unchanged on the input side
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for to_input in (False, True):
+        with replace_activation(model[1], value, attribute_to_layer_input=to_input):
+            out = model(x)
+        assert out.dtype == torch.float64
+        assert torch.allclose(out, model[2](value.double()))
+
+
 def test_replace_activation_keyword_input_and_namedtuple_output():
     from collections import namedtuple
 

@@ -352,7 +352,7 @@ def test_resume_refuses_a_cache_of_another_model_or_other_images(images, autoenc
     cases = {"the model's weights or buffers": (retrained, autoencoder, images),
              "the images": (model, autoencoder, changed_images),
              "the images (their number": (model, autoencoder, images[:-1]),
-             "the autoencoder changed": (model, other_autoencoder, images)}
+             "what differs: the autoencoder)": (model, other_autoencoder, images)}
     for changed, (other_model, other_autoencoder, other_images) in cases.items():  # the error names what changed
         with pytest.raises(CheckpointError, match=re.escape(changed) + ".*resume=False") as error:
             fit_invariances(other_model, "fc", other_autoencoder, other_images, steps=4, **settings)
@@ -382,6 +382,17 @@ def test_a_layer_that_gives_every_image_the_same_activations_warns(images, autoe
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_invariances(SmallCNN(width=4).eval(), "fc", autoencoder, images, steps=1, progress=False, **TINY)
+
+
+def test_source_fingerprint_is_the_one_older_versions_wrote():
+    """Caches and checkpoints record it and a resume compares it: its value must not change
+    (pinned from the version before the fingerprint had parts)."""
+    model, ae = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2)), nn.Linear(4, 3)
+    with torch.no_grad():  # values set without a random generator
+        for i, t in enumerate([*model.parameters(), *model.buffers(), *ae.parameters()]):
+            t.copy_(torch.arange(t.numel()).reshape(t.shape) * 0.01 + i)
+    images = torch.arange(5 * 3 * 4 * 4, dtype=torch.float32).reshape(5, 3, 4, 4) / 240
+    assert source_fingerprint(model, ae, images) == "27896d37386075aa"
 
 
 def test_source_changes_names_parts_and_survives_caches_without_them(images, autoencoder, tmp_path):

@@ -105,10 +105,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         image_input: Which of the (tuple) inputs is the image.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
-    and leaves the model's training flags as they were. Layer reads run the model in eval mode;
-    :meth:`attribute` and :meth:`output_from_factors` run it as it is, so there a model in training
-    mode with batch norm or dropout triggers a ``UserWarning`` (its outputs would depend on the
-    batch): call ``model.eval()`` first. Inputs must be on the device of the fitted INN.
+    and leaves the model's training flags as they were. Every method runs the model in eval mode
+    (batch norm with its running statistics, which are never updated; dropout off), also
+    :meth:`attribute`'s backward passes. Inputs must be on the device of the fitted INN.
 
     Examples::
 
@@ -687,7 +686,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             return self._forward_from_factors(factors, tuple(model_inputs), model_extra or None, attribute_to_layer_input)
 
         try:
-            with torch.enable_grad():
+            # eval mode over the backward passes too (a model with activation checkpointing reruns its forward)
+            with torch.enable_grad(), eval_mode(self.forward_func):
                 attributions, delta = IntegratedGradients(through_factors).attribute(
                     start, baselines=base, target=target, additional_forward_args=(*inputs, *extra), n_steps=n_steps,
                     method=method, internal_batch_size=internal_batch_size, return_convergence_delta=True,

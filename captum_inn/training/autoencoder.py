@@ -253,8 +253,8 @@ def load_autoencoder(path: str, map_location: Union[str, torch.device] = "cpu") 
         ae.encode(images[:2]).mean.shape                         # (2, 64)
     """
     tensors, meta = load_checkpoint(path, kind="autoencoder", map_location=map_location)
-    with building_from(path):
-        model = ConvAutoencoder(**meta["model"]).to(map_location)
+    with building_from(path):  # on the CPU: only the file's settings can fail here
+        model = ConvAutoencoder(**meta["model"])
     load_module_state(model, tensors, path)
-    warn_if_unfinished(path, meta.get("step"), meta.get("steps"), "fit_autoencoder")
-    return model.eval()
+    warn_if_unfinished(path, meta.get("step"), meta.get("steps"), "fit_autoencoder", "checkpoint")
+    return model.to(map_location).eval()

@@ -216,7 +216,7 @@ def building_from(path: PathLike):
         raise CheckpointError(
             f"Checkpoint {str(path)!r} does not describe a module this version can build ({type(error).__name__}: "
             f"{error}); it is damaged or was edited. Restore it from a copy, or fit again."
-        ) from None
+        ) from error
 
 
 def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], path: PathLike,
@@ -247,17 +247,17 @@ def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tenso
         module.load_state_dict(state)
 
 
-def warn_if_unfinished(path: PathLike, step: Any, steps: Any, fit: str) -> None:
+def warn_if_unfinished(path: PathLike, step: Any, steps: Any, fit: str, argument: str) -> None:
     """Warn when a fit's checkpoint holds fewer steps than the fit was asked for (it was stopped).
 
     Examples::
 
-        >>> warn_if_unfinished("ae.safetensors", 3000, 3000, "fit_autoencoder")   # finished: silent
+        >>> warn_if_unfinished("ae.safetensors", 3000, 3000, "fit_autoencoder", "checkpoint")   # finished: silent
     """
     if isinstance(step, int) and isinstance(steps, int) and step < steps:
         warnings.warn(
             f"{str(path)!r} is a checkpoint of an unfinished {fit} (step {step} of {steps}); call {fit} again "
-            "with the same checkpoint to finish it.", UserWarning, stacklevel=3,
+            f"with the same `{argument}` and steps={steps} to finish it.", UserWarning, stacklevel=3,
         )
 
 

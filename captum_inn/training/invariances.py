@@ -470,9 +470,10 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
             changed = source_changes(reused, model, autoencoder, shard_data(data))
             if changed:
                 raise CheckpointError(
-                    f"The feature cache {str(where)!r} was computed before {changed} changed: the ones given now "
-                    "differ, so the checkpoints in `checkpoint_dir` do not belong to them; pass resume=False to "
-                    "start afresh there, or use another `checkpoint_dir`."
+                    f"The feature cache {str(where)!r} was computed from another model, autoencoder or set of "
+                    f"images than the ones given now (what differs: {changed}), so the checkpoints in "
+                    "`checkpoint_dir` do not belong to them; pass resume=False to start afresh there, or use "
+                    "another `checkpoint_dir`."
                 )
         return reused
     if autoencoder is None or data is None:
@@ -544,7 +545,6 @@ def load_invariance_inn(
         inn_config = dict(config["inn"])
         inn_config.setdefault("conv_patch_to", None)  # saved before the setting existed: full-resolution embedder
         inn_config.setdefault("token_dim", None)  # likewise: token sequences flattened into an MLP
-        inn = ConditionalINN(**inn_config).to(map_location)
         info = dict(meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")})
     if layer_shape is not None and tuple(int(s) for s in layer_shape) != saved_shape:
         raise CheckpointError(
@@ -556,9 +556,12 @@ def load_invariance_inn(
             f"{path!r} was fitted on autoencoder codes of size {saved_latent}, but this "
             f"autoencoder's codes have size {latent_dim}. Use the autoencoder it was fitted with."
         )
+    with building_from(path):  # on the CPU: only the file's settings can fail here
+        inn = ConditionalINN(**inn_config)
     load_module_state(inn, tensors, path)
+    inn = inn.to(map_location)
     if "train" in config:  # a fit's checkpoint: its config says which side of the layer was read
         info.setdefault("attribute_to_layer_input", bool(config.get("layer_inputs", False)))
-        warn_if_unfinished(path, meta.get("step"), info.get("steps"), "fit_invariances")
+        warn_if_unfinished(path, meta.get("step"), info.get("steps"), "fit_invariances", "checkpoint_dir")
     inn.fit_info = {**info, "step": meta.get("step", info.get("steps"))}
     return inn.eval()

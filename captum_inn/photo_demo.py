@@ -235,7 +235,7 @@ def run_photo_demo(
     try:  # a rerun continues the last run's autoencoder, if it was fitted with this ResNet and these photos
         ae = autoencoder(resume=loaded)
     except CheckpointError as error:  # other settings, photos or ResNet: start afresh, as for the ResNet
-        _stage(f"  the last run's autoencoder does not fit this run ({str(error)[:120]}…); fitting afresh", start)
+        _stage(f"  the last run's autoencoder does not fit this run, fitting afresh: {error}", start)
         ae = autoencoder(resume=False)
     with torch.no_grad():
         recon = ae(x_test)

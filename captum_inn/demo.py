@@ -390,7 +390,8 @@ def run_demo(
     colours_probe = _colours(train)[: settings.n_probe]
     gen = torch.Generator().manual_seed(seed)
     derangement = (torch.arange(n_eval) + torch.randint(1, n_eval, (1,), generator=gen)) % n_eval
-    codes = ae.encode(x_eval).mean.detach()
+    posterior = ae.encode(x_eval)  # t was fitted on posterior samples: their variance counts in full
+    codes, code_std = posterior.mean.detach(), posterior.std.detach()
     layers: Dict[str, Any] = {}
     explainers: Dict[str, LayerInvariance] = {}
     samples_for_figures, maps = {}, {}
@@ -410,7 +411,7 @@ def run_demo(
             "agreement": prediction_agreement(cnn, x_eval, samples),
             "agreement_random_condition": prediction_agreement(cnn, x_eval, random_condition),
             "judge_agreement": prediction_agreement(judge, x_eval, samples),
-            "variance_explained_by_v": variance_explained_by_v(inns[name], codes, z, n_samples=16,
+            "variance_explained_by_v": variance_explained_by_v(inns[name], codes, z, n_samples=16, code_std=code_std,
                                                                generator=torch.Generator().manual_seed(seed)),
             "colour_r2_from_v": probe_r2(explainer.invariances(x_probe), colours_probe,
                                          test_features=v, test_targets=colours),

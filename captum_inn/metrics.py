@@ -172,6 +172,8 @@ def variance_explained_by_v(
     n_samples: int = 16,
     generator: Optional[torch.Generator] = None,
     batch_size: int = 256,
+    *,
+    code_std: Optional[Tensor] = None,
 ) -> float:
     """Share of the code's variance carried by the invariances ``v`` (docs/method.rst).
 
@@ -180,16 +182,26 @@ def variance_explained_by_v(
     codes. Near 0 the layer keeps almost everything of ``z̄``; near 1 it is invariant to almost
     everything.
 
+    ``z̄`` is a posterior sample: :func:`~captum_inn.training.fit_invariances` trains ``t`` on
+    ``mean + std · ε``, so the samples' spread includes the posterior noise. Pass posterior
+    samples as ``codes``, or the means with their ``code_std``, which adds the noise's variance
+    ``Σ_d E_x[std_d²]`` to the denominator. With means alone the denominator lacks it, and a
+    perfectly fitted INN of a layer that keeps nothing gives slightly more than 1.
+
     Args:
         inn: The fitted conditional INN of the layer.
-        codes: ``(N, d)`` codes ``z̄`` of the inputs (posterior means or samples).
+        codes: ``(N, d)`` codes ``z̄`` of the inputs: posterior samples, or means with ``code_std``.
         conditions: ``(N, *layer shape)`` activations ``z`` of the same inputs.
         n_samples: Samples of ``v`` per input (``>= 2``).
         generator: Seeds ``v``.
         batch_size: Inputs per pass.
+        code_std: ``(N, d)`` posterior standard deviations when ``codes`` are the means
+            (``autoencoder.encode(x).std``); ``None``: ``codes`` are samples, or the encoder is
+            deterministic.
 
     Returns:
-        ``VE_v``, a float (near ``[0, 1]``; slightly above 1 is possible for a poorly fitted INN).
+        ``VE_v``, a float (near ``[0, 1]``; above 1 only for a poorly fitted INN, or for means
+        passed without ``code_std``).
 
     Examples::
 
@@ -211,7 +223,12 @@ def variance_explained_by_v(
             v = normal((emb.shape[0], inn.dim), generator, emb.device).to(emb.dtype)
             zbar = inn(v, None, rev=True, jac=False, embedding=emb)[0].view(c.shape[0], n_samples, -1)
             within.append(zbar.var(dim=1).sum(dim=1))
-    return float(torch.cat(within).mean() / codes.var(dim=0).sum())
+    total = codes.var(dim=0).sum()
+    if code_std is not None:
+        if code_std.shape != codes.shape:
+            raise ValueError(f"`code_std` must have the shape of `codes` {tuple(codes.shape)}, got {tuple(code_std.shape)}.")
+        total = total + code_std.pow(2).mean(dim=0).sum()  # Var(mean + std·ε) = Var(mean) + E[std²]
+    return float(torch.cat(within).mean() / total)
 
 
 def probe_r2(

@@ -259,7 +259,8 @@ def run_photo_demo(
     n = x_test.shape[0]
     _stage(f"measuring invariances on {n} held-out photos × {settings.n_samples} samples", start)
     derangement = (torch.arange(n) + torch.randint(1, n, (1,), generator=torch.Generator().manual_seed(seed))) % n
-    codes = ae.encode(x_test).mean.detach()
+    posterior = ae.encode(x_test)  # t was fitted on posterior samples: their variance counts in full
+    codes, code_std = posterior.mean.detach(), posterior.std.detach()
     explainers = {name: LayerInvariance(model, name, inns[name], ae) for name in PHOTO_LAYERS}
     layers: Dict[str, Any] = {}
     rows = min(settings.n_figures, n)
@@ -276,7 +277,7 @@ def run_photo_demo(
             "shape": list(z.shape[1:]),
             "agreement": prediction_agreement(model, x_test, samples),
             "agreement_random_condition": prediction_agreement(model, x_test, samples[derangement]),
-            "variance_explained_by_v": variance_explained_by_v(inns[name], codes, z, n_samples=16,
+            "variance_explained_by_v": variance_explained_by_v(inns[name], codes, z, n_samples=16, code_std=code_std,
                                                                generator=torch.Generator().manual_seed(seed)),
             "reencode_beats_null": reencode["beats_null"],
             "reencode_similarity": reencode["similarity"],

@@ -82,6 +82,23 @@ def test_variance_explained_is_one_when_the_condition_is_ignored():
     assert ve == pytest.approx(1.0, abs=0.1)
 
 
+def test_variance_explained_counts_the_posterior_noise_given_code_std():
+    """t is fitted on posterior samples mean + std·ε, so its samples carry the posterior noise; with
+    the means alone the denominator lacks that noise and a condition-blind INN gives 1.25 here."""
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(4000, 4, generator=gen)
+    std = torch.full_like(means, 0.5)
+    cond = torch.randn(4000, 7, generator=gen)
+    inn = ConditionalINN(4, (7,), n_blocks=2, hidden=8)
+    inn(means + std * torch.randn(means.shape, generator=gen), cond)  # ActNorm sees posterior samples
+    settings = dict(n_samples=32, generator=torch.Generator().manual_seed(0))
+    assert variance_explained_by_v(inn, means, cond, **settings) == pytest.approx(1.25, abs=0.08)
+    settings["generator"] = torch.Generator().manual_seed(0)
+    assert variance_explained_by_v(inn, means, cond, code_std=std, **settings) == pytest.approx(1.0, abs=0.08)
+    with pytest.raises(ValueError, match="`code_std` must have the shape of `codes`"):
+        variance_explained_by_v(inn, means, cond, code_std=std[:, :2])
+
+
 def test_variance_explained_is_small_when_the_layer_determines_the_code():
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(512, 10, generator=gen)

@@ -157,8 +157,9 @@ def factor_sizes_from_scores(
     """Split ``dim`` among factors in proportion to ``softmax(scores)`` (docs/method.rst).
 
     Each named factor gets its score (e.g. the summed covariance of pair members over the total
-    variance), the residual gets ``residual_score``; sizes are ``softmax · dim`` rounded by largest
-    remainder so that they sum to ``dim`` and every factor has at least one dimension.
+    variance), the residual gets ``residual_score``. Every factor first gets one dimension; the
+    other ``dim - len(scores) - 1`` are shared out as ``softmax · (dim - len(scores) - 1)``, rounded
+    by largest remainder, so the sizes sum to ``dim`` and none is empty.
 
     Args:
         scores: Factor name to score, in the order the factors should appear.

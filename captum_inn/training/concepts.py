@@ -265,7 +265,8 @@ def estimate_factor_sizes(
     representation: Any, concepts: Any, *, n_pairs: int = 2000, seed: int = 0,
     device: Union[str, torch.device] = "cpu", progress: bool = False,
 ) -> Tuple[Dict[str, int], Dict[str, float]]:
-    """Factor sizes from the data: ``softmax(scores, residual score 1) · d`` (docs/method.rst).
+    """Factor sizes from the data: one dimension each, the rest in proportion to
+    ``softmax(scores, residual score 1)`` (:func:`~captum_inn.inn.factor_sizes_from_scores`, docs/method.rst).
 
     Args:
         representation: An autoencoder, a :class:`LayerRepresentation` or ``(model, layer)``.

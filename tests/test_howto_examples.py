@@ -1,0 +1,196 @@
+"""docs/howto.rst says every snippet runs against the current API: each section's snippets run here,
+in order, in one namespace holding what the page assumes (``model``, ``images``, ``autoencoder``,
+...), with every fit cut to a few steps, and the values their comments state are checked."""
+
+import textwrap
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from torch import nn
+
+import captum_inn.training as training
+from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.datasets import ColorDigits
+from captum_inn.models import SmallCNN
+
+HOWTO = Path(__file__).resolve().parents[1] / "docs" / "howto.rst"
+FIT_STEPS = 3
+
+# Snippets that are not run, and why; every other snippet must belong to a test below.
+NOT_RUN = {
+    ("howto-layer", 3): "a ViT-B/16 at 128x128 with its own autoencoder: too heavy for the test suite "
+                        "(token layers are tested in test_embedders.py and test_capture.py)",
+}
+
+
+def howto_snippets() -> Dict[Tuple[str, int], str]:
+    """``{(section label, index within the section): code}`` of every python code block."""
+    snippets: Dict[Tuple[str, int], str] = {}
+    lines = HOWTO.read_text().splitlines()
+    label, index = None, 0
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith(".. _howto-") and stripped.endswith(":"):
+            label, index = stripped[4:-1], 0
+        if stripped != ".. code-block:: python":
+            continue
+        indent = len(line) - len(line.lstrip())
+        body: List[str] = []
+        for following in lines[i + 1:]:
+            if following.strip() and len(following) - len(following.lstrip()) <= indent:
+                break  # the first line not indented deeper than the directive ends the block
+            body.append(following)
+        snippets[(label, index)] = textwrap.dedent("\n".join(body)).strip("\n")
+        index += 1
+    return snippets
+
+
+SNIPPETS = howto_snippets()
+
+
+def run_section(label: str, namespace: dict) -> dict:
+    """Run the section's snippets in order in ``namespace`` (skipping those in NOT_RUN)."""
+    keys = sorted(k for k in SNIPPETS if k[0] == label)
+    assert keys, f"no snippets found under .. _{label}: in {HOWTO.name}"
+    try:
+        for key in keys:
+            if key not in NOT_RUN:
+                exec(compile(SNIPPETS[key], f"{HOWTO.name}[{label}#{key[1]}]", "exec"), namespace)
+    finally:
+        plt.close("all")
+    return namespace
+
+
+@pytest.fixture(autouse=True)
+def short_fits(monkeypatch, tmp_path):
+    """Every fit the snippets import from captum_inn.training runs FIT_STEPS steps, quietly, in a
+    fresh working directory (the snippets write ``runs/...`` and ``*.safetensors``)."""
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    for name in ("fit_invariances", "fit_concepts", "fit_autoencoder"):
+        fit = getattr(training, name)
+
+        def short(*args, _fit=fit, **kwargs):
+            return _fit(*args, **{**kwargs, "steps": FIT_STEPS, "progress": False})
+
+        monkeypatch.setattr(training, name, short)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = ColorDigits("train", seed=0)
+    keep = torch.arange(0, len(data), len(data) // 96)[:96]  # every digit, a few of each
+    return data.images[keep], data.digits[keep]
+
+
+def page_namespace(digits) -> dict:
+    """What the page assumes: a trained CNN of the demo's kind, its images and the default
+    autoencoder (64-d code); ``x`` a few images to explain."""
+    images, labels = digits
+    torch.manual_seed(0)
+    model = SmallCNN(width=32).eval()
+    autoencoder = ConvAutoencoder((3, 32, 32), latent_dim=64, width=8).eval()
+    return {"model": model, "images": images, "labels": labels, "autoencoder": autoencoder, "x": images[:4]}
+
+
+def test_every_snippet_is_run_or_skipped_with_a_reason():
+    covered = {"howto-layer", "howto-autoencoder", "howto-layers", "howto-concepts", "howto-resume",
+               "howto-distributed"}
+    assert {label for label, _ in SNIPPETS} == covered, "a new section of howto.rst needs a test here"
+    assert set(NOT_RUN) <= set(SNIPPETS)
+    assert len(SNIPPETS) >= 13
+
+
+def test_choose_a_layer(digits):
+    ns = page_namespace(digits)
+    # the selector snippet's model: a layer "heads" whose output is a dict
+    base = ns["model"]
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logits, self.box = nn.Linear(128, 10), nn.Linear(128, 4)
+
+        def forward(self, h):
+            return {"logits": self.logits(h), "box": self.box(h)}
+
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(*list(base.children())[:-1])
+            self.heads = Heads()
+
+        def forward(self, x):
+            return self.heads(self.body(x))["logits"]
+
+    keys = sorted(k for k in SNIPPETS if k[0] == "howto-layer")
+    first, on_input, by_selector = (SNIPPETS[k] for k in keys[:3])
+    exec(compile(first, "howto-layer#0", "exec"), ns)
+    assert ns["shapes"] == {"layer2": (4, 128, 8, 8), "layer3.1": (4, 256, 4, 4), "layer4": (4, 512, 2, 2),
+                            "fc": (4, 10)}  # as its comment states
+    assert torch.equal(ns["z"], ns["capture"](ns["model"], "layer3.1", ns["x"]))
+
+    ns.update(page_namespace(digits))  # the ResNet was the first snippet's own model
+    exec(compile(on_input, "howto-layer#1", "exec"), ns)
+    assert ns["inn"].fit_info["attribute_to_layer_input"] is True
+    assert ns["explainer"].attribute_to_layer_input is True
+
+    ns["model"] = Detector().eval()
+    exec(compile(by_selector, "howto-layer#2", "exec"), ns)
+    assert ns["inn"].cond_shape == (4,)  # the "box" head
+    assert ns["explainer"].attribute(ns["x"][:2], n_samples=2).shape == (2, 3, 32, 32)
+
+
+def test_bring_your_own_autoencoder(digits):
+    ns = run_section("howto-autoencoder", page_namespace(digits))
+    assert ns["inn"].dim == ns["d"] == 32
+    assert 0.0 <= ns["prediction_agreement"](ns["model"], ns["x"], ns["recon"].unsqueeze(1)) <= 1.0
+    assert ns["recon"].shape == ns["x"].shape
+
+
+def test_fit_several_layers(digits):
+    ns = run_section("howto-layers", page_namespace(digits))
+    assert set(ns["inns"]) == {"relu1", "relu3", "fc", "logits"}
+    assert ns["inns"]["relu3"].cond_shape == (64, 8, 8)  # as its comment states
+    assert ns["inns"]["logits"].fit_info["layer"] == "logits"
+    assert set(ns["small"]) == {"relu3", "logits"} and ns["wide"].fit_info["layer"] == "logits"
+
+
+def test_measure_and_edit_concepts(digits):
+    ns = page_namespace(digits)
+    ns["inn"] = training.fit_invariances(ns["model"], "fc", ns["autoencoder"], ns["images"])
+    run_section("howto-concepts", ns)
+    n = len(ns["x"])
+    assert ns["e"].fit_info["factor_sizes"] == {"digit": 8, "brightness": 2, "residual": 54}
+    assert {k: tuple(v.shape) for k, v in ns["parts"].items()} == {"digit": (n, 8), "brightness": (n, 2),
+                                                                  "residual": (n, 54)}
+    assert ns["swapped"].shape == ns["x"].shape
+    assert ns["scores"].shape == (n, 3) and ns["delta"].shape == (n,)
+    # the completeness reference the page spells out
+    e, concepts, x = ns["e"], ns["concepts"], ns["x"]
+    with torch.no_grad():
+        change = (concepts.output_from_factors(x)[:, 3]
+                  - concepts.output_from_factors(x, torch.zeros(len(x), e.dim))[:, 3])
+    assert torch.allclose(ns["scores"].sum(1) - change, ns["delta"], atol=1e-4)
+
+
+def test_resume_a_fit(digits):
+    ns = page_namespace(digits)
+    ns["config"] = training.InvarianceConfig(n_blocks=2, hidden=32)
+    run_section("howto-resume", ns)
+    runs = Path("runs")
+    assert {p.name for p in (runs / "inns").iterdir()} >= {"features.safetensors", "invariance_relu3.safetensors",
+                                                           "invariance_logits.safetensors"}
+    assert ns["inn"].fit_info["layer"] == "logits" and ns["explainer"].layer_name == "logits"
+
+
+def test_run_distributed_in_one_process(digits, capsys):
+    ns = page_namespace(digits)
+    training.fit_autoencoder(ns["images"], latent_dim=8, width=4, checkpoint="runs/ae.safetensors")
+    run_section("howto-distributed", ns)
+    assert Path("runs/cnn.safetensors").is_file()
+    assert set(ns["inns"]) == {"relu3", "logits"}
+    assert "relu3" in capsys.readouterr().out  # rank 0 prints the final NLLs

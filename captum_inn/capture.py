@@ -230,6 +230,35 @@ def _select(
     return selected
 
 
+def per_layer_selectors(model: nn.Module, names: Sequence[str], selector: Any) -> Dict[str, Selector]:
+    """Expand ``selector`` (one for all, or a ``{layer: selector}`` dict) to every layer name."""
+    if not isinstance(selector, Mapping):
+        return {name: selector for name in names}
+    per_layer: Dict[str, Selector] = {name: None for name in names}
+    for key, sel in selector.items():
+        name, _ = resolve_layer(model, key)
+        if name not in per_layer:
+            raise ValueError(
+                f"selector dict has an entry for layer {name!r}, which is not among the "
+                f"hooked layers {list(names)}"
+            )
+        per_layer[name] = sel
+    return per_layer
+
+
+def selector_record(selector: Selector) -> Any:
+    """What a fit records of a selector (JSON): ``None``, an ``int`` or a ``str`` as it is; a
+    callable as ``{"callable": its name}``, which is never compared (two callables may agree)."""
+    if selector is None or isinstance(selector, (int, str)):
+        return selector
+    return {"callable": getattr(selector, "__qualname__", type(selector).__qualname__)}
+
+
+def comparable_selector(record: Any) -> bool:
+    """Whether a recorded selector can be compared with another (not a callable's record)."""
+    return not isinstance(record, Mapping)
+
+
 def _describe(value: Any) -> str:
     """Short type description for error messages (tuple/list lengths, dict keys, dataclasses)."""
     if isinstance(value, (tuple, list)):
@@ -325,7 +354,7 @@ class LayerHooks:
         self.model = model
         self.names: List[str] = list(resolved)
         self._modules = resolved
-        self._selectors = self._per_layer_selectors(selector)
+        self._selectors = per_layer_selectors(model, self.names, selector)
         self.attribute_to_layer_input = attribute_to_layer_input
         self.clone = clone
         self.detach = detach
@@ -336,21 +365,6 @@ class LayerHooks:
         self._handles: List[RemovableHandle] = []
         self._flags: List[Tuple[nn.Module, bool]] = []
         self._active = False
-
-    def _per_layer_selectors(self, selector: Any) -> Dict[str, Selector]:
-        """Expand ``selector`` (one for all, or a ``{layer: selector}`` dict) to every name."""
-        if not isinstance(selector, Mapping):
-            return {name: selector for name in self.names}
-        per_layer: Dict[str, Selector] = {name: None for name in self.names}
-        for key, sel in selector.items():
-            name, _ = resolve_layer(self.model, key)
-            if name not in per_layer:
-                raise ValueError(
-                    f"selector dict has an entry for layer {name!r}, which is not among the "
-                    f"hooked layers {self.names}"
-                )
-            per_layer[name] = sel
-        return per_layer
 
     # -- context management -------------------------------------------------------------------
 

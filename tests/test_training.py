@@ -15,13 +15,14 @@ from helpers_hooks import assert_no_hooks, training_flags
 from helpers_training import TINY, CountingCNN, split_regression
 from torch import nn
 
-from captum_inn import LayerInvariance
+from captum_inn import LayerConcepts, LayerInvariance
 from captum_inn.autoencoders import (
     ConvAutoencoder,
     DiagonalGaussian,
     check_autoencoder,
     encode_posterior,
 )
+from captum_inn.inn import FactorINN
 from captum_inn.models import SmallCNN
 from captum_inn.training import (
     CheckpointError,
@@ -315,6 +316,80 @@ def test_the_side_of_the_layer_is_recorded_and_followed(images, autoencoder, tmp
     for key in ("attribute_to_layer_input", "autoencoder_weights", "layer"):
         assert from_checkpoint.fit_info[key] == inputs.fit_info[key]
     assert LayerInvariance(model, "logits", from_checkpoint, autoencoder).attribute_to_layer_input
+
+
+class TwoHeads(nn.Module):
+    """A model whose layer ``heads`` returns a dict of two tensors of the same shape."""
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logits, self.box = nn.Linear(12, 5), nn.Linear(12, 5)
+
+        def forward(self, h):
+            return {"logits": self.logits(h), "box": self.box(h)}
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.heads = self.Heads()
+
+    def forward(self, x):
+        return self.heads(self.body(x))["logits"]
+
+
+def test_the_selector_is_recorded_and_followed(images, autoencoder, tmp_path):
+    """A fit records the selector that picked the layer's tensor: in the cache (memory, file, disk),
+    in ``fit_info`` and in saved INNs; the explainer reads with it by default and refuses another
+    (both heads have the same shape, so the mix-up would otherwise go unnoticed); a resumed fit
+    refuses a cache read with another selector."""
+    model, x, g = TwoHeads().eval(), images[:2], torch.Generator
+    cache = cache_features(model, "heads", autoencoder, images[:16], selector="box", progress=False)
+    assert cache.selectors == {"heads": "box"}
+    assert FeatureCache.load(cache.save(tmp_path / "c.safetensors")).selectors == {"heads": "box"}
+    on_disk = cache_features(model, "heads", autoencoder, images[:16], selector={"heads": "box"},
+                             memmap_dir=tmp_path / "disk", progress=False)
+    assert FeatureCache.open(tmp_path / "disk").selectors == {"heads": "box"} == on_disk.selectors
+    inn = fit_invariances(model, "heads", cache=cache, steps=2, progress=False, **TINY)
+    loaded = load_invariance_inn(save_invariance_inn(tmp_path / "inn.safetensors", inn))
+    assert inn.fit_info["selector"] == loaded.fit_info["selector"] == "box"
+    by_default = LayerInvariance(model, "heads", loaded, autoencoder)
+    assert by_default.selector == "box"
+    assert torch.equal(by_default.sample(x, n_samples=2, generator=g().manual_seed(0)),
+                       LayerInvariance(model, "heads", inn, autoencoder, selector="box")
+                       .sample(x, n_samples=2, generator=g().manual_seed(0)))
+    with pytest.raises(ValueError, match="fitted with selector='box', but selector='logits' reads another tensor"):
+        LayerInvariance(model, "heads", inn, autoencoder, selector="logits")
+    e = FactorINN(autoencoder.latent_dim, {"a": 2}, n_blocks=1, hidden=8)
+    e.fit_info = {"representation": {"kind": "autoencoder_code", "dim": autoencoder.latent_dim}}
+    assert LayerConcepts(model, "heads", e, autoencoder, invariance_inn=inn).selector == "box"
+
+    # a callable is recorded by name, never compared, and must be passed again
+    def pick_box(output):
+        return output["box"]
+
+    by_callable = fit_invariances(model, "heads", autoencoder, images[:16], selector=pick_box, steps=2,
+                                  progress=False, **TINY)
+    assert by_callable.fit_info["selector"] == {"callable": pick_box.__qualname__}
+    with pytest.raises(ValueError, match="callable selector .*pick_box.*pass the same callable"):
+        LayerInvariance(model, "heads", by_callable, autoencoder)
+    assert LayerInvariance(model, "heads", by_callable, autoencoder, selector=lambda o: o["box"]).sample(x, 2).shape[1] == 2
+
+    # a tensor layer is fitted without one; an INN from before the record takes any selector
+    plain = fit_invariances(model, "heads.box", autoencoder, images[:16], steps=2, progress=False, **TINY)
+    assert plain.fit_info["selector"] is None
+    with pytest.raises(ValueError, match="fitted without a selector, but selector=0 was passed; leave selector out"):
+        LayerInvariance(model, "heads.box", plain, autoencoder, selector=0)
+    del loaded.fit_info["selector"]
+    assert LayerInvariance(model, "heads", loaded, autoencoder, selector="logits").selector == "logits"
+
+    run = str(tmp_path / "run")
+    fit_invariances(model, "heads", autoencoder, images[:16], selector="box", steps=2, checkpoint_dir=run,
+                    progress=False, **TINY)
+    with pytest.raises(CheckpointError, match="read layer 'heads' with selector='box', not selector='logits'"):
+        fit_invariances(model, "heads", autoencoder, images[:16], selector="logits", steps=2, checkpoint_dir=run,
+                        progress=False, **TINY)
 
 
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(images, autoencoder, tmp_path):

@@ -7,13 +7,13 @@ import math
 import numbers
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from captum_inn._captum_compat import _format_additional_forward_args, _format_tensor_into_tuples
-from captum_inn.capture import LayerHooks, resolve_layer
+from captum_inn.capture import LayerHooks, comparable_selector, resolve_layer, selector_record
 
 __all__ = [
     "format_inputs",
@@ -179,6 +179,31 @@ def layer_side(asked: Optional[bool], fitted: Optional[bool], what: str) -> bool
             "or fit an INN on that side."
         )
     return bool(asked)
+
+
+def fitted_selector(asked: Any, fit_info: Mapping[str, Any], what: str) -> Any:
+    """The selector to read the layer with: as ``asked``, or the ``int``/``str`` one the INN ``what``
+    was fitted with (``fit_info["selector"]``) when not asked. Asking for another one, or none where
+    the fit used a callable, is a ``ValueError``: the layer would be read differently than it was fitted."""
+    if "selector" not in fit_info:  # fitted before selectors were recorded
+        return asked
+    fitted = fit_info["selector"]
+    if asked is None:
+        if not comparable_selector(fitted):
+            raise ValueError(
+                f"`{what}` was fitted with a callable selector ({fitted['callable']}); pass the same callable "
+                "as selector= to read the layer as it was fitted."
+            )
+        return fitted
+    now = selector_record(asked)
+    if comparable_selector(now) and comparable_selector(fitted) and now != fitted:
+        if fitted is None:
+            fix = f"`{what}` was fitted without a selector, but selector={asked!r} was passed; leave selector out"
+        else:
+            fix = (f"`{what}` was fitted with selector={fitted!r}, but selector={asked!r} reads another tensor of "
+                   f"the layer; pass selector={fitted!r} (or leave it out)")
+        raise ValueError(f"{fix}, or fit an INN with this selector.")
+    return asked
 
 
 def layer_activation(

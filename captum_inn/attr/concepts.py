@@ -24,6 +24,7 @@ from captum_inn.attr._common import (
     check_same_weights,
     check_target_count,
     dtype_errors_named,
+    fitted_selector,
     format_inputs,
     layer_activation,
     layer_side,
@@ -101,7 +102,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         attribute_to_layer_input: Whether to read the layer's input; ``None`` (default): the side the
             INN that reads the layer was fitted on (``concept_inn`` for a layer representation,
             else ``invariance_inn``; the output where unknown). The other side is refused.
-        selector: Picks the tensor from a non-tensor layer output.
+        selector: Picks the tensor from a non-tensor layer output; by default the ``int`` or ``str``
+            one ``invariance_inn`` was fitted with.
         image_input: Which of the (tuple) inputs is the image.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
@@ -188,7 +190,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             self._layer_reader = "invariance_inn"
             self._fitted_on_input = (getattr(invariance_inn, "fit_info", None) or {}).get("attribute_to_layer_input")
         self.attribute_to_layer_input = layer_side(attribute_to_layer_input, self._fitted_on_input, self._layer_reader)
-        self.selector = selector
+        reader_info = representation if self.representation == _LAYER else (getattr(invariance_inn, "fit_info", None) or {})
+        self.selector = fitted_selector(selector, reader_info, self._layer_reader)
         self.image_input = image_input
 
     # ------------------------------------------------------------------ Captum's protocol

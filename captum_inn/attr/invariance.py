@@ -27,6 +27,7 @@ from captum_inn.attr._common import (
     check_same_weights,
     check_target_count,
     dtype_errors_named,
+    fitted_selector,
     format_inputs,
     layer_activation,
     layer_side,
@@ -60,7 +61,8 @@ class LayerInvariance(LayerAttribution):
         attribute_to_layer_input: Whether to read the layer's input; ``None`` (default): as the INN
             was fitted (``inn.fit_info["attribute_to_layer_input"]``; the output where unknown).
             The other side than the fit's is refused.
-        selector: Picks the tensor from a non-tensor layer output (see :class:`captum_inn.capture.LayerHooks`).
+        selector: Picks the tensor from a non-tensor layer output (see :class:`captum_inn.capture.LayerHooks`);
+            by default the ``int`` or ``str`` one the INN was fitted with (``inn.fit_info["selector"]``).
         image_input: Which of the (tuple) inputs is the image the autoencoder encodes.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
@@ -123,7 +125,7 @@ class LayerInvariance(LayerAttribution):
         self.autoencoder = autoencoder
         self._fitted_on_input = (getattr(inn, "fit_info", None) or {}).get("attribute_to_layer_input")
         self.attribute_to_layer_input = self._check_read(attribute_to_layer_input)
-        self.selector = selector
+        self.selector = fitted_selector(selector, getattr(inn, "fit_info", None) or {}, "inn")
         self.image_input = image_input
 
     # ------------------------------------------------------------------ Captum's protocol

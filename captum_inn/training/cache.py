@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,13 @@ from captum_inn.attr._common import (
     weights_fingerprint,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
-from captum_inn.capture import LayerHooks, eval_mode, resolve_layer
+from captum_inn.capture import (
+    LayerHooks,
+    eval_mode,
+    per_layer_selectors,
+    resolve_layer,
+    selector_record,
+)
 from captum_inn.training.data import (
     _images_of,
     check_image_dtype,
@@ -74,6 +80,9 @@ class FeatureCache:
             unknown); the fitted INNs record it, and the explainers refuse another model.
         source_parts: Fingerprints of the parts of ``source`` (``"model"``, ``"autoencoder"``,
             ``"images"``; empty when unknown), so that a refused resume says which one changed.
+        selectors: ``{layer name: selector}`` that picked each layer's tensor (``None``, an ``int``,
+            a ``str``, or ``{"callable": name}``; empty when unknown); the fitted INNs record it,
+            and the explainers read with it.
 
     Examples::
 
@@ -93,6 +102,26 @@ class FeatureCache:
     autoencoder_weights: str = ""
     source_parts: Dict[str, str] = field(default_factory=dict)
     model_weights: str = ""
+    selectors: Dict[str, Any] = field(default_factory=dict)
+
+    # what a saved cache records beside its arrays (the fields after `layers`)
+    _RECORD = ("model_class", "source", "layer_inputs", "autoencoder_weights", "source_parts", "model_weights",
+               "selectors")
+
+    def _record(self) -> Dict[str, Any]:
+        """The cache's description beside its arrays (JSON), as :meth:`save` and ``memmap_dir`` write it."""
+        return {key: getattr(self, key) for key in self._RECORD}
+
+    @classmethod
+    def _from_record(cls, code_mean: Array, code_std: Array, layers: Dict[str, Array],
+                    record: Mapping[str, Any]) -> FeatureCache:
+        """A cache of these arrays with the description ``record`` (keys missing in older files take
+        their defaults)."""
+        known = {key: record[key] for key in cls._RECORD if key in record}
+        for key, kind in (("layer_inputs", bool), ("source_parts", dict), ("selectors", dict)):
+            if key in known:
+                known[key] = kind(known[key])
+        return cls(code_mean, code_std, layers, **known)
 
     def __len__(self) -> int:
         return self.code_mean.shape[0]
@@ -163,11 +192,7 @@ class FeatureCache:
 
         tensors = {"code_mean": self.code_mean[:], "code_std": self.code_std[:],
                    **{f"layer.{name}": value[:] for name, value in self.layers.items()}}
-        meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), "model_class": self.model_class,
-                                                    "source": self.source, "layer_inputs": self.layer_inputs,
-                                                    "autoencoder_weights": self.autoencoder_weights,
-                                                    "source_parts": self.source_parts,
-                                                    "model_weights": self.model_weights}}
+        meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), **self._record()}}
         return save_checkpoint(path, tensors, meta)
 
     @classmethod
@@ -184,10 +209,8 @@ class FeatureCache:
 
         tensors, meta = load_checkpoint(path, kind="feature_cache")
         names = meta["config"]["layers"]
-        return cls(tensors["code_mean"], tensors["code_std"], {n: tensors[f"layer.{n}"] for n in names},
-                   meta["config"]["model_class"], meta["config"].get("source", ""),
-                   bool(meta["config"].get("layer_inputs", False)), meta["config"].get("autoencoder_weights", ""),
-                   dict(meta["config"].get("source_parts", {})), meta["config"].get("model_weights", ""))
+        return cls._from_record(tensors["code_mean"], tensors["code_std"], {n: tensors[f"layer.{n}"] for n in names},
+                               meta["config"])
 
     @classmethod
     def open(cls, folder: Union[str, Path]) -> Optional[FeatureCache]:
@@ -210,11 +233,8 @@ class FeatureCache:
         arrays = {key: DiskArray(folder / file) for key, file in manifest["files"].items()}
         if {len(a) for a in arrays.values()} != {manifest["n"]}:
             raise ValueError(f"The arrays in {str(folder)!r} do not all have {manifest['n']} rows; delete it to recompute.")
-        return cls(arrays.pop("code_mean"), arrays.pop("code_std"),
-                   {name: arrays[f"layer.{name}"] for name in manifest["layers"]}, manifest["model_class"],
-                   manifest.get("source", ""), bool(manifest.get("layer_inputs", False)),
-                   manifest.get("autoencoder_weights", ""), dict(manifest.get("source_parts", {})),
-                   manifest.get("model_weights", ""))
+        return cls._from_record(arrays.pop("code_mean"), arrays.pop("code_std"),
+                               {name: arrays[f"layer.{name}"] for name in manifest["layers"]}, manifest)
 
 
 class _MemorySink:
@@ -226,11 +246,10 @@ class _MemorySink:
     def append(self, key: str, rows: Tensor) -> None:
         self.parts.setdefault(key, []).append(rows.cpu())
 
-    def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool,
-               autoencoder_weights: str, source_parts: Dict[str, str], model_weights: str) -> FeatureCache:
+    def finish(self, layers: Sequence[str], record: Mapping[str, Any]) -> FeatureCache:
         arrays = {key: torch.cat(parts) for key, parts in self.parts.items()}
-        return FeatureCache(arrays["code_mean"], arrays["code_std"], {n: arrays[f"layer.{n}"] for n in layers},
-                            model_class, source, layer_inputs, autoencoder_weights, source_parts, model_weights)
+        return FeatureCache._from_record(arrays["code_mean"], arrays["code_std"],
+                                        {n: arrays[f"layer.{n}"] for n in layers}, record)
 
     def abort(self) -> None:
         self.parts.clear()
@@ -254,13 +273,10 @@ class _DiskSink:
             self.writers[key] = DiskArrayWriter(self.folder / file, self.n_rows, rows.shape[1:])
         self.writers[key].append(rows)
 
-    def finish(self, model_class: str, layers: Sequence[str], source: str, layer_inputs: bool,
-               autoencoder_weights: str, source_parts: Dict[str, str], model_weights: str) -> FeatureCache:
+    def finish(self, layers: Sequence[str], record: Mapping[str, Any]) -> FeatureCache:
         files = {key: writer.close().name for key, writer in self.writers.items()}
         write_manifest(self.folder, {"kind": "feature_cache", "format_version": _DISK_FORMAT, "n": self.n_rows,
-                                     "layers": list(layers), "model_class": model_class, "source": source,
-                                     "layer_inputs": layer_inputs, "autoencoder_weights": autoencoder_weights,
-                                     "source_parts": source_parts, "model_weights": model_weights, "files": files})
+                                     "layers": list(layers), **record, "files": files})
         return FeatureCache.open(self.folder)
 
     def abort(self) -> None:
@@ -470,9 +486,13 @@ def cache_features(
                 sink.append("code_mean", mean)
                 sink.append("code_std", std)
                 bar.update(images.shape[0])
-        return sink.finish(f"{type(model).__module__}.{type(model).__qualname__}", names, source,
-                           bool(attribute_to_layer_input), weights_fingerprint(autoencoder), source_parts,
-                           weights_fingerprint(model))
+        return sink.finish(names, {
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "source": source,
+            "layer_inputs": bool(attribute_to_layer_input), "autoencoder_weights": weights_fingerprint(autoencoder),
+            "source_parts": source_parts, "model_weights": weights_fingerprint(model),
+            "selectors": {name: selector_record(chosen)
+                          for name, chosen in per_layer_selectors(model, names, selector).items()},
+        })
     except BaseException:
         sink.abort()  # no half-written cache is left behind
         raise

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from captum_inn._random import seeded_global_rng
+from captum_inn.capture import comparable_selector, per_layer_selectors, selector_record
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import (
     FeatureCache,
@@ -190,6 +191,8 @@ def _train(
     fit_info.update({"attribute_to_layer_input": cache.layer_inputs,
                      "autoencoder_weights": cache.autoencoder_weights or None,
                      "model_weights": cache.model_weights or None, "steps": config.steps})
+    if name in cache.selectors:  # how the explainers pick the layer's tensor (caches from before: unknown)
+        fit_info["selector"] = cache.selectors[name]
     meta["fit_info"] = fit_info
     n = len(cache)
     batch = local_batch_size(config.batch_size, n)
@@ -332,6 +335,7 @@ def fit_invariances(
             ``fit_info``; :class:`~captum_inn.LayerInvariance` reads the same side by default).
         selector: Picks the tensor from a non-tensor layer output (see
             :class:`~captum_inn.capture.LayerHooks`; a dict ``{layer name: selector}`` sets one per layer).
+            Recorded in ``fit_info["selector"]`` (a callable by its name); the explainers read with it.
         additional_forward_args: Extra arguments of ``model.forward`` after the images, the same
             for every batch (``model(images, *additional_forward_args)``).
         **overrides: Fields of :class:`InvarianceConfig`.
@@ -437,6 +441,20 @@ def _checkpoint_source(model: nn.Module, autoencoder: Any, data: Any, cache: Fea
     return source_fingerprint(model, autoencoder, data)
 
 
+def _check_cached_selectors(cache: FeatureCache, where: Any, asked: Mapping[str, Any]) -> None:
+    """Refuse a reused cache whose layers were picked with another selector than ``asked`` (an
+    ``int`` or ``str`` one, or none; callables cannot be compared)."""
+    for name, selector in asked.items():
+        if name not in cache.selectors:
+            continue  # a cache from before selectors were recorded
+        cached, now = cache.selectors[name], selector_record(selector)
+        if comparable_selector(cached) and comparable_selector(now) and cached != now:
+            raise CheckpointError(
+                f"The feature cache {str(where)!r} read layer {name!r} with selector={cached!r}, not "
+                f"selector={now!r}; pass selector={cached!r}, or resume=False to start afresh there."
+            )
+
+
 def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device, progress,
                stack: contextlib.ExitStack, read: Dict[str, Any]) -> FeatureCache:
     """The given cache, the one a resumed fit left in ``checkpoint_dir``, or a fresh one (saved there).
@@ -466,6 +484,7 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
             f"attribute_to_layer_input={reused.layer_inputs}, or resume=False to start afresh there."
         )
     if reused is not None and set(names) <= set(reused.layers):
+        _check_cached_selectors(reused, where, per_layer_selectors(model, names, read.get("selector")))
         # a resumed fit continues on the very same features, unless what they came from changed
         if reused.source and autoencoder is not None and data is not None:
             changed = source_changes(reused, model, autoencoder, shard_data(data))

@@ -361,6 +361,11 @@ def test_the_selector_is_recorded_and_followed(images, autoencoder, tmp_path):
                        .sample(x, n_samples=2, generator=g().manual_seed(0)))
     with pytest.raises(ValueError, match="fitted with selector='box', but selector='logits' reads another tensor"):
         LayerInvariance(model, "heads", inn, autoencoder, selector="logits")
+    with pytest.raises(ValueError, match="fitted with selector='box', but selector='logits'"):
+        LayerInvariance(model, "heads", inn, autoencoder, selector={"heads": "logits"})  # a dict: its entry
+    assert LayerInvariance(model, "heads", inn, autoencoder, selector={model.heads: "box"}).selector == {model.heads: "box"}
+    with pytest.raises(TypeError, match="`selector` must be None, an int, a str, a callable or a"):
+        LayerInvariance(model, "heads", inn, autoencoder, selector=True)
     e = FactorINN(autoencoder.latent_dim, {"a": 2}, n_blocks=1, hidden=8)
     e.fit_info = {"representation": {"kind": "autoencoder_code", "dim": autoencoder.latent_dim}}
     assert LayerConcepts(model, "heads", e, autoencoder, invariance_inn=inn).selector == "box"
@@ -384,12 +389,25 @@ def test_the_selector_is_recorded_and_followed(images, autoencoder, tmp_path):
     del loaded.fit_info["selector"]
     assert LayerInvariance(model, "heads", loaded, autoencoder, selector="logits").selector == "logits"
 
+    # resuming refuses features picked otherwise: from the cache in checkpoint_dir, a given cache, a new one
     run = str(tmp_path / "run")
     fit_invariances(model, "heads", autoencoder, images[:16], selector="box", steps=2, checkpoint_dir=run,
                     progress=False, **TINY)
     with pytest.raises(CheckpointError, match="read layer 'heads' with selector='box', not selector='logits'"):
         fit_invariances(model, "heads", autoencoder, images[:16], selector="logits", steps=2, checkpoint_dir=run,
                         progress=False, **TINY)
+    logits = cache_features(model, "heads", autoencoder, images[:16], selector="logits", progress=False)
+    for again in (dict(cache=logits), dict(autoencoder=autoencoder, data=images[:16], selector="logits", memmap=True)):
+        with pytest.raises(CheckpointError, match="another configuration.*selector"):
+            fit_invariances(model, "heads", steps=4, checkpoint_dir=run, progress=False, **again, **TINY)
+    callable_run = str(tmp_path / "callable")
+    fit_invariances(model, "heads", autoencoder, images[:16], selector=pick_box, steps=2, checkpoint_dir=callable_run,
+                    progress=False, **TINY)
+    with pytest.raises(CheckpointError, match=r"with the callable selector .*pick_box, not no selector"):
+        fit_invariances(model, "heads", autoencoder, images[:16], steps=2, checkpoint_dir=callable_run,
+                        progress=False, **TINY)
+    assert fit_invariances(model, "heads", autoencoder, images[:16], selector=lambda o: o["box"], steps=2,
+                           checkpoint_dir=callable_run, progress=False, **TINY).fit_info["steps"] == 2
 
 
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(images, autoencoder, tmp_path):

@@ -13,7 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._captum_compat import _format_additional_forward_args, _format_tensor_into_tuples
-from captum_inn.capture import LayerHooks, comparable_selector, resolve_layer, selector_record
+from captum_inn.capture import (
+    LayerHooks,
+    comparable_selector,
+    per_layer_selectors,
+    resolve_layer,
+    selector_record,
+)
 
 __all__ = [
     "format_inputs",
@@ -181,26 +187,33 @@ def layer_side(asked: Optional[bool], fitted: Optional[bool], what: str) -> bool
     return bool(asked)
 
 
-def fitted_selector(asked: Any, fit_info: Mapping[str, Any], what: str) -> Any:
-    """The selector to read the layer with: as ``asked``, or the ``int``/``str`` one the INN ``what``
-    was fitted with (``fit_info["selector"]``) when not asked. Asking for another one, or none where
-    the fit used a callable, is a ``ValueError``: the layer would be read differently than it was fitted."""
+def fitted_selector(asked: Any, fit_info: Mapping[str, Any], what: str, forward_func: Any, name: str) -> Any:
+    """The selector to read layer ``name`` with: as ``asked``, or the ``int``/``str`` one the INN
+    ``what`` was fitted with (``fit_info["selector"]``) when not asked. Asking for another one, or
+    for none where the fit used a callable, is a ``ValueError``: the layer would be read otherwise
+    than it was fitted. A ``{layer: selector}`` dict is checked by its entry for this layer."""
+    if isinstance(asked, bool) or not (asked is None or isinstance(asked, (int, str, Mapping)) or callable(asked)):
+        raise TypeError(f"`selector` must be None, an int, a str, a callable or a {{layer: selector}} dict, got "
+                        f"{asked!r}.")
     if "selector" not in fit_info:  # fitted before selectors were recorded
         return asked
     fitted = fit_info["selector"]
-    if asked is None:
+    mine = asked
+    if isinstance(asked, Mapping) and isinstance(forward_func, nn.Module):
+        mine = per_layer_selectors(forward_func, [name], asked)[name]
+    if mine is None:
         if not comparable_selector(fitted):
             raise ValueError(
                 f"`{what}` was fitted with a callable selector ({fitted['callable']}); pass the same callable "
                 "as selector= to read the layer as it was fitted."
             )
-        return fitted
-    now = selector_record(asked)
+        return fitted if asked is None else asked
+    now = selector_record(mine)
     if comparable_selector(now) and comparable_selector(fitted) and now != fitted:
         if fitted is None:
-            fix = f"`{what}` was fitted without a selector, but selector={asked!r} was passed; leave selector out"
+            fix = f"`{what}` was fitted without a selector, but selector={mine!r} was passed; leave selector out"
         else:
-            fix = (f"`{what}` was fitted with selector={fitted!r}, but selector={asked!r} reads another tensor of "
+            fix = (f"`{what}` was fitted with selector={fitted!r}, but selector={mine!r} reads another tensor of "
                    f"the layer; pass selector={fitted!r} (or leave it out)")
         raise ValueError(f"{fix}, or fit an INN with this selector.")
     return asked

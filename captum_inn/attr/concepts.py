@@ -103,7 +103,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             INN that reads the layer was fitted on (``concept_inn`` for a layer representation,
             else ``invariance_inn``; the output where unknown). The other side is refused.
         selector: Picks the tensor from a non-tensor layer output; by default the ``int`` or ``str``
-            one ``invariance_inn`` was fitted with.
+            one ``invariance_inn`` was fitted with (a concept INN fitted on a layer records none).
         image_input: Which of the (tuple) inputs is the image.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
@@ -191,7 +191,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             self._fitted_on_input = (getattr(invariance_inn, "fit_info", None) or {}).get("attribute_to_layer_input")
         self.attribute_to_layer_input = layer_side(attribute_to_layer_input, self._fitted_on_input, self._layer_reader)
         reader_info = representation if self.representation == _LAYER else (getattr(invariance_inn, "fit_info", None) or {})
-        self.selector = fitted_selector(selector, reader_info, self._layer_reader)
+        self.selector = fitted_selector(selector, reader_info, self._layer_reader, forward_func, name)
         self.image_input = image_input
 
     # ------------------------------------------------------------------ Captum's protocol

@@ -187,6 +187,9 @@ def _train(
             "config": {"inn": inn.config, "train": resume_key(asdict(config)), **fit_info, "source": source}}
     if cache.layer_inputs:  # only then, so checkpoints of fits on outputs resume across versions
         meta["config"]["layer_inputs"] = True
+    selector = cache.selectors.get(name)
+    if selector is not None and comparable_selector(selector):  # likewise; a resume then refuses another one
+        meta["config"]["selector"] = selector
     # beside the config (not compared on resume): what load_invariance_inn gives the explainers
     fit_info.update({"attribute_to_layer_input": cache.layer_inputs,
                      "autoencoder_weights": cache.autoencoder_weights or None,
@@ -442,17 +445,24 @@ def _checkpoint_source(model: nn.Module, autoencoder: Any, data: Any, cache: Fea
 
 
 def _check_cached_selectors(cache: FeatureCache, where: Any, asked: Mapping[str, Any]) -> None:
-    """Refuse a reused cache whose layers were picked with another selector than ``asked`` (an
-    ``int`` or ``str`` one, or none; callables cannot be compared)."""
+    """Refuse a reused cache whose layers were picked with another selector than ``asked`` (two
+    callables cannot be compared and pass)."""
     for name, selector in asked.items():
         if name not in cache.selectors:
             continue  # a cache from before selectors were recorded
         cached, now = cache.selectors[name], selector_record(selector)
-        if comparable_selector(cached) and comparable_selector(now) and cached != now:
-            raise CheckpointError(
-                f"The feature cache {str(where)!r} read layer {name!r} with selector={cached!r}, not "
-                f"selector={now!r}; pass selector={cached!r}, or resume=False to start afresh there."
-            )
+        if not (comparable_selector(cached) or comparable_selector(now)) or cached == now:
+            continue
+        raise CheckpointError(
+            f"The feature cache {str(where)!r} read layer {name!r} with {_selector_text(cached)}, not "
+            f"{_selector_text(now)}; pass the same selector, or resume=False to start afresh there."
+        )
+
+
+def _selector_text(record: Any) -> str:
+    if record is None:
+        return "no selector"
+    return f"the callable selector {record['callable']}" if not comparable_selector(record) else f"selector={record!r}"
 
 
 def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device, progress,

@@ -322,6 +322,49 @@ def test_layer_concepts_read_the_side_of_the_layer_their_inns_were_fitted_on(tmp
         LayerConcepts(model, "fc", code_e, ae, invariance_inn=t)
 
 
+def test_layer_concepts_on_a_tuple_output_follow_the_recorded_selector(tmp_path):
+    """A vector layer returning ``(h, aux)``: the concept INN is fitted on ``h`` (``selector=0``),
+    records it, and the explainer reads and replaces ``h`` by default and refuses ``aux``."""
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(48, 6)
+
+        def forward(self, v):
+            h = self.lin(v)
+            return h, h.flip(1)  # the same shape: reading the wrong one would go unnoticed
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.head = Pair(), nn.Linear(6, 3)
+
+        def forward(self, image):
+            h, aux = self.pair(image.flatten(1))
+            return self.head(h) + aux.mean(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model, images = TwoOutputs().eval(), torch.rand(64, 3, 4, 4)
+    pairs = ConceptPairs.from_labels("label", images, model(images).argmax(1))
+    rep = LayerRepresentation(model, "pair", selector=0)
+    e = fit_concepts(rep, [pairs], steps=3, n_blocks=1, hidden=16, pool_size=64, progress=False)
+    assert e.fit_info["representation"]["selector"] == 0
+    explainer = LayerConcepts(model, "pair", e)
+    assert explainer.selector == 0
+    x = images[:4]
+    assert torch.allclose(explainer.factors(x), e(model.pair.lin(x.flatten(1)))[0], atol=1e-6)
+    assert torch.allclose(explainer.output_from_factors(x), model(x), atol=1e-5)
+    with pytest.raises(ValueError, match="`concept_inn` was fitted with selector=0, but selector=1"):
+        LayerConcepts(model, "pair", e, selector=1)
+    save_concept_inn(tmp_path / "e.safetensors", e)
+    assert load_concept_inn(tmp_path / "e.safetensors", rep).fit_info["representation"]["selector"] == 0
+    for other in (1, None):
+        with pytest.raises(CheckpointError, match="selector"):
+            load_concept_inn(tmp_path / "e.safetensors", LayerRepresentation(model, "pair", selector=other))
+    assert load_concept_inn(tmp_path / "e.safetensors", LayerRepresentation(model, "pair", selector=lambda o: o[0]))
+
+
 @pytest.fixture(scope="module")
 def code_setup():
     torch.manual_seed(0)

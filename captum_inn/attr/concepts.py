@@ -103,7 +103,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             INN that reads the layer was fitted on (``concept_inn`` for a layer representation,
             else ``invariance_inn``; the output where unknown). The other side is refused.
         selector: Picks the tensor from a non-tensor layer output; by default the ``int`` or ``str``
-            one ``invariance_inn`` was fitted with (a concept INN fitted on a layer records none).
+            one the INN that reads the layer was fitted with (as for ``attribute_to_layer_input``).
         image_input: Which of the (tuple) inputs is the image.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,

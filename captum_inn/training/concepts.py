@@ -28,7 +28,13 @@ from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without i
 from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import as_device, check_module_device, weights_fingerprint
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
-from captum_inn.capture import capture, resolve_layer
+from captum_inn.capture import (
+    capture,
+    comparable_selector,
+    per_layer_selectors,
+    resolve_layer,
+    selector_record,
+)
 from captum_inn.concepts import RESIDUAL, ConceptPairs, as_concepts
 from captum_inn.inn import FactorINN, factor_sizes_from_scores
 from captum_inn.training.checkpoint import (
@@ -110,6 +116,9 @@ class LayerRepresentation:
         model: The analysed network.
         layer: A module or dotted name whose activation is a vector ``(N, d)`` per batch.
         attribute_to_layer_input: Use the layer's input instead of its output.
+        selector: Picks the tensor from a non-tensor layer output (see
+            :class:`~captum_inn.capture.LayerHooks`); an ``int`` or ``str`` one is recorded, and
+            :class:`~captum_inn.LayerConcepts` reads the layer with it (pass a callable to it again).
 
     Examples::
 
@@ -122,6 +131,7 @@ class LayerRepresentation:
     model: nn.Module
     layer: Union[str, nn.Module]
     attribute_to_layer_input: bool = False
+    selector: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -130,7 +140,8 @@ class LayerRepresentation:
 
     def encode(self, inputs: Tensor) -> Tuple[Tensor, Tensor]:
         """``(features, zeros)``: the layer's activation ``(N, d)`` (deterministic, so zero spread)."""
-        z = capture(self.model, self.layer, inputs, attribute_to_layer_input=self.attribute_to_layer_input)
+        z = capture(self.model, self.layer, inputs, attribute_to_layer_input=self.attribute_to_layer_input,
+                    selector=self.selector)
         if z.dim() != 2:
             raise ValueError(
                 f"Layer {self.layer_name!r} gives activations of shape {tuple(z.shape[1:])}; the factor INN "
@@ -140,10 +151,14 @@ class LayerRepresentation:
 
     def describe(self, dim: int) -> Dict[str, Any]:
         """What a checkpoint records about this representation."""
-        return {"kind": "layer", "dim": int(dim), "layer": self.layer_name,
-                "attribute_to_layer_input": bool(self.attribute_to_layer_input),
-                "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
-                "weights": weights_fingerprint(self.model)}
+        described = {"kind": "layer", "dim": int(dim), "layer": self.layer_name,
+                     "attribute_to_layer_input": bool(self.attribute_to_layer_input),
+                     "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                     "weights": weights_fingerprint(self.model)}
+        selector = selector_record(per_layer_selectors(self.model, [self.layer_name], self.selector)[self.layer_name])
+        if selector is not None and comparable_selector(selector):  # only then: older checkpoints still resume
+            described["selector"] = selector
+        return described
 
 
 def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] = None,
@@ -572,6 +587,9 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
             keys = ("kind", "dim", "layer")
             if "attribute_to_layer_input" in saved:  # absent in files from before it was recorded
                 keys += ("attribute_to_layer_input",)
+            given = representation.selector if isinstance(representation, LayerRepresentation) else None
+            if given is None or isinstance(given, (int, str, Mapping)):  # a callable cannot be compared
+                keys += ("selector",)
         else:
             keys = ("kind",)
             latent = getattr(representation, "latent_dim", None)
@@ -580,7 +598,7 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
                     f"{path}: concept INN fitted on codes of size {saved.get('dim')}, but the autoencoder has "
                     f"latent_dim={latent}."
                 )
-        mismatch = {k: (saved.get(k), expected[k]) for k in keys if saved.get(k) != expected[k]}
+        mismatch = {k: (saved.get(k), expected.get(k)) for k in keys if saved.get(k) != expected.get(k)}
         if mismatch:
             raise CheckpointError(
                 f"{path}: concept INN fitted on another representation; (saved, given) differ in {mismatch}."

@@ -346,8 +346,8 @@ def fit_invariances(
     Returns:
         The fitted :class:`~captum_inn.inn.ConditionalINN` (eval mode) for a single layer, or
         ``{layer name: INN}`` for a list. Each INN carries ``fit_info`` (layer, layer shape, latent
-        size, model class, whether the layer's input was read, the ``weights_fingerprint`` of the
-        autoencoder and of the model, steps, final NLL per dimension: the mean loss of the last
+        size, model class, whether the layer's input was read, the selector, the ``weights_fingerprint`` of
+        the autoencoder and of the model, steps, final NLL per dimension: the mean loss of the last
         steps, without the constant ½·log 2π) and ``history``.
 
     Raises:

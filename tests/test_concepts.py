@@ -281,6 +281,9 @@ def test_layer_representation_keeps_the_model_exact():
     through = explainer.output_from_factors(images)
     assert (through - model(images)).abs().max() <= 1e-4
     assert torch.equal(through.argmax(1), model(images).argmax(1))
+    factors = explainer.factors(images[:4]).requires_grad_()  # differentiable in the factors, as documented
+    explainer.output_from_factors(images[:4], factors)[:, 0].sum().backward()
+    assert factors.grad is not None and factors.grad.abs().sum() > 0
     assert_no_hooks(model)
     with pytest.raises(ValueError, match="fitted on layer"):
         LayerConcepts(model, "fc", e)

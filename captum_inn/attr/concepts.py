@@ -434,7 +434,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             additional_forward_args: Extra arguments of ``forward_func``.
 
         Returns:
-            Whatever ``forward_func`` returns.
+            Whatever ``forward_func`` returns, differentiable in ``factors`` (to search factor space
+            with gradients; wrap the call in ``torch.no_grad()`` to keep no graph).
 
         Examples::
 

@@ -246,6 +246,19 @@ def per_layer_selectors(model: nn.Module, names: Sequence[str], selector: Any) -
     return per_layer
 
 
+def selector_for_layer(model: Any, name: str, module: nn.Module, selector: Any) -> Selector:
+    """The selector one layer is read with: ``selector`` itself, or its entry for this layer when it
+    is a ``{layer: selector}`` dict (keys: names in ``model``, or module objects; entries for other
+    layers are ignored, so a multi-layer fit's dict can be passed as it is)."""
+    if not isinstance(selector, Mapping):
+        return selector
+    for key, entry in selector.items():
+        if key is module or (isinstance(key, str) and (
+                key == name or (isinstance(model, nn.Module) and resolve_layer(model, key)[1] is module))):
+            return entry
+    return None
+
+
 def selector_record(selector: Selector) -> Any:
     """What a fit records of a selector (JSON): ``None``, an ``int`` or a ``str`` as it is; a
     callable as ``{"callable": its name}``, which is never compared (two callables may agree)."""

@@ -269,9 +269,10 @@ def compare_attributions(
     # otherwise run the model as it is (batch statistics, updated running statistics).
     with eval_mode(model):
         chosen = gradcam_layer is None
-        if chosen:
+        if chosen:  # the invariance layer where Grad-CAM can read it: its output, a map of more than one cell
             z = invariance._activation((images[:1],), None)
-            gradcam_layer = invariance.layer_name if z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
+            as_is = invariance.selector is None and not invariance.attribute_to_layer_input
+            gradcam_layer = invariance.layer_name if as_is and z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
                 else last_spatial_layer(model, images)
         gradcam_name, gradcam_module = resolve_layer(model, gradcam_layer)
         if not chosen:

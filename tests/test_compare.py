@@ -263,6 +263,37 @@ def test_gradcam_layer_default(setup, x, layer, expected):
     assert result.gradcam.shape == (x.shape[0], 1, 32, 32)
 
 
+def test_the_default_gradcam_layer_skips_an_invariance_layer_read_through_a_selector(setup, x):
+    """Grad-CAM reads a layer's whole output: a layer whose maps come as a tuple (read with a
+    selector) is not chosen for it; the last spatial layer is."""
+
+    class TwoMaps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return h, -h
+
+    class Net2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.maps, self.relu, self.head = TwoMaps(), nn.ReLU(), nn.Sequential(nn.Flatten(), nn.Linear(4 * 16 * 16, 10))
+
+        def forward(self, x):
+            return self.head(self.relu(self.maps(x)[0]))
+
+    torch.manual_seed(0)
+    model = Net2().eval()
+    inn = random_conditional_inn((4, 16, 16))
+    inn.fit_info = {"layer": "maps", "selector": 0}
+    explainer = LayerInvariance(model, "maps", inn, setup[1])
+    assert explainer.selector == 0
+    result = compare_attributions(model, x, explainer, generator=_gen(), **FAST)
+    assert result.gradcam_layer == "relu" and result.gradcam.shape == (x.shape[0], 1, 32, 32)
+
+
 def test_a_coarse_default_gradcam_layer_warns(setup, x):
     """A default Grad-CAM layer of 2x2 (ResNet's layer4 at 64 px) shows nothing; say so, and not for
     a layer the user chose."""

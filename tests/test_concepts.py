@@ -23,6 +23,7 @@ from captum_inn.training import (
     fit_concepts,
     load_checkpoint,
     load_concept_inn,
+    load_invariance_inn,
     save_checkpoint,
     save_concept_inn,
 )
@@ -521,3 +522,26 @@ def test_snapshots_and_concept_dynamics(tmp_path):
     assert from_dataset.encoded == dynamics.encoded
     for snapshot in snaps.models.values():
         assert_no_hooks(snapshot)
+
+    # a layer read through a selector, or at its input: as fit_invariances reads it
+    class TupleOut(nn.Module):
+        def forward(self, h):
+            return h.relu(), -h
+
+    class Tupled(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.pair = inner, TupleOut()
+
+        def forward(self, x):
+            return self.inner.out(self.inner.bn(self.pair(self.inner.fc(self.inner.flatten(x)))[0]))
+
+    tupled = {label: Tupled(m).eval() for label, m in snaps.models.items()}
+    picked = concept_dynamics(tupled, "pair", ae, e.eval(), images, images[:10], labels[:10], selector=0, **kw)
+    assert picked.encoded == dynamics.encoded  # pair[0] is what "hidden" gave
+    with pytest.raises(ValueError, match="pass selector="):
+        concept_dynamics(tupled, "pair", ae, e.eval(), images, images[:10], **kw)
+    concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], labels[:10],
+                                attribute_to_layer_input=True, checkpoint_dir=str(tmp_path / "in"), **kw)
+    assert load_invariance_inn(tmp_path / "in" / "5" / "invariance_hidden.safetensors").fit_info[
+        "attribute_to_layer_input"] is True

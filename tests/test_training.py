@@ -359,11 +359,15 @@ def test_the_selector_is_recorded_and_followed(images, autoencoder, tmp_path):
     assert torch.equal(by_default.sample(x, n_samples=2, generator=g().manual_seed(0)),
                        LayerInvariance(model, "heads", inn, autoencoder, selector="box")
                        .sample(x, n_samples=2, generator=g().manual_seed(0)))
-    with pytest.raises(ValueError, match="fitted with selector='box', but selector='logits' reads another tensor"):
+    with pytest.raises(ValueError, match="fitted with selector='box', but selector='logits' was passed; pass selector='box'"):
         LayerInvariance(model, "heads", inn, autoencoder, selector="logits")
+    # a {layer: selector} dict is read by its entry for this layer (names or modules; other layers ignored)
     with pytest.raises(ValueError, match="fitted with selector='box', but selector='logits'"):
-        LayerInvariance(model, "heads", inn, autoencoder, selector={"heads": "logits"})  # a dict: its entry
-    assert LayerInvariance(model, "heads", inn, autoencoder, selector={model.heads: "box"}).selector == {model.heads: "box"}
+        LayerInvariance(model, "heads", inn, autoencoder, selector={"heads": "logits"})
+    assert LayerInvariance(model, "heads", inn, autoencoder, selector={model.heads: "box", "body": 0}).selector == "box"
+    assert LayerInvariance(model, "heads", inn, autoencoder, selector={"body": 0}).selector == "box"  # none: the record
+    with pytest.raises(ValueError, match="but selector='logits'"):  # a plain function: modules as keys
+        LayerInvariance(lambda t: model(t), model.heads, inn, autoencoder, selector={model.heads: "logits"})
     with pytest.raises(TypeError, match="`selector` must be None, an int, a str, a callable or a"):
         LayerInvariance(model, "heads", inn, autoencoder, selector=True)
     e = FactorINN(autoencoder.latent_dim, {"a": 2}, n_blocks=1, hidden=8)

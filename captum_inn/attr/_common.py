@@ -16,8 +16,8 @@ from captum_inn._captum_compat import _format_additional_forward_args, _format_t
 from captum_inn.capture import (
     LayerHooks,
     comparable_selector,
-    per_layer_selectors,
     resolve_layer,
+    selector_for_layer,
     selector_record,
 )
 
@@ -187,36 +187,35 @@ def layer_side(asked: Optional[bool], fitted: Optional[bool], what: str) -> bool
     return bool(asked)
 
 
-def fitted_selector(asked: Any, fit_info: Mapping[str, Any], what: str, forward_func: Any, name: str) -> Any:
-    """The selector to read layer ``name`` with: as ``asked``, or the ``int``/``str`` one the INN
-    ``what`` was fitted with (``fit_info["selector"]``) when not asked. Asking for another one, or
-    for none where the fit used a callable, is a ``ValueError``: the layer would be read otherwise
-    than it was fitted. A ``{layer: selector}`` dict is checked by its entry for this layer."""
+def fitted_selector(asked: Any, fit_info: Mapping[str, Any], what: str, forward_func: Any, name: str,
+                    module: nn.Module) -> Any:
+    """The selector to read layer ``name`` (``module``) with: ``asked`` (a ``{layer: selector}``
+    dict: its entry for this layer), or the ``int``/``str`` one the INN ``what`` was fitted with
+    (``fit_info["selector"]``) where that gives none. Another one, or none where the fit used a
+    callable, is a ``ValueError``: the layer would be read otherwise than it was fitted."""
     if isinstance(asked, bool) or not (asked is None or isinstance(asked, (int, str, Mapping)) or callable(asked)):
         raise TypeError(f"`selector` must be None, an int, a str, a callable or a {{layer: selector}} dict, got "
                         f"{asked!r}.")
+    mine = selector_for_layer(forward_func, name, module, asked)
     if "selector" not in fit_info:  # fitted before selectors were recorded
-        return asked
+        return mine
     fitted = fit_info["selector"]
-    mine = asked
-    if isinstance(asked, Mapping) and isinstance(forward_func, nn.Module):
-        mine = per_layer_selectors(forward_func, [name], asked)[name]
     if mine is None:
         if not comparable_selector(fitted):
             raise ValueError(
                 f"`{what}` was fitted with a callable selector ({fitted['callable']}); pass the same callable "
                 "as selector= to read the layer as it was fitted."
             )
-        return fitted if asked is None else asked
+        return fitted
     now = selector_record(mine)
     if comparable_selector(now) and comparable_selector(fitted) and now != fitted:
         if fitted is None:
             fix = f"`{what}` was fitted without a selector, but selector={mine!r} was passed; leave selector out"
-        else:
-            fix = (f"`{what}` was fitted with selector={fitted!r}, but selector={mine!r} reads another tensor of "
-                   f"the layer; pass selector={fitted!r} (or leave it out)")
+        else:  # negative indices are compared as written, so -1 and 1 of a pair differ here
+            fix = (f"`{what}` was fitted with selector={fitted!r}, but selector={mine!r} was passed; pass "
+                   f"selector={fitted!r} (or leave it out)")
         raise ValueError(f"{fix}, or fit an INN with this selector.")
-    return asked
+    return mine
 
 
 def layer_activation(

@@ -191,7 +191,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             self._fitted_on_input = (getattr(invariance_inn, "fit_info", None) or {}).get("attribute_to_layer_input")
         self.attribute_to_layer_input = layer_side(attribute_to_layer_input, self._fitted_on_input, self._layer_reader)
         reader_info = representation if self.representation == _LAYER else (getattr(invariance_inn, "fit_info", None) or {})
-        self.selector = fitted_selector(selector, reader_info, self._layer_reader, forward_func, name)
+        self.selector = fitted_selector(selector, reader_info, self._layer_reader, forward_func, name, module)
         self.image_input = image_input
 
     # ------------------------------------------------------------------ Captum's protocol

@@ -125,7 +125,7 @@ class LayerInvariance(LayerAttribution):
         self.autoencoder = autoencoder
         self._fitted_on_input = (getattr(inn, "fit_info", None) or {}).get("attribute_to_layer_input")
         self.attribute_to_layer_input = self._check_read(attribute_to_layer_input)
-        self.selector = fitted_selector(selector, getattr(inn, "fit_info", None) or {}, "inn", forward_func, name)
+        self.selector = fitted_selector(selector, getattr(inn, "fit_info", None) or {}, "inn", forward_func, name, module)
         self.image_input = image_input
 
     # ------------------------------------------------------------------ Captum's protocol

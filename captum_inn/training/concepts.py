@@ -31,8 +31,8 @@ from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import (
     capture,
     comparable_selector,
-    per_layer_selectors,
     resolve_layer,
+    selector_for_layer,
     selector_record,
 )
 from captum_inn.concepts import RESIDUAL, ConceptPairs, as_concepts
@@ -136,12 +136,14 @@ class LayerRepresentation:
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(self.model).__name__}.")
-        self.layer_name = resolve_layer(self.model, self.layer)[0]
+        self.layer_name, module = resolve_layer(self.model, self.layer)
+        # a {layer: selector} dict: its entry for this layer
+        self.layer_selector = selector_for_layer(self.model, self.layer_name, module, self.selector)
 
     def encode(self, inputs: Tensor) -> Tuple[Tensor, Tensor]:
         """``(features, zeros)``: the layer's activation ``(N, d)`` (deterministic, so zero spread)."""
         z = capture(self.model, self.layer, inputs, attribute_to_layer_input=self.attribute_to_layer_input,
-                    selector=self.selector)
+                    selector=self.layer_selector)
         if z.dim() != 2:
             raise ValueError(
                 f"Layer {self.layer_name!r} gives activations of shape {tuple(z.shape[1:])}; the factor INN "
@@ -155,7 +157,7 @@ class LayerRepresentation:
                      "attribute_to_layer_input": bool(self.attribute_to_layer_input),
                      "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                      "weights": weights_fingerprint(self.model)}
-        selector = selector_record(per_layer_selectors(self.model, [self.layer_name], self.selector)[self.layer_name])
+        selector = selector_record(self.layer_selector)
         if selector is not None and comparable_selector(selector):  # only then: older checkpoints still resume
             described["selector"] = selector
         return described
@@ -587,8 +589,8 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
             keys = ("kind", "dim", "layer")
             if "attribute_to_layer_input" in saved:  # absent in files from before it was recorded
                 keys += ("attribute_to_layer_input",)
-            given = representation.selector if isinstance(representation, LayerRepresentation) else None
-            if given is None or isinstance(given, (int, str, Mapping)):  # a callable cannot be compared
+            rep = representation if isinstance(representation, LayerRepresentation) else LayerRepresentation(*representation)
+            if comparable_selector(selector_record(rep.layer_selector)):  # a callable cannot be compared
                 keys += ("selector",)
         else:
             keys = ("kind",)

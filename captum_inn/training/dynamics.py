@@ -137,9 +137,12 @@ class ConceptDynamics:
         return plot_concept_dynamics(self, ax=ax)
 
 
-def _layer_features(model: nn.Module, layer: str, data: Any, device: torch.device, batch_size: int = 256) -> Tensor:
-    """The layer's activations over ``data`` (model in eval mode, its mode restored)."""
-    return torch.cat([capture(model, layer, images.to(device)).cpu() for images in iter_image_batches(data, batch_size)])
+def _layer_features(model: nn.Module, layer: str, data: Any, device: torch.device, read: Mapping[str, Any],
+                    batch_size: int = 256) -> Tensor:
+    """The layer's activations over ``data`` (model in eval mode, its mode restored), read as
+    ``read`` says (``attribute_to_layer_input``, ``selector``)."""
+    return torch.cat([capture(model, layer, images.to(device), **read).cpu()
+                      for images in iter_image_batches(data, batch_size)])
 
 
 def concept_dynamics(
@@ -157,6 +160,8 @@ def concept_dynamics(
     device: Union[str, torch.device] = "cpu",
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
+    attribute_to_layer_input: bool = False,
+    selector: Any = None,
     **overrides: Any,
 ) -> ConceptDynamics:
     """Fit the layer's invariance INN for every checkpoint and measure the encoded concept shares.
@@ -183,6 +188,9 @@ def concept_dynamics(
             (``checkpoint_dir/<label>/``); a rerun resumes them (each model's features are
             computed again, which is cheap next to the INN fits).
         progress: Show progress bars.
+        attribute_to_layer_input: Read the layer's input instead of its output.
+        selector: Picks the tensor from a non-tensor layer output (see
+            :class:`~captum_inn.capture.LayerHooks`); as in :func:`~captum_inn.training.fit_invariances`.
         **overrides: Fields of ``InvarianceConfig`` (other settings are refused).
 
     Returns:
@@ -204,21 +212,22 @@ def concept_dynamics(
     check_module_device(concept_inn, device, "concept_inn")  # the autoencoder is checked by cache_features
     eval_inputs = images_as_tensor(eval_inputs).to(device)
     base: Optional[FeatureCache] = None
+    read = {"attribute_to_layer_input": bool(attribute_to_layer_input), "selector": selector}
     result = ConceptDynamics(layer=name, labels=[], accuracy=[], encoded={c: [] for c in concept_inn.factor_names},
                              standard_error={c: [] for c in concept_inn.factor_names})
     for label, model in items:
         model = model.to(device)
         if base is None:
-            base = cache_features(model, [name], autoencoder, data, device=device, progress=progress)
+            base = cache_features(model, [name], autoencoder, data, device=device, progress=progress, **read)
             cache = base
         else:  # the same codes; this model's layer, and its own source for the checkpoint's record
             source, parts = _source_digests(model, autoencoder, data)
-            cache = replace(base, layers={name: _layer_features(model, name, data, device)}, source=source,
+            cache = replace(base, layers={name: _layer_features(model, name, data, device, read)}, source=source,
                             source_parts=parts, model_weights=weights_fingerprint(model))
         folder = str(Path(checkpoint_dir) / str(label)) if checkpoint_dir is not None else None
         inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
                               progress=progress)
-        explainer = LayerConcepts(model, name, concept_inn, autoencoder, invariance_inn=inn)
+        explainer = LayerConcepts(model, name, concept_inn, autoencoder, invariance_inn=inn, selector=selector)
         shares = explainer.encoded_summary(eval_inputs, n_samples=n_samples, generator=torch.Generator().manual_seed(seed))
         result.labels.append(str(label))
         result.accuracy.append(None if eval_labels is None else accuracy(model, eval_inputs, eval_labels.to(device)))

@@ -157,6 +157,20 @@ def _as_layer_list(layers: Union[LayerSpec, Sequence[LayerSpec]]) -> Tuple[List[
 # --------------------------------------------------------------------------------------------
 
 
+_SELECTOR_HINT = (
+    "pass selector= with an int index, a str key/attribute name, or a callable "
+    "output -> tensor (a dict {layer name: selector} sets one per layer)"
+)
+
+
+def check_selector(selector: Any, name: str) -> None:
+    """``TypeError`` unless ``selector`` (for layer ``name``) is ``None``, an ``int`` (not a bool),
+    a ``str`` or a callable."""
+    if isinstance(selector, bool) or not (selector is None or isinstance(selector, (int, str)) or callable(selector)):
+        raise TypeError(f"layer {name!r}: selector must be None, an int, a str or a callable, got {selector!r}; "
+                        f"{_SELECTOR_HINT}")
+
+
 def _select(
     value: Any, selector: Selector, name: str, what: str, kwargs: Optional[Dict[str, Any]] = None
 ) -> Tensor:
@@ -169,10 +183,8 @@ def _select(
         what: ``"output"`` or ``"input"``, for error messages.
         kwargs: Keyword arguments of the call (inputs only); a ``str`` selector may name one.
     """
-    hint = (
-        "pass selector= with an int index, a str key/attribute name, or a callable "
-        "output -> tensor (a dict {layer name: selector} sets one per layer)"
-    )
+    hint = _SELECTOR_HINT
+    check_selector(selector, name)
     if selector is None:
         if isinstance(value, Tensor):
             selected = value
@@ -186,8 +198,6 @@ def _select(
             )
     elif callable(selector) and not isinstance(selector, (int, str)):
         selected = selector(value)
-    elif isinstance(selector, bool):
-        raise TypeError(f"layer {name!r}: selector must not be a bool; {hint}")
     elif isinstance(selector, int):
         if not isinstance(value, (tuple, list)):
             raise ValueError(
@@ -200,7 +210,7 @@ def _select(
                 f"of length {len(value)}"
             )
         selected = value[selector]
-    elif isinstance(selector, str):
+    else:  # a str
         if kwargs is not None and selector in kwargs:
             selected = kwargs[selector]
         elif isinstance(value, Mapping):
@@ -217,11 +227,6 @@ def _select(
                 f"attribute {selector!r}"
                 + (f" (keyword arguments: {sorted(kwargs)})" if kwargs else "")
             )
-    else:
-        raise TypeError(
-            f"layer {name!r}: selector must be None, an int, a str or a callable, "
-            f"got {type(selector).__name__}"
-        )
     if not isinstance(selected, Tensor):
         raise TypeError(
             f"layer {name!r}: the selected {what} value is a {type(selected).__name__}, "
@@ -230,20 +235,11 @@ def _select(
     return selected
 
 
-def per_layer_selectors(model: nn.Module, names: Sequence[str], selector: Any) -> Dict[str, Selector]:
-    """Expand ``selector`` (one for all, or a ``{layer: selector}`` dict) to every layer name."""
-    if not isinstance(selector, Mapping):
-        return {name: selector for name in names}
-    per_layer: Dict[str, Selector] = {name: None for name in names}
-    for key, sel in selector.items():
-        name, _ = resolve_layer(model, key)
-        if name not in per_layer:
-            raise ValueError(
-                f"selector dict has an entry for layer {name!r}, which is not among the "
-                f"hooked layers {list(names)}"
-            )
-        per_layer[name] = sel
-    return per_layer
+def _names_layer(model: Any, key: Any, name: str, module: nn.Module) -> bool:
+    """Whether a ``{layer: selector}`` key (a module, or a name in ``model``) is this layer."""
+    if isinstance(key, str):
+        return key == name or (isinstance(model, nn.Module) and resolve_layer(model, key)[1] is module)
+    return key is module
 
 
 def selector_for_layer(model: Any, name: str, module: nn.Module, selector: Any) -> Selector:
@@ -252,11 +248,20 @@ def selector_for_layer(model: Any, name: str, module: nn.Module, selector: Any) 
     layers are ignored, so a multi-layer fit's dict can be passed as it is)."""
     if not isinstance(selector, Mapping):
         return selector
-    for key, entry in selector.items():
-        if key is module or (isinstance(key, str) and (
-                key == name or (isinstance(model, nn.Module) and resolve_layer(model, key)[1] is module))):
-            return entry
-    return None
+    return next((entry for key, entry in selector.items() if _names_layer(model, key, name, module)), None)
+
+
+def per_layer_selectors(model: nn.Module, names: Sequence[str], selector: Any) -> Dict[str, Selector]:
+    """Expand ``selector`` (one for all, or a ``{layer: selector}`` dict) to every layer name; a
+    dict entry for a layer not in ``names`` is an error."""
+    modules = {name: resolve_layer(model, name)[1] for name in names}
+    for key in selector if isinstance(selector, Mapping) else ():
+        if not any(_names_layer(model, key, name, module) for name, module in modules.items()):
+            raise ValueError(
+                f"selector dict has an entry for layer {resolve_layer(model, key)[0]!r}, which is not among the "
+                f"hooked layers {list(names)}"
+            )
+    return {name: selector_for_layer(model, name, module, selector) for name, module in modules.items()}
 
 
 def selector_record(selector: Selector) -> Any:
@@ -267,7 +272,7 @@ def selector_record(selector: Selector) -> Any:
     return {"callable": getattr(selector, "__qualname__", type(selector).__qualname__)}
 
 
-def comparable_selector(record: Any) -> bool:
+def is_comparable_selector(record: Any) -> bool:
     """Whether a recorded selector can be compared with another (not a callable's record)."""
     return not isinstance(record, Mapping)
 

@@ -207,7 +207,8 @@ def compare_attributions(
         target: The explained class: ``None`` (each input's predicted class), an int for all,
             or ``(N,)`` classes.
         gradcam_layer: Layer for Grad-CAM (module or dotted name). Default: the invariance layer
-            if it is a feature map, else :func:`last_spatial_layer` (``layer4`` of a ResNet).
+            if its output is a feature map (read without a selector, not at its input), else
+            :func:`last_spatial_layer` (``layer4`` of a ResNet).
         concepts: Optional :class:`~captum_inn.LayerConcepts` whose scores are added.
         n_samples: Invariance samples per input (``>= 2``; the map is their spread).
         ig_steps: Integrated Gradients steps.
@@ -270,9 +271,9 @@ def compare_attributions(
     with eval_mode(model):
         chosen = gradcam_layer is None
         if chosen:  # the invariance layer where Grad-CAM can read it: its output, a map of more than one cell
-            z = invariance._activation((images[:1],), None)
-            as_is = invariance.selector is None and not invariance.attribute_to_layer_input
-            gradcam_layer = invariance.layer_name if as_is and z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
+            readable = invariance.selector is None and not invariance.attribute_to_layer_input
+            z = invariance._activation((images[:1],), None) if readable else None
+            gradcam_layer = invariance.layer_name if z is not None and z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
                 else last_spatial_layer(model, images)
         gradcam_name, gradcam_module = resolve_layer(model, gradcam_layer)
         if not chosen:

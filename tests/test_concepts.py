@@ -542,6 +542,6 @@ def test_snapshots_and_concept_dynamics(tmp_path):
     with pytest.raises(ValueError, match="pass selector="):
         concept_dynamics(tupled, "pair", ae, e.eval(), images, images[:10], **kw)
     concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], labels[:10],
-                                attribute_to_layer_input=True, checkpoint_dir=str(tmp_path / "in"), **kw)
+                     attribute_to_layer_input=True, checkpoint_dir=str(tmp_path / "in"), **kw)
     assert load_invariance_inn(tmp_path / "in" / "5" / "invariance_hidden.safetensors").fit_info[
         "attribute_to_layer_input"] is True

@@ -2,6 +2,7 @@
 in order, in one namespace holding what the page assumes (``model``, ``images``, ``autoencoder``,
 ...), with every fit cut to a few steps, and the values their comments state are checked."""
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -111,7 +112,8 @@ def test_every_snippet_is_run_or_skipped_with_a_reason():
     directives = [line.strip() for line in HOWTO.read_text().splitlines()
                   if line.strip().startswith((".. code", ".. sourcecode"))]
     assert directives == [".. code-block:: python"] * len(SNIPPETS), sorted(set(directives))
-    assert "::\n\n    from captum_inn" not in HOWTO.read_text()  # nor literal blocks of code
+    literal_code = re.search(r"::\n\n( +)(import |from \w+ import |\w+ = )", HOWTO.read_text())
+    assert literal_code is None, "a literal block of code: make it a `.. code-block:: python` so it is run"
 
 
 def test_choose_a_layer(digits):

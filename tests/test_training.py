@@ -368,8 +368,9 @@ def test_the_selector_is_recorded_and_followed(images, autoencoder, tmp_path):
     assert LayerInvariance(model, "heads", inn, autoencoder, selector={"body": 0}).selector == "box"  # none: the record
     with pytest.raises(ValueError, match="but selector='logits'"):  # a plain function: modules as keys
         LayerInvariance(lambda t: model(t), model.heads, inn, autoencoder, selector={model.heads: "logits"})
-    with pytest.raises(TypeError, match="`selector` must be None, an int, a str, a callable or a"):
-        LayerInvariance(model, "heads", inn, autoencoder, selector=True)
+    for wrong in (True, 1.0, {"heads": True}):  # checked when built, also a dict's entry
+        with pytest.raises(TypeError, match="layer 'heads': selector must be None, an int, a str or a callable, got"):
+            LayerInvariance(model, "heads", inn, autoencoder, selector=wrong)
     e = FactorINN(autoencoder.latent_dim, {"a": 2}, n_blocks=1, hidden=8)
     e.fit_info = {"representation": {"kind": "autoencoder_code", "dim": autoencoder.latent_dim}}
     assert LayerConcepts(model, "heads", e, autoencoder, invariance_inn=inn).selector == "box"
@@ -404,6 +405,23 @@ def test_the_selector_is_recorded_and_followed(images, autoencoder, tmp_path):
     for again in (dict(cache=logits), dict(autoencoder=autoencoder, data=images[:16], selector="logits", memmap=True)):
         with pytest.raises(CheckpointError, match="another configuration.*selector"):
             fit_invariances(model, "heads", steps=4, checkpoint_dir=run, progress=False, **again, **TINY)
+    # a checkpoint_dir of an earlier version (no selector recorded anywhere) still resumes, with or without
+    # cache=, and the INN then records the selector asked for
+    old = tmp_path / "old"
+    fit_invariances(model, "heads", autoencoder, images[:16], selector="box", steps=2, checkpoint_dir=str(old),
+                    progress=False, **TINY)
+    for file in old.iterdir():
+        tensors, meta = load_checkpoint(file)
+        for section in ("config", "fit_info"):
+            for key in ("selectors", "selector"):
+                (meta.get(section) or {}).pop(key, None)
+        save_checkpoint(file, tensors, meta)
+    resumed = fit_invariances(model, "heads", autoencoder, images[:16], selector="box", steps=3,
+                              checkpoint_dir=str(old), progress=False, **TINY)
+    assert len(resumed.history) == 3 and resumed.fit_info["selector"] == "box"
+    box = cache_features(model, "heads", autoencoder, images[:16], selector="box", progress=False)
+    assert len(fit_invariances(model, "heads", cache=box, steps=4, checkpoint_dir=str(old), progress=False,
+                               **TINY).history) == 4
     callable_run = str(tmp_path / "callable")
     fit_invariances(model, "heads", autoencoder, images[:16], selector=pick_box, steps=2, checkpoint_dir=callable_run,
                     progress=False, **TINY)

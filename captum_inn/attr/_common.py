@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from captum_inn._captum_compat import _format_additional_forward_args, _format_tensor_into_tuples
 from captum_inn.capture import (
     LayerHooks,
-    comparable_selector,
+    check_selector,
+    is_comparable_selector,
     resolve_layer,
     selector_for_layer,
     selector_record,
@@ -193,22 +194,20 @@ def fitted_selector(asked: Any, fit_info: Mapping[str, Any], what: str, forward_
     dict: its entry for this layer), or the ``int``/``str`` one the INN ``what`` was fitted with
     (``fit_info["selector"]``) where that gives none. Another one, or none where the fit used a
     callable, is a ``ValueError``: the layer would be read otherwise than it was fitted."""
-    if isinstance(asked, bool) or not (asked is None or isinstance(asked, (int, str, Mapping)) or callable(asked)):
-        raise TypeError(f"`selector` must be None, an int, a str, a callable or a {{layer: selector}} dict, got "
-                        f"{asked!r}.")
     mine = selector_for_layer(forward_func, name, module, asked)
+    check_selector(mine, name)  # now, not at the first call
     if "selector" not in fit_info:  # fitted before selectors were recorded
         return mine
     fitted = fit_info["selector"]
     if mine is None:
-        if not comparable_selector(fitted):
+        if not is_comparable_selector(fitted):
             raise ValueError(
                 f"`{what}` was fitted with a callable selector ({fitted['callable']}); pass the same callable "
                 "as selector= to read the layer as it was fitted."
             )
         return fitted
     now = selector_record(mine)
-    if comparable_selector(now) and comparable_selector(fitted) and now != fitted:
+    if is_comparable_selector(now) and is_comparable_selector(fitted) and now != fitted:
         if fitted is None:
             fix = f"`{what}` was fitted without a selector, but selector={mine!r} was passed; leave selector out"
         else:  # negative indices are compared as written, so -1 and 1 of a pair differ here

@@ -261,6 +261,27 @@ def warn_if_unfinished(path: PathLike, step: Any, steps: Any, fit: str, argument
         )
 
 
+def read_header(path: Optional[PathLike]) -> Optional[Dict[str, Any]]:
+    """The metadata of the checkpoint at ``path``, read from the file's header alone; ``None``
+    where there is no readable checkpoint (a resume reports an unreadable one itself).
+
+    Examples::
+
+        >>> read_header(None) is None
+        True
+    """
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(_META_KEY, "null"))
+        return meta if isinstance(meta, dict) and isinstance(meta.get("config"), dict) else None
+    except Exception:
+        return None
+
+
 def recorded_config_has(path: Optional[PathLike], key: str, default: bool) -> bool:
     """Whether the checkpoint at ``path`` records ``key`` in its ``config`` (read from the header
     alone); ``default`` where there is no readable checkpoint. A fit records a new entry only where
@@ -271,16 +292,8 @@ def recorded_config_has(path: Optional[PathLike], key: str, default: bool) -> bo
         >>> recorded_config_has(None, "source", default=True)   # no checkpoint yet: record it
         True
     """
-    if path is None or not Path(path).is_file():
-        return default
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(_META_KEY, "null"))
-        return key in meta["config"]
-    except Exception:  # unreadable: the resume itself reports it
-        return default
+    meta = read_header(path)
+    return default if meta is None else key in meta["config"]
 
 
 def module_tensors(module: torch.nn.Module, prefix: str = "model.") -> Dict[str, torch.Tensor]:

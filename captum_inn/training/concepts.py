@@ -30,7 +30,7 @@ from captum_inn.attr._common import as_device, check_module_device, weights_fing
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import (
     capture,
-    comparable_selector,
+    is_comparable_selector,
     resolve_layer,
     selector_for_layer,
     selector_record,
@@ -158,17 +158,23 @@ class LayerRepresentation:
                      "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                      "weights": weights_fingerprint(self.model)}
         selector = selector_record(self.layer_selector)
-        if selector is not None and comparable_selector(selector):  # only then: older checkpoints still resume
+        if selector is not None and is_comparable_selector(selector):  # only then: older checkpoints still resume
             described["selector"] = selector
         return described
+
+
+def _as_representation(representation: Any) -> Any:
+    """``(model, layer)`` as a :class:`LayerRepresentation`; anything else as it is."""
+    if isinstance(representation, tuple) and len(representation) == 2 and isinstance(representation[0], nn.Module):
+        return LayerRepresentation(*representation)
+    return representation
 
 
 def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] = None,
                 ) -> Tuple[Callable[[Tensor], Tuple[Tensor, Tensor]], Callable[[int], Dict[str, Any]]]:
     """``(encode: inputs -> (mean, std), describe: dim -> dict)`` of an autoencoder or a layer;
     with ``device``, its network must be there."""
-    if isinstance(representation, tuple) and len(representation) == 2 and isinstance(representation[0], nn.Module):
-        representation = LayerRepresentation(*representation)
+    representation = _as_representation(representation)
     if isinstance(representation, LayerRepresentation):
         if device is not None:
             check_module_device(representation.model, device, "representation")
@@ -583,14 +589,14 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
         config.update(meta.get("fit_results", {}))
     config.pop("inn")
     if representation is not None:
+        representation = _as_representation(representation)
         expected = _as_encoder(representation)[1](inn.dim)
         saved = config.get("representation", {})
-        if isinstance(representation, (LayerRepresentation, tuple)):
+        if isinstance(representation, LayerRepresentation):
             keys = ("kind", "dim", "layer")
             if "attribute_to_layer_input" in saved:  # absent in files from before it was recorded
                 keys += ("attribute_to_layer_input",)
-            rep = representation if isinstance(representation, LayerRepresentation) else LayerRepresentation(*representation)
-            if comparable_selector(selector_record(rep.layer_selector)):  # a callable cannot be compared
+            if is_comparable_selector(selector_record(representation.layer_selector)):  # callables: not compared
                 keys += ("selector",)
         else:
             keys = ("kind",)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from captum_inn._random import seeded_global_rng
-from captum_inn.capture import comparable_selector, per_layer_selectors, selector_record
+from captum_inn.capture import is_comparable_selector, per_layer_selectors, selector_record
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import (
     FeatureCache,
@@ -37,6 +37,7 @@ from captum_inn.training.checkpoint import (
     building_from,
     load_checkpoint,
     load_module_state,
+    read_header,
     warn_if_unfinished,
 )
 from captum_inn.training.distributed import (
@@ -187,9 +188,8 @@ def _train(
             "config": {"inn": inn.config, "train": resume_key(asdict(config)), **fit_info, "source": source}}
     if cache.layer_inputs:  # only then, so checkpoints of fits on outputs resume across versions
         meta["config"]["layer_inputs"] = True
-    selector = cache.selectors.get(name)
-    if selector is not None and comparable_selector(selector):  # likewise; a resume then refuses another one
-        meta["config"]["selector"] = selector
+    if _selector_in_config(cache.selectors.get(name), checkpoint if resume else None):
+        meta["config"]["selector"] = cache.selectors[name]
     # beside the config (not compared on resume): what load_invariance_inn gives the explainers
     fit_info.update({"attribute_to_layer_input": cache.layer_inputs,
                      "autoencoder_weights": cache.autoencoder_weights or None,
@@ -444,6 +444,19 @@ def _checkpoint_source(model: nn.Module, autoencoder: Any, data: Any, cache: Fea
     return source_fingerprint(model, autoencoder, data)
 
 
+def _selector_in_config(selector: Any, resumed: Optional[str]) -> bool:
+    """Whether an INN checkpoint's config records the (int/str) ``selector``, so that a resume
+    refuses features picked by another one. Not where the checkpoint being ``resumed`` lacks it and
+    records the same selector, or none at all (an earlier version's: it would no longer resume)."""
+    if selector is None or not is_comparable_selector(selector):
+        return False
+    saved = read_header(resumed)
+    if saved is None or "selector" in saved["config"]:
+        return True
+    recorded = (saved.get("fit_info") or {}).get("selector", selector)
+    return recorded != selector  # another one (or a callable): recorded, so the resume refuses it
+
+
 def _check_cached_selectors(cache: FeatureCache, where: Any, asked: Mapping[str, Any]) -> None:
     """Refuse a reused cache whose layers were picked with another selector than ``asked`` (two
     callables cannot be compared and pass)."""
@@ -451,7 +464,7 @@ def _check_cached_selectors(cache: FeatureCache, where: Any, asked: Mapping[str,
         if name not in cache.selectors:
             continue  # a cache from before selectors were recorded
         cached, now = cache.selectors[name], selector_record(selector)
-        if not (comparable_selector(cached) or comparable_selector(now)) or cached == now:
+        if not (is_comparable_selector(cached) or is_comparable_selector(now)) or cached == now:
             continue
         raise CheckpointError(
             f"The feature cache {str(where)!r} read layer {name!r} with {_selector_text(cached)}, not "
@@ -460,9 +473,10 @@ def _check_cached_selectors(cache: FeatureCache, where: Any, asked: Mapping[str,
 
 
 def _selector_text(record: Any) -> str:
+    """A recorded selector in words, for error messages."""
     if record is None:
         return "no selector"
-    return f"the callable selector {record['callable']}" if not comparable_selector(record) else f"selector={record!r}"
+    return f"the callable selector {record['callable']}" if not is_comparable_selector(record) else f"selector={record!r}"
 
 
 def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device, progress,
@@ -494,7 +508,10 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
             f"attribute_to_layer_input={reused.layer_inputs}, or resume=False to start afresh there."
         )
     if reused is not None and set(names) <= set(reused.layers):
-        _check_cached_selectors(reused, where, per_layer_selectors(model, names, read.get("selector")))
+        asked = per_layer_selectors(model, names, read.get("selector"))
+        _check_cached_selectors(reused, where, asked)
+        if not reused.selectors:  # an earlier version's cache: the INNs record the selector asked for
+            reused.selectors = {name: selector_record(selector) for name, selector in asked.items()}
         # a resumed fit continues on the very same features, unless what they came from changed
         if reused.source and autoencoder is not None and data is not None:
             changed = source_changes(reused, model, autoencoder, shard_data(data))

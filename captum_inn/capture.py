@@ -183,7 +183,6 @@ def _select(
         what: ``"output"`` or ``"input"``, for error messages.
         kwargs: Keyword arguments of the call (inputs only); a ``str`` selector may name one.
     """
-    hint = _SELECTOR_HINT
     check_selector(selector, name)
     if selector is None:
         if isinstance(value, Tensor):
@@ -194,7 +193,7 @@ def _select(
             extra = f" (keyword arguments: {sorted(kwargs)})" if kwargs else ""
             raise ValueError(
                 f"layer {name!r}: cannot pick a tensor from its {what} of type "
-                f"{_describe(value)}{extra}; {hint}"
+                f"{_describe(value)}{extra}; {_SELECTOR_HINT}"
             )
     elif callable(selector) and not isinstance(selector, (int, str)):
         selected = selector(value)
@@ -202,7 +201,7 @@ def _select(
         if not isinstance(value, (tuple, list)):
             raise ValueError(
                 f"layer {name!r}: int selector {selector} needs a tuple/list {what}, got "
-                f"{_describe(value)}; {hint}"
+                f"{_describe(value)}; {_SELECTOR_HINT}"
             )
         if not -len(value) <= selector < len(value):
             raise ValueError(
@@ -230,7 +229,7 @@ def _select(
     if not isinstance(selected, Tensor):
         raise TypeError(
             f"layer {name!r}: the selected {what} value is a {type(selected).__name__}, "
-            f"not a tensor; {hint}"
+            f"not a tensor; {_SELECTOR_HINT}"
         )
     return selected
 

@@ -60,3 +60,23 @@ def test_first_cell_states_runtime_data_and_what_to_see(path):
 def test_reads_the_ci_switch(path):
     code = [_text(c) for c in _load(path)["cells"] if c["cell_type"] == "code"]
     assert "CAPTUM_INN_TUTORIAL_SETTINGS" in code[0], f"{path.name}: the first code cell must read the CI switch"
+
+
+def test_a_failed_inplace_run_keeps_the_committed_outputs(tmp_path):
+    """``run.py --inplace`` writes a notebook back only when it ran to the end."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tutorials_run", TUTORIALS / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('first')"),
+                                               nbformat.v4.new_code_cell("raise ValueError('cell two fails')")])
+    path, partial = tmp_path / "tutorial.ipynb", tmp_path / "runs" / "tutorial.ipynb"
+    nbformat.write(notebook, path)
+    committed = path.read_bytes()
+    with pytest.raises(Exception, match="cell two fails"):
+        run.run_notebook(path, "ci", path, limit=120, failed_out=partial)
+    assert path.read_bytes() == committed
+    assert "first" in json.dumps(_load(partial)["cells"][0]["outputs"])

@@ -8,7 +8,8 @@ Each notebook reads ``CAPTUM_INN_TUTORIAL_SETTINGS`` (``ci`` or ``full``) in its
 and shrinks its step counts under ``ci``; the code path is the same. The photo tutorial reads its
 ImageFolder from ``CAPTUM_INN_IMAGES`` (default: ``../shared/data/animalfaces10`` beside the
 repository); without one it is skipped with a message, since the package never needs that folder.
-A notebook that raises, or runs past ``--limit`` seconds, fails the run (exit status 1).
+A notebook that raises, or runs past ``--limit`` seconds, fails the run (exit status 1); with
+``--inplace`` such a notebook keeps its committed outputs and the partial run goes to ``--out``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ def _image_folder() -> Path | None:
     return folder.resolve() if folder.is_dir() else None
 
 
-def run_notebook(path: Path, settings: str, out: Path, limit: float) -> float:
-    """Execute ``path`` in a fresh kernel with ``settings``; write the executed copy to ``out``; return seconds."""
+def run_notebook(path: Path, settings: str, out: Path, limit: float, failed_out: Path | None = None) -> float:
+    """Execute ``path`` in a fresh kernel with ``settings``; return seconds.
+
+    The executed copy goes to ``out``, or to ``failed_out`` (default ``out``) when a cell raises or
+    times out, so that an interrupted ``--inplace`` run never overwrites a notebook's committed outputs.
+    """
     import nbformat
     from nbclient import NotebookClient
 
@@ -40,12 +45,14 @@ def run_notebook(path: Path, settings: str, out: Path, limit: float) -> float:
     client = NotebookClient(notebook, timeout=int(limit), kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
+    target = failed_out or out
     try:
         client.execute()
+        target = out
     finally:
         seconds = time.perf_counter() - start
-        out.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(notebook, out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(notebook, target)
     return seconds
 
 
@@ -55,10 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ci", action="store_true", help="small settings (the CI run)")
     parser.add_argument("--inplace", action="store_true",
                         help="write the outputs into the notebooks themselves (for committing a full run)")
-    parser.add_argument("--limit", type=float, default=600.0, help="seconds a notebook may take (default 600)")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="seconds a notebook may take (default 600 with --ci, 3600 with full settings, "
+                             "which take up to about 31 minutes on a 2-core AVX2-only CPU)")
     parser.add_argument("--out", type=Path, default=Path("tutorial_runs"),
                         help="folder for the executed copies when not --inplace (default tutorial_runs/)")
     args = parser.parse_args(argv)
+    if args.limit is None:
+        args.limit = 600.0 if args.ci else 3600.0
 
     names = args.notebooks or sorted(p.name for p in HERE.glob("*.ipynb"))
     images = _image_folder()
@@ -76,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         target = path if args.inplace else args.out / path.name
         print(f"run  {path.name} ({'ci' if args.ci else 'full'} settings)", flush=True)
         try:
-            seconds = run_notebook(path, "ci" if args.ci else "full", target, args.limit)
+            seconds = run_notebook(path, "ci" if args.ci else "full", target, args.limit,
+                                   failed_out=args.out / path.name)
         except Exception as error:  # noqa: BLE001 - report every notebook, then fail
-            failures.append(f"{path.name}: {type(error).__name__}: {str(error)[-2000:]}")
+            kept = f" (the notebook keeps its outputs; the partial run is in {args.out / path.name})" if args.inplace else ""
+            failures.append(f"{path.name}: {type(error).__name__}: {str(error)[-2000:]}{kept}")
             print(f"FAIL {path.name}\n{failures[-1]}", flush=True)
             continue
         times[path.name] = seconds

@@ -30,4 +30,4 @@ docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) docs/_build docs/tutorials tutorial_runs captum_inn_report .pytest_cache
+	rm -rf $(VENV) docs/_build docs/tutorials tutorial_runs captum_inn_report captum_inn_photo_report .pytest_cache

@@ -32,6 +32,7 @@ from captum_inn.training import (
     cache_features,
     fit_autoencoder,
     fit_invariances,
+    images_fingerprint,
     save_invariance_inn,
 )
 from captum_inn.training.checkpoint import (
@@ -146,14 +147,20 @@ def check_photo_metrics(metrics: Dict[str, Any], bounds: Optional[Dict[str, floa
 
 def _resnet(path: Path, train: Tuple[torch.Tensor, torch.Tensor], n_classes: int, settings: PhotoDemoSettings,
             seed: int, device: Union[str, torch.device], progress: bool) -> Tuple[torch.nn.Module, bool]:
-    """Load the ResNet-18 of an earlier run with the same settings, or train and save one."""
+    """Load the ResNet-18 of an earlier run with the same recipe, or train and save one.
+
+    The recipe holds everything a fresh training would depend on: the settings, the seed, the
+    training photos (:func:`images_fingerprint`) and the number of torch threads (another thread
+    count takes another floating-point path and so trains another ResNet).
+    """
     from torchvision.models import resnet18
 
     torch.manual_seed(seed)
     model = resnet18(num_classes=n_classes)
     recipe = {"class": "torchvision.models.resnet18", "num_classes": n_classes, "steps": settings.cnn_steps,
               "lr": settings.cnn_lr, "weight_decay": settings.cnn_weight_decay, "size": settings.size,
-              "max_per_class": settings.max_per_class, "seed": seed, "n_train": int(train[0].shape[0])}
+              "max_per_class": settings.max_per_class, "seed": seed, "n_train": int(train[0].shape[0]),
+              "images": images_fingerprint(train[0]), "threads": torch.get_num_threads()}
     if path.exists():
         try:
             tensors, meta = load_checkpoint(path, kind="classifier")

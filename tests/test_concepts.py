@@ -479,6 +479,16 @@ def test_layer_concepts_constructor_checks(code_setup):
         LayerConcepts(model, "hiden", e, ae)
 
 
+@pytest.mark.parametrize("bad, error", [("0", TypeError), (False, TypeError), (-2, ValueError)])
+def test_image_input_is_checked_when_built_and_named_at_call_time(code_setup, bad, error):
+    model, ae, e, _ = code_setup
+    with pytest.raises(error, match="`image_input`"):
+        LayerConcepts(model, "hidden", e, ae, image_input=bad)
+    explainer = LayerConcepts(model, "hidden", e, ae, image_input=2)
+    with pytest.raises(ValueError, match=r"`image_input`=2 is out of range for 1 input tensors"):
+        explainer.attribute(torch.rand(2, 3, 8, 8), target=0)
+
+
 # ---------------------------------------------------------------- training dynamics
 def test_snapshots_and_concept_dynamics(tmp_path):
     from captum_inn.training.classifier import fit_classifier

@@ -296,6 +296,17 @@ def test_bad_input_is_named(setup, x):
     assert_no_hooks(model)
 
 
+@pytest.mark.parametrize("bad, error", [("1", TypeError), (True, TypeError), (1.0, TypeError), (-1, ValueError)])
+def test_image_input_is_checked_when_built_and_named_at_call_time(setup, x, bad, error):
+    model, ae, inn, _ = setup
+    with pytest.raises(error, match="`image_input`"):
+        LayerInvariance(model, "logits", inn, ae, image_input=bad)
+    explainer = LayerInvariance(model, "logits", inn, ae, image_input=1)  # an int: its range depends on the call
+    for call in (lambda: explainer.attribute(x, n_samples=2), lambda: explainer.invariances(x)):
+        with pytest.raises(ValueError, match=r"`image_input`=1 is out of range for 1 input tensors.*\(0 to 0\)"):
+            call()
+
+
 class _Boom(Exception):
     pass
 

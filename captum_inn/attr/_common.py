@@ -62,8 +62,9 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
         raise ValueError(f"Every tensor in `{name}` needs the same batch size in dim 0, got {sorted(sizes)}.")
     if 0 in sizes:
         raise ValueError(f"`{name}` is an empty batch; pass at least one example.")
-    if not 0 <= image_index < len(inputs_tuple):
-        raise ValueError(f"`image_index`={image_index} is out of range for {len(inputs_tuple)} input tensors.")
+    if not 0 <= image_index < len(inputs_tuple):  # the explainers' image_input, checked as an int when built
+        raise ValueError(f"`image_input`={image_index} is out of range for {len(inputs_tuple)} input tensors; pass "
+                         f"the image's position among the inputs (0 to {len(inputs_tuple) - 1}).")
     image = inputs_tuple[image_index]
     if not image.is_floating_point():
         raise TypeError(f"`{name}` images must be floating point, got dtype {image.dtype}; convert with .float().")
@@ -130,6 +131,15 @@ def check_positive_int(value: Any, name: str) -> int:
     value = check_int(value, name)
     if value < 1:
         raise ValueError(f"`{name}` must be >= 1, got {value}.")
+    return value
+
+
+def check_image_input(value: Any) -> int:
+    """The explainers' ``image_input`` as an int ``>= 0``, or an error naming it (its upper bound
+    depends on each call's inputs: :func:`format_inputs` checks it there)."""
+    value = check_int(value, "image_input")
+    if value < 0:
+        raise ValueError(f"`image_input` must be >= 0 (the image's position among the inputs), got {value}.")
     return value
 
 

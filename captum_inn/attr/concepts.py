@@ -19,6 +19,7 @@ from captum_inn._random import normal
 from captum_inn.attr._common import (
     as_optional_generator,
     check_fitted_layer,
+    check_image_input,
     check_positive_int,
     check_same_device,
     check_same_weights,
@@ -104,7 +105,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             else ``invariance_inn``; the output where unknown). The other side is refused.
         selector: Picks the tensor from a non-tensor layer output; by default the ``int`` or ``str``
             one the INN that reads the layer was fitted with (as for ``attribute_to_layer_input``).
-        image_input: Which of the (tuple) inputs is the image.
+        image_input: Which of the (tuple) inputs is the image: an int ``>= 0``, checked against
+            the number of inputs at each call.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
     and leaves the model's training flags as they were. Every method runs the model in eval mode
@@ -142,6 +144,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
     ) -> None:
         if not callable(forward_func):
             raise TypeError(f"`forward_func` must be a model or a callable, got {type(forward_func).__name__}.")
+        image_input = check_image_input(image_input)
         name, module = resolve_model_layer(forward_func, layer)
         if not isinstance(concept_inn, FactorINN):
             raise TypeError(f"`concept_inn` must be a captum_inn.inn.FactorINN (from fit_concepts), got {type(concept_inn).__name__}.")

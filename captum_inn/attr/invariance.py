@@ -18,6 +18,7 @@ from captum_inn._random import normal
 from captum_inn.attr._common import (
     as_optional_generator,
     check_fitted_layer,
+    check_image_input,
     check_image_size,
     check_int,
     check_number,
@@ -63,7 +64,8 @@ class LayerInvariance(LayerAttribution):
             The other side than the fit's is refused.
         selector: Picks the tensor from a non-tensor layer output (see :class:`captum_inn.capture.LayerHooks`);
             by default the ``int`` or ``str`` one the INN was fitted with (``inn.fit_info["selector"]``).
-        image_input: Which of the (tuple) inputs is the image the autoencoder encodes.
+        image_input: Which of the (tuple) inputs is the image the autoencoder encodes: an int
+            ``>= 0``, checked against the number of inputs at each call.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
     and leaves the model's training flags as they were. The model runs in eval mode (batch norm on
@@ -100,6 +102,7 @@ class LayerInvariance(LayerAttribution):
     ) -> None:
         if not callable(forward_func):
             raise TypeError(f"`forward_func` must be a model or a callable, got {type(forward_func).__name__}.")
+        image_input = check_image_input(image_input)
         name, module = resolve_model_layer(forward_func, layer)
         if not isinstance(inn, ConditionalINN):
             raise TypeError(

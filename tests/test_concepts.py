@@ -458,6 +458,9 @@ def test_edit_decompose_encoded(code_setup):
     (lambda ex, x: ex.attribute(x, target=0, baselines=torch.zeros(5)), ValueError, "baselines"),
     (lambda ex, x: ex.encoded(x), ValueError, "invariance INN"),
     (lambda ex, x: ex.attribute(x * float("nan"), target=0), ValueError, "NaN"),
+    (lambda ex, x: ex.attribute(x, target=0, internal_batch_size="8"), TypeError, "`internal_batch_size` must be an int"),
+    (lambda ex, x: ex.attribute(x, target=0, internal_batch_size=0), ValueError, "`internal_batch_size` must be >= 1"),
+    (lambda ex, x: ex.attribute(x, target=0, n_steps="4"), TypeError, "`n_steps` must be an int"),
 ])
 def test_layer_concepts_bad_input(code_setup, call, error, match):
     model, ae, e, _ = code_setup

@@ -281,6 +281,9 @@ def test_bad_input_is_named(setup, x):
             explainer.attribute(x, temperature=t)
     with pytest.raises(ValueError, match="`internal_batch_size` must be >= 1"):
         explainer.attribute(x, internal_batch_size=0)
+    for call in (explainer.sample, explainer.attribute):  # checked before any arithmetic on it
+        with pytest.raises(TypeError, match=r"`internal_batch_size` must be an int, got '8' \(str\)"):
+            call(x, n_samples=2, internal_batch_size="8")
     with pytest.raises(ValueError, match="fitted for layer .*Fit an INN for this layer"):
         LayerInvariance(model, "relu3", inn, ae).attribute(x)
     with pytest.raises(ValueError, match="latent_dim=8"):

@@ -681,6 +681,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         """
         from captum.attr import IntegratedGradients
 
+        n_steps = check_positive_int(n_steps, "n_steps")  # Captum would fail comparing a str with an int
+        if internal_batch_size is not None:
+            internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
         check_target_count(target, n)

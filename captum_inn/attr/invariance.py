@@ -315,6 +315,8 @@ class LayerInvariance(LayerAttribution):
         """
         n_samples = check_positive_int(n_samples, "n_samples")
         temperature = check_number(temperature, "temperature", positive=True)
+        if internal_batch_size is not None:  # before the division below turns a bad one into a raw error
+            internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         as_optional_generator(generator)
         inputs = format_inputs(inputs, self.image_input)
         check_same_device(inputs[self.image_input], self.inn)

@@ -406,6 +406,17 @@ def test_attribute_is_complete(code_setup):
         explainer.attribute(x, 0.0, 2)
 
 
+def test_a_scalar_tensor_baseline_is_the_number_it_holds(code_setup):
+    """0-d tensors of any real dtype, as Captum's baselines may be (torch.tensor(0) is an int64)."""
+    model, ae, e, _ = code_setup
+    explainer = LayerConcepts(model, "hidden", e, ae)
+    x = torch.rand(3, 3, 8, 8)
+    for number, scalar in ((0, torch.tensor(0)), (1.0, torch.tensor(1)), (0.5, torch.tensor(0.5, dtype=torch.float64))):
+        expected = explainer.attribute(x, target=1, n_steps=8, baselines=number)
+        assert torch.allclose(explainer.attribute(x, target=1, n_steps=8, baselines=scalar), expected, atol=1e-6)
+        assert torch.allclose(explainer.attribute(x, target=1, n_steps=8, baselines=(scalar,)), expected, atol=1e-6)
+
+
 def test_edit_decompose_encoded(code_setup):
     model, ae, e, t = code_setup
     flags = training_flags(model)

@@ -294,8 +294,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             return torch.zeros_like(factors)  # the prior mean
         if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
             baselines = torch.full((self.concept_inn.dim,), float(baselines))  # Captum's scalar baseline
-        if isinstance(baselines, Tensor) and baselines.dim() == 0 and baselines.is_floating_point():
-            baselines = baselines.expand(self.concept_inn.dim)
+        if (isinstance(baselines, Tensor) and baselines.dim() == 0 and not baselines.is_complex()
+                and baselines.dtype != torch.bool):  # a scalar tensor, integer too: like the number
+            baselines = baselines.to(factors).expand(self.concept_inn.dim)
         if isinstance(baselines, Tensor) and baselines.dim() > 2:
             raise ValueError(
                 f"`baselines` are points in factor space, ({factors.shape[0]}, {self.concept_inn.dim}) or "
@@ -649,8 +650,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 after it are keyword-only: Integrated Gradients takes ``baselines`` second, so a
                 call written for it would otherwise pass its baseline as the target.
             additional_forward_args: Extra arguments of ``forward_func``.
-            baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``, a number (every
-                factor at that value), or Captum's one-element tuple of one; for an image baseline
+            baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``, a number or 0-d
+                tensor (every factor at that value), or Captum's one-element tuple of one; for an image baseline
                 pass :meth:`factors` of it. Under
                 ``NoiseTunnel`` give ``(1, d)`` (Captum checks baselines against the image inputs
                 and only lets a batch of one through).

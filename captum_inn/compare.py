@@ -145,7 +145,8 @@ def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
 
 
 def _check_baselines(baselines: Any, images: Tensor) -> None:
-    """``ig_baselines`` as Captum takes them for these images, or an error naming the shapes."""
+    """``ig_baselines`` as Captum takes them for these images, or an error naming the shape, device or
+    dtype that differs and the fix."""
     if baselines is None or (isinstance(baselines, (int, float)) and not isinstance(baselines, bool)):
         return
     if not isinstance(baselines, Tensor):
@@ -158,7 +159,11 @@ def _check_baselines(baselines: Any, images: Tensor) -> None:
             "use baseline.unsqueeze(0)."
         )
     if baselines.device != images.device:
-        raise ValueError(f"`ig_baselines` is on {baselines.device} but the inputs are on {images.device}.")
+        raise ValueError(f"`ig_baselines` is on {baselines.device} but the inputs are on {images.device}; move it "
+                         "with ig_baselines.to(inputs.device).")
+    if baselines.dtype != images.dtype:  # Captum would fail inside the model with a dtype message naming neither
+        raise TypeError(f"`ig_baselines` is {baselines.dtype} but the inputs are {images.dtype}; convert it with "
+                        "ig_baselines.to(inputs.dtype).")
 
 
 def _check_gradcam_layer(model: nn.Module, name: str, module: nn.Module, example: Tensor) -> None:
@@ -213,7 +218,8 @@ def compare_attributions(
         n_samples: Invariance samples per input (``>= 2``; the map is their spread).
         ig_steps: Integrated Gradients steps.
         ig_baselines: IG baseline: ``None`` (black image), a float, or a tensor ``(N, C, H, W)``
-            like ``inputs`` (one baseline per input) or ``(1, C, H, W)`` (one for all).
+            like ``inputs`` (one baseline per input) or ``(1, C, H, W)`` (one for all), on the
+            inputs' device and of their dtype.
         concept_steps: Integrated Gradients steps of the concept scores (``LayerConcepts.attribute``'s
             ``n_steps``; its default 512 keeps the completeness gap small through ReLU kinks).
         internal_batch_size: The most rows any method sends through a network at once (IG's
@@ -225,7 +231,8 @@ def compare_attributions(
         A :class:`Comparison`; every map has the input's spatial size.
 
     Raises:
-        TypeError: ``model``, ``invariance``, ``concepts`` or ``ig_baselines`` of the wrong type.
+        TypeError: ``model``, ``invariance``, ``concepts`` or ``ig_baselines`` of the wrong type, or
+            an ``ig_baselines`` tensor of another dtype than ``inputs``.
         ValueError: explainers built for another model, ``n_samples`` < 2, a ``target`` of the
             wrong shape or outside the classes, ``ig_baselines`` of the wrong shape or device, a
             model without a spatial layer for Grad-CAM (pass ``gradcam_layer``).

@@ -415,6 +415,12 @@ def test_bad_input_errors(setup, x):
          lambda: compare_attributions(model, x, explainer, ig_baselines=torch.zeros(3, 32, 32))),
         (TypeError, "`ig_baselines` must be None, a number or a tensor",
          lambda: compare_attributions(model, x, explainer, ig_baselines="black")),
+        (TypeError, r"`ig_baselines` is torch.float64 but the inputs are torch.float32; .*ig_baselines.to\(inputs.dtype\)",
+         lambda: compare_attributions(model, x, explainer, ig_baselines=torch.zeros(1, 3, 32, 32, dtype=torch.float64))),
+        (TypeError, r"`ig_baselines` is torch.int64 .*ig_baselines.to\(inputs.dtype\)",
+         lambda: compare_attributions(model, x, explainer, ig_baselines=torch.zeros(4, 3, 32, 32, dtype=torch.long))),
+        (ValueError, r"`ig_baselines` is on meta but the inputs are on cpu; .*ig_baselines.to\(inputs.device\)",
+         lambda: compare_attributions(model, x, explainer, ig_baselines=torch.zeros(1, 3, 32, 32, device="meta"))),
         (ValueError, "NaN", lambda: compare_attributions(model, x * float("nan"), explainer)),
     ]
     for error, match, call in cases:

@@ -291,7 +291,9 @@ def compare_attributions(
         gradcam_parts, ig_parts, ig_deltas, concept_parts, concept_deltas = [], [], [], [], []
         gradcam = LayerGradCam(model, gradcam_module)
         ig = IntegratedGradients(model)
-        rows = max(1, batch // ig_steps)  # IG expands each input to ig_steps rows
+        # IG expands each input to ig_steps rows: a bound takes max(1, batch // ig_steps) inputs per call
+        # (Captum splits their steps into passes of `batch` rows); None sends every row at once
+        rows = n if internal_batch_size is None else max(1, batch // ig_steps)
         for start in range(0, n, batch):
             part = slice(start, min(start + batch, n))
             cam = gradcam.attribute(images[part], target=targets[part], relu_attributions=True)
@@ -309,7 +311,7 @@ def compare_attributions(
             per_input = isinstance(ig_baselines, Tensor) and ig_baselines.dim() == 4 and ig_baselines.shape[0] == n
             base = ig_baselines[part] if per_input else ig_baselines
             attributions, delta = ig.attribute(images[part], baselines=base, target=targets[part], n_steps=ig_steps,
-                                               internal_batch_size=batch, return_convergence_delta=True)
+                                               internal_batch_size=internal_batch_size, return_convergence_delta=True)
             ig_parts.append(attributions.detach())
             ig_deltas.append(delta.detach())
         if concepts is not None:

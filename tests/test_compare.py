@@ -250,6 +250,24 @@ def test_internal_batch_size_bounds_every_pass(setup, x):
     assert seen and max(seen) <= 5, sorted(set(seen))
 
 
+def test_without_internal_batch_size_integrated_gradients_runs_every_row_at_once(setup, x):
+    """internal_batch_size=None is documented as "all at once": one IG pass of N × ig_steps rows
+    (it used to run one input per call, ig_steps rows at a time)."""
+    model, explainer = setup[0], _invariance(setup)
+    n, steps = x.shape[0], 5
+    seen = []
+    handle = model.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[0]))
+    try:
+        result = compare_attributions(model, x, explainer, n_samples=3, ig_steps=steps, generator=_gen())
+    finally:
+        handle.remove()
+    assert seen.count(n * steps) == 1 and max(seen) == n * steps, seen
+    assert seen.count(steps) == 0, seen  # no pass of one input's steps
+    bounded = compare_attributions(model, x, explainer, n_samples=3, ig_steps=steps, internal_batch_size=7,
+                                   generator=_gen())
+    assert torch.allclose(result.integrated_gradients, bounded.integrated_gradients, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "layer, expected",
     [("cnn.relu2", "cnn.relu2"),  # a feature map: Grad-CAM reads the invariance layer itself

@@ -120,6 +120,36 @@ def test_float64_models_are_explained(setup, x):
     assert everything.dtype == torch.float64 and everything.shape == x.shape and torch.isfinite(everything).all()
 
 
+def test_a_fitted_layer_name_matches_a_wrapped_model_but_not_another_layer_of_the_same_name(setup, x):
+    """The suffix rule ("fc" for "module.fc") is for wrappers: where the fitted name is a layer of the
+    model itself, a layer with the same last part is another layer."""
+    model, ae, _, _ = setup
+    inn = _inn((10,))
+    inn.fit_info = {"layer": "logits"}
+    wrapped = nn.DataParallel(model)  # DataParallel-style "module." prefix
+    assert LayerInvariance(wrapped, "module.logits", inn, ae).attribute(x, n_samples=2).shape == x.shape
+    LayerInvariance(nn.Sequential(model), "0.logits", inn, ae)
+    unwrapped = _inn((10,))
+    unwrapped.fit_info = {"layer": "module.logits"}  # fitted on the wrapper, used on the model
+    LayerInvariance(model, "logits", unwrapped, ae)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logits = nn.Linear(10, 10)
+            self.head = nn.Sequential()
+            self.head.add_module("logits", nn.Linear(10, 10))
+
+        def forward(self, v):
+            return self.head(self.logits(v))
+
+    with pytest.raises(ValueError, match="`inn` was fitted on layer 'logits', not 'head.logits'"):
+        LayerInvariance(TwoHeads(), "head.logits", inn, ae)
+    aliased = TwoHeads()
+    aliased.alias = aliased.logits  # one module under two names: the same layer
+    LayerInvariance(aliased, "alias", inn, ae)
+
+
 def test_an_inputs_map_does_not_depend_on_the_rest_of_the_batch(setup, x):
     """Common random numbers: the same image gets the same map wherever it stands in a batch, and
     with `seed` in every call; without them the sampling noise would swamp what perturbation-based

@@ -171,11 +171,20 @@ def check_fitted_layer(fitted: Optional[str], name: str, forward_func: Callable,
 
     Names are compared only where both are known: ``fitted`` from the INN's ``fit_info`` and ``name``
     from a model given as an ``nn.Module`` (a plain function has no layer names). A name that is a
-    dotted suffix of the other (``"fc"`` and ``"module.fc"``: the model wrapped) counts as the same.
+    dotted suffix of the other (``"fc"`` and ``"module.fc"``) counts as the same only where
+    ``fitted`` names no layer of the model (the model wraps the fitted one, or the fit was on a
+    wrapper): in a model with both ``"fc"`` and ``"head.fc"`` they are two layers.
     """
     if fitted is None or not isinstance(forward_func, nn.Module) or fitted == name:
         return
-    if name.endswith("." + fitted) or fitted.endswith("." + name):
+    try:
+        fitted_module: Optional[nn.Module] = forward_func.get_submodule(fitted)
+    except AttributeError:
+        fitted_module = None
+    if fitted_module is None:
+        if name.endswith("." + fitted) or fitted.endswith("." + name):
+            return
+    elif fitted_module is forward_func.get_submodule(name):  # one module registered under two names
         return
     raise ValueError(
         f"`{what}` was fitted on layer {fitted!r}, not {name!r}; pass that layer or fit an INN for this one."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -459,6 +460,36 @@ def test_edit_decompose_encoded(code_setup):
     assert all(math.isnan(v) for v in one.standard_error.values())
     assert training_flags(model) == flags
     assert_no_hooks(model)
+
+
+def test_a_bound_forward_runs_the_model_in_eval_mode_and_a_plain_function_warns(code_setup):
+    """model.forward reaches the model: every pass (attribute's backward ones too) in eval mode,
+    batch norm's running statistics left alone. Behind a lambda only the hooked layer can be
+    switched, which building the explainer says."""
+    _, ae, e, t = code_setup
+    torch.manual_seed(0)
+    model = VectorModel()
+    with torch.no_grad():  # running statistics unlike any batch's, so the two modes differ
+        model.bn.running_mean.fill_(0.5)
+        model.bn.running_var.fill_(4.0)
+    x = torch.rand(3, 3, 8, 8)
+
+    def results(explainer):
+        return (explainer.attribute(x, target=1, n_steps=4), explainer.output_from_factors(x).detach(),
+                explainer.encoded(x, n_samples=4, generator=torch.Generator().manual_seed(0)))
+
+    expected = results(LayerConcepts(model.eval(), "hidden", e, ae, invariance_inn=t))
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = results(LayerConcepts(model.forward, model.hidden, e, ae, invariance_inn=t))
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match=r"LayerConcepts cannot switch the model to eval mode.*model.eval\(\)"):
+        LayerConcepts(lambda images: model(images), model.hidden, e, ae)
 
 
 @pytest.mark.parametrize("call, error, match", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -232,10 +234,37 @@ def test_additional_forward_args_and_plain_functions(setup, x):
                             generator=g().manual_seed(0))
     assert torch.allclose(c, b, atol=1e-5)
     # a plain function needs the layer module
-    fn_explainer = LayerInvariance(lambda inp: model(inp), model.logits, inn, ae)
+    with pytest.warns(UserWarning, match="cannot switch the model to eval mode"):  # (the model is in eval mode)
+        fn_explainer = LayerInvariance(lambda inp: model(inp), model.logits, inn, ae)
     assert torch.allclose(fn_explainer.attribute(x, n_samples=3, generator=g().manual_seed(0)), b, atol=1e-6)
     with pytest.raises(TypeError, match="needs `forward_func` to be an nn.Module"):
         LayerInvariance(lambda inp: model(inp), "logits", inn, ae)
+
+
+def test_a_bound_forward_runs_the_model_in_eval_mode_and_a_plain_function_warns(x):
+    """model.forward reaches the model: batch norm on its running statistics (left as they were),
+    dropout off, as with the model itself. Behind a lambda only the hooked layer can be switched,
+    which building the explainer says."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 4, 4), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
+                          nn.Linear(256, 10))
+    with torch.no_grad():  # running statistics unlike any batch's, so the two modes differ
+        model[1].running_mean.fill_(0.5)
+        model[1].running_var.fill_(4.0)
+    ae, inn = LinearAutoencoder().eval(), _inn((10,))
+    expected = LayerInvariance(model.eval(), model[5], inn, ae).attribute(x, n_samples=3, seed=0)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        bound = LayerInvariance(model.forward, model[5], inn, ae)
+        got = bound.attribute(x, n_samples=3, seed=0)
+        assert torch.allclose(bound.invariances(x), LayerInvariance(model, "5", inn, ae).invariances(x), atol=1e-6)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert all(m.training for m in model.modules())  # flags left as they were
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running statistics too
+    with pytest.warns(UserWarning, match=r"LayerInvariance cannot switch the model to eval mode.*model.eval\(\)"):
+        LayerInvariance(lambda images: model(images), model[5], inn, ae)
+    model.eval()
 
 
 @pytest.mark.parametrize("target", [None, 3, [1, 2, 3], torch.tensor([0, 1, 2]), (0,)])

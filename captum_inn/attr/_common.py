@@ -236,6 +236,37 @@ def fitted_selector(asked: Any, fit_info: Mapping[str, Any], what: str, forward_
     return mine
 
 
+def forward_module(forward_func: Callable, layer: nn.Module) -> Optional[nn.Module]:
+    """The model behind ``forward_func``, which the explainers switch to eval mode: ``forward_func``
+    itself (an ``nn.Module``), or the module of a bound method (``model.forward``) that holds
+    ``layer``; ``None`` for any other function (a lambda, a closure), whose model is out of reach."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    if isinstance(owner, nn.Module) and any(m is layer for m in owner.modules()):
+        return owner
+    return None
+
+
+def eval_owner(forward_func: Callable, layer: nn.Module) -> nn.Module:
+    """What a pass puts in eval mode: the model (:func:`forward_module`), else only the layer."""
+    model = forward_module(forward_func, layer)
+    return layer if model is None else model
+
+
+def warn_unreachable_model(forward_func: Callable, layer: nn.Module, what: str) -> None:
+    """A ``UserWarning`` (once, when an explainer is built) for a ``forward_func`` whose model the
+    explainer cannot switch to eval mode: only the hooked layer would be, so batch norm elsewhere
+    would run on (and update) batch statistics and dropout would stay on."""
+    if forward_module(forward_func, layer) is None:
+        warnings.warn(
+            f"`forward_func` is a plain function, so {what} cannot switch the model to eval mode (only the hooked "
+            "layer): batch norm in training mode would use and update batch statistics, and dropout would stay "
+            "on. Call model.eval() first, or pass the model itself (or model.forward) as forward_func.",
+            UserWarning, stacklevel=3,
+        )
+
+
 def layer_activation(
     forward_func: Callable,
     layer: nn.Module,
@@ -246,11 +277,11 @@ def layer_activation(
 ) -> Tensor:
     """Run ``forward_func(*inputs, *additional_forward_args)`` once and return the layer's activation.
 
-    The pass runs in eval mode and stops after the layer; hooks are removed and training flags
-    restored afterwards.
+    The pass runs in eval mode (the model where :func:`forward_module` reaches it, else only the
+    layer) and stops after the layer; hooks are removed and training flags restored afterwards.
     """
     extra = _format_additional_forward_args(additional_forward_args) or ()
-    owner = forward_func if isinstance(forward_func, nn.Module) else layer
+    owner = eval_owner(forward_func, layer)
     with LayerHooks(owner, layer, attribute_to_layer_input=attribute_to_layer_input,
                     selector=selector, stop_early=True) as hooks, \
             dtype_errors_named(next((t for t in inputs if t.is_floating_point()), inputs[0]), owner):

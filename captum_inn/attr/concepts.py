@@ -25,12 +25,14 @@ from captum_inn.attr._common import (
     check_same_weights,
     check_target_count,
     dtype_errors_named,
+    eval_owner,
     fitted_selector,
     format_inputs,
     layer_activation,
     layer_side,
     network_dtype,
     resolve_model_layer,
+    warn_unreachable_model,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean
 from captum_inn.capture import eval_mode, replace_activation
@@ -92,7 +94,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
     :meth:`encoded` measures how much of each concept the layer fixes at each input.
 
     Args:
-        forward_func: The analysed model (an ``nn.Module``) or a function that runs it.
+        forward_func: The analysed model (an ``nn.Module``) or a function that runs it (put the
+            model in eval mode yourself unless it is ``model.forward``; see below).
         layer: The hooked layer (module or dotted name); with a layer-fitted ``concept_inn`` the
             layer that ``e`` acts on.
         concept_inn: The :class:`~captum_inn.inn.FactorINN` from ``fit_concepts``.
@@ -111,7 +114,10 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
     and leaves the model's training flags as they were. Every method runs the model in eval mode
     (batch norm with its running statistics, which are never updated; dropout off), also
-    :meth:`attribute`'s backward passes. Inputs must be on the device of the fitted INN.
+    :meth:`attribute`'s backward passes; that needs the model in reach: ``forward_func`` the model
+    itself or its bound method (``model.forward``). Behind any other function only the hooked layer
+    is switched, and building the explainer warns (``UserWarning``): call ``model.eval()`` first.
+    Inputs must be on the device of the fitted INN.
 
     Examples::
 
@@ -196,6 +202,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         reader_info = representation if self.representation == _LAYER else (getattr(invariance_inn, "fit_info", None) or {})
         self.selector = fitted_selector(selector, reader_info, self._layer_reader, forward_func, name, module)
         self.image_input = image_input
+        warn_unreachable_model(forward_func, module, "LayerConcepts")
 
     # ------------------------------------------------------------------ Captum's protocol
     def has_convergence_delta(self) -> bool:
@@ -457,7 +464,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         extra = _format_additional_forward_args(additional_forward_args) or ()
         # the model in eval mode too, as for every layer read: batch norm in training mode would
         # give batch-dependent outputs and overwrite its running statistics
-        with eval_mode(self.concept_inn, self.autoencoder, self.forward_func):
+        with eval_mode(self.concept_inn, self.autoencoder, eval_owner(self.forward_func, self.layer)):
             representation = self._to_representation(factors)
             if self.representation == _LAYER:
                 to_input = self._to_input(attribute_to_layer_input)
@@ -698,7 +705,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
 
         try:
             # eval mode over the backward passes too (a model with activation checkpointing reruns its forward)
-            with torch.enable_grad(), eval_mode(self.forward_func):
+            with torch.enable_grad(), eval_mode(eval_owner(self.forward_func, self.layer)):
                 attributions, delta = IntegratedGradients(through_factors).attribute(
                     start, baselines=base, target=target, additional_forward_args=(*inputs, *extra), n_steps=n_steps,
                     method=method, internal_batch_size=internal_batch_size, return_convergence_delta=True,

@@ -34,6 +34,7 @@ from captum_inn.attr._common import (
     layer_side,
     network_dtype,
     resolve_model_layer,
+    warn_unreachable_model,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean
 from captum_inn.capture import eval_mode
@@ -52,7 +53,8 @@ class LayerInvariance(LayerAttribution):
     never changed.
 
     Args:
-        forward_func: The analysed model (an ``nn.Module``) or a function that runs it.
+        forward_func: The analysed model (an ``nn.Module``) or a function that runs it (put the
+            model in eval mode yourself unless it is ``model.forward``; see below).
         layer: The hooked layer: a module, or a dotted name such as ``"layer3.1.relu"`` when
             ``forward_func`` is the model.
         inn: The :class:`~captum_inn.inn.ConditionalINN` fitted for this layer
@@ -70,7 +72,10 @@ class LayerInvariance(LayerAttribution):
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
     and leaves the model's training flags as they were. The model runs in eval mode (batch norm on
     its running statistics, dropout off) whatever its flags, so a batch of one gives what it gives
-    in any batch. Inputs must be on the device of the fitted INN.
+    in any batch; that needs the model in reach: ``forward_func`` the model itself or its bound
+    method (``model.forward``). Behind any other function only the hooked layer is switched, and
+    building the explainer warns (``UserWarning``): call ``model.eval()`` first. Inputs must be on
+    the device of the fitted INN.
 
     Examples::
 
@@ -130,6 +135,7 @@ class LayerInvariance(LayerAttribution):
         self.attribute_to_layer_input = self._check_read(attribute_to_layer_input)
         self.selector = fitted_selector(selector, getattr(inn, "fit_info", None) or {}, "inn", forward_func, name, module)
         self.image_input = image_input
+        warn_unreachable_model(forward_func, module, "LayerInvariance")
 
     # ------------------------------------------------------------------ Captum's protocol
     def has_convergence_delta(self) -> bool:

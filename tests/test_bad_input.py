@@ -104,8 +104,9 @@ def _cases():
         ("INN for another layer", lambda m, ae, inn, e: LayerInvariance(m, "cnn.relu3", inn, ae).sample(X), ValueError, "Fit an INN for this layer"),
         ("INN fitted on the layer's input, read at its output", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", _named(_fitted_inn(6, (128,)), "cnn.logits"), ae).sample(X), ValueError, "fitted on the layer's input.*attribute_to_layer_input=True"),
         ("float64 images for a float32 model", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(X.double()), TypeError, r"`inputs` images are torch.float64 .*images.to\(torch.float32\)"),
-        ("float64 images for a float32 autoencoder", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).reconstruct(X.double()), TypeError, r"`inputs` images are torch.float64"),
-        ("float64 concept inputs", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae).decompose(X.double()), TypeError, r"`inputs` images are torch.float64"),
+        # (the autoencoder takes images in its own dtype: a float64 model may keep its float32 autoencoder)
+        ("float64 images for a float32 model's invariances", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).invariances(X.double()), TypeError, r"`inputs` images are torch.float64"),
+        ("float64 concept inputs for a float32 model", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae).attribute(X.double(), target=0), TypeError, r"`inputs` images are torch.float64 .*images.to\(torch.float32\)"),
         ("signals that are not images", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X[:, :, 0], steps=1, progress=False), ValueError, r"`data` images must have shape \(N, C, H, W\), got batches of shape \(\d+, 3, 32\)"),
         ("float64 images to cache", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X.double(), steps=1, progress=False), TypeError, r"`data` images are torch.float64 .*images.to\(torch.float32\)"),
         ("channels-last images", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).sample(X.permute(0, 2, 3, 1)), ValueError, r"channels come last: pass x.permute\(0, 3, 1, 2\)"),

@@ -418,6 +418,38 @@ def test_a_scalar_tensor_baseline_is_the_number_it_holds(code_setup):
         assert torch.allclose(explainer.attribute(x, target=1, n_steps=8, baselines=(scalar,)), expected, atol=1e-6)
 
 
+def test_every_method_explains_a_float64_model_with_a_float32_autoencoder(code_setup):
+    """The networks fitted for a model, kept in float32 while the model is converted with .double():
+    images go to the encoder in its dtype (factors, attribute and edit used to fail), and decoded
+    images come back in the dtype of the images given, which the model takes."""
+    import copy
+
+    model, ae, e, t = code_setup
+    plain = LayerConcepts(model, "hidden", e, ae, invariance_inn=t)
+    mixed = LayerConcepts(copy.deepcopy(model).double(), "hidden", e, ae, invariance_inn=t)
+    x = torch.rand(3, 3, 8, 8)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    calls = {
+        "factors": lambda ex, inp: ex.factors(inp),
+        "decompose": lambda ex, inp: torch.cat(list(ex.decompose(inp).values()), 1),
+        "attribute": lambda ex, inp: ex.attribute(inp, target=1, n_steps=8),
+        "delta": lambda ex, inp: ex.attribute(inp, target=1, n_steps=8, return_convergence_delta=True)[1],
+        "compute_convergence_delta": lambda ex, inp: ex.compute_convergence_delta(
+            ex.attribute(inp, target=1, n_steps=8), None, inp, target=1),
+        "output_from_factors": lambda ex, inp: ex.output_from_factors(inp).detach(),
+        "edit with donors": lambda ex, inp: ex.edit(inp, "a", donors=inp.flip(0)),
+        "edit with a value": lambda ex, inp: ex.edit(inp, "b", value=torch.zeros(2)),
+        "edit with a draw": lambda ex, inp: ex.edit(inp, "residual", generator=g()),
+        "encoded": lambda ex, inp: ex.encoded(inp, n_samples=4, generator=g()),
+        "encoded_summary": lambda ex, inp: torch.tensor(list(ex.encoded_summary(inp, n_samples=4, generator=g()).values())),
+    }
+    for name, call in calls.items():
+        want, got = call(plain, x), call(mixed, x.double())
+        assert torch.allclose(got.double(), want.double(), atol=1e-4), name
+        if name.startswith("edit") or name == "output_from_factors":
+            assert got.dtype == torch.float64, name
+
+
 def test_edit_decompose_encoded(code_setup):
     model, ae, e, t = code_setup
     flags = training_flags(model)

@@ -152,6 +152,27 @@ def test_a_fitted_layer_name_matches_a_wrapped_model_but_not_another_layer_of_th
     LayerInvariance(aliased, "alias", inn, ae)
 
 
+def test_every_method_explains_a_float64_model_with_a_float32_autoencoder(setup, x):
+    """The networks fitted for a model, kept in float32 while the model is converted with .double():
+    images go to the encoder in its dtype (invariances and transfer used to fail), and every image
+    or map comes back in the dtype of the images given."""
+    import copy
+
+    model, ae, inn, _ = setup
+    plain, mixed = LayerInvariance(model, "logits", inn, ae), LayerInvariance(copy.deepcopy(model).double(), "logits", inn, ae)
+    calls = {
+        "attribute": lambda ex, inp: ex.attribute(inp, n_samples=3, seed=0),
+        "sample": lambda ex, inp: ex.sample(inp, n_samples=2, generator=torch.Generator().manual_seed(0)),
+        "reconstruct": lambda ex, inp: ex.reconstruct(inp),
+        "transfer": lambda ex, inp: ex.transfer(inp, inp.flip(0)),
+        "invariances": lambda ex, inp: ex.invariances(inp),  # v lives in the INN's space
+    }
+    for name, call in calls.items():
+        want, got = call(plain, x), call(mixed, x.double())
+        assert got.dtype == (inn.dtype if name == "invariances" else torch.float64), name
+        assert torch.allclose(got.float(), want, atol=1e-4), name
+
+
 def test_an_inputs_map_does_not_depend_on_the_rest_of_the_batch(setup, x):
     """Common random numbers: the same image gets the same map wherever it stands in a batch, and
     with `seed` in every call; without them the sampling noise would swamp what perturbation-based

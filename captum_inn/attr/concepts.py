@@ -93,6 +93,11 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
     ``e⁻¹(e(z))`` equals its output through ``z``). With the layer's invariance INN ``t``,
     :meth:`encoded` measures how much of each concept the layer fixes at each input.
 
+    The autoencoder and the INNs may compute in another floating dtype than the model (a float64
+    model with the float32 networks fitted for it): images go to the encoder in its dtype, and
+    decoded images (edits, and what the model sees for code representations) come back in the
+    dtype of the images given.
+
     Args:
         forward_func: The analysed model (an ``nn.Module``) or a function that runs it (put the
             model in eval mode yourself unless it is ``model.forward``; see below).
@@ -259,6 +264,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 )
             return z.to(self._concept_dtype)
         images = inputs[self.image_input if image_input is None else image_input]
+        # in the encoder's dtype (a float64 model's images, a float32 autoencoder), as codes go to the decoder in its own
+        images = images.to(network_dtype(self.autoencoder, images.dtype))
         with dtype_errors_named(images, self.autoencoder):
             code = encode_mean(self.autoencoder, images)
         if code.shape[1] != self.concept_inn.dim:
@@ -424,7 +431,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             new = normal((n, size), generator, factors.device, factors.dtype)
         factors[:, block] = new
         with eval_mode(self.concept_inn, self.autoencoder):
-            return self.autoencoder.decode(self._to_representation(factors))
+            return self.autoencoder.decode(self._to_representation(factors)).to(inputs[self.image_input].dtype)
 
     def output_from_factors(
         self,
@@ -464,15 +471,19 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         extra = _format_additional_forward_args(additional_forward_args) or ()
         # the model in eval mode too, as for every layer read: batch norm in training mode would
         # give batch-dependent outputs and overwrite its running statistics
-        with eval_mode(self.concept_inn, self.autoencoder, eval_owner(self.forward_func, self.layer)):
+        model = eval_owner(self.forward_func, self.layer)
+        with eval_mode(self.concept_inn, self.autoencoder, model):
             representation = self._to_representation(factors)
             if self.representation == _LAYER:
                 to_input = self._to_input(attribute_to_layer_input)
-                with replace_activation(self.layer, representation, to_input, self.selector):
+                with replace_activation(self.layer, representation, to_input, self.selector), \
+                        dtype_errors_named(inputs[self.image_input], model):
                     return self.forward_func(*inputs, *extra)
-            images = self.autoencoder.decode(representation)
+            # decoded images in the dtype of the images given, the model's (a float32 decoder, a float64 model)
+            images = self.autoencoder.decode(representation).to(inputs[self.image_input].dtype)
             model_inputs = tuple(images if i == self.image_input else t for i, t in enumerate(inputs))
-            return self.forward_func(*model_inputs, *extra)
+            with dtype_errors_named(inputs[self.image_input], model):
+                return self.forward_func(*model_inputs, *extra)
 
     @torch.no_grad()
     def encoded(

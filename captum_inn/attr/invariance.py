@@ -52,6 +52,11 @@ class LayerInvariance(LayerAttribution):
     tell apart from ``x``; what varies across them is what the layer is invariant to. The model is
     never changed.
 
+    The autoencoder and the INN may compute in another floating dtype than the model (a float64
+    model with the float32 networks fitted for it): images go to the encoder in its dtype, and
+    every image or map returned (samples, reconstructions, transfers, the map) is in the dtype of
+    the images given.
+
     Args:
         forward_func: The analysed model (an ``nn.Module``) or a function that runs it (put the
             model in eval mode yourself unless it is ``model.forward``; see below).
@@ -181,6 +186,9 @@ class LayerInvariance(LayerAttribution):
         return z
 
     def _code(self, images: Tensor) -> Tensor:
+        # images in the encoder's dtype, as codes go to the decoder in its own (a float64 model's
+        # images, a float32 autoencoder); the model still sees them as given
+        images = images.to(network_dtype(self.autoencoder, images.dtype))
         with dtype_errors_named(images, self.autoencoder):
             code = encode_mean(self.autoencoder, images)
         if code.shape[1] != self.inn.dim:
@@ -190,9 +198,10 @@ class LayerInvariance(LayerAttribution):
             )
         return code
 
-    def _decode(self, code: Tensor) -> Tensor:
-        # codes from the INN (float32) go to the decoder in its own dtype (a float64 autoencoder)
-        return self.autoencoder.decode(code.to(network_dtype(self.autoencoder, code.dtype)))
+    def _decode(self, code: Tensor, like: Tensor) -> Tensor:
+        # codes from the INN (float32) go to the decoder in its own dtype (a float64 autoencoder);
+        # the images come back in the dtype of the images given (`like`), the model's
+        return self.autoencoder.decode(code.to(network_dtype(self.autoencoder, code.dtype))).to(like.dtype)
 
     def _check_images(self, images: Tensor) -> None:
         """Images the autoencoder can take: its size (samples never encode the input, so a model
@@ -246,7 +255,7 @@ class LayerInvariance(LayerAttribution):
         inputs = format_inputs(inputs, self.image_input)
         self._check_images(inputs[self.image_input])
         with eval_mode(self.autoencoder):
-            return self._decode(self._code(inputs[self.image_input]))
+            return self._decode(self._code(inputs[self.image_input]), inputs[self.image_input])
 
     @torch.no_grad()
     def transfer(
@@ -280,7 +289,7 @@ class LayerInvariance(LayerAttribution):
             raise ValueError(f"`donors` needs one image per input ({v.shape[0]}), got {donors[0].shape[0]}.")
         with eval_mode(self.inn, self.autoencoder):
             z = self._activation(donors, additional_forward_args)
-            return self._decode(self.inn(v, z, rev=True, jac=False)[0])
+            return self._decode(self.inn(v, z, rev=True, jac=False)[0], donors[self.image_input])
 
     @torch.no_grad()
     def sample(
@@ -345,7 +354,7 @@ class LayerInvariance(LayerAttribution):
                 rows = slice(part.start * n_samples, part.stop * n_samples)
                 for sub in self._chunks(rows.stop - rows.start, internal_batch_size):
                     code = self.inn(noise[rows][sub], None, rev=True, jac=False, embedding=embedding[sub])[0]
-                    outputs.append(self._decode(code))
+                    outputs.append(self._decode(code, inputs[self.image_input]))
         images = torch.cat(outputs)
         check_image_size(inputs[self.image_input], self.autoencoder, decoded=images.shape[1:])  # any autoencoder
         return images.view(n, n_samples, *images.shape[1:])

@@ -52,8 +52,9 @@ class _StopForward(Exception):
     """Raised from a hook to abort the rest of a forward pass (``stop_early=True``).
 
     It carries the :class:`LayerHooks` that raised it so that only that instance swallows it; a
-    nested ``LayerHooks`` never silences another one's signal. It derives from ``Exception`` (not
-    ``BaseException``) so that wrappers such as ``nn.DataParallel`` re-raise it faithfully.
+    nested ``LayerHooks`` never silences another one's signal. A multi-GPU ``nn.DataParallel``
+    would re-raise it from a replica thread as ``_StopForward(message)``, the owner lost, so
+    :meth:`LayerHooks.run` never runs one: it calls the wrapped ``.module``.
     """
 
     def __init__(self, owner: LayerHooks) -> None:
@@ -306,6 +307,12 @@ class LayerHooks:
     Entering an instance that is already active raises ``RuntimeError`` (hooks are never
     registered twice); an instance may be entered again after it has been left.
 
+    A model wrapped in ``nn.DataParallel`` is hooked by its names (``"module.fc"``) and run by
+    :meth:`run` as the wrapped ``.module`` on the wrapper's first device, one pass, as the wrapper
+    runs on a single device: replicas on several GPUs would write the captured values from
+    concurrent threads, and the early-stop signal would come back from a replica as another
+    exception.
+
     A module that runs several times in one forward pass (a reused block) keeps the value of its
     **last** call; ``calls[name]`` counts the calls. With ``stop_early=True`` the forward pass is
     aborted as soon as every hooked layer has run once (a private exception is raised from the
@@ -396,8 +403,9 @@ class LayerHooks:
                 # that the user had set differently (e.g. a frozen BatchNorm in eval mode).
                 self._flags = [(m, m.training) for m in self.model.modules()]
                 self.model.eval()
-            # Registered first, so it runs before any pre-hook on the model itself.
-            self._handles.append(self.model.register_forward_pre_hook(self._reset_hook))
+            # Registered first, so it runs before any pre-hook on the model itself (on the module
+            # that run() calls: a DataParallel's .module).
+            self._handles.append(_unwrapped(self.model).register_forward_pre_hook(self._reset_hook))
             for name, module in self._modules.items():
                 if self.attribute_to_layer_input:
                     handle = module.register_forward_pre_hook(
@@ -492,6 +500,9 @@ class LayerHooks:
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Call ``model(*args, **kwargs)``, swallowing this instance's early-stop signal.
 
+        An ``nn.DataParallel`` model is not replicated: its ``.module`` runs on the wrapper's
+        first device (inputs moved there, as the wrapper does), once.
+
         Returns:
             The model's output, or ``None`` if the pass was stopped early.
 
@@ -504,6 +515,8 @@ class LayerHooks:
             (True, torch.Size([5, 3]))
         """
         try:
+            if isinstance(self.model, nn.DataParallel):
+                return _run_unreplicated(self.model, args, kwargs)
             return self.model(*args, **kwargs)
         except _StopForward as exc:
             if exc.owner is not self:
@@ -514,6 +527,20 @@ class LayerHooks:
         kind = "inputs" if self.attribute_to_layer_input else "outputs"
         state = "active" if self._active else "inactive"
         return f"LayerHooks({type(self.model).__name__}, {kind} of {self.names}, {state})"
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module that :meth:`LayerHooks.run` calls: a ``DataParallel``'s ``.module``, else ``model``."""
+    return model.module if isinstance(model, nn.DataParallel) else model
+
+
+def _run_unreplicated(model: nn.DataParallel, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """``model(*args, **kwargs)`` as ``DataParallel`` runs on one device: the inputs scattered to
+    its first device (none without GPUs) and its ``.module`` called in this thread."""
+    if model.device_ids:
+        scattered, scattered_kwargs = model.scatter(args, kwargs, model.device_ids[:1])
+        args, kwargs = (scattered[0], scattered_kwargs[0]) if scattered or scattered_kwargs else ((), {})
+    return model.module(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,7 +563,7 @@ def capture(
     """Run one forward pass ``model(*inputs, *additional_forward_args)`` and return activations.
 
     Args:
-        model: The model.
+        model: The model (an ``nn.DataParallel`` runs as its ``.module``, see :class:`LayerHooks`).
         layers: One layer, or a list/tuple of layers (modules of ``model`` or dotted names).
         inputs: A tensor or a tuple of tensors, each ``(N, ...)``: dim 0 is the batch.
         additional_forward_args: ``None``, one value, or a tuple of values passed after

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["HOOK_DICTS", "Gate", "assert_no_hooks", "training_flags"]
+__all__ = ["HOOK_DICTS", "Gate", "Replicating", "assert_no_hooks", "training_flags"]
 
 #: The per-module hook registries of ``nn.Module`` that a capture could leave behind. The
 #: ``*_with_kwargs`` / ``*_always_called`` dicts are bookkeeping keyed by the same handles.
@@ -57,3 +57,13 @@ class Gate(nn.Module):
         if self.error is not None:
             raise self.error
         return x
+
+
+class Replicating(nn.DataParallel):
+    """A multi-GPU ``nn.DataParallel`` as far as a CPU test can tell: its own ``forward`` is where
+    the wrapper would replicate the model (replicas' hooks writing captured values from concurrent
+    threads, the early-stop signal re-raised as another exception), so it refuses to run. Without
+    GPUs ``device_ids`` is empty, as for a plain ``DataParallel`` here."""
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("DataParallel.forward ran: on several GPUs the model would be replicated")

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_hooks import assert_no_hooks, training_flags
+from helpers_hooks import Replicating, assert_no_hooks, training_flags
 from torch import nn
 
 from captum_inn.capture import LayerHooks, capture, replace_activation, resolve_layer
@@ -401,6 +401,24 @@ def test_layer_hooks_stop_early_in_with_block_is_swallowed():
         outer.run(x)
     assert model[1].n == 0
     assert_no_hooks(model)
+
+
+@pytest.mark.parametrize("wrapper", [nn.DataParallel, Replicating], ids=["DataParallel", "replicating"])
+def test_a_data_parallel_model_is_read_by_its_names_in_one_unreplicated_pass(cnn, x, wrapper):
+    """Capture passes run a DataParallel's .module (names still resolve in the wrapper,
+    "module.fc"): on several GPUs the wrapper's forward would replicate the hooks."""
+    wrapped = wrapper(cnn).train()
+    flags = training_flags(wrapped)
+    expected = capture(cnn, ["features.1", "fc"], x)
+    got = capture(wrapped, ["module.features.1", wrapped.module.fc], x)
+    assert list(got) == ["module.features.1", "module.fc"]
+    assert all(torch.equal(a, b) for a, b in zip(got.values(), expected.values()))
+    with LayerHooks(wrapped, "module.features.0", stop_early=True) as hooks:
+        assert hooks.run(x) is None and hooks.run(x + 1) is None  # stopped early, each pass afresh
+        assert hooks.calls == {"module.features.0": 1}
+    assert torch.equal(hooks["module.features.0"], cnn.features[0](x + 1))
+    assert_no_hooks(wrapped)
+    assert training_flags(wrapped) == flags
 
 
 def test_reused_module_keeps_last_value_and_counts_calls():

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 
 import pytest
 import torch
-from helpers_hooks import assert_no_hooks, training_flags
+from helpers_hooks import Replicating, assert_no_hooks, training_flags
 from torch import nn
 
 from captum_inn import LayerInvariance
@@ -130,6 +130,9 @@ def test_a_fitted_layer_name_matches_a_wrapped_model_but_not_another_layer_of_th
     inn.fit_info = {"layer": "logits"}
     wrapped = nn.DataParallel(model)  # DataParallel-style "module." prefix
     assert LayerInvariance(wrapped, "module.logits", inn, ae).attribute(x, n_samples=2).shape == x.shape
+    # its layer is read from the wrapped .module, never through the (replicating) wrapper's forward
+    assert torch.allclose(LayerInvariance(Replicating(model), "module.logits", inn, ae).attribute(x, n_samples=2, seed=0),
+                          LayerInvariance(model, "logits", inn, ae).attribute(x, n_samples=2, seed=0), atol=1e-6)
     LayerInvariance(nn.Sequential(model), "0.logits", inn, ae)
     unwrapped = _inn((10,))
     unwrapped.fit_info = {"layer": "module.logits"}  # fitted on the wrapper, used on the model

@@ -285,7 +285,10 @@ def layer_activation(
     with LayerHooks(owner, layer, attribute_to_layer_input=attribute_to_layer_input,
                     selector=selector, stop_early=True) as hooks, \
             dtype_errors_named(next((t for t in inputs if t.is_floating_point()), inputs[0]), owner):
-        forward_func(*inputs, *extra)
+        if owner is forward_func:  # the model: run as LayerHooks runs it (a DataParallel unreplicated)
+            hooks.run(*inputs, *extra)
+        else:
+            forward_func(*inputs, *extra)
     values = hooks.values
     if not values:
         raise ValueError(

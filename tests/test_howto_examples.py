@@ -26,7 +26,7 @@ NOT_RUN = {
                                           "test suite (token layers are tested in test_embedders.py and test_capture.py)",
 }
 # How many snippets each section holds: a new one fails here until a test runs it (or NOT_RUN lists it).
-SECTIONS = {"howto-layer": 4, "howto-autoencoder": 2, "howto-layers": 2, "howto-concepts": 1, "howto-resume": 2,
+SECTIONS = {"howto-layer": 5, "howto-autoencoder": 2, "howto-layers": 2, "howto-concepts": 1, "howto-resume": 2,
             "howto-distributed": 2}
 
 
@@ -139,20 +139,31 @@ def test_choose_a_layer(digits):
             return self.heads(self.body(x))["logits"]
 
     keys = sorted(k for k in SNIPPETS if k[0] == "howto-layer")
-    first, on_input, by_selector, vit = (SNIPPETS[k] for k in keys)  # the ViT one is not run (NOT_RUN)
-    assert skipped(vit) and not any(skipped(code) for code in (first, on_input, by_selector))
+    # the ViT one is not run (NOT_RUN)
+    first, used_twice, on_input, by_selector, vit = (SNIPPETS[k] for k in keys)
+    assert skipped(vit) and not any(skipped(code) for code in (first, used_twice, on_input, by_selector))
     exec(compile(first, "howto-layer#0", "exec"), ns)
     assert ns["shapes"] == {"layer2": (4, 128, 8, 8), "layer3.1": (4, 256, 4, 4), "layer4": (4, 512, 2, 2),
                             "fc": (4, 10)}  # as its comment states
     assert torch.equal(ns["z"], ns["capture"](ns["model"], "layer3.1", ns["x"]))
 
+    exec(compile(used_twice, "howto-layer#1", "exec"), ns)  # on the first snippet's ResNet
+    # as its comments state: LayerHooks keeps the last of two calls (the block's output), and with
+    # stop_early=True the first, which the fits read
+    assert ns["hooks"].calls == {"layer3.1.relu": 1}
+    assert torch.equal(ns["last"], ns["capture"](ns["model"], "layer3.1", ns["x"]))
+    assert not torch.equal(ns["first"], ns["last"])
+    with ns["LayerHooks"](ns["model"], "layer3.1.relu") as hooks:
+        ns["model"](ns["x"])
+    assert hooks.calls == {"layer3.1.relu": 2}
+
     ns.update(page_namespace(digits))  # the ResNet was the first snippet's own model
-    exec(compile(on_input, "howto-layer#1", "exec"), ns)
+    exec(compile(on_input, "howto-layer#2", "exec"), ns)
     assert ns["inn"].fit_info["attribute_to_layer_input"] is True
     assert ns["explainer"].attribute_to_layer_input is True
 
     ns["model"] = Detector().eval()
-    exec(compile(by_selector, "howto-layer#2", "exec"), ns)
+    exec(compile(by_selector, "howto-layer#3", "exec"), ns)
     assert ns["inn"].cond_shape == (4,)  # the "box" head
     assert ns["explainer"].selector == "box"  # as its comment states: the recorded selector
     assert ns["explainer"].attribute(ns["x"][:2], n_samples=2).shape == (2, 3, 32, 32)

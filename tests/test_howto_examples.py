@@ -188,6 +188,8 @@ def test_measure_and_edit_concepts(digits):
     ns = page_namespace(digits)
     ns["inn"] = training.fit_invariances(ns["model"], "fc", ns["autoencoder"], ns["images"])
     run_section("howto-concepts", ns)
+    # the snippet's own tensors
+    assert ns["images"].shape[1:] == (3, 32, 32) and ns["labels"].shape == ns["images"].shape[:1]
     n = len(ns["x"])
     assert ns["e"].fit_info["factor_sizes"] == {"digit": 8, "brightness": 2, "residual": 54}
     assert {k: tuple(v.shape) for k, v in ns["parts"].items()} == {"digit": (n, 8), "brightness": (n, 2),

@@ -13,6 +13,7 @@ from captum_inn._version import __version__
 __all__ = ["main", "selfcheck"]
 
 _DEFAULT_OUT = "captum_inn_report"
+_DEFAULT_PHOTO_OUT = "captum_inn_photo_report"
 
 
 def selfcheck(verbose: bool = True) -> bool:
@@ -79,19 +80,21 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"captum_inn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a CNN on ColorDigits, fit INNs for four layers, write a report")
-    demo.add_argument("--out", default=_DEFAULT_OUT,
-                      help="report folder (default: %(default)s; captum_inn_photo_report with --images)")
+    demo.add_argument("--out", default=None,
+                      help=f"report folder (default: {_DEFAULT_OUT}; {_DEFAULT_PHOTO_OUT} with --images)")
     demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (about 4 minutes on 2 cores)")
     demo.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     demo.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     demo.add_argument("--concepts", action="store_true",
-                      help="add the concepts section (work in progress; about two minutes more)")
+                      help="add the concepts section (work in progress; about two minutes more; "
+                           "not with --images)")
     demo.add_argument("--images", metavar="PATH", default=None,
                       help="run the photo demo instead: a folder with one sub-folder of images per class "
                            "(ImageFolder layout); ResNet-18, Grad-CAM, IG and invariances (about 17 minutes on 2 cores)")
     demo.add_argument("--check", action="store_true",
                       help="exit with status 1 unless the metrics meet the demo's bounds (looser with --quick)")
+    demo.set_defaults(usage_error=demo.error)  # for errors argparse cannot see: two options together
     sub.add_parser("selfcheck", help="check the installation in a few seconds")
     return parser
 
@@ -115,11 +118,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         selfcheck()
         return 0
     if args.command == "demo":
+        if args.images is not None and args.concepts:  # exits with status 2, as argparse's own errors
+            args.usage_error("--concepts applies to the ColorDigits demo; the photo demo (--images) has no "
+                             "concepts section")
+        out = args.out
+        if out is None:  # the default depends on the demo; an --out given is always taken
+            out = _DEFAULT_OUT if args.images is None else _DEFAULT_PHOTO_OUT
+
         import torch
 
         from captum_inn.demo import check_report_arguments
 
-        out = args.out if args.out != _DEFAULT_OUT or args.images is None else "captum_inn_photo_report"
         try:  # before any work: a usage error, not a traceback
             check_report_arguments(out, args.device, args.images)
         except ValueError as error:

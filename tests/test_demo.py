@@ -117,6 +117,44 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no empty report folders
 
 
+def test_cli_refuses_concepts_with_the_photo_demo(tmp_path, capsys, monkeypatch):
+    """--concepts belongs to the ColorDigits demo: with --images it is a usage error, not dropped."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--quick", "--images", "photos", "--concepts"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "captum-inn demo: error: --concepts applies to the ColorDigits demo" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no report folder
+
+
+def test_cli_out_given_is_always_taken(tmp_path, monkeypatch, capsys):
+    """--out defaults to each demo's own folder, and an --out given is honoured, even the other
+    demo's default name."""
+    import captum_inn.demo
+    import captum_inn.photo_demo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    written = []
+
+    def fake_run(*args, out, **kwargs):  # records the folder, writes what main reads back
+        written.append(str(out))
+        (tmp_path / out).mkdir(exist_ok=True)
+        (tmp_path / out / "metrics.json").write_text(json.dumps({"failures": []}))
+        return tmp_path / out / "index.html"
+
+    monkeypatch.setattr(captum_inn.demo, "run_demo", fake_run)
+    monkeypatch.setattr(captum_inn.photo_demo, "run_photo_demo", fake_run)
+    for args in ([], ["--images", "photos"], ["--images", "photos", "--out", "captum_inn_report"],
+                 ["--out", "captum_inn_photo_report"], ["--out", "mine"]):
+        assert main(["demo", "--quick", *args]) == 0
+    assert written == ["captum_inn_report", "captum_inn_photo_report", "captum_inn_report",
+                       "captum_inn_photo_report", "mine"]
+    assert "report written to" in capsys.readouterr().out
+
+
 def test_layer_steps_factor_scales_inn_steps(report):
     from captum_inn.demo import _layer_overrides
     from captum_inn.training import load_checkpoint

@@ -632,3 +632,29 @@ def test_snapshots_and_concept_dynamics(tmp_path):
                      attribute_to_layer_input=True, checkpoint_dir=str(tmp_path / "in"), **kw)
     assert load_invariance_inn(tmp_path / "in" / "5" / "invariance_hidden.safetensors").fit_info[
         "attribute_to_layer_input"] is True
+
+
+class _TrainModeAutoencoder(nn.Module):
+    """An autoencoder left in train mode (the nn.Module default), with BatchNorm and dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Flatten(), nn.Linear(48, 6), nn.BatchNorm1d(6), nn.Dropout(0.5))
+        self.dec = nn.Linear(6, 48)
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def decode(self, z):
+        return self.dec(z).view(-1, 3, 4, 4)
+
+
+def test_concept_pairs_are_encoded_in_eval_mode_whatever_the_autoencoders_flags():
+    torch.manual_seed(0)
+    ae = _TrainModeAutoencoder()
+    x, y = torch.rand(40, 3, 4, 4), torch.arange(40) % 2
+    statistics = ae.enc[2].running_mean.clone()
+    first = concept_scores(ae, [ConceptPairs.from_labels("parity", x, y)], n_pairs=64)
+    assert first == concept_scores(ae, [ConceptPairs.from_labels("parity", x, y)], n_pairs=64)  # no dropout
+    assert torch.equal(statistics, ae.enc[2].running_mean)  # no BatchNorm update
+    assert ae.training and ae.enc[3].training  # the caller's flags are back

@@ -30,6 +30,7 @@ from captum_inn.attr._common import as_device, check_module_device, weights_fing
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import (
     capture,
+    eval_mode,
     is_comparable_selector,
     resolve_layer,
     selector_for_layer,
@@ -188,8 +189,13 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
         ) from None
     if device is not None:
         check_module_device(representation, device, "representation")
-    return (lambda x: encode_posterior(representation, x)), (lambda dim: {"kind": "autoencoder_code", "dim": int(dim),
-                                                                           "weights": weights_fingerprint(representation)})
+
+    def encode(images: Tensor) -> Tuple[Tensor, Tensor]:
+        with eval_mode(representation):  # as cache_features: no BatchNorm updates, no dropout
+            return encode_posterior(representation, images)
+
+    return encode, (lambda dim: {"kind": "autoencoder_code", "dim": int(dim),
+                                 "weights": weights_fingerprint(representation)})
 
 
 @dataclass

@@ -47,3 +47,37 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(seed))
         yield
+
+
+@contextmanager
+def seeded_every_global_rng(seed: int) -> Iterator[None]:
+    """:func:`seeded_global_rng`, and Python's and NumPy's global generators too.
+
+    For code that calls a user's dataset, whose transforms may draw from any of them (e.g. a
+    random flip): inside the block the draws repeat from call to call, and the caller's streams
+    are left as they were.
+
+    Examples::
+
+        >>> import random
+        >>> state = random.getstate()
+        >>> with seeded_every_global_rng(0):
+        ...     a = random.random()
+        >>> with seeded_every_global_rng(0):
+        ...     b = random.random()
+        >>> a == b, random.getstate() == state
+        (True, True)
+    """
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        random.seed(int(seed))
+        np.random.seed(int(seed))
+        with seeded_global_rng(seed):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

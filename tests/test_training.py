@@ -31,6 +31,7 @@ from captum_inn.training import (
     cache_features,
     fit_autoencoder,
     fit_invariances,
+    images_fingerprint,
     load_autoencoder,
     load_checkpoint,
     load_invariance_inn,
@@ -848,3 +849,24 @@ def test_when_train_loop_captures_its_step(monkeypatch):
     assert not _use_cuda_graph(None, batch_fn, cuda, 2)  # torchrun: eager all-reduce
     with pytest.raises(ValueError, match="2 processes"):
         _use_cuda_graph(True, batch_fn, cuda, 2)
+
+
+def test_a_dataset_with_random_transforms_fingerprints_the_same_every_time(images):
+    """Its probes are drawn with fixed generators, so a resume is not refused for "other images",
+    and the caller's random streams are left as they were."""
+    import random
+
+    import numpy as np
+
+    class RandomlyFlipped(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            flip = torch.rand(()) < 0.5 or random.random() < 0.5 or np.random.rand() < 0.5
+            return (images[i].flip(-1) if flip else images[i]), 0
+
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    assert images_fingerprint(RandomlyFlipped()) == images_fingerprint(RandomlyFlipped())
+    assert torch.equal(torch.random.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._captum_compat import _format_additional_forward_args
-from captum_inn._random import normal
+from captum_inn._random import normal, seeded_every_global_rng
 from captum_inn.attr._common import (
     _hash_tensors,
     _tensor_attributes,
@@ -349,11 +349,12 @@ def _hash_images(digest: Any, data: Any, n_probe: int) -> None:
     if isinstance(data, DataLoader):  # the images the loader draws from, not its whole dataset
         items, indices = data.dataset, loader_indices(data) or range(0)
     if indices and hasattr(items, "__getitem__"):
-        for position in torch.linspace(0, len(indices) - 1, min(len(indices), n_probe)).round().long().tolist():
-            try:
-                digest.update(_tensor_bytes(_images_of(items[indices[position]])))
-            except TypeError:  # items that are not tensors (e.g. PIL images): counted, not hashed
-                digest.update(b"?")
+        with seeded_every_global_rng(0):  # random transforms: the same probes every time
+            for position in torch.linspace(0, len(indices) - 1, min(len(indices), n_probe)).round().long().tolist():
+                try:
+                    digest.update(_tensor_bytes(_images_of(items[indices[position]])))
+                except TypeError:  # items that are not tensors (e.g. PIL images): counted, not hashed
+                    digest.update(b"?")
 
 
 @torch.no_grad()

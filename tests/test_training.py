@@ -870,3 +870,20 @@ def test_a_dataset_with_random_transforms_fingerprints_the_same_every_time(image
     assert images_fingerprint(RandomlyFlipped()) == images_fingerprint(RandomlyFlipped())
     assert torch.equal(torch.random.get_rng_state(), states[0]) and random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])
+
+
+@pytest.mark.parametrize("failure", [FloatingPointError, KeyboardInterrupt])
+def test_a_failed_fit_leaves_the_module_in_eval_mode(failure):
+    """As a finished fit does: a classifier whose fit stopped is not left dropping units."""
+    from captum_inn.training.loop import train_loop
+
+    net = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).eval()
+
+    def loss_fn(generator):
+        if failure is KeyboardInterrupt and net.training:
+            raise KeyboardInterrupt
+        return net(torch.randn(4, 3, generator=generator)).sum() * float("nan")
+
+    with pytest.raises(failure):
+        train_loop(net, loss_fn, steps=3, lr=0.1, progress=False)
+    assert not any(m.training for m in net.modules())

@@ -321,6 +321,7 @@ def train_loop(
                           f"has {n_ranks}: the minibatch order after step {start} differs from an uninterrupted run.",
                           stacklevel=2)
             generator.manual_seed(int(seed) + _RANK_SEED_STRIDE * rank + start)
+        del tensors, saved  # restored: the whole checkpoint (the model and Adam's moments) need not stay in memory
     sync_module(module)
 
     def write(step: int) -> None:
@@ -368,37 +369,43 @@ def train_loop(
     module.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{desc} (resumed at step {start})" if start else desc,
                disable=not progress or rank != 0, leave=False)
-    for step in bar:
-        if schedule == "cosine":
-            rate = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))
-            for group in optimizer.param_groups:
-                if torch.is_tensor(group["lr"]):
-                    group["lr"].fill_(rate)
-                else:
-                    group["lr"] = rate
-        batch = None
-        if graphed and captured is None and step >= start + CapturedStep.WARMUP_STEPS and step + 1 < steps:
-            batch = batch_fn(generator)
-            captured = _capture_or_warn(module, optimizer, loss_fn, batch, grad_clip, device, strict=cuda_graph is True)
-            graphed = captured is not None
-        if captured is not None:
-            loss = captured.forward_backward(batch_fn(generator) if batch is None else batch)
-            check_finite(loss, step)  # before the update: a bad step changes no parameter
-            captured.update()
-        elif graphed:  # a warm-up step
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                loss = eager_step(step)
-            torch.cuda.current_stream(device).wait_stream(side)
-        else:
-            loss = eager_step(step, batch)
-        history.append(loss)
-        if callback is not None:
-            callback(step + 1, module)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.3f}")
-        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            write(step + 1)
+    try:
+        for step in bar:
+            if schedule == "cosine":
+                rate = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))
+                for group in optimizer.param_groups:
+                    if torch.is_tensor(group["lr"]):
+                        group["lr"].fill_(rate)
+                    else:
+                        group["lr"] = rate
+            batch = None
+            if graphed and captured is None and step >= start + CapturedStep.WARMUP_STEPS and step + 1 < steps:
+                batch = batch_fn(generator)
+                captured = _capture_or_warn(module, optimizer, loss_fn, batch, grad_clip, device, strict=cuda_graph is True)
+                graphed = captured is not None
+            if captured is not None:
+                loss = captured.forward_backward(batch_fn(generator) if batch is None else batch)
+                check_finite(loss, step)  # before the update: a bad step changes no parameter
+                captured.update()
+            elif graphed:  # a warm-up step
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    loss = eager_step(step)
+                torch.cuda.current_stream(device).wait_stream(side)
+            else:
+                loss = eager_step(step, batch)
+            history.append(loss)
+            if callback is not None:
+                callback(step + 1, module)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.3f}")
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                write(step + 1)
+    except BaseException:  # a failed or interrupted fit leaves the module in eval mode, as a finished one
+        module.eval()
+        raise
+    finally:
+        bar.close()
     if captured is not None:
         optimizer.zero_grad(set_to_none=True)  # the gradients live in the graphs' memory pool
     average_buffers(module)

@@ -429,7 +429,9 @@ def _check_checkpoints(checkpoint_dir: str, configs: Mapping[str, InvarianceConf
     for name, config in configs.items():
         path = Path(checkpoint_dir) / checkpoint_name(name)
         if path.exists():
-            _, saved = load_checkpoint(path, kind="invariance_inn")
+            saved = read_header(path)  # the header alone: the tensors are read when the layer's fit resumes
+            if saved is None or saved.get("kind") != "invariance_inn" or "step" not in saved:
+                _, saved = load_checkpoint(path, kind="invariance_inn")  # unreadable or not an INN's: its error
             check_resumable(path, saved["config"].get("train"), resume_key(asdict(config)), int(saved["step"]),
                             config.steps)
 

@@ -7,13 +7,14 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from captum_inn.datasets import ColorDigits
 from captum_inn.models import SmallCNN
-from captum_inn.training import fit_autoencoder, fit_concepts, fit_invariances, load_autoencoder
+from captum_inn.training import fit_autoencoder, fit_concepts, fit_invariances, load_autoencoder, load_concept_inn
 from captum_inn.training.distributed import world
 
 torch.set_num_threads(1)
@@ -39,6 +40,11 @@ def main() -> None:
     e = fit_concepts(encoder, data.concepts("differ"), factor_sizes={"digit": 4, "foreground": 1, "background": 1},
                      steps=args.steps, batch_size=32, pool_size=512, n_blocks=2, hidden=32, lr=2e-3, schedule="constant",
                      checkpoint=str(out / "concepts.safetensors"), checkpoint_every=40, progress=False)
+    # every rank may load the concept INN at once: the file already holds the finished fit's results
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_concept_inn(str(out / "concepts.safetensors"))
+    assert loaded.fit_info["factor_variance"] == e.fit_info["factor_variance"]
     rank, size = world()
     if rank == 0:
         result = {

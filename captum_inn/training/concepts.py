@@ -47,6 +47,7 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
 )
 from captum_inn.training.distributed import (
+    barrier,
     check_replicas_agree,
     gather_rows,
     local_batch_size,
@@ -534,6 +535,8 @@ def fit_concepts(
         # its checkpoint too, so load_concept_inn of it gives this INN; a resume reads only "config"
         tensors, saved = load_checkpoint(checkpoint, kind="concept_inn")
         save_checkpoint(checkpoint, tensors, {**saved, "fit_results": results})
+    if checkpoint is not None:
+        barrier()  # no process goes on (say, to load_concept_inn(checkpoint)) before the file has its results
     return inn
 
 

@@ -887,3 +887,24 @@ def test_a_failed_fit_leaves_the_module_in_eval_mode(failure):
     with pytest.raises(failure):
         train_loop(net, loss_fn, steps=3, lr=0.1, progress=False)
     assert not any(m.training for m in net.modules())
+
+
+@pytest.mark.parametrize("memmap", [False, True])
+def test_a_resume_refuses_a_cache_made_with_other_forward_args(images, autoencoder, tmp_path, memmap):
+    """The features depend on ``additional_forward_args``; a cache computed with others is stale."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallCNN(width=4)
+
+        def forward(self, image, scale):
+            return self.net(image) * scale
+
+    model = Scaled().eval()
+    run = dict(steps=2, checkpoint_dir=str(tmp_path), checkpoint_every=1, memmap=memmap, progress=False, **TINY)
+    fit_invariances(model, "net.fc", autoencoder, images, additional_forward_args=(1.0,), **run)
+    fit_invariances(model, "net.fc", autoencoder, images, additional_forward_args=(1.0,), **run)  # the same: resumes
+    with pytest.raises(CheckpointError, match="other `additional_forward_args`.*resume=False"):
+        fit_invariances(model, "net.fc", autoencoder, images, additional_forward_args=(100.0,), **run)
+    with pytest.raises(CheckpointError, match="other `additional_forward_args`"):
+        fit_invariances(model, "net.fc", autoencoder, images, **run)

@@ -83,6 +83,8 @@ class FeatureCache:
         selectors: ``{layer name: selector}`` that picked each layer's tensor (``None``, an ``int``,
             a ``str``, or ``{"callable": name}``; empty when unknown); the fitted INNs record it,
             and the explainers read with it.
+        forward_args: :func:`forward_args_fingerprint` of the ``additional_forward_args`` the
+            model ran with (``""`` when unknown); a resumed fit refuses a cache made with others.
 
     Examples::
 
@@ -103,10 +105,11 @@ class FeatureCache:
     source_parts: Dict[str, str] = field(default_factory=dict)
     model_weights: str = ""
     selectors: Dict[str, Any] = field(default_factory=dict)
+    forward_args: str = ""
 
     # what a saved cache records beside its arrays (the fields after `layers`)
     _RECORD = ("model_class", "source", "layer_inputs", "autoencoder_weights", "source_parts", "model_weights",
-               "selectors")
+               "selectors", "forward_args")
 
     def _record(self) -> Dict[str, Any]:
         """The cache's description beside its arrays (JSON), as :meth:`save` and ``memmap_dir`` write it."""
@@ -373,6 +376,45 @@ def images_fingerprint(data: Any, n_probe: int = 32) -> str:
     return digest.hexdigest()[:16]
 
 
+def forward_args_fingerprint(additional_forward_args: Any) -> str:
+    """A short hash of the extra arguments a model runs with (``model(images, *args)``), so a
+    resumed fit notices that the cached features came from other ones.
+
+    Tensors count by dtype, shape and values; numbers, strings, ``None`` and bools by value;
+    lists, tuples and dicts by their items; other objects by their type only (their ``repr`` may
+    hold a memory address that differs from run to run).
+
+    Examples::
+
+        >>> forward_args_fingerprint(None) == forward_args_fingerprint(())
+        True
+        >>> forward_args_fingerprint((1.0,)) == forward_args_fingerprint((100.0,))
+        False
+    """
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, Tensor):
+            digest.update(f"tensor:{value.dtype}:{tuple(value.shape)}:".encode())
+            digest.update(_tensor_bytes(value))
+        elif value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__}[{len(value)}]".encode())
+            for item in value:
+                add(item)
+        elif isinstance(value, Mapping):
+            digest.update(f"dict[{len(value)}]".encode())
+            for key in sorted(value, key=repr):
+                add(key)
+                add(value[key])
+        else:
+            digest.update(f"object:{type(value).__module__}.{type(value).__qualname__};".encode())
+
+    add(tuple(_format_additional_forward_args(additional_forward_args) or ()))
+    return digest.hexdigest()[:16]
+
+
 _PART_NAMES = {"model": "the model's weights or buffers (e.g. BatchNorm statistics)", "autoencoder": "the autoencoder",
                "images": "the images (their number or content)"}
 
@@ -493,6 +535,7 @@ def cache_features(
             "source_parts": source_parts, "model_weights": weights_fingerprint(model),
             "selectors": {name: selector_record(chosen)
                           for name, chosen in per_layer_selectors(model, names, selector).items()},
+            "forward_args": forward_args_fingerprint(extra),
         })
     except BaseException:
         sink.abort()  # no half-written cache is left behind

@@ -29,6 +29,7 @@ from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import (
     FeatureCache,
     cache_features,
+    forward_args_fingerprint,
     source_changes,
     source_fingerprint,
 )
@@ -512,6 +513,13 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
     if reused is not None and set(names) <= set(reused.layers):
         asked = per_layer_selectors(model, names, read.get("selector"))
         _check_cached_selectors(reused, where, asked)
+        asked_args = forward_args_fingerprint(read.get("additional_forward_args"))
+        if reused.forward_args and reused.forward_args != asked_args:  # "": a cache from before it was recorded
+            raise CheckpointError(
+                f"The feature cache {str(where)!r} was computed with other `additional_forward_args` than the "
+                "ones given now, so it holds other features; pass the same ones, or resume=False to start "
+                "afresh there."
+            )
         if not reused.selectors:  # an earlier version's cache: the INNs record the selector asked for
             reused.selectors = {name: selector_record(selector) for name, selector in asked.items()}
         # a resumed fit continues on the very same features, unless what they came from changed

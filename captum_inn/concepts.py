@@ -93,6 +93,35 @@ class ConceptPairs:
             raise ValueError(f"Concept {self.name!r}: the sampler returned {a.shape[0]} pairs, {n} were asked for.")
         return a, b
 
+    def fingerprint(self, n: int = 8) -> str:
+        """A short hash of ``n`` pairs drawn with fixed generators, so a resumed fit notices that a
+        concept's pairs now come from other data.
+
+        The draw does not depend on the process or the number of processes; a sampler that also
+        draws from Python's, NumPy's or PyTorch's global generators gets them seeded for it (and
+        the caller's streams back afterwards).
+
+        Examples::
+
+            >>> images, labels = torch.rand(6, 3, 8, 8), torch.tensor([0, 0, 1, 1, 2, 2])
+            >>> digit = ConceptPairs.from_labels("digit", images, labels)
+            >>> digit.fingerprint() == ConceptPairs.from_labels("digit", images.clone(), labels).fingerprint()
+            True
+            >>> other = torch.tensor([0, 1, 0, 1, 2, 2])               # other pairs share a label
+            >>> digit.fingerprint() == ConceptPairs.from_labels("digit", images, other).fingerprint()
+            False
+        """
+        import hashlib
+
+        from captum_inn._random import seeded_every_global_rng
+
+        with seeded_every_global_rng(0):
+            a, b = self.sample(n, torch.Generator().manual_seed(0))
+        digest = hashlib.sha256(f"{self.relation}:{tuple(a.shape)}:{a.dtype}".encode())
+        for member in (a, b):
+            digest.update(member.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_labels(cls, name: str, inputs: Tensor, labels: Union[Tensor, Sequence[Any]]) -> ConceptPairs:

@@ -658,3 +658,26 @@ def test_concept_pairs_are_encoded_in_eval_mode_whatever_the_autoencoders_flags(
     assert first == concept_scores(ae, [ConceptPairs.from_labels("parity", x, y)], n_pairs=64)  # no dropout
     assert torch.equal(statistics, ae.enc[2].running_mean)  # no BatchNorm update
     assert ae.training and ae.enc[3].training  # the caller's flags are back
+
+
+def test_a_resume_refuses_other_concept_data_and_takes_earlier_checkpoints(tmp_path):
+    """The checkpoint records a fingerprint of each concept's pairs: other images or labels are
+    refused (with factor sizes given nothing else would notice), the same data resumes, and a
+    checkpoint of an earlier version without the record still resumes."""
+    x, c, s = synthetic(200)
+    concepts = [ConceptPairs.from_labels("c", x, c), ConceptPairs.from_labels("s", x, s)]
+    path = str(tmp_path / "fit.safetensors")
+    settings = dict(factor_sizes={"c": 2, "s": 2}, n_blocks=2, hidden=16, pool_size=64, progress=False,
+                    checkpoint=path, checkpoint_every=2)
+    fit_concepts((IDENTITY, "0"), concepts, steps=2, **settings)
+    assert "pairs" not in load_concept_inn(path).fit_info
+    shuffled = [ConceptPairs.from_labels("c", x, c[torch.randperm(len(c), generator=torch.Generator().manual_seed(1))]),
+                concepts[1]]
+    with pytest.raises(CheckpointError, match="another configuration.*pairs"):
+        fit_concepts((IDENTITY, "0"), shuffled, steps=4, **settings)
+    fit_concepts((IDENTITY, "0"), concepts, steps=4, **settings)  # the same data: resumes
+    tensors, meta = load_checkpoint(path)
+    del meta["config"]["pairs"]  # as an earlier version wrote it
+    save_checkpoint(path, tensors, meta)
+    fit_concepts((IDENTITY, "0"), shuffled, steps=6, **settings)  # nothing to compare with: resumes
+    assert "pairs" not in load_checkpoint(path)[1]["config"]

@@ -44,6 +44,7 @@ from captum_inn.training.checkpoint import (
     load_checkpoint,
     load_module_state,
     module_tensors,
+    recorded_config_has,
     save_checkpoint,
 )
 from captum_inn.training.distributed import (
@@ -435,7 +436,8 @@ def fit_concepts(
             a residual, pairs of mismatched shapes, concepts encoded to different sizes, a concept
             whose pairs do not vary, NaN or infinite pairs, an unknown representation.
         TypeError: a representation or ``factor_sizes`` of the wrong type.
-        CheckpointError: ``resume`` found a checkpoint of another configuration.
+        CheckpointError: ``resume`` found a checkpoint of another configuration, or of pairs
+            drawn from other data (:meth:`~captum_inn.concepts.ConceptPairs.fingerprint`).
         FloatingPointError: the loss became NaN or infinite; the last checkpoint is left intact.
 
     Examples::
@@ -499,6 +501,9 @@ def fit_concepts(
         "rho": config.rho,
     }
     meta = {"kind": "concept_inn", "config": {"inn": inn.config, "train": resume_key(asdict(config)), **info}}
+    if checkpoint is not None and recorded_config_has(checkpoint if resume else None, "pairs", default=True):
+        # a resume on other concept data is refused; checkpoints of earlier versions lack the record
+        meta["config"]["pairs"] = {c.name: c.fingerprint() for c in concept_list}
     batch = local_batch_size(config.batch_size, config.batch_size)
 
     shared = torch.cat([masks[k].expand(batch, dim) for k in range(len(pools))])
@@ -587,6 +592,7 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
         config = dict(meta["config"])
         inn = FactorINN(**config["inn"])
     load_module_state(inn, tensors, path)
+    config.pop("pairs", None)  # the checkpoint's record of the concept data, for a resume only
     if config.pop("train", None) is not None:  # a checkpoint written during a fit
         if "fit_results" not in meta:
             warnings.warn(

@@ -1,5 +1,5 @@
-"""Run by tests/test_distributed.py under ``torchrun``: tiny fits of the autoencoder, an invariance
-INN and a concept INN; rank 0 writes the losses and final weights' checksums to ``out/result.json``."""
+"""Run by tests/test_distributed.py under ``torchrun``: tiny fits of the autoencoder, a classifier,
+an invariance INN and a concept INN; rank 0 writes the losses and final weights' checksums to ``out/result.json``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import torch
 
 from captum_inn.datasets import ColorDigits
 from captum_inn.models import SmallCNN
-from captum_inn.training import fit_autoencoder, fit_concepts, fit_invariances, load_autoencoder, load_concept_inn
+from captum_inn.training import (
+    fit_autoencoder,
+    fit_concepts,
+    fit_invariances,
+    load_autoencoder,
+    load_concept_inn,
+)
+from captum_inn.training.classifier import fit_classifier
 from captum_inn.training.distributed import world
 
 torch.set_num_threads(1)
@@ -32,6 +39,9 @@ def main() -> None:
     # constant learning rates: a fit stopped at step k and resumed to n steps then equals a fit of n steps
     ae = fit_autoencoder(images, latent_dim=8, width=8, steps=args.steps, batch_size=32, lr=2e-3, schedule="constant",
                          checkpoint=str(out / "ae.safetensors"), checkpoint_every=40, progress=False)
+    # each process trains on its shard with its share of the batch; the replicas must stay identical
+    classifier = fit_classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)),
+                                (images, data.digits[:512]), steps=args.steps, batch_size=32, lr=2e-3, progress=False)
     # the INNs are fitted on a given encoder, so that 1 and N processes solve the same problem
     torch.manual_seed(0)
     model, encoder = SmallCNN(width=4).eval(), load_autoencoder(args.encoder)
@@ -55,7 +65,7 @@ def main() -> None:
         }
         (out / "result.json").write_text(json.dumps(result))
     if size > 1:  # every rank must hold the same model
-        for label, m in (("autoencoder", ae), ("invariance", inn), ("concepts", e)):
+        for label, m in (("autoencoder", ae), ("invariance", inn), ("concepts", e), ("classifier", classifier)):
             for key, t in m.state_dict().items():
                 flat = t.reshape(-1).double()
                 gathered = [torch.empty_like(flat) for _ in range(size)]

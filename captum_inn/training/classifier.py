@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from captum_inn.attr._common import check_number, check_positive_int
 from captum_inn.metrics import predict_classes
 from captum_inn.training.data import batching_errors_explained
-from captum_inn.training.distributed import world
+from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import train_loop
 
 __all__ = ["fit_classifier", "accuracy", "Jitter"]
@@ -122,7 +122,8 @@ def fit_classifier(
         data: ``(images, labels)``, a dataset with ``images``/``targets`` (ColorDigits), or a
             map-style dataset of ``(image, label)``.
         steps: Optimiser steps.
-        batch_size: Images per step.
+        batch_size: Images per step (under torchrun, summed over the processes: each draws its
+            share from its own shard of the images).
         lr: Adam learning rate.
         seed: Seed of the minibatches.
         device: Where to train.
@@ -155,10 +156,13 @@ def fit_classifier(
         raise ValueError("`data` contains NaN or infinite pixels; clean the images before training.")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"`data` has {images.shape[0]} images but {labels.shape[0]} labels.")
+    # under torchrun each process draws its share of the batch from its own shard (as the other fits)
+    images, labels = shard_data(images), shard_data(labels)
+    batch = local_batch_size(batch_size, images.shape[0])
     model.to(device)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
-        index = torch.randint(images.shape[0], (min(batch_size, images.shape[0]),), generator=generator)
+        index = torch.randint(images.shape[0], (batch,), generator=generator)
         x = images[index.to(images.device)]
         if augment is not None:
             x = augment(x)

@@ -258,7 +258,8 @@ def test_additional_forward_args_and_plain_functions(setup, x):
                             generator=g().manual_seed(0))
     assert torch.allclose(c, b, atol=1e-5)
     # a plain function needs the layer module
-    with pytest.warns(UserWarning, match="cannot switch the model to eval mode"):  # (the model is in eval mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model is in eval mode: nothing to warn about
         fn_explainer = LayerInvariance(lambda inp: model(inp), model.logits, inn, ae)
     assert torch.allclose(fn_explainer.attribute(x, n_samples=3, generator=g().manual_seed(0)), b, atol=1e-6)
     with pytest.raises(TypeError, match="needs `forward_func` to be an nn.Module"):

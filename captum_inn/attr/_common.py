@@ -257,8 +257,9 @@ def eval_owner(forward_func: Callable, layer: nn.Module) -> nn.Module:
 def warn_unreachable_model(forward_func: Callable, layer: nn.Module, what: str) -> None:
     """A ``UserWarning`` (once, when an explainer is built) for a ``forward_func`` whose model the
     explainer cannot switch to eval mode: only the hooked layer would be, so batch norm elsewhere
-    would run on (and update) batch statistics and dropout would stay on."""
-    if forward_module(forward_func, layer) is None:
+    would run on (and update) batch statistics and dropout would stay on. Not where the layer is
+    in eval mode already: ``model.eval()`` has switched the whole model, the layer with it."""
+    if forward_module(forward_func, layer) is None and any(m.training for m in layer.modules()):
         warnings.warn(
             f"`forward_func` is a plain function, so {what} cannot switch the model to eval mode (only the hooked "
             "layer): batch norm in training mode would use and update batch statistics, and dropout would stay "

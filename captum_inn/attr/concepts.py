@@ -121,7 +121,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
     (batch norm with its running statistics, which are never updated; dropout off), also
     :meth:`attribute`'s backward passes; that needs the model in reach: ``forward_func`` the model
     itself or its bound method (``model.forward``). Behind any other function only the hooked layer
-    is switched, and building the explainer warns (``UserWarning``): call ``model.eval()`` first.
+    is switched, and building the explainer warns (``UserWarning``) where that layer is in training
+    mode: call ``model.eval()`` first.
     Inputs must be on the device of the fitted INN.
 
     Examples::

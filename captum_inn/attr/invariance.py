@@ -79,8 +79,8 @@ class LayerInvariance(LayerAttribution):
     its running statistics, dropout off) whatever its flags, so a batch of one gives what it gives
     in any batch; that needs the model in reach: ``forward_func`` the model itself or its bound
     method (``model.forward``). Behind any other function only the hooked layer is switched, and
-    building the explainer warns (``UserWarning``): call ``model.eval()`` first. Inputs must be on
-    the device of the fitted INN.
+    building the explainer warns (``UserWarning``) where that layer is in training mode: call
+    ``model.eval()`` first. Inputs must be on the device of the fitted INN.
 
     Examples::
 

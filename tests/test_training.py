@@ -486,6 +486,10 @@ def test_float64_networks_are_fitted_with_a_float32_inn(images, autoencoder):
     assert inn.dtype == torch.float32 and torch.isfinite(torch.tensor(inn.history)).all()
     explained = LayerInvariance(model, "fc", inn, ae64).attribute(images[:2].double(), n_samples=3, seed=0)
     assert explained.dtype == torch.float64 and torch.isfinite(explained).all()
+    # a float64 model with its float32 autoencoder: the images go to the encoder in its dtype
+    mixed = fit_invariances(model, "fc", autoencoder, images.double(), steps=3, progress=False, **TINY)
+    explained = LayerInvariance(model, "fc", mixed, autoencoder).attribute(images[:2].double(), n_samples=3, seed=0)
+    assert explained.dtype == torch.float64 and torch.isfinite(explained).all()
 
 
 def test_a_layer_that_gives_every_image_the_same_activations_warns(images, autoencoder):

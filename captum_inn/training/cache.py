@@ -27,6 +27,7 @@ from captum_inn.attr._common import (
     check_module_device,
     check_pixel_range,
     dtype_errors_named,
+    network_dtype,
     weights_fingerprint,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
@@ -524,8 +525,10 @@ def cache_features(
                             "in model.forward."
                         )
                     sink.append(f"layer.{name}", values[name])
-                with dtype_errors_named(images, autoencoder, name="data"):
-                    mean, std = encode_posterior(autoencoder, images)
+                # in the encoder's dtype (a float64 model's images, a float32 autoencoder), as the explainers do
+                coded = images.to(network_dtype(autoencoder, images.dtype))
+                with dtype_errors_named(coded, autoencoder, name="data"):
+                    mean, std = encode_posterior(autoencoder, coded)
                 sink.append("code_mean", mean)
                 sink.append("code_std", std)
                 bar.update(images.shape[0])

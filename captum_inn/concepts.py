@@ -101,6 +101,12 @@ class ConceptPairs:
         draws from Python's, NumPy's or PyTorch's global generators gets them seeded for it (and
         the caller's streams back afterwards).
 
+        Args:
+            n: Number of pairs drawn.
+
+        Returns:
+            16 hexadecimal digits.
+
         Examples::
 
             >>> images, labels = torch.rand(6, 3, 8, 8), torch.tensor([0, 0, 1, 1, 2, 2])

@@ -53,7 +53,8 @@ from captum_inn.training.disk import (
     write_manifest,
 )
 
-__all__ = ["FeatureCache", "cache_features", "source_fingerprint", "images_fingerprint", "weights_fingerprint"]
+__all__ = ["FeatureCache", "cache_features", "source_fingerprint", "images_fingerprint", "forward_args_fingerprint",
+           "weights_fingerprint"]
 
 Array = Union[Tensor, DiskArray]
 _DISK_FORMAT = 1
@@ -384,6 +385,12 @@ def forward_args_fingerprint(additional_forward_args: Any) -> str:
     Tensors count by dtype, shape and values; numbers, strings, ``None`` and bools by value;
     lists, tuples and dicts by their items; other objects by their type only (their ``repr`` may
     hold a memory address that differs from run to run).
+
+    Args:
+        additional_forward_args: ``None``, one value, or a tuple of values, as the fits take them.
+
+    Returns:
+        16 hexadecimal digits; ``None`` and ``()`` give the same.
 
     Examples::
 

@@ -912,3 +912,21 @@ def test_a_resume_refuses_a_cache_made_with_other_forward_args(images, autoencod
         fit_invariances(model, "net.fc", autoencoder, images, additional_forward_args=(100.0,), **run)
     with pytest.raises(CheckpointError, match="other `additional_forward_args`"):
         fit_invariances(model, "net.fc", autoencoder, images, **run)
+
+
+def test_a_large_layer_initialises_its_inn_on_fewer_rows(monkeypatch):
+    """The embedder statistics and ActNorms start from up to 1024 rows, fewer where those would take
+    more than _INIT_BYTES (a 64×56×56 map: 0.8 GB), never fewer than 64."""
+    from captum_inn.training import invariances
+
+    cache = FeatureCache(torch.randn(300, 4), torch.zeros(300, 4), {"map": torch.randn(300, 3, 8, 8)})
+    asked = []
+    rows = FeatureCache.rows
+    monkeypatch.setattr(FeatureCache, "rows", lambda self, name, index: asked.append(len(index)) or rows(self, name, index))
+    config = InvarianceConfig(n_blocks=2, hidden=8, embed_dim=4)
+    invariances._build(cache, "map", config, torch.device("cpu"))
+    monkeypatch.setattr(invariances, "_INIT_BYTES", 4 * 3 * 8 * 8 * 100)  # room for 100 rows
+    invariances._build(cache, "map", config, torch.device("cpu"))
+    monkeypatch.setattr(invariances, "_INIT_BYTES", 1)
+    invariances._build(cache, "map", config, torch.device("cpu"))
+    assert asked == [300, 100, 64]

@@ -141,6 +141,10 @@ def checkpoint_name(layer: str) -> str:
     return f"invariance_{safe}.safetensors"
 
 
+#: Rows of a layer that initialise an INN's embedder statistics and ActNorms, and the memory they may take.
+_INIT_ROWS, _MIN_INIT_ROWS, _INIT_BYTES = 1024, 64, 256 * 2**20
+
+
 def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device) -> ConditionalINN:
     """A fresh INN for one cached layer, its embedder statistics and ActNorms initialised from the data."""
     with seeded_global_rng(config.seed):  # only the weight initialisation draws from the global RNG
@@ -150,7 +154,10 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
             conv_width=config.conv_width, conv_max_width=config.conv_max_width, conv_patch_to=config.conv_patch_to,
             token_dim=config.token_dim,
         ).to(device)
-    init = torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:1024]
+    # up to 1024 rows, fewer for a large layer (a 64×56×56 map: 0.8 GB for 1024), at least 64
+    row_bytes = 4 * math.prod(cache.layer_shape(name))
+    n_init = min(_INIT_ROWS, max(_MIN_INIT_ROWS, _INIT_BYTES // max(1, row_bytes)))
+    init = torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:n_init]
     init_conditions = cache.rows(name, init).to(device)
     _warn_if_constant(init_conditions, name)
     inn.embedder.set_input_statistics(init_conditions)

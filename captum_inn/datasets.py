@@ -114,7 +114,6 @@ def colour_digits(masks: Tensor, foreground: Tensor, background: Tensor) -> Tens
     return (masks * fg + (1.0 - masks) * bg).clamp_(0.0, 1.0)
 
 
-@functools.lru_cache(maxsize=1)
 def _ensure_contrast(
     foreground: Tensor, background: Tensor, generator: torch.Generator, min_contrast: float, redraw: str
 ) -> Tuple[Tensor, Tensor]:
@@ -139,8 +138,10 @@ def _ensure_contrast(
     raise RuntimeError("could not draw colours with the requested contrast")  # pragma: no cover
 
 
+@functools.lru_cache(maxsize=1)
 def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
-    """The bundled scikit-learn digits: intensities in ``[0, 1]`` (1797, 8, 8) and labels."""
+    """The bundled scikit-learn digits: intensities in ``[0, 1]`` (1797, 8, 8) and labels, read once
+    and shared (read-only) by every dataset."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -690,15 +691,20 @@ def load_image_folder(
         if len(paths) < 2:
             raise ValueError(f"class {folder.classes[label]!r} in `root` has {len(paths)} image; each class needs >= 2.")
         order = torch.randperm(len(paths), generator=generator).tolist()
-        if max_per_class is not None:
-            order = order[:max_per_class]
+        # the held-out photos are a prefix of the class's order whatever max_per_class is, so a
+        # model trained on a smaller split never meets its training photos in a larger split's test
         n_test = min(max(1, round(test_fraction * len(order))), len(order) - 1)
-        for rank, i in enumerate(order):
-            image = TF.pil_to_tensor(folder.loader(paths[i]).convert("RGB"))
-            image = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
-            images, labels = parts["test" if rank < n_test else "train"]
-            images.append(image)
-            labels.append(label)
+        test_order, train_order = order[:n_test], order[n_test:]
+        if max_per_class is not None and max_per_class < len(order):
+            kept = min(max(1, round(test_fraction * max_per_class)), max_per_class - 1, n_test)
+            test_order, train_order = test_order[:kept], train_order[:max_per_class - kept]
+        for side, chosen in (("test", test_order), ("train", train_order)):
+            for i in chosen:
+                image = TF.pil_to_tensor(folder.loader(paths[i]).convert("RGB"))
+                image = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+                images, labels = parts[side]
+                images.append(image)
+                labels.append(label)
 
     def stack(name: str) -> Tuple[Tensor, Tensor]:
         images, labels = parts[name]

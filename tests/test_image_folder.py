@@ -134,6 +134,18 @@ def test_test_fraction_and_max_per_class(folder):
     assert len(everything.train_labels) + len(everything.test_labels) == 15
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_smaller_split_trains_on_no_photo_a_larger_one_holds_out(folder, seed):
+    """The held-out photos are a prefix of each class's order, whatever max_per_class is: a model
+    fitted on a quick run's split is never scored on its own training photos."""
+    full = load_image_folder(folder, size=8, seed=seed, test_fraction=0.6)  # 3 of each class's 5 held out
+    held_out = set(_identify(full.test_images, full.test_labels))
+    for most in (2, 3, 4):
+        small = load_image_folder(folder, size=8, seed=seed, test_fraction=0.6, max_per_class=most)
+        assert not held_out & set(_identify(small.train_images, small.train_labels)), most
+        assert set(_identify(small.test_images, small.test_labels)) <= held_out
+
+
 def test_load_image_folder_errors(tmp_path, folder):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):

@@ -350,3 +350,75 @@ def test_actnorm_loading_an_uninitialised_state_makes_it_uninitialised_again():
         norm(torch.randn(3, 4), rev=True)
     y, _ = norm(torch.randn(32, 4) * 5 + 2)  # initialises on this batch again
     assert torch.allclose(y.mean(0), torch.zeros(4), atol=1e-4)
+
+
+def test_is_fitted_says_whether_every_actnorm_saw_data():
+    t = ConditionalINN(4, (3,), n_blocks=2, hidden=8, embed_dim=4)
+    e = FactorINN(4, {"a": 2}, n_blocks=2, hidden=8)
+    assert not t.is_fitted and not e.is_fitted
+    with torch.no_grad():
+        t(torch.randn(8, 4), torch.randn(8, 3))
+        e(torch.randn(8, 4))
+    assert t.is_fitted and e.is_fitted
+    copy = ConditionalINN(4, (3,), n_blocks=2, hidden=8, embed_dim=4)
+    copy.load_state_dict(t.state_dict())  # a loaded checkpoint is fitted
+    assert copy.is_fitted
+    norms = [m for m in t.modules() if isinstance(m, ActNorm)]
+    assert len(norms) == 2
+    norms[-1].load_state_dict(ActNorm(4).state_dict())  # one ActNorm that never saw data is enough
+    assert not t.is_fitted
+
+
+def test_codes_of_another_float_dtype_are_cast_to_the_inns():
+    torch.manual_seed(0)
+    t = ConditionalINN(4, (3,), n_blocks=2, hidden=8, embed_dim=4)
+    e = FactorINN(4, {"a": 2}, n_blocks=2, hidden=8)
+    x, c = torch.randn(8, 4), torch.randn(8, 3)
+    with torch.no_grad():
+        t(x, c)
+        e(x)
+        for args, net in (((c,), t), ((), e)):
+            for rev in (False, True):
+                y, logdet = net(x.double(), *args, rev=rev)  # was: a matmul dtype error
+                y32, logdet32 = net(x, *args, rev=rev)
+                assert y.dtype == torch.float32 and torch.equal(y, y32) and torch.equal(logdet, logdet32)
+
+
+def test_conditional_inn_refuses_an_empty_condition_embedding():
+    with pytest.raises(ValueError, match=r"`embed_dim` must be >= 1 .*got 0"):
+        ConditionalINN(4, (3,), n_blocks=1, hidden=8, embed_dim=0)
+
+
+@pytest.mark.parametrize("sizes, match", [
+    ({"a": True}, r"`factor_sizes`\['a'\] must be a whole number of dimensions >= 1, got True"),
+    ({"a": 2.5}, r"`factor_sizes`\['a'\] must be a whole number .* got 2.5"),
+    ({"a": 2.0}, r"`factor_sizes`\['a'\] must be a whole number .* got 2.0"),
+    ({"a": 0}, r"`factor_sizes`\['a'\] must be a whole number .* >= 1, got 0"),
+    ({"a": 1, 1: 2, "1": 2}, r"two keys named '1'"),
+])
+def test_factor_inn_refuses_sizes_it_would_have_truncated_or_merged(sizes, match):
+    with pytest.raises(ValueError, match=match):
+        FactorINN(8, sizes, n_blocks=1, hidden=8)
+
+
+def test_factor_inn_merge_checks_each_factor():
+    e = FactorINN(6, {"a": 2, "b": 1}, n_blocks=1, hidden=8)
+    parts = e.split(torch.randn(5, 6))
+    with pytest.raises(ValueError, match=r"`factors`\['b'\] must have shape \(N, 1\), got \(5, 2\)"):
+        e.merge({**parts, "b": parts["a"]})
+    with pytest.raises(ValueError, match=r"`factors`\['a'\] must have shape \(N, 2\), got \(2,\)"):
+        e.merge({**parts, "a": parts["a"][0]})
+    with pytest.raises(ValueError, match=r"same batch size: `factors`\['residual'\] has 4 rows, `factors`\['a'\] has 5"):
+        e.merge({**parts, "residual": parts["residual"][:4]})
+
+
+def test_actnorm_takes_an_empty_batch_and_gives_a_writable_logdet():
+    norm = ActNorm(3)
+    norm(torch.randn(16, 3, 2, 5))  # initialised
+    y, logdet = norm(torch.randn(0, 3, 2, 5))  # was: an IndexError on x[0, 0]
+    assert y.shape == (0, 3, 2, 5) and logdet.shape == (0,)
+    assert norm(torch.randn(0, 3, 2, 5), rev=True)[1].shape == (0,)
+    y, logdet = norm(torch.randn(4, 3, 2, 5))
+    expected = norm.log_scale.detach().sum() * 10
+    logdet += 1.0  # was: an in-place write into an expand() view
+    assert torch.allclose(logdet.detach(), (expected + 1.0).expand(4))

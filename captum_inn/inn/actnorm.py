@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -106,8 +107,9 @@ class ActNorm(InvertibleModule):
             y = (x + loc) * torch.exp(log_scale)
         if not jac:
             return y, x.new_zeros(x.shape[0])
-        positions = x[0, 0].numel()  # spatial positions sharing each channel's scale
-        logdet = (self.log_scale.sum() * positions).expand(x.shape[0])
+        positions = math.prod(x.shape[2:])  # spatial positions sharing each channel's scale (also for N = 0)
+        # a tensor of its own, not an expand() view: callers may add to it in place
+        logdet = (self.log_scale.sum() * positions).expand(x.shape[0]).clone()
         return y, (-logdet if rev else logdet)
 
     def extra_repr(self) -> str:

@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from captum_inn._random import normal
+from captum_inn.inn.actnorm import ActNorm
 from captum_inn.inn.base import InvertibleModule, check_vector_batch
 from captum_inn.inn.embedders import check_patch_to, check_token_dim, make_embedder
 from captum_inn.inn.sequential import SequentialFlow, flow_blocks
 
 __all__ = ["ConditionalINN", "FactorINN", "factor_sizes_from_scores"]
+
+
+def _actnorms_initialized(network: nn.Module) -> bool:
+    # ActNorm initialises from the first forward batch it sees, whatever it is: an INN whose
+    # ActNorms never saw data was neither fitted nor loaded from a checkpoint
+    return all(bool(m.initialized) for m in network.modules() if isinstance(m, ActNorm))
+
+
+def check_factor_size(key: Any, size: Any, name: str = "factor_sizes") -> int:
+    """``size`` as an int ``>= 1`` (a factor's number of dimensions), else a ``ValueError`` naming the factor.
+
+    Shared by :class:`FactorINN` and ``fit_concepts``: bools and non-integral numbers (``2.5``,
+    ``2.0``) are refused rather than truncated.
+
+    Examples::
+
+        >>> check_factor_size("digit", 3)
+        3
+    """
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"`{name}`[{key!r}] must be a whole number of dimensions >= 1, got {size!r}.")
+    return int(size)
 
 
 class ConditionalINN(InvertibleModule):
@@ -68,6 +92,11 @@ class ConditionalINN(InvertibleModule):
         token_dim: Optional[int] = 16,
     ) -> None:
         super().__init__()
+        if int(embed_dim) < 1:  # an empty embedding would leave every coupling unconditional
+            raise ValueError(
+                f"`embed_dim` must be >= 1 (the width of the condition embedding), got {embed_dim}; "
+                "with 0 the INN would ignore the layer's activation."
+            )
         self.dim = int(dim)
         self.cond_shape = tuple(int(s) for s in cond_shape)
         self.config: Dict[str, Any] = dict(
@@ -85,6 +114,23 @@ class ConditionalINN(InvertibleModule):
     def dtype(self) -> torch.dtype:
         """The dtype of the INN's weights, in which it takes codes and gives invariances and embeddings."""
         return next(self.parameters()).dtype
+
+    @property
+    def is_fitted(self) -> bool:
+        """``True`` once the INN has seen data, that is once every ActNorm is initialised (by
+        ``fit_invariances``, a loaded checkpoint or a first forward pass on real data). The explainers
+        refuse an INN that is not fitted.
+
+        Examples::
+
+            >>> t = ConditionalINN(dim=8, cond_shape=(10,), n_blocks=2, hidden=32, embed_dim=16)
+            >>> t.is_fitted
+            False
+            >>> _ = t(torch.randn(16, 8), torch.randn(16, 10))   # initialises ActNorm on this batch
+            >>> t.is_fitted
+            True
+        """
+        return _actnorms_initialized(self)
 
     def embed(self, c: Tensor) -> Tensor:
         """The condition embedding ``h(z)``, ``(N, embed_dim)``; reuse it across many samples.
@@ -109,9 +155,10 @@ class ConditionalINN(InvertibleModule):
             embedding: A precomputed ``self.embed(c)`` (then ``c`` may be ``None``).
 
         Returns:
-            ``(y, log_jac_det)`` of shapes ``(N, dim)`` and ``(N,)``.
+            ``(y, log_jac_det)`` of shapes ``(N, dim)`` and ``(N,)``, in the INN's dtype.
         """
         check_vector_batch(x, self.dim)
+        x = x.to(self.dtype)  # as embed() casts the condition: a float64 code into a float32 INN
         if embedding is None:
             if c is None:
                 raise ValueError(
@@ -245,10 +292,14 @@ class FactorINN(InvertibleModule):
                 "`factor_sizes` must be a non-empty mapping {name: size}; to derive sizes from "
                 "concept scores use factor_sizes_from_scores(scores, dim)."
             )
-        sizes = {str(k): int(v) for k, v in factor_sizes.items()}
-        bad = {k: v for k, v in sizes.items() if v < 1}
-        if bad:
-            raise ValueError(f"Every factor needs size >= 1, got {bad}.")
+        sizes: Dict[str, int] = {}
+        for key, size in factor_sizes.items():
+            if str(key) in sizes:  # e.g. 1 and "1": one factor would silently replace the other
+                raise ValueError(
+                    f"`factor_sizes` has two keys named {str(key)!r} once made strings; give every factor "
+                    "a distinct name."
+                )
+            sizes[str(key)] = check_factor_size(key, size)
         if residual not in sizes:
             sizes[residual] = self.dim - sum(sizes.values())
         else:
@@ -264,6 +315,28 @@ class FactorINN(InvertibleModule):
             hidden=int(hidden), depth=int(depth), clamp=float(clamp), seed=int(seed),
         )
         self.flow = SequentialFlow(flow_blocks(self.dim, n_blocks, hidden, depth, 0, clamp, seed))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the INN's weights, in which it takes representations and gives factors."""
+        return next(self.parameters()).dtype
+
+    @property
+    def is_fitted(self) -> bool:
+        """``True`` once the INN has seen data, that is once every ActNorm is initialised (by
+        ``fit_concepts``, a loaded checkpoint or a first forward pass on real data).
+        :class:`~captum_inn.LayerConcepts` refuses an INN that is not fitted.
+
+        Examples::
+
+            >>> e = FactorINN(8, {"digit": 3}, n_blocks=2, hidden=32)
+            >>> e.is_fitted
+            False
+            >>> _ = e(torch.randn(16, 8))   # initialises ActNorm on this batch
+            >>> e.is_fitted
+            True
+        """
+        return _actnorms_initialized(self)
 
     @property
     def factor_names(self) -> List[str]:
@@ -291,11 +364,12 @@ class FactorINN(InvertibleModule):
             jac: Whether to compute the log-determinant.
 
         Returns:
-            ``(y, log_jac_det)`` of shapes ``(N, dim)`` and ``(N,)``.
+            ``(y, log_jac_det)`` of shapes ``(N, dim)`` and ``(N,)``, in the INN's dtype.
         """
         if c is not None:
             raise ValueError("FactorINN is unconditional; call it without `c`.")
         check_vector_batch(x, self.dim)
+        x = x.to(self.dtype)  # a float64 representation into a float32 INN, as ConditionalINN takes it
         return self.flow(x, None, rev=rev, jac=jac)
 
     def split(self, y: Tensor) -> Dict[str, Tensor]:
@@ -309,6 +383,18 @@ class FactorINN(InvertibleModule):
         missing = [n for n in self.factor_sizes if n not in factors]
         if missing:
             raise ValueError(f"`factors` is missing {missing}; expected keys {self.factor_names}.")
+        batch = None
+        for name, size in self.factor_sizes.items():
+            factor = factors[name]
+            if not isinstance(factor, torch.Tensor) or factor.dim() != 2 or factor.shape[1] != size:
+                shape = tuple(factor.shape) if isinstance(factor, torch.Tensor) else type(factor).__name__
+                raise ValueError(f"`factors`[{name!r}] must have shape (N, {size}), got {shape}.")
+            if batch is not None and factor.shape[0] != batch[1]:
+                raise ValueError(
+                    f"The factors must have the same batch size: `factors`[{name!r}] has {factor.shape[0]} rows, "
+                    f"`factors`[{batch[0]!r}] has {batch[1]}."
+                )
+            batch = batch or (name, factor.shape[0])
         return torch.cat([factors[n] for n in self.factor_sizes], dim=1)
 
     @classmethod

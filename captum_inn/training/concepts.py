@@ -16,7 +16,6 @@ then ``e`` trains from that pool.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -38,6 +37,7 @@ from captum_inn.capture import (
 )
 from captum_inn.concepts import RESIDUAL, ConceptPairs, as_concepts
 from captum_inn.inn import FactorINN, factor_sizes_from_scores
+from captum_inn.inn.networks import check_factor_size
 from captum_inn.training.checkpoint import (
     CheckpointError,
     building_from,
@@ -336,8 +336,7 @@ def _check_sizes(factor_sizes: Mapping[str, int], names: Sequence[str], dim: int
             f"unknown: {unknown}, missing: {missing}."
         )
     for key, size in factor_sizes.items():
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-            raise ValueError(f"`factor_sizes`[{key!r}] must be a whole number of dimensions >= 1, got {size!r}.")
+        check_factor_size(key, size)
     sizes = {n: int(factor_sizes[n]) for n in names}
     total = sum(sizes.values()) + int(factor_sizes.get(RESIDUAL, 0))
     if RESIDUAL in factor_sizes and total != dim:

@@ -113,6 +113,8 @@ def _cases():
         ("a list of single images", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(list(X)), ValueError, r"got \(3, 32, 32\)\. A list is read as several model inputs.*torch.stack"),
         ("images of another size than the autoencoder's", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(torch.rand(2, 3, 64, 64)), ValueError, r"decodes images of shape \(3, 32, 32\).*interpolate"),
         ("INN fitted on another layer", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", _named(_fitted_inn(6, (10,)), "cnn.fc"), ae), ValueError, "fitted on layer 'cnn.fc', not 'cnn.logits'"),
+        ("INN never fitted", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", ConditionalINN(6, (10,), n_blocks=1, hidden=8), ae), ValueError, r"`inn` is not fitted.*fit_invariances, or load its checkpoint"),
+        ("concept INN never fitted", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", FactorINN(6, {"a": 2}, n_blocks=1, hidden=8), ae), ValueError, r"`concept_inn` is not fitted.*fit_concepts, or load its checkpoint"),
         ("INN not an INN", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", e, ae), TypeError, "ConditionalINN"),
         ("autoencoder of another latent size", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ConvAutoencoder((3, 32, 32), 5)), ValueError, "latent_dim=5"),
         ("autoencoder without decode", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, object()), TypeError, "encode"),

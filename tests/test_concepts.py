@@ -319,6 +319,9 @@ def test_layer_concepts_read_the_side_of_the_layer_their_inns_were_fitted_on(tmp
     ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
     code_e = FactorINN(6, {"a": 2}, n_blocks=1, hidden=8)
     t = ConditionalINN(6, (6,), n_blocks=1, hidden=8)
+    with torch.no_grad():  # ActNorm initialisation (the explainers refuse INNs that never saw data)
+        code_e(torch.randn(16, 6))
+        t(torch.randn(16, 6), torch.randn(16, 6))
     t.fit_info = {"layer": "hidden", "attribute_to_layer_input": True}
     assert LayerConcepts(model, "hidden", code_e, ae, invariance_inn=t).attribute_to_layer_input is True
     with pytest.raises(ValueError, match="`invariance_inn` was fitted on the layer's input"):
@@ -554,6 +557,19 @@ def test_layer_concepts_constructor_checks(code_setup):
         LayerConcepts(model, "hidden", t, ae)
     with pytest.raises(ValueError, match="not found"):
         LayerConcepts(model, "hiden", e, ae)
+
+
+def test_layer_concepts_refuse_inns_that_never_saw_data(code_setup):
+    """Fresh INNs would initialise their ActNorms from the inputs being explained: refused when built."""
+    model, ae, e, t = code_setup
+    fresh_e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
+    with pytest.raises(ValueError, match=r"`concept_inn` is not fitted.*Fit it with fit_concepts, or load its checkpoint"):
+        LayerConcepts(model, "hidden", fresh_e, ae)
+    fresh_t = ConditionalINN(6, (6,), n_blocks=2, hidden=16)
+    with pytest.raises(ValueError, match=r"`invariance_inn` is not fitted.*Fit it with fit_invariances, or load"):
+        LayerConcepts(model, "hidden", e, ae, invariance_inn=fresh_t)
+    assert not fresh_e.is_fitted and not fresh_t.is_fitted
+    LayerConcepts(model, "hidden", e, ae, invariance_inn=t)  # the fitted pair is taken
 
 
 @pytest.mark.parametrize("bad, error", [("0", TypeError), (False, TypeError), (-2, ValueError)])

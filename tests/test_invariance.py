@@ -417,3 +417,16 @@ def test_no_hook_survives_a_layer_that_raises(setup, x, error):
         model.eval()
     assert model_flags == flags
     assert_no_hooks(model)
+
+
+def test_an_inn_that_never_saw_data_is_refused_when_built(setup, x):
+    """A fresh INN's ActNorms would initialise from the batch being explained and every result
+    would mean nothing: the explainer refuses it, naming the argument and the fix."""
+    model, ae, _, _ = setup
+    fresh = ConditionalINN(6, (10,), n_blocks=2, hidden=16, embed_dim=8)
+    with pytest.raises(ValueError, match=r"`inn` is not fitted.*Fit it with fit_invariances, or load its checkpoint"):
+        LayerInvariance(model, "logits", fresh, ae)
+    assert not fresh.is_fitted  # refusing it did not initialise it
+    with torch.no_grad():
+        fresh(torch.randn(16, 6), torch.randn(16, 10))  # what fit_invariances' initialisation does
+    assert LayerInvariance(model, "logits", fresh.eval(), ae).attribute(x, n_samples=2).shape == x.shape

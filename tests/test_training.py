@@ -373,6 +373,8 @@ def test_the_selector_is_recorded_and_followed(images, autoencoder, tmp_path):
         with pytest.raises(TypeError, match="layer 'heads': selector must be None, an int, a str or a callable, got"):
             LayerInvariance(model, "heads", inn, autoencoder, selector=wrong)
     e = FactorINN(autoencoder.latent_dim, {"a": 2}, n_blocks=1, hidden=8)
+    with torch.no_grad():  # ActNorm initialisation (the explainers refuse INNs that never saw data)
+        e(torch.randn(16, autoencoder.latent_dim))
     e.fit_info = {"representation": {"kind": "autoencoder_code", "dim": autoencoder.latent_dim}}
     assert LayerConcepts(model, "heads", e, autoencoder, invariance_inn=inn).selector == "box"
 

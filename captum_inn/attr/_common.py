@@ -166,6 +166,20 @@ def resolve_model_layer(forward_func: Callable, layer: Union[str, nn.Module]) ->
     )
 
 
+def check_inn_fitted(inn: Any, what: str, fit: str, load: str) -> None:
+    """``ValueError`` for an INN that never saw data (``inn.is_fitted`` is False), naming ``what``.
+
+    Its ActNorms would initialise from the first batch explained, so every result would mean
+    nothing rather than fail: the explainers refuse it when built.
+    """
+    if not inn.is_fitted:
+        raise ValueError(
+            f"`{what}` is not fitted: its ActNorm layers have never seen data, so it would initialise them "
+            f"from the inputs being explained and give meaningless results. Fit it with {fit}, or load its "
+            f"checkpoint ({load})."
+        )
+
+
 def check_fitted_layer(fitted: Optional[str], name: str, forward_func: Callable, what: str) -> None:
     """``ValueError`` when an INN fitted on layer ``fitted`` is used for layer ``name``.
 

@@ -20,6 +20,7 @@ from captum_inn.attr._common import (
     as_optional_generator,
     check_fitted_layer,
     check_image_input,
+    check_inn_fitted,
     check_positive_int,
     check_same_device,
     check_same_weights,
@@ -103,7 +104,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             model in eval mode yourself unless it is ``model.forward``; see below).
         layer: The hooked layer (module or dotted name); with a layer-fitted ``concept_inn`` the
             layer that ``e`` acts on.
-        concept_inn: The :class:`~captum_inn.inn.FactorINN` from ``fit_concepts``.
+        concept_inn: The :class:`~captum_inn.inn.FactorINN` from ``fit_concepts``; INNs that never
+            saw data (``is_fitted`` False) are refused, here and for ``invariance_inn``.
         autoencoder: The autoencoder whose code ``e`` acts on (needed unless ``e`` acts on the layer).
         invariance_inn: The layer's :class:`~captum_inn.inn.ConditionalINN` from
             ``fit_invariances`` (needed by :meth:`encoded`).
@@ -160,6 +162,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         name, module = resolve_model_layer(forward_func, layer)
         if not isinstance(concept_inn, FactorINN):
             raise TypeError(f"`concept_inn` must be a captum_inn.inn.FactorINN (from fit_concepts), got {type(concept_inn).__name__}.")
+        check_inn_fitted(concept_inn, "concept_inn", "fit_concepts", "load_concept_inn")
         representation = (getattr(concept_inn, "fit_info", None) or {}).get("representation", {"kind": _CODE})
         self.representation = representation.get("kind", _CODE)
         if self.representation == _LAYER:
@@ -180,6 +183,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         if invariance_inn is not None:
             if not isinstance(invariance_inn, ConditionalINN):
                 raise TypeError(f"`invariance_inn` must be a ConditionalINN, got {type(invariance_inn).__name__}.")
+            check_inn_fitted(invariance_inn, "invariance_inn", "fit_invariances", "load_invariance_inn")
             if self.representation != _CODE or invariance_inn.dim != concept_inn.dim:
                 raise ValueError(
                     f"`invariance_inn` models codes of size {invariance_inn.dim}; `concept_inn` must act on the "

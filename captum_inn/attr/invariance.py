@@ -20,6 +20,7 @@ from captum_inn.attr._common import (
     check_fitted_layer,
     check_image_input,
     check_image_size,
+    check_inn_fitted,
     check_int,
     check_number,
     check_pixel_range,
@@ -63,7 +64,8 @@ class LayerInvariance(LayerAttribution):
         layer: The hooked layer: a module, or a dotted name such as ``"layer3.1.relu"`` when
             ``forward_func`` is the model.
         inn: The :class:`~captum_inn.inn.ConditionalINN` fitted for this layer
-            (:func:`captum_inn.training.fit_invariances`).
+            (:func:`captum_inn.training.fit_invariances`); one that never saw data
+            (``inn.is_fitted`` False) is refused.
         autoencoder: The autoencoder the INN was fitted with (``encode``/``decode``).
         device_ids: Captum's argument for ``DataParallel`` models (unused here, kept for the API).
         attribute_to_layer_input: Whether to read the layer's input; ``None`` (default): as the INN
@@ -119,6 +121,7 @@ class LayerInvariance(LayerAttribution):
                 f"`inn` must be a captum_inn.inn.ConditionalINN (fitted with fit_invariances), got "
                 f"{type(inn).__name__}."
             )
+        check_inn_fitted(inn, "inn", "fit_invariances", "load_invariance_inn")
         check_fitted_layer((getattr(inn, "fit_info", None) or {}).get("layer"), name, forward_func, "inn")
         check_autoencoder(autoencoder)
         latent = getattr(autoencoder, "latent_dim", None)

@@ -143,3 +143,27 @@ def test_double_backward_raises_instead_of_a_wrong_result():
     (grad,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         grad.sum().backward()
+
+
+def test_forward_mode_ad_takes_the_module_path(module_path):
+    """A dual input (forward-mode AD) gives the module path's tangent on every CPU: the oneDNN node
+    has no jvp, so taking it would fail only where the fast path is the default."""
+    import torch.autograd.forward_ad as fwAD
+
+    flow = SequentialFlow(flow_blocks(6, 2, hidden=8, cond_dim=2))
+    _randomise(flow)
+    x, tangent, c = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 2)
+
+    def jvp():
+        with fwAD.dual_level():
+            y, _ = flow(fwAD.make_dual(x, tangent), c)
+            return fwAD.unpack_dual(y).tangent
+
+    fast = jvp()  # the fast path is on (fixture)
+    with module_path:
+        reference = jvp()
+    assert fast is not None and torch.allclose(fast, reference, atol=1e-5)
+    # a dual condition alone steps aside as well
+    with fwAD.dual_level():
+        y, _ = flow(x, fwAD.make_dual(c, torch.ones_like(c)))
+        assert fwAD.unpack_dual(y).tangent is not None

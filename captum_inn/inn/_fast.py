@@ -14,7 +14,8 @@ LeakyReLU fused as a post-op) inside one autograd node with a hand-written backw
   does not need one (a fixed embedding), a product ``nn.Linear`` on ``cat([x_a, c])`` always computes.
 
 The fast path is taken only where it computes exactly what the modules would, for float32 CPU
-tensors without autocast, functorch transforms, tracing, module hooks or a changed subnet structure.
+tensors without autocast, functorch transforms, forward-mode AD (dual tensors), tracing, module hooks
+or a changed subnet structure.
 Otherwise the subnet runs as a normal module. Its backward is once-differentiable: double backward
 (``create_graph=True``) through it raises.
 
@@ -32,6 +33,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
@@ -123,6 +125,10 @@ def _usable(x: Tensor, c: Optional[Tensor], plan) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") or torch._C._are_functorch_transforms_active():
         return False
+    # forward-mode AD: the oneDNN node has no jvp, so a dual input would fail on the CPUs that take
+    # this path and not on the others
+    if _is_dual(x) or (c is not None and _is_dual(c)):
+        return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     for lin, _ in plan:
@@ -131,7 +137,14 @@ def _usable(x: Tensor, c: Optional[Tensor], plan) -> bool:
             return False
         if b is not None and (b.dtype != torch.float32 or b.device.type != "cpu"):
             return False
+        if _is_dual(w) or (b is not None and _is_dual(b)):
+            return False
     return True
+
+
+def _is_dual(t: Tensor) -> bool:
+    """Whether ``t`` carries a forward-mode tangent (immediate outside a ``dual_level``)."""
+    return forward_ad.unpack_dual(t).tangent is not None
 
 
 def _dense(t: Tensor) -> Tensor:

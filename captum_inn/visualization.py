@@ -50,6 +50,15 @@ def to_numpy_image(image: Tensor):
     return image.permute(1, 2, 0).numpy()
 
 
+def _show(ax: Any, image: Tensor, alpha: Optional[float] = None) -> None:
+    """Draw a ``(C, H, W)`` image in ``[0, 1]`` on a fixed scale: black is 0 and white is 1.
+
+    matplotlib would stretch a one-channel image to its own min/max and colour it with viridis,
+    so a dark and a bright grey image would look alike; one channel is drawn in gray.
+    """
+    ax.imshow(to_numpy_image(image), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1, alpha=alpha)
+
+
 def plot_invariance_samples(
     originals: Tensor,
     reconstructions: Tensor,
@@ -84,7 +93,7 @@ def plot_invariance_samples(
         row = [originals[i], reconstructions[i]] + [samples[i, j] for j in range(s)]
         for j, image in enumerate(row):
             ax = axes[i, j]
-            ax.imshow(to_numpy_image(image), cmap="gray" if image.shape[0] == 1 else None)
+            _show(ax, image)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -116,6 +125,9 @@ def plot_invariance_maps(
         >>> axes.shape
         (2, 2)
     """
+    if not maps:
+        raise ValueError("`maps` is empty; give at least one {layer name: (N, C, H, W) map}, e.g. from "
+                         "LayerInvariance.attribute.")
     plt = _plt()
     n = originals.shape[0]
     if fig is None:
@@ -124,7 +136,7 @@ def plot_invariance_maps(
     for i in range(n):
         heat = [m[i].detach().float().cpu().mean(0) for m in maps.values()]
         vmax = max(float(h.max()) for h in heat) or 1.0
-        axes[i, 0].imshow(to_numpy_image(originals[i]))
+        _show(axes[i, 0], originals[i])
         for j, (name, h) in enumerate(zip(maps, heat), start=1):
             axes[i, j].imshow(h.numpy(), cmap="magma", vmin=0, vmax=vmax)
             if i == 0:
@@ -214,6 +226,11 @@ def plot_concept_bars(
     if isinstance(scores, dict) and scores and all(isinstance(v, dict) for v in scores.values()):
         groups = list(scores)
         concepts = list(next(iter(scores.values())))
+        for group in groups:  # bars are placed by the first group's concepts: every group needs them all
+            missing = [c for c in concepts if c not in scores[group]]
+            if missing:
+                raise ValueError(f"Group {group!r} of `scores` has no value for {missing}; every group needs the "
+                                 f"concepts of the first group, {concepts}.")
         width = 0.8 / len(groups)
         for g, group in enumerate(groups):
             ax.bar(np.arange(len(concepts)) + (g - (len(groups) - 1) / 2) * width,
@@ -226,11 +243,17 @@ def plot_concept_bars(
             errors = _standard_errors(scores, concepts)
         else:
             values_t = scores.detach().float().cpu()
+            if values_t.dim() not in (1, 2):
+                raise ValueError(f"`scores` must be a (K,) or (N, K) tensor of concept scores, got shape "
+                                 f"{tuple(values_t.shape)}; for one score pass scores.reshape(1).")
             if values_t.dim() == 2:
                 values, errors = values_t.mean(0).tolist(), (values_t.std(0).tolist() if values_t.shape[0] > 1 else None)
             else:
                 values, errors = values_t.tolist(), None
             concepts = list(names) if names is not None else [str(k) for k in range(len(values))]
+            if len(concepts) != len(values):
+                raise ValueError(f"`names` has {len(concepts)} names for {len(values)} concept scores; give one "
+                                 "name per column of `scores`.")
         ax.bar(range(len(concepts)), values, yerr=errors, capsize=3, color="tab:blue")
     ax.set_xticks(range(len(concepts)))
     ax.set_xticklabels(concepts)
@@ -276,7 +299,7 @@ def plot_concept_edits(
     for i in range(n):
         row = [originals[i], donors[i], *(e[i] for e in edits.values())]
         for j, image in enumerate(row):
-            axes[i, j].imshow(to_numpy_image(image))
+            _show(axes[i, j], image)
             axes[i, j].axis("off")
             if i == 0:
                 axes[i, j].set_title(headers[j], fontsize=7)
@@ -336,8 +359,8 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
 
 
 def _heat(ax: Any, values: Any, title: str, cmap: str, vmin: Any = None, vmax: Any = None, base: Any = None) -> None:
-    if base is not None:
-        ax.imshow(base, alpha=0.35)
+    if base is not None:  # the input under the map, on its own fixed [0, 1] scale
+        _show(ax, base, alpha=0.35)
     ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.75 if base is not None else 1.0)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
@@ -397,9 +420,9 @@ def plot_comparison(
         if len(class_names) <= largest:
             raise ValueError(f"`class_names` has {len(class_names)} names, but class {largest} is shown; give one "
                              "name per class of the model's output.")
-    image = to_numpy_image(comparison.inputs[index])
+    image = comparison.inputs[index]
     target, predicted = int(comparison.targets[index]), int(comparison.predictions[index])
-    axes[0].imshow(image)
+    _show(axes[0], image)
     axes[0].set_title(f"input\npred. {name(predicted)}", fontsize=8)
     axes[0].axis("off")
     _heat(axes[1], comparison.gradcam[index, 0].detach().cpu().numpy(), f"Grad-CAM\n{comparison.gradcam_layer}, "
@@ -411,7 +434,7 @@ def plot_comparison(
           f"invariance map\n{comparison.layer}", "magma", vmin=0)
     for j in range(strip):
         ax = axes[4 + j]
-        ax.imshow(to_numpy_image(comparison.samples[index, j]))
+        _show(ax, comparison.samples[index, j])
         ax.axis("off")
         if j == 0:
             ax.set_title(f"what {comparison.layer}\nignores: samples", fontsize=8, loc="left")
@@ -468,7 +491,7 @@ def plot_image_grid(
     for j, (header, images) in enumerate(columns.items()):
         for i in range(n):
             ax = axes[i, j]
-            ax.imshow(to_numpy_image(images[i]))
+            _show(ax, images[i])
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

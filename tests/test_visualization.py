@@ -1,0 +1,94 @@
+"""The figure functions on their own: images drawn on a fixed [0, 1] scale (one channel in gray),
+and the argument checks of the plots that take maps or concept scores.
+
+Nothing is fitted; the inputs are constant images and hand-made tensors.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from captum_inn.visualization import (
+    plot_comparison,
+    plot_concept_bars,
+    plot_concept_edits,
+    plot_image_grid,
+    plot_invariance_maps,
+    plot_invariance_samples,
+)
+
+DARK, BRIGHT = torch.full((1, 1, 8, 8), 0.2), torch.full((1, 1, 8, 8), 0.8)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _comparison(image):
+    return SimpleNamespace(inputs=image, gradcam=torch.rand(1, 1, 8, 8), integrated_gradients=torch.randn(1, 1, 8, 8),
+                           invariance_map=torch.rand(1, 1, 8, 8), samples=image.unsqueeze(1).repeat(1, 2, 1, 1, 1),
+                           concept_scores=None, concept_names=[], targets=torch.tensor([0]),
+                           predictions=torch.tensor([0]), layer="fc", gradcam_layer="conv")
+
+
+FIGURES = {
+    "plot_invariance_samples": lambda x: plot_invariance_samples(x, x, x.unsqueeze(1)),
+    "plot_invariance_maps": lambda x: plot_invariance_maps(x, {"fc": torch.rand(1, 1, 8, 8)}),
+    "plot_concept_edits": lambda x: plot_concept_edits(x, x, {"digit": x}),
+    "plot_image_grid": lambda x: plot_image_grid({"a": x, "b": x}),
+    "plot_comparison": lambda x: plot_comparison(_comparison(x)),
+}
+
+
+@pytest.mark.parametrize("draw", FIGURES.values(), ids=list(FIGURES))
+def test_grayscale_images_are_drawn_in_gray_on_a_fixed_scale(draw):
+    """A dark and a bright one-channel image must look different: matplotlib's default would
+    stretch each to its own min/max (both constant images alike) and colour them with viridis."""
+    for image in (DARK, BRIGHT):
+        fig, _ = draw(image)
+        # the images: those drawn with the image's own values (maps have other values and colormaps)
+        drawn = [im for ax in fig.axes for im in ax.get_images()
+                 if float(im.get_array().mean()) == pytest.approx(float(image.mean()))]
+        assert drawn, "the image itself is drawn"
+        for im in drawn:
+            assert im.get_clim() == (0.0, 1.0)
+            assert im.get_cmap().name == "gray"
+        plt.close(fig)
+
+
+def test_the_comparison_draws_the_input_under_grad_cam_and_keeps_the_maps_colormaps():
+    fig, axes = plot_comparison(_comparison(DARK))
+    base, overlay = axes[1].get_images()
+    assert base.get_clim() == (0.0, 1.0) and base.get_cmap().name == "gray" and base.get_alpha() == 0.35
+    assert overlay.get_cmap().name == "jet"
+    assert axes[2].get_images()[0].get_cmap().name == "viridis"  # Integrated Gradients: a map, not an image
+    assert axes[3].get_images()[0].get_cmap().name == "magma"
+    colour = torch.rand(1, 3, 8, 8)
+    fig, axes = plot_comparison(_comparison(colour))
+    assert axes[0].get_images()[0].get_clim() == (0.0, 1.0)
+
+
+def test_plot_invariance_maps_needs_a_map():
+    with pytest.raises(ValueError, match="`maps` is empty"):
+        plot_invariance_maps(torch.rand(2, 3, 8, 8), {})
+
+
+def test_plot_concept_bars_checks_names_shape_and_groups():
+    with pytest.raises(ValueError, match="`names` has 2 names for 3 concept scores"):
+        plot_concept_bars(torch.rand(4, 3), ["digit", "colour"])
+    with pytest.raises(ValueError, match=r"`scores` must be a \(K,\) or \(N, K\) tensor.*got shape \(\)"):
+        plot_concept_bars(torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"Group 'fc' of `scores` has no value for \['colour'\]"):
+        plot_concept_bars({"relu1": {"digit": 0.9, "colour": 0.8}, "fc": {"digit": 0.7}})
+    fig, ax = plot_concept_bars(torch.rand(3), ["digit", "colour", "residual"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["digit", "colour", "residual"]

@@ -38,6 +38,17 @@ def _check_explainers(explainers: Mapping[str, LayerInvariance], model: Optional
             raise ValueError(f"`explainers[{name!r}]` explains another model than `model`.")
 
 
+def _one_image_tensor(value: Any, name: str) -> Tensor:
+    """``value`` checked as Captum inputs, then required to be one image tensor: the model, the
+    attack and the explainers here all take one ``(N, C, H, W)`` batch, no extra inputs."""
+    inputs = format_inputs(value, name=name)
+    if len(inputs) != 1:
+        raise TypeError(f"`{name}` must be one image tensor (N, C, H, W), got a {type(value).__name__} of "
+                        f"{len(inputs)} tensors; these analyses take no extra model inputs (join batches of "
+                        "images with torch.cat).")
+    return inputs[0]
+
+
 def _cross_entropy(outputs: Tensor, labels: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(outputs, labels, reduction="none")
 
@@ -89,9 +100,18 @@ class AdversarialViews:
         """Rows of fooled images: clean | attacked | each layer's view, titled with the judge's verdicts."""
         from captum_inn.visualization import plot_image_grid
 
+        n = check_positive_int(n, "n")  # the rows to draw: at least one
         rows = torch.nonzero(self.fooled).flatten()[:n]
         if rows.numel() == 0:
             rows = torch.arange(min(n, self.images.shape[0]))
+
+        if class_names is not None and rows.numel():
+            shown = [self.clean_predictions[rows], self.adversarial_predictions[rows],
+                     *(judged[rows] for judged in self.judged.values())]
+            largest = int(torch.cat(shown).max())
+            if len(class_names) <= largest:
+                raise ValueError(f"`class_names` has {len(class_names)} names, but class {largest} is shown; give one "
+                                 "name per class of the model's output.")
 
         def name(k: int) -> str:
             return class_names[k] if class_names is not None else str(k)
@@ -142,7 +162,7 @@ def adversarial_views(
     from captum.robust import FGSM
 
     _check_explainers(explainers, model)
-    (images,) = format_inputs(images, name="images")
+    images = _one_image_tensor(images, "images")
     labels = torch.as_tensor(labels, device=images.device).long()
     if labels.shape != (images.shape[0],):
         raise ValueError(f"`labels` must have shape ({images.shape[0]},), one class per image, got {tuple(labels.shape)}.")
@@ -209,8 +229,8 @@ def mix_images(
         torch.Size([8, 3, 32, 32])
     """
     _check_explainers(explainers)
-    (a,) = format_inputs(invariance_source, name="invariance_source")
-    (b,) = format_inputs(representation_source, name="representation_source")
+    a = _one_image_tensor(invariance_source, "invariance_source")
+    b = _one_image_tensor(representation_source, "representation_source")
     if a.shape != b.shape:
         raise ValueError(f"`invariance_source` {tuple(a.shape)} and `representation_source` {tuple(b.shape)} "
                          "must have the same shape (one pair per row).")

@@ -269,7 +269,42 @@ def test_adversarial_views_errors(setup, images, labels):
         call(batch_size=0)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         call(images=images[0])
+    with pytest.raises(TypeError, match=r"`images` must be one image tensor \(N, C, H, W\), got a tuple of 2 tensors"):
+        call(images=(images, images))  # Captum's tuple of inputs: once "too many values to unpack"
     assert_no_hooks(model)
+
+
+def _views(images: torch.Tensor) -> AdversarialViews:
+    """A hand-made result for two images: the first fooled (class 1 read as 2), views of classes 3 and 0."""
+    n = images.shape[0]
+    return AdversarialViews(images, 1 - images, torch.ones(n, dtype=torch.long), torch.ones(n, dtype=torch.long),
+                            torch.full((n,), 2), torch.tensor([True] + [False] * (n - 1)),
+                            {"fc": images}, {"fc": torch.tensor([3] + [0] * (n - 1))}, {})
+
+
+def test_adversarial_views_plot_errors():
+    views = _views(torch.rand(2, 3, 8, 8))
+    for n in (0, -1):
+        with pytest.raises(ValueError, match="`n` must be >= 1"):
+            views.plot(n=n)
+    with pytest.raises(ValueError, match="`class_names` has 3 names, but class 3 is shown"):
+        views.plot(class_names=["a", "b", "c"])  # the view's judged class 3 has no name
+    fig, axes = views.plot(class_names=["a", "b", "c", "d"])
+    assert axes[0, 2].get_xlabel() == "judge: d"
+    plt.close("all")
+
+
+def test_grayscale_analyses_are_drawn_in_gray_on_a_fixed_scale():
+    """A dark and a bright one-channel image: each drawn in gray on [0, 1], not stretched to its
+    own min/max with viridis (which would draw both alike)."""
+    for value in (0.2, 0.8):
+        image = torch.full((1, 1, 8, 8), value)
+        for fig, _ in (plot_mixing(image, image, {"fc": image}), _views(image).plot()):
+            drawn = [im for ax in fig.axes for im in ax.get_images()]
+            assert len(drawn) == 3
+            for im in drawn:
+                assert im.get_clim() == (0.0, 1.0) and im.get_cmap().name == "gray"
+            plt.close(fig)
 
 
 # ---------------------------------------------------------------- image mixing
@@ -307,6 +342,8 @@ def test_mix_images_errors(setup, images):
         mix_images({"fc": model}, images[:2], images[2:4])
     with pytest.raises(TypeError, match="invariance_source"):
         mix_images(explainers, images[:2].numpy(), images[2:4])
+    with pytest.raises(TypeError, match="`representation_source` must be one image tensor"):
+        mix_images(explainers, images[:2], (images[2:4], images[4:6]))
     assert_no_hooks(model)
 
 

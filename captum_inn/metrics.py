@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -142,6 +143,9 @@ def reencode_similarity(
     _check_samples(originals, samples)
     if originals.shape[0] < 2:
         raise ValueError("`originals` needs at least 2 images to form random pairs.")
+    n_null_pairs = check_positive_int(n_null_pairs, "n_null_pairs")
+    if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0 < quantile < 1:
+        raise ValueError(f"`quantile` must be a number in (0, 1), got {quantile!r}; use 0.99 for 99%.")
 
     def encode(images: Tensor) -> Tensor:
         return torch.cat([capture(model, layer, images[s : s + batch_size]).flatten(1)
@@ -155,7 +159,7 @@ def reencode_similarity(
     i = torch.randint(n, (n_null_pairs,), generator=generator, device=where).to(z.device)
     j = (i + torch.randint(1, n, (n_null_pairs,), generator=generator, device=where).to(z.device)) % n  # j != i
     null = nn.functional.cosine_similarity(z[i], z[j], dim=-1, eps=1e-8)
-    threshold = torch.quantile(null, quantile)
+    threshold = torch.quantile(null, float(quantile))
     return {
         "beats_null": float((similarity > threshold).float().mean()),
         "similarity": float(similarity.mean()),
@@ -215,6 +219,9 @@ def variance_explained_by_v(
         raise ValueError(f"`n_samples` must be >= 2, got {n_samples}.")
     if codes.shape[0] != conditions.shape[0] or codes.shape[0] < 2:
         raise ValueError("`codes` and `conditions` need the same number of rows, at least 2.")
+    if codes.dim() != 2 or codes.shape[1] != inn.dim:  # z̄ from the INN has inn.dim columns: the codes must too
+        raise ValueError(f"`codes` must have shape (N, {inn.dim}), the INN's code size, got {tuple(codes.shape)}; "
+                         "pass the codes of the autoencoder the INN was fitted with.")
     within = []
     with eval_mode(inn):
         for start in range(0, codes.shape[0], batch_size):
@@ -279,27 +286,34 @@ def probe_r2(
     if (test_features is None) != (test_targets is None):
         raise ValueError("Pass both `test_features` and `test_targets`, or neither.")
     if test_features is not None:
+        x_te = test_features.reshape(test_features.shape[0], -1).detach().cpu().double()
+        y_te = test_targets.reshape(test_targets.shape[0], -1).detach().cpu().double()
+        if x_te.shape[0] != y_te.shape[0] or x_te.shape[0] < 2:  # R² needs the targets' spread over the test rows
+            raise ValueError(f"`test_features` and `test_targets` need the same number of rows (>= 2), got "
+                             f"{x_te.shape[0]} and {y_te.shape[0]}.")
+        if x_te.shape[1] != x.shape[1] or y_te.shape[1] != y.shape[1]:
+            raise ValueError(f"`test_features`/`test_targets` need the columns of `features`/`targets`: "
+                             f"{x.shape[1]}/{y.shape[1]} after flattening, got {x_te.shape[1]}/{y_te.shape[1]}.")
         n_train = x.shape[0]
-        x = torch.cat([x, test_features.reshape(test_features.shape[0], -1).detach().cpu().double()])
-        y = torch.cat([y, test_targets.reshape(test_targets.shape[0], -1).detach().cpu().double()])
+        x, y = torch.cat([x, x_te]), torch.cat([y, y_te])
         tr, te = torch.arange(n_train), torch.arange(n_train, x.shape[0])
     else:
         order = torch.randperm(x.shape[0], generator=generator, device=generator_device(generator)).cpu()
         n_train = max(2, min(x.shape[0] - 2, int(round(train_fraction * x.shape[0]))))
         tr, te = order[:n_train], order[n_train:]
-    n = x.shape[0]
     mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-8)
     xs = (x - mean) / std
-    xs = torch.cat([xs, torch.ones(n, 1, dtype=xs.dtype)], dim=1)
     a = xs[tr]
+    # The features are centred on the training rows, so the unshrunk intercept is the training
+    # targets' mean: both forms fit centred targets, and neither penalises the intercept.
+    y_mean = y[tr].mean(0)
+    yc = y[tr] - y_mean
+    penalty = ridge * n_train
     if a.shape[1] <= a.shape[0]:  # primal ridge: (d × d) system
-        reg = ridge * n_train * torch.eye(a.shape[1], dtype=a.dtype)
-        reg[-1, -1] = 0.0  # do not shrink the intercept
-        w = torch.linalg.solve(a.T @ a + reg, a.T @ y[tr])
+        w = torch.linalg.solve(a.T @ a + penalty * torch.eye(a.shape[1], dtype=a.dtype), a.T @ yc)
     else:  # wide features (e.g. a conv layer): the dual (n × n) system gives the same ridge solution
-        gram = a @ a.T + ridge * n_train * torch.eye(a.shape[0], dtype=a.dtype)
-        w = a.T @ torch.linalg.solve(gram, y[tr])
-    residual = y[te] - xs[te] @ w
+        w = a.T @ torch.linalg.solve(a @ a.T + penalty * torch.eye(a.shape[0], dtype=a.dtype), yc)
+    residual = y[te] - (y_mean + xs[te] @ w)
     total = (y[te] - y[te].mean(0)).pow(2).sum(0).clamp_min(1e-12)
     r2 = 1.0 - residual.pow(2).sum(0) / total
     return r2.float() if per_target else float(r2.mean())
@@ -356,6 +370,8 @@ def estimate_colours(images: Tensor, border: int = 2, fraction: float = 0.1) -> 
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"`images` must have shape (N, 3, H, W), got {tuple(images.shape)}.")
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` must be a share in (0, 1] of the pixels, got {fraction!r}; use 0.1 for 10%.")
     background = border_colour(images, border)
     distance = (images - background[:, :, None, None]).norm(dim=1).flatten(1)
     k = max(1, int(distance.shape[1] * fraction))

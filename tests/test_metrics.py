@@ -121,6 +121,62 @@ def test_probe_r2():
     assert wide == wide and wide < 0.2
     with pytest.raises(ValueError, match="same number of rows"):
         probe_r2(x, x[:10])
+    with pytest.raises(ValueError, match=r"`test_features` and `test_targets` need the same number of rows \(>= 2\)"):
+        probe_r2(x, x[:, :2], test_features=x[:1], test_targets=x[:1, :2])  # one test row: R² undefined
+    with pytest.raises(ValueError, match="same number of rows"):
+        probe_r2(x, x[:, :2], test_features=x[:5], test_targets=x[:4, :2])
+    with pytest.raises(ValueError, match="`test_features`/`test_targets` need the columns of `features`/`targets`"):
+        probe_r2(x, x[:, :2], test_features=x[:5], test_targets=x[:5, :3])
+    with pytest.raises(ValueError, match="need the columns"):
+        probe_r2(x, x[:, :2], test_features=x[:5, :4], test_targets=x[:5, :2])
+
+
+def test_probe_r2_wide_features_give_the_narrow_ridge_solution():
+    """Columns without variance change nothing, but enough of them make the features wider than
+    the training rows (the dual form): the R² must stay that of the narrow (primal) fit, whose
+    intercept is not shrunk. Targets far from 0 show a shrunk intercept at once."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=gen)
+    y = 10 + x[:, :2] @ torch.randn(2, 3, generator=gen) + 0.3 * torch.randn(60, 3, generator=gen)
+    wide = torch.cat([x, torch.zeros(60, 100)], dim=1)  # 105 columns, 30 training rows
+    for kwargs in (dict(test_features=None, test_targets=None), dict(test_features=x[30:], test_targets=y[30:])):
+        if kwargs["test_features"] is None:
+            narrow_r2 = probe_r2(x, y, ridge=0.1, per_target=True, generator=torch.Generator().manual_seed(1))
+            wide_r2 = probe_r2(wide, y, ridge=0.1, per_target=True, generator=torch.Generator().manual_seed(1))
+        else:
+            narrow_r2 = probe_r2(x[:30], y[:30], ridge=0.1, per_target=True, **kwargs)
+            kwargs["test_features"] = wide[30:]
+            wide_r2 = probe_r2(wide[:30], y[:30], ridge=0.1, per_target=True, **kwargs)
+        assert torch.allclose(narrow_r2, wide_r2, atol=1e-5)
+        assert (narrow_r2 > 0.5).all()
+    # the explicit split (the loop's last) matches a direct ridge with an unpenalised intercept
+    train, test = x[:30].double(), x[30:].double()
+    mean, std = train.mean(0), train.std(0)
+    a = torch.cat([(train - mean) / std, torch.ones(30, 1, dtype=torch.double)], 1)
+    penalty = torch.diag(torch.tensor([0.1 * 30] * 5 + [0.0], dtype=torch.double))
+    w = torch.linalg.solve(a.T @ a + penalty, a.T @ y[:30].double())
+    predicted = torch.cat([(test - mean) / std, torch.ones(30, 1, dtype=torch.double)], 1) @ w
+    expected = 1 - (y[30:].double() - predicted).pow(2).sum(0) / (y[30:].double() - y[30:].double().mean(0)).pow(2).sum(0)
+    assert torch.allclose(wide_r2.double(), expected, atol=1e-5)
+
+
+def test_metric_argument_errors(model):
+    from captum_inn.metrics import estimate_colours
+
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for n_null_pairs, error in ((0, ValueError), (-5, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="`n_null_pairs` must be"):
+            reencode_similarity(model, "fc", x, x.unsqueeze(1), n_null_pairs=n_null_pairs)
+    for quantile in (0, 1, 99, -0.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"`quantile` must be a number in \(0, 1\).*use 0.99 for 99%"):
+            reencode_similarity(model, "fc", x, x.unsqueeze(1), quantile=quantile)
+    for fraction in (0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match=r"`fraction` must be a share in \(0, 1\]"):
+            estimate_colours(x, fraction=fraction)
+    assert estimate_colours(x, fraction=1)[0].shape == (4, 3)  # every pixel: allowed
+    inn = ConditionalINN(4, (7,), n_blocks=1, hidden=8)
+    with pytest.raises(ValueError, match=r"`codes` must have shape \(N, 4\), the INN's code size, got \(6, 5\)"):
+        variance_explained_by_v(inn, torch.randn(6, 5), torch.randn(6, 7))
 
 
 def test_metrics_leave_no_hooks(model):

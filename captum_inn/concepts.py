@@ -178,10 +178,11 @@ class ConceptPairs:
         Args:
             name: The concept the transform changes (for example ``"colour"`` for a colour jitter).
             inputs: ``(M, ...)`` examples.
-            transform: Batch in, batch of the same shape out. A random transform that takes a
-                second argument, ``transform(batch, generator)``, draws from the pair sampler's
-                ``torch.Generator``, so ``fit_concepts(..., seed=)`` makes its pairs reproducible;
-                one of one argument draws its own randomness.
+            transform: Batch in, batch of the same shape out. A random transform with a parameter
+                named ``generator``, or a second positional one (with or without a default, as in
+                ``transform(batch, generator=None)``), gets the pair sampler's ``torch.Generator``
+                there, so ``fit_concepts(..., seed=)`` makes its pairs reproducible; one of one
+                argument draws its own randomness.
 
         Examples::
 
@@ -202,11 +203,13 @@ class ConceptPairs:
                              f"{_dataset_hint(inputs)}.")
         if not callable(transform):
             raise TypeError(f"`transform` must be callable (batch -> batch), got {type(transform).__name__}.")
-        seeded = _takes_generator(transform)
+        passing = _generator_passing(transform)
 
         def sampler(n: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
             a = inputs[torch.randint(inputs.shape[0], (n,), generator=generator)]
-            return a, (transform(a, generator) if seeded else transform(a))
+            if passing == "keyword":
+                return a, transform(a, generator=generator)
+            return a, (transform(a, generator) if passing == "positional" else transform(a))
 
         return cls(name, sampler, "differ")
 
@@ -287,6 +290,10 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
         [('same digit', 'share')]
     """
     if isinstance(concepts, Mapping):
+        for key, value in concepts.items():  # the factor takes the pairs' name: a differing key would be lost
+            if isinstance(value, ConceptPairs) and value.name != str(key):
+                raise ValueError(f"`concepts[{key!r}]` is a ConceptPairs named {value.name!r}; key it by its name "
+                                 f"({value.name!r}), or rename it with dataclasses.replace(pairs, name={str(key)!r}).")
         items = [ConceptPairs(str(k), v) if not isinstance(v, ConceptPairs) else v for k, v in concepts.items()]
     else:
         raw = [concepts] if isinstance(concepts, ConceptPairs) or hasattr(concepts, "data_iter") else concepts
@@ -317,14 +324,22 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
     return items
 
 
-def _takes_generator(transform: Callable[..., Tensor]) -> bool:
-    """Whether ``transform`` takes a second positional argument (the sampler's generator)."""
+def _generator_passing(transform: Callable[..., Tensor]) -> Optional[str]:
+    """How ``transform`` takes the sampler's generator: ``"keyword"`` (a parameter named
+    ``generator``), ``"positional"`` (a second positional parameter) or ``None`` (it does not).
+
+    A default does not matter: ``transform(batch, generator=None)`` is the usual way to write a
+    transform that is seeded when it can be, and it must get the seed."""
     try:
-        parameters = inspect.signature(transform).parameters.values()
+        parameters = list(inspect.signature(transform).parameters.values())
     except (TypeError, ValueError):  # some builtins have no signature
-        return False
+        return None
+    # by name first: in transform(batch, scale=1.0, generator=None) the second parameter is not it
+    if any(p.name == "generator" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY)
+           for p in parameters):
+        return "keyword"
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
+    return "positional" if len(positional) >= 2 else None
 
 
 def _describe(value: Any) -> str:

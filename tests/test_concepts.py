@@ -105,8 +105,34 @@ def test_colordigits_concepts():
     assert ds.concept("digit", "differ").relation == "differ"
 
 
+def test_a_transform_with_a_generator_keyword_or_default_gets_the_seed():
+    """transform(batch, generator=None), a keyword-only generator and a second positional parameter
+    with a default all get the sampler's generator: seeded samples repeat, other seeds differ."""
+    x = torch.rand(8, 3, 4, 4)
+
+    def default(batch, generator=None):
+        return batch + torch.randn(batch.shape, generator=generator)
+
+    def keyword_only(batch, *, generator=None):
+        return batch + torch.randn(batch.shape, generator=generator)
+
+    def named_later(batch, scale=1.0, generator=None):  # the second parameter is not the generator
+        return batch + scale * torch.randn(batch.shape, generator=generator)
+
+    def second(batch, g=None):
+        return batch + torch.randn(batch.shape, generator=g)
+
+    for transform in (default, keyword_only, named_later, second):
+        pairs = ConceptPairs.from_transform("noise", x, transform)
+        (_, b1), (_, b2), (_, other) = (pairs.sample(4, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1))
+        assert torch.equal(b1, b2), transform.__name__
+        assert not torch.equal(b1, other), transform.__name__
+
+
 @pytest.mark.parametrize("bad, error, match", [
     ([], ValueError, "empty|non-empty"),
+    ({"colour": ConceptPairs("d", lambda n, g: (torch.rand(n, 2),) * 2)}, ValueError,
+     r"`concepts\['colour'\]` is a ConceptPairs named 'd'; key it by its name"),
     ("digit", TypeError, "ConceptPairs"),
     ([ConceptPairs("a", lambda n, g: (torch.rand(n, 2),) * 2)] * 2, ValueError, "unique"),
 ])

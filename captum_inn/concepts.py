@@ -179,10 +179,10 @@ class ConceptPairs:
             name: The concept the transform changes (for example ``"colour"`` for a colour jitter).
             inputs: ``(M, ...)`` examples.
             transform: Batch in, batch of the same shape out. A random transform with a parameter
-                named ``generator``, or a second positional one (with or without a default, as in
-                ``transform(batch, generator=None)``), gets the pair sampler's ``torch.Generator``
-                there, so ``fit_concepts(..., seed=)`` makes its pairs reproducible; one of one
-                argument draws its own randomness.
+                named ``generator``, or a second positional one without a default or defaulting to
+                ``None`` (``transform(batch, g=None)``), gets the pair sampler's ``torch.Generator``
+                there, so ``fit_concepts(..., seed=)`` makes its pairs reproducible; any other
+                transform draws its own randomness.
 
         Examples::
 
@@ -328,8 +328,9 @@ def _generator_passing(transform: Callable[..., Tensor]) -> Optional[str]:
     """How ``transform`` takes the sampler's generator: ``"keyword"`` (a parameter named
     ``generator``), ``"positional"`` (a second positional parameter) or ``None`` (it does not).
 
-    A default does not matter: ``transform(batch, generator=None)`` is the usual way to write a
-    transform that is seeded when it can be, and it must get the seed."""
+    ``transform(batch, generator=None)`` is the usual way to write a transform that is seeded when
+    it can be, and it gets the seed; a second parameter with another default
+    (``transform(batch, scale=0.5)``) is a setting, not a generator, and is left alone."""
     try:
         parameters = list(inspect.signature(transform).parameters.values())
     except (TypeError, ValueError):  # some builtins have no signature
@@ -339,7 +340,7 @@ def _generator_passing(transform: Callable[..., Tensor]) -> Optional[str]:
            for p in parameters):
         return "keyword"
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return "positional" if len(positional) >= 2 else None
+    return "positional" if len(positional) >= 2 and positional[1].default in (inspect.Parameter.empty, None) else None
 
 
 def _describe(value: Any) -> str:

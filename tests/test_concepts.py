@@ -107,7 +107,7 @@ def test_colordigits_concepts():
 
 def test_a_transform_with_a_generator_keyword_or_default_gets_the_seed():
     """transform(batch, generator=None), a keyword-only generator and a second positional parameter
-    with a default all get the sampler's generator: seeded samples repeat, other seeds differ."""
+    defaulting to None all get the sampler's generator: seeded samples repeat, other seeds differ."""
     x = torch.rand(8, 3, 4, 4)
 
     def default(batch, generator=None):
@@ -127,6 +127,12 @@ def test_a_transform_with_a_generator_keyword_or_default_gets_the_seed():
         (_, b1), (_, b2), (_, other) = (pairs.sample(4, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1))
         assert torch.equal(b1, b2), transform.__name__
         assert not torch.equal(b1, other), transform.__name__
+
+    def setting(batch, scale=0.5):  # a second parameter with another default is a setting, not a generator
+        return batch * scale
+
+    assert torch.equal(ConceptPairs.from_transform("dim", x, setting).sample(4)[1],
+                       ConceptPairs.from_transform("dim", x, setting).sample(4)[0] * 0.5)
 
 
 @pytest.mark.parametrize("bad, error, match", [

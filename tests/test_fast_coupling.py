@@ -145,6 +145,8 @@ def test_double_backward_raises_instead_of_a_wrong_result():
         grad.sum().backward()
 
 
+# torch's forward AD loads its jvp decompositions with torch.jit.script on first use, which warns
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_forward_mode_ad_takes_the_module_path(module_path):
     """A dual input (forward-mode AD) gives the module path's tangent on every CPU: the oneDNN node
     has no jvp, so taking it would fail only where the fast path is the default."""

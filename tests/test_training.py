@@ -143,6 +143,15 @@ def test_cache_runs_the_model_once_per_image_for_all_layers(images, autoencoder)
     assert_no_hooks(model)
 
 
+def test_cache_a_layer_given_twice_is_cached_once(images, autoencoder, tmp_path):
+    model = CountingCNN().eval()
+    for memmap_dir in (None, tmp_path / "cache"):
+        cache = cache_features(model, ["fc", model.fc, "logits"], autoencoder, images[:5], progress=False,
+                               memmap_dir=memmap_dir)
+        assert list(cache.layers) == ["fc", "logits"] and cache.layers["fc"].shape[0] == len(cache) == 5
+        cache.close()
+
+
 def test_cache_restores_modes_and_reports_missing_layers(images, autoencoder):
     model = CountingCNN().train()
     flags = training_flags(model)

@@ -498,7 +498,7 @@ def cache_features(
     check_module_device(model, device, "model")
     check_module_device(autoencoder, device, "autoencoder")
     layer_list = list(layers) if isinstance(layers, (list, tuple)) else [layers]
-    names = [resolve_layer(model, layer)[0] for layer in layer_list]
+    names = list(dict.fromkeys(resolve_layer(model, layer)[0] for layer in layer_list))  # one array per layer
     extra = _format_additional_forward_args(additional_forward_args) or ()
     n_images = count_images(data)
     if batch_size is None:

@@ -696,7 +696,8 @@ def _with_replaced(value: Any, selector: Selector, replacement: Tensor, name: st
 
 @contextmanager
 def replace_activation(
-    module: nn.Module, value: Tensor, attribute_to_layer_input: bool = False, selector: Selector = None
+    module: nn.Module, value: Tensor, attribute_to_layer_input: bool = False, selector: Selector = None,
+    *, model: Optional[nn.Module] = None,
 ) -> Iterator[None]:
     """Within the block, ``module``'s output (or first input) is replaced by ``value``.
 
@@ -712,6 +713,11 @@ def replace_activation(
             :class:`LayerHooks`: an ``int`` index or a ``str`` key, attribute or keyword-argument
             name; everything else in the output passes through unchanged. A callable selector
             cannot be inverted and is a ``TypeError``.
+        model: The model whose forward pass runs ``module``. Given, only the *first* call of
+            ``module`` in each call of ``model`` is replaced, the call that :func:`capture`, the
+            fits and the explainers read (torchvision's ``BasicBlock`` calls its ``relu`` twice:
+            the second call, the block's output, then runs on the model's own values). Without
+            it, every call of ``module`` is replaced.
 
     Examples::
 
@@ -721,6 +727,15 @@ def replace_activation(
         True
     """
     name = type(module).__name__
+    armed = [True]  # whether the next call of module is replaced (re-armed at each call of model)
+
+    def rearm(_model: nn.Module, _args: Any) -> None:
+        armed[0] = True
+
+    def take() -> bool:
+        """Whether to replace this call (with a model: its first call in the current pass only)."""
+        replace, armed[0] = armed[0], armed[0] and not per_pass
+        return replace
 
     def matched(current: Tensor) -> Tensor:
         """``value`` in the activation's floating dtype (a float32 INN's output in a float64 model)."""
@@ -730,16 +745,23 @@ def replace_activation(
         return value.to(current.dtype) if both_floating else value
 
     def output_hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        if not take():
+            return None
         return _with_replaced(output, selector, matched(_select(output, selector, name, "output")), name, "output")
 
-    def input_hook(_module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+    def input_hook(_module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if not take():
+            return None
         if isinstance(selector, str) and selector in kwargs:
             return args, {**kwargs, selector: matched(kwargs[selector])}
         return _with_replaced(args, selector, matched(_select(args, selector, name, "input")), name, "input"), kwargs
 
-    handle = (module.register_forward_pre_hook(input_hook, with_kwargs=True) if attribute_to_layer_input
-              else module.register_forward_hook(output_hook))
+    per_pass = model is not None and model is not module
+    handles = [_unwrapped(model).register_forward_pre_hook(rearm)] if per_pass else []
     try:
+        handles.append(module.register_forward_pre_hook(input_hook, with_kwargs=True) if attribute_to_layer_input
+                       else module.register_forward_hook(output_hook))
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()

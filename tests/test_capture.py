@@ -275,6 +275,29 @@ def test_replace_activation_takes_the_dtype_of_the_activation_it_replaces():
         assert torch.allclose(out, model[2](value.double()))
 
 
+def test_replace_activation_with_model_replaces_only_the_first_call_of_a_reused_module():
+    """torchvision's BasicBlock calls its one relu twice; the fits read the first call, so putting that
+    value back must leave the model's output as it was (the second call runs on the model's values)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.relu, self.head = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.relu(self.relu(self.lin(x)) + x))
+
+    model, x = seeded(Block()).eval(), torch.randn(3, 4)
+    expected = model(x)
+    for to_input in (False, True):
+        z = capture(model, "relu", x, attribute_to_layer_input=to_input)
+        with replace_activation(model.relu, z, attribute_to_layer_input=to_input, model=model):
+            assert torch.equal(model(x), expected) and torch.equal(model(x), expected)  # re-armed at each call
+    with replace_activation(model.relu, torch.zeros(3, 4), model=model):
+        assert torch.equal(model(x), model.head(model.relu(x)))
+    assert_no_hooks(model)
+
+
 def test_replace_activation_keyword_input_and_namedtuple_output():
     from collections import namedtuple
 

@@ -325,6 +325,24 @@ def test_layer_representation_keeps_the_model_exact():
         explainer.edit(images, "label")
 
 
+def test_layer_representation_of_a_module_called_twice_keeps_the_model_exact():
+    """The layer's first call is read (the pass stops there); only that call is replaced, not the second."""
+
+    class Twice(VectorModel):
+        def forward(self, x):
+            h = self.hidden(self.fc(self.flatten(x)))
+            return self.out(self.hidden(self.bn(h) - 0.5))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    images = torch.rand(64, 3, 8, 8)
+    pairs = ConceptPairs.from_labels("label", images, model(images).argmax(1))
+    e = fit_concepts(LayerRepresentation(model, "hidden"), [pairs], steps=3, n_blocks=1, hidden=16,
+                     pool_size=64, progress=False)
+    assert (LayerConcepts(model, "hidden", e).output_from_factors(images) - model(images)).abs().max() <= 1e-4
+    assert_no_hooks(model)
+
+
 def test_layer_concepts_read_the_side_of_the_layer_their_inns_were_fitted_on(tmp_path):
     """The input and the output of a ReLU have the same shape, so reading the wrong side would go
     unnoticed: the side a fit recorded is the default, and the other side is refused."""

@@ -481,7 +481,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             representation = self._to_representation(factors)
             if self.representation == _LAYER:
                 to_input = self._to_input(attribute_to_layer_input)
-                with replace_activation(self.layer, representation, to_input, self.selector), \
+                with replace_activation(self.layer, representation, to_input, self.selector, model=model), \
                         dtype_errors_named(inputs[self.image_input], model):
                     return self.forward_func(*inputs, *extra)
             # decoded images in the dtype of the images given, the model's (a float32 decoder, a float64 model)

@@ -117,6 +117,29 @@ def test_a_fit_closes_its_disk_cache(images, autoencoder, tmp_path, in_checkpoin
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
+def test_layers_whose_names_map_to_one_file_name_get_a_file_each(autoencoder, tmp_path):
+    """"a b" and "a_b" both become "a_b" in a file name; "fc" and "FC" are one file where case is ignored."""
+
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(3 * 32 * 32, width) for name, width in
+                                              (("a b", 3), ("a_b", 5), ("fc", 2), ("FC", 4))})
+
+        def forward(self, x):
+            return sum(head(x.flatten(1)).sum(1) for head in self.heads.values())
+
+    model, images = Heads().eval(), torch.rand(6, 3, 32, 32)
+    names = [f"heads.{name}" for name in ("a b", "a_b", "fc", "FC")]
+    memory = cache_features(model, names, autoencoder, images, progress=False)
+    disk = cache_features(model, names, autoencoder, images, progress=False, memmap_dir=tmp_path / "cache")
+    files = [array.path.name.lower() for array in disk.layers.values()]
+    assert len(set(files)) == 4
+    for name in names:
+        assert torch.equal(disk.layers[name][:], memory.layers[name])
+    disk.close()
+
+
 def test_disk_cache_needs_data_of_known_length(autoencoder, tmp_path):
     stream = (torch.rand(4, 3, 32, 32) for _ in range(2))
     with pytest.raises((ValueError, TypeError), match="known length|must be an image tensor"):

@@ -274,7 +274,11 @@ class _DiskSink:
 
     def append(self, key: str, rows: Tensor) -> None:
         if key not in self.writers:
-            file = "".join(c if c.isalnum() or c in "._-" else "_" for c in key) + ".npy"
+            stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+            # "a b" and "a_b" (or "fc" and "FC" on a case-insensitive file system) must not share a file
+            taken, file, n = {w.path.name.lower() for w in self.writers.values()}, stem + ".npy", 1
+            while file.lower() in taken:
+                file, n = f"{stem}.{n}.npy", n + 1
             self.writers[key] = DiskArrayWriter(self.folder / file, self.n_rows, rows.shape[1:])
         self.writers[key].append(rows)
 

@@ -30,6 +30,19 @@ def test_disk_array_indexes_like_a_tensor(tmp_path):
         array[torch.tensor([50])]
 
 
+def test_disk_array_reads_a_mask_as_a_tensor_does_and_refuses_other_indices(tmp_path):
+    data = torch.randn(6, 2)
+    np.save(tmp_path / "a.npy", data.numpy())
+    array = DiskArray(tmp_path / "a.npy")
+    mask = torch.tensor([False, True, False, True, True, False])
+    assert torch.equal(array[mask], data[mask]) and torch.equal(array[mask.numpy()], data[mask])
+    assert array[[]].shape == (0, 2)
+    for bad, match in ((mask[:4], "boolean mask of shape"), (torch.tensor([1.7]), "must be integers"),
+                       ((0, 1), "by rows only")):
+        with pytest.raises(IndexError, match=match):
+            array[bad]
+
+
 def test_disk_array_refuses_other_dtypes_and_truncated_files(tmp_path):
     np.save(tmp_path / "int.npy", np.arange(10))
     with pytest.raises(ValueError, match="float32"):

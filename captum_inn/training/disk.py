@@ -27,8 +27,8 @@ _DTYPE = np.dtype("<f4")
 class DiskArray:
     """A read-only float32 ``.npy`` array on disk, indexed by rows like a tensor.
 
-    Supports ``len``, ``shape``, ``array[i]``, ``array[a:b]`` and ``array[index_tensor]`` (any
-    order, repeats allowed); each returns a new CPU tensor. Also usable as a map-style ``Dataset``
+    Supports ``len``, ``shape``, ``array[i]``, ``array[a:b]``, ``array[mask]`` (a boolean ``(N,)`` mask) and
+    ``array[index_tensor]`` (any order, repeats allowed); each returns a new CPU tensor. Also usable as a map-style ``Dataset``
     of images (``array[i]`` is one image).
 
     Args:
@@ -79,7 +79,19 @@ class DiskArray:
             return self[torch.tensor([int(index)])][0]
         if isinstance(index, slice):
             return self[torch.arange(len(self))[index]]
-        rows = np.asarray(index.cpu() if isinstance(index, Tensor) else index, dtype=np.int64).reshape(-1)
+        if isinstance(index, tuple):
+            raise IndexError(f"A DiskArray is indexed by rows only (an int, a slice, row numbers or a mask), "
+                             f"got the tuple {index!r}; read the rows first, then index them: array[rows][...].")
+        rows = np.asarray(index.cpu() if isinstance(index, Tensor) else index)
+        if rows.dtype == np.bool_:  # a mask, as a tensor reads it (not rows 0 and 1)
+            if rows.shape != (len(self),):
+                raise IndexError(f"A boolean mask of shape {rows.shape} for {len(self)} rows; pass one of shape "
+                                 f"({len(self)},).")
+            rows = np.flatnonzero(rows)
+        elif rows.size and not np.issubdtype(rows.dtype, np.integer):
+            raise IndexError(f"Row indices must be integers or a boolean mask, got {rows.dtype}; convert them "
+                             "with .long().")
+        rows = rows.astype(np.int64).reshape(-1)
         if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
             raise IndexError(f"Row index out of range for {len(self)} rows.")
         rows = np.where(rows < 0, rows + len(self), rows)

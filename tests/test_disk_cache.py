@@ -115,6 +115,29 @@ def test_resumed_fit_reuses_the_disk_cache(images, autoencoder, tmp_path):
     assert model.calls == 40  # the network did not run again
 
 
+def test_a_resumed_fit_closes_a_disk_cache_it_replaces(images, autoencoder, tmp_path, monkeypatch):
+    """A cache without every asked layer is recomputed into its folder: its files are closed first (Windows
+    cannot replace an open file; elsewhere the replaced files' space stayed held until the fit ended)."""
+    from captum_inn.training import invariances
+
+    model = CountingCNN().eval()
+    fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=str(tmp_path), memmap=True,
+                    progress=False, **TINY)
+    opened, still_open, original = [], [], FeatureCache.open.__func__
+    monkeypatch.setattr(FeatureCache, "open", classmethod(
+        lambda cls, folder: opened.append(original(cls, folder)) or opened[-1]))
+
+    def spy(*args, **kwargs):
+        still_open.extend(a.path.name for c in opened for a in (c.code_mean, c.code_std, *c.layers.values())
+                          if not a._file.closed)
+        return cache_features(*args, **kwargs)
+
+    monkeypatch.setattr(invariances, "cache_features", spy)
+    fit_invariances(model, ["fc", "logits"], autoencoder, images, steps=2, checkpoint_dir=str(tmp_path),
+                    memmap=True, progress=False, **TINY)
+    assert opened and opened[0] is not None and still_open == []
+
+
 @pytest.mark.parametrize("in_checkpoint_dir", [False, True], ids=["temporary", "checkpoint_dir"])
 def test_a_fit_closes_its_disk_cache(images, autoencoder, tmp_path, in_checkpoint_dir):
     import gc

@@ -540,6 +540,8 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
                     "another `checkpoint_dir`."
                 )
         return reused
+    if reused is not None:  # it lacks a layer: its files are replaced now, and must not stay open (Windows)
+        reused.close()
     if autoencoder is None or data is None:
         raise ValueError("Pass `autoencoder` and `data` (or a precomputed `cache`).")
     cache = cache_features(model, layer_list, autoencoder, shard_data(data), device=device,

@@ -693,6 +693,15 @@ def test_save_load_and_refusals(images, autoencoder, tmp_path):
         load_invariance_inn(path, latent_dim=64)
 
 
+def test_checkpoints_and_caches_of_views_of_one_tensor_are_saved(tmp_path):
+    values = torch.randn(5, 10)
+    cache = FeatureCache(values[:, :6].contiguous(), torch.ones(5, 6), {"a": values, "b": values, "c": values[2:]})
+    loaded = FeatureCache.load(cache.save(tmp_path / "cache.safetensors"))
+    assert all(torch.equal(loaded.layers[k], cache.layers[k]) for k in "abc")
+    tensors, _ = load_checkpoint(save_checkpoint(tmp_path / "ck.safetensors", {"w": values, "row": values[1]}, {}))
+    assert torch.equal(tensors["row"], values[1]) and torch.equal(tensors["w"], values)
+
+
 def test_checkpoint_format_is_checked_before_use(tmp_path):
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, {"w": torch.ones(3)}, {"kind": "invariance_inn"})

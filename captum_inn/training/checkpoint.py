@@ -47,7 +47,8 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
 
     Args:
         path: Target file (conventionally ``*.safetensors``); its folder is created.
-        tensors: Name to tensor, each of any shape (moved to CPU, made contiguous).
+        tensors: Name to tensor, each of any shape (moved to CPU, made contiguous; views of one
+            tensor are copied apart).
         meta: JSON-serialisable description; ``format_version`` is added.
 
     Returns:
@@ -67,6 +68,11 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
     document = dict(meta)
     document["format_version"] = FORMAT_VERSION
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    storages = set()
+    for k, v in payload.items():  # safetensors refuses tensors that share memory (views of one tensor)
+        if v.untyped_storage().data_ptr() in storages:
+            payload[k] = v.clone()
+        storages.add(v.untyped_storage().data_ptr())
     blob = save(payload, metadata={_META_KEY: json.dumps(document)})
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed mid-write
         with contextlib.suppress(OSError):

@@ -700,6 +700,33 @@ def test_snapshots_and_concept_dynamics(tmp_path):
         "attribute_to_layer_input"] is True
 
 
+def test_concept_dynamics_keeps_the_seed_of_its_config(monkeypatch):
+    """``config=InvarianceConfig(seed=3)`` fits with seed 3 (the default ``seed`` replaced it by 0);
+    an explicit ``seed=`` still wins."""
+    import captum_inn.training.dynamics as dynamics
+    from captum_inn.training import InvarianceConfig
+
+    seeds, fit = [], dynamics.fit_invariances
+
+    def spy(*args, **kwargs):
+        seeds.append(kwargs["config"].seed)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(dynamics, "fit_invariances", spy)
+    torch.manual_seed(0)
+    model, images = VectorModel().eval(), torch.rand(32, 3, 8, 8)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
+    e(torch.randn(32, 6))
+    config = InvarianceConfig(seed=3, steps=2, n_blocks=1, hidden=16)
+    kw = dict(n_samples=2, progress=False)
+    dynamics.concept_dynamics({"0": model}, "hidden", ae, e.eval(), images, images[:4], config=config, **kw)
+    dynamics.concept_dynamics({"0": model}, "hidden", ae, e.eval(), images, images[:4], config=config, seed=5, **kw)
+    dynamics.concept_dynamics({"0": model}, "hidden", ae, e.eval(), images, images[:4], steps=2, n_blocks=1,
+                              hidden=16, **kw)
+    assert seeds == [3, 5, 0]
+
+
 class _TrainModeAutoencoder(nn.Module):
     """An autoencoder left in train mode (the nn.Module default), with BatchNorm and dropout."""
 

@@ -156,7 +156,7 @@ def concept_dynamics(
     config: Optional[InvarianceConfig] = None,
     *,
     n_samples: int = 16,
-    seed: int = 0,
+    seed: Optional[int] = None,
     device: Union[str, torch.device] = "cpu",
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
@@ -182,7 +182,7 @@ def concept_dynamics(
         config: :class:`~captum_inn.training.invariances.InvarianceConfig` of the INNs;
             ``overrides`` replace fields.
         n_samples: Invariance samples per input for :meth:`~captum_inn.LayerConcepts.encoded`.
-        seed: Seeds the INN fits and the samples.
+        seed: Seeds the INN fits and the samples; ``None``: ``config.seed`` (0 without a ``config``).
         device: Where to fit.
         checkpoint_dir: Folder for each checkpoint's INN, in a sub-folder per label
             (``checkpoint_dir/<label>/``); a rerun resumes them (each model's features are
@@ -208,7 +208,8 @@ def concept_dynamics(
         raise TypeError("`models` must be a non-empty {label: nn.Module} mapping or a list of (label, nn.Module).")
     name = layer if isinstance(layer, str) else resolve_layer(items[0][1], layer)[0]
     device = as_device(device)
-    config = merged_config(InvarianceConfig, config, {"seed": seed, **overrides})  # unknown settings: refused now
+    seeded = {} if seed is None else {"seed": seed}  # without one, config's seed stands
+    config = merged_config(InvarianceConfig, config, {**seeded, **overrides})  # unknown settings: refused now
     check_module_device(concept_inn, device, "concept_inn")  # the autoencoder is checked by cache_features
     eval_inputs = images_as_tensor(eval_inputs).to(device)
     base: Optional[FeatureCache] = None
@@ -228,7 +229,7 @@ def concept_dynamics(
         inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
                               progress=progress)
         explainer = LayerConcepts(model, name, concept_inn, autoencoder, invariance_inn=inn, selector=selector)
-        shares = explainer.encoded_summary(eval_inputs, n_samples=n_samples, generator=torch.Generator().manual_seed(seed))
+        shares = explainer.encoded_summary(eval_inputs, n_samples=n_samples, generator=torch.Generator().manual_seed(config.seed))
         result.labels.append(str(label))
         result.accuracy.append(None if eval_labels is None else accuracy(model, eval_inputs, eval_labels.to(device)))
         result.fit_nll.append(inn.fit_info["final_nll_per_dim"])

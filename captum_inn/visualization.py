@@ -276,7 +276,8 @@ def plot_concept_edits(
 
     Args:
         originals: ``(N, C, H, W)`` in ``[0, 1]``.
-        donors: ``(N, C, H, W)``.
+        donors: ``(N, C, H, W)``, or ``(1, C, H, W)``: one donor for every row (as
+            :meth:`~captum_inn.LayerConcepts.edit` takes it).
         edits: ``{concept: (N, C, H, W)}`` edited images (:meth:`captum_inn.LayerConcepts.edit`).
         title: Figure title.
         fig: Optional figure to draw into.
@@ -292,6 +293,12 @@ def plot_concept_edits(
     """
     plt = _plt()
     n, columns = originals.shape[0], 2 + len(edits)
+    if donors.shape[0] == 1:
+        donors = donors.expand(n, *donors.shape[1:])
+    for what, images in (("donors", donors), *((f"edits[{c!r}]", e) for c, e in edits.items())):
+        if images.shape[0] != n:
+            raise ValueError(f"`{what}` holds {images.shape[0]} images for {n} `originals`; give one per row"
+                             f"{' (or one donor for all)' if what == 'donors' else ''}.")
     if fig is None:
         fig = plt.figure(figsize=(1.3 * columns, 1.2 * n + 0.5))
     axes = fig.subplots(n, columns, squeeze=False)

@@ -92,3 +92,16 @@ def test_plot_concept_bars_checks_names_shape_and_groups():
         plot_concept_bars({"relu1": {"digit": 0.9, "colour": 0.8}, "fc": {"digit": 0.7}})
     fig, ax = plot_concept_bars(torch.rand(3), ["digit", "colour", "residual"])
     assert [t.get_text() for t in ax.get_xticklabels()] == ["digit", "colour", "residual"]
+
+
+def test_plot_concept_edits_takes_one_donor_for_all_rows_as_edit_does():
+    """``LayerConcepts.edit(x, c, donors=x[:1])`` takes one donor; its figure failed with an IndexError."""
+    x = torch.rand(3, 3, 8, 8)
+    fig, axes = plot_concept_edits(x, x[:1], {"digit": x})
+    assert axes.shape == (3, 3)
+    for row in axes:  # the one donor in every row
+        assert torch.allclose(torch.as_tensor(row[1].get_images()[0].get_array()), x[0].permute(1, 2, 0))
+    with pytest.raises(ValueError, match=r"`donors` holds 2 images for 3 `originals`"):
+        plot_concept_edits(x, x[:2], {"digit": x})
+    with pytest.raises(ValueError, match=r"`edits\['digit'\]` holds 1 images for 3 `originals`"):
+        plot_concept_edits(x, x, {"digit": x[:1]})

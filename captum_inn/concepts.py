@@ -150,7 +150,13 @@ class ConceptPairs:
             raise ValueError(f"`labels` has {len(keys)} entries for {inputs.shape[0]} inputs; give one label per input.")
         groups: Dict[Any, List[int]] = {}
         for i, key in enumerate(keys):
-            groups.setdefault(key, []).append(i)
+            try:
+                groups.setdefault(key, []).append(i)
+            except TypeError:  # a row of a 2-d labels tensor or array
+                raise TypeError(
+                    f"`labels` must hold one hashable label per input, shape ({len(keys)},); entry {i} is "
+                    f"{key!r}. Flatten (M, 1) labels with labels.reshape(-1); for one-hot rows pass labels.argmax(1)."
+                ) from None
         members = [torch.tensor(g) for g in groups.values()]
         group_of = _group_index(len(keys), groups)
 

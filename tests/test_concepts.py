@@ -157,6 +157,14 @@ def test_concept_definition_errors():
         mismatched.sample(2)
 
 
+def test_from_labels_names_labels_that_are_not_one_per_input():
+    """(M, 1) labels or one-hot rows: a TypeError naming `labels` and the fix (was "unhashable type: 'list'")."""
+    x, y = torch.rand(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    for labels in (y[:, None], y[:, None].numpy(), nn.functional.one_hot(y)):
+        with pytest.raises(TypeError, match=r"`labels` must hold one hashable label per input.*reshape\(-1\)"):
+            ConceptPairs.from_labels("digit", x, labels)
+
+
 # ---------------------------------------------------------------- scores and sizes
 def test_scores_measure_the_share_of_variance():
     x, c, s = synthetic(2000)

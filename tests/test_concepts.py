@@ -735,6 +735,36 @@ def test_concept_dynamics_keeps_the_seed_of_its_config(monkeypatch):
     assert seeds == [3, 5, 0]
 
 
+def test_concept_dynamics_caches_each_layer_beside_the_codes_of_its_own_images(monkeypatch):
+    """A shuffling DataLoader gives each checkpoint's pass another order: the codes of the first pass
+    were reused beside later passes' activations, pairing each activation with another image's code."""
+    import copy
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import captum_inn.training.dynamics as dynamics
+
+    caches, fit = [], dynamics.fit_invariances
+
+    def spy(*args, **kwargs):
+        caches.append(kwargs["cache"])
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(dynamics, "fit_invariances", spy)
+    torch.manual_seed(0)
+    model, images = VectorModel().eval(), torch.rand(48, 3, 8, 8)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
+    e(torch.randn(32, 6))
+    loader = DataLoader(TensorDataset(images), batch_size=16, shuffle=True)
+    twins = {"0": model, "1": copy.deepcopy(model)}  # the same weights: the same (activation, code) rows
+    dynamics.concept_dynamics(twins, "hidden", ae, e.eval(), loader, images[:4], steps=2, n_blocks=1, hidden=16,
+                              n_samples=2, progress=False)
+    first, second = caches
+    same_image = torch.cdist(second.code_mean.float(), first.code_mean.float()).argmin(1)
+    assert torch.allclose(second.layers["hidden"], first.layers["hidden"][same_image], atol=1e-6)
+
+
 class _TrainModeAutoencoder(nn.Module):
     """An autoencoder left in train mode (the nn.Module default), with BatchNorm and dropout."""
 

@@ -166,8 +166,10 @@ def concept_dynamics(
 ) -> ConceptDynamics:
     """Fit the layer's invariance INN for every checkpoint and measure the encoded concept shares.
 
-    The autoencoder encodes ``data`` once; each checkpoint runs over ``data`` once to cache its
-    layer, then its INN trains from the cache.
+    The autoencoder encodes an image tensor ``data`` once; each checkpoint runs over ``data`` once
+    to cache its layer, then its INN trains from the cache. A ``Dataset`` or ``DataLoader``, which
+    may shuffle or augment anew on every pass, is encoded in each checkpoint's pass, so that every
+    layer activation is cached beside the code of its own image.
 
     Args:
         models: ``{label: model}`` or ``[(label, model), ...]``, in training order (e.g.
@@ -218,7 +220,7 @@ def concept_dynamics(
                              standard_error={c: [] for c in concept_inn.factor_names})
     for label, model in items:
         model = model.to(device)
-        if base is None:
+        if base is None or not isinstance(data, Tensor):  # a loader's next pass may be in another order
             base = cache_features(model, [name], autoencoder, data, device=device, progress=progress, **read)
             cache = base
         else:  # the same codes; this model's layer, and its own source for the checkpoint's record

@@ -765,6 +765,20 @@ def test_concept_dynamics_caches_each_layer_beside_the_codes_of_its_own_images(m
     assert torch.allclose(second.layers["hidden"], first.layers["hidden"][same_image], atol=1e-6)
 
 
+def test_concept_pairs_of_float64_images_are_encoded_by_a_float32_autoencoder():
+    """A float64 model's images, the float32 autoencoder fitted for it: encoded in the autoencoder's
+    dtype, as cache_features and the explainers do (a raw "Input type (double)" RuntimeError before)."""
+    torch.manual_seed(0)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    x, y = torch.rand(40, 3, 8, 8), torch.arange(40) % 2
+    as_float = concept_scores(ae, [ConceptPairs.from_labels("p", x, y)], n_pairs=16)
+    as_double = concept_scores(ae, [ConceptPairs.from_labels("p", x.double(), y)], n_pairs=16)
+    assert as_double == pytest.approx(as_float, abs=1e-6)
+    e = fit_concepts(ae, [ConceptPairs.from_labels("p", x.double(), y)], steps=2, n_blocks=1, hidden=16,
+                     pool_size=16, progress=False)
+    assert e.factor_names == ["p", "residual"]
+
+
 class _TrainModeAutoencoder(nn.Module):
     """An autoencoder left in train mode (the nn.Module default), with BatchNorm and dropout."""
 

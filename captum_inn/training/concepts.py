@@ -25,7 +25,12 @@ from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import as_device, check_module_device, weights_fingerprint
+from captum_inn.attr._common import (
+    as_device,
+    check_module_device,
+    network_dtype,
+    weights_fingerprint,
+)
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import (
     capture,
@@ -193,6 +198,9 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
         check_module_device(representation, device, "representation")
 
     def encode(images: Tensor) -> Tuple[Tensor, Tensor]:
+        # in the encoder's dtype (a float64 model's images, a float32 autoencoder), as cache_features does
+        if images.is_floating_point():
+            images = images.to(network_dtype(representation, images.dtype))
         with eval_mode(representation):  # as cache_features: no BatchNorm updates, no dropout
             return encode_posterior(representation, images)
 

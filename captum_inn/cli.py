@@ -61,15 +61,24 @@ def selfcheck(verbose: bool = True) -> bool:
     return True
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (argparse names the option in its error)."""
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the option in its error)."""
+    return _whole_number(text, 1)
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a whole number >= 0 (ColorDigits and NumPy's generators refuse negative seeds)."""
+    return _whole_number(text, 0)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -83,7 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None,
                       help=f"report folder (default: {_DEFAULT_OUT}; {_DEFAULT_PHOTO_OUT} with --images)")
     demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (about 4 minutes on 2 cores)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of everything, >= 0 (default: %(default)s)")
     demo.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     demo.add_argument("--concepts", action="store_true",

@@ -114,6 +114,10 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch
         with pytest.raises(SystemExit):
             main(["demo", "--threads", bad])
         assert "argument --threads" in capsys.readouterr().err
+    for bad in ("-1", "one"):  # a negative seed used to fail in ColorDigits with a traceback, after the folder was made
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--quick", "--seed", bad])
+        assert exit_info.value.code == 2 and "argument --seed" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no empty report folders
 
 

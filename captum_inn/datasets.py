@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -641,7 +642,8 @@ def load_image_folder(
 
     Each photo's shorter side is resized to ``size`` (antialiased) and the centre ``size × size``
     square is kept, as ``torchvision.transforms.Resize(size) + CenterCrop(size)`` would. The split
-    is drawn per class with a seeded generator, so every class is in both parts.
+    is drawn per class with a seeded generator, so every class is in both parts. Hidden files and
+    folders (names starting with ``.``: ``.ipynb_checkpoints``, macOS ``._photo.jpg``) are skipped.
 
     Args:
         root: Folder in ``torchvision.datasets.ImageFolder`` layout (``root/<class>/<image>``).
@@ -677,8 +679,21 @@ def load_image_folder(
     if max_per_class is not None and (isinstance(max_per_class, bool) or not isinstance(max_per_class, int)
                                       or max_per_class < 2):
         raise ValueError(f"`max_per_class` must be None or an int >= 2 (one image on each side), got {max_per_class!r}.")
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    def visible(path: str) -> bool:  # no hidden file or folder below root: macOS "._x.jpg", .ipynb_checkpoints
+        return not any(part.startswith(".") for part in Path(os.path.relpath(path, root)).parts)
+
+    class VisibleImageFolder(ImageFolder):
+        def find_classes(self, directory: str) -> Tuple[list, Dict[str, int]]:
+            classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and visible(entry.path))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
+
     try:
-        folder = ImageFolder(str(root))
+        folder = VisibleImageFolder(str(root), is_valid_file=lambda path: visible(path) and
+                                    has_file_allowed_extension(path, IMG_EXTENSIONS))
     except (FileNotFoundError, RuntimeError) as error:  # no class folders / no images
         raise ValueError(f"`root` {str(root)!r} holds no images in ImageFolder layout: {error}") from None
     by_class: Dict[int, list] = {}

@@ -175,6 +175,24 @@ def test_load_image_folder_errors(tmp_path, folder):
             load_image_folder(folder, max_per_class=cap)
 
 
+def test_hidden_files_and_folders_are_skipped(tmp_path):
+    """A Jupyter .ipynb_checkpoints folder was taken for a class (and refused as empty), a macOS
+    "._img0.png" resource fork was opened as a photo (PIL could not identify it)."""
+    root = _write_folder(tmp_path / "photos")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / "cat" / "._img0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "dog" / ".thumbnails").mkdir()
+    Image.new("RGB", (10, 10)).save(root / "dog" / ".thumbnails" / "img0.png")
+    split = load_image_folder(root, size=16, test_fraction=0.2, seed=0)
+    assert split.classes == CLASSES
+    assert len(split.train_labels) + len(split.test_labels) == 15
+    _identify(torch.cat([split.train_images, split.test_images]), torch.cat([split.train_labels, split.test_labels]))
+    (root / ".hidden_class").mkdir()
+    Image.new("RGB", (10, 10)).save(root / ".hidden_class" / "a.png")
+    Image.new("RGB", (10, 10)).save(root / ".hidden_class" / "b.png")
+    assert load_image_folder(root, size=16).classes == CLASSES
+
+
 @pytest.mark.skipif(not ANIMALFACES.is_dir(), reason="../shared/data/animalfaces10 is not there")
 def test_animalfaces10_loads_as_719_plus_179():
     split = load_image_folder(ANIMALFACES, size=64)

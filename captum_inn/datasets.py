@@ -631,6 +631,21 @@ class ImageFolderSplit:
     root: str
 
 
+def _load_rgb(path: str):
+    """The image at ``path`` as 8-bit RGB (PIL). 16-bit grayscale (PNG, TIFF, PGM: mode ``I;16…``, or
+    ``I`` in older Pillow) is scaled by 255/65535 first: PIL's own conversion, and so torchvision's
+    image loader, clips it at 255 (a mid grey turned white)."""
+    from PIL import Image
+
+    with open(path, "rb") as file:
+        image = Image.open(file)
+        image.load()
+    if image.mode.startswith("I"):
+        scaled = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))  # mode L
+    return image.convert("RGB")
+
+
 def load_image_folder(
     root: Union[str, os.PathLike],
     size: int = 64,
@@ -715,7 +730,7 @@ def load_image_folder(
             test_order, train_order = test_order[:kept], train_order[:max_per_class - kept]
         for side, chosen in (("test", test_order), ("train", train_order)):
             for i in chosen:
-                image = TF.pil_to_tensor(folder.loader(paths[i]).convert("RGB"))
+                image = TF.pil_to_tensor(_load_rgb(paths[i]))
                 image = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
                 images, labels = parts[side]
                 images.append(image)

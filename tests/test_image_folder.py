@@ -193,6 +193,20 @@ def test_hidden_files_and_folders_are_skipped(tmp_path):
     assert load_image_folder(root, size=16).classes == CLASSES
 
 
+def test_sixteen_bit_grayscale_keeps_its_grey_level(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grey at 255: a mid-grey 16-bit PNG loaded as white."""
+    root = _write_folder(tmp_path / "photos")
+    (root / "grey").mkdir()
+    for i, level in enumerate((16384, 32768, 65535)):
+        Image.fromarray(np.full((12, 20), level, dtype=np.uint16)).save(root / "grey" / f"g{i}.png")
+    assert Image.open(root / "grey" / "g1.png").mode.startswith("I")
+    split = load_image_folder(root, size=8, test_fraction=0.4, seed=0)
+    images = torch.cat([split.train_images, split.test_images])[torch.cat([split.train_labels, split.test_labels]) == 3]
+    levels = sorted(round(float(image.mean()) * 255) for image in images)
+    assert levels == [64, 128, 255]
+    assert all(float(image.std()) == 0.0 for image in images)
+
+
 @pytest.mark.skipif(not ANIMALFACES.is_dir(), reason="../shared/data/animalfaces10 is not there")
 def test_animalfaces10_loads_as_719_plus_179():
     split = load_image_folder(ANIMALFACES, size=64)

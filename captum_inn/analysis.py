@@ -174,6 +174,10 @@ def adversarial_views(
     # Captum's default loss is -log(output), meant for probabilities: on logits it reverses the
     # attack wherever the true class's logit is negative. The classifier gives logits: cross entropy.
     attack = FGSM(model, loss_func=_cross_entropy, lower_bound=lower_bound, upper_bound=upper_bound)
+    # FGSM steps by the gradient's sign, whatever its size; Captum leaves pixels whose gradient is
+    # below 1e-6 unchanged, which on a confident prediction (cross entropy's gradient ~ 1 − p) is
+    # every pixel: the attack skipped exactly the images a model is surest of.
+    attack.zero_thresh = 0.0
     # The whole analysis in eval mode (also the explainers' passes, which would otherwise warn).
     with eval_mode(model):
         adversarial = torch.cat([

@@ -171,6 +171,33 @@ def test_the_attack_follows_the_cross_entropy_of_the_logits(setup, images, label
     assert torch.equal(result.fooled, attacked.fooled)
 
 
+class Confident(nn.Module):
+    """The same classifier with its logits times 30: the same classes, predicted with p ≈ 1."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) * 30.0
+
+
+def test_the_attack_moves_confidently_classified_images(setup, images, labels):
+    """FGSM is x + ε·sign(∇loss) whatever the gradient's size; Captum's 1e-6 threshold left the
+    images a confident model classifies (tiny cross-entropy gradients) unattacked."""
+    model, judge, explainers = setup
+    confident = Confident(model).eval()
+    moved = {layer: LayerInvariance(confident, "model." + layer, e.inn, e.autoencoder) for layer, e in explainers.items()}
+    result = adversarial_views(confident, moved, images, labels, judge, epsilon=0.1)
+    x = images.clone().requires_grad_()
+    loss = nn.functional.cross_entropy(confident(x), labels, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.abs().flatten(1).amax(1).min() < 1e-6  # some images' whole gradient is below Captum's threshold
+    expected = (images + 0.1 * grad.sign()).clamp(0, 1)
+    assert torch.allclose(result.adversarial, expected, atol=1e-6)
+    assert (result.adversarial - images).abs().flatten(1).amax(1).min() > 0.09  # every image attacked
+
+
 def test_nothing_fooled_gives_nan(setup, images, labels):
     model, judge, explainers = setup
     all_wrong = (labels + torch.arange(1, N + 1)) % 10

@@ -146,8 +146,8 @@ def adversarial_views(
         labels: ``(N,)`` their true classes (the attack's target to move away from).
         judge: An independently trained classifier that names the class each view shows.
         epsilon: FGSM step size (in the units of the pixels).
-        lower_bound: Smallest pixel value of the attacked image.
-        upper_bound: Largest pixel value.
+        lower_bound: Smallest pixel value of the attacked image (``images`` must not go below it).
+        upper_bound: Largest pixel value (``images`` must not exceed it).
         batch_size: Images per pass.
 
     Returns:
@@ -170,6 +170,16 @@ def adversarial_views(
         raise TypeError(f"`judge` must be an nn.Module classifier, got {type(judge).__name__}.")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
         raise ValueError(f"`epsilon` must be a number > 0, got {epsilon!r}.")
+    for name, bound in (("lower_bound", lower_bound), ("upper_bound", upper_bound)):
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound != bound:
+            raise ValueError(f"`{name}` must be a number, got {bound!r}.")
+    if not lower_bound < upper_bound:
+        raise ValueError(f"`lower_bound` ({lower_bound}) must be below `upper_bound` ({upper_bound}).")
+    low, high = float(images.min()), float(images.max())
+    if low < lower_bound or high > upper_bound:  # FGSM clamps to the bounds: the "attack" would redraw the image
+        raise ValueError(f"`images` range over [{low:.3g}, {high:.3g}], outside [lower_bound, upper_bound] = "
+                         f"[{lower_bound}, {upper_bound}], to which the attacked images are clamped; pass the bounds "
+                         "of your pixels' range (and epsilon in those units).")
     batch = check_positive_int(batch_size, "batch_size")
     # Captum's default loss is -log(output), meant for probabilities: on logits it reverses the
     # attack wherever the true class's logit is negative. The classifier gives logits: cross entropy.

@@ -294,6 +294,19 @@ def test_adversarial_views_errors(setup, images, labels):
         call(explainers=foreign)
     with pytest.raises(ValueError, match="batch_size"):
         call(batch_size=0)
+    # images outside the pixel bounds were clamped into them: an epsilon of 0.01 moved pixels by 2
+    with pytest.raises(ValueError, match=r"`images` range over \[-2, 2\], outside \[lower_bound, upper_bound\]"):
+        call(images=(images - 0.5) / 0.25)
+    with pytest.raises(ValueError, match=r"`images` range over .*outside .* = \[0.0, 0.5\]"):
+        call(upper_bound=0.5)
+    with pytest.raises(ValueError, match=r"`lower_bound` \(1.0\) must be below `upper_bound` \(0.0\)"):
+        call(lower_bound=1.0, upper_bound=0.0)
+    for bad in (None, "0", float("nan")):
+        with pytest.raises(ValueError, match="`lower_bound` must be a number"):
+            call(lower_bound=bad)
+    with pytest.warns(UserWarning, match="the autoencoder decodes images in"):  # the views' own warning
+        wide = call(images=(images - 0.5) / 0.25, lower_bound=-2.0, upper_bound=2.0)  # the bounds of these pixels
+    assert (wide.adversarial - (images - 0.5) / 0.25).abs().max() <= 0.1 + 1e-5
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         call(images=images[0])
     with pytest.raises(TypeError, match=r"`images` must be one image tensor \(N, C, H, W\), got a tuple of 2 tensors"):

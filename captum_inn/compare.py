@@ -16,6 +16,7 @@ samples | concept bars.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,14 +91,26 @@ class Comparison:
     def save_figures(self, folder: Union[str, Path], class_names: Optional[Sequence[str]] = None,
                      prefix: str = "comparison", indices: Optional[Sequence[int]] = None,
                      n_strip: int = 6) -> List[str]:
-        """Write one PNG per input (``<prefix>_<index>.png``, samples shown: ``n_strip``) into
-        ``folder``; return the paths."""
+        """Write one PNG per input (``<prefix>_<index>.png``, samples shown: ``n_strip``; only the
+        inputs ``indices`` when given, all checked before any file is written) into ``folder``;
+        return the paths."""
         from captum_inn.visualization import save_figure
 
+        def whole(i: Any) -> Optional[int]:  # an int, numpy int or integer tensor of one element; else None
+            try:
+                return None if isinstance(i, bool) else operator.index(i)
+            except TypeError:
+                return None
+
+        given = list(range(len(self)) if indices is None else indices)
+        indices = [whole(i) for i in given]
+        bad = [g for g, i in zip(given, indices) if i is None or not 0 <= i < len(self)]
+        if bad:  # before any file is written, in the argument's own name
+            raise ValueError(f"`indices` must hold input indices in 0…{len(self) - 1}, got {bad[:5]}.")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        for i in range(len(self)) if indices is None else indices:
+        for i in indices:
             fig, _ = self.plot(i, class_names=class_names, n_strip=n_strip)
             paths.append(save_figure(fig, str(folder / f"{prefix}_{i}.png")))
         return paths

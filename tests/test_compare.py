@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -492,6 +493,12 @@ def test_save_figures_writes_pngs(with_concepts, tmp_path, no_show):
     assert len(only) == 1 and str(only[0]).endswith("comparison_1.png")
     narrow = with_concepts.save_figures(tmp_path / "narrow", indices=[1], n_strip=2)[0]
     assert Path(narrow).stat().st_size < Path(only[0]).stat().st_size  # fewer samples drawn
+    # a bad index was found only after the figures before it were written, named `index` (plot's argument)
+    for bad in ([0, 2], [-1], [0.0]):
+        with pytest.raises(ValueError, match=r"`indices` must hold input indices in 0…1, got \["):
+            with_concepts.save_figures(tmp_path / "bad", indices=bad)
+        assert not (tmp_path / "bad").exists() and plt.get_fignums() == []
+    assert len(with_concepts.save_figures(tmp_path / "np", indices=[np.int64(1), torch.tensor(0)])) == 2
 
 
 def test_plot_errors(with_concepts, no_show):

@@ -646,6 +646,38 @@ def _load_rgb(path: str):
     return image.convert("RGB")
 
 
+def _find_images(root: Union[str, os.PathLike], name: str = "root") -> Tuple[Tuple[str, ...], Dict[int, list]]:
+    """The class names and ``{class index: image paths}`` of an ImageFolder-layout folder, without
+    reading an image (hidden files and folders skipped); a ``ValueError`` naming ``name`` for a
+    folder without class folders or images, or a class with fewer than two images."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    def visible(path: str) -> bool:  # no hidden file or folder below root: macOS "._x.jpg", .ipynb_checkpoints
+        return not any(part.startswith(".") for part in Path(os.path.relpath(path, root)).parts)
+
+    class VisibleImageFolder(ImageFolder):
+        def find_classes(self, directory: str) -> Tuple[list, Dict[str, int]]:
+            classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and visible(entry.path))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {cls: i for i, cls in enumerate(classes)}
+
+    try:
+        folder = VisibleImageFolder(str(root), is_valid_file=lambda path: visible(path) and
+                                    has_file_allowed_extension(path, IMG_EXTENSIONS))
+    except (FileNotFoundError, RuntimeError) as error:  # no class folders / no images
+        raise ValueError(f"`{name}` {str(root)!r} holds no images in ImageFolder layout: {error}") from None
+    by_class: Dict[int, list] = {}
+    for path, label in folder.samples:
+        by_class.setdefault(label, []).append(path)
+    for label in sorted(by_class):
+        if len(by_class[label]) < 2:
+            raise ValueError(f"class {folder.classes[label]!r} in `{name}` has {len(by_class[label])} image; each "
+                             "class needs >= 2.")
+    return tuple(folder.classes), by_class
+
+
 def load_image_folder(
     root: Union[str, os.PathLike],
     size: int = 64,
@@ -677,7 +709,6 @@ def load_image_folder(
         >>> split.train_images.shape, len(split.classes)                   # doctest: +SKIP
         (torch.Size([719, 3, 64, 64]), 10)
     """
-    from torchvision.datasets import ImageFolder
     from torchvision.transforms import functional as TF
 
     if not os.path.isdir(root):
@@ -694,32 +725,11 @@ def load_image_folder(
     if max_per_class is not None and (isinstance(max_per_class, bool) or not isinstance(max_per_class, int)
                                       or max_per_class < 2):
         raise ValueError(f"`max_per_class` must be None or an int >= 2 (one image on each side), got {max_per_class!r}.")
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-
-    def visible(path: str) -> bool:  # no hidden file or folder below root: macOS "._x.jpg", .ipynb_checkpoints
-        return not any(part.startswith(".") for part in Path(os.path.relpath(path, root)).parts)
-
-    class VisibleImageFolder(ImageFolder):
-        def find_classes(self, directory: str) -> Tuple[list, Dict[str, int]]:
-            classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and visible(entry.path))
-            if not classes:
-                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
-            return classes, {name: i for i, name in enumerate(classes)}
-
-    try:
-        folder = VisibleImageFolder(str(root), is_valid_file=lambda path: visible(path) and
-                                    has_file_allowed_extension(path, IMG_EXTENSIONS))
-    except (FileNotFoundError, RuntimeError) as error:  # no class folders / no images
-        raise ValueError(f"`root` {str(root)!r} holds no images in ImageFolder layout: {error}") from None
-    by_class: Dict[int, list] = {}
-    for path, label in folder.samples:
-        by_class.setdefault(label, []).append(path)
+    classes, by_class = _find_images(root)
     generator = torch.Generator().manual_seed(int(seed))
     parts = {"train": ([], []), "test": ([], [])}
     for label in sorted(by_class):
         paths = by_class[label]
-        if len(paths) < 2:
-            raise ValueError(f"class {folder.classes[label]!r} in `root` has {len(paths)} image; each class needs >= 2.")
         order = torch.randperm(len(paths), generator=generator).tolist()
         # the held-out photos are a prefix of the class's order whatever max_per_class is, so a
         # model trained on a smaller split never meets its training photos in a larger split's test
@@ -742,4 +752,4 @@ def load_image_folder(
 
     train_x, train_y = stack("train")
     test_x, test_y = stack("test")
-    return ImageFolderSplit(train_x, train_y, test_x, test_y, tuple(folder.classes), str(root))
+    return ImageFolderSplit(train_x, train_y, test_x, test_y, classes, str(root))

@@ -133,14 +133,36 @@ def test_cli_refuses_concepts_with_the_photo_demo(tmp_path, capsys, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no report folder
 
 
+def test_cli_refuses_a_photo_folder_without_the_layout_before_any_work(tmp_path, capsys, monkeypatch):
+    """An empty folder, or a class with one photo, failed with a traceback after the report folder was made."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    assert main(["demo", "--quick", "--images", "photos"]) == 2
+    assert "captum-inn demo: error: `images` 'photos' holds no images in ImageFolder layout" in capsys.readouterr().err
+    for name, count in (("cat", 2), ("dog", 1)):
+        (tmp_path / "photos" / name).mkdir()
+        for i in range(count):
+            Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name / f"{i}.png")
+    assert main(["demo", "--quick", "--images", "photos"]) == 2
+    assert "class 'dog' in `images` has 1 image; each class needs >= 2" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no report folder
+
+
 def test_cli_out_given_is_always_taken(tmp_path, monkeypatch, capsys):
     """--out defaults to each demo's own folder, and an --out given is honoured, even the other
     demo's default name."""
+    from PIL import Image
+
     import captum_inn.demo
     import captum_inn.photo_demo
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "photos").mkdir()
+    for name in ("cat", "dog"):  # the CLI checks the layout before any work
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name / f"{i}.png")
     written = []
 
     def fake_run(*args, out, **kwargs):  # records the folder, writes what main reads back

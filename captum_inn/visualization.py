@@ -411,6 +411,11 @@ def plot_comparison(
     n = comparison.inputs.shape[0]
     if not 0 <= index < n:
         raise ValueError(f"`index` must be in 0…{n - 1}, got {index}.")
+    if class_names is not None:
+        largest = max(int(comparison.targets.max()), int(comparison.predictions.max()))
+        if len(class_names) <= largest:
+            raise ValueError(f"`class_names` has {len(class_names)} names, but class {largest} is shown; give one "
+                             "name per class of the model's output.")
     strip = min(int(n_strip), comparison.samples.shape[1])
     has_concepts = comparison.concept_scores is not None
     columns = 4 + strip + (1 if has_concepts else 0)
@@ -422,11 +427,6 @@ def plot_comparison(
     def name(k: int) -> str:
         return class_names[k] if class_names is not None else str(k)
 
-    if class_names is not None:
-        largest = max(int(comparison.targets.max()), int(comparison.predictions.max()))
-        if len(class_names) <= largest:
-            raise ValueError(f"`class_names` has {len(class_names)} names, but class {largest} is shown; give one "
-                             "name per class of the model's output.")
     image = comparison.inputs[index]
     target, predicted = int(comparison.targets[index]), int(comparison.predictions[index])
     _show(axes[0], image)

@@ -505,8 +505,10 @@ def test_plot_errors(with_concepts, no_show):
     with pytest.raises(ValueError, match="index"):
         with_concepts.plot(2)
     shown = max(int(with_concepts.targets.max()), int(with_concepts.predictions.max()))
+    plt.close("all")
     with pytest.raises(ValueError, match=f"`class_names` has {shown} names, but class {shown} is shown"):
         with_concepts.plot(0, class_names=[str(k) for k in range(shown)])
+    assert plt.get_fignums() == []  # refused before a figure was opened (one was left open)
     with pytest.raises(ValueError, match="same number of images"):
         plot_image_grid({"a": torch.rand(2, 3, 8, 8), "b": torch.rand(3, 3, 8, 8)})
     with pytest.raises(ValueError, match="captions"):

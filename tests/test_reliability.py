@@ -120,6 +120,36 @@ def test_kill_during_checkpoint_writes_leaves_a_whole_checkpoint(tmp_path, delay
     assert not list(tmp_path.glob(".probe.safetensors.*.tmp"))
 
 
+
+def test_a_checkpoint_write_removes_only_its_own_stale_temporaries(tmp_path, monkeypatch):
+    """The clean-up glob was built from the raw file name: ``a[b]`` matched ``ab``'s temporaries and
+    ``*`` every checkpoint's; and a second writer of the same path removed the first one's
+    temporary mid-write (its rename then failed)."""
+    from captum_inn.training import save_checkpoint
+
+    others = [tmp_path / ".ab.safetensors.0123456789abcdef.tmp", tmp_path / ".zz.safetensors.0123456789abcdef.tmp"]
+    own = tmp_path / ".a[b].safetensors.0123456789abcdef.tmp"  # left by a killed writer
+    for stale in (*others, own):
+        stale.write_bytes(b"partial")
+    for name in ("a[b].safetensors", "*.safetensors", "?.safetensors"):
+        save_checkpoint(tmp_path / name, {"w": torch.ones(2)}, {"kind": "probe"})
+    assert all(p.exists() for p in others) and not own.exists()
+    if os.name != "posix":
+        return
+    real_fsync, second = os.fsync, []
+
+    def fsync_then_second_writer(fd):  # a second writer of the same path runs while the first is mid-write
+        real_fsync(fd)
+        if not second:
+            second.append("started")
+            save_checkpoint(tmp_path / "same.safetensors", {"w": torch.zeros(2)}, {"kind": "probe"})
+
+    monkeypatch.setattr(os, "fsync", fsync_then_second_writer)
+    save_checkpoint(tmp_path / "same.safetensors", {"w": torch.ones(2)}, {"kind": "probe"})
+    monkeypatch.undo()
+    assert second and torch.equal(load_checkpoint(tmp_path / "same.safetensors", kind="probe")[0]["w"], torch.ones(2))
+    assert not list(tmp_path.glob(".same.safetensors.*.tmp"))
+
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     module = torch.nn.Linear(3, 1)
     calls = {"n": 0}

@@ -9,6 +9,7 @@ file, so a crash mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import secrets
@@ -19,6 +20,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+
+try:
+    import fcntl
+except ImportError:  # Windows: a file another process holds open cannot be deleted there anyway
+    fcntl = None
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "check_checkpoint_path"]
 
@@ -74,18 +80,17 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
             payload[k] = v.clone()
         storages.add(v.untyped_storage().data_ptr())
     blob = save(payload, metadata={_META_KEY: json.dumps(document)})
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed mid-write
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    # created with mode 0666 less the umask, like any other file the user writes (mkstemp would give 0600)
-    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    _remove_stale_temporaries(path)
+    tmp, fd = _new_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:  # renamed while open, so still locked: no other writer's clean-up removes it
+                os.replace(tmp, path)
+        if fcntl is None:  # Windows renames only closed files
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -99,6 +104,43 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
     except OSError:  # some file systems cannot fsync a directory; the data itself is synced
         pass
     return path
+
+
+def _temporaries(path: Path) -> str:
+    """The glob of ``path``'s temporary files: its name escaped (``[``, ``*``, ``?`` are literal) and
+    exactly the 16 hex digits that :func:`_new_temporary` adds, so no other file's temporaries match."""
+    return f".{glob.escape(path.name)}.{'[0-9a-f]' * 16}.tmp"
+
+
+def _new_temporary(path: Path) -> Tuple[str, int]:
+    """A fresh temporary file beside ``path``: its name and a descriptor open for writing, locked
+    (``flock``) where the platform has it, so that a concurrent writer's clean-up sees it is alive."""
+    while True:
+        # created with mode 0666 less the umask, like any other file the user writes (mkstemp would give 0600)
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if fcntl is None:
+            return tmp, fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            return tmp, fd
+        os.close(fd)  # another writer's clean-up removed it before the lock was taken: take another
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of ``path`` that writers killed mid-write left behind; those a live
+    writer holds (locked, or open on Windows) stay."""
+    for stale in path.parent.glob(_temporaries(path)):
+        with contextlib.suppress(OSError):
+            if fcntl is None:
+                stale.unlink()
+                continue
+            fd = os.open(stale, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer is alive
+                stale.unlink()
+            finally:
+                os.close(fd)
 
 
 def check_checkpoint_path(path: PathLike, name: str = "checkpoint") -> Path:

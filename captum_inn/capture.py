@@ -48,8 +48,12 @@ Selector = Union[None, int, str, Callable[[Any], Tensor]]
 _HOW_TO_LIST = "list all names with [n for n, _ in model.named_modules()]"
 
 
-class _StopForward(Exception):
+class _StopForward(BaseException):
     """Raised from a hook to abort the rest of a forward pass (``stop_early=True``).
+
+    A ``BaseException``, like ``GeneratorExit``: a forward's ``except Exception`` fallback must not
+    catch it. One that catches it anyway (a bare ``except:``) cannot change the captured values:
+    once raised, later calls of the hooked layers in that pass store nothing and raise it again.
 
     It carries the :class:`LayerHooks` that raised it so that only that instance swallows it; a
     nested ``LayerHooks`` never silences another one's signal. A multi-GPU ``nn.DataParallel``
@@ -386,6 +390,7 @@ class LayerHooks:
         self.stop_early = stop_early
         self.calls: Dict[str, int] = {}
         self._values: Dict[str, Tensor] = {}
+        self._stopped = False  # the early-stop signal was raised in this forward pass
         self._handles: List[RemovableHandle] = []
         self._flags: List[Tuple[nn.Module, bool]] = []
         self._active = False
@@ -459,9 +464,12 @@ class LayerHooks:
         if self.clone:
             # Clone now: an in-place op later in the forward pass would overwrite the storage.
             value = value.clone()
+        if self._stopped:  # the model caught the signal and ran on: keep the first values, stop again
+            raise _StopForward(self)
         self._values[name] = value
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.stop_early and len(self._values) == len(self.names):
+            self._stopped = True
             raise _StopForward(self)
 
     # -- reading ----------------------------------------------------------------------------
@@ -492,6 +500,7 @@ class LayerHooks:
         """Forget captured values and call counts (done automatically at each call of model)."""
         self._values = {}
         self.calls = {}
+        self._stopped = False
 
     def missing(self) -> List[str]:
         """Return the hooked layer names that have not produced a value yet."""

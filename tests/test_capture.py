@@ -426,6 +426,29 @@ def test_layer_hooks_stop_early_in_with_block_is_swallowed():
     assert_no_hooks(model)
 
 
+
+@pytest.mark.parametrize("caught", [Exception, BaseException], ids=["except Exception", "bare except"])
+def test_a_forward_that_catches_the_stop_signal_cannot_change_the_captured_value(caught):
+    """A try/except fallback in forward swallowed the early-stop signal (an Exception) and ran on; a
+    later call of the hooked module then stored a value the model never computes unstopped."""
+
+    class Fallback(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            try:
+                h = self.block(x)
+            except caught:
+                h = 2 * x  # a fallback path
+            return self.head(self.block(h))  # the block reused
+
+    model, x = Fallback(), torch.randn(3, 4)
+    assert torch.equal(capture(model, "block", x), model.block(x))  # stop_early: the first call's value
+    assert torch.equal(capture(model, "block", x, stop_early=False), model.block(model.block(x)))
+    assert_no_hooks(model)
+
 @pytest.mark.parametrize("wrapper", [nn.DataParallel, Replicating], ids=["DataParallel", "replicating"])
 def test_a_data_parallel_model_is_read_by_its_names_in_one_unreplicated_pass(cnn, x, wrapper):
     """Capture passes run a DataParallel's .module (names still resolve in the wrapper,

@@ -234,7 +234,7 @@ def compare_attributions(
             like ``inputs`` (one baseline per input) or ``(1, C, H, W)`` (one for all), on the
             inputs' device and of their dtype.
         concept_steps: Integrated Gradients steps of the concept scores (``LayerConcepts.attribute``'s
-            ``n_steps``; its default 512 keeps the completeness gap small through ReLU kinks).
+            ``n_steps``, >= 2; its default 512 keeps the completeness gap small through ReLU kinks).
         internal_batch_size: The most rows any method sends through a network at once (IG's
             interpolation steps, decoded samples, Grad-CAM and concept passes); ``None``: all at
             once. Results do not depend on it.
@@ -279,7 +279,8 @@ def compare_attributions(
     n = images.shape[0]
     batch = n if internal_batch_size is None else check_positive_int(internal_batch_size, "internal_batch_size")
     check_positive_int(ig_steps, "ig_steps")
-    check_positive_int(concept_steps, "concept_steps")
+    if check_positive_int(concept_steps, "concept_steps") < 2:  # refused now, not after the other methods ran
+        raise ValueError(f"`concept_steps` must be >= 2 (the concept attributions' trapezoid rule), got {concept_steps}.")
     if check_positive_int(n_samples, "n_samples") < 2:
         raise ValueError(f"`n_samples` must be >= 2 for an invariance map (their spread), got {n_samples}.")
     _check_baselines(ig_baselines, images)

@@ -220,6 +220,8 @@ def test_completeness_gaps_are_the_methods_own(setup, x):
     assert torch.allclose(result.concept_delta, delta, atol=1e-5) and result.concept_delta.shape == (x.shape[0],)
     with pytest.raises(ValueError, match="`concept_steps` must be >= 1"):
         compare_attributions(model, x, explainer, concepts=concepts, concept_steps=0, **FAST)
+    with pytest.raises(ValueError, match="`concept_steps` must be >= 2"):  # was Captum's bare assert, at the end
+        compare_attributions(model, x, explainer, concepts=concepts, concept_steps=1, **FAST)
 
 
 def test_concept_scores_do_not_depend_on_internal_batch_size(setup, x):

@@ -596,6 +596,7 @@ def test_a_bound_forward_runs_the_model_in_eval_mode_and_a_plain_function_warns(
     (lambda ex, x: ex.attribute(x, target=0, internal_batch_size="8"), TypeError, "`internal_batch_size` must be an int"),
     (lambda ex, x: ex.attribute(x, target=0, internal_batch_size=0), ValueError, "`internal_batch_size` must be >= 1"),
     (lambda ex, x: ex.attribute(x, target=0, n_steps="4"), TypeError, "`n_steps` must be an int"),
+    (lambda ex, x: ex.attribute(x, target=0, n_steps=1), ValueError, "`n_steps` must be >= 2 for method='riemann_trapezoid'"),
 ])
 def test_layer_concepts_bad_input(code_setup, call, error, match):
     model, ae, e, _ = code_setup

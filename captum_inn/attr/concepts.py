@@ -681,7 +681,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             n_steps: Integration steps. The path runs through the decoder and the model, whose ReLUs
                 put kinks on it; Gauss–Legendre quadrature is erratic there (50 steps left up to
                 2.6% completeness error on ColorDigits, 200 steps still 2.6%), so the default is
-                512 trapezoid steps (at most 0.4%).
+                512 trapezoid steps (at most 0.4%). The Riemann methods need at least 2.
             method: Captum's integration method.
             internal_batch_size: Path points per forward pass (``None``: all at once, which for
                 512 steps can need gigabytes).
@@ -706,6 +706,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         from captum.attr import IntegratedGradients
 
         n_steps = check_positive_int(n_steps, "n_steps")  # Captum would fail comparing a str with an int
+        if n_steps < 2 and str(method).startswith("riemann"):  # Captum would fail a bare assert
+            raise ValueError(f"`n_steps` must be >= 2 for method={method!r} (a Riemann sum over a path), got {n_steps}.")
         if internal_batch_size is not None:
             internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         inputs = format_inputs(inputs, self.image_input)

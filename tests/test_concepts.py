@@ -709,6 +709,29 @@ def test_snapshots_and_concept_dynamics(tmp_path):
         "attribute_to_layer_input"] is True
 
 
+def test_concept_dynamics_refuses_a_concept_inn_of_other_codes_before_any_fit(monkeypatch):
+    """A concept INN fitted on a layer, or with another autoencoder, was refused by LayerConcepts only
+    after the first checkpoint's features were cached and its invariance INN fitted."""
+    import captum_inn.training.dynamics as dynamics
+    from captum_inn.training import fit_concepts
+
+    torch.manual_seed(0)
+    model, images, labels = VectorModel().eval(), torch.rand(32, 3, 8, 8), torch.randint(4, (32,))
+    ae, other = (ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval() for _ in range(2))
+    pairs = [ConceptPairs.from_labels("digit", images, labels)]
+    tiny = dict(steps=2, pool_size=32, n_blocks=1, hidden=8, progress=False)
+    on_layer, on_other_codes = fit_concepts((model, "hidden"), pairs, **tiny), fit_concepts(other, pairs, **tiny)
+
+    def never(*args, **kwargs):
+        raise AssertionError("cached features before refusing")
+
+    monkeypatch.setattr(dynamics, "cache_features", never)
+    kw = dict(steps=2, n_blocks=1, hidden=8, n_samples=2, progress=False)
+    with pytest.raises(ValueError, match="fitted on layer 'hidden' of a model, not on autoencoder codes"):
+        dynamics.concept_dynamics({"0": model}, "hidden", ae, on_layer, images, images[:4], **kw)
+    with pytest.raises(ValueError, match="`concept_inn` was fitted with another `autoencoder`"):
+        dynamics.concept_dynamics({"0": model}, "hidden", ae, on_other_codes, images, images[:4], **kw)
+
 def test_concept_dynamics_keeps_the_seed_of_its_config(monkeypatch):
     """``config=InvarianceConfig(seed=3)`` fits with seed 3 (the default ``seed`` replaced it by 0);
     an explicit ``seed=`` still wins."""

@@ -84,6 +84,31 @@ class EncodedShares(dict):
 _CODE, _LAYER = "autoencoder_code", "layer"
 
 
+def _check_code_autoencoder(concept_inn: FactorINN, autoencoder: Any) -> None:
+    """``ValueError`` unless ``concept_inn`` acts on codes of ``autoencoder``, the one it was fitted with.
+
+    Raises:
+        ValueError: ``concept_inn`` was fitted on a layer, or ``autoencoder`` is missing, of another
+            code size, or has other weights than the one ``concept_inn`` was fitted with.
+    """
+    representation = (getattr(concept_inn, "fit_info", None) or {}).get("representation", {"kind": _CODE})
+    if representation.get("kind", _CODE) != _CODE:
+        raise ValueError(
+            f"`concept_inn` was fitted on layer {representation.get('layer')!r} of a model, not on autoencoder codes; "
+            "fit it on the codes: fit_concepts(autoencoder, concepts)."
+        )
+    if autoencoder is None:
+        raise ValueError("`autoencoder` is needed: `concept_inn` acts on autoencoder codes.")
+    check_autoencoder(autoencoder)
+    latent = getattr(autoencoder, "latent_dim", None)
+    if latent is not None and int(latent) != concept_inn.dim:
+        raise ValueError(
+            f"`concept_inn` acts on codes of size {concept_inn.dim}, but `autoencoder` has "
+            f"latent_dim={latent}; pass the autoencoder it was fitted with."
+        )
+    check_same_weights(autoencoder, representation.get("weights"), "concept_inn", "autoencoder")
+
+
 class LayerConcepts(LayerAttribution, GradientAttribution):
     r"""Named concepts of a representation, found by the factor INN ``e`` (Esser et al., 2020).
 
@@ -170,16 +195,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             if isinstance(forward_func, nn.Module):
                 check_same_weights(forward_func, representation.get("weights"), "concept_inn", "forward_func")
         else:
-            if autoencoder is None:
-                raise ValueError("`autoencoder` is needed: `concept_inn` acts on autoencoder codes.")
-            check_autoencoder(autoencoder)
-            latent = getattr(autoencoder, "latent_dim", None)
-            if latent is not None and int(latent) != concept_inn.dim:
-                raise ValueError(
-                    f"`concept_inn` acts on codes of size {concept_inn.dim}, but `autoencoder` has "
-                    f"latent_dim={latent}; pass the autoencoder it was fitted with."
-                )
-            check_same_weights(autoencoder, representation.get("weights"), "concept_inn", "autoencoder")
+            _check_code_autoencoder(concept_inn, autoencoder)
         if invariance_inn is not None:
             if not isinstance(invariance_inn, ConditionalINN):
                 raise TypeError(f"`invariance_inn` must be a ConditionalINN, got {type(invariance_inn).__name__}.")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn.attr._common import as_device, check_module_device, weights_fingerprint
-from captum_inn.attr.concepts import LayerConcepts
+from captum_inn.attr.concepts import LayerConcepts, _check_code_autoencoder
 from captum_inn.capture import capture, resolve_layer
 from captum_inn.inn import FactorINN
 from captum_inn.training.autoencoder import images_as_tensor
@@ -213,6 +213,7 @@ def concept_dynamics(
     seeded = {} if seed is None else {"seed": seed}  # without one, config's seed stands
     config = merged_config(InvarianceConfig, config, {**seeded, **overrides})  # unknown settings: refused now
     check_module_device(concept_inn, device, "concept_inn")  # the autoencoder is checked by cache_features
+    _check_code_autoencoder(concept_inn, autoencoder)  # refused now, not after the first checkpoint's INN fit
     eval_inputs = images_as_tensor(eval_inputs).to(device)
     base: Optional[FeatureCache] = None
     read = {"attribute_to_layer_input": bool(attribute_to_layer_input), "selector": selector}

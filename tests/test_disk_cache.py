@@ -67,6 +67,29 @@ def test_writer_refuses_wrong_rows_and_leaves_no_partial_file(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+
+def test_two_writers_of_one_file_each_write_their_own_rows(tmp_path):
+    """Writers shared one fixed temporary name: a second pass into the folder truncated and wrote into
+    the first one's file, which then held the second pass's header and rows (and the second's close
+    failed). A file longer than its header says was accepted; a killed writer's temporary stays
+    until the next writer of that file."""
+    path = tmp_path / "a.npy"
+    first, second = DiskArrayWriter(path, 2, (2,)), DiskArrayWriter(path, 4, (2,))
+    first.append(torch.ones(2, 2))
+    second.append(torch.full((4, 2), 2.0))
+    first.close()
+    assert torch.equal(DiskArray(path)[:], torch.ones(2, 2))
+    second.close()
+    assert torch.equal(DiskArray(path)[:], torch.full((4, 2), 2.0))
+    blob = path.read_bytes()
+    (tmp_path / "long.npy").write_bytes(blob + blob[-8:])
+    with pytest.raises(ValueError, match="longer than its header says"):
+        DiskArray(tmp_path / "long.npy")
+    (tmp_path / ".a.npy.0123456789abcdef.tmp").write_bytes(b"partial")  # left by a killed pass
+    with DiskArrayWriter(path, 1, (2,)) as writer:
+        writer.append(torch.zeros(1, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "long.npy"]
+
 def test_disk_cache_equals_memory_cache(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     memory = cache_features(model, LAYERS, autoencoder, images, batch_size=16, progress=False)

@@ -25,6 +25,7 @@ try:
     import fcntl
 except ImportError:  # Windows: a file another process holds open cannot be deleted there anyway
     fcntl = None
+_LOCKING = fcntl is not None  # a temporary file is renamed while still open (and locked)
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "check_checkpoint_path"]
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from captum_inn.training.checkpoint import _LOCKING, _new_temporary, _remove_stale_temporaries
+
 __all__ = ["DiskArray", "DiskArrayWriter", "iter_rows", "read_manifest", "write_manifest"]
 
 _DTYPE = np.dtype("<f4")
@@ -61,8 +63,9 @@ class DiskArray:
         self._row_shape = tuple(shape[1:])
         self._row_bytes = int(np.prod(self._row_shape, dtype=np.int64)) * _DTYPE.itemsize
         expected = self._offset + self._row_bytes * shape[0]
-        if self.path.stat().st_size < expected:
-            raise ValueError(f"{str(self.path)!r} is truncated: {self.path.stat().st_size} bytes, "
+        if self.path.stat().st_size != expected:
+            state = "truncated" if self.path.stat().st_size < expected else "longer than its header says"
+            raise ValueError(f"{str(self.path)!r} is {state}: {self.path.stat().st_size} bytes, "
                              f"{expected} expected for shape {shape}. Recompute it.")
         self._file = open(self.path, "rb", buffering=0)
         self._lock = threading.Lock()  # seek + read must not interleave between threads
@@ -126,7 +129,7 @@ class DiskArray:
 class DiskArrayWriter:
     """Write a float32 ``.npy`` file row block by row block (the rows never sit in memory together).
 
-    The file is written under a temporary name and renamed when :meth:`close` finds all rows
+    The file is written under a temporary name of its own and renamed when :meth:`close` finds all rows
     written, so a half-written array is never mistaken for a complete one.
 
     Args:
@@ -148,8 +151,10 @@ class DiskArrayWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.n_rows, self.row_shape, self.written = int(n_rows), tuple(int(s) for s in row_shape), 0
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self._file = open(self._tmp, "wb")
+        _remove_stale_temporaries(self.path)  # left by a pass that was killed
+        # its own temporary file (locked while written): another pass into the folder cannot write into it
+        tmp, fd = _new_temporary(self.path)
+        self._tmp, self._file = Path(tmp), os.fdopen(fd, "wb")
         header = {"descr": np.lib.format.dtype_to_descr(_DTYPE), "fortran_order": False,
                   "shape": (self.n_rows, *self.row_shape)}
         np.lib.format.write_array_header_2_0(self._file, header)
@@ -169,11 +174,14 @@ class DiskArrayWriter:
             return self.path
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
         if self.written != self.n_rows:
-            self._tmp.unlink(missing_ok=True)
+            self.abort()
             raise ValueError(f"{str(self.path)!r}: {self.written} rows written, {self.n_rows} announced.")
-        os.replace(self._tmp, self.path)
+        if _LOCKING:  # renamed while open, so still locked: no other pass's clean-up removes it
+            os.replace(self._tmp, self.path)
+        self._file.close()
+        if not _LOCKING:  # Windows renames only closed files
+            os.replace(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:

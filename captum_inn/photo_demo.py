@@ -39,6 +39,7 @@ from captum_inn.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     module_tensors,
+    read_header,
     save_checkpoint,
     strip_prefix,
 )
@@ -231,16 +232,21 @@ def run_photo_demo(
     mirrored = torch.cat([x_train, x_train.flip(-1)])  # a ResNet is nearly mirror-invariant: twice the data
     _stage(f"autoencoder (latent {settings.latent_dim}, {settings.ae_steps} steps, perceptual loss at "
            f"{', '.join(settings.perceptual_layers)})", start)
+    ae_path = out / "checkpoints" / "autoencoder.safetensors"
     def autoencoder(resume: bool):
         return fit_autoencoder(mirrored, latent_dim=settings.latent_dim, width=settings.ae_width,
                                steps=settings.ae_steps, kl_weight=settings.kl_weight, seed=seed, device=device,
                                progress=progress, perceptual_model=model, perceptual_layers=settings.perceptual_layers,
                                perceptual_weight=settings.perceptual_weight,
                                augment=Jitter(settings.size // 16, seed=seed),
-                               checkpoint=str(out / "checkpoints" / "autoencoder.safetensors"), resume=resume)
+                               checkpoint=str(ae_path), resume=resume)
 
-    try:  # a rerun continues the last run's autoencoder, if it was fitted with this ResNet and these photos
-        ae = autoencoder(resume=loaded)
+    # a rerun continues the last run's autoencoder, if it was fitted with this ResNet and these photos
+    # for as many steps (a resume may train longer, but on a cosine schedule that a fresh fit of
+    # ae_steps does not follow; and it refuses a checkpoint beyond ae_steps)
+    header = read_header(ae_path)
+    try:
+        ae = autoencoder(resume=loaded and header is not None and header.get("steps") == settings.ae_steps)
     except CheckpointError as error:  # other settings, photos or ResNet: start afresh, as for the ResNet
         _stage(f"  the last run's autoencoder does not fit this run, fitting afresh: {error}", start)
         ae = autoencoder(resume=False)

@@ -38,3 +38,42 @@ def test_resnet_is_reused_only_with_the_same_recipe_photos_and_threads(tmp_path,
         assert not _resnet(path, _photos(1), 2, one_step, 0, "cpu", False)[1]
     finally:
         torch.set_num_threads(threads)
+
+
+class _StopAfterAutoencoder(Exception):
+    pass
+
+
+def test_autoencoder_is_continued_only_for_the_same_steps(tmp_path, monkeypatch):
+    """A rerun with other ``ae_steps`` (same ResNet) fits its autoencoder afresh: resuming failed with a
+    ValueError for fewer steps, and for more continued the last run's fit on its cosine schedule, unlike
+    a fresh run."""
+    from PIL import Image
+
+    import captum_inn.photo_demo as photo_demo
+    from captum_inn.training import load_checkpoint
+
+    generator = torch.Generator().manual_seed(0)
+    for name in ("cat", "dog"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(5):
+            pixels = (torch.rand(16, 16, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "photos" / name / f"{i}.png")
+
+    def stop(*args, **kwargs):  # the autoencoder is fitted and saved: skip the INNs and the report
+        raise _StopAfterAutoencoder
+
+    monkeypatch.setattr(photo_demo, "cache_features", stop)
+    tiny = dataclasses.replace(PhotoDemoSettings(), size=16, cnn_steps=1, ae_steps=4, ae_width=8, latent_dim=8)
+
+    def history(out, ae_steps):
+        with pytest.raises(_StopAfterAutoencoder):
+            photo_demo.run_photo_demo(tmp_path / "photos", out=tmp_path / out,
+                                      settings=dataclasses.replace(tiny, ae_steps=ae_steps), progress=False)
+        return load_checkpoint(str(tmp_path / out / "checkpoints" / "autoencoder.safetensors"))[1]["history"]
+
+    first = history("rerun", 4)
+    assert history("rerun", 4) == first  # the same settings: the finished fit is taken as it is
+    # a fresh fit of 2 steps is the first 2 of the 4-step fit (its rate changes only after the first step)
+    assert history("rerun", 2) == first[:2]
+    assert history("rerun", 6) == history("fresh", 6)

@@ -275,7 +275,8 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
 def report_folder(out: Union[str, Path], device: Union[str, torch.device],
                   images: Optional[Union[str, Path]] = None) -> Path:
     """:func:`check_report_arguments`, then create ``out/figures`` and ``out/checkpoints`` (a run
-    refused by the checks leaves no empty folder behind).
+    refused by the checks leaves no empty folder behind) and remove an earlier run's ``index.html``
+    and ``metrics.json``: a run that fails leaves no report that looks complete.
 
     Examples::
 
@@ -284,7 +285,17 @@ def report_folder(out: Union[str, Path], device: Union[str, torch.device],
     out = check_report_arguments(out, device, images)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
+    for name in ("index.html", "metrics.json"):
+        (out / name).unlink(missing_ok=True)
     return out
+
+
+def write_report_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file, then a rename): a run killed while
+    writing leaves no truncated ``metrics.json`` or ``index.html``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _colours(data: ColorDigits) -> torch.Tensor:
@@ -468,9 +479,9 @@ def run_demo(
     bounds = QUICK_BOUNDS if quick else BOUNDS
     metrics["bounds"] = bounds
     metrics["failures"] = check_metrics(metrics, bounds)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_report_file(out / "metrics.json", json.dumps(metrics, indent=2))
     index = out / "index.html"
-    index.write_text(_html(metrics, figures))
+    write_report_file(index, _html(metrics, figures))
     _stage(f"reconstruction agreement {reconstruction_agreement:.3f}; report: {index}", start)
     return index
 

@@ -26,7 +26,7 @@ from captum_inn.attr import LayerInvariance
 from captum_inn.capture import capture
 from captum_inn.compare import compare_attributions
 from captum_inn.datasets import load_image_folder
-from captum_inn.demo import _stage, report_folder
+from captum_inn.demo import _stage, report_folder, write_report_file
 from captum_inn.metrics import prediction_agreement, reencode_similarity, variance_explained_by_v
 from captum_inn.training import (
     cache_features,
@@ -325,9 +325,9 @@ def run_photo_demo(
         "bounds": bounds,
     }
     metrics["failures"] = check_photo_metrics(metrics, bounds)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_report_file(out / "metrics.json", json.dumps(metrics, indent=2))
     index = out / "index.html"
-    index.write_text(_html(metrics, figures))
+    write_report_file(index, _html(metrics, figures))
     _stage(f"report: {index}", start)
     return index
 

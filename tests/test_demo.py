@@ -190,3 +190,27 @@ def test_layer_steps_factor_scales_inn_steps(report):
     checkpoints = report.parent / "checkpoints"
     steps = {n: load_checkpoint(str(checkpoints / f"invariance_{n}.safetensors"))[1]["fit_info"]["steps"] for n in ("fc", "logits")}
     assert steps == {"fc": TINY.inn_steps, "logits": round(TINY.inn_steps * 4 / 3)}
+
+
+def test_a_failed_rerun_leaves_no_report_that_looks_complete(tmp_path, monkeypatch):
+    """The last run's index.html and metrics.json went on standing beside a failed run's new
+    checkpoints and figures, a report that looked complete; the CLI's --check read it back."""
+    import captum_inn.demo
+    import captum_inn.photo_demo
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(captum_inn.demo, "fit_classifier", fail)
+    monkeypatch.setattr(captum_inn.photo_demo, "load_image_folder", fail)
+    (tmp_path / "photos").mkdir()
+    for name, run in (("demo", lambda out: run_demo(out=out, settings=TINY, progress=False)),
+                      ("photo", lambda out: captum_inn.photo_demo.run_photo_demo(tmp_path / "photos", out=out,
+                                                                                 progress=False))):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "index.html").write_text("<html>the last run</html>")
+        (out / "metrics.json").write_text(json.dumps({"failures": []}))
+        with pytest.raises(RuntimeError, match="interrupted"):
+            run(out)
+        assert not (out / "index.html").exists() and not (out / "metrics.json").exists()

@@ -151,8 +151,9 @@ def _resnet(path: Path, train: Tuple[torch.Tensor, torch.Tensor], n_classes: int
     """Load the ResNet-18 of an earlier run with the same recipe, or train and save one.
 
     The recipe holds everything a fresh training would depend on: the settings, the seed, the
-    training photos (:func:`images_fingerprint`) and the number of torch threads (another thread
-    count takes another floating-point path and so trains another ResNet).
+    training photos (:func:`images_fingerprint`), the kind of device and the number of torch
+    threads (another device or thread count takes another floating-point path and so trains
+    another ResNet).
     """
     from torchvision.models import resnet18
 
@@ -161,7 +162,8 @@ def _resnet(path: Path, train: Tuple[torch.Tensor, torch.Tensor], n_classes: int
     recipe = {"class": "torchvision.models.resnet18", "num_classes": n_classes, "steps": settings.cnn_steps,
               "lr": settings.cnn_lr, "weight_decay": settings.cnn_weight_decay, "size": settings.size,
               "max_per_class": settings.max_per_class, "seed": seed, "n_train": int(train[0].shape[0]),
-              "images": images_fingerprint(train[0]), "threads": torch.get_num_threads()}
+              "images": images_fingerprint(train[0]), "threads": torch.get_num_threads(),
+              "device": torch.device(device).type}
     if path.exists():
         try:
             tensors, meta = load_checkpoint(path, kind="classifier")

@@ -77,3 +77,17 @@ def test_autoencoder_is_continued_only_for_the_same_steps(tmp_path, monkeypatch)
     # a fresh fit of 2 steps is the first 2 of the 4-step fit (its rate changes only after the first step)
     assert history("rerun", 2) == first[:2]
     assert history("rerun", 6) == history("fresh", 6)
+
+
+def test_resnet_of_another_device_is_not_reused(tmp_path, one_step):
+    """A GPU trains another ResNet than the CPU (another floating-point path, as another thread
+    count): a CPU rerun after a run with --device cuda reused the GPU's ResNet and continued its autoencoder."""
+    from captum_inn.training import load_checkpoint, save_checkpoint
+
+    path, photos = tmp_path / "resnet18.safetensors", _photos(0)
+    _resnet(path, photos, 2, one_step, 0, "cpu", False)
+    tensors, meta = load_checkpoint(path, kind="classifier")
+    assert meta["config"]["device"] == "cpu"
+    save_checkpoint(path, tensors, {"kind": "classifier", "config": {**meta["config"], "device": "cuda"}})
+    assert not _resnet(path, photos, 2, one_step, 0, "cpu", False)[1]
+    assert _resnet(path, photos, 2, one_step, 0, "cpu", False)[1]

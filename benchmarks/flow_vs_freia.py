@@ -66,7 +66,7 @@ if str(HERE) not in sys.path:
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from measure import alternate, device, threads  # noqa: E402
+from measure import alternate, device, positive_int, threads  # noqa: E402
 
 DIM, COND, HIDDEN, DEPTH, CLAMP, BATCH = 128, 128, 512, 2, 1.0, 256
 BLOCKS = (8, 20)
@@ -301,9 +301,9 @@ def bench_flow_step_vs_freia(repeats: int, chunk: int = 20, steps: int = 300,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed chunks per flow (default 5)")
-    parser.add_argument("--chunk", type=int, default=20, help="training steps per timed chunk")
-    parser.add_argument("--steps", type=int, default=300, help="training steps for the NLL comparison")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed chunks per flow (default 5)")
+    parser.add_argument("--chunk", type=positive_int, default=20, help="training steps per timed chunk")
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps for the NLL comparison")
     parser.add_argument("--blocks", type=int, nargs="*", default=list(BLOCKS))
     args = parser.parse_args(argv)
     torch.set_num_threads(threads())

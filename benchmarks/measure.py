@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import statistics
@@ -92,3 +93,14 @@ def child_env(**extra: str) -> Dict[str, str]:
 def threads() -> int:
     """Torch threads of every measurement (``BENCH_THREADS``, default: all cores)."""
     return int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1)))
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type for counts (``--repeats``, ``--chunk``, ``--steps``): an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value

@@ -35,6 +35,7 @@ from measure import (
     device,
     peak_gpu_mib,
     peak_rss_mib,
+    positive_int,
     reset_peak,
     reset_peak_gpu,
     rss_mib,
@@ -210,7 +211,7 @@ def environment() -> Dict[str, Any]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=list(COMPARISONS), help="run only these comparisons")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method (default 5)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per method (default 5)")
     parser.add_argument("--device", default="cpu", help="torch device of every measurement, e.g. cuda (default cpu)")
     parser.add_argument("--out", help="results file (default results.json, or results_cuda.json on a GPU)")
     parser.add_argument("--probe", nargs=2, metavar=("SETUP", "METHOD"), help=argparse.SUPPRESS)

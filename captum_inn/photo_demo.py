@@ -393,7 +393,7 @@ td:first-child{{text-align:left}}img{{max-width:100%;display:block;margin:0.5em 
 scratch reaches {metrics['classifier_test_accuracy']:.1%} held-out accuracy. The autoencoder's
 reconstructions keep its prediction for {metrics['reconstruction_agreement']:.1%} of the held-out photos.</p>
 <h2>One pipeline: where the evidence is, and what the layer ignores</h2>
-<p>Per photo: Grad-CAM at the last feature map and Integrated Gradients (50 steps, black baseline)
+<p>Per photo: Grad-CAM at <code>layer3</code> and Integrated Gradients (50 steps, black baseline)
 for the predicted class show <i>where</i> the evidence is; the invariance map and the samples at
 <code>fc</code> show <i>what</i> the logits ignore — everything that varies across the samples.</p>
 {comparisons}

@@ -730,7 +730,7 @@ foreground and background colours from the invariances v or from the activation 
 layer's representation of the attacked image is decoded with the clean image's invariances, and an
 independent judge names the digit it shows. The judge reads the digit's shape from colour
 distances, so the attack's pixel pattern, aimed at the CNN, barely moves it: it names the true digit
-of {metrics['adversarial']['judge_on_attacked_images']:.1%} of the attacked images themselves.</p>
+of {metrics['adversarial']['judge_on_attacked_images']:.1%} of the attacked images that fool the CNN.</p>
 <table><tr><th>layer</th><th>judged as the adversarial class</th><th>judged as the original class</th></tr>
 {"".join(f"<tr><td>{html.escape(n)}</td><td>{v['judged_adversarial']:.3f}</td><td>{v['judged_original']:.3f}</td></tr>"
          for n, v in metrics['adversarial']['layers'].items())}</table>

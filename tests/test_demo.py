@@ -214,3 +214,21 @@ def test_a_failed_rerun_leaves_no_report_that_looks_complete(tmp_path, monkeypat
         with pytest.raises(RuntimeError, match="interrupted"):
             run(out)
         assert not (out / "index.html").exists() and not (out / "metrics.json").exists()
+
+
+def test_report_says_over_which_images_the_judge_reads_the_attacks():
+    """``judge_on_attacked_images`` is the share of the attacks that fool the CNN (analysis.adversarial_views);
+    the page called it a share of all the attacked images."""
+    from captum_inn.demo import _html
+
+    layer = {"shape": [1], "agreement": 0.5, "agreement_random_condition": 0.1, "judge_agreement": 0.5,
+             "variance_explained_by_v": 0.5, "colour_r2_from_v": 0.5, "colour_r2_from_z": 0.1,
+             "reencode_beats_null": 0.9}
+    metrics = {"layers": {name: layer for name in LAYERS}, "cnn_test_accuracy": 0.9, "n_eval_images": 10,
+               "n_samples": 3, "reconstruction_agreement": 0.9, "timings_s": {},
+               "adversarial": {"epsilon": 0.03, "fooled_rate": 0.4, "judge_on_attacked_images": 0.885,
+                               "layers": {name: {"judged_adversarial": 0.5, "judged_original": 0.5} for name in LAYERS}}}
+    figures = {"depth": "figures/by_depth.png", "maps": "figures/invariance_maps.png", "adversarial": "figures/adversarial.png",
+               "mixing": "figures/mixing.png", **{f"samples_{n}": f"figures/samples_{n}.png" for n in LAYERS}}
+    page = " ".join(_html(metrics, figures).split())
+    assert "names the true digit of 88.5% of the attacked images that fool the CNN" in page

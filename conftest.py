@@ -3,6 +3,11 @@
 import pytest
 import torch
 
+# Every test and docstring example runs torch on one thread: beside other work (another pytest
+# worker, a notebook) two threads run several times slower. The test files say so too, but a
+# single file run alone (or a docstring example) would otherwise get torch's default.
+torch.set_num_threads(1)
+
 # the `images` and `autoencoder` fixtures of the training tests (tests/ is on the pythonpath)
 pytest_plugins = ["helpers_training"]
 

@@ -179,9 +179,8 @@ def _check_baselines(baselines: Any, images: Tensor) -> None:
                         "ig_baselines.to(inputs.dtype).")
 
 
-def _check_gradcam_layer(model: nn.Module, name: str, module: nn.Module, example: Tensor) -> None:
-    """Grad-CAM weighs the channels of an ``(N, C, H, W)`` map; refuse other layers by name (Captum
-    would fail inside its upsampling with a message about spatial dimensions)."""
+def _outputs(model: nn.Module, module: nn.Module, example: Tensor) -> List[Any]:
+    """The outputs of every call of ``module`` in one forward pass of ``model`` on ``example``."""
     seen: List[Any] = []
     handle = module.register_forward_hook(lambda _m, _a, output: seen.append(output))
     try:
@@ -189,6 +188,23 @@ def _check_gradcam_layer(model: nn.Module, name: str, module: nn.Module, example
             model(example)
     finally:
         handle.remove()
+    return seen
+
+
+def _warn_reused(name: str, calls: int) -> None:
+    warnings.warn(
+        f"Grad-CAM layer {name!r} runs {calls} times in one forward pass, and Captum's LayerGradCam reads its "
+        "last call (the explainers read its first); pass gradcam_layer= a module that runs once (for "
+        "torchvision's BasicBlock, the block, e.g. 'layer3.1', rather than its reused 'layer3.1.relu').",
+        UserWarning, stacklevel=3,
+    )
+
+
+def _check_gradcam_layer(model: nn.Module, name: str, module: nn.Module, example: Tensor) -> None:
+    """Grad-CAM weighs the channels of an ``(N, C, H, W)`` map; refuse other layers by name (Captum
+    would fail inside its upsampling with a message about spatial dimensions). A module that runs
+    more than once is read by Captum at its last call: warn."""
+    seen = _outputs(model, module, example)
     output = seen[0] if seen else None
     if not (isinstance(output, Tensor) and output.dim() == 4):
         got = (f"activations of shape {tuple(output.shape[1:])} per image" if isinstance(output, Tensor)
@@ -198,6 +214,8 @@ def _check_gradcam_layer(model: nn.Module, name: str, module: nn.Module, example
             "Pass a convolutional layer (for a vision transformer its patch embedding, e.g. 'conv_proj'), or "
             "leave gradcam_layer=None to use the last one with a spatial map."
         )
+    if len(seen) > 1:
+        _warn_reused(name, len(seen))
 
 
 def compare_attributions(
@@ -225,8 +243,9 @@ def compare_attributions(
         target: The explained class: ``None`` (each input's predicted class), an int for all,
             or ``(N,)`` classes.
         gradcam_layer: Layer for Grad-CAM (module or dotted name). Default: the invariance layer
-            if its output is a feature map (read without a selector, not at its input), else
-            :func:`last_spatial_layer` (``layer4`` of a ResNet).
+            if its output is a feature map (read without a selector, not at its input, from a module
+            that runs once per forward pass), else :func:`last_spatial_layer` (``layer4`` of a
+            ResNet). A given module that runs several times warns: Captum reads its last call.
         concepts: Optional :class:`~captum_inn.LayerConcepts` whose scores are added.
         n_samples: Invariance samples per input (``>= 2``; the map is their spread).
         ig_steps: Integrated Gradients steps.
@@ -292,10 +311,12 @@ def compare_attributions(
     with eval_mode(model):
         chosen = gradcam_layer is None
         if chosen:  # the invariance layer where Grad-CAM can read it: its output, a map of more than one cell
+            # from a module that runs once (Captum reads a reused module's last call, the explainers its first)
             readable = invariance.selector is None and not invariance.attribute_to_layer_input
             z = invariance._activation((images[:1],), None) if readable else None
-            gradcam_layer = invariance.layer_name if z is not None and z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
-                else last_spatial_layer(model, images)
+            readable = z is not None and z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
+                and len(_outputs(model, invariance.layer, images[:1])) == 1
+            gradcam_layer = invariance.layer_name if readable else last_spatial_layer(model, images)
         gradcam_name, gradcam_module = resolve_layer(model, gradcam_layer)
         if not chosen:
             _check_gradcam_layer(model, gradcam_name, gradcam_module, images[:1])

@@ -617,3 +617,24 @@ def test_ig_baseline_of_one_image_broadcasts(setup, x):
     full = compare_attributions(model, x, explainer, target=1, ig_baselines=grey.expand_as(x).clone(),
                                 generator=_gen(), **FAST)
     assert torch.allclose(one.integrated_gradients, full.integrated_gradients, atol=1e-6)
+
+
+def test_grad_cam_is_not_read_from_a_reused_module_at_another_call_than_the_invariance():
+    """torchvision's BasicBlock calls its ``relu`` twice. The explainers read ``"layer3.1.relu"`` at
+    its first call (inside the block); Captum's LayerGradCam at its last (the block's output). The
+    default Grad-CAM layer must not be that module under its name (the two maps would be of
+    different activations); a given one warns."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.rand(2, 3, 64, 64)
+    inn = random_conditional_inn((256, 4, 4))
+    autoencoder = ConvAutoencoder((3, 64, 64), latent_dim=inn.dim).eval()
+    explainer = LayerInvariance(model, "layer3.1.relu", inn, autoencoder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # layer4 at 64 px is coarse
+        result = compare_attributions(model, x, explainer, generator=_gen(), **FAST)
+    assert result.gradcam_layer != "layer3.1.relu"
+    assert result.gradcam_layer == last_spatial_layer(model, x)
+    with pytest.warns(UserWarning, match=r"'layer3.1.relu' runs 2 times.*last call.*'layer3.1'"):
+        compare_attributions(model, x, explainer, gradcam_layer="layer3.1.relu", generator=_gen(), **FAST)
+    assert_no_hooks(model)

@@ -263,8 +263,9 @@ def compare_attributions(
         A :class:`Comparison`; every map has the input's spatial size.
 
     Raises:
-        TypeError: ``model``, ``invariance``, ``concepts`` or ``ig_baselines`` of the wrong type, or
-            an ``ig_baselines`` tensor of another dtype than ``inputs``.
+        TypeError: ``model``, ``invariance``, ``concepts`` or ``ig_baselines`` of the wrong type, a
+            model whose output is not ``(N, K)`` logits (a dict, a tuple: wrap it), or an
+            ``ig_baselines`` tensor of another dtype than ``inputs``.
         ValueError: explainers built for another model, ``n_samples`` < 2, a ``target`` of the
             wrong shape or outside the classes, ``ig_baselines`` of the wrong shape or device, a
             model without a spatial layer for Grad-CAM (pass ``gradcam_layer``).
@@ -285,7 +286,7 @@ def compare_attributions(
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}; {_WRAP}")
     if not isinstance(invariance, LayerInvariance):
         raise TypeError(f"`invariance` must be a captum_inn.LayerInvariance, got {type(invariance).__name__}.")
     if invariance.forward_func is not model:
@@ -303,8 +304,9 @@ def compare_attributions(
     if check_positive_int(n_samples, "n_samples") < 2:
         raise ValueError(f"`n_samples` must be >= 2 for an invariance map (their spread), got {n_samples}.")
     _check_baselines(ig_baselines, images)
+    classes = _classes(model, images)
     predictions = predict_classes(model, images, batch)
-    targets = _targets(target, predictions, model, images)
+    targets = _targets(target, predictions, classes)
 
     # Everything below runs in eval mode, like the explainers' own calls: Captum's passes would
     # otherwise run the model as it is (batch statistics, updated running statistics).
@@ -382,7 +384,24 @@ def compare_attributions(
     )
 
 
-def _targets(target: Any, predictions: Tensor, model: nn.Module, images: Tensor) -> Tensor:
+_WRAP = ("Grad-CAM and Integrated Gradients need a model that returns the logits: wrap it, e.g. an nn.Module "
+         "whose forward returns model(x)['logits'], and build the LayerInvariance on that wrapper (its layer "
+         "names take the attribute's prefix, 'model.features.4').")
+
+
+def _classes(model: nn.Module, images: Tensor) -> int:
+    """The number of classes, from the model's ``(N, K)`` output on one image; another output (a dict,
+    a tuple) is a ``TypeError`` that says how to wrap the model (Captum would fail inside)."""
+    with torch.no_grad(), eval_mode(model):
+        output = model(images[:1])
+    if not isinstance(output, Tensor) or output.dim() != 2:
+        got = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor)
+               else f"a {type(output).__name__}" + (f" with keys {list(output)}" if isinstance(output, dict) else ""))
+        raise TypeError(f"`model` must return (N, K) logits, but it returns {got}. {_WRAP}")
+    return output.shape[1]
+
+
+def _targets(target: Any, predictions: Tensor, classes: int) -> Tensor:
     n = predictions.shape[0]
     if target is None:
         return predictions
@@ -399,8 +418,6 @@ def _targets(target: Any, predictions: Tensor, model: nn.Module, images: Tensor)
             raise ValueError(f"`target` must be None, an int or {n} class indices (one per input), got shape "
                              f"{tuple(targets.shape)}.")
         targets = targets.long()
-    with torch.no_grad(), eval_mode(model):
-        classes = model(images[:1]).shape[1]
     if targets.min() < 0 or targets.max() >= classes:
         raise ValueError(f"`target` holds classes outside 0…{classes - 1}: {sorted(set(targets.tolist()))[:10]}.")
     return targets

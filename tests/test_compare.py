@@ -638,3 +638,24 @@ def test_grad_cam_is_not_read_from_a_reused_module_at_another_call_than_the_inva
     with pytest.warns(UserWarning, match=r"'layer3.1.relu' runs 2 times.*last call.*'layer3.1'"):
         compare_attributions(model, x, explainer, gradcam_layer="layer3.1.relu", generator=_gen(), **FAST)
     assert_no_hooks(model)
+
+
+def test_a_model_without_logits_is_refused_with_the_wrapper_to_write(setup, x):
+    """A model returning a dict (or a plain function) cannot go to Grad-CAM and IG as it is; the error
+    says so and how to wrap it, not ``pass selector=`` (which compare_attributions does not take)."""
+
+    class Heads(nn.Module):
+        def __init__(self, cnn):
+            super().__init__()
+            self.cnn = cnn
+
+        def forward(self, images):
+            return {"logits": self.cnn(images), "aux": images.mean((1, 2, 3))}
+
+    heads = Heads(setup[0]).eval()
+    explainer = LayerInvariance(heads, "cnn.cnn.logits", setup[2]["cnn.logits"], setup[1])
+    with pytest.raises(TypeError, match=r"returns a dict with keys \['logits', 'aux'\].*wrap it"):
+        compare_attributions(heads, x, explainer, generator=_gen(), **FAST)
+    assert_no_hooks(heads)
+    with pytest.raises(TypeError, match=r"got function; .*wrap it"):
+        compare_attributions(lambda images: heads(images)["logits"], x, explainer, generator=_gen(), **FAST)

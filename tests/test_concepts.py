@@ -468,6 +468,32 @@ def test_attribute_is_complete(code_setup):
         explainer.attribute(x, 0.0, 2)
 
 
+def test_a_model_returning_a_dict_is_refused_with_the_forward_func_to_pass(code_setup):
+    """A ``{"logits": ..., "aux": ...}`` model: IG picks the target from a tensor, so the error says to
+    pass a forward_func returning the logits (Captum failed with ``'dict' object has no attribute
+    'shape'``); the lambda it suggests then gives the wrapped model's scores."""
+    model, ae, e, _ = code_setup
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, images):
+            return {"logits": self.net(images), "aux": images.mean((1, 2, 3))}
+
+    heads = Heads().eval()
+    x = torch.rand(3, 3, 8, 8)
+    explainer = LayerConcepts(heads, "net.hidden", e, ae)
+    with pytest.raises(TypeError, match=r"returns a dict with keys \['logits', 'aux'\].*model\(x\)\['logits'\]"):
+        explainer.attribute(x, target=1, n_steps=8)
+    with pytest.raises(TypeError, match="returns a dict"):
+        explainer.compute_convergence_delta(torch.zeros(3, 3), None, x, target=1)
+    assert_no_hooks(heads)
+    scores = LayerConcepts(lambda t: heads(t)["logits"], heads.net.hidden, e, ae).attribute(x, target=1, n_steps=8)
+    assert torch.allclose(scores, LayerConcepts(model, "hidden", e, ae).attribute(x, target=1, n_steps=8))
+
+
 def test_a_scalar_tensor_baseline_is_the_number_it_holds(code_setup):
     """0-d tensors of any real dtype, as Captum's baselines may be (torch.tensor(0) is an int64)."""
     model, ae, e, _ = code_setup

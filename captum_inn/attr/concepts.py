@@ -42,6 +42,19 @@ from captum_inn.inn import ConditionalINN, FactorINN
 __all__ = ["LayerConcepts", "EncodedShares"]
 
 
+def _output_tensor(output: Any) -> Tensor:
+    """``forward_func``'s output where Integrated Gradients picks a target from it: a tensor. A dict,
+    tuple or dataclass is a ``TypeError`` naming the fix (Captum would fail on ``output.shape``)."""
+    if isinstance(output, Tensor):
+        return output
+    keys = f" with keys {list(output)}" if isinstance(output, dict) else ""
+    raise TypeError(
+        f"`forward_func` returns a {type(output).__name__}{keys}, but concept attributions pick `target` from a "
+        "tensor: pass a forward_func that returns the logits, e.g. lambda x: model(x)['logits'] with the layer "
+        "given as a module, or an nn.Module wrapper (its layer names take the attribute's prefix)."
+    )
+
+
 class EncodedShares(dict):
     """``{concept: mean share}`` over inputs, with each mean's standard error alongside.
 
@@ -660,8 +673,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         if not isinstance(attributions, Tensor) or attributions.shape[0] != end.shape[0]:
             raise ValueError(f"`attributions` must be a tensor with one row per input ({end.shape[0]}).")
         with torch.no_grad():
-            change = [_select_targets(self._forward_from_factors(f, inputs, additional_forward_args), target)
-                      for f in (start, end)]
+            change = [_select_targets(_output_tensor(self._forward_from_factors(f, inputs, additional_forward_args)),
+                                      target) for f in (start, end)]
         total = attributions.reshape(end.shape[0], -1).sum(1)
         return total - (change[1] - change[0]).reshape(end.shape[0], -1).sum(1).to(total)
 
@@ -745,7 +758,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
 
         def through_factors(factors: Tensor, *rest: Any) -> Any:
             model_inputs, model_extra = rest[: len(inputs)], rest[len(inputs):]
-            return self._forward_from_factors(factors, tuple(model_inputs), model_extra or None, attribute_to_layer_input)
+            return _output_tensor(self._forward_from_factors(factors, tuple(model_inputs), model_extra or None,
+                                                             attribute_to_layer_input))
 
         try:
             # eval mode over the backward passes too (a model with activation checkpointing reruns its forward)

@@ -196,7 +196,7 @@ def _warn_reused(name: str, calls: int) -> None:
         f"Grad-CAM layer {name!r} runs {calls} times in one forward pass, and Captum's LayerGradCam reads its "
         "last call (the explainers read its first); pass gradcam_layer= a module that runs once (for "
         "torchvision's BasicBlock, the block, e.g. 'layer3.1', rather than its reused 'layer3.1.relu').",
-        UserWarning, stacklevel=3,
+        UserWarning, stacklevel=4,  # the caller of compare_attributions
     )
 
 

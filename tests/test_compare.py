@@ -635,8 +635,9 @@ def test_grad_cam_is_not_read_from_a_reused_module_at_another_call_than_the_inva
         result = compare_attributions(model, x, explainer, generator=_gen(), **FAST)
     assert result.gradcam_layer != "layer3.1.relu"
     assert result.gradcam_layer == last_spatial_layer(model, x)
-    with pytest.warns(UserWarning, match=r"'layer3.1.relu' runs 2 times.*last call.*'layer3.1'"):
+    with pytest.warns(UserWarning, match=r"'layer3.1.relu' runs 2 times.*last call.*'layer3.1'") as caught:
         compare_attributions(model, x, explainer, gradcam_layer="layer3.1.relu", generator=_gen(), **FAST)
+    assert [w.filename for w in caught if "runs 2 times" in str(w.message)] == [__file__]  # the caller's line
     assert_no_hooks(model)
 
 

@@ -758,19 +758,27 @@ def test_concept_dynamics_refuses_a_concept_inn_of_other_codes_before_any_fit(mo
     with pytest.raises(ValueError, match="`concept_inn` was fitted with another `autoencoder`"):
         dynamics.concept_dynamics({"0": model}, "hidden", ae, on_other_codes, images, images[:4], **kw)
 
-def test_concept_dynamics_keeps_the_seed_of_its_config(monkeypatch):
+@pytest.fixture
+def dynamics_fits(monkeypatch):
+    """The keyword arguments of every ``fit_invariances`` call that ``concept_dynamics`` makes."""
+    import captum_inn.training.dynamics as dynamics
+
+    calls, fit = [], dynamics.fit_invariances
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(dynamics, "fit_invariances", spy)
+    return calls
+
+
+def test_concept_dynamics_keeps_the_seed_of_its_config(dynamics_fits):
     """``config=InvarianceConfig(seed=3)`` fits with seed 3 (the default ``seed`` replaced it by 0);
     an explicit ``seed=`` still wins."""
     import captum_inn.training.dynamics as dynamics
     from captum_inn.training import InvarianceConfig
 
-    seeds, fit = [], dynamics.fit_invariances
-
-    def spy(*args, **kwargs):
-        seeds.append(kwargs["config"].seed)
-        return fit(*args, **kwargs)
-
-    monkeypatch.setattr(dynamics, "fit_invariances", spy)
     torch.manual_seed(0)
     model, images = VectorModel().eval(), torch.rand(32, 3, 8, 8)
     ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
@@ -782,10 +790,10 @@ def test_concept_dynamics_keeps_the_seed_of_its_config(monkeypatch):
     dynamics.concept_dynamics({"0": model}, "hidden", ae, e.eval(), images, images[:4], config=config, seed=5, **kw)
     dynamics.concept_dynamics({"0": model}, "hidden", ae, e.eval(), images, images[:4], steps=2, n_blocks=1,
                               hidden=16, **kw)
-    assert seeds == [3, 5, 0]
+    assert [fit["config"].seed for fit in dynamics_fits] == [3, 5, 0]
 
 
-def test_concept_dynamics_caches_each_layer_beside_the_codes_of_its_own_images(monkeypatch):
+def test_concept_dynamics_caches_each_layer_beside_the_codes_of_its_own_images(dynamics_fits):
     """A shuffling DataLoader gives each checkpoint's pass another order: the codes of the first pass
     were reused beside later passes' activations, pairing each activation with another image's code."""
     import copy
@@ -794,13 +802,6 @@ def test_concept_dynamics_caches_each_layer_beside_the_codes_of_its_own_images(m
 
     import captum_inn.training.dynamics as dynamics
 
-    caches, fit = [], dynamics.fit_invariances
-
-    def spy(*args, **kwargs):
-        caches.append(kwargs["cache"])
-        return fit(*args, **kwargs)
-
-    monkeypatch.setattr(dynamics, "fit_invariances", spy)
     torch.manual_seed(0)
     model, images = VectorModel().eval(), torch.rand(48, 3, 8, 8)
     ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
@@ -810,7 +811,7 @@ def test_concept_dynamics_caches_each_layer_beside_the_codes_of_its_own_images(m
     twins = {"0": model, "1": copy.deepcopy(model)}  # the same weights: the same (activation, code) rows
     dynamics.concept_dynamics(twins, "hidden", ae, e.eval(), loader, images[:4], steps=2, n_blocks=1, hidden=16,
                               n_samples=2, progress=False)
-    first, second = caches
+    first, second = (fit["cache"] for fit in dynamics_fits)
     same_image = torch.cdist(second.code_mean.float(), first.code_mean.float()).argmin(1)
     assert torch.allclose(second.layers["hidden"], first.layers["hidden"][same_image], atol=1e-6)
 

@@ -177,7 +177,9 @@ def _warn_if_constant(conditions: Tensor, name: str) -> None:
         warnings.warn(
             f"Layer {name!r} gives almost the same activations for every image (largest spread across images "
             f"{spread:.1e} of their mean size): its invariance maps will say it ignores everything. Check that "
-            "the model is trained and the images are what it expects (size, normalisation).",
+            "the model is trained, its batch norms' running statistics too (torchvision's MobileNetV3 and "
+            "EfficientNet update them with momentum 0.01, so a short training leaves them near their start), "
+            "and that the images are what it expects (size, normalisation).",
             UserWarning, stacklevel=6,  # the caller of fit_invariances
         )
 

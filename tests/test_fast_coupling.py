@@ -169,3 +169,15 @@ def test_forward_mode_ad_takes_the_module_path(module_path):
     with fwAD.dual_level():
         y, _ = flow(x, fwAD.make_dual(c, torch.ones_like(c)))
         assert fwAD.unpack_dual(y).tangent is not None
+
+
+def test_empty_batch_takes_the_module_path():
+    """An empty batch backpropagates as on the module path (oneDNN's weight-gradient product of
+    an empty batch failed, so only CPUs taking the fast path raised)."""
+    coupling = AffineCoupling(4, hidden=8, cond_dim=2)
+    _randomise(coupling)
+    x = torch.randn(0, 4, requires_grad=True)
+    y, logdet = coupling(x, torch.randn(0, 2))
+    (y.sum() + logdet.sum()).backward()
+    assert x.grad.shape == (0, 4)
+    assert all(p.grad is not None and not p.grad.any() for p in coupling.parameters())

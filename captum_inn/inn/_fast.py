@@ -118,6 +118,8 @@ def _usable(x: Tensor, c: Optional[Tensor], plan) -> bool:
         return False
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
+    if x.shape[0] == 0:  # oneDNN's weight-gradient product has no primitive for an empty batch
+        return False
     if c is not None and (c.dtype != torch.float32 or c.device.type != "cpu"):
         return False
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks

@@ -284,6 +284,9 @@ def test_conditional_inn_sampling_is_reproducible_and_checks_temperature():
     assert torch.equal(a, b) and a.shape == (6, 4)
     with pytest.raises(ValueError, match="temperature"):
         t.sample(c, 0.0)
+    for bad in (float("inf"), float("nan")):  # inf gave inf and NaN codes
+        with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
+            t.sample(c, bad)
 
 
 def test_condition_statistics_standardise_the_input():

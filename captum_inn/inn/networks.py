@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -183,14 +184,15 @@ class ConditionalINN(InvertibleModule):
 
         Args:
             c: ``(N, *cond_shape)`` activations.
-            temperature: Scale of ``v``; ``> 0``.
+            temperature: Scale of ``v``; finite and ``> 0``.
             generator: Optional ``torch.Generator`` for reproducible samples.
 
         Returns:
             ``(N, dim)`` codes.
         """
-        if not temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+        # finite too: an infinite temperature gave codes of inf and NaN without a word
+        if not (math.isfinite(float(temperature)) and temperature > 0):
+            raise ValueError(f"`temperature` must be a finite number > 0, got {temperature}.")
         v = normal((c.shape[0], self.dim), generator, c.device, self.dtype)
         return self(v * temperature, c, rev=True, jac=False)[0]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,7 +47,7 @@ from captum_inn.training.checkpoint import module_tensors, save_checkpoint
 from captum_inn.training.classifier import Jitter, accuracy, fit_classifier
 from captum_inn.training.dynamics import Snapshots, concept_dynamics
 
-__all__ = ["DemoSettings", "LAYERS", "BOUNDS", "QUICK_BOUNDS", "check_metrics", "run_demo"]
+__all__ = ["DemoSettings", "LAYERS", "BOUNDS", "QUICK_BOUNDS", "check_metrics", "report_json", "run_demo"]
 
 #: The analysed layers from the input side on (early conv, late conv, fully connected, logits).
 LAYERS = ("relu1", "relu3", "fc", "logits")
@@ -109,10 +110,12 @@ def check_metrics(metrics: Dict[str, Any], bounds: Dict[str, float] = None) -> l
     failures = []
 
     def at_least(value: float, bound_key: str, what: str) -> None:
+        value = _number(value)
         if bound_key in bounds and not value >= bounds[bound_key]:
             failures.append(f"{what} {value:.3f} < {bounds[bound_key]}")
 
     def at_most(value: float, bound_key: str, what: str) -> None:
+        value = _number(value)
         if bound_key in bounds and not value <= bounds[bound_key]:
             failures.append(f"{what} {value:.3f} > {bounds[bound_key]}")
 
@@ -124,7 +127,7 @@ def check_metrics(metrics: Dict[str, Any], bounds: Dict[str, float] = None) -> l
                 f"{ordered[-1]} agreement with a random condition")
         at_least(top["colour_r2_from_v"], "logits_colour_r2_from_v_min", f"{ordered[-1]} colour R² from v")
         at_most(top["colour_r2_from_z"], "logits_colour_r2_from_z_max", f"{ordered[-1]} colour R² from z")
-        ratio = top["variance_explained_by_v"] / max(early["variance_explained_by_v"], 1e-12)
+        ratio = _number(top["variance_explained_by_v"]) / max(_number(early["variance_explained_by_v"]), 1e-12)
         at_least(ratio, "variance_explained_ratio_logits_to_early_min",
                  f"variance explained by v, {ordered[-1]} / {ordered[0]}")
         for name in ordered[:-1]:
@@ -154,12 +157,18 @@ def check_metrics(metrics: Dict[str, Any], bounds: Dict[str, float] = None) -> l
     return failures
 
 
+def _number(value: Any) -> float:
+    """A metric as a float: ``metrics.json`` holds NaN and infinite values as ``null`` (:func:`report_json`)."""
+    return float("nan") if value is None else value
+
+
 def _dynamics_failures(dynamics: list, early_accuracy_max: float) -> list:
     """The digit's encoded share must rise and the background's fall from an early checkpoint to the last."""
     early = [point for point in dynamics[:-1] if point["accuracy"] is not None and point["accuracy"] <= early_accuracy_max]
     if not early:
         return [f"training dynamics: no checkpoint with test accuracy <= {early_accuracy_max}"]
-    first, last = early[0]["encoded"], dynamics[-1]["encoded"]
+    first = {k: _number(v) for k, v in early[0]["encoded"].items()}
+    last = {k: _number(v) for k, v in dynamics[-1]["encoded"].items()}
     failures = []
     if not last["digit"] > first["digit"]:
         failures.append(f"training dynamics: digit share did not rise ({first['digit']:.3f} -> {last['digit']:.3f})")
@@ -296,6 +305,29 @@ def write_report_file(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def report_json(metrics: Dict[str, Any]) -> str:
+    """``metrics`` as JSON text, every NaN or infinite number written as ``null``.
+
+    ``json.dumps`` writes them as ``NaN``/``Infinity``, which is not JSON: browsers' ``JSON.parse``
+    and most tools refuse the whole file (the FGSM shares are NaN when no image was fooled).
+
+    Examples::
+
+        >>> json.loads(report_json({"a": float("nan"), "b": [1.5, float("inf")]}))
+        {'a': None, 'b': [1.5, None]}
+    """
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(metrics), indent=2, allow_nan=False)
 
 
 def _colours(data: ColorDigits) -> torch.Tensor:
@@ -479,7 +511,7 @@ def run_demo(
     bounds = QUICK_BOUNDS if quick else BOUNDS
     metrics["bounds"] = bounds
     metrics["failures"] = check_metrics(metrics, bounds)
-    write_report_file(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_report_file(out / "metrics.json", report_json(metrics))
     index = out / "index.html"
     write_report_file(index, _html(metrics, figures))
     _stage(f"reconstruction agreement {reconstruction_agreement:.3f}; report: {index}", start)

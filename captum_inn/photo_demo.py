@@ -26,7 +26,7 @@ from captum_inn.attr import LayerInvariance
 from captum_inn.capture import capture
 from captum_inn.compare import compare_attributions
 from captum_inn.datasets import load_image_folder
-from captum_inn.demo import _stage, report_folder, write_report_file
+from captum_inn.demo import _number, _stage, report_folder, report_json, write_report_file
 from captum_inn.metrics import prediction_agreement, reencode_similarity, variance_explained_by_v
 from captum_inn.training import (
     cache_features,
@@ -128,7 +128,9 @@ def check_photo_metrics(metrics: Dict[str, Any], bounds: Optional[Dict[str, floa
         ['layer4 re-encoding beats null 0.500 < 0.8 (mean similarity 0.900; 99% quantile of the null 0.890; docs/pitfalls.rst: ...)']
     """
     bounds = PHOTO_BOUNDS if bounds is None else bounds
-    fc, layer4 = metrics["layers"]["fc"], metrics["layers"]["layer4"]
+    # null (a NaN or infinite value in metrics.json) reads as NaN, which meets no bound
+    fc = {k: _number(v) for k, v in metrics["layers"]["fc"].items()}
+    layer4 = {k: _number(v) for k, v in metrics["layers"]["layer4"].items()}
     failures = []
     if not fc["agreement"] >= bounds["fc_agreement_min"]:
         failures.append(f"fc agreement {fc['agreement']:.3f} < {bounds['fc_agreement_min']}")
@@ -327,7 +329,7 @@ def run_photo_demo(
         "bounds": bounds,
     }
     metrics["failures"] = check_photo_metrics(metrics, bounds)
-    write_report_file(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_report_file(out / "metrics.json", report_json(metrics))
     index = out / "index.html"
     write_report_file(index, _html(metrics, figures))
     _stage(f"report: {index}", start)

@@ -232,3 +232,25 @@ def test_report_says_over_which_images_the_judge_reads_the_attacks():
                "mixing": "figures/mixing.png", **{f"samples_{n}": f"figures/samples_{n}.png" for n in LAYERS}}
     page = " ".join(_html(metrics, figures).split())
     assert "names the true digit of 88.5% of the attacked images that fool the CNN" in page
+
+
+def test_metrics_json_writes_nan_as_null_and_the_bounds_read_it_back():
+    """json.dumps wrote NaN (the FGSM shares when no image was fooled) as ``NaN``, which is not JSON:
+    browsers and most tools refused the whole metrics.json."""
+    from captum_inn.demo import report_json
+    from captum_inn.photo_demo import check_photo_metrics
+
+    layers = {
+        "early": {"depth": 0, "variance_explained_by_v": 0.1, "reencode_beats_null": 1.0},
+        "logits": {"depth": 1, "agreement": 0.99, "agreement_random_condition": 0.1, "colour_r2_from_v": 0.9,
+                   "colour_r2_from_z": 0.0, "variance_explained_by_v": float("inf"), "reencode_beats_null": 0.0},
+    }
+    adversarial = {"layers": {n: {"judged_adversarial": float("nan"), "judged_original": float("nan")} for n in layers}}
+    text = report_json({"reconstruction_agreement": 0.99, "layers": layers, "adversarial": adversarial})
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
+    assert metrics["adversarial"]["layers"]["logits"]["judged_adversarial"] is None
+    failures = check_metrics(metrics)  # null meets no bound, as NaN did before writing
+    assert len(failures) == 3 and all("nan" in f for f in failures)
+    photo = {"fc": {"agreement": None, "agreement_random_condition": 0.1},
+             "layer4": {"reencode_beats_null": 0.9, "reencode_similarity": None}}
+    assert check_photo_metrics({"layers": photo}) == ["fc agreement nan < 0.5"]

@@ -98,7 +98,7 @@ class AdversarialViews:
 
     def plot(self, n: int = 6, class_names: Optional[Sequence[str]] = None, fig: Any = None) -> Tuple[Any, Any]:
         """Rows of fooled images: clean | attacked | each layer's view, titled with the judge's verdicts."""
-        from captum_inn.visualization import plot_image_grid
+        from captum_inn.visualization import _literal, plot_image_grid
 
         n = check_positive_int(n, "n")  # the rows to draw: at least one
         rows = torch.nonzero(self.fooled).flatten()[:n]
@@ -114,7 +114,7 @@ class AdversarialViews:
                                  "name per class of the model's output.")
 
         def name(k: int) -> str:
-            return class_names[k] if class_names is not None else str(k)
+            return _literal(class_names[k]) if class_names is not None else str(k)
 
         columns = {"clean": self.images[rows], "attacked": self.adversarial[rows]}
         columns.update({f"view at {layer}": views[rows] for layer, views in self.views.items()})

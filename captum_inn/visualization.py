@@ -50,6 +50,12 @@ def to_numpy_image(image: Tensor):
     return image.permute(1, 2, 0).numpy()
 
 
+def _literal(text: Any) -> str:
+    """``text`` as matplotlib draws it literally: a name between two ``$`` (a class folder named
+    ``$5 to $10``) would otherwise be typeset as mathematics, or fail the drawing (``a$x^$``)."""
+    return str(text).replace("$", r"\$")
+
+
 def _show(ax: Any, image: Tensor, alpha: Optional[float] = None) -> None:
     """Draw a ``(C, H, W)`` image in ``[0, 1]`` on a fixed scale: black is 0 and white is 1.
 
@@ -425,7 +431,7 @@ def plot_comparison(
     axes = list(fig.subplots(1, columns, gridspec_kw={"width_ratios": widths}))
 
     def name(k: int) -> str:
-        return class_names[k] if class_names is not None else str(k)
+        return _literal(class_names[k]) if class_names is not None else str(k)
 
     image = comparison.inputs[index]
     target, predicted = int(comparison.targets[index]), int(comparison.predictions[index])

@@ -78,6 +78,32 @@ def test_the_comparison_draws_the_input_under_grad_cam_and_keeps_the_maps_colorm
     assert axes[0].get_images()[0].get_clim() == (0.0, 1.0)
 
 
+def test_class_names_with_dollar_signs_are_drawn_as_written():
+    """Class names come from photo folder names: between two ``$`` matplotlib typeset them as
+    mathematics (``$5 to $10`` lost its dollars) or failed the drawing after the whole run (``a$x^$``)."""
+    import io
+
+    from matplotlib import cbook
+
+    from captum_inn.analysis import AdversarialViews
+
+    names = ["$5 to $10", "a$x^$"]
+    for target in (0, 1):
+        comparison = _comparison(DARK)
+        comparison.targets = comparison.predictions = torch.tensor([target])
+        fig, axes = plot_comparison(comparison, class_names=names)
+        fig.savefig(io.BytesIO(), format="png")
+        for title in (axes[0].get_title(), axes[1].get_title()):
+            assert not cbook.is_math_text(title)
+            assert title.replace("\\$", "$").endswith(names[target])
+    x = torch.rand(1, 3, 8, 8)
+    one = torch.ones(1, dtype=torch.long)
+    views = AdversarialViews(x, x, 0 * one, 0 * one, one, torch.tensor([True]), {"fc": x}, {"fc": one}, {})
+    fig, axes = views.plot(class_names=names)
+    fig.savefig(io.BytesIO(), format="png")
+    assert not any(cbook.is_math_text(ax.get_xlabel()) for ax in axes.flat)
+
+
 def test_plot_invariance_maps_needs_a_map():
     with pytest.raises(ValueError, match="`maps` is empty"):
         plot_invariance_maps(torch.rand(2, 3, 8, 8), {})

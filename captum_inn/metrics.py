@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._random import generator_device, normal
-from captum_inn.attr._common import check_positive_int
+from captum_inn.attr._common import check_int, check_positive_int
 from captum_inn.capture import Selector, _select, capture, eval_mode
 from captum_inn.inn import ConditionalINN
 
@@ -215,8 +215,9 @@ def variance_explained_by_v(
         >>> isinstance(ve, float)
         True
     """
-    if n_samples < 2:
+    if check_int(n_samples, "n_samples") < 2:  # a spread needs two samples
         raise ValueError(f"`n_samples` must be >= 2, got {n_samples}.")
+    n_samples, batch_size = int(n_samples), check_positive_int(batch_size, "batch_size")
     if codes.shape[0] != conditions.shape[0] or codes.shape[0] < 2:
         raise ValueError("`codes` and `conditions` need the same number of rows, at least 2.")
     if codes.dim() != 2 or codes.shape[1] != inn.dim:  # z̄ from the INN has inn.dim columns: the codes must too
@@ -235,6 +236,9 @@ def variance_explained_by_v(
         if code_std.shape != codes.shape:
             raise ValueError(f"`code_std` must have the shape of `codes` {tuple(codes.shape)}, got {tuple(code_std.shape)}.")
         total = total + code_std.pow(2).mean(dim=0).sum()  # Var(mean + std·ε) = Var(mean) + E[std²]
+    if not total > 0:  # the denominator: VE_v would be inf or NaN
+        raise ValueError("`codes` do not vary over the inputs (total variance 0), so no share of it can be "
+                         "explained; pass the codes of different inputs (or their posterior `code_std`).")
     return float(torch.cat(within).mean() / total)
 
 

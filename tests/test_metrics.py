@@ -179,6 +179,25 @@ def test_metric_argument_errors(model):
         variance_explained_by_v(inn, torch.randn(6, 5), torch.randn(6, 7))
 
 
+def test_variance_explained_by_v_checks_its_counts_and_the_codes_spread():
+    """A float ``n_samples`` or ``batch_size=0`` failed inside torch (repeat_interleave, range), and
+    codes of one image returned inf: the share of a variance of 0."""
+    inn = ConditionalINN(4, (7,), n_blocks=1, hidden=8)
+    inn(torch.randn(8, 4), torch.randn(8, 7))  # initialise ActNorm, as a fit would
+    codes, cond = torch.randn(6, 4), torch.randn(6, 7)
+    for n_samples, error in ((2.5, TypeError), (1, ValueError)):
+        with pytest.raises(error, match="`n_samples` must be"):
+            variance_explained_by_v(inn, codes, cond, n_samples=n_samples)
+    for batch_size, error in ((0, ValueError), (2.0, TypeError)):
+        with pytest.raises(error, match="`batch_size` must be"):
+            variance_explained_by_v(inn, codes, cond, batch_size=batch_size)
+    same = codes[:1].expand(6, 4)
+    with pytest.raises(ValueError, match=r"`codes` do not vary over the inputs \(total variance 0\)"):
+        variance_explained_by_v(inn, same, cond)
+    assert 0 < variance_explained_by_v(inn, same, cond, code_std=torch.ones(6, 4)) < float("inf")
+    assert variance_explained_by_v(inn, codes, cond, batch_size=4) > 0
+
+
 def test_metrics_leave_no_hooks(model):
     from helpers_hooks import assert_no_hooks
 

@@ -92,6 +92,10 @@ def plot_invariance_samples(
     """
     plt = _plt()
     n, s = samples.shape[:2]
+    for what, images in (("originals", originals), ("reconstructions", reconstructions)):
+        if images.shape[0] != n:  # row i pairs input i with its own samples
+            raise ValueError(f"`{what}` holds {images.shape[0]} images for the {n} rows of `samples` (N, S, C, H, W); "
+                             "give one per row.")
     if fig is None:
         fig = plt.figure(figsize=(1.1 * (s + 2), 1.15 * n + 0.4))
     axes = fig.subplots(n, s + 2, squeeze=False)
@@ -136,6 +140,9 @@ def plot_invariance_maps(
                          "LayerInvariance.attribute.")
     plt = _plt()
     n = originals.shape[0]
+    for name, m in maps.items():
+        if m.shape[0] != n:  # row i pairs input i with its own maps
+            raise ValueError(f"`maps[{name!r}]` holds {m.shape[0]} maps for {n} `originals`; give one per input.")
     if fig is None:
         fig = plt.figure(figsize=(1.5 * (len(maps) + 1), 1.5 * n + 0.4))
     axes = fig.subplots(n, len(maps) + 1, squeeze=False)
@@ -498,6 +505,8 @@ def plot_image_grid(
     unknown = sorted(set(captions) - set(columns))
     if unknown or any(len(c) != n for c in captions.values()):
         raise ValueError(f"`captions` needs {n} captions per column title of `columns`; got {unknown or 'other counts'}.")
+    if row_labels is not None and len(row_labels) != n:
+        raise ValueError(f"`row_labels` has {len(row_labels)} labels for {n} rows; give one per image of a column.")
     if fig is None:
         fig = plt.figure(figsize=(1.35 * m + (0.8 if row_labels else 0), (1.35 + 0.2 * bool(captions)) * n + 0.5))
     axes = fig.subplots(n, m, squeeze=False)

@@ -104,6 +104,23 @@ def test_class_names_with_dollar_signs_are_drawn_as_written():
     assert not any(cbook.is_math_text(ax.get_xlabel()) for ax in axes.flat)
 
 
+def test_image_figures_need_one_row_of_each_argument_per_input():
+    """Rows pair input i with its own samples, maps and label: other counts drew the first rows
+    without a word (more inputs than samples) or failed with an IndexError (fewer)."""
+    x = torch.rand(3, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"`originals` holds 3 images for the 2 rows of `samples`"):
+        plot_invariance_samples(x, x[:2], x[:2].unsqueeze(1))
+    with pytest.raises(ValueError, match=r"`reconstructions` holds 2 images for the 3 rows of `samples`"):
+        plot_invariance_samples(x, x[:2], x.unsqueeze(1))
+    for maps in (x[:2], torch.rand(4, 3, 8, 8)):
+        with pytest.raises(ValueError, match=rf"`maps\['fc'\]` holds {maps.shape[0]} maps for 3 `originals`"):
+            plot_invariance_maps(x, {"fc": maps})
+    with pytest.raises(ValueError, match="`row_labels` has 2 labels for 3 rows"):
+        plot_image_grid({"a": x}, row_labels=["one", "two"])
+    fig, axes = plot_image_grid({"a": x}, row_labels=["one", "two", "three"])
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["one", "two", "three"]
+
+
 def test_plot_invariance_maps_needs_a_map():
     with pytest.raises(ValueError, match="`maps` is empty"):
         plot_invariance_maps(torch.rand(2, 3, 8, 8), {})

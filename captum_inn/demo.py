@@ -278,6 +278,12 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out` {str(out)!r} is a file; pass a folder for the report (it is created if needed).")
+    for parent in out.parents:  # creating the folder would fail inside a file, after the checks
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"`out` {str(out)!r} is inside {str(parent)!r}, which is a file; pass a folder for "
+                                 "the report (it is created if needed).")
+            break
     return out
 
 

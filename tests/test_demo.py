@@ -104,6 +104,7 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch
     (tmp_path / "a_file").write_text("")
     for args, message in ((["--device", "gpu"], "`device`='gpu' is not a torch device"),
                           (["--out", "a_file"], "`out` 'a_file' is a file"),
+                          (["--out", "a_file/report"], "`out` 'a_file/report' is inside 'a_file', which is a file"),
                           (["--images", "missing"], "`images` 'missing' is not a folder")):
         assert main(["demo", "--quick", *args]) == 2
         assert message in capsys.readouterr().err

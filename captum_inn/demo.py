@@ -676,7 +676,9 @@ def _draw_analyses(out: Path, attack: AdversarialViews, explainers: Dict[str, La
 
     fig, _ = attack.plot(rows)
     figures = {"adversarial": save_figure(fig, str(out / "figures" / "adversarial.png"))}
-    a, b = images[:rows], images[rows : 2 * rows]
+    # b: the next rows images, wrapping round when there are fewer than 2 * rows (never a itself)
+    n = images.shape[0]
+    a, b = images[:rows], images[(torch.arange(rows) + (rows if n > rows else 1)) % n]
     fig, _ = plot_mixing(a, b, mix_images(explainers, a, b))
     figures["mixing"] = save_figure(fig, str(out / "figures" / "mixing.png"))
     return {k: str(Path(v).relative_to(out)) for k, v in figures.items()}

@@ -255,3 +255,25 @@ def test_metrics_json_writes_nan_as_null_and_the_bounds_read_it_back():
     photo = {"fc": {"agreement": None, "agreement_random_condition": 0.1},
              "layer4": {"reencode_beats_null": 0.9, "reencode_similarity": None}}
     assert check_photo_metrics({"layers": photo}) == ["fc agreement nan < 0.5"]
+
+
+def test_mixing_figure_pairs_images_when_there_are_fewer_than_two_rows_of_them(tmp_path, monkeypatch):
+    """With ``n_eval`` below ``2 * n_figure_rows`` the mixing figure's b rows were short, and
+    mix_images refused them after the whole run."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    import captum_inn.demo
+    from captum_inn.demo import _draw_analyses
+
+    pairs = []
+    monkeypatch.setattr(captum_inn.demo, "mix_images", lambda explainers, a, b: pairs.append((a, b)) or {})
+    monkeypatch.setattr(captum_inn.demo, "plot_mixing", lambda a, b, mixed: plt.subplots())
+    (tmp_path / "figures").mkdir()
+    attack = SimpleNamespace(plot=lambda rows: plt.subplots())
+    images = torch.arange(5.0).view(5, 1, 1, 1)
+    for n, rows, expected in ((5, 2, [2, 3]), (5, 4, [4, 0, 1, 2]), (3, 3, [1, 2, 0])):
+        _draw_analyses(tmp_path, attack, {}, images[:n], rows)
+        a, b = pairs.pop()
+        assert a.flatten().tolist() == list(range(rows)) and b.flatten().tolist() == expected

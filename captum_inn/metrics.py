@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._random import generator_device, normal
-from captum_inn.attr._common import check_int, check_positive_int
+from captum_inn.attr._common import check_int, check_number, check_positive_int
 from captum_inn.capture import Selector, _select, capture, eval_mode
 from captum_inn.inn import ConditionalINN
 
@@ -50,6 +50,8 @@ def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, sel
         torch.Size([4])
     """
     batch_size = check_positive_int(batch_size, "batch_size")
+    if images.shape[0] == 0:
+        raise ValueError("`images` is an empty batch; pass at least one image.")
     with torch.no_grad(), eval_mode(model):
         return torch.cat([
             _select(model(images[s : s + batch_size]), selector, type(model).__name__, "output").argmax(1)
@@ -280,6 +282,9 @@ def probe_r2(
         >>> round(probe_r2(x, x[:, :2] * 3 + 1), 3)
         1.0
     """
+    if not 0 < check_number(train_fraction, "train_fraction") < 1:
+        raise ValueError(f"`train_fraction` must lie strictly between 0 and 1, got {train_fraction}.")
+    check_number(ridge, "ridge")
     # a small ridge regression, solved on the CPU in double precision wherever the features live
     x = features.reshape(features.shape[0], -1).detach().cpu().double()
     y = targets.reshape(targets.shape[0], -1).detach().cpu().double()
@@ -289,6 +294,10 @@ def probe_r2(
         )
     if (test_features is None) != (test_targets is None):
         raise ValueError("Pass both `test_features` and `test_targets`, or neither.")
+    for name, t in (("features", features), ("targets", targets), ("test_features", test_features),
+                    ("test_targets", test_targets)):
+        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values.")
     if test_features is not None:
         x_te = test_features.reshape(test_features.shape[0], -1).detach().cpu().double()
         y_te = test_targets.reshape(test_targets.shape[0], -1).detach().cpu().double()
@@ -340,6 +349,7 @@ def border_colour(images: Tensor, border: int = 2) -> Tensor:
         >>> border_colour(images).tolist()
         [[1.0, 0.0, 0.0]]
     """
+    border = check_int(border, "border")
     if images.dim() != 4 or not 0 < border <= min(images.shape[2:]) // 2:
         raise ValueError(f"`images` must be (N, C, H, W) at least 2·`border` pixels wide, got {tuple(images.shape)} "
                          f"and border={border}.")

@@ -234,6 +234,13 @@ def test_a_cuda_device_without_a_gpu_is_a_clear_error():
         fit_autoencoder(X, latent_dim=4, steps=1, device="cuda", progress=False)
 
 
+def test_a_cuda_index_beyond_the_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"`device` is 'cuda:5', but PyTorch sees 1 CUDA GPU\(s\) here \(indices 0 to 0\)"):
+        fit_autoencoder(X, latent_dim=4, steps=1, device="cuda:5", progress=False)
+
+
 def test_a_device_torch_does_not_know_is_a_clear_error(setup):
     model, ae, _, _ = setup
     from captum_inn.training import fit_invariances

@@ -59,6 +59,8 @@ def test_predictions_of_a_model_with_a_dict_output(model):
         prediction_agreement(heads, x, samples)
     with pytest.raises(ValueError, match="`batch_size` must be >= 1"):
         predict_classes(model, x, batch_size=0)
+    with pytest.raises(ValueError, match="`images` is an empty batch"):
+        predict_classes(model, x[:0])
 
 
 def test_reencode_similarity_separates_copies_from_strangers(model):
@@ -129,6 +131,13 @@ def test_probe_r2():
         probe_r2(x, x[:, :2], test_features=x[:5], test_targets=x[:5, :3])
     with pytest.raises(ValueError, match="need the columns"):
         probe_r2(x, x[:, :2], test_features=x[:5, :4], test_targets=x[:5, :2])
+    for fraction in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="`train_fraction` must lie strictly between 0 and 1"):
+            probe_r2(x, x[:, :2], train_fraction=fraction)
+    with pytest.raises(ValueError, match="`ridge` must be >= 0"):
+        probe_r2(x, x[:, :2], ridge=-1.0)
+    with pytest.raises(ValueError, match="`features` contains NaN"):
+        probe_r2(torch.cat([x[:1] * float("nan"), x[1:]]), x[:, :2])
 
 
 def test_probe_r2_wide_features_give_the_narrow_ridge_solution():
@@ -229,6 +238,8 @@ def test_border_colour_is_the_frame_median():
     assert torch.allclose(border_colour(images), torch.full((3, 3), 0.25))
     with pytest.raises(ValueError, match="border"):
         border_colour(images, border=9)
+    with pytest.raises(TypeError, match="`border` must be an int"):
+        border_colour(images, border=2.0)
 
 
 def test_shape_cnn_reads_the_same_map_whatever_the_colours():

@@ -377,6 +377,9 @@ def as_device(device: Any, name: str = "device") -> torch.device:
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`{name}` is {str(device)!r}, but PyTorch sees no CUDA GPU here "
                          f"(torch.cuda.is_available() is False); pass {name}='cpu'.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"`{name}` is {str(device)!r}, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) here "
+                         f"(indices 0 to {torch.cuda.device_count() - 1}); pass {name}='cuda' or another index.")
     return parsed
 
 

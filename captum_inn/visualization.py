@@ -6,7 +6,7 @@ matplotlib is imported lazily; every function accepts an optional ``ax``/``fig``
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -135,6 +135,9 @@ def plot_invariance_maps(
         >>> axes.shape
         (2, 2)
     """
+    if not isinstance(maps, Mapping):  # attribute() gives a bare tensor; the layer name is the column title
+        raise TypeError(f"`maps` must be a dict {{layer name: (N, C, H, W) map}}, got {type(maps).__name__}; "
+                        "for one layer pass {'my_layer': explainer.attribute(x)}.")
     if not maps:
         raise ValueError("`maps` is empty; give at least one {layer name: (N, C, H, W) map}, e.g. from "
                          "LayerInvariance.attribute.")
@@ -304,6 +307,9 @@ def plot_concept_edits(
         >>> axes.shape
         (2, 3)
     """
+    if not isinstance(edits, Mapping):  # edit() gives a bare tensor; the concept name is the column title
+        raise TypeError(f"`edits` must be a dict {{concept: (N, C, H, W) edited images}}, got {type(edits).__name__}; "
+                        "for one concept pass {'my_concept': concepts.edit(x, 'my_concept', donors=donors)}.")
     plt = _plt()
     n, columns = originals.shape[0], 2 + len(edits)
     if donors.shape[0] == 1:

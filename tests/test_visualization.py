@@ -126,6 +126,16 @@ def test_plot_invariance_maps_needs_a_map():
         plot_invariance_maps(torch.rand(2, 3, 8, 8), {})
 
 
+def test_plots_of_named_maps_and_edits_refuse_a_bare_tensor_with_the_dict_to_pass():
+    """``attribute`` and ``edit`` return tensors; passed as they are, the plots failed with an
+    AttributeError ('Tensor' object has no attribute 'items') or an ambiguous-truth RuntimeError."""
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(TypeError, match=r"`maps` must be a dict .* got Tensor; .*\{'my_layer': explainer.attribute\(x\)\}"):
+        plot_invariance_maps(x, torch.rand(2, 3, 8, 8))
+    with pytest.raises(TypeError, match=r"`edits` must be a dict .* got Tensor; .*\{'my_concept': concepts.edit"):
+        plot_concept_edits(x, x, x)
+
+
 def test_plot_concept_bars_checks_names_shape_and_groups():
     with pytest.raises(ValueError, match="`names` has 2 names for 3 concept scores"):
         plot_concept_bars(torch.rand(4, 3), ["digit", "colour"])

@@ -877,3 +877,20 @@ def test_a_resume_refuses_other_concept_data_and_takes_earlier_checkpoints(tmp_p
     save_checkpoint(path, tensors, meta)
     fit_concepts((IDENTITY, "0"), shuffled, steps=6, **settings)  # nothing to compare with: resumes
     assert "pairs" not in load_checkpoint(path)[1]["config"]
+
+
+def test_a_pooled_layer_is_refused_with_the_next_linear_layers_input_as_the_fix():
+    """A global average pool gives (C, 1, 1): the refusal said only "use a fully connected layer";
+    the flattened pool is the next linear layer's input, which the fit then takes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    images = torch.rand(32, 3, 8, 8)
+    pairs = ConceptPairs.from_labels("label", images, torch.arange(32) % 2)
+    with pytest.raises(ValueError, match=r"shape \(4, 1, 1\).*pass that layer with attribute_to_layer_input=True"):
+        fit_concepts((model, "1"), [pairs], steps=1, n_blocks=1, hidden=8, pool_size=32, progress=False)
+    with pytest.raises(ValueError, match="needs a vector layer") as refused:  # a spatial map: no pooled hint
+        fit_concepts((model, "0"), [pairs], steps=1, n_blocks=1, hidden=8, pool_size=32, progress=False)
+    assert "pooled" not in str(refused.value)
+    e = fit_concepts(LayerRepresentation(model, "3", attribute_to_layer_input=True), [pairs], steps=1, n_blocks=1,
+                     hidden=8, pool_size=32, progress=False)
+    assert e.dim == 4

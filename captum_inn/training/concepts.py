@@ -153,9 +153,15 @@ class LayerRepresentation:
         z = capture(self.model, self.layer, inputs, attribute_to_layer_input=self.attribute_to_layer_input,
                     selector=self.layer_selector)
         if z.dim() != 2:
+            # a global pool's (C, 1, 1) is a vector in all but shape; its flattened form is the next
+            # linear layer's input, which e can replace in the forward pass (a selector's copy cannot)
+            pooled = (" A pooled map (C, 1, 1) is flattened at the input of the linear layer after it: pass "
+                      "that layer with attribute_to_layer_input=True (for a torchvision ResNet's 'avgpool': "
+                      "LayerRepresentation(model, 'fc', attribute_to_layer_input=True)).") if (
+                z.dim() == 4 and z.shape[2:] == (1, 1)) else ""
             raise ValueError(
                 f"Layer {self.layer_name!r} gives activations of shape {tuple(z.shape[1:])}; the factor INN "
-                "needs a vector layer (N, d). Use a fully connected layer, or the autoencoder code."
+                f"needs a vector layer (N, d). Use a fully connected layer, or the autoencoder code.{pooled}"
             )
         return z, torch.zeros_like(z)
 

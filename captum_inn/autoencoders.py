@@ -191,8 +191,9 @@ class ConvAutoencoder(nn.Module):
     nearest-neighbour upsampling and convolutions. Train it with :func:`captum_inn.training.fit_autoencoder`.
 
     Args:
-        image_shape: ``(C, H, W)`` of the images; ``H`` and ``W`` divisible by 4 after halving,
-            e.g. ``(3, 32, 32)`` or ``(3, 64, 64)``.
+        image_shape: ``(C, H, W)`` of the images, square with a power-of-two side ``>= 8``
+            (``(3, 32, 32)``, ``(1, 64, 64)``); resize others, e.g. 28×28 digits to 32×32, or bring
+            your own autoencoder.
         latent_dim: Size ``d`` of the code ``z̄``.
         width: Channels of the first convolution (doubling per halving, capped at ``8 · width``).
         output: ``"sigmoid"`` for images in ``[0, 1]``, ``"identity"`` for normalised images.

@@ -142,8 +142,10 @@ def fit_autoencoder(
         The trained autoencoder in eval mode, with ``history`` (loss per step) attached.
 
     Raises:
-        ValueError: fewer than 2 images, NaN or infinite pixels, pixels outside [0, 1] for the
-            sigmoid decoder (8-bit values: divide by 255), bad settings (each named).
+        ValueError: fewer than 2 images, images that are not square with a power-of-two side
+            ``>= 8`` (:class:`~captum_inn.autoencoders.ConvAutoencoder`'s shapes), NaN or infinite
+            pixels, pixels outside [0, 1] for the sigmoid decoder (8-bit values: divide by 255),
+            bad settings (each named).
         CheckpointError: ``resume`` found a checkpoint of another configuration.
         FloatingPointError: the loss became NaN or infinite; the last checkpoint is left intact.
 

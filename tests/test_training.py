@@ -634,6 +634,23 @@ def test_a_checkpoint_without_the_optimizer_state_is_a_clear_error(tmp_path):
                    progress=False)
 
 
+def test_the_progress_bar_shows_the_loss_of_a_short_fit_as_it_falls(monkeypatch):
+    import captum_inn.training.loop as loop
+
+    shown = []
+
+    class RecordingBar(loop.tqdm):
+        def set_postfix(self, **kwargs):
+            shown.append(float(kwargs["loss"]))
+
+    monkeypatch.setattr(loop, "tqdm", RecordingBar)
+    lin = nn.Linear(3, 1)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    history = loop.train_loop(lin, lambda g: (lin(x) - 1).pow(2).mean(), steps=30, lr=0.1, progress=True)
+    # 30 steps: refreshed every step (every 50 before, so the bar kept the first step's loss), the last one included
+    assert len(shown) == 30 and shown[-1] == pytest.approx(history[-1], abs=1e-3) and shown[-1] < shown[0]
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

@@ -367,6 +367,8 @@ def train_loop(
     # CUDA graphs want the eager warm-up steps before a capture on a side stream
     side = torch.cuda.Stream(device) if graphed else None
     module.train()
+    # the bar shows a running mean of the loss, refreshed about 20 times a fit and at most every 50 steps
+    loss_every = max(1, min(50, (steps - start) // 20))
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{desc} (resumed at step {start})" if start else desc,
                disable=not progress or rank != 0, leave=False)
     try:
@@ -397,8 +399,9 @@ def train_loop(
             history.append(loss)
             if callback is not None:
                 callback(step + 1, module)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.3f}")
+            if (step - start) % loss_every == 0 or step + 1 == steps:
+                recent = history[-loss_every:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
             if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
                 write(step + 1)
     except BaseException:  # a failed or interrupted fit leaves the module in eval mode, as a finished one

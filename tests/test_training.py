@@ -109,6 +109,22 @@ def test_fit_autoencoder_learns_and_resumes_exactly(tmp_path, images, capsys):
     assert "(resumed at step 30)" in capsys.readouterr().err
 
 
+def test_save_autoencoder_round_trips_a_fit_without_checkpoint(tmp_path, images):
+    from captum_inn.training import save_autoencoder
+
+    ae = fit_autoencoder(images, latent_dim=8, width=4, steps=3, batch_size=8, progress=False, output="identity")
+    path = save_autoencoder(str(tmp_path / "ae.safetensors"), ae)
+    loaded = load_autoencoder(str(path))
+    assert loaded.config == ae.config and not loaded.training
+    for a, b in zip(ae.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="`autoencoder` must be a ConvAutoencoder.*torch.save"):
+        save_autoencoder(str(tmp_path / "other.safetensors"), nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match="holds a saved model, not a fit to resume.*resume=False"):
+        fit_autoencoder(images, latent_dim=8, width=4, steps=3, batch_size=8, progress=False, output="identity",
+                        checkpoint=str(path))
+
+
 def test_a_resumed_fit_augments_as_the_uninterrupted_one(tmp_path, images):
     """Jitter draws from its own generator; the checkpoint keeps its state, so a fresh Jitter in the
     resumed run (as after a crash) continues the same shifts and noise."""

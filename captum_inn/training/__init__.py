@@ -5,7 +5,12 @@ plain loop (:func:`~captum_inn.training.train_loop`), show a progress bar, are s
 write atomic safetensors checkpoints that a later call resumes.
 """
 
-from captum_inn.training.autoencoder import AutoencoderConfig, fit_autoencoder, load_autoencoder
+from captum_inn.training.autoencoder import (
+    AutoencoderConfig,
+    fit_autoencoder,
+    load_autoencoder,
+    save_autoencoder,
+)
 from captum_inn.training.cache import (
     FeatureCache,
     cache_features,
@@ -54,6 +59,7 @@ __all__ = [
     "load_autoencoder",
     "load_checkpoint",
     "load_invariance_inn",
+    "save_autoencoder",
     "save_checkpoint",
     "save_invariance_inn",
     "train_loop",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
@@ -17,7 +18,9 @@ from captum_inn.training.checkpoint import (
     building_from,
     load_checkpoint,
     load_module_state,
+    module_tensors,
     recorded_config_has,
+    save_checkpoint,
     warn_if_unfinished,
 )
 from captum_inn.training.classifier import augment_generators
@@ -238,8 +241,40 @@ def fit_autoencoder(
     return model
 
 
+def save_autoencoder(path: str, autoencoder: ConvAutoencoder) -> Path:
+    """Save an autoencoder (weights and architecture) to one safetensors file for :func:`load_autoencoder`.
+
+    For an autoencoder fitted without ``checkpoint=``; one fitted with it is already saved there.
+
+    Args:
+        path: Target ``.safetensors`` file (written atomically).
+        autoencoder: A :class:`~captum_inn.autoencoders.ConvAutoencoder`, e.g. from :func:`fit_autoencoder`.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: another autoencoder class (save your own with ``torch.save(model.state_dict(), ...)``).
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> ae = fit_autoencoder(torch.rand(32, 3, 8, 8), latent_dim=4, steps=2, progress=False)
+        >>> path = save_autoencoder(os.path.join(folder.name, "ae.safetensors"), ae)
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> torch.equal(load_autoencoder(path).encode(x).mean, ae.encode(x).mean)
+        True
+    """
+    if not isinstance(autoencoder, ConvAutoencoder):
+        raise TypeError(f"`autoencoder` must be a ConvAutoencoder (as fit_autoencoder returns), got "
+                        f"{type(autoencoder).__name__}; save your own with torch.save(model.state_dict(), path).")
+    meta = {"kind": "autoencoder", "config": {}, "model": autoencoder.config}
+    return save_checkpoint(path, module_tensors(autoencoder), meta)
+
+
 def load_autoencoder(path: str, map_location: Union[str, torch.device] = "cpu") -> ConvAutoencoder:
-    """Load an autoencoder written by :func:`fit_autoencoder` (its ``checkpoint`` file).
+    """Load an autoencoder written by :func:`fit_autoencoder` (its ``checkpoint`` file) or :func:`save_autoencoder`.
 
     Args:
         path: The ``.safetensors`` checkpoint.

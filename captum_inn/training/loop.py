@@ -300,6 +300,9 @@ def train_loop(
         check_checkpoint_path(checkpoint)
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
+        if not isinstance(saved.get("step"), int):  # e.g. a file from save_autoencoder: a model, not a fit
+            raise CheckpointError(f"{str(checkpoint)!r} holds a saved model, not a fit to resume (it has no step "
+                                  "count); pass resume=False to start afresh, or another path.")
         check_resumable(checkpoint, saved.get("config"), meta.get("config"), int(saved["step"]), steps)
         try:
             module.load_state_dict(strip_prefix(tensors, "model."))

@@ -98,6 +98,18 @@ def test_the_map_is_the_spread_of_the_samples(setup, x):
     assert cold.mean() < attr.mean()  # lower temperature, less spread
 
 
+def test_sample_takes_a_seed_as_attribute_does(setup, x):
+    model, ae, inn, _ = setup
+    explainer = LayerInvariance(model, "logits", inn, ae)
+    seeded = explainer.sample(x, n_samples=3, seed=5)
+    assert torch.equal(seeded, explainer.sample(x, n_samples=3, seed=5))
+    assert torch.equal(seeded, explainer.sample(x, n_samples=3, generator=torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="Give at most one of `generator` and `seed`"):
+        explainer.sample(x, n_samples=3, seed=5, generator=torch.Generator())
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        explainer.sample(x, n_samples=3, seed=0.5)
+
+
 def test_float64_models_are_explained(setup, x):
     """A model converted with .double() keeps its fingerprint (values hash as float32) and is read
     by the float32 INN it was fitted for; an all-float64 setup works too."""

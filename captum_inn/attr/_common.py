@@ -407,6 +407,17 @@ def as_optional_generator(generator: Optional[torch.Generator]) -> Optional[torc
     return generator
 
 
+def seeded_generator(seed: Optional[int], generator: Optional[torch.Generator],
+                     device: torch.device) -> Optional[torch.Generator]:
+    """A generator on ``device`` seeded with ``seed``, else the checked ``generator`` (at most one given)."""
+    as_optional_generator(generator)
+    if seed is None:
+        return generator
+    if generator is not None:
+        raise ValueError("Give at most one of `generator` and `seed`.")
+    return torch.Generator(device).manual_seed(check_int(seed, "seed"))
+
+
 def _tensor_bytes(tensor: Tensor) -> bytes:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""

@@ -16,12 +16,10 @@ from captum_inn._captum_compat import (
 )
 from captum_inn._random import normal
 from captum_inn.attr._common import (
-    as_optional_generator,
     check_fitted_layer,
     check_image_input,
     check_image_size,
     check_inn_fitted,
-    check_int,
     check_number,
     check_pixel_range,
     check_positive_int,
@@ -35,6 +33,7 @@ from captum_inn.attr._common import (
     layer_side,
     network_dtype,
     resolve_model_layer,
+    seeded_generator,
     warn_unreachable_model,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean
@@ -305,6 +304,7 @@ class LayerInvariance(LayerAttribution):
         generator: Optional[torch.Generator] = None,
         attribute_to_layer_input: Optional[bool] = None,
         shared_noise: bool = False,
+        seed: Optional[int] = None,
     ) -> Tensor:
         """Invariance samples ``D(t⁻¹(v | Φ(x)))``, ``v ~ N(0, temperature² I)``.
 
@@ -322,6 +322,8 @@ class LayerInvariance(LayerAttribution):
                 numbers): an input's samples then do not depend on the other inputs of the call
                 or on its position among them (:meth:`attribute` does this). ``False``: fresh
                 draws per input.
+            seed: Draw ``v`` from a generator seeded with ``seed`` (on the inputs' device),
+                instead of ``generator``: the same samples in every call.
 
         Returns:
             ``(N, S, C, H, W)``.
@@ -330,13 +332,14 @@ class LayerInvariance(LayerAttribution):
 
             g = torch.Generator().manual_seed(0)
             samples = explainer.sample(x, n_samples=5, generator=g)   # (2, 5, 3, 32, 32)
+            samples = explainer.sample(x, n_samples=5, seed=0)        # the same in every call
         """
         n_samples = check_positive_int(n_samples, "n_samples")
         temperature = check_number(temperature, "temperature", positive=True)
         if internal_batch_size is not None:  # before the division below turns a bad one into a raw error
             internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
-        as_optional_generator(generator)
         inputs = format_inputs(inputs, self.image_input)
+        generator = seeded_generator(seed, generator, inputs[self.image_input].device)
         check_same_device(inputs[self.image_input], self.inn)
         self._check_images(inputs[self.image_input])
         n = inputs[0].shape[0]
@@ -424,12 +427,8 @@ class LayerInvariance(LayerAttribution):
             raise ValueError(f"`n_samples` must be >= 2 for a spread, got {n_samples}.")
         formatted = format_inputs(inputs, self.image_input)
         check_target_count(target, formatted[0].shape[0])  # unused, but a wrong count is a caller's mistake
-        if seed is not None:
-            if generator is not None:
-                raise ValueError("Give at most one of `generator` and `seed`.")
-            generator = torch.Generator(formatted[self.image_input].device).manual_seed(check_int(seed, "seed"))
         samples = self.sample(formatted, n_samples, temperature, additional_forward_args,
-                              internal_batch_size, generator, attribute_to_layer_input, shared_noise=True)
+                              internal_batch_size, generator, attribute_to_layer_input, shared_noise=True, seed=seed)
         spread = samples.std(dim=1)
         result = tuple(
             spread if i == self.image_input else torch.zeros_like(t) for i, t in enumerate(formatted)

@@ -219,7 +219,8 @@ def plot_concept_bars(
             ``encoded``), or a ``{concept: value}`` dict, or ``{group: {concept: value}}`` for
             grouped bars (e.g. one group per layer). Dicts with a ``standard_error``
             (:meth:`~captum_inn.LayerConcepts.encoded_summary`) get it as error bars.
-        names: Concept names for tensor scores.
+        names: Concept names for tensor scores, e.g. ``explainer.concept_names`` of a
+            :class:`~captum_inn.LayerConcepts` (default: the column numbers).
         title: Axes title.
         ylabel: Label of the y axis.
         ax: Optional axes.

@@ -24,6 +24,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm  # plain text bars, as the fits'
 
 from captum_inn.attr import LayerConcepts, LayerInvariance
 from captum_inn.attr._common import check_positive_int, format_inputs
@@ -232,6 +233,7 @@ def compare_attributions(
     concept_steps: int = 512,
     internal_batch_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    progress: bool = True,
 ) -> Comparison:
     """Grad-CAM, Integrated Gradients, the invariance map, invariance samples and concept scores at once.
 
@@ -258,6 +260,8 @@ def compare_attributions(
             interpolation steps, decoded samples, Grad-CAM and concept passes); ``None``: all at
             once. Results do not depend on it.
         generator: ``torch.Generator`` for reproducible samples.
+        progress: Show a progress bar over the methods' passes (the concept scores' default 512
+            Integrated Gradients steps dominate).
 
     Returns:
         A :class:`Comparison`; every map has the input's spatial size.
@@ -310,7 +314,7 @@ def compare_attributions(
 
     # Everything below runs in eval mode, like the explainers' own calls: Captum's passes would
     # otherwise run the model as it is (batch statistics, updated running statistics).
-    with eval_mode(model):
+    with eval_mode(model), tqdm(desc="compare_attributions", disable=not progress, leave=False) as bar:
         chosen = gradcam_layer is None
         if chosen:  # the invariance layer where Grad-CAM can read it: its output, a map of more than one cell
             # from a module that runs once (Captum reads a reused module's last call, the explainers its first)
@@ -331,6 +335,8 @@ def compare_attributions(
         # IG expands each input to ig_steps rows: a bound takes max(1, batch // ig_steps) inputs per call
         # (Captum splits their steps into passes of `batch` rows); None sends every row at once
         rows = n if internal_batch_size is None else max(1, batch // ig_steps)
+        bar.reset(total=len(range(0, n, batch)) * (3 if concepts is not None else 2) + len(range(0, n, rows)) + 1)
+        bar.set_postfix_str("Grad-CAM")
         for start in range(0, n, batch):
             part = slice(start, min(start + batch, n))
             cam = gradcam.attribute(images[part], target=targets[part], relu_attributions=True)
@@ -342,6 +348,8 @@ def compare_attributions(
                     UserWarning, stacklevel=2,
                 )
             gradcam_parts.append(LayerAttribution.interpolate(cam.detach(), tuple(images.shape[2:]), "bilinear"))
+            bar.update()
+        bar.set_postfix_str("Integrated Gradients")
         for start in range(0, n, rows):
             part = slice(start, min(start + rows, n))
             # a per-input baseline is sliced with the inputs; a (1, C, H, W) one broadcasts
@@ -351,7 +359,9 @@ def compare_attributions(
                                                internal_batch_size=internal_batch_size, return_convergence_delta=True)
             ig_parts.append(attributions.detach())
             ig_deltas.append(delta.detach())
+            bar.update()
         if concepts is not None:
+            bar.set_postfix_str("concept scores")
             # LayerConcepts.attribute runs its own IG over concept_steps steps in passes of 256 rows by default;
             # with internal_batch_size its passes must be bounded too (Captum then takes
             # internal_batch_size // images steps per pass, at least one: <= batch rows).
@@ -362,10 +372,18 @@ def compare_attributions(
                                                    internal_batch_size=concept_batch, return_convergence_delta=True)
                 concept_parts.append(scores.detach())
                 concept_deltas.append(delta.detach())
+                bar.update()
+        bar.set_postfix_str("invariance samples")
         samples = invariance.sample(images, n_samples, internal_batch_size=internal_batch_size, generator=generator,
                                     shared_noise=True)
+        bar.update()
         # the reconstructions in chunks too: the autoencoder is a network like the others
-        reconstructions = torch.cat([invariance.reconstruct(images[s : s + batch]) for s in range(0, n, batch)])
+        bar.set_postfix_str("reconstructions")
+        reconstruction_parts = []
+        for start in range(0, n, batch):
+            reconstruction_parts.append(invariance.reconstruct(images[start : start + batch]))
+            bar.update()
+    reconstructions = torch.cat(reconstruction_parts)
     return Comparison(
         inputs=images.detach(),
         targets=targets,

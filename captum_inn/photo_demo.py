@@ -308,7 +308,7 @@ def run_photo_demo(
 
     t0 = time.perf_counter()
     _stage(f"comparison figures: Grad-CAM, IG and invariances for {rows} held-out photos; image mixing", start)
-    figures = _draw(out, model, explainers, x_test[shown], recon[shown], strips, classes, seed)
+    figures = _draw(out, model, explainers, x_test[shown], recon[shown], strips, classes, seed, progress)
     timings["figures"] = round(time.perf_counter() - t0, 1)
     timings["total"] = round(time.perf_counter() - start, 1)
     bounds = PHOTO_QUICK_BOUNDS if quick else PHOTO_BOUNDS
@@ -347,13 +347,14 @@ def _one_per_class(labels: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _draw(out: Path, model, explainers: Dict[str, LayerInvariance], shown, recon, strips, classes,
-          seed: int) -> Dict[str, Any]:
+          seed: int, progress: bool) -> Dict[str, Any]:
     from captum_inn.visualization import plot_invariance_maps, plot_invariance_samples, save_figure
 
     figures: Dict[str, Any] = {}
     # layer3: ResNet's default Grad-CAM layer, layer4, has 2x2 cells at 64 px (too coarse to show where)
     comparison = compare_attributions(model, shown, explainers["fc"], gradcam_layer="layer3", n_samples=16,
-                                      internal_batch_size=256, generator=torch.Generator().manual_seed(seed))
+                                      internal_batch_size=256, generator=torch.Generator().manual_seed(seed),
+                                      progress=progress)
     figures["comparisons"] = [str(Path(p).relative_to(out)) for p in
                               comparison.save_figures(out / "figures", class_names=classes)]
     for name, strip in strips.items():

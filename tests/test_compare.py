@@ -205,6 +205,33 @@ def test_concept_scores_present_with_concepts_and_absent_without(setup, x):
     assert without.concept_scores is None and without.concept_names == [] and without.concept_delta is None
 
 
+@pytest.mark.parametrize("internal_batch_size", [None, 2])
+def test_the_progress_bar_counts_every_pass(setup, x, monkeypatch, internal_batch_size):
+    import captum_inn.compare as compare
+
+    bars = []
+
+    class RecordingBar(compare.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.shown, self.stages = not kwargs["disable"], []
+            bars.append(self)
+
+        def set_postfix_str(self, s="", refresh=True):
+            self.stages.append(s)
+            super().set_postfix_str(s, refresh)
+
+    monkeypatch.setattr(compare, "tqdm", RecordingBar)
+    model, explainer, concepts = setup[0], _invariance(setup), _concepts(setup)
+    compare_attributions(model, x[:3], explainer, concepts=concepts, concept_steps=4,
+                         internal_batch_size=internal_batch_size, generator=_gen(), **FAST)
+    (bar,) = bars
+    assert bar.n == bar.total > 0 and bar.shown
+    assert bar.stages == ["Grad-CAM", "Integrated Gradients", "concept scores", "invariance samples", "reconstructions"]
+    compare_attributions(model, x[:3], explainer, generator=_gen(), progress=False, **FAST)
+    assert not bars[1].shown and bars[1].total == 4 and "concept scores" not in bars[1].stages  # one pass per method
+
+
 def test_completeness_gaps_are_the_methods_own(setup, x):
     """Both IG deltas are Captum's: the attributions' sum minus the output change (returned per
     input); ``concept_steps`` is passed on as the concept attributions' ``n_steps``."""

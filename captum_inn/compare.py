@@ -241,7 +241,8 @@ def compare_attributions(
         model: The classifier, ``(N, C, H, W) → (N, K)`` logits. It is run in eval mode (batch
             norm uses its running statistics) and its mode is restored.
         inputs: ``(N, C, H, W)`` images.
-        invariance: A :class:`~captum_inn.LayerInvariance` for ``model`` (its layer's INN fitted).
+        invariance: A :class:`~captum_inn.LayerInvariance` for ``model`` (built on ``model`` or
+            ``model.forward``; its layer's INN fitted).
         target: The explained class: ``None`` (each input's predicted class), an int for all,
             or ``(N,)`` classes.
         gradcam_layer: Layer for Grad-CAM (module or dotted name). Default: the invariance layer
@@ -293,12 +294,17 @@ def compare_attributions(
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}; {_WRAP}")
     if not isinstance(invariance, LayerInvariance):
         raise TypeError(f"`invariance` must be a captum_inn.LayerInvariance, got {type(invariance).__name__}.")
-    if invariance.forward_func is not model:
-        raise ValueError("`invariance` explains another model; build it with LayerInvariance(model, layer, inn, ae).")
+    # the explainers take the model itself or its bound forward (model.forward), the same model
+    if not _runs(invariance.forward_func, model):
+        raise ValueError("`invariance` explains another model (or runs it through a function other than model.forward); "
+                         "build it with LayerInvariance(model, layer, inn, ae).")
     if concepts is not None and not isinstance(concepts, LayerConcepts):
         raise TypeError(f"`concepts` must be a captum_inn.LayerConcepts or None, got {type(concepts).__name__}.")
-    if concepts is not None and concepts.forward_func is not model:
-        raise ValueError("`concepts` explains another model; build it with LayerConcepts(model, layer, concept_inn, ae).")
+    if concepts is not None and not _runs(concepts.forward_func, model):
+        raise ValueError("`concepts` explains another model (or runs it through a function other than model.forward); "
+                         "build it with LayerConcepts(model, layer, concept_inn, ae).")
+    # the layer's name in the model (an explainer built on model.forward with a module names it by its type)
+    layer_name = invariance.layer_name if invariance.forward_func is model else resolve_layer(model, invariance.layer)[0]
     (images,) = format_inputs(inputs)
     n = images.shape[0]
     batch = n if internal_batch_size is None else check_positive_int(internal_batch_size, "internal_batch_size")
@@ -322,7 +328,7 @@ def compare_attributions(
             z = invariance._activation((images[:1],), None) if readable else None
             readable = z is not None and z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
                 and len(_outputs(model, invariance.layer, images[:1])) == 1
-            gradcam_layer = invariance.layer_name if readable else last_spatial_layer(model, images)
+            gradcam_layer = layer_name if readable else last_spatial_layer(model, images)
         gradcam_name, gradcam_module = resolve_layer(model, gradcam_layer)
         if not chosen:
             _check_gradcam_layer(model, gradcam_name, gradcam_module, images[:1])
@@ -395,7 +401,7 @@ def compare_attributions(
         reconstructions=reconstructions,
         concept_scores=torch.cat(concept_parts) if concepts is not None else None,
         concept_names=list(concepts.concept_names) if concepts is not None else [],
-        layer=invariance.layer_name,
+        layer=layer_name,
         gradcam_layer=gradcam_name,
         integrated_gradients_delta=torch.cat(ig_deltas),
         concept_delta=torch.cat(concept_deltas) if concepts is not None else None,
@@ -405,6 +411,12 @@ def compare_attributions(
 _WRAP = ("Grad-CAM and Integrated Gradients need a model that returns the logits: wrap it, e.g. an nn.Module "
          "whose forward returns model(x)['logits'], and build the LayerInvariance on that wrapper (its layer "
          "names take the attribute's prefix, 'model.features.4').")
+
+
+def _runs(forward_func: Any, model: nn.Module) -> bool:
+    """Whether an explainer's ``forward_func`` is ``model`` or its bound ``model.forward`` (another
+    method, ``model.predict``, may return other scores than the logits Grad-CAM and IG explain)."""
+    return forward_func is model or forward_func == model.forward
 
 
 def _classes(model: nn.Module, images: Tensor) -> int:

@@ -434,6 +434,22 @@ def test_no_hook_left_and_mode_restored_when_a_forward_pass_fails(setup, x, mode
         model.eval()
 
 
+def test_explainers_built_on_the_bound_forward_are_the_models(setup, x):
+    """The explainers take ``model.forward`` as well as ``model``: compare_attributions accepted only
+    the model itself ("explains another model"), and named the layer by its module's type."""
+    model, ae, inns, e = setup
+    layer = model.cnn.relu2
+    bound = LayerInvariance(model.forward, layer, inns["cnn.relu2"], ae)
+    concepts = LayerConcepts(model.forward, model.cnn.logits, e, ae)
+    result = compare_attributions(model, x, bound, concepts=concepts, generator=_gen(), concept_steps=4, **FAST)
+    direct = compare_attributions(model, x, _invariance(setup, "cnn.relu2"), concepts=_concepts(setup), generator=_gen(),
+                                  concept_steps=4, **FAST)
+    assert result.layer == result.gradcam_layer == "cnn.relu2"
+    assert torch.allclose(result.gradcam, direct.gradcam) and torch.allclose(result.samples, direct.samples)
+    assert torch.allclose(result.concept_scores, direct.concept_scores)
+    assert_no_hooks(model)
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_input_errors(setup, x):
     model, explainer = setup[0], _invariance(setup)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers_hooks import Gate, assert_no_hooks, training_flags
@@ -122,6 +123,13 @@ def _cases():
         ("concept attributions without a target", lambda m, ae, inn, e: con(m, ae, e).attribute(X), ValueError, r"`target` is needed.*argmax\(1\)"),
         ("an image as concept baseline", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=1, baselines=torch.zeros_like(X)), ValueError, r"points in factor space.*baselines=concepts.factors\(image\)"),
         ("concept target out of range", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=99), ValueError, "out of range"),
+        # targets outside Captum's forms: Captum failed bare asserts, or named floats "out of range"
+        ("concept target of floats", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([1.0, 2.0, 0.0])), TypeError, r"`target` holds class indices.*target.long\(\)"),
+        ("concept target (N, 1)", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([[1], [2], [0]])), ValueError, r"`target` has shape \(3, 1\).*target.flatten\(\)"),
+        ("concept target a NumPy array", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=np.array([1, 2, 0])), TypeError, r"got ndarray.*torch.as_tensor\(target\)"),
+        ("concept target a bool", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=True), TypeError, "`target` must be one of Captum's target forms, got bool"),
+        ("concept target a list of tensors", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=list(torch.tensor([1, 2, 0]))), TypeError, r"torch.stack\(target\)"),
+        ("invariance target of floats", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, target=torch.tensor(1.0)), TypeError, "`target` holds class indices"),
         ("concept edit value of another shape", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.zeros(2, 2)), ValueError, r"`value` for concept 'a' must be a floating-point tensor of shape \(3, 2\)"),
         ("concept edit value NaN", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.tensor([0.0, float("nan")])), ValueError, "`value` contains NaN"),
         ("concept shares of inputs on another device", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae, invariance_inn=inn).encoded(X.to("meta"), n_samples=2), ValueError, "is on meta"),

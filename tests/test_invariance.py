@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import numpy as np
 import pytest
 import torch
 from helpers_hooks import Replicating, assert_no_hooks, training_flags
@@ -304,7 +305,7 @@ def test_a_bound_forward_runs_the_model_in_eval_mode_and_a_plain_function_warns(
     model.eval()
 
 
-@pytest.mark.parametrize("target", [None, 3, [1, 2, 3], torch.tensor([0, 1, 2]), (0,)])
+@pytest.mark.parametrize("target", [None, 3, [1, 2, 3], torch.tensor([0, 1, 2]), (0,), (np.int64(0),), [(0,), (1,), (2,)]])
 def test_every_target_form_is_accepted(setup, x, target):
     model, ae, inn, _ = setup
     out = LayerInvariance(model, "logits", inn, ae).attribute(x, target=target, n_samples=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import operator
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
@@ -312,15 +313,55 @@ def layer_activation(
     return next(iter(values.values()))
 
 
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_index_tuple(value: Any) -> bool:
+    """A tuple that indexes an output (its entries anything ``operator.index`` takes, NumPy ints too)."""
+    def whole(i: Any) -> bool:
+        try:
+            return not isinstance(i, bool) and operator.index(i) is not None
+        except TypeError:
+            return False
+    return isinstance(value, tuple) and all(whole(i) for i in value)
+
+
 def check_target_count(target: Any, n: int) -> None:
-    """Captum's targets: a tensor of one or ``n`` entries, or a list of ``n`` (Captum would fail an
-    internal assert, or an unused target would hide a mistake)."""
-    wrong = ((isinstance(target, Tensor) and target.numel() not in (1, n))
-             or (isinstance(target, list) and len(target) != n))
-    if wrong:
-        count = target.numel() if isinstance(target, Tensor) else len(target)
-        raise ValueError(f"`target` holds {count} entries for {n} inputs; pass one target for all (an int, a "
-                         "tuple or a one-element tensor) or one per input.")
+    """Captum's ``TargetType`` for ``n`` inputs, checked: ``None``, an int, a tuple of ints, an
+    integer tensor of one or ``n`` entries (1-d), or a list of ``n`` ints or tuples. Anything else
+    is a ``TypeError``/``ValueError`` naming ``target`` (Captum would fail a bare internal assert
+    or index with floats, or an unused target would hide a mistake)."""
+    forms = ("pass an int, a tuple of ints, an integer tensor with one entry or one per input, or a list of one "
+             "int (or tuple) per input")
+    if target is None or _is_index(target):
+        return
+    if isinstance(target, tuple):
+        if not _is_index_tuple(target):
+            raise TypeError(f"`target` {target!r} is a tuple, which Captum reads as one index into each output; "
+                            f"it must hold ints; {forms}.")
+        return
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"`target` holds class indices, but the tensor is {target.dtype}; convert it with "
+                            "target.long().")
+        if target.numel() not in (1, n):
+            raise ValueError(f"`target` holds {target.numel()} entries for {n} inputs; {forms}.")
+        if target.numel() > 1 and target.dim() != 1:
+            raise ValueError(f"`target` has shape {tuple(target.shape)}; one class per input is a 1-d tensor "
+                             "(target.flatten()).")
+        return
+    if isinstance(target, list):
+        if len(target) != n:
+            raise ValueError(f"`target` holds {len(target)} entries for {n} inputs; {forms}.")
+        if not (all(_is_index(t) for t in target)
+                or all(_is_index_tuple(t) for t in target)):
+            raise TypeError(f"`target` is a list, which must hold one int (or one tuple of ints) per input, got "
+                            f"{target[:3]!r}{'…' if n > 3 else ''}; for tensors pass torch.stack(target).")
+        return
+    hint = " (a NumPy value: convert it with torch.as_tensor(target) or int(target))" \
+        if type(target).__module__ == "numpy" else ""
+    raise TypeError(f"`target` must be one of Captum's target forms, got {type(target).__name__}{hint}; {forms}.")
 
 
 def network_dtype(network: Any, default: torch.dtype) -> torch.dtype:

@@ -708,7 +708,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
 
         Args:
             inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
-            target: The output to explain, any of Captum's ``TargetType`` forms. The arguments
+            target: The output to explain, any of Captum's ``TargetType`` forms (others, such as
+                a float tensor or a NumPy array, are refused with the conversion to make). The arguments
                 after it are keyword-only: Integrated Gradients takes ``baselines`` second, so a
                 call written for it would otherwise pass its baseline as the target.
             additional_forward_args: Extra arguments of ``forward_func``.

@@ -397,7 +397,8 @@ class LayerInvariance(LayerAttribution):
             inputs: ``(N, C, H, W)`` images, or a tuple of tensors whose ``image_input`` entry is the image.
             target: Accepted for Captum compatibility (every ``TargetType`` form) and not used:
                 the map describes the layer, not one output. A list of another length than the
-                inputs, or a tensor of neither 1 nor that many entries, is refused (Captum's rule).
+                inputs, a tensor of neither 1 nor that many entries (Captum's rule), a float tensor
+                or another type (a NumPy array) is refused.
             additional_forward_args: Extra arguments of ``forward_func``.
             n_samples: Samples per input (``>= 2``).
             temperature: Scale of the invariances ``v`` (``> 0``).

@@ -15,11 +15,13 @@ from captum._utils.common import (  # noqa: F401 - re-exported
 )
 from captum._utils.typing import TargetType  # noqa: F401 - re-exported
 from captum.attr import GradientAttribution, LayerAttribution  # noqa: F401 - public base classes
+from captum.attr._utils.approximation_methods import SUPPORTED_METHODS  # noqa: F401 - re-exported
 from captum.log import log_usage  # noqa: F401
 
 __all__ = [
     "GradientAttribution",
     "LayerAttribution",
+    "SUPPORTED_METHODS",
     "TargetType",
     "_expand_target",
     "_format_additional_forward_args",

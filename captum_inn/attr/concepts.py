@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._captum_compat import (
+    SUPPORTED_METHODS,
     GradientAttribution,
     LayerAttribution,
     TargetType,
@@ -745,6 +746,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         """
         from captum.attr import IntegratedGradients
 
+        if method not in SUPPORTED_METHODS:  # Captum would fail a bare assert, after the factors are computed
+            raise ValueError(f"`method` must be one of {SUPPORTED_METHODS}, got {method!r}.")
         n_steps = check_positive_int(n_steps, "n_steps")  # Captum would fail comparing a str with an int
         if n_steps < 2 and str(method).startswith("riemann"):  # Captum would fail a bare assert
             raise ValueError(f"`n_steps` must be >= 2 for method={method!r} (a Riemann sum over a path), got {n_steps}.")

@@ -123,6 +123,7 @@ def _cases():
         ("concept attributions without a target", lambda m, ae, inn, e: con(m, ae, e).attribute(X), ValueError, r"`target` is needed.*argmax\(1\)"),
         ("an image as concept baseline", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=1, baselines=torch.zeros_like(X)), ValueError, r"points in factor space.*baselines=concepts.factors\(image\)"),
         ("concept integration method unknown", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=1, method="trapezoid"), ValueError, r"`method` must be one of \[.*'riemann_trapezoid'.*got 'trapezoid'"),
+        ("concept attributions of a model returning one number", lambda m, ae, inn, e: LayerConcepts(lambda x: m(x).sum(), m.cnn.logits, e, ae).attribute(X, target=None), TypeError, r"`forward_func` returns one number for the whole batch.*\(N,\) or \(N, K\)"),
         ("concept target out of range", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=99), ValueError, "out of range"),
         # targets outside Captum's forms: Captum failed bare asserts, or named floats "out of range"
         ("concept target of floats", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([1.0, 2.0, 0.0])), TypeError, r"`target` holds class indices.*target.long\(\)"),

@@ -46,6 +46,11 @@ __all__ = ["LayerConcepts", "EncodedShares"]
 def _output_tensor(output: Any) -> Tensor:
     """``forward_func``'s output where Integrated Gradients picks a target from it: a tensor. A dict,
     tuple or dataclass is a ``TypeError`` naming the fix (Captum would fail on ``output.shape``)."""
+    if isinstance(output, Tensor) and output.dim() == 0:  # Captum would fail indexing it (IndexError)
+        raise TypeError(
+            "`forward_func` returns one number for the whole batch, but concept attributions need an output per "
+            "input, (N,) or (N, K): return per-input scores (e.g. the losses before their sum or mean)."
+        )
     if isinstance(output, Tensor):
         return output
     keys = f" with keys {list(output)}" if isinstance(output, dict) else ""

@@ -303,8 +303,6 @@ def compare_attributions(
     if concepts is not None and not _runs(concepts.forward_func, model):
         raise ValueError("`concepts` explains another model (or runs it through a function other than model.forward); "
                          "build it with LayerConcepts(model, layer, concept_inn, ae).")
-    # the layer's name in the model (an explainer built on model.forward with a module names it by its type)
-    layer_name = invariance.layer_name if invariance.forward_func is model else resolve_layer(model, invariance.layer)[0]
     (images,) = format_inputs(inputs)
     n = images.shape[0]
     batch = n if internal_batch_size is None else check_positive_int(internal_batch_size, "internal_batch_size")
@@ -328,7 +326,7 @@ def compare_attributions(
             z = invariance._activation((images[:1],), None) if readable else None
             readable = z is not None and z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
                 and len(_outputs(model, invariance.layer, images[:1])) == 1
-            gradcam_layer = layer_name if readable else last_spatial_layer(model, images)
+            gradcam_layer = invariance.layer_name if readable else last_spatial_layer(model, images)
         gradcam_name, gradcam_module = resolve_layer(model, gradcam_layer)
         if not chosen:
             _check_gradcam_layer(model, gradcam_name, gradcam_module, images[:1])
@@ -401,7 +399,7 @@ def compare_attributions(
         reconstructions=reconstructions,
         concept_scores=torch.cat(concept_parts) if concepts is not None else None,
         concept_names=list(concepts.concept_names) if concepts is not None else [],
-        layer=layer_name,
+        layer=invariance.layer_name,
         gradcam_layer=gradcam_name,
         integrated_gradients_delta=torch.cat(ig_deltas),
         concept_delta=torch.cat(concept_deltas) if concepts is not None else None,

@@ -163,6 +163,10 @@ def test_a_fitted_layer_name_matches_a_wrapped_model_but_not_another_layer_of_th
 
     with pytest.raises(ValueError, match="`inn` was fitted on layer 'logits', not 'head.logits'"):
         LayerInvariance(TwoHeads(), "head.logits", inn, ae)
+    two = TwoHeads()  # the bound forward reaches the model: the same names and checks (skipped before)
+    with pytest.raises(ValueError, match="`inn` was fitted on layer 'logits', not 'head.logits'"):
+        LayerInvariance(two.forward, two.head.logits, inn, ae)
+    assert LayerInvariance(two.forward, "logits", inn, ae).layer_name == "logits"
     aliased = TwoHeads()
     aliased.alias = aliased.logits  # one module under two names: the same layer
     LayerInvariance(aliased, "alias", inn, ae)

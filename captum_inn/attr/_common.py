@@ -156,14 +156,18 @@ def check_number(value: Any, name: str, *, positive: bool = False) -> float:
 
 
 def resolve_model_layer(forward_func: Callable, layer: Union[str, nn.Module]) -> Tuple[str, nn.Module]:
-    """The layer's name and module; a dotted name needs ``forward_func`` to be the model itself."""
+    """The layer's name and module; a dotted name needs ``forward_func`` to be the model itself or
+    its bound ``forward`` (``model.forward``), which also name a layer module by its path."""
     if isinstance(forward_func, nn.Module):
         return resolve_layer(forward_func, layer)
+    owner = getattr(forward_func, "__self__", None)
+    if isinstance(owner, nn.Module) and (isinstance(layer, str) or any(m is layer for m in owner.modules())):
+        return resolve_layer(owner, layer)
     if isinstance(layer, nn.Module):
         return type(layer).__name__, layer
     raise TypeError(
-        "`layer` given by name needs `forward_func` to be an nn.Module; pass the layer module itself "
-        "when forward_func is a plain function."
+        "`layer` given by name needs `forward_func` to be an nn.Module (or its bound forward); pass the layer "
+        "module itself when forward_func is a plain function."
     )
 
 

@@ -30,6 +30,7 @@ from captum_inn.attr._common import (
     eval_owner,
     fitted_selector,
     format_inputs,
+    forward_module,
     layer_activation,
     layer_side,
     network_dtype,
@@ -204,15 +205,16 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             raise TypeError(f"`forward_func` must be a model or a callable, got {type(forward_func).__name__}.")
         image_input = check_image_input(image_input)
         name, module = resolve_model_layer(forward_func, layer)
+        model = forward_module(forward_func, module)  # the model itself, or the module of model.forward
         if not isinstance(concept_inn, FactorINN):
             raise TypeError(f"`concept_inn` must be a captum_inn.inn.FactorINN (from fit_concepts), got {type(concept_inn).__name__}.")
         check_inn_fitted(concept_inn, "concept_inn", "fit_concepts", "load_concept_inn")
         representation = (getattr(concept_inn, "fit_info", None) or {}).get("representation", {"kind": _CODE})
         self.representation = representation.get("kind", _CODE)
         if self.representation == _LAYER:
-            check_fitted_layer(representation.get("layer"), name, forward_func, "concept_inn")
-            if isinstance(forward_func, nn.Module):
-                check_same_weights(forward_func, representation.get("weights"), "concept_inn", "forward_func")
+            check_fitted_layer(representation.get("layer"), name, model, "concept_inn")
+            if model is not None:
+                check_same_weights(model, representation.get("weights"), "concept_inn", "forward_func")
         else:
             _check_code_autoencoder(concept_inn, autoencoder)
         if invariance_inn is not None:
@@ -224,12 +226,12 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     f"`invariance_inn` models codes of size {invariance_inn.dim}; `concept_inn` must act on the "
                     f"same autoencoder codes (it acts on a {self.representation} of size {concept_inn.dim})."
                 )
-            check_fitted_layer((getattr(invariance_inn, "fit_info", None) or {}).get("layer"), name, forward_func,
+            check_fitted_layer((getattr(invariance_inn, "fit_info", None) or {}).get("layer"), name, model,
                                "invariance_inn")
             check_same_weights(autoencoder, (getattr(invariance_inn, "fit_info", None) or {}).get("autoencoder_weights"),
                                "invariance_inn", "autoencoder")
-            if isinstance(forward_func, nn.Module):
-                check_same_weights(forward_func, (getattr(invariance_inn, "fit_info", None) or {}).get("model_weights"),
+            if model is not None:
+                check_same_weights(model, (getattr(invariance_inn, "fit_info", None) or {}).get("model_weights"),
                                    "invariance_inn", "forward_func")
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)

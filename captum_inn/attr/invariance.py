@@ -29,6 +29,7 @@ from captum_inn.attr._common import (
     dtype_errors_named,
     fitted_selector,
     format_inputs,
+    forward_module,
     layer_activation,
     layer_side,
     network_dtype,
@@ -121,7 +122,8 @@ class LayerInvariance(LayerAttribution):
                 f"{type(inn).__name__}."
             )
         check_inn_fitted(inn, "inn", "fit_invariances", "load_invariance_inn")
-        check_fitted_layer((getattr(inn, "fit_info", None) or {}).get("layer"), name, forward_func, "inn")
+        model = forward_module(forward_func, module)  # the model itself, or the module of model.forward
+        check_fitted_layer((getattr(inn, "fit_info", None) or {}).get("layer"), name, model, "inn")
         check_autoencoder(autoencoder)
         latent = getattr(autoencoder, "latent_dim", None)
         if latent is not None and int(latent) != inn.dim:
@@ -131,8 +133,8 @@ class LayerInvariance(LayerAttribution):
             )
         check_same_weights(autoencoder, (getattr(inn, "fit_info", None) or {}).get("autoencoder_weights"),
                            "inn", "autoencoder")
-        if isinstance(forward_func, nn.Module):  # a retrained model's layer means something else
-            check_same_weights(forward_func, (getattr(inn, "fit_info", None) or {}).get("model_weights"),
+        if model is not None:  # a retrained model's layer means something else
+            check_same_weights(model, (getattr(inn, "fit_info", None) or {}).get("model_weights"),
                                "inn", "forward_func")
         super().__init__(forward_func, module, device_ids)
         self.layer_name = name

@@ -120,7 +120,7 @@ def test_save_autoencoder_round_trips_a_fit_without_checkpoint(tmp_path, images)
         assert torch.equal(a, b)
     with pytest.raises(TypeError, match="`autoencoder` must be a ConvAutoencoder.*torch.save"):
         save_autoencoder(str(tmp_path / "other.safetensors"), nn.Linear(2, 2))
-    with pytest.raises(CheckpointError, match="holds a saved model, not a fit to resume.*resume=False"):
+    with pytest.raises(CheckpointError, match="records no step of a fit.*resume=False"):
         fit_autoencoder(images, latent_dim=8, width=4, steps=3, batch_size=8, progress=False, output="identity",
                         checkpoint=str(path))
 
@@ -665,6 +665,23 @@ def test_the_progress_bar_shows_the_loss_of_a_short_fit_as_it_falls(monkeypatch)
     history = loop.train_loop(lin, lambda g: (lin(x) - 1).pow(2).mean(), steps=30, lr=0.1, progress=True)
     # 30 steps: refreshed every step (every 50 before, so the bar kept the first step's loss), the last one included
     assert len(shown) == 30 and shown[-1] == pytest.approx(history[-1], abs=1e-3) and shown[-1] < shown[0]
+
+
+def test_an_inn_saved_where_a_fit_keeps_its_checkpoint_is_a_clear_error(images, autoencoder, tmp_path):
+    """save_invariance_inn's file records no step; a fit resuming from it raised a bare KeyError."""
+    from captum_inn.training import train_loop
+
+    model = SmallCNN(width=4).eval()
+    inn = fit_invariances(model, "fc", autoencoder, images[:16], steps=1, progress=False, **TINY)
+    save_invariance_inn(str(tmp_path / checkpoint_name("fc")), inn)
+    with pytest.raises(CheckpointError, match="records no step of a fit.*another `checkpoint_dir`"):
+        fit_invariances(model, "fc", autoencoder, images[:16], steps=1, checkpoint_dir=str(tmp_path),
+                        progress=False, **TINY)
+    lin = nn.Linear(3, 1)
+    path = str(tmp_path / "ck.safetensors")
+    save_checkpoint(path, {}, {"kind": "module", "config": {}})
+    with pytest.raises(CheckpointError, match="records no step of a fit"):
+        train_loop(lin, lambda g: lin(torch.ones(1, 3)).sum(), steps=2, lr=0.1, checkpoint=path, progress=False)
 
 
 def _umask():

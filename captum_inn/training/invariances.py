@@ -54,6 +54,7 @@ from captum_inn.training.loop import (
     merged_config,
     resume_key,
     run_concurrently,
+    saved_step,
     train_loop,
 )
 
@@ -442,7 +443,7 @@ def _check_checkpoints(checkpoint_dir: str, configs: Mapping[str, InvarianceConf
             saved = read_header(path)  # the header alone: the tensors are read when the layer's fit resumes
             if saved is None or saved.get("kind") != "invariance_inn" or "step" not in saved:
                 _, saved = load_checkpoint(path, kind="invariance_inn")  # unreadable or not an INN's: its error
-            check_resumable(path, saved["config"].get("train"), resume_key(asdict(config)), int(saved["step"]),
+            check_resumable(path, (saved.get("config") or {}).get("train"), resume_key(asdict(config)), saved_step(path, saved),
                             config.steps)
 
 

@@ -175,6 +175,25 @@ def check_resumable(checkpoint: Any, saved_config: Any, config: Any, saved_step:
         )
 
 
+def saved_step(checkpoint: Any, saved: Mapping[str, Any]) -> int:
+    """The number of steps the checkpoint ``saved`` (its metadata) holds, or a :class:`CheckpointError`
+    where it records none: a file saved after a fit (``save_invariance_inn``), not a fit's checkpoint.
+
+    Examples::
+
+        >>> saved_step("fit.safetensors", {"step": 100})
+        100
+    """
+    step = saved.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(
+            f"{str(checkpoint)!r} records no step of a fit in progress (step={step!r}): it is not a fit's checkpoint "
+            "(an INN saved after its fit, say) or it was edited. Pass another path (another `checkpoint_dir`), or "
+            "resume=False to overwrite it."
+        )
+    return step
+
+
 def train_loop(
     module: nn.Module,
     loss_fn: Callable[[torch.Generator], Tensor],
@@ -300,14 +319,11 @@ def train_loop(
         check_checkpoint_path(checkpoint)
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
-        if not isinstance(saved.get("step"), int):  # e.g. a file from save_autoencoder: a model, not a fit
-            raise CheckpointError(f"{str(checkpoint)!r} holds a saved model, not a fit to resume (it has no step "
-                                  "count); pass resume=False to start afresh, or another path.")
-        check_resumable(checkpoint, saved.get("config"), meta.get("config"), int(saved["step"]), steps)
+        check_resumable(checkpoint, saved.get("config"), meta.get("config"), saved_step(checkpoint, saved), steps)
         try:
             module.load_state_dict(strip_prefix(tensors, "model."))
             load_optimizer(optimizer, tensors, saved["optimizer"])
-            start, history = int(saved["step"]), list(saved["history"])
+            start, history = saved_step(checkpoint, saved), list(saved["history"])
             main_state = tensors[_generator_key(rank)] if int(saved.get("world_size", 1)) == n_ranks else None
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise CheckpointError(

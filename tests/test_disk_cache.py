@@ -211,3 +211,50 @@ def test_disk_array_serves_as_an_image_dataset(images, autoencoder, tmp_path):
     on_disk = cache_features(model, "fc", autoencoder, DiskArray(tmp_path / "images.npy"), batch_size=16, progress=False)
     in_memory = cache_features(model, "fc", autoencoder, images, batch_size=16, progress=False)
     assert torch.allclose(on_disk.layers["fc"], in_memory.layers["fc"], atol=1e-6)
+
+
+def test_two_passes_into_one_folder_run_one_after_the_other(images, autoencoder, tmp_path, monkeypatch):
+    """A second pass that started while the first was writing its manifest replaced the files under
+    it: the first pass returned (and left) its own manifest over the second pass's rows."""
+    import threading
+
+    import captum_inn.training.cache as cache_module
+
+    model, folder = SmallCNN(width=4).eval(), tmp_path / "cache"
+    first_images, second_images = images[:8], images[8:16]
+    expected = {id(x): cache_features(model, "fc", autoencoder, x, progress=False) for x in (first_images, second_images)}
+    in_manifest, second_done = threading.Event(), threading.Event()
+    write_manifest = cache_module.write_manifest
+
+    def slow_first_manifest(*args, **kwargs):  # the first pass waits here for the second (1 s at most)
+        if not in_manifest.is_set():
+            in_manifest.set()
+            second_done.wait(1.0)
+        return write_manifest(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "write_manifest", slow_first_manifest)
+    results = {}
+
+    def run(x, done=None):
+        results[id(x)] = cache_features(model, "fc", autoencoder, x, memmap_dir=folder, progress=False)
+        if done is not None:
+            done.set()
+
+    first = threading.Thread(target=run, args=(first_images,))
+    first.start()
+    assert in_manifest.wait(30)
+    with pytest.warns(UserWarning, match="being written by another feature-cache pass; waiting"):
+        second = threading.Thread(target=run, args=(second_images, second_done))
+        second.start()
+        first.join(30)
+        second.join(30)
+    for x in (first_images, second_images):  # each pass returns its own rows and record
+        assert torch.equal(results[id(x)].code_mean[:], expected[id(x)].code_mean)
+        assert torch.equal(results[id(x)].layers["fc"][:], expected[id(x)].layers["fc"])
+        assert results[id(x)].source == expected[id(x)].source
+    reopened = FeatureCache.open(folder)  # the later pass's cache, whole
+    assert reopened.source == expected[id(second_images)].source
+    assert torch.equal(reopened.layers["fc"][:], expected[id(second_images)].layers["fc"])
+    for cache in (*results.values(), reopened):
+        cache.close()
+

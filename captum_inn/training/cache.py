@@ -48,6 +48,7 @@ from captum_inn.training.data import (
 from captum_inn.training.disk import (
     DiskArray,
     DiskArrayWriter,
+    FolderLock,
     iter_rows,
     read_manifest,
     write_manifest,
@@ -227,8 +228,14 @@ class FeatureCache:
         Returns:
             A :class:`FeatureCache` whose arrays are :class:`~captum_inn.training.disk.DiskArray`,
             or ``None`` when the folder holds no finished cache (the manifest is written last).
+            While a pass writes into the folder, waits (with a warning) until it has finished.
         """
-        folder = Path(folder)
+        with FolderLock(folder, shared=True):  # waits for a pass writing into the folder
+            return cls._open(Path(folder))
+
+    @classmethod
+    def _open(cls, folder: Path) -> Optional[FeatureCache]:
+        """:meth:`open` without the folder's lock (a pass holding it opens what it wrote)."""
         manifest = read_manifest(folder)
         if manifest is None:
             return None
@@ -269,8 +276,15 @@ class _DiskSink:
                              "one), because the files are sized up front.")
         self.folder, self.n_rows = Path(folder), n_rows
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "manifest.json").unlink(missing_ok=True)  # the old cache is being replaced
         self.writers: Dict[str, DiskArrayWriter] = {}
+        # held until the manifest is written and read back: another pass into the folder waits, so the
+        # two never mix their files and manifests
+        self.lock = FolderLock(self.folder)
+        try:
+            (self.folder / "manifest.json").unlink(missing_ok=True)  # the old cache is being replaced
+        except BaseException:
+            self.lock.release()
+            raise
 
     def append(self, key: str, rows: Tensor) -> None:
         if key not in self.writers:
@@ -286,11 +300,14 @@ class _DiskSink:
         files = {key: writer.close().name for key, writer in self.writers.items()}
         write_manifest(self.folder, {"kind": "feature_cache", "format_version": _DISK_FORMAT, "n": self.n_rows,
                                      "layers": list(layers), **record, "files": files})
-        return FeatureCache.open(self.folder)
+        cache = FeatureCache._open(self.folder)  # under the lock: the next pass replaces the files
+        self.lock.release()
+        return cache
 
     def abort(self) -> None:
         for writer in self.writers.values():
             writer.abort()
+        self.lock.release()
 
 
 @torch.no_grad()
@@ -477,7 +494,8 @@ def cache_features(
         additional_forward_args: Extra arguments of ``model`` after the images.
         memmap_dir: Write the cache to this folder (one ``.npy`` file per array) instead of
             memory, for datasets whose features do not fit in memory; reopen it later with
-            :meth:`FeatureCache.open`. ``data`` must have a known length.
+            :meth:`FeatureCache.open`. ``data`` must have a known length. A second pass into the
+            same folder (another process, say) waits until this one has finished, with a warning.
         progress: Show a progress bar.
 
     Returns:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
@@ -21,7 +22,12 @@ from torch import Tensor
 
 from captum_inn.training.checkpoint import _LOCKING, _new_temporary, _remove_stale_temporaries
 
-__all__ = ["DiskArray", "DiskArrayWriter", "iter_rows", "read_manifest", "write_manifest"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock (see FolderLock)
+    fcntl = None
+
+__all__ = ["DiskArray", "DiskArrayWriter", "FolderLock", "iter_rows", "read_manifest", "write_manifest"]
 
 _DTYPE = np.dtype("<f4")
 
@@ -200,6 +206,68 @@ class DiskArrayWriter:
             self.abort()
 
 
+class FolderLock:
+    """A lock on a cache folder (``flock`` on its ``.lock`` file): exclusive while a pass writes the
+    folder's arrays and manifest, shared while a finished cache is opened. Two passes into one folder
+    then run one after the other instead of mixing their files and manifests, and a reader never pairs
+    one pass's manifest with another's files. The kernel releases it when the process dies.
+
+    Waiting for another holder warns first. A no-op where the platform has no ``flock`` (Windows), and
+    for a reader that cannot create the lock file (a read-only folder, where no pass can be writing).
+
+    Args:
+        folder: An existing folder.
+        shared: Take the reader's (shared) lock instead of the writer's (exclusive) one.
+
+    Examples::
+
+        >>> import tempfile
+        >>> with FolderLock(tempfile.mkdtemp()):
+        ...     pass                          # write the folder's files and manifest here
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Union[str, os.PathLike], shared: bool = False) -> None:
+        self._fd: Optional[int] = None
+        if fcntl is None:
+            return
+        path = Path(folder) / self.NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            if not shared:
+                raise
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                warnings.warn(f"{str(folder)!r} is being written by another feature-cache pass; waiting for it to "
+                              "finish.", UserWarning, stacklevel=3)
+                fcntl.flock(fd, mode)
+        except BaseException:  # interrupted while waiting
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (again: no-op)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 def iter_rows(array: Union[Tensor, DiskArray], chunk: int = 4096) -> Iterator[Tensor]:
     """Blocks of ``chunk`` rows of a tensor or a :class:`DiskArray` (for scans that must not load it all).
 
@@ -239,12 +307,20 @@ def write_manifest(folder: Union[str, os.PathLike], document: Dict[str, Any]) ->
         {'rows': 10}
     """
     path = Path(folder) / "manifest.json"
-    tmp = path.with_name(".manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _remove_stale_temporaries(path)
+    tmp, fd = _new_temporary(path)  # its own: two writers never write into one temporary
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(document, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+            if _LOCKING:  # renamed while open, so still locked: no other writer's clean-up removes it
+                os.replace(tmp, path)
+        if not _LOCKING:  # Windows renames only closed files
+            os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

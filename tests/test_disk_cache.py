@@ -258,3 +258,11 @@ def test_two_passes_into_one_folder_run_one_after_the_other(images, autoencoder,
     for cache in (*results.values(), reopened):
         cache.close()
 
+
+def test_a_damaged_disk_cache_is_a_clear_error(images, autoencoder, tmp_path):
+    cache = cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, images[:8], memmap_dir=tmp_path / "cache",
+                           progress=False)
+    cache.close()
+    (tmp_path / "cache" / "layer.fc.npy").unlink()
+    with pytest.raises(ValueError, match="holds a damaged feature cache.*delete the folder to recompute"):
+        FeatureCache.open(tmp_path / "cache")

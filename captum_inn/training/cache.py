@@ -229,6 +229,10 @@ class FeatureCache:
             A :class:`FeatureCache` whose arrays are :class:`~captum_inn.training.disk.DiskArray`,
             or ``None`` when the folder holds no finished cache (the manifest is written last).
             While a pass writes into the folder, waits (with a warning) until it has finished.
+
+        Raises:
+            ValueError: the folder holds a cache of a newer format, or a damaged one (a missing,
+                truncated or misshapen file, an incomplete manifest).
         """
         with FolderLock(folder, shared=True):  # waits for a pass writing into the folder
             return cls._open(Path(folder))
@@ -242,11 +246,22 @@ class FeatureCache:
         if manifest.get("kind") != "feature_cache" or manifest.get("format_version", 0) > _DISK_FORMAT:
             raise ValueError(f"{str(folder)!r} does not hold a feature cache this version can read ({manifest.get('kind')}, "
                              f"format {manifest.get('format_version')}); delete it to recompute.")
-        arrays = {key: DiskArray(folder / file) for key, file in manifest["files"].items()}
-        if {len(a) for a in arrays.values()} != {manifest["n"]}:
-            raise ValueError(f"The arrays in {str(folder)!r} do not all have {manifest['n']} rows; delete it to recompute.")
-        return cls._from_record(arrays.pop("code_mean"), arrays.pop("code_std"),
-                               {name: arrays[f"layer.{name}"] for name in manifest["layers"]}, manifest)
+        arrays: Dict[str, DiskArray] = {}
+        try:
+            for key, file in manifest["files"].items():
+                arrays[key] = DiskArray(folder / file)
+            if {len(a) for a in arrays.values()} != {manifest["n"]}:
+                raise ValueError(f"The arrays in {str(folder)!r} do not all have {manifest['n']} rows; delete it to "
+                                 "recompute.")
+            layers = {name: arrays[f"layer.{name}"] for name in manifest["layers"]}
+            return cls._from_record(arrays["code_mean"], arrays["code_std"], layers, manifest)
+        except BaseException as error:
+            for array in arrays.values():  # the files opened so far
+                array.close()
+            if isinstance(error, (OSError, KeyError, TypeError, AttributeError)):  # a missing file or entry
+                raise ValueError(f"{str(folder)!r} holds a damaged feature cache ({type(error).__name__}: {error}); "
+                                 "delete the folder to recompute it.") from None
+            raise
 
 
 class _MemorySink:

@@ -30,6 +30,15 @@ def test_disk_array_indexes_like_a_tensor(tmp_path):
         array[torch.tensor([50])]
 
 
+def test_disk_array_keeps_the_shape_of_its_index_as_a_tensor_does(tmp_path):
+    """A 0-d index (an element of torch.arange) gave a batch of one row, a 2-d index a flat batch."""
+    data = torch.randn(6, 2)
+    np.save(tmp_path / "a.npy", data.numpy())
+    array = DiskArray(tmp_path / "a.npy")
+    for index in (torch.tensor(4), torch.tensor([[0, 5], [5, 1]]), torch.tensor([[3]]), np.int64(2)):
+        assert torch.equal(array[index], data[torch.as_tensor(index)])
+
+
 def test_disk_array_reads_a_mask_as_a_tensor_does_and_refuses_other_indices(tmp_path):
     data = torch.randn(6, 2)
     np.save(tmp_path / "a.npy", data.numpy())

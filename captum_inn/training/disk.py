@@ -100,6 +100,7 @@ class DiskArray:
         elif rows.size and not np.issubdtype(rows.dtype, np.integer):
             raise IndexError(f"Row indices must be integers or a boolean mask, got {rows.dtype}; convert them "
                              "with .long().")
+        index_shape = rows.shape  # a 0-d index gives one row, an (A, B) index (A, B, *row), as a tensor does
         rows = rows.astype(np.int64).reshape(-1)
         if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
             raise IndexError(f"Row index out of range for {len(self)} rows.")
@@ -116,7 +117,8 @@ class DiskArray:
                 view = memoryview(buffer[run[0] : run[-1] + 1].reshape(-1).view(np.uint8))
                 if self._file.readinto(view) != len(view):
                     raise ValueError(f"{str(self.path)!r} ended early; it was changed or truncated.")
-        return torch.from_numpy(buffer if np.array_equal(unique, rows) else buffer[inverse.reshape(-1)])
+        out = buffer if np.array_equal(unique, rows) else buffer[inverse.reshape(-1)]
+        return torch.from_numpy(out.reshape(*index_shape, *self._row_shape))
 
     def close(self) -> None:
         """Close the file (the array cannot be read afterwards)."""

@@ -704,6 +704,28 @@ def test_images_of_the_wrong_dtype_and_unlabelled_classifier_data_are_clear_erro
         fit_classifier(model, images, steps=1, progress=False)
 
 
+def test_fit_classifier_trains_on_the_images_a_loader_draws_from_only():
+    """A DataLoader's sampler was ignored: its whole dataset, held-out images included, was trained on."""
+    from torch.utils.data import (
+        DataLoader,
+        SubsetRandomSampler,
+        TensorDataset,
+        WeightedRandomSampler,
+    )
+
+    from captum_inn.training.classifier import fit_classifier
+
+    images, labels = torch.rand(20, 3, 2, 2), torch.randint(3, (20,))
+    images[10:] = float("nan")  # the held-out half, never drawn by the loader
+    dataset = TensorDataset(images, labels)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    loader = DataLoader(dataset, batch_size=4, sampler=SubsetRandomSampler(range(10)))
+    assert fit_classifier(model, loader, steps=2, progress=False) is model
+    weighted = DataLoader(dataset, batch_size=4, sampler=WeightedRandomSampler(torch.ones(20), 20))
+    with pytest.raises(TypeError, match="sampler does not say which images it draws.*a Subset of it"):
+        fit_classifier(model, weighted, steps=1, progress=False)
+
+
 def test_source_fingerprint_reads_datasets_and_loaders(images, autoencoder):
     model = SmallCNN(width=4).eval()
     dataset = torch.utils.data.TensorDataset(images, torch.zeros(len(images)))

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from captum_inn.attr._common import check_number, check_positive_int
 from captum_inn.metrics import predict_classes
-from captum_inn.training.data import batching_errors_explained
+from captum_inn.training.data import batching_errors_explained, loader_indices
 from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import train_loop
 
@@ -30,12 +30,17 @@ def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
                         "pairs, or an object with `images` and `targets` (e.g. ColorDigits).")
     if hasattr(data, "images") and hasattr(data, "targets"):  # e.g. ColorDigits
         return data.images, torch.as_tensor(data.targets)
-    if isinstance(data, DataLoader):
-        data = data.dataset  # the classifier draws its own minibatches
+    indices = None
+    if isinstance(data, DataLoader):  # the classifier draws its own minibatches, from the loader's images only
+        indices = loader_indices(data)
+        if indices is None:
+            raise TypeError("`data` is a DataLoader whose sampler does not say which images it draws (a custom "
+                            "sampler or an iterable dataset); pass its dataset, a Subset of it, or (images, labels).")
+        data = data.dataset
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise TypeError(f"`data` must be (images, labels), a Dataset of (image, label) pairs or a DataLoader over "
                         f"one, got {type(data).__name__}.")
-    xs, ys = zip(*(data[i] for i in range(len(data))))
+    xs, ys = zip(*(data[i] for i in (range(len(data)) if indices is None else indices)))
     with batching_errors_explained():
         return torch.stack(xs), torch.as_tensor(ys)
 
@@ -119,8 +124,9 @@ def fit_classifier(
 
     Args:
         model: A classifier mapping ``(N, C, H, W)`` to logits ``(N, K)``.
-        data: ``(images, labels)``, a dataset with ``images``/``targets`` (ColorDigits), or a
-            map-style dataset of ``(image, label)``.
+        data: ``(images, labels)``, a dataset with ``images``/``targets`` (ColorDigits), a
+            map-style dataset of ``(image, label)``, or a ``DataLoader`` over one (the images its
+            sampler draws from; the minibatches are drawn here).
         steps: Optimiser steps.
         batch_size: Images per step (under torchrun, summed over the processes: each draws its
             share from its own shard of the images).

@@ -750,6 +750,19 @@ def test_a_loader_counts_and_fingerprints_the_images_it_yields(images, autoencod
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
+def test_a_loader_with_a_batch_sampler_is_read_by_its_batch_samplers_images():
+    """loader.sampler is a default SequentialSampler that a batch_sampler loader never uses: the
+    fingerprint (and fit_classifier) read the whole dataset instead of the batch sampler's images."""
+    from torch.utils.data import BatchSampler, DataLoader, TensorDataset
+
+    from captum_inn.training.data import loader_indices
+
+    dataset = TensorDataset(torch.rand(20, 3, 4, 4))
+    first, second = (DataLoader(dataset, batch_sampler=BatchSampler(range(a, b), 4, False)) for a, b in ((0, 10), (10, 20)))
+    assert list(loader_indices(first)) == list(range(10))
+    assert images_fingerprint(first) != images_fingerprint(second)
+
+
 def test_save_load_and_refusals(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     inn = fit_invariances(model, "relu3", autoencoder, images, steps=2, progress=False, **TINY)

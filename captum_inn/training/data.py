@@ -100,6 +100,11 @@ def loader_indices(loader: DataLoader) -> Optional[Sequence[int]]:
     sampler, dataset = loader.sampler, loader.dataset
     if not hasattr(dataset, "__len__"):
         return None
+    if loader.batch_sampler is not None and loader.batch_size is None:
+        # a batch sampler of the caller's: `loader.sampler` is a default it never uses
+        sampler = getattr(loader.batch_sampler, "sampler", None)
+        if sampler is None:
+            return None
     if isinstance(sampler, SequentialSampler) or (
             isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(dataset)):
         return range(len(dataset))

@@ -564,6 +564,13 @@ def test_an_inn_checkpoint_of_another_models_features_is_refused_even_with_a_fre
         fit_invariances(other, ["fc", "logits"], autoencoder, images, steps=3, **settings)
 
 
+def test_a_bad_schedule_is_refused_before_the_pass_over_the_data(images, autoencoder):
+    model = CountingCNN().eval()
+    with pytest.raises(ValueError, match="`schedule` must be 'constant' or 'cosine', got 'Cosine'"):
+        fit_invariances(model, "fc", autoencoder, images, schedule="Cosine", steps=1, progress=False, **TINY)
+    assert model.calls == 0  # it was refused only after the features were cached
+
+
 def test_each_layer_is_listed_once(images, autoencoder):
     model = SmallCNN(width=4).eval()
     with pytest.raises(ValueError, match="`layers` lists layer 'fc' more than once"):

@@ -46,8 +46,17 @@ _RESUMABLE = ("steps", "checkpoint_every")
 # >= 1 (sizes, counts, steps) and every other float >= 0 (noise levels, loss weights).
 _ANY_INT = ("seed",)
 _POSITIVE_FLOATS = ("lr", "clamp")
-# settings with a rule of their own
-_OWN_CHECKS = {"conv_patch_to": check_patch_to, "token_dim": check_token_dim}
+_SCHEDULES = ("constant", "cosine")
+
+
+def _check_schedule(value: Any, name: str = "schedule") -> str:
+    if value not in _SCHEDULES:
+        raise ValueError(f"`{name}` must be 'constant' or 'cosine', got {value!r}.")
+    return value
+
+
+# settings with a rule of their own (a bad schedule is refused before a fit's pass over the data)
+_OWN_CHECKS = {"conv_patch_to": check_patch_to, "token_dim": check_token_dim, "schedule": _check_schedule}
 
 _Config = TypeVar("_Config")
 
@@ -298,8 +307,7 @@ def train_loop(
         >>> losses[-1] < losses[0]
         True
     """
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"`schedule` must be 'constant' or 'cosine', got {schedule!r}.")
+    _check_schedule(schedule)
     steps, checkpoint_every = check_positive_int(steps, "steps"), check_positive_int(checkpoint_every, "checkpoint_every")
     lr, weight_decay = check_number(lr, "lr", positive=True), check_number(weight_decay, "weight_decay")
     meta = dict(meta or {"kind": "module", "config": {}})

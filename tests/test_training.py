@@ -785,9 +785,24 @@ def test_save_load_and_refusals(images, autoencoder, tmp_path):
         load_invariance_inn(path, latent_dim=64)
 
 
+def test_an_edited_feature_cache_file_is_a_checkpoint_error(tmp_path):
+    """A saved cache missing a layer's tensor raised a bare KeyError; one whose arrays have other row
+    counts loaded, and the fit failed later (or paired the wrong rows)."""
+    cache = FeatureCache(torch.zeros(5, 6), torch.ones(5, 6), {"fc": torch.randn(5, 10)})
+    meta = {"kind": "feature_cache", "config": {"layers": ["fc"], **cache._record()}}
+    for tensors, match in (({"code_mean": cache.code_mean, "code_std": cache.code_std}, "KeyError: 'layer.fc'"),
+                           ({"code_mean": cache.code_mean, "code_std": cache.code_std, "layer.fc": torch.randn(4, 10)},
+                            r"\[4, 5\] rows")):
+        save_checkpoint(tmp_path / "features.safetensors", tensors, meta)
+        with pytest.raises(CheckpointError, match=f"is incomplete or was edited.*{match}.*delete it to recompute"):
+            FeatureCache.load(tmp_path / "features.safetensors")
+    cache.save(tmp_path / "whole.safetensors")
+    assert torch.equal(FeatureCache.load(tmp_path / "whole.safetensors").layers["fc"], cache.layers["fc"])
+
+
 def test_checkpoints_and_caches_of_views_of_one_tensor_are_saved(tmp_path):
-    values = torch.randn(5, 10)
-    cache = FeatureCache(values[:, :6].contiguous(), torch.ones(5, 6), {"a": values, "b": values, "c": values[2:]})
+    values = torch.randn(7, 10)  # "c" shares its storage at another offset, with the same 5 rows as the others
+    cache = FeatureCache(values[:5, :6].contiguous(), torch.ones(5, 6), {"a": values[:5], "b": values[:5], "c": values[2:]})
     loaded = FeatureCache.load(cache.save(tmp_path / "cache.safetensors"))
     assert all(torch.equal(loaded.layers[k], cache.layers[k]) for k in "abc")
     tensors, _ = load_checkpoint(save_checkpoint(tmp_path / "ck.safetensors", {"w": values, "row": values[1]}, {}))

@@ -210,13 +210,26 @@ class FeatureCache:
 
         Returns:
             The :class:`FeatureCache`.
+
+        Raises:
+            CheckpointError: an unreadable file, or one whose arrays or record are missing or do
+                not fit together.
         """
-        from captum_inn.training.checkpoint import load_checkpoint
+        from captum_inn.training.checkpoint import CheckpointError, load_checkpoint
 
         tensors, meta = load_checkpoint(path, kind="feature_cache")
-        names = meta["config"]["layers"]
-        return cls._from_record(tensors["code_mean"], tensors["code_std"], {n: tensors[f"layer.{n}"] for n in names},
-                               meta["config"])
+        try:
+            names = meta["config"]["layers"]
+            cache = cls._from_record(tensors["code_mean"], tensors["code_std"],
+                                     {n: tensors[f"layer.{n}"] for n in names}, meta["config"])
+            rows = {len(a) for a in (cache.code_mean, cache.code_std, *cache.layers.values())}
+            if len(rows) != 1 or cache.code_std.shape != cache.code_mean.shape:
+                raise ValueError(f"its arrays have {sorted(rows)} rows, codes of shapes {tuple(cache.code_mean.shape)} "
+                                 f"and {tuple(cache.code_std.shape)}")
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise CheckpointError(f"Feature cache {str(path)!r} is incomplete or was edited ({type(error).__name__}: "
+                                  f"{error}); delete it to recompute it.") from None
+        return cache
 
     @classmethod
     def open(cls, folder: Union[str, Path]) -> Optional[FeatureCache]:

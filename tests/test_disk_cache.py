@@ -268,6 +268,18 @@ def test_two_passes_into_one_folder_run_one_after_the_other(images, autoencoder,
         cache.close()
 
 
+def test_a_dropped_folder_lock_does_not_block_the_folder(tmp_path):
+    import warnings
+
+    from captum_inn.training.disk import FolderLock
+
+    FolderLock(tmp_path)  # its holder is gone (a sink lost to an error, say)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "waiting for it to finish" would be an error here
+        with FolderLock(tmp_path), FolderLock(tmp_path / "other_folder_missing", shared=True):
+            pass
+
+
 def test_a_damaged_disk_cache_is_a_clear_error(images, autoencoder, tmp_path):
     cache = cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, images[:8], memmap_dir=tmp_path / "cache",
                            progress=False)

@@ -9,6 +9,7 @@ row would grow with the file. The kernel's page cache still keeps hot rows fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -262,6 +263,10 @@ class FolderLock:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+    def __del__(self) -> None:  # a lock whose holder is gone must not block the folder until the process ends
+        with contextlib.suppress(Exception):  # at interpreter exit `os` may be gone
+            self.release()
 
     def __enter__(self) -> FolderLock:
         return self

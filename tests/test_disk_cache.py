@@ -3,6 +3,8 @@ damaged folders are never used, and a resumed fit reuses the folder without reru
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -278,6 +280,26 @@ def test_a_dropped_folder_lock_does_not_block_the_folder(tmp_path):
         warnings.simplefilter("error")  # "waiting for it to finish" would be an error here
         with FolderLock(tmp_path), FolderLock(tmp_path / "other_folder_missing", shared=True):
             pass
+
+
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows")
+def test_a_file_system_without_locks_caches_and_checkpoints_unlocked(images, autoencoder, tmp_path, monkeypatch):
+    import errno
+
+    from captum_inn.training import disk
+
+    def refuse(fd, mode):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(disk.fcntl, "flock", refuse)
+    cache = cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, images[:8], memmap_dir=tmp_path / "cache",
+                           progress=False)  # NFS without its lock daemon: the pass failed with OSError
+    assert cache.layers["fc"].shape[0] == 8
+    cache.close()
+    from captum_inn.training import load_checkpoint, save_checkpoint
+
+    save_checkpoint(str(tmp_path / "ck.safetensors"), {"w": torch.ones(2)}, {"kind": "module"})
+    assert torch.equal(load_checkpoint(str(tmp_path / "ck.safetensors"))[0]["w"], torch.ones(2))
 
 
 def test_a_damaged_disk_cache_is_a_clear_error(images, autoencoder, tmp_path):

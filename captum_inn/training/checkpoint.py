@@ -122,7 +122,14 @@ def _new_temporary(path: Path) -> Tuple[str, int]:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         if fcntl is None:
             return tmp, fd
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (NFS without its lock daemon): clean-ups cannot
+            return tmp, fd  # lock it either, so they leave it alone (_remove_stale_temporaries)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
         if os.fstat(fd).st_nlink:
             return tmp, fd
         os.close(fd)  # another writer's clean-up removed it before the lock was taken: take another

@@ -215,8 +215,9 @@ class FolderLock:
     then run one after the other instead of mixing their files and manifests, and a reader never pairs
     one pass's manifest with another's files. The kernel releases it when the process dies.
 
-    Waiting for another holder warns first. A no-op where the platform has no ``flock`` (Windows), and
-    for a reader that cannot create the lock file (a read-only folder, where no pass can be writing).
+    Waiting for another holder warns first. A no-op where the platform has no ``flock`` (Windows) or
+    the file system refuses it, and for a reader that cannot create the lock file (a read-only
+    folder, where no pass can be writing).
 
     Args:
         folder: An existing folder.
@@ -253,6 +254,9 @@ class FolderLock:
                 warnings.warn(f"{str(folder)!r} is being written by another feature-cache pass; waiting for it to "
                               "finish.", UserWarning, stacklevel=3)
                 fcntl.flock(fd, mode)
+        except OSError:  # a file system without locks (NFS without its lock daemon): unlocked, as on Windows
+            os.close(fd)
+            return
         except BaseException:  # interrupted while waiting
             os.close(fd)
             raise

@@ -309,3 +309,7 @@ def test_a_damaged_disk_cache_is_a_clear_error(images, autoencoder, tmp_path):
     (tmp_path / "cache" / "layer.fc.npy").unlink()
     with pytest.raises(ValueError, match="holds a damaged feature cache.*delete the folder to recompute"):
         FeatureCache.open(tmp_path / "cache")
+    for text in ("[1, 2]", "\x80 not text"):  # JSON of another shape, bytes that are not UTF-8
+        (tmp_path / "cache" / "manifest.json").write_bytes(text.encode("latin-1"))
+        with pytest.raises(ValueError, match="manifest.json.*delete the folder to recompute it"):
+            FeatureCache.open(tmp_path / "cache")

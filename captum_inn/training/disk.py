@@ -357,6 +357,10 @@ def read_manifest(folder: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{str(path)!r} is unreadable ({error}); delete the folder to recompute it.") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(manifest).__name__}, not a manifest; delete the folder to "
+                         "recompute it.")
+    return manifest

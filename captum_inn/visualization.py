@@ -13,6 +13,7 @@ from torch import Tensor
 __all__ = [
     "to_numpy_image",
     "plot_invariance_samples",
+    "plot_layer_invariances",
     "plot_invariance_maps",
     "plot_by_depth",
     "plot_concept_bars",
@@ -112,6 +113,48 @@ def plot_invariance_samples(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig, axes
+
+
+def plot_layer_invariances(
+    explainer: Any,
+    inputs: Any,
+    n_samples: int = 8,
+    *,
+    temperature: float = 1.0,
+    seed: Optional[int] = 0,
+    additional_forward_args: Any = None,
+    title: Optional[str] = None,
+    fig: Any = None,
+) -> Tuple[Any, Any]:
+    """:func:`plot_invariance_samples` in one call: a :class:`~captum_inn.LayerInvariance`'s inputs,
+    reconstructions and invariance samples.
+
+    Args:
+        explainer: A :class:`~captum_inn.LayerInvariance`.
+        inputs: ``(N, C, H, W)`` images in ``[0, 1]`` (or the explainer's tuple of inputs).
+        n_samples: Samples per input.
+        temperature: Scale of ``v`` (see :meth:`~captum_inn.LayerInvariance.sample`).
+        seed: Seeds the samples (the same figure in every call); ``None`` draws fresh ones.
+        additional_forward_args: Extra arguments of the explainer's ``forward_func``.
+        title: Figure title; default ``"invariance samples at <layer>"``.
+        fig: Optional figure to draw into.
+
+    Returns:
+        ``(fig, axes)`` with ``axes`` of shape ``(N, n_samples + 2)``.
+
+    Examples::
+
+        fig, axes = plot_layer_invariances(LayerInvariance(model, "fc", inn, ae), x[:4])
+    """
+    from captum_inn.attr import LayerInvariance
+
+    if not isinstance(explainer, LayerInvariance):
+        raise TypeError(f"`explainer` must be a captum_inn.LayerInvariance, got {type(explainer).__name__}; "
+                        "for tensors you already have, call plot_invariance_samples(originals, reconstructions, samples).")
+    samples = explainer.sample(inputs, n_samples, temperature, additional_forward_args, seed=seed)
+    images = inputs[explainer.image_input] if isinstance(inputs, (tuple, list)) else inputs
+    title = f"invariance samples at {explainer.layer_name}" if title is None else title
+    return plot_invariance_samples(images, explainer.reconstruct(inputs), samples, title=title, fig=fig)
 
 
 def plot_invariance_maps(

@@ -50,6 +50,7 @@ def test_example_runs_and_gives_the_shapes_it_states(example):
     assert namespace["samples"].shape == (8, 6, 3, 32, 32)
     assert namespace["ig"].shape == (8, 3, 32, 32)
     assert torch.isfinite(namespace["invariance_map"]).all()
+    assert namespace["axes"].shape == (4, 10)  # each input, its reconstruction, 8 samples
 
 
 def test_shrinking_refuses_an_example_it_does_not_recognise():

@@ -158,3 +158,26 @@ def test_plot_concept_edits_takes_one_donor_for_all_rows_as_edit_does():
         plot_concept_edits(x, x[:2], {"digit": x})
     with pytest.raises(ValueError, match=r"`edits\['digit'\]` holds 1 images for 3 `originals`"):
         plot_concept_edits(x, x, {"digit": x[:1]})
+
+
+def test_plot_layer_invariances_draws_what_the_explainer_gives():
+    from captum_inn import LayerInvariance
+    from captum_inn.autoencoders import ConvAutoencoder
+    from captum_inn.inn import ConditionalINN
+    from captum_inn.models import SmallCNN
+    from captum_inn.visualization import plot_layer_invariances
+
+    torch.manual_seed(0)
+    model, ae = SmallCNN(width=4).eval(), ConvAutoencoder((3, 32, 32), latent_dim=8).eval()
+    inn = ConditionalINN(8, (10,), n_blocks=2, hidden=16)
+    inn(torch.randn(4, 8), torch.randn(4, 10))  # ActNorm initialisation (normally: fit_invariances)
+    explainer = LayerInvariance(model, "logits", inn.eval(), ae)
+    x = torch.rand(3, 3, 32, 32)
+    fig, axes = plot_layer_invariances(explainer, x, n_samples=4, seed=1)
+    assert axes.shape == (3, 6) and fig._suptitle.get_text() == "invariance samples at logits"
+    drawn = torch.from_numpy(axes[1, 3].images[0].get_array().data.copy()).permute(2, 0, 1)
+    assert torch.allclose(drawn, explainer.sample(x, 4, seed=1)[1, 1], atol=1e-6)  # row 1, sample 2
+    assert torch.allclose(torch.from_numpy(axes[2, 1].images[0].get_array().data.copy()).permute(2, 0, 1),
+                          explainer.reconstruct(x)[2], atol=1e-6)
+    with pytest.raises(TypeError, match="`explainer` must be a captum_inn.LayerInvariance.*plot_invariance_samples"):
+        plot_layer_invariances(model, x)

@@ -214,6 +214,25 @@ def test_layers_fitted_side_by_side_equal_those_fitted_one_after_another(images,
     assert resumed["fc"].history[:6] == side["fc"].history
 
 
+def test_the_concurrent_progress_bar_counts_the_steps_checkpoints_hold(images, autoencoder, tmp_path, monkeypatch):
+    import captum_inn.training.invariances as invariances
+
+    bars = []
+
+    class RecordingBar(invariances.tqdm):
+        def close(self):
+            bars.append((self.total, self.n))
+            super().close()
+
+    model = SmallCNN(width=4).eval()
+    settings = dict(workers=2, checkpoint_dir=str(tmp_path), **TINY)
+    fit_invariances(model, ["fc", "logits"], autoencoder, images, steps=6, progress=False, **settings)
+    monkeypatch.setattr(invariances, "tqdm", RecordingBar)
+    fit_invariances(model, ["fc", "logits"], autoencoder, images, steps=6, progress=True,
+                    layer_overrides={"fc": {"steps": 9}}, **settings)  # logits is finished: it takes no step
+    assert bars[-1] == (15, 15)  # the bar ended at 9 (logits' 6 steps uncounted) and jumped from 0 to 7
+
+
 def test_a_failing_concurrent_fit_stops_the_others_and_raises_its_error():
     from captum_inn.training.loop import run_concurrently
 

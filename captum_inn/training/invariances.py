@@ -245,6 +245,12 @@ def _auto_workers(workers: Optional[int], n_layers: int, device: torch.device) -
     return max(1, min(n_layers, torch.get_num_threads()))
 
 
+def _checkpoint_step(path: Optional[str], steps: int) -> int:
+    """The steps a layer's checkpoint holds (read from its header; 0 without one), at most ``steps``."""
+    step = (read_header(path) or {}).get("step")
+    return min(step, steps) if isinstance(step, int) and not isinstance(step, bool) and step > 0 else 0
+
+
 def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str, InvarianceConfig],
                 device: torch.device, checkpoint_dir: Optional[str], resume: bool, progress: bool,
                 workers: int, source: str) -> Dict[str, ConditionalINN]:
@@ -255,9 +261,10 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
     built = {n: _build(cache, n, configs[n], device) for n in names}  # in order: the global RNG is not thread-safe
     if workers <= 1 or len(names) <= 1:
         return {n: _train(built[n], cache, n, configs[n], device, paths[n], resume, progress, source=source) for n in names}
-    done = dict.fromkeys(names, 0)
-    bar = tqdm(total=sum(configs[n].steps for n in names), desc=f"INNs for {len(names)} layers ({workers} at a time)",
-               disable=not progress, leave=False)
+    # the steps that checkpoints already hold count as done: a finished layer takes no step to report
+    done = {n: _checkpoint_step(paths[n], configs[n].steps) if resume else 0 for n in names}
+    bar = tqdm(total=sum(configs[n].steps for n in names), initial=sum(done.values()),
+               desc=f"INNs for {len(names)} layers ({workers} at a time)", disable=not progress, leave=False)
     lock = threading.Lock()
 
     def task_for(name: str) -> Callable[[Callable[[], None]], ConditionalINN]:

@@ -232,6 +232,31 @@ def test_fit_concepts_separates_the_concepts(fitted):
     assert e.history[-1] < e.history[0]
 
 
+def test_unused_code_dimensions_do_not_blow_up_the_first_steps():
+    """A dimension the autoencoder leaves unused sits at the prior: constant mean, std 1. ActNorm was
+    initialised on the means alone, scaled it by about 1/spread of its means, and the first losses
+    were about 1e5."""
+    import types
+
+    class CollapsedAE(nn.Module):
+        latent_dim = 8
+
+        def encode(self, x):
+            mean = x.flatten(1)[:, :8].clone()
+            mean[:, 6:] *= 1e-3
+            std = torch.full_like(mean, 0.05)
+            std[:, 6:] = 1.0
+            return types.SimpleNamespace(mean=mean, std=std)
+
+        def decode(self, code):
+            return code
+
+    x = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0))
+    pairs = ConceptPairs.from_labels("a", x, (x[:, 0] > 0).long())
+    inn = fit_concepts(CollapsedAE(), [pairs], steps=20, progress=False, factor_sizes={"a": 2, "residual": 6})
+    assert max(inn.history) < 10
+
+
 def test_fit_concepts_estimates_sizes_when_not_given():
     x, c, _ = synthetic(200)
     e = fit_concepts((IDENTITY, "0"), [ConceptPairs.from_labels("c", x, c)], steps=2, n_blocks=1, hidden=8,

@@ -502,8 +502,14 @@ def fit_concepts(
         inn = FactorINN(dim, sizes, residual=RESIDUAL, n_blocks=config.n_blocks, hidden=config.hidden,
                         depth=config.depth, clamp=config.clamp, seed=config.seed).to(device)
     masks = _pair_masks(inn, concept_list).to(device)
-    with torch.no_grad():  # ActNorm's data-dependent initialisation on real codes
-        inn(torch.cat([p.mean_a[:256] for p in pools]).to(device))
+    # ActNorm's data-dependent initialisation on rows drawn as the training draws them (mean + std * noise):
+    # on the means alone, a dimension the autoencoder leaves unused (collapsed to the prior: constant
+    # mean, std near 1) got a scale of about 1/spread of its means, and its training rows that much larger
+    noise = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        rows = [p.mean_a[:256] + p.std_a[:256] * torch.randn(p.mean_a[:256].shape, generator=noise,
+                                                             dtype=p.mean_a.dtype).to(p.mean_a.device) for p in pools]
+        inn(torch.cat(rows).to(device))
 
     info = {
         "representation": describe(dim),

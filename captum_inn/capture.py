@@ -320,7 +320,8 @@ class LayerHooks:
     A module that runs several times in one forward pass (a reused block) keeps the value of its
     **last** call; ``calls[name]`` counts the calls. With ``stop_early=True`` the forward pass is
     aborted as soon as every hooked layer has run once (a private exception is raised from the
-    hook), so a reused module then keeps its *first* value. The ``with`` statement (and
+    hook), so a reused module then keeps its *first* value (also when it runs again before the
+    other hooked layers have run). The ``with`` statement (and
     :meth:`run`) swallow exactly that exception; all others propagate.
 
     Args:
@@ -466,8 +467,12 @@ class LayerHooks:
             value = value.clone()
         if self._stopped:  # the model caught the signal and ran on: keep the first values, stop again
             raise _StopForward(self)
-        self._values[name] = value
         self.calls[name] = self.calls.get(name, 0) + 1
+        if self.stop_early and name in self._values:
+            # a reused module running again before the other layers: keep its first call, the value a
+            # single-layer capture (and replace_activation(model=...)) reads
+            return
+        self._values[name] = value
         if self.stop_early and len(self._values) == len(self.names):
             self._stopped = True
             raise _StopForward(self)

@@ -481,6 +481,29 @@ def test_reused_module_keeps_last_value_and_counts_calls():
     assert torch.equal(capture(model, "block", x, stop_early=False), model(x))
 
 
+def test_stop_early_keeps_a_reused_modules_first_call_when_other_layers_are_hooked_after_it():
+    """With a later layer hooked too, the pass ran on past the module's second call, which overwrote
+    the first: a multi-layer cache read another activation than a single-layer fit and the explainers."""
+
+    class TwiceThenHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu, self.head = nn.ReLU(), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.relu(self.relu(x) - 1.0))
+
+    model, x = seeded(TwiceThenHead()), torch.randn(4, 3)
+    both = capture(model, ["relu", "head"], x)
+    assert torch.equal(both["relu"], capture(model, "relu", x))
+    assert torch.equal(both["relu"], torch.relu(x))
+    assert torch.equal(both["head"], model(x))
+    with LayerHooks(model, ["relu", "head"], stop_early=True) as hooks:
+        hooks.run(x)
+    assert hooks.calls == {"relu": 2, "head": 1}
+    assert_no_hooks(model)
+
+
 def test_batchnorm_train_mode_is_captured_in_eval_and_flags_restored():
     model = seeded(BNModel()).train()
     model.drop.eval()  # a mixed state that model.train(True) would destroy

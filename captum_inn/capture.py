@@ -85,8 +85,8 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
         is registered under several names; ``""`` for ``model``) and the module.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module`` or ``layer`` is neither a ``str`` nor an
-            ``nn.Module``.
+        TypeError: If ``model`` is not an ``nn.Module``, ``layer`` is neither a ``str`` nor an
+            ``nn.Module``, or the layer is (inside) a TorchScript module, whose forward runs no hooks.
         ValueError: If ``layer`` is a module that is not part of ``model``, or a name that does
             not exist (the message lists close matches).
 
@@ -100,7 +100,9 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _refuse_torchscript(model, "model")
     if isinstance(layer, nn.Module):
+        _refuse_torchscript(layer, "layer")
         for name, module in model.named_modules():
             if module is layer:
                 return name, module
@@ -111,13 +113,29 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
         )
     if isinstance(layer, str):
         try:
-            return layer, model.get_submodule(layer)
+            module = model.get_submodule(layer)
         except AttributeError:
             raise ValueError(_unknown_name_message(model, layer)) from None
+        parent = model
+        for part in layer.split(".") if layer else ():  # a layer inside a scripted block runs no hooks either
+            parent = parent.get_submodule(part)
+            _refuse_torchscript(parent, f"layer {layer!r}")
+        return layer, module
     raise TypeError(
         f"layer must be an nn.Module or a dotted name (str) such as 'layer3.1.relu', "
         f"got {type(layer).__name__}: {layer!r}"
     )
+
+
+def _refuse_torchscript(module: nn.Module, what: str) -> None:
+    """``TypeError`` for a TorchScript module: its compiled forward never calls Python hooks, so a
+    layer in it could not be read (a raw RuntimeError, or "did not run", before)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{what} is (inside) a TorchScript module ({type(module).__name__}, from torch.jit.script or "
+            "torch.jit.trace), whose compiled forward does not run forward hooks, so its layers cannot be read; "
+            "pass the original nn.Module instead"
+        )
 
 
 def _unknown_name_message(model: nn.Module, name: str) -> str:

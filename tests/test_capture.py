@@ -697,3 +697,21 @@ def test_grad_keeps_graph(cnn, x):
     assert capture(cnn, "features.0", xg).grad_fn is None
     assert not capture(cnn, "features.0", xg).requires_grad
     assert_no_hooks(cnn)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
+def test_a_torchscript_model_or_block_is_refused_with_a_type_error_naming_it():
+    """A TorchScript module runs no forward hooks: a traced model said "layer '0' did not run", a scripted
+    one raised a raw RuntimeError ("get_submodule is not supported"), a scripted block hooked by module too."""
+    net, x = seeded(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))), torch.randn(3, 4)
+    traced = torch.jit.trace(net, x)
+    with pytest.raises(TypeError, match="model is .*TorchScript.*original nn.Module"):
+        capture(traced, "0", x)
+    with pytest.raises(TypeError, match="model is .*TorchScript"):
+        capture(torch.jit.script(net), "0", x)
+    wrapper = nn.Sequential(torch.jit.trace(net, x), nn.Identity())
+    with pytest.raises(TypeError, match="layer '0.0' is .*TorchScript"):
+        capture(wrapper, "0.0", x)
+    with pytest.raises(TypeError, match="layer is .*TorchScript"):
+        capture(wrapper, wrapper[0], x)
+    assert torch.equal(capture(wrapper, "1", x), net(x))  # a Python layer after a scripted block still reads

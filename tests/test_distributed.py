@@ -96,3 +96,25 @@ def test_processes_with_different_networks_are_refused(monkeypatch):
     monkeypatch.setattr(distributed, "gather_texts", lambda text: [text, "0123456789abcdef"])
     with pytest.raises(ValueError, match=r"`model` has other weights in process\(es\) \[1\].*seed its construction"):
         distributed.check_replicas_agree({"model": torch.nn.Linear(2, 2)})
+
+
+def test_shard_data_refuses_fewer_items_than_processes_on_every_rank(monkeypatch):
+    """With fewer images than processes a rank got an empty shard and failed alone ("a non-empty batch ...
+    got shape (0, ...)" for one image given); every rank now refuses it, naming the number of processes."""
+    from torch.utils.data import IterableDataset, TensorDataset
+
+    from captum_inn.training import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda device=None: (1, 2))  # simulated: rank 1 of 2
+    with pytest.raises(ValueError, match=r"`data` has 1 item\(s\), fewer than the 2 processes"):
+        distributed.shard_data(torch.rand(1, 3, 4, 4))
+    images = torch.rand(3, 3, 4, 4)
+    assert torch.equal(distributed.shard_data(images), images[1:2])  # an uneven shard is fine
+    assert len(distributed.shard_data(TensorDataset(images))) == 1
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(images)
+
+    with pytest.raises(TypeError, match="map-style Dataset .* not a Stream"):
+        distributed.shard_data(Stream())

@@ -110,6 +110,10 @@ def shard_data(data: Any) -> Any:
         ``data`` itself outside a distributed run; under torchrun ``data[rank::world]`` for a
         tensor (``(N, C, H, W)`` becomes about ``(N / world, C, H, W)``) or a ``Subset``.
 
+    Raises:
+        ValueError: under torchrun, fewer items than processes (a process would get none).
+        TypeError: under torchrun, a ``DataLoader`` or data without ``len`` and indexing.
+
     Examples::
 
         >>> shard_data(torch.rand(10, 3, 4, 4)).shape   # rank 1 of 2 would get rows 1, 3, 5, 7, 9
@@ -121,9 +125,16 @@ def shard_data(data: Any) -> Any:
     if isinstance(data, DataLoader):
         raise TypeError("Under torchrun pass the images as a tensor or a Dataset, not a DataLoader: each process "
                         "reads its own shard of them.")
+    if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise TypeError(f"Under torchrun pass the images as a tensor or a map-style Dataset (with __len__ and "
+                        f"__getitem__), not a {type(data).__name__}: each process reads its own shard of them.")
+    n = len(data)
+    if n < size:  # every process knows n, so all raise here rather than one failing alone with an empty shard
+        raise ValueError(f"`data` has {n} item(s), fewer than the {size} processes of this torchrun run: each process "
+                         "needs at least one; pass more images or start fewer processes.")
     if isinstance(data, Tensor):
         return data[rank::size]
-    return Subset(data, range(rank, len(data), size))
+    return Subset(data, range(rank, n, size))
 
 
 def sync_module(module: nn.Module) -> None:

@@ -178,6 +178,27 @@ def test_cache_restores_modes_and_reports_missing_layers(images, autoencoder):
     assert_no_hooks(model)
 
 
+def test_cache_of_data_that_yields_no_images_is_a_value_error(images, autoencoder, tmp_path):
+    """A drop_last loader with fewer images than its batch (or an empty one) gave a KeyError 'code_mean'
+    in memory, and on disk wrote an empty cache that it then called damaged."""
+    from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+    class NoImages(IterableDataset):  # of unknown length: found out only after the pass
+        def __iter__(self):
+            return iter(())
+
+    model = CountingCNN().eval()
+    for data in (DataLoader(TensorDataset(images[:3]), batch_size=4, drop_last=True), images[:0],
+                 DataLoader(NoImages(), batch_size=4)):
+        for memmap_dir in (None, tmp_path / "cache"):
+            if memmap_dir is not None and isinstance(data, DataLoader) and isinstance(data.dataset, NoImages):
+                continue  # memmap_dir refuses data of unknown length
+            with pytest.raises(ValueError, match="`data` yields no images.*drop_last"):
+                cache_features(model, "fc", autoencoder, data, progress=False, memmap_dir=memmap_dir)
+            assert not (tmp_path / "cache" / "manifest.json").exists()
+    assert_no_hooks(model)
+
+
 # ------------------------------------------------------------------ fit_invariances
 def test_fit_invariances_for_several_layers_from_one_pass(images, autoencoder, tmp_path):
     model = CountingCNN().eval()

@@ -487,6 +487,10 @@ def source_changes(cache: FeatureCache, model: nn.Module, autoencoder: Any, data
     return " and ".join(changed) if changed else "the model, the autoencoder or the images"
 
 
+_NO_IMAGES = ("`data` yields no images (an empty dataset, or a DataLoader with drop_last=True and fewer images than "
+              "its batch_size); pass at least one image, or drop_last=False.")
+
+
 @torch.no_grad()
 def cache_features(
     model: nn.Module,
@@ -530,8 +534,8 @@ def cache_features(
         A :class:`FeatureCache` with ``layers`` keyed by layer name.
 
     Raises:
-        ValueError: NaN or infinite pixels or features, ``memmap_dir`` for data of unknown
-            length, a folder holding an unreadable or incomplete cache, pixels far outside [0, 1]
+        ValueError: NaN or infinite pixels or features, data that yields no images,
+            ``memmap_dir`` for data of unknown length, a folder holding an unreadable or incomplete cache, pixels far outside [0, 1]
             or of another size than the autoencoder's, data the network refuses (explained).
         TypeError: images of another dtype than the network's.
 
@@ -551,11 +555,14 @@ def cache_features(
     names = list(dict.fromkeys(resolve_layer(model, layer)[0] for layer in layer_list))  # one array per layer
     extra = _format_additional_forward_args(additional_forward_args) or ()
     n_images = count_images(data)
+    if n_images == 0:  # before any pass or file: the arrays would be missing (a KeyError) or empty
+        raise ValueError(_NO_IMAGES)
     if batch_size is None:
         batch_size = 64 if torch.device(device).type == "cpu" else 256
     source, source_parts = _source_digests(model, autoencoder, data)
     sink = _MemorySink() if memmap_dir is None else _DiskSink(memmap_dir, n_images)
     bar = tqdm(total=n_images, desc="caching features", disable=not progress, leave=False, unit="img")
+    seen = 0
     try:
         with eval_mode(autoencoder), bar:
             for images in iter_image_batches(data, batch_size):
@@ -589,6 +596,9 @@ def cache_features(
                 sink.append("code_mean", mean)
                 sink.append("code_std", std)
                 bar.update(images.shape[0])
+                seen += images.shape[0]
+        if seen == 0:
+            raise ValueError(_NO_IMAGES)  # data of unknown length that yielded nothing
         return sink.finish(names, {
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "source": source,
             "layer_inputs": bool(attribute_to_layer_input), "autoencoder_weights": weights_fingerprint(autoencoder),

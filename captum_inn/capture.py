@@ -512,7 +512,10 @@ class LayerHooks:
         Raises:
             KeyError: If the layer is not hooked or has not run yet.
         """
-        name = resolve_layer(self.model, layer)[0] if isinstance(layer, nn.Module) else layer
+        if isinstance(layer, nn.Module):  # by identity: a module hooked by one of its names (an alias) too
+            name = next((n for n, m in self._modules.items() if m is layer), None) or resolve_layer(self.model, layer)[0]
+        else:
+            name = layer
         if name not in self._modules:
             raise KeyError(f"layer {name!r} is not hooked; hooked layers: {self.names}")
         if name not in self._values:

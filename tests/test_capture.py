@@ -715,3 +715,24 @@ def test_a_torchscript_model_or_block_is_refused_with_a_type_error_naming_it():
     with pytest.raises(TypeError, match="layer is .*TorchScript"):
         capture(wrapper, wrapper[0], x)
     assert torch.equal(capture(wrapper, "1", x), net(x))  # a Python layer after a scripted block still reads
+
+
+def test_hooks_are_indexed_by_module_when_hooked_by_an_alias_name():
+    """A module kept under two names (``self.backbone = self.body``) hooked by its second name: indexing the
+    hooks by the module resolved its first name and said it was not hooked."""
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+            self.backbone = self.body
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+    model, x = seeded(Aliased()), torch.randn(2, 3)
+    with LayerHooks(model, "backbone") as hooks:
+        model(x)
+    assert torch.equal(hooks[model.backbone], model.body(x)) and torch.equal(hooks["backbone"], model.body(x))
+    with pytest.raises(KeyError, match="'head' is not hooked"):
+        hooks[model.head]

@@ -783,6 +783,40 @@ def test_concept_dynamics_refuses_a_concept_inn_of_other_codes_before_any_fit(mo
     with pytest.raises(ValueError, match="`concept_inn` was fitted with another `autoencoder`"):
         dynamics.concept_dynamics({"0": model}, "hidden", ae, on_other_codes, images, images[:4], **kw)
 
+@pytest.mark.parametrize("change, error, match", [
+    (dict(n_samples=1), ValueError, "`n_samples` must be >= 2"),
+    (dict(eval_inputs=torch.rand(3, 8, 8)), ValueError, r"`eval_inputs` images must have shape \(N, C, H, W\)"),
+    (dict(eval_inputs=torch.rand(4, 3, 16, 16)), ValueError, "`eval_inputs` images have shape"),
+    (dict(eval_labels=torch.zeros(1, dtype=torch.long)), ValueError, r"`eval_labels` must be a tensor of shape \(4,\)"),
+    (dict(models=[(1, None), ("1", None)]), ValueError, r"labels must be distinct once made strings, got \['1'\]"),
+    (dict(models=[("..", None)], checkpoint_dir="runs"), ValueError, "label '..' names no folder of its own"),
+    (dict(models=[("0", None), ("1", nn.Linear(2, 2))]), ValueError, "The model labelled '1'.*not found"),
+])
+def test_concept_dynamics_checks_what_it_measures_with_before_any_fit(monkeypatch, tmp_path, change, error, match):
+    """Bad ``n_samples``, ``eval_inputs`` or ``eval_labels`` failed only after the first checkpoint's
+    INN fit (``(1,)`` labels did not fail: they broadcast into a wrong accuracy); repeated labels
+    shared a checkpoint folder, and a later model without the layer failed after the earlier fits."""
+    import captum_inn.training.dynamics as dynamics
+
+    torch.manual_seed(0)
+    model, images = VectorModel().eval(), torch.rand(16, 3, 8, 8)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=1, hidden=8)
+    e(torch.randn(32, 6))
+
+    def never(*args, **kwargs):
+        raise AssertionError("cached features before refusing")
+
+    monkeypatch.setattr(dynamics, "cache_features", never)
+    kw = {**dict(models=[("0", None)], eval_inputs=images[:4], eval_labels=None, n_samples=2), **change}
+    kw["models"] = [(label, m or model) for label, m in kw["models"]]
+    if "checkpoint_dir" in kw:
+        kw["checkpoint_dir"] = str(tmp_path / kw["checkpoint_dir"])
+    with pytest.raises(error, match=match):
+        dynamics.concept_dynamics(layer="hidden", autoencoder=ae, concept_inn=e.eval(), data=images, steps=2,
+                                  n_blocks=1, hidden=8, progress=False, **kw)
+
+
 @pytest.fixture
 def dynamics_fits(monkeypatch):
     """The keyword arguments of every ``fit_invariances`` call that ``concept_dynamics`` makes."""

@@ -16,7 +16,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from captum_inn.attr._common import as_device, check_module_device, weights_fingerprint
+from captum_inn.attr._common import (
+    as_device,
+    check_image_size,
+    check_module_device,
+    check_positive_int,
+    format_inputs,
+    weights_fingerprint,
+)
 from captum_inn.attr.concepts import LayerConcepts, _check_code_autoencoder
 from captum_inn.capture import capture, resolve_layer
 from captum_inn.inn import FactorINN
@@ -215,6 +222,8 @@ def concept_dynamics(
     check_module_device(concept_inn, device, "concept_inn")  # the autoencoder is checked by cache_features
     _check_code_autoencoder(concept_inn, autoencoder)  # refused now, not after the first checkpoint's INN fit
     eval_inputs = images_as_tensor(eval_inputs).to(device)
+    # what the measurements take is checked now too, not after the first checkpoint's INN fit
+    _check_measurements(items, name, autoencoder, eval_inputs, eval_labels, n_samples, checkpoint_dir)
     base: Optional[FeatureCache] = None
     read = {"attribute_to_layer_input": bool(attribute_to_layer_input), "selector": selector}
     result = ConceptDynamics(layer=name, labels=[], accuracy=[], encoded={c: [] for c in concept_inn.factor_names},
@@ -240,3 +249,33 @@ def concept_dynamics(
             result.encoded[concept].append(share)
             result.standard_error[concept].append(shares.standard_error[concept])
     return result
+
+
+def _check_measurements(items: Sequence[Tuple[Any, nn.Module]], name: str, autoencoder: Any, eval_inputs: Tensor,
+                        eval_labels: Optional[Tensor], n_samples: Any, checkpoint_dir: Optional[str]) -> None:
+    """The arguments that :func:`concept_dynamics` reads only after a checkpoint's INN fit."""
+    if check_positive_int(n_samples, "n_samples") < 2:
+        raise ValueError(f"`n_samples` must be >= 2 for a variance, got {n_samples}.")
+    format_inputs(eval_inputs, 0, "eval_inputs")
+    check_image_size(eval_inputs, autoencoder, "eval_inputs")
+    if eval_labels is not None:
+        # (1,) labels would broadcast against the predictions and give a wrong accuracy without a word
+        if not isinstance(eval_labels, Tensor) or tuple(eval_labels.shape) != (eval_inputs.shape[0],):
+            got = tuple(eval_labels.shape) if isinstance(eval_labels, Tensor) else type(eval_labels).__name__
+            raise ValueError(f"`eval_labels` must be a tensor of shape ({eval_inputs.shape[0]},), one class index per "
+                             f"image of `eval_inputs`, got {got}.")
+    labels = [str(label) for label, _ in items]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:  # one result row and one checkpoint folder per label
+        raise ValueError(f"`models` labels must be distinct once made strings, got {repeated} more than once.")
+    if checkpoint_dir is not None:
+        root = Path(checkpoint_dir).resolve()
+        for label in labels:
+            if root not in Path(root, label).resolve().parents:  # "", "." or "..": not a folder of its own
+                raise ValueError(f"`models` label {label!r} names no folder of its own inside `checkpoint_dir`; give "
+                                 "labels such as steps or names.")
+    for label, model in items:  # a later checkpoint without the layer: refused before the first fit
+        try:
+            resolve_layer(model, name)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"The model labelled {label!r}: {error}") from None

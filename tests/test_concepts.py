@@ -178,6 +178,22 @@ def test_scores_measure_the_share_of_variance():
     assert list(sizes) == ["c", "s", "residual"] and sum(sizes.values()) == 6
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(n_pairs=0), ValueError, "`n_pairs` must be >= 2"),
+    (dict(n_pairs=1), ValueError, "`n_pairs` must be >= 2"),
+    (dict(n_pairs=True), TypeError, "`n_pairs` must be an int"),
+    (dict(n_pairs=2.5), TypeError, "`n_pairs` must be an int"),
+    (dict(seed=1.5), TypeError, "`seed` must be an int"),
+])
+def test_scores_and_sizes_name_a_bad_n_pairs_or_seed(kwargs, error, match):
+    """0 pairs failed inside torch.cat, 1 (or True) gave a score from a single pair, a float seed
+    failed in manual_seed."""
+    x, c, _ = synthetic(20)
+    for scoring in (concept_scores, estimate_factor_sizes):
+        with pytest.raises(error, match=match):
+            scoring((IDENTITY, "0"), [ConceptPairs.from_labels("c", x, c)], **kwargs)
+
+
 def test_differ_pairs_score_what_changes():
     x, _, _ = synthetic(500)
 

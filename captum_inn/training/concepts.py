@@ -27,6 +27,7 @@ from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without i
 from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import (
     as_device,
+    check_int,
     check_module_device,
     network_dtype,
     weights_fingerprint,
@@ -270,6 +271,10 @@ def _scores(pools: Sequence[_PairPool]) -> Dict[str, float]:
 
 def _pools_for(representation: Any, concepts: Any, n_pairs: int, seed: int, device: Union[str, torch.device],
                progress: bool) -> List[_PairPool]:
+    # as fit_concepts' pool_size: a score is a covariance over pairs (0 pairs failed inside torch.cat)
+    if check_int(n_pairs, "n_pairs") < 2:
+        raise ValueError(f"`n_pairs` must be >= 2 (pairs per concept for its score), got {n_pairs}.")
+    check_int(seed, "seed")
     encode, _ = _as_encoder(representation, device)
     return _encode_pools(encode, as_concepts(concepts), n_pairs, seed, as_device(device), progress)
 
@@ -286,7 +291,7 @@ def concept_scores(
     Args:
         representation: An autoencoder, a :class:`LayerRepresentation` or ``(model, layer)``.
         concepts: Concepts (see :func:`captum_inn.concepts.as_concepts`).
-        n_pairs: Pairs drawn per concept.
+        n_pairs: Pairs drawn per concept (>= 2).
         seed: Seeds the pairs.
         device: Where the encoder runs.
         progress: Show a progress bar.
@@ -316,7 +321,7 @@ def estimate_factor_sizes(
     Args:
         representation: An autoencoder, a :class:`LayerRepresentation` or ``(model, layer)``.
         concepts: Concepts (see :func:`captum_inn.concepts.as_concepts`).
-        n_pairs: Pairs drawn per concept.
+        n_pairs: Pairs drawn per concept (>= 2).
         seed: Seeds the pairs.
         device: Where the encoder runs.
         progress: Show a progress bar.

@@ -16,6 +16,7 @@ Build one from labels (:meth:`ConceptPairs.from_labels`), from a transformation
 from __future__ import annotations
 
 import inspect
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -228,7 +229,7 @@ class ConceptPairs:
             sampler: An explicit pair sampler; without it pairs are two examples drawn from the
                 concept's ``data_iter`` (read once, up to ``max_examples``; it may yield batches
                 ``(N, C, H, W)`` or single images ``(C, H, W)``, or vectors ``(N, d)`` / ``(d,)``).
-            max_examples: Most examples read from ``data_iter``.
+            max_examples: Most examples read from ``data_iter`` (>= 2).
 
         Returns:
             A :class:`ConceptPairs` named ``concept.name``.
@@ -238,9 +239,12 @@ class ConceptPairs:
             raise TypeError(f"`concept` must be a captum.concept.Concept (with name and data_iter), got {type(concept).__name__}.")
         if sampler is not None:
             return cls(str(name), sampler, "share")
+        # -1 silently dropped the last example (a slice [:-1]); 1 or a bool cannot give a pair
+        if isinstance(max_examples, bool) or not isinstance(max_examples, numbers.Integral) or max_examples < 2:
+            raise ValueError(f"`max_examples` must be an int >= 2 (examples read for pairs), got {max_examples!r}.")
         if concept.data_iter is None:
             raise ValueError(f"Captum concept {name!r} has no data_iter; give a pair `sampler`.")
-        examples = _read_examples(concept.data_iter, max_examples)
+        examples = _read_examples(concept.data_iter, int(max_examples))
         if examples.shape[0] < 2:
             raise ValueError(f"Captum concept {name!r} has {examples.shape[0]} example(s); pairs need at least 2.")
         return cls.from_labels(str(name), examples, [0] * examples.shape[0])
@@ -266,6 +270,9 @@ def _read_examples(data_iter: Iterable[Any], limit: int) -> Tensor:
             break
     if not chunks:
         return torch.empty(0)
+    shapes = sorted({tuple(c.shape[1:]) for c in chunks})
+    if len(shapes) > 1:  # torch.cat's size error would not say where the examples came from
+        raise ValueError(f"A concept's data_iter yields examples of different shapes {shapes}; resize them to one.")
     return torch.cat(chunks)[:limit]
 
 

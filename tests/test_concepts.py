@@ -81,6 +81,20 @@ def test_from_transform_and_from_captum():
     assert [c.name for c in as_concepts(sets)] == ["stripes", "dots"]  # TCAV's sets: their concepts, once each
 
 
+@pytest.mark.parametrize("max_examples", [-1, 0, 1, True, 2.5])
+def test_from_captum_names_a_bad_max_examples(max_examples):
+    """-1 read the examples and silently dropped the last one (a [:-1] slice); 2.5 failed in a slice."""
+    with pytest.raises(ValueError, match="`max_examples` must be an int >= 2"):
+        ConceptPairs.from_captum(Concept(0, "stripes", [torch.rand(4, 3, 4, 4)]), max_examples=max_examples)
+
+
+def test_from_captum_names_examples_of_different_shapes():
+    batches = [torch.rand(4, 3, 4, 4), torch.rand(2, 3, 5, 5)]
+    with pytest.raises(ValueError, match=r"data_iter yields examples of different shapes \[\(3, 4, 4\), \(3, 5, 5\)\]"):
+        ConceptPairs.from_captum(Concept(0, "stripes", batches))
+    assert ConceptPairs.from_captum(Concept(0, "stripes", batches), max_examples=4).sample(2)[0].shape == (2, 3, 4, 4)
+
+
 def test_a_transform_taking_the_generator_makes_seeded_fits_reproducible():
     x, c, _ = synthetic(100)
 

@@ -146,7 +146,13 @@ class ConceptPairs:
         if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 2:
             raise ValueError(f"`inputs` must be a tensor with at least 2 examples in dim 0, got {_describe(inputs)}"
                              f"{_dataset_hint(inputs)}.")
-        keys = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+        try:
+            keys = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+        except TypeError:  # a number, or a 0-d array
+            keys = None
+        if not isinstance(keys, list):  # a 0-d tensor's tolist() is a number
+            raise TypeError(f"`labels` must hold one label per input, shape ({inputs.shape[0]},), got "
+                            f"{_describe(labels)}; give the label of each input, not one for all.")
         if len(keys) != inputs.shape[0]:
             raise ValueError(f"`labels` has {len(keys)} entries for {inputs.shape[0]} inputs; give one label per input.")
         groups: Dict[Any, List[int]] = {}

@@ -177,6 +177,9 @@ def test_from_labels_names_labels_that_are_not_one_per_input():
     for labels in (y[:, None], y[:, None].numpy(), nn.functional.one_hot(y)):
         with pytest.raises(TypeError, match=r"`labels` must hold one hashable label per input.*reshape\(-1\)"):
             ConceptPairs.from_labels("digit", x, labels)
+    for one in (torch.tensor(1), 1, y.numpy()[0]):  # "object of type 'int' has no len()" and the like before
+        with pytest.raises(TypeError, match=r"`labels` must hold one label per input, shape \(6,\)"):
+            ConceptPairs.from_labels("digit", x, one)
 
 
 # ---------------------------------------------------------------- scores and sizes

@@ -937,6 +937,17 @@ class _TrainModeAutoencoder(nn.Module):
         return self.dec(z).view(-1, 3, 4, 4)
 
 
+def test_concept_pairs_of_8_bit_images_are_named_for_an_autoencoder():
+    """uint8 pairs failed inside the encoder's first conv ("Input type (unsigned char) and bias type")."""
+    torch.manual_seed(0)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    pairs = [ConceptPairs.from_labels("p", torch.randint(256, (20, 3, 8, 8), dtype=torch.uint8), torch.arange(20) % 2)]
+    for call in (lambda: concept_scores(ae, pairs, n_pairs=8),
+                 lambda: fit_concepts(ae, pairs, steps=1, n_blocks=1, hidden=8, pool_size=8, progress=False)):
+        with pytest.raises(TypeError, match=r"must be floating-point images .*torch.uint8.*images.float\(\) / 255"):
+            call()
+
+
 def test_concept_pairs_are_encoded_in_eval_mode_whatever_the_autoencoders_flags():
     torch.manual_seed(0)
     ae = _TrainModeAutoencoder()

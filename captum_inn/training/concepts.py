@@ -206,8 +206,10 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
 
     def encode(images: Tensor) -> Tuple[Tensor, Tensor]:
         # in the encoder's dtype (a float64 model's images, a float32 autoencoder), as cache_features does
-        if images.is_floating_point():
-            images = images.to(network_dtype(representation, images.dtype))
+        if not images.is_floating_point():  # a conv encoder would fail on a raw dtype error
+            raise TypeError(f"Concept pairs for an autoencoder must be floating-point images (pixels in [0, 1]), got "
+                            f"{images.dtype}; build the pairs from images.float() / 255 for 8-bit pixels.")
+        images = images.to(network_dtype(representation, images.dtype))
         with eval_mode(representation):  # as cache_features: no BatchNorm updates, no dropout
             return encode_posterior(representation, images)
 

@@ -330,6 +330,23 @@ def test_concept_checkpoint_round_trip_and_refusal(fitted, tmp_path):
         load_concept_inn(str(path), representation=(other, "1"))
     with pytest.raises(CheckpointError, match="another representation"):
         load_concept_inn(str(path), representation=ConvAutoencoder((3, 8, 8), 6))
+    # of another code size too: refused as a layer's INN, not as codes of size 6 ("codes of size" before)
+    with pytest.raises(CheckpointError, match=r"another representation.*'kind': \('layer', 'autoencoder_code'\)"):
+        load_concept_inn(str(path), representation=ConvAutoencoder((3, 8, 8), 5))
+
+
+def test_a_factor_inn_saved_by_hand_loads_for_codes_of_its_size(tmp_path):
+    """A FactorINN built and saved without fit_concepts records no representation; LayerConcepts reads
+    it as codes, and load_concept_inn refused every autoencoder ("fitted on codes of size None")."""
+    torch.manual_seed(0)
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=1, hidden=8)
+    e(torch.randn(32, 6))
+    path = save_concept_inn(str(tmp_path / "e.safetensors"), e.eval())
+    assert load_concept_inn(str(path), representation=ConvAutoencoder((3, 8, 8), 6)).factor_names == ["a", "b", "residual"]
+    with pytest.raises(CheckpointError, match="codes of size 6, but the autoencoder has latent_dim=5"):
+        load_concept_inn(str(path), representation=ConvAutoencoder((3, 8, 8), 5))
+    with pytest.raises(CheckpointError, match="another representation"):
+        load_concept_inn(str(path), representation=(IDENTITY, "0"))
 
 
 def test_the_fit_checkpoint_loads_as_the_returned_inn(tmp_path):

@@ -632,7 +632,9 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
     if representation is not None:
         representation = _as_representation(representation)
         expected = _as_encoder(representation)[1](inn.dim)
-        saved = config.get("representation", {})
+        # a FactorINN saved without fit_concepts records no representation: codes of its size, as
+        # LayerConcepts reads it
+        saved = config.get("representation") or {"kind": "autoencoder_code", "dim": inn.dim}
         if isinstance(representation, LayerRepresentation):
             keys = ("kind", "dim", "layer")
             if "attribute_to_layer_input" in saved:  # absent in files from before it was recorded
@@ -642,7 +644,8 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
         else:
             keys = ("kind",)
             latent = getattr(representation, "latent_dim", None)
-            if latent is not None and int(latent) != saved.get("dim"):
+            # only codes have a size to compare: an INN fitted on a layer is refused below for its kind
+            if saved.get("kind") == expected["kind"] and latent is not None and int(latent) != saved.get("dim"):
                 raise CheckpointError(
                     f"{path}: concept INN fitted on codes of size {saved.get('dim')}, but the autoencoder has "
                     f"latent_dim={latent}."

@@ -309,6 +309,21 @@ def test_fit_concepts_rejects(kwargs, match):
         fit_concepts((IDENTITY, "0"), [ConceptPairs.from_labels("c", x, c)], steps=1, pool_size=16, progress=False, **kwargs)
 
 
+@pytest.mark.parametrize("factor_sizes, error, match", [
+    ({"colour": 2}, ValueError, r"unknown: \['colour'\], missing: \['c'\]"),
+    ([2], TypeError, "`factor_sizes` must be a mapping"),
+    ({"c": 1.5}, ValueError, "whole"),
+])
+def test_fit_concepts_refuses_factor_sizes_before_encoding_the_pairs(factor_sizes, error, match):
+    """A misspelt concept in ``factor_sizes`` was refused only after every pool was encoded."""
+    def never(n, generator):
+        raise AssertionError("drew pairs before refusing")
+
+    with pytest.raises(error, match=match):
+        fit_concepts((IDENTITY, "0"), [ConceptPairs("c", never)], factor_sizes=factor_sizes, steps=1, pool_size=16,
+                     progress=False)
+
+
 def test_fit_concepts_rejects_feature_maps_and_non_representations():
     conv = nn.Sequential(nn.Conv2d(3, 2, 3))
     pairs = ConceptPairs("x", lambda n, g: (torch.rand(n, 3, 6, 6), torch.rand(n, 3, 6, 6)))

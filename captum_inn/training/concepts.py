@@ -346,7 +346,8 @@ def estimate_factor_sizes(
     return factor_sizes_from_scores(scores, pools[0].mean_a.shape[1], residual=RESIDUAL), scores
 
 
-def _check_sizes(factor_sizes: Mapping[str, int], names: Sequence[str], dim: int) -> Dict[str, int]:
+def _check_size_names(factor_sizes: Mapping[str, int], names: Sequence[str]) -> None:
+    """What of ``factor_sizes`` can be checked before the pairs are encoded: the type, names and sizes."""
     if not isinstance(factor_sizes, Mapping):
         raise TypeError(f"`factor_sizes` must be a mapping {{concept: size}}, got {type(factor_sizes).__name__}.")
     unknown = [k for k in factor_sizes if k not in names and k != RESIDUAL]
@@ -358,6 +359,10 @@ def _check_sizes(factor_sizes: Mapping[str, int], names: Sequence[str], dim: int
         )
     for key, size in factor_sizes.items():
         check_factor_size(key, size)
+
+
+def _check_sizes(factor_sizes: Mapping[str, int], names: Sequence[str], dim: int) -> Dict[str, int]:
+    _check_size_names(factor_sizes, names)
     sizes = {n: int(factor_sizes[n]) for n in names}
     total = sum(sizes.values()) + int(factor_sizes.get(RESIDUAL, 0))
     if RESIDUAL in factor_sizes and total != dim:
@@ -475,6 +480,8 @@ def fit_concepts(
         raise ValueError(f"`rho` must lie strictly between 0 and 1, got {config.rho}.")
     concept_list = as_concepts(concepts)
     names = [c.name for c in concept_list]
+    if factor_sizes is not None:  # a misspelt name is refused now, not after encoding every pool
+        _check_size_names(factor_sizes, names)
     device = torch.device(device)
     encode, describe = _as_encoder(representation, device)
     rank, n_ranks = world(device)

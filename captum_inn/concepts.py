@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor
 
+from captum_inn.attr._common import as_optional_generator
+
 __all__ = ["ConceptPairs", "RELATIONS", "RESIDUAL", "as_concepts"]
 
 #: How the two members of a pair relate through the concept.
@@ -80,15 +82,15 @@ class ConceptPairs:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"`n` (number of pairs) must be an int >= 1, got {n!r}.")
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        generator = as_optional_generator(generator) or torch.Generator().manual_seed(0)
         pair = self.sampler(n, generator)
         if not (isinstance(pair, (tuple, list)) and len(pair) >= 2 and all(isinstance(t, Tensor) for t in pair[:2])):
             raise TypeError(f"The sampler of concept {self.name!r} must return a pair of tensors (a, b).")
         a, b = pair[0], pair[1]
-        if a.shape != b.shape:
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
             raise ValueError(
-                f"Concept {self.name!r}: pair members must have the same shape, got a {tuple(a.shape)} "
-                f"and b {tuple(b.shape)}."
+                f"Concept {self.name!r}: pair members must have the same shape, dtype and device, got a "
+                f"{tuple(a.shape)} {a.dtype} on {a.device} and b {tuple(b.shape)} {b.dtype} on {b.device}."
             )
         if a.shape[0] != n:
             raise ValueError(f"Concept {self.name!r}: the sampler returned {a.shape[0]} pairs, {n} were asked for.")

@@ -169,6 +169,10 @@ def test_concept_definition_errors():
     mismatched = ConceptPairs("x", lambda n, g: (torch.rand(n, 3), torch.rand(n, 4)))
     with pytest.raises(ValueError, match="same shape"):
         mismatched.sample(2)
+    with pytest.raises(ValueError, match="same shape, dtype and device.*torch.float64"):
+        ConceptPairs("x", lambda n, g: (torch.rand(n, 3), torch.rand(n, 3).double())).sample(2)
+    with pytest.raises(TypeError, match="`generator` must be a torch.Generator"):
+        ConceptPairs("x", lambda n, g: (torch.rand(n, 3), torch.rand(n, 3))).sample(2, generator=5)
 
 
 def test_from_labels_names_labels_that_are_not_one_per_input():

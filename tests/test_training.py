@@ -1097,3 +1097,31 @@ def test_a_large_layer_initialises_its_inn_on_fewer_rows(monkeypatch):
     monkeypatch.setattr(invariances, "_INIT_BYTES", 1)
     invariances._build(cache, "map", config, torch.device("cpu"))
     assert asked == [300, 100, 64]
+
+
+def test_fit_classifier_refuses_labels_and_images_it_would_misread():
+    """Fractional labels were truncated (0.7 trained as class 0), -100 was ignored by cross-entropy,
+    labels past the logits, one-hot labels, 8-bit images and no images failed inside torch."""
+    from captum_inn.training.classifier import fit_classifier
+
+    images, labels = torch.rand(6, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def fit(x, y, **kwargs):
+        fit_classifier(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), (x, y), steps=1, batch_size=4,
+                       progress=False, **kwargs)
+
+    fit(images, labels.float())  # whole numbers in a float tensor are class indices
+    for bad in (torch.full((6,), 0.7), torch.full((6,), float("nan"))):
+        with pytest.raises(ValueError, match="`data` labels must be whole class indices"):
+            fit(images, bad)
+    with pytest.raises(ValueError, match=r"`data` labels must be class indices >= 0, got -100"):
+        fit(images, torch.full((6,), -100))
+    with pytest.raises(ValueError, match=r"labels must have shape \(N,\).*got \(6, 3\).*labels.argmax\(1\)"):
+        fit(images, nn.functional.one_hot(labels, 3))
+    for kwargs in ({}, {"adversarial_epsilon": 0.1}):
+        with pytest.raises(ValueError, match=r"labels up to 5 but the model gives logits of shape \(\d+, 3\)"):
+            fit(images, torch.tensor([0, 1, 2, 0, 1, 5]), **kwargs)
+    with pytest.raises(TypeError, match=r"`data` images must be floating point.*images.float\(\) / 255"):
+        fit((images * 255).to(torch.uint8), labels)
+    with pytest.raises(ValueError, match="`data` holds no images"):
+        fit(images[:0], labels[:0])

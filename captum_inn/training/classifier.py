@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from captum_inn.attr._common import check_number, check_positive_int
 from captum_inn.metrics import predict_classes
-from captum_inn.training.data import batching_errors_explained, loader_indices
+from captum_inn.training.data import batching_errors_explained, check_image_dtype, loader_indices
 from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import train_loop
 
@@ -43,6 +43,23 @@ def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
     xs, ys = zip(*(data[i] for i in (range(len(data)) if indices is None else indices)))
     with batching_errors_explained():
         return torch.stack(xs), torch.as_tensor(ys)
+
+
+def _class_indices(labels: Tensor) -> Tensor:
+    """``labels`` as ``(N,)`` long class indices, or an error naming ``data`` and the fix: ``.long()``
+    silently truncated fractional labels (0.7 trained as class 0) and cross-entropy ignores -100."""
+    if labels.dim() != 1:
+        raise ValueError(f"`data` labels must have shape (N,) (one class index per image), got "
+                         f"{tuple(labels.shape)}; pass labels.flatten() for (N, 1) labels, labels.argmax(1) for "
+                         "one-hot or probability labels.")
+    if labels.is_floating_point():
+        if not (torch.isfinite(labels).all() and (labels == labels.round()).all()):
+            raise ValueError("`data` labels must be whole class indices, got fractional, NaN or infinite values; "
+                             "pass integer class labels (e.g. labels.argmax(1) for probabilities).")
+    labels = labels.long()
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"`data` labels must be class indices >= 0, got {int(labels.min())}.")
+    return labels
 
 
 class Jitter:
@@ -157,15 +174,30 @@ def fit_classifier(
     adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
     world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving
     images, labels = _as_labelled(data)
-    images, labels = images.to(device), labels.to(device).long()
-    if images.is_floating_point() and not torch.isfinite(images).all():
+    check_image_dtype(images)  # 8-bit pixels: a raw dtype error from the first layer otherwise
+    labels = _class_indices(labels)
+    images, labels = images.to(device), labels.to(device)
+    if not torch.isfinite(images).all():
         raise ValueError("`data` contains NaN or infinite pixels; clean the images before training.")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"`data` has {images.shape[0]} images but {labels.shape[0]} labels.")
+    if images.shape[0] == 0:
+        raise ValueError("`data` holds no images; pass at least one labelled image.")
+    top_label = int(labels.max())  # checked against the model's logits at the first step
     # under torchrun each process draws its share of the batch from its own shard (as the other fits)
     images, labels = shard_data(images), shard_data(labels)
     batch = local_batch_size(batch_size, images.shape[0])
     model.to(device)
+
+    checked: List[bool] = []
+
+    def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+        if not checked:  # once, on the first logits: a label past them is an IndexError on the CPU and
+            if logits.dim() != 2 or top_label >= logits.shape[1]:  # a device-side assert on a GPU
+                raise ValueError(f"`data` has labels up to {top_label} but the model gives logits of shape "
+                                 f"{tuple(logits.shape)}; labels must be class indices 0 … K-1 for (N, K) logits.")
+            checked.append(True)
+        return F.cross_entropy(logits, y)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
         index = torch.randint(images.shape[0], (batch,), generator=generator)
@@ -176,9 +208,9 @@ def fit_classifier(
         if adversarial_epsilon > 0:
             half = x.shape[0] // 2
             x_attacked = x[:half].detach().requires_grad_(True)
-            (gradient,) = torch.autograd.grad(F.cross_entropy(model(x_attacked), y[:half]), x_attacked)
+            (gradient,) = torch.autograd.grad(cross_entropy(model(x_attacked), y[:half]), x_attacked)
             x = torch.cat([(x[:half] + adversarial_epsilon * gradient.sign()).clamp(0, 1), x[half:]])
-        return F.cross_entropy(model(x), y)
+        return cross_entropy(model(x), y)
 
     model.history = train_loop(
         model, loss_fn, steps=steps, lr=lr, schedule="cosine", seed=seed, progress=progress, desc="classifier",

@@ -9,6 +9,7 @@ import os
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers_hooks import assert_no_hooks, training_flags
@@ -1125,3 +1126,16 @@ def test_fit_classifier_refuses_labels_and_images_it_would_misread():
         fit((images * 255).to(torch.uint8), labels)
     with pytest.raises(ValueError, match="`data` holds no images"):
         fit(images[:0], labels[:0])
+
+
+def test_fit_classifier_takes_numpy_or_list_labels_beside_an_image_tensor():
+    """(images, labels) with NumPy or list labels was read as a dataset: "too many values to unpack"."""
+    from captum_inn.training.classifier import fit_classifier
+
+    images, labels = torch.rand(6, 3, 2, 2), [0, 1, 2, 0, 1, 2]
+    for given in (labels, np.array(labels), tuple(labels)):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        assert fit_classifier(model, (images, given), steps=1, batch_size=4, progress=False) is model
+    with pytest.raises(ValueError, match="labels must be whole class indices"):
+        fit_classifier(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), (images, np.full(6, 0.5)), steps=1,
+                       progress=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -25,6 +26,9 @@ __all__ = ["fit_classifier", "accuracy", "Jitter"]
 def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         return data[0], data[1]
+    if (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and data[0].dim() >= 2
+            and isinstance(data[1], (np.ndarray, list, tuple))):  # (images, NumPy or list labels): read as a
+        return data[0], torch.as_tensor(np.asarray(data[1]))  # dataset, it unpacked into nonsense
     if isinstance(data, Tensor):
         raise TypeError("`data` holds images but no labels; pass (images, labels), a Dataset of (image, label) "
                         "pairs, or an object with `images` and `targets` (e.g. ColorDigits).")
@@ -141,9 +145,10 @@ def fit_classifier(
 
     Args:
         model: A classifier mapping ``(N, C, H, W)`` to logits ``(N, K)``.
-        data: ``(images, labels)``, a dataset with ``images``/``targets`` (ColorDigits), a
-            map-style dataset of ``(image, label)``, or a ``DataLoader`` over one (the images its
-            sampler draws from; the minibatches are drawn here).
+        data: ``(images, labels)`` (labels ``(N,)`` class indices: a tensor, NumPy array or list),
+            a dataset with ``images``/``targets`` (ColorDigits), a map-style dataset of
+            ``(image, label)``, or a ``DataLoader`` over one (the images its sampler draws from;
+            the minibatches are drawn here).
         steps: Optimiser steps.
         batch_size: Images per step (under torchrun, summed over the processes: each draws its
             share from its own shard of the images).

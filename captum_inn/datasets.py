@@ -703,6 +703,11 @@ def load_image_folder(
     Returns:
         An :class:`ImageFolderSplit`.
 
+    Raises:
+        FileNotFoundError: If ``root`` is not a folder.
+        ValueError: On a bad argument, a folder not in ImageFolder layout, a class with fewer
+            than two images, or a photo that cannot be read (named).
+
     Examples::
 
         >>> split = load_image_folder("path/to/animalfaces10", size=64)  # doctest: +SKIP
@@ -740,7 +745,12 @@ def load_image_folder(
             test_order, train_order = test_order[:kept], train_order[:max_per_class - kept]
         for side, chosen in (("test", test_order), ("train", train_order)):
             for i in chosen:
-                image = TF.pil_to_tensor(_load_rgb(paths[i]))
+                try:
+                    pil = _load_rgb(paths[i])
+                except OSError as error:  # a truncated download's "image file is truncated" names no file
+                    raise ValueError(f"`root` holds a photo that cannot be read, {paths[i]!r}: {error}; remove or "
+                                     "replace it.") from error
+                image = TF.pil_to_tensor(pil)
                 image = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
                 images, labels = parts[side]
                 images.append(image)

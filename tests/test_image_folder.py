@@ -380,3 +380,16 @@ def test_augment_is_applied_to_every_batch(photos, pixel_only):
     assert ae.history != pixel_only.history  # trained on the augmented images
     jittered = fit_autoencoder(photos, steps=2, augment=Jitter(1, flip=True, seed=0), **AE)
     assert len(jittered.history) == 2
+
+
+def test_a_photo_that_cannot_be_read_is_named(tmp_path):
+    """A truncated JPEG failed with PIL's "image file is truncated", naming no file among hundreds."""
+    root = _write_folder(tmp_path / "photos")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "dog" / "cut.jpg")
+    data = (root / "dog" / "cut.jpg").read_bytes()
+    (root / "dog" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot be read, '.*cut\.jpg'.*truncated.*remove or replace it"):
+        load_image_folder(root, size=8, test_fraction=0.5)
+    (root / "dog" / "cut.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"cannot be read, '.*cut\.jpg'"):
+        load_image_folder(root, size=8, test_fraction=0.5)

@@ -61,24 +61,36 @@ def selfcheck(verbose: bool = True) -> bool:
     return True
 
 
-def _whole_number(text: str, least: int) -> int:
+def _whole_number(text: str, least: int, most: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < least:
         raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"must be <= {most}, got {value}")
     return value
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (argparse names the option in its error)."""
-    return _whole_number(text, 1)
+def _threads(text: str) -> int:
+    """An argparse type: a whole number >= 1 that torch.set_num_threads takes (a C int; more overflowed
+    with a traceback). argparse names the option in its error."""
+    return _whole_number(text, 1, 2**31 - 1)
 
 
 def _seed(text: str) -> int:
-    """An argparse type: a whole number >= 0 (ColorDigits and NumPy's generators refuse negative seeds)."""
-    return _whole_number(text, 0)
+    """An argparse type: a whole number >= 0 (ColorDigits and NumPy's generators refuse negative seeds)
+    and below 2**63: the demos seed torch with seed + offsets, and torch takes seeds below 2**64 only."""
+    return _whole_number(text, 0, 2**63 - 1)
+
+
+def _folder(text: str) -> str:
+    """An argparse type: a non-empty path (an empty one, as an unset shell variable gives, meant the
+    current folder: the report went there and replaced its index.html)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty path")
+    return text
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -89,16 +101,16 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"captum_inn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a CNN on ColorDigits, fit INNs for four layers, write a report")
-    demo.add_argument("--out", default=None,
+    demo.add_argument("--out", type=_folder, default=None,
                       help=f"report folder (default: {_DEFAULT_OUT}; {_DEFAULT_PHOTO_OUT} with --images)")
     demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (about 4 minutes on 2 cores)")
-    demo.add_argument("--seed", type=_seed, default=0, help="seed of everything, >= 0 (default: %(default)s)")
-    demo.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of everything, 0 to 2**63-1 (default: %(default)s)")
+    demo.add_argument("--threads", type=_threads, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     demo.add_argument("--concepts", action="store_true",
                       help="add the concepts section (work in progress; about two minutes more; "
                            "not with --images)")
-    demo.add_argument("--images", metavar="PATH", default=None,
+    demo.add_argument("--images", metavar="PATH", type=_folder, default=None,
                       help="run the photo demo instead: a folder with one sub-folder of images per class "
                            "(ImageFolder layout); ResNet-18, Grad-CAM, IG and invariances (about 17 minutes on 2 cores)")
     demo.add_argument("--check", action="store_true",

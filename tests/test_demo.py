@@ -122,6 +122,25 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no empty report folders
 
 
+def test_cli_refuses_values_that_failed_after_the_report_folder_was_made(tmp_path, capsys, monkeypatch):
+    """A seed of 2**64 passed, then torch.manual_seed overflowed inside the demo; --threads 2**40
+    overflowed with a traceback; an empty --out (an unset shell variable) wrote the report into
+    the current folder, replacing its index.html."""
+    import captum_inn.demo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "index.html").write_text("mine")
+    monkeypatch.setattr(captum_inn.demo, "run_demo", lambda **kwargs: pytest.fail(f"the demo ran: {kwargs}"))
+    for args, message in ((["--seed", str(2**64)], "argument --seed: must be <= 9223372036854775807"),
+                          (["--threads", str(2**40)], "argument --threads: must be <= 2147483647"),
+                          (["--out", ""], "argument --out: must name a folder"),
+                          (["--images", " "], "argument --images: must name a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--quick", *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html"]
+
+
 def test_cli_refuses_concepts_with_the_photo_demo(tmp_path, capsys, monkeypatch):
     """--concepts belongs to the ColorDigits demo: with --images it is a usage error, not dropped."""
     monkeypatch.chdir(tmp_path)

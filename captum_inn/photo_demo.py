@@ -12,6 +12,7 @@ map | invariance samples), invariance samples per layer, an image-mixing figure 
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import time
@@ -32,7 +33,6 @@ from captum_inn.training import (
     cache_features,
     fit_autoencoder,
     fit_invariances,
-    images_fingerprint,
     save_invariance_inn,
 )
 from captum_inn.training.checkpoint import (
@@ -148,12 +148,23 @@ def check_photo_metrics(metrics: Dict[str, Any], bounds: Optional[Dict[str, floa
     return failures
 
 
+def _photos_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A hash of every training photo and its label. ``images_fingerprint`` probes 32 photos and no
+    label, so a rerun after one photo was edited or relabelled reused a ResNet trained on the old set."""
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _resnet(path: Path, train: Tuple[torch.Tensor, torch.Tensor], n_classes: int, settings: PhotoDemoSettings,
             seed: int, device: Union[str, torch.device], progress: bool) -> Tuple[torch.nn.Module, bool]:
     """Load the ResNet-18 of an earlier run with the same recipe, or train and save one.
 
     The recipe holds everything a fresh training would depend on: the settings, the seed, the
-    training photos (:func:`images_fingerprint`), the kind of device and the number of torch
+    training photos and their labels (every one hashed), the kind of device and the number of torch
     threads (another device or thread count takes another floating-point path and so trains
     another ResNet).
     """
@@ -164,7 +175,7 @@ def _resnet(path: Path, train: Tuple[torch.Tensor, torch.Tensor], n_classes: int
     recipe = {"class": "torchvision.models.resnet18", "num_classes": n_classes, "steps": settings.cnn_steps,
               "lr": settings.cnn_lr, "weight_decay": settings.cnn_weight_decay, "size": settings.size,
               "max_per_class": settings.max_per_class, "seed": seed, "n_train": int(train[0].shape[0]),
-              "images": images_fingerprint(train[0]), "threads": torch.get_num_threads(),
+              "images": _photos_fingerprint(*train), "threads": torch.get_num_threads(),
               "device": torch.device(device).type}
     if path.exists():
         try:

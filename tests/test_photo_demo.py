@@ -106,3 +106,22 @@ def test_report_names_the_grad_cam_layer_it_uses():
                "mixing": "figures/mixing.png", **{f"samples_{n}": f"figures/samples_{n}.png" for n in PHOTO_LAYERS}}
     page = _html(metrics, figures)
     assert "Grad-CAM at <code>layer3</code>" in page and "last feature map" not in page
+
+
+def test_resnet_is_not_reused_after_one_photo_or_label_changed(tmp_path, one_step, monkeypatch):
+    """The recipe hashed 32 probed photos and no label: a rerun after an unprobed photo was edited, or a
+    photo relabelled, reused the ResNet trained on the old set."""
+    import captum_inn.photo_demo
+
+    monkeypatch.setattr(captum_inn.photo_demo, "fit_classifier", lambda *args, **kwargs: None)  # the recipe is tested
+    path = tmp_path / "resnet18.safetensors"
+    images, labels = torch.rand(33, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(33) % 2
+    assert not _resnet(path, (images, labels), 2, one_step, 0, "cpu", False)[1]
+    probed = set(torch.linspace(0, 32, 32).round().long().tolist())  # images_fingerprint's probes
+    edited = images.clone()
+    edited[min(set(range(33)) - probed)] = 0.5
+    assert not _resnet(path, (edited, labels), 2, one_step, 0, "cpu", False)[1]
+    relabelled = labels.clone()
+    relabelled[0] = 1
+    assert not _resnet(path, (edited, relabelled), 2, one_step, 0, "cpu", False)[1]
+    assert _resnet(path, (edited, relabelled), 2, one_step, 0, "cpu", False)[1]

@@ -151,11 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from captum_inn.demo import check_report_arguments
 
         try:  # before any work: a usage error, not a traceback
-            check_report_arguments(out, args.device, args.images)
-            if args.images is not None:  # the layout, from the file names alone (no image is read)
-                from captum_inn.datasets import _find_images
-
-                _find_images(args.images, name="images")
+            check_report_arguments(out, args.device, args.images)  # with the photos' layout (no photo is read)
         except ValueError as error:
             print(f"captum-inn demo: error: {error}", file=sys.stderr)
             return 2

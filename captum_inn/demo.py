@@ -264,7 +264,8 @@ def _stage(message: str, start: float) -> None:
 def check_report_arguments(out: Union[str, Path], device: Union[str, torch.device],
                            images: Optional[Union[str, Path]] = None) -> Path:
     """``ValueError`` naming the argument for a demo's ``out`` that is a file, a ``device`` torch
-    does not know or has no GPU for, or photo ``images`` that are not a folder; else ``Path(out)``.
+    does not know or has no GPU for, or photo ``images`` that are not a folder in ImageFolder layout
+    with at least two classes (checked from the file names; no photo is read); else ``Path(out)``.
 
     Examples::
 
@@ -275,6 +276,13 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"`images` {str(images)!r} is not a folder; pass a folder with one sub-folder of images per "
                          "class (ImageFolder layout).")
+    if images is not None:
+        from captum_inn.datasets import _find_images
+
+        classes, _ = _find_images(images, name="images")
+        if len(classes) < 2:  # a classifier of one class learns nothing (its loss is 0 from the start)
+            raise ValueError(f"`images` {str(images)!r} holds one class ({classes[0]!r}); the demo trains a classifier, "
+                             "which needs a sub-folder of images for each of at least two classes.")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out` {str(out)!r} is a file; pass a folder for the report (it is created if needed).")

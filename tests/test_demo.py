@@ -167,6 +167,10 @@ def test_cli_refuses_a_photo_folder_without_the_layout_before_any_work(tmp_path,
             Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name / f"{i}.png")
     assert main(["demo", "--quick", "--images", "photos"]) == 2
     assert "class 'dog' in `images` has 1 image; each class needs >= 2" in capsys.readouterr().err
+    (tmp_path / "photos" / "dog" / "0.png").unlink()
+    (tmp_path / "photos" / "dog").rmdir()  # one class left: a classifier of one class learns nothing
+    assert main(["demo", "--quick", "--images", "photos"]) == 2
+    assert "`images` 'photos' holds one class ('cat'); the demo trains a classifier" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no report folder
 
 

@@ -35,6 +35,7 @@ Examples::
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from captum_inn.attr._common import check_int
 
 __all__ = ["FACTORS", "SPLITS", "ColorDigits", "ImageFolderSplit", "colour_digits", "load_image_folder"]
 
@@ -721,17 +724,18 @@ def load_image_folder(
             f"`root` {str(root)!r} is not a folder; pass a folder with one sub-folder of images per class "
             "(torchvision ImageFolder layout)."
         )
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 8:  # NumPy ints are welcome
         raise ValueError(f"`size` must be an int >= 8, got {size!r}.")
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction!r}.")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"`test_fraction` must be a number in (0, 1), got {test_fraction!r}.")
+    size, seed = int(size), check_int(seed, "seed")
     # "at most max_per_class": a value below 2 cannot be honoured (one image on each side), so say
     # so instead of silently loading 2
     if max_per_class is not None and (isinstance(max_per_class, bool) or not isinstance(max_per_class, int)
                                       or max_per_class < 2):
         raise ValueError(f"`max_per_class` must be None or an int >= 2 (one image on each side), got {max_per_class!r}.")
     classes, by_class = _find_images(root)
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(seed)
     parts = {"train": ([], []), "test": ([], [])}
     for label in sorted(by_class):
         paths = by_class[label]

@@ -167,9 +167,12 @@ def test_load_image_folder_errors(tmp_path, folder):
     for size in (7, 0, 8.0, True):
         with pytest.raises(ValueError, match="`size` must be an int >= 8"):
             load_image_folder(folder, size=size)
-    for fraction in (0, 1, 1.5, -0.2, float("nan")):
-        with pytest.raises(ValueError, match="`test_fraction` must be in"):
+    for fraction in (0, 1, 1.5, -0.2, float("nan"), "0.5"):  # a string failed later, in round()
+        with pytest.raises(ValueError, match="`test_fraction` must be a number in"):
             load_image_folder(folder, test_fraction=fraction)
+    with pytest.raises(TypeError, match="`seed` must be an int"):  # 1.5 was truncated to 1
+        load_image_folder(folder, seed=1.5)
+    assert load_image_folder(folder, size=np.int64(8)).train_images.shape[-1] == 8  # was refused
     for cap in (1, 0, True, 2.5):
         with pytest.raises(ValueError, match="`max_per_class`"):
             load_image_folder(folder, max_per_class=cap)

@@ -62,7 +62,7 @@ class LayerInvariance(LayerAttribution):
         forward_func: The analysed model (an ``nn.Module``) or a function that runs it (put the
             model in eval mode yourself unless it is ``model.forward``; see below).
         layer: The hooked layer: a module, or a dotted name such as ``"layer3.1.relu"`` when
-            ``forward_func`` is the model.
+            ``forward_func`` is the model or its ``model.forward``.
         inn: The :class:`~captum_inn.inn.ConditionalINN` fitted for this layer
             (:func:`captum_inn.training.fit_invariances`); one that never saw data
             (``inn.is_fitted`` False) is refused.

@@ -271,7 +271,7 @@ def compare_attributions(
         TypeError: ``model``, ``invariance``, ``concepts`` or ``ig_baselines`` of the wrong type, a
             model whose output is not ``(N, K)`` logits (a dict, a tuple: wrap it), or an
             ``ig_baselines`` tensor of another dtype than ``inputs``.
-        ValueError: explainers built for another model, ``n_samples`` < 2, a ``target`` of the
+        ValueError: explainers built for another model, ``n_samples`` < 2, ``concept_steps`` < 2, a ``target`` of the
             wrong shape or outside the classes, ``ig_baselines`` of the wrong shape or device, a
             model without a spatial layer for Grad-CAM (pass ``gradcam_layer``).
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn.attr import LayerInvariance
-from captum_inn.attr._common import check_positive_int, format_inputs
+from captum_inn.attr._common import check_positive_int, format_inputs, runs_model
 from captum_inn.capture import eval_mode
 from captum_inn.metrics import predict_classes
 
@@ -34,8 +34,9 @@ def _check_explainers(explainers: Mapping[str, LayerInvariance], model: Optional
     for name, explainer in explainers.items():
         if not isinstance(explainer, LayerInvariance):
             raise TypeError(f"`explainers[{name!r}]` must be a LayerInvariance, got {type(explainer).__name__}.")
-        if model is not None and explainer.forward_func is not model:
-            raise ValueError(f"`explainers[{name!r}]` explains another model than `model`.")
+        if model is not None and not runs_model(explainer.forward_func, model):
+            raise ValueError(f"`explainers[{name!r}]` explains another model than `model` (or runs it through a "
+                             "function other than model.forward).")
 
 
 def _one_image_tensor(value: Any, name: str) -> Tensor:

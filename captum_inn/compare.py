@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars, as the fits'
 
 from captum_inn.attr import LayerConcepts, LayerInvariance
-from captum_inn.attr._common import check_positive_int, format_inputs
+from captum_inn.attr._common import check_positive_int, format_inputs, runs_model
 from captum_inn.capture import eval_mode, resolve_layer
 from captum_inn.metrics import predict_classes
 
@@ -295,12 +295,12 @@ def compare_attributions(
     if not isinstance(invariance, LayerInvariance):
         raise TypeError(f"`invariance` must be a captum_inn.LayerInvariance, got {type(invariance).__name__}.")
     # the explainers take the model itself or its bound forward (model.forward), the same model
-    if not _runs(invariance.forward_func, model):
+    if not runs_model(invariance.forward_func, model):
         raise ValueError("`invariance` explains another model (or runs it through a function other than model.forward); "
                          "build it with LayerInvariance(model, layer, inn, ae).")
     if concepts is not None and not isinstance(concepts, LayerConcepts):
         raise TypeError(f"`concepts` must be a captum_inn.LayerConcepts or None, got {type(concepts).__name__}.")
-    if concepts is not None and not _runs(concepts.forward_func, model):
+    if concepts is not None and not runs_model(concepts.forward_func, model):
         raise ValueError("`concepts` explains another model (or runs it through a function other than model.forward); "
                          "build it with LayerConcepts(model, layer, concept_inn, ae).")
     (images,) = format_inputs(inputs)
@@ -409,12 +409,6 @@ def compare_attributions(
 _WRAP = ("Grad-CAM and Integrated Gradients need a model that returns the logits: wrap it, e.g. an nn.Module "
          "whose forward returns model(x)['logits'], and build the LayerInvariance on that wrapper (its layer "
          "names take the attribute's prefix, 'model.features.4').")
-
-
-def _runs(forward_func: Any, model: nn.Module) -> bool:
-    """Whether an explainer's ``forward_func`` is ``model`` or its bound ``model.forward`` (another
-    method, ``model.predict``, may return other scores than the logits Grad-CAM and IG explain)."""
-    return forward_func is model or forward_func == model.forward
 
 
 def _classes(model: nn.Module, images: Tensor) -> int:

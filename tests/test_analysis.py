@@ -264,6 +264,15 @@ def test_plot(attacked):
     plt.close("all")
 
 
+def test_adversarial_views_takes_explainers_built_on_the_bound_forward(setup, images, labels, attacked):
+    """The explainers take model.forward as well as model; adversarial_views said they explained another model."""
+    model, judge, explainers = setup
+    bound = {name: LayerInvariance(model.forward, name, e.inn, e.autoencoder) for name, e in explainers.items()}
+    views = adversarial_views(model, bound, images, labels, judge, epsilon=0.3)
+    assert torch.equal(views.adversarial, attacked.adversarial)
+    assert views.views.keys() == attacked.views.keys()
+
+
 def test_adversarial_views_errors(setup, images, labels):
     model, judge, explainers = setup
     other = Net().eval()

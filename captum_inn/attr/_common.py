@@ -255,6 +255,12 @@ def fitted_selector(asked: Any, fit_info: Mapping[str, Any], what: str, forward_
     return mine
 
 
+def runs_model(forward_func: Any, model: nn.Module) -> bool:
+    """Whether an explainer's ``forward_func`` is ``model`` or its bound ``model.forward`` (another
+    method, ``model.predict``, may return other scores than the logits an analysis of ``model`` reads)."""
+    return forward_func is model or forward_func == model.forward
+
+
 def forward_module(forward_func: Callable, layer: nn.Module) -> Optional[nn.Module]:
     """The model behind ``forward_func``, which the explainers switch to eval mode: ``forward_func``
     itself (an ``nn.Module``), or the module of a bound method (``model.forward``) that holds

@@ -283,6 +283,25 @@ def test_a_dropped_folder_lock_does_not_block_the_folder(tmp_path):
 
 
 @pytest.mark.skipif(os.name == "nt", reason="no flock on Windows")
+def test_a_loader_worker_does_not_keep_the_folder_locked(images, autoencoder, tmp_path):
+    """A DataLoader worker forked during the pass inherited the folder lock's descriptor: with
+    persistent workers the folder stayed locked after the pass, and FeatureCache.open waited forever."""
+    import fcntl
+
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(images[:8], batch_size=4, num_workers=1, persistent_workers=True)
+    cache = cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, loader, memmap_dir=tmp_path, progress=False)
+    cache.close()
+    fd = os.open(tmp_path / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the worker holds it
+    finally:
+        os.close(fd)
+        del loader  # its worker ends
+
+
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows")
 def test_a_file_system_without_locks_caches_and_checkpoints_unlocked(images, autoencoder, tmp_path, monkeypatch):
     import errno
 

@@ -14,6 +14,7 @@ import json
 import os
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
@@ -209,6 +210,23 @@ class DiskArrayWriter:
             self.abort()
 
 
+# the FolderLocks this process holds: a forked child (a DataLoader worker started during a cache pass)
+# inherits their descriptors, and flock holds while any copy is open, so the child closes its copies
+_HELD: weakref.WeakSet = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    for lock in list(_HELD):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # not LOCK_UN: that would release the parent's lock too
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class FolderLock:
     """A lock on a cache folder (``flock`` on its ``.lock`` file): exclusive while a pass writes the
     folder's arrays and manifest, shared while a finished cache is opened. Two passes into one folder
@@ -261,6 +279,7 @@ class FolderLock:
             os.close(fd)
             raise
         self._fd = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         """Release the lock (again: no-op)."""

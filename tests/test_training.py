@@ -756,6 +756,9 @@ def test_fit_classifier_trains_on_the_images_a_loader_draws_from_only():
     """A DataLoader's sampler was ignored: its whole dataset, held-out images included, was trained on."""
     from torch.utils.data import (
         DataLoader,
+        RandomSampler,
+        Sampler,
+        Subset,
         SubsetRandomSampler,
         TensorDataset,
         WeightedRandomSampler,
@@ -769,9 +772,23 @@ def test_fit_classifier_trains_on_the_images_a_loader_draws_from_only():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     loader = DataLoader(dataset, batch_size=4, sampler=SubsetRandomSampler(range(10)))
     assert fit_classifier(model, loader, steps=2, progress=False) is model
-    weighted = DataLoader(dataset, batch_size=4, sampler=WeightedRandomSampler(torch.ones(20), 20))
+    # random samplers say which images they draw from: every one, or those of positive weight (they were
+    # refused, though fit_classifier took them before it read the sampler)
+    weights = torch.cat([torch.ones(10), torch.zeros(10)])
+    for sampler in (WeightedRandomSampler(weights, 20), RandomSampler(range(10), replacement=True),
+                    RandomSampler(range(10), num_samples=40)):
+        held_out = dataset if isinstance(sampler, WeightedRandomSampler) else Subset(dataset, range(10))
+        assert fit_classifier(model, DataLoader(held_out, batch_size=4, sampler=sampler), steps=2, progress=False) is model
+
+    class EveryOther(Sampler):  # a sampler that says nothing of its images until drawn
+        def __iter__(self):
+            return iter(range(0, 20, 2))
+
+        def __len__(self):
+            return 10
+
     with pytest.raises(TypeError, match="sampler does not say which images it draws.*a Subset of it"):
-        fit_classifier(model, weighted, steps=1, progress=False)
+        fit_classifier(model, DataLoader(dataset, batch_size=4, sampler=EveryOther()), steps=1, progress=False)
 
 
 def test_source_fingerprint_reads_datasets_and_loaders(images, autoencoder):

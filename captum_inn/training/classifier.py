@@ -12,11 +12,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from captum_inn.attr._common import check_number, check_positive_int
 from captum_inn.metrics import predict_classes
-from captum_inn.training.data import batching_errors_explained, check_image_dtype, loader_indices
+from captum_inn.training.data import (
+    batching_errors_explained,
+    check_image_dtype,
+    loader_indices,
+    loader_sampler,
+)
 from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import train_loop
 
@@ -38,6 +43,8 @@ def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
     if isinstance(data, DataLoader):  # the classifier draws its own minibatches, from the loader's images only
         indices = loader_indices(data)
         if indices is None:
+            indices = _random_sampler_indices(loader_sampler(data), data.dataset)
+        if indices is None:
             raise TypeError("`data` is a DataLoader whose sampler does not say which images it draws (a custom "
                             "sampler or an iterable dataset); pass its dataset, a Subset of it, or (images, labels).")
         data = data.dataset
@@ -47,6 +54,17 @@ def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
     xs, ys = zip(*(data[i] for i in (range(len(data)) if indices is None else indices)))
     with batching_errors_explained():
         return torch.stack(xs), torch.as_tensor(ys)
+
+
+def _random_sampler_indices(sampler: Any, dataset: Any) -> Optional[List[int]]:
+    """The images a random sampler draws from, where its draws differ from pass to pass (with
+    replacement, a longer or shorter pass, weights): every image, or those of positive weight.
+    ``loader_indices`` leaves them out, since the images fingerprint must not change."""
+    if isinstance(sampler, RandomSampler) and hasattr(dataset, "__len__"):
+        return list(range(len(dataset)))
+    if isinstance(sampler, WeightedRandomSampler):
+        return torch.nonzero(torch.as_tensor(sampler.weights) > 0).flatten().tolist()
+    return None
 
 
 def _class_indices(labels: Tensor) -> Tensor:

@@ -80,6 +80,14 @@ def count_images(data: Any) -> Optional[int]:
     return len(data) if hasattr(data, "__len__") else None
 
 
+def loader_sampler(loader: DataLoader) -> Any:
+    """The sampler that picks ``loader``'s images: a batch sampler's own (``None`` if it has none),
+    since ``loader.sampler`` is then a default it never uses."""
+    if loader.batch_sampler is not None and loader.batch_size is None:
+        return getattr(loader.batch_sampler, "sampler", None)
+    return loader.sampler
+
+
 def loader_indices(loader: DataLoader) -> Optional[Sequence[int]]:
     """The dataset indices ``loader`` draws its images from, in ascending order, where the sampler
     says so without drawing (sequential, random without replacement, a subset, a sequence).
@@ -97,14 +105,9 @@ def loader_indices(loader: DataLoader) -> Optional[Sequence[int]]:
         >>> list(loader_indices(loader))
         [4, 5, 6, 7]
     """
-    sampler, dataset = loader.sampler, loader.dataset
-    if not hasattr(dataset, "__len__"):
+    sampler, dataset = loader_sampler(loader), loader.dataset
+    if not hasattr(dataset, "__len__") or sampler is None:
         return None
-    if loader.batch_sampler is not None and loader.batch_size is None:
-        # a batch sampler of the caller's: `loader.sampler` is a default it never uses
-        sampler = getattr(loader.batch_sampler, "sampler", None)
-        if sampler is None:
-            return None
     if isinstance(sampler, SequentialSampler) or (
             isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(dataset)):
         return range(len(dataset))

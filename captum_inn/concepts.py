@@ -87,10 +87,11 @@ class ConceptPairs:
         if not (isinstance(pair, (tuple, list)) and len(pair) >= 2 and all(isinstance(t, Tensor) for t in pair[:2])):
             raise TypeError(f"The sampler of concept {self.name!r} must return a pair of tensors (a, b).")
         a, b = pair[0], pair[1]
-        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        # not the dtype: each member is encoded on its own, in the encoder's dtype
+        if a.shape != b.shape or a.device != b.device:
             raise ValueError(
-                f"Concept {self.name!r}: pair members must have the same shape, dtype and device, got a "
-                f"{tuple(a.shape)} {a.dtype} on {a.device} and b {tuple(b.shape)} {b.dtype} on {b.device}."
+                f"Concept {self.name!r}: pair members must have the same shape and device, got a "
+                f"{tuple(a.shape)} on {a.device} and b {tuple(b.shape)} on {b.device}."
             )
         if a.shape[0] != n:
             raise ValueError(f"Concept {self.name!r}: the sampler returned {a.shape[0]} pairs, {n} were asked for.")

@@ -169,8 +169,9 @@ def test_concept_definition_errors():
     mismatched = ConceptPairs("x", lambda n, g: (torch.rand(n, 3), torch.rand(n, 4)))
     with pytest.raises(ValueError, match="same shape"):
         mismatched.sample(2)
-    with pytest.raises(ValueError, match="same shape, dtype and device.*torch.float64"):
-        ConceptPairs("x", lambda n, g: (torch.rand(n, 3), torch.rand(n, 3).double())).sample(2)
+    # members of two float dtypes are fine (each is encoded in the encoder's dtype); they were refused
+    a, b = ConceptPairs("x", lambda n, g: (torch.rand(n, 3), torch.rand(n, 3).double())).sample(2)
+    assert (a.dtype, b.dtype) == (torch.float32, torch.float64)
     with pytest.raises(TypeError, match="`generator` must be a torch.Generator"):
         ConceptPairs("x", lambda n, g: (torch.rand(n, 3), torch.rand(n, 3))).sample(2, generator=5)
 

@@ -121,7 +121,7 @@ def test_save_autoencoder_round_trips_a_fit_without_checkpoint(tmp_path, images)
         assert torch.equal(a, b)
     with pytest.raises(TypeError, match="`autoencoder` must be a ConvAutoencoder.*torch.save"):
         save_autoencoder(str(tmp_path / "other.safetensors"), nn.Linear(2, 2))
-    with pytest.raises(CheckpointError, match="records no step of a fit.*resume=False"):
+    with pytest.raises(CheckpointError, match="records no step of a fit.*another `checkpoint`, or resume=False"):
         fit_autoencoder(images, latent_dim=8, width=4, steps=3, batch_size=8, progress=False, output="identity",
                         checkpoint=str(path))
 

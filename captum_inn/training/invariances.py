@@ -450,7 +450,7 @@ def _check_checkpoints(checkpoint_dir: str, configs: Mapping[str, InvarianceConf
             saved = read_header(path)  # the header alone: the tensors are read when the layer's fit resumes
             if saved is None or saved.get("kind") != "invariance_inn" or "step" not in saved:
                 _, saved = load_checkpoint(path, kind="invariance_inn")  # unreadable or not an INN's: its error
-            check_resumable(path, (saved.get("config") or {}).get("train"), resume_key(asdict(config)), saved_step(path, saved),
+            check_resumable(path, (saved.get("config") or {}).get("train"), resume_key(asdict(config)), saved_step(path, saved, "checkpoint_dir"),
                             config.steps)
 
 

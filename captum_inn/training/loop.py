@@ -184,9 +184,10 @@ def check_resumable(checkpoint: Any, saved_config: Any, config: Any, saved_step:
         )
 
 
-def saved_step(checkpoint: Any, saved: Mapping[str, Any]) -> int:
+def saved_step(checkpoint: Any, saved: Mapping[str, Any], argument: str = "checkpoint") -> int:
     """The number of steps the checkpoint ``saved`` (its metadata) holds, or a :class:`CheckpointError`
     where it records none: a file saved after a fit (``save_invariance_inn``), not a fit's checkpoint.
+    ``argument``: the caller's argument that named the file, for the message.
 
     Examples::
 
@@ -197,8 +198,8 @@ def saved_step(checkpoint: Any, saved: Mapping[str, Any]) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(
             f"{str(checkpoint)!r} records no step of a fit in progress (step={step!r}): it is not a fit's checkpoint "
-            "(an INN saved after its fit, say) or it was edited. Pass another path (another `checkpoint_dir`), or "
-            "resume=False to overwrite it."
+            f"(an INN saved after its fit, say) or it was edited. Pass another `{argument}`, or resume=False to "
+            "overwrite it."
         )
     return step
 

@@ -301,6 +301,45 @@ def test_a_loader_worker_does_not_keep_the_folder_locked(images, autoencoder, tm
         del loader  # its worker ends
 
 
+def test_a_pass_that_fills_the_disk_unlocks_the_folder_and_removes_its_files(images, autoencoder, tmp_path,
+                                                                               monkeypatch):
+    """On a full disk the flush at close failed again inside the clean-up: the folder stayed locked (a later
+    pass waited for ever while the failed one's traceback was kept, as a notebook keeps it) and the
+    temporaries that filled the disk were left."""
+    import errno
+    import sys
+    import warnings
+
+    from captum_inn.training.disk import FolderLock
+
+    class FullFile:  # a disk that filled up: a write fails, and so does the flush when the file closes
+        def __init__(self, file):
+            self.file, self.closed = file, False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.file.close()
+            self.closed = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def append(self, rows):
+        self._file = FullFile(self._file)
+        self._file.write(b"")
+
+    monkeypatch.setattr(DiskArrayWriter, "append", append)
+    with pytest.raises(OSError, match="No space left") as failed:
+        cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, images[:8], memmap_dir=tmp_path, progress=False)
+    assert failed.value.__context__ is None  # the pass's own error, not one of the clean-up
+    kept = sys.exc_info(), failed  # the traceback, and the sink in its frames, stay alive
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "waiting for it to finish" would be an error here
+        FolderLock(tmp_path).release()
+    del kept
+
+
 @pytest.mark.skipif(os.name == "nt", reason="no flock on Windows")
 def test_a_file_system_without_locks_caches_and_checkpoints_unlocked(images, autoencoder, tmp_path, monkeypatch):
     import errno

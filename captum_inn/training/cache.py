@@ -7,6 +7,7 @@ not grow with the number of images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,9 +334,12 @@ class _DiskSink:
         return cache
 
     def abort(self) -> None:
-        for writer in self.writers.values():
-            writer.abort()
-        self.lock.release()
+        try:
+            for writer in self.writers.values():
+                with contextlib.suppress(OSError):  # the pass's own error is the one to report
+                    writer.abort()
+        finally:  # on every path: a failed pass must not leave the folder locked
+            self.lock.release()
 
 
 @torch.no_grad()

@@ -197,7 +197,9 @@ class DiskArrayWriter:
     def abort(self) -> None:
         """Drop the partial file."""
         if not self._file.closed:
-            self._file.close()
+            # closing flushes, which fails again on a full disk: the file is dropped all the same
+            with contextlib.suppress(OSError):
+                self._file.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> DiskArrayWriter:

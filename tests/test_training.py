@@ -756,6 +756,7 @@ def test_fit_classifier_trains_on_the_images_a_loader_draws_from_only():
     """A DataLoader's sampler was ignored: its whole dataset, held-out images included, was trained on."""
     from torch.utils.data import (
         DataLoader,
+        DistributedSampler,
         RandomSampler,
         Sampler,
         Subset,
@@ -779,6 +780,11 @@ def test_fit_classifier_trains_on_the_images_a_loader_draws_from_only():
                     RandomSampler(range(10), num_samples=40)):
         held_out = dataset if isinstance(sampler, WeightedRandomSampler) else Subset(dataset, range(10))
         assert fit_classifier(model, DataLoader(held_out, batch_size=4, sampler=sampler), steps=2, progress=False) is model
+    # a DistributedSampler draws one process's share; fit_classifier shards the whole dataset itself
+    # (it was refused after the sampler check came in, and worked before)
+    distributed = DistributedSampler(Subset(dataset, range(10)), num_replicas=2, rank=0)
+    assert fit_classifier(model, DataLoader(Subset(dataset, range(10)), batch_size=4, sampler=distributed), steps=2,
+                          progress=False) is model
 
     class EveryOther(Sampler):  # a sampler that says nothing of its images until drawn
         def __iter__(self):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, WeightedRandomSampler
 
 from captum_inn.attr._common import check_number, check_positive_int
 from captum_inn.metrics import predict_classes
@@ -60,7 +60,8 @@ def _random_sampler_indices(sampler: Any, dataset: Any) -> Optional[List[int]]:
     """The images a random sampler draws from, where its draws differ from pass to pass (with
     replacement, a longer or shorter pass, weights): every image, or those of positive weight.
     ``loader_indices`` leaves them out, since the images fingerprint must not change."""
-    if isinstance(sampler, RandomSampler) and hasattr(dataset, "__len__"):
+    # a DistributedSampler draws one process's share: fit_classifier shards the whole dataset itself
+    if isinstance(sampler, (RandomSampler, DistributedSampler)) and hasattr(dataset, "__len__"):
         return list(range(len(dataset)))
     if isinstance(sampler, WeightedRandomSampler):
         return torch.nonzero(torch.as_tensor(sampler.weights) > 0).flatten().tolist()

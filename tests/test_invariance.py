@@ -283,6 +283,38 @@ def test_additional_forward_args_and_plain_functions(setup, x):
         LayerInvariance(lambda inp: model(inp), "logits", inn, ae)
 
 
+def test_a_wrapper_around_the_fitted_model_passes_the_weights_check(setup, x):
+    """A wrapper with a parameter of its own (a temperature) around the model the INN was fitted
+    with: its bound forward (or predict) reached the weights check, which hashed the wrapper and said
+    the model was another one (it was taken before explainers on bound methods ran the check)."""
+    from captum_inn.training import weights_fingerprint
+
+    model, ae, _, _ = setup
+    inn = _inn((10,))
+    inn.fit_info = {"layer": "logits", "model_weights": weights_fingerprint(model)}
+
+    class Calibrated(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model, self.temperature = inner, nn.Parameter(torch.ones(()))
+
+        def forward(self, images):
+            return self.model(images) / self.temperature
+
+        def predict(self, images):
+            return self.forward(images).softmax(1)
+
+    wrapper = Calibrated(model)
+    expected = LayerInvariance(model, "logits", inn, ae).attribute(x, n_samples=2, seed=0)
+    for forward_func in (wrapper, wrapper.forward, wrapper.predict):
+        explainer = LayerInvariance(forward_func, model.logits, inn, ae)
+        assert explainer.layer_name == "model.logits"
+        assert torch.allclose(explainer.attribute(x, n_samples=2, seed=0), expected, atol=1e-6)
+    retrained = Calibrated(SmallCNN(width=4).eval())  # still refused: the model inside has other weights
+    with pytest.raises(ValueError, match="`inn` was fitted with another `forward_func`"):
+        LayerInvariance(retrained.forward, retrained.model.logits, inn, ae)
+
+
 def test_a_bound_forward_runs_the_model_in_eval_mode_and_a_plain_function_warns(x):
     """model.forward reaches the model: batch norm on its running statistics (left as they were),
     dropout off, as with the model itself. Behind a lambda only the hooked layer can be switched,

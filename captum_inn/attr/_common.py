@@ -39,6 +39,7 @@ __all__ = [
     "check_image_size",
     "weights_fingerprint",
     "check_same_weights",
+    "check_model_weights",
 ]
 
 
@@ -519,6 +520,18 @@ def _as_float32(tensor: Tensor) -> Tensor:
     """Floating tensors as float32: float32 weights converted with ``.double()`` (exactly) hash
     alike; float32 values hash as they are."""
     return tensor.detach().float() if tensor.is_floating_point() else tensor
+
+
+def check_model_weights(model: Optional[nn.Module], layer: nn.Module, recorded: Optional[str], what: str) -> None:
+    """:func:`check_same_weights` for the model an explainer reaches (``None``: none, nothing to
+    check): the INN's model is ``model`` or a module inside it that holds ``layer``, so a wrapper
+    with parameters of its own (a temperature) around the fitted model is taken, as is its bound
+    ``forward`` or ``predict``; a retrained model inside it is still refused."""
+    if model is None or not recorded or weights_fingerprint(model) == recorded:
+        return
+    holders = (m for m in model.modules() if m is not layer and any(s is layer for s in m.modules()))
+    if not any(weights_fingerprint(m) == recorded for m in holders):  # hashed only on a mismatch
+        check_same_weights(model, recorded, what, "forward_func")
 
 
 def check_same_weights(network: Any, recorded: Optional[str], what: str, name: str) -> None:

@@ -22,6 +22,7 @@ from captum_inn.attr._common import (
     check_fitted_layer,
     check_image_input,
     check_inn_fitted,
+    check_model_weights,
     check_positive_int,
     check_same_device,
     check_same_weights,
@@ -213,8 +214,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         self.representation = representation.get("kind", _CODE)
         if self.representation == _LAYER:
             check_fitted_layer(representation.get("layer"), name, model, "concept_inn")
-            if model is not None:
-                check_same_weights(model, representation.get("weights"), "concept_inn", "forward_func")
+            check_model_weights(model, module, representation.get("weights"), "concept_inn")
         else:
             _check_code_autoencoder(concept_inn, autoencoder)
         if invariance_inn is not None:
@@ -230,9 +230,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                                "invariance_inn")
             check_same_weights(autoencoder, (getattr(invariance_inn, "fit_info", None) or {}).get("autoencoder_weights"),
                                "invariance_inn", "autoencoder")
-            if model is not None:
-                check_same_weights(model, (getattr(invariance_inn, "fit_info", None) or {}).get("model_weights"),
-                                   "invariance_inn", "forward_func")
+            check_model_weights(model, module, (getattr(invariance_inn, "fit_info", None) or {}).get("model_weights"),
+                                "invariance_inn")
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.layer_name = name

@@ -20,6 +20,7 @@ from captum_inn.attr._common import (
     check_image_input,
     check_image_size,
     check_inn_fitted,
+    check_model_weights,
     check_number,
     check_pixel_range,
     check_positive_int,
@@ -133,9 +134,8 @@ class LayerInvariance(LayerAttribution):
             )
         check_same_weights(autoencoder, (getattr(inn, "fit_info", None) or {}).get("autoencoder_weights"),
                            "inn", "autoencoder")
-        if model is not None:  # a retrained model's layer means something else
-            check_same_weights(model, (getattr(inn, "fit_info", None) or {}).get("model_weights"),
-                               "inn", "forward_func")
+        # a retrained model's layer means something else
+        check_model_weights(model, module, (getattr(inn, "fit_info", None) or {}).get("model_weights"), "inn")
         super().__init__(forward_func, module, device_ids)
         self.layer_name = name
         self.inn = inn

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars, as the fits'
 
 from captum_inn.attr import LayerConcepts, LayerInvariance
-from captum_inn.attr._common import check_positive_int, format_inputs, runs_model
+from captum_inn.attr._common import check_positive_int, format_inputs, forward_module, runs_model
 from captum_inn.capture import eval_mode, resolve_layer
 from captum_inn.metrics import predict_classes
 
@@ -303,6 +303,9 @@ def compare_attributions(
     if concepts is not None and not runs_model(concepts.forward_func, model):
         raise ValueError("`concepts` explains another model (or runs it through a function other than model.forward); "
                          "build it with LayerConcepts(model, layer, concept_inn, ae).")
+    layer_name = invariance.layer_name
+    if forward_module(invariance.forward_func, invariance.layer) is None:  # model.forward patched with a plain
+        layer_name = resolve_layer(model, invariance.layer)[0]  # function: the explainer named the layer by type
     (images,) = format_inputs(inputs)
     n = images.shape[0]
     batch = n if internal_batch_size is None else check_positive_int(internal_batch_size, "internal_batch_size")
@@ -326,7 +329,7 @@ def compare_attributions(
             z = invariance._activation((images[:1],), None) if readable else None
             readable = z is not None and z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
                 and len(_outputs(model, invariance.layer, images[:1])) == 1
-            gradcam_layer = invariance.layer_name if readable else last_spatial_layer(model, images)
+            gradcam_layer = layer_name if readable else last_spatial_layer(model, images)
         gradcam_name, gradcam_module = resolve_layer(model, gradcam_layer)
         if not chosen:
             _check_gradcam_layer(model, gradcam_name, gradcam_module, images[:1])
@@ -399,7 +402,7 @@ def compare_attributions(
         reconstructions=reconstructions,
         concept_scores=torch.cat(concept_parts) if concepts is not None else None,
         concept_names=list(concepts.concept_names) if concepts is not None else [],
-        layer=invariance.layer_name,
+        layer=layer_name,
         gradcam_layer=gradcam_name,
         integrated_gradients_delta=torch.cat(ig_deltas),
         concept_delta=torch.cat(concept_deltas) if concepts is not None else None,

@@ -450,6 +450,26 @@ def test_explainers_built_on_the_bound_forward_are_the_models(setup, x):
     assert_no_hooks(model)
 
 
+def test_an_explainer_on_a_patched_forward_names_its_layer_in_the_model(setup, x):
+    """``model.forward`` replaced by a plain function (a monkeypatch, a decorator's wrapper) is the
+    model's forward, so compare_attributions takes it; the explainer can name its layer only by its
+    type, and Grad-CAM's default layer was looked up by that name ("layer 'ReLU' not found")."""
+    import functools
+
+    model, ae, inns, _ = setup
+    patched = Net().eval()
+    patched.load_state_dict(model.state_dict())
+    original = patched.forward
+    patched.forward = functools.wraps(original)(lambda images: original(images))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plain function's eval-mode warning
+        explainer = LayerInvariance(patched.forward, patched.cnn.relu2, inns["cnn.relu2"], ae)
+    result = compare_attributions(patched, x, explainer, generator=_gen(), **FAST)
+    direct = compare_attributions(model, x, _invariance(setup, "cnn.relu2"), generator=_gen(), **FAST)
+    assert result.layer == result.gradcam_layer == "cnn.relu2"
+    assert torch.allclose(result.gradcam, direct.gradcam) and torch.allclose(result.samples, direct.samples)
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_input_errors(setup, x):
     model, explainer = setup[0], _invariance(setup)

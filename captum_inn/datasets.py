@@ -731,9 +731,10 @@ def load_image_folder(
     size, seed = int(size), check_int(seed, "seed")
     # "at most max_per_class": a value below 2 cannot be honoured (one image on each side), so say
     # so instead of silently loading 2
-    if max_per_class is not None and (isinstance(max_per_class, bool) or not isinstance(max_per_class, int)
+    if max_per_class is not None and (isinstance(max_per_class, bool) or not isinstance(max_per_class, numbers.Integral)
                                       or max_per_class < 2):
         raise ValueError(f"`max_per_class` must be None or an int >= 2 (one image on each side), got {max_per_class!r}.")
+    max_per_class = None if max_per_class is None else int(max_per_class)
     classes, by_class = _find_images(root)
     generator = torch.Generator().manual_seed(seed)
     parts = {"train": ([], []), "test": ([], [])}

@@ -271,6 +271,9 @@ def test_adversarial_views_takes_explainers_built_on_the_bound_forward(setup, im
     views = adversarial_views(model, bound, images, labels, judge, epsilon=0.3)
     assert torch.equal(views.adversarial, attacked.adversarial)
     assert views.views.keys() == attacked.views.keys()
+    for name in views.views:  # the same decoded views and readings as through the model itself
+        assert torch.allclose(views.views[name], attacked.views[name], atol=1e-6)
+        assert torch.equal(views.judged[name], attacked.judged[name])
 
 
 def test_adversarial_views_errors(setup, images, labels):

@@ -173,6 +173,7 @@ def test_load_image_folder_errors(tmp_path, folder):
     with pytest.raises(TypeError, match="`seed` must be an int"):  # 1.5 was truncated to 1
         load_image_folder(folder, seed=1.5)
     assert load_image_folder(folder, size=np.int64(8)).train_images.shape[-1] == 8  # was refused
+    assert load_image_folder(folder, size=8, max_per_class=np.int64(2)).train_images.shape[0] > 0  # was refused
     for cap in (1, 0, True, 2.5):
         with pytest.raises(ValueError, match="`max_per_class`"):
             load_image_folder(folder, max_per_class=cap)

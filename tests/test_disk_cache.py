@@ -371,3 +371,29 @@ def test_a_damaged_disk_cache_is_a_clear_error(images, autoencoder, tmp_path):
         (tmp_path / "cache" / "manifest.json").write_bytes(text.encode("latin-1"))
         with pytest.raises(ValueError, match="manifest.json.*delete the folder to recompute it"):
             FeatureCache.open(tmp_path / "cache")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows")
+def test_a_lock_file_another_user_owns_is_locked_through_a_read_only_handle(tmp_path, monkeypatch):
+    """In a shared folder another user's .lock (mode 0644) cannot be opened for writing; the writer's
+    pass failed with a raw PermissionError, though flock works on a read-only handle."""
+    from captum_inn.training import disk
+
+    (tmp_path / disk.FolderLock.NAME).touch()
+    real_open = os.open
+
+    def foreign(path, flags, *args):
+        if str(path).endswith(disk.FolderLock.NAME) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(disk.os, "open", foreign)
+    with disk.FolderLock(tmp_path) as lock:
+        assert lock._fd is not None  # locked, exclusively
+        monkeypatch.setattr(disk.os, "open", real_open)
+        probe = os.open(tmp_path / disk.FolderLock.NAME, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                disk.fcntl.flock(probe, disk.fcntl.LOCK_SH | disk.fcntl.LOCK_NB)
+        finally:
+            os.close(probe)

@@ -260,11 +260,12 @@ class FolderLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
-            if not shared:
-                raise
+            # another user's lock file (mode 0644 in a shared folder): flock works on a read-only handle too
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError:
+                if not shared:
+                    raise
                 return
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:

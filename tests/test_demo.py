@@ -227,7 +227,10 @@ def test_a_failed_rerun_leaves_no_report_that_looks_complete(tmp_path, monkeypat
 
     monkeypatch.setattr(captum_inn.demo, "fit_classifier", fail)
     monkeypatch.setattr(captum_inn.photo_demo, "load_image_folder", fail)
-    (tmp_path / "photos").mkdir()
+    for cls in ("cat", "dog"):  # the layout the up-front check reads from file names; no photo is opened
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "photos" / cls / f"{i}.png").touch()
     for name, run in (("demo", lambda out: run_demo(out=out, settings=TINY, progress=False)),
                       ("photo", lambda out: captum_inn.photo_demo.run_photo_demo(tmp_path / "photos", out=out,
                                                                                  progress=False))):

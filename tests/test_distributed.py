@@ -3,6 +3,7 @@ replicas stay identical, and an interrupted two-process fit resumes to the unint
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -96,6 +97,31 @@ def test_processes_with_different_networks_are_refused(monkeypatch):
     monkeypatch.setattr(distributed, "gather_texts", lambda text: [text, "0123456789abcdef"])
     with pytest.raises(ValueError, match=r"`model` has other weights in process\(es\) \[1\].*seed its construction"):
         distributed.check_replicas_agree({"model": torch.nn.Linear(2, 2)})
+
+
+def test_processes_with_different_batch_norm_statistics_are_refused(monkeypatch):
+    """The weights agree but batch norm's running statistics do not (a forward pass in training mode
+    in one process only): the features would differ per shard, so the fit is refused, naming the
+    buffers (simulated: rank 0 of 2, rank 1's network built here)."""
+    from captum_inn.attr._common import weights_fingerprint
+    from captum_inn.training import distributed
+
+    torch.manual_seed(0)
+    here = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).eval()
+    there = copy.deepcopy(here)
+    calls = []
+
+    def gather(text):  # what rank 1 sends for the same request: weights first, then weights and buffers
+        calls.append(text)
+        return [text, weights_fingerprint(there, buffers=len(calls) == 2)]
+
+    monkeypatch.setattr(distributed, "world", lambda device=None: (0, 2))
+    monkeypatch.setattr(distributed, "gather_texts", gather)
+    distributed.check_replicas_agree({"model": here})  # identical copies: passes
+    there.train()(torch.randn(8, 3))  # rank 1 updated its running statistics
+    calls.clear()
+    with pytest.raises(ValueError, match=r"`model` has the same weights but other buffers .* process\(es\) \[1\]"):
+        distributed.check_replicas_agree({"model": here})
 
 
 def test_shard_data_refuses_fewer_items_than_processes_on_every_rank(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import numbers
 import operator
@@ -486,17 +487,18 @@ def _hash_tensors(digest: Any, tensors: Dict[str, Tensor]) -> None:
 
 
 @torch.no_grad()
-def weights_fingerprint(network: Any) -> str:
+def weights_fingerprint(network: Any, buffers: bool = False) -> str:
     """A short hash of a network's parameters, so an INN can tell the autoencoder or model it was
     fitted with from another one of the same shape (a retrained one, another seed).
 
-    Buffers (batch norm's running statistics) do not count, and neither do the parameters' names,
-    the device, the memory layout or the floating dtype (values are hashed as float32): the same
-    weights wrapped in ``DataParallel``, on another device or converted with ``.double()`` give the
-    same fingerprint.
+    Buffers (batch norm's running statistics) count only with ``buffers=True``; the parameters'
+    names, the device, the memory layout and the floating dtype never do (values are hashed as
+    float32): the same weights wrapped in ``DataParallel``, on another device or converted with
+    ``.double()`` give the same fingerprint.
 
     Args:
         network: An ``nn.Module`` (its parameters), or any object (its tensor attributes).
+        buffers: Hash a module's buffers after its parameters too.
 
     Returns:
         16 hexadecimal digits.
@@ -509,8 +511,8 @@ def weights_fingerprint(network: Any) -> str:
     """
     digest = hashlib.sha256()
     if isinstance(network, nn.Module):  # values in order, not names: a wrapped model ("module.") is the same
-        for parameter in network.parameters():
-            digest.update(_tensor_bytes(_as_float32(parameter)))
+        for tensor in itertools.chain(network.parameters(), network.buffers() if buffers else ()):
+            digest.update(_tensor_bytes(_as_float32(tensor)))
     else:
         _hash_tensors(digest, {k: _as_float32(v) for k, v in _tensor_attributes(network).items()})
     return digest.hexdigest()[:16]

@@ -303,16 +303,17 @@ def barrier() -> None:
 
 
 def check_replicas_agree(networks: Mapping[str, Optional[Any]]) -> None:
-    """``ValueError`` when the processes of a distributed fit hold different weights of a network
-    that the fit does not train (the analysed model, a given autoencoder): each process would
-    compute its shard's features with another network, and the fit would run without an error.
+    """``ValueError`` when the processes of a distributed fit hold different weights or buffers of
+    a network that the fit does not train (the analysed model, a given autoencoder): each process
+    would compute its shard's features with another network, and the fit would run without an error.
 
-    A network built in each process without a seed differs between them. No-op outside a
+    A network built in each process without a seed differs between them; so do batch norm's running
+    statistics after a forward pass in training mode in some processes only. No-op outside a
     distributed run; ``None`` entries are skipped.
 
     Args:
         networks: ``{argument name: network}``, compared by
-            :func:`~captum_inn.training.weights_fingerprint`.
+            :func:`~captum_inn.training.weights_fingerprint` (with the buffers).
 
     Examples::
 
@@ -323,11 +324,20 @@ def check_replicas_agree(networks: Mapping[str, Optional[Any]]) -> None:
     for name, network in networks.items():
         if network is None:
             continue
-        prints = gather_texts(weights_fingerprint(network))
-        if len(set(prints)) > 1:
-            odd = [rank for rank, p in enumerate(prints) if p != prints[0]]
+        weights = gather_texts(weights_fingerprint(network))
+        if len(set(weights)) > 1:
+            odd = [rank for rank, p in enumerate(weights) if p != weights[0]]
             raise ValueError(
                 f"`{name}` has other weights in process(es) {odd} than in process 0: every process of a torchrun "
                 "fit must hold the same network. Load its weights from one file in every process, or seed its "
                 "construction (torch.manual_seed) the same way in each."
+            )
+        with_buffers = gather_texts(weights_fingerprint(network, buffers=True))
+        if len(set(with_buffers)) > 1:
+            odd = [rank for rank, p in enumerate(with_buffers) if p != with_buffers[0]]
+            raise ValueError(
+                f"`{name}` has the same weights but other buffers (e.g. batch norm's running statistics) in "
+                f"process(es) {odd} than in process 0, so its features would differ between the processes. "
+                "Load its whole state_dict from one file in every process, and run it in eval() mode before "
+                "the fit in each."
             )

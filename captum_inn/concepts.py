@@ -167,22 +167,25 @@ class ConceptPairs:
                     f"`labels` must hold one hashable label per input, shape ({len(keys)},); entry {i} is "
                     f"{key!r}. Flatten (M, 1) labels with labels.reshape(-1); for one-hot rows pass labels.argmax(1)."
                 ) from None
-        members = [torch.tensor(g) for g in groups.values()]
+        # every group's members in one flat tensor (ascending within a group), with each input's
+        # group size, the start of its group and its own position there: pairs are drawn for a
+        # whole batch at once (a loop over pairs took ~0.2 ms a pair)
+        flat = torch.tensor([i for g in groups.values() for i in g], dtype=torch.long)
+        sizes = torch.tensor([len(g) for g in groups.values()], dtype=torch.long)
+        starts = torch.cumsum(sizes, 0) - sizes
         group_of = _group_index(len(keys), groups)
+        position = torch.empty(len(keys), dtype=torch.long)
+        position[flat] = torch.arange(len(keys)) - starts.repeat_interleave(sizes)
 
         def sampler(n: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
             a = torch.randint(inputs.shape[0], (n,), generator=generator)
             u = torch.rand(n, generator=generator)
-            b = torch.empty_like(a)
-            for k in range(n):
-                group = members[int(group_of[a[k]])]
-                if len(group) == 1:
-                    b[k] = a[k]
-                    continue
-                # uniform over the other members of a's group
-                pick = int(u[k] * (len(group) - 1))
-                others = group[group != a[k]]
-                b[k] = others[min(pick, len(others) - 1)]
+            size, start = sizes[group_of[a]], starts[group_of[a]]
+            # uniform over the other members of a's group: the pick-th of them, skipping a itself
+            # (min: u * (size - 1) may round up to size - 1); a alone in its group pairs with itself
+            pick = torch.minimum((u * (size - 1)).long(), (size - 2).clamp_min(0))
+            pick = pick + (pick >= position[a]).long()
+            b = torch.where(size > 1, flat[start + pick.clamp_max(size - 1)], a)
             return inputs[a], inputs[b]
 
         return cls(name, sampler, "share")

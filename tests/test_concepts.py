@@ -63,6 +63,33 @@ def test_from_labels_pairs_share_the_label_and_are_distinct():
     assert torch.equal(a, a2)  # seeded
 
 
+def test_from_labels_draws_the_pairs_of_the_per_pair_rule():
+    """The batched draw gives the pairs of the rule it replaced, drawn one pair at a time: b uniform
+    over the other members of a's group (the pick-th, a skipped), a alone pairing with itself. The
+    same pairs for a seed keep fingerprints and resumed fits as they were."""
+    labels = torch.tensor([3, 0, 3, 7, 0, 3, 5, 0, 0, 3, 9, 3, 0, 5])  # 7 and 9 alone, 5 in two
+    x = torch.arange(len(labels), dtype=torch.float32)[:, None]
+    members = {}
+    for i, label in enumerate(labels.tolist()):
+        members.setdefault(label, []).append(i)
+
+    def reference(n, generator):
+        a = torch.randint(len(labels), (n,), generator=generator)
+        u = torch.rand(n, generator=generator)
+        b = a.clone()
+        for k in range(n):
+            group = torch.tensor(members[int(labels[a[k]])])
+            if len(group) > 1:
+                others = group[group != a[k]]
+                b[k] = others[min(int(u[k] * (len(group) - 1)), len(others) - 1)]
+        return a, b
+
+    a, b = ConceptPairs.from_labels("c", x, labels).sample(500, torch.Generator().manual_seed(4))
+    ra, rb = reference(500, torch.Generator().manual_seed(4))
+    assert torch.equal(a[:, 0].long(), ra) and torch.equal(b[:, 0].long(), rb)
+    assert (a == b).any() and (a != b).any()  # both kinds drawn
+
+
 def test_from_transform_and_from_captum():
     x = torch.rand(10, 3, 4, 4)
     jitter = ConceptPairs.from_transform("brightness", x, lambda batch: batch * 0.5)

@@ -583,6 +583,24 @@ def test_source_fingerprint_is_the_one_older_versions_wrote():
     assert source_fingerprint(model, ae, images) == "27896d37386075aa"
 
 
+def test_fingerprints_hash_the_weights_in_place_and_keep_their_values():
+    """The hashes read each CPU tensor's own memory (no bytes copy per weight, a sixth of a
+    fingerprint's time) and give the values recorded before (pinned)."""
+    import numpy as np
+
+    from captum_inn.attr._common import _tensor_bytes
+    from captum_inn.training import weights_fingerprint
+
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2))
+    with torch.no_grad():
+        for i, t in enumerate([*model.parameters(), *model.buffers()]):
+            t.copy_(torch.arange(t.numel()).reshape(t.shape) * 0.01 + i)
+    weight = model[0].weight.detach()
+    assert np.shares_memory(_tensor_bytes(weight), weight.numpy())
+    assert bytes(_tensor_bytes(torch.zeros(0))) == b""
+    assert weights_fingerprint(model) == weights_fingerprint(model.double()) == "da0bc6e2119af9bb"
+
+
 def test_source_changes_names_parts_and_survives_caches_without_them(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     cache = cache_features(model, "fc", autoencoder, images, progress=False)

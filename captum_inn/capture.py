@@ -478,18 +478,18 @@ class LayerHooks:
         return pre_hook
 
     def _store(self, name: str, value: Tensor) -> None:
-        if self.detach:
-            value = value.detach()
-        if self.clone:
-            # Clone now: an in-place op later in the forward pass would overwrite the storage.
-            value = value.clone()
         if self._stopped:  # the model caught the signal and ran on: keep the first values, stop again
             raise _StopForward(self)
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.stop_early and name in self._values:
             # a reused module running again before the other layers: keep its first call, the value a
-            # single-layer capture (and replace_activation(model=...)) reads
+            # single-layer capture (and replace_activation(model=...)) reads; no copy of a value not kept
             return
+        if self.detach:
+            value = value.detach()
+        if self.clone:
+            # Clone now: an in-place op later in the forward pass would overwrite the storage.
+            value = value.clone()
         self._values[name] = value
         if self.stop_early and len(self._values) == len(self.names):
             self._stopped = True

@@ -504,6 +504,34 @@ def test_stop_early_keeps_a_reused_modules_first_call_when_other_layers_are_hook
     assert_no_hooks(model)
 
 
+def test_stop_early_copies_only_the_values_it_keeps():
+    """A reused module's later calls in a stop_early pass are counted, not cloned: their values are
+    dropped (a multi-layer cache of a ResNet block's relu copied its second activation each batch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Clones(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Clones.count += func is torch.ops.aten.clone.default
+            return func(*args, **(kwargs or {}))
+
+    class Thrice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu, self.head = nn.ReLU(), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.relu(self.relu(self.relu(x) - 1.0) + 2.0))
+
+    model, x = seeded(Thrice()), torch.randn(4, 3)
+    with Clones(), LayerHooks(model, ["relu", "head"], stop_early=True) as hooks:
+        hooks.run(x)
+    assert hooks.calls == {"relu": 3, "head": 1}
+    assert Clones.count == 2  # relu's first call and head's
+    assert torch.equal(hooks["relu"], torch.relu(x))
+
+
 def test_batchnorm_train_mode_is_captured_in_eval_and_flags_restored():
     model = seeded(BNModel()).train()
     model.drop.eval()  # a mixed state that model.train(True) would destroy

@@ -29,7 +29,6 @@ from tqdm import tqdm  # plain text bars, as the fits'
 from captum_inn.attr import LayerConcepts, LayerInvariance
 from captum_inn.attr._common import check_positive_int, format_inputs, forward_module, runs_model
 from captum_inn.capture import eval_mode, resolve_layer
-from captum_inn.metrics import predict_classes
 
 __all__ = ["Comparison", "compare_attributions", "last_spatial_layer"]
 
@@ -315,8 +314,7 @@ def compare_attributions(
     if check_positive_int(n_samples, "n_samples") < 2:
         raise ValueError(f"`n_samples` must be >= 2 for an invariance map (their spread), got {n_samples}.")
     _check_baselines(ig_baselines, images)
-    classes = _classes(model, images)
-    predictions = predict_classes(model, images, batch)
+    predictions, classes = _predictions(model, images, batch)
     targets = _targets(target, predictions, classes)
 
     # Everything below runs in eval mode, like the explainers' own calls: Captum's passes would
@@ -414,16 +412,21 @@ _WRAP = ("Grad-CAM and Integrated Gradients need a model that returns the logits
          "names take the attribute's prefix, 'model.features.4').")
 
 
-def _classes(model: nn.Module, images: Tensor) -> int:
-    """The number of classes, from the model's ``(N, K)`` output on one image; another output (a dict,
-    a tuple) is a ``TypeError`` that says how to wrap the model (Captum would fail inside)."""
+def _predictions(model: nn.Module, images: Tensor, batch: int) -> Tuple[Tensor, int]:
+    """The model's top-1 classes ``(N,)`` and its number of classes, from one pass over the images
+    in chunks of ``batch`` (as :func:`~captum_inn.metrics.predict_classes`; a separate pass of one
+    image for the class count ran the model once more). An output other than ``(N, K)`` logits (a
+    dict, a tuple) is a ``TypeError`` that says how to wrap the model (Captum would fail inside)."""
+    parts = []
     with torch.no_grad(), eval_mode(model):
-        output = model(images[:1])
-    if not isinstance(output, Tensor) or output.dim() != 2:
-        got = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor)
-               else f"a {type(output).__name__}" + (f" with keys {list(output)}" if isinstance(output, dict) else ""))
-        raise TypeError(f"`model` must return (N, K) logits, but it returns {got}. {_WRAP}")
-    return output.shape[1]
+        for start in range(0, images.shape[0], batch):
+            output = model(images[start : start + batch])
+            if not isinstance(output, Tensor) or output.dim() != 2:
+                got = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) else
+                       f"a {type(output).__name__}" + (f" with keys {list(output)}" if isinstance(output, dict) else ""))
+                raise TypeError(f"`model` must return (N, K) logits, but it returns {got}. {_WRAP}")
+            parts.append(output.argmax(1))
+    return torch.cat(parts), output.shape[1]
 
 
 def _targets(target: Any, predictions: Tensor, classes: int) -> Tensor:

@@ -280,6 +280,24 @@ def test_internal_batch_size_bounds_every_pass(setup, x):
     assert seen and max(seen) <= 5, sorted(set(seen))
 
 
+@pytest.mark.parametrize("internal_batch_size", [None, 3])
+def test_predictions_and_the_class_count_come_from_one_pass(setup, x, internal_batch_size):
+    """The predicted classes and the number of classes are read from one pass over the inputs (in
+    chunks of internal_batch_size); the class count took a pass of one image of its own first."""
+    model, explainer = setup[0], _invariance(setup)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[0]))
+    try:  # an explicit layer: one pass of one image checks it, then Grad-CAM runs
+        result = compare_attributions(model, x, explainer, gradcam_layer="cnn.conv2",
+                                      internal_batch_size=internal_batch_size, generator=_gen(), **FAST)
+    finally:
+        handle.remove()
+    chunks = [len(x)] if internal_batch_size is None else [3, 1]
+    assert seen[:len(chunks) + 1] == [*chunks, 1], seen
+    with torch.no_grad():
+        assert torch.equal(result.predictions, model(x).argmax(1))
+
+
 def test_without_internal_batch_size_integrated_gradients_runs_every_row_at_once(setup, x):
     """internal_batch_size=None is documented as "all at once": one IG pass of N × ig_steps rows
     (it used to run one input per call, ig_steps rows at a time)."""

@@ -78,6 +78,22 @@ def test_attribute_is_input_shaped_and_reproducible(setup, x):
     assert explainer.has_convergence_delta() is False and explainer.multiplies_by_inputs is False
 
 
+def test_attribute_checks_its_inputs_once(setup, x, monkeypatch):
+    """attribute scans the inputs for NaN once: it passed its checked inputs to the public sample,
+    which scanned them again (on a GPU each scan waits for the device). The map is sample's."""
+    scanned = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: scanned.append(tuple(t.shape)) or isfinite(t))
+    model, ae, inn, _ = setup
+    explainer = LayerInvariance(model, "logits", inn, ae)
+    inv_map = explainer.attribute(x, n_samples=4, seed=1)
+    assert scanned == [tuple(x.shape)]
+    samples = explainer.sample(x, n_samples=4, seed=1, shared_noise=True)
+    assert torch.equal(inv_map, samples.std(dim=1))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        explainer.attribute(torch.where(x > 0.5, x, torch.nan), n_samples=4)
+
+
 def test_internal_batch_size_equals_the_unbatched_run(setup, x):
     model, ae, _, inn_map = setup
     explainer = LayerInvariance(model, "relu3", inn_map, ae)

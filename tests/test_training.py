@@ -654,6 +654,28 @@ def test_fits_leave_the_global_random_stream_as_they_found_it(images, autoencode
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_fits_train_inside_a_callers_no_grad_or_inference_mode(images, autoencoder, mode):
+    """A notebook cell that evaluates the model under no_grad and then fits: every fit failed with
+    "element 0 of tensors does not require grad"; it now trains as outside the block."""
+    from captum_inn.concepts import ConceptPairs
+    from captum_inn.training import fit_concepts
+    from captum_inn.training.classifier import fit_classifier
+
+    model = SmallCNN(width=4).eval()
+    expected = fit_invariances(model, "fc", autoencoder, images, steps=1, progress=False, **TINY)
+    labels = torch.arange(len(images)) % 3
+    classifier = SmallCNN(width=4)
+    with mode():
+        inn = fit_invariances(model, "fc", autoencoder, images, steps=1, progress=False, **TINY)
+        fit_autoencoder(images, latent_dim=4, width=4, steps=1, progress=False)
+        fit_concepts(autoencoder, [ConceptPairs.from_labels("a", images, labels)], factor_sizes={"a": 2},
+                     steps=1, n_blocks=1, hidden=8, progress=False)
+        fit_classifier(classifier, (images, labels), steps=1, progress=False)
+        assert not torch.is_grad_enabled()  # the caller's mode is back
+    assert all(torch.equal(a, b) for a, b in zip(inn.state_dict().values(), expected.state_dict().values()))
+
+
 def test_changed_settings_of_any_layer_are_refused_before_any_layer_trains(tmp_path, images, autoencoder, monkeypatch):
     model = SmallCNN(width=4).eval()
     layers, run = ["relu3", "fc", "logits"], str(tmp_path / "run")

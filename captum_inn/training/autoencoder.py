@@ -31,7 +31,7 @@ from captum_inn.training.distributed import (
     shard_data,
     world,
 )
-from captum_inn.training.loop import merged_config, resume_key, train_loop
+from captum_inn.training.loop import autograd_on, merged_config, resume_key, train_loop
 
 __all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "images_as_tensor"]
 
@@ -101,6 +101,7 @@ def images_as_tensor(data: Any) -> Tensor:
     return torch.cat(list(iter_image_batches(data, batch_size=256)))
 
 
+@autograd_on
 def fit_autoencoder(
     data: Any,
     latent_dim: Optional[int] = None,

@@ -23,7 +23,7 @@ from captum_inn.training.data import (
     loader_sampler,
 )
 from captum_inn.training.distributed import local_batch_size, shard_data, world
-from captum_inn.training.loop import train_loop
+from captum_inn.training.loop import autograd_on, train_loop
 
 __all__ = ["fit_classifier", "accuracy", "Jitter"]
 
@@ -145,6 +145,7 @@ def augment_generators(augment: Any) -> List[torch.Generator]:
     return [generator] if isinstance(generator, torch.Generator) and generator.device.type == "cpu" else []
 
 
+@autograd_on
 def fit_classifier(
     model: nn.Module,
     data: Any,

@@ -60,7 +60,7 @@ from captum_inn.training.distributed import (
     local_batch_size,
     world,
 )
-from captum_inn.training.loop import merged_config, resume_key, train_loop
+from captum_inn.training.loop import autograd_on, merged_config, resume_key, train_loop
 
 __all__ = [
     "ConceptConfig",
@@ -420,6 +420,7 @@ def pair_nll(y_a: Tensor, logdet_a: Tensor, y_b: Tensor, logdet_b: Tensor, share
     return 0.5 * y_a.pow(2).sum(1) - logdet_a + 0.5 * residual.sum(1) - logdet_b
 
 
+@autograd_on
 def fit_concepts(
     representation: Any,
     concepts: Any,

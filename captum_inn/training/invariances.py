@@ -49,6 +49,7 @@ from captum_inn.training.distributed import (
     world,
 )
 from captum_inn.training.loop import (
+    autograd_on,
     check_resumable,
     cuda_graphs_by_default,
     merged_config,
@@ -298,6 +299,7 @@ def _tail_mean(history: Sequence[float], n: int = 100) -> float:
     return float(sum(tail) / len(tail)) if tail else math.nan
 
 
+@autograd_on
 def fit_invariances(
     model: nn.Module,
     layers: Union[str, nn.Module, Sequence[Union[str, nn.Module]]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import threading
@@ -59,6 +60,7 @@ def _check_schedule(value: Any, name: str = "schedule") -> str:
 _OWN_CHECKS = {"conv_patch_to": check_patch_to, "token_dim": check_token_dim, "schedule": _check_schedule}
 
 _Config = TypeVar("_Config")
+T = TypeVar("T")
 
 
 def merged_config(cls: Type[_Config], config: Optional[_Config], overrides: Mapping[str, Any]) -> _Config:
@@ -204,6 +206,22 @@ def saved_step(checkpoint: Any, saved: Mapping[str, Any], argument: str = "check
     return step
 
 
+def autograd_on(fit: Callable[..., T]) -> Callable[..., T]:
+    """``fit`` with autograd on, whatever the caller's mode: a fit called inside the caller's
+    ``torch.no_grad()`` or ``torch.inference_mode()`` (a notebook cell that evaluates the model)
+    otherwise failed with "element 0 of tensors does not require grad"."""
+
+    @functools.wraps(fit)
+    def with_autograd(*args: Any, **kwargs: Any) -> T:
+        # inference_mode(False) too: modules built and features cached under the caller's
+        # inference mode would be inference tensors, which autograd cannot save
+        with torch.inference_mode(False), torch.enable_grad():
+            return fit(*args, **kwargs)
+
+    return with_autograd
+
+
+@autograd_on
 def train_loop(
     module: nn.Module,
     loss_fn: Callable[[torch.Generator], Tensor],
@@ -552,7 +570,6 @@ def _capture_or_warn(module: nn.Module, optimizer: torch.optim.Optimizer, loss_f
         return None
 
 
-T = TypeVar("T")
 
 
 class FitCancelled(Exception):

@@ -314,6 +314,16 @@ def test_perceptual_loss_trains_the_autoencoder(photos, pixel_only):
     assert any(changed)
 
 
+def test_a_float64_perceptual_model_gives_the_loss_of_its_float32_original(photos):
+    """The analysed model, the natural perceptual model, may be a float64 one (as the explainers
+    and fit_invariances take): the reconstructions go to it in its dtype (a raw dtype error before)."""
+    kwargs = dict(steps=2, perceptual_layers=["3"], perceptual_weight=5.0, **AE)
+    plain = fit_autoencoder(photos, perceptual_model=Perceptual(), **kwargs)
+    doubled = fit_autoencoder(photos, perceptual_model=Perceptual().double(), **kwargs)
+    assert doubled.history == pytest.approx(plain.history, rel=1e-5)
+    assert all(p.dtype == torch.float32 for p in doubled.parameters())
+
+
 def test_perceptual_arguments_must_come_together(photos):
     with pytest.raises(ValueError, match="needs both `perceptual_model` and `perceptual_layers`"):
         fit_autoencoder(photos, steps=1, perceptual_model=Perceptual(), **AE)

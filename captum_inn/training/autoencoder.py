@@ -10,7 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import check_module_device, check_pixel_range, weights_fingerprint
+from captum_inn.attr._common import (
+    check_module_device,
+    check_pixel_range,
+    network_dtype,
+    weights_fingerprint,
+)
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.capture import LayerHooks
 from captum_inn.training.cache import images_fingerprint
@@ -136,7 +141,8 @@ def fit_autoencoder(
         checkpoint: Checkpoint file; an existing one is resumed when ``resume``.
         resume: Continue from ``checkpoint`` if it exists.
         progress: Show a progress bar.
-        perceptual_model: Frozen network for the perceptual loss (see above); ``None``: pixels only.
+        perceptual_model: Frozen network for the perceptual loss (see above; any floating dtype, the
+            reconstructions are converted to it); ``None``: pixels only.
         augment: Optional callable applied to each image batch (e.g.
             :class:`~captum_inn.training.classifier.Jitter`); small datasets of photos need it. One
             that draws from its own ``generator`` attribute, as ``Jitter`` does, resumes exactly.
@@ -196,12 +202,15 @@ def fit_autoencoder(
         frozen = [p for p in perceptual_model.parameters() if p.requires_grad]
 
     def perceptual_loss(recon: Tensor, x: Tensor) -> Tensor:
+        # images in the perceptual model's dtype (the analysed model converted with .double()), the
+        # loss back in the autoencoder's: a raw dtype error before
+        seen = network_dtype(perceptual_model, recon.dtype)
         with torch.no_grad():
-            hooks.run(x)
+            hooks.run(x.to(seen))
             targets = hooks.values
-        hooks.run(recon)
+        hooks.run(recon.to(seen))
         losses = [((hooks.values[name] - t) ** 2).mean() / (t**2).mean().clamp_min(1e-8) for name, t in targets.items()]
-        return torch.stack(losses).mean()
+        return torch.stack(losses).mean().to(recon.dtype)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
         index = torch.randint(images.shape[0], (batch,), generator=generator)

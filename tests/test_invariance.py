@@ -151,6 +151,23 @@ def test_float64_models_are_explained(setup, x):
     assert everything.dtype == torch.float64 and everything.shape == x.shape and torch.isfinite(everything).all()
 
 
+def test_a_half_precision_copy_of_the_fitted_model_is_refused_with_the_fix(setup, x):
+    """.half() rounds the weights, so the float32 fingerprint cannot match; the message said
+    "retrained, or another seed?", which a converted copy is not."""
+    import copy
+
+    from captum_inn.training import weights_fingerprint
+
+    model, ae, inn, _ = setup
+    inn = copy.deepcopy(inn)
+    inn.fit_info = {"layer": "logits", "model_weights": weights_fingerprint(model)}
+    for convert in (nn.Module.half, nn.Module.bfloat16):
+        with pytest.raises(ValueError, match=r"computes in torch\.(float16|bfloat16).*float32 one, or fit `inn`"):
+            LayerInvariance(convert(copy.deepcopy(model)), "logits", inn, ae)
+    with pytest.raises(ValueError, match="retrained, or another seed"):  # a float32 model of other weights
+        LayerInvariance(SmallCNN(width=4).eval(), "logits", inn, ae)
+
+
 def test_a_fitted_layer_name_matches_a_wrapped_model_but_not_another_layer_of_the_same_name(setup, x):
     """The suffix rule ("fc" for "module.fc") is for wrappers: where the fitted name is a layer of the
     model itself, a layer with the same last part is another layer."""

@@ -542,6 +542,13 @@ def check_same_weights(network: Any, recorded: Optional[str], what: str, name: s
     """``ValueError`` when ``network`` (argument ``name``) has other weights than the one ``what``
     was fitted with (``recorded``: its :func:`weights_fingerprint`; ``None`` or ``""``: unknown)."""
     if recorded and weights_fingerprint(network) != recorded:
+        dtype = network_dtype(network, torch.float32)
+        if dtype in (torch.float16, torch.bfloat16):  # rounded weights: the float32 fingerprint cannot match
+            raise ValueError(
+                f"`{what}` was fitted with another `{name}` of the same shape. This one computes in {dtype}: if it is "
+                "a copy converted with .half() or .bfloat16(), its rounded weights count as other weights; pass the "
+                f"float32 one, or fit `{what}` with the converted one."
+            )
         raise ValueError(
             f"`{what}` was fitted with another `{name}` of the same shape (other weights: retrained, or another "
             f"seed?); pass the one it was fitted with, or fit `{what}` again for this `{name}`."

@@ -676,6 +676,22 @@ def test_fits_train_inside_a_callers_no_grad_or_inference_mode(images, autoencod
     assert all(torch.equal(a, b) for a, b in zip(inn.state_dict().values(), expected.state_dict().values()))
 
 
+def test_fits_leave_images_that_require_grad_without_a_grad(images):
+    """Images that require grad (left over from a saliency method) got a .grad as large as the data
+    from fit_autoencoder and fit_classifier, and a warning; the fits learn weights only."""
+    from captum_inn.training.classifier import fit_classifier
+
+    images = images[:8]
+    plain = fit_autoencoder(images, latent_dim=4, width=4, batch_size=4, steps=2, progress=False)
+    tracked = images.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fitted = fit_autoencoder(tracked, latent_dim=4, width=4, batch_size=4, steps=2, progress=False)
+        fit_classifier(SmallCNN(width=4), (tracked, torch.arange(8) % 3), batch_size=4, steps=1, progress=False)
+    assert tracked.grad is None and tracked.requires_grad
+    assert fitted.history == plain.history
+
+
 def test_changed_settings_of_any_layer_are_refused_before_any_layer_trains(tmp_path, images, autoencoder, monkeypatch):
     model = SmallCNN(width=4).eval()
     layers, run = ["relu3", "fc", "logits"], str(tmp_path / "run")

@@ -170,7 +170,8 @@ def fit_autoencoder(
     config = merged_config(AutoencoderConfig, config, overrides)
     world(device)  # joins torchrun's process group, if any, before the data is sharded
     check_replicas_agree({"perceptual_model": perceptual_model})  # the autoencoder itself starts from rank 0's
-    images = images_as_tensor(data)
+    # detached: the fit learns weights, not pixels (images that require grad got a .grad as large as the data)
+    images = images_as_tensor(data).detach()
     if images.dim() != 4 or images.shape[0] < 2:
         raise ValueError(f"`data` must hold at least 2 images (N, C, H, W), got shape {tuple(images.shape)}.")
     check_image_dtype(images, torch.get_default_dtype())  # the autoencoder is built in the default dtype

@@ -199,6 +199,7 @@ def fit_classifier(
     adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
     world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving
     images, labels = _as_labelled(data)
+    images = images.detach()  # the fit learns weights: images that require grad got a .grad as large as the data
     check_image_dtype(images)  # 8-bit pixels: a raw dtype error from the first layer otherwise
     labels = _class_indices(labels)
     images, labels = images.to(device), labels.to(device)

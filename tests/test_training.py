@@ -654,6 +654,20 @@ def test_fits_leave_the_global_random_stream_as_they_found_it(images, autoencode
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
+def test_a_pass_over_a_dataset_leaves_the_global_random_stream_as_a_tensor_does(images, autoencoder):
+    """The DataLoader built around a Dataset drew its workers' base seed from the global generator
+    on every pass, so caching or fitting on a Dataset moved the caller's stream (a tensor did not)."""
+    from torch.utils.data import TensorDataset
+
+    model = SmallCNN(width=4).eval()
+    data = TensorDataset(images[:8], torch.zeros(8))
+    for run in (lambda: cache_features(model, "fc", autoencoder, data, progress=False),
+                lambda: fit_autoencoder(data, latent_dim=4, width=4, batch_size=4, steps=1, progress=False)):
+        torch.manual_seed(1234)
+        run()
+        assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(1234)))
+
+
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_fits_train_inside_a_callers_no_grad_or_inference_mode(images, autoencoder, mode):
     """A notebook cell that evaluates the model under no_grad and then fits: every fit failed with

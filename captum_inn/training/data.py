@@ -154,6 +154,10 @@ def iter_image_batches(
     elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         if hasattr(data, "__len__") and len(data) == 0:
             raise ValueError("`data` is empty.")
+        if generator is None and not shuffle:
+            # a DataLoader draws its workers' base seed from the global generator on every pass; a
+            # private one leaves the caller's stream as a tensor's pass does (no workers: unused)
+            generator = torch.Generator()
         loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
     else:
         raise TypeError(

@@ -147,6 +147,15 @@ def test_fit_autoencoder_rejects_bad_data():
         fit_autoencoder(42, latent_dim=2, steps=1, progress=False)
 
 
+
+def test_a_tensor_passed_for_a_number_is_named_by_its_shape():
+    """fit_autoencoder(images, images): the error printed the whole tensor as `latent_dim`."""
+    images = torch.rand(20, 3, 8, 8)
+    with pytest.raises(TypeError, match=r"`latent_dim` must be an int, got an array of shape \(20, 3, 8, 8\) \(Tensor\)\.$"):
+        fit_autoencoder(images, images, steps=1, progress=False)
+    with pytest.raises(TypeError, match=r"`lr` must be a number, got tensor\(\[0\.1000\]\)"):  # small ones as written
+        fit_autoencoder(images, latent_dim=2, lr=torch.tensor([0.1]), steps=1, progress=False)
+
 # ------------------------------------------------------------------ feature cache
 def test_cache_runs_the_model_once_per_image_for_all_layers(images, autoencoder):
     model = CountingCNN().eval()

@@ -122,10 +122,19 @@ def check_pixel_range(images: Tensor, name: str, autoencoder: Any = None, fix: O
         raise ValueError(message)
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)`` for an error message, or its shape for a large array: a tensor of images
+    passed in an int's place (``fit_autoencoder(images, images)``) filled the screen."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype") and math.prod(shape) > 8:
+        return f"an array of shape {tuple(shape)}"
+    return repr(value)
+
+
 def check_int(value: Any, name: str) -> int:
     """``value`` as a plain int (NumPy integers included) or a ``TypeError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
+        raise TypeError(f"`{name}` must be an int, got {_shown(value)} ({type(value).__name__}).")
     return int(value)
 
 
@@ -149,7 +158,7 @@ def check_image_input(value: Any) -> int:
 def check_number(value: Any, name: str, *, positive: bool = False) -> float:
     """``value`` as a finite float ``>= 0`` (``> 0`` if ``positive``) or an error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+        raise TypeError(f"`{name}` must be a number, got {_shown(value)} ({type(value).__name__}).")
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite, got {value}.")
     if value < 0 or (positive and value == 0):

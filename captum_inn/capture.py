@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -552,7 +553,7 @@ class LayerHooks:
         try:
             if isinstance(self.model, nn.DataParallel):
                 return _run_unreplicated(self.model, args, kwargs)
-            return self.model(*args, **kwargs)
+            return eager_module(self.model)(*args, **kwargs)
         except _StopForward as exc:
             if exc.owner is not self:
                 raise
@@ -565,8 +566,26 @@ class LayerHooks:
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The module that :meth:`LayerHooks.run` calls: a ``DataParallel``'s ``.module``, else ``model``."""
-    return model.module if isinstance(model, nn.DataParallel) else model
+    """The module that :meth:`LayerHooks.run` calls: a ``DataParallel``'s ``.module``, a compiled
+    model's eager one (:func:`eager_module`), else ``model``."""
+    return model.module if isinstance(model, nn.DataParallel) else eager_module(model)
+
+
+def eager_module(model: Any) -> Any:
+    """A ``torch.compile``'d model's eager module (``._orig_mod``), else ``model`` itself.
+
+    A compiled graph does not see hooks registered after it was built (dynamo does not guard on
+    them), so once the compiled model has run, a capture found that its layer "did not run" and a
+    replaced activation was silently ignored. The eager module runs the same weights with its hooks.
+
+    Examples::
+
+        >>> net = nn.Linear(2, 2)
+        >>> eager_module(net) is net
+        True
+    """
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # never imported here: loading dynamo takes seconds
+    return model._orig_mod if dynamo is not None and isinstance(model, dynamo.OptimizedModule) else model
 
 
 def _run_unreplicated(model: nn.DataParallel, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:

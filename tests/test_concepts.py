@@ -455,6 +455,29 @@ def test_layer_representation_keeps_the_model_exact():
         explainer.edit(images, "label")
 
 
+def test_a_compiled_model_that_has_run_is_read_and_edited():
+    """torch.compile's graph skips hooks registered after it was built: once the compiled model had
+    run, capture found its layer "did not run" and output_from_factors ignored the edited factors."""
+    from captum_inn.capture import capture
+
+    torch.manual_seed(0)
+    model = VectorModel().eval()
+    images = torch.rand(16, 3, 8, 8)
+    pairs = ConceptPairs.from_labels("half", images, torch.arange(16) % 2)
+    e = fit_concepts(LayerRepresentation(model, "hidden"), [pairs], steps=1, n_blocks=1, hidden=8, progress=False)
+    compiled = torch.compile(model, backend="eager")
+    x = images[:4]
+    for grad in (False, True):  # the graphs a user's own calls built, in both grad modes
+        with torch.set_grad_enabled(grad):
+            compiled(x)
+    assert torch.equal(capture(compiled, "_orig_mod.hidden", x), capture(model, "hidden", x))
+    edited = LayerConcepts(model, "hidden", e).factors(x)
+    edited[:, 0] = 3.0
+    expected = LayerConcepts(model, "hidden", e).output_from_factors(x, edited)
+    assert not torch.allclose(expected, model(x))  # the edit shows
+    assert torch.allclose(LayerConcepts(compiled, "_orig_mod.hidden", e).output_from_factors(x, edited), expected)
+
+
 def test_layer_representation_of_a_module_called_twice_keeps_the_model_exact():
     """The layer's first call is read (the pass stops there); only that call is replaced, not the second."""
 

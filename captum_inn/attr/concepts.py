@@ -39,7 +39,7 @@ from captum_inn.attr._common import (
     warn_unreachable_model,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean
-from captum_inn.capture import eval_mode, replace_activation
+from captum_inn.capture import eager_module, eval_mode, replace_activation
 from captum_inn.inn import ConditionalINN, FactorINN
 
 __all__ = ["LayerConcepts", "EncodedShares"]
@@ -519,7 +519,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 to_input = self._to_input(attribute_to_layer_input)
                 with replace_activation(self.layer, representation, to_input, self.selector, model=model), \
                         dtype_errors_named(inputs[self.image_input], model):
-                    return self.forward_func(*inputs, *extra)
+                    return eager_module(self.forward_func)(*inputs, *extra)  # a compiled graph skips the hook
             # decoded images in the dtype of the images given, the model's (a float32 decoder, a float64 model)
             images = self.autoencoder.decode(representation).to(inputs[self.image_input].dtype)
             model_inputs = tuple(images if i == self.image_input else t for i, t in enumerate(inputs))

@@ -28,7 +28,7 @@ from tqdm import tqdm  # plain text bars, as the fits'
 
 from captum_inn.attr import LayerConcepts, LayerInvariance
 from captum_inn.attr._common import check_positive_int, format_inputs, forward_module, runs_model
-from captum_inn.capture import eval_mode, resolve_layer
+from captum_inn.capture import eager_module, eval_mode, resolve_layer
 
 __all__ = ["Comparison", "compare_attributions", "last_spatial_layer"]
 
@@ -148,7 +148,7 @@ def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
             if name:
                 handles.append(module.register_forward_hook(record(name)))
         with torch.no_grad(), eval_mode(model):
-            model(example[:1])
+            eager_module(model)(example[:1])  # a compiled graph skips hooks added after it was built
     finally:
         for handle in handles:
             handle.remove()
@@ -185,7 +185,7 @@ def _outputs(model: nn.Module, module: nn.Module, example: Tensor) -> List[Any]:
     handle = module.register_forward_hook(lambda _m, _a, output: seen.append(output))
     try:
         with torch.no_grad():
-            model(example)
+            eager_module(model)(example)
     finally:
         handle.remove()
     return seen
@@ -335,7 +335,7 @@ def compare_attributions(
             ig_baselines = torch.zeros_like(images)
 
         gradcam_parts, ig_parts, ig_deltas, concept_parts, concept_deltas = [], [], [], [], []
-        gradcam = LayerGradCam(model, gradcam_module)
+        gradcam = LayerGradCam(eager_module(model), gradcam_module)  # Captum's hooks, as ours
         ig = IntegratedGradients(model)
         # IG expands each input to ig_steps rows: a bound takes max(1, batch // ig_steps) inputs per call
         # (Captum splits their steps into passes of `batch` rows); None sends every row at once

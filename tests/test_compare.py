@@ -123,6 +123,26 @@ def comparisons(setup, digits64):
     return whole, batched
 
 
+def test_a_compiled_model_that_has_run_is_compared_as_the_model(setup, x):
+    """Grad-CAM's hooks and the default layer's search were skipped by torch.compile's graph once
+    the compiled model had run ("no layer with a spatial feature map")."""
+    _, ae, inns, _ = setup
+    model = SmallCNN(width=4).eval()
+    compiled = torch.compile(model, backend="eager")
+    for grad in (False, True):  # the graphs a user's own calls built
+        with torch.set_grad_enabled(grad):
+            compiled(x)
+            compiled(x[:1])
+    expected = compare_attributions(model, x, LayerInvariance(model, "relu2", inns["cnn.relu2"], ae),
+                                    generator=_gen(), progress=False, **FAST)
+    got = compare_attributions(compiled, x, LayerInvariance(compiled, "_orig_mod.relu2", inns["cnn.relu2"], ae),
+                               generator=_gen(), progress=False, **FAST)
+    assert got.gradcam_layer == "_orig_mod.relu2"
+    for name in ("gradcam", "integrated_gradients", "invariance_map"):
+        assert torch.allclose(getattr(got, name), getattr(expected, name), atol=1e-6), name
+    assert expected.gradcam.abs().sum() > 0  # a map that shows the hooks ran
+
+
 def test_every_map_has_the_input_size_on_64_colordigits(comparisons, digits64):
     n, c, h, w = digits64.shape
     result = comparisons[0]

@@ -269,7 +269,7 @@ def compare_attributions(
     Raises:
         TypeError: ``model``, ``invariance``, ``concepts`` or ``ig_baselines`` of the wrong type, a
             model whose output is not ``(N, K)`` logits (a dict, a tuple: wrap it), or an
-            ``ig_baselines`` tensor of another dtype than ``inputs``.
+            ``ig_baselines`` tensor of another dtype than ``inputs``, a boolean ``target``.
         ValueError: explainers built for another model, ``n_samples`` < 2, ``concept_steps`` < 2, a ``target`` of the
             wrong shape or outside the classes, ``ig_baselines`` of the wrong shape or device, a
             model without a spatial layer for Grad-CAM (pass ``gradcam_layer``).
@@ -439,6 +439,9 @@ def _targets(target: Any, predictions: Tensor, classes: int) -> Tensor:
         targets = torch.full((n,), target, dtype=torch.long, device=predictions.device)
     else:
         targets = torch.as_tensor(target, device=predictions.device)
+        if targets.dtype == torch.bool:  # .long() would read a mask as classes 0 and 1
+            raise TypeError("`target` holds class indices, but got booleans; pass class indices, e.g. "
+                            "mask.long() or mask.nonzero().")
         if targets.dim() == 0 and not targets.is_floating_point():
             # a scalar tensor (or numpy int) is one class for all, as in Captum's TargetType
             targets = targets.expand(n)

@@ -526,6 +526,8 @@ def test_bad_input_errors(setup, x):
         (ValueError, "one per input", lambda: compare_attributions(model, x, explainer, target=torch.zeros(4, 1))),
         (ValueError, "one per input", lambda: compare_attributions(model, x, explainer, target=torch.zeros(4))),
         (TypeError, "bool", lambda: compare_attributions(model, x, explainer, target=True)),
+        (TypeError, "booleans", lambda: compare_attributions(model, x, explainer, target=torch.ones(4, dtype=torch.bool))),
+        (TypeError, "booleans", lambda: compare_attributions(model, x, explainer, target=[True, False, True, False])),
         (ValueError, r"`n_samples` must be >= 2", lambda: compare_attributions(model, x, explainer, n_samples=1)),
         (ValueError, r"`ig_steps` must be >= 1", lambda: compare_attributions(model, x, explainer, ig_steps=0)),
         (ValueError, "internal_batch_size", lambda: compare_attributions(model, x, explainer, internal_batch_size=0)),

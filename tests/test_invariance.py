@@ -226,6 +226,36 @@ def test_every_method_explains_a_float64_model_with_a_float32_autoencoder(setup,
         assert torch.allclose(got.float(), want, atol=1e-4), name
 
 
+def test_a_float64_model_with_an_autoencoder_whose_weights_are_buffers(setup, x):
+    """An autoencoder without parameters (a fixed basis in buffers, as a PCA autoencoder keeps it)
+    still takes images in its own dtype: a float64 model's images failed inside it."""
+    import copy
+
+    model, ae, inn, _ = setup
+
+    class BufferAutoencoder(nn.Module):
+        latent_dim = 6
+
+        def __init__(self):
+            super().__init__()
+            for name, lin in (("enc", ae.enc), ("dec", ae.dec)):
+                self.register_buffer(name + "_w", lin.weight.detach().clone())
+                self.register_buffer(name + "_b", lin.bias.detach().clone())
+
+        def encode(self, images):
+            return nn.functional.linear(images.flatten(1), self.enc_w, self.enc_b)
+
+        def decode(self, code):
+            return nn.functional.linear(code, self.dec_w, self.dec_b).view(-1, 3, 32, 32)
+
+    plain = LayerInvariance(model, "logits", inn, ae)
+    mixed = LayerInvariance(copy.deepcopy(model).double(), "logits", inn, BufferAutoencoder().eval())
+    for name in ("reconstruct", "invariances"):  # the two that encode the images
+        want, got = getattr(plain, name)(x), getattr(mixed, name)(x.double())
+        assert got.dtype == (inn.dtype if name == "invariances" else torch.float64), name
+        assert torch.allclose(got.float(), want, atol=1e-4), name
+
+
 def test_an_inputs_map_does_not_depend_on_the_rest_of_the_batch(setup, x):
     """Common random numbers: the same image gets the same map wherever it stands in a batch, and
     with `seed` in every call; without them the sampling noise would swamp what perturbation-based

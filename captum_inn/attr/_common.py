@@ -386,11 +386,12 @@ def check_target_count(target: Any, n: int) -> None:
 
 
 def network_dtype(network: Any, default: torch.dtype) -> torch.dtype:
-    """The floating dtype of a network's weights (``default`` for one without floating parameters)."""
+    """The floating dtype of a network's weights: its parameters, else its buffers (a PCA-style
+    autoencoder keeps its basis in buffers); ``default`` for a network with neither floating."""
     if isinstance(network, nn.Module):
-        for parameter in network.parameters():
-            if parameter.is_floating_point():
-                return parameter.dtype
+        for tensor in (*network.parameters(), *network.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
     return default
 
 

@@ -187,6 +187,17 @@ def plot_invariance_maps(
     plt = _plt()
     n = originals.shape[0]
     for name, m in maps.items():
+        if isinstance(m, (tuple, list)):  # attribute of tuple inputs mirrors them: one entry per input tensor
+            raise TypeError(f"`maps[{name!r}]` is a {type(m).__name__} (attribute of tuple inputs gives one entry per "
+                            "input tensor); pass the image's map, e.g. explainer.attribute(inputs)[image_input].")
+        if not isinstance(m, Tensor) or m.dim() != 4:
+            got = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+            raise ValueError(f"`maps[{name!r}]` must be (N, C, H, W) maps, got {got}.")
+        channels = originals.shape[1]  # channels last, as Captum's visualize_image_attr takes them: a wrong picture
+        if tuple(m.shape[1:3]) == tuple(originals.shape[2:]) and m.shape[3] in (1, channels) \
+                and m.shape[1] not in (1, channels):
+            raise ValueError(f"`maps[{name!r}]` has shape {tuple(m.shape)}, channels last; pass it channels first, "
+                             "m.permute(0, 3, 1, 2).")
         if m.shape[0] != n:  # row i pairs input i with its own maps
             raise ValueError(f"`maps[{name!r}]` holds {m.shape[0]} maps for {n} `originals`; give one per input.")
     if fig is None:

@@ -121,6 +121,21 @@ def test_image_figures_need_one_row_of_each_argument_per_input():
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["one", "two", "three"]
 
 
+def test_plot_invariance_maps_refuses_tuples_and_channels_last_maps():
+    """A tuple (attribute of tuple inputs) failed with an AttributeError; a map already permuted
+    for Captum's visualize_image_attr, (N, H, W, C), was averaged over its rows into a strip."""
+    x = torch.rand(2, 3, 8, 8)
+    maps = torch.rand(2, 3, 8, 8)
+    with pytest.raises(TypeError, match=r"`maps\['fc'\]` is a tuple .*\[image_input\]"):
+        plot_invariance_maps(x, {"fc": (maps, torch.zeros(2, 1))})
+    with pytest.raises(ValueError, match=r"channels last; .*m.permute\(0, 3, 1, 2\)"):
+        plot_invariance_maps(x, {"fc": maps.permute(0, 2, 3, 1)})
+    with pytest.raises(ValueError, match=r"must be \(N, C, H, W\) maps, got \(2, 8, 8\)"):
+        plot_invariance_maps(x, {"fc": maps[:, 0]})
+    fig, axes = plot_invariance_maps(x, {"fc": maps, "cam": torch.rand(2, 1, 4, 4)})  # a coarse Grad-CAM map too
+    assert axes.shape == (2, 3)
+
+
 def test_plot_invariance_maps_needs_a_map():
     with pytest.raises(ValueError, match="`maps` is empty"):
         plot_invariance_maps(torch.rand(2, 3, 8, 8), {})

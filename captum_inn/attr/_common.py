@@ -350,7 +350,8 @@ def _is_index_tuple(value: Any) -> bool:
 
 def check_target_count(target: Any, n: int) -> None:
     """Captum's ``TargetType`` for ``n`` inputs, checked: ``None``, an int, a tuple of ints, an
-    integer tensor of one or ``n`` entries (1-d), or a list of ``n`` ints or tuples. Anything else
+    integer tensor of one or ``n`` entries (1-d; int32 or int64 for several), or a list of ``n``
+    ints or tuples. Anything else
     is a ``TypeError``/``ValueError`` naming ``target`` (Captum would fail a bare internal assert
     or index with floats, or an unused target would hide a mistake)."""
     forms = ("pass an int, a tuple of ints, an integer tensor with one entry or one per input, or a list of one "
@@ -368,6 +369,9 @@ def check_target_count(target: Any, n: int) -> None:
                             "target.long().")
         if target.numel() not in (1, n):
             raise ValueError(f"`target` holds {target.numel()} entries for {n} inputs; {forms}.")
+        if target.numel() > 1 and target.dtype not in (torch.int32, torch.int64):  # Captum gathers with it
+            raise TypeError(f"`target` holds class indices as {target.dtype}, which torch.gather cannot index with "
+                            "(8-bit labels, say); convert it with target.long().")
         if target.numel() > 1 and target.dim() != 1:
             raise ValueError(f"`target` has shape {tuple(target.shape)}; one class per input is a 1-d tensor "
                              "(target.flatten()).")

@@ -132,6 +132,8 @@ def _cases():
         ("concept target a bool", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=True), TypeError, "`target` must be one of Captum's target forms, got bool"),
         ("concept target a list of tensors", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=list(torch.tensor([1, 2, 0]))), TypeError, r"torch.stack\(target\)"),
         ("concept target of 8-bit labels", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([1, 2, 0], dtype=torch.uint8)), TypeError, r"`target` holds class indices as torch.uint8.*target.long\(\)"),
+        ("concept target on another device", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([1, 2, 0], device="meta")), ValueError, r"`target` is on meta but the inputs are on cpu; move it with target.to\('cpu'\)"),
+        ("invariance target on another device", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, target=torch.tensor([1, 2, 0], device="meta")), ValueError, r"`target` is on meta but the inputs are on cpu"),
         ("invariance target of floats", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, target=torch.tensor(1.0)), TypeError, "`target` holds class indices"),
         ("concept edit value of another shape", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.zeros(2, 2)), ValueError, r"`value` for concept 'a' must be a floating-point tensor of shape \(3, 2\)"),
         ("concept edit value NaN", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.tensor([0.0, float("nan")])), ValueError, "`value` contains NaN"),

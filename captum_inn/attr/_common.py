@@ -348,10 +348,10 @@ def _is_index_tuple(value: Any) -> bool:
     return isinstance(value, tuple) and all(whole(i) for i in value)
 
 
-def check_target_count(target: Any, n: int) -> None:
+def check_target_count(target: Any, n: int, device: Optional[torch.device] = None) -> None:
     """Captum's ``TargetType`` for ``n`` inputs, checked: ``None``, an int, a tuple of ints, an
-    integer tensor of one or ``n`` entries (1-d; int32 or int64 for several), or a list of ``n``
-    ints or tuples. Anything else
+    integer tensor of one or ``n`` entries (1-d; int32 or int64, on ``device``, the inputs', for
+    several), or a list of ``n`` ints or tuples. Anything else
     is a ``TypeError``/``ValueError`` naming ``target`` (Captum would fail a bare internal assert
     or index with floats, or an unused target would hide a mistake)."""
     forms = ("pass an int, a tuple of ints, an integer tensor with one entry or one per input, or a list of one "
@@ -372,6 +372,9 @@ def check_target_count(target: Any, n: int) -> None:
         if target.numel() > 1 and target.dtype not in (torch.int32, torch.int64):  # Captum gathers with it
             raise TypeError(f"`target` holds class indices as {target.dtype}, which torch.gather cannot index with "
                             "(8-bit labels, say); convert it with target.long().")
+        if target.numel() > 1 and device is not None and target.device != device:  # labels left on the CPU
+            raise ValueError(f"`target` is on {target.device} but the inputs are on {device}; move it with "
+                             f"target.to('{device}').")
         if target.numel() > 1 and target.dim() != 1:
             raise ValueError(f"`target` has shape {tuple(target.shape)}; one class per input is a 1-d tensor "
                              "(target.flatten()).")

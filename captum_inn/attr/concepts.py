@@ -761,7 +761,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
-        check_target_count(target, n)
+        check_target_count(target, n, inputs[self.image_input].device)
         start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)
         base = self._baseline_factors(baselines, start)
         extra = _format_additional_forward_args(additional_forward_args) or ()

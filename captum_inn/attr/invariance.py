@@ -436,7 +436,7 @@ class LayerInvariance(LayerAttribution):
         if n_samples < 2:
             raise ValueError(f"`n_samples` must be >= 2 for a spread, got {n_samples}.")
         formatted = format_inputs(inputs, self.image_input)
-        check_target_count(target, formatted[0].shape[0])  # unused, but a wrong count is a caller's mistake
+        check_target_count(target, formatted[0].shape[0], formatted[self.image_input].device)  # unused, but a wrong count is a caller's mistake
         temperature = check_number(temperature, "temperature", positive=True)
         if internal_batch_size is not None:
             internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")

@@ -613,6 +613,18 @@ def test_attribute_is_complete(code_setup):
         explainer.attribute(x, 0.0, 2)
 
 
+def test_more_inputs_than_the_internal_batch_size_attribute_without_captums_warning(code_setup):
+    """Captum warned on every call with more inputs than ``internal_batch_size`` (the default 256
+    included) and took one step per pass: the same attributions now come without the warning."""
+    model, ae, e, _ = code_setup
+    explainer = LayerConcepts(model, "hidden", e, ae)
+    x = torch.rand(6, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = explainer.attribute(x, target=1, n_steps=8, internal_batch_size=4)
+    assert torch.allclose(small, explainer.attribute(x, target=1, n_steps=8, internal_batch_size=6), atol=1e-6)
+
+
 def test_a_model_returning_a_dict_is_refused_with_the_forward_func_to_pass(code_setup):
     """A ``{"logits": ..., "aux": ...}`` model: IG picks the target from a tensor, so the error says to
     pass a forward_func returning the logits (Captum failed with ``'dict' object has no attribute

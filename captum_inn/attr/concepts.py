@@ -731,7 +731,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 512 trapezoid steps (at most 0.4%). The Riemann methods need at least 2.
             method: Captum's integration method.
             internal_batch_size: Path points per forward pass (``None``: all at once, which for
-                512 steps can need gigabytes).
+                512 steps can need gigabytes); at least one step for every input, as Captum takes it.
             return_convergence_delta: Also return the per-input completeness error.
             attribute_to_layer_input: Override the constructor's choice (layer representations:
                 read and replace the layer's input rather than its output).
@@ -762,6 +762,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
         check_target_count(target, n, inputs[self.image_input].device)
+        if internal_batch_size is not None:  # Captum takes one step per pass past N inputs, and warns each call
+            internal_batch_size = max(internal_batch_size, n)  # about it, though the default was left alone
         start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)
         base = self._baseline_factors(baselines, start)
         extra = _format_additional_forward_args(additional_forward_args) or ()

@@ -459,5 +459,5 @@ def test_explainers_warn_about_pixels_far_outside_the_decoders_range(setup):
         explainer.attribute((X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(0))).clamp(-0.4, 1.4),
                             n_samples=2)
     for call in (lambda x: explainer.attribute(x, n_samples=2), explainer.invariances, explainer.reconstruct):
-        with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[0, 255\].*8-bit pixels / 255"):
+        with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[0, 255\].*8-bit pixels / 255.*NoiseTunnel.*stdevs"):
             call((X * 255).round())

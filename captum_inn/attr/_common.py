@@ -110,13 +110,16 @@ def check_pixel_range(images: Tensor, name: str, autoencoder: Any = None, fix: O
     sensitivity metrics perturb inputs a little past the range, which is fine)."""
     if autoencoder is not None and (getattr(autoencoder, "config", None) or {}).get("output") != "sigmoid":
         return
-    low, high = float(images.min()), float(images.max())
+    low, high = (float(v) for v in torch.aminmax(images.detach()))  # one pass (and one device wait)
     if low >= -margin and high <= 1 + margin:
         return
     fix = fix or ("the autoencoder decodes images in [0, 1], like the ones it was fitted on; pass such images "
                   "(8-bit pixels / 255) and normalise inside the model, nn.Sequential(normalise, model).")
     message = f"`{name}` pixels range over [{low:.3g}, {high:.3g}], but {fix}"
     if margin > 0:
+        # the explainers' case: Captum's NoiseTunnel (stdevs=1.0 by default) is the usual cause
+        message += (" Under Captum's NoiseTunnel, noise this large is the cause: pass stdevs of a few percent of "
+                    "the pixel range (e.g. stdevs=0.05).")
         warnings.warn(message, UserWarning, stacklevel=3)
     else:
         raise ValueError(message)

@@ -242,8 +242,8 @@ def compare_attributions(
         inputs: ``(N, C, H, W)`` images.
         invariance: A :class:`~captum_inn.LayerInvariance` for ``model`` (built on ``model`` or
             ``model.forward``; its layer's INN fitted).
-        target: The explained class: ``None`` (each input's predicted class), an int for all,
-            or ``(N,)`` classes.
+        target: The explained class: ``None`` (each input's predicted class), an int (or
+            one-element tensor) for all, or ``(N,)`` classes.
         gradcam_layer: Layer for Grad-CAM (module or dotted name). Default: the invariance layer
             if its output is a feature map (read without a selector, not at its input, from a module
             that runs once per forward pass), else :func:`last_spatial_layer` (``layer4`` of a
@@ -442,9 +442,9 @@ def _targets(target: Any, predictions: Tensor, classes: int) -> Tensor:
         if targets.dtype == torch.bool:  # .long() would read a mask as classes 0 and 1
             raise TypeError("`target` holds class indices, but got booleans; pass class indices, e.g. "
                             "mask.long() or mask.nonzero().")
-        if targets.dim() == 0 and not targets.is_floating_point():
-            # a scalar tensor (or numpy int) is one class for all, as in Captum's TargetType
-            targets = targets.expand(n)
+        if targets.numel() == 1 and not isinstance(target, (list, tuple)) and not targets.is_floating_point():
+            # a one-element tensor (or numpy int) is one class for all, as in Captum's TargetType
+            targets = targets.reshape(()).expand(n)
         if targets.dim() != 1 or targets.shape[0] != n or targets.is_floating_point():
             raise ValueError(f"`target` must be None, an int or {n} class indices (one per input), got shape "
                              f"{tuple(targets.shape)}.")

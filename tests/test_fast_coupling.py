@@ -141,7 +141,7 @@ def test_double_backward_raises_instead_of_a_wrong_result():
     x = torch.randn(4, 6, requires_grad=True)
     y, _ = coupling(x, torch.randn(4, 2))
     (grad,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="differentiate twice"):
         grad.sum().backward()
 
 

@@ -205,6 +205,29 @@ def test_cli_out_given_is_always_taken(tmp_path, monkeypatch, capsys):
     assert "report written to" in capsys.readouterr().out
 
 
+def test_cli_check_sets_the_exit_status_from_the_reports_failures(tmp_path, monkeypatch, capsys):
+    """`make demo ARGS=--check` (and CI) relies on it: exit 1 when a bound is not met and --check
+    is given, 0 otherwise; every failure is printed either way."""
+    import captum_inn.demo
+
+    monkeypatch.chdir(tmp_path)
+    failures = []
+
+    def fake_run(*, out, **kwargs):
+        (tmp_path / out).mkdir(exist_ok=True)
+        (tmp_path / out / "metrics.json").write_text(json.dumps({"failures": failures}))
+        return tmp_path / out / "index.html"
+
+    monkeypatch.setattr(captum_inn.demo, "run_demo", fake_run)
+    assert main(["demo", "--quick", "--check"]) == 0
+    assert "every bound of the demo holds" in capsys.readouterr().out
+    failures.append("logits agreement 0.5 < 0.8")
+    assert main(["demo", "--quick", "--check"]) == 1
+    assert "bound not met: logits agreement 0.5 < 0.8" in capsys.readouterr().out
+    assert main(["demo", "--quick"]) == 0  # without --check a missed bound is reported, not an error
+    assert "bound not met: logits agreement 0.5 < 0.8" in capsys.readouterr().out
+
+
 def test_layer_steps_factor_scales_inn_steps(report):
     from captum_inn.demo import _layer_overrides
     from captum_inn.training import load_checkpoint

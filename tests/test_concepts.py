@@ -713,6 +713,19 @@ def test_edit_decompose_encoded(code_setup):
     assert after["a"].shape == (4, 2)
     same = explainer.edit(x, "b", value=torch.zeros(2))
     assert same.shape == x.shape
+    # the value lands in b's factor (one row for all, or one per input), every other factor kept
+    rows = torch.arange(8.0).view(4, 2) / 4
+    with torch.no_grad():
+        code = e(ae.encode(x).mean)[0]
+        for value, expected_b in ((torch.zeros(2), torch.zeros(4, 2)), (rows[:1], rows[:1].expand(4, 2)), (rows, rows)):
+            code_b = code.clone()
+            code_b[:, 2:4] = expected_b
+            assert torch.allclose(explainer.edit(x, "b", value=value), ae.decode(e(code_b, rev=True)[0]), atol=1e-5)
+    one_donor = explainer.edit(x, "a", donors=donors[:1])  # one donor for every input
+    with torch.no_grad():
+        code_a = code.clone()
+        code_a[:, :2] = e(ae.encode(donors[:1]).mean)[0][:, :2]
+    assert torch.allclose(one_donor, ae.decode(e(code_a, rev=True)[0]), atol=1e-5)
     named = Concept(0, "a", None)  # Captum's concept objects stand for their name
     assert torch.equal(explainer.edit(x, named, donors=donors), edited)
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)

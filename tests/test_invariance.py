@@ -293,6 +293,10 @@ def test_invariances_reconstruct_and_transfer_are_consistent(setup, x):
     # transferring to oneself keeps the image; to a donor, it changes
     assert torch.allclose(explainer.transfer(x, x), recon, atol=1e-4)
     assert (explainer.transfer(x, x.flip(0)) - recon).abs().max() > 1e-3
+    # D(t⁻¹(v_x | Φ(donor))): the inputs' invariances under the donors' layer view, not the other way round
+    with torch.no_grad():
+        expected = ae.decode(inn(v, z.flip(0), rev=True)[0])
+    assert torch.allclose(explainer.transfer(x, x.flip(0)), expected, atol=1e-5)
 
 
 def test_batch_of_one_and_tuple_inputs(setup, x):

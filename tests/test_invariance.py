@@ -101,6 +101,11 @@ def test_internal_batch_size_equals_the_unbatched_run(setup, x):
     for size in (1, 4, 7, 100):
         part = explainer.attribute(x, n_samples=5, internal_batch_size=size, generator=torch.Generator().manual_seed(3))
         assert torch.allclose(part, full, atol=1e-5), size
+    # sample() promises the same, with fresh draws per input too
+    samples = explainer.sample(x, n_samples=5, generator=torch.Generator().manual_seed(3))
+    for size in (1, 4, 7, 100):
+        part = explainer.sample(x, n_samples=5, internal_batch_size=size, generator=torch.Generator().manual_seed(3))
+        assert torch.allclose(part, samples, atol=1e-5), size
 
 
 def test_the_map_is_the_spread_of_the_samples(setup, x):

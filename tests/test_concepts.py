@@ -604,6 +604,12 @@ def test_attribute_is_complete(code_setup):
     assert ((attributions.sum(1) - change).abs() <= 1e-2 * change.abs() + 1e-6).all()
     assert explainer.has_convergence_delta() and explainer.multiplies_by_inputs
     assert not x.requires_grad
+    # batching the path points (the inputs travel as extra arguments) changes nothing, per-input targets too
+    targets = [0, 1, 2, 3, 0]
+    whole = explainer.attribute(x, target=targets, n_steps=6, internal_batch_size=None)
+    for size in (7, 13, 256):  # Captum takes at least one point per input
+        batched = explainer.attribute(x, target=targets, n_steps=6, internal_batch_size=size)
+        assert torch.allclose(batched, whole, atol=1e-5), size
     # every TargetType form, as Captum's methods accept
     for target in (torch.tensor(1), [0, 1, 2, 3, 0], torch.tensor([0, 1, 2, 3, 0])):
         assert explainer.attribute(x, target=target).shape == (5, 3)

@@ -1115,3 +1115,37 @@ def test_a_pooled_layer_is_refused_with_the_next_linear_layers_input_as_the_fix(
     e = fit_concepts(LayerRepresentation(model, "3", attribute_to_layer_input=True), [pairs], steps=1, n_blocks=1,
                      hidden=8, pool_size=32, progress=False)
     assert e.dim == 4
+
+
+# ---------------------------------------------------------------- concept data: bad input named
+_ROWS = torch.rand(6, 3)
+
+
+def _pairs_of(n, g):
+    return _ROWS[:n], _ROWS[:n]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: ConceptPairs(3, _pairs_of), TypeError, "concept `name` must be a non-empty str"),
+    (lambda: ConceptPairs("a", 5), TypeError, "`sampler` of concept 'a' must be callable"),
+    (lambda: ConceptPairs("a", _pairs_of).sample(0), ValueError, r"`n` \(number of pairs\) must be an int >= 1"),
+    (lambda: ConceptPairs("a", lambda n, g: _ROWS[:n]).sample(2), TypeError, "must return a pair of tensors"),
+    (lambda: ConceptPairs("a", lambda n, g: (_ROWS[:1], _ROWS[:1])).sample(2), ValueError, "returned 1 pairs, 2 were"),
+    (lambda: ConceptPairs("a", lambda n, g: (_ROWS[:n], _ROWS[:n, :2])).sample(2), ValueError, "same shape and device"),
+    (lambda: ConceptPairs.from_transform("a", torch.empty(0, 3), lambda t: t), ValueError, "`inputs` must be a non-empty"),
+    (lambda: ConceptPairs.from_transform("a", _ROWS, 3), TypeError, "`transform` must be callable"),
+    (lambda: ConceptPairs.from_captum(3), TypeError, "`concept` must be a captum.concept.Concept"),
+    (lambda: ConceptPairs.from_captum(Concept(0, "c", None)), ValueError, "has no data_iter; give a pair `sampler`"),
+    (lambda: ConceptPairs.from_captum(Concept(0, "c", [_ROWS[:1]])), ValueError, "1 example\\(s\\); pairs need at least 2"),
+    (lambda: ConceptPairs.from_captum(Concept(0, "c", ["a"])), TypeError, "data_iter must yield tensors, got str"),
+    (lambda: ConceptPairs.from_captum(Concept(0, "c", [_ROWS[:2], torch.rand(2, 4)])), ValueError, "different shapes"),
+    (lambda: as_concepts([]), ValueError, "`concepts` is empty"),
+    (lambda: as_concepts({}), ValueError, "`concepts` is empty"),
+    (lambda: as_concepts(3), TypeError, "`concepts` must be a ConceptPairs"),
+    (lambda: as_concepts([3]), TypeError, "Each concept must be a ConceptPairs"),
+    (lambda: as_concepts([ConceptPairs("a", _pairs_of), ConceptPairs("a", _pairs_of)]), ValueError, "unique"),
+])
+def test_concept_pairs_name_bad_input(call, error, message):
+    """Each check the docstrings promise; no test reached most of them."""
+    with pytest.raises(error, match=message):
+        call()

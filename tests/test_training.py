@@ -966,7 +966,17 @@ def test_checkpoint_format_is_checked_before_use(tmp_path):
         load_checkpoint(path, kind="autoencoder")
     with pytest.raises(CheckpointError, match="No checkpoint"):
         load_checkpoint(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
     import captum_inn.training.checkpoint as ck
+
+    # a plain safetensors file (e.g. a model's weights), and metadata that is not JSON
+    save_file({"w": torch.ones(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="is a safetensors file but not a captum_inn checkpoint"):
+        load_checkpoint(tmp_path / "plain.safetensors")
+    save_file({"w": torch.ones(1)}, str(tmp_path / "json.safetensors"), metadata={ck._META_KEY: "{not json"})
+    with pytest.raises(CheckpointError, match="json.safetensors' has corrupted metadata"):
+        load_checkpoint(tmp_path / "json.safetensors")
 
     newer = tmp_path / "newer.safetensors"
     old = ck.FORMAT_VERSION

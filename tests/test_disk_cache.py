@@ -364,6 +364,21 @@ def test_a_damaged_disk_cache_is_a_clear_error(images, autoencoder, tmp_path):
     cache = cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, images[:8], memmap_dir=tmp_path / "cache",
                            progress=False)
     cache.close()
+    import json
+
+    manifest_path = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    unreadable = "does not hold a feature cache this version can read"
+    for edit, match in (({"format_version": manifest["format_version"] + 1}, unreadable),
+                        ({"kind": "checkpoint"}, unreadable),
+                        ({"n": manifest["n"] + 1}, "do not all have 9 rows; delete it to recompute")):
+        manifest_path.write_text(json.dumps({**manifest, **edit}))
+        with pytest.raises(ValueError, match=match):
+            FeatureCache.open(tmp_path / "cache")
+    manifest_path.write_text(json.dumps(manifest))
+    reopened = FeatureCache.open(tmp_path / "cache")  # the restored manifest reads again
+    assert len(reopened) == 8
+    reopened.close()
     (tmp_path / "cache" / "layer.fc.npy").unlink()
     with pytest.raises(ValueError, match="holds a damaged feature cache.*delete the folder to recompute"):
         FeatureCache.open(tmp_path / "cache")

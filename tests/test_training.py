@@ -526,6 +526,17 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_result(images, autoencoder
                         **{**TINY, "hidden": 32})
 
 
+def test_code_noise_is_added_to_the_training_codes_reproducibly(images, autoencoder):
+    """InvarianceConfig.code_noise (extra noise on the posterior samples): no test set it."""
+    model = SmallCNN(width=4).eval()
+    cache = cache_features(model, "logits", autoencoder, images, progress=False)
+    plain = fit_invariances(model, "logits", cache=cache, steps=3, progress=False, **TINY)
+    noisy = fit_invariances(model, "logits", cache=cache, steps=3, progress=False, code_noise=0.5, **TINY)
+    again = fit_invariances(model, "logits", cache=cache, steps=3, progress=False, code_noise=0.5, **TINY)
+    assert all(np.isfinite(noisy.history)) and noisy.history != plain.history
+    assert noisy.history == again.history  # drawn from the fit's seeded generator
+
+
 @pytest.mark.parametrize("memmap", [False, True])
 def test_resume_refuses_a_cache_of_another_model_or_other_images(images, autoencoder, tmp_path, memmap):
     model = SmallCNN(width=4).eval()

@@ -526,6 +526,26 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_result(images, autoencoder
                         **{**TINY, "hidden": 32})
 
 
+def test_fits_and_saves_refuse_what_they_cannot_use(images, autoencoder, tmp_path):
+    """A cache without the layer, a cache of one image, an INN that was never fitted, a concept INN
+    of another class: each a named error (no test reached these)."""
+    from captum_inn.inn import ConditionalINN
+    from captum_inn.training import save_concept_inn
+
+    model = SmallCNN(width=4).eval()
+    cache = cache_features(model, "fc", autoencoder, images[:4], progress=False)
+    with pytest.raises(ValueError, match=r"The cache holds layers \['fc'\], not \['logits'\]; cache them first"):
+        fit_invariances(model, "logits", cache=cache, steps=1, progress=False, **TINY)
+    one = cache_features(model, "fc", autoencoder, images[:1], progress=False)
+    with pytest.raises(ValueError, match="at least 2 training images, the cache holds 1"):
+        fit_invariances(model, "fc", cache=one, steps=1, progress=False, **TINY)
+    with pytest.raises(ValueError, match="`inn` has no `fit_info`"):
+        save_invariance_inn(tmp_path / "a.safetensors", ConditionalINN(6, (8,)))
+    with pytest.raises(TypeError, match="`inn` must be a FactorINN from fit_concepts, got ConditionalINN"):
+        save_concept_inn(tmp_path / "b.safetensors", ConditionalINN(6, (8,)))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_code_noise_is_added_to_the_training_codes_reproducibly(images, autoencoder):
     """InvarianceConfig.code_noise (extra noise on the posterior samples): no test set it."""
     model = SmallCNN(width=4).eval()

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -72,6 +73,21 @@ def test_autoencoder_protocol_and_posterior():
 
     mean, std = encode_posterior(TorchNormal(), torch.rand(2, 3, 4, 4))
     assert torch.allclose(std, torch.full((2, 4), 0.3))
+
+    class Returns:  # encode gives what it is handed
+        def __init__(self, out):
+            self.out = out
+
+        def encode(self, x):
+            return self.out
+
+    code = torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="with `.mean` but no `.std` or `.stddev`"):  # taken as deterministic
+        assert torch.equal(encode_posterior(Returns(SimpleNamespace(mean=code)), code)[1], torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="`autoencoder.encode` returned tuple; it must return a code tensor"):
+        encode_posterior(Returns((code, code)), code)
+    with pytest.raises(ValueError, match=r"codes of shape \(N, d\), got \(2, 2, 2\); flatten the code"):
+        encode_posterior(Returns(code.view(2, 2, 2)), code)
     with pytest.raises(TypeError, match="lacks encode, decode"):
         check_autoencoder(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="power-of-two"):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn.attr import LayerInvariance
-from captum_inn.attr._common import check_positive_int, format_inputs, runs_model
+from captum_inn.attr._common import check_positive_int, class_indices, format_inputs, runs_model
 from captum_inn.capture import eval_mode
 from captum_inn.metrics import predict_classes
 
@@ -164,7 +164,7 @@ def adversarial_views(
 
     _check_explainers(explainers, model)
     images = _one_image_tensor(images, "images")
-    labels = torch.as_tensor(labels, device=images.device).long()
+    labels = class_indices(torch.as_tensor(labels, device=images.device), "`labels`")  # .long() truncated 0.7 to 0
     if labels.shape != (images.shape[0],):
         raise ValueError(f"`labels` must have shape ({images.shape[0]},), one class per image, got {tuple(labels.shape)}.")
     if not isinstance(judge, nn.Module):

@@ -294,6 +294,10 @@ def test_adversarial_views_errors(setup, images, labels):
         call(labels=labels[:-1])
     with pytest.raises(ValueError, match="`labels` must have shape"):
         call(labels=labels[:, None])
+    with pytest.raises(ValueError, match="`labels` must be whole class indices"):  # .long() read 0.7 as class 0
+        call(labels=labels.float() + 0.7)
+    with pytest.raises(ValueError, match="`labels` must be class indices >= 0"):
+        call(labels=labels - 100)
     with pytest.raises(TypeError, match="`judge` must be an nn.Module"):
         call(judge=lambda x: x)
     with pytest.raises(TypeError, match="non-empty dict"):

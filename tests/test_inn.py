@@ -309,6 +309,8 @@ def test_factor_inn_split_merge_and_sizes():
     assert parts.get("color") is None and "colour" in parts
     with pytest.raises(ValueError, match="missing"):
         e.merge({"digit": parts["digit"]})
+    with pytest.raises(ValueError, match=r"keys \['shape'\] that are not factors"):  # dropped without a word before
+        e.merge({**parts, "shape": parts["digit"]})
     with pytest.raises(ValueError, match="sum to dim=10"):
         FactorINN(10, {"digit": 8, "colour": 3})
     with pytest.raises(ValueError, match="unconditional"):

@@ -99,6 +99,23 @@ def check_image_size(images: Tensor, autoencoder: Any, name: str = "inputs",
                      f"{tuple(decoded)}. {fix}")
 
 
+def class_indices(labels: Tensor, name: str) -> Tensor:
+    """``labels`` as ``(N,)`` long class indices, or an error naming ``name`` and the fix: ``.long()``
+    silently truncated fractional labels (0.7 read as class 0) and cross-entropy ignores -100."""
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must have shape (N,) (one class index per image), got "
+                         f"{tuple(labels.shape)}; pass labels.flatten() for (N, 1) labels, labels.argmax(1) for "
+                         "one-hot or probability labels.")
+    if labels.is_floating_point():
+        if not (torch.isfinite(labels).all() and (labels == labels.round()).all()):
+            raise ValueError(f"{name} must be whole class indices, got fractional, NaN or infinite values; "
+                             "pass integer class labels (e.g. labels.argmax(1) for probabilities).")
+    labels = labels.long()
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"{name} must be class indices >= 0, got {int(labels.min())}.")
+    return labels
+
+
 def check_pixel_range(images: Tensor, name: str, autoencoder: Any = None, fix: Optional[str] = None,
                       margin: float = 0.0) -> None:
     """Images outside ``[0, 1]`` although the autoencoder decodes to ``[0, 1]`` (a

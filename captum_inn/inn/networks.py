@@ -385,6 +385,10 @@ class FactorINN(InvertibleModule):
         missing = [n for n in self.factor_sizes if n not in factors]
         if missing:
             raise ValueError(f"`factors` is missing {missing}; expected keys {self.factor_names}.")
+        unknown = [n for n in factors if n not in self.factor_sizes]
+        if unknown:  # they would be dropped without a word
+            raise ValueError(f"`factors` has keys {unknown} that are not factors of this INN; expected keys "
+                             f"{self.factor_names}.")
         batch = None
         for name, size in self.factor_sizes.items():
             factor = factors[name]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, WeightedRandomSampler
 
-from captum_inn.attr._common import check_number, check_positive_int
+from captum_inn.attr._common import check_number, check_positive_int, class_indices
 from captum_inn.metrics import predict_classes
 from captum_inn.training.data import (
     batching_errors_explained,
@@ -66,23 +66,6 @@ def _random_sampler_indices(sampler: Any, dataset: Any) -> Optional[List[int]]:
     if isinstance(sampler, WeightedRandomSampler):
         return torch.nonzero(torch.as_tensor(sampler.weights) > 0).flatten().tolist()
     return None
-
-
-def _class_indices(labels: Tensor) -> Tensor:
-    """``labels`` as ``(N,)`` long class indices, or an error naming ``data`` and the fix: ``.long()``
-    silently truncated fractional labels (0.7 trained as class 0) and cross-entropy ignores -100."""
-    if labels.dim() != 1:
-        raise ValueError(f"`data` labels must have shape (N,) (one class index per image), got "
-                         f"{tuple(labels.shape)}; pass labels.flatten() for (N, 1) labels, labels.argmax(1) for "
-                         "one-hot or probability labels.")
-    if labels.is_floating_point():
-        if not (torch.isfinite(labels).all() and (labels == labels.round()).all()):
-            raise ValueError("`data` labels must be whole class indices, got fractional, NaN or infinite values; "
-                             "pass integer class labels (e.g. labels.argmax(1) for probabilities).")
-    labels = labels.long()
-    if labels.numel() and int(labels.min()) < 0:
-        raise ValueError(f"`data` labels must be class indices >= 0, got {int(labels.min())}.")
-    return labels
 
 
 class Jitter:
@@ -201,7 +184,7 @@ def fit_classifier(
     images, labels = _as_labelled(data)
     images = images.detach()  # the fit learns weights: images that require grad got a .grad as large as the data
     check_image_dtype(images)  # 8-bit pixels: a raw dtype error from the first layer otherwise
-    labels = _class_indices(labels)
+    labels = class_indices(labels, "`data` labels")
     images, labels = images.to(device), labels.to(device)
     if not torch.isfinite(images).all():
         raise ValueError("`data` contains NaN or infinite pixels; clean the images before training.")

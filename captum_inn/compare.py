@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars, as the fits'
 
 from captum_inn.attr import LayerConcepts, LayerInvariance
-from captum_inn.attr._common import check_positive_int, format_inputs, forward_module, runs_model
+from captum_inn.attr._common import (
+    check_positive_int,
+    format_inputs,
+    forward_module,
+    runs_model,
+    user_stacklevel,
+)
 from captum_inn.capture import eager_module, eval_mode, resolve_layer
 
 __all__ = ["Comparison", "compare_attributions", "last_spatial_layer"]
@@ -196,7 +202,7 @@ def _warn_reused(name: str, calls: int) -> None:
         f"Grad-CAM layer {name!r} runs {calls} times in one forward pass, and Captum's LayerGradCam reads its "
         "last call (the explainers read its first); pass gradcam_layer= a module that runs once (for "
         "torchvision's BasicBlock, the block, e.g. 'layer3.1', rather than its reused 'layer3.1.relu').",
-        UserWarning, stacklevel=4,  # the caller of compare_attributions
+        UserWarning, stacklevel=user_stacklevel(),  # the caller of compare_attributions
     )
 
 

@@ -7,6 +7,8 @@ import itertools
 import math
 import numbers
 import operator
+import os
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
@@ -97,6 +99,20 @@ def check_image_size(images: Tensor, autoencoder: Any, name: str = "inputs",
         fix = "The channels come last: pass x.permute(0, 3, 1, 2)."
     raise ValueError(f"`{name}` images have shape {shape}, but the autoencoder takes and decodes images of shape "
                      f"{tuple(decoded)}. {fix}")
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the captum_inn folder
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn``, called where the warning is raised, that points at
+    the first frame outside ``captum_inn``: the user's own line, however deep in the package (and
+    through however many wrappers) the warning comes from. A fixed count broke whenever a call
+    path changed (a decorator added a frame)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def class_indices(labels: Tensor, name: str) -> Tensor:

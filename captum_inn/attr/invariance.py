@@ -343,6 +343,7 @@ class LayerInvariance(LayerAttribution):
         return self._sample(format_inputs(inputs, self.image_input), n_samples, temperature, additional_forward_args,
                             internal_batch_size, generator, attribute_to_layer_input, shared_noise, seed)
 
+    @torch.no_grad()
     def _sample(self, inputs: Tuple[Tensor, ...], n_samples: int, temperature: float, additional_forward_args: Any,
                 internal_batch_size: Optional[int], generator: Optional[torch.Generator],
                 attribute_to_layer_input: Optional[bool], shared_noise: bool, seed: Optional[int]) -> Tensor:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from captum_inn._random import seeded_global_rng
+from captum_inn.attr._common import user_stacklevel
 from captum_inn.capture import is_comparable_selector, per_layer_selectors, selector_record
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import (
@@ -182,7 +183,7 @@ def _warn_if_constant(conditions: Tensor, name: str) -> None:
             "the model is trained, its batch norms' running statistics too (torchvision's MobileNetV3 and "
             "EfficientNet update them with momentum 0.01, so a short training leaves them near their start), "
             "and that the images are what it expects (size, normalisation).",
-            UserWarning, stacklevel=6,  # the caller of fit_invariances
+            UserWarning, stacklevel=user_stacklevel(),  # the caller of fit_invariances
         )
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
-from captum_inn.attr._common import check_int, check_number, check_positive_int
+from captum_inn.attr._common import check_int, check_number, check_positive_int, user_stacklevel
 from captum_inn.inn.embedders import check_patch_to, check_token_dim
 from captum_inn.training.checkpoint import (
     CheckpointError,
@@ -367,7 +367,7 @@ def train_loop(
         else:
             warnings.warn(f"{checkpoint!r} was written by a fit with {saved.get('world_size', 1)} processes, this one "
                           f"has {n_ranks}: the minibatch order after step {start} differs from an uninterrupted run.",
-                          stacklevel=2)
+                          stacklevel=user_stacklevel())
             generator.manual_seed(int(seed) + _RANK_SEED_STRIDE * rank + start)
         del tensors, saved  # restored: the whole checkpoint (the model and Adam's moments) need not stay in memory
     sync_module(module)
@@ -566,7 +566,7 @@ def _capture_or_warn(module: nn.Module, optimizer: torch.optim.Optimizer, loss_f
         optimizer.zero_grad(set_to_none=True)
         warnings.warn(f"Could not capture the training step as a CUDA graph ({type(error).__name__}: "
                       f"{str(error)[:300]}); training on without it. Pass cuda_graph=False to skip the attempt.",
-                      stacklevel=3)
+                      stacklevel=user_stacklevel())
         return None
 
 

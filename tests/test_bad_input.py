@@ -461,5 +461,8 @@ def test_explainers_warn_about_pixels_far_outside_the_decoders_range(setup):
         explainer.attribute((X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(0))).clamp(-0.4, 1.4),
                             n_samples=2)
     for call in (lambda x: explainer.attribute(x, n_samples=2), explainer.invariances, explainer.reconstruct):
-        with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[0, 255\].*8-bit pixels / 255.*NoiseTunnel.*stdevs"):
+        with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[0, 255\].*8-bit pixels / 255") as caught:
             call((X * 255).round())
+        assert "NoiseTunnel" not in str(caught[0].message) and caught[0].filename == __file__  # the caller's line
+    with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[-.*NoiseTunnel, noise this large.*stdevs="):
+        explainer.attribute(X + 2 * torch.randn(X.shape, generator=torch.Generator().manual_seed(0)), n_samples=2)

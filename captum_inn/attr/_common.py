@@ -7,7 +7,6 @@ import itertools
 import math
 import numbers
 import operator
-import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -101,18 +100,26 @@ def check_image_size(images: Tensor, autoencoder: Any, name: str = "inputs",
                      f"{tuple(decoded)}. {fix}")
 
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the captum_inn folder
-
-
 def user_stacklevel() -> int:
     """The ``stacklevel`` for ``warnings.warn``, called where the warning is raised, that points at
-    the first frame outside ``captum_inn``: the user's own line, however deep in the package (and
-    through however many wrappers) the warning comes from. A fixed count broke whenever a call
-    path changed (a decorator added a frame)."""
+    the first frame outside ``captum_inn`` (told by its module's name, so a path spelt another way
+    or a symlink does not matter): the user's own line, however deep in the package (and through
+    however many wrappers) the warning comes from. A fixed count broke whenever a call path changed
+    (a decorator added a frame). Code of the package run as a program (the demo) and fits in worker
+    threads point at the frame that started them (``runpy``, ``concurrent.futures``)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE + os.sep):
+    while frame is not None and _inside_package(frame.f_globals.get("__name__", "")):
         frame, level = frame.f_back, level + 1
     return level
+
+
+#: Modules whose frames wrap the package's functions (``@torch.no_grad()``, ``contextmanager``,
+#: Captum's ``@log_usage()`` on ``attribute``).
+_WRAPPERS = ("torch.utils._contextlib", "contextlib", "functools", "captum.log")
+
+
+def _inside_package(module: str) -> bool:
+    return module.partition(".")[0] == "captum_inn" or module.startswith(_WRAPPERS)
 
 
 def class_indices(labels: Tensor, name: str) -> Tensor:
@@ -150,10 +157,10 @@ def check_pixel_range(images: Tensor, name: str, autoencoder: Any = None, fix: O
                   "(8-bit pixels / 255) and normalise inside the model, nn.Sequential(normalise, model).")
     message = f"`{name}` pixels range over [{low:.3g}, {high:.3g}], but {fix}"
     if margin > 0:
-        # the explainers' case: Captum's NoiseTunnel (stdevs=1.0 by default) is the usual cause
-        message += (" Under Captum's NoiseTunnel, noise this large is the cause: pass stdevs of a few percent of "
-                    "the pixel range (e.g. stdevs=0.05).")
-        warnings.warn(message, UserWarning, stacklevel=3)
+        if low < -margin:  # the explainers' usual case: Captum's NoiseTunnel (stdevs=1.0 by default)
+            message += (" Under Captum's NoiseTunnel, noise this large is the cause: pass stdevs of a few percent "
+                        "of the pixel range (e.g. stdevs=0.05).")
+        warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
     else:
         raise ValueError(message)
 

@@ -44,7 +44,7 @@ class Snapshots:
     Args:
         steps: Steps (counted from 1) after which to copy the model; ``0`` copies the model as
             it is now (before training). A step past the fit's last one is never reached, so
-            :attr:`models` lacks it: compare ``sorted(snaps.models)`` with the steps asked for.
+            ``snaps.models`` lacks it: compare ``sorted(snaps.models)`` with the steps asked for.
         model: The model, needed only for a step-0 snapshot.
 
     Examples::

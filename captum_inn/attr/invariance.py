@@ -337,9 +337,6 @@ class LayerInvariance(LayerAttribution):
             samples = explainer.sample(x, n_samples=5, seed=0)        # the same in every call
         """
         n_samples = check_positive_int(n_samples, "n_samples")
-        temperature = check_number(temperature, "temperature", positive=True)
-        if internal_batch_size is not None:  # before the division below turns a bad one into a raw error
-            internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         return self._sample(format_inputs(inputs, self.image_input), n_samples, temperature, additional_forward_args,
                             internal_batch_size, generator, attribute_to_layer_input, shared_noise, seed)
 
@@ -347,8 +344,11 @@ class LayerInvariance(LayerAttribution):
     def _sample(self, inputs: Tuple[Tensor, ...], n_samples: int, temperature: float, additional_forward_args: Any,
                 internal_batch_size: Optional[int], generator: Optional[torch.Generator],
                 attribute_to_layer_input: Optional[bool], shared_noise: bool, seed: Optional[int]) -> Tensor:
-        """:meth:`sample` of checked arguments and inputs from ``format_inputs`` (:meth:`attribute`
-        checked its inputs already: a second check scanned them for NaN again)."""
+        """:meth:`sample` of inputs from ``format_inputs`` (:meth:`attribute`
+        checked its inputs already: a second check scanned them for NaN again); it checks the numbers."""
+        temperature = check_number(temperature, "temperature", positive=True)
+        if internal_batch_size is not None:  # before the division below turns a bad one into a raw error
+            internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         generator = seeded_generator(seed, generator, inputs[self.image_input].device)
         check_same_device(inputs[self.image_input], self.inn)
         self._check_images(inputs[self.image_input])
@@ -438,9 +438,6 @@ class LayerInvariance(LayerAttribution):
             raise ValueError(f"`n_samples` must be >= 2 for a spread, got {n_samples}.")
         formatted = format_inputs(inputs, self.image_input)
         check_target_count(target, formatted[0].shape[0], formatted[self.image_input].device)  # unused, but a wrong count is a caller's mistake
-        temperature = check_number(temperature, "temperature", positive=True)
-        if internal_batch_size is not None:
-            internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         samples = self._sample(formatted, n_samples, temperature, additional_forward_args,
                                internal_batch_size, generator, attribute_to_layer_input, shared_noise=True, seed=seed)
         spread = samples.std(dim=1)

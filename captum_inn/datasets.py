@@ -635,14 +635,17 @@ class ImageFolderSplit:
 
 
 def _load_rgb(path: str):
-    """The image at ``path`` as 8-bit RGB (PIL). 16-bit grayscale (PNG, TIFF, PGM: mode ``I;16…``, or
-    ``I`` in older Pillow) is scaled by 255/65535 first: PIL's own conversion, and so torchvision's
-    image loader, clips it at 255 (a mid grey turned white)."""
-    from PIL import Image
+    """The image at ``path`` as 8-bit RGB (PIL), upright. 16-bit grayscale (PNG, TIFF, PGM: mode ``I;16…``,
+    or ``I`` in older Pillow) is scaled by 255/65535 first: PIL's own conversion, and so torchvision's
+    image loader, clips it at 255 (a mid grey turned white). A photo with an EXIF orientation (most
+    phone photos) is turned as a viewer shows it; torchvision's loader keeps the stored pixels,
+    which lie on their side."""
+    from PIL import Image, ImageOps
 
     with open(path, "rb") as file:
         image = Image.open(file)
         image.load()
+    image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I"):
         scaled = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))  # mode L
@@ -690,8 +693,10 @@ def load_image_folder(
 ) -> ImageFolderSplit:
     """Load an image folder (one sub-folder per class) into memory, resized and split per class.
 
-    Each photo's shorter side is resized to ``size`` (antialiased) and the centre ``size × size``
-    square is kept, as ``torchvision.transforms.Resize(size) + CenterCrop(size)`` would. The split
+    Each photo is turned upright by its EXIF orientation (as viewers show phone photos; torchvision's
+    loader does not), its shorter side resized to ``size`` (antialiased) and the centre ``size × size``
+    square kept, as ``torchvision.transforms.Resize(size) + CenterCrop(size)`` would. A transparent
+    image's alpha channel is dropped, as torchvision's loader does. The split
     is drawn per class with a seeded generator, so every class is in both parts. Hidden files and
     folders (names starting with ``.``: ``.ipynb_checkpoints``, macOS ``._photo.jpg``) are skipped.
 

@@ -211,6 +211,28 @@ def test_sixteen_bit_grayscale_keeps_its_grey_level(tmp_path):
     assert all(float(image.std()) == 0.0 for image in images)
 
 
+def test_a_photo_is_loaded_upright_by_its_exif_orientation(tmp_path):
+    """A phone photo stores its pixels on their side with an EXIF orientation tag; viewers turn it.
+    Orientation 6 asks for a turn of 90° clockwise: loaded, it equals the pixels turned that way."""
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)  # left half red, right half blue: the turn puts red on top
+    stored[:, 20:] = (0, 0, 255)
+    stored[:4, :4] = (0, 255, 0)  # a green corner tells a turn from a flip
+    for name in ("tagged", "upright"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+    for i in range(2):
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation
+        Image.fromarray(stored).save(tmp_path / "photos" / "tagged" / f"{i}.png", exif=exif)
+        Image.fromarray(np.ascontiguousarray(np.rot90(stored, k=-1))).save(tmp_path / "photos" / "upright" / f"{i}.png")
+    split = load_image_folder(tmp_path / "photos", size=8, test_fraction=0.5)
+    images = torch.cat([split.train_images, split.test_images])
+    labels = torch.cat([split.train_labels, split.test_labels])
+    tagged, upright = images[labels == split.classes.index("tagged")], images[labels == split.classes.index("upright")]
+    assert torch.equal(tagged, upright)
+    assert tagged[0, 0, :2].mean() > 0.9 and tagged[0, 2, -2:].mean() > 0.9  # red on top, blue below
+
+
 @pytest.mark.skipif(not ANIMALFACES.is_dir(), reason="../shared/data/animalfaces10 is not there")
 def test_animalfaces10_loads_as_719_plus_179():
     split = load_image_folder(ANIMALFACES, size=64)

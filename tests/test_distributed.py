@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,8 +66,16 @@ def test_two_processes_reach_the_loss_of_one(runs, fit):
     assert abs(mean1 - mean2) <= 4 * math.hypot(se1, se2) + 0.05 * learned, (fit, mean1, mean2, se1, se2, learned)
 
 
-def test_interrupted_two_process_fit_resumes_exactly(runs, encoder, tmp_path):
-    torchrun(2, tmp_path, encoder, steps=80)  # stopped after the checkpoint at step 80 ...
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, encoder):
+    """A two-process fit stopped after its checkpoint at step 80; each test resumes a copy of it."""
+    out = tmp_path_factory.mktemp("stopped")
+    torchrun(2, out, encoder, steps=80)
+    return out
+
+
+def test_interrupted_two_process_fit_resumes_exactly(runs, encoder, stopped, tmp_path):
+    shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)  # stopped after the checkpoint at step 80 ...
     resumed = torchrun(2, tmp_path, encoder, steps=120)  # ... and resumed to 120
     for fit in FITS:
         assert resumed["history"][fit] == pytest.approx(runs[2]["history"][fit], rel=1e-5, abs=1e-6)
@@ -76,10 +85,10 @@ def test_interrupted_two_process_fit_resumes_exactly(runs, encoder, tmp_path):
     assert not list(tmp_path.rglob("*.tmp")), "only complete checkpoints remain"
 
 
-def test_a_fit_resumes_with_another_number_of_processes(runs, encoder, tmp_path):
+def test_a_fit_resumes_with_another_number_of_processes(runs, encoder, stopped, tmp_path):
     """Two processes stopped at step 80, resumed by one (with a warning that the minibatch order
     differs from then on): every fit continues from its checkpoint rather than being refused."""
-    torchrun(2, tmp_path, encoder, steps=80)
+    shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
     resumed = torchrun(1, tmp_path, encoder, steps=120)
     for fit in FITS:
         history = resumed["history"][fit]

@@ -21,7 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn.attr import LayerInvariance
-from captum_inn.attr._common import check_positive_int, class_indices, format_inputs, runs_model
+from captum_inn.attr._common import (
+    autograd_on,
+    check_positive_int,
+    class_indices,
+    format_inputs,
+    runs_model,
+)
 from captum_inn.capture import eval_mode
 from captum_inn.metrics import predict_classes
 
@@ -127,6 +133,7 @@ class AdversarialViews:
                                "then the judge's for each layer's view)", fig=fig, captions=captions)
 
 
+@autograd_on
 def adversarial_views(
     model: nn.Module,
     explainers: Mapping[str, LayerInvariance],

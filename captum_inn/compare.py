@@ -28,6 +28,7 @@ from tqdm import tqdm  # plain text bars, as the fits'
 
 from captum_inn.attr import LayerConcepts, LayerInvariance
 from captum_inn.attr._common import (
+    autograd_on,
     check_positive_int,
     format_inputs,
     forward_module,
@@ -224,6 +225,7 @@ def _check_gradcam_layer(model: nn.Module, name: str, module: nn.Module, example
         _warn_reused(name, len(seen))
 
 
+@autograd_on
 def compare_attributions(
     model: nn.Module,
     inputs: Tensor,

@@ -225,6 +225,15 @@ def test_batch_size_does_not_change_the_result(attacked, setup, images, labels):
         assert torch.allclose(batched.views[layer], attacked.views[layer], atol=1e-5)
 
 
+def test_inside_a_callers_inference_mode(attacked, setup, images, labels):
+    """FGSM needs the gradient of the loss: under the caller's inference_mode it failed with
+    "element 0 of tensors does not require grad"; it now gives the result of a call outside."""
+    model, judge, explainers = setup
+    with torch.inference_mode():
+        got = adversarial_views(model, explainers, images.clone(), labels.clone(), judge, epsilon=0.3)
+    assert torch.equal(got.adversarial, attacked.adversarial) and torch.equal(got.fooled, attacked.fooled)
+
+
 def test_eval_mode_used_and_restored_no_hooks_no_gradients(setup, images, labels, attacked):
     model, judge, explainers = setup
     model.train()

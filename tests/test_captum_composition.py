@@ -270,6 +270,20 @@ def test_concepts_are_a_gradient_attribution_with_their_own_convergence_delta(se
 
 
 @pytest.mark.parametrize("layer", [False, True], ids=["code", "layer"])
+def test_concept_attributions_inside_a_callers_inference_mode(setup, x, layer):
+    """A notebook cell under torch.inference_mode() (Captum's IG fails there): the attributions and
+    delta are those of a call outside it, and the caller's mode is back afterwards."""
+    concepts = _concepts(setup, layer)
+    expected = concepts.attribute(x, target=2, n_steps=16, return_convergence_delta=True)
+    with torch.inference_mode():
+        inputs = x.clone()  # an inference tensor, as images made in the cell are
+        got = concepts.attribute(inputs, target=2, n_steps=16, return_convergence_delta=True)
+        assert torch.is_inference_mode_enabled()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layer", [False, True], ids=["code", "layer"])
 def test_concept_attributions_take_number_baselines_and_the_layer_input_switch(setup, x, layer):
     concepts = _concepts(setup, layer)
     kw = dict(target=1, n_steps=8)

@@ -107,6 +107,18 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def test_inside_a_callers_inference_mode(setup, x):
+    """Integrated Gradients and Grad-CAM need gradients: under the caller's inference_mode Captum
+    failed with "element 0 of tensors does not require grad"; the result is that of a call outside."""
+    model, explainer = setup[0], _invariance(setup)
+    kwargs = dict(n_samples=2, ig_steps=4, progress=False)
+    expected = compare_attributions(model, x, explainer, generator=_gen(), **kwargs)
+    with torch.inference_mode():
+        got = compare_attributions(model, x.clone(), explainer, generator=_gen(), **kwargs)
+    for name in ("gradcam", "integrated_gradients", "invariance_map"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
 # ---------------------------------------------------------------- 64 ColorDigits images
 @pytest.fixture(scope="module")
 def digits64():

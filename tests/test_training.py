@@ -737,11 +737,12 @@ def test_fits_train_inside_a_callers_no_grad_or_inference_mode(images, autoencod
     labels = torch.arange(len(images)) % 3
     classifier = SmallCNN(width=4)
     with mode():
-        inn = fit_invariances(model, "fc", autoencoder, images, steps=1, progress=False, **TINY)
-        fit_autoencoder(images, latent_dim=4, width=4, steps=1, progress=False)
-        fit_concepts(autoencoder, [ConceptPairs.from_labels("a", images, labels)], factor_sizes={"a": 2},
+        cell_images, cell_labels = images.clone(), labels.clone()  # inference tensors under inference_mode
+        inn = fit_invariances(model, "fc", autoencoder, cell_images, steps=1, progress=False, **TINY)
+        fit_autoencoder(cell_images, latent_dim=4, width=4, steps=1, progress=False)
+        fit_concepts(autoencoder, [ConceptPairs.from_labels("a", cell_images, cell_labels)], factor_sizes={"a": 2},
                      steps=1, n_blocks=1, hidden=8, progress=False)
-        fit_classifier(classifier, (images, labels), steps=1, progress=False)
+        fit_classifier(classifier, (cell_images, cell_labels), steps=1, progress=False)
         assert not torch.is_grad_enabled()  # the caller's mode is back
     assert all(torch.equal(a, b) for a, b in zip(inn.state_dict().values(), expected.state_dict().values()))
 

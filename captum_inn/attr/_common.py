@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -10,7 +11,7 @@ import operator
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from captum_inn.capture import (
 )
 
 __all__ = [
+    "autograd_on",
     "format_inputs",
     "resolve_model_layer",
     "layer_activation",
@@ -43,6 +45,37 @@ __all__ = [
     "check_same_weights",
     "check_model_weights",
 ]
+
+
+T = TypeVar("T")
+
+
+def autograd_on(function: Callable[..., T]) -> Callable[..., T]:
+    """``function`` with autograd on, whatever the caller's mode: a fit or a gradient-based
+    explanation called inside the caller's ``torch.no_grad()`` or ``torch.inference_mode()`` (a
+    notebook cell that evaluates the model) otherwise failed with "element 0 of tensors does not
+    require grad", as Captum's own gradient methods do under ``inference_mode``."""
+
+    @functools.wraps(function)
+    def with_autograd(*args: Any, **kwargs: Any) -> T:
+        # inference_mode(False) too, and copies of the arguments made in it: images and labels made
+        # under the caller's inference mode are inference tensors, which autograd cannot save
+        with torch.inference_mode(False), torch.enable_grad():
+            args = tuple(_normal_tensors(a) for a in args)
+            kwargs = {k: _normal_tensors(v) for k, v in kwargs.items()}
+            return function(*args, **kwargs)
+
+    return with_autograd
+
+
+def _normal_tensors(value: Any) -> Any:
+    """``value`` with each inference tensor in it (or in a tuple or list of it) copied to a normal
+    one; called outside inference mode. Other values are returned as they are."""
+    if isinstance(value, Tensor):
+        return value.clone() if value.is_inference() else value
+    if type(value) in (tuple, list):
+        return type(value)(_normal_tensors(v) for v in value)
+    return value
 
 
 def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tuple[Tensor, ...]:

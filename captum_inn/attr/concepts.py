@@ -19,6 +19,7 @@ from captum_inn._captum_compat import (
 from captum_inn._random import normal
 from captum_inn.attr._common import (
     as_optional_generator,
+    autograd_on,
     check_fitted_layer,
     check_image_input,
     check_inn_fitted,
@@ -686,6 +687,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         return total - (change[1] - change[0]).reshape(end.shape[0], -1).sum(1).to(total)
 
     @log_usage()
+    @autograd_on
     def attribute(
         self,
         inputs: Union[Tensor, Tuple[Tensor, ...]],

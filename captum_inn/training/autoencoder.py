@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import (
+    autograd_on,
     check_module_device,
     check_pixel_range,
     network_dtype,
@@ -36,7 +37,7 @@ from captum_inn.training.distributed import (
     shard_data,
     world,
 )
-from captum_inn.training.loop import autograd_on, merged_config, resume_key, train_loop
+from captum_inn.training.loop import merged_config, resume_key, train_loop
 
 __all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "images_as_tensor"]
 

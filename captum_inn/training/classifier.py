@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, WeightedRandomSampler
 
-from captum_inn.attr._common import check_number, check_positive_int, class_indices
+from captum_inn.attr._common import autograd_on, check_number, check_positive_int, class_indices
 from captum_inn.metrics import predict_classes
 from captum_inn.training.data import (
     batching_errors_explained,
@@ -23,7 +23,7 @@ from captum_inn.training.data import (
     loader_sampler,
 )
 from captum_inn.training.distributed import local_batch_size, shard_data, world
-from captum_inn.training.loop import autograd_on, train_loop
+from captum_inn.training.loop import train_loop
 
 __all__ = ["fit_classifier", "accuracy", "Jitter"]
 

@@ -27,6 +27,7 @@ from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without i
 from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import (
     as_device,
+    autograd_on,
     check_int,
     check_module_device,
     network_dtype,
@@ -60,7 +61,7 @@ from captum_inn.training.distributed import (
     local_batch_size,
     world,
 )
-from captum_inn.training.loop import autograd_on, merged_config, resume_key, train_loop
+from captum_inn.training.loop import merged_config, resume_key, train_loop
 
 __all__ = [
     "ConceptConfig",

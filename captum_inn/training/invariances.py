@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import user_stacklevel
+from captum_inn.attr._common import autograd_on, user_stacklevel
 from captum_inn.capture import is_comparable_selector, per_layer_selectors, selector_record
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import (
@@ -50,7 +50,6 @@ from captum_inn.training.distributed import (
     world,
 )
 from captum_inn.training.loop import (
-    autograd_on,
     check_resumable,
     cuda_graphs_by_default,
     merged_config,

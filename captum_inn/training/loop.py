@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import functools
 import math
 import os
 import threading
@@ -17,7 +16,13 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
-from captum_inn.attr._common import check_int, check_number, check_positive_int, user_stacklevel
+from captum_inn.attr._common import (
+    autograd_on,
+    check_int,
+    check_number,
+    check_positive_int,
+    user_stacklevel,
+)
 from captum_inn.inn.embedders import check_patch_to, check_token_dim
 from captum_inn.training.checkpoint import (
     CheckpointError,
@@ -204,21 +209,6 @@ def saved_step(checkpoint: Any, saved: Mapping[str, Any], argument: str = "check
             "overwrite it."
         )
     return step
-
-
-def autograd_on(fit: Callable[..., T]) -> Callable[..., T]:
-    """``fit`` with autograd on, whatever the caller's mode: a fit called inside the caller's
-    ``torch.no_grad()`` or ``torch.inference_mode()`` (a notebook cell that evaluates the model)
-    otherwise failed with "element 0 of tensors does not require grad"."""
-
-    @functools.wraps(fit)
-    def with_autograd(*args: Any, **kwargs: Any) -> T:
-        # inference_mode(False) too: modules built and features cached under the caller's
-        # inference mode would be inference tensors, which autograd cannot save
-        with torch.inference_mode(False), torch.enable_grad():
-            return fit(*args, **kwargs)
-
-    return with_autograd
 
 
 @autograd_on

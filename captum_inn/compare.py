@@ -358,7 +358,7 @@ def compare_attributions(
                     f"Grad-CAM at {gradcam_name!r} is a {cam.shape[2]}×{cam.shape[3]} map at this input size, "
                     "too coarse to show where; pass gradcam_layer= an earlier layer with a larger map (for a "
                     "ResNet, 'layer3').",
-                    UserWarning, stacklevel=2,
+                    UserWarning, stacklevel=user_stacklevel(),
                 )
             gradcam_parts.append(LayerAttribution.interpolate(cam.detach(), tuple(images.shape[2:]), "bilinear"))
             bar.update()

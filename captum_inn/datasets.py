@@ -39,7 +39,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -634,18 +634,34 @@ class ImageFolderSplit:
     root: str
 
 
+@functools.cache
+def _exif_turns() -> Dict[int, Any]:
+    from PIL import Image
+
+    t = Image.Transpose
+    # EXIF orientation 1 is upright; the others name the turn or mirror that shows the photo upright
+    return {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
+            7: t.TRANSVERSE, 8: t.ROTATE_90}
+
+
 def _load_rgb(path: str):
     """The image at ``path`` as 8-bit RGB (PIL), upright. 16-bit grayscale (PNG, TIFF, PGM: mode ``I;16…``,
     or ``I`` in older Pillow) is scaled by 255/65535 first: PIL's own conversion, and so torchvision's
     image loader, clips it at 255 (a mid grey turned white). A photo with an EXIF orientation (most
     phone photos) is turned as a viewer shows it; torchvision's loader keeps the stored pixels,
     which lie on their side."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with open(path, "rb") as file:
         image = Image.open(file)
         image.load()
-    image = ImageOps.exif_transpose(image)
+        try:  # damaged EXIF data (Pillow raises SyntaxError, struct.error, ...) leaves the stored pixels
+            orientation = int(image.getexif().get(0x0112, 1))
+        except Exception:  # noqa: BLE001 - the photo itself is readable
+            orientation = 1
+    turn = _exif_turns().get(orientation)
+    if turn is not None:
+        image = image.transpose(turn)
     if image.mode.startswith("I"):
         scaled = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))  # mode L

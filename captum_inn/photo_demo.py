@@ -360,13 +360,20 @@ def _one_per_class(labels: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor([index for _, _, index in sorted(ranked)[:count]])
 
 
+def _gradcam_layer(size: int) -> str:
+    """The ResNet-18 layer whose Grad-CAM map has at least 4×4 cells on ``size``-pixel photos: ResNet's
+    default, layer4, has 2×2 cells at 64 px (too coarse to show where); layer3 has 4×4 at 64 px and
+    layer2 at 32 px (``--quick``)."""
+    return "layer3" if size >= 64 else "layer2"
+
+
 def _draw(out: Path, model, explainers: Dict[str, LayerInvariance], shown, recon, strips, classes,
           seed: int, progress: bool) -> Dict[str, Any]:
     from captum_inn.visualization import plot_invariance_maps, plot_invariance_samples, save_figure
 
     figures: Dict[str, Any] = {}
-    # layer3: ResNet's default Grad-CAM layer, layer4, has 2x2 cells at 64 px (too coarse to show where)
-    comparison = compare_attributions(model, shown, explainers["fc"], gradcam_layer="layer3", n_samples=16,
+    comparison = compare_attributions(model, shown, explainers["fc"], gradcam_layer=_gradcam_layer(shown.shape[-1]),
+                                      n_samples=16,
                                       internal_batch_size=256, generator=torch.Generator().manual_seed(seed),
                                       progress=progress)
     figures["comparisons"] = [str(Path(p).relative_to(out)) for p in
@@ -410,7 +417,7 @@ td:first-child{{text-align:left}}img{{max-width:100%;display:block;margin:0.5em 
 scratch reaches {metrics['classifier_test_accuracy']:.1%} held-out accuracy. The autoencoder's
 reconstructions keep its prediction for {metrics['reconstruction_agreement']:.1%} of the held-out photos.</p>
 <h2>One pipeline: where the evidence is, and what the layer ignores</h2>
-<p>Per photo: Grad-CAM at <code>layer3</code> and Integrated Gradients (50 steps, black baseline)
+<p>Per photo: Grad-CAM at <code>{_gradcam_layer(metrics['settings']['size'])}</code> and Integrated Gradients (50 steps, black baseline)
 for the predicted class show <i>where</i> the evidence is; the invariance map and the samples at
 <code>fc</code> show <i>what</i> the logits ignore — everything that varies across the samples.</p>
 {comparisons}

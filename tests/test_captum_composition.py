@@ -283,6 +283,30 @@ def test_concept_attributions_inside_a_callers_inference_mode(setup, x, layer):
         assert torch.equal(a, b)
 
 
+def test_autograd_on_copies_inference_tensors_only():
+    """The wrapper of the gradient methods copies inference tensors (autograd cannot save them) and
+    passes everything else through as it is: a list a forward_func fills stays the caller's."""
+    from captum_inn.attr._common import autograd_on
+
+    seen = {}
+
+    @autograd_on
+    def record(filled, pair, extra=None):
+        seen.update(filled=filled, pair=pair, extra=extra)
+        return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+    filled, plain = [], torch.ones(2)
+    with torch.inference_mode():
+        made_here = torch.ones(2)
+        assert record(filled, (plain, made_here), extra=made_here)
+    assert seen["filled"] is filled and seen["pair"][0] is plain
+    assert not seen["pair"][1].is_inference() and not seen["extra"].is_inference()
+    assert torch.equal(seen["extra"], made_here)
+    untouched = (plain, [plain])
+    record(filled, untouched)
+    assert seen["pair"] is untouched
+
+
 @pytest.mark.parametrize("layer", [False, True], ids=["code", "layer"])
 def test_concept_attributions_take_number_baselines_and_the_layer_input_switch(setup, x, layer):
     concepts = _concepts(setup, layer)

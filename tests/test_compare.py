@@ -400,8 +400,9 @@ def test_a_coarse_default_gradcam_layer_warns(setup, x):
     a layer the user chose."""
     coarse = nn.Sequential(nn.Conv2d(3, 4, 3, stride=16, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16, 10)).eval()
     explainer = LayerInvariance(coarse, "3", setup[2]["cnn.logits"], setup[1])
-    with pytest.warns(UserWarning, match=r"Grad-CAM at '1' is a 2×2 map at this input size.*gradcam_layer="):
+    with pytest.warns(UserWarning, match=r"Grad-CAM at '1' is a 2×2 map at this input size.*gradcam_layer=") as caught:
         compare_attributions(coarse, x, explainer, generator=_gen(), **FAST)
+    assert [w.filename for w in caught if "too coarse" in str(w.message)] == [__file__]  # the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         compare_attributions(coarse, x, explainer, gradcam_layer="1", generator=_gen(), **FAST)

@@ -211,26 +211,51 @@ def test_sixteen_bit_grayscale_keeps_its_grey_level(tmp_path):
     assert all(float(image.std()) == 0.0 for image in images)
 
 
-def test_a_photo_is_loaded_upright_by_its_exif_orientation(tmp_path):
-    """A phone photo stores its pixels on their side with an EXIF orientation tag; viewers turn it.
-    Orientation 6 asks for a turn of 90° clockwise: loaded, it equals the pixels turned that way."""
-    stored = np.zeros((20, 40, 3), np.uint8)
-    stored[:, :20] = (255, 0, 0)  # left half red, right half blue: the turn puts red on top
-    stored[:, 20:] = (0, 0, 255)
-    stored[:4, :4] = (0, 255, 0)  # a green corner tells a turn from a flip
+@pytest.mark.parametrize("orientation, upright", [(6, lambda a: np.rot90(a, k=-1)), (8, lambda a: np.rot90(a, k=1)),
+                                                   (3, lambda a: np.rot90(a, k=2)), (2, lambda a: a[:, ::-1]),
+                                                   (5, lambda a: a.transpose(1, 0, 2))])
+def test_a_photo_is_loaded_upright_by_its_exif_orientation(tmp_path, orientation, upright):
+    """A phone photo stores its pixels on their side with an EXIF orientation tag; viewers turn it
+    (6: 90° clockwise, 8: counter-clockwise, 3: 180°, 2: mirrored, 5: transposed). Loaded, it equals
+    the stored pixels turned that way. The photos are square and unscaled, so nothing is cropped."""
+    stored = np.zeros((16, 16, 3), np.uint8)
+    stored[:, :, 2] = 255
+    stored[:4, :8] = (0, 255, 0)  # a green bar on the top left: no two turns or mirrors give the same image
     for name in ("tagged", "upright"):
         (tmp_path / "photos" / name).mkdir(parents=True)
     for i in range(2):
         exif = Image.Exif()
-        exif[0x0112] = 6  # Orientation
+        exif[0x0112] = orientation
         Image.fromarray(stored).save(tmp_path / "photos" / "tagged" / f"{i}.png", exif=exif)
-        Image.fromarray(np.ascontiguousarray(np.rot90(stored, k=-1))).save(tmp_path / "photos" / "upright" / f"{i}.png")
-    split = load_image_folder(tmp_path / "photos", size=8, test_fraction=0.5)
+        Image.fromarray(np.ascontiguousarray(upright(stored))).save(tmp_path / "photos" / "upright" / f"{i}.png")
+    split = load_image_folder(tmp_path / "photos", size=16, test_fraction=0.5)
     images = torch.cat([split.train_images, split.test_images])
     labels = torch.cat([split.train_labels, split.test_labels])
-    tagged, upright = images[labels == split.classes.index("tagged")], images[labels == split.classes.index("upright")]
-    assert torch.equal(tagged, upright)
-    assert tagged[0, 0, :2].mean() > 0.9 and tagged[0, 2, -2:].mean() > 0.9  # red on top, blue below
+    tagged, straight = images[labels == split.classes.index("tagged")], images[labels == split.classes.index("upright")]
+    assert torch.equal(tagged, straight)
+    assert not torch.equal(tagged[0], torch.from_numpy(stored).permute(2, 0, 1).float() / 255)  # it was turned
+
+
+def test_a_photo_with_damaged_exif_data_loads_as_stored(tmp_path, monkeypatch):
+    """Pillow raises SyntaxError or struct.error on damaged EXIF data; the photo itself is readable,
+    so it loads with its stored pixels instead of stopping the whole folder."""
+    root = _write_folder(tmp_path / "photos")
+    expected = load_image_folder(root, size=16)
+
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    calls = []
+
+    def damaged(self):
+        calls.append(self.format)
+        raise SyntaxError("not a TIFF file (header b'' not valid)")
+
+    for cls in (Image.Image, JpegImagePlugin.JpegImageFile, PngImagePlugin.PngImageFile):
+        if "getexif" in vars(cls):  # the plugins override it
+            monkeypatch.setattr(cls, "getexif", damaged)
+    got = load_image_folder(root, size=16)
+    assert {"JPEG", "PNG"} <= set(calls)  # every photo's EXIF was damaged
+    assert torch.equal(got.train_images, expected.train_images) and torch.equal(got.test_images, expected.test_images)
 
 
 @pytest.mark.skipif(not ANIMALFACES.is_dir(), reason="../shared/data/animalfaces10 is not there")

@@ -93,19 +93,22 @@ def test_resnet_of_another_device_is_not_reused(tmp_path, one_step):
     assert _resnet(path, photos, 2, one_step, 0, "cpu", False)[1]
 
 
-def test_report_names_the_grad_cam_layer_it_uses():
-    """The page said "Grad-CAM at the last feature map" (layer4) while the figures show Grad-CAM at layer3."""
-    from captum_inn.photo_demo import PHOTO_LAYERS, _html
+@pytest.mark.parametrize("size, gradcam", [(64, "layer3"), (32, "layer2")])
+def test_report_names_the_grad_cam_layer_it_uses(size, gradcam):
+    """The page said "Grad-CAM at the last feature map" (layer4) while the figures show Grad-CAM at layer3;
+    at --quick's 32 px layer3 has 2×2 cells, so the figures use layer2 and the page says so."""
+    from captum_inn.photo_demo import PHOTO_LAYERS, _gradcam_layer, _html
 
     layer = {"shape": [1], "agreement": 0.5, "agreement_random_condition": 0.1, "variance_explained_by_v": 0.5,
              "reencode_beats_null": 0.9}
     metrics = {"layers": {name: layer for name in PHOTO_LAYERS}, "failures": [], "images": "photos",
-               "classes": ["cat", "dog"], "n_train": 8, "n_test": 2, "settings": {"size": 64},
+               "classes": ["cat", "dog"], "n_train": 8, "n_test": 2, "settings": {"size": size},
                "classifier_test_accuracy": 0.5, "reconstruction_agreement": 0.5, "timings_s": {}}
     figures = {"comparisons": ["figures/comparison_0.png"], "maps": "figures/invariance_maps.png",
                "mixing": "figures/mixing.png", **{f"samples_{n}": f"figures/samples_{n}.png" for n in PHOTO_LAYERS}}
     page = _html(metrics, figures)
-    assert "Grad-CAM at <code>layer3</code>" in page and "last feature map" not in page
+    assert f"Grad-CAM at <code>{gradcam}</code>" in page and "last feature map" not in page
+    assert _gradcam_layer(size) == gradcam
 
 
 def test_resnet_is_not_reused_after_one_photo_or_label_changed(tmp_path, one_step, monkeypatch):

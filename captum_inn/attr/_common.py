@@ -70,11 +70,14 @@ def autograd_on(function: Callable[..., T]) -> Callable[..., T]:
 
 def _normal_tensors(value: Any) -> Any:
     """``value`` with each inference tensor in it (or in a tuple or list of it) copied to a normal
-    one; called outside inference mode. Other values are returned as they are."""
+    one (a copy of the data: build large datasets outside inference mode); called outside inference
+    mode. Everything else, a tuple or list without inference tensors included, is ``value`` itself,
+    so that a list the function or a ``forward_func`` fills stays the caller's."""
     if isinstance(value, Tensor):
         return value.clone() if value.is_inference() else value
     if type(value) in (tuple, list):
-        return type(value)(_normal_tensors(v) for v in value)
+        items = [_normal_tensors(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
     return value
 
 

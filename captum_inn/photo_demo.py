@@ -373,9 +373,8 @@ def _draw(out: Path, model, explainers: Dict[str, LayerInvariance], shown, recon
 
     figures: Dict[str, Any] = {}
     comparison = compare_attributions(model, shown, explainers["fc"], gradcam_layer=_gradcam_layer(shown.shape[-1]),
-                                      n_samples=16,
-                                      internal_batch_size=256, generator=torch.Generator().manual_seed(seed),
-                                      progress=progress)
+                                      n_samples=16, internal_batch_size=256,
+                                      generator=torch.Generator().manual_seed(seed), progress=progress)
     figures["comparisons"] = [str(Path(p).relative_to(out)) for p in
                               comparison.save_figures(out / "figures", class_names=classes)]
     for name, strip in strips.items():

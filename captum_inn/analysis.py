@@ -28,7 +28,7 @@ from captum_inn.attr._common import (
     format_inputs,
     runs_model,
 )
-from captum_inn.capture import eval_mode
+from captum_inn.capture import check_autograd_weights, eval_mode
 from captum_inn.metrics import predict_classes
 
 __all__ = ["AdversarialViews", "adversarial_views", "mix_images", "plot_mixing"]
@@ -170,6 +170,7 @@ def adversarial_views(
     from captum.robust import FGSM
 
     _check_explainers(explainers, model)
+    check_autograd_weights(model, "`model`", "FGSM needs gradients through it")
     images = _one_image_tensor(images, "images")
     labels = class_indices(torch.as_tensor(labels, device=images.device), "`labels`")  # .long() truncated 0.7 to 0
     if labels.shape != (images.shape[0],):

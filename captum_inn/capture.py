@@ -26,6 +26,7 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -137,6 +138,40 @@ def _refuse_torchscript(module: nn.Module, what: str) -> None:
             "torch.jit.trace), whose compiled forward does not run forward hooks, so its layers cannot be read; "
             "pass the original nn.Module instead"
         )
+
+
+def check_autograd_weights(module: Any, name: str, needs: str) -> None:
+    """Raise ``ValueError`` if ``module`` (skipped unless an ``nn.Module``) holds inference tensors.
+
+    A module built or loaded inside ``torch.inference_mode()`` keeps inference tensors as weights
+    for life, and autograd cannot save them for backward; PyTorch's own error ("Inference tensors
+    cannot be saved for backward") names neither the module nor the fix. ``needs`` says what needs
+    autograd, e.g. "capture(..., grad=True) needs gradients through it".
+    """
+    if not isinstance(module, nn.Module):
+        return
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for tensor_name, tensor in named:
+            if not nn.parameter.is_lazy(tensor) and tensor.is_inference():  # a lazy one has no data yet
+                raise ValueError(
+                    f"{name}'s {kind} {tensor_name!r} is an inference tensor ({name} was built or loaded "
+                    f"inside torch.inference_mode()), and {needs}; autograd cannot use it. Build or load "
+                    "it outside inference mode (torch.no_grad() is enough for evaluation), or use a "
+                    "copy.deepcopy of it made outside inference mode (the copy's weights are normal tensors)."
+                )
+
+
+def normal_tensors(value: Any) -> Any:
+    """``value`` with each inference tensor in it (or in a tuple or list of it) copied to a normal
+    one (a copy of the data: build large datasets outside inference mode); called outside inference
+    mode. Everything else, a tuple or list without inference tensors included, is ``value`` itself,
+    so that a list the function or a ``forward_func`` fills stays the caller's."""
+    if isinstance(value, Tensor):
+        return value.clone() if value.is_inference() else value
+    if type(value) in (tuple, list):
+        items = [normal_tensors(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    return value
 
 
 def _unknown_name_message(model: nn.Module, name: str) -> str:
@@ -673,7 +708,13 @@ def capture(
         eval_mode=eval_mode,
         stop_early=stop_early,
     )
-    with torch.set_grad_enabled(grad), hooks:
+    if grad:
+        check_autograd_weights(model, "`model`", "capture(..., grad=True) needs gradients through it")
+    # grad=True keeps the graph inside a caller's inference_mode too (which records none), from
+    # copies of any inference tensors among the arguments (autograd cannot save those)
+    with torch.inference_mode(False) if grad else contextlib.nullcontext(), torch.set_grad_enabled(grad), hooks:
+        if grad:
+            args, extra = normal_tensors(args), normal_tensors(extra)
         hooks.run(*args, *extra)
     missing = hooks.missing()
     if missing:

@@ -35,7 +35,7 @@ from captum_inn.attr._common import (
     runs_model,
     user_stacklevel,
 )
-from captum_inn.capture import eager_module, eval_mode, resolve_layer
+from captum_inn.capture import check_autograd_weights, eager_module, eval_mode, resolve_layer
 
 __all__ = ["Comparison", "compare_attributions", "last_spatial_layer"]
 
@@ -299,6 +299,7 @@ def compare_attributions(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}; {_WRAP}")
+    check_autograd_weights(model, "`model`", "Grad-CAM and Integrated Gradients need gradients through it")
     if not isinstance(invariance, LayerInvariance):
         raise TypeError(f"`invariance` must be a captum_inn.LayerInvariance, got {type(invariance).__name__}.")
     # the explainers take the model itself or its bound forward (model.forward), the same model

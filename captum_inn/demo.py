@@ -23,7 +23,7 @@ import torch
 
 from captum_inn.analysis import AdversarialViews, adversarial_views, mix_images, plot_mixing
 from captum_inn.attr import LayerConcepts, LayerInvariance
-from captum_inn.attr._common import as_device
+from captum_inn.attr._common import as_device, autograd_on
 from captum_inn.capture import capture
 from captum_inn.datasets import ColorDigits
 from captum_inn.metrics import (
@@ -348,6 +348,7 @@ def _colours(data: ColorDigits) -> torch.Tensor:
     return torch.cat([data.foreground, data.background], dim=1)
 
 
+@autograd_on  # called in a notebook cell under inference_mode, the models it builds could not train
 def run_demo(
     out: Union[str, Path] = "captum_inn_report",
     quick: bool = False,

@@ -24,6 +24,7 @@ import torch
 
 from captum_inn.analysis import mix_images, plot_mixing
 from captum_inn.attr import LayerInvariance
+from captum_inn.attr._common import autograd_on
 from captum_inn.capture import capture
 from captum_inn.compare import compare_attributions
 from captum_inn.datasets import load_image_folder
@@ -195,6 +196,7 @@ def _resnet(path: Path, train: Tuple[torch.Tensor, torch.Tensor], n_classes: int
     return model.eval(), False
 
 
+@autograd_on  # as run_demo: the models it builds train under a caller's inference_mode too
 def run_photo_demo(
     images: Union[str, Path],
     out: Union[str, Path] = "captum_inn_photo_report",

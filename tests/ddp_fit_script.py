@@ -32,13 +32,15 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--encoder", required=True, help="autoencoder checkpoint the INNs are fitted on")
+    # the checkpointed fits show rank 0's progress bars: "(resumed at step k)" in them tells a resumed
+    # fit from a fresh one, which a deterministic fit's losses and weights cannot
     args = parser.parse_args()
     out = Path(args.out)
     data = ColorDigits("train", recolorings=1, seed=0)
     images = data.images[:512]
     # constant learning rates: a fit stopped at step k and resumed to n steps then equals a fit of n steps
     ae = fit_autoencoder(images, latent_dim=8, width=8, steps=args.steps, batch_size=32, lr=2e-3, schedule="constant",
-                         checkpoint=str(out / "ae.safetensors"), checkpoint_every=40, progress=False)
+                         checkpoint=str(out / "ae.safetensors"), checkpoint_every=40, progress=True)
     # each process trains on its shard with its share of the batch; the replicas must stay identical
     classifier = fit_classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)),
                                 (images, data.digits[:512]), steps=args.steps, batch_size=32, lr=2e-3, progress=False)
@@ -46,10 +48,10 @@ def main() -> None:
     torch.manual_seed(0)
     model, encoder = SmallCNN(width=4).eval(), load_autoencoder(args.encoder)
     inn = fit_invariances(model, "fc", encoder, images, steps=args.steps, batch_size=32, n_blocks=2, hidden=32, embed_dim=8,
-                          lr=2e-3, checkpoint_dir=str(out / "inv"), checkpoint_every=40, progress=False)
+                          lr=2e-3, checkpoint_dir=str(out / "inv"), checkpoint_every=40, progress=True)
     e = fit_concepts(encoder, data.concepts("differ"), factor_sizes={"digit": 4, "foreground": 1, "background": 1},
                      steps=args.steps, batch_size=32, pool_size=512, n_blocks=2, hidden=32, lr=2e-3, schedule="constant",
-                     checkpoint=str(out / "concepts.safetensors"), checkpoint_every=40, progress=False)
+                     checkpoint=str(out / "concepts.safetensors"), checkpoint_every=40, progress=True)
     # every rank may load the concept INN at once: the file already holds the finished fit's results
     with warnings.catch_warnings():
         warnings.simplefilter("error")

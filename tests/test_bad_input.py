@@ -466,3 +466,45 @@ def test_explainers_warn_about_pixels_far_outside_the_decoders_range(setup):
         assert "NoiseTunnel" not in str(caught[0].message) and caught[0].filename == __file__  # the caller's line
     with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[-.*NoiseTunnel, noise this large.*stdevs="):
         explainer.attribute(X + 2 * torch.randn(X.shape, generator=torch.Generator().manual_seed(0)), n_samples=2)
+
+
+def test_networks_built_under_inference_mode_are_named_where_gradients_are_needed(setup):
+    """A model built or loaded inside torch.inference_mode() keeps inference tensors as weights, which
+    autograd cannot save; the calls that need gradients through it failed deep inside with PyTorch's
+    "Inference tensors cannot be saved for backward". They now name the network and the fix, and the
+    calls without gradients still work on it."""
+    import copy
+
+    from captum_inn.analysis import adversarial_views
+    from captum_inn.compare import compare_attributions
+
+    model, ae, inn, e = setup
+    with torch.inference_mode():
+        frozen = copy.deepcopy(model)
+        frozen_ae = copy.deepcopy(ae)
+        frozen_e = copy.deepcopy(e)
+    assert frozen.cnn.conv1.weight.is_inference()
+    labels = torch.zeros(3, dtype=torch.long)
+    explainer = LayerInvariance(frozen, "cnn.logits", inn, ae)
+    needs_gradients = [
+        (lambda: fit_classifier(frozen, (X, labels), steps=1, progress=False), "`model`", "fit_classifier trains"),
+        (lambda: fit_autoencoder(X, latent_dim=4, steps=1, progress=False, perceptual_model=frozen,
+                                 perceptual_layers=["cnn.relu1"]), "`perceptual_model`", "perceptual loss"),
+        (lambda: capture(frozen, "cnn.fc", X, grad=True), "`model`", r"capture\(\.\.\., grad=True\)"),
+        (lambda: compare_attributions(frozen, X, explainer, progress=False), "`model`", "Grad-CAM"),
+        (lambda: adversarial_views(frozen, {"cnn.logits": explainer}, X, labels, model), "`model`", "FGSM"),
+        (lambda: LayerConcepts(frozen, "cnn.logits", e, ae).attribute(X, target=0), "the model", "attribute"),
+        (lambda: LayerConcepts(model, "cnn.logits", e, frozen_ae).attribute(X, target=0), "`autoencoder`", "attribute"),
+        (lambda: LayerConcepts(model, "cnn.logits", frozen_e, ae).attribute(X, target=0), "`concept_inn`", "attribute"),
+    ]
+    for call, name, needs in needs_gradients:
+        with pytest.raises(ValueError, match=rf"{name}'s (parameter|buffer) '[\w.]+' is an inference tensor .*"
+                                             rf"inference_mode\(\)\), and .*{needs}.*copy.deepcopy"):
+            call()
+        assert_no_hooks(frozen)
+    # without gradients the inference weights serve as well as normal ones
+    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(explainer.attribute(X, n_samples=2, generator=generator()),
+                       LayerInvariance(model, "cnn.logits", inn, ae).attribute(X, n_samples=2, generator=generator()))
+    # and the advice holds: a deep copy made outside inference mode trains
+    fit_classifier(copy.deepcopy(frozen), (X, labels), steps=1, progress=False)

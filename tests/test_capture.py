@@ -727,6 +727,27 @@ def test_grad_keeps_graph(cnn, x):
     assert_no_hooks(cnn)
 
 
+def test_grad_keeps_graph_inside_a_callers_inference_mode(cnn, x):
+    """inference_mode records no graph even with gradients enabled: grad=True gave tensors without
+    one there. It now keeps the graph, also for inputs made in the block (inference tensors)."""
+    xg = x.clone().requires_grad_(True)
+    capture(cnn, "features.2", xg, grad=True).sum().backward()
+    expected, xg.grad = xg.grad, None
+    expected_weight, cnn.features[0].weight.grad = cnn.features[0].weight.grad, None
+    with torch.inference_mode():
+        z = capture(cnn, "features.2", xg, grad=True)
+        made_here = x.clone()
+        w = capture(cnn, "features.2", made_here, grad=True)
+        assert torch.is_inference_mode_enabled() and z.grad_fn is not None and w.grad_fn is not None
+    z.sum().backward()
+    assert torch.equal(xg.grad, expected) and torch.equal(cnn.features[0].weight.grad, expected_weight)
+    cnn.zero_grad(set_to_none=True)
+    w.sum().backward()  # the copy of the inference input sat in the graph, in its place
+    assert torch.equal(cnn.features[0].weight.grad, expected_weight)
+    assert not made_here.requires_grad
+    assert_no_hooks(cnn)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
 def test_a_torchscript_model_or_block_is_refused_with_a_type_error_naming_it():
     """A TorchScript module runs no forward hooks: a traced model said "layer '0' did not run", a scripted

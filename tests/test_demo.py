@@ -326,3 +326,12 @@ def test_mixing_figure_pairs_images_when_there_are_fewer_than_two_rows_of_them(t
         _draw_analyses(tmp_path, attack, {}, images[:n], rows)
         a, b = pairs.pop()
         assert a.flatten().tolist() == list(range(rows)) and b.flatten().tolist() == expected
+
+
+def test_runs_inside_a_callers_inference_mode(tmp_path):
+    """A notebook cell under torch.inference_mode() built the demo's CNN with inference tensors as
+    weights, which cannot train: fit_classifier stopped at the first model."""
+    with torch.inference_mode():
+        index = run_demo(out=tmp_path, settings=TINY, progress=False)
+        assert torch.is_inference_mode_enabled()
+    assert json.loads((index.parent / "metrics.json").read_text())["cnn_test_accuracy"] > 0

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,12 +41,18 @@ def torchrun(n_processes: int, out: Path, encoder: Path, steps: int = 120) -> di
                str(SCRIPT), str(out), "--steps", str(steps), "--encoder", str(encoder)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # includes "replicas diverged"
-    return json.loads((out / "result.json").read_text())
+    result = json.loads((out / "result.json").read_text())
+    # which checkpointed fits resumed, and where, from their progress bars' "(resumed at step k)"
+    result["resumed"] = dict(sorted(set(re.findall(r"(autoencoder|INN fc|concept INN) \(resumed at step (\d+)\)",
+                                                        done.stderr))))
+    return result
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, encoder):
-    return {n: torchrun(n, tmp_path_factory.mktemp(f"ddp{n}"), encoder) for n in (1, 2)}
+    runs = {n: torchrun(n, tmp_path_factory.mktemp(f"ddp{n}"), encoder) for n in (1, 2)}
+    assert runs[1]["resumed"] == runs[2]["resumed"] == {}, "fresh fits"
+    return runs
 
 
 def _tail(history, n=30):
@@ -77,6 +84,8 @@ def stopped(tmp_path_factory, encoder):
 def test_interrupted_two_process_fit_resumes_exactly(runs, encoder, stopped, tmp_path):
     shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)  # stopped after the checkpoint at step 80 ...
     resumed = torchrun(2, tmp_path, encoder, steps=120)  # ... and resumed to 120
+    # a fresh fit of 120 steps would also match the uninterrupted run: each fit must have resumed
+    assert resumed["resumed"] == {"autoencoder": "80", "INN fc": "80", "concept INN": "80"}
     for fit in FITS:
         assert resumed["history"][fit] == pytest.approx(runs[2]["history"][fit], rel=1e-5, abs=1e-6)
         assert resumed["weights"][fit] == pytest.approx(runs[2]["weights"][fit], rel=1e-5, abs=1e-5)
@@ -90,6 +99,7 @@ def test_a_fit_resumes_with_another_number_of_processes(runs, encoder, stopped, 
     differs from then on): every fit continues from its checkpoint rather than being refused."""
     shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
     resumed = torchrun(1, tmp_path, encoder, steps=120)
+    assert resumed["resumed"] == {"autoencoder": "80", "INN fc": "80", "concept INN": "80"}
     for fit in FITS:
         history = resumed["history"][fit]
         assert len(history) == 120 and history[:80] == pytest.approx(runs[2]["history"][fit][:80], rel=1e-5, abs=1e-6)

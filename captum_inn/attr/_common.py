@@ -21,6 +21,7 @@ from captum_inn.capture import (
     LayerHooks,
     check_selector,
     is_comparable_selector,
+    normal_tensors,
     resolve_layer,
     selector_for_layer,
     selector_record,
@@ -61,24 +62,11 @@ def autograd_on(function: Callable[..., T]) -> Callable[..., T]:
         # inference_mode(False) too, and copies of the arguments made in it: images and labels made
         # under the caller's inference mode are inference tensors, which autograd cannot save
         with torch.inference_mode(False), torch.enable_grad():
-            args = tuple(_normal_tensors(a) for a in args)
-            kwargs = {k: _normal_tensors(v) for k, v in kwargs.items()}
+            args = tuple(normal_tensors(a) for a in args)
+            kwargs = {k: normal_tensors(v) for k, v in kwargs.items()}
             return function(*args, **kwargs)
 
     return with_autograd
-
-
-def _normal_tensors(value: Any) -> Any:
-    """``value`` with each inference tensor in it (or in a tuple or list of it) copied to a normal
-    one (a copy of the data: build large datasets outside inference mode); called outside inference
-    mode. Everything else, a tuple or list without inference tensors included, is ``value`` itself,
-    so that a list the function or a ``forward_func`` fills stays the caller's."""
-    if isinstance(value, Tensor):
-        return value.clone() if value.is_inference() else value
-    if type(value) in (tuple, list):
-        items = [_normal_tensors(v) for v in value]
-        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
-    return value
 
 
 def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tuple[Tensor, ...]:

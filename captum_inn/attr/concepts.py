@@ -40,7 +40,7 @@ from captum_inn.attr._common import (
     warn_unreachable_model,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean
-from captum_inn.capture import eager_module, eval_mode, replace_activation
+from captum_inn.capture import check_autograd_weights, eager_module, eval_mode, replace_activation
 from captum_inn.inn import ConditionalINN, FactorINN
 
 __all__ = ["LayerConcepts", "EncodedShares"]
@@ -764,6 +764,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
         check_target_count(target, n, inputs[self.image_input].device)
+        for network, name in ((eval_owner(self.forward_func, self.layer), "the model"),
+                              (self.autoencoder, "`autoencoder`"), (self.concept_inn, "`concept_inn`")):
+            check_autograd_weights(network, name, "attribute needs gradients through it")
         if internal_batch_size is not None:  # Captum takes one step per pass past N inputs, and warns each call
             internal_batch_size = max(internal_batch_size, n)  # about it, though the default was left alone
         start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)

@@ -18,7 +18,7 @@ from captum_inn.attr._common import (
     weights_fingerprint,
 )
 from captum_inn.autoencoders import ConvAutoencoder
-from captum_inn.capture import LayerHooks
+from captum_inn.capture import LayerHooks, check_autograd_weights
 from captum_inn.training.cache import images_fingerprint
 from captum_inn.training.checkpoint import (
     building_from,
@@ -199,6 +199,7 @@ def fit_autoencoder(
     hooks = None
     if perceptual_model is not None:
         check_module_device(perceptual_model, device, "perceptual_model")
+        check_autograd_weights(perceptual_model, "`perceptual_model`", "the perceptual loss needs gradients through it")
         # gradients flow through the frozen network to the reconstruction, never into its weights
         hooks = LayerHooks(perceptual_model, list(config.perceptual_layers), detach=False, stop_early=True)
         frozen = [p for p in perceptual_model.parameters() if p.requires_grad]

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, WeightedRandomSampler
 
 from captum_inn.attr._common import autograd_on, check_number, check_positive_int, class_indices
+from captum_inn.capture import check_autograd_weights
 from captum_inn.metrics import predict_classes
 from captum_inn.training.data import (
     batching_errors_explained,
@@ -179,6 +180,7 @@ def fit_classifier(
         True
     """
     batch_size = check_positive_int(batch_size, "batch_size")
+    check_autograd_weights(model, "`model`", "fit_classifier trains its weights")
     adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
     world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving
     images, labels = _as_labelled(data)

@@ -143,8 +143,8 @@ def _refuse_torchscript(module: nn.Module, what: str) -> None:
 def check_autograd_weights(module: Any, name: str, needs: str) -> None:
     """Raise ``ValueError`` if ``module`` (skipped unless an ``nn.Module``) holds inference tensors.
 
-    A module built or loaded inside ``torch.inference_mode()`` keeps inference tensors as weights
-    for life, and autograd cannot save them for backward; PyTorch's own error ("Inference tensors
+    A module built or unpickled inside ``torch.inference_mode()`` keeps inference tensors as weights,
+    and autograd cannot save them for backward; PyTorch's own error ("Inference tensors
     cannot be saved for backward") names neither the module nor the fix. ``needs`` says what needs
     autograd, e.g. "capture(..., grad=True) needs gradients through it".
     """
@@ -154,8 +154,8 @@ def check_autograd_weights(module: Any, name: str, needs: str) -> None:
         for tensor_name, tensor in named:
             if not nn.parameter.is_lazy(tensor) and tensor.is_inference():  # a lazy one has no data yet
                 raise ValueError(
-                    f"{name}'s {kind} {tensor_name!r} is an inference tensor ({name} was built or loaded "
-                    f"inside torch.inference_mode()), and {needs}; autograd cannot use it. Build or load "
+                    f"{name}'s {kind} {tensor_name!r} is an inference tensor ({name} was built or unpickled "
+                    f"inside torch.inference_mode()), and {needs}; autograd cannot use it. Build "
                     "it outside inference mode (torch.no_grad() is enough for evaluation), or use a "
                     "copy.deepcopy of it made outside inference mode (the copy's weights are normal tensors)."
                 )

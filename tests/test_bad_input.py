@@ -472,11 +472,12 @@ def test_networks_built_under_inference_mode_are_named_where_gradients_are_neede
     """A model built or loaded inside torch.inference_mode() keeps inference tensors as weights, which
     autograd cannot save; the calls that need gradients through it failed deep inside with PyTorch's
     "Inference tensors cannot be saved for backward". They now name the network and the fix, and the
-    calls without gradients still work on it."""
+    calls without gradients still work on it. Each refuses before the model runs."""
     import copy
 
     from captum_inn.analysis import adversarial_views
     from captum_inn.compare import compare_attributions
+    from captum_inn.training import train_loop
 
     model, ae, inn, e = setup
     with torch.inference_mode():
@@ -496,12 +497,24 @@ def test_networks_built_under_inference_mode_are_named_where_gradients_are_neede
         (lambda: LayerConcepts(frozen, "cnn.logits", e, ae).attribute(X, target=0), "the model", "attribute"),
         (lambda: LayerConcepts(model, "cnn.logits", e, frozen_ae).attribute(X, target=0), "`autoencoder`", "attribute"),
         (lambda: LayerConcepts(model, "cnn.logits", frozen_e, ae).attribute(X, target=0), "`concept_inn`", "attribute"),
+        (lambda: LayerConcepts(lambda x: frozen(x), frozen.cnn.logits, e, ae).attribute(X, target=0),
+         "the hooked layer", "LayerConcepts.attribute"),
+        (lambda: compare_attributions(model, X, LayerInvariance(model, "cnn.logits", inn, ae), progress=False,
+                                      concepts=LayerConcepts(model, "cnn.logits", e, frozen_ae)), "`autoencoder`",
+         "LayerConcepts.attribute"),
+        (lambda: train_loop(frozen, lambda g: frozen(X).sum(), steps=1, lr=1e-3, progress=False), "`module`",
+         "train_loop trains"),
     ]
-    for call, name, needs in needs_gradients:
-        with pytest.raises(ValueError, match=rf"{name}'s (parameter|buffer) '[\w.]+' is an inference tensor .*"
-                                             rf"inference_mode\(\)\), and .*{needs}.*copy.deepcopy"):
-            call()
-        assert_no_hooks(frozen)
+    for gate in (model.gate, frozen.gate):
+        gate.error = RuntimeError("the model ran before the check")
+    try:
+        for call, name, needs in needs_gradients:
+            with pytest.raises(ValueError, match=rf"{name}'s (parameter|buffer) '[\w.]+' is an inference tensor .*"
+                                                 rf"inference_mode\(\)\), and .*{needs}.*copy.deepcopy"):
+                call()
+            assert_no_hooks(frozen)
+    finally:
+        model.gate.error = frozen.gate.error = None
     # without gradients the inference weights serve as well as normal ones
     generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     assert torch.equal(explainer.attribute(X, n_samples=2, generator=generator()),

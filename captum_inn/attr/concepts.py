@@ -686,6 +686,20 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         total = attributions.reshape(end.shape[0], -1).sum(1)
         return total - (change[1] - change[0]).reshape(end.shape[0], -1).sum(1).to(total)
 
+    def _check_gradient_path(self) -> None:
+        """Refuse networks with inference-tensor weights on the path :meth:`attribute` differentiates
+        (the model, or the hooked layer of a plain ``forward_func``; the autoencoder; the concept INN).
+
+        Raises:
+            ValueError: One of them was built or loaded inside ``torch.inference_mode()``.
+        """
+        model = forward_module(self.forward_func, self.layer)
+        needs = "LayerConcepts.attribute needs gradients through it"
+        check_autograd_weights(model if model is not None else self.layer,
+                               "the model" if model is not None else "the hooked layer", needs)
+        check_autograd_weights(self.autoencoder, "`autoencoder`", needs)
+        check_autograd_weights(self.concept_inn, "`concept_inn`", needs)
+
     @log_usage()
     @autograd_on
     def attribute(
@@ -764,9 +778,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
         check_target_count(target, n, inputs[self.image_input].device)
-        for network, name in ((eval_owner(self.forward_func, self.layer), "the model"),
-                              (self.autoencoder, "`autoencoder`"), (self.concept_inn, "`concept_inn`")):
-            check_autograd_weights(network, name, "attribute needs gradients through it")
+        self._check_gradient_path()
         if internal_batch_size is not None:  # Captum takes one step per pass past N inputs, and warns each call
             internal_batch_size = max(internal_batch_size, n)  # about it, though the default was left alone
         start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)

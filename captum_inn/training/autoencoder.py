@@ -169,6 +169,8 @@ def fit_autoencoder(
     if latent_dim is not None:
         overrides["latent_dim"] = latent_dim
     config = merged_config(AutoencoderConfig, config, overrides)
+    if perceptual_model is not None:  # before the images are fingerprinted and moved
+        check_autograd_weights(perceptual_model, "`perceptual_model`", "the perceptual loss needs gradients through it")
     world(device)  # joins torchrun's process group, if any, before the data is sharded
     check_replicas_agree({"perceptual_model": perceptual_model})  # the autoencoder itself starts from rank 0's
     # detached: the fit learns weights, not pixels (images that require grad got a .grad as large as the data)
@@ -199,7 +201,6 @@ def fit_autoencoder(
     hooks = None
     if perceptual_model is not None:
         check_module_device(perceptual_model, device, "perceptual_model")
-        check_autograd_weights(perceptual_model, "`perceptual_model`", "the perceptual loss needs gradients through it")
         # gradients flow through the frozen network to the reconstruction, never into its weights
         hooks = LayerHooks(perceptual_model, list(config.perceptual_layers), detach=False, stop_early=True)
         frozen = [p for p in perceptual_model.parameters() if p.requires_grad]

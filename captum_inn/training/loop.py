@@ -23,6 +23,7 @@ from captum_inn.attr._common import (
     check_positive_int,
     user_stacklevel,
 )
+from captum_inn.capture import check_autograd_weights
 from captum_inn.inn.embedders import check_patch_to, check_token_dim
 from captum_inn.training.checkpoint import (
     CheckpointError,
@@ -317,6 +318,7 @@ def train_loop(
         True
     """
     _check_schedule(schedule)
+    check_autograd_weights(module, "`module`", "train_loop trains its weights")
     steps, checkpoint_every = check_positive_int(steps, "steps"), check_positive_int(checkpoint_every, "checkpoint_every")
     lr, weight_decay = check_number(lr, "lr", positive=True), check_number(weight_decay, "weight_decay")
     meta = dict(meta or {"kind": "module", "config": {}})

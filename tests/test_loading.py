@@ -174,9 +174,26 @@ def test_a_resumed_autoencoder_fit_refuses_other_images_and_another_perceptual_m
         fit_autoencoder(images, steps=4, perceptual_model=perceptual, perceptual_layers=("relu1",), **settings)
 
 
+def test_a_resumed_autoencoder_fit_refuses_another_augmentation(images, tmp_path):
+    """The augmentation shapes what the fit learns from, as the images do; a resume with another one
+    (or none) went on silently, a fit that matched neither setting."""
+    from captum_inn.training.classifier import Jitter
+
+    path = str(tmp_path / "ae.safetensors")
+    settings = dict(latent_dim=4, width=4, checkpoint=path, progress=False)
+    fit_autoencoder(images, steps=2, augment=Jitter(2, noise=0.05, seed=0), **settings)
+    assert len(fit_autoencoder(images, steps=3, augment=Jitter(2, noise=0.05, seed=0), **settings).history) == 3
+    for other, shown in ((None, r"augment: \{'Jitter': .*\} in the checkpoint, None now"),
+                         (Jitter(1, noise=0.05, seed=0), "augment.Jitter.pixels: 2 in the checkpoint, 1 now"),
+                         (torch.nn.Identity(), "in the checkpoint, 'torch.nn.modules.linear.Identity' now")):
+        with pytest.raises(CheckpointError, match=rf"{shown}\); pass resume=False"):
+            fit_autoencoder(images, steps=4, augment=other, **settings)
+
+
 def test_an_autoencoder_checkpoint_of_an_older_version_still_resumes(images, tmp_path):
     path = tmp_path / "ae.safetensors"
     settings = dict(latent_dim=4, width=4, checkpoint=str(path), progress=False)
     fit_autoencoder(images, steps=2, **settings)
-    _rewrite(path, path, _config_edit(lambda c: c.pop("source")))  # as written before the source was recorded
+    # as written before the source and the augmentation were recorded
+    _rewrite(path, path, _config_edit(lambda c: (c.pop("source"), c.pop("augment"))))
     assert len(fit_autoencoder(images, steps=3, **settings).history) == 3

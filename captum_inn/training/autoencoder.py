@@ -29,7 +29,7 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
     warn_if_unfinished,
 )
-from captum_inn.training.classifier import augment_generators
+from captum_inn.training.classifier import augment_generators, augment_record
 from captum_inn.training.data import check_image_dtype, iter_image_batches
 from captum_inn.training.distributed import (
     check_replicas_agree,
@@ -146,7 +146,9 @@ def fit_autoencoder(
             reconstructions are converted to it); ``None``: pixels only.
         augment: Optional callable applied to each image batch (e.g.
             :class:`~captum_inn.training.classifier.Jitter`); small datasets of photos need it. One
-            that draws from its own ``generator`` attribute, as ``Jitter`` does, resumes exactly.
+            that draws from its own ``generator`` attribute, as ``Jitter`` does, resumes exactly. The
+            checkpoint records it (:func:`~captum_inn.training.classifier.augment_record`), and a
+            resume with another augmentation, or none, is refused.
         **overrides: Fields of :class:`AutoencoderConfig`.
 
     Returns:
@@ -237,6 +239,8 @@ def fit_autoencoder(
             "model": model.config, "steps": config.steps}
     if recorded_config_has(checkpoint if resume else None, "source", default=True):  # older checkpoints lack it
         meta["config"]["source"] = source
+    if recorded_config_has(checkpoint if resume else None, "augment", default=True):  # as "source"
+        meta["config"]["augment"] = augment_record(augment)
     try:
         if hooks is not None:
             hooks.__enter__()

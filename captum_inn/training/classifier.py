@@ -91,7 +91,8 @@ class Jitter:
     def __init__(self, pixels: int = 2, noise: float = 0.0, value_range=(0.0, 1.0), seed: int = 0,
                  flip: bool = False) -> None:
         self.pixels, self.noise, self.value_range, self.flip = int(pixels), float(noise), value_range, bool(flip)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, images: Tensor) -> Tensor:
         p = self.pixels
@@ -107,6 +108,29 @@ class Jitter:
         if self.value_range is not None:
             images = images.clamp(*self.value_range)
         return images
+
+
+def augment_record(augment: Any) -> Any:
+    """What a fit's checkpoint records of its augmentation, so that a resume with another one is
+    refused: ``None``; a :class:`Jitter`'s settings; otherwise the qualified name of the callable's
+    class or function (a transform of the same class with other settings goes unnoticed).
+
+    Examples::
+
+        >>> augment_record(Jitter(2, noise=0.05))
+        {'Jitter': {'pixels': 2, 'noise': 0.05, 'value_range': [0.0, 1.0], 'flip': False, 'seed': 0}}
+        >>> augment_record(torch.nn.Identity()), augment_record(None)
+        ('torch.nn.modules.linear.Identity', None)
+    """
+    if augment is None:
+        return None
+    if isinstance(augment, Jitter):
+        value_range = None if augment.value_range is None else [float(v) for v in augment.value_range]
+        return {"Jitter": {"pixels": augment.pixels, "noise": augment.noise, "value_range": value_range,
+                           "flip": augment.flip, "seed": augment.seed}}
+    # a function names itself; an object by its class (its repr may hold its memory address)
+    named = augment if hasattr(augment, "__qualname__") else type(augment)
+    return f"{getattr(named, '__module__', None) or type(augment).__module__}.{named.__qualname__}"
 
 
 def augment_generators(augment: Any) -> List[torch.Generator]:

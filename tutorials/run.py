@@ -3,6 +3,7 @@
     python tutorials/run.py --ci              # CI: small settings, outputs kept in tutorial_runs/
     python tutorials/run.py --inplace         # full settings, outputs written into the notebooks
     python tutorials/run.py --ci 01_what_does_my_cnn_ignore.ipynb
+    python tutorials/run.py --ci --jobs 2      # two notebooks at a time, one torch thread each
 
 Each notebook reads ``CAPTUM_INN_TUTORIAL_SETTINGS`` (``ci`` or ``full``) in its first code cell
 and shrinks its step counts under ``ci``; the code path is the same. The photo tutorial reads its
@@ -10,6 +11,10 @@ ImageFolder from ``CAPTUM_INN_IMAGES`` (default: ``../shared/data/animalfaces10`
 repository); without one it is skipped with a message, since the package never needs that folder.
 A notebook that raises, or runs past ``--limit`` seconds, fails the run (exit status 1); with
 ``--inplace`` such a notebook keeps its committed outputs and the partial run goes to ``--out``.
+
+``--jobs N`` runs N notebooks at a time, each kernel with the CPU cores shared out among them
+(``OMP_NUM_THREADS``). The CI settings train small models, whose steps gain little from a second
+thread, so two notebooks side by side on 2 cores finish sooner than one after the other.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -56,6 +62,20 @@ def run_notebook(path: Path, settings: str, out: Path, limit: float, failed_out:
     return seconds
 
 
+def _run_in_worker(path: Path, settings: str, out: Path, limit: float, failed_out: Path, threads: int | None
+                   ) -> tuple[float | None, str | None]:
+    """:func:`run_notebook` in a worker process whose kernels use ``threads`` torch threads (``None``:
+    torch's default): ``(seconds, None)``, or ``(None, error text)`` (a notebook's error may not pickle)."""
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # the kernel inherits them
+    sys.stdout.write(f"run  {path.name} ({settings} settings)\n")  # one write: workers print side by side
+    sys.stdout.flush()
+    try:
+        return run_notebook(path, settings, out, limit, failed_out), None
+    except Exception as error:  # noqa: BLE001 - reported by the parent with the others
+        return None, f"{type(error).__name__}: {str(error)[-2000:]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("notebooks", nargs="*", help="notebook file names (default: every tutorial)")
@@ -67,15 +87,19 @@ def main(argv: list[str] | None = None) -> int:
                              "which take up to about 31 minutes on a 2-core AVX2-only CPU)")
     parser.add_argument("--out", type=Path, default=Path("tutorial_runs"),
                         help="folder for the executed copies when not --inplace (default tutorial_runs/)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="notebooks run at a time, the CPU cores shared out among them (default 1)")
     args = parser.parse_args(argv)
     if args.limit is None:
         args.limit = 600.0 if args.ci else 3600.0
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
 
     names = args.notebooks or sorted(p.name for p in HERE.glob("*.ipynb"))
     images = _image_folder()
     if images is not None:
         os.environ["CAPTUM_INN_IMAGES"] = str(images)
-    failures, times = [], {}
+    failures, times, runs = [], {}, []
     for name in names:
         path = HERE / Path(name).name
         if not path.is_file():
@@ -84,22 +108,27 @@ def main(argv: list[str] | None = None) -> int:
         if path.name in NEEDS_IMAGES and images is None:
             print(f"skip {path.name}: set CAPTUM_INN_IMAGES to an ImageFolder of photos", flush=True)
             continue
-        target = path if args.inplace else args.out / path.name
-        print(f"run  {path.name} ({'ci' if args.ci else 'full'} settings)", flush=True)
-        try:
-            seconds = run_notebook(path, "ci" if args.ci else "full", target, args.limit,
-                                   failed_out=args.out / path.name)
-        except Exception as error:  # noqa: BLE001 - report every notebook, then fail
-            kept = f" (the notebook keeps its outputs; the partial run is in {args.out / path.name})" if args.inplace else ""
-            failures.append(f"{path.name}: {type(error).__name__}: {str(error)[-2000:]}{kept}")
-            print(f"FAIL {path.name}\n{failures[-1]}", flush=True)
-            continue
-        times[path.name] = seconds
-        if seconds > args.limit:  # each cell is bounded by the limit too; this bounds the whole notebook
-            failures.append(f"{path.name}: ran {seconds:.0f} s, over the limit of {args.limit:.0f} s")
-            print(f"FAIL {failures[-1]}", flush=True)
-            continue
-        print(f"ok   {path.name} in {seconds:.0f} s -> {target}", flush=True)
+        runs.append((path, path if args.inplace else args.out / path.name))
+    settings = "ci" if args.ci else "full"
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    # each notebook runs in a worker process, whose kernel inherits the thread count; with --jobs 1
+    # the one worker runs them one after the other
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        pending = [pool.submit(_run_in_worker, path, settings, target, args.limit, args.out / path.name, threads)
+                   for path, target in runs]
+        for (path, target), future in zip(runs, pending):
+            seconds, error = future.result()
+            if error is not None:
+                kept = f" (the notebook keeps its outputs; the partial run is in {args.out / path.name})" if args.inplace else ""
+                failures.append(f"{path.name}: {error}{kept}")
+                print(f"FAIL {path.name}\n{failures[-1]}", flush=True)
+                continue
+            times[path.name] = seconds
+            if seconds > args.limit:  # each cell is bounded by the limit too; this bounds the whole notebook
+                failures.append(f"{path.name}: ran {seconds:.0f} s, over the limit of {args.limit:.0f} s")
+                print(f"FAIL {failures[-1]}", flush=True)
+                continue
+            print(f"ok   {path.name} in {seconds:.0f} s -> {target}", flush=True)
     for name, seconds in times.items():
         print(f"{seconds:7.0f} s  {name}")
     if failures:

@@ -691,7 +691,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         (the model, or the hooked layer of a plain ``forward_func``; the autoencoder; the concept INN).
 
         Raises:
-            ValueError: One of them was built or loaded inside ``torch.inference_mode()``.
+            ValueError: One of them was built or unpickled inside ``torch.inference_mode()``.
         """
         model = forward_module(self.forward_func, self.layer)
         needs = "LayerConcepts.attribute needs gradients through it"

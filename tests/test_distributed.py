@@ -106,6 +106,22 @@ def test_a_fit_resumes_with_another_number_of_processes(runs, encoder, stopped, 
         assert len(history) == 120 and history[:80] == pytest.approx(runs[2]["history"][fit][:80], rel=1e-5, abs=1e-6)
 
 
+def test_processes_with_different_augmentations_are_refused(monkeypatch):
+    """Each process checks a resumed checkpoint's augmentation record against its own: a Jitter seeded
+    per process would stop the other processes alone at a resume, leaving process 0 waiting. Every
+    process refuses it up front instead (simulated: rank 0 of 2, the other with another seed)."""
+    from captum_inn.training import distributed, fit_autoencoder
+    from captum_inn.training.classifier import Jitter
+
+    monkeypatch.setattr(distributed, "world", lambda device=None: (0, 2))
+    monkeypatch.setattr(distributed, "gather_texts", lambda text: [text, text])
+    distributed.check_processes_agree("augment", {"Jitter": {"seed": 0}}, "fix")  # the same: passes
+    monkeypatch.setattr(distributed, "gather_texts", lambda text: [text, text.replace('"seed": 0', '"seed": 1')])
+    with pytest.raises(ValueError, match=r"`augment` is \{.*\"seed\": 1.*\} in process 1 but .*\"seed\": 0.* in "
+                                         r"process 0: give every process the same augmentation"):
+        fit_autoencoder(torch.rand(8, 3, 8, 8), latent_dim=2, steps=1, augment=Jitter(1, seed=0), progress=False)
+
+
 def test_processes_with_different_networks_are_refused(monkeypatch):
     """A network built in each process without a seed differs between them; its features would
     differ per shard without any error, so a distributed fit refuses it (simulated: rank 0 of 2)."""

@@ -80,3 +80,29 @@ def test_a_failed_inplace_run_keeps_the_committed_outputs(tmp_path):
         run.run_notebook(path, "ci", path, limit=120, failed_out=partial)
     assert path.read_bytes() == committed
     assert "first" in json.dumps(_load(partial)["cells"][0]["outputs"])
+
+
+def test_notebooks_run_two_at_a_time_and_failures_are_reported(tmp_path, monkeypatch, capsys):
+    """``run.py --jobs 2``: each kernel gets its share of the cores, a failing notebook is reported
+    with the others and fails the run."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    import importlib.util
+    import os
+    import sys
+
+    spec = importlib.util.spec_from_file_location("tutorials_run", TUTORIALS / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "tutorials_run", run)  # the worker processes find its functions by name
+    spec.loader.exec_module(run)
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    cells = {"a.ipynb": "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))",
+             "b.ipynb": "raise ValueError('b fails')"}
+    for name, code in cells.items():
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), tmp_path / name)
+    assert run.main(["--ci", "--jobs", "2", "--limit", "120", "--out", str(tmp_path / "runs")]) == 1
+    printed = capsys.readouterr()
+    assert "FAIL b.ipynb" in printed.out and "b fails" in printed.out and "1 tutorial(s) failed" in printed.err
+    assert "ok   a.ipynb" in printed.out
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"threads {threads}" in json.dumps(_load(tmp_path / "runs" / "a.ipynb")["cells"][0]["outputs"])

@@ -62,10 +62,10 @@ def run_notebook(path: Path, settings: str, out: Path, limit: float, failed_out:
     return seconds
 
 
-def _run_in_worker(path: Path, settings: str, out: Path, limit: float, failed_out: Path, threads: int | None
+def _run_one(path: Path, settings: str, out: Path, limit: float, failed_out: Path, threads: int | None
                    ) -> tuple[float | None, str | None]:
-    """:func:`run_notebook` in a worker process whose kernels use ``threads`` torch threads (``None``:
-    torch's default): ``(seconds, None)``, or ``(None, error text)`` (a notebook's error may not pickle)."""
+    """:func:`run_notebook`, in this process or a worker, with kernels that use ``threads`` torch threads
+    (``None``: torch's default): ``(seconds, None)``, or ``(None, error text)`` (an error may not pickle)."""
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # the kernel inherits them
     sys.stdout.write(f"run  {path.name} ({settings} settings)\n")  # one write: workers print side by side
@@ -74,6 +74,24 @@ def _run_in_worker(path: Path, settings: str, out: Path, limit: float, failed_ou
         return run_notebook(path, settings, out, limit, failed_out), None
     except Exception as error:  # noqa: BLE001 - reported by the parent with the others
         return None, f"{type(error).__name__}: {str(error)[-2000:]}"
+
+
+def report(runs: list[tuple[Path, Path]], results, args: argparse.Namespace, failures: list[str],
+           times: dict[str, float]) -> None:
+    """Print each notebook's outcome as its result arrives (in the order of ``runs``), collecting
+    failures (an error, or a run past ``args.limit``) and the times of the others."""
+    for (path, target), (seconds, error) in zip(runs, results):
+        if error is not None:
+            kept = f" (the notebook keeps its outputs; the partial run is in {args.out / path.name})" if args.inplace else ""
+            failures.append(f"{path.name}: {error}{kept}")
+            print(f"FAIL {path.name}\n{failures[-1]}", flush=True)
+            continue
+        times[path.name] = seconds
+        if seconds > args.limit:  # each cell is bounded by the limit too; this bounds the whole notebook
+            failures.append(f"{path.name}: ran {seconds:.0f} s, over the limit of {args.limit:.0f} s")
+            print(f"FAIL {failures[-1]}", flush=True)
+            continue
+        print(f"ok   {path.name} in {seconds:.0f} s -> {target}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,25 +128,21 @@ def main(argv: list[str] | None = None) -> int:
             continue
         runs.append((path, path if args.inplace else args.out / path.name))
     settings = "ci" if args.ci else "full"
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-    # each notebook runs in a worker process, whose kernel inherits the thread count; with --jobs 1
-    # the one worker runs them one after the other
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        pending = [pool.submit(_run_in_worker, path, settings, target, args.limit, args.out / path.name, threads)
-                   for path, target in runs]
-        for (path, target), future in zip(runs, pending):
-            seconds, error = future.result()
-            if error is not None:
-                kept = f" (the notebook keeps its outputs; the partial run is in {args.out / path.name})" if args.inplace else ""
-                failures.append(f"{path.name}: {error}{kept}")
-                print(f"FAIL {path.name}\n{failures[-1]}", flush=True)
-                continue
-            times[path.name] = seconds
-            if seconds > args.limit:  # each cell is bounded by the limit too; this bounds the whole notebook
-                failures.append(f"{path.name}: ran {seconds:.0f} s, over the limit of {args.limit:.0f} s")
-                print(f"FAIL {failures[-1]}", flush=True)
-                continue
-            print(f"ok   {path.name} in {seconds:.0f} s -> {target}", flush=True)
+    if args.jobs == 1:  # in this process, one after the other (Ctrl-C stops at once)
+        report(runs, (_run_one(path, settings, target, args.limit, args.out / path.name, None)
+                      for path, target in runs), args, failures, times)
+    else:
+        # each notebook in a worker process, whose kernel inherits the worker's thread count
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // min(args.jobs, max(1, len(runs))))
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            pending = [pool.submit(_run_one, path, settings, target, args.limit, args.out / path.name, threads)
+                       for path, target in runs]
+            try:
+                report(runs, (future.result() for future in pending), args, failures, times)
+            except BaseException:  # Ctrl-C, or a worker that died: do not start the queued notebooks
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     for name, seconds in times.items():
         print(f"{seconds:7.0f} s  {name}")
     if failures:

@@ -32,6 +32,7 @@ from captum_inn.training.checkpoint import (
 from captum_inn.training.classifier import augment_generators, augment_record
 from captum_inn.training.data import check_image_dtype, iter_image_batches
 from captum_inn.training.distributed import (
+    check_processes_agree,
     check_replicas_agree,
     local_batch_size,
     shard_data,
@@ -175,6 +176,9 @@ def fit_autoencoder(
         check_autograd_weights(perceptual_model, "`perceptual_model`", "the perceptual loss needs gradients through it")
     world(device)  # joins torchrun's process group, if any, before the data is sharded
     check_replicas_agree({"perceptual_model": perceptual_model})  # the autoencoder itself starts from rank 0's
+    check_processes_agree("augment", augment_record(augment),
+                          "give every process the same augmentation (each already augments its own shard of the "
+                          "images, and a resumed fit restores process 0's augmentation state in all of them).")
     # detached: the fit learns weights, not pixels (images that require grad got a .grad as large as the data)
     images = images_as_tensor(data).detach()
     if images.dim() != 4 or images.shape[0] < 2:

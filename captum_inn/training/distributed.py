@@ -14,6 +14,7 @@ Outside torchrun every function here is a no-op, so single-process fits are unch
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, List, Mapping, Optional, Tuple
 
@@ -24,7 +25,8 @@ from torch.utils.data import DataLoader, Subset
 from captum_inn.attr._common import as_device, weights_fingerprint
 
 __all__ = ["world", "is_main", "local_batch_size", "shard_data", "sync_module", "average_gradients", "average_buffers",
-           "gather_rows", "gather_generator_states", "gather_texts", "barrier", "check_replicas_agree"]
+           "gather_rows", "gather_generator_states", "gather_texts", "barrier", "check_replicas_agree",
+           "check_processes_agree"]
 
 
 def _maybe_init(device: Any = None) -> None:
@@ -341,3 +343,28 @@ def check_replicas_agree(networks: Mapping[str, Optional[Any]]) -> None:
                 "Load its whole state_dict from one file in every process, and run it in eval() mode before "
                 "the fit in each."
             )
+
+
+def check_processes_agree(name: str, record: Any, fix: str) -> None:
+    """``ValueError`` in every process of a distributed fit when ``record`` (a JSON-able description
+    of a setting, e.g. :func:`~captum_inn.training.classifier.augment_record`) differs between them.
+
+    Each process checks a resumed checkpoint against its own settings; a setting that differed in
+    one process only would stop that process alone and leave the others waiting for it. No-op
+    outside a distributed run.
+
+    Args:
+        name: The argument, for the message.
+        record: This process's description of it.
+        fix: What to do, for the message.
+
+    Examples::
+
+        >>> check_processes_agree("augment", {"Jitter": {"seed": 0}}, "pass the same one")  # one process
+    """
+    if world()[1] == 1:
+        return
+    texts = gather_texts(json.dumps(record, sort_keys=True))
+    if len(set(texts)) > 1:
+        odd = [rank for rank, text in enumerate(texts) if text != texts[0]]
+        raise ValueError(f"`{name}` is {texts[odd[0]]} in process {odd[0]} but {texts[0]} in process 0: {fix}")

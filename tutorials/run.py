@@ -3,7 +3,7 @@
     python tutorials/run.py --ci              # CI: small settings, outputs kept in tutorial_runs/
     python tutorials/run.py --inplace         # full settings, outputs written into the notebooks
     python tutorials/run.py --ci 01_what_does_my_cnn_ignore.ipynb
-    python tutorials/run.py --ci --jobs 2      # two notebooks at a time, one torch thread each
+    python tutorials/run.py --ci --jobs 2      # two notebooks at a time, the cores shared between them
 
 Each notebook reads ``CAPTUM_INN_TUTORIAL_SETTINGS`` (``ci`` or ``full``) in its first code cell
 and shrinks its step counts under ``ci``; the code path is the same. The photo tutorial reads its

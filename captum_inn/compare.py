@@ -306,10 +306,10 @@ def compare_attributions(
     if not runs_model(invariance.forward_func, model):
         raise ValueError("`invariance` explains another model (or runs it through a function other than model.forward); "
                          "build it with LayerInvariance(model, layer, inn, ae).")
-    if concepts is not None and not isinstance(concepts, LayerConcepts):
-        raise TypeError(f"`concepts` must be a captum_inn.LayerConcepts or None, got {type(concepts).__name__}.")
-    if concepts is not None:  # before Grad-CAM and IG run, not after them
-        concepts._check_gradient_path()
+    if concepts is not None:
+        if not isinstance(concepts, LayerConcepts):
+            raise TypeError(f"`concepts` must be a captum_inn.LayerConcepts or None, got {type(concepts).__name__}.")
+        concepts._check_gradient_path()  # before Grad-CAM and IG run, not after them
     if concepts is not None and not runs_model(concepts.forward_func, model):
         raise ValueError("`concepts` explains another model (or runs it through a function other than model.forward); "
                          "build it with LayerConcepts(model, layer, concept_inn, ae).")

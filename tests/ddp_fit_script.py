@@ -32,13 +32,13 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--encoder", required=True, help="autoencoder checkpoint the INNs are fitted on")
-    # the checkpointed fits show rank 0's progress bars: "(resumed at step k)" in them tells a resumed
-    # fit from a fresh one, which a deterministic fit's losses and weights cannot
     args = parser.parse_args()
     out = Path(args.out)
     data = ColorDigits("train", recolorings=1, seed=0)
     images = data.images[:512]
-    # constant learning rates: a fit stopped at step k and resumed to n steps then equals a fit of n steps
+    # constant learning rates: a fit stopped at step k and resumed to n steps then equals a fit of n steps.
+    # The checkpointed fits show rank 0's progress bars: their "(resumed at step k)" tells a resumed fit
+    # from a fresh one, which a deterministic fit's losses and weights cannot
     ae = fit_autoencoder(images, latent_dim=8, width=8, steps=args.steps, batch_size=32, lr=2e-3, schedule="constant",
                          checkpoint=str(out / "ae.safetensors"), checkpoint_every=40, progress=True)
     # each process trains on its shard with its share of the batch; the replicas must stay identical

@@ -185,9 +185,27 @@ def test_a_resumed_autoencoder_fit_refuses_another_augmentation(images, tmp_path
     assert len(fit_autoencoder(images, steps=3, augment=Jitter(2, noise=0.05, seed=0), **settings).history) == 3
     for other, shown in ((None, r"augment: \{'Jitter': .*\} in the checkpoint, None now"),
                          (Jitter(1, noise=0.05, seed=0), "augment.Jitter.pixels: 2 in the checkpoint, 1 now"),
-                         (torch.nn.Identity(), "in the checkpoint, 'torch.nn.modules.linear.Identity' now")):
+                         (torch.nn.Identity(), "in the checkpoint, 'Identity\\(\\)' now")):
         with pytest.raises(CheckpointError, match=rf"{shown}\); pass resume=False"):
             fit_autoencoder(images, steps=4, augment=other, **settings)
+
+
+def test_a_resumed_autoencoder_fit_tells_transforms_apart_by_their_settings(images, tmp_path):
+    """Beyond Jitter, the record is the transform's repr without memory addresses: a torchvision
+    transform of the same class with another setting is refused (its class name alone let it
+    through), while the same pipeline rebuilt, as a resumed run does, with a new lambda at another
+    address, resumes."""
+    from torchvision import transforms
+
+    def pipeline(p):
+        return transforms.Compose([transforms.RandomHorizontalFlip(p), lambda x: x.clamp(0, 1)])
+
+    path = str(tmp_path / "ae.safetensors")
+    settings = dict(latent_dim=4, width=4, checkpoint=path, progress=False)
+    fit_autoencoder(images, steps=2, augment=pipeline(0.5), **settings)
+    assert len(fit_autoencoder(images, steps=3, augment=pipeline(0.5), **settings).history) == 3
+    with pytest.raises(CheckpointError, match=r"augment: 'Compose.*p=0.5.*' in the checkpoint, 'Compose.*p=0.3.*' now"):
+        fit_autoencoder(images, steps=4, augment=pipeline(0.3), **settings)
 
 
 def test_an_autoencoder_checkpoint_of_an_older_version_still_resumes(images, tmp_path):

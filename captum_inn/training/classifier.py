@@ -6,6 +6,7 @@ tests and the tutorials can train their own models offline.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, List, Optional, Union
 
 import numpy as np
@@ -112,15 +113,17 @@ class Jitter:
 
 def augment_record(augment: Any) -> Any:
     """What a fit's checkpoint records of its augmentation, so that a resume with another one is
-    refused: ``None``; a :class:`Jitter`'s settings; otherwise the qualified name of the callable's
-    class or function (a transform of the same class with other settings goes unnoticed).
+    refused: ``None``; a :class:`Jitter`'s settings; a function's qualified name; otherwise the
+    object's ``repr``, which for torchvision transforms and ``nn.Module`` holds their settings
+    (memory addresses, as in a function's repr inside a ``Compose``, are left out; an object
+    without a ``repr`` of its own is recorded by its class's qualified name).
 
     Examples::
 
         >>> augment_record(Jitter(2, noise=0.05))
         {'Jitter': {'pixels': 2, 'noise': 0.05, 'value_range': [0.0, 1.0], 'flip': False, 'seed': 0}}
-        >>> augment_record(torch.nn.Identity()), augment_record(None)
-        ('torch.nn.modules.linear.Identity', None)
+        >>> augment_record(torch.nn.Dropout(0.1)), augment_record(None)
+        ('Dropout(p=0.1, inplace=False)', None)
     """
     if augment is None:
         return None
@@ -128,9 +131,15 @@ def augment_record(augment: Any) -> Any:
         value_range = None if augment.value_range is None else [float(v) for v in augment.value_range]
         return {"Jitter": {"pixels": augment.pixels, "noise": augment.noise, "value_range": value_range,
                            "flip": augment.flip, "seed": augment.seed}}
-    # a function names itself; an object by its class (its repr may hold its memory address)
-    named = augment if hasattr(augment, "__qualname__") else type(augment)
-    return f"{getattr(named, '__module__', None) or type(augment).__module__}.{named.__qualname__}"
+    if hasattr(augment, "__qualname__") or type(augment).__repr__ is object.__repr__:
+        # a function names itself, as does an object by its class when its repr would be only its address
+        named = augment if hasattr(augment, "__qualname__") else type(augment)
+        return f"{getattr(named, '__module__', None) or type(augment).__module__}.{named.__qualname__}"
+    # the settings, not where the object happens to live: equal for the same transform in a resumed run
+    return _MEMORY_ADDRESS.sub("", repr(augment))
+
+
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def augment_generators(augment: Any) -> List[torch.Generator]:

@@ -32,6 +32,8 @@ except ImportError:  # Windows: no flock (see FolderLock)
 __all__ = ["DiskArray", "DiskArrayWriter", "FolderLock", "iter_rows", "read_manifest", "write_manifest"]
 
 _DTYPE = np.dtype("<f4")
+_PREAD = hasattr(os, "preadv")
+_SCAN_BYTES = 64 << 20  # iter_rows' default block
 
 
 class DiskArray:
@@ -76,7 +78,7 @@ class DiskArray:
             raise ValueError(f"{str(self.path)!r} is {state}: {self.path.stat().st_size} bytes, "
                              f"{expected} expected for shape {shape}. Recompute it.")
         self._file = open(self.path, "rb", buffering=0)
-        self._lock = threading.Lock()  # seek + read must not interleave between threads
+        self._lock = threading.Lock()  # where there is no pread: seek + read must not interleave between threads
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -111,16 +113,29 @@ class DiskArray:
         buffer = np.empty((unique.size, *self._row_shape), dtype=_DTYPE)
         # read runs of consecutive rows with one call each
         breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-        with self._lock:
-            for run in np.split(np.arange(unique.size), breaks):
-                if run.size == 0:
-                    continue
-                self._file.seek(self._offset + int(unique[run[0]]) * self._row_bytes)
-                view = memoryview(buffer[run[0] : run[-1] + 1].reshape(-1).view(np.uint8))
-                if self._file.readinto(view) != len(view):
-                    raise ValueError(f"{str(self.path)!r} ended early; it was changed or truncated.")
+        for run in np.split(np.arange(unique.size), breaks):
+            if run.size:
+                self._read_into(memoryview(buffer[run[0] : run[-1] + 1].reshape(-1).view(np.uint8)),
+                                self._offset + int(unique[run[0]]) * self._row_bytes)
         out = buffer if np.array_equal(unique, rows) else buffer[inverse.reshape(-1)]
         return torch.from_numpy(out.reshape(*index_shape, *self._row_shape))
+
+    def _read_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from the file at ``offset``. Positioned reads (pread) leave the descriptor's
+        position alone: DataLoader workers forked from one process share it, and a seek in one
+        between another's seek and read gave that one another row. One read returns at most about
+        2 GiB on Linux, so a longer run takes several."""
+        done = 0
+        while done < len(view):
+            if _PREAD:
+                got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            else:  # Windows, where workers are spawned and reopen the file
+                with self._lock:
+                    self._file.seek(offset + done)
+                    got = self._file.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{str(self.path)!r} ended early; it was changed or truncated.")
+            done += got
 
     def close(self) -> None:
         """Close the file (the array cannot be read afterwards)."""
@@ -301,21 +316,26 @@ class FolderLock:
         self.release()
 
 
-def iter_rows(array: Union[Tensor, DiskArray], chunk: int = 4096) -> Iterator[Tensor]:
+def iter_rows(array: Union[Tensor, DiskArray], chunk: Optional[int] = None) -> Iterator[Tensor]:
     """Blocks of ``chunk`` rows of a tensor or a :class:`DiskArray` (for scans that must not load it all).
 
     Args:
         array: ``(N, *row_shape)`` tensor or :class:`DiskArray`.
-        chunk: Rows per block.
+        chunk: Rows per block; by default as many as fit in 64 MiB (at least one), so a scan's
+            memory does not grow with the rows' size either.
 
     Yields:
-        ``(B, *row_shape)`` CPU tensors with ``B = chunk`` (the last block may be shorter).
+        ``(B, *row_shape)`` tensors with ``B = chunk`` (the last block may be shorter): views of a
+        tensor, new CPU tensors read from a :class:`DiskArray`.
 
     Examples::
 
         >>> [tuple(block.shape) for block in iter_rows(torch.zeros(10, 3), chunk=4)]
         [(4, 3), (4, 3), (2, 3)]
     """
+    if chunk is None:
+        row_bytes = int(np.prod(tuple(array.shape[1:]), dtype=np.int64)) * array.dtype.itemsize
+        chunk = max(1, _SCAN_BYTES // max(1, row_bytes))
     for start in range(0, len(array), chunk):
         yield array[start : start + chunk]
 

@@ -14,6 +14,7 @@ Both decode one image's layer representation with another image's invariances,
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -124,10 +125,10 @@ class AdversarialViews:
             return _literal(class_names[k]) if class_names is not None else str(k)
 
         columns = {"clean": self.images[rows], "attacked": self.adversarial[rows]}
-        columns.update({f"view at {layer}": views[rows] for layer, views in self.views.items()})
+        columns.update({f"view at {_literal(layer)}": views[rows] for layer, views in self.views.items()})
         captions = {"clean": [f"model: {name(int(self.clean_predictions[i]))}" for i in rows],
                     "attacked": [f"model: {name(int(self.adversarial_predictions[i]))}" for i in rows]}
-        captions.update({f"view at {layer}": [f"judge: {name(int(self.judged[layer][i]))}" for i in rows]
+        captions.update({f"view at {_literal(layer)}": [f"judge: {name(int(self.judged[layer][i]))}" for i in rows]
                          for layer in self.views})
         return plot_image_grid(columns, title="what each layer sees in the attack (captions: the model's class, "
                                "then the judge's for each layer's view)", fig=fig, captions=captions)
@@ -177,10 +178,10 @@ def adversarial_views(
         raise ValueError(f"`labels` must have shape ({images.shape[0]},), one class per image, got {tuple(labels.shape)}.")
     if not isinstance(judge, nn.Module):
         raise TypeError(f"`judge` must be an nn.Module classifier, got {type(judge).__name__}.")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not epsilon > 0:
         raise ValueError(f"`epsilon` must be a number > 0, got {epsilon!r}.")
     for name, bound in (("lower_bound", lower_bound), ("upper_bound", upper_bound)):
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound != bound:
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or bound != bound:
             raise ValueError(f"`{name}` must be a number, got {bound!r}.")
     if not lower_bound < upper_bound:
         raise ValueError(f"`lower_bound` ({lower_bound}) must be below `upper_bound` ({upper_bound}).")

@@ -110,6 +110,8 @@ def reencode_similarity(
     quantile: float = 0.99,
     generator: Optional[torch.Generator] = None,
     batch_size: int = 512,
+    selector: Selector = None,
+    attribute_to_layer_input: bool = False,
 ) -> Dict[str, float]:
     """Do samples re-encode at ``layer`` closer to their original than random pairs of images do?
 
@@ -127,6 +129,9 @@ def reencode_similarity(
         quantile: Quantile of the null a sample must exceed.
         generator: Seeds the random pairs.
         batch_size: Images per forward pass.
+        selector: Picks the tensor from a layer that returns a tuple or dict (see
+            :func:`~captum_inn.capture.capture`), as for the INN fitted there.
+        attribute_to_layer_input: Re-encode at the layer's input, for an INN fitted there.
 
     Returns:
         A dict with ``beats_null`` (fraction of samples above the threshold), ``similarity`` (mean
@@ -150,7 +155,8 @@ def reencode_similarity(
         raise ValueError(f"`quantile` must be a number in (0, 1), got {quantile!r}; use 0.99 for 99%.")
 
     def encode(images: Tensor) -> Tensor:
-        return torch.cat([capture(model, layer, images[s : s + batch_size]).flatten(1)
+        return torch.cat([capture(model, layer, images[s : s + batch_size], selector=selector,
+                                  attribute_to_layer_input=attribute_to_layer_input).flatten(1)
                           for s in range(0, images.shape[0], batch_size)])
 
     n, s = samples.shape[:2]
@@ -267,7 +273,7 @@ def probe_r2(
         features: ``(N, ...)``, e.g. ``v`` or a layer's activations ``z``.
         targets: ``(N,)`` or ``(N, T)``, e.g. RGB colours.
         train_fraction: Share of rows used to fit the probe (without a separate test set).
-        ridge: L2 penalty (relative to the number of training rows).
+        ridge: L2 penalty (relative to the number of training rows), > 0.
         generator: Seeds the split.
         per_target: Return the R² of every target column instead of their mean.
         test_features: Optional ``(M, ...)`` held-out features.
@@ -284,7 +290,8 @@ def probe_r2(
     """
     if not 0 < check_number(train_fraction, "train_fraction") < 1:
         raise ValueError(f"`train_fraction` must lie strictly between 0 and 1, got {train_fraction}.")
-    check_number(ridge, "ridge")
+    # > 0: a dead unit (a constant feature column, common in ReLU activations) leaves the system singular
+    check_number(ridge, "ridge", positive=True)
     # a small ridge regression, solved on the CPU in double precision wherever the features live
     x = features.reshape(features.shape[0], -1).detach().cpu().double()
     y = targets.reshape(targets.shape[0], -1).detach().cpu().double()

@@ -6,9 +6,12 @@ matplotlib is imported lazily; every function accepts an optional ``ax``/``fig``
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
+
+from captum_inn.attr._common import check_int
 
 __all__ = [
     "to_numpy_image",
@@ -92,6 +95,9 @@ def plot_invariance_samples(
         (2, 6)
     """
     plt = _plt()
+    if samples.dim() != 5:  # e.g. (N, C, H, W) without the samples axis: a raw permute error before
+        raise ValueError(f"`samples` must be (N, S, C, H, W), S samples per input, got shape {tuple(samples.shape)}; "
+                         "for one sample per input pass samples.unsqueeze(1).")
     n, s = samples.shape[:2]
     for what, images in (("originals", originals), ("reconstructions", reconstructions)):
         if images.shape[0] != n:  # row i pairs input i with its own samples
@@ -210,7 +216,7 @@ def plot_invariance_maps(
         for j, (name, h) in enumerate(zip(maps, heat), start=1):
             axes[i, j].imshow(h.numpy(), cmap="magma", vmin=0, vmax=vmax)
             if i == 0:
-                axes[i, j].set_title(name, fontsize=8)
+                axes[i, j].set_title(_literal(name), fontsize=8)
         if i == 0:
             axes[i, 0].set_title("input", fontsize=8)
         for ax in axes[i]:
@@ -248,9 +254,9 @@ def plot_by_depth(
     else:
         fig = ax.figure
     for label, ys in values.items():
-        ax.plot(range(len(layers)), list(ys), marker="o", label=label)
+        ax.plot(range(len(layers)), list(ys), marker="o", label=_literal(label))
     ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels(layers)
+    ax.set_xticklabels([_literal(layer) for layer in layers])
     ax.set_xlabel("layer (input → output)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -297,16 +303,18 @@ def plot_concept_bars(
     if isinstance(scores, dict) and scores and all(isinstance(v, dict) for v in scores.values()):
         groups = list(scores)
         concepts = list(next(iter(scores.values())))
-        for group in groups:  # bars are placed by the first group's concepts: every group needs them all
+        for group in groups:  # bars are placed by the first group's concepts: every group needs them, and no others
             missing = [c for c in concepts if c not in scores[group]]
-            if missing:
-                raise ValueError(f"Group {group!r} of `scores` has no value for {missing}; every group needs the "
-                                 f"concepts of the first group, {concepts}.")
+            extra = [c for c in scores[group] if c not in concepts]
+            if missing or extra:
+                problem = f"has no value for {missing}" if missing else f"has concepts the first group lacks, {extra}"
+                raise ValueError(f"Group {group!r} of `scores` {problem}; every group needs the concepts of the first "
+                                 f"group, {concepts}, and no others.")
         width = 0.8 / len(groups)
         for g, group in enumerate(groups):
             ax.bar(np.arange(len(concepts)) + (g - (len(groups) - 1) / 2) * width,
                    [scores[group][c] for c in concepts], width, yerr=_standard_errors(scores[group], concepts),
-                   capsize=2, label=str(group))
+                   capsize=2, label=_literal(group))
         ax.legend(fontsize=8)
     else:
         if isinstance(scores, dict):
@@ -327,7 +335,7 @@ def plot_concept_bars(
                                  "name per column of `scores`.")
         ax.bar(range(len(concepts)), values, yerr=errors, capsize=3, color="tab:blue")
     ax.set_xticks(range(len(concepts)))
-    ax.set_xticklabels(concepts)
+    ax.set_xticklabels([_literal(c) for c in concepts])
     ax.axhline(0, color="black", lw=0.6)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -376,7 +384,7 @@ def plot_concept_edits(
     if fig is None:
         fig = plt.figure(figsize=(1.3 * columns, 1.2 * n + 0.5))
     axes = fig.subplots(n, columns, squeeze=False)
-    headers = ["input a", "donor b", *(f"a with b's {c}" for c in edits)]
+    headers = ["input a", "donor b", *(f"a with b's {_literal(c)}" for c in edits)]
     for i in range(n):
         row = [originals[i], donors[i], *(e[i] for e in edits.values())]
         for j, image in enumerate(row):
@@ -421,7 +429,7 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
     x = range(len(dynamics.labels))
     errors = getattr(dynamics, "standard_error", None) or {}
     for concept, shares in dynamics.encoded.items():
-        line, = ax.plot(x, shares, marker="o", label=concept)
+        line, = ax.plot(x, shares, marker="o", label=_literal(concept))
         if concept in errors:  # a band of ± 2 standard errors of the mean share
             low = [m - 2 * e for m, e in zip(shares, errors[concept])]
             high = [m + 2 * e for m, e in zip(shares, errors[concept])]
@@ -429,10 +437,10 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
     if all(a is not None for a in dynamics.accuracy):
         ax.plot(x, dynamics.accuracy, color="black", ls="--", marker="x", label="test accuracy")
     ax.set_xticks(list(x))
-    ax.set_xticklabels(dynamics.labels)
+    ax.set_xticklabels([_literal(label) for label in dynamics.labels])
     ax.set_xlabel("checkpoint (training step)")
     ax.set_ylabel("share encoded by the layer")
-    ax.set_title(f"what {dynamics.layer} encodes during training", fontsize=10)
+    ax.set_title(f"what {_literal(dynamics.layer)} encodes during training", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -490,7 +498,10 @@ def plot_comparison(
         if len(class_names) <= largest:
             raise ValueError(f"`class_names` has {len(class_names)} names, but class {largest} is shown; give one "
                              "name per class of the model's output.")
-    strip = min(int(n_strip), comparison.samples.shape[1])
+    n_strip = check_int(n_strip, "n_strip")
+    if n_strip < 0:  # fewer axes than the strip draws into: an IndexError before
+        raise ValueError(f"`n_strip` must be >= 0 (0 shows no samples), got {n_strip}.")
+    strip = min(n_strip, comparison.samples.shape[1])
     has_concepts = comparison.concept_scores is not None
     columns = 4 + strip + (1 if has_concepts else 0)
     if fig is None:
@@ -506,19 +517,19 @@ def plot_comparison(
     _show(axes[0], image)
     axes[0].set_title(f"input\npred. {name(predicted)}", fontsize=8)
     axes[0].axis("off")
-    _heat(axes[1], comparison.gradcam[index, 0].detach().cpu().numpy(), f"Grad-CAM\n{comparison.gradcam_layer}, "
+    _heat(axes[1], comparison.gradcam[index, 0].detach().cpu().numpy(), f"Grad-CAM\n{_literal(comparison.gradcam_layer)}, "
           f"{name(target)}", "jet", vmin=0, base=image)
     ig = comparison.integrated_gradients[index].detach().abs().sum(0).cpu()
     _heat(axes[2], ig.numpy(), f"Integrated\nGradients, {name(target)}", "viridis", vmin=0,
           vmax=float(ig.quantile(0.99)) or None)
     _heat(axes[3], comparison.invariance_map[index].detach().mean(0).cpu().numpy(),
-          f"invariance map\n{comparison.layer}", "magma", vmin=0)
+          f"invariance map\n{_literal(comparison.layer)}", "magma", vmin=0)
     for j in range(strip):
         ax = axes[4 + j]
         _show(ax, comparison.samples[index, j])
         ax.axis("off")
         if j == 0:
-            ax.set_title(f"what {comparison.layer}\nignores: samples", fontsize=8, loc="left")
+            ax.set_title(f"what {_literal(comparison.layer)}\nignores: samples", fontsize=8, loc="left")
     if has_concepts:
         delta = getattr(comparison, "concept_delta", None)
         gap = "" if delta is None else f"\ncompleteness gap {float(delta[index]):.1e}"
@@ -589,16 +600,17 @@ def plot_image_grid(
     return fig, axes
 
 
-def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
-    """Save ``fig`` as PNG and close it (figures in loops would otherwise pile up in memory).
+def save_figure(fig: Any, path: Any, dpi: int = 110) -> str:
+    """Save ``fig`` and close it (figures in loops would otherwise pile up in memory).
 
     Args:
         fig: A matplotlib figure (e.g. the ``fig`` of any function here).
-        path: Target ``.png`` file.
+        path: Target file; its suffix picks the format (``.png``, ``.pdf``, ``.svg``, …), and a
+            path without one gets ``.png``.
         dpi: Resolution.
 
     Returns:
-        ``path``.
+        The path of the written file, as a string.
 
     Examples::
 
@@ -607,8 +619,11 @@ def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
         >>> save_figure(fig, os.path.join(tempfile.mkdtemp(), "ve.png")).endswith("ve.png")
         True
     """
+    path = os.fspath(path)
+    if not os.path.splitext(path)[1]:  # matplotlib would add it: the path returned is the file written
+        path += ".png"
     fig.savefig(path, dpi=dpi)
     _plt().close(fig)
-    return path
+    return str(path)
 
 

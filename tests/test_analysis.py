@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 from helpers_hooks import assert_no_hooks, training_flags
@@ -332,6 +333,9 @@ def test_adversarial_views_errors(setup, images, labels):
     with pytest.warns(UserWarning, match="the autoencoder decodes images in"):  # the views' own warning
         wide = call(images=(images - 0.5) / 0.25, lower_bound=-2.0, upper_bound=2.0)  # the bounds of these pixels
     assert (wide.adversarial - (images - 0.5) / 0.25).abs().max() <= 0.1 + 1e-5
+    # NumPy numbers, e.g. bounds read off an array with .min(), were refused as "not a number"
+    numpy_numbers = call(epsilon=np.float32(0.1), lower_bound=np.float32(0.0), upper_bound=np.float64(1.0))
+    assert torch.equal(numpy_numbers.adversarial, call().adversarial)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         call(images=images[0])
     with pytest.raises(TypeError, match=r"`images` must be one image tensor \(N, C, H, W\), got a tuple of 2 tensors"):

@@ -73,6 +73,38 @@ def test_reencode_similarity_separates_copies_from_strangers(model):
     assert other["null_quantile"] >= other["null_mean"]
 
 
+class _PairLayer(nn.Module):
+    def forward(self, a):
+        return a, a.flip(1)
+
+
+class _PairNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.pair = nn.Conv2d(3, 4, 3), nn.ReLU(), _PairLayer()
+
+    def forward(self, x):
+        return self.pair(self.act(self.conv(x)))[0].mean((2, 3))
+
+
+def test_reencode_similarity_reads_a_tuple_layer_and_a_layer_input():
+    """It takes the selector and the layer side the INN was fitted with; it had neither, so a tuple
+    layer's error said "pass selector=" to a function that refused it."""
+    torch.manual_seed(0)
+    net = _PairNet().eval()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(20, 3, 8, 8, generator=gen)
+    samples = (x + 0.3 * torch.rand(x.shape, generator=gen)).unsqueeze(1)
+    expected = reencode_similarity(net, "act", x, samples, generator=torch.Generator().manual_seed(0))
+    picked = reencode_similarity(net, "pair", x, samples, selector=lambda out: out[0],
+                                 generator=torch.Generator().manual_seed(0))
+    at_input = reencode_similarity(net, "pair", x, samples, attribute_to_layer_input=True,
+                                   generator=torch.Generator().manual_seed(0))
+    assert picked == expected and at_input == expected and expected["similarity"] < 0.999
+    with pytest.raises(ValueError, match="selector"):
+        reencode_similarity(net, "pair", x, samples)
+
+
 def test_variance_explained_is_one_when_the_condition_is_ignored():
     # A fresh INN (couplings start as the identity) maps v to z̄ whatever the condition: it
     # explains all of the codes' variance by v.
@@ -134,8 +166,12 @@ def test_probe_r2():
     for fraction in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="`train_fraction` must lie strictly between 0 and 1"):
             probe_r2(x, x[:, :2], train_fraction=fraction)
-    with pytest.raises(ValueError, match="`ridge` must be >= 0"):
-        probe_r2(x, x[:, :2], ridge=-1.0)
+    # ridge=0 with a dead unit (a constant column) failed inside torch.linalg.solve: a singular system
+    dead = x.clone()
+    dead[:, 2] = 0
+    for ridge in (-1.0, 0.0):
+        with pytest.raises(ValueError, match="`ridge` must be > 0"):
+            probe_r2(dead, x[:, :2], ridge=ridge)
     with pytest.raises(ValueError, match="`features` contains NaN"):
         probe_r2(torch.cat([x[:1] * float("nan"), x[1:]]), x[:, :2])
 

@@ -112,6 +112,12 @@ def test_image_figures_need_one_row_of_each_argument_per_input():
         plot_invariance_samples(x, x[:2], x[:2].unsqueeze(1))
     with pytest.raises(ValueError, match=r"`reconstructions` holds 2 images for the 3 rows of `samples`"):
         plot_invariance_samples(x, x[:2], x.unsqueeze(1))
+    # the samples axis forgotten: a permute error from deep inside before
+    with pytest.raises(ValueError, match=r"`samples` must be \(N, S, C, H, W\).*got shape \(3, 3, 8, 8\).*unsqueeze\(1\)"):
+        plot_invariance_samples(x, x, x)
+    with pytest.raises(ValueError, match=r"`n_strip` must be >= 0 \(0 shows no samples\), got -1"):  # an IndexError
+        plot_comparison(_comparison(x[:1]), n_strip=-1)
+    assert len(plot_comparison(_comparison(x[:1]), n_strip=0)[0].axes) == 4  # input, Grad-CAM, IG, map
     for maps in (x[:2], torch.rand(4, 3, 8, 8)):
         with pytest.raises(ValueError, match=rf"`maps\['fc'\]` holds {maps.shape[0]} maps for 3 `originals`"):
             plot_invariance_maps(x, {"fc": maps})
@@ -151,6 +157,40 @@ def test_plots_of_named_maps_and_edits_refuse_a_bare_tensor_with_the_dict_to_pas
         plot_concept_edits(x, x, x)
 
 
+def test_layer_concept_and_group_names_with_dollar_signs_are_drawn_as_written():
+    """Layer, concept, group and checkpoint names are data, as class names are: ``a$x^$`` failed
+    the drawing with a mathtext error and ``$5 to $10`` lost its dollars. Titles the caller writes
+    may still use mathematics."""
+    import io
+
+    from matplotlib import cbook
+
+    from captum_inn.training.dynamics import ConceptDynamics
+    from captum_inn.visualization import plot_by_depth, plot_concept_dynamics
+
+    odd, money = "a$x^$", "$5 to $10"
+    x = torch.rand(1, 3, 8, 8)
+    comparison = _comparison(x)
+    comparison.layer, comparison.gradcam_layer = odd, money
+    figures = [
+        plot_invariance_maps(x, {odd: torch.rand(1, 3, 8, 8), money: torch.rand(1, 3, 8, 8)})[0],
+        plot_by_depth([odd, money], {odd: [0.1, 0.2], money: [0.3, 0.4]})[0],
+        plot_concept_bars({odd: {money: 0.5, odd: 0.2}, money: {money: 0.1, odd: 0.3}})[0],
+        plot_concept_bars(torch.rand(2), [odd, money])[0],
+        plot_concept_edits(x, x, {odd: x, money: x})[0],
+        plot_concept_dynamics(ConceptDynamics(odd, [money, odd], [0.5, 0.6], {odd: [0.1, 0.2], money: [0.3, 0.1]}))[0],
+        plot_comparison(comparison)[0],
+        plot_concept_bars(torch.rand(2), title="$z$ at fc")[0],
+    ]
+    for fig in figures:
+        fig.savefig(io.BytesIO(), format="png")
+    texts = [t.get_text() for fig in figures[:-1] for t in fig.findobj(matplotlib.text.Text) if "$" in t.get_text()]
+    assert texts and not any(cbook.is_math_text(t) for t in texts)
+    shown = " ".join(t.replace("\\$", "$") for t in texts)
+    assert odd in shown and money in shown
+    assert figures[-1].axes[0].get_title() == "$z$ at fc"  # the caller's title keeps its mathematics
+
+
 def test_plot_concept_bars_checks_names_shape_and_groups():
     with pytest.raises(ValueError, match="`names` has 2 names for 3 concept scores"):
         plot_concept_bars(torch.rand(4, 3), ["digit", "colour"])
@@ -158,6 +198,9 @@ def test_plot_concept_bars_checks_names_shape_and_groups():
         plot_concept_bars(torch.tensor(0.5))
     with pytest.raises(ValueError, match=r"Group 'fc' of `scores` has no value for \['colour'\]"):
         plot_concept_bars({"relu1": {"digit": 0.9, "colour": 0.8}, "fc": {"digit": 0.7}})
+    # a later group's extra concept was left out of the figure, silently
+    with pytest.raises(ValueError, match=r"Group 'fc' of `scores` has concepts the first group lacks, \['colour'\]"):
+        plot_concept_bars({"relu1": {"digit": 0.9}, "fc": {"digit": 0.7, "colour": 0.2}})
     fig, ax = plot_concept_bars(torch.rand(3), ["digit", "colour", "residual"])
     assert [t.get_text() for t in ax.get_xticklabels()] == ["digit", "colour", "residual"]
 
@@ -196,3 +239,16 @@ def test_plot_layer_invariances_draws_what_the_explainer_gives():
                           explainer.reconstruct(x)[2], atol=1e-6)
     with pytest.raises(TypeError, match="`explainer` must be a captum_inn.LayerInvariance.*plot_invariance_samples"):
         plot_layer_invariances(model, x)
+
+
+def test_save_figure_returns_the_file_it_wrote(tmp_path):
+    """matplotlib adds ``.png`` to a path without a suffix: the path returned did not exist."""
+    from captum_inn.visualization import plot_by_depth, save_figure
+
+    for given, written in (("plain", "plain.png"), ("vector.svg", "vector.svg"), (tmp_path / "p.png", "p.png")):
+        path = save_figure(plot_by_depth(["a", "b"], {"x": [0, 1]})[0], given if not isinstance(given, str) else
+                           str(tmp_path / given))
+        assert path == str(tmp_path / written) and (tmp_path / written).is_file()
+    assert (tmp_path / "vector.svg").read_text().lstrip().startswith("<?xml")
+    assert plt.get_fignums() == []
+

@@ -833,11 +833,14 @@ def replace_activation(
         return replace
 
     def matched(current: Tensor) -> Tensor:
-        """``value`` in the activation's floating dtype (a float32 INN's output in a float64 model)."""
+        """A copy of ``value`` in the activation's floating dtype (a float32 INN's output in a float64
+        model): the model may write into it (``ReLU(inplace=True)``, ``out += identity``), which changed
+        the caller's tensor, failed for one that requires grad, and changed earlier passes' outputs."""
         if current.shape != value.shape:
-            raise ValueError(f"replacement of shape {tuple(value.shape)} for an activation of shape {tuple(current.shape)}")
+            raise ValueError(f"`value` of shape {tuple(value.shape)} replaces the {'input' if attribute_to_layer_input else 'output'} "
+                             f"of {name}, of shape {tuple(current.shape)}; pass a value shaped like that activation.")
         both_floating = isinstance(current, Tensor) and current.is_floating_point() and value.is_floating_point()
-        return value.to(current.dtype) if both_floating else value
+        return value.to(current.dtype, copy=True) if both_floating else value.clone()
 
     def output_hook(_module: nn.Module, _args: Any, output: Any) -> Any:
         if not take():

@@ -257,10 +257,40 @@ def test_replace_activation_puts_the_value_where_the_selector_reads():
     with pytest.raises(TypeError, match="callable selector .* int index or a str key"):
         with replace_activation(model.two, value, selector=lambda o: o[0]):
             model(x)
-    with pytest.raises(ValueError, match="replacement of shape"):
+    with pytest.raises(ValueError, match=r"`value` of shape \(3, 5\) replaces the output of TwoOut, of shape \(3, 4\)"):
         with replace_activation(model.two, torch.randn(3, 5), selector=0):
             model(x)
     assert_no_hooks(model)
+
+
+def test_replace_activation_hands_the_model_a_copy_it_may_write_into():
+    """The model ran on the caller's own tensor: an in-place ReLU after the layer changed it, a value
+    that requires grad failed ("a leaf Variable ... in-place"), and ``out += x`` in one pass changed
+    the output of an earlier one."""
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.relu = nn.Linear(2, 2), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            out = self.lin(x)
+            out += x
+            return self.relu(out)
+
+    model, x = seeded(Residual()), torch.randn(4, 2)
+    value = torch.randn(4, 2)
+    kept = value.clone()
+    with replace_activation(model.lin, value):
+        first, second = model(x), model(x)
+    assert torch.equal(value, kept)
+    assert torch.equal(first, (kept + x).relu()) and torch.equal(second, first)
+    leaf = value.clone().requires_grad_(True)
+    for to_input in (False, True):
+        with replace_activation(model.relu if to_input else model.lin, leaf, attribute_to_layer_input=to_input):
+            model(x).sum().backward()
+        assert leaf.grad is not None and torch.equal(leaf.detach(), kept)
+        leaf.grad = None
 
 
 def test_replace_activation_takes_the_dtype_of_the_activation_it_replaces():

@@ -413,6 +413,41 @@ def test_a_bound_forward_runs_the_model_in_eval_mode_and_a_plain_function_warns(
     model.eval()
 
 
+def test_a_bound_forward_hooks_the_whole_model_as_the_model_does(setup, x):
+    """Layer "" names the model itself; through model.forward the model's own hook never fired
+    (forward skips __call__), and the explainer said the layer "did not run"."""
+    model, ae, inn, _ = setup
+    expected = LayerInvariance(model, "", inn, ae).invariances(x)
+    assert torch.equal(LayerInvariance(model.forward, "", inn, ae).invariances(x), expected)
+    assert_no_hooks(model)
+
+
+def test_an_autoencoder_with_any_config_attribute_is_accepted(setup, x):
+    """``config`` is a common attribute name: an autoencoder holding a dataclass there failed every
+    call with "'Cfg' object has no attribute 'get'" (the pixel-range check read it as a dict)."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        width: int = 4
+
+    model, ae, inn, _ = setup
+
+    class Configured(LinearAutoencoder):
+        def __init__(self, config):
+            super().__init__()
+            self.load_state_dict(ae.state_dict())
+            self.config = config
+
+    expected = LayerInvariance(model, "logits", inn, ae).invariances(x)
+    for config in (Cfg(), None, "v2"):
+        assert torch.equal(LayerInvariance(model, "logits", inn, Configured(config).eval()).invariances(x), expected)
+    sigmoid = Configured(Cfg())
+    sigmoid.config.output = "sigmoid"  # an attribute says so as a dict key does: pixels must lie in [0, 1]
+    with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[.*, 255\], but the autoencoder decodes"):
+        LayerInvariance(model, "logits", inn, sigmoid).invariances(x * 255)
+
+
 @pytest.mark.parametrize("target", [None, 3, [1, 2, 3], torch.tensor([0, 1, 2]), (0,), (np.int64(0),), [(0,), (1,), (2,)]])
 def test_every_target_form_is_accepted(setup, x, target):
     model, ae, inn, _ = setup

@@ -657,6 +657,24 @@ def test_fingerprints_hash_the_weights_in_place_and_keep_their_values():
     assert weights_fingerprint(model) == weights_fingerprint(model.double()) == "da0bc6e2119af9bb"
 
 
+def test_a_plain_object_autoencoder_is_fingerprinted_by_the_networks_it_holds():
+    """The protocol allows any object with encode/decode; one holding its networks as attributes
+    hashed to the same value whatever their weights, so a retrained one passed the weight check."""
+    from captum_inn.training import weights_fingerprint
+
+    class Plain:
+        def __init__(self, seed):
+            torch.manual_seed(seed)
+            self.enc, self.dec, self.scale = nn.Linear(4, 2), nn.Linear(2, 4), torch.tensor(2.0)
+
+    assert weights_fingerprint(Plain(0)) == weights_fingerprint(Plain(0))
+    assert weights_fingerprint(Plain(0)) != weights_fingerprint(Plain(1))
+    retrained = Plain(0)
+    with torch.no_grad():
+        retrained.dec.bias.add_(0.1)
+    assert weights_fingerprint(retrained) != weights_fingerprint(Plain(0))
+
+
 def test_source_changes_names_parts_and_survives_caches_without_them(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     cache = cache_features(model, "fc", autoencoder, images, progress=False)

@@ -172,7 +172,9 @@ def check_pixel_range(images: Tensor, name: str, autoencoder: Any = None, fix: O
     With ``margin == 0`` a ``ValueError`` naming ``name``; with ``margin > 0`` a ``UserWarning``,
     only for pixels beyond ``[-margin, 1 + margin]`` (explainers: Captum's NoiseTunnel and
     sensitivity metrics perturb inputs a little past the range, which is fine)."""
-    if autoencoder is not None and (getattr(autoencoder, "config", None) or {}).get("output") != "sigmoid":
+    config = getattr(autoencoder, "config", None)  # a ConvAutoencoder's dict; another autoencoder's may be anything
+    output = config.get("output") if isinstance(config, Mapping) else getattr(config, "output", None)
+    if autoencoder is not None and output != "sigmoid":
         return
     low, high = (float(v) for v in torch.aminmax(images.detach()))  # one pass (and one device wait)
     if low >= -margin and high <= 1 + margin:
@@ -389,7 +391,10 @@ def layer_activation(
     with LayerHooks(owner, layer, attribute_to_layer_input=attribute_to_layer_input,
                     selector=selector, stop_early=True) as hooks, \
             dtype_errors_named(next((t for t in inputs if t.is_floating_point()), inputs[0]), owner):
-        if owner is forward_func:  # the model: run as LayerHooks runs it (a DataParallel unreplicated)
+        if isinstance(owner, nn.Module) and runs_model(forward_func, owner):
+            # the model or its bound forward: run as LayerHooks runs it, through __call__ (a hook on the
+            # model itself, layer "", fires) and a DataParallel unreplicated (a replica's thread would
+            # die of the hook's early stop)
             hooks.run(*inputs, *extra)
         else:
             forward_func(*inputs, *extra)
@@ -583,7 +588,8 @@ def weights_fingerprint(network: Any, buffers: bool = False) -> str:
     ``.double()`` give the same fingerprint.
 
     Args:
-        network: An ``nn.Module`` (its parameters), or any object (its tensor attributes).
+        network: An ``nn.Module`` (its parameters), or any object (its tensor attributes and the
+            parameters of its ``nn.Module`` attributes).
         buffers: Hash a module's buffers after its parameters too.
 
     Returns:
@@ -599,8 +605,12 @@ def weights_fingerprint(network: Any, buffers: bool = False) -> str:
     if isinstance(network, nn.Module):  # values in order, not names: a wrapped model ("module.") is the same
         for tensor in itertools.chain(network.parameters(), network.buffers() if buffers else ()):
             digest.update(_tensor_bytes(_as_float32(tensor)))
-    else:
+    else:  # its tensor attributes, then the weights of its modules (an object wrapping an encoder and a decoder)
         _hash_tensors(digest, {k: _as_float32(v) for k, v in _tensor_attributes(network).items()})
+        modules = {k: v for k, v in getattr(network, "__dict__", {}).items() if isinstance(v, nn.Module)}
+        for key in sorted(modules):
+            digest.update(key.encode())
+            digest.update(weights_fingerprint(modules[key], buffers).encode())
     return digest.hexdigest()[:16]
 
 

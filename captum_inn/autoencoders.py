@@ -183,6 +183,12 @@ def encode_mean(autoencoder: Any, x: Tensor) -> Tensor:
     return encode_posterior(autoencoder, x)[0]
 
 
+def _power_of_two_side(side: int) -> bool:
+    """Whether :class:`ConvAutoencoder` takes square images of this side: a power of two ``>= 8``
+    (each stride-2 stage halves it, down to 4×4)."""
+    return side >= 8 and side & (side - 1) == 0
+
+
 class ConvAutoencoder(nn.Module):
     """The default autoencoder: a convolutional encoder with a Gaussian posterior and a decoder.
 
@@ -217,7 +223,7 @@ class ConvAutoencoder(nn.Module):
         channels, height, width_px = (int(s) for s in image_shape)
         if output not in ("sigmoid", "identity"):
             raise ValueError(f"`output` must be 'sigmoid' or 'identity', got {output!r}.")
-        if height != width_px or height < 8 or 2 ** round(math.log2(height)) != height:
+        if height != width_px or not _power_of_two_side(height):
             raise ValueError(
                 f"ConvAutoencoder needs square images with a power-of-two side >= 8, got {tuple(image_shape)}; "
                 "resize the images or bring your own autoencoder."

@@ -35,6 +35,7 @@ Examples::
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ NUM_CLASSES = 10
 _STREAM_SPLIT = 0
 _STREAM_COLOURS = {"train": 1, "test": 2, "all": 3}
 _STREAM_PAIRS = {"train": 11, "test": 12, "all": 13}
+_MAX_CONTRAST = math.sqrt(3) / 2  # the farthest corner of the RGB cube from its centre: any kept colour has one
 
 GeneratorLike = Union[None, int, torch.Generator]
 
@@ -139,7 +141,14 @@ def _ensure_contrast(
             foreground[low] = torch.rand(k, 3, generator=generator)
         if redraw in ("both", "background"):
             background[low] = torch.rand(k, 3, generator=generator)
-    raise RuntimeError("could not draw colours with the requested contrast")  # pragma: no cover
+    # a kept colour near the cube's centre leaves only its corners' tips to draw from: the corner
+    # farthest from it lies at least sqrt(3)/2 >= min_contrast away
+    low = (foreground - background).norm(dim=1) < min_contrast
+    if redraw == "foreground":
+        foreground[low] = (background[low] < 0.5).to(foreground.dtype)
+    else:
+        background[low] = (foreground[low] < 0.5).to(background.dtype)
+    return foreground, background
 
 
 @functools.lru_cache(maxsize=1)
@@ -196,7 +205,7 @@ class ColorDigits(Dataset):
         image_size: Side length of the square images (the 8×8 originals are resized to it).
         min_contrast: Smallest RGB distance ``‖fg − bg‖`` between a digit and its background;
             pairs closer than this are redrawn so every digit stays visible (``0``: fully
-            independent colours).
+            independent colours; at most ``sqrt(3)/2``, about 0.866).
 
     Attributes:
         images (Tensor): ``(N, 3, S, S)`` float32 in ``[0, 1]``, ``N = k · n_images``.
@@ -262,8 +271,10 @@ class ColorDigits(Dataset):
         if image_size < 1:
             raise ValueError(f"`image_size` must be >= 1, got {image_size}.")
 
-        if not 0.0 <= float(min_contrast) < 1.0:
-            raise ValueError(f"`min_contrast` must lie in [0, 1), got {min_contrast}.")
+        if not 0.0 <= float(min_contrast) <= _MAX_CONTRAST:
+            raise ValueError(f"`min_contrast` must lie in [0, {_MAX_CONTRAST:.3f}], got {min_contrast}: a pair that "
+                             "keeps one colour must find another that far from it, and no colour lies farther than "
+                             "sqrt(3)/2 from the middle grey.")
         self.min_contrast = float(min_contrast)
         self.split = split
         self.recolorings = int(recolorings)
@@ -647,7 +658,8 @@ def _exif_turns() -> Dict[int, Any]:
 def _load_rgb(path: str):
     """The image at ``path`` as 8-bit RGB (PIL), upright. 16-bit grayscale (PNG, TIFF, PGM: mode ``I;16…``,
     or ``I`` in older Pillow) is scaled by 255/65535 first: PIL's own conversion, and so torchvision's
-    image loader, clips it at 255 (a mid grey turned white). A photo with an EXIF orientation (most
+    image loader, clips it at 255 (a mid grey turned white); a 32-bit float image (mode ``F``) in
+    ``[0, 1]`` by 255, which that conversion clipped to black. A photo with an EXIF orientation (most
     phone photos) is turned as a viewer shows it; torchvision's loader keeps the stored pixels,
     which lie on their side."""
     from PIL import Image
@@ -662,9 +674,13 @@ def _load_rgb(path: str):
     turn = _exif_turns().get(orientation)
     if turn is not None:
         image = image.transpose(turn)
-    if image.mode.startswith("I"):
-        scaled = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))  # mode L
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if image.mode == "F":  # a float image in [0, 1] (PIL's conversion clipped it to black), else 0…255
+            scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+        else:  # 16-bit grey
+            scale = 255 / 65535
+        image = Image.fromarray((values * scale).round().clip(0, 255).astype(np.uint8))  # mode L
     return image.convert("RGB")
 
 
@@ -738,6 +754,7 @@ def load_image_folder(
         >>> split.train_images.shape, len(split.classes)                   # doctest: +SKIP
         (torch.Size([719, 3, 64, 64]), 10)
     """
+    from PIL import Image
     from torchvision.transforms import functional as TF
 
     if not os.path.isdir(root):
@@ -776,6 +793,9 @@ def load_image_folder(
                 except OSError as error:  # a truncated download's "image file is truncated" names no file
                     raise ValueError(f"`root` holds a photo that cannot be read, {paths[i]!r}: {error}; remove or "
                                      "replace it.") from error
+                except Image.DecompressionBombError as error:  # over ~179 MP, or a damaged header that claims it
+                    raise ValueError(f"`root` holds a photo too large to read safely, {paths[i]!r}: {error}; shrink "
+                                     "or remove it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file.") from error
                 image = TF.pil_to_tensor(pil)
                 image = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
                 images, labels = parts[side]

@@ -25,6 +25,7 @@ import torch
 from captum_inn.analysis import mix_images, plot_mixing
 from captum_inn.attr import LayerInvariance
 from captum_inn.attr._common import autograd_on
+from captum_inn.autoencoders import _power_of_two_side
 from captum_inn.capture import capture
 from captum_inn.compare import compare_attributions
 from captum_inn.datasets import load_image_folder
@@ -227,6 +228,9 @@ def run_photo_demo(
         print(index)                                                  # captum_inn_photo_report/index.html
     """
     settings = settings or (PhotoDemoSettings.quick() if quick else PhotoDemoSettings())
+    if not _power_of_two_side(settings.size):  # found by the autoencoder, after the ResNet had trained
+        raise ValueError(f"`settings.size` must be a power of two >= 8, the side the demo's ConvAutoencoder takes, "
+                         f"got {settings.size}; e.g. dataclasses.replace(settings, size=64).")
     out = report_folder(out, device, images)
     start = time.perf_counter()
     timings: Dict[str, float] = {}
@@ -324,7 +328,7 @@ def run_photo_demo(
 
     t0 = time.perf_counter()
     _stage(f"comparison figures: Grad-CAM, IG and invariances for {rows} held-out photos; image mixing", start)
-    figures = _draw(out, model, explainers, x_test[shown], recon[shown], strips, classes, seed, progress)
+    figures = _draw(out, model, explainers, x_test[shown], y_test[shown], recon[shown], strips, classes, seed, progress)
     timings["figures"] = round(time.perf_counter() - t0, 1)
     timings["total"] = round(time.perf_counter() - start, 1)
     bounds = PHOTO_QUICK_BOUNDS if quick else PHOTO_BOUNDS
@@ -369,7 +373,16 @@ def _gradcam_layer(size: int) -> str:
     return "layer3" if size >= 64 else "layer2"
 
 
-def _draw(out: Path, model, explainers: Dict[str, LayerInvariance], shown, recon, strips, classes,
+def _other_class_partners(labels: torch.Tensor) -> torch.Tensor:
+    """For each photo, the index of the nearest one after it (cyclically) of another class; itself
+    where all share one. A shift by one paired two photos of one class whenever the number of
+    classes divided the number of photos less one (photos 0 and 2 of classes 0, 1, 0)."""
+    n, values = len(labels), labels.tolist()
+    return torch.tensor([next((k % n for k in range(i + 1, i + n) if values[k % n] != values[i]), i) for i in range(n)],
+                        dtype=torch.long)
+
+
+def _draw(out: Path, model, explainers: Dict[str, LayerInvariance], shown, shown_labels, recon, strips, classes,
           seed: int, progress: bool) -> Dict[str, Any]:
     from captum_inn.visualization import plot_invariance_maps, plot_invariance_samples, save_figure
 
@@ -387,7 +400,7 @@ def _draw(out: Path, model, explainers: Dict[str, LayerInvariance], shown, recon
             for name, e in explainers.items()}
     fig, _ = plot_invariance_maps(shown, maps)
     figures["maps"] = str(Path(save_figure(fig, str(out / "figures" / "invariance_maps.png"))).relative_to(out))
-    a, b = shown, shown.roll(1, dims=0)  # pairs of photos of different classes
+    a, b = shown, shown[_other_class_partners(shown_labels).to(shown.device)]  # pairs of photos of different classes
     fig, _ = plot_mixing(a, b, mix_images(explainers, a, b))
     figures["mixing"] = str(Path(save_figure(fig, str(out / "figures" / "mixing.png"))).relative_to(out))
     return figures

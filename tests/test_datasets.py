@@ -225,6 +225,26 @@ def test_dataloader(train: ColorDigits) -> None:
 # ---------------------------------------------------------------- errors
 
 
+@pytest.mark.parametrize("pairs", [{"factor": "background"}, {"differ_in": "foreground"}])
+def test_pairs_keep_the_contrast_at_its_largest_setting(pairs) -> None:
+    """A pair keeps one colour and redraws the other until they contrast: a kept colour near the
+    middle grey leaves only the corners' tips to draw from, so a high min_contrast (0.9 was
+    accepted) failed with "could not draw colours" after 10,000 draws all missed."""
+    from captum_inn.datasets import _ensure_contrast
+
+    data = ColorDigits("train", min_contrast=0.866, image_size=8)
+    a, b, fa, fb = data.pairs(n=3000, generator=0, return_factors=True, **pairs)
+    for f in (fa, fb):
+        assert float((f["foreground"] - f["background"]).norm(dim=1).min()) >= 0.866
+    grey = torch.full((4, 3), 0.5)  # the worst kept colour: only the corners themselves are far enough
+    drawn = torch.rand(4, 3, generator=torch.Generator().manual_seed(0))
+    for redraw in ("foreground", "background"):
+        fg, bg = (drawn, grey) if redraw == "foreground" else (grey, drawn)
+        fg2, bg2 = _ensure_contrast(fg, bg, torch.Generator().manual_seed(0), 0.866, redraw)
+        kept = bg2 if redraw == "foreground" else fg2
+        assert torch.equal(kept, grey) and bool(((fg2 - bg2).norm(dim=1) >= 0.866).all())
+
+
 def test_bad_inputs(train: ColorDigits) -> None:
     with pytest.raises(ValueError, match=r"`split`.*'train', 'test', 'all'.*'val'"):
         ColorDigits("val")
@@ -239,6 +259,9 @@ def test_bad_inputs(train: ColorDigits) -> None:
         ColorDigits(seed=-1)
     with pytest.raises(ValueError, match="image_size"):
         ColorDigits(image_size=0)
+    for bad in (-0.1, 0.87, 0.99):  # no colour lies farther than sqrt(3)/2 from the middle grey
+        with pytest.raises(ValueError, match=r"`min_contrast` must lie in \[0, 0.866\]"):
+            ColorDigits(min_contrast=bad)
     with pytest.raises(ValueError, match=r"'digit', 'foreground', 'background'.*'colour'"):
         train.pairs("colour", n=4)
     with pytest.raises(ValueError, match="differ_in.*'digit'"):

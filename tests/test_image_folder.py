@@ -211,6 +211,18 @@ def test_sixteen_bit_grayscale_keeps_its_grey_level(tmp_path):
     assert all(float(image.std()) == 0.0 for image in images)
 
 
+def test_a_float_image_in_zero_one_keeps_its_grey_level(tmp_path):
+    """A 32-bit float TIFF (mode F) in [0, 1]: PIL's convert("RGB") clipped it to black."""
+    root = _write_folder(tmp_path / "photos")
+    (root / "grey").mkdir()
+    for i, level in enumerate((0.25, 0.5, 1.0)):
+        Image.fromarray(np.full((12, 20), level, dtype=np.float32)).save(root / "grey" / f"g{i}.tif")
+    assert Image.open(root / "grey" / "g1.tif").mode == "F"
+    split = load_image_folder(root, size=8, test_fraction=0.4, seed=0)
+    images = torch.cat([split.train_images, split.test_images])[torch.cat([split.train_labels, split.test_labels]) == 3]
+    assert sorted(round(float(image.mean()) * 255) for image in images) == [64, 128, 255]
+
+
 @pytest.mark.parametrize("orientation, upright", [(6, lambda a: np.rot90(a, k=-1)), (8, lambda a: np.rot90(a, k=1)),
                                                    (3, lambda a: np.rot90(a, k=2)), (2, lambda a: a[:, ::-1]),
                                                    (5, lambda a: a.transpose(1, 0, 2))])
@@ -453,4 +465,9 @@ def test_a_photo_that_cannot_be_read_is_named(tmp_path):
         load_image_folder(root, size=8, test_fraction=0.5)
     (root / "dog" / "cut.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=r"cannot be read, '.*cut\.jpg'"):
+        load_image_folder(root, size=8, test_fraction=0.5)
+    (root / "dog" / "cut.jpg").unlink()
+    # Pillow's guard against decompression bombs (over ~179 MP, or a damaged header claiming it) is no OSError
+    Image.new("1", (15000, 12500)).save(root / "dog" / "panorama.png")
+    with pytest.raises(ValueError, match=r"too large to read safely, '.*panorama\.png'.*MAX_IMAGE_PIXELS"):
         load_image_folder(root, size=8, test_fraction=0.5)

@@ -128,3 +128,27 @@ def test_resnet_is_not_reused_after_one_photo_or_label_changed(tmp_path, one_ste
     relabelled[0] = 1
     assert not _resnet(path, (edited, relabelled), 2, one_step, 0, "cpu", False)[1]
     assert _resnet(path, (edited, relabelled), 2, one_step, 0, "cpu", False)[1]
+
+
+def test_the_mixing_figure_pairs_photos_of_different_classes():
+    """--quick shows 3 photos; on two classes (0, 1, 0) a shift by one paired photo 0 with photo 2,
+    both of class 0, under a caption about mixing in b's class evidence."""
+    from captum_inn.photo_demo import _one_per_class, _other_class_partners
+
+    for n_classes, rows in ((2, 3), (5, 6), (3, 6), (10, 6)):
+        labels = torch.arange(40) % n_classes
+        shown = labels[_one_per_class(labels, rows)]
+        partners = _other_class_partners(shown)
+        assert bool((shown[partners] != shown).all()), (n_classes, rows)
+    assert _other_class_partners(torch.tensor([4, 4])).tolist() == [0, 1]  # one class: each photo with itself
+
+
+def test_a_size_the_autoencoder_cannot_take_is_refused_before_any_work(tmp_path):
+    """The autoencoder found a size of 48 px only after the ResNet had trained for minutes."""
+    from captum_inn.photo_demo import PhotoDemoSettings, run_photo_demo
+
+    for size in (48, 100, 4):
+        with pytest.raises(ValueError, match=rf"`settings.size` must be a power of two >= 8.*got {size}"):
+            run_photo_demo(tmp_path / "no_photos_needed", out=tmp_path / "report",
+                           settings=dataclasses.replace(PhotoDemoSettings(), size=size))
+    assert not (tmp_path / "report").exists()

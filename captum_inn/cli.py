@@ -81,8 +81,9 @@ def _threads(text: str) -> int:
 
 def _seed(text: str) -> int:
     """An argparse type: a whole number >= 0 (ColorDigits and NumPy's generators refuse negative seeds)
-    and below 2**63: the demos seed torch with seed + offsets, and torch takes seeds below 2**64 only."""
-    return _whole_number(text, 0, 2**63 - 1)
+    and at most 2**52: the fits take seeds below 2**53 (they derive more from them), and the demos
+    add small offsets (as :func:`captum_inn.demo.check_report_arguments` checks for Python callers)."""
+    return _whole_number(text, 0, 2**52)
 
 
 def _folder(text: str) -> str:
@@ -104,7 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=_folder, default=None,
                       help=f"report folder (default: {_DEFAULT_OUT}; {_DEFAULT_PHOTO_OUT} with --images)")
     demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (about 4 minutes on 2 cores)")
-    demo.add_argument("--seed", type=_seed, default=0, help="seed of everything, 0 to 2**63-1 (default: %(default)s)")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of everything, 0 to 2**52 (default: %(default)s)")
     demo.add_argument("--threads", type=_threads, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     demo.add_argument("--concepts", action="store_true",

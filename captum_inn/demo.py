@@ -23,7 +23,7 @@ import torch
 
 from captum_inn.analysis import AdversarialViews, adversarial_views, mix_images, plot_mixing
 from captum_inn.attr import LayerConcepts, LayerInvariance
-from captum_inn.attr._common import as_device, autograd_on
+from captum_inn.attr._common import as_device, autograd_on, check_int
 from captum_inn.capture import capture
 from captum_inn.datasets import ColorDigits
 from captum_inn.metrics import (
@@ -262,10 +262,12 @@ def _stage(message: str, start: float) -> None:
 
 
 def check_report_arguments(out: Union[str, Path], device: Union[str, torch.device],
-                           images: Optional[Union[str, Path]] = None) -> Path:
+                           images: Optional[Union[str, Path]] = None, seed: Optional[int] = None) -> Path:
     """``ValueError`` naming the argument for a demo's ``out`` that is a file, a ``device`` torch
-    does not know or has no GPU for, or photo ``images`` that are not a folder in ImageFolder layout
-    with at least two classes (checked from the file names; no photo is read); else ``Path(out)``.
+    does not know or has no GPU for, photo ``images`` that are not a folder in ImageFolder layout
+    with at least two classes (checked from the file names; no photo is read), or a ``seed``
+    outside ``0 … 2**52`` (the fits take seeds below 2**53, and the demos add small offsets);
+    else ``Path(out)``.
 
     Examples::
 
@@ -273,6 +275,8 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
         PosixPath('captum_inn_report')
     """
     as_device(device)
+    if seed is not None and not 0 <= check_int(seed, "seed") <= 2**52:  # found by the fits, after the CNN trained
+        raise ValueError(f"`seed` must lie in 0 … 2**52, got {seed}; the fits derive further seeds from it.")
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"`images` {str(images)!r} is not a folder; pass a folder with one sub-folder of images per "
                          "class (ImageFolder layout).")
@@ -296,7 +300,7 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
 
 
 def report_folder(out: Union[str, Path], device: Union[str, torch.device],
-                  images: Optional[Union[str, Path]] = None) -> Path:
+                  images: Optional[Union[str, Path]] = None, seed: Optional[int] = None) -> Path:
     """:func:`check_report_arguments`, then create ``out/figures`` and ``out/checkpoints`` (a run
     refused by the checks leaves no empty folder behind) and remove an earlier run's ``index.html``
     and ``metrics.json``: a run that fails leaves no report that looks complete.
@@ -305,7 +309,7 @@ def report_folder(out: Union[str, Path], device: Union[str, torch.device],
 
         out = report_folder("captum_inn_report", "cpu")   # Path('captum_inn_report'), with its sub-folders
     """
-    out = check_report_arguments(out, device, images)
+    out = check_report_arguments(out, device, images, seed)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
     for name in ("index.html", "metrics.json"):
@@ -382,7 +386,7 @@ def run_demo(
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     if concepts is not None:
         settings = replace(settings, concepts=bool(concepts))
-    out = report_folder(out, device)
+    out = report_folder(out, device, seed=seed)
     start = time.perf_counter()
     timings: Dict[str, float] = {}
 

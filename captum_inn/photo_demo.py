@@ -231,7 +231,7 @@ def run_photo_demo(
     if not _power_of_two_side(settings.size):  # found by the autoencoder, after the ResNet had trained
         raise ValueError(f"`settings.size` must be a power of two >= 8, the side the demo's ConvAutoencoder takes, "
                          f"got {settings.size}; e.g. dataclasses.replace(settings, size=64).")
-    out = report_folder(out, device, images)
+    out = report_folder(out, device, images, seed)
     start = time.perf_counter()
     timings: Dict[str, float] = {}
 

@@ -12,6 +12,7 @@ import torch
 from helpers_training import TINY
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from captum_inn import LayerConcepts, LayerInvariance
 from captum_inn.concepts import ConceptPairs
@@ -215,3 +216,38 @@ def test_an_autoencoder_checkpoint_of_an_older_version_still_resumes(images, tmp
     # as written before the source and the augmentation were recorded
     _rewrite(path, path, _config_edit(lambda c: (c.pop("source"), c.pop("augment"))))
     assert len(fit_autoencoder(images, steps=3, **settings).history) == 3
+
+
+def test_layers_that_would_share_a_checkpoint_file_are_refused_before_any_work(images, autoencoder, tmp_path):
+    """The whole model "" and a submodule named "model" both map to invariance_model.safetensors: the
+    second layer found the first one's checkpoint and stopped, after the first had trained."""
+
+    class Probabilities(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = SmallCNN(width=4)
+
+        def forward(self, x):
+            return self.model(x).softmax(1)
+
+    wrapper = Probabilities().eval()
+    with pytest.raises(ValueError, match=r"Layers \['', 'model'\] would share the checkpoint file "
+                                         r"'invariance_model.safetensors'"):
+        fit_invariances(wrapper, ["", "model"], autoencoder, images, steps=2, checkpoint_dir=str(tmp_path),
+                        progress=False, **TINY)
+    assert list(tmp_path.iterdir()) == []  # refused before the pass over the data
+    assert set(fit_invariances(wrapper, ["", "model"], autoencoder, images, steps=1, progress=False, **TINY)) == {"", "model"}
+
+
+def test_a_saved_unfinished_inn_keeps_its_step(images, autoencoder, tmp_path):
+    """Saving the INN of a stopped fit and loading the file reported the target steps as done."""
+    model = SmallCNN(width=4).eval()
+    fit_invariances(model, "fc", autoencoder, images, steps=3, checkpoint_every=1, checkpoint_dir=str(tmp_path),
+                    progress=False, **TINY)
+    stopped = _rewrite(tmp_path / checkpoint_name("fc"), tmp_path / "stopped.safetensors", lambda meta: {**meta, "step": 1})
+    with pytest.warns(UserWarning, match="unfinished"):
+        inn = load_invariance_inn(str(stopped))
+    assert (inn.fit_info["step"], inn.fit_info["steps"]) == (1, 3)
+    saved = load_invariance_inn(save_invariance_inn(tmp_path / "saved.safetensors", inn))
+    assert (saved.fit_info["step"], saved.fit_info["steps"]) == (1, 3)
+    assert load_invariance_inn(str(tmp_path / checkpoint_name("fc")), layer_shape=128).fit_info["step"] == 3  # an int

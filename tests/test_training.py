@@ -1340,3 +1340,12 @@ def test_fit_classifier_takes_numpy_or_list_labels_beside_an_image_tensor():
     with pytest.raises(ValueError, match="labels must be whole class indices"):
         fit_classifier(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), (images, np.full(6, 0.5)), steps=1,
                        progress=False)
+
+
+def test_layer_overrides_take_a_layer_by_module_as_layers_do(images, autoencoder):
+    """Keyed by module, two overrides failed sorting modules ("'<' not supported between 'Linear'
+    and 'ReLU'"), and one was refused as a layer not fitted."""
+    model = SmallCNN(width=4).eval()
+    inns = fit_invariances(model, [model.fc, "logits"], autoencoder, images, steps=2, progress=False,
+                           layer_overrides={model.fc: {"steps": 3}, model.logits: {"steps": 1}}, **TINY)
+    assert [len(inns[n].history) for n in ("fc", "logits")] == [3, 1]

@@ -312,7 +312,7 @@ def fit_invariances(
     checkpoint_dir: Optional[str] = None,
     resume: bool = True,
     progress: bool = True,
-    layer_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    layer_overrides: Optional[Mapping[Union[str, nn.Module], Mapping[str, Any]]] = None,
     memmap: bool = False,
     workers: Optional[int] = None,
     attribute_to_layer_input: bool = False,
@@ -339,8 +339,9 @@ def fit_invariances(
             reruns the network nor changes its data.
         resume: Continue from existing checkpoints.
         progress: Show progress bars.
-        layer_overrides: ``{layer name: {field: value}}``, settings for single layers on top of
-            ``config`` and ``overrides`` (e.g. a lower learning rate for a low-dimensional layer).
+        layer_overrides: ``{layer: {field: value}}`` with layers by name or module: settings for
+            single layers on top of ``config`` and ``overrides`` (e.g. a lower learning rate for a
+            low-dimensional layer).
         memmap: Keep the feature cache on disk (``checkpoint_dir/features/``, or a temporary
             folder without ``checkpoint_dir``) and read minibatches from it, so memory does not
             grow with the dataset (see :func:`~captum_inn.training.cache_features`).
@@ -417,10 +418,23 @@ def fit_invariances(
                          "features are cached; with `cache=` pass them to cache_features, which made the cache "
                          "(memmap_dir= there).")
     with contextlib.ExitStack() as stack:
-        layer_overrides = dict(layer_overrides or {})
-        unknown = sorted(set(layer_overrides) - set(names))
+        # keyed by name or module, as `layers` is
+        layer_overrides = {resolve_layer(model, k)[0] if isinstance(k, nn.Module) else k: v
+                           for k, v in dict(layer_overrides or {}).items()}
+        unknown = sorted(set(layer_overrides) - set(names), key=str)
         if unknown:  # before the pass over the data, which may take long
             raise ValueError(f"`layer_overrides` names layers {unknown} that are not fitted here ({names}).")
+        for layer, settings in layer_overrides.items():
+            if not isinstance(settings, Mapping):
+                raise TypeError(f"`layer_overrides[{layer!r}]` must be a dict of settings, e.g. {{'steps': 500}}, "
+                                f"got {type(settings).__name__}.")
+        if checkpoint_dir:  # "" and a submodule "model", or "conv 1" and "conv_1", would share one file
+            files = [checkpoint_name(n) for n in names]
+            shared = sorted({f for f in files if files.count(f) > 1})
+            if shared:
+                clash = [n for n in names if checkpoint_name(n) == shared[0]]
+                raise ValueError(f"Layers {clash} would share the checkpoint file {shared[0]!r} in `checkpoint_dir`; fit "
+                                 "them in separate calls, each with its own checkpoint_dir.")
         configs = {n: merged_config(InvarianceConfig, config, layer_overrides.get(n, {})) for n in names}
         if checkpoint_dir and resume:  # every layer's, before the pass over the data and any training
             _check_checkpoints(checkpoint_dir, configs)
@@ -624,6 +638,8 @@ def load_invariance_inn(
         inn_config.setdefault("conv_patch_to", None)  # saved before the setting existed: full-resolution embedder
         inn_config.setdefault("token_dim", None)  # likewise: token sequences flattened into an MLP
         info = dict(meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")})
+    if isinstance(layer_shape, int):  # a vector layer's size, as (size,)
+        layer_shape = (layer_shape,)
     if layer_shape is not None and tuple(int(s) for s in layer_shape) != saved_shape:
         raise CheckpointError(
             f"{path!r} was fitted for layer {config.get('layer')!r} with activations of shape {saved_shape}, "
@@ -641,5 +657,6 @@ def load_invariance_inn(
     if "train" in config:  # a fit's checkpoint: its config says which side of the layer was read
         info.setdefault("attribute_to_layer_input", bool(config.get("layer_inputs", False)))
         warn_if_unfinished(path, meta.get("step"), info.get("steps"), "fit_invariances", "checkpoint_dir")
-    inn.fit_info = {**info, "step": meta.get("step", info.get("steps"))}
+    # a fit's checkpoint has its step in the header, a saved INN in its fit_info (an unfinished one's stays so)
+    inn.fit_info = {**info, "step": meta.get("step", info.get("step", info.get("steps")))}
     return inn.eval()

@@ -49,9 +49,8 @@ __all__ = ["train_loop", "resume_key", "merged_config", "cuda_graphs_by_default"
 _RESUMABLE = ("steps", "checkpoint_every")
 
 
-# Range rules of the numeric settings shared by the ``*Config`` classes; every other int must be
-# >= 1 (sizes, counts, steps) and every other float >= 0 (noise levels, loss weights).
-_ANY_INT = ("seed",)
+# Range rules of the numeric settings shared by the ``*Config`` classes; every int without a rule of
+# its own must be >= 1 (sizes, counts, steps) and every other float >= 0 (noise levels, loss weights).
 _POSITIVE_FLOATS = ("lr", "clamp")
 _SCHEDULES = ("constant", "cosine")
 
@@ -62,8 +61,19 @@ def _check_schedule(value: Any, name: str = "schedule") -> str:
     return value
 
 
+def _check_seed(value: Any, name: str = "seed") -> int:
+    # the fits derive seeds from it (per process, step, block and concept: seed * 1009 + k), which
+    # torch takes below 2**63 only; 2**64 failed inside the INN's permutation, after the pass over the data
+    value = check_int(value, name)
+    if abs(value) >= 2**53:
+        raise ValueError(f"`{name}` must lie strictly between -2**53 and 2**53, got {value}; the fits derive "
+                         "further seeds from it, and torch takes seeds below 2**63 only.")
+    return value
+
+
 # settings with a rule of their own (a bad schedule is refused before a fit's pass over the data)
-_OWN_CHECKS = {"conv_patch_to": check_patch_to, "token_dim": check_token_dim, "schedule": _check_schedule}
+_OWN_CHECKS = {"conv_patch_to": check_patch_to, "token_dim": check_token_dim, "schedule": _check_schedule,
+               "seed": _check_seed}
 
 _Config = TypeVar("_Config")
 T = TypeVar("T")
@@ -116,7 +126,7 @@ def _checked_setting(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool) or not isinstance(default, (int, float)):
         return value
     if isinstance(default, int):
-        return check_int(value, name) if name in _ANY_INT else check_positive_int(value, name)
+        return check_positive_int(value, name)
     return check_number(value, name, positive=name in _POSITIVE_FLOATS)
 
 

@@ -203,6 +203,30 @@ def test_actnorm_wrong_channels():
         ActNorm(4)(torch.randn(3, 5))
 
 
+def test_actnorm_refuses_integer_input_before_and_after_initialisation():
+    """Before, a dtype error from mean(); after, integers were promoted silently."""
+    norm = ActNorm(3)
+    for _ in range(2):
+        with pytest.raises(TypeError, match=r"floating-point tensor, got torch.int64; .*\.float\(\)"):
+            norm(torch.ones(4, 3, dtype=torch.long))
+        norm(torch.randn(8, 3))
+
+
+def test_actnorm_does_not_blow_up_a_feature_constant_at_initialisation():
+    """A dead ReLU unit (constant on the first batch) got log_scale = -log(eps), about 13.8: a later
+    input where it varies by 0.5 reached the couplings as 5e5."""
+    x = torch.randn(16, 3)
+    x[:, 1] = 0
+    norm = ActNorm(3)
+    norm(x)
+    floor = 0.01 * float(x.std(0).median())  # 1% of the median feature's spread
+    assert float(norm.log_scale.exp()[1]) == pytest.approx(1 / floor, rel=1e-3)  # 1e6 before
+    assert float(norm(torch.tensor([[0.0, 0.5, 0.0]]))[0].abs().max()) == pytest.approx(0.5 / floor, rel=1e-3)
+    # features of ordinary spread are still brought to unit variance
+    y = norm(x)[0]
+    assert torch.allclose(y[:, [0, 2]].std(0), torch.ones(2), atol=1e-4)
+
+
 # ---------------------------------------------------------------- couplings and permutations
 def test_coupling_scales_are_bounded():
     block = AffineCoupling(6, hidden=8, clamp=0.5)
@@ -387,6 +411,20 @@ def test_codes_of_another_float_dtype_are_cast_to_the_inns():
                 y, logdet = net(x.double(), *args, rev=rev)  # was: a matmul dtype error
                 y32, logdet32 = net(x, *args, rev=rev)
                 assert y.dtype == torch.float32 and torch.equal(y, y32) and torch.equal(logdet, logdet32)
+
+
+def test_a_precomputed_embedding_is_checked_and_cast_as_the_condition_is():
+    """A wrong batch was blamed on `c` (passed as None), a float64 embedding failed in a subnet."""
+    torch.manual_seed(0)
+    t = ConditionalINN(4, (6,), n_blocks=2, hidden=8, embed_dim=3)
+    x, c = torch.randn(5, 4), torch.randn(5, 6)
+    with torch.no_grad():
+        expected = t(x, c)[0]
+        embedding = t.embed(c)
+        assert torch.equal(t(x, embedding=embedding.double())[0], expected)
+        for bad in (embedding[:3], embedding[:, :2], "h"):
+            with pytest.raises(ValueError, match=r"`embedding` must be self.embed\(c\) for the 5 rows of `x`, shape \(5, 3\)"):
+                t(x, embedding=bad)
 
 
 def test_conditional_inn_refuses_an_empty_condition_embedding():

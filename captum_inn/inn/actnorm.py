@@ -56,6 +56,8 @@ class ActNorm(InvertibleModule):
     def _check(self, x: Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"ActNorm input must be a torch.Tensor, got {type(x).__name__}.")
+        if not x.is_floating_point():  # promoted silently once initialised, a dtype error before
+            raise TypeError(f"ActNorm input must be a floating-point tensor, got {x.dtype}; convert it with .float().")
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"ActNorm was built for {self.num_features} channels (dim 1), "
@@ -64,7 +66,9 @@ class ActNorm(InvertibleModule):
 
     @torch.no_grad()
     def initialize(self, batch: Tensor) -> None:
-        """Set ``loc`` and ``log_scale`` so that ``batch`` maps to zero mean, unit variance.
+        """Set ``loc`` and ``log_scale`` so that ``batch`` maps to zero mean, unit variance (a
+        feature's spread counts as at least 1% of the median feature's, so a constant one is not
+        scaled by ``1 / eps``).
 
         Args:
             batch: ``(N, C, *)`` with ``N >= 2`` real samples (not a reverse-direction input).
@@ -81,7 +85,10 @@ class ActNorm(InvertibleModule):
             )
         dims = [d for d in range(batch.dim()) if d != 1]
         mean = batch.mean(dim=dims)
+        # a constant feature (a dead ReLU unit) would get a scale of 1/eps, about 1e6, and any later
+        # input where it varies would reach the couplings a million times too large
         std = batch.std(dim=dims)
+        std = std.clamp_min(1e-2 * float(std.median()))
         self.loc.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)

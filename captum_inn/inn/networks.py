@@ -171,6 +171,13 @@ class ConditionalINN(InvertibleModule):
                     f"`x` and `c` must have the same batch size, got {x.shape[0]} and {c.shape[0]}."
                 )
             embedding = self.embed(c)
+        else:  # checked and cast as embed() gives it: a wrong batch read as a bad `c`, a float64 one failed in a subnet
+            width = self.config["embed_dim"]
+            if not isinstance(embedding, torch.Tensor) or embedding.shape != (x.shape[0], width):
+                got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+                raise ValueError(f"`embedding` must be self.embed(c) for the {x.shape[0]} rows of `x`, shape "
+                                 f"({x.shape[0]}, {width}), got {got}.")
+            embedding = embedding.to(self.dtype)
         return self.flow(x, embedding, rev=rev, jac=jac)
 
     @torch.no_grad()

@@ -169,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             report = run_demo(out=out, quick=args.quick, seed=args.seed, device=args.device,
                               concepts=args.concepts)
         print(f"report written to {report} in {time.perf_counter() - start:.0f} s (open it in a browser)")
-        failures = json.loads((report.parent / "metrics.json").read_text())["failures"]
+        failures = json.loads((report.parent / "metrics.json").read_text(encoding="utf-8"))["failures"]
         for failure in failures:
             print(f"  bound not met: {failure}")
         if not failures:

@@ -453,10 +453,13 @@ def _targets(target: Any, predictions: Tensor, classes: int) -> Tensor:
         if targets.dtype == torch.bool:  # .long() would read a mask as classes 0 and 1
             raise TypeError("`target` holds class indices, but got booleans; pass class indices, e.g. "
                             "mask.long() or mask.nonzero().")
-        if targets.numel() == 1 and not isinstance(target, (list, tuple)) and not targets.is_floating_point():
+        if targets.is_floating_point():  # the shape error below would blame a shape that is right
+            raise TypeError(f"`target` holds class indices, but got {targets.dtype} values; pass whole numbers, e.g. "
+                            "target.long().")
+        if targets.numel() == 1 and not isinstance(target, (list, tuple)):
             # a one-element tensor (or numpy int) is one class for all, as in Captum's TargetType
             targets = targets.reshape(()).expand(n)
-        if targets.dim() != 1 or targets.shape[0] != n or targets.is_floating_point():
+        if targets.dim() != 1 or targets.shape[0] != n:
             raise ValueError(f"`target` must be None, an int or {n} class indices (one per input), got shape "
                              f"{tuple(targets.shape)}.")
         targets = targets.long()

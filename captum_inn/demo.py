@@ -288,6 +288,10 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
             raise ValueError(f"`images` {str(images)!r} holds one class ({classes[0]!r}); the demo trains a classifier, "
                              "which needs a sub-folder of images for each of at least two classes.")
     out = Path(out)
+    if images is not None and Path(images).resolve() in (out.resolve(), *out.resolve().parents):
+        # its figures/ and checkpoints/ would be read as classes without photos, on every later run too
+        raise ValueError(f"`out` {str(out)!r} lies inside `images` {str(images)!r}; put the report outside the photo "
+                         "folder.")
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out` {str(out)!r} is a file; pass a folder for the report (it is created if needed).")
     for parent in out.parents:  # creating the folder would fail inside a file, after the checks
@@ -321,7 +325,7 @@ def write_report_file(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (a temporary file, then a rename): a run killed while
     writing leaves no truncated ``metrics.json`` or ``index.html``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")  # the pages say so, and hold R² and −: not the locale's encoding
     tmp.replace(path)
 
 
@@ -381,11 +385,14 @@ def run_demo(
         import json
         index = run_demo(out="captum_inn_report", quick=True)   # a few minutes on 2 cores
         print(index)                                            # captum_inn_report/index.html
-        failures = check_metrics(json.loads((index.parent / "metrics.json").read_text()), QUICK_BOUNDS)
+        failures = check_metrics(json.loads((index.parent / "metrics.json").read_text(encoding="utf-8")), QUICK_BOUNDS)
     """
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     if concepts is not None:
         settings = replace(settings, concepts=bool(concepts))
+    for name in ("n_eval", "n_concept_eval"):  # random pairs of different images need two (a raw randint error after training)
+        if getattr(settings, name) < 2:
+            raise ValueError(f"`settings.{name}` must be >= 2 (random pairs of held-out images), got {getattr(settings, name)}.")
     out = report_folder(out, device, seed=seed)
     start = time.perf_counter()
     timings: Dict[str, float] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -347,4 +348,45 @@ def test_run_demo_refuses_a_seed_the_fits_cannot_take_before_any_work(tmp_path):
                 lambda: run_photo_demo(tmp_path, out=tmp_path / "report", quick=True, seed=-1)):
         with pytest.raises(ValueError, match=r"`seed` must lie in 0 … 2\*\*52"):
             run()
+    assert not (tmp_path / "report").exists()
+
+
+def test_report_pages_are_written_in_utf8_whatever_the_locale(tmp_path):
+    """The pages declare UTF-8 and hold R² and −; written in the locale's encoding they showed
+    garbage (cp1252) or failed at the very end of a run (ASCII: UnicodeEncodeError)."""
+    import os
+    import subprocess
+    import sys
+
+    page = tmp_path / "index.html"
+    # the text as escapes: a C locale's argv cannot carry it
+    code = (f"from pathlib import Path; from captum_inn.demo import write_report_file; "
+            f"write_report_file(Path({str(page)!r}), 'R\\u00b2 1 \\u2212 v')")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    subprocess.run([sys.executable, "-X", "utf8=0", "-c", code], check=True, env=env)
+    assert page.read_bytes().decode("utf-8") == "R² 1 \u2212 v"
+
+
+def test_a_report_inside_the_photo_folder_is_refused(tmp_path):
+    """Its figures/ and checkpoints/ were read as classes without photos: the run failed blaming the
+    photos, and so did every later run on that folder until the empty folders were deleted."""
+    from captum_inn.demo import check_report_arguments
+
+    for name in ("a", "b"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "photos" / name / f"{i}.png").write_bytes(b"")
+    for out in (tmp_path / "photos" / "report", tmp_path / "photos"):
+        with pytest.raises(ValueError, match=r"`out` .* lies inside `images`"):
+            check_report_arguments(out, "cpu", tmp_path / "photos")
+    assert check_report_arguments(tmp_path / "report", "cpu", tmp_path / "photos") == tmp_path / "report"
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a", "b"]
+
+
+def test_run_demo_refuses_evaluation_sets_of_one_before_any_work(tmp_path):
+    from captum_inn.demo import DemoSettings, run_demo
+
+    for name in ("n_eval", "n_concept_eval"):
+        with pytest.raises(ValueError, match=rf"`settings.{name}` must be >= 2"):
+            run_demo(out=tmp_path / "report", settings=dataclasses.replace(DemoSettings.quick(), **{name: 1}))
     assert not (tmp_path / "report").exists()

@@ -251,3 +251,14 @@ def test_a_saved_unfinished_inn_keeps_its_step(images, autoencoder, tmp_path):
     saved = load_invariance_inn(save_invariance_inn(tmp_path / "saved.safetensors", inn))
     assert (saved.fit_info["step"], saved.fit_info["steps"]) == (1, 3)
     assert load_invariance_inn(str(tmp_path / checkpoint_name("fc")), layer_shape=128).fit_info["step"] == 3  # an int
+
+
+def test_an_autoencoder_fit_on_a_shuffling_loader_resumes(images, tmp_path):
+    """The images were read by iterating the loader, in a new order on every call, so the resume's
+    images fingerprint differed and it was refused as "another configuration (source.images)"."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=4, shuffle=True)
+    settings = dict(latent_dim=4, width=4, checkpoint=str(tmp_path / "ae.safetensors"), progress=False)
+    fit_autoencoder(loader, steps=2, **settings)
+    assert len(fit_autoencoder(loader, steps=3, **settings).history) == 3

@@ -1349,3 +1349,84 @@ def test_layer_overrides_take_a_layer_by_module_as_layers_do(images, autoencoder
     inns = fit_invariances(model, [model.fc, "logits"], autoencoder, images, steps=2, progress=False,
                            layer_overrides={model.fc: {"steps": 3}, model.logits: {"steps": 1}}, **TINY)
     assert [len(inns[n].history) for n in ("fc", "logits")] == [3, 1]
+
+
+class _ResizingDataset(torch.utils.data.Dataset):
+    """Raw 6×6 images in `images`, their labels in `targets`; items are the images resized to 8×8."""
+
+    def __init__(self, as_list=False):
+        raw = torch.rand(12, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+        self.images = list(raw) if as_list else raw
+        self.targets = torch.arange(12) % 3
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        image = torch.as_tensor(self.images[i])
+        return nn.functional.interpolate(image[None], size=8, mode="bilinear")[0], int(self.targets[i])
+
+
+def test_a_dataset_with_images_and_targets_attributes_is_read_through_its_items():
+    """Only ColorDigits' `images`/`targets` are its items: another Dataset's transforms were skipped
+    (a raw shape error here, no error at all for a normalising one) and a list of images failed."""
+    from captum_inn.training.autoencoder import images_as_tensor
+    from captum_inn.training.classifier import fit_classifier
+
+    for as_list in (False, True):
+        data = _ResizingDataset(as_list)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+        assert fit_classifier(model, data, steps=2, progress=False) is model
+        assert images_as_tensor(data).shape == (12, 3, 8, 8)
+
+
+def test_accuracy_checks_its_labels():
+    """(N, 1) labels broadcast into an accuracy of 6.0, (1,) ones into a wrong fraction; list or
+    NumPy labels failed with an AttributeError."""
+    import numpy as np
+
+    from captum_inn.training.classifier import accuracy
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.rand(6, 3, 2, 2)
+    y = model(x).argmax(1)
+    assert accuracy(model, x, y) == accuracy(model, x, y.tolist()) == accuracy(model, x, y.numpy()) == 1.0
+    assert accuracy(model, x, np.asarray(y.tolist(), dtype=np.int32)) == 1.0
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(N,\).*labels.flatten\(\)"):
+        accuracy(model, x, y[:, None])
+    for short in (y[:1], y[:4]):
+        with pytest.raises(ValueError, match=rf"`labels` has {len(short)} labels for 6 images"):
+            accuracy(model, x, short)
+
+
+def test_fit_classifier_draws_by_a_weighted_samplers_weights():
+    """A WeightedRandomSampler balances classes; its weights were dropped and the minibatches drawn
+    uniformly over the images of positive weight."""
+    from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+    from captum_inn.training.classifier import fit_classifier
+
+    images = torch.arange(10.0).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    dataset = TensorDataset(images, torch.zeros(10, dtype=torch.long))
+    weights = torch.tensor([0.0, 9.0] + [1.0 / 8] * 8)  # image 1 nine times as likely as the other eight together
+    seen = []
+
+    def record(batch):
+        seen.extend(batch[:, 0, 0, 0].long().tolist())
+        return batch
+
+    loader = DataLoader(dataset, batch_size=50, sampler=WeightedRandomSampler(weights, 10))
+    fit_classifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), loader, steps=20, batch_size=50, augment=record,
+                   progress=False)
+    assert 0 not in seen and 0.85 < seen.count(1) / len(seen) < 0.95  # 0.9 expected; uniform gave 1/9
+
+
+def test_adversarial_training_needs_batches_of_four():
+    """Half of a batch of 3 is one image, on which batch norm fails in training mode with a raw error."""
+    from captum_inn.training.classifier import fit_classifier
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    x, y = torch.rand(10, 3, 2, 2), torch.randint(3, (10,))
+    with pytest.raises(ValueError, match=r"`adversarial_epsilon` attacks half of each batch.*got 3"):
+        fit_classifier(model, (x, y), steps=1, batch_size=3, adversarial_epsilon=0.1, progress=False)
+    assert fit_classifier(model, (x, y), steps=1, batch_size=4, adversarial_epsilon=0.1, progress=False) is model

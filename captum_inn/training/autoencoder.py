@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset, default_collate
 
 from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import (
@@ -30,7 +31,12 @@ from captum_inn.training.checkpoint import (
     warn_if_unfinished,
 )
 from captum_inn.training.classifier import augment_generators, augment_record
-from captum_inn.training.data import check_image_dtype, iter_image_batches
+from captum_inn.training.data import (
+    _items_are_stored_arrays,
+    check_image_dtype,
+    iter_image_batches,
+    loader_indices,
+)
 from captum_inn.training.distributed import (
     check_processes_agree,
     check_replicas_agree,
@@ -89,8 +95,10 @@ def images_as_tensor(data: Any) -> Tensor:
 
     Args:
         data: Images as in :func:`~captum_inn.training.data.iter_image_batches` (a ``Dataset`` may
-            yield ``(image, label)`` pairs); a tensor or an object with an ``images`` tensor
-            (e.g. :class:`~captum_inn.datasets.ColorDigits`) is returned as it is.
+            yield ``(image, label)`` pairs). A tensor is returned as it is, a
+            :class:`~captum_inn.datasets.ColorDigits` gives its ``images``, and a shuffling
+            ``DataLoader`` its dataset's images in the dataset's order (the same on every call, so
+            a resume is recognised).
 
     Returns:
         ``(N, C, H, W)``.
@@ -103,8 +111,13 @@ def images_as_tensor(data: Any) -> Tensor:
     """
     if isinstance(data, Tensor):
         return data
-    if hasattr(data, "images") and isinstance(data.images, Tensor):  # e.g. ColorDigits
+    if hasattr(data, "images") and isinstance(data.images, Tensor) and _items_are_stored_arrays(data):  # e.g. ColorDigits
         return data.images
+    if isinstance(data, DataLoader) and data.collate_fn is default_collate:
+        # a shuffling loader's images in the dataset's order: iterated, each call (a resume) fingerprinted another order
+        indices = loader_indices(data)
+        if indices is not None:
+            data = Subset(data.dataset, list(indices))
     return torch.cat(list(iter_image_batches(data, batch_size=256)))
 
 

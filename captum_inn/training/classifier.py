@@ -7,7 +7,7 @@ tests and the tutorials can train their own models offline.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from captum_inn.attr._common import autograd_on, check_number, check_positive_in
 from captum_inn.capture import check_autograd_weights
 from captum_inn.metrics import predict_classes
 from captum_inn.training.data import (
+    _items_are_stored_arrays,
     batching_errors_explained,
     check_image_dtype,
     loader_indices,
@@ -30,22 +31,24 @@ from captum_inn.training.loop import train_loop
 __all__ = ["fit_classifier", "accuracy", "Jitter"]
 
 
-def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
+def _as_labelled(data: Any) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(images, labels, weights)``: ``weights`` are a ``WeightedRandomSampler``'s, one per image
+    kept (``None``: minibatches are drawn uniformly)."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        return data[0], data[1]
+        return data[0], data[1], None
     if (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and data[0].dim() >= 2
             and isinstance(data[1], (np.ndarray, list, tuple))):  # (images, NumPy or list labels): read as a
-        return data[0], torch.as_tensor(np.asarray(data[1]))  # dataset, it unpacked into nonsense
+        return data[0], torch.as_tensor(np.asarray(data[1])), None  # dataset, it unpacked into nonsense
     if isinstance(data, Tensor):
         raise TypeError("`data` holds images but no labels; pass (images, labels), a Dataset of (image, label) "
                         "pairs, or an object with `images` and `targets` (e.g. ColorDigits).")
-    if hasattr(data, "images") and hasattr(data, "targets"):  # e.g. ColorDigits
-        return data.images, torch.as_tensor(data.targets)
-    indices = None
+    if hasattr(data, "images") and hasattr(data, "targets") and _items_are_stored_arrays(data):  # e.g. ColorDigits
+        return data.images, torch.as_tensor(data.targets), None
+    indices, weights = None, None
     if isinstance(data, DataLoader):  # the classifier draws its own minibatches, from the loader's images only
         indices = loader_indices(data)
         if indices is None:
-            indices = _random_sampler_indices(loader_sampler(data), data.dataset)
+            indices, weights = _random_sampler_draws(loader_sampler(data), data.dataset)
         if indices is None:
             raise TypeError("`data` is a DataLoader whose sampler does not say which images it draws (a custom "
                             "sampler or an iterable dataset); pass its dataset, a Subset of it, or (images, labels).")
@@ -55,19 +58,21 @@ def _as_labelled(data: Any) -> tuple[Tensor, Tensor]:
                         f"one, got {type(data).__name__}.")
     xs, ys = zip(*(data[i] for i in (range(len(data)) if indices is None else indices)))
     with batching_errors_explained():
-        return torch.stack(xs), torch.as_tensor(ys)
+        return torch.stack(xs), torch.as_tensor(ys), weights
 
 
-def _random_sampler_indices(sampler: Any, dataset: Any) -> Optional[List[int]]:
+def _random_sampler_draws(sampler: Any, dataset: Any) -> Tuple[Optional[List[int]], Optional[Tensor]]:
     """The images a random sampler draws from, where its draws differ from pass to pass (with
-    replacement, a longer or shorter pass, weights): every image, or those of positive weight.
-    ``loader_indices`` leaves them out, since the images fingerprint must not change."""
+    replacement, a longer or shorter pass, weights): every image, or those of positive weight with
+    their weights. ``loader_indices`` leaves them out, since the images fingerprint must not change."""
     # a DistributedSampler draws one process's share: fit_classifier shards the whole dataset itself
     if isinstance(sampler, (RandomSampler, DistributedSampler)) and hasattr(dataset, "__len__"):
-        return list(range(len(dataset)))
+        return list(range(len(dataset))), None
     if isinstance(sampler, WeightedRandomSampler):
-        return torch.nonzero(torch.as_tensor(sampler.weights) > 0).flatten().tolist()
-    return None
+        weights = torch.as_tensor(sampler.weights, dtype=torch.float64)
+        kept = torch.nonzero(weights > 0).flatten()
+        return kept.tolist(), weights[kept]
+    return None, None
 
 
 class Jitter:
@@ -184,8 +189,9 @@ def fit_classifier(
         model: A classifier mapping ``(N, C, H, W)`` to logits ``(N, K)``.
         data: ``(images, labels)`` (labels ``(N,)`` class indices: a tensor, NumPy array or list),
             a dataset with ``images``/``targets`` (ColorDigits), a map-style dataset of
-            ``(image, label)``, or a ``DataLoader`` over one (the images its sampler draws from;
-            the minibatches are drawn here).
+            ``(image, label)``, or a ``DataLoader`` over one (the images its sampler draws from,
+            with a ``WeightedRandomSampler``'s weights; the minibatches are drawn here, with
+            replacement).
         steps: Optimiser steps.
         batch_size: Images per step (under torchrun, summed over the processes: each draws its
             share from its own shard of the images).
@@ -216,7 +222,7 @@ def fit_classifier(
     check_autograd_weights(model, "`model`", "fit_classifier trains its weights")
     adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
     world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving
-    images, labels = _as_labelled(data)
+    images, labels, weights = _as_labelled(data)
     images = images.detach()  # the fit learns weights: images that require grad got a .grad as large as the data
     check_image_dtype(images)  # 8-bit pixels: a raw dtype error from the first layer otherwise
     labels = class_indices(labels, "`data` labels")
@@ -230,7 +236,12 @@ def fit_classifier(
     top_label = int(labels.max())  # checked against the model's logits at the first step
     # under torchrun each process draws its share of the batch from its own shard (as the other fits)
     images, labels = shard_data(images), shard_data(labels)
+    if weights is not None:  # a WeightedRandomSampler's balance, kept in each process's shard
+        weights = shard_data(weights)
     batch = local_batch_size(batch_size, images.shape[0])
+    if adversarial_epsilon > 0 and batch < 4:  # the attacked half would be 0 or 1 image (batch norm fails on one)
+        raise ValueError(f"`adversarial_epsilon` attacks half of each batch, which needs batches of at least 4 "
+                         f"images per process, got {batch} (from batch_size and the number of images).")
     model.to(device)
 
     checked: List[bool] = []
@@ -244,7 +255,10 @@ def fit_classifier(
         return F.cross_entropy(logits, y)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
-        index = torch.randint(images.shape[0], (batch,), generator=generator)
+        if weights is None:
+            index = torch.randint(images.shape[0], (batch,), generator=generator)
+        else:  # as the loader's WeightedRandomSampler would draw them (it was read as uniform)
+            index = torch.multinomial(weights, batch, replacement=True, generator=generator)
         x = images[index.to(images.device)]
         if augment is not None:
             x = augment(x)
@@ -264,7 +278,7 @@ def fit_classifier(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+def accuracy(model: nn.Module, images: Tensor, labels: Any, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on ``images`` ``(N, C, H, W)`` with ``labels`` ``(N,)``.
 
     The model runs in eval mode without gradients; its training flag is restored.
@@ -272,7 +286,7 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     Args:
         model: A classifier returning logits ``(N, K)``.
         images: ``(N, C, H, W)``.
-        labels: ``(N,)`` class indices.
+        labels: ``(N,)`` class indices (a tensor, a list or a NumPy array).
         batch_size: Images per forward pass.
 
     Returns:
@@ -285,5 +299,9 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
         >>> accuracy(model, x, model(x).argmax(1))
         1.0
     """
+    # checked first: (N, 1) labels broadcast against (N,) predictions into a wrong count (accuracy 6.0)
+    labels = class_indices(torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels), "`labels`")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"`labels` has {labels.shape[0]} labels for {images.shape[0]} images; give one per image.")
     predicted = predict_classes(model, images, batch_size)
     return int((predicted.cpu() == labels.cpu()).sum()) / max(1, images.shape[0])

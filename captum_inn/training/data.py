@@ -117,6 +117,23 @@ def loader_indices(loader: DataLoader) -> Optional[Sequence[int]]:
     return None
 
 
+def _items_are_stored_arrays(data: Any) -> bool:
+    """Whether ``data.images`` (and ``data.targets``) can stand for ``data``'s items: a
+    :class:`~captum_inn.datasets.ColorDigits`, or an object without items of its own. A Dataset
+    that keeps raw images there and transforms them in ``__getitem__`` is read through its items
+    (its transforms were skipped, and a list of images failed).
+
+    Examples::
+
+        >>> from captum_inn.datasets import ColorDigits
+        >>> _items_are_stored_arrays(ColorDigits("test")), _items_are_stored_arrays(torch.utils.data.TensorDataset(torch.zeros(2)))
+        (True, False)
+    """
+    from captum_inn.datasets import ColorDigits
+
+    return isinstance(data, ColorDigits) or not hasattr(data, "__getitem__")
+
+
 def iter_image_batches(
     data: Any,
     batch_size: int = 256,

@@ -75,7 +75,7 @@ def seeded_every_global_rng(seed: int) -> Iterator[None]:
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         random.seed(int(seed))
-        np.random.seed(int(seed))
+        np.random.seed(int(seed) % 2**32)  # NumPy's legacy seed takes 0 … 2**32 - 1 only
         with seeded_global_rng(seed):
             yield
     finally:

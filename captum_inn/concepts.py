@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from captum_inn.attr._common import as_optional_generator
+from captum_inn.attr._common import _tensor_bytes, as_optional_generator
 
 __all__ = ["ConceptPairs", "RELATIONS", "RESIDUAL", "as_concepts"]
 
@@ -128,8 +128,8 @@ class ConceptPairs:
         with seeded_every_global_rng(0):
             a, b = self.sample(n, torch.Generator().manual_seed(0))
         digest = hashlib.sha256(f"{self.relation}:{tuple(a.shape)}:{a.dtype}".encode())
-        for member in (a, b):
-            digest.update(member.detach().cpu().contiguous().numpy().tobytes())
+        for member in (a, b):  # the bytes, as weights are hashed: NumPy has no bfloat16
+            digest.update(_tensor_bytes(member))
         return digest.hexdigest()[:16]
 
     # ------------------------------------------------------------------ constructors
@@ -356,8 +356,9 @@ def _generator_passing(transform: Callable[..., Tensor]) -> Optional[str]:
     ``transform(batch, generator=None)`` is the usual way to write a transform that is seeded when
     it can be, and it gets the seed; a second parameter with another default
     (``transform(batch, scale=0.5)``) is a setting, not a generator, and is left alone."""
-    try:
-        parameters = list(inspect.signature(transform).parameters.values())
+    try:  # a module's own forward: calling it goes through Module.__call__(*args, **kwargs)
+        parameters = list(inspect.signature(transform.forward if isinstance(transform, nn.Module) else
+                                            transform).parameters.values())
     except (TypeError, ValueError):  # some builtins have no signature
         return None
     # by name first: in transform(batch, scale=1.0, generator=None) the second parameter is not it

@@ -1149,3 +1149,41 @@ def test_concept_pairs_name_bad_input(call, error, message):
     """Each check the docstrings promise; no test reached most of them."""
     with pytest.raises(error, match=message):
         call()
+
+
+def test_pairs_drawn_from_the_global_generators_repeat_and_resume(tmp_path):
+    """A transform without a generator (torch.rand inside) drew each pool from the caller's global
+    stream: the estimated scores differed on a resume, which was refused as "another
+    configuration", reruns with one seed differed, and the caller's stream moved."""
+    x, _, _ = synthetic(200)
+    bright = ConceptPairs.from_transform("bright", x, lambda batch: batch * torch.rand(batch.shape[0], 1))
+    path = str(tmp_path / "fit.safetensors")
+    settings = dict(n_blocks=2, hidden=16, pool_size=64, progress=False, checkpoint=path, checkpoint_every=1)
+    state = torch.random.get_rng_state()
+    first = fit_concepts((IDENTITY, "0"), [bright], steps=2, **settings)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.rand(3)  # the caller's stream moves on between the runs
+    resumed = fit_concepts((IDENTITY, "0"), [bright], steps=3, **settings)
+    assert len(resumed.history) == 3 and resumed.history[:2] == first.history
+
+
+def test_a_module_transform_taking_the_generator_gets_it():
+    """A module's signature is Module.__call__(*args, **kwargs): its forward's generator was missed."""
+
+    class Brighten(nn.Module):
+        def forward(self, batch, generator=None):
+            return batch * torch.rand(batch.shape[0], 1, generator=generator)
+
+    x = torch.rand(10, 4)
+    pairs = ConceptPairs.from_transform("bright", x, Brighten())
+    first = pairs.sample(5, torch.Generator().manual_seed(0))
+    again = pairs.sample(5, torch.Generator().manual_seed(0))
+    assert all(torch.equal(u, v) for u, v in zip(first, again))
+
+
+def test_bfloat16_pairs_are_fingerprinted_for_a_checkpoint():
+    """NumPy has no bfloat16: a checkpointed fit on bfloat16 pairs failed fingerprinting them."""
+    x, c, _ = synthetic(40)
+    pairs = ConceptPairs.from_labels("c", x.bfloat16(), c)
+    assert len(pairs.fingerprint()) == 16
+    assert pairs.fingerprint() != ConceptPairs.from_labels("c", x, c).fingerprint()  # the dtype counts

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
-from captum_inn._random import seeded_global_rng
+from captum_inn._random import seeded_every_global_rng, seeded_global_rng
 from captum_inn.attr._common import (
     as_device,
     autograd_on,
@@ -239,16 +239,21 @@ def _encode_pools(
     with bar:
         for k, concept in enumerate(concepts):
             generator = torch.Generator().manual_seed(seed * 1009 + k)
-            parts: Dict[str, List[Tensor]] = {"ma": [], "sa": [], "mb": [], "sb": []}
-            for start in range(0, n_pairs, chunk):
-                a, b = concept.sample(min(chunk, n_pairs - start), generator)
-                for member, key in ((a, "a"), (b, "b")):
-                    if not torch.isfinite(member).all():
-                        raise ValueError(f"Concept {concept.name!r} produced pairs with NaN or infinite values.")
-                    mean, std = encode(member.to(device))
-                    parts["m" + key].append(mean.flatten(1).float().cpu())
-                    parts["s" + key].append(std.flatten(1).float().cpu())
-                bar.update(a.shape[0])
+            # a sampler may also draw from Python's, NumPy's or PyTorch's global generators (a transform
+            # without a generator): seeded too, so a pool repeats for a resume (its scores were refused
+            # as "another configuration") and the caller's streams are left as they were; another seed
+            # than the generator's, so the two streams do not repeat each other
+            with seeded_every_global_rng((seed * 1009 + k) ^ 0x5EED):
+                parts: Dict[str, List[Tensor]] = {"ma": [], "sa": [], "mb": [], "sb": []}
+                for start in range(0, n_pairs, chunk):
+                    a, b = concept.sample(min(chunk, n_pairs - start), generator)
+                    for member, key in ((a, "a"), (b, "b")):
+                        if not torch.isfinite(member).all():
+                            raise ValueError(f"Concept {concept.name!r} produced pairs with NaN or infinite values.")
+                        mean, std = encode(member.to(device))
+                        parts["m" + key].append(mean.flatten(1).float().cpu())
+                        parts["s" + key].append(std.flatten(1).float().cpu())
+                    bar.update(a.shape[0])
             pools.append(_PairPool(concept, *(torch.cat(parts[k]) for k in ("ma", "sa", "mb", "sb"))))
     dims = {p.mean_a.shape[1] for p in pools}
     if len(dims) != 1:

@@ -26,7 +26,7 @@ from captum_inn.attr._common import (
     autograd_on,
     check_positive_int,
     class_indices,
-    format_inputs,
+    one_image_tensor,
     runs_model,
 )
 from captum_inn.capture import check_autograd_weights, eval_mode
@@ -44,17 +44,6 @@ def _check_explainers(explainers: Mapping[str, LayerInvariance], model: Optional
         if model is not None and not runs_model(explainer.forward_func, model):
             raise ValueError(f"`explainers[{name!r}]` explains another model than `model` (or runs it through a "
                              "function other than model.forward).")
-
-
-def _one_image_tensor(value: Any, name: str) -> Tensor:
-    """``value`` checked as Captum inputs, then required to be one image tensor: the model, the
-    attack and the explainers here all take one ``(N, C, H, W)`` batch, no extra inputs."""
-    inputs = format_inputs(value, name=name)
-    if len(inputs) != 1:
-        raise TypeError(f"`{name}` must be one image tensor (N, C, H, W), got a {type(value).__name__} of "
-                        f"{len(inputs)} tensors; these analyses take no extra model inputs (join batches of "
-                        "images with torch.cat).")
-    return inputs[0]
 
 
 def _cross_entropy(outputs: Tensor, labels: Tensor) -> Tensor:
@@ -172,7 +161,7 @@ def adversarial_views(
 
     _check_explainers(explainers, model)
     check_autograd_weights(model, "`model`", "FGSM needs gradients through it")
-    images = _one_image_tensor(images, "images")
+    images = one_image_tensor(images, "images")
     labels = class_indices(torch.as_tensor(labels, device=images.device), "`labels`")  # .long() truncated 0.7 to 0
     if labels.shape != (images.shape[0],):
         raise ValueError(f"`labels` must have shape ({images.shape[0]},), one class per image, got {tuple(labels.shape)}.")
@@ -253,8 +242,8 @@ def mix_images(
         torch.Size([8, 3, 32, 32])
     """
     _check_explainers(explainers)
-    a = _one_image_tensor(invariance_source, "invariance_source")
-    b = _one_image_tensor(representation_source, "representation_source")
+    a = one_image_tensor(invariance_source, "invariance_source")
+    b = one_image_tensor(representation_source, "representation_source")
     if a.shape != b.shape:
         raise ValueError(f"`invariance_source` {tuple(a.shape)} and `representation_source` {tuple(b.shape)} "
                          "must have the same shape (one pair per row).")

@@ -16,6 +16,7 @@ samples | concept bars.
 
 from __future__ import annotations
 
+import numbers
 import operator
 import warnings
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ from captum_inn.attr import LayerConcepts, LayerInvariance
 from captum_inn.attr._common import (
     autograd_on,
     check_positive_int,
-    format_inputs,
     forward_module,
+    one_image_tensor,
     runs_model,
     user_stacklevel,
 )
@@ -169,8 +170,9 @@ def _check_baselines(baselines: Any, images: Tensor) -> None:
     dtype that differs and the fix."""
     if baselines is None or (isinstance(baselines, (int, float)) and not isinstance(baselines, bool)):
         return
-    if not isinstance(baselines, Tensor):
-        raise TypeError(f"`ig_baselines` must be None, a number or a tensor, got {type(baselines).__name__}.")
+    if not isinstance(baselines, Tensor):  # a NumPy number too: Captum takes Python numbers only
+        hint = "; pass float(ig_baselines)" if isinstance(baselines, numbers.Real) else ""
+        raise TypeError(f"`ig_baselines` must be None, a number or a tensor, got {type(baselines).__name__}{hint}.")
     n, image = images.shape[0], tuple(images.shape[1:])
     if baselines.dim() != 4 or tuple(baselines.shape[1:]) != image or baselines.shape[0] not in (1, n):
         raise ValueError(
@@ -316,7 +318,7 @@ def compare_attributions(
     layer_name = invariance.layer_name
     if forward_module(invariance.forward_func, invariance.layer) is None:  # model.forward patched with a plain
         layer_name = resolve_layer(model, invariance.layer)[0]  # function: the explainer named the layer by type
-    (images,) = format_inputs(inputs)
+    images = one_image_tensor(inputs, "inputs")  # a tuple of two failed unpacking into one
     n = images.shape[0]
     batch = n if internal_batch_size is None else check_positive_int(internal_batch_size, "internal_batch_size")
     check_positive_int(ig_steps, "ig_steps")

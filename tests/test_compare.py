@@ -533,6 +533,11 @@ def test_bad_input_errors(setup, x):
         (TypeError, "must be an nn.Module", lambda: compare_attributions(lambda t: t, x, explainer)),
         (TypeError, "LayerInvariance", lambda: compare_attributions(model, x, _concepts(setup))),
         (TypeError, "LayerInvariance", lambda: compare_attributions(model, x, None)),
+        # a tuple of two tensors failed unpacking ("too many values to unpack")
+        (TypeError, r"`inputs` must be one image tensor \(N, C, H, W\), got a tuple of 2 tensors",
+         lambda: compare_attributions(model, (x, x), explainer)),
+        (TypeError, r"`ig_baselines` must be None, a number or a tensor, got float32; pass float\(ig_baselines\)",
+         lambda: compare_attributions(model, x, explainer, ig_baselines=np.float32(0.5))),
         (ValueError, "another model", lambda: compare_attributions(model, x, other_explainer)),
         (TypeError, "LayerConcepts", lambda: compare_attributions(model, x, explainer, concepts=explainer)),
         (ValueError, r"outside 0…9", lambda: compare_attributions(model, x, explainer, target=10)),

@@ -30,6 +30,7 @@ from captum_inn.capture import (
 __all__ = [
     "autograd_on",
     "format_inputs",
+    "one_image_tensor",
     "resolve_model_layer",
     "layer_activation",
     "check_positive_int",
@@ -106,6 +107,17 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
         if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
             raise ValueError(f"`{name}` contains NaN or infinite values; clean or clamp the inputs first.")
     return inputs_tuple
+
+
+def one_image_tensor(value: Any, name: str) -> Tensor:
+    """``value`` checked as Captum inputs, then required to be one image tensor: the analyses and
+    :func:`~captum_inn.compare.compare_attributions` take one ``(N, C, H, W)`` batch, no extra inputs."""
+    inputs = format_inputs(value, name=name)
+    if len(inputs) != 1:
+        raise TypeError(f"`{name}` must be one image tensor (N, C, H, W), got a {type(value).__name__} of "
+                        f"{len(inputs)} tensors; these analyses take no extra model inputs (join batches of "
+                        "images with torch.cat).")
+    return inputs[0]
 
 
 def check_image_size(images: Tensor, autoencoder: Any, name: str = "inputs",

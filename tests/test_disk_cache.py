@@ -447,6 +447,7 @@ def test_a_damaged_disk_cache_is_a_clear_error(images, autoencoder, tmp_path):
     manifest = json.loads(manifest_path.read_text())
     unreadable = "does not hold a feature cache this version can read"
     for edit, match in (({"format_version": manifest["format_version"] + 1}, unreadable),
+                        ({"format_version": "2"}, unreadable),  # a TypeError comparing str with int
                         ({"kind": "checkpoint"}, unreadable),
                         ({"n": manifest["n"] + 1}, "do not all have 9 rows; delete it to recompute")):
         manifest_path.write_text(json.dumps({**manifest, **edit}))

@@ -257,7 +257,8 @@ class FeatureCache:
         manifest = read_manifest(folder)
         if manifest is None:
             return None
-        if manifest.get("kind") != "feature_cache" or manifest.get("format_version", 0) > _DISK_FORMAT:
+        version = manifest.get("format_version", 0)  # a hand-edited one may be anything: a TypeError before
+        if manifest.get("kind") != "feature_cache" or not isinstance(version, int) or version > _DISK_FORMAT:
             raise ValueError(f"{str(folder)!r} does not hold a feature cache this version can read ({manifest.get('kind')}, "
                              f"format {manifest.get('format_version')}); delete it to recompute.")
         arrays: Dict[str, DiskArray] = {}

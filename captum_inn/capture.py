@@ -837,8 +837,10 @@ def replace_activation(
         model): the model may write into it (``ReLU(inplace=True)``, ``out += identity``), which changed
         the caller's tensor, failed for one that requires grad, and changed earlier passes' outputs."""
         if current.shape != value.shape:
+            path = next((n for n, m in _unwrapped(model).named_modules() if m is module), None) if model is not None else None
+            layer = f"layer {path!r} ({name})" if path is not None else name
             raise ValueError(f"`value` of shape {tuple(value.shape)} replaces the {'input' if attribute_to_layer_input else 'output'} "
-                             f"of {name}, of shape {tuple(current.shape)}; pass a value shaped like that activation.")
+                             f"of {layer}, of shape {tuple(current.shape)}; pass a value shaped like that activation.")
         both_floating = isinstance(current, Tensor) and current.is_floating_point() and value.is_floating_point()
         return value.to(current.dtype, copy=True) if both_floating else value.clone()
 

@@ -456,8 +456,8 @@ def _targets(target: Any, predictions: Tensor, classes: int) -> Tensor:
             raise TypeError("`target` holds class indices, but got booleans; pass class indices, e.g. "
                             "mask.long() or mask.nonzero().")
         if targets.is_floating_point():  # the shape error below would blame a shape that is right
-            raise TypeError(f"`target` holds class indices, but got {targets.dtype} values; pass whole numbers, e.g. "
-                            "target.long().")
+            raise TypeError(f"`target` holds class indices, but got {targets.dtype} values; pass whole numbers "
+                            "(target.long() for a tensor).")
         if targets.numel() == 1 and not isinstance(target, (list, tuple)):
             # a one-element tensor (or numpy int) is one class for all, as in Captum's TargetType
             targets = targets.reshape(()).expand(n)

@@ -356,15 +356,17 @@ def _generator_passing(transform: Callable[..., Tensor]) -> Optional[str]:
     ``transform(batch, generator=None)`` is the usual way to write a transform that is seeded when
     it can be, and it gets the seed; a second parameter with another default
     (``transform(batch, scale=0.5)``) is a setting, not a generator, and is left alone."""
+    module = isinstance(transform, nn.Module)
     try:  # a module's own forward: calling it goes through Module.__call__(*args, **kwargs)
-        parameters = list(inspect.signature(transform.forward if isinstance(transform, nn.Module) else
-                                            transform).parameters.values())
+        parameters = list(inspect.signature(transform.forward if module else transform).parameters.values())
     except (TypeError, ValueError):  # some builtins have no signature
         return None
     # by name first: in transform(batch, scale=1.0, generator=None) the second parameter is not it
     if any(p.name == "generator" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY)
            for p in parameters):
         return "keyword"
+    if module:  # forward(x, mask=None) or kornia's forward(input, params=None): a setting, not a generator
+        return None
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return "positional" if len(positional) >= 2 and positional[1].default in (inspect.Parameter.empty, None) else None
 

@@ -277,6 +277,11 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
     as_device(device)
     if seed is not None and not 0 <= check_int(seed, "seed") <= 2**52:  # found by the fits, after the CNN trained
         raise ValueError(f"`seed` must lie in 0 … 2**52, got {seed}; the fits derive further seeds from it.")
+    if images is not None and Path(images).resolve() in (Path(out).resolve(), *Path(out).resolve().parents):
+        # its figures/ and checkpoints/ would be read as classes without photos, on every later run too
+        # (checked before the photos are listed, which such a folder left by an earlier run fails)
+        raise ValueError(f"`out` {str(out)!r} lies inside `images` {str(images)!r}; put the report outside the photo "
+                         "folder.")
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"`images` {str(images)!r} is not a folder; pass a folder with one sub-folder of images per "
                          "class (ImageFolder layout).")
@@ -288,10 +293,6 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
             raise ValueError(f"`images` {str(images)!r} holds one class ({classes[0]!r}); the demo trains a classifier, "
                              "which needs a sub-folder of images for each of at least two classes.")
     out = Path(out)
-    if images is not None and Path(images).resolve() in (out.resolve(), *out.resolve().parents):
-        # its figures/ and checkpoints/ would be read as classes without photos, on every later run too
-        raise ValueError(f"`out` {str(out)!r} lies inside `images` {str(images)!r}; put the report outside the photo "
-                         "folder.")
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out` {str(out)!r} is a file; pass a folder for the report (it is created if needed).")
     for parent in out.parents:  # creating the folder would fail inside a file, after the checks

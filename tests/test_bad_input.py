@@ -165,6 +165,8 @@ def _cases():
         ("misspelt setting", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, stpes=1, progress=False), TypeError, "did you mean 'steps'"),
         ("layer_overrides keyed by modules not fitted", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, progress=False, layer_overrides={m.cnn.fc: {}, m.cnn.relu1: {}}), ValueError, r"`layer_overrides` names layers \['cnn.fc', 'cnn.relu1'\]"),
         ("layer_overrides value not a dict", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, progress=False, layer_overrides={"cnn.logits": 5}), TypeError, r"`layer_overrides\['cnn.logits'\]` must be a dict of settings"),
+        ("classifier seed beyond what torch takes", lambda m, ae, inn, e: fit_classifier(m, (X, torch.zeros(3)), steps=1, seed=-2**60, progress=False), ValueError, r"`seed` must lie strictly between -2\*\*53 and 2\*\*53"),
+        ("concept scores seed beyond what torch takes", lambda m, ae, inn, e: estimate_factor_sizes((m, "cnn.fc"), [ConceptPairs.from_labels("x", X, [0, 0, 1])], n_pairs=4, seed=2**60), ValueError, r"`seed` must lie strictly between"),
         ("seed beyond what torch takes", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, progress=False, seed=2**64), ValueError, r"`seed` must lie strictly between -2\*\*53 and 2\*\*53"),
         ("bad setting in layer_overrides", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, progress=False, layer_overrides={"cnn.logits": {"hidden": 0}}), ValueError, "`hidden` must be >= 1"),
         ("config of another fit", lambda m, ae, inn, e: fit_autoencoder(X, latent_dim=4, config=InvarianceConfig(), progress=False), TypeError, "`config` must be an instance of AutoencoderConfig"),

@@ -1174,11 +1174,18 @@ def test_a_module_transform_taking_the_generator_gets_it():
         def forward(self, batch, generator=None):
             return batch * torch.rand(batch.shape[0], 1, generator=generator)
 
+    class Masked(nn.Module):  # a second parameter that is a setting (kornia's forward(input, params=None))
+        def forward(self, batch, mask=None):
+            assert mask is None
+            return batch * 0.5
+
     x = torch.rand(10, 4)
     pairs = ConceptPairs.from_transform("bright", x, Brighten())
     first = pairs.sample(5, torch.Generator().manual_seed(0))
     again = pairs.sample(5, torch.Generator().manual_seed(0))
     assert all(torch.equal(u, v) for u, v in zip(first, again))
+    a, b = ConceptPairs.from_transform("half", x, Masked()).sample(5, torch.Generator().manual_seed(0))
+    assert torch.equal(b, a * 0.5)
 
 
 def test_bfloat16_pairs_are_fingerprinted_for_a_checkpoint():

@@ -379,6 +379,11 @@ def test_a_report_inside_the_photo_folder_is_refused(tmp_path):
     for out in (tmp_path / "photos" / "report", tmp_path / "photos"):
         with pytest.raises(ValueError, match=r"`out` .* lies inside `images`"):
             check_report_arguments(out, "cpu", tmp_path / "photos")
+    (tmp_path / "photos" / "report" / "figures").mkdir(parents=True)  # left by an earlier run: still named
+    with pytest.raises(ValueError, match=r"`out` .* lies inside `images`"):
+        check_report_arguments(tmp_path / "photos" / "report", "cpu", tmp_path / "photos")
+    (tmp_path / "photos" / "report" / "figures").rmdir()
+    (tmp_path / "photos" / "report").rmdir()
     assert check_report_arguments(tmp_path / "report", "cpu", tmp_path / "photos") == tmp_path / "report"
     assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a", "b"]
 

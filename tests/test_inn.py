@@ -223,6 +223,16 @@ def test_actnorm_does_not_blow_up_a_feature_constant_at_initialisation():
     assert float(norm.log_scale.detach().exp()[1]) == pytest.approx(1 / floor, rel=1e-3)  # 1e6 before
     with torch.no_grad():
         assert float(norm(torch.tensor([[0.0, 0.5, 0.0]]))[0].abs().max()) == pytest.approx(0.5 / floor, rel=1e-3)
+    # most units dead: the median of the ones that vary sets the floor (the median of all was 0)
+    mostly_dead = torch.zeros(16, 3)
+    mostly_dead[:, 0] = torch.randn(16)
+    sparse = ActNorm(3)
+    sparse(mostly_dead)
+    assert float(sparse.log_scale.detach().exp().max()) == pytest.approx(1 / (0.01 * float(mostly_dead[:, 0].std())),
+                                                                          rel=1e-3)
+    all_dead = ActNorm(2)
+    all_dead(torch.zeros(4, 2))
+    assert torch.allclose(all_dead.log_scale.detach().exp(), torch.full((2,), 100.0), rtol=1e-3)  # 1 / 0.01
     # features of ordinary spread are still brought to unit variance
     y = norm(x)[0]
     assert torch.allclose(y[:, [0, 2]].std(0), torch.ones(2), atol=1e-4)

@@ -1427,6 +1427,10 @@ def test_adversarial_training_needs_batches_of_four():
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
     x, y = torch.rand(10, 3, 2, 2), torch.randint(3, (10,))
-    with pytest.raises(ValueError, match=r"`adversarial_epsilon` attacks half of each batch.*got 3"):
+    with pytest.raises(ValueError, match=r"`adversarial_epsilon` attacks half of each batch.*at least 4 .*batch norm, got 3"):
         fit_classifier(model, (x, y), steps=1, batch_size=3, adversarial_epsilon=0.1, progress=False)
     assert fit_classifier(model, (x, y), steps=1, batch_size=4, adversarial_epsilon=0.1, progress=False) is model
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))  # no batch norm: a half of one image is fine
+    assert fit_classifier(plain, (x, y), steps=1, batch_size=2, adversarial_epsilon=0.1, progress=False) is plain
+    with pytest.raises(ValueError, match=r"at least 2 images per process, got 1"):
+        fit_classifier(plain, (x, y), steps=1, batch_size=1, adversarial_epsilon=0.1, progress=False)

@@ -17,7 +17,8 @@ class ActNorm(InvertibleModule):
     """Per-channel affine normalisation ``y = (x + loc) · exp(log_scale)``.
 
     ``loc`` and ``log_scale`` are initialised from the first forward batch so that each channel of
-    ``y`` has zero mean and unit variance on that batch (Kingma & Dhariwal, 2018). The
+    ``y`` has zero mean and unit variance on that batch (Kingma & Dhariwal, 2018); a channel
+    nearly constant there, below 1% of the median spread, is scaled as one at that 1%. The
     ``initialized`` buffer records that this happened, so a state dict restores it. Channels are
     dim 1; any trailing (spatial) dims share the channel's parameters.
 
@@ -67,8 +68,8 @@ class ActNorm(InvertibleModule):
     @torch.no_grad()
     def initialize(self, batch: Tensor) -> None:
         """Set ``loc`` and ``log_scale`` so that ``batch`` maps to zero mean, unit variance (a
-        feature's spread counts as at least 1% of the median feature's, so a constant one is not
-        scaled by ``1 / eps``).
+        feature's spread counts as at least 1% of the median spread of the features that vary, or
+        0.01 when none does, so a constant one is not scaled by ``1 / eps``).
 
         Args:
             batch: ``(N, C, *)`` with ``N >= 2`` real samples (not a reverse-direction input).
@@ -88,7 +89,8 @@ class ActNorm(InvertibleModule):
         # a constant feature (a dead ReLU unit) would get a scale of 1/eps, about 1e6, and any later
         # input where it varies would reach the couplings a million times too large
         std = batch.std(dim=dims)
-        std = std.clamp_min(1e-2 * float(std.median()))
+        varying = std[std > self.eps]  # the median of the features that vary (all may be constant: 1)
+        std = std.clamp_min(1e-2 * (float(varying.median()) if varying.numel() else 1.0))
         self.loc.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)

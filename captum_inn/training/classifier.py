@@ -26,7 +26,7 @@ from captum_inn.training.data import (
     loader_sampler,
 )
 from captum_inn.training.distributed import local_batch_size, shard_data, world
-from captum_inn.training.loop import train_loop
+from captum_inn.training.loop import _check_seed, train_loop
 
 __all__ = ["fit_classifier", "accuracy", "Jitter"]
 
@@ -121,7 +121,8 @@ def augment_record(augment: Any) -> Any:
     refused: ``None``; a :class:`Jitter`'s settings; a function's qualified name; otherwise the
     object's ``repr``, which for torchvision transforms and ``nn.Module`` holds their settings
     (memory addresses, as in a function's repr inside a ``Compose``, are left out; an object
-    without a ``repr`` of its own is recorded by its class's qualified name).
+    without a ``repr`` of its own is recorded by its class's qualified name). A library that
+    changes how a transform prints (a torchvision upgrade) makes a resume refuse it.
 
     Examples::
 
@@ -219,6 +220,7 @@ def fit_classifier(
         True
     """
     batch_size = check_positive_int(batch_size, "batch_size")
+    seed = _check_seed(seed)  # as the other fits': the minibatch seeds derive from it
     check_autograd_weights(model, "`model`", "fit_classifier trains its weights")
     adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
     world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving
@@ -239,9 +241,12 @@ def fit_classifier(
     if weights is not None:  # a WeightedRandomSampler's balance, kept in each process's shard
         weights = shard_data(weights)
     batch = local_batch_size(batch_size, images.shape[0])
-    if adversarial_epsilon > 0 and batch < 4:  # the attacked half would be 0 or 1 image (batch norm fails on one)
-        raise ValueError(f"`adversarial_epsilon` attacks half of each batch, which needs batches of at least 4 "
-                         f"images per process, got {batch} (from batch_size and the number of images).")
+    # the attacked half: no image from a batch of one, and one image fails batch norm in training mode
+    smallest = 4 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 2
+    if adversarial_epsilon > 0 and batch < smallest:
+        raise ValueError(f"`adversarial_epsilon` attacks half of each batch, which needs batches of at least {smallest} "
+                         f"images per process{' for a model with batch norm' if smallest == 4 else ''}, got {batch} "
+                         "(from batch_size and the number of images).")
     model.to(device)
 
     checked: List[bool] = []

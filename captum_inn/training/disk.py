@@ -34,6 +34,7 @@ __all__ = ["DiskArray", "DiskArrayWriter", "FolderLock", "iter_rows", "read_mani
 _DTYPE = np.dtype("<f4")
 _PREAD = hasattr(os, "preadv")
 _SCAN_BYTES = 64 << 20  # iter_rows' default block
+_READ_BYTES = 1 << 30  # at most one read's worth on every system
 
 
 class DiskArray:
@@ -127,12 +128,13 @@ class DiskArray:
         2 GiB on Linux, so a longer run takes several."""
         done = 0
         while done < len(view):
+            part = view[done : done + _READ_BYTES]  # macOS refuses a preadv over 2 GiB (EINVAL), not shortens it
             if _PREAD:
-                got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+                got = os.preadv(self._file.fileno(), [part], offset + done)
             else:  # Windows, where workers are spawned and reopen the file
                 with self._lock:
                     self._file.seek(offset + done)
-                    got = self._file.readinto(view[done:])
+                    got = self._file.readinto(part)
             if not got:
                 raise ValueError(f"{str(self.path)!r} ended early; it was changed or truncated.")
             done += got

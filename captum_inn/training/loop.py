@@ -62,12 +62,21 @@ def _check_schedule(value: Any, name: str = "schedule") -> str:
 
 
 def _check_seed(value: Any, name: str = "seed") -> int:
-    # the fits derive seeds from it (per process, step, block and concept: seed * 1009 + k), which
-    # torch takes below 2**63 only; 2**64 failed inside the INN's permutation, after the pass over the data
+    """``value`` as a fit's seed, strictly between -2**53 and 2**53, or an error naming ``name``.
+
+    The fits derive further seeds from it (per process, step, block and concept: ``seed * 1009 +
+    k``), and those must stay within the 64 bits torch takes; 2**64 failed inside the INN's
+    permutation, after the pass over the data.
+
+    Examples::
+
+        >>> _check_seed(7)
+        7
+    """
     value = check_int(value, name)
     if abs(value) >= 2**53:
         raise ValueError(f"`{name}` must lie strictly between -2**53 and 2**53, got {value}; the fits derive "
-                         "further seeds from it, and torch takes seeds below 2**63 only.")
+                         "further seeds from it (seed * 1009 + k), which must stay within torch's 64 bits.")
     return value
 
 

@@ -838,7 +838,7 @@ def replace_activation(
         the caller's tensor, failed for one that requires grad, and changed earlier passes' outputs."""
         if current.shape != value.shape:
             path = next((n for n, m in _unwrapped(model).named_modules() if m is module), None) if model is not None else None
-            layer = f"layer {path!r} ({name})" if path is not None else name
+            layer = f"layer {path!r} ({name})" if path else name  # "" is the model itself
             raise ValueError(f"`value` of shape {tuple(value.shape)} replaces the {'input' if attribute_to_layer_input else 'output'} "
                              f"of {layer}, of shape {tuple(current.shape)}; pass a value shaped like that activation.")
         both_floating = isinstance(current, Tensor) and current.is_floating_point() and value.is_floating_point()

@@ -198,10 +198,12 @@ class ConceptPairs:
             name: The concept the transform changes (for example ``"colour"`` for a colour jitter).
             inputs: ``(M, ...)`` examples.
             transform: Batch in, batch of the same shape out. A random transform with a parameter
-                named ``generator``, or a second positional one without a default or defaulting to
-                ``None`` (``transform(batch, g=None)``), gets the pair sampler's ``torch.Generator``
-                there, so ``fit_concepts(..., seed=)`` makes its pairs reproducible; any other
-                transform draws its own randomness.
+                named ``generator``, or (a function, not an ``nn.Module``, whose ``forward``
+                counts only by that name) a second positional one without a default or
+                defaulting to ``None`` (``transform(batch, g=None)``), gets the pair sampler's
+                ``torch.Generator`` there, so ``fit_concepts(..., seed=)`` makes its pairs
+                reproducible; any other transform draws its own randomness (its global
+                generators are seeded while a fit draws its pools).
 
         Examples::
 
@@ -351,7 +353,8 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
 
 def _generator_passing(transform: Callable[..., Tensor]) -> Optional[str]:
     """How ``transform`` takes the sampler's generator: ``"keyword"`` (a parameter named
-    ``generator``), ``"positional"`` (a second positional parameter) or ``None`` (it does not).
+    ``generator``, also in a module's ``forward``), ``"positional"`` (a function's second
+    positional parameter) or ``None`` (it does not).
 
     ``transform(batch, generator=None)`` is the usual way to write a transform that is seeded when
     it can be, and it gets the seed; a second parameter with another default

@@ -293,6 +293,16 @@ def test_replace_activation_hands_the_model_a_copy_it_may_write_into():
         leaf.grad = None
 
 
+def test_replace_activation_names_the_layer_by_its_path_when_given_the_model():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU(), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"replaces the output of layer '1.0' \(ReLU\), of shape \(5, 4\)"):
+        with replace_activation(model[1][0], torch.zeros(5, 3), model=model):
+            model(torch.rand(5, 3))
+    with pytest.raises(ValueError, match=r"replaces the output of Sequential, of shape"):  # the model itself: no path
+        with replace_activation(model, torch.zeros(5, 3), model=model):
+            model(torch.rand(5, 3))
+
+
 def test_replace_activation_takes_the_dtype_of_the_activation_it_replaces():
     """A float32 INN's output in a float64 model, on either side of the layer."""
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()

@@ -121,6 +121,29 @@ def test_disk_array_reads_a_run_in_as_many_reads_as_the_system_needs(tmp_path, m
         array[:]
 
 
+def test_disk_array_reads_a_long_run_in_parts(tmp_path, monkeypatch):
+    """macOS refuses a preadv over 2 GiB (EINVAL) rather than shortening it: runs are read in parts
+    of at most 1 GiB, here made small."""
+    from captum_inn.training import disk
+
+    data = torch.randn(30, 7)
+    np.save(tmp_path / "a.npy", data.numpy())
+    monkeypatch.setattr(disk, "_READ_BYTES", 3 * 7 * 4)  # three rows per read
+    array = DiskArray(tmp_path / "a.npy")
+    reads = []
+    if disk._PREAD:
+        preadv = os.preadv
+
+        def counted(fd, buffers, offset):
+            assert len(buffers[0]) <= disk._READ_BYTES
+            reads.append(offset)
+            return preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(disk.os, "preadv", counted)
+    assert torch.equal(array[:], data)
+    assert not disk._PREAD or len(reads) == 10
+
+
 def test_iter_rows_blocks_hold_at_most_64_mib_by_default():
     """A fixed 4096 rows per block read about 3.3 GB at once for a ResNet layer1 at 224 px."""
     from captum_inn.training.disk import iter_rows

@@ -256,9 +256,12 @@ def test_a_saved_unfinished_inn_keeps_its_step(images, autoencoder, tmp_path):
 def test_an_autoencoder_fit_on_a_shuffling_loader_resumes(images, tmp_path):
     """The images were read by iterating the loader, in a new order on every call, so the resume's
     images fingerprint differed and it was refused as "another configuration (source.images)"."""
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
-    loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=4, shuffle=True)
-    settings = dict(latent_dim=4, width=4, checkpoint=str(tmp_path / "ae.safetensors"), progress=False)
-    fit_autoencoder(loader, steps=2, **settings)
-    assert len(fit_autoencoder(loader, steps=3, **settings).history) == 3
+    dataset = TensorDataset(images, torch.zeros(len(images)))
+    subset = SubsetRandomSampler(range(0, len(images), 2))  # shuffles too, and is no RandomSampler
+    for name, loader in (("all", DataLoader(dataset, batch_size=4, shuffle=True)),
+                         ("subset", DataLoader(dataset, batch_size=4, sampler=subset))):
+        settings = dict(latent_dim=4, width=4, checkpoint=str(tmp_path / f"{name}.safetensors"), progress=False)
+        fit_autoencoder(loader, steps=2, **settings)
+        assert len(fit_autoencoder(loader, steps=3, **settings).history) == 3

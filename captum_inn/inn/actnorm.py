@@ -89,7 +89,7 @@ class ActNorm(InvertibleModule):
         # a constant feature (a dead ReLU unit) would get a scale of 1/eps, about 1e6, and any later
         # input where it varies would reach the couplings a million times too large
         std = batch.std(dim=dims)
-        varying = std[std > self.eps]  # the median of the features that vary (all may be constant: 1)
+        varying = std[std > 1e-5 * std.max()]  # the median of the features that vary, at any scale (none: 1)
         std = std.clamp_min(1e-2 * (float(varying.median()) if varying.numel() else 1.0))
         self.loc.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, Subset, default_collate
+from torch.utils.data import DataLoader, RandomSampler, Subset, SubsetRandomSampler, default_collate
 
 from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import (
@@ -114,7 +114,8 @@ def images_as_tensor(data: Any) -> Tensor:
         return data
     if hasattr(data, "images") and isinstance(data.images, Tensor) and _items_are_stored_arrays(data):  # e.g. ColorDigits
         return data.images
-    if isinstance(data, DataLoader) and isinstance(loader_sampler(data), RandomSampler) and data.collate_fn is default_collate:
+    shuffling = (RandomSampler, SubsetRandomSampler)  # the second is no subclass of the first
+    if isinstance(data, DataLoader) and isinstance(loader_sampler(data), shuffling) and data.collate_fn is default_collate:
         # a shuffling loader's images in the dataset's order: iterated, each call (a resume) fingerprinted another order
         indices = loader_indices(data)
         if indices is not None:

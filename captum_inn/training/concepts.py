@@ -282,7 +282,7 @@ def _pools_for(representation: Any, concepts: Any, n_pairs: int, seed: int, devi
     # as fit_concepts' pool_size: a score is a covariance over pairs (0 pairs failed inside torch.cat)
     if check_int(n_pairs, "n_pairs") < 2:
         raise ValueError(f"`n_pairs` must be >= 2 (pairs per concept for its score), got {n_pairs}.")
-    _check_seed(seed)  # concept seeds are seed * 1009 + k
+    seed = _check_seed(seed)  # concept seeds are seed * 1009 + k
     encode, _ = _as_encoder(representation, device)
     return _encode_pools(encode, as_concepts(concepts), n_pairs, seed, as_device(device), progress)
 

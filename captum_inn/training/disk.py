@@ -125,7 +125,7 @@ class DiskArray:
         """Fill ``view`` from the file at ``offset``. Positioned reads (pread) leave the descriptor's
         position alone: DataLoader workers forked from one process share it, and a seek in one
         between another's seek and read gave that one another row. One read returns at most about
-        2 GiB on Linux, so a longer run takes several."""
+        2 GiB on Linux (macOS refuses a longer one), so a run is read in parts of at most 1 GiB."""
         done = 0
         while done < len(view):
             part = view[done : done + _READ_BYTES]  # macOS refuses a preadv over 2 GiB (EINVAL), not shortens it

@@ -203,6 +203,14 @@ def test_actnorm_wrong_channels():
         ActNorm(4)(torch.randn(3, 5))
 
 
+def test_actnorm_refuses_a_first_batch_with_nan():
+    """It initialised NaN parameters, and every later output was NaN."""
+    norm = ActNorm(2)
+    with pytest.raises(ValueError, match="first forward batch, which holds NaN or infinite values"):
+        norm(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
+    assert not bool(norm.initialized)
+
+
 def test_actnorm_refuses_integer_input_before_and_after_initialisation():
     """Before, a dtype error from mean(); after, integers were promoted silently."""
     norm = ActNorm(3)

@@ -75,7 +75,8 @@ class ActNorm(InvertibleModule):
             batch: ``(N, C, *)`` with ``N >= 2`` real samples (not a reverse-direction input).
 
         Raises:
-            ValueError: for a batch of one, whose variance is undefined.
+            ValueError: for a batch of one, whose variance is undefined, or one with NaN or
+                infinite values.
         """
         self._check(batch)
         if batch.shape[0] < 2:
@@ -84,6 +85,9 @@ class ActNorm(InvertibleModule):
                 f"least 2 samples, got a batch of {batch.shape[0]}. Run one forward pass with a "
                 "larger batch (or call .initialize(batch)), or load a fitted checkpoint."
             )
+        if not torch.isfinite(batch).all():  # NaN parameters would make every later output NaN
+            raise ValueError("ActNorm initialises from its first forward batch, which holds NaN or infinite values; "
+                             "clean the data first.")
         dims = [d for d in range(batch.dim()) if d != 1]
         mean = batch.mean(dim=dims)
         # a constant feature (a dead ReLU unit) would get a scale of 1/eps, about 1e6, and any later

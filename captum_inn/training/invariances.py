@@ -418,9 +418,12 @@ def fit_invariances(
                          "features are cached; with `cache=` pass them to cache_features, which made the cache "
                          "(memmap_dir= there).")
     with contextlib.ExitStack() as stack:
-        # keyed by name or module, as `layers` is
-        layer_overrides = {resolve_layer(model, k)[0] if isinstance(k, nn.Module) else k: v
-                           for k, v in dict(layer_overrides or {}).items()}
+        # keyed by name or module, as `layers` is (one layer given both ways would keep one silently)
+        keys = [resolve_layer(model, k)[0] if isinstance(k, nn.Module) else k for k in dict(layer_overrides or {})]
+        twice = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        if twice:
+            raise ValueError(f"`layer_overrides` gives layer {twice[0]!r} twice (by name and by module); give each once.")
+        layer_overrides = dict(zip(keys, dict(layer_overrides or {}).values()))
         unknown = sorted(set(layer_overrides) - set(names), key=str)
         if unknown:  # before the pass over the data, which may take long
             raise ValueError(f"`layer_overrides` names layers {unknown} that are not fitted here ({names}).")

@@ -116,6 +116,9 @@ class Jitter:
         return images
 
 
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # in a repr: where the object lives, not its settings
+
+
 def augment_record(augment: Any) -> Any:
     """What a fit's checkpoint records of its augmentation, so that a resume with another one is
     refused: ``None``; a :class:`Jitter`'s settings; a function's qualified name; otherwise the
@@ -143,9 +146,6 @@ def augment_record(augment: Any) -> Any:
         return f"{getattr(named, '__module__', None) or type(augment).__module__}.{named.__qualname__}"
     # the settings, not where the object happens to live: equal for the same transform in a resumed run
     return _MEMORY_ADDRESS.sub("", repr(augment))
-
-
-_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def augment_generators(augment: Any) -> List[torch.Generator]:

@@ -239,6 +239,24 @@ def test_layers_that_would_share_a_checkpoint_file_are_refused_before_any_work(i
     assert set(fit_invariances(wrapper, ["", "model"], autoencoder, images, steps=1, progress=False, **TINY)) == {"", "model"}
 
 
+def test_layers_whose_checkpoint_files_differ_only_in_case_are_refused(images, autoencoder, tmp_path):
+    """invariance_Head and invariance_head are one file on macOS and Windows: one INN overwrote the other."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = SmallCNN(width=4)
+            self.Head, self.head = nn.Identity(), nn.Identity()
+
+        def forward(self, x):
+            return self.head(self.Head(self.body(x)))
+
+    with pytest.raises(ValueError, match=r"Layers \['Head', 'head'\] would share the checkpoint file"):
+        fit_invariances(TwoHeads().eval(), ["Head", "head"], autoencoder, images, steps=2,
+                        checkpoint_dir=str(tmp_path), progress=False, **TINY)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_saved_unfinished_inn_keeps_its_step(images, autoencoder, tmp_path):
     """Saving the INN of a stopped fit and loading the file reported the target steps as done."""
     model = SmallCNN(width=4).eval()

@@ -431,13 +431,15 @@ def fit_invariances(
             if not isinstance(settings, Mapping):
                 raise TypeError(f"`layer_overrides[{layer!r}]` must be a dict of settings, e.g. {{'steps': 500}}, "
                                 f"got {type(settings).__name__}.")
-        if checkpoint_dir:  # "" and a submodule "model", or "conv 1" and "conv_1", would share one file
-            files = [checkpoint_name(n) for n in names]
+        if checkpoint_dir:  # "" and "model", "conv 1" and "conv_1", or "Conv" and "conv" (case-insensitive file
+            # systems: macOS, Windows) would share one file
+            files = [checkpoint_name(n).casefold() for n in names]
             shared = sorted({f for f in files if files.count(f) > 1})
             if shared:
-                clash = [n for n in names if checkpoint_name(n) == shared[0]]
-                raise ValueError(f"Layers {clash} would share the checkpoint file {shared[0]!r} in `checkpoint_dir`; fit "
-                                 "them in separate calls, each with its own checkpoint_dir.")
+                clash = [n for n in names if checkpoint_name(n).casefold() == shared[0]]
+                raise ValueError(f"Layers {clash} would share the checkpoint file {shared[0]!r} in `checkpoint_dir` (names are "
+                                 "compared ignoring case, as macOS and Windows do); fit them in separate calls, each "
+                                 "with its own checkpoint_dir.")
         configs = {n: merged_config(InvarianceConfig, config, layer_overrides.get(n, {})) for n in names}
         if checkpoint_dir and resume:  # every layer's, before the pass over the data and any training
             _check_checkpoints(checkpoint_dir, configs)

@@ -792,7 +792,7 @@ def _with_replaced(value: Any, selector: Selector, replacement: Tensor, name: st
 @contextmanager
 def replace_activation(
     module: nn.Module, value: Tensor, attribute_to_layer_input: bool = False, selector: Selector = None,
-    *, model: Optional[nn.Module] = None,
+    *, model: Optional[nn.Module] = None, once: bool = False,
 ) -> Iterator[None]:
     """Within the block, ``module``'s output (or first input) is replaced by ``value``.
 
@@ -812,7 +812,10 @@ def replace_activation(
             ``module`` in each call of ``model`` is replaced, the call that :func:`capture`, the
             fits and the explainers read (torchvision's ``BasicBlock`` calls its ``relu`` twice:
             the second call, the block's output, then runs on the model's own values). Without
-            it, every call of ``module`` is replaced.
+            it, every call of ``module`` is replaced, unless ``once``.
+        once: Replace only the first call of ``module`` within the block: for a block around one
+            forward pass whose model is out of reach (a lambda), where a layer module used twice
+            (one ``nn.ReLU`` shared by two stages) must keep its second call.
 
     Examples::
 
@@ -823,13 +826,15 @@ def replace_activation(
     """
     name = type(module).__name__
     armed = [True]  # whether the next call of module is replaced (re-armed at each call of model)
+    per_pass = model is not None and model is not module
+    first_only = per_pass or once
 
     def rearm(_model: nn.Module, _args: Any) -> None:
         armed[0] = True
 
     def take() -> bool:
         """Whether to replace this call (with a model: its first call in the current pass only)."""
-        replace, armed[0] = armed[0], armed[0] and not per_pass
+        replace, armed[0] = armed[0], armed[0] and not first_only
         return replace
 
     def matched(current: Tensor) -> Tensor:
@@ -856,7 +861,6 @@ def replace_activation(
             return args, {**kwargs, selector: matched(kwargs[selector])}
         return _with_replaced(args, selector, matched(_select(args, selector, name, "input")), name, "input"), kwargs
 
-    per_pass = model is not None and model is not module
     handles = [_unwrapped(model).register_forward_pre_hook(rearm)] if per_pass else []
     try:
         handles.append(module.register_forward_pre_hook(input_hook, with_kwargs=True) if attribute_to_layer_input

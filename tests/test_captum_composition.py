@@ -254,6 +254,16 @@ def test_noise_tunnel_over_concept_attributions(setup, x, scale, layer, mode):
         from_tuple = NoiseTunnel(concepts).attribute((x, scale), nt_type="vargrad", nt_samples=2,
                                                      stdevs=(0.02, 0.0), target=1, n_steps=8)
     assert isinstance(from_tuple, torch.Tensor) and from_tuple.shape == (N, k)
+    # with several inputs Captum wants one baseline per input (a number under NoiseTunnel, which checks
+    # each against its input); the image input's is the factor-space one: every such baseline was refused
+    with left_as_it_was(setup[0]):
+        numbers = NoiseTunnel(concepts).attribute((x, scale), nt_samples=1, stdevs=0.0, target=1, n_steps=8,
+                                                  baselines=(0.3, 0.0))
+        direct = concepts.attribute((x, scale), target=1, n_steps=8, baselines=(base, None))
+    assert torch.allclose(numbers, direct, atol=1e-6)
+    assert torch.allclose(direct, concepts.attribute((x, scale), target=1, n_steps=8, baselines=base), atol=1e-6)
+    with pytest.raises(ValueError, match=r"one baseline per input \(2\), got 3"):
+        concepts.attribute((x, scale), target=1, n_steps=8, baselines=(0.3, 0.0, 0.0))
 
 
 @pytest.mark.parametrize("layer", [False, True], ids=["code", "layer"])

@@ -293,6 +293,16 @@ def test_replace_activation_hands_the_model_a_copy_it_may_write_into():
         leaf.grad = None
 
 
+def test_replace_activation_once_replaces_only_the_first_call_in_the_block():
+    relu = nn.ReLU()
+    value = torch.full((2, 3), 7.0)
+    x = -torch.ones(2, 3)
+    with replace_activation(relu, value, once=True):
+        assert torch.equal(relu(x), value) and torch.equal(relu(x), torch.zeros(2, 3))
+    with replace_activation(relu, value):  # every call, by default
+        assert torch.equal(relu(x), value) and torch.equal(relu(x), value)
+
+
 def test_replace_activation_names_the_layer_by_its_path_when_given_the_model():
     model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU(), nn.Linear(4, 2)))
     with pytest.raises(ValueError, match=r"replaces the output of layer '1.0' \(ReLU\), of shape \(5, 4\)"):

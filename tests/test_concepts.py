@@ -787,6 +787,35 @@ def test_a_bound_forward_runs_the_model_in_eval_mode_and_a_plain_function_warns(
         LayerConcepts(lambda images: model(images), model.hidden, e, ae)
 
 
+def test_a_layer_module_used_twice_keeps_its_second_call_behind_a_plain_function():
+    """One nn.ReLU shared by two stages: the factors are read from its first call, but behind a lambda
+    (model out of reach) every call was replaced, so output_from_factors(x) was not model(x) and the
+    concept attributions differed from those of the model itself, without a warning."""
+
+    class SharedReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.out, self.act = nn.Linear(8, 6), nn.Linear(6, 6), nn.Linear(6, 3), nn.ReLU()
+
+        def forward(self, x):
+            return self.out(self.act(self.l2(self.act(self.l1(x.flatten(1))))))
+
+    torch.manual_seed(0)
+    model = SharedReLU().eval()
+    e = FactorINN(6, {"x": 2}, n_blocks=1, hidden=8, seed=0)
+    e.fit_info = {"representation": {"kind": "layer", "layer": "act", "dim": 6}}
+    with torch.no_grad():
+        e(torch.randn(16, 6))  # ActNorm's initialisation
+    e.eval()
+    x = torch.rand(4, 2, 2, 2)
+    expected = LayerConcepts(model, model.act, e).attribute(x, target=1, n_steps=16)
+    for forward in (model.forward, lambda images: model(images)):
+        explainer = LayerConcepts(forward, model.act, e)
+        assert torch.allclose(explainer.output_from_factors(x), model(x), atol=1e-5)
+        assert torch.allclose(explainer.attribute(x, target=1, n_steps=16), expected, atol=1e-6)
+    assert_no_hooks(model)
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda ex, x: ex.edit(x, "colour"), ValueError, "Unknown concept"),
     (lambda ex, x: ex.edit(x, "a", donors=torch.rand(3, 3, 8, 8)), ValueError, "1 or 4"),

@@ -341,11 +341,15 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             raise ValueError(f"`{name}` contains NaN or infinite values.")
         return factors.expand(n, -1)
 
-    def _baseline_factors(self, baselines: Any, factors: Tensor) -> Tensor:
-        """The factor-space baseline of :meth:`attribute` for inputs with ``factors``."""
-        if isinstance(baselines, tuple) and len(baselines) == 1:
-            # NoiseTunnel passes baselines on in Captum's tuple form: (1, d) arrives as ((1, d),).
-            baselines = baselines[0]
+    def _baseline_factors(self, baselines: Any, factors: Tensor, n_inputs: int) -> Tensor:
+        """The factor-space baseline of :meth:`attribute` for ``n_inputs`` inputs with ``factors``."""
+        if isinstance(baselines, tuple):
+            # Captum's tuple form, one baseline per input (NoiseTunnel passes them on so, and checks each
+            # against its input): the image input's is the factor-space one; the other inputs are not attributed
+            if len(baselines) not in (1, n_inputs):
+                raise ValueError(f"`baselines` as a tuple holds one baseline per input ({n_inputs}), got "
+                                 f"{len(baselines)}; or pass one factor-space baseline.")
+            baselines = baselines[self.image_input if len(baselines) > 1 else 0]
         if baselines is None:
             return torch.zeros_like(factors)  # the prior mean
         if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
@@ -518,7 +522,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             representation = self._to_representation(factors)
             if self.representation == _LAYER:
                 to_input = self._to_input(attribute_to_layer_input)
-                with replace_activation(self.layer, representation, to_input, self.selector, model=model), \
+                # with the model out of reach (a lambda), the first call of the layer in this one pass, the
+                # call the factors were read from (a module used twice keeps its second call)
+                with replace_activation(self.layer, representation, to_input, self.selector, model=model, once=True), \
                         dtype_errors_named(inputs[self.image_input], model):
                     return eager_module(self.forward_func)(*inputs, *extra)  # a compiled graph skips the hook
             # decoded images in the dtype of the images given, the model's (a float32 decoder, a float64 model)
@@ -677,7 +683,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         """
         inputs = format_inputs(end_point, self.image_input)
         end = self.factors(inputs, additional_forward_args)
-        start = self._baseline_factors(start_point, end)
+        start = self._baseline_factors(start_point, end, len(inputs))
         if not isinstance(attributions, Tensor) or attributions.shape[0] != end.shape[0]:
             raise ValueError(f"`attributions` must be a tensor with one row per input ({end.shape[0]}).")
         with torch.no_grad():
@@ -737,10 +743,11 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 call written for it would otherwise pass its baseline as the target.
             additional_forward_args: Extra arguments of ``forward_func``.
             baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``, a number or 0-d
-                tensor (every factor at that value), or Captum's one-element tuple of one; for an image baseline
-                pass :meth:`factors` of it. Under
-                ``NoiseTunnel`` give ``(1, d)`` (Captum checks baselines against the image inputs
-                and only lets a batch of one through).
+                tensor (every factor at that value), or Captum's tuple with one of these per input (the
+                entry at ``image_input`` is used; the other inputs are not attributed); for an image
+                baseline pass :meth:`factors` of it. Under ``NoiseTunnel`` give ``(1, d)``, or with
+                several inputs a tuple of numbers (Captum checks each baseline against its input and
+                only lets a batch of one or a number through).
             n_steps: Integration steps. The path runs through the decoder and the model, whose ReLUs
                 put kinks on it; Gauss–Legendre quadrature is erratic there (50 steps left up to
                 2.6% completeness error on ColorDigits, 200 steps still 2.6%), so the default is
@@ -782,7 +789,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         if internal_batch_size is not None:  # Captum takes one step per pass past N inputs, and warns each call
             internal_batch_size = max(internal_batch_size, n)  # about it, though the default was left alone
         start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)
-        base = self._baseline_factors(baselines, start)
+        base = self._baseline_factors(baselines, start, len(inputs))
         extra = _format_additional_forward_args(additional_forward_args) or ()
 
         def through_factors(factors: Tensor, *rest: Any) -> Any:

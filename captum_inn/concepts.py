@@ -20,9 +20,11 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from captum_inn._random import seeded_every_global_rng
 from captum_inn.attr._common import _tensor_bytes, as_optional_generator
 
 __all__ = ["ConceptPairs", "RELATIONS", "RESIDUAL", "as_concepts"]
@@ -123,8 +125,6 @@ class ConceptPairs:
         """
         import hashlib
 
-        from captum_inn._random import seeded_every_global_rng
-
         with seeded_every_global_rng(0):
             a, b = self.sample(n, torch.Generator().manual_seed(0))
         digest = hashlib.sha256(f"{self.relation}:{tuple(a.shape)}:{a.dtype}".encode())
@@ -160,7 +160,13 @@ class ConceptPairs:
             raise ValueError(f"`labels` has {len(keys)} entries for {inputs.shape[0]} inputs; give one label per input.")
         groups: Dict[Any, List[int]] = {}
         for i, key in enumerate(keys):
+            if isinstance(key, (Tensor, np.ndarray)) and key.ndim == 0:
+                # a list of 0-d tensors ([y for _, y in dataset]): a tensor hashes by identity, which made
+                # every input a group of its own, paired with itself
+                key = key.item()
             try:
+                if isinstance(key, (Tensor, np.ndarray)):
+                    raise TypeError  # a row: a tensor would group by identity, an array is unhashable
                 groups.setdefault(key, []).append(i)
             except TypeError:  # a row of a 2-d labels tensor or array
                 raise TypeError(
@@ -272,6 +278,17 @@ def _group_index(n: int, groups: Mapping[Any, List[int]]) -> Tensor:
 
 
 def _read_examples(data_iter: Iterable[Any], limit: int) -> Tensor:
+    from captum_inn.training.data import (
+        in_dataset_order,  # not at the top: the training package imports this module
+    )
+
+    # the same examples each call, the caller's generators kept: a DataLoader draws its seed from the global
+    # generator, and a shuffling one changed the pairs (every resume was refused) and the fits
+    with seeded_every_global_rng(0):
+        return _read_in_order(in_dataset_order(data_iter), limit)
+
+
+def _read_in_order(data_iter: Iterable[Any], limit: int) -> Tensor:
     chunks, count = [], 0
     for batch in data_iter:
         tensor = batch[0] if isinstance(batch, (tuple, list)) else batch

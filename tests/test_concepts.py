@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from captum.concept import Concept
@@ -61,6 +62,19 @@ def test_from_labels_pairs_share_the_label_and_are_distinct():
     assert (ia != ib).all()
     a2, _ = concept.sample(200, torch.Generator().manual_seed(0))
     assert torch.equal(a, a2)  # seeded
+
+
+def test_from_labels_reads_a_list_of_0d_tensors_by_value():
+    """[y for _, y in dataset]: tensors hash by identity, so every input was a group of its own and
+    every pair was an input with itself (a concept score of exactly 1.0), silently."""
+    x, c, _ = synthetic(60)
+    expected = ConceptPairs.from_labels("c", x, c).sample(50, torch.Generator().manual_seed(0))
+    for labels in (list(c), tuple(c), list(c.numpy().reshape(-1, 1, 1)[:, 0, 0])):
+        got = ConceptPairs.from_labels("c", x, labels).sample(50, torch.Generator().manual_seed(0))
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    zero_d_arrays = [np.array(v) for v in c.tolist()]
+    got = ConceptPairs.from_labels("c", x, zero_d_arrays).sample(50, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_from_labels_draws_the_pairs_of_the_per_pair_rule():
@@ -120,6 +134,20 @@ def test_from_captum_names_examples_of_different_shapes():
     with pytest.raises(ValueError, match=r"data_iter yields examples of different shapes \[\(3, 4, 4\), \(3, 5, 5\)\]"):
         ConceptPairs.from_captum(Concept(0, "stripes", batches))
     assert ConceptPairs.from_captum(Concept(0, "stripes", batches), max_examples=4).sample(2)[0].shape == (2, 3, 4, 4)
+
+
+def test_from_captum_reads_a_shuffling_loader_in_order_and_keeps_the_callers_generators():
+    """Reading a concept's DataLoader drew its seed from the global generator, and a shuffling one gave
+    other pairs on every read: seeded fits differed and every resume was refused as other data."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.randn(50, 6)
+    expected = ConceptPairs.from_captum(Concept(0, "c", DataLoader(TensorDataset(x), batch_size=10)))
+    state = torch.get_rng_state()
+    for _ in range(2):
+        shuffled = ConceptPairs.from_captum(Concept(0, "c", DataLoader(TensorDataset(x), batch_size=10, shuffle=True)))
+        assert shuffled.fingerprint() == expected.fingerprint()
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_a_transform_taking_the_generator_makes_seeded_fits_reproducible():
@@ -206,7 +234,7 @@ def test_concept_definition_errors():
 def test_from_labels_names_labels_that_are_not_one_per_input():
     """(M, 1) labels or one-hot rows: a TypeError naming `labels` and the fix (was "unhashable type: 'list'")."""
     x, y = torch.rand(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
-    for labels in (y[:, None], y[:, None].numpy(), nn.functional.one_hot(y)):
+    for labels in (y[:, None], y[:, None].numpy(), nn.functional.one_hot(y), list(y[:, None]), list(y[:, None].numpy())):
         with pytest.raises(TypeError, match=r"`labels` must hold one hashable label per input.*reshape\(-1\)"):
             ConceptPairs.from_labels("digit", x, labels)
     for one in (torch.tensor(1), 1, y.numpy()[0]):  # "object of type 'int' has no len()" and the like before
@@ -995,6 +1023,35 @@ def test_concept_dynamics_checks_what_it_measures_with_before_any_fit(monkeypatc
     with pytest.raises(error, match=match):
         dynamics.concept_dynamics(layer="hidden", autoencoder=ae, concept_inn=e.eval(), data=images, steps=2,
                                   n_blocks=1, hidden=8, progress=False, **kw)
+
+
+def test_concept_dynamics_records_each_models_own_class_and_refuses_bare_models(tmp_path):
+    """With tensor data every checkpoint's INN recorded the first model's class, so rerunning on a later
+    checkpoint alone was refused; a list of bare models was unpacked as (label, model) pairs, a
+    two-module nn.Sequential as (its first child, its second)."""
+    from captum_inn.training import load_invariance_inn
+    from captum_inn.training.dynamics import concept_dynamics
+
+    class Later(VectorModel):
+        pass
+
+    torch.manual_seed(0)
+    early, late, images = VectorModel().eval(), Later().eval(), torch.rand(16, 3, 8, 8)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=1, hidden=8)
+    e(torch.randn(32, 6))
+    kw = dict(steps=2, n_blocks=1, hidden=8, embed_dim=8, batch_size=8, n_samples=2, progress=False,
+              checkpoint_dir=str(tmp_path))
+    concept_dynamics({"early": early, "late": late}, "hidden", ae, e.eval(), images, images[:4], **kw)
+    for label, model in (("early", early), ("late", late)):
+        inn = load_invariance_inn(tmp_path / label / "invariance_hidden.safetensors")
+        assert inn.fit_info["model_class"].endswith(type(model).__qualname__)
+    concept_dynamics({"late": late}, "hidden", ae, e.eval(), images, images[:4], **kw)  # resumes
+    two_children = nn.Sequential(nn.Identity(), VectorModel())
+    for models in ([two_children], [early, late], [("a", early, 1)], [(early, late)]):
+        with pytest.raises(TypeError, match=r"`models` must be a non-empty \{label: nn.Module\} mapping or a list of "
+                                            r"\(label, nn.Module\) pairs"):
+            concept_dynamics(models, "hidden", ae, e.eval(), images, images[:4], **kw)
 
 
 @pytest.fixture

@@ -271,6 +271,25 @@ def test_a_saved_unfinished_inn_keeps_its_step(images, autoencoder, tmp_path):
     assert load_invariance_inn(str(tmp_path / checkpoint_name("fc")), layer_shape=128).fit_info["step"] == 3  # an int
 
 
+def test_an_autoencoder_fit_on_a_dataset_with_random_transforms_resumes_and_keeps_the_callers_generators(images, tmp_path):
+    """A random flip in __getitem__ drew from the global generators: each read gave other images, so a
+    resume was refused as "another configuration (source.images)", and the caller's stream moved."""
+    from torch.utils.data import Dataset
+
+    class RandomFlips(Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i].flip(-1) if torch.rand(()) < 0.5 else images[i]
+
+    settings = dict(latent_dim=4, width=4, checkpoint=str(tmp_path / "ae.safetensors"), progress=False)
+    state = torch.get_rng_state()
+    fit_autoencoder(RandomFlips(), steps=2, **settings)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(fit_autoencoder(RandomFlips(), steps=3, **settings).history) == 3
+
+
 def test_an_autoencoder_fit_on_a_shuffling_loader_resumes(images, tmp_path):
     """The images were read by iterating the loader, in a new order on every call, so the resume's
     images fingerprint differed and it was refused as "another configuration (source.images)"."""

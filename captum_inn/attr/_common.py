@@ -589,6 +589,11 @@ def _hash_tensors(digest: Any, tensors: Dict[str, Tensor]) -> None:
         digest.update(_tensor_bytes(tensors[key]))
 
 
+def class_name(obj: Any) -> str:
+    """The qualified class name a checkpoint records for a model, e.g. ``captum_inn.models.SmallCNN``."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 @torch.no_grad()
 def weights_fingerprint(network: Any, buffers: bool = False) -> str:
     """A short hash of a network's parameters, so an INN can tell the autoencoder or model it was

@@ -8,9 +8,8 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, Subset, SubsetRandomSampler, default_collate
 
-from captum_inn._random import seeded_global_rng
+from captum_inn._random import seeded_every_global_rng, seeded_global_rng
 from captum_inn.attr._common import (
     autograd_on,
     check_module_device,
@@ -34,9 +33,8 @@ from captum_inn.training.classifier import augment_generators, augment_record
 from captum_inn.training.data import (
     _items_are_stored_arrays,
     check_image_dtype,
+    in_dataset_order,
     iter_image_batches,
-    loader_indices,
-    loader_sampler,
 )
 from captum_inn.training.distributed import (
     check_processes_agree,
@@ -98,8 +96,9 @@ def images_as_tensor(data: Any) -> Tensor:
         data: Images as in :func:`~captum_inn.training.data.iter_image_batches` (a ``Dataset`` may
             yield ``(image, label)`` pairs). A tensor is returned as it is, a
             :class:`~captum_inn.datasets.ColorDigits` gives its ``images``, and a shuffling
-            ``DataLoader`` its dataset's images in the dataset's order (the same on every call, so
-            a resume is recognised).
+            ``DataLoader`` its dataset's images in the dataset's order. Random transforms are
+            drawn from generators seeded the same on every call (the caller's are left as they
+            were), so the images, and a resume's check of them, are the same each time.
 
     Returns:
         ``(N, C, H, W)``.
@@ -114,13 +113,10 @@ def images_as_tensor(data: Any) -> Tensor:
         return data
     if hasattr(data, "images") and isinstance(data.images, Tensor) and _items_are_stored_arrays(data):  # e.g. ColorDigits
         return data.images
-    shuffling = (RandomSampler, SubsetRandomSampler)  # the second is no subclass of the first
-    if isinstance(data, DataLoader) and isinstance(loader_sampler(data), shuffling) and data.collate_fn is default_collate:
-        # a shuffling loader's images in the dataset's order: iterated, each call (a resume) fingerprinted another order
-        indices = loader_indices(data)
-        if indices is not None:
-            data = Subset(data.dataset, list(indices))
-    return torch.cat(list(iter_image_batches(data, batch_size=256)))
+    # random transforms draw the same each call (and leave the caller's generators alone): a resume's
+    # images fingerprint changed with every read
+    with seeded_every_global_rng(0):
+        return torch.cat(list(iter_image_batches(in_dataset_order(data), batch_size=256)))
 
 
 @autograd_on

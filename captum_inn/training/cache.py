@@ -27,6 +27,7 @@ from captum_inn.attr._common import (
     check_image_size,
     check_module_device,
     check_pixel_range,
+    class_name,
     dtype_errors_named,
     network_dtype,
     weights_fingerprint,
@@ -605,7 +606,7 @@ def cache_features(
         if seen == 0:
             raise ValueError(_NO_IMAGES)  # data of unknown length that yielded nothing
         return sink.finish(names, {
-            "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "source": source,
+            "model_class": class_name(model), "source": source,
             "layer_inputs": bool(attribute_to_layer_input), "autoencoder_weights": weights_fingerprint(autoencoder),
             "source_parts": source_parts, "model_weights": weights_fingerprint(model),
             "selectors": {name: selector_record(chosen)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, WeightedRandomSampler
 
+from captum_inn._random import seeded_every_global_rng
 from captum_inn.attr._common import autograd_on, check_number, check_positive_int, class_indices
 from captum_inn.capture import check_autograd_weights
 from captum_inn.metrics import predict_classes
@@ -56,7 +57,8 @@ def _as_labelled(data: Any) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise TypeError(f"`data` must be (images, labels), a Dataset of (image, label) pairs or a DataLoader over "
                         f"one, got {type(data).__name__}.")
-    xs, ys = zip(*(data[i] for i in (range(len(data)) if indices is None else indices)))
+    with seeded_every_global_rng(0):  # random transforms: the same images every call, the caller's generators kept
+        xs, ys = zip(*(data[i] for i in (range(len(data)) if indices is None else indices)))
     with batching_errors_explained():
         return torch.stack(xs), torch.as_tensor(ys), weights
 

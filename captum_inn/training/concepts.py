@@ -30,6 +30,7 @@ from captum_inn.attr._common import (
     autograd_on,
     check_int,
     check_module_device,
+    class_name,
     network_dtype,
     weights_fingerprint,
 )
@@ -171,7 +172,7 @@ class LayerRepresentation:
         """What a checkpoint records about this representation."""
         described = {"kind": "layer", "dim": int(dim), "layer": self.layer_name,
                      "attribute_to_layer_input": bool(self.attribute_to_layer_input),
-                     "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                     "model_class": class_name(self.model),
                      "weights": weights_fingerprint(self.model)}
         selector = selector_record(self.layer_selector)
         if selector is not None and is_comparable_selector(selector):  # only then: older checkpoints still resume

@@ -7,7 +7,15 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+    default_collate,
+)
 
 from captum_inn.attr._common import check_positive_int
 
@@ -115,6 +123,26 @@ def loader_indices(loader: DataLoader) -> Optional[Sequence[int]]:
     if isinstance(indices, (range, list, tuple)) or (isinstance(indices, Tensor) and indices.dim() == 1):
         return sorted(int(i) for i in indices)
     return None
+
+
+def in_dataset_order(data: Any) -> Any:
+    """A shuffling ``DataLoader`` (default collation) as the :class:`~torch.utils.data.Subset` of
+    the images it draws, in the dataset's order; anything else as it is. Read this way, the images
+    come in one order on every call, so a fingerprint (a resume's check) does not change.
+
+    Examples::
+
+        >>> from torch.utils.data import TensorDataset
+        >>> shuffled = DataLoader(TensorDataset(torch.arange(4.0)), shuffle=True)
+        >>> [float(x) for (x,) in in_dataset_order(shuffled)]
+        [0.0, 1.0, 2.0, 3.0]
+    """
+    shuffling = (RandomSampler, SubsetRandomSampler)  # the second is no subclass of the first
+    if isinstance(data, DataLoader) and isinstance(loader_sampler(data), shuffling) and data.collate_fn is default_collate:
+        indices = loader_indices(data)
+        if indices is not None:
+            return Subset(data.dataset, list(indices))
+    return data
 
 
 def _items_are_stored_arrays(data: Any) -> bool:

@@ -21,6 +21,7 @@ from captum_inn.attr._common import (
     check_image_size,
     check_module_device,
     check_positive_int,
+    class_name,
     format_inputs,
     weights_fingerprint,
 )
@@ -214,8 +215,12 @@ def concept_dynamics(
         dynamics.as_dict()["encoded"]                 # {concept: [share per checkpoint]}
     """
     items = list(models.items()) if isinstance(models, Mapping) else list(models)
-    if not items or not all(isinstance(m, nn.Module) for _, m in items):
-        raise TypeError("`models` must be a non-empty {label: nn.Module} mapping or a list of (label, nn.Module).")
+    # each item a (label, model) pair, checked before unpacking: a bare two-module nn.Sequential would
+    # unpack as (its first child as the label, its second as the model)
+    if not items or not all(isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], nn.Module)
+                            and not isinstance(item[0], nn.Module) for item in items):
+        raise TypeError("`models` must be a non-empty {label: nn.Module} mapping or a list of (label, nn.Module) "
+                        "pairs, e.g. Snapshots(...).models or [('early', model_a), ('late', model_b)].")
     name = layer if isinstance(layer, str) else resolve_layer(items[0][1], layer)[0]
     device = as_device(device)
     seeded = {} if seed is None else {"seed": seed}  # without one, config's seed stands
@@ -237,7 +242,7 @@ def concept_dynamics(
         else:  # the same codes; this model's layer, and its own source for the checkpoint's record
             source, parts = _source_digests(model, autoencoder, data)
             cache = replace(base, layers={name: _layer_features(model, name, data, device, read)}, source=source,
-                            source_parts=parts, model_weights=weights_fingerprint(model))
+                            source_parts=parts, model_weights=weights_fingerprint(model), model_class=class_name(model))
         folder = str(Path(checkpoint_dir) / str(label)) if checkpoint_dir is not None else None
         inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
                               progress=progress)

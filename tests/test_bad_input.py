@@ -169,6 +169,7 @@ def _cases():
         ("classifier seed beyond what the fits take", lambda m, ae, inn, e: fit_classifier(m, (X, torch.zeros(3)), steps=1, seed=-2**60, progress=False), ValueError, r"`seed` must lie strictly between -2\*\*53 and 2\*\*53"),
         ("concept scores seed beyond what the fits take", lambda m, ae, inn, e: estimate_factor_sizes((m, "cnn.fc"), [ConceptPairs.from_labels("x", X, [0, 0, 1])], n_pairs=4, seed=2**60), ValueError, r"`seed` must lie strictly between"),
         ("seed beyond what torch takes", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, progress=False, seed=2**64), ValueError, r"`seed` must lie strictly between -2\*\*53 and 2\*\*53"),
+        ("explainer seed beyond what torch takes", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(X, n_samples=2, seed=2**64), ValueError, r"`seed` must lie between -2\*\*63 and 2\*\*64 - 1"),
         ("bad setting in layer_overrides", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, progress=False, layer_overrides={"cnn.logits": {"hidden": 0}}), ValueError, "`hidden` must be >= 1"),
         ("config of another fit", lambda m, ae, inn, e: fit_autoencoder(X, latent_dim=4, config=InvarianceConfig(), progress=False), TypeError, "`config` must be an instance of AutoencoderConfig"),
         ("re-encoding with one original", lambda m, ae, inn, e: reencode_similarity(m, "cnn.fc", X[:1], X[:1, None]), ValueError, "at least 2"),

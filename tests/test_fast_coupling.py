@@ -181,3 +181,38 @@ def test_empty_batch_takes_the_module_path():
     (y.sum() + logdet.sum()).backward()
     assert x.grad.shape == (0, 4)
     assert all(p.grad is not None and not p.grad.any() for p in coupling.parameters())
+
+
+def test_a_strided_bias_takes_the_module_path(module_path):
+    """oneDNN read a non-contiguous bias as if it were contiguous: outputs off by hundreds, silently."""
+    coupling = AffineCoupling(6, hidden=8, cond_dim=2)
+    _randomise(coupling)
+    x, c = torch.randn(4, 6), torch.randn(4, 2)
+    with module_path:
+        expected = coupling(x, c)[0]
+    with torch.no_grad():
+        for layer in coupling.subnet[::2]:  # the same values, stored with stride 2
+            layer.bias = torch.nn.Parameter(torch.stack([layer.bias, torch.full_like(layer.bias, 99.0)], 1).reshape(-1)[::2])
+    assert not coupling.subnet[0].bias.is_contiguous()
+    assert torch.allclose(coupling(x, c)[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("context", ["autocast", "float64 default"])
+def test_a_first_call_under_autocast_or_another_default_dtype_does_not_switch_the_path_off(monkeypatch, context):
+    """The one-time probe ran in the first caller's context and failed there (a bfloat16 reference, a
+    float64 tensor oneDNN has no kernel for), which kept the module path for the whole process."""
+    monkeypatch.setenv("CAPTUM_INN_ONEDNN", "1")
+    for key in ("enabled", "available"):
+        monkeypatch.delitem(_fast._STATE, key, raising=False)
+    coupling = AffineCoupling(6, hidden=8)
+    if context == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            coupling(torch.randn(4, 6))
+    else:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            assert _fast._kernel_works()
+        finally:
+            torch.set_default_dtype(default)
+    assert _fast.fast_path_enabled() and _fast.kernel_available()

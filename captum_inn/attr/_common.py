@@ -569,7 +569,10 @@ def seeded_generator(seed: Optional[int], generator: Optional[torch.Generator],
         return generator
     if generator is not None:
         raise ValueError("Give at most one of `generator` and `seed`.")
-    return torch.Generator(device).manual_seed(check_int(seed, "seed"))
+    seed = check_int(seed, "seed")
+    if not -(2**63) <= seed < 2**64:  # torch's range; beyond it "Overflow when unpacking long long"
+        raise ValueError(f"`seed` must lie between -2**63 and 2**64 - 1 (a torch generator's seed), got {seed}.")
+    return torch.Generator(device).manual_seed(seed)
 
 
 def _tensor_bytes(tensor: Tensor) -> Any:

@@ -80,11 +80,13 @@ def _kernel_works() -> bool:
             return False
         op = torch.ops.mkldnn._linear_pointwise
         g = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*s, generator=g) for s in ((5, 7), (3, 7), (3,)))
-        y = op(x, w, b, "leaky_relu", [0.2], "")
-        ok = y.shape == (5, 3) and torch.allclose(y, F.leaky_relu(F.linear(x, w, b), 0.2), atol=1e-5)
-        gw = op(y.t(), x.t(), None, "none", [], "")  # transposed (strided) operands, as in the backward
-        ok = ok and torch.allclose(gw, y.t() @ x, atol=1e-5)
+        # float32 and no autocast whatever the first caller's context: the answer is kept for the process
+        with torch.autocast("cpu", enabled=False):
+            x, w, b = (torch.randn(*s, generator=g, dtype=torch.float32) for s in ((5, 7), (3, 7), (3,)))
+            y = op(x, w, b, "leaky_relu", [0.2], "")
+            ok = y.shape == (5, 3) and torch.allclose(y, F.leaky_relu(F.linear(x, w, b), 0.2), atol=1e-5)
+            gw = op(y.t(), x.t(), None, "none", [], "")  # transposed (strided) operands, as in the backward
+            ok = ok and torch.allclose(gw, y.t() @ x, atol=1e-5)
         _STATE["op"] = op
         return bool(ok)
     except Exception:  # an older or CPU-only build without the kernel: keep the module path
@@ -113,9 +115,9 @@ def _plan(subnet: nn.Module) -> Optional[List[Tuple[nn.Linear, Optional[float]]]
     return [(lin, slope) for lin, slope in plan]
 
 
-def _usable(x: Tensor, c: Optional[Tensor], plan) -> bool:
-    if plan is None or not fast_path_enabled():
-        return False
+def _inputs_allow(x: Tensor, c: Optional[Tensor]) -> bool:
+    """Whether the inputs and the calling context allow the oneDNN path (checked before the one-time
+    probe, which a first call under autocast or vmap would otherwise have failed for the process)."""
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
     if x.shape[0] == 0:  # oneDNN's weight-gradient product has no primitive for an empty batch
@@ -133,11 +135,18 @@ def _usable(x: Tensor, c: Optional[Tensor], plan) -> bool:
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
+    return True
+
+
+def _parameters_allow(plan) -> bool:
+    if plan is None:
+        return False
     for lin, _ in plan:
         w, b = lin.weight, lin.bias
         if w.dtype != torch.float32 or w.device.type != "cpu" or w.layout != torch.strided:
             return False
-        if b is not None and (b.dtype != torch.float32 or b.device.type != "cpu"):
+        # oneDNN reads a strided bias as if it were contiguous (wrong values, silently)
+        if b is not None and (b.dtype != torch.float32 or b.device.type != "cpu" or not b.is_contiguous()):
             return False
         if _is_dual(w) or (b is not None and _is_dual(b)):
             return False
@@ -215,8 +224,8 @@ class _MLP(torch.autograd.Function):
 
 def subnet_forward(subnet: nn.Module, fixed: Tensor, c: Optional[Tensor]) -> Tensor:
     """``subnet(cat([fixed, c], 1))`` (or ``subnet(fixed)`` for ``c=None``), on oneDNN where it applies."""
-    plan = _plan(subnet) if fast_path_enabled() else None
-    if not _usable(fixed, c, plan):
+    plan = _plan(subnet) if _inputs_allow(fixed, c) and fast_path_enabled() else None
+    if not _parameters_allow(plan):
         return subnet(fixed if c is None else torch.cat([fixed, c], dim=1))
     slopes = [slope for _, slope in plan]
     params = []

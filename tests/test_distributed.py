@@ -180,3 +180,41 @@ def test_shard_data_refuses_fewer_items_than_processes_on_every_rank(monkeypatch
 
     with pytest.raises(TypeError, match="map-style Dataset .* not a Stream"):
         distributed.shard_data(Stream())
+
+
+def test_collectives_on_module_tensors_go_where_the_backend_can_send_them(monkeypatch):
+    """sync_module, average_gradients and average_buffers called the collectives on the module's own
+    tensors: a CPU fit in a group that NCCL started (after a CUDA fit) failed at its first step. They now
+    go through _comm (here a stand-in that moves to a copy), and the results come back in place."""
+    from captum_inn.training import distributed
+
+    copies = []
+
+    def moved(tensor):
+        copies.append(tensor.clone())  # another tensor, as a copy on the GPU would be
+        return copies[-1]
+
+    def all_reduce(tensor):  # two ranks holding the same values
+        assert tensor is copies[-1], "a collective on a tensor that did not go through _comm"
+        tensor.mul_(2)
+
+    def broadcast(tensor, src):
+        assert tensor is copies[-1], "a collective on a tensor that did not go through _comm"
+        tensor.fill_(7.0)  # rank 0's values
+
+    monkeypatch.setattr(distributed, "world", lambda device=None: (0, 2))
+    monkeypatch.setattr(distributed, "_comm", moved)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    distributed.sync_module(net)
+    assert all(bool((t == 7.0).all()) for t in [*net.parameters(), *net.buffers()])
+    net[1].running_mean.copy_(torch.arange(4.0))
+    distributed.average_buffers(net)  # the sum over two equal ranks, halved: unchanged
+    assert torch.equal(net[1].running_mean, torch.arange(4.0))
+    loss = net(torch.randn(5, 3)).pow(2).mean()
+    loss.backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    assert float(distributed.average_gradients(net, loss)) == pytest.approx(loss.item())
+    assert all(torch.allclose(p.grad, g) for p, g in zip(net.parameters(), grads))

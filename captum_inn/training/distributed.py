@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +65,16 @@ def _comm(tensor: Tensor) -> Tensor:
     if torch.distributed.get_backend() == "nccl":
         return tensor.to(torch.device("cuda", torch.cuda.current_device()))
     return tensor
+
+
+def _in_place(collective: Callable[..., Any], tensor: Tensor, **kwargs: Any) -> None:
+    """``collective(tensor, **kwargs)`` through :func:`_comm`, the result copied back into ``tensor``: a CPU
+    fit in a process group that NCCL started (an earlier CUDA fit's) failed ("No backend type associated
+    with device type cpu") at its first step."""
+    moved = _comm(tensor)
+    collective(moved, **kwargs)
+    if moved is not tensor:
+        tensor.copy_(moved)
 
 
 def is_main() -> bool:
@@ -154,7 +164,7 @@ def sync_module(module: nn.Module) -> None:
         return
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            torch.distributed.broadcast(tensor.data, src=0)
+            _in_place(torch.distributed.broadcast, tensor.data, src=0)
 
 
 def average_gradients(module: nn.Module, loss: Tensor) -> Tensor:
@@ -180,7 +190,7 @@ def average_gradients(module: nn.Module, loss: Tensor) -> Tensor:
         return loss
     params = [p for p in module.parameters() if p.grad is not None]
     flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1).to(params[0].grad.dtype)])
-    torch.distributed.all_reduce(flat)
+    _in_place(torch.distributed.all_reduce, flat)
     flat /= size
     offset = 0
     for p in params:
@@ -208,7 +218,7 @@ def average_buffers(module: nn.Module) -> None:
     with torch.no_grad():
         for buffer in module.buffers():
             if buffer.is_floating_point():
-                torch.distributed.all_reduce(buffer.data)
+                _in_place(torch.distributed.all_reduce, buffer.data)
                 buffer.data /= world()[1]
 
 

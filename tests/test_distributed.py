@@ -218,3 +218,26 @@ def test_collectives_on_module_tensors_go_where_the_backend_can_send_them(monkey
     grads = [p.grad.clone() for p in net.parameters()]
     assert float(distributed.average_gradients(net, loss)) == pytest.approx(loss.item())
     assert all(torch.allclose(p.grad, g) for p, g in zip(net.parameters(), grads))
+
+
+def test_processes_with_different_fit_settings_are_refused_naming_the_setting(monkeypatch):
+    """Another lr in one process gave replicas that drifted apart with no error; other steps crashed in
+    the collectives ("Connection reset by peer"); a checkpoint given to process 0 only aborted at the first
+    checkpoint. train_loop now refuses them in every process (simulated: rank 0 of 2)."""
+    from captum_inn.training import distributed, loop
+
+    monkeypatch.setattr(loop, "world", lambda device=None: (0, 2))
+    monkeypatch.setattr(distributed, "world", lambda device=None: (0, 2))
+    lin = torch.nn.Linear(3, 1)
+
+    def fit(**settings):
+        return loop.train_loop(lin, lambda g: lin(torch.randn(4, 3, generator=g)).pow(2).mean(), progress=False,
+                               **{"steps": 3, "lr": 0.05, **settings})
+
+    for other, match in ((lambda t: t.replace('"lr": 0.05', '"lr": 0.005'), r"lr is 0.005 in process 1 but 0.05 in process 0"),
+                         (lambda t: t.replace('"steps": 3', '"steps": 4'), r"steps is 4 in process 1 but 3 in process 0"),
+                         (lambda t: t.replace('"checkpoint": false', '"checkpoint": true'),
+                          r"checkpoint is true in process 1 but false in process 0\. Give every process the same settings")):
+        monkeypatch.setattr(distributed, "gather_texts", lambda text, other=other: [text, other(text)])
+        with pytest.raises(ValueError, match=r"`train_loop settings` differ between processes: " + match):
+            fit()

@@ -355,7 +355,7 @@ def check_replicas_agree(networks: Mapping[str, Optional[Any]]) -> None:
             )
 
 
-def check_processes_agree(name: str, record: Any, fix: str) -> None:
+def check_processes_agree(name: str, record: Any, fix: str, by_key: bool = False) -> None:
     """``ValueError`` in every process of a distributed fit when ``record`` (a JSON-able description
     of a setting, e.g. :func:`~captum_inn.training.classifier.augment_record`) differs between them.
 
@@ -367,6 +367,7 @@ def check_processes_agree(name: str, record: Any, fix: str) -> None:
         name: The argument, for the message.
         record: This process's description of it.
         fix: What to do, for the message.
+        by_key: ``record`` is a dict of settings; the message names those that differ.
 
     Examples::
 
@@ -374,7 +375,14 @@ def check_processes_agree(name: str, record: Any, fix: str) -> None:
     """
     if world()[1] == 1:
         return
-    texts = gather_texts(json.dumps(record, sort_keys=True))
+    # what JSON cannot hold compares by type: a repr may hold a memory address, which differs per process
+    texts = gather_texts(json.dumps(record, sort_keys=True, default=lambda value: type(value).__qualname__))
     if len(set(texts)) > 1:
         odd = [rank for rank, text in enumerate(texts) if text != texts[0]]
+        theirs, ours = json.loads(texts[odd[0]]), json.loads(texts[0])
+        if by_key:  # a dict of settings: name the ones that differ
+            keys = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))
+            raise ValueError(f"`{name}` differ between processes: " + "; ".join(
+                f"{k} is {json.dumps(theirs.get(k))} in process {odd[0]} but {json.dumps(ours.get(k))} in process 0"
+                for k in keys) + f". {fix}")
         raise ValueError(f"`{name}` is {texts[odd[0]]} in process {odd[0]} but {texts[0]} in process 0: {fix}")

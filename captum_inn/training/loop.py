@@ -38,6 +38,7 @@ from captum_inn.training.checkpoint import (
 from captum_inn.training.distributed import (
     average_buffers,
     average_gradients,
+    check_processes_agree,
     gather_generator_states,
     sync_module,
     world,
@@ -344,6 +345,16 @@ def train_loop(
     parameter = next(module.parameters(), None)  # under torchrun on GPUs the process group is NCCL's
     device = torch.device("cpu") if parameter is None else parameter.device
     rank, n_ranks = world(device)
+    # settings that differ between processes gave replicas that drift apart silently (another lr), a
+    # crash in the collectives (other steps) or a hang (a checkpoint on rank 0 only): refused in every process
+    check_processes_agree("train_loop settings", {
+        "steps": steps, "lr": lr, "betas": [float(b) for b in betas], "grad_clip": grad_clip, "schedule": schedule,
+        "weight_decay": weight_decay, "checkpoint": checkpoint is not None, "checkpoint_every": checkpoint_every,
+        "resume": bool(resume), "generators": len(generators),
+        **({f"config.{k}": v for k, v in meta["config"].items()} if isinstance(meta.get("config"), Mapping)
+           else {"config": meta.get("config")})},
+        "Give every process the same settings (only process 0 writes the checkpoint, but every process needs "
+        "its path).", by_key=True)
     graphed = _use_cuda_graph(cuda_graph, batch_fn, device, n_ranks)
     generator = torch.Generator().manual_seed(int(seed) + _RANK_SEED_STRIDE * rank)
     # foreach: the same per-element arithmetic as the per-tensor loop (bit for bit), in fewer calls;

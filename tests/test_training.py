@@ -1434,3 +1434,32 @@ def test_adversarial_training_needs_batches_of_four():
     assert fit_classifier(plain, (x, y), steps=1, batch_size=2, adversarial_epsilon=0.1, progress=False) is plain
     with pytest.raises(ValueError, match=r"at least 2 images per process, got 1"):
         fit_classifier(plain, (x, y), steps=1, batch_size=1, adversarial_epsilon=0.1, progress=False)
+
+
+def test_dropout_in_a_fit_draws_seeded_streams_that_a_resume_continues(tmp_path):
+    """Dropout draws from torch's global generator, which fits neither seeded nor saved: the same seed gave
+    other models, the caller's stream moved, and a resumed fit drew other masks than an uninterrupted one."""
+    from captum_inn.training import train_loop
+    from captum_inn.training.classifier import fit_classifier
+
+    torch.manual_seed(0)
+    x, y = torch.rand(24, 3, 4, 4), torch.randint(3, (24,))
+    base = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+    state = torch.get_rng_state()
+    first, second = (fit_classifier(copy.deepcopy(base), (x, y), steps=5, seed=1, progress=False) for _ in range(2))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+    def fit(module, steps, **settings):
+        def loss_fn(generator):
+            rows = torch.randint(24, (8,), generator=generator)
+            return nn.functional.cross_entropy(module(x[rows]), y[rows])
+        return train_loop(module, loss_fn, steps=steps, lr=0.01, progress=False, **settings)
+
+    whole = copy.deepcopy(base)
+    expected = fit(whole, 10)
+    resumed = copy.deepcopy(base)
+    fit(resumed, 5, checkpoint=str(tmp_path / "fit.safetensors"))
+    torch.rand(3)  # the caller draws in between
+    assert fit(resumed, 10, checkpoint=str(tmp_path / "fit.safetensors")) == expected
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -152,6 +153,16 @@ def _extra_generator_key(index: int) -> str:
     return f"rng.extra.{index}"
 
 
+def _global_generator_key(rank: int) -> str:
+    return f"rng.global.{rank}"
+
+
+def _global_seed(seed: int, rank: int, start: int) -> int:
+    """The seed of torch's global generators during a fit's steps from ``start`` (dropout draws from
+    them): another stream than the minibatch generator's, in torch's 64-bit range."""
+    return (int(seed) * 1009 + 0x5EED + _RANK_SEED_STRIDE * rank + start) % 2**64
+
+
 def resume_key(config: Dict[str, Any]) -> Dict[str, Any]:
     """The part of a fit's settings that a resumed fit must share with the checkpoint.
 
@@ -257,9 +268,12 @@ def train_loop(
 ) -> List[float]:
     """Minimise ``loss_fn`` over ``module``'s parameters for ``steps`` Adam steps.
 
-    ``loss_fn(generator)`` draws its own minibatch with ``generator`` and returns a scalar loss. All
-    randomness of a fit flows through that one generator, so a fit resumed from a checkpoint (which
-    stores the model, the optimiser and the generator state) continues exactly where it stopped.
+    ``loss_fn(generator)`` draws its own minibatch with ``generator`` and returns a scalar loss. A
+    fit resumed from a checkpoint (which stores the model, the optimiser and the generator state)
+    continues exactly where it stopped. What draws from torch's global generators during the steps
+    (dropout, a torchvision transform) draws from streams seeded by ``seed`` and saved with the
+    checkpoint (on the CPU; a CUDA device's is reseeded at a resume), and the caller's streams are
+    left as they were.
 
     With ``batch_fn``, each step calls ``loss_fn(*batch_fn(generator))`` instead: ``batch_fn`` draws
     the minibatch (and any noise) and moves it to the device; ``loss_fn`` only computes. On a GPU
@@ -357,6 +371,7 @@ def train_loop(
         "its path).", by_key=True)
     graphed = _use_cuda_graph(cuda_graph, batch_fn, device, n_ranks)
     generator = torch.Generator().manual_seed(int(seed) + _RANK_SEED_STRIDE * rank)
+    global_state: Optional[Tensor] = None  # of torch's global CPU generator, from the checkpoint
     # foreach: the same per-element arithmetic as the per-tensor loop (bit for bit), in fewer calls;
     # an INN has over a hundred small parameters, so on the CPU a step is ~10% faster. capturable:
     # the step count and bias corrections stay on the GPU, so the update can be captured
@@ -376,6 +391,8 @@ def train_loop(
             load_optimizer(optimizer, tensors, saved["optimizer"])
             start, history = saved_step(checkpoint, saved), list(saved["history"])
             main_state = tensors[_generator_key(rank)] if int(saved.get("world_size", 1)) == n_ranks else None
+            # absent in checkpoints of older versions: reseeded for the steps from here on
+            global_state = tensors.get(_global_generator_key(rank)) if main_state is not None else None
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise CheckpointError(
                 f"Checkpoint {checkpoint!r} does not hold a whole fit of this module ({type(error).__name__}: "
@@ -397,10 +414,12 @@ def train_loop(
     def write(step: int) -> None:
         average_buffers(module)  # collectives: every rank takes part
         states = gather_generator_states(generator)
+        global_states = gather_generator_states(torch.default_generator)
         if rank != 0:
             return
         optim_tensors, optim_meta = optimizer_tensors(optimizer)
         tensors = {**module_tensors(module), **optim_tensors, **{_generator_key(r): s for r, s in enumerate(states)},
+                   **{_global_generator_key(r): s for r, s in enumerate(global_states)},
                    **{_extra_generator_key(i): g.get_state() for i, g in enumerate(generators)}}
         save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta,
                                               "world_size": n_ranks})
@@ -441,6 +460,18 @@ def train_loop(
     loss_every = max(1, min(50, (steps - start) // 20))
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{desc} (resumed at step {start})" if start else desc,
                disable=not progress or rank != 0, leave=False)
+    # the steps draw from torch's global generators (dropout) seeded by the fit, and saved at each checkpoint:
+    # a seeded fit repeats, a resumed one continues exactly on the CPU, and the caller's streams are left alone
+    streams = contextlib.ExitStack()
+    streams.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                                device_type=device.type))
+    if global_state is not None:
+        torch.set_rng_state(global_state)
+    else:
+        torch.default_generator.manual_seed(_global_seed(seed, rank, start))
+    if device.type == "cuda":  # not saved: a resumed fit's dropout on the GPU draws other masks
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(_global_seed(seed, rank, start))
     try:
         for step in bar:
             if schedule == "cosine":
@@ -479,6 +510,7 @@ def train_loop(
         raise
     finally:
         bar.close()
+        streams.close()
     if captured is not None:
         optimizer.zero_grad(set_to_none=True)  # the gradients live in the graphs' memory pool
     average_buffers(module)

@@ -302,3 +302,23 @@ def test_an_autoencoder_fit_on_a_shuffling_loader_resumes(images, tmp_path):
         settings = dict(latent_dim=4, width=4, checkpoint=str(tmp_path / f"{name}.safetensors"), progress=False)
         fit_autoencoder(loader, steps=2, **settings)
         assert len(fit_autoencoder(loader, steps=3, **settings).history) == 3
+
+
+def test_a_refused_resume_leaves_the_module_as_it_was(tmp_path):
+    """load_state_dict copied the entries whose shapes fit before refusing the others: after "pass
+    resume=False to start afresh" the fit trained a module part checkpoint, part its own."""
+    from captum_inn.training import CheckpointError, train_loop
+
+    x, path = torch.randn(32, 3), str(tmp_path / "fit.safetensors")
+
+    def fit(module):
+        return train_loop(module, lambda g: module(x[torch.randint(32, (8,), generator=g)]).pow(2).mean(),
+                          steps=5, lr=0.1, checkpoint=path, progress=False)
+
+    torch.manual_seed(0)
+    fit(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)))
+    other = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"'1.weight' has shape \(1, 4\) there, \(2, 4\) here"):
+        fit(other)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())

@@ -387,8 +387,11 @@ def train_loop(
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
         check_resumable(checkpoint, saved.get("config"), meta.get("config"), saved_step(checkpoint, saved), steps)
         try:
-            module.load_state_dict(strip_prefix(tensors, "model."))
+            # checked whole before anything is loaded: load_state_dict copies the tensors that fit before it
+            # refuses the others, which left the module part checkpoint, part its own
+            _check_state_fits(module, strip_prefix(tensors, "model."))
             load_optimizer(optimizer, tensors, saved["optimizer"])
+            module.load_state_dict(strip_prefix(tensors, "model."))
             start, history = saved_step(checkpoint, saved), list(saved["history"])
             main_state = tensors[_generator_key(rank)] if int(saved.get("world_size", 1)) == n_ranks else None
             # absent in checkpoints of older versions: reseeded for the steps from here on
@@ -516,6 +519,17 @@ def train_loop(
     average_buffers(module)
     module.eval()
     return history
+
+
+def _check_state_fits(module: nn.Module, state: Dict[str, Tensor]) -> None:
+    """``ValueError`` unless ``state`` has exactly ``module``'s entries, each of its shape."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"entries missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in own.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ValueError(f"{key!r} has shape {tuple(state[key].shape)} there, {tuple(value.shape)} here")
 
 
 def cuda_graphs_by_default() -> bool:

@@ -150,6 +150,28 @@ def test_a_checkpoint_write_removes_only_its_own_stale_temporaries(tmp_path, mon
     assert second and torch.equal(load_checkpoint(tmp_path / "same.safetensors", kind="probe")[0]["w"], torch.ones(2))
     assert not list(tmp_path.glob(".same.safetensors.*.tmp"))
 
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """"[Errno 28] No space left on device" alone: neither the path nor which fit."""
+    import errno
+
+    from captum_inn.training import save_checkpoint
+
+    path = tmp_path / "fit.safetensors"
+    save_checkpoint(path, {"w": torch.ones(2)}, {"kind": "probe"})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"No space left on device, writing the checkpoint '.*fit.safetensors' \(.* bytes; "
+                                      r"the previous checkpoint there, if any, is intact\)") as raised:
+        save_checkpoint(path, {"w": torch.zeros(2)}, {"kind": "probe"})
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert torch.equal(load_checkpoint(path, kind="probe")[0]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["fit.safetensors"]
+
+
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     module = torch.nn.Linear(3, 1)
     calls = {"n": 0}

@@ -92,9 +92,12 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
                 os.replace(tmp, path)
         if fcntl is None:  # Windows renames only closed files
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:  # a full disk: "No space left on device" alone
+            raise OSError(error.errno, f"{error.strerror}, writing the checkpoint {str(path)!r} ({len(blob):,} bytes; "
+                          "the previous checkpoint there, if any, is intact)", str(path)) from error
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)

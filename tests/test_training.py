@@ -1463,3 +1463,58 @@ def test_dropout_in_a_fit_draws_seeded_streams_that_a_resume_continues(tmp_path)
     torch.rand(3)  # the caller draws in between
     assert fit(resumed, 10, checkpoint=str(tmp_path / "fit.safetensors")) == expected
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
+
+
+def test_a_layer_without_the_batch_first_is_refused_naming_the_fix():
+    """A sequence-first layer's (L, N, E) was cached as L rows mixing images, paired with the codes of the
+    first images, and fitted without an error; a squeeze() that drops a batch of one failed after the whole
+    pass with a raw torch error."""
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.tokens = nn.Identity()
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.tokens(self.conv(x).flatten(2).permute(2, 0, 1)).mean(0))  # (L, N, E) tokens
+
+    torch.manual_seed(0)
+    model, images = SequenceFirst().eval(), torch.rand(8, 3, 8, 8)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    with pytest.raises(ValueError, match=r"Layer 'tokens' gave an activation of shape \(36, 4, 8\) for 4 input\(s\): its "
+                                         r"first dimension must be the batch.*selector=lambda out: out.transpose\(0, 1\)"):
+        cache_features(model, "tokens", ae, images, batch_size=4, progress=False)
+    cache = cache_features(model, "tokens", ae, images, batch_size=4, progress=False,
+                           selector=lambda out: out.transpose(0, 1))
+    assert cache.layers["tokens"].shape == (8, 36, 8)
+    inn = fit_invariances(model, "tokens", cache=cache, steps=1, progress=False, **TINY)
+    assert LayerInvariance(model, "tokens", inn, ae, selector=lambda out: out.transpose(0, 1)).sample(images[:2], n_samples=2).shape == (2, 2, 3, 8, 8)
+    from captum_inn.attr._common import layer_activation  # what every explainer reads the layer with
+
+    with pytest.raises(ValueError, match=r"hooked layer \(Identity\) gave an activation of shape \(36, 2, 8\) for 2 input"):
+        layer_activation(model, model.tokens, (images[:2],))
+
+
+@pytest.mark.parametrize("memmap", [False, True])
+def test_a_layer_with_integer_outputs_fits_in_memory_as_on_disk(memmap, tmp_path):
+    """The memory-mapped cache stored an integer layer as float32 and fitted it; the in-memory cache kept int64
+    and the fit failed ("mean(): could not infer output dtype ... Got: Long")."""
+
+    class Quantised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.levels = nn.Identity()
+
+        def forward(self, x):
+            return self.levels((self.conv(x) * 8).round().long()).float().mean((2, 3))
+
+    torch.manual_seed(0)
+    model, images = Quantised().eval(), torch.rand(8, 3, 8, 8)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    cache = cache_features(model, "levels", ae, images, progress=False,
+                           memmap_dir=str(tmp_path / "cache") if memmap else None)
+    assert cache.layers["levels"][:2].dtype == torch.float32
+    inn = fit_invariances(model, "levels", cache=cache, steps=1, progress=False, **TINY)
+    assert inn.fit_info["layer_shape"] == [4, 6, 6]

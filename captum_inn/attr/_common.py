@@ -385,6 +385,18 @@ def warn_unreachable_model(forward_func: Callable, layer: nn.Module, what: str) 
         )
 
 
+def check_batch_first(activation: Tensor, n: int, layer: str) -> None:
+    """``ValueError`` unless ``activation``'s first dimension holds the ``n`` inputs of the pass (a
+    sequence-first layer's ``(L, N, E)`` was read as ``L`` rows, each mixing images, silently)."""
+    if activation.dim() == 0 or activation.shape[0] != n:
+        raise ValueError(
+            f"{layer} gave an activation of shape {tuple(activation.shape)} for {n} input(s): its first dimension "
+            "must be the batch. A sequence-first layer (nn.TransformerEncoderLayer, nn.MultiheadAttention or "
+            "nn.LSTM without batch_first=True) gives (L, N, E), and a squeeze() drops a batch of one; put the batch "
+            "first with a selector, e.g. selector=lambda out: out.transpose(0, 1), or hook another layer."
+        )
+
+
 def layer_activation(
     forward_func: Callable,
     layer: nn.Module,
@@ -415,7 +427,9 @@ def layer_activation(
         raise ValueError(
             "The hooked layer did not run during the forward pass; check that it is used by forward_func."
         )
-    return next(iter(values.values()))
+    activation = next(iter(values.values()))
+    check_batch_first(activation, inputs[0].shape[0], f"The hooked layer ({type(layer).__name__})")
+    return activation
 
 
 def _is_index(value: Any) -> bool:

@@ -24,6 +24,7 @@ from captum_inn.attr._common import (
     _hash_tensors,
     _tensor_attributes,
     _tensor_bytes,
+    check_batch_first,
     check_image_size,
     check_module_device,
     check_pixel_range,
@@ -287,7 +288,8 @@ class _MemorySink:
         self.parts: Dict[str, List[Tensor]] = {}
 
     def append(self, key: str, rows: Tensor) -> None:
-        self.parts.setdefault(key, []).append(rows.cpu())
+        # integer or boolean activations as float32, as the memory-mapped cache stores them (a fit failed on them)
+        self.parts.setdefault(key, []).append(rows.cpu() if rows.is_floating_point() else rows.cpu().float())
 
     def finish(self, layers: Sequence[str], record: Mapping[str, Any]) -> FeatureCache:
         arrays = {key: torch.cat(parts) for key, parts in self.parts.items()}
@@ -594,6 +596,7 @@ def cache_features(
                             f"layer {name!r} did not run during the forward pass; check that it is used "
                             "in model.forward."
                         )
+                    check_batch_first(values[name], images.shape[0], f"Layer {name!r}")
                     sink.append(f"layer.{name}", values[name])
                 # in the encoder's dtype (a float64 model's images, a float32 autoencoder), as the explainers do
                 coded = images.to(network_dtype(autoencoder, images.dtype))

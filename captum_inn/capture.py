@@ -727,11 +727,30 @@ def capture(
     return values[hooks.names[0]] if single else values
 
 
+def module_attributes(obj: Any) -> Dict[str, nn.Module]:
+    """The ``nn.Module`` attributes of a plain object, by name (an autoencoder object that wraps an
+    encoder and a decoder); ``{}`` for a module itself or an object without any.
+
+    Examples::
+
+        >>> class Wrapper:
+        ...     def __init__(self):
+        ...         self.decoder, self.encoder, self.scale = nn.Linear(2, 4), nn.Linear(4, 2), 3.0
+        >>> list(module_attributes(Wrapper()))
+        ['decoder', 'encoder']
+    """
+    if isinstance(obj, nn.Module):
+        return {}
+    found = {k: v for k, v in getattr(obj, "__dict__", {}).items() if isinstance(v, nn.Module)}
+    return {k: found[k] for k in sorted(found)}
+
+
 @contextmanager
 def eval_mode(*modules: Any) -> Iterator[None]:
     """Put modules in eval mode for the block, then restore every submodule's own flag.
 
-    Non-module arguments (e.g. a user's autoencoder that is a plain object) are ignored.
+    A plain object (e.g. a user's autoencoder that wraps an encoder and a decoder) has its
+    :func:`module_attributes` switched; other arguments (``None``) are ignored.
 
     Args:
         *modules: Modules (or other objects) to switch.
@@ -745,11 +764,12 @@ def eval_mode(*modules: Any) -> Iterator[None]:
         >>> net.training
         True
     """
-    flags = [(m, m.training) for mod in modules if isinstance(mod, nn.Module) for m in mod.modules()]
+    # a plain object's modules too: its batch norm updated its statistics, and its dropout drew, while caching
+    modules = [m for mod in modules for m in ([mod] if isinstance(mod, nn.Module) else module_attributes(mod).values())]
+    flags = [(m, m.training) for mod in modules for m in mod.modules()]
     try:
         for mod in modules:
-            if isinstance(mod, nn.Module):
-                mod.eval()
+            mod.eval()
         yield
     finally:
         for module, flag in flags:

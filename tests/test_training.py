@@ -1245,6 +1245,18 @@ def test_a_dataset_with_random_transforms_fingerprints_the_same_every_time(image
     assert np.array_equal(np.random.get_state()[1], states[2])
 
 
+def test_a_loaders_own_collate_fn_counts_in_the_images_fingerprint(images):
+    """The probes were the dataset's items before collation, so a loader that dims its images reused the
+    features of one that does not."""
+    from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+    dataset = TensorDataset(images)
+    plain = DataLoader(dataset, batch_size=4)
+    dimmed = DataLoader(dataset, batch_size=4, collate_fn=lambda items: [default_collate(items)[0] * 0.5])
+    assert images_fingerprint(plain) == images_fingerprint(dataset)  # the default collation: as before
+    assert images_fingerprint(dimmed) != images_fingerprint(plain)
+
+
 @pytest.mark.parametrize("failure", [FloatingPointError, KeyboardInterrupt])
 def test_a_failed_fit_leaves_the_module_in_eval_mode(failure):
     """As a finished fit does: a classifier whose fit stopped is not left dropping units."""
@@ -1518,3 +1530,48 @@ def test_a_layer_with_integer_outputs_fits_in_memory_as_on_disk(memmap, tmp_path
     assert cache.layers["levels"][:2].dtype == torch.float32
     inn = fit_invariances(model, "levels", cache=cache, steps=1, progress=False, **TINY)
     assert inn.fit_info["layer_shape"] == [4, 6, 6]
+
+
+class _WrappedAutoencoder:
+    """An autoencoder that is a plain object holding an encoder and a decoder module."""
+
+    def __init__(self, seed: int):
+        torch.manual_seed(seed)
+        self.enc = nn.Sequential(nn.Flatten(), nn.Linear(192, 6), nn.BatchNorm1d(6), nn.Dropout(0.5))
+        self.dec = nn.Sequential(nn.Linear(6, 192), nn.Sigmoid(), nn.Unflatten(1, (3, 8, 8)))
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def decode(self, z):
+        return self.dec(z)
+
+
+def test_a_plain_object_autoencoder_runs_in_eval_mode_and_its_weights_count_in_the_source(tmp_path):
+    """Its modules stayed in training mode while caching (batch norm's statistics changed, dropout made the
+    codes random), and the source fingerprint hashed only its own tensor attributes, so a resume took the
+    codes of another such autoencoder."""
+    torch.manual_seed(0)
+    model, images = nn.Sequential(nn.Flatten(), nn.Linear(192, 5)).eval(), torch.rand(12, 3, 8, 8)
+    ae = _WrappedAutoencoder(1)
+    statistics = ae.enc[2].running_mean.clone()
+    first, second = (cache_features(model, "1", ae, images, progress=False) for _ in range(2))
+    assert torch.equal(ae.enc[2].running_mean, statistics) and ae.enc.training
+    assert torch.equal(first.code_mean, second.code_mean)
+    assert source_fingerprint(model, ae, images) != source_fingerprint(model, _WrappedAutoencoder(2), images)
+
+
+def test_a_resume_without_data_still_checks_the_model_and_the_autoencoder(images, autoencoder, tmp_path):
+    """Resuming with data=None skipped every source check: another model and autoencoder trained on the old
+    features, and the INN then refused the very model it was just fitted for."""
+    torch.manual_seed(0)
+    model, other = SmallCNN(width=4).eval(), SmallCNN(width=4).eval()
+    for memmap in (False, True):
+        folder = str(tmp_path / f"memmap{memmap}")
+        fit_invariances(model, "fc", autoencoder, images[:12], steps=2, checkpoint_dir=folder, memmap=memmap,
+                        progress=False, **TINY)
+        with pytest.raises(CheckpointError, match=r"another model, autoencoder or set of images .*\(what differs: the model\)"):
+            fit_invariances(other, "fc", autoencoder, None, steps=4, checkpoint_dir=folder, memmap=memmap, progress=False,
+                            **TINY)
+        assert fit_invariances(model, "fc", autoencoder, None, steps=4, checkpoint_dir=folder, memmap=memmap, progress=False,
+                               **TINY).fit_info["steps"] == 4

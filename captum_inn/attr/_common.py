@@ -21,6 +21,7 @@ from captum_inn.capture import (
     LayerHooks,
     check_selector,
     is_comparable_selector,
+    module_attributes,
     normal_tensors,
     resolve_layer,
     selector_for_layer,
@@ -641,10 +642,9 @@ def weights_fingerprint(network: Any, buffers: bool = False) -> str:
             digest.update(_tensor_bytes(_as_float32(tensor)))
     else:  # its tensor attributes, then the weights of its modules (an object wrapping an encoder and a decoder)
         _hash_tensors(digest, {k: _as_float32(v) for k, v in _tensor_attributes(network).items()})
-        modules = {k: v for k, v in getattr(network, "__dict__", {}).items() if isinstance(v, nn.Module)}
-        for key in sorted(modules):
+        for key, module in module_attributes(network).items():
             digest.update(key.encode())
-            digest.update(weights_fingerprint(modules[key], buffers).encode())
+            digest.update(weights_fingerprint(module, buffers).encode())
     return digest.hexdigest()[:16]
 
 

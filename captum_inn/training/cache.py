@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate, default_convert
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._captum_compat import _format_additional_forward_args
@@ -37,6 +37,7 @@ from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import (
     LayerHooks,
     eval_mode,
+    module_attributes,
     per_layer_selectors,
     resolve_layer,
     selector_record,
@@ -399,6 +400,8 @@ def _source_digests(model: nn.Module, autoencoder: Any, data: Any, n_probe: int 
         digest.start(label)
         digest.update(label.encode())
         _hash_tensors(digest, part.state_dict() if isinstance(part, nn.Module) else _tensor_attributes(part))
+        for key, module in module_attributes(part).items():  # a plain object's encoder and decoder
+            _hash_tensors(digest, {f"{key}.{k}": v for k, v in module.state_dict().items()})
     digest.start("images")
     _hash_images(digest, data, n_probe)
     return digest.whole.hexdigest()[:16], {part: d.hexdigest()[:16] for part, d in digest.parts.items()}
@@ -407,14 +410,17 @@ def _source_digests(model: nn.Module, autoencoder: Any, data: Any, n_probe: int 
 def _hash_images(digest: Any, data: Any, n_probe: int) -> None:
     n = count_images(data)
     digest.update(f"images:{n}".encode())
-    items, indices = data, range(n or 0)
+    items, indices, collate = data, range(n or 0), None
     if isinstance(data, DataLoader):  # the images the loader draws from, not its whole dataset
         items, indices = data.dataset, loader_indices(data) or range(0)
+        if data.collate_fn not in (default_collate, default_convert):  # its own changes what is cached
+            collate = data.collate_fn
     if indices and hasattr(items, "__getitem__"):
         with seeded_every_global_rng(0):  # random transforms: the same probes every time
             for position in torch.linspace(0, len(indices) - 1, min(len(indices), n_probe)).round().long().tolist():
                 try:
-                    digest.update(_tensor_bytes(_images_of(items[indices[position]])))
+                    item = items[indices[position]]
+                    digest.update(_tensor_bytes(_images_of(item if collate is None else collate([item]))))
                 except TypeError:  # items that are not tensors (e.g. PIL images): counted, not hashed
                     digest.update(b"?")
 

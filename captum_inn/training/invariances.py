@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import autograd_on, user_stacklevel
+from captum_inn.attr._common import autograd_on, user_stacklevel, weights_fingerprint
 from captum_inn.capture import is_comparable_selector, per_layer_selectors, selector_record
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import (
@@ -563,13 +563,17 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
         # a resumed fit continues on the very same features, unless what they came from changed
         if reused.source and autoencoder is not None and data is not None:
             changed = source_changes(reused, model, autoencoder, shard_data(data))
-            if changed:
-                raise CheckpointError(
-                    f"The feature cache {str(where)!r} was computed from another model, autoencoder or set of "
-                    f"images than the ones given now (what differs: {changed}), so the checkpoints in "
-                    "`checkpoint_dir` do not belong to them; pass resume=False to start afresh there, or use "
-                    "another `checkpoint_dir`."
-                )
+        else:  # without the images, the networks at least: another model or autoencoder was taken silently
+            changed = " and ".join(f"the {what}" for what, recorded, given in (
+                ("model", reused.model_weights, model), ("autoencoder", reused.autoencoder_weights, autoencoder))
+                if recorded and given is not None and recorded != weights_fingerprint(given))
+        if changed:
+            raise CheckpointError(
+                f"The feature cache {str(where)!r} was computed from another model, autoencoder or set of "
+                f"images than the ones given now (what differs: {changed}), so the checkpoints in "
+                "`checkpoint_dir` do not belong to them; pass resume=False to start afresh there, or use "
+                "another `checkpoint_dir`."
+            )
         return reused
     if reused is not None:  # it lacks a layer: its files are replaced now, and must not stay open (Windows)
         reused.close()

@@ -1481,6 +1481,8 @@ def test_a_layer_without_the_batch_first_is_refused_naming_the_fix():
     """A sequence-first layer's (L, N, E) was cached as L rows mixing images, paired with the codes of the
     first images, and fitted without an error; a squeeze() that drops a batch of one failed after the whole
     pass with a raw torch error."""
+    from captum_inn.attr._common import layer_activation  # what every explainer reads the layer with
+
     class SequenceFirst(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1501,8 +1503,8 @@ def test_a_layer_without_the_batch_first_is_refused_naming_the_fix():
                            selector=lambda out: out.transpose(0, 1))
     assert cache.layers["tokens"].shape == (8, 36, 8)
     inn = fit_invariances(model, "tokens", cache=cache, steps=1, progress=False, **TINY)
-    assert LayerInvariance(model, "tokens", inn, ae, selector=lambda out: out.transpose(0, 1)).sample(images[:2], n_samples=2).shape == (2, 2, 3, 8, 8)
-    from captum_inn.attr._common import layer_activation  # what every explainer reads the layer with
+    explainer = LayerInvariance(model, "tokens", inn, ae, selector=lambda out: out.transpose(0, 1))
+    assert explainer.sample(images[:2], n_samples=2).shape == (2, 2, 3, 8, 8)
 
     with pytest.raises(ValueError, match=r"hooked layer \(Identity\) gave an activation of shape \(36, 2, 8\) for 2 input"):
         layer_activation(model, model.tokens, (images[:2],))

@@ -1481,7 +1481,7 @@ def test_a_layer_without_the_batch_first_is_refused_naming_the_fix():
     """A sequence-first layer's (L, N, E) was cached as L rows mixing images, paired with the codes of the
     first images, and fitted without an error; a squeeze() that drops a batch of one failed after the whole
     pass with a raw torch error."""
-    from captum_inn.attr._common import layer_activation  # what every explainer reads the layer with
+    from captum_inn.attr._common import layer_activation  # how every explainer reads a layer
 
     class SequenceFirst(nn.Module):
         def __init__(self):

@@ -82,6 +82,49 @@ def test_a_failed_inplace_run_keeps_the_committed_outputs(tmp_path):
     assert "first" in json.dumps(_load(partial)["cells"][0]["outputs"])
 
 
+def _run_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tutorials_run", TUTORIALS / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    return run
+
+
+def test_a_notebook_over_the_whole_limit_keeps_the_committed_outputs(tmp_path):
+    """nbclient bounds each cell: a notebook whose cells each finished in time but that ran past the limit
+    in all was written back by ``--inplace`` before it was reported as failed."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    run = _run_module()
+    cells = [nbformat.v4.new_code_cell("import time; time.sleep(1.6); print('slow')") for _ in range(2)]
+    path, partial = tmp_path / "tutorial.ipynb", tmp_path / "runs" / "tutorial.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
+    committed = path.read_bytes()
+    with pytest.raises(TimeoutError, match=r"over the limit of 3 s"):
+        run.run_notebook(path, "ci", path, limit=3, failed_out=partial)
+    assert path.read_bytes() == committed
+    assert "slow" in json.dumps(_load(partial)["cells"][1]["outputs"])
+
+
+@pytest.mark.parametrize("argv, environment, message", [
+    (["--limit", "inf"], {}, r"--limit: must be a finite number of seconds >= 1, got 'inf'"),
+    (["--limit", "0.5"], {}, r"--limit: must be a finite number of seconds >= 1"),  # nbclient: no limit at all
+    ([], {"CAPTUM_INN_IMAGES": "/no/such/folder"}, r"CAPTUM_INN_IMAGES is '/no/such/folder', which is not a folder"),
+])
+def test_run_refuses_a_bad_limit_or_image_folder(monkeypatch, capsys, argv, environment, message):
+    """``--limit inf`` failed every notebook with an OverflowError, 0.5 switched the cell limit off, and a
+    mistyped CAPTUM_INN_IMAGES skipped the photo tutorial as if it were unset."""
+    import re
+
+    run = _run_module()
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stopped:
+        run.main(["--ci", *argv])
+    assert stopped.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
 def test_notebooks_run_two_at_a_time_and_failures_are_reported(tmp_path, monkeypatch, capsys):
     """``run.py --jobs 2``: each kernel gets its share of the cores, a failing notebook is reported
     with the others and fails the run."""

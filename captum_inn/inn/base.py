@@ -32,8 +32,12 @@ class InvertibleModule(nn.Module, ABC):
         forward(x, c=None, rev=False, jac=True) -> (y, log_jac_det)
 
     - ``x``: a batch, dim 0 is the batch (``(N, D)`` for the vector flows).
-    - ``c``: the condition (an embedding of shape ``(N, cond_dim)``) or ``None``. Blocks that are
-      not conditional ignore it, so a sequence of blocks can pass one condition to all of them.
+    - ``c``: the condition (an embedding of shape ``(N, cond_dim)``) or ``None``. The blocks
+      that are not conditional (:class:`~captum_inn.inn.ActNorm`,
+      :class:`~captum_inn.inn.Permutation`, an unconditional
+      :class:`~captum_inn.inn.AffineCoupling`) ignore it, so a sequence of blocks can pass one
+      condition to all of them. A whole unconditional flow, :class:`~captum_inn.inn.FactorINN`,
+      refuses one instead: a condition given to it is a mistake.
     - ``rev=False`` computes ``y = f(x | c)`` and ``log|det ∂f/∂x|``.
       ``rev=True`` treats its input as ``y`` and computes ``x = f⁻¹(y | c)`` together with the
       log-determinant **of the inverse**, ``log|det ∂f⁻¹/∂y| = −log|det ∂f/∂x|``, so that

@@ -273,6 +273,17 @@ def test_a_device_torch_does_not_know_is_a_clear_error(setup):
             call()
 
 
+@pytest.mark.parametrize("device, message", [
+    ("xla", r"`device` is 'xla', but this PyTorch cannot use it \(.*\); pass device='cpu'"),
+    ("meta", r"`device` is 'meta', a device without data"),
+])
+def test_a_device_this_torch_cannot_use_is_a_clear_error_before_any_work(device, message):
+    """mps, xla or meta passed the device check and failed inside the work ("PyTorch is not linked with
+    support for mps devices"; meta: "Tensor.item() cannot be called on meta tensors")."""
+    with pytest.raises(ValueError, match=message):
+        fit_autoencoder(X, latent_dim=4, steps=1, device=device, progress=False)
+
+
 def test_a_layer_with_one_number_per_image_is_a_clear_error(setup):
     _, ae, _, _ = setup
 

@@ -549,6 +549,15 @@ def as_device(device: Any, name: str = "device") -> torch.device:
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise ValueError(f"`{name}` is {str(device)!r}, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) here "
                          f"(indices 0 to {torch.cuda.device_count() - 1}); pass {name}='cuda' or another index.")
+    if parsed.type == "meta":  # tensors without values: every pass would fail reading them
+        raise ValueError(f"`{name}` is 'meta', a device without data; pass {name}='cpu' or a GPU.")
+    if parsed.type not in ("cpu", "cuda"):  # mps, xpu, ...: a tensor there says whether this build has it
+        try:
+            torch.empty(1, device=parsed)
+        except Exception as error:  # noqa: BLE001 - what a missing backend raises varies (RuntimeError, ImportError)
+            reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0][:160]
+            raise ValueError(f"`{name}` is {str(device)!r}, but this PyTorch cannot use it ({reason}); "
+                             f"pass {name}='cpu'.") from None
     return parsed
 
 

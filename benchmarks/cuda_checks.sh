@@ -13,6 +13,8 @@ out=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [BENCH_SECONDS] [COMPARIS
 bench_seconds=${2:-300}
 shift $(( $# < 2 ? $# : 2 ))
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the steps run from the repository root, wherever this was called from
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,11 +16,11 @@ import numpy as np
 import torch
 from measure import (
     alternate,
-    child_env,
     device,
     peak_rss_mib,
     reset_peak,
     rss_mib,
+    run_child,
     summarise,
     threads,
 )
@@ -63,7 +62,7 @@ def _cached_vs_recompute(name: str, repeats: int) -> Dict[str, Any]:
     from captum_inn.autoencoders import encode_posterior
     from captum_inn.capture import resolve_layer
     from captum_inn.inn import ConditionalINN
-    from captum_inn.training import cache_features, fit_invariances
+    from captum_inn.training import InvarianceConfig, cache_features, fit_invariances
 
     s = fit_setup(name)
     model, ae, images, layer = s["model"], s["ae"], s["images"], s["layer"]
@@ -78,8 +77,12 @@ def _cached_vs_recompute(name: str, repeats: int) -> Dict[str, Any]:
         fit_invariances(model, layer, cache=cache, steps=steps, progress=False, device=dev, **INN)
 
     def recompute() -> None:  # the reference implementation's way: features computed inside every step
-        inn = ConditionalINN(latent, cond_shape, n_blocks=INN["n_blocks"], hidden=INN["hidden"],
-                             embed_dim=INN["embed_dim"]).to(dev)
+        # the architecture fit_invariances builds from the same settings (its embedder's widths, patches, tokens)
+        config = InvarianceConfig(**INN)
+        inn = ConditionalINN(latent, cond_shape, n_blocks=config.n_blocks, hidden=config.hidden, depth=config.depth,
+                             embed_dim=config.embed_dim, clamp=config.clamp, conv_width=config.conv_width,
+                             conv_max_width=config.conv_max_width, conv_patch_to=config.conv_patch_to,
+                             token_dim=config.token_dim).to(dev)
         optimizer = torch.optim.Adam(inn.parameters(), lr=5e-4, foreach=True)  # as fit_invariances' optimiser
         generator = torch.Generator().manual_seed(0)
         for _ in range(steps):
@@ -173,9 +176,7 @@ def _memory_probe_main(images_path: str, mode: str) -> None:
 
 
 def _probe(images_path: Path, mode: str) -> Dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--memory-probe", str(images_path), mode], capture_output=True,
-                         text=True, check=True, env=child_env())
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(run_child([sys.executable, __file__, "--memory-probe", str(images_path), mode]).strip().splitlines()[-1])
 
 
 def bench_memory_growth(repeats: int) -> Dict[str, Any]:
@@ -207,12 +208,11 @@ def bench_memory_growth(repeats: int) -> Dict[str, Any]:
 
 # ------------------------------------------------------------ torchrun: two processes vs one
 def _ddp_run(n_processes: int, folder: Path) -> Dict[str, Any]:
-    env = child_env(OMP_NUM_THREADS=str(max(1, threads() // n_processes)),
-                    BENCH_THREADS=str(max(1, threads() // n_processes)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}",
                str(Path(__file__)), "--ddp-worker", str(folder)]
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, env=env)
+    run_child(command, OMP_NUM_THREADS=str(max(1, threads() // n_processes)),
+              BENCH_THREADS=str(max(1, threads() // n_processes)))
     wall = time.perf_counter() - start
     return {"wall_s": wall, **json.loads((folder / "result.json").read_text())}
 

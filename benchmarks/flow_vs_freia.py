@@ -304,7 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed chunks per flow (default 5)")
     parser.add_argument("--chunk", type=positive_int, default=20, help="training steps per timed chunk")
     parser.add_argument("--steps", type=positive_int, default=300, help="training steps for the NLL comparison")
-    parser.add_argument("--blocks", type=int, nargs="*", default=list(BLOCKS))
+    parser.add_argument("--blocks", type=positive_int, nargs="+", default=list(BLOCKS),
+                        help=f"flow depths to compare, the first one reported (default {' '.join(map(str, BLOCKS))})")
     args = parser.parse_args(argv)
     torch.set_num_threads(threads())
     result = bench_flow_step_vs_freia(args.repeats, args.chunk, args.steps, tuple(args.blocks))

@@ -6,8 +6,9 @@ import argparse
 import os
 import resource
 import statistics
+import subprocess
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -88,6 +89,16 @@ def child_env(**extra: str) -> Dict[str, str]:
     checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def run_child(command: List[str], **extra_env: str) -> str:
+    """Run a measuring subprocess (in :func:`child_env`) and return its standard output; when it fails,
+    a ``RuntimeError`` that carries the end of its error output (``check=True`` alone kept it hidden)."""
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env(**extra_env))
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... exited with status {done.returncode}:\n"
+                           f"{(done.stderr or done.stdout)[-2000:]}")
+    return done.stdout
 
 
 def threads() -> int:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -31,7 +30,6 @@ from fitting import FITTING_COMPARISONS
 from flow_vs_freia import bench_flow_step_vs_freia
 from measure import (
     alternate,
-    child_env,
     device,
     peak_gpu_mib,
     peak_rss_mib,
@@ -39,6 +37,7 @@ from measure import (
     reset_peak,
     reset_peak_gpu,
     rss_mib,
+    run_child,
     threads,
 )
 
@@ -109,9 +108,7 @@ def explanation_methods(s: Dict[str, Any]) -> Dict[str, Callable[[], Any]]:
 def memory_probe(setup: str, method: str) -> float:
     """Peak memory growth (MiB) of one call of ``method``, in a fresh process: resident set on the
     CPU, PyTorch's GPU allocation on a GPU."""
-    out = subprocess.run([sys.executable, __file__, "--probe", setup, method], capture_output=True, text=True,
-                         check=True, env=child_env())
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(run_child([sys.executable, __file__, "--probe", setup, method]).strip().splitlines()[-1])
 
 
 def _probe_main(setup: str, method: str) -> None:
@@ -210,7 +207,7 @@ def environment() -> Dict[str, Any]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=list(COMPARISONS), help="run only these comparisons")
+    parser.add_argument("--only", nargs="+", choices=list(COMPARISONS), help="run only these comparisons")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per method (default 5)")
     parser.add_argument("--device", default="cpu", help="torch device of every measurement, e.g. cuda (default cpu)")
     parser.add_argument("--out", help="results file (default results.json, or results_cuda.json on a GPU)")
@@ -219,12 +216,17 @@ def main(argv=None) -> int:
     if args.probe:
         _probe_main(*args.probe)
         return 0
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine; leave --device out for the CPU.")
+    from captum_inn.attr._common import as_device
+
+    try:
+        dev = as_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
+    out = Path(args.out or HERE / ("results.json" if dev.type == "cpu" else f"results_{dev.type}.json"))
+    if out.is_dir() or not out.parent.is_dir():  # found now, not after the first comparison's measurements
+        parser.error(f"--out {str(out)!r}: give a file in an existing folder")
     os.environ["BENCH_DEVICE"] = str(dev)  # read by measure.device(), here and in the probes' processes
     torch.set_num_threads(threads())
-    out = Path(args.out or HERE / ("results.json" if dev.type == "cpu" else f"results_{dev.type}.json"))
     results = json.loads(out.read_text()) if out.exists() else {}
     results["environment"] = environment()
     failed = []

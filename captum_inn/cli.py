@@ -30,6 +30,13 @@ def selfcheck(verbose: bool = True) -> bool:
         >>> selfcheck(verbose=False)
         True
     """
+    from captum_inn._random import seeded_global_rng
+
+    with seeded_global_rng(0):  # the layers' initialisation draws; the caller's stream is left as it was
+        return _selfcheck(verbose)
+
+
+def _selfcheck(verbose: bool) -> bool:
     import torch
     from torch import nn
 

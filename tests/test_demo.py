@@ -91,7 +91,9 @@ def test_check_metrics_reports_each_broken_bound():
 
 
 def test_cli_selfcheck_and_version(capsys):
+    state = torch.get_rng_state()
     assert main(["selfcheck"]) == 0
+    assert torch.equal(torch.get_rng_state(), state)  # its layers' initialisation drew from the caller's stream
     assert "round trip" in capsys.readouterr().out
     result = subprocess.run([sys.executable, "-m", "captum_inn", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and __version__ in result.stdout

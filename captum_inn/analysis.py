@@ -95,7 +95,7 @@ class AdversarialViews:
 
     def plot(self, n: int = 6, class_names: Optional[Sequence[str]] = None, fig: Any = None) -> Tuple[Any, Any]:
         """Rows of fooled images: clean | attacked | each layer's view, titled with the judge's verdicts."""
-        from captum_inn.visualization import _literal, plot_image_grid
+        from captum_inn.visualization import plot_image_grid  # which draws every name literally
 
         n = check_positive_int(n, "n")  # the rows to draw: at least one
         rows = torch.nonzero(self.fooled).flatten()[:n]
@@ -111,13 +111,13 @@ class AdversarialViews:
                                  "name per class of the model's output.")
 
         def name(k: int) -> str:
-            return _literal(class_names[k]) if class_names is not None else str(k)
+            return str(class_names[k]) if class_names is not None else str(k)
 
         columns = {"clean": self.images[rows], "attacked": self.adversarial[rows]}
-        columns.update({f"view at {_literal(layer)}": views[rows] for layer, views in self.views.items()})
+        columns.update({f"view at {layer}": views[rows] for layer, views in self.views.items()})
         captions = {"clean": [f"model: {name(int(self.clean_predictions[i]))}" for i in rows],
                     "attacked": [f"model: {name(int(self.adversarial_predictions[i]))}" for i in rows]}
-        captions.update({f"view at {_literal(layer)}": [f"judge: {name(int(self.judged[layer][i]))}" for i in rows]
+        captions.update({f"view at {layer}": [f"judge: {name(int(self.judged[layer][i]))}" for i in rows]
                          for layer in self.views})
         return plot_image_grid(columns, title="what each layer sees in the attack (captions: the model's class, "
                                "then the judge's for each layer's view)", fig=fig, captions=captions)

@@ -52,11 +52,16 @@ def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, sel
     batch_size = check_positive_int(batch_size, "batch_size")
     if images.shape[0] == 0:
         raise ValueError("`images` is an empty batch; pass at least one image.")
+    classes = []
     with torch.no_grad(), eval_mode(model):
-        return torch.cat([
-            _select(model(images[s : s + batch_size]), selector, type(model).__name__, "output").argmax(1)
-            for s in range(0, images.shape[0], batch_size)
-        ])
+        for s in range(0, images.shape[0], batch_size):
+            logits = _select(model(images[s : s + batch_size]), selector, type(model).__name__, "output")
+            if logits.dim() != 2 or logits.shape[1] < 2:  # one logit's argmax is always class 0: agreement 1.0
+                raise ValueError(f"The model's output has shape {tuple(logits.shape)}; predictions need (N, K) logits "
+                                 "with K >= 2. For a one-logit binary classifier wrap it to return "
+                                 "torch.cat([-logit, logit], 1).")
+            classes.append(logits.argmax(1))
+    return torch.cat(classes)
 
 
 def _check_samples(originals: Tensor, samples: Tensor) -> None:
@@ -231,6 +236,10 @@ def variance_explained_by_v(
     if codes.dim() != 2 or codes.shape[1] != inn.dim:  # z̄ from the INN has inn.dim columns: the codes must too
         raise ValueError(f"`codes` must have shape (N, {inn.dim}), the INN's code size, got {tuple(codes.shape)}; "
                          "pass the codes of the autoencoder the INN was fitted with.")
+    for name, values in (("codes", codes), ("conditions", conditions), ("code_std", code_std)):
+        # NaN made the total "not vary" (a wrong diagnosis), or the result NaN silently
+        if values is not None and values.is_floating_point() and not torch.isfinite(values).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values.")
     within = []
     with eval_mode(inn):
         for start in range(0, codes.shape[0], batch_size):
@@ -280,7 +289,8 @@ def probe_r2(
         test_targets: Optional ``(M, T)`` held-out targets.
 
     Returns:
-        Mean R² (float), or ``(T,)`` R² values with ``per_target``.
+        Mean R² (float), or ``(T,)`` R² values with ``per_target``. A target constant on the held-out
+        rows scores 1 if predicted exactly, else 0 (scikit-learn's convention).
 
     Examples::
 
@@ -334,8 +344,11 @@ def probe_r2(
     else:  # wide features (e.g. a conv layer): the dual (n × n) system gives the same ridge solution
         w = a.T @ torch.linalg.solve(a @ a.T + penalty * torch.eye(a.shape[0], dtype=a.dtype), yc)
     residual = y[te] - (y_mean + xs[te] @ w)
-    total = (y[te] - y[te].mean(0)).pow(2).sum(0).clamp_min(1e-12)
-    r2 = 1.0 - residual.pow(2).sum(0) / total
+    total = (y[te] - y[te].mean(0)).pow(2).sum(0)
+    error = residual.pow(2).sum(0)
+    # a target constant on the held-out rows has no variance to explain (dividing by a clamped 0 gave -1e11):
+    # 1 where it is predicted exactly, else 0, as scikit-learn's r2_score
+    r2 = torch.where(total > 0, 1.0 - error / total.clamp_min(1e-300), (error == 0).to(error.dtype))
     return r2.float() if per_target else float(r2.mean())
 
 
@@ -360,9 +373,10 @@ def border_colour(images: Tensor, border: int = 2) -> Tensor:
     if images.dim() != 4 or not 0 < border <= min(images.shape[2:]) // 2:
         raise ValueError(f"`images` must be (N, C, H, W) at least 2·`border` pixels wide, got {tuple(images.shape)} "
                          f"and border={border}.")
-    frame = torch.cat([images[:, :, :border].flatten(2), images[:, :, -border:].flatten(2),
-                       images[:, :, :, :border].flatten(2), images[:, :, :, -border:].flatten(2)], dim=2)
-    return frame.median(dim=2).values
+    mask = torch.zeros(images.shape[2:], dtype=torch.bool, device=images.device)
+    mask[:border], mask[-border:], mask[:, :border], mask[:, -border:] = True, True, True, True
+    # each frame pixel once: four strips counted the corners twice, which could move the median
+    return images.flatten(2)[:, :, mask.flatten()].median(dim=2).values
 
 
 def estimate_colours(images: Tensor, border: int = 2, fraction: float = 0.1) -> Tuple[Tensor, Tensor]:

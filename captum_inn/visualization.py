@@ -6,8 +6,9 @@ matplotlib is imported lazily; every function accepts an optional ``ax``/``fig``
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -32,6 +33,24 @@ def _plt():
     import matplotlib.pyplot as plt  # lazily: matplotlib picks a headless backend without a display
 
     return plt
+
+
+def _no_figure_left_on_error(function: Callable) -> Callable:
+    """Close the figures ``function`` opened when it raises: a figure left open by a refused input piled up,
+    and showed in a notebook under the traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        plt = _plt()
+        before = set(plt.get_fignums())
+        try:
+            return function(*args, **kwargs)
+        except BaseException:
+            for number in set(plt.get_fignums()) - before:
+                plt.close(number)
+            raise
+
+    return wrapper
 
 
 def to_numpy_image(image: Tensor):
@@ -69,6 +88,7 @@ def _show(ax: Any, image: Tensor, alpha: Optional[float] = None) -> None:
     ax.imshow(to_numpy_image(image), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1, alpha=alpha)
 
 
+@_no_figure_left_on_error
 def plot_invariance_samples(
     originals: Tensor,
     reconstructions: Tensor,
@@ -121,6 +141,7 @@ def plot_invariance_samples(
     return fig, axes
 
 
+@_no_figure_left_on_error
 def plot_layer_invariances(
     explainer: Any,
     inputs: Any,
@@ -163,6 +184,7 @@ def plot_layer_invariances(
     return plot_invariance_samples(images, explainer.reconstruct(inputs), samples, title=title, fig=fig)
 
 
+@_no_figure_left_on_error
 def plot_invariance_maps(
     originals: Tensor,
     maps: Dict[str, Tensor],
@@ -227,6 +249,7 @@ def plot_invariance_maps(
     return fig, axes
 
 
+@_no_figure_left_on_error
 def plot_by_depth(
     layers: Sequence[str],
     values: Dict[str, Sequence[float]],
@@ -248,6 +271,9 @@ def plot_by_depth(
 
         >>> fig, ax = plot_by_depth(["conv", "fc"], {"VE": [0.1, 0.8]})
     """
+    for label, ys in values.items():
+        if len(ys) != len(layers):
+            raise ValueError(f"`values[{label!r}]` has {len(ys)} values for {len(layers)} layers; give one per layer.")
     plt = _plt()
     if ax is None:
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -265,6 +291,7 @@ def plot_by_depth(
     return fig, ax
 
 
+@_no_figure_left_on_error
 def plot_concept_bars(
     scores: Any,
     names: Sequence[str] = None,
@@ -344,6 +371,7 @@ def plot_concept_bars(
     return fig, ax
 
 
+@_no_figure_left_on_error
 def plot_concept_edits(
     originals: Tensor,
     donors: Tensor,
@@ -404,6 +432,7 @@ def _standard_errors(values: Any, concepts: Sequence[str]) -> Optional[List[floa
     return None if errors is None else [errors[c] for c in concepts]
 
 
+@_no_figure_left_on_error
 def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
     """Each concept's encoded share over training checkpoints, with the test accuracy when known
     and a band of ± 2 standard errors where the shares have them.
@@ -455,6 +484,7 @@ def _heat(ax: Any, values: Any, title: str, cmap: str, vmin: Any = None, vmax: A
     ax.axis("off")
 
 
+@_no_figure_left_on_error
 def plot_comparison(
     comparison: Any,
     index: int = 0,
@@ -517,12 +547,13 @@ def plot_comparison(
     _show(axes[0], image)
     axes[0].set_title(f"input\npred. {name(predicted)}", fontsize=8)
     axes[0].axis("off")
-    _heat(axes[1], comparison.gradcam[index, 0].detach().cpu().numpy(), f"Grad-CAM\n{_literal(comparison.gradcam_layer)}, "
+    # float32 for NumPy and quantile: a bfloat16 or float16 model's maps come in its dtype
+    _heat(axes[1], comparison.gradcam[index, 0].detach().float().cpu().numpy(), f"Grad-CAM\n{_literal(comparison.gradcam_layer)}, "
           f"{name(target)}", "jet", vmin=0, base=image)
-    ig = comparison.integrated_gradients[index].detach().abs().sum(0).cpu()
+    ig = comparison.integrated_gradients[index].detach().float().abs().sum(0).cpu()
     _heat(axes[2], ig.numpy(), f"Integrated\nGradients, {name(target)}", "viridis", vmin=0,
           vmax=float(ig.quantile(0.99)) or None)
-    _heat(axes[3], comparison.invariance_map[index].detach().mean(0).cpu().numpy(),
+    _heat(axes[3], comparison.invariance_map[index].detach().float().mean(0).cpu().numpy(),
           f"invariance map\n{_literal(comparison.layer)}", "magma", vmin=0)
     for j in range(strip):
         ax = axes[4 + j]
@@ -540,6 +571,7 @@ def plot_comparison(
     return fig, axes
 
 
+@_no_figure_left_on_error
 def plot_image_grid(
     columns: Dict[str, Tensor],
     row_labels: Sequence[str] = None,
@@ -580,7 +612,7 @@ def plot_image_grid(
     if row_labels is not None and len(row_labels) != n:
         raise ValueError(f"`row_labels` has {len(row_labels)} labels for {n} rows; give one per image of a column.")
     if fig is None:
-        fig = plt.figure(figsize=(1.35 * m + (0.8 if row_labels else 0), (1.35 + 0.2 * bool(captions)) * n + 0.5))
+        fig = plt.figure(figsize=(1.35 * m + (0.8 if row_labels is not None else 0), (1.35 + 0.2 * bool(captions)) * n + 0.5))
     axes = fig.subplots(n, m, squeeze=False)
     for j, (header, images) in enumerate(columns.items()):
         for i in range(n):
@@ -589,13 +621,13 @@ def plot_image_grid(
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(header, fontsize=7)
+                ax.set_title(_literal(header), fontsize=7)
             if j == 0 and row_labels is not None:
-                ax.set_ylabel(row_labels[i], fontsize=7)
+                ax.set_ylabel(_literal(row_labels[i]), fontsize=7)
             if header in captions:
-                ax.set_xlabel(captions[header][i], fontsize=7)
+                ax.set_xlabel(_literal(captions[header][i]), fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(_literal(title), fontsize=10)
     fig.tight_layout()
     return fig, axes
 
@@ -606,7 +638,7 @@ def save_figure(fig: Any, path: Any, dpi: int = 110) -> str:
     Args:
         fig: A matplotlib figure (e.g. the ``fig`` of any function here).
         path: Target file; its suffix picks the format (``.png``, ``.pdf``, ``.svg``, …), and a
-            path without one gets ``.png``.
+            path without one (``ve``, ``epoch_1.5``) gets ``.png``.
         dpi: Resolution.
 
     Returns:
@@ -620,10 +652,13 @@ def save_figure(fig: Any, path: Any, dpi: int = 110) -> str:
         True
     """
     path = os.fspath(path)
-    if not os.path.splitext(path)[1]:  # matplotlib would add it: the path returned is the file written
+    # matplotlib would add it: the path returned is the file written; "epoch_1.5" has no format suffix either
+    if os.path.splitext(path)[1][1:].lower() not in fig.canvas.get_supported_filetypes():
         path += ".png"
-    fig.savefig(path, dpi=dpi)
-    _plt().close(fig)
+    try:
+        fig.savefig(path, dpi=dpi)
+    finally:  # closed on a failed save too (a missing folder)
+        _plt().close(fig)
     return str(path)
 
 

@@ -241,6 +241,15 @@ def test_variance_explained_by_v_checks_its_counts_and_the_codes_spread():
         variance_explained_by_v(inn, same, cond)
     assert 0 < variance_explained_by_v(inn, same, cond, code_std=torch.ones(6, 4)) < float("inf")
     assert variance_explained_by_v(inn, codes, cond, batch_size=4) > 0
+    # NaN was diagnosed as codes that "do not vary", or gave a NaN share silently
+    nan = torch.tensor(float("nan"))
+    for given in (dict(codes=codes.index_put((torch.tensor([0]), torch.tensor([0])), nan)),
+                  dict(conditions=cond.index_put((torch.tensor([0]), torch.tensor([0])), nan)),
+                  dict(code_std=torch.ones(6, 4).index_put((torch.tensor([0]), torch.tensor([0])), nan))):
+        name = next(iter(given))
+        arguments = {"codes": codes, "conditions": cond, **given}
+        with pytest.raises(ValueError, match=f"`{name}` contains NaN or infinite values"):
+            variance_explained_by_v(inn, **arguments)
 
 
 def test_metrics_leave_no_hooks(model):
@@ -276,6 +285,34 @@ def test_border_colour_is_the_frame_median():
         border_colour(images, border=9)
     with pytest.raises(TypeError, match="`border` must be an int"):
         border_colour(images, border=2.0)
+    # each frame pixel once: with its 4 corners red, a 4x4 blue frame of 12 pixels counted 8 red and 8 blue
+    frame = torch.zeros(1, 3, 4, 4)
+    frame[:, 2] = 1.0
+    frame[0, :, [0, 0, 3, 3], [0, 3, 0, 3]] = torch.tensor([1.0, 0.0, 0.0])[:, None]
+    assert border_colour(frame, 1).tolist() == [[0.0, 0.0, 1.0]]
+
+
+def test_probe_r2_of_a_target_constant_on_the_held_out_rows():
+    """A class absent from the held-out rows (a constant one-hot column) gave an R² of about -1e11, which
+    swamped the mean; it scores 1 if predicted exactly, else 0, as scikit-learn's r2_score."""
+    gen = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(200, 4, generator=gen), torch.randn(50, 4, generator=gen)
+    y, yt = x[:, :1] + 0.1 * torch.randn(200, 1, generator=gen), xt[:, :1]
+    per = probe_r2(x, torch.cat([y, torch.randn(200, 1, generator=gen)], 1), test_features=xt,
+                   test_targets=torch.cat([yt, torch.full((50, 1), 0.5)], 1), per_target=True)
+    assert per[0] > 0.9 and per[1] == 0.0
+    exact = probe_r2(x, torch.zeros(200, 1), test_features=xt, test_targets=torch.zeros(50, 1))
+    assert exact == 1.0
+
+
+def test_predictions_need_two_logits_or_more():
+    """A one-logit binary classifier's argmax is always class 0, so agreement was 1.0 whatever it did."""
+    from captum_inn.metrics import prediction_agreement
+
+    one_logit = nn.Sequential(nn.Flatten(), nn.Linear(12, 1))
+    x = torch.rand(4, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"output has shape \(4, 1\); predictions need \(N, K\) logits with K >= 2"):
+        prediction_agreement(one_logit, x, torch.rand(4, 2, 3, 2, 2))
 
 
 def test_shape_cnn_reads_the_same_map_whatever_the_colours():

@@ -251,4 +251,37 @@ def test_save_figure_returns_the_file_it_wrote(tmp_path):
         assert path == str(tmp_path / written) and (tmp_path / written).is_file()
     assert (tmp_path / "vector.svg").read_text().lstrip().startswith("<?xml")
     assert plt.get_fignums() == []
+    # "epoch_1.5" has no format suffix (matplotlib refused "Format '5'"); a failed save closes the figure too
+    assert save_figure(plot_by_depth(["a"], {"x": [1.0]})[0], tmp_path / "epoch_1.5") == str(tmp_path / "epoch_1.5.png")
+    with pytest.raises(FileNotFoundError):
+        save_figure(plot_by_depth(["a"], {"x": [1.0]})[0], tmp_path / "missing" / "f.png")
+    assert plt.get_fignums() == []
+
+
+def test_a_refused_input_leaves_no_figure_open():
+    """The figure was made before some checks: each refused call left one open, to pile up and show in a
+    notebook under the traceback."""
+    from captum_inn.visualization import plot_by_depth
+
+    for call in (lambda: plot_concept_bars(torch.rand(3), ["a"]),
+                 lambda: plot_by_depth(["a", "b"], {"v": [1.0]}),
+                 lambda: plot_image_grid({"a": torch.rand(1, 2, 5, 9)})):  # two channels: no image
+        with pytest.raises((ValueError, TypeError)):
+            call()
+        assert plt.get_fignums() == []
+
+
+def test_image_grids_draw_names_literally_take_array_labels_and_plot_half_precision_maps():
+    """plot_image_grid typeset "a$x^$" as mathematics (and failed), NumPy row labels were "ambiguous", and a
+    bfloat16 comparison's maps failed in NumPy ("unsupported ScalarType BFloat16")."""
+    import numpy as np
+
+    fig, axes = plot_image_grid({"a$x^$": torch.rand(2, 3, 4, 4)}, captions={"a$x^$": ["$1", "$2"]},
+                                row_labels=np.array(["r$1", "r$2"]), title="t$")
+    fig.canvas.draw()
+    assert axes[0, 0].get_title() == r"a\$x^\$" and axes[1, 0].get_ylabel() == r"r\$2"
+    half = _comparison(torch.rand(1, 3, 8, 8))
+    for key in ("gradcam", "integrated_gradients", "invariance_map"):
+        setattr(half, key, getattr(half, key).to(torch.bfloat16))
+    plot_comparison(half)[0].canvas.draw()
 

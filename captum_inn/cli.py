@@ -122,7 +122,7 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="run the photo demo instead: a folder with one sub-folder of images per class "
                            "(ImageFolder layout); ResNet-18, Grad-CAM, IG and invariances (about 17 minutes on 2 cores)")
     demo.add_argument("--check", action="store_true",
-                      help="exit with status 1 unless the metrics meet the demo's bounds (looser with --quick)")
+                      help="exit with status 1 unless the metrics meet the demo's bounds (their own, mostly looser, with --quick)")
     demo.set_defaults(usage_error=demo.error)  # for errors argparse cannot see: two options together
     sub.add_parser("selfcheck", help="check the installation in a few seconds")
     return parser

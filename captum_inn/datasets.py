@@ -104,6 +104,8 @@ def colour_digits(masks: Tensor, foreground: Tensor, background: Tensor) -> Tens
         raise ValueError(
             f"`masks` must have shape (N, H, W) or (N, 1, H, W), got {tuple(masks.shape)}."
         )
+    if not masks.is_floating_point():  # integer masks made integer colours (0.2 became 0: black images)
+        masks = masks.to(torch.get_default_dtype())
     n = masks.shape[0]
     colours = []
     for name, colour in (("foreground", foreground), ("background", background)):
@@ -342,7 +344,7 @@ class ColorDigits(Dataset):
     def __getitem__(self, index: int) -> Tuple[Tensor, int]:
         """Return ``(image, label)``: a ``(3, S, S)`` float32 image and its digit as an int."""
         i = self._check_index(index)
-        return self._images[i], int(self._digits[i])
+        return self._images[i].clone(), int(self._digits[i])  # a copy: an in-place transform changed the dataset
 
     def _check_index(self, index: int) -> int:
         i = int(index)
@@ -701,18 +703,23 @@ def _find_images(root: Union[str, os.PathLike], name: str = "root") -> Tuple[Tup
                 raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
             return classes, {cls: i for i, cls in enumerate(classes)}
 
-    try:
+    try:  # allow_empty: a class without images is named below (torchvision said the whole root held none)
         folder = VisibleImageFolder(str(root), is_valid_file=lambda path: visible(path) and
-                                    has_file_allowed_extension(path, IMG_EXTENSIONS))
-    except (FileNotFoundError, RuntimeError) as error:  # no class folders / no images
+                                    has_file_allowed_extension(path, IMG_EXTENSIONS), allow_empty=True)
+    except (FileNotFoundError, RuntimeError) as error:  # no class folders
         raise ValueError(f"`{name}` {str(root)!r} holds no images in ImageFolder layout: {error}") from None
     by_class: Dict[int, list] = {}
+    seen = set()
     for path, label in folder.samples:
-        by_class.setdefault(label, []).append(path)
-    for label in sorted(by_class):
-        if len(by_class[label]) < 2:
-            raise ValueError(f"class {folder.classes[label]!r} in `{name}` has {len(by_class[label])} image; each "
-                             "class needs >= 2.")
+        real = os.path.realpath(path)
+        if real not in seen:  # one photo by several paths (symlinks) would land on both sides of the split
+            seen.add(real)
+            by_class.setdefault(label, []).append(path)
+    for label, cls in enumerate(folder.classes):
+        count = len(by_class.get(label, []))
+        if count < 2:
+            raise ValueError(f"class {cls!r} in `{name}` has {count} image(s); each class needs >= 2 (files ending in "
+                             f"{', '.join(IMG_EXTENSIONS)}).")
     return tuple(folder.classes), by_class
 
 
@@ -730,7 +737,8 @@ def load_image_folder(
     square kept, as ``torchvision.transforms.Resize(size) + CenterCrop(size)`` would. A transparent
     image's alpha channel is dropped, as torchvision's loader does. The split
     is drawn per class with a seeded generator, so every class is in both parts. Hidden files and
-    folders (names starting with ``.``: ``.ipynb_checkpoints``, macOS ``._photo.jpg``) are skipped.
+    folders (names starting with ``.``: ``.ipynb_checkpoints``, macOS ``._photo.jpg``) are skipped,
+    and a photo reachable by several paths (symbolic links) is read once.
 
     Args:
         root: Folder in ``torchvision.datasets.ImageFolder`` layout (``root/<class>/<image>``).

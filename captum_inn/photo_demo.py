@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
+from captum_inn._random import seeded_global_rng
 from captum_inn.analysis import mix_images, plot_mixing
 from captum_inn.attr import LayerInvariance
 from captum_inn.attr._common import autograd_on
@@ -175,8 +176,8 @@ def _resnet(path: Path, train: Tuple[torch.Tensor, torch.Tensor], n_classes: int
     """
     from torchvision.models import resnet18
 
-    torch.manual_seed(seed)
-    model = resnet18(num_classes=n_classes)
+    with seeded_global_rng(seed):  # the initial weights, seeded; the caller's stream is left as it was
+        model = resnet18(num_classes=n_classes)
     recipe = {"class": "torchvision.models.resnet18", "num_classes": n_classes, "steps": settings.cnn_steps,
               "lr": settings.cnn_lr, "weight_decay": settings.cnn_weight_decay, "size": settings.size,
               "max_per_class": settings.max_per_class, "seed": seed, "n_train": int(train[0].shape[0]),

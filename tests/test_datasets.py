@@ -276,3 +276,20 @@ def test_bad_inputs(train: ColorDigits) -> None:
         train.pairs("digit", n=2, generator="zero")
     with pytest.raises(IndexError, match="out of range"):
         train[len(train)]
+
+
+def test_integer_masks_colour_as_float_masks_and_items_are_copies():
+    """An integer mask cast the colours to integers (0.2 became 0: black images), and an item was a view
+    of the dataset's storage, so an in-place transform (x.sub_(0.5)) changed the dataset for every read."""
+    from captum_inn.datasets import colour_digits
+
+    mask = torch.zeros(1, 2, 2, dtype=torch.long)
+    mask[0, 0, 0] = 1
+    fg, bg = torch.tensor([0.2, 0.4, 0.6]), torch.tensor([0.9, 0.8, 0.7])
+    for masks in (mask, mask.bool(), mask.to(torch.uint8)):
+        assert torch.equal(colour_digits(masks, fg, bg), colour_digits(mask.float(), fg, bg))
+    data = ColorDigits("test")
+    image, _ = data[0]
+    kept = image.clone()
+    image.sub_(0.5)
+    assert torch.equal(data[0][0], kept)

@@ -169,7 +169,11 @@ def test_cli_refuses_a_photo_folder_without_the_layout_before_any_work(tmp_path,
         for i in range(count):
             Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name / f"{i}.png")
     assert main(["demo", "--quick", "--images", "photos"]) == 2
-    assert "class 'dog' in `images` has 1 image; each class needs >= 2" in capsys.readouterr().err
+    assert "class 'dog' in `images` has 1 image(s); each class needs >= 2" in capsys.readouterr().err
+    (tmp_path / "photos" / "dog" / "0.png").rename(tmp_path / "photos" / "dog" / "0.heic")
+    assert main(["demo", "--quick", "--images", "photos"]) == 2  # was: the whole folder "holds no images"
+    assert "class 'dog' in `images` has 0 image(s); each class needs >= 2 (files ending in .jpg" in capsys.readouterr().err
+    (tmp_path / "photos" / "dog" / "0.heic").rename(tmp_path / "photos" / "dog" / "0.png")
     (tmp_path / "photos" / "dog" / "0.png").unlink()
     (tmp_path / "photos" / "dog").rmdir()  # one class left: a classifier of one class learns nothing
     assert main(["demo", "--quick", "--images", "photos"]) == 2
@@ -334,10 +338,12 @@ def test_mixing_figure_pairs_images_when_there_are_fewer_than_two_rows_of_them(t
 def test_runs_inside_a_callers_inference_mode(tmp_path):
     """A notebook cell under torch.inference_mode() built the demo's CNN with inference tensors as
     weights, which cannot train: fit_classifier stopped at the first model."""
+    state = torch.get_rng_state()
     with torch.inference_mode():
         index = run_demo(out=tmp_path, settings=TINY, progress=False)
         assert torch.is_inference_mode_enabled()
     assert json.loads((index.parent / "metrics.json").read_text())["cnn_test_accuracy"] > 0
+    assert torch.equal(torch.get_rng_state(), state)  # the models were seeded by reseeding the caller's stream
 
 
 def test_run_demo_refuses_a_seed_the_fits_cannot_take_before_any_work(tmp_path):

@@ -8,6 +8,7 @@ project (``../shared/data/animalfaces10``) and the test is skipped otherwise.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,7 @@ def test_load_image_folder_errors(tmp_path, folder):
         load_image_folder(flat)
     empty_class = _write_folder(tmp_path / "with_empty")
     (empty_class / "zebra").mkdir()
-    with pytest.raises(ValueError, match="ImageFolder layout"):
+    with pytest.raises(ValueError, match=r"class 'zebra' in `root` has 0 image\(s\)"):  # named, with the extensions
         load_image_folder(empty_class)
     lonely = _write_folder(tmp_path / "lonely")
     (lonely / "owl").mkdir()
@@ -195,6 +196,18 @@ def test_hidden_files_and_folders_are_skipped(tmp_path):
     Image.new("RGB", (10, 10)).save(root / ".hidden_class" / "a.png")
     Image.new("RGB", (10, 10)).save(root / ".hidden_class" / "b.png")
     assert load_image_folder(root, size=16).classes == CLASSES
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="symbolic links need a POSIX file system")
+def test_a_photo_reachable_by_several_paths_is_read_once(tmp_path):
+    """torchvision follows symbolic links: a link to the class's own folder read each photo again, so the
+    same photos landed on both sides of the split (a loop: about 40 copies of each)."""
+    root = _write_folder(tmp_path / "photos")
+    expected = load_image_folder(root, size=16, test_fraction=0.2, seed=0)
+    os.symlink(root / "cat", root / "cat" / "again")
+    split = load_image_folder(root, size=16, test_fraction=0.2, seed=0)
+    assert len(split.train_labels) + len(split.test_labels) == len(expected.train_labels) + len(expected.test_labels)
+    assert torch.equal(split.test_images, expected.test_images)
 
 
 def test_sixteen_bit_grayscale_keeps_its_grey_level(tmp_path):

@@ -22,8 +22,9 @@ def _photos(seed: int):
 
 def test_resnet_is_reused_only_with_the_same_recipe_photos_and_threads(tmp_path, one_step):
     path, photos = tmp_path / "resnet18.safetensors", _photos(0)
+    state = torch.get_rng_state()
     first, loaded = _resnet(path, photos, 2, one_step, 0, "cpu", False)
-    assert not loaded
+    assert not loaded and torch.equal(torch.get_rng_state(), state)  # its initial weights reseeded the caller's stream
     again, loaded = _resnet(path, photos, 2, one_step, 0, "cpu", False)
     assert loaded
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))

@@ -279,6 +279,9 @@ def test_bad_inputs_name_the_problem():
         Permutation(4)(torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="dim` >= 2"):
         AffineCoupling(1)
+    for clamp in (float("inf"), float("nan"), 0.0):  # inf gave NaN outputs even for an identity coupling
+        with pytest.raises(ValueError, match="`clamp` must be a finite number > 0"):
+            AffineCoupling(4, clamp=clamp)
     with pytest.raises(TypeError, match="InvertibleModule"):
         SequentialFlow([torch.nn.Linear(2, 2)])
 
@@ -387,6 +390,9 @@ def test_rarely_active_units_do_not_explode_the_standardised_condition():
     active = torch.zeros(1, 6)
     active[0, 0] = 1.0  # the unit fires on a test input
     assert emb.standardize(active).abs().max() < 100
+    # no unit varies (a collapsed layer): later inputs were scaled by 1/eps = 1e5
+    emb.set_input_statistics(torch.zeros(64, 6))
+    assert emb.standardize(torch.full((1, 6), 0.5)).abs().max() < 10
 
 
 def test_actnorm_loading_an_uninitialised_state_makes_it_uninitialised_again():

@@ -16,8 +16,8 @@ LeakyReLU fused as a post-op) inside one autograd node with a hand-written backw
 The fast path is taken only where it computes exactly what the modules would, for float32 CPU
 tensors without autocast, functorch transforms, forward-mode AD (dual tensors), tracing, module hooks
 or a changed subnet structure.
-Otherwise the subnet runs as a normal module. Its backward is once-differentiable: double backward
-(``create_graph=True``) through it raises.
+Otherwise the subnet runs as a normal module. Its backward is once-differentiable: a backward pass
+with ``create_graph=True`` through it (a Hessian, a gradient penalty) raises.
 
 The path is the default only on CPUs with AVX-512 (``torch.backends.cpu.get_cpu_capability()``):
 on an AVX2-only AMD EPYC oneDNN's products were slower than MKL's and a flow step took 11% longer
@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
-from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
 __all__ = ["subnet_forward", "fast_path_enabled", "kernel_available"]
@@ -198,8 +197,20 @@ class _MLP(torch.autograd.Function):
         return h
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():
+            # create_graph=True (a Hessian, a gradient penalty): once_differentiable's error fired only if a
+            # second backward walked this node, and torch.autograd.grad dropped the subnet's terms silently
+            raise RuntimeError(
+                "Second derivatives through a coupling's oneDNN path are not supported (create_graph=True: a "
+                "Hessian, a gradient penalty). Set CAPTUM_INN_ONEDNN=0 in the environment before the first INN "
+                "runs, and the subnets run as modules, which differentiate twice."
+            )
+        with torch.no_grad():
+            return _MLP._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
         n = len(ctx.slopes)
         saved = ctx.saved_tensors
         inputs, weights = saved[:n], saved[n:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -87,8 +88,8 @@ class AffineCoupling(InvertibleModule):
         super().__init__()
         if int(dim) < 2:
             raise ValueError(f"An affine coupling needs `dim` >= 2 features to split, got {dim}.")
-        if clamp <= 0:
-            raise ValueError(f"`clamp` must be > 0, got {clamp}.")
+        if not math.isfinite(clamp) or clamp <= 0:  # inf: inf * tanh(s / inf) is NaN, even for an identity coupling
+            raise ValueError(f"`clamp` must be a finite number > 0, got {clamp}.")
         if parity not in (0, 1):
             raise ValueError(f"`parity` must be 0 or 1, got {parity}.")
         self.dim, self.cond_dim, self.clamp, self.parity = int(dim), int(cond_dim), float(clamp), parity

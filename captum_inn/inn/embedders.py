@@ -98,8 +98,8 @@ class ConditionEmbedder(nn.Module):
 
         Args:
             batch: ``(N, *in_shape)`` condition samples, ``N >= 2``.
-            eps: Added to the floor of the standard deviation (10% of the mean spread), so
-                rarely active units stay on the scale of the others.
+            eps: Added to the floor of the standard deviation (10% of the mean spread, or 0.1
+                where nothing varies), so rarely active units stay on the scale of the others.
         """
         self._check(batch)
         if batch.shape[0] < 2:
@@ -109,7 +109,9 @@ class ConditionEmbedder(nn.Module):
         std = batch.std(dim=dims).reshape(self.in_std.shape)
         # Floor at 10% of the typical spread: a unit that is almost always zero (a dead ReLU on
         # these samples) must not turn its rare activations into huge standardised values.
-        floor = 0.1 * float(std.mean()) + eps
+        # None varying at all (a collapsed layer): as if the spread were 1, not eps (later inputs scaled by 1e5)
+        typical = float(std.mean())
+        floor = 0.1 * (typical if typical > 0 else 1.0) + eps
         self.in_mean.copy_(mean)
         self.in_std.copy_(std.clamp_min(floor))
 

@@ -123,14 +123,16 @@ def test_concept_dynamics_on_the_device(device, fitted):
     assert len(dynamics.table().splitlines()) >= 3
 
 
-def test_networks_elsewhere_than_device_are_a_clear_error(fitted):
-    other = "meta"  # a device none of the networks is on, wherever the tests run
-    with pytest.raises(ValueError, match=r"`model` is on .* but `device` is meta; move it first"):
-        cache_features(fitted["cnn"], "fc", fitted["ae"], fitted["images"][:8], device=other, progress=False)
-    with pytest.raises(ValueError, match=r"`representation` is on .* but `device` is meta"):
-        fit_concepts(fitted["ae"], fitted["data"].concepts(), steps=1, device=other, progress=False)
-    with pytest.raises(ValueError, match=r"`representation` is on .* but `device` is meta"):
-        fit_concepts((fitted["cnn"], "fc"), fitted["data"].concepts(), steps=1, device=other, progress=False)
+def test_networks_elsewhere_than_device_are_a_clear_error(device, fitted):
+    def elsewhere(network):  # on a device the fit is not given, wherever the tests run
+        return copy.deepcopy(network).to("meta")
+
+    with pytest.raises(ValueError, match=rf"`model` is on meta but `device` is {device.type}.*; move it first"):
+        cache_features(elsewhere(fitted["cnn"]), "fc", fitted["ae"], fitted["images"][:8], device=device, progress=False)
+    with pytest.raises(ValueError, match=rf"`representation` is on meta but `device` is {device.type}"):
+        fit_concepts(elsewhere(fitted["ae"]), fitted["data"].concepts(), steps=1, device=device, progress=False)
+    with pytest.raises(ValueError, match=rf"`representation` is on meta but `device` is {device.type}"):
+        fit_concepts((elsewhere(fitted["cnn"]), "fc"), fitted["data"].concepts(), steps=1, device=device, progress=False)
 
 
 @pytest.mark.parametrize("where", ["cpu", "device"])

@@ -125,7 +125,8 @@ class Comparison:
 
 
 def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
-    """Name of the last module (in execution order) whose output is a feature map larger than 1×1.
+    """Name of the last module (in execution order) whose output is a feature map larger than 1×1,
+    among those that run once per forward pass where any does.
 
     The default layer of Grad-CAM: for a torchvision ResNet it is ``"layer4"``.
 
@@ -162,7 +163,10 @@ def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
             handle.remove()
     if not order:
         raise ValueError("The model has no layer with a spatial feature map; pass `gradcam_layer` explicitly.")
-    return order[-1]
+    # a module that runs more than once (one nn.ReLU after two convolutions) is read by Captum at its last
+    # call and by the explainers at their first: the last module that runs once, where there is one
+    once = [name for name in order if order.count(name) == 1]
+    return (once or order)[-1]
 
 
 def _check_baselines(baselines: Any, images: Tensor) -> None:

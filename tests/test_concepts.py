@@ -1280,3 +1280,32 @@ def test_bfloat16_pairs_are_fingerprinted_for_a_checkpoint():
     pairs = ConceptPairs.from_labels("c", x.bfloat16(), c)
     assert len(pairs.fingerprint()) == 16
     assert pairs.fingerprint() != ConceptPairs.from_labels("c", x, c).fingerprint()  # the dtype counts
+
+
+def test_a_layer_tensor_the_output_does_not_use_is_named_not_a_raw_autograd_error():
+    """A head's "box" tensor that the model's output never uses: attribute failed with autograd's "The
+    differentiated Tensor ... appears to not have been used in the graph. Set allow_unused=True"."""
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 4)
+
+        def forward(self, h):
+            return {"logits": self.a(h), "box": self.b(h)}
+
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.heads = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU()), Heads()
+
+        def forward(self, x):
+            return self.heads(self.body(x))["logits"]
+
+    torch.manual_seed(0)
+    model, x = Detector().eval(), torch.rand(16, 3, 2, 2)
+    pairs = [ConceptPairs.from_labels("c", x, torch.arange(16) % 2)]
+    e = fit_concepts(LayerRepresentation(model, "heads", selector="box"), pairs, factor_sizes={"c": 2}, steps=2,
+                     pool_size=16, n_blocks=1, hidden=8, progress=False)
+    with pytest.raises(ValueError, match=r"tensor read from layer 'heads' \(selector 'box'\) is not used by what "
+                                         r"forward_func returns"):
+        LayerConcepts(model, "heads", e, selector="box").attribute(x[:2], target=1, n_steps=4)

@@ -26,7 +26,7 @@ NOT_RUN = {
                                           "test suite (token layers are tested in test_embedders.py and test_capture.py)",
 }
 # How many snippets each section holds: a new one fails here until a test runs it (or NOT_RUN lists it).
-SECTIONS = {"howto-layer": 5, "howto-autoencoder": 2, "howto-layers": 2, "howto-concepts": 1, "howto-resume": 2,
+SECTIONS = {"howto-layer": 6, "howto-autoencoder": 2, "howto-layers": 2, "howto-concepts": 1, "howto-resume": 2,
             "howto-distributed": 2}
 
 
@@ -140,8 +140,8 @@ def test_choose_a_layer(digits):
 
     keys = sorted(k for k in SNIPPETS if k[0] == "howto-layer")
     # the ViT one is not run (NOT_RUN)
-    first, used_twice, on_input, by_selector, vit = (SNIPPETS[k] for k in keys)
-    assert skipped(vit) and not any(skipped(code) for code in (first, used_twice, on_input, by_selector))
+    first, used_twice, on_input, more_arguments, by_selector, vit = (SNIPPETS[k] for k in keys)
+    assert skipped(vit) and not any(skipped(code) for code in (first, used_twice, on_input, more_arguments, by_selector))
     exec(compile(first, "howto-layer#0", "exec"), ns)
     assert ns["shapes"] == {"layer2": (4, 128, 8, 8), "layer3.1": (4, 256, 4, 4), "layer4": (4, 512, 2, 2),
                             "fc": (4, 10)}  # as its comment states
@@ -162,8 +162,17 @@ def test_choose_a_layer(digits):
     assert ns["inn"].fit_info["attribute_to_layer_input"] is True
     assert ns["explainer"].attribute_to_layer_input is True
 
+    class Scaled(SmallCNN):  # a model with an argument besides the images
+        def forward(self, images, scale):
+            return super().forward(images * scale)
+
+    torch.manual_seed(0)
+    ns.update(model=Scaled(width=32).eval(), scale=torch.tensor(0.9))
+    exec(compile(more_arguments, "howto-layer#3", "exec"), ns)
+    assert ns["result"].gradcam.shape == (4, 1, 32, 32) and ns["result"].layer == "net.fc"
+
     ns["model"] = Detector().eval()
-    exec(compile(by_selector, "howto-layer#3", "exec"), ns)
+    exec(compile(by_selector, "howto-layer#4", "exec"), ns)
     assert ns["inn"].cond_shape == (4,)  # the "box" head
     assert ns["explainer"].selector == "box"  # as its comment states: the recorded selector
     assert ns["explainer"].attribute(ns["x"][:2], n_samples=2).shape == (2, 3, 32, 32)

@@ -812,6 +812,12 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 ) from None
             raise
         except (IndexError, RuntimeError) as error:
+            if "appears to not have been used in the graph" in str(error):  # autograd's words, not the user's
+                raise ValueError(
+                    f"The representation does not reach the model's output: the tensor read from layer "
+                    f"{self.layer_name!r} (selector {self.selector!r}) is not used by what forward_func returns, "
+                    "so no concept changes it. Read a tensor the output depends on."
+                ) from None
             if not self._target_fails(target, start, inputs, additional_forward_args, attribute_to_layer_input):
                 raise
             raise ValueError(f"`target` {target!r} is out of range for the model's output ({error}).") from None

@@ -199,8 +199,9 @@ def fit_autoencoder(
     if not torch.isfinite(images).all():
         raise ValueError("`data` contains NaN or infinite pixels; clean the images first.")
     if config.output == "sigmoid":
-        check_pixel_range(images, "data", fix="output='sigmoid' decodes to [0, 1]; divide 8-bit pixels by 255, or "
-                                              "pass output='identity' for normalised images.")
+        check_pixel_range(images, "data", fix="output='sigmoid' decodes to [0, 1]; divide 8-bit pixels by 255. "
+                                              "For normalised images, move the normalisation into the model (the "
+                                              "figures draw pixels in [0, 1]), or pass output='identity'.")
     # what the fit learns from, beyond its settings: a resume on other images or another perceptual
     # model is refused (all images, before sharding: a resume may use another number of processes)
     source = {"images": images_fingerprint(images),

@@ -750,7 +750,7 @@ def eval_mode(*modules: Any) -> Iterator[None]:
     """Put modules in eval mode for the block, then restore every submodule's own flag.
 
     A plain object (e.g. a user's autoencoder that wraps an encoder and a decoder) has its
-    :func:`module_attributes` switched; other arguments (``None``) are ignored.
+    ``module_attributes`` switched; other arguments (``None``) are ignored.
 
     Args:
         *modules: Modules (or other objects) to switch.

@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import difflib
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -433,6 +434,8 @@ class LayerHooks:
         resolved: Dict[str, nn.Module] = {}
         for layer in layer_list:
             name, module = resolve_layer(model, layer)
+            if module is model:  # the model itself: the module run() calls (a DataParallel's, a compiled one's)
+                module = _unwrapped(model)
             resolved.setdefault(name, module)  # dicts keep insertion order: order as given
         self.model = model
         self.names: List[str] = list(resolved)
@@ -499,17 +502,27 @@ class LayerHooks:
 
     def _reset_hook(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         # Each call of the model starts a fresh capture (and a fresh stop_early countdown).
-        self.clear()
+        if self._listening():
+            self.clear()
+
+    def _listening(self) -> bool:
+        """Whether this call of a hooked module belongs to this instance: not a rerun inside a backward
+        pass (gradient checkpointing; the stop signal fired there and crashed it), and not a pass that
+        another instance's run() makes (capture() inside this block: its stop signal left the block)."""
+        running = getattr(_RUNNING, "hooks", None)
+        return (running is None or running is self) and not _in_backward()
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-            self._store(name, _select(output, self._selectors[name], name, "output"))
+            if self._listening():
+                self._store(name, _select(output, self._selectors[name], name, "output"))
 
         return hook
 
     def _make_pre_hook(self, name: str) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-            self._store(name, _select(args, self._selectors[name], name, "input", kwargs))
+            if self._listening():
+                self._store(name, _select(args, self._selectors[name], name, "input", kwargs))
 
         return pre_hook
 
@@ -585,6 +598,8 @@ class LayerHooks:
             >>> out is None, hooks["0"].shape
             (True, torch.Size([5, 3]))
         """
+        outer = getattr(_RUNNING, "hooks", None)
+        _RUNNING.hooks = self
         try:
             if isinstance(self.model, nn.DataParallel):
                 return _run_unreplicated(self.model, args, kwargs)
@@ -593,11 +608,29 @@ class LayerHooks:
             if exc.owner is not self:
                 raise
             return None
+        finally:
+            _RUNNING.hooks = outer
 
     def __repr__(self) -> str:
         kind = "inputs" if self.attribute_to_layer_input else "outputs"
         state = "active" if self._active else "inactive"
         return f"LayerHooks({type(self.model).__name__}, {kind} of {self.names}, {state})"
+
+
+def _is_structseq(value: Any) -> bool:
+    """Whether ``value`` is a struct sequence, as ``torch.return_types.topk``."""
+    return isinstance(value, tuple) and hasattr(type(value), "n_fields")
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass: a forward that gradient checkpointing reruns there
+    is no pass of the model (its calls were stored, or stopped, already)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+#: The LayerHooks whose run() is making a pass, per thread: other instances on the model stay out of it
+_RUNNING = threading.local()
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -790,6 +823,10 @@ def _with_replaced(value: Any, selector: Selector, replacement: Tensor, name: st
             f"layer {name!r}: a callable selector picks a tensor out of the {what} but cannot say where to "
             "put a replacement back; pass an int index or a str key/attribute name instead"
         )
+    if _is_structseq(value):  # torch.return_types (topk, max, sort): built from a sequence, fields read-only
+        items = list(value)
+        items[selector if isinstance(selector, int) else type(value).__match_args__.index(selector)] = replacement
+        return type(value)(items)
     if isinstance(selector, int):
         items = list(value)
         items[selector] = replacement
@@ -832,7 +869,8 @@ def replace_activation(
             ``module`` in each call of ``model`` is replaced, the call that :func:`capture`, the
             fits and the explainers read (torchvision's ``BasicBlock`` calls its ``relu`` twice:
             the second call, the block's output, then runs on the model's own values). Without
-            it, every call of ``module`` is replaced, unless ``once``.
+            it, every call of ``module`` is replaced, unless ``once``. A ``torch.compile``'d model
+            skips hooks added after it was built: inside the block run ``eager_module(model)``.
         once: Replace only the first call of ``module`` within the block: for a block around one
             forward pass whose model is out of reach (a lambda), where a layer module used twice
             (one ``nn.ReLU`` shared by two stages) must keep its second call.

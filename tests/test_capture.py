@@ -469,11 +469,72 @@ def test_layer_hooks_stop_early_in_with_block_is_swallowed():
         assert hooks.run(x + 1) is None
         assert torch.equal(hooks["0"], model[0](x + 1))
     assert model[1].n == 0
-    # A nested instance's signal is not swallowed by the outer one's run().
-    with LayerHooks(model, "1") as outer, LayerHooks(model, "0", stop_early=True):
+    # A pass that another instance's run() makes belongs to that instance: a stop_early instance around
+    # it neither stops it nor records it (its signal left the whole block: capture() inside it returned
+    # nothing, and the statements after it were skipped silently).
+    reached, expected = False, model[0](x)
+    with LayerHooks(model, "1") as outer, LayerHooks(model, "0", stop_early=True) as inner:
         outer.run(x)
-    assert model[1].n == 0
+        assert torch.equal(capture(model, "0", x), expected)
+        reached = True
+    assert reached, "the statements after capture() in the block ran"
+    assert "1" in outer.values and inner.values == {}
     assert_no_hooks(model)
+
+
+def test_a_pass_rerun_by_gradient_checkpointing_in_backward_is_not_a_new_call():
+    """torch.utils.checkpoint reruns the forward inside the backward pass: a stop_early instance raised its
+    stop signal there (fit_autoencoder with such a perceptual model crashed on a private exception), and
+    calls counted the rerun as a second call."""
+    import torch.utils.checkpoint as checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+
+        def forward(self, x):
+            return checkpoint.checkpoint(self.features, x, use_reentrant=False).sum(1)
+
+    model, x = Checkpointed(), torch.randn(2, 3, requires_grad=True)
+    finished = False
+    with LayerHooks(model, ["features.1", "features.3"], detach=False, stop_early=True) as hooks:
+        hooks.run(x)
+        sum(v.sum() for v in hooks.values.values()).backward()
+        finished = True
+    assert finished and x.grad is not None
+    with LayerHooks(model, "features.1", detach=False) as hooks:
+        model(x).sum().backward()
+    assert hooks.calls == {"features.1": 1}
+
+
+def test_the_model_itself_is_hooked_through_a_data_parallel_or_compiled_wrapper():
+    """Layer "" named the wrapper, whose hooks never run: run() calls the wrapped module."""
+    model, x = nn.Sequential(nn.Linear(3, 2)), torch.randn(4, 3)
+    assert torch.equal(capture(nn.DataParallel(model), "", x), model(x).detach())
+
+
+def test_replace_activation_rebuilds_torch_return_types():
+    """A topk output became a plain tuple (selector 0), or failed on its read-only fields (selector "values")."""
+
+    class TopK(nn.Module):
+        def forward(self, x):
+            return x.topk(2, dim=1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = TopK()
+
+        def forward(self, x):
+            out = self.k(x)
+            return out.values * 10 + out.indices
+
+    net, x = Net(), torch.rand(4, 5)
+    indices = x.topk(2, dim=1).indices
+    for selector in (0, "values"):
+        with replace_activation(net.k, torch.zeros(4, 2), selector=selector, model=net):
+            assert torch.equal(net(x), indices.float())
 
 
 

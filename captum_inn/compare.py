@@ -125,8 +125,7 @@ class Comparison:
 
 
 def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
-    """Name of the last module (in execution order) whose output is a feature map larger than 1×1,
-    among those that run once per forward pass where any does.
+    """Name of the last module (in execution order) whose output is a feature map larger than 1×1.
 
     The default layer of Grad-CAM: for a torchvision ResNet it is ``"layer4"``.
 
@@ -163,10 +162,7 @@ def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
             handle.remove()
     if not order:
         raise ValueError("The model has no layer with a spatial feature map; pass `gradcam_layer` explicitly.")
-    # a module that runs more than once (one nn.ReLU after two convolutions) is read by Captum at its last
-    # call and by the explainers at their first: the last module that runs once, where there is one
-    once = [name for name in order if order.count(name) == 1]
-    return (once or order)[-1]
+    return order[-1]
 
 
 def _check_baselines(baselines: Any, images: Tensor) -> None:
@@ -346,8 +342,9 @@ def compare_attributions(
                 and len(_outputs(model, invariance.layer, images[:1])) == 1
             gradcam_layer = layer_name if readable else last_spatial_layer(model, images)
         gradcam_name, gradcam_module = resolve_layer(model, gradcam_layer)
-        if not chosen:
-            _check_gradcam_layer(model, gradcam_name, gradcam_module, images[:1])
+        # the default too: a module that runs twice (one nn.ReLU after two convolutions) is read by Captum at
+        # its last call, which it warns about
+        _check_gradcam_layer(model, gradcam_name, gradcam_module, images[:1])
         if ig_baselines is None:
             ig_baselines = torch.zeros_like(images)
 

@@ -83,7 +83,8 @@ def colour_digits(masks: Tensor, foreground: Tensor, background: Tensor) -> Tens
         background: Background colours, shape ``(N, 3)`` (or ``(3,)``, shared by all ``N``).
 
     Returns:
-        Tensor: Images of shape ``(N, 3, H, W)``, the dtype of ``masks``.
+        Tensor: Images of shape ``(N, 3, H, W)``, in the dtype of floating ``masks`` (the default
+        floating dtype for integer or boolean ones).
 
     Raises:
         ValueError: If the shapes do not fit together.

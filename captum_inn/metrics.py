@@ -290,7 +290,7 @@ def probe_r2(
 
     Returns:
         Mean R² (float), or ``(T,)`` R² values with ``per_target``. A target constant on the held-out
-        rows scores 1 if predicted exactly, else 0 (scikit-learn's convention).
+        rows scores 1 if predicted to rounding, else 0 (scikit-learn's convention).
 
     Examples::
 
@@ -346,9 +346,12 @@ def probe_r2(
     residual = y[te] - (y_mean + xs[te] @ w)
     total = (y[te] - y[te].mean(0)).pow(2).sum(0)
     error = residual.pow(2).sum(0)
-    # a target constant on the held-out rows has no variance to explain (dividing by a clamped 0 gave -1e11):
-    # 1 where it is predicted exactly, else 0, as scikit-learn's r2_score
-    r2 = torch.where(total > 0, 1.0 - error / total.clamp_min(1e-300), (error == 0).to(error.dtype))
+    # a target constant on the held-out rows (its values, not a sum that rounding leaves at 1e-33) has no
+    # variance to explain (dividing by a clamped 0 gave -1e11): 1 where it is predicted to rounding, else 0,
+    # as scikit-learn's r2_score
+    constant = (y[te] == y[te][:1]).all(0)
+    exact = (residual.abs() <= 1e-6 * y[te].abs().clamp_min(1.0)).all(0)
+    r2 = torch.where(constant, exact.to(error.dtype), 1.0 - error / total.clamp_min(1e-300))
     return r2.float() if per_target else float(r2.mean())
 
 

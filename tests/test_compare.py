@@ -667,15 +667,32 @@ def test_last_spatial_layer_of_resnet18(resnet):
 def test_last_spatial_layer_of_small_models():
     assert last_spatial_layer(SmallCNN(width=4), torch.rand(1, 3, 32, 32)) == "relu3"
 
-    class SharedReLU(nn.Module):  # Captum reads "relu" at its last call, the explainers at their first
+
+
+def test_a_default_grad_cam_layer_that_runs_twice_is_warned_about():
+    """One nn.ReLU after two convolutions: Captum reads it at its last call, the explainers at their first.
+    Given as gradcam_layer it was warned about; chosen by default it was not."""
+    from captum_inn.autoencoders import ConvAutoencoder
+    from captum_inn.inn import ConditionalINN
+
+    class SharedReLU(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c1, self.c2, self.relu = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU()
+            self.c1, self.c2, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+            self.logits = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.relu(self.c2(self.relu(self.c1(x)))).mean((2, 3))
+            return self.logits(self.relu(self.c2(self.relu(self.c1(x)))).mean((2, 3)))
 
-    assert last_spatial_layer(SharedReLU(), torch.rand(1, 3, 8, 8)) == "c2"  # was "relu", with no warning
+    torch.manual_seed(0)
+    model, ae = SharedReLU().eval(), ConvAutoencoder((3, 8, 8), latent_dim=4, width=4).eval()
+    inn = ConditionalINN(4, (3,), n_blocks=1, hidden=8)
+    inn(torch.randn(4, 4), torch.randn(4, 3))  # (normally: fit_invariances)
+    assert last_spatial_layer(model, torch.rand(1, 3, 8, 8)) == "relu"
+    with pytest.warns(UserWarning, match=r"'relu'.*runs 2 times"):
+        result = compare_attributions(model, torch.rand(2, 3, 8, 8), LayerInvariance(model, "logits", inn, ae),
+                                      n_samples=2, ig_steps=4, progress=False)
+    assert result.gradcam_layer == "relu"
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(ValueError, match="gradcam_layer"):
         last_spatial_layer(mlp, torch.rand(1, 3, 2, 2))

@@ -149,6 +149,17 @@ def test_from_captum_reads_a_shuffling_loader_in_order_and_keeps_the_callers_gen
         assert shuffled.fingerprint() == expected.fingerprint()
     assert torch.equal(torch.get_rng_state(), state)
 
+    class Arrays(torch.utils.data.Dataset):  # NumPy items: collated into tensors, in order too
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return np.full((3, 4, 4), i / 8, dtype=np.float32)
+
+    in_order = ConceptPairs.from_captum(Concept(0, "c", DataLoader(Arrays(), batch_size=4)))
+    shuffled = ConceptPairs.from_captum(Concept(0, "c", DataLoader(Arrays(), batch_size=4, shuffle=True)))
+    assert shuffled.fingerprint() == in_order.fingerprint()
+
 
 def test_a_transform_taking_the_generator_makes_seeded_fits_reproducible():
     x, c, _ = synthetic(100)

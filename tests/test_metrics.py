@@ -303,6 +303,11 @@ def test_probe_r2_of_a_target_constant_on_the_held_out_rows():
     assert per[0] > 0.9 and per[1] == 0.0
     exact = probe_r2(x, torch.zeros(200, 1), test_features=xt, test_targets=torch.zeros(50, 1))
     assert exact == 1.0
+    # 0.1 in float64: the held-out mean is not exact, so the total came out as 1e-33 (an R² of -1e32)
+    tenth = torch.full((50, 1), 0.1, dtype=torch.float64)
+    assert probe_r2(x.double(), torch.full((200, 1), 0.1, dtype=torch.float64), test_features=xt.double(),
+                    test_targets=tenth) == 1.0
+    assert probe_r2(x.double(), y.double(), test_features=xt.double(), test_targets=tenth) == 0.0
 
 
 def test_predictions_need_two_logits_or_more():

@@ -1532,6 +1532,16 @@ def test_a_layer_with_integer_outputs_fits_in_memory_as_on_disk(memmap, tmp_path
     assert cache.layers["levels"][:2].dtype == torch.float32
     inn = fit_invariances(model, "levels", cache=cache, steps=1, progress=False, **TINY)
     assert inn.fit_info["layer_shape"] == [4, 6, 6]
+    if not memmap:  # concept_dynamics reads a later checkpoint's layer by its own path: float32 there too
+        from captum_inn.concepts import ConceptPairs
+        from captum_inn.training import fit_concepts
+        from captum_inn.training.dynamics import concept_dynamics
+
+        e = fit_concepts(ae, [ConceptPairs.from_labels("parity", images, torch.arange(8) % 2)], steps=2, pool_size=8,
+                         n_blocks=1, hidden=8, progress=False)
+        result = concept_dynamics([("a", model), ("b", Quantised().eval())], "levels", ae, e, images, images[:4],
+                                  steps=1, n_blocks=1, hidden=8, embed_dim=4, n_samples=2, progress=False)
+        assert result.labels == ["a", "b"]
 
 
 class _WrappedAutoencoder:
@@ -1577,3 +1587,15 @@ def test_a_resume_without_data_still_checks_the_model_and_the_autoencoder(images
                             **TINY)
         assert fit_invariances(model, "fc", autoencoder, None, steps=4, checkpoint_dir=folder, memmap=memmap, progress=False,
                                **TINY).fit_info["steps"] == 4
+
+
+def test_fits_side_by_side_in_threads_leave_the_callers_generator_alone(images, autoencoder):
+    """Each fit saved and restored torch's one global generator: with two layers fitted in two threads, the
+    caller could be left with one fit's seeded stream."""
+    model = SmallCNN(width=4).eval()
+    cache = cache_features(model, ["relu1", "fc"], autoencoder, images[:16], progress=False)
+    for _ in range(3):
+        state = torch.get_rng_state()
+        fit_invariances(model, ["fc", "relu1"], cache=cache, steps=3, workers=2, progress=False,
+                        layer_overrides={"relu1": {"steps": 30}}, **TINY)
+        assert torch.equal(torch.get_rng_state(), state)

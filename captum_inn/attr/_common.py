@@ -530,8 +530,9 @@ def check_same_device(tensor: Tensor, module: nn.Module, name: str = "inputs") -
 
 
 def as_device(device: Any, name: str = "device") -> torch.device:
-    """``device`` as a ``torch.device``, or a ``ValueError`` naming ``name``: for a string torch does
-    not know (``"gpu"``), and for CUDA where PyTorch sees no GPU (before any work starts).
+    """``device`` as a ``torch.device``, or a ``ValueError`` naming ``name`` (before any work starts):
+    for a string torch does not know (``"gpu"``), CUDA where PyTorch sees no GPU (or not that
+    index), ``"meta"``, and a device this PyTorch build cannot use (``"mps"`` elsewhere than on a Mac).
 
     Examples::
 

@@ -282,6 +282,14 @@ class FeatureCache:
             raise
 
 
+def as_cached_rows(activation: Tensor, n: int, layer: str) -> Tensor:
+    """A layer's activation for ``n`` images as a cache holds it: the batch first (a ``ValueError``
+    naming ``layer`` otherwise), integer or boolean values as float32 (as the memory-mapped cache
+    stores them; a fit failed on them)."""
+    check_batch_first(activation, n, f"Layer {layer!r}")
+    return activation if activation.is_floating_point() else activation.float()
+
+
 class _MemorySink:
     """Collects per-batch arrays in memory."""
 
@@ -289,8 +297,7 @@ class _MemorySink:
         self.parts: Dict[str, List[Tensor]] = {}
 
     def append(self, key: str, rows: Tensor) -> None:
-        # integer or boolean activations as float32, as the memory-mapped cache stores them (a fit failed on them)
-        self.parts.setdefault(key, []).append(rows.cpu() if rows.is_floating_point() else rows.cpu().float())
+        self.parts.setdefault(key, []).append(rows.cpu())
 
     def finish(self, layers: Sequence[str], record: Mapping[str, Any]) -> FeatureCache:
         arrays = {key: torch.cat(parts) for key, parts in self.parts.items()}
@@ -602,8 +609,7 @@ def cache_features(
                             f"layer {name!r} did not run during the forward pass; check that it is used "
                             "in model.forward."
                         )
-                    check_batch_first(values[name], images.shape[0], f"Layer {name!r}")
-                    sink.append(f"layer.{name}", values[name])
+                    sink.append(f"layer.{name}", as_cached_rows(values[name], images.shape[0], name))
                 # in the encoder's dtype (a float64 model's images, a float32 autoencoder), as the explainers do
                 coded = images.to(network_dtype(autoencoder, images.dtype))
                 with dtype_errors_named(coded, autoencoder, name="data"):

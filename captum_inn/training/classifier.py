@@ -199,7 +199,7 @@ def fit_classifier(
         batch_size: Images per step (under torchrun, summed over the processes: each draws its
             share from its own shard of the images).
         lr: Adam learning rate.
-        seed: Seed of the minibatches.
+        seed: Seed of the minibatches (and of torch's global generators during the steps: dropout).
         device: Where to train.
         augment: Optional callable applied to each image batch during training.
         progress: Show a progress bar.

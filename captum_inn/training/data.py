@@ -126,22 +126,23 @@ def loader_indices(loader: DataLoader) -> Optional[Sequence[int]]:
 
 
 def in_dataset_order(data: Any) -> Any:
-    """A shuffling ``DataLoader`` (default collation) as the :class:`~torch.utils.data.Subset` of
-    the images it draws, in the dataset's order; anything else as it is. Read this way, the images
-    come in one order on every call, so a fingerprint (a resume's check) does not change.
+    """A shuffling ``DataLoader`` (default collation) as a loader of the same batches over the
+    images it draws, in the dataset's order; anything else as it is. Read this way, the images come
+    in one order on every call, so a fingerprint (a resume's check) does not change.
 
     Examples::
 
         >>> from torch.utils.data import TensorDataset
-        >>> shuffled = DataLoader(TensorDataset(torch.arange(4.0)), shuffle=True)
-        >>> [float(x) for (x,) in in_dataset_order(shuffled)]
-        [0.0, 1.0, 2.0, 3.0]
+        >>> shuffled = DataLoader(TensorDataset(torch.arange(4.0)), batch_size=2, shuffle=True)
+        >>> [x.tolist() for (x,) in in_dataset_order(shuffled)]
+        [[0.0, 1.0], [2.0, 3.0]]
     """
     shuffling = (RandomSampler, SubsetRandomSampler)  # the second is no subclass of the first
     if isinstance(data, DataLoader) and isinstance(loader_sampler(data), shuffling) and data.collate_fn is default_collate:
         indices = loader_indices(data)
-        if indices is not None:
-            return Subset(data.dataset, list(indices))
+        if indices is not None:  # collated as the loader collates (NumPy items become tensors)
+            return DataLoader(Subset(data.dataset, list(indices)), batch_size=data.batch_size or 1,
+                              num_workers=data.num_workers)
     return data
 
 

@@ -29,7 +29,7 @@ from captum_inn.attr.concepts import LayerConcepts, _check_code_autoencoder
 from captum_inn.capture import capture, resolve_layer
 from captum_inn.inn import FactorINN
 from captum_inn.training.autoencoder import images_as_tensor
-from captum_inn.training.cache import FeatureCache, _source_digests, cache_features
+from captum_inn.training.cache import FeatureCache, _source_digests, as_cached_rows, cache_features
 from captum_inn.training.classifier import accuracy
 from captum_inn.training.data import iter_image_batches
 from captum_inn.training.invariances import InvarianceConfig, fit_invariances
@@ -150,7 +150,7 @@ def _layer_features(model: nn.Module, layer: str, data: Any, device: torch.devic
                     batch_size: int = 256) -> Tensor:
     """The layer's activations over ``data`` (model in eval mode, its mode restored), read as
     ``read`` says (``attribute_to_layer_input``, ``selector``)."""
-    return torch.cat([capture(model, layer, images.to(device), **read).cpu()
+    return torch.cat([as_cached_rows(capture(model, layer, images.to(device), **read), images.shape[0], layer).cpu()
                       for images in iter_image_batches(data, batch_size)])
 
 

@@ -273,7 +273,8 @@ def train_loop(
     continues exactly where it stopped. What draws from torch's global generators during the steps
     (dropout, a torchvision transform) draws from streams seeded by ``seed`` and saved with the
     checkpoint (on the CPU; a CUDA device's is reseeded at a resume), and the caller's streams are
-    left as they were.
+    left as they were. Those generators are one per process, so a fit in another thread than the
+    main one (fits side by side) leaves them alone, unseeded.
 
     With ``batch_fn``, each step calls ``loss_fn(*batch_fn(generator))`` instead: ``batch_fn`` draws
     the minibatch (and any noise) and moves it to the device; ``loss_fn`` only computes. On a GPU
@@ -292,7 +293,7 @@ def train_loop(
         steps: Total number of steps, counting those done before a resume.
         lr: Adam learning rate.
         betas: Adam betas.
-        seed: Seed of the minibatch generator.
+        seed: Seed of the minibatch generator, and of torch's global generators during the steps.
         grad_clip: Clip the gradient norm to this value (``None``: no clipping).
         schedule: ``"constant"`` or ``"cosine"`` (half a cosine from ``lr`` towards 1% of ``lr``,
             reached at the end of the fit; the rate is a function of the step, so a resumed fit
@@ -359,12 +360,15 @@ def train_loop(
     parameter = next(module.parameters(), None)  # under torchrun on GPUs the process group is NCCL's
     device = torch.device("cpu") if parameter is None else parameter.device
     rank, n_ranks = world(device)
+    # torch's global generators are one per process: fits side by side in threads (fit_invariances' workers)
+    # saving and restoring them would leave the caller another fit's stream, so only the main thread's do
+    own_streams = threading.current_thread() is threading.main_thread()
     # settings that differ between processes gave replicas that drift apart silently (another lr), a
     # crash in the collectives (other steps) or a hang (a checkpoint on rank 0 only): refused in every process
     check_processes_agree("train_loop settings", {
         "steps": steps, "lr": lr, "betas": [float(b) for b in betas], "grad_clip": grad_clip, "schedule": schedule,
         "weight_decay": weight_decay, "checkpoint": checkpoint is not None, "checkpoint_every": checkpoint_every,
-        "resume": bool(resume), "generators": len(generators),
+        "resume": bool(resume), "generators": len(generators), "global_streams": own_streams,
         **({f"config.{k}": v for k, v in meta["config"].items()} if isinstance(meta.get("config"), Mapping)
            else {"config": meta.get("config")})},
         "Give every process the same settings (only process 0 writes the checkpoint, but every process needs "
@@ -395,7 +399,7 @@ def train_loop(
             start, history = saved_step(checkpoint, saved), list(saved["history"])
             main_state = tensors[_generator_key(rank)] if int(saved.get("world_size", 1)) == n_ranks else None
             # absent in checkpoints of older versions: reseeded for the steps from here on
-            global_state = tensors.get(_global_generator_key(rank)) if main_state is not None else None
+            global_state = tensors.get(_global_generator_key(rank)) if main_state is not None and own_streams else None
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise CheckpointError(
                 f"Checkpoint {checkpoint!r} does not hold a whole fit of this module ({type(error).__name__}: "
@@ -417,7 +421,7 @@ def train_loop(
     def write(step: int) -> None:
         average_buffers(module)  # collectives: every rank takes part
         states = gather_generator_states(generator)
-        global_states = gather_generator_states(torch.default_generator)
+        global_states = gather_generator_states(torch.default_generator) if own_streams else []
         if rank != 0:
             return
         optim_tensors, optim_meta = optimizer_tensors(optimizer)
@@ -466,15 +470,16 @@ def train_loop(
     # the steps draw from torch's global generators (dropout) seeded by the fit, and saved at each checkpoint:
     # a seeded fit repeats, a resumed one continues exactly on the CPU, and the caller's streams are left alone
     streams = contextlib.ExitStack()
-    streams.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                                device_type=device.type))
-    if global_state is not None:
-        torch.set_rng_state(global_state)
-    else:
-        torch.default_generator.manual_seed(_global_seed(seed, rank, start))
-    if device.type == "cuda":  # not saved: a resumed fit's dropout on the GPU draws other masks
-        with torch.cuda.device(device):
-            torch.cuda.manual_seed(_global_seed(seed, rank, start))
+    if own_streams:
+        streams.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                                    device_type=device.type))
+        if global_state is not None:
+            torch.set_rng_state(global_state)
+        else:
+            torch.default_generator.manual_seed(_global_seed(seed, rank, start))
+        if device.type == "cuda":  # not saved: a resumed fit's dropout on the GPU draws other masks
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(_global_seed(seed, rank, start))
     try:
         for step in bar:
             if schedule == "cosine":

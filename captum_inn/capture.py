@@ -30,6 +30,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import itertools
 import sys
 import threading
 from contextlib import contextmanager
@@ -372,6 +373,11 @@ class LayerHooks:
     concurrent threads, and the early-stop signal would come back from a replica as another
     exception.
 
+    Two kinds of calls are not this instance's: a pass that another instance's :meth:`run` makes
+    inside a ``stop_early=True`` block (``capture()`` or an explainer there: this block's stop
+    signal would end that pass and leave the whole block), and a part of the forward pass that
+    gradient checkpointing reruns inside the backward pass (not another call of the layer).
+
     A module that runs several times in one forward pass (a reused block) keeps the value of its
     **last** call; ``calls[name]`` counts the calls. With ``stop_early=True`` the forward pass is
     aborted as soon as every hooked layer has run once (a private exception is raised from the
@@ -452,6 +458,7 @@ class LayerHooks:
         self._handles: List[RemovableHandle] = []
         self._flags: List[Tuple[nn.Module, bool]] = []
         self._active = False
+        self._entered, self._task = -1, -1  # set on entering (see _isolated and _listening)
 
     # -- context management -------------------------------------------------------------------
 
@@ -459,6 +466,8 @@ class LayerHooks:
         if self._active:
             raise RuntimeError("this LayerHooks is already active; hooks are registered once")
         self._active = True
+        self._entered = next(_ENTERED)  # which run() passes are this block's to stop (_listening)
+        self._task = _graph_task()
         self.clear()
         try:
             if self.eval_mode:
@@ -502,15 +511,23 @@ class LayerHooks:
 
     def _reset_hook(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         # Each call of the model starts a fresh capture (and a fresh stop_early countdown).
-        if self._listening():
+        if not self._isolated():
+            self._task = _graph_task()  # the pass's autograd task: outside backward, or the backward it runs in
             self.clear()
 
+    def _isolated(self) -> bool:
+        """Whether a stop_early instance is inside a pass that another instance's run() makes, begun within
+        this block (capture() or an explainer there): its stop signal would end that pass and leave the
+        whole block silently, so it neither records nor stops it."""
+        running = getattr(_RUNNING, "state", None)
+        return (self.stop_early and running is not None and running[0] is not self
+                and self._entered < running[1])
+
     def _listening(self) -> bool:
-        """Whether this call of a hooked module belongs to this instance: not a rerun inside a backward
-        pass (gradient checkpointing; the stop signal fired there and crashed it), and not a pass that
-        another instance's run() makes (capture() inside this block: its stop signal left the block)."""
-        running = getattr(_RUNNING, "hooks", None)
-        return (running is None or running is self) and not _in_backward()
+        """Whether this call of a hooked module belongs to this instance's pass: not isolated from it, and
+        not a rerun of part of the forward inside a backward pass (gradient checkpointing: the stop signal
+        fired there, and the calls were counted twice)."""
+        return not self._isolated() and _graph_task() == self._task
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
@@ -598,8 +615,8 @@ class LayerHooks:
             >>> out is None, hooks["0"].shape
             (True, torch.Size([5, 3]))
         """
-        outer = getattr(_RUNNING, "hooks", None)
-        _RUNNING.hooks = self
+        outer = getattr(_RUNNING, "state", None)
+        _RUNNING.state = (self, next(_ENTERED))
         try:
             if isinstance(self.model, nn.DataParallel):
                 return _run_unreplicated(self.model, args, kwargs)
@@ -609,7 +626,7 @@ class LayerHooks:
                 raise
             return None
         finally:
-            _RUNNING.hooks = outer
+            _RUNNING.state = outer
 
     def __repr__(self) -> str:
         kind = "inputs" if self.attribute_to_layer_input else "outputs"
@@ -622,15 +639,17 @@ def _is_structseq(value: Any) -> bool:
     return isinstance(value, tuple) and hasattr(type(value), "n_fields")
 
 
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass: a forward that gradient checkpointing reruns there
-    is no pass of the model (its calls were stored, or stopped, already)."""
+def _graph_task() -> int:
+    """The autograd graph task running now (-1 outside a backward pass): a forward that gradient
+    checkpointing reruns inside a backward pass is no pass of the model."""
     task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
+    return -1 if task is None else task()
 
 
-#: The LayerHooks whose run() is making a pass, per thread: other instances on the model stay out of it
+#: ``(instance, number)`` of the LayerHooks whose run() is making a pass, per thread (see ``_isolated``)
 _RUNNING = threading.local()
+#: Numbers in order of entering blocks and starting run() passes
+_ENTERED = itertools.count()
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

@@ -475,11 +475,40 @@ def test_layer_hooks_stop_early_in_with_block_is_swallowed():
     reached, expected = False, model[0](x)
     with LayerHooks(model, "1") as outer, LayerHooks(model, "0", stop_early=True) as inner:
         outer.run(x)
+        assert "1" in outer.values and inner.values == {}
         assert torch.equal(capture(model, "0", x), expected)
         reached = True
     assert reached, "the statements after capture() in the block ran"
-    assert "1" in outer.values and inner.values == {}
+    assert inner.values == {}
     assert_no_hooks(model)
+
+
+def test_hooks_entered_inside_another_pass_or_a_backward_pass_record_it():
+    """A LayerHooks block inside a model's forward (a backbone read by its own hooks) under capture(), and
+    capture() inside a backward pass (a tensor hook): both were muted by the isolation above."""
+    backbone = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = backbone, nn.Linear(4, 2)
+
+        def forward(self, x):
+            with LayerHooks(self.backbone, "1", eval_mode=False) as hooks:
+                self.backbone(x)
+            return self.head(hooks["1"])
+
+    net, x = Net(), torch.randn(5, 3)
+    assert capture(net, "head", x).shape == (5, 2)
+    shapes = []
+    y = backbone(torch.randn(5, 3, requires_grad=True))
+    y.register_hook(lambda grad: shapes.append(tuple(capture(backbone, "1", torch.randn(2, 3)).shape)) or grad)
+    y.sum().backward()
+    assert shapes == [(2, 4)]
+    with LayerHooks(backbone, "0") as outer:  # stop_early=False: it sees the passes of a capture() inside
+        capture(backbone, "2", x)
+    assert list(outer.values) == ["0"]
+    assert_no_hooks(backbone)
 
 
 def test_a_pass_rerun_by_gradient_checkpointing_in_backward_is_not_a_new_call():

@@ -278,9 +278,8 @@ def _group_index(n: int, groups: Mapping[Any, List[int]]) -> Tensor:
 
 
 def _read_examples(data_iter: Iterable[Any], limit: int) -> Tensor:
-    from captum_inn.training.data import (
-        in_dataset_order,  # not at the top: the training package imports this module
-    )
+    # imported here, not at the top: the training package imports this module
+    from captum_inn.training.data import in_dataset_order
 
     # the same examples each call, the caller's generators kept: a DataLoader draws its seed from the global
     # generator, and a shuffling one changed the pairs (every resume was refused) and the fits

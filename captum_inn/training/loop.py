@@ -11,7 +11,19 @@ import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+)
 
 import torch
 from torch import Tensor, nn
@@ -393,9 +405,10 @@ def train_loop(
         try:
             # checked whole before anything is loaded: load_state_dict copies the tensors that fit before it
             # refuses the others, which left the module part checkpoint, part its own
-            _check_state_fits(module, strip_prefix(tensors, "model."))
+            state = strip_prefix(tensors, "model.")
+            _check_state_fits(module, state)
             load_optimizer(optimizer, tensors, saved["optimizer"])
-            module.load_state_dict(strip_prefix(tensors, "model."))
+            module.load_state_dict(state)
             start, history = saved_step(checkpoint, saved), list(saved["history"])
             main_state = tensors[_generator_key(rank)] if int(saved.get("world_size", 1)) == n_ranks else None
             # absent in checkpoints of older versions: reseeded for the steps from here on
@@ -467,19 +480,9 @@ def train_loop(
     loss_every = max(1, min(50, (steps - start) // 20))
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{desc} (resumed at step {start})" if start else desc,
                disable=not progress or rank != 0, leave=False)
-    # the steps draw from torch's global generators (dropout) seeded by the fit, and saved at each checkpoint:
-    # a seeded fit repeats, a resumed one continues exactly on the CPU, and the caller's streams are left alone
     streams = contextlib.ExitStack()
     if own_streams:
-        streams.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                                    device_type=device.type))
-        if global_state is not None:
-            torch.set_rng_state(global_state)
-        else:
-            torch.default_generator.manual_seed(_global_seed(seed, rank, start))
-        if device.type == "cuda":  # not saved: a resumed fit's dropout on the GPU draws other masks
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(_global_seed(seed, rank, start))
+        streams.enter_context(_global_streams(device, global_state, _global_seed(seed, rank, start)))
     try:
         for step in bar:
             if schedule == "cosine":
@@ -524,6 +527,22 @@ def train_loop(
     average_buffers(module)
     module.eval()
     return history
+
+
+@contextlib.contextmanager
+def _global_streams(device: torch.device, state: Optional[Tensor], seed: int) -> Iterator[None]:
+    """Torch's global generators for a fit's steps (dropout draws from them): the CPU one restored from
+    ``state`` (a checkpoint's) or seeded with ``seed``, a CUDA device's seeded (not saved: a resumed fit's
+    dropout on the GPU draws other masks); the caller's streams are restored afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        if state is not None:
+            torch.set_rng_state(state)
+        else:
+            torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def _check_state_fits(module: nn.Module, state: Dict[str, Tensor]) -> None:

@@ -30,10 +30,12 @@ from tqdm import tqdm  # plain text bars, as the fits'
 from captum_inn.attr import LayerConcepts, LayerInvariance
 from captum_inn.attr._common import (
     autograd_on,
+    check_per_input_args,
     check_positive_int,
     forward_module,
     one_image_tensor,
     runs_model,
+    slice_forward_args,
     user_stacklevel,
 )
 from captum_inn.capture import check_autograd_weights, eager_module, eval_mode, resolve_layer
@@ -124,7 +126,7 @@ class Comparison:
         return paths
 
 
-def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
+def last_spatial_layer(model: nn.Module, example: Tensor, *, additional_forward_args: Any = None) -> str:
     """Name of the last module (in execution order) whose output is a feature map larger than 1×1.
 
     The default layer of Grad-CAM: for a torchvision ResNet it is ``"layer4"``.
@@ -132,6 +134,7 @@ def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
     Args:
         model: The model.
         example: ``(N, C, H, W)`` inputs for one forward pass (one image is enough).
+        additional_forward_args: Extra arguments of the model after the images, as in Captum.
 
     Returns:
         A dotted module name.
@@ -156,7 +159,8 @@ def last_spatial_layer(model: nn.Module, example: Tensor) -> str:
             if name:
                 handles.append(module.register_forward_hook(record(name)))
         with torch.no_grad(), eval_mode(model):
-            eager_module(model)(example[:1])  # a compiled graph skips hooks added after it was built
+            # a compiled graph skips hooks added after it was built
+            eager_module(model)(example[:1], *_first_row(additional_forward_args, example.shape[0]))
     finally:
         for handle in handles:
             handle.remove()
@@ -188,13 +192,18 @@ def _check_baselines(baselines: Any, images: Tensor) -> None:
                         "ig_baselines.to(inputs.dtype).")
 
 
-def _outputs(model: nn.Module, module: nn.Module, example: Tensor) -> List[Any]:
-    """The outputs of every call of ``module`` in one forward pass of ``model`` on ``example``."""
+def _first_row(additional_forward_args: Any, n: int) -> Tuple[Any, ...]:
+    """The additional arguments of the first of ``n`` inputs, for a pass over ``example[:1]``."""
+    return slice_forward_args(additional_forward_args, slice(0, 1), n) or ()
+
+
+def _outputs(model: nn.Module, module: nn.Module, example: Tensor, extra: Tuple[Any, ...] = ()) -> List[Any]:
+    """The outputs of every call of ``module`` in one forward pass of ``model(example, *extra)``."""
     seen: List[Any] = []
     handle = module.register_forward_hook(lambda _m, _a, output: seen.append(output))
     try:
         with torch.no_grad():
-            eager_module(model)(example)
+            eager_module(model)(example, *extra)
     finally:
         handle.remove()
     return seen
@@ -209,11 +218,12 @@ def _warn_reused(name: str, calls: int) -> None:
     )
 
 
-def _check_gradcam_layer(model: nn.Module, name: str, module: nn.Module, example: Tensor) -> None:
+def _check_gradcam_layer(model: nn.Module, name: str, module: nn.Module, example: Tensor,
+                         extra: Tuple[Any, ...] = ()) -> None:
     """Grad-CAM weighs the channels of an ``(N, C, H, W)`` map; refuse other layers by name (Captum
     would fail inside its upsampling with a message about spatial dimensions). A module that runs
     more than once is read by Captum at its last call: warn."""
-    seen = _outputs(model, module, example)
+    seen = _outputs(model, module, example, extra)
     output = seen[0] if seen else None
     if not (isinstance(output, Tensor) and output.dim() == 4):
         got = (f"activations of shape {tuple(output.shape[1:])} per image" if isinstance(output, Tensor)
@@ -234,6 +244,7 @@ def compare_attributions(
     invariance: LayerInvariance,
     target: Union[None, int, Tensor, Sequence[int]] = None,
     *,
+    additional_forward_args: Any = None,
     gradcam_layer: Union[None, str, nn.Module] = None,
     concepts: Optional[LayerConcepts] = None,
     n_samples: int = 16,
@@ -254,6 +265,10 @@ def compare_attributions(
             ``model.forward``; its layer's INN fitted).
         target: The explained class: ``None`` (each input's predicted class), an int (or
             one-element tensor) for all, or ``(N,)`` classes.
+        additional_forward_args: Extra arguments of the model after the images, as in Captum
+            (``model(inputs, *additional_forward_args)``), given to every method (and to the
+            explainers, which read the layer with them). Captum's gradient methods expand tensors
+            with the inputs: a tensor needs ``N`` rows (a 0-d one, or a non-tensor, is shared).
         gradcam_layer: Layer for Grad-CAM (module or dotted name). Default: the invariance layer
             if its output is a feature map (read without a selector, not at its input, from a module
             that runs once per forward pass), else :func:`last_spatial_layer` (``layer4`` of a
@@ -282,7 +297,8 @@ def compare_attributions(
             ``ig_baselines`` tensor of another dtype than ``inputs``, a boolean ``target``.
         ValueError: explainers built for another model, ``n_samples`` < 2, ``concept_steps`` < 2, a ``target`` of the
             wrong shape or outside the classes, ``ig_baselines`` of the wrong shape or device, a
-            model without a spatial layer for Grad-CAM (pass ``gradcam_layer``).
+            model without a spatial layer for Grad-CAM (pass ``gradcam_layer``), an
+            ``additional_forward_args`` tensor without ``N`` rows.
 
     Examples::
 
@@ -327,7 +343,13 @@ def compare_attributions(
     if check_positive_int(n_samples, "n_samples") < 2:
         raise ValueError(f"`n_samples` must be >= 2 for an invariance map (their spread), got {n_samples}.")
     _check_baselines(ig_baselines, images)
-    predictions, classes = _predictions(model, images, batch)
+    check_per_input_args(additional_forward_args, n)
+
+    def args_of(part: slice) -> Optional[Tuple[Any, ...]]:
+        return slice_forward_args(additional_forward_args, part, n)
+
+    first = _first_row(additional_forward_args, n)
+    predictions, classes = _predictions(model, images, batch, additional_forward_args)
     targets = _targets(target, predictions, classes)
 
     # Everything below runs in eval mode, like the explainers' own calls: Captum's passes would
@@ -337,14 +359,15 @@ def compare_attributions(
         if chosen:  # the invariance layer where Grad-CAM can read it: its output, a map of more than one cell
             # from a module that runs once (Captum reads a reused module's last call, the explainers its first)
             readable = invariance.selector is None and not invariance.attribute_to_layer_input
-            z = invariance._activation((images[:1],), None) if readable else None
+            z = invariance._activation((images[:1],), first) if readable else None
             readable = z is not None and z.dim() == 4 and z.shape[2] * z.shape[3] > 1 \
-                and len(_outputs(model, invariance.layer, images[:1])) == 1
-            gradcam_layer = layer_name if readable else last_spatial_layer(model, images)
+                and len(_outputs(model, invariance.layer, images[:1], first)) == 1
+            gradcam_layer = layer_name if readable else last_spatial_layer(
+                model, images, additional_forward_args=additional_forward_args)
         gradcam_name, gradcam_module = resolve_layer(model, gradcam_layer)
         # the default too: a module that runs twice (one nn.ReLU after two convolutions) is read by Captum at
         # its last call, which it warns about
-        _check_gradcam_layer(model, gradcam_name, gradcam_module, images[:1])
+        _check_gradcam_layer(model, gradcam_name, gradcam_module, images[:1], first)
         if ig_baselines is None:
             ig_baselines = torch.zeros_like(images)
 
@@ -358,7 +381,8 @@ def compare_attributions(
         bar.set_postfix_str("Grad-CAM")
         for start in range(0, n, batch):
             part = slice(start, min(start + batch, n))
-            cam = gradcam.attribute(images[part], target=targets[part], relu_attributions=True)
+            cam = gradcam.attribute(images[part], target=targets[part], additional_forward_args=args_of(part),
+                                    relu_attributions=True)
             if chosen and start == 0 and cam.shape[2] * cam.shape[3] <= 4:
                 warnings.warn(
                     f"Grad-CAM at {gradcam_name!r} is a {cam.shape[2]}×{cam.shape[3]} map at this input size, "
@@ -374,7 +398,8 @@ def compare_attributions(
             # a per-input baseline is sliced with the inputs; a (1, C, H, W) one broadcasts
             per_input = isinstance(ig_baselines, Tensor) and ig_baselines.dim() == 4 and ig_baselines.shape[0] == n
             base = ig_baselines[part] if per_input else ig_baselines
-            attributions, delta = ig.attribute(images[part], baselines=base, target=targets[part], n_steps=ig_steps,
+            attributions, delta = ig.attribute(images[part], baselines=base, target=targets[part],
+                                               additional_forward_args=args_of(part), n_steps=ig_steps,
                                                internal_batch_size=internal_batch_size, return_convergence_delta=True)
             ig_parts.append(attributions.detach())
             ig_deltas.append(delta.detach())
@@ -387,14 +412,15 @@ def compare_attributions(
             concept_batch = 256 if internal_batch_size is None else batch
             for start in range(0, n, batch):
                 part = slice(start, min(start + batch, n))
-                scores, delta = concepts.attribute(images[part], target=targets[part], n_steps=concept_steps,
+                scores, delta = concepts.attribute(images[part], target=targets[part],
+                                                   additional_forward_args=args_of(part), n_steps=concept_steps,
                                                    internal_batch_size=concept_batch, return_convergence_delta=True)
                 concept_parts.append(scores.detach())
                 concept_deltas.append(delta.detach())
                 bar.update()
         bar.set_postfix_str("invariance samples")
-        samples = invariance.sample(images, n_samples, internal_batch_size=internal_batch_size, generator=generator,
-                                    shared_noise=True)
+        samples = invariance.sample(images, n_samples, additional_forward_args=additional_forward_args,
+                                    internal_batch_size=internal_batch_size, generator=generator, shared_noise=True)
         bar.update()
         # the reconstructions in chunks too: the autoencoder is a network like the others
         bar.set_postfix_str("reconstructions")
@@ -426,7 +452,7 @@ _WRAP = ("Grad-CAM and Integrated Gradients need a model that returns the logits
          "names take the attribute's prefix, 'model.features.4').")
 
 
-def _predictions(model: nn.Module, images: Tensor, batch: int) -> Tuple[Tensor, int]:
+def _predictions(model: nn.Module, images: Tensor, batch: int, additional_forward_args: Any = None) -> Tuple[Tensor, int]:
     """The model's top-1 classes ``(N,)`` and its number of classes, from one pass over the images
     in chunks of ``batch`` (as :func:`~captum_inn.metrics.predict_classes`; a separate pass of one
     image for the class count ran the model once more). An output other than ``(N, K)`` logits (a
@@ -434,7 +460,8 @@ def _predictions(model: nn.Module, images: Tensor, batch: int) -> Tuple[Tensor, 
     parts = []
     with torch.no_grad(), eval_mode(model):
         for start in range(0, images.shape[0], batch):
-            output = model(images[start : start + batch])
+            part = slice(start, start + batch)
+            output = model(images[part], *(slice_forward_args(additional_forward_args, part, images.shape[0]) or ()))
             if not isinstance(output, Tensor) or output.dim() != 2:
                 got = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) else
                        f"a {type(output).__name__}" + (f" with keys {list(output)}" if isinstance(output, dict) else ""))

@@ -21,7 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._random import generator_device, normal
-from captum_inn.attr._common import check_int, check_number, check_positive_int
+from captum_inn.attr._common import (
+    check_int,
+    check_number,
+    check_positive_int,
+    repeat_forward_args,
+    slice_forward_args,
+)
 from captum_inn.capture import Selector, _select, capture, eval_mode
 from captum_inn.inn import ConditionalINN
 
@@ -29,7 +35,8 @@ __all__ = ["predict_classes", "prediction_agreement", "reencode_similarity", "va
            "border_colour"]
 
 
-def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, selector: Selector = None) -> Tensor:
+def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, selector: Selector = None, *,
+                    additional_forward_args: Any = None) -> Tensor:
     """Top-1 classes of ``model`` on ``images``, in eval mode and without gradients (each
     module's training flag is restored).
 
@@ -39,6 +46,9 @@ def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, sel
         batch_size: Images per forward pass.
         selector: Picks the logits from a non-tensor output: an int index, a str key or attribute,
             or a callable ``output -> (N, K)`` (as for :class:`captum_inn.capture.LayerHooks`).
+        additional_forward_args: Extra arguments of the model after the images, as in Captum
+            (``model(images, *additional_forward_args)``); tensors with ``N`` rows are sliced with
+            the images, other values passed to every batch.
 
     Returns:
         ``(N,)`` class indices, on the images' device.
@@ -52,10 +62,12 @@ def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, sel
     batch_size = check_positive_int(batch_size, "batch_size")
     if images.shape[0] == 0:
         raise ValueError("`images` is an empty batch; pass at least one image.")
+    n = images.shape[0]
     classes = []
     with torch.no_grad(), eval_mode(model):
-        for s in range(0, images.shape[0], batch_size):
-            logits = _select(model(images[s : s + batch_size]), selector, type(model).__name__, "output")
+        for s in range(0, n, batch_size):
+            extra = slice_forward_args(additional_forward_args, slice(s, s + batch_size), n) or ()
+            logits = _select(model(images[s : s + batch_size], *extra), selector, type(model).__name__, "output")
             if logits.dim() != 2 or logits.shape[1] < 2:  # one logit's argmax is always class 0: agreement 1.0
                 raise ValueError(f"The model's output has shape {tuple(logits.shape)}; predictions need (N, K) logits "
                                  "with K >= 2. For a one-logit binary classifier wrap it to return "
@@ -76,7 +88,8 @@ def _check_samples(originals: Tensor, samples: Tensor) -> None:
 
 
 def prediction_agreement(
-    model: nn.Module, originals: Tensor, samples: Tensor, batch_size: int = 512, selector: Selector = None
+    model: nn.Module, originals: Tensor, samples: Tensor, batch_size: int = 512, selector: Selector = None, *,
+    additional_forward_args: Any = None,
 ) -> float:
     """Fraction of samples on which ``model`` predicts the class it predicts on their original.
 
@@ -87,6 +100,8 @@ def prediction_agreement(
         samples: ``(N, S, C, H, W)``, e.g. from :meth:`captum_inn.LayerInvariance.sample`.
         batch_size: Images per forward pass.
         selector: Picks the logits from a tuple or dict output (see :func:`predict_classes`).
+        additional_forward_args: Extra arguments of the model after the images (see
+            :func:`predict_classes`); an original's rows go with each of its samples.
 
     Returns:
         Agreement in ``[0, 1]``.
@@ -99,9 +114,10 @@ def prediction_agreement(
         1.0
     """
     _check_samples(originals, samples)
-    reference = predict_classes(model, originals, batch_size, selector)
+    reference = predict_classes(model, originals, batch_size, selector, additional_forward_args=additional_forward_args)
     n, s = samples.shape[:2]
-    predicted = predict_classes(model, samples.reshape(n * s, *samples.shape[2:]), batch_size, selector).view(n, s)
+    predicted = predict_classes(model, samples.reshape(n * s, *samples.shape[2:]), batch_size, selector,
+                                additional_forward_args=repeat_forward_args(additional_forward_args, s, n)).view(n, s)
     return float((predicted == reference.unsqueeze(1)).float().mean())
 
 
@@ -117,6 +133,7 @@ def reencode_similarity(
     batch_size: int = 512,
     selector: Selector = None,
     attribute_to_layer_input: bool = False,
+    additional_forward_args: Any = None,
 ) -> Dict[str, float]:
     """Do samples re-encode at ``layer`` closer to their original than random pairs of images do?
 
@@ -137,6 +154,8 @@ def reencode_similarity(
         selector: Picks the tensor from a layer that returns a tuple or dict (see
             :func:`~captum_inn.capture.capture`), as for the INN fitted there.
         attribute_to_layer_input: Re-encode at the layer's input, for an INN fitted there.
+        additional_forward_args: Extra arguments of the model after the images (see
+            :func:`predict_classes`); an original's rows go with each of its samples.
 
     Returns:
         A dict with ``beats_null`` (fraction of samples above the threshold), ``similarity`` (mean
@@ -159,14 +178,17 @@ def reencode_similarity(
     if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0 < quantile < 1:
         raise ValueError(f"`quantile` must be a number in (0, 1), got {quantile!r}; use 0.99 for 99%.")
 
-    def encode(images: Tensor) -> Tensor:
+    def encode(images: Tensor, args: Any) -> Tensor:
+        rows = images.shape[0]
         return torch.cat([capture(model, layer, images[s : s + batch_size], selector=selector,
+                                  additional_forward_args=slice_forward_args(args, slice(s, s + batch_size), rows),
                                   attribute_to_layer_input=attribute_to_layer_input).flatten(1)
-                          for s in range(0, images.shape[0], batch_size)])
+                          for s in range(0, rows, batch_size)])
 
     n, s = samples.shape[:2]
-    z = encode(originals)
-    z_samples = encode(samples.reshape(n * s, *samples.shape[2:])).view(n, s, -1)
+    z = encode(originals, additional_forward_args)
+    z_samples = encode(samples.reshape(n * s, *samples.shape[2:]),
+                       repeat_forward_args(additional_forward_args, s, n)).view(n, s, -1)
     similarity = nn.functional.cosine_similarity(z_samples, z.unsqueeze(1), dim=-1, eps=1e-8)
     where = generator_device(generator)
     i = torch.randint(n, (n_null_pairs,), generator=generator, device=where).to(z.device)

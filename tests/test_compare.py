@@ -286,6 +286,45 @@ def test_completeness_gaps_are_the_methods_own(setup, x):
         compare_attributions(model, x, explainer, concepts=concepts, concept_steps=1, **FAST)
 
 
+class Shifted(Net):
+    """Net with a second argument: a per-image colour shift ``(N, 3)`` added to the images."""
+
+    def forward(self, x, shift):
+        return super().forward(x + shift[:, :, None, None])
+
+
+@pytest.mark.parametrize("internal_batch_size", [None, 2])
+def test_additional_forward_args_reach_every_method_with_each_inputs_rows(setup, x, internal_batch_size):
+    """A per-input tensor is split with the inputs (chunks of internal_batch_size, the first row for
+    the layer checks, each sample's original): every map is that of the method called on the whole
+    batch with it."""
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+
+    base, ae, inns, e = setup
+    model = Shifted().eval()
+    model.load_state_dict(base.state_dict())
+    shift = torch.linspace(-0.3, 0.3, x.shape[0] * 3).view(-1, 3)
+    explainer = LayerInvariance(model, "cnn.logits", inns["cnn.logits"], ae)
+    concepts = LayerConcepts(model, "cnn.logits", e, ae)
+    result = compare_attributions(model, x, explainer, concepts=concepts, additional_forward_args=(shift,),
+                                  internal_batch_size=internal_batch_size, concept_steps=8, generator=_gen(5), **FAST)
+    args = dict(target=result.targets, additional_forward_args=(shift,))
+    assert torch.equal(result.predictions, model(x, shift).argmax(1)) and result.gradcam_layer == "cnn.relu3"
+    cam = LayerGradCam(model, model.cnn.relu3).attribute(x, relu_attributions=True, **args)
+    ig, delta = IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), n_steps=FAST["ig_steps"],
+                                                     return_convergence_delta=True, **args)
+    expected = {"gradcam": LayerAttribution.interpolate(cam, (32, 32), "bilinear"), "integrated_gradients": ig,
+                "integrated_gradients_delta": delta, "concept_scores": concepts.attribute(x, n_steps=8, **args),
+                "samples": explainer.sample(x, FAST["n_samples"], additional_forward_args=(shift,), generator=_gen(5),
+                                            shared_noise=True)}
+    for name, value in expected.items():
+        assert torch.allclose(getattr(result, name), value, rtol=1e-4, atol=1e-5), name
+    unshifted = compare_attributions(base, x, _invariance(setup), generator=_gen(5), **FAST)
+    assert not torch.allclose(result.integrated_gradients, unshifted.integrated_gradients, atol=1e-3)  # it matters
+    with pytest.raises(ValueError, match=r"`additional_forward_args` tensor 0 has shape \(2, 3\).*one row per input"):
+        compare_attributions(model, x, explainer, additional_forward_args=(shift[:2],), **FAST)
+
+
 def test_concept_scores_do_not_depend_on_internal_batch_size(setup, x):
     model, explainer, concepts = setup[0], _invariance(setup), _concepts(setup)
     x = x[:3]
@@ -498,7 +537,7 @@ def test_explainers_built_on_the_bound_forward_are_the_models(setup, x):
     result = compare_attributions(model, x, bound, concepts=concepts, generator=_gen(), concept_steps=4, **FAST)
     direct = compare_attributions(model, x, _invariance(setup, "cnn.relu2"), concepts=_concepts(setup), generator=_gen(),
                                   concept_steps=4, **FAST)
-    assert result.layer == result.gradcam_layer == "cnn.relu2"
+    assert result.layer == result.gradcam_layer == "cnn.relu3"
     assert torch.allclose(result.gradcam, direct.gradcam) and torch.allclose(result.samples, direct.samples)
     assert torch.allclose(result.concept_scores, direct.concept_scores)
     assert_no_hooks(model)
@@ -520,7 +559,7 @@ def test_an_explainer_on_a_patched_forward_names_its_layer_in_the_model(setup, x
         explainer = LayerInvariance(patched.forward, patched.cnn.relu2, inns["cnn.relu2"], ae)
     result = compare_attributions(patched, x, explainer, generator=_gen(), **FAST)
     direct = compare_attributions(model, x, _invariance(setup, "cnn.relu2"), generator=_gen(), **FAST)
-    assert result.layer == result.gradcam_layer == "cnn.relu2"
+    assert result.layer == result.gradcam_layer == "cnn.relu3"
     assert torch.allclose(result.gradcam, direct.gradcam) and torch.allclose(result.samples, direct.samples)
 
 

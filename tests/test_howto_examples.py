@@ -169,7 +169,8 @@ def test_choose_a_layer(digits):
     torch.manual_seed(0)
     ns.update(model=Scaled(width=32).eval(), scale=torch.tensor(0.9))
     exec(compile(more_arguments, "howto-layer#3", "exec"), ns)
-    assert ns["result"].gradcam.shape == (4, 1, 32, 32) and ns["result"].layer == "net.fc"
+    assert ns["result"].gradcam.shape == (4, 1, 32, 32) and ns["result"].layer == "fc"
+    assert ns["samples"].shape == (4, 8, 3, 32, 32) and 0 <= ns["agreement"] <= 1
 
     ns["model"] = Detector().eval()
     exec(compile(by_selector, "howto-layer#4", "exec"), ns)

@@ -63,6 +63,36 @@ def test_predictions_of_a_model_with_a_dict_output(model):
         predict_classes(model, x[:0])
 
 
+def test_metrics_pass_additional_forward_args_with_each_inputs_rows(model):
+    """A per-input tensor is split with the batches and repeated for each original's samples (in
+    their input-major order); a 0-d one goes to every pass."""
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, shift):
+            return self.net(x + shift.view(-1, 3, 1, 1) if shift.dim() else x + shift)
+
+    shifted = Shifted().eval()
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    shift = torch.linspace(-1, 1, 18).view(6, 3)
+    with torch.no_grad():
+        expected = model(x + shift.view(-1, 3, 1, 1)).argmax(1)
+    assert torch.equal(predict_classes(shifted, x, batch_size=4, additional_forward_args=(shift,)), expected)
+    assert torch.equal(predict_classes(shifted, x, additional_forward_args=torch.tensor(0.0)), model(x).argmax(1))
+    samples = torch.stack([x, x.flip(0), x], dim=1)  # each with its original's shift
+    with torch.no_grad():
+        flipped = model(x.flip(0) + shift.view(-1, 3, 1, 1)).argmax(1)
+    agreement = prediction_agreement(shifted, x, samples, batch_size=4, additional_forward_args=(shift,))
+    assert agreement == pytest.approx(((2 + (flipped == expected).float()) / 3).mean().item())
+    copies = x.unsqueeze(1).repeat(1, 3, 1, 1, 1)  # every sample the original: the same activation, if its shift
+    scores = reencode_similarity(shifted, "net.conv1", x, copies, batch_size=4, additional_forward_args=(shift,),
+                                 generator=torch.Generator().manual_seed(0))
+    assert scores["similarity"] == pytest.approx(1.0, abs=1e-6) and scores["beats_null"] == 1.0
+
+
 def test_reencode_similarity_separates_copies_from_strangers(model):
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(40, 3, 32, 32, generator=gen)

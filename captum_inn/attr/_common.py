@@ -47,6 +47,9 @@ __all__ = [
     "weights_fingerprint",
     "check_same_weights",
     "check_model_weights",
+    "slice_forward_args",
+    "repeat_forward_args",
+    "check_per_input_args",
 ]
 
 
@@ -396,6 +399,38 @@ def check_batch_first(activation: Tensor, n: int, layer: str) -> None:
             "nn.LSTM without batch_first=True) gives (L, N, E), and a squeeze() drops a batch of one; put the batch "
             "first with a selector, e.g. selector=lambda out: out.transpose(0, 1), or hook another layer."
         )
+
+
+def slice_forward_args(additional_forward_args: Any, part: slice, n: int) -> Optional[Tuple[Any, ...]]:
+    """Per-input additional arguments (tensors with batch ``n`` first) sliced along with the inputs;
+    other values as they are."""
+    if additional_forward_args is None:
+        return None
+    args = _format_additional_forward_args(additional_forward_args)
+    return tuple(a[part] if isinstance(a, Tensor) and a.dim() and a.shape[0] == n else a for a in args)
+
+
+def repeat_forward_args(additional_forward_args: Any, times: int, n: int) -> Optional[Tuple[Any, ...]]:
+    """Per-input additional arguments for ``n * times`` rows ordered input by input (``S`` samples of
+    each input, as :meth:`~captum_inn.LayerInvariance.sample` returns them flattened)."""
+    if additional_forward_args is None:
+        return None
+    args = _format_additional_forward_args(additional_forward_args)
+    return tuple(a.repeat_interleave(times, dim=0) if isinstance(a, Tensor) and a.dim() and a.shape[0] == n else a
+                 for a in args)
+
+
+def check_per_input_args(additional_forward_args: Any, n: int) -> None:
+    """Captum's gradient methods expand every tensor of ``additional_forward_args`` (but a 0-d one)
+    with the inputs, so each must have one row per input: refuse another batch before any method
+    runs (IntegratedGradients would fail inside the model with a shape error naming neither)."""
+    for i, a in enumerate(_format_additional_forward_args(additional_forward_args) or ()):
+        if isinstance(a, Tensor) and a.dim() and a.shape[0] != n:
+            raise ValueError(
+                f"`additional_forward_args` tensor {i} has shape {tuple(a.shape)}, but Captum expands its tensors "
+                f"with the inputs, so each needs one row per input ({n} first). Pass a value shared by all inputs "
+                "as a 0-d tensor or a non-tensor, or bind it in a wrapper module whose forward calls the model."
+            )
 
 
 def layer_activation(

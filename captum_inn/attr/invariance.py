@@ -36,6 +36,7 @@ from captum_inn.attr._common import (
     network_dtype,
     resolve_model_layer,
     seeded_generator,
+    slice_forward_args,
     warn_unreachable_model,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean
@@ -364,7 +365,7 @@ class LayerInvariance(LayerAttribution):
         with eval_mode(self.inn, self.autoencoder):
             for part in self._chunks(n, None if internal_batch_size is None else max(1, internal_batch_size // n_samples)):
                 chunk = tuple(t[part] for t in inputs)
-                extra = _slice_args(additional_forward_args, part, n)
+                extra = slice_forward_args(additional_forward_args, part, n)
                 z = self._activation(chunk, extra, attribute_to_layer_input)
                 embedding = self.inn.embed(z).repeat_interleave(n_samples, dim=0)
                 rows = slice(part.start * n_samples, part.stop * n_samples)
@@ -445,12 +446,3 @@ class LayerInvariance(LayerAttribution):
             spread if i == self.image_input else torch.zeros_like(t) for i, t in enumerate(formatted)
         )
         return _format_output(is_tuple, result)
-
-
-def _slice_args(additional_forward_args: Any, part: slice, n: int) -> Any:
-    """Slice per-example additional arguments (tensors with batch ``n``) along with the inputs."""
-    if additional_forward_args is None:
-        return None
-    args = additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
-    sliced = tuple(a[part] if isinstance(a, Tensor) and a.dim() and a.shape[0] == n else a for a in args)
-    return sliced

@@ -1,7 +1,9 @@
 """Figures: invariance samples per layer, invariance maps, metrics by depth, concept bars, edits and dynamics.
 
 matplotlib is imported lazily; every function accepts an optional ``ax``/``fig`` and returns
-``(fig, ax)``; nothing calls ``plt.show()``.
+``(fig, ax)``; nothing calls ``plt.show()``. Names that come from data (layers, concepts, classes,
+column headers, captions) are drawn as written; a ``title`` or ``ylabel`` you pass is matplotlib
+text, where ``$...$`` is mathematics (write ``\\$`` for a dollar sign).
 """
 
 from __future__ import annotations
@@ -57,16 +59,27 @@ def to_numpy_image(image: Tensor):
     """``(C, H, W)`` tensor in ``[0, 1]`` → ``(H, W, C)`` numpy array (grayscale stays 2-d).
 
     Args:
-        image: ``(C, H, W)`` image; values are clamped to ``[0, 1]``.
+        image: ``(C, H, W)`` floating-point image with 1 (gray), 3 (RGB) or 4 (RGBA) channels;
+            values are clamped to ``[0, 1]``.
 
     Returns:
         A float32 numpy array ``(H, W, C)``, or ``(H, W)`` for one channel.
+
+    Raises:
+        TypeError: integer pixels (``uint8`` in 0…255 would all be drawn white; pass ``image / 255``).
+        ValueError: another number of channels, or not ``(C, H, W)``.
 
     Examples::
 
         >>> to_numpy_image(torch.rand(3, 8, 8)).shape, to_numpy_image(torch.rand(1, 8, 8)).shape
         ((8, 8, 3), (8, 8))
     """
+    if not image.is_floating_point():
+        raise TypeError(f"Images are drawn from pixels in [0, 1], got {image.dtype} pixels (clamped, 0…255 would all "
+                        "be white); pass images.float() / 255.")
+    if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"An image to draw must be (C, H, W) with 1, 3 or 4 channels, got shape {tuple(image.shape)}; "
+                         "for channels last use image.permute(2, 0, 1), for other channels pick three of them.")
     image = image.detach().float().cpu().clamp(0, 1)
     if image.shape[0] == 1:
         return image[0].numpy()
@@ -79,13 +92,23 @@ def _literal(text: Any) -> str:
     return str(text).replace("$", r"\$")
 
 
-def _show(ax: Any, image: Tensor, alpha: Optional[float] = None) -> None:
+def _finite_max(values: Tensor, quantile: Optional[float] = None) -> Optional[float]:
+    """The largest (or ``quantile``) finite value, for a colour scale; ``None`` when there is none,
+    or it is not above 0 (a NaN pixel gave a NaN scale: the whole map one colour)."""
+    finite = values[values.isfinite()].float()
+    if finite.numel() == 0:
+        return None
+    top = float(finite.max() if quantile is None else finite.quantile(quantile))
+    return top if top > 0 else None
+
+
+def _show(ax: Any, image: Tensor) -> None:
     """Draw a ``(C, H, W)`` image in ``[0, 1]`` on a fixed scale: black is 0 and white is 1.
 
     matplotlib would stretch a one-channel image to its own min/max and colour it with viridis,
     so a dark and a bright grey image would look alike; one channel is drawn in gray.
     """
-    ax.imshow(to_numpy_image(image), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1, alpha=alpha)
+    ax.imshow(to_numpy_image(image), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1)
 
 
 @_no_figure_left_on_error
@@ -180,7 +203,7 @@ def plot_layer_invariances(
                         "for tensors you already have, call plot_invariance_samples(originals, reconstructions, samples).")
     samples = explainer.sample(inputs, n_samples, temperature, additional_forward_args, seed=seed)
     images = inputs[explainer.image_input] if isinstance(inputs, (tuple, list)) else inputs
-    title = f"invariance samples at {explainer.layer_name}" if title is None else title
+    title = f"invariance samples at {_literal(explainer.layer_name)}" if title is None else title
     return plot_invariance_samples(images, explainer.reconstruct(inputs), samples, title=title, fig=fig)
 
 
@@ -233,7 +256,7 @@ def plot_invariance_maps(
     axes = fig.subplots(n, len(maps) + 1, squeeze=False)
     for i in range(n):
         heat = [m[i].detach().float().cpu().mean(0) for m in maps.values()]
-        vmax = max(float(h.max()) for h in heat) or 1.0
+        vmax = max(_finite_max(h) or 0.0 for h in heat) or 1.0
         _show(axes[i, 0], originals[i])
         for j, (name, h) in enumerate(zip(maps, heat), start=1):
             axes[i, j].imshow(h.numpy(), cmap="magma", vmin=0, vmax=vmax)
@@ -477,9 +500,9 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
 
 
 def _heat(ax: Any, values: Any, title: str, cmap: str, vmin: Any = None, vmax: Any = None, base: Any = None) -> None:
-    if base is not None:  # the input under the map, on its own fixed [0, 1] scale
-        _show(ax, base, alpha=0.35)
-    ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.75 if base is not None else 1.0)
+    if base is not None:  # the input under the map, on its own fixed [0, 1] scale, visible through it
+        _show(ax, base)
+    ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.5 if base is not None else 1.0)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
@@ -552,7 +575,7 @@ def plot_comparison(
           f"{name(target)}", "jet", vmin=0, base=image)
     ig = comparison.integrated_gradients[index].detach().float().abs().sum(0).cpu()
     _heat(axes[2], ig.numpy(), f"Integrated\nGradients, {name(target)}", "viridis", vmin=0,
-          vmax=float(ig.quantile(0.99)) or None)
+          vmax=_finite_max(ig, quantile=0.99))
     _heat(axes[3], comparison.invariance_map[index].detach().float().mean(0).cpu().numpy(),
           f"invariance map\n{_literal(comparison.layer)}", "magma", vmin=0)
     for j in range(strip):
@@ -627,7 +650,7 @@ def plot_image_grid(
             if header in captions:
                 ax.set_xlabel(_literal(captions[header][i]), fontsize=7)
     if title:
-        fig.suptitle(_literal(title), fontsize=10)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig, axes
 

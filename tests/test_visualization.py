@@ -69,8 +69,9 @@ def test_grayscale_images_are_drawn_in_gray_on_a_fixed_scale(draw):
 def test_the_comparison_draws_the_input_under_grad_cam_and_keeps_the_maps_colormaps():
     fig, axes = plot_comparison(_comparison(DARK))
     base, overlay = axes[1].get_images()
-    assert base.get_clim() == (0.0, 1.0) and base.get_cmap().name == "gray" and base.get_alpha() == 0.35
-    assert overlay.get_cmap().name == "jet"
+    # the input is drawn whole and the map half see-through: at 0.35 under 0.75 the input made 9% of a pixel
+    assert base.get_clim() == (0.0, 1.0) and base.get_cmap().name == "gray" and base.get_alpha() is None
+    assert overlay.get_cmap().name == "jet" and overlay.get_alpha() == 0.5
     assert axes[2].get_images()[0].get_cmap().name == "viridis"  # Integrated Gradients: a map, not an image
     assert axes[3].get_images()[0].get_cmap().name == "magma"
     colour = torch.rand(1, 3, 8, 8)
@@ -285,3 +286,30 @@ def test_image_grids_draw_names_literally_take_array_labels_and_plot_half_precis
         setattr(half, key, getattr(half, key).to(torch.bfloat16))
     plot_comparison(half)[0].canvas.draw()
 
+
+
+def test_a_nan_pixel_leaves_the_colour_scales_of_the_other_pixels():
+    """One NaN gave a NaN scale (``max`` passes NaN, and NaN is true, so ``or 1.0`` never applied):
+    the whole row of maps, and the IG panel, drawn in one colour."""
+    x = torch.rand(2, 3, 8, 8)
+    a, b = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8) * 3
+    a[0, :, 0, 0] = float("nan")
+    _, axes = plot_invariance_maps(x, {"a": a, "b": b})
+    assert axes[0, 1].get_images()[0].get_clim() == (0.0, pytest.approx(float(b[0].mean(0).max())))
+    comparison = _comparison(x[:1])
+    comparison.integrated_gradients[0, :, 0, 0] = float("nan")
+    _, axes = plot_comparison(comparison)
+    ig = comparison.integrated_gradients[0].abs().sum(0)
+    assert axes[2].get_images()[0].get_clim() == (0.0, pytest.approx(float(ig[ig.isfinite()].quantile(0.99))))
+    plt.close("all")
+
+
+def test_integer_pixels_and_other_channel_counts_are_refused_by_name():
+    """uint8 pixels were clamped to [0, 1] (an image all white but its zeros); two channels failed in
+    matplotlib with "Invalid shape (7, 5, 2) for image data"."""
+    u = (torch.rand(1, 3, 8, 8) * 255).to(torch.uint8)
+    with pytest.raises(TypeError, match=r"got torch.uint8 pixels.*images.float\(\) / 255"):
+        plot_invariance_samples(u, u / 255.0, (u / 255.0).unsqueeze(1))
+    with pytest.raises(ValueError, match=r"1, 3 or 4 channels, got shape \(2, 7, 5\)"):
+        plot_invariance_samples(torch.rand(1, 2, 7, 5), torch.rand(1, 2, 7, 5), torch.rand(1, 3, 2, 7, 5))
+    assert not plt.get_fignums()

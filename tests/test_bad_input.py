@@ -125,6 +125,11 @@ def _cases():
         ("concept integration method unknown", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=1, method="trapezoid"), ValueError, r"`method` must be one of \[.*'riemann_trapezoid'.*got 'trapezoid'"),
         ("concept attributions of a model returning one number", lambda m, ae, inn, e: LayerConcepts(lambda x: m(x).sum(), m.cnn.logits, e, ae).attribute(X, target=None), TypeError, r"`forward_func` returns one number for the whole batch.*\(N,\) or \(N, K\)"),
         ("concept target out of range", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=99), ValueError, "out of range"),
+        # a target of a form Captum takes that picks no single value per input: Captum's assertions said
+        # "Target not provided" (of a given target) or named N × steps rows
+        ("concept int target of an (N, 2, 5) output", lambda m, ae, inn, e: LayerConcepts(lambda x: m(x).view(-1, 2, 5), m.cnn.logits, e, ae).attribute(X, target=1, n_steps=4), ValueError, r"`target` 1 does not pick one value per input.*shape \(2, 5\) per input.*\(1, 3\)"),
+        ("concept int target of an (N,) output", lambda m, ae, inn, e: LayerConcepts(lambda x: m(x)[:, 3], m.cnn.logits, e, ae).attribute(X, target=0, n_steps=4), ValueError, r"`target` 0 does not pick one value per input.*shape \(\) per input"),
+        ("concept convergence delta with an int target of an (N,) output", lambda m, ae, inn, e: LayerConcepts(lambda x: m(x)[:, 3], m.cnn.logits, e, ae).compute_convergence_delta(torch.zeros(3, 3), None, X, target=0), ValueError, r"`target` 0 does not pick one value per input"),
         # targets outside Captum's forms: Captum failed bare asserts, or named floats "out of range"
         ("concept target of floats", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([1.0, 2.0, 0.0])), TypeError, r"`target` holds class indices.*target.long\(\)"),
         ("concept target (N, 1)", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([[1], [2], [0]])), ValueError, r"`target` has shape \(3, 1\).*target.flatten\(\)"),

@@ -637,19 +637,30 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         """
         return EncodedShares.from_per_input(self.concept_names, self.encoded(inputs, **kwargs))
 
-    def _target_fails(self, target: TargetType, factors: Tensor, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
-                      attribute_to_layer_input: Optional[bool]) -> bool:
-        """Whether picking ``target`` from the model's output is what fails (not the model itself)."""
+    def _target_error(self, target: TargetType, factors: Tensor, inputs: Tuple[Tensor, ...],
+                      additional_forward_args: Any, attribute_to_layer_input: Optional[bool] = None,
+                      ) -> Optional[ValueError]:
+        """The error naming ``target`` when picking it from the model's output is what fails (not the
+        model itself, whose error the caller re-raises): out of range, or not one value per input."""
         try:
             with torch.no_grad():
-                output = self._forward_from_factors(factors, inputs, additional_forward_args, attribute_to_layer_input)
+                output = _output_tensor(self._forward_from_factors(factors, inputs, additional_forward_args,
+                                                                   attribute_to_layer_input))
         except Exception:  # noqa: BLE001 - the model's own error: the caller re-raises the original
-            return False
+            return None
         try:
-            _select_targets(output, target)
-        except (IndexError, RuntimeError, ValueError, AssertionError):
-            return True
-        return False
+            picked = _select_targets(output, target)
+        except (IndexError, RuntimeError, ValueError) as error:
+            return ValueError(f"`target` {target!r} is out of range for the model's output ({error}).")
+        except AssertionError:  # Captum's words ("Target not provided", N × steps rows) name neither
+            picked = None
+        if picked is not None and picked.numel() == output.shape[0]:
+            return None
+        return ValueError(
+            f"`target` {target!r} does not pick one value per input from the model's output, of shape "
+            f"{tuple(output.shape[1:])} per input: an int picks a column of (N, K) logits, a tuple one entry of "
+            "an output with more dimensions (e.g. (1, 3) for (N, 2, 5)), and None an output of one value per input."
+        )
 
     def compute_convergence_delta(
         self,
@@ -686,6 +697,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         start = self._baseline_factors(start_point, end, len(inputs))
         if not isinstance(attributions, Tensor) or attributions.shape[0] != end.shape[0]:
             raise ValueError(f"`attributions` must be a tensor with one row per input ({end.shape[0]}).")
+        problem = self._target_error(target, end, inputs, additional_forward_args)
+        if problem is not None:  # Captum's assertion would name neither the target nor the output's shape
+            raise problem
         with torch.no_grad():
             change = [_select_targets(_output_tensor(self._forward_from_factors(f, inputs, additional_forward_args)),
                                       target) for f in (start, end)]
@@ -810,7 +824,10 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     "`target` is needed: the model gives several outputs per input; pass the class to explain "
                     "(an int, or one per input), e.g. the prediction model(x).argmax(1)."
                 ) from None
-            raise
+            problem = self._target_error(target, start, inputs, additional_forward_args, attribute_to_layer_input)
+            if problem is None:
+                raise
+            raise problem from None
         except (IndexError, RuntimeError) as error:
             if "appears to not have been used in the graph" in str(error):  # autograd's words, not the user's
                 raise ValueError(
@@ -818,8 +835,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     f"{self.layer_name!r} (selector {self.selector!r}) is not used by what forward_func returns, "
                     "so no concept changes it. Read a tensor the output depends on."
                 ) from None
-            if not self._target_fails(target, start, inputs, additional_forward_args, attribute_to_layer_input):
+            problem = self._target_error(target, start, inputs, additional_forward_args, attribute_to_layer_input)
+            if problem is None:
                 raise
-            raise ValueError(f"`target` {target!r} is out of range for the model's output ({error}).") from None
+            raise problem from None
         per_concept = torch.stack([attributions[:, s].sum(1) for s in self.concept_inn.factor_slices.values()], dim=1)
         return (per_concept, delta) if return_convergence_delta else per_concept

@@ -174,7 +174,7 @@ def adversarial_views(
             raise ValueError(f"`{name}` must be a number, got {bound!r}.")
     if not lower_bound < upper_bound:
         raise ValueError(f"`lower_bound` ({lower_bound}) must be below `upper_bound` ({upper_bound}).")
-    low, high = float(images.min()), float(images.max())
+    low, high = (float(v) for v in torch.aminmax(images.detach()))  # detached: no warning of a scalar with grad
     if low < lower_bound or high > upper_bound:  # FGSM clamps to the bounds: the "attack" would redraw the image
         raise ValueError(f"`images` range over [{low:.3g}, {high:.3g}], outside [lower_bound, upper_bound] = "
                          f"[{lower_bound}, {upper_bound}], to which the attacked images are clamped; pass the bounds "

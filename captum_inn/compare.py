@@ -32,6 +32,7 @@ from captum_inn.attr._common import (
     autograd_on,
     check_per_input_args,
     check_positive_int,
+    dtype_errors_named,
     forward_module,
     one_image_tensor,
     runs_model,
@@ -458,7 +459,7 @@ def _predictions(model: nn.Module, images: Tensor, batch: int, additional_forwar
     image for the class count ran the model once more). An output other than ``(N, K)`` logits (a
     dict, a tuple) is a ``TypeError`` that says how to wrap the model (Captum would fail inside)."""
     parts = []
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), dtype_errors_named(images, model):
         for start in range(0, images.shape[0], batch):
             part = slice(start, start + batch)
             output = model(images[part], *(slice_forward_args(additional_forward_args, part, images.shape[0]) or ()))

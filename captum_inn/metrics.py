@@ -25,6 +25,7 @@ from captum_inn.attr._common import (
     check_int,
     check_number,
     check_positive_int,
+    dtype_errors_named,
     repeat_forward_args,
     slice_forward_args,
 )
@@ -64,7 +65,7 @@ def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, sel
         raise ValueError("`images` is an empty batch; pass at least one image.")
     n = images.shape[0]
     classes = []
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), dtype_errors_named(images, model, name="images"):
         for s in range(0, n, batch_size):
             extra = slice_forward_args(additional_forward_args, slice(s, s + batch_size), n) or ()
             logits = _select(model(images[s : s + batch_size], *extra), selector, type(model).__name__, "output")
@@ -178,17 +179,18 @@ def reencode_similarity(
     if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0 < quantile < 1:
         raise ValueError(f"`quantile` must be a number in (0, 1), got {quantile!r}; use 0.99 for 99%.")
 
-    def encode(images: Tensor, args: Any) -> Tensor:
+    def encode(images: Tensor, args: Any, name: str) -> Tensor:
         rows = images.shape[0]
-        return torch.cat([capture(model, layer, images[s : s + batch_size], selector=selector,
-                                  additional_forward_args=slice_forward_args(args, slice(s, s + batch_size), rows),
-                                  attribute_to_layer_input=attribute_to_layer_input).flatten(1)
-                          for s in range(0, rows, batch_size)])
+        with dtype_errors_named(images, model, name=name):
+            return torch.cat([capture(model, layer, images[s : s + batch_size], selector=selector,
+                                      additional_forward_args=slice_forward_args(args, slice(s, s + batch_size), rows),
+                                      attribute_to_layer_input=attribute_to_layer_input).flatten(1)
+                              for s in range(0, rows, batch_size)])
 
     n, s = samples.shape[:2]
-    z = encode(originals, additional_forward_args)
+    z = encode(originals, additional_forward_args, "originals")
     z_samples = encode(samples.reshape(n * s, *samples.shape[2:]),
-                       repeat_forward_args(additional_forward_args, s, n)).view(n, s, -1)
+                       repeat_forward_args(additional_forward_args, s, n), "samples").view(n, s, -1)
     similarity = nn.functional.cosine_similarity(z_samples, z.unsqueeze(1), dim=-1, eps=1e-8)
     where = generator_device(generator)
     i = torch.randint(n, (n_null_pairs,), generator=generator, device=where).to(z.device)

@@ -451,3 +451,13 @@ def test_fit_classifier_adversarial_training_attacks_half_of_each_batch():
     finally:
         handle.remove()
     assert [t.shape[0] for t in seen] == [8]
+
+
+def test_images_that_require_grad_are_attacked_without_a_warning(setup, images, labels, attacked):
+    """Reading their range warned "Converting a tensor with requires_grad=True to a scalar"."""
+    model, judge, explainers = setup
+    tracked = images.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = adversarial_views(model, explainers, tracked, labels, judge, epsilon=0.3)
+    assert torch.equal(got.fooled, attacked.fooled) and tracked.grad is None

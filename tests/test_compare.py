@@ -10,6 +10,8 @@ and a batch norm (to see that eval mode is used and running statistics are left 
 
 from __future__ import annotations
 
+import copy
+
 import warnings
 from pathlib import Path
 
@@ -525,6 +527,14 @@ def test_no_hook_left_and_mode_restored_when_a_forward_pass_fails(setup, x, mode
     finally:
         gate.fail_at = None
         model.eval()
+
+
+def test_inputs_of_another_dtype_than_the_model_are_named(setup, x):
+    model, ae, inns, _ = setup
+    double = copy.deepcopy(model).double()
+    explainer = LayerInvariance(double, "cnn.logits", inns["cnn.logits"], ae)
+    with pytest.raises(TypeError, match=r"`inputs` images are torch.float32 .*images.to\(torch.float64\)"):
+        compare_attributions(double, x, explainer, **FAST)
 
 
 def test_explainers_built_on_the_bound_forward_are_the_models(setup, x):

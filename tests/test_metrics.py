@@ -93,6 +93,19 @@ def test_metrics_pass_additional_forward_args_with_each_inputs_rows(model):
     assert scores["similarity"] == pytest.approx(1.0, abs=1e-6) and scores["beats_null"] == 1.0
 
 
+def test_images_of_another_dtype_than_the_model_are_named():
+    """A float64 model given float32 images failed with torch's "Input type (float) and bias type
+    (double)"; the explainers and fits named the argument and the conversion, these now too."""
+    double = SmallCNN(width=4).double().eval()
+    x = torch.rand(4, 3, 32, 32)
+    with pytest.raises(TypeError, match=r"`images` images are torch.float32 .*images.to\(torch.float64\)"):
+        predict_classes(double, x)
+    with pytest.raises(TypeError, match=r"`images` images are torch.float32"):
+        prediction_agreement(double, x, x.unsqueeze(1))
+    with pytest.raises(TypeError, match=r"`originals` images are torch.float32 .*images.to\(torch.float64\)"):
+        reencode_similarity(double, "relu3", x, x.unsqueeze(1))
+
+
 def test_reencode_similarity_separates_copies_from_strangers(model):
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(40, 3, 32, 32, generator=gen)

@@ -639,6 +639,33 @@ def test_source_fingerprint_is_the_one_older_versions_wrote():
     assert source_fingerprint(model, ae, images) == "27896d37386075aa"
 
 
+def test_a_compiled_or_data_parallel_model_fingerprints_as_the_model_it_wraps(images, autoencoder, tmp_path):
+    """A wrapper's state_dict names its keys "_orig_mod." or "module.": a resume with the same model
+    compiled was refused as "another model (the model's weights or buffers)"."""
+    model = SmallCNN(width=4).eval()
+    plain = source_fingerprint(model, autoencoder, images)
+    assert source_fingerprint(torch.compile(model), autoencoder, images) == plain
+    assert source_fingerprint(nn.DataParallel(model), nn.DataParallel(autoencoder), images) == plain
+    run = str(tmp_path / "run")
+    fit_invariances(model, "relu3", autoencoder, images, steps=2, checkpoint_dir=run, progress=False, **TINY)
+    inn = fit_invariances(torch.compile(model), "relu3", autoencoder, images, steps=3, checkpoint_dir=run,
+                          progress=False, **TINY)
+    assert inn.fit_info["steps"] == 3
+
+
+def test_fitted_networks_come_back_without_the_last_steps_gradients(images, autoencoder):
+    """They held a gradient as large as the weights (the last step's) on every parameter."""
+    from captum_inn.training.classifier import fit_classifier
+
+    model = SmallCNN(width=4).eval()
+    fitted = [fit_invariances(model, "relu3", autoencoder, images, steps=2, progress=False, **TINY),
+              fit_autoencoder(images[:8], latent_dim=4, width=4, batch_size=4, steps=2, progress=False),
+              fit_classifier(SmallCNN(width=4), (images[:8], torch.arange(8) % 3), batch_size=4, steps=2,
+                             progress=False)]
+    for network in fitted:
+        assert all(p.grad is None for p in network.parameters()), type(network).__name__
+
+
 def test_fingerprints_hash_the_weights_in_place_and_keep_their_values():
     """The hashes read each CPU tensor's own memory (no bytes copy per weight, a sixth of a
     fingerprint's time) and give the values recorded before (pinned)."""

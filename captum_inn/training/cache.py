@@ -36,6 +36,7 @@ from captum_inn.attr._common import (
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import (
     LayerHooks,
+    _unwrapped,
     eval_mode,
     module_attributes,
     per_layer_selectors,
@@ -358,7 +359,8 @@ class _DiskSink:
 def source_fingerprint(model: nn.Module, autoencoder: Any, data: Any, n_probe: int = 32) -> str:
     """A short hash of what a feature cache is computed from, so that a resumed fit notices a change.
 
-    It covers every tensor of the model's and the autoencoder's state (weights and buffers), the
+    It covers every tensor of the model's and the autoencoder's state (weights and buffers; of the
+    wrapped module for a ``torch.compile``'d or ``nn.DataParallel`` one, the same weights), the
     number of images, and ``n_probe`` images spread evenly over ``data`` (all of them for
     smaller sets). Reading a few images keeps it cheap for datasets on disk; a change that
     touches none of the probed images and keeps their number goes unnoticed.
@@ -404,6 +406,8 @@ def _source_digests(model: nn.Module, autoencoder: Any, data: Any, n_probe: int 
     """:func:`source_fingerprint` and the fingerprints of its parts ``{"model", "autoencoder", "images"}``."""
     digest = _PartedDigest()
     for label, part in (("model", model), ("autoencoder", autoencoder)):
+        if isinstance(part, nn.Module):  # a wrapper's state_dict names its keys "_orig_mod." or "module."
+            part = _unwrapped(part)
         digest.start(label)
         digest.update(label.encode())
         _hash_tensors(digest, part.state_dict() if isinstance(part, nn.Module) else _tensor_attributes(part))

@@ -522,8 +522,9 @@ def train_loop(
     finally:
         bar.close()
         streams.close()
-    if captured is not None:
-        optimizer.zero_grad(set_to_none=True)  # the gradients live in the graphs' memory pool
+    # the last step's gradients: no use to the caller, as much memory as the weights (and, with CUDA
+    # graphs, in the graphs' memory pool)
+    optimizer.zero_grad(set_to_none=True)
     average_buffers(module)
     module.eval()
     return history

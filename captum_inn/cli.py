@@ -107,7 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Invertible interpretation networks for Captum: what a layer is invariant to.",
     )
     parser.add_argument("--version", action="version", version=f"captum_inn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,selfcheck}")
     demo = sub.add_parser("demo", help="train a CNN on ColorDigits, fit INNs for four layers, write a report")
     demo.add_argument("--out", type=_folder, default=None,
                       help=f"report folder (default: {_DEFAULT_OUT}; {_DEFAULT_PHOTO_OUT} with --images)")
@@ -163,18 +163,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ValueError as error:
             print(f"captum-inn demo: error: {error}", file=sys.stderr)
             return 2
+        threads = torch.get_num_threads()
         if args.threads:
             torch.set_num_threads(args.threads)
         start = time.perf_counter()
-        if args.images is not None:
-            from captum_inn.photo_demo import run_photo_demo
+        try:
+            if args.images is not None:
+                from captum_inn.photo_demo import run_photo_demo
 
-            report = run_photo_demo(args.images, out=out, quick=args.quick, seed=args.seed, device=args.device)
-        else:
-            from captum_inn.demo import run_demo
+                report = run_photo_demo(args.images, out=out, quick=args.quick, seed=args.seed, device=args.device)
+            else:
+                from captum_inn.demo import run_demo
 
-            report = run_demo(out=out, quick=args.quick, seed=args.seed, device=args.device,
-                              concepts=args.concepts)
+                report = run_demo(out=out, quick=args.quick, seed=args.seed, device=args.device,
+                                  concepts=args.concepts)
+        finally:  # main() called from Python (a notebook, a test) leaves the caller's thread count
+            torch.set_num_threads(threads)
         print(f"report written to {report} in {time.perf_counter() - start:.0f} s (open it in a browser)")
         failures = json.loads((report.parent / "metrics.json").read_text(encoding="utf-8"))["failures"]
         for failure in failures:

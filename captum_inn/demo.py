@@ -281,14 +281,14 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
     as_device(device)
     if seed is not None and not 0 <= check_int(seed, "seed") <= 2**52:  # found by the fits, after the CNN trained
         raise ValueError(f"`seed` must lie in 0 … 2**52, got {seed}; the fits derive further seeds from it.")
+    if images is not None and not Path(images).is_dir():  # first: a mistyped path is the problem to name
+        raise ValueError(f"`images` {str(images)!r} is not a folder; pass a folder with one sub-folder of images per "
+                         "class (ImageFolder layout).")
     if images is not None and Path(images).resolve() in (Path(out).resolve(), *Path(out).resolve().parents):
         # its figures/ and checkpoints/ would be read as classes without photos, on every later run too
         # (checked before the photos are listed, which such a folder left by an earlier run fails)
         raise ValueError(f"`out` {str(out)!r} lies inside `images` {str(images)!r}; put the report outside the photo "
                          "folder.")
-    if images is not None and not Path(images).is_dir():
-        raise ValueError(f"`images` {str(images)!r} is not a folder; pass a folder with one sub-folder of images per "
-                         "class (ImageFolder layout).")
     if images is not None:
         from captum_inn.datasets import _find_images
 

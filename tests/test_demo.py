@@ -99,6 +99,9 @@ def test_cli_selfcheck_and_version(capsys):
     assert result.returncode == 0 and __version__ in result.stdout
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+    with pytest.raises(SystemExit):  # named the parser's variable: "the following arguments are required: command"
+        main([])
+    assert "the following arguments are required: {demo,selfcheck}" in capsys.readouterr().err
 
 
 def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch):
@@ -108,7 +111,10 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch
     for args, message in ((["--device", "gpu"], "`device`='gpu' is not a torch device"),
                           (["--out", "a_file"], "`out` 'a_file' is a file"),
                           (["--out", "a_file/report"], "`out` 'a_file/report' is inside 'a_file', which is a file"),
-                          (["--images", "missing"], "`images` 'missing' is not a folder")):
+                          (["--images", "missing"], "`images` 'missing' is not a folder"),
+                          # named the report inside the mistyped path, not the path
+                          (["--images", "missing", "--out", "missing/report"], "`images` 'missing' is not a folder"),
+                          (["--images", "a_file", "--out", "a_file/r"], "`images` 'a_file' is not a folder")):
         assert main(["demo", "--quick", *args]) == 2
         assert message in capsys.readouterr().err
     if not torch.cuda.is_available():
@@ -210,6 +216,32 @@ def test_cli_out_given_is_always_taken(tmp_path, monkeypatch, capsys):
     assert written == ["captum_inn_report", "captum_inn_photo_report", "captum_inn_report",
                        "captum_inn_photo_report", "mine"]
     assert "report written to" in capsys.readouterr().out
+
+
+def test_cli_threads_apply_to_the_demo_and_are_restored_after_it(tmp_path, monkeypatch, capsys):
+    """main() called from Python with --threads left the caller's torch thread count changed, also
+    when the demo failed."""
+    import captum_inn.demo
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def fake_run(*, out, **kwargs):
+        seen.append(torch.get_num_threads())
+        if len(seen) == 2:
+            raise RuntimeError("the demo failed")
+        (tmp_path / out).mkdir(exist_ok=True)
+        (tmp_path / out / "metrics.json").write_text(json.dumps({"failures": []}))
+        return tmp_path / out / "index.html"
+
+    monkeypatch.setattr(captum_inn.demo, "run_demo", fake_run)
+    before = torch.get_num_threads()
+    threads = 3 if before != 3 else 2
+    assert main(["demo", "--quick", "--threads", str(threads)]) == 0
+    assert seen == [threads] and torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="the demo failed"):
+        main(["demo", "--quick", "--threads", str(threads)])
+    assert torch.get_num_threads() == before
 
 
 def test_cli_check_sets_the_exit_status_from_the_reports_failures(tmp_path, monkeypatch, capsys):

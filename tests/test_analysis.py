@@ -453,6 +453,28 @@ def test_fit_classifier_adversarial_training_attacks_half_of_each_batch():
     assert [t.shape[0] for t in seen] == [8]
 
 
+def test_adversarial_training_updates_the_running_statistics_once_per_step_from_the_whole_batch():
+    """The attack's pass (training mode, half the batch) updated batch norm's running statistics
+    too: each step counted twice, once from the clean half alone."""
+    from captum_inn.training.classifier import fit_classifier
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(16, 3, 2, 2), torch.randint(3, (16,))
+    batches = []
+    handle = model[1].register_forward_pre_hook(lambda _m, args: batches.append(args[0].detach().clone()))
+    try:
+        fit_classifier(model, (x, y), steps=2, batch_size=8, progress=False, adversarial_epsilon=0.1)
+    finally:
+        handle.remove()
+    bn = model[1]
+    assert int(bn.num_batches_tracked) == 2 and len(batches) == 4  # two passes per step, one of them counted
+    expected_mean = torch.zeros(4)
+    for step_input in batches[1::2]:  # the steps' passes over the whole (half attacked) batch
+        expected_mean = 0.9 * expected_mean + 0.1 * step_input.mean((0, 2, 3))
+    assert torch.allclose(bn.running_mean, expected_mean, atol=1e-6)
+
+
 def test_images_that_require_grad_are_attacked_without_a_warning(setup, images, labels, attacked):
     """Reading their range warned "Converting a tensor with requires_grad=True to a scalar"."""
     model, judge, explainers = setup

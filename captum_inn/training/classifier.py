@@ -7,7 +7,8 @@ tests and the tutorials can train their own models offline.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, List, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -208,7 +209,8 @@ def fit_classifier(
             :func:`captum_inn.training.dynamics.concept_dynamics`.
         adversarial_epsilon: With ``> 0``, adversarial training (Goodfellow et al., 2015): half
             of each batch is replaced by its FGSM attack of this size against the current model
-            (pixels clamped to ``[0, 1]``). Gives a judge that reads shapes, not the pixel patterns
+            (pixels clamped to ``[0, 1]``; the attack's pass uses batch statistics, as the step's,
+            and leaves batch norm's running statistics to the step). Gives a judge that reads shapes, not the pixel patterns
             an attack on another CNN leaves (see :func:`captum_inn.analysis.adversarial_views`).
 
     Returns:
@@ -273,7 +275,8 @@ def fit_classifier(
         if adversarial_epsilon > 0:
             half = x.shape[0] // 2
             x_attacked = x[:half].detach().requires_grad_(True)
-            (gradient,) = torch.autograd.grad(cross_entropy(model(x_attacked), y[:half]), x_attacked)
+            with _running_statistics_kept(model):
+                (gradient,) = torch.autograd.grad(cross_entropy(model(x_attacked), y[:half]), x_attacked)
             x = torch.cat([(x[:half] + adversarial_epsilon * gradient.sign()).clamp(0, 1), x[half:]])
         return cross_entropy(model(x), y)
 
@@ -282,6 +285,21 @@ def fit_classifier(
         meta={"kind": "classifier", "config": {}}, weight_decay=weight_decay, callback=callback,
     )
     return model
+
+
+@contextmanager
+def _running_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """A pass in training mode (batch statistics, as the step's own) that leaves the normalisation
+    layers' running statistics as they were: the attack's pass counted each step twice in them,
+    once from the clean half alone."""
+    saved = [(buffer, buffer.clone()) for module in model.modules()
+             if isinstance(module, nn.modules.batchnorm._NormBase) for buffer in module.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 @torch.no_grad()

@@ -304,6 +304,17 @@ def test_an_autoencoder_fit_on_a_shuffling_loader_resumes(images, tmp_path):
         assert len(fit_autoencoder(loader, steps=3, **settings).history) == 3
 
 
+def test_a_shuffling_batch_sampler_is_read_in_order_in_its_own_batches():
+    """A loader given batch_sampler= has no batch_size: it was read in batches of one (a pass per image)."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+    from captum_inn.training.data import in_dataset_order
+
+    dataset = TensorDataset(torch.arange(10.0))
+    loader = DataLoader(dataset, batch_sampler=BatchSampler(RandomSampler(dataset), 4, drop_last=False))
+    assert [x.tolist() for (x,) in in_dataset_order(loader)] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0], [8.0, 9.0]]
+
+
 def test_a_refused_resume_leaves_the_module_as_it_was(tmp_path):
     """load_state_dict copied the entries whose shapes fit before refusing the others: after "pass
     resume=False to start afresh" the fit trained a module part checkpoint, part its own."""

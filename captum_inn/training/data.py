@@ -141,8 +141,9 @@ def in_dataset_order(data: Any) -> Any:
     if isinstance(data, DataLoader) and isinstance(loader_sampler(data), shuffling) and data.collate_fn is default_collate:
         indices = loader_indices(data)
         if indices is not None:  # collated as the loader collates (NumPy items become tensors)
-            return DataLoader(Subset(data.dataset, list(indices)), batch_size=data.batch_size or 1,
-                              num_workers=data.num_workers)
+            # a loader given a batch_sampler has no batch_size of its own (read as 1: a pass per image)
+            size = data.batch_size or getattr(data.batch_sampler, "batch_size", None) or 1
+            return DataLoader(Subset(data.dataset, list(indices)), batch_size=size, num_workers=data.num_workers)
     return data
 
 

@@ -1320,3 +1320,20 @@ def test_a_layer_tensor_the_output_does_not_use_is_named_not_a_raw_autograd_erro
     with pytest.raises(ValueError, match=r"tensor read from layer 'heads' \(selector 'box'\) is not used by what "
                                          r"forward_func returns"):
         LayerConcepts(model, "heads", e, selector="box").attribute(x[:2], target=1, n_steps=4)
+
+
+def test_a_layer_with_dead_units_fits_without_jumps():
+    """A dead ReLU unit (no spread) got noise of 1e-6 × feature_noise, a million times below the
+    layer's scale: the fit's loss jumped by hundreds between steps and rose over training."""
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 6)
+    with torch.no_grad():
+        linear.weight[4:].zero_()
+        linear.bias[4:] = -1.0  # units 4 and 5 are 0 for every input
+    model = nn.Sequential(nn.Flatten(), linear, nn.ReLU())
+    x, y = torch.rand(200, 3, 2, 2), torch.arange(200) % 2
+    e = fit_concepts((model, "2"), [ConceptPairs.from_labels("parity", x, y)], steps=200, pool_size=256,
+                     n_blocks=2, hidden=16, progress=False)
+    history = e.history
+    assert max(abs(a - b) for a, b in zip(history, history[1:])) < 10
+    assert sum(history[-20:]) / 20 < sum(history[:20]) / 20 - 1  # it learns

@@ -94,7 +94,8 @@ class ConceptConfig:
         schedule: ``"constant"`` or ``"cosine"``.
         feature_noise: For deterministic representations (a model layer), Gaussian noise of this
             fraction of each dimension's standard deviation is added to the features (dead ReLU
-            units would otherwise give a degenerate density).
+            units would otherwise give a degenerate density; one without spread gets this fraction
+            of the median spread of those that vary).
         seed: Seed of the pair pools, initialisation and minibatches.
         checkpoint_every: Steps between checkpoints.
 
@@ -514,10 +515,16 @@ def fit_concepts(
         sizes = factor_sizes_from_scores(scores, dim, residual=RESIDUAL)
     else:
         sizes = _check_sizes(factor_sizes, names, dim)
-    # deterministic features get a small noise floor (fraction of each dimension's spread)
+    # deterministic features get a small noise floor (fraction of each dimension's spread); a dimension
+    # without spread (a dead ReLU unit) counts the median spread of those that vary: an absolute floor
+    # (1e-6) gave it noise a million times smaller than the layer's scale, and the fit a loss that jumped
     for pool in pools:
         if not (pool.std_a.any() or pool.std_b.any()):
-            spread = torch.cat([pool.mean_a, pool.mean_b]).std(0).clamp_min(1e-6) * config.feature_noise
+            spread = torch.cat([pool.mean_a, pool.mean_b]).std(0)
+            alive = spread > 1e-6 * spread.max()  # float rounding leaves a constant unit a spread near 0
+            varying = spread[alive]
+            typical = varying.median() if varying.numel() else spread.new_tensor(1.0)
+            spread = torch.where(alive, spread, typical) * config.feature_noise
             pool.std_a, pool.std_b = spread.expand_as(pool.mean_a), spread.expand_as(pool.mean_b)
 
     with seeded_global_rng(config.seed):  # only the weight initialisation draws from the global RNG

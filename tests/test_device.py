@@ -254,7 +254,7 @@ def test_a_nonfinite_loss_stops_a_captured_fit_before_its_update(cuda):
         calls["n"] += 1
         return inputs, targets * float("nan") if calls["n"] == 9 else targets
 
-    with pytest.raises(FloatingPointError, match="at step 8"):
+    with pytest.raises(FloatingPointError, match="in step 9"):
         train_loop(net, loss_of, batch_fn=poisoned_batch, steps=20, lr=0.01, progress=False, cuda_graph=True)
     # a NaN gradient applied by Adam would have made every parameter NaN
     assert all(torch.isfinite(p).all() for p in net.parameters())

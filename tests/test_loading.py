@@ -114,6 +114,14 @@ def test_damaged_autoencoder_and_concept_files_are_checkpoint_errors(images, aut
         load_autoencoder(str(_rewrite(ae_path, tmp_path / "a1.safetensors", _without("model"))))
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_autoencoder(str(_rewrite(ae_path, tmp_path / "a2.safetensors", edit_tensors=_inn_nan)))
+
+    def as_integers(tensors):  # load_state_dict cast them into the float weights without a word
+        key = sorted(k for k in tensors if k.startswith("model.") and tensors[k].is_floating_point())[0]
+        tensors[key] = (tensors[key] * 100).long()
+
+    with pytest.raises(CheckpointError, match=r"a3.safetensors' holds '.*' as torch.int64 where the module keeps "
+                                              r"torch.float32: it was edited or damaged"):
+        load_autoencoder(str(_rewrite(ae_path, tmp_path / "a3.safetensors", edit_tensors=as_integers)))
     concepts = tmp_path / "concepts.safetensors"
     _concept_inn(autoencoder, images, checkpoint=str(concepts))
     with pytest.raises(CheckpointError, match="KeyError"):

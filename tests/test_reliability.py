@@ -183,7 +183,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
         return loss * float("nan") if calls["n"] > 12 else loss
 
     path = tmp_path / "fit.safetensors"
-    with pytest.raises(FloatingPointError, match=r"at step 12\. Lower the learning rate"):
+    with pytest.raises(FloatingPointError, match=r"in step 13\. Lower the learning rate"):
         train_loop(module, loss_fn, steps=40, lr=1e-2, checkpoint=str(path), checkpoint_every=5, progress=False)
     tensors, meta = load_checkpoint(path)
     assert meta["step"] == 10 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
@@ -231,3 +231,125 @@ def test_repeated_attribute_calls_do_not_grow_memory():
     growth = _rss_bytes() - before
     # tolerance 8 MiB over 200 calls; keeping just one (4, 3, 32, 32) map per call would add 9.4 MiB
     assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 200 calls"
+
+
+def _small_fit(tmp_path, steps=4, **kwargs):
+    """A linear module fitted ``steps`` steps with a checkpoint every two; returns (module, loss_fn, path)."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 1)
+
+    def loss_fn(generator):
+        return module(torch.randn(8, 3, generator=generator)).pow(2).mean()
+
+    path = tmp_path / "fit.safetensors"
+    train_loop(module, loss_fn, steps=steps, lr=0.05, checkpoint=str(path), checkpoint_every=2, progress=False,
+               **kwargs)
+    return module, loss_fn, path
+
+
+def _edited(path, edit):
+    """The checkpoint at ``path`` rewritten after ``edit(tensors, meta)``, as a broken tool might."""
+    from captum_inn.training.checkpoint import save_checkpoint
+
+    tensors, meta = load_checkpoint(path)
+    edit(tensors, meta)
+    save_checkpoint(path, tensors, meta)
+
+
+def _drop_state(name):
+    def edit(tensors, meta):
+        for key in [k for k in tensors if k.startswith(name)]:
+            del tensors[key]
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    # set_state failed only after the module had taken the checkpoint's weights (and was left in train mode)
+    (lambda t, m: t.update({"rng.generator": t["rng.generator"][:100].clone()}), r"'rng.generator' is a torch.uint8 tensor of shape \(100,\)"),
+    (lambda t, m: t.update({"rng.global.0": t["rng.global.0"].float()}), r"'rng.global.0' is a torch.float32 tensor"),
+    # the step failed later on a bare KeyError, or a removed state restarted silently
+    (_drop_state("optim.0.exp_avg_sq"), r"parameter 0 has no 'exp_avg_sq'"),
+    (_drop_state("optim.1."), r"the optimiser state holds parameters \[0\], the file lists \[0, 1\]"),
+    (lambda t, m: t.update({"optim.0.exp_avg": t["optim.0.exp_avg"][:, :2].clone()}), r"'exp_avg' of parameter 0 is \(1, 2\)"),
+    # load_state_dict cast integers into the float weights without a word
+    (lambda t, m: t.update({"model.weight": (t["model.weight"] * 100).long()}), r"'weight' as torch.int64 where the module keeps torch.float32"),
+    # an edited step or history: more losses than steps, or a string read as a list of characters
+    (lambda t, m: m.update(step=2), r"loss history \(4 entries\) is not one finite number for each of its 2 steps"),
+    (lambda t, m: m.update(history="abcd"), r"loss history \(str\)"),
+])
+def test_a_damaged_fit_state_is_refused_before_anything_is_loaded(tmp_path, edit, message):
+    _, loss_fn, path = _small_fit(tmp_path)
+    _edited(path, edit)
+    torch.manual_seed(1)
+    fresh = torch.nn.Linear(3, 1).eval()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match=message):
+        train_loop(fresh, loss_fn, steps=8, lr=0.05, checkpoint=str(path), checkpoint_every=2, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()) and not fresh.training
+
+
+@pytest.mark.parametrize("changed, named", [({"lr": 0.5}, "lr: 0.05 in the checkpoint, 0.5 now"),
+                                            ({"weight_decay": 0.3}, "weight_decay: 0.0 in the checkpoint, 0.3 now"),
+                                            ({"betas": (0.5, 0.6)}, "betas"),
+                                            ({"grad_clip": None}, "grad_clip: 10.0 in the checkpoint, None now")])
+def test_a_resume_with_other_optimiser_settings_is_refused(tmp_path, changed, named):
+    """Adam's saved rate and decay overrode the new ones (a constant schedule), or mixed with them
+    (a cosine one), whatever the call asked for."""
+    module, loss_fn, path = _small_fit(tmp_path)
+    with pytest.raises(CheckpointError, match=r"other train_loop settings \(" + named.replace("(", r"\(")):
+        train_loop(module, loss_fn, steps=8, checkpoint=str(path), progress=False, **{"lr": 0.05, **changed})
+    assert len(train_loop(module, loss_fn, steps=8, lr=0.05, checkpoint=str(path), progress=False)) == 8
+
+
+def test_nonfinite_gradients_of_a_finite_loss_stop_the_fit_before_the_update(tmp_path):
+    """A sqrt at 0 gives a finite loss and NaN gradients: Adam wrote NaN into every weight, and the
+    checkpoint of that step kept them, so no resume could get past it."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 1)
+    calls = {"n": 0}
+
+    def loss_fn(generator):
+        calls["n"] += 1
+        loss = module(torch.randn(8, 3, generator=generator)).pow(2).mean()
+        return loss + torch.sqrt(module.bias.sum() * 0) if calls["n"] == 4 else loss
+
+    path = tmp_path / "fit.safetensors"
+    with pytest.raises(FloatingPointError, match=r"the gradients became nan in step 4 \(the loss, [0-9.]+, is finite\)"):
+        train_loop(module, loss_fn, steps=10, lr=0.05, checkpoint=str(path), checkpoint_every=4, progress=False)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert not path.exists()  # the step-4 checkpoint was never written
+    for grad_clip in (None, 1.0):  # the norm is checked with and without clipping
+        calls["n"] = 0
+        with pytest.raises(FloatingPointError, match="the gradients became nan"):
+            train_loop(module, loss_fn, steps=10, lr=0.05, grad_clip=grad_clip, progress=False)
+
+
+def test_train_loop_refuses_a_grad_clip_or_seed_it_cannot_use():
+    module = torch.nn.Linear(3, 1)
+    loss_fn = lambda g: module(torch.randn(8, 3, generator=g)).pow(2).mean()  # noqa: E731
+    for bad in (-1.0, 0, float("nan"), float("inf")):  # -1 made every step one of gradient ascent
+        with pytest.raises(ValueError, match="`grad_clip`"):
+            train_loop(module, loss_fn, steps=2, lr=0.05, grad_clip=bad, progress=False)
+    with pytest.raises(TypeError, match="`grad_clip`"):
+        train_loop(module, loss_fn, steps=2, lr=0.05, grad_clip="a", progress=False)
+    with pytest.raises(TypeError, match="`seed`"):  # 1.5 was taken as 1
+        train_loop(module, loss_fn, steps=2, lr=0.05, seed=1.5, progress=False)
+
+
+def test_a_checkpoint_this_user_cannot_read_is_named_so(tmp_path, monkeypatch):
+    """safetensors reports a file it may not open as "No such file or directory", and the message
+    called a healthy checkpoint truncated or corrupted and said to delete it."""
+    import builtins
+
+    import captum_inn.training.checkpoint as checkpoint
+
+    _, _, path = _small_fit(tmp_path)
+
+    def refused(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", refused, raising=False)
+    with pytest.raises(CheckpointError, match=r"cannot be read \(Permission denied\); give this user read access"):
+        load_checkpoint(path)

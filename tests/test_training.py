@@ -1092,7 +1092,7 @@ def test_divergence_stops_with_a_clear_error(images, autoencoder, tmp_path):
     cache.code_mean[3] = 0.0
     with pytest.raises(ValueError, match="`lr` must be finite"):  # a setting that cannot train is rejected too
         fit_invariances(model, "logits", cache=cache, steps=50, progress=False, **{**TINY, "lr": float("inf")})
-    with pytest.raises(FloatingPointError, match=r"at step \d+\. Lower the learning rate \(now 1e\+30\)"):
+    with pytest.raises(FloatingPointError, match=r"in step \d+\. Lower the learning rate \(now 1e\+30\)"):
         fit_invariances(model, "logits", cache=cache, steps=50, checkpoint_dir=str(tmp_path), progress=False,
                         **{**TINY, "lr": 1e30})
 

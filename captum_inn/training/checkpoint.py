@@ -221,6 +221,11 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"No checkpoint at {str(path)!r}.")
+    try:  # a file this process may not read is not a damaged one (safetensors calls both "not found")
+        open(path, "rb").close()
+    except OSError as exc:
+        raise CheckpointError(f"Checkpoint {str(path)!r} cannot be read ({exc.strerror or exc}); give this user read "
+                              "access to it, or pass another path.") from None
     try:
         from safetensors import safe_open
 
@@ -302,8 +307,26 @@ def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tenso
     if bad:
         raise CheckpointError(f"Checkpoint {str(path)!r} holds NaN or infinite values in {', '.join(bad[:3])}"
                               f"{' …' if len(bad) > 3 else ''}; restore it from a copy, or fit again.")
+    mismatch = dtype_mismatch(module.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"Checkpoint {str(path)!r} holds {mismatch}: it was edited or damaged; restore it from "
+                              "a copy, or fit again.")
     with building_from(path):
         module.load_state_dict(state)
+
+
+def dtype_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """A phrase naming the first entry of ``state`` whose kind of dtype differs from ``own``'s
+    (integers or booleans for floating weights, which ``load_state_dict`` casts silently, or the
+    reverse, or another integer dtype); ``None`` if none does."""
+    for key, value in own.items():
+        if key not in state:
+            continue
+        saved = state[key]
+        if saved.is_floating_point() != value.is_floating_point() or (
+                not value.is_floating_point() and saved.dtype != value.dtype):
+            return f"{key!r} as {saved.dtype} where the module keeps {value.dtype}"
+    return None
 
 
 def warn_if_unfinished(path: PathLike, step: Any, steps: Any, fit: str, argument: str) -> None:
@@ -366,7 +389,8 @@ def strip_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, 
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Split an optimiser's state dict into tensors and a JSON-serialisable rest (no pickle)."""
+    """Split an optimiser's state dict into tensors and a JSON-serialisable rest (no pickle); the rest
+    lists the parameters that have a state, so that a state removed from the file is noticed."""
     state = optimizer.state_dict()
     tensors: Dict[str, torch.Tensor] = {}
     scalars: Dict[str, Dict[str, Any]] = {}
@@ -378,7 +402,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") 
                 scalars.setdefault(str(pid), {})[key] = value
     # a rate held in a tensor (a captured CUDA step reads it there) is stored as the number it holds
     groups = [{k: float(v) if torch.is_tensor(v) else v for k, v in group.items()} for group in state["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+    return tensors, {"param_groups": groups, "scalars": scalars, "with_state": sorted(int(p) for p in state["state"])}
 
 
 # How an optimiser runs, not what it learned: a resumed fit keeps its own (a checkpoint written by a
@@ -389,7 +413,13 @@ _IMPLEMENTATION_FLAGS = ("capturable", "foreach", "fused", "differentiable")
 def load_optimizer(
     optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], prefix: str = "optim."
 ) -> None:
-    """Inverse of :func:`optimizer_tensors`."""
+    """Inverse of :func:`optimizer_tensors`.
+
+    Raises:
+        ValueError: a state that is not whole, as Adam keeps it: parameters with a state other than
+            those the file lists, a moment missing, of another shape, or not floating-point (the
+            step failed on it later, or a removed state restarted silently).
+    """
     state: Dict[int, Dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith(prefix):
@@ -397,10 +427,25 @@ def load_optimizer(
             state.setdefault(int(pid), {})[key] = value
     for pid, scalars in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(scalars)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if "with_state" in meta and sorted(state) != sorted(meta["with_state"]):  # absent in older checkpoints
+        raise ValueError(f"the optimiser state holds parameters {sorted(state)[:5]}, the file lists "
+                         f"{sorted(meta['with_state'])[:5]}")
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        for pid, pstate in state.items():
+            param = params[pid] if 0 <= pid < len(params) else None
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                value = pstate.get(key)
+                if value is None:
+                    raise ValueError(f"the optimiser state of parameter {pid} has no {key!r}")
+                if key != "step" and (param is None or not torch.is_tensor(value) or not value.is_floating_point()
+                                      or value.shape != param.shape):
+                    shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                    raise ValueError(f"the optimiser's {key!r} of parameter {pid} is {shape}, not a moment of its "
+                                     f"shape {tuple(param.shape) if param is not None else '(no such parameter)'}")
     # Moments in their parameter's memory layout (channels-last convolutions), not the file's
     # contiguous one: Adam's update then pairs like with like without copies, and PyTorch's fused
     # Adam kernel, which walks memory in order, would pair the wrong elements otherwise.
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     for pid, pstate in state.items():
         param = params[pid] if 0 <= pid < len(params) else None
         for key, value in pstate.items():

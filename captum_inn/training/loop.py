@@ -41,6 +41,7 @@ from captum_inn.inn.embedders import check_patch_to, check_token_dim
 from captum_inn.training.checkpoint import (
     CheckpointError,
     check_checkpoint_path,
+    dtype_mismatch,
     load_checkpoint,
     load_optimizer,
     module_tensors,
@@ -312,7 +313,9 @@ def train_loop(
             follows the same schedule).
         checkpoint: Path of the checkpoint file; ``None`` keeps nothing on disk.
         checkpoint_every: Steps between checkpoints (the last step is always saved).
-        resume: Continue from ``checkpoint`` when it exists.
+        resume: Continue from ``checkpoint`` when it exists. A resume refuses (``CheckpointError``)
+            a checkpoint written with another ``lr``, ``betas``, ``weight_decay``, ``grad_clip`` or
+            ``schedule``, and one whose state is damaged (checked before anything is loaded).
         meta: JSON metadata stored in the checkpoint (must contain ``kind`` and ``config``;
             a resume refuses a checkpoint whose ``config`` differs).
         progress: Show a progress bar.
@@ -329,7 +332,8 @@ def train_loop(
             ``loss_fn`` that reads values on the host, say), the fit warns and goes on eagerly.
             ``True``: capture, and a failed capture is an error. ``False``: never. The captured
             step reads the loss on the host between the backward pass and the update, so a
-            non-finite loss still stops the fit before it changes any parameter.
+            non-finite loss still stops the fit before it changes any parameter (non-finite
+            gradients of a finite loss are caught by the eager step only).
         generators: Further CPU generators the step draws from (an augmentation's own, say). Their
             states are saved in the checkpoint and restored on resume, so a resumed fit draws what
             an uninterrupted one would (under ``torchrun``: rank 0's states, restored on every rank).
@@ -338,7 +342,8 @@ def train_loop(
         The loss of every step (including those of the run that was resumed).
 
     Raises:
-        FloatingPointError: the loss became NaN or infinite; the last checkpoint is left intact.
+        FloatingPointError: the loss, or the gradients of a finite loss, became NaN or infinite;
+            the step is not applied and the last checkpoint is left intact.
         ValueError: ``cuda_graph=True`` where no graph can be captured (no ``batch_fn``, not on a
             CUDA device, or several processes).
 
@@ -368,6 +373,9 @@ def train_loop(
     check_autograd_weights(module, "`module`", "train_loop trains its weights")
     steps, checkpoint_every = check_positive_int(steps, "steps"), check_positive_int(checkpoint_every, "checkpoint_every")
     lr, weight_decay = check_number(lr, "lr", positive=True), check_number(weight_decay, "weight_decay")
+    if grad_clip is not None:  # a negative bound turned every step around (gradient ascent), 0 stopped learning
+        grad_clip = check_number(grad_clip, "grad_clip", positive=True)
+    seed = _check_seed(seed)
     meta = dict(meta or {"kind": "module", "config": {}})
     parameter = next(module.parameters(), None)  # under torchrun on GPUs the process group is NCCL's
     device = torch.device("cpu") if parameter is None else parameter.device
@@ -397,22 +405,36 @@ def train_loop(
     # listed once: walking the module tree for its parameters every step was ~4% of an INN step
     parameters = list(module.parameters())
     start, history = 0, []
+    # what the optimiser and the steps are made of: a resume with others would go on with the
+    # checkpoint's (Adam's saved rate and decay) or mix the two, whatever the fit's own config holds
+    loop_settings = {"lr": float(lr), "betas": [float(b) for b in betas], "weight_decay": float(weight_decay),
+                     "grad_clip": None if grad_clip is None else float(grad_clip), "schedule": schedule}
     if checkpoint is not None and rank == 0:  # only rank 0 writes
         check_checkpoint_path(checkpoint)
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
         check_resumable(checkpoint, saved.get("config"), meta.get("config"), saved_step(checkpoint, saved), steps)
+        if "loop" in saved and saved["loop"] != loop_settings:  # absent in checkpoints of older versions
+            raise CheckpointError(
+                f"Checkpoint {checkpoint!r} was written with other train_loop settings "
+                f"({config_differences(saved['loop'], loop_settings)}); pass resume=False or another path."
+            )
         try:
             # checked whole before anything is loaded: load_state_dict copies the tensors that fit before it
             # refuses the others, which left the module part checkpoint, part its own
             state = strip_prefix(tensors, "model.")
             _check_state_fits(module, state)
-            load_optimizer(optimizer, tensors, saved["optimizer"])
-            module.load_state_dict(state)
-            start, history = saved_step(checkpoint, saved), list(saved["history"])
+            start = saved_step(checkpoint, saved)
+            history = _saved_history(saved.get("history"), start)
             main_state = tensors[_generator_key(rank)] if int(saved.get("world_size", 1)) == n_ranks else None
             # absent in checkpoints of older versions: reseeded for the steps from here on
             global_state = tensors.get(_global_generator_key(rank)) if main_state is not None and own_streams else None
+            _check_generator_state(main_state, generator, _generator_key(rank))
+            _check_generator_state(global_state, torch.default_generator, _global_generator_key(rank))
+            for index, extra in enumerate(generators):
+                _check_generator_state(tensors.get(_extra_generator_key(index)), extra, _extra_generator_key(index))
+            load_optimizer(optimizer, tensors, saved["optimizer"])
+            module.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise CheckpointError(
                 f"Checkpoint {checkpoint!r} does not hold a whole fit of this module ({type(error).__name__}: "
@@ -442,7 +464,7 @@ def train_loop(
                    **{_global_generator_key(r): s for r, s in enumerate(global_states)},
                    **{_extra_generator_key(i): g.get_state() for i, g in enumerate(generators)}}
         save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta,
-                                              "world_size": n_ranks})
+                                              "world_size": n_ranks, "loop": loop_settings})
 
     if graphed:  # after the resume: the captured update reads the rate from this tensor
         for group in optimizer.param_groups:
@@ -451,7 +473,7 @@ def train_loop(
     def check_finite(loss: float, step: int) -> None:
         if not math.isfinite(loss):
             raise FloatingPointError(
-                f"{desc}: the loss became {loss} at step {step}. Lower the learning rate "
+                f"{desc}: the loss became {loss} in step {step + 1}. Lower the learning rate "
                 f"(now {lr}) or check the inputs for NaN/inf; for an INN, a smaller `clamp` (bound on the "
                 "coupling scales) also helps. The last checkpoint was left as it was."
             )
@@ -467,8 +489,15 @@ def train_loop(
         loss.backward()
         value = float(average_gradients(module, loss).detach())
         check_finite(value, step)
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(parameters, grad_clip)
+        # a finite loss can still give NaN or infinite gradients (a sqrt at 0): Adam would write NaN into every
+        # weight, and the next checkpoint would keep them (max_norm inf: the norm, the gradients unchanged)
+        norm = nn.utils.clip_grad_norm_(parameters, float("inf") if grad_clip is None else grad_clip)
+        if not math.isfinite(float(norm)):
+            raise FloatingPointError(
+                f"{desc}: the gradients became {float(norm)} in step {step + 1} (the loss, {value}, is finite). "
+                "Check the loss for operations without a finite gradient where it is evaluated (sqrt or log at 0, "
+                "norms of zero vectors). The last checkpoint was left as it was."
+            )
         optimizer.step()
         return value
 
@@ -547,7 +576,8 @@ def _global_streams(device: torch.device, state: Optional[Tensor], seed: int) ->
 
 
 def _check_state_fits(module: nn.Module, state: Dict[str, Tensor]) -> None:
-    """``ValueError`` unless ``state`` has exactly ``module``'s entries, each of its shape."""
+    """``ValueError`` unless ``state`` has exactly ``module``'s entries, each of its shape and kind of
+    dtype (``load_state_dict`` casts integers into floating weights without a word)."""
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
@@ -555,6 +585,30 @@ def _check_state_fits(module: nn.Module, state: Dict[str, Tensor]) -> None:
     for key, value in own.items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise ValueError(f"{key!r} has shape {tuple(state[key].shape)} there, {tuple(value.shape)} here")
+    mismatch = dtype_mismatch(own, state)
+    if mismatch:
+        raise ValueError(f"it holds {mismatch}")
+
+
+def _check_generator_state(state: Optional[Tensor], generator: torch.Generator, key: str) -> None:
+    """``ValueError`` unless ``state`` (if any) can be the state of ``generator``: checked before
+    anything is loaded, as ``set_state`` fails only after the module took the checkpoint's weights."""
+    if state is None:
+        return
+    expected = generator.get_state()
+    if state.dtype != torch.uint8 or state.shape != expected.shape:
+        raise ValueError(f"{key!r} is a {state.dtype} tensor of shape {tuple(state.shape)}, not the state of a "
+                         f"{generator.device} generator (uint8, {tuple(expected.shape)})")
+
+
+def _saved_history(history: Any, step: int) -> List[float]:
+    """The checkpoint's losses: one finite number per step it holds (an edited file gave a fit more
+    losses than steps, or a string read as a list of characters)."""
+    if not isinstance(history, list) or len(history) != step or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in history):
+        shown = f"{len(history)} entries" if isinstance(history, list) else type(history).__name__
+        raise ValueError(f"its loss history ({shown}) is not one finite number for each of its {step} steps")
+    return [float(v) for v in history]
 
 
 def cuda_graphs_by_default() -> bool:

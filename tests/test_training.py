@@ -1626,3 +1626,39 @@ def test_fits_side_by_side_in_threads_leave_the_callers_generator_alone(images, 
         fit_invariances(model, ["fc", "relu1"], cache=cache, steps=3, workers=2, progress=False,
                         layer_overrides={"relu1": {"steps": 30}}, **TINY)
         assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_an_unusable_checkpoint_place_is_named_before_the_pass_over_the_data(images, autoencoder, tmp_path, monkeypatch):
+    """A checkpoint_dir inside a file failed with a raw NotADirectoryError after every image went
+    through the model (fit_concepts: after encoding every pool)."""
+    import captum_inn.training.concepts as concepts_module
+    import captum_inn.training.invariances as invariances
+    from captum_inn.concepts import ConceptPairs
+    from captum_inn.training import fit_concepts
+
+    model = SmallCNN(width=4).eval()
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(invariances, "cache_features", lambda *a, **k: pytest.fail("the data was read"))
+    monkeypatch.setattr(concepts_module, "_encode_pools", lambda *a, **k: pytest.fail("the pools were encoded"))
+    for folder in ("afile", "afile/sub"):
+        with pytest.raises(ValueError, match=rf"No checkpoint can be written at `checkpoint_dir` '.*{folder}/invariance_fc"):
+            fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=str(tmp_path / folder),
+                            progress=False, **TINY)
+    pairs = ConceptPairs.from_labels("parity", images, torch.arange(len(images)) % 2)
+    with pytest.raises(ValueError, match=r"No checkpoint can be written at `checkpoint`"):
+        fit_concepts((model, "fc"), [pairs], steps=2, pool_size=8, n_blocks=1, hidden=8, progress=False,
+                     checkpoint=str(tmp_path / "afile" / "c.safetensors"))
+
+
+def test_a_finished_fit_is_read_back_without_writing(images, autoencoder, tmp_path, monkeypatch):
+    """Its folder may be read-only: the write probe refused it ("No checkpoint can be written")."""
+    import captum_inn.training.invariances as invariances
+    import captum_inn.training.loop as loop
+
+    model = SmallCNN(width=4).eval()
+    run = str(tmp_path / "run")
+    first = fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=run, progress=False, **TINY)
+    for module in (invariances, loop):
+        monkeypatch.setattr(module, "check_checkpoint_path", lambda *a, **k: pytest.fail("a write was probed"))
+    again = fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=run, progress=False, **TINY)
+    assert again.history == first.history

@@ -364,6 +364,20 @@ def read_header(path: Optional[PathLike]) -> Optional[Dict[str, Any]]:
         return None
 
 
+def finished_checkpoint(path: Optional[PathLike], steps: int) -> bool:
+    """Whether ``path`` holds a fit's checkpoint of at least ``steps`` steps (read from its header
+    alone): resuming it trains and writes nothing.
+
+    Examples::
+
+        >>> finished_checkpoint(None, 100)
+        False
+    """
+    meta = read_header(path)
+    step = None if meta is None else meta.get("step")
+    return isinstance(step, int) and not isinstance(step, bool) and step >= steps
+
+
 def recorded_config_has(path: Optional[PathLike], key: str, default: bool) -> bool:
     """Whether the checkpoint at ``path`` records ``key`` in its ``config`` (read from the header
     alone); ``default`` where there is no readable checkpoint. A fit records a new entry only where

@@ -49,6 +49,7 @@ from captum_inn.inn.networks import check_factor_size
 from captum_inn.training.checkpoint import (
     CheckpointError,
     building_from,
+    check_checkpoint_path,
     load_checkpoint,
     load_module_state,
     module_tensors,
@@ -501,6 +502,8 @@ def fit_concepts(
     if config.pool_size // n_ranks < 2:
         raise ValueError(f"`pool_size` must give each process at least 2 pairs per concept, got {config.pool_size} "
                          f"for {n_ranks} process(es); the pools' statistics need more (the default is 4096).")
+    if checkpoint is not None and rank == 0:  # an unusable place is named now, not after encoding every pool
+        check_checkpoint_path(checkpoint)
     pools = _encode_pools(encode, concept_list, config.pool_size // n_ranks, config.seed + _RANK_POOL_SEED * rank,
                           device, progress and rank == 0)
     for pool in pools:

@@ -37,6 +37,8 @@ from captum_inn.training.cache import (
 from captum_inn.training.checkpoint import (
     CheckpointError,
     building_from,
+    check_checkpoint_path,
+    finished_checkpoint,
     load_checkpoint,
     load_module_state,
     read_header,
@@ -441,6 +443,11 @@ def fit_invariances(
                                  "compared ignoring case, as macOS and Windows do); fit them in separate calls, each "
                                  "with its own checkpoint_dir.")
         configs = {n: merged_config(InvarianceConfig, config, layer_overrides.get(n, {})) for n in names}
+        if checkpoint_dir:  # an unusable folder (a file, read-only) is named before the pass over the data
+            for n in names:
+                path = Path(checkpoint_dir) / checkpoint_name(n)
+                if not (resume and finished_checkpoint(path, configs[n].steps)):  # reading needs no writing
+                    check_checkpoint_path(path, name="checkpoint_dir")
         if checkpoint_dir and resume:  # every layer's, before the pass over the data and any training
             _check_checkpoints(checkpoint_dir, configs)
         given = cache is not None

@@ -42,6 +42,7 @@ from captum_inn.training.checkpoint import (
     CheckpointError,
     check_checkpoint_path,
     dtype_mismatch,
+    finished_checkpoint,
     load_checkpoint,
     load_optimizer,
     module_tensors,
@@ -409,7 +410,8 @@ def train_loop(
     # checkpoint's (Adam's saved rate and decay) or mix the two, whatever the fit's own config holds
     loop_settings = {"lr": float(lr), "betas": [float(b) for b in betas], "weight_decay": float(weight_decay),
                      "grad_clip": None if grad_clip is None else float(grad_clip), "schedule": schedule}
-    if checkpoint is not None and rank == 0:  # only rank 0 writes
+    # only rank 0 writes; a finished fit resumed writes nothing (it may sit in a read-only folder)
+    if checkpoint is not None and rank == 0 and not (resume and finished_checkpoint(checkpoint, steps)):
         check_checkpoint_path(checkpoint)
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])

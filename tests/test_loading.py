@@ -341,3 +341,155 @@ def test_a_refused_resume_leaves_the_module_as_it_was(tmp_path):
     with pytest.raises(CheckpointError, match=r"'1.weight' has shape \(1, 4\) there, \(2, 4\) here"):
         fit(other)
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+# ------------------------------------------------------------ reading data at scale (loaders, workers, samplers)
+class _NumpyItems(torch.utils.data.Dataset):
+    """Items (float32 NumPy image, label), as a dataset reading arrays from disk gives them."""
+
+    def __init__(self, images):
+        self.images = images.numpy()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], i % 3
+
+
+class _Brightened(torch.utils.data.Dataset):
+    """Each image scaled by a random factor from torch's global generator (a random transform)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i] * (0.5 + 0.5 * torch.rand(()))
+
+
+class _NeedsWorkerInit(torch.utils.data.Dataset):
+    """Reads only in a worker that its worker_init_fn prepared (a file opened per worker, say)."""
+
+    def __init__(self, images):
+        self.images, self.opened = images, False
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        if not self.opened:
+            raise RuntimeError("file not opened: worker_init_fn did not run")
+        return self.images[i]
+
+
+def _open_file(_worker_id):
+    torch.utils.data.get_worker_info().dataset.opened = True
+
+
+class _OwnSampler(torch.utils.data.Sampler):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter(range(self.n - 1, -1, -1))
+
+
+def test_the_images_check_reads_numpy_items_and_loaders_of_unknown_draws(images):
+    """A NumPy dataset, or a loader with its own sampler or one drawing with replacement, hashed no
+    image at all: a resume reused the features of other images without a word."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    from captum_inn.training import images_fingerprint
+
+    others = torch.rand(images.shape, generator=torch.Generator().manual_seed(9))
+    forms = {"numpy dataset": lambda x: _NumpyItems(x),
+             "loader over it": lambda x: DataLoader(_NumpyItems(x), batch_size=8),
+             "own sampler": lambda x: DataLoader(x, batch_size=8, sampler=_OwnSampler(len(x))),
+             "own batch sampler": lambda x: DataLoader(x, batch_sampler=BatchSampler(_OwnSampler(len(x)), 8, False)),
+             "with replacement": lambda x: DataLoader(x, batch_size=8, sampler=RandomSampler(x, replacement=True))}
+    for form, make in forms.items():
+        assert images_fingerprint(make(images)) == images_fingerprint(make(images)), form
+        assert images_fingerprint(make(images)) != images_fingerprint(make(others)), form
+
+
+def test_reading_a_loader_leaves_its_generators_and_draws_the_same_each_time(images):
+    """A loader's own generator (its workers' seeds) and its sampler's (draws with replacement) were
+    advanced by every read: other images on each call, and every resume refused."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from captum.concept import Concept
+
+    from captum_inn.training.autoencoder import images_as_tensor
+
+    g, h = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    loaders = [DataLoader(_Brightened(images[:16]), batch_size=8, num_workers=2, generator=g),
+               DataLoader(images[:16], batch_size=8, sampler=RandomSampler(images[:16], replacement=True, generator=h))]
+    for loader in loaders:
+        states = (g.get_state(), h.get_state())
+        first = images_as_tensor(loader)
+        assert torch.equal(first, images_as_tensor(loader))
+        pairs = ConceptPairs.from_captum(Concept(0, "c", loader))
+        assert pairs.fingerprint() == ConceptPairs.from_captum(Concept(0, "c", loader)).fingerprint()
+        assert torch.equal(g.get_state(), states[0]) and torch.equal(h.get_state(), states[1])
+
+
+def test_a_shuffled_loader_is_read_with_its_worker_init_fn(images):
+    """Read in dataset order through a new loader that dropped worker_init_fn: the workers failed."""
+    from torch.utils.data import DataLoader
+
+    from captum_inn.training.autoencoder import images_as_tensor
+
+    loader = DataLoader(_NeedsWorkerInit(images[:16]), batch_size=4, num_workers=2, worker_init_fn=_open_file,
+                        shuffle=True)
+    assert torch.equal(images_as_tensor(loader), images[:16])
+
+
+def test_a_sequential_sampler_over_part_of_the_dataset_draws_that_part():
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    from captum_inn.training.data import loader_indices
+
+    loader = DataLoader(torch.rand(40, 3), batch_size=5, sampler=SequentialSampler(range(10)))
+    assert list(loader_indices(loader)) == list(range(10))  # was all 40: trained on, and probed, images never drawn
+
+
+def test_caching_a_dataset_with_random_transforms_repeats_and_keeps_the_callers_streams(images, autoencoder):
+    from captum_inn.training import cache_features
+
+    model = SmallCNN(width=4).eval()
+    state = torch.get_rng_state()
+    first = cache_features(model, "fc", autoencoder, _Brightened(images[:8]), progress=False)
+    second = cache_features(model, "fc", autoencoder, _Brightened(images[:8]), progress=False)
+    assert torch.equal(first.code_mean, second.code_mean) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_data_forms_are_read_or_named(images, autoencoder):
+    """(images, labels) given where images alone are read failed as "images of different sizes";
+    fit_classifier took neither dict items nor (image, label, extra) ones, and skipped a loader's
+    collate_fn (uint8 items its collate scales were refused as uint8)."""
+    from torch.utils.data import DataLoader
+
+    from captum_inn.training import cache_features
+    from captum_inn.training.classifier import _as_labelled
+
+    labels = torch.arange(len(images)) % 3
+    with pytest.raises(ValueError, match=r"an \(images, labels\) pair as fit_classifier takes it; pass the images tensor alone"):
+        cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, (images, labels), progress=False)
+    with pytest.raises(ValueError, match="pass the images tensor alone"):
+        fit_autoencoder((images, labels), latent_dim=4, width=4, steps=1, progress=False)
+    as_dicts = [{"image": x, "label": int(y)} for x, y in zip(images, labels)]
+    as_triples = [(x, y, "extra") for x, y in zip(images, labels)]
+    scaled = DataLoader([((x * 255).to(torch.uint8), y) for x, y in zip(images, labels)], batch_size=8,
+                        collate_fn=lambda items: (torch.stack([x for x, _ in items]).float() / 255,
+                                                  torch.tensor([int(y) for _, y in items])))
+    for data in (as_dicts, as_triples, scaled):
+        x, y, _ = _as_labelled(data)
+        assert torch.allclose(x, images, atol=1 / 255) and torch.equal(y, labels)
+    with pytest.raises(TypeError, match=r"not labelled images \(dicts with keys \['image', 'kind'\]\)"):
+        _as_labelled([{"image": x, "kind": "a"} for x in images])

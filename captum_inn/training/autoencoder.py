@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from captum_inn._random import seeded_every_global_rng, seeded_global_rng
+from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import (
     autograd_on,
     check_module_device,
@@ -35,6 +35,7 @@ from captum_inn.training.data import (
     check_image_dtype,
     in_dataset_order,
     iter_image_batches,
+    seeded_reading,
 )
 from captum_inn.training.distributed import (
     check_processes_agree,
@@ -115,7 +116,7 @@ def images_as_tensor(data: Any) -> Tensor:
         return data.images
     # random transforms draw the same each call (and leave the caller's generators alone): a resume's
     # images fingerprint changed with every read
-    with seeded_every_global_rng(0):
+    with seeded_reading(data):
         return torch.cat(list(iter_image_batches(in_dataset_order(data), batch_size=256)))
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, default_collate, default_convert
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._captum_compat import _format_additional_forward_args
-from captum_inn._random import normal, seeded_every_global_rng
+from captum_inn._random import normal
 from captum_inn.attr._common import (
     _hash_tensors,
     _tensor_attributes,
@@ -49,6 +49,7 @@ from captum_inn.training.data import (
     count_images,
     iter_image_batches,
     loader_indices,
+    seeded_reading,
 )
 from captum_inn.training.disk import (
     DiskArray,
@@ -423,15 +424,20 @@ def _hash_images(digest: Any, data: Any, n_probe: int) -> None:
     digest.update(f"images:{n}".encode())
     items, indices, collate = data, range(n or 0), None
     if isinstance(data, DataLoader):  # the images the loader draws from, not its whole dataset
-        items, indices = data.dataset, loader_indices(data) or range(0)
+        items, indices = data.dataset, loader_indices(data)
+        if indices is None and hasattr(items, "__len__"):
+            # a sampler that does not say which images it draws (its own, with replacement): probes over the
+            # whole dataset, which hold the images it draws from (no probe at all let another set pass)
+            indices = range(len(items))
         if data.collate_fn not in (default_collate, default_convert):  # its own changes what is cached
             collate = data.collate_fn
     if indices and hasattr(items, "__getitem__"):
-        with seeded_every_global_rng(0):  # random transforms: the same probes every time
+        with seeded_reading(data):  # random transforms: the same probes every time
             for position in torch.linspace(0, len(indices) - 1, min(len(indices), n_probe)).round().long().tolist():
                 try:
                     item = items[indices[position]]
-                    digest.update(_tensor_bytes(_images_of(item if collate is None else collate([item]))))
+                    # NumPy items as tensors (as a loader converts them): they were counted, not hashed
+                    digest.update(_tensor_bytes(_images_of(default_convert(item) if collate is None else collate([item]))))
                 except TypeError:  # items that are not tensors (e.g. PIL images): counted, not hashed
                     digest.update(b"?")
 
@@ -589,7 +595,8 @@ def cache_features(
     bar = tqdm(total=n_images, desc="caching features", disable=not progress, leave=False, unit="img")
     seen = 0
     try:
-        with eval_mode(autoencoder), bar:
+        # a Dataset's random transforms draw the same on every pass, and the caller's generators are kept
+        with eval_mode(autoencoder), bar, seeded_reading(data):
             for images in iter_image_batches(data, batch_size):
                 check_image_dtype(images)  # any floating dtype: the model and autoencoder may convert it
                 if images.dim() != 4:  # refused now, not by every explainer after the fit

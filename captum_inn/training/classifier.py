@@ -14,9 +14,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    WeightedRandomSampler,
+    default_collate,
+)
 
-from captum_inn._random import seeded_every_global_rng
 from captum_inn.attr._common import autograd_on, check_number, check_positive_int, class_indices
 from captum_inn.capture import check_autograd_weights
 from captum_inn.metrics import predict_classes
@@ -26,6 +31,7 @@ from captum_inn.training.data import (
     check_image_dtype,
     loader_indices,
     loader_sampler,
+    seeded_reading,
 )
 from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import _check_seed, train_loop
@@ -46,8 +52,9 @@ def _as_labelled(data: Any) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
                         "pairs, or an object with `images` and `targets` (e.g. ColorDigits).")
     if hasattr(data, "images") and hasattr(data, "targets") and _items_are_stored_arrays(data):  # e.g. ColorDigits
         return data.images, torch.as_tensor(data.targets), None
-    indices, weights = None, None
+    indices, weights, collate, source = None, None, default_collate, data
     if isinstance(data, DataLoader):  # the classifier draws its own minibatches, from the loader's images only
+        collate = data.collate_fn  # its own may convert or normalise the items (as the loader yields them)
         indices = loader_indices(data)
         if indices is None:
             indices, weights = _random_sampler_draws(loader_sampler(data), data.dataset)
@@ -58,10 +65,29 @@ def _as_labelled(data: Any) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise TypeError(f"`data` must be (images, labels), a Dataset of (image, label) pairs or a DataLoader over "
                         f"one, got {type(data).__name__}.")
-    with seeded_every_global_rng(0):  # random transforms: the same images every call, the caller's generators kept
-        xs, ys = zip(*(data[i] for i in (range(len(data)) if indices is None else indices)))
+    with seeded_reading(source):  # random transforms: the same images every call, the caller's generators kept
+        items = [data[i] for i in (range(len(data)) if indices is None else indices)]
     with batching_errors_explained():
-        return torch.stack(xs), torch.as_tensor(ys), weights
+        batch = collate(items)
+    images, labels = _images_and_labels(batch)
+    return images, torch.as_tensor(labels), weights
+
+
+_LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def _images_and_labels(batch: Any) -> Tuple[Tensor, Any]:
+    """The images and labels of a collated batch of items: ``(image, label, ...)`` tuples, or dicts
+    with an ``"image"`` key and a label under one of :data:`_LABEL_KEYS`."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor):
+        return batch[0], batch[1]
+    if isinstance(batch, dict) and "image" in batch:
+        key = next((k for k in _LABEL_KEYS if k in batch), None)
+        if key is not None:
+            return batch["image"], batch[key]
+    shown = f"dicts with keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__
+    raise TypeError(f"`data` yields items that are not labelled images ({shown}); fit_classifier needs "
+                    f"(image, label, ...) tuples or dicts with an 'image' key and one of {list(_LABEL_KEYS)}.")
 
 
 def _random_sampler_draws(sampler: Any, dataset: Any) -> Tuple[Optional[List[int]], Optional[Tensor]]:

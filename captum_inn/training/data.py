@@ -12,11 +12,11 @@ from torch.utils.data import (
     Dataset,
     RandomSampler,
     SequentialSampler,
-    Subset,
     SubsetRandomSampler,
     default_collate,
 )
 
+from captum_inn._random import seeded_every_global_rng
 from captum_inn.attr._common import check_positive_int
 
 __all__ = ["iter_image_batches", "count_images", "check_image_dtype", "loader_indices"]
@@ -116,9 +116,12 @@ def loader_indices(loader: DataLoader) -> Optional[Sequence[int]]:
     sampler, dataset = loader_sampler(loader), loader.dataset
     if not hasattr(dataset, "__len__") or sampler is None:
         return None
-    if isinstance(sampler, SequentialSampler) or (
-            isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(dataset)):
-        return range(len(dataset))
+    # over their own data source, which need not be the whole dataset (SequentialSampler(range(10)))
+    if isinstance(sampler, SequentialSampler) and hasattr(sampler, "__len__"):
+        return range(min(len(sampler), len(dataset)))
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and hasattr(sampler.data_source, "__len__") \
+            and sampler.num_samples == len(sampler.data_source) <= len(dataset):
+        return range(len(sampler.data_source))
     indices = getattr(sampler, "indices", sampler)  # SubsetRandomSampler keeps them in `indices`
     if isinstance(indices, (range, list, tuple)) or (isinstance(indices, Tensor) and indices.dim() == 1):
         return sorted(int(i) for i in indices)
@@ -143,8 +146,48 @@ def in_dataset_order(data: Any) -> Any:
         if indices is not None:  # collated as the loader collates (NumPy items become tensors)
             # a loader given a batch_sampler has no batch_size of its own (read as 1: a pass per image)
             size = data.batch_size or getattr(data.batch_sampler, "batch_size", None) or 1
-            return DataLoader(Subset(data.dataset, list(indices)), batch_size=size, num_workers=data.num_workers)
+            # read as the caller's loader reads (a worker_init_fn that opens a file per worker, say)
+            workers = dict(worker_init_fn=data.worker_init_fn, multiprocessing_context=data.multiprocessing_context,
+                           timeout=data.timeout, prefetch_factor=data.prefetch_factor) if data.num_workers else {}
+            # over the dataset itself (a worker_init_fn reads get_worker_info().dataset), its images in order
+            return DataLoader(data.dataset, batch_size=size, sampler=list(indices), num_workers=data.num_workers,
+                              pin_memory=data.pin_memory, **workers)
     return data
+
+
+@contextmanager
+def seeded_reading(data: Any, seed: int = 0) -> Iterator[None]:
+    """A read of ``data`` that draws the same on every call and leaves the caller's generators as
+    they were: torch's, NumPy's and Python's global ones (random transforms, a loader's worker
+    seeds), and a ``DataLoader``'s own generator and its sampler's (worker seeds, draws with
+    replacement), all seeded for the read. Without the loader's, its images differed from call to
+    call, and a resume's check of them refused every resume.
+
+    Examples::
+
+        >>> loader = DataLoader(torch.arange(8.0), batch_size=8, sampler=RandomSampler(range(8), replacement=True,
+        ...                     generator=torch.Generator().manual_seed(5)))
+        >>> with seeded_reading(loader):
+        ...     first = next(iter(loader))
+        >>> with seeded_reading(loader):
+        ...     torch.equal(first, next(iter(loader)))
+        True
+    """
+    own = {}
+    if isinstance(data, DataLoader):
+        for holder in (data, data.sampler, loader_sampler(data), data.batch_sampler):
+            generator = getattr(holder, "generator", None)
+            if isinstance(generator, torch.Generator):
+                own[id(generator)] = generator
+    states = [(generator, generator.get_state()) for generator in own.values()]
+    try:
+        for generator, _ in states:
+            generator.manual_seed(seed)
+        with seeded_every_global_rng(seed):
+            yield
+    finally:
+        for generator, state in states:
+            generator.set_state(state)
 
 
 def _items_are_stored_arrays(data: Any) -> bool:
@@ -196,6 +239,10 @@ def iter_image_batches(
         for start in range(0, data.shape[0], batch_size):
             yield data[order[start : start + batch_size]]
         return
+    if isinstance(data, (tuple, list)) and len(data) >= 2 and all(isinstance(t, Tensor) for t in data) \
+            and data[0].dim() == 4:  # read as a dataset of two items, it failed as "images of different sizes"
+        raise ValueError(f"`data` is a {type(data).__name__} of tensors of shapes {[tuple(t.shape) for t in data]}, "
+                         "an (images, labels) pair as fit_classifier takes it; pass the images tensor alone.")
     if isinstance(data, DataLoader):
         loader = data
     elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):

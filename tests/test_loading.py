@@ -421,9 +421,8 @@ def test_the_images_check_reads_numpy_items_and_loaders_of_unknown_draws(images)
 def test_reading_a_loader_leaves_its_generators_and_draws_the_same_each_time(images):
     """A loader's own generator (its workers' seeds) and its sampler's (draws with replacement) were
     advanced by every read: other images on each call, and every resume refused."""
-    from torch.utils.data import DataLoader, RandomSampler
-
     from captum.concept import Concept
+    from torch.utils.data import DataLoader, RandomSampler
 
     from captum_inn.training.autoencoder import images_as_tensor
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from captum_inn._random import generator_device, normal
 from captum_inn.attr._common import (
+    check_batch_first_read,
     check_int,
     check_number,
     check_positive_int,
@@ -180,12 +181,21 @@ def reencode_similarity(
         raise ValueError(f"`quantile` must be a number in (0, 1), got {quantile!r}; use 0.99 for 99%.")
 
     def encode(images: Tensor, args: Any, name: str) -> Tensor:
-        rows = images.shape[0]
+        rows, parts = images.shape[0], []
+
+        def read(start: int, count: int) -> Tensor:
+            return capture(model, layer, images[start : start + count], selector=selector,
+                           attribute_to_layer_input=attribute_to_layer_input,
+                           additional_forward_args=slice_forward_args(args, slice(start, start + count), rows))
+
         with dtype_errors_named(images, model, name=name):
-            return torch.cat([capture(model, layer, images[s : s + batch_size], selector=selector,
-                                      additional_forward_args=slice_forward_args(args, slice(s, s + batch_size), rows),
-                                      attribute_to_layer_input=attribute_to_layer_input).flatten(1)
-                              for s in range(0, rows, batch_size)])
+            for start in range(0, rows, batch_size):
+                count = min(batch_size, rows - start)
+                z = read(start, count)
+                # as the fits read it: a sequence-first layer's (L, N, E) mixed images into rows
+                check_batch_first_read(z, count, f"Layer {layer!r}", lambda k, start=start: read(start, k))
+                parts.append(z.flatten(1))
+        return torch.cat(parts)
 
     n, s = samples.shape[:2]
     z = encode(originals, additional_forward_args, "originals")

@@ -1537,6 +1537,39 @@ def test_a_layer_without_the_batch_first_is_refused_naming_the_fix():
         layer_activation(model, model.tokens, (images[:2],))
 
 
+def test_a_sequence_first_layer_with_as_many_tokens_as_images_is_refused_too():
+    """(L, N, E) with L == N has the batch's size first: 64 patches and batches of 64 images were
+    cached as token rows (each mixing images) and fitted, and the explainers and reencode_similarity
+    read it so too; a pass with one image fewer tells the two apart."""
+    from captum_inn.attr._common import layer_activation
+    from captum_inn.metrics import reencode_similarity
+
+    class SequenceFirst(nn.Module):  # a 6x6 map: 36 tokens, sequence first
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.tokens = nn.Identity()
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.tokens(self.conv(x).flatten(2).permute(2, 0, 1)).mean(0))
+
+    torch.manual_seed(0)
+    model, images = SequenceFirst().eval(), torch.rand(72, 3, 8, 8)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    refused = r"gave an activation of shape \(36, 35, 8\) for 35 input\(s\): its first dimension must be the batch"
+    with pytest.raises(ValueError, match=refused):
+        cache_features(model, "tokens", ae, images, batch_size=36, progress=False)
+    with pytest.raises(ValueError, match=refused):
+        layer_activation(model, model.tokens, (images[:36],))
+    with pytest.raises(ValueError, match=refused):
+        reencode_similarity(model, "tokens", images[:36], images[:36].unsqueeze(1), batch_size=36)
+    # a batch-first layer of as many tokens as images is read as it is, with the same one extra pass
+    fine = lambda out: out.transpose(0, 1)  # noqa: E731
+    cache = cache_features(model, "tokens", ae, images, batch_size=36, progress=False, selector=fine)
+    assert torch.equal(cache.layers["tokens"][:36], layer_activation(model, model.tokens, (images[:36],), selector=fine))
+
+
 @pytest.mark.parametrize("memmap", [False, True])
 def test_a_layer_with_integer_outputs_fits_in_memory_as_on_disk(memmap, tmp_path):
     """The memory-mapped cache stored an integer layer as float32 and fitted it; the in-memory cache kept int64

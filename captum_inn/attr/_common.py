@@ -401,6 +401,21 @@ def check_batch_first(activation: Tensor, n: int, layer: str) -> None:
         )
 
 
+def sequence_first_suspect(activation: Tensor, n: int) -> bool:
+    """Whether an activation of ``n`` inputs could be a sequence-first layer's ``(L, N, E)`` with as
+    many tokens as inputs (``L == N``), which its shape cannot tell from ``(N, L, E)``: a pass with
+    one input fewer can (64 patches of a 32×32 image and batches of 64 were fitted as token rows)."""
+    return activation.dim() == 3 and n >= 2 and activation.shape[0] == activation.shape[1] == n
+
+
+def check_batch_first_read(activation: Tensor, n: int, layer: str, read_first: Callable[[int], Tensor]) -> None:
+    """:func:`check_batch_first`, and where the shape cannot tell (:func:`sequence_first_suspect`)
+    the same check of ``read_first(n - 1)``, the activation of the first ``n - 1`` inputs."""
+    check_batch_first(activation, n, layer)
+    if sequence_first_suspect(activation, n):
+        check_batch_first(read_first(n - 1), n - 1, layer)
+
+
 def slice_forward_args(additional_forward_args: Any, part: slice, n: int) -> Optional[Tuple[Any, ...]]:
     """Per-input additional arguments (tensors with batch ``n`` first) sliced along with the inputs;
     other values as they are."""
@@ -464,7 +479,10 @@ def layer_activation(
             "The hooked layer did not run during the forward pass; check that it is used by forward_func."
         )
     activation = next(iter(values.values()))
-    check_batch_first(activation, inputs[0].shape[0], f"The hooked layer ({type(layer).__name__})")
+    n = inputs[0].shape[0]
+    check_batch_first_read(activation, n, f"The hooked layer ({type(layer).__name__})", lambda k: layer_activation(
+        forward_func, layer, tuple(t[:k] for t in inputs), slice_forward_args(additional_forward_args, slice(0, k), n),
+        attribute_to_layer_input, selector))
     return activation
 
 

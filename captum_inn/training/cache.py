@@ -31,6 +31,7 @@ from captum_inn.attr._common import (
     class_name,
     dtype_errors_named,
     network_dtype,
+    sequence_first_suspect,
     weights_fingerprint,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_posterior
@@ -290,6 +291,21 @@ def as_cached_rows(activation: Tensor, n: int, layer: str) -> Tensor:
     stores them; a fit failed on them)."""
     check_batch_first(activation, n, f"Layer {layer!r}")
     return activation if activation.is_floating_point() else activation.float()
+
+
+def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Sequence[str], values: Mapping[str, Tensor],
+                          images: Tensor, extra: Tuple[Any, ...], attribute_to_layer_input: bool, selector: Any) -> None:
+    """Tell a batch-first ``(N, N, E)`` activation from a sequence-first ``(L, N, E)`` one with
+    ``L == N`` (:func:`~captum_inn.attr._common.sequence_first_suspect`) by a pass with one image fewer."""
+    n = images.shape[0]
+    suspects = [name for name in names if sequence_first_suspect(values[name], n)]
+    if not suspects:
+        return
+    with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input, selector=selector,
+                    stop_early=True) as hooks:
+        hooks.run(images[:-1], *extra)
+    for name in suspects:
+        check_batch_first(hooks.values[name], n - 1, f"Layer {name!r}")
 
 
 class _MemorySink:
@@ -621,6 +637,9 @@ def cache_features(
                             "in model.forward."
                         )
                     sink.append(f"layer.{name}", as_cached_rows(values[name], images.shape[0], name))
+                if seen == 0:  # once: a sequence-first layer with as many tokens as images in a batch
+                    _check_sequence_first(model, layer_list, names, values, images, extra, attribute_to_layer_input,
+                                          selector)
                 # in the encoder's dtype (a float64 model's images, a float32 autoencoder), as the explainers do
                 coded = images.to(network_dtype(autoencoder, images.dtype))
                 with dtype_errors_named(coded, autoencoder, name="data"):

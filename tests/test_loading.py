@@ -482,12 +482,15 @@ def test_data_forms_are_read_or_named(images, autoencoder):
         cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, (images, labels), progress=False)
     with pytest.raises(ValueError, match="pass the images tensor alone"):
         fit_autoencoder((images, labels), latent_dim=4, width=4, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"must have shape \(N, C, H, W\), got batches of shape \(3, 1, 3, 32, 32\)"):
+        cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, [images[:1]] * 3, progress=False)  # not a pair
     as_dicts = [{"image": x, "label": int(y)} for x, y in zip(images, labels)]
     as_triples = [(x, y, "extra") for x, y in zip(images, labels)]
     scaled = DataLoader([((x * 255).to(torch.uint8), y) for x, y in zip(images, labels)], batch_size=8,
                         collate_fn=lambda items: (torch.stack([x for x, _ in items]).float() / 255,
                                                   torch.tensor([int(y) for _, y in items])))
-    for data in (as_dicts, as_triples, scaled):
+    unbatched = DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=None)  # collates no batch
+    for data in (as_dicts, as_triples, scaled, unbatched):
         x, y, _ = _as_labelled(data)
         assert torch.allclose(x, images, atol=1 / 255) and torch.equal(y, labels)
     with pytest.raises(TypeError, match=r"not labelled images \(dicts with keys \['image', 'kind'\]\)"):

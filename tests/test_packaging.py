@@ -8,6 +8,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,8 +17,11 @@ def test_the_sdist_carries_what_the_tests_read_and_states_the_python_it_needs(tm
     """The sdist held the test files but not conftest.py or the helpers they import, so its tests
     failed ("fixture 'device' not found"); it promised Python 3.9, where captum 0.9 cannot install."""
     # built from a copy of the project's files: setuptools also ships what an old egg-info's SOURCES.txt lists
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True)
+    if listed.returncode != 0 or not (ROOT / ".git").exists():
+        pytest.skip("needs a git checkout to list the project's files (an unpacked sdist has none)")
+    files = listed.stdout.split()
     source = tmp_path / "source"
     for name in files:
         if (ROOT / name).is_file():

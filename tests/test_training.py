@@ -1691,7 +1691,16 @@ def test_a_finished_fit_is_read_back_without_writing(images, autoencoder, tmp_pa
     model = SmallCNN(width=4).eval()
     run = str(tmp_path / "run")
     first = fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=run, progress=False, **TINY)
-    for module in (invariances, loop):
+    import captum_inn.training.concepts as concepts_module
+    from captum_inn.concepts import ConceptPairs
+    from captum_inn.training import fit_concepts
+
+    pairs = ConceptPairs.from_labels("parity", images, torch.arange(len(images)) % 2)
+    settings = dict(steps=2, pool_size=8, n_blocks=1, hidden=8, progress=False, checkpoint=str(tmp_path / "c.safetensors"))
+    concepts = fit_concepts((model, "fc"), [pairs], **settings)
+    for module in (invariances, loop, concepts_module):
         monkeypatch.setattr(module, "check_checkpoint_path", lambda *a, **k: pytest.fail("a write was probed"))
+    monkeypatch.setattr(concepts_module, "save_checkpoint", lambda *a, **k: pytest.fail("the results were rewritten"))
     again = fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=run, progress=False, **TINY)
     assert again.history == first.history
+    assert fit_concepts((model, "fc"), [pairs], **settings).fit_info == concepts.fit_info

@@ -67,6 +67,8 @@ def _as_labelled(data: Any) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
                         f"one, got {type(data).__name__}.")
     with seeded_reading(source):  # random transforms: the same images every call, the caller's generators kept
         items = [data[i] for i in (range(len(data)) if indices is None else indices)]
+    if isinstance(source, DataLoader) and source.batch_sampler is None:  # no batching: its collate_fn takes one item
+        items, collate = [collate(item) for item in items], default_collate
     with batching_errors_explained():
         batch = collate(items)
     images, labels = _images_and_labels(batch)

@@ -50,6 +50,7 @@ from captum_inn.training.checkpoint import (
     CheckpointError,
     building_from,
     check_checkpoint_path,
+    finished_checkpoint,
     load_checkpoint,
     load_module_state,
     module_tensors,
@@ -502,7 +503,9 @@ def fit_concepts(
     if config.pool_size // n_ranks < 2:
         raise ValueError(f"`pool_size` must give each process at least 2 pairs per concept, got {config.pool_size} "
                          f"for {n_ranks} process(es); the pools' statistics need more (the default is 4096).")
-    if checkpoint is not None and rank == 0:  # an unusable place is named now, not after encoding every pool
+    # an unusable place is named now, not after encoding every pool; a finished fit writes nothing (it may be
+    # read back from a read-only folder)
+    if checkpoint is not None and rank == 0 and not (resume and finished_checkpoint(checkpoint, config.steps)):
         check_checkpoint_path(checkpoint)
     pools = _encode_pools(encode, concept_list, config.pool_size // n_ranks, config.seed + _RANK_POOL_SEED * rank,
                           device, progress and rank == 0)
@@ -590,7 +593,8 @@ def fit_concepts(
         # the finished fit's results (factor_variance: the reference of LayerConcepts.encoded) go into
         # its checkpoint too, so load_concept_inn of it gives this INN; a resume reads only "config"
         tensors, saved = load_checkpoint(checkpoint, kind="concept_inn")
-        save_checkpoint(checkpoint, tensors, {**saved, "fit_results": results})
+        if saved.get("fit_results") != results:  # a finished fit read back has them already
+            save_checkpoint(checkpoint, tensors, {**saved, "fit_results": results})
     if checkpoint is not None:
         barrier()  # no process goes on (say, to load_concept_inn(checkpoint)) before the file has its results
     return inn

@@ -1337,3 +1337,19 @@ def test_a_layer_with_dead_units_fits_without_jumps():
     history = e.history
     assert max(abs(a - b) for a, b in zip(history, history[1:])) < 10
     assert sum(history[-20:]) / 20 < sum(history[:20]) / 20 - 1  # it learns
+
+
+def test_a_layer_fitted_concept_inn_and_another_model_are_named_as_they_are():
+    """encoded() on a layer-fitted concept INN said to pass invariance_inn=, which the constructor then
+    refuses for it; another model (another architecture) was called one "of the same shape"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x, y = torch.rand(40, 3, 2, 2), torch.arange(40) % 2
+    e = fit_concepts((model, "2"), [ConceptPairs.from_labels("parity", x, y)], steps=2, pool_size=16,
+                     n_blocks=1, hidden=8, progress=False)
+    with pytest.raises(ValueError, match=r"this concept INN acts on the layer itself\. Fit one on the codes"):
+        LayerConcepts(model, "2", e).encoded(x[:4])
+    other = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with pytest.raises(ValueError, match=r"another `forward_func` \(other weights: retrained, another seed, or another "
+                                         r"architecture\)"):
+        LayerConcepts(other, "2", e)

@@ -495,3 +495,16 @@ def test_data_forms_are_read_or_named(images, autoencoder):
         assert torch.allclose(x, images, atol=1 / 255) and torch.equal(y, labels)
     with pytest.raises(TypeError, match=r"not labelled images \(dicts with keys \['image', 'kind'\]\)"):
         _as_labelled([{"image": x, "kind": "a"} for x in images])
+
+
+def test_a_float64_network_comes_back_in_float64(images, tmp_path):
+    """The loaders built the network in float32 and load_state_dict cast the saved float64 weights."""
+    from captum_inn.training import load_concept_inn, save_concept_inn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 6), nn.ReLU()).eval()
+    pairs = [ConceptPairs.from_labels("parity", images, torch.arange(len(images)) % 2)]
+    e = fit_concepts((model, "2"), pairs, steps=2, pool_size=16, n_blocks=1, hidden=8, progress=False).double()
+    loaded = load_concept_inn(str(save_concept_inn(str(tmp_path / "e.safetensors"), e)))
+    z = torch.randn(5, 6, dtype=torch.float64)
+    assert loaded.dtype == torch.float64 and torch.equal(loaded(z, jac=False)[0], e(z, jac=False)[0])

@@ -736,11 +736,11 @@ def check_same_weights(network: Any, recorded: Optional[str], what: str, name: s
         dtype = network_dtype(network, torch.float32)
         if dtype in (torch.float16, torch.bfloat16):  # rounded weights: the float32 fingerprint cannot match
             raise ValueError(
-                f"`{what}` was fitted with another `{name}` of the same shape. This one computes in {dtype}: if it is "
+                f"`{what}` was fitted with another `{name}`. This one computes in {dtype}: if it is "
                 "a copy converted with .half() or .bfloat16(), its rounded weights count as other weights; pass the "
                 f"float32 one, or fit `{what}` with the converted one."
             )
         raise ValueError(
-            f"`{what}` was fitted with another `{name}` of the same shape (other weights: retrained, or another "
-            f"seed?); pass the one it was fitted with, or fit `{what}` again for this `{name}`."
+            f"`{what}` was fitted with another `{name}` (other weights: retrained, another seed, or another "
+            f"architecture); pass the one it was fitted with, or fit `{what}` again for this `{name}`."
         )

@@ -155,7 +155,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             saw data (``is_fitted`` False) are refused, here and for ``invariance_inn``.
         autoencoder: The autoencoder whose code ``e`` acts on (needed unless ``e`` acts on the layer).
         invariance_inn: The layer's :class:`~captum_inn.inn.ConditionalINN` from
-            ``fit_invariances`` (needed by :meth:`encoded`).
+            ``fit_invariances`` (needed by :meth:`encoded`, which takes a ``concept_inn`` on
+            autoencoder codes, not one fitted on the layer).
         device_ids: Captum's argument for ``DataParallel`` models (unused, kept for the API).
         attribute_to_layer_input: Whether to read the layer's input; ``None`` (default): the side the
             INN that reads the layer was fitted on (``concept_inn`` for a layer representation,
@@ -582,6 +583,10 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             # needs the layer's invariance INN: LayerConcepts(..., invariance_inn=inn)
             shares = concepts.encoded(x, n_samples=32)               # (2, 3): digit, colour, residual
         """
+        if self.representation == _LAYER:  # invariance_inn= is refused for it: the advice below led nowhere
+            raise ValueError("`encoded` measures how much of each concept of the autoencoder codes the layer keeps; "
+                             "this concept INN acts on the layer itself. Fit one on the codes, "
+                             "fit_concepts(autoencoder, ...), and pass it with the layer's invariance_inn=.")
         if self.invariance_inn is None:
             raise ValueError("`encoded` needs the layer's invariance INN: pass `invariance_inn=` (from fit_invariances).")
         n_samples = check_positive_int(n_samples, "n_samples")

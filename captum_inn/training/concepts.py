@@ -687,7 +687,7 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
         if saved.get("weights") and saved["weights"] != expected["weights"]:
             raise CheckpointError(
                 f"{path}: concept INN fitted on another {'model' if saved.get('kind') == 'layer' else 'autoencoder'} "
-                "of the same shape (other weights: retrained, or another seed?); pass the one it was fitted with."
+                "(other weights: retrained, another seed, or another architecture); pass the one it was fitted with."
             )
     inn.fit_info = config
     return inn.to(map_location).eval()

@@ -85,8 +85,9 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
             ``"layer3.1.relu"`` or ``"features.8"``. The empty string ``""`` names ``model``.
 
     Returns:
-        ``(name, module)``: the dotted name (the first one ``named_modules()`` gives when a module
-        is registered under several names; ``""`` for ``model``) and the module.
+        ``(name, module)``: the dotted name (for a module given as an object and registered under
+        several names, the first one ``named_modules()`` gives; a name is returned as given;
+        ``""`` for ``model``) and the module.
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``, ``layer`` is neither a ``str`` nor an
@@ -405,7 +406,8 @@ class LayerHooks:
         stop_early: Abort the forward pass once every hooked layer has produced a value.
 
     Attributes:
-        names: The hooked layer names, in the order given (duplicates dropped).
+        names: The hooked layer names, in the order given (duplicate names dropped; one module
+            asked for under two names is hooked under both).
         calls: ``{name: number of calls}`` in the latest forward pass of ``model``.
 
     Examples::
@@ -720,7 +722,7 @@ def capture(
 
     Returns:
         The captured tensor if ``layers`` is a single layer, else ``{name: tensor}`` in the order
-        the layers were given (duplicates dropped). Shapes are the layer's, e.g. ``(N, C, H, W)``.
+        the layers were given (duplicate names dropped). Shapes are the layer's, e.g. ``(N, C, H, W)``.
 
     Raises:
         ValueError: If a layer name is unknown, or a hooked layer did not run.

@@ -141,9 +141,9 @@ def _ensure_contrast(
             return foreground, background
         k = int(low.sum())
         if redraw in ("both", "foreground"):
-            foreground[low] = torch.rand(k, 3, generator=generator)
+            foreground[low] = torch.rand(k, 3, generator=generator, dtype=torch.float32)
         if redraw in ("both", "background"):
-            background[low] = torch.rand(k, 3, generator=generator)
+            background[low] = torch.rand(k, 3, generator=generator, dtype=torch.float32)
     # a kept colour near the cube's centre leaves only its corners' tips to draw from: the corner
     # farthest from it lies at least sqrt(3)/2 >= min_contrast away
     low = (foreground - background).norm(dim=1) < min_contrast
@@ -307,7 +307,8 @@ class ColorDigits(Dataset):
         self._local = torch.arange(self.n_images).repeat(self.recolorings)  # (N,)
         colour_gen = torch.Generator().manual_seed(_derived_seed(self.seed, _STREAM_COLOURS[split]))
         self._foreground, self._background = _ensure_contrast(
-            torch.rand(n, 3, generator=colour_gen), torch.rand(n, 3, generator=colour_gen),
+            torch.rand(n, 3, generator=colour_gen, dtype=torch.float32),
+            torch.rand(n, 3, generator=colour_gen, dtype=torch.float32),
             colour_gen, self.min_contrast, redraw="both",
         )
         self._digits = self._image_digits[self._local]
@@ -566,10 +567,10 @@ class ColorDigits(Dataset):
 
         # Draw every random stream every time, so results depend only on the generator state.
         index = torch.randint(len(self), (n,), generator=g)
-        u_image = torch.rand(n, generator=g)
-        u_class = torch.rand(n, generator=g)
-        fresh_fg = torch.rand(n, 3, generator=g)
-        fresh_bg = torch.rand(n, 3, generator=g)
+        u_image = torch.rand(n, generator=g, dtype=torch.float32)
+        u_class = torch.rand(n, generator=g, dtype=torch.float32)
+        fresh_fg = torch.rand(n, 3, generator=g, dtype=torch.float32)
+        fresh_bg = torch.rand(n, 3, generator=g, dtype=torch.float32)
 
         a_local = self._local[index]
         a_digit = self._digits[index]

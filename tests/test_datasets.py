@@ -293,3 +293,20 @@ def test_integer_masks_colour_as_float_masks_and_items_are_copies():
     kept = image.clone()
     image.sub_(0.5)
     assert torch.equal(data[0][0], kept)
+
+
+def test_colordigits_is_the_same_float32_data_under_a_float64_default_dtype():
+    """Its colours were drawn in the default dtype: under float64 they came out float64, from
+    another random stream, so one seed gave other images, colours and pairs."""
+    reference = ColorDigits(split="test", image_size=8)
+    pairs = reference.pairs("digit", n=4, generator=0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data = ColorDigits(split="test", image_size=8)
+        again = data.pairs("digit", n=4, generator=0)
+    finally:
+        torch.set_default_dtype(previous)
+    assert data.foreground.dtype == data.background.dtype == torch.float32
+    assert torch.equal(data.images, reference.images) and torch.equal(data.foreground, reference.foreground)
+    assert all(torch.equal(a, b) for a, b in zip(again, pairs))

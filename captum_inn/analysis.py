@@ -26,6 +26,7 @@ from captum_inn.attr._common import (
     autograd_on,
     check_positive_int,
     class_indices,
+    dtype_errors_named,
     one_image_tensor,
     runs_model,
 )
@@ -123,6 +124,19 @@ class AdversarialViews:
                                "then the judge's for each layer's view)", fig=fig, captions=captions)
 
 
+_SUMMARY_KEYS = ("judge_on_attacked", "fooled_rate", "n_fooled")
+
+
+@torch.no_grad()
+def _class_count(model: nn.Module, image: Tensor) -> int:
+    """The number of logits ``model`` gives (one pass on one image); a ``ValueError`` for other outputs."""
+    logits = model(image)
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        shown = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"`model` must return (N, K) logits for the attack, got {shown}; wrap it to return them.")
+    return logits.shape[1]
+
+
 @autograd_on
 def adversarial_views(
     model: nn.Module,
@@ -160,6 +174,10 @@ def adversarial_views(
     from captum.robust import FGSM
 
     _check_explainers(explainers, model)
+    taken = sorted(set(explainers) & set(_SUMMARY_KEYS))
+    if taken:  # their shares would be overwritten in `summary` by the attack's own figures, silently
+        raise ValueError(f"`explainers` names layers {taken}, which `summary` uses for the attack's own figures "
+                         f"({list(_SUMMARY_KEYS)}); give those layers other keys.")
     check_autograd_weights(model, "`model`", "FGSM needs gradients through it")
     images = one_image_tensor(images, "images")
     labels = class_indices(torch.as_tensor(labels, device=images.device), "`labels`")  # .long() truncated 0.7 to 0
@@ -189,6 +207,11 @@ def adversarial_views(
     attack.zero_thresh = 0.0
     # The whole analysis in eval mode (also the explainers' passes, which would otherwise warn).
     with eval_mode(model):
+        with dtype_errors_named(images, model, name="images"):
+            classes = _class_count(model, images[:1])
+        if int(labels.max()) >= classes:  # cross entropy's IndexError (a device-side assert on a GPU) named neither
+            raise ValueError(f"`labels` holds classes up to {int(labels.max())}, but the model gives {classes} logits; "
+                             f"labels must be class indices 0 … {classes - 1}.")
         adversarial = torch.cat([
             # a copy that requires grad: else Captum sets the flag itself and warns on every call
             attack.perturb(images[s : s + batch].detach().clone().requires_grad_(), float(epsilon),

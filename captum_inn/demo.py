@@ -399,6 +399,10 @@ def run_demo(
     for name in ("n_eval", "n_concept_eval"):  # random pairs of different images need two (a raw randint error after training)
         if getattr(settings, name) < 2:
             raise ValueError(f"`settings.{name}` must be >= 2 (random pairs of held-out images), got {getattr(settings, name)}.")
+    if settings.n_figure_rows < 1:  # the others failed only after minutes of training
+        raise ValueError(f"`settings.n_figure_rows` must be >= 1, got {settings.n_figure_rows}.")
+    if not settings.fgsm_epsilon > 0:
+        raise ValueError(f"`settings.fgsm_epsilon` must be > 0, got {settings.fgsm_epsilon}.")
     out = report_folder(out, device, seed=seed)
     start = time.perf_counter()
     timings: Dict[str, float] = {}

@@ -229,9 +229,13 @@ def run_photo_demo(
         print(index)                                                  # captum_inn_photo_report/index.html
     """
     settings = settings or (PhotoDemoSettings.quick() if quick else PhotoDemoSettings())
-    if not _power_of_two_side(settings.size):  # found by the autoencoder, after the ResNet had trained
-        raise ValueError(f"`settings.size` must be a power of two >= 8, the side the demo's ConvAutoencoder takes, "
-                         f"got {settings.size}; e.g. dataclasses.replace(settings, size=64).")
+    # found by the autoencoder, after the ResNet had trained; below 16 px no ResNet layer gives Grad-CAM 4×4 cells
+    if not _power_of_two_side(settings.size) or settings.size < 16:
+        raise ValueError(f"`settings.size` must be a power of two >= 16 (the side the demo's ConvAutoencoder takes, "
+                         f"with a Grad-CAM map of at least 4×4 cells), got {settings.size}; e.g. "
+                         "dataclasses.replace(settings, size=64).")
+    if settings.n_figures < 1:  # an empty selection failed as an index error, after the training
+        raise ValueError(f"`settings.n_figures` must be >= 1, got {settings.n_figures}.")
     out = report_folder(out, device, images, seed)
     start = time.perf_counter()
     timings: Dict[str, float] = {}
@@ -364,14 +368,21 @@ def _one_per_class(labels: torch.Tensor, count: int) -> torch.Tensor:
     for index, label in enumerate(labels.tolist()):
         ranked.append((seen.get(label, 0), label, index))
         seen[label] = seen.get(label, 0) + 1
-    return torch.tensor([index for _, _, index in sorted(ranked)[:count]])
+    return torch.tensor([index for _, _, index in sorted(ranked)[:count]], dtype=torch.long)
 
 
 def _gradcam_layer(size: int) -> str:
-    """The ResNet-18 layer whose Grad-CAM map has at least 4×4 cells on ``size``-pixel photos: ResNet's
-    default, layer4, has 2×2 cells at 64 px (too coarse to show where); layer3 has 4×4 at 64 px and
-    layer2 at 32 px (``--quick``)."""
-    return "layer3" if size >= 64 else "layer2"
+    """The deepest ResNet-18 layer whose Grad-CAM map has at least 4×4 cells on ``size``-pixel photos
+    (``size`` >= 16): ResNet's default, layer4, has 2×2 cells at 64 px (too coarse to show where);
+    layer3 has 4×4 at 64 px, layer2 at 32 px (``--quick``) and layer1 at 16 px (layer k's side is
+    ``size / 2**(k + 1)``).
+
+    Examples::
+
+        >>> [_gradcam_layer(size) for size in (16, 32, 64, 128)]
+        ['layer1', 'layer2', 'layer3', 'layer4']
+    """
+    return next(f"layer{k}" for k in (4, 3, 2, 1) if size // 2 ** (k + 1) >= 4 or k == 1)
 
 
 def _other_class_partners(labels: torch.Tensor) -> torch.Tensor:

@@ -483,3 +483,16 @@ def test_images_that_require_grad_are_attacked_without_a_warning(setup, images, 
         warnings.simplefilter("error")
         got = adversarial_views(model, explainers, tracked, labels, judge, epsilon=0.3)
     assert torch.equal(got.fooled, attacked.fooled) and tracked.grad is None
+
+
+def test_attack_inputs_are_named_before_the_attack(setup, images, labels):
+    """A label past the logits failed inside Captum's FGSM with cross entropy's IndexError (a
+    device-side assert on a GPU), float64 images with torch's dtype error, and a layer named
+    "fooled_rate" lost its shares to the attack's own figure in `summary`."""
+    model, judge, explainers = setup
+    with pytest.raises(ValueError, match=r"`labels` holds classes up to 10, but the model gives 10 logits"):
+        adversarial_views(model, explainers, images, torch.full_like(labels, 10), judge)
+    with pytest.raises(TypeError, match=r"`images` images are torch.float64 .*images.to\(torch.float32\)"):
+        adversarial_views(model, explainers, images.double(), labels, judge)
+    with pytest.raises(ValueError, match=r"names layers \['fooled_rate'\], which `summary` uses"):
+        adversarial_views(model, {"fooled_rate": next(iter(explainers.values()))}, images, labels, judge)

@@ -434,4 +434,9 @@ def test_run_demo_refuses_evaluation_sets_of_one_before_any_work(tmp_path):
     for name in ("n_eval", "n_concept_eval"):
         with pytest.raises(ValueError, match=rf"`settings.{name}` must be >= 2"):
             run_demo(out=tmp_path / "report", settings=dataclasses.replace(DemoSettings.quick(), **{name: 1}))
+    # these failed only after minutes of training
+    for change, message in (({"n_figure_rows": 0}, "`settings.n_figure_rows` must be >= 1"),
+                            ({"fgsm_epsilon": 0.0}, "`settings.fgsm_epsilon` must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            run_demo(out=tmp_path / "report", settings=dataclasses.replace(DemoSettings.quick(), **change))
     assert not (tmp_path / "report").exists()

@@ -148,8 +148,11 @@ def test_a_size_the_autoencoder_cannot_take_is_refused_before_any_work(tmp_path)
     """The autoencoder found a size of 48 px only after the ResNet had trained for minutes."""
     from captum_inn.photo_demo import PhotoDemoSettings, run_photo_demo
 
-    for size in (48, 100, 4):
-        with pytest.raises(ValueError, match=rf"`settings.size` must be a power of two >= 8.*got {size}"):
+    for size in (48, 100, 4, 8):  # 8: no layer of a 4×4 Grad-CAM map (layer2 was 1×1)
+        with pytest.raises(ValueError, match=rf"`settings.size` must be a power of two >= 16.*got {size}"):
             run_photo_demo(tmp_path / "no_photos_needed", out=tmp_path / "report",
                            settings=dataclasses.replace(PhotoDemoSettings(), size=size))
+    with pytest.raises(ValueError, match=r"`settings.n_figures` must be >= 1, got 0"):  # an index error after training
+        run_photo_demo(tmp_path / "no_photos_needed", out=tmp_path / "report",
+                       settings=dataclasses.replace(PhotoDemoSettings(), n_figures=0))
     assert not (tmp_path / "report").exists()

@@ -677,6 +677,25 @@ def eager_module(model: Any) -> Any:
     return model._orig_mod if dynamo is not None and isinstance(model, dynamo.OptimizedModule) else model
 
 
+def did_not_run_hint(model: Any, layer: Any) -> str:
+    """Why a layer that the model holds may never run, for the "did not run" errors: a container
+    without a forward of its own, or a ``torch.fx`` graph that calls only the traced leaf modules
+    ("check that it is used in model.forward" pointed the wrong way)."""
+    module = layer if isinstance(layer, nn.Module) else None
+    if module is None and isinstance(model, nn.Module):
+        module = dict(_unwrapped(model).named_modules()).get(layer)
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        first = next(iter(module.named_children()), (None,))[0]
+        example = f", e.g. '{layer}.{first}'" if isinstance(layer, str) and first is not None else ""
+        return (f"; it is a {type(module).__name__}, a container without a forward of its own: hook one of its "
+                f"modules{example}")
+    fx = sys.modules.get("torch.fx")
+    if fx is not None and isinstance(_unwrapped(model) if isinstance(model, nn.Module) else model, fx.GraphModule):
+        return ("; a torch.fx GraphModule (create_feature_extractor, symbolic_trace) calls only the leaf modules of "
+                "the traced model: hook a leaf, e.g. the last layer inside the block")
+    return ""
+
+
 def _run_unreplicated(model: nn.DataParallel, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     """``model(*args, **kwargs)`` as ``DataParallel`` runs on one device: the inputs scattered to
     its first device (none without GPUs) and its ``.module`` called in this thread."""
@@ -774,7 +793,7 @@ def capture(
     if missing:
         raise ValueError(
             f"layer {missing[0]!r} did not run during the forward pass; check that it is used "
-            f"in model.forward"
+            f"in model.forward" + did_not_run_hint(model, missing[0])
             + (f" (layers that did not run: {missing})" if len(missing) > 1 else "")
         )
     values = hooks.values
@@ -936,8 +955,8 @@ def replace_activation(
     def input_hook(_module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         if not take():
             return None
-        if isinstance(selector, str) and selector in kwargs:
-            return args, {**kwargs, selector: matched(kwargs[selector])}
+        if isinstance(selector, str) and selector in kwargs:  # checked as capture checks it (None, a float: named)
+            return args, {**kwargs, selector: matched(_select(args, selector, name, "input", kwargs))}
         return _with_replaced(args, selector, matched(_select(args, selector, name, "input")), name, "input"), kwargs
 
     handles = [_unwrapped(model).register_forward_pre_hook(rearm)] if per_pass else []

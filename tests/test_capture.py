@@ -925,3 +925,57 @@ def test_hooks_are_indexed_by_module_when_hooked_by_an_alias_name():
     assert torch.equal(hooks[model.backbone], model.body(x)) and torch.equal(hooks["backbone"], model.body(x))
     with pytest.raises(KeyError, match="'head' is not hooked"):
         hooks[model.head]
+
+
+def test_replacing_a_keyword_input_that_is_no_tensor_is_named_as_capture_names_it():
+    """A keyword passed as None (mask=None) failed inside the hook with "'NoneType' object has no
+    attribute 'shape'"."""
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x, *, mask=None):
+            return self.linear(x if mask is None else x * mask)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = Head()
+
+        def forward(self, x):
+            return self.head(x, mask=None)
+
+    model, x = Model().eval(), torch.rand(3, 4)
+    with pytest.raises(TypeError, match=r"layer 'head': the selected input value is a NoneType, not a tensor"):
+        capture(model, "head", x, attribute_to_layer_input=True, selector="mask")
+    with pytest.raises(TypeError, match=r"the selected input value is a NoneType, not a tensor"):
+        with replace_activation(model.head, torch.ones(3, 4), attribute_to_layer_input=True, selector="mask"):
+            model(x)
+    assert not model.head._forward_pre_hooks
+
+
+def test_a_layer_that_never_runs_for_its_kind_says_what_to_hook():
+    """A ModuleList, or a block a torch.fx graph inlined, "did not run; check that it is used in
+    model.forward", though it was."""
+    import torch.fx
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.ReLU()])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model, x = Blocks().eval(), torch.rand(3, 4)
+    with pytest.raises(ValueError, match=r"it is a ModuleList, a container without a forward of its own: hook one of "
+                                         r"its modules, e.g. 'blocks.0'"):
+        capture(model, "blocks", x)
+    traced = torch.fx.symbolic_trace(nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"a torch.fx GraphModule .* calls only the leaf modules"):
+        capture(traced, "0", x)
+    assert torch.equal(capture(traced, "0.1", x), torch.relu(traced.get_submodule("0.0")(x)))

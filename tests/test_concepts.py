@@ -1353,3 +1353,31 @@ def test_a_layer_fitted_concept_inn_and_another_model_are_named_as_they_are():
     with pytest.raises(ValueError, match=r"another `forward_func` \(other weights: retrained, another seed, or another "
                                          r"architecture\)"):
         LayerConcepts(other, "2", e)
+
+
+def test_a_layer_in_a_reentrant_checkpoint_segment_is_named_as_a_cause():
+    """Its forward records no graph, and the error blamed the choice of layer alone."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(12, 6), nn.Tanh())
+            self.head = nn.Linear(6, 3)
+            self.checkpointed = False
+
+        def forward(self, x):
+            x = x.flatten(1)
+            h = checkpoint(self.block, x, use_reentrant=True) if self.checkpointed else self.block(x)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Checkpointed().eval()
+    x, y = torch.rand(40, 3, 2, 2), torch.arange(40) % 2
+    e = fit_concepts((model, "block.0"), [ConceptPairs.from_labels("parity", x, y)], steps=2, pool_size=16,
+                     n_blocks=1, hidden=8, progress=False)
+    model.checkpointed = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's warning that no input requires grad
+        with pytest.raises(ValueError, match=r"torch.utils.checkpoint segment with use_reentrant=True"):
+            LayerConcepts(model, "block.0", e).attribute(x[:4], target=0, n_steps=4)

@@ -20,6 +20,7 @@ from captum_inn._captum_compat import _format_additional_forward_args, _format_t
 from captum_inn.capture import (
     LayerHooks,
     check_selector,
+    did_not_run_hint,
     is_comparable_selector,
     module_attributes,
     normal_tensors,
@@ -476,7 +477,8 @@ def layer_activation(
     values = hooks.values
     if not values:
         raise ValueError(
-            "The hooked layer did not run during the forward pass; check that it is used by forward_func."
+            "The hooked layer did not run during the forward pass; check that it is used by forward_func"
+            f"{did_not_run_hint(owner, layer)}."
         )
     activation = next(iter(values.values()))
     n = inputs[0].shape[0]

@@ -838,7 +838,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 raise ValueError(
                     f"The representation does not reach the model's output: the tensor read from layer "
                     f"{self.layer_name!r} (selector {self.selector!r}) is not used by what forward_func returns, "
-                    "so no concept changes it. Read a tensor the output depends on."
+                    "so no concept changes it. Read a tensor the output depends on; or, if it is, the layer runs "
+                    "inside a torch.utils.checkpoint segment with use_reentrant=True, whose forward records no "
+                    "graph: turn checkpointing off while explaining."
                 ) from None
             problem = self._target_error(target, start, inputs, additional_forward_args, attribute_to_layer_input)
             if problem is None:

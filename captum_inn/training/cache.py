@@ -38,6 +38,7 @@ from captum_inn.autoencoders import check_autoencoder, encode_posterior
 from captum_inn.capture import (
     LayerHooks,
     _unwrapped,
+    did_not_run_hint,
     eval_mode,
     module_attributes,
     per_layer_selectors,
@@ -634,7 +635,7 @@ def cache_features(
                     if name not in values:
                         raise ValueError(
                             f"layer {name!r} did not run during the forward pass; check that it is used "
-                            "in model.forward."
+                            f"in model.forward{did_not_run_hint(model, name)}."
                         )
                     sink.append(f"layer.{name}", as_cached_rows(values[name], images.shape[0], name))
                 if seen == 0:  # once: a sequence-first layer with as many tokens as images in a batch

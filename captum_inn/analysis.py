@@ -128,13 +128,16 @@ _SUMMARY_KEYS = ("judge_on_attacked", "fooled_rate", "n_fooled")
 
 
 @torch.no_grad()
-def _class_count(model: nn.Module, image: Tensor) -> int:
-    """The number of logits ``model`` gives (one pass on one image); a ``ValueError`` for other outputs."""
-    logits = model(image)
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        shown = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"`model` must return (N, K) logits for the attack, got {shown}; wrap it to return them.")
-    return logits.shape[1]
+def _class_count(model: nn.Module, images: Tensor) -> int:
+    """The number of logits ``model`` gives, from one pass on up to two images (a model that
+    squeezes its output gives ``(K,)`` for one); a ``ValueError`` for other outputs."""
+    probe = images[:2]
+    logits = model(probe)
+    if isinstance(logits, Tensor) and (logits.dim() == 2 or (logits.dim() == 1 and probe.shape[0] == 1)):
+        return logits.shape[-1]
+    shown = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+    raise ValueError(f"`model` must return (N, K) logits for the attack, got {shown} for {probe.shape[0]} image(s); "
+                     "wrap it to return them.")
 
 
 @autograd_on
@@ -208,7 +211,7 @@ def adversarial_views(
     # The whole analysis in eval mode (also the explainers' passes, which would otherwise warn).
     with eval_mode(model):
         with dtype_errors_named(images, model, name="images"):
-            classes = _class_count(model, images[:1])
+            classes = _class_count(model, images)
         if int(labels.max()) >= classes:  # cross entropy's IndexError (a device-side assert on a GPU) named neither
             raise ValueError(f"`labels` holds classes up to {int(labels.max())}, but the model gives {classes} logits; "
                              f"labels must be class indices 0 … {classes - 1}.")

@@ -682,8 +682,10 @@ def did_not_run_hint(model: Any, layer: Any) -> str:
     without a forward of its own, or a ``torch.fx`` graph that calls only the traced leaf modules
     ("check that it is used in model.forward" pointed the wrong way)."""
     module = layer if isinstance(layer, nn.Module) else None
-    if module is None and isinstance(model, nn.Module):
-        module = dict(_unwrapped(model).named_modules()).get(layer)
+    if module is None and isinstance(model, nn.Module):  # the name as given ("module.blocks"), or inside a wrapper
+        module = dict(model.named_modules()).get(layer)
+        if module is None:
+            module = dict(_unwrapped(model).named_modules()).get(layer)
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         first = next(iter(module.named_children()), (None,))[0]
         example = f", e.g. '{layer}.{first}'" if isinstance(layer, str) and first is not None else ""

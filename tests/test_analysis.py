@@ -496,3 +496,15 @@ def test_attack_inputs_are_named_before_the_attack(setup, images, labels):
         adversarial_views(model, explainers, images.double(), labels, judge)
     with pytest.raises(ValueError, match=r"names layers \['fooled_rate'\], which `summary` uses"):
         adversarial_views(model, {"fooled_rate": next(iter(explainers.values()))}, images, labels, judge)
+
+    class Squeezed(nn.Module):  # (K,) for one image, (N, K) for a batch: the attack takes it
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x).squeeze()
+
+    squeezed = Squeezed().eval()
+    views = {name: LayerInvariance(squeezed, f"net.{name}", e.inn, e.autoencoder) for name, e in explainers.items()}
+    assert adversarial_views(squeezed, views, images, labels, judge, epsilon=0.3).summary["n_fooled"] >= 0

@@ -972,9 +972,10 @@ def test_a_layer_that_never_runs_for_its_kind_says_what_to_hook():
             return x
 
     model, x = Blocks().eval(), torch.rand(3, 4)
-    with pytest.raises(ValueError, match=r"it is a ModuleList, a container without a forward of its own: hook one of "
-                                         r"its modules, e.g. 'blocks.0'"):
-        capture(model, "blocks", x)
+    for wrapped, name in ((model, "blocks"), (nn.DataParallel(model), "module.blocks")):
+        with pytest.raises(ValueError, match=r"it is a ModuleList, a container without a forward of its own: hook one "
+                                             rf"of its modules, e.g. '{name}.0'"):
+            capture(wrapped, name, x)
     traced = torch.fx.symbolic_trace(nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)))
     with pytest.raises(ValueError, match=r"a torch.fx GraphModule .* calls only the leaf modules"):
         capture(traced, "0", x)

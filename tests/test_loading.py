@@ -480,8 +480,9 @@ def test_data_forms_are_read_or_named(images, autoencoder):
     labels = torch.arange(len(images)) % 3
     with pytest.raises(ValueError, match=r"an \(images, labels\) pair as fit_classifier takes it; pass the images tensor alone"):
         cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, (images, labels), progress=False)
-    with pytest.raises(ValueError, match="pass the images tensor alone"):
-        fit_autoencoder((images, labels), latent_dim=4, width=4, steps=1, progress=False)
+    for pair in ((images, labels), (images, labels[:, None]), (images, torch.nn.functional.one_hot(labels))):
+        with pytest.raises(ValueError, match="pass the images tensor alone"):
+            fit_autoencoder(pair, latent_dim=4, width=4, steps=1, progress=False)
     with pytest.raises(ValueError, match=r"must have shape \(N, C, H, W\), got batches of shape \(3, 1, 3, 32, 32\)"):
         cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, [images[:1]] * 3, progress=False)  # not a pair
     as_dicts = [{"image": x, "label": int(y)} for x, y in zip(images, labels)]

@@ -240,7 +240,7 @@ def iter_image_batches(
             yield data[order[start : start + batch_size]]
         return
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data) \
-            and data[0].dim() == 4 and data[1].dim() == 1 and data[1].shape[0] == data[0].shape[0]:
+            and data[0].dim() == 4 and data[1].dim() < 4 and data[1].shape[:1] == data[0].shape[:1]:
         # read as a dataset of two items, it failed as "images of different sizes"
         raise ValueError(f"`data` is a {type(data).__name__} of tensors of shapes {[tuple(t.shape) for t in data]}, "
                          "an (images, labels) pair as fit_classifier takes it; pass the images tensor alone.")

@@ -980,3 +980,96 @@ def test_a_layer_that_never_runs_for_its_kind_says_what_to_hook():
     with pytest.raises(ValueError, match=r"a torch.fx GraphModule .* calls only the leaf modules"):
         capture(traced, "0", x)
     assert torch.equal(capture(traced, "0.1", x), torch.relu(traced.get_submodule("0.0")(x)))
+
+
+def _in_two_threads(first, second, rounds):
+    """Run ``first`` ``rounds`` times in one thread while ``second`` loops in another; the
+    exceptions each raised (BaseException too: the hooks' stop signal is one)."""
+    import threading
+
+    stop, errors = threading.Event(), {"first": [], "second": []}
+
+    def run_first():
+        try:
+            for _ in range(rounds):
+                try:
+                    first()
+                except BaseException as error:  # noqa: BLE001 - counted, whatever it is
+                    errors["first"].append(error)
+        finally:
+            stop.set()
+
+    def run_second():
+        while not stop.is_set():
+            try:
+                second()
+            except BaseException as error:  # noqa: BLE001
+                errors["second"].append(error)
+
+    threads = [threading.Thread(target=run_first), threading.Thread(target=run_second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_a_capture_sees_only_its_own_threads_pass_and_leaves_other_threads_alone():
+    """Hooks on a model shared by threads fired in every thread's pass: another thread's model(x)
+    raised the private stop signal (a BaseException), and captures mixed the two threads' inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    x, y = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    expected = capture(model, ["0", "1"], x)
+    wrong = []
+
+    def read():
+        got = capture(model, ["0", "1"], x)
+        wrong.extend(k for k in got if not torch.allclose(got[k], expected[k]))
+
+    def other():
+        with torch.no_grad():
+            model(y)
+
+    errors = _in_two_threads(read, other, rounds=300)
+    assert errors == {"first": [], "second": []} and wrong == []
+
+
+def test_threads_sharing_a_model_keep_its_flags_and_statistics_and_get_their_own_replacements():
+    """Each block restored the flags it had saved: a train-mode model was left in eval mode, passes ran
+    in training mode partway (dropout, batch-norm updates); another thread's plain pass got the
+    replacement meant for this one's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5)).train()
+    statistics = model[1].running_mean.clone()
+    x = torch.rand(2, 3, 8, 8)
+    expected = capture(model, "2", x)  # in eval mode, as every capture
+    changed = []
+
+    def read():
+        got = capture(model, "2", x)
+        if not torch.allclose(got, expected):
+            changed.append(got)
+
+    errors = _in_two_threads(read, read, rounds=300)
+    assert errors == {"first": [], "second": []} and changed == []
+    assert all(m.training for m in model.modules()) and torch.equal(model[1].running_mean, statistics)
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    v, plain_input = torch.full((3, 4), 5.0), torch.rand(3, 4)
+    plain, edited = net(plain_input).detach(), net[2](v).detach()
+    edited_wrong, plain_wrong = [], []
+
+    def replaced():
+        with torch.no_grad(), replace_activation(net[1], v, model=net):
+            if not torch.allclose(net(plain_input), edited):
+                edited_wrong.append(1)
+
+    def untouched():
+        with torch.no_grad():
+            if not torch.allclose(net(plain_input), plain):
+                plain_wrong.append(1)
+
+    errors = _in_two_threads(replaced, untouched, rounds=300)
+    assert errors == {"first": [], "second": []} and edited_wrong == [] and plain_wrong == []

@@ -458,8 +458,7 @@ class LayerHooks:
         self._values: Dict[str, Tensor] = {}
         self._stopped = False  # the early-stop signal was raised in this forward pass
         self._handles: List[RemovableHandle] = []
-        self._held: List[nn.Module] = []  # modules this block holds in eval mode (_hold_eval)
-        self._thread = -1  # the thread that entered: another thread's passes of the same modules are not ours
+        self._flags: List[Tuple[nn.Module, bool]] = []
         self._active = False
         self._entered, self._task = -1, -1  # set on entering (see _isolated and _listening)
 
@@ -471,13 +470,13 @@ class LayerHooks:
         self._active = True
         self._entered = next(_ENTERED)  # which run() passes are this block's to stop (_listening)
         self._task = _graph_task()
-        self._thread = threading.get_ident()
         self.clear()
         try:
             if self.eval_mode:
-                # Every module's own flag is kept (a frozen BatchNorm in eval mode), and restored once the
-                # last block that holds it ends (another thread's, or a nested one)
-                self._held = _hold_eval([self.model])
+                # Record every module's own flag: model.train(flag) would overwrite submodules
+                # that the user had set differently (e.g. a frozen BatchNorm in eval mode).
+                self._flags = [(m, m.training) for m in self.model.modules()]
+                self.model.eval()
             # Registered first, so it runs before any pre-hook on the model itself (on the module
             # that run() calls: a DataParallel's .module).
             self._handles.append(_unwrapped(self.model).register_forward_pre_hook(self._reset_hook))
@@ -505,21 +504,16 @@ class LayerHooks:
             while self._handles:
                 self._handles.pop().remove()
         finally:
-            _release_eval(self._held)
-            self._held = []
+            for module, flag in self._flags:
+                module.training = flag  # not module.train(flag): that would recurse
+            self._flags = []
             self._active = False
 
     # -- hooks ------------------------------------------------------------------------------
 
-    def _foreign(self, module: nn.Module, hooked: nn.Module) -> bool:
-        """Whether this call of a hooked module is another thread's pass of the same module object (a
-        service's threads share one model): it is not this block's to record, clear or stop. A
-        DataParallel replica, another object in another thread, is left as it was."""
-        return module is hooked and threading.get_ident() != self._thread
-
     def _reset_hook(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         # Each call of the model starts a fresh capture (and a fresh stop_early countdown).
-        if not self._isolated() and not self._foreign(module, _unwrapped(self.model)):
+        if not self._isolated():
             self._task = _graph_task()  # the pass's autograd task: outside backward, or the backward it runs in
             self.clear()
 
@@ -539,14 +533,14 @@ class LayerHooks:
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-            if self._listening() and not self._foreign(module, self._modules[name]):
+            if self._listening():
                 self._store(name, _select(output, self._selectors[name], name, "output"))
 
         return hook
 
     def _make_pre_hook(self, name: str) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-            if self._listening() and not self._foreign(module, self._modules[name]):
+            if self._listening():
                 self._store(name, _select(args, self._selectors[name], name, "input", kwargs))
 
         return pre_hook
@@ -847,47 +841,14 @@ def eval_mode(*modules: Any) -> Iterator[None]:
     """
     # a plain object's modules too: its batch norm updated its statistics, and its dropout drew, while caching
     modules = [m for mod in modules for m in ([mod] if isinstance(mod, nn.Module) else module_attributes(mod).values())]
-    held = _hold_eval(modules)
+    flags = [(m, m.training) for mod in modules for m in mod.modules()]
     try:
+        for mod in modules:
+            mod.eval()
         yield
     finally:
-        _release_eval(held)
-
-
-# Modules held in eval mode, with the flag each had before its first hold: blocks that share a model
-# (threads of a service, nested calls) each restored the flags they had saved, so a thread leaving
-# first switched the model back to training under another's pass, and the last left it in eval mode.
-_EVAL_LOCK = threading.Lock()
-_EVAL_HOLDS: Dict[int, List[Any]] = {}  # id(module) -> [module, holds, training flag before the first]
-
-
-def _hold_eval(modules: Sequence[nn.Module]) -> List[nn.Module]:
-    """Switch ``modules`` (and every submodule) to eval mode for one more holder; the submodules
-    held, for :func:`_release_eval`."""
-    held = [m for mod in modules for m in mod.modules()]
-    with _EVAL_LOCK:
-        for module in held:
-            entry = _EVAL_HOLDS.get(id(module))
-            if entry is None:
-                _EVAL_HOLDS[id(module)] = [module, 1, module.training]
-            else:
-                entry[1] += 1
-        for mod in modules:
-            mod.eval()  # through train(): a module's own override still runs
-    return held
-
-
-def _release_eval(held: Sequence[nn.Module]) -> None:
-    """End one hold of each module; the last holder restores the flag it had before the first."""
-    with _EVAL_LOCK:
-        for module in held:
-            entry = _EVAL_HOLDS.get(id(module))
-            if entry is None or entry[0] is not module:
-                continue
-            entry[1] -= 1
-            if entry[1] == 0:
-                module.training = entry[2]  # not module.train(flag): that would recurse
-                del _EVAL_HOLDS[id(module)]
+        for module, flag in flags:
+            module.training = flag
 
 
 def _with_replaced(value: Any, selector: Selector, replacement: Tensor, name: str, what: str) -> Any:
@@ -967,16 +928,9 @@ def replace_activation(
     armed = [True]  # whether the next call of module is replaced (re-armed at each call of model)
     per_pass = model is not None and model is not module
     first_only = per_pass or once
-    # another thread's pass of the same module objects (a service's threads share one model) is left
-    # alone: it got the replacement, and used up the caller's one
-    owner = threading.get_ident()
-
-    def foreign(called: nn.Module, hooked: nn.Module) -> bool:
-        return called is hooked and threading.get_ident() != owner
 
     def rearm(_model: nn.Module, _args: Any) -> None:
-        if not foreign(_model, _unwrapped(model)):
-            armed[0] = True
+        armed[0] = True
 
     def take() -> bool:
         """Whether to replace this call (with a model: its first call in the current pass only)."""
@@ -996,12 +950,12 @@ def replace_activation(
         return value.to(current.dtype, copy=True) if both_floating else value.clone()
 
     def output_hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-        if foreign(_module, module) or not take():
+        if not take():
             return None
         return _with_replaced(output, selector, matched(_select(output, selector, name, "output")), name, "output")
 
     def input_hook(_module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        if foreign(_module, module) or not take():
+        if not take():
             return None
         if isinstance(selector, str) and selector in kwargs:  # checked as capture checks it (None, a float: named)
             return args, {**kwargs, selector: matched(_select(args, selector, name, "input", kwargs))}

@@ -129,15 +129,17 @@ _SUMMARY_KEYS = ("judge_on_attacked", "fooled_rate", "n_fooled")
 
 @torch.no_grad()
 def _class_count(model: nn.Module, images: Tensor) -> int:
-    """The number of logits ``model`` gives, from one pass on up to two images (a model that
-    squeezes its output gives ``(K,)`` for one); a ``ValueError`` for other outputs."""
+    """The number of logits ``model`` gives, from one pass on up to two images (a model that squeezes
+    its output gives ``(N, K)`` for two, as for the attack's batches); a ``ValueError`` for other outputs."""
     probe = images[:2]
     logits = model(probe)
-    if isinstance(logits, Tensor) and (logits.dim() == 2 or (logits.dim() == 1 and probe.shape[0] == 1)):
+    if isinstance(logits, Tensor) and logits.dim() == 2:
         return logits.shape[-1]
     shown = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-    raise ValueError(f"`model` must return (N, K) logits for the attack, got {shown} for {probe.shape[0]} image(s); "
-                     "wrap it to return them.")
+    squeezed = " (a squeeze() drops the batch of one image: the attack's last batch can hold one)" if (
+        isinstance(logits, Tensor) and logits.dim() == 1 and probe.shape[0] == 1) else ""
+    raise ValueError(f"`model` must return (N, K) logits for the attack, got {shown} for {probe.shape[0]} image(s)"
+                     f"{squeezed}; wrap it to return them.")
 
 
 @autograd_on

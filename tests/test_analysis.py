@@ -508,3 +508,5 @@ def test_attack_inputs_are_named_before_the_attack(setup, images, labels):
     squeezed = Squeezed().eval()
     views = {name: LayerInvariance(squeezed, f"net.{name}", e.inn, e.autoencoder) for name, e in explainers.items()}
     assert adversarial_views(squeezed, views, images, labels, judge, epsilon=0.3).summary["n_fooled"] >= 0
+    with pytest.raises(ValueError, match=r"got \(10,\) for 1 image\(s\) \(a squeeze\(\) drops the batch of one"):
+        adversarial_views(squeezed, views, images[:1], labels[:1], judge, epsilon=0.3)

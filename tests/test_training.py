@@ -1504,24 +1504,27 @@ def test_dropout_in_a_fit_draws_seeded_streams_that_a_resume_continues(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
 
 
+class _SequenceFirst(nn.Module):
+    """A conv map of 8x8 images read as 36 tokens, sequence first: (L, N, E) at ``tokens``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.tokens = nn.Identity()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.tokens(self.conv(x).flatten(2).permute(2, 0, 1)).mean(0))
+
+
 def test_a_layer_without_the_batch_first_is_refused_naming_the_fix():
     """A sequence-first layer's (L, N, E) was cached as L rows mixing images, paired with the codes of the
     first images, and fitted without an error; a squeeze() that drops a batch of one failed after the whole
     pass with a raw torch error."""
     from captum_inn.attr._common import layer_activation  # how every explainer reads a layer
 
-    class SequenceFirst(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3)
-            self.tokens = nn.Identity()
-            self.fc = nn.Linear(8, 10)
-
-        def forward(self, x):
-            return self.fc(self.tokens(self.conv(x).flatten(2).permute(2, 0, 1)).mean(0))  # (L, N, E) tokens
-
     torch.manual_seed(0)
-    model, images = SequenceFirst().eval(), torch.rand(8, 3, 8, 8)
+    model, images = _SequenceFirst().eval(), torch.rand(8, 3, 8, 8)
     ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
     with pytest.raises(ValueError, match=r"Layer 'tokens' gave an activation of shape \(36, 4, 8\) for 4 input\(s\): its "
                                          r"first dimension must be the batch.*selector=lambda out: out.transpose\(0, 1\)"):
@@ -1544,18 +1547,8 @@ def test_a_sequence_first_layer_with_as_many_tokens_as_images_is_refused_too():
     from captum_inn.attr._common import layer_activation
     from captum_inn.metrics import reencode_similarity
 
-    class SequenceFirst(nn.Module):  # a 6x6 map: 36 tokens, sequence first
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3)
-            self.tokens = nn.Identity()
-            self.fc = nn.Linear(8, 10)
-
-        def forward(self, x):
-            return self.fc(self.tokens(self.conv(x).flatten(2).permute(2, 0, 1)).mean(0))
-
     torch.manual_seed(0)
-    model, images = SequenceFirst().eval(), torch.rand(72, 3, 8, 8)
+    model, images = _SequenceFirst().eval(), torch.rand(72, 3, 8, 8)
     ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
     refused = r"gave an activation of shape \(36, 35, 8\) for 35 input\(s\): its first dimension must be the batch"
     with pytest.raises(ValueError, match=refused):

@@ -15,19 +15,19 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from captum_inn._random import generator_device, normal
 from captum_inn.attr._common import (
+    NOT_SPLIT,
     check_batch_first_read,
     check_int,
     check_number,
     check_positive_int,
     dtype_errors_named,
-    repeat_forward_args,
     slice_forward_args,
 )
 from captum_inn.capture import Selector, _select, capture, eval_mode
@@ -65,17 +65,36 @@ def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, sel
     if images.shape[0] == 0:
         raise ValueError("`images` is an empty batch; pass at least one image.")
     n = images.shape[0]
+    return _classes(model, images, batch_size, selector,
+                    lambda rows: slice_forward_args(additional_forward_args, rows, n))
+
+
+def _classes(model: nn.Module, images: Tensor, batch_size: int, selector: Selector,
+             extra_for: Callable[[slice], Any]) -> Tensor:
+    """:func:`predict_classes`, with ``extra_for(rows)`` giving the extra arguments of ``images[rows]``."""
     classes = []
     with torch.no_grad(), eval_mode(model), dtype_errors_named(images, model, name="images"):
-        for s in range(0, n, batch_size):
-            extra = slice_forward_args(additional_forward_args, slice(s, s + batch_size), n) or ()
-            logits = _select(model(images[s : s + batch_size], *extra), selector, type(model).__name__, "output")
+        for s in range(0, images.shape[0], batch_size):
+            batch = images[s : s + batch_size]
+            logits = _select(model(batch, *(extra_for(slice(s, s + batch_size)) or ())), selector,
+                             type(model).__name__, "output")
             if logits.dim() != 2 or logits.shape[1] < 2:  # one logit's argmax is always class 0: agreement 1.0
                 raise ValueError(f"The model's output has shape {tuple(logits.shape)}; predictions need (N, K) logits "
                                  "with K >= 2. For a one-logit binary classifier wrap it to return "
                                  "torch.cat([-logit, logit], 1).")
+            if logits.shape[0] != batch.shape[0]:
+                raise ValueError(f"The model gave {logits.shape[0]} rows of logits for {batch.shape[0]} image(s); it "
+                                 "must give one row per image. " + NOT_SPLIT)
             classes.append(logits.argmax(1))
     return torch.cat(classes)
+
+
+def _sample_rows(additional_forward_args: Any, n: int, s: int) -> Callable[[slice], Any]:
+    """Extra arguments for rows of the ``n * s`` samples flattened input by input: each sample gets its
+    original's rows (per-input tensors are told by ``n``, the originals' count, not by ``n * s``)."""
+    def extra_for(rows: slice) -> Any:
+        return slice_forward_args(additional_forward_args, torch.arange(n * s)[rows] // s, n)
+    return extra_for
 
 
 def _check_samples(originals: Tensor, samples: Tensor) -> None:
@@ -118,8 +137,8 @@ def prediction_agreement(
     _check_samples(originals, samples)
     reference = predict_classes(model, originals, batch_size, selector, additional_forward_args=additional_forward_args)
     n, s = samples.shape[:2]
-    predicted = predict_classes(model, samples.reshape(n * s, *samples.shape[2:]), batch_size, selector,
-                                additional_forward_args=repeat_forward_args(additional_forward_args, s, n)).view(n, s)
+    predicted = _classes(model, samples.reshape(n * s, *samples.shape[2:]), batch_size, selector,
+                         _sample_rows(additional_forward_args, n, s)).view(n, s)
     return float((predicted == reference.unsqueeze(1)).float().mean())
 
 
@@ -180,27 +199,28 @@ def reencode_similarity(
     if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0 < quantile < 1:
         raise ValueError(f"`quantile` must be a number in (0, 1), got {quantile!r}; use 0.99 for 99%.")
 
-    def encode(images: Tensor, args: Any, name: str) -> Tensor:
+    def encode(images: Tensor, extra_for: Callable[[slice], Any], name: str) -> Tensor:
         rows, parts = images.shape[0], []
 
         def read(start: int, count: int) -> Tensor:
             return capture(model, layer, images[start : start + count], selector=selector,
                            attribute_to_layer_input=attribute_to_layer_input,
-                           additional_forward_args=slice_forward_args(args, slice(start, start + count), rows))
+                           additional_forward_args=extra_for(slice(start, start + count)))
 
         with dtype_errors_named(images, model, name=name):
             for start in range(0, rows, batch_size):
                 count = min(batch_size, rows - start)
                 z = read(start, count)
                 # as the fits read it: a sequence-first layer's (L, N, E) mixed images into rows
-                check_batch_first_read(z, count, f"Layer {layer!r}", lambda k, start=start: read(start, k))
+                check_batch_first_read(z, count, f"Layer {layer!r}", lambda k, start=start: read(start, k),
+                                       extra_for(slice(start, start + count)))
                 parts.append(z.flatten(1))
         return torch.cat(parts)
 
     n, s = samples.shape[:2]
-    z = encode(originals, additional_forward_args, "originals")
-    z_samples = encode(samples.reshape(n * s, *samples.shape[2:]),
-                       repeat_forward_args(additional_forward_args, s, n), "samples").view(n, s, -1)
+    z = encode(originals, lambda rows: slice_forward_args(additional_forward_args, rows, n), "originals")
+    z_samples = encode(samples.reshape(n * s, *samples.shape[2:]), _sample_rows(additional_forward_args, n, s),
+                       "samples").view(n, s, -1)
     similarity = nn.functional.cosine_similarity(z_samples, z.unsqueeze(1), dim=-1, eps=1e-8)
     where = generator_device(generator)
     i = torch.randint(n, (n_null_pairs,), generator=generator, device=where).to(z.device)

@@ -324,6 +324,8 @@ def test_additional_forward_args_reach_every_method_with_each_inputs_rows(setup,
     assert not torch.allclose(result.integrated_gradients, unshifted.integrated_gradients, atol=1e-3)  # it matters
     with pytest.raises(ValueError, match=r"`additional_forward_args` tensor 0 has shape \(2, 3\).*one row per input"):
         compare_attributions(model, x, explainer, additional_forward_args=(shift[:2],), **FAST)
+    with pytest.raises(ValueError, match=r"`additional_forward_args` tensor 0 has shape \(2, 3\).*one row per input"):
+        concepts.attribute(x, n_steps=8, target=result.targets, additional_forward_args=(shift[:2],))  # was torch's
 
 
 def test_concept_scores_do_not_depend_on_internal_batch_size(setup, x):

@@ -93,6 +93,54 @@ def test_metrics_pass_additional_forward_args_with_each_inputs_rows(model):
     assert scores["similarity"] == pytest.approx(1.0, abs=1e-6) and scores["beats_null"] == 1.0
 
 
+def test_a_shared_tensor_with_as_many_rows_as_the_samples_stays_whole(model):
+    """Which extra tensors are per-input is told by the originals' count N: a shared mask of N * S
+    entries was cut with the sample batches (agreement 0.19 and similarity 0.18 for samples equal to
+    their originals)."""
+    seen = []
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, mask):
+            seen.append(tuple(mask.shape))
+            return self.net(x + mask.sum())
+
+    shifted = Shifted().eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(16, generator=torch.Generator().manual_seed(1)) * 4  # shared; 16 == N * S
+    copies = x.unsqueeze(1).repeat(1, 8, 1, 1, 1)
+    assert prediction_agreement(shifted, x, copies, batch_size=1, additional_forward_args=(mask,)) == 1.0
+    scores = reencode_similarity(shifted, "net.conv1", x, copies, batch_size=3, additional_forward_args=(mask,),
+                                 generator=torch.Generator().manual_seed(0))
+    assert scores["similarity"] == pytest.approx(1.0, abs=1e-6)
+    assert seen and set(seen) == {(16,)}
+
+
+def test_rows_that_do_not_match_the_images_are_refused_with_the_reason(model):
+    """A per-image tensor nested in a tuple is not split, so a batch gives other rows than images:
+    predict_classes returned 25 classes for 5 images, and a layer read called it sequence-first."""
+
+    class Paired(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, pair):
+            shift = pair[0].view(-1, 1, 1, 1, 1)  # (rows, 1, 1, 1, 1): broadcasts to rows x N images
+            return self.net((x.unsqueeze(0) + shift).flatten(0, 1))
+
+    paired = Paired().eval()
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    nested = ((torch.rand(5), torch.rand(5)),)
+    with pytest.raises(ValueError, match=r"25 rows of logits for 5 image\(s\).*nested in a tuple"):
+        predict_classes(paired, x, additional_forward_args=nested)
+    with pytest.raises(ValueError, match=r"must be the batch.*nested in a tuple, list or dict goes whole"):
+        reencode_similarity(paired, "net.conv1", x, x.unsqueeze(1), additional_forward_args=nested)
+
+
 def test_images_of_another_dtype_than_the_model_are_named():
     """A float64 model given float32 images failed with torch's "Input type (float) and bias type
     (double)"; the explainers and fits named the argument and the conversion, these now too."""

@@ -1504,6 +1504,34 @@ def test_dropout_in_a_fit_draws_seeded_streams_that_a_resume_continues(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
 
 
+class _Weighted(nn.Module):
+    """A conv net whose second argument weighs each image's features: ``(N, 1)`` broadcasts over a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x, weight):
+        return self.fc(self.conv(x).mean((2, 3)) * weight)
+
+
+def test_a_per_image_tensor_given_to_a_fit_is_named_as_the_cause():
+    """The fits give their extra arguments whole to every batch, so a per-image (N, 1) tensor spread a
+    batch of one image into 8 rows, and the error blamed a sequence-first layer only."""
+    torch.manual_seed(0)
+    model, images = _Weighted().eval(), torch.rand(8, 3, 8, 8)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    with pytest.raises(ValueError, match=r"Layer 'fc' gave an activation of shape \(8, 10\) for 1 input\(s\).*the fits "
+                                         r"\(cache_features, fit_invariances\) give theirs whole to every batch"):
+        cache_features(model, "fc", ae, images, batch_size=1, progress=False, additional_forward_args=(torch.rand(8, 1),))
+    cache = cache_features(model, "fc", ae, images, batch_size=4, progress=False, additional_forward_args=(0.5,))
+    assert cache.layers["fc"].shape == (8, 10)
+    with pytest.raises(ValueError, match="must be the batch") as refused:
+        cache_features(_SequenceFirst().eval(), "tokens", ae, images, batch_size=4, progress=False)
+    assert "additional_forward_args" not in str(refused.value)  # the hint only where extra arguments were given
+
+
 class _SequenceFirst(nn.Module):
     """A conv map of 8x8 images read as 36 tokens, sequence first: (L, N, E) at ``tokens``."""
 

@@ -49,8 +49,8 @@ __all__ = [
     "check_same_weights",
     "check_model_weights",
     "slice_forward_args",
-    "repeat_forward_args",
     "check_per_input_args",
+    "NOT_SPLIT",
 ]
 
 
@@ -390,15 +390,25 @@ def warn_unreachable_model(forward_func: Callable, layer: nn.Module, what: str) 
         )
 
 
-def check_batch_first(activation: Tensor, n: int, layer: str) -> None:
+# Said where a pass gave other rows than inputs and extra arguments were given: a per-input tensor that
+# was not split with the inputs spreads a batch's rows (it read as a sequence-first layer).
+NOT_SPLIT = ("Only tensors given directly in `additional_forward_args` with one row per input are split with the "
+             "inputs: one nested in a tuple, list or dict goes whole to every pass, and the fits (cache_features, "
+             "fit_invariances) give theirs whole to every batch. Pass per-input tensors directly, or bind them in a "
+             "wrapper module.")
+
+
+def check_batch_first(activation: Tensor, n: int, layer: str, additional_forward_args: Any = None) -> None:
     """``ValueError`` unless ``activation``'s first dimension holds the ``n`` inputs of the pass (a
     sequence-first layer's ``(L, N, E)`` was read as ``L`` rows, each mixing images, silently)."""
     if activation.dim() == 0 or activation.shape[0] != n:
+        extra = _format_additional_forward_args(additional_forward_args)
         raise ValueError(
             f"{layer} gave an activation of shape {tuple(activation.shape)} for {n} input(s): its first dimension "
             "must be the batch. A sequence-first layer (nn.TransformerEncoderLayer, nn.MultiheadAttention or "
             "nn.LSTM without batch_first=True) gives (L, N, E), and a squeeze() drops a batch of one; put the batch "
             "first with a selector, e.g. selector=lambda out: out.transpose(0, 1), or hook another layer."
+            + (" " + NOT_SPLIT if extra else "")
         )
 
 
@@ -409,31 +419,25 @@ def sequence_first_suspect(activation: Tensor, n: int) -> bool:
     return activation.dim() == 3 and n >= 2 and activation.shape[0] == activation.shape[1] == n
 
 
-def check_batch_first_read(activation: Tensor, n: int, layer: str, read_first: Callable[[int], Tensor]) -> None:
+def check_batch_first_read(activation: Tensor, n: int, layer: str, read_first: Callable[[int], Tensor],
+                           additional_forward_args: Any = None) -> None:
     """:func:`check_batch_first`, and where the shape cannot tell (:func:`sequence_first_suspect`)
     the same check of ``read_first(n - 1)``, the activation of the first ``n - 1`` inputs."""
-    check_batch_first(activation, n, layer)
+    check_batch_first(activation, n, layer, additional_forward_args)
     if sequence_first_suspect(activation, n):
-        check_batch_first(read_first(n - 1), n - 1, layer)
+        check_batch_first(read_first(n - 1), n - 1, layer, additional_forward_args)
 
 
-def slice_forward_args(additional_forward_args: Any, part: slice, n: int) -> Optional[Tuple[Any, ...]]:
-    """Per-input additional arguments (tensors with batch ``n`` first) sliced along with the inputs;
-    other values as they are."""
+def slice_forward_args(additional_forward_args: Any, part: Union[slice, Tensor], n: int) -> Optional[Tuple[Any, ...]]:
+    """Per-input additional arguments (tensors with batch ``n`` first) cut to the rows ``part`` of
+    the inputs, a slice or an index tensor (repeats allowed: ``arange(a, b) // S`` gives the rows of
+    ``S`` samples per input); other values as they are. Which tensors are per-input is decided by
+    ``n`` alone, so a shared tensor that happens to have as many rows as the samples stays whole."""
     if additional_forward_args is None:
         return None
     args = _format_additional_forward_args(additional_forward_args)
-    return tuple(a[part] if isinstance(a, Tensor) and a.dim() and a.shape[0] == n else a for a in args)
-
-
-def repeat_forward_args(additional_forward_args: Any, times: int, n: int) -> Optional[Tuple[Any, ...]]:
-    """Per-input additional arguments for ``n * times`` rows ordered input by input (``S`` samples of
-    each input, as :meth:`~captum_inn.LayerInvariance.sample` returns them flattened)."""
-    if additional_forward_args is None:
-        return None
-    args = _format_additional_forward_args(additional_forward_args)
-    return tuple(a.repeat_interleave(times, dim=0) if isinstance(a, Tensor) and a.dim() and a.shape[0] == n else a
-                 for a in args)
+    return tuple(a[part.to(a.device) if isinstance(part, Tensor) else part]
+                 if isinstance(a, Tensor) and a.dim() and a.shape[0] == n else a for a in args)
 
 
 def check_per_input_args(additional_forward_args: Any, n: int) -> None:
@@ -484,7 +488,7 @@ def layer_activation(
     n = inputs[0].shape[0]
     check_batch_first_read(activation, n, f"The hooked layer ({type(layer).__name__})", lambda k: layer_activation(
         forward_func, layer, tuple(t[:k] for t in inputs), slice_forward_args(additional_forward_args, slice(0, k), n),
-        attribute_to_layer_input, selector))
+        attribute_to_layer_input, selector), additional_forward_args)
     return activation
 
 

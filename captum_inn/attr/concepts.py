@@ -24,6 +24,7 @@ from captum_inn.attr._common import (
     check_image_input,
     check_inn_fitted,
     check_model_weights,
+    check_per_input_args,
     check_positive_int,
     check_same_device,
     check_same_weights,
@@ -760,7 +761,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 a float tensor or a NumPy array, are refused with the conversion to make). The arguments
                 after it are keyword-only: Integrated Gradients takes ``baselines`` second, so a
                 call written for it would otherwise pass its baseline as the target.
-            additional_forward_args: Extra arguments of ``forward_func``.
+            additional_forward_args: Extra arguments of ``forward_func``; Integrated Gradients
+                expands their tensors with the inputs, so each needs one row per input (a shared
+                value goes as a 0-d tensor or a non-tensor).
             baselines: Factor-space baseline ``(N, d)``, ``(1, d)`` or ``(d,)``, a number or 0-d
                 tensor (every factor at that value), or Captum's tuple with one of these per input (the
                 entry at ``image_input`` is used; the other inputs are not attributed); for an image
@@ -804,6 +807,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
         check_target_count(target, n, inputs[self.image_input].device)
+        check_per_input_args(additional_forward_args, n)
         self._check_gradient_path()
         if internal_batch_size is not None:  # Captum takes one step per pass past N inputs, and warns each call
             internal_batch_size = max(internal_batch_size, n)  # about it, though the default was left alone

@@ -286,11 +286,11 @@ class FeatureCache:
             raise
 
 
-def as_cached_rows(activation: Tensor, n: int, layer: str) -> Tensor:
+def as_cached_rows(activation: Tensor, n: int, layer: str, additional_forward_args: Any = None) -> Tensor:
     """A layer's activation for ``n`` images as a cache holds it: the batch first (a ``ValueError``
     naming ``layer`` otherwise), integer or boolean values as float32 (as the memory-mapped cache
     stores them; a fit failed on them)."""
-    check_batch_first(activation, n, f"Layer {layer!r}")
+    check_batch_first(activation, n, f"Layer {layer!r}", additional_forward_args)
     return activation if activation.is_floating_point() else activation.float()
 
 
@@ -306,7 +306,7 @@ def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Se
                     stop_early=True) as hooks:
         hooks.run(images[:-1], *extra)
     for name in suspects:
-        check_batch_first(hooks.values[name], n - 1, f"Layer {name!r}")
+        check_batch_first(hooks.values[name], n - 1, f"Layer {name!r}", extra)
 
 
 class _MemorySink:
@@ -571,7 +571,8 @@ def cache_features(
         device: Where the model runs; the cache is kept on the CPU.
         attribute_to_layer_input: Hook layer inputs instead of outputs.
         selector: Picks a tensor from non-tensor layer outputs (see :class:`captum_inn.capture.LayerHooks`).
-        additional_forward_args: Extra arguments of ``model`` after the images.
+        additional_forward_args: Extra arguments of ``model`` after the images, the same for
+            every batch (``model(images, *additional_forward_args)``).
         memmap_dir: Write the cache to this folder (one ``.npy`` file per array) instead of
             memory, for datasets whose features do not fit in memory; reopen it later with
             :meth:`FeatureCache.open`. ``data`` must have a known length. A second pass into the
@@ -637,7 +638,7 @@ def cache_features(
                             f"layer {name!r} did not run during the forward pass; check that it is used "
                             f"in model.forward{did_not_run_hint(model, name)}."
                         )
-                    sink.append(f"layer.{name}", as_cached_rows(values[name], images.shape[0], name))
+                    sink.append(f"layer.{name}", as_cached_rows(values[name], images.shape[0], name, extra))
                 if seen == 0:  # once: a sequence-first layer with as many tokens as images in a batch
                     _check_sequence_first(model, layer_list, names, values, images, extra, attribute_to_layer_input,
                                           selector)

@@ -234,9 +234,10 @@ class ConceptPairs:
 
         def sampler(n: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
             a = inputs[torch.randint(inputs.shape[0], (n,), generator=generator)]
+            batch = a.clone()  # a transform that edits its batch in place made every pair two equal images
             if passing == "keyword":
-                return a, transform(a, generator=generator)
-            return a, (transform(a, generator) if passing == "positional" else transform(a))
+                return a, transform(batch, generator=generator)
+            return a, (transform(batch, generator) if passing == "positional" else transform(batch))
 
         return cls(name, sampler, "differ")
 
@@ -341,6 +342,12 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
     else:
         raw = [concepts] if isinstance(concepts, ConceptPairs) or hasattr(concepts, "data_iter") else concepts
         if isinstance(raw, (list, tuple)) and raw and all(isinstance(c, (list, tuple)) and c for c in raw):
+            if any(isinstance(c, ConceptPairs) for experimental_set in raw for c in experimental_set):
+                # only TCAV's experimental sets (Captum concepts) keep their first entry: a list holding a list of
+                # ConceptPairs fitted only its first concept
+                raise TypeError("`concepts` is a list of lists holding ConceptPairs; pass one flat list of them "
+                                "(e.g. ds.concepts(), not [ds.concepts()]). Nested lists are read as TCAV's "
+                                "experimental sets of captum.concept.Concept objects.")
             firsts = [experimental_set[0] for experimental_set in raw]  # TCAV experimental sets
             raw = [c for i, c in enumerate(firsts) if all(c is not earlier for earlier in firsts[:i])]
         if isinstance(raw, (list, tuple)) and not raw:

@@ -120,6 +120,22 @@ def test_from_transform_and_from_captum():
     random = Concept(2, "random_0", [torch.rand(4, 3, 4, 4)])
     sets = [[captum_concept, random], [Concept(1, "dots", batches), random], [captum_concept, random]]
     assert [c.name for c in as_concepts(sets)] == ["stripes", "dots"]  # TCAV's sets: their concepts, once each
+    with pytest.raises(TypeError, match=r"list of lists holding ConceptPairs; pass one flat list"):
+        as_concepts([[jitter, pairs]])  # fitted only the first concept
+
+
+def test_from_transform_gives_its_transform_a_copy():
+    """A transform that edits its batch in place also changed the pairs' first members: every pair was
+    two equal images, and the concept scored 0."""
+    x = torch.rand(10, 3, 4, 4)
+
+    def darken(batch, generator):
+        batch[:, 0] *= torch.rand(batch.shape[0], 1, 1, generator=generator)
+        return batch
+
+    original = x.clone()
+    a, b = ConceptPairs.from_transform("red", x, darken).sample(6, torch.Generator().manual_seed(0))
+    assert not torch.equal(a[:, 0], b[:, 0]) and torch.equal(a[:, 1:], b[:, 1:]) and torch.equal(x, original)
 
 
 @pytest.mark.parametrize("max_examples", [-1, 0, 1, True, 2.5])

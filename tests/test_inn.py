@@ -462,11 +462,19 @@ def test_conditional_inn_refuses_an_empty_condition_embedding():
     ({"a": 2.5}, r"`factor_sizes`\['a'\] must be a whole number .* got 2.5"),
     ({"a": 2.0}, r"`factor_sizes`\['a'\] must be a whole number .* got 2.0"),
     ({"a": 0}, r"`factor_sizes`\['a'\] must be a whole number .* >= 1, got 0"),
+    ({"a": torch.tensor(2.0)}, r"`factor_sizes`\['a'\] must be a whole number .* got tensor\(2.\)"),
+    ({"a": torch.tensor(True)}, r"`factor_sizes`\['a'\] must be a whole number .* got tensor\(True\)"),
     ({"a": 1, 1: 2, "1": 2}, r"two keys named '1'"),
 ])
 def test_factor_inn_refuses_sizes_it_would_have_truncated_or_merged(sizes, match):
     with pytest.raises(ValueError, match=match):
         FactorINN(8, sizes, n_blocks=1, hidden=8)
+
+
+def test_factor_inn_takes_an_integer_tensor_as_a_size():
+    """torch.tensor(4) (a sum or count of sizes) was refused as not "a whole number of dimensions"."""
+    e = FactorINN(8, {"a": torch.tensor(3), "b": torch.tensor(2, dtype=torch.int32)}, n_blocks=1, hidden=8)
+    assert e.factor_sizes == {"a": 3, "b": 2, "residual": 3}
 
 
 def test_factor_inn_merge_checks_each_factor():

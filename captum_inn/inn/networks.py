@@ -35,6 +35,9 @@ def check_factor_size(key: Any, size: Any, name: str = "factor_sizes") -> int:
         >>> check_factor_size("digit", 3)
         3
     """
+    if isinstance(size, torch.Tensor) and size.dim() == 0 and not size.is_floating_point() and not size.is_complex() \
+            and size.dtype != torch.bool:
+        size = int(size)  # torch.tensor(4), as a sum or count of sizes gives it
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"`{name}`[{key!r}] must be a whole number of dimensions >= 1, got {size!r}.")
     return int(size)

@@ -175,8 +175,11 @@ def _warn_if_constant(conditions: Tensor, name: str) -> None:
     """Warn when a layer gives (almost) the same activations for every image: a collapsed or
     untrained model. The INN then finds that the layer ignores everything, which is true but
     rarely what was meant to be explained."""
-    flat = conditions.detach().flatten(1).double()
-    spread = float(flat.std(dim=0).max()) / max(float(flat.abs().mean()), 1e-30)
+    # no float64 copy of the rows (four times their memory with the temporaries, past _INIT_BYTES); the mean
+    # size summed in float64 by blocks (one float32 sum of 67M values was off by half)
+    flat = conditions.detach().flatten(1)
+    size = sum(float(block.abs().sum(dtype=torch.float64)) for block in flat.split(max(1, 2**22 // max(1, flat.shape[1]))))
+    spread = float(flat.std(dim=0).max()) / max(size / max(1, flat.numel()), 1e-30)
     if flat.shape[0] > 1 and spread < 1e-3:
         warnings.warn(
             f"Layer {name!r} gives almost the same activations for every image (largest spread across images "

@@ -422,6 +422,8 @@ def test_fit_concepts_rejects_feature_maps_and_non_representations():
 
 def test_concept_checkpoint_round_trip_and_refusal(fitted, tmp_path):
     e = fitted[0]
+    with pytest.raises(TypeError, match=r"save_concept_inn takes \(path, inn\), the path first"):
+        save_concept_inn(e, str(tmp_path / "e.safetensors"))
     path = save_concept_inn(str(tmp_path / "e.safetensors"), e)
     loaded = load_concept_inn(str(path), representation=(IDENTITY, "0"))
     x = torch.randn(4, 6)

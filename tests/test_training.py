@@ -1504,6 +1504,49 @@ def test_dropout_in_a_fit_draws_seeded_streams_that_a_resume_continues(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
 
 
+def test_a_cache_of_another_model_is_refused_at_the_fit():
+    """fit_invariances(model_b, cache=cache_of_a) trained on a's features and recorded a's weights, and the
+    explainer for b then refused the INN, saying to fit it again for b, which the user just did."""
+    torch.manual_seed(0)
+    a, b, images = _Weighted().eval(), _Weighted().eval(), torch.rand(8, 3, 8, 8)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    cache = cache_features(a, "fc", ae, images, progress=False, additional_forward_args=(0.5,))
+    with pytest.raises(ValueError, match=r"`cache` was computed from another model than `model`.*cache_features\(model"):
+        fit_invariances(b, "fc", cache=cache, steps=1, progress=False, **TINY)
+    assert fit_invariances(a.train(), "fc", cache=cache, steps=1, progress=False, **TINY).fit_info["layer"] == "fc"
+
+
+def test_an_explainer_warns_when_the_models_running_statistics_changed_since_the_fit(tmp_path):
+    """The weights check hashed parameters only: after one pass in train mode the batch norm's running
+    statistics moved, the layer gave other activations, and the explainer took the INN silently."""
+    from captum_inn.training import load_invariance_inn, save_invariance_inn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5)).eval()
+    images = torch.rand(16, 3, 8, 8)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    inn = fit_invariances(model, "3", ae, images, steps=1, progress=False, **TINY)
+    with pytest.raises(TypeError, match=r"save_invariance_inn takes \(path, inn\), the path first"):
+        save_invariance_inn(inn, tmp_path / "inn.safetensors")  # said "`inn` has no `fit_info`"
+    save_invariance_inn(tmp_path / "inn.safetensors", inn)
+    fitted_state = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LayerInvariance(model, "3", inn, ae)
+    model.train()
+    with torch.no_grad():
+        model(images)  # one pass in train mode: the running statistics move, the weights do not
+    model.eval()
+    for fitted in (inn, load_invariance_inn(tmp_path / "inn.safetensors")):
+        with pytest.warns(UserWarning, match=r"weights `inn` was fitted with, but other buffers \(batch norm's running "
+                                             r"statistics.*model.load_state_dict"):
+            LayerInvariance(model, "3", fitted, ae)
+    model.load_state_dict(fitted_state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LayerInvariance(model, "3", inn, ae)
+
+
 class _Weighted(nn.Module):
     """A conv net whose second argument weighs each image's features: ``(N, 1)`` broadcasts over a batch."""
 

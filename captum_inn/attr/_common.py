@@ -723,16 +723,27 @@ def _as_float32(tensor: Tensor) -> Tensor:
     return tensor.detach().float() if tensor.is_floating_point() else tensor
 
 
-def check_model_weights(model: Optional[nn.Module], layer: nn.Module, recorded: Optional[str], what: str) -> None:
+def check_model_weights(model: Optional[nn.Module], layer: nn.Module, recorded: Optional[str], what: str,
+                        recorded_state: Optional[str] = None) -> None:
     """:func:`check_same_weights` for the model an explainer reaches (``None``: none, nothing to
     check): the INN's model is ``model`` or a module inside it that holds ``layer``, so a wrapper
     with parameters of its own (a temperature) around the fitted model is taken, as is its bound
-    ``forward`` or ``predict``; a retrained model inside it is still refused."""
-    if model is None or not recorded or weights_fingerprint(model) == recorded:
+    ``forward`` or ``predict``; a retrained model inside it is still refused. ``recorded_state``
+    (the fingerprint with buffers): a warning when only the buffers changed."""
+    if model is None or not recorded:
         return
-    holders = (m for m in model.modules() if m is not layer and any(s is layer for s in m.modules()))
-    if not any(weights_fingerprint(m) == recorded for m in holders):  # hashed only on a mismatch
+    fitted = model if weights_fingerprint(model) == recorded else next(
+        (m for m in model.modules() if m is not layer and any(s is layer for s in m.modules())
+         and weights_fingerprint(m) == recorded), None)  # hashed only on a mismatch
+    if fitted is None:
         check_same_weights(model, recorded, what, "forward_func")
+    elif recorded_state and weights_fingerprint(fitted, buffers=True) != recorded_state:
+        warnings.warn(
+            f"The model has the weights `{what}` was fitted with, but other buffers (batch norm's running "
+            "statistics, updated by any pass in train mode since): its layer now computes other activations than "
+            f"the ones `{what}` learned. Restore the buffers (model.load_state_dict), or fit `{what}` again.",
+            UserWarning, stacklevel=user_stacklevel(),
+        )
 
 
 def check_same_weights(network: Any, recorded: Optional[str], what: str, name: str) -> None:

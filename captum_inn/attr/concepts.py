@@ -233,8 +233,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                                "invariance_inn")
             check_same_weights(autoencoder, (getattr(invariance_inn, "fit_info", None) or {}).get("autoencoder_weights"),
                                "invariance_inn", "autoencoder")
-            check_model_weights(model, module, (getattr(invariance_inn, "fit_info", None) or {}).get("model_weights"),
-                                "invariance_inn")
+            fit_info = getattr(invariance_inn, "fit_info", None) or {}
+            check_model_weights(model, module, fit_info.get("model_weights"), "invariance_inn", fit_info.get("model_state"))
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.layer_name = name

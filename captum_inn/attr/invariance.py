@@ -136,7 +136,8 @@ class LayerInvariance(LayerAttribution):
         check_same_weights(autoencoder, (getattr(inn, "fit_info", None) or {}).get("autoencoder_weights"),
                            "inn", "autoencoder")
         # a retrained model's layer means something else
-        check_model_weights(model, module, (getattr(inn, "fit_info", None) or {}).get("model_weights"), "inn")
+        fit_info = getattr(inn, "fit_info", None) or {}
+        check_model_weights(model, module, fit_info.get("model_weights"), "inn", fit_info.get("model_state"))
         super().__init__(forward_func, module, device_ids)
         self.layer_name = name
         self.inn = inn
@@ -338,15 +339,29 @@ class LayerInvariance(LayerAttribution):
             samples = explainer.sample(x, n_samples=5, seed=0)        # the same in every call
         """
         n_samples = check_positive_int(n_samples, "n_samples")
-        return self._sample(format_inputs(inputs, self.image_input), n_samples, temperature, additional_forward_args,
-                            internal_batch_size, generator, attribute_to_layer_input, shared_noise, seed)
+        out: List[Tensor] = []  # filled part by part: the samples and one part in memory, not the parts and their cat
+
+        def keep(part: slice, n: int, images: Tensor) -> None:
+            if not out:
+                out.append(images.new_empty((n * n_samples, *images.shape[1:])))
+            out[0][part.start * n_samples : part.stop * n_samples] = images
+
+        formatted = format_inputs(inputs, self.image_input)
+        self._sample(formatted, n_samples, temperature, additional_forward_args, internal_batch_size, generator,
+                     attribute_to_layer_input, shared_noise, seed, keep)
+        return out[0].view(formatted[0].shape[0], n_samples, *out[0].shape[1:])
 
     @torch.no_grad()
     def _sample(self, inputs: Tuple[Tensor, ...], n_samples: int, temperature: float, additional_forward_args: Any,
                 internal_batch_size: Optional[int], generator: Optional[torch.Generator],
-                attribute_to_layer_input: Optional[bool], shared_noise: bool, seed: Optional[int]) -> Tensor:
+                attribute_to_layer_input: Optional[bool], shared_noise: bool, seed: Optional[int],
+                consume: Callable[[slice, int, Tensor], None]) -> None:
         """:meth:`sample` of inputs from ``format_inputs`` (:meth:`attribute`
-        checked its inputs already: a second check scanned them for NaN again); it checks the numbers."""
+        checked its inputs already: a second check scanned them for NaN again); it checks the numbers.
+
+        Each part of the inputs (``internal_batch_size // n_samples`` of them, at least one) goes to
+        ``consume(part, N, samples)`` as soon as it is decoded, ``samples`` ``(len(part) * S, C, H, W)``,
+        so a caller that reduces them (:meth:`attribute`) never holds all ``N * S`` images."""
         temperature = check_number(temperature, "temperature", positive=True)
         if internal_batch_size is not None:  # before the division below turns a bad one into a raw error
             internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
@@ -357,24 +372,24 @@ class LayerInvariance(LayerAttribution):
         device = inputs[self.image_input].device
         dtype = self.inn.dtype  # v lives in the INN's space, whatever the images' dtype
         # All noise is drawn up front, so any internal_batch_size gives the same samples.
-        if shared_noise:  # row i * S + s holds draw s for every input i
-            noise = normal((n_samples, self.inn.dim), generator, device, dtype).repeat(n, 1) * float(temperature)
+        if shared_noise:  # sample s of every input gets draw s
+            noise = normal((n_samples, self.inn.dim), generator, device, dtype) * float(temperature)
         else:
             noise = normal((n * n_samples, self.inn.dim), generator, device, dtype) * float(temperature)
-        outputs = []
         with eval_mode(self.inn, self.autoencoder):
             for part in self._chunks(n, None if internal_batch_size is None else max(1, internal_batch_size // n_samples)):
                 chunk = tuple(t[part] for t in inputs)
                 extra = slice_forward_args(additional_forward_args, part, n)
                 z = self._activation(chunk, extra, attribute_to_layer_input)
                 embedding = self.inn.embed(z).repeat_interleave(n_samples, dim=0)
-                rows = slice(part.start * n_samples, part.stop * n_samples)
-                for sub in self._chunks(rows.stop - rows.start, internal_batch_size):
-                    code = self.inn(noise[rows][sub], None, rev=True, jac=False, embedding=embedding[sub])[0]
-                    outputs.append(self._decode(code, inputs[self.image_input]))
-        images = torch.cat(outputs)
-        check_image_size(inputs[self.image_input], self.autoencoder, decoded=images.shape[1:])  # any autoencoder
-        return images.view(n, n_samples, *images.shape[1:])
+                count = part.stop - part.start
+                part_noise = noise.repeat(count, 1) if shared_noise else noise[part.start * n_samples : part.stop * n_samples]
+                decoded = [self._decode(self.inn(part_noise[sub], None, rev=True, jac=False, embedding=embedding[sub])[0],
+                                        inputs[self.image_input])
+                           for sub in self._chunks(count * n_samples, internal_batch_size)]
+                if part.start == 0:  # any autoencoder
+                    check_image_size(inputs[self.image_input], self.autoencoder, decoded=decoded[0].shape[1:])
+                consume(part, n, decoded[0] if len(decoded) == 1 else torch.cat(decoded))
 
     @log_usage()
     def attribute(
@@ -439,9 +454,16 @@ class LayerInvariance(LayerAttribution):
             raise ValueError(f"`n_samples` must be >= 2 for a spread, got {n_samples}.")
         formatted = format_inputs(inputs, self.image_input)
         check_target_count(target, formatted[0].shape[0], formatted[self.image_input].device)  # unused, but a wrong count is a caller's mistake
-        samples = self._sample(formatted, n_samples, temperature, additional_forward_args,
-                               internal_batch_size, generator, attribute_to_layer_input, shared_noise=True, seed=seed)
-        spread = samples.std(dim=1)
+        maps: List[Tensor] = []  # each part's spread as it is decoded: never all N * S samples in memory
+
+        def spread_of(part: slice, n: int, images: Tensor) -> None:
+            if not maps:
+                maps.append(images.new_empty((n, *images.shape[1:])))
+            maps[0][part] = images.view(-1, n_samples, *images.shape[1:]).std(dim=1)
+
+        self._sample(formatted, n_samples, temperature, additional_forward_args, internal_batch_size, generator,
+                     attribute_to_layer_input, True, seed, spread_of)
+        spread = maps[0]
         result = tuple(
             spread if i == self.image_input else torch.zeros_like(t) for i, t in enumerate(formatted)
         )

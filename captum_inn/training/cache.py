@@ -89,6 +89,9 @@ class FeatureCache:
             (``""`` when unknown); the fitted INNs record it, and the explainers refuse another.
         model_weights: :func:`weights_fingerprint` of the model whose layers were read (``""`` when
             unknown); the fitted INNs record it, and the explainers refuse another model.
+        model_state: The same with the model's buffers (``""`` when unknown): the explainers warn
+            when only those changed since (batch norm's running statistics, updated by a pass in
+            train mode), as the layer then computes other activations.
         source_parts: Fingerprints of the parts of ``source`` (``"model"``, ``"autoencoder"``,
             ``"images"``; empty when unknown), so that a refused resume says which one changed.
         selectors: ``{layer name: selector}`` that picked each layer's tensor (``None``, an ``int``,
@@ -117,10 +120,11 @@ class FeatureCache:
     model_weights: str = ""
     selectors: Dict[str, Any] = field(default_factory=dict)
     forward_args: str = ""
+    model_state: str = ""
 
     # what a saved cache records beside its arrays (the fields after `layers`)
     _RECORD = ("model_class", "source", "layer_inputs", "autoencoder_weights", "source_parts", "model_weights",
-               "selectors", "forward_args")
+               "selectors", "forward_args", "model_state")
 
     def _record(self) -> Dict[str, Any]:
         """The cache's description beside its arrays (JSON), as :meth:`save` and ``memmap_dir`` write it."""
@@ -656,6 +660,7 @@ def cache_features(
             "model_class": class_name(model), "source": source,
             "layer_inputs": bool(attribute_to_layer_input), "autoencoder_weights": weights_fingerprint(autoencoder),
             "source_parts": source_parts, "model_weights": weights_fingerprint(model),
+            "model_state": weights_fingerprint(model, buffers=True),
             "selectors": {name: selector_record(chosen)
                           for name, chosen in per_layer_selectors(model, names, selector).items()},
             "forward_args": forward_args_fingerprint(extra),

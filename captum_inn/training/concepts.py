@@ -615,6 +615,8 @@ def save_concept_inn(path: str, inn: FactorINN) -> Any:
         e = fit_concepts(ae, [digit, colour])
         save_concept_inn("concepts.safetensors", e)
     """
+    if isinstance(path, nn.Module):
+        raise TypeError(f"save_concept_inn takes (path, inn), the path first; got a {type(path).__name__} as `path`.")
     if not isinstance(inn, FactorINN):
         raise TypeError(f"`inn` must be a FactorINN from fit_concepts, got {type(inn).__name__}.")
     info = getattr(inn, "fit_info", None) or {}

@@ -242,7 +242,8 @@ def concept_dynamics(
         else:  # the same codes; this model's layer, and its own source for the checkpoint's record
             source, parts = _source_digests(model, autoencoder, data)
             cache = replace(base, layers={name: _layer_features(model, name, data, device, read)}, source=source,
-                            source_parts=parts, model_weights=weights_fingerprint(model), model_class=class_name(model))
+                            source_parts=parts, model_weights=weights_fingerprint(model),
+                            model_state=weights_fingerprint(model, buffers=True), model_class=class_name(model))
         folder = str(Path(checkpoint_dir) / str(label)) if checkpoint_dir is not None else None
         inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
                               progress=progress)

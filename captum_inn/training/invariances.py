@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import autograd_on, user_stacklevel, weights_fingerprint
+from captum_inn.attr._common import autograd_on, class_name, user_stacklevel, weights_fingerprint
 from captum_inn.capture import is_comparable_selector, per_layer_selectors, selector_record
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import (
@@ -210,7 +210,8 @@ def _train(
     # beside the config (not compared on resume): what load_invariance_inn gives the explainers
     fit_info.update({"attribute_to_layer_input": cache.layer_inputs,
                      "autoencoder_weights": cache.autoencoder_weights or None,
-                     "model_weights": cache.model_weights or None, "steps": config.steps})
+                     "model_weights": cache.model_weights or None, "model_state": cache.model_state or None,
+                     "steps": config.steps})
     if name in cache.selectors:  # how the explainers pick the layer's tensor (caches from before: unknown)
         fit_info["selector"] = cache.selectors[name]
     meta["fit_info"] = fit_info
@@ -410,10 +411,13 @@ def fit_invariances(
     layer_list = [layers] if single else list(layers)
     from captum_inn.capture import resolve_layer
 
-    names = [resolve_layer(model, layer)[0] for layer in layer_list]
+    resolved = [resolve_layer(model, layer) for layer in layer_list]
+    names = [name for name, _ in resolved]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"`layers` lists layer {twice[0]!r} more than once (by name or module); list each layer once.")
+    if cache is not None:
+        _check_cache_model(cache, model)
     read = {k: v for k, v in (("selector", selector), ("additional_forward_args", additional_forward_args)) if v is not None}
     if attribute_to_layer_input:
         read["attribute_to_layer_input"] = True
@@ -530,6 +534,19 @@ def _selector_text(record: Any) -> str:
     return f"the callable selector {record['callable']}" if not is_comparable_selector(record) else f"selector={record!r}"
 
 
+def _check_cache_model(cache: FeatureCache, model: nn.Module) -> None:
+    """``ValueError`` when ``cache`` was computed from another model than ``model``: the fit trained on
+    the other's features, recorded its weights, and the explainer for ``model`` then refused the INN.
+    A cache without the record (an earlier version's) is taken."""
+    recorded = cache.model_weights
+    if recorded and isinstance(model, nn.Module) and weights_fingerprint(model) != recorded:
+        raise ValueError(
+            f"`cache` was computed from another model than `model` (other weights: another seed, retrained, or "
+            f"another architecture{'' if cache.model_class == class_name(model) else f': {cache.model_class}'}); "
+            "pass the model it was computed from, or cache this one's features with cache_features(model, ...)."
+        )
+
+
 def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device, progress,
                stack: contextlib.ExitStack, read: Dict[str, Any]) -> FeatureCache:
     """The given cache, the one a resumed fit left in ``checkpoint_dir``, or a fresh one (saved there).
@@ -615,6 +632,8 @@ def save_invariance_inn(path: str, inn: ConditionalINN) -> Path:
     """
     from captum_inn.training.checkpoint import module_tensors, save_checkpoint
 
+    if isinstance(path, nn.Module):  # said "`inn` has no fit_info" of the path
+        raise TypeError(f"save_invariance_inn takes (path, inn), the path first; got a {type(path).__name__} as `path`.")
     info = getattr(inn, "fit_info", None)
     if info is None:
         raise ValueError("`inn` has no `fit_info`; save INNs returned by fit_invariances.")

@@ -138,6 +138,33 @@ def test_from_transform_gives_its_transform_a_copy():
     assert not torch.equal(a[:, 0], b[:, 0]) and torch.equal(a[:, 1:], b[:, 1:]) and torch.equal(x, original)
 
 
+def test_captum_concepts_are_scored_against_each_other():
+    """Pairs of a Captum concept are two of its examples; scored about their own pool, every such
+    concept scored about 0, on a representation that encodes the classes as on pure noise."""
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 3
+    encoded = torch.cat([nn.functional.one_hot(y, 3).float() * 3, 0.1 * torch.randn(400, 2, generator=g)], 1)
+    noise = torch.randn(400, 5, generator=g)
+    identity = (nn.Sequential(nn.Identity()), "0")
+    scores = {name: concept_scores(identity, [Concept(i, f"class{i}", DataLoader(data[y == i], batch_size=50))
+                                              for i in range(3)], n_pairs=500)
+              for name, data in (("encoded", encoded), ("noise", noise))}
+    assert min(scores["encoded"].values()) > 0.9, scores
+    assert max(abs(v) for v in scores["noise"].values()) < 0.1, scores
+    # pools that each sample the whole data score as about their own pool
+    from captum_inn.training.concepts import _pools_for, _scores
+
+    pools = _pools_for((nn.Sequential(nn.Flatten()), "0"), ColorDigits("test", image_size=8).concepts(), 2000, 0, "cpu",
+                       False)
+    together = _scores(pools)
+    for pool in pools:
+        both = torch.cat([pool.mean_a, pool.mean_b]).double()
+        own = ((pool.mean_a - both.mean(0)) * (pool.mean_b - both.mean(0))).mean(0).sum() / both.var(0, unbiased=False).sum()
+        assert together[pool.concept.name] == pytest.approx(float(own), abs=0.01)
+
+
 @pytest.mark.parametrize("max_examples", [-1, 0, 1, True, 2.5])
 def test_from_captum_names_a_bad_max_examples(max_examples):
     """-1 read the examples and silently dropped the last one (a [:-1] slice); 2.5 failed in a slice."""

@@ -265,20 +265,23 @@ def _encode_pools(
     return pools
 
 
-def _score(pool: _PairPool) -> float:
-    """Summed covariance of pair members over the total variance (1 − that for ``differ`` pairs)."""
-    both = torch.cat([pool.mean_a, pool.mean_b]).double()
-    centre = both.mean(0)
-    total = both.var(0, unbiased=False).sum()
-    if total <= 0:
-        raise ValueError(f"Concept {pool.concept.name!r}: the representation does not vary over its pairs.")
-    cov = ((pool.mean_a.double() - centre) * (pool.mean_b.double() - centre)).mean(0).sum()
-    shared = float(cov / total)
-    return shared if pool.concept.relation == "share" else 1.0 - shared
-
-
 def _scores(pools: Sequence[_PairPool]) -> Dict[str, float]:
-    return {pool.concept.name: _score(pool) for pool in pools}
+    """Each pool's summed covariance of pair members over the total variance (1 − that for ``differ``
+    pairs), both about the members of every pool together: the population the pairs sample. About its
+    own pool alone, a concept whose examples all show it (a Captum ``Concept``: pairs of two of its
+    examples) scored about 0 however much the representation encodes it; for pools that each sample
+    the whole data (ColorDigits' pairs) the two references agree."""
+    members = torch.cat([torch.cat([pool.mean_a, pool.mean_b]) for pool in pools]).double()
+    centre = members.mean(0)
+    total = members.var(0, unbiased=False).sum()
+    if total <= 0:
+        raise ValueError(f"The representation does not vary over the pairs of {[p.concept.name for p in pools]}.")
+    scores = {}
+    for pool in pools:
+        cov = ((pool.mean_a.double() - centre) * (pool.mean_b.double() - centre)).mean(0).sum()
+        shared = float(cov / total)
+        scores[pool.concept.name] = shared if pool.concept.relation == "share" else 1.0 - shared
+    return scores
 
 
 def _pools_for(representation: Any, concepts: Any, n_pairs: int, seed: int, device: Union[str, torch.device],
@@ -298,7 +301,11 @@ def concept_scores(
     """Each concept's share of the representation's variance, estimated from its pairs (docs/method.rst).
 
     For ``share`` pairs: the summed covariance of the two members over the total variance; for
-    ``differ`` pairs: one minus that (the variance that changes with the concept).
+    ``differ`` pairs: one minus that (the variance that changes with the concept). Both are taken
+    about the pairs of all the concepts given, so a concept is measured against the others: a
+    Captum ``Concept`` (pairs of two of its examples) scores high where its examples cluster apart
+    from the other concepts' examples; alone, it has nothing to be told apart from, and scores
+    about 0.
 
     Args:
         representation: An autoencoder, a :class:`LayerRepresentation` or ``(model, layer)``.

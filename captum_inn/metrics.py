@@ -93,7 +93,7 @@ def _sample_rows(additional_forward_args: Any, n: int, s: int) -> Callable[[slic
     """Extra arguments for rows of the ``n * s`` samples flattened input by input: each sample gets its
     original's rows (per-input tensors are told by ``n``, the originals' count, not by ``n * s``)."""
     def extra_for(rows: slice) -> Any:
-        return slice_forward_args(additional_forward_args, torch.arange(n * s)[rows] // s, n)
+        return slice_forward_args(additional_forward_args, torch.arange(*rows.indices(n * s)) // s, n)
     return extra_for
 
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -87,6 +88,21 @@ def _classes(model: nn.Module, images: Tensor, batch_size: int, selector: Select
                                  "must give one row per image. " + NOT_SPLIT)
             classes.append(logits.argmax(1))
     return torch.cat(classes)
+
+
+def _unit_rows(z: Tensor) -> Tensor:
+    """Rows scaled to a largest magnitude of 1, as float (an integer layer's one-hot rows failed in the
+    cosine): the cosine is scale-free, and cosine_similarity's absolute eps scored activations of 1e-9
+    0.10 apart from themselves."""
+    z = z if z.is_floating_point() else z.float()
+    return z / z.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity along the last dimension, 1 for two all-zero rows (a ReLU layer with no active
+    unit: identical activations scored 0)."""
+    both_zero = (a == 0).all(-1) & (b == 0).all(-1)
+    return torch.where(both_zero, 1.0, nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8))
 
 
 def _sample_rows(additional_forward_args: Any, n: int, s: int) -> Callable[[slice], Any]:
@@ -214,18 +230,22 @@ def reencode_similarity(
                 # as the fits read it: a sequence-first layer's (L, N, E) mixed images into rows
                 check_batch_first_read(z, count, f"Layer {layer!r}", lambda k, start=start: read(start, k),
                                        extra_for(slice(start, start + count)))
-                parts.append(z.flatten(1))
+                parts.append(_unit_rows(z.flatten(1)))
         return torch.cat(parts)
 
     n, s = samples.shape[:2]
     z = encode(originals, lambda rows: slice_forward_args(additional_forward_args, rows, n), "originals")
+    if z.shape[1] == 1:
+        warnings.warn(f"Layer {layer!r} gives one number per image: the cosine similarity of two numbers is only "
+                      "whether their signs agree, so the scores say little; re-encode at a wider layer.",
+                      UserWarning, stacklevel=2)
     z_samples = encode(samples.reshape(n * s, *samples.shape[2:]), _sample_rows(additional_forward_args, n, s),
                        "samples").view(n, s, -1)
-    similarity = nn.functional.cosine_similarity(z_samples, z.unsqueeze(1), dim=-1, eps=1e-8)
+    similarity = _cosine(z_samples, z.unsqueeze(1))
     where = generator_device(generator)
     i = torch.randint(n, (n_null_pairs,), generator=generator, device=where).to(z.device)
     j = (i + torch.randint(1, n, (n_null_pairs,), generator=generator, device=where).to(z.device)) % n  # j != i
-    null = nn.functional.cosine_similarity(z[i], z[j], dim=-1, eps=1e-8)
+    null = _cosine(z[i], z[j])
     threshold = torch.quantile(null, float(quantile))
     return {
         "beats_null": float((similarity > threshold).float().mean()),

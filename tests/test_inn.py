@@ -343,6 +343,16 @@ def test_condition_statistics_standardise_the_input():
     assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e-8, 1e6])
+def test_a_layer_on_any_scale_is_standardised(scale):
+    """eps (1e-5) was added to every unit's floor whole: a layer on a 1e-6 scale standardised to a
+    spread of 0.1, on 1e-8 to 0.001, and its fit came out far worse."""
+    c = torch.randn(1024, 32, generator=torch.Generator().manual_seed(0)) * scale
+    emb = ConditionalINN(4, (32,), n_blocks=1, hidden=8).embedder
+    emb.set_input_statistics(c)
+    assert emb.standardize(c).std().item() == pytest.approx(1.0, abs=0.01)
+
+
 def test_factor_inn_split_merge_and_sizes():
     e = FactorINN(10, {"digit": 4, "colour": 3}, n_blocks=1, hidden=8)
     assert e.factor_sizes == {"digit": 4, "colour": 3, "residual": 3}

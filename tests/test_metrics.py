@@ -141,6 +141,32 @@ def test_rows_that_do_not_match_the_images_are_refused_with_the_reason(model):
         reencode_similarity(paired, "net.conv1", x, x.unsqueeze(1), additional_forward_args=nested)
 
 
+def test_reencode_similarity_of_degenerate_layers():
+    """Identical all-zero activations (a ReLU layer with no active unit) scored 0; an integer layer
+    failed in the cosine; activations of 1e-9 scored 0.10 apart from themselves; a one-number layer
+    gave only the signs' agreement, without a word."""
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x[:2] = 0  # two black images: no unit active
+    same = x.unsqueeze(1).repeat(1, 4, 1, 1, 1)
+    relu = nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU())
+    with torch.no_grad():
+        relu[1].bias.fill_(-0.3)
+    tiny = nn.Sequential(nn.Flatten(), nn.Linear(192, 16))
+    with torch.no_grad():
+        tiny[1].weight.mul_(1e-9)
+        tiny[1].bias.mul_(1e-9)
+
+    class OneHot(nn.Module):
+        def forward(self, images):
+            return nn.functional.one_hot(images.mean((1, 2, 3)).mul(40).long().clamp(0, 9), 10)
+
+    for model, layer in ((relu, "2"), (tiny, "1"), (nn.Sequential(OneHot()), "0")):
+        scores = reencode_similarity(model, layer, x, same, generator=torch.Generator().manual_seed(0))
+        assert scores["similarity"] == pytest.approx(1.0, abs=1e-6), (layer, scores)
+    with pytest.warns(UserWarning, match="gives one number per image: the cosine similarity of two numbers"):
+        reencode_similarity(nn.Sequential(nn.Flatten(), nn.Linear(192, 1)), "1", x, same)
+
+
 def test_images_of_another_dtype_than_the_model_are_named():
     """A float64 model given float32 images failed with torch's "Input type (float) and bias type
     (double)"; the explainers and fits named the argument and the conversion, these now too."""

@@ -99,7 +99,8 @@ class ConditionEmbedder(nn.Module):
         Args:
             batch: ``(N, *in_shape)`` condition samples, ``N >= 2``.
             eps: Added to the floor of the standard deviation (10% of the mean spread, or 0.1
-                where nothing varies), so rarely active units stay on the scale of the others.
+                where nothing varies), so rarely active units stay on the scale of the others; at
+                most 1% of the floor, so a layer on a tiny scale (1e-6) is standardised too.
         """
         self._check(batch)
         if batch.shape[0] < 2:
@@ -111,7 +112,9 @@ class ConditionEmbedder(nn.Module):
         # these samples) must not turn its rare activations into huge standardised values.
         # None varying at all (a collapsed layer): as if the spread were 1, not eps (later inputs scaled by 1e5)
         typical = float(std.mean())
-        floor = 0.1 * (typical if typical > 0 else 1.0) + eps
+        # eps capped at 1% of the floor: added whole, it flattened a layer on a 1e-6 scale to a tenth of
+        # the others' scale (every unit's std became 1e-5), and its fit came out far worse
+        floor = 0.1 * typical + min(eps, 1e-3 * typical) if typical > 0 else 0.1 + eps
         self.in_mean.copy_(mean)
         self.in_std.copy_(std.clamp_min(floor))
 

@@ -176,10 +176,14 @@ def _warn_if_constant(conditions: Tensor, name: str) -> None:
     untrained model. The INN then finds that the layer ignores everything, which is true but
     rarely what was meant to be explained."""
     # no float64 copy of the rows (four times their memory with the temporaries, past _INIT_BYTES); the mean
-    # size summed in float64 by blocks (one float32 sum of 67M values was off by half)
+    # size summed in float64 by blocks (one float32 sum of 67M values was off by half), over the units that
+    # vary: a few large constant units (fixed at 1e4) made a varying layer look constant
     flat = conditions.detach().flatten(1)
-    size = sum(float(block.abs().sum(dtype=torch.float64)) for block in flat.split(max(1, 2**22 // max(1, flat.shape[1]))))
-    spread = float(flat.std(dim=0).max()) / max(size / max(1, flat.numel()), 1e-30)
+    unit_spread = flat.std(dim=0)
+    varying = unit_spread > 0
+    sizes = sum(block.abs().sum(0, dtype=torch.float64) for block in flat.split(max(1, 2**22 // max(1, flat.shape[1]))))
+    size = float(sizes[varying].sum()) / max(1, flat.shape[0] * int(varying.sum()))
+    spread = float(unit_spread.max()) / max(size, 1e-30)
     if flat.shape[0] > 1 and spread < 1e-3:
         warnings.warn(
             f"Layer {name!r} gives almost the same activations for every image (largest spread across images "

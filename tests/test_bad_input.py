@@ -179,7 +179,15 @@ def _cases():
         ("config of another fit", lambda m, ae, inn, e: fit_autoencoder(X, latent_dim=4, config=InvarianceConfig(), progress=False), TypeError, "`config` must be an instance of AutoencoderConfig"),
         ("re-encoding with one original", lambda m, ae, inn, e: reencode_similarity(m, "cnn.fc", X[:1], X[:1, None]), ValueError, "at least 2"),
         ("agreement with mismatched samples", lambda m, ae, inn, e: prediction_agreement(m, X, X[:2, None]), ValueError, r"`samples` must have shape \(N, S"),
+        ("concept fit on a device torch does not know", lambda m, ae, inn, e: fit_concepts(ae, [ColorDigits("test").concept("digit")], steps=1, pool_size=4, device="gpu", progress=False), ValueError, r"`device`='gpu' is not a torch device"),
+        ("factor sizes not summing, before the pools", lambda m, ae, inn, e: fit_concepts(ae, [ConceptPairs("x", _no_pairs)], factor_sizes={"x": 4, "residual": 4}, steps=1, pool_size=4, progress=False), ValueError, "sum to 8"),
+        ("a cache that is not a FeatureCache", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", cache={}, steps=1, progress=False), TypeError, "`cache` must be a FeatureCache"),
+        ("a flag given as a string", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, attribute_to_layer_input="no", progress=False), TypeError, r"`attribute_to_layer_input` must be True or False, got 'no'"),
     ]
+
+
+def _no_pairs(n, generator):
+    raise AssertionError("the pools were drawn before the sizes were checked")
 
 
 CASES = _cases()

@@ -1520,6 +1520,12 @@ def test_a_cache_of_another_model_is_refused_at_the_fit():
     with pytest.raises(ValueError, match=r"`cache` was computed from another model than `model`.*cache_features\(model"):
         fit_invariances(b, "fc", cache=cache, steps=1, progress=False, **TINY)
     assert fit_invariances(a.train(), "fc", cache=cache, steps=1, progress=False, **TINY).fit_info["layer"] == "fc"
+    other = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()  # the explainer refused it after the fit
+    with pytest.raises(ValueError, match=r"`autoencoder` is another one than the cache's codes came from"):
+        fit_invariances(a, "fc", other, cache=cache, steps=1, progress=False, **TINY)
+    # one CPU device: "cpu:0" was refused for a model on "cpu", with advice (model.to("cpu:0")) that left it there
+    assert cache_features(a, "fc", ae, images, device="cpu:0", progress=False, additional_forward_args=(0.5,)).layers[
+        "fc"].shape == (8, 10)
 
 
 def test_an_explainer_warns_when_the_models_running_statistics_changed_since_the_fit(tmp_path):

@@ -609,6 +609,8 @@ def as_device(device: Any, name: str = "device") -> torch.device:
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise ValueError(f"`{name}` is {str(device)!r}, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) here "
                          f"(indices 0 to {torch.cuda.device_count() - 1}); pass {name}='cuda' or another index.")
+    if parsed.type == "cpu" and parsed.index is not None:  # one CPU device: "cpu:0" was refused for a model on "cpu",
+        parsed = torch.device("cpu")  # with advice (model.to("cpu:0")) that left it on "cpu"
     if parsed.type == "meta":  # tensors without values: every pass would fail reading them
         raise ValueError(f"`{name}` is 'meta', a device without data; pass {name}='cpu' or a GPU.")
     if parsed.type not in ("cpu", "cuda"):  # mps, xpu, ...: a tensor there says whether this build has it

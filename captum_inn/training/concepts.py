@@ -378,6 +378,14 @@ def _check_size_names(factor_sizes: Mapping[str, int], names: Sequence[str]) -> 
         check_factor_size(key, size)
 
 
+def _check_dim(dim: int, names: Sequence[str], factor_sizes: Optional[Mapping[str, int]]) -> None:
+    """The representation's size against the concepts and the given sizes (before the pools where it is known)."""
+    if dim < len(names) + 1:
+        raise ValueError(f"The representation has {dim} dimensions, too few for {len(names)} concepts and a residual.")
+    if factor_sizes is not None:
+        _check_sizes(factor_sizes, names, dim)
+
+
 def _check_sizes(factor_sizes: Mapping[str, int], names: Sequence[str], dim: int) -> Dict[str, int]:
     _check_size_names(factor_sizes, names)
     sizes = {n: int(factor_sizes[n]) for n in names}
@@ -500,8 +508,11 @@ def fit_concepts(
     names = [c.name for c in concept_list]
     if factor_sizes is not None:  # a misspelt name is refused now, not after encoding every pool
         _check_size_names(factor_sizes, names)
-    device = torch.device(device)
+    device = as_device(device)  # "gpu" was torch's raw RuntimeError
     encode, describe = _as_encoder(representation, device)
+    latent = getattr(representation, "latent_dim", None)  # an autoencoder's size is known before its pools
+    if isinstance(latent, int) and not isinstance(latent, bool):
+        _check_dim(latent, names, factor_sizes)
     rank, n_ranks = world(device)
     network = representation.model if isinstance(representation, LayerRepresentation) else (
         representation[0] if isinstance(representation, tuple) else representation)
@@ -520,8 +531,7 @@ def fit_concepts(
         for key in ("mean_a", "std_a", "mean_b", "std_b"):
             setattr(pool, key, gather_rows(getattr(pool, key)))
     dim = pools[0].mean_a.shape[1]
-    if dim < len(names) + 1:
-        raise ValueError(f"The representation has {dim} dimensions, too few for {len(names)} concepts and a residual.")
+    _check_dim(dim, names, factor_sizes)
     scores = None
     if factor_sizes is None:
         scores = _scores(pools)

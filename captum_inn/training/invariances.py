@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -421,7 +422,17 @@ def fit_invariances(
     if twice:
         raise ValueError(f"`layers` lists layer {twice[0]!r} more than once (by name or module); list each layer once.")
     if cache is not None:
+        if not isinstance(cache, FeatureCache):
+            raise TypeError(f"`cache` must be a FeatureCache from cache_features (or FeatureCache.load / .open), "
+                            f"got {type(cache).__name__}.")
         _check_cache_model(cache, model)
+        if autoencoder is not None and cache.autoencoder_weights \
+                and weights_fingerprint(autoencoder) != cache.autoencoder_weights:  # the explainer refused it later
+            raise ValueError("`autoencoder` is another one than the cache's codes came from; with `cache=` leave it "
+                             "out, or pass the one given to cache_features.")
+    for flag, value in (("attribute_to_layer_input", attribute_to_layer_input), ("resume", resume), ("memmap", memmap)):
+        if not isinstance(value, (bool, np.bool_)):  # "no" read the layers' inputs, resumed or memory-mapped
+            raise TypeError(f"`{flag}` must be True or False, got {value!r}.")
     read = {k: v for k, v in (("selector", selector), ("additional_forward_args", additional_forward_args)) if v is not None}
     if attribute_to_layer_input:
         read["attribute_to_layer_input"] = True

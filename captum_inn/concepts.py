@@ -48,6 +48,10 @@ class ConceptPairs:
             shape), reproducible for a seeded ``torch.Generator``.
         relation: ``"share"`` (``a[i]`` and ``b[i]`` share the concept, all else independent) or
             ``"differ"`` (they share everything but the concept).
+        one_set: The pairs are two examples of one set whose members all show the concept (a
+            Captum ``Concept``; :meth:`from_labels` with a single label): the concept does not
+            vary over them, so its score is taken about the pairs of every such concept given
+            together, not about its own (:func:`~captum_inn.training.concept_scores`).
 
     Examples::
 
@@ -61,6 +65,7 @@ class ConceptPairs:
     name: str
     sampler: PairSampler
     relation: str = "share"
+    one_set: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -71,6 +76,10 @@ class ConceptPairs:
             raise TypeError(f"`sampler` of concept {self.name!r} must be callable (n, generator) -> (a, b).")
         if self.relation not in RELATIONS:
             raise ValueError(f"`relation` of concept {self.name!r} must be one of {RELATIONS}, got {self.relation!r}.")
+        if not isinstance(self.one_set, (bool, np.bool_)):
+            raise TypeError(f"`one_set` of concept {self.name!r} must be True or False, got {self.one_set!r}.")
+        if self.one_set and self.relation != "share":
+            raise ValueError(f"Concept {self.name!r}: `one_set` pairs share the concept; pass relation='share'.")
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """Draw ``n`` pairs ``(a, b)`` and check them.
@@ -194,7 +203,7 @@ class ConceptPairs:
             b = torch.where(size > 1, flat[start + pick.clamp_max(size - 1)], a)
             return inputs[a], inputs[b]
 
-        return cls(name, sampler, "share")
+        return cls(name, sampler, "share", one_set=len(groups) == 1)
 
     @classmethod
     def from_transform(cls, name: str, inputs: Tensor, transform: Callable[[Tensor], Tensor]) -> ConceptPairs:

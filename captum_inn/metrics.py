@@ -29,6 +29,7 @@ from captum_inn.attr._common import (
     check_number,
     check_positive_int,
     dtype_errors_named,
+    holds_tensor,
     slice_forward_args,
 )
 from captum_inn.capture import Selector, _select, capture, eval_mode
@@ -76,16 +77,15 @@ def _classes(model: nn.Module, images: Tensor, batch_size: int, selector: Select
     classes = []
     with torch.no_grad(), eval_mode(model), dtype_errors_named(images, model, name="images"):
         for s in range(0, images.shape[0], batch_size):
-            batch = images[s : s + batch_size]
-            logits = _select(model(batch, *(extra_for(slice(s, s + batch_size)) or ())), selector,
-                             type(model).__name__, "output")
+            batch, extra = images[s : s + batch_size], extra_for(slice(s, s + batch_size))
+            logits = _select(model(batch, *(extra or ())), selector, type(model).__name__, "output")
             if logits.dim() != 2 or logits.shape[1] < 2:  # one logit's argmax is always class 0: agreement 1.0
                 raise ValueError(f"The model's output has shape {tuple(logits.shape)}; predictions need (N, K) logits "
                                  "with K >= 2. For a one-logit binary classifier wrap it to return "
                                  "torch.cat([-logit, logit], 1).")
             if logits.shape[0] != batch.shape[0]:
                 raise ValueError(f"The model gave {logits.shape[0]} rows of logits for {batch.shape[0]} image(s); it "
-                                 "must give one row per image. " + NOT_SPLIT)
+                                 "must give one row per image." + (" " + NOT_SPLIT if holds_tensor(extra) else ""))
             classes.append(logits.argmax(1))
     return torch.cat(classes)
 

@@ -153,16 +153,13 @@ def test_captum_concepts_are_scored_against_each_other():
               for name, data in (("encoded", encoded), ("noise", noise))}
     assert min(scores["encoded"].values()) > 0.9, scores
     assert max(abs(v) for v in scores["noise"].values()) < 0.1, scores
-    # pools that each sample the whole data score as about their own pool
-    from captum_inn.training.concepts import _pools_for, _scores
-
-    pools = _pools_for((nn.Sequential(nn.Flatten()), "0"), ColorDigits("test", image_size=8).concepts(), 2000, 0, "cpu",
-                       False)
-    together = _scores(pools)
-    for pool in pools:
-        both = torch.cat([pool.mean_a, pool.mean_b]).double()
-        own = ((pool.mean_a - both.mean(0)) * (pool.mean_b - both.mean(0))).mean(0).sum() / both.var(0, unbiased=False).sum()
-        assert together[pool.concept.name] == pytest.approx(float(own), abs=0.01)
+    # other pairs are scored about their own pool, whatever is given beside them
+    pixels = (nn.Sequential(nn.Flatten()), "0")
+    digits = ColorDigits("test", image_size=8)
+    beside = [Concept(i, f"class{i}", DataLoader(digits.images[digits.digits == i][:40], batch_size=20)) for i in range(2)]
+    alone = concept_scores(pixels, digits.concepts("differ"), n_pairs=300)
+    mixed = concept_scores(pixels, [*digits.concepts("differ"), *as_concepts(beside)], n_pairs=300)
+    assert all(mixed[name] == alone[name] for name in alone)
 
 
 @pytest.mark.parametrize("max_examples", [-1, 0, 1, True, 2.5])

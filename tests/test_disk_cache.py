@@ -28,6 +28,9 @@ def test_disk_array_indexes_like_a_tensor(tmp_path):
     index = torch.tensor([7, 3, 3, 49, 0, 8, 9, 10, -1])
     assert torch.equal(array[index], data[index])
     assert torch.equal(array[5], data[5]) and torch.equal(array[10:20:3], data[10:20:3]) and torch.equal(array[:], data)
+    for part in (slice(5, 2), slice(-2, 3), slice(None, None, -1), slice(40, 5, -7)):
+        expected = data.numpy()[part]  # torch has no negative steps
+        assert array[part].shape == expected.shape and np.array_equal(array[part].numpy(), expected), part
     with pytest.raises(IndexError, match="out of range"):
         array[torch.tensor([50])]
 

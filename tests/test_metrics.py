@@ -139,6 +139,19 @@ def test_rows_that_do_not_match_the_images_are_refused_with_the_reason(model):
         predict_classes(paired, x, additional_forward_args=nested)
     with pytest.raises(ValueError, match=r"must be the batch.*nested in a tuple, list or dict goes whole"):
         reencode_similarity(paired, "net.conv1", x, x.unsqueeze(1), additional_forward_args=nested)
+    pairs = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4), nn.Unflatten(1, (2, 2)), nn.Flatten(0, 1))
+    for extra in (None, (0.5,)):  # nothing with rows: the hint would mislead
+        with pytest.raises(ValueError, match=r"10 rows of logits for 5 image\(s\); it must give one row per image.$"):
+            predict_classes(pairs if extra is None else _Ignoring(pairs), x, additional_forward_args=extra)
+
+
+class _Ignoring(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, *extra):
+        return self.net(x)
 
 
 def test_reencode_similarity_of_degenerate_layers():

@@ -1557,6 +1557,27 @@ def test_an_explainer_warns_when_the_models_running_statistics_changed_since_the
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LayerInvariance(model, "3", inn, ae)
+        # a wrapper adding a buffer of its own (a temperature), or the INN fitted on one: nothing moved
+        calibrated = _Calibrated(model).eval()
+        LayerInvariance(calibrated, model[3], inn, ae)
+        on_wrapper = fit_invariances(calibrated, "net.3", ae, images, steps=1, progress=False, **TINY)
+        LayerInvariance(model, "3", on_wrapper, ae)
+    model.train()
+    with torch.no_grad():
+        model(images)
+    model.eval()
+    with pytest.warns(UserWarning, match="other buffers"):  # moved statistics, through the wrapper too
+        LayerInvariance(_Calibrated(model).eval(), model[3], inn, ae)
+
+
+class _Calibrated(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.register_buffer("temperature", torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.net(x) / self.temperature
 
 
 class _Weighted(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import itertools
@@ -11,7 +12,19 @@ import operator
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 import torch
 from torch import Tensor, nn
@@ -46,11 +59,13 @@ __all__ = [
     "check_pixel_range",
     "check_image_size",
     "weights_fingerprint",
+    "buffer_fingerprints",
     "check_same_weights",
     "check_model_weights",
     "slice_forward_args",
     "check_per_input_args",
     "NOT_SPLIT",
+    "holds_tensor",
 ]
 
 
@@ -398,11 +413,21 @@ NOT_SPLIT = ("Only tensors given directly in `additional_forward_args` with one 
              "wrapper module.")
 
 
+def holds_tensor(value: Any) -> bool:
+    """Whether ``value`` is a tensor of at least one dimension, or a tuple, list or dict holding one
+    (extra arguments that could have rows; numbers and 0-d tensors have none)."""
+    if isinstance(value, Tensor):
+        return value.dim() > 0
+    if isinstance(value, Mapping):
+        return any(holds_tensor(v) for v in value.values())
+    return isinstance(value, (tuple, list)) and any(holds_tensor(v) for v in value)
+
+
 def check_batch_first(activation: Tensor, n: int, layer: str, additional_forward_args: Any = None) -> None:
     """``ValueError`` unless ``activation``'s first dimension holds the ``n`` inputs of the pass (a
     sequence-first layer's ``(L, N, E)`` was read as ``L`` rows, each mixing images, silently)."""
     if activation.dim() == 0 or activation.shape[0] != n:
-        extra = _format_additional_forward_args(additional_forward_args)
+        extra = holds_tensor(additional_forward_args)
         raise ValueError(
             f"{layer} gave an activation of shape {tuple(activation.shape)} for {n} input(s): its first dimension "
             "must be the batch. A sequence-first layer (nn.TransformerEncoderLayer, nn.MultiheadAttention or "
@@ -719,6 +744,15 @@ def weights_fingerprint(network: Any, buffers: bool = False) -> str:
     return digest.hexdigest()[:16]
 
 
+def buffer_fingerprints(network: Any) -> List[str]:
+    """A short hash of each buffer of a module (sorted; none for other objects): what
+    :func:`check_model_weights` compares, as a multiset, to tell running statistics that moved from
+    buffers a wrapper adds or leaves out (a temperature, a normalisation's mean)."""
+    if not isinstance(network, nn.Module):
+        return []
+    return sorted(hashlib.sha256(_tensor_bytes(_as_float32(b))).hexdigest()[:12] for b in network.buffers())
+
+
 def _as_float32(tensor: Tensor) -> Tensor:
     """Floating tensors as float32: float32 weights converted with ``.double()`` (exactly) hash
     alike; float32 values hash as they are."""
@@ -726,26 +760,29 @@ def _as_float32(tensor: Tensor) -> Tensor:
 
 
 def check_model_weights(model: Optional[nn.Module], layer: nn.Module, recorded: Optional[str], what: str,
-                        recorded_state: Optional[str] = None) -> None:
+                        recorded_buffers: Optional[Sequence[str]] = None) -> None:
     """:func:`check_same_weights` for the model an explainer reaches (``None``: none, nothing to
     check): the INN's model is ``model`` or a module inside it that holds ``layer``, so a wrapper
     with parameters of its own (a temperature) around the fitted model is taken, as is its bound
-    ``forward`` or ``predict``; a retrained model inside it is still refused. ``recorded_state``
-    (the fingerprint with buffers): a warning when only the buffers changed."""
+    ``forward`` or ``predict``; a retrained model inside it is still refused. ``recorded_buffers``
+    (:func:`buffer_fingerprints` at the fit): a warning when the weights match but neither set of
+    buffers holds the other (a wrapper may add or leave out buffers of its own; moved running
+    statistics change buffers on both sides)."""
     if model is None or not recorded:
         return
-    fitted = model if weights_fingerprint(model) == recorded else next(
-        (m for m in model.modules() if m is not layer and any(s is layer for s in m.modules())
-         and weights_fingerprint(m) == recorded), None)  # hashed only on a mismatch
-    if fitted is None:
+    if weights_fingerprint(model) != recorded and not any(
+            m is not layer and any(s is layer for s in m.modules()) and weights_fingerprint(m) == recorded
+            for m in model.modules()):  # holders hashed only on a mismatch
         check_same_weights(model, recorded, what, "forward_func")
-    elif recorded_state and weights_fingerprint(fitted, buffers=True) != recorded_state:
-        warnings.warn(
-            f"The model has the weights `{what}` was fitted with, but other buffers (batch norm's running "
-            "statistics, updated by any pass in train mode since): its layer now computes other activations than "
-            f"the ones `{what}` learned. Restore the buffers (model.load_state_dict), or fit `{what}` again.",
-            UserWarning, stacklevel=user_stacklevel(),
-        )
+    elif recorded_buffers:
+        fitted, now = collections.Counter(recorded_buffers), collections.Counter(buffer_fingerprints(model))
+        if fitted - now and now - fitted:
+            warnings.warn(
+                f"The model has the weights `{what}` was fitted with, but other buffers (batch norm's running "
+                "statistics, updated by any pass in train mode since): its layer now computes other activations than "
+                f"the ones `{what}` learned. Restore the buffers (model.load_state_dict), or fit `{what}` again.",
+                UserWarning, stacklevel=user_stacklevel(),
+            )
 
 
 def check_same_weights(network: Any, recorded: Optional[str], what: str, name: str) -> None:

@@ -234,7 +234,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             check_same_weights(autoencoder, (getattr(invariance_inn, "fit_info", None) or {}).get("autoencoder_weights"),
                                "invariance_inn", "autoencoder")
             fit_info = getattr(invariance_inn, "fit_info", None) or {}
-            check_model_weights(model, module, fit_info.get("model_weights"), "invariance_inn", fit_info.get("model_state"))
+            check_model_weights(model, module, fit_info.get("model_weights"), "invariance_inn", fit_info.get("model_buffers"))
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.layer_name = name

@@ -137,7 +137,7 @@ class LayerInvariance(LayerAttribution):
                            "inn", "autoencoder")
         # a retrained model's layer means something else
         fit_info = getattr(inn, "fit_info", None) or {}
-        check_model_weights(model, module, fit_info.get("model_weights"), "inn", fit_info.get("model_state"))
+        check_model_weights(model, module, fit_info.get("model_weights"), "inn", fit_info.get("model_buffers"))
         super().__init__(forward_func, module, device_ids)
         self.layer_name = name
         self.inn = inn

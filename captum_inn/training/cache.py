@@ -24,6 +24,7 @@ from captum_inn.attr._common import (
     _hash_tensors,
     _tensor_attributes,
     _tensor_bytes,
+    buffer_fingerprints,
     check_batch_first,
     check_image_size,
     check_module_device,
@@ -89,9 +90,10 @@ class FeatureCache:
             (``""`` when unknown); the fitted INNs record it, and the explainers refuse another.
         model_weights: :func:`weights_fingerprint` of the model whose layers were read (``""`` when
             unknown); the fitted INNs record it, and the explainers refuse another model.
-        model_state: The same with the model's buffers (``""`` when unknown): the explainers warn
-            when only those changed since (batch norm's running statistics, updated by a pass in
-            train mode), as the layer then computes other activations.
+        model_buffers: :func:`~captum_inn.attr._common.buffer_fingerprints` of the model (empty when
+            unknown or without buffers): the explainers warn when the weights are the same but the
+            buffers changed since (batch norm's running statistics, updated by a pass in train
+            mode), as the layer then computes other activations.
         source_parts: Fingerprints of the parts of ``source`` (``"model"``, ``"autoencoder"``,
             ``"images"``; empty when unknown), so that a refused resume says which one changed.
         selectors: ``{layer name: selector}`` that picked each layer's tensor (``None``, an ``int``,
@@ -120,11 +122,11 @@ class FeatureCache:
     model_weights: str = ""
     selectors: Dict[str, Any] = field(default_factory=dict)
     forward_args: str = ""
-    model_state: str = ""
+    model_buffers: List[str] = field(default_factory=list)
 
     # what a saved cache records beside its arrays (the fields after `layers`)
     _RECORD = ("model_class", "source", "layer_inputs", "autoencoder_weights", "source_parts", "model_weights",
-               "selectors", "forward_args", "model_state")
+               "selectors", "forward_args", "model_buffers")
 
     def _record(self) -> Dict[str, Any]:
         """The cache's description beside its arrays (JSON), as :meth:`save` and ``memmap_dir`` write it."""
@@ -136,7 +138,7 @@ class FeatureCache:
         """A cache of these arrays with the description ``record`` (keys missing in older files take
         their defaults)."""
         known = {key: record[key] for key in cls._RECORD if key in record}
-        for key, kind in (("layer_inputs", bool), ("source_parts", dict), ("selectors", dict)):
+        for key, kind in (("layer_inputs", bool), ("source_parts", dict), ("selectors", dict), ("model_buffers", list)):
             if key in known:
                 known[key] = kind(known[key])
         return cls(code_mean, code_std, layers, **known)
@@ -660,7 +662,7 @@ def cache_features(
             "model_class": class_name(model), "source": source,
             "layer_inputs": bool(attribute_to_layer_input), "autoencoder_weights": weights_fingerprint(autoencoder),
             "source_parts": source_parts, "model_weights": weights_fingerprint(model),
-            "model_state": weights_fingerprint(model, buffers=True),
+            "model_buffers": buffer_fingerprints(model),
             "selectors": {name: selector_record(chosen)
                           for name, chosen in per_layer_selectors(model, names, selector).items()},
             "forward_args": forward_args_fingerprint(extra),

@@ -267,21 +267,27 @@ def _encode_pools(
 
 def _scores(pools: Sequence[_PairPool]) -> Dict[str, float]:
     """Each pool's summed covariance of pair members over the total variance (1 − that for ``differ``
-    pairs), both about the members of every pool together: the population the pairs sample. About its
-    own pool alone, a concept whose examples all show it (a Captum ``Concept``: pairs of two of its
-    examples) scored about 0 however much the representation encodes it; for pools that each sample
-    the whole data (ColorDigits' pairs) the two references agree."""
-    members = torch.cat([torch.cat([pool.mean_a, pool.mean_b]) for pool in pools]).double()
-    centre = members.mean(0)
-    total = members.var(0, unbiased=False).sum()
-    if total <= 0:
-        raise ValueError(f"The representation does not vary over the pairs of {[p.concept.name for p in pools]}.")
+    pairs), about the pool's own members; for ``one_set`` concepts (a Captum ``Concept``: two of its
+    examples) about the members of all of them together, since the concept does not vary within one
+    set (about its own pool each scored about 0, however much the representation encodes it)."""
+    sets = [pool for pool in pools if pool.concept.one_set]
+    shared_reference = _reference(sets) if sets else None
     scores = {}
     for pool in pools:
+        centre, total = shared_reference if pool.concept.one_set else _reference([pool])
         cov = ((pool.mean_a.double() - centre) * (pool.mean_b.double() - centre)).mean(0).sum()
         shared = float(cov / total)
         scores[pool.concept.name] = shared if pool.concept.relation == "share" else 1.0 - shared
     return scores
+
+
+def _reference(pools: Sequence[_PairPool]) -> Tuple[Tensor, Tensor]:
+    """The mean and summed variance of the pools' members."""
+    members = torch.cat([torch.cat([pool.mean_a, pool.mean_b]) for pool in pools]).double()
+    total = members.var(0, unbiased=False).sum()
+    if total <= 0:
+        raise ValueError(f"The representation does not vary over the pairs of {[p.concept.name for p in pools]}.")
+    return members.mean(0), total
 
 
 def _pools_for(representation: Any, concepts: Any, n_pairs: int, seed: int, device: Union[str, torch.device],
@@ -301,11 +307,11 @@ def concept_scores(
     """Each concept's share of the representation's variance, estimated from its pairs (docs/method.rst).
 
     For ``share`` pairs: the summed covariance of the two members over the total variance; for
-    ``differ`` pairs: one minus that (the variance that changes with the concept). Both are taken
-    about the pairs of all the concepts given, so a concept is measured against the others: a
-    Captum ``Concept`` (pairs of two of its examples) scores high where its examples cluster apart
-    from the other concepts' examples; alone, it has nothing to be told apart from, and scores
-    about 0.
+    ``differ`` pairs: one minus that (the variance that changes with the concept), about the
+    concept's own pairs. A Captum ``Concept`` (pairs of two of its examples, ``one_set``) does not
+    vary within its set: its score is taken about the pairs of all such concepts given, so it
+    scores high where its examples cluster apart from the other concepts' examples; alone, it has
+    nothing to be told apart from and scores about 0.
 
     Args:
         representation: An autoencoder, a :class:`LayerRepresentation` or ``(model, layer)``.

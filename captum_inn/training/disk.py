@@ -92,7 +92,7 @@ class DiskArray:
         if isinstance(index, (int, np.integer)):
             return self[torch.tensor([int(index)])][0]
         if isinstance(index, slice):  # its rows only (an index of every row made a scan by slices quadratic)
-            return self[torch.arange(*index.indices(len(self)))]
+            return self[torch.from_numpy(np.arange(*index.indices(len(self))))]  # empty for [5:2], as a tensor
         if isinstance(index, tuple):
             raise IndexError(f"A DiskArray is indexed by rows only (an int, a slice, row numbers or a mask), "
                              f"got the tuple {index!r}; read the rows first, then index them: array[rows][...].")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from captum_inn.attr._common import (
     as_device,
+    buffer_fingerprints,
     check_image_size,
     check_module_device,
     check_positive_int,
@@ -243,7 +244,7 @@ def concept_dynamics(
             source, parts = _source_digests(model, autoencoder, data)
             cache = replace(base, layers={name: _layer_features(model, name, data, device, read)}, source=source,
                             source_parts=parts, model_weights=weights_fingerprint(model),
-                            model_state=weights_fingerprint(model, buffers=True), model_class=class_name(model))
+                            model_buffers=buffer_fingerprints(model), model_class=class_name(model))
         folder = str(Path(checkpoint_dir) / str(label)) if checkpoint_dir is not None else None
         inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
                               progress=progress)

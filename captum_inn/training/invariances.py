@@ -215,7 +215,7 @@ def _train(
     # beside the config (not compared on resume): what load_invariance_inn gives the explainers
     fit_info.update({"attribute_to_layer_input": cache.layer_inputs,
                      "autoencoder_weights": cache.autoencoder_weights or None,
-                     "model_weights": cache.model_weights or None, "model_state": cache.model_state or None,
+                     "model_weights": cache.model_weights or None, "model_buffers": list(cache.model_buffers) or None,
                      "steps": config.steps})
     if name in cache.selectors:  # how the explainers pick the layer's tensor (caches from before: unknown)
         fit_info["selector"] = cache.selectors[name]

@@ -475,7 +475,11 @@ def test_a_damaged_disk_cache_is_a_clear_error(images, autoencoder, tmp_path):
     for edit, match in (({"format_version": manifest["format_version"] + 1}, unreadable),
                         ({"format_version": "2"}, unreadable),  # a TypeError comparing str with int
                         ({"kind": "checkpoint"}, unreadable),
-                        ({"n": manifest["n"] + 1}, "do not all have 9 rows; delete it to recompute")):
+                        ({"n": manifest["n"] + 1}, r"damaged feature cache \(ValueError: its arrays do not all have 9 "
+                                                   r"rows\); delete the folder"),
+                        ({"selectors": "ab"}, "damaged feature cache.*dictionary update"),  # a raw ValueError
+                        ({"files": {**manifest["files"], "code_std": manifest["files"]["layer.fc"]}},
+                         r"damaged feature cache \(ValueError: code_std \(8, 128\) for code_mean")):
         manifest_path.write_text(json.dumps({**manifest, **edit}))
         with pytest.raises(ValueError, match=match):
             FeatureCache.open(tmp_path / "cache")
@@ -490,6 +494,10 @@ def test_a_damaged_disk_cache_is_a_clear_error(images, autoencoder, tmp_path):
         (tmp_path / "cache" / "manifest.json").write_bytes(text.encode("latin-1"))
         with pytest.raises(ValueError, match="manifest.json.*delete the folder to recompute it"):
             FeatureCache.open(tmp_path / "cache")
+    FeatureCache(torch.zeros(3, 2), torch.ones(3, 2), {"fc": torch.zeros(3, 4)}).save(tmp_path / "saved.safetensors")
+    # the other format: was None, as if unfinished
+    with pytest.raises(ValueError, match=r"is a file, not a cache folder.*read it with FeatureCache.load"):
+        FeatureCache.open(tmp_path / "saved.safetensors")
 
 
 @pytest.mark.skipif(os.name == "nt", reason="no flock on Windows")

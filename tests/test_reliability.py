@@ -353,3 +353,47 @@ def test_a_checkpoint_this_user_cannot_read_is_named_so(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "open", refused, raising=False)
     with pytest.raises(CheckpointError, match=r"cannot be read \(Permission denied\); give this user read access"):
         load_checkpoint(path)
+
+
+def test_a_device_that_cannot_be_used_is_not_called_a_corrupted_checkpoint(tmp_path):
+    """load_checkpoint(map_location="cuda") without a GPU said the healthy file was truncated or
+    corrupted and to delete it; "cpu:0" was refused the same way."""
+    _, _, path = _small_fit(tmp_path)
+    tensors, _ = load_checkpoint(path, map_location="cpu:0")
+    assert tensors and all(t.device.type == "cpu" for t in tensors.values())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"`map_location` is 'cuda', but PyTorch sees no CUDA GPU"):
+            load_checkpoint(path, map_location="cuda")
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file: pass a file in it"):
+        load_checkpoint(tmp_path)
+    from captum_inn.training import save_checkpoint
+
+    with pytest.raises(IsADirectoryError, match=r"is a folder; pass a file path in it, e.g. '.*name.safetensors'"):
+        save_checkpoint(tmp_path, {"w": torch.ones(2)}, {"kind": "x"})
+
+
+def test_loading_networks_leaves_the_callers_random_stream(tmp_path):
+    """The loaders built each network with fresh random weights (then replaced by the file's), drawn
+    from the caller's global generator."""
+    from captum_inn.autoencoders import ConvAutoencoder
+    from captum_inn.inn import ConditionalINN, FactorINN
+    from captum_inn.training import (
+        load_autoencoder,
+        load_concept_inn,
+        load_invariance_inn,
+        save_autoencoder,
+        save_concept_inn,
+        save_invariance_inn,
+    )
+
+    inn = ConditionalINN(4, (3,), n_blocks=1, hidden=8)
+    inn.fit_info = {"layer": "fc", "layer_shape": [3], "latent_dim": 4, "model_class": "M"}
+    files = [save_autoencoder(tmp_path / "ae.safetensors", ConvAutoencoder((3, 8, 8), latent_dim=4, width=4)),
+             save_invariance_inn(tmp_path / "inn.safetensors", inn),
+             save_concept_inn(tmp_path / "e.safetensors", FactorINN(4, {"a": 2}, n_blocks=1, hidden=8))]
+    for load, file in zip((load_autoencoder, load_invariance_inn, load_concept_inn), files):
+        torch.manual_seed(0)
+        expected = torch.rand(2)
+        torch.manual_seed(0)
+        load(file)
+        assert torch.equal(torch.rand(2), expected), load.__name__

@@ -261,6 +261,9 @@ class FeatureCache:
             ValueError: the folder holds a cache of a newer format, or a damaged one (a missing,
                 truncated or misshapen file, an incomplete manifest).
         """
+        if Path(folder).is_file():  # was None, as if the cache were unfinished
+            raise ValueError(f"{str(folder)!r} is a file, not a cache folder: a cache saved with FeatureCache.save; "
+                             "read it with FeatureCache.load.")
         with FolderLock(folder, shared=True):  # waits for a pass writing into the folder
             return cls._open(Path(folder))
 
@@ -279,14 +282,16 @@ class FeatureCache:
             for key, file in manifest["files"].items():
                 arrays[key] = DiskArray(folder / file)
             if {len(a) for a in arrays.values()} != {manifest["n"]}:
-                raise ValueError(f"The arrays in {str(folder)!r} do not all have {manifest['n']} rows; delete it to "
-                                 "recompute.")
+                raise ValueError(f"its arrays do not all have {manifest['n']} rows")
+            if arrays["code_std"].shape != arrays["code_mean"].shape:  # as FeatureCache.load refuses it
+                raise ValueError(f"code_std {tuple(arrays['code_std'].shape)} for code_mean "
+                                 f"{tuple(arrays['code_mean'].shape)}")
             layers = {name: arrays[f"layer.{name}"] for name in manifest["layers"]}
             return cls._from_record(arrays["code_mean"], arrays["code_std"], layers, manifest)
         except BaseException as error:
             for array in arrays.values():  # the files opened so far
                 array.close()
-            if isinstance(error, (OSError, KeyError, TypeError, AttributeError)):  # a missing file or entry
+            if isinstance(error, (OSError, KeyError, TypeError, AttributeError, ValueError)):  # a missing file or entry
                 raise ValueError(f"{str(folder)!r} holds a damaged feature cache ({type(error).__name__}: {error}); "
                                  "delete the folder to recompute it.") from None
             raise

@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 try:
     import fcntl
@@ -71,6 +71,9 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
         ([1.0, 1.0], 1)
     """
     path = Path(path)
+    if path.is_dir():  # os.replace failed with a raw IsADirectoryError naming the hidden temporary
+        raise IsADirectoryError(f"{str(path)!r} is a folder; pass a file path in it, e.g. "
+                                f"{str(path / 'name.safetensors')!r}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     document = dict(meta)
     document["format_version"] = FORMAT_VERSION
@@ -218,7 +221,15 @@ def load_checkpoint(
         meta["config"]["latent_dim"]                     # the fit's settings
         {name: t.shape for name, t in tensors.items()}   # as saved
     """
+    from captum_inn.attr._common import as_device
+
+    # before the file is read: an unusable device was reported as a corrupted checkpoint, to be deleted
+    device = as_device(map_location, "map_location")
     path = Path(path)
+    if path.is_dir():
+        what = ("a memory-mapped feature cache; open it with FeatureCache.open" if (path / "manifest.json").exists()
+                else "pass a file in it (a checkpoint_dir holds one per layer: checkpoint_name(layer))")
+        raise CheckpointError(f"{str(path)!r} is a folder, not a checkpoint file: {what}.")
     if not path.is_file():
         raise CheckpointError(f"No checkpoint at {str(path)!r}.")
     try:  # a file this process may not read is not a damaged one (safetensors calls both "not found")
@@ -229,9 +240,11 @@ def load_checkpoint(
     try:
         from safetensors import safe_open
 
+        # one open for the metadata and the tensors: a fit replacing the file between two opens gave the
+        # metadata of one step with the weights of the next
         with safe_open(str(path), framework="pt") as f:
             raw_meta = (f.metadata() or {}).get(_META_KEY)
-        tensors = load_file(str(path), device=str(map_location))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"Checkpoint {str(path)!r} is truncated or corrupted ({exc}); delete it to start over, "
@@ -256,13 +269,17 @@ def load_checkpoint(
         raise CheckpointError(
             f"Checkpoint {str(path)!r} holds kind {meta.get('kind')!r}, expected {kind!r}."
         )
+    if device.type != "cpu":
+        tensors = {key: tensor.to(device) for key, tensor in tensors.items()}
     return tensors, meta
 
 
 @contextlib.contextmanager
 def building_from(path: PathLike):
     """Turn the errors of building a module from a checkpoint's metadata (a missing or unknown
-    setting, a wrong value) into one :class:`CheckpointError` naming the file.
+    setting, a wrong value) into one :class:`CheckpointError` naming the file. The block runs with
+    PyTorch's global generators seeded and the caller's states back after: a module's initial
+    weights, replaced by the file's, drew from the caller's stream.
 
     Examples::
 
@@ -272,8 +289,11 @@ def building_from(path: PathLike):
         ...
         CheckpointError: Checkpoint 'ae.safetensors' does not describe a module this version can build ...
     """
+    from captum_inn._random import seeded_global_rng
+
     try:
-        yield
+        with seeded_global_rng(0):
+            yield
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:

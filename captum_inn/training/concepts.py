@@ -681,7 +681,8 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
                 "variance 1. Resume the fit to its end, or load a file written by save_concept_inn.",
                 UserWarning, stacklevel=2,
             )
-        config.update(meta.get("fit_results", {}))
+        with building_from(path):  # an edited fit_results ([1]) failed in dict.update, naming no file
+            config.update(meta.get("fit_results", {}))
     config.pop("inn")
     if representation is not None:
         representation = _as_representation(representation)

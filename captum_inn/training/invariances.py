@@ -695,12 +695,12 @@ def load_invariance_inn(
         layer_shape = (layer_shape,)
     if layer_shape is not None and tuple(int(s) for s in layer_shape) != saved_shape:
         raise CheckpointError(
-            f"{path!r} was fitted for layer {config.get('layer')!r} with activations of shape {saved_shape}, "
+            f"{str(path)!r} was fitted for layer {config.get('layer')!r} with activations of shape {saved_shape}, "
             f"but this layer gives {tuple(layer_shape)}. Fit an INN for this layer (fit_invariances)."
         )
     if latent_dim is not None and int(latent_dim) != saved_latent:
         raise CheckpointError(
-            f"{path!r} was fitted on autoencoder codes of size {saved_latent}, but this "
+            f"{str(path)!r} was fitted on autoencoder codes of size {saved_latent}, but this "
             f"autoencoder's codes have size {latent_dim}. Use the autoencoder it was fitted with."
         )
     with building_from(path):  # on the CPU: only the file's settings can fail here

@@ -1510,6 +1510,30 @@ def test_dropout_in_a_fit_draws_seeded_streams_that_a_resume_continues(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
 
 
+def test_perceptual_layers_are_taken_as_names_of_layers_that_run(tmp_path):
+    """A str was split into letters (layer 'r' not found); modules trained until the first checkpoint
+    write, then failed (not JSON); a layer that never ran gave torch's "stack expects a non-empty
+    TensorList", or beside one that ran was left out silently."""
+
+    class Judge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu, self.unused = nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.relu(self.conv(x))
+
+    judge, images = Judge().eval(), torch.rand(8, 3, 8, 8)
+    settings = dict(latent_dim=4, width=4, steps=2, progress=False, perceptual_model=judge)
+    one = fit_autoencoder(images, perceptual_layers="relu", checkpoint=str(tmp_path / "a.safetensors"), **settings)
+    by_module = fit_autoencoder(images, perceptual_layers=[judge.relu], checkpoint=str(tmp_path / "b.safetensors"),
+                                **settings)
+    assert one.history == by_module.history
+    assert load_checkpoint(tmp_path / "b.safetensors")[1]["config"]["perceptual_layers"] == ["relu"]
+    with pytest.raises(ValueError, match=r"`perceptual_layers` \['unused'\] did not run in perceptual_model's forward"):
+        fit_autoencoder(images, perceptual_layers=["relu", "unused"], **settings)
+
+
 def test_a_cache_of_another_model_is_refused_at_the_fit():
     """fit_invariances(model_b, cache=cache_of_a) trained on a's features and recorded a's weights, and the
     explainer for b then refused the INN, saying to fit it again for b, which the user just did."""

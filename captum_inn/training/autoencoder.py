@@ -22,6 +22,8 @@ from captum_inn.capture import LayerHooks, check_autograd_weights
 from captum_inn.training.cache import images_fingerprint
 from captum_inn.training.checkpoint import (
     building_from,
+    check_checkpoint_path,
+    finished_checkpoint,
     load_checkpoint,
     load_module_state,
     module_tensors,
@@ -29,7 +31,7 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
     warn_if_unfinished,
 )
-from captum_inn.training.classifier import augment_generators, augment_record
+from captum_inn.training.classifier import augment_generators, augment_record, check_augment
 from captum_inn.training.data import (
     _items_are_stored_arrays,
     check_image_dtype,
@@ -120,6 +122,16 @@ def images_as_tensor(data: Any) -> Tensor:
         return torch.cat(list(iter_image_batches(in_dataset_order(data), batch_size=256)))
 
 
+def _layer_names(model: Any, layers: Any) -> Tuple[str, ...]:
+    """``perceptual_layers`` as names of ``model``'s layers (one str or module, or several)."""
+    from captum_inn.capture import resolve_layer
+
+    layers = [layers] if isinstance(layers, (str, nn.Module)) else list(layers or ())
+    if model is None:
+        return tuple(str(layer) for layer in layers)  # refused below, with perceptual_model
+    return tuple(resolve_layer(model, layer)[0] for layer in layers)
+
+
 @autograd_on
 def fit_autoencoder(
     data: Any,
@@ -186,7 +198,13 @@ def fit_autoencoder(
     config = merged_config(AutoencoderConfig, config, overrides)
     if perceptual_model is not None:  # before the images are fingerprinted and moved
         check_autograd_weights(perceptual_model, "`perceptual_model`", "the perceptual loss needs gradients through it")
-    world(device)  # joins torchrun's process group, if any, before the data is sharded
+    # names, as the checkpoint records them: a str was split into letters ("relu": layer 'r' not found), and
+    # modules failed at the first checkpoint write, after the steps before it
+    config.perceptual_layers = _layer_names(perceptual_model, config.perceptual_layers)
+    check_augment(augment)
+    rank = world(device)[0]  # joins torchrun's process group, if any, before the data is sharded
+    if checkpoint is not None and rank == 0 and not (resume and finished_checkpoint(checkpoint, config.steps)):
+        check_checkpoint_path(checkpoint)  # before the images are read, which may take long
     check_replicas_agree({"perceptual_model": perceptual_model})  # the autoencoder itself starts from rank 0's
     check_processes_agree("augment", augment_record(augment),
                           "give every process the same augmentation (each already augments its own shard of the "
@@ -209,7 +227,6 @@ def fit_autoencoder(
               "perceptual_model": weights_fingerprint(perceptual_model) if perceptual_model is not None else None}
     images = shard_data(images).to(device)
     batch = local_batch_size(config.batch_size, images.shape[0])
-    config.perceptual_layers = tuple(config.perceptual_layers)
     if bool(config.perceptual_layers) != (perceptual_model is not None):
         raise ValueError(
             "A perceptual loss needs both `perceptual_model` and `perceptual_layers` (layer names of it); "
@@ -231,6 +248,10 @@ def fit_autoencoder(
         with torch.no_grad():
             hooks.run(x.to(seen))
             targets = hooks.values
+        missing = [name for name in config.perceptual_layers if name not in targets]
+        if missing:  # one that never ran gave torch's "stack expects a non-empty TensorList", or was left out
+            raise ValueError(f"`perceptual_layers` {missing} did not run in perceptual_model's forward; name layers "
+                             "that it uses.")
         hooks.run(recon.to(seen))
         losses = [((hooks.values[name] - t) ** 2).mean() / (t**2).mean().clamp_min(1e-8) for name, t in targets.items()]
         return torch.stack(losses).mean().to(recon.dtype)

@@ -346,7 +346,11 @@ class _DiskSink:
             raise ValueError("`memmap_dir` needs data of known length (a tensor, a sized Dataset or a DataLoader over "
                              "one), because the files are sized up front.")
         self.folder, self.n_rows = Path(folder), n_rows
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # raw OS errors naming neither the argument nor a fix
+            raise ValueError(f"`memmap_dir` {str(folder)!r} is a file, or lies under one; pass a folder (it is "
+                             "created if missing).") from None
         self.writers: Dict[str, DiskArrayWriter] = {}
         # held until the manifest is written and read back: another pass into the folder waits, so the
         # two never mix their files and manifests

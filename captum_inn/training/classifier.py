@@ -150,6 +150,13 @@ class Jitter:
 _MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # in a repr: where the object lives, not its settings
 
 
+def check_augment(augment: Any, name: str = "augment", call: str = "a batch of images in, a batch out") -> None:
+    """``TypeError`` naming ``name`` unless it is ``None`` or callable (an int failed at the first step,
+    after the data was read)."""
+    if augment is not None and not callable(augment):
+        raise TypeError(f"`{name}` must be callable ({call}) or None, got {type(augment).__name__}.")
+
+
 def augment_record(augment: Any) -> Any:
     """What a fit's checkpoint records of its augmentation, so that a resume with another one is
     refused: ``None``; a :class:`Jitter`'s settings; a function's qualified name; otherwise the
@@ -253,6 +260,13 @@ def fit_classifier(
     """
     batch_size = check_positive_int(batch_size, "batch_size")
     seed = _check_seed(seed)  # as the other fits': the minibatch seeds derive from it
+    # before the data is read (train_loop checks them again): a callback of 5 failed after a step had
+    # changed the weights
+    check_positive_int(steps, "steps")
+    check_number(lr, "lr", positive=True)
+    check_number(weight_decay, "weight_decay")
+    check_augment(augment)
+    check_augment(callback, "callback", "callback(step, model)")
     check_autograd_weights(model, "`model`", "fit_classifier trains its weights")
     adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
     world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving

@@ -20,6 +20,8 @@ from captum_inn.attr._common import (
     as_device,
     buffer_fingerprints,
     check_image_size,
+    check_inn_fitted,
+    check_int,
     check_module_device,
     check_positive_int,
     class_name,
@@ -61,7 +63,7 @@ class Snapshots:
     """
 
     def __init__(self, steps: Sequence[int], model: Optional[nn.Module] = None) -> None:
-        self.steps = sorted({int(s) for s in steps})
+        self.steps = sorted({check_int(s, "steps") for s in steps})  # 2.9 was taken as step 2
         if any(s < 0 for s in self.steps):
             raise ValueError(f"`steps` must be >= 0, got {self.steps}.")
         self.models: Dict[int, nn.Module] = {}
@@ -226,6 +228,11 @@ def concept_dynamics(
     device = as_device(device)
     seeded = {} if seed is None else {"seed": seed}  # without one, config's seed stands
     config = merged_config(InvarianceConfig, config, {**seeded, **overrides})  # unknown settings: refused now
+    if not isinstance(concept_inn, FactorINN):  # an autoencoder there failed with a raw AttributeError
+        raise TypeError(f"`concept_inn` must be a captum_inn.inn.FactorINN from fit_concepts, got "
+                        f"{type(concept_inn).__name__}.")
+    # refused now: it was, after the first checkpoint's cache and INN fit (left in checkpoint_dir)
+    check_inn_fitted(concept_inn, "concept_inn", "fit_concepts", "load_concept_inn")
     check_module_device(concept_inn, device, "concept_inn")  # the autoencoder is checked by cache_features
     _check_code_autoencoder(concept_inn, autoencoder)  # refused now, not after the first checkpoint's INN fit
     eval_inputs = images_as_tensor(eval_inputs).to(device)

@@ -414,6 +414,8 @@ def fit_invariances(
         check_replicas_agree({"model": model, "autoencoder": autoencoder})
     single = not isinstance(layers, (list, tuple))
     layer_list = [layers] if single else list(layers)
+    if not layer_list:  # before a memory-mapped cache's folder and lock are made
+        raise ValueError("`layers` is empty; pass a layer (module or dotted name) or a list of them.")
     from captum_inn.capture import resolve_layer
 
     resolved = [resolve_layer(model, layer) for layer in layer_list]

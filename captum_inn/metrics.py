@@ -99,10 +99,12 @@ def _unit_rows(z: Tensor) -> Tensor:
 
 
 def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarity along the last dimension, 1 for two all-zero rows (a ReLU layer with no active
-    unit: identical activations scored 0)."""
-    both_zero = (a == 0).all(-1) & (b == 0).all(-1)
-    return torch.where(both_zero, 1.0, nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8))
+    """Cosine similarity along the last dimension, exactly 1 for equal rows: two all-zero rows (a ReLU
+    layer with no active unit) scored 0, and other equal rows round to 1 ± 2e-7, so against a null
+    quantile of exactly 1 (random pairs of images that both leave every unit off) whether they beat
+    it was a coin toss."""
+    equal = (a == b).all(-1)
+    return torch.where(equal, 1.0, nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)).clamp(-1.0, 1.0)
 
 
 def _sample_rows(additional_forward_args: Any, n: int, s: int) -> Callable[[slice], Any]:
@@ -176,8 +178,9 @@ def reencode_similarity(
 
     Similarity is the cosine similarity of flattened activations. The null distribution is the
     similarity of random pairs of different originals; a sample *beats the null* when its
-    similarity to its own original exceeds the null's ``quantile`` (by default: it is more
-    similar than 99% of random pairs).
+    similarity to its own original reaches the null's ``quantile`` (by default: it is at least as
+    similar as 99% of random pairs). Two all-zero activations (a ReLU layer with no unit active)
+    count as identical, similarity 1.
 
     Args:
         model: The analysed network.
@@ -248,7 +251,7 @@ def reencode_similarity(
     null = _cosine(z[i], z[j])
     threshold = torch.quantile(null, float(quantile))
     return {
-        "beats_null": float((similarity > threshold).float().mean()),
+        "beats_null": float((similarity >= threshold).float().mean()),
         "similarity": float(similarity.mean()),
         "null_quantile": float(threshold),
         "null_mean": float(null.mean()),

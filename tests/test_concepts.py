@@ -964,6 +964,7 @@ def test_snapshots_and_concept_dynamics(tmp_path):
     snaps = Snapshots([0, 5], model)
     fit_classifier(model, (images, labels), steps=5, callback=snaps, progress=False)
     assert sorted(snaps.models) == [0, 5]
+    assert Snapshots(torch.arange(0, 300, 100), model).steps == [0, 100, 200]  # integer 0-d tensors are steps
     assert not torch.equal(snaps.models[0].fc.weight, snaps.models[5].fc.weight)  # copies, not the live model
     ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
     e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)

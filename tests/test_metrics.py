@@ -176,6 +176,15 @@ def test_reencode_similarity_of_degenerate_layers():
     for model, layer in ((relu, "2"), (tiny, "1"), (nn.Sequential(OneHot()), "0")):
         scores = reencode_similarity(model, layer, x, same, generator=torch.Generator().manual_seed(0))
         assert scores["similarity"] == pytest.approx(1.0, abs=1e-6), (layer, scores)
+    # a null quantile of exactly 1 (over 1% of random pairs both all-zero): identical samples tie with it, and
+    # whether they beat it was a coin toss on rounding (0.12 or 0.23)
+    dark = torch.rand(60, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    dark[:12] = 0
+    relu_zero = nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU())
+    nn.init.zeros_(relu_zero[1].bias)
+    scores = reencode_similarity(relu_zero, "2", dark, dark.unsqueeze(1).repeat(1, 4, 1, 1, 1),
+                                 generator=torch.Generator().manual_seed(0))
+    assert scores["null_quantile"] == 1.0 and scores["beats_null"] == 1.0
     with pytest.warns(UserWarning, match="gives one number per image: the cosine similarity of two numbers"):
         reencode_similarity(nn.Sequential(nn.Flatten(), nn.Linear(192, 1)), "1", x, same)
 

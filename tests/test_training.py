@@ -629,7 +629,7 @@ def test_a_layer_that_gives_every_image_the_same_activations_warns(images, autoe
         # a varying layer with a few large constant units: their size made it look constant
         fixed = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8)).eval()
         with torch.no_grad():
-            fixed[1].weight[:3] = 0
+            fixed[1].weight[:3] = 1e-5  # near-constant: 1e4 ± 2e-4
             fixed[1].bias[:3] = 1e4
         fit_invariances(fixed, "1", autoencoder, images, steps=1, progress=False, **TINY)
 

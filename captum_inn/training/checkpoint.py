@@ -211,7 +211,8 @@ def load_checkpoint(
         and the metadata dict.
 
     Raises:
-        CheckpointError: missing or truncated file, a damaged header or metadata; no captum_inn
+        ValueError: a ``map_location`` this machine cannot use (``"cuda"`` without a GPU).
+        CheckpointError: a folder, a missing or truncated file, a damaged header or metadata; no captum_inn
             metadata; a newer format version; another kind. (safetensors stores no checksum, so
             bits flipped inside the tensor data itself load without an error.)
 

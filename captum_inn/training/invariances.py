@@ -176,19 +176,17 @@ def _warn_if_constant(conditions: Tensor, name: str) -> None:
     """Warn when a layer gives (almost) the same activations for every image: a collapsed or
     untrained model. The INN then finds that the layer ignores everything, which is true but
     rarely what was meant to be explained."""
-    # no float64 copy of the rows (four times their memory with the temporaries, past _INIT_BYTES); the mean
-    # size summed in float64 by blocks (one float32 sum of 67M values was off by half), over the units that
-    # vary: a few large constant units (fixed at 1e4) made a varying layer look constant
+    # each unit's spread against its own mean size: against the layer's, a few large (near-)constant units
+    # (1e4, a batch norm with a large shift) made a varying layer look constant. No float64 copy of the rows
+    # (four times their memory with the temporaries, past _INIT_BYTES); sizes summed in float64 by blocks
     flat = conditions.detach().flatten(1)
-    unit_spread = flat.std(dim=0)
-    varying = unit_spread > 0
     sizes = sum(block.abs().sum(0, dtype=torch.float64) for block in flat.split(max(1, 2**22 // max(1, flat.shape[1]))))
-    size = float(sizes[varying].sum()) / max(1, flat.shape[0] * int(varying.sum()))
-    spread = float(unit_spread.max()) / max(size, 1e-30)
+    relative = flat.std(dim=0).double() / (sizes / max(1, flat.shape[0])).clamp_min(1e-30)
+    spread = float(relative.max())
     if flat.shape[0] > 1 and spread < 1e-3:
         warnings.warn(
-            f"Layer {name!r} gives almost the same activations for every image (largest spread across images "
-            f"{spread:.1e} of their mean size): its invariance maps will say it ignores everything. Check that "
+            f"Layer {name!r} gives almost the same activations for every image (largest spread of a unit across "
+            f"images {spread:.1e} of its mean size): its invariance maps will say it ignores everything. Check that "
             "the model is trained, its batch norms' running statistics too (torchvision's MobileNetV3 and "
             "EfficientNet update them with momentum 0.01, so a short training leaves them near their start), "
             "and that the images are what it expects (size, normalisation).",

@@ -90,8 +90,8 @@ class FeatureCache:
             (``""`` when unknown); the fitted INNs record it, and the explainers refuse another.
         model_weights: :func:`weights_fingerprint` of the model whose layers were read (``""`` when
             unknown); the fitted INNs record it, and the explainers refuse another model.
-        model_buffers: :func:`~captum_inn.attr._common.buffer_fingerprints` of the model (empty when
-            unknown or without buffers): the explainers warn when the weights are the same but the
+        model_buffers: A short hash of each of the model's buffers (empty when unknown or without
+            buffers): the explainers warn when the weights are the same but the
             buffers changed since (batch norm's running statistics, updated by a pass in train
             mode), as the layer then computes other activations.
         source_parts: Fingerprints of the parts of ``source`` (``"model"``, ``"autoencoder"``,

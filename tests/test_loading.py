@@ -179,8 +179,12 @@ def test_a_resumed_autoencoder_fit_refuses_other_images_and_another_perceptual_m
     with pytest.raises(CheckpointError, match="source.images"):
         fit_autoencoder(other, steps=4, **settings)
     perceptual = SmallCNN(width=4).eval()
-    with pytest.raises(CheckpointError, match="source.perceptual_model"):
+    with pytest.raises(CheckpointError, match=r"perceptual_layers: \[\] in the checkpoint, \['relu1'\] now"):
         fit_autoencoder(images, steps=4, perceptual_model=perceptual, perceptual_layers=("relu1",), **settings)
+    judged = dict(settings, checkpoint=str(tmp_path / "judged.safetensors"), perceptual_layers=("relu1",))
+    fit_autoencoder(images, steps=2, perceptual_model=perceptual, **judged)
+    with pytest.raises(CheckpointError, match="source.perceptual_model"):  # the same layers of another network
+        fit_autoencoder(images, steps=4, perceptual_model=SmallCNN(width=4).eval(), **judged)
 
 
 def test_a_resumed_autoencoder_fit_refuses_another_augmentation(images, tmp_path):

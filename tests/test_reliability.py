@@ -397,3 +397,37 @@ def test_loading_networks_leaves_the_callers_random_stream(tmp_path):
         torch.manual_seed(0)
         load(file)
         assert torch.equal(torch.rand(2), expected), load.__name__
+
+
+def test_a_checkpoint_of_other_settings_is_refused_before_the_data_is_read(tmp_path):
+    """fit_concepts encoded every pool, and fit_autoencoder read every image, before refusing a
+    checkpoint of other settings or more steps (fit_invariances checked before its pass already)."""
+    from captum_inn.autoencoders import ConvAutoencoder
+    from captum_inn.concepts import ConceptPairs
+    from captum_inn.training import fit_autoencoder, fit_concepts
+
+    images, labels = torch.rand(16, 3, 8, 8), torch.arange(16) % 2
+
+    class Unread(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, index):
+            raise AssertionError("the data was read before the checkpoint was checked")
+
+    def unread_pairs(n, generator):
+        raise AssertionError("the pools were drawn before the checkpoint was checked")
+
+    ae_path, e_path = str(tmp_path / "ae.safetensors"), str(tmp_path / "e.safetensors")
+    fit_autoencoder(images, latent_dim=4, width=4, steps=4, checkpoint=ae_path, progress=False)
+    with pytest.raises(CheckpointError, match=r"another configuration \(.*lr"):
+        fit_autoencoder(Unread(), latent_dim=4, width=4, steps=4, lr=1e-2, checkpoint=ae_path, progress=False)
+    with pytest.raises(ValueError, match="already holds 4 steps, more than `steps`=2"):
+        fit_autoencoder(Unread(), latent_dim=4, width=4, steps=2, checkpoint=ae_path, progress=False)
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=4, width=4).eval()
+    settings = dict(factor_sizes={"x": 2}, pool_size=8, n_blocks=1, hidden=8, checkpoint=e_path, progress=False)
+    fit_concepts(ae, [ConceptPairs.from_labels("x", images, labels)], steps=4, **settings)
+    with pytest.raises(CheckpointError, match=r"another configuration \(.*lr"):
+        fit_concepts(ae, [ConceptPairs("x", unread_pairs)], steps=4, lr=1e-2, **settings)
+    with pytest.raises(ValueError, match="already holds 4 steps, more than `steps`=2"):
+        fit_concepts(ae, [ConceptPairs("x", unread_pairs)], steps=2, **settings)

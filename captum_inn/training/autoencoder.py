@@ -46,7 +46,7 @@ from captum_inn.training.distributed import (
     shard_data,
     world,
 )
-from captum_inn.training.loop import merged_config, resume_key, train_loop
+from captum_inn.training.loop import check_resumable_early, merged_config, resume_key, train_loop
 
 __all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "images_as_tensor"]
 
@@ -205,6 +205,9 @@ def fit_autoencoder(
     rank = world(device)[0]  # joins torchrun's process group, if any, before the data is sharded
     if checkpoint is not None and rank == 0 and not (resume and finished_checkpoint(checkpoint, config.steps)):
         check_checkpoint_path(checkpoint)  # before the images are read, which may take long
+    settings = {**asdict(config), "perceptual_layers": list(config.perceptual_layers)}  # as JSON reads it back
+    if resume:  # other settings or more steps: refused now, not after reading every image
+        check_resumable_early(checkpoint, "autoencoder", resume_key(settings), config.steps, part=None)
     check_replicas_agree({"perceptual_model": perceptual_model})  # the autoencoder itself starts from rank 0's
     check_processes_agree("augment", augment_record(augment),
                           "give every process the same augmentation (each already augments its own shard of the "
@@ -271,7 +274,6 @@ def fit_autoencoder(
             loss = loss + config.perceptual_weight * perceptual_loss(recon, x)
         return loss
 
-    settings = {**asdict(config), "perceptual_layers": list(config.perceptual_layers)}  # as JSON reads it back
     # the image shape too: a resume on other images is refused like any other changed setting
     meta = {"kind": "autoencoder", "config": {**resume_key(settings), "image_shape": list(images.shape[1:])},
             "model": model.config, "steps": config.steps}

@@ -64,7 +64,13 @@ from captum_inn.training.distributed import (
     local_batch_size,
     world,
 )
-from captum_inn.training.loop import _check_seed, merged_config, resume_key, train_loop
+from captum_inn.training.loop import (
+    _check_seed,
+    check_resumable_early,
+    merged_config,
+    resume_key,
+    train_loop,
+)
 
 __all__ = [
     "ConceptConfig",
@@ -531,6 +537,8 @@ def fit_concepts(
     # read back from a read-only folder)
     if checkpoint is not None and rank == 0 and not (resume and finished_checkpoint(checkpoint, config.steps)):
         check_checkpoint_path(checkpoint)
+    if resume:  # other settings or more steps: refused now, not after encoding every pool
+        check_resumable_early(checkpoint, "concept_inn", resume_key(asdict(config)), config.steps)
     pools = _encode_pools(encode, concept_list, config.pool_size // n_ranks, config.seed + _RANK_POOL_SEED * rank,
                           device, progress and rank == 0)
     for pool in pools:

@@ -53,12 +53,11 @@ from captum_inn.training.distributed import (
     world,
 )
 from captum_inn.training.loop import (
-    check_resumable,
+    check_resumable_early,
     cuda_graphs_by_default,
     merged_config,
     resume_key,
     run_concurrently,
-    saved_step,
     train_loop,
 )
 
@@ -495,13 +494,8 @@ def _check_checkpoints(checkpoint_dir: str, configs: Mapping[str, InvarianceConf
     """Refuse, for all layers at once, checkpoints in ``checkpoint_dir`` of other training settings
     (the rest of a checkpoint's record is compared when its layer's fit starts)."""
     for name, config in configs.items():
-        path = Path(checkpoint_dir) / checkpoint_name(name)
-        if path.exists():
-            saved = read_header(path)  # the header alone: the tensors are read when the layer's fit resumes
-            if saved is None or saved.get("kind") != "invariance_inn" or "step" not in saved:
-                _, saved = load_checkpoint(path, kind="invariance_inn")  # unreadable or not an INN's: its error
-            check_resumable(path, (saved.get("config") or {}).get("train"), resume_key(asdict(config)), saved_step(path, saved, "checkpoint_dir"),
-                            config.steps)
+        check_resumable_early(Path(checkpoint_dir) / checkpoint_name(name), "invariance_inn",
+                              resume_key(asdict(config)), config.steps, "checkpoint_dir")
 
 
 def _checkpoint_source(model: nn.Module, autoencoder: Any, data: Any, cache: FeatureCache, given: bool) -> str:

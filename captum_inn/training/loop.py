@@ -47,6 +47,7 @@ from captum_inn.training.checkpoint import (
     load_optimizer,
     module_tensors,
     optimizer_tensors,
+    read_header,
     save_checkpoint,
     strip_prefix,
 )
@@ -235,6 +236,22 @@ def check_resumable(checkpoint: Any, saved_config: Any, config: Any, saved_step:
             f"Checkpoint {str(checkpoint)!r} already holds {saved_step} steps, more than `steps`={steps}; pass "
             f"steps >= {saved_step} to continue it, or resume=False to start afresh."
         )
+
+
+def check_resumable_early(path: Any, kind: str, train: Mapping[str, Any], steps: int, argument: str = "checkpoint",
+                          part: Optional[str] = "train") -> None:
+    """Before a fit's pass over its data: :func:`check_resumable` of the checkpoint at ``path`` (if
+    any) for its training settings and steps, read from the header alone (the rest of its record is
+    compared when the fit starts). ``part``: where the checkpoint's config holds ``train``; ``None``
+    for the config itself (its keys of ``train`` are compared)."""
+    if path is None or not Path(path).exists():
+        return
+    saved = read_header(path)
+    if saved is None or saved.get("kind") != kind or "step" not in saved:
+        _, saved = load_checkpoint(path, kind=kind)  # unreadable or another kind's: its own error
+    config = saved.get("config") or {}
+    recorded = config.get(part) if part else {key: config.get(key) for key in train}
+    check_resumable(path, recorded, dict(train), saved_step(path, saved, argument), steps)
 
 
 def saved_step(checkpoint: Any, saved: Mapping[str, Any], argument: str = "checkpoint") -> int:

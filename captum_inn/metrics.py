@@ -178,9 +178,10 @@ def reencode_similarity(
 
     Similarity is the cosine similarity of flattened activations. The null distribution is the
     similarity of random pairs of different originals; a sample *beats the null* when its
-    similarity to its own original reaches the null's ``quantile`` (by default: it is at least as
-    similar as 99% of random pairs). Two all-zero activations (a ReLU layer with no unit active)
-    count as identical, similarity 1.
+    similarity to its own original exceeds the null's ``quantile`` (by default: it is more
+    similar than 99% of random pairs), or equals it at 1 (activations equal to the original's,
+    where over 1% of random pairs are equal too). Two all-zero activations (a ReLU layer with no
+    unit active) count as equal, similarity 1.
 
     Args:
         model: The analysed network.
@@ -251,7 +252,9 @@ def reencode_similarity(
     null = _cosine(z[i], z[j])
     threshold = torch.quantile(null, float(quantile))
     return {
-        "beats_null": float((similarity >= threshold).float().mean()),
+        # ties count only at 1 (equal activations): at a quantile of 0 (a sparse layer, random pairs orthogonal)
+        # unrelated samples tied with it
+        "beats_null": float(((similarity > threshold) | ((threshold >= 1) & (similarity >= 1))).float().mean()),
         "similarity": float(similarity.mean()),
         "null_quantile": float(threshold),
         "null_mean": float(null.mean()),

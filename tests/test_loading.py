@@ -185,6 +185,8 @@ def test_a_resumed_autoencoder_fit_refuses_other_images_and_another_perceptual_m
     fit_autoencoder(images, steps=2, perceptual_model=perceptual, **judged)
     with pytest.raises(CheckpointError, match="source.perceptual_model"):  # the same layers of another network
         fit_autoencoder(images, steps=4, perceptual_model=SmallCNN(width=4).eval(), **judged)
+    with pytest.raises(ValueError, match="needs both `perceptual_model` and `perceptual_layers`"):  # not the resume's
+        fit_autoencoder(images, steps=4, perceptual_layers=("relu1",), **settings)
 
 
 def test_a_resumed_autoencoder_fit_refuses_another_augmentation(images, tmp_path):

@@ -185,6 +185,16 @@ def test_reencode_similarity_of_degenerate_layers():
     scores = reencode_similarity(relu_zero, "2", dark, dark.unsqueeze(1).repeat(1, 4, 1, 1, 1),
                                  generator=torch.Generator().manual_seed(0))
     assert scores["null_quantile"] == 1.0 and scores["beats_null"] == 1.0
+
+    class OneHot(nn.Module):  # a sparse layer: random pairs orthogonal, a null quantile of 0
+        def forward(self, images):
+            return nn.functional.one_hot(images.flatten(1).sum(1).mul(1000).long() % 300, 300).float()
+
+    small = torch.rand(200, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    unrelated = torch.rand(200, 4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    scores = reencode_similarity(nn.Sequential(OneHot()), "0", small, unrelated,
+                                 generator=torch.Generator().manual_seed(0))
+    assert scores["null_quantile"] == 0.0 and scores["beats_null"] < 0.01  # ties at 0 beat nothing
     with pytest.warns(UserWarning, match="gives one number per image: the cosine similarity of two numbers"):
         reencode_similarity(nn.Sequential(nn.Flatten(), nn.Linear(192, 1)), "1", x, same)
 

@@ -623,6 +623,11 @@ def test_a_layer_that_gives_every_image_the_same_activations_warns(images, autoe
     with pytest.warns(UserWarning, match="Layer '1' gives almost the same activations for every image") as caught:
         fit_invariances(collapsed, "1", autoencoder, images, steps=1, progress=False, **TINY)
     assert caught[0].filename == __file__  # points at the caller's line
+    from captum_inn.training.invariances import _warn_if_constant
+
+    collapsed_rows = torch.cat([5 + 1e-6 * torch.randn(64, 50), 1e-6 * torch.randn(64, 1)], 1)
+    with pytest.warns(UserWarning, match="almost the same activations"):  # a unit near 0 hid the collapse
+        _warn_if_constant(collapsed_rows, "head")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_invariances(SmallCNN(width=4).eval(), "fc", autoencoder, images, steps=1, progress=False, **TINY)

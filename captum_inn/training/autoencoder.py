@@ -201,6 +201,11 @@ def fit_autoencoder(
     # names, as the checkpoint records them: a str was split into letters ("relu": layer 'r' not found), and
     # modules failed at the first checkpoint write, after the steps before it
     config.perceptual_layers = _layer_names(perceptual_model, config.perceptual_layers)
+    if bool(config.perceptual_layers) != (perceptual_model is not None):
+        raise ValueError(
+            "A perceptual loss needs both `perceptual_model` and `perceptual_layers` (layer names of it); "
+            f"got perceptual_model={type(perceptual_model).__name__} and perceptual_layers={config.perceptual_layers}."
+        )
     check_augment(augment)
     rank = world(device)[0]  # joins torchrun's process group, if any, before the data is sharded
     if checkpoint is not None and rank == 0 and not (resume and finished_checkpoint(checkpoint, config.steps)):
@@ -230,11 +235,6 @@ def fit_autoencoder(
               "perceptual_model": weights_fingerprint(perceptual_model) if perceptual_model is not None else None}
     images = shard_data(images).to(device)
     batch = local_batch_size(config.batch_size, images.shape[0])
-    if bool(config.perceptual_layers) != (perceptual_model is not None):
-        raise ValueError(
-            "A perceptual loss needs both `perceptual_model` and `perceptual_layers` (layer names of it); "
-            f"got perceptual_model={type(perceptual_model).__name__} and perceptual_layers={config.perceptual_layers}."
-        )
     with seeded_global_rng(config.seed):  # only the weight initialisation draws from the global RNG
         model = ConvAutoencoder(tuple(images.shape[1:]), config.latent_dim, config.width, config.output).to(device)
     hooks = None

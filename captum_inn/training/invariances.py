@@ -175,17 +175,20 @@ def _warn_if_constant(conditions: Tensor, name: str) -> None:
     """Warn when a layer gives (almost) the same activations for every image: a collapsed or
     untrained model. The INN then finds that the layer ignores everything, which is true but
     rarely what was meant to be explained."""
-    # each unit's spread against its own mean size: against the layer's, a few large (near-)constant units
-    # (1e4, a batch norm with a large shift) made a varying layer look constant. No float64 copy of the rows
-    # (four times their memory with the temporaries, past _INIT_BYTES); sizes summed in float64 by blocks
+    # each unit's spread against its own mean size, floored at the median unit's: against the layer's mean,
+    # a few large (near-)constant units (1e4, a batch norm with a large shift) made a varying layer look
+    # constant; against its own alone, one unit of a collapsed head whose bias is near 0 hid the collapse.
+    # No float64 copy of the rows (four times their memory with temporaries, past _INIT_BYTES): sizes summed
+    # in float64 by blocks
     flat = conditions.detach().flatten(1)
     sizes = sum(block.abs().sum(0, dtype=torch.float64) for block in flat.split(max(1, 2**22 // max(1, flat.shape[1]))))
-    relative = flat.std(dim=0).double() / (sizes / max(1, flat.shape[0])).clamp_min(1e-30)
+    sizes = sizes / max(1, flat.shape[0])
+    relative = flat.std(dim=0).double() / torch.maximum(sizes, sizes.median()).clamp_min(1e-30)
     spread = float(relative.max())
     if flat.shape[0] > 1 and spread < 1e-3:
         warnings.warn(
             f"Layer {name!r} gives almost the same activations for every image (largest spread of a unit across "
-            f"images {spread:.1e} of its mean size): its invariance maps will say it ignores everything. Check that "
+            f"images {spread:.1e} of its mean size, or of the median unit's where that is larger): its invariance maps will say it ignores everything. Check that "
             "the model is trained, its batch norms' running statistics too (torchvision's MobileNetV3 and "
             "EfficientNet update them with momentum 0.01, so a short training leaves them near their start), "
             "and that the images are what it expects (size, normalisation).",

@@ -1,5 +1,5 @@
-"""Shared by the training tests: a CNN that counts the images it sees, tiny INN settings, and the
-`images` and `autoencoder` fixtures (registered in the root conftest.py)."""
+"""Shared by the training tests: a CNN that counts the images it sees, tiny INN settings, data that must not
+be read (`Unread`), and the `images` and `autoencoder` fixtures (registered in the root conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,19 @@ from captum_inn.inn import AffineCoupling, ConditionalINN
 from captum_inn.models import SmallCNN
 
 TINY = dict(n_blocks=2, hidden=16, embed_dim=8, conv_width=8, conv_max_width=16, batch_size=16)
+
+
+class Unread(torch.utils.data.Dataset):
+    """Images that must not be read: the call is to be refused before its data pass."""
+
+    def __init__(self, n: int = 16):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        raise AssertionError("the data was read before the call was refused")
 
 
 def split_regression(device="cpu", seed=0, width=64):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_hooks import Gate, assert_no_hooks, training_flags
+from helpers_training import Unread
 from torch import nn
 
 from captum_inn import LayerConcepts, LayerInvariance
@@ -184,27 +185,17 @@ def _cases():
         ("concept fit on a device torch does not know", lambda m, ae, inn, e: fit_concepts(ae, [ColorDigits("test").concept("digit")], steps=1, pool_size=4, device="gpu", progress=False), ValueError, r"`device`='gpu' is not a torch device"),
         ("factor sizes not summing, before the pools", lambda m, ae, inn, e: fit_concepts(ae, [ConceptPairs("x", _no_pairs)], factor_sizes={"x": 4, "residual": 4}, steps=1, pool_size=4, progress=False), ValueError, "sum to 8"),
         ("a cache that is not a FeatureCache", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", cache={}, steps=1, progress=False), TypeError, "`cache` must be a FeatureCache"),
-        ("a classifier callback that is not callable", lambda m, ae, inn, e: fit_classifier(m, _Unread(), steps=1, callback=5, progress=False), TypeError, r"`callback` must be callable \(callback\(step, model\)\) or None, got int"),
-        ("an autoencoder augmentation that is not callable", lambda m, ae, inn, e: fit_autoencoder(_Unread(), latent_dim=4, steps=1, augment=5, progress=False), TypeError, "`augment` must be callable"),
-        ("perceptual layer not in the model", lambda m, ae, inn, e: fit_autoencoder(_Unread(), latent_dim=4, steps=1, perceptual_model=SmallCNN(width=4), perceptual_layers=["relu1", "cnn"], progress=False), ValueError, r"layer 'cnn' not found in SmallCNN"),
-        ("an autoencoder checkpoint that is a folder", lambda m, ae, inn, e: fit_autoencoder(_Unread(), latent_dim=4, steps=1, checkpoint=str(Path(__file__).parent), progress=False), ValueError, r"`checkpoint` '.*tests' is a folder; pass a file path in it"),
-        ("an unfitted concept INN for the dynamics", lambda m, ae, inn, e: concept_dynamics({"a": m}, "cnn.fc", ae, FactorINN(4, {"a": 2}, n_blocks=1, hidden=8), _Unread(), X, torch.zeros(3, dtype=torch.long), steps=1, progress=False), ValueError, "`concept_inn` .*fit_concepts"),
-        ("an autoencoder as the dynamics' concept INN", lambda m, ae, inn, e: concept_dynamics({"a": m}, "cnn.fc", ae, ae, _Unread(), X, torch.zeros(3, dtype=torch.long), steps=1, progress=False), TypeError, "`concept_inn` must be a captum_inn.inn.FactorINN"),
+        ("a classifier callback that is not callable", lambda m, ae, inn, e: fit_classifier(m, Unread(4), steps=1, callback=5, progress=False), TypeError, r"`callback` must be callable \(callback\(step, model\)\) or None, got int"),
+        ("an autoencoder augmentation that is not callable", lambda m, ae, inn, e: fit_autoencoder(Unread(4), latent_dim=4, steps=1, augment=5, progress=False), TypeError, "`augment` must be callable"),
+        ("perceptual layer not in the model", lambda m, ae, inn, e: fit_autoencoder(Unread(4), latent_dim=4, steps=1, perceptual_model=SmallCNN(width=4), perceptual_layers=["relu1", "cnn"], progress=False), ValueError, r"layer 'cnn' not found in SmallCNN"),
+        ("an autoencoder checkpoint that is a folder", lambda m, ae, inn, e: fit_autoencoder(Unread(4), latent_dim=4, steps=1, checkpoint=str(Path(__file__).parent), progress=False), ValueError, r"`checkpoint` '.*tests' is a folder; pass a file path in it"),
+        ("an unfitted concept INN for the dynamics", lambda m, ae, inn, e: concept_dynamics({"a": m}, "cnn.fc", ae, FactorINN(4, {"a": 2}, n_blocks=1, hidden=8), Unread(4), X, torch.zeros(3, dtype=torch.long), steps=1, progress=False), ValueError, "`concept_inn` .*fit_concepts"),
+        ("an autoencoder as the dynamics' concept INN", lambda m, ae, inn, e: concept_dynamics({"a": m}, "cnn.fc", ae, ae, Unread(4), X, torch.zeros(3, dtype=torch.long), steps=1, progress=False), TypeError, "`concept_inn` must be a captum_inn.inn.FactorINN"),
         ("a fractional snapshot step", lambda m, ae, inn, e: Snapshots([2.9]), TypeError, r"`steps` must be an int, got 2.9"),
         ("a memory-mapped cache folder that is a file", lambda m, ae, inn, e: cache_features(m, "cnn.fc", ae, X, memmap_dir=__file__, progress=False), ValueError, r"`memmap_dir` '.*test_bad_input.py' is a file, or lies under one"),
-        ("no layers to fit", lambda m, ae, inn, e: fit_invariances(m, [], ae, _Unread(), steps=1, progress=False), ValueError, "`layers` is empty"),
+        ("no layers to fit", lambda m, ae, inn, e: fit_invariances(m, [], ae, Unread(4), steps=1, progress=False), ValueError, "`layers` is empty"),
         ("a flag given as a string", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, attribute_to_layer_input="no", progress=False), TypeError, r"`attribute_to_layer_input` must be True or False, got 'no'"),
     ]
-
-
-class _Unread(torch.utils.data.Dataset):
-    """Data that must not be read: the call is to be refused first."""
-
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, index):
-        raise AssertionError("the data was read before the settings were checked")
 
 
 def _no_pairs(n, generator):

@@ -402,18 +402,13 @@ def test_loading_networks_leaves_the_callers_random_stream(tmp_path):
 def test_a_checkpoint_of_other_settings_is_refused_before_the_data_is_read(tmp_path):
     """fit_concepts encoded every pool, and fit_autoencoder read every image, before refusing a
     checkpoint of other settings or more steps (fit_invariances checked before its pass already)."""
+    from helpers_training import Unread
+
     from captum_inn.autoencoders import ConvAutoencoder
     from captum_inn.concepts import ConceptPairs
     from captum_inn.training import fit_autoencoder, fit_concepts
 
     images, labels = torch.rand(16, 3, 8, 8), torch.arange(16) % 2
-
-    class Unread(torch.utils.data.Dataset):
-        def __len__(self):
-            return 16
-
-        def __getitem__(self, index):
-            raise AssertionError("the data was read before the checkpoint was checked")
 
     def unread_pairs(n, generator):
         raise AssertionError("the pools were drawn before the checkpoint was checked")

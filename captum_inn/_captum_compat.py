@@ -6,7 +6,6 @@ Captum 0.9 keeps these in ``captum._utils``; if a release moves them, only this 
 from __future__ import annotations
 
 from captum._utils.common import (  # noqa: F401 - re-exported
-    _expand_target,
     _format_additional_forward_args,
     _format_output,
     _format_tensor_into_tuples,
@@ -23,7 +22,6 @@ __all__ = [
     "LayerAttribution",
     "SUPPORTED_METHODS",
     "TargetType",
-    "_expand_target",
     "_format_additional_forward_args",
     "_format_output",
     "_format_tensor_into_tuples",

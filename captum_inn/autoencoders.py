@@ -147,9 +147,12 @@ def encode_posterior(autoencoder: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         std = getattr(out, "stddev", None) if std is None else std
         std = std() if callable(std) else std
         if std is None:
+            # attr imports this module
+            from captum_inn.attr._common import user_stacklevel
+
             warnings.warn(f"`encode` returned a {type(out).__name__} with `.mean` but no `.std` or `.stddev`: its codes "
                           "are taken as deterministic (std 0). Give it a `std` to train on posterior samples.",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=user_stacklevel())
         std = torch.zeros_like(mean) if std is None else std.expand_as(mean)
     else:
         raise TypeError(

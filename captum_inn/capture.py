@@ -223,18 +223,26 @@ _SELECTOR_HINT = (
     "pass selector= with an int index, a str key/attribute name, or a callable "
     "output -> tensor (a dict {layer name: selector} sets one per layer)"
 )
+#: The same for a model's own output (one selector: no per-layer dict).
+_OUTPUT_SELECTOR_HINT = "pass selector= with an int index, a str key/attribute name, or a callable output -> tensor"
 
 
-def check_selector(selector: Any, name: str) -> None:
-    """``TypeError`` unless ``selector`` (for layer ``name``) is ``None``, an ``int`` (not a bool),
-    a ``str`` or a callable."""
+def check_selector(selector: Any, name: str, model_output: bool = False) -> None:
+    """``TypeError`` unless ``selector`` (for layer ``name``, or the model's output) is ``None``, an
+    ``int`` (not a bool), a ``str`` or a callable."""
     if isinstance(selector, bool) or not (selector is None or isinstance(selector, (int, str)) or callable(selector)):
-        raise TypeError(f"layer {name!r}: selector must be None, an int, a str or a callable, got {selector!r}; "
-                        f"{_SELECTOR_HINT}")
+        who, hint = _selection_subject(name, model_output)
+        raise TypeError(f"{who}: selector must be None, an int, a str or a callable, got {selector!r}; {hint}")
+
+
+def _selection_subject(name: str, model_output: bool) -> Tuple[str, str]:
+    """Who the errors of a selection name, and the hint they give."""
+    return ("the model", _OUTPUT_SELECTOR_HINT) if model_output else (f"layer {name!r}", _SELECTOR_HINT)
 
 
 def _select(
-    value: Any, selector: Selector, name: str, what: str, kwargs: Optional[Dict[str, Any]] = None
+    value: Any, selector: Selector, name: str, what: str, kwargs: Optional[Dict[str, Any]] = None,
+    model_output: bool = False,
 ) -> Tensor:
     """Apply ``selector`` to a layer's output (or input tuple) and check it yields a tensor.
 
@@ -244,8 +252,11 @@ def _select(
         name: The layer name, for error messages.
         what: ``"output"`` or ``"input"``, for error messages.
         kwargs: Keyword arguments of the call (inputs only); a ``str`` selector may name one.
+        model_output: ``value`` is the model's own output (``predict_classes``): errors name the
+            model, and no per-layer selector.
     """
-    check_selector(selector, name)
+    check_selector(selector, name, model_output)
+    who, hint = _selection_subject(name, model_output)
     if selector is None:
         if isinstance(value, Tensor):
             selected = value
@@ -254,20 +265,20 @@ def _select(
         else:
             extra = f" (keyword arguments: {sorted(kwargs)})" if kwargs else ""
             raise ValueError(
-                f"layer {name!r}: cannot pick a tensor from its {what} of type "
-                f"{_describe(value)}{extra}; {_SELECTOR_HINT}"
+                f"{who}: cannot pick a tensor from its {what} of type "
+                f"{_describe(value)}{extra}; {hint}"
             )
     elif callable(selector) and not isinstance(selector, (int, str)):
         selected = selector(value)
     elif isinstance(selector, int):
         if not isinstance(value, (tuple, list)):
             raise ValueError(
-                f"layer {name!r}: int selector {selector} needs a tuple/list {what}, got "
-                f"{_describe(value)}; {_SELECTOR_HINT}"
+                f"{who}: int selector {selector} needs a tuple/list {what}, got "
+                f"{_describe(value)}; {hint}"
             )
         if not -len(value) <= selector < len(value):
             raise ValueError(
-                f"layer {name!r}: selector index {selector} is out of range for its {what} "
+                f"{who}: selector index {selector} is out of range for its {what} "
                 f"of length {len(value)}"
             )
         selected = value[selector]
@@ -277,21 +288,21 @@ def _select(
         elif isinstance(value, Mapping):
             if selector not in value:
                 raise ValueError(
-                    f"layer {name!r}: key {selector!r} not in its {what}; keys: {list(value)}"
+                    f"{who}: key {selector!r} not in its {what}; keys: {list(value)}"
                 )
             selected = value[selector]
         elif hasattr(value, selector):
             selected = getattr(value, selector)
         else:
             raise ValueError(
-                f"layer {name!r}: its {what} of type {_describe(value)} has no key or "
+                f"{who}: its {what} of type {_describe(value)} has no key or "
                 f"attribute {selector!r}"
                 + (f" (keyword arguments: {sorted(kwargs)})" if kwargs else "")
             )
     if not isinstance(selected, Tensor):
         raise TypeError(
-            f"layer {name!r}: the selected {what} value is a {type(selected).__name__}, "
-            f"not a tensor; {_SELECTOR_HINT}"
+            f"{who}: the selected {what} value is a {type(selected).__name__}, "
+            f"not a tensor; {hint}"
         )
     return selected
 
@@ -854,8 +865,7 @@ def eval_mode(*modules: Any) -> Iterator[None]:
 def _with_replaced(value: Any, selector: Selector, replacement: Tensor, name: str, what: str) -> Any:
     """``value`` (a layer's output, or its positional-argument tuple) with the tensor that
     ``selector`` picks (see :func:`_select`) swapped for ``replacement``; containers are copied,
-    never changed in place."""
-    _select(value, selector, name, what)  # the same checks, and errors, as reading the layer
+    never changed in place. Callers have run ``_select`` on ``value`` (its checks and errors)."""
     if selector is None:
         if isinstance(value, Tensor):
             return replacement

@@ -91,8 +91,9 @@ class ConceptPairs:
         Returns:
             ``(a, b)``, tensors of equal shape with ``n`` rows.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"`n` (number of pairs) must be an int >= 1, got {n!r}.")
+        n = int(n)  # NumPy ints, as ColorDigits.pairs takes them
         generator = as_optional_generator(generator) or torch.Generator().manual_seed(0)
         pair = self.sampler(n, generator)
         if not (isinstance(pair, (tuple, list)) and len(pair) >= 2 and all(isinstance(t, Tensor) for t in pair[:2])):

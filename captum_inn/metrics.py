@@ -31,6 +31,7 @@ from captum_inn.attr._common import (
     dtype_errors_named,
     holds_tensor,
     slice_forward_args,
+    user_stacklevel,
 )
 from captum_inn.capture import Selector, _select, capture, eval_mode
 from captum_inn.inn import ConditionalINN
@@ -78,7 +79,7 @@ def _classes(model: nn.Module, images: Tensor, batch_size: int, selector: Select
     with torch.no_grad(), eval_mode(model), dtype_errors_named(images, model, name="images"):
         for s in range(0, images.shape[0], batch_size):
             batch, extra = images[s : s + batch_size], extra_for(slice(s, s + batch_size))
-            logits = _select(model(batch, *(extra or ())), selector, type(model).__name__, "output")
+            logits = _select(model(batch, *(extra or ())), selector, type(model).__name__, "output", model_output=True)
             if logits.dim() != 2 or logits.shape[1] < 2:  # one logit's argmax is always class 0: agreement 1.0
                 raise ValueError(f"The model's output has shape {tuple(logits.shape)}; predictions need (N, K) logits "
                                  "with K >= 2. For a one-logit binary classifier wrap it to return "
@@ -242,7 +243,7 @@ def reencode_similarity(
     if z.shape[1] == 1:
         warnings.warn(f"Layer {layer!r} gives one number per image: the cosine similarity of two numbers is only "
                       "whether their signs agree, so the scores say little; re-encode at a wider layer.",
-                      UserWarning, stacklevel=2)
+                      UserWarning, stacklevel=user_stacklevel())
     z_samples = encode(samples.reshape(n * s, *samples.shape[2:]), _sample_rows(additional_forward_args, n, s),
                        "samples").view(n, s, -1)
     similarity = _cosine(z_samples, z.unsqueeze(1))

@@ -55,8 +55,13 @@ def test_predictions_of_a_model_with_a_dict_output(model):
     assert torch.equal(predict_classes(heads, x, batch_size=4, selector="logits"), model(x).argmax(1))
     assert prediction_agreement(heads, x, samples, selector="logits") == prediction_agreement(model, x, samples)
     assert heads.training  # eval mode only during the call
-    with pytest.raises(ValueError, match="cannot pick a tensor from its output of type dict.*pass selector="):
+    with pytest.raises(ValueError, match="cannot pick a tensor from its output of type dict.*pass selector=") as error:
         prediction_agreement(heads, x, samples)
+    # the model's output, not a layer's: no per-layer {layer: selector} dict is offered (it is refused here)
+    assert str(error.value).startswith("the model:") and "per layer" not in str(error.value)
+    with pytest.raises(TypeError, match="the model: selector must be None") as error:
+        predict_classes(heads, x, selector={"": "logits"})
+    assert "per layer" not in str(error.value)
     with pytest.raises(ValueError, match="`batch_size` must be >= 1"):
         predict_classes(model, x, batch_size=0)
     with pytest.raises(ValueError, match="`images` is an empty batch"):

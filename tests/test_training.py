@@ -1830,3 +1830,39 @@ def test_a_finished_fit_is_read_back_without_writing(images, autoencoder, tmp_pa
     again = fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=run, progress=False, **TINY)
     assert again.history == first.history
     assert fit_concepts((model, "fc"), [pairs], **settings).fit_info == concepts.fit_info
+
+
+def test_train_loop_trains_inside_no_grad():
+    """A fit called inside torch.no_grad() (a notebook cell under it) still computes gradients."""
+    from captum_inn.training.loop import train_loop
+
+    torch.manual_seed(0)
+    lin, x = nn.Linear(3, 1), torch.randn(16, 3)
+    before = lin.weight.detach().clone()
+    with torch.no_grad():
+        train_loop(lin, lambda generator: lin(x).pow(2).mean(), steps=3, lr=1e-2, progress=False)
+    assert not torch.equal(before, lin.weight)
+
+
+def test_cache_features_keeps_no_graph_and_names_the_image_whose_features_are_not_finite():
+    """Cached codes and activations carry no autograd graph, and a layer that turns one image's finite
+    pixels into NaN is reported during the pass, naming that image."""
+
+    class Holes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(192, 3)
+
+        def forward(self, x):
+            flat = x.flatten(1).clone()
+            flat[x[:, 0, 0, 0] == 1.0] = float("nan")
+            return self.head(flat)
+
+    torch.manual_seed(0)
+    ae = ConvAutoencoder((3, 8, 8), 4, width=4)
+    x = torch.rand(10, 3, 8, 8) * 0.5
+    cache = cache_features(Holes(), ["head"], ae, x, batch_size=4, progress=False)
+    assert cache.code_mean.grad_fn is None and cache.layers["head"].grad_fn is None
+    x[7, 0, 0, 0] = 1.0
+    with pytest.raises(ValueError, match="Layer 'head''s activations hold NaN or infinite values at image 7 of `data`"):
+        cache_features(Holes(), ["head"], ae, x, batch_size=4, progress=False)

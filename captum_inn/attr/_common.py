@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._captum_compat import _format_additional_forward_args, _format_tensor_into_tuples
+from captum_inn.autoencoders import encode_mean, encode_posterior
 from captum_inn.capture import (
     LayerHooks,
     check_selector,
@@ -247,6 +248,13 @@ def check_positive_int(value: Any, name: str) -> int:
     return value
 
 
+def check_optional_callable(value: Any, name: str, call: str) -> None:
+    """``TypeError`` naming ``name`` unless ``value`` is ``None`` or callable as ``call`` says (an int
+    given as a fit's augmentation or callback failed at the first step, after the data was read)."""
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}` must be callable ({call}) or None, got {type(value).__name__}.")
+
+
 def check_image_input(value: Any) -> int:
     """The explainers' ``image_input`` as an int ``>= 0``, or an error naming it (its upper bound
     depends on each call's inputs: :func:`format_inputs` checks it there)."""
@@ -401,7 +409,7 @@ def warn_unreachable_model(forward_func: Callable, layer: nn.Module, what: str) 
             f"`forward_func` is a plain function, so {what} cannot switch the model to eval mode (only the hooked "
             "layer): batch norm in training mode would use and update batch statistics, and dropout would stay "
             "on. Call model.eval() first, or pass the model itself (or model.forward) as forward_func.",
-            UserWarning, stacklevel=3,
+            UserWarning, stacklevel=user_stacklevel(),
         )
 
 
@@ -601,6 +609,15 @@ def dtype_errors_named(images: Tensor, *modules: Any, name: str = "inputs") -> I
                 f"with images.to(torch.{want}). ({error})"
             ) from error
         raise
+
+
+def encode_images(autoencoder: Any, images: Tensor, *, posterior: bool = False, name: str = "inputs") -> Any:
+    """The autoencoder's codes of ``images``: the mean ``(N, d)``, or ``(mean, std)`` with ``posterior``.
+    The images go in the encoder's own dtype (a float64 model's images, a float32 autoencoder), as
+    the codes go to its decoder in its own; dtype errors name ``name``."""
+    images = images.to(network_dtype(autoencoder, images.dtype))
+    with dtype_errors_named(images, autoencoder, name=name):
+        return encode_posterior(autoencoder, images) if posterior else encode_mean(autoencoder, images)
 
 
 def check_same_device(tensor: Tensor, module: nn.Module, name: str = "inputs") -> None:

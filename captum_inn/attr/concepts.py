@@ -30,6 +30,7 @@ from captum_inn.attr._common import (
     check_same_weights,
     check_target_count,
     dtype_errors_named,
+    encode_images,
     eval_owner,
     fitted_selector,
     format_inputs,
@@ -308,10 +309,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 )
             return z.to(self._concept_dtype)
         images = inputs[self.image_input if image_input is None else image_input]
-        # in the encoder's dtype (a float64 model's images, a float32 autoencoder), as codes go to the decoder in its own
-        images = images.to(network_dtype(self.autoencoder, images.dtype))
-        with dtype_errors_named(images, self.autoencoder):
-            code = encode_mean(self.autoencoder, images)
+        code = encode_images(self.autoencoder, images)
         if code.shape[1] != self.concept_inn.dim:
             raise ValueError(
                 f"`autoencoder` gives codes of size {code.shape[1]}, but `concept_inn` acts on codes of size "

@@ -27,7 +27,7 @@ from captum_inn.attr._common import (
     check_same_device,
     check_same_weights,
     check_target_count,
-    dtype_errors_named,
+    encode_images,
     fitted_selector,
     format_inputs,
     forward_module,
@@ -39,7 +39,7 @@ from captum_inn.attr._common import (
     slice_forward_args,
     warn_unreachable_model,
 )
-from captum_inn.autoencoders import check_autoencoder, encode_mean
+from captum_inn.autoencoders import check_autoencoder
 from captum_inn.capture import eval_mode
 from captum_inn.inn import ConditionalINN
 
@@ -192,11 +192,7 @@ class LayerInvariance(LayerAttribution):
         return z
 
     def _code(self, images: Tensor) -> Tensor:
-        # images in the encoder's dtype, as codes go to the decoder in its own (a float64 model's
-        # images, a float32 autoencoder); the model still sees them as given
-        images = images.to(network_dtype(self.autoencoder, images.dtype))
-        with dtype_errors_named(images, self.autoencoder):
-            code = encode_mean(self.autoencoder, images)
+        code = encode_images(self.autoencoder, images)  # the model still sees the images as given
         if code.shape[1] != self.inn.dim:
             raise ValueError(
                 f"`autoencoder` gives codes of size {code.shape[1]}, but `inn` was fitted on codes of "

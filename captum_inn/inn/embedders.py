@@ -89,7 +89,7 @@ class ConditionEmbedder(nn.Module):
     def _statistics_shape(self) -> Tuple[int, ...]:
         return self.in_shape
 
-    def _statistics_dims(self, batch: Tensor) -> Tuple[int, ...]:
+    def _statistics_dims(self) -> Tuple[int, ...]:
         return (0,)
 
     @torch.no_grad()
@@ -105,7 +105,7 @@ class ConditionEmbedder(nn.Module):
         self._check(batch)
         if batch.shape[0] < 2:
             raise ValueError(f"`batch` needs at least 2 samples to estimate statistics, got {batch.shape[0]}.")
-        dims = self._statistics_dims(batch)
+        dims = self._statistics_dims()
         mean = batch.mean(dim=dims).reshape(self.in_mean.shape)
         std = batch.std(dim=dims).reshape(self.in_std.shape)
         # Floor at 10% of the typical spread: a unit that is almost always zero (a dead ReLU on
@@ -258,7 +258,7 @@ class ConvEmbedder(ConditionEmbedder):
     def _statistics_shape(self) -> Tuple[int, ...]:
         return (self.in_shape[0], 1, 1)
 
-    def _statistics_dims(self, batch: Tensor) -> Tuple[int, ...]:
+    def _statistics_dims(self) -> Tuple[int, ...]:
         return (0, 2, 3)
 
 

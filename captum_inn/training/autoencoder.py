@@ -13,12 +13,13 @@ from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import (
     autograd_on,
     check_module_device,
+    check_optional_callable,
     check_pixel_range,
     network_dtype,
     weights_fingerprint,
 )
 from captum_inn.autoencoders import ConvAutoencoder
-from captum_inn.capture import LayerHooks, check_autograd_weights
+from captum_inn.capture import LayerHooks, check_autograd_weights, resolve_layer
 from captum_inn.training.cache import images_fingerprint
 from captum_inn.training.checkpoint import (
     building_from,
@@ -31,7 +32,7 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
     warn_if_unfinished,
 )
-from captum_inn.training.classifier import augment_generators, augment_record, check_augment
+from captum_inn.training.classifier import AUGMENT_CALL, augment_generators, augment_record
 from captum_inn.training.data import (
     _items_are_stored_arrays,
     check_image_dtype,
@@ -48,7 +49,7 @@ from captum_inn.training.distributed import (
 )
 from captum_inn.training.loop import check_resumable_early, merged_config, resume_key, train_loop
 
-__all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "images_as_tensor"]
+__all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "save_autoencoder", "images_as_tensor"]
 
 
 @dataclass
@@ -124,8 +125,6 @@ def images_as_tensor(data: Any) -> Tensor:
 
 def _layer_names(model: Any, layers: Any) -> Tuple[str, ...]:
     """``perceptual_layers`` as names of ``model``'s layers (one str or module, or several)."""
-    from captum_inn.capture import resolve_layer
-
     layers = [layers] if isinstance(layers, (str, nn.Module)) else list(layers or ())
     if model is None:
         return tuple(str(layer) for layer in layers)  # refused below, with perceptual_model
@@ -206,7 +205,7 @@ def fit_autoencoder(
             "A perceptual loss needs both `perceptual_model` and `perceptual_layers` (layer names of it); "
             f"got perceptual_model={type(perceptual_model).__name__} and perceptual_layers={config.perceptual_layers}."
         )
-    check_augment(augment)
+    check_optional_callable(augment, "augment", AUGMENT_CALL)
     rank = world(device)[0]  # joins torchrun's process group, if any, before the data is sharded
     if checkpoint is not None and rank == 0 and not (resume and finished_checkpoint(checkpoint, config.steps)):
         check_checkpoint_path(checkpoint)  # before the images are read, which may take long

@@ -31,11 +31,11 @@ from captum_inn.attr._common import (
     check_pixel_range,
     class_name,
     dtype_errors_named,
-    network_dtype,
+    encode_images,
     sequence_first_suspect,
     weights_fingerprint,
 )
-from captum_inn.autoencoders import check_autoencoder, encode_posterior
+from captum_inn.autoencoders import check_autoencoder
 from captum_inn.capture import (
     LayerHooks,
     _unwrapped,
@@ -46,6 +46,7 @@ from captum_inn.capture import (
     resolve_layer,
     selector_record,
 )
+from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captum_inn.training.data import (
     _images_of,
     check_image_dtype,
@@ -208,8 +209,6 @@ class FeatureCache:
         Returns:
             The written path.
         """
-        from captum_inn.training.checkpoint import save_checkpoint
-
         tensors = {"code_mean": self.code_mean[:], "code_std": self.code_std[:],
                    **{f"layer.{name}": value[:] for name, value in self.layers.items()}}
         meta = {"kind": "feature_cache", "config": {"layers": list(self.layers), **self._record()}}
@@ -229,8 +228,6 @@ class FeatureCache:
             CheckpointError: an unreadable file, or one whose arrays or record are missing or do
                 not fit together.
         """
-        from captum_inn.training.checkpoint import CheckpointError, load_checkpoint
-
         tensors, meta = load_checkpoint(path, kind="feature_cache")
         try:
             names = meta["config"]["layers"]
@@ -554,6 +551,17 @@ _NO_IMAGES = ("`data` yields no images (an empty dataset, or a DataLoader with d
               "its batch_size); pass at least one image, or drop_last=False.")
 
 
+def _check_finite_rows(values: Tensor, what: str, first: int) -> None:
+    """A ``ValueError`` naming the image when one batch's cached rows hold NaN or inf: found during the
+    pass, not after it by the fit (the pixels were finite, so the network or the encoder made them)."""
+    finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(1)  # rows are batch-first
+    if not bool(finite.all()):
+        row = first + int((~finite).nonzero()[0, 0])
+        raise ValueError(f"{what[0].upper()}{what[1:]} hold NaN or infinite values at image {row} of `data` (its pixels "
+                         "are finite); check the network there (a division by zero, an overflow in a low-precision "
+                         "dtype) before caching features.")
+
+
 @torch.no_grad()
 def cache_features(
     model: nn.Module,
@@ -653,14 +661,15 @@ def cache_features(
                             f"layer {name!r} did not run during the forward pass; check that it is used "
                             f"in model.forward{did_not_run_hint(model, name)}."
                         )
-                    sink.append(f"layer.{name}", as_cached_rows(values[name], images.shape[0], name, extra))
+                    rows = as_cached_rows(values[name], images.shape[0], name, extra)
+                    _check_finite_rows(rows, f"layer {name!r}'s activations", seen)
+                    sink.append(f"layer.{name}", rows)
                 if seen == 0:  # once: a sequence-first layer with as many tokens as images in a batch
                     _check_sequence_first(model, layer_list, names, values, images, extra, attribute_to_layer_input,
                                           selector)
-                # in the encoder's dtype (a float64 model's images, a float32 autoencoder), as the explainers do
-                coded = images.to(network_dtype(autoencoder, images.dtype))
-                with dtype_errors_named(coded, autoencoder, name="data"):
-                    mean, std = encode_posterior(autoencoder, coded)
+                mean, std = encode_images(autoencoder, images, posterior=True, name="data")
+                _check_finite_rows(mean, "the autoencoder's code means", seen)
+                _check_finite_rows(std, "the autoencoder's code standard deviations", seen)
                 sink.append("code_mean", mean)
                 sink.append("code_std", std)
                 bar.update(images.shape[0])

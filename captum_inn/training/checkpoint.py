@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 try:
@@ -239,7 +239,6 @@ def load_checkpoint(
         raise CheckpointError(f"Checkpoint {str(path)!r} cannot be read ({exc.strerror or exc}); give this user read "
                               "access to it, or pass another path.") from None
     try:
-        from safetensors import safe_open
 
         # one open for the metadata and the tensors: a fit replacing the file between two opens gave the
         # metadata of one step with the weights of the next
@@ -361,9 +360,12 @@ def warn_if_unfinished(path: PathLike, step: Any, steps: Any, fit: str, argument
         >>> warn_if_unfinished("ae.safetensors", 3000, 3000, "fit_autoencoder", "checkpoint")   # finished: silent
     """
     if isinstance(step, int) and isinstance(steps, int) and step < steps:
+        # attr imports the training package
+        from captum_inn.attr._common import user_stacklevel
+
         warnings.warn(
             f"{str(path)!r} is a checkpoint of an unfinished {fit} (step {step} of {steps}); call {fit} again "
-            f"with the same `{argument}` and steps={steps} to finish it.", UserWarning, stacklevel=3,
+            f"with the same `{argument}` and steps={steps} to finish it.", UserWarning, stacklevel=user_stacklevel(),
         )
 
 
@@ -379,7 +381,6 @@ def read_header(path: Optional[PathLike]) -> Optional[Dict[str, Any]]:
     if path is None or not Path(path).is_file():
         return None
     try:
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get(_META_KEY, "null"))

@@ -22,7 +22,13 @@ from torch.utils.data import (
     default_collate,
 )
 
-from captum_inn.attr._common import autograd_on, check_number, check_positive_int, class_indices
+from captum_inn.attr._common import (
+    autograd_on,
+    check_number,
+    check_optional_callable,
+    check_positive_int,
+    class_indices,
+)
 from captum_inn.capture import check_autograd_weights
 from captum_inn.metrics import predict_classes
 from captum_inn.training.data import (
@@ -106,6 +112,10 @@ def _random_sampler_draws(sampler: Any, dataset: Any) -> Tuple[Optional[List[int
     return None, None
 
 
+#: What a fit's ``augment`` is called with and returns (named when it is not callable).
+AUGMENT_CALL = "a batch of images in, a batch out"
+
+
 class Jitter:
     """Augmentation: shift a batch by up to ``pixels`` (edges replicated), flip, add Gaussian noise; seeded.
 
@@ -148,13 +158,6 @@ class Jitter:
 
 
 _MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # in a repr: where the object lives, not its settings
-
-
-def check_augment(augment: Any, name: str = "augment", call: str = "a batch of images in, a batch out") -> None:
-    """``TypeError`` naming ``name`` unless it is ``None`` or callable (an int failed at the first step,
-    after the data was read)."""
-    if augment is not None and not callable(augment):
-        raise TypeError(f"`{name}` must be callable ({call}) or None, got {type(augment).__name__}.")
 
 
 def augment_record(augment: Any) -> Any:
@@ -265,8 +268,8 @@ def fit_classifier(
     check_positive_int(steps, "steps")
     check_number(lr, "lr", positive=True)
     check_number(weight_decay, "weight_decay")
-    check_augment(augment)
-    check_augment(callback, "callback", "callback(step, model)")
+    check_optional_callable(augment, "augment", AUGMENT_CALL)
+    check_optional_callable(callback, "callback", "callback(step, model)")
     check_autograd_weights(model, "`model`", "fit_classifier trains its weights")
     adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
     world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving

@@ -31,10 +31,11 @@ from captum_inn.attr._common import (
     check_int,
     check_module_device,
     class_name,
-    network_dtype,
+    encode_images,
+    user_stacklevel,
     weights_fingerprint,
 )
-from captum_inn.autoencoders import check_autoencoder, encode_posterior
+from captum_inn.autoencoders import check_autoencoder
 from captum_inn.capture import (
     capture,
     eval_mode,
@@ -67,6 +68,7 @@ from captum_inn.training.distributed import (
 from captum_inn.training.loop import (
     _check_seed,
     check_resumable_early,
+    final_loss,
     merged_config,
     resume_key,
     train_loop,
@@ -216,13 +218,11 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
         check_module_device(representation, device, "representation")
 
     def encode(images: Tensor) -> Tuple[Tensor, Tensor]:
-        # in the encoder's dtype (a float64 model's images, a float32 autoencoder), as cache_features does
         if not images.is_floating_point():  # a conv encoder would fail on a raw dtype error
             raise TypeError(f"Concept pairs for an autoencoder must be floating-point images (pixels in [0, 1]), got "
                             f"{images.dtype}; build the pairs from images.float() / 255 for 8-bit pixels.")
-        images = images.to(network_dtype(representation, images.dtype))
         with eval_mode(representation):  # as cache_features: no BatchNorm updates, no dropout
-            return encode_posterior(representation, images)
+            return encode_images(representation, images, posterior=True, name="concepts")
 
     return encode, (lambda dim: {"kind": "autoencoder_code", "dim": int(dim),
                                  "weights": weights_fingerprint(representation)})
@@ -375,8 +375,9 @@ def estimate_factor_sizes(
     return factor_sizes_from_scores(scores, pools[0].mean_a.shape[1], residual=RESIDUAL), scores
 
 
-def _check_size_names(factor_sizes: Mapping[str, int], names: Sequence[str]) -> None:
-    """What of ``factor_sizes`` can be checked before the pairs are encoded: the type, names and sizes."""
+def _check_size_names(factor_sizes: Mapping[str, int], names: Sequence[str]) -> Dict[str, int]:
+    """What of ``factor_sizes`` can be checked before the pairs are encoded (the type, names and
+    sizes); the sizes as ints, in the order of ``names``, the residual's last where given."""
     if not isinstance(factor_sizes, Mapping):
         raise TypeError(f"`factor_sizes` must be a mapping {{concept: size}}, got {type(factor_sizes).__name__}.")
     unknown = [k for k in factor_sizes if k not in names and k != RESIDUAL]
@@ -386,31 +387,26 @@ def _check_size_names(factor_sizes: Mapping[str, int], names: Sequence[str]) -> 
             f"`factor_sizes` must name exactly the concepts {list(names)} (and optionally {RESIDUAL!r}); "
             f"unknown: {unknown}, missing: {missing}."
         )
-    for key, size in factor_sizes.items():
-        check_factor_size(key, size)
+    sizes = {n: check_factor_size(n, factor_sizes[n]) for n in names}
+    if RESIDUAL in factor_sizes:
+        sizes[RESIDUAL] = check_factor_size(RESIDUAL, factor_sizes[RESIDUAL])
+    return sizes
 
 
-def _check_dim(dim: int, names: Sequence[str], factor_sizes: Optional[Mapping[str, int]]) -> None:
-    """The representation's size against the concepts and the given sizes (before the pools where it is known)."""
+def _check_dim(dim: int, names: Sequence[str], sizes: Optional[Dict[str, int]]) -> Optional[Dict[str, int]]:
+    """The representation's size against the concepts and the sizes checked by :func:`_check_size_names`
+    (before the pools where it is known); ``sizes`` back."""
     if dim < len(names) + 1:
         raise ValueError(f"The representation has {dim} dimensions, too few for {len(names)} concepts and a residual.")
-    if factor_sizes is not None:
-        _check_sizes(factor_sizes, names, dim)
-
-
-def _check_sizes(factor_sizes: Mapping[str, int], names: Sequence[str], dim: int) -> Dict[str, int]:
-    _check_size_names(factor_sizes, names)
-    sizes = {n: int(factor_sizes[n]) for n in names}
-    total = sum(sizes.values()) + int(factor_sizes.get(RESIDUAL, 0))
-    if RESIDUAL in factor_sizes and total != dim:
-        raise ValueError(f"`factor_sizes` {dict(factor_sizes)} sum to {total}, but the representation has {dim} dimensions.")
-    if RESIDUAL not in factor_sizes and total >= dim:
-        raise ValueError(
-            f"`factor_sizes` {dict(factor_sizes)} sum to {total}, leaving no residual in a representation of "
-            f"{dim} dimensions; they must sum to at most {dim - 1} (or include {RESIDUAL!r} and sum to {dim})."
-        )
-    if RESIDUAL in factor_sizes:
-        sizes[RESIDUAL] = int(factor_sizes[RESIDUAL])
+    if sizes is not None:
+        total = sum(sizes.values())
+        if RESIDUAL in sizes and total != dim:
+            raise ValueError(f"`factor_sizes` {sizes} sum to {total}, but the representation has {dim} dimensions.")
+        if RESIDUAL not in sizes and total >= dim:
+            raise ValueError(
+                f"`factor_sizes` {sizes} sum to {total}, leaving no residual in a representation of "
+                f"{dim} dimensions; they must sum to at most {dim - 1} (or include {RESIDUAL!r} and sum to {dim})."
+            )
     return sizes
 
 
@@ -518,13 +514,13 @@ def fit_concepts(
         raise ValueError(f"`rho` must lie strictly between 0 and 1, got {config.rho}.")
     concept_list = as_concepts(concepts)
     names = [c.name for c in concept_list]
-    if factor_sizes is not None:  # a misspelt name is refused now, not after encoding every pool
-        _check_size_names(factor_sizes, names)
+    # a misspelt name is refused now, not after encoding every pool
+    given = None if factor_sizes is None else _check_size_names(factor_sizes, names)
     device = as_device(device)  # "gpu" was torch's raw RuntimeError
     encode, describe = _as_encoder(representation, device)
     latent = getattr(representation, "latent_dim", None)  # an autoencoder's size is known before its pools
     if isinstance(latent, int) and not isinstance(latent, bool):
-        _check_dim(latent, names, factor_sizes)
+        _check_dim(latent, names, given)
     rank, n_ranks = world(device)
     network = representation.model if isinstance(representation, LayerRepresentation) else (
         representation[0] if isinstance(representation, tuple) else representation)
@@ -545,13 +541,11 @@ def fit_concepts(
         for key in ("mean_a", "std_a", "mean_b", "std_b"):
             setattr(pool, key, gather_rows(getattr(pool, key)))
     dim = pools[0].mean_a.shape[1]
-    _check_dim(dim, names, factor_sizes)
+    sizes = _check_dim(dim, names, given)
     scores = None
-    if factor_sizes is None:
+    if sizes is None:
         scores = _scores(pools)
         sizes = factor_sizes_from_scores(scores, dim, residual=RESIDUAL)
-    else:
-        sizes = _check_sizes(factor_sizes, names, dim)
     # deterministic features get a small noise floor (fraction of each dimension's spread); a dimension
     # without spread (a dead ReLU unit) counts the median spread of those that vary: an absolute floor
     # (1e-6) gave it noise a million times smaller than the layer's scale, and the fit a loss that jumped
@@ -589,7 +583,7 @@ def fit_concepts(
     if checkpoint is not None and recorded_config_has(checkpoint if resume else None, "pairs", default=True):
         # a resume on other concept data is refused; checkpoints of earlier versions lack the record
         meta["config"]["pairs"] = {c.name: c.fingerprint() for c in concept_list}
-    batch = local_batch_size(config.batch_size, config.batch_size)
+    batch = local_batch_size(config.batch_size)
 
     shared = torch.cat([masks[k].expand(batch, dim) for k in range(len(pools))])
 
@@ -613,10 +607,9 @@ def fit_concepts(
         checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta,
         progress=progress, desc="concept INN",
     )
-    tail = history[-100:]
     with torch.no_grad():  # each factor's spread over the data, the reference of LayerConcepts.encoded
         factors = torch.cat([inn(p.mean_a[:1024].to(device), jac=False)[0] for p in pools])
-    results = {"steps": config.steps, "final_loss": float(sum(tail) / len(tail)),
+    results = {"steps": config.steps, "final_loss": final_loss(history),
                "factor_variance": factors.var(0).cpu().tolist()}
     inn.fit_info = {**info, **results}
     inn.history = history
@@ -687,7 +680,7 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
                 f"{path} is a checkpoint of an unfinished fit_concepts (step {meta.get('step')}): it lacks the "
                 "factors' variance over the data, so LayerConcepts.encoded would compare with the prior's "
                 "variance 1. Resume the fit to its end, or load a file written by save_concept_inn.",
-                UserWarning, stacklevel=2,
+                UserWarning, stacklevel=user_stacklevel(),
             )
         with building_from(path):  # an edited fit_results ([1]) failed in dict.update, naming no file
             config.update(meta.get("fit_results", {}))

@@ -289,8 +289,11 @@ class FolderLock:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
+                # attr imports the training package
+                from captum_inn.attr._common import user_stacklevel
+
                 warnings.warn(f"{str(folder)!r} is being written by another feature-cache pass; waiting for it to "
-                              "finish.", UserWarning, stacklevel=3)
+                              "finish.", UserWarning, stacklevel=user_stacklevel())
                 fcntl.flock(fd, mode)
         except OSError:  # a file system without locks (NFS without its lock daemon): unlocked, as on Windows
             os.close(fd)

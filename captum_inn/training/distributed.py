@@ -88,15 +88,16 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def local_batch_size(batch_size: int, n_local: int) -> int:
+def local_batch_size(batch_size: int, n_local: Optional[int] = None) -> int:
     """This rank's share of a global ``batch_size`` (at most its number of samples).
 
     Args:
         batch_size: The global batch size (summed over ranks), at least the number of processes.
-        n_local: Number of samples this rank holds.
+        n_local: Number of samples this rank holds; ``None`` where each step draws its batch anew
+            (concept pairs), so nothing caps it.
 
     Returns:
-        ``batch_size // world size``, capped at ``n_local``.
+        ``batch_size // world size``, capped at ``n_local`` when given.
 
     Examples::
 
@@ -109,7 +110,7 @@ def local_batch_size(batch_size: int, n_local: int) -> int:
     if batch_size < size:
         raise ValueError(f"`batch_size` {batch_size} is smaller than the number of processes {size}; "
                          "each process needs at least one sample per step.")
-    return min(batch_size // size, n_local)
+    return batch_size // size if n_local is None else min(batch_size // size, n_local)
 
 
 def shard_data(data: Any) -> Any:

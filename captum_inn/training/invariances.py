@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import re
 import tempfile
 import threading
@@ -26,7 +27,12 @@ from tqdm import tqdm
 
 from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import autograd_on, class_name, user_stacklevel, weights_fingerprint
-from captum_inn.capture import is_comparable_selector, per_layer_selectors, selector_record
+from captum_inn.capture import (
+    is_comparable_selector,
+    per_layer_selectors,
+    resolve_layer,
+    selector_record,
+)
 from captum_inn.inn import ConditionalINN
 from captum_inn.training.cache import (
     FeatureCache,
@@ -42,7 +48,9 @@ from captum_inn.training.checkpoint import (
     finished_checkpoint,
     load_checkpoint,
     load_module_state,
+    module_tensors,
     read_header,
+    save_checkpoint,
     warn_if_unfinished,
 )
 from captum_inn.training.distributed import (
@@ -55,6 +63,7 @@ from captum_inn.training.distributed import (
 from captum_inn.training.loop import (
     check_resumable_early,
     cuda_graphs_by_default,
+    final_loss,
     merged_config,
     resume_key,
     run_concurrently,
@@ -240,7 +249,7 @@ def _train(
         checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta, progress=progress,
         desc=f"INN {name}", callback=callback,
     )
-    inn.fit_info = {**fit_info, "final_nll_per_dim": _tail_mean(history)}
+    inn.fit_info = {**fit_info, "final_nll_per_dim": final_loss(history)}
     inn.history = history
     return inn
 
@@ -303,11 +312,6 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
     finally:
         bar.close()
     return dict(zip(names, results))
-
-
-def _tail_mean(history: Sequence[float], n: int = 100) -> float:
-    tail = list(history[-n:])
-    return float(sum(tail) / len(tail)) if tail else math.nan
 
 
 @autograd_on
@@ -405,8 +409,9 @@ def fit_invariances(
         (['1', '3'], [10])
     """
     config = merged_config(InvarianceConfig, config, overrides)
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
         raise ValueError(f"`workers` must be a positive int (or None for automatic), got {workers!r}.")
+    workers = None if workers is None else int(workers)  # NumPy ints, as batch_size takes them
     if world(device)[1] > 1 and workers is not None and workers > 1:  # also joins torchrun's process group
         raise ValueError(f"`workers`={workers} under torchrun: the processes must issue their gradient all-reduces "
                          "in one order, so their layers train one after another; leave `workers` out (or pass 1).")
@@ -416,8 +421,6 @@ def fit_invariances(
     layer_list = [layers] if single else list(layers)
     if not layer_list:  # before a memory-mapped cache's folder and lock are made
         raise ValueError("`layers` is empty; pass a layer (module or dotted name) or a list of them.")
-    from captum_inn.capture import resolve_layer
-
     resolved = [resolve_layer(model, layer) for layer in layer_list]
     names = [name for name, _ in resolved]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -642,8 +645,6 @@ def save_invariance_inn(path: str, inn: ConditionalINN) -> Path:
         inn = fit_invariances(model, "layer4", ae, images)
         save_invariance_inn("layer4.safetensors", inn)
     """
-    from captum_inn.training.checkpoint import module_tensors, save_checkpoint
-
     if isinstance(path, nn.Module):  # said "`inn` has no fit_info" of the path
         raise TypeError(f"save_invariance_inn takes (path, inn), the path first; got a {type(path).__name__} as `path`.")
     info = getattr(inn, "fit_info", None)

@@ -274,6 +274,13 @@ def saved_step(checkpoint: Any, saved: Mapping[str, Any], argument: str = "check
     return step
 
 
+def final_loss(history: Sequence[float], n: int = 100) -> float:
+    """The mean of a fit's last ``n`` losses (NaN for none): what its ``fit_info`` reports, less
+    noisy than the last step's."""
+    tail = list(history[-n:])
+    return float(sum(tail) / len(tail)) if tail else math.nan
+
+
 @autograd_on
 def train_loop(
     module: nn.Module,

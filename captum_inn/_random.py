@@ -43,9 +43,13 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
         >>> torch.equal(torch.random.get_rng_state(), state), torch.equal(a, torch.rand(2, generator=torch.Generator().manual_seed(0)))
         (True, True)
     """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
+    cuda = torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        # not torch.manual_seed: it also queues a seed for CUDA's lazy start (which fork_rng cannot take
+        # back, so the user's next CUDA draws followed the fit's seed) and reseeds MPS for good
+        torch.default_generator.manual_seed(int(seed))
+        if cuda:
+            torch.cuda.manual_seed_all(int(seed))
         yield
 
 

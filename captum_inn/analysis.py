@@ -27,6 +27,7 @@ from captum_inn.attr._common import (
     check_positive_int,
     class_indices,
     dtype_errors_named,
+    network_dtype,
     one_image_tensor,
     runs_model,
 )
@@ -122,6 +123,19 @@ class AdversarialViews:
                          for layer in self.views})
         return plot_image_grid(columns, title="what each layer sees in the attack (captions: the model's class, "
                                "then the judge's for each layer's view)", fig=fig, captions=captions)
+
+
+def _judge_classes(judge: nn.Module, images: Tensor, batch: int) -> Tensor:
+    """The judge's classes of views (in the images' dtype); a judge of another dtype is named as the
+    mistake (the message said to convert `images`, which the analysed model needs as they are)."""
+    try:
+        return predict_classes(judge, images, batch)
+    except TypeError as error:
+        dtype = network_dtype(judge, images.dtype)
+        if dtype != images.dtype:
+            raise TypeError(f"`judge` computes in {dtype} but the images, and so the views, are {images.dtype}; "
+                            f"pass a judge in the images' dtype, judge.to({images.dtype}).") from error
+        raise
 
 
 _SUMMARY_KEYS = ("judge_on_attacked", "fooled_rate", "n_fooled")
@@ -228,7 +242,7 @@ def adversarial_views(
         views, judged, summary = {}, {}, {}
         for layer, explainer in explainers.items():
             views[layer] = _transfer(explainer, images, adversarial, batch)
-            judged[layer] = predict_classes(judge, views[layer], batch)
+            judged[layer] = _judge_classes(judge, views[layer], batch)
             if fooled.any():
                 summary[layer] = {
                     "judged_adversarial": float((judged[layer][fooled] == adv_pred[fooled]).float().mean()),
@@ -238,7 +252,7 @@ def adversarial_views(
                 summary[layer] = {"judged_adversarial": float("nan"), "judged_original": float("nan")}
         # the judge on the attacked images themselves: a judge the attack transfers to would mix
         # what a layer sees with what the judge sees
-        judged_attack = predict_classes(judge, adversarial, batch)
+        judged_attack = _judge_classes(judge, adversarial, batch)
     summary["judge_on_attacked"] = (float((judged_attack[fooled] == labels[fooled]).float().mean()) if fooled.any()
                                     else float("nan"))
     summary["fooled_rate"] = float(fooled.float().mean())

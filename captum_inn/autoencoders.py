@@ -137,6 +137,12 @@ def encode_posterior(autoencoder: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         >>> mean.shape, std.shape
         (torch.Size([2, 16]), torch.Size([2, 16]))
     """
+    return _posterior(autoencoder, x, warn_without_std=True)
+
+
+def _posterior(autoencoder: Any, x: Tensor, warn_without_std: bool) -> tuple[Tensor, Tensor]:
+    """:func:`encode_posterior`; ``warn_without_std=False`` where only the mean is used (the
+    explainers: the warning, about training on posterior samples, came once per batch there)."""
     out = autoencoder.encode(x)
     if isinstance(out, Tensor):
         mean, std = out, torch.zeros_like(out)
@@ -146,7 +152,7 @@ def encode_posterior(autoencoder: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         std = getattr(out, "std", None)
         std = getattr(out, "stddev", None) if std is None else std
         std = std() if callable(std) else std
-        if std is None:
+        if std is None and warn_without_std:
             # attr imports this module
             from captum_inn.attr._common import user_stacklevel
 
@@ -183,7 +189,7 @@ def encode_mean(autoencoder: Any, x: Tensor) -> Tensor:
         >>> encode_mean(ae, torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 16])
     """
-    return encode_posterior(autoencoder, x)[0]
+    return _posterior(autoencoder, x, warn_without_std=False)[0]
 
 
 def _power_of_two_side(side: int) -> bool:

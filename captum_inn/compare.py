@@ -159,7 +159,7 @@ def last_spatial_layer(model: nn.Module, example: Tensor, *, additional_forward_
         for name, module in model.named_modules():
             if name:
                 handles.append(module.register_forward_hook(record(name)))
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), dtype_errors_named(example, model, name="example"):
             # a compiled graph skips hooks added after it was built
             eager_module(model)(example[:1], *_first_row(additional_forward_args, example.shape[0]))
     finally:
@@ -423,11 +423,12 @@ def compare_attributions(
         samples = invariance.sample(images, n_samples, additional_forward_args=additional_forward_args,
                                     internal_batch_size=internal_batch_size, generator=generator, shared_noise=True)
         bar.update()
-        # the reconstructions in chunks too: the autoencoder is a network like the others
+        # the reconstructions in chunks too: the autoencoder is a network like the others (the images were
+        # checked by sample, once)
         bar.set_postfix_str("reconstructions")
         reconstruction_parts = []
         for start in range(0, n, batch):
-            reconstruction_parts.append(invariance.reconstruct(images[start : start + batch]))
+            reconstruction_parts.append(invariance._reconstruct(images[start : start + batch]))
             bar.update()
     reconstructions = torch.cat(reconstruction_parts)
     return Comparison(

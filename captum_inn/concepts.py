@@ -290,12 +290,16 @@ def _group_index(n: int, groups: Mapping[Any, List[int]]) -> Tensor:
 
 def _read_examples(data_iter: Iterable[Any], limit: int) -> Tensor:
     # imported here, not at the top: the training package imports this module
-    from captum_inn.training.data import in_dataset_order, seeded_reading
+    from captum_inn.training.data import (
+        in_dataset_order,
+        seeded_reading,
+        without_persistent_workers,
+    )
 
     # the same examples each call, the caller's generators kept: a DataLoader draws its seed from the global
     # generator, and a shuffling one changed the pairs (every resume was refused) and the fits
     with seeded_reading(data_iter):
-        return _read_in_order(in_dataset_order(data_iter), limit)
+        return _read_in_order(without_persistent_workers(in_dataset_order(data_iter)), limit)
 
 
 def _read_in_order(data_iter: Iterable[Any], limit: int) -> Tensor:

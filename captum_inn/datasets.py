@@ -622,7 +622,7 @@ class ColorDigits(Dataset):
         return a, b, factors_a, factors_b
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: == of the generated __eq__ failed on the tensors
 class ImageFolderSplit:
     """Photos of an ``ImageFolder``-layout folder, loaded as tensors and split per class.
 
@@ -661,9 +661,10 @@ def _exif_turns() -> Dict[int, Any]:
 
 def _load_rgb(path: str):
     """The image at ``path`` as 8-bit RGB (PIL), upright. 16-bit grayscale (PNG, TIFF, PGM: mode ``I;16…``,
-    or ``I`` in older Pillow) is scaled by 255/65535 first: PIL's own conversion, and so torchvision's
-    image loader, clips it at 255 (a mid grey turned white); a 32-bit float image (mode ``F``) in
-    ``[0, 1]`` by 255, which that conversion clipped to black. A photo with an EXIF orientation (most
+    or ``I`` with values past 255) is scaled by 255/65535 first: PIL's own conversion, and so torchvision's
+    image loader, clips it at 255 (a mid grey turned white); a 32-bit integer image (mode ``I``) of values
+    up to 255 is taken as they are; a 32-bit float image (mode ``F``) in ``[0, 1]`` is scaled by 255,
+    which that conversion clipped to black. A photo with an EXIF orientation (most
     phone photos) is turned as a viewer shows it; torchvision's loader keeps the stored pixels,
     which lie on their side."""
     from PIL import Image
@@ -682,10 +683,22 @@ def _load_rgb(path: str):
         values = np.nan_to_num(np.asarray(image, dtype=np.float64))
         if image.mode == "F":  # a float image in [0, 1] (PIL's conversion clipped it to black), else 0…255
             scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
-        else:  # 16-bit grey
-            scale = 255 / 65535
+        elif image.mode.startswith("I;16") or values.max(initial=0.0) > 255:  # 16-bit grey (Pillow opens
+            scale = 255 / 65535  # some 16-bit files as mode I)
+        else:  # 32-bit integers holding 8-bit values (numpy int32 arrays saved as TIFF) were scaled to black
+            scale = 1.0
         image = Image.fromarray((values * scale).round().clip(0, 255).astype(np.uint8))  # mode L
     return image.convert("RGB")
+
+
+def _encodes(name: str) -> bool:
+    """Whether a file name read from the disk is text (a name in another encoding than the file
+    system's comes back with surrogate escapes, which no figure or page can write)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _find_images(root: Union[str, os.PathLike], name: str = "root") -> Tuple[Tuple[str, ...], Dict[int, list]]:
@@ -711,12 +724,20 @@ def _find_images(root: Union[str, os.PathLike], name: str = "root") -> Tuple[Tup
     except (FileNotFoundError, RuntimeError) as error:  # no class folders
         raise ValueError(f"`{name}` {str(root)!r} holds no images in ImageFolder layout: {error}") from None
     by_class: Dict[int, list] = {}
-    seen = set()
+    seen: Dict[str, Tuple[int, str]] = {}
     for path, label in folder.samples:
         real = os.path.realpath(path)
         if real not in seen:  # one photo by several paths (symlinks) would land on both sides of the split
-            seen.add(real)
+            seen[real] = (label, path)
             by_class.setdefault(label, []).append(path)
+        elif seen[real][0] != label:  # the first class found kept it: the photo's own class lost it, unsaid
+            raise ValueError(f"`{name}` holds one photo in two classes, {folder.classes[seen[real][0]]!r} "
+                             f"({seen[real][1]!r}) and {folder.classes[label]!r} ({path!r}), through a link; a photo "
+                             "has one class: remove the link (or the linked class folder).")
+    unwritable = [cls for cls in folder.classes if not _encodes(cls)]
+    if unwritable:  # the figures and the report failed on them, after the whole fit
+        raise ValueError(f"`{name}` has class folders whose names are not valid UTF-8, {unwritable!r}; rename them "
+                         "(they come from an archive in another encoding, often Latin-1).")
     for label, cls in enumerate(folder.classes):
         count = len(by_class.get(label, []))
         if count < 2:
@@ -800,7 +821,9 @@ def load_image_folder(
             for i in chosen:
                 try:
                     pil = _load_rgb(paths[i])
-                except OSError as error:  # a truncated download's "image file is truncated" names no file
+                # a truncated download's "image file is truncated" (OSError), a PNG's oversized text or
+                # colour-profile chunk (ValueError): the file was not named
+                except (OSError, ValueError) as error:
                     raise ValueError(f"`root` holds a photo that cannot be read, {paths[i]!r}: {error}; remove or "
                                      "replace it.") from error
                 except Image.DecompressionBombError as error:  # over ~179 MP, or a damaged header that claims it

@@ -290,8 +290,11 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
         raise ValueError(f"`out` {str(out)!r} lies inside `images` {str(images)!r}; put the report outside the photo "
                          "folder.")
     if images is not None:
-        from captum_inn.datasets import _find_images
+        from captum_inn.datasets import _encodes, _find_images
 
+        if not _encodes(str(Path(images).resolve())):  # the report's page quotes it: written after the whole run
+            raise ValueError(f"`images` {str(images)!r} is a path that is not valid UTF-8; rename or link the folder "
+                             "to a UTF-8 name.")
         classes, _ = _find_images(images, name="images")
         if len(classes) < 2:  # a classifier of one class learns nothing (its loss is 0 from the start)
             raise ValueError(f"`images` {str(images)!r} holds one class ({classes[0]!r}); the demo trains a classifier, "

@@ -73,10 +73,11 @@ def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, sel
 
 
 def _classes(model: nn.Module, images: Tensor, batch_size: int, selector: Selector,
-             extra_for: Callable[[slice], Any]) -> Tensor:
-    """:func:`predict_classes`, with ``extra_for(rows)`` giving the extra arguments of ``images[rows]``."""
+             extra_for: Callable[[slice], Any], name: str = "images") -> Tensor:
+    """:func:`predict_classes`, with ``extra_for(rows)`` giving the extra arguments of ``images[rows]``;
+    a dtype mistake names the argument ``name``."""
     classes = []
-    with torch.no_grad(), eval_mode(model), dtype_errors_named(images, model, name="images"):
+    with torch.no_grad(), eval_mode(model), dtype_errors_named(images, model, name=name):
         for s in range(0, images.shape[0], batch_size):
             batch, extra = images[s : s + batch_size], extra_for(slice(s, s + batch_size))
             logits = _select(model(batch, *(extra or ())), selector, type(model).__name__, "output", model_output=True)
@@ -92,10 +93,10 @@ def _classes(model: nn.Module, images: Tensor, batch_size: int, selector: Select
 
 
 def _unit_rows(z: Tensor) -> Tensor:
-    """Rows scaled to a largest magnitude of 1, as float (an integer layer's one-hot rows failed in the
-    cosine): the cosine is scale-free, and cosine_similarity's absolute eps scored activations of 1e-9
-    0.10 apart from themselves."""
-    z = z if z.is_floating_point() else z.float()
+    """Rows scaled to a largest magnitude of 1, in float32 at least (an integer layer's one-hot rows
+    failed in the cosine, a bfloat16 layer's in the quantile): the cosine is scale-free, and
+    cosine_similarity's absolute eps scored activations of 1e-9 0.10 apart from themselves."""
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
     return z / z.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
 
 
@@ -122,6 +123,8 @@ def _check_samples(originals: Tensor, samples: Tensor) -> None:
             f"`samples` must have shape (N, S, *image) matching `originals` {tuple(originals.shape)}, "
             f"got {tuple(samples.shape)}."
         )
+    if originals.shape[0] == 0:
+        raise ValueError("`originals` is an empty batch; pass at least one image.")
     for name, t in (("originals", originals), ("samples", samples)):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"`{name}` contains NaN or infinite values.")
@@ -154,10 +157,12 @@ def prediction_agreement(
         1.0
     """
     _check_samples(originals, samples)
-    reference = predict_classes(model, originals, batch_size, selector, additional_forward_args=additional_forward_args)
+    batch_size = check_positive_int(batch_size, "batch_size")
     n, s = samples.shape[:2]
+    reference = _classes(model, originals, batch_size, selector,
+                         lambda rows: slice_forward_args(additional_forward_args, rows, n), "originals")
     predicted = _classes(model, samples.reshape(n * s, *samples.shape[2:]), batch_size, selector,
-                         _sample_rows(additional_forward_args, n, s)).view(n, s)
+                         _sample_rows(additional_forward_args, n, s), "samples").view(n, s)
     return float((predicted == reference.unsqueeze(1)).float().mean())
 
 

@@ -4,6 +4,7 @@ interrupted with KeyboardInterrupt."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from helpers_training import Unread
 from torch import nn
 
 from captum_inn import LayerConcepts, LayerInvariance
+from captum_inn.analysis import adversarial_views
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.capture import capture
+from captum_inn.compare import last_spatial_layer
 from captum_inn.concepts import ConceptPairs
 from captum_inn.datasets import ColorDigits
 from captum_inn.inn import ActNorm, ConditionalINN, FactorINN
@@ -195,7 +198,27 @@ def _cases():
         ("a memory-mapped cache folder that is a file", lambda m, ae, inn, e: cache_features(m, "cnn.fc", ae, X, memmap_dir=__file__, progress=False), ValueError, r"`memmap_dir` '.*test_bad_input.py' is a file, or lies under one"),
         ("no layers to fit", lambda m, ae, inn, e: fit_invariances(m, [], ae, Unread(4), steps=1, progress=False), ValueError, "`layers` is empty"),
         ("a flag given as a string", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, attribute_to_layer_input="no", progress=False), TypeError, r"`attribute_to_layer_input` must be True or False, got 'no'"),
+        # dtype mistakes name the argument that holds the images (a raw RuntimeError, or another argument's name)
+        ("concept pairs for a bfloat16 layer", lambda m, ae, inn, e: fit_concepts((_bf16(m), "cnn.fc"), [ConceptPairs.from_labels("c", X, torch.zeros(3))], steps=1, pool_size=4, progress=False), TypeError, r"`concepts` images are torch.float32 but the network computes in torch.bfloat16"),
+        ("float32 images for a bfloat16 classifier", lambda m, ae, inn, e: fit_classifier(_bf16(m), (X, torch.zeros(3, dtype=torch.long)), steps=1, progress=False), TypeError, r"`data` images are torch.float32 but the network computes in torch.bfloat16"),
+        ("float64 donors", lambda m, ae, inn, e: inv(m, ae, inn).transfer(X, X.double()), TypeError, r"`donors` images are torch.float64"),
+        ("float64 samples for the agreement", lambda m, ae, inn, e: prediction_agreement(m, X, X[:, None].double()), TypeError, r"`samples` images are torch.float64"),
+        ("float64 originals for the agreement", lambda m, ae, inn, e: prediction_agreement(m, X.double(), X[:, None]), TypeError, r"`originals` images are torch.float64"),
+        ("a judge of another dtype", lambda m, ae, inn, e: adversarial_views(m, {"cnn.logits": inv(m, ae, inn)}, X, torch.zeros(3, dtype=torch.long), _bf16(m)), TypeError, r"`judge` computes in torch.bfloat16 but the images, and so the views, are torch.float32"),
+        ("an example of another dtype for Grad-CAM's layer", lambda m, ae, inn, e: last_spatial_layer(_bf16(m), X), TypeError, r"`example` images are torch.float32"),
+        ("concept pairs that a layer turns into NaN", lambda m, ae, inn, e: fit_concepts((nn.Sequential(NaNs(), nn.Linear(6, 2)), "0"), [ConceptPairs.from_labels("c", X, torch.zeros(3))], steps=1, pool_size=4, progress=False), ValueError, r"Concept 'c''s pairs encode to NaN or infinite values"),
     ]
+
+
+def _bf16(model):
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+class NaNs(nn.Module):
+    """A layer that gives NaN for finite images."""
+
+    def forward(self, x):
+        return x.flatten(1)[:, :6] * float("nan")
 
 
 def _no_pairs(n, generator):

@@ -865,3 +865,13 @@ def test_a_model_without_logits_is_refused_with_the_wrapper_to_write(setup, x):
     assert_no_hooks(heads)
     with pytest.raises(TypeError, match=r"got function; .*wrap it"):
         compare_attributions(lambda images: heads(images)["logits"], x, explainer, generator=_gen(), **FAST)
+
+
+def test_pixels_out_of_range_are_warned_about_once_per_comparison(setup):
+    """The reconstructions' chunks each warned again, quoting their own range (no filter merged them)."""
+    x = (torch.rand(6, 3, 32, 32, generator=_gen(2)) - 0.5) / 0.2  # normalised images: far outside [0, 1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare_attributions(setup[0], x, _invariance(setup), n_samples=2, ig_steps=2, internal_batch_size=2,
+                             progress=False)
+    assert len([w for w in caught if "pixels range over" in str(w.message)]) == 1

@@ -484,3 +484,46 @@ def test_a_photo_that_cannot_be_read_is_named(tmp_path):
     Image.new("1", (15000, 12500)).save(root / "dog" / "panorama.png")
     with pytest.raises(ValueError, match=r"too large to read safely, '.*panorama\.png'.*MAX_IMAGE_PIXELS"):
         load_image_folder(root, size=8, test_fraction=0.5)
+
+
+def test_a_photo_linked_into_a_second_class_is_refused_naming_both(folder):
+    """The first class in sorted order kept a photo reachable from two: it was labelled that class and
+    missing from its own, without a word."""
+    os.symlink((folder / "fox" / "img0.jpg").resolve(), folder / "cat" / "looks_like_a_cat.jpg")
+    with pytest.raises(ValueError, match=r"one photo in two classes, 'cat' \(.*looks_like_a_cat.jpg'\) and 'fox' "
+                                         r"\(.*img0.jpg'\), through a link"):
+        load_image_folder(folder, size=8)
+
+
+def test_a_png_that_pillow_refuses_is_named(folder):
+    """An oversized colour profile is Pillow's ValueError, which escaped without the file's name."""
+    Image.new("RGB", (20, 20)).save(folder / "dog" / "big_profile.png", icc_profile=b"\0" * (2 * 2**20))
+    with pytest.raises(ValueError, match=r"cannot be read, '.*big_profile.png': Decompressed data too large"):
+        load_image_folder(folder, size=8, test_fraction=0.5)
+
+
+def test_a_32_bit_integer_image_of_8_bit_values_keeps_its_brightness(tmp_path):
+    """Every mode-I image was scaled as 16-bit, so 0…255 data came out black."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for k in range(2):
+            Image.fromarray(np.full((12, 12), 200, np.int32)).save(tmp_path / name / f"{k}.tif")
+    split = load_image_folder(tmp_path, size=8, test_fraction=0.5)
+    assert torch.allclose(torch.cat([split.train_images, split.test_images]), torch.tensor(200 / 255))
+
+
+def test_splits_compare_by_identity(folder):
+    split = load_image_folder(folder, size=8)
+    assert split == split and split != load_image_folder(folder, size=8)  # == of tensors failed
+
+
+@pytest.mark.skipif(os.name == "nt", reason="byte file names")
+def test_class_names_that_are_not_utf8_are_refused_before_any_work(tmp_path):
+    """A Latin-1 folder name loaded fine, then failed the figures and the report after the whole fit."""
+    root = os.fsencode(tmp_path)
+    for name in (b"caf\xe9", b"dog"):
+        os.makedirs(os.path.join(root, name))
+        for k in range(2):
+            Image.new("RGB", (9, 9)).save(os.path.join(root, name, f"{k}.png".encode()))
+    with pytest.raises(ValueError, match="class folders whose names are not valid UTF-8"):
+        load_image_folder(tmp_path, size=8)

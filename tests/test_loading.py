@@ -515,3 +515,15 @@ def test_a_float64_network_comes_back_in_float64(images, tmp_path):
     loaded = load_concept_inn(str(save_concept_inn(str(tmp_path / "e.safetensors"), e)))
     z = torch.randn(5, 6, dtype=torch.float64)
     assert loaded.dtype == torch.float64 and torch.equal(loaded(z, jac=False)[0], e(z, jac=False)[0])
+
+
+def test_a_bfloat16_autoencoder_comes_back_in_bfloat16(tmp_path):
+    """Any one floating dtype is kept, not float64 alone (bfloat16 weights came back as float32)."""
+    from captum_inn.autoencoders import ConvAutoencoder
+    from captum_inn.training import load_autoencoder, save_autoencoder
+
+    torch.manual_seed(0)
+    ae = ConvAutoencoder((3, 8, 8), 4, width=4).to(torch.bfloat16)
+    loaded = load_autoencoder(save_autoencoder(str(tmp_path / "ae.safetensors"), ae))
+    assert all(loaded.state_dict()[k].dtype == v.dtype and torch.equal(loaded.state_dict()[k], v)
+               for k, v in ae.state_dict().items())

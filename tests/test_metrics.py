@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -211,7 +213,7 @@ def test_images_of_another_dtype_than_the_model_are_named():
     x = torch.rand(4, 3, 32, 32)
     with pytest.raises(TypeError, match=r"`images` images are torch.float32 .*images.to\(torch.float64\)"):
         predict_classes(double, x)
-    with pytest.raises(TypeError, match=r"`images` images are torch.float32"):
+    with pytest.raises(TypeError, match=r"`originals` images are torch.float32"):  # its argument, not `images`
         prediction_agreement(double, x, x.unsqueeze(1))
     with pytest.raises(TypeError, match=r"`originals` images are torch.float32 .*images.to\(torch.float64\)"):
         reencode_similarity(double, "relu3", x, x.unsqueeze(1))
@@ -225,6 +227,11 @@ def test_reencode_similarity_separates_copies_from_strangers(model):
     other = reencode_similarity(model, "relu3", x, x.roll(1, 0).unsqueeze(1), generator=gen)
     assert other["beats_null"] < 0.2
     assert other["null_quantile"] >= other["null_mean"]
+    # a bfloat16 model is scored in float32 (its quantile failed on bfloat16 similarities)
+    half, x_half = copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16)
+    noisy = (x + 0.001 * torch.randn(x.shape, generator=gen)).to(torch.bfloat16).unsqueeze(1)
+    same_half = reencode_similarity(half, "relu3", x_half, noisy)
+    assert same_half["beats_null"] == 1.0 and same_half["similarity"] > 0.99
 
 
 class _PairLayer(nn.Module):

@@ -22,6 +22,7 @@ from captum_inn.autoencoders import (
     ConvAutoencoder,
     DiagonalGaussian,
     check_autoencoder,
+    encode_mean,
     encode_posterior,
 )
 from captum_inn.inn import FactorINN
@@ -84,6 +85,9 @@ def test_autoencoder_protocol_and_posterior():
     code = torch.randn(2, 4)
     with pytest.warns(UserWarning, match="with `.mean` but no `.std` or `.stddev`"):  # taken as deterministic
         assert torch.equal(encode_posterior(Returns(SimpleNamespace(mean=code)), code)[1], torch.zeros(2, 4))
+    with warnings.catch_warnings():  # the explainers read the mean only: the warning, about training, came per batch
+        warnings.simplefilter("error")
+        assert torch.equal(encode_mean(Returns(SimpleNamespace(mean=code)), code), code)
     with pytest.raises(TypeError, match="`autoencoder.encode` returned tuple; it must return a code tensor"):
         encode_posterior(Returns((code, code)), code)
     with pytest.raises(ValueError, match=r"codes of shape \(N, d\), got \(2, 2, 2\); flatten the code"):
@@ -1866,3 +1870,139 @@ def test_cache_features_keeps_no_graph_and_names_the_image_whose_features_are_no
     x[7, 0, 0, 0] = 1.0
     with pytest.raises(ValueError, match="Layer 'head''s activations hold NaN or infinite values at image 7 of `data`"):
         cache_features(Holes(), ["head"], ae, x, batch_size=4, progress=False)
+
+
+def test_train_loop_ignores_an_outer_autocast():
+    """Steps run in full precision under a caller's autocast: it reused the first step's low-precision
+    weights in every later step, so nothing trained (autocast clears its cache only on leaving)."""
+    from captum_inn.training.loop import train_loop
+
+    def fit(autocast):
+        torch.manual_seed(0)
+        lin, x = nn.Linear(3, 1), torch.randn(64, 3)
+
+        def loss_fn(generator):
+            rows = torch.randint(64, (16,), generator=generator)
+            return (lin(x[rows]).squeeze(1).float() - x[rows].sum(1)).pow(2).mean()
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            history = train_loop(lin, loss_fn, steps=30, lr=0.05, progress=False)
+            assert torch.is_autocast_enabled("cpu") == autocast  # the caller's setting back
+        return lin, history
+
+    (plain, plain_history), (under, under_history) = fit(False), fit(True)
+    assert under_history == plain_history and torch.equal(under.weight, plain.weight)
+    assert under_history[-1] < 0.1 * under_history[0]
+
+
+def test_a_bfloat16_cache_draws_its_training_codes_in_float32():
+    """Codes of a bfloat16 autoencoder (or of a pass under autocast) are noised in float32: in bfloat16
+    a quarter of the posterior noise rounded away."""
+    torch.manual_seed(0)
+    ae = ConvAutoencoder((3, 8, 8), 6, width=4).to(torch.bfloat16)
+    cache = cache_features(nn.Sequential(nn.Flatten(), nn.Linear(192, 3)), ["1"], ae, torch.rand(32, 3, 8, 8),
+                           progress=False)
+    assert cache.code_mean.dtype == torch.bfloat16
+    index = torch.arange(32)
+    codes = cache.sample_codes(index, torch.Generator().manual_seed(0))
+    assert codes.dtype == torch.float32
+    noisy = cache.code_std[index] > 0
+    assert noisy.float().mean() > 0.9 and (codes != cache.code_mean[index].float())[noisy].all()
+
+
+def test_fits_on_a_loader_with_persistent_workers_repeat():
+    """Persistent workers were seeded once: their random transforms drew other images on every later
+    read, so a second fit differed from the first (and a resume was refused)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    images = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    class Noisy(Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return (images[i] + 0.05 * torch.rand(3, 8, 8)).clamp(0, 1)
+
+    loader = DataLoader(Noisy(), batch_size=8, num_workers=1, persistent_workers=True)
+    settings = dict(latent_dim=4, width=4, steps=2, batch_size=8, progress=False)
+    first, second = fit_autoencoder(loader, **settings), fit_autoencoder(loader, **settings)
+    assert all(torch.equal(value, second.state_dict()[key]) for key, value in first.state_dict().items())
+
+
+def test_a_reused_jitter_augments_as_a_fresh_one():
+    """A fit starts a Jitter from its seed: a second fit with the same object differed from the first."""
+    from captum_inn.training.classifier import Jitter, fit_classifier
+
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    settings = dict(latent_dim=4, width=4, steps=3, batch_size=8, progress=False)
+    jitter = Jitter(1, noise=0.05, seed=0)
+    runs = [fit_autoencoder(x, augment=jitter, **settings), fit_autoencoder(x, augment=jitter, **settings),
+            fit_autoencoder(x, augment=Jitter(1, noise=0.05, seed=0), **settings)]
+    for run in runs[1:]:
+        assert all(torch.equal(value, run.state_dict()[key]) for key, value in runs[0].state_dict().items())
+
+    def classifier(augment):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+        return fit_classifier(model, (x, torch.arange(16) % 2), steps=3, augment=augment, progress=False)
+
+    jitter = Jitter(1, noise=0.05, seed=0)
+    a, b = classifier(jitter), classifier(jitter)
+    assert all(torch.equal(value, b.state_dict()[key]) for key, value in a.state_dict().items())
+
+
+@pytest.mark.skipif(torch.cuda.is_initialized(), reason="CUDA already started: its generators are seeded directly")
+def test_seeded_work_queues_no_seed_for_cudas_lazy_start(monkeypatch, tmp_path):
+    """torch.manual_seed also queues a seed for CUDA's lazy start, which fork_rng cannot take back: the
+    user's first CUDA draws followed the fit's seed (7 here) instead of their own."""
+    queued = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: queued.append(seed))
+    x = torch.rand(8, 3, 8, 8)
+    ae = fit_autoencoder(x, latent_dim=4, width=4, steps=1, batch_size=4, seed=7, progress=False,
+                         checkpoint=str(tmp_path / "ae.safetensors"))
+    load_autoencoder(tmp_path / "ae.safetensors")
+    cache_features(nn.Sequential(nn.Flatten(), nn.Linear(192, 2)), ["1"], ae, x, progress=False)
+    assert queued == []
+
+
+def test_an_interrupt_while_the_fits_start_stops_every_fit(monkeypatch):
+    """A Ctrl-C while the pool started its threads left a fit training in the background."""
+    import concurrent.futures
+    import threading
+    import time
+
+    from captum_inn.training.loop import run_concurrently
+
+    submit = concurrent.futures.ThreadPoolExecutor.submit
+
+    def interrupted(self, *args, **kwargs):
+        submit(self, *args, **kwargs)  # the thread starts, then the Ctrl-C lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", interrupted)
+    steps = []
+
+    def task(check):
+        for i in range(20):
+            time.sleep(0.02)
+            check()
+            steps.append(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_concurrently([task, task], workers=2)
+    done = len(steps)
+    time.sleep(0.2)
+    assert len(steps) == done and not [t for t in threading.enumerate() if t.name.startswith("captum_inn_fit")]
+
+
+def test_a_non_finite_loss_mentions_a_checkpoint_only_where_one_is_written(tmp_path):
+    from captum_inn.training.loop import train_loop
+
+    lin = nn.Linear(2, 1)
+    with pytest.raises(FloatingPointError, match="became nan in step 1") as error:
+        train_loop(lin, lambda generator: lin(torch.ones(1, 2)).sum() * float("nan"), steps=2, lr=0.1, progress=False)
+    assert "checkpoint" not in str(error.value)
+    with pytest.raises(FloatingPointError, match="The last checkpoint was left as it was"):
+        train_loop(lin, lambda generator: lin(torch.ones(1, 2)).sum() * float("nan"), steps=2, lr=0.1, progress=False,
+                   checkpoint=str(tmp_path / "fit.safetensors"))

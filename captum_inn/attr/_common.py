@@ -493,17 +493,19 @@ def layer_activation(
     additional_forward_args: Any = None,
     attribute_to_layer_input: bool = False,
     selector: Any = None,
+    name: str = "inputs",
 ) -> Tensor:
     """Run ``forward_func(*inputs, *additional_forward_args)`` once and return the layer's activation.
 
     The pass runs in eval mode (the model where :func:`forward_module` reaches it, else only the
     layer) and stops after the layer; hooks are removed and training flags restored afterwards.
+    A dtype mistake names the argument ``name`` (``"donors"`` for :meth:`LayerInvariance.transfer`).
     """
     extra = _format_additional_forward_args(additional_forward_args) or ()
     owner = eval_owner(forward_func, layer)
     with LayerHooks(owner, layer, attribute_to_layer_input=attribute_to_layer_input,
                     selector=selector, stop_early=True) as hooks, \
-            dtype_errors_named(next((t for t in inputs if t.is_floating_point()), inputs[0]), owner):
+            dtype_errors_named(next((t for t in inputs if t.is_floating_point()), inputs[0]), owner, name=name):
         if isinstance(owner, nn.Module) and runs_model(forward_func, owner):
             # the model or its bound forward: run as LayerHooks runs it, through __call__ (a hook on the
             # model itself, layer "", fires) and a DataParallel unreplicated (a replica's thread would

@@ -173,10 +173,11 @@ class LayerInvariance(LayerAttribution):
         return layer_side(attribute_to_layer_input, self._fitted_on_input, "inn")
 
     def _activation(self, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
-                    attribute_to_layer_input: Optional[bool] = None) -> Tensor:
+                    attribute_to_layer_input: Optional[bool] = None, name: str = "inputs") -> Tensor:
         to_input = self.attribute_to_layer_input if attribute_to_layer_input is None else self._check_read(
             attribute_to_layer_input)
-        z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args, to_input, self.selector)
+        z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args, to_input, self.selector,
+                             name)
         if tuple(z.shape[1:]) != self.inn.cond_shape:
             fitted = (getattr(self.inn, "fit_info", None) or {}).get("layer", "another layer")
             read = f"the input of layer {self.layer_name!r}" if to_input else f"layer {self.layer_name!r}"
@@ -256,8 +257,14 @@ class LayerInvariance(LayerAttribution):
         """
         inputs = format_inputs(inputs, self.image_input)
         self._check_images(inputs[self.image_input])
+        return self._reconstruct(inputs[self.image_input])
+
+    @torch.no_grad()
+    def _reconstruct(self, images: Tensor) -> Tensor:
+        """:meth:`reconstruct` of images already checked (compare_attributions' chunks: the pixel-range
+        warning, which quotes each chunk's range, came once per chunk)."""
         with eval_mode(self.autoencoder):
-            return self._decode(self._code(inputs[self.image_input]), inputs[self.image_input])
+            return self._decode(self._code(images), images)
 
     @torch.no_grad()
     def transfer(
@@ -290,7 +297,7 @@ class LayerInvariance(LayerAttribution):
         if donors[0].shape[0] != v.shape[0]:
             raise ValueError(f"`donors` needs one image per input ({v.shape[0]}), got {donors[0].shape[0]}.")
         with eval_mode(self.inn, self.autoencoder):
-            z = self._activation(donors, additional_forward_args)
+            z = self._activation(donors, additional_forward_args, name="donors")
             return self._decode(self.inn(v, z, rev=True, jac=False)[0], donors[self.image_input])
 
     @torch.no_grad()

@@ -32,7 +32,12 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
     warn_if_unfinished,
 )
-from captum_inn.training.classifier import AUGMENT_CALL, augment_generators, augment_record
+from captum_inn.training.classifier import (
+    AUGMENT_CALL,
+    augment_generators,
+    augment_record,
+    restart_augment,
+)
 from captum_inn.training.data import (
     _items_are_stored_arrays,
     check_image_dtype,
@@ -285,6 +290,7 @@ def fit_autoencoder(
             hooks.__enter__()
             for p in frozen:
                 p.requires_grad_(False)
+        restart_augment(augment)
         model.history = train_loop(
             model, loss_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed,
             checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta,

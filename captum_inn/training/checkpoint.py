@@ -332,8 +332,9 @@ def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tenso
         raise CheckpointError(f"Checkpoint {str(path)!r} holds {mismatch}: it was edited or damaged; restore it from "
                               "a copy, or fit again.")
     floating = {value.dtype for value in state.values() if value.is_floating_point()}
-    if floating == {torch.float64}:  # a network saved in float64 comes back in it (load_state_dict cast it to float32)
-        module.to(torch.float64)
+    if len(floating) == 1 and floating != {torch.float32}:
+        # a network saved in float64 or bfloat16 comes back in it (load_state_dict cast it to float32)
+        module.to(next(iter(floating)))
     with building_from(path):
         module.load_state_dict(state)
 

@@ -28,6 +28,7 @@ from captum_inn.attr._common import (
     check_optional_callable,
     check_positive_int,
     class_indices,
+    dtype_errors_named,
 )
 from captum_inn.capture import check_autograd_weights
 from captum_inn.metrics import predict_classes
@@ -209,6 +210,23 @@ def augment_generators(augment: Any) -> List[torch.Generator]:
     return [generator] if isinstance(generator, torch.Generator) and generator.device.type == "cpu" else []
 
 
+def restart_augment(augment: Any) -> None:
+    """Start a :class:`Jitter` from its seed, as a fit begins: the same seed and settings then augment
+    alike however much the object drew before (a second fit with one ``Jitter`` differed from the
+    first, though both recorded the same seed). A resumed fit then restores the checkpoint's state.
+
+    Examples::
+
+        >>> jitter = Jitter(2, noise=0.1)
+        >>> first = jitter(torch.zeros(1, 1, 4, 4))
+        >>> restart_augment(jitter)
+        >>> torch.equal(first, jitter(torch.zeros(1, 1, 4, 4)))
+        True
+    """
+    if isinstance(augment, Jitter):
+        augment.generator.manual_seed(augment.seed)
+
+
 @autograd_on
 def fit_classifier(
     model: nn.Module,
@@ -239,6 +257,8 @@ def fit_classifier(
             share from its own shard of the images).
         lr: Adam learning rate.
         seed: Seed of the minibatches (and of torch's global generators during the steps: dropout).
+            Those generators are one per process: a fit called from another thread than the main
+            one leaves them alone, so its dropout draws differ from run to run.
         device: Where to train.
         augment: Optional callable applied to each image batch during training.
         progress: Show a progress bar.
@@ -317,14 +337,16 @@ def fit_classifier(
         if augment is not None:
             x = augment(x)
         y = labels[index.to(labels.device)]
-        if adversarial_epsilon > 0:
-            half = x.shape[0] // 2
-            x_attacked = x[:half].detach().requires_grad_(True)
-            with _running_statistics_kept(model):
-                (gradient,) = torch.autograd.grad(cross_entropy(model(x_attacked), y[:half]), x_attacked)
-            x = torch.cat([(x[:half] + adversarial_epsilon * gradient.sign()).clamp(0, 1), x[half:]])
-        return cross_entropy(model(x), y)
+        with dtype_errors_named(x, model, name="data"):  # float32 images for a bfloat16 model: torch's raw error
+            if adversarial_epsilon > 0:
+                half = x.shape[0] // 2
+                x_attacked = x[:half].detach().requires_grad_(True)
+                with _running_statistics_kept(model):
+                    (gradient,) = torch.autograd.grad(cross_entropy(model(x_attacked), y[:half]), x_attacked)
+                x = torch.cat([(x[:half] + adversarial_epsilon * gradient.sign()).clamp(0, 1), x[half:]])
+            return cross_entropy(model(x), y)
 
+    restart_augment(augment)
     model.history = train_loop(
         model, loss_fn, steps=steps, lr=lr, schedule="cosine", seed=seed, progress=progress, desc="classifier",
         meta={"kind": "classifier", "config": {}}, weight_decay=weight_decay, callback=callback,

@@ -31,6 +31,7 @@ from captum_inn.attr._common import (
     check_int,
     check_module_device,
     class_name,
+    dtype_errors_named,
     encode_images,
     user_stacklevel,
     weights_fingerprint,
@@ -206,7 +207,13 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
     if isinstance(representation, LayerRepresentation):
         if device is not None:
             check_module_device(representation.model, device, "representation")
-        return representation.encode, representation.describe
+        layer = representation
+
+        def encode_layer(images: Tensor) -> Tuple[Tensor, Tensor]:
+            with dtype_errors_named(images, layer.model, name="concepts"):  # a bfloat16 model: a raw RuntimeError
+                return layer.encode(images)
+
+        return encode_layer, representation.describe
     try:
         check_autoencoder(representation)
     except TypeError as error:
@@ -261,8 +268,14 @@ def _encode_pools(
                         if not torch.isfinite(member).all():
                             raise ValueError(f"Concept {concept.name!r} produced pairs with NaN or infinite values.")
                         mean, std = encode(member.to(device))
-                        parts["m" + key].append(mean.flatten(1).float().cpu())
-                        parts["s" + key].append(std.flatten(1).float().cpu())
+                        mean, std = mean.flatten(1).float().cpu(), std.flatten(1).float().cpu()
+                        # found here, not as "`scores` must be finite" (none given) or a silent NaN score
+                        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+                            raise ValueError(f"Concept {concept.name!r}'s pairs encode to NaN or infinite values (the "
+                                             "pairs themselves are finite); check the representation's network (a "
+                                             "division by zero, an overflow) before fitting or scoring concepts.")
+                        parts["m" + key].append(mean)
+                        parts["s" + key].append(std)
                     bar.update(a.shape[0])
             pools.append(_PairPool(concept, *(torch.cat(parts[k]) for k in ("ma", "sa", "mb", "sb"))))
     dims = {p.mean_a.shape[1] for p in pools}

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import (
     DataLoader,
     Dataset,
+    IterableDataset,
     RandomSampler,
     SequentialSampler,
     SubsetRandomSampler,
@@ -155,6 +156,33 @@ def in_dataset_order(data: Any) -> Any:
     return data
 
 
+def without_persistent_workers(data: Any) -> Any:
+    """A ``DataLoader`` with ``persistent_workers=True`` as the same loader with workers started for
+    each read; anything else as it is. Persistent workers are seeded once, when first started, so
+    their random transforms drew other images on every later read (:func:`seeded_reading` seeds
+    workers as they start): a second fit differed from the first, and a resume was refused.
+
+    Examples::
+
+        >>> from torch.utils.data import TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.zeros(4)), batch_size=2, num_workers=1, persistent_workers=True)
+        >>> without_persistent_workers(loader).persistent_workers
+        False
+    """
+    if not (isinstance(data, DataLoader) and data.num_workers and data.persistent_workers):
+        return data
+    if isinstance(data.dataset, IterableDataset):  # no sampler to pass: batching by size
+        batching = dict(batch_size=data.batch_size, drop_last=data.drop_last)
+    elif data.batch_sampler is not None:  # the loader's own (its sampler and generator inside)
+        batching = dict(batch_sampler=data.batch_sampler)
+    else:  # automatic batching off: one item at a time
+        batching = dict(batch_size=None, sampler=data.sampler)
+    return DataLoader(data.dataset, **batching, num_workers=data.num_workers, collate_fn=data.collate_fn,
+                      pin_memory=data.pin_memory, timeout=data.timeout, worker_init_fn=data.worker_init_fn,
+                      multiprocessing_context=data.multiprocessing_context, generator=data.generator,
+                      prefetch_factor=data.prefetch_factor, persistent_workers=False)
+
+
 @contextmanager
 def seeded_reading(data: Any, seed: int = 0) -> Iterator[None]:
     """A read of ``data`` that draws the same on every call and leaves the caller's generators as
@@ -245,7 +273,7 @@ def iter_image_batches(
         raise ValueError(f"`data` is a {type(data).__name__} of tensors of shapes {[tuple(t.shape) for t in data]}, "
                          "an (images, labels) pair as fit_classifier takes it; pass the images tensor alone.")
     if isinstance(data, DataLoader):
-        loader = data
+        loader = without_persistent_workers(data)
     elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         if hasattr(data, "__len__") and len(data) == 0:
             raise ValueError("`data` is empty.")

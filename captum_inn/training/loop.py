@@ -8,7 +8,7 @@ import math
 import os
 import threading
 import warnings
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import (
@@ -496,12 +496,15 @@ def train_loop(
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
+    # fit_classifier writes no checkpoint: "the last checkpoint" sent users looking for one
+    kept = " The last checkpoint was left as it was." if checkpoint is not None else ""
+
     def check_finite(loss: float, step: int) -> None:
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"{desc}: the loss became {loss} in step {step + 1}. Lower the learning rate "
                 f"(now {lr}) or check the inputs for NaN/inf; for an INN, a smaller `clamp` (bound on the "
-                "coupling scales) also helps. The last checkpoint was left as it was."
+                f"coupling scales) also helps.{kept}"
             )
 
     def eager_step(step: int, batch: Optional[Sequence[Tensor]] = None) -> float:
@@ -521,8 +524,9 @@ def train_loop(
         if not math.isfinite(float(norm)):
             raise FloatingPointError(
                 f"{desc}: the gradients became {float(norm)} in step {step + 1} (the loss, {value}, is finite). "
-                "Check the loss for operations without a finite gradient where it is evaluated (sqrt or log at 0, "
-                "norms of zero vectors). The last checkpoint was left as it was."
+                f"Lower the learning rate (now {lr}) or check the inputs' scale (huge values overflow), and check "
+                "the loss for operations without a finite gradient where it is evaluated (sqrt or log at 0, "
+                f"norms of zero vectors).{kept}"
             )
         optimizer.step()
         return value
@@ -536,9 +540,14 @@ def train_loop(
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{desc} (resumed at step {start})" if start else desc,
                disable=not progress or rank != 0, leave=False)
     streams = contextlib.ExitStack()
-    if own_streams:
-        streams.enter_context(_global_streams(device, global_state, _global_seed(seed, rank, start)))
     try:
+        # the steps in full precision whatever autocast surrounds the fit: INNs train in float32, and under an
+        # outer autocast every step after the first reused its cached low-precision copy of the first step's
+        # weights (autocast clears that cache only when the outermost block exits), so nothing trained
+        for kind in sorted({"cpu", device.type} & {"cpu", "cuda"}):
+            streams.enter_context(torch.autocast(kind, enabled=False))
+        if own_streams:
+            streams.enter_context(_global_streams(device, global_state, _global_seed(seed, rank, start)))
         for step in bar:
             if schedule == "cosine":
                 rate = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))
@@ -790,8 +799,11 @@ def run_concurrently(tasks: Sequence[Callable[[Callable[[], None]], T]], workers
         return task(check)
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="captum_inn_fit")
-    futures = [pool.submit(run, task) for task in tasks]
+    futures: List[Future] = []
     try:
+        # submitted inside the try: a Ctrl-C while the pool started its threads left a fit training unseen
+        for task in tasks:
+            futures.append(pool.submit(run, task))
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(f.exception() is not None for f in done):
             stop.set()

@@ -44,7 +44,7 @@ from captum_inn.training import (
     save_concept_inn,
     save_invariance_inn,
 )
-from captum_inn.training.checkpoint import module_tensors, save_checkpoint
+from captum_inn.training.checkpoint import module_tensors, save_checkpoint, write_atomically
 from captum_inn.training.classifier import Jitter, accuracy, fit_classifier
 from captum_inn.training.dynamics import Snapshots, concept_dynamics
 
@@ -330,11 +330,10 @@ def report_folder(out: Union[str, Path], device: Union[str, torch.device],
 
 
 def write_report_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file, then a rename): a run killed while
-    writing leaves no truncated ``metrics.json`` or ``index.html``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")  # the pages say so, and hold R² and −: not the locale's encoding
-    tmp.replace(path)
+    """Write ``text`` to ``path`` atomically (as checkpoints are written): a run killed while writing
+    leaves no truncated ``metrics.json`` or ``index.html``."""
+    # UTF-8: the pages say so, and hold R² and −, not the locale's encoding
+    write_atomically(Path(path), text.encode("utf-8"))
 
 
 def report_json(metrics: Dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ import os
 import secrets
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, BinaryIO, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -84,21 +84,10 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
             payload[k] = v.clone()
         storages.add(v.untyped_storage().data_ptr())
     blob = save(payload, metadata={_META_KEY: json.dumps(document)})
-    _remove_stale_temporaries(path)
-    tmp, fd = _new_temporary(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-            if fcntl is not None:  # renamed while open, so still locked: no other writer's clean-up removes it
-                os.replace(tmp, path)
-        if fcntl is None:  # Windows renames only closed files
-            os.replace(tmp, path)
-    except BaseException as error:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(error, OSError) and error.filename is None:  # a full disk: "No space left on device" alone
+        write_atomically(path, blob)
+    except OSError as error:
+        if error.filename is None:  # a full disk: "No space left on device" alone
             raise OSError(error.errno, f"{error.strerror}, writing the checkpoint {str(path)!r} ({len(blob):,} bytes; "
                           "the previous checkpoint there, if any, is intact)", str(path)) from error
         raise
@@ -111,6 +100,37 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
     except OSError:  # some file systems cannot fsync a directory; the data itself is synced
         pass
     return path
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing: into a temporary file of its own beside it (a
+    concurrent writer never writes into it), then :func:`commit_temporary`. An interrupted or failed
+    write leaves the previous file as it was and no temporary behind."""
+    _remove_stale_temporaries(path)
+    tmp, fd = _new_temporary(path)
+    file = os.fdopen(fd, "wb")
+    try:
+        file.write(data)
+        commit_temporary(file, tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            file.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def commit_temporary(file: BinaryIO, tmp: Union[str, os.PathLike], path: Path) -> None:
+    """Make the written temporary file ``tmp`` (open as ``file``) the file at ``path``, and close it:
+    synced to the disk first, then renamed while still open, and so still locked, where files lock
+    (no other writer's clean-up of stale temporaries removes it), or after closing on Windows (which
+    renames only closed files)."""
+    file.flush()
+    os.fsync(file.fileno())
+    if _LOCKING:
+        os.replace(tmp, path)
+    file.close()
+    if not _LOCKING:
+        os.replace(tmp, path)
 
 
 def _temporaries(path: Path) -> str:

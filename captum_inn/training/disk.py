@@ -22,7 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from captum_inn.training.checkpoint import _LOCKING, _new_temporary, _remove_stale_temporaries
+from captum_inn.training.checkpoint import (
+    _new_temporary,
+    _remove_stale_temporaries,
+    commit_temporary,
+    write_atomically,
+)
 
 try:
     import fcntl
@@ -199,16 +204,10 @@ class DiskArrayWriter:
         """Finish the file (fsync, rename into place) and return its path."""
         if self._file.closed:
             return self.path
-        self._file.flush()
-        os.fsync(self._file.fileno())
         if self.written != self.n_rows:
             self.abort()
             raise ValueError(f"{str(self.path)!r}: {self.written} rows written, {self.n_rows} announced.")
-        if _LOCKING:  # renamed while open, so still locked: no other pass's clean-up removes it
-            os.replace(self._tmp, self.path)
-        self._file.close()
-        if not _LOCKING:  # Windows renames only closed files
-            os.replace(self._tmp, self.path)
+        commit_temporary(self._file, self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
@@ -365,20 +364,7 @@ def write_manifest(folder: Union[str, os.PathLike], document: Dict[str, Any]) ->
         {'rows': 10}
     """
     path = Path(folder) / "manifest.json"
-    _remove_stale_temporaries(path)
-    tmp, fd = _new_temporary(path)  # its own: two writers never write into one temporary
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-            if _LOCKING:  # renamed while open, so still locked: no other writer's clean-up removes it
-                os.replace(tmp, path)
-        if not _LOCKING:  # Windows renames only closed files
-            os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(document, indent=1).encode())
     return path
 
 

@@ -659,10 +659,18 @@ def _exif_turns() -> Dict[int, Any]:
             7: t.TRANSVERSE, 8: t.ROTATE_90}
 
 
+def _is_32_bit_tiff(image: Any) -> bool:
+    """A TIFF whose samples are 32-bit (BitsPerSample 32); PGMs and 16-bit files open as mode I too."""
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(258) if image.format == "TIFF" and tags is not None else None
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    return bits == 32
+
+
 def _load_rgb(path: str):
     """The image at ``path`` as 8-bit RGB (PIL), upright. 16-bit grayscale (PNG, TIFF, PGM: mode ``I;16…``,
     or ``I`` with values past 255) is scaled by 255/65535 first: PIL's own conversion, and so torchvision's
-    image loader, clips it at 255 (a mid grey turned white); a 32-bit integer image (mode ``I``) of values
+    image loader, clips it at 255 (a mid grey turned white); a 32-bit integer TIFF (mode ``I``) of values
     up to 255 is taken as they are; a 32-bit float image (mode ``F``) in ``[0, 1]`` is scaled by 255,
     which that conversion clipped to black. A photo with an EXIF orientation (most
     phone photos) is turned as a viewer shows it; torchvision's loader keeps the stored pixels,
@@ -683,10 +691,10 @@ def _load_rgb(path: str):
         values = np.nan_to_num(np.asarray(image, dtype=np.float64))
         if image.mode == "F":  # a float image in [0, 1] (PIL's conversion clipped it to black), else 0…255
             scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
-        elif image.mode.startswith("I;16") or values.max(initial=0.0) > 255:  # 16-bit grey (Pillow opens
-            scale = 255 / 65535  # some 16-bit files as mode I)
-        else:  # 32-bit integers holding 8-bit values (numpy int32 arrays saved as TIFF) were scaled to black
-            scale = 1.0
+        elif _is_32_bit_tiff(image) and values.max(initial=0.0) <= 255:  # 8-bit values in 32-bit integers (a
+            scale = 1.0  # numpy int32 array saved as TIFF) were scaled to black
+        else:  # 16-bit grey (PNG and TIFF as I;16, PGM of any maxval as I, scaled by Pillow to 0…65535)
+            scale = 255 / 65535
         image = Image.fromarray((values * scale).round().clip(0, 255).astype(np.uint8))  # mode L
     return image.convert("RGB")
 

@@ -289,7 +289,10 @@ def variance_explained_by_v(
     ``mean + std · ε``, so the samples' spread includes the posterior noise. Pass posterior
     samples as ``codes``, or the means with their ``code_std``, which adds the noise's variance
     ``Σ_d E_x[std_d²]`` to the denominator. With means alone the denominator lacks it, and a
-    perfectly fitted INN of a layer that keeps nothing gives slightly more than 1.
+    perfectly fitted INN of a layer that keeps nothing gives slightly more than 1. An INN fitted with
+    ``code_noise`` (recorded in its ``fit_info``) was trained on codes with that noise added too: its
+    variance, ``d · code_noise²``, is added to the denominator as well (a layer that keeps nothing
+    gave 1.25 at ``code_noise=0.5`` on unit-scale codes).
 
     Args:
         inn: The fitted conditional INN of the layer.
@@ -339,6 +342,8 @@ def variance_explained_by_v(
         if code_std.shape != codes.shape:
             raise ValueError(f"`code_std` must have the shape of `codes` {tuple(codes.shape)}, got {tuple(code_std.shape)}.")
         total = total + code_std.pow(2).mean(dim=0).sum()  # Var(mean + std·ε) = Var(mean) + E[std²]
+    code_noise = (getattr(inn, "fit_info", None) or {}).get("code_noise") or 0.0
+    total = total + inn.dim * float(code_noise) ** 2  # the fit's codes: mean + std·ε + code_noise·η
     if not total > 0:  # the denominator: VE_v would be inf or NaN
         raise ValueError("`codes` do not vary over the inputs (total variance 0), so no share of it can be "
                          "explained; pass the codes of different inputs (or their posterior `code_std`).")

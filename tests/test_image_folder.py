@@ -510,6 +510,12 @@ def test_a_32_bit_integer_image_of_8_bit_values_keeps_its_brightness(tmp_path):
             Image.fromarray(np.full((12, 12), 200, np.int32)).save(tmp_path / name / f"{k}.tif")
     split = load_image_folder(tmp_path, size=8, test_fraction=0.5)
     assert torch.allclose(torch.cat([split.train_images, split.test_images]), torch.tensor(200 / 255))
+    # a 16-bit PGM opens as mode I too: dark ones (values up to 255) stay dark, as the same PNG does
+    from captum_inn.datasets import _load_rgb
+
+    for suffix in ("pgm", "png"):
+        Image.fromarray(np.full((4, 4), 255, np.uint16)).save(tmp_path / f"dark.{suffix}")
+        assert np.asarray(_load_rgb(str(tmp_path / f"dark.{suffix}"))).max() == 1
 
 
 def test_splits_compare_by_identity(folder):

@@ -497,3 +497,27 @@ def test_shape_cnn_reads_the_same_map_whatever_the_colours():
     assert torch.allclose(judge.shape_map(a)[:, 0], masks, atol=1e-3)
     assert torch.allclose(judge(a), judge(b), atol=1e-3)
     assert not torch.allclose(judge(a), judge(colour_digits(masks.flip(1), colours[0], (colours[0] + 0.5) % 1.0)))
+
+
+def test_variance_explained_counts_the_code_noise_the_inn_was_fitted_with(tmp_path):
+    """fit_invariances trains on codes with `code_noise` added: the spread of t⁻¹(v | z) includes it, so
+    the denominator must too (a layer that keeps nothing scored 1.25 at code_noise 0.5)."""
+    from captum_inn.autoencoders import ConvAutoencoder
+    from captum_inn.training import load_invariance_inn, save_invariance_inn
+
+    torch.manual_seed(0)
+    inn = ConditionalINN(4, (3,), n_blocks=2, hidden=8)
+    codes, conditions = torch.randn(64, 4), torch.randn(64, 3)
+    inn(codes, conditions)
+    plain = variance_explained_by_v(inn, codes, conditions, generator=torch.Generator().manual_seed(0))
+    inn.fit_info = {"code_noise": 0.5}
+    noisy = variance_explained_by_v(inn, codes, conditions, generator=torch.Generator().manual_seed(0))
+    total = float(codes.var(dim=0).sum())
+    assert noisy == pytest.approx(plain * total / (total + 4 * 0.5**2), rel=1e-5)
+    # the fit records it, and a saved INN keeps it
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+    fitted = fit_invariances(model, "1", ConvAutoencoder((3, 8, 8), 4, width=4), torch.rand(16, 3, 8, 8), steps=2,
+                             n_blocks=1, hidden=8, code_noise=0.05, progress=False)
+    assert fitted.fit_info["code_noise"] == 0.05
+    loaded = load_invariance_inn(save_invariance_inn(str(tmp_path / "inn.safetensors"), fitted))
+    assert loaded.fit_info["code_noise"] == 0.05

@@ -1929,6 +1929,16 @@ def test_fits_on_a_loader_with_persistent_workers_repeat():
     first, second = fit_autoencoder(loader, **settings), fit_autoencoder(loader, **settings)
     assert all(torch.equal(value, second.state_dict()[key]) for key, value in first.state_dict().items())
 
+    class Scaled(DataLoader):  # a subclass's own __iter__ (Accelerate's loaders) is kept: it is used as it is
+        def __iter__(self):
+            for batch in super().__iter__():
+                yield batch * 0
+
+    from captum_inn.training.data import iter_image_batches
+
+    scaled = Scaled(Noisy(), batch_size=8, num_workers=1, persistent_workers=True)
+    assert all(not batch.any() for batch in iter_image_batches(scaled))
+
 
 def test_a_reused_jitter_augments_as_a_fresh_one():
     """A fit starts a Jitter from its seed: a second fit with the same object differed from the first."""
@@ -2006,3 +2016,23 @@ def test_a_non_finite_loss_mentions_a_checkpoint_only_where_one_is_written(tmp_p
     with pytest.raises(FloatingPointError, match="The last checkpoint was left as it was"):
         train_loop(lin, lambda generator: lin(torch.ones(1, 2)).sum() * float("nan"), steps=2, lr=0.1, progress=False,
                    checkpoint=str(tmp_path / "fit.safetensors"))
+
+
+def test_fit_concepts_under_autocast_measures_the_trained_factors():
+    """The factors' spread after the fit was read through autocast's cached copy of the untrained
+    weights (the ActNorm start ran under the caller's autocast too)."""
+    from captum_inn.concepts import ConceptPairs
+    from captum_inn.training import fit_concepts
+
+    torch.manual_seed(0)
+    images, labels = torch.rand(64, 6, 1, 1), torch.arange(64) % 2
+    model = nn.Sequential(nn.Flatten(), nn.Identity())  # no product: autocast leaves the features as they are
+
+    def fit():
+        return fit_concepts((model, "1"), [ConceptPairs.from_labels("parity", images, labels)], factor_sizes={"parity": 2},
+                            steps=20, pool_size=32, n_blocks=1, hidden=8, progress=False)
+
+    plain = fit()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = fit()
+    assert under.fit_info["factor_variance"] == plain.fit_info["factor_variance"]

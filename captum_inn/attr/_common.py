@@ -171,8 +171,8 @@ def user_stacklevel() -> int:
 
 
 #: Modules whose frames wrap the package's functions (``@torch.no_grad()``, ``contextmanager``,
-#: Captum's ``@log_usage()`` on ``attribute``).
-_WRAPPERS = ("torch.utils._contextlib", "contextlib", "functools", "captum.log")
+#: Captum's ``@log_usage()`` on ``attribute`` and its ``NoiseTunnel`` calling it).
+_WRAPPERS = ("torch.utils._contextlib", "contextlib", "functools", "captum.")
 
 
 def _inside_package(module: str) -> bool:

@@ -70,6 +70,7 @@ from captum_inn.training.loop import (
     _check_seed,
     check_resumable_early,
     final_loss,
+    full_precision,
     merged_config,
     resume_key,
     train_loop,
@@ -579,7 +580,7 @@ def fit_concepts(
     # on the means alone, a dimension the autoencoder leaves unused (collapsed to the prior: constant
     # mean, std near 1) got a scale of about 1/spread of its means, and its training rows that much larger
     noise = torch.Generator().manual_seed(config.seed)
-    with torch.no_grad():
+    with torch.no_grad(), full_precision(device):
         rows = [p.mean_a[:256] + p.std_a[:256] * torch.randn(p.mean_a[:256].shape, generator=noise,
                                                              dtype=p.mean_a.dtype).to(p.mean_a.device) for p in pools]
         inn(torch.cat(rows).to(device))
@@ -620,7 +621,7 @@ def fit_concepts(
         checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta,
         progress=progress, desc="concept INN",
     )
-    with torch.no_grad():  # each factor's spread over the data, the reference of LayerConcepts.encoded
+    with torch.no_grad(), full_precision(device):  # each factor's spread, the reference of LayerConcepts.encoded
         factors = torch.cat([inn(p.mean_a[:1024].to(device), jac=False)[0] for p in pools])
     results = {"steps": config.steps, "final_loss": final_loss(history),
                "factor_variance": factors.var(0).cpu().tolist()}

@@ -169,7 +169,8 @@ def without_persistent_workers(data: Any) -> Any:
         >>> without_persistent_workers(loader).persistent_workers
         False
     """
-    if not (isinstance(data, DataLoader) and data.num_workers and data.persistent_workers):
+    # a subclass (its own __iter__, as Accelerate's loaders have) is used as it is: a plain rebuild lost it
+    if not (type(data) is DataLoader and data.num_workers and data.persistent_workers):
         return data
     if isinstance(data.dataset, IterableDataset):  # no sampler to pass: batching by size
         batching = dict(batch_size=data.batch_size, drop_last=data.drop_last)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from captum_inn.attr._common import as_device, weights_fingerprint
+from captum_inn.attr._common import as_device, user_stacklevel, weights_fingerprint
 
 __all__ = ["world", "is_main", "local_batch_size", "shard_data", "sync_module", "average_gradients", "average_buffers",
            "gather_rows", "gather_generator_states", "gather_texts", "barrier", "check_replicas_agree",
@@ -110,6 +111,10 @@ def local_batch_size(batch_size: int, n_local: Optional[int] = None) -> int:
     if batch_size < size:
         raise ValueError(f"`batch_size` {batch_size} is smaller than the number of processes {size}; "
                          "each process needs at least one sample per step.")
+    if batch_size % size:  # the docs promise a single process's optimisation with the same global batch
+        warnings.warn(f"`batch_size` {batch_size} is not a multiple of the {size} processes: each draws "
+                      f"{batch_size // size}, a global batch of {batch_size // size * size}; pass a multiple of {size}.",
+                      UserWarning, stacklevel=user_stacklevel())
     return batch_size // size if n_local is None else min(batch_size // size, n_local)
 
 

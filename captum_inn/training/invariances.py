@@ -64,6 +64,7 @@ from captum_inn.training.loop import (
     check_resumable_early,
     cuda_graphs_by_default,
     final_loss,
+    full_precision,
     merged_config,
     resume_key,
     run_concurrently,
@@ -174,7 +175,7 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
     init_conditions = cache.rows(name, init).to(device)
     _warn_if_constant(init_conditions, name)
     inn.embedder.set_input_statistics(init_conditions)
-    with torch.no_grad():  # ActNorm's data-dependent initialisation, on a large real batch
+    with torch.no_grad(), full_precision(device):  # ActNorm's data-dependent initialisation, on a large real batch
         init_gen = torch.Generator().manual_seed(config.seed)
         inn(cache.sample_codes(init, init_gen).to(device, inn.dtype), init_conditions)
     return inn
@@ -225,7 +226,7 @@ def _train(
     fit_info.update({"attribute_to_layer_input": cache.layer_inputs,
                      "autoencoder_weights": cache.autoencoder_weights or None,
                      "model_weights": cache.model_weights or None, "model_buffers": list(cache.model_buffers) or None,
-                     "steps": config.steps})
+                     "steps": config.steps, "code_noise": config.code_noise})
     if name in cache.selectors:  # how the explainers pick the layer's tensor (caches from before: unknown)
         fit_info["selector"] = cache.selectors[name]
     meta["fit_info"] = fit_info

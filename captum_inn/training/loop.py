@@ -274,6 +274,18 @@ def saved_step(checkpoint: Any, saved: Mapping[str, Any], argument: str = "check
     return step
 
 
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Autocast off (on the CPU and ``device``) for work on an INN's weights: under a caller's autocast,
+    every pass after the first reused its cached low-precision copy of the first pass's weights
+    (autocast clears that cache only when its outermost block exits), so steps trained nothing and
+    a pass after the fit read the untrained weights."""
+    with contextlib.ExitStack() as stack:
+        for kind in sorted({"cpu", torch.device(device).type} & {"cpu", "cuda"}):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
+
+
 def final_loss(history: Sequence[float], n: int = 100) -> float:
     """The mean of a fit's last ``n`` losses (NaN for none): what its ``fit_info`` reports, less
     noisy than the last step's."""
@@ -541,11 +553,7 @@ def train_loop(
                disable=not progress or rank != 0, leave=False)
     streams = contextlib.ExitStack()
     try:
-        # the steps in full precision whatever autocast surrounds the fit: INNs train in float32, and under an
-        # outer autocast every step after the first reused its cached low-precision copy of the first step's
-        # weights (autocast clears that cache only when the outermost block exits), so nothing trained
-        for kind in sorted({"cpu", device.type} & {"cpu", "cuda"}):
-            streams.enter_context(torch.autocast(kind, enabled=False))
+        streams.enter_context(full_precision(device))  # INNs train in float32, whatever surrounds the fit
         if own_streams:
             streams.enter_context(_global_streams(device, global_state, _global_seed(seed, rank, start)))
         for step in bar:

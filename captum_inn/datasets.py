@@ -668,8 +668,8 @@ def _is_32_bit_tiff(image: Any) -> bool:
 
 
 def _load_rgb(path: str):
-    """The image at ``path`` as 8-bit RGB (PIL), upright. 16-bit grayscale (PNG, TIFF, PGM: mode ``I;16…``,
-    or ``I`` with values past 255) is scaled by 255/65535 first: PIL's own conversion, and so torchvision's
+    """The image at ``path`` as 8-bit RGB (PIL), upright. 16-bit grayscale (PNG, TIFF: mode ``I;16…``;
+    PGM of any depth: mode ``I``) is scaled by 255/65535 first: PIL's own conversion, and so torchvision's
     image loader, clips it at 255 (a mid grey turned white); a 32-bit integer TIFF (mode ``I``) of values
     up to 255 is taken as they are; a 32-bit float image (mode ``F``) in ``[0, 1]`` is scaled by 255,
     which that conversion clipped to black. A photo with an EXIF orientation (most

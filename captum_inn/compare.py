@@ -146,13 +146,21 @@ def last_spatial_layer(model: nn.Module, example: Tensor, *, additional_forward_
         >>> last_spatial_layer(model, torch.rand(1, 3, 8, 8))
         '1'
     """
-    order: List[str] = []
+    order = _spatial_layers(model, example, additional_forward_args)
+    if not order:
+        raise ValueError("The model has no layer with a spatial feature map; pass `gradcam_layer` explicitly.")
+    return order[-1][0]
+
+
+def _spatial_layers(model: nn.Module, example: Tensor, additional_forward_args: Any = None) -> List[Tuple[str, Tuple[int, int]]]:
+    """``(name, (H, W))`` of each module whose output is a feature map larger than 1×1, in execution order."""
+    order: List[Tuple[str, Tuple[int, int]]] = []
     handles = []
 
     def record(name: str):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             if isinstance(output, Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
-                order.append(name)
+                order.append((name, (output.shape[2], output.shape[3])))
         return hook
 
     try:
@@ -165,9 +173,7 @@ def last_spatial_layer(model: nn.Module, example: Tensor, *, additional_forward_
     finally:
         for handle in handles:
             handle.remove()
-    if not order:
-        raise ValueError("The model has no layer with a spatial feature map; pass `gradcam_layer` explicitly.")
-    return order[-1]
+    return order
 
 
 def _check_baselines(baselines: Any, images: Tensor) -> None:
@@ -385,12 +391,7 @@ def compare_attributions(
             cam = gradcam.attribute(images[part], target=targets[part], additional_forward_args=args_of(part),
                                     relu_attributions=True)
             if chosen and start == 0 and cam.shape[2] * cam.shape[3] <= 4:
-                warnings.warn(
-                    f"Grad-CAM at {gradcam_name!r} is a {cam.shape[2]}×{cam.shape[3]} map at this input size, "
-                    "too coarse to show where; pass gradcam_layer= an earlier layer with a larger map (for a "
-                    "ResNet, 'layer3').",
-                    UserWarning, stacklevel=user_stacklevel(),
-                )
+                _warn_coarse_gradcam(model, gradcam_name, tuple(cam.shape[2:]), images, additional_forward_args)
             gradcam_parts.append(LayerAttribution.interpolate(cam.detach(), tuple(images.shape[2:]), "bilinear"))
             bar.update()
         bar.set_postfix_str("Integrated Gradients")
@@ -447,6 +448,19 @@ def compare_attributions(
         integrated_gradients_delta=torch.cat(ig_deltas),
         concept_delta=torch.cat(concept_deltas) if concepts is not None else None,
     )
+
+
+def _warn_coarse_gradcam(model: nn.Module, name: str, size: Tuple[int, ...], example: Tensor,
+                         additional_forward_args: Any) -> None:
+    """Warn that the default Grad-CAM layer's map is too coarse, naming the last layer with a larger map
+    (the hint named ResNet's 'layer3' for every model, even when Grad-CAM already read 'layer3')."""
+    larger = [(n, hw) for n, hw in _spatial_layers(model, example, additional_forward_args)
+              if hw[0] * hw[1] > size[0] * size[1]]
+    hint = (f"pass gradcam_layer= an earlier layer with a larger map, such as {larger[-1][0]!r} "
+            f"({larger[-1][1][0]}×{larger[-1][1][1]})" if larger else
+            "no layer of the model has a larger map at this input size: use larger images")
+    warnings.warn(f"Grad-CAM at {name!r} is a {size[0]}×{size[1]} map at this input size, too coarse to show "
+                  f"where; {hint}.", UserWarning, stacklevel=user_stacklevel())
 
 
 _WRAP = ("Grad-CAM and Integrated Gradients need a model that returns the logits: wrap it, e.g. an nn.Module "

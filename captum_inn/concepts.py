@@ -327,10 +327,12 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
     Accepted: one or a sequence of :class:`ConceptPairs` or ``captum.concept.Concept`` objects, or
     a mapping ``{name: sampler}`` (``relation="share"``). Names must be unique.
 
-    TCAV's experimental sets (``[[stripes, random_0], [dots, random_0], ...]``, a list of lists)
-    are accepted too: the first concept of each set is the concept, and the others (the random or
-    contrast sets TCAV tests it against) are left out, since two random images share nothing a
-    factor could hold. A concept in several sets is taken once.
+    TCAV's experimental sets (a list of lists) are accepted too. A set of two
+    (``[[stripes, random_0], [dots, random_0], ...]``) is a concept and the random or contrast set
+    TCAV tests it against: its first concept is taken, and the contrast is left out, since two
+    random images share nothing a factor could hold. A set of three or more is a relative set
+    (``[[stripes, zigzagged, dotted]]``, concepts tested against each other): each of its concepts
+    is taken. A concept in several sets is taken once.
 
     Args:
         concepts: The concepts.
@@ -362,8 +364,11 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
                 raise TypeError("`concepts` is a list of lists holding ConceptPairs; pass one flat list of them "
                                 "(e.g. ds.concepts(), not [ds.concepts()]). Nested lists are read as TCAV's "
                                 "experimental sets of captum.concept.Concept objects.")
-            firsts = [experimental_set[0] for experimental_set in raw]  # TCAV experimental sets
-            raw = [c for i, c in enumerate(firsts) if all(c is not earlier for earlier in firsts[:i])]
+            # TCAV's experimental sets: [concept, random contrast] pairs, or relative sets of 3+ concepts (whose
+            # members after the first were dropped: a three-concept set fitted one factor)
+            taken = [c for experimental_set in raw
+                     for c in (experimental_set[:1] if len(experimental_set) == 2 else experimental_set)]
+            raw = [c for i, c in enumerate(taken) if all(c is not earlier for earlier in taken[:i])]
         if isinstance(raw, (list, tuple)) and not raw:
             raise ValueError("`concepts` is empty; give at least one concept.")
         if not isinstance(raw, (list, tuple)):

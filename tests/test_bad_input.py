@@ -116,6 +116,7 @@ def _cases():
         ("float64 concept inputs for a float32 model", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae).attribute(X.double(), target=0), TypeError, r"`inputs` images are torch.float64 .*images.to\(torch.float32\)"),
         ("signals that are not images", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X[:, :, 0], steps=1, progress=False), ValueError, r"`data` images must have shape \(N, C, H, W\), got batches of shape \(\d+, 3, 32\)"),
         ("float64 images to cache", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X.double(), steps=1, progress=False), TypeError, r"`data` images are torch.float64 .*images.to\(torch.float32\)"),
+        ("gray images for an RGB autoencoder", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).sample(X[:, :1]), ValueError, r"1 channel\(s\), the autoencoder 3: pass x.expand\(-1, 3, -1, -1\)"),
         ("channels-last images", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).sample(X.permute(0, 2, 3, 1)), ValueError, r"channels come last: pass x.permute\(0, 3, 1, 2\)"),
         ("a list of single images", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(list(X)), ValueError, r"got \(3, 32, 32\)\. A list is read as several model inputs.*torch.stack"),
         ("images of another size than the autoencoder's", lambda m, ae, inn, e: LayerInvariance(m, "cnn.logits", inn, ae).attribute(torch.rand(2, 3, 64, 64)), ValueError, r"decodes images of shape \(3, 32, 32\).*interpolate"),
@@ -206,12 +207,22 @@ def _cases():
         ("float64 originals for the agreement", lambda m, ae, inn, e: prediction_agreement(m, X.double(), X[:, None]), TypeError, r"`originals` images are torch.float64"),
         ("a judge of another dtype", lambda m, ae, inn, e: adversarial_views(m, {"cnn.logits": inv(m, ae, inn)}, X, torch.zeros(3, dtype=torch.long), _bf16(m)), TypeError, r"`judge` computes in torch.bfloat16 but the images, and so the views, are torch.float32"),
         ("an example of another dtype for Grad-CAM's layer", lambda m, ae, inn, e: last_spatial_layer(_bf16(m), X), TypeError, r"`example` images are torch.float32"),
+        ("a classifier that returns a dict", lambda m, ae, inn, e: fit_classifier(DictOut(), (X, torch.zeros(3, dtype=torch.long)), steps=1, progress=False), TypeError, r"`model` must return \(N, K\) logits, but it returns a dict with keys \['logits'\]; wrap it"),
         ("concept pairs that a layer turns into NaN", lambda m, ae, inn, e: fit_concepts((nn.Sequential(NaNs(), nn.Linear(6, 2)), "0"), [ConceptPairs.from_labels("c", X, torch.zeros(3))], steps=1, pool_size=4, progress=False), ValueError, r"Concept 'c''s pairs encode to NaN or infinite values"),
     ]
 
 
 def _bf16(model):
     return copy.deepcopy(model).to(torch.bfloat16)
+
+
+class DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 2)
+
+    def forward(self, x):
+        return {"logits": self.fc(x.flatten(1))}
 
 
 class NaNs(nn.Module):

@@ -816,6 +816,21 @@ def test_resolve_layer(cnn):
     assert resolve_layer(cnn, cnn) == ("", cnn)
 
 
+def test_second_place_of_a_shared_module_warns(recwarn):
+    """One nn.ReLU at positions 1 and 3: the name "3" silently read position 1's activation (hooks fire
+    at a module's first call), and a fit recorded "3"."""
+    act = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act, nn.Conv2d(4, 4, 3, stride=2, padding=1), act)
+    with pytest.warns(UserWarning, match=r"layer '3' is the module registered first as '1'.*runs more than once.*a module of its own") as info:
+        assert resolve_layer(model, "3") == ("3", act)
+    assert info[0].filename == __file__  # the user's line
+    with pytest.warns(UserWarning, match="registered first as '1'"):
+        capture(model, "3", torch.randn(1, 3, 8, 8))
+    recwarn.clear()
+    assert resolve_layer(model, "1") == ("1", act) and resolve_layer(model, act) == ("1", act)
+    assert not recwarn.list  # the first name, or the module itself: no warning
+
+
 def test_unknown_name_suggests_close_matches(cnn):
     with pytest.raises(ValueError, match=r"'features\.20'.*did you mean 'features\.2'") as info:
         resolve_layer(cnn, "features.20")

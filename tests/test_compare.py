@@ -442,9 +442,17 @@ def test_a_coarse_default_gradcam_layer_warns(setup, x):
     a layer the user chose."""
     coarse = nn.Sequential(nn.Conv2d(3, 4, 3, stride=16, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16, 10)).eval()
     explainer = LayerInvariance(coarse, "3", setup[2]["cnn.logits"], setup[1])
-    with pytest.warns(UserWarning, match=r"Grad-CAM at '1' is a 2×2 map at this input size.*gradcam_layer=") as caught:
+    with pytest.warns(UserWarning, match=r"Grad-CAM at '1' is a 2×2 map at this input size.*no layer of the model "
+                                         "has a larger map") as caught:
         compare_attributions(coarse, x, explainer, generator=_gen(), **FAST)
     assert [w.filename for w in caught if "too coarse" in str(w.message)] == [__file__]  # the caller's line
+    # the hint names a real earlier layer (it named ResNet's 'layer3' for every model, 'layer3' itself too)
+    two_stages = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=4, padding=1),
+                               nn.ReLU(), nn.Flatten(), nn.Linear(16, 10)).eval()
+    with pytest.warns(UserWarning, match=r"Grad-CAM at '3' is a 2×2 map.*gradcam_layer= an earlier layer with a "
+                                         r"larger map, such as '1' \(8×8\)"):
+        compare_attributions(two_stages, x, LayerInvariance(two_stages, "5", setup[2]["cnn.logits"], setup[1]),
+                             generator=_gen(), **FAST)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         compare_attributions(coarse, x, explainer, gradcam_layer="1", generator=_gen(), **FAST)

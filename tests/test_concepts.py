@@ -120,6 +120,10 @@ def test_from_transform_and_from_captum():
     random = Concept(2, "random_0", [torch.rand(4, 3, 4, 4)])
     sets = [[captum_concept, random], [Concept(1, "dots", batches), random], [captum_concept, random]]
     assert [c.name for c in as_concepts(sets)] == ["stripes", "dots"]  # TCAV's sets: their concepts, once each
+    zigzag, dots = Concept(3, "zigzagged", batches), Concept(4, "dots", batches)
+    # a relative set (Captum's TCAV tutorial: [[stripes, zigzagged, dotted]]) fitted only its first concept
+    assert [c.name for c in as_concepts([[captum_concept, zigzag, dots], [captum_concept, random]])] == \
+        ["stripes", "zigzagged", "dots"]
     with pytest.raises(TypeError, match=r"list of lists holding ConceptPairs; pass one flat list"):
         as_concepts([[jitter, pairs]])  # fitted only the first concept
 

@@ -153,6 +153,10 @@ def check_image_size(images: Tensor, autoencoder: Any, name: str = "inputs",
            "autoencoder (and INNs) for images of this size.")
     if shape == (*decoded[1:], decoded[0]):
         fix = "The channels come last: pass x.permute(0, 3, 1, 2)."
+    elif len(shape) == len(decoded) and shape[1:] == tuple(decoded[1:]):  # resizing would not help
+        fix = (f"The images have {shape[0]} channel(s), the autoencoder {decoded[0]}: "
+               + (f"pass x.expand(-1, {decoded[0]}, -1, -1) for gray images, or " if shape[0] == 1 else "")
+               + f"fit an autoencoder (and INNs) for {shape[0]}-channel images.")
     raise ValueError(f"`{name}` images have shape {shape}, but the autoencoder takes and decodes images of shape "
                      f"{tuple(decoded)}. {fix}")
 

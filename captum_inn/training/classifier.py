@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -322,6 +322,10 @@ def fit_classifier(
 
     def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
         if not checked:  # once, on the first logits: a label past them is an IndexError on the CPU and
+            if not isinstance(logits, Tensor):  # a dict or tuple failed inside cross_entropy ("no attribute 'dim'")
+                got = type(logits).__name__ + (f" with keys {list(logits)}" if isinstance(logits, Mapping) else "")
+                raise TypeError(f"`model` must return (N, K) logits, but it returns a {got}; wrap it in an nn.Module "
+                                "whose forward returns the logits (e.g. model(x)['logits']) and fit that wrapper.")
             if logits.dim() != 2 or top_label >= logits.shape[1]:  # a device-side assert on a GPU
                 raise ValueError(f"`data` has labels up to {top_label} but the model gives logits of shape "
                                  f"{tuple(logits.shape)}; labels must be class indices 0 … K-1 for (N, K) logits.")

@@ -322,7 +322,7 @@ class LayerInvariance(LayerAttribution):
             n_samples: Samples per input ``S >= 1``.
             temperature: Scale of ``v`` (``> 0``; below 1 gives more typical samples).
             additional_forward_args: Extra arguments of ``forward_func``.
-            internal_batch_size: Samples decoded per pass (results equal the unbatched run).
+            internal_batch_size: Samples decoded per pass (results equal the unbatched run up to float rounding).
             generator: ``torch.Generator`` for reproducible samples.
             attribute_to_layer_input: Override the constructor's choice.
             shared_noise: Use the same ``S`` draws of ``v`` for every input (common random
@@ -431,7 +431,7 @@ class LayerInvariance(LayerAttribution):
             additional_forward_args: Extra arguments of ``forward_func``.
             n_samples: Samples per input (``>= 2``).
             temperature: Scale of the invariances ``v`` (``> 0``).
-            internal_batch_size: Samples decoded per pass; the result equals the unbatched run.
+            internal_batch_size: Samples decoded per pass; the result equals the unbatched run up to float rounding.
             attribute_to_layer_input: Override the constructor's choice.
             generator: ``torch.Generator`` for a reproducible map (its state advances).
             seed: Draw ``v`` from a generator seeded with ``seed`` in every call (on the inputs'

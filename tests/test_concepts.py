@@ -969,6 +969,9 @@ def test_snapshots_and_concept_dynamics(tmp_path):
     fit_classifier(model, (images, labels), steps=5, callback=snaps, progress=False)
     assert sorted(snaps.models) == [0, 5]
     assert Snapshots(torch.arange(0, 300, 100), model).steps == [0, 100, 200]  # integer 0-d tensors are steps
+    for steps in (100, None):  # "'int' object is not iterable"
+        with pytest.raises(TypeError, match=r"`steps` must be a sequence of step numbers, e.g. range\(0, 1001, 100\)"):
+            Snapshots(steps, model)
     assert not torch.equal(snaps.models[0].fc.weight, snaps.models[5].fc.weight)  # copies, not the live model
     ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
     e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
@@ -992,6 +995,9 @@ def test_snapshots_and_concept_dynamics(tmp_path):
     again = concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], labels[:10],
                              checkpoint_dir=str(tmp_path), **kw)
     assert again.encoded == first.encoded == dynamics.encoded
+    # the Snapshots itself stands for its models ("'Snapshots' object is not iterable")
+    assert concept_dynamics(snaps, "hidden", ae, e.eval(), images, images[:10], labels[:10],
+                            checkpoint_dir=str(tmp_path), **kw).encoded == dynamics.encoded
     with pytest.raises(TypeError, match="Unknown setting 'memmap' for InvarianceConfig"):
         concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], memmap=True, **kw)
     from torch.utils.data import TensorDataset
@@ -1018,6 +1024,10 @@ def test_snapshots_and_concept_dynamics(tmp_path):
     tupled = {label: Tupled(m).eval() for label, m in snaps.models.items()}
     picked = concept_dynamics(tupled, "pair", ae, e.eval(), images, images[:10], labels[:10], selector=0, **kw)
     assert picked.encoded == dynamics.encoded  # pair[0] is what "hidden" gave
+    # a {module: selector} dict keyed by the first model's module (later models failed after the first fit)
+    by_module = concept_dynamics(tupled, "pair", ae, e.eval(), images, images[:10], labels[:10],
+                                 selector={tupled[0].pair: 0}, **kw)
+    assert by_module.encoded == dynamics.encoded
     with pytest.raises(ValueError, match="pass selector="):
         concept_dynamics(tupled, "pair", ae, e.eval(), images, images[:10], **kw)
     concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], labels[:10],
@@ -1105,6 +1115,12 @@ def test_concept_dynamics_records_each_models_own_class_and_refuses_bare_models(
         inn = load_invariance_inn(tmp_path / label / "invariance_hidden.safetensors")
         assert inn.fit_info["model_class"].endswith(type(model).__qualname__)
     concept_dynamics({"late": late}, "hidden", ae, e.eval(), images, images[:4], **kw)  # resumes
+    retrained = Later().eval()  # other weights under the same label: its advice, resume=False, was no argument here
+    with pytest.raises(CheckpointError, match=r"The model labelled 'late': .*pass resume=False to concept_dynamics"):
+        concept_dynamics({"late": retrained}, "hidden", ae, e.eval(), images, images[:4], **kw)
+    concept_dynamics({"late": retrained}, "hidden", ae, e.eval(), images, images[:4], resume=False, **kw)
+    with pytest.raises(TypeError, match=r"`models` must be .* got Later; for one model pass \{'final': model\}"):
+        concept_dynamics(late, "hidden", ae, e.eval(), images, images[:4], **kw)
     two_children = nn.Sequential(nn.Identity(), VectorModel())
     for models in ([two_children], [early, late], [("a", early, 1)], [(early, late)]):
         with pytest.raises(TypeError, match=r"`models` must be a non-empty \{label: nn.Module\} mapping or a list of "

@@ -46,6 +46,7 @@ def torchrun(n_processes: int, out: Path, encoder: Path, steps: int = 120) -> di
     result = json.loads((out / "result.json").read_text())
     # which checkpointed fits resumed, and where, from their progress bars' "(resumed at step k)"
     result["resumed"] = set(re.findall(r"(autoencoder|INN fc|concept INN) \(resumed at step (\d+)\)", done.stderr))
+    result["order_warnings"] = done.stderr.count("the minibatch order after step")
     return result
 
 
@@ -101,9 +102,18 @@ def test_a_fit_resumes_with_another_number_of_processes(runs, encoder, stopped, 
     shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
     resumed = torchrun(1, tmp_path, encoder, steps=120)
     assert resumed["resumed"] == RESUMED_AT_80
+    assert resumed["order_warnings"] == len(FITS)
     for fit in FITS:
         history = resumed["history"][fit]
         assert len(history) == 120 and history[:80] == pytest.approx(runs[2]["history"][fit][:80], rel=1e-5, abs=1e-6)
+
+
+def test_a_finished_fit_loads_with_another_number_of_processes_without_an_order_warning(encoder, stopped, tmp_path):
+    """A fit that already reached its steps draws no more minibatches: loading it with another number of
+    processes warned that the minibatch order "differs from an uninterrupted run"."""
+    shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
+    finished = torchrun(1, tmp_path, encoder, steps=80)
+    assert finished["resumed"] == RESUMED_AT_80 and finished["order_warnings"] == 0
 
 
 def test_processes_with_different_augmentations_are_refused(monkeypatch):

@@ -142,7 +142,9 @@ class LayerRepresentation:
         attribute_to_layer_input: Use the layer's input instead of its output.
         selector: Picks the tensor from a non-tensor layer output (see
             :class:`~captum_inn.capture.LayerHooks`); an ``int`` or ``str`` one is recorded, and
-            :class:`~captum_inn.LayerConcepts` reads the layer with it (pass a callable to it again).
+            :class:`~captum_inn.LayerConcepts` reads the layer with it. A callable one serves
+            :func:`estimate_factor_sizes` only: ``fit_concepts`` refuses it, since attributions and
+            edits put the factors back into the layer, which a callable cannot say where.
 
     Examples::
 
@@ -198,6 +200,19 @@ def _as_representation(representation: Any) -> Any:
     if isinstance(representation, tuple) and len(representation) == 2 and isinstance(representation[0], nn.Module):
         return LayerRepresentation(*representation)
     return representation
+
+
+def _refuse_callable_selector(representation: Any) -> None:
+    """``TypeError`` for a layer read with a callable selector: the factor INN's attributions and edits
+    put factors back into the layer, which a callable cannot say where (they failed after the fit)."""
+    if isinstance(representation, LayerRepresentation) and callable(representation.layer_selector) \
+            and not isinstance(representation.layer_selector, (int, str)):
+        raise TypeError(
+            f"`representation` reads layer {representation.layer_name!r} with a callable selector, but concept "
+            "attributions and edits must put the factors back into the layer's output, and a callable cannot say "
+            "where. Pass an int index or a str key, or hook a module whose output is the vector itself (e.g. an "
+            "nn.Identity that the model's forward applies to the class token)."
+        )
 
 
 def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] = None,
@@ -531,6 +546,7 @@ def fit_concepts(
     # a misspelt name is refused now, not after encoding every pool
     given = None if factor_sizes is None else _check_size_names(factor_sizes, names)
     device = as_device(device)  # "gpu" was torch's raw RuntimeError
+    _refuse_callable_selector(_as_representation(representation))
     encode, describe = _as_encoder(representation, device)
     latent = getattr(representation, "latent_dim", None)  # an autoencoder's size is known before its pools
     if isinstance(latent, int) and not isinstance(latent, bool):

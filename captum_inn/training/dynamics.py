@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from captum_inn.capture import capture, resolve_layer
 from captum_inn.inn import FactorINN
 from captum_inn.training.autoencoder import images_as_tensor
 from captum_inn.training.cache import FeatureCache, _source_digests, as_cached_rows, cache_features
+from captum_inn.training.checkpoint import CheckpointError
 from captum_inn.training.classifier import accuracy
 from captum_inn.training.data import iter_image_batches
 from captum_inn.training.invariances import InvarianceConfig, fit_invariances
@@ -63,6 +64,9 @@ class Snapshots:
     """
 
     def __init__(self, steps: Sequence[int], model: Optional[nn.Module] = None) -> None:
+        if not isinstance(steps, Iterable) or isinstance(steps, (str, bytes)):  # Snapshots(100, model): "not iterable"
+            raise TypeError(f"`steps` must be a sequence of step numbers, e.g. range(0, 1001, 100), got "
+                            f"{type(steps).__name__}.")
         # 2.9 was taken as step 2; torch.arange(0, 300, 100)'s integer 0-d tensors are steps
         self.steps = sorted({check_int(int(s) if isinstance(s, torch.Tensor) and s.dim() == 0 and not s.is_floating_point()
                                        and s.dtype != torch.bool else s, "steps") for s in steps})
@@ -160,7 +164,7 @@ def _layer_features(model: nn.Module, layer: str, data: Any, device: torch.devic
 
 
 def concept_dynamics(
-    models: Union[Mapping[Any, nn.Module], Sequence[Tuple[Any, nn.Module]]],
+    models: Union[Mapping[Any, nn.Module], Sequence[Tuple[Any, nn.Module]], Snapshots],
     layer: Union[str, nn.Module],
     autoencoder: Any,
     concept_inn: FactorINN,
@@ -173,6 +177,7 @@ def concept_dynamics(
     seed: Optional[int] = None,
     device: Union[str, torch.device] = "cpu",
     checkpoint_dir: Optional[str] = None,
+    resume: bool = True,
     progress: bool = True,
     attribute_to_layer_input: bool = False,
     selector: Any = None,
@@ -186,8 +191,8 @@ def concept_dynamics(
     layer activation is cached beside the code of its own image.
 
     Args:
-        models: ``{label: model}`` or ``[(label, model), ...]``, in training order (e.g.
-            ``Snapshots.models``).
+        models: ``{label: model}`` or ``[(label, model), ...]``, in training order, or a
+            :class:`Snapshots` (its ``.models``).
         layer: The layer (module of the first model, or a dotted name; names are safer).
         autoencoder: The autoencoder ``concept_inn`` was fitted on.
         concept_inn: A :class:`~captum_inn.inn.FactorINN` from ``fit_concepts`` on autoencoder codes.
@@ -203,6 +208,8 @@ def concept_dynamics(
         checkpoint_dir: Folder for each checkpoint's INN, in a sub-folder per label
             (``checkpoint_dir/<label>/``); a rerun resumes them (each model's features are
             computed again, which is cheap next to the INN fits).
+        resume: Resume each checkpoint's INN from ``checkpoint_dir``; ``False`` fits them afresh
+            (after retraining the models under the same labels, whose checkpoints are refused).
         progress: Show progress bars.
         attribute_to_layer_input: Read the layer's input instead of its output.
         selector: Picks the tensor from a non-tensor layer output (see
@@ -219,6 +226,11 @@ def concept_dynamics(
         dynamics = concept_dynamics(snaps.models, "layer3", ae, e, images, x_test, y_test)  # x_test: (N, C, H, W)
         dynamics.as_dict()["encoded"]                 # {concept: [share per checkpoint]}
     """
+    if isinstance(models, Snapshots):
+        models = models.models
+    if isinstance(models, nn.Module) or not isinstance(models, Iterable):  # "'SmallCNN' object is not iterable"
+        raise TypeError(f"`models` must be a {{label: nn.Module}} mapping, a list of (label, nn.Module) pairs or a "
+                        f"Snapshots, got {type(models).__name__}; for one model pass {{'final': model}}.")
     items = list(models.items()) if isinstance(models, Mapping) else list(models)
     # each item a (label, model) pair, checked before unpacking: a bare two-module nn.Sequential would
     # unpack as (its first child as the label, its second as the model)
@@ -241,6 +253,9 @@ def concept_dynamics(
     # what the measurements take is checked now too, not after the first checkpoint's INN fit
     _check_measurements(items, name, autoencoder, eval_inputs, eval_labels, n_samples, checkpoint_dir)
     base: Optional[FeatureCache] = None
+    if isinstance(selector, Mapping):  # keyed by the first model's modules: later models have their own
+        selector = {resolve_layer(items[0][1], key)[0] if isinstance(key, nn.Module) else key: value
+                    for key, value in selector.items()}
     read = {"attribute_to_layer_input": bool(attribute_to_layer_input), "selector": selector}
     result = ConceptDynamics(layer=name, labels=[], accuracy=[], encoded={c: [] for c in concept_inn.factor_names},
                              standard_error={c: [] for c in concept_inn.factor_names})
@@ -255,8 +270,13 @@ def concept_dynamics(
                             source_parts=parts, model_weights=weights_fingerprint(model),
                             model_buffers=buffer_fingerprints(model), model_class=class_name(model))
         folder = str(Path(checkpoint_dir) / str(label)) if checkpoint_dir is not None else None
-        inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
-                              progress=progress)
+        try:
+            inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
+                                  resume=resume, progress=progress)
+        except CheckpointError as error:  # its "pass resume=False" had no such argument here
+            raise CheckpointError(f"The model labelled {label!r}: {error} (Models retrained under the same labels, "
+                                  "or other INN settings, give other checkpoints: pass resume=False to "
+                                  "concept_dynamics, or another checkpoint_dir.)") from None
         explainer = LayerConcepts(model, name, concept_inn, autoencoder, invariance_inn=inn, selector=selector)
         shares = explainer.encoded_summary(eval_inputs, n_samples=n_samples, generator=torch.Generator().manual_seed(config.seed))
         result.labels.append(str(label))

@@ -484,9 +484,10 @@ def train_loop(
         if main_state is not None:
             generator.set_state(main_state)
         else:
-            warnings.warn(f"{checkpoint!r} was written by a fit with {saved.get('world_size', 1)} processes, this one "
-                          f"has {n_ranks}: the minibatch order after step {start} differs from an uninterrupted run.",
-                          stacklevel=user_stacklevel())
+            if start < steps:  # a finished fit draws no more minibatches: the warning said it differed
+                warnings.warn(f"{checkpoint!r} was written by a fit with {saved.get('world_size', 1)} processes, this one "
+                              f"has {n_ranks}: the minibatch order after step {start} differs from an uninterrupted run.",
+                              stacklevel=user_stacklevel())
             generator.manual_seed(int(seed) + _RANK_SEED_STRIDE * rank + start)
         del tensors, saved  # restored: the whole checkpoint (the model and Adam's moments) need not stay in memory
     sync_module(module)

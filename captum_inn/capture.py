@@ -713,7 +713,8 @@ def eager_module(model: Any) -> Any:
 def did_not_run_hint(model: Any, layer: Any) -> str:
     """Why a layer that the model holds may never run, for the "did not run" errors: a container
     without a forward of its own, or a ``torch.fx`` graph that calls only the traced leaf modules
-    ("check that it is used in model.forward" pointed the wrong way)."""
+    ("check that it is used in model.forward" pointed the wrong way), or an ``nn.MultiheadAttention``'s
+    ``out_proj``, whose weights it uses without calling the module."""
     module = layer if isinstance(layer, nn.Module) else None
     if module is None and isinstance(model, nn.Module):  # the name as given ("module.blocks"), or inside a wrapper
         module = dict(model.named_modules()).get(layer)
@@ -724,6 +725,12 @@ def did_not_run_hint(model: Any, layer: Any) -> str:
         example = f", e.g. '{layer}.{first}'" if isinstance(layer, str) and first is not None else ""
         return (f"; it is a {type(module).__name__}, a container without a forward of its own: hook one of its "
                 f"modules{example}")
+    name = layer if isinstance(layer, str) else next(
+        (n for n, m in model.named_modules() if m is module), None) if isinstance(model, nn.Module) else None
+    attention = name.rpartition(".")[0] if name and name.rpartition(".")[2] == "out_proj" else None
+    if attention is not None and isinstance(dict(model.named_modules()).get(attention), nn.MultiheadAttention):
+        return (f"; nn.MultiheadAttention applies its out_proj's weights in functional code and never calls it: hook "
+                f"the attention, '{attention}', with selector=0 (its output; it returns (output, weights))")
     fx = sys.modules.get("torch.fx")
     if fx is not None and isinstance(_unwrapped(model) if isinstance(model, nn.Module) else model, fx.GraphModule):
         return ("; a torch.fx GraphModule (create_feature_extractor, symbolic_trace) calls only the leaf modules of "

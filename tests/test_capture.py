@@ -831,6 +831,15 @@ def test_second_place_of_a_shared_module_warns(recwarn):
     assert not recwarn.list  # the first name, or the module itself: no warning
 
 
+def test_an_attention_out_proj_gets_the_way_to_read_it():
+    """nn.MultiheadAttention uses its out_proj's weights without calling it: "check that it is used in
+    model.forward" pointed the wrong way."""
+    block = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    with pytest.raises(ValueError, match=r"never calls it: hook the attention, 'self_attn', with selector=0"):
+        capture(block, "self_attn.out_proj", torch.randn(2, 5, 8))
+    assert capture(block, "self_attn", torch.randn(2, 5, 8), selector=0).shape == (2, 5, 8)
+
+
 def test_unknown_name_suggests_close_matches(cnn):
     with pytest.raises(ValueError, match=r"'features\.20'.*did you mean 'features\.2'") as info:
         resolve_layer(cnn, "features.20")

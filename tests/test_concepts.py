@@ -976,8 +976,8 @@ def test_snapshots_and_concept_dynamics(tmp_path):
     ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
     e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
     e(torch.randn(32, 6))
-    dynamics = concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], labels[:10],
-                                steps=3, n_blocks=2, hidden=16, n_samples=4, progress=False)
+    dynamics = concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], labels[:10].tolist(),
+                                steps=3, n_blocks=2, hidden=16, n_samples=4, progress=False)  # labels as a list
     assert dynamics.labels == ["0", "5"] and len(dynamics.accuracy) == 2
     assert set(dynamics.encoded) == {"a", "b", "residual"} and all(len(v) == 2 for v in dynamics.encoded.values())
     assert "checkpoint" in dynamics.table() and dynamics.as_dict()["layer"] == "hidden"
@@ -1066,6 +1066,9 @@ def test_concept_dynamics_refuses_a_concept_inn_of_other_codes_before_any_fit(mo
     (dict(eval_labels=torch.zeros(1, dtype=torch.long)), ValueError, r"`eval_labels` must be a tensor of shape \(4,\)"),
     (dict(models=[(1, None), ("1", None)]), ValueError, r"labels must be distinct once made strings, got \['1'\]"),
     (dict(models=[("..", None)], checkpoint_dir="runs"), ValueError, "label '..' names no folder of its own"),
+    (dict(models=[("b", None), ("./b", None)], checkpoint_dir="runs"), ValueError,
+     "labels 'b' and './b' name the same folder in `checkpoint_dir`"),
+    (dict(eval_labels=[0, 1]), ValueError, r"`eval_labels` must be a tensor of shape \(4,\).*got \(2,\)"),  # a list, read
     (dict(models=[("0", None), ("1", nn.Linear(2, 2))]), ValueError, "The model labelled '1'.*not found"),
 ])
 def test_concept_dynamics_checks_what_it_measures_with_before_any_fit(monkeypatch, tmp_path, change, error, match):

@@ -462,7 +462,8 @@ def check_batch_first_read(activation: Tensor, n: int, layer: str, read_first: C
     the same check of ``read_first(n - 1)``, the activation of the first ``n - 1`` inputs."""
     check_batch_first(activation, n, layer, additional_forward_args)
     if sequence_first_suspect(activation, n):
-        check_batch_first(read_first(n - 1), n - 1, layer, additional_forward_args)
+        check_batch_first(read_first(n - 1), n - 1, f"{layer} (checked with the first {n - 1} of {n} inputs, since a "
+                          f"shape of ({n}, {n}, ...) cannot tell batch-first from sequence-first)", additional_forward_args)
 
 
 def slice_forward_args(additional_forward_args: Any, part: Union[slice, Tensor], n: int) -> Optional[Tuple[Any, ...]]:
@@ -505,6 +506,19 @@ def layer_activation(
     layer) and stops after the layer; hooks are removed and training flags restored afterwards.
     A dtype mistake names the argument ``name`` (``"donors"`` for :meth:`LayerInvariance.transfer`).
     """
+    activation = _read_layer(forward_func, layer, inputs, additional_forward_args, attribute_to_layer_input, selector,
+                             name)
+    n = inputs[0].shape[0]
+    # the check's own pass reads the first n - 1 inputs unchecked: its error says where n - 1 comes from
+    check_batch_first_read(activation, n, f"The hooked layer ({type(layer).__name__})", lambda k: _read_layer(
+        forward_func, layer, tuple(t[:k] for t in inputs), slice_forward_args(additional_forward_args, slice(0, k), n),
+        attribute_to_layer_input, selector, name), additional_forward_args)
+    return activation
+
+
+def _read_layer(forward_func: Callable, layer: nn.Module, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
+                attribute_to_layer_input: bool, selector: Any, name: str) -> Tensor:
+    """:func:`layer_activation`'s pass, without its batch-first check."""
     extra = _format_additional_forward_args(additional_forward_args) or ()
     owner = eval_owner(forward_func, layer)
     with LayerHooks(owner, layer, attribute_to_layer_input=attribute_to_layer_input,
@@ -523,12 +537,7 @@ def layer_activation(
             "The hooked layer did not run during the forward pass; check that it is used by forward_func"
             f"{did_not_run_hint(owner, layer)}."
         )
-    activation = next(iter(values.values()))
-    n = inputs[0].shape[0]
-    check_batch_first_read(activation, n, f"The hooked layer ({type(layer).__name__})", lambda k: layer_activation(
-        forward_func, layer, tuple(t[:k] for t in inputs), slice_forward_args(additional_forward_args, slice(0, k), n),
-        attribute_to_layer_input, selector), additional_forward_args)
-    return activation
+    return next(iter(values.values()))
 
 
 def _is_index(value: Any) -> bool:

@@ -316,8 +316,9 @@ def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Se
     with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input, selector=selector,
                     stop_early=True) as hooks:
         hooks.run(images[:-1], *extra)
-    for name in suspects:
-        check_batch_first(hooks.values[name], n - 1, f"Layer {name!r}", extra)
+    for name in suspects:  # say where the n - 1 comes from: the user passed n images
+        check_batch_first(hooks.values[name], n - 1, f"Layer {name!r} (checked with the first {n - 1} of {n} images, "
+                          f"since a shape of ({n}, {n}, ...) cannot tell batch-first from sequence-first)", extra)
 
 
 class _MemorySink:

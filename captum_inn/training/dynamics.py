@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -199,7 +200,8 @@ def concept_dynamics(
         data: Training images for the invariance INNs.
         eval_inputs: ``(N, C, H, W)`` images where the shares are measured (a tensor, or a
             ``Dataset`` / ``DiskArray`` of images, read into memory).
-        eval_labels: ``(N,)`` labels for each checkpoint's accuracy (optional).
+        eval_labels: ``(N,)`` labels for each checkpoint's accuracy (optional; a tensor, a list or a
+            NumPy array).
         config: :class:`~captum_inn.training.invariances.InvarianceConfig` of the INNs;
             ``overrides`` replace fields.
         n_samples: Invariance samples per input for :meth:`~captum_inn.LayerConcepts.encoded`.
@@ -251,6 +253,8 @@ def concept_dynamics(
     _check_code_autoencoder(concept_inn, autoencoder)  # refused now, not after the first checkpoint's INN fit
     eval_inputs = images_as_tensor(eval_inputs).to(device)
     # what the measurements take is checked now too, not after the first checkpoint's INN fit
+    if isinstance(eval_labels, (list, tuple, np.ndarray)):  # as accuracy() and fit_classifier take them
+        eval_labels = torch.as_tensor(np.asarray(eval_labels))
     _check_measurements(items, name, autoencoder, eval_inputs, eval_labels, n_samples, checkpoint_dir)
     base: Optional[FeatureCache] = None
     if isinstance(selector, Mapping):  # keyed by the first model's modules: later models have their own
@@ -307,10 +311,16 @@ def _check_measurements(items: Sequence[Tuple[Any, nn.Module]], name: str, autoe
         raise ValueError(f"`models` labels must be distinct once made strings, got {repeated} more than once.")
     if checkpoint_dir is not None:
         root = Path(checkpoint_dir).resolve()
+        folders: Dict[Path, str] = {}
         for label in labels:
-            if root not in Path(root, label).resolve().parents:  # "", "." or "..": not a folder of its own
+            folder = Path(root, label).resolve()
+            if root not in folder.parents:  # "", "." or "..": not a folder of its own
                 raise ValueError(f"`models` label {label!r} names no folder of its own inside `checkpoint_dir`; give "
                                  "labels such as steps or names.")
+            if folder in folders:  # "b" and "./b": the second fit refused (or with resume=False, overwrote) the first's
+                raise ValueError(f"`models` labels {folders[folder]!r} and {label!r} name the same folder in "
+                                 "`checkpoint_dir`; give labels that differ as folder names.")
+            folders[folder] = label
     for label, model in items:  # a later checkpoint without the layer: refused before the first fit
         try:
             resolve_layer(model, name)

@@ -1096,7 +1096,7 @@ def test_concept_dynamics_checks_what_it_measures_with_before_any_fit(monkeypatc
                                   n_blocks=1, hidden=8, progress=False, **kw)
 
 
-def test_concept_dynamics_records_each_models_own_class_and_refuses_bare_models(tmp_path):
+def test_concept_dynamics_records_each_models_own_class_and_refuses_bare_models(tmp_path, capsys):
     """With tensor data every checkpoint's INN recorded the first model's class, so rerunning on a later
     checkpoint alone was refused; a list of bare models was unpacked as (label, model) pairs, a
     two-module nn.Sequential as (its first child, its second)."""
@@ -1117,7 +1117,8 @@ def test_concept_dynamics_records_each_models_own_class_and_refuses_bare_models(
     for label, model in (("early", early), ("late", late)):
         inn = load_invariance_inn(tmp_path / label / "invariance_hidden.safetensors")
         assert inn.fit_info["model_class"].endswith(type(model).__qualname__)
-    concept_dynamics({"late": late}, "hidden", ae, e.eval(), images, images[:4], **kw)  # resumes
+    concept_dynamics({"late": late}, "hidden", ae, e.eval(), images, images[:4], **{**kw, "progress": True})  # resumes
+    assert "concept_dynamics" in capsys.readouterr().err  # which checkpoint: each INN bar alone read the same
     retrained = Later().eval()  # other weights under the same label: its advice, resume=False, was no argument here
     with pytest.raises(CheckpointError, match=r"The model labelled 'late': .*pass resume=False to concept_dynamics"):
         concept_dynamics({"late": retrained}, "hidden", ae, e.eval(), images, images[:4], **kw)

@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm  # plain text bars, as the fits'
 
 from captum_inn.attr._common import (
     as_device,
@@ -263,32 +264,35 @@ def concept_dynamics(
     read = {"attribute_to_layer_input": bool(attribute_to_layer_input), "selector": selector}
     result = ConceptDynamics(layer=name, labels=[], accuracy=[], encoded={c: [] for c in concept_inn.factor_names},
                              standard_error={c: [] for c in concept_inn.factor_names})
-    for label, model in items:
-        model = model.to(device)
-        if base is None or not isinstance(data, Tensor):  # a loader's next pass may be in another order
-            base = cache_features(model, [name], autoencoder, data, device=device, progress=progress, **read)
-            cache = base
-        else:  # the same codes; this model's layer, and its own source for the checkpoint's record
-            source, parts = _source_digests(model, autoencoder, data)
-            cache = replace(base, layers={name: _layer_features(model, name, data, device, read)}, source=source,
-                            source_parts=parts, model_weights=weights_fingerprint(model),
-                            model_buffers=buffer_fingerprints(model), model_class=class_name(model))
-        folder = str(Path(checkpoint_dir) / str(label)) if checkpoint_dir is not None else None
-        try:
-            inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
-                                  resume=resume, progress=progress)
-        except CheckpointError as error:  # its "pass resume=False" had no such argument here
-            raise CheckpointError(f"The model labelled {label!r}: {error} (Models retrained under the same labels, "
-                                  "or other INN settings, give other checkpoints: pass resume=False to "
-                                  "concept_dynamics, or another checkpoint_dir.)") from None
-        explainer = LayerConcepts(model, name, concept_inn, autoencoder, invariance_inn=inn, selector=selector)
-        shares = explainer.encoded_summary(eval_inputs, n_samples=n_samples, generator=torch.Generator().manual_seed(config.seed))
-        result.labels.append(str(label))
-        result.accuracy.append(None if eval_labels is None else accuracy(model, eval_inputs, eval_labels.to(device)))
-        result.fit_nll.append(inn.fit_info["final_nll_per_dim"])
-        for concept, share in shares.items():
-            result.encoded[concept].append(share)
-            result.standard_error[concept].append(shares.standard_error[concept])
+    # which checkpoint is being fitted: each one's INN bar alone read the same for all
+    with tqdm(items, desc="concept_dynamics", unit="checkpoint", disable=not progress) as checkpoints:
+        for label, model in checkpoints:
+            checkpoints.set_postfix_str(f"checkpoint {label}")
+            model = model.to(device)
+            if base is None or not isinstance(data, Tensor):  # a loader's next pass may be in another order
+                base = cache_features(model, [name], autoencoder, data, device=device, progress=progress, **read)
+                cache = base
+            else:  # the same codes; this model's layer, and its own source for the checkpoint's record
+                source, parts = _source_digests(model, autoencoder, data)
+                cache = replace(base, layers={name: _layer_features(model, name, data, device, read)}, source=source,
+                                source_parts=parts, model_weights=weights_fingerprint(model),
+                                model_buffers=buffer_fingerprints(model), model_class=class_name(model))
+            folder = str(Path(checkpoint_dir) / str(label)) if checkpoint_dir is not None else None
+            try:
+                inn = fit_invariances(model, name, cache=cache, config=config, device=device, checkpoint_dir=folder,
+                                      resume=resume, progress=progress)
+            except CheckpointError as error:  # its "pass resume=False" had no such argument here
+                raise CheckpointError(f"The model labelled {label!r}: {error} (Models retrained under the same labels, "
+                                      "or other INN settings, give other checkpoints: pass resume=False to "
+                                      "concept_dynamics, or another checkpoint_dir.)") from None
+            explainer = LayerConcepts(model, name, concept_inn, autoencoder, invariance_inn=inn, selector=selector)
+            shares = explainer.encoded_summary(eval_inputs, n_samples=n_samples, generator=torch.Generator().manual_seed(config.seed))
+            result.labels.append(str(label))
+            result.accuracy.append(None if eval_labels is None else accuracy(model, eval_inputs, eval_labels.to(device)))
+            result.fit_nll.append(inn.fit_info["final_nll_per_dim"])
+            for concept, share in shares.items():
+                result.encoded[concept].append(share)
+                result.standard_error[concept].append(shares.standard_error[concept])
     return result
 
 

@@ -126,7 +126,7 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
         for part in layer.split(".") if layer else ():  # a layer inside a scripted block runs no hooks either
             parent = parent.get_submodule(part)
             _refuse_torchscript(parent, f"layer {layer!r}")
-        _warn_if_alias(model, layer, module)
+        _warn_if_alias(model, layer)
         return layer, module
     raise TypeError(
         f"layer must be an nn.Module or a dotted name (str) such as 'layer3.1.relu', "
@@ -134,24 +134,30 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
     )
 
 
-def _warn_if_alias(model: nn.Module, layer: str, module: nn.Module) -> None:
-    """Warn when the name ``layer`` is a later position of a module that an ``nn.Sequential`` holds
-    twice (one ``nn.ReLU`` at positions 1 and 3): it runs twice per forward pass and hooks read its
-    first call, so ``"3"`` silently read position 1's activation, and the fit recorded ``"3"``. Other
-    second names (an attribute alias, ``torch.compile``'s ``_orig_mod``) usually run once: no warning."""
-    first = next((name for name, m in model.named_modules() if m is module), layer)
-    positions = sum(child is module for container in model.modules() if isinstance(container, nn.Sequential)
-                    for child in container._modules.values())
-    if first != layer and positions > 1:
-        from captum_inn.attr._common import user_stacklevel  # that module imports this one
+def _warn_if_alias(model: nn.Module, layer: str) -> None:
+    """Warn when the path ``layer`` passes through a later position of a module that an ``nn.Sequential``
+    holds at an earlier one too (one ``nn.ReLU`` at positions 1 and 3): the module runs more than once per
+    forward pass and hooks read its first call, so ``"3"`` silently read position 1's activation, and the
+    fit recorded ``"3"``. Other second names (an attribute alias, ``torch.compile``'s ``_orig_mod``) name
+    no second call: no warning."""
+    parts = layer.split(".") if layer else []
+    parent: Any = model
+    for i, part in enumerate(parts):
+        child = parent._modules.get(part) if isinstance(parent, nn.Module) else None
+        if isinstance(parent, nn.Sequential) and child is not None:
+            earlier = next(key for key, m in parent._modules.items() if m is child)
+            if earlier != part:
+                first = ".".join([*parts[:i], earlier, *parts[i + 1:]])
+                from captum_inn.attr._common import user_stacklevel  # that module imports this one
 
-        warnings.warn(
-            f"layer {layer!r} is the module registered first as {first!r}: one module object at {positions} "
-            "positions of an nn.Sequential, so it runs more than once in each forward pass, and hooks read its "
-            f"first call ({first!r}'s place), not {layer!r}'s. Give {layer!r} a module of its own (e.g. a "
-            "second nn.ReLU()).",
-            UserWarning, stacklevel=user_stacklevel(),
-        )
+                warnings.warn(
+                    f"layer {layer!r} is the module at {first!r} too: one module object at two positions of an "
+                    "nn.Sequential, so it runs more than once in each forward pass, and hooks read its first call "
+                    f"({first!r}), not {layer!r}'s. Give {layer!r} a module of its own (e.g. a second nn.ReLU()).",
+                    UserWarning, stacklevel=user_stacklevel(),
+                )
+                return
+        parent = child if child is not None else getattr(parent, part)
 
 
 def _refuse_torchscript(module: nn.Module, what: str) -> None:

@@ -152,15 +152,15 @@ def last_spatial_layer(model: nn.Module, example: Tensor, *, additional_forward_
     return order[-1][0]
 
 
-def _spatial_layers(model: nn.Module, example: Tensor, additional_forward_args: Any = None) -> List[Tuple[str, Tuple[int, int]]]:
-    """``(name, (H, W))`` of each module whose output is a feature map larger than 1×1, in execution order."""
-    order: List[Tuple[str, Tuple[int, int]]] = []
+def _spatial_layers(model: nn.Module, example: Tensor, additional_forward_args: Any = None) -> List[Tuple[str, Tuple[int, ...]]]:
+    """``(name, (C, H, W))`` of each module whose output is a feature map larger than 1×1, in execution order."""
+    order: List[Tuple[str, Tuple[int, ...]]] = []
     handles = []
 
     def record(name: str):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             if isinstance(output, Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
-                order.append((name, (output.shape[2], output.shape[3])))
+                order.append((name, tuple(output.shape[1:])))
         return hook
 
     try:
@@ -452,12 +452,16 @@ def compare_attributions(
 
 def _warn_coarse_gradcam(model: nn.Module, name: str, size: Tuple[int, ...], example: Tensor,
                          additional_forward_args: Any) -> None:
-    """Warn that the default Grad-CAM layer's map is too coarse, naming the last layer with a larger map
-    (the hint named ResNet's 'layer3' for every model, even when Grad-CAM already read 'layer3')."""
-    larger = [(n, hw) for n, hw in _spatial_layers(model, example, additional_forward_args)
-              if hw[0] * hw[1] > size[0] * size[1]]
+    """Warn that the default Grad-CAM layer's map is too coarse, naming the last layer before it with a
+    larger map (the hint named ResNet's 'layer3' for every model, even when Grad-CAM already read
+    'layer3'); a module that gives the images back (a Normalize in front) is no feature map."""
+    order = _spatial_layers(model, example, additional_forward_args)
+    names = [n for n, _ in order]
+    before = order[:names.index(name)] if name in names else order
+    larger = [(n, shape) for n, shape in before
+              if shape[1] * shape[2] > size[0] * size[1] and shape != tuple(example.shape[1:])]
     hint = (f"pass gradcam_layer= an earlier layer with a larger map, such as {larger[-1][0]!r} "
-            f"({larger[-1][1][0]}×{larger[-1][1][1]})" if larger else
+            f"({larger[-1][1][1]}×{larger[-1][1][2]})" if larger else
             "no layer of the model has a larger map at this input size: use larger images")
     warnings.warn(f"Grad-CAM at {name!r} is a {size[0]}×{size[1]} map at this input size, too coarse to show "
                   f"where; {hint}.", UserWarning, stacklevel=user_stacklevel())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._random import seeded_every_global_rng
-from captum_inn.attr._common import _tensor_bytes, as_optional_generator
+from captum_inn.attr._common import _tensor_bytes, as_optional_generator, user_stacklevel
 
 __all__ = ["ConceptPairs", "RELATIONS", "RESIDUAL", "as_concepts"]
 
@@ -330,7 +331,8 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
     TCAV's experimental sets (a list of lists) are accepted too. A set of two
     (``[[stripes, random_0], [dots, random_0], ...]``) is a concept and the random or contrast set
     TCAV tests it against: its first concept is taken, and the contrast is left out, since two
-    random images share nothing a factor could hold. A set of three or more is a relative set
+    random images share nothing a factor could hold (a ``UserWarning`` names a left-out second
+    member whose name does not start with ``random``). A set of three or more is a relative set
     (``[[stripes, zigzagged, dotted]]``, concepts tested against each other): each of its concepts
     is taken. A concept in several sets is taken once.
 
@@ -368,6 +370,15 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
             # members after the first were dropped: a three-concept set fitted one factor)
             taken = [c for experimental_set in raw
                      for c in (experimental_set[:1] if len(experimental_set) == 2 else experimental_set)]
+            # a pair of two real concepts lost its second one silently; Captum's random sets are named random_*
+            dropped = sorted({str(getattr(pair[1], "name", pair[1])) for pair in raw if len(pair) == 2
+                              and not str(getattr(pair[1], "name", "")).lower().startswith("random")
+                              and all(pair[1] is not c for c in taken)})
+            if dropped:
+                warnings.warn(f"`concepts`: {dropped} came second in a TCAV experimental set of two, which is read "
+                              "as a concept and its random contrast, so they are left out; to fit them as concepts, "
+                              "pass a flat list of concepts (or a relative set of three or more).",
+                              UserWarning, stacklevel=user_stacklevel())
             raw = [c for i, c in enumerate(taken) if all(c is not earlier for earlier in taken[:i])]
         if isinstance(raw, (list, tuple)) and not raw:
             raise ValueError("`concepts` is empty; give at least one concept.")

@@ -207,7 +207,6 @@ def _cases():
         ("float64 originals for the agreement", lambda m, ae, inn, e: prediction_agreement(m, X.double(), X[:, None]), TypeError, r"`originals` images are torch.float64"),
         ("a judge of another dtype", lambda m, ae, inn, e: adversarial_views(m, {"cnn.logits": inv(m, ae, inn)}, X, torch.zeros(3, dtype=torch.long), _bf16(m)), TypeError, r"`judge` computes in torch.bfloat16 but the images, and so the views, are torch.float32"),
         ("an example of another dtype for Grad-CAM's layer", lambda m, ae, inn, e: last_spatial_layer(_bf16(m), X), TypeError, r"`example` images are torch.float32"),
-        ("a callable selector for concept edits", lambda m, ae, inn, e: fit_concepts(LayerRepresentation(m, "cnn.fc", selector=lambda out: out), [ConceptPairs.from_labels("c", X, torch.zeros(3))], steps=1, pool_size=4, progress=False), TypeError, r"callable selector, but concept attributions and edits must put the factors back"),
         ("a classifier that returns a dict", lambda m, ae, inn, e: fit_classifier(DictOut(), (X, torch.zeros(3, dtype=torch.long)), steps=1, progress=False), TypeError, r"`model` must return \(N, K\) logits, but it returns a dict with keys \['logits'\]; wrap it"),
         ("concept pairs that a layer turns into NaN", lambda m, ae, inn, e: fit_concepts((nn.Sequential(NaNs(), nn.Linear(6, 2)), "0"), [ConceptPairs.from_labels("c", X, torch.zeros(3))], steps=1, pool_size=4, progress=False), ValueError, r"Concept 'c''s pairs encode to NaN or infinite values"),
     ]

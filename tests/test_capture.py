@@ -821,14 +821,32 @@ def test_second_place_of_a_shared_module_warns(recwarn):
     at a module's first call), and a fit recorded "3"."""
     act = nn.ReLU()
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act, nn.Conv2d(4, 4, 3, stride=2, padding=1), act)
-    with pytest.warns(UserWarning, match=r"layer '3' is the module registered first as '1'.*runs more than once.*a module of its own") as info:
+    with pytest.warns(UserWarning, match=r"layer '3' is the module at '1' too.*runs more than once.*a module of its own") as info:
         assert resolve_layer(model, "3") == ("3", act)
     assert info[0].filename == __file__  # the user's line
-    with pytest.warns(UserWarning, match="registered first as '1'"):
+    with pytest.warns(UserWarning, match="module at '1' too"):
         capture(model, "3", torch.randn(1, 3, 8, 8))
+    block = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    nested = nn.Sequential(nn.Identity(), block, block)  # a path through the second position of a shared block
+    with pytest.warns(UserWarning, match=r"layer '2\.1' is the module at '1\.1' too"):
+        resolve_layer(nested, "2.1")
     recwarn.clear()
     assert resolve_layer(model, "1") == ("1", act) and resolve_layer(model, act) == ("1", act)
-    assert not recwarn.list  # the first name, or the module itself: no warning
+
+    class SharedByAttribute(nn.Module):  # registered first as an attribute; its first position is its first call
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), self.act, nn.Conv2d(4, 4, 3, padding=1), self.act)
+
+        def forward(self, x):
+            return self.features(x)
+
+    shared = SharedByAttribute()
+    assert resolve_layer(shared, "features.1")[1] is shared.act and resolve_layer(shared, "act")[1] is shared.act
+    assert not recwarn.list  # first positions, the module itself, an attribute alias: no warning
+    with pytest.warns(UserWarning, match=r"layer 'features\.3' is the module at 'features\.1' too"):
+        resolve_layer(shared, "features.3")
 
 
 def test_an_attention_out_proj_gets_the_way_to_read_it():

@@ -26,6 +26,7 @@ import torchvision
 from helpers_hooks import assert_no_hooks, training_flags
 from helpers_training import random_conditional_inn, randomise_couplings
 from torch import nn
+from torchvision.transforms import Normalize
 
 from captum_inn import LayerConcepts, LayerInvariance
 from captum_inn.autoencoders import ConvAutoencoder
@@ -452,6 +453,11 @@ def test_a_coarse_default_gradcam_layer_warns(setup, x):
     with pytest.warns(UserWarning, match=r"Grad-CAM at '3' is a 2×2 map.*gradcam_layer= an earlier layer with a "
                                          r"larger map, such as '1' \(8×8\)"):
         compare_attributions(two_stages, x, LayerInvariance(two_stages, "5", setup[2]["cnn.logits"], setup[1]),
+                             generator=_gen(), **FAST)
+    # a Normalize in front gives the images back: no feature map to suggest
+    normalised = nn.Sequential(Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), coarse).eval()
+    with pytest.warns(UserWarning, match="no layer of the model has a larger map"):
+        compare_attributions(normalised, x, LayerInvariance(normalised, "1.3", setup[2]["cnn.logits"], setup[1]),
                              generator=_gen(), **FAST)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

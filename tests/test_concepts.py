@@ -124,6 +124,8 @@ def test_from_transform_and_from_captum():
     # a relative set (Captum's TCAV tutorial: [[stripes, zigzagged, dotted]]) fitted only its first concept
     assert [c.name for c in as_concepts([[captum_concept, zigzag, dots], [captum_concept, random]])] == \
         ["stripes", "zigzagged", "dots"]
+    with pytest.warns(UserWarning, match=r"\['zigzagged'\] came second in a TCAV experimental set of two"):
+        assert [c.name for c in as_concepts([[captum_concept, zigzag]])] == ["stripes"]  # dropped silently
     with pytest.raises(TypeError, match=r"list of lists holding ConceptPairs; pass one flat list"):
         as_concepts([[jitter, pairs]])  # fitted only the first concept
 
@@ -659,6 +661,15 @@ def test_layer_concepts_on_a_tuple_output_follow_the_recorded_selector(tmp_path)
         with pytest.raises(CheckpointError, match="selector"):
             load_concept_inn(tmp_path / "e.safetensors", LayerRepresentation(model, "pair", selector=other))
     assert load_concept_inn(tmp_path / "e.safetensors", LayerRepresentation(model, "pair", selector=lambda o: o[0]))
+    # a callable selector reads factors; attributions cannot put them back, which the fit says before it runs
+    first = lambda out: out[0]  # noqa: E731
+    with pytest.warns(UserWarning, match=r"reads layer 'pair' with a callable selector: LayerConcepts can read"):
+        by_callable = fit_concepts(LayerRepresentation(model, "pair", selector=first), [pairs], steps=3, n_blocks=1,
+                                   hidden=16, pool_size=64, progress=False)
+    reading = LayerConcepts(model, "pair", by_callable, selector=first)
+    assert reading.factors(x).shape == (4, by_callable.dim)
+    with pytest.raises(TypeError, match="a callable selector picks a tensor out of the output but cannot say where"):
+        reading.attribute(x, target=0)
 
 
 @pytest.fixture(scope="module")
@@ -1069,6 +1080,7 @@ def test_concept_dynamics_refuses_a_concept_inn_of_other_codes_before_any_fit(mo
     (dict(models=[("b", None), ("./b", None)], checkpoint_dir="runs"), ValueError,
      "labels 'b' and './b' name the same folder in `checkpoint_dir`"),
     (dict(eval_labels=[0, 1]), ValueError, r"`eval_labels` must be a tensor of shape \(4,\).*got \(2,\)"),  # a list, read
+    (dict(eval_labels=["a", "b", "c", "d"]), ValueError, r"`eval_labels` must be a tensor of shape \(4,\).*got list"),
     (dict(models=[("0", None), ("1", nn.Linear(2, 2))]), ValueError, "The model labelled '1'.*not found"),
 ])
 def test_concept_dynamics_checks_what_it_measures_with_before_any_fit(monkeypatch, tmp_path, change, error, match):

@@ -142,9 +142,9 @@ class LayerRepresentation:
         attribute_to_layer_input: Use the layer's input instead of its output.
         selector: Picks the tensor from a non-tensor layer output (see
             :class:`~captum_inn.capture.LayerHooks`); an ``int`` or ``str`` one is recorded, and
-            :class:`~captum_inn.LayerConcepts` reads the layer with it. A callable one serves
-            :func:`estimate_factor_sizes` only: ``fit_concepts`` refuses it, since attributions and
-            edits put the factors back into the layer, which a callable cannot say where.
+            :class:`~captum_inn.LayerConcepts` reads the layer with it (pass a callable to it again:
+            it serves the methods that read factors, and ``fit_concepts`` warns that attributions,
+            which put factors back into the layer, cannot use it).
 
     Examples::
 
@@ -202,16 +202,18 @@ def _as_representation(representation: Any) -> Any:
     return representation
 
 
-def _refuse_callable_selector(representation: Any) -> None:
-    """``TypeError`` for a layer read with a callable selector: the factor INN's attributions and edits
-    put factors back into the layer, which a callable cannot say where (they failed after the fit)."""
+def _warn_callable_selector(representation: Any) -> None:
+    """Warn, before the fit, that a layer read with a callable selector serves the reading methods only:
+    attributions and edits put factors back into the layer, which a callable cannot say where (they
+    refuse it, but only after the fit)."""
     if isinstance(representation, LayerRepresentation) and callable(representation.layer_selector) \
             and not isinstance(representation.layer_selector, (int, str)):
-        raise TypeError(
-            f"`representation` reads layer {representation.layer_name!r} with a callable selector, but concept "
-            "attributions and edits must put the factors back into the layer's output, and a callable cannot say "
-            "where. Pass an int index or a str key, or hook a module whose output is the vector itself (e.g. an "
-            "nn.Identity that the model's forward applies to the class token)."
+        warnings.warn(
+            f"`representation` reads layer {representation.layer_name!r} with a callable selector: LayerConcepts "
+            "can read factors with it (factors, decompose, encoded), but attribute and output_from_factors put "
+            "factors back into the layer's output, which a callable cannot say where, and refuse it. For those, "
+            "pass an int index or a str key, or hook a module whose output is the vector itself.",
+            UserWarning, stacklevel=user_stacklevel(),
         )
 
 
@@ -546,7 +548,7 @@ def fit_concepts(
     # a misspelt name is refused now, not after encoding every pool
     given = None if factor_sizes is None else _check_size_names(factor_sizes, names)
     device = as_device(device)  # "gpu" was torch's raw RuntimeError
-    _refuse_callable_selector(_as_representation(representation))
+    _warn_callable_selector(_as_representation(representation))
     encode, describe = _as_encoder(representation, device)
     latent = getattr(representation, "latent_dim", None)  # an autoencoder's size is known before its pools
     if isinstance(latent, int) and not isinstance(latent, bool):

@@ -255,7 +255,10 @@ def concept_dynamics(
     eval_inputs = images_as_tensor(eval_inputs).to(device)
     # what the measurements take is checked now too, not after the first checkpoint's INN fit
     if isinstance(eval_labels, (list, tuple, np.ndarray)):  # as accuracy() and fit_classifier take them
-        eval_labels = torch.as_tensor(np.asarray(eval_labels))
+        try:
+            eval_labels = torch.as_tensor(np.asarray(eval_labels))
+        except (TypeError, ValueError):  # strings, ragged lists: left for the check below to name
+            pass
     _check_measurements(items, name, autoencoder, eval_inputs, eval_labels, n_samples, checkpoint_dir)
     base: Optional[FeatureCache] = None
     if isinstance(selector, Mapping):  # keyed by the first model's modules: later models have their own

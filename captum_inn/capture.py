@@ -143,6 +143,8 @@ def _warn_if_alias(model: nn.Module, layer: str) -> None:
     parts = layer.split(".") if layer else []
     parent: Any = model
     for i, part in enumerate(parts):
+        if isinstance(parent, nn.Module) and part not in parent._modules:
+            parent = _unwrapped(parent)  # a compiled model's "3" is its _orig_mod's
         child = parent._modules.get(part) if isinstance(parent, nn.Module) else None
         if isinstance(parent, nn.Sequential) and child is not None:
             earlier = next(key for key, m in parent._modules.items() if m is child)

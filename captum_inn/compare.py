@@ -454,12 +454,18 @@ def _warn_coarse_gradcam(model: nn.Module, name: str, size: Tuple[int, ...], exa
                          additional_forward_args: Any) -> None:
     """Warn that the default Grad-CAM layer's map is too coarse, naming the last layer before it with a
     larger map (the hint named ResNet's 'layer3' for every model, even when Grad-CAM already read
-    'layer3'); a module that gives the images back (a Normalize in front) is no feature map."""
+    'layer3'); a module without weights that gives the images back before any layer with weights ran
+    (a Normalize in front) is no feature map."""
     order = _spatial_layers(model, example, additional_forward_args)
     names = [n for n, _ in order]
-    before = order[:names.index(name)] if name in names else order
-    larger = [(n, shape) for n, shape in before
-              if shape[1] * shape[2] > size[0] * size[1] and shape != tuple(example.shape[1:])]
+    modules = dict(model.named_modules())
+    larger, weighted = [], False
+    for layer_name, shape in order[:names.index(name)] if name in names else order:
+        has_weights = any(True for _ in getattr(modules.get(layer_name), "parameters", lambda: ())())
+        preprocessing = not weighted and not has_weights and shape == tuple(example.shape[1:])
+        weighted = weighted or has_weights
+        if shape[1] * shape[2] > size[0] * size[1] and not preprocessing:
+            larger.append((layer_name, shape))
     hint = (f"pass gradcam_layer= an earlier layer with a larger map, such as {larger[-1][0]!r} "
             f"({larger[-1][1][1]}×{larger[-1][1][2]})" if larger else
             "no layer of the model has a larger map at this input size: use larger images")

@@ -826,6 +826,8 @@ def test_second_place_of_a_shared_module_warns(recwarn):
     assert info[0].filename == __file__  # the user's line
     with pytest.warns(UserWarning, match="module at '1' too"):
         capture(model, "3", torch.randn(1, 3, 8, 8))
+    with pytest.warns(UserWarning, match="module at '1' too"):  # a compiled model's "3" is its _orig_mod's
+        resolve_layer(torch.compile(model, backend="eager"), "3")
     block = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     nested = nn.Sequential(nn.Identity(), block, block)  # a path through the second position of a shared block
     with pytest.warns(UserWarning, match=r"layer '2\.1' is the module at '1\.1' too"):

@@ -454,7 +454,12 @@ def test_a_coarse_default_gradcam_layer_warns(setup, x):
                                          r"larger map, such as '1' \(8×8\)"):
         compare_attributions(two_stages, x, LayerInvariance(two_stages, "5", setup[2]["cnn.logits"], setup[1]),
                              generator=_gen(), **FAST)
-    # a Normalize in front gives the images back: no feature map to suggest
+    # a stem with the images' shape is a feature map; a Normalize in front gives the images back: no feature map
+    stem = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=16, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16, 10)).eval()
+    with pytest.warns(UserWarning, match=r"Grad-CAM at '3' is a 2×2 map.*such as '1' \(32×32\)"):
+        compare_attributions(stem, x, LayerInvariance(stem, "5", setup[2]["cnn.logits"], setup[1]), generator=_gen(),
+                             **FAST)
     normalised = nn.Sequential(Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), coarse).eval()
     with pytest.warns(UserWarning, match="no layer of the model has a larger map"):
         compare_attributions(normalised, x, LayerInvariance(normalised, "1.3", setup[2]["cnn.logits"], setup[1]),

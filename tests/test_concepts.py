@@ -667,6 +667,8 @@ def test_layer_concepts_on_a_tuple_output_follow_the_recorded_selector(tmp_path)
         by_callable = fit_concepts(LayerRepresentation(model, "pair", selector=first), [pairs], steps=3, n_blocks=1,
                                    hidden=16, pool_size=64, progress=False)
     reading = LayerConcepts(model, "pair", by_callable, selector=first)
+    with pytest.warns(UserWarning, match=r"fitted with a callable selector \(.*<lambda>\), but selector=1 was passed"):
+        LayerConcepts(model, "pair", by_callable, selector=1)  # read another tensor than the fit's, silently
     assert reading.factors(x).shape == (4, by_callable.dim)
     with pytest.raises(TypeError, match="a callable selector picks a tensor out of the output but cannot say where"):
         reading.attribute(x, target=0)

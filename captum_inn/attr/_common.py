@@ -369,6 +369,10 @@ def fitted_selector(asked: Any, fit_info: Mapping[str, Any], what: str, forward_
             )
         return fitted
     now = selector_record(mine)
+    if is_comparable_selector(now) and not is_comparable_selector(fitted):  # nothing tells if they pick alike
+        warnings.warn(f"`{what}` was fitted with a callable selector ({fitted['callable']}), but selector={mine!r} "
+                      "was passed; unless it picks the same tensor, the layer is read otherwise than it was fitted. "
+                      "Pass the same callable.", UserWarning, stacklevel=user_stacklevel())
     if is_comparable_selector(now) and is_comparable_selector(fitted) and now != fitted:
         if fitted is None:
             fix = f"`{what}` was fitted without a selector, but selector={mine!r} was passed; leave selector out"

@@ -212,7 +212,8 @@ def _warn_callable_selector(representation: Any) -> None:
             f"`representation` reads layer {representation.layer_name!r} with a callable selector: LayerConcepts "
             "can read factors with it (factors, decompose, encoded), but attribute and output_from_factors put "
             "factors back into the layer's output, which a callable cannot say where, and refuse it. For those, "
-            "pass an int index or a str key, or hook a module whose output is the vector itself.",
+            "refit with an int index or a str key that picks the same tensor, or hook a module whose output is "
+            "the vector itself.",
             UserWarning, stacklevel=user_stacklevel(),
         )
 
@@ -644,6 +645,11 @@ def fit_concepts(
     results = {"steps": config.steps, "final_loss": final_loss(history),
                "factor_variance": factors.var(0).cpu().tolist()}
     inn.fit_info = {**info, **results}
+    selector = selector_record(getattr(representation, "layer_selector", None))
+    if selector is not None and not is_comparable_selector(selector):
+        # kept out of the resume record (older checkpoints resume), but LayerConcepts must know: an int
+        # selector there read another tensor than the fit's callable, silently
+        inn.fit_info["representation"] = {**info["representation"], "selector": selector}
     inn.history = history
     if checkpoint is not None and rank == 0:
         # the finished fit's results (factor_variance: the reference of LayerConcepts.encoded) go into

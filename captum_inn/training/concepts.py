@@ -202,20 +202,15 @@ def _as_representation(representation: Any) -> Any:
     return representation
 
 
-def _warn_callable_selector(representation: Any) -> None:
-    """Warn, before the fit, that a layer read with a callable selector serves the reading methods only:
-    attributions and edits put factors back into the layer, which a callable cannot say where (they
-    refuse it, but only after the fit)."""
-    if isinstance(representation, LayerRepresentation) and callable(representation.layer_selector) \
-            and not isinstance(representation.layer_selector, (int, str)):
-        warnings.warn(
-            f"`representation` reads layer {representation.layer_name!r} with a callable selector: LayerConcepts "
-            "can read factors with it (factors, decompose, encoded), but attribute and output_from_factors put "
-            "factors back into the layer's output, which a callable cannot say where, and refuse it. For those, "
-            "refit with an int index or a str key that picks the same tensor, or hook a module whose output is "
-            "the vector itself.",
-            UserWarning, stacklevel=user_stacklevel(),
-        )
+def _callable_selector_record(representation: Any) -> Optional[Dict[str, str]]:
+    """The record of the callable selector a layer representation reads with (``None`` for no selector,
+    an int or a str one, or an autoencoder): a callable serves the reading methods only, since
+    attributions put factors back into the layer, which a callable cannot say where."""
+    representation = _as_representation(representation)
+    if not isinstance(representation, LayerRepresentation):
+        return None
+    record = selector_record(representation.layer_selector)
+    return None if record is None or is_comparable_selector(record) else record
 
 
 def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] = None,
@@ -549,7 +544,16 @@ def fit_concepts(
     # a misspelt name is refused now, not after encoding every pool
     given = None if factor_sizes is None else _check_size_names(factor_sizes, names)
     device = as_device(device)  # "gpu" was torch's raw RuntimeError
-    _warn_callable_selector(_as_representation(representation))
+    callable_selector = _callable_selector_record(representation)
+    if callable_selector is not None:  # attributions refuse it, but only after the fit
+        warnings.warn(
+            f"`representation` reads layer {_as_representation(representation).layer_name!r} with a callable "
+            "selector: LayerConcepts can read factors with it (factors, decompose, encoded), but attribute and "
+            "output_from_factors put factors back into the layer's output, which a callable cannot say where, and "
+            "refuse it. For those, refit with an int index or a str key that picks the same tensor, or hook a "
+            "module whose output is the vector itself.",
+            UserWarning, stacklevel=user_stacklevel(),
+        )
     encode, describe = _as_encoder(representation, device)
     latent = getattr(representation, "latent_dim", None)  # an autoencoder's size is known before its pools
     if isinstance(latent, int) and not isinstance(latent, bool):
@@ -645,11 +649,10 @@ def fit_concepts(
     results = {"steps": config.steps, "final_loss": final_loss(history),
                "factor_variance": factors.var(0).cpu().tolist()}
     inn.fit_info = {**info, **results}
-    selector = selector_record(getattr(representation, "layer_selector", None))
-    if selector is not None and not is_comparable_selector(selector):
+    if callable_selector is not None:
         # kept out of the resume record (older checkpoints resume), but LayerConcepts must know: an int
         # selector there read another tensor than the fit's callable, silently
-        inn.fit_info["representation"] = {**info["representation"], "selector": selector}
+        inn.fit_info["representation"] = {**info["representation"], "selector": callable_selector}
     inn.history = history
     if checkpoint is not None and rank == 0:
         # the finished fit's results (factor_variance: the reference of LayerConcepts.encoded) go into

@@ -332,7 +332,9 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
     (``[[stripes, random_0], [dots, random_0], ...]``) is a concept and the random or contrast set
     TCAV tests it against: its first concept is taken, and the contrast is left out, since two
     random images share nothing a factor could hold (a ``UserWarning`` names a left-out second
-    member whose name does not start with ``random``). A set of three or more is a relative set
+    member whose name does not start with ``random``). A set of two random sets
+    (``[random_0, random_1]``, TCAV's baseline for its significance test) is left out. A set of
+    three or more is a relative set
     (``[[stripes, zigzagged, dotted]]``, concepts tested against each other): each of its concepts
     is taken. A concept in several sets is taken once.
 
@@ -368,11 +370,17 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
                                 "experimental sets of captum.concept.Concept objects.")
             # TCAV's experimental sets: [concept, random contrast] pairs, or relative sets of 3+ concepts (whose
             # members after the first were dropped: a three-concept set fitted one factor)
-            taken = [c for experimental_set in raw
+            # [random_0, random_1] is TCAV's random baseline for its significance test: no concept to fit
+            random_baselines = [pair for pair in raw if len(pair) == 2 and all(_named_random(c) for c in pair)]
+            if random_baselines and len(random_baselines) == len(raw):
+                raise ValueError("`concepts`: every TCAV experimental set pairs two random sets (names starting "
+                                 "with 'random'), TCAV's baseline for its significance test; there is no concept "
+                                 "to fit. Add sets such as [stripes, random_0].")
+            taken = [c for experimental_set in raw if not any(experimental_set is pair for pair in random_baselines)
                      for c in (experimental_set[:1] if len(experimental_set) == 2 else experimental_set)]
             # a pair of two real concepts lost its second one silently; Captum's random sets are named random_*
             dropped = sorted({str(getattr(pair[1], "name", pair[1])) for pair in raw if len(pair) == 2
-                              and not str(getattr(pair[1], "name", "")).lower().startswith("random")
+                              and not _named_random(pair[1])
                               and all(pair[1] is not c for c in taken)})
             if dropped:
                 warnings.warn(f"`concepts`: {dropped} came second in a TCAV experimental set of two, which is read "
@@ -402,6 +410,11 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
     if duplicates:
         raise ValueError(f"Concept names must be unique, got {duplicates} more than once.")
     return items
+
+
+def _named_random(concept: Any) -> bool:
+    """Whether a TCAV concept is one of Captum's random sets (by convention named ``random_*``)."""
+    return str(getattr(concept, "name", "")).lower().startswith("random")
 
 
 def _generator_passing(transform: Callable[..., Tensor]) -> Optional[str]:

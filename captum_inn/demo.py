@@ -44,8 +44,9 @@ from captum_inn.training import (
     save_concept_inn,
     save_invariance_inn,
 )
+from captum_inn.training.augment import Jitter
 from captum_inn.training.checkpoint import module_tensors, save_checkpoint, write_atomically
-from captum_inn.training.classifier import Jitter, accuracy, fit_classifier
+from captum_inn.training.classifier import accuracy, fit_classifier
 from captum_inn.training.dynamics import Snapshots, concept_dynamics
 
 __all__ = ["DemoSettings", "LAYERS", "BOUNDS", "QUICK_BOUNDS", "check_metrics", "report_json", "run_demo"]

@@ -38,6 +38,7 @@ from captum_inn.training import (
     fit_invariances,
     save_invariance_inn,
 )
+from captum_inn.training.augment import Jitter
 from captum_inn.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -46,7 +47,7 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
     strip_prefix,
 )
-from captum_inn.training.classifier import Jitter, accuracy, fit_classifier
+from captum_inn.training.classifier import accuracy, fit_classifier
 
 __all__ = ["PHOTO_LAYERS", "PHOTO_BOUNDS", "PHOTO_QUICK_BOUNDS", "PhotoDemoSettings", "check_photo_metrics",
            "run_photo_demo"]

@@ -253,6 +253,17 @@ def test_the_battery_has_at_least_25_cases():
     assert len(CASES) >= 25
 
 
+def test_integer_scalar_tensors_count_as_ints(setup):
+    """torch.tensor(3) (as a count or a sum gives it) was refused as "must be an int"; float and
+    bool tensors are still refused rather than truncated."""
+    model, ae, inn, e = setup
+    explainer = LayerInvariance(model, "cnn.logits", inn, ae)
+    assert explainer.sample(X[:1], n_samples=torch.tensor(3)).shape == (1, 3, 3, 32, 32)
+    for value in (torch.tensor(3.0), torch.tensor(True), torch.tensor([3])):
+        with pytest.raises(TypeError, match="`n_samples` must be an int"):
+            explainer.sample(X[:1], n_samples=value)
+
+
 def test_batch_of_one_works(setup):
     model, ae, inn, e = setup
     explainer = LayerInvariance(model, "cnn.logits", inn, ae)

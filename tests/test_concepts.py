@@ -128,6 +128,12 @@ def test_from_transform_and_from_captum():
         assert [c.name for c in as_concepts([[captum_concept, zigzag]])] == ["stripes"]  # dropped silently
     with pytest.raises(TypeError, match=r"list of lists holding ConceptPairs; pass one flat list"):
         as_concepts([[jitter, pairs]])  # fitted only the first concept
+    # [random_0, random_1] is TCAV's significance baseline: random_0 became a factor
+    random_1 = Concept(5, "random_1", [torch.rand(4, 3, 4, 4)])
+    assert [c.name for c in as_concepts([[captum_concept, random], [captum_concept, random_1], [random, random_1]])] \
+        == ["stripes"]
+    with pytest.raises(ValueError, match=r"every TCAV experimental set pairs two random sets"):
+        as_concepts([[random, random_1]])
 
 
 def test_from_transform_gives_its_transform_a_copy():

@@ -120,8 +120,7 @@ def test_processes_with_different_augmentations_are_refused(monkeypatch):
     """Each process checks a resumed checkpoint's augmentation record against its own: a Jitter seeded
     per process would stop the other processes alone at a resume, leaving process 0 waiting. Every
     process refuses it up front instead (simulated: rank 0 of 2, the other with another seed)."""
-    from captum_inn.training import distributed, fit_autoencoder
-    from captum_inn.training.classifier import Jitter
+    from captum_inn.training import Jitter, distributed, fit_autoencoder
 
     monkeypatch.setattr(distributed, "world", lambda device=None: (0, 2))
     monkeypatch.setattr(distributed, "gather_texts", lambda text: [text, text])

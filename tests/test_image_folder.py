@@ -19,9 +19,8 @@ from PIL import Image
 from torch import nn
 
 from captum_inn.datasets import ImageFolderSplit, load_image_folder
-from captum_inn.training import fit_autoencoder
+from captum_inn.training import Jitter, fit_autoencoder
 from captum_inn.training.autoencoder import load_autoencoder
-from captum_inn.training.classifier import Jitter
 
 torch.set_num_threads(1)
 

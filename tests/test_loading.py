@@ -192,7 +192,7 @@ def test_a_resumed_autoencoder_fit_refuses_other_images_and_another_perceptual_m
 def test_a_resumed_autoencoder_fit_refuses_another_augmentation(images, tmp_path):
     """The augmentation shapes what the fit learns from, as the images do; a resume with another one
     (or none) went on silently, a fit that matched neither setting."""
-    from captum_inn.training.classifier import Jitter
+    from captum_inn.training import Jitter
 
     path = str(tmp_path / "ae.safetensors")
     settings = dict(latent_dim=4, width=4, checkpoint=path, progress=False)

@@ -149,7 +149,7 @@ def test_save_autoencoder_round_trips_a_fit_without_checkpoint(tmp_path, images)
 def test_a_resumed_fit_augments_as_the_uninterrupted_one(tmp_path, images):
     """Jitter draws from its own generator; the checkpoint keeps its state, so a fresh Jitter in the
     resumed run (as after a crash) continues the same shifts and noise."""
-    from captum_inn.training.classifier import Jitter
+    from captum_inn.training import Jitter
 
     path = str(tmp_path / "ae.safetensors")
     settings = dict(latent_dim=4, width=4, batch_size=8, checkpoint_every=3, schedule="constant", progress=False)
@@ -1945,7 +1945,8 @@ def test_fits_on_a_loader_with_persistent_workers_repeat():
 
 def test_a_reused_jitter_augments_as_a_fresh_one():
     """A fit starts a Jitter from its seed: a second fit with the same object differed from the first."""
-    from captum_inn.training.classifier import Jitter, fit_classifier
+    from captum_inn.training import Jitter
+    from captum_inn.training.classifier import fit_classifier
 
     x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     settings = dict(latent_dim=4, width=4, steps=3, batch_size=8, progress=False)

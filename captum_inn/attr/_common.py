@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._captum_compat import _format_additional_forward_args, _format_tensor_into_tuples
+from captum_inn._numbers import integer_scalar
 from captum_inn.autoencoders import encode_mean, encode_posterior
 from captum_inn.capture import (
     LayerHooks,
@@ -238,7 +239,9 @@ def _shown(value: Any) -> str:
 
 
 def check_int(value: Any, name: str) -> int:
-    """``value`` as a plain int (NumPy integers included) or a ``TypeError`` naming ``name``."""
+    """``value`` as a plain int (NumPy integers and integer 0-d tensors included) or a ``TypeError``
+    naming ``name``."""
+    value = integer_scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int, got {_shown(value)} ({type(value).__name__}).")
     return int(value)

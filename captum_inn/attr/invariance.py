@@ -414,8 +414,8 @@ class LayerInvariance(LayerAttribution):
         the layer pins it down. The map has the input's shape, so Captum's
         ``visualize_image_attr`` shows it as it shows Grad-CAM or Integrated Gradients.
 
-        The map is a Monte-Carlo estimate: a standard deviation from ``S`` samples is off by
-        about ``1 / sqrt(2 (S - 1))`` of itself (18% at 16 samples). Every input of a call gets
+        The map is a Monte-Carlo estimate: for Gaussian samples, a standard deviation from ``S``
+        samples is off by about ``1 / sqrt(2 (S - 1))`` of itself (18% at 16 samples). Every input of a call gets
         the same ``S`` draws of ``v`` (common random numbers), so an input's map does not depend on
         the rest of the batch, and two inputs' maps differ only where the inputs do. With ``seed``
         every call draws the same ``v``: then Captum's perturbation tools (``sensitivity_max``,

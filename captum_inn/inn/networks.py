@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from captum_inn._numbers import integer_scalar
 from captum_inn._random import normal
 from captum_inn.inn.actnorm import ActNorm
 from captum_inn.inn.base import InvertibleModule, check_vector_batch
@@ -35,9 +36,7 @@ def check_factor_size(key: Any, size: Any, name: str = "factor_sizes") -> int:
         >>> check_factor_size("digit", 3)
         3
     """
-    if isinstance(size, torch.Tensor) and size.dim() == 0 and not size.is_floating_point() and not size.is_complex() \
-            and size.dtype != torch.bool:
-        size = int(size)  # torch.tensor(4), as a sum or count of sizes gives it
+    size = integer_scalar(size)
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"`{name}`[{key!r}] must be a whole number of dimensions >= 1, got {size!r}.")
     return int(size)

@@ -5,6 +5,7 @@ plain loop (:func:`~captum_inn.training.train_loop`), show a progress bar, are s
 write atomic safetensors checkpoints that a later call resumes.
 """
 
+from captum_inn.training.augment import Jitter
 from captum_inn.training.autoencoder import (
     AutoencoderConfig,
     fit_autoencoder,
@@ -48,6 +49,7 @@ __all__ = [
     "load_concept_inn",
     "save_concept_inn",
     "FeatureCache",
+    "Jitter",
     "InvarianceConfig",
     "cache_features",
     "forward_args_fingerprint",

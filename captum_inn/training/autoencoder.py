@@ -20,6 +20,12 @@ from captum_inn.attr._common import (
 )
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.capture import LayerHooks, check_autograd_weights, resolve_layer
+from captum_inn.training.augment import (
+    AUGMENT_CALL,
+    augment_generators,
+    augment_record,
+    restart_augment,
+)
 from captum_inn.training.cache import images_fingerprint
 from captum_inn.training.checkpoint import (
     building_from,
@@ -31,12 +37,6 @@ from captum_inn.training.checkpoint import (
     recorded_config_has,
     save_checkpoint,
     warn_if_unfinished,
-)
-from captum_inn.training.classifier import (
-    AUGMENT_CALL,
-    augment_generators,
-    augment_record,
-    restart_augment,
 )
 from captum_inn.training.data import (
     _items_are_stored_arrays,
@@ -174,9 +174,9 @@ def fit_autoencoder(
         perceptual_model: Frozen network for the perceptual loss (see above; any floating dtype, the
             reconstructions are converted to it); ``None``: pixels only.
         augment: Optional callable applied to each image batch (e.g.
-            :class:`~captum_inn.training.classifier.Jitter`); small datasets of photos need it. One
+            :class:`~captum_inn.training.Jitter`); small datasets of photos need it. One
             that draws from its own ``generator`` attribute, as ``Jitter`` does, resumes exactly. The
-            checkpoint records it (:func:`~captum_inn.training.classifier.augment_record`), and a
+            checkpoint records it (:func:`~captum_inn.training.augment.augment_record`), and a
             resume with another augmentation, or none, is refused.
         **overrides: Fields of :class:`AutoencoderConfig`.
 

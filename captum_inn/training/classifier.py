@@ -6,7 +6,6 @@ tests and the tutorials can train their own models offline.
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -32,6 +31,7 @@ from captum_inn.attr._common import (
 )
 from captum_inn.capture import check_autograd_weights
 from captum_inn.metrics import predict_classes
+from captum_inn.training.augment import AUGMENT_CALL, restart_augment
 from captum_inn.training.data import (
     _items_are_stored_arrays,
     batching_errors_explained,
@@ -43,7 +43,7 @@ from captum_inn.training.data import (
 from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import _check_seed, train_loop
 
-__all__ = ["fit_classifier", "accuracy", "Jitter"]
+__all__ = ["fit_classifier", "accuracy"]
 
 
 def _as_labelled(data: Any) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -111,120 +111,6 @@ def _random_sampler_draws(sampler: Any, dataset: Any) -> Tuple[Optional[List[int
         kept = torch.nonzero(weights > 0).flatten()
         return kept.tolist(), weights[kept]
     return None, None
-
-
-#: What a fit's ``augment`` is called with and returns (named when it is not callable).
-AUGMENT_CALL = "a batch of images in, a batch out"
-
-
-class Jitter:
-    """Augmentation: shift a batch by up to ``pixels`` (edges replicated), flip, add Gaussian noise; seeded.
-
-    Small shifts and noise make a classifier of centred digits far less brittle, which keeps its
-    predictions stable on faithful reconstructions.
-
-    Args:
-        pixels: Largest shift in x and y.
-        noise: Standard deviation of the added noise (0: none).
-        flip: Mirror a random half of the images left-right (for photos, not for digits).
-        value_range: The result is clamped to this range (``None``: no clamping).
-        seed: Seed of the shifts and the noise.
-
-    Examples::
-
-        >>> Jitter(2, noise=0.05, seed=0)(torch.rand(4, 3, 8, 8)).shape
-        torch.Size([4, 3, 8, 8])
-    """
-
-    def __init__(self, pixels: int = 2, noise: float = 0.0, value_range=(0.0, 1.0), seed: int = 0,
-                 flip: bool = False) -> None:
-        self.pixels, self.noise, self.value_range, self.flip = int(pixels), float(noise), value_range, bool(flip)
-        self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
-
-    def __call__(self, images: Tensor) -> Tensor:
-        p = self.pixels
-        if p > 0:
-            padded = F.pad(images, (p, p, p, p), mode="replicate")
-            dx, dy = torch.randint(0, 2 * p + 1, (2,), generator=self.generator).tolist()
-            images = padded[:, :, dy : dy + images.shape[2], dx : dx + images.shape[3]]
-        if self.flip:
-            mirrored = torch.rand(images.shape[0], generator=self.generator) < 0.5
-            images = torch.where(mirrored.to(images.device)[:, None, None, None], images.flip(-1), images)
-        if self.noise > 0:
-            images = images + self.noise * torch.randn(images.shape, generator=self.generator).to(images)
-        if self.value_range is not None:
-            images = images.clamp(*self.value_range)
-        return images
-
-
-_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # in a repr: where the object lives, not its settings
-
-
-def augment_record(augment: Any) -> Any:
-    """What a fit's checkpoint records of its augmentation, so that a resume with another one is
-    refused: ``None``; a :class:`Jitter`'s settings; a function's qualified name; otherwise the
-    object's ``repr``, which for torchvision transforms and ``nn.Module`` holds their settings
-    (memory addresses, as in a function's repr inside a ``Compose``, are left out; an object
-    without a ``repr`` of its own is recorded by its class's qualified name). A library that
-    changes how a transform prints (a torchvision upgrade) makes a resume refuse it.
-
-    Examples::
-
-        >>> augment_record(Jitter(2, noise=0.05))
-        {'Jitter': {'pixels': 2, 'noise': 0.05, 'value_range': [0.0, 1.0], 'flip': False, 'seed': 0}}
-        >>> augment_record(torch.nn.Dropout(0.1)), augment_record(None)
-        ('Dropout(p=0.1, inplace=False)', None)
-    """
-    if augment is None:
-        return None
-    if isinstance(augment, Jitter):
-        value_range = None if augment.value_range is None else [float(v) for v in augment.value_range]
-        return {"Jitter": {"pixels": augment.pixels, "noise": augment.noise, "value_range": value_range,
-                           "flip": augment.flip, "seed": augment.seed}}
-    if hasattr(augment, "__qualname__") or type(augment).__repr__ is object.__repr__:
-        # a function names itself, as does an object by its class when its repr would be only its address
-        named = augment if hasattr(augment, "__qualname__") else type(augment)
-        return f"{getattr(named, '__module__', None) or type(augment).__module__}.{named.__qualname__}"
-    # the settings, not where the object happens to live: equal for the same transform in a resumed run
-    return _MEMORY_ADDRESS.sub("", repr(augment))
-
-
-def augment_generators(augment: Any) -> List[torch.Generator]:
-    """The generator an augmentation draws from, if it exposes one as ``generator`` (as
-    :class:`Jitter` does): a fit checkpoints its state, so a resumed fit augments as an
-    uninterrupted one would.
-
-    Args:
-        augment: The augmentation callable, or ``None``.
-
-    Returns:
-        ``[augment.generator]`` or ``[]``.
-
-    Examples::
-
-        >>> len(augment_generators(Jitter(2))), augment_generators(None)
-        (1, [])
-    """
-    generator = getattr(augment, "generator", None)
-    return [generator] if isinstance(generator, torch.Generator) and generator.device.type == "cpu" else []
-
-
-def restart_augment(augment: Any) -> None:
-    """Start a :class:`Jitter` from its seed, as a fit begins: the same seed and settings then augment
-    alike however much the object drew before (a second fit with one ``Jitter`` differed from the
-    first, though both recorded the same seed). A resumed fit then restores the checkpoint's state.
-
-    Examples::
-
-        >>> jitter = Jitter(2, noise=0.1)
-        >>> first = jitter(torch.zeros(1, 1, 4, 4))
-        >>> restart_augment(jitter)
-        >>> torch.equal(first, jitter(torch.zeros(1, 1, 4, 4)))
-        True
-    """
-    if isinstance(augment, Jitter):
-        augment.generator.manual_seed(augment.seed)
 
 
 @autograd_on

@@ -363,7 +363,7 @@ def check_replicas_agree(networks: Mapping[str, Optional[Any]]) -> None:
 
 def check_processes_agree(name: str, record: Any, fix: str, by_key: bool = False) -> None:
     """``ValueError`` in every process of a distributed fit when ``record`` (a JSON-able description
-    of a setting, e.g. :func:`~captum_inn.training.classifier.augment_record`) differs between them.
+    of a setting, e.g. :func:`~captum_inn.training.augment.augment_record`) differs between them.
 
     Each process checks a resumed checkpoint against its own settings; a setting that differed in
     one process only would stop that process alone and leave the others waiting for it. No-op

@@ -70,8 +70,7 @@ class Snapshots:
             raise TypeError(f"`steps` must be a sequence of step numbers, e.g. range(0, 1001, 100), got "
                             f"{type(steps).__name__}.")
         # 2.9 was taken as step 2; torch.arange(0, 300, 100)'s integer 0-d tensors are steps
-        self.steps = sorted({check_int(int(s) if isinstance(s, torch.Tensor) and s.dim() == 0 and not s.is_floating_point()
-                                       and s.dtype != torch.bool else s, "steps") for s in steps})
+        self.steps = sorted({check_int(s, "steps") for s in steps})
         if any(s < 0 for s in self.steps):
             raise ValueError(f"`steps` must be >= 0, got {self.steps}.")
         self.models: Dict[int, nn.Module] = {}

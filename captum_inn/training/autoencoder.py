@@ -174,7 +174,7 @@ def fit_autoencoder(
         perceptual_model: Frozen network for the perceptual loss (see above; any floating dtype, the
             reconstructions are converted to it); ``None``: pixels only.
         augment: Optional callable applied to each image batch (e.g.
-            :class:`~captum_inn.training.Jitter`); small datasets of photos need it. One
+            :class:`~captum_inn.training.augment.Jitter`); small datasets of photos need it. One
             that draws from its own ``generator`` attribute, as ``Jitter`` does, resumes exactly. The
             checkpoint records it (:func:`~captum_inn.training.augment.augment_record`), and a
             resume with another augmentation, or none, is refused.

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from captum_inn._fingerprints import tensor_bytes
 from captum_inn._random import seeded_every_global_rng
-from captum_inn.attr._common import _tensor_bytes, as_optional_generator, user_stacklevel
+from captum_inn.attr._common import as_optional_generator, user_stacklevel
 
 __all__ = ["ConceptPairs", "RELATIONS", "RESIDUAL", "as_concepts"]
 
@@ -140,7 +141,7 @@ class ConceptPairs:
             a, b = self.sample(n, torch.Generator().manual_seed(0))
         digest = hashlib.sha256(f"{self.relation}:{tuple(a.shape)}:{a.dtype}".encode())
         for member in (a, b):  # the bytes, as weights are hashed: NumPy has no bfloat16
-            digest.update(_tensor_bytes(member))
+            digest.update(tensor_bytes(member))
         return digest.hexdigest()[:16]
 
     # ------------------------------------------------------------------ constructors

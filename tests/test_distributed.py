@@ -148,7 +148,7 @@ def test_processes_with_different_batch_norm_statistics_are_refused(monkeypatch)
     """The weights agree but batch norm's running statistics do not (a forward pass in training mode
     in one process only): the features would differ per shard, so the fit is refused, naming the
     buffers (simulated: rank 0 of 2, rank 1's network built here)."""
-    from captum_inn.attr._common import weights_fingerprint
+    from captum_inn._fingerprints import weights_fingerprint
     from captum_inn.training import distributed
 
     torch.manual_seed(0)

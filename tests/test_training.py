@@ -686,7 +686,7 @@ def test_fingerprints_hash_the_weights_in_place_and_keep_their_values():
     fingerprint's time) and give the values recorded before (pinned)."""
     import numpy as np
 
-    from captum_inn.attr._common import _tensor_bytes
+    from captum_inn._fingerprints import tensor_bytes
     from captum_inn.training import weights_fingerprint
 
     model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2))
@@ -694,8 +694,8 @@ def test_fingerprints_hash_the_weights_in_place_and_keep_their_values():
         for i, t in enumerate([*model.parameters(), *model.buffers()]):
             t.copy_(torch.arange(t.numel()).reshape(t.shape) * 0.01 + i)
     weight = model[0].weight.detach()
-    assert np.shares_memory(_tensor_bytes(weight), weight.numpy())
-    assert bytes(_tensor_bytes(torch.zeros(0))) == b""
+    assert np.shares_memory(tensor_bytes(weight), weight.numpy())
+    assert bytes(tensor_bytes(torch.zeros(0))) == b""
     assert weights_fingerprint(model) == weights_fingerprint(model.double()) == "da0bc6e2119af9bb"
 
 

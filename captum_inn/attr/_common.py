@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
-import itertools
 import math
 import numbers
 import operator
@@ -15,9 +13,7 @@ from contextlib import contextmanager
 from typing import (
     Any,
     Callable,
-    Dict,
     Iterator,
-    List,
     Mapping,
     Optional,
     Sequence,
@@ -30,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_inn._captum_compat import _format_additional_forward_args, _format_tensor_into_tuples
+from captum_inn._fingerprints import buffer_fingerprints, weights_fingerprint
 from captum_inn._numbers import integer_scalar
 from captum_inn.autoencoders import encode_mean, encode_posterior
 from captum_inn.capture import (
@@ -37,7 +34,6 @@ from captum_inn.capture import (
     check_selector,
     did_not_run_hint,
     is_comparable_selector,
-    module_attributes,
     normal_tensors,
     resolve_layer,
     selector_for_layer,
@@ -723,79 +719,6 @@ def seeded_generator(seed: Optional[int], generator: Optional[torch.Generator],
     if not -(2**63) <= seed < 2**64:  # torch's range; beyond it "Overflow when unpacking long long"
         raise ValueError(f"`seed` must lie between -2**63 and 2**64 - 1 (a torch generator's seed), got {seed}.")
     return torch.Generator(device).manual_seed(seed)
-
-
-def _tensor_bytes(tensor: Tensor) -> Any:
-    """The tensor's bytes for ``hashlib``: a view of a contiguous CPU tensor's memory, not a copy
-    (``tobytes()`` copied every weight once more per fingerprint, a sixth of its time)."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy() if flat.numel() else b""
-
-
-def _tensor_attributes(obj: Any) -> Dict[str, Tensor]:
-    return {key: value for key, value in getattr(obj, "__dict__", {}).items() if isinstance(value, Tensor)}
-
-
-def _hash_tensors(digest: Any, tensors: Dict[str, Tensor]) -> None:
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(_tensor_bytes(tensors[key]))
-
-
-def class_name(obj: Any) -> str:
-    """The qualified class name a checkpoint records for a model, e.g. ``captum_inn.models.SmallCNN``."""
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-@torch.no_grad()
-def weights_fingerprint(network: Any, buffers: bool = False) -> str:
-    """A short hash of a network's parameters, so an INN can tell the autoencoder or model it was
-    fitted with from another one of the same shape (a retrained one, another seed).
-
-    Buffers (batch norm's running statistics) count only with ``buffers=True``; the parameters'
-    names, the device, the memory layout and the floating dtype never do (values are hashed as
-    float32): the same weights wrapped in ``DataParallel``, on another device or converted with
-    ``.double()`` give the same fingerprint.
-
-    Args:
-        network: An ``nn.Module`` (its parameters), or any object (its tensor attributes and the
-            parameters of its ``nn.Module`` attributes).
-        buffers: Hash a module's buffers after its parameters too.
-
-    Returns:
-        16 hexadecimal digits.
-
-    Examples::
-
-        >>> a, b = nn.Linear(4, 2), nn.Linear(4, 2)
-        >>> weights_fingerprint(a) == weights_fingerprint(b), weights_fingerprint(a) == weights_fingerprint(a.eval())
-        (False, True)
-    """
-    digest = hashlib.sha256()
-    if isinstance(network, nn.Module):  # values in order, not names: a wrapped model ("module.") is the same
-        for tensor in itertools.chain(network.parameters(), network.buffers() if buffers else ()):
-            digest.update(_tensor_bytes(_as_float32(tensor)))
-    else:  # its tensor attributes, then the weights of its modules (an object wrapping an encoder and a decoder)
-        _hash_tensors(digest, {k: _as_float32(v) for k, v in _tensor_attributes(network).items()})
-        for key, module in module_attributes(network).items():
-            digest.update(key.encode())
-            digest.update(weights_fingerprint(module, buffers).encode())
-    return digest.hexdigest()[:16]
-
-
-def buffer_fingerprints(network: Any) -> List[str]:
-    """A short hash of each buffer of a module (sorted; none for other objects): what
-    :func:`check_model_weights` compares, as a multiset, to tell running statistics that moved from
-    buffers a wrapper adds or leaves out (a temperature, a normalisation's mean)."""
-    if not isinstance(network, nn.Module):
-        return []
-    return sorted(hashlib.sha256(_tensor_bytes(_as_float32(b))).hexdigest()[:12] for b in network.buffers())
-
-
-def _as_float32(tensor: Tensor) -> Tensor:
-    """Floating tensors as float32: float32 weights converted with ``.double()`` (exactly) hash
-    alike; float32 values hash as they are."""
-    return tensor.detach().float() if tensor.is_floating_point() else tensor
 
 
 def check_model_weights(model: Optional[nn.Module], layer: nn.Module, recorded: Optional[str], what: str,

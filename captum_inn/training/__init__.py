@@ -5,6 +5,7 @@ plain loop (:func:`~captum_inn.training.train_loop`), show a progress bar, are s
 write atomic safetensors checkpoints that a later call resumes.
 """
 
+from captum_inn._fingerprints import weights_fingerprint
 from captum_inn.training.augment import Jitter
 from captum_inn.training.autoencoder import (
     AutoencoderConfig,
@@ -18,7 +19,6 @@ from captum_inn.training.cache import (
     forward_args_fingerprint,
     images_fingerprint,
     source_fingerprint,
-    weights_fingerprint,
 )
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captum_inn.training.concepts import (

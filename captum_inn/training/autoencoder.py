@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from captum_inn._fingerprints import weights_fingerprint
 from captum_inn._random import seeded_global_rng
 from captum_inn.attr._common import (
     autograd_on,
@@ -16,7 +17,6 @@ from captum_inn.attr._common import (
     check_optional_callable,
     check_pixel_range,
     network_dtype,
-    weights_fingerprint,
 )
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.capture import LayerHooks, check_autograd_weights, resolve_layer

@@ -19,21 +19,23 @@ from torch.utils.data import DataLoader, default_collate, default_convert
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._captum_compat import _format_additional_forward_args
+from captum_inn._fingerprints import (
+    buffer_fingerprints,
+    class_name,
+    hash_tensors,
+    tensor_attributes,
+    tensor_bytes,
+    weights_fingerprint,
+)
 from captum_inn._random import normal
 from captum_inn.attr._common import (
-    _hash_tensors,
-    _tensor_attributes,
-    _tensor_bytes,
-    buffer_fingerprints,
     check_batch_first,
     check_image_size,
     check_module_device,
     check_pixel_range,
-    class_name,
     dtype_errors_named,
     encode_images,
     sequence_first_suspect,
-    weights_fingerprint,
 )
 from captum_inn.autoencoders import check_autoencoder
 from captum_inn.capture import (
@@ -64,8 +66,7 @@ from captum_inn.training.disk import (
     write_manifest,
 )
 
-__all__ = ["FeatureCache", "cache_features", "source_fingerprint", "images_fingerprint", "forward_args_fingerprint",
-           "weights_fingerprint"]
+__all__ = ["FeatureCache", "cache_features", "source_fingerprint", "images_fingerprint", "forward_args_fingerprint"]
 
 Array = Union[Tensor, DiskArray]
 _DISK_FORMAT = 1
@@ -444,9 +445,9 @@ def _source_digests(model: nn.Module, autoencoder: Any, data: Any, n_probe: int 
             part = _unwrapped(part)
         digest.start(label)
         digest.update(label.encode())
-        _hash_tensors(digest, part.state_dict() if isinstance(part, nn.Module) else _tensor_attributes(part))
+        hash_tensors(digest, part.state_dict() if isinstance(part, nn.Module) else tensor_attributes(part))
         for key, module in module_attributes(part).items():  # a plain object's encoder and decoder
-            _hash_tensors(digest, {f"{key}.{k}": v for k, v in module.state_dict().items()})
+            hash_tensors(digest, {f"{key}.{k}": v for k, v in module.state_dict().items()})
     digest.start("images")
     _hash_images(digest, data, n_probe)
     return digest.whole.hexdigest()[:16], {part: d.hexdigest()[:16] for part, d in digest.parts.items()}
@@ -470,7 +471,7 @@ def _hash_images(digest: Any, data: Any, n_probe: int) -> None:
                 try:
                     item = items[indices[position]]
                     # NumPy items as tensors (as a loader converts them): they were counted, not hashed
-                    digest.update(_tensor_bytes(_images_of(default_convert(item) if collate is None else collate([item]))))
+                    digest.update(tensor_bytes(_images_of(default_convert(item) if collate is None else collate([item]))))
                 except TypeError:  # items that are not tensors (e.g. PIL images): counted, not hashed
                     digest.update(b"?")
 
@@ -517,7 +518,7 @@ def forward_args_fingerprint(additional_forward_args: Any) -> str:
     def add(value: Any) -> None:
         if isinstance(value, Tensor):
             digest.update(f"tensor:{value.dtype}:{tuple(value.shape)}:".encode())
-            digest.update(_tensor_bytes(value))
+            digest.update(tensor_bytes(value))
         elif value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
             digest.update(f"{type(value).__name__}:{value!r};".encode())
         elif isinstance(value, (list, tuple)):

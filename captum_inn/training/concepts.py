@@ -24,17 +24,16 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
+from captum_inn._fingerprints import class_name, weights_fingerprint
 from captum_inn._random import seeded_every_global_rng, seeded_global_rng
 from captum_inn.attr._common import (
     as_device,
     autograd_on,
     check_int,
     check_module_device,
-    class_name,
     dtype_errors_named,
     encode_images,
     user_stacklevel,
-    weights_fingerprint,
 )
 from captum_inn.autoencoders import check_autoencoder
 from captum_inn.capture import (

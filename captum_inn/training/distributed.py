@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from captum_inn.attr._common import as_device, user_stacklevel, weights_fingerprint
+from captum_inn._fingerprints import weights_fingerprint
+from captum_inn.attr._common import as_device, user_stacklevel
 
 __all__ = ["world", "is_main", "local_batch_size", "shard_data", "sync_module", "average_gradients", "average_buffers",
            "gather_rows", "gather_generator_states", "gather_texts", "barrier", "check_replicas_agree",

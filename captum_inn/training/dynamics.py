@@ -18,17 +18,15 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars, as the fits'
 
+from captum_inn._fingerprints import buffer_fingerprints, class_name, weights_fingerprint
 from captum_inn.attr._common import (
     as_device,
-    buffer_fingerprints,
     check_image_size,
     check_inn_fitted,
     check_int,
     check_module_device,
     check_positive_int,
-    class_name,
     format_inputs,
-    weights_fingerprint,
 )
 from captum_inn.attr.concepts import LayerConcepts, _check_code_autoencoder
 from captum_inn.capture import capture, resolve_layer

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from captum_inn._fingerprints import class_name, weights_fingerprint
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import autograd_on, class_name, user_stacklevel, weights_fingerprint
+from captum_inn.attr._common import autograd_on, user_stacklevel
 from captum_inn.capture import (
     is_comparable_selector,
     per_layer_selectors,

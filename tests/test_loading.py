@@ -430,7 +430,7 @@ def test_reading_a_loader_leaves_its_generators_and_draws_the_same_each_time(ima
     from captum.concept import Concept
     from torch.utils.data import DataLoader, RandomSampler
 
-    from captum_inn.training.autoencoder import images_as_tensor
+    from captum_inn.training.data import images_as_tensor
 
     g, h = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     loaders = [DataLoader(_Brightened(images[:16]), batch_size=8, num_workers=2, generator=g),
@@ -448,7 +448,7 @@ def test_a_shuffled_loader_is_read_with_its_worker_init_fn(images):
     """Read in dataset order through a new loader that dropped worker_init_fn: the workers failed."""
     from torch.utils.data import DataLoader
 
-    from captum_inn.training.autoencoder import images_as_tensor
+    from captum_inn.training.data import images_as_tensor
 
     loader = DataLoader(_NeedsWorkerInit(images[:16]), batch_size=4, num_workers=2, worker_init_fn=_open_file,
                         shuffle=True)

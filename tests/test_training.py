@@ -1424,8 +1424,8 @@ class _ResizingDataset(torch.utils.data.Dataset):
 def test_a_dataset_with_images_and_targets_attributes_is_read_through_its_items():
     """Only ColorDigits' `images`/`targets` are its items: another Dataset's transforms were skipped
     (a raw shape error here, no error at all for a normalising one) and a list of images failed."""
-    from captum_inn.training.autoencoder import images_as_tensor
     from captum_inn.training.classifier import fit_classifier
+    from captum_inn.training.data import images_as_tensor
 
     for as_list in (False, True):
         data = _ResizingDataset(as_list)

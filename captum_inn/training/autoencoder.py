@@ -39,11 +39,8 @@ from captum_inn.training.checkpoint import (
     warn_if_unfinished,
 )
 from captum_inn.training.data import (
-    _items_are_stored_arrays,
     check_image_dtype,
-    in_dataset_order,
-    iter_image_batches,
-    seeded_reading,
+    images_as_tensor,
 )
 from captum_inn.training.distributed import (
     check_processes_agree,
@@ -54,7 +51,7 @@ from captum_inn.training.distributed import (
 )
 from captum_inn.training.loop import check_resumable_early, merged_config, resume_key, train_loop
 
-__all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "save_autoencoder", "images_as_tensor"]
+__all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "save_autoencoder"]
 
 
 @dataclass
@@ -96,36 +93,6 @@ class AutoencoderConfig:
     checkpoint_every: int = 500
     perceptual_layers: Tuple[str, ...] = ()
     perceptual_weight: float = 1.0
-
-
-def images_as_tensor(data: Any) -> Tensor:
-    """All images of ``data`` (tensor, ``Dataset`` or ``DataLoader``) as one ``(N, C, H, W)`` tensor.
-
-    Args:
-        data: Images as in :func:`~captum_inn.training.data.iter_image_batches` (a ``Dataset`` may
-            yield ``(image, label)`` pairs). A tensor is returned as it is, a
-            :class:`~captum_inn.datasets.ColorDigits` gives its ``images``, and a shuffling
-            ``DataLoader`` its dataset's images in the dataset's order. Random transforms are
-            drawn from generators seeded the same on every call (the caller's are left as they
-            were), so the images, and a resume's check of them, are the same each time.
-
-    Returns:
-        ``(N, C, H, W)``.
-
-    Examples::
-
-        >>> from torch.utils.data import TensorDataset
-        >>> images_as_tensor(TensorDataset(torch.rand(5, 3, 4, 4), torch.zeros(5))).shape
-        torch.Size([5, 3, 4, 4])
-    """
-    if isinstance(data, Tensor):
-        return data
-    if hasattr(data, "images") and isinstance(data.images, Tensor) and _items_are_stored_arrays(data):  # e.g. ColorDigits
-        return data.images
-    # random transforms draw the same each call (and leave the caller's generators alone): a resume's
-    # images fingerprint changed with every read
-    with seeded_reading(data):
-        return torch.cat(list(iter_image_batches(in_dataset_order(data), batch_size=256)))
 
 
 def _layer_names(model: Any, layers: Any) -> Tuple[str, ...]:

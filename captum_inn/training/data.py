@@ -20,7 +20,7 @@ from torch.utils.data import (
 from captum_inn._random import seeded_every_global_rng
 from captum_inn.attr._common import check_positive_int
 
-__all__ = ["iter_image_batches", "count_images", "check_image_dtype", "loader_indices"]
+__all__ = ["iter_image_batches", "images_as_tensor", "count_images", "check_image_dtype", "loader_indices"]
 
 
 def _images_of(batch: Any) -> Tensor:
@@ -325,3 +325,33 @@ def _batching_error(error: Exception) -> Optional[Exception]:
         return ValueError(f"`data` yields images of different sizes ({text.split('but got', 1)[-1].strip()}); "
                           f"give them one size: pass {_ONE_SIZE}.")
     return None
+
+
+def images_as_tensor(data: Any) -> Tensor:
+    """All images of ``data`` (tensor, ``Dataset`` or ``DataLoader``) as one ``(N, C, H, W)`` tensor.
+
+    Args:
+        data: Images as in :func:`iter_image_batches` (a ``Dataset`` may
+            yield ``(image, label)`` pairs). A tensor is returned as it is, a
+            :class:`~captum_inn.datasets.ColorDigits` gives its ``images``, and a shuffling
+            ``DataLoader`` its dataset's images in the dataset's order. Random transforms are
+            drawn from generators seeded the same on every call (the caller's are left as they
+            were), so the images, and a resume's check of them, are the same each time.
+
+    Returns:
+        ``(N, C, H, W)``.
+
+    Examples::
+
+        >>> from torch.utils.data import TensorDataset
+        >>> images_as_tensor(TensorDataset(torch.rand(5, 3, 4, 4), torch.zeros(5))).shape
+        torch.Size([5, 3, 4, 4])
+    """
+    if isinstance(data, Tensor):
+        return data
+    if hasattr(data, "images") and isinstance(data.images, Tensor) and _items_are_stored_arrays(data):  # e.g. ColorDigits
+        return data.images
+    # random transforms draw the same each call (and leave the caller's generators alone): a resume's
+    # images fingerprint changed with every read
+    with seeded_reading(data):
+        return torch.cat(list(iter_image_batches(in_dataset_order(data), batch_size=256)))

@@ -31,11 +31,10 @@ from captum_inn.attr._common import (
 from captum_inn.attr.concepts import LayerConcepts, _check_code_autoencoder
 from captum_inn.capture import capture, resolve_layer
 from captum_inn.inn import FactorINN
-from captum_inn.training.autoencoder import images_as_tensor
 from captum_inn.training.cache import FeatureCache, _source_digests, as_cached_rows, cache_features
 from captum_inn.training.checkpoint import CheckpointError
 from captum_inn.training.classifier import accuracy
-from captum_inn.training.data import iter_image_batches
+from captum_inn.training.data import images_as_tensor, iter_image_batches
 from captum_inn.training.invariances import InvarianceConfig, fit_invariances
 from captum_inn.training.loop import merged_config
 

@@ -577,6 +577,30 @@ def test_code_noise_is_added_to_the_training_codes_reproducibly(images, autoenco
     assert noisy.history == again.history  # drawn from the fit's seeded generator
 
 
+def test_code_noise_with_a_constant_code_unit_starts_on_scale():
+    """ActNorm was initialised on codes without the fit's code_noise: a constant unit (a deterministic
+    encoder's dead one) got a scale of ~100 per block, and the training noise reached the couplings
+    blown up (first loss 2e12, never NaN, so nothing stopped the fit)."""
+    class DeadUnitEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("W", torch.linalg.qr(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)))[0].T)
+            self.W[3] = 0.0  # code unit 3 is always 0
+            self.latent_dim = 4
+
+        def encode(self, x):
+            return x.flatten(1) @ self.W.T
+
+        def decode(self, c):
+            return (c @ self.W).view(-1, 1, 8, 8)
+
+    ae = DeadUnitEncoder()
+    x = (torch.randn(256, 4, generator=torch.Generator().manual_seed(1)) @ ae.W).view(-1, 1, 8, 8)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2), nn.Linear(2, 3)).eval()
+    inn = fit_invariances(model, "1", ae, x, steps=5, n_blocks=4, hidden=16, code_noise=0.05, progress=False)
+    assert max(inn.history) < 50, inn.history  # a 4-d Gaussian NLL: a few nats per dimension at most
+
+
 @pytest.mark.parametrize("memmap", [False, True])
 def test_resume_refuses_a_cache_of_another_model_or_other_images(images, autoencoder, tmp_path, memmap):
     model = SmallCNN(width=4).eval()

@@ -178,7 +178,12 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
     inn.embedder.set_input_statistics(init_conditions)
     with torch.no_grad(), full_precision(device):  # ActNorm's data-dependent initialisation, on a large real batch
         init_gen = torch.Generator().manual_seed(config.seed)
-        inn(cache.sample_codes(init, init_gen).to(device, inn.dtype), init_conditions)
+        codes = cache.sample_codes(init, init_gen)
+        if config.code_noise > 0:
+            # the codes the fit trains on: without the noise, a constant code unit (a deterministic encoder's dead
+            # unit) got ActNorm scales of ~100 per block, which blew the training noise up (losses of 1e12, no NaN)
+            codes = codes + config.code_noise * torch.randn(codes.shape, generator=init_gen).to(codes)
+        inn(codes.to(device, inn.dtype), init_conditions)
     return inn
 
 

@@ -57,7 +57,8 @@ class Autoencoder(Protocol):
 
 
 def check_autoencoder(autoencoder: Any, name: str = "autoencoder") -> None:
-    """Raise a clear ``TypeError`` unless ``autoencoder`` has callable ``encode`` and ``decode``.
+    """Raise a clear ``TypeError`` unless ``autoencoder`` has callable ``encode`` and ``decode``, and a
+    ``ValueError`` if it declares a ``latent_dim`` below 2 (no INN can split such codes).
 
     Args:
         autoencoder: The object to check.
@@ -78,6 +79,11 @@ def check_autoencoder(autoencoder: Any, name: str = "autoencoder") -> None:
             f"{type(autoencoder).__name__} lacks {', '.join(missing)}. Wrap your model in a class "
             "with these two methods, or train the default with captum_inn.training.fit_autoencoder."
         )
+    latent = getattr(autoencoder, "latent_dim", None)
+    if isinstance(latent, int) and not isinstance(latent, bool) and latent < 2:
+        # found here, before a pass over the data, not by the first coupling ("`dim` >= 2 features to split")
+        raise ValueError(f"`{name}` has latent_dim={latent}, but the INNs split a code into two halves: give the "
+                         "autoencoder codes of at least 2 dimensions.")
 
 
 class DiagonalGaussian:

@@ -153,7 +153,8 @@ class ConceptPairs:
             name: The concept (for example ``"species"``).
             inputs: ``(M, ...)`` examples.
             labels: ``(M,)`` labels of any hashable kind; every label needs two examples for pairs
-                of distinct examples (a label with one example pairs with itself).
+                of distinct examples (a label with one example pairs with itself; NaN labels, and labels
+                that each input has alone, are refused).
 
         Returns:
             A :class:`ConceptPairs`.
@@ -176,6 +177,8 @@ class ConceptPairs:
                 # a list of 0-d tensors ([y for _, y in dataset]): a tensor hashes by identity, which made
                 # every input a group of its own, paired with itself
                 key = key.item()
+            if isinstance(key, numbers.Real) and key != key:  # NaN equals nothing: each one a group of its own
+                raise ValueError(f"`labels` entry {i} is NaN; give every input a label (drop the unlabelled inputs).")
             try:
                 if isinstance(key, (Tensor, np.ndarray)):
                     raise TypeError  # a row: a tensor would group by identity, an array is unhashable
@@ -185,6 +188,11 @@ class ConceptPairs:
                     f"`labels` must hold one hashable label per input, shape ({len(keys)},); entry {i} is "
                     f"{key!r}. Flatten (M, 1) labels with labels.reshape(-1); for one-hot rows pass labels.argmax(1)."
                 ) from None
+        if len(groups) == len(keys):
+            raise ValueError(
+                f"`labels`: each of the {len(keys)} inputs has a label of its own, so every pair would be an input "
+                "with itself. Labels name groups of inputs that share the concept; for a continuous attribute, bin "
+                "it, e.g. torch.bucketize(values, torch.quantile(values, torch.linspace(0, 1, 11)[1:-1])).")
         # every group's members in one flat tensor (ascending within a group), with each input's
         # group size, the start of its group and its own position there: pairs are drawn for a
         # whole batch at once (a loop over pairs took ~0.2 ms a pair)

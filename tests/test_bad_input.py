@@ -97,7 +97,9 @@ def _cases():
         ("inputs infinite", lambda m, ae, inn, e: inv(m, ae, inn).invariances(X / 0), ValueError, "NaN or infinite"),
         ("inputs on another device", lambda m, ae, inn, e: inv(m, ae, inn).sample(X.to("meta")), ValueError, "is on meta"),
         ("tuple inputs with two batch sizes", lambda m, ae, inn, e: inv(m, ae, inn).attribute((X, X[:2])), ValueError, "same batch size"),
+        ("codes of one dimension", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ConvAutoencoder((3, 32, 32), latent_dim=1, width=4), X, steps=1, progress=False), ValueError, r"`autoencoder` has latent_dim=1, but the INNs split a code into two halves"),
         ("n_samples 0", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, n_samples=0), ValueError, "`n_samples` must be >= 1"),
+        ("temperature overflowing", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, temperature=1e40), ValueError, r"samples hold NaN or infinite values \(temperature=1e\+40\)"),
         ("n_samples -3", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, n_samples=-3), ValueError, "`n_samples`"),
         ("n_samples 1 for a map", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, n_samples=1), ValueError, ">= 2 for a spread"),
         ("n_samples a float", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, n_samples=2.5), TypeError, "`n_samples` must be an int"),
@@ -251,6 +253,39 @@ def test_bad_input_is_rejected_clearly(setup, name, call, error, match):
 
 def test_the_battery_has_at_least_25_cases():
     assert len(CASES) >= 25
+
+
+def test_non_finite_activations_or_codes_at_explanation_time_are_named(setup):
+    """The fit refused a layer that gives NaN or inf on finite pixels; the explainers returned NaN maps
+    and NaN invariances for such an image, with no word."""
+    model, ae, inn, e = setup
+
+    class LogLayer(nn.Module):  # log|x|: −inf for an image of zeros
+        def forward(self, x):
+            return x.abs().log()
+
+    logged = nn.Sequential(LogLayer(), nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    images = X.clone()
+    images[1] = 0.0
+    explainer = LayerInvariance(logged, "0", _named(_fitted_inn(6, (3, 32, 32)), "0"), ae)
+    for call in (lambda: explainer.attribute(images, n_samples=2), lambda: explainer.invariances(images)):
+        with pytest.raises(ValueError, match=r"hooked layer's \(LogLayer\) activations hold NaN or infinite values at "
+                                             r"image 1 of `inputs`"):
+            call()
+
+    class NaNEncoder(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.latent_dim = inner, inner.latent_dim
+
+        def encode(self, x):
+            return self.inner.encode(x).mean / (x.flatten(1).amax(1, keepdim=True) > 0)  # 0/0 for an image of zeros
+
+        def decode(self, c):
+            return self.inner.decode(c)
+
+    with pytest.raises(ValueError, match=r"autoencoder's codes hold NaN or infinite values at image 1 of `inputs`"):
+        LayerConcepts(model, "cnn.logits", e, NaNEncoder(ae)).factors(images)
 
 
 def test_integer_scalar_tensors_count_as_ints(setup):

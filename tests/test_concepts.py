@@ -136,6 +136,29 @@ def test_from_transform_and_from_captum():
         as_concepts([[random, random_1]])
 
 
+def test_labels_that_pair_inputs_with_themselves_are_refused_or_warned_about():
+    """A float attribute used as labels (every input a group of its own) or NaN labels paired every
+    input with itself: the concept scored 1.0 and took the largest factor, with no word."""
+    x = torch.rand(40, 3, 4, 4)
+    with pytest.raises(ValueError, match="each of the 40 inputs has a label of its own"):
+        ConceptPairs.from_labels("brightness", x, x.mean((1, 2, 3)))
+    with pytest.raises(ValueError, match="`labels` entry 3 is NaN"):
+        ConceptPairs.from_labels("c", x, [0, 1, 0, float("nan")] + [1] * 36)
+    mostly_alone = ConceptPairs.from_labels("mostly alone", x, torch.cat([torch.zeros(4), torch.arange(1, 37.)]))
+    identity = (nn.Sequential(nn.Flatten()), "0")
+    with pytest.warns(UserWarning, match=r"'mostly alone': \d+% of its pairs are an input with itself"):
+        concept_scores(identity, [mostly_alone], n_pairs=200)
+    # beside a concept of many inputs, one of 6 drawn 400 times skewed the fit (every pool weighs alike)
+    few = ConceptPairs.from_labels("few", x[:6], [0, 0, 0, 1, 1, 1])
+    many = ConceptPairs.from_labels("many", torch.rand(400, 3, 4, 4), torch.arange(400) % 2)
+    with pytest.warns(UserWarning, match=r"'few': its 400 pairs hold only 6 distinct inputs, against \d+ for another"):
+        concept_scores(identity, [few, many], n_pairs=400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # alone, or beside concepts as small: nothing to say
+        concept_scores(identity, [few], n_pairs=400)
+        concept_scores(identity, [ConceptPairs.from_labels("ok", x, torch.arange(40) % 2), few], n_pairs=200)
+
+
 def test_from_transform_gives_its_transform_a_copy():
     """A transform that edits its batch in place also changed the pairs' first members: every pair was
     two equal images, and the concept scored 0."""

@@ -405,6 +405,20 @@ def test_rarely_active_units_do_not_explode_the_standardised_condition():
     assert emb.standardize(torch.full((1, 6), 0.5)).abs().max() < 10
 
 
+def test_a_few_units_on_a_far_larger_scale_do_not_floor_the_others():
+    """One unit at 1e4 among 63 at 1: the floor, 10% of the mean spread, divided every other unit by
+    about 16, so the INN could hardly read them (invariance samples then varied what the layer kept)."""
+    c = torch.randn(500, 64, generator=torch.Generator().manual_seed(0))
+    c[:, 0] *= 1e4
+    emb = ConditionalINN(4, (64,), n_blocks=1, hidden=8).embedder
+    emb.set_input_statistics(c)
+    assert torch.allclose(emb.in_std[1:], c[:, 1:].std(0))
+    assert emb.standardize(c)[:, 1:].std(0).min() > 0.99
+    c[:, 0] /= 1e4 / 20  # a unit 20 times the others' scale: the floor as before, 10% of the mean spread
+    emb.set_input_statistics(c)
+    assert torch.allclose(emb.in_std[1:], c[:, 1:].std(0).clamp_min(0.1 * float(c.std(0).mean())))
+
+
 def test_actnorm_loading_an_uninitialised_state_makes_it_uninitialised_again():
     norm = ActNorm(4)
     norm(torch.randn(10, 4))  # initialised, and remembered without reading the buffer

@@ -494,6 +494,19 @@ def check_per_input_args(additional_forward_args: Any, n: int) -> None:
             )
 
 
+def check_finite_rows(values: Tensor, what: str, first: int = 0, of: str = "`data`",
+                      before: str = "caching features") -> None:
+    """A ``ValueError`` naming the image when batch-first ``values`` (rows from image ``first`` on)
+    hold NaN or inf: the pixels were checked finite, so the network or the encoder made them; found
+    where they are made, not as a NaN result (explainers) or a fit's failure (caches)."""
+    finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(1)
+    if not bool(finite.all()):
+        row = first + int((~finite).nonzero()[0, 0])
+        raise ValueError(f"{what[0].upper()}{what[1:]} hold NaN or infinite values at image {row} of {of} (its pixels "
+                         "are finite); check the network there (a division by zero, a log of zero, an overflow in a "
+                         f"low-precision dtype) before {before}.")
+
+
 def layer_activation(
     forward_func: Callable,
     layer: nn.Module,
@@ -516,6 +529,8 @@ def layer_activation(
     check_batch_first_read(activation, n, f"The hooked layer ({type(layer).__name__})", lambda k: _read_layer(
         forward_func, layer, tuple(t[:k] for t in inputs), slice_forward_args(additional_forward_args, slice(0, k), n),
         attribute_to_layer_input, selector, name), additional_forward_args)
+    check_finite_rows(activation.detach(), f"the hooked layer's ({type(layer).__name__}) activations", of=f"`{name}`",
+                      before="explaining")
     return activation
 
 
@@ -635,7 +650,10 @@ def encode_images(autoencoder: Any, images: Tensor, *, posterior: bool = False, 
     the codes go to its decoder in its own; dtype errors name ``name``."""
     images = images.to(network_dtype(autoencoder, images.dtype))
     with dtype_errors_named(images, autoencoder, name=name):
-        return encode_posterior(autoencoder, images) if posterior else encode_mean(autoencoder, images)
+        codes = encode_posterior(autoencoder, images) if posterior else encode_mean(autoencoder, images)
+    check_finite_rows((codes[0] if posterior else codes).detach(), "the autoencoder's codes", of=f"`{name}`",
+                      before="explaining")
+    return codes
 
 
 def check_same_device(tensor: Tensor, module: nn.Module, name: str = "inputs") -> None:

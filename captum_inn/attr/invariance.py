@@ -392,7 +392,12 @@ class LayerInvariance(LayerAttribution):
                            for sub in self._chunks(count * n_samples, internal_batch_size)]
                 if part.start == 0:  # any autoencoder
                     check_image_size(inputs[self.image_input], self.autoencoder, decoded=decoded[0].shape[1:])
-                consume(part, n, decoded[0] if len(decoded) == 1 else torch.cat(decoded))
+                samples = decoded[0] if len(decoded) == 1 else torch.cat(decoded)
+                if not bool(torch.isfinite(samples).all()):  # temperature=1e40 gave an infinite map, silently
+                    raise ValueError(
+                        f"The invariance samples hold NaN or infinite values (temperature={temperature:g}): the INN's "
+                        "inverse or the decoder overflowed. Sample at a temperature near 1 (it scales v ~ N(0, I)).")
+                consume(part, n, samples)
 
     @log_usage()
     def attribute(

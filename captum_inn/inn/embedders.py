@@ -98,9 +98,10 @@ class ConditionEmbedder(nn.Module):
 
         Args:
             batch: ``(N, *in_shape)`` condition samples, ``N >= 2``.
-            eps: Added to the floor of the standard deviation (10% of the mean spread, or 0.1
-                where nothing varies), so rarely active units stay on the scale of the others; at
-                most 1% of the floor, so a layer on a tiny scale (1e-6) is standardised too.
+            eps: Added to the floor of the standard deviation (10% of the mean spread, each unit's
+                spread counted at most 100 times the 90th percentile's, or 0.1 where nothing
+                varies), so rarely active units stay on the scale of the others; at most 1% of the
+                floor, so a layer on a tiny scale (1e-6) is standardised too.
         """
         self._check(batch)
         if batch.shape[0] < 2:
@@ -112,6 +113,13 @@ class ConditionEmbedder(nn.Module):
         # these samples) must not turn its rare activations into huge standardised values.
         # None varying at all (a collapsed layer): as if the spread were 1, not eps (later inputs scaled by 1e5)
         typical = float(std.mean())
+        spreads = std.flatten()
+        reference = float(torch.quantile(spreads.float(), 0.9)) if spreads.numel() <= 2**24 else float(spreads.max())
+        if 0 < 100 * reference < float(spreads.max()):
+            # a few units on a far larger scale (one at 1e4 among units at 1) count at most 100 times the 90th
+            # percentile: their spread raised the floor of every other unit (divided by 157 for 64 units), so
+            # the INN could hardly read them
+            typical = float(spreads.clamp_max(100 * reference).mean())
         # eps capped at 1% of the floor: added whole, it flattened a layer on a 1e-6 scale to a tenth of
         # the others' scale (every unit's std became 1e-5), and its fit came out far worse
         floor = 0.1 * typical + min(eps, 1e-3 * typical) if typical > 0 else 0.1 + eps

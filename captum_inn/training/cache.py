@@ -30,6 +30,7 @@ from captum_inn._fingerprints import (
 from captum_inn._random import normal
 from captum_inn.attr._common import (
     check_batch_first,
+    check_finite_rows,
     check_image_size,
     check_module_device,
     check_pixel_range,
@@ -556,17 +557,6 @@ _NO_IMAGES = ("`data` yields no images (an empty dataset, or a DataLoader with d
               "its batch_size); pass at least one image, or drop_last=False.")
 
 
-def _check_finite_rows(values: Tensor, what: str, first: int) -> None:
-    """A ``ValueError`` naming the image when one batch's cached rows hold NaN or inf: found during the
-    pass, not after it by the fit (the pixels were finite, so the network or the encoder made them)."""
-    finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(1)  # rows are batch-first
-    if not bool(finite.all()):
-        row = first + int((~finite).nonzero()[0, 0])
-        raise ValueError(f"{what[0].upper()}{what[1:]} hold NaN or infinite values at image {row} of `data` (its pixels "
-                         "are finite); check the network there (a division by zero, an overflow in a low-precision "
-                         "dtype) before caching features.")
-
-
 @torch.no_grad()
 def cache_features(
     model: nn.Module,
@@ -667,14 +657,14 @@ def cache_features(
                             f"in model.forward{did_not_run_hint(model, name)}."
                         )
                     rows = as_cached_rows(values[name], images.shape[0], name, extra)
-                    _check_finite_rows(rows, f"layer {name!r}'s activations", seen)
+                    check_finite_rows(rows, f"layer {name!r}'s activations", seen)
                     sink.append(f"layer.{name}", rows)
                 if seen == 0:  # once: a sequence-first layer with as many tokens as images in a batch
                     _check_sequence_first(model, layer_list, names, values, images, extra, attribute_to_layer_input,
                                           selector)
                 mean, std = encode_images(autoencoder, images, posterior=True, name="data")
-                _check_finite_rows(mean, "the autoencoder's code means", seen)
-                _check_finite_rows(std, "the autoencoder's code standard deviations", seen)
+                check_finite_rows(mean, "the autoencoder's code means", seen)
+                check_finite_rows(std, "the autoencoder's code standard deviations", seen)
                 sink.append("code_mean", mean)
                 sink.append("code_std", std)
                 bar.update(images.shape[0])

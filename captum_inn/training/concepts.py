@@ -259,12 +259,51 @@ class _PairPool:
     std_b: Tensor
 
 
+class _ExampleCount:
+    """How many of a concept's sampled pairs are an input with itself, and how many distinct inputs
+    the pairs hold (each input hashed by a fixed random projection of its values)."""
+
+    def __init__(self) -> None:
+        self.pairs, self.with_itself, self.hashes, self.projection = 0, 0, [], None
+
+    def add(self, a: Tensor, b: Tensor) -> None:
+        flat_a, flat_b = a.detach().flatten(1).double().cpu(), b.detach().flatten(1).double().cpu()
+        if self.projection is None:
+            self.projection = torch.randn(flat_a.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        self.pairs += flat_a.shape[0]
+        self.with_itself += int((flat_a == flat_b).all(1).sum())
+        self.hashes += [flat_a @ self.projection, flat_b @ self.projection]
+
+    def distinct(self) -> int:
+        return int(torch.unique(torch.cat(self.hashes)).numel()) if self.hashes else 0
+
+    def warn_if_degenerate(self, name: str, n_pairs: int, distinct: int, most_distinct: int) -> None:
+        if self.with_itself * 2 > self.pairs:
+            # labels that each input has alone (a float attribute) pair every input with itself: the concept
+            # scored 1.0 and took the largest factor, silently
+            warnings.warn(
+                f"Concept {name!r}: {self.with_itself / self.pairs:.0%} of its pairs are an input with itself, which "
+                "makes the concept look fully kept; its score and factor size mean nothing. Labels that only one "
+                "input has (a float attribute used as labels: bin it, e.g. torch.bucketize(values, "
+                "torch.quantile(values, torch.linspace(0, 1, 11)[1:-1]))) or a transform that changes nothing "
+                "cause this.", UserWarning, stacklevel=user_stacklevel())
+        if distinct * 10 < min(n_pairs, most_distinct):
+            # every concept's pool weighs the same in the fit: a few inputs drawn thousands of times, beside concepts
+            # of thousands, skew the factor INN and the factor variance that LayerConcepts.encoded divides by
+            warnings.warn(
+                f"Concept {name!r}: its {n_pairs} pairs hold only {distinct} distinct inputs, against "
+                f"{most_distinct} for another concept. Every concept's pairs weigh alike in the fit, so these few "
+                "inputs weigh as much as all the others and skew the factor INN (and the factor variance that "
+                "LayerConcepts.encoded divides by); give the concept more examples.",
+                UserWarning, stacklevel=user_stacklevel())
+
+
 @torch.no_grad()
 def _encode_pools(
     encode: Callable[[Tensor], Tuple[Tensor, Tensor]], concepts: Sequence[ConceptPairs], n_pairs: int,
     seed: int, device: torch.device, progress: bool, chunk: int = 512,
 ) -> List[_PairPool]:
-    pools = []
+    pools, counts = [], {}
     bar = tqdm(total=n_pairs * len(concepts), desc="encoding concept pairs", disable=not progress, leave=False, unit="pair")
     with bar:
         for k, concept in enumerate(concepts):
@@ -275,8 +314,10 @@ def _encode_pools(
             # than the generator's, so the two streams do not repeat each other
             with seeded_every_global_rng((seed * 1009 + k) ^ 0x5EED):
                 parts: Dict[str, List[Tensor]] = {"ma": [], "sa": [], "mb": [], "sb": []}
+                examples = counts[concept.name] = _ExampleCount()
                 for start in range(0, n_pairs, chunk):
                     a, b = concept.sample(min(chunk, n_pairs - start), generator)
+                    examples.add(a, b)
                     for member, key in ((a, "a"), (b, "b")):
                         if not torch.isfinite(member).all():
                             raise ValueError(f"Concept {concept.name!r} produced pairs with NaN or infinite values.")
@@ -291,6 +332,9 @@ def _encode_pools(
                         parts["s" + key].append(std)
                     bar.update(a.shape[0])
             pools.append(_PairPool(concept, *(torch.cat(parts[k]) for k in ("ma", "sa", "mb", "sb"))))
+    distinct = {name: count.distinct() for name, count in counts.items()}
+    for name, count in counts.items():
+        count.warn_if_degenerate(name, n_pairs, distinct[name], max(distinct.values()))
     dims = {p.mean_a.shape[1] for p in pools}
     if len(dims) != 1:
         raise ValueError(f"The concepts' pairs encode to different sizes {sorted(dims)}; all must come from one representation.")
@@ -343,7 +387,8 @@ def concept_scores(
     concept's own pairs. A Captum ``Concept`` (pairs of two of its examples, ``one_set``) does not
     vary within its set: its score is taken about the pairs of all such concepts given, so it
     scores high where its examples cluster apart from the other concepts' examples; alone, it has
-    nothing to be told apart from and scores about 0.
+    nothing to be told apart from and scores about ``−1/(n−1)`` for ``n`` examples (two distinct
+    examples of a set vary against each other): about 0 for many examples, −1 for two.
 
     Args:
         representation: An autoencoder, a :class:`LayerRepresentation` or ``(model, layer)``.

@@ -271,7 +271,8 @@ def compare_attributions(
         invariance: A :class:`~captum_inn.LayerInvariance` for ``model`` (built on ``model`` or
             ``model.forward``; its layer's INN fitted).
         target: The explained class: ``None`` (each input's predicted class), an int (or
-            one-element tensor) for all, or ``(N,)`` classes.
+            one-element tensor, or Captum's one-index tuple ``(3,)``) for all, or ``(N,)`` classes
+            (also as Captum's list of one-index tuples ``[(3,), (1,), ...]``).
         additional_forward_args: Extra arguments of the model after the images, as in Captum
             (``model(inputs, *additional_forward_args)``), given to every method (and to the
             explainers, which read the layer with them). Captum's gradient methods expand tensors
@@ -341,7 +342,15 @@ def compare_attributions(
     layer_name = invariance.layer_name
     if forward_module(invariance.forward_func, invariance.layer) is None:  # model.forward patched with a plain
         layer_name = resolve_layer(model, invariance.layer)[0]  # function: the explainer named the layer by type
-    images = one_image_tensor(inputs, "inputs")  # a tuple of two failed unpacking into one
+    for explainer, name in ((invariance, "invariance"), (concepts, "concepts")):
+        if explainer is not None and explainer.image_input != 0:  # never read here: the other input's shape was blamed
+            raise ValueError(
+                f"`{name}` takes the images as input {explainer.image_input}, but compare_attributions gives them to "
+                "the model first (Grad-CAM and Integrated Gradients attribute `inputs`): wrap the model so that its "
+                "forward takes the images first, pass its other inputs as `additional_forward_args`, and build the "
+                "explainers on the wrapper.")
+    # a tuple of two failed unpacking into one
+    images = one_image_tensor(inputs, "inputs", "pass the model's other inputs as `additional_forward_args`")
     n = images.shape[0]
     batch = n if internal_batch_size is None else check_positive_int(internal_batch_size, "internal_batch_size")
     check_positive_int(ig_steps, "ig_steps")
@@ -502,6 +511,11 @@ def _targets(target: Any, predictions: Tensor, classes: int) -> Tensor:
         return predictions
     if isinstance(target, bool):
         raise TypeError("`target` must be None, an int or N class indices, got a bool.")
+    # Captum's one-index tuples, which its explainers (and captum_inn's) take: (3,) for all, [(3,), (1,)] per input
+    if isinstance(target, tuple) and len(target) == 1 and isinstance(target[0], int):
+        target = target[0]
+    elif isinstance(target, list) and target and all(isinstance(t, tuple) and len(t) == 1 for t in target):
+        target = [t[0] for t in target]
     if isinstance(target, int):
         targets = torch.full((n,), target, dtype=torch.long, device=predictions.device)
     else:

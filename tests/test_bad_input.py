@@ -140,6 +140,7 @@ def _cases():
         ("concept int target of an (N,) output", lambda m, ae, inn, e: LayerConcepts(lambda x: m(x)[:, 3], m.cnn.logits, e, ae).attribute(X, target=0, n_steps=4), ValueError, r"`target` 0 does not pick one value per input.*shape \(\) per input"),
         ("concept convergence delta with an int target of an (N,) output", lambda m, ae, inn, e: LayerConcepts(lambda x: m(x)[:, 3], m.cnn.logits, e, ae).compute_convergence_delta(torch.zeros(3, 3), None, X, target=0), ValueError, r"`target` 0 does not pick one value per input"),
         # targets outside Captum's forms: Captum failed bare asserts, or named floats "out of range"
+        ("concept baseline in target's place", lambda m, ae, inn, e: con(m, ae, e).attribute(X, torch.zeros_like(X)), TypeError, r"looks like a baseline.*pass it as `baselines=` by keyword"),
         ("concept target of floats", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([1.0, 2.0, 0.0])), TypeError, r"`target` holds class indices.*target.long\(\)"),
         ("concept target (N, 1)", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([[1], [2], [0]])), ValueError, r"`target` has shape \(3, 1\).*target.flatten\(\)"),
         ("concept target a NumPy array", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=np.array([1, 2, 0])), TypeError, r"got ndarray.*torch.as_tensor\(target\)"),
@@ -589,6 +590,64 @@ def test_explainers_warn_about_pixels_far_outside_the_decoders_range(setup):
         assert "NoiseTunnel" not in str(caught[0].message) and caught[0].filename == __file__  # the caller's line
     with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[-.*NoiseTunnel, noise this large.*stdevs="):
         explainer.attribute(X + 2 * torch.randn(X.shape, generator=torch.Generator().manual_seed(0)), n_samples=2)
+
+
+def test_concept_explainers_and_fits_check_the_pixel_range_too(setup):
+    """LayerInvariance warned about normalised or 8-bit pixels and fit_invariances refused them;
+    LayerConcepts and fit_concepts took them silently (Captum's TCAV tutorial normalises its
+    concepts), giving concept scores 1000 times too large."""
+    model, ae, inn, e = setup
+    concepts = LayerConcepts(model, "cnn.logits", e, ae)
+    normalised = (X - 0.45) / 0.225
+    for call in (lambda: concepts.attribute(normalised, target=1, n_steps=4), lambda: concepts.factors(normalised),
+                 lambda: concepts.edit(normalised, "a")):
+        with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[-2"):
+            call()
+    pairs = ConceptPairs.from_labels("a", normalised.repeat(4, 1, 1, 1), torch.arange(12) % 2)
+    with pytest.raises(ValueError, match=r"`concepts` pixels range over \[-2.*no Normalize transform"):
+        fit_concepts(ae, [pairs], factor_sizes={"a": 2}, steps=1, pool_size=8, n_blocks=1, hidden=8, progress=False)
+
+
+def test_shared_extra_tensors_follow_captums_rule_in_invariance_samples(setup):
+    """A shared tensor of K rows went whole to every pass until K == N, when it was sliced with the
+    inputs and internal_batch_size changed the map; Captum (and LayerConcepts) want one row per input."""
+    model, ae, inn, _ = setup
+
+    class WithPalette(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cnn = model.cnn
+
+        def forward(self, x, palette):
+            return self.cnn(x * palette.mean())
+
+    explainer = LayerInvariance(WithPalette().eval(), "cnn.logits", inn, ae)
+    with pytest.raises(ValueError, match=r"`additional_forward_args` tensor 0 has shape \(5, 3\).*one row per input"):
+        explainer.attribute(X, additional_forward_args=(torch.rand(5, 3),), n_samples=2)
+    shared = explainer.attribute(X, additional_forward_args=(torch.tensor(0.8),), n_samples=2, seed=0)  # 0-d: shared
+    parts = explainer.attribute(X, additional_forward_args=(torch.tensor(0.8),), n_samples=2, seed=0, internal_batch_size=2)
+    assert torch.allclose(shared, parts, atol=1e-5)
+
+
+def test_compare_attributions_names_an_explainer_that_takes_the_images_second(setup):
+    from captum_inn.compare import compare_attributions
+
+    model, ae, inn, _ = setup
+
+    class ImagesSecond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cnn = model.cnn
+
+        def forward(self, scale, x):
+            return self.cnn(x * scale.view(-1, 1, 1, 1))
+
+    second = ImagesSecond().eval()
+    explainer = LayerInvariance(second, "cnn.logits", inn, ae, image_input=1)
+    with pytest.raises(ValueError, match=r"`invariance` takes the images as input 1, but compare_attributions gives"):
+        compare_attributions(second, (torch.ones(3), X), explainer, progress=False)
+    with pytest.raises(TypeError, match=r"pass the model's other inputs as `additional_forward_args`"):
+        compare_attributions(model, (X, X), LayerInvariance(model, "cnn.logits", inn, ae), progress=False)
 
 
 def test_networks_built_under_inference_mode_are_named_where_gradients_are_needed(setup):

@@ -206,14 +206,17 @@ def test_same_generator_seed_gives_the_same_samples(setup, x):
     assert not torch.equal(a.samples, c.samples)
 
 
-@pytest.mark.parametrize("form", ["int", "list", "tensor", "scalar tensor", "one-element tensor"])
+@pytest.mark.parametrize("form", ["int", "list", "tensor", "scalar tensor", "one-element tensor", "one-index tuple",
+                                  "list of one-index tuples"])
 def test_int_and_tensor_targets(setup, x, form):
     """Every form of Captum's TargetType for one class per input; a one-element tensor is one class
     for all, as in Captum (it was refused as a count mismatch)."""
     model, explainer = setup[0], _invariance(setup)
     n = x.shape[0]
     target = {"int": 3, "list": [3] * n, "tensor": torch.full((n,), 3), "scalar tensor": torch.tensor(3),
-              "one-element tensor": torch.tensor([3])}[form]
+              "one-element tensor": torch.tensor([3]),
+              # Captum's forms, which the explainers took and compare_attributions refused
+              "one-index tuple": (3,), "list of one-index tuples": [(3,)] * n}[form]
     result = compare_attributions(model, x, explainer, target=target, generator=_gen(), **FAST)
     assert torch.equal(result.targets, torch.full((n,), 3))
     reference = compare_attributions(model, x, explainer, target=3, generator=_gen(), **FAST)

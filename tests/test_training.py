@@ -909,6 +909,53 @@ def test_a_checkpoint_without_the_optimizer_state_is_a_clear_error(tmp_path):
                    progress=False)
 
 
+def test_a_resume_uses_its_own_adam_settings_and_refuses_damaged_ones(tmp_path):
+    """The file's Adam settings were loaded as they were: an edited rate trained at that rate, `maximize`
+    turned the fit into gradient ascent; NaN weights or moments failed as "lower the learning rate",
+    and an infinite second moment froze its weight, silently."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from captum_inn.training import train_loop
+
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+
+    def fit(path, steps):
+        torch.manual_seed(0)
+        lin = nn.Linear(3, 1)
+        train_loop(lin, lambda g: (lin(x) - 1).pow(2).mean(), steps=steps, lr=0.01, checkpoint=str(path),
+                   checkpoint_every=5, progress=False)
+        return lin
+
+    fit(tmp_path / "ck.safetensors", 5)
+    with safe_open(str(tmp_path / "ck.safetensors"), "pt") as f:
+        doc, tensors = json.loads(f.metadata()["captum_inn"]), {k: f.get_tensor(k) for k in f.keys()}
+    reference = fit(tmp_path / "ck.safetensors", 10)
+
+    def edited(name, change_doc=None, key=None, value=None):
+        changed_doc, changed = json.loads(json.dumps(doc)), {k: v.clone() for k, v in tensors.items()}
+        if change_doc:
+            change_doc(changed_doc["optimizer"]["param_groups"][0])
+        if key:
+            changed[key].view(-1)[0] = value
+        save_file(changed, str(tmp_path / name), metadata={"captum_inn": json.dumps(changed_doc)})
+        return tmp_path / name
+
+    assert torch.equal(fit(edited("same.safetensors"), 10).weight, reference.weight)  # an unedited copy resumes
+    for name, change_doc, key, value, match in (
+            ("rate", lambda group: group.update(lr=0.5), None, None, r"rate is 0.5, this fit's constant rate 0.01"),
+            ("maximize", lambda group: group.update(maximize=True), None, None, r"settings differ .*\['maximize'\]"),
+            ("eps", lambda group: group.update(eps=1.0), None, None, r"settings differ .*\['eps'\]"),
+            ("weights", None, "model.weight", float("nan"), r"NaN or infinite values in \['weight'\]"),
+            ("moment", None, "optim.0.exp_avg", float("nan"), r"'exp_avg' of parameter 0 holds NaN, infinite values"),
+            ("second", None, "optim.0.exp_avg_sq", float("inf"), r"'exp_avg_sq' of parameter 0 holds NaN, infinite or "
+                                                                   r"negative values")):
+        with pytest.raises(CheckpointError, match=match):
+            fit(edited(f"{name}.safetensors", change_doc, key, value), 10)
+
+
 def test_the_progress_bar_shows_the_loss_of_a_short_fit_as_it_falls(monkeypatch):
     import captum_inn.training.loop as loop
 

@@ -127,14 +127,16 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
     return inputs_tuple
 
 
-def one_image_tensor(value: Any, name: str) -> Tensor:
+def one_image_tensor(value: Any, name: str,
+                     others: str = "these analyses take no extra model inputs (join batches of images with torch.cat)",
+                     ) -> Tensor:
     """``value`` checked as Captum inputs, then required to be one image tensor: the analyses and
-    :func:`~captum_inn.compare.compare_attributions` take one ``(N, C, H, W)`` batch, no extra inputs."""
+    :func:`~captum_inn.compare.compare_attributions` take one ``(N, C, H, W)`` batch; ``others`` says
+    where other inputs go."""
     inputs = format_inputs(value, name=name)
     if len(inputs) != 1:
         raise TypeError(f"`{name}` must be one image tensor (N, C, H, W), got a {type(value).__name__} of "
-                        f"{len(inputs)} tensors; these analyses take no extra model inputs (join batches of "
-                        "images with torch.cat).")
+                        f"{len(inputs)} tensors; {others}.")
     return inputs[0]
 
 
@@ -588,6 +590,11 @@ def check_target_count(target: Any, n: int, device: Optional[torch.device] = Non
                             f"it must hold ints; {forms}.")
         return
     if isinstance(target, Tensor):
+        if target.is_floating_point() and target.dim() >= 2:
+            # Integrated Gradients takes baselines second: a call written for it put an image batch here
+            raise TypeError(f"`target` is a {target.dtype} tensor of shape {tuple(target.shape)}, which looks like a "
+                            "baseline (Integrated Gradients takes baselines second); pass it as `baselines=` by "
+                            "keyword, and the class to explain as `target`.")
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"`target` holds class indices, but the tensor is {target.dtype}; convert it with "
                             "target.long().")

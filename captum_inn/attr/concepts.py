@@ -25,6 +25,7 @@ from captum_inn.attr._common import (
     check_inn_fitted,
     check_model_weights,
     check_per_input_args,
+    check_pixel_range,
     check_positive_int,
     check_same_device,
     check_same_weights,
@@ -309,6 +310,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 )
             return z.to(self._concept_dtype)
         images = inputs[self.image_input if image_input is None else image_input]
+        check_pixel_range(images, "inputs", self.autoencoder, margin=0.5)  # as LayerInvariance: normalised pixels
         code = encode_images(self.autoencoder, images)
         if code.shape[1] != self.concept_inn.dim:
             raise ValueError(

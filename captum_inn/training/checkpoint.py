@@ -343,7 +343,7 @@ def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tenso
         2.0
     """
     state = strip_prefix(tensors, prefix)
-    bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    bad = non_finite_entries(state)
     if bad:
         raise CheckpointError(f"Checkpoint {str(path)!r} holds NaN or infinite values in {', '.join(bad[:3])}"
                               f"{' …' if len(bad) > 3 else ''}; restore it from a copy, or fit again.")
@@ -357,6 +357,11 @@ def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tenso
         module.to(next(iter(floating)))
     with building_from(path):
         module.load_state_dict(state)
+
+
+def non_finite_entries(state: Mapping[str, torch.Tensor]) -> list:
+    """The names of ``state``'s floating-point tensors that hold NaN or infinite values."""
+    return [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
 
 
 def dtype_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -503,6 +508,11 @@ def load_optimizer(
                     shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
                     raise ValueError(f"the optimiser's {key!r} of parameter {pid} is {shape}, not a moment of its "
                                      f"shape {tuple(param.shape) if param is not None else '(no such parameter)'}")
+                # a NaN moment failed the first step as "lower the learning rate"; an infinite second moment froze
+                # its weight for the rest of the fit, silently
+                if key != "step" and not (torch.isfinite(value).all() and (key == "exp_avg" or (value >= 0).all())):
+                    raise ValueError(f"the optimiser's {key!r} of parameter {pid} holds NaN, infinite"
+                                     f"{' or negative' if key == 'exp_avg_sq' else ''} values")
     # Moments in their parameter's memory layout (channels-last convolutions), not the file's
     # contiguous one: Adam's update then pairs like with like without copies, and PyTorch's fused
     # Adam kernel, which walks memory in order, would pair the wrong elements otherwise.
@@ -511,6 +521,18 @@ def load_optimizer(
         for key, value in pstate.items():
             if param is not None and isinstance(value, torch.Tensor) and value.shape == param.shape:
                 pstate[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+    # the file's settings were taken as they were: an edited or damaged `maximize` or `eps` trained silently. The
+    # rate is the one that may differ (the schedule's at the save; train_loop checks it); any other is refused
+    def as_stored(value: Any) -> Any:  # as the file's JSON holds it: tuples as lists, tensors as numbers
+        return json.loads(json.dumps(float(value) if torch.is_tensor(value) else value))
+
+    for saved, current in zip(meta["param_groups"], optimizer.param_groups):
+        differing = sorted(key for key, value in saved.items() if key in current and key not in
+                           ("params", "lr", "initial_lr", *_IMPLEMENTATION_FLAGS)
+                           and as_stored(current[key]) != as_stored(value))
+        if differing:
+            raise ValueError(f"the optimiser's settings differ from this fit's in {differing} (the file was edited "
+                             "or damaged)")
     groups = [{**saved, **{k: current[k] for k in _IMPLEMENTATION_FLAGS if k in current}}
               for saved, current in zip(meta["param_groups"], optimizer.param_groups)]
     rate_tensors = [group["lr"] if torch.is_tensor(group["lr"]) else None for group in optimizer.param_groups]

@@ -131,6 +131,10 @@ def fit_classifier(
 ) -> nn.Module:
     """Train ``model`` with cross-entropy on labelled images held in memory.
 
+    The small loop that trains the demos', tests' and tutorials' own models: unlike the ``fit_*``
+    functions of the INNs and the autoencoder, it writes no checkpoint, so an interrupted run starts
+    again from step 0.
+
     Args:
         model: A classifier mapping ``(N, C, H, W)`` to logits ``(N, K)``.
         data: ``(images, labels)`` (labels ``(N,)`` class indices: a tensor, NumPy array or list),

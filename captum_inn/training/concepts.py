@@ -31,6 +31,7 @@ from captum_inn.attr._common import (
     autograd_on,
     check_int,
     check_module_device,
+    check_pixel_range,
     dtype_errors_named,
     encode_images,
     user_stacklevel,
@@ -241,6 +242,11 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
         if not images.is_floating_point():  # a conv encoder would fail on a raw dtype error
             raise TypeError(f"Concept pairs for an autoencoder must be floating-point images (pixels in [0, 1]), got "
                             f"{images.dtype}; build the pairs from images.float() / 255 for 8-bit pixels.")
+        # as fit_invariances refuses them: normalised pixels (Captum's TCAV tutorial normalises its concepts) fitted
+        # without a word, on codes of images the autoencoder never saw
+        check_pixel_range(images, "concepts", representation,
+                          fix="the autoencoder decodes images in [0, 1]: build the concepts' examples from such images "
+                              "(8-bit pixels / 255, no Normalize transform), and normalise inside the model.")
         with eval_mode(representation):  # as cache_features: no BatchNorm updates, no dropout
             return encode_images(representation, images, posterior=True, name="concepts")
 

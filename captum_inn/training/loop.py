@@ -1,4 +1,5 @@
-"""The one training loop behind every ``fit_*`` function: Adam, a progress bar, checkpoints, resume."""
+"""The one training loop behind every ``fit_*`` function: Adam, a progress bar, checkpoints, resume
+(``fit_classifier``, which trains the demos' and tests' own models, writes no checkpoint)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from captum_inn.training.checkpoint import (
     load_checkpoint,
     load_optimizer,
     module_tensors,
+    non_finite_entries,
     optimizer_tensors,
     read_header,
     save_checkpoint,
@@ -472,6 +474,11 @@ def train_loop(
             for index, extra in enumerate(generators):
                 _check_generator_state(tensors.get(_extra_generator_key(index)), extra, _extra_generator_key(index))
             load_optimizer(optimizer, tensors, saved["optimizer"])
+            rates = [float(group["lr"]) for group in optimizer.param_groups]
+            if schedule == "constant" and any(not math.isclose(rate, lr, rel_tol=1e-6) for rate in rates):
+                # an edited rate trained at that rate, while the checkpoint's config recorded the fit's own
+                raise ValueError(f"the optimiser's rate is {rates[0]:g}, this fit's constant rate {lr:g} (the file was "
+                                 "edited or damaged)")
             module.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise CheckpointError(
@@ -632,6 +639,9 @@ def _check_state_fits(module: nn.Module, state: Dict[str, Tensor]) -> None:
     mismatch = dtype_mismatch(own, state)
     if mismatch:
         raise ValueError(f"it holds {mismatch}")
+    bad = non_finite_entries(state)  # the loaders refused these; a resume failed on them as "lower the learning rate"
+    if bad:
+        raise ValueError(f"NaN or infinite values in {bad[:3]}")
 
 
 def _check_generator_state(state: Optional[Tensor], generator: torch.Generator, key: str) -> None:

@@ -243,8 +243,8 @@ class ConvAutoencoder(nn.Module):
                 f"ConvAutoencoder needs square images with a power-of-two side >= 8, got {tuple(image_shape)}; "
                 "resize the images or bring your own autoencoder."
             )
-        if int(latent_dim) < 1:
-            raise ValueError(f"`latent_dim` must be >= 1, got {latent_dim}.")
+        if int(latent_dim) < 2:  # every INN splits a code in two: a 1-d code was refused only after training
+            raise ValueError(f"`latent_dim` must be >= 2 (the INNs split a code into two halves), got {latent_dim}.")
         self.image_shape = (channels, height, width_px)
         self.latent_dim = int(latent_dim)
         self.config: Dict[str, Any] = dict(

@@ -222,6 +222,7 @@ def reencode_similarity(
     if originals.shape[0] < 2:
         raise ValueError("`originals` needs at least 2 images to form random pairs.")
     n_null_pairs = check_positive_int(n_null_pairs, "n_null_pairs")
+    batch_size = check_positive_int(batch_size, "batch_size")  # 0 failed in range(), -1 in torch.cat
     if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0 < quantile < 1:
         raise ValueError(f"`quantile` must be a number in (0, 1), got {quantile!r}; use 0.99 for 99%.")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -41,6 +42,7 @@ from captum_inn.training import (
 )
 from captum_inn.training.checkpoint import CheckpointError
 from captum_inn.training.classifier import fit_classifier
+from captum_inn.training.disk import iter_rows
 from captum_inn.training.dynamics import Snapshots, concept_dynamics
 
 torch.set_num_threads(1)
@@ -97,7 +99,11 @@ def _cases():
         ("inputs infinite", lambda m, ae, inn, e: inv(m, ae, inn).invariances(X / 0), ValueError, "NaN or infinite"),
         ("inputs on another device", lambda m, ae, inn, e: inv(m, ae, inn).sample(X.to("meta")), ValueError, "is on meta"),
         ("tuple inputs with two batch sizes", lambda m, ae, inn, e: inv(m, ae, inn).attribute((X, X[:2])), ValueError, "same batch size"),
-        ("codes of one dimension", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ConvAutoencoder((3, 32, 32), latent_dim=1, width=4), X, steps=1, progress=False), ValueError, r"`autoencoder` has latent_dim=1, but the INNs split a code into two halves"),
+        ("codes of one dimension", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", SimpleNamespace(encode=lambda x: x[:, :1, 0, 0], decode=lambda c: c, latent_dim=1), X, steps=1, progress=False), ValueError, r"`autoencoder` has latent_dim=1, but the INNs split a code into two halves"),
+        ("an autoencoder of one code dimension", lambda m, ae, inn, e: fit_autoencoder(X, latent_dim=1, steps=1, progress=False), ValueError, r"`latent_dim` must be >= 2 \(the INNs split a code"),
+        ("data beside a cache", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, cache=cache_features(m, "cnn.logits", ae, X, progress=False), steps=1, progress=False), ValueError, r"`data` and `cache` were both given"),
+        ("a scan in blocks of no rows", lambda m, ae, inn, e: list(iter_rows(torch.ones(4, 2), chunk=-1)), ValueError, r"`chunk` must be an int >= 1"),
+        ("re-encoding in batches of no images", lambda m, ae, inn, e: reencode_similarity(m, "cnn.logits", X, X[:, None], batch_size=0), ValueError, r"`batch_size` must be >= 1"),
         ("n_samples 0", lambda m, ae, inn, e: inv(m, ae, inn).sample(X, n_samples=0), ValueError, "`n_samples` must be >= 1"),
         ("temperature overflowing", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, temperature=1e40), ValueError, r"samples hold NaN or infinite values \(temperature=1e\+40\)"),
         ("n_samples -3", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, n_samples=-3), ValueError, "`n_samples`"),
@@ -603,14 +609,16 @@ def test_concept_explainers_and_fits_check_the_pixel_range_too(setup):
                  lambda: concepts.edit(normalised, "a")):
         with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[-2"):
             call()
+    with pytest.warns(UserWarning, match=r"`donors` pixels range over \[-2"):  # the donors, not the inputs
+        concepts.edit(X, "a", donors=normalised)
     pairs = ConceptPairs.from_labels("a", normalised.repeat(4, 1, 1, 1), torch.arange(12) % 2)
     with pytest.raises(ValueError, match=r"`concepts` pixels range over \[-2.*no Normalize transform"):
         fit_concepts(ae, [pairs], factor_sizes={"a": 2}, steps=1, pool_size=8, n_blocks=1, hidden=8, progress=False)
 
 
-def test_shared_extra_tensors_follow_captums_rule_in_invariance_samples(setup):
-    """A shared tensor of K rows went whole to every pass until K == N, when it was sliced with the
-    inputs and internal_batch_size changed the map; Captum (and LayerConcepts) want one row per input."""
+def test_shared_extra_tensors_go_whole_to_every_invariance_sample_pass(setup):
+    """A tensor without one row per input is shared (as the fits take it): it goes whole to every pass,
+    whatever internal_batch_size; a 0-d tensor too."""
     model, ae, inn, _ = setup
 
     class WithPalette(nn.Module):
@@ -622,11 +630,10 @@ def test_shared_extra_tensors_follow_captums_rule_in_invariance_samples(setup):
             return self.cnn(x * palette.mean())
 
     explainer = LayerInvariance(WithPalette().eval(), "cnn.logits", inn, ae)
-    with pytest.raises(ValueError, match=r"`additional_forward_args` tensor 0 has shape \(5, 3\).*one row per input"):
-        explainer.attribute(X, additional_forward_args=(torch.rand(5, 3),), n_samples=2)
-    shared = explainer.attribute(X, additional_forward_args=(torch.tensor(0.8),), n_samples=2, seed=0)  # 0-d: shared
-    parts = explainer.attribute(X, additional_forward_args=(torch.tensor(0.8),), n_samples=2, seed=0, internal_batch_size=2)
-    assert torch.allclose(shared, parts, atol=1e-5)
+    for shared in (torch.rand(5, 3), torch.tensor(0.8)):
+        whole = explainer.attribute(X, additional_forward_args=(shared,), n_samples=2, seed=0)
+        parts = explainer.attribute(X, additional_forward_args=(shared,), n_samples=2, seed=0, internal_batch_size=2)
+        assert torch.allclose(whole, parts, atol=1e-5)
 
 
 def test_compare_attributions_names_an_explainer_that_takes_the_images_second(setup):

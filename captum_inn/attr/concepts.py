@@ -299,7 +299,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         return layer_side(attribute_to_layer_input, self._fitted_on_input, self._layer_reader)
 
     def _representation(self, inputs: Tuple[Tensor, ...], additional_forward_args: Any,
-                        image_input: Optional[int] = None, attribute_to_layer_input: Optional[bool] = None) -> Tensor:
+                        image_input: Optional[int] = None, attribute_to_layer_input: Optional[bool] = None,
+                        name: str = "inputs") -> Tensor:
         if self.representation == _LAYER:
             z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args,
                                  self._to_input(attribute_to_layer_input), self.selector)
@@ -310,7 +311,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 )
             return z.to(self._concept_dtype)
         images = inputs[self.image_input if image_input is None else image_input]
-        check_pixel_range(images, "inputs", self.autoencoder, margin=0.5)  # as LayerInvariance: normalised pixels
+        check_pixel_range(images, name, self.autoencoder, margin=0.5)  # as LayerInvariance: normalised pixels
         code = encode_images(self.autoencoder, images)
         if code.shape[1] != self.concept_inn.dim:
             raise ValueError(
@@ -459,7 +460,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             donor_images = format_inputs(donors, index, "donors")[index]
             check_same_device(donor_images, self.concept_inn, "donors")
             with eval_mode(self.concept_inn, self.autoencoder):
-                donor_factors = self.concept_inn(self._representation((donor_images,), None, image_input=0), jac=False)[0]
+                donor_code = self._representation((donor_images,), None, image_input=0, name="donors")
+                donor_factors = self.concept_inn(donor_code, jac=False)[0]
             if donor_factors.shape[0] not in (1, n):
                 raise ValueError(f"`donors` must hold 1 or {n} images (one per input), got {donor_factors.shape[0]}.")
             new = donor_factors[:, block].expand(n, -1)

@@ -22,7 +22,6 @@ from captum_inn.attr._common import (
     check_inn_fitted,
     check_model_weights,
     check_number,
-    check_per_input_args,
     check_pixel_range,
     check_positive_int,
     check_same_device,
@@ -322,8 +321,9 @@ class LayerInvariance(LayerAttribution):
             inputs: ``(N, C, H, W)`` images (or a tuple, see ``image_input``).
             n_samples: Samples per input ``S >= 1``.
             temperature: Scale of ``v`` (``> 0``; below 1 gives more typical samples).
-            additional_forward_args: Extra arguments of ``forward_func``; as in Captum, each
-                tensor has one row per input (a shared value goes as a 0-d tensor or a non-tensor).
+            additional_forward_args: Extra arguments of ``forward_func``. A tensor with one row per
+                input is split with the inputs; any other value goes whole to every pass (so a
+                shared tensor should not have ``N`` rows: pass it as a 0-d tensor or bind it).
             internal_batch_size: Samples decoded per pass (results equal the unbatched run up to float rounding).
             generator: ``torch.Generator`` for reproducible samples.
             attribute_to_layer_input: Override the constructor's choice.
@@ -374,9 +374,6 @@ class LayerInvariance(LayerAttribution):
         check_same_device(inputs[self.image_input], self.inn)
         self._check_images(inputs[self.image_input])
         n = inputs[0].shape[0]
-        # Captum's rule, as LayerConcepts and compare_attributions apply it: a shared tensor of K rows was passed
-        # whole, until K == N happened, when it was sliced with the inputs and internal_batch_size changed the map
-        check_per_input_args(additional_forward_args, n)
         device = inputs[self.image_input].device
         dtype = self.inn.dtype  # v lives in the INN's space, whatever the images' dtype
         # All noise is drawn up front, so any internal_batch_size gives the same samples.
@@ -438,8 +435,9 @@ class LayerInvariance(LayerAttribution):
                 the map describes the layer, not one output. A list of another length than the
                 inputs, a tensor of neither 1 nor that many entries (Captum's rule), a float tensor
                 or another type (a NumPy array) is refused.
-            additional_forward_args: Extra arguments of ``forward_func``; as in Captum, each
-                tensor has one row per input (a shared value goes as a 0-d tensor or a non-tensor).
+            additional_forward_args: Extra arguments of ``forward_func``. A tensor with one row per
+                input is split with the inputs; any other value goes whole to every pass (so a
+                shared tensor should not have ``N`` rows: pass it as a 0-d tensor or bind it).
             n_samples: Samples per input (``>= 2``).
             temperature: Scale of the invariances ``v`` (``> 0``).
             internal_batch_size: Samples decoded per pass; the result equals the unbatched run up to float rounding.

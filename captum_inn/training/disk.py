@@ -340,6 +340,8 @@ def iter_rows(array: Union[Tensor, DiskArray], chunk: Optional[int] = None) -> I
     if chunk is None:
         row_bytes = int(np.prod(tuple(array.shape[1:]), dtype=np.int64)) * array.dtype.itemsize
         chunk = max(1, _SCAN_BYTES // max(1, row_bytes))
+    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:  # a negative one yielded nothing: a scan passed
+        raise ValueError(f"`chunk` must be an int >= 1 (rows per block) or None, got {chunk!r}.")
     for start in range(0, len(array), chunk):
         yield array[start : start + chunk]
 

@@ -442,6 +442,9 @@ def fit_invariances(
                 and weights_fingerprint(autoencoder) != cache.autoencoder_weights:  # the explainer refused it later
             raise ValueError("`autoencoder` is another one than the cache's codes came from; with `cache=` leave it "
                              "out, or pass the one given to cache_features.")
+        if data is not None:  # was ignored silently: the fit used the cache's images, not these
+            raise ValueError("`data` and `cache` were both given; the fit reads the cache's features only. Leave `data` "
+                             "out, or pass the images to cache_features to make a cache of them.")
     for flag, value in (("attribute_to_layer_input", attribute_to_layer_input), ("resume", resume), ("memmap", memmap)):
         if not isinstance(value, (bool, np.bool_)):  # "no" read the layers' inputs, resumed or memory-mapped
             raise TypeError(f"`{flag}` must be True or False, got {value!r}.")

@@ -146,7 +146,8 @@ def _cases():
         ("concept int target of an (N,) output", lambda m, ae, inn, e: LayerConcepts(lambda x: m(x)[:, 3], m.cnn.logits, e, ae).attribute(X, target=0, n_steps=4), ValueError, r"`target` 0 does not pick one value per input.*shape \(\) per input"),
         ("concept convergence delta with an int target of an (N,) output", lambda m, ae, inn, e: LayerConcepts(lambda x: m(x)[:, 3], m.cnn.logits, e, ae).compute_convergence_delta(torch.zeros(3, 3), None, X, target=0), ValueError, r"`target` 0 does not pick one value per input"),
         # targets outside Captum's forms: Captum failed bare asserts, or named floats "out of range"
-        ("concept baseline in target's place", lambda m, ae, inn, e: con(m, ae, e).attribute(X, torch.zeros_like(X)), TypeError, r"looks like a baseline.*pass it as `baselines=` by keyword"),
+        ("concept baseline in target's place", lambda m, ae, inn, e: con(m, ae, e).attribute(X, torch.zeros_like(X)), TypeError, r"looks like a batch of images: a baseline in target's place.*`baselines=`"),
+        ("concept target of float labels in a column", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([[1.0], [2.0], [0.0]])), TypeError, r"target.long\(\) \(target.flatten\(\).long\(\) for \(N, 1\) labels"),
         ("concept target of floats", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([1.0, 2.0, 0.0])), TypeError, r"`target` holds class indices.*target.long\(\)"),
         ("concept target (N, 1)", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([[1], [2], [0]])), ValueError, r"`target` has shape \(3, 1\).*target.flatten\(\)"),
         ("concept target a NumPy array", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=np.array([1, 2, 0])), TypeError, r"got ndarray.*torch.as_tensor\(target\)"),
@@ -614,6 +615,9 @@ def test_concept_explainers_and_fits_check_the_pixel_range_too(setup):
     pairs = ConceptPairs.from_labels("a", normalised.repeat(4, 1, 1, 1), torch.arange(12) % 2)
     with pytest.raises(ValueError, match=r"`concepts` pixels range over \[-2.*no Normalize transform"):
         fit_concepts(ae, [pairs], factor_sizes={"a": 2}, steps=1, pool_size=8, n_blocks=1, hidden=8, progress=False)
+    overshoot = ConceptPairs.from_labels("a", (X * 1.02 - 0.01).repeat(4, 1, 1, 1), torch.arange(12) % 2)
+    fit_concepts(ae, [overshoot], factor_sizes={"a": 2}, steps=1, pool_size=8, n_blocks=1, hidden=8,
+                 progress=False)  # a resampling transform's 1% overshoot (bicubic) is no normalisation
 
 
 def test_shared_extra_tensors_go_whole_to_every_invariance_sample_pass(setup):

@@ -153,8 +153,12 @@ def test_labels_that_pair_inputs_with_themselves_are_refused_or_warned_about():
     many = ConceptPairs.from_labels("many", torch.rand(400, 3, 4, 4), torch.arange(400) % 2)
     with pytest.warns(UserWarning, match=r"'few': its 400 pairs hold only 6 distinct inputs, against \d+ for another"):
         concept_scores(identity, [few, many], n_pairs=400)
+    flip = ConceptPairs.from_transform("flip", x, lambda batch: batch.flip(-1))
+    grain = ConceptPairs.from_transform("grain", x, lambda batch, generator: batch + 0.01 * torch.randn(
+        batch.shape, generator=generator))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # alone, or beside concepts as small: nothing to say
+        concept_scores(identity, [flip, grain], n_pairs=400)  # a random transform's outputs are not more inputs
         concept_scores(identity, [few], n_pairs=400)
         concept_scores(identity, [ConceptPairs.from_labels("ok", x, torch.arange(40) % 2), few], n_pairs=200)
 

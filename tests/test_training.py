@@ -2017,7 +2017,12 @@ def test_fits_on_a_loader_with_persistent_workers_repeat():
 def test_a_reused_jitter_augments_as_a_fresh_one():
     """A fit starts a Jitter from its seed: a second fit with the same object differed from the first."""
     from captum_inn.training import Jitter
+    from captum_inn.training.classifier import (
+        Jitter as JitterFromClassifier,  # its home before training/augment.py
+    )
     from captum_inn.training.classifier import fit_classifier
+
+    assert JitterFromClassifier is Jitter
 
     x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     settings = dict(latent_dim=4, width=4, steps=3, batch_size=8, progress=False)

@@ -590,14 +590,17 @@ def check_target_count(target: Any, n: int, device: Optional[torch.device] = Non
                             f"it must hold ints; {forms}.")
         return
     if isinstance(target, Tensor):
-        if target.is_floating_point() and target.dim() >= 2:
+        if target.is_floating_point() and target.dim() >= 3:
             # Integrated Gradients takes baselines second: a call written for it put an image batch here
             raise TypeError(f"`target` is a {target.dtype} tensor of shape {tuple(target.shape)}, which looks like a "
-                            "baseline (Integrated Gradients takes baselines second); pass it as `baselines=` by "
-                            "keyword, and the class to explain as `target`.")
+                            "batch of images: a baseline in target's place (Integrated Gradients takes baselines "
+                            "second)? Pass the class to explain as `target`, and a baseline by keyword, "
+                            "`baselines=` (LayerConcepts.attribute).")
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            rows = " (target.flatten().long() for (N, 1) labels, target.argmax(1) for one-hot rows)" \
+                if target.dim() == 2 else ""
             raise TypeError(f"`target` holds class indices, but the tensor is {target.dtype}; convert it with "
-                            "target.long().")
+                            f"target.long(){rows}.")
         if target.numel() not in (1, n):
             raise ValueError(f"`target` holds {target.numel()} entries for {n} inputs; {forms}.")
         if target.numel() > 1 and target.dtype not in (torch.int32, torch.int64):  # Captum gathers with it

@@ -31,7 +31,13 @@ from captum_inn.attr._common import (
 )
 from captum_inn.capture import check_autograd_weights
 from captum_inn.metrics import predict_classes
-from captum_inn.training.augment import AUGMENT_CALL, restart_augment
+from captum_inn.training.augment import (
+    AUGMENT_CALL,
+    Jitter,
+    augment_generators,
+    augment_record,
+    restart_augment,
+)
 from captum_inn.training.data import (
     _items_are_stored_arrays,
     batching_errors_explained,
@@ -43,7 +49,8 @@ from captum_inn.training.data import (
 from captum_inn.training.distributed import local_batch_size, shard_data, world
 from captum_inn.training.loop import _check_seed, train_loop
 
-__all__ = ["fit_classifier", "accuracy"]
+# Jitter and the augmentation records lived here before training/augment.py: imports of them keep working
+__all__ = ["fit_classifier", "accuracy", "Jitter", "augment_generators", "augment_record"]
 
 
 def _as_labelled(data: Any) -> Tuple[Tensor, Tensor, Optional[Tensor]]:

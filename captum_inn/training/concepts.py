@@ -242,11 +242,13 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
         if not images.is_floating_point():  # a conv encoder would fail on a raw dtype error
             raise TypeError(f"Concept pairs for an autoencoder must be floating-point images (pixels in [0, 1]), got "
                             f"{images.dtype}; build the pairs from images.float() / 255 for 8-bit pixels.")
-        # as fit_invariances refuses them: normalised pixels (Captum's TCAV tutorial normalises its concepts) fitted
-        # without a word, on codes of images the autoencoder never saw
-        check_pixel_range(images, "concepts", representation,
-                          fix="the autoencoder decodes images in [0, 1]: build the concepts' examples from such images "
-                              "(8-bit pixels / 255, no Normalize transform), and normalise inside the model.")
+        # normalised or 8-bit pixels (Captum's TCAV tutorial normalises its concepts) fitted without a word, on codes of
+        # images the autoencoder never saw; a resampling transform's overshoot (bicubic: 1%) is no such mistake
+        low, high = (float(v) for v in torch.aminmax(images.detach()))
+        if low < -0.5 or high > 1.5:
+            check_pixel_range(images, "concepts", representation,
+                              fix="the autoencoder decodes images in [0, 1]: build the concepts' examples from such "
+                                  "images (8-bit pixels / 255, no Normalize transform), and normalise inside the model.")
         with eval_mode(representation):  # as cache_features: no BatchNorm updates, no dropout
             return encode_images(representation, images, posterior=True, name="concepts")
 
@@ -267,32 +269,32 @@ class _PairPool:
 
 class _ExampleCount:
     """How many of a concept's sampled pairs are an input with itself, and how many distinct inputs
-    the pairs hold (each input hashed by a fixed random projection of its values)."""
+    the pairs' first members are (each hashed, where it lies, by a fixed random projection of its
+    values; a transform's random outputs, all distinct, would count as many inputs)."""
 
     def __init__(self) -> None:
         self.pairs, self.with_itself, self.hashes, self.projection = 0, 0, [], None
 
     def add(self, a: Tensor, b: Tensor) -> None:
-        flat_a, flat_b = a.detach().flatten(1).double().cpu(), b.detach().flatten(1).double().cpu()
+        flat_a = a.detach().flatten(1).float()
         if self.projection is None:
-            self.projection = torch.randn(flat_a.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            self.projection = torch.randn(flat_a.shape[1], generator=torch.Generator().manual_seed(0)).to(flat_a.device)
         self.pairs += flat_a.shape[0]
-        self.with_itself += int((flat_a == flat_b).all(1).sum())
-        self.hashes += [flat_a @ self.projection, flat_b @ self.projection]
+        self.with_itself += int((a == b).flatten(1).all(1).sum())
+        self.hashes.append((flat_a @ self.projection).cpu())
 
     def distinct(self) -> int:
         return int(torch.unique(torch.cat(self.hashes)).numel()) if self.hashes else 0
 
-    def warn_if_degenerate(self, name: str, n_pairs: int, distinct: int, most_distinct: int) -> None:
-        if self.with_itself * 2 > self.pairs:
+    def warn_if_degenerate(self, name: str, relation: str, n_pairs: int, distinct: int, most_distinct: int) -> None:
+        if relation == "share" and self.with_itself * 2 > self.pairs:
             # labels that each input has alone (a float attribute) pair every input with itself: the concept
             # scored 1.0 and took the largest factor, silently
             warnings.warn(
                 f"Concept {name!r}: {self.with_itself / self.pairs:.0%} of its pairs are an input with itself, which "
                 "makes the concept look fully kept; its score and factor size mean nothing. Labels that only one "
-                "input has (a float attribute used as labels: bin it, e.g. torch.bucketize(values, "
-                "torch.quantile(values, torch.linspace(0, 1, 11)[1:-1]))) or a transform that changes nothing "
-                "cause this.", UserWarning, stacklevel=user_stacklevel())
+                "input has cause this (a float attribute used as labels: bin it, e.g. torch.bucketize(values, "
+                "torch.quantile(values, torch.linspace(0, 1, 11)[1:-1]))).", UserWarning, stacklevel=user_stacklevel())
         if distinct * 10 < min(n_pairs, most_distinct):
             # every concept's pool weighs the same in the fit: a few inputs drawn thousands of times, beside concepts
             # of thousands, skew the factor INN and the factor variance that LayerConcepts.encoded divides by
@@ -339,8 +341,9 @@ def _encode_pools(
                     bar.update(a.shape[0])
             pools.append(_PairPool(concept, *(torch.cat(parts[k]) for k in ("ma", "sa", "mb", "sb"))))
     distinct = {name: count.distinct() for name, count in counts.items()}
+    relations = {concept.name: concept.relation for concept in concepts}
     for name, count in counts.items():
-        count.warn_if_degenerate(name, n_pairs, distinct[name], max(distinct.values()))
+        count.warn_if_degenerate(name, relations[name], n_pairs, distinct[name], max(distinct.values()))
     dims = {p.mean_a.shape[1] for p in pools}
     if len(dims) != 1:
         raise ValueError(f"The concepts' pairs encode to different sizes {sorted(dims)}; all must come from one representation.")

@@ -15,7 +15,7 @@ import os
 import secrets
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -359,7 +359,7 @@ def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tenso
         module.load_state_dict(state)
 
 
-def non_finite_entries(state: Mapping[str, torch.Tensor]) -> list:
+def non_finite_entries(state: Mapping[str, torch.Tensor]) -> List[str]:
     """The names of ``state``'s floating-point tensors that hold NaN or infinite values."""
     return [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
 
@@ -483,7 +483,9 @@ def load_optimizer(
     Raises:
         ValueError: a state that is not whole, as Adam keeps it: parameters with a state other than
             those the file lists, a moment missing, of another shape, or not floating-point (the
-            step failed on it later, or a removed state restarted silently).
+            step failed on it later, or a removed state restarted silently); a moment with NaN or
+            infinite values (or a negative second moment); settings other than the rate that
+            differ from ``optimizer``'s (an edited or damaged file).
     """
     state: Dict[int, Dict[str, Any]] = {}
     for name, value in tensors.items():

@@ -264,11 +264,11 @@ class ColorDigits(Dataset):
             raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
         if seed < 0:
             raise ValueError(f"`seed` must be a non-negative int, got {seed}.")
+        # "0.5" was read as a number, and the repr showed it as one
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) \
+                or not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"`test_fraction` must be a number strictly between 0 and 1, got {test_fraction!r}.")
         test_fraction = float(test_fraction)
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(
-                f"`test_fraction` must lie strictly between 0 and 1, got {test_fraction}."
-            )
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
             raise TypeError(f"`image_size` must be an int, got {type(image_size).__name__}.")
         if image_size < 1:
@@ -349,7 +349,7 @@ class ColorDigits(Dataset):
         return self._images[i].clone(), int(self._digits[i])  # a copy: an in-place transform changed the dataset
 
     def _check_index(self, index: int) -> int:
-        i = int(index)
+        i = check_int(index, "index")  # int(2.7) read image 2
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"Index {index} is out of range for a ColorDigits of length {n}.")

@@ -30,6 +30,7 @@ from captum_inn.attr._common import (
     check_positive_int,
     dtype_errors_named,
     holds_tensor,
+    one_image_tensor,
     slice_forward_args,
     user_stacklevel,
 )
@@ -465,7 +466,8 @@ def border_colour(images: Tensor, border: int = 2) -> Tensor:
         [[1.0, 0.0, 0.0]]
     """
     border = check_int(border, "border")
-    if images.dim() != 4 or not 0 < border <= min(images.shape[2:]) // 2:
+    images = one_image_tensor(images, "images")  # a uint8 batch failed inside torch's median or norm
+    if not 0 < border <= min(images.shape[2:]) // 2:
         raise ValueError(f"`images` must be (N, C, H, W) at least 2·`border` pixels wide, got {tuple(images.shape)} "
                          f"and border={border}.")
     mask = torch.zeros(images.shape[2:], dtype=torch.bool, device=images.device)
@@ -498,7 +500,8 @@ def estimate_colours(images: Tensor, border: int = 2, fraction: float = 0.1) -> 
         >>> fg.tolist(), bg.tolist()
         ([[1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0]])
     """
-    if images.dim() != 4 or images.shape[1] != 3:
+    images = one_image_tensor(images, "images")
+    if images.shape[1] != 3:
         raise ValueError(f"`images` must have shape (N, 3, H, W), got {tuple(images.shape)}.")
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
         raise ValueError(f"`fraction` must be a share in (0, 1] of the pixels, got {fraction!r}; use 0.1 for 10%.")

@@ -24,10 +24,11 @@ from captum_inn.compare import last_spatial_layer
 from captum_inn.concepts import ConceptPairs
 from captum_inn.datasets import ColorDigits
 from captum_inn.inn import ActNorm, ConditionalINN, FactorINN
-from captum_inn.metrics import prediction_agreement, reencode_similarity
+from captum_inn.metrics import estimate_colours, prediction_agreement, reencode_similarity
 from captum_inn.models import SmallCNN
 from captum_inn.training import (
     InvarianceConfig,
+    Jitter,
     LayerRepresentation,
     cache_features,
     estimate_factor_sizes,
@@ -218,6 +219,14 @@ def _cases():
         ("a judge of another dtype", lambda m, ae, inn, e: adversarial_views(m, {"cnn.logits": inv(m, ae, inn)}, X, torch.zeros(3, dtype=torch.long), _bf16(m)), TypeError, r"`judge` computes in torch.bfloat16 but the images, and so the views, are torch.float32"),
         ("an example of another dtype for Grad-CAM's layer", lambda m, ae, inn, e: last_spatial_layer(_bf16(m), X), TypeError, r"`example` images are torch.float32"),
         ("a classifier that returns a dict", lambda m, ae, inn, e: fit_classifier(DictOut(), (X, torch.zeros(3, dtype=torch.long)), steps=1, progress=False), TypeError, r"`model` must return \(N, K\) logits, but it returns a dict with keys \['logits'\]; wrap it"),
+        # checked where they are given, not at a fit's first batch or as a silently truncated number
+        ("a negative Jitter shift", lambda m, ae, inn, e: Jitter(-1), ValueError, r"`pixels` must be >= 0 \(the largest shift\), got -1"),
+        ("a fractional Jitter shift", lambda m, ae, inn, e: Jitter(2.5), TypeError, r"`pixels` must be an int, got 2.5"),
+        ("a Jitter range upside down", lambda m, ae, inn, e: Jitter(2, value_range=(1, 0)), ValueError, r"`value_range` must be two finite numbers \(low, high\) with low < high"),
+        ("a Jitter flip given as a string", lambda m, ae, inn, e: Jitter(2, flip="no"), TypeError, r"`flip` must be True or False, got 'no'"),
+        ("a fractional ColorDigits index", lambda m, ae, inn, e: ColorDigits("test")[2.7], TypeError, r"`index` must be an int, got 2.7"),
+        ("a ColorDigits test fraction as a string", lambda m, ae, inn, e: ColorDigits(test_fraction="0.5"), ValueError, r"`test_fraction` must be a number strictly between 0 and 1, got '0.5'"),
+        ("8-bit images for the colour estimate", lambda m, ae, inn, e: estimate_colours((X * 255).to(torch.uint8)), TypeError, r"`images` images must be floating point, got dtype torch.uint8; convert with .float\(\)"),
         ("concept pairs that a layer turns into NaN", lambda m, ae, inn, e: fit_concepts((nn.Sequential(NaNs(), nn.Linear(6, 2)), "0"), [ConceptPairs.from_labels("c", X, torch.zeros(3))], steps=1, pool_size=4, progress=False), ValueError, r"Concept 'c''s pairs encode to NaN or infinite values"),
     ]
 
@@ -606,8 +615,9 @@ def test_concept_explainers_and_fits_check_the_pixel_range_too(setup):
     model, ae, inn, e = setup
     concepts = LayerConcepts(model, "cnn.logits", e, ae)
     normalised = (X - 0.45) / 0.225
+    encoding = LayerConcepts(model, "cnn.logits", e, ae, invariance_inn=inn)
     for call in (lambda: concepts.attribute(normalised, target=1, n_steps=4), lambda: concepts.factors(normalised),
-                 lambda: concepts.edit(normalised, "a")):
+                 lambda: concepts.edit(normalised, "a"), lambda: encoding.encoded(normalised, n_samples=2)):
         with pytest.warns(UserWarning, match=r"`inputs` pixels range over \[-2"):
             call()
     with pytest.warns(UserWarning, match=r"`donors` pixels range over \[-2"):  # the donors, not the inputs

@@ -447,6 +447,20 @@ def test_fit_concepts_estimates_sizes_when_not_given():
     assert set(e.fit_info["scores"]) == {"c"} and sum(e.factor_sizes.values()) == 6
 
 
+def test_one_concept_given_twice_under_two_names_is_warned_about():
+    """Two names for the same pairs fitted two factors of one concept, each with its full share of the
+    layer, silently; concepts on other pairs, or the same inputs under other labels, are not warned about."""
+    x, c, s = synthetic(200)
+    settings = dict(steps=1, n_blocks=1, hidden=8, pool_size=64, progress=False)
+    with pytest.warns(UserWarning, match=r"`concepts` 'c' and 'again' draw the same pairs.*pass it once"):
+        fit_concepts((IDENTITY, "0"), [ConceptPairs.from_labels("c", x, c), ConceptPairs.from_labels("again", x, c)],
+                     **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_concepts((IDENTITY, "0"), [ConceptPairs.from_labels("c", x, c), ConceptPairs.from_labels("s", x, s)],
+                     **settings)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(factor_sizes={"c": 3, "residual": 4}), "sum to 7"),
     (dict(factor_sizes={"c": 6}), "leaving no residual"),

@@ -191,6 +191,48 @@ def test_shard_data_refuses_fewer_items_than_processes_on_every_rank(monkeypatch
         distributed.shard_data(Stream())
 
 
+def test_per_image_forward_args_are_sharded_with_the_images(monkeypatch):
+    """Under torchrun each process caches the features of its shard of the images, so a per-image extra
+    tensor must be cut the same way (it went whole with the shard's images: the wrong rows, or a shape error);
+    shared values stay whole."""
+    from captum_inn.training import distributed
+
+    images, weight, shared = torch.rand(5, 3, 4, 4), torch.arange(5.0)[:, None], torch.rand(3, 1)
+    assert distributed.shard_forward_args((weight, shared, 2.0), 5)[0] is weight  # one process: untouched
+    monkeypatch.setattr(distributed, "world", lambda device=None: (1, 2))  # simulated: rank 1 of 2
+    cut = distributed.shard_forward_args((weight, shared, 2.0), 5)
+    assert torch.equal(cut[0], weight[1::2]) and cut[1] is shared and cut[2] == 2.0
+    assert torch.equal(distributed.shard_data(images), images[1::2])  # the same rows as the images
+    assert distributed.shard_forward_args(weight, None)[0] is weight  # data of unknown length: nothing is cut
+    assert distributed.shard_forward_args(None, 5) is None
+
+
+def test_only_rank_zero_shows_a_fits_warnings(monkeypatch):
+    """Every process of a torchrun run checks the same settings, so each warning came once per process;
+    rank 0 now speaks for all. Simulated from torchrun's environment, with no process group started (each
+    "process" then fits alone)."""
+    import warnings
+
+    from captum_inn.concepts import ConceptPairs
+    from captum_inn.training import distributed, fit_concepts
+
+    x, labels = torch.rand(40, 6), torch.arange(40) % 4
+    twice = [ConceptPairs.from_labels("c", x, labels), ConceptPairs.from_labels("again", x, labels)]
+    monkeypatch.setattr(distributed, "_maybe_init", lambda device=None: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shown = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit_concepts((torch.nn.Sequential(torch.nn.Flatten()), "0"), twice, steps=1, n_blocks=1, hidden=8, pool_size=16, progress=False)
+            with distributed.warnings_from_rank_zero():
+                warnings.warn("`lr` is large", stacklevel=1)
+        shown[rank] = [str(w.message) for w in caught]
+    assert any("draw the same pairs" in m for m in shown["0"]) and "`lr` is large" in shown["0"]
+    assert shown["1"] == []
+
+
 def test_collectives_on_module_tensors_go_where_the_backend_can_send_them(monkeypatch):
     """sync_module, average_gradients and average_buffers called the collectives on the module's own
     tensors: a CPU fit in a group that NCCL started (after a CUDA fit) failed at its first step. They now

@@ -144,7 +144,7 @@ def test_rows_that_do_not_match_the_images_are_refused_with_the_reason(model):
     nested = ((torch.rand(5), torch.rand(5)),)
     with pytest.raises(ValueError, match=r"25 rows of logits for 5 image\(s\).*nested in a tuple"):
         predict_classes(paired, x, additional_forward_args=nested)
-    with pytest.raises(ValueError, match=r"must be the batch.*nested in a tuple, list or dict goes whole"):
+    with pytest.raises(ValueError, match=r"must be the batch.*nested in a tuple, list or dict, or of another length, goes whole"):
         reencode_similarity(paired, "net.conv1", x, x.unsqueeze(1), additional_forward_args=nested)
     pairs = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4), nn.Unflatten(1, (2, 2)), nn.Flatten(0, 1))
     for extra in (None, (0.5,)):  # nothing with rows: the hint would mislead

@@ -1696,15 +1696,32 @@ class _Weighted(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)) * weight)
 
 
-def test_a_per_image_tensor_given_to_a_fit_is_named_as_the_cause():
-    """The fits give their extra arguments whole to every batch, so a per-image (N, 1) tensor spread a
-    batch of one image into 8 rows, and the error blamed a sequence-first layer only."""
+def test_a_per_image_tensor_given_to_a_fit_follows_its_images_into_every_batch():
+    """The fits gave their extra arguments whole to every batch, so a per-image (N, 1) tensor spread a batch
+    of one image into 8 rows (and the error blamed a sequence-first layer). As in Captum, a tensor with one row
+    per image is now cut with the images: the features are those of each image with its own row."""
+    from torch.utils.data import DataLoader, TensorDataset
+
     torch.manual_seed(0)
-    model, images = _Weighted().eval(), torch.rand(8, 3, 8, 8)
+    model, images, weight = _Weighted().eval(), torch.rand(8, 3, 8, 8), torch.rand(8, 1) + 0.5
     ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
-    with pytest.raises(ValueError, match=r"Layer 'fc' gave an activation of shape \(8, 10\) for 1 input\(s\).*the fits "
-                                         r"\(cache_features, fit_invariances\) give theirs whole to every batch"):
-        cache_features(model, "fc", ae, images, batch_size=1, progress=False, additional_forward_args=(torch.rand(8, 1),))
+    with torch.no_grad():
+        expected = torch.cat([model(images[i : i + 1], weight[i : i + 1]) for i in range(8)])
+    for batch_size in (1, 3, 8):
+        cache = cache_features(model, "fc", ae, images, batch_size=batch_size, progress=False,
+                               additional_forward_args=(weight,))
+        torch.testing.assert_close(cache.layers["fc"], expected)
+    ordered = DataLoader(TensorDataset(images), batch_size=3)
+    torch.testing.assert_close(cache_features(model, "fc", ae, ordered, progress=False,
+                                              additional_forward_args=(weight,)).layers["fc"], expected)
+    shuffled = DataLoader(TensorDataset(images), batch_size=3, shuffle=True)
+    with pytest.raises(ValueError, match=r"tensor 0 has one row per image, but `data` is a DataLoader with a "
+                                         r"RandomSampler.*shuffle=False"):
+        cache_features(model, "fc", ae, shuffled, progress=False, additional_forward_args=(weight,))
+    # a tensor of another length is still shared by every batch; one that fits no batch is explained
+    with pytest.raises(ValueError, match=r"Layer 'fc' gave an activation of shape \(5, 10\) for 1 input\(s\).*"
+                                         r"one row per input \(per image of the fits' `data`\)"):
+        cache_features(model, "fc", ae, images, batch_size=1, progress=False, additional_forward_args=(torch.rand(5, 1),))
     cache = cache_features(model, "fc", ae, images, batch_size=4, progress=False, additional_forward_args=(0.5,))
     assert cache.layers["fc"].shape == (8, 10)
     with pytest.raises(ValueError, match="must be the batch") as refused:

@@ -424,10 +424,9 @@ def warn_unreachable_model(forward_func: Callable, layer: nn.Module, what: str) 
 
 # Said where a pass gave other rows than inputs and extra arguments were given: a per-input tensor that
 # was not split with the inputs spreads a batch's rows (it read as a sequence-first layer).
-NOT_SPLIT = ("Only tensors given directly in `additional_forward_args` with one row per input are split with the "
-             "inputs: one nested in a tuple, list or dict goes whole to every pass, and the fits (cache_features, "
-             "fit_invariances) give theirs whole to every batch. Pass per-input tensors directly, or bind them in a "
-             "wrapper module.")
+NOT_SPLIT = ("Only tensors given directly in `additional_forward_args` with one row per input (per image of the "
+             "fits' `data`) are split with the inputs: one nested in a tuple, list or dict, or of another length, "
+             "goes whole to every pass. Pass per-input tensors directly, or bind them in a wrapper module.")
 
 
 def holds_tensor(value: Any) -> bool:

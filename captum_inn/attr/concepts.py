@@ -599,6 +599,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         inputs = format_inputs(inputs, self.image_input)
         check_same_device(inputs[self.image_input], self.invariance_inn)
         check_same_device(inputs[self.image_input], self.concept_inn)
+        # the invariance INN was fitted on the layer's view of [0, 1] images, as LayerInvariance warns too
+        check_pixel_range(inputs[self.image_input], "inputs", self.autoencoder, margin=0.5)
         n = inputs[0].shape[0]
         z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args,
                              self.attribute_to_layer_input, self.selector)

@@ -3,12 +3,16 @@ so that a resumed fit draws as an uninterrupted one would."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from typing import Any, List
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from captum_inn.attr._common import check_int, check_number
 
 __all__ = ["Jitter", "augment_generators", "augment_record", "restart_augment"]
 
@@ -38,8 +42,19 @@ class Jitter:
 
     def __init__(self, pixels: int = 2, noise: float = 0.0, value_range=(0.0, 1.0), seed: int = 0,
                  flip: bool = False) -> None:
-        self.pixels, self.noise, self.value_range, self.flip = int(pixels), float(noise), value_range, bool(flip)
-        self.seed = int(seed)
+        # checked here, not at the first batch of a fit: pixels=-1 slid the crop out of the image, 2.5 was cut to 2
+        self.pixels, self.noise = check_int(pixels, "pixels"), check_number(noise, "noise")
+        if self.pixels < 0:
+            raise ValueError(f"`pixels` must be >= 0 (the largest shift), got {self.pixels}.")
+        if value_range is not None:
+            pair = isinstance(value_range, (tuple, list)) and len(value_range) == 2 and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value_range)
+            if not pair or not value_range[0] < value_range[1]:
+                raise ValueError(f"`value_range` must be two finite numbers (low, high) with low < high, or None "
+                                 f"(no clamping), got {value_range!r}.")
+        if not isinstance(flip, bool):
+            raise TypeError(f"`flip` must be True or False, got {flip!r}.")
+        self.value_range, self.flip, self.seed = value_range, bool(flip), check_int(seed, "seed")
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, images: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ from captum_inn.training.distributed import (
     check_replicas_agree,
     local_batch_size,
     shard_data,
+    warnings_from_rank_zero,
     world,
 )
 from captum_inn.training.loop import check_resumable_early, merged_config, resume_key, train_loop
@@ -104,6 +105,7 @@ def _layer_names(model: Any, layers: Any) -> Tuple[str, ...]:
 
 
 @autograd_on
+@warnings_from_rank_zero()
 def fit_autoencoder(
     data: Any,
     latent_dim: Optional[int] = None,

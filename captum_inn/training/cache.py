@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, default_collate, default_convert
+from torch.utils.data import DataLoader, SequentialSampler, default_collate, default_convert
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._captum_compat import _format_additional_forward_args
@@ -37,6 +37,7 @@ from captum_inn.attr._common import (
     dtype_errors_named,
     encode_images,
     sequence_first_suspect,
+    slice_forward_args,
 )
 from captum_inn.autoencoders import check_autoencoder
 from captum_inn.capture import (
@@ -317,10 +318,25 @@ def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Se
         return
     with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input, selector=selector,
                     stop_early=True) as hooks:
-        hooks.run(images[:-1], *extra)
+        hooks.run(images[:-1], *(slice_forward_args(extra, slice(0, n - 1), n) or ()))
     for name in suspects:  # say where the n - 1 comes from: the user passed n images
         check_batch_first(hooks.values[name], n - 1, f"Layer {name!r} (checked with the first {n - 1} of {n} images, "
                           f"since a shape of ({n}, {n}, ...) cannot tell batch-first from sequence-first)", extra)
+
+
+def _check_ordered_for_per_image_args(data: Any, extra: Tuple[Any, ...], n_images: Optional[int]) -> None:
+    """Refuse per-image extra tensors (one row per image of ``data``) beside a ``DataLoader`` whose
+    sampler is not sequential: its batches come in an order their rows cannot follow."""
+    if not isinstance(data, DataLoader) or isinstance(data.sampler, SequentialSampler):
+        return
+    per_image = [i for i, a in enumerate(extra) if isinstance(a, Tensor) and a.dim() and a.shape[0] == n_images]
+    if per_image:
+        raise ValueError(
+            f"`additional_forward_args` tensor {per_image[0]} has one row per image, but `data` is a DataLoader with "
+            f"a {type(data.sampler).__name__}, whose batches do not come in the rows' order. Pass a DataLoader with "
+            "shuffle=False, the Dataset itself or an image tensor (features are read in order; the fit shuffles them "
+            "afterwards)."
+        )
 
 
 class _MemorySink:
@@ -589,8 +605,10 @@ def cache_features(
         device: Where the model runs; the cache is kept on the CPU.
         attribute_to_layer_input: Hook layer inputs instead of outputs.
         selector: Picks a tensor from non-tensor layer outputs (see :class:`captum_inn.capture.LayerHooks`).
-        additional_forward_args: Extra arguments of ``model`` after the images, the same for
-            every batch (``model(images, *additional_forward_args)``).
+        additional_forward_args: Extra arguments of ``model`` after the images
+            (``model(images, *additional_forward_args)``). As in Captum, a tensor with one row per
+            image of ``data`` is per image: each batch gets its rows. Any other value is passed
+            whole to every batch (a 0-d tensor, a tensor of another length, a non-tensor).
         memmap_dir: Write the cache to this folder (one ``.npy`` file per array) instead of
             memory, for datasets whose features do not fit in memory; reopen it later with
             :meth:`FeatureCache.open`. ``data`` must have a known length. A second pass into the
@@ -601,7 +619,8 @@ def cache_features(
         A :class:`FeatureCache` with ``layers`` keyed by layer name.
 
     Raises:
-        ValueError: NaN or infinite pixels or features, data that yields no images,
+        ValueError: NaN or infinite pixels or features, data that yields no images, a per-image
+            ``additional_forward_args`` tensor beside a ``DataLoader`` that shuffles,
             ``memmap_dir`` for data of unknown length, a folder holding an unreadable or incomplete cache, pixels far outside [0, 1]
             or of another size than the autoencoder's, data the network refuses (explained).
         TypeError: images of another dtype than the network's.
@@ -624,6 +643,7 @@ def cache_features(
     n_images = count_images(data)
     if n_images == 0:  # before any pass or file: the arrays would be missing (a KeyError) or empty
         raise ValueError(_NO_IMAGES)
+    _check_ordered_for_per_image_args(data, extra, n_images)
     if batch_size is None:
         batch_size = 64 if torch.device(device).type == "cpu" else 256
     source, source_parts = _source_digests(model, autoencoder, data)
@@ -645,10 +665,11 @@ def cache_features(
                 check_pixel_range(images, "data", autoencoder)
                 check_image_size(images, autoencoder, "data")
                 images = images.to(device)
+                batch_extra = slice_forward_args(extra, slice(seen, seen + images.shape[0]), n_images) or ()
                 with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
                                 selector=selector, stop_early=True) as hooks, \
                         dtype_errors_named(images, model, name="data"):
-                    hooks.run(images, *extra)
+                    hooks.run(images, *batch_extra)
                     values = dict(hooks.values)
                 for name in names:
                     if name not in values:
@@ -656,12 +677,12 @@ def cache_features(
                             f"layer {name!r} did not run during the forward pass; check that it is used "
                             f"in model.forward{did_not_run_hint(model, name)}."
                         )
-                    rows = as_cached_rows(values[name], images.shape[0], name, extra)
+                    rows = as_cached_rows(values[name], images.shape[0], name, batch_extra)
                     check_finite_rows(rows, f"layer {name!r}'s activations", seen)
                     sink.append(f"layer.{name}", rows)
                 if seen == 0:  # once: a sequence-first layer with as many tokens as images in a batch
-                    _check_sequence_first(model, layer_list, names, values, images, extra, attribute_to_layer_input,
-                                          selector)
+                    _check_sequence_first(model, layer_list, names, values, images, batch_extra,
+                                          attribute_to_layer_input, selector)
                 mean, std = encode_images(autoencoder, images, posterior=True, name="data")
                 check_finite_rows(mean, "the autoencoder's code means", seen)
                 check_finite_rows(std, "the autoencoder's code standard deviations", seen)

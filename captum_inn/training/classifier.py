@@ -46,7 +46,12 @@ from captum_inn.training.data import (
     loader_sampler,
     seeded_reading,
 )
-from captum_inn.training.distributed import local_batch_size, shard_data, world
+from captum_inn.training.distributed import (
+    local_batch_size,
+    shard_data,
+    warnings_from_rank_zero,
+    world,
+)
 from captum_inn.training.loop import _check_seed, train_loop
 
 # Jitter and the augmentation records lived here before training/augment.py: imports of them keep working
@@ -121,6 +126,7 @@ def _random_sampler_draws(sampler: Any, dataset: Any) -> Tuple[Optional[List[int
 
 
 @autograd_on
+@warnings_from_rank_zero()
 def fit_classifier(
     model: nn.Module,
     data: Any,

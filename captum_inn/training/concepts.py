@@ -64,6 +64,7 @@ from captum_inn.training.distributed import (
     check_replicas_agree,
     gather_rows,
     local_batch_size,
+    warnings_from_rank_zero,
     world,
 )
 from captum_inn.training.loop import (
@@ -307,6 +308,18 @@ class _ExampleCount:
                 UserWarning, stacklevel=user_stacklevel())
 
 
+def _warn_if_repeated(fingerprints: Mapping[str, str]) -> None:
+    """Warn when two concepts draw the same pairs (equal fingerprints, as one concept given twice under
+    two names): the factor INN splits that concept between two factors, and its share is counted twice."""
+    first: Dict[str, str] = {}
+    for name, print_ in fingerprints.items():
+        if print_ in first:
+            warnings.warn(f"`concepts` {first[print_]!r} and {name!r} draw the same pairs, so the factor INN splits "
+                          "one concept between two factors and counts its share twice; pass it once.",
+                          UserWarning, stacklevel=user_stacklevel())
+        first.setdefault(print_, name)
+
+
 @torch.no_grad()
 def _encode_pools(
     encode: Callable[[Tensor], Tuple[Tensor, Tensor]], concepts: Sequence[ConceptPairs], n_pairs: int,
@@ -535,6 +548,7 @@ def pair_nll(y_a: Tensor, logdet_a: Tensor, y_b: Tensor, logdet_b: Tensor, share
 
 
 @autograd_on
+@warnings_from_rank_zero()
 def fit_concepts(
     representation: Any,
     concepts: Any,
@@ -626,6 +640,8 @@ def fit_concepts(
         check_checkpoint_path(checkpoint)
     if resume:  # other settings or more steps: refused now, not after encoding every pool
         check_resumable_early(checkpoint, "concept_inn", resume_key(asdict(config)), config.steps)
+    fingerprints = {c.name: c.fingerprint() for c in concept_list}  # after the checks: a few pairs drawn
+    _warn_if_repeated(fingerprints)
     pools = _encode_pools(encode, concept_list, config.pool_size // n_ranks, config.seed + _RANK_POOL_SEED * rank,
                           device, progress and rank == 0)
     for pool in pools:
@@ -673,7 +689,7 @@ def fit_concepts(
     meta = {"kind": "concept_inn", "config": {"inn": inn.config, "train": resume_key(asdict(config)), **info}}
     if checkpoint is not None and recorded_config_has(checkpoint if resume else None, "pairs", default=True):
         # a resume on other concept data is refused; checkpoints of earlier versions lack the record
-        meta["config"]["pairs"] = {c.name: c.fingerprint() for c in concept_list}
+        meta["config"]["pairs"] = fingerprints
     batch = local_batch_size(config.batch_size)
 
     shared = torch.cat([masks[k].expand(batch, dim) for k in range(len(pools))])

@@ -17,17 +17,19 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from captum_inn._captum_compat import _format_additional_forward_args
 from captum_inn._fingerprints import weights_fingerprint
 from captum_inn.attr._common import as_device, user_stacklevel
 
-__all__ = ["world", "is_main", "local_batch_size", "shard_data", "sync_module", "average_gradients", "average_buffers",
-           "gather_rows", "gather_generator_states", "gather_texts", "barrier", "check_replicas_agree",
+__all__ = ["world", "is_main", "local_batch_size", "shard_data", "shard_forward_args", "sync_module",
+           "warnings_from_rank_zero", "average_gradients", "average_buffers", "gather_rows", "gather_generator_states", "gather_texts", "barrier", "check_replicas_agree",
            "check_processes_agree"]
 
 
@@ -60,6 +62,32 @@ def world(device: Any = None) -> Tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _this_rank() -> int:
+    """This process's rank without starting a process group (torchrun's ``RANK``); 0 outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+@contextmanager
+def warnings_from_rank_zero() -> Iterator[None]:
+    """Under torchrun, let rank 0 alone show warnings (the fits are wrapped in this): every process
+    checks the same settings, so each warning was printed once per process. Errors are raised by
+    every rank. A warning about data in another rank's shard alone is not shown.
+
+    Examples::
+
+        >>> with warnings_from_rank_zero():    # the warning shows here, not on rank 1 of a torchrun run
+        ...     warnings.warn("`lr` is large")    # doctest: +SKIP
+    """
+    if _this_rank() == 0:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _comm(tensor: Tensor) -> Tensor:
@@ -154,6 +182,28 @@ def shard_data(data: Any) -> Any:
     if isinstance(data, Tensor):
         return data[rank::size]
     return Subset(data, range(rank, n, size))
+
+
+def shard_forward_args(additional_forward_args: Any, n: Optional[int]) -> Any:
+    """``additional_forward_args`` with each per-image tensor (``n`` rows first, one per image of
+    the data) cut to this rank's shard, as :func:`shard_data` cuts the images; other values whole.
+
+    Args:
+        additional_forward_args: ``None``, one value or a tuple of values, as the fits take them.
+        n: Number of images in the (unsharded) data; ``None`` when unknown (nothing is cut).
+
+    Returns:
+        ``additional_forward_args`` itself outside a distributed run; else a tuple.
+
+    Examples::
+
+        >>> shard_forward_args((torch.arange(10), "mode"), 10)   # rank 1 of 2: (tensor([1, 3, 5, 7, 9]), 'mode')
+        (tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]), 'mode')
+    """
+    if additional_forward_args is None or world()[1] == 1:
+        return additional_forward_args
+    return tuple(shard_data(a) if isinstance(a, Tensor) and a.dim() and a.shape[0] == n else a
+                 for a in _format_additional_forward_args(additional_forward_args))
 
 
 def sync_module(module: nn.Module) -> None:

@@ -54,11 +54,14 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
     warn_if_unfinished,
 )
+from captum_inn.training.data import count_images
 from captum_inn.training.distributed import (
     check_replicas_agree,
     gather_texts,
     local_batch_size,
     shard_data,
+    shard_forward_args,
+    warnings_from_rank_zero,
     world,
 )
 from captum_inn.training.loop import (
@@ -322,6 +325,7 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
 
 
 @autograd_on
+@warnings_from_rank_zero()
 def fit_invariances(
     model: nn.Module,
     layers: Union[str, nn.Module, Sequence[Union[str, nn.Module]]],
@@ -382,8 +386,10 @@ def fit_invariances(
         selector: Picks the tensor from a non-tensor layer output (see
             :class:`~captum_inn.capture.LayerHooks`; a dict ``{layer name: selector}`` sets one per layer).
             Recorded in ``fit_info["selector"]`` (a callable by its name); the explainers read with it.
-        additional_forward_args: Extra arguments of ``model.forward`` after the images, the same
-            for every batch (``model(images, *additional_forward_args)``).
+        additional_forward_args: Extra arguments of ``model.forward`` after the images
+            (``model(images, *additional_forward_args)``). A tensor with one row per image of
+            ``data`` is per image (each batch of the feature pass gets its rows, and under torchrun
+            each process its shard's); any other value is passed whole to every batch.
         **overrides: Fields of :class:`InvarianceConfig`.
 
     Returns:
@@ -582,6 +588,9 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
         return cache
     rank, n_ranks = world(device)
     suffix = f".rank{rank}" if n_ranks > 1 else ""  # under torchrun each process caches its shard
+    if "additional_forward_args" in read and data is not None:  # per-image tensors follow the images there
+        read = {**read, "additional_forward_args": shard_forward_args(read["additional_forward_args"],
+                                                                       count_images(data))}
     reused, where = None, None
     if memmap:
         folder = (Path(checkpoint_dir) / f"{CACHE_DIR}{suffix}" if checkpoint_dir

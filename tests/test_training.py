@@ -1714,10 +1714,15 @@ def test_a_per_image_tensor_given_to_a_fit_follows_its_images_into_every_batch()
     ordered = DataLoader(TensorDataset(images), batch_size=3)
     torch.testing.assert_close(cache_features(model, "fc", ae, ordered, progress=False,
                                               additional_forward_args=(weight,)).layers["fc"], expected)
-    shuffled = DataLoader(TensorDataset(images), batch_size=3, shuffle=True)
-    with pytest.raises(ValueError, match=r"tensor 0 has one row per image, but `data` is a DataLoader with a "
-                                         r"RandomSampler.*shuffle=False"):
-        cache_features(model, "fc", ae, shuffled, progress=False, additional_forward_args=(weight,))
+    # drop_last skips the last images, not their rows: the tensor built for the dataset stays per image
+    dropping = DataLoader(TensorDataset(images), batch_size=3, drop_last=True)
+    torch.testing.assert_close(cache_features(model, "fc", ae, dropping, progress=False,
+                                              additional_forward_args=(weight,)).layers["fc"], expected[:6])
+    for shuffled in (DataLoader(TensorDataset(images), batch_size=3, shuffle=True),
+                     DataLoader(TensorDataset(images), batch_size=3, shuffle=True, drop_last=True)):
+        with pytest.raises(ValueError, match=r"tensor 0 has one row per image, but `data` is a DataLoader with a "
+                                             r"RandomSampler.*shuffle=False"):
+            cache_features(model, "fc", ae, shuffled, progress=False, additional_forward_args=(weight,))
     # a tensor of another length is still shared by every batch; one that fits no batch is explained
     with pytest.raises(ValueError, match=r"Layer 'fc' gave an activation of shape \(5, 10\) for 1 input\(s\).*"
                                          r"one row per input \(per image of the fits' `data`\)"):

@@ -57,6 +57,7 @@ from captum_inn.training.data import (
     count_images,
     iter_image_batches,
     loader_indices,
+    per_image_rows,
     seeded_reading,
 )
 from captum_inn.training.disk import (
@@ -324,12 +325,12 @@ def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Se
                           f"since a shape of ({n}, {n}, ...) cannot tell batch-first from sequence-first)", extra)
 
 
-def _check_ordered_for_per_image_args(data: Any, extra: Tuple[Any, ...], n_images: Optional[int]) -> None:
+def _check_ordered_for_per_image_args(data: Any, extra: Tuple[Any, ...], n_rows: Optional[int]) -> None:
     """Refuse per-image extra tensors (one row per image of ``data``) beside a ``DataLoader`` whose
     sampler is not sequential: its batches come in an order their rows cannot follow."""
     if not isinstance(data, DataLoader) or isinstance(data.sampler, SequentialSampler):
         return
-    per_image = [i for i, a in enumerate(extra) if isinstance(a, Tensor) and a.dim() and a.shape[0] == n_images]
+    per_image = [i for i, a in enumerate(extra) if isinstance(a, Tensor) and a.dim() and a.shape[0] == n_rows]
     if per_image:
         raise ValueError(
             f"`additional_forward_args` tensor {per_image[0]} has one row per image, but `data` is a DataLoader with "
@@ -607,8 +608,9 @@ def cache_features(
         selector: Picks a tensor from non-tensor layer outputs (see :class:`captum_inn.capture.LayerHooks`).
         additional_forward_args: Extra arguments of ``model`` after the images
             (``model(images, *additional_forward_args)``). As in Captum, a tensor with one row per
-            image of ``data`` is per image: each batch gets its rows. Any other value is passed
-            whole to every batch (a 0-d tensor, a tensor of another length, a non-tensor).
+            image of ``data`` (of a ``DataLoader``'s dataset, counting the images ``drop_last``
+            skips) is per image: each batch gets its rows. Any other value is passed whole to
+            every batch (a 0-d tensor, a tensor of another length, a non-tensor).
         memmap_dir: Write the cache to this folder (one ``.npy`` file per array) instead of
             memory, for datasets whose features do not fit in memory; reopen it later with
             :meth:`FeatureCache.open`. ``data`` must have a known length. A second pass into the
@@ -643,7 +645,8 @@ def cache_features(
     n_images = count_images(data)
     if n_images == 0:  # before any pass or file: the arrays would be missing (a KeyError) or empty
         raise ValueError(_NO_IMAGES)
-    _check_ordered_for_per_image_args(data, extra, n_images)
+    n_rows = per_image_rows(data)  # a DataLoader's drop_last skips the last rows, not their place
+    _check_ordered_for_per_image_args(data, extra, n_rows)
     if batch_size is None:
         batch_size = 64 if torch.device(device).type == "cpu" else 256
     source, source_parts = _source_digests(model, autoencoder, data)
@@ -665,7 +668,7 @@ def cache_features(
                 check_pixel_range(images, "data", autoencoder)
                 check_image_size(images, autoencoder, "data")
                 images = images.to(device)
-                batch_extra = slice_forward_args(extra, slice(seen, seen + images.shape[0]), n_images) or ()
+                batch_extra = slice_forward_args(extra, slice(seen, seen + images.shape[0]), n_rows) or ()
                 with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
                                 selector=selector, stop_early=True) as hooks, \
                         dtype_errors_named(images, model, name="data"):

@@ -20,7 +20,7 @@ from torch.utils.data import (
 from captum_inn._random import seeded_every_global_rng
 from captum_inn.attr._common import check_positive_int
 
-__all__ = ["iter_image_batches", "images_as_tensor", "count_images", "check_image_dtype", "loader_indices"]
+__all__ = ["iter_image_batches", "images_as_tensor", "count_images", "per_image_rows", "check_image_dtype", "loader_indices"]
 
 
 def _images_of(batch: Any) -> Tensor:
@@ -87,6 +87,28 @@ def count_images(data: Any) -> Optional[int]:
         n = len(data.sampler)
         return (n // data.batch_size) * data.batch_size if data.drop_last else n
     return len(data) if hasattr(data, "__len__") else None
+
+
+def per_image_rows(data: Any) -> Optional[int]:
+    """Rows of a per-image ``additional_forward_args`` tensor for ``data``: one per image it holds,
+    counting those a ``DataLoader`` with ``drop_last=True`` never yields (its batches come from the
+    first rows in order), so the tensor built for its dataset is still read as per image.
+
+    Args:
+        data: As for :func:`count_images`.
+
+    Returns:
+        The number of rows, or ``None`` when unknown.
+
+    Examples::
+
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> per_image_rows(DataLoader(TensorDataset(torch.rand(10, 1)), batch_size=4, drop_last=True))
+        10
+    """
+    if isinstance(data, DataLoader) and data.batch_size is not None and hasattr(data.sampler, "__len__"):
+        return len(data.sampler)
+    return count_images(data)
 
 
 def loader_sampler(loader: DataLoader) -> Any:

@@ -208,6 +208,7 @@ def _cases():
         ("an autoencoder as the dynamics' concept INN", lambda m, ae, inn, e: concept_dynamics({"a": m}, "cnn.fc", ae, ae, Unread(4), X, torch.zeros(3, dtype=torch.long), steps=1, progress=False), TypeError, "`concept_inn` must be a captum_inn.inn.FactorINN"),
         ("a fractional snapshot step", lambda m, ae, inn, e: Snapshots([2.9]), TypeError, r"`steps` must be an int, got 2.9"),
         ("a memory-mapped cache folder that is a file", lambda m, ae, inn, e: cache_features(m, "cnn.fc", ae, X, memmap_dir=__file__, progress=False), ValueError, r"`memmap_dir` '.*test_bad_input.py' is a file, or lies under one"),
+        ("a DataLoader yielding single images", lambda m, ae, inn, e: cache_features(m, "cnn.fc", ae, torch.utils.data.DataLoader(X, batch_size=None), progress=False), ValueError, r"DataLoader with batch_size=None, which yields its dataset's items one by one.*pass batch_size="),
         ("no layers to fit", lambda m, ae, inn, e: fit_invariances(m, [], ae, Unread(4), steps=1, progress=False), ValueError, "`layers` is empty"),
         ("a flag given as a string", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, attribute_to_layer_input="no", progress=False), TypeError, r"`attribute_to_layer_input` must be True or False, got 'no'"),
         # dtype mistakes name the argument that holds the images (a raw RuntimeError, or another argument's name)

@@ -242,6 +242,35 @@ def test_interrupted_cache_pass_leaves_no_cache(images, autoencoder, tmp_path):
     assert not list((tmp_path / "cache").glob("*.npy"))
 
 
+def test_a_failed_pass_keeps_the_cache_already_in_its_folder(images, autoencoder, tmp_path):
+    """The manifest of the folder's cache was deleted as a new pass began, so a pass that failed (bad pixels,
+    a layer that does not run) lost a complete cache and a resumed fit ran the network again."""
+    model = SmallCNN(width=4).eval()
+    first = cache_features(model, LAYERS, autoencoder, images, batch_size=16, progress=False, memmap_dir=tmp_path)
+    expected = first.layers["fc"][:]
+    first.close()
+    poisoned = images.clone()
+    poisoned[30] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite pixels"):
+        cache_features(model, LAYERS, autoencoder, poisoned, batch_size=16, progress=False, memmap_dir=tmp_path)
+    kept = FeatureCache.open(tmp_path)
+    assert kept is not None and torch.equal(kept.layers["fc"][:], expected)
+    kept.close()
+
+
+def test_a_loader_with_a_batch_sampler_is_cached_on_disk(images, autoencoder, tmp_path):
+    """Its length was unknown (the loader has no batch_size of its own), so memmap_dir refused it."""
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+
+    dataset = TensorDataset(images)
+    loader = DataLoader(dataset, batch_sampler=BatchSampler(SequentialSampler(dataset), 16, drop_last=True))
+    model = SmallCNN(width=4).eval()
+    disk = cache_features(model, "fc", autoencoder, loader, progress=False, memmap_dir=tmp_path)
+    assert len(disk) == 32  # 40 images, the last batch of 8 dropped
+    assert torch.equal(disk.layers["fc"][:], cache_features(model, "fc", autoencoder, images[:32], progress=False).layers["fc"])
+    disk.close()
+
+
 def test_resumed_fit_reuses_the_disk_cache(images, autoencoder, tmp_path):
     model = CountingCNN().eval()
     fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=str(tmp_path), memmap=True,

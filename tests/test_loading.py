@@ -504,6 +504,36 @@ def test_data_forms_are_read_or_named(images, autoencoder):
         _as_labelled([{"image": x, "kind": "a"} for x in images])
 
 
+def test_a_sized_iterable_dataset_is_read_as_it_yields(images, autoencoder):
+    """torch's IterableDataset has a __getitem__ that raises NotImplementedError: a sized one was probed by
+    index, so caching its features and fit_classifier failed with that error."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from captum_inn.training import cache_features
+    from captum_inn.training.classifier import _as_labelled
+
+    labels = torch.arange(len(images)) % 3
+
+    class Sized(IterableDataset):
+        def __init__(self, items):
+            self.items = items
+
+        def __iter__(self):
+            return iter(self.items)
+
+        def __len__(self):
+            return len(self.items)
+
+    model = SmallCNN(width=4).eval()
+    expected = cache_features(model, "fc", autoencoder, images, progress=False).layers["fc"]
+    for data in (Sized(images), DataLoader(Sized(images), batch_size=8)):
+        assert torch.equal(cache_features(model, "fc", autoencoder, data, progress=False).layers["fc"], expected)
+    pairs = list(zip(images, labels))
+    for data in (Sized(pairs), DataLoader(Sized(pairs), batch_size=8)):
+        x, y, _ = _as_labelled(data)
+        assert torch.equal(x, images) and torch.equal(y, labels)
+
+
 def test_a_float64_network_comes_back_in_float64(images, tmp_path):
     """The loaders built the network in float32 and load_state_dict cast the saved float64 weights."""
     from captum_inn.training import load_concept_inn, save_concept_inn

@@ -1092,6 +1092,74 @@ def test_a_loader_with_a_batch_sampler_is_read_by_its_batch_samplers_images():
     assert images_fingerprint(first) != images_fingerprint(second)
 
 
+def test_numpy_sampler_indices_say_which_images_a_loader_draws():
+    """scikit-learn's splits are NumPy arrays: a SubsetRandomSampler over one was read as "indices unknown",
+    so two disjoint halves had one fingerprint and a resume on the other half used the first's features."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    from captum_inn.training.data import loader_indices
+
+    dataset = TensorDataset(torch.rand(20, 3, 4, 4))
+    halves = [DataLoader(dataset, batch_size=4, sampler=SubsetRandomSampler(np.arange(a, 20, 2))) for a in (0, 1)]
+    assert list(loader_indices(halves[1])) == list(range(1, 20, 2))
+    assert images_fingerprint(halves[0]) != images_fingerprint(halves[1])
+
+
+def test_per_image_rows_follow_batch_samplers_and_a_wrong_length_is_named():
+    """A loader given a BatchSampler counted no images, so a per-image tensor went whole to every batch (a
+    shuffling one gave features of the wrong images without an error); a tensor of the wrong length failed in
+    the model with torch's shape error alone."""
+    from torch.utils.data import (
+        BatchSampler,
+        DataLoader,
+        IterableDataset,
+        RandomSampler,
+        TensorDataset,
+    )
+
+    torch.manual_seed(0)
+    model, images, weight = _Weighted().eval(), torch.rand(8, 3, 8, 8), torch.rand(8, 1) + 0.5
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    with torch.no_grad():
+        expected = torch.cat([model(images[i : i + 1], weight[i : i + 1]) for i in range(8)])
+    dataset = TensorDataset(images)
+    ordered = DataLoader(dataset, batch_sampler=BatchSampler(range(8), 3, drop_last=False))
+    torch.testing.assert_close(cache_features(model, "fc", ae, ordered, progress=False,
+                                              additional_forward_args=(weight,)).layers["fc"], expected)
+    shuffled = DataLoader(dataset, batch_sampler=BatchSampler(RandomSampler(dataset), 8, drop_last=False))
+    with pytest.raises(ValueError, match=r"tensor 0 has one row per image, but `data` is a DataLoader with a "
+                                         r"RandomSampler"):
+        cache_features(model, "fc", ae, shuffled, progress=False, additional_forward_args=(weight,))
+    with pytest.raises(RuntimeError, match=r"`additional_forward_args` tensor 0 of shape \(9, 1\) went whole to every "
+                                           r"batch.*\(8 image\(s\)\)\. A per-image tensor needs 8 rows"):
+        cache_features(model, "fc", ae, images, batch_size=4, progress=False, additional_forward_args=(torch.rand(9, 1),))
+
+    class Stream(IterableDataset):  # of unknown length: its rows cannot be told per image
+        def __iter__(self):
+            return iter(images)
+
+    with pytest.raises(RuntimeError, match=r"went whole to every batch.*of unknown number.*data of known length"):
+        cache_features(model, "fc", ae, Stream(), batch_size=4, progress=False, additional_forward_args=(weight,))
+
+
+def test_a_loader_without_automatic_batching_over_single_images_is_refused():
+    """DataLoader(batch_size=None) yields (C, H, W) images one by one: they were joined along the channels
+    (12 images became 36) and the error spoke of 1-D signals."""
+    from torch.utils.data import DataLoader
+
+    from captum_inn.training.data import images_as_tensor
+
+    loader = DataLoader(torch.rand(12, 3, 8, 8), batch_size=None)
+    for call in (lambda: images_as_tensor(loader),
+                 lambda: cache_features(SmallCNN(width=4).eval(), "fc", ConvAutoencoder((3, 8, 8), 4, width=4), loader,
+                                        progress=False)):
+        with pytest.raises(ValueError, match=r"DataLoader with batch_size=None.*single images of shape \(3, 8, 8\); "
+                                             r"pass batch_size="):
+            call()
+    batches = DataLoader(torch.rand(2, 5, 3, 8, 8), batch_size=None)  # items that are batches: read as they are
+    assert images_as_tensor(batches).shape == (10, 3, 8, 8)
+
+
 def test_save_load_and_refusals(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     inn = fit_invariances(model, "relu3", autoencoder, images, steps=2, progress=False, **TINY)

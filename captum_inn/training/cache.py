@@ -11,11 +11,19 @@ import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, SequentialSampler, default_collate, default_convert
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    SequentialSampler,
+    default_collate,
+    default_convert,
+)
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from captum_inn._captum_compat import _format_additional_forward_args
@@ -56,6 +64,7 @@ from captum_inn.training.data import (
     check_image_dtype,
     count_images,
     iter_image_batches,
+    loader_batching,
     loader_indices,
     per_image_rows,
     seeded_reading,
@@ -327,17 +336,47 @@ def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Se
 
 def _check_ordered_for_per_image_args(data: Any, extra: Tuple[Any, ...], n_rows: Optional[int]) -> None:
     """Refuse per-image extra tensors (one row per image of ``data``) beside a ``DataLoader`` whose
-    sampler is not sequential: its batches come in an order their rows cannot follow."""
-    if not isinstance(data, DataLoader) or isinstance(data.sampler, SequentialSampler):
+    batches do not come in the dataset's order, which their rows follow."""
+    if not isinstance(data, DataLoader):
         return
+    if isinstance(data.dataset, IterableDataset):  # its own order, unless workers interleave their batches
+        unordered = f"an IterableDataset read by {data.num_workers} workers" if data.num_workers else None
+    else:
+        batching = loader_batching(data)
+        sampler = None if batching is None else batching[0]
+        # a fixed sequence of indices: the rows follow it; a BatchSampler subclass may order its batches its own
+        # way (by length, say)
+        fixed = isinstance(sampler, (SequentialSampler, range, list, tuple, np.ndarray, Tensor))
+        ordered = fixed and (data.batch_size is not None or type(data.batch_sampler) is BatchSampler)
+        unordered = None if ordered else f"a {type(data.batch_sampler if batching is None else sampler).__name__}"
     per_image = [i for i, a in enumerate(extra) if isinstance(a, Tensor) and a.dim() and a.shape[0] == n_rows]
-    if per_image:
+    if unordered and per_image:
         raise ValueError(
             f"`additional_forward_args` tensor {per_image[0]} has one row per image, but `data` is a DataLoader with "
-            f"a {type(data.sampler).__name__}, whose batches do not come in the rows' order. Pass a DataLoader with "
+            f"{unordered}, whose batches do not come in the rows' order. Pass a DataLoader with "
             "shuffle=False, the Dataset itself or an image tensor (features are read in order; the fit shuffles them "
             "afterwards)."
         )
+
+
+@contextlib.contextmanager
+def _whole_tensors_named(extra: Tuple[Any, ...], n_rows: Optional[int]) -> Iterator[None]:
+    """A network's failure beside an extra tensor that went whole to every batch (its rows are not
+    one per image of ``data``) names that tensor: a per-image one of the wrong length is the usual
+    cause, and torch's shape error names neither it nor the fix."""
+    try:
+        yield
+    except (RuntimeError, IndexError) as error:
+        whole = [(i, tuple(a.shape)) for i, a in enumerate(extra)
+                 if isinstance(a, Tensor) and a.dim() and a.shape[0] != n_rows]
+        if not whole:
+            raise
+        i, shape = whole[0]
+        images, fix = (("of unknown number", "data of known length: a tensor, a sized Dataset or a DataLoader over one")
+                       if n_rows is None else (f"{n_rows} image(s)", f"{n_rows} rows, one per image"))
+        raise type(error)(f"{error}\n(`additional_forward_args` tensor {i} of shape {shape} went whole to every batch, "
+                          f"since its {shape[0]} rows are not one per image of `data` ({images}). A per-image "
+                          f"tensor needs {fix}.)") from error
 
 
 class _MemorySink:
@@ -363,8 +402,9 @@ class _DiskSink:
 
     def __init__(self, folder: Union[str, Path], n_rows: Optional[int]) -> None:
         if n_rows is None:
-            raise ValueError("`memmap_dir` needs data of known length (a tensor, a sized Dataset or a DataLoader over "
-                             "one), because the files are sized up front.")
+            raise ValueError("Caching features on disk (`memmap_dir`, or fit_invariances's memmap=True) needs data of "
+                             "known length (a tensor, a sized Dataset or a DataLoader over one with a batch_size or a "
+                             "BatchSampler), because the files are sized up front.")
         self.folder, self.n_rows = Path(folder), n_rows
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -375,11 +415,6 @@ class _DiskSink:
         # held until the manifest is written and read back: another pass into the folder waits, so the
         # two never mix their files and manifests
         self.lock = FolderLock(self.folder)
-        try:
-            (self.folder / "manifest.json").unlink(missing_ok=True)  # the old cache is being replaced
-        except BaseException:
-            self.lock.release()
-            raise
 
     def append(self, key: str, rows: Tensor) -> None:
         if key not in self.writers:
@@ -392,6 +427,9 @@ class _DiskSink:
         self.writers[key].append(rows)
 
     def finish(self, layers: Sequence[str], record: Mapping[str, Any]) -> FeatureCache:
+        # the old cache stays whole until this pass has all its rows (a failed pass kept nothing);
+        # without its manifest while the files are renamed in, a crash now leaves no mix of the two
+        (self.folder / "manifest.json").unlink(missing_ok=True)
         files = {key: writer.close().name for key, writer in self.writers.items()}
         write_manifest(self.folder, {"kind": "feature_cache", "format_version": _DISK_FORMAT, "n": self.n_rows,
                                      "layers": list(layers), **record, "files": files})
@@ -483,7 +521,8 @@ def _hash_images(digest: Any, data: Any, n_probe: int) -> None:
             indices = range(len(items))
         if data.collate_fn not in (default_collate, default_convert):  # its own changes what is cached
             collate = data.collate_fn
-    if indices and hasattr(items, "__getitem__"):
+    # a torch IterableDataset has a __getitem__ that raises NotImplementedError: counted, not probed
+    if indices and hasattr(items, "__getitem__") and not isinstance(items, IterableDataset):
         with seeded_reading(data):  # random transforms: the same probes every time
             for position in torch.linspace(0, len(indices) - 1, min(len(indices), n_probe)).round().long().tolist():
                 try:
@@ -671,7 +710,7 @@ def cache_features(
                 batch_extra = slice_forward_args(extra, slice(seen, seen + images.shape[0]), n_rows) or ()
                 with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
                                 selector=selector, stop_early=True) as hooks, \
-                        dtype_errors_named(images, model, name="data"):
+                        dtype_errors_named(images, model, name="data"), _whole_tensors_named(extra, n_rows):
                     hooks.run(images, *batch_extra)
                     values = dict(hooks.values)
                 for name in names:

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import (
     DataLoader,
     DistributedSampler,
+    IterableDataset,
     RandomSampler,
     WeightedRandomSampler,
     default_collate,
@@ -74,18 +75,20 @@ def _as_labelled(data: Any) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     indices, weights, collate, source = None, None, default_collate, data
     if isinstance(data, DataLoader):  # the classifier draws its own minibatches, from the loader's images only
         collate = data.collate_fn  # its own may convert or normalise the items (as the loader yields them)
-        indices = loader_indices(data)
-        if indices is None:
-            indices, weights = _random_sampler_draws(loader_sampler(data), data.dataset)
-        if indices is None:
-            raise TypeError("`data` is a DataLoader whose sampler does not say which images it draws (a custom "
-                            "sampler or an iterable dataset); pass its dataset, a Subset of it, or (images, labels).")
+        if not isinstance(data.dataset, IterableDataset):  # an iterable one gives all it yields
+            indices = loader_indices(data)
+            if indices is None:
+                indices, weights = _random_sampler_draws(loader_sampler(data), data.dataset)
+            if indices is None:
+                raise TypeError("`data` is a DataLoader whose sampler does not say which images it draws (a custom "
+                                "sampler); pass its dataset, a Subset of it, or (images, labels).")
         data = data.dataset
-    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+    iterable = isinstance(data, IterableDataset)  # read as it yields (its __getitem__ raises NotImplementedError)
+    if not iterable and (not hasattr(data, "__getitem__") or not hasattr(data, "__len__")):
         raise TypeError(f"`data` must be (images, labels), a Dataset of (image, label) pairs or a DataLoader over "
                         f"one, got {type(data).__name__}.")
     with seeded_reading(source):  # random transforms: the same images every call, the caller's generators kept
-        items = [data[i] for i in (range(len(data)) if indices is None else indices)]
+        items = list(data) if iterable else [data[i] for i in (range(len(data)) if indices is None else indices)]
     if isinstance(source, DataLoader) and source.batch_sampler is None:  # no batching: its collate_fn takes one item
         items, collate = [collate(item) for item in items], default_collate
     with batching_errors_explained():

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import (
+    BatchSampler,
     DataLoader,
     Dataset,
     IterableDataset,
@@ -20,7 +22,8 @@ from torch.utils.data import (
 from captum_inn._random import seeded_every_global_rng
 from captum_inn.attr._common import check_positive_int
 
-__all__ = ["iter_image_batches", "images_as_tensor", "count_images", "per_image_rows", "check_image_dtype", "loader_indices"]
+__all__ = ["iter_image_batches", "images_as_tensor", "count_images", "per_image_rows", "check_image_dtype", "loader_indices",
+           "loader_batching"]
 
 
 def _images_of(batch: Any) -> Tensor:
@@ -82,11 +85,35 @@ def count_images(data: Any) -> Optional[int]:
         return data.shape[0]
     if isinstance(data, DataLoader):
         # what the loader yields: its sampler's length, less a dropped last batch
-        if data.batch_size is None or not hasattr(data.sampler, "__len__"):
-            return None  # a custom batch sampler or an iterable dataset: batch sizes are unknown
-        n = len(data.sampler)
-        return (n // data.batch_size) * data.batch_size if data.drop_last else n
+        batching = loader_batching(data)
+        if batching is None or not hasattr(batching[0], "__len__"):
+            return None  # a custom batch sampler, no batching or an iterable dataset: batch sizes are unknown
+        sampler, batch_size, drop_last = batching
+        return (len(sampler) // batch_size) * batch_size if drop_last else len(sampler)
     return len(data) if hasattr(data, "__len__") else None
+
+
+def loader_batching(loader: DataLoader) -> Optional[Tuple[Any, int, bool]]:
+    """``(sampler, batch_size, drop_last)`` of a ``DataLoader`` that batches a sampler's indices,
+    by its own ``batch_size`` or a ``BatchSampler`` given as ``batch_sampler``; ``None`` for an
+    iterable dataset, automatic batching turned off (``batch_size=None``) or a custom batch sampler.
+
+    Examples::
+
+        >>> from torch.utils.data import TensorDataset
+        >>> dataset = TensorDataset(torch.rand(10, 1))
+        >>> loader = DataLoader(dataset, batch_sampler=BatchSampler(range(10), 4, drop_last=True))
+        >>> loader_batching(loader)[1:]
+        (4, True)
+    """
+    if isinstance(loader.dataset, IterableDataset):
+        return None
+    if loader.batch_size is not None:
+        return loader.sampler, loader.batch_size, loader.drop_last
+    batches = loader.batch_sampler
+    if isinstance(batches, BatchSampler):
+        return batches.sampler, batches.batch_size, batches.drop_last
+    return None
 
 
 def per_image_rows(data: Any) -> Optional[int]:
@@ -106,9 +133,12 @@ def per_image_rows(data: Any) -> Optional[int]:
         >>> per_image_rows(DataLoader(TensorDataset(torch.rand(10, 1)), batch_size=4, drop_last=True))
         10
     """
-    if isinstance(data, DataLoader) and data.batch_size is not None and hasattr(data.sampler, "__len__"):
-        return len(data.sampler)
-    return count_images(data)
+    if not isinstance(data, DataLoader):
+        return count_images(data)
+    if isinstance(data.dataset, IterableDataset):  # its items in the order it yields them
+        return len(data.dataset) if hasattr(data.dataset, "__len__") else None
+    batching = loader_batching(data)
+    return len(batching[0]) if batching is not None and hasattr(batching[0], "__len__") else None
 
 
 def loader_sampler(loader: DataLoader) -> Any:
@@ -146,7 +176,8 @@ def loader_indices(loader: DataLoader) -> Optional[Sequence[int]]:
             and sampler.num_samples == len(sampler.data_source) <= len(dataset):
         return range(len(sampler.data_source))
     indices = getattr(sampler, "indices", sampler)  # SubsetRandomSampler keeps them in `indices`
-    if isinstance(indices, (range, list, tuple)) or (isinstance(indices, Tensor) and indices.dim() == 1):
+    # NumPy indices are what scikit-learn's splits give (unread, two splits of one size looked the same)
+    if isinstance(indices, (range, list, tuple)) or (isinstance(indices, (Tensor, np.ndarray)) and indices.ndim == 1):
         return sorted(int(i) for i in indices)
     return None
 
@@ -315,7 +346,15 @@ def iter_image_batches(
             batch = next(batches, None)
         if batch is None:
             return
-        yield _images_of(batch)
+        images = _images_of(batch)
+        if isinstance(data, DataLoader) and data.batch_sampler is None and images.dim() == 3:
+            # without automatic batching the loader yields single images: read as batches, C images of H rows
+            raise ValueError(
+                f"`data` is a DataLoader with batch_size=None, which yields its dataset's items one by one, here "
+                f"single images of shape {tuple(images.shape)}; pass batch_size=... to the DataLoader (or pass the "
+                "Dataset itself)."
+            )
+        yield images
 
 
 _ONE_SIZE = ("transform=T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()]) to the dataset, or load "

@@ -96,13 +96,16 @@ class AdversarialViews:
     summary: Dict[str, Any]
 
     def plot(self, n: int = 6, class_names: Optional[Sequence[str]] = None, fig: Any = None) -> Tuple[Any, Any]:
-        """Rows of fooled images: clean | attacked | each layer's view, titled with the judge's verdicts."""
+        """Rows of fooled images: clean | attacked | each layer's view, titled with the judge's verdicts
+        (where the attack fooled no image, the first ``n`` images, and the title says so)."""
         from captum_inn.visualization import plot_image_grid  # which draws every name literally
 
         n = check_positive_int(n, "n")  # the rows to draw: at least one
         rows = torch.nonzero(self.fooled).flatten()[:n]
-        if rows.numel() == 0:
+        title = "what each layer sees in the attack (captions: the model's class, then the judge's for each layer's view)"
+        if rows.numel() == 0:  # drawn all the same (the views still show what each layer keeps), but said
             rows = torch.arange(min(n, self.images.shape[0]))
+            title = f"the attack fooled no image: the first {rows.numel()}, not fooled; {title}"
 
         if class_names is not None and rows.numel():
             shown = [self.clean_predictions[rows], self.adversarial_predictions[rows],
@@ -121,8 +124,7 @@ class AdversarialViews:
                     "attacked": [f"model: {name(int(self.adversarial_predictions[i]))}" for i in rows]}
         captions.update({f"view at {layer}": [f"judge: {name(int(self.judged[layer][i]))}" for i in rows]
                          for layer in self.views})
-        return plot_image_grid(columns, title="what each layer sees in the attack (captions: the model's class, "
-                               "then the judge's for each layer's view)", fig=fig, captions=captions)
+        return plot_image_grid(columns, title=title, fig=fig, captions=captions)
 
 
 def _judge_classes(judge: nn.Module, images: Tensor, batch: int) -> Tensor:

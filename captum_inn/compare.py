@@ -104,7 +104,7 @@ class Comparison:
                      n_strip: int = 6) -> List[str]:
         """Write one PNG per input (``<prefix>_<index>.png``, samples shown: ``n_strip``; only the
         inputs ``indices`` when given, all checked before any file is written) into ``folder``;
-        return the paths."""
+        return the paths. ``prefix`` is a file name stem (sub-folders go in ``folder``)."""
         from captum_inn.visualization import save_figure
 
         def whole(i: Any) -> Optional[int]:  # an int, numpy int or integer tensor of one element; else None
@@ -113,6 +113,10 @@ class Comparison:
             except TypeError:
                 return None
 
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "/\\") or prefix in (".", ".."):
+            # a path in it wrote outside `folder` ("../x") or failed once `folder` was made ("sub/x")
+            raise ValueError(f"`prefix` must be a file name stem without a folder, got {prefix!r}; put sub-folders "
+                             "in `folder`.")
         given = list(range(len(self)) if indices is None else indices)
         indices = [whole(i) for i in given]
         bad = [g for g, i in zip(given, indices) if i is None or not 0 <= i < len(self)]

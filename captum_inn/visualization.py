@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import textwrap
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
@@ -35,6 +36,38 @@ def _plt():
     import matplotlib.pyplot as plt  # lazily: matplotlib picks a headless backend without a display
 
     return plt
+
+
+def _lay_out(fig: Any) -> None:
+    """``tight_layout`` for a figure that has no layout of its own: a caller's figure with a layout
+    engine (constrained layout) keeps it, and a ``SubFigure`` is laid out by its parent (it has no
+    ``tight_layout``)."""
+    from matplotlib.layout_engine import PlaceHolderLayoutEngine, TightLayoutEngine
+
+    if not hasattr(fig, "tight_layout"):
+        return
+    engine = fig.get_layout_engine()  # a placeholder is what an earlier tight_layout leaves
+    if engine is None or isinstance(engine, (PlaceHolderLayoutEngine, TightLayoutEngine)):
+        fig.tight_layout()
+
+
+def _value(value: Any) -> float:
+    """A value to plot as a float: a number, a one-element tensor (with grad, on a GPU: matplotlib
+    failed on them) or ``None`` (a gap, as ``null`` in metrics.json)."""
+    if value is None:
+        return float("nan")
+    return float(value.detach()) if isinstance(value, Tensor) else float(value)
+
+
+def _suptitle(fig: Any, title: str, fontsize: float, grow: bool) -> None:
+    """``fig``'s title, wrapped to its width (a long one on a figure of one or two columns ran off
+    both edges); with ``grow`` the figure grows by the lines added (its rows were squeezed)."""
+    width_inches = fig.bbox.width / fig.dpi
+    chars = max(20, int(width_inches * 72 / (0.55 * fontsize)))  # an average glyph is about 0.55 em wide
+    lines = [line for part in str(title).split("\n") for line in (textwrap.wrap(part, chars) or [""])]  # its own breaks kept
+    fig.suptitle("\n".join(lines), fontsize=fontsize)
+    if grow and len(lines) > 1:
+        fig.set_figheight(fig.get_figheight() + 1.25 * fontsize / 72 * (len(lines) - 1))
 
 
 def _no_figure_left_on_error(function: Callable) -> Callable:
@@ -67,7 +100,7 @@ def to_numpy_image(image: Tensor):
 
     Raises:
         TypeError: integer pixels (``uint8`` in 0…255 would all be drawn white; pass ``image / 255``).
-        ValueError: another number of channels, or not ``(C, H, W)``.
+        ValueError: another number of channels, not ``(C, H, W)``, or NaN pixels.
 
     Examples::
 
@@ -80,7 +113,12 @@ def to_numpy_image(image: Tensor):
     if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
         raise ValueError(f"An image to draw must be (C, H, W) with 1, 3 or 4 channels, got shape {tuple(image.shape)}; "
                          "for channels last use image.permute(2, 0, 1), for other channels pick three of them.")
-    image = image.detach().float().cpu().clamp(0, 1)
+    image = image.detach().float().cpu()
+    if image.isnan().any():  # clamp keeps NaN, which matplotlib draws white, like real white pixels
+        raise ValueError("An image to draw holds NaN pixels (they would be drawn white, like real white ones); "
+                         "find where they come from (a diverged decoder or INN, say), or replace them with "
+                         "torch.nan_to_num(images) to draw the rest.")
+    image = image.clamp(0, 1)
     if image.shape[0] == 1:
         return image[0].numpy()
     return image.permute(1, 2, 0).numpy()
@@ -146,7 +184,8 @@ def plot_invariance_samples(
         if images.shape[0] != n:  # row i pairs input i with its own samples
             raise ValueError(f"`{what}` holds {images.shape[0]} images for the {n} rows of `samples` (N, S, C, H, W); "
                              "give one per row.")
-    if fig is None:
+    own = fig is None  # a caller's figure keeps its size
+    if own:
         fig = plt.figure(figsize=(1.1 * (s + 2), 1.15 * n + 0.4))
     axes = fig.subplots(n, s + 2, squeeze=False)
     for i in range(n):
@@ -159,8 +198,8 @@ def plot_invariance_samples(
             if i == 0:
                 ax.set_title(["input", "recon."][j] if j < 2 else f"sample {j - 1}", fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        _suptitle(fig, title, fontsize=10, grow=own)
+    _lay_out(fig)
     return fig, axes
 
 
@@ -251,7 +290,8 @@ def plot_invariance_maps(
                              "m.permute(0, 3, 1, 2).")
         if m.shape[0] != n:  # row i pairs input i with its own maps
             raise ValueError(f"`maps[{name!r}]` holds {m.shape[0]} maps for {n} `originals`; give one per input.")
-    if fig is None:
+    own = fig is None  # a caller's figure keeps its size
+    if own:
         fig = plt.figure(figsize=(1.5 * (len(maps) + 1), 1.5 * n + 0.4))
     axes = fig.subplots(n, len(maps) + 1, squeeze=False)
     for i in range(n):
@@ -267,8 +307,8 @@ def plot_invariance_maps(
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("invariance maps (bright: the layer ignores it)", fontsize=9)
-    fig.tight_layout()
+    _suptitle(fig, "invariance maps (bright: the layer ignores it)", fontsize=9, grow=own)
+    _lay_out(fig)
     return fig, axes
 
 
@@ -303,14 +343,15 @@ def plot_by_depth(
     else:
         fig = ax.figure
     for label, ys in values.items():
-        ax.plot(range(len(layers)), list(ys), marker="o", label=_literal(label))
+        ax.plot(range(len(layers)), [_value(y) for y in ys], marker="o",
+                label=_literal(label))
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels([_literal(layer) for layer in layers])
     ax.set_xlabel("layer (input → output)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    _lay_out(fig)
     return fig, ax
 
 
@@ -363,12 +404,12 @@ def plot_concept_bars(
         width = 0.8 / len(groups)
         for g, group in enumerate(groups):
             ax.bar(np.arange(len(concepts)) + (g - (len(groups) - 1) / 2) * width,
-                   [scores[group][c] for c in concepts], width, yerr=_standard_errors(scores[group], concepts),
+                   [_value(scores[group][c]) for c in concepts], width, yerr=_standard_errors(scores[group], concepts),
                    capsize=2, label=_literal(group))
         ax.legend(fontsize=8)
     else:
         if isinstance(scores, dict):
-            concepts, values = list(scores), [float(v) for v in scores.values()]
+            concepts, values = list(scores), [_value(v) for v in scores.values()]
             errors = _standard_errors(scores, concepts)
         else:
             values_t = scores.detach().float().cpu()
@@ -390,7 +431,7 @@ def plot_concept_bars(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
+    _lay_out(fig)
     return fig, ax
 
 
@@ -432,7 +473,8 @@ def plot_concept_edits(
         if images.shape[0] != n:
             raise ValueError(f"`{what}` holds {images.shape[0]} images for {n} `originals`; give one per row"
                              f"{' (or one donor for all)' if what == 'donors' else ''}.")
-    if fig is None:
+    own = fig is None  # a caller's figure keeps its size
+    if own:
         fig = plt.figure(figsize=(1.3 * columns, 1.2 * n + 0.5))
     axes = fig.subplots(n, columns, squeeze=False)
     headers = ["input a", "donor b", *(f"a with b's {_literal(c)}" for c in edits)]
@@ -444,8 +486,8 @@ def plot_concept_edits(
             if i == 0:
                 axes[i, j].set_title(headers[j], fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        _suptitle(fig, title, fontsize=10, grow=own)
+    _lay_out(fig)
     return fig, axes
 
 
@@ -495,7 +537,7 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
     ax.set_title(f"what {_literal(dynamics.layer)} encodes during training", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    _lay_out(fig)
     return fig, ax
 
 
@@ -590,7 +632,7 @@ def plot_comparison(
         plot_concept_bars(comparison.concept_scores[index], comparison.concept_names,
                           title=f"concepts → {name(target)}{gap}", ax=axes[-1])
         axes[-1].tick_params(labelsize=7)
-    fig.tight_layout()
+    _lay_out(fig)
     return fig, axes
 
 
@@ -634,7 +676,8 @@ def plot_image_grid(
         raise ValueError(f"`captions` needs {n} captions per column title of `columns`; got {unknown or 'other counts'}.")
     if row_labels is not None and len(row_labels) != n:
         raise ValueError(f"`row_labels` has {len(row_labels)} labels for {n} rows; give one per image of a column.")
-    if fig is None:
+    own = fig is None  # a caller's figure keeps its size
+    if own:
         fig = plt.figure(figsize=(1.35 * m + (0.8 if row_labels is not None else 0), (1.35 + 0.2 * bool(captions)) * n + 0.5))
     axes = fig.subplots(n, m, squeeze=False)
     for j, (header, images) in enumerate(columns.items()):
@@ -650,8 +693,8 @@ def plot_image_grid(
             if header in captions:
                 ax.set_xlabel(_literal(captions[header][i]), fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        _suptitle(fig, title, fontsize=10, grow=own)
+    _lay_out(fig)
     return fig, axes
 
 
@@ -667,6 +710,9 @@ def save_figure(fig: Any, path: Any, dpi: int = 110) -> str:
     Returns:
         The path of the written file, as a string.
 
+    Raises:
+        ValueError: ``path`` names a folder (the figure is closed, as after a save).
+
     Examples::
 
         >>> import os, tempfile
@@ -675,6 +721,10 @@ def save_figure(fig: Any, path: Any, dpi: int = 110) -> str:
         True
     """
     path = os.fspath(path)
+    if not os.path.basename(path) or os.path.isdir(path):  # "figures/" was written as a hidden "figures/.png.png"
+        _plt().close(fig)
+        raise ValueError(f"`path` {path!r} names a folder; pass a file path in it, e.g. "
+                         f"{os.path.join(path, 'figure.png')!r}.")
     # matplotlib would add it: the path returned is the file written; "epoch_1.5" has no format suffix either
     if os.path.splitext(path)[1][1:].lower() not in fig.canvas.get_supported_filetypes():
         path += ".png"

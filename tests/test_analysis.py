@@ -212,8 +212,9 @@ def test_nothing_fooled_gives_nan(setup, images, labels):
         for layer in LAYERS:
             assert math.isnan(result.summary[layer]["judged_adversarial"])
             assert math.isnan(result.summary[layer]["judged_original"])
-        fig, axes = result.plot(n=3)  # falls back to the first images
+        fig, axes = result.plot(n=3)  # falls back to the first images, and says so
         assert axes.shape == (3, 2 + len(LAYERS))
+        assert fig._suptitle.get_text().startswith("the attack fooled no image: the first 3, not fooled")
     plt.close("all")
 
 

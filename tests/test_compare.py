@@ -701,6 +701,11 @@ def test_save_figures_writes_pngs(with_concepts, tmp_path, no_show):
             with_concepts.save_figures(tmp_path / "bad", indices=bad)
         assert not (tmp_path / "bad").exists() and plt.get_fignums() == []
     assert len(with_concepts.save_figures(tmp_path / "np", indices=[np.int64(1), torch.tensor(0)])) == 2
+    # a prefix with a folder in it wrote outside `folder` ("../x") or failed after making it ("sub/x")
+    for bad in ("../../escaped", "sub/cmp", "", ".."):
+        with pytest.raises(ValueError, match=r"`prefix` must be a file name stem without a folder"):
+            with_concepts.save_figures(tmp_path / "prefixed" / "figures", prefix=bad)
+    assert not (tmp_path / "prefixed").exists() and not (tmp_path / "escaped_0.png").exists()
 
 
 def test_plot_errors(with_concepts, no_show):

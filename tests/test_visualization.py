@@ -6,6 +6,9 @@ Nothing is fitted; the inputs are constant images and hand-made tensors.
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
 from types import SimpleNamespace
 
 import matplotlib
@@ -257,6 +260,65 @@ def test_save_figure_returns_the_file_it_wrote(tmp_path):
     with pytest.raises(FileNotFoundError):
         save_figure(plot_by_depth(["a"], {"x": [1.0]})[0], tmp_path / "missing" / "f.png")
     assert plt.get_fignums() == []
+    # a folder was written as a hidden "figures/.png.png", and the path returned did not exist
+    (tmp_path / "figures").mkdir()
+    for folder in (str(tmp_path / "figures") + os.sep, tmp_path / "figures"):
+        with pytest.raises(ValueError, match=r"`path` .*figures.* names a folder; pass a file path in it"):
+            save_figure(plot_by_depth(["a"], {"x": [1.0]})[0], folder)
+    assert list((tmp_path / "figures").iterdir()) == [] and plt.get_fignums() == []
+
+
+def test_plots_keep_a_callers_layout_and_draw_into_subfigures():
+    """Every plot called tight_layout on the figure it drew into: a caller's constrained layout was switched
+    off for the whole figure (with a warning), and a SubFigure (no tight_layout) failed with AttributeError."""
+    from captum_inn.visualization import plot_by_depth
+
+    image = torch.rand(1, 3, 8, 8)
+    fig, axes = plt.subplots(1, 2, layout="constrained")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "The figure layout has changed to tight"
+        plot_concept_bars({"a": 0.5, "b": 0.2}, ax=axes[0])
+        plot_by_depth(["conv", "fc"], {"VE": [0.1, 0.8]}, ax=axes[1])
+    assert type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"
+    left, right = plt.figure().subfigures(1, 2)
+    plot_invariance_samples(image, image, image.unsqueeze(1), title="samples", fig=left)
+    plot_concept_bars({"a": 0.5, "b": 0.2}, ax=right.subplots())
+
+
+def test_plot_values_may_be_tensors_with_grad():
+    """The grouped bars and plot_by_depth handed such values to matplotlib, which failed calling numpy() on them;
+    the flat bars took them."""
+    from captum_inn.visualization import plot_by_depth
+
+    value = torch.tensor(0.5, requires_grad=True) * 1
+    _, ax = plot_concept_bars({"relu1": {"digit": value, "colour": value}, "fc": {"digit": value, "colour": value}})
+    assert [bar.get_height() for bar in ax.patches] == [0.5] * 4
+    _, ax = plot_by_depth(["relu1", "fc"], {"VE": [value, None]})  # None: a gap, as metrics.json's null
+    assert ax.lines[0].get_ydata()[0] == 0.5 and math.isnan(ax.lines[0].get_ydata()[1])
+
+
+def test_nan_pixels_are_refused_not_drawn_white():
+    """clamp(0, 1) keeps NaN, which matplotlib draws as white: a diverged decoder's samples looked like white
+    images."""
+    from captum_inn.visualization import to_numpy_image
+
+    image = torch.rand(3, 8, 8)
+    image[0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN pixels .*torch.nan_to_num"):
+        to_numpy_image(image)
+    with pytest.raises(ValueError, match=r"NaN pixels"):
+        plot_image_grid({"a": image[None]})
+    assert plt.get_fignums() == []
+
+
+def test_a_long_title_is_wrapped_to_a_narrow_figure():
+    """A fixed title of about 100 characters ran off both edges of a grid of two columns."""
+    title = "what each layer sees in the attack (captions: the model's class, then the judge's for each layer's view)"
+    fig, _ = plot_image_grid({"a": torch.rand(2, 3, 8, 8), "b": torch.rand(2, 3, 8, 8)}, title=title)
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert fig._suptitle.get_text().replace("\n", " ") == title
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width
 
 
 def test_a_refused_input_leaves_no_figure_open():

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LayerSpec", "Selector", "resolve_layer", "LayerHooks", "capture", "eval_mode", "replace_activation"]
+__all__ = ["LayerSpec", "Selector", "resolve_layer", "module_names", "LayerHooks", "capture", "eval_mode", "replace_activation"]
 
 #: A layer, given as the module object itself or as its dotted name in ``model.named_modules()``.
 LayerSpec = Union[str, nn.Module]
@@ -138,8 +138,9 @@ def _warn_if_alias(model: nn.Module, layer: str) -> None:
     """Warn when the path ``layer`` passes through a later position of a module that an ``nn.Sequential``
     holds at an earlier one too (one ``nn.ReLU`` at positions 1 and 3): the module runs more than once per
     forward pass and hooks read its first call, so ``"3"`` silently read position 1's activation, and the
-    fit recorded ``"3"``. Other second names (an attribute alias, ``torch.compile``'s ``_orig_mod``) name
-    no second call: no warning."""
+    fit recorded ``"3"``. Other second names (``self.act2 = self.act1``) may or may not be called:
+    the feature cache runs the model to tell (:func:`module_names`); ``torch.compile``'s ``_orig_mod``
+    names no second call."""
     parts = layer.split(".") if layer else []
     parent: Any = model
     for i, part in enumerate(parts):
@@ -160,6 +161,30 @@ def _warn_if_alias(model: nn.Module, layer: str) -> None:
                 )
                 return
         parent = child if child is not None else getattr(parent, part)
+
+
+def module_names(model: nn.Module, module: nn.Module) -> List[str]:
+    """Every name of ``module`` in ``model`` (one module object may be registered under several:
+    ``self.backbone = self.body``), in registration order, without the prefixes of wrappers that
+    call what they wrap once (``torch.compile``'s ``_orig_mod.``, ``DataParallel``'s ``module.``).
+
+    Examples::
+
+        >>> act = nn.ReLU()
+        >>> module_names(nn.Sequential(nn.Linear(2, 2), act, nn.Linear(2, 2), act), act)
+        ['1', '3']
+    """
+    return list(dict.fromkeys(_without_wrappers(name) for name, m in model.named_modules(remove_duplicate=False)
+                              if m is module))
+
+
+def _without_wrappers(name: str) -> str:
+    """``name`` without the prefixes of wrappers that call the module they wrap once (``_orig_mod.``,
+    ``module.``)."""
+    parts = name.split(".") if name else []
+    while parts and parts[0] in ("_orig_mod", "module"):
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 def _refuse_torchscript(module: nn.Module, what: str) -> None:

@@ -1160,6 +1160,107 @@ def test_a_loader_without_automatic_batching_over_single_images_is_refused():
     assert images_as_tensor(batches).shape == (10, 3, 8, 8)
 
 
+def test_a_layer_named_by_a_second_name_of_a_module_called_twice_is_warned_about():
+    """``self.act2 = self.act1`` called as both: "act2" cached act1's activation (hooks read a module's first
+    call), unwarned. A pass over one image counts the calls: an alias called once, and the first name, are
+    not warned about."""
+
+    class Shared(nn.Module):
+        def __init__(self, twice):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.act1 = nn.ReLU()
+            self.act2 = self.act1  # one module, two names
+            self.twice = twice
+
+        def forward(self, x):
+            h = self.act1(self.conv1(x))
+            return self.act2(self.conv2(h)) if self.twice else self.conv2(h)
+
+    ae, images = ConvAutoencoder((3, 8, 8), latent_dim=4, width=4).eval(), torch.rand(3, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"layer 'act2' runs 2 times in each forward pass: it is one module object with "
+                                         r"the names \['act1', 'act2'\].*a module of its own") as info:
+        cache_features(Shared(twice=True).eval(), "act2", ae, images, progress=False)
+    assert info[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache_features(Shared(twice=True).eval(), "act1", ae, images, progress=False)  # its first name: its first call
+        cache_features(Shared(twice=False).eval(), ["act2", "conv2"], ae, images, progress=False)  # an alias called once
+
+
+def test_a_perceptual_model_it_cannot_call_or_read_is_explained():
+    """A perceptual layer giving a tuple was told to "pass selector=", which fit_autoencoder does not take; a
+    perceptual model needing a second argument failed with torch's TypeError at the first step."""
+
+    class TupleLayer(nn.Module):
+        def forward(self, x):
+            return x, x.mean()
+
+    class TwoArguments(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x, scale):
+            return self.conv(x) * scale
+
+    images = torch.rand(8, 3, 8, 8)
+    for model, layer, error in ((nn.Sequential(nn.Conv2d(3, 4, 3), TupleLayer()), "1", ValueError),
+                                (TwoArguments(), "conv", TypeError)):
+        with pytest.raises(error, match=r"The perceptual loss calls perceptual_model\(images\).*fit_autoencoder takes no "
+                                        r"selector or extra arguments for it: wrap it in an nn.Module"):
+            fit_autoencoder(images, latent_dim=4, width=4, steps=1, perceptual_model=model.eval(),
+                            perceptual_layers=[layer], progress=False)
+
+
+def test_a_layer_that_runs_on_some_inputs_only_is_explained_as_such():
+    """A routed layer (``out[mask] = expert(h[mask])``) gave (15, 5) for 24 inputs, and the error advised a
+    transpose for sequence-first layers, which would give (5, 15)."""
+
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.expert = nn.Linear(3 * 8 * 8, 5), nn.Linear(5, 5)
+
+        def forward(self, x):
+            h = self.stem(x.flatten(1))
+            routed = h[:, 0] > 0
+            return torch.where(routed[:, None], h.clone().index_put((routed,), self.expert(h[routed])), h)
+
+    model = Routed().eval()
+    images = torch.rand(24, 3, 8, 8)
+    with torch.no_grad():
+        n_routed = int((model.stem(images.flatten(1))[:, 0] > 0).sum())
+    assert 0 < n_routed < 24
+    with pytest.raises(ValueError, match=rf"shape \({n_routed}, 5\) for 24 input\(s\).*It holds {n_routed} rows, and no "
+                                         r"dimension of 24: a layer that runs on only some inputs.*hook a layer that "
+                                         r"every input passes through"):
+        cache_features(model, "expert", ConvAutoencoder((3, 8, 8), 4, width=4), images, batch_size=24, progress=False)
+
+
+def test_batch_norm_without_running_statistics_is_warned_about():
+    """Such a layer normalises with each batch's own statistics in eval mode too, so the cache's batches of 64
+    and an explanation's N gave an image other activations (1.1 on a scale of 2.8), unwarned."""
+    from captum_inn.training import LayerRepresentation
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).eval()
+    ae, images = ConvAutoencoder((3, 8, 8), latent_dim=4, width=4).eval(), torch.rand(6, 3, 8, 8)
+    match = r"batch norm '1' of the model has no running statistics \(track_running_stats=False\).*nn.GroupNorm"
+    with pytest.warns(UserWarning, match=r"cache_features \(the fits' feature pass\): " + match):
+        cache_features(model, "3", ae, images, progress=False)
+    with pytest.warns(UserWarning, match=r"LayerRepresentation: " + match):
+        LayerRepresentation(model, "3")
+    with pytest.warns(UserWarning, match=match):
+        inn = fit_invariances(model, "3", ae, images, steps=1, progress=False, **TINY)
+    with pytest.warns(UserWarning, match=r"LayerInvariance: " + match):
+        LayerInvariance(model, "3", inn, ae)
+    model[1] = nn.BatchNorm2d(4).eval()  # running statistics: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LayerRepresentation(model, "3")
+
+
 def test_save_load_and_refusals(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     inn = fit_invariances(model, "relu3", autoencoder, images, steps=2, progress=False, **TINY)

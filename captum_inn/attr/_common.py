@@ -422,6 +422,26 @@ def warn_unreachable_model(forward_func: Callable, layer: nn.Module, what: str) 
         )
 
 
+def warn_if_batch_statistics(model: Optional[nn.Module], what: str) -> None:
+    """A ``UserWarning`` for batch norm without running statistics (``track_running_stats=False``):
+    it normalises with each batch's own statistics in eval mode too, so an image's activation
+    depends on the images that share its batch (the cache's 64, an explanation's N), and the
+    promise that a batch of one gives what any batch gives does not hold."""
+    if model is None:
+        return
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None]
+    if names:
+        shown = ", ".join(repr(name) for name in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(
+            f"{what}: batch norm {shown} of the model has no running statistics (track_running_stats=False), so it "
+            "normalises with each batch's own statistics in eval mode too: an image's activation depends on the "
+            "images that share its batch, in the fit and in every explanation. Give it running statistics "
+            "(track_running_stats=True, fitted in training) or use nn.GroupNorm or nn.LayerNorm.",
+            UserWarning, stacklevel=user_stacklevel(),
+        )
+
+
 # Said where a pass gave other rows than inputs and extra arguments were given: a per-input tensor that
 # was not split with the inputs spreads a batch's rows (it read as a sequence-first layer).
 NOT_SPLIT = ("Only tensors given directly in `additional_forward_args` with one row per input (per image of the "
@@ -444,12 +464,18 @@ def check_batch_first(activation: Tensor, n: int, layer: str, additional_forward
     sequence-first layer's ``(L, N, E)`` was read as ``L`` rows, each mixing images, silently)."""
     if activation.dim() == 0 or activation.shape[0] != n:
         extra = holds_tensor(additional_forward_args)
+        shape = tuple(activation.shape)
+        if 0 < len(shape) and shape[0] < n and n not in shape[1:]:  # no dimension holds the inputs: fewer rows
+            cause = (f"it holds {shape[0]} rows, and no dimension of {n}: a layer that runs on only some inputs "
+                     "(routing, a mixture of experts, an early exit, a loop over some samples) cannot be read per "
+                     "input; hook a layer that every input passes through.")
+        else:
+            cause = ("a sequence-first layer (nn.TransformerEncoderLayer, nn.MultiheadAttention or nn.LSTM without "
+                     "batch_first=True) gives (L, N, E), and a squeeze() drops a batch of one; put the batch first "
+                     "with a selector, e.g. selector=lambda out: out.transpose(0, 1), or hook another layer.")
         raise ValueError(
-            f"{layer} gave an activation of shape {tuple(activation.shape)} for {n} input(s): its first dimension "
-            "must be the batch. A sequence-first layer (nn.TransformerEncoderLayer, nn.MultiheadAttention or "
-            "nn.LSTM without batch_first=True) gives (L, N, E), and a squeeze() drops a batch of one; put the batch "
-            "first with a selector, e.g. selector=lambda out: out.transpose(0, 1), or hook another layer."
-            + (" " + NOT_SPLIT if extra else "")
+            f"{layer} gave an activation of shape {shape} for {n} input(s): its first dimension must be the batch. "
+            f"{cause[0].upper()}{cause[1:]}" + (" " + NOT_SPLIT if extra else "")
         )
 
 

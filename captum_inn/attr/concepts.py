@@ -40,6 +40,7 @@ from captum_inn.attr._common import (
     layer_side,
     network_dtype,
     resolve_model_layer,
+    warn_if_batch_statistics,
     warn_unreachable_model,
 )
 from captum_inn.autoencoders import check_autoencoder, encode_mean
@@ -254,6 +255,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         self.selector = fitted_selector(selector, reader_info, self._layer_reader, forward_func, name, module)
         self.image_input = image_input
         warn_unreachable_model(forward_func, module, "LayerConcepts")
+        warn_if_batch_statistics(forward_module(forward_func, module), "LayerConcepts")
 
     # ------------------------------------------------------------------ Captum's protocol
     def has_convergence_delta(self) -> bool:

@@ -37,6 +37,7 @@ from captum_inn.attr._common import (
     resolve_model_layer,
     seeded_generator,
     slice_forward_args,
+    warn_if_batch_statistics,
     warn_unreachable_model,
 )
 from captum_inn.autoencoders import check_autoencoder
@@ -84,7 +85,9 @@ class LayerInvariance(LayerAttribution):
     in any batch; that needs the model in reach: ``forward_func`` the model itself or its bound
     method (``model.forward``). Behind any other function only the hooked layer is switched, and
     building the explainer warns (``UserWarning``) where that layer is in training mode: call
-    ``model.eval()`` first. Inputs must be on the device of the fitted INN.
+    ``model.eval()`` first. Batch norm without running statistics (``track_running_stats=False``)
+    uses each batch's own in eval mode too, so there the batch matters; building the explainer
+    warns. Inputs must be on the device of the fitted INN.
 
     Examples::
 
@@ -147,6 +150,7 @@ class LayerInvariance(LayerAttribution):
         self.selector = fitted_selector(selector, getattr(inn, "fit_info", None) or {}, "inn", forward_func, name, module)
         self.image_input = image_input
         warn_unreachable_model(forward_func, module, "LayerInvariance")
+        warn_if_batch_statistics(forward_module(forward_func, module), "LayerInvariance")
 
     # ------------------------------------------------------------------ Captum's protocol
     def has_convergence_delta(self) -> bool:

@@ -222,7 +222,16 @@ def fit_autoencoder(
         # loss back in the autoencoder's: a raw dtype error before
         seen = network_dtype(perceptual_model, recon.dtype)
         with torch.no_grad():
-            hooks.run(x.to(seen))
+            try:
+                hooks.run(x.to(seen))
+            except (TypeError, ValueError) as error:  # "pass selector=" named an argument the fit does not take
+                raise type(error)(
+                    f"The perceptual loss calls perceptual_model(images) and reads a tensor at each of "
+                    f"`perceptual_layers`, and that failed: {str(error).rstrip('.')}. fit_autoencoder takes no selector or extra "
+                    "arguments for it: wrap it in an nn.Module whose forward(images) calls it with what it needs, "
+                    "and name layers that give a tensor (or wrap a layer that gives a tuple in a module that "
+                    "returns its tensor)."
+                ) from error
             targets = hooks.values
         missing = [name for name in config.perceptual_layers if name not in targets]
         if missing:  # one that never ran gave torch's "stack expects a non-empty TensorList", or was left out

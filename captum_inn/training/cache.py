@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -46,6 +47,8 @@ from captum_inn.attr._common import (
     encode_images,
     sequence_first_suspect,
     slice_forward_args,
+    user_stacklevel,
+    warn_if_batch_statistics,
 )
 from captum_inn.autoencoders import check_autoencoder
 from captum_inn.capture import (
@@ -54,6 +57,7 @@ from captum_inn.capture import (
     did_not_run_hint,
     eval_mode,
     module_attributes,
+    module_names,
     per_layer_selectors,
     resolve_layer,
     selector_record,
@@ -332,6 +336,39 @@ def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Se
     for name in suspects:  # say where the n - 1 comes from: the user passed n images
         check_batch_first(hooks.values[name], n - 1, f"Layer {name!r} (checked with the first {n - 1} of {n} images, "
                           f"since a shape of ({n}, {n}, ...) cannot tell batch-first from sequence-first)", extra)
+
+
+def _warn_if_called_twice(model: nn.Module, modules: Mapping[str, nn.Module], images: Tensor,
+                          extra: Tuple[Any, ...]) -> None:
+    """Warn about a layer that is not its module's first name (``self.act2 = self.act1``) when that
+    module runs more than once per forward pass: the cache holds its first call, which the name
+    asked for may not be (``"act2"`` read ``act1``'s activation, unwarned). One pass over one image,
+    without stopping early, counts the calls; a mere alias called once is not warned about."""
+    aliased = {name: m for name, m in modules.items() if module_names(model, m)[0] != name}
+    if not aliased:
+        return
+    calls: Dict[int, int] = {}
+
+    def count(module: nn.Module, args: Any) -> None:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+
+    runner = model.module if isinstance(model, nn.DataParallel) else model  # replicas' calls are not counted
+    handles = [m.register_forward_pre_hook(count) for m in {id(m): m for m in aliased.values()}.values()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            runner(images[:1], *(slice_forward_args(extra, slice(0, 1), images.shape[0]) or ()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, module in aliased.items():
+        if calls.get(id(module), 0) > 1:
+            first = module_names(model, module)[0]
+            warnings.warn(
+                f"layer {name!r} runs {calls[id(module)]} times in each forward pass: it is one module object with "
+                f"the names {module_names(model, module)}, and its features are those of its first call, whichever "
+                f"name the model calls it by (the call as {first!r}, if the model makes that first). Give {name!r} a module "
+                "of its own (e.g. a second nn.ReLU()).", UserWarning, stacklevel=user_stacklevel(),
+            )
 
 
 def _check_ordered_for_per_image_args(data: Any, extra: Tuple[Any, ...], n_rows: Optional[int]) -> None:
@@ -677,9 +714,11 @@ def cache_features(
     """
     check_autoencoder(autoencoder)
     check_module_device(model, device, "model")
+    warn_if_batch_statistics(model, "cache_features (the fits' feature pass)")
     check_module_device(autoencoder, device, "autoencoder")
     layer_list = list(layers) if isinstance(layers, (list, tuple)) else [layers]
-    names = list(dict.fromkeys(resolve_layer(model, layer)[0] for layer in layer_list))  # one array per layer
+    modules = dict(resolve_layer(model, layer) for layer in layer_list)  # one array per layer
+    names = list(modules)
     extra = _format_additional_forward_args(additional_forward_args) or ()
     n_images = count_images(data)
     if n_images == 0:  # before any pass or file: the arrays would be missing (a KeyError) or empty
@@ -725,6 +764,7 @@ def cache_features(
                 if seen == 0:  # once: a sequence-first layer with as many tokens as images in a batch
                     _check_sequence_first(model, layer_list, names, values, images, batch_extra,
                                           attribute_to_layer_input, selector)
+                    _warn_if_called_twice(model, modules, images, batch_extra)
                 mean, std = encode_images(autoencoder, images, posterior=True, name="data")
                 check_finite_rows(mean, "the autoencoder's code means", seen)
                 check_finite_rows(std, "the autoencoder's code standard deviations", seen)

@@ -35,6 +35,7 @@ from captum_inn.attr._common import (
     dtype_errors_named,
     encode_images,
     user_stacklevel,
+    warn_if_batch_statistics,
 )
 from captum_inn.autoencoders import check_autoencoder
 from captum_inn.capture import (
@@ -164,6 +165,7 @@ class LayerRepresentation:
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(self.model).__name__}.")
         self.layer_name, module = resolve_layer(self.model, self.layer)
+        warn_if_batch_statistics(self.model, "LayerRepresentation")
         # a {layer: selector} dict: its entry for this layer
         self.layer_selector = selector_for_layer(self.model, self.layer_name, module, self.selector)
 

@@ -97,6 +97,13 @@ class ConceptPairs:
             raise ValueError(f"`n` (number of pairs) must be an int >= 1, got {n!r}.")
         n = int(n)  # NumPy ints, as ColorDigits.pairs takes them
         generator = as_optional_generator(generator) or torch.Generator().manual_seed(0)
+        try:
+            inspect.signature(self.sampler).bind(n, generator)
+        except TypeError:  # Python's bare "takes 1 positional argument but 2 were given" named no concept
+            raise TypeError(f"The sampler of concept {self.name!r} must take (n, generator): the number of pairs and "
+                            "a torch.Generator to draw them with.") from None
+        except ValueError:  # no signature to read (a builtin): called as it is
+            pass
         pair = self.sampler(n, generator)
         if not (isinstance(pair, (tuple, list)) and len(pair) >= 2 and all(isinstance(t, Tensor) for t in pair[:2])):
             raise TypeError(f"The sampler of concept {self.name!r} must return a pair of tensors (a, b).")
@@ -229,7 +236,9 @@ class ConceptPairs:
                 defaulting to ``None`` (``transform(batch, g=None)``), gets the pair sampler's
                 ``torch.Generator`` there, so ``fit_concepts(..., seed=)`` makes its pairs
                 reproducible; any other transform draws its own randomness (its global
-                generators are seeded while a fit draws its pools).
+                generators are seeded while a fit draws its pools). It must change every
+                image: torchvision's random transforms draw once per call, for the whole batch,
+                so one with ``p < 1`` leaves whole batches unchanged (the fit warns).
 
         Examples::
 

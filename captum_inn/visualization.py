@@ -467,6 +467,9 @@ def plot_concept_edits(
                         "for one concept pass {'my_concept': concepts.edit(x, 'my_concept', donors=donors)}.")
     plt = _plt()
     n, columns = originals.shape[0], 2 + len(edits)
+    if donors.dim() != originals.dim():  # one donor as (C, H, W) was read as C donors
+        raise ValueError(f"`donors` must be (N, C, H, W) like `originals`, got shape {tuple(donors.shape)}; for one "
+                         "donor pass donor.unsqueeze(0).")
     if donors.shape[0] == 1:
         donors = donors.expand(n, *donors.shape[1:])
     for what, images in (("donors", donors), *((f"edits[{c!r}]", e) for c, e in edits.items())):

@@ -369,6 +369,9 @@ def test_concept_edits_take_donors_when_the_image_is_not_the_first_input(setup):
     by_tuple = concepts.edit((labels, X), "a", donors=(labels[:1], X[:1]))
     expected = LayerConcepts(model, "cnn.logits", e, ae).edit(X, "a", donors=X[:1])
     assert torch.equal(by_tensor, expected) and torch.equal(by_tuple, expected)
+    # one input takes one donor: "must hold 1 or 1 images" said it twice
+    with pytest.raises(ValueError, match=r"`donors` must hold 1 image, got 3\."):
+        LayerConcepts(model, "cnn.logits", e, ae).edit(X[:1], "a", donors=X)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")

@@ -447,6 +447,30 @@ def test_fit_concepts_estimates_sizes_when_not_given():
     assert set(e.fit_info["scores"]) == {"c"} and sum(e.factor_sizes.values()) == 6
 
 
+def test_differ_pairs_that_a_transform_left_unchanged_are_warned_about():
+    """A transform that changes nothing (a torchvision random one draws once per batch, so whole chunks of
+    pairs came out unchanged) gave `differ` pairs of an input with itself: the score fell, unwarned."""
+    x, c, s = synthetic(200)
+    settings = dict(steps=1, n_blocks=1, hidden=8, pool_size=64, progress=False)
+    labelled = ConceptPairs.from_labels("c", x, c)
+    with pytest.warns(UserWarning, match=r"Concept 'same': 100% of its `differ` pairs are an input with itself.*"
+                                         r"draw once per call, for a whole batch"):
+        fit_concepts((IDENTITY, "0"), [labelled, ConceptPairs.from_transform("same", x, lambda batch: batch.clone())],
+                     **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_concepts((IDENTITY, "0"), [labelled, ConceptPairs.from_transform("flip", x, lambda batch: -batch)],
+                     **settings)
+
+
+def test_a_sampler_without_the_generator_argument_is_named():
+    """A sampler written as ``lambda n: ...`` failed with Python's bare "takes 1 positional argument but 2 were
+    given", naming neither the concept nor the signature."""
+    pairs = ConceptPairs("c", lambda n: (torch.rand(n, 4), torch.rand(n, 4)))
+    with pytest.raises(TypeError, match=r"The sampler of concept 'c' must take \(n, generator\)"):
+        pairs.sample(4)
+
+
 def test_one_concept_given_twice_under_two_names_is_warned_about():
     """Two names for the same pairs fitted two factors of one concept, each with its full share of the
     layer, silently; concepts on other pairs, or the same inputs under other labels, are not warned about."""
@@ -1347,6 +1371,51 @@ def test_a_resume_refuses_other_concept_data_and_takes_earlier_checkpoints(tmp_p
     save_checkpoint(path, tensors, meta)
     fit_concepts((IDENTITY, "0"), shuffled, steps=6, **settings)  # nothing to compare with: resumes
     assert "pairs" not in load_checkpoint(path)[1]["config"]
+
+
+def test_a_resume_keeps_the_factor_sizes_and_scores_its_checkpoint_estimated(tmp_path, monkeypatch):
+    """The estimated scores were part of the compared configuration: estimated again with other conv kernels
+    (or thread counts) they differed in their last digits, and sizes given as the first run's estimate came
+    with no scores; both resumes were refused as another configuration, costing a whole refit."""
+    from captum_inn.training import concepts as training_concepts
+
+    x, c, s = synthetic(200)
+    concepts = [ConceptPairs.from_labels("c", x, c), ConceptPairs.from_labels("s", x, s)]
+    path = str(tmp_path / "fit.safetensors")
+    settings = dict(n_blocks=2, hidden=16, pool_size=64, progress=False, checkpoint=path, checkpoint_every=2)
+    first = fit_concepts((IDENTITY, "0"), concepts, steps=2, **settings)
+    sizes, scores = first.fit_info["factor_sizes"], first.fit_info["scores"]
+    estimate = training_concepts._scores
+    monkeypatch.setattr(training_concepts, "_scores", lambda pools: {k: v + 1e-9 for k, v in estimate(pools).items()})
+    drifted = fit_concepts((IDENTITY, "0"), concepts, steps=4, **settings)  # scores estimated again, a little off
+    assert drifted.fit_info["scores"] == scores and drifted.fit_info["factor_sizes"] == sizes
+    given = fit_concepts((IDENTITY, "0"), concepts, steps=6, factor_sizes=sizes, **settings)  # the estimate, given
+    assert given.fit_info["scores"] == scores and len(given.history) == 6
+    other = {name: size for name, size in sizes.items() if name != "residual"}
+    other["c"] += 1  # other sizes are another fit
+    with pytest.raises(CheckpointError, match="another configuration"):
+        fit_concepts((IDENTITY, "0"), concepts, steps=8, factor_sizes=other, **settings)
+
+
+def test_moved_running_statistics_since_a_layer_fit_are_warned_about(tmp_path):
+    """A concept INN on a model layer recorded the weights but not the buffers: after a pass in train mode had
+    moved batch norm's running statistics, LayerConcepts read other factors without a word (the invariance
+    INN warns in that case)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    images = torch.rand(64, 3, 8, 8)
+    pairs = [ConceptPairs.from_labels("half", images, torch.arange(64) % 2)]
+    e = fit_concepts((model, "3"), pairs, steps=2, n_blocks=1, hidden=8, pool_size=32, progress=False)
+    path = str(tmp_path / "e.safetensors")
+    save_concept_inn(path, e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LayerConcepts(model, "3", e)  # the fit's buffers: nothing to say
+    model.train()(images)  # one accidental pass in train mode
+    model.eval()
+    for inn in (e, load_concept_inn(path)):
+        with pytest.warns(UserWarning, match=r"weights `concept_inn` was fitted with, but other buffers"):
+            LayerConcepts(model, "3", inn)
 
 
 def test_a_pooled_layer_is_refused_with_the_next_linear_layers_input_as_the_fix():

@@ -209,6 +209,14 @@ def test_plot_concept_bars_checks_names_shape_and_groups():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["digit", "colour", "residual"]
 
 
+def test_plot_concept_edits_refuses_one_donor_without_its_batch_dimension():
+    """A donor given as (C, H, W) was read as C donors ("holds 3 images for 2 `originals`")."""
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"`donors` must be \(N, C, H, W\) like `originals`, got shape \(3, 8, 8\); "
+                                         r"for one donor pass donor.unsqueeze\(0\)"):
+        plot_concept_edits(x, x[0], {"digit": x})
+
+
 def test_plot_concept_edits_takes_one_donor_for_all_rows_as_edit_does():
     """``LayerConcepts.edit(x, c, donors=x[:1])`` takes one donor; its figure failed with an IndexError."""
     x = torch.rand(3, 3, 8, 8)

@@ -220,7 +220,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         self.representation = representation.get("kind", _CODE)
         if self.representation == _LAYER:
             check_fitted_layer(representation.get("layer"), name, model, "concept_inn")
-            check_model_weights(model, module, representation.get("weights"), "concept_inn")
+            check_model_weights(model, module, representation.get("weights"), "concept_inn", representation.get("buffers"))
         else:
             _check_code_autoencoder(concept_inn, autoencoder)
         if invariance_inn is not None:
@@ -465,7 +465,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 donor_code = self._representation((donor_images,), None, image_input=0, name="donors")
                 donor_factors = self.concept_inn(donor_code, jac=False)[0]
             if donor_factors.shape[0] not in (1, n):
-                raise ValueError(f"`donors` must hold 1 or {n} images (one per input), got {donor_factors.shape[0]}.")
+                count = "1 image" if n == 1 else f"1 or {n} images (one per input)"
+                raise ValueError(f"`donors` must hold {count}, got {donor_factors.shape[0]}.")
             new = donor_factors[:, block].expand(n, -1)
         elif value is not None:
             shape_ok = isinstance(value, Tensor) and (

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
-from captum_inn._fingerprints import class_name, weights_fingerprint
+from captum_inn._fingerprints import buffer_fingerprints, class_name, weights_fingerprint
 from captum_inn._random import seeded_every_global_rng, seeded_global_rng
 from captum_inn.attr._common import (
     as_device,
@@ -57,6 +57,7 @@ from captum_inn.training.checkpoint import (
     load_checkpoint,
     load_module_state,
     module_tensors,
+    read_header,
     recorded_config_has,
     save_checkpoint,
 )
@@ -299,6 +300,14 @@ class _ExampleCount:
                 "makes the concept look fully kept; its score and factor size mean nothing. Labels that only one "
                 "input has cause this (a float attribute used as labels: bin it, e.g. torch.bucketize(values, "
                 "torch.quantile(values, torch.linspace(0, 1, 11)[1:-1]))).", UserWarning, stacklevel=user_stacklevel())
+        if relation == "differ" and self.with_itself * 10 > self.pairs:
+            # a transform that left images unchanged (torchvision's random ones draw once per call, for a whole
+            # chunk of pairs): pairs meant to differ in the concept shared it, and the score fell silently
+            warnings.warn(
+                f"Concept {name!r}: {self.with_itself / self.pairs:.0%} of its `differ` pairs are an input with "
+                "itself, so they show no change of the concept and its score is too low. The transform must change "
+                "every image: torchvision's random transforms draw once per call, for a whole batch, so apply one "
+                "per image (or with p=1).", UserWarning, stacklevel=user_stacklevel())
         if distinct * 10 < min(n_pairs, most_distinct):
             # every concept's pool weighs the same in the fit: a few inputs drawn thousands of times, beside concepts
             # of thousands, skew the factor INN and the factor variance that LayerConcepts.encoded divides by
@@ -506,6 +515,26 @@ def _check_dim(dim: int, names: Sequence[str], sizes: Optional[Dict[str, int]]) 
     return sizes
 
 
+def _resumed_estimate(checkpoint: Any, names: Sequence[str], dim: int, sizes: Dict[str, int],
+                      scores: Optional[Dict[str, float]]) -> Tuple[Dict[str, int], Optional[Dict[str, float]]]:
+    """The factor sizes and scores a resumed fit keeps: those its checkpoint estimated, where it did
+    and the sizes agree (or are estimated again). Scores estimated again differ in their last digits
+    (another conv backend, thread count or number of processes), and sizes given as the ones the
+    first run estimated came with no scores: both refused the resume as another configuration. The
+    pairs' fingerprints, compared on resume, decide whether the data is the same."""
+    config = (read_header(checkpoint) or {}).get("config") or {}
+    saved_sizes, saved_scores = config.get("factor_sizes"), config.get("scores")
+    if not (isinstance(saved_sizes, dict) and isinstance(saved_scores, dict)) or config.get("concepts") != list(names):
+        return sizes, scores
+    if sum(saved_sizes.values()) != dim or set(saved_sizes) != {*names, RESIDUAL}:
+        return sizes, scores  # another representation: the resume check says so
+    given_matches = all(saved_sizes.get(k) == v for k, v in sizes.items()) and (
+        RESIDUAL in sizes or saved_sizes[RESIDUAL] == dim - sum(sizes.values()))
+    if scores is not None or given_matches:
+        return dict(saved_sizes), dict(saved_scores)
+    return sizes, scores
+
+
 # Rank r encodes its pairs with seed + stride · r, so the ranks' pairs differ.
 _RANK_POOL_SEED = 7919
 
@@ -655,6 +684,7 @@ def fit_concepts(
     if sizes is None:
         scores = _scores(pools)
         sizes = factor_sizes_from_scores(scores, dim, residual=RESIDUAL)
+    sizes, scores = _resumed_estimate(checkpoint if resume else None, names, dim, sizes, scores)
     # deterministic features get a small noise floor (fraction of each dimension's spread); a dimension
     # without spread (a dead ReLU unit) counts the median spread of those that vary: an absolute floor
     # (1e-6) gave it noise a million times smaller than the layer's scale, and the fit a loss that jumped
@@ -721,10 +751,14 @@ def fit_concepts(
     results = {"steps": config.steps, "final_loss": final_loss(history),
                "factor_variance": factors.var(0).cpu().tolist()}
     inn.fit_info = {**info, **results}
+    if info["representation"].get("kind") == "layer":
+        # kept out of the resume record too (older checkpoints resume): LayerConcepts warns when running
+        # statistics moved since the fit (the weights alone matched, and other factors were read silently)
+        inn.fit_info["representation"] = {**inn.fit_info["representation"], "buffers": buffer_fingerprints(network)}
     if callable_selector is not None:
         # kept out of the resume record (older checkpoints resume), but LayerConcepts must know: an int
         # selector there read another tensor than the fit's callable, silently
-        inn.fit_info["representation"] = {**info["representation"], "selector": callable_selector}
+        inn.fit_info["representation"] = {**inn.fit_info["representation"], "selector": callable_selector}
     inn.history = history
     if checkpoint is not None and rank == 0:
         # the finished fit's results (factor_variance: the reference of LayerConcepts.encoded) go into

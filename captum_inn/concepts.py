@@ -265,8 +265,15 @@ class ConceptPairs:
             a = inputs[torch.randint(inputs.shape[0], (n,), generator=generator)]
             batch = a.clone()  # a transform that edits its batch in place made every pair two equal images
             if passing == "keyword":
-                return a, transform(batch, generator=generator)
-            return a, (transform(batch, generator) if passing == "positional" else transform(batch))
+                b = transform(batch, generator=generator)
+            else:
+                b = transform(batch, generator) if passing == "positional" else transform(batch)
+            # the pair checks in sample() would blame "the sampler", which the user never wrote
+            if not isinstance(b, Tensor) or b.shape != a.shape:
+                got = f"a {tuple(b.shape)} tensor" if isinstance(b, Tensor) else f"a {type(b).__name__}"
+                raise TypeError(f"The `transform` of concept {name!r} must return a batch shaped like its input "
+                                f"{tuple(a.shape)}, got {got}.")
+            return a, b
 
         return cls(name, sampler, "differ")
 

@@ -177,6 +177,16 @@ def test_from_transform_gives_its_transform_a_copy():
     assert not torch.equal(a[:, 0], b[:, 0]) and torch.equal(a[:, 1:], b[:, 1:]) and torch.equal(x, original)
 
 
+def test_from_transform_names_the_transform_when_it_returns_another_shape():
+    """A transform returning (image, target), as torchvision v2 ones with a target do, was reported
+    as a bad "sampler", which the user never wrote."""
+    x = torch.rand(10, 3, 4, 4)
+    with pytest.raises(TypeError, match=r"`transform` of concept 'jitter' .* got a tuple"):
+        ConceptPairs.from_transform("jitter", x, lambda batch: (batch * 0.5, None)).sample(4)
+    with pytest.raises(TypeError, match=r"`transform` of concept 'crop' .*\(4, 3, 4, 4\), got a \(4, 3, 2, 2\) tensor"):
+        ConceptPairs.from_transform("crop", x, lambda batch: batch[..., :2, :2]).sample(4)
+
+
 def test_captum_concepts_are_scored_against_each_other():
     """Pairs of a Captum concept are two of its examples; scored about their own pool, every such
     concept scored about 0, on a representation that encodes the classes as on pure noise."""

@@ -23,7 +23,7 @@ from captum_inn.capture import capture
 from captum_inn.compare import last_spatial_layer
 from captum_inn.concepts import ConceptPairs
 from captum_inn.datasets import ColorDigits
-from captum_inn.inn import ActNorm, ConditionalINN, FactorINN
+from captum_inn.inn import ActNorm, AffineCoupling, ConditionalINN, FactorINN
 from captum_inn.metrics import estimate_colours, prediction_agreement, reencode_similarity
 from captum_inn.models import SmallCNN
 from captum_inn.training import (
@@ -170,6 +170,9 @@ def _cases():
         ("factor sizes not summing", lambda m, ae, inn, e: fit_concepts(ae, [ColorDigits("test").concept("digit")], factor_sizes={"digit": 4, "residual": 4}, steps=1, pool_size=4, progress=False), ValueError, "sum to 8"),
         ("factor INN on a conv layer", lambda m, ae, inn, e: LayerRepresentation(m, "cnn.relu3").encode(X), ValueError, "vector layer"),
         ("ActNorm batch of one", lambda m, ae, inn, e: ActNorm(4)(torch.randn(1, 4)), ValueError, "batch"),
+        # hidden=0 gave couplings that ignore their input (or crashed inside oneDNN on AVX-512 CPUs)
+        ("INN subnets of width 0", lambda m, ae, inn, e: ConditionalINN(4, (3,), hidden=0), ValueError, r"`hidden` must be >= 1"),
+        ("float64 input to a float32 coupling", lambda m, ae, inn, e: AffineCoupling(4)(torch.randn(3, 4, dtype=torch.float64)), TypeError, r"`x` is torch.float64 but this coupling's weights are torch.float32"),
         ("normalised images to cache for a sigmoid decoder", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, (X - 0.5) / 0.2, steps=1, progress=False), ValueError, r"`data` pixels range over \[-2.5, 2.5\], but the autoencoder decodes images in \[0, 1\].*nn.Sequential\(normalise, model\)"),
         ("8-bit pixel values for a sigmoid decoder", lambda m, ae, inn, e: fit_autoencoder(X * 255, latent_dim=4, steps=1, progress=False), ValueError, r"`data` pixels range over \[.*divide 8-bit pixels by 255"),
         ("autoencoder data with NaN", lambda m, ae, inn, e: fit_autoencoder(X * float("nan"), latent_dim=4, steps=1, progress=False), ValueError, "NaN"),

@@ -321,6 +321,11 @@ def test_conditional_inn_rejects_a_condition_of_another_layer():
         t(torch.randn(3, 4), torch.randn(2, 10))
 
 
+def test_conditional_inn_takes_a_vector_layer_size_as_an_int():
+    """``cond_shape=10`` failed with "'int' object is not iterable"; load_invariance_inn's layer_shape takes it."""
+    assert ConditionalINN(4, 10, n_blocks=1, hidden=8).cond_shape == (10,)
+
+
 def test_conditional_inn_sampling_is_reproducible_and_checks_temperature():
     t = ConditionalINN(4, (10,), n_blocks=1, hidden=8)
     c = torch.randn(6, 10)

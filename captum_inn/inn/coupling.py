@@ -33,6 +33,8 @@ def mlp(in_features: int, out_features: int, hidden: int, depth: int) -> nn.Sequ
     """
     if depth < 1:
         raise ValueError(f"`depth` must be >= 1 hidden layer, got {depth}.")
+    if hidden < 1:  # 0 made every scale and shift a constant: a coupling that ignores its input
+        raise ValueError(f"`hidden` must be >= 1 (the subnet's width), got {hidden}.")
     layers = []
     width = in_features
     for _ in range(depth):
@@ -113,6 +115,12 @@ class AffineCoupling(InvertibleModule):
         self, x: Tensor, c: Optional[Tensor] = None, rev: bool = False, jac: bool = True
     ) -> Tuple[Tensor, Tensor]:
         check_vector_batch(x, self.dim)
+        weights = self.subnet[0].weight.dtype
+        for name, tensor in (("x", x), ("c", c)):
+            # else a raw "mat1 and mat2 must have the same dtype" (under autocast, Linear casts them itself)
+            if tensor is not None and tensor.dtype != weights and not torch.is_autocast_enabled(tensor.device.type):
+                raise TypeError(f"`{name}` is {tensor.dtype} but this coupling's weights are {weights}: convert the "
+                                f"input with .to({weights}) or the flow with .to({tensor.dtype}).")
         fixed, other = self._split(x)
         cond = None
         if self.cond_dim:

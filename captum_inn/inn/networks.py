@@ -101,7 +101,8 @@ class ConditionalINN(InvertibleModule):
                 "with 0 the INN would ignore the layer's activation."
             )
         self.dim = int(dim)
-        self.cond_shape = tuple(int(s) for s in cond_shape)
+        # an int is a vector layer's size, as load_invariance_inn's layer_shape takes it
+        self.cond_shape = (int(cond_shape),) if isinstance(cond_shape, numbers.Integral) else tuple(int(s) for s in cond_shape)
         self.config: Dict[str, Any] = dict(
             dim=self.dim, cond_shape=list(self.cond_shape), n_blocks=int(n_blocks), hidden=int(hidden),
             depth=int(depth), embed_dim=int(embed_dim), clamp=float(clamp), seed=int(seed),

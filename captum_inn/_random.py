@@ -29,11 +29,13 @@ def normal(shape: Sequence[int], generator: Optional[torch.Generator], device: U
 
 
 @contextmanager
-def seeded_global_rng(seed: int) -> Iterator[None]:
+def seeded_global_rng(seed: int, dtype: Optional[torch.dtype] = None) -> Iterator[None]:
     """PyTorch's global generators seeded with ``seed`` inside the block, the caller's states back after.
 
     Module constructors draw their initial weights from the global generators, so a fit seeds them
     for a reproducible start; restoring them afterwards leaves the user's own random stream as it was.
+    With ``dtype``, that is the default dtype inside the block: weights are drawn in the default
+    dtype, so a float32 network built under a float64 default started from other values.
 
     Examples::
 
@@ -50,7 +52,13 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
         torch.default_generator.manual_seed(int(seed))
         if cuda:
             torch.cuda.manual_seed_all(int(seed))
-        yield
+        default = torch.get_default_dtype()
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(default)
 
 
 @contextmanager

@@ -212,7 +212,7 @@ class ConceptPairs:
 
         def sampler(n: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
             a = torch.randint(inputs.shape[0], (n,), generator=generator)
-            u = torch.rand(n, generator=generator)
+            u = torch.rand(n, generator=generator, dtype=torch.float32)  # the same pairs under any default dtype
             size, start = sizes[group_of[a]], starts[group_of[a]]
             # uniform over the other members of a's group: the pick-th of them, skipping a itself
             # (min: u * (size - 1) may round up to size - 1); a alone in its group pairs with itself

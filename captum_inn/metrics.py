@@ -336,7 +336,7 @@ def variance_explained_by_v(
         for start in range(0, codes.shape[0], batch_size):
             c = conditions[start : start + batch_size]
             emb = inn.embed(c).repeat_interleave(n_samples, dim=0)
-            v = normal((emb.shape[0], inn.dim), generator, emb.device).to(emb.dtype)
+            v = normal((emb.shape[0], inn.dim), generator, emb.device, torch.float32).to(emb.dtype)
             zbar = inn(v, None, rev=True, jac=False, embedding=emb)[0].view(c.shape[0], n_samples, -1)
             within.append(zbar.var(dim=1).sum(dim=1))
     total = codes.var(dim=0).sum()

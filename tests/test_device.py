@@ -115,12 +115,16 @@ def test_checkpoints_written_from_the_device_load_back_onto_it(device, fitted, t
 
 
 def test_concept_dynamics_on_the_device(device, fitted):
+    """Models elsewhere (CPU copies, on a GPU run) are measured on the device and stay where they were:
+    concept_dynamics moved the caller's models for good."""
     checkpoints = {**fitted["snapshots"].models, 6: fitted["cnn"]}
+    checkpoints = {label: copy.deepcopy(model).cpu() for label, model in checkpoints.items()}
     x = fitted["images"][:8].to(device)
     dynamics = concept_dynamics(checkpoints, "fc", fitted["ae"], fitted["e"], fitted["images"], x,
                                 fitted["labels"][:8].to(device), steps=3, n_samples=2, device=device,
                                 progress=False, **TINY_INN)
     assert len(dynamics.table().splitlines()) >= 3
+    assert all(on(torch.device("cpu"), model) for model in checkpoints.values())
 
 
 def test_networks_elsewhere_than_device_are_a_clear_error(device, fitted):

@@ -547,6 +547,36 @@ def test_a_float64_network_comes_back_in_float64(images, tmp_path):
     assert loaded.dtype == torch.float64 and torch.equal(loaded(z, jac=False)[0], e(z, jac=False)[0])
 
 
+def test_a_float64_default_dtype_changes_no_fit_and_no_loaded_network(images, autoencoder, tmp_path):
+    """Under torch.set_default_dtype(torch.float64): fit_concepts crashed ("addmv input tensors must have the
+    same dtype"), seeded pairs came from another random stream, the fits built float64 INNs, and saved
+    float32 networks loaded back as float64."""
+    from captum_inn.training import save_autoencoder, save_concept_inn
+
+    labels = torch.arange(len(images)) % 2
+    pairs = ConceptPairs.from_labels("a", images, labels)
+    model = SmallCNN(width=4).eval()
+    reference = (pairs.sample(6, torch.Generator().manual_seed(0)), _concept_inn(autoencoder, images, seed=0),
+                 fit_invariances(model, "fc", autoencoder, images, steps=2, progress=False, **TINY))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        drawn = pairs.sample(6, torch.Generator().manual_seed(0))
+        e = _concept_inn(autoencoder, images, seed=0)
+        inn = fit_invariances(model, "fc", autoencoder, images, steps=2, progress=False, **TINY)
+        loaded = (load_concept_inn(str(save_concept_inn(str(tmp_path / "e.safetensors"), e))),
+                  load_invariance_inn(str(save_invariance_inn(tmp_path / "t.safetensors", inn))),
+                  load_autoencoder(save_autoencoder(str(tmp_path / "ae.safetensors"), autoencoder)))
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, reference[0]))
+    assert e.dtype == inn.dtype == torch.float32 and all(net.dtype == torch.float32 for net in loaded[:2])
+    assert next(loaded[2].parameters()).dtype == torch.float32
+    for fitted, again in zip(reference[1:], (e, inn)):
+        for (name, a), b in zip(fitted.state_dict().items(), again.state_dict().values()):
+            torch.testing.assert_close(b, a, msg=name)
+
+
 def test_a_bfloat16_autoencoder_comes_back_in_bfloat16(tmp_path):
     """Any one floating dtype is kept, not float64 alone (bfloat16 weights came back as float32)."""
     from captum_inn.autoencoders import ConvAutoencoder

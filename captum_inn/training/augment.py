@@ -64,10 +64,10 @@ class Jitter:
             dx, dy = torch.randint(0, 2 * p + 1, (2,), generator=self.generator).tolist()
             images = padded[:, :, dy : dy + images.shape[2], dx : dx + images.shape[3]]
         if self.flip:
-            mirrored = torch.rand(images.shape[0], generator=self.generator) < 0.5
+            mirrored = torch.rand(images.shape[0], generator=self.generator, dtype=torch.float32) < 0.5
             images = torch.where(mirrored.to(images.device)[:, None, None, None], images.flip(-1), images)
         if self.noise > 0:
-            images = images + self.noise * torch.randn(images.shape, generator=self.generator).to(images)
+            images = images + self.noise * torch.randn(images.shape, generator=self.generator, dtype=torch.float32).to(images)
         if self.value_range is not None:
             images = images.clamp(*self.value_range)
         return images

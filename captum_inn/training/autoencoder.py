@@ -244,7 +244,7 @@ def fit_autoencoder(
     def loss_fn(generator: torch.Generator) -> Tensor:
         index = torch.randint(images.shape[0], (batch,), generator=generator)
         # drawn before the encoder is queued: copying it to a GPU afterwards would wait for the encoder
-        eps = torch.randn((batch, model.latent_dim), generator=generator).to(device)
+        eps = torch.randn((batch, model.latent_dim), generator=generator, dtype=torch.float32).to(device)
         x = images[index.to(images.device)]
         if augment is not None:
             x = augment(x)

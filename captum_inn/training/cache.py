@@ -215,7 +215,7 @@ class FeatureCache:
         # in float32 at least: a bfloat16 cache (a bfloat16 autoencoder, or a pass under autocast) lost a
         # quarter of the noise to rounding (the codes' spread is ~70 times their posterior std)
         dtype = torch.promote_types(mean.dtype, torch.float32)
-        eps = normal(mean.shape, generator, mean.device).to(dtype)
+        eps = normal(mean.shape, generator, mean.device, torch.float32).to(dtype)  # one stream under any default dtype
         return mean.to(dtype) + std.to(dtype) * eps
 
     def save(self, path: Union[str, Path]) -> Path:

@@ -352,8 +352,10 @@ def load_module_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tenso
         raise CheckpointError(f"Checkpoint {str(path)!r} holds {mismatch}: it was edited or damaged; restore it from "
                               "a copy, or fit again.")
     floating = {value.dtype for value in state.values() if value.is_floating_point()}
-    if len(floating) == 1 and floating != {torch.float32}:
-        # a network saved in float64 or bfloat16 comes back in it (load_state_dict cast it to float32)
+    own = {value.dtype for value in module.state_dict().values() if value.is_floating_point()}
+    if len(floating) == 1 and floating != own:
+        # a network comes back in the dtype it was saved in: load_state_dict cast it to the module's,
+        # which is the default dtype's (a float32 INN built under a float64 default came back float64)
         module.to(next(iter(floating)))
     with building_from(path):
         module.load_state_dict(state)

@@ -282,7 +282,8 @@ class _ExampleCount:
     def add(self, a: Tensor, b: Tensor) -> None:
         flat_a = a.detach().flatten(1).float()
         if self.projection is None:
-            self.projection = torch.randn(flat_a.shape[1], generator=torch.Generator().manual_seed(0)).to(flat_a.device)
+            self.projection = torch.randn(flat_a.shape[1], generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.float32).to(flat_a.device)
         self.pairs += flat_a.shape[0]
         if a.shape == b.shape:  # members of other shapes (an encoder that pools any size) are never equal
             self.with_itself += int((a == b).flatten(1).all(1).sum())
@@ -697,7 +698,8 @@ def fit_concepts(
             spread = torch.where(alive, spread, typical) * config.feature_noise
             pool.std_a, pool.std_b = spread.expand_as(pool.mean_a), spread.expand_as(pool.mean_b)
 
-    with seeded_global_rng(config.seed):  # only the weight initialisation draws from the global RNG
+    # only the weight initialisation draws from the global RNG; float32 under any default dtype
+    with seeded_global_rng(config.seed, torch.float32):
         inn = FactorINN(dim, sizes, residual=RESIDUAL, n_blocks=config.n_blocks, hidden=config.hidden,
                         depth=config.depth, clamp=config.clamp, seed=config.seed).to(device)
     masks = _pair_masks(inn, concept_list).to(device)
@@ -730,7 +732,7 @@ def fit_concepts(
         a_rows, b_rows = [], []
         for pool in pools:
             index = torch.randint(pool.mean_a.shape[0], (batch,), generator=generator)
-            eps = torch.randn(2, batch, dim, generator=generator)
+            eps = torch.randn(2, batch, dim, generator=generator, dtype=torch.float32)
             a_rows.append(pool.mean_a[index] + pool.std_a[index] * eps[0])
             b_rows.append(pool.mean_b[index] + pool.std_b[index] * eps[1])
         return (torch.cat(a_rows + b_rows).to(device),)

@@ -267,7 +267,10 @@ def concept_dynamics(
     with tqdm(items, desc="concept_dynamics", unit="checkpoint", disable=not progress) as checkpoints:
         for label, model in checkpoints:
             checkpoints.set_postfix_str(f"checkpoint {label}")
-            model = model.to(device)
+            try:
+                check_module_device(model, device, "model")
+            except ValueError:  # a copy moves: the caller's model stays where it is (.to moved it for good)
+                model = copy.deepcopy(model).to(device)
             if base is None or not isinstance(data, Tensor):  # a loader's next pass may be in another order
                 base = cache_features(model, [name], autoencoder, data, device=device, progress=progress, **read)
                 cache = base

@@ -165,7 +165,8 @@ _INIT_ROWS, _MIN_INIT_ROWS, _INIT_BYTES = 1024, 64, 256 * 2**20
 
 def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device) -> ConditionalINN:
     """A fresh INN for one cached layer, its embedder statistics and ActNorms initialised from the data."""
-    with seeded_global_rng(config.seed):  # only the weight initialisation draws from the global RNG
+    # only the weight initialisation draws from the global RNG; float32 under any default dtype
+    with seeded_global_rng(config.seed, torch.float32):
         inn = ConditionalINN(
             cache.latent_dim, cache.layer_shape(name), n_blocks=config.n_blocks, hidden=config.hidden,
             depth=config.depth, embed_dim=config.embed_dim, clamp=config.clamp, seed=config.seed,
@@ -185,7 +186,7 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
         if config.code_noise > 0:
             # the codes the fit trains on: without the noise, a constant code unit (a deterministic encoder's dead
             # unit) got ActNorm scales of ~100 per block, which blew the training noise up (losses of 1e12, no NaN)
-            codes = codes + config.code_noise * torch.randn(codes.shape, generator=init_gen).to(codes)
+            codes = codes + config.code_noise * torch.randn(codes.shape, generator=init_gen, dtype=torch.float32).to(codes)
         inn(codes.to(device, inn.dtype), init_conditions)
     return inn
 
@@ -246,7 +247,7 @@ def _train(
         index = torch.randint(n, (batch,), generator=generator)
         codes = cache.sample_codes(index, generator)
         if config.code_noise > 0:
-            codes = codes + config.code_noise * torch.randn(codes.shape, generator=generator).to(codes)
+            codes = codes + config.code_noise * torch.randn(codes.shape, generator=generator, dtype=torch.float32).to(codes)
         # the INN trains in its own dtype (float32) whatever the network's; embed casts the conditions
         return codes.to(device, inn.dtype), cache.rows(name, index).to(device)
 

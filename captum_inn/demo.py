@@ -72,6 +72,8 @@ BOUNDS = {
     "attribution_completeness_max_rel_error_max": 0.01,
     "dynamics_early_accuracy_max": 0.30,
     "factor_sizes_order": True,
+    # the paper's reading of the logits: they encode the digit and little of the colours
+    "logits_encode_digit_over_colours": True,
     # the pipeline issue: FGSM attacks act on the semantics of deep layers
     "adversarial_logits_judged_adversarial_min": 0.60,
     "adversarial_early_judged_original_min": 0.80,
@@ -149,6 +151,11 @@ def check_metrics(metrics: Dict[str, Any], bounds: Dict[str, float] = None) -> l
         at_most(concepts[key], f"{key}_max", "concept attribution completeness error")
         if "dynamics_early_accuracy_max" in bounds:
             failures += _dynamics_failures(concepts["dynamics"], bounds["dynamics_early_accuracy_max"])
+        if bounds.get("logits_encode_digit_over_colours") and ordered:
+            shares = {k: _number(v) for k, v in concepts["encoded"][ordered[-1]].items()}
+            if not shares["digit"] > max(shares["foreground"], shares["background"]):
+                failures.append(f"encoded shares at {ordered[-1]}: digit {shares['digit']:.3f} <= a colour's "
+                                f"(foreground {shares['foreground']:.3f}, background {shares['background']:.3f})")
         if bounds.get("factor_sizes_order"):
             fc, code = concepts["factor_sizes"]["fc"], concepts["factor_sizes"]["code"]
             if not fc["digit"] > fc["foreground"] + fc["background"]:
@@ -228,9 +235,12 @@ class DemoSettings:
     #: Whether to run the concepts section. It is work in progress (one of its bounds, the fc factor
     #: sizes, is not met yet) and adds about two minutes, so it is opt-in (``captum-inn demo --concepts``).
     concepts: bool = False
-    #: The factor sizes of the concept INN on the 64-d code. Each colour is 3-d, the digit image (class
-    #: and handwriting) the rest but a 2-d residual (estimated sizes are reported in ``factor_sizes``).
-    concept_sizes: Dict[str, int] = field(default_factory=lambda: {"digit": 56, "foreground": 3, "background": 3})
+    #: The factor sizes of the concept INN on the 64-d code (estimated sizes are reported in
+    #: ``factor_sizes``). Each colour is 3-d. The digit gets 20: a 56-d digit factor also held the
+    #: handwriting, which deep layers let go, so its encoded share fell below 0 (−0.29 at the logits);
+    #: at 20 the handwriting goes to the 38-d residual and the shares read as fractions (0.42 at the
+    #: logits), while digit swaps still give the donor's digit as often (89% against 91%; 79% at 10-d).
+    concept_sizes: Dict[str, int] = field(default_factory=lambda: {"digit": 20, "foreground": 3, "background": 3})
     concept_steps: int = 1200
     concept_lr: float = 2e-3
     concept_blocks: int = 8
@@ -569,7 +579,7 @@ def _random_donors(valid: torch.Tensor, generator: torch.Generator) -> torch.Ten
     """
     valid = valid.clone()
     valid.fill_diagonal_(False)
-    scores = torch.rand(valid.shape, generator=generator).masked_fill(~valid, -1.0)
+    scores = torch.rand(valid.shape, generator=generator, dtype=torch.float32).masked_fill(~valid, -1.0)
     return scores.argmax(dim=1)
 
 

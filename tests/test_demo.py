@@ -82,12 +82,16 @@ def test_check_metrics_reports_each_broken_bound():
                          "code": {"digit": 10, "foreground": 10, "background": 10}},
         "dynamics": [{"accuracy": 0.2, "encoded": {"digit": 0.1, "background": 0.6}},
                      {"accuracy": 0.99, "encoded": {"digit": 0.5, "background": 0.1}}],
+        "encoded": {"early": {"digit": 0.9, "foreground": 0.99, "background": 0.99},
+                    "logits": {"digit": 0.4, "foreground": 0.2, "background": 0.1}},
     }
     assert check_metrics({"reconstruction_agreement": 0.99, "layers": good, "concepts": concepts}) == []
     concepts["dynamics"][1]["encoded"]["background"] = 0.7
     concepts["swap_digit_judge_donor"] = 0.1
+    concepts["encoded"]["logits"]["foreground"] = 0.45
     failures = check_metrics({"reconstruction_agreement": 0.99, "layers": good, "concepts": concepts})
-    assert len(failures) == 2 and "background share did not fall" in failures[1]
+    assert len(failures) == 3 and "background share did not fall" in failures[1]
+    assert failures[2] == "encoded shares at logits: digit 0.400 <= a colour's (foreground 0.450, background 0.100)"
 
 
 def test_cli_selfcheck_and_version(capsys):

@@ -259,7 +259,9 @@ def adversarial_views(
                                     else float("nan"))
     summary["fooled_rate"] = float(fooled.float().mean())
     summary["n_fooled"] = int(fooled.sum())
-    return AdversarialViews(images, adversarial, labels, clean_pred, adv_pred, fooled, views, judged, summary)
+    # copies: a caller reusing its image or label buffers rewrote the record of this call
+    return AdversarialViews(images.detach().clone(), adversarial, labels.clone(), clean_pred, adv_pred, fooled, views,
+                            judged, summary)
 
 
 def mix_images(

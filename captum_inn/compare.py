@@ -16,6 +16,7 @@ samples | concept bars.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import warnings
@@ -150,6 +151,7 @@ def last_spatial_layer(model: nn.Module, example: Tensor, *, additional_forward_
         >>> last_spatial_layer(model, torch.rand(1, 3, 8, 8))
         '1'
     """
+    example = one_image_tensor(example, "example", "pass the model's other inputs as `additional_forward_args`")
     order = _spatial_layers(model, example, additional_forward_args)
     if not order:
         raise ValueError("The model has no layer with a spatial feature map; pass `gradcam_layer` explicitly.")
@@ -184,6 +186,8 @@ def _check_baselines(baselines: Any, images: Tensor) -> None:
     """``ig_baselines`` as Captum takes them for these images, or an error naming the shape, device or
     dtype that differs and the fix."""
     if baselines is None or (isinstance(baselines, (int, float)) and not isinstance(baselines, bool)):
+        if baselines is not None and not math.isfinite(baselines):  # Integrated Gradients all NaN, unwarned
+            raise ValueError(f"`ig_baselines` must be finite, got {baselines}.")
         return
     if not isinstance(baselines, Tensor):  # a NumPy number too: Captum takes Python numbers only
         hint = "; pass float(ig_baselines)" if isinstance(baselines, numbers.Real) else ""
@@ -201,6 +205,8 @@ def _check_baselines(baselines: Any, images: Tensor) -> None:
     if baselines.dtype != images.dtype:  # Captum would fail inside the model with a dtype message naming neither
         raise TypeError(f"`ig_baselines` is {baselines.dtype} but the inputs are {images.dtype}; convert it with "
                         "ig_baselines.to(inputs.dtype).")
+    if not torch.isfinite(baselines).all():
+        raise ValueError("`ig_baselines` contains NaN or infinite values; Integrated Gradients would be NaN.")
 
 
 def _first_row(additional_forward_args: Any, n: int) -> Tuple[Any, ...]:
@@ -445,9 +451,9 @@ def compare_attributions(
             reconstruction_parts.append(invariance._reconstruct(images[start : start + batch]))
             bar.update()
     reconstructions = torch.cat(reconstruction_parts)
-    return Comparison(
-        inputs=images.detach(),
-        targets=targets,
+    return Comparison(  # copies: a caller reusing its input or target buffers rewrote the record of this call
+        inputs=images.detach().clone(),
+        targets=targets.clone(),
         predictions=predictions,
         gradcam=torch.cat(gradcam_parts),
         integrated_gradients=torch.cat(ig_parts),

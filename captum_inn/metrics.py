@@ -126,6 +126,9 @@ def _check_samples(originals: Tensor, samples: Tensor) -> None:
         )
     if originals.shape[0] == 0:
         raise ValueError("`originals` is an empty batch; pass at least one image.")
+    if samples.shape[1] == 0:  # torch.cat failed on the empty list of sample batches
+        raise ValueError(f"`samples` has no sample per input (shape {tuple(samples.shape)}); pass (N, S, *image) with "
+                         "S >= 1, e.g. LayerInvariance.sample(x, n_samples=8).")
     for name, t in (("originals", originals), ("samples", samples)):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"`{name}` contains NaN or infinite values.")
@@ -332,11 +335,13 @@ def variance_explained_by_v(
         if values is not None and values.is_floating_point() and not torch.isfinite(values).all():
             raise ValueError(f"`{name}` contains NaN or infinite values.")
     within = []
+    # drawn at once: drawn per batch, the stream depended on batch_size (torch draws normals in blocks of 16)
+    noise = normal((codes.shape[0] * n_samples, inn.dim), generator, conditions.device, torch.float32)
     with eval_mode(inn):
         for start in range(0, codes.shape[0], batch_size):
             c = conditions[start : start + batch_size]
             emb = inn.embed(c).repeat_interleave(n_samples, dim=0)
-            v = normal((emb.shape[0], inn.dim), generator, emb.device, torch.float32).to(emb.dtype)
+            v = noise[start * n_samples : start * n_samples + emb.shape[0]].to(emb)
             zbar = inn(v, None, rev=True, jac=False, embedding=emb)[0].view(c.shape[0], n_samples, -1)
             within.append(zbar.var(dim=1).sum(dim=1))
     total = codes.var(dim=0).sum()
@@ -424,7 +429,11 @@ def probe_r2(
         order = torch.randperm(x.shape[0], generator=generator, device=generator_device(generator)).cpu()
         n_train = max(2, min(x.shape[0] - 2, int(round(train_fraction * x.shape[0]))))
         tr, te = order[:n_train], order[n_train:]
-    mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-8)
+    mean, std = x[tr].mean(0), x[tr].std(0)
+    # a column constant up to rounding (a dead unit) is left unscaled; an absolute floor (1e-8) also
+    # flattened real features of a small scale, and the probe read nothing from them
+    constant = std <= 1e-6 * x[tr].abs().amax(0)
+    std = torch.where(constant, torch.ones_like(std), std)
     xs = (x - mean) / std
     a = xs[tr]
     # The features are centred on the training rows, so the unshrunk intercept is the training

@@ -88,6 +88,16 @@ def attacked(setup, images, labels):
 
 
 # ---------------------------------------------------------------- adversarial_views
+def test_the_views_keep_their_own_copies_of_the_images_and_labels(setup, images, labels):
+    """They were the caller's tensors: a caller reusing its buffers rewrote the record of the attack."""
+    model, judge, explainers = setup
+    mine, classes = images[:4].clone(), labels[:4].clone()
+    views = adversarial_views(model, explainers, mine, classes, judge, epsilon=0.3)
+    mine.zero_()
+    classes.zero_()
+    assert torch.equal(views.images, images[:4]) and torch.equal(views.labels, labels[:4])
+
+
 def test_shapes_and_attack(attacked, setup, images, labels):
     model = setup[0]
     assert isinstance(attacked, AdversarialViews)

@@ -501,6 +501,30 @@ def test_ig_baselines(setup, x):
     assert torch.allclose(black.integrated_gradients, zero.integrated_gradients)
     assert torch.allclose(black.integrated_gradients, tensor.integrated_gradients)
     assert not torch.allclose(black.integrated_gradients, grey.integrated_gradients)
+    nan = torch.zeros_like(x)
+    nan[0, 0, 0, 0] = float("nan")
+    for bad in (float("nan"), float("inf"), nan):  # Integrated Gradients and its deltas were all NaN, unwarned
+        with pytest.raises(ValueError, match="`ig_baselines`.*(finite|NaN or infinite)"):
+            compare_attributions(model, x, explainer, target=1, ig_baselines=bad, **FAST)
+
+
+def test_a_comparison_keeps_its_own_copies_of_the_inputs_and_targets(setup, x):
+    """Its fields were the caller's tensors: a caller reusing its buffers rewrote the record of the call."""
+    model, explainer = setup[0], _invariance(setup)
+    images, target = x.clone(), torch.full((x.shape[0],), 1)
+    result = compare_attributions(model, images, explainer, target=target, generator=_gen(), **FAST)
+    images.zero_()
+    target.fill_(7)
+    assert torch.equal(result.inputs, x) and result.targets.tolist() == [1] * x.shape[0]
+
+
+def test_last_spatial_layer_checks_its_example(setup, x):
+    """One (C, H, W) image had its channels read as the batch and failed inside the model."""
+    model = setup[0]
+    with pytest.raises(ValueError, match=r"`example` images must have shape \(N, C, H, W\).*x.unsqueeze\(0\)"):
+        last_spatial_layer(model, x[0])
+    with pytest.raises(TypeError, match="`example` images must be floating point"):
+        last_spatial_layer(model, (x * 255).to(torch.uint8))
 
 
 # ---------------------------------------------------------------- modes and hooks

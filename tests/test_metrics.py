@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers_training import randomise_couplings
 from torch import nn
 
 from captum_inn.inn import ConditionalINN
@@ -266,6 +267,17 @@ def test_reencode_similarity_reads_a_tuple_layer_and_a_layer_input():
         reencode_similarity(net, "pair", x, samples)
 
 
+def test_variance_explained_does_not_depend_on_batch_size():
+    """The noise was drawn per batch, and torch draws normals in blocks of 16: another batch_size gave
+    another value for one seed unless n_samples * dim was a multiple of 16."""
+    codes, cond = torch.randn(40, 5), torch.randn(40, 7)
+    inn = randomise_couplings(ConditionalINN(5, (7,), n_blocks=2, hidden=8))
+    inn(codes, cond)
+    values = {size: variance_explained_by_v(inn, codes, cond, n_samples=5, batch_size=size,
+                                            generator=torch.Generator().manual_seed(1)) for size in (256, 7, 3, 1)}
+    assert max(values.values()) - min(values.values()) < 1e-5, values
+
+
 def test_variance_explained_is_one_when_the_condition_is_ignored():
     # A fresh INN (couplings start as the identity) maps v to z̄ whatever the condition: it
     # explains all of the codes' variance by v.
@@ -314,6 +326,8 @@ def test_probe_r2():
     assert per.shape == (2,) and per[0] > 0.99 and per[1] < 0.05
     wide = probe_r2(torch.randn(100, 500, generator=gen), torch.randn(100, 1, generator=gen))  # dual form
     assert wide == wide and wide < 0.2
+    for scale in (1e-9, 1e-12):  # features standardised at any scale: an absolute floor of 1e-8 read nothing here
+        assert probe_r2(x * scale, x[:, :2] * 3 + 1) > 0.99
     with pytest.raises(ValueError, match="same number of rows"):
         probe_r2(x, x[:10])
     with pytest.raises(ValueError, match=r"`test_features` and `test_targets` need the same number of rows \(>= 2\)"):
@@ -370,6 +384,10 @@ def test_metric_argument_errors(model):
     from captum_inn.metrics import estimate_colours
 
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    none = x.unsqueeze(1)[:, :0]  # no sample per input: torch.cat's "expected a non-empty list of Tensors"
+    for metric in (prediction_agreement, lambda m, originals, samples: reencode_similarity(m, "fc", originals, samples)):
+        with pytest.raises(ValueError, match=r"`samples` has no sample per input \(shape \(4, 0, 3, 32, 32\)\)"):
+            metric(model, x, none)
     for n_null_pairs, error in ((0, ValueError), (-5, ValueError), (2.5, TypeError)):
         with pytest.raises(error, match="`n_null_pairs` must be"):
             reencode_similarity(model, "fc", x, x.unsqueeze(1), n_null_pairs=n_null_pairs)

@@ -120,6 +120,8 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
         if image.dim() == 3 and not isinstance(inputs, Tensor):
             hint = (f" A {type(inputs).__name__} is read as several model inputs, each with the batch in dim 0; "
                     "stack single images into one tensor with torch.stack.")
+        elif image.dim() == 3:  # one image: its channels were read as the batch
+            hint = " For one image, pass a batch of one: x.unsqueeze(0)."
         raise ValueError(f"`{name}` images must have shape (N, C, H, W), got {tuple(image.shape)}.{hint}")
     for t in inputs_tuple:
         if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():

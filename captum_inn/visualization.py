@@ -501,13 +501,16 @@ def _standard_errors(values: Any, concepts: Sequence[str]) -> Optional[List[floa
 
 
 @_no_figure_left_on_error
-def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
+def plot_concept_dynamics(dynamics: Any, ax: Any = None, concepts: Optional[Sequence[str]] = None) -> Tuple[Any, Any]:
     """Each concept's encoded share over training checkpoints, with the test accuracy when known
     and a band of ± 2 standard errors where the shares have them.
 
     Args:
         dynamics: A :class:`captum_inn.training.dynamics.ConceptDynamics`.
         ax: Optional axes.
+        concepts: The concepts to draw, in order; ``None``: every named one. The residual (what no
+            pair names) is drawn only when listed: its share, often far below 0, set the scale and
+            pressed the named concepts' lines together.
 
     Returns:
         ``(fig, ax)``.
@@ -518,6 +521,7 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
         >>> dynamics = ConceptDynamics("fc", ["0", "100"], [0.1, 0.9], {"digit": [0.2, 0.8], "colour": [0.5, 0.3]})
         >>> fig, ax = plot_concept_dynamics(dynamics)
     """
+    chosen = _chosen_concepts(dynamics.encoded, concepts)  # before a figure is opened
     plt = _plt()
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
@@ -525,7 +529,8 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
         fig = ax.figure
     x = range(len(dynamics.labels))
     errors = getattr(dynamics, "standard_error", None) or {}
-    for concept, shares in dynamics.encoded.items():
+    for concept in chosen:
+        shares = dynamics.encoded[concept]
         line, = ax.plot(x, shares, marker="o", label=_literal(concept))
         if concept in errors:  # a band of ± 2 standard errors of the mean share
             low = [m - 2 * e for m, e in zip(shares, errors[concept])]
@@ -542,6 +547,20 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None) -> Tuple[Any, Any]:
     ax.legend(fontsize=8)
     _lay_out(fig)
     return fig, ax
+
+
+def _chosen_concepts(shares: Mapping[str, Any], concepts: Optional[Sequence[str]]) -> List[str]:
+    """``concepts`` checked against the concepts of ``shares``; ``None``: all but the residual."""
+    from captum_inn.concepts import RESIDUAL
+
+    if concepts is None:
+        return [name for name in shares if name != RESIDUAL] or list(shares)
+    if isinstance(concepts, str):  # "digit" was read as five concepts d, i, g, ...
+        concepts = [concepts]
+    unknown = [name for name in concepts if name not in shares]
+    if unknown:
+        raise ValueError(f"`concepts` names {unknown}, which the shares lack; choose from {list(shares)}.")
+    return list(concepts)
 
 
 def _heat(ax: Any, values: Any, title: str, cmap: str, vmin: Any = None, vmax: Any = None, base: Any = None) -> None:

@@ -1103,8 +1103,13 @@ def test_snapshots_and_concept_dynamics(tmp_path):
     assert set(errors) == {"a", "b", "residual"} and all(len(v) == 2 and min(v) > 0 for v in errors.values())
     assert f"{dynamics.encoded['a'][1]:.3f} ± {errors['a'][1]:.3f}" in dynamics.table().splitlines()[2]
     fig, ax = dynamics.plot()
-    assert len(ax.lines) == 4  # three concepts and the accuracy
-    assert len(ax.collections) == 3  # a band of ± 2 standard errors per concept
+    # the named concepts and the accuracy: the residual's share, far below 0, pressed the lines together
+    assert [line.get_label() for line in ax.lines] == ["a", "b", "test accuracy"]
+    assert len(ax.collections) == 2  # a band of ± 2 standard errors per concept
+    fig, ax = dynamics.plot(concepts=["residual", "a"])
+    assert [line.get_label() for line in ax.lines] == ["residual", "a", "test accuracy"]
+    with pytest.raises(ValueError, match=r"`concepts` names \['colour'\], which the shares lack; choose from \['a', 'b', 'residual'\]"):
+        dynamics.plot(concepts="colour")
     # each checkpoint's INN in its own folder; a rerun resumes them to the same result
     kw = dict(steps=3, n_blocks=2, hidden=16, n_samples=4, progress=False)
     first = concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], labels[:10],

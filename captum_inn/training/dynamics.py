@@ -139,18 +139,20 @@ class ConceptDynamics:
         widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
         return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
 
-    def plot(self, ax: Any = None) -> Tuple[Any, Any]:
+    def plot(self, ax: Any = None, concepts: Optional[Sequence[str]] = None) -> Tuple[Any, Any]:
         """Lines of each concept's encoded share over the checkpoints.
 
         Args:
             ax: Optional matplotlib axes.
+            concepts: The concepts to draw; ``None``: every named one, without the residual
+                (:func:`~captum_inn.visualization.plot_concept_dynamics`).
 
         Returns:
             ``(fig, ax)``.
         """
         from captum_inn.visualization import plot_concept_dynamics
 
-        return plot_concept_dynamics(self, ax=ax)
+        return plot_concept_dynamics(self, ax=ax, concepts=concepts)
 
 
 def _layer_features(model: nn.Module, layer: str, data: Any, device: torch.device, read: Mapping[str, Any],

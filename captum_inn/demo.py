@@ -248,9 +248,10 @@ class DemoSettings:
     n_concept_eval: int = 718
     #: CNN training steps after which a snapshot is kept for the training-dynamics experiment.
     dynamics_steps: tuple = (100, 300, 1000)
-    #: The dynamics' logits INNs: the main logits INN's recipe (constant rate, ``inn_embed_dim``) with
-    #: half its steps. Smaller INNs (400 steps, hidden 128) drew samples so spread that every share fell
-    #: below 0 (digit −1.14 → −0.67 over training); these give digit 0.02 → 0.29, background 0.62 → 0.16.
+    #: The dynamics' logits INNs train with the main logits INN's recipe (constant rate,
+    #: ``inn_embed_dim``) for half its steps. Smaller INNs (400 steps, hidden 128) drew samples so
+    #: spread that every share fell below 0 (digit −1.14 → −0.67 over training); these give digit
+    #: 0.02 → 0.29, background 0.62 → 0.16.
     dynamics_inn_steps: int = 1200
     dynamics_inn_hidden: int = 256
 

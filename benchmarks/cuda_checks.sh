@@ -36,9 +36,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/
 }
 
 step device_tests 150 python3 -m pytest tests/test_device.py --device cuda -q -p no:cacheprovider
-# the benchmarks and the demo train with captured steps (train_loop's cuda_graph), unless the caller
-# sets CAPTUM_INN_CUDA_GRAPHS=0
-export CAPTUM_INN_CUDA_GRAPHS=${CAPTUM_INN_CUDA_GRAPHS-1}
+# fits on CUDA capture their steps as CUDA graphs (train_loop's cuda_graph); CAPTUM_INN_CUDA_GRAPHS=0
+# in the caller's environment measures the eager step instead
 step benchmarks "$bench_seconds" python3 benchmarks/run.py --device cuda --out "$out/results_cuda.json" ${1:+--only "$@"}
 report=$(mktemp -d)
 step demo_quick 160 python3 -m captum_inn demo --quick --concepts --device cuda --check --out "$report"

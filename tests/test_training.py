@@ -1494,11 +1494,12 @@ def test_when_train_loop_captures_its_step(monkeypatch):
 
     cuda, cpu, batch_fn = torch.device("cuda"), torch.device("cpu"), (lambda generator: ())
     monkeypatch.delenv("CAPTUM_INN_CUDA_GRAPHS", raising=False)
-    assert not _use_cuda_graph(None, batch_fn, cuda, 1)  # opt-in for now
+    assert _use_cuda_graph(None, batch_fn, cuda, 1)  # the default on CUDA
+    assert not _use_cuda_graph(False, batch_fn, cuda, 1)
+    monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "0")  # the opt-out
+    assert not _use_cuda_graph(None, batch_fn, cuda, 1)
     assert _use_cuda_graph(True, batch_fn, cuda, 1)
     monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "1")
-    assert _use_cuda_graph(None, batch_fn, cuda, 1)
-    assert not _use_cuda_graph(False, batch_fn, cuda, 1)
     assert not _use_cuda_graph(None, None, cuda, 1)  # no batch_fn: nothing to capture
     assert not _use_cuda_graph(None, batch_fn, cpu, 1)
     assert not _use_cuda_graph(None, batch_fn, cuda, 2)  # torchrun: eager all-reduce

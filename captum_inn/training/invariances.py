@@ -70,6 +70,7 @@ from captum_inn.training.loop import (
     final_loss,
     full_precision,
     merged_config,
+    own_stream,
     resume_key,
     run_concurrently,
     train_loop,
@@ -310,11 +311,12 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
                 check()
             if device.type != "cuda":
                 return _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step, source)
-            stream = torch.cuda.Stream(device)  # the current stream is per thread: this fit's own
-            stream.wait_stream(torch.cuda.default_stream(device))  # the INN's initialisation ran there
-            with torch.cuda.stream(stream):
-                inn = _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step, source)
-            stream.synchronize()  # its last update is done before another stream reads the INN
+            with own_stream(device) as stream:  # the current stream is per thread: this fit's own
+                stream.wait_stream(torch.cuda.default_stream(device))  # the INN's initialisation ran there
+                with torch.cuda.stream(stream):
+                    inn = _train(built[name], cache, name, configs[name], device, paths[name], resume, False,
+                                 after_step, source)
+                stream.synchronize()  # its last update is done before another stream reads the INN
             return inn
         return task
 

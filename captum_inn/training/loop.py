@@ -21,6 +21,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Set,
     Tuple,
     Type,
     TypeVar,
@@ -367,7 +368,7 @@ def train_loop(
         cuda_graph: Capture the step (``loss_fn``, backward, clipping, Adam) as CUDA graphs after
             a few eager warm-up steps. ``None`` (default): when ``batch_fn`` is given, ``module``
             is on a CUDA device, the fit runs in one process and :func:`~captum_inn.training.loop.cuda_graphs_by_default`
-            (for now: only with ``CAPTUM_INN_CUDA_GRAPHS=1``); should the capture fail (a
+            (unless ``CAPTUM_INN_CUDA_GRAPHS=0``); should the capture fail (a
             ``loss_fn`` that reads values on the host, say), the fit warns and goes on eagerly.
             ``True``: capture, and a failed capture is an error. ``False``: never. The captured
             step reads the loss on the host between the backward pass and the update, so a
@@ -552,8 +553,7 @@ def train_loop(
         return value
 
     captured: Optional[CapturedStep] = None
-    # CUDA graphs want the eager warm-up steps before a capture on a side stream
-    side = torch.cuda.Stream(device) if graphed else None
+    side: Optional[torch.cuda.Stream] = None  # a graphed fit's own stream
     module.train()
     # the bar shows a running mean of the loss, refreshed about 20 times a fit and at most every 50 steps
     loss_every = max(1, min(50, (steps - start) // 20))
@@ -564,6 +564,9 @@ def train_loop(
         streams.enter_context(full_precision(device))  # INNs train in float32, whatever surrounds the fit
         if own_streams:
             streams.enter_context(_global_streams(device, global_state, _global_seed(seed, rank, start)))
+        if graphed:  # warm-up, capture and replays on a stream of this fit's own (CUDA graphs need a side stream)
+            side = streams.enter_context(own_stream(device))
+            streams.enter_context(_running_on(side, device))
         for step in bar:
             if schedule == "cosine":
                 rate = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))
@@ -575,18 +578,13 @@ def train_loop(
             batch = None
             if graphed and captured is None and step >= start + CapturedStep.WARMUP_STEPS and step + 1 < steps:
                 batch = batch_fn(generator)
-                captured = _capture_or_warn(module, optimizer, loss_fn, batch, grad_clip, device, strict=cuda_graph is True)
+                captured = _capture_or_warn(module, optimizer, loss_fn, batch, grad_clip, side, strict=cuda_graph is True)
                 graphed = captured is not None
             if captured is not None:
                 loss = captured.forward_backward(batch_fn(generator) if batch is None else batch)
                 check_finite(loss, step)  # before the update: a bad step changes no parameter
                 captured.update()
-            elif graphed:  # a warm-up step
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    loss = eager_step(step)
-                torch.cuda.current_stream(device).wait_stream(side)
-            else:
+            else:  # eager, and a graphed fit's warm-up steps
                 loss = eager_step(step, batch)
             history.append(loss)
             if callback is not None:
@@ -608,6 +606,53 @@ def train_loop(
     average_buffers(module)
     module.eval()
     return history
+
+
+_streams_in_use: Set[int] = set()  # of own_stream's claims, by raw stream
+_streams_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def own_stream(device: torch.device) -> Iterator[torch.cuda.Stream]:
+    """A CUDA stream of ``device`` that no other fit of this process holds, until the block ends.
+
+    ``torch.cuda.Stream()`` hands out a pool of 32 streams in turn, so fits side by side could be
+    given one stream: one fit's replays then ran on the stream another was capturing a graph on
+    (seen on an H200 as "Cannot copy between CPU and CUDA tensors during CUDA graph capture", after
+    a few multi-layer fits had gone round the pool); work issued there is recorded, not run.
+    """
+    with _streams_lock:
+        for _ in range(64):
+            stream = torch.cuda.Stream(device)
+            if stream.cuda_stream not in _streams_in_use:
+                break
+        else:
+            raise RuntimeError(f"Every pooled CUDA stream of {device} is held by another fit of this process; "
+                               "fit fewer layers at a time (`workers=`).")
+        _streams_in_use.add(stream.cuda_stream)
+    try:
+        yield stream
+    finally:
+        with _streams_lock:
+            _streams_in_use.discard(stream.cuda_stream)
+
+
+@contextlib.contextmanager
+def _running_on(stream: torch.cuda.Stream, device: torch.device) -> Iterator[None]:
+    """Make ``stream`` the current one: it starts after what the caller's stream holds (the module's
+    initialisation), and the caller's stream goes on after it."""
+    caller = torch.cuda.current_stream(device)
+    stream.wait_stream(caller)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    except BaseException:
+        with contextlib.suppress(RuntimeError):  # the fit's own error is the one to see
+            stream.synchronize()
+        raise
+    # the last replayed update is done before its graph and memory pool are freed
+    stream.synchronize()
+    caller.wait_stream(stream)
 
 
 @contextlib.contextmanager
@@ -666,19 +711,21 @@ def _saved_history(history: Any, step: int) -> List[float]:
 
 
 def cuda_graphs_by_default() -> bool:
-    """Whether fits capture their steps as CUDA graphs unless told (``train_loop(cuda_graph=None)``).
+    """Whether fits on a CUDA device capture their steps as CUDA graphs unless told
+    (``train_loop(cuda_graph=None)``): yes, unless ``CAPTUM_INN_CUDA_GRAPHS=0`` is in the environment.
 
-    Only with ``CAPTUM_INN_CUDA_GRAPHS=1`` in the environment for now: the captured step has not
-    yet passed this project's GPU checks (``benchmarks/cuda_checks.sh``); once it has, it becomes
-    the default on CUDA devices.
+    The captured step passed this project's GPU checks on 2026-12-04 (``benchmarks/cuda_checks.sh``
+    on an H200: the same losses as the eager step, 7x its steps per second; benchmarks/README.md).
+    Turn it off to compare with the eager step, or for a ``loss_fn`` that a capture would reject
+    (such a capture falls back to the eager step with a warning anyway).
 
     Examples::
 
         >>> import os
-        >>> cuda_graphs_by_default() == (os.environ.get("CAPTUM_INN_CUDA_GRAPHS") == "1")
+        >>> cuda_graphs_by_default() == (os.environ.get("CAPTUM_INN_CUDA_GRAPHS", "").strip() != "0")
         True
     """
-    return os.environ.get("CAPTUM_INN_CUDA_GRAPHS", "").strip() == "1"
+    return os.environ.get("CAPTUM_INN_CUDA_GRAPHS", "").strip() != "0"
 
 
 def _use_cuda_graph(cuda_graph: Optional[bool], batch_fn: Optional[Callable], device: torch.device,
@@ -713,26 +760,40 @@ class CapturedStep:
         loss_fn: ``*batch -> scalar loss`` (no host reads inside).
         batch: A batch of the shapes every later batch has (copied, not kept).
         grad_clip: As in :func:`train_loop`.
+        stream: The stream to capture on, one that no other thread works on (``None``: PyTorch's
+            capture stream, for a single fit).
     """
 
     WARMUP_STEPS = 3  # eager steps before the capture (cuBLAS handles, Adam's state, autograd set-up)
     _capture_lock = threading.Lock()  # one capture at a time when fits run in threads
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[..., Tensor],
-                 batch: Sequence[Tensor], grad_clip: Optional[float]) -> None:
+                 batch: Sequence[Tensor], grad_clip: Optional[float],
+                 stream: Optional[torch.cuda.Stream] = None) -> None:
         self.inputs: Tuple[Tensor, ...] = tuple(t.detach().clone() for t in batch)
+        generator = _device_generator(self.inputs[0].device if self.inputs else next(module.parameters()).device)
+        before = generator.clone_state() if hasattr(generator, "clone_state") else None
         with CapturedStep._capture_lock:
-            optimizer.zero_grad(set_to_none=True)  # the capture allocates the gradients in its pool
-            self.loss_graph = torch.cuda.CUDAGraph()
-            # thread_local: fits in other threads may keep working (on their own streams) meanwhile
-            with torch.cuda.graph(self.loss_graph, capture_error_mode="thread_local"):
-                self.loss = loss_fn(*self.inputs)
-                self.loss.backward()
-            self.update_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.update_graph, pool=self.loss_graph.pool(), capture_error_mode="thread_local"):
-                if grad_clip is not None:
-                    nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
-                optimizer.step()
+            try:
+                optimizer.zero_grad(set_to_none=True)  # the capture allocates the gradients in its pool
+                self.loss_graph = torch.cuda.CUDAGraph()
+                # thread_local: fits in other threads may keep working (on their own streams) meanwhile
+                with torch.cuda.graph(self.loss_graph, stream=stream, capture_error_mode="thread_local"):
+                    self.loss = loss_fn(*self.inputs)
+                    self.loss.backward()
+                self.update_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.update_graph, pool=self.loss_graph.pool(), stream=stream,
+                                      capture_error_mode="thread_local"):
+                    if grad_clip is not None:
+                        nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+                    optimizer.step()
+            except BaseException:
+                # a capture that fails midway leaves the device's generator marked as capturing (torch
+                # 2.11 on an H200): every later random draw on that device then raised "Offset increment
+                # outside graph capture". The state from before the capture is put back.
+                if before is not None:
+                    generator.graphsafe_set_state(before)
+                raise
 
     def forward_backward(self, batch: Sequence[Tensor]) -> float:
         """Copy ``batch`` into the static inputs, replay the loss and gradients, return the loss."""
@@ -754,13 +815,19 @@ class CapturedStep:
         self.update_graph.replay()
 
 
+def _device_generator(device: torch.device) -> torch.Generator:
+    """The default generator of a CUDA ``device`` (its index, or the current device's)."""
+    return torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index]
+
+
 def _capture_or_warn(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[..., Tensor],
-                     batch: Sequence[Tensor], grad_clip: Optional[float], device: torch.device,
+                     batch: Sequence[Tensor], grad_clip: Optional[float], stream: torch.cuda.Stream,
                      strict: bool) -> Optional[CapturedStep]:
-    """A :class:`CapturedStep`, or ``None`` with a warning when the capture fails and ``strict`` is off."""
-    torch.cuda.current_stream(device).synchronize()  # the warm-up steps are done
+    """A :class:`CapturedStep` on ``stream``, or ``None`` with a warning when the capture fails and
+    ``strict`` is off."""
+    stream.synchronize()  # the warm-up steps are done
     try:
-        return CapturedStep(module, optimizer, loss_fn, batch, grad_clip)
+        return CapturedStep(module, optimizer, loss_fn, batch, grad_clip, stream)
     except Exception as error:  # e.g. a loss_fn that reads a value on the host (not allowed in a graph)
         if strict:
             raise

@@ -1507,6 +1507,25 @@ def test_when_train_loop_captures_its_step(monkeypatch):
         _use_cuda_graph(True, batch_fn, cuda, 2)
 
 
+def test_how_many_layers_train_at_once_on_cuda(monkeypatch, images, autoencoder):
+    """Each layer trained at once on a GPU holds two of torch's 32 pooled streams (the decision
+    alone; the streams are tested on CUDA in tests/test_device.py)."""
+    from captum_inn.training.invariances import MAX_CUDA_WORKERS, _auto_workers
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # nothing here touches a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CAPTUM_INN_CUDA_GRAPHS", raising=False)
+    assert _auto_workers(None, 3, cuda) == 3
+    assert _auto_workers(None, 20, cuda) == MAX_CUDA_WORKERS
+    assert _auto_workers(12, 20, cuda) == 12
+    monkeypatch.setenv("CAPTUM_INN_CUDA_GRAPHS", "0")  # eager steps on a GPU: one layer at a time
+    assert _auto_workers(None, 20, cuda) == 1
+    with pytest.raises(ValueError, match=r"`workers`=17 on cuda.*at most 16"):
+        fit_invariances(SmallCNN(width=4).eval(), ["fc", "logits"], autoencoder, images, steps=1, workers=17,
+                        device="cuda", progress=False)
+
+
 def test_a_dataset_with_random_transforms_fingerprints_the_same_every_time(images):
     """Its probes are drawn with fixed generators, so a resume is not refused for "other images",
     and the caller's random streams are left as they were."""

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from captum_inn._fingerprints import class_name, weights_fingerprint
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import autograd_on, user_stacklevel
+from captum_inn.attr._common import as_device, autograd_on, user_stacklevel
 from captum_inn.capture import (
     is_comparable_selector,
     per_layer_selectors,
@@ -266,13 +266,18 @@ def _train(
     return inn
 
 
+# layers trained at once on a CUDA device by default; each holds two of torch's 32 pooled streams
+# (own_stream: its thread's, and its captured steps')
+MAX_CUDA_WORKERS = 8
+
+
 def _auto_workers(workers: Optional[int], n_layers: int, device: torch.device) -> int:
     if workers is not None:
         return workers
     if world(device)[1] > 1:
         return 1  # ranks must issue their collectives in one order
     if device.type == "cuda" and cuda_graphs_by_default():  # captured steps on their own streams overlap
-        return n_layers
+        return min(n_layers, MAX_CUDA_WORKERS)
     if device.type != "cpu":
         return 1  # other accelerators queue their own work
     return max(1, min(n_layers, torch.get_num_threads()))
@@ -378,8 +383,8 @@ def fit_invariances(
             CPU threads. ``None``: on the CPU, as many as there are layers and threads (an INN step
             is many small ops that leave a second core idle; several fits side by side finish
             sooner); on a CUDA device with captured steps
-            (:func:`~captum_inn.training.loop.cuda_graphs_by_default`), every layer at once, each
-            on its own stream, where their replays overlap; otherwise one at a time on
+            (:func:`~captum_inn.training.loop.cuda_graphs_by_default`), up to 8 layers at once,
+            each on streams of its own, where their replays overlap (at most 16); otherwise one at a time on
             accelerators, and under ``torchrun`` (where more than 1 is refused: the processes must
             all-reduce their gradients in one order).
             Each fit computes the same either way; only the thread count differs, which changes
@@ -428,6 +433,9 @@ def fit_invariances(
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
         raise ValueError(f"`workers` must be a positive int (or None for automatic), got {workers!r}.")
     workers = None if workers is None else int(workers)  # NumPy ints, as batch_size takes them
+    if workers is not None and workers > 16 and as_device(device).type == "cuda":
+        raise ValueError(f"`workers`={workers} on {device}: each layer trained at once holds two of torch's 32 pooled "
+                         f"CUDA streams; pass at most 16 (the default is up to {MAX_CUDA_WORKERS}).")
     if world(device)[1] > 1 and workers is not None and workers > 1:  # also joins torchrun's process group
         raise ValueError(f"`workers`={workers} under torchrun: the processes must issue their gradient all-reduces "
                          "in one order, so their layers train one after another; leave `workers` out (or pass 1).")

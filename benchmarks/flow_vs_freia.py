@@ -206,7 +206,7 @@ class CapturedTrainer(Trainer):
             return super().step()
         x, c = self.data[self.cursor % len(self.data)]
         self.cursor += 1
-        self.losses.append(self.captured.forward_backward((x, c)))
+        self.losses.append(self.captured.forward_backward((x, c))[0])
         self.captured.update()
 
 

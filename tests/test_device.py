@@ -197,7 +197,7 @@ def _count_replays(monkeypatch):
 def test_the_captured_step_trains_as_the_eager_step_does(cuda, schedule, monkeypatch):
     from captum_inn.training.loop import CapturedStep, train_loop
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     net, batch_fn, loss_of = split_regression(cuda)
     eager = train_loop(net, loss_of, batch_fn=batch_fn, steps=40, lr=0.01, schedule=schedule, progress=False,
                        cuda_graph=False)
@@ -358,3 +358,28 @@ def test_multi_layer_captured_fits_called_again_and_again_train_as_the_eager_fit
     for _ in range(6):  # 8 pooled streams a call
         for name, history in fit().items():
             torch.testing.assert_close(history, eager[name], rtol=1e-3, atol=1e-4)
+
+
+def test_nonfinite_gradients_of_a_finite_loss_stop_a_captured_fit_before_its_update(cuda, tmp_path):
+    from captum_inn.training.checkpoint import load_checkpoint
+    from captum_inn.training.loop import train_loop
+
+    net, batch_fn, loss_of = split_regression(cuda)
+    calls = {"n": 0}
+
+    def batch_with_shift(generator):  # the 9th batch (step 8, captured) has shift 0
+        inputs, targets = batch_fn(generator)
+        calls["n"] += 1
+        return inputs, targets, torch.tensor(0.0 if calls["n"] == 9 else 1.0, device=cuda)
+
+    def loss_with_sqrt(inputs, targets, shift):  # at shift 0 the loss is finite, its gradient NaN (sqrt at 0)
+        loss = loss_of(inputs, targets)
+        return loss + torch.sqrt(loss * shift)
+
+    path = str(tmp_path / "fit.safetensors")
+    with pytest.raises(FloatingPointError, match="gradients became nan in step 9"):
+        train_loop(net, loss_with_sqrt, batch_fn=batch_with_shift, steps=20, lr=0.01, progress=False, cuda_graph=True,
+                   checkpoint=path, checkpoint_every=8)
+    assert all(torch.isfinite(p).all() for p in net.parameters())  # Adam applied no NaN gradient
+    tensors, saved = load_checkpoint(path, kind="module")
+    assert saved["step"] == 8 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())

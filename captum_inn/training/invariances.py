@@ -276,7 +276,8 @@ def _auto_workers(workers: Optional[int], n_layers: int, device: torch.device) -
         return workers
     if world(device)[1] > 1:
         return 1  # ranks must issue their collectives in one order
-    if device.type == "cuda" and cuda_graphs_by_default():  # captured steps on their own streams overlap
+    if device.type == "cuda" and cuda_graphs_by_default() and not torch.version.hip:
+        # captured steps on their own streams overlap (ROCm pools as few as 3 streams: one at a time there)
         return min(n_layers, MAX_CUDA_WORKERS)
     if device.type != "cpu":
         return 1  # other accelerators queue their own work
@@ -304,6 +305,8 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
     bar = tqdm(total=sum(configs[n].steps for n in names), initial=sum(done.values()),
                desc=f"INNs for {len(names)} layers ({workers} at a time)", disable=not progress, leave=False)
     lock = threading.Lock()
+    # the INNs were built and initialised on the caller's current stream (read here: it is per thread)
+    caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def task_for(name: str) -> Callable[[Callable[[], None]], ConditionalINN]:
         def task(check: Callable[[], None]) -> ConditionalINN:
@@ -317,7 +320,7 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
             if device.type != "cuda":
                 return _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step, source)
             with own_stream(device) as stream:  # the current stream is per thread: this fit's own
-                stream.wait_stream(torch.cuda.default_stream(device))  # the INN's initialisation ran there
+                stream.wait_stream(caller)
                 with torch.cuda.stream(stream):
                     inn = _train(built[name], cache, name, configs[name], device, paths[name], resume, False,
                                  after_step, source)

@@ -371,9 +371,9 @@ def train_loop(
             (unless ``CAPTUM_INN_CUDA_GRAPHS=0``); should the capture fail (a
             ``loss_fn`` that reads values on the host, say), the fit warns and goes on eagerly.
             ``True``: capture, and a failed capture is an error. ``False``: never. The captured
-            step reads the loss on the host between the backward pass and the update, so a
-            non-finite loss still stops the fit before it changes any parameter (non-finite
-            gradients of a finite loss are caught by the eager step only).
+            step reads the loss and the gradients' norm on the host between the backward pass and
+            the update, so a non-finite loss or gradient stops the fit before it changes any
+            parameter, as in the eager step.
         generators: Further CPU generators the step draws from (an augmentation's own, say). Their
             states are saved in the checkpoint and restored on resume, so a resumed fit draws what
             an uninterrupted one would (under ``torchrun``: rank 0's states, restored on every rank).
@@ -528,6 +528,15 @@ def train_loop(
                 f"coupling scales) also helps.{kept}"
             )
 
+    def check_gradients(norm: float, loss: float, step: int) -> None:
+        if not math.isfinite(norm):
+            raise FloatingPointError(
+                f"{desc}: the gradients became {norm} in step {step + 1} (the loss, {loss}, is finite). "
+                f"Lower the learning rate (now {lr}) or check the inputs' scale (huge values overflow), and check "
+                "the loss for operations without a finite gradient where it is evaluated (sqrt or log at 0, "
+                f"norms of zero vectors).{kept}"
+            )
+
     def eager_step(step: int, batch: Optional[Sequence[Tensor]] = None) -> float:
         if batch is None and batch_fn is not None:
             batch = batch_fn(generator)
@@ -542,13 +551,7 @@ def train_loop(
         # a finite loss can still give NaN or infinite gradients (a sqrt at 0): Adam would write NaN into every
         # weight, and the next checkpoint would keep them (max_norm inf: the norm, the gradients unchanged)
         norm = nn.utils.clip_grad_norm_(parameters, float("inf") if grad_clip is None else grad_clip)
-        if not math.isfinite(float(norm)):
-            raise FloatingPointError(
-                f"{desc}: the gradients became {float(norm)} in step {step + 1} (the loss, {value}, is finite). "
-                f"Lower the learning rate (now {lr}) or check the inputs' scale (huge values overflow), and check "
-                "the loss for operations without a finite gradient where it is evaluated (sqrt or log at 0, "
-                f"norms of zero vectors).{kept}"
-            )
+        check_gradients(float(norm), value, step)
         optimizer.step()
         return value
 
@@ -581,8 +584,9 @@ def train_loop(
                 captured = _capture_or_warn(module, optimizer, loss_fn, batch, grad_clip, side, strict=cuda_graph is True)
                 graphed = captured is not None
             if captured is not None:
-                loss = captured.forward_backward(batch_fn(generator) if batch is None else batch)
+                loss, norm = captured.forward_backward(batch_fn(generator) if batch is None else batch)
                 check_finite(loss, step)  # before the update: a bad step changes no parameter
+                check_gradients(norm, loss, step)
                 captured.update()
             else:  # eager, and a graphed fit's warm-up steps
                 loss = eager_step(step, batch)
@@ -599,6 +603,10 @@ def train_loop(
         raise
     finally:
         bar.close()
+        if captured is not None:  # its graphs go while the fit still holds their stream (a traceback kept them)
+            with contextlib.suppress(RuntimeError):
+                side.synchronize()
+            captured = None
         streams.close()
     # the last step's gradients: no use to the caller, as much memory as the weights (and, with CUDA
     # graphs, in the graphs' memory pool)
@@ -749,10 +757,10 @@ def _use_cuda_graph(cuda_graph: Optional[bool], batch_fn: Optional[Callable], de
 class CapturedStep:
     """A training step captured as two CUDA graphs and replayed (internal to :func:`train_loop`).
 
-    The first graph computes the loss and its gradients from static copies of the batch, the
-    second clips the gradients and applies Adam (``capturable=True``); between the two the host
-    reads the loss, so a non-finite loss can stop the fit before the update. Replaying launches a
-    whole step at once instead of its thousand small kernels one by one.
+    The first graph computes the loss, its gradients and their norm (clipping them) from static
+    copies of the batch, the second applies Adam (``capturable=True``). Between the two the host
+    reads the loss and the norm, so a non-finite loss or gradient stops the fit before the update.
+    Replaying launches a whole step at once instead of its thousand small kernels one by one.
 
     Args:
         module: The model (its warm-up steps done, so lazily built state exists).
@@ -772,20 +780,21 @@ class CapturedStep:
                  stream: Optional[torch.cuda.Stream] = None) -> None:
         self.inputs: Tuple[Tensor, ...] = tuple(t.detach().clone() for t in batch)
         generator = _device_generator(self.inputs[0].device if self.inputs else next(module.parameters()).device)
-        before = generator.clone_state() if hasattr(generator, "clone_state") else None
         with CapturedStep._capture_lock:
+            before = generator.clone_state() if hasattr(generator, "clone_state") else None
             try:
                 optimizer.zero_grad(set_to_none=True)  # the capture allocates the gradients in its pool
                 self.loss_graph = torch.cuda.CUDAGraph()
                 # thread_local: fits in other threads may keep working (on their own streams) meanwhile
                 with torch.cuda.graph(self.loss_graph, stream=stream, capture_error_mode="thread_local"):
-                    self.loss = loss_fn(*self.inputs)
-                    self.loss.backward()
+                    loss = loss_fn(*self.inputs)
+                    loss.backward()
+                    # max_norm inf: the norm alone, the gradients unchanged (as the eager step)
+                    norm = nn.utils.clip_grad_norm_(module.parameters(), float("inf") if grad_clip is None else grad_clip)
+                    self.readout = torch.stack([loss.detach().float().reshape(()), norm.float().reshape(())])
                 self.update_graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.update_graph, pool=self.loss_graph.pool(), stream=stream,
                                       capture_error_mode="thread_local"):
-                    if grad_clip is not None:
-                        nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
                     optimizer.step()
             except BaseException:
                 # a capture that fails midway leaves the device's generator marked as capturing (torch
@@ -795,8 +804,9 @@ class CapturedStep:
                     generator.graphsafe_set_state(before)
                 raise
 
-    def forward_backward(self, batch: Sequence[Tensor]) -> float:
-        """Copy ``batch`` into the static inputs, replay the loss and gradients, return the loss."""
+    def forward_backward(self, batch: Sequence[Tensor]) -> Tuple[float, float]:
+        """Copy ``batch`` into the static inputs, replay the loss and gradients, return the loss and
+        the gradients' norm (before clipping)."""
         if len(batch) != len(self.inputs):
             raise ValueError(f"`batch_fn` returned {len(batch)} tensors, the captured step takes {len(self.inputs)}.")
         for static, tensor in zip(self.inputs, batch):
@@ -807,12 +817,17 @@ class CapturedStep:
                     "size fixed, or pass cuda_graph=False."
                 )
             static.copy_(tensor)
-        self.loss_graph.replay()
-        return float(self.loss.detach())
+        # replays wait while another fit captures: on torch before 2.7 every capture marked the device's
+        # generator as capturing, and a replay launched meanwhile raised (the launch alone is held)
+        with CapturedStep._capture_lock:
+            self.loss_graph.replay()
+        loss, norm = self.readout.tolist()
+        return loss, norm
 
     def update(self) -> None:
-        """Replay the gradient clipping and the Adam update."""
-        self.update_graph.replay()
+        """Replay the Adam update."""
+        with CapturedStep._capture_lock:
+            self.update_graph.replay()
 
 
 def _device_generator(device: torch.device) -> torch.Generator:

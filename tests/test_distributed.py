@@ -92,7 +92,9 @@ def test_interrupted_two_process_fit_resumes_exactly(runs, encoder, stopped, tmp
         assert resumed["history"][fit] == pytest.approx(runs[2]["history"][fit], rel=1e-5, abs=1e-6)
         assert resumed["weights"][fit] == pytest.approx(runs[2]["weights"][fit], rel=1e-5, abs=1e-5)
     written = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
-    assert "features.rank0.safetensors" in written and "features.rank1.safetensors" in written
+    # named by the number of processes too: a resume with another number built its own shards, where it
+    # read another shard of images under the same name and was refused
+    assert "features.rank0of2.safetensors" in written and "features.rank1of2.safetensors" in written
     assert not list(tmp_path.rglob("*.tmp")), "only complete checkpoints remain"
 
 
@@ -112,8 +114,27 @@ def test_a_finished_fit_loads_with_another_number_of_processes_without_an_order_
     """A fit that already reached its steps draws no more minibatches: loading it with another number of
     processes warned that the minibatch order "differs from an uninterrupted run"."""
     shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.safetensors")}
     finished = torchrun(1, tmp_path, encoder, steps=80)
     assert finished["resumed"] == RESUMED_AT_80 and finished["order_warnings"] == 0
+    # nothing is rewritten: the concept INN's results were recomputed from pools that one process draws
+    # otherwise than two, and its finished checkpoint was saved again
+    assert [p.name for p, data in before.items() if p.read_bytes() != data] == []
+
+
+def test_ranks_see_the_last_checkpoint_and_a_parameter_trained_on_one_rank_stays_in_step(tmp_path):
+    """Two cases the helper script shows (tests/ddp_edge_script.py): rank 1 read the step-5 checkpoint
+    right after a 10-step fit returned (rank 0 had not written the last one yet); and a parameter with a
+    gradient on one rank only made the ranks sum different tensors, so each rank's heads drifted apart."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(SCRIPT.with_name("ddp_edge_script.py")), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["step_seen"] for r in ranks] == [10, 10]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # replicas identical
+    assert all(ranks[0]["weights"][name] != ranks[0]["start"][name] for name in ("a", "b"))  # both heads trained
 
 
 def test_processes_with_different_augmentations_are_refused(monkeypatch):

@@ -743,15 +743,23 @@ def fit_concepts(
         nll = pair_nll(y[:half], logdet[:half], y[half:], logdet[half:], shared, config.rho)
         return nll.mean() / (2 * dim)
 
+    # a finished fit read back keeps the results it recorded: the factors' spread comes from the pools,
+    # which another number of processes draws otherwise, and the file was rewritten (in a folder that
+    # may be read-only, by rank 0 alone)
+    recorded = (read_header(checkpoint) or {}).get("fit_results") if resume and finished_checkpoint(
+        checkpoint, config.steps) else None
     history = train_loop(
         inn, loss_fn, batch_fn=batch_fn, steps=config.steps, lr=config.lr, schedule=config.schedule, seed=config.seed,
         checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta,
         progress=progress, desc="concept INN",
     )
-    with torch.no_grad(), full_precision(device):  # each factor's spread, the reference of LayerConcepts.encoded
-        factors = torch.cat([inn(p.mean_a[:1024].to(device), jac=False)[0] for p in pools])
-    results = {"steps": config.steps, "final_loss": final_loss(history),
-               "factor_variance": factors.var(0).cpu().tolist()}
+    if isinstance(recorded, dict) and recorded.get("steps") == config.steps and "factor_variance" in recorded:
+        results = recorded
+    else:
+        with torch.no_grad(), full_precision(device):  # each factor's spread, the reference of LayerConcepts.encoded
+            factors = torch.cat([inn(p.mean_a[:1024].to(device), jac=False)[0] for p in pools])
+        results = {"steps": config.steps, "final_loss": final_loss(history),
+                   "factor_variance": factors.var(0).cpu().tolist()}
     inn.fit_info = {**info, **results}
     if info["representation"].get("kind") == "layer":
         # kept out of the resume record too (older checkpoints resume): LayerConcepts warns when running

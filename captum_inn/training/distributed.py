@@ -245,15 +245,34 @@ def average_gradients(module: nn.Module, loss: Tensor) -> Tensor:
     _, size = world()
     if size == 1:
         return loss
-    params = [p for p in module.parameters() if p.grad is not None]
-    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1).to(params[0].grad.dtype)])
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return _averaged(loss)
+    # a parameter without a gradient on some ranks (a branch the data decides) joins with zeros there, as
+    # under DistributedDataParallel: the ranks summed different tensors, and the replicas drifted apart.
+    # Which ranks had one travels in the same reduction (a count per parameter)
+    dtype = params[0].dtype
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in params]
+                     + [torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=params[0].device),
+                        loss.detach().reshape(1).to(dtype=dtype, device=params[0].device)])
     _in_place(torch.distributed.all_reduce, flat)
-    flat /= size
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+    offset, counts = 0, flat[-1 - len(params):-1].tolist()
+    for p, count in zip(params, counts):
+        if count > 0:  # none anywhere: left without a gradient, as in one process
+            averaged = flat[offset : offset + p.numel()].view_as(p) / size
+            if p.grad is None:
+                p.grad = averaged.to(p.dtype).clone()
+            else:
+                p.grad.copy_(averaged)
         offset += p.numel()
-    return flat[-1]
+    return flat[-1] / size
+
+
+def _averaged(tensor: Tensor) -> Tensor:
+    """``tensor``'s mean over ranks (a copy)."""
+    mean = _comm(tensor.detach().reshape(1).float().clone())
+    torch.distributed.all_reduce(mean)
+    return (mean / world()[1]).to(tensor.device)[0]
 
 
 def average_buffers(module: nn.Module) -> None:

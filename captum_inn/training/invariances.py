@@ -371,7 +371,7 @@ def fit_invariances(
         device: Where the INNs train.
         checkpoint_dir: Folder for one checkpoint per layer (:func:`~captum_inn.training.invariances.checkpoint_name`) and the
             feature cache, when computed here (``features.safetensors``; with ``memmap=True`` the
-            folder ``features/``; under ``torchrun`` one per process, ``features.rank{r}...``);
+            folder ``features/``; under ``torchrun`` one per process, ``features.rank{r}of{n}...``);
             existing checkpoints and the cache are reused when ``resume``, so a resumed fit neither
             reruns the network nor changes its data.
         resume: Continue from existing checkpoints.
@@ -601,7 +601,9 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
     if cache is not None:
         return cache
     rank, n_ranks = world(device)
-    suffix = f".rank{rank}" if n_ranks > 1 else ""  # under torchrun each process caches its shard
+    # under torchrun each process caches its shard, which depends on the number of processes: a resume
+    # with another number read a shard of other images and was refused
+    suffix = f".rank{rank}of{n_ranks}" if n_ranks > 1 else ""
     if "additional_forward_args" in read and data is not None:  # per-image tensors follow the images there
         read = {**read, "additional_forward_args": shard_forward_args(read["additional_forward_args"],
                                                                        count_images(data))}

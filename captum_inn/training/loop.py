@@ -57,6 +57,7 @@ from captum_inn.training.checkpoint import (
 from captum_inn.training.distributed import (
     average_buffers,
     average_gradients,
+    barrier,
     check_processes_agree,
     gather_generator_states,
     sync_module,
@@ -504,14 +505,16 @@ def train_loop(
         average_buffers(module)  # collectives: every rank takes part
         states = gather_generator_states(generator)
         global_states = gather_generator_states(torch.default_generator) if own_streams else []
-        if rank != 0:
-            return
-        optim_tensors, optim_meta = optimizer_tensors(optimizer)
-        tensors = {**module_tensors(module), **optim_tensors, **{_generator_key(r): s for r, s in enumerate(states)},
-                   **{_global_generator_key(r): s for r, s in enumerate(global_states)},
-                   **{_extra_generator_key(i): g.get_state() for i, g in enumerate(generators)}}
-        save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta,
-                                              "world_size": n_ranks, "loop": loop_settings})
+        if rank == 0:
+            optim_tensors, optim_meta = optimizer_tensors(optimizer)
+            tensors = {**module_tensors(module), **optim_tensors, **{_generator_key(r): s for r, s in enumerate(states)},
+                       **{_global_generator_key(r): s for r, s in enumerate(global_states)},
+                       **{_extra_generator_key(i): g.get_state() for i, g in enumerate(generators)}}
+            save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta,
+                                                  "world_size": n_ranks, "loop": loop_settings})
+        # the other ranks went on before the file was written: one that read it (after the last step, say)
+        # found the checkpoint before
+        barrier()
 
     if graphed:  # after the resume: the captured update reads the rate from this tensor
         for group in optimizer.param_groups:

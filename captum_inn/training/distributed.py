@@ -246,15 +246,13 @@ def average_gradients(module: nn.Module, loss: Tensor) -> Tensor:
     if size == 1:
         return loss
     params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        return _averaged(loss)
     # a parameter without a gradient on some ranks (a branch the data decides) joins with zeros there, as
     # under DistributedDataParallel: the ranks summed different tensors, and the replicas drifted apart.
     # Which ranks had one travels in the same reduction (a count per parameter)
-    dtype = params[0].dtype
+    dtype, device = (params[0].dtype, params[0].device) if params else (torch.float32, loss.device)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in params]
-                     + [torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=params[0].device),
-                        loss.detach().reshape(1).to(dtype=dtype, device=params[0].device)])
+                     + [torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=device),
+                        loss.detach().reshape(1).to(dtype=dtype, device=device)])
     _in_place(torch.distributed.all_reduce, flat)
     offset, counts = 0, flat[-1 - len(params):-1].tolist()
     for p, count in zip(params, counts):
@@ -267,12 +265,6 @@ def average_gradients(module: nn.Module, loss: Tensor) -> Tensor:
         offset += p.numel()
     return flat[-1] / size
 
-
-def _averaged(tensor: Tensor) -> Tensor:
-    """``tensor``'s mean over ranks (a copy)."""
-    mean = _comm(tensor.detach().reshape(1).float().clone())
-    torch.distributed.all_reduce(mean)
-    return (mean / world()[1]).to(tensor.device)[0]
 
 
 def average_buffers(module: nn.Module) -> None:

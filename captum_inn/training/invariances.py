@@ -73,6 +73,7 @@ from captum_inn.training.loop import (
     own_stream,
     resume_key,
     run_concurrently,
+    running_on,
     train_loop,
 )
 
@@ -319,13 +320,10 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
                 check()
             if device.type != "cuda":
                 return _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step, source)
-            with own_stream(device) as stream:  # the current stream is per thread: this fit's own
-                stream.wait_stream(caller)
-                with torch.cuda.stream(stream):
-                    inn = _train(built[name], cache, name, configs[name], device, paths[name], resume, False,
-                                 after_step, source)
-                stream.synchronize()  # its last update is done before another stream reads the INN
-            return inn
+            # the current stream is per thread: this fit's own, done before another stream reads the INN
+            with own_stream(device) as stream, running_on(stream, device, caller):
+                return _train(built[name], cache, name, configs[name], device, paths[name], resume, False,
+                              after_step, source)
         return task
 
     try:

@@ -572,7 +572,7 @@ def train_loop(
             streams.enter_context(_global_streams(device, global_state, _global_seed(seed, rank, start)))
         if graphed:  # warm-up, capture and replays on a stream of this fit's own (CUDA graphs need a side stream)
             side = streams.enter_context(own_stream(device))
-            streams.enter_context(_running_on(side, device))
+            streams.enter_context(running_on(side, device))
         for step in bar:
             if schedule == "cosine":
                 rate = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))
@@ -649,10 +649,12 @@ def own_stream(device: torch.device) -> Iterator[torch.cuda.Stream]:
 
 
 @contextlib.contextmanager
-def _running_on(stream: torch.cuda.Stream, device: torch.device) -> Iterator[None]:
+def running_on(stream: torch.cuda.Stream, device: torch.device,
+               caller: Optional[torch.cuda.Stream] = None) -> Iterator[None]:
     """Make ``stream`` the current one: it starts after what the caller's stream holds (the module's
-    initialisation), and the caller's stream goes on after it."""
-    caller = torch.cuda.current_stream(device)
+    initialisation), and the caller's stream goes on after it. ``caller``: that stream, where it is
+    another thread's (by default this thread's current one)."""
+    caller = torch.cuda.current_stream(device) if caller is None else caller
     stream.wait_stream(caller)
     try:
         with torch.cuda.stream(stream):

@@ -4,7 +4,12 @@ Each rank writes what it saw to ``out/rank{r}.json``:
 - the step of the checkpoint right after ``train_loop`` returned (the other ranks went on before
   rank 0 had written the last one, on a module without floating-point buffers);
 - the weights of two heads, one trained on each rank's data (a branch the data decides, so a
-  parameter has a gradient on one rank only), which must stay identical on every rank.
+  parameter has a gradient on one rank only), which must stay identical on every rank;
+- each rank's augmentation generator after a fit resumed from a checkpoint, which must be where an
+  uninterrupted fit leaves it although the ranks draw different numbers (shards smaller than the
+  batch);
+- the error each rank raised when ``fit_invariances`` found its own shard unusable (too few images,
+  or a layer that is infinite on one of its images): every rank must raise, none wait for the others.
 """
 
 from __future__ import annotations
@@ -16,11 +21,18 @@ from pathlib import Path
 
 import torch
 
+from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.training import fit_invariances
 from captum_inn.training.checkpoint import read_header
 from captum_inn.training.distributed import world
 from captum_inn.training.loop import train_loop
 
 torch.set_num_threads(1)
+
+
+class Log(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.log()
 
 
 def main() -> None:
@@ -48,7 +60,38 @@ def main() -> None:
     start = {name: heads[name].weight.flatten().tolist() for name in heads}
     train_loop(heads, head_loss, steps=3, lr=0.1, progress=False, grad_clip=None)
     weights = {name: heads[name].weight.flatten().tolist() for name in heads}
-    (out / f"rank{rank}.json").write_text(json.dumps({"step_seen": step_seen, "start": start, "weights": weights}))
+
+    # an augmentation's generator, drawn from more on rank 1 (its shard gave it a larger share of the batch)
+    weight = torch.nn.Linear(1, 1)
+    augmentation = torch.Generator()
+
+    def augmented_loss(generator):
+        noise = torch.rand(2 + rank, 1, generator=augmentation)
+        return weight(noise).pow(2).mean()
+
+    augmented = {}
+    for run, stops in {"whole": (4,), "resumed": (2, 4)}.items():
+        augmentation.manual_seed(7)
+        for steps in stops:
+            train_loop(weight, augmented_loss, steps=steps, lr=0.1, checkpoint=str(out / f"augmented_{run}.safetensors"),
+                       checkpoint_every=2, generators=(augmentation,), progress=False)
+        augmented[run] = torch.rand(1, generator=augmentation).item()  # where the stream stands
+
+    # 3 images: rank 1's shard holds one, too few; 4 images with a black one in rank 1's shard (row 3),
+    # whose log is -inf at layer "1"
+    model = torch.nn.Sequential(Log(), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2)).eval()
+    autoencoder = ConvAutoencoder((3, 8, 8), latent_dim=2, width=4).eval()
+    black = torch.cat([0.1 + 0.9 * torch.rand(3, 3, 8, 8), torch.zeros(1, 3, 8, 8)])
+    errors = {}
+    for case, images in {"few": 0.1 + 0.9 * torch.rand(3, 3, 8, 8), "infinite": black}.items():
+        try:
+            fit_invariances(model, "1", autoencoder, images, steps=2, batch_size=2, n_blocks=2, hidden=8,
+                            embed_dim=4, progress=False)
+            errors[case] = None
+        except ValueError as error:
+            errors[case] = str(error)
+    (out / f"rank{rank}.json").write_text(json.dumps({"step_seen": step_seen, "start": start, "weights": weights,
+                                                      "errors": errors, "augmented": augmented}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     sys.stdout.flush()

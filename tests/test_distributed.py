@@ -123,18 +123,29 @@ def test_a_finished_fit_loads_with_another_number_of_processes_without_an_order_
 
 
 def test_ranks_see_the_last_checkpoint_and_a_parameter_trained_on_one_rank_stays_in_step(tmp_path):
-    """Two cases the helper script shows (tests/ddp_edge_script.py): rank 1 read the step-5 checkpoint
-    right after a 10-step fit returned (rank 0 had not written the last one yet); and a parameter with a
-    gradient on one rank only made the ranks sum different tensors, so each rank's heads drifted apart."""
+    """Four cases the helper script shows (tests/ddp_edge_script.py): rank 1 read the step-5 checkpoint
+    right after a 10-step fit returned (rank 0 had not written the last one yet); a parameter with a
+    gradient on one rank only made the ranks sum different tensors, so each rank's heads drifted apart;
+    a resumed fit gave every rank rank 0's augmentation state, though rank 1 had drawn more; and a shard too small or with infinite features stopped its own rank only, while the other went on
+    to train and waited for it (the run hung)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(SCRIPT.with_name("ddp_edge_script.py")), str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["step_seen"] for r in ranks] == [10, 10]
     assert ranks[0]["weights"] == ranks[1]["weights"]  # replicas identical
     assert all(ranks[0]["weights"][name] != ranks[0]["start"][name] for name in ("a", "b"))  # both heads trained
+    for r in ranks:
+        assert r["augmented"]["resumed"] == r["augmented"]["whole"]
+    assert ranks[0]["augmented"]["whole"] != ranks[1]["augmented"]["whole"]  # the ranks' streams did differ
+    few, infinite = ranks[1]["errors"]["few"], ranks[1]["errors"]["infinite"]
+    assert few == ("Fitting needs at least 2 training images per process, this process's cache holds 1: pass more "
+                   "images or start fewer processes.")
+    assert "Layer '1''s activations hold NaN or infinite values at image 1 of `data`" in infinite
+    assert ranks[0]["errors"] == {case: f"Process 1 of this torchrun run stopped on its shard of the data: ValueError: "
+                                        f"{error}" for case, error in ranks[1]["errors"].items()}
 
 
 def test_processes_with_different_augmentations_are_refused(monkeypatch):
@@ -150,6 +161,27 @@ def test_processes_with_different_augmentations_are_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"`augment` is \{.*\"seed\": 1.*\} in process 1 but .*\"seed\": 0.* in "
                                          r"process 0: give every process the same augmentation"):
         fit_autoencoder(torch.rand(8, 3, 8, 8), latent_dim=2, steps=1, augment=Jitter(1, seed=0), progress=False)
+
+
+def test_a_check_that_fails_in_one_process_raises_in_every_process(monkeypatch):
+    """raising_together (simulated: rank 0 of 2): rank 0's block passes and rank 1's failed, so rank 0
+    raises too, quoting it; a block that fails raises its own error, after telling the others."""
+    from captum_inn.training import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda device=None: (0, 2))
+    told = []
+    monkeypatch.setattr(distributed, "gather_texts", lambda text: told.append(text) or [text, "ValueError: few images"])
+    with pytest.raises(ValueError, match=r"^Process 1 of this torchrun run stopped on its shard of the data: "
+                                         r"ValueError: few images$"):
+        with distributed.raising_together():
+            pass
+    with pytest.raises(ValueError, match=r"^NaN here$"):
+        with distributed.raising_together():
+            raise ValueError("NaN here")
+    assert told == ["", "ValueError: NaN here"]
+    monkeypatch.setattr(distributed, "gather_texts", lambda text: [text, ""])
+    with distributed.raising_together():  # nobody failed
+        pass
 
 
 def test_processes_with_different_networks_are_refused(monkeypatch):

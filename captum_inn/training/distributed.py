@@ -430,6 +430,37 @@ def check_replicas_agree(networks: Mapping[str, Optional[Any]]) -> None:
             )
 
 
+@contextmanager
+def raising_together() -> Iterator[None]:
+    """Work on a process's own shard whose error stops every process of a distributed fit.
+
+    An error raised in the block in one process only (NaN in its shard's features, too few images
+    in its shard) would stop that process alone and leave the others waiting for it in their next
+    collective. At the block's end every process learns whether another's failed: the failed one
+    raises its own error, the others a ``ValueError`` quoting it. The block must hold no collective.
+    No-op outside a distributed run.
+
+    Examples::
+
+        >>> with raising_together():   # one process: the block's own error, if any
+        ...     pass
+    """
+    if world()[1] == 1:
+        yield
+        return
+    failure = None
+    try:
+        yield
+    except Exception as error:  # re-raised below, once the other processes are told
+        failure = error
+    texts = gather_texts("" if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    failed = [rank for rank, text in enumerate(texts) if text]
+    if failed:
+        raise ValueError(f"Process {failed[0]} of this torchrun run stopped on its shard of the data: {texts[failed[0]]}")
+
+
 def check_processes_agree(name: str, record: Any, fix: str, by_key: bool = False) -> None:
     """``ValueError`` in every process of a distributed fit when ``record`` (a JSON-able description
     of a setting, e.g. :func:`~captum_inn.training.augment.augment_record`) differs between them.

@@ -59,6 +59,7 @@ from captum_inn.training.distributed import (
     check_replicas_agree,
     gather_texts,
     local_batch_size,
+    raising_together,
     shard_data,
     shard_forward_args,
     warnings_from_rank_zero,
@@ -166,7 +167,10 @@ _INIT_ROWS, _MIN_INIT_ROWS, _INIT_BYTES = 1024, 64, 256 * 2**20
 
 
 def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: torch.device) -> ConditionalINN:
-    """A fresh INN for one cached layer, its embedder statistics and ActNorms initialised from the data."""
+    """A fresh INN for one cached layer, its weights drawn; :func:`_initialise` then sets it up from the data.
+
+    Warns here, in the caller's thread, when the layer hardly varies (a warning from a fit's thread
+    would point at no line of the caller's)."""
     # only the weight initialisation draws from the global RNG; float32 under any default dtype
     with seeded_global_rng(config.seed, torch.float32):
         inn = ConditionalINN(
@@ -175,12 +179,24 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
             conv_width=config.conv_width, conv_max_width=config.conv_max_width, conv_patch_to=config.conv_patch_to,
             token_dim=config.token_dim,
         ).to(device)
-    # up to 1024 rows, fewer for a large layer (a 64×56×56 map: 0.8 GB for 1024), at least 64
+    _warn_if_constant(cache.rows(name, _init_rows(cache, name, config)), name)
+    return inn
+
+
+def _init_rows(cache: FeatureCache, name: str, config: InvarianceConfig) -> Tensor:
+    """The rows that initialise an INN: up to 1024, fewer for a large layer (a 64×56×56 map: 0.8 GB
+    for 1024), at least 64."""
     row_bytes = 4 * math.prod(cache.layer_shape(name))
     n_init = min(_INIT_ROWS, max(_MIN_INIT_ROWS, _INIT_BYTES // max(1, row_bytes)))
-    init = torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:n_init]
+    return torch.randperm(len(cache), generator=torch.Generator().manual_seed(config.seed))[:n_init]
+
+
+def _initialise(inn: ConditionalINN, cache: FeatureCache, name: str, config: InvarianceConfig,
+                device: torch.device) -> None:
+    """Set an INN's embedder statistics and ActNorms from the data. Draws from no global generator,
+    so fits side by side run it in their own threads."""
+    init = _init_rows(cache, name, config)
     init_conditions = cache.rows(name, init).to(device)
-    _warn_if_constant(init_conditions, name)
     inn.embedder.set_input_statistics(init_conditions)
     with torch.no_grad(), full_precision(device):  # ActNorm's data-dependent initialisation, on a large real batch
         init_gen = torch.Generator().manual_seed(config.seed)
@@ -190,7 +206,6 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
             # unit) got ActNorm scales of ~100 per block, which blew the training noise up (losses of 1e12, no NaN)
             codes = codes + config.code_noise * torch.randn(codes.shape, generator=init_gen, dtype=torch.float32).to(codes)
         inn(codes.to(device, inn.dtype), init_conditions)
-    return inn
 
 
 def _warn_if_constant(conditions: Tensor, name: str) -> None:
@@ -200,17 +215,23 @@ def _warn_if_constant(conditions: Tensor, name: str) -> None:
     # each unit's spread against its own mean size, floored at the median unit's: against the layer's mean,
     # a few large (near-)constant units (1e4, a batch norm with a large shift) made a varying layer look
     # constant; against its own alone, one unit of a collapsed head whose bias is near 0 hid the collapse.
-    # No float64 copy of the rows (four times their memory with temporaries, past _INIT_BYTES): sizes summed
-    # in float64 by blocks
+    # Sums by blocks, no whole copy of the rows (past _INIT_BYTES with temporaries); in float32, a fifth of
+    # the time of float64 sums and torch's std over a 64×16×16 map's 1024 rows and precise enough for a 1e-3
+    # threshold; in float64 for a float64 layer, or where a float32 sum overflowed (units near 1e35)
     flat = conditions.detach().flatten(1)
-    sizes = sum(block.abs().sum(0, dtype=torch.float64) for block in flat.split(max(1, 2**22 // max(1, flat.shape[1]))))
-    sizes = sizes / max(1, flat.shape[0])
-    relative = flat.std(dim=0).double() / torch.maximum(sizes, sizes.median()).clamp_min(1e-30)
-    spread = float(relative.max())
-    if flat.shape[0] > 1 and spread < 1e-3:
+    n, blocks = flat.shape[0], flat.split(max(1, 2**22 // max(1, flat.shape[1])))
+    for total in (torch.float64,) if flat.dtype == torch.float64 else (torch.float32, torch.float64):
+        sizes = sum(block.abs().sum(0, dtype=total) for block in blocks) / n
+        mean = sum(block.sum(0, dtype=total) for block in blocks) / n
+        spread = (sum((block.to(total) - mean).square_().sum(0) for block in blocks) / max(1, n - 1)).sqrt()
+        if torch.isfinite(sizes).all() and torch.isfinite(spread).all():
+            break
+    sizes = sizes.double()
+    largest = float((spread.double() / torch.maximum(sizes, sizes.median()).clamp_min(1e-30)).max())
+    if n > 1 and largest < 1e-3:
         warnings.warn(
             f"Layer {name!r} gives almost the same activations for every image (largest spread of a unit across "
-            f"images {spread:.1e} of its mean size, or of the median unit's where that is larger): its invariance maps will say it ignores everything. Check that "
+            f"images {largest:.1e} of its mean size, or of the median unit's where that is larger): its invariance maps will say it ignores everything. Check that "
             "the model is trained, its batch norms' running statistics too (torchvision's MobileNetV3 and "
             "EfficientNet update them with momentum 0.01, so a short training leaves them near their start), "
             "and that the images are what it expects (size, normalisation).",
@@ -242,6 +263,7 @@ def _train(
     if name in cache.selectors:  # how the explainers pick the layer's tensor (caches from before: unknown)
         fit_info["selector"] = cache.selectors[name]
     meta["fit_info"] = fit_info
+    _initialise(inn, cache, name, config, device)
     n = len(cache)
     batch = local_batch_size(config.batch_size, n)
 
@@ -298,7 +320,8 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
 
     ``source``: fingerprint of what the features came from, recorded in the checkpoints."""
     paths = {n: str(Path(checkpoint_dir) / checkpoint_name(n)) if checkpoint_dir else None for n in names}
-    built = {n: _build(cache, n, configs[n], device) for n in names}  # in order: the global RNG is not thread-safe
+    # drawn in order (the global RNG is not thread-safe); each fit initialises its INN from the data in its thread
+    built = {n: _build(cache, n, configs[n], device) for n in names}
     if workers <= 1 or len(names) <= 1:
         return {n: _train(built[n], cache, n, configs[n], device, paths[n], resume, progress, source=source) for n in names}
     # the steps that checkpoints already hold count as done: a finished layer takes no step to report
@@ -506,18 +529,21 @@ def fit_invariances(
         if checkpoint_dir and resume:  # every layer's, before the pass over the data and any training
             _check_checkpoints(checkpoint_dir, configs)
         given = cache is not None
-        cache = _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap, device,
-                           progress, stack, read)
-        missing = [n for n in names if n not in cache.layers]
-        if missing:
-            raise ValueError(f"The cache holds layers {sorted(cache.layers)}, not {missing}; cache them first.")
-        cache.check_finite(names)
-        scalar = [n for n in names if not tuple(cache.layer_shape(n))]
-        if scalar:
-            raise ValueError(f"Layer {scalar[0]!r} gives one number per image (shape (N,)); an INN is conditioned on a "
-                             "vector or a map per image: pick a layer of shape (N, D) or (N, C, H, W).")
-        if len(cache) < 2:
-            raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}.")
+        with raising_together():  # each process caches and checks its own shard of the data
+            cache = _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_dir, resume, memmap,
+                               device, progress, stack, read)
+            missing = [n for n in names if n not in cache.layers]
+            if missing:
+                raise ValueError(f"The cache holds layers {sorted(cache.layers)}, not {missing}; cache them first.")
+            scalar = [n for n in names if not tuple(cache.layer_shape(n))]
+            if scalar:
+                raise ValueError(f"Layer {scalar[0]!r} gives one number per image (shape (N,)); an INN is conditioned "
+                                 "on a vector or a map per image: pick a layer of shape (N, D) or (N, C, H, W).")
+            cache.check_finite(names)
+            if len(cache) < 2:
+                raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}." if world()[1] == 1
+                                 else f"Fitting needs at least 2 training images per process, this process's cache "
+                                 f"holds {len(cache)}: pass more images or start fewer processes.")
         device = torch.device(device)
         inns = _fit_layers(cache, names, configs, device, checkpoint_dir, resume, progress,
                            _auto_workers(workers, len(names), device), _checkpoint_source(model, autoencoder, data, cache, given))

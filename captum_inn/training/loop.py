@@ -168,8 +168,9 @@ def _generator_key(rank: int) -> str:
     return "rng.generator" if rank == 0 else f"rng.generator.{rank}"
 
 
-def _extra_generator_key(index: int) -> str:
-    return f"rng.extra.{index}"
+def _extra_generator_key(index: int, rank: int = 0) -> str:
+    # per rank: a process whose shard is smaller than its share of the batch draws fewer augmentations
+    return f"rng.extra.{index}" if rank == 0 else f"rng.extra.{index}.{rank}"
 
 
 def _global_generator_key(rank: int) -> str:
@@ -473,8 +474,11 @@ def train_loop(
             global_state = tensors.get(_global_generator_key(rank)) if main_state is not None and own_streams else None
             _check_generator_state(main_state, generator, _generator_key(rank))
             _check_generator_state(global_state, torch.default_generator, _global_generator_key(rank))
-            for index, extra in enumerate(generators):
-                _check_generator_state(tensors.get(_extra_generator_key(index)), extra, _extra_generator_key(index))
+            # this rank's states; rank 0's from a checkpoint of another number of processes or an older version
+            extra_keys = [_extra_generator_key(i, rank) if main_state is not None and _extra_generator_key(i, rank) in tensors
+                          else _extra_generator_key(i) for i in range(len(generators))]
+            for key, extra in zip(extra_keys, generators):
+                _check_generator_state(tensors.get(key), extra, key)
             load_optimizer(optimizer, tensors, saved["optimizer"])
             rates = [float(group["lr"]) for group in optimizer.param_groups]
             if schedule == "constant" and any(not math.isclose(rate, lr, rel_tol=1e-6) for rate in rates):
@@ -487,9 +491,9 @@ def train_loop(
                 f"Checkpoint {checkpoint!r} does not hold a whole fit of this module ({type(error).__name__}: "
                 f"{error}); pass resume=False to start afresh, or another path."
             ) from None
-        for index, extra in enumerate(generators):
-            if _extra_generator_key(index) in tensors:  # absent in checkpoints of older versions
-                extra.set_state(tensors[_extra_generator_key(index)])
+        for key, extra in zip(extra_keys, generators):
+            if key in tensors:  # absent in checkpoints of older versions
+                extra.set_state(tensors[key])
         if main_state is not None:
             generator.set_state(main_state)
         else:
@@ -505,11 +509,13 @@ def train_loop(
         average_buffers(module)  # collectives: every rank takes part
         states = gather_generator_states(generator)
         global_states = gather_generator_states(torch.default_generator) if own_streams else []
+        extra_states = [gather_generator_states(extra) for extra in generators]
         if rank == 0:
             optim_tensors, optim_meta = optimizer_tensors(optimizer)
             tensors = {**module_tensors(module), **optim_tensors, **{_generator_key(r): s for r, s in enumerate(states)},
                        **{_global_generator_key(r): s for r, s in enumerate(global_states)},
-                       **{_extra_generator_key(i): g.get_state() for i, g in enumerate(generators)}}
+                       **{_extra_generator_key(i, r): s for i, states_i in enumerate(extra_states)
+                          for r, s in enumerate(states_i)}}
             save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta,
                                                   "world_size": n_ranks, "loop": loop_settings})
         # the other ranks went on before the file was written: one that read it (after the last step, say)

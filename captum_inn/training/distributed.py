@@ -30,7 +30,7 @@ from captum_inn.attr._common import as_device, user_stacklevel
 
 __all__ = ["world", "is_main", "local_batch_size", "shard_data", "shard_forward_args", "sync_module",
            "warnings_from_rank_zero", "average_gradients", "average_buffers", "gather_rows", "gather_generator_states", "gather_texts", "barrier", "check_replicas_agree",
-           "check_processes_agree"]
+           "check_processes_agree", "raising_together"]
 
 
 def _maybe_init(device: Any = None) -> None:

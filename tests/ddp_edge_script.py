@@ -8,8 +8,10 @@ Each rank writes what it saw to ``out/rank{r}.json``:
 - each rank's augmentation generator after a fit resumed from a checkpoint, which must be where an
   uninterrupted fit leaves it although the ranks draw different numbers (shards smaller than the
   batch);
-- the error each rank raised when ``fit_invariances`` found its own shard unusable (too few images,
-  or a layer that is infinite on one of its images): every rank must raise, none wait for the others.
+- the error each rank raised when one rank alone failed: ``fit_invariances`` on a shard too small or
+  with an infinite feature, ``fit_concepts`` on a NaN pair in one rank's pool, ``fit_classifier``'s
+  attacked half on the smaller shard, a training step, a checkpoint folder rank 0 cannot write to.
+  Every rank must raise; none may wait for the others.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from pathlib import Path
 import torch
 
 from captum_inn.autoencoders import ConvAutoencoder
-from captum_inn.training import fit_invariances
+from captum_inn.concepts import ConceptPairs
+from captum_inn.training import fit_concepts, fit_invariances
 from captum_inn.training.checkpoint import read_header
+from captum_inn.training.classifier import fit_classifier
 from captum_inn.training.distributed import world
 from captum_inn.training.loop import train_loop
 
@@ -82,14 +86,42 @@ def main() -> None:
     model = torch.nn.Sequential(Log(), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2)).eval()
     autoencoder = ConvAutoencoder((3, 8, 8), latent_dim=2, width=4).eval()
     black = torch.cat([0.1 + 0.9 * torch.rand(3, 3, 8, 8), torch.zeros(1, 3, 8, 8)])
+    # concept pairs drawn from 64 images, image 10 NaN: only rank 1's pool (seeded per rank) draws it
+    pair_images = 0.1 + 0.9 * torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    pair_images[10] = float("nan")
+    pairs = ConceptPairs.from_labels("group", pair_images, torch.arange(64) % 4)
+    torch.manual_seed(0)
+    bn_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                   torch.nn.Linear(4 * 8 * 8, 3))
+    not_a_folder = out / "not_a_folder"
+    not_a_folder.touch()
+
+    def failing_loss(generator):  # a step that fails on rank 1's data only
+        if rank == 1:
+            raise ValueError("rank 1's batch cannot be used")
+        return weight(torch.ones(2, 1)).pow(2).mean()
+
+    cases = {
+        "few": lambda: fit_invariances(model, "1", autoencoder, 0.1 + 0.9 * torch.rand(3, 3, 8, 8), steps=2,
+                                       batch_size=2, n_blocks=2, hidden=8, embed_dim=4, progress=False),
+        "infinite": lambda: fit_invariances(model, "1", autoencoder, black, steps=2, batch_size=2, n_blocks=2,
+                                            hidden=8, embed_dim=4, progress=False),
+        "pool": lambda: fit_concepts((model, "2"), [pairs], steps=2, pool_size=8, batch_size=4, n_blocks=2, hidden=8,
+                                     progress=False),
+        # 7 images: rank 0's batch 4, rank 1's 3, too few for an attacked half with batch norm
+        "adversarial": lambda: fit_classifier(bn_model, (torch.rand(7, 3, 8, 8), torch.arange(7) % 3), steps=2,
+                                              batch_size=8, adversarial_epsilon=0.1, progress=False),
+        "step": lambda: train_loop(weight, failing_loss, steps=2, lr=0.1, progress=False),
+        "checkpoint": lambda: train_loop(weight, augmented_loss, steps=2, lr=0.1, progress=False,
+                                         checkpoint=str(not_a_folder / "fit.safetensors")),
+    }
     errors = {}
-    for case, images in {"few": 0.1 + 0.9 * torch.rand(3, 3, 8, 8), "infinite": black}.items():
+    for case, run in cases.items():
         try:
-            fit_invariances(model, "1", autoencoder, images, steps=2, batch_size=2, n_blocks=2, hidden=8,
-                            embed_dim=4, progress=False)
+            run()
             errors[case] = None
-        except ValueError as error:
-            errors[case] = str(error)
+        except (ValueError, RuntimeError) as error:
+            errors[case] = f"{type(error).__name__}: {error}"
     (out / f"rank{rank}.json").write_text(json.dumps({"step_seen": step_seen, "start": start, "weights": weights,
                                                       "errors": errors, "augmented": augmented}))
     torch.distributed.barrier()

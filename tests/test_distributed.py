@@ -126,8 +126,10 @@ def test_ranks_see_the_last_checkpoint_and_a_parameter_trained_on_one_rank_stays
     """Four cases the helper script shows (tests/ddp_edge_script.py): rank 1 read the step-5 checkpoint
     right after a 10-step fit returned (rank 0 had not written the last one yet); a parameter with a
     gradient on one rank only made the ranks sum different tensors, so each rank's heads drifted apart;
-    a resumed fit gave every rank rank 0's augmentation state, though rank 1 had drawn more; and a shard too small or with infinite features stopped its own rank only, while the other went on
-    to train and waited for it (the run hung)."""
+    a resumed fit gave every rank rank 0's augmentation state, though rank 1 had drawn more; and a check
+    or a step that failed on one rank only (its shard too small or with infinite features, a NaN pair in
+    its concept pool, its smaller batch for the attacked half, a training step, rank 0's checkpoint
+    folder) stopped that rank alone, while the other went on and waited for it (the run hung)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(SCRIPT.with_name("ddp_edge_script.py")), str(tmp_path)]
@@ -140,12 +142,21 @@ def test_ranks_see_the_last_checkpoint_and_a_parameter_trained_on_one_rank_stays
     for r in ranks:
         assert r["augmented"]["resumed"] == r["augmented"]["whole"]
     assert ranks[0]["augmented"]["whole"] != ranks[1]["augmented"]["whole"]  # the ranks' streams did differ
-    few, infinite = ranks[1]["errors"]["few"], ranks[1]["errors"]["infinite"]
-    assert few == ("Fitting needs at least 2 training images per process, this process's cache holds 1: pass more "
-                   "images or start fewer processes.")
-    assert "Layer '1''s activations hold NaN or infinite values at image 1 of `data`" in infinite
-    assert ranks[0]["errors"] == {case: f"Process 1 of this torchrun run stopped on its shard of the data: ValueError: "
-                                        f"{error}" for case, error in ranks[1]["errors"].items()}
+    failed, other = ranks[1]["errors"], ranks[0]["errors"]  # rank 1's data fails, or rank 0's checkpoint folder
+    assert failed["few"] == ("ValueError: Fitting needs at least 2 training images per process, this process's cache "
+                             "holds 1: pass more images or start fewer processes.")
+    assert "Layer '1''s activations hold NaN or infinite values at image 1 of `data`" in failed["infinite"]
+    assert "Concept 'group' produced pairs with NaN or infinite values" in failed["pool"]
+    assert failed["step"] == "ValueError: rank 1's batch cannot be used"
+    for case in ("few", "infinite", "pool"):
+        assert other[case] == f"ValueError: Process 1 of this torchrun run stopped: {failed[case]}"
+    assert other["step"].startswith("RuntimeError: Process(es) [1] of this torchrun run failed in this training step")
+    for r in ranks:  # decided on the smaller shard's batch, so both refuse alike
+        assert r["errors"]["adversarial"].startswith("ValueError: `adversarial_epsilon` attacks half of each batch, which "
+                                                     "needs batches of at least 4 images per process for a model with "
+                                                     "batch norm, got 3")
+    assert other["checkpoint"].startswith("ValueError: No checkpoint can be written at `checkpoint`")
+    assert failed["checkpoint"] == f"ValueError: Process 0 of this torchrun run stopped: {other['checkpoint']}"
 
 
 def test_processes_with_different_augmentations_are_refused(monkeypatch):
@@ -171,7 +182,7 @@ def test_a_check_that_fails_in_one_process_raises_in_every_process(monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda device=None: (0, 2))
     told = []
     monkeypatch.setattr(distributed, "gather_texts", lambda text: told.append(text) or [text, "ValueError: few images"])
-    with pytest.raises(ValueError, match=r"^Process 1 of this torchrun run stopped on its shard of the data: "
+    with pytest.raises(ValueError, match=r"^Process 1 of this torchrun run stopped: "
                                          r"ValueError: few images$"):
         with distributed.raising_together():
             pass

@@ -2113,7 +2113,7 @@ def test_a_finished_fit_is_read_back_without_writing(images, autoencoder, tmp_pa
     pairs = ConceptPairs.from_labels("parity", images, torch.arange(len(images)) % 2)
     settings = dict(steps=2, pool_size=8, n_blocks=1, hidden=8, progress=False, checkpoint=str(tmp_path / "c.safetensors"))
     concepts = fit_concepts((model, "fc"), [pairs], **settings)
-    for module in (invariances, loop, concepts_module):
+    for module in (invariances, loop):  # loop's: train_loop's, fit_autoencoder's and fit_concepts' own check
         monkeypatch.setattr(module, "check_checkpoint_path", lambda *a, **k: pytest.fail("a write was probed"))
     monkeypatch.setattr(concepts_module, "save_checkpoint", lambda *a, **k: pytest.fail("the results were rewritten"))
     again = fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=run, progress=False, **TINY)

@@ -29,8 +29,6 @@ from captum_inn.training.augment import (
 from captum_inn.training.cache import images_fingerprint
 from captum_inn.training.checkpoint import (
     building_from,
-    check_checkpoint_path,
-    finished_checkpoint,
     load_checkpoint,
     load_module_state,
     module_tensors,
@@ -50,7 +48,13 @@ from captum_inn.training.distributed import (
     warnings_from_rank_zero,
     world,
 )
-from captum_inn.training.loop import check_resumable_early, merged_config, resume_key, train_loop
+from captum_inn.training.loop import (
+    check_checkpoint_writable,
+    check_resumable_early,
+    merged_config,
+    resume_key,
+    train_loop,
+)
 
 __all__ = ["AutoencoderConfig", "fit_autoencoder", "load_autoencoder", "save_autoencoder"]
 
@@ -180,9 +184,8 @@ def fit_autoencoder(
             f"got perceptual_model={type(perceptual_model).__name__} and perceptual_layers={config.perceptual_layers}."
         )
     check_optional_callable(augment, "augment", AUGMENT_CALL)
-    rank = world(device)[0]  # joins torchrun's process group, if any, before the data is sharded
-    if checkpoint is not None and rank == 0 and not (resume and finished_checkpoint(checkpoint, config.steps)):
-        check_checkpoint_path(checkpoint)  # before the images are read, which may take long
+    world(device)  # joins torchrun's process group, if any, before the data is sharded
+    check_checkpoint_writable(checkpoint, resume, config.steps)  # before the images are read, which may take long
     settings = {**asdict(config), "perceptual_layers": list(config.perceptual_layers)}  # as JSON reads it back
     if resume:  # other settings or more steps: refused now, not after reading every image
         check_resumable_early(checkpoint, "autoencoder", resume_key(settings), config.steps, part=None)

@@ -198,7 +198,7 @@ def fit_classifier(
     check_optional_callable(callback, "callback", "callback(step, model)")
     check_autograd_weights(model, "`model`", "fit_classifier trains its weights")
     adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
-    world(device)  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving
+    n_ranks = world(device)[1]  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving
     images, labels, weights = _as_labelled(data)
     images = images.detach()  # the fit learns weights: images that require grad got a .grad as large as the data
     check_image_dtype(images)  # 8-bit pixels: a raw dtype error from the first layer otherwise
@@ -212,16 +212,19 @@ def fit_classifier(
         raise ValueError("`data` holds no images; pass at least one labelled image.")
     top_label = int(labels.max())  # checked against the model's logits at the first step
     # under torchrun each process draws its share of the batch from its own shard (as the other fits)
+    n_images = images.shape[0]
     images, labels = shard_data(images), shard_data(labels)
     if weights is not None:  # a WeightedRandomSampler's balance, kept in each process's shard
         weights = shard_data(weights)
     batch = local_batch_size(batch_size, images.shape[0])
-    # the attacked half: no image from a batch of one, and one image fails batch norm in training mode
+    # the attacked half: no image from a batch of one, and one image fails batch norm in training mode.
+    # Checked on the smallest process's batch (shards differ by an image), so that every process refuses
+    fewest = min(batch, n_images // n_ranks)
     smallest = 4 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 2
-    if adversarial_epsilon > 0 and batch < smallest:
+    if adversarial_epsilon > 0 and fewest < smallest:
         raise ValueError(f"`adversarial_epsilon` attacks half of each batch, which needs batches of at least {smallest} "
-                         f"images per process{' for a model with batch norm' if smallest == 4 else ''}, got {batch} "
-                         "(from batch_size and the number of images).")
+                         f"images per process{' for a model with batch norm' if smallest == 4 else ''}, got {fewest} "
+                         "(from batch_size, the number of images and of processes).")
     model.to(device)
 
     checked: List[bool] = []

@@ -52,7 +52,6 @@ from captum_inn.inn.networks import check_factor_size
 from captum_inn.training.checkpoint import (
     CheckpointError,
     building_from,
-    check_checkpoint_path,
     finished_checkpoint,
     load_checkpoint,
     load_module_state,
@@ -66,11 +65,13 @@ from captum_inn.training.distributed import (
     check_replicas_agree,
     gather_rows,
     local_batch_size,
+    raising_together,
     warnings_from_rank_zero,
     world,
 )
 from captum_inn.training.loop import (
     _check_seed,
+    check_checkpoint_writable,
     check_resumable_early,
     final_loss,
     full_precision,
@@ -668,14 +669,14 @@ def fit_concepts(
                          f"for {n_ranks} process(es); the pools' statistics need more (the default is 4096).")
     # an unusable place is named now, not after encoding every pool; a finished fit writes nothing (it may be
     # read back from a read-only folder)
-    if checkpoint is not None and rank == 0 and not (resume and finished_checkpoint(checkpoint, config.steps)):
-        check_checkpoint_path(checkpoint)
+    check_checkpoint_writable(checkpoint, resume, config.steps)
     if resume:  # other settings or more steps: refused now, not after encoding every pool
         check_resumable_early(checkpoint, "concept_inn", resume_key(asdict(config)), config.steps)
     fingerprints = {c.name: c.fingerprint() for c in concept_list}  # after the checks: a few pairs drawn
     _warn_if_repeated(fingerprints)
-    pools = _encode_pools(encode, concept_list, config.pool_size // n_ranks, config.seed + _RANK_POOL_SEED * rank,
-                          device, progress and rank == 0)
+    with raising_together():  # each process draws and checks its own pools
+        pools = _encode_pools(encode, concept_list, config.pool_size // n_ranks, config.seed + _RANK_POOL_SEED * rank,
+                              device, progress and rank == 0)
     for pool in pools:
         for key in ("mean_a", "std_a", "mean_b", "std_b"):
             setattr(pool, key, gather_rows(getattr(pool, key)))

@@ -224,15 +224,21 @@ def sync_module(module: nn.Module) -> None:
             _in_place(torch.distributed.broadcast, tensor.data, src=0)
 
 
-def average_gradients(module: nn.Module, loss: Tensor) -> Tensor:
+def average_gradients(module: nn.Module, loss: Tensor, failed: bool = False) -> Tensor:
     """Average the gradients of ``module`` and the ``loss`` over ranks in one all-reduce.
 
     Args:
         module: The replica whose ``.grad`` tensors are replaced by their average over ranks.
         loss: This rank's scalar loss, shape ``()`` (after ``loss.backward()``).
+        failed: This rank's step raised (its ``loss`` and gradients are ignored). It still joins the
+            all-reduce, so the other ranks learn of it instead of waiting for it; the caller then
+            raises its own error.
 
     Returns:
         The averaged loss, shape ``()`` (``loss`` itself outside a distributed run).
+
+    Raises:
+        RuntimeError: On a rank whose step did not fail, when another rank's did.
 
     Examples::
 
@@ -242,19 +248,27 @@ def average_gradients(module: nn.Module, loss: Tensor) -> Tensor:
         >>> average_gradients(lin, loss) is loss      # outside torchrun
         True
     """
-    _, size = world()
+    rank, size = world()
     if size == 1:
         return loss
     params = [p for p in module.parameters() if p.requires_grad]
+    if failed:
+        for p in params:
+            p.grad = None
     # a parameter without a gradient on some ranks (a branch the data decides) joins with zeros there, as
     # under DistributedDataParallel: the ranks summed different tensors, and the replicas drifted apart.
     # Which ranks had one travels in the same reduction (a count per parameter)
     dtype, device = (params[0].dtype, params[0].device) if params else (torch.float32, loss.device)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in params]
                      + [torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=device),
+                        torch.tensor([float(failed and r == rank) for r in range(size)], dtype=dtype, device=device),
                         loss.detach().reshape(1).to(dtype=dtype, device=device)])
     _in_place(torch.distributed.all_reduce, flat)
-    offset, counts = 0, flat[-1 - len(params):-1].tolist()
+    failures = [r for r, count in enumerate(flat[-1 - size:-1].tolist()) if count > 0]
+    if failures and not failed:
+        raise RuntimeError(f"Process(es) {failures} of this torchrun run failed in this training step (their own error "
+                           "says why); this process stops with them instead of waiting for them.")
+    offset, counts = 0, flat[-1 - size - len(params):-1 - size].tolist()
     for p, count in zip(params, counts):
         if count > 0:  # none anywhere: left without a gradient, as in one process
             averaged = flat[offset : offset + p.numel()].view_as(p) / size
@@ -432,11 +446,11 @@ def check_replicas_agree(networks: Mapping[str, Optional[Any]]) -> None:
 
 @contextmanager
 def raising_together() -> Iterator[None]:
-    """Work on a process's own shard whose error stops every process of a distributed fit.
+    """Work whose error in one process stops every process of a distributed fit.
 
     An error raised in the block in one process only (NaN in its shard's features, too few images
-    in its shard) would stop that process alone and leave the others waiting for it in their next
-    collective. At the block's end every process learns whether another's failed: the failed one
+    in its shard, a checkpoint folder rank 0 cannot write to) would stop that process alone and
+    leave the others waiting for it in their next collective. At the block's end every process learns whether another's failed: the failed one
     raises its own error, the others a ``ValueError`` quoting it. The block must hold no collective.
     No-op outside a distributed run.
 
@@ -458,7 +472,7 @@ def raising_together() -> Iterator[None]:
         raise failure
     failed = [rank for rank, text in enumerate(texts) if text]
     if failed:
-        raise ValueError(f"Process {failed[0]} of this torchrun run stopped on its shard of the data: {texts[failed[0]]}")
+        raise ValueError(f"Process {failed[0]} of this torchrun run stopped: {texts[failed[0]]}")
 
 
 def check_processes_agree(name: str, record: Any, fix: str, by_key: bool = False) -> None:

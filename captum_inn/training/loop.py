@@ -60,6 +60,7 @@ from captum_inn.training.distributed import (
     barrier,
     check_processes_agree,
     gather_generator_states,
+    raising_together,
     sync_module,
     world,
 )
@@ -298,6 +299,23 @@ def final_loss(history: Sequence[float], n: int = 100) -> float:
     return float(sum(tail) / len(tail)) if tail else math.nan
 
 
+def check_checkpoint_writable(checkpoint: Optional[str], resume: bool, steps: int) -> None:
+    """Before a fit: ``ValueError`` in every process when ``checkpoint`` cannot be written.
+
+    Only rank 0 writes, so only rank 0 checks (another node may not see its folder); under torchrun
+    the others learn of its error instead of waiting for it. A finished fit resumed writes nothing
+    (it may sit in a read-only folder), so it is not checked.
+
+    Args:
+        checkpoint: The checkpoint file, or ``None`` (nothing to check).
+        resume: Whether the fit resumes from it.
+        steps: The fit's steps (a checkpoint holding them all is finished).
+    """
+    with raising_together():
+        if checkpoint is not None and world()[0] == 0 and not (resume and finished_checkpoint(checkpoint, steps)):
+            check_checkpoint_path(checkpoint)
+
+
 @autograd_on
 def train_loop(
     module: nn.Module,
@@ -451,9 +469,7 @@ def train_loop(
     # checkpoint's (Adam's saved rate and decay) or mix the two, whatever the fit's own config holds
     loop_settings = {"lr": float(lr), "betas": [float(b) for b in betas], "weight_decay": float(weight_decay),
                      "grad_clip": None if grad_clip is None else float(grad_clip), "schedule": schedule}
-    # only rank 0 writes; a finished fit resumed writes nothing (it may sit in a read-only folder)
-    if checkpoint is not None and rank == 0 and not (resume and finished_checkpoint(checkpoint, steps)):
-        check_checkpoint_path(checkpoint)
+    check_checkpoint_writable(checkpoint, resume, steps)
     if checkpoint is not None and resume and Path(checkpoint).exists():
         tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
         check_resumable(checkpoint, saved.get("config"), meta.get("config"), saved_step(checkpoint, saved), steps)
@@ -547,14 +563,20 @@ def train_loop(
             )
 
     def eager_step(step: int, batch: Optional[Sequence[Tensor]] = None) -> float:
-        if batch is None and batch_fn is not None:
-            batch = batch_fn(generator)
-        loss = loss_fn(generator) if batch is None else loss_fn(*batch)
         optimizer.zero_grad(set_to_none=True)
-        # backward even for a NaN loss: all ranks must join the all-reduce, and testing the loss
-        # first would make the host wait for the device every step; check_finite raises before
-        # the optimiser moves anything
-        loss.backward()
+        try:
+            if batch is None and batch_fn is not None:
+                batch = batch_fn(generator)
+            loss = loss_fn(generator) if batch is None else loss_fn(*batch)
+            # backward even for a NaN loss: all ranks must join the all-reduce, and testing the loss
+            # first would make the host wait for the device every step; check_finite raises before
+            # the optimiser moves anything
+            loss.backward()
+        except Exception as error:  # in one process of several (batch norm on its one-image batch, say)
+            if n_ranks == 1:
+                raise
+            average_gradients(module, torch.zeros(()), failed=True)  # the others stop too, not wait for it
+            raise error
         value = float(average_gradients(module, loss).detach())
         check_finite(value, step)
         # a finite loss can still give NaN or infinite gradients (a sqrt at 0): Adam would write NaN into every

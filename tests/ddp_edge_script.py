@@ -10,7 +10,8 @@ Each rank writes what it saw to ``out/rank{r}.json``:
   batch);
 - the error each rank raised when one rank alone failed: ``fit_invariances`` on a shard too small or
   with an infinite feature, ``fit_concepts`` on a NaN pair in one rank's pool, ``fit_classifier``'s
-  attacked half on the smaller shard, a training step, a checkpoint folder rank 0 cannot write to.
+  attacked half on the smaller shard, a training step, a checkpoint folder rank 0 cannot write to,
+  a checkpoint rank 0 fails to write midway.
   Every rank must raise; none may wait for the others.
 """
 
@@ -122,6 +123,20 @@ def main() -> None:
             errors[case] = None
         except (ValueError, RuntimeError) as error:
             errors[case] = f"{type(error).__name__}: {error}"
+    # rank 0 cannot write a checkpoint midway (a full disk): the others stopped at their barrier
+    import captum_inn.training.loop as loop
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    if rank == 0:
+        loop.save_checkpoint = full_disk
+    try:
+        train_loop(weight, augmented_loss, steps=4, lr=0.1, progress=False, checkpoint=str(out / "full.safetensors"),
+                   checkpoint_every=2)
+        errors["write"] = None
+    except (OSError, ValueError) as error:
+        errors["write"] = f"{type(error).__name__}: {error}"
     (out / f"rank{rank}.json").write_text(json.dumps({"step_seen": step_seen, "start": start, "weights": weights,
                                                       "errors": errors, "augmented": augmented}))
     torch.distributed.barrier()

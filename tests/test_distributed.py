@@ -129,7 +129,8 @@ def test_ranks_see_the_last_checkpoint_and_a_parameter_trained_on_one_rank_stays
     a resumed fit gave every rank rank 0's augmentation state, though rank 1 had drawn more; and a check
     or a step that failed on one rank only (its shard too small or with infinite features, a NaN pair in
     its concept pool, its smaller batch for the attacked half, a training step, rank 0's checkpoint
-    folder) stopped that rank alone, while the other went on and waited for it (the run hung)."""
+    folder, a checkpoint write) stopped that rank alone, while the other went on and waited for it (the
+    run hung)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(SCRIPT.with_name("ddp_edge_script.py")), str(tmp_path)]
@@ -157,6 +158,8 @@ def test_ranks_see_the_last_checkpoint_and_a_parameter_trained_on_one_rank_stays
                                                      "batch norm, got 3")
     assert other["checkpoint"].startswith("ValueError: No checkpoint can be written at `checkpoint`")
     assert failed["checkpoint"] == f"ValueError: Process 0 of this torchrun run stopped: {other['checkpoint']}"
+    assert other["write"] == "OSError: No space left on device"
+    assert failed["write"] == "ValueError: Process 0 of this torchrun run stopped: OSError: No space left on device"
 
 
 def test_processes_with_different_augmentations_are_refused(monkeypatch):

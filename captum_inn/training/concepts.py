@@ -61,7 +61,6 @@ from captum_inn.training.checkpoint import (
     save_checkpoint,
 )
 from captum_inn.training.distributed import (
-    barrier,
     check_replicas_agree,
     gather_rows,
     local_batch_size,
@@ -771,14 +770,16 @@ def fit_concepts(
         # selector there read another tensor than the fit's callable, silently
         inn.fit_info["representation"] = {**inn.fit_info["representation"], "selector": callable_selector}
     inn.history = history
-    if checkpoint is not None and rank == 0:
-        # the finished fit's results (factor_variance: the reference of LayerConcepts.encoded) go into
-        # its checkpoint too, so load_concept_inn of it gives this INN; a resume reads only "config"
-        tensors, saved = load_checkpoint(checkpoint, kind="concept_inn")
-        if saved.get("fit_results") != results:  # a finished fit read back has them already
-            save_checkpoint(checkpoint, tensors, {**saved, "fit_results": results})
     if checkpoint is not None:
-        barrier()  # no process goes on (say, to load_concept_inn(checkpoint)) before the file has its results
+        # no process goes on (say, to load_concept_inn(checkpoint)) before the file has its results, and
+        # every process stops when rank 0 could not write them
+        with raising_together():
+            if rank == 0:
+                # the finished fit's results (factor_variance: the reference of LayerConcepts.encoded) go into
+                # its checkpoint too, so load_concept_inn of it gives this INN; a resume reads only "config"
+                tensors, saved = load_checkpoint(checkpoint, kind="concept_inn")
+                if saved.get("fit_results") != results:  # a finished fit read back has them already
+                    save_checkpoint(checkpoint, tensors, {**saved, "fit_results": results})
     return inn
 
 

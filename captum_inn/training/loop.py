@@ -57,7 +57,6 @@ from captum_inn.training.checkpoint import (
 from captum_inn.training.distributed import (
     average_buffers,
     average_gradients,
-    barrier,
     check_processes_agree,
     gather_generator_states,
     raising_together,
@@ -526,17 +525,19 @@ def train_loop(
         states = gather_generator_states(generator)
         global_states = gather_generator_states(torch.default_generator) if own_streams else []
         extra_states = [gather_generator_states(extra) for extra in generators]
-        if rank == 0:
-            optim_tensors, optim_meta = optimizer_tensors(optimizer)
-            tensors = {**module_tensors(module), **optim_tensors, **{_generator_key(r): s for r, s in enumerate(states)},
-                       **{_global_generator_key(r): s for r, s in enumerate(global_states)},
-                       **{_extra_generator_key(i, r): s for i, states_i in enumerate(extra_states)
-                          for r, s in enumerate(states_i)}}
-            save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history, "optimizer": optim_meta,
-                                                  "world_size": n_ranks, "loop": loop_settings})
-        # the other ranks went on before the file was written: one that read it (after the last step, say)
-        # found the checkpoint before
-        barrier()
+        # every rank waits for the file (one that went on and read it, after the last step say, found the
+        # checkpoint before), and stops when rank 0 could not write it (a full disk) instead of waiting on
+        with raising_together():
+            if rank == 0:
+                optim_tensors, optim_meta = optimizer_tensors(optimizer)
+                tensors = {**module_tensors(module), **optim_tensors,
+                           **{_generator_key(r): s for r, s in enumerate(states)},
+                           **{_global_generator_key(r): s for r, s in enumerate(global_states)},
+                           **{_extra_generator_key(i, r): s for i, states_i in enumerate(extra_states)
+                              for r, s in enumerate(states_i)}}
+                save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history,
+                                                      "optimizer": optim_meta, "world_size": n_ranks,
+                                                      "loop": loop_settings})
 
     if graphed:  # after the resume: the captured update reads the rate from this tensor
         for group in optimizer.param_groups:

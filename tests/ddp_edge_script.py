@@ -11,7 +11,7 @@ Each rank writes what it saw to ``out/rank{r}.json``:
 - the error each rank raised when one rank alone failed: ``fit_invariances`` on a shard too small or
   with an infinite feature, ``fit_concepts`` on a NaN pair in one rank's pool, ``fit_classifier``'s
   attacked half on the smaller shard, a training step, a checkpoint folder rank 0 cannot write to,
-  a checkpoint rank 0 fails to write midway.
+  a checkpoint rank 0 fails to write midway, a checkpoint whose state for rank 1 alone is damaged.
   Every rank must raise; none may wait for the others.
 """
 
@@ -27,7 +27,7 @@ import torch
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.concepts import ConceptPairs
 from captum_inn.training import fit_concepts, fit_invariances
-from captum_inn.training.checkpoint import read_header
+from captum_inn.training.checkpoint import load_checkpoint, read_header, save_checkpoint
 from captum_inn.training.classifier import fit_classifier
 from captum_inn.training.distributed import world
 from captum_inn.training.loop import train_loop
@@ -123,6 +123,17 @@ def main() -> None:
             errors[case] = None
         except (ValueError, RuntimeError) as error:
             errors[case] = f"{type(error).__name__}: {error}"
+    # a checkpoint whose augmentation state for rank 1 alone is damaged: rank 1 refused it alone
+    if rank == 0:
+        tensors, saved = load_checkpoint(str(out / "augmented_whole.safetensors"), kind="module")
+        save_checkpoint(out / "damaged.safetensors", {**tensors, "rng.extra.0.1": torch.zeros(3)}, saved)
+    torch.distributed.barrier()
+    try:
+        train_loop(weight, augmented_loss, steps=6, lr=0.1, progress=False, checkpoint=str(out / "damaged.safetensors"),
+                   generators=(augmentation,))
+        errors["damaged"] = None
+    except ValueError as error:
+        errors["damaged"] = f"{type(error).__name__}: {error}"
     # rank 0 cannot write a checkpoint midway (a full disk): the others stopped at their barrier
     import captum_inn.training.loop as loop
 

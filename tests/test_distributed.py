@@ -129,7 +129,7 @@ def test_ranks_see_the_last_checkpoint_and_a_parameter_trained_on_one_rank_stays
     a resumed fit gave every rank rank 0's augmentation state, though rank 1 had drawn more; and a check
     or a step that failed on one rank only (its shard too small or with infinite features, a NaN pair in
     its concept pool, its smaller batch for the attacked half, a training step, rank 0's checkpoint
-    folder, a checkpoint write) stopped that rank alone, while the other went on and waited for it (the
+    folder, a checkpoint write, a checkpoint damaged for one rank) stopped that rank alone, while the other went on and waited for it (the
     run hung)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -160,6 +160,8 @@ def test_ranks_see_the_last_checkpoint_and_a_parameter_trained_on_one_rank_stays
     assert failed["checkpoint"] == f"ValueError: Process 0 of this torchrun run stopped: {other['checkpoint']}"
     assert other["write"] == "OSError: No space left on device"
     assert failed["write"] == "ValueError: Process 0 of this torchrun run stopped: OSError: No space left on device"
+    assert failed["damaged"].startswith("CheckpointError: Checkpoint") and "'rng.extra.0.1' is a torch.float32" in failed["damaged"]
+    assert other["damaged"] == f"ValueError: Process 1 of this torchrun run stopped: {failed['damaged']}"
 
 
 def test_processes_with_different_augmentations_are_refused(monkeypatch):

@@ -656,6 +656,13 @@ def test_a_layer_that_gives_every_image_the_same_activations_warns(images, autoe
     collapsed_rows = torch.cat([5 + 1e-6 * torch.randn(64, 50), 1e-6 * torch.randn(64, 1)], 1)
     with pytest.warns(UserWarning, match="almost the same activations"):  # a unit near 0 hid the collapse
         _warn_if_constant(collapsed_rows, "head")
+    with pytest.warns(UserWarning, match="almost the same activations"):  # summed in float64: no overflow
+        _warn_if_constant(torch.full((64, 3), 3e37) + 1e30 * torch.randn(64, 3), "huge")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # layers that vary on scales float32 squares cannot hold (their squares underflow or overflow)
+        for scale in (1e-30, 1e-20, 1e25, 1e37):
+            _warn_if_constant(scale * torch.rand(64, 3), f"scale {scale:g}")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_invariances(SmallCNN(width=4).eval(), "fc", autoencoder, images, steps=1, progress=False, **TINY)
@@ -1607,12 +1614,17 @@ def test_a_large_layer_initialises_its_inn_on_fewer_rows(monkeypatch):
     rows = FeatureCache.rows
     monkeypatch.setattr(FeatureCache, "rows", lambda self, name, index: asked.append(len(index)) or rows(self, name, index))
     config = InvarianceConfig(n_blocks=2, hidden=8, embed_dim=4)
-    invariances._build(cache, "map", config, torch.device("cpu"))
+
+    def build() -> None:  # the rows of the constant-layer check, then of the initialisation
+        invariances._initialise(invariances._build(cache, "map", config, torch.device("cpu")), cache, "map", config,
+                                torch.device("cpu"))
+
+    build()
     monkeypatch.setattr(invariances, "_INIT_BYTES", 4 * 3 * 8 * 8 * 100)  # room for 100 rows
-    invariances._build(cache, "map", config, torch.device("cpu"))
+    build()
     monkeypatch.setattr(invariances, "_INIT_BYTES", 1)
-    invariances._build(cache, "map", config, torch.device("cpu"))
-    assert asked == [300, 100, 64]
+    build()
+    assert asked == [300, 300, 100, 100, 64, 64]
 
 
 def test_fit_classifier_refuses_labels_and_images_it_would_misread():

@@ -192,7 +192,7 @@ def fit_autoencoder(
     check_replicas_agree({"perceptual_model": perceptual_model})  # the autoencoder itself starts from rank 0's
     check_processes_agree("augment", augment_record(augment),
                           "give every process the same augmentation (each already augments its own shard of the "
-                          "images, and a resumed fit restores process 0's augmentation state in all of them).")
+                          "images, and a resumed fit restores each process's augmentation state).")
     # detached: the fit learns weights, not pixels (images that require grad got a .grad as large as the data)
     images = images_as_tensor(data).detach()
     if images.dim() != 4 or images.shape[0] < 2:

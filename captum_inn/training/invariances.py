@@ -194,7 +194,7 @@ def _init_rows(cache: FeatureCache, name: str, config: InvarianceConfig) -> Tens
 def _initialise(inn: ConditionalINN, cache: FeatureCache, name: str, config: InvarianceConfig,
                 device: torch.device) -> None:
     """Set an INN's embedder statistics and ActNorms from the data. Draws from no global generator,
-    so fits side by side run it in their own threads."""
+    so fits side by side on the CPU run it in their own threads."""
     init = _init_rows(cache, name, config)
     init_conditions = cache.rows(name, init).to(device)
     inn.embedder.set_input_statistics(init_conditions)
@@ -217,17 +217,18 @@ def _warn_if_constant(conditions: Tensor, name: str) -> None:
     # constant; against its own alone, one unit of a collapsed head whose bias is near 0 hid the collapse.
     # Sums by blocks, no whole copy of the rows (past _INIT_BYTES with temporaries); in float32, a fifth of
     # the time of float64 sums and torch's std over a 64×16×16 map's 1024 rows and precise enough for a 1e-3
-    # threshold; in float64 for a float64 layer, or where a float32 sum overflowed (units near 1e35)
+    # threshold; in float64 for a float64 layer, or where a float32 sum overflowed (units near 1e35).
+    # Deviations in units of their floor, so that their squares stay in range on any scale (1e-20 too)
     flat = conditions.detach().flatten(1)
     n, blocks = flat.shape[0], flat.split(max(1, 2**22 // max(1, flat.shape[1])))
     for total in (torch.float64,) if flat.dtype == torch.float64 else (torch.float32, torch.float64):
         sizes = sum(block.abs().sum(0, dtype=total) for block in blocks) / n
         mean = sum(block.sum(0, dtype=total) for block in blocks) / n
-        spread = (sum((block.to(total) - mean).square_().sum(0) for block in blocks) / max(1, n - 1)).sqrt()
-        if torch.isfinite(sizes).all() and torch.isfinite(spread).all():
+        if torch.isfinite(sizes).all() and torch.isfinite(mean).all():
             break
-    sizes = sizes.double()
-    largest = float((spread.double() / torch.maximum(sizes, sizes.median()).clamp_min(1e-30)).max())
+    floor = torch.maximum(sizes, sizes.median()).clamp_min(1e-30)
+    squares = sum(((block.to(total) - mean) / floor).square_().sum(0) for block in blocks)
+    largest = float((squares.double() / max(1, n - 1)).sqrt().max())
     if n > 1 and largest < 1e-3:
         warnings.warn(
             f"Layer {name!r} gives almost the same activations for every image (largest spread of a unit across "
@@ -263,7 +264,6 @@ def _train(
     if name in cache.selectors:  # how the explainers pick the layer's tensor (caches from before: unknown)
         fit_info["selector"] = cache.selectors[name]
     meta["fit_info"] = fit_info
-    _initialise(inn, cache, name, config, device)
     n = len(cache)
     batch = local_batch_size(config.batch_size, n)
 
@@ -320,8 +320,13 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
 
     ``source``: fingerprint of what the features came from, recorded in the checkpoints."""
     paths = {n: str(Path(checkpoint_dir) / checkpoint_name(n)) if checkpoint_dir else None for n in names}
-    # drawn in order (the global RNG is not thread-safe); each fit initialises its INN from the data in its thread
-    built = {n: _build(cache, n, configs[n], device) for n in names}
+    built = {n: _build(cache, n, configs[n], device) for n in names}  # in order: the global RNG is not thread-safe
+    # initialised from the data in the fits' threads on the CPU, side by side; here, one after another, elsewhere
+    # (each initialisation's rows, up to _INIT_BYTES, would be on the device at once)
+    in_threads = device.type == "cpu" and workers > 1 and len(names) > 1
+    if not in_threads:
+        for n in names:
+            _initialise(built[n], cache, n, configs[n], device)
     if workers <= 1 or len(names) <= 1:
         return {n: _train(built[n], cache, n, configs[n], device, paths[n], resume, progress, source=source) for n in names}
     # the steps that checkpoints already hold count as done: a finished layer takes no step to report
@@ -341,6 +346,8 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
                     if step % 10 == 0:
                         bar.refresh()
                 check()
+            if in_threads:
+                _initialise(built[name], cache, name, configs[name], device)
             if device.type != "cuda":
                 return _train(built[name], cache, name, configs[name], device, paths[name], resume, False, after_step, source)
             # the current stream is per thread: this fit's own, done before another stream reads the INN

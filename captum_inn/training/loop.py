@@ -395,7 +395,8 @@ def train_loop(
             parameter, as in the eager step.
         generators: Further CPU generators the step draws from (an augmentation's own, say). Their
             states are saved in the checkpoint and restored on resume, so a resumed fit draws what
-            an uninterrupted one would (under ``torchrun``: rank 0's states, restored on every rank).
+            an uninterrupted one would (under ``torchrun``: each rank's own; rank 0's on every rank
+            for a checkpoint of another number of processes).
 
     Returns:
         The loss of every step (including those of the run that was resumed).
@@ -469,55 +470,57 @@ def train_loop(
     loop_settings = {"lr": float(lr), "betas": [float(b) for b in betas], "weight_decay": float(weight_decay),
                      "grad_clip": None if grad_clip is None else float(grad_clip), "schedule": schedule}
     check_checkpoint_writable(checkpoint, resume, steps)
-    if checkpoint is not None and resume and Path(checkpoint).exists():
-        tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
-        check_resumable(checkpoint, saved.get("config"), meta.get("config"), saved_step(checkpoint, saved), steps)
-        if "loop" in saved and saved["loop"] != loop_settings:  # absent in checkpoints of older versions
-            raise CheckpointError(
-                f"Checkpoint {checkpoint!r} was written with other train_loop settings "
-                f"({config_differences(saved['loop'], loop_settings)}); pass resume=False or another path."
-            )
-        try:
-            # checked whole before anything is loaded: load_state_dict copies the tensors that fit before it
-            # refuses the others, which left the module part checkpoint, part its own
-            state = strip_prefix(tensors, "model.")
-            _check_state_fits(module, state)
-            start = saved_step(checkpoint, saved)
-            history = _saved_history(saved.get("history"), start)
-            main_state = tensors[_generator_key(rank)] if int(saved.get("world_size", 1)) == n_ranks else None
-            # absent in checkpoints of older versions: reseeded for the steps from here on
-            global_state = tensors.get(_global_generator_key(rank)) if main_state is not None and own_streams else None
-            _check_generator_state(main_state, generator, _generator_key(rank))
-            _check_generator_state(global_state, torch.default_generator, _global_generator_key(rank))
-            # this rank's states; rank 0's from a checkpoint of another number of processes or an older version
-            extra_keys = [_extra_generator_key(i, rank) if main_state is not None and _extra_generator_key(i, rank) in tensors
-                          else _extra_generator_key(i) for i in range(len(generators))]
+    # what one process alone cannot read (its own generator states damaged) stops every process
+    with raising_together():
+        if checkpoint is not None and resume and Path(checkpoint).exists():
+            tensors, saved = load_checkpoint(checkpoint, kind=meta["kind"])
+            check_resumable(checkpoint, saved.get("config"), meta.get("config"), saved_step(checkpoint, saved), steps)
+            if "loop" in saved and saved["loop"] != loop_settings:  # absent in checkpoints of older versions
+                raise CheckpointError(
+                    f"Checkpoint {checkpoint!r} was written with other train_loop settings "
+                    f"({config_differences(saved['loop'], loop_settings)}); pass resume=False or another path."
+                )
+            try:
+                # checked whole before anything is loaded: load_state_dict copies the tensors that fit before it
+                # refuses the others, which left the module part checkpoint, part its own
+                state = strip_prefix(tensors, "model.")
+                _check_state_fits(module, state)
+                start = saved_step(checkpoint, saved)
+                history = _saved_history(saved.get("history"), start)
+                main_state = tensors[_generator_key(rank)] if int(saved.get("world_size", 1)) == n_ranks else None
+                # absent in checkpoints of older versions: reseeded for the steps from here on
+                global_state = tensors.get(_global_generator_key(rank)) if main_state is not None and own_streams else None
+                _check_generator_state(main_state, generator, _generator_key(rank))
+                _check_generator_state(global_state, torch.default_generator, _global_generator_key(rank))
+                # this rank's states; rank 0's from a checkpoint of another number of processes or an older version
+                extra_keys = [_extra_generator_key(i, rank) if main_state is not None and _extra_generator_key(i, rank) in tensors
+                              else _extra_generator_key(i) for i in range(len(generators))]
+                for key, extra in zip(extra_keys, generators):
+                    _check_generator_state(tensors.get(key), extra, key)
+                load_optimizer(optimizer, tensors, saved["optimizer"])
+                rates = [float(group["lr"]) for group in optimizer.param_groups]
+                if schedule == "constant" and any(not math.isclose(rate, lr, rel_tol=1e-6) for rate in rates):
+                    # an edited rate trained at that rate, while the checkpoint's config recorded the fit's own
+                    raise ValueError(f"the optimiser's rate is {rates[0]:g}, this fit's constant rate {lr:g} (the file was "
+                                     "edited or damaged)")
+                module.load_state_dict(state)
+            except (KeyError, RuntimeError, ValueError, TypeError) as error:
+                raise CheckpointError(
+                    f"Checkpoint {checkpoint!r} does not hold a whole fit of this module ({type(error).__name__}: "
+                    f"{error}); pass resume=False to start afresh, or another path."
+                ) from None
             for key, extra in zip(extra_keys, generators):
-                _check_generator_state(tensors.get(key), extra, key)
-            load_optimizer(optimizer, tensors, saved["optimizer"])
-            rates = [float(group["lr"]) for group in optimizer.param_groups]
-            if schedule == "constant" and any(not math.isclose(rate, lr, rel_tol=1e-6) for rate in rates):
-                # an edited rate trained at that rate, while the checkpoint's config recorded the fit's own
-                raise ValueError(f"the optimiser's rate is {rates[0]:g}, this fit's constant rate {lr:g} (the file was "
-                                 "edited or damaged)")
-            module.load_state_dict(state)
-        except (KeyError, RuntimeError, ValueError, TypeError) as error:
-            raise CheckpointError(
-                f"Checkpoint {checkpoint!r} does not hold a whole fit of this module ({type(error).__name__}: "
-                f"{error}); pass resume=False to start afresh, or another path."
-            ) from None
-        for key, extra in zip(extra_keys, generators):
-            if key in tensors:  # absent in checkpoints of older versions
-                extra.set_state(tensors[key])
-        if main_state is not None:
-            generator.set_state(main_state)
-        else:
-            if start < steps:  # a finished fit draws no more minibatches: the warning said it differed
-                warnings.warn(f"{checkpoint!r} was written by a fit with {saved.get('world_size', 1)} processes, this one "
-                              f"has {n_ranks}: the minibatch order after step {start} differs from an uninterrupted run.",
-                              stacklevel=user_stacklevel())
-            generator.manual_seed(int(seed) + _RANK_SEED_STRIDE * rank + start)
-        del tensors, saved  # restored: the whole checkpoint (the model and Adam's moments) need not stay in memory
+                if key in tensors:  # absent in checkpoints of older versions
+                    extra.set_state(tensors[key])
+            if main_state is not None:
+                generator.set_state(main_state)
+            else:
+                if start < steps:  # a finished fit draws no more minibatches: the warning said it differed
+                    warnings.warn(f"{checkpoint!r} was written by a fit with {saved.get('world_size', 1)} processes, this one "
+                                  f"has {n_ranks}: the minibatch order after step {start} differs from an uninterrupted run.",
+                                  stacklevel=user_stacklevel())
+                generator.manual_seed(int(seed) + _RANK_SEED_STRIDE * rank + start)
+            del tensors, saved  # restored: the whole checkpoint (the model and Adam's moments) need not stay in memory
     sync_module(module)
 
     def write(step: int) -> None:
@@ -564,11 +567,12 @@ def train_loop(
             )
 
     def eager_step(step: int, batch: Optional[Sequence[Tensor]] = None) -> float:
-        optimizer.zero_grad(set_to_none=True)
         try:
             if batch is None and batch_fn is not None:
                 batch = batch_fn(generator)
             loss = loss_fn(generator) if batch is None else loss_fn(*batch)
+            # after the loss: a loss_fn that runs a backward pass of its own (an attack) leaves no gradient
+            optimizer.zero_grad(set_to_none=True)
             # backward even for a NaN loss: all ranks must join the all-reduce, and testing the loss
             # first would make the host wait for the device every step; check_finite raises before
             # the optimiser moves anything

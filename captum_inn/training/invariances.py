@@ -179,6 +179,8 @@ def _build(cache: FeatureCache, name: str, config: InvarianceConfig, device: tor
             conv_width=config.conv_width, conv_max_width=config.conv_max_width, conv_patch_to=config.conv_patch_to,
             token_dim=config.token_dim,
         ).to(device)
+    # the rows are gathered again by _initialise (a fit's thread on the CPU), not kept: several layers'
+    # rows (up to _INIT_BYTES each) would otherwise wait in memory at once
     _warn_if_constant(cache.rows(name, _init_rows(cache, name, config)), name)
     return inn
 

@@ -12,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,34 @@ def test_a_check_that_fails_in_one_process_raises_in_every_process(monkeypatch):
     monkeypatch.setattr(distributed, "gather_texts", lambda text: [text, ""])
     with distributed.raising_together():  # nobody failed
         pass
+
+
+def test_a_failed_step_frees_its_tensors_before_telling_the_other_processes(monkeypatch):
+    """After an out-of-memory error in one process's step, joining the gradient all-reduce needs memory
+    again: the step's activations (held by the error's frames) must be gone by then, or that process
+    fails a second time without joining and the others wait for it (simulated: rank 1 of 2)."""
+    import weakref
+
+    from captum_inn.training import loop
+
+    monkeypatch.setattr(loop, "world", lambda device=None: (1, 2))
+    monkeypatch.setattr(loop, "check_processes_agree", lambda *args, **kwargs: None)
+    alive_when_joining = []
+    monkeypatch.setattr(loop, "average_gradients",
+                        lambda module, loss, failed=False: alive_when_joining.append(activations() is not None))
+    weight = torch.nn.Linear(4, 1)
+
+    def out_of_memory(generator):
+        hidden = weight(torch.ones(64, 4)).expand(64, 1024).contiguous()  # stands for a step's activations
+        nonlocal activations
+        activations = weakref.ref(hidden)
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    activations = None
+    with pytest.raises(RuntimeError, match="out of memory") as raised:
+        loop.train_loop(weight, out_of_memory, steps=2, lr=0.1, progress=False)
+    assert alive_when_joining == [False]
+    assert "out_of_memory" in "".join(traceback.format_tb(raised.value.__traceback__))  # the lines stay
 
 
 def test_processes_with_different_networks_are_refused(monkeypatch):

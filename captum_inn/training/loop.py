@@ -8,6 +8,7 @@ import difflib
 import math
 import os
 import threading
+import traceback
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import fields, replace
@@ -580,6 +581,11 @@ def train_loop(
         except Exception as error:  # in one process of several (batch norm on its one-image batch, say)
             if n_ranks == 1:
                 raise
+            # the step's tensors go before joining: after an out-of-memory error the all-reduce needs the
+            # gradients' size again, and its own failure would leave the others waiting. Its frames keep
+            # their lines for the traceback, not their locals
+            batch = loss = None
+            traceback.clear_frames(error.__traceback__)
             average_gradients(module, torch.zeros(()), failed=True)  # the others stop too, not wait for it
             raise error
         value = float(average_gradients(module, loss).detach())

@@ -102,12 +102,24 @@ def _unit_rows(z: Tensor) -> Tensor:
 
 
 def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarity along the last dimension, exactly 1 for equal rows: two all-zero rows (a ReLU
-    layer with no active unit) scored 0, and other equal rows round to 1 ± 2e-7, so against a null
-    quantile of exactly 1 (random pairs of images that both leave every unit off) whether they beat
-    it was a coin toss."""
-    equal = (a == b).all(-1)
-    return torch.where(equal, 1.0, nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)).clamp(-1.0, 1.0)
+    """Cosine similarity along the last dimension (``b`` broadcast against ``a`` from dim 1), in
+    float64 as ``1 - ½‖â - b̂‖²`` of the rows at unit length: rows that share a large offset (a
+    layer at 1e4 ± 1) have cosines of 1 - 1e-9, which all rounded to 1 in float32, so unrelated
+    samples tied with a null quantile of 1 and beat it. Exactly 1 for equal rows: two all-zero rows
+    (a ReLU layer with no active unit) scored 0, and other equal rows rounded to 1 ± 2e-7, so against a
+    null quantile of exactly 1 (random pairs of images that both leave every unit off) whether they
+    beat it was a coin toss. 0 against an all-zero row."""
+    step = max(1, 2**24 // max(1, a[0].numel()))  # rows at a time: two temporaries of a's size, not more
+    parts = []
+    for start in range(0, a.shape[0], step):
+        x, y = a[start : start + step], b[start : start + step]
+        norm_x, norm_y = x.norm(dim=-1, keepdim=True), y.norm(dim=-1, keepdim=True)
+        tiny = torch.finfo(x.dtype).tiny
+        squared_gap = (x / norm_x.clamp_min(tiny) - y / norm_y.clamp_min(tiny)).square_().sum(-1, dtype=torch.float64)
+        zero = ((norm_x == 0) | (norm_y == 0)).squeeze(-1)
+        parts.append(torch.where((x == y).all(-1), 1.0,
+                                 torch.where(zero, 0.0, 1.0 - 0.5 * squared_gap)).clamp(-1.0, 1.0))
+    return torch.cat(parts)
 
 
 def _sample_rows(additional_forward_args: Any, n: int, s: int) -> Callable[[slice], Any]:

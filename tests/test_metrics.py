@@ -235,6 +235,22 @@ def test_reencode_similarity_separates_copies_from_strangers(model):
     assert same_half["beats_null"] == 1.0 and same_half["similarity"] > 0.99
 
 
+def test_reencode_similarity_tells_images_apart_on_a_layer_with_a_large_offset():
+    """Logits with a common bias of 1e4 (spread about 1): every cosine rounded to 1 in float32, the null
+    quantile too, and unrelated samples beat it by the tie rule (66%, more than near-copies' 59%)."""
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.Flatten(), nn.Linear(512, 10))
+    with torch.no_grad():
+        net[2].bias.add_(1e4)
+    x = torch.rand(32, 3, 32, 32, generator=gen)
+    unrelated = torch.rand(32, 4, 3, 32, 32, generator=gen)
+    near = (x.unsqueeze(1) + 0.02 * torch.randn(32, 4, 3, 32, 32, generator=gen)).clamp(0, 1)
+    strangers = reencode_similarity(net, "2", x, unrelated, generator=torch.Generator().manual_seed(0))
+    copies = reencode_similarity(net, "2", x, near, generator=torch.Generator().manual_seed(0))
+    assert strangers["null_quantile"] < 1 and strangers["beats_null"] < 0.05
+    assert copies["beats_null"] == 1.0 and copies["similarity"] > strangers["null_quantile"]
+
+
 class _PairLayer(nn.Module):
     def forward(self, a):
         return a, a.flip(1)

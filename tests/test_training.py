@@ -644,6 +644,44 @@ def test_float64_networks_are_fitted_with_a_float32_inn(images, autoencoder):
     assert explained.dtype == torch.float64 and torch.isfinite(explained).all()
 
 
+class _AlwaysDropout(nn.Module):
+    """Dropout as F.dropout(h, p) writes it, on in eval mode too (the MC-dropout pattern)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(h, 0.5)
+
+
+class _CentredOverBatch(nn.Module):
+    """Each image's features less the batch's mean: a layer that depends on the other images."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h - h.mean(0)
+
+
+def test_a_layer_that_differs_between_reads_of_the_same_images_warns(images, autoencoder):
+    """A model random in eval mode, or one that mixes a batch's images, is fitted on one read of the
+    layer and explained from others: the fit says so, and keeps the caller's random streams."""
+    torch.manual_seed(0)
+    for last, cause in ((_AlwaysDropout(), "the model is random in eval mode"),
+                        (_CentredOverBatch(), "the model mixes the images of a batch")):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), last).eval()
+        with pytest.warns(UserWarning, match=f"Layer '2'.s activations .*{cause}") as caught:
+            fit_invariances(model, "2", autoencoder, images, steps=1, progress=False, **TINY)
+        assert [w.filename for w in caught if "activations" in str(w.message)] == [__file__]
+    from captum_inn.training.cache import _warn_if_random
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), _AlwaysDropout()).eval()
+    state = torch.random.get_rng_state()
+    with pytest.warns(UserWarning, match="random in eval mode"):
+        _warn_if_random(model, ["2"], {"2": torch.zeros(4, 16)}, images[:4], (), False, None)
+    assert torch.equal(torch.random.get_rng_state(), state)  # its draws came from a fork of the stream
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_invariances(SmallCNN(width=4).eval(), "fc", autoencoder, images, steps=1, progress=False, **TINY)
+        fit_invariances(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), nn.Dropout(0.5)).eval(), "2",
+                        autoencoder, images, steps=1, progress=False, **TINY)  # nn.Dropout is off in eval mode
+
+
 def test_a_layer_that_gives_every_image_the_same_activations_warns(images, autoencoder):
     collapsed = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8)).eval()
     with torch.no_grad():
@@ -651,10 +689,13 @@ def test_a_layer_that_gives_every_image_the_same_activations_warns(images, autoe
     with pytest.warns(UserWarning, match="Layer '1' gives almost the same activations for every image") as caught:
         fit_invariances(collapsed, "1", autoencoder, images, steps=1, progress=False, **TINY)
     assert caught[0].filename == __file__  # points at the caller's line
+    # spread 6e-5 of the bias: a hint, not the false claim that the maps will say it ignores everything
+    assert "the INN still reads this variation" in str(caught[0].message)
     from captum_inn.training.invariances import _warn_if_constant
 
     collapsed_rows = torch.cat([5 + 1e-6 * torch.randn(64, 50), 1e-6 * torch.randn(64, 1)], 1)
-    with pytest.warns(UserWarning, match="almost the same activations"):  # a unit near 0 hid the collapse
+    with pytest.warns(UserWarning, match="almost the same activations.*float32 resolves it in fewer than 16 "
+                                         "steps"):  # a unit near 0 hid the collapse
         _warn_if_constant(collapsed_rows, "head")
     with pytest.warns(UserWarning, match="almost the same activations"):  # summed in float64: no overflow
         _warn_if_constant(torch.full((64, 3), 3e37) + 1e30 * torch.randn(64, 3), "huge")

@@ -338,6 +338,49 @@ def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Se
                           f"since a shape of ({n}, {n}, ...) cannot tell batch-first from sequence-first)", extra)
 
 
+# images read twice more, at the start, to tell a random model (or one that mixes a batch's images)
+_PROBE_IMAGES = 8
+
+
+def _warn_if_random(model: nn.Module, layer_list: Sequence[Any], first_rows: Mapping[str, Tensor], images: Tensor,
+                    extra: Tuple[Any, ...], attribute_to_layer_input: bool, selector: Any) -> None:
+    """Warn about a layer that does not give the same activations for the same images: a model that
+    is random in eval mode (``F.dropout(h, p)`` without ``training=self.training``, noise drawn in
+    ``forward``) or one that mixes the images of a batch. The INN learns what the cached read keeps and
+    every explanation reads another, and ``seed`` no longer gives the same samples. The first
+    ``_PROBE_IMAGES`` images are read twice more, with the caller's random streams kept."""
+    k = min(images.shape[0], _PROBE_IMAGES)
+    device = images.device
+    reads = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        for _ in range(2):
+            with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input, selector=selector,
+                            stop_early=True) as hooks:
+                hooks.run(images[:k], *(slice_forward_args(extra, slice(0, k), images.shape[0]) or ()))
+                reads.append(dict(hooks.values))
+    for name, rows in first_rows.items():
+        cached, again, third = rows[:k].float(), reads[0][name].float(), reads[1][name].float()
+        # 1% of the layer's largest value: far above rounding (another batch size may take another kernel,
+        # TF32 on GPUs), far below what dropout or mixed images change
+        tolerance = 1e-2 * float(cached.abs().amax())
+        gap = float((again - third).abs().amax())
+        random = gap > tolerance
+        if not random:
+            gap = float((cached - again.reshape(cached.shape)).abs().amax())
+            if gap <= tolerance:
+                continue
+        cause = ("differ from one read of the same images to the next: the model is random in eval mode (dropout "
+                 "called as F.dropout(x, p) without training=self.training, or noise drawn in forward)" if random else
+                 f"of the first {k} images differ when they are read in a batch of their own: the model mixes the "
+                 "images of a batch (a normalisation over the batch in eval mode)")
+        warnings.warn(
+            f"Layer {name!r}'s activations {cause}; largest difference {gap:.3g}. The INN learns what the cached "
+            "read keeps, every explanation reads another, and `seed` no longer gives the same samples. Make the "
+            "layer a function of each image alone before fitting.",
+            UserWarning, stacklevel=user_stacklevel(),
+        )
+
+
 def _warn_if_called_twice(model: nn.Module, modules: Mapping[str, nn.Module], images: Tensor,
                           extra: Tuple[Any, ...]) -> None:
     """Warn about a layer that is not its module's first name (``self.act2 = self.act1``) when that
@@ -752,6 +795,7 @@ def cache_features(
                         dtype_errors_named(images, model, name="data"), _whole_tensors_named(extra, n_rows):
                     hooks.run(images, *batch_extra)
                     values = dict(hooks.values)
+                first_rows = {}
                 for name in names:
                     if name not in values:
                         raise ValueError(
@@ -761,10 +805,13 @@ def cache_features(
                     rows = as_cached_rows(values[name], images.shape[0], name, batch_extra)
                     check_finite_rows(rows, f"layer {name!r}'s activations", seen)
                     sink.append(f"layer.{name}", rows)
+                    first_rows[name] = rows
                 if seen == 0:  # once: a sequence-first layer with as many tokens as images in a batch
                     _check_sequence_first(model, layer_list, names, values, images, batch_extra,
                                           attribute_to_layer_input, selector)
                     _warn_if_called_twice(model, modules, images, batch_extra)
+                    _warn_if_random(model, layer_list, first_rows, images, batch_extra, attribute_to_layer_input,
+                                    selector)
                 mean, std = encode_images(autoencoder, images, posterior=True, name="data")
                 check_finite_rows(mean, "the autoencoder's code means", seen)
                 check_finite_rows(std, "the autoencoder's code standard deviations", seen)

@@ -210,6 +210,10 @@ def _initialise(inn: ConditionalINN, cache: FeatureCache, name: str, config: Inv
         inn(codes.to(device, inn.dtype), init_conditions)
 
 
+# a unit's spread in fewer float32 steps than this (of its size) is mostly rounding for the INN
+_RESOLVED_STEPS = 16
+
+
 def _warn_if_constant(conditions: Tensor, name: str) -> None:
     """Warn when a layer gives (almost) the same activations for every image: a collapsed or
     untrained model. The INN then finds that the layer ignores everything, which is true but
@@ -232,10 +236,17 @@ def _warn_if_constant(conditions: Tensor, name: str) -> None:
     squares = sum(((block.to(total) - mean) / floor).square_().sum(0) for block in blocks)
     largest = float((squares.double() / max(1, n - 1)).sqrt().max())
     if n > 1 and largest < 1e-3:
+        # the embedder standardises each unit, so a flat layer's variation is read as long as float32 resolves
+        # it: 5 + 1e-4 * logits fitted as the logits do; 5 + 1e-6 * logits kept the prediction 0.50 (0.61)
+        effect = (f"float32 resolves it in fewer than {_RESOLVED_STEPS} steps, so the INN reads almost none of it and "
+                  "its invariance maps will say the layer ignores everything"
+                  if largest < _RESOLVED_STEPS * torch.finfo(torch.float32).eps else
+                  "the INN still reads this variation (each unit is standardised), but a layer this flat usually "
+                  "means a problem; if its offset is by design, ignore this warning")
         warnings.warn(
             f"Layer {name!r} gives almost the same activations for every image (largest spread of a unit across "
-            f"images {largest:.1e} of its mean size, or of the median unit's where that is larger): its invariance maps will say it ignores everything. Check that "
-            "the model is trained, its batch norms' running statistics too (torchvision's MobileNetV3 and "
+            f"images {largest:.1e} of its mean size, or of the median unit's where that is larger): {effect}. Check "
+            "that the model is trained, its batch norms' running statistics too (torchvision's MobileNetV3 and "
             "EfficientNet update them with momentum 0.01, so a short training leaves them near their start), "
             "and that the images are what it expects (size, normalisation).",
             UserWarning, stacklevel=user_stacklevel(),  # the caller of fit_invariances

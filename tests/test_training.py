@@ -42,7 +42,7 @@ from captum_inn.training import (
     save_invariance_inn,
     source_fingerprint,
 )
-from captum_inn.training.cache import source_changes
+from captum_inn.training.cache import _PROBE_IMAGES, source_changes
 from captum_inn.training.invariances import checkpoint_name
 
 torch.set_num_threads(1)
@@ -180,7 +180,8 @@ def test_a_tensor_passed_for_a_number_is_named_by_its_shape():
 def test_cache_runs_the_model_once_per_image_for_all_layers(images, autoencoder):
     model = CountingCNN().eval()
     cache = cache_features(model, ["relu1", "relu3", "fc", "logits"], autoencoder, images, batch_size=16, progress=False)
-    assert model.calls == len(images)  # one pass for four layers
+    # one pass for four layers, and the first images read twice more (is the model random?)
+    assert model.calls == len(images) + 2 * _PROBE_IMAGES
     assert cache.layer_shape("relu1") == (4, 16, 16) and cache.layer_shape("logits") == (10,)
     with torch.no_grad():
         expected = model.conv1(images).relu()
@@ -234,7 +235,7 @@ def test_fit_invariances_for_several_layers_from_one_pass(images, autoencoder, t
     model = CountingCNN().eval()
     inns = fit_invariances(model, ["relu2", "logits"], autoencoder, images, steps=5, checkpoint_dir=str(tmp_path),
                            progress=False, **TINY)
-    assert model.calls == len(images)
+    assert model.calls == len(images) + 2 * _PROBE_IMAGES
     assert set(inns) == {"relu2", "logits"}
     assert inns["relu2"].cond_shape == (8, 8, 8) and inns["logits"].cond_shape == (10,)
     assert inns["logits"].fit_info["layer"] == "logits" and inns["logits"].fit_info["latent_dim"] == 6

@@ -224,7 +224,8 @@ class ConceptPairs:
         return cls(name, sampler, "share", one_set=len(groups) == 1)
 
     @classmethod
-    def from_transform(cls, name: str, inputs: Tensor, transform: Callable[[Tensor], Tensor]) -> ConceptPairs:
+    def from_transform(cls, name: str, inputs: Tensor, transform: Callable[[Tensor], Tensor],
+                       per_image: Optional[bool] = None) -> ConceptPairs:
         """Pairs ``(x, transform(x))`` that differ only in what the transform changes (``relation="differ"``).
 
         Args:
@@ -237,8 +238,11 @@ class ConceptPairs:
                 ``torch.Generator`` there, so ``fit_concepts(..., seed=)`` makes its pairs
                 reproducible; any other transform draws its own randomness (its global
                 generators are seeded while a fit draws its pools). It must change every
-                image: torchvision's random transforms draw once per call, for the whole batch,
-                so one with ``p < 1`` leaves whole batches unchanged (the fit warns).
+                image, and a random one should change each image its own way (see ``per_image``).
+            per_image: Call ``transform`` on one image at a time (batches of one). ``None`` (the
+                default): for torchvision's transforms, which draw their random parameters once
+                per call (a ``ColorJitter`` gave all 512 pairs of a chunk the same change, so a
+                pool of 4,096 pairs held 8 colour changes), whole batches for any other transform.
 
         Examples::
 
@@ -259,26 +263,36 @@ class ConceptPairs:
                              f"{_dataset_hint(inputs)}.")
         if not callable(transform):
             raise TypeError(f"`transform` must be callable (batch -> batch), got {type(transform).__name__}.")
+        if per_image is None:
+            per_image = str(getattr(transform, "__module__", "")).startswith("torchvision.transforms")
+        elif not isinstance(per_image, (bool, np.bool_)):
+            raise TypeError(f"`per_image` must be True, False or None, got {per_image!r}.")
         passing = _generator_passing(transform)
+
+        def transformed(batch: Tensor, generator: torch.Generator) -> Tensor:
+            if passing == "keyword":
+                out = transform(batch, generator=generator)
+            else:
+                out = transform(batch, generator) if passing == "positional" else transform(batch)
+            # the pair checks in sample() would blame "the sampler", which the user never wrote
+            if not isinstance(out, Tensor) or out.shape != batch.shape:
+                got = f"a {tuple(out.shape)} tensor" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+                raise TypeError(f"The `transform` of concept {name!r} must return a batch shaped like its input "
+                                f"{tuple(batch.shape)}, got {got}.")
+            return out
 
         def sampler(n: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
             a = inputs[torch.randint(inputs.shape[0], (n,), generator=generator)]
             batch = a.clone()  # a transform that edits its batch in place made every pair two equal images
-            if passing == "keyword":
-                b = transform(batch, generator=generator)
-            else:
-                b = transform(batch, generator) if passing == "positional" else transform(batch)
-            # the pair checks in sample() would blame "the sampler", which the user never wrote
-            if not isinstance(b, Tensor) or b.shape != a.shape:
-                got = f"a {tuple(b.shape)} tensor" if isinstance(b, Tensor) else f"a {type(b).__name__}"
-                raise TypeError(f"The `transform` of concept {name!r} must return a batch shaped like its input "
-                                f"{tuple(a.shape)}, got {got}.")
-            return a, b
+            if per_image:
+                return a, torch.cat([transformed(image, generator) for image in batch.split(1)])
+            return a, transformed(batch, generator)
 
         return cls(name, sampler, "differ")
 
     @classmethod
-    def from_captum(cls, concept: Any, sampler: Optional[PairSampler] = None, max_examples: int = 10_000) -> ConceptPairs:
+    def from_captum(cls, concept: Any, sampler: Optional[PairSampler] = None, max_examples: int = 10_000,
+                    one_set: Optional[bool] = None) -> ConceptPairs:
         """A Captum :class:`captum.concept.Concept` as a concept: two of its examples share it.
 
         Args:
@@ -287,6 +301,12 @@ class ConceptPairs:
                 concept's ``data_iter`` (read once, up to ``max_examples``; it may yield batches
                 ``(N, C, H, W)`` or single images ``(C, H, W)``, or vectors ``(N, d)`` / ``(d,)``).
             max_examples: Most examples read from ``data_iter`` (>= 2).
+            one_set: The pairs are two examples of the concept's own set, so the concept is scored
+                against the other such concepts given with it, not about its own pairs (where it
+                scores about 0, however much the representation encodes it; see
+                :class:`ConceptPairs`). ``None``: ``True`` for pairs drawn from ``data_iter``,
+                ``False`` for a ``sampler``'s, which may draw any pairs sharing the concept; pass
+                ``True`` for a sampler that draws two examples of the concept.
 
         Returns:
             A :class:`ConceptPairs` named ``concept.name``.
@@ -294,14 +314,20 @@ class ConceptPairs:
         name = getattr(concept, "name", None)
         if name is None or not hasattr(concept, "data_iter"):
             raise TypeError(f"`concept` must be a captum.concept.Concept (with name and data_iter), got {type(concept).__name__}.")
+        if one_set is not None and not isinstance(one_set, (bool, np.bool_)):
+            raise TypeError(f"`one_set` must be True, False or None, got {one_set!r}.")
         if sampler is not None:
-            return cls(str(name), sampler, "share")
+            return cls(str(name), sampler, "share", one_set=bool(one_set))
+        if one_set is False:  # about their own members, two examples of one set score about 0 whatever is encoded
+            raise ValueError(f"Captum concept {name!r}: pairs from its data_iter are two examples of one set "
+                             "(one_set=True); one_set=False needs a pair `sampler`.")
         # -1 silently dropped the last example (a slice [:-1]); 1 or a bool cannot give a pair
         if isinstance(max_examples, bool) or not isinstance(max_examples, numbers.Integral) or max_examples < 2:
             raise ValueError(f"`max_examples` must be an int >= 2 (examples read for pairs), got {max_examples!r}.")
         if concept.data_iter is None:
-            raise ValueError(f"Captum concept {name!r} has no data_iter; give a pair `sampler`.")
-        examples = _read_examples(concept.data_iter, int(max_examples))
+            raise ValueError(f"Captum concept {name!r} has no data_iter to draw pairs from: give it one, or pass "
+                             "ConceptPairs.from_captum(concept, sampler=...) with a sampler (n, generator) -> (a, b).")
+        examples = _read_examples(concept.data_iter, int(max_examples), str(name))
         if examples.shape[0] < 2:
             raise ValueError(f"Captum concept {name!r} has {examples.shape[0]} example(s); pairs need at least 2.")
         return cls.from_labels(str(name), examples, [0] * examples.shape[0])
@@ -314,7 +340,7 @@ def _group_index(n: int, groups: Mapping[Any, List[int]]) -> Tensor:
     return index
 
 
-def _read_examples(data_iter: Iterable[Any], limit: int) -> Tensor:
+def _read_examples(data_iter: Iterable[Any], limit: int, name: str) -> Tensor:
     # imported here, not at the top: the training package imports this module
     from captum_inn.training.data import (
         in_dataset_order,
@@ -325,15 +351,17 @@ def _read_examples(data_iter: Iterable[Any], limit: int) -> Tensor:
     # the same examples each call, the caller's generators kept: a DataLoader draws its seed from the global
     # generator, and a shuffling one changed the pairs (every resume was refused) and the fits
     with seeded_reading(data_iter):
-        return _read_in_order(without_persistent_workers(in_dataset_order(data_iter)), limit)
+        return _read_in_order(without_persistent_workers(in_dataset_order(data_iter)), limit, name)
 
 
-def _read_in_order(data_iter: Iterable[Any], limit: int) -> Tensor:
+def _read_in_order(data_iter: Iterable[Any], limit: int, name: str) -> Tensor:
     chunks, count = [], 0
     for batch in data_iter:
         tensor = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(tensor, Tensor):
-            raise TypeError(f"A concept's data_iter must yield tensors, got {type(tensor).__name__}.")
+            raise TypeError(f"Captum concept {name!r}'s data_iter yields {type(tensor).__name__} objects, not tensors; "
+                            "give its dataset a transform that makes tensors (torchvision's transforms.ToTensor(), or "
+                            "v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])).")
         # batches (N, C, H, W) or (N, d); single examples (C, H, W) or (d,) from a loader without batching
         chunks.append(tensor.unsqueeze(0) if tensor.dim() in (1, 3) else tensor)
         count += chunks[-1].shape[0]
@@ -343,7 +371,8 @@ def _read_in_order(data_iter: Iterable[Any], limit: int) -> Tensor:
         return torch.empty(0)
     shapes = sorted({tuple(c.shape[1:]) for c in chunks})
     if len(shapes) > 1:  # torch.cat's size error would not say where the examples came from
-        raise ValueError(f"A concept's data_iter yields examples of different shapes {shapes}; resize them to one.")
+        raise ValueError(f"Captum concept {name!r}'s data_iter yields examples of different shapes {shapes}; resize "
+                         "them to one.")
     return torch.cat(chunks)[:limit]
 
 

@@ -136,6 +136,84 @@ def test_from_transform_and_from_captum():
         as_concepts([[random, random_1]])
 
 
+def test_torchvision_transforms_change_each_image_its_own_way():
+    """torchvision's random transforms draw once per call: a ColorJitter on a chunk of 512 pairs gave
+    them all one brightness, so a pool of 4,096 pairs held 8 colour changes. They now run image by
+    image; other transforms get whole batches unless per_image says otherwise."""
+    from torchvision.transforms import v2
+
+    x = 0.2 + 0.5 * torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def brightness_factors(pairs):
+        a, b = pairs.sample(64, torch.Generator().manual_seed(0))
+        return torch.unique((b.flatten(1).sum(1) / a.flatten(1).sum(1)).round(decimals=4))
+
+    torch.manual_seed(0)
+    assert len(brightness_factors(ConceptPairs.from_transform("bright", x, v2.ColorJitter(brightness=0.8)))) > 32
+    assert len(brightness_factors(ConceptPairs.from_transform("bright", x, v2.ColorJitter(brightness=0.8),
+                                                              per_image=False))) == 1
+    whole = ConceptPairs.from_transform("bright", x, lambda batch: batch * (0.5 + torch.rand(())))
+    assert len(brightness_factors(whole)) == 1  # another transform: whole batches, as before
+    each = ConceptPairs.from_transform("bright", x, lambda batch: batch * (0.5 + torch.rand(())), per_image=True)
+    assert len(brightness_factors(each)) > 32
+    seeded = ConceptPairs.from_transform("grain", x, lambda batch, generator: batch + torch.randn(
+        batch.shape, generator=generator), per_image=True)  # each call gets the sampler's generator
+    assert torch.equal(seeded.sample(8, torch.Generator().manual_seed(1))[1],
+                       seeded.sample(8, torch.Generator().manual_seed(1))[1])
+    with pytest.raises(TypeError, match=r"The `transform` of concept 'crop' must return a batch shaped like its "
+                                        r"input \(1, 3, 4, 4\), got a \(1, 3, 2, 2\) tensor"):
+        ConceptPairs.from_transform("crop", x, v2.CenterCrop(2)).sample(4)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * scale
+
+
+def test_errors_in_encoding_pairs_name_the_concept_and_the_fix():
+    """8-bit pairs through a layer gave torch's "Input type (unsigned char) and bias type (float)"; one
+    concept at another image size gave the autoencoder's "got (64, 3, 16, 16)", naming no concept; a
+    model with a second argument gave "forward() missing 1 required positional argument"."""
+    x, labels = torch.rand(40, 3, 8, 8), torch.arange(40) % 2
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    eight_bit = ConceptPairs.from_labels("digit", (x * 255).to(torch.uint8), labels)
+    with pytest.raises(TypeError, match=r"Concept 'digit'.s pairs: `concepts` images are torch.uint8 but the network "
+                                        r"computes in torch.float32; convert them with images.to\(torch.float32\), "
+                                        r"divided by 255 for 8-bit pixels"):
+        concept_scores((model, "2"), [eight_bit], n_pairs=8)
+    autoencoder = ConvAutoencoder((3, 8, 8), latent_dim=4, width=4).eval()
+    large = ConceptPairs.from_labels("large", torch.rand(10, 3, 16, 16), torch.arange(10) % 2)
+    with pytest.raises(ValueError, match=r"^Concept 'large'.s pairs: .*\(N, 3, 8, 8\)"):
+        concept_scores(autoencoder, [ConceptPairs.from_labels("digit", x, labels), large], n_pairs=8)
+    with pytest.raises(TypeError, match=r"(?s)missing 1 required positional argument.*wrap it in a module whose "
+                                        r"forward\(inputs\) calls model\(inputs, ...\)"):
+        concept_scores((_TwoInputs(), "fc"), [ConceptPairs.from_labels("digit", x, labels)], n_pairs=8)
+
+
+def test_a_captum_concept_with_a_sampler_says_how_it_is_scored():
+    """A Captum concept with a pair sampler was scored about its own pairs, where two examples of one
+    set score about 0 however much the representation encodes them; one_set=True scores it as the
+    pairs drawn from its data_iter are."""
+    examples = [torch.rand(8, 3, 4, 4)]
+
+    def two_examples(n, generator):
+        return tuple(examples[0][torch.randint(8, (n,), generator=generator)] for _ in range(2))
+
+    assert ConceptPairs.from_captum(Concept(0, "c", examples)).one_set
+    assert not ConceptPairs.from_captum(Concept(0, "c", examples), sampler=two_examples).one_set
+    assert ConceptPairs.from_captum(Concept(0, "c", examples), sampler=two_examples, one_set=True).one_set
+    with pytest.raises(ValueError, match="one_set=False needs a pair `sampler`"):
+        ConceptPairs.from_captum(Concept(0, "c", examples), one_set=False)
+    with pytest.raises(TypeError, match="`one_set` must be True, False or None, got 'yes'"):
+        ConceptPairs.from_captum(Concept(0, "c", examples), one_set="yes")
+    with pytest.raises(TypeError, match="`per_image` must be True, False or None, got 1"):
+        ConceptPairs.from_transform("a", examples[0], lambda t: t, per_image=1)
+
+
 def test_labels_that_pair_inputs_with_themselves_are_refused_or_warned_about():
     """A float attribute used as labels (every input a group of its own) or NaN labels paired every
     input with itself: the concept scored 1.0 and took the largest factor, with no word."""
@@ -464,7 +542,7 @@ def test_differ_pairs_that_a_transform_left_unchanged_are_warned_about():
     settings = dict(steps=1, n_blocks=1, hidden=8, pool_size=64, progress=False)
     labelled = ConceptPairs.from_labels("c", x, c)
     with pytest.warns(UserWarning, match=r"Concept 'same': 100% of its `differ` pairs are an input with itself.*"
-                                         r"draw once per call, for a whole batch"):
+                                         r"draws once per call, for a whole batch, per_image=True"):
         fit_concepts((IDENTITY, "0"), [labelled, ConceptPairs.from_transform("same", x, lambda batch: batch.clone())],
                      **settings)
     with warnings.catch_warnings():
@@ -1123,6 +1201,11 @@ def test_snapshots_and_concept_dynamics(tmp_path):
                             checkpoint_dir=str(tmp_path), **kw).encoded == dynamics.encoded
     with pytest.raises(TypeError, match="Unknown setting 'memmap' for InvarianceConfig"):
         concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10], memmap=True, **kw)
+    # 8-bit pixels to measure on: refused before the first fit (a warning after each fit, beside shares of -1.3)
+    with pytest.raises(ValueError, match=r"`eval_inputs` pixels range over \[0.*, 2\d\d\], but the autoencoder"):
+        concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, images[:10] * 255, labels[:10],
+                         checkpoint_dir=str(tmp_path / "refused"), **kw)
+    assert not (tmp_path / "refused").exists()
     from torch.utils.data import TensorDataset
 
     from_dataset = concept_dynamics(snaps.models, "hidden", ae, e.eval(), images, TensorDataset(images[:10]),
@@ -1468,9 +1551,11 @@ def _pairs_of(n, g):
     (lambda: ConceptPairs.from_transform("a", torch.empty(0, 3), lambda t: t), ValueError, "`inputs` must be a non-empty"),
     (lambda: ConceptPairs.from_transform("a", _ROWS, 3), TypeError, "`transform` must be callable"),
     (lambda: ConceptPairs.from_captum(3), TypeError, "`concept` must be a captum.concept.Concept"),
-    (lambda: ConceptPairs.from_captum(Concept(0, "c", None)), ValueError, "has no data_iter; give a pair `sampler`"),
+    (lambda: ConceptPairs.from_captum(Concept(0, "c", None)), ValueError,
+     r"has no data_iter to draw pairs from: give it one, or pass ConceptPairs.from_captum\(concept, sampler=...\)"),
     (lambda: ConceptPairs.from_captum(Concept(0, "c", [_ROWS[:1]])), ValueError, "1 example\\(s\\); pairs need at least 2"),
-    (lambda: ConceptPairs.from_captum(Concept(0, "c", ["a"])), TypeError, "data_iter must yield tensors, got str"),
+    (lambda: ConceptPairs.from_captum(Concept(0, "c", ["a"])), TypeError,
+     r"Captum concept 'c'.s data_iter yields str objects, not tensors; give its dataset a transform .*ToTensor"),
     (lambda: ConceptPairs.from_captum(Concept(0, "c", [_ROWS[:2], torch.rand(2, 4)])), ValueError, "different shapes"),
     (lambda: as_concepts([]), ValueError, "`concepts` is empty"),
     (lambda: as_concepts({}), ValueError, "`concepts` is empty"),

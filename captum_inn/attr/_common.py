@@ -665,19 +665,26 @@ def network_dtype(network: Any, default: torch.dtype) -> torch.dtype:
 
 @contextmanager
 def dtype_errors_named(images: Tensor, *modules: Any, name: str = "inputs") -> Iterator[None]:
-    """Turn the error of a network fed images of another floating dtype than its weights into a
-    ``TypeError`` naming ``name`` and the conversion. Only failures are rewritten: a model that
-    converts its input itself keeps working."""
+    """Turn the error of a network fed images of another floating dtype than its weights, or integer
+    images (8-bit pixels), into a ``TypeError`` naming ``name`` and the conversion. Only failures are
+    rewritten: a model that converts its input itself (or embeds token ids) keeps working."""
     try:
         yield
     except RuntimeError as error:
         dtypes = {p.dtype for m in modules if isinstance(m, nn.Module) for p in m.parameters() if p.is_floating_point()}
-        if images.is_floating_point() and len(dtypes) == 1 and images.dtype not in dtypes:
+        if len(dtypes) == 1 and images.dtype not in dtypes:
             want = str(next(iter(dtypes))).replace("torch.", "")
-            raise TypeError(
-                f"`{name}` images are {images.dtype} but the network computes in torch.{want}; convert them "
-                f"with images.to(torch.{want}). ({error})"
-            ) from error
+            if images.is_floating_point():
+                raise TypeError(
+                    f"`{name}` images are {images.dtype} but the network computes in torch.{want}; convert them "
+                    f"with images.to(torch.{want}). ({error})"
+                ) from error
+            # "Input type (unsigned char) and bias type (float) should be the same": names neither argument nor fix
+            if not images.is_complex() and "type" in str(error).lower():
+                raise TypeError(
+                    f"`{name}` images are {images.dtype} but the network computes in torch.{want}; convert them "
+                    f"with images.to(torch.{want}), divided by 255 for 8-bit pixels. ({error})"
+                ) from error
         raise
 
 

@@ -15,10 +15,11 @@ then ``e`` trains from that pool.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -172,8 +173,16 @@ class LayerRepresentation:
 
     def encode(self, inputs: Tensor) -> Tuple[Tensor, Tensor]:
         """``(features, zeros)``: the layer's activation ``(N, d)`` (deterministic, so zero spread)."""
-        z = capture(self.model, self.layer, inputs, attribute_to_layer_input=self.attribute_to_layer_input,
-                    selector=self.layer_selector)
+        try:
+            z = capture(self.model, self.layer, inputs, attribute_to_layer_input=self.attribute_to_layer_input,
+                        selector=self.layer_selector)
+        except TypeError as error:
+            if "required positional argument" not in str(error):
+                raise
+            raise TypeError(f"{error}\n(LayerRepresentation runs the model on the concepts' examples alone, "
+                            "model(inputs): for a model that takes more arguments, wrap it in a module whose "
+                            "forward(inputs) calls model(inputs, ...) and name the layer inside it, e.g. "
+                            "LayerRepresentation(wrapped, 'net.fc'); see docs/howto.rst.)") from error
         if z.dim() != 2:
             # a global pool's (C, 1, 1) is a vector in all but shape; its flattened form is the next
             # linear layer's input, which e can replace in the forward pass (a selector's copy cannot)
@@ -302,13 +311,14 @@ class _ExampleCount:
                 "input has cause this (a float attribute used as labels: bin it, e.g. torch.bucketize(values, "
                 "torch.quantile(values, torch.linspace(0, 1, 11)[1:-1]))).", UserWarning, stacklevel=user_stacklevel())
         if relation == "differ" and self.with_itself * 10 > self.pairs:
-            # a transform that left images unchanged (torchvision's random ones draw once per call, for a whole
-            # chunk of pairs): pairs meant to differ in the concept shared it, and the score fell silently
+            # a transform that left images unchanged (p < 1, or one that draws once per call for a whole chunk
+            # of pairs): pairs meant to differ in the concept shared it, and the score fell silently
             warnings.warn(
                 f"Concept {name!r}: {self.with_itself / self.pairs:.0%} of its `differ` pairs are an input with "
                 "itself, so they show no change of the concept and its score is too low. The transform must change "
-                "every image: torchvision's random transforms draw once per call, for a whole batch, so apply one "
-                "per image (or with p=1).", UserWarning, stacklevel=user_stacklevel())
+                "every image: give a random one p=1, and one that draws once per call, for a whole batch, "
+                "per_image=True in ConceptPairs.from_transform (torchvision's transforms run image by image "
+                "already).", UserWarning, stacklevel=user_stacklevel())
         if distinct * 10 < min(n_pairs, most_distinct):
             # every concept's pool weighs the same in the fit: a few inputs drawn thousands of times, beside concepts
             # of thousands, skew the factor INN and the factor variance that LayerConcepts.encoded divides by
@@ -330,6 +340,18 @@ def _warn_if_repeated(fingerprints: Mapping[str, str]) -> None:
                           "one concept between two factors and counts its share twice; pass it once.",
                           UserWarning, stacklevel=user_stacklevel())
         first.setdefault(print_, name)
+
+
+@contextlib.contextmanager
+def _naming_concept(name: str) -> Iterator[None]:
+    """Errors of encoding one concept's pairs name that concept (the autoencoder's "got (64, 3, 64, 64)"
+    said neither which concept nor that 64 is a chunk of its pairs)."""
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError) as error:
+        if type(error) not in (TypeError, ValueError, RuntimeError) or str(error).startswith("Concept "):
+            raise  # torch's OutOfMemoryError and the like keep their type; messages that name it already
+        raise type(error)(f"Concept {name!r}'s pairs: {error}") from error
 
 
 @torch.no_grad()
@@ -355,7 +377,8 @@ def _encode_pools(
                     for member, key in ((a, "a"), (b, "b")):
                         if not torch.isfinite(member).all():
                             raise ValueError(f"Concept {concept.name!r} produced pairs with NaN or infinite values.")
-                        mean, std = encode(member.to(device))
+                        with _naming_concept(concept.name):  # an image size one concept alone has, say
+                            mean, std = encode(member.to(device))
                         mean, std = mean.flatten(1).float().cpu(), std.flatten(1).float().cpu()
                         # found here, not as "`scores` must be finite" (none given) or a silent NaN score
                         if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):

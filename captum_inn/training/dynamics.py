@@ -25,6 +25,7 @@ from captum_inn.attr._common import (
     check_inn_fitted,
     check_int,
     check_module_device,
+    check_pixel_range,
     check_positive_int,
     format_inputs,
 )
@@ -307,6 +308,8 @@ def _check_measurements(items: Sequence[Tuple[Any, nn.Module]], name: str, autoe
         raise ValueError(f"`n_samples` must be >= 2 for a variance, got {n_samples}.")
     format_inputs(eval_inputs, 0, "eval_inputs")
     check_image_size(eval_inputs, autoencoder, "eval_inputs")
+    # 8-bit or normalised pixels: found now, not as a warning after each checkpoint's fit beside wrong shares
+    check_pixel_range(eval_inputs, "eval_inputs", autoencoder)
     if eval_labels is not None:
         # (1,) labels would broadcast against the predictions and give a wrong accuracy without a word
         if not isinstance(eval_labels, Tensor) or tuple(eval_labels.shape) != (eval_inputs.shape[0],):

@@ -1433,7 +1433,7 @@ def test_concept_pairs_of_8_bit_images_are_named_for_an_autoencoder():
     pairs = [ConceptPairs.from_labels("p", torch.randint(256, (20, 3, 8, 8), dtype=torch.uint8), torch.arange(20) % 2)]
     for call in (lambda: concept_scores(ae, pairs, n_pairs=8),
                  lambda: fit_concepts(ae, pairs, steps=1, n_blocks=1, hidden=8, pool_size=8, progress=False)):
-        with pytest.raises(TypeError, match=r"must be floating-point images .*torch.uint8.*images.float\(\) / 255"):
+        with pytest.raises(TypeError, match=r"^Concept 'p''s pairs: Concept pairs for an autoencoder must be floating-point images .*torch.uint8.*images.float\(\) / 255"):
             call()
 
 

@@ -360,6 +360,8 @@ def _warn_if_random(model: nn.Module, layer_list: Sequence[Any], first_rows: Map
                 reads.append(dict(hooks.values))
     for name, rows in first_rows.items():
         cached, again, third = rows[:k].float(), reads[0][name].float(), reads[1][name].float()
+        if not cached.numel():
+            continue
         # 1% of the layer's largest value: far above rounding (another batch size may take another kernel,
         # TF32 on GPUs), far below what dropout or mixed images change
         tolerance = 1e-2 * float(cached.abs().amax())

@@ -349,7 +349,7 @@ def _naming_concept(name: str) -> Iterator[None]:
     try:
         yield
     except (TypeError, ValueError, RuntimeError) as error:
-        if type(error) not in (TypeError, ValueError, RuntimeError) or str(error).startswith("Concept "):
+        if type(error) not in (TypeError, ValueError, RuntimeError) or str(error).startswith(f"Concept {name!r}"):
             raise  # torch's OutOfMemoryError and the like keep their type; messages that name it already
         raise type(error)(f"Concept {name!r}'s pairs: {error}") from error
 

@@ -33,6 +33,7 @@ from captum_inn.attr._common import (
     autograd_on,
     check_per_input_args,
     check_positive_int,
+    default_rows,
     dtype_errors_named,
     forward_module,
     one_image_tensor,
@@ -300,8 +301,9 @@ def compare_attributions(
         concept_steps: Integrated Gradients steps of the concept scores (``LayerConcepts.attribute``'s
             ``n_steps``, >= 2; its default 512 keeps the completeness gap small through ReLU kinks).
         internal_batch_size: The most rows any method sends through a network at once (IG's
-            interpolation steps, decoded samples, Grad-CAM and concept passes); ``None``: all at
-            once. Results do not depend on it.
+            interpolation steps, decoded samples, Grad-CAM and concept passes); ``None``: as many
+            images as hold 2**24 pixel values (341 of 3×128×128; at most 256 for the concept scores).
+            Results do not depend on it beyond float rounding.
         generator: ``torch.Generator`` for reproducible samples.
         progress: Show a progress bar over the methods' passes (the concept scores' default 512
             Integrated Gradients steps dominate).
@@ -362,7 +364,10 @@ def compare_attributions(
     # a tuple of two failed unpacking into one
     images = one_image_tensor(inputs, "inputs", "pass the model's other inputs as `additional_forward_args`")
     n = images.shape[0]
-    batch = n if internal_batch_size is None else check_positive_int(internal_batch_size, "internal_batch_size")
+    # None: bounded as the explainers bound it (all of IG's n × ig_steps rows at once took 3 GB for 8 images
+    # of 128×128 under ResNet-18)
+    batch = default_rows(images) if internal_batch_size is None else check_positive_int(internal_batch_size,
+                                                                                          "internal_batch_size")
     check_positive_int(ig_steps, "ig_steps")
     if check_positive_int(concept_steps, "concept_steps") < 2:  # refused now, not after the other methods ran
         raise ValueError(f"`concept_steps` must be >= 2 (the concept attributions' trapezoid rule), got {concept_steps}.")
@@ -401,8 +406,8 @@ def compare_attributions(
         gradcam = LayerGradCam(eager_module(model), gradcam_module)  # Captum's hooks, as ours
         ig = IntegratedGradients(model)
         # IG expands each input to ig_steps rows: a bound takes max(1, batch // ig_steps) inputs per call
-        # (Captum splits their steps into passes of `batch` rows); None sends every row at once
-        rows = n if internal_batch_size is None else max(1, batch // ig_steps)
+        # (Captum splits their steps into passes of `batch` rows)
+        rows = max(1, batch // ig_steps)
         bar.reset(total=len(range(0, n, batch)) * (3 if concepts is not None else 2) + len(range(0, n, rows)) + 1)
         bar.set_postfix_str("Grad-CAM")
         for start in range(0, n, batch):
@@ -421,7 +426,7 @@ def compare_attributions(
             base = ig_baselines[part] if per_input else ig_baselines
             attributions, delta = ig.attribute(images[part], baselines=base, target=targets[part],
                                                additional_forward_args=args_of(part), n_steps=ig_steps,
-                                               internal_batch_size=internal_batch_size, return_convergence_delta=True)
+                                               internal_batch_size=batch, return_convergence_delta=True)
             ig_parts.append(attributions.detach())
             ig_deltas.append(delta.detach())
             bar.update()
@@ -430,7 +435,7 @@ def compare_attributions(
             # LayerConcepts.attribute runs its own IG over concept_steps steps in passes of 256 rows by default;
             # with internal_batch_size its passes must be bounded too (Captum then takes
             # internal_batch_size // images steps per pass, at least one: <= batch rows).
-            concept_batch = 256 if internal_batch_size is None else batch
+            concept_batch = min(256, batch) if internal_batch_size is None else batch
             for start in range(0, n, batch):
                 part = slice(start, min(start + batch, n))
                 scores, delta = concepts.attribute(images[part], target=targets[part],

@@ -361,6 +361,36 @@ def test_internal_batch_size_bounds_every_pass(setup, x):
     assert seen and max(seen) <= 5, sorted(set(seen))
 
 
+def test_passes_are_bounded_by_default(setup, x, monkeypatch):
+    """internal_batch_size=None sent every row at once: IG's N × ig_steps rows with gradients (3 GB for 8
+    images of 128×128 under ResNet-18). By default a pass now holds at most 2**24 pixel values (here
+    lowered to three 32×32 images), and the results are those of an explicit bound."""
+    from captum_inn.attr import _common
+
+    model, ae = setup[0], setup[1]
+    explainer, concepts = _invariance(setup), _concepts(setup)
+    seen = []
+
+    def record(_module, args):
+        seen.append(args[0].shape[0])
+
+    monkeypatch.setattr(_common, "PASS_VALUES", 3 * x[0].numel())
+    handles = [model.register_forward_pre_hook(record), ae.register_forward_pre_hook(record),
+               ae.encoder.register_forward_pre_hook(record), ae.from_code.register_forward_pre_hook(record)]
+    try:
+        bounded = compare_attributions(model, x, explainer, concepts=concepts, generator=_gen(), **FAST)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and max(seen) <= 3, sorted(set(seen))
+    explicit = compare_attributions(model, x, explainer, concepts=concepts, internal_batch_size=3, generator=_gen(),
+                                    **FAST)
+    for field in ("integrated_gradients", "invariance_map", "concept_scores", "gradcam"):
+        torch.testing.assert_close(getattr(bounded, field), getattr(explicit, field))
+    samples = explainer.sample(x, 5, generator=_gen())  # 20 samples, 3 decoded per pass
+    torch.testing.assert_close(samples, explainer.sample(x, 5, internal_batch_size=10**6, generator=_gen()))
+
+
 @pytest.mark.parametrize("internal_batch_size", [None, 3])
 def test_predictions_and_the_class_count_come_from_one_pass(setup, x, internal_batch_size):
     """The predicted classes and the number of classes are read from one pass over the inputs (in

@@ -663,6 +663,17 @@ def network_dtype(network: Any, default: torch.dtype) -> torch.dtype:
     return default
 
 
+# values of the images one pass decodes or runs by default (64 MB in float32): with the networks' activations
+# about a GB or two whatever the image size, where all N × S samples of 256 images at 128×128 needed 16 GB
+PASS_VALUES = 2**24
+
+
+def default_rows(images: Tensor) -> int:
+    """Images per pass when ``internal_batch_size`` is ``None``: as many as hold :data:`PASS_VALUES`
+    values (5,461 images of 3×32×32, 341 of 3×128×128, 85 of 3×256×256), at least one."""
+    return max(1, PASS_VALUES // max(1, images[0].numel()))
+
+
 @contextmanager
 def dtype_errors_named(images: Tensor, *modules: Any, name: str = "inputs") -> Iterator[None]:
     """Turn the error of a network fed images of another floating dtype than its weights, or integer

@@ -27,6 +27,7 @@ from captum_inn.attr._common import (
     check_same_device,
     check_same_weights,
     check_target_count,
+    default_rows,
     encode_images,
     fitted_selector,
     format_inputs,
@@ -328,7 +329,9 @@ class LayerInvariance(LayerAttribution):
             additional_forward_args: Extra arguments of ``forward_func``. A tensor with one row per
                 input is split with the inputs; any other value goes whole to every pass (so a
                 shared tensor should not have ``N`` rows: pass it as a 0-d tensor or bind it).
-            internal_batch_size: Samples decoded per pass (results equal the unbatched run up to float rounding).
+            internal_batch_size: Samples decoded per pass (results equal the unbatched run up to float
+                rounding). ``None``: as many as hold 2**24 pixel values (341 images of 3×128×128), which
+                keeps memory to a GB or two; all ``N · S`` at once took 16 GB for 256 such images.
             generator: ``torch.Generator`` for reproducible samples.
             attribute_to_layer_input: Override the constructor's choice.
             shared_noise: Use the same ``S`` draws of ``v`` for every input (common random
@@ -374,6 +377,8 @@ class LayerInvariance(LayerAttribution):
         temperature = check_number(temperature, "temperature", positive=True)
         if internal_batch_size is not None:  # before the division below turns a bad one into a raw error
             internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        else:
+            internal_batch_size = default_rows(inputs[self.image_input])
         generator = seeded_generator(seed, generator, inputs[self.image_input].device)
         check_same_device(inputs[self.image_input], self.inn)
         self._check_images(inputs[self.image_input])
@@ -386,7 +391,7 @@ class LayerInvariance(LayerAttribution):
         else:
             noise = normal((n * n_samples, self.inn.dim), generator, device, dtype) * float(temperature)
         with eval_mode(self.inn, self.autoencoder):
-            for part in self._chunks(n, None if internal_batch_size is None else max(1, internal_batch_size // n_samples)):
+            for part in self._chunks(n, max(1, internal_batch_size // n_samples)):
                 chunk = tuple(t[part] for t in inputs)
                 extra = slice_forward_args(additional_forward_args, part, n)
                 z = self._activation(chunk, extra, attribute_to_layer_input)
@@ -444,7 +449,8 @@ class LayerInvariance(LayerAttribution):
                 shared tensor should not have ``N`` rows: pass it as a 0-d tensor or bind it).
             n_samples: Samples per input (``>= 2``).
             temperature: Scale of the invariances ``v`` (``> 0``).
-            internal_batch_size: Samples decoded per pass; the result equals the unbatched run up to float rounding.
+            internal_batch_size: Samples decoded per pass; the result equals the unbatched run up to float
+                rounding. ``None``: as many as hold 2**24 pixel values (341 images of 3×128×128).
             attribute_to_layer_input: Override the constructor's choice.
             generator: ``torch.Generator`` for a reproducible map (its state advances).
             seed: Draw ``v`` from a generator seeded with ``seed`` in every call (on the inputs'

@@ -1019,6 +1019,24 @@ def test_edit_decompose_encoded(code_setup):
     assert torch.equal(explainer.edit(x, "residual", generator=g1), explainer.edit(x, "residual", generator=g2))
     shares = explainer.encoded(x, n_samples=8, generator=torch.Generator().manual_seed(0))
     assert shares.shape == (4, 3) and torch.isfinite(shares).all()
+    # in parts of one input (8 samples per pass, a bound of 10 decodes 1 input per pass): the same shares;
+    # the default bound is set by PASS_VALUES (all 32 samples at once took 4 GB for 32 inputs of 128×128)
+    seen = []
+    handle = explainer.invariance_inn.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[0]))
+    try:
+        parts = explainer.encoded(x, n_samples=8, generator=torch.Generator().manual_seed(0), internal_batch_size=10)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(parts, shares)
+    assert seen and max(seen) <= 8, seen
+    from captum_inn.attr import _common
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_common, "PASS_VALUES", 16 * x[0].numel())
+        torch.testing.assert_close(explainer.encoded(x, n_samples=8, generator=torch.Generator().manual_seed(0)),
+                                   shares)
+    with pytest.raises(ValueError, match="`internal_batch_size` must be"):
+        explainer.encoded(x, n_samples=8, internal_batch_size=0)
     summary = explainer.encoded_summary(x, n_samples=8, generator=torch.Generator().manual_seed(0))
     assert set(summary) == {"a", "b", "residual"}
     for k, column in zip(summary, shares.unbind(1)):  # the same draws: mean and standard error of those shares

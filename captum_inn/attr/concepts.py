@@ -30,6 +30,7 @@ from captum_inn.attr._common import (
     check_same_device,
     check_same_weights,
     check_target_count,
+    default_rows,
     dtype_errors_named,
     encode_images,
     eval_owner,
@@ -40,6 +41,7 @@ from captum_inn.attr._common import (
     layer_side,
     network_dtype,
     resolve_model_layer,
+    slice_forward_args,
     warn_if_batch_statistics,
     warn_unreachable_model,
 )
@@ -548,6 +550,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         additional_forward_args: Any = None,
         generator: Optional[torch.Generator] = None,
         reencode: bool = True,
+        internal_batch_size: Optional[int] = None,
     ) -> Tensor:
         """Share of each concept that the hooked layer fixes at each input (docs/method.rst).
 
@@ -580,6 +583,10 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             generator: Seeds the draws.
             reencode: Read the factors from ``E(D(z̄_s))`` instead of ``z̄_s`` (whose variance
                 includes the posterior noise, see above).
+            internal_batch_size: Samples decoded per pass (the inputs go in parts of
+                ``internal_batch_size // n_samples``, at least one); the shares equal one pass's up
+                to float rounding. ``None``: as many as hold 2**24 pixel values (341 images of
+                3×128×128); all at once took 4 GB for 32 inputs of 128×128 under ResNet-18.
 
         Returns:
             ``(N, K)``, columns in :attr:`concept_names` order.
@@ -604,24 +611,34 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         check_same_device(inputs[self.image_input], self.concept_inn)
         # the invariance INN was fitted on the layer's view of [0, 1] images, as LayerInvariance warns too
         check_pixel_range(inputs[self.image_input], "inputs", self.autoencoder, margin=0.5)
+        rows = (default_rows(inputs[self.image_input]) if internal_batch_size is None
+                else check_positive_int(internal_batch_size, "internal_batch_size"))
         n = inputs[0].shape[0]
-        z = layer_activation(self.forward_func, self.layer, inputs, additional_forward_args,
-                             self.attribute_to_layer_input, self.selector)
-        if tuple(z.shape[1:]) != self.invariance_inn.cond_shape:
-            raise ValueError(
-                f"`invariance_inn` was fitted for activations of shape {self.invariance_inn.cond_shape}, but layer "
-                f"{self.layer_name!r} gives {tuple(z.shape[1:])}."
-            )
-        v = normal((n * n_samples, self.invariance_inn.dim), generator, z.device, self.invariance_inn.dtype)
-        with eval_mode(self.invariance_inn, self.concept_inn):
-            embedding = self.invariance_inn.embed(z).repeat_interleave(n_samples, dim=0)
-            codes = self.invariance_inn(v, None, rev=True, jac=False, embedding=embedding)[0]
-            if reencode:
-                with eval_mode(self.autoencoder):
-                    images = self.autoencoder.decode(codes.to(network_dtype(self.autoencoder, codes.dtype)))
-                    codes = encode_mean(self.autoencoder, images)
-            factors = self.concept_inn(codes.to(self._concept_dtype), jac=False)[0].view(n, n_samples, -1)
-        variance = factors.var(dim=1)
+        # all draws up front, in one call: the shares do not depend on the parts
+        v = normal((n * n_samples, self.invariance_inn.dim), generator, inputs[self.image_input].device,
+                   self.invariance_inn.dtype)
+        step, variances = max(1, rows // n_samples), []
+        for start in range(0, n, step):
+            part = slice(start, min(start + step, n))
+            z = layer_activation(self.forward_func, self.layer, tuple(t[part] for t in inputs),
+                                 slice_forward_args(additional_forward_args, part, n), self.attribute_to_layer_input,
+                                 self.selector)
+            if tuple(z.shape[1:]) != self.invariance_inn.cond_shape:
+                raise ValueError(
+                    f"`invariance_inn` was fitted for activations of shape {self.invariance_inn.cond_shape}, but "
+                    f"layer {self.layer_name!r} gives {tuple(z.shape[1:])}."
+                )
+            with eval_mode(self.invariance_inn, self.concept_inn):
+                embedding = self.invariance_inn.embed(z).repeat_interleave(n_samples, dim=0)
+                codes = self.invariance_inn(v[part.start * n_samples : part.stop * n_samples].to(z.device), None,
+                                            rev=True, jac=False, embedding=embedding)[0]
+                if reencode:
+                    with eval_mode(self.autoencoder):
+                        images = self.autoencoder.decode(codes.to(network_dtype(self.autoencoder, codes.dtype)))
+                        codes = encode_mean(self.autoencoder, images)
+                factors = self.concept_inn(codes.to(self._concept_dtype), jac=False)[0]
+            variances.append(factors.view(part.stop - part.start, n_samples, -1).var(dim=1))
+        variance = torch.cat(variances)
         reference = self._factor_variance().to(variance)
         shares = [1.0 - variance[:, s].sum(1) / reference[s].sum() for s in self.concept_inn.factor_slices.values()]
         return torch.stack(shares, dim=1)

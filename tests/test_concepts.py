@@ -900,16 +900,74 @@ def test_attribute_is_complete(code_setup):
         explainer.attribute(x, 0.0, 2)
 
 
-def test_more_inputs_than_the_internal_batch_size_attribute_without_captums_warning(code_setup):
-    """Captum warned on every call with more inputs than ``internal_batch_size`` (the default 256
-    included) and took one step per pass: the same attributions now come without the warning."""
+class _Scaled(nn.Module):
+    """``code_setup``'s model with a per-input argument: its logits times ``scale``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.net = model
+
+    def forward(self, x, scale):
+        return self.net(x) * scale[:, None]
+
+
+def test_more_inputs_than_the_internal_batch_size_go_in_bounded_parts(code_setup):
+    """More inputs than ``internal_batch_size``: the call took one step of every input per pass (all
+    N rows at once, gigabytes for many large images, and Captum's warning). The inputs now go in parts:
+    no pass is larger than the bound, no warning, and the attributions and deltas are the unbatched
+    ones, with per-input targets, baselines and extra arguments cut with their inputs."""
     model, ae, e, _ = code_setup
+    scaled = _Scaled(model).eval()
+    explainer = LayerConcepts(scaled, "net.hidden", e, ae)
+    torch.manual_seed(1)
+    x, scale = torch.rand(7, 3, 8, 8), torch.rand(7) + 0.5
+    targets, baselines = torch.tensor([0, 1, 2, 3, 0, 1, 2]), 0.3 * torch.randn(7, e.dim)
+    rows = []
+    handle = scaled.net.fc.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            batched, batched_delta = explainer.attribute(
+                x, target=targets, baselines=baselines, additional_forward_args=(scale,), n_steps=8,
+                internal_batch_size=3, return_convergence_delta=True)
+    finally:
+        handle.remove()
+    assert rows and max(rows) <= 3, rows
+    whole, whole_delta = explainer.attribute(x, target=targets, baselines=baselines, additional_forward_args=(scale,),
+                                             n_steps=8, internal_batch_size=None, return_convergence_delta=True)
+    assert torch.allclose(batched, whole, atol=1e-6) and torch.allclose(batched_delta, whole_delta, atol=1e-6)
+    # a list of targets and a shared baseline are cut (or not) alike
+    listed = explainer.attribute(x, target=targets.tolist(), baselines=baselines[:1], additional_forward_args=(scale,),
+                                 n_steps=8, internal_batch_size=2)
+    assert torch.allclose(listed, explainer.attribute(x, target=targets, baselines=baselines[0],
+                                                      additional_forward_args=(scale,), n_steps=8,
+                                                      internal_batch_size=None), atol=1e-6)
+
+
+def test_attribute_progress_bar_counts_every_path_point(code_setup, monkeypatch):
+    """``show_progress=True`` shows a bar that ends at its total (every input's steps and the delta's
+    two points), over parts of the inputs too; off by default, as Captum's ``show_progress``."""
+    import captum_inn.attr.concepts as module
+
+    model, ae, e, _ = code_setup
+    bars = []
+
+    class Recorded(module.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+        def close(self):
+            self.final = (self.n, self.total, self.disable)
+            super().close()
+
+    monkeypatch.setattr(module, "tqdm", Recorded)
     explainer = LayerConcepts(model, "hidden", e, ae)
-    x = torch.rand(6, 3, 8, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        small = explainer.attribute(x, target=1, n_steps=8, internal_batch_size=4)
-    assert torch.allclose(small, explainer.attribute(x, target=1, n_steps=8, internal_batch_size=6), atol=1e-6)
+    x = torch.rand(5, 3, 8, 8)
+    explainer.attribute(x, target=1, n_steps=6, internal_batch_size=2, show_progress=True)
+    assert bars[-1].final == (5 * 8, 5 * 8, False)
+    explainer.attribute(x, target=1, n_steps=6)
+    assert bars[-1].final[2] is True
 
 
 def test_a_model_returning_a_dict_is_refused_with_the_forward_func_to_pass(code_setup):

@@ -653,6 +653,15 @@ def check_target_count(target: Any, n: int, device: Optional[torch.device] = Non
     raise TypeError(f"`target` must be one of Captum's target forms, got {type(target).__name__}{hint}; {forms}.")
 
 
+def slice_target(target: Any, part: slice, n: int) -> Any:
+    """A :func:`check_target_count`-checked ``target`` for the inputs ``part`` of ``n``: a list or
+    tensor with one entry per input is cut to the part's; shared forms (``None``, an int, a tuple,
+    a tensor of one entry) are every part's."""
+    if isinstance(target, list) or (isinstance(target, Tensor) and target.numel() == n > 1):
+        return target[part]
+    return target
+
+
 def network_dtype(network: Any, default: torch.dtype) -> torch.dtype:
     """The floating dtype of a network's weights: its parameters, else its buffers (a PCA-style
     autoencoder keeps its basis in buffers); ``default`` for a network with neither floating."""

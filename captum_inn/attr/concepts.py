@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm  # plain text bars, as the fits'
 
 from captum_inn._captum_compat import (
     SUPPORTED_METHODS,
@@ -42,6 +43,7 @@ from captum_inn.attr._common import (
     network_dtype,
     resolve_model_layer,
     slice_forward_args,
+    slice_target,
     warn_if_batch_statistics,
     warn_unreachable_model,
 )
@@ -764,6 +766,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         internal_batch_size: Optional[int] = 256,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: Optional[bool] = None,
+        show_progress: bool = False,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """Concept attributions: Integrated Gradients in factor space, summed per concept.
 
@@ -802,10 +805,14 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 ``(n_steps - 1) / n_steps``, which took ``1 / n_steps`` off every attribution; they are
                 rescaled here to sum to 1 (the other methods' weights already do).
             internal_batch_size: Path points per forward pass (``None``: all at once, which for
-                512 steps can need gigabytes); at least one step for every input, as Captum takes it.
+                512 steps can need gigabytes). More inputs than that go in parts of
+                ``internal_batch_size`` inputs, one step of each per pass; the attributions equal
+                one pass's up to float rounding.
             return_convergence_delta: Also return the per-input completeness error.
             attribute_to_layer_input: Override the constructor's choice (layer representations:
                 read and replace the layer's input rather than its output).
+            show_progress: Show a progress bar over the path points (Captum's name for it, as in
+                its perturbation methods); 512 steps through a decoder and a large model take minutes.
 
         Returns:
             ``(N, K)`` attributions (columns :attr:`concept_names`), and with
@@ -821,8 +828,6 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             scores.shape, delta.shape                # (2, 3) per concept, (2,)
             dict(zip(concepts.concept_names, scores[0].tolist()))
         """
-        from captum.attr import IntegratedGradients
-
         if method not in SUPPORTED_METHODS:  # Captum would fail a bare assert, after the factors are computed
             raise ValueError(f"`method` must be one of {SUPPORTED_METHODS}, got {method!r}.")
         n_steps = check_positive_int(n_steps, "n_steps")  # Captum would fail comparing a str with an int
@@ -835,21 +840,57 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         check_target_count(target, n, inputs[self.image_input].device)
         check_per_input_args(additional_forward_args, n)
         self._check_gradient_path()
-        if internal_batch_size is not None:  # Captum takes one step per pass past N inputs, and warns each call
-            internal_batch_size = max(internal_batch_size, n)  # about it, though the default was left alone
-        start = self._factors(inputs, additional_forward_args, attribute_to_layer_input)
+        # Captum takes at least one step of every input per pass (and warns past internal_batch_size inputs):
+        # the inputs go in parts of internal_batch_size, each integrated in passes of at most that many rows
+        rows = n if internal_batch_size is None else internal_batch_size
+        parts = [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+        def in_part(part: slice) -> Tuple[Tuple[Tensor, ...], Any]:
+            return tuple(t[part] for t in inputs), slice_forward_args(additional_forward_args, part, n)
+
+        start = torch.cat([self._factors(*in_part(part), attribute_to_layer_input) for part in parts])
         base = self._baseline_factors(baselines, start, len(inputs))
+        attributions, delta = [], []
+        # IG runs n_steps path points per input, and two more for the delta (its start and end)
+        with tqdm(total=n * (n_steps + 2), desc="concept attributions", unit="path point", leave=False,
+                  disable=not show_progress) as bar:
+            for part in parts:
+                scores, error = self._integrated_gradients(
+                    start[part], base[part], slice_target(target, part, n), *in_part(part), n_steps, method,
+                    internal_batch_size, attribute_to_layer_input, bar)
+                attributions.append(scores)
+                delta.append(error)
+        attributions, delta = torch.cat(attributions), torch.cat(delta)
+        if method == "riemann_trapezoid":
+            # Captum's trapezoid weights (1/n, halved at both ends, on n points from 0 to 1) sum to (n-1)/n, not 1:
+            # every attribution came out 1/n short, most of the completeness error at the default steps
+            total = attributions.flatten(1).sum(1)
+            attributions = attributions * (n_steps / (n_steps - 1))
+            delta = delta + (total / (n_steps - 1)).to(delta.dtype)  # sum·n/(n-1) − change, with change = sum − delta
+        per_concept = torch.stack([attributions[:, s].sum(1) for s in self.concept_inn.factor_slices.values()], dim=1)
+        return (per_concept, delta) if return_convergence_delta else per_concept
+
+    def _integrated_gradients(self, start: Tensor, base: Tensor, target: TargetType, inputs: Tuple[Tensor, ...],
+                              additional_forward_args: Any, n_steps: int, method: str,
+                              internal_batch_size: Optional[int], attribute_to_layer_input: Optional[bool],
+                              bar: tqdm) -> Tuple[Tensor, Tensor]:
+        """:meth:`attribute`'s Integrated Gradients for one part of the inputs, from ``base`` to their
+        factors ``start``, its errors named; ``bar`` counts the path points through the model."""
+        from captum.attr import IntegratedGradients
+
         extra = _format_additional_forward_args(additional_forward_args) or ()
 
         def through_factors(factors: Tensor, *rest: Any) -> Any:
             model_inputs, model_extra = rest[: len(inputs)], rest[len(inputs):]
-            return _output_tensor(self._forward_from_factors(factors, tuple(model_inputs), model_extra or None,
-                                                             attribute_to_layer_input))
+            output = _output_tensor(self._forward_from_factors(factors, tuple(model_inputs), model_extra or None,
+                                                               attribute_to_layer_input))
+            bar.update(factors.shape[0])
+            return output
 
         try:
             # eval mode over the backward passes too (a model with activation checkpointing reruns its forward)
             with torch.enable_grad(), eval_mode(eval_owner(self.forward_func, self.layer)):
-                attributions, delta = IntegratedGradients(through_factors).attribute(
+                return IntegratedGradients(through_factors).attribute(
                     start, baselines=base, target=target, additional_forward_args=(*inputs, *extra), n_steps=n_steps,
                     method=method, internal_batch_size=internal_batch_size, return_convergence_delta=True,
                 )
@@ -876,11 +917,3 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             if problem is None:
                 raise
             raise problem from None
-        if method == "riemann_trapezoid":
-            # Captum's trapezoid weights (1/n, halved at both ends, on n points from 0 to 1) sum to (n-1)/n, not 1:
-            # every attribution came out 1/n short, most of the completeness error at the default steps
-            total = attributions.flatten(1).sum(1)
-            attributions = attributions * (n_steps / (n_steps - 1))
-            delta = delta + (total / (n_steps - 1)).to(delta.dtype)  # sum·n/(n-1) − change, with change = sum − delta
-        per_concept = torch.stack([attributions[:, s].sum(1) for s in self.concept_inn.factor_slices.values()], dim=1)
-        return (per_concept, delta) if return_convergence_delta else per_concept

@@ -10,6 +10,7 @@ import pytest
 import torch
 from captum.concept import Concept
 from helpers_hooks import assert_no_hooks, training_flags
+from helpers_progress import record_bars
 from torch import nn
 
 from captum_inn import LayerConcepts
@@ -944,30 +945,24 @@ def test_more_inputs_than_the_internal_batch_size_go_in_bounded_parts(code_setup
                                                       internal_batch_size=None), atol=1e-6)
 
 
-def test_attribute_progress_bar_counts_every_path_point(code_setup, monkeypatch):
-    """``show_progress=True`` shows a bar that ends at its total (every input's steps and the delta's
-    two points), over parts of the inputs too; off by default, as Captum's ``show_progress``."""
+def test_progress_bars_count_every_path_point_and_sample(code_setup, monkeypatch):
+    """``show_progress=True`` shows a bar that ends at its total: ``attribute``'s over every input's
+    steps and the delta's two points (over parts of the inputs too), ``encoded``'s over the samples.
+    Off by default, as Captum's ``show_progress``."""
     import captum_inn.attr.concepts as module
 
-    model, ae, e, _ = code_setup
-    bars = []
-
-    class Recorded(module.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            bars.append(self)
-
-        def close(self):
-            self.final = (self.n, self.total, self.disable)
-            super().close()
-
-    monkeypatch.setattr(module, "tqdm", Recorded)
-    explainer = LayerConcepts(model, "hidden", e, ae)
+    model, ae, e, t = code_setup
+    bars = record_bars(monkeypatch, module)
+    explainer = LayerConcepts(model, "hidden", e, ae, invariance_inn=t)
     x = torch.rand(5, 3, 8, 8)
     explainer.attribute(x, target=1, n_steps=6, internal_batch_size=2, show_progress=True)
-    assert bars[-1].final == (5 * 8, 5 * 8, False)
+    explainer.encoded(x, n_samples=4, internal_batch_size=8, show_progress=True)
+    explainer.encoded_summary(x, n_samples=4, show_progress=True)
+    assert bars == [("concept attributions", 5 * 8, 5 * 8, False), ("concept shares", 5 * 4, 5 * 4, False),
+                    ("concept shares", 5 * 4, 5 * 4, False)]
     explainer.attribute(x, target=1, n_steps=6)
-    assert bars[-1].final[2] is True
+    explainer.encoded(x, n_samples=4)
+    assert [bar[3] for bar in bars[3:]] == [True, True]
 
 
 def test_a_model_returning_a_dict_is_refused_with_the_forward_func_to_pass(code_setup):

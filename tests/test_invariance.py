@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_hooks import Replicating, assert_no_hooks, training_flags
+from helpers_progress import record_bars
 from torch import nn
 
 from captum_inn import LayerInvariance
@@ -107,6 +108,21 @@ def test_internal_batch_size_equals_the_unbatched_run(setup, x):
     for size in (1, 4, 7, 100):
         part = explainer.sample(x, n_samples=5, internal_batch_size=size, generator=torch.Generator().manual_seed(3))
         assert torch.allclose(part, samples, atol=1e-5), size
+
+
+def test_progress_bars_count_every_sample(setup, x, monkeypatch):
+    """``show_progress=True`` shows a bar over the samples that ends at its total, over parts too;
+    off by default, as Captum's ``show_progress``."""
+    import captum_inn.attr.invariance as module
+
+    bars = record_bars(monkeypatch, module)
+    model, ae, inn, _ = setup
+    explainer = LayerInvariance(model, "logits", inn, ae)
+    explainer.attribute(x, n_samples=4, internal_batch_size=8, show_progress=True)
+    explainer.sample(x, n_samples=5, show_progress=True)
+    assert bars == [("invariance samples", 12, 12, False), ("invariance samples", 15, 15, False)]
+    explainer.attribute(x, n_samples=4)
+    assert bars[2][3] is True
 
 
 def test_the_map_is_the_spread_of_the_samples(setup, x):

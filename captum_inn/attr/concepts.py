@@ -553,6 +553,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         generator: Optional[torch.Generator] = None,
         reencode: bool = True,
         internal_batch_size: Optional[int] = None,
+        show_progress: bool = False,
     ) -> Tensor:
         """Share of each concept that the hooked layer fixes at each input (docs/method.rst).
 
@@ -589,6 +590,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 ``internal_batch_size // n_samples``, at least one); the shares equal one pass's up
                 to float rounding. ``None``: as many as hold 2**24 pixel values (341 images of
                 3×128×128); all at once took 4 GB for 32 inputs of 128×128 under ResNet-18.
+            show_progress: Show a progress bar over the samples (Captum's name for it, off by default).
 
         Returns:
             ``(N, K)``, columns in :attr:`concept_names` order.
@@ -620,26 +622,29 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         v = normal((n * n_samples, self.invariance_inn.dim), generator, inputs[self.image_input].device,
                    self.invariance_inn.dtype)
         step, variances = max(1, rows // n_samples), []
-        for start in range(0, n, step):
-            part = slice(start, min(start + step, n))
-            z = layer_activation(self.forward_func, self.layer, tuple(t[part] for t in inputs),
-                                 slice_forward_args(additional_forward_args, part, n), self.attribute_to_layer_input,
-                                 self.selector)
-            if tuple(z.shape[1:]) != self.invariance_inn.cond_shape:
-                raise ValueError(
-                    f"`invariance_inn` was fitted for activations of shape {self.invariance_inn.cond_shape}, but "
-                    f"layer {self.layer_name!r} gives {tuple(z.shape[1:])}."
-                )
-            with eval_mode(self.invariance_inn, self.concept_inn):
-                embedding = self.invariance_inn.embed(z).repeat_interleave(n_samples, dim=0)
-                codes = self.invariance_inn(v[part.start * n_samples : part.stop * n_samples].to(z.device), None,
-                                            rev=True, jac=False, embedding=embedding)[0]
-                if reencode:
-                    with eval_mode(self.autoencoder):
-                        images = self.autoencoder.decode(codes.to(network_dtype(self.autoencoder, codes.dtype)))
-                        codes = encode_mean(self.autoencoder, images)
-                factors = self.concept_inn(codes.to(self._concept_dtype), jac=False)[0]
-            variances.append(factors.view(part.stop - part.start, n_samples, -1).var(dim=1))
+        with tqdm(total=n * n_samples, desc="concept shares", unit="sample", leave=False,
+                  disable=not show_progress) as bar:
+            for start in range(0, n, step):
+                part = slice(start, min(start + step, n))
+                z = layer_activation(self.forward_func, self.layer, tuple(t[part] for t in inputs),
+                                     slice_forward_args(additional_forward_args, part, n), self.attribute_to_layer_input,
+                                     self.selector)
+                if tuple(z.shape[1:]) != self.invariance_inn.cond_shape:
+                    raise ValueError(
+                        f"`invariance_inn` was fitted for activations of shape {self.invariance_inn.cond_shape}, but "
+                        f"layer {self.layer_name!r} gives {tuple(z.shape[1:])}."
+                    )
+                with eval_mode(self.invariance_inn, self.concept_inn):
+                    embedding = self.invariance_inn.embed(z).repeat_interleave(n_samples, dim=0)
+                    codes = self.invariance_inn(v[part.start * n_samples : part.stop * n_samples].to(z.device), None,
+                                                rev=True, jac=False, embedding=embedding)[0]
+                    if reencode:
+                        with eval_mode(self.autoencoder):
+                            images = self.autoencoder.decode(codes.to(network_dtype(self.autoencoder, codes.dtype)))
+                            codes = encode_mean(self.autoencoder, images)
+                    factors = self.concept_inn(codes.to(self._concept_dtype), jac=False)[0]
+                variances.append(factors.view(part.stop - part.start, n_samples, -1).var(dim=1))
+                bar.update((part.stop - part.start) * n_samples)
         variance = torch.cat(variances)
         reference = self._factor_variance().to(variance)
         shares = [1.0 - variance[:, s].sum(1) / reference[s].sum() for s in self.concept_inn.factor_slices.values()]

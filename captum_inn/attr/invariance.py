@@ -6,6 +6,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm  # plain text bars, as the fits'
 
 from captum_inn._captum_compat import (
     LayerAttribution,
@@ -317,6 +318,7 @@ class LayerInvariance(LayerAttribution):
         attribute_to_layer_input: Optional[bool] = None,
         shared_noise: bool = False,
         seed: Optional[int] = None,
+        show_progress: bool = False,
     ) -> Tensor:
         """Invariance samples ``D(t⁻¹(v | Φ(x)))``, ``v ~ N(0, temperature² I)``.
 
@@ -340,6 +342,7 @@ class LayerInvariance(LayerAttribution):
                 draws per input.
             seed: Draw ``v`` from a generator seeded with ``seed`` (on the inputs' device),
                 instead of ``generator``: the same samples in every call.
+            show_progress: Show a progress bar over the samples (Captum's name for it, off by default).
 
         Returns:
             ``(N, S, C, H, W)``.
@@ -360,14 +363,14 @@ class LayerInvariance(LayerAttribution):
 
         formatted = format_inputs(inputs, self.image_input)
         self._sample(formatted, n_samples, temperature, additional_forward_args, internal_batch_size, generator,
-                     attribute_to_layer_input, shared_noise, seed, keep)
+                     attribute_to_layer_input, shared_noise, seed, keep, show_progress)
         return out[0].view(formatted[0].shape[0], n_samples, *out[0].shape[1:])
 
     @torch.no_grad()
     def _sample(self, inputs: Tuple[Tensor, ...], n_samples: int, temperature: float, additional_forward_args: Any,
                 internal_batch_size: Optional[int], generator: Optional[torch.Generator],
                 attribute_to_layer_input: Optional[bool], shared_noise: bool, seed: Optional[int],
-                consume: Callable[[slice, int, Tensor], None]) -> None:
+                consume: Callable[[slice, int, Tensor], None], show_progress: bool = False) -> None:
         """:meth:`sample` of inputs from ``format_inputs`` (:meth:`attribute`
         checked its inputs already: a second check scanned them for NaN again); it checks the numbers.
 
@@ -390,7 +393,8 @@ class LayerInvariance(LayerAttribution):
             noise = normal((n_samples, self.inn.dim), generator, device, dtype) * float(temperature)
         else:
             noise = normal((n * n_samples, self.inn.dim), generator, device, dtype) * float(temperature)
-        with eval_mode(self.inn, self.autoencoder):
+        with eval_mode(self.inn, self.autoencoder), tqdm(total=n * n_samples, desc="invariance samples", unit="sample",
+                                                         leave=False, disable=not show_progress) as bar:
             for part in self._chunks(n, max(1, internal_batch_size // n_samples)):
                 chunk = tuple(t[part] for t in inputs)
                 extra = slice_forward_args(additional_forward_args, part, n)
@@ -409,6 +413,7 @@ class LayerInvariance(LayerAttribution):
                         f"The invariance samples hold NaN or infinite values (temperature={temperature:g}): the INN's "
                         "inverse or the decoder overflowed. Sample at a temperature near 1 (it scales v ~ N(0, I)).")
                 consume(part, n, samples)
+                bar.update(count * n_samples)
 
     @log_usage()
     def attribute(
@@ -422,6 +427,7 @@ class LayerInvariance(LayerAttribution):
         attribute_to_layer_input: Optional[bool] = None,
         generator: Optional[torch.Generator] = None,
         seed: Optional[int] = None,
+        show_progress: bool = False,
     ) -> Union[Tensor, Tuple[Tensor, ...]]:
         """The invariance map: how much each pixel varies across the layer's invariance samples.
 
@@ -455,6 +461,7 @@ class LayerInvariance(LayerAttribution):
             generator: ``torch.Generator`` for a reproducible map (its state advances).
             seed: Draw ``v`` from a generator seeded with ``seed`` in every call (on the inputs'
                 device), instead of ``generator``.
+            show_progress: Show a progress bar over the samples (Captum's name for it, off by default).
 
         Returns:
             ``(N, C, H, W)`` (tensor in) or a tuple mirroring the inputs, with the map at
@@ -484,7 +491,7 @@ class LayerInvariance(LayerAttribution):
             maps[0][part] = images.view(-1, n_samples, *images.shape[1:]).std(dim=1)
 
         self._sample(formatted, n_samples, temperature, additional_forward_args, internal_batch_size, generator,
-                     attribute_to_layer_input, True, seed, spread_of)
+                     attribute_to_layer_input, True, seed, spread_of, show_progress)
         spread = maps[0]
         result = tuple(
             spread if i == self.image_input else torch.zeros_like(t) for i, t in enumerate(formatted)

@@ -302,7 +302,8 @@ def compare_attributions(
             ``n_steps``, >= 2; its default 512 keeps the completeness gap small through ReLU kinks).
         internal_batch_size: The most rows any method sends through a network at once (IG's
             interpolation steps, decoded samples, Grad-CAM and concept passes); ``None``: as many
-            images as hold 2**24 pixel values (341 of 3×128×128; at most 256 for the concept scores).
+            images as hold 2**24 pixel values (341 of 3×128×128; for the concept scores' gradient passes
+            a quarter of that, at most 256).
             Results do not depend on it beyond float rounding.
         generator: ``torch.Generator`` for reproducible samples.
         progress: Show a progress bar over the methods' passes (the concept scores' default 512
@@ -432,15 +433,11 @@ def compare_attributions(
             bar.update()
         if concepts is not None:
             bar.set_postfix_str("concept scores")
-            # LayerConcepts.attribute runs its own IG over concept_steps steps in passes of 256 rows by default;
-            # with internal_batch_size its passes must be bounded too (Captum then takes
-            # internal_batch_size // images steps per pass, at least one: <= batch rows).
-            concept_batch = min(256, batch) if internal_batch_size is None else batch
             for start in range(0, n, batch):
                 part = slice(start, min(start + batch, n))
                 scores, delta = concepts.attribute(images[part], target=targets[part],
                                                    additional_forward_args=args_of(part), n_steps=concept_steps,
-                                                   internal_batch_size=concept_batch, return_convergence_delta=True)
+                                                   internal_batch_size=internal_batch_size, return_convergence_delta=True)
                 concept_parts.append(scores.detach())
                 concept_deltas.append(delta.detach())
                 bar.update()

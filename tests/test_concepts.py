@@ -935,14 +935,27 @@ def test_more_inputs_than_the_internal_batch_size_go_in_bounded_parts(code_setup
         handle.remove()
     assert rows and max(rows) <= 3, rows
     whole, whole_delta = explainer.attribute(x, target=targets, baselines=baselines, additional_forward_args=(scale,),
-                                             n_steps=8, internal_batch_size=None, return_convergence_delta=True)
+                                             n_steps=8, internal_batch_size=7 * 8, return_convergence_delta=True)
     assert torch.allclose(batched, whole, atol=1e-6) and torch.allclose(batched_delta, whole_delta, atol=1e-6)
+    # the default bound comes from the image size: a quarter of the other explainers' rows, at most 256
+    from captum_inn.attr import _common
+
+    assert [_common.default_gradient_rows(torch.zeros(1, 3, size, size)) for size in (8, 32, 128, 256)] == [256, 256, 85, 21]
+    rows.clear()
+    handle = scaled.net.fc.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("captum_inn.attr.concepts.default_gradient_rows", lambda images: 3)
+            by_default = explainer.attribute(x, target=targets, baselines=baselines, additional_forward_args=(scale,),
+                                             n_steps=8)
+    finally:
+        handle.remove()
+    assert rows and max(rows) <= 3 and torch.allclose(by_default, whole, atol=1e-6), rows
     # a list of targets and a shared baseline are cut (or not) alike
     listed = explainer.attribute(x, target=targets.tolist(), baselines=baselines[:1], additional_forward_args=(scale,),
                                  n_steps=8, internal_batch_size=2)
     assert torch.allclose(listed, explainer.attribute(x, target=targets, baselines=baselines[0],
-                                                      additional_forward_args=(scale,), n_steps=8,
-                                                      internal_batch_size=None), atol=1e-6)
+                                                      additional_forward_args=(scale,), n_steps=8), atol=1e-6)
 
 
 def test_progress_bars_count_every_path_point_and_sample(code_setup, monkeypatch):

@@ -31,6 +31,7 @@ from captum_inn.attr._common import (
     check_same_device,
     check_same_weights,
     check_target_count,
+    default_gradient_rows,
     default_rows,
     dtype_errors_named,
     encode_images,
@@ -768,7 +769,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         baselines: Union[None, int, float, Tensor, Tuple[Tensor]] = None,
         n_steps: int = 512,
         method: str = "riemann_trapezoid",
-        internal_batch_size: Optional[int] = 256,
+        internal_batch_size: Optional[int] = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: Optional[bool] = None,
         show_progress: bool = False,
@@ -809,10 +810,13 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             method: Captum's integration method. Captum's ``"riemann_trapezoid"`` weights sum to
                 ``(n_steps - 1) / n_steps``, which took ``1 / n_steps`` off every attribution; they are
                 rescaled here to sum to 1 (the other methods' weights already do).
-            internal_batch_size: Path points per forward pass (``None``: all at once, which for
-                512 steps can need gigabytes). More inputs than that go in parts of
-                ``internal_batch_size`` inputs, one step of each per pass; the attributions equal
-                one pass's up to float rounding.
+            internal_batch_size: Path points per forward and backward pass. More inputs than that
+                go in parts of ``internal_batch_size`` inputs, one step of each per pass; the
+                attributions equal one pass's up to float rounding. ``None``: a quarter of the
+                images the other explainers decode per pass, at most 256 (256 of 3×32×32, 85 of
+                3×128×128: gradient passes keep every layer's activations, and 256 path points of
+                128×128 through ResNet-18 took 5 GB). Unlike Captum's ``None``, not all at once: pass
+                ``N * n_steps`` for that.
             return_convergence_delta: Also return the per-input completeness error.
             attribute_to_layer_input: Override the constructor's choice (layer representations:
                 read and replace the layer's input rather than its output).
@@ -847,7 +851,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         self._check_gradient_path()
         # Captum takes at least one step of every input per pass (and warns past internal_batch_size inputs):
         # the inputs go in parts of internal_batch_size, each integrated in passes of at most that many rows
-        rows = n if internal_batch_size is None else internal_batch_size
+        if internal_batch_size is None:
+            internal_batch_size = default_gradient_rows(inputs[self.image_input])
+        rows = internal_batch_size
         parts = [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
         def in_part(part: slice) -> Tuple[Tuple[Tensor, ...], Any]:

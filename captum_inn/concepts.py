@@ -88,7 +88,8 @@ class ConceptPairs:
 
         Args:
             n: Number of pairs, ``>= 1``.
-            generator: Seeds the draw.
+            generator: Seeds the draw. ``None``: a generator seeded with 0 (a sampler always gets
+                one), so calls without one give the same pairs; pass a generator for fresh ones.
 
         Returns:
             ``(a, b)``, tensors of equal shape with ``n`` rows.

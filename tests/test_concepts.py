@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -615,9 +616,15 @@ def test_concept_checkpoint_round_trip_and_refusal(fitted, tmp_path):
     with pytest.raises(TypeError, match=r"save_concept_inn takes \(path, inn\), the path first"):
         save_concept_inn(e, str(tmp_path / "e.safetensors"))
     path = save_concept_inn(str(tmp_path / "e.safetensors"), e)
+    assert isinstance(path, Path)
     loaded = load_concept_inn(str(path), representation=(IDENTITY, "0"))
     x = torch.randn(4, 6)
     assert torch.equal(loaded(x)[0], e(x)[0])
+    # the device second, as load_autoencoder takes it, was read as the representation ("str lacks decode")
+    for device in ("cpu", torch.device("cpu")):
+        with pytest.raises(TypeError, match=r"by keyword: load_concept_inn\(path, map_location='cpu'\)"):
+            load_concept_inn(str(path), device)
+    assert torch.equal(load_concept_inn(str(path), map_location="cpu")(x)[0], e(x)[0])
     assert loaded.fit_info["factor_sizes"] == e.fit_info["factor_sizes"]
     other = nn.Sequential(nn.Identity(), nn.Identity())
     with pytest.raises(CheckpointError, match="another representation"):
@@ -1085,6 +1092,14 @@ def test_edit_decompose_encoded(code_setup):
     assert torch.equal(explainer.edit(x, "residual", generator=g1), explainer.edit(x, "residual", generator=g2))
     shares = explainer.encoded(x, n_samples=8, generator=torch.Generator().manual_seed(0))
     assert shares.shape == (4, 3) and torch.isfinite(shares).all()
+    # seed=, as LayerInvariance takes it: a generator seeded so, in every call
+    assert torch.equal(explainer.encoded(x, n_samples=8, seed=0), shares)
+    assert torch.equal(explainer.edit(x, "residual", seed=0), explainer.edit(x, "residual", generator=g1.manual_seed(0)))
+    assert not torch.equal(explainer.edit(x, "residual", seed=1), explainer.edit(x, "residual", seed=0))
+    for call in (lambda: explainer.encoded(x, n_samples=8, seed=0, generator=g1),
+                 lambda: explainer.edit(x, "residual", seed=0, generator=g1)):
+        with pytest.raises(ValueError, match="at most one of `generator` and `seed`"):
+            call()
     # in parts of one input (8 samples per pass, a bound of 10 decodes 1 input per pass): the same shares;
     # the default bound is set by PASS_VALUES (all 32 samples at once took 4 GB for 32 inputs of 128×128)
     seen = []

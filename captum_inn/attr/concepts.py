@@ -19,7 +19,6 @@ from captum_inn._captum_compat import (
 )
 from captum_inn._random import normal
 from captum_inn.attr._common import (
-    as_optional_generator,
     autograd_on,
     check_fitted_layer,
     check_image_input,
@@ -43,6 +42,7 @@ from captum_inn.attr._common import (
     layer_side,
     network_dtype,
     resolve_model_layer,
+    seeded_generator,
     slice_forward_args,
     slice_target,
     warn_if_batch_statistics,
@@ -428,6 +428,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         donors: Optional[Tensor] = None,
         value: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        seed: Optional[int] = None,
     ) -> Tensor:
         """Images with one concept replaced and every other factor kept: ``D(e⁻¹(…))``.
 
@@ -439,6 +440,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 or a tuple shaped like ``inputs`` (its ``image_input`` entry is used).
             value: ``(N, size)``, ``(1, size)`` or ``(size,)`` factor values to put in instead.
             generator: Seeds a fresh draw ``N(0, I)`` when neither ``donors`` nor ``value`` is given.
+            seed: Draw from a generator seeded with ``seed`` (on the inputs' device) instead of
+                ``generator``: the same draw in every call, as :meth:`LayerInvariance.sample
+                <captum_inn.LayerInvariance.sample>` takes it.
 
         Returns:
             ``(N, C, H, W)`` decoded edits (re-run the model on them to see what it makes of the edit).
@@ -446,7 +450,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         Examples::
 
             recoloured = concepts.edit(x, "colour", donors=x[:1])    # (2, 3, 32, 32): x[0]'s colour
-            resampled = concepts.edit(x, "colour", generator=torch.Generator().manual_seed(0))
+            resampled = concepts.edit(x, "colour", seed=0)          # the same draw in every call
         """
         if self.representation != _CODE:
             raise ValueError(
@@ -456,8 +460,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         block = self._concept_index(concept)
         if donors is not None and value is not None:
             raise ValueError("Give at most one of `donors` and `value`.")
-        as_optional_generator(generator)
         inputs = format_inputs(inputs, self.image_input)
+        generator = seeded_generator(seed, generator, inputs[self.image_input].device)
         n = inputs[0].shape[0]
         factors = self.factors(inputs).clone()
         size = block.stop - block.start
@@ -555,6 +559,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         reencode: bool = True,
         internal_batch_size: Optional[int] = None,
         show_progress: bool = False,
+        seed: Optional[int] = None,
     ) -> Tensor:
         """Share of each concept that the hooked layer fixes at each input (docs/method.rst).
 
@@ -592,6 +597,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 to float rounding. ``None``: as many as hold 2**24 pixel values (341 images of
                 3×128×128); all at once took 4 GB for 32 inputs of 128×128 under ResNet-18.
             show_progress: Show a progress bar over the samples (Captum's name for it, off by default).
+            seed: Draw from a generator seeded with ``seed`` (on the inputs' device) instead of
+                ``generator``: the same shares in every call.
 
         Returns:
             ``(N, K)``, columns in :attr:`concept_names` order.
@@ -610,8 +617,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         n_samples = check_positive_int(n_samples, "n_samples")
         if n_samples < 2:
             raise ValueError(f"`n_samples` must be >= 2 for a variance, got {n_samples}.")
-        as_optional_generator(generator)
         inputs = format_inputs(inputs, self.image_input)
+        generator = seeded_generator(seed, generator, inputs[self.image_input].device)
         check_same_device(inputs[self.image_input], self.invariance_inn)
         check_same_device(inputs[self.image_input], self.concept_inn)
         # the invariance INN was fitted on the layer's view of [0, 1] images, as LayerInvariance warns too

@@ -19,6 +19,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -806,7 +807,7 @@ def fit_concepts(
     return inn
 
 
-def save_concept_inn(path: str, inn: FactorINN) -> Any:
+def save_concept_inn(path: str, inn: FactorINN) -> Path:
     """Save a fitted factor INN (weights, architecture, representation, concepts) to one safetensors file.
 
     Args:
@@ -829,7 +830,8 @@ def save_concept_inn(path: str, inn: FactorINN) -> Any:
     return save_checkpoint(path, module_tensors(inn), {"kind": "concept_inn", "config": {"inn": inn.config, **info}})
 
 
-def load_concept_inn(path: str, representation: Any = None, map_location: Union[str, torch.device] = "cpu") -> FactorINN:
+def load_concept_inn(path: str, representation: Any = None, *,
+                     map_location: Union[str, torch.device] = "cpu") -> FactorINN:
     """Load a factor INN saved by :func:`save_concept_inn`, refusing one fitted on another representation.
 
     Args:
@@ -850,6 +852,9 @@ def load_concept_inn(path: str, representation: Any = None, map_location: Union[
         e = load_concept_inn("concepts.safetensors", representation=ae)   # refuses another representation
         concepts = LayerConcepts(model, "layer4", e, ae)
     """
+    if isinstance(representation, (str, torch.device)):  # load_autoencoder(path, "cpu") takes the device second
+        raise TypeError(f"`representation` is {representation!r}, a device? load_concept_inn takes the device by "
+                        f"keyword: load_concept_inn(path, map_location={str(representation)!r}).")
     tensors, meta = load_checkpoint(path, map_location=map_location, kind="concept_inn")
     with building_from(path):
         config = dict(meta["config"])

@@ -860,8 +860,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         # the inputs go in parts of internal_batch_size, each integrated in passes of at most that many rows
         if internal_batch_size is None:
             internal_batch_size = default_gradient_rows(inputs[self.image_input])
-        rows = internal_batch_size
-        parts = [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+        parts = [slice(i, min(i + internal_batch_size, n)) for i in range(0, n, internal_batch_size)]
 
         def in_part(part: slice) -> Tuple[Tuple[Tensor, ...], Any]:
             return tuple(t[part] for t in inputs), slice_forward_args(additional_forward_args, part, n)

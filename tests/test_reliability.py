@@ -21,19 +21,23 @@ torch.set_num_threads(1)
 
 FIT_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import signal, sys, torch
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, whatever the runner set
     torch.set_num_threads(1)
     from captum_inn.autoencoders import ConvAutoencoder
     from captum_inn.models import SmallCNN
     from captum_inn.training import fit_invariances, save_invariance_inn
 
     out, steps = sys.argv[1], int(sys.argv[2])
+    layers = sys.argv[3].split(",") if len(sys.argv) > 3 else ["logits"]  # then side by side, two at a time
     torch.manual_seed(0)
     model, ae = SmallCNN(width=4).eval(), ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
     images = torch.rand(96, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    inn = fit_invariances(model, "logits", ae, images, steps=steps, checkpoint_every=25, checkpoint_dir=out,
-                          progress=False, n_blocks=2, hidden=16, embed_dim=8, batch_size=32)
-    save_invariance_inn(out + "/final.safetensors", inn)
+    inns = fit_invariances(model, layers, ae, images, steps=steps, checkpoint_every=25, checkpoint_dir=out,
+                           progress=False, n_blocks=2, hidden=16, embed_dim=8, batch_size=32, workers=2)
+    for layer in layers:
+        inn = inns[layer] if isinstance(inns, dict) else inns
+        save_invariance_inn(out + ("/final.safetensors" if len(layers) == 1 else f"/final_{layer}.safetensors"), inn)
     """
 )
 
@@ -85,6 +89,46 @@ def test_fit_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
         assert torch.allclose(a[name].float(), b[name].float(), atol=1e-5), name
     history = load_checkpoint(checkpoint)[1]["history"]
     assert len(history) == int(steps)  # the step counter continued where the kill left it
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs POSIX signals")
+def test_ctrl_c_on_fits_side_by_side_keeps_each_ones_last_step_and_says_how_to_resume(tmp_path):
+    """Ctrl-C on ``fit_invariances`` training two layers in threads: the main thread's
+    KeyboardInterrupt stops both at their next step; each writes that step, and the message says
+    to run the call again (it was a bare KeyboardInterrupt from a thread wait, with up to
+    ``checkpoint_every - 1`` steps of each fit lost). The rerun ends as an uninterrupted fit."""
+    script = tmp_path / "fit.py"
+    script.write_text(FIT_SCRIPT)
+    steps, layers = "600", "relu3,logits"
+    stopped, reference = tmp_path / "stopped", tmp_path / "reference"
+    checkpoints = [stopped / f"invariance_{layer}.safetensors" for layer in layers.split(",")]
+
+    proc = _run(script, str(stopped), steps, layers)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if all(c.exists() and _step(c) >= 50 for c in checkpoints):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the fit ended before it could be interrupted:\n{proc.communicate()[0]}"
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1, output
+    assert "KeyboardInterrupt: INNs for 2 layers stopped, each after a whole step, which its checkpoint holds" in output
+    assert "run the same call again to resume" in output
+    at_stop = [_step(c) for c in checkpoints]
+    assert all(50 <= step < int(steps) for step in at_stop), at_stop
+
+    resumed = _run(script, str(stopped), steps, layers)
+    uninterrupted = _run(script, str(reference), steps, layers)
+    for p in (resumed, uninterrupted):
+        output = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, output
+    for layer in layers.split(","):
+        a = strip_prefix(load_checkpoint(stopped / f"final_{layer}.safetensors")[0], "model.")
+        b = strip_prefix(load_checkpoint(reference / f"final_{layer}.safetensors")[0], "model.")
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (layer, name)
 
 
 WRITE_SCRIPT = textwrap.dedent(
@@ -189,6 +233,81 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     assert meta["step"] == 10 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     # the NaN step ran its backward but the optimiser never applied it
     assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def _interruptible_fit(path, steps=30, callback=None):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def loss_fn(generator):
+        x = torch.randn(16, 3, generator=generator)
+        return (module(x) - x.sum(1, keepdim=True).sin()).pow(2).mean()
+
+    history = train_loop(module, loss_fn, steps=steps, lr=1e-2, schedule="cosine", checkpoint=str(path),
+                         checkpoint_every=10, callback=callback, progress=False)
+    return module, history
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own Ctrl-C handler, which the fit replaces for its steps (a runner may have set another)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_ends_the_step_writes_its_checkpoint_and_a_rerun_resumes_to_the_same_fit(tmp_path,
+                                                                                       python_sigint_handler):
+    """Ctrl-C killed the fit mid-step and lost the steps since the last checkpoint (up to 499 by
+    default), with a bare traceback. Now the step under way ends, the checkpoint is written, and the
+    KeyboardInterrupt says how to resume; the same call resumes there and ends as an uninterrupted fit."""
+    reference, reference_history = _interruptible_fit(tmp_path / "reference.safetensors")
+    path = tmp_path / "fit.safetensors"
+
+    def press_ctrl_c(step, module):
+        if step == 13:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match=r"stopped after step 13 of 30, which .*fit.safetensors' holds: run "
+                                                r"the same call again to resume"):
+        _interruptible_fit(path, callback=press_ctrl_c)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert load_checkpoint(path)[1]["step"] == 13
+    resumed, history = _interruptible_fit(path)
+    assert history == reference_history
+    for mine, theirs in zip(resumed.parameters(), reference.parameters()):
+        assert torch.equal(mine, theirs)
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, python_sigint_handler):
+    path = tmp_path / "fit.safetensors"
+
+    def press_twice(step, module):
+        if step == 13:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt) as raised:
+        _interruptible_fit(path, callback=press_twice)
+    assert not str(raised.value)  # Python's own, from the handler: no step was finished for it
+    assert load_checkpoint(path)[1]["step"] == 10
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_fit_cancelled_beside_a_failed_or_interrupted_sibling_keeps_its_last_step(tmp_path):
+    """Fits side by side (fit_invariances with several layers) stop at their next step once a sibling
+    failed or the caller pressed Ctrl-C: each writes that step's checkpoint before it stops."""
+    from captum_inn.training.loop import FitCancelled
+
+    path = tmp_path / "fit.safetensors"
+
+    def cancelled(step, module):
+        if step == 7:
+            raise FitCancelled()
+
+    with pytest.raises(FitCancelled):
+        _interruptible_fit(path, callback=cancelled)
+    assert load_checkpoint(path)[1]["step"] == 7
 
 
 def test_resume_refuses_a_checkpoint_of_another_kind(tmp_path):

@@ -371,6 +371,14 @@ def _fit_layers(cache: FeatureCache, names: Sequence[str], configs: Mapping[str,
 
     try:
         results = run_concurrently([task_for(n) for n in names], workers)
+    except KeyboardInterrupt as interrupt:
+        # each fit in training wrote the step it had finished (train_loop on FitCancelled); Python's bare
+        # interrupt said nothing of it
+        saved = [paths[n] for n in names if paths[n] is not None and Path(paths[n]).exists()]
+        if str(interrupt) or not saved:
+            raise
+        raise KeyboardInterrupt(f"INNs for {len(names)} layers stopped, each after a whole step, which its checkpoint "
+                                f"holds ({', '.join(saved)}): run the same call again to resume.") from None
     finally:
         bar.close()
     return dict(zip(names, results))

@@ -7,6 +7,8 @@ import contextlib
 import difflib
 import math
 import os
+import signal
+import sys
 import threading
 import traceback
 import warnings
@@ -349,6 +351,13 @@ def train_loop(
     left as they were. Those generators are one per process, so a fit in another thread than the
     main one (fits side by side) leaves them alone, unseeded.
 
+    Ctrl-C during a fit with a checkpoint ends the step under way, writes the checkpoint, and
+    raises ``KeyboardInterrupt`` saying so: run the same call again to resume from that step. A
+    second Ctrl-C stops at once (the last checkpoint stays). This holds in one process's main
+    thread over Python's own handler; fits side by side (:func:`run_concurrently`) each write the
+    step they finished when the caller is interrupted. Under ``torchrun``, or killed, a fit resumes
+    from its last periodic checkpoint.
+
     With ``batch_fn``, each step calls ``loss_fn(*batch_fn(generator))`` instead: ``batch_fn`` draws
     the minibatch (and any noise) and moves it to the device; ``loss_fn`` only computes. On a GPU
     this split lets the step be captured once as a CUDA graph and replayed (``cuda_graph``): an INN
@@ -606,6 +615,7 @@ def train_loop(
                disable=not progress or rank != 0, leave=False)
     streams = contextlib.ExitStack()
     try:
+        stop = streams.enter_context(_StopAfterStep(checkpoint is not None and n_ranks == 1, desc))
         streams.enter_context(full_precision(device))  # INNs train in float32, whatever surrounds the fit
         if own_streams:
             streams.enter_context(_global_streams(device, global_state, _global_seed(seed, rank, start)))
@@ -634,12 +644,22 @@ def train_loop(
                 loss = eager_step(step, batch)
             history.append(loss)
             if callback is not None:
-                callback(step + 1, module)
+                try:
+                    callback(step + 1, module)
+                except FitCancelled:  # a sibling fit failed, or the caller was interrupted: keep this step
+                    if checkpoint is not None and n_ranks == 1:
+                        write(step + 1)
+                    raise
             if (step - start) % loss_every == 0 or step + 1 == steps:
                 recent = history[-loss_every:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
             if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
                 write(step + 1)
+            elif stop.requested:
+                write(step + 1)
+            if stop.requested:
+                raise KeyboardInterrupt(f"{desc} stopped after step {step + 1} of {steps}, which {str(checkpoint)!r} "
+                                        "holds: run the same call again to resume from there.")
     except BaseException:  # a failed or interrupted fit leaves the module in eval mode, as a finished one
         module.eval()
         raise
@@ -656,6 +676,37 @@ def train_loop(
     average_buffers(module)
     module.eval()
     return history
+
+
+class _StopAfterStep:
+    """Ctrl-C during a fit with a checkpoint: the step under way ends, its checkpoint is written, and
+    then ``KeyboardInterrupt`` (up to ``checkpoint_every - 1`` steps were lost before); a second
+    Ctrl-C stops at once. Only in one process's main thread (a signal reaches no other thread, and
+    under ``torchrun`` every rank must stop at the same step), and only over Python's own handler
+    (a handler of the caller's is left alone)."""
+
+    def __init__(self, enabled: bool, desc: str) -> None:
+        self.requested = False
+        self.desc = desc
+        self.enabled = (enabled and threading.current_thread() is threading.main_thread()
+                        and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(f"{self.desc}: stopping after this step, once its checkpoint is written (Ctrl-C again to stop "
+                   "at once).", file=sys.stderr)
+
+    def __enter__(self) -> _StopAfterStep:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 _streams_in_use: Set[int] = set()  # of own_stream's claims, by raw stream

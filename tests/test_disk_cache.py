@@ -474,6 +474,36 @@ def test_a_pass_that_fills_the_disk_unlocks_the_folder_and_removes_its_files(ima
     del kept
 
 
+def test_a_full_disk_names_the_feature_cache_file(images, autoencoder, tmp_path, monkeypatch):
+    """A memmap cache that filled the disk failed with "[Errno 28] No space left on device" alone,
+    naming neither the file nor the cache (checkpoints already named theirs)."""
+    import errno
+
+    class FullFile:  # a disk that filled up after the header: every write fails
+        def __init__(self, file):
+            self.file, self.closed = file, False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            self.file.close()
+            self.closed = True
+
+    real_init = DiskArrayWriter.__init__
+
+    def init_then_fill(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._file = FullFile(self._file)
+
+    monkeypatch.setattr(DiskArrayWriter, "__init__", init_then_fill)
+    with pytest.raises(OSError, match=r"No space left on device, writing the feature cache file '.*\.npy' \(8 rows "
+                                      r"of .*MiB; the partial file is removed\): free space there") as failed:
+        cache_features(SmallCNN(width=4).eval(), "fc", autoencoder, images[:8], memmap_dir=tmp_path, progress=False)
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename.endswith(".npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
 @pytest.mark.skipif(os.name == "nt", reason="no flock on Windows")
 def test_a_file_system_without_locks_caches_and_checkpoints_unlocked(images, autoencoder, tmp_path, monkeypatch):
     import errno

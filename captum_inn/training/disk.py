@@ -197,7 +197,8 @@ class DiskArrayWriter:
             raise ValueError(f"Rows of shape {tuple(rows.shape[1:])} do not match {self.row_shape} in {str(self.path)!r}.")
         if self.written + rows.shape[0] > self.n_rows:
             raise ValueError(f"More than the announced {self.n_rows} rows written to {str(self.path)!r}.")
-        self._file.write(rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        with self._naming_write_errors():
+            self._file.write(rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         self.written += rows.shape[0]
 
     def close(self) -> Path:
@@ -207,8 +208,22 @@ class DiskArrayWriter:
         if self.written != self.n_rows:
             self.abort()
             raise ValueError(f"{str(self.path)!r}: {self.written} rows written, {self.n_rows} announced.")
-        commit_temporary(self._file, self._tmp, self.path)
+        with self._naming_write_errors():
+            commit_temporary(self._file, self._tmp, self.path)
         return self.path
+
+    @contextlib.contextmanager
+    def _naming_write_errors(self) -> Iterator[None]:
+        """A full disk said "No space left on device" alone, naming neither the file nor the cache."""
+        try:
+            yield
+        except OSError as error:
+            if error.filename is not None:
+                raise
+            size = (self.n_rows * int(np.prod(self.row_shape, dtype=np.int64)) * _DTYPE.itemsize) / 2**20
+            raise OSError(error.errno, f"{error.strerror}, writing the feature cache file {str(self.path)!r} "
+                          f"({self.n_rows:,} rows of {self.row_shape}, {size:,.1f} MiB; the partial file is removed): "
+                          "free space there, or cache the features in another folder", str(self.path)) from error
 
     def abort(self) -> None:
         """Drop the partial file."""

@@ -354,9 +354,9 @@ def train_loop(
     Ctrl-C during a fit with a checkpoint ends the step under way, writes the checkpoint, and
     raises ``KeyboardInterrupt`` saying so: run the same call again to resume from that step. A
     second Ctrl-C stops at once (the last checkpoint stays). This holds in one process's main
-    thread over Python's own handler; fits side by side (:func:`run_concurrently`) each write the
-    step they finished when the caller is interrupted. Under ``torchrun``, or killed, a fit resumes
-    from its last periodic checkpoint.
+    thread over Python's own handler; fits side by side (``fit_invariances`` of several layers)
+    each write the step they finished when the caller is interrupted. Under ``torchrun``, or
+    killed, a fit resumes from its last periodic checkpoint.
 
     With ``batch_fn``, each step calls ``loss_fn(*batch_fn(generator))`` instead: ``batch_fn`` draws
     the minibatch (and any noise) and moves it to the device; ``loss_fn`` only computes. On a GPU

@@ -653,9 +653,8 @@ def train_loop(
             if (step - start) % loss_every == 0 or step + 1 == steps:
                 recent = history[-loss_every:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
-            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                write(step + 1)
-            elif stop.requested:
+            # (a stop is only requested of a fit with a checkpoint)
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps or stop.requested):
                 write(step + 1)
             if stop.requested:
                 raise KeyboardInterrupt(f"{desc} stopped after step {step + 1} of {steps}, which {str(checkpoint)!r} "

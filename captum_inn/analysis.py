@@ -30,6 +30,7 @@ from captum_inn.attr._common import (
     network_dtype,
     one_image_tensor,
     runs_model,
+    slice_forward_args,
 )
 from captum_inn.capture import check_autograd_weights, eval_mode
 from captum_inn.metrics import predict_classes
@@ -52,9 +53,12 @@ def _cross_entropy(outputs: Tensor, labels: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(outputs, labels, reduction="none")
 
 
-def _transfer(explainer: LayerInvariance, inputs: Tensor, donors: Tensor, batch: int) -> Tensor:
-    return torch.cat([explainer.transfer(inputs[s : s + batch], donors[s : s + batch])
-                      for s in range(0, inputs.shape[0], batch)])
+def _transfer(explainer: LayerInvariance, inputs: Tensor, donors: Tensor, batch: int,
+              additional_forward_args: Any = None) -> Tensor:
+    n = inputs.shape[0]
+    return torch.cat([explainer.transfer(inputs[s : s + batch], donors[s : s + batch],
+                                         slice_forward_args(additional_forward_args, slice(s, s + batch), n))
+                      for s in range(0, n, batch)])
 
 
 @dataclass
@@ -144,11 +148,11 @@ _SUMMARY_KEYS = ("judge_on_attacked", "fooled_rate", "n_fooled")
 
 
 @torch.no_grad()
-def _class_count(model: nn.Module, images: Tensor) -> int:
+def _class_count(model: nn.Module, images: Tensor, additional_forward_args: Any = None) -> int:
     """The number of logits ``model`` gives, from one pass on up to two images (a model that squeezes
     its output gives ``(N, K)`` for two, as for the attack's batches); a ``ValueError`` for other outputs."""
     probe = images[:2]
-    logits = model(probe)
+    logits = model(probe, *(slice_forward_args(additional_forward_args, slice(0, 2), images.shape[0]) or ()))
     if isinstance(logits, Tensor) and logits.dim() == 2:
         return logits.shape[-1]
     shown = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -169,6 +173,7 @@ def adversarial_views(
     lower_bound: float = 0.0,
     upper_bound: float = 1.0,
     batch_size: int = 256,
+    additional_forward_args: Any = None,
 ) -> AdversarialViews:
     """Attack ``images`` with FGSM and decode each layer's view of the attack with the clean invariances.
 
@@ -182,6 +187,11 @@ def adversarial_views(
         lower_bound: Smallest pixel value of the attacked image (``images`` must not go below it).
         upper_bound: Largest pixel value (``images`` must not exceed it).
         batch_size: Images per pass.
+        additional_forward_args: Extra arguments of ``model`` after the images, as in Captum
+            (``model(images, *additional_forward_args)``): given to the attack, to the model's
+            predictions and to every explainer's pass (for the clean and the attacked image alike).
+            Tensors with ``N`` rows go with their images' batch; other values to every batch. The
+            judge sees the images only.
 
     Returns:
         :class:`AdversarialViews`.
@@ -219,6 +229,11 @@ def adversarial_views(
                          f"[{lower_bound}, {upper_bound}], to which the attacked images are clamped; pass the bounds "
                          "of your pixels' range (and epsilon in those units).")
     batch = check_positive_int(batch_size, "batch_size")
+    n = images.shape[0]
+
+    def extra(s: int) -> Any:
+        return slice_forward_args(additional_forward_args, slice(s, s + batch), n)
+
     # Captum's default loss is -log(output), meant for probabilities: on logits it reverses the
     # attack wherever the true class's logit is negative. The classifier gives logits: cross entropy.
     attack = FGSM(model, loss_func=_cross_entropy, lower_bound=lower_bound, upper_bound=upper_bound)
@@ -229,21 +244,22 @@ def adversarial_views(
     # The whole analysis in eval mode (also the explainers' passes, which would otherwise warn).
     with eval_mode(model):
         with dtype_errors_named(images, model, name="images"):
-            classes = _class_count(model, images)
+            classes = _class_count(model, images, additional_forward_args)
         if int(labels.max()) >= classes:  # cross entropy's IndexError (a device-side assert on a GPU) named neither
             raise ValueError(f"`labels` holds classes up to {int(labels.max())}, but the model gives {classes} logits; "
                              f"labels must be class indices 0 … {classes - 1}.")
         adversarial = torch.cat([
             # a copy that requires grad: else Captum sets the flag itself and warns on every call
             attack.perturb(images[s : s + batch].detach().clone().requires_grad_(), float(epsilon),
-                           labels[s : s + batch]).detach()
-            for s in range(0, images.shape[0], batch)
+                           labels[s : s + batch], additional_forward_args=extra(s)).detach()
+            for s in range(0, n, batch)
         ])
-        clean_pred, adv_pred = predict_classes(model, images, batch), predict_classes(model, adversarial, batch)
+        clean_pred, adv_pred = (predict_classes(model, x, batch, additional_forward_args=additional_forward_args)
+                                for x in (images, adversarial))
         fooled = (clean_pred == labels) & (adv_pred != labels)
         views, judged, summary = {}, {}, {}
         for layer, explainer in explainers.items():
-            views[layer] = _transfer(explainer, images, adversarial, batch)
+            views[layer] = _transfer(explainer, images, adversarial, batch, additional_forward_args)
             judged[layer] = _judge_classes(judge, views[layer], batch)
             if fooled.any():
                 summary[layer] = {
@@ -269,6 +285,7 @@ def mix_images(
     invariance_source: Tensor,
     representation_source: Tensor,
     batch_size: int = 256,
+    additional_forward_args: Any = None,
 ) -> Dict[str, Tensor]:
     """Per layer: the representation of ``representation_source`` decoded with the invariances of ``invariance_source``.
 
@@ -277,6 +294,9 @@ def mix_images(
         invariance_source: ``(N, C, H, W)`` images ``a`` whose invariances (what the layer ignores) are kept.
         representation_source: ``(N, C, H, W)`` images ``b`` whose layer representation is kept.
         batch_size: Images per pass.
+        additional_forward_args: Extra arguments of the explainers' model after the images, as in
+            Captum, the same for ``a`` and ``b`` (as in :meth:`~captum_inn.LayerInvariance.transfer`).
+            Tensors with ``N`` rows go with their images' batch; other values to every batch.
 
     Returns:
         ``{layer: (N, C, H, W)}`` mixed images.
@@ -294,7 +314,7 @@ def mix_images(
         raise ValueError(f"`invariance_source` {tuple(a.shape)} and `representation_source` {tuple(b.shape)} "
                          "must have the same shape (one pair per row).")
     batch = check_positive_int(batch_size, "batch_size")
-    return {layer: _transfer(explainer, a, b, batch) for layer, explainer in explainers.items()}
+    return {layer: _transfer(explainer, a, b, batch, additional_forward_args) for layer, explainer in explainers.items()}
 
 
 def plot_mixing(

@@ -387,6 +387,52 @@ def test_grayscale_analyses_are_drawn_in_gray_on_a_fixed_scale():
             plt.close(fig)
 
 
+class Recoloured(nn.Module):
+    """The classifier with two more arguments: a colour shift per image ``(N, 3)`` and a gain (a float)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, shift, gain):
+        return self.model(x + shift[:, :, None, None]) * gain
+
+
+def test_additional_forward_args_go_with_their_images_batch(setup, images, labels, attacked):
+    """A per-image tensor is cut with the images' batches for the attack, the predictions and every
+    explainer's pass; a non-tensor goes to every batch: the result is that of unbatched calls with
+    the whole batch's arguments."""
+    from captum.robust import FGSM
+
+    model, judge, explainers = setup
+    recoloured = Recoloured(model).eval()
+    moved = {layer: LayerInvariance(recoloured, "model." + layer, e.inn, e.autoencoder) for layer, e in explainers.items()}
+    shift = torch.linspace(-0.2, 0.2, N * 3).view(N, 3)
+    args = (shift, 2.0)
+    result = adversarial_views(recoloured, moved, images, labels, judge, epsilon=0.3, batch_size=3,
+                               additional_forward_args=args)
+    attack = FGSM(recoloured, loss_func=lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"),
+                  lower_bound=0.0, upper_bound=1.0)
+    attack.zero_thresh = 0.0
+    adversarial = attack.perturb(images.clone().requires_grad_(), 0.3, labels, additional_forward_args=args).detach()
+    assert torch.allclose(result.adversarial, adversarial, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(result.clean_predictions, recoloured(images, *args).argmax(1))
+        assert torch.equal(result.adversarial_predictions, recoloured(result.adversarial, *args).argmax(1))
+    for layer, explainer in moved.items():
+        assert torch.allclose(result.views[layer], explainer.transfer(images, result.adversarial, args), atol=1e-5)
+        assert torch.equal(result.judged[layer], _predict(judge, result.views[layer]))
+    assert not torch.allclose(result.adversarial, attacked.adversarial, atol=1e-3)  # the arguments matter
+
+    a, b = images[:4], images[4:]
+    mixed = mix_images(moved, a, b, batch_size=3, additional_forward_args=(shift[:4], 2.0))
+    plain = mix_images(explainers, a, b)
+    for layer, explainer in moved.items():
+        assert torch.allclose(mixed[layer], explainer.transfer(a, b, (shift[:4], 2.0)), atol=1e-6), layer
+        # the random decoder's pictures vary little (about 1e-4 here), but far beyond rounding (about 1e-7)
+        assert (mixed[layer] - plain[layer]).abs().max() > 1e-5, layer
+
+
 # ---------------------------------------------------------------- image mixing
 def test_mix_images(setup, images):
     _, _, explainers = setup

@@ -233,7 +233,7 @@ class DemoSettings:
     #: view degrades.
     fgsm_epsilon: float = 0.03
     #: Whether to run the concepts section. It is work in progress (one of its bounds, the fc factor
-    #: sizes, is not met yet) and adds about two minutes, so it is opt-in (``captum-inn demo --concepts``).
+    #: sizes, is not met yet) and adds 2–6 minutes on 2 CPU cores, so it is opt-in (``captum-inn demo --concepts``).
     concepts: bool = False
     #: The factor sizes of the concept INN on the 64-d code (estimated sizes are reported in
     #: ``factor_sizes``). Each colour is 3-d. The digit gets 20: a 56-d digit factor also held the

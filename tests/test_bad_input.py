@@ -162,6 +162,7 @@ def _cases():
         ("concept edit value NaN", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.tensor([0.0, float("nan")])), ValueError, "`value` contains NaN"),
         ("concept shares of inputs on another device", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae, invariance_inn=inn).encoded(X.to("meta"), n_samples=2), ValueError, "is on meta"),
         ("unknown concept name", lambda m, ae, inn, e: con(m, ae, e).edit(X, "colour"), ValueError, "Unknown concept 'colour'"),
+        ("concept given as a column number", lambda m, ae, inn, e: con(m, ae, e).edit(X, 0), ValueError, r"Unknown concept 0;.*column 0 of attribute\(\) is 'a'"),
         ("concept baselines of another size", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=0, baselines=torch.zeros(4)), ValueError, "`baselines`"),
         ("concept INN on another representation", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ConvAutoencoder((3, 32, 32), 4)), ValueError, "latent_dim=4"),
         ("concept pool of one pair", lambda m, ae, inn, e: fit_concepts(ae, [ColorDigits("test").concept("digit")], steps=1, pool_size=1, progress=False), ValueError, "`pool_size` must give each process at least 2 pairs"),

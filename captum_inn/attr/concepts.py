@@ -297,7 +297,11 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         if not isinstance(concept, str) and isinstance(getattr(concept, "name", None), str):
             concept = concept.name  # a captum.concept.Concept or a ConceptPairs
         if concept not in self.concept_inn.factor_sizes:
-            raise ValueError(f"Unknown concept {concept!r}; this concept INN has {self.concept_names}.")
+            # a column number of attribute()'s (N, K) result is the likely mix-up: name its concept
+            hint = (f" Concepts are named: column {concept} of attribute() is "
+                    f"{self.concept_names[concept]!r}." if isinstance(concept, int) and not isinstance(concept, bool)
+                    and -len(self.concept_names) <= concept < len(self.concept_names) else "")
+            raise ValueError(f"Unknown concept {concept!r}; this concept INN has {self.concept_names}.{hint}")
         return self.concept_inn.factor_slices[concept]
 
     def _to_input(self, attribute_to_layer_input: Optional[bool]) -> bool:

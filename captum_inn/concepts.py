@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -280,6 +281,10 @@ class ConceptPairs:
                 got = f"a {tuple(out.shape)} tensor" if isinstance(out, Tensor) else f"a {type(out).__name__}"
                 raise TypeError(f"The `transform` of concept {name!r} must return a batch shaped like its input "
                                 f"{tuple(batch.shape)}, got {got}.")
+            if out.dtype != batch.dtype:  # later, the encoder's dtype check blamed the (float) images instead
+                raise TypeError(f"The `transform` of concept {name!r} must return the dtype of its input "
+                                f"({batch.dtype}), got {out.dtype}; convert inside it, e.g. "
+                                f"out.to({batch.dtype}) (and / 255 for 8-bit pixels).")
             return out
 
         def sampler(n: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
@@ -330,7 +335,10 @@ class ConceptPairs:
                              "ConceptPairs.from_captum(concept, sampler=...) with a sampler (n, generator) -> (a, b).")
         examples = _read_examples(concept.data_iter, int(max_examples), str(name))
         if examples.shape[0] < 2:
-            raise ValueError(f"Captum concept {name!r} has {examples.shape[0]} example(s); pairs need at least 2.")
+            # a generator (or other one-pass iterator) read once before gives nothing the second time
+            spent = (" Its data_iter is a one-pass iterator, so it may have been read before: give a list, a Dataset "
+                     "or a DataLoader, which can be read again." if isinstance(concept.data_iter, Iterator) else "")
+            raise ValueError(f"Captum concept {name!r} has {examples.shape[0]} example(s); pairs need at least 2.{spent}")
         return cls.from_labels(str(name), examples, [0] * examples.shape[0])
 
 

@@ -265,6 +265,10 @@ def test_from_transform_names_the_transform_when_it_returns_another_shape():
         ConceptPairs.from_transform("jitter", x, lambda batch: (batch * 0.5, None)).sample(4)
     with pytest.raises(TypeError, match=r"`transform` of concept 'crop' .*\(4, 3, 4, 4\), got a \(4, 3, 2, 2\) tensor"):
         ConceptPairs.from_transform("crop", x, lambda batch: batch[..., :2, :2]).sample(4)
+    # 8-bit output passed here and was blamed on the (float) images by the encoder's dtype check
+    with pytest.raises(TypeError, match=r"`transform` of concept 'quantise' must return the dtype of its input "
+                                        r"\(torch.float32\), got torch.uint8"):
+        ConceptPairs.from_transform("quantise", x, lambda batch: (batch * 255).to(torch.uint8)).sample(4)
 
 
 def test_captum_concepts_are_scored_against_each_other():
@@ -296,6 +300,18 @@ def test_from_captum_names_a_bad_max_examples(max_examples):
     """-1 read the examples and silently dropped the last one (a [:-1] slice); 2.5 failed in a slice."""
     with pytest.raises(ValueError, match="`max_examples` must be an int >= 2"):
         ConceptPairs.from_captum(Concept(0, "stripes", [torch.rand(4, 3, 4, 4)]), max_examples=max_examples)
+
+
+def test_from_captum_says_when_a_one_pass_data_iter_was_read_before():
+    """A generator as data_iter gives its examples once; the second read found none and said only that."""
+    examples = (torch.rand(3, 4, 4) for _ in range(4))
+    concept = Concept(0, "stripes", examples)
+    assert ConceptPairs.from_captum(concept).sample(2)[0].shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"has 0 example\(s\); pairs need at least 2. Its data_iter is a one-pass "
+                                         r"iterator.*give a list, a Dataset or a DataLoader"):
+        ConceptPairs.from_captum(concept)
+    with pytest.raises(ValueError, match=r"has 1 example\(s\); pairs need at least 2.$"):  # a list: no such hint
+        ConceptPairs.from_captum(Concept(0, "one", [torch.rand(1, 3, 4, 4)]))
 
 
 def test_from_captum_names_examples_of_different_shapes():
@@ -707,6 +723,9 @@ def test_layer_representation_keeps_the_model_exact():
         LayerConcepts(model, "fc", e)
     with pytest.raises(ValueError, match="autoencoder codes"):
         explainer.edit(images, "label")
+    # an autoencoder beside a layer's factor INN was kept and never used, without a word
+    with pytest.warns(UserWarning, match=r"`autoencoder` is not used: `concept_inn` acts on layer 'hidden' itself"):
+        LayerConcepts(model, "hidden", e, ConvAutoencoder((3, 8, 8), latent_dim=4))
 
 
 def test_a_compiled_model_that_has_run_is_read_and_edited():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -45,6 +46,7 @@ from captum_inn.attr._common import (
     seeded_generator,
     slice_forward_args,
     slice_target,
+    user_stacklevel,
     warn_if_batch_statistics,
     warn_unreachable_model,
 )
@@ -226,6 +228,12 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         if self.representation == _LAYER:
             check_fitted_layer(representation.get("layer"), name, model, "concept_inn")
             check_model_weights(model, module, representation.get("weights"), "concept_inn", representation.get("buffers"))
+            if autoencoder is not None and invariance_inn is None:  # with invariance_inn: the error below
+                warnings.warn(
+                    f"`autoencoder` is not used: `concept_inn` acts on layer {representation.get('layer')!r} itself, so "
+                    "its factors are read from the layer and nothing is decoded. To edit images or measure shares, fit "
+                    "it on the codes, fit_concepts(autoencoder, concepts); otherwise leave `autoencoder` out.",
+                    UserWarning, stacklevel=user_stacklevel())
         else:
             _check_code_autoencoder(concept_inn, autoencoder)
         if invariance_inn is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -285,8 +286,8 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
     """``ValueError`` naming the argument for a demo's ``out`` that is a file, a ``device`` torch
     does not know or has no GPU for, photo ``images`` that are not a folder in ImageFolder layout
     with at least two classes (checked from the file names; no photo is read), or a ``seed``
-    outside ``0 … 2**52`` (the fits take seeds below 2**53, and the demos add small offsets);
-    else ``Path(out)``.
+    outside ``0 … 2**52`` (the fits take seeds below 2**53, and the demos add small offsets), or an
+    ``out`` where no folder can be created (tried with a trial folder, removed at once); else ``Path(out)``.
 
     Examples::
 
@@ -323,6 +324,12 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
                 raise ValueError(f"`out` {str(out)!r} is inside {str(parent)!r}, which is a file; pass a folder for "
                                  "the report (it is created if needed).")
             break
+    nearest = next((folder for folder in (out, *out.parents) if folder.is_dir()), Path("."))
+    try:  # a trial folder, removed at once: permission bits do not tell for root, /proc or read-only disks
+        tempfile.TemporaryDirectory(dir=nearest).cleanup()
+    except OSError as error:  # a traceback from mkdir, after the argument checks had passed
+        raise ValueError(f"`out` {str(out)!r} cannot be written: creating a folder in {str(nearest)!r} failed "
+                         f"({error.strerror or error}); pass a folder you can write to.") from None
     return out
 
 

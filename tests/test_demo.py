@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -430,6 +431,18 @@ def test_a_report_inside_the_photo_folder_is_refused(tmp_path):
     (tmp_path / "photos" / "report").rmdir()
     assert check_report_arguments(tmp_path / "report", "cpu", tmp_path / "photos") == tmp_path / "report"
     assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a", "b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["photos"]  # the trial of writing left nothing
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be created")
+def test_a_report_folder_that_cannot_be_created_is_a_usage_error(capsys):
+    """The checks passed and mkdir then failed with a traceback (root may create folders whatever the
+    permission bits say, so the check tries to create one)."""
+    from captum_inn.cli import main
+
+    assert main(["demo", "--quick", "--out", "/proc/captum_inn_report"]) == 2
+    assert ("`out` '/proc/captum_inn_report' cannot be written: creating a folder in '/proc' failed"
+            in capsys.readouterr().err)
 
 
 def test_run_demo_refuses_evaluation_sets_of_one_before_any_work(tmp_path):

@@ -209,8 +209,11 @@ def check_checkpoint_path(path: PathLike, name: str = "checkpoint") -> Path:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         probe.unlink()
     except OSError as error:
+        # mkdir's "File exists" for a checkpoint_dir that is a file did not say which file
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{str(blocking)!r} is a file, not a folder" if blocking is not None else error.strerror or error
         raise ValueError(
-            f"No checkpoint can be written at `{name}` {str(path)!r} ({error.strerror or error}); pass a path in a "
+            f"No checkpoint can be written at `{name}` {str(path)!r} ({reason}); pass a path in a "
             "folder you can write to."
         ) from None
     return path

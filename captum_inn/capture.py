@@ -670,7 +670,10 @@ class LayerHooks:
         """Call ``model(*args, **kwargs)``, swallowing this instance's early-stop signal.
 
         An ``nn.DataParallel`` model is not replicated: its ``.module`` runs on the wrapper's
-        first device (inputs moved there, as the wrapper does), once.
+        first device (inputs moved there, as the wrapper does), once. Tensor arguments reach the
+        model as copies: a model that changes its input in place (``x.sub_(0.5)`` in ``forward``)
+        leaves the caller's images as they were, which captum_inn reads again (the encoder, a
+        second pass); gradients flow through the copies to the originals.
 
         Returns:
             The model's output, or ``None`` if the pass was stopped early.
@@ -685,6 +688,7 @@ class LayerHooks:
         """
         outer = getattr(_RUNNING, "state", None)
         _RUNNING.state = (self, next(_ENTERED))
+        args, kwargs = copied_tensors(args), {key: copied_tensors((value,))[0] for key, value in kwargs.items()}
         try:
             if isinstance(self.model, nn.DataParallel):
                 return _run_unreplicated(self.model, args, kwargs)
@@ -769,6 +773,22 @@ def did_not_run_hint(model: Any, layer: Any) -> str:
         return ("; a torch.fx GraphModule (create_feature_extractor, symbolic_trace) calls only the leaf modules of "
                 "the traced model: hook a leaf, e.g. the last layer inside the block")
     return ""
+
+
+def copied_tensors(values: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """``values`` with each tensor replaced by a copy, for a model's arguments: a model that changes
+    its input in place (``x.sub_(0.5)`` in ``forward``) would change the caller's images, which
+    captum_inn reads again. A pass over a batch costs far more than copying it; gradients flow
+    through a copy to the original.
+
+    Examples::
+
+        >>> x = torch.zeros(2)
+        >>> (copy, flag) = copied_tensors((x, True))
+        >>> _ = copy.add_(1); x, flag
+        (tensor([0., 0.]), True)
+    """
+    return tuple(value.clone() if isinstance(value, Tensor) else value for value in values)
 
 
 def _run_unreplicated(model: nn.DataParallel, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:

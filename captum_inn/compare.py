@@ -41,7 +41,13 @@ from captum_inn.attr._common import (
     slice_forward_args,
     user_stacklevel,
 )
-from captum_inn.capture import check_autograd_weights, eager_module, eval_mode, resolve_layer
+from captum_inn.capture import (
+    check_autograd_weights,
+    copied_tensors,
+    eager_module,
+    eval_mode,
+    resolve_layer,
+)
 
 __all__ = ["Comparison", "compare_attributions", "last_spatial_layer"]
 
@@ -508,7 +514,7 @@ def _predictions(model: nn.Module, images: Tensor, batch: int, additional_forwar
     with torch.no_grad(), eval_mode(model), dtype_errors_named(images, model):
         for start in range(0, images.shape[0], batch):
             part = slice(start, start + batch)
-            output = model(images[part], *(slice_forward_args(additional_forward_args, part, images.shape[0]) or ()))
+            output = model(*copied_tensors((images[part],)), *(slice_forward_args(additional_forward_args, part, images.shape[0]) or ()))
             if not isinstance(output, Tensor) or output.dim() != 2:
                 got = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) else
                        f"a {type(output).__name__}" + (f" with keys {list(output)}" if isinstance(output, dict) else ""))

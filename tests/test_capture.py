@@ -668,7 +668,7 @@ def test_stop_early_copies_only_the_values_it_keeps():
     with Clones(), LayerHooks(model, ["relu", "head"], stop_early=True) as hooks:
         hooks.run(x)
     assert hooks.calls == {"relu": 3, "head": 1}
-    assert Clones.count == 2  # relu's first call and head's
+    assert Clones.count == 3  # the input's copy (run() protects it), relu's first call and head's
     assert torch.equal(hooks["relu"], torch.relu(x))
 
 

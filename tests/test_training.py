@@ -683,6 +683,37 @@ def test_a_layer_that_differs_between_reads_of_the_same_images_warns(images, aut
                         autoencoder, images, steps=1, progress=False, **TINY)  # nn.Dropout is off in eval mode
 
 
+class _ShiftsItsInputInPlace(SmallCNN):
+    """A model that centres its input in place (``x.sub_(0.5)``), as some preprocessing does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.sub_(0.5))
+
+
+def test_a_model_that_changes_its_input_in_place_leaves_the_images_as_they_were(images, autoencoder):
+    """The fits read the images again after the model's pass (the encoder, the randomness probe), the
+    explainers and metrics too: each pass gets a copy, so nothing reads centred images, nor is a model
+    that gives the same activations for the same images called random."""
+    from captum_inn.capture import capture
+    from captum_inn.metrics import prediction_agreement
+
+    torch.manual_seed(0)
+    model, kept = _ShiftsItsInputInPlace(width=4).eval(), images.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the probe reads the same images as the cached pass
+        cache = cache_features(model, "fc", autoencoder, images[:20], progress=False)
+    assert torch.equal(images, kept)
+    assert torch.allclose(cache.code_mean, encode_mean(autoencoder, images[:20]), atol=1e-6)
+    plain = SmallCNN(width=4).eval()
+    plain.load_state_dict(model.state_dict())  # the same network without the in-place step
+    assert torch.allclose(cache.layers["fc"], capture(plain, "fc", images[:20] - 0.5), atol=1e-6)
+    assert torch.allclose(capture(model, "fc", images[:20]), cache.layers["fc"], atol=1e-6)
+    inn = fit_invariances(model, "fc", autoencoder, images, steps=2, progress=False, **TINY)
+    LayerInvariance(model, "fc", inn, autoencoder).attribute(images[:3], n_samples=2, seed=0)
+    assert prediction_agreement(model, images[:8], images[:8, None]) == 1.0
+    assert torch.equal(images, kept)
+
+
 def test_a_layer_that_gives_every_image_the_same_activations_warns(images, autoencoder):
     collapsed = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8)).eval()
     with torch.no_grad():

@@ -32,6 +32,7 @@ from captum_inn.autoencoders import encode_mean, encode_posterior
 from captum_inn.capture import (
     LayerHooks,
     check_selector,
+    copied_tensors,
     did_not_run_hint,
     is_comparable_selector,
     normal_tensors,
@@ -577,7 +578,7 @@ def _read_layer(forward_func: Callable, layer: nn.Module, inputs: Tuple[Tensor, 
             # die of the hook's early stop)
             hooks.run(*inputs, *extra)
         else:
-            forward_func(*inputs, *extra)
+            forward_func(*copied_tensors(inputs), *extra)
     values = hooks.values
     if not values:
         raise ValueError(

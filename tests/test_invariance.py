@@ -363,6 +363,20 @@ def test_additional_forward_args_and_plain_functions(setup, x):
     c = explainer.attribute(x, additional_forward_args=(shift,), n_samples=3, internal_batch_size=3,
                             generator=g().manual_seed(0))
     assert torch.allclose(c, b, atol=1e-5)
+    # a per-image tensor of another length went whole to the model: named, not only torch's shape error
+    with pytest.raises(RuntimeError, match=r"tensor 0 of shape \(5, 3, 1, 1\) went whole to the model, since its 5 "
+                                           r"rows are not one per image of `inputs` \(3 image\(s\)\)"):
+        explainer.attribute(x, additional_forward_args=(torch.zeros(5, 3, 1, 1),), n_samples=3)
+    # an argument too many: the note says how the model was called
+    with pytest.raises(TypeError, match="takes 3 positional arguments but 4 were given") as caught:
+        LayerInvariance(wrapped, "net.logits", inn, ae).attribute(x, additional_forward_args=(x, 0), n_samples=3)
+    assert caught.value.__notes__ == [f"captum_inn called the model as model(tensor{tuple(x.shape)}, "
+                                      f"tensor{tuple(x.shape)}, int): the inputs first, then additional_forward_args, "
+                                      "as Captum does. To fit a model that takes its images elsewhere, fit a wrapper "
+                                      "module that holds it and whose forward(x, *rest) calls model(*rest, x), naming "
+                                      "the layer by its "
+                                      "module (model.layer); explainers take a tuple of inputs with the images where "
+                                      "`image_input` says."]
     # a plain function needs the layer module
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the model is in eval mode: nothing to warn about

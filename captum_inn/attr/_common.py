@@ -63,6 +63,7 @@ __all__ = [
     "check_model_weights",
     "slice_forward_args",
     "check_per_input_args",
+    "forward_errors_explained",
     "NOT_SPLIT",
     "holds_tensor",
 ]
@@ -524,6 +525,50 @@ def check_per_input_args(additional_forward_args: Any, n: int) -> None:
             )
 
 
+@contextmanager
+def forward_errors_explained(inputs: Tuple[Any, ...], extra: Tuple[Any, ...], of: str,
+                             n_rows: Union[int, None, str] = "batch") -> Iterator[None]:
+    """Name the likely cause of a network's failure in a pass ``model(*inputs, *extra)``, which torch's
+    shape errors never do: an extra tensor with another number of rows than the batch went whole
+    to it, since its rows are not one per image of ``of`` (``n_rows`` images; ``None`` when unknown,
+    by default the batch's), the usual mistake with a per-image tensor; otherwise a note says how the
+    model was called, for a model that takes its images elsewhere."""
+    batch = inputs[0].shape[0]
+    if n_rows == "batch":
+        n_rows = batch
+    try:
+        yield
+    except (RuntimeError, IndexError) as error:
+        whole = [(i, tuple(a.shape)) for i, a in enumerate(extra)
+                 if isinstance(a, Tensor) and a.dim() and a.shape[0] != batch]
+        if not whole:
+            _note_call(error, inputs, extra)
+            raise
+        i, shape = whole[0]
+        images, fix = (("of unknown number", "data of known length: a tensor, a sized Dataset or a DataLoader over one")
+                       if n_rows is None else (f"{n_rows} image(s)", f"{n_rows} rows, one per image"))
+        raise type(error)(f"{error}\n(`additional_forward_args` tensor {i} of shape {shape} went whole to the model, "
+                          f"since its {shape[0]} rows are not one per image of {of} ({images}). A per-image "
+                          f"tensor needs {fix}.)") from error
+    except TypeError as error:  # "forward() missing 1 required positional argument"
+        _note_call(error, inputs, extra)
+        raise
+
+
+def _note_call(error: BaseException, inputs: Tuple[Any, ...], extra: Tuple[Any, ...]) -> None:
+    """Add to ``error`` how the model was called: the images first, as Captum calls it."""
+    def shown(value: Any) -> str:
+        return f"tensor{tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+    call = ", ".join([shown(t) for t in inputs] + [shown(a) for a in extra])
+    note = (f"captum_inn called the model as model({call}): the inputs first, then additional_forward_args, as "
+            "Captum does. To fit a model that takes its images elsewhere, fit a wrapper module that holds it and "
+            "whose forward(x, *rest) calls model(*rest, x), naming the layer by its module (model.layer); "
+            "explainers take a tuple of inputs with the images where `image_input` says.")
+    if note not in getattr(error, "__notes__", ()):  # a pass inside another explained one
+        error.add_note(note)
+
+
 def check_finite_rows(values: Tensor, what: str, first: int = 0, of: str = "`data`",
                       before: str = "caching features") -> None:
     """A ``ValueError`` naming the image when batch-first ``values`` (rows from image ``first`` on)
@@ -571,7 +616,8 @@ def _read_layer(forward_func: Callable, layer: nn.Module, inputs: Tuple[Tensor, 
     owner = eval_owner(forward_func, layer)
     with LayerHooks(owner, layer, attribute_to_layer_input=attribute_to_layer_input,
                     selector=selector, stop_early=True) as hooks, \
-            dtype_errors_named(next((t for t in inputs if t.is_floating_point()), inputs[0]), owner, name=name):
+            dtype_errors_named(next((t for t in inputs if t.is_floating_point()), inputs[0]), owner, name=name), \
+            forward_errors_explained(inputs, extra, f"`{name}`"):
         if isinstance(owner, nn.Module) and runs_model(forward_func, owner):
             # the model or its bound forward: run as LayerHooks runs it, through __call__ (a hook on the
             # model itself, layer "", fires) and a DataParallel unreplicated (a replica's thread would

@@ -12,7 +12,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from captum_inn.attr._common import (
     check_pixel_range,
     dtype_errors_named,
     encode_images,
+    forward_errors_explained,
     sequence_first_suspect,
     slice_forward_args,
     user_stacklevel,
@@ -441,26 +442,6 @@ def _check_ordered_for_per_image_args(data: Any, extra: Tuple[Any, ...], n_rows:
         )
 
 
-@contextlib.contextmanager
-def _whole_tensors_named(extra: Tuple[Any, ...], n_rows: Optional[int]) -> Iterator[None]:
-    """A network's failure beside an extra tensor that went whole to every batch (its rows are not
-    one per image of ``data``) names that tensor: a per-image one of the wrong length is the usual
-    cause, and torch's shape error names neither it nor the fix."""
-    try:
-        yield
-    except (RuntimeError, IndexError) as error:
-        whole = [(i, tuple(a.shape)) for i, a in enumerate(extra)
-                 if isinstance(a, Tensor) and a.dim() and a.shape[0] != n_rows]
-        if not whole:
-            raise
-        i, shape = whole[0]
-        images, fix = (("of unknown number", "data of known length: a tensor, a sized Dataset or a DataLoader over one")
-                       if n_rows is None else (f"{n_rows} image(s)", f"{n_rows} rows, one per image"))
-        raise type(error)(f"{error}\n(`additional_forward_args` tensor {i} of shape {shape} went whole to every batch, "
-                          f"since its {shape[0]} rows are not one per image of `data` ({images}). A per-image "
-                          f"tensor needs {fix}.)") from error
-
-
 class _MemorySink:
     """Collects per-batch arrays in memory."""
 
@@ -794,7 +775,8 @@ def cache_features(
                 batch_extra = slice_forward_args(extra, slice(seen, seen + images.shape[0]), n_rows) or ()
                 with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
                                 selector=selector, stop_early=True) as hooks, \
-                        dtype_errors_named(images, model, name="data"), _whole_tensors_named(extra, n_rows):
+                        dtype_errors_named(images, model, name="data"), \
+                        forward_errors_explained((images,), batch_extra, "`data`", n_rows):
                     hooks.run(images, *batch_extra)
                     values = dict(hooks.values)
                 first_rows = {}

@@ -1082,8 +1082,10 @@ def test_images_of_the_wrong_dtype_and_unlabelled_classifier_data_are_clear_erro
     model = SmallCNN(width=4).eval()
     with pytest.raises(TypeError, match=r"must be floating point.*images.float\(\) / 255"):
         fit_autoencoder((images * 255).to(torch.uint8), latent_dim=4, steps=1, progress=False)
-    with pytest.raises(TypeError, match="are torch.float64 but the network computes in torch.float32"):
-        fit_autoencoder(images.double(), latent_dim=4, steps=1, progress=False)
+    # float64 images (a float64 model's) are fitted in the autoencoder's dtype, as the encoder reads them elsewhere
+    fitted = [fit_autoencoder(data, latent_dim=4, steps=2, width=4, progress=False).state_dict()
+              for data in (images.double(), images)]
+    assert all(torch.equal(fitted[0][key], fitted[1][key]) for key in fitted[1])
     with pytest.raises(TypeError, match="must be floating point"):
         cache_features(model, "fc", autoencoder, (images * 255).to(torch.uint8), progress=False)
     with pytest.raises(TypeError, match="holds images but no labels"):
@@ -1210,16 +1212,50 @@ def test_per_image_rows_follow_batch_samplers_and_a_wrong_length_is_named():
     with pytest.raises(ValueError, match=r"tensor 0 has one row per image, but `data` is a DataLoader with a "
                                          r"RandomSampler"):
         cache_features(model, "fc", ae, shuffled, progress=False, additional_forward_args=(weight,))
-    with pytest.raises(RuntimeError, match=r"`additional_forward_args` tensor 0 of shape \(9, 1\) went whole to every "
-                                           r"batch.*\(8 image\(s\)\)\. A per-image tensor needs 8 rows"):
+    with pytest.raises(RuntimeError, match=r"`additional_forward_args` tensor 0 of shape \(9, 1\) went whole to the "
+                                           r"model.*\(8 image\(s\)\)\. A per-image tensor needs 8 rows"):
         cache_features(model, "fc", ae, images, batch_size=4, progress=False, additional_forward_args=(torch.rand(9, 1),))
 
     class Stream(IterableDataset):  # of unknown length: its rows cannot be told per image
         def __iter__(self):
             return iter(images)
 
-    with pytest.raises(RuntimeError, match=r"went whole to every batch.*of unknown number.*data of known length"):
+    with pytest.raises(RuntimeError, match=r"went whole to the model.*of unknown number.*data of known length"):
         cache_features(model, "fc", ae, Stream(), batch_size=4, progress=False, additional_forward_args=(weight,))
+
+
+class _ImagesSecond(nn.Module):
+    """A model that takes the images after another argument: forward(scale, x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = SmallCNN(width=4)
+
+    def forward(self, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * scale
+
+
+def test_a_model_that_takes_its_images_elsewhere_is_told_how_it_was_called(images, autoencoder):
+    """The fits call model(images, *additional_forward_args), as Captum does: torch's error for a model
+    that takes the images second says nothing of that; a note shows the call and the wrapper to fit."""
+    model, scale = _ImagesSecond().eval(), torch.ones(8, 1)
+    with pytest.raises(RuntimeError) as caught:
+        fit_invariances(model, "net.fc", autoencoder, images[:8], additional_forward_args=(scale,), steps=1,
+                        progress=False, **TINY)
+    assert caught.value.__notes__[0].startswith("captum_inn called the model as model(tensor(8, 3, 32, 32), "
+                                                "tensor(8, 1)): the inputs first")
+
+    class ImagesFirst(nn.Module):  # the wrapper the note describes
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, *rest):
+            return self.model(*rest, x)
+
+    inn = fit_invariances(ImagesFirst().eval(), model.net.fc, autoencoder, images[:8], additional_forward_args=(scale,),
+                          steps=1, progress=False, **TINY)
+    assert inn.dim == autoencoder.latent_dim
 
 
 def test_a_loader_without_automatic_batching_over_single_images_is_refused():

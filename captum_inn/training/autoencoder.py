@@ -137,7 +137,8 @@ def fit_autoencoder(
     is the analysed model itself, frozen (its weights get no gradient and its mode is restored).
 
     Args:
-        data: Images ``(N, C, H, W)``: a tensor, ``Dataset`` (``(image, label)`` items) or ``DataLoader``.
+        data: Images ``(N, C, H, W)``: a tensor, ``Dataset`` (``(image, label)`` items) or ``DataLoader``,
+            of any floating dtype (the autoencoder is built and trained in the default dtype).
         latent_dim: Size of the code (shorthand for ``config.latent_dim``).
         config: All settings (:class:`AutoencoderConfig`); keyword ``overrides`` replace fields.
         device: Where to train.
@@ -197,7 +198,9 @@ def fit_autoencoder(
     images = images_as_tensor(data).detach()
     if images.dim() != 4 or images.shape[0] < 2:
         raise ValueError(f"`data` must hold at least 2 images (N, C, H, W), got shape {tuple(images.shape)}.")
-    check_image_dtype(images, torch.get_default_dtype())  # the autoencoder is built in the default dtype
+    check_image_dtype(images)
+    # in the dtype the autoencoder is built in, as the encoder gets a float64 model's images everywhere else
+    images = images.to(torch.get_default_dtype())
     # checked on all images before sharding, so every torchrun process agrees
     if not torch.isfinite(images).all():
         raise ValueError("`data` contains NaN or infinite pixels; clean the images first.")

@@ -32,7 +32,12 @@ from captum_inn.attr._common import (
     runs_model,
     slice_forward_args,
 )
-from captum_inn.capture import check_autograd_weights, copied_tensors, eval_mode
+from captum_inn.capture import (
+    check_autograd_weights,
+    check_input_unchanged,
+    copied_tensors,
+    eval_mode,
+)
 from captum_inn.metrics import predict_classes
 
 __all__ = ["AdversarialViews", "adversarial_views", "mix_images", "plot_mixing"]
@@ -151,8 +156,9 @@ _SUMMARY_KEYS = ("judge_on_attacked", "fooled_rate", "n_fooled")
 def _class_count(model: nn.Module, images: Tensor, additional_forward_args: Any = None) -> int:
     """The number of logits ``model`` gives, from one pass on up to two images (a model that squeezes
     its output gives ``(N, K)`` for two, as for the attack's batches); a ``ValueError`` for other outputs."""
-    probe = images[:2]
-    logits = model(*copied_tensors((probe,)), *(slice_forward_args(additional_forward_args, slice(0, 2), images.shape[0]) or ()))
+    (probe,) = copied_tensors((images[:2],))
+    logits = model(probe, *(slice_forward_args(additional_forward_args, slice(0, 2), images.shape[0]) or ()))
+    check_input_unchanged(probe, "the FGSM attack")
     if isinstance(logits, Tensor) and logits.dim() == 2:
         return logits.shape[-1]
     shown = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__

@@ -791,6 +791,17 @@ def copied_tensors(values: Tuple[Any, ...]) -> Tuple[Any, ...]:
     return tuple(value.clone() if isinstance(value, Tensor) else value for value in values)
 
 
+def check_input_unchanged(copy: Tensor, method: str) -> None:
+    """A ``ValueError`` when the model changed ``copy``, the copy of the images it was given
+    (:func:`copied_tensors`), in place: ``method`` (a Captum method) gives it images that require
+    gradients, which autograd refuses to change in place, with an error naming neither."""
+    if copy._version:
+        raise ValueError(f"`model` changes its input in place (an in-place step on x in forward, such as "
+                         f"x.sub_(0.5)); {method} gives it images that require gradients, which autograd cannot change "
+                         "in place. Make the step out of place (x = x - 0.5), or pass a wrapper module whose forward(x) "
+                         "returns model(x.clone()) and build the explainers on it.")
+
+
 def _run_unreplicated(model: nn.DataParallel, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     """``model(*args, **kwargs)`` as ``DataParallel`` runs on one device: the inputs scattered to
     its first device (none without GPUs) and its ``.module`` called in this thread."""

@@ -43,6 +43,7 @@ from captum_inn.attr._common import (
 )
 from captum_inn.capture import (
     check_autograd_weights,
+    check_input_unchanged,
     copied_tensors,
     eager_module,
     eval_mode,
@@ -514,7 +515,9 @@ def _predictions(model: nn.Module, images: Tensor, batch: int, additional_forwar
     with torch.no_grad(), eval_mode(model), dtype_errors_named(images, model):
         for start in range(0, images.shape[0], batch):
             part = slice(start, start + batch)
-            output = model(*copied_tensors((images[part],)), *(slice_forward_args(additional_forward_args, part, images.shape[0]) or ()))
+            (copy,) = copied_tensors((images[part],))
+            output = model(copy, *(slice_forward_args(additional_forward_args, part, images.shape[0]) or ()))
+            check_input_unchanged(copy, "Integrated Gradients")
             if not isinstance(output, Tensor) or output.dim() != 2:
                 got = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) else
                        f"a {type(output).__name__}" + (f" with keys {list(output)}" if isinstance(output, dict) else ""))

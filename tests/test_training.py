@@ -712,6 +712,31 @@ def test_a_model_that_changes_its_input_in_place_leaves_the_images_as_they_were(
     LayerInvariance(model, "fc", inn, autoencoder).attribute(images[:3], n_samples=2, seed=0)
     assert prediction_agreement(model, images[:8], images[:8, None]) == 1.0
     assert torch.equal(images, kept)
+    # Captum's Integrated Gradients and FGSM give the model leaf images that require gradients, which it
+    # cannot change in place: refused before Captum's "a leaf Variable ..." (Grad-CAM had changed the images)
+    from captum_inn.analysis import adversarial_views
+    from captum_inn.compare import compare_attributions
+
+    explainer = LayerInvariance(model, "fc", inn, autoencoder)
+    with pytest.raises(ValueError, match=r"`model` changes its input in place .*Integrated Gradients gives it images "
+                                         r"that require gradients.*returns model\(x.clone\(\)\)"):
+        compare_attributions(model, images[:2], explainer, n_samples=2, ig_steps=4, progress=False)
+    with pytest.raises(ValueError, match=r"changes its input in place .*the FGSM attack"):
+        adversarial_views(model, {"fc": explainer}, images[:4], torch.zeros(4, dtype=torch.long), model)
+    assert torch.equal(images, kept)
+
+    class Copying(nn.Module):  # the wrapper the error suggests
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x.clone())
+
+    wrapped = Copying().eval()
+    compare_attributions(wrapped, images[:2], LayerInvariance(wrapped, "model.fc", inn, autoencoder), n_samples=2,
+                         ig_steps=4, progress=False)
+    assert torch.equal(images, kept)
 
 
 def test_a_layer_that_gives_every_image_the_same_activations_warns(images, autoencoder):

@@ -688,6 +688,15 @@ def plot_image_grid(
         (2, 2)
     """
     plt = _plt()
+    if not columns:
+        raise ValueError("`columns` is empty; pass at least one {column title: (N, C, H, W) images}.")
+    for column, images in columns.items():  # a single (C, H, W) image was read as C images of (H, W)
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            if not isinstance(images, Tensor):  # an AttributeError ("no attribute 'is_floating_point'") before
+                raise TypeError(f"`columns[{column!r}]` must be a tensor of images (N, C, H, W), got "
+                                f"{type(images).__name__}; convert it with torch.as_tensor.")
+            raise ValueError(f"`columns[{column!r}]` must be images (N, C, H, W), got shape {tuple(images.shape)}; for "
+                             "one image pass image.unsqueeze(0).")
     sizes = {t.shape[0] for t in columns.values()}
     if len(sizes) != 1:
         raise ValueError(f"Every column of `columns` needs the same number of images, got {sorted(sizes)}.")

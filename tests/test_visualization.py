@@ -127,6 +127,15 @@ def test_image_figures_need_one_row_of_each_argument_per_input():
             plot_invariance_maps(x, {"fc": maps})
     with pytest.raises(ValueError, match="`row_labels` has 2 labels for 3 rows"):
         plot_image_grid({"a": x}, row_labels=["one", "two"])
+    # one (C, H, W) image was read as C rows of (H, W) images, refused as "an image ... got shape (8, 8)"
+    with pytest.raises(ValueError, match=r"`columns\['a'\]` must be images \(N, C, H, W\), got shape \(3, 8, 8\); "
+                                         r"for one image pass image.unsqueeze\(0\)"):
+        plot_image_grid({"a": x[0]})
+    with pytest.raises(ValueError, match="`columns` is empty"):  # "got []"
+        plot_image_grid({})
+    with pytest.raises(TypeError, match=r"`columns\['a'\]` must be a tensor of images \(N, C, H, W\), got ndarray; "
+                                        "convert it with torch.as_tensor"):
+        plot_image_grid({"a": x.numpy()})
     fig, axes = plot_image_grid({"a": x}, row_labels=["one", "two", "three"])
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["one", "two", "three"]
 

@@ -487,8 +487,10 @@ def border_colour(images: Tensor, border: int = 2) -> Tensor:
         [[1.0, 0.0, 0.0]]
     """
     border = check_int(border, "border")
+    if border < 1:  # "at least 2·border pixels wide" was true of every image
+        raise ValueError(f"`border` must be >= 1 (the width of the frame read as background), got {border}.")
     images = one_image_tensor(images, "images")  # a uint8 batch failed inside torch's median or norm
-    if not 0 < border <= min(images.shape[2:]) // 2:
+    if border > min(images.shape[2:]) // 2:
         raise ValueError(f"`images` must be (N, C, H, W) at least 2·`border` pixels wide, got {tuple(images.shape)} "
                          f"and border={border}.")
     mask = torch.zeros(images.shape[2:], dtype=torch.bool, device=images.device)

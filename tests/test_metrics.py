@@ -476,8 +476,10 @@ def test_border_colour_is_the_frame_median():
     images[:, :, :2] = images[:, :, -2:] = images[:, :, :, :2] = images[:, :, :, -2:] = 0.25
     images[0, :, 0, :5] = 0.9  # a few odd frame pixels do not move the median
     assert torch.allclose(border_colour(images), torch.full((3, 3), 0.25))
-    with pytest.raises(ValueError, match="border"):
+    with pytest.raises(ValueError, match=r"at least 2·`border` pixels wide, got \(3, 3, 16, 16\) and border=9"):
         border_colour(images, border=9)
+    with pytest.raises(ValueError, match=r"`border` must be >= 1 \(the width of the frame read as background\), got 0"):
+        border_colour(images, border=0)  # "at least 2·border pixels wide" was true of the images
     with pytest.raises(TypeError, match="`border` must be an int"):
         border_colour(images, border=2.0)
     # each frame pixel once: with its 4 corners red, a 4x4 blue frame of 12 pixels counted 8 red and 8 blue

@@ -372,11 +372,9 @@ def test_additional_forward_args_and_plain_functions(setup, x):
         LayerInvariance(wrapped, "net.logits", inn, ae).attribute(x, additional_forward_args=(x, 0), n_samples=3)
     assert caught.value.__notes__ == [f"captum_inn called the model as model(tensor{tuple(x.shape)}, "
                                       f"tensor{tuple(x.shape)}, int): the inputs first, then additional_forward_args, "
-                                      "as Captum does. To fit a model that takes its images elsewhere, fit a wrapper "
-                                      "module that holds it and whose forward(x, *rest) calls model(*rest, x), naming "
-                                      "the layer by its "
-                                      "module (model.layer); explainers take a tuple of inputs with the images where "
-                                      "`image_input` says."]
+                                      "as Captum does. For a model that takes its images elsewhere, give the fits "
+                                      "`image_input=` (the images' position among the model's arguments) and the "
+                                      "explainers a tuple of inputs with the images at their `image_input`."]
     # a plain function needs the layer module
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the model is in eval mode: nothing to warn about

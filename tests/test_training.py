@@ -1257,20 +1257,26 @@ class _ImagesSecond(nn.Module):
         self.net = SmallCNN(width=4)
 
     def forward(self, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) * scale
+        return self.net(x * scale[:, :, None, None])
 
 
-def test_a_model_that_takes_its_images_elsewhere_is_told_how_it_was_called(images, autoencoder):
-    """The fits call model(images, *additional_forward_args), as Captum does: torch's error for a model
-    that takes the images second says nothing of that; a note shows the call and the wrapper to fit."""
-    model, scale = _ImagesSecond().eval(), torch.ones(8, 1)
+def test_a_model_that_takes_its_images_second_is_fitted_with_image_input(images, autoencoder):
+    """The fits called model(images, *additional_forward_args) only: torch's error for a model that takes
+    the images second said nothing of that. `image_input` puts them where the model takes them (the
+    same fit as through a wrapper that reorders the arguments), and a failing call notes how it was made."""
+    from captum_inn.training import forward_args_fingerprint
+
+    model, scale = _ImagesSecond().eval(), torch.rand(8, 1, generator=torch.Generator().manual_seed(0)) + 0.5
     with pytest.raises(RuntimeError) as caught:
         fit_invariances(model, "net.fc", autoencoder, images[:8], additional_forward_args=(scale,), steps=1,
                         progress=False, **TINY)
     assert caught.value.__notes__[0].startswith("captum_inn called the model as model(tensor(8, 3, 32, 32), "
                                                 "tensor(8, 1)): the inputs first")
+    with pytest.raises(ValueError, match=r"`image_input`=2 puts the images after the 1 `additional_forward_args`"):
+        fit_invariances(model, "net.fc", autoencoder, images[:8], additional_forward_args=(scale,), image_input=2,
+                        steps=1, progress=False, **TINY)
 
-    class ImagesFirst(nn.Module):  # the wrapper the note describes
+    class ImagesFirst(nn.Module):  # what a user had to write
         def __init__(self):
             super().__init__()
             self.model = model
@@ -1278,9 +1284,23 @@ def test_a_model_that_takes_its_images_elsewhere_is_told_how_it_was_called(image
         def forward(self, x, *rest):
             return self.model(*rest, x)
 
-    inn = fit_invariances(ImagesFirst().eval(), model.net.fc, autoencoder, images[:8], additional_forward_args=(scale,),
-                          steps=1, progress=False, **TINY)
-    assert inn.dim == autoencoder.latent_dim
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the probes (randomness, sequence-first, aliases) call it the same way
+        fitted = fit_invariances(model, "net.fc", autoencoder, images[:8], additional_forward_args=(scale,),
+                                 image_input=1, steps=3, progress=False, **TINY)
+    wrapped = fit_invariances(ImagesFirst().eval(), model.net.fc, autoencoder, images[:8],
+                              additional_forward_args=(scale,), steps=3, progress=False, **TINY)
+    for key, value in wrapped.state_dict().items():
+        assert torch.equal(fitted.state_dict()[key], value), key
+    explained = LayerInvariance(model, "net.fc", fitted, autoencoder, image_input=1).attribute(
+        (scale[:3], images[:3]), n_samples=2, seed=0)
+    assert explained[1].shape == images[:3].shape
+    assert forward_args_fingerprint((scale,), 1) != forward_args_fingerprint((scale,))  # a cache of the other call
+    with pytest.raises(RuntimeError) as caught:  # the note shows the images where they went
+        fit_invariances(model, "net.fc", autoencoder, images[:8], additional_forward_args=(torch.ones(8, 2),),
+                        image_input=1, steps=1, progress=False, **TINY)
+    assert caught.value.__notes__[0].startswith("captum_inn called the model as model(tensor(8, 2), tensor(8, 3, 32, "
+                                                "32)): the images at position 1 (`image_input`)")
 
 
 def test_a_loader_without_automatic_batching_over_single_images_is_refused():

@@ -527,12 +527,13 @@ def check_per_input_args(additional_forward_args: Any, n: int) -> None:
 
 @contextmanager
 def forward_errors_explained(inputs: Tuple[Any, ...], extra: Tuple[Any, ...], of: str,
-                             n_rows: Union[int, None, str] = "batch") -> Iterator[None]:
+                             n_rows: Union[int, None, str] = "batch", image_input: int = 0) -> Iterator[None]:
     """Name the likely cause of a network's failure in a pass ``model(*inputs, *extra)``, which torch's
     shape errors never do: an extra tensor with another number of rows than the batch went whole
     to it, since its rows are not one per image of ``of`` (``n_rows`` images; ``None`` when unknown,
     by default the batch's), the usual mistake with a per-image tensor; otherwise a note says how the
-    model was called, for a model that takes its images elsewhere."""
+    model was called (with the fits' images at ``image_input`` among ``extra``), for a model that
+    takes its images elsewhere."""
     batch = inputs[0].shape[0]
     if n_rows == "batch":
         n_rows = batch
@@ -542,7 +543,7 @@ def forward_errors_explained(inputs: Tuple[Any, ...], extra: Tuple[Any, ...], of
         whole = [(i, tuple(a.shape)) for i, a in enumerate(extra)
                  if isinstance(a, Tensor) and a.dim() and a.shape[0] != batch]
         if not whole:
-            _note_call(error, inputs, extra)
+            _note_call(error, inputs, extra, image_input)
             raise
         i, shape = whole[0]
         images, fix = (("of unknown number", "data of known length: a tensor, a sized Dataset or a DataLoader over one")
@@ -551,20 +552,23 @@ def forward_errors_explained(inputs: Tuple[Any, ...], extra: Tuple[Any, ...], of
                           f"since its {shape[0]} rows are not one per image of {of} ({images}). A per-image "
                           f"tensor needs {fix}.)") from error
     except TypeError as error:  # "forward() missing 1 required positional argument"
-        _note_call(error, inputs, extra)
+        _note_call(error, inputs, extra, image_input)
         raise
 
 
-def _note_call(error: BaseException, inputs: Tuple[Any, ...], extra: Tuple[Any, ...]) -> None:
-    """Add to ``error`` how the model was called: the images first, as Captum calls it."""
+def _note_call(error: BaseException, inputs: Tuple[Any, ...], extra: Tuple[Any, ...], image_input: int) -> None:
+    """Add to ``error`` how the model was called: the inputs first, as Captum calls it, unless a fit
+    was told to put its images at ``image_input``."""
     def shown(value: Any) -> str:
         return f"tensor{tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
 
-    call = ", ".join([shown(t) for t in inputs] + [shown(a) for a in extra])
-    note = (f"captum_inn called the model as model({call}): the inputs first, then additional_forward_args, as "
-            "Captum does. To fit a model that takes its images elsewhere, fit a wrapper module that holds it and "
-            "whose forward(x, *rest) calls model(*rest, x), naming the layer by its module (model.layer); "
-            "explainers take a tuple of inputs with the images where `image_input` says.")
+    args = [shown(a) for a in extra]
+    call = ", ".join(args[:image_input] + [shown(t) for t in inputs] + args[image_input:])
+    order = (f"the images at position {image_input} (`image_input`) among additional_forward_args" if image_input
+             else "the inputs first, then additional_forward_args, as Captum does")
+    note = (f"captum_inn called the model as model({call}): {order}. For a model that takes its images elsewhere, "
+            "give the fits `image_input=` (the images' position among the model's arguments) and the explainers a "
+            "tuple of inputs with the images at their `image_input`.")
     if note not in getattr(error, "__notes__", ()):  # a pass inside another explained one
         error.add_note(note)
 

@@ -40,6 +40,7 @@ from captum_inn._random import normal
 from captum_inn.attr._common import (
     check_batch_first,
     check_finite_rows,
+    check_image_input,
     check_image_size,
     check_module_device,
     check_pixel_range,
@@ -323,8 +324,14 @@ def as_cached_rows(activation: Tensor, n: int, layer: str, additional_forward_ar
     return activation if activation.is_floating_point() else activation.float()
 
 
+def model_args(images: Tensor, extra: Tuple[Any, ...], image_input: int = 0) -> Tuple[Any, ...]:
+    """The model's arguments: ``extra`` with the images inserted at position ``image_input``."""
+    return (*extra[:image_input], images, *extra[image_input:])
+
+
 def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Sequence[str], values: Mapping[str, Tensor],
-                          images: Tensor, extra: Tuple[Any, ...], attribute_to_layer_input: bool, selector: Any) -> None:
+                          images: Tensor, extra: Tuple[Any, ...], attribute_to_layer_input: bool, selector: Any,
+                          image_input: int) -> None:
     """Tell a batch-first ``(N, N, E)`` activation from a sequence-first ``(L, N, E)`` one with
     ``L == N`` (:func:`~captum_inn.attr._common.sequence_first_suspect`) by a pass with one image fewer."""
     n = images.shape[0]
@@ -333,7 +340,7 @@ def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Se
         return
     with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input, selector=selector,
                     stop_early=True) as hooks:
-        hooks.run(images[:-1], *(slice_forward_args(extra, slice(0, n - 1), n) or ()))
+        hooks.run(*model_args(images[:-1], slice_forward_args(extra, slice(0, n - 1), n) or (), image_input))
     for name in suspects:  # say where the n - 1 comes from: the user passed n images
         check_batch_first(hooks.values[name], n - 1, f"Layer {name!r} (checked with the first {n - 1} of {n} images, "
                           f"since a shape of ({n}, {n}, ...) cannot tell batch-first from sequence-first)", extra)
@@ -344,7 +351,7 @@ _PROBE_IMAGES = 8
 
 
 def _warn_if_random(model: nn.Module, layer_list: Sequence[Any], first_rows: Mapping[str, Tensor], images: Tensor,
-                    extra: Tuple[Any, ...], attribute_to_layer_input: bool, selector: Any) -> None:
+                    extra: Tuple[Any, ...], attribute_to_layer_input: bool, selector: Any, image_input: int = 0) -> None:
     """Warn about a layer that does not give the same activations for the same images: a model that
     is random in eval mode (``F.dropout(h, p)`` without ``training=self.training``, noise drawn in
     ``forward``) or one that mixes the images of a batch. The INN learns what the cached read keeps and
@@ -357,7 +364,8 @@ def _warn_if_random(model: nn.Module, layer_list: Sequence[Any], first_rows: Map
         for _ in range(2):
             with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input, selector=selector,
                             stop_early=True) as hooks:
-                hooks.run(images[:k], *(slice_forward_args(extra, slice(0, k), images.shape[0]) or ()))
+                hooks.run(*model_args(images[:k], slice_forward_args(extra, slice(0, k), images.shape[0]) or (),
+                                      image_input))
                 reads.append(dict(hooks.values))
     for name, rows in first_rows.items():
         cached, again, third = rows[:k].float(), reads[0][name].float(), reads[1][name].float()
@@ -385,7 +393,7 @@ def _warn_if_random(model: nn.Module, layer_list: Sequence[Any], first_rows: Map
 
 
 def _warn_if_called_twice(model: nn.Module, modules: Mapping[str, nn.Module], images: Tensor,
-                          extra: Tuple[Any, ...]) -> None:
+                          extra: Tuple[Any, ...], image_input: int = 0) -> None:
     """Warn about a layer that is not its module's first name (``self.act2 = self.act1``) when that
     module runs more than once per forward pass: the cache holds its first call, which the name
     asked for may not be (``"act2"`` read ``act1``'s activation, unwarned). One pass over one image,
@@ -402,7 +410,7 @@ def _warn_if_called_twice(model: nn.Module, modules: Mapping[str, nn.Module], im
     handles = [m.register_forward_pre_hook(count) for m in {id(m): m for m in aliased.values()}.values()]
     try:
         with torch.no_grad(), eval_mode(model):
-            runner(images[:1], *(slice_forward_args(extra, slice(0, 1), images.shape[0]) or ()))
+            runner(*model_args(images[:1], slice_forward_args(extra, slice(0, 1), images.shape[0]) or (), image_input))
     finally:
         for handle in handles:
             handle.remove()
@@ -612,9 +620,10 @@ def images_fingerprint(data: Any, n_probe: int = 32) -> str:
     return digest.hexdigest()[:16]
 
 
-def forward_args_fingerprint(additional_forward_args: Any) -> str:
-    """A short hash of the extra arguments a model runs with (``model(images, *args)``), so a
-    resumed fit notices that the cached features came from other ones.
+def forward_args_fingerprint(additional_forward_args: Any, image_input: int = 0) -> str:
+    """A short hash of the extra arguments a model runs with (``model(images, *args)``, or with the
+    images at position ``image_input`` among them), so a resumed fit notices that the cached features
+    came from other ones.
 
     Tensors count by dtype, shape and values; numbers, strings, ``None`` and bools by value;
     lists, tuples and dicts by their items; other objects by their type only (their ``repr`` may
@@ -622,6 +631,7 @@ def forward_args_fingerprint(additional_forward_args: Any) -> str:
 
     Args:
         additional_forward_args: ``None``, one value, or a tuple of values, as the fits take them.
+        image_input: The images' position among the model's arguments (0: first).
 
     Returns:
         16 hexadecimal digits; ``None`` and ``()`` give the same.
@@ -654,6 +664,8 @@ def forward_args_fingerprint(additional_forward_args: Any) -> str:
             digest.update(f"object:{type(value).__module__}.{type(value).__qualname__};".encode())
 
     add(tuple(_format_additional_forward_args(additional_forward_args) or ()))
+    if image_input:  # 0 adds nothing: the fingerprints of caches made before it was a setting stay valid
+        digest.update(f"images at {image_input}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -688,6 +700,7 @@ def cache_features(
     attribute_to_layer_input: bool = False,
     selector: Any = None,
     additional_forward_args: Any = None,
+    image_input: int = 0,
     memmap_dir: Optional[Union[str, Path]] = None,
     progress: bool = True,
 ) -> FeatureCache:
@@ -713,6 +726,9 @@ def cache_features(
             image of ``data`` (of a ``DataLoader``'s dataset, counting the images ``drop_last``
             skips) is per image: each batch gets its rows. Any other value is passed whole to
             every batch (a 0-d tensor, a tensor of another length, a non-tensor).
+        image_input: Where the images go among the model's arguments, for a model that takes them
+            after others: ``model(*additional_forward_args[:image_input], images,
+            *additional_forward_args[image_input:])`` (the explainers' ``image_input`` for the same model).
         memmap_dir: Write the cache to this folder (one ``.npy`` file per array) instead of
             memory, for datasets whose features do not fit in memory; reopen it later with
             :meth:`FeatureCache.open`. ``data`` must have a known length. A second pass into the
@@ -746,6 +762,10 @@ def cache_features(
     modules = dict(resolve_layer(model, layer) for layer in layer_list)  # one array per layer
     names = list(modules)
     extra = _format_additional_forward_args(additional_forward_args) or ()
+    image_input = check_image_input(image_input)
+    if image_input > len(extra):
+        raise ValueError(f"`image_input`={image_input} puts the images after the {len(extra)} "
+                         "`additional_forward_args`; it can be at most their number (the model's other arguments).")
     n_images = count_images(data)
     if n_images == 0:  # before any pass or file: the arrays would be missing (a KeyError) or empty
         raise ValueError(_NO_IMAGES)
@@ -776,8 +796,8 @@ def cache_features(
                 with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input,
                                 selector=selector, stop_early=True) as hooks, \
                         dtype_errors_named(images, model, name="data"), \
-                        forward_errors_explained((images,), batch_extra, "`data`", n_rows):
-                    hooks.run(images, *batch_extra)
+                        forward_errors_explained((images,), batch_extra, "`data`", n_rows, image_input):
+                    hooks.run(*model_args(images, batch_extra, image_input))
                     values = dict(hooks.values)
                 first_rows = {}
                 for name in names:
@@ -792,10 +812,10 @@ def cache_features(
                     first_rows[name] = rows
                 if seen == 0:  # once: a sequence-first layer with as many tokens as images in a batch
                     _check_sequence_first(model, layer_list, names, values, images, batch_extra,
-                                          attribute_to_layer_input, selector)
-                    _warn_if_called_twice(model, modules, images, batch_extra)
+                                          attribute_to_layer_input, selector, image_input)
+                    _warn_if_called_twice(model, modules, images, batch_extra, image_input)
                     _warn_if_random(model, layer_list, first_rows, images, batch_extra, attribute_to_layer_input,
-                                    selector)
+                                    selector, image_input)
                 mean, std = encode_images(autoencoder, images, posterior=True, name="data")
                 check_finite_rows(mean, "the autoencoder's code means", seen)
                 check_finite_rows(std, "the autoencoder's code standard deviations", seen)
@@ -812,7 +832,7 @@ def cache_features(
             "model_buffers": buffer_fingerprints(model),
             "selectors": {name: selector_record(chosen)
                           for name, chosen in per_layer_selectors(model, names, selector).items()},
-            "forward_args": forward_args_fingerprint(extra),
+            "forward_args": forward_args_fingerprint(extra, image_input),
         })
     except BaseException:
         sink.abort()  # no half-written cache is left behind

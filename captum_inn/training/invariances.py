@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from captum_inn._fingerprints import class_name, weights_fingerprint
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import as_device, autograd_on, user_stacklevel
+from captum_inn.attr._common import as_device, autograd_on, check_image_input, user_stacklevel
 from captum_inn.capture import (
     is_comparable_selector,
     per_layer_selectors,
@@ -404,6 +404,7 @@ def fit_invariances(
     attribute_to_layer_input: bool = False,
     selector: Any = None,
     additional_forward_args: Any = None,
+    image_input: int = 0,
     **overrides: Any,
 ) -> Union[ConditionalINN, Dict[str, ConditionalINN]]:
     """Fit the conditional INN ``t(z̄ | Φ(x))`` of one or several hooked layers.
@@ -450,6 +451,9 @@ def fit_invariances(
             (``model(images, *additional_forward_args)``). A tensor with one row per image of
             ``data`` is per image (each batch of the feature pass gets its rows, and under torchrun
             each process its shard's); any other value is passed whole to every batch.
+        image_input: Where the images go among the model's arguments, for a model that takes them
+            after others (``forward(scale, x)``: ``image_input=1``, ``additional_forward_args=(scale,)``);
+            the explainers take ``image_input`` for the same model.
         **overrides: Fields of :class:`InvarianceConfig`.
 
     Returns:
@@ -520,6 +524,8 @@ def fit_invariances(
     read = {k: v for k, v in (("selector", selector), ("additional_forward_args", additional_forward_args)) if v is not None}
     if attribute_to_layer_input:
         read["attribute_to_layer_input"] = True
+    if check_image_input(image_input):  # 0, the default, is no read setting (it is allowed beside `cache`)
+        read["image_input"] = image_input
     caching = [*read, "memmap"] if memmap else list(read)
     if cache is not None and caching:
         raise ValueError(f"{', '.join(f'`{k}`' for k in caching)} only appl{'ies' if len(caching) == 1 else 'y'} while "
@@ -680,7 +686,7 @@ def _cache_for(model, layer_list, names, autoencoder, data, cache, checkpoint_di
     if reused is not None and set(names) <= set(reused.layers):
         asked = per_layer_selectors(model, names, read.get("selector"))
         _check_cached_selectors(reused, where, asked)
-        asked_args = forward_args_fingerprint(read.get("additional_forward_args"))
+        asked_args = forward_args_fingerprint(read.get("additional_forward_args"), read.get("image_input", 0))
         if reused.forward_args and reused.forward_args != asked_args:  # "": a cache from before it was recorded
             raise CheckpointError(
                 f"The feature cache {str(where)!r} was computed with other `additional_forward_args` than the "

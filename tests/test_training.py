@@ -1295,6 +1295,9 @@ def test_a_model_that_takes_its_images_second_is_fitted_with_image_input(images,
     explained = LayerInvariance(model, "net.fc", fitted, autoencoder, image_input=1).attribute(
         (scale[:3], images[:3]), n_samples=2, seed=0)
     assert explained[1].shape == images[:3].shape
+    with pytest.raises(ValueError, match=r"got \(3, 1\)\. Input 1 of the tuple has the shape of images \(3, 3, 32, 32\): "
+                                         r"pass image_input=1 to the explainer \(and the fit\)"):
+        LayerInvariance(model, "net.fc", fitted, autoencoder).attribute((scale[:3], images[:3]), n_samples=2)
     assert forward_args_fingerprint((scale,), 1) != forward_args_fingerprint((scale,))  # a cache of the other call
     with pytest.raises(RuntimeError) as caught:  # the note shows the images where they went
         fit_invariances(model, "net.fc", autoencoder, images[:8], additional_forward_args=(torch.ones(8, 2),),

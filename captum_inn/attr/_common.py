@@ -115,14 +115,20 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
         raise ValueError(f"`image_input`={image_index} is out of range for {len(inputs_tuple)} input tensors; pass "
                          f"the image's position among the inputs (0 to {len(inputs_tuple) - 1}).")
     image = inputs_tuple[image_index]
+    # the images elsewhere in a tuple: the model's other argument was read as them (image_input left at 0)
+    elsewhere = next((j for j, t in enumerate(inputs_tuple) if j != image_index and t.dim() == 4
+                      and t.is_floating_point()), None)
+    other = ("" if elsewhere is None else f" Input {elsewhere} of the tuple has the shape of images "
+             f"{tuple(inputs_tuple[elsewhere].shape)}: pass image_input={elsewhere} to the explainer (and the fit).")
     if not image.is_floating_point():
-        raise TypeError(f"`{name}` images must be floating point, got dtype {image.dtype}; convert with .float().")
+        raise TypeError(f"`{name}` images must be floating point, got dtype {image.dtype}; convert with "
+                        f".float().{other}")
     if image.dim() != 4:
-        hint = ""
-        if image.dim() == 3 and not isinstance(inputs, Tensor):
+        hint = other
+        if image.dim() == 3 and not other and not isinstance(inputs, Tensor):
             hint = (f" A {type(inputs).__name__} is read as several model inputs, each with the batch in dim 0; "
                     "stack single images into one tensor with torch.stack.")
-        elif image.dim() == 3:  # one image: its channels were read as the batch
+        elif image.dim() == 3 and not other:  # one image: its channels were read as the batch
             hint = " For one image, pass a batch of one: x.unsqueeze(0)."
         raise ValueError(f"`{name}` images must have shape (N, C, H, W), got {tuple(image.shape)}.{hint}")
     for t in inputs_tuple:

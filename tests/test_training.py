@@ -1260,7 +1260,7 @@ class _ImagesSecond(nn.Module):
         return self.net(x * scale[:, :, None, None])
 
 
-def test_a_model_that_takes_its_images_second_is_fitted_with_image_input(images, autoencoder):
+def test_a_model_that_takes_its_images_second_is_fitted_with_image_input(images, autoencoder, tmp_path):
     """The fits called model(images, *additional_forward_args) only: torch's error for a model that takes
     the images second said nothing of that. `image_input` puts them where the model takes them (the
     same fit as through a wrapper that reorders the arguments), and a failing call notes how it was made."""
@@ -1292,12 +1292,22 @@ def test_a_model_that_takes_its_images_second_is_fitted_with_image_input(images,
                               additional_forward_args=(scale,), steps=3, progress=False, **TINY)
     for key, value in wrapped.state_dict().items():
         assert torch.equal(fitted.state_dict()[key], value), key
-    explained = LayerInvariance(model, "net.fc", fitted, autoencoder, image_input=1).attribute(
-        (scale[:3], images[:3]), n_samples=2, seed=0)
+    # the fit records where the images went, and the explainers find them there unless told otherwise
+    assert fitted.fit_info["image_input"] == 1 and "image_input" not in wrapped.fit_info
+    save_invariance_inn(tmp_path / "inn.safetensors", fitted)
+    loaded = load_invariance_inn(tmp_path / "inn.safetensors")
+    explainer = LayerInvariance(model, "net.fc", loaded, autoencoder)
+    assert explainer.image_input == 1
+    explained = explainer.attribute((scale[:3], images[:3]), n_samples=2, seed=0)
     assert explained[1].shape == images[:3].shape
+    cache = cache_features(model, "net.fc", autoencoder, images[:8], additional_forward_args=(scale,), image_input=1,
+                           progress=False)
+    cache.save(tmp_path / "cache.safetensors")
+    assert FeatureCache.load(tmp_path / "cache.safetensors").image_input == 1
     with pytest.raises(ValueError, match=r"got \(3, 1\)\. Input 1 of the tuple has the shape of images \(3, 3, 32, 32\): "
                                          r"pass image_input=1 to the explainer \(and the fit\)"):
-        LayerInvariance(model, "net.fc", fitted, autoencoder).attribute((scale[:3], images[:3]), n_samples=2)
+        LayerInvariance(model, "net.fc", fitted, autoencoder, image_input=0).attribute((scale[:3], images[:3]),
+                                                                                       n_samples=2)
     assert forward_args_fingerprint((scale,), 1) != forward_args_fingerprint((scale,))  # a cache of the other call
     with pytest.raises(RuntimeError) as caught:  # the note shows the images where they went
         fit_invariances(model, "net.fc", autoencoder, images[:8], additional_forward_args=(torch.ones(8, 2),),

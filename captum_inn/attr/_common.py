@@ -63,6 +63,7 @@ __all__ = [
     "check_model_weights",
     "slice_forward_args",
     "check_per_input_args",
+    "fitted_image_input",
     "forward_errors_explained",
     "NOT_SPLIT",
     "holds_tensor",
@@ -277,6 +278,12 @@ def check_image_input(value: Any) -> int:
     if value < 0:
         raise ValueError(f"`image_input` must be >= 0 (the image's position among the inputs), got {value}.")
     return value
+
+
+def fitted_image_input(value: Any, fit_info: Mapping[str, Any]) -> int:
+    """The explainers' ``image_input``: as given, else the fit's (``fit_invariances(image_input=1)``
+    records it in ``fit_info``), else 0."""
+    return int(fit_info.get("image_input", 0)) if value is None else check_image_input(value)
 
 
 def check_number(value: Any, name: str, *, positive: bool = False) -> float:

@@ -22,7 +22,6 @@ from captum_inn._random import normal
 from captum_inn.attr._common import (
     autograd_on,
     check_fitted_layer,
-    check_image_input,
     check_inn_fitted,
     check_model_weights,
     check_per_input_args,
@@ -36,6 +35,7 @@ from captum_inn.attr._common import (
     dtype_errors_named,
     encode_images,
     eval_owner,
+    fitted_image_input,
     fitted_selector,
     format_inputs,
     forward_module,
@@ -175,7 +175,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         selector: Picks the tensor from a non-tensor layer output; by default the ``int`` or ``str``
             one the INN that reads the layer was fitted with (as for ``attribute_to_layer_input``).
         image_input: Which of the (tuple) inputs is the image: an int ``>= 0``, checked against
-            the number of inputs at each call.
+            the number of inputs at each call; ``None`` (default): where ``invariance_inn``'s fit put
+            the images (``fit_invariances(..., image_input=1)``), else 0.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
     and leaves the model's training flags as they were. Every method runs the model in eval mode
@@ -213,11 +214,11 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         *,
         attribute_to_layer_input: Optional[bool] = None,
         selector: Any = None,
-        image_input: int = 0,
+        image_input: Optional[int] = None,
     ) -> None:
         if not callable(forward_func):
             raise TypeError(f"`forward_func` must be a model or a callable, got {type(forward_func).__name__}.")
-        image_input = check_image_input(image_input)
+        image_input = fitted_image_input(image_input, getattr(invariance_inn, "fit_info", None) or {})
         name, module = resolve_model_layer(forward_func, layer)
         model = forward_module(forward_func, module)  # the model itself, or the module of model.forward
         if not isinstance(concept_inn, FactorINN):

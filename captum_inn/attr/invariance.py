@@ -18,7 +18,6 @@ from captum_inn._captum_compat import (
 from captum_inn._random import normal
 from captum_inn.attr._common import (
     check_fitted_layer,
-    check_image_input,
     check_image_size,
     check_inn_fitted,
     check_model_weights,
@@ -30,6 +29,7 @@ from captum_inn.attr._common import (
     check_target_count,
     default_rows,
     encode_images,
+    fitted_image_input,
     fitted_selector,
     format_inputs,
     forward_module,
@@ -79,7 +79,8 @@ class LayerInvariance(LayerAttribution):
         selector: Picks the tensor from a non-tensor layer output (see :class:`captum_inn.capture.LayerHooks`);
             by default the ``int`` or ``str`` one the INN was fitted with (``inn.fit_info["selector"]``).
         image_input: Which of the (tuple) inputs is the image the autoencoder encodes: an int
-            ``>= 0``, checked against the number of inputs at each call.
+            ``>= 0``, checked against the number of inputs at each call; ``None`` (default): where
+            the INN's fit put the images (``fit_invariances(..., image_input=1)``), else 0.
 
     Every method reads the layer with hooks that are removed when the call ends, normally or not,
     and leaves the model's training flags as they were. The model runs in eval mode (batch norm on
@@ -117,11 +118,11 @@ class LayerInvariance(LayerAttribution):
         *,
         attribute_to_layer_input: Optional[bool] = None,
         selector: Any = None,
-        image_input: int = 0,
+        image_input: Optional[int] = None,
     ) -> None:
         if not callable(forward_func):
             raise TypeError(f"`forward_func` must be a model or a callable, got {type(forward_func).__name__}.")
-        image_input = check_image_input(image_input)
+        image_input = fitted_image_input(image_input, getattr(inn, "fit_info", None) or {})
         name, module = resolve_model_layer(forward_func, layer)
         if not isinstance(inn, ConditionalINN):
             raise TypeError(

@@ -143,10 +143,11 @@ class FeatureCache:
     selectors: Dict[str, Any] = field(default_factory=dict)
     forward_args: str = ""
     model_buffers: List[str] = field(default_factory=list)
+    image_input: int = 0
 
     # what a saved cache records beside its arrays (the fields after `layers`)
     _RECORD = ("model_class", "source", "layer_inputs", "autoencoder_weights", "source_parts", "model_weights",
-               "selectors", "forward_args", "model_buffers")
+               "selectors", "forward_args", "model_buffers", "image_input")
 
     def _record(self) -> Dict[str, Any]:
         """The cache's description beside its arrays (JSON), as :meth:`save` and ``memmap_dir`` write it."""
@@ -833,6 +834,7 @@ def cache_features(
             "selectors": {name: selector_record(chosen)
                           for name, chosen in per_layer_selectors(model, names, selector).items()},
             "forward_args": forward_args_fingerprint(extra, image_input),
+            "image_input": image_input,
         })
     except BaseException:
         sink.abort()  # no half-written cache is left behind

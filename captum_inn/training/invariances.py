@@ -276,6 +276,8 @@ def _train(
                      "steps": config.steps, "code_noise": config.code_noise})
     if name in cache.selectors:  # how the explainers pick the layer's tensor (caches from before: unknown)
         fit_info["selector"] = cache.selectors[name]
+    if cache.image_input:  # where the explainers find the images among the inputs, unless told otherwise
+        fit_info["image_input"] = cache.image_input
     meta["fit_info"] = fit_info
     n = len(cache)
     batch = local_batch_size(config.batch_size, n)

@@ -80,8 +80,8 @@ def _classes(model: nn.Module, images: Tensor, batch_size: int, selector: Select
     classes = []
     with torch.no_grad(), eval_mode(model), dtype_errors_named(images, model, name=name):
         for s in range(0, images.shape[0], batch_size):
-            batch, extra = images[s : s + batch_size], extra_for(slice(s, s + batch_size))
-            logits = _select(model(*copied_tensors((batch,)), *(extra or ())), selector, type(model).__name__, "output", model_output=True)
+            (batch,), extra = copied_tensors((images[s : s + batch_size],)), extra_for(slice(s, s + batch_size))
+            logits = _select(model(batch, *(extra or ())), selector, type(model).__name__, "output", model_output=True)
             if logits.dim() != 2 or logits.shape[1] < 2:  # one logit's argmax is always class 0: agreement 1.0
                 raise ValueError(f"The model's output has shape {tuple(logits.shape)}; predictions need (N, K) logits "
                                  "with K >= 2. For a one-logit binary classifier wrap it to return "

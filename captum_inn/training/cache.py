@@ -121,6 +121,8 @@ class FeatureCache:
             and the explainers read with it.
         forward_args: :func:`forward_args_fingerprint` of the ``additional_forward_args`` the
             model ran with (``""`` when unknown); a resumed fit refuses a cache made with others.
+        image_input: The images' position among the model's arguments (0: first); the fitted
+            INNs record it, and the explainers find the images there.
 
     Examples::
 
@@ -325,7 +327,7 @@ def as_cached_rows(activation: Tensor, n: int, layer: str, additional_forward_ar
     return activation if activation.is_floating_point() else activation.float()
 
 
-def model_args(images: Tensor, extra: Tuple[Any, ...], image_input: int = 0) -> Tuple[Any, ...]:
+def _model_args(images: Tensor, extra: Tuple[Any, ...], image_input: int = 0) -> Tuple[Any, ...]:
     """The model's arguments: ``extra`` with the images inserted at position ``image_input``."""
     return (*extra[:image_input], images, *extra[image_input:])
 
@@ -341,7 +343,7 @@ def _check_sequence_first(model: nn.Module, layer_list: Sequence[Any], names: Se
         return
     with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input, selector=selector,
                     stop_early=True) as hooks:
-        hooks.run(*model_args(images[:-1], slice_forward_args(extra, slice(0, n - 1), n) or (), image_input))
+        hooks.run(*_model_args(images[:-1], slice_forward_args(extra, slice(0, n - 1), n) or (), image_input))
     for name in suspects:  # say where the n - 1 comes from: the user passed n images
         check_batch_first(hooks.values[name], n - 1, f"Layer {name!r} (checked with the first {n - 1} of {n} images, "
                           f"since a shape of ({n}, {n}, ...) cannot tell batch-first from sequence-first)", extra)
@@ -365,7 +367,7 @@ def _warn_if_random(model: nn.Module, layer_list: Sequence[Any], first_rows: Map
         for _ in range(2):
             with LayerHooks(model, layer_list, attribute_to_layer_input=attribute_to_layer_input, selector=selector,
                             stop_early=True) as hooks:
-                hooks.run(*model_args(images[:k], slice_forward_args(extra, slice(0, k), images.shape[0]) or (),
+                hooks.run(*_model_args(images[:k], slice_forward_args(extra, slice(0, k), images.shape[0]) or (),
                                       image_input))
                 reads.append(dict(hooks.values))
     for name, rows in first_rows.items():
@@ -411,7 +413,7 @@ def _warn_if_called_twice(model: nn.Module, modules: Mapping[str, nn.Module], im
     handles = [m.register_forward_pre_hook(count) for m in {id(m): m for m in aliased.values()}.values()]
     try:
         with torch.no_grad(), eval_mode(model):
-            runner(*model_args(images[:1], slice_forward_args(extra, slice(0, 1), images.shape[0]) or (), image_input))
+            runner(*_model_args(images[:1], slice_forward_args(extra, slice(0, 1), images.shape[0]) or (), image_input))
     finally:
         for handle in handles:
             handle.remove()
@@ -798,7 +800,7 @@ def cache_features(
                                 selector=selector, stop_early=True) as hooks, \
                         dtype_errors_named(images, model, name="data"), \
                         forward_errors_explained((images,), batch_extra, "`data`", n_rows, image_input):
-                    hooks.run(*model_args(images, batch_extra, image_input))
+                    hooks.run(*_model_args(images, batch_extra, image_input))
                     values = dict(hooks.values)
                 first_rows = {}
                 for name in names:

@@ -13,7 +13,7 @@ import os
 import textwrap
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from torch import Tensor
+from torch import Tensor, from_numpy
 
 from captum_inn.attr._common import check_int
 
@@ -412,6 +412,12 @@ def plot_concept_bars(
             concepts, values = list(scores), [_value(v) for v in scores.values()]
             errors = _standard_errors(scores, concepts)
         else:
+            if not isinstance(scores, Tensor):  # an array or list of scores: an AttributeError ("detach") before
+                try:
+                    scores = from_numpy(np.asarray(scores, dtype=np.float64))
+                except (TypeError, ValueError):
+                    raise TypeError(f"`scores` must be a (K,) or (N, K) tensor of concept scores (or an array of "
+                                    f"numbers), or a dict {{concept: score}}, got {type(scores).__name__}.") from None
             values_t = scores.detach().float().cpu()
             if values_t.dim() not in (1, 2):
                 raise ValueError(f"`scores` must be a (K,) or (N, K) tensor of concept scores, got shape "
@@ -688,6 +694,9 @@ def plot_image_grid(
         (2, 2)
     """
     plt = _plt()
+    if not isinstance(columns, Mapping):  # a bare tensor: "Boolean value of Tensor ... is ambiguous" before
+        raise TypeError(f"`columns` must be a dict {{column title: (N, C, H, W) images}}, got "
+                        f"{type(columns).__name__}; for one column pass {{'images': x}}.")
     if not columns:
         raise ValueError("`columns` is empty; pass at least one {column title: (N, C, H, W) images}.")
     for column, images in columns.items():  # a single (C, H, W) image was read as C images of (H, W)

@@ -148,6 +148,7 @@ def _cases():
         ("concept convergence delta with an int target of an (N,) output", lambda m, ae, inn, e: LayerConcepts(lambda x: m(x)[:, 3], m.cnn.logits, e, ae).compute_convergence_delta(torch.zeros(3, 3), None, X, target=0), ValueError, r"`target` 0 does not pick one value per input"),
         # targets outside Captum's forms: Captum failed bare asserts, or named floats "out of range"
         ("concept baseline in target's place", lambda m, ae, inn, e: con(m, ae, e).attribute(X, torch.zeros_like(X)), TypeError, r"looks like a batch of images: a baseline in target's place.*`baselines=`"),
+        ("invariance baseline in target's place", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, torch.zeros_like(X)), TypeError, r"a baseline in target's place .*LayerInvariance.attribute takes no baseline \(the invariance map needs none\); leave it out"),
         ("concept target of float labels in a column", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([[1.0], [2.0], [0.0]])), TypeError, r"target.long\(\) \(target.flatten\(\).long\(\) for \(N, 1\) labels"),
         ("concept target of floats", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([1.0, 2.0, 0.0])), TypeError, r"`target` holds class indices.*target.long\(\)"),
         ("concept target (N, 1)", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=torch.tensor([[1], [2], [0]])), ValueError, r"`target` has shape \(3, 1\).*target.flatten\(\)"),

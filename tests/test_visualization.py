@@ -133,6 +133,15 @@ def test_image_figures_need_one_row_of_each_argument_per_input():
         plot_image_grid({"a": x[0]})
     with pytest.raises(ValueError, match="`columns` is empty"):  # "got []"
         plot_image_grid({})
+    with pytest.raises(TypeError, match=r"`columns` must be a dict \{column title: \(N, C, H, W\) images\}, got Tensor"):
+        plot_image_grid(x)  # "Boolean value of Tensor ... is ambiguous"
+    # scores as an array or a list of numbers are drawn as the tensor would be ("no attribute 'detach'")
+    scores = torch.tensor([[0.2, 0.5], [0.4, 0.7]])
+    drawn = [[bar.get_height() for bar in plot_concept_bars(value, ["a", "b"])[1].patches]
+             for value in (scores, scores.numpy(), scores.tolist())]
+    assert drawn[1] == pytest.approx(drawn[0]) and drawn[2] == pytest.approx(drawn[0])
+    with pytest.raises(TypeError, match="`scores` must be a \\(K,\\) or \\(N, K\\) tensor of concept scores"):
+        plot_concept_bars([[0.2], [0.4, 0.7]], ["a", "b"])  # ragged
     with pytest.raises(TypeError, match=r"`columns\['a'\]` must be a tensor of images \(N, C, H, W\), got ndarray; "
                                         "convert it with torch.as_tensor"):
         plot_image_grid({"a": x.numpy()})

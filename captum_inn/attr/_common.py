@@ -665,7 +665,8 @@ def _is_index_tuple(value: Any) -> bool:
     return isinstance(value, tuple) and all(whole(i) for i in value)
 
 
-def check_target_count(target: Any, n: int, device: Optional[torch.device] = None) -> None:
+def check_target_count(target: Any, n: int, device: Optional[torch.device] = None, *,
+                       takes_baselines: bool = True) -> None:
     """Captum's ``TargetType`` for ``n`` inputs, checked: ``None``, an int, a tuple of ints, an
     integer tensor of one or ``n`` entries (1-d; int32 or int64, on ``device``, the inputs', for
     several), or a list of ``n`` ints or tuples. Anything else
@@ -683,10 +684,11 @@ def check_target_count(target: Any, n: int, device: Optional[torch.device] = Non
     if isinstance(target, Tensor):
         if target.is_floating_point() and target.dim() >= 3:
             # Integrated Gradients takes baselines second: a call written for it put an image batch here
+            fix = ("Pass the class to explain as `target`, and a baseline by keyword, `baselines=`." if takes_baselines
+                   else "LayerInvariance.attribute takes no baseline (the invariance map needs none); leave it out.")
             raise TypeError(f"`target` is a {target.dtype} tensor of shape {tuple(target.shape)}, which looks like a "
                             "batch of images: a baseline in target's place (Integrated Gradients takes baselines "
-                            "second)? Pass the class to explain as `target`, and a baseline by keyword, "
-                            "`baselines=` (LayerConcepts.attribute).")
+                            f"second)? {fix}")
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             rows = " (target.flatten().long() for (N, 1) labels, target.argmax(1) for one-hot rows)" \
                 if target.dim() == 2 else ""

@@ -483,7 +483,8 @@ class LayerInvariance(LayerAttribution):
         if n_samples < 2:
             raise ValueError(f"`n_samples` must be >= 2 for a spread, got {n_samples}.")
         formatted = format_inputs(inputs, self.image_input)
-        check_target_count(target, formatted[0].shape[0], formatted[self.image_input].device)  # unused, but a wrong count is a caller's mistake
+        # unused, but a wrong count is a caller's mistake
+        check_target_count(target, formatted[0].shape[0], formatted[self.image_input].device, takes_baselines=False)
         maps: List[Tensor] = []  # each part's spread as it is decoded: never all N * S samples in memory
 
         def spread_of(part: slice, n: int, images: Tensor) -> None:

@@ -399,7 +399,9 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
     (``[random_0, random_1]``, TCAV's baseline for its significance test) is left out. A set of
     three or more is a relative set
     (``[[stripes, zigzagged, dotted]]``, concepts tested against each other): each of its concepts
-    is taken. A concept in several sets is taken once.
+    is taken. A concept in several sets is taken once. A single Captum concept left alone
+    (``[[stripes, random_0]]``) has nothing to be told apart from when scored or fitted, which warns;
+    pass ``[stripes, random_0]`` to fit the random set as a concept of its own.
 
     Args:
         concepts: The concepts.

@@ -295,6 +295,28 @@ def test_captum_concepts_are_scored_against_each_other():
     assert all(mixed[name] == alone[name] for name in alone)
 
 
+def test_a_lone_captum_concept_is_warned_about():
+    """A Captum concept given alone (TCAV's [[stripes, random_0]] leaves the random set out) or
+    labels with one value scored about 0 and took a one-dimensional factor, with no word."""
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    encoded = torch.cat([nn.functional.one_hot(y, 2).float() * 3, 0.1 * torch.randn(200, 2, generator=g)], 1)
+    stripes, random_0 = (Concept(i, name, DataLoader(encoded[y == i], batch_size=50))
+                         for i, name in enumerate(["stripes", "random_0"]))
+    identity = (nn.Sequential(nn.Identity()), "0")
+    for alone in ([[stripes, random_0]], [stripes], ConceptPairs.from_labels("stripes", encoded[y == 0], [1] * 100)):
+        with pytest.warns(UserWarning, match=r"Concept 'stripes' is one set of examples .* the only one given.*"
+                                             r"concepts=\[stripes, random_0\]"):
+            assert abs(concept_scores(identity, alone, n_pairs=200)["stripes"]) < 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert concept_scores(identity, [stripes, random_0], n_pairs=200)["stripes"] > 0.9
+    with pytest.warns(UserWarning, match="Concept 'stripes' is one set of examples"):
+        fit_concepts(identity, [stripes], steps=1, pool_size=8, batch_size=4, n_blocks=1, hidden=8)
+
+
 @pytest.mark.parametrize("max_examples", [-1, 0, 1, True, 2.5])
 def test_from_captum_names_a_bad_max_examples(max_examples):
     """-1 read the examples and silently dropped the last one (a [:-1] slice); 2.5 failed in a slice."""

@@ -331,6 +331,21 @@ class _ExampleCount:
                 UserWarning, stacklevel=user_stacklevel())
 
 
+def _warn_if_lone_set(concepts: Sequence[ConceptPairs]) -> None:
+    """A ``one_set`` concept is told apart from the other sets given with it; alone, it has nothing to be."""
+    sets = [c.name for c in concepts if c.one_set]
+    if len(sets) == 1:
+        warnings.warn(
+            f"Concept {sets[0]!r} is one set of examples (a captum.concept.Concept, or from_labels with one label) "
+            "and the only one given: its pairs are two of its own examples, which share nothing the set's other "
+            "members lack, so it scores about 0 and its factor learns nothing particular to it. Give it a set to "
+            "be told apart from: another concept as one set, such as TCAV's random set passed as a concept of its "
+            f"own (concepts=[{sets[0]}, random_0], a flat list: in [[{sets[0]}, random_0]] the random set is "
+            "left out), or pairs from labels over several groups (ConceptPairs.from_labels).",
+            UserWarning, stacklevel=user_stacklevel(),
+        )
+
+
 def _warn_if_repeated(fingerprints: Mapping[str, str]) -> None:
     """Warn when two concepts draw the same pairs (equal fingerprints, as one concept given twice under
     two names): the factor INN splits that concept between two factors, and its share is counted twice."""
@@ -432,7 +447,9 @@ def _pools_for(representation: Any, concepts: Any, n_pairs: int, seed: int, devi
         raise ValueError(f"`n_pairs` must be >= 2 (pairs per concept for its score), got {n_pairs}.")
     seed = _check_seed(seed)  # concept seeds are seed * 1009 + k
     encode, _ = _as_encoder(representation, device)
-    return _encode_pools(encode, as_concepts(concepts), n_pairs, seed, as_device(device), progress)
+    concept_list = as_concepts(concepts)
+    _warn_if_lone_set(concept_list)
+    return _encode_pools(encode, concept_list, n_pairs, seed, as_device(device), progress)
 
 
 def concept_scores(
@@ -446,7 +463,7 @@ def concept_scores(
     concept's own pairs. A Captum ``Concept`` (pairs of two of its examples, ``one_set``) does not
     vary within its set: its score is taken about the pairs of all such concepts given, so it
     scores high where its examples cluster apart from the other concepts' examples; alone, it has
-    nothing to be told apart from and scores about ``−1/(n−1)`` for ``n`` examples (two distinct
+    nothing to be told apart from (a warning says so) and scores about ``−1/(n−1)`` for ``n`` examples (two distinct
     examples of a set vary against each other): about 0 for many examples, −1 for two.
 
     Args:
@@ -664,6 +681,7 @@ def fit_concepts(
     if not 0.0 < config.rho < 1.0:
         raise ValueError(f"`rho` must lie strictly between 0 and 1, got {config.rho}.")
     concept_list = as_concepts(concepts)
+    _warn_if_lone_set(concept_list)
     names = [c.name for c in concept_list]
     # a misspelt name is refused now, not after encoding every pool
     given = None if factor_sizes is None else _check_size_names(factor_sizes, names)

@@ -1135,6 +1135,8 @@ def test_edit_decompose_encoded(code_setup):
     assert shares.shape == (4, 3) and torch.isfinite(shares).all()
     # seed=, as LayerInvariance takes it: a generator seeded so, in every call
     assert torch.equal(explainer.encoded(x, n_samples=8, seed=0), shares)
+    # each input takes the draws of its place in the batch: the first ones repeat alone
+    torch.testing.assert_close(explainer.encoded(x[:2], n_samples=8, seed=0), shares[:2])
     assert torch.equal(explainer.edit(x, "residual", seed=0), explainer.edit(x, "residual", generator=g1.manual_seed(0)))
     assert not torch.equal(explainer.edit(x, "residual", seed=1), explainer.edit(x, "residual", seed=0))
     for call in (lambda: explainer.encoded(x, n_samples=8, seed=0, generator=g1),

@@ -611,7 +611,11 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 3×128×128); all at once took 4 GB for 32 inputs of 128×128 under ResNet-18.
             show_progress: Show a progress bar over the samples (Captum's name for it, off by default).
             seed: Draw from a generator seeded with ``seed`` (on the inputs' device) instead of
-                ``generator``: the same shares in every call.
+                ``generator``: the same shares in every call. Input ``i`` takes the ``i``-th block of
+                ``n_samples`` draws, so an input's shares repeat at the same place in a batch (the
+                first inputs' alone as in the whole batch), not at another place. Each input has
+                draws of its own so that the sampling noise averages out over inputs in
+                :meth:`encoded_summary`; draws shared by all inputs would not.
 
         Returns:
             ``(N, K)``, columns in :attr:`concept_names` order.

@@ -161,6 +161,26 @@ def test_an_invariance_inn_refuses_a_model_with_other_weights(images, autoencode
             LayerInvariance(retrained, "fc", candidate, autoencoder)
 
 
+def test_load_invariance_inn_checks_its_expected_sizes(autoencoder, fitted):
+    """latent_dim=ae (as load_concept_inn takes representation=ae) and a layer shape of floats or a
+    string were int()'s raw TypeError or ValueError."""
+    _, inn, path = fitted
+    shape, latent = tuple(inn.fit_info["layer_shape"]), inn.fit_info["latent_dim"]
+    loaded = load_invariance_inn(path, layer_shape=torch.Size(shape), latent_dim=torch.tensor(latent))
+    assert loaded.dim == latent
+    assert load_invariance_inn(path, layer_shape=shape[0]).dim == latent  # a vector layer's size alone
+    with pytest.raises(TypeError, match=r"`latent_dim` is a ConvAutoencoder; pass its size, latent_dim=ae.latent_dim"):
+        load_invariance_inn(path, latent_dim=autoencoder)
+    with pytest.raises(TypeError, match=r"`latent_dim` must be an int, got '16'"):
+        load_invariance_inn(path, latent_dim="16")
+    with pytest.raises(TypeError, match=r"`layer_shape` must be the per-sample activation shape as a tuple of ints"):
+        load_invariance_inn(path, layer_shape="10")
+    with pytest.raises(TypeError, match=r"`layer_shape\[0\]` must be an int, got 10.5"):
+        load_invariance_inn(path, layer_shape=(10.5,))
+    with pytest.raises(CheckpointError, match=rf"codes of size {latent}, but this autoencoder's codes have size 3"):
+        load_invariance_inn(path, latent_dim=3)
+
+
 def test_layer_concepts_refuses_an_invariance_inn_of_a_model_with_other_weights(images, autoencoder, fitted):
     model, inn, _ = fitted
     concept_inn = _concept_inn(autoencoder, images)

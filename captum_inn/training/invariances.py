@@ -27,7 +27,13 @@ from tqdm import tqdm
 
 from captum_inn._fingerprints import class_name, weights_fingerprint
 from captum_inn._random import seeded_global_rng
-from captum_inn.attr._common import as_device, autograd_on, check_image_input, user_stacklevel
+from captum_inn.attr._common import (
+    as_device,
+    autograd_on,
+    check_image_input,
+    check_int,
+    user_stacklevel,
+)
 from captum_inn.capture import (
     is_comparable_selector,
     per_layer_selectors,
@@ -784,14 +790,24 @@ def load_invariance_inn(
         inn_config.setdefault("conv_patch_to", None)  # saved before the setting existed: full-resolution embedder
         inn_config.setdefault("token_dim", None)  # likewise: token sequences flattened into an MLP
         info = dict(meta.get("fit_info") or {k: config[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")})
-    if isinstance(layer_shape, int):  # a vector layer's size, as (size,)
+    if isinstance(latent_dim, nn.Module):  # load_concept_inn takes the autoencoder itself: a raw int() error here
+        raise TypeError(f"`latent_dim` is a {type(latent_dim).__name__}; pass its size, latent_dim=ae.latent_dim "
+                        "(LayerInvariance(model, layer, inn, ae) checks the autoencoder's weights).")
+    if latent_dim is not None:
+        latent_dim = check_int(latent_dim, "latent_dim")
+    if isinstance(layer_shape, numbers.Integral) and not isinstance(layer_shape, bool):  # a vector layer's size
         layer_shape = (layer_shape,)
-    if layer_shape is not None and tuple(int(s) for s in layer_shape) != saved_shape:
+    if layer_shape is not None:
+        if isinstance(layer_shape, (str, bytes)) or not isinstance(layer_shape, (Sequence, torch.Size)):
+            raise TypeError(f"`layer_shape` must be the per-sample activation shape as a tuple of ints, such as "
+                            f"(512, 2, 2), got {layer_shape!r}.")
+        layer_shape = tuple(check_int(size, f"layer_shape[{i}]") for i, size in enumerate(layer_shape))
+    if layer_shape is not None and layer_shape != saved_shape:
         raise CheckpointError(
             f"{str(path)!r} was fitted for layer {config.get('layer')!r} with activations of shape {saved_shape}, "
             f"but this layer gives {tuple(layer_shape)}. Fit an INN for this layer (fit_invariances)."
         )
-    if latent_dim is not None and int(latent_dim) != saved_latent:
+    if latent_dim is not None and latent_dim != saved_latent:
         raise CheckpointError(
             f"{str(path)!r} was fitted on autoencoder codes of size {saved_latent}, but this "
             f"autoencoder's codes have size {latent_dim}. Use the autoencoder it was fitted with."

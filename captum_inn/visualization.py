@@ -527,7 +527,8 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None, concepts: Optional[Sequ
         >>> dynamics = ConceptDynamics("fc", ["0", "100"], [0.1, 0.9], {"digit": [0.2, 0.8], "colour": [0.5, 0.3]})
         >>> fig, ax = plot_concept_dynamics(dynamics)
     """
-    chosen = _chosen_concepts(dynamics.encoded, concepts)  # before a figure is opened
+    dynamics.check_lengths()  # before a figure is opened
+    chosen = _chosen_concepts(dynamics.encoded, concepts)
     plt = _plt()
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
@@ -538,7 +539,7 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None, concepts: Optional[Sequ
     for concept in chosen:
         shares = dynamics.encoded[concept]
         line, = ax.plot(x, shares, marker="o", label=_literal(concept))
-        if concept in errors:  # a band of ± 2 standard errors of the mean share
+        if errors.get(concept):  # a band of ± 2 standard errors of the mean share (an empty list: none known)
             low = [m - 2 * e for m, e in zip(shares, errors[concept])]
             high = [m + 2 * e for m, e in zip(shares, errors[concept])]
             ax.fill_between(list(x), low, high, color=line.get_color(), alpha=0.15, lw=0)

@@ -347,6 +347,31 @@ def test_a_long_title_is_wrapped_to_a_narrow_figure():
     assert 0 <= box.x0 and box.x1 <= fig.bbox.width
 
 
+def test_concept_dynamics_of_ragged_lists_are_named_before_drawing():
+    """A share list shorter than the checkpoints was matplotlib's "x and y must have same first
+    dimension"; a short accuracy list drew no accuracy line, and the table mislabelled rows."""
+    from captum_inn.training.dynamics import ConceptDynamics
+    from captum_inn.visualization import plot_concept_dynamics
+
+    def dynamics(**changes):
+        fields = dict(layer="fc", labels=["0", "100"], accuracy=[0.1, 0.9], encoded={"digit": [0.2, 0.8]},
+                      standard_error={"digit": [0.01, 0.02]})
+        return ConceptDynamics(**{**fields, **changes})
+
+    for changes, message in (
+            (dict(encoded={"digit": [0.2]}), r"`encoded\['digit'\]` holds 1 values for 2 checkpoints"),
+            (dict(accuracy=[0.9]), r"`accuracy` holds 1 values for 2 checkpoints.*\(None where unknown\)"),
+            (dict(standard_error={"digit": [0.1, 0.1, 0.1]}), r"`standard_error\['digit'\]` holds 3 values"),
+            (dict(standard_error={"colour": [0.1, 0.1]}), r"`standard_error` names \['colour'\], which `encoded` lacks"),
+            (dict(fit_nll=[1.0]), r"`fit_nll` holds 1 values")):
+        for draw in (plot_concept_dynamics, ConceptDynamics.table):
+            with pytest.raises(ValueError, match=message):
+                draw(dynamics(**changes))
+            assert plt.get_fignums() == []
+    assert "0.800 ± 0.020" in dynamics().table() and "±" not in dynamics(standard_error={"digit": []}).table()
+    plt.close(plot_concept_dynamics(dynamics(standard_error={"digit": []}))[0])
+
+
 def test_a_refused_input_leaves_no_figure_open():
     """The figure was made before some checks: each refused call left one open, to pile up and show in a
     notebook under the traceback."""

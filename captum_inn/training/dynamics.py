@@ -122,9 +122,25 @@ class ConceptDynamics:
         """A JSON-ready dict."""
         return asdict(self)
 
+    def check_lengths(self) -> None:
+        """``ValueError`` naming the first field that does not hold one value per checkpoint (a
+        table or plot of ragged lists would mislabel checkpoints or fail inside matplotlib)."""
+        n = len(self.labels)
+        fields = [("accuracy", self.accuracy, False), *((f"encoded[{c!r}]", v, False) for c, v in self.encoded.items()),
+                  ("fit_nll", self.fit_nll, True),
+                  *((f"standard_error[{c!r}]", v, True) for c, v in self.standard_error.items())]
+        for name, values, may_be_empty in fields:
+            if len(values) != n and not (may_be_empty and len(values) == 0):
+                raise ValueError(f"`{name}` holds {len(values)} values for {n} checkpoints (`labels` {self.labels}); "
+                                 "give one per checkpoint" + (" (None where unknown)." if name == "accuracy" else "."))
+        unknown = [c for c in self.standard_error if c not in self.encoded]
+        if unknown:
+            raise ValueError(f"`standard_error` names {unknown}, which `encoded` lacks ({list(self.encoded)}).")
+
     def table(self) -> str:
         """A plain-text table: one row per checkpoint, accuracy and the share of each concept
         (± its standard error where known)."""
+        self.check_lengths()
         concepts = list(self.encoded)
         head = ["checkpoint", "accuracy", *concepts]
         rows = [head]

@@ -160,6 +160,8 @@ def _cases():
         ("invariance target on another device", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, target=torch.tensor([1, 2, 0], device="meta")), ValueError, r"`target` is on meta but the inputs are on cpu"),
         ("invariance target of floats", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X, target=torch.tensor(1.0)), TypeError, "`target` holds class indices"),
         ("concept edit value of another shape", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.zeros(2, 2)), ValueError, r"`value` for concept 'a' must be a floating-point tensor of shape \(3, 2\)"),
+        ("concept edit from donors with a seed", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", donors=X, seed=0), ValueError, r"`seed` seeds a fresh draw of the factor, made only without `donors` and `value`; drop it, or drop `donors`"),
+        ("concept edit to a value with a generator", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.zeros(2), generator=torch.Generator()), ValueError, r"`generator` seeds a fresh draw.*or drop `value` to resample"),
         ("concept edit value NaN", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.tensor([0.0, float("nan")])), ValueError, "`value` contains NaN"),
         ("concept shares of inputs on another device", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae, invariance_inn=inn).encoded(X.to("meta"), n_samples=2), ValueError, "is on meta"),
         ("unknown concept name", lambda m, ae, inn, e: con(m, ae, e).edit(X, "colour"), ValueError, "Unknown concept 'colour'"),

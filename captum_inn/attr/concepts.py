@@ -473,6 +473,11 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         block = self._concept_index(concept)
         if donors is not None and value is not None:
             raise ValueError("Give at most one of `donors` and `value`.")
+        if (donors is not None or value is not None) and (generator is not None or seed is not None):
+            # a seed for a draw that is not made: the caller would believe the edit random and reproducible
+            raise ValueError(f"`{'generator' if generator is not None else 'seed'}` seeds a fresh draw of the factor, "
+                             f"made only without `donors` and `value`; drop it, or drop "
+                             f"`{'donors' if donors is not None else 'value'}` to resample the concept.")
         inputs = format_inputs(inputs, self.image_input)
         generator = seeded_generator(seed, generator, inputs[self.image_input].device)
         n = inputs[0].shape[0]

@@ -219,7 +219,7 @@ def _cases():
         ("no layers to fit", lambda m, ae, inn, e: fit_invariances(m, [], ae, Unread(4), steps=1, progress=False), ValueError, "`layers` is empty"),
         ("a flag given as a string", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, attribute_to_layer_input="no", progress=False), TypeError, r"`attribute_to_layer_input` must be True or False, got 'no'"),
         # dtype mistakes name the argument that holds the images (a raw RuntimeError, or another argument's name)
-        ("concept pairs for a bfloat16 layer", lambda m, ae, inn, e: fit_concepts((_bf16(m), "cnn.fc"), [ConceptPairs.from_labels("c", X, torch.zeros(3))], steps=1, pool_size=4, progress=False), TypeError, r"`concepts` images are torch.float32 but the network computes in torch.bfloat16"),
+        ("concept pairs for a bfloat16 layer", lambda m, ae, inn, e: fit_concepts((_bf16(m), "cnn.fc"), [ConceptPairs.from_labels("c", X, [0, 1, 0])], steps=1, pool_size=4, progress=False), TypeError, r"`concepts` images are torch.float32 but the network computes in torch.bfloat16"),
         ("float32 images for a bfloat16 classifier", lambda m, ae, inn, e: fit_classifier(_bf16(m), (X, torch.zeros(3, dtype=torch.long)), steps=1, progress=False), TypeError, r"`data` images are torch.float32 but the network computes in torch.bfloat16"),
         ("float64 donors", lambda m, ae, inn, e: inv(m, ae, inn).transfer(X, X.double()), TypeError, r"`donors` images are torch.float64"),
         ("float64 samples for the agreement", lambda m, ae, inn, e: prediction_agreement(m, X, X[:, None].double()), TypeError, r"`samples` images are torch.float64"),
@@ -235,7 +235,7 @@ def _cases():
         ("a fractional ColorDigits index", lambda m, ae, inn, e: ColorDigits("test")[2.7], TypeError, r"`index` must be an int, got 2.7"),
         ("a ColorDigits test fraction as a string", lambda m, ae, inn, e: ColorDigits(test_fraction="0.5"), ValueError, r"`test_fraction` must be a number strictly between 0 and 1, got '0.5'"),
         ("8-bit images for the colour estimate", lambda m, ae, inn, e: estimate_colours((X * 255).to(torch.uint8)), TypeError, r"`images` images must be floating point, got dtype torch.uint8; convert with .float\(\)"),
-        ("concept pairs that a layer turns into NaN", lambda m, ae, inn, e: fit_concepts((nn.Sequential(NaNs(), nn.Linear(6, 2)), "0"), [ConceptPairs.from_labels("c", X, torch.zeros(3))], steps=1, pool_size=4, progress=False), ValueError, r"Concept 'c''s pairs encode to NaN or infinite values"),
+        ("concept pairs that a layer turns into NaN", lambda m, ae, inn, e: fit_concepts((nn.Sequential(NaNs(), nn.Linear(6, 2)), "0"), [ConceptPairs.from_labels("c", X, [0, 1, 0])], steps=1, pool_size=4, progress=False), ValueError, r"Concept 'c''s pairs encode to NaN or infinite values"),
     ]
 
 

@@ -729,8 +729,7 @@ def test_layer_representation_keeps_the_model_exact():
     torch.manual_seed(0)
     model = VectorModel().eval()
     images = torch.rand(64, 3, 8, 8)
-    labels = model(images).argmax(1)
-    pairs = ConceptPairs.from_labels("label", images, labels)
+    pairs = ConceptPairs.from_labels("label", images, torch.arange(64) % 2)  # the untrained model predicts one class
     e = fit_concepts(LayerRepresentation(model, "hidden"), [pairs], steps=30, n_blocks=3, hidden=32,
                      pool_size=64, progress=False)
     explainer = LayerConcepts(model, "hidden", e)
@@ -784,7 +783,7 @@ def test_layer_representation_of_a_module_called_twice_keeps_the_model_exact():
     torch.manual_seed(0)
     model = Twice().eval()
     images = torch.rand(64, 3, 8, 8)
-    pairs = ConceptPairs.from_labels("label", images, model(images).argmax(1))
+    pairs = ConceptPairs.from_labels("label", images, torch.arange(64) % 2)
     e = fit_concepts(LayerRepresentation(model, "hidden"), [pairs], steps=3, n_blocks=1, hidden=16,
                      pool_size=64, progress=False)
     assert (LayerConcepts(model, "hidden", e).output_from_factors(images) - model(images)).abs().max() <= 1e-4
@@ -797,7 +796,7 @@ def test_layer_concepts_read_the_side_of_the_layer_their_inns_were_fitted_on(tmp
     torch.manual_seed(0)
     model = VectorModel().eval()
     images = torch.rand(64, 3, 8, 8)
-    pairs = ConceptPairs.from_labels("label", images, model(images).argmax(1))
+    pairs = ConceptPairs.from_labels("label", images, torch.arange(64) % 2)
     on_input = LayerRepresentation(model, "hidden", attribute_to_layer_input=True)
     e = fit_concepts(on_input, [pairs], steps=5, n_blocks=1, hidden=16, pool_size=64, progress=False)
     assert e.fit_info["representation"]["attribute_to_layer_input"] is True
@@ -852,7 +851,7 @@ def test_layer_concepts_on_a_tuple_output_follow_the_recorded_selector(tmp_path)
 
     torch.manual_seed(0)
     model, images = TwoOutputs().eval(), torch.rand(64, 3, 4, 4)
-    pairs = ConceptPairs.from_labels("label", images, model(images).argmax(1))
+    pairs = ConceptPairs.from_labels("label", images, torch.arange(64) % 2)
     rep = LayerRepresentation(model, "pair", selector=0)
     e = fit_concepts(rep, [pairs], steps=3, n_blocks=1, hidden=16, pool_size=64, progress=False)
     assert e.fit_info["representation"]["selector"] == 0

@@ -14,9 +14,11 @@ Both decode one image's layer representation with another image's invariances,
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from captum_inn.attr import LayerInvariance
 from captum_inn.attr._common import (
     autograd_on,
+    check_pixel_range,
     check_positive_int,
     class_indices,
     dtype_errors_named,
@@ -38,7 +41,7 @@ from captum_inn.capture import (
     copied_tensors,
     eval_mode,
 )
-from captum_inn.metrics import predict_classes
+from captum_inn.metrics import check_class_logits, predict_classes
 
 __all__ = ["AdversarialViews", "adversarial_views", "mix_images", "plot_mixing"]
 
@@ -59,11 +62,19 @@ def _cross_entropy(outputs: Tensor, labels: Tensor) -> Tensor:
 
 
 def _transfer(explainer: LayerInvariance, inputs: Tensor, donors: Tensor, batch: int,
-              additional_forward_args: Any = None) -> Tensor:
+              additional_forward_args: Any = None, names: Tuple[str, Optional[str]] = ("inputs", "donors")) -> Tensor:
+    """``explainer.transfer`` in parts of ``batch``; a pixel-range warning names the caller's arguments
+    (``names``; ``None``: not checked), once for all parts, not ``transfer``'s ``inputs``/``donors``
+    once per part."""
+    for images, name in zip((inputs, donors), names):
+        if name is not None:
+            check_pixel_range(images, name, explainer.autoencoder, margin=0.5)
     n = inputs.shape[0]
-    return torch.cat([explainer.transfer(inputs[s : s + batch], donors[s : s + batch],
-                                         slice_forward_args(additional_forward_args, slice(s, s + batch), n))
-                      for s in range(0, n, batch)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`(inputs|donors)` pixels range over", category=UserWarning)
+        return torch.cat([explainer.transfer(inputs[s : s + batch], donors[s : s + batch],
+                                             slice_forward_args(additional_forward_args, slice(s, s + batch), n))
+                          for s in range(0, n, batch)])
 
 
 @dataclass
@@ -136,17 +147,36 @@ class AdversarialViews:
         return plot_image_grid(columns, title=title, fig=fig, captions=captions)
 
 
-def _judge_classes(judge: nn.Module, images: Tensor, batch: int) -> Tensor:
-    """The judge's classes of views (in the images' dtype); a judge of another dtype is named as the
-    mistake (the message said to convert `images`, which the analysed model needs as they are)."""
+@contextlib.contextmanager
+def _judge_dtype_named(judge: nn.Module, images: Tensor) -> Iterator[None]:
+    """A judge of another dtype than the images is named as the mistake (the message said to convert
+    `images`, which the analysed model needs as they are)."""
     try:
-        return predict_classes(judge, images, batch)
+        yield
     except TypeError as error:
         dtype = network_dtype(judge, images.dtype)
         if dtype != images.dtype:
             raise TypeError(f"`judge` computes in {dtype} but the images, and so the views, are {images.dtype}; "
                             f"pass a judge in the images' dtype, judge.to({images.dtype}).") from error
         raise
+
+
+def _judge_classes(judge: nn.Module, images: Tensor, batch: int) -> Tensor:
+    """The judge's classes of views (in the images' dtype)."""
+    with _judge_dtype_named(judge, images):
+        return predict_classes(judge, images, batch)
+
+
+@torch.no_grad()
+def _judge_class_count(judge: nn.Module, images: Tensor) -> int:
+    """The number of classes the judge names, from one pass on up to two images."""
+    with _judge_dtype_named(judge, images), dtype_errors_named(images, judge, name="images"), eval_mode(judge):
+        (probe,) = copied_tensors((images[:2],))
+        logits = judge(probe)
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"`judge` must return (N, K) logits, got a {type(logits).__name__}; wrap it to return them.")
+    check_class_logits(logits, "`judge`")
+    return logits.shape[1]
 
 
 _SUMMARY_KEYS = ("judge_on_attacked", "fooled_rate", "n_fooled")
@@ -254,6 +284,11 @@ def adversarial_views(
         if int(labels.max()) >= classes:  # cross entropy's IndexError (a device-side assert on a GPU) named neither
             raise ValueError(f"`labels` holds classes up to {int(labels.max())}, but the model gives {classes} logits; "
                              f"labels must be class indices 0 … {classes - 1}.")
+        judge_classes = _judge_class_count(judge, images)
+        if judge_classes != classes:  # its classes are compared with the model's: other indices mean nothing
+            raise ValueError(f"`judge` names {judge_classes} classes but `model` {classes}; the judge says which of "
+                             "the model's classes each view shows, so it must be a classifier of the same classes, in "
+                             "the same order.")
         adversarial = torch.cat([
             # a copy that requires grad: else Captum sets the flag itself and warns on every call
             attack.perturb(images[s : s + batch].detach().clone().requires_grad_(), float(epsilon),
@@ -265,7 +300,8 @@ def adversarial_views(
         fooled = (clean_pred == labels) & (adv_pred != labels)
         views, judged, summary = {}, {}, {}
         for layer, explainer in explainers.items():
-            views[layer] = _transfer(explainer, images, adversarial, batch, additional_forward_args)
+            views[layer] = _transfer(explainer, images, adversarial, batch, additional_forward_args,
+                                     ("images", None))  # the attack stays within the images' bounds
             judged[layer] = _judge_classes(judge, views[layer], batch)
             if fooled.any():
                 summary[layer] = {
@@ -320,7 +356,8 @@ def mix_images(
         raise ValueError(f"`invariance_source` {tuple(a.shape)} and `representation_source` {tuple(b.shape)} "
                          "must have the same shape (one pair per row).")
     batch = check_positive_int(batch_size, "batch_size")
-    return {layer: _transfer(explainer, a, b, batch, additional_forward_args) for layer, explainer in explainers.items()}
+    return {layer: _transfer(explainer, a, b, batch, additional_forward_args, ("invariance_source", "representation_source"))
+            for layer, explainer in explainers.items()}
 
 
 def plot_mixing(

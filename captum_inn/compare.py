@@ -31,6 +31,7 @@ from tqdm import tqdm  # plain text bars, as the fits'
 from captum_inn.attr import LayerConcepts, LayerInvariance
 from captum_inn.attr._common import (
     autograd_on,
+    check_image_size,
     check_per_input_args,
     check_positive_int,
     default_rows,
@@ -49,6 +50,7 @@ from captum_inn.capture import (
     eval_mode,
     resolve_layer,
 )
+from captum_inn.metrics import check_class_logits
 
 __all__ = ["Comparison", "compare_attributions", "last_spatial_layer"]
 
@@ -114,7 +116,7 @@ class Comparison:
         """Write one PNG per input (``<prefix>_<index>.png``, samples shown: ``n_strip``; only the
         inputs ``indices`` when given, all checked before any file is written) into ``folder``;
         return the paths. ``prefix`` is a file name stem (sub-folders go in ``folder``)."""
-        from captum_inn.visualization import save_figure
+        from captum_inn.visualization import check_comparison_class_names, save_figure
 
         def whole(i: Any) -> Optional[int]:  # an int, numpy int or integer tensor of one element; else None
             try:
@@ -126,11 +128,17 @@ class Comparison:
             # a path in it wrote outside `folder` ("../x") or failed once `folder` was made ("sub/x")
             raise ValueError(f"`prefix` must be a file name stem without a folder, got {prefix!r}; put sub-folders "
                              "in `folder`.")
+        if indices is not None and (whole(indices) is not None or isinstance(indices, (str, bytes))):
+            raise TypeError(f"`indices` must be a list of input indices, got {indices!r}; for one input pass [{indices!r}].")
         given = list(range(len(self)) if indices is None else indices)
         indices = [whole(i) for i in given]
         bad = [g for g, i in zip(given, indices) if i is None or not 0 <= i < len(self)]
         if bad:  # before any file is written, in the argument's own name
             raise ValueError(f"`indices` must hold input indices in 0…{len(self) - 1}, got {bad[:5]}.")
+        repeated = sorted({i for i in indices if indices.count(i) > 1})
+        if repeated:  # the file of each was written twice, and its path returned twice
+            raise ValueError(f"`indices` holds {repeated} more than once; give each input once.")
+        check_comparison_class_names(self, class_names)  # before the folder is made
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -371,6 +379,8 @@ def compare_attributions(
                 "explainers on the wrapper.")
     # a tuple of two failed unpacking into one
     images = one_image_tensor(inputs, "inputs", "pass the model's other inputs as `additional_forward_args`")
+    # before the model's first pass, whose conv error said nothing of the channels coming last
+    check_image_size(images, invariance.autoencoder)
     n = images.shape[0]
     # None: bounded as the explainers bound it (all of IG's n × ig_steps rows at once took 3 GB for 8 images
     # of 128×128 under ResNet-18)
@@ -522,6 +532,7 @@ def _predictions(model: nn.Module, images: Tensor, batch: int, additional_forwar
                 got = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) else
                        f"a {type(output).__name__}" + (f" with keys {list(output)}" if isinstance(output, dict) else ""))
                 raise TypeError(f"`model` must return (N, K) logits, but it returns {got}. {_WRAP}")
+            check_class_logits(output, "`model`")  # one logit: every input "predicted" class 0
             parts.append(output.argmax(1))
     return torch.cat(parts), output.shape[1]
 
@@ -530,8 +541,11 @@ def _targets(target: Any, predictions: Tensor, classes: int) -> Tensor:
     n = predictions.shape[0]
     if target is None:
         return predictions
-    if isinstance(target, bool):
-        raise TypeError("`target` must be None, an int or N class indices, got a bool.")
+    if isinstance(target, (bool, str, bytes)):  # "3" was torch's "invalid data type 'str'"
+        raise TypeError(f"`target` must be None, an int or N class indices, got a {type(target).__name__}, {target!r}.")
+    if isinstance(target, (list, tuple)) and len(target) == 0:  # an empty list read as a float tensor
+        raise ValueError(f"`target` is an empty {type(target).__name__}; give one class per input ({n}), an int for "
+                         "all, or None for each input's predicted class.")
     # Captum's one-index tuples, which its explainers (and captum_inn's) take: (3,) for all, [(3,), (1,)] per input
     if isinstance(target, tuple) and len(target) == 1 and isinstance(target[0], int):
         target = target[0]

@@ -18,12 +18,14 @@ import numbers
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from captum_inn._random import generator_device, normal
 from captum_inn.attr._common import (
     NOT_SPLIT,
+    as_optional_generator,
     check_batch_first_read,
     check_int,
     check_number,
@@ -66,6 +68,7 @@ def predict_classes(model: nn.Module, images: Tensor, batch_size: int = 512, sel
         torch.Size([4])
     """
     batch_size = check_positive_int(batch_size, "batch_size")
+    images = _image_tensor(images, "images")
     if images.shape[0] == 0:
         raise ValueError("`images` is an empty batch; pass at least one image.")
     n = images.shape[0]
@@ -82,15 +85,31 @@ def _classes(model: nn.Module, images: Tensor, batch_size: int, selector: Select
         for s in range(0, images.shape[0], batch_size):
             (batch,), extra = copied_tensors((images[s : s + batch_size],)), extra_for(slice(s, s + batch_size))
             logits = _select(model(batch, *(extra or ())), selector, type(model).__name__, "output", model_output=True)
-            if logits.dim() != 2 or logits.shape[1] < 2:  # one logit's argmax is always class 0: agreement 1.0
-                raise ValueError(f"The model's output has shape {tuple(logits.shape)}; predictions need (N, K) logits "
-                                 "with K >= 2. For a one-logit binary classifier wrap it to return "
-                                 "torch.cat([-logit, logit], 1).")
+            check_class_logits(logits)
             if logits.shape[0] != batch.shape[0]:
                 raise ValueError(f"The model gave {logits.shape[0]} rows of logits for {batch.shape[0]} image(s); it "
                                  "must give one row per image." + (" " + NOT_SPLIT if holds_tensor(extra) else ""))
             classes.append(logits.argmax(1))
     return torch.cat(classes)
+
+
+def _image_tensor(value: Any, name: str) -> Tensor:
+    """``value`` if it is a tensor; a ``TypeError`` naming ``name`` and the conversion otherwise (a list
+    or an array failed on a missing ``.shape`` or ``.dim``)."""
+    if isinstance(value, Tensor):
+        return value
+    fix = "torch.stack(images)" if isinstance(value, (list, tuple)) else "torch.as_tensor(images).float()"
+    raise TypeError(f"`{name}` must be a tensor of images (N, C, H, W), got a {type(value).__name__}; convert it "
+                    f"with {fix}.")
+
+
+def check_class_logits(logits: Tensor, what: str = "The model") -> None:
+    """``ValueError`` unless ``logits`` is ``(N, K)`` with ``K >= 2``: one logit's argmax is always
+    class 0 (every prediction 0, an agreement of 1.0)."""
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"{what}'s output has shape {tuple(logits.shape)}; predictions need (N, K) logits "
+                         "with K >= 2. For a one-logit binary classifier wrap it to return "
+                         "torch.cat([-logit, logit], 1).")
 
 
 def _unit_rows(z: Tensor) -> Tensor:
@@ -131,6 +150,7 @@ def _sample_rows(additional_forward_args: Any, n: int, s: int) -> Callable[[slic
 
 
 def _check_samples(originals: Tensor, samples: Tensor) -> None:
+    originals, samples = _image_tensor(originals, "originals"), _image_tensor(samples, "samples")
     if samples.dim() != originals.dim() + 1 or samples.shape[0] != originals.shape[0] or samples.shape[2:] != originals.shape[1:]:
         raise ValueError(
             f"`samples` must have shape (N, S, *image) matching `originals` {tuple(originals.shape)}, "
@@ -144,6 +164,22 @@ def _check_samples(originals: Tensor, samples: Tensor) -> None:
     for name, t in (("originals", originals), ("samples", samples)):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"`{name}` contains NaN or infinite values.")
+    _warn_if_other_scales(originals, samples)
+
+
+def _warn_if_other_scales(originals: Tensor, samples: Tensor) -> None:
+    """Originals and samples on other pixel scales (normalised or 8-bit originals beside samples
+    decoded in [0, 1]) gave an agreement or a re-encoding score that looked valid: the model saw
+    the two kinds of image differently. Told by one of the two lying about [0, 1] (within half the
+    range, as the explainers' pixel check) and the other not; a low-contrast decoder's samples
+    (an autoencoder early in its fit) span less than their originals and are no such mistake."""
+    (low_o, high_o), (low_s, high_s) = ((float(v) for v in torch.aminmax(t.detach().float()))
+                                        for t in (originals, samples))
+    if (-0.5 <= low_o and high_o <= 1.5) != (-0.5 <= low_s and high_s <= 1.5):
+        warnings.warn(f"`originals` range over [{low_o:.3g}, {high_o:.3g}] but `samples` over [{low_s:.3g}, "
+                      f"{high_s:.3g}]: the model sees them on other scales (normalised or 8-bit originals beside "
+                      "samples decoded in [0, 1]?). Pass the originals the explainer took, and normalise inside the "
+                      "model, nn.Sequential(normalise, model).", UserWarning, stacklevel=user_stacklevel())
 
 
 def prediction_agreement(
@@ -235,6 +271,7 @@ def reencode_similarity(
         (['beats_null', 'null_mean', 'null_quantile', 'similarity'], 1.0)
     """
     _check_samples(originals, samples)
+    as_optional_generator(generator)  # an int seed failed on `.device`
     if originals.shape[0] < 2:
         raise ValueError("`originals` needs at least 2 images to form random pairs.")
     n_null_pairs = check_positive_int(n_null_pairs, "n_null_pairs")
@@ -336,6 +373,12 @@ def variance_explained_by_v(
     """
     if check_int(n_samples, "n_samples") < 2:  # a spread needs two samples
         raise ValueError(f"`n_samples` must be >= 2, got {n_samples}.")
+    as_optional_generator(generator)
+    for name, values in (("codes", codes), ("conditions", conditions), ("code_std", code_std)):
+        if values is not None and (not isinstance(values, Tensor) or not values.is_floating_point()):
+            got = values.dtype if isinstance(values, Tensor) else type(values).__name__
+            raise TypeError(f"`{name}` must be a floating-point tensor, got {got}; convert it with "
+                            "torch.as_tensor(values).float().")
     n_samples, batch_size = int(n_samples), check_positive_int(batch_size, "batch_size")
     if codes.shape[0] != conditions.shape[0] or codes.shape[0] < 2:
         raise ValueError("`codes` and `conditions` need the same number of rows, at least 2.")
@@ -367,6 +410,15 @@ def variance_explained_by_v(
         raise ValueError("`codes` do not vary over the inputs (total variance 0), so no share of it can be "
                          "explained; pass the codes of different inputs (or their posterior `code_std`).")
     return float(torch.cat(within).mean() / total)
+
+
+def _probe_tensor(value: Any, name: str) -> Optional[Tensor]:
+    """A probe's features or targets as a tensor (NumPy arrays converted); ``None`` stays ``None``."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.as_tensor(value)
+    raise TypeError(f"`{name}` must be a tensor or a NumPy array, got a {type(value).__name__}.")
 
 
 def probe_r2(
@@ -408,6 +460,11 @@ def probe_r2(
         >>> round(probe_r2(x, x[:, :2] * 3 + 1), 3)
         1.0
     """
+    as_optional_generator(generator)
+    # arrays are taken as they come (a probe of NumPy features is common); other types are named
+    features, targets, test_features, test_targets = (
+        _probe_tensor(value, name) for value, name in ((features, "features"), (targets, "targets"),
+                                                       (test_features, "test_features"), (test_targets, "test_targets")))
     if not 0 < check_number(train_fraction, "train_fraction") < 1:
         raise ValueError(f"`train_fraction` must lie strictly between 0 and 1, got {train_fraction}.")
     # > 0: a dead unit (a constant feature column, common in ReLU activations) leaves the system singular

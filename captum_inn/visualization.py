@@ -51,6 +51,17 @@ def _lay_out(fig: Any) -> None:
         fig.tight_layout()
 
 
+def _check_drawing_target(fig: Any = None, ax: Any = None) -> None:
+    """A ``fig`` that cannot hold subplots or an ``ax`` that cannot plot, named before any drawing (an
+    Axes passed as ``fig`` said "'Axes' object has no attribute 'subplots'")."""
+    if fig is not None and not hasattr(fig, "subplots"):
+        hint = "; for axes pass their figure (ax.figure) or a subfigure of it" if hasattr(fig, "plot") else ""
+        raise TypeError(f"`fig` must be a matplotlib Figure or SubFigure to draw into, got {type(fig).__name__}{hint}.")
+    if ax is not None and not hasattr(ax, "plot"):
+        hint = "; for a figure pass fig.add_subplot()" if hasattr(ax, "subplots") else ""
+        raise TypeError(f"`ax` must be matplotlib Axes, got {type(ax).__name__}{hint}.")
+
+
 def _value(value: Any) -> float:
     """A value to plot as a float: a number, a one-element tensor (with grad, on a GPU: matplotlib
     failed on them) or ``None`` (a gap, as ``null`` in metrics.json)."""
@@ -175,6 +186,7 @@ def plot_invariance_samples(
         >>> axes.shape
         (2, 6)
     """
+    _check_drawing_target(fig=fig)
     plt = _plt()
     if samples.dim() != 5:  # e.g. (N, C, H, W) without the samples axis: a raw permute error before
         raise ValueError(f"`samples` must be (N, S, C, H, W), S samples per input, got shape {tuple(samples.shape)}; "
@@ -268,6 +280,7 @@ def plot_invariance_maps(
         >>> axes.shape
         (2, 2)
     """
+    _check_drawing_target(fig=fig)
     if not isinstance(maps, Mapping):  # attribute() gives a bare tensor; the layer name is the column title
         raise TypeError(f"`maps` must be a dict {{layer name: (N, C, H, W) map}}, got {type(maps).__name__}; "
                         "for one layer pass {'my_layer': explainer.attribute(x)}.")
@@ -323,7 +336,8 @@ def plot_by_depth(
 
     Args:
         layers: Layer names, input side first.
-        values: ``{label: one value per layer}``.
+        values: ``{label: one value per layer}``, the values a list in the order of ``layers`` or a
+            dict ``{layer: value}``.
         ylabel: Label of the y axis.
         ax: Optional axes.
 
@@ -334,7 +348,19 @@ def plot_by_depth(
 
         >>> fig, ax = plot_by_depth(["conv", "fc"], {"VE": [0.1, 0.8]})
     """
+    _check_drawing_target(ax=ax)
+    if isinstance(layers, (str, bytes)):  # "fc" was drawn as two layers, f and c
+        raise TypeError(f"`layers` must be a list of layer names, got the string {layers!r}; for one layer pass [{layers!r}].")
+    if not isinstance(values, Mapping):
+        raise TypeError(f"`values` must be a dict {{label: one value per layer}}, got {type(values).__name__}; for one "
+                        "line pass {'my metric': values}.")
+    layers, values = list(layers), dict(values)
     for label, ys in values.items():
+        if isinstance(ys, Mapping):  # {layer: value}, as the metrics are often kept: in the order of `layers`
+            missing = [layer for layer in layers if layer not in ys]
+            if missing:
+                raise ValueError(f"`values[{label!r}]` has no value for layers {missing}; give one per layer.")
+            values[label] = ys = [ys[layer] for layer in layers]
         if len(ys) != len(layers):
             raise ValueError(f"`values[{label!r}]` has {len(ys)} values for {len(layers)} layers; give one per layer.")
     plt = _plt()
@@ -384,6 +410,7 @@ def plot_concept_bars(
         >>> fig, ax = plot_concept_bars(torch.rand(4, 3), ["digit", "colour", "residual"])
         >>> fig, ax = plot_concept_bars({"relu1": {"digit": 0.9, "colour": 0.8}, "fc": {"digit": 0.7, "colour": 0.2}})
     """
+    _check_drawing_target(ax=ax)
     import numpy as np
 
     plt = _plt()
@@ -468,6 +495,7 @@ def plot_concept_edits(
         >>> axes.shape
         (2, 3)
     """
+    _check_drawing_target(fig=fig)
     if not isinstance(edits, Mapping):  # edit() gives a bare tensor; the concept name is the column title
         raise TypeError(f"`edits` must be a dict {{concept: (N, C, H, W) edited images}}, got {type(edits).__name__}; "
                         "for one concept pass {'my_concept': concepts.edit(x, 'my_concept', donors=donors)}.")
@@ -527,6 +555,7 @@ def plot_concept_dynamics(dynamics: Any, ax: Any = None, concepts: Optional[Sequ
         >>> dynamics = ConceptDynamics("fc", ["0", "100"], [0.1, 0.9], {"digit": [0.2, 0.8], "colour": [0.5, 0.3]})
         >>> fig, ax = plot_concept_dynamics(dynamics)
     """
+    _check_drawing_target(ax=ax)
     dynamics.check_lengths()  # before a figure is opened
     chosen = _chosen_concepts(dynamics.encoded, concepts)
     plt = _plt()
@@ -568,6 +597,15 @@ def _chosen_concepts(shares: Mapping[str, Any], concepts: Optional[Sequence[str]
     if unknown:
         raise ValueError(f"`concepts` names {unknown}, which the shares lack; choose from {list(shares)}.")
     return list(concepts)
+
+
+def check_comparison_class_names(comparison: Any, class_names: Optional[Sequence[str]]) -> None:
+    """``ValueError`` when ``class_names`` lacks a name for a class that a comparison's titles show."""
+    if class_names is not None:
+        largest = max(int(comparison.targets.max()), int(comparison.predictions.max()))
+        if len(class_names) <= largest:
+            raise ValueError(f"`class_names` has {len(class_names)} names, but class {largest} is shown; give one "
+                             "name per class of the model's output.")
 
 
 def _heat(ax: Any, values: Any, title: str, cmap: str, vmin: Any = None, vmax: Any = None, base: Any = None) -> None:
@@ -613,15 +651,13 @@ def plot_comparison(
         >>> len(axes)
         8
     """
+    _check_drawing_target(fig=fig)
     plt = _plt()
     n = comparison.inputs.shape[0]
+    index = check_int(index, "index")  # 1.5 was torch's IndexError, True input 1
     if not 0 <= index < n:
         raise ValueError(f"`index` must be in 0…{n - 1}, got {index}.")
-    if class_names is not None:
-        largest = max(int(comparison.targets.max()), int(comparison.predictions.max()))
-        if len(class_names) <= largest:
-            raise ValueError(f"`class_names` has {len(class_names)} names, but class {largest} is shown; give one "
-                             "name per class of the model's output.")
+    check_comparison_class_names(comparison, class_names)
     n_strip = check_int(n_strip, "n_strip")
     if n_strip < 0:  # fewer axes than the strip draws into: an IndexError before
         raise ValueError(f"`n_strip` must be >= 0 (0 shows no samples), got {n_strip}.")
@@ -694,6 +730,7 @@ def plot_image_grid(
         >>> axes.shape
         (2, 2)
     """
+    _check_drawing_target(fig=fig)
     plt = _plt()
     if not isinstance(columns, Mapping):  # a bare tensor: "Boolean value of Tensor ... is ambiguous" before
         raise TypeError(f"`columns` must be a dict {{column title: (N, C, H, W) images}}, got "

@@ -735,3 +735,99 @@ def test_networks_built_under_inference_mode_are_named_where_gradients_are_neede
                        LayerInvariance(model, "cnn.logits", inn, ae).attribute(X, n_samples=2, generator=generator()))
     # and the advice holds: a deep copy made outside inference mode trains
     fit_classifier(copy.deepcopy(frozen), (X, labels), steps=1, progress=False)
+
+
+def test_analyses_and_metrics_name_mistakes_that_gave_valid_looking_numbers(setup, tmp_path):
+    """A one-logit model's predictions were all class 0, a judge of other classes was compared with
+    the model's, and originals on another pixel scale than their samples (or 8-bit donors) gave
+    agreements that looked valid: each is now refused or warned about, in the caller's names."""
+    from captum_inn.analysis import mix_images
+    from captum_inn.compare import compare_attributions
+
+    model, ae, inn, e = setup
+    explainer = LayerInvariance(model, "cnn.logits", inn, ae)
+
+    class FirstLogit(nn.Module):
+        def forward(self, logits):
+            return logits[:, :1]
+
+    one = nn.Sequential(model, FirstLogit()).eval()
+    with pytest.raises(ValueError, match=r"`model`'s output has shape \(3, 1\); predictions need \(N, K\) logits with "
+                                         r"K >= 2.*torch.cat\(\[-logit, logit\], 1\)"):
+        compare_attributions(one, X, LayerInvariance(one, "0.cnn.logits", inn, ae), progress=False)
+    three_classes = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).eval()
+    labels = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"`judge` names 3 classes but `model` 10; .* the same classes, in the same order"):
+        adversarial_views(model, {"cnn.logits": explainer}, X, labels, three_classes)
+    with pytest.raises(ValueError, match=r"`judge`'s output has shape \(2, 1\); predictions need"):
+        adversarial_views(model, {"cnn.logits": explainer}, X, labels, nn.Sequential(model, FirstLogit()))
+    normalised = (X - 0.5) / 0.25
+    samples = explainer.sample(X, n_samples=2, seed=0)
+    for metric in (lambda o: prediction_agreement(model, o, samples), lambda o: reencode_similarity(model, "cnn.fc", o, samples)):
+        with pytest.warns(UserWarning, match=r"`originals` range over \[-2, 2\] but `samples` over .* other scales"):
+            metric(normalised)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            metric(X)
+    with pytest.warns(UserWarning, match=r"`representation_source` pixels range over \[0.0\d+, 25\d\]") as caught:
+        mix_images({"cnn.logits": explainer}, X, X.flip(0) * 255, batch_size=2)
+    assert len([w for w in caught if "pixels range over" in str(w.message)]) == 1, [str(w.message) for w in caught]
+    with pytest.warns(UserWarning, match=r"`invariance_source` pixels range over") as caught:
+        mix_images({"cnn.logits": explainer}, X * 255, X)
+    assert not any("`inputs`" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match=r"`donors` pixels range over"):
+        explainer.transfer(X, X * 255)
+
+
+def test_analysis_arguments_of_the_wrong_kind_are_named(setup, tmp_path):
+    """Raw errors from torch or matplotlib (a str target, channels-last images, an int generator,
+    an Axes as `fig`, a string of layers) now name the argument and the fix."""
+    import matplotlib.pyplot as plt
+
+    from captum_inn.compare import compare_attributions
+    from captum_inn.metrics import predict_classes, probe_r2, variance_explained_by_v
+    from captum_inn.visualization import plot_by_depth, plot_concept_bars, plot_invariance_maps
+
+    model, ae, inn, e = setup
+    explainer = LayerInvariance(model, "cnn.logits", inn, ae)
+    compare = lambda x, **kw: compare_attributions(model, x, explainer, progress=False, n_samples=2, ig_steps=2, **kw)  # noqa: E731
+    for call, error, message in (
+            (lambda: compare(X.permute(0, 2, 3, 1)), ValueError, r"The channels come last: pass x.permute\(0, 3, 1, 2\)"),
+            (lambda: compare(X, target="3"), TypeError, r"`target` must be None, an int or N class indices, got a str, '3'"),
+            (lambda: compare(X, target=[]), ValueError, r"`target` is an empty list; give one class per input \(3\)"),
+            (lambda: predict_classes(model, list(X)), TypeError, r"`images` must be a tensor .* torch.stack\(images\)"),
+            (lambda: prediction_agreement(model, X.numpy(), X[:, None]), TypeError, r"`originals` must be a tensor"),
+            (lambda: reencode_similarity(model, "cnn.fc", X, X[:, None], generator=0), TypeError,
+             r"`generator` must be a torch.Generator or None, got int; for a seed pass torch.Generator\(\).manual_seed\(0\)"),
+            (lambda: variance_explained_by_v(inn, torch.zeros(8, 6, dtype=torch.long), torch.rand(8, 10)), TypeError,
+             r"`codes` must be a floating-point tensor, got torch.int64"),
+            (lambda: probe_r2(torch.rand(8, 2), torch.rand(8), generator=1), TypeError, "`generator` must be"),
+            (lambda: probe_r2([[0.0]] * 8, torch.rand(8)), TypeError, r"`features` must be a tensor or a NumPy array, got a list"),
+            (lambda: plot_by_depth("fc", {"VE": [0.1, 0.8]}), TypeError, r"`layers` must be a list .* pass \['fc'\]"),
+            (lambda: plot_by_depth(["a", "b"], [0.1, 0.8]), TypeError, r"`values` must be a dict \{label: one value per layer\}"),
+            (lambda: plot_by_depth(["a", "b"], {"VE": {"a": 0.1}}), ValueError, r"`values\['VE'\]` has no value for layers \['b'\]"),
+            (lambda: plot_invariance_maps(X, {"a": X}, fig=plt.figure().add_subplot()), TypeError,
+             r"`fig` must be a matplotlib Figure or SubFigure .* got Axes; for axes pass their figure"),
+            (lambda: plot_concept_bars(torch.rand(2), ["a", "b"], ax=plt.figure()), TypeError,
+             r"`ax` must be matplotlib Axes, got Figure; for a figure pass fig.add_subplot\(\)")):
+        with pytest.raises(error, match=message):
+            call()
+        plt.close("all")
+    # NumPy features are a probe's common input: read as the tensor
+    features, targets = np.random.default_rng(0).normal(size=(40, 3)), np.arange(40.0)
+    assert probe_r2(features, targets, generator=torch.Generator().manual_seed(0)) == probe_r2(
+        torch.as_tensor(features), torch.as_tensor(targets), generator=torch.Generator().manual_seed(0))
+    fig, ax = plot_by_depth(["a", "b"], {"VE": {"b": 0.8, "a": 0.1}})  # per-layer values, in the order of `layers`
+    assert list(ax.lines[0].get_ydata()) == [0.1, 0.8]
+    plt.close(fig)
+    result = compare(X)
+    for call, error, message in (
+            (lambda: result.plot(1.5), TypeError, r"`index` must be an int, got 1.5"),
+            (lambda: result.plot(True), TypeError, r"`index` must be an int, got True"),
+            (lambda: result.save_figures(tmp_path / "a", indices=[0, 0]), ValueError, r"`indices` holds \[0\] more than once"),
+            (lambda: result.save_figures(tmp_path / "b", indices=2), TypeError, r"`indices` must be a list .* pass \[2\]"),
+            (lambda: result.save_figures(tmp_path / "c", class_names=["zero"]), ValueError, r"`class_names` has 1 names")):
+        with pytest.raises(error, match=message):
+            call()
+    assert not any(tmp_path.iterdir())  # refused before any folder was made
+    assert plt.get_fignums() == []

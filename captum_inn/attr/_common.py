@@ -862,7 +862,9 @@ def check_module_device(module: Any, device: Union[str, torch.device], name: str
 def as_optional_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
     """Check that ``generator`` is ``None`` or a ``torch.Generator``."""
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
+        seeded = (f"; for a seed pass torch.Generator().manual_seed({generator})"
+                  if isinstance(generator, numbers.Integral) and not isinstance(generator, bool) else "")
+        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}{seeded}.")
     return generator
 
 

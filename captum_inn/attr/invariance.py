@@ -301,6 +301,8 @@ class LayerInvariance(LayerAttribution):
         v = self.invariances(inputs, additional_forward_args)
         donors = format_inputs(donors, self.image_input, name="donors")
         check_same_device(donors[self.image_input], self.inn, "donors")
+        # the model sees the donors as it sees the inputs: on the autoencoder's scale
+        check_pixel_range(donors[self.image_input], "donors", self.autoencoder, margin=0.5)
         if donors[0].shape[0] != v.shape[0]:
             raise ValueError(f"`donors` needs one image per input ({v.shape[0]}), got {donors[0].shape[0]}.")
         with eval_mode(self.inn, self.autoencoder):

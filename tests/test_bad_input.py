@@ -231,6 +231,8 @@ def _cases():
         ("a negative Jitter shift", lambda m, ae, inn, e: Jitter(-1), ValueError, r"`pixels` must be >= 0 \(the largest shift\), got -1"),
         ("a fractional Jitter shift", lambda m, ae, inn, e: Jitter(2.5), TypeError, r"`pixels` must be an int, got 2.5"),
         ("a Jitter range upside down", lambda m, ae, inn, e: Jitter(2, value_range=(1, 0)), ValueError, r"`value_range` must be two finite numbers \(low, high\) with low < high"),
+        ("normalised images for a Jitter clamping to [0, 1]", lambda m, ae, inn, e: Jitter(1)((X - 0.5) / 0.25), ValueError, r"Jitter's images range over \[-2, 2\], far outside `value_range` \(0.0, 1.0\).*value_range=None"),
+        ("one image for a Jitter", lambda m, ae, inn, e: Jitter(1)(X[0]), ValueError, r"Jitter takes a batch of images \(N, C, H, W\), got \(3, 32, 32\); for one image pass image.unsqueeze\(0\)"),
         ("a Jitter flip given as a string", lambda m, ae, inn, e: Jitter(2, flip="no"), TypeError, r"`flip` must be True or False, got 'no'"),
         ("a fractional ColorDigits index", lambda m, ae, inn, e: ColorDigits("test")[2.7], TypeError, r"`index` must be an int, got 2.7"),
         ("a ColorDigits test fraction as a string", lambda m, ae, inn, e: ColorDigits(test_fraction="0.5"), ValueError, r"`test_fraction` must be a number strictly between 0 and 1, got '0.5'"),

@@ -58,6 +58,18 @@ class Jitter:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.dim() != 4:  # one (C, H, W) image: an IndexError in the padding
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"Jitter takes a batch of images (N, C, H, W), got {got}; for one image pass "
+                             "image.unsqueeze(0).")
+        if self.value_range is not None:
+            # normalised images clamped to (0, 1) lost most of their pixels without a word
+            low, high = (float(v) for v in torch.aminmax(images.detach()))
+            margin = 0.5 * (self.value_range[1] - self.value_range[0])
+            if low < self.value_range[0] - margin or high > self.value_range[1] + margin:
+                raise ValueError(f"Jitter's images range over [{low:.3g}, {high:.3g}], far outside `value_range` "
+                                 f"{tuple(self.value_range)}, to which it clamps them; pass your pixels' range "
+                                 "(value_range=(low, high)) or value_range=None (no clamping).")
         p = self.pixels
         if p > 0:
             padded = F.pad(images, (p, p, p, p), mode="replicate")

@@ -203,6 +203,9 @@ class ColorDigits(Dataset):
         split: ``"train"``, ``"test"`` or ``"all"`` (every image, no split).
         recolorings: Number ``k >= 1`` of independently coloured copies of each image.
         seed: Non-negative integer; fixes the split, the colours and the default pair stream.
+            Build the train and test splits with the same ``seed`` (and ``test_fraction``): other
+            values split the digits otherwise, so the two would share handwritten images (288 of
+            359 test images for seeds 0 and 1).
         test_fraction: Share of each digit class that goes to the test split, in ``(0, 1)``.
             Every class keeps at least one image on each side.
         image_size: Side length of the square images (the 8×8 originals are resized to it).

@@ -277,6 +277,8 @@ class ColorDigits(Dataset):
         if image_size < 1:
             raise ValueError(f"`image_size` must be >= 1, got {image_size}.")
 
+        if isinstance(min_contrast, bool) or not isinstance(min_contrast, numbers.Real):  # "0.5" passed float()
+            raise TypeError(f"`min_contrast` must be a number (an RGB distance), got {min_contrast!r}.")
         if not 0.0 <= float(min_contrast) <= _MAX_CONTRAST:
             raise ValueError(f"`min_contrast` must lie in [0, {_MAX_CONTRAST:.3f}], got {min_contrast}: a pair that "
                              "keeps one colour must find another that far from it, and no colour lies farther than "

@@ -235,6 +235,8 @@ def _cases():
         ("one image for a Jitter", lambda m, ae, inn, e: Jitter(1)(X[0]), ValueError, r"Jitter takes a batch of images \(N, C, H, W\), got \(3, 32, 32\); for one image pass image.unsqueeze\(0\)"),
         ("a Jitter flip given as a string", lambda m, ae, inn, e: Jitter(2, flip="no"), TypeError, r"`flip` must be True or False, got 'no'"),
         ("a fractional ColorDigits index", lambda m, ae, inn, e: ColorDigits("test")[2.7], TypeError, r"`index` must be an int, got 2.7"),
+        ("a ColorDigits contrast as a string", lambda m, ae, inn, e: ColorDigits(min_contrast="0.5"), TypeError, r"`min_contrast` must be a number \(an RGB distance\), got '0.5'"),
+        ("a ColorDigits contrast of None", lambda m, ae, inn, e: ColorDigits(min_contrast=None), TypeError, r"`min_contrast` must be a number \(an RGB distance\), got None"),
         ("a ColorDigits test fraction as a string", lambda m, ae, inn, e: ColorDigits(test_fraction="0.5"), ValueError, r"`test_fraction` must be a number strictly between 0 and 1, got '0.5'"),
         ("8-bit images for the colour estimate", lambda m, ae, inn, e: estimate_colours((X * 255).to(torch.uint8)), TypeError, r"`images` images must be floating point, got dtype torch.uint8; convert with .float\(\)"),
         ("concept pairs that a layer turns into NaN", lambda m, ae, inn, e: fit_concepts((nn.Sequential(NaNs(), nn.Linear(6, 2)), "0"), [ConceptPairs.from_labels("c", X, [0, 1, 0])], steps=1, pool_size=4, progress=False), ValueError, r"Concept 'c''s pairs encode to NaN or infinite values"),

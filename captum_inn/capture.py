@@ -178,6 +178,54 @@ def module_names(model: nn.Module, module: nn.Module) -> List[str]:
                               if m is module))
 
 
+def warn_if_run_twice(model: nn.Module, modules: Mapping[str, nn.Module], args: Tuple[Any, ...]) -> None:
+    """Warn about each layer whose module runs more than once in one pass of ``model(*args)`` (one
+    image is enough): hooks here read its first call, which the fits learn and every explainer
+    replaces. For a second name of one module (``self.act2 = self.act1``) that first call may be
+    another name's; for a module reused inside a block (torchvision's ``BasicBlock`` calls its
+    ``relu`` after ``bn1`` and again on the block's output) Captum's ``LayerActivation`` reads the
+    last call, so the two disagree unwarned. The first of several names is not warned about (its
+    call is the first). ``modules`` is ``{layer name: module}``."""
+    from captum_inn.attr._common import user_stacklevel  # that module imports this one
+
+    calls: Dict[int, int] = {}
+
+    def count(module: nn.Module, _args: Any) -> None:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+
+    handles = [m.register_forward_pre_hook(count) for m in {id(m): m for m in modules.values()}.values()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            _unwrapped(model)(*args)  # a DataParallel's replicas would not be counted
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, module in modules.items():
+        n_calls = calls.get(id(module), 0)
+        if n_calls < 2:
+            continue
+        names = module_names(model, module)
+        if names[0] != name:
+            warnings.warn(
+                f"layer {name!r} runs {n_calls} times in each forward pass: it is one module object with the names "
+                f"{names}, and its features are those of its first call, whichever name the model calls it by (the "
+                f"call as {names[0]!r}, if the model makes that first). Give {name!r} a module of its own (e.g. a "
+                "second nn.ReLU()).", UserWarning, stacklevel=user_stacklevel(),
+            )
+            continue
+        if len(names) > 1:  # its first name, and its first call: the one the name asks for
+            continue
+        parent = name.rpartition(".")[0]
+        block = (f" (for a torchvision residual block's relu, the block {parent!r} itself, whose output is its last "
+                 "call)") if parent else ""
+        warnings.warn(
+            f"layer {name!r} runs {n_calls} times in each forward pass; the INN learns its first call, the one every "
+            "explainer here reads and replaces, while Captum's LayerActivation and LayerGradCam read its last. If you "
+            f"meant a later call, hook a module that runs once there{block}.",
+            UserWarning, stacklevel=user_stacklevel(),
+        )
+
+
 def _without_wrappers(name: str) -> str:
     """``name`` without the prefixes of wrappers that call the module they wrap once (``_orig_mod.``,
     ``module.``)."""

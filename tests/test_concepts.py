@@ -773,7 +773,8 @@ def test_a_compiled_model_that_has_run_is_read_and_edited():
 
 
 def test_layer_representation_of_a_module_called_twice_keeps_the_model_exact():
-    """The layer's first call is read (the pass stops there); only that call is replaced, not the second."""
+    """The layer's first call is read (the pass stops there), and a warning says so; only that call is
+    replaced, not the second."""
 
     class Twice(VectorModel):
         def forward(self, x):
@@ -784,8 +785,11 @@ def test_layer_representation_of_a_module_called_twice_keeps_the_model_exact():
     model = Twice().eval()
     images = torch.rand(64, 3, 8, 8)
     pairs = ConceptPairs.from_labels("label", images, torch.arange(64) % 2)
-    e = fit_concepts(LayerRepresentation(model, "hidden"), [pairs], steps=3, n_blocks=1, hidden=16,
-                     pool_size=64, progress=False)
+    with pytest.warns(UserWarning, match=r"layer 'hidden' runs 2 times in each forward pass; the INN learns its "
+                                         r"first call") as info:
+        e = fit_concepts(LayerRepresentation(model, "hidden"), [pairs], steps=3, n_blocks=1, hidden=16,
+                         pool_size=64, progress=False)
+    assert [w.filename for w in info if "runs 2 times" in str(w.message)] == [__file__]
     assert (LayerConcepts(model, "hidden", e).output_from_factors(images) - model(images)).abs().max() <= 1e-4
     assert_no_hooks(model)
 
@@ -825,6 +829,18 @@ def test_layer_concepts_read_the_side_of_the_layer_their_inns_were_fitted_on(tmp
         LayerConcepts(model, "hidden", code_e, ae, invariance_inn=t, attribute_to_layer_input=False)
     with pytest.raises(ValueError, match="`invariance_inn` was fitted on layer 'hidden', not 'fc'"):
         LayerConcepts(model, "fc", code_e, ae, invariance_inn=t)
+
+    # on codes, without invariance_inn, no method reads the layer: its side and selector were ignored unwarned
+    with pytest.warns(UserWarning, match=r"`attribute_to_layer_input` and `selector` are not used: `concept_inn` acts "
+                                         r"on the autoencoder's codes") as info:
+        on_codes = LayerConcepts(model, "hidden", code_e, ae, attribute_to_layer_input=True, selector=0)
+    assert info[0].filename == __file__
+    with pytest.warns(UserWarning, match=r"`attribute_to_layer_input` is not used: .*no layer is read or replaced"):
+        with_side = on_codes.attribute(images[:2], target=0, n_steps=2, attribute_to_layer_input=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.allclose(LayerConcepts(model, "hidden", code_e, ae).attribute(images[:2], target=0, n_steps=2),
+                              with_side)
 
 
 def test_layer_concepts_on_a_tuple_output_follow_the_recorded_selector(tmp_path):

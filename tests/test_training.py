@@ -1362,6 +1362,65 @@ def test_a_layer_named_by_a_second_name_of_a_module_called_twice_is_warned_about
         cache_features(Shared(twice=False).eval(), ["act2", "conv2"], ae, images, progress=False)  # an alias called once
 
 
+def test_a_layer_whose_module_runs_twice_is_warned_about():
+    """torchvision's BasicBlock calls its relu after conv1 and again on the block's output: the cache held
+    the first call while Captum's LayerActivation reads the last, unwarned. The block itself, which runs
+    once, is not warned about."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Block()).eval()
+    ae, images = ConvAutoencoder((3, 8, 8), latent_dim=4, width=4).eval(), torch.rand(3, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"layer '1.relu' runs 2 times in each forward pass; the INN learns its "
+                                         r"first call.*LayerActivation.*the block '1' itself") as info:
+        cache = cache_features(model, "1.relu", ae, images, progress=False)
+    assert [w.filename for w in info if "runs 2 times" in str(w.message)] == [__file__]
+    first_call = torch.relu(model[1].conv1(model[0](images)))
+    assert torch.allclose(cache.layers["1.relu"].float(), first_call, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache_features(model, ["1", "1.conv1"], ae, images, progress=False)
+
+
+def test_random_transforms_inside_a_dataset_are_warned_about_by_the_fits_that_read_it_once():
+    """A Dataset with a random transform (a RandomCrop) was read once, seeded, by fit_autoencoder and
+    fit_classifier: each image kept one draw for every step, unwarned; augment= draws afresh."""
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    from captum_inn.training.classifier import fit_classifier
+
+    images, labels = torch.rand(16, 3, 8, 8), torch.arange(16) % 2
+
+    class Shifted(Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return torch.roll(images[i], int(torch.randint(-2, 3, ())), dims=-1), labels[i]
+
+    random_transform = r"`data`'s items differ from one read to the next .*pass them as augment="
+    with pytest.warns(UserWarning, match=random_transform) as info:
+        fit_autoencoder(Shifted(), latent_dim=4, width=4, steps=1, batch_size=8, progress=False)
+    assert [w.filename for w in info if "items differ" in str(w.message)] == [__file__]
+    with pytest.warns(UserWarning, match=random_transform):
+        fit_classifier(SmallCNN(num_classes=2, width=4, image_size=8), DataLoader(Shifted(), batch_size=4),
+                       steps=1, batch_size=8, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_autoencoder(TensorDataset(images, labels), latent_dim=4, width=4, steps=1, batch_size=8, progress=False)
+    with pytest.raises(TypeError, match=r"`data` is a dict \(keys \['images', 'labels'\]\); pass \(images, labels\)"):
+        fit_classifier(SmallCNN(num_classes=2, width=4, image_size=8), {"images": images, "labels": labels},
+                       steps=1, progress=False)
+
+
 def test_a_perceptual_model_it_cannot_call_or_read_is_explained():
     """A perceptual layer giving a tuple was told to "pass selector=", which fit_autoencoder does not take; a
     perceptual model needing a second argument failed with torch's TypeError at the first step."""
@@ -1457,12 +1516,29 @@ def test_an_edited_feature_cache_file_is_a_checkpoint_error(tmp_path):
     meta = {"kind": "feature_cache", "config": {"layers": ["fc"], **cache._record()}}
     for tensors, match in (({"code_mean": cache.code_mean, "code_std": cache.code_std}, "KeyError: 'layer.fc'"),
                            ({"code_mean": cache.code_mean, "code_std": cache.code_std, "layer.fc": torch.randn(4, 10)},
-                            r"\[4, 5\] rows")):
+                            r"`layers\['fc'\]` of shape \(4, 10\) must be \(N, ...\) with N = 5")):
         save_checkpoint(tmp_path / "features.safetensors", tensors, meta)
         with pytest.raises(CheckpointError, match=f"is incomplete or was edited.*{match}.*delete it to recompute"):
             FeatureCache.load(tmp_path / "features.safetensors")
     cache.save(tmp_path / "whole.safetensors")
     assert torch.equal(FeatureCache.load(tmp_path / "whole.safetensors").layers["fc"], cache.layers["fc"])
+
+
+def test_a_hand_built_feature_cache_whose_arrays_do_not_fit_together_is_refused():
+    """Extra layer rows trained silently on images without codes, fewer failed mid-fit with a raw
+    IndexError, and a code_std of another shape was saved and then refused as "edited" on load."""
+    codes = torch.zeros(5, 6)
+    for arguments, error, match in (
+        ((codes, torch.ones(5, 6), {"fc": torch.randn(6, 10)}), ValueError,
+         r"`layers\['fc'\]` of shape \(6, 10\) must be \(N, ...\) with N = 5, the rows of `code_mean`"),
+        ((codes, torch.ones(5, 3), {}), ValueError, r"`code_std` of shape \(5, 3\) must have `code_mean`'s shape \(5, 6\)"),
+        ((codes.flatten(), codes.flatten(), {}), ValueError, r"`code_mean` must be \(N, d\), one code per image"),
+        ((codes.numpy(), codes, {}), TypeError, r"`code_mean` must be a torch.Tensor .*torch.as_tensor"),
+        ((codes, codes, [torch.zeros(5, 2)]), TypeError, r"`layers` must be a dict \{layer name: \(N, \*shape\) array\}"),
+    ):
+        with pytest.raises(error, match=match):
+            FeatureCache(*arguments)
+    assert len(FeatureCache(codes, codes, {"score": torch.zeros(5)})) == 5  # a layer of one value per image
 
 
 def test_checkpoints_and_caches_of_views_of_one_tensor_are_saved(tmp_path):

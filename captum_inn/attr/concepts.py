@@ -237,6 +237,14 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     UserWarning, stacklevel=user_stacklevel())
         else:
             _check_code_autoencoder(concept_inn, autoencoder)
+            unused = [f"`{arg}`" for arg, value in (("attribute_to_layer_input", attribute_to_layer_input),
+                                                     ("selector", selector)) if value is not None]
+            if unused and invariance_inn is None:  # encoded() reads the layer through invariance_inn
+                warnings.warn(
+                    f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: `concept_inn` acts on the "
+                    "autoencoder's codes, and without `invariance_inn` no method reads the layer (attribute and edit "
+                    "decode codes and run the model on the images). Leave it out, or pass invariance_inn= for encoded().",
+                    UserWarning, stacklevel=user_stacklevel())
         if invariance_inn is not None:
             if not isinstance(invariance_inn, ConditionalINN):
                 raise TypeError(f"`invariance_inn` must be a ConditionalINN, got {type(invariance_inn).__name__}.")
@@ -873,6 +881,11 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             raise ValueError(f"`n_steps` must be >= 2 for method={method!r} (a Riemann sum over a path), got {n_steps}.")
         if internal_batch_size is not None:
             internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        if attribute_to_layer_input is not None and self.representation != _LAYER:
+            warnings.warn(
+                "`attribute_to_layer_input` is not used: `concept_inn` acts on the autoencoder's codes, and attribute "
+                "decodes them and runs the model on the images, so no layer is read or replaced. Leave it out.",
+                UserWarning, stacklevel=user_stacklevel())
         inputs = format_inputs(inputs, self.image_input)
         n = inputs[0].shape[0]
         check_target_count(target, n, inputs[self.image_input].device)

@@ -39,6 +39,7 @@ from captum_inn.training.checkpoint import (
 from captum_inn.training.data import (
     check_image_dtype,
     images_as_tensor,
+    warn_if_random_items,
 )
 from captum_inn.training.distributed import (
     check_processes_agree,
@@ -195,6 +196,7 @@ def fit_autoencoder(
                           "give every process the same augmentation (each already augments its own shard of the "
                           "images, and a resumed fit restores each process's augmentation state).")
     # detached: the fit learns weights, not pixels (images that require grad got a .grad as large as the data)
+    warn_if_random_items(data, "fit_autoencoder")
     images = images_as_tensor(data).detach()
     if images.dim() != 4 or images.shape[0] < 2:
         raise ValueError(f"`data` must hold at least 2 images (N, C, H, W), got shape {tuple(images.shape)}.")

@@ -59,10 +59,10 @@ from captum_inn.capture import (
     did_not_run_hint,
     eval_mode,
     module_attributes,
-    module_names,
     per_layer_selectors,
     resolve_layer,
     selector_record,
+    warn_if_run_twice,
 )
 from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captum_inn.training.data import (
@@ -150,6 +150,28 @@ class FeatureCache:
     # what a saved cache records beside its arrays (the fields after `layers`)
     _RECORD = ("model_class", "source", "layer_inputs", "autoencoder_weights", "source_parts", "model_weights",
                "selectors", "forward_args", "model_buffers", "image_input")
+
+    def __post_init__(self) -> None:
+        # a hand-built cache with mismatched rows trained on the extra rows silently, or failed with a raw
+        # IndexError mid-fit; a saved one was then refused as "edited"
+        if not isinstance(self.layers, dict):
+            raise TypeError(f"`layers` must be a dict {{layer name: (N, *shape) array}}, got {type(self.layers).__name__}.")
+        arrays = {"code_mean": self.code_mean, "code_std": self.code_std,
+                  **{f"layers[{name!r}]": values for name, values in self.layers.items()}}
+        for what, values in arrays.items():
+            if not isinstance(values, (Tensor, DiskArray)):
+                raise TypeError(f"`{what}` must be a torch.Tensor (or a DiskArray), got {type(values).__name__}; "
+                                "convert it with torch.as_tensor.")
+        if len(self.code_mean.shape) != 2:
+            raise ValueError(f"`code_mean` must be (N, d), one code per image, got shape {tuple(self.code_mean.shape)}.")
+        if tuple(self.code_std.shape) != tuple(self.code_mean.shape):
+            raise ValueError(f"`code_std` of shape {tuple(self.code_std.shape)} must have `code_mean`'s shape "
+                             f"{tuple(self.code_mean.shape)}: one spread per code entry (zeros for a deterministic encoder).")
+        n = self.code_mean.shape[0]
+        for what, values in arrays.items():
+            if len(values.shape) < 1 or values.shape[0] != n:
+                raise ValueError(f"`{what}` of shape {tuple(values.shape)} must be (N, ...) with N = {n}, the rows of "
+                                 "`code_mean`: every array holds one row per image, in the same order.")
 
     def _record(self) -> Dict[str, Any]:
         """The cache's description beside its arrays (JSON), as :meth:`save` and ``memmap_dir`` write it."""
@@ -256,12 +278,8 @@ class FeatureCache:
         tensors, meta = load_checkpoint(path, kind="feature_cache")
         try:
             names = meta["config"]["layers"]
-            cache = cls._from_record(tensors["code_mean"], tensors["code_std"],
+            cache = cls._from_record(tensors["code_mean"], tensors["code_std"],  # its rows and shapes checked
                                      {n: tensors[f"layer.{n}"] for n in names}, meta["config"])
-            rows = {len(a) for a in (cache.code_mean, cache.code_std, *cache.layers.values())}
-            if len(rows) != 1 or cache.code_std.shape != cache.code_mean.shape:
-                raise ValueError(f"its arrays have {sorted(rows)} rows, codes of shapes {tuple(cache.code_mean.shape)} "
-                                 f"and {tuple(cache.code_std.shape)}")
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise CheckpointError(f"Feature cache {str(path)!r} is incomplete or was edited ({type(error).__name__}: "
                                   f"{error}); delete it to recompute it.") from None
@@ -305,9 +323,6 @@ class FeatureCache:
                 arrays[key] = DiskArray(folder / file)
             if {len(a) for a in arrays.values()} != {manifest["n"]}:
                 raise ValueError(f"its arrays do not all have {manifest['n']} rows")
-            if arrays["code_std"].shape != arrays["code_mean"].shape:  # as FeatureCache.load refuses it
-                raise ValueError(f"code_std {tuple(arrays['code_std'].shape)} for code_mean "
-                                 f"{tuple(arrays['code_mean'].shape)}")
             layers = {name: arrays[f"layer.{name}"] for name in manifest["layers"]}
             return cls._from_record(arrays["code_mean"], arrays["code_std"], layers, manifest)
         except BaseException as error:
@@ -393,39 +408,6 @@ def _warn_if_random(model: nn.Module, layer_list: Sequence[Any], first_rows: Map
             "layer a function of each image alone before fitting.",
             UserWarning, stacklevel=user_stacklevel(),
         )
-
-
-def _warn_if_called_twice(model: nn.Module, modules: Mapping[str, nn.Module], images: Tensor,
-                          extra: Tuple[Any, ...], image_input: int = 0) -> None:
-    """Warn about a layer that is not its module's first name (``self.act2 = self.act1``) when that
-    module runs more than once per forward pass: the cache holds its first call, which the name
-    asked for may not be (``"act2"`` read ``act1``'s activation, unwarned). One pass over one image,
-    without stopping early, counts the calls; a mere alias called once is not warned about."""
-    aliased = {name: m for name, m in modules.items() if module_names(model, m)[0] != name}
-    if not aliased:
-        return
-    calls: Dict[int, int] = {}
-
-    def count(module: nn.Module, args: Any) -> None:
-        calls[id(module)] = calls.get(id(module), 0) + 1
-
-    runner = model.module if isinstance(model, nn.DataParallel) else model  # replicas' calls are not counted
-    handles = [m.register_forward_pre_hook(count) for m in {id(m): m for m in aliased.values()}.values()]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            runner(*_model_args(images[:1], slice_forward_args(extra, slice(0, 1), images.shape[0]) or (), image_input))
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, module in aliased.items():
-        if calls.get(id(module), 0) > 1:
-            first = module_names(model, module)[0]
-            warnings.warn(
-                f"layer {name!r} runs {calls[id(module)]} times in each forward pass: it is one module object with "
-                f"the names {module_names(model, module)}, and its features are those of its first call, whichever "
-                f"name the model calls it by (the call as {first!r}, if the model makes that first). Give {name!r} a module "
-                "of its own (e.g. a second nn.ReLU()).", UserWarning, stacklevel=user_stacklevel(),
-            )
 
 
 def _check_ordered_for_per_image_args(data: Any, extra: Tuple[Any, ...], n_rows: Optional[int]) -> None:
@@ -816,7 +798,8 @@ def cache_features(
                 if seen == 0:  # once: a sequence-first layer with as many tokens as images in a batch
                     _check_sequence_first(model, layer_list, names, values, images, batch_extra,
                                           attribute_to_layer_input, selector, image_input)
-                    _warn_if_called_twice(model, modules, images, batch_extra, image_input)
+                    warn_if_run_twice(model, modules, _model_args(
+                        images[:1], slice_forward_args(batch_extra, slice(0, 1), images.shape[0]) or (), image_input))
                     _warn_if_random(model, layer_list, first_rows, images, batch_extra, attribute_to_layer_input,
                                     selector, image_input)
                 mean, std = encode_images(autoencoder, images, posterior=True, name="data")

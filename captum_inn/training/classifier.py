@@ -46,6 +46,7 @@ from captum_inn.training.data import (
     loader_indices,
     loader_sampler,
     seeded_reading,
+    warn_if_random_items,
 )
 from captum_inn.training.distributed import (
     local_batch_size,
@@ -67,6 +68,9 @@ def _as_labelled(data: Any) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     if (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and data[0].dim() >= 2
             and isinstance(data[1], (np.ndarray, list, tuple))):  # (images, NumPy or list labels): read as a
         return data[0], torch.as_tensor(np.asarray(data[1])), None  # dataset, it unpacked into nonsense
+    if isinstance(data, dict):  # read as a dataset, it failed on data[0] with a bare KeyError: 0
+        raise TypeError(f"`data` is a dict (keys {sorted(map(str, data))}); pass (images, labels), e.g. "
+                        "(data['images'], data['labels']), or a Dataset of (image, label) pairs.")
     if isinstance(data, Tensor):
         raise TypeError("`data` holds images but no labels; pass (images, labels), a Dataset of (image, label) "
                         "pairs, or an object with `images` and `targets` (e.g. ColorDigits).")
@@ -199,6 +203,7 @@ def fit_classifier(
     check_autograd_weights(model, "`model`", "fit_classifier trains its weights")
     adversarial_epsilon = check_number(adversarial_epsilon, "adversarial_epsilon")
     n_ranks = world(device)[1]  # joins torchrun's process group (NCCL on GPUs, each process on its own) before moving
+    warn_if_random_items(data, "fit_classifier")
     images, labels, weights = _as_labelled(data)
     images = images.detach()  # the fit learns weights: images that require grad got a .grad as large as the data
     check_image_dtype(images)  # 8-bit pixels: a raw dtype error from the first layer otherwise

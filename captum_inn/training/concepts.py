@@ -47,6 +47,7 @@ from captum_inn.capture import (
     resolve_layer,
     selector_for_layer,
     selector_record,
+    warn_if_run_twice,
 )
 from captum_inn.concepts import RESIDUAL, ConceptPairs, as_concepts
 from captum_inn.inn import FactorINN, factor_sizes_from_scores
@@ -167,10 +168,10 @@ class LayerRepresentation:
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(self.model).__name__}.")
-        self.layer_name, module = resolve_layer(self.model, self.layer)
+        self.layer_name, self.module = resolve_layer(self.model, self.layer)
         warn_if_batch_statistics(self.model, "LayerRepresentation")
         # a {layer: selector} dict: its entry for this layer
-        self.layer_selector = selector_for_layer(self.model, self.layer_name, module, self.selector)
+        self.layer_selector = selector_for_layer(self.model, self.layer_name, self.module, self.selector)
 
     def encode(self, inputs: Tensor) -> Tuple[Tensor, Tensor]:
         """``(features, zeros)``: the layer's activation ``(N, d)`` (deterministic, so zero spread)."""
@@ -236,10 +237,15 @@ def _as_encoder(representation: Any, device: Optional[Union[str, torch.device]] 
         if device is not None:
             check_module_device(representation.model, device, "representation")
         layer = representation
+        counted: List[bool] = []  # the layer's calls per pass are counted once, on the first examples
 
         def encode_layer(images: Tensor) -> Tuple[Tensor, Tensor]:
             with dtype_errors_named(images, layer.model, name="concepts"):  # a bfloat16 model: a raw RuntimeError
-                return layer.encode(images)
+                features = layer.encode(images)
+                if not counted:
+                    counted.append(True)
+                    warn_if_run_twice(layer.model, {layer.layer_name: layer.module}, (images[:1],))
+                return features
 
         return encode_layer, representation.describe
     try:

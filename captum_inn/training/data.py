@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
@@ -20,7 +21,7 @@ from torch.utils.data import (
 )
 
 from captum_inn._random import seeded_every_global_rng
-from captum_inn.attr._common import check_positive_int
+from captum_inn.attr._common import check_positive_int, user_stacklevel
 
 __all__ = ["iter_image_batches", "images_as_tensor", "count_images", "per_image_rows", "check_image_dtype", "loader_indices",
            "loader_batching"]
@@ -287,6 +288,35 @@ def _items_are_stored_arrays(data: Any) -> bool:
     from captum_inn.datasets import ColorDigits
 
     return isinstance(data, ColorDigits) or not hasattr(data, "__getitem__")
+
+
+def warn_if_random_items(data: Any, fit: str) -> None:
+    """Warn where ``data``'s items differ from one read to the next (random transforms in a
+    ``Dataset``): ``fit`` reads every image once, with the random generators seeded the same on every
+    read (a resume must see the same images), so each image keeps one draw for all the steps, where
+    the user expected fresh ones. The first item is read twice, under two seeds."""
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if (isinstance(dataset, (Tensor, tuple, list, dict, IterableDataset)) or _items_are_stored_arrays(dataset)
+            or not hasattr(dataset, "__len__")):
+        return
+    try:
+        if len(dataset) == 0:
+            return
+        reads = []
+        for seed in (1, 2):
+            with seeded_every_global_rng(seed):
+                reads.append(_images_of(dataset[0]))
+    except Exception:  # noqa: BLE001 - items the fit cannot read either: its own read names the problem
+        return
+    if reads[0].shape == reads[1].shape and torch.equal(reads[0], reads[1]):
+        return
+    warnings.warn(
+        f"`data`'s items differ from one read to the next (random transforms in the Dataset, e.g. a RandomCrop): "
+        f"{fit} reads every image once, with the random generators seeded the same on every read so that a resume "
+        "sees the same images, and trains on that one draw of each image for all its steps. For fresh draws at "
+        "every step, take the random transforms out of the Dataset and pass them as augment= (a callable on image "
+        "batches, e.g. captum_inn.training.Jitter).", UserWarning, stacklevel=user_stacklevel(),
+    )
 
 
 def iter_image_batches(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,22 @@ def _interruptible_fit(path, steps=30, callback=None):
     history = train_loop(module, loss_fn, steps=steps, lr=1e-2, schedule="cosine", checkpoint=str(path),
                          checkpoint_every=10, callback=callback, progress=False)
     return module, history
+
+
+def test_a_cosine_fit_resumed_with_more_steps_warns_that_its_rate_jumps(tmp_path):
+    """A finished cosine fit of 30 steps (rate 1% of lr) resumed with steps=60 went on at the rate of
+    step 30 of 60 (about half of lr): a warm restart taken silently for the rest of one schedule."""
+    path = tmp_path / "fit.safetensors"
+    _interruptible_fit(path, steps=30)
+    assert load_checkpoint(path)[1]["total_steps"] == 30
+    with pytest.warns(UserWarning, match=r"holds 30 steps of a cosine schedule over 30 steps; this fit's is over 60, "
+                                         r"so the rate jumps from 0.0001 to 0.00505 at step 30") as info:
+        _interruptible_fit(path, steps=60)
+    assert info[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _interruptible_fit(path, steps=60)  # finished at 60 of 60: nothing resumes
+        _interruptible_fit(tmp_path / "other.safetensors", steps=20)
 
 
 @pytest.fixture

@@ -186,6 +186,26 @@ def _global_seed(seed: int, rank: int, start: int) -> int:
     return (int(seed) * 1009 + 0x5EED + _RANK_SEED_STRIDE * rank + start) % 2**64
 
 
+def _cosine_rate(lr: float, step: int, steps: int) -> float:
+    """The cosine schedule's rate at ``step`` of ``steps``: half a cosine from ``lr`` to 1% of it."""
+    return lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))
+
+
+def _warn_if_schedule_stretched(checkpoint: Any, schedule: str, lr: float, start: int, saved_steps: Any,
+                                steps: int) -> None:
+    """Warn when a cosine fit resumes with other ``steps`` than the checkpoint's: the rate is a function
+    of ``step / steps``, so it jumps at the resume (a finished fit extended restarts near ``lr``)."""
+    if schedule != "cosine" or not isinstance(saved_steps, int) or saved_steps == steps or start >= steps:
+        return
+    before, after = _cosine_rate(lr, start, saved_steps), _cosine_rate(lr, start, steps)
+    warnings.warn(
+        f"{str(checkpoint)!r} holds {start} steps of a cosine schedule over {saved_steps} steps; this fit's is over "
+        f"{steps}, so the rate jumps from {before:.3g} to {after:.3g} at step {start} (a warm restart, not the "
+        f"schedule of an uninterrupted fit of {steps} steps). For one smooth schedule, pass resume=False.",
+        UserWarning, stacklevel=user_stacklevel(),
+    )
+
+
 def resume_key(config: Dict[str, Any]) -> Dict[str, Any]:
     """The part of a fit's settings that a resumed fit must share with the checkpoint.
 
@@ -379,7 +399,7 @@ def train_loop(
         grad_clip: Clip the gradient norm to this value (``None``: no clipping).
         schedule: ``"constant"`` or ``"cosine"`` (half a cosine from ``lr`` towards 1% of ``lr``,
             reached at the end of the fit; the rate is a function of the step, so a resumed fit
-            follows the same schedule).
+            follows the same schedule; one resumed with other ``steps`` warns, as its rate jumps).
         checkpoint: Path of the checkpoint file; ``None`` keeps nothing on disk.
         checkpoint_every: Steps between checkpoints (the last step is always saved).
         resume: Continue from ``checkpoint`` when it exists. A resume refuses (``CheckpointError``)
@@ -522,6 +542,7 @@ def train_loop(
             for key, extra in zip(extra_keys, generators):
                 if key in tensors:  # absent in checkpoints of older versions
                     extra.set_state(tensors[key])
+            _warn_if_schedule_stretched(checkpoint, schedule, lr, start, saved.get("total_steps"), steps)
             if main_state is not None:
                 generator.set_state(main_state)
             else:
@@ -550,7 +571,7 @@ def train_loop(
                               for r, s in enumerate(states_i)}}
                 save_checkpoint(checkpoint, tensors, {**meta, "step": step, "history": history,
                                                       "optimizer": optim_meta, "world_size": n_ranks,
-                                                      "loop": loop_settings})
+                                                      "loop": loop_settings, "total_steps": steps})
 
     if graphed:  # after the resume: the captured update reads the rate from this tensor
         for group in optimizer.param_groups:
@@ -624,7 +645,7 @@ def train_loop(
             streams.enter_context(running_on(side, device))
         for step in bar:
             if schedule == "cosine":
-                rate = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps))))
+                rate = _cosine_rate(lr, step, steps)
                 for group in optimizer.param_groups:
                     if torch.is_tensor(group["lr"]):
                         group["lr"].fill_(rate)

@@ -1326,6 +1326,10 @@ def test_snapshots_and_concept_dynamics(tmp_path):
         with pytest.raises(TypeError, match=r"`steps` must be a sequence of step numbers, e.g. range\(0, 1001, 100\)"):
             Snapshots(steps, model)
     assert not torch.equal(snaps.models[0].fc.weight, snaps.models[5].fc.weight)  # copies, not the live model
+    with pytest.raises(ValueError, match=r"follows the fit of another model \(it holds steps \[0, 5\] of a VectorModel\); "
+                                         r"make a new Snapshots"):  # a second fit's step 5 replaced the first's
+        fit_classifier(VectorModel(), (images, labels), steps=5, callback=snaps, progress=False)
+    assert sorted(snaps.models) == [0, 5]
     ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
     e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
     e(torch.randn(32, 6))

@@ -50,7 +50,9 @@ class Snapshots:
         steps: Steps (counted from 1) after which to copy the model; ``0`` copies the model as
             it is now (before training). A step past the fit's last one is never reached, so
             ``snaps.models`` lacks it: compare ``sorted(snaps.models)`` with the steps asked for.
-        model: The model, needed only for a step-0 snapshot.
+        model: The model, needed only for a step-0 snapshot. One ``Snapshots`` follows one
+            model's fit: a call with another model is a ``ValueError`` (it would replace the
+            first fit's snapshots). A resumed fit of the same model replaces the steps it redoes.
 
     Examples::
 
@@ -72,12 +74,18 @@ class Snapshots:
         if any(s < 0 for s in self.steps):
             raise ValueError(f"`steps` must be >= 0, got {self.steps}.")
         self.models: Dict[int, nn.Module] = {}
+        self._followed = model  # the model whose fit this follows (set at the first call when not given)
         if 0 in self.steps:
             if model is None:
                 raise ValueError("A step-0 snapshot needs `model`.")
             self.models[0] = _frozen_copy(model)
 
     def __call__(self, step: int, model: nn.Module) -> None:
+        if self._followed is None:
+            self._followed = model
+        elif model is not self._followed:  # a second fit's step 100 silently replaced the first's
+            raise ValueError(f"This Snapshots follows the fit of another model (it holds steps {sorted(self.models)} "
+                             f"of a {type(self._followed).__name__}); make a new Snapshots for each model's fit.")
         if step in self.steps:
             self.models[step] = _frozen_copy(model)
 

@@ -51,6 +51,7 @@ from captum_inn.capture import (
     resolve_layer,
 )
 from captum_inn.metrics import check_class_logits
+from captum_inn.training.checkpoint import creatable_path
 
 __all__ = ["Comparison", "compare_attributions", "last_spatial_layer"]
 
@@ -139,7 +140,7 @@ class Comparison:
         if repeated:  # the file of each was written twice, and its path returned twice
             raise ValueError(f"`indices` holds {repeated} more than once; give each input once.")
         check_comparison_class_names(self, class_names)  # before the folder is made
-        folder = Path(folder)
+        folder = creatable_path(folder, "folder")
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for i in indices:

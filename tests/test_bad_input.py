@@ -215,6 +215,10 @@ def _cases():
         ("an autoencoder as the dynamics' concept INN", lambda m, ae, inn, e: concept_dynamics({"a": m}, "cnn.fc", ae, ae, Unread(4), X, torch.zeros(3, dtype=torch.long), steps=1, progress=False), TypeError, "`concept_inn` must be a captum_inn.inn.FactorINN"),
         ("a fractional snapshot step", lambda m, ae, inn, e: Snapshots([2.9]), TypeError, r"`steps` must be an int, got 2.9"),
         ("a memory-mapped cache folder that is a file", lambda m, ae, inn, e: cache_features(m, "cnn.fc", ae, X, memmap_dir=__file__, progress=False), ValueError, r"`memmap_dir` '.*test_bad_input.py' is a file, or lies under one"),
+        # Python does not expand '~': a folder literally named '~' was made in the working directory
+        ("an autoencoder checkpoint under an unexpanded ~", lambda m, ae, inn, e: fit_autoencoder(Unread(4), latent_dim=4, steps=1, checkpoint="~/runs/ae.safetensors", progress=False), ValueError, r"`checkpoint` '~/runs/ae.safetensors' starts with '~', which Python does not expand .*os.path.expanduser"),
+        ("an invariance checkpoint folder under an unexpanded ~", lambda m, ae, inn, e: fit_invariances(m, "cnn.fc", ae, X, steps=1, checkpoint_dir="~/runs", progress=False), ValueError, r"`checkpoint_dir` '~/runs.*' starts with '~'"),
+        ("a memory-mapped cache folder under an unexpanded ~", lambda m, ae, inn, e: cache_features(m, "cnn.fc", ae, X, memmap_dir="~/cache", progress=False), ValueError, r"`memmap_dir` '~/cache' starts with '~'"),
         ("a DataLoader yielding single images", lambda m, ae, inn, e: cache_features(m, "cnn.fc", ae, torch.utils.data.DataLoader(X, batch_size=None), progress=False), ValueError, r"DataLoader with batch_size=None, which yields its dataset's items one by one.*pass batch_size="),
         ("no layers to fit", lambda m, ae, inn, e: fit_invariances(m, [], ae, Unread(4), steps=1, progress=False), ValueError, "`layers` is empty"),
         ("a flag given as a string", lambda m, ae, inn, e: fit_invariances(m, "cnn.logits", ae, X, steps=1, attribute_to_layer_input="no", progress=False), TypeError, r"`attribute_to_layer_input` must be True or False, got 'no'"),

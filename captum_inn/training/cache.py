@@ -64,7 +64,12 @@ from captum_inn.capture import (
     selector_record,
     warn_if_run_twice,
 )
-from captum_inn.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from captum_inn.training.checkpoint import (
+    CheckpointError,
+    creatable_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 from captum_inn.training.data import (
     _images_of,
     check_image_dtype,
@@ -461,7 +466,7 @@ class _DiskSink:
             raise ValueError("Caching features on disk (`memmap_dir`, or fit_invariances's memmap=True) needs data of "
                              "known length (a tensor, a sized Dataset or a DataLoader over one with a batch_size or a "
                              "BatchSampler), because the files are sized up front.")
-        self.folder, self.n_rows = Path(folder), n_rows
+        self.folder, self.n_rows = creatable_path(folder, "memmap_dir"), n_rows
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):  # raw OS errors naming neither the argument nor a fix

@@ -70,7 +70,7 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
         >>> tensors["w"].tolist(), meta["format_version"]
         ([1.0, 1.0], 1)
     """
-    path = Path(path)
+    path = creatable_path(path, "path")
     if path.is_dir():  # os.replace failed with a raw IsADirectoryError naming the hidden temporary
         raise IsADirectoryError(f"{str(path)!r} is a folder; pass a file path in it, e.g. "
                                 f"{str(path / 'name.safetensors')!r}.")
@@ -177,6 +177,23 @@ def _remove_stale_temporaries(path: Path) -> None:
                 os.close(fd)
 
 
+def creatable_path(path: PathLike, name: str) -> Path:
+    """``path`` as a ``Path``, refused (``ValueError`` naming argument ``name``) where it starts with
+    ``~``: Python does not expand it, so the folders about to be created would be a folder literally
+    named ``~`` in the working directory (one a later ``rm -rf ~...`` would aim at the home folder).
+
+    Examples::
+
+        >>> creatable_path("runs/fit.safetensors", "checkpoint").name
+        'fit.safetensors'
+    """
+    text = os.fspath(path)
+    if isinstance(text, str) and text.startswith("~"):
+        raise ValueError(f"`{name}` {text!r} starts with '~', which Python does not expand (a folder named '~' would "
+                         f"be made here); pass os.path.expanduser({text!r}).")
+    return Path(text)
+
+
 def check_checkpoint_path(path: PathLike, name: str = "checkpoint") -> Path:
     """Fail before any training when no checkpoint can be written at ``path``.
 
@@ -200,7 +217,7 @@ def check_checkpoint_path(path: PathLike, name: str = "checkpoint") -> Path:
         >>> check_checkpoint_path(os.path.join(tempfile.mkdtemp(), "new", "fit.safetensors")).name
         'fit.safetensors'
     """
-    path = Path(path)
+    path = creatable_path(path, name)
     if path.is_dir():
         raise ValueError(f"`{name}` {str(path)!r} is a folder; pass a file path in it, e.g. {str(path / 'fit.safetensors')!r}.")
     try:

@@ -196,7 +196,7 @@ def warn_if_run_twice(model: nn.Module, modules: Mapping[str, nn.Module], args: 
     handles = [m.register_forward_pre_hook(count) for m in {id(m): m for m in modules.values()}.values()]
     try:
         with torch.no_grad(), eval_mode(model):
-            _unwrapped(model)(*args)  # a DataParallel's replicas would not be counted
+            _unwrapped(model)(*copied_tensors(args))  # a DataParallel's replicas would not be counted
     finally:
         for handle in handles:
             handle.remove()

@@ -276,7 +276,8 @@ def test_resumed_fit_reuses_the_disk_cache(images, autoencoder, tmp_path):
     model = CountingCNN().eval()
     fit_invariances(model, "fc", autoencoder, images, steps=2, checkpoint_dir=str(tmp_path), memmap=True,
                     progress=False, **TINY)
-    read = 40 + 2 * _PROBE_IMAGES  # each image once, the first ones twice more (is the model random?)
+    read = 40 + 2 * _PROBE_IMAGES + 1  # each image once, the first ones twice more (is the model random?), one to
+    # count each layer's calls
     assert model.calls == read and FeatureCache.open(tmp_path / CACHE_DIR) is not None
     fit_invariances(model, "fc", autoencoder, images, steps=4, checkpoint_dir=str(tmp_path), memmap=True,
                     progress=False, **TINY)
@@ -540,7 +541,7 @@ def test_a_damaged_disk_cache_is_a_clear_error(images, autoencoder, tmp_path):
                                                    r"rows\); delete the folder"),
                         ({"selectors": "ab"}, "damaged feature cache.*dictionary update"),  # a raw ValueError
                         ({"files": {**manifest["files"], "code_std": manifest["files"]["layer.fc"]}},
-                         r"damaged feature cache \(ValueError: code_std \(8, 128\) for code_mean")):
+                         r"damaged feature cache \(ValueError: `code_std` of shape \(8, 128\) must have `code_mean`'s shape")):
         manifest_path.write_text(json.dumps({**manifest, **edit}))
         with pytest.raises(ValueError, match=match):
             FeatureCache.open(tmp_path / "cache")

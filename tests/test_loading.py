@@ -189,6 +189,7 @@ def test_layer_concepts_refuses_an_invariance_inn_of_a_model_with_other_weights(
         LayerConcepts(SmallCNN(width=4).eval(), "fc", concept_inn, autoencoder, invariance_inn=inn)
 
 
+@pytest.mark.filterwarnings("ignore:.*of a cosine schedule over 2 steps")  # resumed with steps=3 on purpose
 def test_a_resumed_autoencoder_fit_refuses_other_images_and_another_perceptual_model(images, tmp_path):
     path = str(tmp_path / "ae.safetensors")
     settings = dict(latent_dim=4, width=4, checkpoint=path, progress=False)
@@ -209,6 +210,7 @@ def test_a_resumed_autoencoder_fit_refuses_other_images_and_another_perceptual_m
         fit_autoencoder(images, steps=4, perceptual_layers=("relu1",), **settings)
 
 
+@pytest.mark.filterwarnings("ignore:.*of a cosine schedule over 2 steps")  # resumed with steps=3 on purpose
 def test_a_resumed_autoencoder_fit_refuses_another_augmentation(images, tmp_path):
     """The augmentation shapes what the fit learns from, as the images do; a resume with another one
     (or none) went on silently, a fit that matched neither setting."""
@@ -225,6 +227,7 @@ def test_a_resumed_autoencoder_fit_refuses_another_augmentation(images, tmp_path
             fit_autoencoder(images, steps=4, augment=other, **settings)
 
 
+@pytest.mark.filterwarnings("ignore:.*of a cosine schedule over 2 steps")  # resumed with steps=3 on purpose
 def test_a_resumed_autoencoder_fit_tells_transforms_apart_by_their_settings(images, tmp_path):
     """Beyond Jitter, the record is the transform's repr without memory addresses: a torchvision
     transform of the same class with another setting is refused (its class name alone let it
@@ -243,6 +246,7 @@ def test_a_resumed_autoencoder_fit_tells_transforms_apart_by_their_settings(imag
         fit_autoencoder(images, steps=4, augment=pipeline(0.3), **settings)
 
 
+@pytest.mark.filterwarnings("ignore:.*of a cosine schedule over 2 steps")  # resumed with steps=3 on purpose
 def test_an_autoencoder_checkpoint_of_an_older_version_still_resumes(images, tmp_path):
     path = tmp_path / "ae.safetensors"
     settings = dict(latent_dim=4, width=4, checkpoint=str(path), progress=False)
@@ -305,6 +309,8 @@ def test_a_saved_unfinished_inn_keeps_its_step(images, autoencoder, tmp_path):
     assert load_invariance_inn(str(tmp_path / checkpoint_name("fc")), layer_shape=128).fit_info["step"] == 3  # an int
 
 
+@pytest.mark.filterwarnings("ignore:.*of a cosine schedule over 2 steps")  # resumed with steps=3 on purpose
+@pytest.mark.filterwarnings("ignore:`data`'s items differ")  # random transforms on purpose
 def test_an_autoencoder_fit_on_a_dataset_with_random_transforms_resumes_and_keeps_the_callers_generators(images, tmp_path):
     """A random flip in __getitem__ drew from the global generators: each read gave other images, so a
     resume was refused as "another configuration (source.images)", and the caller's stream moved."""
@@ -324,6 +330,7 @@ def test_an_autoencoder_fit_on_a_dataset_with_random_transforms_resumes_and_keep
     assert len(fit_autoencoder(RandomFlips(), steps=3, **settings).history) == 3
 
 
+@pytest.mark.filterwarnings("ignore:.*of a cosine schedule over 2 steps")  # resumed with steps=3 on purpose
 def test_an_autoencoder_fit_on_a_shuffling_loader_resumes(images, tmp_path):
     """The images were read by iterating the loader, in a new order on every call, so the resume's
     images fingerprint differed and it was refused as "another configuration (source.images)"."""

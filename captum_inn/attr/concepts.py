@@ -237,7 +237,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                     UserWarning, stacklevel=user_stacklevel())
         else:
             _check_code_autoencoder(concept_inn, autoencoder)
-            unused = [f"`{arg}`" for arg, value in (("attribute_to_layer_input", attribute_to_layer_input),
+            # attribute_to_layer_input=False, Captum's default, is what happens
+            unused = [f"`{arg}`" for arg, value in (("attribute_to_layer_input", attribute_to_layer_input or None),
                                                      ("selector", selector)) if value is not None]
             if unused and invariance_inn is None:  # encoded() reads the layer through invariance_inn
                 warnings.warn(
@@ -881,7 +882,7 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             raise ValueError(f"`n_steps` must be >= 2 for method={method!r} (a Riemann sum over a path), got {n_steps}.")
         if internal_batch_size is not None:
             internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
-        if attribute_to_layer_input is not None and self.representation != _LAYER:
+        if attribute_to_layer_input and self.representation != _LAYER:  # False, Captum's default, is what happens
             warnings.warn(
                 "`attribute_to_layer_input` is not used: `concept_inn` acts on the autoencoder's codes, and attribute "
                 "decodes them and runs the model on the images, so no layer is read or replaced. Leave it out.",

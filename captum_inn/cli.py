@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
@@ -108,7 +109,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"captum_inn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,selfcheck}")
-    demo = sub.add_parser("demo", help="train a CNN on ColorDigits, fit INNs for four layers, write a report")
+    demo = sub.add_parser(
+        "demo", help="train a CNN on ColorDigits (or a ResNet-18 on your photos, --images), fit INNs, write a report",
+        description="Train a CNN on ColorDigits (or, with --images, a ResNet-18 on a folder of photos), fit INNs "
+                    "to its layers and write a report folder: index.html (open it in a browser), metrics.json, "
+                    "figures/ and checkpoints/. A rerun into the same folder replaces its report; a folder "
+                    "holding other files is refused. Exit status: 0, 1 with --check when a bound is missed, 2 "
+                    "for a usage error, 130 when interrupted.")
     demo.add_argument("--out", type=_folder, default=None,
                       help=f"report folder (default: {_DEFAULT_OUT}; {_DEFAULT_PHOTO_OUT} with --images)")
     demo.add_argument("--quick", action="store_true", help="small settings for a smoke test (about 4 minutes on 2 cores)")
@@ -120,12 +127,39 @@ def _build_parser() -> argparse.ArgumentParser:
                            "not with --images)")
     demo.add_argument("--images", metavar="PATH", type=_folder, default=None,
                       help="run the photo demo instead: a folder with one sub-folder of images per class "
-                           "(ImageFolder layout); ResNet-18, Grad-CAM, IG and invariances (about 17 minutes on 2 cores)")
+                           "(ImageFolder layout); ResNet-18, Grad-CAM, IG and invariances (about 17 minutes on 2 cores "
+                           "for ~900 photos)")
     demo.add_argument("--check", action="store_true",
                       help="exit with status 1 unless the metrics meet the demo's bounds (their own, mostly looser, with --quick)")
-    demo.set_defaults(usage_error=demo.error)  # for errors argparse cannot see: two options together
-    sub.add_parser("selfcheck", help="check the installation in a few seconds")
+    demo.set_defaults(command_parser=demo)  # for errors argparse cannot see: two options together, unknown ones
+    check = sub.add_parser("selfcheck", help="check the installation in a few seconds")
+    check.set_defaults(command_parser=check)
     return parser
+
+
+# the demo functions' argument names, as the command line spells them
+_FLAGS = {"`out`": "--out", "`images`": "--images", "`device`": "--device", "`seed`": "--seed"}
+
+
+def _usage_error(error: Exception) -> int:
+    """Print ``error`` as a usage error of ``captum-inn demo``, with the flags for the argument names."""
+    message = str(error)
+    for name, flag in _FLAGS.items():
+        message = message.replace(name, flag)
+    print(f"captum-inn demo: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _unknown_arguments(args: argparse.Namespace, unknown: List[str]) -> None:
+    """Exit with status 2 naming ``unknown`` through the subcommand's own parser (its usage line), with
+    the closest option it takes."""
+    command = args.command_parser
+    options = [o for action in command._actions for o in action.option_strings]
+    hints = []
+    for argument in unknown:
+        close = difflib.get_close_matches(argument.split("=")[0], options, n=1, cutoff=0.7)
+        hints.append(f"{argument} (did you mean {close[0]}?)" if close and argument.startswith("-") else argument)
+    command.error(f"unrecognized arguments: {' '.join(hints)}; see captum-inn {args.command} --help")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -142,13 +176,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         main(["selfcheck"])                    # 0, as `captum-inn selfcheck` in a shell
         main(["demo", "--quick", "--check"])   # 1 if a bound of the quick demo is missed, else 0
     """
-    args = _build_parser().parse_args(argv)
+    args, unknown = _build_parser().parse_known_args(argv)
+    if unknown:  # named by the subcommand's parser, with its usage line and a close match, not the top level's
+        _unknown_arguments(args, unknown)
     if args.command == "selfcheck":
         selfcheck()
         return 0
     if args.command == "demo":
         if args.images is not None and args.concepts:  # exits with status 2, as argparse's own errors
-            args.usage_error("--concepts applies to the ColorDigits demo; the photo demo (--images) has no "
+            args.command_parser.error("--concepts applies to the ColorDigits demo; the photo demo (--images) has no "
                              "concepts section")
         out = args.out
         if out is None:  # the default depends on the demo; an --out given is always taken
@@ -161,12 +197,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:  # before any work: a usage error, not a traceback
             check_report_arguments(out, args.device, args.images)  # with the photos' layout (no photo is read)
         except ValueError as error:
-            print(f"captum-inn demo: error: {error}", file=sys.stderr)
-            return 2
+            return _usage_error(error)
         threads = torch.get_num_threads()
         if args.threads:
             torch.set_num_threads(args.threads)
         start = time.perf_counter()
+        from captum_inn.datasets import PhotoReadError
+
         try:
             if args.images is not None:
                 from captum_inn.photo_demo import run_photo_demo
@@ -177,6 +214,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
                 report = run_demo(out=out, quick=args.quick, seed=args.seed, device=args.device,
                                   concepts=args.concepts)
+        except PhotoReadError as error:  # found loading the photos, before the earlier report was replaced
+            return _usage_error(error)
+        except KeyboardInterrupt:  # the fit's "run the same call again to resume" is not what a rerun does here
+            again = ("reuses its ResNet and continues its autoencoder where their settings match" if args.images
+                     else "starts afresh")
+            print(f"\ncaptum-inn demo: interrupted; {out}/ holds no finished report. Run the same command again "
+                  f"(the {'photo' if args.images else 'ColorDigits'} demo {again}).", file=sys.stderr)
+            return 130
         finally:  # main() called from Python (a notebook, a test) leaves the caller's thread count
             torch.set_num_threads(threads)
         print(f"report written to {report} in {time.perf_counter() - start:.0f} s (open it in a browser)")

@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 
 from captum_inn.attr._common import check_int
 
-__all__ = ["FACTORS", "SPLITS", "ColorDigits", "ImageFolderSplit", "colour_digits", "load_image_folder"]
+__all__ = ["FACTORS", "SPLITS", "ColorDigits", "ImageFolderSplit", "PhotoReadError", "colour_digits", "load_image_folder"]
 
 #: The generative factors of :class:`ColorDigits`, in the order concept INNs use them.
 FACTORS: Tuple[str, ...] = ("digit", "foreground", "background")
@@ -759,12 +759,19 @@ def _find_images(root: Union[str, os.PathLike], name: str = "root") -> Tuple[Tup
     return tuple(folder.classes), by_class
 
 
+class PhotoReadError(ValueError):
+    """A photo of an image folder that cannot be read (damaged, truncated, not an image, or too
+    large to decode safely); the message names the file."""
+
+
 def load_image_folder(
     root: Union[str, os.PathLike],
     size: int = 64,
     test_fraction: float = 0.2,
     seed: int = 0,
     max_per_class: Optional[int] = None,
+    *,
+    name: str = "root",
 ) -> ImageFolderSplit:
     """Load an image folder (one sub-folder per class) into memory, resized and split per class.
 
@@ -783,6 +790,7 @@ def load_image_folder(
             image on each side.
         seed: Seed of the split.
         max_per_class: Use at most this many images per class (for quick runs); ``None``: all.
+        name: The folder's name in error messages (a caller's own argument, such as ``images``).
 
     Returns:
         An :class:`ImageFolderSplit`.
@@ -790,7 +798,7 @@ def load_image_folder(
     Raises:
         FileNotFoundError: If ``root`` is not a folder.
         ValueError: On a bad argument, a folder not in ImageFolder layout, a class with fewer
-            than two images, or a photo that cannot be read (named).
+            than two images, or a photo that cannot be read (named; :class:`PhotoReadError`).
 
     Examples::
 
@@ -803,7 +811,7 @@ def load_image_folder(
 
     if not os.path.isdir(root):
         raise FileNotFoundError(
-            f"`root` {str(root)!r} is not a folder; pass a folder with one sub-folder of images per class "
+            f"`{name}` {str(root)!r} is not a folder; pass a folder with one sub-folder of images per class "
             "(torchvision ImageFolder layout)."
         )
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 8:  # NumPy ints are welcome
@@ -817,7 +825,7 @@ def load_image_folder(
                                       or max_per_class < 2):
         raise ValueError(f"`max_per_class` must be None or an int >= 2 (one image on each side), got {max_per_class!r}.")
     max_per_class = None if max_per_class is None else int(max_per_class)
-    classes, by_class = _find_images(root)
+    classes, by_class = _find_images(root, name=name)
     generator = torch.Generator().manual_seed(seed)
     parts = {"train": ([], []), "test": ([], [])}
     for label in sorted(by_class):
@@ -837,11 +845,11 @@ def load_image_folder(
                 # a truncated download's "image file is truncated" (OSError), a PNG's oversized text or
                 # colour-profile chunk (ValueError): the file was not named
                 except (OSError, ValueError) as error:
-                    raise ValueError(f"`root` holds a photo that cannot be read, {paths[i]!r}: {error}; remove or "
-                                     "replace it.") from error
+                    raise PhotoReadError(f"`{name}` holds a photo that cannot be read, {paths[i]!r}: {error}; remove "
+                                         "or replace it.") from error
                 except Image.DecompressionBombError as error:  # over ~179 MP, or a damaged header that claims it
-                    raise ValueError(f"`root` holds a photo too large to read safely, {paths[i]!r}: {error}; shrink "
-                                     "or remove it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file.") from error
+                    raise PhotoReadError(f"`{name}` holds a photo too large to read safely, {paths[i]!r}: {error}; shrink "
+                                         "or remove it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file.") from error
                 image = TF.pil_to_tensor(pil)
                 image = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
                 images, labels = parts[side]

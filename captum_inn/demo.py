@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -318,6 +318,12 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out` {str(out)!r} is a file; pass a folder for the report (it is created if needed).")
+    foreign = _not_report_entries(out)
+    if foreign:  # the run replaces index.html and metrics.json: `--out .` deleted a project's own page
+        shown = ", ".join(repr(name) for name in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"`out` {str(out)!r} holds files that are not part of a captum_inn report ({shown}); pass a new "
+                         "or empty folder (a report folder holds index.html, metrics.json, figures/ and checkpoints/, "
+                         "which a run replaces).")
     for parent in out.parents:  # creating the folder would fail inside a file, after the checks
         if parent.exists():
             if not parent.is_dir():
@@ -333,21 +339,48 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
     return out
 
 
+# what a report folder holds; another entry (hidden ones aside) makes --out a folder of the user's own
+_REPORT_ENTRIES = ("index.html", "metrics.json", "figures", "checkpoints")
+
+
+def _not_report_entries(out: Path) -> List[str]:
+    """The entries of folder ``out`` that no captum_inn report writes (none if it does not exist),
+    and an ``index.html`` or ``metrics.json`` that is not a report's."""
+    if not out.is_dir():
+        return []
+    foreign = sorted(entry.name for entry in out.iterdir()
+                     if entry.name not in _REPORT_ENTRIES and not entry.name.startswith("."))
+    for name, mark in (("index.html", b"captum_inn"), ("metrics.json", b'"failures"')):
+        path = out / name
+        if path.exists() and (not path.is_file() or mark not in path.read_bytes()[:1_000_000]):
+            foreign.append(name)
+    return foreign
+
+
 def report_folder(out: Union[str, Path], device: Union[str, torch.device],
-                  images: Optional[Union[str, Path]] = None, seed: Optional[int] = None) -> Path:
+                  images: Optional[Union[str, Path]] = None, seed: Optional[int] = None,
+                  keep: Sequence[str] = ()) -> Path:
     """:func:`check_report_arguments`, then create ``out/figures`` and ``out/checkpoints`` (a run
-    refused by the checks leaves no empty folder behind) and remove an earlier run's ``index.html``
-    and ``metrics.json``: a run that fails leaves no report that looks complete.
+    refused by the checks leaves no empty folder behind) and remove an earlier run's ``index.html``,
+    ``metrics.json``, figures and checkpoints (but the checkpoint files named in ``keep``, which the
+    run may reuse): a run that fails leaves no report that looks complete, nor files of two runs.
 
     Examples::
 
         out = report_folder("captum_inn_report", "cpu")   # Path('captum_inn_report'), with its sub-folders
     """
     out = check_report_arguments(out, device, images, seed)
+    earlier = [name for name in ("index.html", "metrics.json") if (out / name).exists()]
+    if earlier:
+        print(f"replacing the earlier report in {out}/", flush=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
-    for name in ("index.html", "metrics.json"):
-        (out / name).unlink(missing_ok=True)
+    for name in earlier:
+        (out / name).unlink()
+    for folder, kept in (("figures", ()), ("checkpoints", tuple(keep))):
+        for entry in (out / folder).iterdir():
+            if entry.is_file() and entry.name not in kept:
+                entry.unlink()
     return out
 
 

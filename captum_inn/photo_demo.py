@@ -30,7 +30,14 @@ from captum_inn.autoencoders import _power_of_two_side
 from captum_inn.capture import capture
 from captum_inn.compare import compare_attributions
 from captum_inn.datasets import load_image_folder
-from captum_inn.demo import _number, _stage, report_folder, report_json, write_report_file
+from captum_inn.demo import (
+    _number,
+    _stage,
+    check_report_arguments,
+    report_folder,
+    report_json,
+    write_report_file,
+)
 from captum_inn.metrics import prediction_agreement, reencode_similarity, variance_explained_by_v
 from captum_inn.training import (
     cache_features,
@@ -199,6 +206,10 @@ def _resnet(path: Path, train: Tuple[torch.Tensor, torch.Tensor], n_classes: int
     return model.eval(), False
 
 
+# the checkpoints a rerun reuses (the ResNet) or continues (the autoencoder) when their settings match
+_RESNET_FILE, _AUTOENCODER_FILE = "resnet18.safetensors", "autoencoder.safetensors"
+
+
 @autograd_on  # as run_demo: the models it builds train under a caller's inference_mode too
 def run_photo_demo(
     images: Union[str, Path],
@@ -237,13 +248,15 @@ def run_photo_demo(
                          "dataclasses.replace(settings, size=64).")
     if settings.n_figures < 1:  # an empty selection failed as an index error, after the training
         raise ValueError(f"`settings.n_figures` must be >= 1, got {settings.n_figures}.")
-    out = report_folder(out, device, images, seed)
+    check_report_arguments(out, device, images, seed)
     start = time.perf_counter()
     timings: Dict[str, float] = {}
 
     _stage(f"loading the photos of {images} at {settings.size}×{settings.size}", start)
+    # before the earlier report is replaced: a photo that cannot be read leaves it as it was
     split = load_image_folder(images, size=settings.size, test_fraction=settings.test_fraction, seed=seed,
-                              max_per_class=settings.max_per_class)
+                              max_per_class=settings.max_per_class, name="images")
+    out = report_folder(out, device, images, seed, keep=(_RESNET_FILE, _AUTOENCODER_FILE))  # reused when they fit
     classes = list(split.classes)
     x_train, y_train = split.train_images.to(device), split.train_labels.to(device)
     x_test, y_test = split.test_images.to(device), split.test_labels.to(device)
@@ -251,7 +264,7 @@ def run_photo_demo(
 
     t0 = time.perf_counter()
     _stage(f"ResNet-18 from scratch ({settings.cnn_steps} steps, flips and shifts)", start)
-    model, loaded = _resnet(out / "checkpoints" / "resnet18.safetensors", (x_train, y_train), len(classes), settings,
+    model, loaded = _resnet(out / "checkpoints" / _RESNET_FILE, (x_train, y_train), len(classes), settings,
                             seed, device, progress)
     test_accuracy = accuracy(model, x_test, y_test)
     timings["classifier"] = round(time.perf_counter() - t0, 1)
@@ -262,7 +275,7 @@ def run_photo_demo(
     mirrored = torch.cat([x_train, x_train.flip(-1)])  # a ResNet is nearly mirror-invariant: twice the data
     _stage(f"autoencoder (latent {settings.latent_dim}, {settings.ae_steps} steps, perceptual loss at "
            f"{', '.join(settings.perceptual_layers)})", start)
-    ae_path = out / "checkpoints" / "autoencoder.safetensors"
+    ae_path = out / "checkpoints" / _AUTOENCODER_FILE
     def autoencoder(resume: bool):
         return fit_autoencoder(mirrored, latent_dim=settings.latent_dim, width=settings.ae_width,
                                steps=settings.ae_steps, kl_weight=settings.kl_weight, seed=seed, device=device,

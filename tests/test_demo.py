@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,13 +114,13 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch
     """Each is a usage error naming the argument (exit status 2), and no report folder is left behind."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("")
-    for args, message in ((["--device", "gpu"], "`device`='gpu' is not a torch device"),
-                          (["--out", "a_file"], "`out` 'a_file' is a file"),
-                          (["--out", "a_file/report"], "`out` 'a_file/report' is inside 'a_file', which is a file"),
-                          (["--images", "missing"], "`images` 'missing' is not a folder"),
+    for args, message in ((["--device", "gpu"], "--device='gpu' is not a torch device"),
+                          (["--out", "a_file"], "--out 'a_file' is a file"),
+                          (["--out", "a_file/report"], "--out 'a_file/report' is inside 'a_file', which is a file"),
+                          (["--images", "missing"], "--images 'missing' is not a folder"),
                           # named the report inside the mistyped path, not the path
-                          (["--images", "missing", "--out", "missing/report"], "`images` 'missing' is not a folder"),
-                          (["--images", "a_file", "--out", "a_file/r"], "`images` 'a_file' is not a folder")):
+                          (["--images", "missing", "--out", "missing/report"], "--images 'missing' is not a folder"),
+                          (["--images", "a_file", "--out", "a_file/r"], "--images 'a_file' is not a folder")):
         assert main(["demo", "--quick", *args]) == 2
         assert message in capsys.readouterr().err
     if not torch.cuda.is_available():
@@ -174,21 +175,21 @@ def test_cli_refuses_a_photo_folder_without_the_layout_before_any_work(tmp_path,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "photos").mkdir()
     assert main(["demo", "--quick", "--images", "photos"]) == 2
-    assert "captum-inn demo: error: `images` 'photos' holds no images in ImageFolder layout" in capsys.readouterr().err
+    assert "captum-inn demo: error: --images 'photos' holds no images in ImageFolder layout" in capsys.readouterr().err
     for name, count in (("cat", 2), ("dog", 1)):
         (tmp_path / "photos" / name).mkdir()
         for i in range(count):
             Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name / f"{i}.png")
     assert main(["demo", "--quick", "--images", "photos"]) == 2
-    assert "class 'dog' in `images` has 1 image(s); each class needs >= 2" in capsys.readouterr().err
+    assert "class 'dog' in --images has 1 image(s); each class needs >= 2" in capsys.readouterr().err
     (tmp_path / "photos" / "dog" / "0.png").rename(tmp_path / "photos" / "dog" / "0.heic")
     assert main(["demo", "--quick", "--images", "photos"]) == 2  # was: the whole folder "holds no images"
-    assert "class 'dog' in `images` has 0 image(s); each class needs >= 2 (files ending in .jpg" in capsys.readouterr().err
+    assert "class 'dog' in --images has 0 image(s); each class needs >= 2 (files ending in .jpg" in capsys.readouterr().err
     (tmp_path / "photos" / "dog" / "0.heic").rename(tmp_path / "photos" / "dog" / "0.png")
     (tmp_path / "photos" / "dog" / "0.png").unlink()
     (tmp_path / "photos" / "dog").rmdir()  # one class left: a classifier of one class learns nothing
     assert main(["demo", "--quick", "--images", "photos"]) == 2
-    assert "`images` 'photos' holds one class ('cat'); the demo trains a classifier" in capsys.readouterr().err
+    assert "--images 'photos' holds one class ('cat'); the demo trains a classifier" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no report folder
 
 
@@ -285,7 +286,11 @@ def test_layer_steps_factor_scales_inn_steps(report):
 
 def test_a_failed_rerun_leaves_no_report_that_looks_complete(tmp_path, monkeypatch):
     """The last run's index.html and metrics.json went on standing beside a failed run's new
-    checkpoints and figures, a report that looked complete; the CLI's --check read it back."""
+    checkpoints and figures, a report that looked complete; the CLI's --check read it back. Its
+    figures and INNs stayed too, beside the new run's autoencoder; only the photo demo's ResNet and
+    autoencoder, which a rerun reuses, are kept."""
+    from types import SimpleNamespace
+
     import captum_inn.demo
     import captum_inn.photo_demo
 
@@ -293,21 +298,94 @@ def test_a_failed_rerun_leaves_no_report_that_looks_complete(tmp_path, monkeypat
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(captum_inn.demo, "fit_classifier", fail)
-    monkeypatch.setattr(captum_inn.photo_demo, "load_image_folder", fail)
+    monkeypatch.setattr(captum_inn.photo_demo, "_resnet", fail)
+    photos = torch.rand(4, 3, 16, 16)
+    monkeypatch.setattr(captum_inn.photo_demo, "load_image_folder", lambda *a, **k: SimpleNamespace(
+        classes=["cat", "dog"], train_images=photos, train_labels=torch.tensor([0, 1, 0, 1]), test_images=photos,
+        test_labels=torch.tensor([0, 1, 0, 1])))
     for cls in ("cat", "dog"):  # the layout the up-front check reads from file names; no photo is opened
         (tmp_path / "photos" / cls).mkdir(parents=True)
         for i in range(2):
             (tmp_path / "photos" / cls / f"{i}.png").touch()
-    for name, run in (("demo", lambda out: run_demo(out=out, settings=TINY, progress=False)),
-                      ("photo", lambda out: captum_inn.photo_demo.run_photo_demo(tmp_path / "photos", out=out,
-                                                                                 progress=False))):
+    for name, run, kept in (
+        ("demo", lambda out: run_demo(out=out, settings=TINY, progress=False), []),
+        ("photo", lambda out: captum_inn.photo_demo.run_photo_demo(tmp_path / "photos", out=out, progress=False),
+         ["autoencoder.safetensors", "resnet18.safetensors"]),
+    ):
         out = tmp_path / name
-        out.mkdir()
-        (out / "index.html").write_text("<html>the last run</html>")
+        (out / "figures").mkdir(parents=True)
+        (out / "checkpoints").mkdir()
+        (out / "index.html").write_text("<html><title>captum_inn report</title>the last run</html>")
         (out / "metrics.json").write_text(json.dumps({"failures": []}))
+        (out / "figures" / "edit_digit.png").write_bytes(b"an earlier --concepts run's")
+        for checkpoint in ("invariance_fc.safetensors", "autoencoder.safetensors", "resnet18.safetensors"):
+            (out / "checkpoints" / checkpoint).write_bytes(b"the last run's")
         with pytest.raises(RuntimeError, match="interrupted"):
             run(out)
         assert not (out / "index.html").exists() and not (out / "metrics.json").exists()
+        assert list((out / "figures").iterdir()) == []
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
+
+
+def test_a_report_folder_holding_files_of_its_own_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):
+    """`--out .` in a project, or a folder with a page of the user's own, lost its index.html and
+    metrics.json as the run started."""
+    import captum_inn.demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(captum_inn.demo, "run_demo", lambda **kwargs: pytest.fail(f"the demo ran: {kwargs}"))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<h1>my own page</h1>")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("keep")
+    (tmp_path / "project" / "metrics.json").write_text('{"accuracy": 0.9}')
+    for out, named in (("site", "'index.html'"), ("project", "'notes.txt', 'metrics.json'")):
+        assert main(["demo", "--quick", "--out", out]) == 2
+        assert (f"captum-inn demo: error: --out '{out}' holds files that are not part of a captum_inn report "
+                f"({named}); pass a new or empty folder") in capsys.readouterr().err
+    assert (tmp_path / "site" / "index.html").read_text() == "<h1>my own page</h1>"
+    assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["metrics.json", "notes.txt"]
+    with pytest.raises(ValueError, match=r"`out` '.*site' holds files that are not part of a captum_inn report"):
+        run_demo(out=tmp_path / "site", settings=TINY, progress=False)
+
+
+def test_cli_names_an_unreadable_photo_as_a_usage_error_and_keeps_the_earlier_report(tmp_path, monkeypatch, capsys):
+    """A photo that could not be read was a traceback naming `root`, after the earlier report had
+    been deleted."""
+    monkeypatch.chdir(tmp_path)
+    for cls in ("cat", "dog"):
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "photos" / cls / f"{i}.jpg").write_text("not an image")
+    (tmp_path / "prev").mkdir()
+    (tmp_path / "prev" / "index.html").write_text("<title>captum_inn photo report</title>")
+    (tmp_path / "prev" / "metrics.json").write_text('{"failures": []}')
+    assert main(["demo", "--quick", "--images", "photos", "--out", "prev"]) == 2
+    assert re.search(r"captum-inn demo: error: --images holds a photo that cannot be read, '.*photos/\w+/\d.jpg'.*"
+                     r"remove or replace it", capsys.readouterr().err)
+    assert sorted(p.name for p in (tmp_path / "prev").iterdir()) == ["index.html", "metrics.json"]
+
+
+def test_cli_interrupted_says_what_a_rerun_does_and_mistyped_options_are_named_with_the_subcommand(
+        tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed a traceback ending in "run the same call again to resume", which the ColorDigits
+    demo does not do; `demo --quik` was named against the top-level usage line, without a hint."""
+    import captum_inn.demo
+
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt("autoencoder stopped after step 128 of 1200: run the same call again to resume")
+
+    monkeypatch.setattr(captum_inn.demo, "run_demo", interrupted)
+    assert main(["demo", "--quick"]) == 130
+    assert ("captum-inn demo: interrupted; captum_inn_report/ holds no finished report. Run the same command again "
+            "(the ColorDigits demo starts afresh).") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--quik"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: captum-inn demo ")
+    assert "captum-inn demo: error: unrecognized arguments: --quik (did you mean --quick?); see captum-inn demo --help" in err
 
 
 def test_report_says_over_which_images_the_judge_reads_the_attacks():
@@ -441,7 +519,7 @@ def test_a_report_folder_that_cannot_be_created_is_a_usage_error(capsys):
     from captum_inn.cli import main
 
     assert main(["demo", "--quick", "--out", "/proc/captum_inn_report"]) == 2
-    assert ("`out` '/proc/captum_inn_report' cannot be written: creating a folder in '/proc' failed"
+    assert ("--out '/proc/captum_inn_report' cannot be written: creating a folder in '/proc' failed"
             in capsys.readouterr().err)
 
 

@@ -343,6 +343,12 @@ def check_report_arguments(out: Union[str, Path], device: Union[str, torch.devic
 _REPORT_ENTRIES = ("index.html", "metrics.json", "figures", "checkpoints")
 
 
+def _head(path: Path, size: int = 1 << 20) -> bytes:
+    """The first ``size`` bytes of a file (a report's page and metrics are far smaller)."""
+    with open(path, "rb") as file:
+        return file.read(size)
+
+
 def _not_report_entries(out: Path) -> List[str]:
     """The entries of folder ``out`` that no captum_inn report writes (none if it does not exist),
     and an ``index.html`` or ``metrics.json`` that is not a report's."""
@@ -352,7 +358,7 @@ def _not_report_entries(out: Path) -> List[str]:
                      if entry.name not in _REPORT_ENTRIES and not entry.name.startswith("."))
     for name, mark in (("index.html", b"captum_inn"), ("metrics.json", b'"failures"')):
         path = out / name
-        if path.exists() and (not path.is_file() or mark not in path.read_bytes()[:1_000_000]):
+        if path.exists() and (not path.is_file() or mark not in _head(path)):
             foreign.append(name)
     return foreign
 

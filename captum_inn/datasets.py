@@ -761,7 +761,16 @@ def _find_images(root: Union[str, os.PathLike], name: str = "root") -> Tuple[Tup
 
 class PhotoReadError(ValueError):
     """A photo of an image folder that cannot be read (damaged, truncated, not an image, or too
-    large to decode safely); the message names the file."""
+    large to decode safely); the message names the file. A ``ValueError``, so code that caught
+    those from :func:`load_image_folder` still does.
+
+    Examples::
+
+        try:
+            split = load_image_folder("photos", size=64)
+        except PhotoReadError as error:
+            print(error)   # `root` holds a photo that cannot be read, 'photos/cat/3.jpg': ...; remove or replace it.
+    """
 
 
 def load_image_folder(

@@ -138,7 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # the demo functions' argument names, as the command line spells them
-_FLAGS = {"`out`": "--out", "`images`": "--images", "`device`": "--device", "`seed`": "--seed"}
+_FLAGS = {"`out`": "--out", "`images`": "--images", "`device`": "--device", "`seed`": "--seed",
+          "device='cpu'": "--device cpu"}
 
 
 def _usage_error(error: Exception) -> int:

@@ -777,7 +777,7 @@ def test_analyses_and_metrics_name_mistakes_that_gave_valid_looking_numbers(setu
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             metric(X)
-    with pytest.warns(UserWarning, match=r"`representation_source` pixels range over \[0.0\d+, 25\d\]") as caught:
+    with pytest.warns(UserWarning, match=r"`representation_source` pixels range over \[0\.\d+, 25\d\]") as caught:  # X's random minimum × 255
         mix_images({"cnn.logits": explainer}, X, X.flip(0) * 255, batch_size=2)
     assert len([w for w in caught if "pixels range over" in str(w.message)]) == 1, [str(w.message) for w in caught]
     with pytest.warns(UserWarning, match=r"`invariance_source` pixels range over") as caught:

@@ -527,3 +527,68 @@ def test_actnorm_takes_an_empty_batch_and_gives_a_writable_logdet():
     expected = norm.log_scale.detach().sum() * 10
     logdet += 1.0  # was: an in-place write into an expand() view
     assert torch.allclose(logdet.detach(), (expected + 1.0).expand(4))
+
+
+def test_inn_arguments_that_gave_nan_raw_errors_or_silent_truncation_are_named(tmp_path):
+    """Audit findings: each was a raw torch/Python error, NaN parameters, a silently truncated size,
+    or an INN that saved but would not load back; now an error naming the argument."""
+    import numpy as np
+
+    from captum_inn.inn import ConvEmbedder, MLPEmbedder
+    from captum_inn.training import save_invariance_inn
+
+    cases = [
+        (lambda: FactorINN(6, {"a": 2}, residual=5, n_blocks=1, hidden=8), TypeError,
+         r"`residual` must be a non-empty str naming the residual factor, got 5 \(int\)"),
+        (lambda: factor_sizes_from_scores({"a": 1.0}, 10.0), TypeError, r"`dim` must be an int, got 10.0"),
+        (lambda: ActNorm(3, eps=-1.0), ValueError, r"`eps` must be >= 0, got -1.0"),
+        (lambda: ActNorm(3, eps=float("nan")), ValueError, r"`eps` must be finite"),
+        (lambda: ConditionalINN(4, (3, 8, 8), n_blocks=1, hidden=8, conv_width=0), ValueError,
+         r"`conv_width` must be >= 1, got 0"),
+        (lambda: ConditionalINN(4, (3,), n_blocks=1, hidden=256.0), TypeError, r"`hidden` must be an int, got 256.0"),
+        (lambda: FactorINN(4, {"a": 1}, n_blocks=1.7, hidden=8), TypeError, r"`n_blocks` must be an int, got 1.7"),
+        (lambda: AffineCoupling(4, hidden=8, cond_dim=-1), ValueError, r"`cond_dim` must be >= 0"),
+        (lambda: ConvEmbedder((3, 16, 16), width=64, max_width=8), ValueError,
+         r"`max_width` \(8\) must be >= `width` \(64\)"),
+    ]
+    for build, error, match in cases:
+        with pytest.raises(error, match=match):
+            build()
+
+    embedder = MLPEmbedder((4,), out_dim=3, hidden=8)
+    batch = torch.randn(64, 4)
+    batch[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="`batch` holds NaN or infinite values"):
+        embedder.set_input_statistics(batch)  # one NaN made every later embedding NaN
+    with pytest.raises(ValueError, match="`eps` must be >= 0"):
+        embedder.set_input_statistics(torch.randn(64, 4), eps=-10.0)
+    assert torch.equal(embedder.in_std, torch.ones_like(embedder.in_std))  # left as it was
+
+    t = ConditionalINN(4, (5,), n_blocks=1, hidden=8, embed_dim=6)
+    x, c = torch.randn(2, 4), torch.randn(2, 5)
+    t(x, c)
+    with pytest.raises(TypeError, match=r"The condition `c` must be a torch.Tensor .*got ndarray; pass torch.as_tensor"):
+        t(x, np.zeros((2, 5), np.float32))
+    with pytest.raises(TypeError, match=r"The condition `c` is torch.complex64"):
+        t.sample(torch.randn(2, 5, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"Pass the condition `c` or its `embedding`"):
+        t(x, torch.randn(9, 5), embedding=t.embed(c))  # `c` of another batch was ignored
+    assert torch.allclose(t(x, c.long())[0], t(x, c.long().float())[0])  # an integer layer is cast, as cached
+
+    coupling = AffineCoupling(4, hidden=8)  # unconditional: ignores `c`, whatever it is
+    assert torch.equal(coupling(x, torch.randn(2, 3, dtype=torch.float64))[0], coupling(x)[0])
+    with pytest.raises(TypeError, match=r"`x` must be a torch.Tensor of shape \(N, dim\), got list"):
+        SequentialFlow(flow_blocks(4, 1, hidden=8))([[0.0] * 4] * 2)
+
+    e = FactorINN(4, {"a": 2}, n_blocks=1, hidden=8)
+    e(torch.randn(8, 4))
+    with pytest.raises(TypeError, match=r"`inn` must be a ConditionalINN from fit_invariances, got FactorINN; save a "
+                                        r"FactorINN with save_concept_inn"):
+        save_invariance_inn(str(tmp_path / "e.safetensors"), e)
+    t.fit_info = dict(layer="l", layer_shape=[6], latent_dim=4, model_class="M")
+    with pytest.raises(ValueError, match=r"says layer shape \(6,\) and codes of size 4, but the INN takes \(5,\) and 4"):
+        save_invariance_inn(str(tmp_path / "t.safetensors"), t)
+    t.fit_info = dict(layer="l", latent_dim=4)
+    with pytest.raises(ValueError, match=r"`inn.fit_info` lacks \['layer_shape', 'model_class'\]"):
+        save_invariance_inn(str(tmp_path / "t.safetensors"), t)
+    assert not list(tmp_path.iterdir())

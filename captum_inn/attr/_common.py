@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import math
 import numbers
 import operator
 import sys
@@ -27,7 +26,13 @@ from torch import Tensor, nn
 
 from captum_inn._captum_compat import _format_additional_forward_args, _format_tensor_into_tuples
 from captum_inn._fingerprints import buffer_fingerprints, weights_fingerprint
-from captum_inn._numbers import integer_scalar
+from captum_inn._numbers import (  # noqa: F401 - re-exported: the checks are imported from here
+    _shown,
+    check_int,
+    check_number,
+    check_positive_int,
+    integer_scalar,
+)
 from captum_inn.autoencoders import encode_mean, encode_posterior
 from captum_inn.capture import (
     LayerHooks,
@@ -238,32 +243,6 @@ def check_pixel_range(images: Tensor, name: str, autoencoder: Any = None, fix: O
         raise ValueError(message)
 
 
-def _shown(value: Any) -> str:
-    """``repr(value)`` for an error message, or its shape for a large array: a tensor of images
-    passed in an int's place (``fit_autoencoder(images, images)``) filled the screen."""
-    shape = getattr(value, "shape", None)
-    if shape is not None and hasattr(value, "dtype") and math.prod(shape) > 8:
-        return f"an array of shape {tuple(shape)}"
-    return repr(value)
-
-
-def check_int(value: Any, name: str) -> int:
-    """``value`` as a plain int (NumPy integers and integer 0-d tensors included) or a ``TypeError``
-    naming ``name``."""
-    value = integer_scalar(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {_shown(value)} ({type(value).__name__}).")
-    return int(value)
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    """``value`` as an int ``>= 1`` or a ``ValueError``/``TypeError`` naming ``name``."""
-    value = check_int(value, name)
-    if value < 1:
-        raise ValueError(f"`{name}` must be >= 1, got {value}.")
-    return value
-
-
 def check_optional_callable(value: Any, name: str, call: str) -> None:
     """``TypeError`` naming ``name`` unless ``value`` is ``None`` or callable as ``call`` says (an int
     given as a fit's augmentation or callback failed at the first step, after the data was read)."""
@@ -284,17 +263,6 @@ def fitted_image_input(value: Any, fit_info: Mapping[str, Any]) -> int:
     """The explainers' ``image_input``: as given, else the fit's (``fit_invariances(image_input=1)``
     records it in ``fit_info``), else 0."""
     return int(fit_info.get("image_input", 0)) if value is None else check_image_input(value)
-
-
-def check_number(value: Any, name: str, *, positive: bool = False) -> float:
-    """``value`` as a finite float ``>= 0`` (``> 0`` if ``positive``) or an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {_shown(value)} ({type(value).__name__}).")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}.")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"`{name}` must be {'> 0' if positive else '>= 0'}, got {value}.")
-    return float(value)
 
 
 def resolve_model_layer(forward_func: Callable, layer: Union[str, nn.Module]) -> Tuple[str, nn.Module]:

@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from captum_inn._numbers import check_number
 from captum_inn.inn.base import InvertibleModule, NotInitializedError
 
 __all__ = ["ActNorm"]
@@ -39,7 +40,7 @@ class ActNorm(InvertibleModule):
         if int(num_features) < 1:
             raise ValueError(f"`num_features` must be >= 1, got {num_features}.")
         self.num_features = int(num_features)
-        self.eps = float(eps)
+        self.eps = check_number(eps, "eps")  # -1 or NaN gave NaN scales without a word
         self.loc = nn.Parameter(torch.zeros(self.num_features))
         self.log_scale = nn.Parameter(torch.zeros(self.num_features))
         self.register_buffer("initialized", torch.tensor(False))

@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from captum_inn._numbers import check_int
 from captum_inn.inn._fast import subnet_forward
 from captum_inn.inn.base import InvertibleModule, check_vector_batch
 
@@ -31,6 +32,7 @@ def mlp(in_features: int, out_features: int, hidden: int, depth: int) -> nn.Sequ
         >>> mlp(4, 2, hidden=16, depth=2)(torch.randn(3, 4)).shape
         torch.Size([3, 2])
     """
+    depth, hidden = check_int(depth, "depth"), check_int(hidden, "hidden")  # 256.0 failed inside torch.empty
     if depth < 1:
         raise ValueError(f"`depth` must be >= 1 hidden layer, got {depth}.")
     if hidden < 1:  # 0 made every scale and shift a constant: a coupling that ignores its input
@@ -88,8 +90,10 @@ class AffineCoupling(InvertibleModule):
         parity: int = 0,
     ) -> None:
         super().__init__()
-        if int(dim) < 2:
+        if check_int(dim, "dim") < 2:
             raise ValueError(f"An affine coupling needs `dim` >= 2 features to split, got {dim}.")
+        if check_int(cond_dim, "cond_dim") < 0:  # -1 was accepted, and asked for conditions of shape (N, -1)
+            raise ValueError(f"`cond_dim` must be >= 0 (0: unconditional), got {cond_dim}.")
         if not math.isfinite(clamp) or clamp <= 0:  # inf: inf * tanh(s / inf) is NaN, even for an identity coupling
             raise ValueError(f"`clamp` must be a finite number > 0, got {clamp}.")
         if parity not in (0, 1):
@@ -116,7 +120,8 @@ class AffineCoupling(InvertibleModule):
     ) -> Tuple[Tensor, Tensor]:
         check_vector_batch(x, self.dim)
         weights = self.subnet[0].weight.dtype
-        for name, tensor in (("x", x), ("c", c)):
+        # an unconditional coupling ignores `c` (as the flow's docs say), whatever it is
+        for name, tensor in (("x", x), ("c", c if self.cond_dim else None)):
             # else a raw "mat1 and mat2 must have the same dtype" (under autocast, Linear casts them itself)
             if tensor is not None and tensor.dtype != weights and not torch.is_autocast_enabled(tensor.device.type):
                 raise TypeError(f"`{name}` is {tensor.dtype} but this coupling's weights are {weights}: convert the "
@@ -129,7 +134,10 @@ class AffineCoupling(InvertibleModule):
                     f"This coupling is conditional (cond_dim={self.cond_dim}); pass the condition "
                     "embedding `c` of shape (N, cond_dim)."
                 )
-            if c.dim() != 2 or c.shape != (x.shape[0], self.cond_dim):
+            if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape != (x.shape[0], self.cond_dim):
+                if not isinstance(c, torch.Tensor):
+                    raise TypeError(f"`c` must be a torch.Tensor of shape ({x.shape[0]}, {self.cond_dim}), got "
+                                    f"{type(c).__name__}.")
                 raise ValueError(
                     f"`c` must have shape ({x.shape[0]}, {self.cond_dim}), got {tuple(c.shape)}."
                 )

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from captum_inn._numbers import check_number, check_positive_int
 from captum_inn.inn.coupling import mlp
 
 __all__ = ["ConditionEmbedder", "MLPEmbedder", "TokenEmbedder", "ConvEmbedder", "make_embedder", "FLATTEN_TOKENS_UP_TO"]
@@ -104,8 +105,13 @@ class ConditionEmbedder(nn.Module):
                 floor, so a layer on a tiny scale (1e-6) is standardised too.
         """
         self._check(batch)
+        eps = check_number(eps, "eps")
         if batch.shape[0] < 2:
             raise ValueError(f"`batch` needs at least 2 samples to estimate statistics, got {batch.shape[0]}.")
+        if not batch.is_floating_point():  # torch's mean() "could not infer output dtype"
+            raise TypeError(f"`batch` must be floating point, got {batch.dtype}; pass batch.float().")
+        if not torch.isfinite(batch).all():  # one NaN made every later embedding NaN
+            raise ValueError("`batch` holds NaN or infinite values; clean the condition samples first.")
         dims = self._statistics_dims()
         mean = batch.mean(dim=dims).reshape(self.in_mean.shape)
         std = batch.std(dim=dims).reshape(self.in_std.shape)
@@ -246,6 +252,10 @@ class ConvEmbedder(ConditionEmbedder):
             raise ValueError(f"ConvEmbedder needs a (C, H, W) feature map shape, got {tuple(in_shape)}.")
         patch_to = check_patch_to(patch_to)
         super().__init__(in_shape, out_dim)
+        width, max_width = check_positive_int(width, "width"), check_positive_int(max_width, "max_width")
+        if max_width < width:  # the first convolution would have more channels than the largest allowed
+            raise ValueError(f"`max_width` ({max_width}) must be >= `width` ({width}), the channels of the first "
+                             "convolution.")
         channels, height, width_px = self.in_shape
         layers: list = []
         patch = (1, 1) if patch_to is None else (math.ceil(height / patch_to), math.ceil(width_px / patch_to))

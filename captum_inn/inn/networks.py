@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from captum_inn._numbers import integer_scalar
+from captum_inn._numbers import check_int, check_positive_int, integer_scalar
 from captum_inn._random import normal
 from captum_inn.inn.actnorm import ActNorm
 from captum_inn.inn.base import InvertibleModule, check_vector_batch
@@ -95,14 +95,20 @@ class ConditionalINN(InvertibleModule):
         token_dim: Optional[int] = 16,
     ) -> None:
         super().__init__()
-        if int(embed_dim) < 1:  # an empty embedding would leave every coupling unconditional
+        if check_int(embed_dim, "embed_dim") < 1:  # an empty embedding would leave every coupling unconditional
             raise ValueError(
                 f"`embed_dim` must be >= 1 (the width of the condition embedding), got {embed_dim}; "
                 "with 0 the INN would ignore the layer's activation."
             )
-        self.dim = int(dim)
+        # whole numbers, checked here: 1.7 blocks built 1, and conv_width=0 failed at the first forward pass
+        dim, n_blocks, hidden, depth, embed_dim, conv_width, conv_max_width = (
+            check_positive_int(value, name) for value, name in (
+                (dim, "dim"), (n_blocks, "n_blocks"), (hidden, "hidden"), (depth, "depth"), (embed_dim, "embed_dim"),
+                (conv_width, "conv_width"), (conv_max_width, "conv_max_width")))
+        self.dim = dim
         # an int is a vector layer's size, as load_invariance_inn's layer_shape takes it
-        self.cond_shape = (int(cond_shape),) if isinstance(cond_shape, numbers.Integral) else tuple(int(s) for s in cond_shape)
+        self.cond_shape = ((check_positive_int(cond_shape, "cond_shape"),) if isinstance(cond_shape, numbers.Integral)
+                           else tuple(check_positive_int(s, "cond_shape") for s in cond_shape))
         self.config: Dict[str, Any] = dict(
             dim=self.dim, cond_shape=list(self.cond_shape), n_blocks=int(n_blocks), hidden=int(hidden),
             depth=int(depth), embed_dim=int(embed_dim), clamp=float(clamp), seed=int(seed),
@@ -139,6 +145,7 @@ class ConditionalINN(InvertibleModule):
     def embed(self, c: Tensor) -> Tensor:
         """The condition embedding ``h(z)``, ``(N, embed_dim)``; reuse it across many samples.
         Activations of another float dtype (a ``.double()`` model's) are cast to the INN's."""
+        _check_condition(c)
         return self.embedder(c.to(self.dtype))
 
     def forward(
@@ -163,6 +170,8 @@ class ConditionalINN(InvertibleModule):
         """
         check_vector_batch(x, self.dim)
         x = x.to(self.dtype)  # as embed() casts the condition: a float64 code into a float32 INN
+        if embedding is not None and c is not None:  # `c` was ignored without a word, whatever its rows
+            raise ValueError("Pass the condition `c` or its `embedding` (self.embed(c)), not both.")
         if embedding is None:
             if c is None:
                 raise ValueError(
@@ -203,8 +212,20 @@ class ConditionalINN(InvertibleModule):
         # finite too: an infinite temperature gave codes of inf and NaN without a word
         if not (math.isfinite(float(temperature)) and temperature > 0):
             raise ValueError(f"`temperature` must be a finite number > 0, got {temperature}.")
+        _check_condition(c)
         v = normal((c.shape[0], self.dim), generator, c.device, self.dtype)
         return self(v * temperature, c, rev=True, jac=False)[0]
+
+
+def _check_condition(c: Any) -> None:
+    """A layer activation the INN can take: a real tensor (a NumPy array failed on ``.to``, a complex
+    one was cast with its imaginary part dropped). Integer and boolean layers are cast, as the
+    feature cache stores them (float32)."""
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"The condition `c` must be a torch.Tensor of the layer's activations, got "
+                        f"{type(c).__name__}; pass torch.as_tensor(c).")
+    if c.is_complex():
+        raise TypeError(f"The condition `c` is {c.dtype}; the INN takes real activations (pass c.real or c.abs()).")
 
 
 def factor_sizes_from_scores(
@@ -234,6 +255,10 @@ def factor_sizes_from_scores(
         >>> factor_sizes_from_scores({"digit": 2.0, "colour": 0.5}, dim=16)
         {'digit': 9, 'colour': 3, 'residual': 4}
     """
+    if not isinstance(residual, str) or not residual:
+        raise TypeError(f"`residual` must be a non-empty str naming the residual factor, got {residual!r} "
+                        f"({type(residual).__name__}).")
+    dim = check_int(dim, "dim")  # 10.0 failed slicing
     if residual in scores:
         raise ValueError(f"`scores` must not contain the residual name {residual!r}.")
     names = list(scores) + [residual]
@@ -298,7 +323,10 @@ class FactorINN(InvertibleModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.dim = int(dim)
+        self.dim = check_positive_int(dim, "dim")
+        if not isinstance(residual, str) or not residual:  # 5 saved as "5" by JSON: the file would not load back
+            raise TypeError(f"`residual` must be a non-empty str naming the residual factor, got {residual!r} "
+                            f"({type(residual).__name__}).")
         if not isinstance(factor_sizes, Mapping) or not factor_sizes:
             raise TypeError(
                 "`factor_sizes` must be a non-empty mapping {name: size}; to derive sizes from "

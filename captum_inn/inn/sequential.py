@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
+from captum_inn._numbers import check_positive_int
 from captum_inn.inn.actnorm import ActNorm
 from captum_inn.inn.base import InvertibleModule
 from captum_inn.inn.coupling import AffineCoupling
@@ -45,6 +47,8 @@ class SequentialFlow(InvertibleModule):
     def forward(
         self, x: Tensor, c: Optional[Tensor] = None, rev: bool = False, jac: bool = True
     ) -> Tuple[Tensor, Tensor]:
+        if not isinstance(x, torch.Tensor):  # a list failed on x.new_zeros
+            raise TypeError(f"`x` must be a torch.Tensor of shape (N, dim), got {type(x).__name__}.")
         logdet = x.new_zeros(x.shape[0])
         blocks = reversed(self.blocks) if rev else self.blocks
         for block in blocks:
@@ -85,10 +89,9 @@ def flow_blocks(
         >>> len(flow_blocks(dim=8, n_blocks=3))
         12
     """
-    if int(n_blocks) < 1:
-        raise ValueError(f"`n_blocks` must be >= 1, got {n_blocks}.")
+    n_blocks = check_positive_int(n_blocks, "n_blocks")  # 1.7 built one block
     blocks: List[InvertibleModule] = []
-    for i in range(int(n_blocks)):
+    for i in range(n_blocks):
         blocks += [
             ActNorm(dim),
             AffineCoupling(dim, hidden, depth, cond_dim, clamp, parity=0),

@@ -40,7 +40,7 @@ from captum_inn.capture import (
     resolve_layer,
     selector_record,
 )
-from captum_inn.inn import ConditionalINN
+from captum_inn.inn import ConditionalINN, FactorINN
 from captum_inn.training.cache import (
     FeatureCache,
     cache_features,
@@ -748,9 +748,20 @@ def save_invariance_inn(path: str, inn: ConditionalINN) -> Path:
     """
     if isinstance(path, nn.Module):  # said "`inn` has no fit_info" of the path
         raise TypeError(f"save_invariance_inn takes (path, inn), the path first; got a {type(path).__name__} as `path`.")
+    if not isinstance(inn, ConditionalINN):  # a FactorINN failed with a bare KeyError: 'layer_shape'
+        hint = "; save a FactorINN with save_concept_inn" if isinstance(inn, FactorINN) else ""
+        raise TypeError(f"`inn` must be a ConditionalINN from fit_invariances, got {type(inn).__name__}{hint}.")
     info = getattr(inn, "fit_info", None)
     if info is None:
         raise ValueError("`inn` has no `fit_info`; save INNs returned by fit_invariances.")
+    missing = [key for key in ("layer", "layer_shape", "latent_dim", "model_class") if key not in info]
+    if missing:
+        raise ValueError(f"`inn.fit_info` lacks {missing}; save INNs returned by fit_invariances.")
+    # the header is what load_invariance_inn checks: one that contradicts the weights refused the right layer
+    if list(info["layer_shape"]) != list(inn.cond_shape) or info["latent_dim"] != inn.dim:
+        raise ValueError(f"`inn.fit_info` says layer shape {tuple(info['layer_shape'])} and codes of size "
+                         f"{info['latent_dim']}, but the INN takes {tuple(inn.cond_shape)} and {inn.dim}; save the "
+                         "fit_info that fit_invariances gave it.")
     meta = {"kind": "invariance_inn", "config": {"inn": inn.config, **{k: info[k] for k in ("layer", "layer_shape", "latent_dim", "model_class")}}, "fit_info": info}
     return save_checkpoint(path, module_tensors(inn), meta)
 

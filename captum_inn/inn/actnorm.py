@@ -20,8 +20,10 @@ class ActNorm(InvertibleModule):
     ``loc`` and ``log_scale`` are initialised from the first forward batch so that each channel of
     ``y`` has zero mean and unit variance on that batch (Kingma & Dhariwal, 2018); a channel
     nearly constant there, below 1% of the median spread, is scaled as one at that 1%. The
-    ``initialized`` buffer records that this happened, so a state dict restores it. Channels are
-    dim 1; any trailing (spatial) dims share the channel's parameters.
+    ``initialized`` buffer records that this happened, so a state dict restores it. To
+    initialise again from another batch call :meth:`initialize` (clearing the buffer by hand, a
+    Glow idiom, is not seen by a module that has already run). Channels are dim 1; any trailing
+    (spatial) dims share the channel's parameters.
 
     Args:
         num_features: Number of channels ``C`` (dim 1 of the input).

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from captum_inn._numbers import check_number
+from captum_inn._numbers import check_number, check_positive_int
 from captum_inn.inn.base import InvertibleModule, NotInitializedError
 
 __all__ = ["ActNorm"]
@@ -39,9 +39,7 @@ class ActNorm(InvertibleModule):
 
     def __init__(self, num_features: int, eps: float = 1e-6) -> None:
         super().__init__()
-        if int(num_features) < 1:
-            raise ValueError(f"`num_features` must be >= 1, got {num_features}.")
-        self.num_features = int(num_features)
+        self.num_features = check_positive_int(num_features, "num_features")  # 2.5 built 2 features
         self.eps = check_number(eps, "eps")  # -1 or NaN gave NaN scales without a word
         self.loc = nn.Parameter(torch.zeros(self.num_features))
         self.log_scale = nn.Parameter(torch.zeros(self.num_features))
@@ -97,9 +95,12 @@ class ActNorm(InvertibleModule):
         # input where it varies would reach the couplings a million times too large
         std = batch.std(dim=dims)
         varying = std[std > 1e-5 * std.max()]  # the median of the features that vary, at any scale (none: 1)
-        std = std.clamp_min(1e-2 * (float(varying.median()) if varying.numel() else 1.0))
+        floor = 1e-2 * (float(varying.median()) if varying.numel() else 1.0)
+        std = std.clamp_min(floor)
         self.loc.copy_(-mean)
-        self.log_scale.copy_(-torch.log(std + self.eps))
+        # eps at most 0.1% of the floor (the same 1e-6 for features spread by 0.1 or more): added whole, it
+        # left a layer on a 1e-7 scale at a tenth of unit variance
+        self.log_scale.copy_(-torch.log(std + min(self.eps, 1e-3 * floor)))
         self.initialized.fill_(True)
         self._initialized_seen = True
 

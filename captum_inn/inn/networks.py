@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from captum_inn._numbers import check_int, check_positive_int, integer_scalar
+from captum_inn._numbers import check_int, check_number, check_positive_int, integer_scalar
 from captum_inn._random import normal
 from captum_inn.inn.actnorm import ActNorm
 from captum_inn.inn.base import InvertibleModule, check_vector_batch
@@ -178,6 +177,7 @@ class ConditionalINN(InvertibleModule):
                     "ConditionalINN needs the condition `c`: the hooked layer's activation for "
                     f"each sample, shape (N, {', '.join(map(str, self.cond_shape))})."
                 )
+            _check_condition(c)  # before its shape is read (a list had none)
             if c.shape[0] != x.shape[0]:
                 raise ValueError(
                     f"`x` and `c` must have the same batch size, got {x.shape[0]} and {c.shape[0]}."
@@ -210,8 +210,10 @@ class ConditionalINN(InvertibleModule):
             ``(N, dim)`` codes.
         """
         # finite too: an infinite temperature gave codes of inf and NaN without a word
-        if not (math.isfinite(float(temperature)) and temperature > 0):
-            raise ValueError(f"`temperature` must be a finite number > 0, got {temperature}.")
+        check_number(temperature, "temperature", positive=True)
+        if generator is not None and not isinstance(generator, torch.Generator):  # an int failed on .device
+            raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}; "
+                            "for a seed pass torch.Generator().manual_seed(seed).")
         _check_condition(c)
         v = normal((c.shape[0], self.dim), generator, c.device, self.dtype)
         return self(v * temperature, c, rev=True, jac=False)[0]
@@ -264,9 +266,14 @@ def factor_sizes_from_scores(
     names = list(scores) + [residual]
     if dim < len(names):
         raise ValueError(f"`dim`={dim} is too small for {len(names)} factors (one dimension each).")
-    values = torch.tensor([float(scores[n]) for n in scores] + [float(residual_score)], dtype=torch.float64)
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"`scores` must be a mapping {{factor name: score}}, got {type(scores).__name__}.")
+    for name, score in (*((f"scores[{n!r}]", v) for n, v in scores.items()), ("residual_score", residual_score)):
+        if isinstance(score, bool) or not isinstance(score, numbers.Real):  # scores may be negative: any real
+            raise TypeError(f"`{name}` must be a number, got {score!r}.")
+    values = torch.tensor([float(v) for v in scores.values()] + [float(residual_score)], dtype=torch.float64)
     if not torch.isfinite(values).all():
-        raise ValueError(f"`scores` must be finite, got {dict(scores)}.")
+        raise ValueError(f"`scores` and `residual_score` must be finite, got {dict(scores)} and {residual_score}.")
     share = torch.softmax(values, dim=0) * (dim - len(names))  # one dimension each is reserved
     sizes = share.floor().long() + 1
     remainder = (share - share.floor()).tolist()

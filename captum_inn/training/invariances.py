@@ -758,7 +758,8 @@ def save_invariance_inn(path: str, inn: ConditionalINN) -> Path:
     if missing:
         raise ValueError(f"`inn.fit_info` lacks {missing}; save INNs returned by fit_invariances.")
     # the header is what load_invariance_inn checks: one that contradicts the weights refused the right layer
-    if list(info["layer_shape"]) != list(inn.cond_shape) or info["latent_dim"] != inn.dim:
+    shape = info["layer_shape"]  # an int is a vector layer's size, as ConditionalINN and the loader take it
+    if (list(shape) if isinstance(shape, (list, tuple)) else [shape]) != list(inn.cond_shape) or info["latent_dim"] != inn.dim:
         raise ValueError(f"`inn.fit_info` says layer shape {tuple(info['layer_shape'])} and codes of size "
                          f"{info['latent_dim']}, but the INN takes {tuple(inn.cond_shape)} and {inn.dim}; save the "
                          "fit_info that fit_invariances gave it.")

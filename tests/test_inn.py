@@ -623,3 +623,29 @@ def test_inn_call_arguments_of_the_wrong_kind_are_named():
     assert factor_sizes_from_scores({"a": -3.0}, 4, residual_score=-1.0) == {"a": 1, "residual": 3}
     with pytest.raises(TypeError, match=r"`num_features` must be an int, got 2.5"):
         ActNorm(2.5)
+    with pytest.raises(TypeError, match=r"`seed` must be an int, got 1.9"):
+        FactorINN(4, {"a": 1}, n_blocks=1, hidden=8, seed=1.9)  # was seed 1
+    with pytest.raises(TypeError, match=r"`clamp` must be a number, got '2'"):
+        FactorINN(4, {"a": 1}, n_blocks=1, hidden=8, clamp="2")
+    with pytest.raises(ValueError, match=r"`clamp` must be a finite number > 0, got 2"):
+        AffineCoupling(4, hidden=8, clamp="2")
+    from captum_inn.inn import MLPEmbedder
+
+    with pytest.raises(ValueError, match=r"`out_dim` must be >= 1, got 0"):
+        MLPEmbedder((3,), out_dim=0)  # an empty embedding
+
+
+def test_a_concept_inn_whose_fit_info_the_file_cannot_hold_is_refused_before_writing(tmp_path):
+    """A tensor in fit_info failed inside json.dumps naming no key; a key "inn" replaced the architecture,
+    so the file was written and then refused as damaged."""
+    from captum_inn.training import save_concept_inn
+
+    e = FactorINN(4, {"a": 1}, n_blocks=1, hidden=8)
+    e(torch.randn(8, 4))
+    e.fit_info = {"note": torch.tensor(1.0)}
+    with pytest.raises(TypeError, match=r"holds a value JSON cannot store .*Tensor.*tensor.tolist\(\)"):
+        save_concept_inn(str(tmp_path / "e.safetensors"), e)
+    e.fit_info = {"inn": "v2"}
+    with pytest.raises(ValueError, match=r"`inn.fit_info` has a key 'inn'.*rename it"):
+        save_concept_inn(str(tmp_path / "e.safetensors"), e)
+    assert not list(tmp_path.iterdir())

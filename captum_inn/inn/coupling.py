@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -94,7 +95,7 @@ class AffineCoupling(InvertibleModule):
             raise ValueError(f"An affine coupling needs `dim` >= 2 features to split, got {dim}.")
         if check_int(cond_dim, "cond_dim") < 0:  # -1 was accepted, and asked for conditions of shape (N, -1)
             raise ValueError(f"`cond_dim` must be >= 0 (0: unconditional), got {cond_dim}.")
-        if not math.isfinite(clamp) or clamp <= 0:  # inf: inf * tanh(s / inf) is NaN, even for an identity coupling
+        if isinstance(clamp, bool) or not isinstance(clamp, numbers.Real) or not math.isfinite(clamp) or clamp <= 0:  # inf: inf * tanh(s / inf) is NaN, even for an identity coupling
             raise ValueError(f"`clamp` must be a finite number > 0, got {clamp}.")
         if parity not in (0, 1):
             raise ValueError(f"`parity` must be 0 or 1, got {parity}.")

@@ -82,7 +82,7 @@ class ConditionEmbedder(nn.Module):
         self.in_shape: Tuple[int, ...] = tuple(int(s) for s in in_shape)
         if not self.in_shape or any(s < 1 for s in self.in_shape):
             raise ValueError(f"`in_shape` must be a non-empty shape of positive sizes, got {in_shape}.")
-        self.out_dim = int(out_dim)
+        self.out_dim = check_positive_int(out_dim, "out_dim")  # 0 gave an empty embedding, -1 a raw error
         stat_shape = self._statistics_shape()
         self.register_buffer("in_mean", torch.zeros(stat_shape))
         self.register_buffer("in_std", torch.ones(stat_shape))

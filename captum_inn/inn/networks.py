@@ -110,7 +110,8 @@ class ConditionalINN(InvertibleModule):
                            else tuple(check_positive_int(s, "cond_shape") for s in cond_shape))
         self.config: Dict[str, Any] = dict(
             dim=self.dim, cond_shape=list(self.cond_shape), n_blocks=int(n_blocks), hidden=int(hidden),
-            depth=int(depth), embed_dim=int(embed_dim), clamp=float(clamp), seed=int(seed),
+            depth=int(depth), embed_dim=int(embed_dim), clamp=float(check_number(clamp, "clamp", positive=True)),
+            seed=check_int(seed, "seed"),
             conv_width=int(conv_width), conv_max_width=int(conv_max_width),
             conv_patch_to=check_patch_to(conv_patch_to, "conv_patch_to"),
             token_dim=check_token_dim(token_dim, "token_dim"),
@@ -359,7 +360,8 @@ class FactorINN(InvertibleModule):
         self.factor_sizes: Dict[str, int] = sizes
         self.config: Dict[str, Any] = dict(
             dim=self.dim, factor_sizes=dict(sizes), residual=residual, n_blocks=int(n_blocks),
-            hidden=int(hidden), depth=int(depth), clamp=float(clamp), seed=int(seed),
+            hidden=int(hidden), depth=int(depth), clamp=check_number(clamp, "clamp", positive=True),
+            seed=check_int(seed, "seed"),
         )
         self.flow = SequentialFlow(flow_blocks(self.dim, n_blocks, hidden, depth, 0, clamp, seed))
 

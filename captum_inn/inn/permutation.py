@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from captum_inn._numbers import check_int, check_positive_int
 from captum_inn.inn.base import InvertibleModule, check_vector_batch
 
 __all__ = ["Permutation"]
@@ -34,10 +35,8 @@ class Permutation(InvertibleModule):
 
     def __init__(self, dim: int, seed: int = 0) -> None:
         super().__init__()
-        if int(dim) < 1:
-            raise ValueError(f"`dim` must be >= 1, got {dim}.")
-        self.dim = int(dim)
-        generator = torch.Generator().manual_seed(int(seed))
+        self.dim = check_positive_int(dim, "dim")  # 2.5 built 2
+        generator = torch.Generator().manual_seed(check_int(seed, "seed"))  # 1.9 was seed 1
         perm = torch.randperm(self.dim, generator=generator)
         self.register_buffer("perm", perm)
         self.register_buffer("inverse_perm", torch.argsort(perm))

@@ -83,7 +83,12 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], meta: M
         if v.untyped_storage().data_ptr() in storages:
             payload[k] = v.clone()
         storages.add(v.untyped_storage().data_ptr())
-    blob = save(payload, metadata={_META_KEY: json.dumps(document)})
+    try:
+        text = json.dumps(document)
+    except (TypeError, ValueError) as error:  # a tensor in an INN's fit_info: json's message named no key
+        raise TypeError(f"The checkpoint's description holds a value JSON cannot store ({error}); keep plain "
+                        "numbers, strings, lists and dicts there (e.g. in `fit_info`: tensor.tolist()).") from None
+    blob = save(payload, metadata={_META_KEY: text})
     try:
         write_atomically(path, blob)
     except OSError as error:

@@ -851,6 +851,8 @@ def save_concept_inn(path: str, inn: FactorINN) -> Path:
     if not isinstance(inn, FactorINN):
         raise TypeError(f"`inn` must be a FactorINN from fit_concepts, got {type(inn).__name__}.")
     info = getattr(inn, "fit_info", None) or {}
+    if "inn" in info:  # it replaced the architecture: the file was written, then refused as damaged
+        raise ValueError("`inn.fit_info` has a key 'inn', which the file keeps for the architecture; rename it.")
     return save_checkpoint(path, module_tensors(inn), {"kind": "concept_inn", "config": {"inn": inn.config, **info}})
 
 

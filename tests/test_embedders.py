@@ -85,6 +85,7 @@ def test_an_inn_saved_before_conv_patch_to_existed_loads_with_its_full_resolutio
     inn = ConditionalINN(4, (4, 16, 16), n_blocks=1, hidden=8, embed_dim=8, conv_width=8, conv_max_width=8,
                          conv_patch_to=None)
     inn.fit_info = {"layer": "conv", "layer_shape": [4, 16, 16], "latent_dim": 4, "model_class": "Net", "steps": 1}
+    inn(torch.randn(4, 4), torch.randn(4, 4, 16, 16))  # initialises ActNorm, as one fitting step does
     path = save_invariance_inn(str(tmp_path / "new.safetensors"), inn)
     tensors, meta = load_checkpoint(str(path), kind="invariance_inn")
     del meta["config"]["inn"]["conv_patch_to"]  # what fits before the setting wrote
@@ -146,6 +147,7 @@ def test_an_inn_saved_before_token_dim_existed_loads_with_its_flattening_embedde
     inn = ConditionalINN(4, (65, 256), n_blocks=1, hidden=8, embed_dim=8, token_dim=None)
     assert type(inn.embedder).__name__ == "MLPEmbedder"  # the default would project the tokens
     inn.fit_info = {"layer": "blocks", "layer_shape": [65, 256], "latent_dim": 4, "model_class": "Net", "steps": 1}
+    inn(torch.randn(4, 4), torch.randn(4, 65, 256))  # initialises ActNorm, as one fitting step does
     path = save_invariance_inn(str(tmp_path / "new.safetensors"), inn)
     tensors, meta = load_checkpoint(str(path), kind="invariance_inn")
     del meta["config"]["inn"]["token_dim"]  # what fits before the setting wrote

@@ -524,9 +524,11 @@ def test_loading_networks_leaves_the_callers_random_stream(tmp_path):
 
     inn = ConditionalINN(4, (3,), n_blocks=1, hidden=8)
     inn.fit_info = {"layer": "fc", "layer_shape": [3], "latent_dim": 4, "model_class": "M"}
+    e = FactorINN(4, {"a": 2}, n_blocks=1, hidden=8)
+    inn(torch.randn(4, 4), torch.randn(4, 3)), e(torch.randn(4, 4))  # fitted enough to be saved
     files = [save_autoencoder(tmp_path / "ae.safetensors", ConvAutoencoder((3, 8, 8), latent_dim=4, width=4)),
              save_invariance_inn(tmp_path / "inn.safetensors", inn),
-             save_concept_inn(tmp_path / "e.safetensors", FactorINN(4, {"a": 2}, n_blocks=1, hidden=8))]
+             save_concept_inn(tmp_path / "e.safetensors", e)]
     for load, file in zip((load_autoencoder, load_invariance_inn, load_concept_inn), files):
         torch.manual_seed(0)
         expected = torch.rand(2)

@@ -560,8 +560,10 @@ def test_fits_and_saves_refuse_what_they_cannot_use(images, autoencoder, tmp_pat
     one = cache_features(model, "fc", autoencoder, images[:1], progress=False)
     with pytest.raises(ValueError, match="at least 2 training images, the cache holds 1"):
         fit_invariances(model, "fc", cache=one, steps=1, progress=False, **TINY)
+    fitted_by_hand = ConditionalINN(6, (8,), n_blocks=1, hidden=8)
+    fitted_by_hand(torch.randn(4, 6), torch.randn(4, 8))  # initialises ActNorm: fitted, but no fit_info
     with pytest.raises(ValueError, match="`inn` has no `fit_info`"):
-        save_invariance_inn(tmp_path / "a.safetensors", ConditionalINN(6, (8,)))
+        save_invariance_inn(tmp_path / "a.safetensors", fitted_by_hand)
     with pytest.raises(TypeError, match="`inn` must be a FactorINN from fit_concepts, got ConditionalINN"):
         save_concept_inn(tmp_path / "b.safetensors", ConditionalINN(6, (8,)))
     assert list(tmp_path.iterdir()) == []

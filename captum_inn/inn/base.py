@@ -76,6 +76,15 @@ class InvertibleModule(nn.Module, ABC):
         return self(y, c, rev=True, jac=jac)
 
 
+def check_device(x: Tensor, module: nn.Module, name: str = "x") -> None:
+    """Raise a clear error when ``x`` is not on the device of ``module``'s weights (torch named only
+    two devices deep inside a subnet, not which argument to move)."""
+    weight = next(module.parameters(), None)
+    if weight is not None and x.device != weight.device:
+        raise ValueError(f"`{name}` is on {x.device} but the {type(module).__name__} is on {weight.device}; "
+                         f"move one of them, e.g. {name}.to({str(weight.device)!r}).")
+
+
 def check_vector_batch(x: Tensor, dim: int, name: str = "x") -> None:
     """Raise a clear error unless ``x`` is a floating ``(N, dim)`` tensor."""
     if not isinstance(x, torch.Tensor):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from captum_inn._numbers import check_int, check_number, check_positive_int, integer_scalar
 from captum_inn._random import normal
 from captum_inn.inn.actnorm import ActNorm
-from captum_inn.inn.base import InvertibleModule, check_vector_batch
+from captum_inn.inn.base import InvertibleModule, check_device, check_vector_batch
 from captum_inn.inn.embedders import check_patch_to, check_token_dim, make_embedder
 from captum_inn.inn.sequential import SequentialFlow, flow_blocks
 
@@ -22,6 +22,15 @@ def _actnorms_initialized(network: nn.Module) -> bool:
     # ActNorm initialises from the first forward batch it sees, whatever it is: an INN whose
     # ActNorms never saw data was neither fitted nor loaded from a checkpoint
     return all(bool(m.initialized) for m in network.modules() if isinstance(m, ActNorm))
+
+
+def check_factor_names(mapping: Mapping[Any, Any], name: str) -> None:
+    """Factor names must be strings: a checkpoint's JSON header stores them so, and a key 1 made "1"
+    could not be looked up as 1 (nor be told apart from a key "1")."""
+    for key in mapping:
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"`{name}` keys name factors and must be non-empty str, got {key!r} "
+                            f"({type(key).__name__}); use {str(key)!r}.")
 
 
 def check_factor_size(key: Any, size: Any, name: str = "factor_sizes") -> int:
@@ -112,7 +121,8 @@ class ConditionalINN(InvertibleModule):
             dim=self.dim, cond_shape=list(self.cond_shape), n_blocks=int(n_blocks), hidden=int(hidden),
             depth=int(depth), embed_dim=int(embed_dim), clamp=float(check_number(clamp, "clamp", positive=True)),
             seed=check_int(seed, "seed"),
-            conv_width=int(conv_width), conv_max_width=int(conv_max_width),
+            # the embedder widens a maximum below conv_width to it: record what was built
+            conv_width=int(conv_width), conv_max_width=max(int(conv_width), int(conv_max_width)),
             conv_patch_to=check_patch_to(conv_patch_to, "conv_patch_to"),
             token_dim=check_token_dim(token_dim, "token_dim"),
         )
@@ -146,6 +156,7 @@ class ConditionalINN(InvertibleModule):
         """The condition embedding ``h(z)``, ``(N, embed_dim)``; reuse it across many samples.
         Activations of another float dtype (a ``.double()`` model's) are cast to the INN's."""
         _check_condition(c)
+        check_device(c, self, "c")
         return self.embedder(c.to(self.dtype))
 
     def forward(
@@ -169,6 +180,7 @@ class ConditionalINN(InvertibleModule):
             ``(y, log_jac_det)`` of shapes ``(N, dim)`` and ``(N,)``, in the INN's dtype.
         """
         check_vector_batch(x, self.dim)
+        check_device(x, self)
         x = x.to(self.dtype)  # as embed() casts the condition: a float64 code into a float32 INN
         if embedding is not None and c is not None:  # `c` was ignored without a word, whatever its rows
             raise ValueError("Pass the condition `c` or its `embedding` (self.embed(c)), not both.")
@@ -190,8 +202,24 @@ class ConditionalINN(InvertibleModule):
                 got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
                 raise ValueError(f"`embedding` must be self.embed(c) for the {x.shape[0]} rows of `x`, shape "
                                  f"({x.shape[0]}, {width}), got {got}.")
+            check_device(embedding, self, "embedding")
             embedding = embedding.to(self.dtype)
         return self.flow(x, embedding, rev=rev, jac=jac)
+
+    def inverse(self, y: Tensor, c: Optional[Tensor] = None, jac: bool = True,
+                embedding: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """``z̄ = t⁻¹(v | c)``: shorthand for ``self(y, c, rev=True, jac=jac, embedding=embedding)``.
+
+        Args:
+            y: ``(N, dim)`` invariances ``v``.
+            c: ``(N, *cond_shape)`` activations of the hooked layer.
+            jac: Whether to compute the log-determinant of the inverse.
+            embedding: A precomputed ``self.embed(c)`` (then ``c`` may be ``None``).
+
+        Returns:
+            ``(zbar, log_jac_det)`` of shapes ``(N, dim)`` and ``(N,)``.
+        """
+        return self(y, c, rev=True, jac=jac, embedding=embedding)
 
     @torch.no_grad()
     def sample(
@@ -262,13 +290,14 @@ def factor_sizes_from_scores(
         raise TypeError(f"`residual` must be a non-empty str naming the residual factor, got {residual!r} "
                         f"({type(residual).__name__}).")
     dim = check_int(dim, "dim")  # 10.0 failed slicing
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"`scores` must be a mapping {{factor name: score}}, got {type(scores).__name__}.")
+    check_factor_names(scores, "scores")
     if residual in scores:
         raise ValueError(f"`scores` must not contain the residual name {residual!r}.")
     names = list(scores) + [residual]
     if dim < len(names):
         raise ValueError(f"`dim`={dim} is too small for {len(names)} factors (one dimension each).")
-    if not isinstance(scores, Mapping):
-        raise TypeError(f"`scores` must be a mapping {{factor name: score}}, got {type(scores).__name__}.")
     for name, score in (*((f"scores[{n!r}]", v) for n, v in scores.items()), ("residual_score", residual_score)):
         if isinstance(score, bool) or not isinstance(score, numbers.Real):  # scores may be negative: any real
             raise TypeError(f"`{name}` must be a number, got {score!r}.")
@@ -340,14 +369,8 @@ class FactorINN(InvertibleModule):
                 "`factor_sizes` must be a non-empty mapping {name: size}; to derive sizes from "
                 "concept scores use factor_sizes_from_scores(scores, dim)."
             )
-        sizes: Dict[str, int] = {}
-        for key, size in factor_sizes.items():
-            if str(key) in sizes:  # e.g. 1 and "1": one factor would silently replace the other
-                raise ValueError(
-                    f"`factor_sizes` has two keys named {str(key)!r} once made strings; give every factor "
-                    "a distinct name."
-                )
-            sizes[str(key)] = check_factor_size(key, size)
+        check_factor_names(factor_sizes, "factor_sizes")
+        sizes = {key: check_factor_size(key, size) for key, size in factor_sizes.items()}
         if residual not in sizes:
             sizes[residual] = self.dim - sum(sizes.values())
         else:
@@ -418,6 +441,7 @@ class FactorINN(InvertibleModule):
         if c is not None:
             raise ValueError("FactorINN is unconditional; call it without `c`.")
         check_vector_batch(x, self.dim)
+        check_device(x, self)
         x = x.to(self.dtype)  # a float64 representation into a float32 INN, as ConditionalINN takes it
         return self.flow(x, None, rev=rev, jac=jac)
 

@@ -850,6 +850,8 @@ def save_concept_inn(path: str, inn: FactorINN) -> Path:
         raise TypeError(f"save_concept_inn takes (path, inn), the path first; got a {type(path).__name__} as `path`.")
     if not isinstance(inn, FactorINN):
         raise TypeError(f"`inn` must be a FactorINN from fit_concepts, got {type(inn).__name__}.")
+    if not inn.is_fitted:  # its ActNorms never saw data: the file would hold an INN every explainer refuses
+        raise ValueError("`inn` is not fitted (its ActNorm layers never saw data); fit it with fit_concepts first.")
     info = getattr(inn, "fit_info", None) or {}
     if "inn" in info:  # it replaced the architecture: the file was written, then refused as damaged
         raise ValueError("`inn.fit_info` has a key 'inn', which the file keeps for the architecture; rename it.")

@@ -751,6 +751,8 @@ def save_invariance_inn(path: str, inn: ConditionalINN) -> Path:
     if not isinstance(inn, ConditionalINN):  # a FactorINN failed with a bare KeyError: 'layer_shape'
         hint = "; save a FactorINN with save_concept_inn" if isinstance(inn, FactorINN) else ""
         raise TypeError(f"`inn` must be a ConditionalINN from fit_invariances, got {type(inn).__name__}{hint}.")
+    if not inn.is_fitted:  # its ActNorms never saw data: the file would hold an INN every explainer refuses
+        raise ValueError("`inn` is not fitted (its ActNorm layers never saw data); fit it with fit_invariances first.")
     info = getattr(inn, "fit_info", None)
     if info is None:
         raise ValueError("`inn` has no `fit_info`; save INNs returned by fit_invariances.")

@@ -137,6 +137,15 @@ def test_the_map_is_the_spread_of_the_samples(setup, x):
     assert cold.mean() < attr.mean()  # lower temperature, less spread
 
 
+def test_fresh_draws_follow_the_temperature_too(setup, x):
+    """sample()'s fresh draws per input (its default) once ignored `temperature`; only the shared
+    draws of attribute() were checked."""
+    model, ae, inn, _ = setup
+    explainer = LayerInvariance(model, "logits", inn, ae)
+    warm, cold = (explainer.sample(x, n_samples=7, temperature=t, seed=2) for t in (1.0, 0.05))
+    assert cold.std(dim=1).mean() < 0.2 * warm.std(dim=1).mean()
+
+
 def test_sample_takes_a_seed_as_attribute_does(setup, x):
     model, ae, inn, _ = setup
     explainer = LayerInvariance(model, "logits", inn, ae)

@@ -2585,3 +2585,22 @@ def test_fit_concepts_under_autocast_measures_the_trained_factors():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = fit()
     assert under.fit_info["factor_variance"] == plain.fit_info["factor_variance"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_follows_the_documented_schedule(schedule):
+    """The cosine schedule runs half a cosine from lr to 1% of lr over the steps; nothing checked
+    its ends. Adam with a constant gradient moves a weight by exactly the step's rate, so the
+    weight's path reads the rates back."""
+    from captum_inn.training import train_loop
+
+    weight = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    module = nn.Module()
+    module.weight = weight
+    path = []
+    steps, lr = 40, 0.1
+    train_loop(module, lambda generator: weight.sum(), steps=steps, lr=lr, grad_clip=None, schedule=schedule,
+               callback=lambda step, m: path.append(float(weight.detach())), progress=False)
+    rates = -np.diff([0.0, *path])
+    cosine = lr * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * np.arange(steps) / steps)))
+    assert np.allclose(rates, cosine if schedule == "cosine" else np.full(steps, lr), rtol=1e-6)

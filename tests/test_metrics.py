@@ -469,6 +469,28 @@ def test_estimate_colours_reads_colordigits():
         estimate_colours(torch.rand(2, 1, 8, 8))
 
 
+def test_the_foreground_is_the_mean_of_the_farthest_pixels():
+    """As documented: the mean colour of the `fraction` of pixels farthest from the background (a
+    median per channel would mix channels of different pixels)."""
+    from captum_inn.metrics import estimate_colours
+
+    images = torch.zeros(1, 3, 10, 10)  # black, 100 pixels: the farthest 10% are the 10 strokes
+    images[0, :, 4, 2:8] = torch.tensor([1.0, 0.0, 0.0])[:, None]
+    images[0, :, 5, 2:6] = 0.9
+    foreground, background = estimate_colours(images, fraction=0.1)
+    assert background.tolist() == [[0.0, 0.0, 0.0]]
+    assert torch.allclose(foreground, torch.tensor([[0.96, 0.36, 0.36]]))
+
+
+def test_a_sample_whose_layer_is_all_zero_shares_nothing_with_its_original():
+    """The cosine against an all-zero activation is 0 (no direction to share), not the 1 of equal rows."""
+    x = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.1  # every unit active
+    dark = torch.zeros(8, 2, 3, 4, 4)  # ReLU(x) of a black image: all zero
+    identity = nn.Sequential(nn.Flatten(), nn.ReLU())
+    scores = reencode_similarity(identity, "1", x, dark, generator=torch.Generator().manual_seed(0))
+    assert scores["similarity"] == 0.0 and scores["beats_null"] == 0.0
+
+
 def test_border_colour_is_the_frame_median():
     from captum_inn.metrics import border_colour
 

@@ -911,6 +911,39 @@ def code_setup():
     return model, ae, e.eval(), t.eval()
 
 
+def test_encoded_shares_follow_their_formula_for_an_inn_that_reads_its_condition(code_setup):
+    """1 − Σ_d Var_v(e_kd(z̄_s)) / Σ_d Var_x(e_kd) per input, computed here from t.sample on each input
+    alone. The fixture's fresh invariance INN ignores its condition, so pairing an input's samples
+    with another input's activation, or averaging a factor's variances instead of summing them,
+    passed every other test."""
+    from helpers_training import random_conditional_inn
+
+    from captum_inn.capture import capture
+
+    model, ae, fixture_e, _ = code_setup
+    t = random_conditional_inn((6,))
+    t.embedder.set_input_statistics(capture(model, "hidden", torch.rand(64, 3, 8, 8)))
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
+    e.load_state_dict(fixture_e.state_dict())
+    e.fit_info = {"factor_variance": [0.5, 1.0, 1.5, 2.0, 0.8, 1.2]}
+    explainer = LayerConcepts(model, "hidden", e.eval(), ae, invariance_inn=t)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * torch.tensor([0.0, 0.2, 0.6, 1.0]).view(4, 1, 1, 1)
+    n_samples = 4000
+    # without re-encoding: the random autoencoder's E(D(·)) nearly collapses the samples (every share ~1)
+    shares = explainer.encoded(x, n_samples=n_samples, seed=0, reencode=False)
+    reference = torch.tensor(e.fit_info["factor_variance"])
+    expected = []
+    with torch.no_grad():
+        for i in range(len(x)):
+            z = capture(model, "hidden", x[i : i + 1]).expand(n_samples, -1)
+            variance = e(t.sample(z, generator=torch.Generator().manual_seed(100 + i)))[0].var(dim=0)
+            expected.append([1 - variance[s].sum() / reference[s].sum() for s in e.factor_slices.values()])
+    torch.testing.assert_close(shares, torch.tensor(expected), atol=0.04, rtol=0)
+    # each input's samples take its own condition: its shares do not depend on the inputs beside it
+    torch.testing.assert_close(explainer.encoded(x[:2], n_samples=8, seed=0, reencode=False),
+                               explainer.encoded(x, n_samples=8, seed=0, reencode=False)[:2])
+
+
 @pytest.mark.parametrize("n_steps", [2, 5, 50])
 def test_trapezoid_attributions_are_exact_on_a_straight_path(n_steps):
     """Captum's trapezoid weights sum to (n-1)/n: on an output linear in the factors, where the trapezoid

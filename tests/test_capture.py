@@ -1024,3 +1024,15 @@ def test_a_layer_that_never_runs_for_its_kind_says_what_to_hook():
     with pytest.raises(ValueError, match=r"a torch.fx GraphModule .* calls only the leaf modules"):
         capture(traced, "0", x)
     assert torch.equal(capture(traced, "0.1", x), torch.relu(traced.get_submodule("0.0")(x)))
+
+
+def test_hooks_detach_their_values_unless_asked_to_keep_the_graph():
+    """With gradients on, a captured value kept the model's graph alive (its memory) unless detached,
+    as documented for detach=True; detach=False keeps it for a loss on the layer."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    x = torch.randn(2, 4)
+    for detach in (True, False):
+        with LayerHooks(model, "0", detach=detach) as hooks:
+            model(x)
+            value = hooks["0"]
+        assert value.requires_grad is not detach and (value.grad_fn is None) is detach

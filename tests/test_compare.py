@@ -531,6 +531,14 @@ def test_ig_baselines(setup, x):
     assert torch.allclose(black.integrated_gradients, zero.integrated_gradients)
     assert torch.allclose(black.integrated_gradients, tensor.integrated_gradients)
     assert not torch.allclose(black.integrated_gradients, grey.integrated_gradients)
+    # one baseline per input, in parts of one input (internal_batch_size 4 // 4 steps): each its own baseline
+    own = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
+    parts = compare_attributions(model, x, explainer, target=1, ig_baselines=own, internal_batch_size=4,
+                                 generator=_gen(), **FAST)
+    from captum.attr import IntegratedGradients
+
+    expected = IntegratedGradients(copy.deepcopy(model).eval()).attribute(x, baselines=own, target=1, n_steps=FAST["ig_steps"])
+    assert torch.allclose(parts.integrated_gradients, expected, atol=1e-6)
     nan = torch.zeros_like(x)
     nan[0, 0, 0, 0] = float("nan")
     for bad in (float("nan"), float("inf"), nan):  # Integrated Gradients and its deltas were all NaN, unwarned

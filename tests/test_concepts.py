@@ -939,9 +939,6 @@ def test_encoded_shares_follow_their_formula_for_an_inn_that_reads_its_condition
             variance = e(t.sample(z, generator=torch.Generator().manual_seed(100 + i)))[0].var(dim=0)
             expected.append([1 - variance[s].sum() / reference[s].sum() for s in e.factor_slices.values()])
     torch.testing.assert_close(shares, torch.tensor(expected), atol=0.04, rtol=0)
-    # each input's samples take its own condition: its shares do not depend on the inputs beside it
-    torch.testing.assert_close(explainer.encoded(x[:2], n_samples=8, seed=0, reencode=False),
-                               explainer.encoded(x, n_samples=8, seed=0, reencode=False)[:2])
 
 
 @pytest.mark.parametrize("n_steps", [2, 5, 50])
@@ -1896,3 +1893,104 @@ def test_a_layer_in_a_reentrant_checkpoint_segment_is_named_as_a_cause():
         warnings.simplefilter("ignore")  # torch's warning that no input requires grad
         with pytest.raises(ValueError, match=r"torch.utils.checkpoint segment with use_reentrant=True"):
             LayerConcepts(model, "block.0", e).attribute(x[:4], target=0, n_steps=4)
+
+
+def test_scores_are_a_ratio_of_variances_whatever_the_scale():
+    """A score is covariance over variance: scaling the representation by 3 leaves it unchanged, and it
+    matches the share of variance of the dimensions the concept fixes (a std in the denominator scaled it)."""
+    x, c, _ = synthetic(1000)
+    scale = torch.tensor([3.0, 3.0, 0.5, 0.5, 2.0, 2.0])
+    for factor in (1.0, 4.0):
+        data = x * scale * factor
+        scores = concept_scores((IDENTITY, "0"), [ConceptPairs.from_labels("c", data, c)], n_pairs=2000)
+        variance = data.var(0)
+        assert scores["c"] == pytest.approx(float(variance[:2].sum() / variance.sum()), abs=0.05)
+
+
+def _affine_inns():
+    """A factor INN and an invariance INN whose couplings pass their input through (zeroed subnets):
+    both are affine with per-dimension scales from ActNorm, so ``e(t⁻¹(v | z))`` is ``M v + b``."""
+    torch.manual_seed(0)
+    spread = torch.tensor([0.5, 1.0, 2.0, 3.0, 0.7, 1.5])
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=8)
+    e(torch.randn(64, 6) * spread.flip(0) + 1)
+    t = ConditionalINN(6, (6,), n_blocks=2, hidden=8, embed_dim=4)
+    t(torch.randn(64, 6) * spread, torch.rand(64, 6))
+    with torch.no_grad():
+        for inn in (e, t):
+            for name, p in inn.named_parameters():
+                if ".subnet." in name:
+                    p.zero_()
+    return e.eval(), t.eval()
+
+
+def test_encoded_share_matches_the_variance_of_an_affine_path():
+    """With ``e ∘ t⁻¹`` affine, ``Var_v(e(t⁻¹(v|z)))`` is ``diag(M Mᵀ)`` for ``M`` its Jacobian: the share
+    of concept k is ``1 − Σ_k diag(M Mᵀ) / Σ_k Var_x``, with the per-dimension reference of fit_info."""
+    model = VectorModel().eval()
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    e, t = _affine_inns()
+    c = torch.rand(1, 6)
+    jac = torch.autograd.functional.jacobian(lambda v: e(t(v, c, rev=True)[0])[0], torch.zeros(1, 6)).reshape(6, 6)
+    expected_var = (jac**2).sum(1)  # Var of (M v)_d for v ~ N(0, I)
+    reference = expected_var * torch.tensor([2.0, 2.0, 4.0, 4.0, 1.25, 1.25])  # shares 0.5, 0.75, 0.2
+    e.fit_info = {"factor_variance": reference.tolist()}
+    explainer = LayerConcepts(model, "hidden", e, ae, invariance_inn=t)
+    x = torch.rand(3, 3, 8, 8)
+    shares = explainer.encoded(x, n_samples=4000, seed=0, reencode=False)
+    expected = torch.tensor([0.5, 0.75, 0.2]).expand(3, 3)
+    torch.testing.assert_close(shares, expected, atol=0.06, rtol=0)
+
+
+def test_compute_convergence_delta_agrees_with_attribute_and_completeness(code_setup):
+    """compute_convergence_delta is Σ attributions − (F(inputs) − F(baseline)): the same as attribute's
+    delta, and with F computed here independently through e⁻¹ and the decoder."""
+    model, ae, e, _ = code_setup
+    explainer = LayerConcepts(model, "hidden", e, ae)
+    x = torch.rand(3, 3, 8, 8)
+    base = torch.full((6,), 0.7)
+    scores, delta = explainer.attribute(x, target=1, baselines=base, n_steps=16, return_convergence_delta=True)
+    computed = explainer.compute_convergence_delta(scores, base, x, target=1)
+    torch.testing.assert_close(computed, delta, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        end = model(ae.decode(e(e(ae.encode(x).mean)[0], rev=True)[0]))[:, 1]
+        start = model(ae.decode(e(base.expand(3, 6), rev=True)[0]))[:, 1]
+    torch.testing.assert_close(computed, scores.sum(1) - (end - start), atol=1e-4, rtol=1e-4)
+
+
+def test_encoded_draws_of_an_input_are_conditioned_on_that_input():
+    """Input i's n_samples draws are decoded under input i's activation: the first row of the shares of
+    [x0, x1] equals that of [x0, x0] (same draws, same input), while the condition does matter."""
+    torch.manual_seed(0)
+    model = VectorModel().eval()
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=1, hidden=8)
+    e(torch.randn(32, 6))
+    t = ConditionalINN(6, (6,), n_blocks=2, hidden=16, embed_dim=4)
+    t(torch.randn(32, 6), torch.rand(32, 6))
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # a condition that reaches the couplings
+    explainer = LayerConcepts(model, "hidden", e.eval(), ae, invariance_inn=t.eval())
+    x = torch.rand(2, 3, 8, 8)
+    mixed = explainer.encoded(x, n_samples=16, seed=0, reencode=False)
+    alone = explainer.encoded(x[[0, 0]], n_samples=16, seed=0, reencode=False)
+    torch.testing.assert_close(mixed[0], alone[0])
+    assert not torch.allclose(mixed[1], alone[1], atol=1e-3)  # x1's condition changes its draws' spread
+
+
+def test_pair_nll_is_the_density_of_the_pair_under_a_change_of_variables():
+    """With y = e(x) = s ⊙ x (log|det| = Σ log s for each member), pair_nll is −log p(x_a, x_b) of the
+    joint Gaussian of the x pair: both members' log-determinants count."""
+    rho = 0.8
+    s = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64)
+    x_a, x_b = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    shared = torch.tensor([False, True, False]).expand(5, 3)
+    logdet = torch.log(s).sum().expand(5)
+    ours = pair_nll(x_a * s, logdet, x_b * s, logdet, shared, rho)
+    cov_y = torch.eye(6, dtype=torch.float64)
+    cov_y[1, 4] = cov_y[4, 1] = rho
+    inv_d = torch.diag(1 / torch.cat([s, s]))
+    joint = torch.distributions.MultivariateNormal(torch.zeros(6, dtype=torch.float64), inv_d @ cov_y @ inv_d)
+    reference = -joint.log_prob(torch.cat([x_a, x_b], 1)) - 3 * math.log(2 * math.pi)
+    torch.testing.assert_close(ours, reference, atol=1e-10, rtol=1e-10)

@@ -8,6 +8,8 @@ parameter, exact save/load (through safetensors, the checkpoint format) and batc
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load, save
@@ -702,3 +704,46 @@ def test_an_unfitted_inn_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match=r"`inn` is not fitted .*fit_invariances first"):
         save_invariance_inn(str(tmp_path / "t.safetensors"), t)
     assert not list(tmp_path.iterdir())
+
+
+def _largest_remainder_sizes(scores, dim, residual_score):
+    """Independent statement of the documented rule: one dimension each, then
+    softmax(scores + [residual_score]) · (dim − #factors) by largest remainder."""
+    values = list(scores.values()) + [residual_score]
+    top = max(values)
+    weights = [math.exp(v - top) for v in values]
+    free = dim - len(values)
+    quotas = [w / sum(weights) * free for w in weights]
+    sizes = [1 + math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(values)), key=lambda i: quotas[i] - math.floor(quotas[i]), reverse=True)
+    for i in by_remainder[: dim - sum(sizes)]:
+        sizes[i] += 1
+    return dict(zip(list(scores) + ["residual"], sizes))
+
+
+@pytest.mark.parametrize("dim,scores,residual_score", [
+    (16, {"digit": 2.0, "colour": 0.5}, 1.0),
+    (23, {"digit": 1.3, "fg": 0.2, "bg": -0.7}, 1.0),
+    (64, {"digit": 0.9, "colour": 0.1}, 0.25),
+    (11, {"a": 0.0, "b": 0.0, "c": 0.0}, 2.0),
+    (37, {"a": 3.0, "b": -1.0}, -0.5),
+])
+def test_factor_sizes_follow_softmax_with_largest_remainder(dim, scores, residual_score):
+    """Sizes equal an independent largest-remainder split of softmax(scores) over the free dims."""
+    got = factor_sizes_from_scores(scores, dim, residual_score=residual_score)
+    assert got == _largest_remainder_sizes(scores, dim, residual_score)
+
+
+def test_flow_blocks_transform_both_halves():
+    """The two couplings of a unit act on complementary halves, so with trained (non-zero) subnets the
+    log-determinant of a single unit depends on every input feature."""
+    torch.manual_seed(0)
+    flow = SequentialFlow(flow_blocks(6, 1, hidden=8))
+    flow(torch.randn(32, 6))  # initialise ActNorm
+    for block in flow.blocks:
+        if isinstance(block, AffineCoupling):
+            torch.nn.init.normal_(block.subnet[-1].weight, std=0.5)
+    x = torch.randn(16, 6, requires_grad=True)
+    _, logdet = flow(x)
+    (grad,) = torch.autograd.grad(logdet.sum(), x)
+    assert (grad.abs().sum(0) > 1e-6).all(), grad.abs().sum(0)

@@ -500,7 +500,45 @@ def test_differ_pairs_score_what_changes():
     assert scores["noise"] == pytest.approx(float(variance[4:].sum() / variance.sum()), abs=0.05)
 
 
+def test_scores_are_taken_about_both_members_of_the_pairs():
+    """A score is the members' covariance over their total variance, both about the mean of *all*
+    members, a and b (docs/method.rst). For pairs b = a + shift the two halves differ: about both,
+    the covariance is Var(a) − shift²/4 and the variance Var(a) + shift²/4; about the first
+    members alone the pairs looked fully shared and the concept that changes the representation
+    scored 0. Checked against the same formula on the very pairs the pool draws."""
+    shift = torch.tensor([2.0, 0.0, 1.0, 0.0])
+
+    def sampler(n, generator):
+        a = torch.randn(n, 4, generator=generator) * torch.tensor([1.0, 0.5, 2.0, 1.0])
+        return a, a + shift
+
+    concept = ConceptPairs("shift", sampler, relation="differ")
+    score = concept_scores((IDENTITY, "0"), [concept], n_pairs=400, seed=0)["shift"]
+    a, b = concept.sample(400, torch.Generator().manual_seed(0))  # the pool of concept 0 under seed 0
+    a, b = a.double(), b.double()
+    members = torch.cat([a, b])
+    centre = members.mean(0)
+    shared = ((a - centre) * (b - centre)).mean(0).sum() / members.var(0, unbiased=False).sum()
+    assert score == pytest.approx(1.0 - float(shared), abs=1e-5)
+    # the population values: Σ(Var(a) − shift²/4) / Σ(Var(a) + shift²/4) = (6.25 − 1.25) / (6.25 + 1.25)
+    assert score == pytest.approx(1.0 - 5.0 / 7.5, abs=0.1)
+
+
 # ---------------------------------------------------------------- the pair likelihood
+def test_pair_masks_correlate_the_shared_factor_or_everything_but_the_changed_one():
+    """Which output dimensions of ``e`` the pair likelihood correlates (docs/method.rst): for a pair
+    that shares concept F, F's block alone; for a pair that differs only in F, every other factor,
+    the residual included, whose block the fit would otherwise leave free to hold F."""
+    from captum_inn.training.concepts import _pair_masks
+
+    e = FactorINN(7, {"a": 2, "b": 3}, n_blocks=1, hidden=8)  # a: 0-1, b: 2-4, residual: 5-6
+    noop = lambda n, generator: (torch.zeros(n, 7), torch.zeros(n, 7))  # noqa: E731
+    concepts = [ConceptPairs("a", noop), ConceptPairs("b", noop, relation="differ")]
+    masks = _pair_masks(e, concepts)
+    expected = torch.tensor([[1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(masks, expected)
+
+
 def test_pair_nll_matches_the_bivariate_gaussian():
     rho = 0.9
     y_a, y_b = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
@@ -541,6 +579,23 @@ def test_fit_concepts_separates_the_concepts(fitted):
     assert e.fit_info["factor_sizes"] == {"c": 2, "s": 2, "residual": 2}
     assert e.fit_info["scores"] is None and len(e.fit_info["factor_variance"]) == 6
     assert e.history[-1] < e.history[0]
+
+
+def test_fit_info_holds_the_variance_of_each_factor_over_the_pools_first_members():
+    """``fit_info["factor_variance"]`` is the reference of LayerConcepts.encoded: the variance of each
+    output dimension of ``e`` over the fitting pairs' first members (a standard deviation there shifted
+    every share). Recomputed here on the same pairs, which the pool of concept k draws from a generator
+    seeded with ``seed · 1009 + k``."""
+    x, c, s = synthetic(200)
+    concepts = [ConceptPairs.from_labels("c", x, c), ConceptPairs.from_labels("s", x, s)]
+    e = fit_concepts((IDENTITY, "0"), concepts, factor_sizes={"c": 2, "s": 2}, steps=2, n_blocks=1, hidden=16,
+                     pool_size=128, batch_size=16, seed=2, progress=False)
+    firsts = torch.cat([concept.sample(128, torch.Generator().manual_seed(2 * 1009 + k))[0]
+                        for k, concept in enumerate(concepts)])
+    with torch.no_grad():
+        expected = e(firsts)[0].var(0)
+    assert (expected - 1).abs().max() > 0.01  # not the unit variance at which a std would pass for it
+    torch.testing.assert_close(torch.tensor(e.fit_info["factor_variance"]), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_unused_code_dimensions_do_not_blow_up_the_first_steps():
@@ -1108,6 +1163,34 @@ def test_a_scalar_tensor_baseline_is_the_number_it_holds(code_setup):
         assert torch.allclose(explainer.attribute(x, target=1, n_steps=8, baselines=(scalar,)), expected, atol=1e-6)
 
 
+def test_a_tuple_of_baselines_takes_the_image_inputs_entry(code_setup):
+    """Captum's tuple form holds one baseline per input; the factor-space one is the entry of the
+    image input. With the image second (``image_input=1``) the first entry, the label's, was taken
+    instead: the path started at another point and the scores explained another change."""
+    model, ae, e, _ = code_setup
+
+    class LabelFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, label, image):
+            return self.net(image)
+
+    explainer = LayerConcepts(LabelFirst().eval(), "net.hidden", e, ae, image_input=1)
+    x, labels = torch.rand(3, 3, 8, 8), torch.arange(3)
+    base = 0.5 * torch.randn(1, e.dim, generator=torch.Generator().manual_seed(0))
+    direct = explainer.attribute((labels, x), target=1, n_steps=8, baselines=base)
+    assert torch.allclose(explainer.attribute((labels, x), target=1, n_steps=8, baselines=(0.0, base)), direct,
+                          atol=1e-6)
+    assert not torch.allclose(explainer.attribute((labels, x), target=1, n_steps=8), direct, atol=1e-3)
+    # the delta, and compute_convergence_delta, take the same start point
+    scores, delta = explainer.attribute((labels, x), target=1, n_steps=8, baselines=(0.0, base),
+                                        return_convergence_delta=True)
+    recomputed = explainer.compute_convergence_delta(scores, (0.0, base), (labels, x), target=1)
+    assert torch.allclose(delta, recomputed, atol=1e-5)
+
+
 def test_every_method_explains_a_float64_model_with_a_float32_autoencoder(code_setup):
     """The networks fitted for a model, kept in float32 while the model is converted with .double():
     images go to the encoder in its dtype (factors, attribute and edit used to fail), and decoded
@@ -1138,6 +1221,34 @@ def test_every_method_explains_a_float64_model_with_a_float32_autoencoder(code_s
         assert torch.allclose(got.double(), want.double(), atol=1e-4), name
         if name.startswith("edit") or name == "output_from_factors":
             assert got.dtype == torch.float64, name
+
+
+def test_encoded_shares_use_the_unbiased_variance_of_the_draws():
+    """The reference ``factor_variance`` is an unbiased variance, so the spread of an input's draws must
+    be one too: with ``n_samples=3`` the biased one is 2/3 of it and every share came out too high by a
+    third of what the layer discards. On an affine path ``e(t⁻¹(v | z)) = M v + b`` (couplings that pass
+    their input through) the variance of the draws is ``diag(M Mᵀ)``, and a reference of r times that
+    gives a share of 1 − 1/r on average over inputs."""
+    torch.manual_seed(0)
+    model = VectorModel().eval()
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=1, hidden=8)
+    e(torch.randn(64, 6) * torch.tensor([0.5, 1.0, 2.0, 3.0, 0.7, 1.5]) + 1)
+    t = ConditionalINN(6, (6,), n_blocks=1, hidden=8, embed_dim=4)
+    t(torch.randn(64, 6) * 2, torch.rand(64, 6))
+    with torch.no_grad():
+        for inn in (e, t):
+            for name, p in inn.named_parameters():
+                if ".subnet." in name:
+                    p.zero_()  # identity couplings: e ∘ t⁻¹ is affine in v, whatever the condition
+    jac = torch.autograd.functional.jacobian(lambda v: e(t(v, torch.rand(1, 6), rev=True)[0])[0],
+                                             torch.zeros(1, 6)).reshape(6, 6)
+    # references 2, 4 and 4/3 times the draws' variance: shares 1/2, 3/4 and 1/4
+    e.fit_info = {"factor_variance": ((jac ** 2).sum(1) * torch.tensor([2.0, 2, 4, 4, 4 / 3, 4 / 3])).tolist()}
+    explainer = LayerConcepts(model, "hidden", e.eval(), ae, invariance_inn=t.eval())
+    x = torch.rand(1, 3, 8, 8).expand(1500, -1, -1, -1)
+    shares = explainer.encoded(x, n_samples=3, seed=0, reencode=False)
+    torch.testing.assert_close(shares.mean(0), torch.tensor([0.5, 0.75, 0.25]), atol=0.04, rtol=0)
 
 
 def test_edit_decompose_encoded(code_setup):

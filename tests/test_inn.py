@@ -342,6 +342,23 @@ def test_conditional_inn_sampling_is_reproducible_and_checks_temperature():
             t.sample(c, bad)
 
 
+def test_conditional_inn_samples_at_a_temperature_carry_invariances_scaled_by_it():
+    """``sample`` draws ``v ~ N(0, T² I)``: mapped forward again, samples drawn at temperature T from one
+    seed give T times the invariances of the samples at temperature 1 from that seed (the temperature
+    was dropped, and every temperature gave the samples of 1)."""
+    torch.manual_seed(0)
+    t = ConditionalINN(4, (10,), n_blocks=2, hidden=8, embed_dim=4)
+    c = torch.randn(6, 10)
+    t(torch.randn(6, 4) * 2 + 1, c)
+    _randomise_(t, torch.Generator().manual_seed(1))
+    t.double()
+    c = c.double()
+    unit = t.sample(c, 1.0, generator=torch.Generator().manual_seed(3))
+    for temperature in (0.3, 2.5):
+        warm = t.sample(c, temperature, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(t(warm, c)[0], temperature * t(unit, c)[0])
+
+
 def test_condition_statistics_standardise_the_input():
     t = ConditionalINN(4, (3, 5, 5), n_blocks=1, hidden=8)
     c = torch.randn(20, 3, 5, 5) * 10 + 4
@@ -380,6 +397,20 @@ def test_factor_inn_split_merge_and_sizes():
         e(y, torch.randn(2, 3))
     explicit = FactorINN(10, {"residual": 2, "digit": 8})
     assert list(explicit.factor_sizes) == ["digit", "residual"]
+
+
+def test_factor_inn_merge_lays_factors_out_in_factor_order_whatever_the_dicts_order():
+    """``merge`` is the inverse of ``split`` for a dict in any key order: concatenating the factors in
+    the order the dict was given put a ``{"residual": ..., "colour": ..., "digit": ...}`` dict's blocks
+    where other factors belong, and ``e⁻¹`` of it decoded another representation."""
+    e = FactorINN(10, {"digit": 4, "colour": 3}, n_blocks=1, hidden=8)
+    y = torch.randn(2, 10)
+    parts = e.split(y)
+    reordered = {name: parts[name] for name in reversed(list(parts))}
+    assert list(reordered) == ["residual", "colour", "digit"]
+    assert torch.equal(e.merge(reordered), y)
+    for name, block in e.split(e.merge(reordered)).items():
+        assert torch.equal(block, parts[name]), name
 
 
 @pytest.mark.parametrize("dim", [4, 16, 128])

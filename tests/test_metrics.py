@@ -41,6 +41,31 @@ def test_prediction_agreement_counts_matching_predictions(model):
         prediction_agreement(model, x, x)
 
 
+def test_prediction_agreement_compares_each_sample_with_its_own_original():
+    """Each of an original's S samples is judged against that original's class: samples flattened
+    input by input (n * S rows) and compared with the originals repeated the other way round
+    (``reference.repeat(S)``) paired sample j of input i with original (i·S + j) mod N. A model that
+    reads the class off the image's mean gives every original its own class, and copies of the
+    original, shifted by a small amount per sample, keep it: the agreement is 1 exactly when each
+    sample meets its own original."""
+
+    class MeanClass(nn.Module):  # class k for images of mean brightness in [k/4, (k+1)/4)
+        def forward(self, x):
+            level = x.mean((1, 2, 3))
+            return -(level[:, None] - (torch.arange(4.0) + 0.5) / 4).abs()
+
+    x = torch.stack([torch.full((3, 4, 4), (k + 0.5) / 4) for k in range(4)])  # classes 0, 1, 2, 3
+    samples = x.unsqueeze(1) + torch.tensor([-0.05, 0.0, 0.05])[None, :, None, None, None]  # (4, 3, 3, 4, 4)
+    assert torch.equal(predict_classes(MeanClass(), x), torch.arange(4))
+    assert prediction_agreement(MeanClass(), x, samples) == 1.0
+    # the samples of the next original: no sample keeps its own original's class
+    assert prediction_agreement(MeanClass(), x, samples.roll(1, 0)) == 0.0
+    # one original's samples all moved to another class: 3 of the 12 samples disagree
+    moved = samples.clone()
+    moved[2] = samples[0]
+    assert prediction_agreement(MeanClass(), x, moved) == pytest.approx(9 / 12)
+
+
 def test_predictions_of_a_model_with_a_dict_output(model):
     """Tuple and dict outputs need a selector for the logits, and give what the tensor model gives."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from captum_inn.autoencoders import ConvAutoencoder
 from captum_inn.inn import AffineCoupling, ConditionalINN
@@ -79,3 +80,14 @@ def images():
 def autoencoder():
     torch.manual_seed(0)
     return ConvAutoencoder((3, 32, 32), latent_dim=6, width=4).eval()
+
+
+class LabelFirst(nn.Module):
+    """``net`` behind a label it ignores: the image is the second input (``image_input=1``)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, label, image):
+        return self.net(image)

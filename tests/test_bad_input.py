@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_hooks import Gate, assert_no_hooks, training_flags
-from helpers_training import Unread
+from helpers_training import LabelFirst, Unread
 from torch import nn
 
 from captum_inn import LayerConcepts, LayerInvariance
@@ -370,16 +370,8 @@ def test_layer_names_are_checked_where_both_are_known(setup):
 def test_concept_edits_take_donors_when_the_image_is_not_the_first_input(setup):
     model, ae, _, e = setup
 
-    class LabelFirst(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = model
-
-        def forward(self, label, image):
-            return self.net(image)
-
     labels = torch.arange(3)
-    concepts = LayerConcepts(LabelFirst().eval(), "net.cnn.logits", e, ae, image_input=1)
+    concepts = LayerConcepts(LabelFirst(model).eval(), "net.cnn.logits", e, ae, image_input=1)
     by_tensor = concepts.edit((labels, X), "a", donors=X[:1])
     by_tuple = concepts.edit((labels, X), "a", donors=(labels[:1], X[:1]))
     expected = LayerConcepts(model, "cnn.logits", e, ae).edit(X, "a", donors=X[:1])

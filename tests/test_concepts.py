@@ -12,6 +12,7 @@ import torch
 from captum.concept import Concept
 from helpers_hooks import assert_no_hooks, training_flags
 from helpers_progress import record_bars
+from helpers_training import LabelFirst, random_conditional_inn
 from torch import nn
 
 from captum_inn import LayerConcepts
@@ -971,8 +972,6 @@ def test_encoded_shares_follow_their_formula_for_an_inn_that_reads_its_condition
     alone. The fixture's fresh invariance INN ignores its condition, so pairing an input's samples
     with another input's activation, or averaging a factor's variances instead of summing them,
     passed every other test."""
-    from helpers_training import random_conditional_inn
-
     from captum_inn.capture import capture
 
     model, ae, fixture_e, _ = code_setup
@@ -1169,15 +1168,7 @@ def test_a_tuple_of_baselines_takes_the_image_inputs_entry(code_setup):
     instead: the path started at another point and the scores explained another change."""
     model, ae, e, _ = code_setup
 
-    class LabelFirst(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = model
-
-        def forward(self, label, image):
-            return self.net(image)
-
-    explainer = LayerConcepts(LabelFirst().eval(), "net.hidden", e, ae, image_input=1)
+    explainer = LayerConcepts(LabelFirst(model).eval(), "net.hidden", e, ae, image_input=1)
     x, labels = torch.rand(3, 3, 8, 8), torch.arange(3)
     base = 0.5 * torch.randn(1, e.dim, generator=torch.Generator().manual_seed(0))
     direct = explainer.attribute((labels, x), target=1, n_steps=8, baselines=base)

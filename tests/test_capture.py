@@ -395,6 +395,30 @@ def test_input_keyword_argument_by_name():
     assert torch.equal(capture(model, "inner", x, attribute_to_layer_input=True), x)
 
 
+def test_an_int_selector_on_the_input_side_picks_that_positional_argument():
+    """On the input side an int selector indexes the layer's positional arguments: a layer called as
+    layer(x, bias) is read at `bias` with selector=1 (or -1), at `x` with 0; reading only the first
+    argument refused (or mixed up) the others."""
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = DictModel()
+
+        def forward(self, t: torch.Tensor) -> dict:
+            return self.inner(t, t.sum(dim=1, keepdim=True))
+
+    model = seeded(Wrap())
+    x = torch.randn(2, 3)
+    bias = x.sum(dim=1, keepdim=True)
+    assert torch.equal(capture(model, "inner", x, attribute_to_layer_input=True, selector=1), bias)
+    assert torch.equal(capture(model, "inner", x, attribute_to_layer_input=True, selector=-1), bias)
+    assert torch.equal(capture(model, "inner", x, attribute_to_layer_input=True, selector=0), x)
+    with LayerHooks(model, "inner", attribute_to_layer_input=True, selector=1) as hooks:
+        model(x)
+    assert torch.equal(hooks["inner"], bias)
+    assert_no_hooks(model)
+
+
 def test_per_layer_selector_dict():
     model = seeded(DictModel())
     x = torch.randn(3, 3)

@@ -330,6 +330,64 @@ def test_invariances_reconstruct_and_transfer_are_consistent(setup, x):
     assert torch.allclose(explainer.transfer(x, x.flip(0)), expected, atol=1e-5)
 
 
+def test_an_autoencoder_in_training_mode_encodes_and_decodes_on_its_running_statistics(setup, x):
+    """Every method runs the autoencoder in eval mode, whatever its flag (a ConvAutoencoder has batch
+    norm): in training mode each decoded pass was normalised with its own batch's statistics (a sample
+    depended on the others decoded with it) and updated the running statistics, which changed every
+    later explanation. Its flags and buffers come back as they were."""
+    import copy
+
+    model, _, inn, _ = setup
+    torch.manual_seed(0)
+    ae = ConvAutoencoder((3, 32, 32), latent_dim=6, width=4)
+    with torch.no_grad():  # running statistics unlike any batch's own
+        for m in ae.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    reference = LayerInvariance(model, "logits", inn, copy.deepcopy(ae).eval())
+    explainer = LayerInvariance(model, "logits", inn, ae.train())
+    calls = {
+        "attribute": lambda ex: ex.attribute(x, n_samples=3, seed=0),
+        "sample": lambda ex: ex.sample(x, n_samples=2, seed=1),
+        "reconstruct": lambda ex: ex.reconstruct(x),
+        "transfer": lambda ex: ex.transfer(x, x.flip(0)),
+        "invariances": lambda ex: ex.invariances(x),
+    }
+    flags, state = training_flags(ae), {k: v.clone() for k, v in ae.state_dict().items()}
+    for name, call in calls.items():
+        assert torch.allclose(call(explainer), call(reference), atol=1e-5), name
+    assert training_flags(ae) == flags and all(flags.values())
+    for key, value in ae.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_images_given_second_are_encoded_and_explained_where_they_are(setup, x):
+    """With image_input=1 every method encodes inputs[1] and attribute returns the map there (zeros
+    at the other input): the same results as for the model that takes the images first."""
+    model, ae, inn, _ = setup
+
+    class ImagesSecond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, scale, image):
+            return self.net(image * scale.view(-1, 1, 1, 1))
+
+    first = LayerInvariance(model, "logits", inn, ae)
+    second = LayerInvariance(ImagesSecond().eval(), "net.logits", inn, ae, image_input=1)
+    scale = torch.ones(3)
+    inputs, donors = (scale, x), (scale, x.flip(0))
+    explained = second.attribute(inputs, n_samples=3, seed=0)
+    assert isinstance(explained, tuple) and torch.equal(explained[0], torch.zeros_like(scale))
+    assert torch.allclose(explained[1], first.attribute(x, n_samples=3, seed=0), atol=1e-6)
+    assert torch.allclose(second.sample(inputs, n_samples=2, seed=1), first.sample(x, n_samples=2, seed=1), atol=1e-6)
+    assert torch.allclose(second.invariances(inputs), first.invariances(x), atol=1e-6)
+    assert torch.allclose(second.reconstruct(inputs), first.reconstruct(x), atol=1e-6)
+    assert torch.allclose(second.transfer(inputs, donors), first.transfer(x, x.flip(0)), atol=1e-5)
+
+
 def test_batch_of_one_and_tuple_inputs(setup, x):
     model, ae, inn, _ = setup
     explainer = LayerInvariance(model, "logits", inn, ae)

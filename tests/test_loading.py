@@ -139,6 +139,10 @@ def test_checkpoints_of_stopped_fits_warn_and_finished_ones_do_not(images, autoe
     stopped = _rewrite(checkpoint, tmp_path / "stopped.safetensors", lambda meta: {**meta, "step": 1})
     with pytest.warns(UserWarning, match=r"unfinished fit_invariances \(step 1 of 3\)"):
         load_invariance_inn(str(stopped))
+    # one step short is unfinished too
+    last_but_one = _rewrite(checkpoint, tmp_path / "last_but_one.safetensors", lambda meta: {**meta, "step": 2})
+    with pytest.warns(UserWarning, match=r"unfinished fit_invariances \(step 2 of 3\)"):
+        load_invariance_inn(str(last_but_one))
 
     ae_path = tmp_path / "ae.safetensors"
     fit_autoencoder(images, latent_dim=4, width=4, steps=2, checkpoint=str(ae_path), progress=False)

@@ -407,6 +407,9 @@ def _drop_state(name):
     (_drop_state("optim.0.exp_avg_sq"), r"parameter 0 has no 'exp_avg_sq'"),
     (_drop_state("optim.1."), r"the optimiser state holds parameters \[0\], the file lists \[0, 1\]"),
     (lambda t, m: t.update({"optim.0.exp_avg": t["optim.0.exp_avg"][:, :2].clone()}), r"'exp_avg' of parameter 0 is \(1, 2\)"),
+    # a negative second moment: its square root is NaN, and the first step wrote NaN into the weight
+    (lambda t, m: t.update({"optim.0.exp_avg_sq": -1 - t["optim.0.exp_avg_sq"]}),
+     r"'exp_avg_sq' of parameter 0 holds NaN, infinite or negative values"),
     # load_state_dict cast integers into the float weights without a word
     (lambda t, m: t.update({"model.weight": (t["model.weight"] * 100).long()}), r"'weight' as torch.int64 where the module keeps torch.float32"),
     # an edited step or history: more losses than steps, or a string read as a list of characters
@@ -470,6 +473,65 @@ def test_train_loop_refuses_a_grad_clip_or_seed_it_cannot_use():
         train_loop(module, loss_fn, steps=2, lr=0.05, grad_clip="a", progress=False)
     with pytest.raises(TypeError, match="`seed`"):  # 1.5 was taken as 1
         train_loop(module, loss_fn, steps=2, lr=0.05, seed=1.5, progress=False)
+
+
+def test_the_update_applies_gradients_clipped_to_grad_clip():
+    """grad_clip bounds the norm of the gradients Adam applies (read in the callback, after the step):
+    a loop that computed the norm without clipping to it trained on the raw gradients, silently."""
+    from helpers_training import split_regression
+
+    for grad_clip in (None, 0.05):
+        net, batch_fn, loss_of = split_regression()
+        norms = []
+
+        def callback(step, module, norms=norms):
+            norms.append(float(torch.cat([p.grad.flatten() for p in module.parameters()]).norm()))
+
+        train_loop(net, loss_of, batch_fn=batch_fn, steps=4, lr=1e-3, grad_clip=grad_clip, progress=False,
+                   callback=callback)
+        if grad_clip is None:
+            assert min(norms) > 1.0  # the raw gradients are far larger than the bound below
+        else:
+            assert max(norms) <= grad_clip * (1 + 1e-5)
+
+
+def test_a_resume_with_one_step_fewer_than_the_checkpoint_holds_is_refused(tmp_path):
+    """`steps` counts every step of the fit: a checkpoint holding more is refused, down to one step
+    more (a resume with steps = held - 1 returned the longer fit as if it had `steps` steps)."""
+    module = torch.nn.Linear(3, 1)
+    loss_fn = lambda g: module(torch.randn(8, 3, generator=g)).pow(2).mean()  # noqa: E731
+    path = str(tmp_path / "fit.safetensors")
+    train_loop(module, loss_fn, steps=4, lr=0.05, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="already holds 4 steps, more than `steps`=3"):
+        train_loop(module, loss_fn, steps=3, lr=0.05, checkpoint=path, progress=False)
+    assert len(train_loop(module, loss_fn, steps=4, lr=0.05, checkpoint=path, progress=False)) == 4  # equal: read back
+
+
+def test_a_resume_by_another_number_of_processes_does_not_replay_the_first_steps_draws(tmp_path):
+    """A checkpoint of a fit with other processes holds no generator state for this one: the minibatch
+    generator and torch's global one (dropout) are reseeded for the steps from the resume on, with the
+    step in the seed, so the resumed steps do not draw the batches and masks of the fit's first steps."""
+    from captum_inn.training import save_checkpoint
+
+    module = torch.nn.Linear(3, 1)
+    draws = []
+
+    def loss_fn(generator):
+        rows = torch.randint(1000, (4,), generator=generator)
+        draws.append((rows.tolist(), torch.rand(3).tolist()))  # the minibatch stream, the global (dropout) one
+        return module(rows.float()[:, None].expand(4, 3) / 1000).pow(2).mean()
+
+    path = str(tmp_path / "fit.safetensors")
+    train_loop(module, loss_fn, steps=2, lr=0.01, checkpoint=path, progress=False)
+    first = list(draws)
+    tensors, meta = load_checkpoint(path)
+    save_checkpoint(path, tensors, {**meta, "world_size": 2})  # as if written under torchrun by two processes
+    draws.clear()
+    with pytest.warns(UserWarning, match="written by a fit with 2 processes"):
+        train_loop(module, loss_fn, steps=4, lr=0.01, checkpoint=path, progress=False)
+    assert len(draws) == 2
+    for (rows, masks), (first_rows, first_masks) in zip(draws, first):
+        assert rows != first_rows and masks != first_masks
 
 
 def test_a_checkpoint_this_user_cannot_read_is_named_so(tmp_path, monkeypatch):

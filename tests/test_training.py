@@ -190,6 +190,24 @@ def test_cache_runs_the_model_once_per_image_for_all_layers(images, autoencoder)
     assert_no_hooks(model)
 
 
+def test_the_cache_keeps_each_images_posterior_and_draws_each_code_from_its_own_row(images, autoencoder):
+    """The INN trains on samples of q(z̄ | x) (docs/method.rst): the cache must hold the encoder's own
+    posterior mean and std of every image, in the images' order across batches (a scaled std trained on
+    codes of the wrong spread, silently), and sample_codes must draw row i's code with row i's std
+    (another row's spread paired with a mean is another posterior)."""
+    cache = cache_features(SmallCNN(width=4).eval(), "logits", autoencoder, images[:12], batch_size=5, progress=False)
+    with torch.no_grad():
+        mean, std = encode_posterior(autoencoder, images[:12])
+    assert torch.allclose(cache.code_mean, mean, atol=1e-6) and torch.allclose(cache.code_std, std, atol=1e-6)
+    spread = torch.zeros_like(cache.code_std)
+    spread[3] = 1.0  # only image 3's code is uncertain
+    one_spread = FeatureCache(cache.code_mean, spread, cache.layers)
+    index = torch.tensor([3, 0, 5, 3, 11])
+    codes = one_spread.sample_codes(index, torch.Generator().manual_seed(0))
+    moved = (codes - cache.code_mean[index]).abs().amax(1) > 0
+    assert moved.tolist() == [True, False, False, True, False]
+
+
 def test_cache_a_layer_given_twice_is_cached_once(images, autoencoder, tmp_path):
     model = CountingCNN().eval()
     for memmap_dir in (None, tmp_path / "cache"):
@@ -690,6 +708,25 @@ class _ShiftsItsInputInPlace(SmallCNN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.sub_(0.5))
+
+
+def test_a_plain_function_around_a_model_that_changes_its_input_in_place_explains_the_images_given(images,
+                                                                                                     autoencoder):
+    """Behind a plain function (a lambda) too, the explainer's layer pass gets a copy of the images: the
+    model centred the caller's images in place, and the encoder then read the centred ones."""
+    from helpers_training import random_conditional_inn
+
+    from captum_inn.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _ShiftsItsInputInPlace(width=4).eval(), images[:3].clone()
+    inn = random_conditional_inn(tuple(capture(model, "fc", images[:2]).shape[1:]))
+    direct = LayerInvariance(model, "fc", inn, autoencoder)
+    through_lambda = LayerInvariance(lambda t: model(t), model.fc, inn, autoencoder)
+    assert torch.allclose(through_lambda.invariances(x), direct.invariances(x), atol=1e-6)
+    assert torch.allclose(through_lambda.attribute(x, n_samples=2, seed=0), direct.attribute(x, n_samples=2, seed=0),
+                          atol=1e-6)
+    assert torch.equal(x, images[:3])
 
 
 def test_a_model_that_changes_its_input_in_place_leaves_the_images_as_they_were(images, autoencoder):

@@ -45,6 +45,7 @@ from captum_inn.capture import (
     selector_for_layer,
     selector_record,
 )
+from captum_inn.inn.base import check_device
 
 __all__ = [
     "autograd_on",
@@ -767,12 +768,7 @@ def encode_images(autoencoder: Any, images: Tensor, *, posterior: bool = False, 
 
 def check_same_device(tensor: Tensor, module: nn.Module, name: str = "inputs") -> None:
     """``ValueError`` naming ``name`` when ``tensor`` is not on the device of ``module``'s parameters."""
-    parameter = next(module.parameters(), None)
-    if parameter is not None and tensor.device != parameter.device:
-        raise ValueError(
-            f"`{name}` is on {tensor.device} but the INN is on {parameter.device}; move one of them "
-            f"(e.g. {name}.to('{parameter.device}'))."
-        )
+    check_device(tensor, module, name, what="INN")
 
 
 def as_device(device: Any, name: str = "device") -> torch.device:

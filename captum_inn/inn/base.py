@@ -76,13 +76,14 @@ class InvertibleModule(nn.Module, ABC):
         return self(y, c, rev=True, jac=jac)
 
 
-def check_device(x: Tensor, module: nn.Module, name: str = "x") -> None:
+def check_device(x: Tensor, module: nn.Module, name: str = "x", what: Optional[str] = None) -> None:
     """Raise a clear error when ``x`` is not on the device of ``module``'s weights (torch named only
-    two devices deep inside a subnet, not which argument to move)."""
+    two devices deep inside a subnet, not which argument to move). ``what`` names the module in the
+    message (its class name by default)."""
     weight = next(module.parameters(), None)
     if weight is not None and x.device != weight.device:
-        raise ValueError(f"`{name}` is on {x.device} but the {type(module).__name__} is on {weight.device}; "
-                         f"move one of them, e.g. {name}.to({str(weight.device)!r}).")
+        raise ValueError(f"`{name}` is on {x.device} but the {what or type(module).__name__} is on {weight.device}; "
+                         f"move one of them (e.g. {name}.to('{weight.device}')).")
 
 
 def check_vector_batch(x: Tensor, dim: int, name: str = "x") -> None:

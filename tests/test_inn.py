@@ -296,6 +296,16 @@ def test_permutation_is_seeded_and_leaves_global_rng_alone():
     assert torch.equal(a.perm[a.inverse_perm], torch.arange(32))
 
 
+def test_flow_blocks_permute_each_block_by_its_own_seed():
+    # as documented (block i: seed + i); one permutation repeated would pair the same features in
+    # every block whose power of it repeats them (a permutation of order 2 returns them after 2)
+    perms = [b.perm for b in flow_blocks(16, 4, hidden=8, seed=7) if isinstance(b, Permutation)]
+    assert len(perms) == 4
+    for i, perm in enumerate(perms):
+        assert torch.equal(perm, Permutation(16, seed=7 + i).perm)
+    assert len({tuple(p.tolist()) for p in perms}) == 4
+
+
 # ---------------------------------------------------------------- the two networks
 def test_conditional_inn_20_blocks_dim_128_round_trips_float32():
     torch.manual_seed(0)

@@ -357,6 +357,20 @@ def test_fitting_learns_the_conditional_density():
     assert last < first - 1.0, (first, last)
 
 
+def test_initialisation_reads_rows_from_the_whole_cache():
+    # A cache in data order (here sorted by the layer's value, as a dataset sorted by class would
+    # be): standardising the condition on its first 1,024 rows alone would centre the layer at
+    # about 0.2 (of 0..1) and squeeze its spread to a third, not at 0.5.
+    n = 5000
+    z = torch.linspace(0, 1, n).unsqueeze(1).repeat(1, 10)
+    codes = torch.randn(n, 6, generator=torch.Generator().manual_seed(0))
+    cache = FeatureCache(code_mean=codes, code_std=torch.zeros_like(codes), layers={"logits": z})
+    inn = fit_invariances(SmallCNN(width=4), "logits", cache=cache, steps=1, progress=False, **TINY)
+    mean, std = inn.embedder.in_mean.flatten(), inn.embedder.in_std.flatten()
+    assert torch.allclose(mean, torch.full_like(mean, 0.5), atol=0.05), mean
+    assert torch.allclose(std, torch.full_like(std, 12 ** -0.5), rtol=0.1), std  # a uniform's spread
+
+
 def test_fit_invariances_is_seeded(images, autoencoder):
     model = SmallCNN(width=4).eval()
     a = fit_invariances(model, "fc", autoencoder, images, steps=3, seed=5, progress=False, **TINY)

@@ -393,6 +393,26 @@ def test_colordigits_concepts():
     assert ds.concept("digit", "differ").relation == "differ"
 
 
+def test_sample_without_a_generator_uses_one_seeded_with_zero():
+    # documented: generator=None draws with a generator seeded with 0 (not an unseeded one, whose
+    # fixed default seed gives other pairs than manual_seed(0))
+    x = torch.rand(12, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    concept = ConceptPairs.from_labels("c", x, torch.arange(12) % 3)
+    a, b = concept.sample(8)
+    expected_a, expected_b = concept.sample(8, torch.Generator().manual_seed(0))
+    assert torch.equal(a, expected_a) and torch.equal(b, expected_b)
+
+
+def test_one_set_pairs_must_share_the_concept():
+    # one_set: two examples of one set, which share the concept; relation="differ" contradicts it
+    def sampler(n, generator):
+        return torch.rand(n, 2, generator=generator), torch.rand(n, 2, generator=generator)
+
+    with pytest.raises(ValueError, match="`one_set` pairs share the concept"):
+        ConceptPairs("c", sampler, relation="differ", one_set=True)
+    assert ConceptPairs("c", sampler, relation="share", one_set=True).one_set
+
+
 def test_a_transform_with_a_generator_keyword_or_default_gets_the_seed():
     """transform(batch, generator=None), a keyword-only generator and a second positional parameter
     defaulting to None all get the sampler's generator: seeded samples repeat, other seeds differ."""

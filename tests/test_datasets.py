@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captum_inn.datasets import FACTORS, ColorDigits, colour_digits
+from captum_inn.datasets import FACTORS, SPLITS, ColorDigits, colour_digits
 
 torch.set_num_threads(1)
 
@@ -92,6 +92,24 @@ def test_recolorings() -> None:
     assert ds.source_index.unique().numel() == m
 
 
+def test_every_class_keeps_an_image_on_each_side_of_the_split() -> None:
+    # documented: "Every class keeps at least one image on each side", also for extreme fractions
+    # (round(0.001 * 180) is 0 test images, round(0.999 * 180) is 0 training images)
+    tiny = ColorDigits("test", test_fraction=0.001, image_size=8)
+    assert sorted(tiny.digits.tolist()) == list(range(10))
+    huge = ColorDigits("train", test_fraction=0.999, image_size=8)
+    assert sorted(huge.digits.tolist()) == list(range(10))
+
+
+def test_train_test_and_all_draw_colours_from_different_streams() -> None:
+    # documented: train, test and "all" use different colour streams; sharing one gave the first
+    # rows of every split the same colours (only contrast redraws told them apart)
+    train, test, everything = (ColorDigits(split, image_size=8) for split in SPLITS)
+    for one, other in ((train, test), (train, everything), (test, everything)):
+        m = min(len(one), len(other))
+        assert not bool((one.foreground[:m] == other.foreground[:m]).all(dim=1).any())
+
+
 # ------------------------------------------------------------- colouring
 
 
@@ -113,6 +131,15 @@ def test_colour_formula_endpoints() -> None:
         colour_digits(masks, torch.rand(3, 3), bg)
     with pytest.raises(ValueError, match="masks"):
         colour_digits(torch.rand(5, 5), fg, bg)
+
+
+def test_colour_digits_clamps_to_the_unit_range() -> None:
+    # documented: the result is clamped to [0, 1]; masks a little outside it (resampling overshoot)
+    # must not give pixels outside the image range
+    masks = torch.tensor([[[1.5, -0.5]]])
+    x = colour_digits(masks, torch.tensor([0.9, 0.2, 0.5]), torch.tensor([0.1, 0.8, 0.5]))
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([1.0, 0.0, 0.5]))
+    torch.testing.assert_close(x[0, :, 0, 1], torch.tensor([0.0, 1.0, 0.5]))
 
 
 def test_reconstruct_from_factors(train: ColorDigits) -> None:
@@ -206,6 +233,27 @@ def test_pairs_deterministic(train: ColorDigits) -> None:
     assert a.shape == b.shape == (1, 3, 32, 32)
 
 
+def test_pairs_sharing_the_digit_never_reuse_the_handwritten_image() -> None:
+    # documented: the same class but a different handwritten image (every class has ~140 here);
+    # picking a's own image 1 time in ~140 would slip under a rate threshold
+    data = ColorDigits("train", image_size=8)
+    _, _, fa, fb = data.pairs("digit", n=4000, generator=0, return_factors=True)
+    assert bool((fa["digit"] == fb["digit"]).all())
+    assert not bool((fa["source_index"] == fb["source_index"]).any())
+
+
+@pytest.mark.parametrize("relation", ["share", "differ"])
+def test_concept_draws_the_pairs_of_its_relation(train: ColorDigits, relation: str) -> None:
+    # documented: "share" gives pairs(factor=...), "differ" gives pairs(differ_in=...)
+    key = "factor" if relation == "share" else "differ_in"
+    for factor in FACTORS:
+        concept = train.concept(factor, relation)
+        assert concept.relation == relation
+        a, b = concept.sample(6, torch.Generator().manual_seed(2))
+        ea, eb = train.pairs(n=6, generator=torch.Generator().manual_seed(2), **{key: factor})
+        assert torch.equal(a, ea) and torch.equal(b, eb), factor
+
+
 def _local(ds: ColorDigits, source_index: torch.Tensor) -> torch.Tensor:
     """Position of each global source index among the split's sorted images."""
     sources = ds.source_index[: ds.n_images]
@@ -243,6 +291,31 @@ def test_pairs_keep_the_contrast_at_its_largest_setting(pairs) -> None:
         fg2, bg2 = _ensure_contrast(fg, bg, torch.Generator().manual_seed(0), 0.866, redraw)
         kept = bg2 if redraw == "foreground" else fg2
         assert torch.equal(kept, grey) and bool(((fg2 - bg2).norm(dim=1) >= 0.866).all())
+
+
+def test_a_kept_colour_off_the_middle_grey_gets_its_farthest_corner() -> None:
+    """Next to the middle grey (0.49) only ~5e-6 of the cube lies 0.866 away, so 10,000 draws mostly
+    miss; the fallback must take the corner farthest from the kept colour (white), not the nearest."""
+    from captum_inn.datasets import _ensure_contrast
+
+    kept = torch.full((8, 3), 0.49)
+    drawn = torch.rand(8, 3, generator=torch.Generator().manual_seed(0))
+    for redraw in ("foreground", "background"):
+        fg, bg = (drawn, kept) if redraw == "foreground" else (kept, drawn)
+        fg2, bg2 = _ensure_contrast(fg, bg, torch.Generator().manual_seed(0), 0.866, redraw)
+        assert torch.equal(bg2 if redraw == "foreground" else fg2, kept)
+        assert bool(((fg2 - bg2).norm(dim=1) >= 0.866).all()), redraw
+
+
+def test_the_default_min_contrast_holds_for_samples_and_pairs() -> None:
+    # documented: colours closer than min_contrast (0.4 by default) are redrawn, for the dataset's
+    # samples and for the synthesised b of every kind of pair
+    data = ColorDigits("test", image_size=8)
+    assert data.min_contrast == 0.4
+    assert float((data.foreground - data.background).norm(dim=1).min()) >= 0.4
+    for kwargs in [{key: f} for key in ("factor", "differ_in") for f in FACTORS]:
+        _, _, _, fb = data.pairs(n=500, generator=0, return_factors=True, **kwargs)
+        assert float((fb["foreground"] - fb["background"]).norm(dim=1).min()) >= 0.4, kwargs
 
 
 def test_bad_inputs(train: ColorDigits) -> None:

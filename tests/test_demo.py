@@ -535,3 +535,36 @@ def test_run_demo_refuses_evaluation_sets_of_one_before_any_work(tmp_path):
         with pytest.raises(ValueError, match=message):
             run_demo(out=tmp_path / "report", settings=dataclasses.replace(DemoSettings.quick(), **change))
     assert not (tmp_path / "report").exists()
+
+
+def test_cli_passes_its_options_to_the_demo_with_the_documented_defaults(tmp_path, monkeypatch, capsys):
+    """The demo runs with what the command line says: full settings without --quick, seed 0 by default and
+    any seed in 0 … 2**52, --threads from 1, the device and --concepts as given; the photo demo too."""
+    from PIL import Image
+
+    import captum_inn.demo
+    import captum_inn.photo_demo
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("cat", "dog"):  # the CLI checks the layout before any work
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name / f"{i}.png")
+    calls = []
+
+    def fake_run(*args, out, **kwargs):  # records the call, writes what main reads back
+        calls.append((args, kwargs))
+        (tmp_path / out).mkdir(exist_ok=True)
+        (tmp_path / out / "metrics.json").write_text(json.dumps({"failures": []}))
+        return tmp_path / out / "index.html"
+
+    monkeypatch.setattr(captum_inn.demo, "run_demo", fake_run)
+    monkeypatch.setattr(captum_inn.photo_demo, "run_photo_demo", fake_run)
+    assert main(["demo"]) == 0
+    assert calls.pop() == ((), dict(quick=False, seed=0, device="cpu", concepts=False))
+    assert main(["demo", "--quick", "--seed", str(2**52), "--device", "cpu:0", "--concepts"]) == 0
+    assert calls.pop() == ((), dict(quick=True, seed=2**52, device="cpu:0", concepts=True))
+    assert main(["demo", "--seed", "0", "--threads", "1"]) == 0
+    assert calls.pop()[1]["seed"] == 0
+    assert main(["demo", "--seed", "7", "--images", "photos", "--device", "cpu:0"]) == 0
+    assert calls.pop() == (("photos",), dict(quick=False, seed=7, device="cpu:0"))

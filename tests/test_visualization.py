@@ -18,14 +18,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 import torch
+from PIL import Image
 
+from captum_inn import LayerInvariance
+from captum_inn.analysis import AdversarialViews
+from captum_inn.attr import EncodedShares
+from captum_inn.autoencoders import ConvAutoencoder
+from captum_inn.inn import ConditionalINN
+from captum_inn.models import SmallCNN
+from captum_inn.training.dynamics import ConceptDynamics
 from captum_inn.visualization import (
+    plot_by_depth,
     plot_comparison,
     plot_concept_bars,
+    plot_concept_dynamics,
     plot_concept_edits,
     plot_image_grid,
     plot_invariance_maps,
     plot_invariance_samples,
+    plot_layer_invariances,
+    save_figure,
+    to_numpy_image,
 )
 
 DARK, BRIGHT = torch.full((1, 1, 8, 8), 0.2), torch.full((1, 1, 8, 8), 0.8)
@@ -88,8 +101,6 @@ def test_class_names_with_dollar_signs_are_drawn_as_written():
     import io
 
     from matplotlib import cbook
-
-    from captum_inn.analysis import AdversarialViews
 
     names = ["$5 to $10", "a$x^$"]
     for target in (0, 1):
@@ -187,9 +198,6 @@ def test_layer_concept_and_group_names_with_dollar_signs_are_drawn_as_written():
 
     from matplotlib import cbook
 
-    from captum_inn.training.dynamics import ConceptDynamics
-    from captum_inn.visualization import plot_by_depth, plot_concept_dynamics
-
     odd, money = "a$x^$", "$5 to $10"
     x = torch.rand(1, 3, 8, 8)
     comparison = _comparison(x)
@@ -249,11 +257,6 @@ def test_plot_concept_edits_takes_one_donor_for_all_rows_as_edit_does():
 
 
 def test_plot_layer_invariances_draws_what_the_explainer_gives():
-    from captum_inn import LayerInvariance
-    from captum_inn.autoencoders import ConvAutoencoder
-    from captum_inn.inn import ConditionalINN
-    from captum_inn.models import SmallCNN
-    from captum_inn.visualization import plot_layer_invariances
 
     torch.manual_seed(0)
     model, ae = SmallCNN(width=4).eval(), ConvAutoencoder((3, 32, 32), latent_dim=8).eval()
@@ -273,8 +276,6 @@ def test_plot_layer_invariances_draws_what_the_explainer_gives():
 
 def test_save_figure_returns_the_file_it_wrote(tmp_path):
     """matplotlib adds ``.png`` to a path without a suffix: the path returned did not exist."""
-    from captum_inn.visualization import plot_by_depth, save_figure
-
     for given, written in (("plain", "plain.png"), ("vector.svg", "vector.svg"), (tmp_path / "p.png", "p.png")):
         path = save_figure(plot_by_depth(["a", "b"], {"x": [0, 1]})[0], given if not isinstance(given, str) else
                            str(tmp_path / given))
@@ -297,8 +298,6 @@ def test_save_figure_returns_the_file_it_wrote(tmp_path):
 def test_plots_keep_a_callers_layout_and_draw_into_subfigures():
     """Every plot called tight_layout on the figure it drew into: a caller's constrained layout was switched
     off for the whole figure (with a warning), and a SubFigure (no tight_layout) failed with AttributeError."""
-    from captum_inn.visualization import plot_by_depth
-
     image = torch.rand(1, 3, 8, 8)
     fig, axes = plt.subplots(1, 2, layout="constrained")
     with warnings.catch_warnings():
@@ -314,8 +313,6 @@ def test_plots_keep_a_callers_layout_and_draw_into_subfigures():
 def test_plot_values_may_be_tensors_with_grad():
     """The grouped bars and plot_by_depth handed such values to matplotlib, which failed calling numpy() on them;
     the flat bars took them."""
-    from captum_inn.visualization import plot_by_depth
-
     value = torch.tensor(0.5, requires_grad=True) * 1
     _, ax = plot_concept_bars({"relu1": {"digit": value, "colour": value}, "fc": {"digit": value, "colour": value}})
     assert [bar.get_height() for bar in ax.patches] == [0.5] * 4
@@ -326,8 +323,6 @@ def test_plot_values_may_be_tensors_with_grad():
 def test_nan_pixels_are_refused_not_drawn_white():
     """clamp(0, 1) keeps NaN, which matplotlib draws as white: a diverged decoder's samples looked like white
     images."""
-    from captum_inn.visualization import to_numpy_image
-
     image = torch.rand(3, 8, 8)
     image[0, 2, 2] = float("nan")
     with pytest.raises(ValueError, match=r"NaN pixels .*torch.nan_to_num"):
@@ -350,9 +345,6 @@ def test_a_long_title_is_wrapped_to_a_narrow_figure():
 def test_concept_dynamics_of_ragged_lists_are_named_before_drawing():
     """A share list shorter than the checkpoints was matplotlib's "x and y must have same first
     dimension"; a short accuracy list drew no accuracy line, and the table mislabelled rows."""
-    from captum_inn.training.dynamics import ConceptDynamics
-    from captum_inn.visualization import plot_concept_dynamics
-
     def dynamics(**changes):
         fields = dict(layer="fc", labels=["0", "100"], accuracy=[0.1, 0.9], encoded={"digit": [0.2, 0.8]},
                       standard_error={"digit": [0.01, 0.02]})
@@ -375,8 +367,6 @@ def test_concept_dynamics_of_ragged_lists_are_named_before_drawing():
 def test_a_refused_input_leaves_no_figure_open():
     """The figure was made before some checks: each refused call left one open, to pile up and show in a
     notebook under the traceback."""
-    from captum_inn.visualization import plot_by_depth
-
     for call in (lambda: plot_concept_bars(torch.rand(3), ["a"]),
                  lambda: plot_by_depth(["a", "b"], {"v": [1.0]}),
                  lambda: plot_image_grid({"a": torch.rand(1, 2, 5, 9)})):  # two channels: no image
@@ -426,3 +416,120 @@ def test_integer_pixels_and_other_channel_counts_are_refused_by_name():
     with pytest.raises(ValueError, match=r"1, 3 or 4 channels, got shape \(2, 7, 5\)"):
         plot_invariance_samples(torch.rand(1, 2, 7, 5), torch.rand(1, 2, 7, 5), torch.rand(1, 3, 2, 7, 5))
     assert not plt.get_fignums()
+
+
+def test_to_numpy_image_clamps_to_the_unit_range_and_keeps_an_alpha_channel():
+    """The documented contract: values outside [0, 1] are clamped (a decoder's overshoot drawn black
+    or white), and RGBA images are drawn with their fourth channel."""
+    image = torch.tensor([[-0.5, 0.25], [0.75, 1.5]]).expand(4, 2, 2)
+    drawn = to_numpy_image(image)
+    assert drawn.shape == (2, 2, 4)
+    assert torch.equal(torch.from_numpy(drawn[..., 3]), torch.tensor([[0.0, 0.25], [0.75, 1.0]]))
+
+
+def test_image_grids_pair_each_row_with_its_own_input():
+    """Row i is input i: its own map, edits, samples, caption and label (constant images, one grey
+    level per row, show which input each panel drew)."""
+    x = torch.arange(1.0, 4.0).view(3, 1, 1, 1).expand(3, 3, 4, 4) / 4  # rows of 0.25, 0.5, 0.75
+    maps = torch.arange(1.0, 4.0).view(3, 1, 1, 1).expand(3, 2, 4, 4).clone()
+    maps[:, 1] *= 3  # channels averaged: row i's map is 2 * (i + 1)
+
+    def level(ax, k=0):
+        return float(ax.get_images()[k].get_array().mean())
+
+    _, axes = plot_invariance_maps(x, {"fc": maps})
+    assert [level(ax) for ax in axes[:, 0]] == pytest.approx([0.25, 0.5, 0.75])
+    assert [level(ax) for ax in axes[:, 1]] == pytest.approx([2.0, 4.0, 6.0])
+    assert axes[0, 1].get_images()[0].get_cmap().name == "magma"  # as plot_comparison's invariance map
+    _, axes = plot_concept_edits(x, x[:1], {"digit": x.flip(0)})
+    assert [level(ax) for ax in axes[:, 2]] == pytest.approx([0.75, 0.5, 0.25])
+    fig, axes = plot_invariance_samples(x, x, torch.stack([x, x.flip(0)], 1))
+    assert [ax.get_title() for ax in axes[0]] == ["input", "recon.", "sample 1", "sample 2"]
+    assert [level(ax) for ax in axes[:, 3]] == pytest.approx([0.75, 0.5, 0.25])
+    _, axes = plot_image_grid({"a": x, "b": x}, row_labels=["r1", "r2", "r3"], captions={"b": ["c1", "c2", "c3"]})
+    assert [ax.get_xlabel() for ax in axes[:, 1]] == ["c1", "c2", "c3"]
+    assert [ax.get_ylabel() for ax in axes[:, 1]] == ["", "", ""]  # labels left of each row only
+
+
+def test_plot_comparison_draws_the_chosen_input_and_the_absolute_gradients():
+    """``index`` picks the row drawn in every panel; IG is the absolute value summed over channels
+    (opposite signs in two channels cancelled in a plain sum); the input's title names the prediction."""
+    x = torch.arange(1.0, 3.0).view(2, 1, 1, 1).expand(2, 3, 8, 8) / 4  # inputs of 0.25 and 0.5
+    comparison = _comparison(x)
+    comparison.samples = x.unsqueeze(1).repeat(1, 2, 1, 1, 1)
+    comparison.gradcam, comparison.invariance_map = torch.rand(2, 1, 8, 8), torch.rand(2, 3, 8, 8)
+    comparison.integrated_gradients = torch.stack([torch.ones(2, 8, 8), -torch.ones(2, 8, 8)], 1)
+    comparison.integrated_gradients[:, 1, 0, 0] = -3.0
+    comparison.targets, comparison.predictions = torch.tensor([0, 1]), torch.tensor([1, 0])
+    comparison.concept_scores, comparison.concept_names = torch.rand(2, 2), ["a", "b"]
+    comparison.concept_delta = torch.tensor([0.5, 0.25])
+    _, axes = plot_comparison(comparison, index=1, class_names=["cat", "dog"])
+    assert float(axes[0].get_images()[0].get_array().mean()) == pytest.approx(0.5)
+    assert float(axes[4].get_images()[0].get_array().mean()) == pytest.approx(0.5)  # its own samples
+    assert axes[0].get_title() == "input\npred. cat" and axes[1].get_title().endswith("dog")
+    ig = axes[2].get_images()[0].get_array()
+    assert float(ig[0, 0]) == 4.0 and float(ig[1, 1]) == 2.0
+    assert "completeness gap 2.5e-01" in axes[-1].get_title()
+    with pytest.raises(ValueError, match="`class_names` has 1 names, but class 1 is shown"):  # not an IndexError
+        plot_comparison(comparison, index=1, class_names=["cat"])
+
+
+def test_plot_concept_bars_draws_means_with_their_spread_and_standard_errors():
+    """Documented: a batch is drawn as its mean ± standard deviation, dicts with a ``standard_error``
+    (``encoded_summary``) get it as error bars, and grouped bars sit at the first group's concepts."""
+    def heights_and_errors(ax):
+        bars = [c for c in ax.containers if hasattr(c, "patches")]
+        errors = [[(seg[1][1] - seg[0][1]) / 2 for seg in c.errorbar.lines[2][0].get_segments()]
+                  for c in bars if c.errorbar is not None]
+        return [[p.get_height() for p in c.patches] for c in bars], errors
+
+    scores = torch.tensor([[0.0, 1.0], [0.0, 2.0], [3.0, 0.0]])
+    heights, errors = heights_and_errors(plot_concept_bars(scores, ["a", "b"])[1])
+    assert heights == [pytest.approx([1.0, 1.0])] and errors == [pytest.approx(scores.std(0).tolist())]
+    shares = EncodedShares({"a": 0.8, "b": 0.1}, {"a": 0.02, "b": 0.03}, 50)
+    heights, errors = heights_and_errors(plot_concept_bars(shares)[1])
+    assert heights == [pytest.approx([0.8, 0.1])] and errors == [pytest.approx([0.02, 0.03])]
+    other = EncodedShares({"b": 0.4, "a": 0.6}, {"b": 0.05, "a": 0.01}, 50)  # its concepts in another order
+    heights, errors = heights_and_errors(plot_concept_bars({"relu1": shares, "fc": other})[1])
+    assert heights == [pytest.approx([0.8, 0.1]), pytest.approx([0.6, 0.4])]
+    assert errors == [pytest.approx([0.02, 0.03]), pytest.approx([0.01, 0.05])]
+
+
+def test_plot_by_depth_takes_values_by_layer_name_in_the_order_of_layers():
+    _, ax = plot_by_depth(["conv", "fc"], {"VE": {"fc": 0.8, "conv": 0.1}})
+    assert list(ax.lines[0].get_ydata()) == [0.1, 0.8]
+
+
+def test_plot_concept_dynamics_draws_bands_of_two_standard_errors_and_the_accuracy():
+    """The docstring's band is ± 2 standard errors (shares closer than that are not told apart); the
+    residual is drawn only when listed; one concept may be named as a string."""
+    dynamics = ConceptDynamics("fc", ["0", "100"], [0.1, 0.9], {"digit": [0.2, 0.8], "residual": [-2.0, -1.0]},
+                               standard_error={"digit": [0.01, 0.02]})
+    _, ax = plot_concept_dynamics(dynamics)
+    assert [line.get_label() for line in ax.lines] == ["digit", "test accuracy"]
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert (band.min(), band.max()) == (pytest.approx(0.18), pytest.approx(0.84))
+    _, ax = plot_concept_dynamics(dynamics, concepts="residual")
+    assert [line.get_label() for line in ax.lines] == ["residual", "test accuracy"]
+
+
+def test_save_figure_writes_at_the_resolution_asked(tmp_path):
+    fig, _ = plot_by_depth(["a"], {"x": [1.0]})
+    width = fig.get_figwidth()
+    with Image.open(save_figure(fig, tmp_path / "f.png", dpi=20)) as png:
+        assert png.width == round(width * 20)
+
+
+def test_plot_layer_invariances_draws_samples_at_the_temperature_given():
+    """The temperature scales ``v`` as in ``LayerInvariance.sample``; the figure's samples are those."""
+    torch.manual_seed(0)
+    model, ae = SmallCNN(width=4).eval(), ConvAutoencoder((3, 32, 32), latent_dim=8).eval()
+    inn = ConditionalINN(8, (10,), n_blocks=2, hidden=16)
+    inn(torch.randn(4, 8), torch.randn(4, 10))  # ActNorm initialisation (normally: fit_invariances)
+    explainer = LayerInvariance(model, "logits", inn.eval(), ae)
+    x = torch.rand(2, 3, 32, 32)
+    _, axes = plot_layer_invariances(explainer, x, n_samples=2, temperature=0.25, seed=1)
+    drawn = torch.from_numpy(axes[1, 2].images[0].get_array().data.copy()).permute(2, 0, 1)
+    cold, warm = explainer.sample(x, 2, 0.25, seed=1)[1, 0], explainer.sample(x, 2, 1.0, seed=1)[1, 0]
+    assert not torch.allclose(cold, warm, atol=1e-4)  # the temperature shows in the picture
+    assert torch.allclose(drawn, cold, atol=1e-6)

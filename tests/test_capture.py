@@ -590,7 +590,6 @@ def test_replace_activation_rebuilds_torch_return_types():
             assert torch.equal(net(x), indices.float())
 
 
-
 @pytest.mark.parametrize("caught", [Exception, BaseException], ids=["except Exception", "bare except"])
 def test_a_forward_that_catches_the_stop_signal_cannot_change_the_captured_value(caught):
     """A try/except fallback in forward swallowed the early-stop signal (an Exception) and ran on; a
@@ -612,6 +611,7 @@ def test_a_forward_that_catches_the_stop_signal_cannot_change_the_captured_value
     assert torch.equal(capture(model, "block", x), model.block(x))  # stop_early: the first call's value
     assert torch.equal(capture(model, "block", x, stop_early=False), model.block(model.block(x)))
     assert_no_hooks(model)
+
 
 @pytest.mark.parametrize("wrapper", [nn.DataParallel, Replicating], ids=["DataParallel", "replicating"])
 def test_a_data_parallel_model_is_read_by_its_names_in_one_unreplicated_pass(cnn, x, wrapper):

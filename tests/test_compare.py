@@ -807,7 +807,6 @@ def test_last_spatial_layer_of_small_models():
     assert last_spatial_layer(SmallCNN(width=4), torch.rand(1, 3, 32, 32)) == "relu3"
 
 
-
 def test_a_default_grad_cam_layer_that_runs_twice_is_warned_about():
     """One nn.ReLU after two convolutions: Captum reads it at its last call, the explainers at their first.
     Given as gradcam_layer it was warned about; chosen by default it was not."""

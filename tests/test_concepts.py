@@ -1578,6 +1578,7 @@ def test_concept_dynamics_refuses_a_concept_inn_of_other_codes_before_any_fit(mo
     with pytest.raises(ValueError, match="`concept_inn` was fitted with another `autoencoder`"):
         dynamics.concept_dynamics({"0": model}, "hidden", ae, on_other_codes, images, images[:4], **kw)
 
+
 @pytest.mark.parametrize("change, error, match", [
     (dict(n_samples=1), ValueError, "`n_samples` must be >= 2"),
     (dict(eval_inputs=torch.rand(3, 8, 8)), ValueError, r"`eval_inputs` images must have shape \(N, C, H, W\)"),

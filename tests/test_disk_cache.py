@@ -34,6 +34,10 @@ def test_disk_array_indexes_like_a_tensor(tmp_path):
         assert array[part].shape == expected.shape and np.array_equal(array[part].numpy(), expected), part
     with pytest.raises(IndexError, match="out of range"):
         array[torch.tensor([50])]
+    # -len is the first row, as for a tensor; one further is out of range
+    assert torch.equal(array[torch.tensor([-50, -49])], data[torch.tensor([-50, -49])])
+    with pytest.raises(IndexError, match="out of range"):
+        array[torch.tensor([-51])]
 
 
 def test_disk_array_keeps_the_shape_of_its_index_as_a_tensor_does(tmp_path):
@@ -167,6 +171,10 @@ def test_disk_array_refuses_other_dtypes_and_truncated_files(tmp_path):
     (tmp_path / "cut.npy").write_bytes(blob[:-20])
     with pytest.raises(ValueError, match="truncated"):
         DiskArray(tmp_path / "cut.npy")
+    # a Fortran-ordered file holds its rows column by column: read by rows, it gave scrambled rows
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(np.arange(12, dtype="<f4").reshape(4, 3)))
+    with pytest.raises(ValueError, match="must hold a C-ordered float32 array, found float32 Fortran-ordered"):
+        DiskArray(tmp_path / "fortran.npy")
     (tmp_path / "junk.npy").write_bytes(b"not an array at all")
     with pytest.raises(ValueError, match="not a readable .npy"):
         DiskArray(tmp_path / "junk.npy")
@@ -180,7 +188,6 @@ def test_writer_refuses_wrong_rows_and_leaves_no_partial_file(tmp_path):
     with pytest.raises(ValueError, match="2 rows written, 3 announced"):
         writer.close()
     assert not list(tmp_path.iterdir())
-
 
 
 def test_two_writers_of_one_file_each_write_their_own_rows(tmp_path):
@@ -204,6 +211,7 @@ def test_two_writers_of_one_file_each_write_their_own_rows(tmp_path):
     with DiskArrayWriter(path, 1, (2,)) as writer:
         writer.append(torch.zeros(1, 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "long.npy"]
+
 
 def test_disk_cache_equals_memory_cache(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
@@ -415,6 +423,54 @@ def test_a_dropped_folder_lock_does_not_block_the_folder(tmp_path):
         warnings.simplefilter("error")  # "waiting for it to finish" would be an error here
         with FolderLock(tmp_path), FolderLock(tmp_path / "other_folder_missing", shared=True):
             pass
+
+
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows")
+def test_a_forked_child_does_not_keep_the_parents_folder_lock(tmp_path):
+    """flock holds while any copy of the descriptor is open: a child forked while the lock was held
+    (a loader worker) kept the folder locked after the parent released it."""
+    import fcntl
+
+    from captum_inn.training.disk import FolderLock
+
+    lock = FolderLock(tmp_path)
+    (ready_read, ready_write), (done_read, done_write) = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child says it runs, then stays alive until the parent has checked the lock
+        os.close(done_write)
+        os.write(ready_write, b"r")
+        os.read(done_read, 1)
+        os._exit(0)
+    for fd in (ready_write, done_read):
+        os.close(fd)
+    try:
+        assert os.read(ready_read, 1) == b"r"
+        lock.release()
+        fd = os.open(tmp_path / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the child holds a copy
+        finally:
+            os.close(fd)
+    finally:
+        os.close(done_write)
+        os.close(ready_read)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows")
+def test_a_writer_that_cannot_open_the_lock_file_fails_and_a_reader_goes_on(tmp_path, monkeypatch):
+    """Only a reader may go on unlocked where the lock file cannot be opened (a read-only folder, where
+    no pass can be writing); a writer running unlocked could mix its files with another pass's."""
+    from captum_inn.training import disk
+
+    def refused(path, flags, *args):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(disk.os, "open", refused)
+    with pytest.raises(PermissionError):
+        disk.FolderLock(tmp_path)
+    with disk.FolderLock(tmp_path, shared=True) as lock:
+        assert lock._fd is None
 
 
 @pytest.mark.skipif(os.name == "nt", reason="no flock on Windows")

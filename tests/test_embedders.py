@@ -55,6 +55,13 @@ def test_odd_sides_are_padded_so_every_pixel_reaches_the_embedding(shape):
     assert bool(reached.all()), f"pixels without influence: {(~reached).nonzero().tolist()}"
 
 
+def test_the_convolutions_double_the_width_up_to_max_width_and_no_further():
+    # max_width is the largest number of channels: doubling past it costs its square in weights
+    embedder = ConvEmbedder((4, 32, 32), out_dim=8, width=8, max_width=12, patch_to=None)
+    assert [conv.out_channels for conv in _convs(embedder)] == [8, 12, 12, 12]
+    assert embedder(torch.randn(2, 4, 32, 32)).shape == (2, 8)
+
+
 @pytest.mark.parametrize("bad, error", [(3, ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError),
                                         ("8", TypeError)])
 def test_patch_to_must_be_an_int_of_at_least_4_named_as_the_caller_spells_it(bad, error):
@@ -109,6 +116,13 @@ def test_long_token_sequences_get_the_token_embedder_and_other_shapes_do_not():
                      (8, 4, 4): "ConvEmbedder"}
     assert type(make_embedder((197, 384), 8, hidden=16, token_dim=None)).__name__ == "MLPEmbedder"
     assert type(make_embedder((197, 384), 8, hidden=16, token_dim=512)).__name__ == "MLPEmbedder"
+
+
+def test_a_sequence_of_exactly_flatten_tokens_up_to_numbers_is_still_flattened():
+    # "at most this many numbers" are flattened; the token embedder takes over only above the limit
+    assert 64 * 256 == FLATTEN_TOKENS_UP_TO
+    assert type(make_embedder((64, 256), 8, hidden=16)).__name__ == "MLPEmbedder"
+    assert type(make_embedder((64, 257), 8, hidden=16)).__name__ == "TokenEmbedder"
 
 
 def test_the_token_embedder_projects_each_token_with_one_shared_map():
@@ -179,3 +193,12 @@ def test_a_vision_transformer_block_is_fitted_explained_saved_and_reloaded(tmp_p
     assert type(loaded.embedder).__name__ == "TokenEmbedder" and loaded.config["token_dim"] == 16
     z = torch.randn(4, 65, 256)
     assert torch.equal(loaded.embed(z), inn.eval().embed(z))
+
+
+def test_input_statistics_refuse_samples_of_another_shape():
+    # (N, 2, 2) samples for a (4,)-shaped layer have as many numbers per sample: their statistics were
+    # reshaped into the buffers silently, from the wrong layer
+    embedder = make_embedder((4,), 8, hidden=16)
+    with pytest.raises(ValueError, match=r"per-sample shape \(2, 2\), but this INN was built for a layer of shape \(4,\)"):
+        embedder.set_input_statistics(torch.randn(16, 2, 2))
+    assert torch.equal(embedder.in_mean, torch.zeros(4)) and torch.equal(embedder.in_std, torch.ones(4))

@@ -128,6 +128,17 @@ def test_damaged_autoencoder_and_concept_files_are_checkpoint_errors(images, aut
         load_concept_inn(str(_rewrite(concepts, tmp_path / "c1.safetensors", _config_edit(lambda c: c.pop("inn")))))
 
 
+def test_an_integer_entry_of_another_integer_dtype_is_a_checkpoint_error():
+    # load_state_dict cast an int32 counter into the module's int64 one without a word
+    from captum_inn.training.checkpoint import load_module_state, module_tensors
+
+    tensors = module_tensors(nn.BatchNorm1d(2))
+    tensors["model.num_batches_tracked"] = tensors["model.num_batches_tracked"].int()
+    with pytest.raises(CheckpointError, match=r"'ck.safetensors' holds 'num_batches_tracked' as torch.int32 where the "
+                                              r"module keeps torch.int64"):
+        load_module_state(nn.BatchNorm1d(2), tensors, "ck.safetensors")
+
+
 def test_checkpoints_of_stopped_fits_warn_and_finished_ones_do_not(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     fit_invariances(model, "fc", autoencoder, images, steps=3, checkpoint_every=1, checkpoint_dir=str(tmp_path),
@@ -153,6 +164,15 @@ def test_checkpoints_of_stopped_fits_warn_and_finished_ones_do_not(images, autoe
     stopped_ae = _rewrite(ae_path, tmp_path / "stopped_ae.safetensors", lambda meta: {**meta, "steps": 5})
     with pytest.warns(UserWarning, match=r"unfinished fit_autoencoder \(step 2 of 5\)"):
         load_autoencoder(str(stopped_ae))
+
+
+def test_a_checkpoint_of_exactly_the_steps_asked_for_counts_as_finished(tmp_path):
+    # "at least `steps` steps", read from the header: a resume of it trains and writes nothing
+    from captum_inn.training import save_checkpoint
+    from captum_inn.training.checkpoint import finished_checkpoint
+
+    path = save_checkpoint(tmp_path / "ck.safetensors", {"w": torch.ones(1)}, {"kind": "x", "config": {}, "step": 5})
+    assert finished_checkpoint(path, 4) and finished_checkpoint(path, 5) and not finished_checkpoint(path, 6)
 
 
 def test_an_invariance_inn_refuses_a_model_with_other_weights(images, autoencoder, fitted):

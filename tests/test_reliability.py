@@ -165,7 +165,6 @@ def test_kill_during_checkpoint_writes_leaves_a_whole_checkpoint(tmp_path, delay
     assert not list(tmp_path.glob(".probe.safetensors.*.tmp"))
 
 
-
 def test_a_checkpoint_write_removes_only_its_own_stale_temporaries(tmp_path, monkeypatch):
     """The clean-up glob was built from the raw file name: ``a[b]`` matched ``ab``'s temporaries and
     ``*`` every checkpoint's; and a second writer of the same path removed the first one's
@@ -194,6 +193,40 @@ def test_a_checkpoint_write_removes_only_its_own_stale_temporaries(tmp_path, mon
     monkeypatch.undo()
     assert second and torch.equal(load_checkpoint(tmp_path / "same.safetensors", kind="probe")[0]["w"], torch.ones(2))
     assert not list(tmp_path.glob(".same.safetensors.*.tmp"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs flock")
+def test_a_clean_up_running_at_the_rename_leaves_the_temporary_being_renamed(tmp_path, monkeypatch):
+    """The temporary is renamed while still open, and so still locked: renamed after closing it,
+    another writer's clean-up of stale temporaries could remove it first, and the rename failed."""
+    from captum_inn.training import save_checkpoint
+    from captum_inn.training.checkpoint import _remove_stale_temporaries
+
+    real_replace = os.replace
+
+    def another_writer_cleans_up_first(source, target):
+        _remove_stale_temporaries(Path(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", another_writer_cleans_up_first)
+    path = tmp_path / "fit.safetensors"
+    save_checkpoint(path, {"w": torch.ones(2)}, {"kind": "probe"})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path, kind="probe")[0]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["fit.safetensors"]
+
+
+def test_a_checkpoint_write_leaves_files_that_only_look_like_its_temporaries(tmp_path):
+    """Its temporaries end in exactly 16 hex digits: a user's ``.fit.safetensors.backup.tmp`` or the
+    temporary of ``fit.safetensors.x`` is not one of them and stays."""
+    from captum_inn.training import save_checkpoint
+
+    others = [tmp_path / ".fit.safetensors.backup.tmp", tmp_path / ".fit.safetensors.x.0123456789abcdef.tmp"]
+    for other in others:
+        other.write_bytes(b"not this file's")
+    save_checkpoint(tmp_path / "fit.safetensors", {"w": torch.ones(2)}, {"kind": "probe"})
+    assert all(p.exists() for p in others)
+
 
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
     """"[Errno 28] No space left on device" alone: neither the path nor which fit."""

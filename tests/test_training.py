@@ -48,7 +48,6 @@ from captum_inn.training.invariances import checkpoint_name
 torch.set_num_threads(1)
 
 
-
 # ------------------------------------------------------------------ autoencoders
 def test_autoencoder_protocol_and_posterior():
     ae = ConvAutoencoder((3, 16, 16), latent_dim=5, width=4)
@@ -167,7 +166,6 @@ def test_fit_autoencoder_rejects_bad_data():
         fit_autoencoder(42, latent_dim=2, steps=1, progress=False)
 
 
-
 def test_a_tensor_passed_for_a_number_is_named_by_its_shape():
     """fit_autoencoder(images, images): the error printed the whole tensor as `latent_dim`."""
     images = torch.rand(20, 3, 8, 8)
@@ -175,6 +173,7 @@ def test_a_tensor_passed_for_a_number_is_named_by_its_shape():
         fit_autoencoder(images, images, steps=1, progress=False)
     with pytest.raises(TypeError, match=r"`lr` must be a number, got tensor\(\[0\.1000\]\)"):  # small ones as written
         fit_autoencoder(images, latent_dim=2, lr=torch.tensor([0.1]), steps=1, progress=False)
+
 
 # ------------------------------------------------------------------ feature cache
 def test_cache_runs_the_model_once_per_image_for_all_layers(images, autoencoder):
@@ -1052,6 +1051,14 @@ def test_checkpoint_problems_show_before_training_and_resumes_cannot_go_back(tmp
     bigger = torch.nn.functional.interpolate(images, scale_factor=2)
     with pytest.raises(CheckpointError, match="another configuration"):
         fit_autoencoder(bigger, latent_dim=4, width=4, steps=3, checkpoint=ae_path, progress=False)
+
+
+def test_the_check_of_a_checkpoint_place_leaves_no_probe_behind(tmp_path):
+    # the probe file that shows the folder writable is removed again: the new folder stays empty
+    from captum_inn.training.checkpoint import check_checkpoint_path
+
+    assert check_checkpoint_path(tmp_path / "new" / "fit.safetensors") == tmp_path / "new" / "fit.safetensors"
+    assert list((tmp_path / "new").iterdir()) == []
 
 
 def test_a_checkpoint_without_the_optimizer_state_is_a_clear_error(tmp_path):

@@ -390,7 +390,6 @@ def test_image_grids_draw_names_literally_take_array_labels_and_plot_half_precis
     plot_comparison(half)[0].canvas.draw()
 
 
-
 def test_a_nan_pixel_leaves_the_colour_scales_of_the_other_pixels():
     """One NaN gave a NaN scale (``max`` passes NaN, and NaN is true, so ``or 1.0`` never applied):
     the whole row of maps, and the IG panel, drawn in one colour."""

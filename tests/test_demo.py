@@ -193,33 +193,40 @@ def test_cli_refuses_a_photo_folder_without_the_layout_before_any_work(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no report folder
 
 
-def test_cli_out_given_is_always_taken(tmp_path, monkeypatch, capsys):
-    """--out defaults to each demo's own folder, and an --out given is honoured, even the other
-    demo's default name."""
+@pytest.fixture
+def demo_calls(tmp_path, monkeypatch):
+    """Both demos replaced by a recorder of ``(args, out, kwargs)`` that writes what main reads back;
+    a folder ``photos`` of two classes in the working directory (the CLI checks its layout first)."""
     from PIL import Image
 
     import captum_inn.demo
     import captum_inn.photo_demo
 
     monkeypatch.chdir(tmp_path)
-    for name in ("cat", "dog"):  # the CLI checks the layout before any work
+    for name in ("cat", "dog"):
         (tmp_path / "photos" / name).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name / f"{i}.png")
-    written = []
+    calls = []
 
-    def fake_run(*args, out, **kwargs):  # records the folder, writes what main reads back
-        written.append(str(out))
+    def fake_run(*args, out, **kwargs):
+        calls.append((args, str(out), kwargs))
         (tmp_path / out).mkdir(exist_ok=True)
         (tmp_path / out / "metrics.json").write_text(json.dumps({"failures": []}))
         return tmp_path / out / "index.html"
 
     monkeypatch.setattr(captum_inn.demo, "run_demo", fake_run)
     monkeypatch.setattr(captum_inn.photo_demo, "run_photo_demo", fake_run)
+    return calls
+
+
+def test_cli_out_given_is_always_taken(demo_calls, capsys):
+    """--out defaults to each demo's own folder, and an --out given is honoured, even the other
+    demo's default name."""
     for args in ([], ["--images", "photos"], ["--images", "photos", "--out", "captum_inn_report"],
                  ["--out", "captum_inn_photo_report"], ["--out", "mine"]):
         assert main(["demo", "--quick", *args]) == 0
-    assert written == ["captum_inn_report", "captum_inn_photo_report", "captum_inn_report",
+    assert [out for _, out, _ in demo_calls] == ["captum_inn_report", "captum_inn_photo_report", "captum_inn_report",
                        "captum_inn_photo_report", "mine"]
     assert "report written to" in capsys.readouterr().out
 
@@ -537,34 +544,14 @@ def test_run_demo_refuses_evaluation_sets_of_one_before_any_work(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
-def test_cli_passes_its_options_to_the_demo_with_the_documented_defaults(tmp_path, monkeypatch, capsys):
+def test_cli_passes_its_options_to_the_demo_with_the_documented_defaults(demo_calls):
     """The demo runs with what the command line says: full settings without --quick, seed 0 by default and
     any seed in 0 … 2**52, --threads from 1, the device and --concepts as given; the photo demo too."""
-    from PIL import Image
-
-    import captum_inn.demo
-    import captum_inn.photo_demo
-
-    monkeypatch.chdir(tmp_path)
-    for name in ("cat", "dog"):  # the CLI checks the layout before any work
-        (tmp_path / "photos" / name).mkdir(parents=True)
-        for i in range(2):
-            Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name / f"{i}.png")
-    calls = []
-
-    def fake_run(*args, out, **kwargs):  # records the call, writes what main reads back
-        calls.append((args, kwargs))
-        (tmp_path / out).mkdir(exist_ok=True)
-        (tmp_path / out / "metrics.json").write_text(json.dumps({"failures": []}))
-        return tmp_path / out / "index.html"
-
-    monkeypatch.setattr(captum_inn.demo, "run_demo", fake_run)
-    monkeypatch.setattr(captum_inn.photo_demo, "run_photo_demo", fake_run)
     assert main(["demo"]) == 0
-    assert calls.pop() == ((), dict(quick=False, seed=0, device="cpu", concepts=False))
+    assert demo_calls.pop() == ((), "captum_inn_report", dict(quick=False, seed=0, device="cpu", concepts=False))
     assert main(["demo", "--quick", "--seed", str(2**52), "--device", "cpu:0", "--concepts"]) == 0
-    assert calls.pop() == ((), dict(quick=True, seed=2**52, device="cpu:0", concepts=True))
+    assert demo_calls.pop() == ((), "captum_inn_report", dict(quick=True, seed=2**52, device="cpu:0", concepts=True))
     assert main(["demo", "--seed", "0", "--threads", "1"]) == 0
-    assert calls.pop()[1]["seed"] == 0
+    assert demo_calls.pop()[2]["seed"] == 0
     assert main(["demo", "--seed", "7", "--images", "photos", "--device", "cpu:0"]) == 0
-    assert calls.pop() == (("photos",), dict(quick=False, seed=7, device="cpu:0"))
+    assert demo_calls.pop() == (("photos",), "captum_inn_photo_report", dict(quick=False, seed=7, device="cpu:0"))

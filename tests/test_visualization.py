@@ -256,13 +256,17 @@ def test_plot_concept_edits_takes_one_donor_for_all_rows_as_edit_does():
         plot_concept_edits(x, x, {"digit": x[:1]})
 
 
-def test_plot_layer_invariances_draws_what_the_explainer_gives():
-
+def _logits_explainer() -> LayerInvariance:
+    """An explainer of a small CNN's logits with an INN that saw one batch (not fitted)."""
     torch.manual_seed(0)
     model, ae = SmallCNN(width=4).eval(), ConvAutoencoder((3, 32, 32), latent_dim=8).eval()
     inn = ConditionalINN(8, (10,), n_blocks=2, hidden=16)
     inn(torch.randn(4, 8), torch.randn(4, 10))  # ActNorm initialisation (normally: fit_invariances)
-    explainer = LayerInvariance(model, "logits", inn.eval(), ae)
+    return LayerInvariance(model, "logits", inn.eval(), ae)
+
+
+def test_plot_layer_invariances_draws_what_the_explainer_gives():
+    explainer = _logits_explainer()
     x = torch.rand(3, 3, 32, 32)
     fig, axes = plot_layer_invariances(explainer, x, n_samples=4, seed=1)
     assert axes.shape == (3, 6) and fig._suptitle.get_text() == "invariance samples at logits"
@@ -271,7 +275,7 @@ def test_plot_layer_invariances_draws_what_the_explainer_gives():
     assert torch.allclose(torch.from_numpy(axes[2, 1].images[0].get_array().data.copy()).permute(2, 0, 1),
                           explainer.reconstruct(x)[2], atol=1e-6)
     with pytest.raises(TypeError, match="`explainer` must be a captum_inn.LayerInvariance.*plot_invariance_samples"):
-        plot_layer_invariances(model, x)
+        plot_layer_invariances(explainer.forward_func, x)
 
 
 def test_save_figure_returns_the_file_it_wrote(tmp_path):
@@ -521,11 +525,7 @@ def test_save_figure_writes_at_the_resolution_asked(tmp_path):
 
 def test_plot_layer_invariances_draws_samples_at_the_temperature_given():
     """The temperature scales ``v`` as in ``LayerInvariance.sample``; the figure's samples are those."""
-    torch.manual_seed(0)
-    model, ae = SmallCNN(width=4).eval(), ConvAutoencoder((3, 32, 32), latent_dim=8).eval()
-    inn = ConditionalINN(8, (10,), n_blocks=2, hidden=16)
-    inn(torch.randn(4, 8), torch.randn(4, 10))  # ActNorm initialisation (normally: fit_invariances)
-    explainer = LayerInvariance(model, "logits", inn.eval(), ae)
+    explainer = _logits_explainer()
     x = torch.rand(2, 3, 32, 32)
     _, axes = plot_layer_invariances(explainer, x, n_samples=2, temperature=0.25, seed=1)
     drawn = torch.from_numpy(axes[1, 2].images[0].get_array().data.copy()).permute(2, 0, 1)

@@ -359,7 +359,7 @@ def test_fitting_learns_the_conditional_density():
 def test_initialisation_reads_rows_from_the_whole_cache():
     # A cache in data order (here sorted by the layer's value, as a dataset sorted by class would
     # be): standardising the condition on its first 1,024 rows alone would centre the layer at
-    # about 0.2 (of 0..1) and squeeze its spread to a third, not at 0.5.
+    # about 0.1 (of 0..1), not at 0.5, with a fifth of its spread.
     n = 5000
     z = torch.linspace(0, 1, n).unsqueeze(1).repeat(1, 10)
     codes = torch.randn(n, 6, generator=torch.Generator().manual_seed(0))

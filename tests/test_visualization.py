@@ -44,12 +44,6 @@ from captum_inn.visualization import (
 DARK, BRIGHT = torch.full((1, 1, 8, 8), 0.2), torch.full((1, 1, 8, 8), 0.8)
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
 def _comparison(image):
     return SimpleNamespace(inputs=image, gradcam=torch.rand(1, 1, 8, 8), integrated_gradients=torch.randn(1, 1, 8, 8),
                            invariance_map=torch.rand(1, 1, 8, 8), samples=image.unsqueeze(1).repeat(1, 2, 1, 1, 1),

@@ -2711,3 +2711,118 @@ def test_code_noise_is_added_to_the_training_codes():
     inn = fit_invariances(SmallCNN(width=4), "logits", cache=cache, steps=400, lr=3e-3, code_noise=0.3,
                           progress=False, **{**TINY, "batch_size": 64})
     assert inn.fit_info["final_nll_per_dim"] > floor - 0.05, (inn.fit_info["final_nll_per_dim"], floor)
+
+
+# ------------------------------------------------------------------ documented loss terms and shapes
+def test_the_autoencoder_loss_is_the_l1_error_of_a_posterior_sample_plus_weighted_kl(monkeypatch):
+    """The documented loss per image: summed L1 error of a posterior *sample* + kl_weight · KL."""
+    seen = {}
+    encode, decode = ConvAutoencoder.encode, ConvAutoencoder.decode
+
+    def recording_encode(self, x):
+        seen["x"], seen["q"] = x.detach().clone(), encode(self, x)
+        return seen["q"]
+
+    def recording_decode(self, code):
+        seen["code"], seen["recon"] = code.detach().clone(), decode(self, code)
+        return seen["recon"]
+
+    monkeypatch.setattr(ConvAutoencoder, "encode", recording_encode)
+    monkeypatch.setattr(ConvAutoencoder, "decode", recording_decode)
+    images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ae = fit_autoencoder(images, latent_dim=4, width=4, steps=1, batch_size=4, kl_weight=3.0, progress=False)
+    x, q, recon = seen["x"], seen["q"], seen["recon"].detach()
+    # decoded from mean + std · eps, not the mean itself
+    assert not torch.allclose(seen["code"], q.mean.detach())
+    expected = ((recon - x).abs().flatten(1).sum(1) + 3.0 * q.kl().detach()).mean() / x[0].numel()
+    assert ae.history[0] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_perceptual_model_stays_frozen_and_its_loss_is_relative_and_weighted():
+    """Its weights get no gradient and keep requires_grad; the loss is relative to the activations' mean
+    square (a network with 10x the activations gives the same loss) and scaled by perceptual_weight."""
+    images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
+    loud = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in loud.parameters():
+            p.mul_(10)
+
+    def first_loss(model, weight):
+        ae = fit_autoencoder(images, latent_dim=4, width=4, steps=1, batch_size=4, perceptual_model=model,
+                             perceptual_layers=["0"], perceptual_weight=weight, progress=False)
+        return ae.history[0]
+
+    base = fit_autoencoder(images, latent_dim=4, width=4, steps=1, batch_size=4, progress=False).history[0]
+    one = first_loss(net, 1.0)
+    assert all(p.grad is None and p.requires_grad for p in net.parameters())
+    assert first_loss(loud, 1.0) == pytest.approx(one, rel=1e-4)
+    assert one > base and first_loss(net, 3.0) - base == pytest.approx(3 * (one - base), rel=1e-4)
+
+
+def test_fit_autoencoder_needs_two_images():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fit_autoencoder(torch.rand(1, 3, 8, 8), latent_dim=2, steps=1, progress=False)
+
+
+def test_encode_posterior_calls_a_std_method_and_broadcasts_a_shared_std():
+    """The protocol allows a std() method, and (mean, std) both come back (N, d)."""
+    code = torch.rand(2, 3)
+
+    class Returns:
+        def __init__(self, out):
+            self.out = out
+
+        def encode(self, x):
+            return self.out
+
+        def decode(self, c):
+            return c
+
+    _, std = encode_posterior(Returns(SimpleNamespace(mean=code, std=lambda: torch.full((2, 3), 0.5))), code)
+    assert torch.equal(std, torch.full((2, 3), 0.5))
+    _, std = encode_posterior(Returns(SimpleNamespace(mean=code, std=torch.tensor(0.5))), code)
+    assert std.shape == (2, 3)
+
+
+def test_conv_autoencoder_shapes_and_output_range():
+    # sigmoid decodes into [0, 1]; identity does not squash
+    code = 100 * torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    out = ConvAutoencoder((1, 8, 8), latent_dim=3, width=2).eval().decode(code)
+    assert out.min() >= 0 and out.max() <= 1
+    assert ConvAutoencoder((1, 8, 8), latent_dim=3, width=2, output="identity").eval().decode(code).abs().max() > 1
+    with pytest.raises(ValueError, match="power-of-two side >= 8"):
+        ConvAutoencoder((3, 4, 4))
+    # channels double per halving, capped at 8 · width
+    widths = [m.out_channels for m in ConvAutoencoder((1, 128, 128), latent_dim=2, width=1).encoder
+              if isinstance(m, nn.Conv2d)]
+    assert widths == [1, 2, 4, 8, 8]
+
+
+def test_adversarial_training_attacks_half_the_batch_by_fgsm_in_the_pixel_range():
+    """adversarial_epsilon: the first half of each batch becomes x + ε·sign(∇loss) clamped to [0, 1],
+    and the attack's pass leaves batch norm's running statistics to the step (counted once)."""
+    from captum_inn.training.classifier import fit_classifier
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+            self.inputs = []
+
+        def forward(self, x):
+            self.inputs.append(x.detach().clone())
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model = Recording()
+    start = copy.deepcopy(model.net)
+    x, y = torch.rand(8, 3, 2, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(8, dtype=torch.long)
+    fit_classifier(model, (x, y), steps=1, batch_size=4, adversarial_epsilon=0.3, progress=False)
+    clean, stepped = model.inputs[0], model.inputs[1]  # the attack's pass on the first half, then the step's
+    attacked = clean.clone().requires_grad_(True)
+    start.train()
+    (gradient,) = torch.autograd.grad(nn.functional.cross_entropy(start(attacked), y[:2]), attacked)
+    assert torch.allclose(stepped[:2], (clean + 0.3 * gradient.sign()).clamp(0, 1))
+    assert int(model.net[2].num_batches_tracked) == 1

@@ -2117,3 +2117,41 @@ def test_pair_nll_is_the_density_of_the_pair_under_a_change_of_variables():
     joint = torch.distributions.MultivariateNormal(torch.zeros(6, dtype=torch.float64), inv_d @ cov_y @ inv_d)
     reference = -joint.log_prob(torch.cat([x_a, x_b], 1)) - 3 * math.log(2 * math.pi)
     torch.testing.assert_close(ours, reference, atol=1e-10, rtol=1e-10)
+
+
+def test_concept_dynamics_rows_are_each_checkpoints_own_measurements_in_the_order_given(tmp_path, monkeypatch):
+    """Each row holds what its own checkpoint's INN gives (share and standard error drawn with the
+    ``seed``, the model's accuracy, its INN's final NLL), in the order of ``models`` (training order,
+    not sorted labels)."""
+    import captum_inn.training.dynamics as dynamics_module
+    from captum_inn.training.classifier import accuracy
+    from captum_inn.training.dynamics import ConceptDynamics, concept_dynamics
+
+    fitted, fit = [], dynamics_module.fit_invariances
+
+    def spy(*args, **kwargs):  # each checkpoint's INN as fitted (a loaded one has no final NLL)
+        fitted.append(fit(*args, **kwargs))
+        return fitted[-1]
+
+    monkeypatch.setattr(dynamics_module, "fit_invariances", spy)
+    torch.manual_seed(0)
+    images, labels = torch.rand(32, 3, 8, 8), torch.randint(4, (32,))
+    models = {"5": VectorModel().eval(), "10": VectorModel().eval()}  # "10" sorts first as a string
+    ae = ConvAutoencoder((3, 8, 8), latent_dim=6, width=8).eval()
+    e = FactorINN(6, {"a": 2, "b": 2}, n_blocks=2, hidden=16)
+    e(torch.randn(32, 6))
+    dynamics = concept_dynamics(models, "hidden", ae, e.eval(), images, images[:10], labels[:10], seed=3,
+                                checkpoint_dir=str(tmp_path), steps=3, n_blocks=2, hidden=16, n_samples=4,
+                                progress=False)
+    assert dynamics.labels == ["5", "10"]
+    for i, (label, model) in enumerate(models.items()):
+        inn = load_invariance_inn(tmp_path / label / "invariance_hidden.safetensors")
+        shares = LayerConcepts(model, "hidden", e.eval(), ae, invariance_inn=inn).encoded_summary(
+            images[:10], n_samples=4, generator=torch.Generator().manual_seed(3))
+        assert {c: v[i] for c, v in dynamics.encoded.items()} == pytest.approx(dict(shares), abs=1e-6)
+        assert {c: v[i] for c, v in dynamics.standard_error.items()} == pytest.approx(shares.standard_error, abs=1e-6)
+        assert dynamics.accuracy[i] == accuracy(model, images[:10], labels[:10])
+        assert dynamics.fit_nll[i] == fitted[i].fit_info["final_nll_per_dim"]
+    # accuracy holds one value per checkpoint (None where unknown): an empty list is ragged
+    with pytest.raises(ValueError, match=r"`accuracy` holds 0 values for 2 checkpoints"):
+        ConceptDynamics("fc", ["0", "1"], [], {"a": [0.1, 0.2]}).table()

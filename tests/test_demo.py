@@ -555,3 +555,67 @@ def test_cli_passes_its_options_to_the_demo_with_the_documented_defaults(demo_ca
     assert demo_calls.pop()[2]["seed"] == 0
     assert main(["demo", "--seed", "7", "--images", "photos", "--device", "cpu:0"]) == 0
     assert demo_calls.pop() == (("photos",), "captum_inn_photo_report", dict(quick=False, seed=7, device="cpu:0"))
+
+
+def test_check_metrics_bounds_are_inclusive_and_read_from_their_own_keys():
+    """A ``_min`` bound is met by its value and a ``_max`` bound too; each bound is compared with the
+    metric it names (the adversarial one of the early layer, the completeness error's ``_max``)."""
+    from captum_inn.demo import BOUNDS
+
+    layers = {
+        "early": {"depth": 0, "variance_explained_by_v": 0.25, "reencode_beats_null": 0.90},
+        "logits": {"depth": 1, "agreement": 0.85, "agreement_random_condition": 0.30, "colour_r2_from_v": 0.6,
+                   "colour_r2_from_z": 0.2, "variance_explained_by_v": 0.75, "reencode_beats_null": 0.0},
+    }
+    adversarial = {"layers": {"early": {"judged_adversarial": 0.0, "judged_original": 0.80},
+                              "logits": {"judged_adversarial": 0.60, "judged_original": 0.0}}}
+    at_bounds = {"reconstruction_agreement": 0.95, "layers": layers, "adversarial": adversarial}
+    assert check_metrics(at_bounds, BOUNDS) == []
+    adversarial["layers"]["early"]["judged_original"] = 0.5  # the early view, not the logits', is judged original
+    assert check_metrics(at_bounds, BOUNDS) == ["FGSM: early view judged as the original class 0.500 < 0.8"]
+    concepts = {"swap_digit_judge_donor": 0.9, "swap_digit_colours_kept": 0.9, "swap_fg_digit_kept": 0.95,
+                "swap_fg_colour_moved": 0.9, "attribution_completeness_max_rel_error": 0.5}
+    failures = check_metrics({"reconstruction_agreement": 0.99, "layers": layers, "concepts": concepts},
+                              {"attribution_completeness_max_rel_error_max": 0.05})
+    assert failures == ["concept attribution completeness error 0.500 > 0.05"]
+    # the quick bounds are looser than the full demo's, but the random-condition agreement at the logits
+    assert QUICK_BOUNDS["logits_agreement_random_condition_max"] == 0.20 < BOUNDS["logits_agreement_random_condition_max"]
+
+
+def test_check_metrics_dynamics_and_factor_sizes_compare_the_documented_points():
+    """The digit share must rise and the background's fall from the first checkpoint with test
+    accuracy <= the bound (the last checkpoint is not an early one) to the last; the fc digit factor
+    must be larger than both colours'."""
+    from captum_inn.demo import _dynamics_failures
+
+    def point(acc, digit, background):
+        return {"accuracy": acc, "encoded": {"digit": digit, "background": background}}
+
+    # the first early point (accuracy exactly at the bound) is compared, not the later early one
+    dynamics = [point(0.3, 0.1, 0.6), point(0.2, 0.6, 0.05), point(0.99, 0.5, 0.1)]
+    assert _dynamics_failures(dynamics, 0.3) == []
+    assert _dynamics_failures([point(0.2, 0.5, 0.1), point(0.25, 0.5, 0.1)], 0.3) == [
+        "training dynamics: digit share did not rise (0.500 -> 0.500)",
+        "training dynamics: background share did not fall (0.100 -> 0.100)"]
+    # a last checkpoint alone below the bound is no early checkpoint
+    assert _dynamics_failures([point(0.9, 0.1, 0.6), point(0.2, 0.5, 0.1)], 0.3) == [
+        "training dynamics: no checkpoint with test accuracy <= 0.3"]
+    concepts = {"swap_digit_judge_donor": 0.9, "swap_digit_colours_kept": 0.9, "swap_fg_digit_kept": 0.95,
+                "swap_fg_colour_moved": 0.9, "attribution_completeness_max_rel_error": 0.001,
+                "factor_sizes": {"fc": {"digit": 20, "foreground": 10, "background": 10},
+                                 "code": {"digit": 6, "foreground": 3, "background": 3}}}
+    assert check_metrics({"reconstruction_agreement": 0.99, "layers": {}, "concepts": concepts},
+                         {"factor_sizes_order": True}) == ["estimated factor sizes at fc: digit 20 <= colours 20"]
+
+
+def test_report_arguments_take_hidden_entries_and_the_largest_seed_and_refuse_a_folder_named_index_html(tmp_path):
+    """A report folder may hold hidden entries (.git, .DS_Store); seeds run to 2**52 inclusive; an
+    ``index.html`` that is a folder is not a report's page."""
+    from captum_inn.demo import check_report_arguments
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / ".DS_Store").write_text("")
+    assert check_report_arguments(tmp_path / "report", "cpu", seed=2**52) == tmp_path / "report"
+    (tmp_path / "report" / "index.html").mkdir()
+    with pytest.raises(ValueError, match=r"holds files that are not part of a captum_inn report \('index.html'\)"):
+        check_report_arguments(tmp_path / "report", "cpu")

@@ -91,6 +91,8 @@ class DiagonalGaussian:
 
     Unlike ``torch.distributions.Normal`` its :meth:`sample` takes a ``torch.Generator``, so cached
     posterior samples are reproducible.
+    The log-variance is clamped to ``[-30, 20]``: an encoder's extreme output (an untrained one, an
+    image far outside its data) keeps the standard deviation, samples and KL finite.
 
     Args:
         mean: ``(N, d)``.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -106,6 +107,13 @@ def test_diagonal_gaussian_kl_matches_torch():
     ).sum(1)
     assert torch.allclose(q.kl(), ref, atol=1e-6)
 
+
+
+def test_diagonal_gaussian_keeps_extreme_log_variances_finite():
+    q = DiagonalGaussian(torch.zeros(2, 3), torch.tensor([[1000.0, -1000.0, 0.0]] * 2))
+    assert torch.equal(q.logvar[0], torch.tensor([20.0, -30.0, 0.0]))
+    assert torch.isfinite(q.kl()).all() and torch.isfinite(q.sample(torch.Generator().manual_seed(0))).all()
+    assert torch.allclose(q.std[0], torch.tensor([math.exp(10.0), math.exp(-15.0), 1.0]))
 
 def test_fit_autoencoder_learns_and_resumes_exactly(tmp_path, images, capsys):
     path = str(tmp_path / "ae.safetensors")

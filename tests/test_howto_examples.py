@@ -167,7 +167,9 @@ def test_choose_a_layer(digits):
             return super().forward(images * scale)
 
     torch.manual_seed(0)
-    ns.update(model=Scaled(width=32).eval(), scale=torch.tensor(0.9))
+    images = ns["images"]  # a scale per image, rows split with the images (the fit's and x's own)
+    scales = 0.8 + 0.2 * torch.rand(len(images), 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    ns.update(model=Scaled(width=32).eval(), scale_images=scales, scale_x=scales[:len(ns["x"])])
     exec(compile(more_arguments, "howto-layer#3", "exec"), ns)
     assert ns["result"].gradcam.shape == (4, 1, 32, 32) and ns["result"].layer == "fc"
     assert ns["samples"].shape == (4, 8, 3, 32, 32) and 0 <= ns["agreement"] <= 1

@@ -113,9 +113,16 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
             f"got {type(inputs).__name__}."
         )
     inputs_tuple = _format_tensor_into_tuples(inputs_tuple)
-    sizes = {t.shape[0] if t.dim() else -1 for t in inputs_tuple}
-    if len(sizes) != 1 or -1 in sizes:
-        raise ValueError(f"Every tensor in `{name}` needs the same batch size in dim 0, got {sorted(sizes)}.")
+    scalars = [i for i, t in enumerate(inputs_tuple) if t.dim() == 0]
+    if scalars:
+        raise ValueError(
+            f"`{name}`[{scalars[0]}] is a 0-d tensor, but every tensor in `{name}` needs a batch in dim 0 "
+            "(one row per example): pass a value that every example shares in `additional_forward_args`, "
+            "or give it one row per example.")
+    sizes = {t.shape[0] for t in inputs_tuple}
+    if len(sizes) != 1:
+        rows = ", ".join(f"`{name}`[{i}] has {t.shape[0]}" for i, t in enumerate(inputs_tuple))
+        raise ValueError(f"Every tensor in `{name}` needs the same batch size in dim 0 (one row per example): {rows}.")
     if 0 in sizes:
         raise ValueError(f"`{name}` is an empty batch; pass at least one example.")
     if not 0 <= image_index < len(inputs_tuple):  # the explainers' image_input, checked as an int when built

@@ -353,7 +353,7 @@ def compare_attributions(
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}; {_WRAP}")
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}; {_wrap_advice()}")
     check_autograd_weights(model, "`model`", "Grad-CAM and Integrated Gradients need gradients through it")
     if not isinstance(invariance, LayerInvariance):
         raise TypeError(f"`invariance` must be a captum_inn.LayerInvariance, got {type(invariance).__name__}.")
@@ -399,7 +399,7 @@ def compare_attributions(
         return slice_forward_args(additional_forward_args, part, n)
 
     first = _first_row(additional_forward_args, n)
-    predictions, classes = _predictions(model, images, batch, additional_forward_args)
+    predictions, classes = _predictions(model, images, batch, additional_forward_args, layer_name)
     targets = _targets(target, predictions, classes)
 
     # Everything below runs in eval mode, like the explainers' own calls: Captum's passes would
@@ -512,12 +512,15 @@ def _warn_coarse_gradcam(model: nn.Module, name: str, size: Tuple[int, ...], exa
                   f"where; {hint}.", UserWarning, stacklevel=user_stacklevel())
 
 
-_WRAP = ("Grad-CAM and Integrated Gradients need a model that returns the logits: wrap it, e.g. an nn.Module "
-         "whose forward returns model(x)['logits'], and build the LayerInvariance on that wrapper (its layer "
-         "names take the attribute's prefix, 'model.features.4').")
+def _wrap_advice(layer: str = "<layer>") -> str:
+    """How to give Grad-CAM and IG the logits of a model that returns something else."""
+    return ("Grad-CAM and Integrated Gradients need a model that returns the logits: wrap it, e.g. an nn.Module "
+            "whose forward returns self.model(x)['logits'], and build the LayerInvariance on that wrapper (its "
+            f"layer names take the attribute's prefix, 'model.{layer}').")
 
 
-def _predictions(model: nn.Module, images: Tensor, batch: int, additional_forward_args: Any = None) -> Tuple[Tensor, int]:
+def _predictions(model: nn.Module, images: Tensor, batch: int, additional_forward_args: Any = None,
+                 layer: str = "<layer>") -> Tuple[Tensor, int]:
     """The model's top-1 classes ``(N,)`` and its number of classes, from one pass over the images
     in chunks of ``batch`` (as :func:`~captum_inn.metrics.predict_classes`; a separate pass of one
     image for the class count ran the model once more). An output other than ``(N, K)`` logits (a
@@ -532,7 +535,7 @@ def _predictions(model: nn.Module, images: Tensor, batch: int, additional_forwar
             if not isinstance(output, Tensor) or output.dim() != 2:
                 got = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) else
                        f"a {type(output).__name__}" + (f" with keys {list(output)}" if isinstance(output, dict) else ""))
-                raise TypeError(f"`model` must return (N, K) logits, but it returns {got}. {_WRAP}")
+                raise TypeError(f"`model` must return (N, K) logits, but it returns {got}. {_wrap_advice(layer)}")
             check_class_logits(output, "`model`")  # one logit: every input "predicted" class 0
             parts.append(output.argmax(1))
     return torch.cat(parts), output.shape[1]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from captum_inn._fingerprints import tensor_bytes
 from captum_inn._random import seeded_every_global_rng
-from captum_inn.attr._common import as_optional_generator, user_stacklevel
+from captum_inn.attr._common import as_optional_generator, numpy_hint, user_stacklevel
 
 __all__ = ["ConceptPairs", "RELATIONS", "RESIDUAL", "as_concepts"]
 
@@ -510,8 +510,8 @@ def _describe(value: Any) -> str:
 
 
 def _dataset_hint(value: Any) -> str:
-    """For a dataset object passed where a tensor of examples is needed: where its tensor is."""
+    """For a dataset object (or a NumPy array) passed where a tensor of examples is needed: where its tensor is."""
     if isinstance(value, Tensor):
         return ""
     images = getattr(value, "images", None)
-    return "; pass its images tensor (e.g. dataset.images)" if isinstance(images, Tensor) else ""
+    return "; pass its images tensor (e.g. dataset.images)" if isinstance(images, Tensor) else numpy_hint(value)

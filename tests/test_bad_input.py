@@ -93,6 +93,7 @@ def _cases():
     con = lambda m, ae, e: LayerConcepts(m, "cnn.logits", e, ae)  # noqa: E731
     return [
         ("inputs a list of ints", lambda m, ae, inn, e: inv(m, ae, inn).attribute([1, 2]), TypeError, "`inputs` must be a tensor"),
+        ("inputs a NumPy array", lambda m, ae, inn, e: inv(m, ae, inn).sample(X.numpy()), TypeError, r"got ndarray; convert it with torch\.from_numpy"),
         ("inputs 3-d", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X[0]), ValueError, r"\(N, C, H, W\)"),
         ("inputs integer dtype", lambda m, ae, inn, e: inv(m, ae, inn).sample((X * 255).long()), TypeError, "floating point"),
         ("inputs empty batch", lambda m, ae, inn, e: inv(m, ae, inn).attribute(X[:0]), ValueError, "empty batch"),

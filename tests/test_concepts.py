@@ -382,6 +382,8 @@ def test_a_transform_taking_the_generator_makes_seeded_fits_reproducible():
         assert torch.equal(u, v)
     with pytest.raises(ValueError, match="got ColorDigits; pass its images tensor"):
         ConceptPairs.from_labels("digit", ColorDigits("test"), ColorDigits("test").digits)
+    with pytest.raises(ValueError, match=r"got ndarray; convert it with torch\.from_numpy"):
+        ConceptPairs.from_labels("c", x.numpy(), c)
 
 
 def test_colordigits_concepts():

@@ -1571,7 +1571,7 @@ def test_save_load_and_refusals(images, autoencoder, tmp_path):
     z, code = torch.randn(3, 8, 8, 8), torch.randn(3, 6)
     with torch.no_grad():
         assert torch.equal(loaded(code, z)[0], inn(code, z)[0])
-    with pytest.raises(CheckpointError, match=r"fitted for layer 'relu3'.*\(8, 8, 8\)"):
+    with pytest.raises(CheckpointError, match=r"fitted for layer 'relu3'.*\(8, 8, 8\), but `layer_shape` is \(10,\)"):
         load_invariance_inn(path, layer_shape=(10,))
     with pytest.raises(CheckpointError, match="codes of size 6"):
         load_invariance_inn(path, latent_dim=64)

@@ -97,6 +97,11 @@ def autograd_on(function: Callable[..., T]) -> Callable[..., T]:
     return with_autograd
 
 
+def numpy_hint(value: Any) -> str:
+    """For a NumPy array where a tensor is needed: how to convert it (Captum takes tensors only)."""
+    return "; convert it with torch.from_numpy(...)" if type(value).__module__ == "numpy" else ""
+
+
 def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tuple[Tensor, ...]:
     """Captum's input convention (tensor or tuple of tensors, dim 0 the batch), checked.
 
@@ -110,7 +115,7 @@ def format_inputs(inputs: Any, image_index: int = 0, name: str = "inputs") -> Tu
     else:
         raise TypeError(
             f"`{name}` must be a tensor (N, C, H, W) or a tuple of tensors with the batch in dim 0, "
-            f"got {type(inputs).__name__}."
+            f"got {type(inputs).__name__}{numpy_hint(inputs)}."
         )
     inputs_tuple = _format_tensor_into_tuples(inputs_tuple)
     scalars = [i for i, t in enumerate(inputs_tuple) if t.dim() == 0]

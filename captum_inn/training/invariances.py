@@ -819,7 +819,8 @@ def load_invariance_inn(
     if layer_shape is not None and layer_shape != saved_shape:
         raise CheckpointError(
             f"{str(path)!r} was fitted for layer {config.get('layer')!r} with activations of shape {saved_shape}, "
-            f"but this layer gives {tuple(layer_shape)}. Fit an INN for this layer (fit_invariances)."
+            f"but `layer_shape` is {tuple(layer_shape)}. Fit an INN for the layer of that shape (fit_invariances), "
+            "or pass the shape of the layer this INN was fitted for."
         )
     if latent_dim is not None and latent_dim != saved_latent:
         raise CheckpointError(

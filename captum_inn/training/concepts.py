@@ -661,7 +661,8 @@ def fit_concepts(
         The fitted :class:`~captum_inn.inn.FactorINN` (eval mode, factors in concept order, the
         residual last). ``fit_info`` holds the representation, the concepts and their relations,
         the ``factor_sizes``, the ``scores`` they were estimated from (``None`` when given) and the
-        final loss; ``history`` the loss per step.
+        final loss; ``history`` the loss per step: the pairs' negative log-likelihood (nats, without
+        the 2π constant) divided by the ``2·d`` numbers of a pair.
 
     Raises:
         ValueError: ``factor_sizes`` that are not whole numbers >= 1 or do not sum to the

@@ -500,6 +500,7 @@ def _layer_e(model):
 MODEL_FREE = {"LayerConcepts.edit", "LayerInvariance.reconstruct", "LayerConcepts.decompose"}  # decodes edited codes; the model does not run, so it cannot fail mid-call
 
 
+@pytest.mark.filterwarnings("ignore:The INNs are fitted to 3 images")  # X is three images: enough to run every entry
 @pytest.mark.parametrize("how", ["normal", "error", "keyboard_interrupt"])
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS), ids=list(ENTRY_POINTS))
 def test_no_hook_survives(setup, entry, how):

@@ -1562,6 +1562,18 @@ def test_batch_norm_without_running_statistics_is_warned_about():
         LayerRepresentation(model, "3")
 
 
+def test_fewer_images_than_code_dimensions_are_warned_of(images, autoencoder):
+    """A batch to explain passed where the training set belongs: the INN can learn those few codes."""
+    model = SmallCNN(width=4).eval()
+    with pytest.warns(UserWarning, match=r"fitted to 5 images, fewer than the autoencoder's 6 code dimensions.*"
+                                         r"Pass the training set"):
+        fit_invariances(model, "fc", autoencoder, images[:5], steps=1, progress=False, **TINY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_invariances(model, "fc", autoencoder, images[:6], steps=1, progress=False, **TINY)
+    assert not [w for w in caught if "code dimensions" in str(w.message)]
+
+
 def test_save_load_and_refusals(images, autoencoder, tmp_path):
     model = SmallCNN(width=4).eval()
     inn = fit_invariances(model, "relu3", autoencoder, images, steps=2, progress=False, **TINY)

@@ -586,6 +586,13 @@ def fit_invariances(
                 raise ValueError(f"Fitting needs at least 2 training images, the cache holds {len(cache)}." if world()[1] == 1
                                  else f"Fitting needs at least 2 training images per process, this process's cache "
                                  f"holds {len(cache)}: pass more images or start fewer processes.")
+            n_images = len(cache) * world()[1]  # each process holds its shard
+            if n_images < cache.latent_dim:  # e.g. a batch to explain passed where the training set belongs
+                warnings.warn(
+                    f"The INNs are fitted to {n_images} images, fewer than the autoencoder's {cache.latent_dim} code "
+                    "dimensions: they can learn these images rather than what varies among images, and their samples "
+                    "and maps then say little. Pass the training set (thousands of images).",
+                    UserWarning, stacklevel=user_stacklevel())
         device = torch.device(device)
         inns = _fit_layers(cache, names, configs, device, checkpoint_dir, resume, progress,
                            _auto_workers(workers, len(names), device), _checkpoint_source(model, autoencoder, data, cache, given))

@@ -44,6 +44,14 @@ def test_patch_to_none_keeps_the_full_resolution_1x1_convolution():
     assert convs[0].kernel_size == (1, 1) and [c.kernel_size for c in convs[1:]] == [(4, 4), (4, 4)]
 
 
+def test_patch_padding_is_split_evenly_between_the_sides():
+    """Rows 10 in patches of 3 take 2 of padding, one above and one below; columns 7 in patches of 2
+    take 1, on the right."""
+    embedder = ConvEmbedder((2, 10, 7), out_dim=8, width=8, max_width=16, patch_to=4)
+    (pad,) = [layer for layer in embedder.net if isinstance(layer, nn.ZeroPad2d)]
+    assert pad.padding == (0, 1, 1, 1)  # (left, right, top, bottom)
+
+
 @pytest.mark.parametrize("shape", [(3, 13, 9), (2, 17, 17), (2, 1, 20)])
 def test_odd_sides_are_padded_so_every_pixel_reaches_the_embedding(shape):
     torch.manual_seed(0)

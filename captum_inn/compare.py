@@ -519,8 +519,8 @@ def _wrap_advice(layer: str = "<layer>") -> str:
             f"layer names take the attribute's prefix, 'model.{layer}').")
 
 
-def _predictions(model: nn.Module, images: Tensor, batch: int, additional_forward_args: Any = None,
-                 layer: str = "<layer>") -> Tuple[Tensor, int]:
+def _predictions(model: nn.Module, images: Tensor, batch: int, additional_forward_args: Any,
+                 layer: str) -> Tuple[Tensor, int]:
     """The model's top-1 classes ``(N,)`` and its number of classes, from one pass over the images
     in chunks of ``batch`` (as :func:`~captum_inn.metrics.predict_classes`; a separate pass of one
     image for the class count ran the model once more). An output other than ``(N, K)`` logits (a

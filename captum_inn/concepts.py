@@ -510,7 +510,8 @@ def _describe(value: Any) -> str:
 
 
 def _dataset_hint(value: Any) -> str:
-    """For a dataset object (or a NumPy array) passed where a tensor of examples is needed: where its tensor is."""
+    """For a dataset object or a NumPy array passed where a tensor of examples is needed: where its
+    tensor is, or how to make one."""
     if isinstance(value, Tensor):
         return ""
     images = getattr(value, "images", None)

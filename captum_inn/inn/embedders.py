@@ -225,11 +225,11 @@ class ConvEmbedder(ConditionEmbedder):
     A first convolution maps the ``C`` channels to ``width``. On maps of at most ``patch_to``
     pixels a side it is a 1×1 convolution. On larger maps it projects non-overlapping patches
     (kernel = stride = ``ceil(side / patch_to)`` per side, the map zero-padded to a whole number of
-    patches, evenly on both sides, an odd pixel of padding at the bottom or right), so the map shrinks to at most ``patch_to`` a side before any 4×4 convolution runs
-    (5× cheaper on a 16×16 map, 10× on 32×32; docs/pitfalls.rst). Then 4×4 stride-2
-    convolutions halve the resolution (doubling the width up to ``max_width``) until the map is at
-    most 4×4, and a linear layer maps the flattened result to ``out_dim``. Statistics are per
-    channel.
+    patches, evenly on both sides, an odd pixel of padding at the bottom or right), so the map
+    shrinks to at most ``patch_to`` a side before any 4×4 convolution runs (5× cheaper on a 16×16
+    map, 10× on 32×32; docs/pitfalls.rst). Then 4×4 stride-2 convolutions halve the resolution
+    (doubling the width up to ``max_width``) until the map is at most 4×4, and a linear layer maps
+    the flattened result to ``out_dim``. Statistics are per channel.
 
     Args:
         in_shape: ``(C, H, W)``.

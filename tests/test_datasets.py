@@ -233,6 +233,18 @@ def test_pairs_deterministic(train: ColorDigits) -> None:
     assert a.shape == b.shape == (1, 3, 32, 32)
 
 
+def test_the_default_pair_stream_draws_no_colour_of_the_dataset() -> None:
+    # pairs drawn from the dataset's colour stream would repeat its colours: a fresh colour of b
+    # would equal a sample's colour exactly, and a "fresh" pair would recolour with known colours
+    data = ColorDigits("train", seed=0)
+    known = {tuple(c) for c in torch.cat([data.foreground, data.background]).tolist()}
+    drawn = []
+    for colour in ("foreground", "background"):
+        _, _, _, fb = data.pairs(differ_in=colour, n=512, return_factors=True)
+        drawn += fb[colour].tolist()
+    assert not known & {tuple(c) for c in drawn}
+
+
 def test_pairs_sharing_the_digit_never_reuse_the_handwritten_image() -> None:
     # documented: the same class but a different handwritten image (every class has ~140 here);
     # picking a's own image 1 time in ~140 would slip under a rate threshold

@@ -244,7 +244,9 @@ class ConceptPairs:
             per_image: Call ``transform`` on one image at a time (batches of one). ``None`` (the
                 default): for torchvision's transforms, which draw their random parameters once
                 per call (a ``ColorJitter`` gave all 512 pairs of a chunk the same change, so a
-                pool of 4,096 pairs held 8 colour changes), whole batches for any other transform.
+                pool of 4,096 pairs held 8 colour changes), whole batches for any other transform,
+                with a warning if it changes four copies of an image alike but differently at each
+                call (say, a ``ColorJitter`` wrapped in a ``lambda``).
 
         Examples::
 
@@ -265,6 +267,7 @@ class ConceptPairs:
                              f"{_dataset_hint(inputs)}.")
         if not callable(transform):
             raise TypeError(f"`transform` must be callable (batch -> batch), got {type(transform).__name__}.")
+        probe = per_image is None
         if per_image is None:
             per_image = str(getattr(transform, "__module__", "")).startswith("torchvision.transforms")
         elif not isinstance(per_image, (bool, np.bool_)):
@@ -294,6 +297,8 @@ class ConceptPairs:
                 return a, torch.cat([transformed(image, generator) for image in batch.split(1)])
             return a, transformed(batch, generator)
 
+        if probe and not per_image:
+            _warn_if_one_change_per_call(name, inputs, transformed)
         return cls(name, sampler, "differ")
 
     @classmethod
@@ -477,6 +482,24 @@ def as_concepts(concepts: Any) -> List[ConceptPairs]:
     return items
 
 
+def _warn_if_one_change_per_call(name: str, inputs: Tensor, transformed: Callable[[Tensor, torch.Generator], Tensor]
+                                 ) -> None:
+    """Warn when a random transform draws one change per call (a torchvision transform wrapped in a
+    function): every pair of a batch then gets the same change, and the concept's pools hold a few
+    changes only. Told by four copies of one image, changed alike within a call and otherwise in a
+    second call (seeded apart; the caller's random streams are left as they were)."""
+    copies = inputs[:1].expand(4, *inputs.shape[1:])
+    changed = []
+    for seed in (1, 2):
+        with seeded_every_global_rng(seed):
+            changed.append(transformed(copies.clone(), torch.Generator().manual_seed(seed)))
+    if all(torch.equal(c, c[:1].expand_as(c)) for c in changed) and not torch.equal(*changed):
+        warnings.warn(f"The `transform` of concept {name!r} changes every image of a batch the same way and draws "
+                      "another change at each call: all pairs of a batch would differ alike. Pass per_image=True "
+                      "(it is then called on one image at a time), or draw the change for each image inside it.",
+                      stacklevel=user_stacklevel())
+
+
 def _named_random(concept: Any) -> bool:
     """Whether a TCAV concept is one of Captum's random sets (by convention named ``random_*``)."""
     return str(getattr(concept, "name", "")).lower().startswith("random")
@@ -515,4 +538,10 @@ def _dataset_hint(value: Any) -> str:
     if isinstance(value, Tensor):
         return ""
     images = getattr(value, "images", None)
-    return "; pass its images tensor (e.g. dataset.images)" if isinstance(images, Tensor) else numpy_hint(value)
+    if isinstance(images, Tensor):
+        return "; pass its images tensor (e.g. dataset.images)"
+    if isinstance(value, torch.utils.data.DataLoader):
+        return "; gather its batches into one tensor, e.g. torch.cat([x for x, _ in loader])"
+    if isinstance(value, torch.utils.data.Dataset):  # an ImageFolder: captum_inn.datasets.load_image_folder reads one
+        return "; stack its examples into one tensor, e.g. torch.stack([dataset[i][0] for i in range(len(dataset))])"
+    return numpy_hint(value)

@@ -167,6 +167,7 @@ def _cases():
         ("concept edit value NaN", lambda m, ae, inn, e: con(m, ae, e).edit(X, "a", value=torch.tensor([0.0, float("nan")])), ValueError, "`value` contains NaN"),
         ("concept shares of inputs on another device", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ae, invariance_inn=inn).encoded(X.to("meta"), n_samples=2), ValueError, "is on meta"),
         ("unknown concept name", lambda m, ae, inn, e: con(m, ae, e).edit(X, "colour"), ValueError, "Unknown concept 'colour'"),
+        ("misspelt concept name", lambda m, ae, inn, e: con(m, ae, e).edit(X, "residul"), ValueError, r"Unknown concept 'residul'; this concept INN has \['a', 'b', 'residual'\]\. Did you mean 'residual'\?"),
         ("concept given as a column number", lambda m, ae, inn, e: con(m, ae, e).edit(X, 0), ValueError, r"Unknown concept 0;.*column 0 of attribute\(\) is 'a'"),
         ("concept baselines of another size", lambda m, ae, inn, e: con(m, ae, e).attribute(X, target=0, baselines=torch.zeros(4)), ValueError, "`baselines`"),
         ("concept INN on another representation", lambda m, ae, inn, e: LayerConcepts(m, "cnn.logits", e, ConvAutoencoder((3, 32, 32), 4)), ValueError, "latent_dim=4"),
@@ -381,6 +382,10 @@ def test_concept_edits_take_donors_when_the_image_is_not_the_first_input(setup):
     # one input takes one donor: "must hold 1 or 1 images" said it twice
     with pytest.raises(ValueError, match=r"`donors` must hold 1 image, got 3\."):
         LayerConcepts(model, "cnn.logits", e, ae).edit(X[:1], "a", donors=X)
+    # donors of another size: the autoencoder's "built for images of shape" named neither argument
+    small = torch.nn.functional.interpolate(X, scale_factor=0.5)
+    with pytest.raises(ValueError, match=r"`donors` must be images of the inputs' shape \(N, 3, \d+, \d+\), got "):
+        LayerConcepts(model, "cnn.logits", e, ae).edit(X, "a", donors=small)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")

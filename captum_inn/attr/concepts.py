@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -319,6 +320,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             hint = (f" Concepts are named: column {concept} of attribute() is "
                     f"{self.concept_names[concept]!r}." if isinstance(concept, int) and not isinstance(concept, bool)
                     and -len(self.concept_names) <= concept < len(self.concept_names) else "")
+            close = difflib.get_close_matches(concept, self.concept_names, n=1) if isinstance(concept, str) else []
+            hint += f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"Unknown concept {concept!r}; this concept INN has {self.concept_names}.{hint}")
         return self.concept_inn.factor_slices[concept]
 
@@ -497,6 +500,10 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
             index = 0 if isinstance(donors, Tensor) else self.image_input
             donor_images = format_inputs(donors, index, "donors")[index]
             check_same_device(donor_images, self.concept_inn, "donors")
+            expected = inputs[self.image_input].shape[1:]
+            if donor_images.shape[1:] != expected:  # the autoencoder's or the model's shape error named neither
+                raise ValueError(f"`donors` must be images of the inputs' shape (N, {', '.join(map(str, expected))}), "
+                                 f"got {tuple(donor_images.shape)}.")
             with eval_mode(self.concept_inn, self.autoencoder):
                 donor_code = self._representation((donor_images,), None, image_input=0, name="donors")
                 donor_factors = self.concept_inn(donor_code, jac=False)[0]
@@ -587,14 +594,15 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         internal_batch_size: Optional[int] = None,
         show_progress: bool = False,
         seed: Optional[int] = None,
+        reference: Optional[Tensor] = None,
     ) -> Tensor:
         """Share of each concept that the hooked layer fixes at each input (docs/method.rst).
 
         For ``v ~ N(0, I)``, ``z̄_s = t⁻¹(v | Φ(x))`` are codes the layer cannot tell apart from
         ``x``'s; the share of concept ``k`` the layer encodes is
         ``1 − Σ_d Var_v(e_kd(z̄_s)) / Σ_d Var_x(e_kd)``, the variance over the data ``Var_x`` taken
-        from the concept INN's fit (``fit_info["factor_variance"]``; 1, the prior's, if absent).
-        Near 1: the layer pins the concept down; near 0: the layer is invariant to it. Estimates
+        from the concept INN's fit (``fit_info["factor_variance"]``; 1, the prior's, if absent) or
+        from ``reference`` images. Near 1: the layer pins the concept down; near 0: the layer is invariant to it. Estimates
         from ``n_samples`` draws can fall outside ``[0, 1]``: below 0 the samples vary the
         concept more than the data does.
 
@@ -630,6 +638,11 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 first inputs' alone as in the whole batch), not at another place. Each input has
                 draws of its own so that the sampling noise averages out over inputs in
                 :meth:`encoded_summary`; draws shared by all inputs would not.
+            reference: ``(M, C, H, W)`` images (``M >= 2``, held out from the concept INN's fit)
+                whose factors' spread is ``Var_x`` instead of the fit's. A concept INN fitted on a
+                few hundred images can learn them: new images' factors, and the re-encoded samples',
+                then spread wider than the fit's, and shares fall far below 0 (a warning says so).
+                Their factors are read as the samples' are (``E(D(E(x)))`` with ``reencode``).
 
         Returns:
             ``(N, K)``, columns in :attr:`concept_names` order.
@@ -656,6 +669,8 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         check_pixel_range(inputs[self.image_input], "inputs", self.autoencoder, margin=0.5)
         rows = (default_rows(inputs[self.image_input]) if internal_batch_size is None
                 else check_positive_int(internal_batch_size, "internal_batch_size"))
+        reference_variance = None if reference is None else self._reference_variance(
+            reference, inputs[self.image_input], reencode, rows)
         n = inputs[0].shape[0]
         # all draws up front, in one call: the shares do not depend on the parts
         v = normal((n * n_samples, self.invariance_inn.dim), generator, inputs[self.image_input].device,
@@ -685,9 +700,44 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                 variances.append(factors.view(part.stop - part.start, n_samples, -1).var(dim=1))
                 bar.update((part.stop - part.start) * n_samples)
         variance = torch.cat(variances)
-        reference = self._factor_variance().to(variance)
-        shares = [1.0 - variance[:, s].sum(1) / reference[s].sum() for s in self.concept_inn.factor_slices.values()]
-        return torch.stack(shares, dim=1)
+        spread = (self._factor_variance() if reference_variance is None else reference_variance).to(variance)
+        shares = torch.stack([1.0 - variance[:, s].sum(1) / spread[s].sum()
+                              for s in self.concept_inn.factor_slices.values()], dim=1)
+        if reference is None:
+            self._warn_if_overfitted(shares)
+        return shares
+
+    def _reference_variance(self, reference: Any, images: Tensor, reencode: bool, rows: int) -> Tensor:
+        """Per-dimension variance of ``e`` over ``reference`` images, read as :meth:`encoded` reads its samples."""
+        if not isinstance(reference, Tensor):
+            raise TypeError(f"`reference` must be a tensor of images (M, {', '.join(map(str, images.shape[1:]))}), "
+                            f"got {type(reference).__name__}.")
+        if reference.shape[1:] != images.shape[1:] or reference.shape[0] < 2:
+            raise ValueError(f"`reference` must hold at least 2 images of the inputs' shape (M, "
+                             f"{', '.join(map(str, images.shape[1:]))}), got {tuple(reference.shape)}.")
+        check_same_device(reference, self.concept_inn, "reference")
+        check_pixel_range(reference, "reference", self.autoencoder, margin=0.5)
+        factors = []
+        with eval_mode(self.concept_inn, self.autoencoder):
+            for part in reference.split(rows):
+                codes = encode_images(self.autoencoder, part, name="reference")
+                if reencode:
+                    codes = encode_mean(self.autoencoder, self.autoencoder.decode(codes))
+                factors.append(self.concept_inn(codes.to(self._concept_dtype), jac=False)[0])
+        return torch.cat(factors).var(0)
+
+    def _warn_if_overfitted(self, shares: Tensor) -> None:
+        """Shares far below 0 on average: the samples vary a factor over twice as much as the fit's data did,
+        which a concept INN that learned its few fitting images does to any new image."""
+        mean = shares.mean(0)
+        low = {name: float(m) for name, m in zip(self.concept_names, mean) if m < -1.0}
+        if low:
+            listed = ", ".join(f"{name!r} {m:.2f}" for name, m in low.items())
+            warnings.warn(f"Encoded shares average far below 0 ({listed}): the samples vary these factors over twice "
+                          "as much as the concept INN's fitting data did. A concept INN fitted on few images spreads "
+                          "new images' factors wider than its own; pass held-out images as `reference=` to measure the "
+                          "spread on them, or fit it for fewer steps (docs/pitfalls.rst, 'Encoded shares are "
+                          "estimates').", stacklevel=user_stacklevel())
 
     def _factor_variance(self) -> Tensor:
         """Per-dimension variance of ``e`` over the fitting data (1, the prior's, if unknown)."""

@@ -1080,20 +1080,23 @@ def test_a_reference_measures_the_factors_spread_on_its_own_images(code_setup, r
 def test_shares_far_below_zero_warn_and_point_at_a_reference(code_setup):
     """A concept INN that learned its few fitting images spreads any new image's factors wider than
     its recorded ``factor_variance`` (on 718 photos: shares of −1.6 to −7 at the default steps, 0.4 with
-    held-out images as the reference). Shares averaging below −1 say so and name ``reference=``."""
+    held-out images as the reference). A named concept's shares averaging below −1 say so and name
+    ``reference=``; the residual's do not (on ColorDigits they read −2 to −8 in every tutorial run)."""
     model, ae, e, t = code_setup
     e = copy.deepcopy(e)
     e.fit_info = {"factor_variance": [1e-4] * 6}
     explainer = LayerConcepts(model, "hidden", e, ae, invariance_inn=t)
     x = torch.rand(3, 3, 8, 8)
     # without re-encoding: the random autoencoder's E(D(·)) collapses the samples
-    with pytest.warns(UserWarning, match=r"far below 0 \('a' -[0-9.]+, 'b' -[0-9.]+, 'residual' -[0-9.]+\).*`reference=`"):
+    with pytest.warns(UserWarning, match=r"far below 0 \('a' -[0-9.]+, 'b' -[0-9.]+\): .*`reference=`"):
         explainer.encoded(x, n_samples=4, seed=0, reencode=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         explainer.encoded(x, n_samples=4, seed=0, reencode=False, reference=torch.rand(16, 3, 8, 8))  # no warning
         e.fit_info = {"factor_variance": [1.0] * 6}
         explainer.encoded(x, n_samples=4, seed=0, reencode=False)
+        e.fit_info = {"factor_variance": [1.0] * 4 + [1e-4] * 2}  # the residual's alone (see the docstring)
+        assert explainer.encoded(x, n_samples=4, seed=0, reencode=False).mean(0)[2] < -1
 
 
 def test_a_reference_must_be_images_of_the_inputs_shape(code_setup):

@@ -602,9 +602,9 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         ``x``'s; the share of concept ``k`` the layer encodes is
         ``1 − Σ_d Var_v(e_kd(z̄_s)) / Σ_d Var_x(e_kd)``, the variance over the data ``Var_x`` taken
         from the concept INN's fit (``fit_info["factor_variance"]``; 1, the prior's, if absent) or
-        from ``reference`` images. Near 1: the layer pins the concept down; near 0: the layer is invariant to it. Estimates
-        from ``n_samples`` draws can fall outside ``[0, 1]``: below 0 the samples vary the
-        concept more than the data does.
+        from ``reference`` images. Near 1: the layer pins the concept down; near 0: the layer is
+        invariant to it. Estimates from ``n_samples`` draws can fall outside ``[0, 1]``: below 0
+        the samples vary the concept more than the data does.
 
         With ``reencode`` (the default) each sampled code is decoded and encoded again,
         ``E(D(z̄_s))``, before ``e`` reads it: the concept content is read from the images the

@@ -755,7 +755,8 @@ def test_fit_concepts_refuses_factor_sizes_before_encoding_the_pairs(factor_size
 def test_fit_concepts_rejects_feature_maps_and_non_representations():
     conv = nn.Sequential(nn.Conv2d(3, 2, 3))
     pairs = ConceptPairs("x", lambda n, g: (torch.rand(n, 3, 6, 6), torch.rand(n, 3, 6, 6)))
-    with pytest.raises(ValueError, match="vector layer"):
+    # the layer's fault, not the concept's: "Concept 'x''s pairs: Layer '0' gives ..." blamed the pairs
+    with pytest.raises(ValueError, match=r"^Layer '0' gives activations of shape \(2, 4, 4\); the factor INN needs a vector"):
         fit_concepts((conv, "0"), [pairs], steps=1, pool_size=8, progress=False)
     with pytest.raises(TypeError, match="representation"):
         fit_concepts("my model", [pairs], steps=1, pool_size=8, progress=False)

@@ -192,10 +192,12 @@ class LayerRepresentation:
                       "that layer with attribute_to_layer_input=True (for a torchvision ResNet's 'avgpool': "
                       "LayerRepresentation(model, 'fc', attribute_to_layer_input=True)).") if (
                 z.dim() == 4 and z.shape[2:] == (1, 1)) else ""
-            raise ValueError(
+            error = ValueError(
                 f"Layer {self.layer_name!r} gives activations of shape {tuple(z.shape[1:])}; the factor INN "
                 f"needs a vector layer (N, d). Use a fully connected layer, or the autoencoder code.{pooled}"
             )
+            error.about_the_representation = True  # the layer's, whatever the pairs: fit_concepts names no concept
+            raise error
         return z, torch.zeros_like(z)
 
     def describe(self, dim: int) -> Dict[str, Any]:
@@ -371,8 +373,9 @@ def _naming_concept(name: str) -> Iterator[None]:
     try:
         yield
     except (TypeError, ValueError, RuntimeError) as error:
-        if type(error) not in (TypeError, ValueError, RuntimeError) or str(error).startswith(f"Concept {name!r}"):
-            raise  # torch's OutOfMemoryError and the like keep their type; messages that name it already
+        if (type(error) not in (TypeError, ValueError, RuntimeError) or str(error).startswith(f"Concept {name!r}")
+                or getattr(error, "about_the_representation", False)):
+            raise  # torch's OutOfMemoryError and the like keep their type; messages that name it, or the layer alone
         raise type(error)(f"Concept {name!r}'s pairs: {error}") from error
 
 

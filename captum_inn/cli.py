@@ -123,8 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_threads, default=None, help="torch threads (default: torch's choice)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     demo.add_argument("--concepts", action="store_true",
-                      help="add the concepts section (work in progress; 2–6 minutes more on 2 CPU cores; "
-                           "not with --images)")
+                      help="add the concepts section: factor sizes, concept swaps, encoded shares, attributions "
+                           "and training dynamics (about 7 minutes more on 2 CPU cores; not with --images)")
     demo.add_argument("--images", metavar="PATH", type=_folder, default=None,
                       help="run the photo demo instead: a folder with one sub-folder of images per class "
                            "(ImageFolder layout); ResNet-18, Grad-CAM, IG and invariances (about 17 minutes on 2 cores "

@@ -204,6 +204,11 @@ class DemoSettings:
     test_recolorings: int = 2
     cnn_steps: int = 5000
     cnn_width: int = 48
+    #: The analysed CNN standardises each image's first-layer channels (``SmallCNN(instance_norm=True)``):
+    #: its fc features then let the colours go as it learns the digit, as the paper's classifiers did,
+    #: and the factor sizes estimated at fc give the digit more dimensions than both colours; a plain
+    #: SmallCNN keeps the colours at fc (docs/pitfalls.rst).
+    cnn_instance_norm: bool = True
     cnn_noise: float = 0.05
     judge_steps: int = 1500
     ae_steps: int = 3500
@@ -233,8 +238,8 @@ class DemoSettings:
     #: larger steps make the attacked image itself unlike the training images, so even the early layer's
     #: view degrades.
     fgsm_epsilon: float = 0.03
-    #: Whether to run the concepts section. It is work in progress (one of its bounds, the fc factor
-    #: sizes, is not met yet) and adds 2–6 minutes on 2 CPU cores, so it is opt-in (``captum-inn demo --concepts``).
+    #: Whether to run the concepts section (``captum-inn demo --concepts``). It adds about 7 minutes on
+    #: 2 CPU cores, most of them the training dynamics' five INNs, so it is opt-in.
     concepts: bool = False
     #: The factor sizes of the concept INN on the 64-d code (estimated sizes are reported in
     #: ``factor_sizes``). Each colour is 3-d. The digit gets 20: a 56-d digit factor also held the
@@ -248,7 +253,8 @@ class DemoSettings:
     concept_hidden: int = 256
     n_concept_eval: int = 718
     #: CNN training steps after which a snapshot is kept for the training-dynamics experiment.
-    dynamics_steps: tuple = (100, 300, 1000)
+    #: The first (step 10) is the one still below 30% test accuracy (step 100 reads about 90%).
+    dynamics_steps: tuple = (10, 100, 300, 1000)
     #: The dynamics' logits INNs train with the main logits INN's recipe (constant rate,
     #: ``inn_embed_dim``) for half its steps. Smaller INNs (400 steps, hidden 128) drew samples so
     #: spread that every share fell below 0 (digit −1.14 → −0.67 over training); these give digit
@@ -482,7 +488,7 @@ def run_demo(
     t0 = time.perf_counter()
     _stage(f"training the CNN to analyse ({settings.cnn_steps} steps) and an independent judge", start)
     with seeded_global_rng(seed):  # the initial weights, seeded; the caller's stream is left as it was
-        cnn = SmallCNN(width=settings.cnn_width)
+        cnn = SmallCNN(width=settings.cnn_width, instance_norm=settings.cnn_instance_norm)
     snapshots = Snapshots(settings.dynamics_steps)  # copies of the CNN early in training, for the dynamics
     cnn = fit_classifier(cnn, train, steps=settings.cnn_steps, seed=seed,
                          device=device, augment=Jitter(2, settings.cnn_noise, seed=seed), progress=progress,
@@ -496,7 +502,8 @@ def run_demo(
     judge = fit_classifier(judge, train, steps=settings.judge_steps, seed=seed + 1000, device=device,
                            augment=Jitter(2, settings.cnn_noise, seed=seed + 1000), progress=progress)
     save_checkpoint(out / "checkpoints" / "cnn.safetensors", module_tensors(cnn),
-                    {"kind": "classifier", "config": {"class": "SmallCNN", "width": cnn.conv1.out_channels}})
+                    {"kind": "classifier", "config": {"class": "SmallCNN", "width": cnn.conv1.out_channels,
+                                                      "instance_norm": cnn.norm1 is not None}})
     save_checkpoint(out / "checkpoints" / "judge.safetensors", module_tensors(judge),
                     {"kind": "classifier", "config": {"class": "ShapeCNN", "width": judge.cnn.conv1.out_channels}})
     cnn_acc = accuracy(cnn, x_eval, test.digits[:n_eval])
@@ -639,14 +646,15 @@ def _concepts_section(out: Path, settings: DemoSettings, cnn, judge, ae, inns, t
     n = min(settings.n_concept_eval, len(test))
     x = test.images[:n].to(device)
     digits, fg, bg = test.digits[:n], test.foreground[:n], test.background[:n]
-    _stage("concepts: factor sizes estimated from pairs (autoencoder code and the CNN's fc/logits)", start)
-    factor_sizes, factor_scores = {}, {}
-    for name, representation in (("code", ae), ("fc", (cnn, "fc")), ("logits", (cnn, "logits"))):
-        sizes, scores = estimate_factor_sizes(representation, train.concepts(), n_pairs=1000, seed=seed, device=device)
-        factor_sizes[name], factor_scores[name] = sizes, scores
     # pairs that differ in exactly one factor: each factor is what changes with its concept and
     # nothing else (with shared-factor pairs the digit factor also carried colour and swaps failed)
     concepts = train.concepts("differ")
+    _stage("concepts: factor sizes estimated from pairs (autoencoder code and the CNN's fc/logits)", start)
+    factor_sizes, factor_scores = {}, {}
+    for name, representation in (("code", ae), ("fc", (cnn, "fc")), ("logits", (cnn, "logits"))):
+        # from the pairs the factor INN is fitted with, so the sizes are those of the factors it fits
+        sizes, scores = estimate_factor_sizes(representation, concepts, n_pairs=1000, seed=seed, device=device)
+        factor_sizes[name], factor_scores[name] = sizes, scores
     _stage(f"concepts: fitting the factor INN on the code ({settings.concept_steps} steps, sizes "
            f"{settings.concept_sizes})", start)
     e = fit_concepts(ae, concepts, factor_sizes=settings.concept_sizes, steps=settings.concept_steps,

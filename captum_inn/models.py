@@ -10,15 +10,25 @@ __all__ = ["SmallCNN", "ShapeCNN"]
 class SmallCNN(nn.Module):
     """A five-layer CNN for 32×32 images with named layers to hook.
 
-    ``conv1`` (stride 2) → ``relu1`` → ``conv2`` (stride 2) → ``relu2`` → ``conv3`` → ``relu3`` →
-    ``flatten`` → ``fc`` → ``relu4`` → ``logits``. The ReLUs are in-place (as in torchvision), which
-    :mod:`captum_inn.capture` handles by cloning.
+    ``conv1`` (stride 2) → ``relu1`` → [``norm1``] → ``conv2`` (stride 2) → ``relu2`` → ``conv3`` →
+    ``relu3`` → ``flatten`` → ``fc`` → ``relu4`` → ``logits``. The ReLUs are in-place (as in
+    torchvision), which :mod:`captum_inn.capture` handles by cloning.
+
+    With ``instance_norm=True``, ``norm1`` (:class:`torch.nn.InstanceNorm2d`, learned scale and
+    shift) standardises each image's first-layer channels on their own, so the image's overall
+    colours reach the later layers only through the contrasts they make. Trained on ColorDigits,
+    such a CNN's ``fc`` lets the colours go as it learns the digit, as the paper's classifiers did;
+    without it ``fc`` keeps them (docs/pitfalls.rst has the scores). The demo analyses this
+    variant. ``norm1`` comes after ``relu1`` so that ``relu1`` stays the raw first-layer features:
+    standardised, its flat channels magnified small pixel perturbations (an FGSM attack showed in
+    ``relu1``'s view as the attack's digit more often), and a norm after ``conv2`` left the colours in ``fc``.
 
     Args:
         in_channels: Image channels.
         num_classes: Number of logits.
         width: Channels of ``conv1`` (``conv2``/``conv3`` have twice as many).
         image_size: Side of the square input.
+        instance_norm: Standardise each image's first-layer channels (``norm1``, after ``relu1``).
 
     Examples::
 
@@ -26,9 +36,12 @@ class SmallCNN(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32, image_size: int = 32) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32, image_size: int = 32,
+                 instance_norm: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 4, stride=2, padding=1)
+        # registered only when used, so the plain CNN's layer names (and checkpoints) stay as they were
+        self.norm1 = nn.InstanceNorm2d(width, affine=True) if instance_norm else None
         self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width, 2 * width, 4, stride=2, padding=1)
         self.relu2 = nn.ReLU(inplace=True)
@@ -41,6 +54,8 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu1(self.conv1(x))
+        if self.norm1 is not None:
+            x = self.norm1(x)
         x = self.relu2(self.conv2(x))
         x = self.relu3(self.conv3(x))
         x = self.relu4(self.fc(self.flatten(x)))

@@ -582,6 +582,30 @@ def test_shape_cnn_reads_the_same_map_whatever_the_colours():
     assert not torch.allclose(judge(a), judge(colour_digits(masks.flip(1), colours[0], (colours[0] + 0.5) % 1.0)))
 
 
+def test_small_cnn_with_instance_norm_ignores_the_image_scale_and_keeps_the_plain_layout():
+    """norm1 standardises each image's relu1 channels: with conv1's bias 0, relu1 scales with the image
+    and a positive scale drops out. Without it there is no norm1, so plain checkpoints and layer names
+    stay as they were."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)  # centred: every relu1 channel varies (eps 1e-5 dominated a dead one)
+    normed, plain = SmallCNN(width=4, instance_norm=True).eval(), SmallCNN(width=4).eval()
+    with torch.no_grad():
+        normed.conv1.bias.zero_()
+        plain.conv1.bias.zero_()
+    assert torch.allclose(normed(3 * x), normed(x), atol=1e-4)
+    assert not torch.allclose(plain(3 * x), plain(x), atol=1e-3)
+    assert not torch.allclose(normed(x.flip(2)), normed(x), atol=1e-3)  # it still sees the image
+    seen = []
+    normed.relu1.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    normed(x)
+    assert torch.allclose(seen[0], torch.relu(normed.conv1(x)))  # relu1 stays the raw features, norm1 after it
+    assert "norm1" not in dict(plain.named_modules()) and not any(k.startswith("norm1") for k in plain.state_dict())
+    assert {"norm1.weight", "norm1.bias"} <= set(normed.state_dict())
+    normed.load_state_dict(normed.state_dict())
+    with pytest.raises(RuntimeError, match="norm1"):
+        plain.load_state_dict(normed.state_dict())
+
+
 def test_variance_explained_counts_the_code_noise_the_inn_was_fitted_with(tmp_path):
     """fit_invariances trains on codes with `code_noise` added: the spread of t⁻¹(v | z) includes it, so
     the denominator must too (a layer that keeps nothing scored 1.25 at code_noise 0.5)."""

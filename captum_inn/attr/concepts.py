@@ -688,15 +688,11 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
                         f"`invariance_inn` was fitted for activations of shape {self.invariance_inn.cond_shape}, but "
                         f"layer {self.layer_name!r} gives {tuple(z.shape[1:])}."
                     )
-                with eval_mode(self.invariance_inn, self.concept_inn):
+                with eval_mode(self.invariance_inn):
                     embedding = self.invariance_inn.embed(z).repeat_interleave(n_samples, dim=0)
                     codes = self.invariance_inn(v[part.start * n_samples : part.stop * n_samples].to(z.device), None,
                                                 rev=True, jac=False, embedding=embedding)[0]
-                    if reencode:
-                        with eval_mode(self.autoencoder):
-                            images = self.autoencoder.decode(codes.to(network_dtype(self.autoencoder, codes.dtype)))
-                            codes = encode_mean(self.autoencoder, images)
-                    factors = self.concept_inn(codes.to(self._concept_dtype), jac=False)[0]
+                factors = self._code_factors(codes, reencode)
                 variances.append(factors.view(part.stop - part.start, n_samples, -1).var(dim=1))
                 bar.update((part.stop - part.start) * n_samples)
         variance = torch.cat(variances)
@@ -718,13 +714,20 @@ class LayerConcepts(LayerAttribution, GradientAttribution):
         check_same_device(reference, self.concept_inn, "reference")
         check_pixel_range(reference, "reference", self.autoencoder, margin=0.5)
         factors = []
-        with eval_mode(self.concept_inn, self.autoencoder):
-            for part in reference.split(rows):
+        for part in reference.split(rows):
+            with eval_mode(self.autoencoder):
                 codes = encode_images(self.autoencoder, part, name="reference")
-                if reencode:
-                    codes = encode_mean(self.autoencoder, self.autoencoder.decode(codes))
-                factors.append(self.concept_inn(codes.to(self._concept_dtype), jac=False)[0])
+            factors.append(self._code_factors(codes, reencode))
         return torch.cat(factors).var(0)
+
+    def _code_factors(self, codes: Tensor, reencode: bool) -> Tensor:
+        """``e`` of ``codes``, or of ``E(D(codes))`` with ``reencode`` (samples and reference alike)."""
+        if reencode:
+            with eval_mode(self.autoencoder):
+                images = self.autoencoder.decode(codes.to(network_dtype(self.autoencoder, codes.dtype)))
+                codes = encode_mean(self.autoencoder, images)
+        with eval_mode(self.concept_inn):
+            return self.concept_inn(codes.to(self._concept_dtype), jac=False)[0]
 
     def _warn_if_overfitted(self, shares: Tensor) -> None:
         """A named concept's shares far below 0 on average: the samples vary its factor over twice as much

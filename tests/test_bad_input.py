@@ -241,6 +241,8 @@ def _cases():
         ("normalised images for a Jitter clamping to [0, 1]", lambda m, ae, inn, e: Jitter(1)((X - 0.5) / 0.25), ValueError, r"Jitter's images range over \[-2, 2\], far outside `value_range` \(0.0, 1.0\).*value_range=None"),
         ("one image for a Jitter", lambda m, ae, inn, e: Jitter(1)(X[0]), ValueError, r"Jitter takes a batch of images \(N, C, H, W\), got \(3, 32, 32\); for one image pass image.unsqueeze\(0\)"),
         ("a Jitter flip given as a string", lambda m, ae, inn, e: Jitter(2, flip="no"), TypeError, r"`flip` must be True or False, got 'no'"),
+        ("a Jitter recolouring share above 1", lambda m, ae, inn, e: Jitter(2, recolour=1.5), ValueError, r"`recolour` must be in \[0, 1\] \(the share of images recoloured\), got 1.5"),
+        ("Jitter recolouring without a range", lambda m, ae, inn, e: Jitter(2, recolour=0.5, value_range=None), ValueError, r"`recolour` draws the new colours in `value_range`; pass value_range=\(low, high\)"),
         ("a fractional ColorDigits index", lambda m, ae, inn, e: ColorDigits("test")[2.7], TypeError, r"`index` must be an int, got 2.7"),
         ("a ColorDigits contrast as a string", lambda m, ae, inn, e: ColorDigits(min_contrast="0.5"), TypeError, r"`min_contrast` must be a number \(an RGB distance\), got '0.5'"),
         ("a ColorDigits contrast of None", lambda m, ae, inn, e: ColorDigits(min_contrast=None), TypeError, r"`min_contrast` must be a number \(an RGB distance\), got None"),

@@ -18,7 +18,7 @@ from helpers_hooks import assert_no_hooks, training_flags
 from PIL import Image
 from torch import nn
 
-from captum_inn.datasets import ImageFolderSplit, load_image_folder
+from captum_inn.datasets import ColorDigits, ImageFolderSplit, load_image_folder
 from captum_inn.training import Jitter, fit_autoencoder
 from captum_inn.training.autoencoder import load_autoencoder
 
@@ -329,6 +329,27 @@ def test_jitter_with_shift_noise_and_flip():
     out = Jitter(pixels=1, noise=0.1, flip=True, seed=3)(images)
     assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
     assert torch.equal(out, Jitter(pixels=1, noise=0.1, flip=True, seed=3)(images))
+
+
+def test_jitter_recolours_a_two_colour_image_keeping_its_strokes():
+    train = ColorDigits("train", recolorings=1, seed=0)
+    images, masks = train.images[:200], train.masks[:200]
+    out = Jitter(pixels=0, recolour=0.5, seed=0)(images)
+    changed = (out - images).abs().flatten(1).amax(1) > 1e-4
+    assert 70 <= int(changed.sum()) <= 130  # about half recoloured, the rest left exactly as they were
+    assert torch.equal(out[~changed], images[~changed])
+    # a recoloured digit is m * fg' + (1 - m) * bg' for the same intensity mask m: per channel, an
+    # affine function of m, whose two ends are new colours
+    m = masks[changed].flatten(1)
+    for image, mask in zip(out[changed].flatten(2), m):
+        design = torch.stack([mask, torch.ones_like(mask)], 1)
+        fit = torch.linalg.lstsq(design, image.T).solution
+        assert torch.allclose(design @ fit, image.T, atol=1e-4)
+    new_fg = out[changed].flatten(2).gather(2, m.argmax(1).view(-1, 1, 1).expand(-1, 3, 1))[..., 0]
+    assert (new_fg - train.foreground[:200][changed]).norm(dim=1).median() > 0.2
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, Jitter(pixels=0, recolour=0.5, seed=0)(images))  # seeded
+    assert torch.equal(Jitter(pixels=0, seed=0)(images), images)  # off by default
 
 
 # ---------------------------------------------------------------- fit_autoencoder: perceptual loss, augment

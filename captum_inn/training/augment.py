@@ -22,15 +22,19 @@ AUGMENT_CALL = "a batch of images in, a batch out"
 
 
 class Jitter:
-    """Augmentation: shift a batch by up to ``pixels`` (edges replicated), flip, add Gaussian noise; seeded.
+    """Augmentation: recolour, shift a batch by up to ``pixels`` (edges replicated), flip, add Gaussian noise; seeded.
 
     Small shifts and noise make a classifier of centred digits far less brittle, which keeps its
-    predictions stable on faithful reconstructions.
+    predictions stable on faithful reconstructions. Recolouring maps each channel of an image
+    affinely so that its darkest and brightest pixels take new random values in ``value_range``: a
+    two-colour image (ColorDigits) gets a new foreground and background colour, its strokes kept,
+    so a classifier sees every digit in ever new colours and learns that colour says nothing.
 
     Args:
         pixels: Largest shift in x and y.
         noise: Standard deviation of the added noise (0: none).
         flip: Mirror a random half of the images left-right (for photos, not for digits).
+        recolour: Share of the images recoloured, in ``[0, 1]`` (0: none; needs a ``value_range``).
         value_range: The result is clamped to this range (``None``: no clamping).
         seed: Seed of the shifts and the noise.
 
@@ -38,10 +42,14 @@ class Jitter:
 
         >>> Jitter(2, noise=0.05, seed=0)(torch.rand(4, 3, 8, 8)).shape
         torch.Size([4, 3, 8, 8])
+        >>> red_digit = (torch.rand(1, 1, 8, 8) > 0.5) * torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+        >>> recoloured = Jitter(0, recolour=1.0)(red_digit)
+        >>> recoloured[0].flatten(1).T.unique(dim=0).shape[0]  # two colours still, new ones
+        2
     """
 
     def __init__(self, pixels: int = 2, noise: float = 0.0, value_range=(0.0, 1.0), seed: int = 0,
-                 flip: bool = False) -> None:
+                 flip: bool = False, recolour: float = 0.0) -> None:
         # checked here, not at the first batch of a fit: pixels=-1 slid the crop out of the image, 2.5 was cut to 2
         self.pixels, self.noise = check_int(pixels, "pixels"), check_number(noise, "noise")
         if self.pixels < 0:
@@ -54,6 +62,12 @@ class Jitter:
                                  f"(no clamping), got {value_range!r}.")
         if not isinstance(flip, bool):
             raise TypeError(f"`flip` must be True or False, got {flip!r}.")
+        self.recolour = check_number(recolour, "recolour")
+        if not 0 <= self.recolour <= 1:
+            raise ValueError(f"`recolour` must be in [0, 1] (the share of images recoloured), got {recolour}.")
+        if self.recolour > 0 and value_range is None:
+            raise ValueError("`recolour` draws the new colours in `value_range`; pass value_range=(low, high) "
+                             "with it (e.g. (0.0, 1.0) for images in [0, 1]).")
         self.value_range, self.flip, self.seed = value_range, bool(flip), check_int(seed, "seed")
         self.generator = torch.Generator().manual_seed(self.seed)
 
@@ -70,6 +84,8 @@ class Jitter:
                 raise ValueError(f"Jitter's images range over [{low:.3g}, {high:.3g}], far outside `value_range` "
                                  f"{tuple(self.value_range)}, to which it clamps them; pass your pixels' range "
                                  "(value_range=(low, high)) or value_range=None (no clamping).")
+        if self.recolour > 0:
+            images = self._recoloured(images)
         p = self.pixels
         if p > 0:
             padded = F.pad(images, (p, p, p, p), mode="replicate")
@@ -83,6 +99,18 @@ class Jitter:
         if self.value_range is not None:
             images = images.clamp(*self.value_range)
         return images
+
+    def _recoloured(self, images: Tensor) -> Tensor:
+        """A share ``recolour`` of ``images`` with each channel mapped affinely onto new random ends."""
+        n, c = images.shape[:2]
+        low, high = self.value_range
+        ends = low + (high - low) * torch.rand(2, n, c, 1, 1, generator=self.generator, dtype=torch.float32)
+        chosen = torch.rand(n, 1, 1, 1, generator=self.generator, dtype=torch.float32) < self.recolour
+        ends, chosen = ends.to(images), chosen.to(images.device)
+        darkest, brightest = images.amin((2, 3), keepdim=True), images.amax((2, 3), keepdim=True)
+        # a flat channel (foreground and background alike in it) stays flat, at its new value
+        unit = (images - darkest) / (brightest - darkest).clamp_min(1e-6)
+        return torch.where(chosen, ends[0] + unit * (ends[1] - ends[0]), images)
 
 
 _MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # in a repr: where the object lives, not its settings
@@ -107,8 +135,11 @@ def augment_record(augment: Any) -> Any:
         return None
     if isinstance(augment, Jitter):
         value_range = None if augment.value_range is None else [float(v) for v in augment.value_range]
-        return {"Jitter": {"pixels": augment.pixels, "noise": augment.noise, "value_range": value_range,
-                           "flip": augment.flip, "seed": augment.seed}}
+        record = {"pixels": augment.pixels, "noise": augment.noise, "value_range": value_range,
+                  "flip": augment.flip, "seed": augment.seed}
+        if augment.recolour > 0:  # recorded only where used, so earlier checkpoints' records still match
+            record["recolour"] = augment.recolour
+        return {"Jitter": record}
     if hasattr(augment, "__qualname__") or type(augment).__repr__ is object.__repr__:
         # a function names itself, as does an object by its class when its repr would be only its address
         named = augment if hasattr(augment, "__qualname__") else type(augment)

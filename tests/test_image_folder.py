@@ -20,6 +20,7 @@ from torch import nn
 
 from captum_inn.datasets import ColorDigits, ImageFolderSplit, load_image_folder
 from captum_inn.training import Jitter, fit_autoencoder
+from captum_inn.training.augment import augment_record
 from captum_inn.training.autoencoder import load_autoencoder
 
 torch.set_num_threads(1)
@@ -350,6 +351,9 @@ def test_jitter_recolours_a_two_colour_image_keeping_its_strokes():
     assert out.min() >= 0 and out.max() <= 1
     assert torch.equal(out, Jitter(pixels=0, recolour=0.5, seed=0)(images))  # seeded
     assert torch.equal(Jitter(pixels=0, seed=0)(images), images)  # off by default
+    # a resume with another share is refused; records of fits without recolouring are as before
+    assert augment_record(Jitter(recolour=0.5))["Jitter"]["recolour"] == 0.5
+    assert "recolour" not in augment_record(Jitter())["Jitter"]
 
 
 # ---------------------------------------------------------------- fit_autoencoder: perceptual loss, augment

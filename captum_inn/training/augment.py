@@ -36,7 +36,7 @@ class Jitter:
         flip: Mirror a random half of the images left-right (for photos, not for digits).
         recolour: Share of the images recoloured, in ``[0, 1]`` (0: none; needs a ``value_range``).
         value_range: The result is clamped to this range (``None``: no clamping).
-        seed: Seed of the shifts and the noise.
+        seed: Seed of the recolouring, the shifts, the flips and the noise.
 
     Examples::
 

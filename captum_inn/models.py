@@ -19,9 +19,10 @@ class SmallCNN(nn.Module):
     colours reach the later layers only through the contrasts they make. Trained on ColorDigits,
     such a CNN's ``fc`` lets the colours go as it learns the digit, as the paper's classifiers did
     (on every seed tried when also trained with weight decay, as the demo's is); without it ``fc``
-    keeps them (docs/pitfalls.rst has the scores). The demo analyses this variant. ``norm1`` comes after ``relu1`` so that ``relu1`` stays the raw first-layer features:
-    standardised, its flat channels magnified small pixel perturbations (an FGSM attack showed in
-    ``relu1``'s view as the attack's digit more often), and a norm after ``conv2`` left the colours in ``fc``.
+    keeps them (docs/pitfalls.rst has the scores). The demo analyses this variant. ``norm1`` comes
+    after ``relu1`` so that ``relu1`` stays the raw first-layer features: standardised, its flat
+    channels magnified small pixel perturbations (an FGSM attack showed in ``relu1``'s view as the
+    attack's digit more often), and a norm after ``conv2`` left the colours in ``fc``.
 
     Args:
         in_channels: Image channels.
